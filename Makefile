@@ -1,0 +1,101 @@
+# Kestrel - build, test, demo and benchmarks. `make help` lists the targets.
+
+CC       ?= cc
+OPT      ?= -O2
+SAN      ?=
+BUILD    ?= build
+CUDA     ?= 0
+
+BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-openmp
+BLAS_LIB := /usr/lib/x86_64-linux-gnu/openblas-openmp
+
+CFLAGS   += -std=c11 $(OPT) -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
+	          -fPIC -fopenmp -D_DEFAULT_SOURCE -I. -isystem $(BLAS_INC) $(SAN)
+LDLIBS   += -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB) -lopenblas -lutf8proc -lcjson -lz -lm -fopenmp $(SAN)
+
+# Debian packages the build, tests and demo need; `make deps` installs the missing ones.
+DEB_PKGS := build-essential pkg-config libopenblas-openmp-dev libutf8proc-dev libcjson-dev \
+	          libcmocka-dev zlib1g-dev python3 python3-venv
+
+LIB_SRC  := $(wildcard core/*.c encoders/*.c index/*.c rank/*.c train/*.c) api/kestrel.c
+CLI_SRC  := $(wildcard api/cli/*.c)
+TEST_SRC := $(wildcard tests/test_*.c)
+
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o)
+CLI_OBJ  := $(CLI_SRC:%.c=$(BUILD)/%.o)
+TESTS    := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+
+ifeq ($(CUDA),1)
+NVCC     ?= nvcc
+CU_SRC   := $(wildcard core/*.cu encoders/*.cu index/*.cu train/*.cu)
+LIB_OBJ  += $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
+CFLAGS   += -DKST_CUDA=1
+LDLIBS   += -L/usr/local/cuda/lib64 -lcudart -lcublas
+endif
+
+.PHONY: all deps test test-unit test-sanitize demo bench clean help install
+
+all: $(BUILD)/libkestrel.a $(BUILD)/libkestrel.so $(BUILD)/kestrel
+
+help:
+	@echo "make            build libkestrel and the kestrel tool into $(BUILD)/"
+	@echo "make deps       install missing Debian packages (apt-get)"
+	@echo "make test       unit and integration tests, then the same under ASan/UBSan"
+	@echo "make demo       embed and score the bundled sample texts"
+	@echo "make bench      benchmarks (tests/bench), figures beside their anchors"
+	@echo "make CUDA=1     also build the GPU backend"
+
+deps:
+	@missing=""; for p in $(DEB_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	fi
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/%.cu.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) -O2 -std=c++17 -Xcompiler -fPIC -I. -c $< -o $@
+
+$(BUILD)/libkestrel.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/libkestrel.so: $(LIB_OBJ)
+	$(CC) -shared -o $@ $^ $(LDLIBS)
+
+$(BUILD)/kestrel: $(CLI_OBJ) $(BUILD)/libkestrel.a
+	$(CC) -o $@ $(CLI_OBJ) $(BUILD)/libkestrel.a $(LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c tests/harness.h $(BUILD)/libkestrel.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkestrel.a $(LDLIBS) -lcmocka
+
+test-unit: all $(TESTS)
+	@KESTREL=$(abspath $(BUILD)/kestrel) tests/run_tests.sh $(BUILD)
+
+# The sanitizer build lives in its own folder so the two never mix objects.
+test-sanitize:
+	$(MAKE) --no-print-directory BUILD=build/san OPT=-O1 \
+	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" test-unit
+
+test: deps
+	$(MAKE) --no-print-directory test-unit
+	$(MAKE) --no-print-directory test-sanitize
+
+demo: deps all
+	@tests/demo.sh $(BUILD)/kestrel
+
+bench: deps all
+	@tests/bench/run.sh $(BUILD)
+
+clean:
+	rm -rf build
+
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)

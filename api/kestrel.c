@@ -1,0 +1,2 @@
+/* kestrel.c - the public API (kestrel.h) over the encoders. */
+#include "api/kestrel.h"
