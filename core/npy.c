@@ -1,7 +1,9 @@
 /* npy.c - NumPy .npy reader and writer (format 1.0: magic, version, header length, dict header). */
 #include "npy.h"
 
+#include <errno.h>
 #include <stdio.h>
+#include <unistd.h>
 #include <string.h>
 
 #include "check.h"
@@ -131,4 +133,82 @@ void kst_npy_free(kst_npy *a) {
     if (!a) return;
     kst_free(a->data);
     a->data = NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* streaming writer */
+
+#define STREAM_HDR 128 /* fixed header size, rewritten with the final shape */
+
+static int write_stream_header(kst_npy_writer *w, kst_error *err) {
+    char hdr[STREAM_HDR + 1];
+    int n = snprintf(hdr, sizeof hdr, "{'descr': '%s', 'fortran_order': False, 'shape': (%zu, %zu), }",
+                     descr_of(w->dtype), w->rows, w->cols);
+    if (n < 0 || n > STREAM_HDR - 11) return kst_fail(err, KST_ERR_INVALID, "%s: shape too large", w->path);
+    unsigned char buf[STREAM_HDR];
+    size_t hlen = STREAM_HDR - 10;
+    memcpy(buf, "\x93NUMPY\x01\x00", 8);
+    buf[8] = (unsigned char)(hlen & 0xff);
+    buf[9] = (unsigned char)(hlen >> 8);
+    memset(buf + 10, ' ', hlen);
+    memcpy(buf + 10, hdr, (size_t)n);
+    buf[STREAM_HDR - 1] = '\n';
+    FILE *fp = w->fp;
+    if (fseek(fp, 0, SEEK_SET) != 0 || fwrite(buf, 1, STREAM_HDR, fp) != STREAM_HDR)
+        return kst_fail(err, KST_ERR_IO, "%s: write failed: %s", w->tmp, strerror(errno));
+    return fseek(fp, 0, SEEK_END) == 0 ? KST_OK
+                                      : kst_fail(err, KST_ERR_IO, "%s: seek failed", w->tmp);
+}
+
+int kst_npy_writer_open(kst_npy_writer *w, const char *path, kst_npy_dtype dtype, size_t cols,
+                        kst_error *err) {
+    memset(w, 0, sizeof *w);
+    w->dtype = dtype;
+    w->cols = cols;
+    size_t n = strlen(path);
+    w->path = kst_strndup(path, n, err);
+    w->tmp = kst_malloc(n + 32, 1, "temporary path", err);
+    if (!w->path || !w->tmp) {
+        kst_npy_writer_abort(w);
+        return KST_ERR_NOMEM;
+    }
+    snprintf(w->tmp, n + 32, "%s.tmp.%ld", path, (long)getpid());
+    w->fp = fopen(w->tmp, "w+b");
+    if (!w->fp) {
+        int rc = kst_fail(err, KST_ERR_IO, "%s: cannot create: %s", w->tmp, strerror(errno));
+        kst_npy_writer_abort(w);
+        return rc;
+    }
+    int rc = write_stream_header(w, err);
+    if (rc != KST_OK) kst_npy_writer_abort(w);
+    return rc;
+}
+
+int kst_npy_writer_append(kst_npy_writer *w, const void *rows, size_t nrows, kst_error *err) {
+    size_t bytes = nrows * w->cols * size_of(w->dtype);
+    if (bytes && fwrite(rows, 1, bytes, w->fp) != bytes)
+        return kst_fail(err, KST_ERR_IO, "%s: write failed: %s", w->tmp, strerror(errno));
+    w->rows += nrows;
+    return KST_OK;
+}
+
+int kst_npy_writer_finish(kst_npy_writer *w, kst_error *err) {
+    int rc = write_stream_header(w, err);
+    if (rc == KST_OK && (fflush(w->fp) != 0 || fsync(fileno(w->fp)) != 0))
+        rc = kst_fail(err, KST_ERR_IO, "%s: cannot flush: %s", w->tmp, strerror(errno));
+    if (fclose(w->fp) != 0 && rc == KST_OK)
+        rc = kst_fail(err, KST_ERR_IO, "%s: cannot close: %s", w->tmp, strerror(errno));
+    w->fp = NULL;
+    if (rc == KST_OK && rename(w->tmp, w->path) != 0)
+        rc = kst_fail(err, KST_ERR_IO, "%s: cannot rename into place: %s", w->path, strerror(errno));
+    kst_npy_writer_abort(w);
+    return rc;
+}
+
+void kst_npy_writer_abort(kst_npy_writer *w) {
+    if (w->fp) fclose(w->fp);
+    if (w->tmp) unlink(w->tmp); /* harmless after a successful rename */
+    kst_free(w->tmp);
+    kst_free(w->path);
+    memset(w, 0, sizeof *w);
 }

@@ -26,4 +26,21 @@ int kst_npy_write(const char *path, kst_npy_dtype dtype, const void *data, int n
 int kst_npy_read(const char *path, kst_npy *out, kst_error *err);
 void kst_npy_free(kst_npy *a);
 
+/* Streams rows of a 2-D array to `path` when the row count is not known up front: rows go to a
+ * temporary file whose fixed-size header is rewritten on finish, then renamed into place (so a
+ * failed run leaves no partial file at `path`). */
+typedef struct kst_npy_writer {
+    char *path, *tmp;
+    void *fp;        /* FILE * */
+    kst_npy_dtype dtype;
+    size_t cols, rows;
+} kst_npy_writer;
+int kst_npy_writer_open(kst_npy_writer *w, const char *path, kst_npy_dtype dtype, size_t cols,
+                        kst_error *err);
+int kst_npy_writer_append(kst_npy_writer *w, const void *rows, size_t nrows, kst_error *err);
+/* Finishes and renames into place; on any earlier failure call kst_npy_writer_abort instead. */
+int kst_npy_writer_finish(kst_npy_writer *w, kst_error *err);
+/* Removes the temporary file; safe after finish (no-op) or on a zeroed writer. */
+void kst_npy_writer_abort(kst_npy_writer *w);
+
 #endif
