@@ -70,4 +70,14 @@ kst_special_ids kst_tokenizer_special(const kst_tokenizer *t);
 /* model_max_length from tokenizer_config.json, 0 when absent or absurd (>= 1e6). */
 size_t kst_tokenizer_model_max_length(const kst_tokenizer *t);
 
+/* The options in force (after tokenizer_config.json / tokenizer.json); defaults for NULL. */
+kst_tokenizer_opts kst_tokenizer_get_opts(const kst_tokenizer *t);
+
+/* The normalised, pre-tokenized words of `len` bytes of text (what WordPiece then splits), joined
+ * by single spaces, into a NUL-terminated buffer *out the caller frees with kst_free (*out_len,
+ * which may be NULL, gets its length). Added tokens such as [SEP] written in the text appear as
+ * themselves. For tests and debugging. Fails only on memory. */
+int kst_tokenizer_pretokenize(const kst_tokenizer *t, const char *text, size_t len, char **out,
+                              size_t *out_len, kst_error *err);
+
 #endif
