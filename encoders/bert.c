@@ -104,8 +104,8 @@ int kst_bert_config_load(const char *path, kst_bert_config *cfg, kst_error *err)
                       path, cfg->C, cfg->NH);
         goto done;
     }
-    /* num_labels is not saved by transformers; the id2label table gives it. */
-    long nl = 0;
+    /* transformers saves id2label rather than num_labels, and omits it at its default of 2. */
+    long nl = 2;
     KST_TRY(kst_json_int(j, "num_labels", &nl, path, err));
     const cJSON *id2label = cJSON_GetObjectItemCaseSensitive(j, "id2label");
     if (cJSON_IsObject(id2label)) nl = cJSON_GetArraySize(id2label);
@@ -393,7 +393,8 @@ int kst_bert_forward(const kst_bert *m, kst_bert_acts *a, float *out, const int3
         if (ids[i] < 0 || (size_t)ids[i] >= c->V)
             return kst_fail(err, KST_ERR_INVALID, "token id %d at position %zu is outside the %zu-token vocabulary",
                             ids[i], i % T, c->V);
-        if (type_ids && type_ids[i] != 0 && (size_t)type_ids[i] >= (c->TT ? c->TT : 1))
+        /* DistilBERT has no token types: the tokenizer's segment ids are ignored, as there. */
+        if (c->TT && type_ids && (type_ids[i] < 0 || (size_t)type_ids[i] >= c->TT))
             return kst_fail(err, KST_ERR_INVALID, "token type %d at position %zu exceeds type_vocab_size %zu",
                             type_ids[i], i % T, c->TT);
     }

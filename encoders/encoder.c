@@ -51,7 +51,17 @@ static kst_role detect_role(const char *dir) {
     return KST_ROLE_DENSE;
 }
 
-/* Reads sentence-transformers' Pooling config. */
+/* Maps a pooling mode name (sentence-transformers >= 5 writes "pooling_mode": "mean"). */
+static int pool_mode_of(const char *name) {
+    if (strcmp(name, "cls") == 0) return KST_POOL_CLS;
+    if (strcmp(name, "max") == 0) return KST_POOL_MAX;
+    if (strcmp(name, "mean") == 0) return KST_POOL_MEAN;
+    if (strcmp(name, "mean_sqrt_len_tokens") == 0) return KST_POOL_MEAN_SQRT;
+    return -1;
+}
+
+/* Reads sentence-transformers' Pooling config: the older boolean keys, or "pooling_mode" as a
+ * name or a list of names. */
 static int load_pooling(kst_encoder *e, const char *path, kst_error *err) {
     cJSON *j = NULL;
     int rc = kst_json_load(path, &j, err);
@@ -76,6 +86,24 @@ static int load_pooling(kst_encoder *e, const char *path, kst_error *err) {
                           path, unsupported[i]);
             goto done;
         }
+    }
+    const cJSON *pm = cJSON_GetObjectItemCaseSensitive(j, "pooling_mode");
+    const cJSON *one = NULL;
+    if (cJSON_IsString(pm) || cJSON_IsArray(pm)) {
+        if (cJSON_IsString(pm)) one = pm;
+        for (const cJSON *v = one ? one : pm->child; v; v = one ? NULL : v->next) {
+            int mode = cJSON_IsString(v) ? pool_mode_of(v->valuestring) : -1;
+            if (mode < 0) {
+                rc = kst_fail(err, KST_ERR_UNSUPPORTED, "%s: pooling_mode \"%s\" (expected cls, mean, max or mean_sqrt_len_tokens)",
+                              path, cJSON_IsString(v) ? v->valuestring : "?");
+                goto done;
+            }
+            e->pool_modes |= (unsigned)mode;
+            if (one) break;
+        }
+    } else if (pm && !cJSON_IsNull(pm)) {
+        rc = kst_fail(err, KST_ERR_FORMAT, "%s: \"pooling_mode\" must be a string or a list of strings", path);
+        goto done;
     }
     if (!e->pool_modes) {
         rc = kst_fail(err, KST_ERR_FORMAT, "%s: no pooling mode is enabled", path);
@@ -384,6 +412,8 @@ int kst_encoder_tokenize(kst_encoder *e, const char *a, size_t alen, const char 
                          int is_query, size_t max_len, kst_ids *out, kst_error *err) {
     out->len = 0;
     int rc = KST_OK;
+    /* transformers treats an empty second text as no second text: [CLS] a [SEP]. */
+    if (b && blen == 0) b = NULL;
     if (e->role == KST_ROLE_COLBERT && !b) {
         /* ColBERTv2 tokenizes ". " + text and overwrites the "." with the marker: the same as
          * [CLS] marker tokens [SEP], truncated to the max length. Queries are then padded with

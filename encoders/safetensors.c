@@ -112,10 +112,14 @@ static int parse_entry(const kst_safetensors *st, const cJSON *e, const unsigned
     }
     const cJSON *b = cJSON_GetArrayItem(offs, 0), *en = cJSON_GetArrayItem(offs, 1);
     if (!cJSON_IsNumber(b) || !cJSON_IsNumber(en) || b->valuedouble < 0 ||
-        en->valuedouble < b->valuedouble || en->valuedouble > (double)data_len)
+        en->valuedouble < b->valuedouble)
+        return kst_fail(err, KST_ERR_FORMAT, "%s: tensor \"%s\": data_offsets must be [begin, end]",
+                        path, t->name);
+    if (en->valuedouble > (double)data_len)
         return kst_fail(err, KST_ERR_FORMAT,
-                        "%s: tensor \"%s\": data_offsets outside the %zu-byte data region", path,
-                        t->name, data_len);
+                        "%s: tensor \"%s\": data_offsets [%.0f, %.0f] run past the end of the data "
+                        "(%zu bytes): the file is truncated or corrupt",
+                        path, t->name, b->valuedouble, en->valuedouble, data_len);
     size_t begin = (size_t)b->valuedouble, end = (size_t)en->valuedouble;
     if (end - begin != t->count * es)
         return kst_fail(err, KST_ERR_FORMAT,

@@ -86,4 +86,30 @@ static inline double cosine_f32(const float *a, const float *b, size_t n) {
         skip();                             \
     } while (0)
 
+/* Reads a text file into lines (without "\n"); returns the count, fails the test when the file
+ * cannot be read. Free with free_lines. */
+static inline size_t read_lines(const char *path, char ***out) {
+    FILE *fp = fopen(path, "rb");
+    if (!fp) fail_msg("cannot open %s", path);
+    size_t n = 0, cap = 16;
+    char **v = malloc(cap * sizeof *v);
+    char *line = NULL;
+    size_t lcap = 0;
+    ssize_t r;
+    while ((r = getline(&line, &lcap, fp)) >= 0) {
+        if (r > 0 && line[r - 1] == '\n') line[--r] = '\0';
+        if (n == cap) v = realloc(v, (cap *= 2) * sizeof *v);
+        v[n++] = strdup(line);
+    }
+    free(line);
+    fclose(fp);
+    *out = v;
+    return n;
+}
+
+static inline void free_lines(char **v, size_t n) {
+    for (size_t i = 0; i < n; i++) free(v[i]);
+    free(v);
+}
+
 #endif
