@@ -24,6 +24,7 @@ TEST_SRC := $(wildcard tests/test_*.c)
 LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o)
 CLI_OBJ  := $(CLI_SRC:%.c=$(BUILD)/%.o)
 TESTS    := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+TOOLS    := $(patsubst tests/tools/%.c,$(BUILD)/tests/tools/%,$(wildcard tests/tools/*.c))
 
 ifeq ($(CUDA),1)
 NVCC     ?= nvcc
@@ -77,12 +78,16 @@ $(BUILD)/tests/%: tests/%.c tests/harness.h $(BUILD)/libkestrel.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkestrel.a $(LDLIBS) -lcmocka
 
-test-unit: all $(TESTS)
+$(BUILD)/tests/tools/%: tests/tools/%.c $(BUILD)/libkestrel.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkestrel.a $(LDLIBS)
+
+test-unit: all $(TESTS) $(TOOLS)
 	@KESTREL=$(abspath $(BUILD)/kestrel) tests/run_tests.sh $(BUILD)
 
 # The sanitizer build lives in its own folder so the two never mix objects.
 test-sanitize:
-	$(MAKE) --no-print-directory BUILD=build/san OPT=-O1 \
+	KESTREL_SKIP_REAL=1 $(MAKE) --no-print-directory BUILD=build/san OPT=-O1 \
 	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" test-unit
 
 test: deps
