@@ -609,6 +609,7 @@ int kst_tokenizer_encode(const kst_tokenizer *t, const char *a, size_t alen, con
     if (!t || !out || (!a && alen))
         return kst_fail(err, KST_ERR_MISUSE, "kst_tokenizer_encode: NULL tokenizer, output or text");
     out->len = 0;
+    if (b && blen == 0) b = NULL; /* transformers treats an empty text_pair as no pair at all */
     int32_t cls = t->ids.cls, sep = t->ids.sep;
     if (cls < 0 || sep < 0)
         return kst_fail(err, KST_ERR_FORMAT,

@@ -52,7 +52,11 @@ int kst_tokenize(const kst_tokenizer *t, const char *text, size_t len, kst_ids *
  * with token_type_ids 0 for the first segment and 1 for the second. When max_len > 0 the result is
  * truncated to max_len tokens: a single text loses its tail; a pair uses Hugging Face's
  * "longest_first" strategy (remove one token at a time from the longer segment, from the second
- * when equal). *out is reset first. */
+ * when equal). *out is reset first. As in transformers, an empty b (blen == 0) counts as no pair,
+ * and tokenizers' longest_first splits the budget in one step (when both segments must shrink,
+ * each keeps half and the longer one the odd token), which can differ by one token from the
+ * one-at-a-time description above; we match BertTokenizerFast. max_len below the number of special
+ * tokens (2, or 3 for a pair) is KST_ERR_INVALID. */
 int kst_tokenizer_encode(const kst_tokenizer *t, const char *a, size_t alen, const char *b,
                          size_t blen, size_t max_len, kst_ids *out, kst_error *err);
 
