@@ -9,7 +9,14 @@
  *   - accents are stripped before lower-casing, and there is no NFC pass first (slow: NFC, lower,
  *     then NFD and strip);
  *   - pair truncation ("longest_first") splits the budget as tokenizers' truncate_encodings does,
- *     which can differ by one token from the slow one-at-a-time loop.
+ *     which can differ by one token from the slow one-at-a-time loop;
+ *   - unassigned code points (Cn) are kept (slow drops every C* category);
+ *   - U+2B820..U+2B91F are not isolated as CJK (a typo in tokenizers' range table);
+ *   - an empty second text makes a single-text encoding (both do this, via transformers).
+ * Fast's character tables are older than utf8proc's (Unicode 15); LEGACY_PLAIN below bridges the
+ * gap. A sweep of every code point through both agrees except for 55 capitals new in Unicode 16,
+ * which Rust lower-cases and utf8proc 2.8 does not yet know. tests/fixtures/tokenizer/
+ * disagreements.txt lists the fixture cases where Fast and slow differ.
  * Each piece of text is processed in one pass: decode, clean, normalise, split into words, and
  * WordPiece each word as it ends, with no allocation per character or per word. */
 #include "encoders/tokenizer.h"
