@@ -12,7 +12,7 @@
  *     which can differ by one token from the slow one-at-a-time loop;
  *   - unassigned code points (Cn) are kept (slow drops every C* category);
  *   - U+2B820..U+2B91F are not isolated as CJK (a typo in tokenizers' range table);
- *   - an empty second text makes a single-text encoding (both do this, via transformers).
+ *   - an empty second text makes a single-text encoding (Fast; slow adds an empty segment).
  * Fast's character tables are older than utf8proc's (Unicode 15); LEGACY_PLAIN below bridges the
  * gap. A sweep of every code point through both agrees except for 55 capitals new in Unicode 16,
  * which Rust lower-cases and utf8proc 2.8 does not yet know. tests/fixtures/tokenizer/
