@@ -45,9 +45,14 @@ int kst_error_prefix(kst_error *err, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
-    char old[KST_ERROR_MSG_MAX];
-    memcpy(old, err->msg, sizeof old);
-    snprintf(err->msg, sizeof err->msg, "%s: %s", prefix, old);
+    /* Build "prefix: old" by hand: the result is cut to the message size, which is intended. */
+    char out[KST_ERROR_MSG_MAX];
+    size_t n = strlen(prefix), m = strlen(err->msg), at = 0;
+    for (size_t i = 0; i < n && at + 1 < sizeof out; i++) out[at++] = prefix[i];
+    for (size_t i = 0; i < 2 && at + 1 < sizeof out; i++) out[at++] = ": "[i];
+    for (size_t i = 0; i < m && at + 1 < sizeof out; i++) out[at++] = err->msg[i];
+    out[at] = '\0';
+    memcpy(err->msg, out, at + 1);
     return err->code;
 }
 

@@ -7,10 +7,30 @@
 #include "file.h"
 #include "mem.h"
 
+/* cJSON allocates through kst_malloc so the allocation-failure tests reach inside parsing. */
+static _Thread_local int json_oom; /* set when an allocation inside cJSON failed */
+
+static void *json_malloc(size_t n) {
+    void *p = kst_malloc(n, 1, "JSON", NULL);
+    if (!p) json_oom = 1;
+    return p;
+}
+
+static void json_init(void) {
+    static int done = 0;
+    if (done) return;
+    cJSON_Hooks hooks = {json_malloc, kst_free};
+    cJSON_InitHooks(&hooks);
+    done = 1;
+}
+
 int kst_json_parse(const char *text, size_t len, const char *where, cJSON **out, kst_error *err) {
+    json_init();
     const char *end = NULL;
+    json_oom = 0;
     *out = cJSON_ParseWithLengthOpts(text, len, &end, 0);
     if (*out) return KST_OK;
+    if (json_oom) return kst_fail(err, KST_ERR_NOMEM, "%s: out of memory while parsing JSON", where);
     /* cJSON reports where it stopped; turn the offset into a line and column for the user. */
     size_t off = end && end >= text && end <= text + len ? (size_t)(end - text) : 0;
     long line = 1, col = 1;

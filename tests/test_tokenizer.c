@@ -543,7 +543,9 @@ static void test_alloc_failure_load(void **state) {
     for (int d = 0; d < 2; d++) {
         int ok = 0;
         long nth;
-        for (nth = 1; nth < 1000 && !ok; nth++) {
+        /* Every early allocation, then a geometric stride: parsing tokenizer.json makes tens of
+         * thousands (cJSON allocates through kst_malloc). */
+        for (nth = 1; nth < 10000000 && !ok; nth = nth < 300 ? nth + 1 : nth + nth / 7) {
             kst_error err = {0};
             kst_tokenizer *t = NULL;
             kst_mem_fail_after(nth);
