@@ -6,15 +6,14 @@ SAN      ?=
 BUILD    ?= build
 CUDA     ?= 0
 
-BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-openmp
-BLAS_LIB := /usr/lib/x86_64-linux-gnu/openblas-openmp
+# OpenBLAS (OpenMP build) is loaded at run time by core/blas.c, not linked.
 
 CFLAGS   += -std=c11 $(OPT) -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
-	          -fPIC -fopenmp -D_DEFAULT_SOURCE -I. -isystem $(BLAS_INC) $(SAN)
-LDLIBS   += -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB) -lopenblas -lutf8proc -lcjson -lz -lm -fopenmp $(SAN)
+	          -fPIC -fopenmp -D_DEFAULT_SOURCE -I. $(SAN)
+LDLIBS   += -lutf8proc -lcjson -lz -lm -ldl -lpthread -fopenmp $(SAN)
 
 # Debian packages the build, tests and demo need; `make deps` installs the missing ones.
-DEB_PKGS := build-essential pkg-config libopenblas-openmp-dev libutf8proc-dev libcjson-dev \
+DEB_PKGS := build-essential pkg-config libopenblas0-openmp libutf8proc-dev libcjson-dev \
 	          libcmocka-dev zlib1g-dev python3 python3-venv
 
 LIB_SRC  := $(wildcard core/*.c encoders/*.c index/*.c rank/*.c train/*.c) api/kestrel.c

@@ -1,8 +1,10 @@
 /* kestrel.c - the public API (kestrel.h) over the encoders. */
 #include "api/kestrel.h"
 
+#include <stdio.h>
 #include <string.h>
 
+#include "core/blas.h"
 #include "core/check.h"
 #include "core/mem.h"
 #include "core/ops.h"
@@ -13,6 +15,18 @@ struct kst_model {
 };
 
 const char *kst_version(void) { return KESTREL_VERSION_STRING; }
+
+const char *kst_build_info(void) {
+    static char buf[128];
+    snprintf(buf, sizeof buf, "OpenBLAS %s kernels%s", kst_blas_core(),
+#ifdef KST_CUDA
+             ", CUDA"
+#else
+             ""
+#endif
+    );
+    return buf;
+}
 
 kst_model_opts kst_model_opts_default(void) {
     kst_model_opts o = {KST_MODEL_AUTO, 0};

@@ -30,6 +30,9 @@ extern "C" {
 
 /* The library's version string (may differ from the header's when linked dynamically). */
 const char *kst_version(void);
+/* How this build computes: the BLAS kernels in use (e.g. "OpenBLAS SkylakeX kernels"), and the
+ * GPU backend when built with CUDA=1. Valid until the process ends. */
+const char *kst_build_info(void);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Models */

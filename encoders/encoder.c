@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/blas.h"
 #include "core/check.h"
 #include "core/file.h"
 #include "core/json.h"
@@ -298,6 +299,8 @@ int kst_encoder_open(const char *dir, kst_role role, kst_encoder **out, kst_erro
     int rc = KST_OK;
     kst_safetensors st = {0}, dst = {0};
     char model_dir[PATH_CAP], dense_dir[PATH_CAP] = "", path[PATH_CAP];
+    int brc = kst_blas_init(err);
+    if (brc != KST_OK) return brc;
     kst_encoder *e = kst_calloc(1, sizeof *e, "encoder", err);
     if (!e) return KST_ERR_NOMEM;
     e->dir = kst_strndup(dir, (size_t)-1, err);

@@ -29,7 +29,7 @@ int main(int argc, char **argv) {
         return argc < 2 ? KST_EXIT_USAGE : 0;
     }
     if (strcmp(argv[1], "--version") == 0) {
-        printf("kestrel %s\n", kst_version());
+        printf("kestrel %s (%s)\n", kst_version(), kst_build_info());
         return 0;
     }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
