@@ -65,5 +65,24 @@ if [ "$(id -u)" != 0 ]; then
   expect_exit "unwritable output folder" 2 "cannot create" -- sh -c "echo hi | '$K' embed --model $F/st_bert_mean --out $T/ro/x.npy"
 fi
 
+# --- broken model folders: each file named in the message, nothing computed
+brk() { rm -rf "$T/brk" && cp -r $F/st_bert_mean "$T/brk" && rm -rf "$T/brk/kestrel_ref"; }
+brk; echo '[{"idx": 0' > $T/brk/modules.json
+expect_exit "corrupt modules.json" 3 "modules.json: invalid JSON at line 1" -- sh -c "echo x | '$K' embed --model $T/brk --out $T/x.npy"
+brk; echo '{"pooling_mode": "weighted"}' > $T/brk/1_Pooling/config.json
+expect_exit "unknown pooling mode" 6 "pooling_mode \"weighted\"" -- sh -c "echo x | '$K' embed --model $T/brk --out $T/x.npy"
+brk; echo '{"pooling_mode_cls_token": "yes"}' > $T/brk/1_Pooling/config.json
+expect_exit "pooling flag of the wrong type" 3 "\"pooling_mode_cls_token\" must be true or false" -- sh -c "echo x | '$K' embed --model $T/brk --out $T/x.npy"
+brk; rm $T/brk/model.safetensors
+expect_exit "no weights" 5 "no model.safetensors" -- sh -c "echo x | '$K' embed --model $T/brk --out $T/x.npy"
+brk; rm $T/brk/vocab.txt $T/brk/tokenizer.json
+expect_exit "no vocabulary" 5 "vocab.txt" -- sh -c "echo x | '$K' embed --model $T/brk --out $T/x.npy"
+brk; sed -i 's/"model_type": "bert"/"model_type": "roberta"/' $T/brk/config.json
+expect_exit "unsupported architecture" 6 "model_type \"roberta\"" -- sh -c "echo x | '$K' embed --model $T/brk --out $T/x.npy"
+rm -rf "$T/cbk" && cp -r $F/colbert "$T/cbk" && echo '{"query_maxlen": "32"}' > $T/cbk/artifact.metadata
+expect_exit "artifact.metadata field of the wrong type" 3 "artifact.metadata: \"query_maxlen\" must be an integer" -- sh -c "echo x | '$K' embed --model $T/cbk --out $T/x.npy"
+head -c 100 $F/st_bert_mean/kestrel_ref/emb.npy > $T/trunc.npy
+expect_exit "a truncated .npy is reported" 2 "exceeds file" -- "$CLOSE" $T/trunc.npy $F/st_bert_mean/kestrel_ref/emb.npy 0 0
+
 echo "cli: $pass passed, $fail failed"
 [ "$fail" = 0 ]
