@@ -10,17 +10,21 @@ CUDA     ?= 0
 
 CFLAGS   += -std=c11 $(OPT) -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
 	          -fPIC -fopenmp -D_DEFAULT_SOURCE -I. $(SAN)
-LDLIBS   += -lutf8proc -lcjson -lz -lm -ldl -lpthread -fopenmp $(SAN)
+CXXFLAGS += -std=c++17 $(OPT) -g -Wall -Wextra -Werror -Wno-unused-parameter -fPIC -fopenmp -I. $(SAN)
+# libfaiss.a (Debian ships no shared libfaiss) calls BLAS/LAPACK by their Fortran names; those
+# come from index/ forwarding to the OpenBLAS that core/blas.c loads, so no BLAS is linked here.
+LDLIBS   += -lfaiss -lsqlite3 -lcurl -lcrypto -lutf8proc -lcjson -lz -lstdc++ -lm -ldl -lpthread -fopenmp $(SAN)
 
 # Debian packages the build, tests and demo need; `make deps` installs the missing ones.
 DEB_PKGS := build-essential pkg-config libopenblas0-openmp libutf8proc-dev libcjson-dev \
 	          libcmocka-dev zlib1g-dev python3 python3-venv
 
 LIB_SRC  := $(wildcard core/*.c encoders/*.c index/*.c rank/*.c train/*.c) api/kestrel.c
+CXX_SRC  := $(wildcard index/*.cpp)
 CLI_SRC  := $(wildcard api/cli/*.c)
 TEST_SRC := $(wildcard tests/test_*.c)
 
-LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o)
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o) $(CXX_SRC:%.cpp=$(BUILD)/%.cpp.o)
 CLI_OBJ  := $(CLI_SRC:%.c=$(BUILD)/%.o)
 TESTS    := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 TOOLS    := $(patsubst tests/tools/%.c,$(BUILD)/tests/tools/%,$(wildcard tests/tools/*.c))
@@ -58,6 +62,10 @@ deps:
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/%.cpp.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -MMD -MP -c $< -o $@
 
 $(BUILD)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)

@@ -20,6 +20,7 @@ static sgemm_fn g_sgemm;
 static threads_fn g_threads;
 static corename_fn g_corename;
 static char g_error[KST_ERROR_MSG_MAX];
+static void *g_handle;
 
 static const char *preferred_core(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -52,6 +53,7 @@ static void load(void) {
                  "(make deps)", dlerror());
         return;
     }
+    g_handle = h;
     g_sgemm = (sgemm_fn)dlsym(h, "cblas_sgemm");
     g_threads = (threads_fn)dlsym(h, "openblas_set_num_threads");
     g_corename = (corename_fn)dlsym(h, "openblas_get_corename");
@@ -67,6 +69,11 @@ int kst_blas_init(kst_error *err) {
 const char *kst_blas_core(void) {
     pthread_once(&g_once, load);
     return g_corename ? g_corename() : "portable";
+}
+
+void *kst_blas_symbol(const char *name) {
+    pthread_once(&g_once, load);
+    return g_handle ? dlsym(g_handle, name) : NULL;
 }
 
 void kst_blas_set_threads(int n) {

@@ -21,6 +21,9 @@ void kst_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const
 
 /* The kernel set OpenBLAS chose ("SkylakeX", "Prescott", ...), or "portable" without OpenBLAS. */
 const char *kst_blas_core(void);
+/* Any symbol of the loaded OpenBLAS (e.g. "sgemm_" for the FAISS binding), or NULL. */
+void *kst_blas_symbol(const char *name);
+
 /* Threads OpenBLAS may use (0: its default). */
 void kst_blas_set_threads(int n);
 
