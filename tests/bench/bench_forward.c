@@ -1,11 +1,16 @@
 /* bench_forward.c - the encoder's forward pass alone, beside its anchor: OpenBLAS sgemm at the
  * encoder's own GEMM shapes, measured in the same process. Prints one JSON object on stdout.
  *
+ * The anchor goes through kst_sgemm (core/blas.h), i.e. the very OpenBLAS instance and kernel
+ * set the library loaded (dlopen, OPENBLAS_CORETYPE chosen from the CPU's features unless the
+ * user set it). This program must not link -lopenblas: an OpenBLAS linked in would be
+ * initialised (and pick its kernels) before kestrel could choose them.
+ *
  * usage: bench_forward MODEL_DIR B T REPS THREADS [BREAKDOWN_REPS (default 3)]
  *
  * forward:  kst_bert_forward on a fixed (B, T) batch of ids ([CLS] w... [SEP], all T valid),
  *           2 warm-up calls, then REPS timed calls; median and min seconds.
- * anchor:   cblas_sgemm(RowMajor, NoTrans, Trans) with M = B*T rows at [N, K] = [3C, C], [C, C],
+ * anchor:   kst_sgemm(NoTrans, Trans) (row-major) with M = B*T rows at [N, K] = [3C, C], [C, C],
  *           [FF, C], [C, FF] (kst_matmul_forward's call, beta 0), median of REPS each, run
  *           interleaved with the forward calls; the anchor GFLOP/s is FLOP-weighted: sum of
  *           their FLOPs / sum of their median times (one layer's GEMMs, each shape once).
@@ -13,7 +18,6 @@
  *           op (median over BREAKDOWN_REPS of each op's per-forward total) - shows where the time goes.
  * FLOPs per sequence: L * (2*T*(3C^2 + C^2 + 2*C*FF) + 4*T^2*C); embeddings and pooling ignored.
  */
-#include <cblas.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -22,6 +26,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/blas.h"
 #include "core/ops.h"
 #include "encoders/encoder.h"
 
@@ -113,8 +118,15 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_forward: B, REPS, THREADS must be >= 1 and T >= 2\n");
         return 2;
     }
-    kst_set_num_threads(threads);
+    /* Whether the user chose the kernels: read before the library's first call, which sets the
+     * variable itself when it is unset. */
+    const char *env_core = getenv("OPENBLAS_CORETYPE");
+    char user_core[64] = "";
+    if (env_core) snprintf(user_core, sizeof user_core, "%s", env_core);
     kst_error err;
+    if (kst_blas_init(&err) != KST_OK) fprintf(stderr, "bench_forward: %s (portable sgemm)\n", err.msg);
+    const char *set_core = getenv("OPENBLAS_CORETYPE");
+    kst_set_num_threads(threads);
     kst_encoder *e = NULL;
     double tl = now();
     if (kst_encoder_open(dir, KST_ROLE_AUTO, &e, &err) != KST_OK) {
@@ -166,7 +178,7 @@ int main(int argc, char **argv) {
         for (int k = 0; k < 4; k++) {
             int N = (int)shapes[k][0], K = (int)shapes[k][1], M = (int)BT;
             t0 = now();
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, A, K, W, K, 0.0f, Y, N);
+            kst_sgemm(0, 1, M, N, K, 1.0f, A, K, W, K, 0.0f, Y, N);
             if (i >= 2) tv[(k + 1) * reps + i - 2] = now() - t0;
         }
     }
@@ -205,8 +217,10 @@ int main(int argc, char **argv) {
 
     printf("{\"model\": \"%s\", \"B\": %zu, \"T\": %zu, \"reps\": %d, \"threads\": %d,\n", dir, B, T,
            reps, threads);
-    printf(" \"omp_max_threads\": %d, \"openblas_threads\": %d, \"openblas_config\": \"%s\",\n",
-           omp_get_max_threads(), openblas_get_num_threads(), openblas_get_config());
+    printf(" \"omp_max_threads\": %d, \"blas_core\": \"%s\", \"blas_core_source\": \"%s\",\n",
+           omp_get_max_threads(), kst_blas_core(),
+           user_core[0] ? "user" : set_core ? "kestrel" : "openblas");
+    printf(" \"openblas_coretype\": \"%s\",\n", user_core[0] ? user_core : set_core ? set_core : "");
     printf(" \"L\": %zu, \"C\": %zu, \"NH\": %zu, \"FF\": %zu, \"flop_per_seq\": %.6g,\n", L, C, c->NH, FF,
            flop_seq);
     printf(" \"load_s\": %.6f, \"forward_median_s\": %.6f, \"forward_min_s\": %.6f, \"forward_max_s\": %.6f,\n",

@@ -27,6 +27,28 @@ def set_threads(n):
     torch.set_num_interop_threads(1)
 
 
+def kernels(engine):
+    """Which kernels an engine uses, in a few words (they are their own, not Kestrel's OpenBLAS)."""
+    try:
+        if engine == "torch":
+            import re
+            import torch
+            cfg = torch.__config__.show()
+            libs = []
+            if torch.backends.mkl.is_available():
+                m = re.search(r"Math Kernel Library Version ([0-9.]+)", cfg)
+                libs.append("MKL" + (f" {m.group(1)}" if m else ""))
+            if torch.backends.mkldnn.is_available():
+                m = re.search(r"MKL-DNN (v\S+)", cfg)
+                libs.append("oneDNN" + (f" {m.group(1)}" if m else ""))
+            cap = torch.backends.cpu.get_cpu_capability()
+            return f"torch {torch.__version__}: " + " + ".join(libs or ["own kernels"]) + f", CPU capability {cap}"
+        import onnxruntime as ort
+        return f"onnxruntime {ort.__version__}: MLAS (CPUExecutionProvider)"
+    except Exception as ex:  # a description only; never fail the benchmark over it
+        return f"unknown ({ex})"
+
+
 def ort_session(path, threads):
     import onnxruntime as ort
     so = ort.SessionOptions()
@@ -69,7 +91,8 @@ def synth(a):
     ntok = sorted({int(e["attention_mask"].sum(1).min()) for e in enc_np} |
                   {int(e["attention_mask"].sum(1).max()) for e in enc_np})
     res = {"threads": a.threads, "torch_threads": torch.get_num_threads(), "B": a.B, "T": a.T,
-           "batches": len(batches), "warmup": a.warmup, "token_counts_seen": ntok}
+           "batches": len(batches), "warmup": a.warmup, "token_counts_seen": ntok,
+           "kernels": {e: kernels(e) for e in a.engines}}
     out = {}
     if "torch" in a.engines:
         feats = [{k: torch.from_numpy(v.astype(np.int64)) for k, v in e.items()} for e in enc_np]

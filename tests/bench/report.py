@@ -40,8 +40,7 @@ def fnum(x):
 
 def main():
     ap = argparse.ArgumentParser()
-    for k in ["out", "threads", "nproc", "cli-load", "cli-e2e", "cli-lines", "whatif", "whatif-core",
-              "real", "real-note", "cran-load", "cran-e2e", "load-start", "load-end"]:
+    for k in ["out", "threads", "nproc", "cli-load", "cli-e2e", "cli-lines", "real", "real-note", "cran-load", "cran-e2e", "load-start", "load-end", "cpu-start", "cpu-end", "clk-tck", "own-cpu", "wall"]:
         ap.add_argument("--" + k, default="")
     a = ap.parse_args()
     out = a.out
@@ -50,17 +49,25 @@ def main():
     P = load(os.path.join(out, "py_synth.json"))
     B, T = F["B"], F["T"]
     fs = flop_seq(T)
-    core = F["openblas_config"].split()[-2]
+    core, src = F["blas_core"], F["blas_core_source"]
+    how = {"user": f"OPENBLAS_CORETYPE={F['openblas_coretype']} set by the user",
+           "kestrel": "chosen by kestrel from CPU features",
+           "openblas": "chosen by OpenBLAS itself (kestrel set no OPENBLAS_CORETYPE)"}[src]
+    if core == "portable":
+        how = "OpenBLAS could not be loaded: kestrel's slow portable loop"
     res = {"threads": threads, "cores": int(a.nproc), "cpu": cpu_name(),
-           "openblas": F["openblas_config"], "openblas_coretype_env": os.environ.get("OPENBLAS_CORETYPE", ""),
+           "blas_core": core, "blas_core_source": src, "openblas_coretype": F["openblas_coretype"],
            "loadavg_before": a.load_start, "loadavg_after": a.load_end,
            "flop_formula": "per sequence: L*(2*T*(3*C^2 + C^2 + 2*C*FF) + 4*T^2*C); embeddings, pooling, padding ignored",
            "flop_per_seq_T128": fs}
     lines = []
     p = lines.append
     p(f"Kestrel CPU encoding benchmark - {threads} threads on {a.nproc} cores ({res['cpu']})")
-    p(f"OpenBLAS: {F['openblas_config']}" + (f"  [OPENBLAS_CORETYPE={res['openblas_coretype_env']}]"
-                                              if res["openblas_coretype_env"] else ""))
+    p(f"OpenBLAS kernels: {core} ({how}); the sgemm anchor calls kst_sgemm, the library's own instance")
+    for eng, label in (("torch", "PyTorch"), ("ort", "ONNX Runtime")):
+        if eng in P.get("kernels", {}):
+            p(f"{label} kernels: {P['kernels'][eng]}")
+    res["kernels"] = P.get("kernels", {})
     p(f"FLOPs/sequence = L*(2T(3C^2+C^2+2C*FF) + 4T^2*C) = {fs / 1e9:.3f} GFLOP at T={T} (L=6, C=384, FF=1536)")
     busy = a.load_start and float(a.load_start.split()[0]) > 0.5
     if busy:
@@ -123,31 +130,6 @@ def main():
         res["synthetic"]["max_abs_diff_vs_torch"] = diff
     except (OSError, KeyError) as ex:
         p(f"  check: skipped ({ex})")
-    if a.whatif:
-        W = load(a.whatif)
-        wsps, wgf, wa = W["forward_sent_per_s"], W["forward_gflops"], W["sgemm_anchor_gflops"]
-        p(f"  what if OPENBLAS_CORETYPE={a.whatif_core} (default core here: {core}):")
-        rat = " | ".join(f"/ {names[e]} forward {wsps / (B / P[e]['forward_median_s']):.2f}" for e in ("torch", "ort") if e in P)
-        p(f"  {'kestrel forward':24s} {wsps:7.1f} sent/s {wgf:7.1f} GFLOP/s | sgemm anchor {wa:6.1f} GFLOP/s"
-          f" | ratio {wgf / wa:.2f} | {rat}")
-        wtop = sorted(W["breakdown"].items(), key=lambda kv: -kv[1]["s"])
-        p("  forward breakdown: " + ", ".join(f"{k} {v['share'] * 100:.0f}%" for k, v in wtop if v["share"] >= 0.005))
-        res["whatif_coretype"] = {"OPENBLAS_CORETYPE": a.whatif_core, "default_core": core,
-                                  "kestrel_forward": {"sent_per_s": wsps, "gflops": wgf,
-                                                      "median_s": W["forward_median_s"]},
-                                  "sgemm_anchor_gflops": wa, "ratio_forward_to_sgemm": wgf / wa,
-                                  "breakdown": W["breakdown"]}
-
-    try:
-        S = load(os.path.join(out, "ops_simd.json"))
-        p(f"  proposal (tests/bench/proposals/ops_simd.c), same inputs as the library's ops, default core:")
-        p(f"    GELU (4096 x 1536)       current {S['gelu_current_s'] * 1e3:6.1f} ms  proposed {S['gelu_proposed_s'] * 1e3:6.1f} ms"
-          f"  x{S['gelu_speedup']:.1f}  (max abs diff {S['gelu_max_abs_diff']:.1e})")
-        p(f"    attention (32x12 heads)  current {S['attention_current_s'] * 1e3:6.1f} ms  proposed {S['attention_proposed_s'] * 1e3:6.1f} ms"
-          f"  x{S['attention_speedup']:.1f}  (max abs diff {S['attention_max_abs_diff']:.1e})")
-        res["proposals_ops_simd"] = S
-    except OSError:
-        pass
 
     # ---- 2. all-MiniLM-L6-v2 on Cranfield ----
     p("")
@@ -184,7 +166,17 @@ def main():
         except OSError:
             pass
     p("")
-    p(f"(load average before {a.load_start}, after {a.load_end}; JSON: {os.path.join(out, 'encode_cpu.json')})")
+    if a.cpu_start and a.cpu_end and a.own_cpu and a.wall:
+        (b0, s0), (b1, s1) = (map(int, x.split()) for x in (a.cpu_start, a.cpu_end))
+        hz, wall, own = int(a.clk_tck or 100), float(a.wall), float(a.own_cpu)
+        other = max((b1 - b0) / hz - own, 0.0)
+        cap = wall * int(a.nproc)
+        res["quiet"] = {"wall_s": wall, "machine_busy_cpu_s": (b1 - b0) / hz, "benchmark_cpu_s": own,
+                        "other_cpu_s": other, "steal_s": (s1 - s0) / hz, "capacity_cpu_s": cap}
+        p(f"(CPU used by other processes during the run: {other:.1f} s of {cap:.0f} s"
+          f" ({100 * other / cap:.1f}%), steal {(s1 - s0) / hz:.1f} s; the benchmark itself used {own:.0f} s)")
+    p(f"(load average before {a.load_start}, after {a.load_end} (the benchmark's own threads count in 'after');"
+      f" JSON: {os.path.join(out, 'encode_cpu.json')})")
     print("\n".join(lines))
     res["printed"] = lines
     with open(os.path.join(out, "encode_cpu.json"), "w") as f:

@@ -3,9 +3,9 @@
 # anchor measured in the same run, as a ratio; nothing is asserted. See tests/bench/README.md.
 #
 # Environment: KESTREL_BENCH_THREADS (default: nproc), KESTREL_BENCH_REPS (forward reps, default
-# 10), KESTREL_BENCH_SKIP_REAL=1 (skip the all-MiniLM-L6-v2 / Cranfield part),
-# KESTREL_BENCH_CORETYPE (the OpenBLAS core type tried in the "what if" forward row; default
-# Cooperlake). OPENBLAS_CORETYPE, when set, is honoured everywhere (and printed).
+# 10), KESTREL_BENCH_SKIP_REAL=1 (skip the all-MiniLM-L6-v2 / Cranfield part).
+# OPENBLAS_CORETYPE, when set, is honoured by kestrel (core/blas.c) and printed; when unset,
+# kestrel picks the OpenBLAS kernel set from the CPU's features, and the output says which.
 set -euo pipefail
 
 BUILD=${1:-build}
@@ -17,13 +17,19 @@ PY=.venv/bin/python
 SHARED=$ROOT/../shared/data
 THREADS=${KESTREL_BENCH_THREADS:-$(nproc)}
 REPS=${KESTREL_BENCH_REPS:-10}
-WHATIF_CORE=${KESTREL_BENCH_CORETYPE:-Cooperlake}
-BLAS_INC=/usr/include/x86_64-linux-gnu/openblas-openmp
-BLAS_LIB=/usr/lib/x86_64-linux-gnu/openblas-openmp
 export OMP_NUM_THREADS=$THREADS KESTREL_NO_PROGRESS=1 TOKENIZERS_PARALLELISM=false
 export PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
 
 say() { echo "bench: $*" >&2; }
+
+# Quietness of the machine: the load average before anything starts, and the CPU time the whole
+# machine spends during the run (/proc/stat), from which report.py subtracts this script's own
+# (`times`) to show how much other processes took. The load average after the run includes the
+# benchmark's own threads, so it is high on a quiet machine too.
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+cpu_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $9 }' /proc/stat; }  # busy, steal
+CPU_START=$(cpu_ticks)
+WALL_START=$(date +%s.%N)
 
 if ! [ -x "$PY" ] || ! "$PY" -c "import torch, transformers, sentence_transformers, onnxruntime, onnx" 2>/dev/null; then
   cat >&2 <<EOF
@@ -60,18 +66,16 @@ else
   fi
 fi
 
-LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 say "preparing models and texts in $OUT (first run: ~30 s)"
 "$PY" tests/bench/make_model.py --out "$OUT" --vocab "$SHARED/bert-base-uncased/vocab.txt" \
   --cran "$SHARED/cranfield/cran.all.1400" ${REAL:+--real "$REAL"} --lines 352 2>"$OUT/make_model.log" ||
   { cat "$OUT/make_model.log" >&2; exit 1; }
 
+# The Makefile's flags. No -lopenblas: the library loads OpenBLAS itself (core/blas.c) after
+# choosing its kernel set; an OpenBLAS linked into this binary would be initialised before that.
 cc -std=c11 -O2 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE \
-  -I. -isystem "$BLAS_INC" -o "$OUT/bench_forward" tests/bench/bench_forward.c "$BUILD/libkestrel.a" \
-  -L"$BLAS_LIB" -Wl,-rpath,"$BLAS_LIB" -lopenblas -lutf8proc -lcjson -lz -lm
-cc -std=c11 -O2 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE \
-  -I. -isystem "$BLAS_INC" -o "$OUT/ops_simd" tests/bench/proposals/ops_simd.c "$BUILD/libkestrel.a" \
-  -L"$BLAS_LIB" -Wl,-rpath,"$BLAS_LIB" -lopenblas -lutf8proc -lcjson -lz -lm
+  -I. -o "$OUT/bench_forward" tests/bench/bench_forward.c "$BUILD/libkestrel.a" \
+  -lutf8proc -lcjson -lz -lm -ldl -lpthread -fopenmp
 
 # wall seconds of a command (stdin from $1, the rest is the command)
 wall() {
@@ -102,18 +106,6 @@ say "1/2 PyTorch and ONNX Runtime on the same batches"
   --threads "$THREADS" --B 32 --T 128 --save-first "$OUT/py_first_batch.npz" >"$OUT/py_synth.json" 2>"$OUT/py_synth.log" ||
   { cat "$OUT/py_synth.log" >&2; exit 1; }
 
-# The default OpenBLAS core type, and the forward pass again with another one ("what if").
-CORE=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['openblas_config'].split()[-2])" "$OUT/forward_rand.json")
-WHATIF=""
-if [ -z "${OPENBLAS_CORETYPE:-}" ] && [ "$CORE" != "$WHATIF_CORE" ]; then
-  say "1/2 forward again with OPENBLAS_CORETYPE=$WHATIF_CORE (default core here: $CORE)"
-  OPENBLAS_CORETYPE=$WHATIF_CORE "$OUT/bench_forward" "$RAND" 32 128 5 "$THREADS" 1 >"$OUT/forward_rand_whatif.json"
-  WHATIF=$OUT/forward_rand_whatif.json
-fi
-
-say "1/2 proposals: vectorized GELU and softmax (tests/bench/proposals/ops_simd.c) beside the current ops"
-"$OUT/ops_simd" "$THREADS" >"$OUT/ops_simd.json"
-
 # --- 2. all-MiniLM-L6-v2 on Cranfield ---------------------------------------------------------
 CRAN_LOAD="" CRAN_E2E=""
 if [ -n "$REAL" ]; then
@@ -126,7 +118,15 @@ if [ -n "$REAL" ]; then
 fi
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+CPU_END=$(cpu_ticks)
+WALL_END=$(date +%s.%N)
+# this script's CPU seconds and its children's (user + sys), as `times` prints them: XmY.Zs
+# (`times` must run in this shell, not in a pipeline's subshell, to see the children's times)
+times >"$OUT/times.txt"
+OWN_CPU=$(awk '{ for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] } } END { printf "%.2f", t }' "$OUT/times.txt")
 "$PY" tests/bench/report.py --out "$OUT" --threads "$THREADS" --nproc "$(nproc)" \
   --cli-load "$CLI_LOAD" --cli-e2e "$CLI_E2E" --cli-lines "$(wc -l <"$OUT/texts_128.txt")" \
-  --whatif "$WHATIF" --whatif-core "$WHATIF_CORE" --real "$REAL" --real-note "$REAL_NOTE" \
-  --cran-load "$CRAN_LOAD" --cran-e2e "$CRAN_E2E" --load-start "$LOAD_START" --load-end "$LOAD_END"
+  --real "$REAL" --real-note "$REAL_NOTE" \
+  --cran-load "$CRAN_LOAD" --cran-e2e "$CRAN_E2E" --load-start "$LOAD_START" --load-end "$LOAD_END" \
+  --cpu-start "$CPU_START" --cpu-end "$CPU_END" --clk-tck "$(getconf CLK_TCK)" --own-cpu "$OWN_CPU" \
+  --wall "$(awk -v a="$WALL_START" -v b="$WALL_END" 'BEGIN { printf "%.2f", b - a }')"
