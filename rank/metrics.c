@@ -204,6 +204,14 @@ int kst_evaluate(const kst_qrels *qrels, const kst_run *run, const kst_metric *m
                         "relevance level %d: expected 0 or more (negative relevance values mean "
                         "unjudged)",
                         o.relevance_level);
+    for (size_t m = 0; m < nmetrics; m++) {
+        kst_metric_kind k = metrics[m].kind;
+        int needs_cut = k == KST_METRIC_NDCG_CUT || k == KST_METRIC_RECALL || k == KST_METRIC_P;
+        if ((unsigned)k > KST_METRIC_P || metrics[m].cutoff < 0 ||
+            (needs_cut && metrics[m].cutoff == 0) || (k == KST_METRIC_MAP && metrics[m].cutoff))
+            return kst_fail(err, KST_ERR_INVALID, "metric %zu: kind %d with cutoff %ld is not "
+                            "one kst_metric_parse makes", m, (int)k, metrics[m].cutoff);
+    }
     int rc = KST_OK;
     int *ranked = NULL, *gains = NULL;
     kst_eval *e = kst_calloc(1, sizeof *e, "evaluation", err);

@@ -90,7 +90,8 @@ typedef struct kst_eval {
 } kst_eval;
 
 /* Evaluates `run` against `qrels`. opts may be NULL (defaults). *out is set only on success; free
- * with kst_eval_free. Errors: KST_ERR_INVALID (no metrics, a negative relevance level),
+ * with kst_eval_free. Errors: KST_ERR_INVALID (no metrics, a metric without its cutoff, a
+ * negative relevance level),
  * KST_ERR_NOTFOUND when no query is in both files (trec_eval: "No queries with both results and
  * relevance info"; with `complete` this cannot happen), KST_ERR_NOMEM. The inputs are not
  * changed. */
