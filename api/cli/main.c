@@ -12,6 +12,7 @@ static const struct {
     {"tokenize", cmd_tokenize, "print the token ids a model feeds its transformer"},
     {"embed", cmd_embed, "embed lines of text into a .npy file"},
     {"score", cmd_score, "score query<TAB>passage pairs (similarity, MaxSim or logits)"},
+    {"eval", cmd_eval, "evaluate a TREC run against qrels (MRR@10, nDCG@10, recall, MAP)"},
 };
 
 static void usage(FILE *fp) {
