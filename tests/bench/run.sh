@@ -71,11 +71,14 @@ say "preparing models and texts in $OUT (first run: ~30 s)"
   --cran "$SHARED/cranfield/cran.all.1400" ${REAL:+--real "$REAL"} --lines 352 2>"$OUT/make_model.log" ||
   { cat "$OUT/make_model.log" >&2; exit 1; }
 
-# The Makefile's flags. No -lopenblas: the library loads OpenBLAS itself (core/blas.c) after
-# choosing its kernel set; an OpenBLAS linked into this binary would be initialised before that.
+# The Makefile's link flags (its LDLIBS, read without building anything). No -lopenblas: the
+# library loads OpenBLAS itself (core/blas.c) after choosing its kernel set; an OpenBLAS linked
+# into this binary would be initialised before that, and the anchor would not be the library's.
+LDLIBS=$(printf 'kst-bench-ldlibs: ; @echo $(LDLIBS)\n' | make --no-print-directory -s -f Makefile -f - kst-bench-ldlibs 2>/dev/null) ||
+  LDLIBS="-lutf8proc -lcjson -lz -lm -ldl -lpthread -fopenmp"
+case " $LDLIBS " in *openblas*) say "the Makefile links OpenBLAS ($LDLIBS): the anchor would not use kestrel's instance"; exit 1 ;; esac
 cc -std=c11 -O2 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE \
-  -I. -o "$OUT/bench_forward" tests/bench/bench_forward.c "$BUILD/libkestrel.a" \
-  -lutf8proc -lcjson -lz -lm -ldl -lpthread -fopenmp
+  -I. -o "$OUT/bench_forward" tests/bench/bench_forward.c "$BUILD/libkestrel.a" $LDLIBS
 
 # wall seconds of a command (stdin from $1, the rest is the command)
 wall() {
