@@ -7,9 +7,9 @@
  *   The caller owns `err`; no later call overwrites it.
  * - Results written through out-pointers are valid only when the call returned KST_OK. Every
  *   result type has a free function, and every free function accepts NULL.
- * - Threads: a kst_model may be used by one thread at a time (it keeps scratch buffers); open one
- *   per thread to encode in parallel. Calls on different models never share state. Inside one
- *   call the work is spread over OpenMP threads (see kst_model_opts.num_threads).
+ * - Threads: an open kst_model may be used from any number of threads at once (each call keeps
+ *   its scratch to itself); opening and closing it are not concurrent with other calls on it.
+ *   Inside one call the work is spread over OpenMP threads (see kst_model_opts.num_threads).
  */
 #ifndef KESTREL_H
 #define KESTREL_H

@@ -373,6 +373,10 @@ int kst_encoder_open(const char *dir, kst_role role, kst_encoder **out, kst_erro
     }
     KST_TRY(kst_safetensors_open(path, &st, err));
     KST_TRY(kst_bert_load_weights(&e->bert, &st, err));
+    if (!(e->weight_files[e->n_weight_files++] = kst_strndup(path, (size_t)-1, err))) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
     if (tcfg.dense_out) {
         KST_TRY(kst_path_join(path, sizeof path, dense_dir, "model.safetensors", err));
         if (!kst_path_exists(path)) {
@@ -381,6 +385,10 @@ int kst_encoder_open(const char *dir, kst_role role, kst_encoder **out, kst_erro
         }
         KST_TRY(kst_safetensors_open(path, &dst, err));
         KST_TRY(kst_bert_load_dense(&e->bert, &dst, err));
+        if (!(e->weight_files[e->n_weight_files++] = kst_strndup(path, (size_t)-1, err))) {
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
     }
 done:
     kst_safetensors_close(&st);
@@ -397,9 +405,9 @@ void kst_encoder_free(kst_encoder *e) {
     if (!e) return;
     kst_tokenizer_free(e->tok);
     kst_bert_free(&e->bert);
-    kst_bert_acts_free(&e->acts);
     kst_free(e->query_prompt);
     kst_free(e->skip);
+    for (size_t i = 0; i < e->n_weight_files; i++) kst_free(e->weight_files[i]);
     kst_free(e->dir);
     kst_free(e);
 }
@@ -482,6 +490,7 @@ static int run_batches(kst_encoder *e, const char *const *a, const size_t *alen,
     int32_t *ids = NULL, *types = NULL;
     int *valid = NULL;
     float *hidden = NULL;
+    kst_bert_acts acts = {0}; /* per call, so concurrent calls never share scratch */
     if (!items) return KST_ERR_NOMEM;
     for (size_t i = 0; i < n; i++) {
         items[i].index = i;
@@ -517,7 +526,7 @@ static int run_batches(kst_encoder *e, const char *const *a, const size_t *alen,
                 types[r * T + t] = t < v->len ? v->type_ids[t] : 0;
             }
         }
-        KST_TRY(kst_bert_forward(&e->bert, &e->acts, hidden, ids, types, valid, B, T, err));
+        KST_TRY(kst_bert_forward(&e->bert, &acts, hidden, ids, types, valid, B, T, err));
         for (size_t r = 0; r < B; r++)
             KST_TRY(head(e, ctx, items[s + r].index, ids + r * T, hidden + r * T * C,
                          items[s + r].ids.len, err));
@@ -529,6 +538,7 @@ done:
     kst_free(types);
     kst_free(valid);
     kst_free(hidden);
+    kst_bert_acts_free(&acts);
     return rc;
 }
 

@@ -23,7 +23,6 @@ typedef struct kst_encoder {
     char *dir;
     kst_tokenizer *tok;
     kst_bert bert;
-    kst_bert_acts acts;   /* scratch: an encoder serves one thread at a time */
     size_t dim;           /* output vector size (dense, ColBERT) */
     size_t max_len;       /* default max tokens (dense: max_seq_length; cross: pair length) */
     /* dense */
@@ -36,7 +35,12 @@ typedef struct kst_encoder {
     int attend_to_mask;
     int32_t q_marker, d_marker;
     unsigned char *skip;  /* (V) 1 for document tokens dropped (punctuation) */
+    char *weight_files[2]; /* model.safetensors (+ the Dense module's): what fingerprints it */
+    size_t n_weight_files;
 } kst_encoder;
+
+/* An open encoder is read-only after kst_encoder_open: every call keeps its scratch to itself,
+ * so one encoder serves any number of threads at once. */
 
 /* Opens a checkpoint folder. role KST_ROLE_AUTO detects it: modules.json -> dense
  * (sentence-transformers), artifact.metadata -> ColBERT, a *ForSequenceClassification config ->

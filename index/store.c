@@ -54,6 +54,8 @@ static const char SCHEMA_SQL[] =
     "  text TEXT NOT NULL DEFAULT '',"
     "  meta TEXT CHECK (meta IS NULL OR json_valid(meta)));"
     "CREATE TABLE manifest(key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
+    /* ColBERT token rows of each document in the token store (index/tokens.h). */
+    "CREATE TABLE doc_tokens(id INTEGER PRIMARY KEY, first INTEGER NOT NULL, count INTEGER NOT NULL);"
     "CREATE VIRTUAL TABLE documents_fts USING fts5(title, text, content='documents',"
     "  content_rowid='id', tokenize='" KST_STORE_TOKENIZER "');"
     "CREATE TRIGGER documents_ai AFTER INSERT ON documents BEGIN"
@@ -64,6 +66,7 @@ static const char SCHEMA_SQL[] =
     "  INSERT INTO documents_fts(documents_fts, rowid, title, text)"
     "    VALUES ('delete', old.id, old.title, old.text);"
     "  UPDATE manifest SET value = value - 1 WHERE key = 'doc_count';"
+    "  DELETE FROM doc_tokens WHERE id = old.id;"
     "END;"
     "CREATE TRIGGER documents_au AFTER UPDATE OF id, title, text ON documents BEGIN"
     "  INSERT INTO documents_fts(documents_fts, rowid, title, text)"
@@ -78,7 +81,7 @@ static const char SCHEMA_SQL[] =
 enum {
     ST_BEGIN, ST_COMMIT, ST_ROLLBACK, ST_SAVEPOINT, ST_RELEASE, ST_ROLLBACK_TO, ST_BUMP_GEN,
     ST_DELETE_EXT, ST_INSERT, ST_GET, ST_EXT_ID, ST_LOOKUP, ST_META_GET, ST_META_SET, ST_META_ALL,
-    ST_BM25, ST_READ_BEGIN, ST_COUNT_
+    ST_BM25, ST_READ_BEGIN, ST_TOK_SET, ST_TOK_GET, ST_COUNT_
 };
 static const char *const STMT_SQL[ST_COUNT_] = {
     [ST_BEGIN] = "BEGIN IMMEDIATE",
@@ -101,6 +104,8 @@ static const char *const STMT_SQL[ST_COUNT_] = {
     [ST_BM25] = "SELECT rowid, bm25(documents_fts) AS r FROM documents_fts"
                 " WHERE documents_fts MATCH ?1 ORDER BY r, rowid LIMIT ?2",
     [ST_READ_BEGIN] = "BEGIN DEFERRED",
+    [ST_TOK_SET] = "INSERT OR REPLACE INTO doc_tokens(id, first, count) VALUES (?1, ?2, ?3)",
+    [ST_TOK_GET] = "SELECT first, count FROM doc_tokens WHERE id = ?1",
 };
 
 struct kst_store {
@@ -945,5 +950,38 @@ int kst_store_fingerprint_files(const char *const *paths, size_t n, char hex_out
     unsigned char d[KST_SHA256_LEN];
     int rc = kst_sha256_files(paths, n, d, err);
     if (rc == KST_OK) kst_sha256_hex(d, hex_out);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* ColBERT token rows                                                                         */
+/* ------------------------------------------------------------------------------------------ */
+
+int kst_store_set_tokens(kst_store *s, int64_t id, uint64_t first, uint64_t count, kst_error *err) {
+    if (!s->in_write)
+        return kst_fail(err, KST_ERR_MISUSE, "%s: kst_store_set_tokens outside a transaction", s->path);
+    sqlite3_stmt *st = s->st[ST_TOK_SET];
+    sqlite3_bind_int64(st, 1, id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)first);
+    sqlite3_bind_int64(st, 3, (sqlite3_int64)count);
+    int src = sqlite3_step(st);
+    int rc = src == SQLITE_DONE ? KST_OK : sql_fail(s, err, src, "recording token rows");
+    reset_stmt(st);
+    return rc;
+}
+
+int kst_store_get_tokens(kst_store *s, int64_t id, uint64_t *first, uint64_t *count, kst_error *err) {
+    sqlite3_stmt *st = s->st[ST_TOK_GET];
+    sqlite3_bind_int64(st, 1, id);
+    int src = sqlite3_step(st), rc = KST_OK;
+    if (src == SQLITE_ROW) {
+        *first = (uint64_t)sqlite3_column_int64(st, 0);
+        *count = (uint64_t)sqlite3_column_int64(st, 1);
+    } else if (src == SQLITE_DONE) {
+        rc = kst_fail(err, KST_ERR_NOTFOUND, "%s: document %lld has no token vectors", s->path, (long long)id);
+    } else {
+        rc = sql_fail(s, err, src, "reading token rows");
+    }
+    reset_stmt(st);
     return rc;
 }

@@ -173,6 +173,14 @@ int kst_store_check_model(kst_store *s, const char *fingerprint, kst_error *err)
 int kst_store_meta_get(kst_store *s, const char *key, char **out, kst_error *err);
 int kst_store_meta_set(kst_store *s, const char *key, const char *value, kst_error *err);
 
+/* ---- ColBERT token rows (index/tokens.h) ---- */
+
+/* Records that document `id`'s token vectors are rows [first, first + count) of the token store
+ * (inside a transaction; deleting the document drops the record). */
+int kst_store_set_tokens(kst_store *s, int64_t id, uint64_t first, uint64_t count, kst_error *err);
+/* KST_ERR_NOTFOUND when the document has none. */
+int kst_store_get_tokens(kst_store *s, int64_t id, uint64_t *first, uint64_t *count, kst_error *err);
+
 /* sha256 over the files' bytes, in order, streamed (never loaded whole), as 64 lowercase hex
  * digits + NUL into hex_out. For one file it equals `sha256sum FILE`. KST_ERR_IO names the file
  * that could not be read. */

@@ -1,0 +1,564 @@
+/* engine.c - an index directory at work: create, open, add, delete, and the reader pool. */
+#define _POSIX_C_SOURCE 200809L
+#include "engine.h"
+
+#include <dirent.h>
+#include <limits.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/check.h"
+#include "core/file.h"
+#include "core/mem.h"
+#include "core/progress.h"
+
+#define PATH_CAP 4096
+#define TOKENS_FILE "tokens.f16"
+#define ENCODE_BATCH 256
+
+/* ------------------------------------------------------------------------------------------ */
+/* reader pool: read-only store handles, one per concurrent search */
+
+typedef struct reader_pool {
+    pthread_mutex_t lock;
+    kst_store **free;
+    size_t n, cap;
+} reader_pool;
+
+int kst_ix_get_reader(kst_ix *ix, kst_store **out, kst_error *err) {
+    reader_pool *p = ix->pool;
+    *out = NULL;
+    pthread_mutex_lock(&p->lock);
+    if (p->n) *out = p->free[--p->n];
+    pthread_mutex_unlock(&p->lock);
+    if (*out) return KST_OK;
+    return kst_store_open(ix->dir, KST_STORE_READONLY, out, err);
+}
+
+void kst_ix_put_reader(kst_ix *ix, kst_store *s) {
+    if (!s) return;
+    reader_pool *p = ix->pool;
+    pthread_mutex_lock(&p->lock);
+    if (p->n == p->cap) {
+        size_t nc = p->cap ? p->cap * 2 : 8;
+        kst_store **f = realloc(p->free, nc * sizeof *f);
+        if (!f) {
+            pthread_mutex_unlock(&p->lock);
+            kst_store_close(s);
+            return;
+        }
+        p->free = f;
+        p->cap = nc;
+    }
+    p->free[p->n++] = s;
+    pthread_mutex_unlock(&p->lock);
+}
+
+static void pool_free(reader_pool *p) {
+    if (!p) return;
+    for (size_t i = 0; i < p->n; i++) kst_store_close(p->free[i]);
+    free(p->free);
+    pthread_mutex_destroy(&p->lock);
+    kst_free(p);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* helpers */
+
+char *kst_ix_doc_text(const char *title, const char *text, kst_error *err) {
+    size_t tl = title ? strlen(title) : 0, xl = text ? strlen(text) : 0;
+    char *s = kst_malloc(tl + xl + 2, 1, "document text", err);
+    if (!s) return NULL;
+    size_t at = 0;
+    if (tl) {
+        memcpy(s, title, tl);
+        at = tl;
+        if (xl) s[at++] = ' ';
+    }
+    if (xl) memcpy(s + at, text, xl);
+    s[at + xl] = '\0';
+    return s;
+}
+
+static int fingerprint(const kst_encoder *e, char hex[65], kst_error *err) {
+    return kst_store_fingerprint_files((const char *const *)e->weight_files, e->n_weight_files, hex, err);
+}
+
+static int meta_get_opt(kst_store *s, const char *key, char **out, kst_error *err) {
+    *out = NULL;
+    kst_error e2;
+    int rc = kst_store_meta_get(s, key, out, &e2);
+    if (rc == KST_ERR_NOTFOUND) return KST_OK;
+    if (rc != KST_OK && err) *err = e2;
+    return rc;
+}
+
+/* Opens a model and, when the index recorded a fingerprint under `fp_key`, checks it. */
+static int open_model(kst_ix *ix, const char *given, const char *dir_key, const char *fp_key,
+                      kst_role role, kst_encoder **out, kst_error *err) {
+    char *recorded = NULL, *want_fp = NULL;
+    int rc = meta_get_opt(ix->store, dir_key, &recorded, err);
+    if (rc == KST_OK) rc = meta_get_opt(ix->store, fp_key, &want_fp, err);
+    const char *dir = given && *given ? given : (recorded && *recorded ? recorded : NULL);
+    if (rc == KST_OK && dir) {
+        rc = kst_encoder_open(dir, role, out, err);
+        if (rc != KST_OK) kst_error_prefix(err, "%s: model recorded as %s", ix->dir, dir_key);
+    }
+    if (rc == KST_OK && *out && want_fp && *want_fp) {
+        char fp[65];
+        rc = fingerprint(*out, fp, err);
+        if (rc == KST_OK && strcmp(fp, want_fp) != 0)
+            rc = kst_fail(err, KST_ERR_INVALID,
+                          "%s: the index was built with the %s model of fingerprint %s, but %s has "
+                          "fingerprint %s; rebuild the index with this model or pass the model it "
+                          "was built with",
+                          ix->dir, kst_role_name(role), want_fp, dir, fp);
+    }
+    kst_free(recorded);
+    kst_free(want_fp);
+    return rc;
+}
+
+/* Removes FAISS files of generations other than `keep` and `keep_prev`. */
+static void prune_ann_files(const char *dir, const char *keep, const char *keep_prev) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        const char *n = de->d_name;
+        size_t l = strlen(n);
+        if (strncmp(n, "dense.", 6) != 0 || l < 12 || strcmp(n + l - 6, ".faiss") != 0) continue;
+        if ((keep && strcmp(n, keep) == 0) || (keep_prev && strcmp(n, keep_prev) == 0)) continue;
+        char p[PATH_CAP];
+        if (kst_path_join(p, sizeof p, dir, n, NULL) == KST_OK) unlink(p);
+    }
+    closedir(d);
+}
+
+/* Loads the committed FAISS file named in the manifest (none for an empty or BM25-only index). */
+static int load_ann(kst_ix *ix, kst_error *err) {
+    kst_ann_free(ix->ann);
+    ix->ann = NULL;
+    ix->ann_file[0] = '\0';
+    char *name = NULL;
+    int rc = meta_get_opt(ix->store, "ann_file", &name, err);
+    if (rc != KST_OK || !name || !*name) {
+        kst_free(name);
+        return rc;
+    }
+    snprintf(ix->ann_file, sizeof ix->ann_file, "%s", name);
+    kst_free(name);
+    char path[PATH_CAP];
+    rc = kst_path_join(path, sizeof path, ix->dir, ix->ann_file, err);
+    if (rc == KST_OK) rc = kst_ann_read(path, ix->writable ? KST_ANN_MMAP_NEVER : KST_ANN_MMAP_AUTO, &ix->ann, err);
+    return rc;
+}
+
+static int open_parts(kst_ix *ix, const kst_ix_models *m, kst_error *err) {
+    int rc = KST_OK;
+    KST_TRY(open_model(ix, m ? m->dense : NULL, "dense_model", "model_fingerprint", KST_ROLE_DENSE, &ix->dense, err));
+    KST_TRY(open_model(ix, m ? m->colbert : NULL, "colbert_model", "colbert_fingerprint", KST_ROLE_COLBERT, &ix->colbert, err));
+    KST_TRY(open_model(ix, m ? m->cross : NULL, "cross_model", "cross_fingerprint", KST_ROLE_CROSS, &ix->cross, err));
+    char *fac = NULL;
+    KST_TRY(meta_get_opt(ix->store, "requested_factory", &fac, err));
+    snprintf(ix->factory, sizeof ix->factory, "%s", fac ? fac : "auto");
+    kst_free(fac);
+    KST_TRY(load_ann(ix, err));
+    if (ix->colbert) {
+        char path[PATH_CAP];
+        KST_TRY(kst_path_join(path, sizeof path, ix->dir, TOKENS_FILE, err));
+        if (ix->writable || kst_path_exists(path))
+            KST_TRY(kst_tokens_open(path, ix->colbert->dim, ix->writable, &ix->tokens, err));
+    }
+done:
+    return rc;
+}
+
+static kst_ix *ix_new(const char *dir, int writable, kst_error *err) {
+    kst_ix *ix = kst_calloc(1, sizeof *ix, "index", err);
+    if (!ix) return NULL;
+    reader_pool *p = kst_calloc(1, sizeof *p, "reader pool", err);
+    ix->dir = kst_strndup(dir, (size_t)-1, err);
+    if (!p || !ix->dir) {
+        kst_free(p);
+        kst_free(ix->dir);
+        kst_free(ix);
+        return NULL;
+    }
+    pthread_mutex_init(&p->lock, NULL);
+    ix->pool = p;
+    ix->writable = writable;
+    return ix;
+}
+
+void kst_ix_close(kst_ix *ix) {
+    if (!ix) return;
+    pool_free(ix->pool);
+    kst_store_close(ix->store);
+    kst_encoder_free(ix->dense);
+    kst_encoder_free(ix->colbert);
+    kst_encoder_free(ix->cross);
+    kst_ann_free(ix->ann);
+    kst_tokens_close(ix->tokens);
+    kst_free(ix->dir);
+    kst_free(ix);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* create and open */
+
+static int dir_is_empty_or_absent(const char *dir, kst_error *err) {
+    DIR *d = opendir(dir);
+    if (!d) {
+        if (errno == ENOENT) return KST_OK;
+        return kst_fail(err, KST_ERR_IO, "%s: %s", dir, strerror(errno));
+    }
+    struct dirent *de;
+    int empty = 1;
+    while ((de = readdir(d)))
+        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) empty = 0;
+    closedir(d);
+    return empty ? KST_OK
+                 : kst_fail(err, KST_ERR_INVALID,
+                            "%s: the folder is not empty; an index is built into a new folder (use "
+                            "`kestrel index add` to add to an existing index)", dir);
+}
+
+int kst_ix_create(const char *dir, const kst_ix_models *models, const char *factory, kst_ix **out,
+                  kst_error *err) {
+    *out = NULL;
+    int rc = dir_is_empty_or_absent(dir, err);
+    if (rc != KST_OK) return rc;
+    kst_ix *ix = ix_new(dir, 1, err);
+    if (!ix) return KST_ERR_NOMEM;
+    int began = 0;
+    KST_TRY(kst_store_open(dir, KST_STORE_CREATE, &ix->store, err));
+    const char *fac = factory && *factory ? factory : "auto";
+    snprintf(ix->factory, sizeof ix->factory, "%s", fac);
+    if (models && models->dense) {
+        KST_TRY(kst_encoder_open(models->dense, KST_ROLE_DENSE, &ix->dense, err));
+        if (strcmp(fac, "auto") != 0) {
+            /* Check the factory string now rather than after encoding the whole collection. */
+            kst_ann *probe = NULL;
+            rc = kst_ann_create(fac, (int)ix->dense->dim, &probe, err);
+            kst_ann_free(probe);
+            if (rc != KST_OK) goto done;
+        }
+    }
+    if (models && models->colbert) KST_TRY(kst_encoder_open(models->colbert, KST_ROLE_COLBERT, &ix->colbert, err));
+    if (models && models->cross) KST_TRY(kst_encoder_open(models->cross, KST_ROLE_CROSS, &ix->cross, err));
+    KST_TRY(kst_store_begin(ix->store, err));
+    began = 1;
+    char fp[65];
+    struct { kst_encoder *e; const char *dir_key, *fp_key, *path; } m[3] = {
+        {ix->dense, "dense_model", "model_fingerprint", models ? models->dense : NULL},
+        {ix->colbert, "colbert_model", "colbert_fingerprint", models ? models->colbert : NULL},
+        {ix->cross, "cross_model", "cross_fingerprint", models ? models->cross : NULL}};
+    for (int i = 0; i < 3; i++) {
+        if (!m[i].e) continue;
+        char abs[PATH_MAX];
+        const char *p = realpath(m[i].path, abs) ? abs : m[i].path;
+        KST_TRY(fingerprint(m[i].e, fp, err));
+        KST_TRY(kst_store_meta_set(ix->store, m[i].dir_key, p, err));
+        if (i == 0) KST_TRY(kst_store_set_model(ix->store, fp, (long)ix->dense->dim, "", err));
+        else KST_TRY(kst_store_meta_set(ix->store, m[i].fp_key, fp, err));
+    }
+    KST_TRY(kst_store_meta_set(ix->store, "requested_factory", fac, err));
+    KST_TRY(kst_store_commit(ix->store, err));
+    began = 0;
+    if (ix->colbert) {
+        char path[PATH_CAP];
+        KST_TRY(kst_path_join(path, sizeof path, dir, TOKENS_FILE, err));
+        KST_TRY(kst_tokens_open(path, ix->colbert->dim, 1, &ix->tokens, err));
+    }
+done:
+    if (rc != KST_OK) {
+        if (began) kst_store_rollback(ix->store, NULL);
+        kst_ix_close(ix);
+        return rc;
+    }
+    *out = ix;
+    return KST_OK;
+}
+
+int kst_ix_open(const char *dir, const kst_ix_models *models, int writable, kst_ix **out,
+                kst_error *err) {
+    *out = NULL;
+    kst_ix *ix = ix_new(dir, writable, err);
+    if (!ix) return KST_ERR_NOMEM;
+    int rc = KST_OK;
+    KST_TRY(kst_store_open(dir, writable ? 0 : KST_STORE_READONLY, &ix->store, err));
+    rc = open_parts(ix, models, err);
+    if (rc != KST_OK && !writable) {
+        /* A writer may have switched generations between our manifest read and the file open:
+         * read the manifest once more. */
+        kst_error_clear(err);
+        rc = load_ann(ix, err);
+    }
+done:
+    if (rc != KST_OK) {
+        kst_ix_close(ix);
+        return rc;
+    }
+    *out = ix;
+    return KST_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* writes */
+
+typedef struct pending {
+    float *vecs;     /* (n, dim) dense vectors kept until the ANN is trained */
+    int64_t *ids;    /* (n) their internal ids */
+    size_t n, cap;
+    int64_t *gone;   /* internal ids replaced or deleted: to remove from FAISS */
+    size_t ngone, capgone;
+} pending;
+
+static int push_gone(pending *p, int64_t id, kst_error *err) {
+    if (p->ngone == p->capgone) {
+        size_t nc = p->capgone ? p->capgone * 2 : 256;
+        int rc = kst_realloc((void **)&p->gone, nc, sizeof *p->gone, "replaced ids", err);
+        if (rc != KST_OK) return rc;
+        p->capgone = nc;
+    }
+    p->gone[p->ngone++] = id;
+    return KST_OK;
+}
+
+static int keep_vectors(pending *p, const float *v, const int64_t *ids, size_t n, size_t dim,
+                        kst_error *err) {
+    if (p->n + n > p->cap) {
+        size_t nc = (p->n + n) * 2;
+        int rc = kst_realloc((void **)&p->vecs, nc, dim * sizeof(float), "dense vectors", err);
+        if (rc == KST_OK) rc = kst_realloc((void **)&p->ids, nc, sizeof(int64_t), "vector ids", err);
+        if (rc != KST_OK) return rc;
+        p->cap = nc;
+    }
+    memcpy(p->vecs + p->n * dim, v, n * dim * sizeof(float));
+    memcpy(p->ids + p->n, ids, n * sizeof(int64_t));
+    p->n += n;
+    return KST_OK;
+}
+
+static void pending_free(pending *p) {
+    kst_free(p->vecs);
+    kst_free(p->ids);
+    kst_free(p->gone);
+}
+
+/* One batch of documents: texts to encode and their internal ids. */
+typedef struct batch {
+    char **texts;
+    int64_t *ids;
+    size_t n;
+} batch;
+
+static void batch_clear(batch *b) {
+    for (size_t i = 0; i < b->n; i++) kst_free(b->texts[i]);
+    b->n = 0;
+}
+
+static int encode_batch(kst_ix *ix, batch *b, pending *p, kst_ix_stats *st, kst_error *err) {
+    int rc = KST_OK;
+    if (!b->n) return KST_OK;
+    double t0 = kst_now();
+    float *v = NULL;
+    if (ix->dense) {
+        size_t dim = ix->dense->dim;
+        v = kst_malloc(b->n, dim * sizeof(float), "dense vectors", err);
+        if (!v) return KST_ERR_NOMEM;
+        KST_TRY(kst_encoder_embed(ix->dense, (const char *const *)b->texts, NULL, b->n, 0, 0, 32, v, err));
+        st->encode_s += kst_now() - t0;
+        t0 = kst_now();
+        if (ix->ann && kst_ann_is_trained(ix->ann)) {
+            KST_TRY(kst_ann_add(ix->ann, (int64_t)b->n, (int)dim, v, b->ids, err));
+            st->add_s += kst_now() - t0;
+        } else {
+            KST_TRY(keep_vectors(p, v, b->ids, b->n, dim, err));
+        }
+    }
+    if (ix->colbert) {
+        t0 = kst_now();
+        float *tv = NULL;
+        size_t total = 0;
+        int64_t *off = kst_malloc(b->n + 1, sizeof *off, "token offsets", err);
+        if (!off) {
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        rc = kst_encoder_embed_tokens(ix->colbert, (const char *const *)b->texts, NULL, b->n, 0, 0, 32, &tv, &total, off, err);
+        st->encode_s += kst_now() - t0;
+        uint64_t first = 0;
+        if (rc == KST_OK) rc = kst_tokens_append(ix->tokens, tv, total, &first, err);
+        for (size_t i = 0; rc == KST_OK && i < b->n; i++)
+            rc = kst_store_set_tokens(ix->store, b->ids[i], first + (uint64_t)off[i],
+                                      (uint64_t)(off[i + 1] - off[i]), err);
+        st->tokens += total;
+        kst_free(tv);
+        kst_free(off);
+    }
+done:
+    kst_free(v);
+    return rc;
+}
+
+/* Trains (when needed) and fills the ANN with the kept vectors, removes replaced ids, writes the
+ * next generation's file and points the manifest at it (inside the open transaction). */
+static int finish_ann(kst_ix *ix, pending *p, kst_ix_stats *st, char *new_file, size_t cap,
+                      kst_error *err) {
+    int rc = KST_OK;
+    new_file[0] = '\0';
+    if (!ix->dense) return KST_OK;
+    int dim = (int)ix->dense->dim;
+    double t0 = kst_now();
+    if (!ix->ann) {
+        if (p->n == 0 && p->ngone == 0) return KST_OK; /* nothing to index yet */
+        char fac[KST_STORE_FACTORY_MAX], why[256];
+        if (strcmp(ix->factory, "auto") == 0)
+            kst_ann_factory_auto((int64_t)p->n, dim, fac, sizeof fac, why, sizeof why);
+        else
+            snprintf(fac, sizeof fac, "%s", ix->factory);
+        KST_TRY(kst_ann_create(fac, dim, &ix->ann, err));
+    }
+    if (!kst_ann_is_trained(ix->ann)) {
+        KST_TRY(kst_ann_train(ix->ann, (int64_t)p->n, dim, p->vecs, err));
+        snprintf(st->note, sizeof st->note, "%s", kst_ann_note(ix->ann));
+    }
+    st->train_s += kst_now() - t0;
+    t0 = kst_now();
+    if (p->n) KST_TRY(kst_ann_add(ix->ann, (int64_t)p->n, dim, p->vecs, p->ids, err));
+    if (p->ngone) KST_TRY(kst_ann_remove(ix->ann, p->ngone, p->gone, NULL, err));
+    st->add_s += kst_now() - t0;
+    t0 = kst_now();
+    kst_store_manifest man;
+    KST_TRY(kst_store_manifest_read(ix->store, &man, err));
+    snprintf(new_file, cap, "dense.%lld.faiss", (long long)(man.generation + 1));
+    char path[PATH_CAP];
+    KST_TRY(kst_path_join(path, sizeof path, ix->dir, new_file, err));
+    KST_TRY(kst_ann_write(ix->ann, path, err));
+    KST_TRY(kst_store_meta_set(ix->store, "ann_file", new_file, err));
+    const char *fac = kst_ann_factory(ix->ann);
+    if (fac && *fac) KST_TRY(kst_store_meta_set(ix->store, "faiss_factory", fac, err));
+    st->write_s += kst_now() - t0;
+done:
+    return rc;
+}
+
+/* Commits, or rolls everything back (the in-memory FAISS index is reloaded from the committed
+ * file, and the new file removed). */
+static int end_write(kst_ix *ix, int rc, const char *new_file, kst_error *err) {
+    char path[PATH_CAP];
+    char old[64];
+    snprintf(old, sizeof old, "%s", ix->ann_file);
+    if (rc == KST_OK && ix->tokens) rc = kst_tokens_sync(ix->tokens, err);
+    if (rc == KST_OK) rc = kst_store_commit(ix->store, err);
+    if (rc == KST_OK) {
+        if (new_file[0]) {
+            snprintf(ix->ann_file, sizeof ix->ann_file, "%s", new_file);
+            prune_ann_files(ix->dir, ix->ann_file, old);
+        }
+        return KST_OK;
+    }
+    kst_store_rollback(ix->store, NULL);
+    if (new_file[0] && kst_path_join(path, sizeof path, ix->dir, new_file, NULL) == KST_OK) unlink(path);
+    kst_error e2;
+    load_ann(ix, &e2); /* back to the committed state; the first error is the one to report */
+    return rc;
+}
+
+int kst_ix_add(kst_ix *ix, kst_docs *docs, kst_ix_progress_fn progress, void *ctx,
+               kst_ix_stats *stats, kst_error *err) {
+    kst_ix_stats local;
+    kst_ix_stats *st = stats ? stats : &local;
+    memset(st, 0, sizeof *st);
+    if (!ix->writable) return kst_fail(err, KST_ERR_MISUSE, "%s: opened read-only", ix->dir);
+    pending p = {0};
+    batch b = {0};
+    char new_file[64] = "";
+    int rc = kst_store_begin(ix->store, err);
+    if (rc != KST_OK) return rc;
+    b.texts = kst_calloc(ENCODE_BATCH, sizeof *b.texts, "batch", err);
+    b.ids = kst_calloc(ENCODE_BATCH, sizeof *b.ids, "batch", err);
+    if (!b.texts || !b.ids) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    kst_stream *s = kst_docs_stream(docs);
+    for (;;) {
+        kst_doc d;
+        double t0 = kst_now();
+        KST_TRY(kst_docs_next(docs, &d, err));
+        st->read_s += kst_now() - t0;
+        if (!d.id) break;
+        t0 = kst_now();
+        int64_t id, replaced;
+        rc = kst_store_add(ix->store, d.id, d.title_len ? d.title : NULL, d.text, d.meta_json, &id, &replaced, err);
+        if (rc != KST_OK) {
+            kst_error_prefix(err, "%s line %zu", kst_stream_name(s), d.line);
+            goto done;
+        }
+        st->store_s += kst_now() - t0;
+        if (replaced >= 0) {
+            st->replaced++;
+            KST_TRY(push_gone(&p, replaced, err));
+        }
+        if (ix->dense || ix->colbert) {
+            b.texts[b.n] = kst_ix_doc_text(d.title, d.text, err);
+            if (!b.texts[b.n]) {
+                rc = KST_ERR_NOMEM;
+                goto done;
+            }
+            b.ids[b.n++] = id;
+            if (b.n == ENCODE_BATCH) {
+                KST_TRY(encode_batch(ix, &b, &p, st, err));
+                batch_clear(&b);
+            }
+        }
+        st->docs++;
+        if (progress && st->docs % 64 == 0)
+            progress(ctx, st->docs, kst_stream_bytes_read(s), kst_stream_bytes_total(s));
+    }
+    KST_TRY(encode_batch(ix, &b, &p, st, err));
+    batch_clear(&b);
+    if (progress) progress(ctx, st->docs, kst_stream_bytes_read(s), kst_stream_bytes_total(s));
+    KST_TRY(finish_ann(ix, &p, st, new_file, sizeof new_file, err));
+done:
+    rc = end_write(ix, rc, new_file, err);
+    if (b.texts) batch_clear(&b);
+    kst_free(b.texts);
+    kst_free(b.ids);
+    pending_free(&p);
+    return rc;
+}
+
+int kst_ix_delete(kst_ix *ix, const char *const *ids, size_t n, size_t *removed, kst_error *err) {
+    if (!ix->writable) return kst_fail(err, KST_ERR_MISUSE, "%s: opened read-only", ix->dir);
+    pending p = {0};
+    char new_file[64] = "";
+    kst_ix_stats st;
+    memset(&st, 0, sizeof st);
+    int64_t *gone = kst_malloc(n ? n : 1, sizeof *gone, "deleted ids", err);
+    if (!gone) return KST_ERR_NOMEM;
+    size_t nrem = 0;
+    int rc = kst_store_begin(ix->store, err);
+    if (rc != KST_OK) {
+        kst_free(gone);
+        return rc;
+    }
+    KST_TRY(kst_store_delete(ix->store, ids, n, gone, &nrem, err));
+    for (size_t i = 0; i < n; i++)
+        if (gone[i] >= 0) KST_TRY(push_gone(&p, gone[i], err));
+    if (ix->ann && p.ngone) KST_TRY(finish_ann(ix, &p, &st, new_file, sizeof new_file, err));
+done:
+    rc = end_write(ix, rc, new_file, err);
+    if (rc == KST_OK && removed) *removed = nrem;
+    kst_free(gone);
+    pending_free(&p);
+    return rc;
+}
