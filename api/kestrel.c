@@ -2,6 +2,7 @@
 #include "api/kestrel.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/blas.h"
@@ -9,6 +10,10 @@
 #include "core/mem.h"
 #include "core/ops.h"
 #include "encoders/encoder.h"
+#include "index/collection.h"
+#include "rank/engine.h"
+#include "rank/search.h"
+#include "rank/trec.h"
 
 struct kst_model {
     kst_encoder *enc;
@@ -169,3 +174,225 @@ int kst_model_tokenize(kst_model *m, const char *text, size_t len, const char *p
 }
 
 void kst_ids_array_free(int32_t *ids) { kst_free(ids); }
+
+/* ------------------------------------------------------------------------------------------ */
+/* indexes */
+
+_Static_assert(KST_SEARCH_DENSE == KST_STAGE_DENSE && KST_SEARCH_BM25 == KST_STAGE_BM25 &&
+                   KST_SEARCH_MAXSIM == KST_STAGE_MAXSIM && KST_SEARCH_CROSS == KST_STAGE_CROSS,
+               "public stage bits mirror rank/search.h");
+
+struct kst_index {
+    kst_ix *ix;
+};
+
+kst_index_opts kst_index_opts_default(void) {
+    kst_index_opts o = {NULL, NULL, NULL, "auto", 0, 0};
+    return o;
+}
+
+kst_search_opts kst_search_opts_default(void) {
+    kst_search_cfg c = kst_search_cfg_default();
+    kst_search_opts o = {c.stages, c.k, c.dense_n, c.bm25_n, c.maxsim_m, c.cross_k, c.nprobe, c.ef_search};
+    return o;
+}
+
+static int index_wrap(kst_ix *ix, kst_index **out, kst_error *err) {
+    kst_index *x = kst_calloc(1, sizeof *x, "index", err);
+    if (!x) {
+        kst_ix_close(ix);
+        return KST_ERR_NOMEM;
+    }
+    x->ix = ix;
+    *out = x;
+    return KST_OK;
+}
+
+int kst_index_create(const char *dir, const kst_index_opts *opts, kst_index **out, kst_error *err) {
+    if (!dir || !out) return kst_fail(err, KST_ERR_MISUSE, "kst_index_create: NULL argument");
+    *out = NULL;
+    kst_index_opts o = opts ? *opts : kst_index_opts_default();
+    if (o.num_threads > 0) kst_set_num_threads(o.num_threads);
+    kst_ix_models m = {o.model, o.colbert, o.cross};
+    kst_ix *ix = NULL;
+    int rc = kst_ix_create(dir, &m, o.factory, &ix, err);
+    return rc == KST_OK ? index_wrap(ix, out, err) : rc;
+}
+
+int kst_index_open(const char *dir, const kst_index_opts *opts, kst_index **out, kst_error *err) {
+    if (!dir || !out) return kst_fail(err, KST_ERR_MISUSE, "kst_index_open: NULL argument");
+    *out = NULL;
+    kst_index_opts o = opts ? *opts : kst_index_opts_default();
+    if (o.num_threads > 0) kst_set_num_threads(o.num_threads);
+    kst_ix_models m = {o.model, o.colbert, o.cross};
+    kst_ix *ix = NULL;
+    int rc = kst_ix_open(dir, &m, !o.readonly, &ix, err);
+    return rc == KST_OK ? index_wrap(ix, out, err) : rc;
+}
+
+void kst_index_close(kst_index *x) {
+    if (!x) return;
+    kst_ix_close(x->ix);
+    kst_free(x);
+}
+
+typedef struct progress_bridge {
+    kst_progress_fn fn;
+    void *ctx;
+} progress_bridge;
+
+static void bridge(void *ctx, size_t docs, uint64_t bytes, uint64_t total) {
+    progress_bridge *b = ctx;
+    b->fn(b->ctx, docs, bytes, total);
+}
+
+int kst_index_add_file(kst_index *x, const char *path, const char *format,
+                       kst_progress_fn progress, void *ctx, kst_add_stats *stats, kst_error *err) {
+    if (!x || !path) return kst_fail(err, KST_ERR_MISUSE, "kst_index_add_file: NULL argument");
+    kst_rec_format f = KST_FORMAT_AUTO;
+    int rc = format ? kst_rec_format_parse(format, &f, err) : KST_OK;
+    if (rc != KST_OK) return rc;
+    kst_docs *docs = NULL;
+    rc = kst_docs_open(path, f, &docs, err);
+    if (rc != KST_OK) return rc;
+    kst_ix_stats st;
+    progress_bridge b = {progress, ctx};
+    rc = kst_ix_add(x->ix, docs, progress ? bridge : NULL, &b, &st, err);
+    kst_docs_close(docs);
+    if (stats) {
+        _Static_assert(sizeof st.note == sizeof stats->note, "note sizes match");
+        stats->docs = st.docs;
+        stats->replaced = st.replaced;
+        stats->tokens = st.tokens;
+        stats->read_s = st.read_s;
+        stats->store_s = st.store_s;
+        stats->encode_s = st.encode_s;
+        stats->train_s = st.train_s;
+        stats->add_s = st.add_s;
+        stats->write_s = st.write_s;
+        memcpy(stats->note, st.note, sizeof st.note);
+    }
+    return rc;
+}
+
+int kst_index_delete(kst_index *x, const char *const *ids, size_t n, size_t *removed, kst_error *err) {
+    if (!x || (n && !ids)) return kst_fail(err, KST_ERR_MISUSE, "kst_index_delete: NULL argument");
+    return kst_ix_delete(x->ix, ids, n, removed, err);
+}
+
+int kst_index_info_get(kst_index *x, kst_index_info *out, kst_error *err) {
+    if (!x || !out) return kst_fail(err, KST_ERR_MISUSE, "kst_index_info_get: NULL argument");
+    memset(out, 0, sizeof *out);
+    kst_store_manifest man;
+    int rc = kst_store_manifest_read(x->ix->store, &man, err);
+    if (rc != KST_OK) return rc;
+    out->docs = man.doc_count;
+    out->generation = man.generation;
+    out->dim = x->ix->dense ? x->ix->dense->dim : 0;
+    snprintf(out->factory, sizeof out->factory, "%s", x->ix->ann ? kst_ann_factory(x->ix->ann) : "");
+    if (!out->factory[0]) snprintf(out->factory, sizeof out->factory, "%s", man.faiss_factory);
+    snprintf(out->fingerprint, sizeof out->fingerprint, "%s", man.model_fingerprint);
+    out->vectors = x->ix->ann ? kst_ann_count(x->ix->ann) : 0;
+    out->has_colbert = x->ix->colbert != NULL;
+    out->has_cross = x->ix->cross != NULL;
+    return KST_OK;
+}
+
+static kst_search_cfg cfg_of(const kst_search_opts *o) {
+    kst_search_cfg c = kst_search_cfg_default();
+    if (!o) return c;
+    c.stages = o->stages;
+    if (o->k) c.k = o->k;
+    if (o->dense_n) c.dense_n = o->dense_n;
+    if (o->bm25_n) c.bm25_n = o->bm25_n;
+    if (o->maxsim_m) c.maxsim_m = o->maxsim_m;
+    if (o->cross_k) c.cross_k = o->cross_k;
+    if (o->nprobe) c.nprobe = o->nprobe;
+    if (o->ef_search) c.ef_search = o->ef_search;
+    return c;
+}
+
+int kst_index_search(kst_index *x, const char *query, const kst_search_opts *opts, kst_hits **out,
+                     kst_error *err) {
+    if (!x || !query || !out) return kst_fail(err, KST_ERR_MISUSE, "kst_index_search: NULL argument");
+    *out = NULL;
+    kst_search_cfg c = cfg_of(opts);
+    kst_rank_hits *rh = NULL;
+    int rc = kst_rank_search(x->ix, query, strlen(query), &c, &rh, err);
+    if (rc != KST_OK) return rc;
+    kst_hits *h = kst_calloc(1, sizeof *h, "hits", err);
+    kst_hit *v = h ? kst_calloc(rh->n ? rh->n : 1, sizeof *v, "hits", err) : NULL;
+    if (!v) {
+        kst_free(h);
+        kst_rank_hits_free(rh);
+        return KST_ERR_NOMEM;
+    }
+    for (size_t i = 0; i < rh->n; i++)
+        v[i] = (kst_hit){rh->hit[i].ext_id, rh->hit[i].title, rh->hit[i].text, rh->hit[i].score, rh->hit[i].stage};
+    h->n = rh->n;
+    h->hit = v;
+    h->owner_ = rh;
+    *out = h;
+    return KST_OK;
+}
+
+void kst_hits_free(kst_hits *h) {
+    if (!h) return;
+    kst_rank_hits_free(h->owner_);
+    kst_free(h->hit);
+    kst_free(h);
+}
+
+int kst_index_search_file(kst_index *x, const char *queries_path, const char *run_path,
+                          const char *tag, const kst_search_opts *opts, kst_progress_fn progress,
+                          void *ctx, kst_error *err) {
+    if (!x || !queries_path || !run_path) return kst_fail(err, KST_ERR_MISUSE, "kst_index_search_file: NULL argument");
+    kst_queries *qs = NULL;
+    kst_run_writer w;
+    int rc = kst_queries_open(queries_path, KST_FORMAT_AUTO, &qs, err);
+    if (rc != KST_OK) return rc;
+    rc = kst_run_writer_open(&w, run_path, tag && *tag ? tag : "kestrel", err);
+    if (rc != KST_OK) {
+        kst_queries_close(qs);
+        return rc;
+    }
+    kst_search_cfg c = cfg_of(opts);
+    size_t done = 0;
+    const char **ids = NULL;
+    double *scores = NULL;
+    for (;;) {
+        kst_query q;
+        rc = kst_queries_next(qs, &q, err);
+        if (rc != KST_OK || !q.id) break;
+        kst_rank_hits *rh = NULL;
+        rc = kst_rank_search(x->ix, q.text, q.text_len, &c, &rh, err);
+        if (rc != KST_OK) {
+            kst_error_prefix(err, "query %s (line %zu)", q.id, q.line);
+            break;
+        }
+        const char **ni = realloc(ids, (rh->n + 1) * sizeof *ids);
+        double *ns = ni ? realloc(scores, (rh->n + 1) * sizeof *scores) : NULL;
+        if (ni) ids = ni;
+        if (!ns) {
+            kst_rank_hits_free(rh);
+            rc = kst_fail(err, KST_ERR_NOMEM, "run buffers");
+            break;
+        }
+        scores = ns;
+        for (size_t i = 0; i < rh->n; i++) {
+            ids[i] = rh->hit[i].ext_id;
+            scores[i] = rh->hit[i].score;
+        }
+        rc = kst_run_writer_add(&w, q.id, ids, scores, rh->n, err);
+        kst_rank_hits_free(rh);
+        if (rc != KST_OK) break;
+        done++;
+        if (progress) progress(ctx, done, kst_stream_bytes_read(kst_queries_stream(qs)), kst_stream_bytes_total(kst_queries_stream(qs)));
+    }
+    free(ids);
+    free(scores);
+    kst_queries_close(qs);
+    if (rc == KST_OK) return kst_run_writer_finish(&w, err);
+    kst_run_writer_abort(&w);
+    return rc;
+}

@@ -116,6 +116,115 @@ int kst_model_tokenize(kst_model *m, const char *text, size_t len, const char *p
                        int32_t **type_ids, size_t *n, kst_error *err);
 void kst_ids_array_free(int32_t *ids);
 
+
+/* ------------------------------------------------------------------------------------------ */
+/* Indexes
+ *
+ * An index is a folder: documents in SQLite (with an FTS5 table for BM25), dense vectors in a
+ * FAISS index, ColBERT token vectors in a float16 store, and a manifest naming the models it was
+ * built with. Writes are atomic: a crash leaves the old or the new content, never a mix. One
+ * writer at a time (others wait, then fail with a message); readers in other processes keep
+ * working during a write and see it after reopening. One open index serves concurrent searches
+ * from any number of threads; writes through a handle must not overlap searches on it. */
+
+typedef struct kst_index kst_index;
+
+typedef struct kst_index_opts {
+    const char *model;   /* dense model folder; create: NULL for a BM25-only index; open: NULL
+                            uses the folder recorded at creation (default NULL) */
+    const char *colbert; /* ColBERT model for MaxSim re-ranking (default NULL) */
+    const char *cross;   /* cross-encoder for re-ranking (default NULL) */
+    const char *factory; /* create: "auto" (default: chosen from the collection size) or a FAISS
+                            factory string: "Flat", "IVF1024,PQ48", "OPQ48,IVF1024,PQ48", "HNSW32" */
+    int readonly;        /* open: 1 to search only (default 0) */
+    int num_threads;     /* default 0: all cores */
+} kst_index_opts;
+
+kst_index_opts kst_index_opts_default(void);
+
+/* Creates an index in `dir` (absent or empty). */
+int kst_index_create(const char *dir, const kst_index_opts *opts, kst_index **out, kst_error *err);
+/* Opens an existing index. A model given in opts must be the one the index was built with (the
+ * sha256 of its weights is checked); otherwise the error says so. */
+int kst_index_open(const char *dir, const kst_index_opts *opts, kst_index **out, kst_error *err);
+/* NULL is a no-op. */
+void kst_index_close(kst_index *ix);
+
+/* Progress of a long call: documents done, input bytes read and total (0 when unknown). */
+typedef void (*kst_progress_fn)(void *ctx, size_t docs, uint64_t bytes, uint64_t total);
+
+typedef struct kst_add_stats {
+    size_t docs, replaced, tokens;
+    double read_s, store_s, encode_s, train_s, add_s, write_s; /* seconds per stage */
+    char note[256]; /* a choice made for the caller (e.g. "nlist lowered to 25: ..."), or "" */
+} kst_add_stats;
+
+/* Adds the documents of a collection file in one commit. path: a file, a gzipped file, "-" for
+ * stdin, or an http(s):// URL. format: NULL or "auto" (detected), "tsv" (id<TAB>text or
+ * id<TAB>title<TAB>text), "beir" (corpus.jsonl: _id, title, text), "pyserini" (id, contents).
+ * Re-adding an external id replaces the document. A malformed line stops the call with the file,
+ * line and what was expected, and nothing is added. progress and stats may be NULL. */
+int kst_index_add_file(kst_index *ix, const char *path, const char *format,
+                       kst_progress_fn progress, void *ctx, kst_add_stats *stats, kst_error *err);
+/* Deletes documents by external id (absent ids are ignored); *removed (may be NULL) gets how many
+ * were deleted. */
+int kst_index_delete(kst_index *ix, const char *const *ids, size_t n, size_t *removed,
+                     kst_error *err);
+
+typedef struct kst_index_info {
+    int64_t docs, generation;
+    size_t dim;             /* dense vector size, 0 for BM25-only */
+    char factory[256];      /* FAISS factory string in use ("" when none yet) */
+    char fingerprint[65];   /* sha256 of the dense model's weights ("" for BM25-only) */
+    int64_t vectors;        /* vectors in the FAISS index */
+    int has_colbert, has_cross;
+} kst_index_info;
+
+int kst_index_info_get(kst_index *ix, kst_index_info *out, kst_error *err);
+
+/* Search stages (bits). */
+#define KST_SEARCH_DENSE 1u  /* dense ANN over the FAISS index */
+#define KST_SEARCH_BM25 2u   /* BM25 over FTS5; with DENSE, fused by reciprocal rank fusion */
+#define KST_SEARCH_MAXSIM 4u /* ColBERT MaxSim re-ranking of the top maxsim_m */
+#define KST_SEARCH_CROSS 8u  /* cross-encoder re-ranking of the top cross_k */
+
+typedef struct kst_search_opts {
+    unsigned stages;  /* KST_SEARCH_* bits; default 0: dense (or BM25 for a BM25-only index),
+                         then MaxSim and cross-encoder when the index has those models */
+    size_t k;         /* hits returned (default 10) */
+    size_t dense_n, bm25_n;   /* first-stage candidates (default 100 each) */
+    size_t maxsim_m, cross_k; /* re-ranked candidates (default 100 and 20) */
+    int nprobe;       /* IVF lists probed (default 16) */
+    int ef_search;    /* HNSW search list (default 64) */
+} kst_search_opts;
+
+kst_search_opts kst_search_opts_default(void);
+
+typedef struct kst_hit {
+    const char *id;    /* external id */
+    const char *title; /* NULL when the document has none */
+    const char *text;
+    double score;      /* the last stage's score: cosine/dot, RRF, MaxSim or logit */
+    unsigned stage;    /* that stage (KST_SEARCH_*; DENSE|BM25 for a fused first stage) */
+} kst_hit;
+
+typedef struct kst_hits {
+    size_t n;
+    kst_hit *hit;      /* (n) best first; strings valid until kst_hits_free */
+    void *owner_;      /* private */
+} kst_hits;
+
+/* Searches one query. opts may be NULL. *out is the caller's (free with kst_hits_free). */
+int kst_index_search(kst_index *ix, const char *query, const kst_search_opts *opts,
+                     kst_hits **out, kst_error *err);
+void kst_hits_free(kst_hits *hits);
+
+/* Searches every query of a file (qid<TAB>text, or BEIR queries.jsonl) and writes a TREC run
+ * (qid Q0 docid rank score tag) to run_path, atomically. */
+int kst_index_search_file(kst_index *ix, const char *queries_path, const char *run_path,
+                          const char *tag, const kst_search_opts *opts, kst_progress_fn progress,
+                          void *ctx, kst_error *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -49,6 +49,8 @@ void cli_lines_clear(cli_lines *lines);
 int cmd_tokenize(int argc, char **argv);
 int cmd_embed(int argc, char **argv);
 int cmd_score(int argc, char **argv);
+int cmd_index(int argc, char **argv);
+int cmd_search(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 
 #endif

@@ -12,6 +12,8 @@ static const struct {
     {"tokenize", cmd_tokenize, "print the token ids a model feeds its transformer"},
     {"embed", cmd_embed, "embed lines of text into a .npy file"},
     {"score", cmd_score, "score query<TAB>passage pairs (similarity, MaxSim or logits)"},
+    {"index", cmd_index, "build, add to, delete from or describe an index folder"},
+    {"search", cmd_search, "search an index: one query, or a query file into a TREC run"},
     {"eval", cmd_eval, "evaluate a TREC run against qrels (MRR@10, nDCG@10, recall, MAP)"},
 };
 
