@@ -6,6 +6,7 @@
 #include <limits.h>
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -452,12 +453,21 @@ done:
 
 /* Commits, or rolls everything back (the in-memory FAISS index is reloaded from the committed
  * file, and the new file removed). */
+/* Crash-test hook (as SQLite's test hooks): KESTREL_TEST_KILL=before_commit|after_commit makes
+ * the process kill itself at that point of a write, so tests can check both sides. */
+static void test_kill_point(const char *where) {
+    const char *k = getenv("KESTREL_TEST_KILL");
+    if (k && strcmp(k, where) == 0) raise(SIGKILL);
+}
+
 static int end_write(kst_ix *ix, int rc, const char *new_file, kst_error *err) {
     char path[PATH_CAP];
     char old[64];
     snprintf(old, sizeof old, "%s", ix->ann_file);
     if (rc == KST_OK && ix->tokens) rc = kst_tokens_sync(ix->tokens, err);
+    if (rc == KST_OK) test_kill_point("before_commit");
     if (rc == KST_OK) rc = kst_store_commit(ix->store, err);
+    if (rc == KST_OK) test_kill_point("after_commit");
     if (rc == KST_OK) {
         if (new_file[0]) {
             snprintf(ix->ann_file, sizeof ix->ann_file, "%s", new_file);
