@@ -169,7 +169,14 @@ static int open_parts(kst_ix *ix, const kst_ix_models *m, kst_error *err) {
     KST_TRY(meta_get_opt(ix->store, "requested_factory", &fac, err));
     snprintf(ix->factory, sizeof ix->factory, "%s", fac ? fac : "auto");
     kst_free(fac);
-    KST_TRY(load_ann(ix, err));
+    rc = load_ann(ix, err);
+    if (rc != KST_OK && !ix->writable) {
+        /* A writer may have switched generations (and pruned our file) between our manifest
+         * read and the file open: read the manifest once more. */
+        kst_error_clear(err);
+        rc = load_ann(ix, err);
+    }
+    if (rc != KST_OK) goto done;
     if (ix->colbert) {
         char path[PATH_CAP];
         KST_TRY(kst_path_join(path, sizeof path, ix->dir, TOKENS_FILE, err));
@@ -295,12 +302,6 @@ int kst_ix_open(const char *dir, const kst_ix_models *models, int writable, kst_
     int rc = KST_OK;
     KST_TRY(kst_store_open(dir, writable ? 0 : KST_STORE_READONLY, &ix->store, err));
     rc = open_parts(ix, models, err);
-    if (rc != KST_OK && !writable) {
-        /* A writer may have switched generations between our manifest read and the file open:
-         * read the manifest once more. */
-        kst_error_clear(err);
-        rc = load_ann(ix, err);
-    }
 done:
     if (rc != KST_OK) {
         kst_ix_close(ix);
