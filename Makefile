@@ -90,7 +90,7 @@ $(BUILD)/tests/tools/%: tests/tools/%.c $(BUILD)/libkestrel.a
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkestrel.a $(LDLIBS)
 
 test-unit: all $(TESTS) $(TOOLS)
-	@KESTREL=$(abspath $(BUILD)/kestrel) tests/run_tests.sh $(BUILD)
+	@KST_CFLAGS="$(SAN)" KST_LDLIBS="$(LDLIBS)" tests/run_tests.sh $(BUILD)
 
 # The sanitizer build lives in its own folder so the two never mix objects.
 test-sanitize:
@@ -109,5 +109,8 @@ bench: deps all
 
 clean:
 	rm -rf build
+
+print-%:
+	@echo $($*)
 
 -include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)
