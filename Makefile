@@ -39,6 +39,9 @@ endif
 
 .PHONY: all deps test test-unit test-sanitize demo bench clean help install
 
+PREFIX   ?= /usr/local
+VERSION  := $(shell sed -n 's/^\#define KESTREL_VERSION_STRING "\(.*\)"/\1/p' api/kestrel.h)
+
 all: $(BUILD)/libkestrel.a $(BUILD)/libkestrel.so $(BUILD)/kestrel
 
 help:
@@ -48,6 +51,7 @@ help:
 	@echo "make demo       embed and score the bundled sample texts"
 	@echo "make bench      benchmarks (tests/bench), figures beside their anchors"
 	@echo "make CUDA=1     also build the GPU backend"
+	@echo "make install    library, kestrel.h, the tool and kestrel.pc under PREFIX ($(PREFIX))"
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
@@ -106,6 +110,16 @@ demo: deps all
 
 bench: deps all
 	@tests/bench/run.sh $(BUILD)
+
+# The installed kestrel.h is self-contained: core/error.h (status codes, kst_error) is spliced
+# in where the source header includes it.
+install: all
+	install -d $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/bin
+	install -m 644 $(BUILD)/libkestrel.a $(BUILD)/libkestrel.so $(DESTDIR)$(PREFIX)/lib/
+	sed -e '/#include "core\/error.h"/{r core/error.h' -e 'd;}' api/kestrel.h > $(DESTDIR)$(PREFIX)/include/kestrel.h
+	install -m 755 $(BUILD)/kestrel $(DESTDIR)$(PREFIX)/bin/
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@LIBS@|$(strip $(LDLIBS))|' \
+	  api/kestrel.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kestrel.pc
 
 clean:
 	rm -rf build
