@@ -79,8 +79,8 @@ $(BUILD)/libkestrel.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
 
-$(BUILD)/libkestrel.so: $(LIB_OBJ)
-	$(CC) -shared -o $@ $^ $(LDLIBS)
+$(BUILD)/libkestrel.so: $(LIB_OBJ) api/libkestrel.map
+	$(CC) -shared -Wl,--version-script=api/libkestrel.map -Wl,--exclude-libs,ALL -o $@ $(LIB_OBJ) $(LDLIBS)
 
 $(BUILD)/kestrel: $(CLI_OBJ) $(BUILD)/libkestrel.a
 	$(CC) -o $@ $(CLI_OBJ) $(BUILD)/libkestrel.a $(LDLIBS)

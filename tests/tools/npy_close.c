@@ -57,6 +57,7 @@ int main(int argc, char **argv) {
     if (len > 4 && strcmp(argv[1] + len - 4, ".npy") == 0) {
         if (kst_npy_read(argv[1], &gotn, &err) != KST_OK) {
             fprintf(stderr, "%s\n", err.msg);
+            kst_npy_free(&want);
             return 2;
         }
         got = as_f32(&gotn);
@@ -64,18 +65,24 @@ int main(int argc, char **argv) {
         if (gotn.ndim && want.ndim && gotn.shape[gotn.ndim - 1] != want.shape[want.ndim - 1]) {
             fprintf(stderr, "last dimension differs: got %zu, want %zu\n", gotn.shape[gotn.ndim - 1],
                     want.shape[want.ndim - 1]);
+            kst_npy_free(&gotn);
+            kst_npy_free(&want);
             return 1;
         }
     } else {
         text = read_text(argv[1], &n);
         if (!text) {
             perror(argv[1]);
+            kst_npy_free(&want);
             return 2;
         }
         got = text;
     }
     if (n != want.count) {
         fprintf(stderr, "count differs: got %zu values, want %zu\n", n, want.count);
+        free(text);
+        kst_npy_free(&gotn);
+        kst_npy_free(&want);
         return 1;
     }
     double atol = atof(argv[3]), rtol = atof(argv[4]), worst = 0;
