@@ -110,3 +110,22 @@ int kst_path_join(char *buf, size_t cap, const char *dir, const char *name, kst_
         return kst_fail(err, KST_ERR_INVALID, "%s/%s: path longer than %zu bytes", dir, name, cap);
     return KST_OK;
 }
+
+int kst_mkdirs(const char *path, kst_error *err) {
+    char buf[4096];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof buf) return kst_fail(err, KST_ERR_INVALID, "%s: bad folder path", path);
+    memcpy(buf, path, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (buf[i] != '/' && buf[i] != '\0') continue;
+        char c = buf[i];
+        buf[i] = '\0';
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+            return kst_fail(err, KST_ERR_IO, "%s: cannot create: %s", buf, strerror(errno));
+        buf[i] = c;
+    }
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+        return kst_fail(err, KST_ERR_IO, "%s: not a folder", path);
+    return KST_OK;
+}

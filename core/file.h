@@ -25,6 +25,9 @@ int kst_read_file(const char *path, char **out, size_t *len, kst_error *err);
  * readers see either the old file or the whole new one. */
 int kst_write_file_atomic(const char *path, const void *data, size_t len, kst_error *err);
 
+/* Creates `path` and its missing parents (mode 0755); an existing folder is fine. */
+int kst_mkdirs(const char *path, kst_error *err);
+
 /* 1 when `path` exists (any type), 0 otherwise. */
 int kst_path_exists(const char *path);
 /* Joins a folder and a name into buf; returns KST_ERR_INVALID when it does not fit. */

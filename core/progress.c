@@ -22,8 +22,9 @@ static void draw(kst_progress *p, int final) {
         if (fill > width) fill = width;
         double eta = rate > 0 ? (double)(p->total - (p->done < p->total ? p->done : p->total)) / rate
                               : 0.0;
-        fprintf(stderr, "\r%s [%.*s%*s] %zu/%zu %.1f/s ETA %.0fs ", p->label, fill,
-                "##############################", width - fill, "", p->done, p->total, rate, eta);
+        fprintf(stderr, "\r%s [%.*s%*s] %zu/%zu %.1f/s ETA %.0fs %s ", p->label, fill,
+                "##############################", width - fill, "", p->done, p->total, rate, eta,
+                p->suffix);
     } else {
         fprintf(stderr, "\r%s %zu %.1f/s ", p->label, p->done, rate);
     }
@@ -37,6 +38,7 @@ void kst_progress_begin(kst_progress *p, const char *label, size_t total) {
     p->done = 0;
     p->start = kst_now();
     p->last_draw = 0;
+    p->suffix[0] = '\0';
     p->enabled = isatty(STDERR_FILENO) && !getenv("KESTREL_NO_PROGRESS");
 }
 

@@ -11,6 +11,7 @@ typedef struct kst_progress {
     double start;     /* seconds, monotonic */
     double last_draw;
     int enabled;
+    char suffix[96]; /* printed after the ETA (e.g. "loss 0.1234 lr 2.0e-05"); "" by default */
 } kst_progress;
 
 /* Starts a bar; enabled only when stderr is a terminal and KESTREL_NO_PROGRESS is unset. */
