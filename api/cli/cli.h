@@ -51,6 +51,7 @@ int cmd_embed(int argc, char **argv);
 int cmd_score(int argc, char **argv);
 int cmd_index(int argc, char **argv);
 int cmd_search(int argc, char **argv);
+int cmd_train(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 
 #endif

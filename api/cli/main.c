@@ -14,6 +14,7 @@ static const struct {
     {"score", cmd_score, "score query<TAB>passage pairs (similarity, MaxSim or logits)"},
     {"index", cmd_index, "build, add to, delete from or describe an index folder"},
     {"search", cmd_search, "search an index: one query, or a query file into a TREC run"},
+    {"train", cmd_train, "distil a dense or ColBERT student from teacher scores (margin-mse)"},
     {"eval", cmd_eval, "evaluate a TREC run against qrels (MRR@10, nDCG@10, recall, MAP)"},
 };
 

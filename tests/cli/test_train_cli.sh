@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# test_train_cli.sh - `kestrel train margin-mse` end to end on the small fixture student: the loss
+# falls, the output folder keeps the sentence-transformers layout and loads back, a fixed seed
+# with --no-shuffle is deterministic, and bad teacher files are refused with their line.
+set -u
+K=${1:-build/kestrel}
+F=tests/fixtures
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+pass=0; fail=0
+ok()  { pass=$((pass+1)); echo "  ok   $1"; }
+bad() { fail=$((fail+1)); echo "  FAIL $1"; }
+check() { local name=$1; shift; if "$@" >"$T/out.log" 2>&1; then ok "$name"; else bad "$name"; sed 's/^/       /' "$T/out.log" | head -20; fi; }
+expect_exit() {
+  local name=$1 code=$2 needle=$3; shift 4
+  "$@" >"$T/o" 2>"$T/e"; local rc=$?
+  if [ "$rc" = "$code" ] && grep -qF -- "$needle" "$T/e"; then ok "$name"
+  else bad "$name (exit $rc, want $code; stderr: $(head -c 300 "$T/e"))"; fi
+}
+export KESTREL_NO_PROGRESS=1
+TR=$F/train_cli/scifact_minilm_triples.tsv
+train() { "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $TR --batch-size 8 --lr 5e-3 \
+            --warmup 5 --query-max-len 24 --doc-max-len 48 --dropout 0 --seed 7 --no-shuffle "$@"; }
+check "train 60 steps" train --out $T/a --steps 60
+# mean loss of the first and the last 10 steps, from train_log.jsonl
+first=$(head -10 $T/a/train_log.jsonl | sed 's/.*"loss": \([^,]*\),.*/\1/' | awk '{s+=$1} END {print s/NR}')
+last=$(tail -10 $T/a/train_log.jsonl | sed 's/.*"loss": \([^,]*\),.*/\1/' | awk '{s+=$1} END {print s/NR}')
+echo "  loss: first 10 steps $first, last 10 steps $last"
+check "the loss falls (last 10 steps below half the first 10)" awk -v f="$first" -v l="$last" 'BEGIN { exit !(l < f / 2) }'
+check "train_log.jsonl has one line per step" test "$(wc -l < $T/a/train_log.jsonl)" = 60
+check "output keeps the sentence-transformers layout" test -f $T/a/modules.json -a -f $T/a/1_Pooling/config.json -a -f $T/a/model.safetensors -a -f $T/a/vocab.txt
+check "the student loads and embeds" sh -c "echo 'stem cells' | '$K' embed --model $T/a --out $T/a.npy"
+check "the student's vectors moved" sh -c "echo 'stem cells' | '$K' embed --model $F/models/st_bert_mean --out $T/init.npy && ! cmp -s $T/a.npy $T/init.npy"
+check "same seed, --no-shuffle: identical weights" sh -c "$(declare -f train); K='$K' F='$F' TR='$TR'; train --out $T/b --steps 60 && cmp $T/a/model.safetensors $T/b/model.safetensors"
+check "sgd with cosine schedule and clipping runs" train --out $T/c --steps 5 --optimizer sgd --schedule cosine --grad-clip 1.0
+check "--help" sh -c "'$K' train --help | grep -q 'margin-mse'"
+printf '0.5\t0.1\tquery\tpos\n' > $T/bad1.tsv
+expect_exit "teacher line with a missing column" 3 "line 1" -- "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $T/bad1.tsv --out $T/x --steps 1
+printf 'nan\t0.1\tquery\tpos\tneg\n' > $T/bad2.tsv
+expect_exit "NaN teacher score" 3 "line 1" -- "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $T/bad2.tsv --out $T/x --steps 1
+: > $T/empty.tsv
+expect_exit "empty teacher file" 3 "" -- "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $T/empty.tsv --out $T/x --steps 1
+expect_exit "a cross-encoder is not a margin-mse student" 1 "cross-encoder" -- "$K" train margin-mse --model $F/models/cross_bert --teacher-scores $TR --out $T/x --steps 1
+expect_exit "missing --out" 64 "required" -- "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $TR
+echo "train cli: $pass passed, $fail failed"
+[ "$fail" = 0 ]

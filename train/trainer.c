@@ -1,0 +1,461 @@
+/* trainer.c - Margin-MSE distillation of dense and ColBERT students from teacher score files. */
+#include "trainer.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/check.h"
+#include "core/file.h"
+#include "core/json.h"
+#include "core/mem.h"
+#include "core/ops_backward.h"
+#include "core/progress.h"
+#include "encoders/bert_train.h"
+#include "encoders/checkpoint.h"
+#include "encoders/encoder.h"
+#include "train/loss.h"
+#include "train/optim.h"
+
+kst_train_opts kst_train_opts_default(void) {
+    kst_train_opts o;
+    memset(&o, 0, sizeof o);
+    o.batch_size = 32;
+    o.epochs = 1;
+    o.lr = 2e-5;
+    o.weight_decay = 0.01;
+    o.dropout = -1;
+    o.seed = 42;
+    o.shuffle_buffer = 10000;
+    return o;
+}
+
+/* One side of a batch (queries, or passages) in the student: ids, the training forward and the
+ * head's output vectors. */
+typedef struct side {
+    int32_t *ids, *types;
+    int *valid;     /* (rows) tokens attended to */
+    int *len;       /* (rows) tokens in the sequence (ColBERT queries: query_maxlen) */
+    size_t rows, T, cap_tok, cap_rows;
+    kst_bert_train_acts acts;
+    kst_head_acts head;
+    float *dvec;    /* d loss / d head output */
+    float *dhidden; /* (rows, T, C) */
+    size_t cap_dvec, cap_dh;
+} side;
+
+static void side_free(side *s) {
+    kst_free(s->ids);
+    kst_free(s->types);
+    kst_free(s->valid);
+    kst_free(s->len);
+    kst_free(s->dvec);
+    kst_free(s->dhidden);
+    kst_bert_train_acts_free(&s->acts);
+    kst_head_acts_free(&s->head);
+}
+
+/* Tokenizes `rows` texts into a padded batch. */
+static int side_tokenize(kst_encoder *e, side *s, const char *const *texts, const size_t *lens,
+                         size_t rows, int is_query, size_t max_len, kst_error *err) {
+    int rc = KST_OK;
+    kst_ids *v = kst_calloc(rows, sizeof *v, "token ids", err);
+    if (!v) return KST_ERR_NOMEM;
+    size_t T = 1;
+    for (size_t r = 0; r < rows; r++) {
+        KST_TRY(kst_encoder_tokenize(e, texts[r], lens[r], NULL, 0, is_query, max_len, &v[r], err));
+        if (v[r].len > T) T = v[r].len;
+    }
+    if (rows > s->cap_rows) {
+        KST_TRY(kst_realloc((void **)&s->valid, rows, sizeof *s->valid, "batch", err));
+        KST_TRY(kst_realloc((void **)&s->len, rows, sizeof *s->len, "batch", err));
+        s->cap_rows = rows;
+    }
+    if (rows * T > s->cap_tok) {
+        KST_TRY(kst_realloc((void **)&s->ids, rows * T, sizeof *s->ids, "batch", err));
+        KST_TRY(kst_realloc((void **)&s->types, rows * T, sizeof *s->types, "batch", err));
+        s->cap_tok = rows * T;
+    }
+    kst_special_ids sp = kst_tokenizer_special(e->tok);
+    for (size_t r = 0; r < rows; r++) {
+        size_t n = v[r].len, attended = n;
+        /* ColBERT queries: [MASK] padding is encoded but not attended to (attend_to_mask_tokens). */
+        if (e->role == KST_ROLE_COLBERT && is_query && !e->attend_to_mask)
+            while (attended > 0 && v[r].ids[attended - 1] == sp.mask) attended--;
+        s->valid[r] = (int)attended;
+        s->len[r] = (int)n;
+        for (size_t t = 0; t < T; t++) {
+            s->ids[r * T + t] = t < n ? v[r].ids[t] : (sp.pad >= 0 ? sp.pad : 0);
+            s->types[r * T + t] = 0;
+        }
+    }
+    s->rows = rows;
+    s->T = T;
+done:
+    for (size_t r = 0; r < rows; r++) kst_ids_free(&v[r]);
+    kst_free(v);
+    return rc;
+}
+
+static int side_forward(kst_encoder *e, side *s, float dropout, uint64_t *rng, kst_error *err) {
+    const kst_bert *m = &e->bert;
+    int rc = kst_bert_train_forward(m, &s->acts, s->ids, s->types, s->valid, s->rows, s->T, dropout, rng, err);
+    if (rc != KST_OK) return rc;
+    const float *h = kst_bert_train_hidden(m, &s->acts);
+    if (e->role == KST_ROLE_COLBERT) return kst_colbert_head_forward(m, &s->head, h, s->rows, s->T, err);
+    return kst_dense_head_forward(m, &s->head, h, s->valid, e->pool_modes, e->normalize, s->rows, s->T, err);
+}
+
+/* Rows of head output for sequence r: dense 1 vector, ColBERT T (one per position). */
+static size_t side_vecs(const kst_encoder *e, const side *s) {
+    return e->role == KST_ROLE_COLBERT ? s->rows * s->T : s->rows;
+}
+
+static int side_prepare_grad(kst_encoder *e, side *s, kst_error *err) {
+    size_t nv = side_vecs(e, s) * e->dim, nh = s->rows * s->T * e->bert.cfg.C;
+    if (nv > s->cap_dvec) {
+        int rc = kst_realloc((void **)&s->dvec, nv, sizeof(float), "gradients", err);
+        if (rc != KST_OK) return rc;
+        s->cap_dvec = nv;
+    }
+    if (nh > s->cap_dh) {
+        int rc = kst_realloc((void **)&s->dhidden, nh, sizeof(float), "gradients", err);
+        if (rc != KST_OK) return rc;
+        s->cap_dh = nh;
+    }
+    memset(s->dvec, 0, nv * sizeof(float));
+    memset(s->dhidden, 0, nh * sizeof(float));
+    return KST_OK;
+}
+
+static void side_backward(kst_encoder *e, kst_bert *grads, side *s) {
+    const kst_bert *m = &e->bert;
+    const float *h = kst_bert_train_hidden(m, &s->acts);
+    if (e->role == KST_ROLE_COLBERT)
+        kst_colbert_head_backward(m, grads, &s->head, s->dhidden, s->dvec, h, s->rows, s->T);
+    else
+        kst_dense_head_backward(m, grads, &s->head, s->dhidden, s->dvec, h, s->valid, e->pool_modes,
+                                e->normalize, s->rows, s->T);
+    kst_bert_train_backward(m, grads, &s->acts, s->dhidden);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* scores: dense dot products or ColBERT MaxSim, forward and backward */
+
+typedef struct scorer {
+    kst_encoder *e;
+    unsigned char *keep; /* (T) document tokens entering MaxSim */
+    int *argmax;         /* (query_maxlen) */
+    size_t cap_keep, cap_arg;
+} scorer;
+
+/* ColBERT's document mask: not padding, not punctuation; within the sequence. */
+static int doc_keep(scorer *sc, const side *p, size_t r, kst_error *err) {
+    kst_encoder *e = sc->e;
+    if (p->T > sc->cap_keep) {
+        int rc = kst_realloc((void **)&sc->keep, p->T, 1, "MaxSim mask", err);
+        if (rc != KST_OK) return rc;
+        sc->cap_keep = p->T;
+    }
+    kst_special_ids sp = kst_tokenizer_special(e->tok);
+    for (size_t t = 0; t < p->T; t++) {
+        int32_t id = p->ids[r * p->T + t];
+        sc->keep[t] = (int)t < p->len[r] && id != sp.pad && !e->skip[id];
+    }
+    return KST_OK;
+}
+
+static int score_pair(scorer *sc, const side *q, size_t qr, const side *p, size_t pr, float *out,
+                      kst_error *err) {
+    kst_encoder *e = sc->e;
+    size_t D = e->dim;
+    if (e->role != KST_ROLE_COLBERT) {
+        const float *a = q->head.out + qr * D, *b = p->head.out + pr * D;
+        double s = 0;
+        for (size_t k = 0; k < D; k++) s += (double)a[k] * b[k];
+        *out = (float)s;
+        return KST_OK;
+    }
+    int rc = doc_keep(sc, p, pr, err);
+    if (rc != KST_OK) return rc;
+    if ((size_t)q->len[qr] > sc->cap_arg) {
+        rc = kst_realloc((void **)&sc->argmax, (size_t)q->len[qr], sizeof(int), "MaxSim", err);
+        if (rc != KST_OK) return rc;
+        sc->cap_arg = (size_t)q->len[qr];
+    }
+    *out = kst_maxsim_forward(sc->argmax, q->head.out + qr * q->T * D, p->head.out + pr * p->T * D, sc->keep,
+                              (size_t)q->len[qr], p->T, D);
+    return KST_OK;
+}
+
+/* Adds dscore * d score / d vectors into q->dvec and p->dvec. */
+static int score_pair_backward(scorer *sc, side *q, size_t qr, side *p, size_t pr, float dscore,
+                               kst_error *err) {
+    kst_encoder *e = sc->e;
+    size_t D = e->dim;
+    if (e->role != KST_ROLE_COLBERT) {
+        const float *a = q->head.out + qr * D, *b = p->head.out + pr * D;
+        float *da = q->dvec + qr * D, *db = p->dvec + pr * D;
+        for (size_t k = 0; k < D; k++) {
+            da[k] += dscore * b[k];
+            db[k] += dscore * a[k];
+        }
+        return KST_OK;
+    }
+    float dummy;
+    int rc = score_pair(sc, q, qr, p, pr, &dummy, err); /* refreshes argmax and keep */
+    if (rc != KST_OK) return rc;
+    kst_maxsim_backward(q->dvec + qr * q->T * D, p->dvec + pr * p->T * D, dscore, sc->argmax,
+                        q->head.out + qr * q->T * D, p->head.out + pr * p->T * D, (size_t)q->len[qr], D);
+    return KST_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the loop */
+
+/* Which parameter tensors get weight decay: matrices and embeddings, not biases or LayerNorms. */
+static const int DECAY[KST_BERT_NPARAMS] = {1, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1,
+                                            0, 1, 0, 0, 0, 1, 0, 1, 0, 1, 1, 0};
+
+static double config_dropout(const char *dir) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    cJSON *j = NULL;
+    double p = 0.1;
+    if (kst_json_load(path, &j, NULL) == KST_OK) {
+        kst_json_num(j, "hidden_dropout_prob", &p, path, NULL);
+        kst_json_num(j, "dropout", &p, path, NULL);
+        cJSON_Delete(j);
+    }
+    return p;
+}
+
+static int open_teacher(const kst_train_opts *o, const kst_teacher_opts *to, kst_teacher **t,
+                        kst_error *err) {
+    return kst_teacher_open(o->teacher_path, to, NULL, t, err);
+}
+
+int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_error *err) {
+    int rc = KST_OK;
+    kst_encoder *e = NULL;
+    kst_bert grads = {0};
+    float *mom = NULL, *vel = NULL, *s = NULL, *t = NULL, *ds = NULL, *S = NULL, *dS = NULL;
+    unsigned char *decay = NULL;
+    kst_textmap *qmap = NULL, *cmap = NULL;
+    kst_teacher *tr = NULL;
+    side q = {0}, p = {0};
+    scorer sc = {0};
+    FILE *log = NULL;
+    const char **ptexts = NULL;
+    size_t *plens = NULL;
+    const char **qtexts = NULL;
+    size_t *qlens = NULL;
+    char logpath[4096];
+    memset(res, 0, sizeof *res);
+    if (!o->model_dir || !o->out_dir || !o->teacher_path)
+        return kst_fail(err, KST_ERR_INVALID, "training needs a model, an output folder and a teacher file");
+    size_t B = o->batch_size ? o->batch_size : 32;
+    KST_TRY(kst_encoder_open(o->model_dir, KST_ROLE_AUTO, &e, err));
+    if (e->role == KST_ROLE_CROSS) {
+        rc = kst_fail(err, KST_ERR_INVALID, "%s is a cross-encoder; `kestrel train margin-mse` trains dense or ColBERT students (cross-encoders: `kestrel train cross`)", o->model_dir);
+        goto done;
+    }
+    sc.e = e;
+    KST_TRY(kst_bert_grads_alloc(&grads, &e->bert, err));
+    size_t NP = e->bert.num_params;
+    mom = kst_calloc(NP, sizeof *mom, "AdamW moments", err);
+    vel = kst_calloc(NP, sizeof *vel, "AdamW moments", err);
+    decay = kst_malloc(NP, 1, "decay mask", err);
+    if (!mom || !vel || !decay) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    kst_decay_mask_fill(decay, e->bert.param_sizes, DECAY, KST_BERT_NPARAMS);
+    /* teacher file */
+    kst_teacher_opts to;
+    memset(&to, 0, sizeof to);
+    to.format = o->format;
+    if (!to.format) to.format = o->queries_path ? KST_TEACHER_HOFSTAETTER : KST_TEACHER_MATCHMAKER;
+    if (to.format == KST_TEACHER_HOFSTAETTER || to.format == KST_TEACHER_NWAY) {
+        if (!o->queries_path || !o->collection_path) {
+            rc = kst_fail(err, KST_ERR_INVALID, "%s: the %s format names queries and passages by id: give --queries and --collection",
+                          o->teacher_path, kst_teacher_format_name(to.format));
+            goto done;
+        }
+        KST_TRY(kst_textmap_load(o->queries_path, 1, &qmap, err));
+        KST_TRY(kst_textmap_load(o->collection_path, 0, &cmap, err));
+    }
+    to.queries = qmap;
+    to.collection = cmap;
+    to.shuffle_buffer = o->shuffle_buffer;
+    to.no_shuffle = o->no_shuffle;
+    to.seed = o->seed;
+    KST_TRY(open_teacher(o, &to, &tr, err));
+    /* steps: given, or epochs over the file (counted once) */
+    long total = o->steps;
+    if (total <= 0) {
+        size_t nrec = 0;
+        kst_teacher_record rec;
+        for (;;) {
+            KST_TRY(kst_teacher_next(tr, &rec, err));
+            if (!rec.query) break;
+            nrec++;
+        }
+        long per_epoch = (long)((nrec + B - 1) / B);
+        total = per_epoch * (o->epochs > 0 ? o->epochs : 1);
+        kst_teacher_close(tr);
+        tr = NULL;
+        KST_TRY(open_teacher(o, &to, &tr, err));
+    }
+    float dropout = (float)(o->dropout >= 0 ? o->dropout : config_dropout(o->model_dir));
+    uint64_t rng = kst_rng_seed(o->seed);
+    kst_adamw_config ac = kst_adamw_defaults();
+    ac.weight_decay = o->weight_decay;
+    KST_TRY(kst_mkdirs(o->out_dir, err));
+    KST_TRY(kst_path_join(logpath, sizeof logpath, o->out_dir, "train_log.jsonl", err));
+    log = fopen(logpath, "w");
+    if (!log) {
+        rc = kst_fail(err, KST_ERR_IO, "%s: cannot create", logpath);
+        goto done;
+    }
+    kst_progress bar;
+    kst_progress_begin(&bar, "train", (size_t)total);
+    if (o->quiet) bar.enabled = 0;
+    double t_start = kst_now(), loss_first = 0, loss_last = 0;
+    long first_n = 0, epoch = 0;
+    size_t n = 0;
+    for (long step = 0; step < total; step++) {
+        /* gather B records (reopening the file for the next epoch when it runs out) */
+        size_t got = 0;
+        kst_teacher_record rec;
+        while (got < B) {
+            KST_TRY(kst_teacher_next(tr, &rec, err));
+            if (!rec.query) {
+                if (got > 0 || o->steps <= 0) break;
+                kst_teacher_close(tr);
+                tr = NULL;
+                to.seed = o->seed + (uint64_t)(++epoch);
+                KST_TRY(open_teacher(o, &to, &tr, err));
+                continue;
+            }
+            if (n == 0) {
+                n = rec.n;
+                qtexts = kst_malloc(B, sizeof *qtexts, "batch", err);
+                qlens = kst_malloc(B, sizeof *qlens, "batch", err);
+                ptexts = kst_malloc(B * n, sizeof *ptexts, "batch", err);
+                plens = kst_malloc(B * n, sizeof *plens, "batch", err);
+                s = kst_malloc(B * n, sizeof *s, "scores", err);
+                t = kst_malloc(B * n, sizeof *t, "scores", err);
+                ds = kst_malloc(B * n, sizeof *ds, "scores", err);
+                S = kst_malloc(B * B * n, sizeof *S, "scores", err);
+                dS = kst_malloc(B * B * n, sizeof *dS, "scores", err);
+                if (!qtexts || !qlens || !ptexts || !plens || !s || !t || !ds || !S || !dS) {
+                    rc = KST_ERR_NOMEM;
+                    goto done;
+                }
+            } else if (rec.n != n) {
+                rc = kst_fail(err, KST_ERR_FORMAT, "%s line %zu: %zu passages, but earlier records have %zu",
+                              o->teacher_path, rec.line, rec.n, n);
+                goto done;
+            }
+            /* texts are copied: a record's pointers die at the next call */
+            qtexts[got] = kst_strndup(rec.query, rec.query_len, err);
+            qlens[got] = rec.query_len;
+            for (size_t i = 0; i < n; i++) {
+                ptexts[got * n + i] = kst_strndup(rec.passages[i], rec.passage_lens[i], err);
+                plens[got * n + i] = rec.passage_lens[i];
+                t[got * n + i] = rec.scores[i];
+            }
+            got++;
+        }
+        if (got == 0) break;
+        size_t b = got;
+        rc = side_tokenize(e, &q, qtexts, qlens, b, 1, o->query_max_len, err);
+        if (rc == KST_OK) rc = side_tokenize(e, &p, ptexts, plens, b * n, 0, o->doc_max_len, err);
+        for (size_t i = 0; i < b; i++) kst_free((void *)qtexts[i]);
+        for (size_t i = 0; i < b * n; i++) kst_free((void *)ptexts[i]);
+        if (rc != KST_OK) goto done;
+        KST_TRY(side_forward(e, &q, dropout, &rng, err));
+        KST_TRY(side_forward(e, &p, dropout, &rng, err));
+        for (size_t i = 0; i < b; i++)
+            for (size_t k = 0; k < n; k++) KST_TRY(score_pair(&sc, &q, i, &p, i * n + k, &s[i * n + k], err));
+        float loss = kst_margin_mse_forward(s, t, b, n);
+        memset(ds, 0, b * n * sizeof *ds);
+        kst_margin_mse_backward(ds, s, t, b, n, 1.0f);
+        KST_TRY(side_prepare_grad(e, &q, err));
+        KST_TRY(side_prepare_grad(e, &p, err));
+        for (size_t i = 0; i < b; i++)
+            for (size_t k = 0; k < n; k++)
+                KST_TRY(score_pair_backward(&sc, &q, i, &p, i * n + k, ds[i * n + k], err));
+        if (o->in_batch_weight > 0 && b > 1) {
+            for (size_t i = 0; i < b; i++)
+                for (size_t j = 0; j < b * n; j++) KST_TRY(score_pair(&sc, &q, i, &p, j, &S[i * b * n + j], err));
+            loss += kst_inbatch_ce_forward(S, b, n, 0, (float)o->in_batch_weight);
+            memset(dS, 0, b * b * n * sizeof *dS);
+            kst_inbatch_ce_backward(dS, S, b, n, 0, (float)o->in_batch_weight, 1.0f);
+            for (size_t i = 0; i < b; i++)
+                for (size_t j = 0; j < b * n; j++)
+                    if (dS[i * b * n + j] != 0.0f) KST_TRY(score_pair_backward(&sc, &q, i, &p, j, dS[i * b * n + j], err));
+        }
+        kst_bert_grads_zero(&grads);
+        side_backward(e, &grads, &q);
+        side_backward(e, &grads, &p);
+        float gnorm = o->grad_clip > 0 ? kst_clip_grad_norm(grads.param_mem, NP, (float)o->grad_clip) : 0.0f;
+        double lr = kst_lr_at(o->cosine ? KST_LR_COSINE : KST_LR_LINEAR, o->lr, step, o->warmup, total);
+        if (o->sgd) kst_sgd_update(e->bert.param_mem, grads.param_mem, NP, lr);
+        else kst_adamw_update(e->bert.param_mem, mom, vel, grads.param_mem, decay, NP, step + 1, lr, &ac);
+        if (!isfinite(loss)) {
+            rc = kst_fail(err, KST_ERR_INVALID, "step %ld: the loss is not finite (%g); lower --lr or set --grad-clip", step + 1, (double)loss);
+            goto done;
+        }
+        double el = kst_now() - t_start;
+        res->steps = step + 1;
+        if (first_n < 10) {
+            loss_first += loss;
+            first_n++;
+        }
+        loss_last = loss_last == 0 ? loss : 0.9 * loss_last + 0.1 * loss;
+        fprintf(log, "{\"step\": %ld, \"loss\": %.6g, \"lr\": %.6g, \"grad_norm\": %.6g, \"triples_per_s\": %.3f}\n",
+                step + 1, (double)loss, lr, (double)gnorm, el > 0 ? (double)(res->steps * (long)B) / el : 0.0);
+        snprintf(bar.suffix, sizeof bar.suffix, "step %ld loss %.4f lr %.2e %.1f triples/s", step + 1,
+                 (double)loss, lr, el > 0 ? (double)(res->steps * (long)B) / el : 0.0);
+        kst_progress_add(&bar, 1);
+        res->last_loss = loss;
+    }
+    kst_progress_end(&bar);
+    res->first_loss = first_n ? loss_first / (double)first_n : 0;
+    res->seconds = kst_now() - t_start;
+    res->triples_per_s = res->seconds > 0 ? (double)res->steps * (double)B / res->seconds : 0;
+    if (fclose(log) != 0) {
+        log = NULL;
+        rc = kst_fail(err, KST_ERR_IO, "%s: write failed", logpath);
+        goto done;
+    }
+    log = NULL;
+    KST_TRY(kst_checkpoint_save(e, o->out_dir, err));
+done:
+    if (log) fclose(log);
+    side_free(&q);
+    side_free(&p);
+    kst_free(sc.keep);
+    kst_free(sc.argmax);
+    kst_free(qtexts);
+    kst_free(qlens);
+    kst_free(ptexts);
+    kst_free(plens);
+    kst_free(s);
+    kst_free(t);
+    kst_free(ds);
+    kst_free(S);
+    kst_free(dS);
+    kst_free(mom);
+    kst_free(vel);
+    kst_free(decay);
+    kst_bert_free(&grads);
+    kst_teacher_close(tr);
+    kst_textmap_free(qmap);
+    kst_textmap_free(cmap);
+    kst_encoder_free(e);
+    return rc;
+}
