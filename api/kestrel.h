@@ -199,6 +199,9 @@ typedef struct kst_search_opts {
 } kst_search_opts;
 
 kst_search_opts kst_search_opts_default(void);
+/* Parses "dense,bm25,maxsim,cross" (any subset with a first stage; ',' or '+' separated) into
+ * KST_SEARCH_* bits. */
+int kst_search_stages_parse(const char *s, unsigned *out, kst_error *err);
 
 typedef struct kst_hit {
     const char *id;    /* external id */

@@ -390,7 +390,7 @@ float kst_maxsim_forward(int *argmax, const float *q, const float *d, const unsi
                 at = (int)j;
             }
         }
-        argmax[i] = at;
+        if (argmax) argmax[i] = at;
         if (at >= 0) total += best;
     }
     return total;

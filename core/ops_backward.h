@@ -85,7 +85,7 @@ void kst_l2norm_backward(float *dinp, const float *dout, const float *out, const
 
 /* ColBERT MaxSim: score = sum_i max_{j: keep[j]} q_i . d_j over q (nq, D) and d (nd, D);
  * keep (nd) may be NULL (all kept). argmax (nq) saves the chosen j (-1 when none is kept, adding
- * 0). Backward: dq += dscore * d[argmax_i], dd[argmax_i] += dscore * q_i. */
+ * 0); it may be NULL when no backward follows (inference). Backward: dq += dscore * d[argmax_i], dd[argmax_i] += dscore * q_i. */
 float kst_maxsim_forward(int *argmax, const float *q, const float *d, const unsigned char *keep,
                          size_t nq, size_t nd, size_t D);
 void kst_maxsim_backward(float *dq, float *dd, float dscore, const int *argmax, const float *q,

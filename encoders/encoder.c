@@ -8,6 +8,7 @@
 
 #include "core/blas.h"
 #include "core/check.h"
+#include "core/ops_backward.h"
 #include "core/file.h"
 #include "core/json.h"
 #include "core/mem.h"
@@ -709,20 +710,6 @@ static int cross_head(kst_encoder *e, void *vctx, size_t index, const int32_t *i
     return KST_OK;
 }
 
-static float maxsim(const float *q, size_t nq, const float *d, size_t nd, size_t D) {
-    float total = 0;
-    for (size_t i = 0; i < nq; i++) {
-        float best = -INFINITY;
-        for (size_t j = 0; j < nd; j++) {
-            float s = 0;
-            for (size_t k = 0; k < D; k++) s += q[i * D + k] * d[j * D + k];
-            best = s > best ? s : best;
-        }
-        if (nd) total += best;
-    }
-    return total;
-}
-
 int kst_encoder_score(kst_encoder *e, const char *const *queries, const size_t *qlens,
                       const char *const *passages, const size_t *plens, size_t n, size_t max_len,
                       size_t batch, float *out, kst_error *err) {
@@ -773,7 +760,7 @@ int kst_encoder_score(kst_encoder *e, const char *const *queries, const size_t *
     }
     KST_TRY(colbert_encode(e, queries, qlens, n, 1, 0, batch, qr, qc, err));
     KST_TRY(colbert_encode(e, passages, plens, n, 0, max_len, batch, dr, dc, err));
-    for (size_t i = 0; i < n; i++) out[i] = maxsim(qr[i], qc[i], dr[i], dc[i], e->dim);
+    for (size_t i = 0; i < n; i++) out[i] = kst_maxsim_forward(NULL, qr[i], dr[i], NULL, qc[i], dc[i], e->dim);
 done:
 colbert_done:
     for (size_t i = 0; i < n; i++) {

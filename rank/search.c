@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "core/check.h"
+#include "core/ops_backward.h"
 #include "core/mem.h"
 
 kst_search_cfg kst_search_cfg_default(void) {
@@ -84,20 +85,6 @@ static size_t fuse(const cand *a, size_t na, const cand *b, size_t nb, double k,
     return n;
 }
 
-static float maxsim(const float *q, size_t nq, const float *d, size_t nd, size_t D) {
-    float total = 0;
-    for (size_t i = 0; i < nq; i++) {
-        float best = -INFINITY;
-        for (size_t j = 0; j < nd; j++) {
-            float s = 0;
-            for (size_t k = 0; k < D; k++) s += q[i * D + k] * d[j * D + k];
-            best = s > best ? s : best;
-        }
-        if (nd) total += best;
-    }
-    return total;
-}
-
 static int stage_maxsim(kst_ix *ix, kst_store *rd, const char *query, size_t qlen, cand *c,
                         size_t n, kst_error *err) {
     int rc = KST_OK;
@@ -113,7 +100,7 @@ static int stage_maxsim(kst_ix *ix, kst_store *rd, const char *query, size_t qle
             dcap = count;
         }
         KST_TRY(kst_tokens_read(ix->tokens, first, count, dv, err));
-        c[i].score = maxsim(qv, qn, dv, count, D);
+        c[i].score = kst_maxsim_forward(NULL, qv, dv, NULL, qn, count, D);
         c[i].stage = KST_STAGE_MAXSIM;
     }
     qsort(c, n, sizeof *c, by_score);

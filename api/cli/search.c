@@ -99,18 +99,8 @@ int cmd_search(int argc, char **argv) {
         else if (strcmp(o, "--cross") == 0) io.cross = v;
         else if (strcmp(o, "--stages") == 0) {
             unsigned bits = 0;
-            for (const char *p = v; *p;) {
-                size_t l = strcspn(p, ",+");
-                if (l == 5 && !strncmp(p, "dense", 5)) bits |= KST_SEARCH_DENSE;
-                else if (l == 4 && !strncmp(p, "bm25", 4)) bits |= KST_SEARCH_BM25;
-                else if (l == 6 && !strncmp(p, "maxsim", 6)) bits |= KST_SEARCH_MAXSIM;
-                else if (l == 5 && !strncmp(p, "cross", 5)) bits |= KST_SEARCH_CROSS;
-                else return cli_usage_error("search", "unknown stage \"%.*s\" in --stages (dense, bm25, maxsim, cross)", (int)l, p);
-                p += l;
-                if (*p) p++;
-            }
-            if (!(bits & (KST_SEARCH_DENSE | KST_SEARCH_BM25)))
-                return cli_usage_error("search", "--stages needs a first stage: dense and/or bm25");
+            kst_error perr;
+            if (kst_search_stages_parse(v, &bits, &perr) != KST_OK) return cli_usage_error("search", "--stages: %s", perr.msg);
             so.stages = bits;
         } else if (strcmp(o, "-k") == 0 || strcmp(o, "--candidates") == 0 || strcmp(o, "--rerank") == 0 ||
                    strcmp(o, "--cross-k") == 0 || strcmp(o, "--nprobe") == 0) {
