@@ -3,7 +3,8 @@
 # anchor measured in the same run, as a ratio; nothing is asserted. See tests/bench/README.md.
 #
 # Environment: KESTREL_BENCH_THREADS (default: nproc), KESTREL_BENCH_REPS (forward reps, default
-# 10), KESTREL_BENCH_SKIP_REAL=1 (skip the all-MiniLM-L6-v2 / Cranfield part).
+# 10), KESTREL_BENCH_SKIP_REAL=1 (skip the all-MiniLM-L6-v2 / Cranfield part), KESTREL_BENCH_SKIP_SEARCH=1
+# (skip search.sh, the search and indexing benchmark that runs last).
 # OPENBLAS_CORETYPE, when set, is honoured by kestrel (core/blas.c) and printed; when unset,
 # kestrel picks the OpenBLAS kernel set from the CPU's features, and the output says which.
 set -euo pipefail
@@ -133,3 +134,9 @@ OWN_CPU=$(awk '{ for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60
   --cran-load "$CRAN_LOAD" --cran-e2e "$CRAN_E2E" --load-start "$LOAD_START" --load-end "$LOAD_END" \
   --cpu-start "$CPU_START" --cpu-end "$CPU_END" --clk-tck "$(getconf CLK_TCK)" --own-cpu "$OWN_CPU" \
   --wall "$(awk -v a="$WALL_START" -v b="$WALL_END" 'BEGIN { printf "%.2f", b - a }')"
+
+# --- search and indexing (tests/bench/search.sh; runs alone as `tests/bench/search.sh BUILD`) ---
+if [ "${KESTREL_BENCH_SKIP_SEARCH:-0}" != 1 ]; then
+  echo
+  tests/bench/search.sh "$BUILD"
+fi
