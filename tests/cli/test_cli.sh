@@ -8,18 +8,8 @@ CLOSE="$B/tests/tools/npy_close"
 F=tests/fixtures/models
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
-pass=0; fail=0
+. tests/cli/lib.bash
 
-ok()   { pass=$((pass+1)); echo "  ok   $1"; }
-bad()  { fail=$((fail+1)); echo "  FAIL $1"; }
-check() { local name=$1; shift; if "$@" >"$T/out.log" 2>&1; then ok "$name"; else bad "$name"; sed 's/^/       /' "$T/out.log" | head -20; fi; }
-# expect_exit NAME CODE NEEDLE -- command...: exit code and a message on stderr
-expect_exit() {
-  local name=$1 code=$2 needle=$3; shift 4
-  "$@" >"$T/o" 2>"$T/e"; local rc=$?
-  if [ "$rc" = "$code" ] && grep -qF -- "$needle" "$T/e"; then ok "$name"
-  else bad "$name (exit $rc, want $code; stderr: $(head -c 300 "$T/e"))"; fi
-}
 
 # --- tokenize: the ids transformers / colbert-ai produced
 check "tokenize dense texts" diff <("$K" tokenize --model $F/st_bert_mean < $F/st_bert_mean/kestrel_ref/texts.txt) $F/st_bert_mean/kestrel_ref/ids.txt
@@ -84,5 +74,4 @@ expect_exit "artifact.metadata field of the wrong type" 3 "artifact.metadata: \"
 head -c 100 $F/st_bert_mean/kestrel_ref/emb.npy > $T/trunc.npy
 expect_exit "a truncated .npy is reported" 2 "exceeds file" -- "$CLOSE" $T/trunc.npy $F/st_bert_mean/kestrel_ref/emb.npy 0 0
 
-echo "cli: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+summary "cli"

@@ -8,16 +8,7 @@ F=tests/fixtures/models
 T=$(mktemp -d)
 srv=""
 trap '[ -n "$srv" ] && kill $srv 2>/dev/null; rm -rf "$T"' EXIT
-pass=0; fail=0
-ok()  { pass=$((pass+1)); echo "  ok   $1"; }
-bad() { fail=$((fail+1)); echo "  FAIL $1"; }
-check() { local name=$1; shift; if "$@" >"$T/out.log" 2>&1; then ok "$name"; else bad "$name"; sed 's/^/       /' "$T/out.log" | head -20; fi; }
-expect_exit() {
-  local name=$1 code=$2 needle=$3; shift 4
-  "$@" >"$T/o" 2>"$T/e"; local rc=$?
-  if [ "$rc" = "$code" ] && grep -qF -- "$needle" "$T/e"; then ok "$name"
-  else bad "$name (exit $rc, want $code; stderr: $(head -c 300 "$T/e"))"; fi
-}
+. tests/cli/lib.bash
 export KESTREL_NO_PROGRESS=1
 head -300 ../shared/data/beir-scifact/corpus.jsonl > $T/corpus.jsonl
 gzip -c $T/corpus.jsonl > $T/corpus.jsonl.gz
@@ -74,5 +65,4 @@ expect_exit "build without a model" 64 "--model DIR (or --bm25-only)" -- "$K" in
 check "index --help" sh -c "'$K' index --help | grep -q 'kestrel index build'"
 check "search --help" sh -c "'$K' search --help | grep -q -- '--stages'"
 
-echo "index cli: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+summary "index cli"

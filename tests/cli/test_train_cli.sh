@@ -7,16 +7,7 @@ K=${1:-build/kestrel}
 F=tests/fixtures
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
-pass=0; fail=0
-ok()  { pass=$((pass+1)); echo "  ok   $1"; }
-bad() { fail=$((fail+1)); echo "  FAIL $1"; }
-check() { local name=$1; shift; if "$@" >"$T/out.log" 2>&1; then ok "$name"; else bad "$name"; sed 's/^/       /' "$T/out.log" | head -20; fi; }
-expect_exit() {
-  local name=$1 code=$2 needle=$3; shift 4
-  "$@" >"$T/o" 2>"$T/e"; local rc=$?
-  if [ "$rc" = "$code" ] && grep -qF -- "$needle" "$T/e"; then ok "$name"
-  else bad "$name (exit $rc, want $code; stderr: $(head -c 300 "$T/e"))"; fi
-}
+. tests/cli/lib.bash
 export KESTREL_NO_PROGRESS=1
 TR=$F/train_cli/scifact_minilm_triples.tsv
 train() { "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $TR --batch-size 8 --lr 5e-3 \
@@ -42,5 +33,4 @@ expect_exit "NaN teacher score" 3 "line 1" -- "$K" train margin-mse --model $F/m
 expect_exit "empty teacher file" 3 "" -- "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $T/empty.tsv --out $T/x --steps 1
 expect_exit "a cross-encoder is not a margin-mse student" 1 "cross-encoder" -- "$K" train margin-mse --model $F/models/cross_bert --teacher-scores $TR --out $T/x --steps 1
 expect_exit "missing --out" 64 "required" -- "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $TR
-echo "train cli: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+summary "train cli"
