@@ -373,6 +373,10 @@ int kst_store_open(const char *dir, int flags, kst_store **out, kst_error *err) 
         KST_TRY(set_wal(s, err)); /* a no-op on an index, which is WAL from its creation */
         KST_TRY(exec_sql(s, "PRAGMA synchronous = FULL", err, "setting synchronous"));
     }
+    /* Reads through a memory map (up to 1 GiB of the file) instead of SQLite's page cache: a
+     * search fetches its k hits' rows, and with the default cache each row of a large index
+     * cost a read() call (4.9 us at 1M documents, measured by tests/bench/search.sh). */
+    KST_TRY(exec_sql(s, "PRAGMA mmap_size = 1073741824", err, "setting mmap_size"));
 
     for (int i = 0; i < ST_COUNT_; i++) {
         src = sqlite3_prepare_v3(s->db, STMT_SQL[i], -1, SQLITE_PREPARE_PERSISTENT, &s->st[i],
