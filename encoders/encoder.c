@@ -543,15 +543,6 @@ done:
     return rc;
 }
 
-static void l2_normalize(float *v, size_t n) {
-    /* torch.nn.functional.normalize: v / max(||v||, 1e-12) */
-    double s = 0;
-    for (size_t i = 0; i < n; i++) s += (double)v[i] * v[i];
-    double norm = sqrt(s);
-    float inv = (float)(1.0 / (norm > 1e-12 ? norm : 1e-12));
-    for (size_t i = 0; i < n; i++) v[i] *= inv;
-}
-
 /* ------------------------------------------------------------------------------------------ */
 /* dense head */
 
@@ -596,7 +587,7 @@ static int dense_head(kst_encoder *e, void *vctx, size_t index, const int32_t *i
     } else {
         memcpy(dst, pooled, off * sizeof(float));
     }
-    if (e->normalize) l2_normalize(dst, e->dim);
+    if (e->normalize) kst_l2norm_forward(dst, NULL, dst, 1, e->dim);
     return KST_OK;
 }
 
@@ -635,7 +626,7 @@ static int colbert_head(kst_encoder *e, void *vctx, size_t index, const int32_t 
         int32_t id = ids[t];
         if (!ctx->is_query && (id == sp.pad || e->skip[id])) continue;
         kst_matmul_forward(v + kept * D, hidden + t * C, e->bert.params.projw, NULL, 1, C, D);
-        l2_normalize(v + kept * D, D);
+        kst_l2norm_forward(v + kept * D, NULL, v + kept * D, 1, D);
         kept++;
     }
     ctx->rows[index] = v;
