@@ -630,6 +630,22 @@ int kst_store_get(kst_store *s, int64_t id, kst_store_doc *out, kst_error *err) 
     return rc;
 }
 
+/* Fills out[i] for ids[i] inside one read transaction: the caller's snapshot, or one taken here
+ * (n autocommit statements would take n). One cached single-row statement per id measured faster
+ * than an `id IN (...)` statement, whose list SQLite sorts into a temporary index first. */
+int kst_store_get_many(kst_store *s, const int64_t *ids, size_t n, kst_store_doc *out,
+                       kst_error *err) {
+    if (!s || (n && (!ids || !out))) return kst_fail(err, KST_ERR_INVALID, "kst_store_get_many: NULL argument");
+    memset(out, 0, n * sizeof *out);
+    int own = n > 1 && sqlite3_get_autocommit(s->db);
+    int rc = own ? exec_stmt(s, ST_READ_BEGIN, err, "starting a read snapshot") : KST_OK;
+    for (size_t i = 0; i < n && rc == KST_OK; i++) rc = kst_store_get(s, ids[i], &out[i], err);
+    if (own && !sqlite3_get_autocommit(s->db)) exec_stmt(s, ST_ROLLBACK, NULL, "ending a read snapshot");
+    if (rc != KST_OK)
+        for (size_t i = 0; i < n; i++) kst_store_doc_free(&out[i]);
+    return rc;
+}
+
 void kst_store_doc_free(kst_store_doc *doc) {
     if (!doc) return;
     kst_free(doc->ext_id);

@@ -104,6 +104,11 @@ typedef struct kst_store_doc {
 
 /* Reads document `id`. KST_ERR_NOTFOUND when there is none (deleted or never added). */
 int kst_store_get(kst_store *s, int64_t id, kst_store_doc *out, kst_error *err);
+/* Reads the n documents ids[i] into out[i] from one read snapshot (the caller's, when one is open;
+ * cheaper than n kst_store_get calls outside one). KST_ERR_NOTFOUND names the first id that has
+ * no document; on any error every out[i] is left zeroed. */
+int kst_store_get_many(kst_store *s, const int64_t *ids, size_t n, kst_store_doc *out,
+                       kst_error *err);
 /* Frees the fields and zeroes *doc; a zeroed doc is a no-op. */
 void kst_store_doc_free(kst_store_doc *doc);
 /* External id of document `id` into buf (cap bytes). KST_ERR_NOTFOUND when absent,

@@ -168,12 +168,16 @@ int kst_rank_search(kst_ix *ix, const char *query, size_t qlen, const kst_search
     cand *dense = NULL, *bm = NULL, *all = NULL;
     size_t nd = 0, nb = 0, n = 0;
     float *qv = NULL, *sc = NULL;
-    int64_t *ids = NULL;
+    int64_t *ids = NULL, *hid = NULL;
+    kst_store_doc *docs = NULL;
     kst_store_hits *bh = NULL;
     char *qz = kst_strndup(query, qlen, err); /* the store takes NUL-terminated text */
     if (!qz) return KST_ERR_NOMEM;
     KST_TRY(kst_ix_get_reader(ix, &rd, err));
-    KST_TRY(kst_store_read_begin(rd, err));
+    /* Several statements read the store (BM25, token offsets, texts for the cross-encoder, then the
+     * hits' rows): one snapshot keeps them consistent. Dense alone reads it once, in one statement. */
+    if (stages & (KST_STAGE_BM25 | KST_STAGE_MAXSIM | KST_STAGE_CROSS))
+        KST_TRY(kst_store_read_begin(rd, err));
     if ((stages & KST_STAGE_DENSE) && ix->ann && kst_ann_count(ix->ann) > 0) {
         size_t dim = ix->dense->dim, kn = cfg.dense_n ? cfg.dense_n : 100;
         qv = kst_malloc(dim, sizeof *qv, "query vector", err);
@@ -228,21 +232,28 @@ int kst_rank_search(kst_ix *ix, const char *query, size_t qlen, const kst_search
         rc = KST_ERR_NOMEM;
         goto done;
     }
+    docs = kst_malloc(n ? n : 1, sizeof *docs, "hit rows", err);
+    hid = kst_malloc(n ? n : 1, sizeof *hid, "hit ids", err);
+    if (!docs || !hid) {
+        kst_rank_hits_free(h);
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    for (size_t i = 0; i < n; i++) hid[i] = all[i].id;
+    rc = kst_store_get_many(rd, hid, n, docs, err);
+    if (rc != KST_OK) {
+        kst_rank_hits_free(h);
+        goto done;
+    }
     for (size_t i = 0; i < n; i++) {
-        kst_store_doc d = {0};
-        rc = kst_store_get(rd, all[i].id, &d, err);
-        if (rc != KST_OK) {
-            kst_rank_hits_free(h);
-            goto done;
-        }
         kst_rank_hit *x = &h->hit[h->n++];
         x->id = all[i].id;
         x->score = all[i].score;
         x->stage = all[i].stage;
-        x->ext_id = d.ext_id;
-        x->title = d.title;
-        x->text = d.text;
-        kst_free(d.meta);
+        x->ext_id = docs[i].ext_id;
+        x->title = docs[i].title;
+        x->text = docs[i].text;
+        kst_free(docs[i].meta);
     }
     *out = h;
 done:
@@ -255,6 +266,8 @@ done:
     kst_free(qv);
     kst_free(sc);
     kst_free(ids);
+    kst_free(docs);
+    kst_free(hid);
     kst_free(dense);
     kst_free(bm);
     kst_free(all);

@@ -361,6 +361,48 @@ static double bm25_term(double N, double n, double tf, double D, double avgdl) {
     return idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * D / avgdl));
 }
 
+/* kst_store_get_many returns rows in the order asked, across its 16-id statements, with repeats,
+ * and fails whole (every slot zeroed) when an id has no document. */
+static void test_get_many(void **state) {
+    (void)state;
+    tmpdir t;
+    tmp_make(&t);
+    kst_error err = {0};
+    kst_store *s = open_ok(t.ix, KST_STORE_CREATE);
+    enum { N = 40 };
+    int64_t id[N];
+    char ext[N][8], text[N][24];
+    assert_ok(kst_store_begin(s, &err), &err);
+    for (int i = 0; i < N; i++) {
+        snprintf(ext[i], sizeof ext[i], "d%d", i);
+        snprintf(text[i], sizeof text[i], "text of document %d", i);
+        id[i] = add_ok(s, ext[i], i % 3 ? NULL : "title", text[i]);
+    }
+    assert_ok(kst_store_commit(s, &err), &err);
+    /* 35 ids: reversed, then a repeat of the first; crosses two statement boundaries */
+    int64_t ask[35];
+    int want[35];
+    for (int i = 0; i < 34; i++) ask[i] = id[want[i] = N - 1 - i];
+    ask[34] = id[want[34] = N - 1];
+    kst_store_doc d[35];
+    assert_ok(kst_store_get_many(s, ask, 35, d, &err), &err);
+    for (int i = 0; i < 35; i++) {
+        assert_int_equal(d[i].id, ask[i]);
+        assert_string_equal(d[i].ext_id, ext[want[i]]);
+        assert_string_equal(d[i].text, text[want[i]]);
+        if (want[i] % 3) assert_null(d[i].title);
+        else assert_string_equal(d[i].title, "title");
+        kst_store_doc_free(&d[i]);
+    }
+    assert_ok(kst_store_get_many(s, ask, 0, d, &err), &err);
+    ask[20] = id[N - 1] + 1000;
+    assert_int_equal(kst_store_get_many(s, ask, 35, d, &err), KST_ERR_NOTFOUND);
+    assert_msg_has(err.msg, "internal id");
+    for (int i = 0; i < 35; i++) assert_null(d[i].ext_id);
+    kst_store_close(s);
+    tmp_remove(&t);
+}
+
 static void test_bm25_reference(void **state) {
     (void)state;
     tmpdir t;
@@ -980,6 +1022,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_create_and_reopen),
         cmocka_unit_test(test_add_replace_delete),
+        cmocka_unit_test(test_get_many),
         cmocka_unit_test(test_bm25_reference),
         cmocka_unit_test(test_query_injection),
         cmocka_unit_test(test_edge_inputs),

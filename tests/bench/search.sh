@@ -46,7 +46,7 @@ LDLIBS=$(printf 'kst-bench-ldlibs: ; @echo $(LDLIBS)\n' | make --no-print-direct
   LDLIBS="-lfaiss -lsqlite3 -lcurl -lcrypto -lutf8proc -lcjson -lz -lstdc++ -lm -ldl -lpthread -fopenmp"
 case " $LDLIBS " in *openblas*) say "the Makefile links OpenBLAS ($LDLIBS): FAISS would not use kestrel's instance"; exit 1 ;; esac
 WRAP=""
-for s in kst_encoder_embed kst_encoder_embed_tokens kst_ann_search kst_store_get kst_store_get_tokens kst_tokens_read; do
+for s in kst_encoder_embed kst_encoder_embed_tokens kst_ann_search kst_store_get kst_store_get_many kst_store_get_tokens kst_tokens_read; do
   WRAP="$WRAP -Wl,--wrap=$s"
 done
 cc -std=c11 -O2 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE \
