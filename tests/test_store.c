@@ -371,7 +371,7 @@ static void test_get_many(void **state) {
     kst_store *s = open_ok(t.ix, KST_STORE_CREATE);
     enum { N = 40 };
     int64_t id[N];
-    char ext[N][8], text[N][24];
+    char ext[N][16], text[N][32]; /* room for any int: gcc -O1 checks the format widths */
     assert_ok(kst_store_begin(s, &err), &err);
     for (int i = 0; i < N; i++) {
         snprintf(ext[i], sizeof ext[i], "d%d", i);
