@@ -1,0 +1,123 @@
+/* kv_attn.c - partial attention over a subset of cached keys and its log-sum-exp merge. */
+#include "kv_attn.h"
+
+#include <math.h>
+#include <string.h>
+
+float kst_half_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, x;
+    if (exp == 0) {
+        if (man == 0) {
+            x = sign;
+        } else { /* subnormal: renormalise */
+            int e = -1;
+            do {
+                e++;
+                man <<= 1;
+            } while (!(man & 0x400));
+            x = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        x = sign | 0x7f800000 | (man << 13);
+    } else {
+        x = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+uint16_t kst_f32_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, absx = x & 0x7fffffff;
+    if (absx >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (absx > 0x7f800000 ? 0x200 : 0));
+    if (absx >= 0x477ff000) return (uint16_t)(sign | 0x7c00);
+    if (absx < 0x38800000) {
+        if (absx < 0x33000000) return (uint16_t)sign;
+        uint32_t man = (absx & 0x7fffff) | 0x800000;
+        int shift = 126 - (int)(absx >> 23);
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = (absx >> 13) - (112u << 10), rem = absx & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+float kst_kv_dot(const float *q, const void *row, int f16, size_t d) {
+    float s = 0;
+    if (f16) {
+        const uint16_t *r = row;
+        for (size_t i = 0; i < d; i++) s += q[i] * kst_half_to_f32(r[i]);
+    } else {
+        const float *r = row;
+#pragma omp simd reduction(+ : s)
+        for (size_t i = 0; i < d; i++) s += q[i] * r[i];
+    }
+    return s;
+}
+
+void kst_kv_rows_f32(float *out, const void *src, int f16, size_t first, size_t n, size_t d) {
+    if (f16) {
+        const uint16_t *s = (const uint16_t *)src + first * d;
+        for (size_t i = 0; i < n * d; i++) out[i] = kst_half_to_f32(s[i]);
+    } else {
+        memcpy(out, (const float *)src + first * d, n * d * sizeof(float));
+    }
+}
+
+static const void *row_at(const void *base, int f16, size_t row, size_t d) {
+    return f16 ? (const void *)((const uint16_t *)base + row * d)
+               : (const void *)((const float *)base + row * d);
+}
+
+void kst_attn_partial(float *out, float *lse, float *scratch, const float *q, const void *K,
+                      const void *V, int f16, const int64_t *ids, size_t first, size_t n,
+                      size_t d, float scale) {
+    memset(out, 0, d * sizeof(float));
+    if (n == 0) {
+        *lse = -INFINITY;
+        return;
+    }
+    float mx = -INFINITY;
+    for (size_t j = 0; j < n; j++) {
+        size_t r = ids ? (size_t)ids[j] : first + j;
+        scratch[j] = scale * kst_kv_dot(q, row_at(K, f16, r, d), f16, d);
+        if (scratch[j] > mx) mx = scratch[j];
+    }
+    /* Sums in double: a partial may cover a million keys, and its lse feeds an exact merge. */
+    double sum = 0;
+    for (size_t j = 0; j < n; j++) {
+        float w = expf(scratch[j] - mx);
+        sum += w;
+        size_t r = ids ? (size_t)ids[j] : first + j;
+        if (f16) {
+            const uint16_t *v = (const uint16_t *)V + r * d;
+            for (size_t i = 0; i < d; i++) out[i] += w * kst_half_to_f32(v[i]);
+        } else {
+            const float *v = (const float *)V + r * d;
+#pragma omp simd
+            for (size_t i = 0; i < d; i++) out[i] += w * v[i];
+        }
+    }
+    float inv = (float)(1.0 / sum);
+    for (size_t i = 0; i < d; i++) out[i] *= inv;
+    *lse = mx + (float)log(sum);
+}
+
+void kst_attn_merge(float *o, float *lse, const float *o2, float lse2, size_t d) {
+    if (lse2 == -INFINITY) return;
+    if (*lse == -INFINITY) {
+        memcpy(o, o2, d * sizeof(float));
+        *lse = lse2;
+        return;
+    }
+    float m = *lse > lse2 ? *lse : lse2;
+    double a = exp((double)*lse - m), b = exp((double)lse2 - m), s = a + b;
+    float wa = (float)(a / s), wb = (float)(b / s);
+    for (size_t i = 0; i < d; i++) o[i] = wa * o[i] + wb * o2[i];
+    *lse = m + (float)log(s);
+}
