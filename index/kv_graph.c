@@ -300,10 +300,21 @@ static int link_node(kst_kvg *g, const void *K, int f16, size_t d, uint32_t x, s
             cid[m] = cid[i];
             cd[m++] = g->norm2[x] - 2.0f * cd[i];
         }
+    /* Free slots of x get diverse near keys it does not link to yet. */
     uint32_t *nb = g->adj + (size_t)x * g->M;
-    size_t dg = select_diverse(g, K, f16, d, cid, cd, m, g->M, nb, tmp);
-    g->deg[x] = (uint16_t)dg;
-    for (size_t j = 0; j < dg; j++) {
+    size_t have = g->deg[x], w = 0;
+    for (size_t i = 0; i < m; i++) {
+        int dup = 0;
+        for (size_t j = 0; j < have && !dup; j++) dup = nb[j] == cid[i];
+        if (!dup) {
+            cid[w] = cid[i];
+            cd[w++] = cd[i];
+        }
+    }
+    m = w;
+    size_t dg = select_diverse(g, K, f16, d, cid, cd, m, g->M - have, nb + have, tmp);
+    g->deg[x] = (uint16_t)(have + dg);
+    for (size_t j = have; j < have + dg; j++) {
         float dd = 0;
         for (size_t i = 0; i < m; i++)
             if (cid[i] == nb[j]) dd = cd[i];
@@ -513,7 +524,9 @@ int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, c
             e = f;
         }
         qsort(cs, nc, sizeof *cs, cmp_cand);
-        size_t dg = nc < g->M ? nc : g->M;
+        /* A quarter of the slots stay free for key-key edges (below). */
+        size_t M1 = g->M - g->M / 4;
+        size_t dg = nc < M1 ? nc : M1;
         for (size_t e = 0; e < dg; e++) g->adj[(size_t)src * g->M + e] = cs[e].id;
         g->deg[src] = (uint16_t)dg;
         i = j;
@@ -535,9 +548,11 @@ int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, c
     g->n = n;
     g->hub_entries = nent > 0;
     if (nent == 0) spread_entries(g);
-    /* Keys no query retrieved are linked in by key-key search, in order. */
+    /* Connectivity (RoarGraph's enhancement step): every key's free slots get diverse near keys
+     * by key-key search, in order; keys no query retrieved get all their edges this way. Without
+     * it recall stalled near 0.98 on real heads (co-retrieval clusters left unreachable). */
     for (size_t i = 0; i < n; i++)
-        if (!hits[i]) KST_TRY(link_node(g, K, f16, d, (uint32_t)i, n, &s, err));
+        if (g->deg[i] < g->M) KST_TRY(link_node(g, K, f16, d, (uint32_t)i, n, &s, err));
 done:
     kst_free(top);
     kst_free(hits);

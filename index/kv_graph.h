@@ -9,9 +9,10 @@
  * Two ways to build:
  * - attention-aware (kst_kvg_build_attn): from prefill queries Q, each query's exact top-T keys
  *   by inner product; keys retrieved by the same query are linked (the best one to the others
- *   and back, and consecutive ones in the list), each node keeps its M most often co-retrieved
- *   neighbours, and the keys retrieved most often become the search's entry points. Keys no
- *   query retrieved are then linked in by key-key search (connectivity), as appended keys are.
+ *   and back, and consecutive ones in the list), each node keeps its 3M/4 most often
+ *   co-retrieved neighbours, and the keys retrieved most often become the search's entry
+ *   points. Every key's free slots then get diverse near keys by key-key search (connectivity;
+ *   keys no query retrieved get all their edges so), as appended keys do.
  * - key-only (kst_kvg_build_keys): keys inserted one by one, each linked to diverse near keys
  *   (Euclidean, HNSW's neighbour heuristic): an HNSW bottom layer, the "ANN over keys" baseline.
  * Search is best-first beam search (HNSW's layer-0 search) from all entry points, by inner
