@@ -195,6 +195,7 @@ void kst_kvg_free(kst_kvg *g) {
     kst_free(g->adj);
     kst_free(g->deg);
     kst_free(g->norm2);
+    kst_free(g->adist);
     kst_free(g->entry);
     memset(g, 0, sizeof *g);
 }
@@ -205,6 +206,7 @@ static int reserve(kst_kvg *g, size_t n, kst_error *err) {
     while (cap < n) cap *= 2;
     int rc = KST_OK;
     KST_TRY(kst_realloc((void **)&g->adj, cap, g->M * sizeof(uint32_t), "kv graph edges", err));
+    KST_TRY(kst_realloc((void **)&g->adist, cap, g->M * sizeof(float), "kv graph edges", err));
     KST_TRY(kst_realloc((void **)&g->deg, cap, sizeof(uint16_t), "kv graph degrees", err));
     KST_TRY(kst_realloc((void **)&g->norm2, cap, sizeof(float), "kv graph norms", err));
     if (!g->entry) {
@@ -232,97 +234,152 @@ static float dist2(const kst_kvg *g, const void *K, int f16, size_t d, const flo
 
 /* HNSW's neighbour heuristic: from candidates (ids, squared distances to x, nearest first) keep c
  * unless a kept neighbour a is nearer to c than x is; fills up with the skipped nearest when
- * fewer than `want` survive (so a sparse region still gets edges). Returns the count in out. */
+ * fewer than want/2 survive (so a sparse region still gets edges). Returns the count in out
+ * (distances in outd). */
 static size_t select_diverse(const kst_kvg *g, const void *K, int f16, size_t d, const uint32_t *cid,
-                             const float *cdist, size_t nc, size_t want, uint32_t *out, float *tmp) {
+                             const float *cdist, size_t nc, size_t want, uint32_t *out, float *outd,
+                             float *tmp) {
     size_t n = 0;
     for (size_t i = 0; i < nc && n < want; i++) {
         kst_kv_rows_f32(tmp, K, f16, cid[i], 1, d);
         int keep = 1;
         for (size_t j = 0; j < n && keep; j++)
             if (dist2(g, K, f16, d, tmp, cid[i], out[j]) < cdist[i]) keep = 0;
-        if (keep) out[n++] = cid[i];
+        if (keep) {
+            outd[n] = cdist[i];
+            out[n++] = cid[i];
+        }
     }
     for (size_t i = 0; i < nc && n < want / 2; i++) {
         int have = 0;
         for (size_t j = 0; j < n && !have; j++) have = out[j] == cid[i];
-        if (!have) out[n++] = cid[i];
+        if (!have) {
+            outd[n] = cdist[i];
+            out[n++] = cid[i];
+        }
     }
     return n;
 }
 
-/* Adds edge a -> x; a full node keeps its M nearest (x replaces the farthest when nearer). */
-static void add_back_edge(kst_kvg *g, const void *K, int f16, size_t d, uint32_t a, uint32_t x,
-                          float dax, float *tmp) {
+/* Adds edge a -> x (squared distance dax); a full node keeps its nearest: x replaces the
+ * farthest replaceable edge when nearer. Co-retrieval edges (distance -1) are never replaced. */
+static void add_back_edge(kst_kvg *g, uint32_t a, uint32_t x, float dax) {
     uint32_t *nb = g->adj + (size_t)a * g->M;
+    float *nd = g->adist + (size_t)a * g->M;
     size_t dg = g->deg[a];
     for (size_t j = 0; j < dg; j++)
         if (nb[j] == x) return;
     if (dg < g->M) {
         nb[dg] = x;
+        nd[dg] = dax;
         g->deg[a] = (uint16_t)(dg + 1);
         return;
     }
-    kst_kv_rows_f32(tmp, K, f16, a, 1, d);
     size_t far = 0;
-    float fd = -1;
-    for (size_t j = 0; j < dg; j++) {
-        float dj = dist2(g, K, f16, d, tmp, a, nb[j]);
-        if (dj > fd) {
-            fd = dj;
-            far = j;
-        }
+    for (size_t j = 1; j < dg; j++)
+        if (nd[j] > nd[far]) far = j;
+    if (dax < nd[far]) {
+        nb[far] = x;
+        nd[far] = dax;
     }
-    if (dax < fd) nb[far] = x;
 }
 
-/* Links node x (no edges yet) to diverse near keys among nodes [0, limit) except x, with edges
- * back. */
-static int link_node(kst_kvg *g, const void *K, int f16, size_t d, uint32_t x, size_t limit,
-                     kst_kvg_scratch *s, kst_error *err) {
-    float *q = kst_malloc(2 * d, sizeof(float), "kv insert query", err);
-    if (!q) return KST_ERR_NOMEM;
-    float *tmp = q + d;
+/* Plans the links of node x: diverse near keys among nodes [0, limit) (x and its present
+ * neighbours excluded) for its free slots, by key-key search. Reads the graph only, so plans
+ * for many nodes can run at once. sel/seld hold M entries; tmp 2 * d floats. Returns the count
+ * or (size_t)-1 on memory failure. */
+static size_t plan_links(const kst_kvg *g, const void *K, int f16, size_t d, uint32_t x,
+                         size_t limit, kst_kvg_scratch *s, uint32_t *sel, float *seld, float *tmp) {
+    size_t have = g->deg[x];
+    if (have >= g->M || limit == 0) return 0;
+    float *q = tmp + d;
     kst_kv_rows_f32(q, K, f16, x, 1, d);
-    int rc = beam(g, K, f16, d, q, g->efc, 1, limit, s, err);
-    if (rc != KST_OK) goto done;
+    if (beam(g, K, f16, d, q, g->efc, 1, limit, s, NULL) != KST_OK) return (size_t)-1;
+    /* drain into the candidate heap's own arrays, nearest first */
     size_t nc = s->rn;
-    uint32_t *cid = kst_malloc(nc + 1, sizeof(uint32_t) + sizeof(float), "kv insert candidates", err);
-    if (!cid) {
+    uint32_t *cid = s->ci;
+    float *cd = s->cs;
+    nc = drain(s, cid, cd, nc);
+    const uint32_t *nb = g->adj + (size_t)x * g->M;
+    size_t m = 0;
+    for (size_t i = 0; i < nc; i++) {
+        int skip = cid[i] == x;
+        for (size_t j = 0; j < have && !skip; j++) skip = nb[j] == cid[i];
+        if (!skip) {
+            cid[m] = cid[i];
+            cd[m++] = g->norm2[x] - 2.0f * cd[i]; /* score -> squared distance */
+        }
+    }
+    return select_diverse(g, K, f16, d, cid, cd, m, g->M - have, sel, seld, tmp);
+}
+
+static void apply_links(kst_kvg *g, uint32_t x, const uint32_t *sel, const float *seld, size_t n) {
+    for (size_t j = 0; j < n && g->deg[x] < g->M; j++) {
+        size_t dg = g->deg[x];
+        int dup = 0;
+        for (size_t i = 0; i < dg && !dup; i++) dup = g->adj[(size_t)x * g->M + i] == sel[j];
+        if (dup) continue;
+        g->adj[(size_t)x * g->M + dg] = sel[j];
+        g->adist[(size_t)x * g->M + dg] = seld[j];
+        g->deg[x] = (uint16_t)(dg + 1);
+        add_back_edge(g, sel[j], x, seld[j]);
+    }
+}
+
+/* Links nodes lo..hi-1 that have free slots, in batches: each batch's plans run in parallel
+ * over the graph as it stands (searching nodes below `limit`, or below the batch when limit is
+ * 0: incremental growth), then are applied in order. Deterministic for a given thread count's
+ * batch size (fixed here). */
+static int link_range(kst_kvg *g, const void *K, int f16, size_t d, size_t lo, size_t hi,
+                      size_t limit, kst_error *err) {
+    int nth = omp_get_max_threads();
+    const size_t B = 1024;
+    kst_kvg_scratch *sc = kst_calloc((size_t)nth, sizeof *sc, "kv link scratch", err);
+    uint32_t *sel = kst_malloc(B, g->M * sizeof(uint32_t), "kv link plans", err);
+    float *seld = kst_malloc(B, g->M * sizeof(float), "kv link plans", err);
+    size_t *cnt = kst_malloc(B, sizeof(size_t), "kv link plans", err);
+    float *tmp = kst_malloc((size_t)nth * 2, d * sizeof(float), "kv link plans", err);
+    int rc = KST_OK;
+    if (!sc || !sel || !seld || !cnt || !tmp) {
         rc = KST_ERR_NOMEM;
         goto done;
     }
-    float *cd = (float *)(cid + nc + 1);
-    nc = drain(s, cid, cd, nc);
-    size_t m = 0;
-    for (size_t i = 0; i < nc; i++) /* drop x itself; score -> squared distance */
-        if (cid[i] != x) {
-            cid[m] = cid[i];
-            cd[m++] = g->norm2[x] - 2.0f * cd[i];
+    /* Scratch is sized once, outside the parallel loop (the searches then never allocate). */
+    for (int t = 0; t < nth && rc == KST_OK; t++) rc = scratch_reserve(&sc[t], g->cap, g->efc, g->M, err);
+    if (rc != KST_OK) goto done;
+    for (size_t b0 = lo; b0 < hi;) {
+        /* Growing graphs: small batches first, so every node sees a graph 8x its batch. */
+        size_t lim = limit ? limit : b0;
+        size_t nb = limit ? B : (b0 < 64 ? 1 : (b0 / 8 < B ? b0 / 8 : B));
+        if (nb > hi - b0) nb = hi - b0;
+        int fail = 0;
+#pragma omp parallel for schedule(dynamic, 16) if (nb > 16)
+        for (size_t i = 0; i < nb; i++) {
+            int t = omp_get_thread_num();
+            size_t c = plan_links(g, K, f16, d, (uint32_t)(b0 + i), lim, &sc[t],
+                                  sel + i * g->M, seld + i * g->M, tmp + (size_t)t * 2 * d);
+            if (c == (size_t)-1) {
+                fail = 1;
+                c = 0;
+            }
+            cnt[i] = c;
         }
-    /* Free slots of x get diverse near keys it does not link to yet. */
-    uint32_t *nb = g->adj + (size_t)x * g->M;
-    size_t have = g->deg[x], w = 0;
-    for (size_t i = 0; i < m; i++) {
-        int dup = 0;
-        for (size_t j = 0; j < have && !dup; j++) dup = nb[j] == cid[i];
-        if (!dup) {
-            cid[w] = cid[i];
-            cd[w++] = cd[i];
+        if (fail) {
+            rc = kst_fail(err, KST_ERR_NOMEM, "kv graph: out of memory linking keys");
+            goto done;
         }
+        for (size_t i = 0; i < nb; i++)
+            apply_links(g, (uint32_t)(b0 + i), sel + i * g->M, seld + i * g->M, cnt[i]);
+        b0 += nb;
     }
-    m = w;
-    size_t dg = select_diverse(g, K, f16, d, cid, cd, m, g->M - have, nb + have, tmp);
-    g->deg[x] = (uint16_t)(have + dg);
-    for (size_t j = have; j < have + dg; j++) {
-        float dd = 0;
-        for (size_t i = 0; i < m; i++)
-            if (cid[i] == nb[j]) dd = cd[i];
-        add_back_edge(g, K, f16, d, nb[j], x, dd, tmp);
-    }
-    kst_free(cid);
 done:
-    kst_free(q);
+    if (sc)
+        for (int t = 0; t < nth; t++) kst_kvg_scratch_free(&sc[t]);
+    kst_free(sc);
+    kst_free(sel);
+    kst_free(seld);
+    kst_free(cnt);
+    kst_free(tmp);
     return rc;
 }
 
@@ -339,16 +396,22 @@ int kst_kvg_insert(kst_kvg *g, const void *K, int f16, size_t d, kst_kvg_scratch
         return kst_fail(err, KST_ERR_INVALID, "kv graph holds the most keys it can (%zu)", g->n);
     int rc = reserve(g, g->n + 1, err);
     if (rc != KST_OK) return rc;
-    float *tmp = kst_malloc(d, sizeof(float), "kv insert", err);
+    rc = scratch_reserve(s, g->cap, g->efc, g->M, err);
+    if (rc != KST_OK) return rc;
+    float *tmp = kst_malloc(2 * d + 2 * g->M, sizeof(float), "kv insert", err);
     if (!tmp) return KST_ERR_NOMEM;
     uint32_t x = (uint32_t)g->n;
     g->norm2[x] = sqnorm(K, f16, x, d, tmp);
     g->deg[x] = 0;
-    kst_free(tmp);
-    if (x > 0) {
-        rc = link_node(g, K, f16, d, x, x, s, err);
-        if (rc != KST_OK) return rc;
+    uint32_t *sel = (uint32_t *)(tmp + 2 * d);
+    float *seld = tmp + 2 * d + g->M;
+    size_t c = plan_links(g, K, f16, d, x, x, s, sel, seld, tmp);
+    if (c == (size_t)-1) {
+        kst_free(tmp);
+        return kst_fail(err, KST_ERR_NOMEM, "kv graph: out of memory linking a key");
     }
+    apply_links(g, x, sel, seld, c);
+    kst_free(tmp);
     g->n++;
     /* A graph without entry points of its own (key-only, or still small) spreads them anew as
      * it grows; the attention-aware one keeps its hubs. */
@@ -358,15 +421,22 @@ int kst_kvg_insert(kst_kvg *g, const void *K, int f16, size_t d, kst_kvg_scratch
 
 int kst_kvg_build_keys(kst_kvg *g, const void *K, int f16, size_t n, size_t d, kst_error *err) {
     if (g->n != 0) return kst_fail(err, KST_ERR_MISUSE, "kv graph: build on a non-empty graph");
-    kst_kvg_scratch s = {0};
-    int rc = reserve(g, n, err);
-    for (size_t i = 0; i < n && rc == KST_OK; i++) {
-        /* Entries follow the growing graph: every 1/max_entry of it. */
-        rc = kst_kvg_insert(g, K, f16, d, &s, err);
-        if (rc == KST_OK && g->n_entry == g->max_entry && (g->n & (g->n - 1)) == 0) spread_entries(g);
+    int rc = reserve(g, n ? n : 1, err);
+    float *tmp = rc == KST_OK ? kst_malloc(d, sizeof(float), "kv build", err) : NULL;
+    if (rc == KST_OK && !tmp) rc = KST_ERR_NOMEM;
+    if (rc == KST_OK) {
+        for (size_t i = 0; i < n; i++) {
+            g->norm2[i] = sqnorm(K, f16, i, d, tmp);
+            g->deg[i] = 0;
+        }
+        g->n = n;
+        /* entries: the first node while the graph grows from nothing */
+        g->n_entry = 1;
+        g->entry[0] = 0;
+        rc = link_range(g, K, f16, d, 0, n, 0, err);
     }
+    kst_free(tmp);
     if (rc == KST_OK) spread_entries(g);
-    kst_kvg_scratch_free(&s);
     if (rc != KST_OK) {
         size_t M = g->M, me = g->max_entry, efc = g->efc;
         kst_kvg_free(g);
@@ -527,7 +597,10 @@ int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, c
         /* A quarter of the slots stay free for key-key edges (below). */
         size_t M1 = g->M - g->M / 4;
         size_t dg = nc < M1 ? nc : M1;
-        for (size_t e = 0; e < dg; e++) g->adj[(size_t)src * g->M + e] = cs[e].id;
+        for (size_t e = 0; e < dg; e++) {
+            g->adj[(size_t)src * g->M + e] = cs[e].id;
+            g->adist[(size_t)src * g->M + e] = -1.0f; /* co-retrieval: kept */
+        }
         g->deg[src] = (uint16_t)dg;
         i = j;
     }
@@ -551,8 +624,7 @@ int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, c
     /* Connectivity (RoarGraph's enhancement step): every key's free slots get diverse near keys
      * by key-key search, in order; keys no query retrieved get all their edges this way. Without
      * it recall stalled near 0.98 on real heads (co-retrieval clusters left unreachable). */
-    for (size_t i = 0; i < n; i++)
-        if (g->deg[i] < g->M) KST_TRY(link_node(g, K, f16, d, (uint32_t)i, n, &s, err));
+    KST_TRY(link_range(g, K, f16, d, 0, n, n, err));
 done:
     kst_free(top);
     kst_free(hits);

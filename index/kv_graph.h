@@ -32,6 +32,7 @@ typedef struct kst_kvg {
     size_t n, cap;     /* nodes, allocated nodes */
     size_t M;          /* maximum out-degree */
     uint32_t *adj;     /* (cap, M) neighbours, deg[i] of them valid */
+    float *adist;      /* (cap, M) squared distance of each edge; -1: co-retrieval edge (kept) */
     uint16_t *deg;     /* (cap) */
     float *norm2;      /* (cap) |k_i|^2 (Euclidean search for insertion) */
     uint32_t *entry;   /* (n_entry) search starts */
