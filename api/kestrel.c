@@ -433,7 +433,8 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
     kst_kvc_opts o = {opts->layers, opts->kv_heads, opts->q_heads, opts->head_dim,
                       opts->dtype == KST_KV_F16, opts->scale, opts->sinks, opts->window,
                       opts->top_k, opts->ef, opts->degree, opts->build_top,
-                      opts->max_build_queries, opts->entries, 64, (kst_kvc_index)opts->index};
+                      opts->max_build_queries, opts->entries, 64, (kst_kvc_index)opts->index,
+                      opts->gpu};
     kst_kv *kv = kst_calloc(1, sizeof *kv, "kv cache", err);
     if (!kv) return KST_ERR_NOMEM;
     int rc = kst_kvc_create(&o, &kv->c, err);
@@ -485,3 +486,4 @@ int kst_kv_search(kst_kv *kv, size_t layer, size_t q_head, const float *q, size_
 
 size_t kst_kv_tokens(const kst_kv *kv, size_t layer) { return kv ? kst_kvc_tokens(kv->c, layer) : 0; }
 size_t kst_kv_indexed(const kst_kv *kv, size_t layer) { return kv ? kst_kvc_indexed(kv->c, layer) : 0; }
+size_t kst_kv_gpu_bytes(const kst_kv *kv) { return kv ? kst_kvc_gpu_bytes(kv->c) : 0; }

@@ -270,6 +270,10 @@ typedef struct kst_kv_opts {
     size_t entries;           /* search entry points (default 32) */
     kst_kv_index_kind index;  /* default KST_KV_INDEX_ATTN */
     int num_threads;          /* default 0: OpenMP's default */
+    int gpu;                  /* default 0; 1: keep the static tokens on the GPU and attend to
+                                 them there while the CPU searches (needs a `make CUDA=1` build
+                                 and a device, else kst_kv_create fails with KST_ERR_UNSUPPORTED);
+                                 the other tokens stay in CPU memory */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */
@@ -308,6 +312,8 @@ int kst_kv_search(kst_kv *kv, size_t layer, size_t q_head, const float *q, size_
 /* Tokens cached in a layer, and how many of them are indexed. */
 size_t kst_kv_tokens(const kst_kv *kv, size_t layer);
 size_t kst_kv_indexed(const kst_kv *kv, size_t layer);
+/* GPU memory the cache holds, in bytes (0 unless opts.gpu). */
+size_t kst_kv_gpu_bytes(const kst_kv *kv);
 
 #ifdef __cplusplus
 }

@@ -9,6 +9,9 @@
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #include "index/kv_graph.h"
+#ifdef KST_CUDA
+#include "index/kv_cuda.h"
+#endif
 
 typedef struct kv_hstore {
     void *K, *V;  /* (cap, d) in the cache's dtype */
@@ -19,6 +22,9 @@ typedef struct kv_layer {
     size_t n, cap;
     int built;
     kv_hstore *heads; /* (kv_heads) */
+#ifdef KST_CUDA
+    kst_kvgpu *gpu;  /* static tokens: slot p for sink p, a ring of `window` slots after */
+#endif
 } kv_layer;
 
 /* One thread's scratch for the decode step. */
@@ -34,6 +40,7 @@ struct kst_kvc {
     kv_layer *layers;
     kv_thread *th;
     int nth;
+    float *lse_buf; /* (q_heads) each head's lse after the CPU part of a decode step */
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -57,6 +64,14 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     if (!(o.scale > 0) || !isfinite(o.scale))
         return kst_fail(err, KST_ERR_INVALID, "kv cache: scale must be positive and finite");
     if (o.build_top < 2) o.build_top = 2;
+#ifdef KST_CUDA
+    if (o.gpu && kst_kv_cuda_devices() == 0)
+        return kst_fail(err, KST_ERR_UNSUPPORTED, "kv cache: gpu requested but no CUDA device is visible");
+#else
+    if (o.gpu)
+        return kst_fail(err, KST_ERR_UNSUPPORTED,
+                        "kv cache: gpu requested but Kestrel was built without CUDA (make CUDA=1)");
+#endif
     kst_kvc *c = kst_calloc(1, sizeof *c, "kv cache", err);
     if (!c) return KST_ERR_NOMEM;
     c->o = o;
@@ -64,12 +79,20 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->nth = omp_get_max_threads();
     c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);
     c->th = kst_calloc((size_t)c->nth, sizeof *c->th, "kv cache threads", err);
-    if (!c->layers || !c->th) goto fail;
+    c->lse_buf = kst_calloc(o.q_heads, sizeof(float), "kv cache lse", err);
+    if (!c->layers || !c->th || !c->lse_buf) goto fail;
     for (size_t l = 0; l < o.layers; l++) {
         c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
         if (!c->layers[l].heads) goto fail;
         for (size_t h = 0; h < o.kv_heads; h++)
             kst_kvg_init(&c->layers[l].heads[h].g, o.degree, o.entries, o.efc, NULL);
+#ifdef KST_CUDA
+        if (o.gpu && kst_kvgpu_create(o.q_heads, o.kv_heads, o.head_dim, o.sinks + o.window, o.f16,
+                                       o.scale, &c->layers[l].gpu, err) != KST_OK) {
+            kst_kvc_free(c);
+            return KST_ERR_INTERNAL;
+        }
+#endif
     }
     *out = c;
     return KST_OK;
@@ -90,6 +113,9 @@ void kst_kvc_free(kst_kvc *c) {
                 kst_kvg_free(&L->heads[h].g);
             }
             kst_free(L->heads);
+#ifdef KST_CUDA
+            kst_kvgpu_free(L->gpu);
+#endif
         }
         kst_free(c->layers);
     }
@@ -103,7 +129,18 @@ void kst_kvc_free(kst_kvc *c) {
         }
         kst_free(c->th);
     }
+    kst_free(c->lse_buf);
     kst_free(c);
+}
+
+size_t kst_kvc_gpu_bytes(const kst_kvc *c) {
+    size_t b = 0;
+#ifdef KST_CUDA
+    for (size_t l = 0; c && l < c->o.layers; l++) b += kst_kvgpu_bytes(c->layers[l].gpu);
+#else
+    (void)c;
+#endif
+    return b;
 }
 
 const kst_kvc_opts *kst_kvc_opts_of(const kst_kvc *c) { return &c->o; }
@@ -188,6 +225,24 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
             memcpy((char *)L->heads[h].K + (L->n + t) * rowb, (const char *)keys + src, rowb);
             memcpy((char *)L->heads[h].V + (L->n + t) * rowb, (const char *)values + src, rowb);
         }
+#ifdef KST_CUDA
+    if (L->gpu) {
+        /* sinks to their slots; of the rest only the last `window` tokens matter (ring) */
+        size_t n0 = L->n, n1 = L->n + n, tokb = o->kv_heads * rowb;
+        for (size_t p = n0; p < n1 && p < o->sinks; p++)
+            KST_TRY(kst_kvgpu_put(L->gpu, p, (const char *)keys + (p - n0) * tokb,
+                                   (const char *)values + (p - n0) * tokb, 1, err));
+        size_t lo = n0 > o->sinks ? n0 : o->sinks;
+        if (o->window && n1 > o->window + lo) lo = n1 - o->window;
+        for (size_t p = lo; p < n1 && o->window;) {
+            size_t slot = (p - o->sinks) % o->window, run = o->window - slot;
+            if (run > n1 - p) run = n1 - p;
+            KST_TRY(kst_kvgpu_put(L->gpu, o->sinks + slot, (const char *)keys + (p - n0) * tokb,
+                                   (const char *)values + (p - n0) * tokb, run, err));
+            p += run;
+        }
+    }
+#endif
     L->n += n;
     rc = index_leavers(c, L, err);
 done:
@@ -303,6 +358,16 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (k > nidx) k = nidx;
     if (d > 512) return kst_fail(err, KST_ERR_INTERNAL, "kst_kv_attend: head_dim > 512");
     size_t scanned = 0, retrieved = 0;
+    int on_gpu = 0;
+#ifdef KST_CUDA
+    /* GPU: the static tokens (sinks + the window ring) are attended there while the CPU
+     * searches; the CPU then merges in the retrieved tokens' partials. */
+    if (L->gpu && L->built && L->n >= o->sinks + o->window && exact_lo == L->n - o->window) {
+        rc = kst_kvgpu_partial_start(L->gpu, q, o->sinks + o->window, err);
+        if (rc != KST_OK) return rc;
+        on_gpu = 1;
+    }
+#endif
 #pragma omp parallel for schedule(dynamic) reduction(+ : scanned, retrieved) if (o->q_heads > 1)
     for (size_t h = 0; h < o->q_heads; h++) {
         kv_thread *t = &c->th[omp_get_thread_num()];
@@ -315,10 +380,15 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         float *oh = out + h * d, lse, lse2;
         if (r == KST_OK) {
             /* sinks, then the exact tail (window and tokens not yet indexed), then retrieved */
-            kst_attn_partial(oh, &lse, t->buf, qh, H->K, H->V, o->f16, NULL, 0, sink_end, d, o->scale);
-            kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, NULL, exact_lo,
-                             L->n - exact_lo, d, o->scale);
-            kst_attn_merge(oh, &lse, t->o2, lse2, d);
+            if (on_gpu) {
+                memset(oh, 0, d * sizeof(float));
+                lse = -INFINITY;
+            } else {
+                kst_attn_partial(oh, &lse, t->buf, qh, H->K, H->V, o->f16, NULL, 0, sink_end, d, o->scale);
+                kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, NULL, exact_lo,
+                                 L->n - exact_lo, d, o->scale);
+                kst_attn_merge(oh, &lse, t->o2, lse2, d);
+            }
             if (k > 0) {
                 size_t m = kst_kvg_search(&H->g, rows_at(c, H->K, o->sinks), o->f16, d, qh, k, ef,
                                           &t->s, t->ids, NULL, &r);
@@ -329,6 +399,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 scanned += t->s.scanned;
                 retrieved += m;
             }
+            c->lse_buf[h] = lse;
         }
         if (r != KST_OK) {
 #pragma omp critical(kv_err)
@@ -340,6 +411,21 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             }
         }
     }
+#ifdef KST_CUDA
+    if (on_gpu) {
+        /* out holds the CPU partials (retrieved tokens), lse_buf their lse: merge the GPU's. */
+        float *go = kst_malloc(o->q_heads * (d + 1), sizeof(float), "gpu partials", err);
+        int r2 = go ? kst_kvgpu_partial_wait(L->gpu, go, go + o->q_heads * d, err) : KST_ERR_NOMEM;
+        if (r2 == KST_OK && rc == KST_OK)
+            for (size_t h = 0; h < o->q_heads; h++) {
+                float l1 = c->lse_buf[h];
+                kst_attn_merge(go + h * d, go + o->q_heads * d + h, out + h * d, l1, d);
+                memcpy(out + h * d, go + h * d, d * sizeof(float));
+            }
+        kst_free(go);
+        if (rc == KST_OK) rc = r2;
+    }
+#endif
     if (rc != KST_OK) return rc;
     if (stats) {
         stats->tokens = L->n;

@@ -37,6 +37,7 @@ typedef struct kst_kvc_opts {
     size_t entries;           /* search entry points */
     size_t efc;               /* beam when linking keys in */
     kst_kvc_index index;
+    int gpu;                  /* static tokens on the GPU (CUDA=1 builds with a device) */
 } kst_kvc_opts;
 
 typedef struct kst_kvc kst_kvc;
@@ -76,6 +77,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
  * with the largest <q, k>; *found and *scanned (may be NULL) get the counts. */
 int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
                    int64_t *pos, size_t *found, size_t *scanned, kst_error *err);
+
+/* GPU memory held by the cache (static tokens; 0 without the GPU). */
+size_t kst_kvc_gpu_bytes(const kst_kvc *c);
 
 /* Keys and values of one KV head ((tokens, head_dim) rows in the cache's dtype), valid until the
  * next append; for GPU mirrors and benchmarks. */

@@ -11,6 +11,9 @@
 #include "core/check.h"
 #include "core/kv_attn.h"
 #include "core/mem.h"
+#ifdef KST_CUDA
+#include "index/kv_cuda.h"
+#endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* helpers */
@@ -452,6 +455,25 @@ int kst_kvg_exact_topk(const void *K, int f16, size_t n, size_t d, const float *
                        size_t k, uint32_t *ids, float *scores, kst_error *err) {
     if (k == 0 || k > n)
         return kst_fail(err, KST_ERR_INVALID, "exact top-k: k = %zu with %zu keys", k, n);
+#ifdef KST_CUDA
+    /* On a GPU: cuBLAS scores and a block-per-query selection (index/kv_cuda.cu). */
+    if (k <= 64 && kst_kv_cuda_devices() > 0) {
+        float *kf32 = NULL;
+        const float *Kf = K;
+        if (f16) {
+            kf32 = kst_malloc(n, d * sizeof(float), "top-k keys as float32", err);
+            if (!kf32) return KST_ERR_NOMEM;
+            kst_kv_rows_f32(kf32, K, 1, 0, n, d);
+            Kf = kf32;
+        }
+        int r = kst_kv_cuda_topk(Kf, n, d, Q, nq, k, ids, err);
+        if (r == KST_OK && scores)
+            for (size_t i = 0; i < nq * k; i++)
+                scores[i] = kst_kv_dot(Q + (i / k) * d, krow(K, f16, ids[i], d), f16, d);
+        kst_free(kf32);
+        return r;
+    }
+#endif
     const size_t QB = 256, KB = 8192;
     size_t kb = KB < n ? KB : n;
     float *S = kst_malloc(QB * kb, sizeof(float), "top-k score block", err);

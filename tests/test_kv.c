@@ -12,6 +12,9 @@
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #include "core/npy.h"
+#ifdef KST_CUDA
+#include "index/kv_cuda.h"
+#endif
 
 #define FX "tests/fixtures/kv/"
 #define P 240
@@ -61,8 +64,11 @@ static int teardown(void **state) {
     return 0;
 }
 
+static int g_gpu; /* run_decode on the GPU path */
+
 static kst_kv_opts small_opts(kst_kv_index_kind index) {
     kst_kv_opts o = kst_kv_opts_default();
+    o.gpu = g_gpu;
     o.layers = 2;
     o.kv_heads = KVH;
     o.q_heads = QH;
@@ -202,6 +208,44 @@ static void test_partial_merge_split(void **state) {
     free(V);
 }
 
+/* GPU: static tokens attended on the device (index/kv_cuda.cu) while the CPU retrieves; with
+ * top_k covering every indexed token the merge must still be SDPA, in float32 and float16. The
+ * index build's exact top-k also runs on the GPU then (checked by test_search_recall's exact
+ * best key when the suite runs on a GPU machine). */
+static void test_gpu_equals_sdpa(void **state) {
+    fx *f = *state;
+#ifndef KST_CUDA
+    (void)f;
+    skip_because("built without CUDA (make CUDA=1)");
+#else
+    if (kst_kv_cuda_devices() == 0) skip_because("no CUDA device visible");
+    g_gpu = 1;
+    run_decode(f, KST_KV_INDEX_ATTN, 0, P, P, f->out32.data, ATOL, RTOL);
+    run_decode(f, KST_KV_INDEX_ATTN, 1, P, P, f->out16.data, ATOL, RTOL);
+    /* a small top_k: GPU and CPU paths must agree (same retrieval, same merge) */
+    g_gpu = 0;
+    kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
+    kst_kv *a, *b;
+    kst_error err;
+    assert_ok(kst_kv_create(&o, &a, &err), &err);
+    o.gpu = 1;
+    assert_ok(kst_kv_create(&o, &b, &err), &err);
+    assert_true(kst_kv_gpu_bytes(b) > 0);
+    assert_int_equal(kst_kv_gpu_bytes(a), 0);
+    float oa[QH * D], ob[QH * D];
+    kst_kv *both[2] = {a, b};
+    for (int i = 0; i < 2; i++) {
+        assert_ok(kst_kv_append(both[i], 0, f->keys.data, f->values.data, P, &err), &err);
+        assert_ok(kst_kv_build(both[i], 0, f->pq.data, P, &err), &err);
+    }
+    assert_ok(kst_kv_attend(a, 0, f->dq.data, 10, 32, oa, NULL, &err), &err);
+    assert_ok(kst_kv_attend(b, 0, f->dq.data, 10, 32, ob, NULL, &err), &err);
+    assert_close_f32("gpu vs cpu decode step", ob, oa, QH * D, ATOL, RTOL);
+    kst_kv_free(a);
+    kst_kv_free(b);
+#endif
+}
+
 static void test_bad_input(void **state) {
     (void)state;
     kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
@@ -219,6 +263,12 @@ static void test_bad_input(void **state) {
     o.dtype = (kst_kv_dtype)7;
     assert_int_equal(kst_kv_create(&o, &kv, &err), KST_ERR_INVALID);
     assert_msg_has(err.msg, "dtype");
+#ifndef KST_CUDA
+    o = small_opts(KST_KV_INDEX_ATTN);
+    o.gpu = 1;
+    assert_int_equal(kst_kv_create(&o, &kv, &err), KST_ERR_UNSUPPORTED);
+    assert_msg_has(err.msg, "make CUDA=1");
+#endif
     assert_int_equal(kst_kv_create(NULL, &kv, &err), KST_ERR_MISUSE);
     o = small_opts(KST_KV_INDEX_ATTN);
     assert_ok(kst_kv_create(&o, &kv, &err), &err);
@@ -267,6 +317,7 @@ int main(void) {
         cmocka_unit_test(test_f16_equals_sdpa),
         cmocka_unit_test(test_search_recall),
         cmocka_unit_test(test_partial_merge_split),
+        cmocka_unit_test(test_gpu_equals_sdpa),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_alloc_failures),
     };
