@@ -47,7 +47,66 @@ uint16_t kst_f32_to_half(float f) {
     return (uint16_t)(sign | h);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* AVX2 + F16C + FMA: 8 lanes per step; float16 rows converted in registers (vcvtph2ps). */
+__attribute__((target("avx2,f16c,fma"))) static float dot_avx2(const float *q, const void *row,
+                                                                 int f16, size_t d) {
+    __m256 acc = _mm256_setzero_ps();
+    size_t i = 0;
+    if (f16) {
+        const uint16_t *r = row;
+        for (; i + 8 <= d; i += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i),
+                                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))), acc);
+    } else {
+        const float *r = row;
+        for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(r + i), acc);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    float s = _mm_cvtss_f32(h);
+    for (; i < d; i++)
+        s += q[i] * (f16 ? kst_half_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i]);
+    return s;
+}
+
+/* out (d) += w * row (d) */
+__attribute__((target("avx2,f16c,fma"))) static void axpy_avx2(float *out, float w, const void *row,
+                                                                 int f16, size_t d) {
+    __m256 wv = _mm256_set1_ps(w);
+    size_t i = 0;
+    if (f16) {
+        const uint16_t *r = row;
+        for (; i + 8 <= d; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))),
+                                                      _mm256_loadu_ps(out + i)));
+        for (; i < d; i++) out[i] += w * kst_half_to_f32(r[i]);
+    } else {
+        const float *r = row;
+        for (; i + 8 <= d; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(r + i), _mm256_loadu_ps(out + i)));
+        for (; i < d; i++) out[i] += w * r[i];
+    }
+}
+
+static int has_avx2(void) {
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+            __builtin_cpu_supports("f16c");
+    }
+    return v;
+}
+#define KST_KV_DOT_AVX2 1
+#endif
+
 float kst_kv_dot(const float *q, const void *row, int f16, size_t d) {
+#ifdef KST_KV_DOT_AVX2
+    if (has_avx2()) return dot_avx2(q, row, f16, d);
+#endif
     float s = 0;
     if (f16) {
         const uint16_t *r = row;
@@ -94,6 +153,12 @@ void kst_attn_partial(float *out, float *lse, float *scratch, const float *q, co
         float w = expf(scratch[j] - mx);
         sum += w;
         size_t r = ids ? (size_t)ids[j] : first + j;
+#ifdef KST_KV_DOT_AVX2
+        if (has_avx2()) {
+            axpy_avx2(out, w, row_at(V, f16, r, d), f16, d);
+            continue;
+        }
+#endif
         if (f16) {
             const uint16_t *v = (const uint16_t *)V + r * d;
             for (size_t i = 0; i < d; i++) out[i] += w * kst_half_to_f32(v[i]);

@@ -41,7 +41,10 @@ struct kst_kvc {
     kv_thread *th;
     int nth;
     float *lse_buf; /* (q_heads) each head's lse after the CPU part of a decode step */
+    int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
 };
+
+void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
 
 /* ------------------------------------------------------------------------------------------ */
 
@@ -362,7 +365,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #ifdef KST_CUDA
     /* GPU: the static tokens (sinks + the window ring) are attended there while the CPU
      * searches; the CPU then merges in the retrieved tokens' partials. */
-    if (L->gpu && L->built && L->n >= o->sinks + o->window && exact_lo == L->n - o->window) {
+    if (L->gpu && !c->gpu_off && L->built && L->n >= o->sinks + o->window && exact_lo == L->n - o->window) {
         rc = kst_kvgpu_partial_start(L->gpu, q, o->sinks + o->window, err);
         if (rc != KST_OK) return rc;
         on_gpu = 1;

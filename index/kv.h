@@ -78,6 +78,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
                    int64_t *pos, size_t *found, size_t *scanned, kst_error *err);
 
+/* Benchmarks: 0 makes kst_kvc_attend ignore the GPU (the CPU path), 1 restores it. */
+void kst_kvc_use_gpu(kst_kvc *c, int on);
+
 /* GPU memory held by the cache (static tokens; 0 without the GPU). */
 size_t kst_kvc_gpu_bytes(const kst_kvc *c);
 
