@@ -117,6 +117,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: bench_kv real DIR L H [ctx] [nq] | bench_kv synth N D [nq]\n");
         return 2;
     }
+    setvbuf(stdout, NULL, _IOLBF, 0);
     kst_error e;
     size_t n, d, nt, nprefill;
     float *K, *V, *Qtest, *Qpre;
