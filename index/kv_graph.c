@@ -134,6 +134,17 @@ static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float 
         if (s->rn >= ef && cv < s->rs[0]) break;
         const uint32_t *nb = g->adj + (size_t)c * g->M;
         size_t dg = g->deg[c];
+        /* Ask for the unvisited neighbours' key rows (and their edges, read if they join the
+         * beam) before scoring the first: on a cache larger than the CPU's caches the search is
+         * bound by these scattered reads, and issuing them together overlaps their latency. */
+        size_t rowb = d * (f16 ? 2 : 4);
+        for (size_t j = 0; j < dg; j++) {
+            uint32_t x = nb[j];
+            if (x >= limit || s->mark[x] == ep) continue;
+            const char *r = (const char *)krow(K, f16, x, d);
+            for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+            __builtin_prefetch(g->adj + (size_t)x * g->M);
+        }
         for (size_t j = 0; j < dg; j++) {
             uint32_t x = nb[j];
             if (x >= limit || s->mark[x] == ep) continue;

@@ -164,12 +164,14 @@ static void full_attn(double *out, const float *q, const uint16_t *K, const uint
 
 static int latency(const char *list) {
     const size_t D = 128, QH = 4, SINKS = 4, WINDOW = 512, TOPK = 100, NT = 100, NREF = 16;
-    size_t EF = getenv("KV_EF") ? (size_t)atol(getenv("KV_EF")) : 256;
+    /* KV_EFS: search efforts measured on each build (default "256") */
+    const char *efs = getenv("KV_EFS") ? getenv("KV_EFS") : "256";
+    size_t EF = (size_t)atol(efs);
     size_t NPRE = 8192; /* prefill positions whose queries build the index (x 4 heads) */
     printf("latency: one KV head with %zu query heads (a Llama-3-8B GQA group), head dim %zu, float16;"
-           " sinks %zu + window %zu on the GPU; top_k %zu, ef %zu; %d CPU threads\n",
-           QH, D, SINKS, WINDOW, TOPK, EF, omp_get_max_threads());
-    printf("%8s %9s %10s %10s %9s %9s %10s %10s %10s %10s\n", "tokens", "build_s", "gpu+cpu_ms",
+           " sinks %zu + window %zu on the GPU; top_k %zu, ef %s; %d CPU threads\n",
+           QH, D, SINKS, WINDOW, TOPK, efs, omp_get_max_threads());
+    printf("%8s %5s %9s %10s %10s %9s %9s %10s %10s %10s %10s\n", "tokens", "ef", "build_s", "gpu+cpu_ms",
            "cpu_ms", "recall", "scanned", "rel.err", "err_k1", "gpu_MB", "cache_MB");
     for (const char *p = list; *p;) {
         size_t N = strtoul(p, (char **)&p, 10);
@@ -218,11 +220,15 @@ static int latency(const char *list) {
         kst_kv_rows_f32(kx, K, 1, SINKS, nidx, D);
         if (kst_kvg_exact_topk(kx, 0, nidx, D, Qd, NREF * QH, TOPK, want, NULL, &e)) die("exact", &e);
         free(kx);
+        for (const char *ep = efs; *ep;) {
+        size_t ef = strtoul(ep, (char **)&ep, 10);
+        if (*ep == ',') ep++;
+        if (ef == 0) break;
         double rec = 0, scan = 0, err = 0, serr = 0;
         int64_t pos[TOPK];
         for (size_t i = 0; i < NREF; i++) {
             kst_kvc_stats st;
-            if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, 0, out, &st, &e)) die("attend", &e);
+            if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, ef, out, &st, &e)) die("attend", &e);
             scan += (double)st.scanned / st.indexed / QH;
             for (size_t h = 0; h < QH; h++) {
                 double num = 0, den = 0;
@@ -233,7 +239,7 @@ static int latency(const char *list) {
                 }
                 err += sqrt(num / den) / QH;
                 size_t found, sc;
-                if (kst_kvc_search(c, 0, h, Qd + (i * QH + h) * D, TOPK, 0, pos, &found, &sc, &e)) die("search", &e);
+                if (kst_kvc_search(c, 0, h, Qd + (i * QH + h) * D, TOPK, ef, pos, &found, &sc, &e)) die("search", &e);
                 size_t hit = 0;
                 for (size_t a = 0; a < TOPK; a++)
                     for (size_t b = 0; b < found; b++) hit += (uint64_t)pos[b] == want[(i * QH + h) * TOPK + a] + SINKS;
@@ -256,20 +262,21 @@ static int latency(const char *list) {
         for (int mode = 0; mode < 2; mode++) {
             kst_kvc_use_gpu(c, mode == 0);
             double *ts = malloc(NT * sizeof *ts);
-            for (size_t i = 0; i < 5; i++) kst_kvc_attend(c, 0, Qd, 0, 0, out, NULL, &e);
+            for (size_t i = 0; i < 5; i++) kst_kvc_attend(c, 0, Qd, 0, ef, out, NULL, &e);
             for (size_t i = 0; i < NT; i++) {
                 double a = now_s();
-                if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, 0, out, NULL, &e)) die("attend", &e);
+                if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, ef, out, NULL, &e)) die("attend", &e);
                 ts[i] = now_s() - a;
             }
             qsort(ts, NT, sizeof *ts, cmp_d);
             med[mode] = ts[NT / 2] * 1e3;
             free(ts);
         }
-        printf("%8zu %9.1f %10.3f %10.3f %9.3f %8.2f%% %10.2e %10.2e %10.2f %10.1f\n", N, build, med[0], med[1],
+        printf("%8zu %5zu %9.1f %10.3f %10.3f %9.3f %8.2f%% %10.2e %10.2e %10.2f %10.1f\n", N, ef, build, med[0], med[1],
                rec / NREF, 100 * scan / NREF, err / NREF, serr / NREF, kst_kvc_gpu_bytes(c) / 1048576.0,
                2.0 * N * D * 2 / 1048576.0);
         fflush(stdout);
+        }
         kst_kvc_free(c);
         free(cen); free(K); free(V); free(Q); free(out); free(ref); free(want);
     }
