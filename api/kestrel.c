@@ -11,6 +11,7 @@
 #include "core/ops.h"
 #include "encoders/encoder.h"
 #include "index/collection.h"
+#include "index/kv.h"
 #include "rank/engine.h"
 #include "rank/search.h"
 #include "rank/trec.h"
@@ -396,3 +397,93 @@ int kst_index_search_file(kst_index *x, const char *queries_path, const char *ru
     kst_run_writer_abort(&w);
     return rc;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* KV-cache retrieval (index/kv.h) */
+
+struct kst_kv {
+    kst_kvc *c;
+};
+
+kst_kv_opts kst_kv_opts_default(void) {
+    kst_kv_opts o;
+    memset(&o, 0, sizeof o);
+    o.dtype = KST_KV_F32;
+    o.sinks = 4;
+    o.window = 512;
+    o.top_k = 100;
+    o.ef = 256;
+    o.degree = 32;
+    o.build_top = 32;
+    o.entries = 32;
+    o.index = KST_KV_INDEX_ATTN;
+    return o;
+}
+
+int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
+    if (!out) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_create: out is NULL");
+    *out = NULL;
+    if (!opts) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_create: opts is NULL (sizes are required)");
+    if (opts->dtype != KST_KV_F32 && opts->dtype != KST_KV_F16)
+        return kst_fail(err, KST_ERR_INVALID, "kst_kv_create: dtype %d (expected KST_KV_F32 or KST_KV_F16)",
+                        (int)opts->dtype);
+    if (opts->index < KST_KV_INDEX_ATTN || opts->index > KST_KV_INDEX_NONE)
+        return kst_fail(err, KST_ERR_INVALID, "kst_kv_create: unknown index kind %d", (int)opts->index);
+    if (opts->num_threads > 0) kst_set_num_threads(opts->num_threads);
+    kst_kvc_opts o = {opts->layers, opts->kv_heads, opts->q_heads, opts->head_dim,
+                      opts->dtype == KST_KV_F16, opts->scale, opts->sinks, opts->window,
+                      opts->top_k, opts->ef, opts->degree, opts->build_top,
+                      opts->max_build_queries, opts->entries, 64, (kst_kvc_index)opts->index,
+                      opts->gpu};
+    kst_kv *kv = kst_calloc(1, sizeof *kv, "kv cache", err);
+    if (!kv) return KST_ERR_NOMEM;
+    int rc = kst_kvc_create(&o, &kv->c, err);
+    if (rc != KST_OK) {
+        kst_free(kv);
+        return rc;
+    }
+    *out = kv;
+    return KST_OK;
+}
+
+void kst_kv_free(kst_kv *kv) {
+    if (!kv) return;
+    kst_kvc_free(kv->c);
+    kst_free(kv);
+}
+
+int kst_kv_append(kst_kv *kv, size_t layer, const void *keys, const void *values, size_t n,
+                  kst_error *err) {
+    if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_append: kv is NULL");
+    return kst_kvc_append(kv->c, layer, keys, values, n, err);
+}
+
+int kst_kv_build(kst_kv *kv, size_t layer, const float *queries, size_t nq, kst_error *err) {
+    if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_build: kv is NULL");
+    return kst_kvc_build(kv->c, layer, queries, nq, err);
+}
+
+int kst_kv_attend(kst_kv *kv, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
+                  kst_kv_stats *stats, kst_error *err) {
+    if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_attend: kv is NULL");
+    kst_kvc_stats s;
+    int rc = kst_kvc_attend(kv->c, layer, q, top_k, ef, out, &s, err);
+    if (rc == KST_OK && stats) {
+        stats->tokens = s.tokens;
+        stats->exact = s.exact;
+        stats->indexed = s.indexed;
+        stats->retrieved = s.retrieved;
+        stats->scanned = s.scanned;
+    }
+    return rc;
+}
+
+int kst_kv_search(kst_kv *kv, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
+                  int64_t *pos, size_t *found, size_t *scanned, kst_error *err) {
+    if (!kv || !q || (!pos && k)) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_search: NULL argument");
+    return kst_kvc_search(kv->c, layer, q_head, q, k, ef, pos, found, scanned, err);
+}
+
+size_t kst_kv_tokens(const kst_kv *kv, size_t layer) { return kv ? kst_kvc_tokens(kv->c, layer) : 0; }
+size_t kst_kv_indexed(const kst_kv *kv, size_t layer) { return kv ? kst_kvc_indexed(kv->c, layer) : 0; }
+size_t kst_kv_gpu_bytes(const kst_kv *kv) { return kv ? kst_kvc_gpu_bytes(kv->c) : 0; }

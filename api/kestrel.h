@@ -228,6 +228,93 @@ int kst_index_search_file(kst_index *ix, const char *queries_path, const char *r
                           const char *tag, const kst_search_opts *opts, kst_progress_fn progress,
                           void *ctx, kst_error *err);
 
+/* ------------------------------------------------------------------------------------------ */
+/* KV-cache retrieval for long-context decoding (RetrievalAttention)
+ *
+ * A cache of one sequence's attention keys and values, per layer and KV head, for an inference
+ * engine to call at each decode step. The static tokens (the first `sinks` and the last
+ * `window`) are always attended to; the others sit behind a per-head graph index built from the
+ * prefill queries (attention-aware: keys retrieved by the same queries are linked, so a search
+ * by a query, which comes from a different projection than the keys, reaches its top keys
+ * after scoring a few percent of them). kst_kv_attend merges the attention over the static
+ * tokens and over each query head's top_k retrieved keys exactly (log-sum-exp), so with top_k
+ * at least the indexed tokens it is full attention.
+ *
+ * Usage: create; per layer append the prompt's keys/values and kst_kv_build with its queries;
+ * then per decode step and layer append the new token's key/value and kst_kv_attend its query.
+ * Tokens leaving the window are linked into the index as they go. Grouped-query attention:
+ * q_heads is a multiple of kv_heads, query head h reads KV head h / (q_heads / kv_heads).
+ * Threads: one call at a time per cache; inside a call heads are spread over OpenMP threads. */
+
+typedef struct kst_kv kst_kv;
+
+typedef enum kst_kv_dtype { KST_KV_F32 = 0, KST_KV_F16 = 1 } kst_kv_dtype;
+
+typedef enum kst_kv_index_kind {
+    KST_KV_INDEX_ATTN = 0, /* attention-aware graph from the prefill queries (default) */
+    KST_KV_INDEX_KEYS = 1, /* graph over the keys alone (HNSW bottom layer): the baseline */
+    KST_KV_INDEX_NONE = 2  /* no index: every token attended exactly (full attention) */
+} kst_kv_index_kind;
+
+typedef struct kst_kv_opts {
+    size_t layers, kv_heads, q_heads, head_dim; /* required (head_dim 4..512; 64-128 typical) */
+    kst_kv_dtype dtype;       /* keys and values as given to kst_kv_append (default F32) */
+    float scale;              /* score scale (default 0: 1/sqrt(head_dim)) */
+    size_t sinks;             /* first tokens always attended (default 4) */
+    size_t window;            /* last tokens always attended (default 512) */
+    size_t top_k;             /* keys retrieved per query head and step (default 100) */
+    size_t ef;                /* search effort: beam width, >= top_k (default 256) */
+    size_t degree;            /* graph out-degree (default 32) */
+    size_t build_top;         /* exact top keys linked per prefill query (default 32) */
+    size_t max_build_queries; /* prefill queries used per KV head (default 0: all) */
+    size_t entries;           /* search entry points (default 32) */
+    kst_kv_index_kind index;  /* default KST_KV_INDEX_ATTN */
+    int num_threads;          /* default 0: OpenMP's default */
+    int gpu;                  /* default 0; 1: keep the static tokens on the GPU and attend to
+                                 them there while the CPU searches (needs a `make CUDA=1` build
+                                 and a device, else kst_kv_create fails with KST_ERR_UNSUPPORTED);
+                                 the other tokens stay in CPU memory */
+} kst_kv_opts;
+
+/* The defaults above (sizes left 0 for the caller to set). */
+kst_kv_opts kst_kv_opts_default(void);
+
+/* Creates an empty cache. Fails with KST_ERR_INVALID naming the field on bad sizes. */
+int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err);
+/* NULL is a no-op. */
+void kst_kv_free(kst_kv *kv);
+
+/* Appends n tokens' keys and values, each (n, kv_heads, head_dim) in opts.dtype (float16 as
+ * IEEE half bits). Tokens leaving the window move into the index when the layer has one. */
+int kst_kv_append(kst_kv *kv, size_t layer, const void *keys, const void *values, size_t n,
+                  kst_error *err);
+/* Builds the layer's index over the tokens between the sinks and the window from the prefill
+ * queries (nq, q_heads, head_dim) float32 (NULL/0 allowed for KST_KV_INDEX_KEYS). */
+int kst_kv_build(kst_kv *kv, size_t layer, const float *queries, size_t nq, kst_error *err);
+
+typedef struct kst_kv_stats {
+    size_t tokens;    /* tokens cached in the layer */
+    size_t exact;     /* tokens attended exactly per query head (sinks, window, not yet indexed) */
+    size_t indexed;   /* tokens behind the index */
+    size_t retrieved; /* keys retrieved, summed over query heads */
+    size_t scanned;   /* keys scored by the index searches, summed over query heads */
+} kst_kv_stats;
+
+/* Decode step of one layer: q (q_heads, head_dim) float32 -> out (q_heads, head_dim), the
+ * attention over the static, not-yet-indexed and retrieved tokens. top_k and ef of 0 use the
+ * cache's. stats may be NULL. */
+int kst_kv_attend(kst_kv *kv, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
+                  kst_kv_stats *stats, kst_error *err);
+/* Retrieval alone for one query head: positions of up to k indexed tokens with the largest
+ * <q, key>, best first; *found and *scanned (may be NULL) get the counts. */
+int kst_kv_search(kst_kv *kv, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
+                  int64_t *pos, size_t *found, size_t *scanned, kst_error *err);
+/* Tokens cached in a layer, and how many of them are indexed. */
+size_t kst_kv_tokens(const kst_kv *kv, size_t layer);
+size_t kst_kv_indexed(const kst_kv *kv, size_t layer);
+/* GPU memory the cache holds, in bytes (0 unless opts.gpu). */
+size_t kst_kv_gpu_bytes(const kst_kv *kv);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,188 @@
+/* kv_attn.c - partial attention over a subset of cached keys and its log-sum-exp merge. */
+#include "kv_attn.h"
+
+#include <math.h>
+#include <string.h>
+
+float kst_half_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, x;
+    if (exp == 0) {
+        if (man == 0) {
+            x = sign;
+        } else { /* subnormal: renormalise */
+            int e = -1;
+            do {
+                e++;
+                man <<= 1;
+            } while (!(man & 0x400));
+            x = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        x = sign | 0x7f800000 | (man << 13);
+    } else {
+        x = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+uint16_t kst_f32_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, absx = x & 0x7fffffff;
+    if (absx >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (absx > 0x7f800000 ? 0x200 : 0));
+    if (absx >= 0x477ff000) return (uint16_t)(sign | 0x7c00);
+    if (absx < 0x38800000) {
+        if (absx < 0x33000000) return (uint16_t)sign;
+        uint32_t man = (absx & 0x7fffff) | 0x800000;
+        int shift = 126 - (int)(absx >> 23);
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = (absx >> 13) - (112u << 10), rem = absx & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* AVX2 + F16C + FMA: 8 lanes per step; float16 rows converted in registers (vcvtph2ps). */
+__attribute__((target("avx2,f16c,fma"))) static float dot_avx2(const float *q, const void *row,
+                                                                 int f16, size_t d) {
+    __m256 acc = _mm256_setzero_ps();
+    size_t i = 0;
+    if (f16) {
+        const uint16_t *r = row;
+        for (; i + 8 <= d; i += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i),
+                                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))), acc);
+    } else {
+        const float *r = row;
+        for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(r + i), acc);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    float s = _mm_cvtss_f32(h);
+    for (; i < d; i++)
+        s += q[i] * (f16 ? kst_half_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i]);
+    return s;
+}
+
+/* out (d) += w * row (d) */
+__attribute__((target("avx2,f16c,fma"))) static void axpy_avx2(float *out, float w, const void *row,
+                                                                 int f16, size_t d) {
+    __m256 wv = _mm256_set1_ps(w);
+    size_t i = 0;
+    if (f16) {
+        const uint16_t *r = row;
+        for (; i + 8 <= d; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))),
+                                                      _mm256_loadu_ps(out + i)));
+        for (; i < d; i++) out[i] += w * kst_half_to_f32(r[i]);
+    } else {
+        const float *r = row;
+        for (; i + 8 <= d; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(r + i), _mm256_loadu_ps(out + i)));
+        for (; i < d; i++) out[i] += w * r[i];
+    }
+}
+
+static int has_avx2(void) {
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+            __builtin_cpu_supports("f16c");
+    }
+    return v;
+}
+#define KST_KV_DOT_AVX2 1
+#endif
+
+float kst_kv_dot(const float *q, const void *row, int f16, size_t d) {
+#ifdef KST_KV_DOT_AVX2
+    if (has_avx2()) return dot_avx2(q, row, f16, d);
+#endif
+    float s = 0;
+    if (f16) {
+        const uint16_t *r = row;
+        for (size_t i = 0; i < d; i++) s += q[i] * kst_half_to_f32(r[i]);
+    } else {
+        const float *r = row;
+#pragma omp simd reduction(+ : s)
+        for (size_t i = 0; i < d; i++) s += q[i] * r[i];
+    }
+    return s;
+}
+
+void kst_kv_rows_f32(float *out, const void *src, int f16, size_t first, size_t n, size_t d) {
+    if (f16) {
+        const uint16_t *s = (const uint16_t *)src + first * d;
+        for (size_t i = 0; i < n * d; i++) out[i] = kst_half_to_f32(s[i]);
+    } else {
+        memcpy(out, (const float *)src + first * d, n * d * sizeof(float));
+    }
+}
+
+static const void *row_at(const void *base, int f16, size_t row, size_t d) {
+    return f16 ? (const void *)((const uint16_t *)base + row * d)
+               : (const void *)((const float *)base + row * d);
+}
+
+void kst_attn_partial(float *out, float *lse, float *scratch, const float *q, const void *K,
+                      const void *V, int f16, const int64_t *ids, size_t first, size_t n,
+                      size_t d, float scale) {
+    memset(out, 0, d * sizeof(float));
+    if (n == 0) {
+        *lse = -INFINITY;
+        return;
+    }
+    float mx = -INFINITY;
+    for (size_t j = 0; j < n; j++) {
+        size_t r = ids ? (size_t)ids[j] : first + j;
+        scratch[j] = scale * kst_kv_dot(q, row_at(K, f16, r, d), f16, d);
+        if (scratch[j] > mx) mx = scratch[j];
+    }
+    /* Sums in double: a partial may cover a million keys, and its lse feeds an exact merge. */
+    double sum = 0;
+    for (size_t j = 0; j < n; j++) {
+        float w = expf(scratch[j] - mx);
+        sum += w;
+        size_t r = ids ? (size_t)ids[j] : first + j;
+#ifdef KST_KV_DOT_AVX2
+        if (has_avx2()) {
+            axpy_avx2(out, w, row_at(V, f16, r, d), f16, d);
+            continue;
+        }
+#endif
+        if (f16) {
+            const uint16_t *v = (const uint16_t *)V + r * d;
+            for (size_t i = 0; i < d; i++) out[i] += w * kst_half_to_f32(v[i]);
+        } else {
+            const float *v = (const float *)V + r * d;
+#pragma omp simd
+            for (size_t i = 0; i < d; i++) out[i] += w * v[i];
+        }
+    }
+    float inv = (float)(1.0 / sum);
+    for (size_t i = 0; i < d; i++) out[i] *= inv;
+    *lse = mx + (float)log(sum);
+}
+
+void kst_attn_merge(float *o, float *lse, const float *o2, float lse2, size_t d) {
+    if (lse2 == -INFINITY) return;
+    if (*lse == -INFINITY) {
+        memcpy(o, o2, d * sizeof(float));
+        *lse = lse2;
+        return;
+    }
+    float m = *lse > lse2 ? *lse : lse2;
+    double a = exp((double)*lse - m), b = exp((double)lse2 - m), s = a + b;
+    float wa = (float)(a / s), wb = (float)(b / s);
+    for (size_t i = 0; i < d; i++) o[i] = wa * o[i] + wb * o2[i];
+    *lse = m + (float)log(s);
+}

@@ -1,0 +1,40 @@
+/* kv_attn.h - attention of one query over a subset of cached keys, as a partial result that
+ * merges exactly with others by log-sum-exp rescaling (the decode step of RetrievalAttention:
+ * static tokens and retrieved tokens are attended to separately, then merged).
+ *
+ * A partial over key set S is (o, lse) with
+ *   lse = log sum_{j in S} exp(s_j),  s_j = scale * <q, k_j>
+ *   o   = sum_{j in S} exp(s_j - lse) v_j
+ * and for disjoint S1, S2 the attention over S1 u S2 is
+ *   lse = logaddexp(lse1, lse2),  o = exp(lse1 - lse) o1 + exp(lse2 - lse) o2,
+ * exactly (FlashAttention's online softmax). An empty set has lse = -inf and o = 0, the merge's
+ * identity. Rows of K and V are float32 or IEEE float16 (uint16_t bits). */
+#ifndef KST_CORE_KV_ATTN_H
+#define KST_CORE_KV_ATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* IEEE half (bits) to float, exact (subnormals, inf and nan included). */
+float kst_half_to_f32(uint16_t h);
+/* float to IEEE half bits, round to nearest even (overflow to infinity). */
+uint16_t kst_f32_to_half(float f);
+
+/* <q, row> for a row of d float32 (f16 == 0) or float16 (f16 != 0) values. */
+float kst_kv_dot(const float *q, const void *row, int f16, size_t d);
+/* Copies n rows of d values (float32 or float16) starting at row `first` of src into out (n, d)
+ * float32. */
+void kst_kv_rows_f32(float *out, const void *src, int f16, size_t first, size_t n, size_t d);
+
+/* Partial attention of q (d) over n rows of K and V (each (*, d), float32 or float16): rows
+ * ids[0..n) when ids is not NULL, else rows first..first+n-1. Writes out (d) and *lse; scratch
+ * holds n floats. n == 0 gives out = 0, *lse = -INFINITY. Cannot fail. */
+void kst_attn_partial(float *out, float *lse, float *scratch, const float *q, const void *K,
+                      const void *V, int f16, const int64_t *ids, size_t first, size_t n,
+                      size_t d, float scale);
+
+/* Merges the partial (o2, lse2) into (o, *lse) in place (d values). Either may be empty
+ * (lse = -INFINITY). Cannot fail. */
+void kst_attn_merge(float *o, float *lse, const float *o2, float lse2, size_t d);
+
+#endif

@@ -1,0 +1,441 @@
+/* kv.c - the retrieval-attention KV cache: per-head key/value rows, graph index, decode step. */
+#include "kv.h"
+
+#include <math.h>
+#include <omp.h>
+#include <string.h>
+
+#include "core/check.h"
+#include "core/kv_attn.h"
+#include "core/mem.h"
+#include "index/kv_graph.h"
+#ifdef KST_CUDA
+#include "index/kv_cuda.h"
+#endif
+
+typedef struct kv_hstore {
+    void *K, *V;  /* (cap, d) in the cache's dtype */
+    kst_kvg g;    /* nodes = rows sinks .. sinks + g.n - 1 */
+} kv_hstore;
+
+typedef struct kv_layer {
+    size_t n, cap;
+    int built;
+    kv_hstore *heads; /* (kv_heads) */
+#ifdef KST_CUDA
+    kst_kvgpu *gpu;  /* static tokens: slot p for sink p, a ring of `window` slots after */
+#endif
+} kv_layer;
+
+/* One thread's scratch for the decode step. */
+typedef struct kv_thread {
+    kst_kvg_scratch s;
+    float *buf; size_t buf_cap; /* scores of a partial */
+    uint32_t *ids; int64_t *rows; float *o2; size_t ids_cap;
+} kv_thread;
+
+struct kst_kvc {
+    kst_kvc_opts o;
+    size_t esize; /* bytes per stored value */
+    kv_layer *layers;
+    kv_thread *th;
+    int nth;
+    float *lse_buf; /* (q_heads) each head's lse after the CPU part of a decode step */
+    int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
+};
+
+void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
+
+/* ------------------------------------------------------------------------------------------ */
+
+int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
+    *out = NULL;
+    kst_kvc_opts o = *opts;
+    if (o.layers == 0 || o.layers > 4096)
+        return kst_fail(err, KST_ERR_INVALID, "kv cache: layers = %zu (expected 1..4096)", o.layers);
+    if (o.kv_heads == 0 || o.q_heads == 0 || o.q_heads % o.kv_heads != 0)
+        return kst_fail(err, KST_ERR_INVALID,
+                        "kv cache: q_heads = %zu is not a positive multiple of kv_heads = %zu",
+                        o.q_heads, o.kv_heads);
+    if (o.head_dim < 4 || o.head_dim > 512)
+        return kst_fail(err, KST_ERR_INVALID, "kv cache: head_dim = %zu (expected 4..512)", o.head_dim);
+    if (o.index > KST_KVC_INDEX_NONE)
+        return kst_fail(err, KST_ERR_INVALID, "kv cache: unknown index kind %d", (int)o.index);
+    if (o.degree < 4 || o.degree > 1024)
+        return kst_fail(err, KST_ERR_INVALID, "kv cache: degree = %zu (expected 4..1024)", o.degree);
+    if (o.scale == 0) o.scale = 1.0f / sqrtf((float)o.head_dim);
+    if (!(o.scale > 0) || !isfinite(o.scale))
+        return kst_fail(err, KST_ERR_INVALID, "kv cache: scale must be positive and finite");
+    if (o.build_top < 2) o.build_top = 2;
+#ifdef KST_CUDA
+    if (o.gpu && kst_kv_cuda_devices() == 0)
+        return kst_fail(err, KST_ERR_UNSUPPORTED, "kv cache: gpu requested but no CUDA device is visible");
+#else
+    if (o.gpu)
+        return kst_fail(err, KST_ERR_UNSUPPORTED,
+                        "kv cache: gpu requested but Kestrel was built without CUDA (make CUDA=1)");
+#endif
+    kst_kvc *c = kst_calloc(1, sizeof *c, "kv cache", err);
+    if (!c) return KST_ERR_NOMEM;
+    c->o = o;
+    c->esize = o.f16 ? 2 : 4;
+    c->nth = omp_get_max_threads();
+    c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);
+    c->th = kst_calloc((size_t)c->nth, sizeof *c->th, "kv cache threads", err);
+    c->lse_buf = kst_calloc(o.q_heads, sizeof(float), "kv cache lse", err);
+    if (!c->layers || !c->th || !c->lse_buf) goto fail;
+    for (size_t l = 0; l < o.layers; l++) {
+        c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
+        if (!c->layers[l].heads) goto fail;
+        for (size_t h = 0; h < o.kv_heads; h++)
+            kst_kvg_init(&c->layers[l].heads[h].g, o.degree, o.entries, o.efc, NULL);
+#ifdef KST_CUDA
+        if (o.gpu && kst_kvgpu_create(o.q_heads, o.kv_heads, o.head_dim, o.sinks + o.window, o.f16,
+                                       o.scale, &c->layers[l].gpu, err) != KST_OK) {
+            kst_kvc_free(c);
+            return KST_ERR_INTERNAL;
+        }
+#endif
+    }
+    *out = c;
+    return KST_OK;
+fail:
+    kst_kvc_free(c);
+    return KST_ERR_NOMEM;
+}
+
+void kst_kvc_free(kst_kvc *c) {
+    if (!c) return;
+    if (c->layers) {
+        for (size_t l = 0; l < c->o.layers; l++) {
+            kv_layer *L = &c->layers[l];
+            if (!L->heads) continue;
+            for (size_t h = 0; h < c->o.kv_heads; h++) {
+                kst_free(L->heads[h].K);
+                kst_free(L->heads[h].V);
+                kst_kvg_free(&L->heads[h].g);
+            }
+            kst_free(L->heads);
+#ifdef KST_CUDA
+            kst_kvgpu_free(L->gpu);
+#endif
+        }
+        kst_free(c->layers);
+    }
+    if (c->th) {
+        for (int t = 0; t < c->nth; t++) {
+            kst_kvg_scratch_free(&c->th[t].s);
+            kst_free(c->th[t].buf);
+            kst_free(c->th[t].ids);
+            kst_free(c->th[t].rows);
+            kst_free(c->th[t].o2);
+        }
+        kst_free(c->th);
+    }
+    kst_free(c->lse_buf);
+    kst_free(c);
+}
+
+size_t kst_kvc_gpu_bytes(const kst_kvc *c) {
+    size_t b = 0;
+#ifdef KST_CUDA
+    for (size_t l = 0; c && l < c->o.layers; l++) b += kst_kvgpu_bytes(c->layers[l].gpu);
+#else
+    (void)c;
+#endif
+    return b;
+}
+
+const kst_kvc_opts *kst_kvc_opts_of(const kst_kvc *c) { return &c->o; }
+size_t kst_kvc_tokens(const kst_kvc *c, size_t layer) {
+    return layer < c->o.layers ? c->layers[layer].n : 0;
+}
+size_t kst_kvc_indexed(const kst_kvc *c, size_t layer) {
+    return layer < c->o.layers && c->layers[layer].built ? c->layers[layer].heads[0].g.n : 0;
+}
+const void *kst_kvc_keys(const kst_kvc *c, size_t layer, size_t kvh) {
+    return layer < c->o.layers && kvh < c->o.kv_heads ? c->layers[layer].heads[kvh].K : NULL;
+}
+const void *kst_kvc_values(const kst_kvc *c, size_t layer, size_t kvh) {
+    return layer < c->o.layers && kvh < c->o.kv_heads ? c->layers[layer].heads[kvh].V : NULL;
+}
+
+static int check_layer(const kst_kvc *c, size_t layer, const char *fn, kst_error *err) {
+    if (!c) return kst_fail(err, KST_ERR_MISUSE, "%s: cache is NULL", fn);
+    if (layer >= c->o.layers)
+        return kst_fail(err, KST_ERR_INVALID, "%s: layer %zu of a %zu-layer cache", fn, layer,
+                        c->o.layers);
+    return KST_OK;
+}
+
+/* Rows of one head start here (row 0 = position 0). */
+static const void *rows_at(const kst_kvc *c, const void *base, size_t row) {
+    return (const char *)base + row * c->o.head_dim * c->esize;
+}
+
+/* Links tokens that left the window into each head's index. */
+static int index_leavers(kst_kvc *c, kv_layer *L, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    if (!L->built || L->n < o->sinks + o->window) return KST_OK;
+    size_t target = L->n - o->window - o->sinks; /* indexed nodes wanted */
+    int rc = KST_OK;
+#pragma omp parallel for schedule(dynamic) if (o->kv_heads > 1)
+    for (size_t h = 0; h < o->kv_heads; h++) {
+        kv_hstore *H = &L->heads[h];
+        kst_kvg_scratch *s = &c->th[omp_get_thread_num()].s;
+        kst_error e2;
+        while (H->g.n < target) {
+            int r = kst_kvg_insert(&H->g, rows_at(c, H->K, o->sinks), o->f16, o->head_dim, s, &e2);
+            if (r != KST_OK) {
+#pragma omp critical(kv_err)
+                {
+                    if (rc == KST_OK) {
+                        rc = r;
+                        if (err) *err = e2;
+                    }
+                }
+                break;
+            }
+        }
+    }
+    return rc;
+}
+
+int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *values, size_t n,
+                   kst_error *err) {
+    int rc = check_layer(c, layer, "kst_kv_append", err);
+    if (rc != KST_OK) return rc;
+    if (n == 0) return KST_OK;
+    if (!keys || !values) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_append: keys or values is NULL");
+    kv_layer *L = &c->layers[layer];
+    const kst_kvc_opts *o = &c->o;
+    if (L->n + n > UINT32_MAX - 1)
+        return kst_fail(err, KST_ERR_INVALID, "kst_kv_append: layer %zu would hold more than 2^32 tokens", layer);
+    size_t rowb = o->head_dim * c->esize;
+    if (L->n + n > L->cap) {
+        size_t cap = L->cap ? L->cap : 256;
+        while (cap < L->n + n) cap *= 2;
+        for (size_t h = 0; h < o->kv_heads; h++) {
+            KST_TRY(kst_realloc(&L->heads[h].K, cap, rowb, "cached keys", err));
+            KST_TRY(kst_realloc(&L->heads[h].V, cap, rowb, "cached values", err));
+        }
+        L->cap = cap;
+    }
+    /* (n, kv_heads, d) -> per head (n, d) */
+    for (size_t t = 0; t < n; t++)
+        for (size_t h = 0; h < o->kv_heads; h++) {
+            size_t src = (t * o->kv_heads + h) * rowb;
+            memcpy((char *)L->heads[h].K + (L->n + t) * rowb, (const char *)keys + src, rowb);
+            memcpy((char *)L->heads[h].V + (L->n + t) * rowb, (const char *)values + src, rowb);
+        }
+#ifdef KST_CUDA
+    if (L->gpu) {
+        /* sinks to their slots; of the rest only the last `window` tokens matter (ring) */
+        size_t n0 = L->n, n1 = L->n + n, tokb = o->kv_heads * rowb;
+        for (size_t p = n0; p < n1 && p < o->sinks; p++)
+            KST_TRY(kst_kvgpu_put(L->gpu, p, (const char *)keys + (p - n0) * tokb,
+                                   (const char *)values + (p - n0) * tokb, 1, err));
+        size_t lo = n0 > o->sinks ? n0 : o->sinks;
+        if (o->window && n1 > o->window + lo) lo = n1 - o->window;
+        for (size_t p = lo; p < n1 && o->window;) {
+            size_t slot = (p - o->sinks) % o->window, run = o->window - slot;
+            if (run > n1 - p) run = n1 - p;
+            KST_TRY(kst_kvgpu_put(L->gpu, o->sinks + slot, (const char *)keys + (p - n0) * tokb,
+                                   (const char *)values + (p - n0) * tokb, run, err));
+            p += run;
+        }
+    }
+#endif
+    L->n += n;
+    rc = index_leavers(c, L, err);
+done:
+    return rc;
+}
+
+int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst_error *err) {
+    int rc = check_layer(c, layer, "kst_kv_build", err);
+    if (rc != KST_OK) return rc;
+    const kst_kvc_opts *o = &c->o;
+    if (nq && !queries) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_build: queries is NULL");
+    kv_layer *L = &c->layers[layer];
+    if (o->index == KST_KVC_INDEX_NONE) return KST_OK;
+    if (o->index == KST_KVC_INDEX_ATTN && nq == 0)
+        return kst_fail(err, KST_ERR_INVALID,
+                        "kst_kv_build: the attention-aware index needs the prefill queries (nq = 0)");
+    size_t n = L->n > o->sinks + o->window ? L->n - o->sinks - o->window : 0;
+    size_t G = o->q_heads / o->kv_heads, d = o->head_dim;
+    size_t per = nq * G; /* a KV head's queries: all of its group's heads */
+    size_t use = o->max_build_queries && o->max_build_queries < per ? o->max_build_queries : per;
+    float *Q = NULL;
+    if (o->index == KST_KVC_INDEX_ATTN) {
+        Q = kst_malloc(use ? use : 1, d * sizeof(float), "prefill queries", err);
+        if (!Q) return KST_ERR_NOMEM;
+    }
+    for (size_t h = 0; h < o->kv_heads; h++) kst_kvg_free(&L->heads[h].g);
+    L->built = 0;
+    for (size_t h = 0; h < o->kv_heads && rc == KST_OK; h++) {
+        kv_hstore *H = &L->heads[h];
+        kst_kvg_init(&H->g, o->degree, o->entries, o->efc, NULL);
+        const void *K = rows_at(c, H->K, o->sinks);
+        if (o->index == KST_KVC_INDEX_ATTN) {
+            /* Evenly spaced rows of the group's (nq * G) queries. */
+            for (size_t i = 0; i < use; i++) {
+                size_t r = i * per / use, t = r / G, g = r % G;
+                memcpy(Q + i * d, queries + (t * o->q_heads + h * G + g) * d, d * sizeof(float));
+            }
+            rc = kst_kvg_build_attn(&H->g, K, o->f16, n, d, Q, use, o->build_top, err);
+        } else {
+            rc = kst_kvg_build_keys(&H->g, K, o->f16, n, d, err);
+        }
+    }
+    kst_free(Q);
+    if (rc != KST_OK) {
+        for (size_t h = 0; h < o->kv_heads; h++) {
+            kst_kvg_free(&L->heads[h].g);
+            kst_kvg_init(&L->heads[h].g, o->degree, o->entries, o->efc, NULL);
+        }
+        return kst_error_prefix(err, "kst_kv_build: layer %zu", layer);
+    }
+    L->built = 1;
+    return index_leavers(c, L, err);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* decode step */
+
+static int thread_reserve(kv_thread *t, size_t nscore, size_t k, size_t d, kst_error *err) {
+    int rc = KST_OK;
+    if (t->buf_cap < nscore) {
+        KST_TRY(kst_realloc((void **)&t->buf, nscore, sizeof(float), "attention scores", err));
+        t->buf_cap = nscore;
+    }
+    if (t->ids_cap < k || !t->o2) {
+        size_t cap = k > 1 ? k : 1;
+        KST_TRY(kst_realloc((void **)&t->ids, cap, sizeof(uint32_t), "retrieved ids", err));
+        KST_TRY(kst_realloc((void **)&t->rows, cap, sizeof(int64_t), "retrieved rows", err));
+        KST_TRY(kst_realloc((void **)&t->o2, 512, sizeof(float), "partial output", err));
+        t->ids_cap = cap;
+    }
+done:
+    return rc;
+}
+
+int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
+                   int64_t *pos, size_t *found, size_t *scanned, kst_error *err) {
+    int rc = check_layer(c, layer, "kst_kv_search", err);
+    if (rc != KST_OK) return rc;
+    const kst_kvc_opts *o = &c->o;
+    if (q_head >= o->q_heads)
+        return kst_fail(err, KST_ERR_INVALID, "kst_kv_search: query head %zu of %zu", q_head, o->q_heads);
+    kv_layer *L = &c->layers[layer];
+    kv_hstore *H = &L->heads[q_head / (o->q_heads / o->kv_heads)];
+    kv_thread *t = &c->th[omp_get_thread_num()];
+    if (found) *found = 0;
+    if (scanned) *scanned = 0;
+    if (!L->built || k == 0) return KST_OK;
+    KST_TRY(thread_reserve(t, 1, k, o->head_dim, err));
+    size_t m = kst_kvg_search(&H->g, rows_at(c, H->K, o->sinks), o->f16, o->head_dim, q, k,
+                              ef ? ef : o->ef, &t->s, t->ids, NULL, &rc);
+    if (rc != KST_OK) return kst_fail(err, rc, "kst_kv_search: out of memory");
+    for (size_t i = 0; i < m; i++) pos[i] = (int64_t)(o->sinks + t->ids[i]);
+    if (found) *found = m;
+    if (scanned) *scanned = t->s.scanned;
+done:
+    return rc;
+}
+
+int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
+                   kst_kvc_stats *stats, kst_error *err) {
+    int rc = check_layer(c, layer, "kst_kv_attend", err);
+    if (rc != KST_OK) return rc;
+    if (!q || !out) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_attend: q or out is NULL");
+    const kst_kvc_opts *o = &c->o;
+    kv_layer *L = &c->layers[layer];
+    size_t d = o->head_dim, G = o->q_heads / o->kv_heads;
+    size_t k = top_k ? top_k : o->top_k;
+    if (!ef) ef = o->ef;
+    size_t nidx = L->built ? L->heads[0].g.n : 0;
+    size_t sink_end = L->n < o->sinks ? L->n : o->sinks;
+    size_t exact_lo = o->sinks + nidx < L->n ? o->sinks + nidx : L->n;
+    if (exact_lo < sink_end) exact_lo = sink_end;
+    if (k > nidx) k = nidx;
+    if (d > 512) return kst_fail(err, KST_ERR_INTERNAL, "kst_kv_attend: head_dim > 512");
+    size_t scanned = 0, retrieved = 0;
+    int on_gpu = 0;
+#ifdef KST_CUDA
+    /* GPU: the static tokens (sinks + the window ring) are attended there while the CPU
+     * searches; the CPU then merges in the retrieved tokens' partials. */
+    if (L->gpu && !c->gpu_off && L->built && L->n >= o->sinks + o->window && exact_lo == L->n - o->window) {
+        rc = kst_kvgpu_partial_start(L->gpu, q, o->sinks + o->window, err);
+        if (rc != KST_OK) return rc;
+        on_gpu = 1;
+    }
+#endif
+#pragma omp parallel for schedule(dynamic) reduction(+ : scanned, retrieved) if (o->q_heads > 1)
+    for (size_t h = 0; h < o->q_heads; h++) {
+        kv_thread *t = &c->th[omp_get_thread_num()];
+        size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
+        if (need < k) need = k;
+        kst_error e2;
+        int r = thread_reserve(t, need + 1, k, d, &e2);
+        const kv_hstore *H = &L->heads[h / G];
+        const float *qh = q + h * d;
+        float *oh = out + h * d, lse, lse2;
+        if (r == KST_OK) {
+            /* sinks, then the exact tail (window and tokens not yet indexed), then retrieved */
+            if (on_gpu) {
+                memset(oh, 0, d * sizeof(float));
+                lse = -INFINITY;
+            } else {
+                kst_attn_partial(oh, &lse, t->buf, qh, H->K, H->V, o->f16, NULL, 0, sink_end, d, o->scale);
+                kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, NULL, exact_lo,
+                                 L->n - exact_lo, d, o->scale);
+                kst_attn_merge(oh, &lse, t->o2, lse2, d);
+            }
+            if (k > 0) {
+                size_t m = kst_kvg_search(&H->g, rows_at(c, H->K, o->sinks), o->f16, d, qh, k, ef,
+                                          &t->s, t->ids, NULL, &r);
+                for (size_t i = 0; i < m; i++) t->rows[i] = (int64_t)(o->sinks + t->ids[i]);
+                kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, t->rows, 0, m, d,
+                                 o->scale);
+                kst_attn_merge(oh, &lse, t->o2, lse2, d);
+                scanned += t->s.scanned;
+                retrieved += m;
+            }
+            c->lse_buf[h] = lse;
+        }
+        if (r != KST_OK) {
+#pragma omp critical(kv_err)
+            {
+                if (rc == KST_OK) {
+                    rc = r;
+                    if (err) *err = e2;
+                }
+            }
+        }
+    }
+#ifdef KST_CUDA
+    if (on_gpu) {
+        /* out holds the CPU partials (retrieved tokens), lse_buf their lse: merge the GPU's. */
+        float *go = kst_malloc(o->q_heads * (d + 1), sizeof(float), "gpu partials", err);
+        int r2 = go ? kst_kvgpu_partial_wait(L->gpu, go, go + o->q_heads * d, err) : KST_ERR_NOMEM;
+        if (r2 == KST_OK && rc == KST_OK)
+            for (size_t h = 0; h < o->q_heads; h++) {
+                float l1 = c->lse_buf[h];
+                kst_attn_merge(go + h * d, go + o->q_heads * d + h, out + h * d, l1, d);
+                memcpy(out + h * d, go + h * d, d * sizeof(float));
+            }
+        kst_free(go);
+        if (rc == KST_OK) rc = r2;
+    }
+#endif
+    if (rc != KST_OK) return rc;
+    if (stats) {
+        stats->tokens = L->n;
+        stats->exact = sink_end + (L->n - exact_lo);
+        stats->indexed = nidx;
+        stats->retrieved = retrieved;
+        stats->scanned = scanned;
+    }
+    return KST_OK;
+}

@@ -1,0 +1,92 @@
+/* kv.h - a KV cache with retrieval attention (RetrievalAttention): per layer and KV head, the
+ * keys and values of every token; the static tokens (the first `sinks` and the last `window`)
+ * are always attended to, the rest sit behind a per-head graph index (index/kv_graph.h) that the
+ * decode step searches for each query head's top-k keys. The two partial attentions are merged
+ * exactly (core/kv_attn.h), so with top_k >= the indexed tokens the result is full attention.
+ *
+ * Token states, by position p of n cached tokens in a layer:
+ *   p < sinks                       static (sink)
+ *   sinks <= p < sinks + indexed    in the index (after kst_kvc_build)
+ *   sinks + indexed <= p < n        attended exactly: the recent window, and before any build
+ *                                   every non-sink token
+ * Appends after a build move tokens leaving the window into the index one by one.
+ *
+ * Grouped-query attention: q_heads is a multiple of kv_heads; query head h reads KV head
+ * h / (q_heads / kv_heads). Threads: one call at a time per cache (a cache belongs to one
+ * sequence); inside a call heads are spread over OpenMP threads. This is the implementation
+ * behind kestrel.h's kst_kv_*. */
+#ifndef KST_INDEX_KV_H
+#define KST_INDEX_KV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/error.h"
+
+typedef enum { KST_KVC_INDEX_ATTN = 0, KST_KVC_INDEX_KEYS = 1, KST_KVC_INDEX_NONE = 2 } kst_kvc_index;
+
+typedef struct kst_kvc_opts {
+    size_t layers, kv_heads, q_heads, head_dim;
+    int f16;                  /* keys and values stored as IEEE float16 (else float32) */
+    float scale;              /* score scale; 0: 1 / sqrt(head_dim) */
+    size_t sinks, window;     /* static tokens */
+    size_t top_k, ef;         /* retrieved keys per query head, search beam */
+    size_t degree;            /* graph out-degree */
+    size_t build_top;         /* exact top keys linked per prefill query */
+    size_t max_build_queries; /* prefill queries used per KV head (0: all; else evenly spaced) */
+    size_t entries;           /* search entry points */
+    size_t efc;               /* beam when linking keys in */
+    kst_kvc_index index;
+    int gpu;                  /* static tokens on the GPU (CUDA=1 builds with a device) */
+} kst_kvc_opts;
+
+typedef struct kst_kvc kst_kvc;
+
+typedef struct kst_kvc_stats {
+    size_t tokens;    /* cached tokens in the layer */
+    size_t exact;     /* tokens attended exactly per query head (sinks, window, not yet indexed) */
+    size_t indexed;   /* tokens behind the index */
+    size_t retrieved; /* keys retrieved, summed over query heads */
+    size_t scanned;   /* keys scored by the searches, summed over query heads */
+} kst_kvc_stats;
+
+/* Validates opts (sizes, GQA divisibility) and creates an empty cache. */
+int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err);
+void kst_kvc_free(kst_kvc *c);
+const kst_kvc_opts *kst_kvc_opts_of(const kst_kvc *c);
+size_t kst_kvc_tokens(const kst_kvc *c, size_t layer);
+size_t kst_kvc_indexed(const kst_kvc *c, size_t layer);
+
+/* Appends n tokens to a layer: keys and values (n, kv_heads, head_dim) in the cache's dtype.
+ * When the layer is indexed, tokens leaving the window are linked into the index. On failure
+ * the layer is unchanged (tokens linked before the failure stay indexed). */
+int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *values, size_t n,
+                   kst_error *err);
+
+/* Builds the layer's index over the tokens between the sinks and the window from prefill
+ * queries (nq, q_heads, head_dim) float32 (queries may be NULL with nq 0 for the key-only
+ * index). Replaces an earlier index. */
+int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst_error *err);
+
+/* Decode step: q (q_heads, head_dim) float32 -> out (q_heads, head_dim). top_k and ef of 0 use
+ * the cache's. stats may be NULL. */
+int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
+                   kst_kvc_stats *stats, kst_error *err);
+
+/* Retrieval alone, for one query head: positions (up to k, best first) of the indexed tokens
+ * with the largest <q, k>; *found and *scanned (may be NULL) get the counts. */
+int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
+                   int64_t *pos, size_t *found, size_t *scanned, kst_error *err);
+
+/* Benchmarks: 0 makes kst_kvc_attend ignore the GPU (the CPU path), 1 restores it. */
+void kst_kvc_use_gpu(kst_kvc *c, int on);
+
+/* GPU memory held by the cache (static tokens; 0 without the GPU). */
+size_t kst_kvc_gpu_bytes(const kst_kvc *c);
+
+/* Keys and values of one KV head ((tokens, head_dim) rows in the cache's dtype), valid until the
+ * next append; for GPU mirrors and benchmarks. */
+const void *kst_kvc_keys(const kst_kvc *c, size_t layer, size_t kv_head);
+const void *kst_kvc_values(const kst_kvc *c, size_t layer, size_t kv_head);
+
+#endif

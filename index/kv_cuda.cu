@@ -1,0 +1,334 @@
+// kv_cuda.cu - GPU side of the retrieval-attention KV cache: static-token partial attention and
+// the exact top-k for index construction (see kv_cuda.h).
+#include "index/kv_cuda.h"
+
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "core/check.h"
+}
+
+#define CU(call, what)                                                                        \
+    do {                                                                                      \
+        cudaError_t e_ = (call);                                                              \
+        if (e_ != cudaSuccess) {                                                              \
+            rc = kst_fail(err, KST_ERR_INTERNAL, "%s: %s (%s)", what, cudaGetErrorString(e_), \
+                          #call);                                                             \
+            goto done;                                                                        \
+        }                                                                                     \
+    } while (0)
+
+extern "C" int kst_kv_cuda_devices(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError(); // clear the sticky "no device" error
+        return 0;
+    }
+    return n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// static-token partial attention
+
+struct kst_kvgpu {
+    size_t qh, kvh, d, cap;
+    int f16;
+    float scale;
+    void *K, *V;        // (cap, kvh, d)
+    float *q, *o, *lse; // device (qh, d), (qh, d), (qh)
+    float *hq, *ho;     // pinned host: q (qh, d); o (qh, d) then lse (qh)
+    cudaStream_t st;
+    cudaEvent_t done;
+};
+
+static __device__ __forceinline__ float ld(const float *p) { return *p; }
+static __device__ __forceinline__ float ld(const __half *p) { return __half2float(*p); }
+
+// One block per query head; 8 warps. Chunks of CH tokens: a warp scores a token (lanes split
+// the head dims, so key rows are read coalesced), then online softmax: running max m, sum l and
+// output o (threads t < d own o[t]).
+template <typename T>
+__global__ void partial_kernel(const T *K, const T *V, const float *q, float *o, float *lse,
+                               int n, int kvh, int G, int d, float scale) {
+    const int CH = 1024;
+    __shared__ float s[CH];
+    __shared__ float qs[512];
+    __shared__ float red[32];
+    int h = blockIdx.x, kh = h / G, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int nw = blockDim.x >> 5;
+    for (int i = tid; i < d; i += blockDim.x) qs[i] = q[h * d + i];
+    __syncthreads();
+    float m = -INFINITY, l = 0.0f, acc[2] = {0.0f, 0.0f}; // threads own dims tid, tid + blockDim
+    for (int c0 = 0; c0 < n; c0 += CH) {
+        int cn = min(CH, n - c0);
+        for (int j = warp; j < cn; j += nw) {
+            const T *kr = K + ((size_t)(c0 + j) * kvh + kh) * d;
+            float a = 0.0f;
+            for (int i = lane; i < d; i += 32) a += qs[i] * ld(kr + i);
+            for (int off = 16; off; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+            if (lane == 0) s[j] = a * scale;
+        }
+        __syncthreads();
+        float mx = -INFINITY;
+        for (int j = tid; j < cn; j += blockDim.x) mx = fmaxf(mx, s[j]);
+        for (int off = 16; off; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        if (lane == 0) red[warp] = mx;
+        __syncthreads();
+        mx = red[0];
+        for (int w = 1; w < nw; w++) mx = fmaxf(mx, red[w]);
+        float mn = fmaxf(m, mx), corr = expf(m - mn);
+        __syncthreads(); // red is reused below
+        float ls = 0.0f;
+        for (int j = tid; j < cn; j += blockDim.x) {
+            float p = expf(s[j] - mn);
+            s[j] = p;
+            ls += p;
+        }
+        for (int off = 16; off; off >>= 1) ls += __shfl_xor_sync(0xffffffffu, ls, off);
+        if (lane == 0) red[warp] = ls;
+        __syncthreads();
+        float csum = 0.0f;
+        for (int w = 0; w < nw; w++) csum += red[w];
+        l = l * corr + csum;
+        for (int r = 0; r < 2; r++) {
+            int t = tid + r * blockDim.x;
+            if (t >= d) continue;
+            float a = acc[r] * corr;
+            for (int j = 0; j < cn; j++) a += s[j] * ld(V + ((size_t)(c0 + j) * kvh + kh) * d + t);
+            acc[r] = a;
+        }
+        m = mn;
+        __syncthreads();
+    }
+    for (int r = 0; r < 2; r++) {
+        int t = tid + r * blockDim.x;
+        if (t < d) o[h * d + t] = n > 0 ? acc[r] / l : 0.0f;
+    }
+    if (tid == 0) lse[h] = n > 0 ? m + logf(l) : -INFINITY;
+}
+
+extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_t cap, int f16,
+                                 float scale, kst_kvgpu **out, kst_error *err) {
+    int rc = KST_OK;
+    *out = NULL;
+    if (d > 512 || q_heads % kv_heads)
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu: head_dim %zu > 512 or q_heads %% kv_heads", d);
+    kst_kvgpu *g = (kst_kvgpu *)calloc(1, sizeof *g);
+    if (!g) return kst_fail(err, KST_ERR_NOMEM, "kv gpu: out of memory");
+    g->qh = q_heads;
+    g->kvh = kv_heads;
+    g->d = d;
+    g->cap = cap ? cap : 1;
+    g->f16 = f16;
+    g->scale = scale;
+    size_t es = f16 ? 2 : 4, bytes = g->cap * kv_heads * d * es;
+    CU(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "kv gpu stream");
+    CU(cudaEventCreateWithFlags(&g->done, cudaEventDisableTiming), "kv gpu event");
+    CU(cudaMalloc(&g->K, bytes), "kv gpu static keys");
+    CU(cudaMalloc(&g->V, bytes), "kv gpu static values");
+    CU(cudaMalloc((void **)&g->q, q_heads * d * sizeof(float)), "kv gpu query");
+    CU(cudaMalloc((void **)&g->o, (q_heads * d + q_heads) * sizeof(float)), "kv gpu output");
+    g->lse = g->o + q_heads * d;
+    CU(cudaMallocHost((void **)&g->hq, q_heads * d * sizeof(float)), "kv gpu pinned query");
+    CU(cudaMallocHost((void **)&g->ho, (q_heads * d + q_heads) * sizeof(float)), "kv gpu pinned output");
+    *out = g;
+    return KST_OK;
+done:
+    kst_kvgpu_free(g);
+    return rc;
+}
+
+extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
+    if (!g) return;
+    if (g->st) cudaStreamSynchronize(g->st);
+    cudaFree(g->K);
+    cudaFree(g->V);
+    cudaFree(g->q);
+    cudaFree(g->o);
+    cudaFreeHost(g->hq);
+    cudaFreeHost(g->ho);
+    if (g->done) cudaEventDestroy(g->done);
+    if (g->st) cudaStreamDestroy(g->st);
+    free(g);
+}
+
+extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
+    if (!g) return 0;
+    size_t es = g->f16 ? 2 : 4;
+    return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh) * sizeof(float);
+}
+
+extern "C" int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const void *V, size_t n,
+                              kst_error *err) {
+    int rc = KST_OK;
+    if (slot + n > g->cap)
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu: slots %zu..%zu past %zu", slot, slot + n, g->cap);
+    size_t row = g->kvh * g->d * (g->f16 ? 2 : 4);
+    CU(cudaMemcpyAsync((char *)g->K + slot * row, K, n * row, cudaMemcpyHostToDevice, g->st), "kv gpu keys upload");
+    CU(cudaMemcpyAsync((char *)g->V + slot * row, V, n * row, cudaMemcpyHostToDevice, g->st), "kv gpu values upload");
+    CU(cudaStreamSynchronize(g->st), "kv gpu upload");
+done:
+    return rc;
+}
+
+extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t n, kst_error *err) {
+    int rc = KST_OK;
+    if (n > g->cap) return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu static tokens > %zu slots", n, g->cap);
+    memcpy(g->hq, q, g->qh * g->d * sizeof(float));
+    CU(cudaMemcpyAsync(g->q, g->hq, g->qh * g->d * sizeof(float), cudaMemcpyHostToDevice, g->st), "kv gpu query upload");
+    if (g->f16)
+        partial_kernel<__half><<<(unsigned)g->qh, 256, 0, g->st>>>(
+            (const __half *)g->K, (const __half *)g->V, g->q, g->o, g->lse, (int)n, (int)g->kvh,
+            (int)(g->qh / g->kvh), (int)g->d, g->scale);
+    else
+        partial_kernel<float><<<(unsigned)g->qh, 256, 0, g->st>>>(
+            (const float *)g->K, (const float *)g->V, g->q, g->o, g->lse, (int)n, (int)g->kvh,
+            (int)(g->qh / g->kvh), (int)g->d, g->scale);
+    CU(cudaGetLastError(), "kv gpu partial attention launch");
+    CU(cudaMemcpyAsync(g->ho, g->o, (g->qh * g->d + g->qh) * sizeof(float), cudaMemcpyDeviceToHost, g->st),
+       "kv gpu output download");
+    CU(cudaEventRecord(g->done, g->st), "kv gpu event");
+done:
+    return rc;
+}
+
+extern "C" int kst_kvgpu_partial_wait(kst_kvgpu *g, float *o, float *lse, kst_error *err) {
+    int rc = KST_OK;
+    CU(cudaEventSynchronize(g->done), "kv gpu partial attention");
+    memcpy(o, g->ho, g->qh * g->d * sizeof(float));
+    memcpy(lse, g->ho + g->qh * g->d, g->qh * sizeof(float));
+done:
+    return rc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// exact top-k: cuBLAS scores for a block of queries x a chunk of keys, then one block per query
+// merges the chunk into the query's running top-k.
+
+#define TOPK_MAX 64
+#define SEL_THREADS 256
+
+__global__ void select_kernel(const float *S, int nc, int k0, int k, float *run_v, int *run_i,
+                              int first) {
+    int qi = blockIdx.x, tid = threadIdx.x;
+    const float *row = S + (size_t)qi * nc;
+    float lv[TOPK_MAX];
+    int li[TOPK_MAX];
+    int cnt = 0;
+    // thread 0 starts from the running list (already sorted)
+    if (tid == 0 && !first)
+        for (; cnt < k; cnt++) {
+            lv[cnt] = run_v[(size_t)qi * k + cnt];
+            li[cnt] = run_i[(size_t)qi * k + cnt];
+        }
+    for (int j = tid; j < nc; j += SEL_THREADS) {
+        float v = row[j];
+        if (cnt == k && v <= lv[k - 1]) continue;
+        int p = cnt < k ? cnt++ : k - 1;
+        while (p > 0 && lv[p - 1] < v) {
+            lv[p] = lv[p - 1];
+            li[p] = li[p - 1];
+            p--;
+        }
+        lv[p] = v;
+        li[p] = k0 + j;
+    }
+    // k rounds of block argmax over the threads' list heads
+    __shared__ float wv[SEL_THREADS / 32];
+    __shared__ int wt[SEL_THREADS / 32];
+    __shared__ int winner;
+    int head = 0, lane = tid & 31, warp = tid >> 5;
+    for (int r = 0; r < k; r++) {
+        float v = head < cnt ? lv[head] : -INFINITY;
+        int t = tid;
+        for (int off = 16; off; off >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, v, off);
+            int ot = __shfl_xor_sync(0xffffffffu, t, off);
+            if (ov > v || (ov == v && ot < t)) {
+                v = ov;
+                t = ot;
+            }
+        }
+        if (lane == 0) {
+            wv[warp] = v;
+            wt[warp] = t;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            float bv = wv[0];
+            int bt = wt[0];
+            for (int w = 1; w < SEL_THREADS / 32; w++)
+                if (wv[w] > bv || (wv[w] == bv && wt[w] < bt)) {
+                    bv = wv[w];
+                    bt = wt[w];
+                }
+            winner = bt;
+        }
+        __syncthreads();
+        if (tid == winner) {
+            run_v[(size_t)qi * k + r] = head < cnt ? lv[head] : -INFINITY;
+            run_i[(size_t)qi * k + r] = head < cnt ? li[head] : -1;
+            head++;
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" int kst_kv_cuda_topk(const float *K, size_t n, size_t d, const float *Q, size_t nq,
+                                size_t k, uint32_t *ids, kst_error *err) {
+    int rc = KST_OK;
+    if (k == 0 || k > TOPK_MAX || k > n)
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu top-k: k = %zu (expected 1..%d, <= %zu keys)", k,
+                        TOPK_MAX, n);
+    const size_t QB = 1024, KC = 65536;
+    size_t kc = KC < n ? KC : n;
+    float *dK = NULL, *dQ = NULL, *dS = NULL, *rv = NULL;
+    int *ri = NULL;
+    int *hi = NULL;
+    cublasHandle_t hb = NULL;
+    const float one = 1.0f, zero = 0.0f;
+    if (cublasCreate(&hb) != CUBLAS_STATUS_SUCCESS)
+        return kst_fail(err, KST_ERR_INTERNAL, "kv gpu top-k: cublasCreate failed");
+    CU(cudaMalloc((void **)&dK, n * d * sizeof(float)), "kv gpu top-k keys");
+    CU(cudaMalloc((void **)&dQ, QB * d * sizeof(float)), "kv gpu top-k queries");
+    CU(cudaMalloc((void **)&dS, QB * kc * sizeof(float)), "kv gpu top-k scores");
+    CU(cudaMalloc((void **)&rv, QB * k * sizeof(float)), "kv gpu top-k lists");
+    CU(cudaMalloc((void **)&ri, QB * k * sizeof(int)), "kv gpu top-k lists");
+    CU(cudaMemcpy(dK, K, n * d * sizeof(float), cudaMemcpyHostToDevice), "kv gpu top-k keys upload");
+    hi = (int *)malloc(QB * k * sizeof(int));
+    if (!hi) {
+        rc = kst_fail(err, KST_ERR_NOMEM, "kv gpu top-k: out of memory");
+        goto done;
+    }
+    for (size_t q0 = 0; q0 < nq; q0 += QB) {
+        size_t qb = nq - q0 < QB ? nq - q0 : QB;
+        CU(cudaMemcpy(dQ, Q + q0 * d, qb * d * sizeof(float), cudaMemcpyHostToDevice), "kv gpu top-k queries upload");
+        for (size_t k0 = 0; k0 < n; k0 += kc) {
+            size_t m = n - k0 < kc ? n - k0 : kc;
+            // column-major S (m, qb) = K_chunk^T (m, d) Q (d, qb): row-major (qb, m)
+            if (cublasSgemm(hb, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)qb, (int)d, &one, dK + k0 * d,
+                            (int)d, dQ, (int)d, &zero, dS, (int)m) != CUBLAS_STATUS_SUCCESS) {
+                rc = kst_fail(err, KST_ERR_INTERNAL, "kv gpu top-k: cublasSgemm failed");
+                goto done;
+            }
+            select_kernel<<<(unsigned)qb, SEL_THREADS>>>(dS, (int)m, (int)k0, (int)k, rv, ri, k0 == 0);
+            CU(cudaGetLastError(), "kv gpu top-k selection launch");
+        }
+        CU(cudaMemcpy(hi, ri, qb * k * sizeof(int), cudaMemcpyDeviceToHost), "kv gpu top-k download");
+        for (size_t i = 0; i < qb * k; i++) ids[q0 * k + i] = (uint32_t)hi[i];
+    }
+done:
+    free(hi);
+    cudaFree(dK);
+    cudaFree(dQ);
+    cudaFree(dS);
+    cudaFree(rv);
+    cudaFree(ri);
+    cublasDestroy(hb);
+    return rc;
+}

@@ -1,0 +1,51 @@
+/* kv_cuda.h - the GPU side of the retrieval-attention KV cache (index/kv_cuda.cu, compiled only
+ * with `make CUDA=1`): the static tokens' keys and values held on the GPU with a partial-
+ * attention kernel over them (its (o, lse) merge with the CPU's retrieved-token partial), and
+ * the exact top-k by inner product that the attention-aware index is built from (cuBLAS scores,
+ * a block-per-query selection).
+ *
+ * Every function returns a kst_status and fills err with the CUDA call and its message on
+ * failure; none aborts. Handles are not thread-safe. */
+#ifndef KST_INDEX_KV_CUDA_H
+#define KST_INDEX_KV_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Number of usable CUDA devices (0 without a GPU or driver; never fails). */
+int kst_kv_cuda_devices(void);
+
+typedef struct kst_kvgpu kst_kvgpu;
+
+/* Device buffers for `cap` static-token slots of keys and values, each slot (kv_heads, d) in
+ * float16 (f16) or float32, plus the query and result buffers of q_heads. */
+int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_t cap, int f16,
+                      float scale, kst_kvgpu **out, kst_error *err);
+void kst_kvgpu_free(kst_kvgpu *g);
+/* Device memory held, in bytes. */
+size_t kst_kvgpu_bytes(const kst_kvgpu *g);
+
+/* Writes n consecutive slots from `slot` on: keys and values (n, kv_heads, d) host rows. */
+int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const void *V, size_t n,
+                   kst_error *err);
+
+/* Starts the partial attention of q (q_heads, d) float32 over slots [0, n) (returns at once);
+ * kst_kvgpu_partial_wait then writes o (q_heads, d) and lse (q_heads). */
+int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t n, kst_error *err);
+int kst_kvgpu_partial_wait(kst_kvgpu *g, float *o, float *lse, kst_error *err);
+
+/* Exact top-k (k <= 64) keys by inner product for each query: K (n, d) and Q (nq, d) float32
+ * host arrays, ids (nq, k) best first. */
+int kst_kv_cuda_topk(const float *K, size_t n, size_t d, const float *Q, size_t nq, size_t k,
+                     uint32_t *ids, kst_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,81 @@
+/* kv_graph.h - proximity graphs over cached attention keys, searched by inner product with a
+ * query (RetrievalAttention's index, RoarGraph-style), and the key-only graph it is measured
+ * against.
+ *
+ * Node i of a graph is key row i of the caller's key array K ((n, d), float32 or float16); the
+ * graph keeps no copy of the keys, so K is passed to every call (it may move between calls,
+ * its first n rows must not change).
+ *
+ * Two ways to build:
+ * - attention-aware (kst_kvg_build_attn): from prefill queries Q, each query's exact top-T keys
+ *   by inner product; keys retrieved by the same query are linked (the best one to the others
+ *   and back, and consecutive ones in the list), each node keeps its 3M/4 most often
+ *   co-retrieved neighbours, and the keys retrieved most often become the search's entry
+ *   points. Every key's free slots then get diverse near keys by key-key search (connectivity;
+ *   keys no query retrieved get all their edges so), as appended keys do.
+ * - key-only (kst_kvg_build_keys): keys inserted one by one, each linked to diverse near keys
+ *   (Euclidean, HNSW's neighbour heuristic): an HNSW bottom layer, the "ANN over keys" baseline.
+ * Search is best-first beam search (HNSW's layer-0 search) from all entry points, by inner
+ * product; `scanned` counts the keys whose score was computed.
+ *
+ * Threads: searches may run concurrently with one scratch each; build and insert need
+ * exclusive use. */
+#ifndef KST_INDEX_KV_GRAPH_H
+#define KST_INDEX_KV_GRAPH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/error.h"
+
+typedef struct kst_kvg {
+    size_t n, cap;     /* nodes, allocated nodes */
+    size_t M;          /* maximum out-degree */
+    uint32_t *adj;     /* (cap, M) neighbours, deg[i] of them valid */
+    float *adist;      /* (cap, M) squared distance of each edge; -1: co-retrieval edge (kept) */
+    uint16_t *deg;     /* (cap) */
+    float *norm2;      /* (cap) |k_i|^2 (Euclidean search for insertion) */
+    uint32_t *entry;   /* (n_entry) search starts */
+    size_t n_entry, max_entry;
+    int hub_entries;   /* entries are the attention-aware build's hubs: kept as nodes are added */
+    size_t efc;        /* beam width when inserting */
+} kst_kvg;
+
+/* Per-thread search state; zero-initialise, free with kst_kvg_scratch_free. */
+typedef struct kst_kvg_scratch {
+    uint32_t *mark; size_t mark_cap; uint32_t epoch; /* visited: mark[i] == epoch */
+    float *cs; uint32_t *ci; size_t cn, ccap;        /* candidates (max-heap) */
+    float *rs; uint32_t *ri; size_t rn, rcap;        /* results (min-heap) */
+    size_t scanned;                                  /* keys scored by the last search */
+} kst_kvg_scratch;
+void kst_kvg_scratch_free(kst_kvg_scratch *s);
+
+/* Sets up an empty graph of maximum degree M (4..1024) and up to max_entry entry points,
+ * inserting with beam efc. Fails only on bad sizes. */
+int kst_kvg_init(kst_kvg *g, size_t M, size_t max_entry, size_t efc, kst_error *err);
+/* Frees; a zeroed graph is a no-op. */
+void kst_kvg_free(kst_kvg *g);
+
+/* Builds the attention-aware graph over keys K (n, d) from queries Q (nq, d) float32, linking
+ * each query's exact top-T keys. The graph must be empty. Fails on memory (graph left empty). */
+int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, const float *Q,
+                       size_t nq, size_t T, kst_error *err);
+/* Builds the key-only graph over K (n, d) by inserting every key in order. */
+int kst_kvg_build_keys(kst_kvg *g, const void *K, int f16, size_t n, size_t d, kst_error *err);
+/* Adds node g->n (row g->n of K) linked to its near keys, with edges back. */
+int kst_kvg_insert(kst_kvg *g, const void *K, int f16, size_t d, kst_kvg_scratch *s,
+                   kst_error *err);
+
+/* Exact top-k keys by inner product for each of nq queries: ids (nq, k) and scores (nq, k),
+ * best first (scores may be NULL). k <= n. Uses sgemm in blocks. */
+int kst_kvg_exact_topk(const void *K, int f16, size_t n, size_t d, const float *Q, size_t nq,
+                       size_t k, uint32_t *ids, float *scores, kst_error *err);
+
+/* Beam search for the k keys of largest inner product with q (d): writes up to k ids and
+ * scores, best first, and returns how many; s->scanned gets the keys scored. ef < k is raised
+ * to k. Fails (returns 0, s->scanned 0) only on memory, with *rc set. */
+size_t kst_kvg_search(const kst_kvg *g, const void *K, int f16, size_t d, const float *q,
+                      size_t k, size_t ef, kst_kvg_scratch *s, uint32_t *ids, float *scores,
+                      int *rc);
+
+#endif

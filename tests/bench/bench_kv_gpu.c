@@ -1,0 +1,298 @@
+/* bench_kv_gpu.c - the GPU side of the RetrievalAttention KV cache on a CUDA machine
+ * (tests/bench/kv_gpu.sh): correctness checks against PyTorch's figures and the CPU path, then
+ * decode-step latency over 32K..1M cached tokens. Standalone: built from the kv sources alone
+ * (libc, libgomp, cudart, cublas), so it runs where Kestrel's other dependencies are absent.
+ *
+ *   bench_kv_gpu check FIXDIR         GPU decode vs tests/fixtures/kv SDPA; GPU vs CPU top-k and
+ *                                     partial attention on random data. Exit 1 on a mismatch.
+ *   bench_kv_gpu latency N[,N...]     synthetic keys (one KV head of 4 query heads, d 128,
+ *                                     float16): build, recall, error, latency GPU+CPU vs CPU. */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/kv_attn.h"
+#include "core/npy.h"
+#include "index/kv.h"
+#ifdef KST_CUDA
+#include "index/kv_cuda.h"
+#endif
+#include "index/kv_graph.h"
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void die(const char *what, const kst_error *e) {
+    fprintf(stderr, "bench_kv_gpu: %s: %s\n", what, e ? e->msg : "");
+    exit(2);
+}
+
+static uint64_t rng = 88172645463325252ull;
+static double urand(void) {
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+    return (rng >> 11) * (1.0 / 9007199254740992.0);
+}
+static float nrand(void) {
+    double u = urand() + 1e-12, v = urand();
+    return (float)(sqrt(-2 * log(u)) * cos(2 * M_PI * v));
+}
+
+static int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+#ifdef KST_CUDA
+static int check(const char *dir) {
+    kst_error e;
+    kst_npy keys, values, pq, dq, o32, o16;
+    char p[4096];
+#define LD(a, n) do { snprintf(p, sizeof p, "%s/%s", dir, n); if (kst_npy_read(p, &a, &e)) die(p, &e); } while (0)
+    LD(keys, "keys.npy"); LD(values, "values.npy"); LD(pq, "prefill_q.npy"); LD(dq, "decode_q.npy");
+    LD(o32, "out_f32.npy"); LD(o16, "out_f16.npy");
+    size_t P = pq.shape[0], S = dq.shape[0], QH = pq.shape[1], KVH = keys.shape[1], D = keys.shape[2];
+    int bad = 0;
+    for (int f16 = 0; f16 < 2; f16++) {
+        kst_kvc_opts o = {1, KVH, QH, D, f16, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1};
+        kst_kvc *c;
+        if (kst_kvc_create(&o, &c, &e)) die("create", &e);
+        size_t nv = (P + S) * KVH * D, es = f16 ? 2 : 4;
+        void *K = malloc(nv * es), *V = malloc(nv * es);
+        for (size_t i = 0; i < nv; i++) {
+            float k = ((float *)keys.data)[i], v = ((float *)values.data)[i];
+            if (f16) { ((uint16_t *)K)[i] = kst_f32_to_half(k); ((uint16_t *)V)[i] = kst_f32_to_half(v); }
+            else { ((float *)K)[i] = k; ((float *)V)[i] = v; }
+        }
+        if (kst_kvc_append(c, 0, K, V, P, &e) || kst_kvc_build(c, 0, pq.data, P, &e)) die("prefill", &e);
+        double maxd = 0;
+        int over = 0;
+        float *out = malloc(QH * D * sizeof *out);
+        const float *ref = f16 ? o16.data : o32.data;
+        for (size_t s = 0; s < S; s++) {
+            size_t row = KVH * D * es;
+            if (kst_kvc_append(c, 0, (char *)K + (P + s) * row, (char *)V + (P + s) * row, 1, &e)) die("append", &e);
+            if (kst_kvc_attend(c, 0, (float *)dq.data + s * QH * D, P, P, out, NULL, &e)) die("attend", &e);
+            for (size_t i = 0; i < QH * D; i++) {
+                double dd = fabs(out[i] - ref[s * QH * D + i]);
+                if (dd > maxd) maxd = dd;
+                if (!(dd <= 2e-5 + 1e-4 * fabs(ref[s * QH * D + i]))) over++;
+            }
+        }
+        printf("check: GPU decode (%s, top_k = all) vs PyTorch SDPA: max |diff| %.2e, %d over tolerance (2e-5 + 1e-4 rel) -> %s\n",
+               f16 ? "float16" : "float32", maxd, over, over ? "FAIL" : "ok");
+        bad |= over != 0;
+        /* GPU vs CPU path, small top_k: the same retrieval, so the same output */
+        float *o2 = malloc(QH * D * sizeof *o2);
+        if (kst_kvc_attend(c, 0, dq.data, 10, 32, out, NULL, &e)) die("attend", &e);
+        kst_kvc_use_gpu(c, 0);
+        if (kst_kvc_attend(c, 0, dq.data, 10, 32, o2, NULL, &e)) die("attend", &e);
+        maxd = 0;
+        for (size_t i = 0; i < QH * D; i++) maxd = fmax(maxd, fabs(out[i] - o2[i]));
+        printf("check: GPU vs CPU decode (%s, top_k 10): max |diff| %.2e -> %s\n", f16 ? "float16" : "float32",
+               maxd, maxd <= 2e-5 ? "ok" : "FAIL");
+        bad |= maxd > 2e-5;
+        free(o2); free(out); free(K); free(V);
+        kst_kvc_free(c);
+    }
+    /* exact top-k: GPU (cuBLAS + selection) vs float64 brute force, random data */
+    {
+        size_t n = 70000, d = 128, nq = 300, k = 32;
+        float *K = malloc(n * d * 4), *Q = malloc(nq * d * 4);
+        for (size_t i = 0; i < n * d; i++) K[i] = nrand();
+        for (size_t i = 0; i < nq * d; i++) Q[i] = nrand();
+        uint32_t *ids = malloc(nq * k * 4);
+        if (kst_kv_cuda_topk(K, n, d, Q, nq, k, ids, &e)) die("gpu top-k", &e);
+        size_t miss = 0, order = 0;
+        double *sc = malloc(n * sizeof *sc), *srt = malloc(n * sizeof *srt);
+        for (size_t q = 0; q < nq; q++) {
+            for (size_t j = 0; j < n; j++) {
+                double a = 0;
+                for (size_t i = 0; i < d; i++) a += (double)Q[q * d + i] * K[j * d + i];
+                sc[j] = srt[j] = a;
+            }
+            qsort(srt, n, sizeof *srt, cmp_d);
+            double kth = srt[n - k];
+            for (size_t r = 0; r < k; r++) {
+                double s = sc[ids[q * k + r]];
+                if (s < kth - 1e-3) miss++; /* not in the true top-k (beyond float32 rounding) */
+                if (r && s > sc[ids[q * k + r - 1]] + 1e-3) order++;
+            }
+        }
+        printf("check: GPU exact top-%zu of %zu queries over %zu keys vs float64: %zu wrong ids, %zu out of order -> %s\n",
+               k, nq, n, miss, order, miss || order ? "FAIL" : "ok");
+        bad |= miss || order;
+        free(K); free(Q); free(ids); free(sc); free(srt);
+    }
+    printf("check: %s\n", bad ? "FAILED" : "all ok");
+    return bad;
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+
+static void full_attn(double *out, const float *q, const uint16_t *K, const uint16_t *V, size_t n,
+                      size_t d, double scale, double *s) {
+    double mx = -INFINITY, sum = 0;
+    for (size_t j = 0; j < n; j++) {
+        double a = 0;
+        for (size_t i = 0; i < d; i++) a += (double)q[i] * kst_half_to_f32(K[j * d + i]);
+        s[j] = a * scale;
+        if (s[j] > mx) mx = s[j];
+    }
+    memset(out, 0, d * sizeof *out);
+    for (size_t j = 0; j < n; j++) {
+        double w = exp(s[j] - mx);
+        sum += w;
+        for (size_t i = 0; i < d; i++) out[i] += w * kst_half_to_f32(V[j * d + i]);
+    }
+    for (size_t i = 0; i < d; i++) out[i] /= sum;
+}
+
+#ifdef KST_CUDA
+#define GPU 1
+#else
+#define GPU 0 /* a CPU-only build of this bench (to try it without a GPU) */
+#endif
+
+static int latency(const char *list) {
+    const size_t D = 128, QH = 4, SINKS = 4, WINDOW = 512, TOPK = 100, NT = 100, NREF = 16;
+    /* KV_EFS: search efforts measured on each build (default "256") */
+    const char *efs = getenv("KV_EFS") ? getenv("KV_EFS") : "256";
+    size_t EF = (size_t)atol(efs);
+    size_t NPRE = 8192; /* prefill positions whose queries build the index (x 4 heads) */
+    printf("latency: one KV head with %zu query heads (a Llama-3-8B GQA group), head dim %zu, float16;"
+           " sinks %zu + window %zu on the GPU; top_k %zu, ef %s; %d CPU threads\n",
+           QH, D, SINKS, WINDOW, TOPK, efs, omp_get_max_threads());
+    printf("%8s %5s %9s %10s %10s %9s %9s %10s %10s %10s %10s\n", "tokens", "ef", "build_s", "gpu+cpu_ms",
+           "cpu_ms", "recall", "scanned", "rel.err", "err_k1", "gpu_MB", "cache_MB");
+    for (const char *p = list; *p;) {
+        size_t N = strtoul(p, (char **)&p, 10);
+        if (*p == ',') p++;
+        kst_error e;
+        /* synthetic keys: common offset + one of 1024 centres + noise; queries: another offset +
+         * scaled centres (out of the keys' distribution); values: noise */
+        size_t C = 1024;
+        float *cen = malloc(C * D * 4), mk[128], mq[128];
+        for (size_t i = 0; i < C * D; i++) cen[i] = nrand();
+        for (size_t i = 0; i < D; i++) { mk[i] = 1.5f * nrand(); mq[i] = 0.5f * nrand(); }
+        uint16_t *K = malloc(N * D * 2), *V = malloc(N * D * 2);
+        size_t nq = NPRE + NT;
+        float *Q = malloc(nq * QH * D * 4);
+        for (size_t t = 0; t < N; t++) {
+            size_t c = (size_t)(urand() * C) % C;
+            for (size_t i = 0; i < D; i++) {
+                K[t * D + i] = kst_f32_to_half(mk[i] + cen[c * D + i] + 0.7f * nrand());
+                V[t * D + i] = kst_f32_to_half(nrand());
+            }
+        }
+        for (size_t t = 0; t < nq * QH; t++) {
+            size_t c = (size_t)(urand() * C) % C;
+            for (size_t i = 0; i < D; i++) Q[t * D + i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * nrand();
+        }
+        kst_kvc_opts o = {1, 1, QH, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU};
+        kst_kvc *c;
+        if (kst_kvc_create(&o, &c, &e)) die("create", &e);
+        double t0 = now_s();
+        if (kst_kvc_append(c, 0, K, V, N, &e) || kst_kvc_build(c, 0, Q, NPRE, &e)) die("prefill", &e);
+        double build = now_s() - t0;
+        const float *Qd = Q + NPRE * QH * D;
+        float *out = malloc(QH * D * 4);
+        /* reference: full attention in float64 over all N tokens, and exact top-100 */
+        double *ref = malloc(NREF * QH * D * sizeof *ref), scale = 1.0 / sqrt((double)D);
+#pragma omp parallel
+        {
+            double *s = malloc(N * sizeof *s);
+#pragma omp for schedule(dynamic)
+            for (size_t i = 0; i < NREF * QH; i++) full_attn(ref + i * D, Qd + i * D, K, V, N, D, scale, s);
+            free(s);
+        }
+        size_t nidx = N - SINKS - WINDOW;
+        uint32_t *want = malloc(NREF * QH * TOPK * 4);
+        float *kx = malloc(nidx * D * 4);
+        kst_kv_rows_f32(kx, K, 1, SINKS, nidx, D);
+        if (kst_kvg_exact_topk(kx, 0, nidx, D, Qd, NREF * QH, TOPK, want, NULL, &e)) die("exact", &e);
+        free(kx);
+        for (const char *ep = efs; *ep;) {
+        size_t ef = strtoul(ep, (char **)&ep, 10);
+        if (*ep == ',') ep++;
+        if (ef == 0) break;
+        double rec = 0, scan = 0, err = 0, serr = 0;
+        int64_t pos[TOPK];
+        for (size_t i = 0; i < NREF; i++) {
+            kst_kvc_stats st;
+            if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, ef, out, &st, &e)) die("attend", &e);
+            scan += (double)st.scanned / st.indexed / QH;
+            for (size_t h = 0; h < QH; h++) {
+                double num = 0, den = 0;
+                for (size_t j = 0; j < D; j++) {
+                    double r = ref[(i * QH + h) * D + j];
+                    num += (out[h * D + j] - r) * (out[h * D + j] - r);
+                    den += r * r;
+                }
+                err += sqrt(num / den) / QH;
+                size_t found, sc;
+                if (kst_kvc_search(c, 0, h, Qd + (i * QH + h) * D, TOPK, ef, pos, &found, &sc, &e)) die("search", &e);
+                size_t hit = 0;
+                for (size_t a = 0; a < TOPK; a++)
+                    for (size_t b = 0; b < found; b++) hit += (uint64_t)pos[b] == want[(i * QH + h) * TOPK + a] + SINKS;
+                rec += (double)hit / TOPK / QH;
+            }
+            /* one retrieved token only, for scale: what retrieval buys */
+            if (kst_kvc_attend(c, 0, Qd + i * QH * D, 1, 1, out, &st, &e)) die("attend", &e);
+            for (size_t h = 0; h < QH; h++) {
+                double num = 0, den = 0;
+                for (size_t j = 0; j < D; j++) {
+                    double r = ref[(i * QH + h) * D + j];
+                    num += (out[h * D + j] - r) * (out[h * D + j] - r);
+                    den += r * r;
+                }
+                serr += sqrt(num / den) / QH;
+            }
+        }
+        /* latency: median of NT decode steps, GPU+CPU then CPU alone */
+        double med[2];
+        for (int mode = 0; mode < 2; mode++) {
+            kst_kvc_use_gpu(c, mode == 0);
+            double *ts = malloc(NT * sizeof *ts);
+            for (size_t i = 0; i < 5; i++) kst_kvc_attend(c, 0, Qd, 0, ef, out, NULL, &e);
+            for (size_t i = 0; i < NT; i++) {
+                double a = now_s();
+                if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, ef, out, NULL, &e)) die("attend", &e);
+                ts[i] = now_s() - a;
+            }
+            qsort(ts, NT, sizeof *ts, cmp_d);
+            med[mode] = ts[NT / 2] * 1e3;
+            free(ts);
+        }
+        printf("%8zu %5zu %9.1f %10.3f %10.3f %9.3f %8.2f%% %10.2e %10.2e %10.2f %10.1f\n", N, ef, build, med[0], med[1],
+               rec / NREF, 100 * scan / NREF, err / NREF, serr / NREF, kst_kvc_gpu_bytes(c) / 1048576.0,
+               2.0 * N * D * 2 / 1048576.0);
+        fflush(stdout);
+        }
+        kst_kvc_free(c);
+        free(cen); free(K); free(V); free(Q); free(out); free(ref); free(want);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+#ifdef KST_CUDA
+    if (kst_kv_cuda_devices() == 0) {
+        printf("bench_kv_gpu: no CUDA device visible; nothing to do\n");
+        return 0;
+    }
+    if (argc >= 3 && strcmp(argv[1], "check") == 0) return check(argv[2]);
+#endif
+    if (argc >= 3 && strcmp(argv[1], "latency") == 0) return latency(argv[2]);
+    fprintf(stderr, "usage: bench_kv_gpu check FIXDIR | latency N[,N...]\n");
+    return 2;
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# kv.sh BUILD - the RetrievalAttention benchmark (index/kv, kst_kv_*). Nothing is asserted; every
+# figure is printed beside its anchor from the same run.
+#
+# CPU part (bench_kv.c): real attention vectors of all-MiniLM-L6-v2 over SciFact (kv_dump.py,
+# written once into tests/bench/out/kv/vectors, ~220 MB): recall@100 of the exact top-100 keys
+# vs the fraction of keys scanned for the attention-aware graph, the key-only graph and FAISS
+# IVF over the keys; decode-step output error vs full attention (float64).
+# GPU part, when nvidia-smi sees a device and nvcc is there: bench_kv_gpu (standalone build,
+# kv_gpu_build.sh): checks vs PyTorch SDPA and the CPU path, then decode-step latency over
+# 32K/128K/1M synthetic tokens beside PyTorch's scaled_dot_product_attention (kv_sdpa.py).
+#
+# Environment: KESTREL_KV_CTX (cached tokens, default 131072), KESTREL_KV_HEADS (layer:head
+# pairs, default "3:5 5:2"), KESTREL_BENCH_THREADS (default nproc), KV_BUILD_QUERIES (prefill
+# queries per KV head used to build the index, default 32768).
+set -euo pipefail
+
+BUILD=${1:-build}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+BUILD=$(cd "$BUILD" && pwd)
+OUT=tests/bench/out
+DATA=${KESTREL_KV_DATA:-$OUT/kv/vectors}
+export OMP_NUM_THREADS=${KESTREL_BENCH_THREADS:-$(nproc)} KESTREL_NO_PROGRESS=1
+say() { echo "bench: $*" >&2; }
+mkdir -p "$OUT/kv"
+
+case $(awk '{ print ($1 > 0.5) }' /proc/loadavg) in
+  1) say "warning: the 1-minute load average is $(cut -d' ' -f1 /proc/loadavg) (> 0.5): timings will be noisy" ;;
+esac
+
+if [ ! -f "$DATA/L3H5_k.npy" ]; then
+  say "dumping real Q/K/V of all-MiniLM-L6-v2 over SciFact into $DATA (once, a few minutes)"
+  KESTREL_SHARED=${KESTREL_SHARED:-$ROOT/../shared/data} .venv/bin/python tests/bench/kv_dump.py "$DATA" \
+    --ctx "${KESTREL_KV_CTX:-131072}"
+fi
+LDLIBS=$(make -s --no-print-directory print-LDLIBS)
+cc -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -I. \
+  -o "$BUILD/bench_kv" tests/bench/bench_kv.c "$BUILD/libkestrel.a" $LDLIBS
+{
+  for p in ${KESTREL_KV_HEADS:-3:5 5:2}; do
+    "$BUILD/bench_kv" real "$DATA" "${p%%:*}" "${p##*:}" "${KESTREL_KV_CTX:-131072}" 200
+    echo
+  done
+} | tee "$OUT/kv.txt"
+
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null; then
+  tests/bench/kv_gpu_build.sh "$BUILD/bench_kv_gpu"
+  {
+    "$BUILD/bench_kv_gpu" check tests/fixtures/kv
+    python3 tests/bench/kv_sdpa.py 32768,131072,1048576
+    "$BUILD/bench_kv_gpu" latency 32768,131072,1048576
+  } | tee "$OUT/kv_gpu.txt"
+else
+  say "no CUDA device (or no nvcc): the GPU part is skipped"
+fi

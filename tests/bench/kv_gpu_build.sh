@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# kv_gpu_build.sh OUT - builds tests/bench/bench_kv_gpu standalone (the kv sources only; libgomp
+# static; cudart static, cublas shared) so that it runs on a CUDA machine without Kestrel's other
+# dependencies. Needs nvcc (works without a GPU).
+set -euo pipefail
+out=${1:-build/bench_kv_gpu}
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+NVCC=${NVCC:-nvcc}
+CF="-std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -DKST_CUDA=1 -I."
+for f in core/kv_attn.c core/mem.c core/error.c core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c tests/bench/bench_kv_gpu.c; do
+  cc $CF -c "$f" -o "$tmp/$(basename "$f" .c).o"
+done
+$NVCC -O2 -std=c++17 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80 -I. -c index/kv_cuda.cu -o "$tmp/kv_cuda.o"
+$NVCC -o "$out" "$tmp"/*.o -Xcompiler -static-libgcc -Xlinker -Bstatic -lgomp -Xlinker -Bdynamic -lcublas -ldl -lpthread -lm
+echo "built $out"

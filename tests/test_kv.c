@@ -1,0 +1,325 @@
+/* test_kv.c - the RetrievalAttention KV cache (kst_kv_*, index/kv, index/kv_graph, core/kv_attn)
+ * against PyTorch.
+ *
+ * Fixture: tests/fixtures/kv (fx_kv.py): a grouped-query decode (4 query heads, 2 KV heads, head
+ * dim 64, 240 prompt tokens, 8 decode steps) with PyTorch's scaled_dot_product_attention in
+ * float64 as the reference, and torch.topk's exact top-10 keys. Tolerances: outputs 2e-5
+ * absolute + 1e-4 relative (float32 scores and sums over <= 248 keys, merged by log-sum-exp; the
+ * largest difference is printed on failure). Recall of the graph index: >= 0.9 at ef 64. */
+#include "harness.h"
+
+#include "api/kestrel.h"
+#include "core/kv_attn.h"
+#include "core/mem.h"
+#include "core/npy.h"
+#ifdef KST_CUDA
+#include "index/kv_cuda.h"
+#endif
+
+#define FX "tests/fixtures/kv/"
+#define P 240
+#define S 8
+#define QH 4
+#define KVH 2
+#define D 64
+#define ATOL 2e-5
+#define RTOL 1e-4
+
+typedef struct fx {
+    kst_npy keys, values, pq, dq, out32, out16, top10;
+} fx;
+
+static void load(kst_npy *a, const char *name) {
+    char p[256];
+    kst_error err;
+    snprintf(p, sizeof p, FX "%s", name);
+    assert_ok(kst_npy_read(p, a, &err), &err);
+}
+
+static int setup(void **state) {
+    fx *f = calloc(1, sizeof *f);
+    load(&f->keys, "keys.npy");
+    load(&f->values, "values.npy");
+    load(&f->pq, "prefill_q.npy");
+    load(&f->dq, "decode_q.npy");
+    load(&f->out32, "out_f32.npy");
+    load(&f->out16, "out_f16.npy");
+    load(&f->top10, "top10.npy");
+    assert_int_equal(f->keys.shape[0], P + S);
+    assert_int_equal(f->keys.shape[2], D);
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state) {
+    fx *f = *state;
+    kst_npy_free(&f->keys);
+    kst_npy_free(&f->values);
+    kst_npy_free(&f->pq);
+    kst_npy_free(&f->dq);
+    kst_npy_free(&f->out32);
+    kst_npy_free(&f->out16);
+    kst_npy_free(&f->top10);
+    free(f);
+    return 0;
+}
+
+static int g_gpu; /* run_decode on the GPU path */
+
+static kst_kv_opts small_opts(kst_kv_index_kind index) {
+    kst_kv_opts o = kst_kv_opts_default();
+    o.gpu = g_gpu;
+    o.layers = 2;
+    o.kv_heads = KVH;
+    o.q_heads = QH;
+    o.head_dim = D;
+    o.sinks = 4;
+    o.window = 32;
+    o.degree = 16;
+    o.build_top = 16;
+    o.entries = 8;
+    o.index = index;
+    return o;
+}
+
+/* Prompt into layer 1, build, then the 8 decode steps: append the step's key/value, attend its
+ * query, compare with SDPA. keys/values converted to float16 bits when f16. */
+static void run_decode(fx *f, kst_kv_index_kind index, int f16, size_t top_k, size_t ef,
+                       const float *want, double atol, double rtol) {
+    kst_kv_opts o = small_opts(index);
+    o.dtype = f16 ? KST_KV_F16 : KST_KV_F32;
+    kst_kv *kv;
+    kst_error err;
+    assert_ok(kst_kv_create(&o, &kv, &err), &err);
+    size_t rowv = KVH * D, esz = f16 ? 2 : 4;
+    void *K = malloc((P + S) * rowv * esz), *V = malloc((P + S) * rowv * esz);
+    const float *kf = f->keys.data, *vf = f->values.data;
+    for (size_t i = 0; i < (P + S) * rowv; i++) {
+        if (f16) {
+            ((uint16_t *)K)[i] = kst_f32_to_half(kf[i]);
+            ((uint16_t *)V)[i] = kst_f32_to_half(vf[i]);
+        } else {
+            ((float *)K)[i] = kf[i];
+            ((float *)V)[i] = vf[i];
+        }
+    }
+    assert_ok(kst_kv_append(kv, 1, K, V, P, &err), &err);
+    assert_ok(kst_kv_build(kv, 1, index == KST_KV_INDEX_ATTN ? f->pq.data : NULL,
+                           index == KST_KV_INDEX_ATTN ? P : 0, &err), &err);
+    assert_int_equal(kst_kv_tokens(kv, 1), P);
+    assert_int_equal(kst_kv_tokens(kv, 0), 0);
+    assert_int_equal(kst_kv_indexed(kv, 1), index == KST_KV_INDEX_NONE ? 0 : P - 4 - 32);
+    float out[QH * D];
+    for (size_t s = 0; s < S; s++) {
+        assert_ok(kst_kv_append(kv, 1, (char *)K + (P + s) * rowv * esz,
+                                (char *)V + (P + s) * rowv * esz, 1, &err), &err);
+        /* tokens leaving the window were linked into the index */
+        if (index != KST_KV_INDEX_NONE) assert_int_equal(kst_kv_indexed(kv, 1), P + s + 1 - 4 - 32);
+        kst_kv_stats st;
+        assert_ok(kst_kv_attend(kv, 1, (const float *)f->dq.data + s * QH * D, top_k, ef, out, &st,
+                                &err), &err);
+        assert_int_equal(st.tokens, P + s + 1);
+        char name[64];
+        snprintf(name, sizeof name, "decode step %zu output", s);
+        assert_close_f32(name, out, want + s * QH * D, QH * D, atol, rtol);
+    }
+    free(K);
+    free(V);
+    kst_kv_free(kv);
+}
+
+/* No index: sinks + exact tail = every token; must be SDPA. */
+static void test_exact_equals_sdpa(void **state) {
+    fx *f = *state;
+    run_decode(f, KST_KV_INDEX_NONE, 0, 0, 0, f->out32.data, ATOL, RTOL);
+}
+
+/* Attention-aware index with top_k covering every indexed token: retrieval must return all of
+ * them (the graph reaches every key) and the merge must be exact. */
+static void test_attn_index_all_keys_equals_sdpa(void **state) {
+    fx *f = *state;
+    run_decode(f, KST_KV_INDEX_ATTN, 0, P, P, f->out32.data, ATOL, RTOL);
+}
+
+static void test_keys_index_all_keys_equals_sdpa(void **state) {
+    fx *f = *state;
+    run_decode(f, KST_KV_INDEX_KEYS, 0, P, P, f->out32.data, ATOL, RTOL);
+}
+
+/* float16 storage against SDPA over float16-rounded keys/values (scores still in float32). */
+static void test_f16_equals_sdpa(void **state) {
+    fx *f = *state;
+    run_decode(f, KST_KV_INDEX_ATTN, 1, P, P, f->out16.data, ATOL, RTOL);
+}
+
+/* Retrieval quality: recall of torch.topk's exact top-10 per query head at ef 64. */
+static void test_search_recall(void **state) {
+    fx *f = *state;
+    for (int idx = 0; idx < 2; idx++) {
+        kst_kv_opts o = small_opts(idx == 0 ? KST_KV_INDEX_ATTN : KST_KV_INDEX_KEYS);
+        kst_kv *kv;
+        kst_error err;
+        assert_ok(kst_kv_create(&o, &kv, &err), &err);
+        assert_ok(kst_kv_append(kv, 0, f->keys.data, f->values.data, P, &err), &err);
+        assert_ok(kst_kv_build(kv, 0, idx == 0 ? f->pq.data : NULL, idx == 0 ? P : 0, &err), &err);
+        size_t hit = 0, tot = 0, scanned_sum = 0;
+        for (size_t s = 0; s < S; s++)
+            for (size_t h = 0; h < QH; h++) {
+                int64_t pos[10];
+                size_t found, scanned;
+                assert_ok(kst_kv_search(kv, 0, h, (const float *)f->dq.data + (s * QH + h) * D, 10,
+                                        64, pos, &found, &scanned, &err), &err);
+                assert_int_equal(found, 10);
+                scanned_sum += scanned;
+                const int64_t *want = (const int64_t *)f->top10.data + (s * QH + h) * 10;
+                for (int i = 0; i < 10; i++)
+                    for (int j = 0; j < 10; j++) hit += pos[j] == want[i];
+                tot += 10;
+                /* best first, and the best is the exact best */
+                assert_int_equal(pos[0], want[0]);
+            }
+        double rec = (double)hit / tot;
+        if (rec < 0.9) fail_msg("%s index: recall@10 %.3f < 0.9", idx == 0 ? "attention" : "key", rec);
+        assert_true(scanned_sum > 0);
+        kst_kv_free(kv);
+    }
+}
+
+/* The merge identity: splitting a set anywhere and merging gives the whole (checked against
+ * the fixture's step-0 SDPA output, query head 0, KV head 0, float32). */
+static void test_partial_merge_split(void **state) {
+    fx *f = *state;
+    size_t t = P + 1;
+    float *K = malloc(t * D * sizeof *K), *V = malloc(t * D * sizeof *V), sc[P + 1];
+    for (size_t i = 0; i < t; i++) {
+        memcpy(K + i * D, (const float *)f->keys.data + i * KVH * D, D * sizeof(float));
+        memcpy(V + i * D, (const float *)f->values.data + i * KVH * D, D * sizeof(float));
+    }
+    const float *q = f->dq.data;
+    size_t cuts[] = {0, 1, 4, 100, P};
+    for (size_t c = 0; c < sizeof cuts / sizeof cuts[0]; c++) {
+        float o[D], o2[D], lse, lse2;
+        kst_attn_partial(o, &lse, sc, q, K, V, 0, NULL, 0, cuts[c], D, 0.125f);
+        kst_attn_partial(o2, &lse2, sc, q, K, V, 0, NULL, cuts[c], t - cuts[c], D, 0.125f);
+        kst_attn_merge(o, &lse, o2, lse2, D);
+        assert_close_f32("merged partials", o, f->out32.data, D, ATOL, RTOL);
+    }
+    free(K);
+    free(V);
+}
+
+/* GPU: static tokens attended on the device (index/kv_cuda.cu) while the CPU retrieves; with
+ * top_k covering every indexed token the merge must still be SDPA, in float32 and float16. The
+ * index build's exact top-k also runs on the GPU then (checked by test_search_recall's exact
+ * best key when the suite runs on a GPU machine). */
+static void test_gpu_equals_sdpa(void **state) {
+    fx *f = *state;
+#ifndef KST_CUDA
+    (void)f;
+    skip_because("built without CUDA (make CUDA=1)");
+#else
+    if (kst_kv_cuda_devices() == 0) skip_because("no CUDA device visible");
+    g_gpu = 1;
+    run_decode(f, KST_KV_INDEX_ATTN, 0, P, P, f->out32.data, ATOL, RTOL);
+    run_decode(f, KST_KV_INDEX_ATTN, 1, P, P, f->out16.data, ATOL, RTOL);
+    /* a small top_k: GPU and CPU paths must agree (same retrieval, same merge) */
+    g_gpu = 0;
+    kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
+    kst_kv *a, *b;
+    kst_error err;
+    assert_ok(kst_kv_create(&o, &a, &err), &err);
+    o.gpu = 1;
+    assert_ok(kst_kv_create(&o, &b, &err), &err);
+    assert_true(kst_kv_gpu_bytes(b) > 0);
+    assert_int_equal(kst_kv_gpu_bytes(a), 0);
+    float oa[QH * D], ob[QH * D];
+    kst_kv *both[2] = {a, b};
+    for (int i = 0; i < 2; i++) {
+        assert_ok(kst_kv_append(both[i], 0, f->keys.data, f->values.data, P, &err), &err);
+        assert_ok(kst_kv_build(both[i], 0, f->pq.data, P, &err), &err);
+    }
+    assert_ok(kst_kv_attend(a, 0, f->dq.data, 10, 32, oa, NULL, &err), &err);
+    assert_ok(kst_kv_attend(b, 0, f->dq.data, 10, 32, ob, NULL, &err), &err);
+    assert_close_f32("gpu vs cpu decode step", ob, oa, QH * D, ATOL, RTOL);
+    kst_kv_free(a);
+    kst_kv_free(b);
+#endif
+}
+
+static void test_bad_input(void **state) {
+    (void)state;
+    kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
+    kst_kv *kv = NULL;
+    kst_error err;
+    o.q_heads = 3;
+    assert_int_equal(kst_kv_create(&o, &kv, &err), KST_ERR_INVALID);
+    assert_msg_has(err.msg, "q_heads = 3");
+    assert_null(kv);
+    o = small_opts(KST_KV_INDEX_ATTN);
+    o.head_dim = 0;
+    assert_int_equal(kst_kv_create(&o, &kv, &err), KST_ERR_INVALID);
+    assert_msg_has(err.msg, "head_dim");
+    o = small_opts(KST_KV_INDEX_ATTN);
+    o.dtype = (kst_kv_dtype)7;
+    assert_int_equal(kst_kv_create(&o, &kv, &err), KST_ERR_INVALID);
+    assert_msg_has(err.msg, "dtype");
+#ifndef KST_CUDA
+    o = small_opts(KST_KV_INDEX_ATTN);
+    o.gpu = 1;
+    assert_int_equal(kst_kv_create(&o, &kv, &err), KST_ERR_UNSUPPORTED);
+    assert_msg_has(err.msg, "make CUDA=1");
+#endif
+    assert_int_equal(kst_kv_create(NULL, &kv, &err), KST_ERR_MISUSE);
+    o = small_opts(KST_KV_INDEX_ATTN);
+    assert_ok(kst_kv_create(&o, &kv, &err), &err);
+    float x[KVH * D] = {0}, out[QH * D];
+    assert_int_equal(kst_kv_append(kv, 2, x, x, 1, &err), KST_ERR_INVALID);
+    assert_msg_has(err.msg, "layer 2 of a 2-layer cache");
+    assert_int_equal(kst_kv_append(kv, 0, NULL, x, 1, &err), KST_ERR_MISUSE);
+    assert_int_equal(kst_kv_build(kv, 0, NULL, 0, &err), KST_ERR_INVALID);
+    assert_msg_has(err.msg, "prefill queries");
+    /* an empty layer attends to nothing: zeros, no failure */
+    assert_ok(kst_kv_attend(kv, 0, x, 0, 0, out, NULL, &err), &err);
+    for (size_t i = 0; i < QH * D; i++) assert_true(out[i] == 0.0f);
+    assert_int_equal(kst_kv_attend(kv, 0, NULL, 0, 0, out, NULL, &err), KST_ERR_MISUSE);
+    kst_kv_free(kv);
+    kst_kv_free(NULL);
+}
+
+/* Allocation failures anywhere in create/append/build/attend: an error, no crash, no leak. */
+static void test_alloc_failures(void **state) {
+    fx *f = *state;
+    int failed_once = 0;
+    for (long k = 1; k < 400; k++) {
+        kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
+        kst_kv *kv = NULL;
+        kst_error err;
+        float out[QH * D];
+        kst_mem_fail_after(k);
+        int rc = kst_kv_create(&o, &kv, &err);
+        if (rc == KST_OK) rc = kst_kv_append(kv, 0, f->keys.data, f->values.data, P, &err);
+        if (rc == KST_OK) rc = kst_kv_build(kv, 0, f->pq.data, P, &err);
+        if (rc == KST_OK) rc = kst_kv_attend(kv, 0, f->dq.data, 10, 32, out, NULL, &err);
+        kst_mem_fail_after(0);
+        kst_kv_free(kv);
+        if (rc == KST_OK) break;
+        assert_int_equal(rc, KST_ERR_NOMEM);
+        failed_once = 1;
+    }
+    assert_true(failed_once);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_exact_equals_sdpa),
+        cmocka_unit_test(test_attn_index_all_keys_equals_sdpa),
+        cmocka_unit_test(test_keys_index_all_keys_equals_sdpa),
+        cmocka_unit_test(test_f16_equals_sdpa),
+        cmocka_unit_test(test_search_recall),
+        cmocka_unit_test(test_partial_merge_split),
+        cmocka_unit_test(test_gpu_equals_sdpa),
+        cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_alloc_failures),
+    };
+    return cmocka_run_group_tests_name("kv", tests, setup, teardown);
+}
