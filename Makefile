@@ -31,6 +31,9 @@ TOOLS    := $(patsubst tests/tools/%.c,$(BUILD)/tests/tools/%,$(wildcard tests/t
 
 ifeq ($(CUDA),1)
 NVCC     ?= nvcc
+# sm_90: H100/H200 (NVCC_ARCH=sm_80 etc. for other GPUs; the kernels need sm_80 or newer).
+NVCC_ARCH ?= sm_90
+NVCCFLAGS ?= -O3 -std=c++17 -arch=$(NVCC_ARCH) -lineinfo -Xcompiler -fPIC,-Wall,-Werror -Werror all-warnings
 CU_SRC   := $(wildcard core/*.cu encoders/*.cu index/*.cu train/*.cu)
 LIB_OBJ  += $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 CFLAGS   += -DKST_CUDA=1
@@ -73,7 +76,7 @@ $(BUILD)/%.cpp.o: %.cpp
 
 $(BUILD)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) -O2 -std=c++17 -Xcompiler -fPIC -I. -c $< -o $@
+	$(NVCC) $(NVCCFLAGS) -I. -MMD -MP -c $< -o $@
 
 $(BUILD)/libkestrel.a: $(LIB_OBJ)
 	@rm -f $@

@@ -26,7 +26,7 @@ const char *kst_build_info(void) {
     static char buf[128];
     snprintf(buf, sizeof buf, "OpenBLAS %s kernels%s", kst_blas_core(),
 #ifdef KST_CUDA
-             ", CUDA"
+             ", CUDA backend"
 #else
              ""
 #endif
@@ -35,7 +35,7 @@ const char *kst_build_info(void) {
 }
 
 kst_model_opts kst_model_opts_default(void) {
-    kst_model_opts o = {KST_MODEL_AUTO, 0};
+    kst_model_opts o = {KST_MODEL_AUTO, 0, KST_DEVICE_CPU};
     return o;
 }
 
@@ -73,6 +73,12 @@ int kst_model_open(const char *dir, const kst_model_opts *opts, kst_model **out,
     kst_model *m = kst_calloc(1, sizeof *m, "model", err);
     if (!m) return KST_ERR_NOMEM;
     int rc = kst_encoder_open(dir, role_of(o.kind), &m->enc, err);
+    if (rc == KST_OK && o.device != KST_DEVICE_CPU) {
+        rc = o.device == KST_DEVICE_CUDA
+                 ? kst_encoder_set_device(m->enc, o.device, err)
+                 : kst_fail(err, KST_ERR_INVALID, "kst_model_open: unknown device %d", o.device);
+        if (rc != KST_OK) kst_encoder_free(m->enc);
+    }
     if (rc != KST_OK) {
         kst_free(m);
         return rc;
@@ -188,7 +194,7 @@ struct kst_index {
 };
 
 kst_index_opts kst_index_opts_default(void) {
-    kst_index_opts o = {NULL, NULL, NULL, "auto", 0, 0};
+    kst_index_opts o = {NULL, NULL, NULL, "auto", 0, 0, KST_DEVICE_CPU};
     return o;
 }
 
@@ -217,6 +223,8 @@ int kst_index_create(const char *dir, const kst_index_opts *opts, kst_index **ou
     kst_ix_models m = {o.model, o.colbert, o.cross};
     kst_ix *ix = NULL;
     int rc = kst_ix_create(dir, &m, o.factory, &ix, err);
+    if (rc == KST_OK && o.device != KST_DEVICE_CPU && (rc = kst_ix_set_device(ix, o.device, err)) != KST_OK)
+        kst_ix_close(ix);
     return rc == KST_OK ? index_wrap(ix, out, err) : rc;
 }
 
@@ -228,6 +236,8 @@ int kst_index_open(const char *dir, const kst_index_opts *opts, kst_index **out,
     kst_ix_models m = {o.model, o.colbert, o.cross};
     kst_ix *ix = NULL;
     int rc = kst_ix_open(dir, &m, !o.readonly, &ix, err);
+    if (rc == KST_OK && o.device != KST_DEVICE_CPU && (rc = kst_ix_set_device(ix, o.device, err)) != KST_OK)
+        kst_ix_close(ix);
     return rc == KST_OK ? index_wrap(ix, out, err) : rc;
 }
 

@@ -47,9 +47,17 @@ typedef enum kst_model_kind {
     KST_MODEL_CROSS     /* one or more logits per (query, passage) pair */
 } kst_model_kind;
 
+/* Where the transformer runs (kst_model_opts.device, kst_index_opts.device). The GPU needs a
+ * build with `make CUDA=1` and a CUDA device; it computes in bf16 with float32 accumulation
+ * (embeddings within cosine 0.999 of the CPU's); asking for it otherwise fails with
+ * KST_ERR_UNSUPPORTED and a message saying why. */
+#define KST_DEVICE_CPU 0
+#define KST_DEVICE_CUDA 1
+
 typedef struct kst_model_opts {
     kst_model_kind kind; /* default KST_MODEL_AUTO */
     int num_threads;     /* default 0: OpenMP's default (all cores) */
+    int device;          /* KST_DEVICE_CPU (default) or KST_DEVICE_CUDA */
 } kst_model_opts;
 
 /* The defaults above. */
@@ -138,6 +146,9 @@ typedef struct kst_index_opts {
                             factory string: "Flat", "IVF1024,PQ48", "OPQ48,IVF1024,PQ48", "HNSW32" */
     int readonly;        /* open: 1 to search only (default 0) */
     int num_threads;     /* default 0: all cores */
+    int device;          /* KST_DEVICE_CPU (default) or KST_DEVICE_CUDA: encoders, and exact
+                            search of a Flat index, on the GPU (other index types search on the
+                            CPU) */
 } kst_index_opts;
 
 kst_index_opts kst_index_opts_default(void);

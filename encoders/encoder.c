@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/blas.h"
+#include "encoders/bert_gpu.h"
 #include "core/check.h"
 #include "core/ops_backward.h"
 #include "core/file.h"
@@ -405,6 +406,7 @@ done:
 void kst_encoder_free(kst_encoder *e) {
     if (!e) return;
     kst_tokenizer_free(e->tok);
+    kst_bert_gpu_free(e->gpu);
     kst_bert_free(&e->bert);
     kst_free(e->query_prompt);
     kst_free(e->skip);
@@ -527,7 +529,8 @@ static int run_batches(kst_encoder *e, const char *const *a, const size_t *alen,
                 types[r * T + t] = t < v->len ? v->type_ids[t] : 0;
             }
         }
-        KST_TRY(kst_bert_forward(&e->bert, &acts, hidden, ids, types, valid, B, T, err));
+        if (e->gpu) KST_TRY(kst_bert_gpu_forward(e->gpu, hidden, ids, types, valid, B, T, err));
+        else KST_TRY(kst_bert_forward(&e->bert, &acts, hidden, ids, types, valid, B, T, err));
         for (size_t r = 0; r < B; r++)
             KST_TRY(head(e, ctx, items[s + r].index, ids + r * T, hidden + r * T * C,
                          items[s + r].ids.len, err));
@@ -762,5 +765,14 @@ colbert_done:
     kst_free(dr);
     kst_free(qc);
     kst_free(dc);
+    return rc;
+}
+
+int kst_encoder_set_device(kst_encoder *e, int device, kst_error *err) {
+    kst_bert_gpu_free(e->gpu);
+    e->gpu = NULL;
+    if (device == 0) return KST_OK;
+    int rc = kst_bert_gpu_create(&e->bert, &e->gpu, err);
+    if (rc != KST_OK) kst_error_prefix(err, "%s", e->dir);
     return rc;
 }

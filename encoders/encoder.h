@@ -37,6 +37,7 @@ typedef struct kst_encoder {
     unsigned char *skip;  /* (V) 1 for document tokens dropped (punctuation) */
     char *weight_files[2]; /* model.safetensors (+ the Dense module's): what fingerprints it */
     size_t n_weight_files;
+    struct kst_bert_gpu *gpu; /* the transformer on the GPU (kst_encoder_set_device), or NULL */
 } kst_encoder;
 
 /* An open encoder is read-only after kst_encoder_open: every call keeps its scratch to itself,
@@ -73,5 +74,10 @@ size_t kst_encoder_num_scores(const kst_encoder *e);
  * feed them (ColBERT markers and query padding included). */
 int kst_encoder_tokenize(kst_encoder *e, const char *a, size_t alen, const char *b, size_t blen,
                          int is_query, size_t max_len, kst_ids *out, kst_error *err);
+
+/* Runs the transformer on the GPU (device 1, KST_DEV_CUDA: encoders/bert_gpu.h, bf16) or the CPU
+ * (0). Tokenization and the heads stay on the CPU. Fails with KST_ERR_UNSUPPORTED when the build
+ * has no GPU backend, there is no device, or the model's sizes do not suit the GPU kernels. */
+int kst_encoder_set_device(kst_encoder *e, int device, kst_error *err);
 
 #endif

@@ -20,7 +20,9 @@
 #include <faiss/c_api/index_io_c.h>
 
 #include "core/check.h"
+#include "core/gpu.h"
 #include "core/mem.h"
+#include "index/ann_gpu.h"
 #include "index/faiss_ext.h"
 
 #define FACTORY_MAX 256
@@ -34,6 +36,7 @@ struct kst_ann {
     char note[NOTE_MAX];
     kst_ann_note_fn note_fn;
     void *note_ctx;
+    kst_ann_gpu *gpu;          /* GPU copy (kst_ann_set_device), NULL on the CPU */
 };
 
 /* ---------------------------------------------------------------------------------------------
@@ -266,6 +269,7 @@ int kst_ann_write(const kst_ann *a, const char *path, kst_error *err) {
 
 void kst_ann_free(kst_ann *a) {
     if (!a) return;
+    kst_ann_gpu_free(a->gpu);
     if (a->index) faiss_Index_free(a->index);
     kst_free(a);
 }
@@ -354,6 +358,7 @@ int kst_ann_add(kst_ann *a, int64_t n, int dim, const float *x, const int64_t *i
     if (n < 0 || !x || !ids) return kst_fail(err, KST_ERR_INVALID, "add: no vectors or no ids");
     if (faiss_Index_add_with_ids(a->index, n, x, ids) != 0)
         return faiss_fail(err, KST_ERR_INVALID, "add");
+    kst_ann_gpu_stale(a->gpu);
     return KST_OK;
 }
 
@@ -374,6 +379,7 @@ int kst_ann_remove(kst_ann *a, size_t n, const int64_t *ids, size_t *removed, ks
     if (faiss_Index_remove_ids(a->index, (FaissIDSelector *)sel, removed) != 0)
         rc = faiss_fail(err, KST_ERR_UNSUPPORTED, "remove");
     faiss_IDSelector_free((FaissIDSelector *)sel);
+    kst_ann_gpu_stale(a->gpu);
     return rc;
 }
 
@@ -387,9 +393,26 @@ int kst_ann_search(const kst_ann *a, int64_t nq, int dim, const float *q, int64_
         return kst_fail(err, KST_ERR_MISUSE,
                         "search: the index is not trained (call kst_ann_train, then add)");
     if (nq == 0) return KST_OK;
+    if (a->gpu) return kst_ann_gpu_search(a->gpu, a->index, nq, q, k, scores, ids, err);
     size_t nprobe = opts && opts->nprobe > 0 ? (size_t)opts->nprobe : 0;
     int ef = opts && opts->ef_search > 0 ? opts->ef_search : 0;
     if (kst_faiss_search(a->index, nq, q, k, nprobe, ef, scores, ids) != 0)
         return faiss_fail(err, KST_ERR_INVALID, "search");
     return KST_OK;
 }
+
+int kst_ann_set_device(kst_ann *a, int device, int fp16, kst_error *err) {
+    kst_ann_gpu_free(a->gpu);
+    a->gpu = NULL;
+    if (device == 0) return KST_OK;
+    char why[NOTE_MAX];
+    if (!kst_ann_gpu_supported(a->index, why, sizeof why)) {
+        int rc = kst_gpu_check(err);
+        if (rc != KST_OK) return rc;
+        note(a, "%s", why);
+        return KST_OK;
+    }
+    return kst_ann_gpu_open(a->index, fp16, &a->gpu, err);
+}
+
+int kst_ann_on_gpu(const kst_ann *a) { return a->gpu != NULL; }

@@ -101,4 +101,13 @@ int kst_ann_remove(kst_ann *a, size_t n, const int64_t *ids, size_t *removed, ks
 int kst_ann_search(const kst_ann *a, int64_t nq, int dim, const float *q, int64_t k,
                    const kst_ann_search_opts *opts, float *scores, int64_t *ids, kst_error *err);
 
+/* Searches on the GPU (device 1, KST_DEV_CUDA) or the CPU (0). On the GPU a flat index is kept in
+ * GPU memory (float16 when fp16, else float32) and searched exactly there (index/gpu_search.h),
+ * with the same results as on the CPU within the precision kept; the copy is rebuilt at the
+ * first search after an add or remove. Other index types stay on the CPU and a note says so.
+ * Fails with KST_ERR_UNSUPPORTED when the build has no GPU backend or there is no device. */
+int kst_ann_set_device(kst_ann *a, int device, int fp16, kst_error *err);
+/* 1 when searches run on the GPU. */
+int kst_ann_on_gpu(const kst_ann *a);
+
 #endif

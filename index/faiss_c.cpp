@@ -774,4 +774,21 @@ int kst_faiss_search(const FaissIndex* index, idx_t n, const float* x, idx_t k, 
     KST_FAISS_CATCH
 }
 
+// ---- flat vectors for the GPU copy (faiss_ext.h) ------------------------------------------------
+
+int kst_faiss_flat_get(const FaissIndex* index, float* x, idx_t* ids) {
+    try {
+        const faiss::Index* top = ix(need(index, "index"));
+        Layers l = layers_of(top);
+        auto flat = dynamic_cast<const faiss::IndexFlat*>(l.core);
+        if (!flat || l.pre)
+            throw std::invalid_argument("the index is not a flat index (optionally under an id map)");
+        size_t n = (size_t)flat->ntotal, d = (size_t)flat->d;
+        if (x) std::memcpy(x, flat->get_xb(), n * d * sizeof(float));
+        if (ids)
+            for (size_t i = 0; i < n; i++) ids[i] = l.id_map ? l.id_map->id_map[i] : (idx_t)i;
+    }
+    KST_FAISS_CATCH
+}
+
 }  // extern "C"

@@ -89,6 +89,11 @@ int kst_faiss_ivf_list_get(const FaissIndex *index, size_t list_no, idx_t *ids, 
 int kst_faiss_search(const FaissIndex *index, idx_t n, const float *x, idx_t k, size_t nprobe,
                      int ef_search, float *distances, idx_t *labels);
 
+/* A flat index's stored vectors (ntotal, d) and their ids (ntotal): the caller's ids under an
+ * IndexIDMap, positions otherwise. Either pointer may be NULL. Fails on an index that is not
+ * flat (IVF, HNSW, PQ, pre-transform). For the GPU copy (index/ann_gpu.c). */
+int kst_faiss_flat_get(const FaissIndex *index, float *x, idx_t *ids);
+
 /* Kestrel's training settings, applied by kst_ann to every index it creates: no polysemous
  * training (the factory turns it on for IVFn,PQm: a simulated-annealing reordering of the PQ
  * centroids that only FAISS's polysemous Hamming filter uses, and that took ~4 s per

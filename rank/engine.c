@@ -157,6 +157,7 @@ static int load_ann(kst_ix *ix, kst_error *err) {
     char path[PATH_CAP];
     rc = kst_path_join(path, sizeof path, ix->dir, ix->ann_file, err);
     if (rc == KST_OK) rc = kst_ann_read(path, ix->writable ? KST_ANN_MMAP_NEVER : KST_ANN_MMAP_AUTO, &ix->ann, err);
+    if (rc == KST_OK && ix->device) rc = kst_ann_set_device(ix->ann, ix->device, 0, err);
     return rc;
 }
 
@@ -427,6 +428,7 @@ static int finish_ann(kst_ix *ix, pending *p, kst_ix_stats *st, char *new_file, 
         else
             snprintf(fac, sizeof fac, "%s", ix->factory);
         KST_TRY(kst_ann_create(fac, dim, &ix->ann, err));
+        if (ix->device) KST_TRY(kst_ann_set_device(ix->ann, ix->device, 0, err));
     }
     if (!kst_ann_is_trained(ix->ann)) {
         KST_TRY(kst_ann_train(ix->ann, (int64_t)p->n, dim, p->vecs, err));

@@ -43,6 +43,7 @@ typedef struct kst_ix {
     char ann_file[64];      /* committed FAISS file name ("" when none) */
     char factory[KST_STORE_FACTORY_MAX]; /* requested factory ("auto" or a FAISS string) */
     void *pool;             /* read-only store handles for concurrent searches (index.c) */
+    int device;             /* KST_DEV_CPU or KST_DEV_CUDA (kst_ix_set_device) */
 } kst_ix;
 
 /* Timings of one add, split by stage (seconds), and counts. */
@@ -64,6 +65,9 @@ int kst_ix_create(const char *dir, const kst_ix_models *models, const char *fact
 int kst_ix_open(const char *dir, const kst_ix_models *models, int writable, kst_ix **out,
                 kst_error *err);
 void kst_ix_close(kst_ix *ix);
+/* Runs the encoders and the dense search on the GPU (KST_DEV_CUDA) or the CPU; the FAISS index
+ * loaded or created later follows (rank/engine_gpu.c). */
+int kst_ix_set_device(kst_ix *ix, int device, kst_error *err);
 
 /* Adds every document of `docs` in one commit (a re-added external id replaces the document).
  * On failure nothing of it is kept. stats and progress may be NULL. */

@@ -20,11 +20,14 @@ typedef struct cli_model_args {
     size_t max_len;
     size_t batch_size;
     int threads;
+    int device; /* KST_DEVICE_CPU or KST_DEVICE_CUDA (--device) */
 } cli_model_args;
 
 /* Parses a common model option at argv[*i] (advancing *i past its value). Returns 1 when
  * consumed, 0 when not a common option, -1 on a bad value (message printed). */
 int cli_model_option(cli_model_args *a, int argc, char **argv, int *i);
+/* Parses --device's value ("cpu" or "cuda") into *out; -1 and a message on failure. */
+int cli_device_value(const char *val, int *out);
 /* Parses a non-negative integer option value; -1 and a message on failure. */
 int cli_size_value(const char *opt, const char *val, size_t *out);
 /* Opens the model; prints the error and returns NULL on failure (*code gets the exit code). */

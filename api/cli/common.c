@@ -23,6 +23,13 @@ int cli_size_value(const char *opt, const char *val, size_t *out) {
     return 0;
 }
 
+int cli_device_value(const char *val, int *out) {
+    if (val && strcmp(val, "cpu") == 0) *out = KST_DEVICE_CPU;
+    else if (val && (strcmp(val, "cuda") == 0 || strcmp(val, "gpu") == 0)) *out = KST_DEVICE_CUDA;
+    else return fprintf(stderr, "kestrel: --device expects cpu or cuda, got \"%s\"\n", val ? val : ""), -1;
+    return 0;
+}
+
 int cli_model_option(cli_model_args *a, int argc, char **argv, int *i) {
     const char *o = argv[*i];
     const char *v = *i + 1 < argc ? argv[*i + 1] : NULL;
@@ -44,6 +51,8 @@ int cli_model_option(cli_model_args *a, int argc, char **argv, int *i) {
     } else if (strcmp(o, "--threads") == 0) {
         if (cli_size_value(o, v, &n) != 0) return -1;
         a->threads = (int)n;
+    } else if (strcmp(o, "--device") == 0) {
+        if (cli_device_value(v, &a->device) != 0) return -1;
     } else {
         return 0;
     }
@@ -55,6 +64,7 @@ kst_model *cli_open_model(const cli_model_args *a, int *code) {
     kst_model_opts o = kst_model_opts_default();
     o.kind = a->kind;
     o.num_threads = a->threads;
+    o.device = a->device;
     kst_model *m = NULL;
     kst_error err;
     int rc = kst_model_open(a->model, &o, &m, &err);

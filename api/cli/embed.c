@@ -24,6 +24,8 @@ static const char *HELP =
     "  --max-len N      truncate to N tokens (default: the model's)\n"
     "  --batch-size N   texts per forward pass (default 32); texts are grouped by length\n"
     "  --threads N      CPU threads (default: all cores)\n"
+    "  --device D       cpu (default) or cuda: the transformer on the GPU (bf16; needs a build\n"
+    "                   with make CUDA=1 and an NVIDIA GPU); tokenization stays on the CPU\n"
     "  --kind K         dense or colbert (default: detected from the folder)\n";
 
 /* FILE.npy -> FILE.offsets.npy */

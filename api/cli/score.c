@@ -19,6 +19,8 @@ static const char *HELP =
     "  --max-len N      truncate to N tokens (cross: the pair; ColBERT: the passage)\n"
     "  --batch-size N   pairs per forward pass (default 32)\n"
     "  --threads N      CPU threads (default: all cores)\n"
+    "  --device D       cpu (default) or cuda: the transformer on the GPU (bf16; needs a build\n"
+    "                   with make CUDA=1 and an NVIDIA GPU); tokenization stays on the CPU\n"
     "  --kind K         dense, colbert or cross (default: detected from the folder)\n";
 
 int cmd_score(int argc, char **argv) {

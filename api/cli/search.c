@@ -24,6 +24,7 @@ static const char *HELP =
     "  --rerank N       candidates re-ranked by MaxSim (default 100)\n"
     "  --cross-k N      candidates re-ranked by the cross-encoder (default 20)\n"
     "  --nprobe N       IVF lists probed (default 16)\n"
+    "  --device D       cpu (default) or cuda: encoders and exact (Flat) dense search on the GPU\n"
     "  --format F       text, tsv (id score stage title), json, or trec\n"
     "  --model/--colbert/--cross DIR   use these model folders instead of the recorded ones\n"
     "                   (the dense and ColBERT weights must be the ones the index was built with)\n";
@@ -97,7 +98,9 @@ int cmd_search(int argc, char **argv) {
         else if (strcmp(o, "--model") == 0) io.model = v;
         else if (strcmp(o, "--colbert") == 0) io.colbert = v;
         else if (strcmp(o, "--cross") == 0) io.cross = v;
-        else if (strcmp(o, "--stages") == 0) {
+        else if (strcmp(o, "--device") == 0) {
+            if (cli_device_value(v, &io.device) != 0) return KST_EXIT_USAGE;
+        } else if (strcmp(o, "--stages") == 0) {
             unsigned bits = 0;
             kst_error perr;
             if (kst_search_stages_parse(v, &bits, &perr) != KST_OK) return cli_usage_error("search", "--stages: %s", perr.msg);

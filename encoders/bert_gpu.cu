@@ -1,0 +1,645 @@
+/* bert_gpu.cu - BERT / DistilBERT forward on the GPU: cuBLAS bf16 matrix products with float32
+ * accumulation, fused LayerNorm / activation kernels and a flash-style attention kernel. */
+#include "core/gpu_util.cuh"
+
+#include <cuda_bf16.h>
+#include <math.h>
+#include <mma.h>
+#include <mutex>
+#include <stdint.h>
+#include <string.h>
+
+extern "C" {
+#include "core/mem.h"
+#include "encoders/bert_gpu.h"
+}
+
+typedef __nv_bfloat16 bf16;
+
+/* ------------------------------------------------------------------------------------------ */
+/* row kernels: one warp per token row; a lane holds 8 consecutive values per chunk */
+
+#define ROW_WARPS 8
+
+__device__ __forceinline__ void load8(const bf16 *p, float *v) {
+    uint4 u = *reinterpret_cast<const uint4 *>(p);
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __bfloat1622float2(h[i]);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void store8(bf16 *p, const float *v) {
+    uint4 u;
+    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4 *>(p) = u;
+}
+__device__ __forceinline__ void load8f(const float *p, float *v) {
+    float4 a = *reinterpret_cast<const float4 *>(p), b = *reinterpret_cast<const float4 *>(p + 4);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* LayerNorm of the row held in v (NCH chunks of 8 per lane; chunk ch = lane + 32 j valid when
+ * ch < nch), written as bf16 to y and, when yf != NULL, as float32 to yf. */
+template <int NCH>
+__device__ __forceinline__ void ln_store(float (&v)[NCH][8], int lane, int nch, int C, const float *w,
+                                         const float *b, float eps, bf16 *y, float *yf) {
+    float s = 0;
+#pragma unroll
+    for (int j = 0; j < NCH; j++)
+        if (lane + 32 * j < nch)
+#pragma unroll
+            for (int e = 0; e < 8; e++) s += v[j][e];
+    float mean = warp_sum(s) / C;
+    float q = 0;
+#pragma unroll
+    for (int j = 0; j < NCH; j++)
+        if (lane + 32 * j < nch)
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                float d = v[j][e] - mean;
+                q += d * d;
+            }
+    float rstd = rsqrtf(warp_sum(q) / C + eps);
+#pragma unroll
+    for (int j = 0; j < NCH; j++) {
+        int ch = lane + 32 * j;
+        if (ch < nch) {
+            float wv[8], bv[8], o[8];
+            load8f(w + ch * 8, wv);
+            load8f(b + ch * 8, bv);
+#pragma unroll
+            for (int e = 0; e < 8; e++) o[e] = (v[j][e] - mean) * rstd * wv[e] + bv[e];
+            store8(y + ch * 8, o);
+            if (yf) {
+                float4 *f = reinterpret_cast<float4 *>(yf + ch * 8);
+                f[0] = make_float4(o[0], o[1], o[2], o[3]);
+                f[1] = make_float4(o[4], o[5], o[6], o[7]);
+            }
+        }
+    }
+}
+
+/* y = LN(wte[id] + wpe[t] + wtt[type]) */
+template <int NCH>
+__global__ void embed_ln_kernel(bf16 *y, float *yf, const int32_t *ids, const int32_t *types,
+                                const float *wte, const float *wpe, const float *wtt, const float *lnw,
+                                const float *lnb, int BT, int T, int C, float eps) {
+    int row = blockIdx.x * ROW_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= BT) return;
+    int nch = C / 8, t = row % T;
+    const float *we = wte + (size_t)ids[row] * C, *pe = wpe + (size_t)t * C;
+    const float *te = wtt ? wtt + (size_t)(types ? types[row] : 0) * C : NULL;
+    float v[NCH][8];
+#pragma unroll
+    for (int j = 0; j < NCH; j++) {
+        int ch = lane + 32 * j;
+        if (ch < nch) {
+            float a[8], b[8];
+            load8f(we + ch * 8, a);
+            load8f(pe + ch * 8, b);
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[j][e] = a[e] + b[e];
+            if (te) {
+                load8f(te + ch * 8, a);
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[j][e] += a[e];
+            }
+        }
+    }
+    ln_store<NCH>(v, lane, nch, C, lnw, lnb, eps, y + (size_t)row * C, yf ? yf + (size_t)row * C : NULL);
+}
+
+/* x = LN(a + bias + x): the residual stream x is read and overwritten in place. */
+template <int NCH>
+__global__ void bias_residual_ln_kernel(bf16 *x, float *xf, const bf16 *a, const float *bias,
+                                        const float *lnw, const float *lnb, int BT, int C, float eps) {
+    int row = blockIdx.x * ROW_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= BT) return;
+    int nch = C / 8;
+    float v[NCH][8];
+#pragma unroll
+    for (int j = 0; j < NCH; j++) {
+        int ch = lane + 32 * j;
+        if (ch < nch) {
+            float p[8], r[8], bb[8];
+            load8(a + (size_t)row * C + ch * 8, p);
+            load8(x + (size_t)row * C + ch * 8, r);
+            load8f(bias + ch * 8, bb);
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[j][e] = p[e] + bb[e] + r[e];
+        }
+    }
+    ln_store<NCH>(v, lane, nch, C, lnw, lnb, eps, x + (size_t)row * C, xf ? xf + (size_t)row * C : NULL);
+}
+
+/* h = act(h + bias), in place, 8 values per thread (FF % 8 == 0). */
+__device__ __forceinline__ float act_fn(float x, int act) {
+    switch (act) {
+    case KST_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case KST_ACT_GELU_TANH: {
+        const float k = 0.7978845608028654f;
+        return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+    }
+    case KST_ACT_RELU: return x > 0 ? x : 0.0f;
+    case KST_ACT_TANH: return tanhf(x);
+    default: return x;
+    }
+}
+
+__global__ void bias_act_kernel(bf16 *h, const float *bias, size_t n8, int FF, int act) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    int col = (int)((i * 8) % FF);
+    float v[8], b[8];
+    load8(h + i * 8, v);
+    load8f(bias + col, b);
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = act_fn(v[e] + b[e], act);
+    store8(h + i * 8, v);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* attention: grid (query tiles of 64, heads, batch), 4 warps of 16 query rows each.
+ *
+ * Q (scaled by log2(e)/sqrt(hs)), K and V tiles (64 x HSP, bias added, zero-padded past hs) sit
+ * in shared memory as bf16. Per key tile each warp computes S = Q K^T (16 x 64) with the tensor
+ * cores, takes the online softmax in base 2 (two lanes per row, 32 columns each), writes P as
+ * bf16 and adds P V (16 x HSP) into float32 accumulators held in registers, rescaled as the row
+ * maximum grows. Keys at or past the sequence's valid length are masked (-inf), tiles wholly past
+ * it are skipped. */
+
+namespace wmma = nvcuda::wmma;
+
+#define ATT_Q 64
+#define ATT_K 64
+#define ATT_THREADS 128
+
+template <int HSP>
+struct att_smem {
+    static constexpr int LDQ = HSP + 8;                        /* bf16 */
+    static constexpr int LDS = (HSP + 4) > 68 ? (HSP + 4) : 68; /* float */
+    static constexpr int LDP = ATT_K + 8;                      /* bf16 */
+    static constexpr size_t q_off = 0;
+    static constexpr size_t k_off = q_off + (size_t)ATT_Q * LDQ * 2;
+    static constexpr size_t v_off = k_off + (size_t)ATT_K * LDQ * 2;
+    static constexpr size_t s_off = v_off + (size_t)ATT_K * LDQ * 2;
+    static constexpr size_t p_off = s_off + (size_t)4 * 16 * LDS * 4;
+    static constexpr size_t bytes = p_off + (size_t)4 * 16 * LDP * 2;
+};
+
+/* Loads rows [r0, r0+64) of one of q/k/v (part 0/1/2) of head h, batch b, into dst (64 x HSP),
+ * adding the bias and multiplying by scale; rows past `rows` and columns past hs are zero. */
+template <int HSP>
+__device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *qkv, const float *bias, int b, int T,
+                                          int C, int hs, int h, int part, int r0, int rows, float scale) {
+    constexpr int LDQ = att_smem<HSP>::LDQ;
+    /* hs is a multiple of 8 (C and NH checked at create): 8-wide chunks */
+    const int cpr = HSP / 8;
+    for (int i = threadIdx.x; i < ATT_Q * cpr; i += ATT_THREADS) {
+        int r = i / cpr, c8 = (i % cpr) * 8;
+        float v[8];
+        if (r0 + r < rows && c8 < hs) {
+            const bf16 *src = qkv + ((size_t)b * T + r0 + r) * 3 * C + (size_t)part * C + (size_t)h * hs + c8;
+            float bb[8];
+            load8(src, v);
+            load8f(bias + (size_t)part * C + (size_t)h * hs + c8, bb);
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = (v[e] + bb[e]) * scale;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = 0.0f;
+        }
+        store8(dst + r * LDQ + c8, v);
+    }
+}
+
+template <int HSP>
+__global__ void __launch_bounds__(ATT_THREADS)
+attention_kernel(bf16 *out, const bf16 *qkv, const float *bias, const int *valid, int T, int C, int NH) {
+    typedef att_smem<HSP> L;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16 *Qs = (bf16 *)(smem + L::q_off), *Ks = (bf16 *)(smem + L::k_off), *Vs = (bf16 *)(smem + L::v_off);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float *Ss = (float *)(smem + L::s_off) + warp * 16 * L::LDS;
+    bf16 *Ps = (bf16 *)(smem + L::p_off) + warp * 16 * L::LDP;
+    const int q0 = blockIdx.x * ATT_Q, h = blockIdx.y, b = blockIdx.z;
+    const int hs = C / NH;
+    int Lv = valid[b];
+    if (Lv > T) Lv = T;
+    if (Lv < 1) Lv = 1;
+    const float qscale = rsqrtf((float)hs) * 1.4426950408889634f;
+    load_tile<HSP>(Qs, qkv, bias, b, T, C, hs, h, 0, q0, T, qscale);
+    /* lane -> row lane/2 of this warp's 16, columns (lane&1)*HSP/2 .. +HSP/2 of the output */
+    constexpr int OC = HSP / 2;
+    const int my_row = lane >> 1, half = lane & 1;
+    float o[OC];
+#pragma unroll
+    for (int c = 0; c < OC; c++) o[c] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    const int ntiles = (Lv + ATT_K - 1) / ATT_K;
+    for (int kt = 0; kt < ntiles; kt++) {
+        const int k0 = kt * ATT_K;
+        __syncthreads(); /* previous tile's K/V fully used (and Q written, first time) */
+        load_tile<HSP>(Ks, qkv, bias, b, T, C, hs, h, 1, k0, Lv, 1.0f);
+        load_tile<HSP>(Vs, qkv, bias, b, T, C, hs, h, 2, k0, Lv, 1.0f);
+        __syncthreads();
+        /* S (16 x 64) = Q_w (16 x HSP) K^T */
+        {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[ATT_K / 16];
+#pragma unroll
+            for (int n = 0; n < ATT_K / 16; n++) wmma::fill_fragment(acc[n], 0.0f);
+#pragma unroll
+            for (int kk = 0; kk < HSP / 16; kk++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                wmma::load_matrix_sync(a, Qs + warp * 16 * L::LDQ + kk * 16, L::LDQ);
+#pragma unroll
+                for (int n = 0; n < ATT_K / 16; n++) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bk;
+                    wmma::load_matrix_sync(bk, Ks + n * 16 * L::LDQ + kk * 16, L::LDQ);
+                    wmma::mma_sync(acc[n], a, bk, acc[n]);
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < ATT_K / 16; n++)
+                wmma::store_matrix_sync(Ss + n * 16, acc[n], L::LDS, wmma::mem_row_major);
+        }
+        __syncwarp();
+        /* online softmax: this lane's 32 scores of row my_row */
+        {
+            const float *srow = Ss + my_row * L::LDS + half * 32;
+            float s[32];
+            float mx = -INFINITY;
+#pragma unroll
+            for (int c = 0; c < 32; c++) {
+                int key = k0 + half * 32 + c;
+                s[c] = key < Lv ? srow[c] : -INFINITY;
+                mx = fmaxf(mx, s[c]);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            float mnew = fmaxf(m, mx);
+            float alpha = exp2f(m - mnew); /* m = -inf the first time: alpha = 0 */
+            float sum = 0.0f;
+            bf16 *prow = Ps + my_row * L::LDP + half * 32;
+#pragma unroll
+            for (int c = 0; c < 32; c += 2) {
+                float p0 = exp2f(s[c] - mnew), p1 = exp2f(s[c + 1] - mnew);
+                __nv_bfloat162 pb = __floats2bfloat162_rn(p0, p1);
+                /* the sum uses the rounded probabilities that multiply V */
+                float2 pr = __bfloat1622float2(pb);
+                sum += pr.x + pr.y;
+                *reinterpret_cast<__nv_bfloat162 *>(prow + c) = pb;
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            l = l * alpha + sum;
+            m = mnew;
+#pragma unroll
+            for (int c = 0; c < OC; c++) o[c] *= alpha;
+        }
+        __syncwarp();
+        /* O_part (16 x HSP) = P (16 x 64) V (64 x HSP), into Ss */
+        {
+#pragma unroll
+            for (int n = 0; n < HSP / 16; n++) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+                wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+                for (int kk = 0; kk < ATT_K / 16; kk++) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bv;
+                    wmma::load_matrix_sync(a, Ps + kk * 16, L::LDP);
+                    wmma::load_matrix_sync(bv, Vs + kk * 16 * L::LDQ + n * 16, L::LDQ);
+                    wmma::mma_sync(acc, a, bv, acc);
+                }
+                wmma::store_matrix_sync(Ss + n * 16, acc, L::LDS, wmma::mem_row_major);
+            }
+        }
+        __syncwarp();
+        {
+            const float *orow = Ss + my_row * L::LDS + half * OC;
+#pragma unroll
+            for (int c = 0; c < OC; c++) o[c] += orow[c];
+        }
+        __syncwarp();
+    }
+    const int q = q0 + warp * 16 + my_row;
+    if (q < T) {
+        float inv = 1.0f / l;
+        bf16 *dst = out + ((size_t)b * T + q) * C + (size_t)h * hs;
+#pragma unroll
+        for (int c = 0; c < OC; c += 8) {
+            int col = half * OC + c;
+            if (col < hs) {
+                float v[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[e] = o[c + e] * inv;
+                store8(dst + col, v);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the model on the device */
+
+struct kst_bert_gpu {
+    kst_bert_config cfg;
+    cublasHandle_t blas;
+    cudaStream_t stream;
+    /* weights */
+    float *wte, *wpe, *wtt, *emblnw, *emblnb, *qkvb, *attprojb, *ln1w, *ln1b, *fcb, *fcprojb, *ln2w, *ln2b;
+    bf16 *qkvw, *attprojw, *fcw, *fcprojw;
+    void *wmem;      /* one allocation behind the float weights */
+    bf16 *bmem;      /* one allocation behind the bf16 weights */
+    size_t wbytes;
+    /* activations, for cap_tokens tokens */
+    bf16 *x, *qkv, *atty, *tmp, *ff;
+    float *hid;      /* (BT, C) float32 last hidden states */
+    int32_t *dids, *dtypes;
+    int *dvalid;
+    size_t cap_tokens, cap_batch, act_bytes, peak;
+    /* pinned staging for the inputs */
+    int32_t *h_in;
+    size_t h_in_cap;
+    std::mutex *mu;
+};
+
+__global__ void f32_to_bf16_kernel(bf16 *out, const float *in, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __float2bfloat16_rn(in[i]);
+}
+
+extern "C" void kst_bert_gpu_free(kst_bert_gpu *g) {
+    if (!g) return;
+    if (g->stream) cudaStreamSynchronize(g->stream);
+    cudaFree(g->wmem);
+    cudaFree(g->bmem);
+    cudaFree(g->x);
+    cudaFree(g->qkv);
+    cudaFree(g->atty);
+    cudaFree(g->tmp);
+    cudaFree(g->ff);
+    cudaFree(g->hid);
+    cudaFree(g->dids);
+    cudaFree(g->dtypes);
+    cudaFree(g->dvalid);
+    cudaFreeHost(g->h_in);
+    if (g->blas) cublasDestroy(g->blas);
+    if (g->stream) cudaStreamDestroy(g->stream);
+    delete g->mu;
+    kst_free(g);
+}
+
+template <int HSP>
+static int set_att_smem(kst_error *err) {
+    int rc = KST_OK;
+    CU_TRY(cudaFuncSetAttribute(attention_kernel<HSP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)att_smem<HSP>::bytes),
+           "raising the attention kernel's shared memory");
+done:
+    return rc;
+}
+
+extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_error *err) {
+    *out = NULL;
+    int rc = kst_gpu_check(err);
+    if (rc != KST_OK) return rc;
+    const kst_bert_config *c = &m->cfg;
+    size_t C = c->C, FF = c->FF, L = c->L, hs = c->C / c->NH;
+    if (C % 8 || FF % 8 || hs % 8 || hs > 128 || C > 1024)
+        return kst_fail(err, KST_ERR_UNSUPPORTED,
+                        "GPU encoder: hidden size %zu, feed-forward %zu, head size %zu: the GPU kernels "
+                        "need multiples of 8, a head size of at most 128 and a hidden size of at most "
+                        "1024; use --device cpu for this model",
+                        C, FF, hs);
+    kst_bert_gpu *g = (kst_bert_gpu *)kst_calloc(1, sizeof *g, "GPU encoder", err);
+    if (!g) return KST_ERR_NOMEM;
+    g->cfg = *c;
+    g->mu = new std::mutex();
+    const kst_bert_params *p = &m->params;
+    float *stage = NULL;
+    CU_TRY(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking), "creating a stream");
+    CUBLAS_TRY(cublasCreate(&g->blas), "creating the cuBLAS handle");
+    CUBLAS_TRY(cublasSetStream(g->blas, g->stream), "cublasSetStream");
+    {
+        /* float32 tensors: embeddings, LayerNorms, biases (each 16-byte aligned) */
+        struct { const float *src; size_t n; float **dst; } fl[] = {
+            {p->wte, c->V * C, &g->wte},     {p->wpe, c->P * C, &g->wpe},      {p->wtt, c->TT * C, &g->wtt},
+            {p->emblnw, C, &g->emblnw},      {p->emblnb, C, &g->emblnb},       {p->qkvb, L * 3 * C, &g->qkvb},
+            {p->attprojb, L * C, &g->attprojb}, {p->ln1w, L * C, &g->ln1w},    {p->ln1b, L * C, &g->ln1b},
+            {p->fcb, L * FF, &g->fcb},       {p->fcprojb, L * C, &g->fcprojb}, {p->ln2w, L * C, &g->ln2w},
+            {p->ln2b, L * C, &g->ln2b}};
+        size_t nfl = sizeof fl / sizeof fl[0], total = 0;
+        for (size_t i = 0; i < nfl; i++) total += (fl[i].n + 3) & ~(size_t)3;
+        KST_TRY(kst_gpu_alloc(&g->wmem, total * 4, "the encoder's float32 weights", err));
+        float *at = (float *)g->wmem;
+        for (size_t i = 0; i < nfl; i++) {
+            *fl[i].dst = fl[i].n ? at : NULL;
+            if (fl[i].n) CU_TRY(cudaMemcpy(at, fl[i].src, fl[i].n * 4, cudaMemcpyHostToDevice), "uploading weights");
+            at += (fl[i].n + 3) & ~(size_t)3;
+        }
+        /* bf16 matrices, converted on the device through a float32 staging buffer */
+        struct { const float *src; size_t n; bf16 **dst; } bl[] = {
+            {p->qkvw, L * 3 * C * C, &g->qkvw}, {p->attprojw, L * C * C, &g->attprojw},
+            {p->fcw, L * FF * C, &g->fcw},      {p->fcprojw, L * C * FF, &g->fcprojw}};
+        size_t btotal = 0, bmax = 0;
+        for (int i = 0; i < 4; i++) {
+            btotal += (bl[i].n + 7) & ~(size_t)7;
+            bmax = bl[i].n > bmax ? bl[i].n : bmax;
+        }
+        KST_TRY(kst_gpu_alloc((void **)&g->bmem, btotal * 2, "the encoder's bf16 weights", err));
+        KST_TRY(kst_gpu_alloc((void **)&stage, bmax * 4, "weight staging", err));
+        bf16 *bat = g->bmem;
+        for (int i = 0; i < 4; i++) {
+            *bl[i].dst = bat;
+            CU_TRY(cudaMemcpy(stage, bl[i].src, bl[i].n * 4, cudaMemcpyHostToDevice), "uploading weights");
+            f32_to_bf16_kernel<<<(unsigned)((bl[i].n + 255) / 256), 256, 0, g->stream>>>(bat, stage, bl[i].n);
+            CU_LAUNCHED("bf16 conversion");
+            CU_TRY(cudaStreamSynchronize(g->stream), "bf16 conversion");
+            bat += (bl[i].n + 7) & ~(size_t)7;
+        }
+        g->wbytes = total * 4 + btotal * 2;
+        g->peak = g->wbytes;
+    }
+    KST_TRY(set_att_smem<16>(err));
+    KST_TRY(set_att_smem<32>(err));
+    KST_TRY(set_att_smem<64>(err));
+    KST_TRY(set_att_smem<128>(err));
+    cudaFree(stage);
+    *out = g;
+    return KST_OK;
+done:
+    cudaFree(stage);
+    kst_bert_gpu_free(g);
+    return rc;
+}
+
+static int reserve(kst_bert_gpu *g, size_t B, size_t BT, kst_error *err) {
+    int rc = KST_OK;
+    size_t C = g->cfg.C, FF = g->cfg.FF;
+    if (BT > g->cap_tokens) {
+        bf16 **bs[] = {&g->x, &g->qkv, &g->atty, &g->tmp, &g->ff};
+        size_t widths[] = {C, 3 * C, C, C, FF};
+        for (int i = 0; i < 5; i++) {
+            cudaFree(*bs[i]);
+            *bs[i] = NULL;
+        }
+        cudaFree(g->hid);
+        cudaFree(g->dids);
+        cudaFree(g->dtypes);
+        g->hid = NULL;
+        g->dids = g->dtypes = NULL;
+        g->cap_tokens = 0;
+        for (int i = 0; i < 5; i++) KST_TRY(kst_gpu_alloc((void **)bs[i], BT * widths[i] * 2, "encoder activations", err));
+        KST_TRY(kst_gpu_alloc((void **)&g->hid, BT * C * 4, "encoder hidden states", err));
+        KST_TRY(kst_gpu_alloc((void **)&g->dids, BT * 4, "token ids", err));
+        KST_TRY(kst_gpu_alloc((void **)&g->dtypes, BT * 4, "token types", err));
+        g->cap_tokens = BT;
+        g->act_bytes = BT * (C * 2 * 6 + FF * 2 + C * 4 + 8);
+    }
+    if (B > g->cap_batch) {
+        cudaFree(g->dvalid);
+        g->dvalid = NULL;
+        g->cap_batch = 0;
+        KST_TRY(kst_gpu_alloc((void **)&g->dvalid, B * sizeof(int), "sequence lengths", err));
+        g->cap_batch = B;
+    }
+    if (2 * BT + B > g->h_in_cap) {
+        cudaFreeHost(g->h_in);
+        g->h_in = NULL;
+        g->h_in_cap = 0;
+        CU_TRY(cudaMallocHost((void **)&g->h_in, (2 * BT + B) * 4), "pinned input buffer");
+        g->h_in_cap = 2 * BT + B;
+    }
+    if (g->wbytes + g->act_bytes + B * 4 > g->peak) g->peak = g->wbytes + g->act_bytes + B * 4;
+done:
+    return rc;
+}
+
+/* out (N, OC) = in (N, K) @ W (OC, K)^T, bf16 in and out, float32 accumulation */
+static int gemm(kst_bert_gpu *g, bf16 *out, const bf16 *in, const bf16 *W, int N, int K, int OC, kst_error *err) {
+    int rc = KST_OK;
+    const float one = 1.0f, zero = 0.0f;
+    CUBLAS_TRY(cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, K, &one, W, CUDA_R_16BF, K, in,
+                            CUDA_R_16BF, K, &zero, out, CUDA_R_16BF, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "bf16 GEMM");
+done:
+    return rc;
+}
+
+template <int NCH>
+static void launch_embed(kst_bert_gpu *g, int BT, int T) {
+    const kst_bert_config *c = &g->cfg;
+    embed_ln_kernel<NCH><<<(BT + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, g->stream>>>(
+        g->x, c->L == 0 ? g->hid : NULL, g->dids, g->wtt ? g->dtypes : NULL, g->wte, g->wpe, g->wtt,
+        g->emblnw, g->emblnb, BT, T, (int)c->C, c->eps);
+}
+template <int NCH>
+static void launch_brln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *bias, const float *w,
+                        const float *b, int BT) {
+    bias_residual_ln_kernel<NCH><<<(BT + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, g->stream>>>(
+        g->x, xf, a, bias, w, b, BT, (int)g->cfg.C, g->cfg.eps);
+}
+static void embed(kst_bert_gpu *g, int BT, int T) {
+    int nch = (int)(g->cfg.C / 8 + 31) / 32;
+    if (nch <= 1) launch_embed<1>(g, BT, T);
+    else if (nch == 2) launch_embed<2>(g, BT, T);
+    else if (nch == 3) launch_embed<3>(g, BT, T);
+    else launch_embed<4>(g, BT, T);
+}
+static void brln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *bias, const float *w, const float *b, int BT) {
+    int nch = (int)(g->cfg.C / 8 + 31) / 32;
+    if (nch <= 1) launch_brln<1>(g, xf, a, bias, w, b, BT);
+    else if (nch == 2) launch_brln<2>(g, xf, a, bias, w, b, BT);
+    else if (nch == 3) launch_brln<3>(g, xf, a, bias, w, b, BT);
+    else launch_brln<4>(g, xf, a, bias, w, b, BT);
+}
+
+static void attention(kst_bert_gpu *g, const float *qkvb, int B, int T) {
+    const kst_bert_config *c = &g->cfg;
+    int hs = (int)(c->C / c->NH);
+    dim3 grid((unsigned)((T + ATT_Q - 1) / ATT_Q), (unsigned)c->NH, (unsigned)B);
+    if (hs <= 16)
+        attention_kernel<16><<<grid, ATT_THREADS, att_smem<16>::bytes, g->stream>>>(g->atty, g->qkv, qkvb, g->dvalid, T, (int)c->C, (int)c->NH);
+    else if (hs <= 32)
+        attention_kernel<32><<<grid, ATT_THREADS, att_smem<32>::bytes, g->stream>>>(g->atty, g->qkv, qkvb, g->dvalid, T, (int)c->C, (int)c->NH);
+    else if (hs <= 64)
+        attention_kernel<64><<<grid, ATT_THREADS, att_smem<64>::bytes, g->stream>>>(g->atty, g->qkv, qkvb, g->dvalid, T, (int)c->C, (int)c->NH);
+    else
+        attention_kernel<128><<<grid, ATT_THREADS, att_smem<128>::bytes, g->stream>>>(g->atty, g->qkv, qkvb, g->dvalid, T, (int)c->C, (int)c->NH);
+}
+
+extern "C" int kst_bert_gpu_forward(kst_bert_gpu *g, float *out, const int32_t *ids, const int32_t *type_ids,
+                                    const int *valid, size_t B, size_t T, kst_error *err) {
+    const kst_bert_config *c = &g->cfg;
+    size_t C = c->C, FF = c->FF, BT = B * T;
+    int rc = KST_OK;
+    if (T > c->P)
+        return kst_fail(err, KST_ERR_INVALID, "sequence of %zu tokens exceeds the model's %zu positions", T, c->P);
+    if (BT == 0) return KST_OK;
+    if (BT > INT32_MAX / 4) return kst_fail(err, KST_ERR_INVALID, "GPU encoder: batch of %zu tokens is too large", BT);
+    for (size_t i = 0; i < BT; i++) {
+        if (ids[i] < 0 || (size_t)ids[i] >= c->V)
+            return kst_fail(err, KST_ERR_INVALID, "token id %d at position %zu is outside the %zu-token vocabulary",
+                            ids[i], i % T, c->V);
+        if (c->TT && type_ids && (type_ids[i] < 0 || (size_t)type_ids[i] >= c->TT))
+            return kst_fail(err, KST_ERR_INVALID, "token type %d at position %zu exceeds type_vocab_size %zu",
+                            type_ids[i], i % T, c->TT);
+    }
+    std::lock_guard<std::mutex> lock(*g->mu);
+    /* the previous forward (queued with out == NULL) must be done before its buffers change */
+    CU_TRY(cudaStreamSynchronize(g->stream), "waiting for the previous batch");
+    KST_TRY(reserve(g, B, BT, err));
+    /* inputs: one pinned staging buffer, one copy per array */
+    memcpy(g->h_in, ids, BT * 4);
+    if (type_ids) memcpy(g->h_in + BT, type_ids, BT * 4);
+    else memset(g->h_in + BT, 0, BT * 4);
+    memcpy(g->h_in + 2 * BT, valid, B * 4);
+    CU_TRY(cudaMemcpyAsync(g->dids, g->h_in, BT * 4, cudaMemcpyHostToDevice, g->stream), "uploading ids");
+    CU_TRY(cudaMemcpyAsync(g->dtypes, g->h_in + BT, BT * 4, cudaMemcpyHostToDevice, g->stream), "uploading ids");
+    CU_TRY(cudaMemcpyAsync(g->dvalid, g->h_in + 2 * BT, B * 4, cudaMemcpyHostToDevice, g->stream), "uploading lengths");
+    embed(g, (int)BT, (int)T);
+    CU_LAUNCHED("embedding + LayerNorm kernel");
+    for (size_t l = 0; l < c->L; l++) {
+        int last = l + 1 == c->L;
+        KST_TRY(gemm(g, g->qkv, g->x, g->qkvw + l * 3 * C * C, (int)BT, (int)C, (int)(3 * C), err));
+        attention(g, g->qkvb + l * 3 * C, (int)B, (int)T);
+        CU_LAUNCHED("attention kernel");
+        KST_TRY(gemm(g, g->tmp, g->atty, g->attprojw + l * C * C, (int)BT, (int)C, (int)C, err));
+        brln(g, NULL, g->tmp, g->attprojb + l * C, g->ln1w + l * C, g->ln1b + l * C, (int)BT);
+        CU_LAUNCHED("bias + residual + LayerNorm kernel");
+        KST_TRY(gemm(g, g->ff, g->x, g->fcw + l * FF * C, (int)BT, (int)C, (int)FF, err));
+        size_t n8 = BT * FF / 8;
+        bias_act_kernel<<<(unsigned)((n8 + 255) / 256), 256, 0, g->stream>>>(g->ff, g->fcb + l * FF, n8, (int)FF, (int)c->act);
+        CU_LAUNCHED("bias + activation kernel");
+        KST_TRY(gemm(g, g->tmp, g->ff, g->fcprojw + l * C * FF, (int)BT, (int)FF, (int)C, err));
+        brln(g, last ? g->hid : NULL, g->tmp, g->fcprojb + l * C, g->ln2w + l * C, g->ln2b + l * C, (int)BT);
+        CU_LAUNCHED("bias + residual + LayerNorm kernel");
+    }
+    if (out) {
+        CU_TRY(cudaMemcpyAsync(out, g->hid, BT * C * 4, cudaMemcpyDeviceToHost, g->stream), "downloading hidden states");
+        CU_TRY(cudaStreamSynchronize(g->stream), "GPU encoder forward");
+    }
+done:
+    return rc;
+}
+
+extern "C" int kst_bert_gpu_sync(kst_bert_gpu *g, kst_error *err) {
+    int rc = KST_OK;
+    CU_TRY(cudaStreamSynchronize(g->stream), "GPU encoder forward");
+done:
+    return rc;
+}
+
+extern "C" const float *kst_bert_gpu_hidden(const kst_bert_gpu *g) { return g->hid; }
+extern "C" size_t kst_bert_gpu_peak_bytes(const kst_bert_gpu *g) { return g->peak; }

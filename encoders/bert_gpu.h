@@ -1,0 +1,41 @@
+/* bert_gpu.h - the transformer's forward pass on the GPU (built with CUDA=1; without it every
+ * call fails with KST_ERR_UNSUPPORTED and says how to get it).
+ *
+ * The same computation as kst_bert_forward (encoders/bert.h) in bf16 with float32 accumulation:
+ * weights of the matrix products in bf16 (cuBLAS, float32 accumulate), embeddings, biases and
+ * LayerNorm parameters in float32; a fused embedding + LayerNorm kernel, bias + residual +
+ * LayerNorm, bias + activation, and a fused flash-style attention kernel over the padded batch
+ * (per query tile an online softmax over key tiles; no T x T matrix is stored; keys past a
+ * sequence's length are masked and tiles wholly past it skipped). Results match the float32 CPU
+ * pass within bf16 rounding (cosine >= 0.999 for pooled embeddings). One kst_bert_gpu runs one
+ * forward at a time (calls are serialised inside). */
+#ifndef KST_ENCODERS_BERT_GPU_H
+#define KST_ENCODERS_BERT_GPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/error.h"
+#include "encoders/bert.h"
+
+typedef struct kst_bert_gpu kst_bert_gpu;
+
+/* Copies m's transformer weights to the GPU. Fails with KST_ERR_UNSUPPORTED when there is no
+ * GPU backend or device, or when a size does not suit the kernels (hidden and feed-forward
+ * widths multiples of 8, head size at most 128, hidden size at most 1024). */
+int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_error *err);
+void kst_bert_gpu_free(kst_bert_gpu *g);
+
+/* As kst_bert_forward: ids, type_ids (B, T) (type_ids may be NULL), valid (B), host memory.
+ * out (B, T, C) float32 host memory receives the last hidden states; when out is NULL they stay
+ * on the GPU (kst_bert_gpu_hidden gives them) and the call returns once the work is queued
+ * (kst_bert_gpu_sync waits). Errors as kst_bert_forward's. */
+int kst_bert_gpu_forward(kst_bert_gpu *g, float *out, const int32_t *ids, const int32_t *type_ids,
+                         const int *valid, size_t B, size_t T, kst_error *err);
+int kst_bert_gpu_sync(kst_bert_gpu *g, kst_error *err);
+/* The device pointer of the last hidden states (B, T, C) float32 of the last forward. */
+const float *kst_bert_gpu_hidden(const kst_bert_gpu *g);
+/* Most GPU memory this encoder has held at once (weights + activations), in bytes. */
+size_t kst_bert_gpu_peak_bytes(const kst_bert_gpu *g);
+
+#endif

@@ -1,0 +1,178 @@
+/* bench_gpu.c - the GPU backend's speed on one GPU, each figure printed as JSON for
+ * tests/gpu/report.py to set beside its PyTorch anchor measured in the same run
+ * (tests/bench/bench_gpu_torch.py). Built and run by tests/gpu/run_all.sh.
+ *
+ * usage:
+ *   bench_gpu search DB.npy Q.npy K REPS FP16 [ANCHOR_IDS.npy]
+ *       kst_gpu_flat over DB (n, d) float32 (kept as float16 when FP16 = 1), all of Q searched
+ *       per call (host queries in, host results out, as torch.mm + torch.topk with .cuda() and
+ *       .cpu()); one warm-up call, REPS timed; median. ANCHOR_IDS (nq', K) int64: PyTorch's ids
+ *       for the first nq' queries: the fraction identical is printed.
+ *   bench_gpu encode MODEL_DIR B T REPS [IDS.npy VALID.npy HIDDEN.npy]
+ *       kst_bert_gpu_forward on a (B, T) batch of random ids, all T valid (the last hidden states
+ *       stay on the GPU, as the anchor's), 3 warm-ups, REPS timed; median. The optional files:
+ *       a padded batch (ids (b, t) int64, valid (b) int64) and PyTorch's float32 last hidden
+ *       states (b, t, C) for it: min cosine over the valid token rows is printed.
+ * FLOPs per sequence: L * (2*T*(4C^2 + 2*C*FF) + 4*T^2*C), as tests/bench/README.md. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/gpu.h"
+#include "core/npy.h"
+#include "encoders/bert_gpu.h"
+#include "encoders/encoder.h"
+#include "index/gpu_search.h"
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+static void die(const char *what, const kst_error *err) {
+    fprintf(stderr, "bench_gpu: %s: %s\n", what, err ? err->msg : "");
+    exit(1);
+}
+
+static int search_main(int argc, char **argv) {
+    if (argc < 7) return fprintf(stderr, "usage: bench_gpu search DB.npy Q.npy K REPS FP16 [ANCHOR_IDS.npy]\n"), 2;
+    kst_error err;
+    kst_npy db, q;
+    if (kst_npy_read(argv[2], &db, &err) != KST_OK) die(argv[2], &err);
+    if (kst_npy_read(argv[3], &q, &err) != KST_OK) die(argv[3], &err);
+    int k = atoi(argv[4]), reps = atoi(argv[5]), fp16 = atoi(argv[6]);
+    size_t n = db.shape[0], d = db.shape[1], nq = q.shape[0];
+    kst_gpu_flat *g = NULL;
+    double t0 = now();
+    if (kst_gpu_flat_create((int)d, fp16, &g, &err) != KST_OK) die("create", &err);
+    if (kst_gpu_flat_add(g, (int64_t)n, db.data, NULL, &err) != KST_OK) die("add", &err);
+    double upload = now() - t0;
+    float *sc = malloc(nq * (size_t)k * sizeof(float));
+    int64_t *ids = malloc(nq * (size_t)k * sizeof(int64_t));
+    if (kst_gpu_flat_search(g, (int64_t)nq, q.data, k, sc, ids, &err) != KST_OK) die("search", &err);
+    double *t = malloc((size_t)reps * sizeof(double));
+    for (int r = 0; r < reps; r++) {
+        double a = now();
+        if (kst_gpu_flat_search(g, (int64_t)nq, q.data, k, sc, ids, &err) != KST_OK) die("search", &err);
+        t[r] = now() - a;
+    }
+    double med = median(t, reps);
+    double same = -1;
+    if (argc > 7) {
+        kst_npy an;
+        if (kst_npy_read(argv[7], &an, &err) != KST_OK) die(argv[7], &err);
+        size_t m = an.shape[0] < nq ? an.shape[0] : nq, eq = 0;
+        const int64_t *ai = an.data;
+        for (size_t i = 0; i < m; i++)
+            for (int r = 0; r < k; r++)
+                for (int r2 = 0; r2 < k; r2++)
+                    if (ids[i * k + r] == ai[i * an.shape[1] + r2]) {
+                        eq++;
+                        break;
+                    }
+        same = (double)eq / (double)(m * (size_t)k);
+        kst_npy_free(&an);
+    }
+    printf("{\"bench\": \"search\", \"fp16\": %d, \"n\": %zu, \"d\": %zu, \"nq\": %zu, \"k\": %d, "
+           "\"seconds\": %.6f, \"qps\": %.1f, \"upload_s\": %.3f, \"gpu_bytes\": %zu, "
+           "\"overlap_with_anchor_ids\": %.6f}\n",
+           fp16, n, d, nq, k, med, nq / med, upload, kst_gpu_flat_bytes(g), same);
+    kst_gpu_flat_free(g);
+    kst_npy_free(&db);
+    kst_npy_free(&q);
+    free(sc), free(ids), free(t);
+    return 0;
+}
+
+static int encode_main(int argc, char **argv) {
+    if (argc < 6) return fprintf(stderr, "usage: bench_gpu encode MODEL_DIR B T REPS [IDS VALID HIDDEN]\n"), 2;
+    kst_error err;
+    kst_encoder *e = NULL;
+    if (kst_encoder_open(argv[2], KST_ROLE_AUTO, &e, &err) != KST_OK) die(argv[2], &err);
+    size_t B = (size_t)atol(argv[3]), T = (size_t)atol(argv[4]);
+    int reps = atoi(argv[5]);
+    const kst_bert_config *c = &e->bert.cfg;
+    kst_bert_gpu *g = NULL;
+    if (kst_bert_gpu_create(&e->bert, &g, &err) != KST_OK) die("GPU encoder", &err);
+    double parity = -1;
+    if (argc > 8) {
+        kst_npy ids, valid, hid;
+        if (kst_npy_read(argv[6], &ids, &err) != KST_OK) die(argv[6], &err);
+        if (kst_npy_read(argv[7], &valid, &err) != KST_OK) die(argv[7], &err);
+        if (kst_npy_read(argv[8], &hid, &err) != KST_OK) die(argv[8], &err);
+        size_t b = ids.shape[0], t = ids.shape[1], C = c->C;
+        int32_t *i32 = malloc(b * t * 4);
+        int *v = malloc(b * sizeof(int));
+        for (size_t i = 0; i < b * t; i++) i32[i] = (int32_t)((int64_t *)ids.data)[i];
+        for (size_t i = 0; i < b; i++) v[i] = (int)((int64_t *)valid.data)[i];
+        float *out = malloc(b * t * C * sizeof(float));
+        if (kst_bert_gpu_forward(g, out, i32, NULL, v, b, t, &err) != KST_OK) die("parity forward", &err);
+        parity = 1;
+        const float *ref = hid.data;
+        for (size_t s = 0; s < b; s++)
+            for (size_t p = 0; p < (size_t)v[s]; p++) {
+                const float *x = out + (s * t + p) * C, *y = ref + (s * t + p) * C;
+                double xy = 0, xx = 0, yy = 0;
+                for (size_t j = 0; j < C; j++) xy += (double)x[j] * y[j], xx += (double)x[j] * x[j], yy += (double)y[j] * y[j];
+                double cs = xy / sqrt(xx * yy + 1e-30);
+                if (cs < parity) parity = cs;
+            }
+        free(i32), free(v), free(out);
+        kst_npy_free(&ids), kst_npy_free(&valid), kst_npy_free(&hid);
+    }
+    int32_t *ids = malloc(B * T * 4);
+    int *valid = malloc(B * sizeof(int));
+    uint32_t seed = 12345;
+    for (size_t b = 0; b < B; b++) {
+        valid[b] = (int)T;
+        for (size_t t = 0; t < T; t++) {
+            seed = seed * 1664525u + 1013904223u;
+            ids[b * T + t] = t == 0 ? 101 : t + 1 == T ? 102 : (int32_t)(1000 + (seed >> 8) % 20000);
+        }
+    }
+    for (int w = 0; w < 3; w++) {
+        if (kst_bert_gpu_forward(g, NULL, ids, NULL, valid, B, T, &err) != KST_OK) die("forward", &err);
+        if (kst_bert_gpu_sync(g, &err) != KST_OK) die("forward", &err);
+    }
+    double *tm = malloc((size_t)reps * sizeof(double));
+    for (int r = 0; r < reps; r++) {
+        double a = now();
+        if (kst_bert_gpu_forward(g, NULL, ids, NULL, valid, B, T, &err) != KST_OK) die("forward", &err);
+        if (kst_bert_gpu_sync(g, &err) != KST_OK) die("forward", &err);
+        tm[r] = now() - a;
+    }
+    double med = median(tm, reps);
+    double C = (double)c->C, FF = (double)c->FF, L = (double)c->L, Td = (double)T;
+    double flop = L * (2 * Td * (4 * C * C + 2 * C * FF) + 4 * Td * Td * C) * (double)B;
+    printf("{\"bench\": \"encode\", \"model\": \"%s\", \"B\": %zu, \"T\": %zu, \"seconds\": %.6f, "
+           "\"docs_per_s\": %.1f, \"tflops\": %.2f, \"gpu_peak_bytes\": %zu, \"parity_min_cos\": %.6f}\n",
+           argv[2], B, T, med, (double)B / med, flop / med / 1e12, kst_bert_gpu_peak_bytes(g), parity);
+    kst_bert_gpu_free(g);
+    kst_encoder_free(e);
+    free(ids), free(valid), free(tm);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    kst_error err;
+    if (kst_gpu_check(&err) != KST_OK) {
+        fprintf(stderr, "bench_gpu: %s\n", err.msg);
+        return 3;
+    }
+    fprintf(stderr, "bench_gpu: %s\n", kst_gpu_describe());
+    if (argc > 1 && strcmp(argv[1], "search") == 0) return search_main(argc, argv);
+    if (argc > 1 && strcmp(argv[1], "encode") == 0) return encode_main(argc, argv);
+    fprintf(stderr, "usage: bench_gpu search|encode ...\n");
+    return 2;
+}

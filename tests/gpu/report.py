@@ -1,0 +1,33 @@
+"""report.py RESULTS.jsonl - the GPU benchmark's table: every kestrel figure beside its PyTorch
+anchor from the same run, as a ratio (higher is better for kestrel)."""
+import json
+import sys
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+ceil = next((r for r in rows if r["bench"] == "ceilings"), {})
+gemm = ceil.get("bf16_gemm_tflops")
+bw = ceil.get("copy_gb_s")
+print(f"device: {ceil.get('device')}  torch {ceil.get('torch')}  measured bf16 GEMM {gemm} TFLOP/s, "
+      f"copy {bw} GB/s (read+write)")
+print("\nencoding, batch 256, all tokens valid (docs/s; ratio = kestrel / anchor)")
+print(f"{'model':9} {'T':>4} {'kestrel':>9} {'eager':>9} {'compiled':>9} {'x eager':>8} {'x comp':>7} "
+      f"{'TFLOP/s':>8} {'of GEMM':>8} {'peak MiB k/e/c':>18} {'parity cos':>10}")
+for k in (r for r in rows if r["bench"] == "encode"):
+    name = k["model"].rstrip("/").split("/")[-1]
+    e = next((r for r in rows if r["bench"] == "encode_torch" and r["model"] == name and r["T"] == k["T"] and r["mode"] == "eager"), None)
+    c = next((r for r in rows if r["bench"] == "encode_torch" and r["model"] == name and r["T"] == k["T"] and r["mode"] == "compiled"), None)
+    ed = e["docs_per_s"] if e else float("nan")
+    cd = c["docs_per_s"] if c else float("nan")
+    mib = lambda r: f"{r['gpu_peak_bytes'] / 2**20:.0f}" if r else "-"
+    print(f"{name:9} {k['T']:>4} {k['docs_per_s']:>9.0f} {ed:>9.0f} {cd:>9.0f} {k['docs_per_s'] / ed:>8.2f} "
+          f"{k['docs_per_s'] / cd:>7.2f} {k['tflops']:>8.1f} {k['tflops'] / gemm if gemm else float('nan'):>8.2f} "
+          f"{mib(k) + '/' + mib(e) + '/' + mib(c):>18} {k['parity_min_cos']:>10.6f}")
+print("\nexact search, 1M x 384, 10,000 queries, k = 100 (queries/s; ratio = kestrel / torch.mm + torch.topk)")
+for k in (r for r in rows if r["bench"] == "search"):
+    label = "fp16" if k["fp16"] else "fp32"
+    t = next((r for r in rows if r["bench"] == "search_torch" and r["dtype"] == label), None)
+    tq = t["qps"] if t else float("nan")
+    # bytes a search must move at least: the vectors once per query chunk + the score matrix twice
+    print(f"{label}: kestrel {k['qps']:.0f} q/s, torch {tq:.0f} q/s (chunk {t and t['chunk']}), ratio {k['qps'] / tq:.2f}; "
+          f"ids shared with torch's top-100 {k['overlap_with_anchor_ids']:.4f}; "
+          f"GPU MiB kestrel {k['gpu_bytes'] / 2**20:.0f}, torch peak {t and t['gpu_peak_bytes'] / 2**20:.0f}")

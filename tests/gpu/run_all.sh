@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# tests/gpu/run_all.sh [OUT] - everything the GPU backend has to show, in one go, on a machine
+# with an NVIDIA GPU (sm_90 by default: NVCC_ARCH=sm_80 ... for others):
+#   build    make CUDA=1 (skipped with KST_PREBUILT=1: the build folder is used as it is)
+#   test     build/tests/test_gpu (GPU search against CPU FAISS, GPU encoders against the
+#            transformers fixtures), then the same under compute-sanitizer memcheck
+#   bench    PyTorch anchors (tests/bench/bench_gpu_torch.py) and kestrel (bench_gpu) in the same
+#            run, then the table of ratios (tests/gpu/report.py)
+# Results land in OUT (default tests/gpu/out): *.log, results.jsonl, report.txt.
+# Environment: KST_GPU_STAGES (default build,test,bench,memcheck; kst instead of bench: kestrel's
+# figures alone, without the PyTorch anchors), KST_BUILD (default build),
+# KST_GPU_WORK (scratch for models and vectors, default /tmp/kst_gpu), KST_PY (python with torch
+# and transformers, default python3), KST_LIBPATH (extra LD_LIBRARY_PATH for kestrel's binaries).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:-${OUT:-tests/gpu/out}}
+mkdir -p "$OUT"
+STAGES=${KST_GPU_STAGES:-build,test,bench,memcheck}
+BUILD=${KST_BUILD:-build}
+WORK=${KST_GPU_WORK:-/tmp/kst_gpu}
+PY=${KST_PY:-python3}
+RES=$OUT/results.jsonl
+mkdir -p "$WORK"
+has() { case ",$STAGES," in *",$1,"*) return 0 ;; esac; return 1; }
+say() { echo "run_all: $*" >&2; }
+kst() { LD_LIBRARY_PATH="${KST_LIBPATH:-}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$@"; }
+status=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
+
+if has build; then
+  say "building with CUDA=1"
+  make -j"$(nproc)" CUDA=1 BUILD="$BUILD" all "$BUILD/tests/test_gpu" >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  LDLIBS=$(make -s CUDA=1 print-LDLIBS)
+  cc -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -I. -DKST_CUDA=1 \
+    -o "$BUILD/bench_gpu" tests/bench/bench_gpu.c "$BUILD/libkestrel.a" $LDLIBS >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+fi
+
+if has test; then
+  say "GPU tests"
+  kst "$BUILD/tests/test_gpu" >"$OUT/test_gpu.log" 2>&1 || status=1
+  grep -E "^\[|GPU|cosine|identical|recall" "$OUT/test_gpu.log" | grep -v "RUN\|^\[       OK" | tail -40
+fi
+
+if has bench || has kst; then
+  : >"$RES"
+  say "anchors: ceilings; models"
+  has bench && { $PY tests/bench/bench_gpu_torch.py ceilings >>"$RES" || status=1; }
+  [ -f "$WORK/bertbase/parity_hidden.npy" ] || $PY tests/bench/bench_gpu_torch.py models "$WORK" tests/fixtures/models/st_bert_mean/vocab.txt >>"$RES" || status=1
+  for m in minilm bertbase; do
+    for T in 128 256; do
+      kst "$BUILD/bench_gpu" encode "$WORK/$m" 256 "$T" 20 "$WORK/$m/parity_ids.npy" "$WORK/$m/parity_valid.npy" \
+        "$WORK/$m/parity_hidden.npy" >>"$RES" || status=1
+    done
+  done
+  if has bench; then
+    say "anchors: encoding (eager, torch.compile)"
+    $PY tests/bench/bench_gpu_torch.py encode "$WORK" 256 128,256 20 >>"$RES" || status=1
+  fi
+  say "exact search: anchors, then kestrel"
+  if has bench || ! [ -f "$WORK/db.npy" ]; then $PY tests/bench/bench_gpu_torch.py search "$WORK" >>"$RES" || status=1; fi
+  kst "$BUILD/bench_gpu" search "$WORK/db.npy" "$WORK/q.npy" 100 5 0 "$WORK/anchor_ids.npy" >>"$RES" || status=1
+  kst "$BUILD/bench_gpu" search "$WORK/db.npy" "$WORK/q.npy" 100 5 1 "$WORK/anchor_ids.npy" >>"$RES" || status=1
+  cp "$RES" "$OUT/results_$(date +%H%M%S).jsonl"
+  $PY tests/gpu/report.py "$RES" | tee "$OUT/report.txt"
+fi
+if has memcheck; then
+  say "GPU tests under compute-sanitizer memcheck"
+  kst compute-sanitizer --tool memcheck --error-exitcode 99 "$BUILD/tests/test_gpu" >"$OUT/memcheck.log" 2>&1
+  rc=$?
+  tail -4 "$OUT/memcheck.log"
+  [ $rc = 0 ] || { say "memcheck exit $rc"; status=1; }
+fi
+
+exit $status
