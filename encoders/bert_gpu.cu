@@ -181,32 +181,32 @@ __global__ void bias_act_kernel(bf16 *h, const float *bias, size_t n8, int FF, i
 
 namespace wmma = nvcuda::wmma;
 
-#define ATT_Q 64
 #define ATT_K 64
-#define ATT_THREADS 128
 
-template <int HSP>
+/* NW warps: 16 * NW query rows per block */
+template <int HSP, int NW>
 struct att_smem {
+    static constexpr int Q = 16 * NW;
     static constexpr int LDQ = HSP + 8;                        /* bf16 */
     static constexpr int LDS = (HSP + 4) > 68 ? (HSP + 4) : 68; /* float */
     static constexpr int LDP = ATT_K + 8;                      /* bf16 */
     static constexpr size_t q_off = 0;
-    static constexpr size_t k_off = q_off + (size_t)ATT_Q * LDQ * 2;
+    static constexpr size_t k_off = q_off + (size_t)Q * LDQ * 2;
     static constexpr size_t v_off = k_off + (size_t)ATT_K * LDQ * 2;
     static constexpr size_t s_off = v_off + (size_t)ATT_K * LDQ * 2;
-    static constexpr size_t p_off = s_off + (size_t)4 * 16 * LDS * 4;
-    static constexpr size_t bytes = p_off + (size_t)4 * 16 * LDP * 2;
+    static constexpr size_t p_off = s_off + (size_t)NW * 16 * LDS * 4;
+    static constexpr size_t bytes = p_off + (size_t)NW * 16 * LDP * 2;
 };
 
-/* Loads rows [r0, r0+64) of one of q/k/v (part 0/1/2) of head h, batch b, into dst (64 x HSP),
+/* Loads rows [r0, r0+R) of one of q/k/v (part 0/1/2) of head h, batch b, into dst (R x HSP),
  * adding the bias and multiplying by scale; rows past `rows` and columns past hs are zero. */
-template <int HSP>
+template <int HSP, int R>
 __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *qkv, const float *bias, int b, int T,
                                           int C, int hs, int h, int part, int r0, int rows, float scale) {
-    constexpr int LDQ = att_smem<HSP>::LDQ;
+    constexpr int LDQ = HSP + 8;
     /* hs is a multiple of 8 (C and NH checked at create): 8-wide chunks */
     const int cpr = HSP / 8;
-    for (int i = threadIdx.x; i < ATT_Q * cpr; i += ATT_THREADS) {
+    for (int i = threadIdx.x; i < R * cpr; i += blockDim.x) {
         int r = i / cpr, c8 = (i % cpr) * 8;
         float v[8];
         if (r0 + r < rows && c8 < hs) {
@@ -224,22 +224,22 @@ __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *qkv, const floa
     }
 }
 
-template <int HSP>
-__global__ void __launch_bounds__(ATT_THREADS)
+template <int HSP, int NW>
+__global__ void __launch_bounds__(NW * 32)
 attention_kernel(bf16 *out, const bf16 *qkv, const float *bias, const int *valid, int T, int C, int NH) {
-    typedef att_smem<HSP> L;
+    typedef att_smem<HSP, NW> L;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *Qs = (bf16 *)(smem + L::q_off), *Ks = (bf16 *)(smem + L::k_off), *Vs = (bf16 *)(smem + L::v_off);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *Ss = (float *)(smem + L::s_off) + warp * 16 * L::LDS;
     bf16 *Ps = (bf16 *)(smem + L::p_off) + warp * 16 * L::LDP;
-    const int q0 = blockIdx.x * ATT_Q, h = blockIdx.y, b = blockIdx.z;
+    const int q0 = blockIdx.x * L::Q, h = blockIdx.y, b = blockIdx.z;
     const int hs = C / NH;
     int Lv = valid[b];
     if (Lv > T) Lv = T;
     if (Lv < 1) Lv = 1;
     const float qscale = rsqrtf((float)hs) * 1.4426950408889634f;
-    load_tile<HSP>(Qs, qkv, bias, b, T, C, hs, h, 0, q0, T, qscale);
+    load_tile<HSP, L::Q>(Qs, qkv, bias, b, T, C, hs, h, 0, q0, T, qscale);
     /* lane -> row lane/2 of this warp's 16, columns (lane&1)*HSP/2 .. +HSP/2 of the output */
     constexpr int OC = HSP / 2;
     const int my_row = lane >> 1, half = lane & 1;
@@ -251,8 +251,8 @@ attention_kernel(bf16 *out, const bf16 *qkv, const float *bias, const int *valid
     for (int kt = 0; kt < ntiles; kt++) {
         const int k0 = kt * ATT_K;
         __syncthreads(); /* previous tile's K/V fully used (and Q written, first time) */
-        load_tile<HSP>(Ks, qkv, bias, b, T, C, hs, h, 1, k0, Lv, 1.0f);
-        load_tile<HSP>(Vs, qkv, bias, b, T, C, hs, h, 2, k0, Lv, 1.0f);
+        load_tile<HSP, ATT_K>(Ks, qkv, bias, b, T, C, hs, h, 1, k0, Lv, 1.0f);
+        load_tile<HSP, ATT_K>(Vs, qkv, bias, b, T, C, hs, h, 2, k0, Lv, 1.0f);
         __syncthreads();
         /* S (16 x 64) = Q_w (16 x HSP) K^T */
         {
@@ -309,17 +309,18 @@ attention_kernel(bf16 *out, const bf16 *qkv, const float *bias, const int *valid
         __syncwarp();
         /* O_part (16 x HSP) = P (16 x 64) V (64 x HSP), into Ss */
         {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> pa[ATT_K / 16];
+#pragma unroll
+            for (int kk = 0; kk < ATT_K / 16; kk++) wmma::load_matrix_sync(pa[kk], Ps + kk * 16, L::LDP);
 #pragma unroll
             for (int n = 0; n < HSP / 16; n++) {
                 wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
                 wmma::fill_fragment(acc, 0.0f);
 #pragma unroll
                 for (int kk = 0; kk < ATT_K / 16; kk++) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
                     wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bv;
-                    wmma::load_matrix_sync(a, Ps + kk * 16, L::LDP);
                     wmma::load_matrix_sync(bv, Vs + kk * 16 * L::LDQ + n * 16, L::LDQ);
-                    wmma::mma_sync(acc, a, bv, acc);
+                    wmma::mma_sync(acc, pa[kk], bv, acc);
                 }
                 wmma::store_matrix_sync(Ss + n * 16, acc, L::LDS, wmma::mem_row_major);
             }
@@ -400,12 +401,26 @@ extern "C" void kst_bert_gpu_free(kst_bert_gpu *g) {
     kst_free(g);
 }
 
-template <int HSP>
+template <int HSP, int NW>
 static int set_att_smem(kst_error *err) {
     int rc = KST_OK;
-    CU_TRY(cudaFuncSetAttribute(attention_kernel<HSP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                (int)att_smem<HSP>::bytes),
+    CU_TRY(cudaFuncSetAttribute(attention_kernel<HSP, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)att_smem<HSP, NW>::bytes),
            "raising the attention kernel's shared memory");
+done:
+    return rc;
+}
+
+static int set_att_smem_all(kst_error *err) {
+    int rc = KST_OK;
+    KST_TRY((set_att_smem<16, 4>(err)));
+    KST_TRY((set_att_smem<32, 4>(err)));
+    KST_TRY((set_att_smem<64, 4>(err)));
+    KST_TRY((set_att_smem<128, 4>(err)));
+    KST_TRY((set_att_smem<16, 8>(err)));
+    KST_TRY((set_att_smem<32, 8>(err)));
+    KST_TRY((set_att_smem<64, 8>(err)));
+    KST_TRY((set_att_smem<128, 8>(err)));
 done:
     return rc;
 }
@@ -471,10 +486,7 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         g->wbytes = total * 4 + btotal * 2;
         g->peak = g->wbytes;
     }
-    KST_TRY(set_att_smem<16>(err));
-    KST_TRY(set_att_smem<32>(err));
-    KST_TRY(set_att_smem<64>(err));
-    KST_TRY(set_att_smem<128>(err));
+    KST_TRY(set_att_smem_all(err));
     cudaFree(stage);
     *out = g;
     return KST_OK;
@@ -565,18 +577,27 @@ static void brln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *bias, c
     else launch_brln<4>(g, xf, a, bias, w, b, BT);
 }
 
-static void attention(kst_bert_gpu *g, const float *qkvb, int B, int T) {
+template <int HSP, int NW>
+static void launch_att(kst_bert_gpu *g, const float *qkvb, int B, int T) {
     const kst_bert_config *c = &g->cfg;
-    int hs = (int)(c->C / c->NH);
-    dim3 grid((unsigned)((T + ATT_Q - 1) / ATT_Q), (unsigned)c->NH, (unsigned)B);
-    if (hs <= 16)
-        attention_kernel<16><<<grid, ATT_THREADS, att_smem<16>::bytes, g->stream>>>(g->atty, g->qkv, qkvb, g->dvalid, T, (int)c->C, (int)c->NH);
-    else if (hs <= 32)
-        attention_kernel<32><<<grid, ATT_THREADS, att_smem<32>::bytes, g->stream>>>(g->atty, g->qkv, qkvb, g->dvalid, T, (int)c->C, (int)c->NH);
-    else if (hs <= 64)
-        attention_kernel<64><<<grid, ATT_THREADS, att_smem<64>::bytes, g->stream>>>(g->atty, g->qkv, qkvb, g->dvalid, T, (int)c->C, (int)c->NH);
-    else
-        attention_kernel<128><<<grid, ATT_THREADS, att_smem<128>::bytes, g->stream>>>(g->atty, g->qkv, qkvb, g->dvalid, T, (int)c->C, (int)c->NH);
+    dim3 grid((unsigned)((T + 16 * NW - 1) / (16 * NW)), (unsigned)c->NH, (unsigned)B);
+    attention_kernel<HSP, NW><<<grid, NW * 32, att_smem<HSP, NW>::bytes, g->stream>>>(
+        g->atty, g->qkv, qkvb, g->dvalid, T, (int)c->C, (int)c->NH);
+}
+
+template <int NW>
+static void attention_nw(kst_bert_gpu *g, const float *qkvb, int B, int T) {
+    int hs = (int)(g->cfg.C / g->cfg.NH);
+    if (hs <= 16) launch_att<16, NW>(g, qkvb, B, T);
+    else if (hs <= 32) launch_att<32, NW>(g, qkvb, B, T);
+    else if (hs <= 64) launch_att<64, NW>(g, qkvb, B, T);
+    else launch_att<128, NW>(g, qkvb, B, T);
+}
+
+/* 128 query rows a block (K/V tiles shared by 8 warps) once sequences are long enough */
+static void attention(kst_bert_gpu *g, const float *qkvb, int B, int T) {
+    if (T > 64) attention_nw<8>(g, qkvb, B, T);
+    else attention_nw<4>(g, qkvb, B, T);
 }
 
 extern "C" int kst_bert_gpu_forward(kst_bert_gpu *g, float *out, const int32_t *ids, const int32_t *type_ids,

@@ -2,6 +2,7 @@
 #include "encoder.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -481,26 +482,41 @@ static int cmp_len(const void *a, const void *b) {
 typedef int (*head_fn)(kst_encoder *e, void *ctx, size_t index, const int32_t *ids,
                        const float *hidden, size_t len, kst_error *err);
 
-/* Tokenizes every input, sorts by length, and runs the transformer over batches of similar
- * length, handing each sequence to `head`. Pair inputs when b != NULL. */
-static int run_batches(kst_encoder *e, const char *const *a, const size_t *alen,
-                       const char *const *b, const size_t *blen, size_t n, int is_query,
-                       size_t max_len, size_t batch, head_fn head, void *ctx, kst_error *err) {
+/* Tokenizes inputs [lo, hi) into items[lo..hi). */
+typedef struct tok_job {
+    kst_encoder *e;
+    const char *const *a, *const *b;
+    const size_t *alen, *blen;
+    size_t lo, hi, max_len;
+    int is_query;
+    batch_item *items;
+    int rc;
+    kst_error err;
+} tok_job;
+
+static void *tokenize_range(void *p) {
+    tok_job *j = p;
+    j->rc = KST_OK;
+    for (size_t i = j->lo; i < j->hi && j->rc == KST_OK; i++) {
+        j->items[i].index = i;
+        j->rc = kst_encoder_tokenize(j->e, j->a[i], j->alen ? j->alen[i] : strlen(j->a[i]),
+                                     j->b ? j->b[i] : NULL,
+                                     j->b ? (j->blen ? j->blen[i] : strlen(j->b[i])) : 0, j->is_query,
+                                     j->max_len, &j->items[i].ids, &j->err);
+    }
+    return NULL;
+}
+
+/* Sorts items (n) by length and runs the transformer over batches of similar length, handing
+ * each sequence to `head`. */
+static int encode_items(kst_encoder *e, batch_item *items, size_t n, int is_query, int pairs,
+                        size_t batch, head_fn head, void *ctx, kst_error *err) {
     int rc = KST_OK;
     size_t C = e->bert.cfg.C;
-    if (batch == 0) batch = 32;
-    batch_item *items = kst_calloc(n ? n : 1, sizeof *items, "batch items", err);
     int32_t *ids = NULL, *types = NULL;
     int *valid = NULL;
     float *hidden = NULL;
     kst_bert_acts acts = {0}; /* per call, so concurrent calls never share scratch */
-    if (!items) return KST_ERR_NOMEM;
-    for (size_t i = 0; i < n; i++) {
-        items[i].index = i;
-        KST_TRY(kst_encoder_tokenize(e, a[i], alen ? alen[i] : strlen(a[i]), b ? b[i] : NULL,
-                                     b ? (blen ? blen[i] : strlen(b[i])) : 0, is_query, max_len,
-                                     &items[i].ids, err));
-    }
     qsort(items, n, sizeof *items, cmp_len);
     size_t maxT = n ? items[n - 1].ids.len : 0;
     ids = kst_malloc(batch * maxT + 1, sizeof *ids, "batch ids", err);
@@ -519,7 +535,7 @@ static int run_batches(kst_encoder *e, const char *const *a, const size_t *alen,
             const kst_ids *v = &items[s + r].ids;
             valid[r] = (int)v->len;
             /* ColBERT queries keep their [MASK] padding out of attention unless configured. */
-            if (e->role == KST_ROLE_COLBERT && is_query && !e->attend_to_mask && !b) {
+            if (e->role == KST_ROLE_COLBERT && is_query && !e->attend_to_mask && !pairs) {
                 size_t k = v->len;
                 while (k > 0 && v->ids[k - 1] == sp.mask) k--;
                 valid[r] = (int)k;
@@ -536,13 +552,53 @@ static int run_batches(kst_encoder *e, const char *const *a, const size_t *alen,
                          items[s + r].ids.len, err));
     }
 done:
-    for (size_t i = 0; i < n; i++) kst_ids_free(&items[i].ids);
-    kst_free(items);
     kst_free(ids);
     kst_free(types);
     kst_free(valid);
     kst_free(hidden);
     kst_bert_acts_free(&acts);
+    return rc;
+}
+
+/* Texts per tokenization chunk on the GPU: the next chunk is tokenized on a CPU thread while
+ * the GPU encodes this one. */
+#define GPU_TOKENIZE_CHUNK 4096
+
+/* Tokenizes every input, sorts by length, and runs the transformer over batches of similar
+ * length, handing each sequence to `head`. Pair inputs when b != NULL. On the GPU, long inputs
+ * go in chunks whose tokenization overlaps the previous chunk's encoding. */
+static int run_batches(kst_encoder *e, const char *const *a, const size_t *alen,
+                       const char *const *b, const size_t *blen, size_t n, int is_query,
+                       size_t max_len, size_t batch, head_fn head, void *ctx, kst_error *err) {
+    int rc = KST_OK;
+    if (batch == 0) batch = 32;
+    batch_item *items = kst_calloc(n ? n : 1, sizeof *items, "batch items", err);
+    if (!items) return KST_ERR_NOMEM;
+    size_t chunk = e->gpu ? GPU_TOKENIZE_CHUNK : (n ? n : 1);
+    tok_job cur = {e, a, b, alen, blen, 0, n < chunk ? n : chunk, max_len, is_query, items, 0, {0, ""}};
+    tokenize_range(&cur);
+    if (cur.rc != KST_OK) {
+        rc = cur.rc;
+        if (err) *err = cur.err;
+        goto done;
+    }
+    for (size_t lo = 0; lo < n; lo += chunk) {
+        size_t hi = lo + chunk < n ? lo + chunk : n;
+        tok_job next = {e, a, b, alen, blen, hi, hi + chunk < n ? hi + chunk : n, max_len, is_query, items, 0, {0, ""}};
+        pthread_t th;
+        int threaded = hi < n && pthread_create(&th, NULL, tokenize_range, &next) == 0;
+        rc = encode_items(e, items + lo, hi - lo, is_query, b != NULL, batch, head, ctx, err);
+        if (threaded) pthread_join(th, NULL);
+        else if (hi < n && rc == KST_OK) tokenize_range(&next);
+        if (rc == KST_OK && next.rc != KST_OK) {
+            rc = next.rc;
+            if (err) *err = next.err;
+        }
+        if (rc != KST_OK) goto done;
+    }
+done:
+    for (size_t i = 0; i < n; i++) kst_ids_free(&items[i].ids);
+    kst_free(items);
     return rc;
 }
 

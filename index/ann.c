@@ -393,7 +393,9 @@ int kst_ann_search(const kst_ann *a, int64_t nq, int dim, const float *q, int64_
         return kst_fail(err, KST_ERR_MISUSE,
                         "search: the index is not trained (call kst_ann_train, then add)");
     if (nq == 0) return KST_OK;
-    if (a->gpu) return kst_ann_gpu_search(a->gpu, a->index, nq, q, k, scores, ids, err);
+    if (a->gpu)
+        return kst_ann_gpu_search(a->gpu, a->index, nq, q, k, opts && opts->nprobe > 0 ? opts->nprobe : 0,
+                                  scores, ids, err);
     size_t nprobe = opts && opts->nprobe > 0 ? (size_t)opts->nprobe : 0;
     int ef = opts && opts->ef_search > 0 ? opts->ef_search : 0;
     if (kst_faiss_search(a->index, nq, q, k, nprobe, ef, scores, ids) != 0)

@@ -102,9 +102,11 @@ int kst_ann_search(const kst_ann *a, int64_t nq, int dim, const float *q, int64_
                    const kst_ann_search_opts *opts, float *scores, int64_t *ids, kst_error *err);
 
 /* Searches on the GPU (device 1, KST_DEV_CUDA) or the CPU (0). On the GPU a flat index is kept in
- * GPU memory (float16 when fp16, else float32) and searched exactly there (index/gpu_search.h),
- * with the same results as on the CPU within the precision kept; the copy is rebuilt at the
- * first search after an add or remove. Other index types stay on the CPU and a note says so.
+ * GPU memory (float16 when fp16, else float32) and searched exactly there, and an IVF-PQ index
+ * (inner product, 8-bit codes, optional OPQ) is searched there over a copy of its lists
+ * (index/gpu_search.h), with the same results as on the CPU within the precision kept; the copy
+ * is rebuilt at the first search after an add or remove. Other index types stay on the CPU and a
+ * note says so.
  * Fails with KST_ERR_UNSUPPORTED when the build has no GPU backend or there is no device. */
 int kst_ann_set_device(kst_ann *a, int device, int fp16, kst_error *err);
 /* 1 when searches run on the GPU. */

@@ -1,10 +1,12 @@
 /* ann_gpu.c - the GPU copy of a kst_ann: the vectors of a flat index kept in GPU memory for
- * exact search (index/gpu_search.h), rebuilt from the FAISS index after adds and removes. */
+ * exact search, or an IVF-PQ index's lists for GPU IVF-PQ search (index/gpu_search.h); rebuilt from
+ * the FAISS index at the first search after adds and removes. */
 #include "ann_gpu.h"
 
 #include <pthread.h>
 #include <faiss/c_api/error_c.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "core/check.h"
 #include "core/gpu.h"
@@ -14,7 +16,9 @@
 
 struct kst_ann_gpu {
     pthread_mutex_t mu;
-    kst_gpu_flat *flat;
+    kst_gpu_flat *flat;   /* a flat index: its vectors */
+    kst_gpu_ivfpq *ivf;   /* an IVF-PQ index: its lists (made at the first search) */
+    int is_ivf;
     int fp16;
     int stale; /* the FAISS index changed since the copy was made */
 };
@@ -25,9 +29,15 @@ int kst_ann_gpu_supported(FaissIndex *index, char *why, size_t cap) {
         snprintf(why, cap, "cannot read the index layout");
         return 0;
     }
+    if (lay.nlist && lay.pq_M) {
+        if (kst_gpu_ivfpq_supported(index, why, cap)) return 1;
+        size_t n = strlen(why);
+        snprintf(why + n, cap - n, "; it is searched on the CPU");
+        return 0;
+    }
     if (lay.nlist || lay.is_hnsw || lay.pq_M || lay.opq_d_in) {
         snprintf(why, cap,
-                 "GPU search covers flat (exact) indexes; this %s index is searched on the CPU",
+                 "GPU search covers flat and IVF-PQ indexes; this %s index is searched on the CPU",
                  lay.nlist ? "IVF" : lay.is_hnsw ? "HNSW" : "PQ");
         return 0;
     }
@@ -43,7 +53,9 @@ int kst_ann_gpu_open(FaissIndex *index, int fp16, kst_ann_gpu **out, kst_error *
     pthread_mutex_init(&g->mu, NULL);
     g->fp16 = fp16;
     g->stale = 1;
-    rc = kst_gpu_flat_create(faiss_Index_d(index), fp16, &g->flat, err);
+    kst_faiss_layout lay;
+    g->is_ivf = kst_faiss_layout_get(index, &lay) == 0 && lay.nlist != 0;
+    if (!g->is_ivf) rc = kst_gpu_flat_create(faiss_Index_d(index), fp16, &g->flat, err);
     if (rc != KST_OK) {
         kst_ann_gpu_free(g);
         return rc;
@@ -55,6 +67,7 @@ int kst_ann_gpu_open(FaissIndex *index, int fp16, kst_ann_gpu **out, kst_error *
 void kst_ann_gpu_free(kst_ann_gpu *g) {
     if (!g) return;
     kst_gpu_flat_free(g->flat);
+    kst_gpu_ivfpq_free(g->ivf);
     pthread_mutex_destroy(&g->mu);
     kst_free(g);
 }
@@ -68,6 +81,13 @@ void kst_ann_gpu_stale(kst_ann_gpu *g) {
 
 /* Copies every vector of the FAISS index to the GPU (called with g->mu held). */
 static int refresh(kst_ann_gpu *g, const FaissIndex *index, kst_error *err) {
+    if (g->is_ivf) {
+        kst_gpu_ivfpq_free(g->ivf);
+        g->ivf = NULL;
+        int rc = kst_gpu_ivfpq_create(index, &g->ivf, err);
+        if (rc == KST_OK) g->stale = 0;
+        return rc;
+    }
     int64_t n = faiss_Index_ntotal(index);
     int d = faiss_Index_d(index);
     int rc = KST_OK;
@@ -91,7 +111,7 @@ done:
 }
 
 int kst_ann_gpu_search(kst_ann_gpu *g, const FaissIndex *index, int64_t nq, const float *q,
-                       int64_t k, float *scores, int64_t *ids, kst_error *err) {
+                       int64_t k, int nprobe, float *scores, int64_t *ids, kst_error *err) {
     int rc = KST_OK;
     if (k > KST_GPU_TOPK_MAX)
         return kst_fail(err, KST_ERR_INVALID, "GPU search: k = %lld, at most %d on the GPU",
@@ -100,5 +120,6 @@ int kst_ann_gpu_search(kst_ann_gpu *g, const FaissIndex *index, int64_t nq, cons
     if (g->stale) rc = refresh(g, index, err);
     pthread_mutex_unlock(&g->mu);
     if (rc != KST_OK) return rc;
+    if (g->is_ivf) return kst_gpu_ivfpq_search(g->ivf, nq, q, k, nprobe > 0 ? nprobe : 1, scores, ids, err);
     return kst_gpu_flat_search(g->flat, nq, q, k, scores, ids, err);
 }

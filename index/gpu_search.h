@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <faiss/c_api/Index_c.h>
+
 #include "core/error.h"
 
 #define KST_GPU_TOPK_MAX 1024
@@ -37,6 +39,23 @@ size_t kst_gpu_flat_bytes(const kst_gpu_flat *g);
  * Fails with KST_ERR_INVALID on k < 1 or k > KST_GPU_TOPK_MAX. */
 int kst_gpu_flat_search(kst_gpu_flat *g, int64_t nq, const float *q, int64_t k, float *scores,
                         int64_t *ids, kst_error *err);
+
+/* IVF-PQ search on the GPU over a FAISS IndexIVFPQ (inner product, 8-bit codes, optionally under
+ * an OPQ rotation; index/faiss_ext.h says how its vectors are stored): the centroids, codebooks,
+ * rotation and inverted lists are copied to the GPU at creation (a later add or remove on the
+ * FAISS index needs a new copy). Search: coarse scores and their top nprobe, one lookup table per
+ * query in shared memory, a scan of the probed lists, top k: FAISS's scores (within float
+ * rounding) and so its results at the same nprobe. */
+typedef struct kst_gpu_ivfpq kst_gpu_ivfpq;
+/* 1 when the GPU can search this index; otherwise 0 and why says why not. */
+int kst_gpu_ivfpq_supported(const FaissIndex *index, char *why, size_t cap);
+int kst_gpu_ivfpq_create(const FaissIndex *index, kst_gpu_ivfpq **out, kst_error *err);
+void kst_gpu_ivfpq_free(kst_gpu_ivfpq *g);
+int64_t kst_gpu_ivfpq_count(const kst_gpu_ivfpq *g);
+size_t kst_gpu_ivfpq_bytes(const kst_gpu_ivfpq *g);
+/* As kst_gpu_flat_search, visiting nprobe lists (clamped to 1..min(nlist, 1024)). */
+int kst_gpu_ivfpq_search(kst_gpu_ivfpq *g, int64_t nq, const float *q, int64_t k, int nprobe,
+                         float *scores, int64_t *ids, kst_error *err);
 
 /* Row-wise top-k of a device matrix (rows, n) with leading dimension ld (floats; a multiple of 4
  * when n >= 4): vals/idx (rows, k) on the device, idx mapped through map (n) when not NULL.

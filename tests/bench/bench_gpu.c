@@ -13,6 +13,12 @@
  *       stay on the GPU, as the anchor's), 3 warm-ups, REPS timed; median. The optional files:
  *       a padded batch (ids (b, t) int64, valid (b) int64) and PyTorch's float32 last hidden
  *       states (b, t, C) for it: min cosine over the valid token rows is printed.
+ *   bench_gpu ivfpq DB.npy Q.npy FACTORY NPROBES BW_GB_S
+ *       FAISS IVF-PQ (FACTORY, e.g. IVF1024,PQ48) trained and filled on the CPU from DB; for each
+ *       nprobe in NPROBES (comma separated): CPU FAISS search on all cores (kst_ann_search, the
+ *       anchor) and the GPU search of the same index, all of Q, k = 10: queries/s, recall@10
+ *       against the exact top 10 (GPU flat search), and the GPU's code bytes scanned per second
+ *       as a fraction of BW_GB_S (the measured device copy bandwidth).
  * FLOPs per sequence: L * (2*T*(4C^2 + 2*C*FF) + 4*T^2*C), as tests/bench/README.md. */
 #include <math.h>
 #include <stdint.h>
@@ -25,7 +31,10 @@
 #include "core/npy.h"
 #include "encoders/bert_gpu.h"
 #include "encoders/encoder.h"
+#include "index/ann.h"
+#include "index/faiss_ext.h"
 #include "index/gpu_search.h"
+#include <omp.h>
 
 static double now(void) {
     struct timespec ts;
@@ -164,6 +173,78 @@ static int encode_main(int argc, char **argv) {
     return 0;
 }
 
+static double recall10(const int64_t *got, const int64_t *exact, size_t nq) {
+    size_t hit = 0;
+    for (size_t i = 0; i < nq; i++)
+        for (int r = 0; r < 10; r++)
+            for (int r2 = 0; r2 < 10; r2++)
+                if (got[i * 10 + r2] == exact[i * 10 + r]) {
+                    hit++;
+                    break;
+                }
+    return 100.0 * (double)hit / (double)(nq * 10);
+}
+
+static int ivfpq_main(int argc, char **argv) {
+    if (argc < 7) return fprintf(stderr, "usage: bench_gpu ivfpq DB.npy Q.npy FACTORY NPROBES BW_GB_S\n"), 2;
+    kst_error err;
+    kst_npy db, q;
+    if (kst_npy_read(argv[2], &db, &err) != KST_OK) die(argv[2], &err);
+    if (kst_npy_read(argv[3], &q, &err) != KST_OK) die(argv[3], &err);
+    size_t n = db.shape[0], d = db.shape[1], nq = q.shape[0];
+    double bw = atof(argv[6]);
+    /* exact top 10 */
+    int64_t *ex = malloc(nq * 10 * 8), *gi = malloc(nq * 10 * 8), *ci = malloc(nq * 10 * 8);
+    float *sc = malloc(nq * 10 * 4);
+    kst_gpu_flat *fl = NULL;
+    if (kst_gpu_flat_create((int)d, 0, &fl, &err) != KST_OK || kst_gpu_flat_add(fl, (int64_t)n, db.data, NULL, &err) != KST_OK ||
+        kst_gpu_flat_search(fl, (int64_t)nq, q.data, 10, sc, ex, &err) != KST_OK)
+        die("exact search", &err);
+    kst_gpu_flat_free(fl);
+    int64_t *ids = malloc(n * 8);
+    for (size_t i = 0; i < n; i++) ids[i] = (int64_t)i;
+    kst_ann *a = NULL;
+    double t0 = now();
+    if (kst_ann_create(argv[4], (int)d, &a, &err) != KST_OK || kst_ann_train(a, (int64_t)n, (int)d, db.data, &err) != KST_OK ||
+        kst_ann_add(a, (int64_t)n, (int)d, db.data, ids, &err) != KST_OK)
+        die("building the IVF-PQ index", &err);
+    double build = now() - t0;
+    kst_faiss_layout lay;
+    kst_faiss_layout_get(kst_ann_faiss(a), &lay);
+    fprintf(stderr, "bench_gpu: %s built in %.1f s on the CPU\n", argv[4], build);
+    char *list = strdup(argv[5]);
+    for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
+        int np = atoi(tok);
+        kst_ann_search_opts so = {np, 0};
+        if (kst_ann_set_device(a, 0, 0, &err) != KST_OK) die("cpu", &err);
+        kst_ann_search(a, (int64_t)(nq < 100 ? nq : 100), (int)d, q.data, 10, &so, sc, ci, &err);
+        double c0 = now();
+        if (kst_ann_search(a, (int64_t)nq, (int)d, q.data, 10, &so, sc, ci, &err) != KST_OK) die("CPU search", &err);
+        double tc = now() - c0;
+        if (kst_ann_set_device(a, 1, 0, &err) != KST_OK) die("gpu", &err);
+        if (kst_ann_search(a, (int64_t)nq, (int)d, q.data, 10, &so, sc, gi, &err) != KST_OK) die("GPU search", &err);
+        double tg[5];
+        for (int r = 0; r < 5; r++) {
+            double g0 = now();
+            if (kst_ann_search(a, (int64_t)nq, (int)d, q.data, 10, &so, sc, gi, &err) != KST_OK) die("GPU search", &err);
+            tg[r] = now() - g0;
+        }
+        double tgm = median(tg, 5);
+        double scanned = (double)nq * np * ((double)n / (double)lay.nlist) * (double)lay.pq_M;
+        printf("{\"bench\": \"ivfpq\", \"factory\": \"%s\", \"nprobe\": %d, \"nq\": %zu, \"cpu_threads\": %d, "
+               "\"cpu_qps\": %.1f, \"gpu_qps\": %.1f, \"cpu_recall10\": %.2f, \"gpu_recall10\": %.2f, "
+               "\"gpu_code_gb_s\": %.1f, \"of_bw\": %.3f, \"build_s\": %.1f}\n",
+               argv[4], np, nq, omp_get_max_threads(), nq / tc, nq / tgm, recall10(ci, ex, nq), recall10(gi, ex, nq),
+               scanned / tgm / 1e9, scanned / tgm / 1e9 / bw, build);
+        fflush(stdout);
+    }
+    free(list);
+    kst_ann_free(a);
+    kst_npy_free(&db), kst_npy_free(&q);
+    free(ex), free(gi), free(ci), free(sc), free(ids);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     kst_error err;
     if (kst_gpu_check(&err) != KST_OK) {
@@ -173,6 +254,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "bench_gpu: %s\n", kst_gpu_describe());
     if (argc > 1 && strcmp(argv[1], "search") == 0) return search_main(argc, argv);
     if (argc > 1 && strcmp(argv[1], "encode") == 0) return encode_main(argc, argv);
+    if (argc > 1 && strcmp(argv[1], "ivfpq") == 0) return ivfpq_main(argc, argv);
     fprintf(stderr, "usage: bench_gpu search|encode ...\n");
     return 2;
 }

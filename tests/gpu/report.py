@@ -31,3 +31,8 @@ for k in (r for r in rows if r["bench"] == "search"):
     print(f"{label}: kestrel {k['qps']:.0f} q/s, torch {tq:.0f} q/s (chunk {t and t['chunk']}), ratio {k['qps'] / tq:.2f}; "
           f"ids shared with torch's top-100 {k['overlap_with_anchor_ids']:.4f}; "
           f"GPU MiB kestrel {k['gpu_bytes'] / 2**20:.0f}, torch peak {t and t['gpu_peak_bytes'] / 2**20:.0f}")
+print("\nIVF-PQ, same FAISS index, k = 10 (queries/s; ratio = GPU / CPU FAISS on all cores, at equal nprobe and so equal recall)")
+for r in (r for r in rows if r["bench"] == "ivfpq"):
+    print(f"{r['factory']} nprobe {r['nprobe']:>4}: GPU {r['gpu_qps']:>9.0f} q/s, CPU FAISS ({r['cpu_threads']} threads) {r['cpu_qps']:>8.0f} q/s, "
+          f"ratio {r['gpu_qps'] / r['cpu_qps']:.1f}; recall@10 GPU {r['gpu_recall10']:.2f} CPU {r['cpu_recall10']:.2f}; "
+          f"codes scanned {r['gpu_code_gb_s']:.0f} GB/s = {r['of_bw']:.2f} of the copy bandwidth")

@@ -61,6 +61,9 @@ if has bench || has kst; then
   if has bench || ! [ -f "$WORK/db.npy" ]; then $PY tests/bench/bench_gpu_torch.py search "$WORK" >>"$RES" || status=1; fi
   kst "$BUILD/bench_gpu" search "$WORK/db.npy" "$WORK/q.npy" 100 5 0 "$WORK/anchor_ids.npy" >>"$RES" || status=1
   kst "$BUILD/bench_gpu" search "$WORK/db.npy" "$WORK/q.npy" 100 5 1 "$WORK/anchor_ids.npy" >>"$RES" || status=1
+  BW=$(python3 -c "import json,sys; print(next((json.loads(l)['copy_gb_s'] for l in open('$RES') if 'copy_gb_s' in l), 3000))")
+  say "IVF-PQ: CPU FAISS ($(nproc) cores) against the GPU, same index"
+  kst "$BUILD/bench_gpu" ivfpq "$WORK/db.npy" "$WORK/q.npy" "${KST_IVF_FACTORY:-IVF1024,PQ48}" 8,32,128 "$BW" >>"$RES" || status=1
   cp "$RES" "$OUT/results_$(date +%H%M%S).jsonl"
   $PY tests/gpu/report.py "$RES" | tee "$OUT/report.txt"
 fi
