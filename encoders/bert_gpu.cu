@@ -4,9 +4,9 @@
 
 #include <cuda_bf16.h>
 #include <math.h>
-#include <mma.h>
 #include <mutex>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 extern "C" {
@@ -170,37 +170,34 @@ __global__ void bias_act_kernel(bf16 *h, const float *bias, size_t n8, int FF, i
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* attention: grid (query tiles of 64, heads, batch), 4 warps of 16 query rows each.
+/* attention: grid (query tiles of 16 * NW rows, heads, batch), NW warps of 16 query rows each,
+ * flash-attention style on the tensor cores (mma.sync m16n8k16, bf16 in, float32 accumulate).
  *
- * Q (scaled by log2(e)/sqrt(hs)), K and V tiles (64 x HSP, bias added, zero-padded past hs) sit
- * in shared memory as bf16. Per key tile each warp computes S = Q K^T (16 x 64) with the tensor
- * cores, takes the online softmax in base 2 (two lanes per row, 32 columns each), writes P as
- * bf16 and adds P V (16 x HSP) into float32 accumulators held in registers, rescaled as the row
- * maximum grows. Keys at or past the sequence's valid length are masked (-inf), tiles wholly past
- * it are skipped. */
-
-namespace wmma = nvcuda::wmma;
+ * Q (scaled by log2(e)/sqrt(hs)) and K tiles (64 keys) sit in shared memory row-major, V
+ * transposed (dims x keys), all bf16 with the bias added and zero-padded past hs. Per key tile a
+ * warp computes S = Q K^T (16 x 64) into registers, takes the online softmax in base 2 there
+ * (the four lanes of a row reduce by shuffles), reuses the probabilities as the A operand of
+ * P V without leaving registers, and keeps O (16 x HSP) in float32 registers, rescaled as the row
+ * maximum grows. Keys at or past the sequence's valid length are masked (-inf); tiles wholly past
+ * it are skipped. No T x T matrix exists anywhere. */
 
 #define ATT_K 64
 
-/* NW warps: 16 * NW query rows per block */
 template <int HSP, int NW>
 struct att_smem {
     static constexpr int Q = 16 * NW;
-    static constexpr int LDQ = HSP + 8;                        /* bf16 */
-    static constexpr int LDS = (HSP + 4) > 68 ? (HSP + 4) : 68; /* float */
-    static constexpr int LDP = ATT_K + 8;                      /* bf16 */
+    static constexpr int LDQ = HSP + 8;   /* bf16, Q and K rows */
+    static constexpr int LDV = ATT_K + 8; /* bf16, V^T rows */
     static constexpr size_t q_off = 0;
     static constexpr size_t k_off = q_off + (size_t)Q * LDQ * 2;
     static constexpr size_t v_off = k_off + (size_t)ATT_K * LDQ * 2;
-    static constexpr size_t s_off = v_off + (size_t)ATT_K * LDQ * 2;
-    static constexpr size_t p_off = s_off + (size_t)NW * 16 * LDS * 4;
-    static constexpr size_t bytes = p_off + (size_t)NW * 16 * LDP * 2;
+    static constexpr size_t bytes = v_off + (size_t)HSP * LDV * 2;
 };
 
-/* Loads rows [r0, r0+R) of one of q/k/v (part 0/1/2) of head h, batch b, into dst (R x HSP),
- * adding the bias and multiplying by scale; rows past `rows` and columns past hs are zero. */
-template <int HSP, int R>
+/* Loads rows [r0, r0+R) of one of q/k/v (part 0/1/2) of head h, batch b, adding the bias and
+ * multiplying by scale; rows past `rows` and columns past hs are zero. Row-major into dst (ld
+ * LDQ), or transposed (dst[col * LDT + row]) when LDT > 0. */
+template <int HSP, int R, int LDT>
 __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *qkv, const float *bias, int b, int T,
                                           int C, int hs, int h, int part, int r0, int rows, float scale) {
     constexpr int LDQ = HSP + 8;
@@ -220,132 +217,220 @@ __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *qkv, const floa
 #pragma unroll
             for (int e = 0; e < 8; e++) v[e] = 0.0f;
         }
-        store8(dst + r * LDQ + c8, v);
+        if (LDT == 0) {
+            store8(dst + r * LDQ + c8, v);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) dst[(c8 + e) * LDT + r] = __float2bfloat16_rn(v[e]);
+        }
+    }
+}
+
+/* K/V tiles go through registers: the next tile's global loads are issued before the current
+ * tile's arithmetic and land in shared memory after it, so their latency is hidden. A thread
+ * always handles the same 8 columns (c8 = (tid % cpr) * 8), so its bias slice is loaded once. */
+template <int HSP, int NW>
+struct kv_regs {
+    static constexpr int CPR = HSP / 8;
+    static constexpr int NCH = (ATT_K * CPR + NW * 32 - 1) / (NW * 32);
+    uint4 k[NCH], v[NCH];
+};
+
+/* K: thread i takes row i / CPR, columns (i % CPR) * 8 (row-major stores, coalesced loads).
+ * V: thread i takes row i % ATT_K, columns (i / ATT_K) * 8, so that a warp's transposed stores
+ * fall on consecutive keys of one V^T row (no bank conflicts). */
+template <int HSP, int NW>
+__device__ __forceinline__ void kv_fetch(kv_regs<HSP, NW> &R, const bf16 *qkv, int b, int T, int C, int hs, int h,
+                                         int r0, int rows) {
+    constexpr int CPR = HSP / 8;
+#pragma unroll
+    for (int j = 0; j < kv_regs<HSP, NW>::NCH; j++) {
+        int i = threadIdx.x + j * NW * 32;
+        if (i >= ATT_K * CPR) continue;
+        int r = i / CPR, c8 = (i % CPR) * 8;
+        if (r0 + r < rows && c8 < hs)
+            R.k[j] = *reinterpret_cast<const uint4 *>(qkv + ((size_t)b * T + r0 + r) * 3 * C + C + (size_t)h * hs + c8);
+        r = i % ATT_K, c8 = (i / ATT_K) * 8;
+        if (r0 + r < rows && c8 < hs)
+            R.v[j] = *reinterpret_cast<const uint4 *>(qkv + ((size_t)b * T + r0 + r) * 3 * C + 2 * C + (size_t)h * hs + c8);
     }
 }
 
 template <int HSP, int NW>
-__global__ void __launch_bounds__(NW * 32)
+__device__ __forceinline__ void kv_store(const kv_regs<HSP, NW> &R, bf16 *Ks, bf16 *Vt, const float *bk,
+                                         const float *bias_v, int hs, int r0, int rows) {
+    constexpr int CPR = HSP / 8, LDQ = HSP + 8, LDV = ATT_K + 8;
+#pragma unroll
+    for (int j = 0; j < kv_regs<HSP, NW>::NCH; j++) {
+        int i = threadIdx.x + j * NW * 32;
+        if (i >= ATT_K * CPR) continue;
+        float f[8];
+        int r = i / CPR, c8 = (i % CPR) * 8;
+        if (r0 + r < rows && c8 < hs) {
+            load8(reinterpret_cast<const bf16 *>(&R.k[j]), f);
+#pragma unroll
+            for (int e = 0; e < 8; e++) f[e] += bk[e];
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) f[e] = 0.0f;
+        }
+        store8(Ks + r * LDQ + c8, f);
+        r = i % ATT_K, c8 = (i / ATT_K) * 8;
+        if (r0 + r < rows && c8 < hs) {
+            load8(reinterpret_cast<const bf16 *>(&R.v[j]), f);
+#pragma unroll
+            for (int e = 0; e < 8; e++) f[e] += bias_v[c8 + e];
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) f[e] = 0.0f;
+        }
+#pragma unroll
+        for (int e = 0; e < 8; e++) Vt[(c8 + e) * LDV + r] = __float2bfloat16_rn(f[e]);
+    }
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t ld32(const bf16 *p) { return *reinterpret_cast<const uint32_t *>(p); }
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+/* Blocks an SM should hold: 16 warps (at most 128 registers a thread) where that costs no more
+ * than a few spilled registers; wide heads keep their registers. */
+template <int HSP, int NW>
+struct att_occ {
+    static constexpr int blocks = HSP >= 128 ? 1 : (HSP == 64 && NW == 4) ? 3 : 16 / NW;
+};
+
+template <int HSP, int NW>
+__global__ void __launch_bounds__(NW * 32, att_occ<HSP, NW>::blocks)
 attention_kernel(bf16 *out, const bf16 *qkv, const float *bias, const int *valid, int T, int C, int NH) {
     typedef att_smem<HSP, NW> L;
     extern __shared__ __align__(128) unsigned char smem[];
-    bf16 *Qs = (bf16 *)(smem + L::q_off), *Ks = (bf16 *)(smem + L::k_off), *Vs = (bf16 *)(smem + L::v_off);
+    bf16 *Qs = (bf16 *)(smem + L::q_off), *Ks = (bf16 *)(smem + L::k_off), *Vt = (bf16 *)(smem + L::v_off);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float *Ss = (float *)(smem + L::s_off) + warp * 16 * L::LDS;
-    bf16 *Ps = (bf16 *)(smem + L::p_off) + warp * 16 * L::LDP;
+    const int g = lane >> 2, t = lane & 3; /* fragment row group and column pair */
     const int q0 = blockIdx.x * L::Q, h = blockIdx.y, b = blockIdx.z;
     const int hs = C / NH;
     int Lv = valid[b];
     if (Lv > T) Lv = T;
     if (Lv < 1) Lv = 1;
     const float qscale = rsqrtf((float)hs) * 1.4426950408889634f;
-    load_tile<HSP, L::Q>(Qs, qkv, bias, b, T, C, hs, h, 0, q0, T, qscale);
-    /* lane -> row lane/2 of this warp's 16, columns (lane&1)*HSP/2 .. +HSP/2 of the output */
-    constexpr int OC = HSP / 2;
-    const int my_row = lane >> 1, half = lane & 1;
-    float o[OC];
+    load_tile<HSP, L::Q, 0>(Qs, qkv, bias, b, T, C, hs, h, 0, q0, T, qscale);
+    __syncthreads();
+    /* this warp's Q as A fragments, for every 16-wide slice of the head */
+    uint32_t qa[HSP / 16][4];
+    {
+        const bf16 *qr = Qs + (warp * 16 + g) * L::LDQ + t * 2;
 #pragma unroll
-    for (int c = 0; c < OC; c++) o[c] = 0.0f;
-    float m = -INFINITY, l = 0.0f;
+        for (int kk = 0; kk < HSP / 16; kk++) {
+            qa[kk][0] = ld32(qr + kk * 16);
+            qa[kk][1] = ld32(qr + 8 * L::LDQ + kk * 16);
+            qa[kk][2] = ld32(qr + kk * 16 + 8);
+            qa[kk][3] = ld32(qr + 8 * L::LDQ + kk * 16 + 8);
+        }
+    }
+    float o[HSP / 8][4];
+#pragma unroll
+    for (int d = 0; d < HSP / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; /* rows g and g + 8 */
     const int ntiles = (Lv + ATT_K - 1) / ATT_K;
+    float bk[8];
+    {
+        const int c8 = (threadIdx.x % (HSP / 8)) * 8;
+#pragma unroll
+        for (int e = 0; e < 8; e++) bk[e] = c8 < hs ? bias[C + (size_t)h * hs + c8 + e] : 0.0f;
+    }
+    const float *bv = bias + 2 * C + (size_t)h * hs; /* V's columns vary per chunk: read as needed */
+    kv_regs<HSP, NW> R;
+    kv_fetch<HSP, NW>(R, qkv, b, T, C, hs, h, 0, Lv);
     for (int kt = 0; kt < ntiles; kt++) {
         const int k0 = kt * ATT_K;
-        __syncthreads(); /* previous tile's K/V fully used (and Q written, first time) */
-        load_tile<HSP, ATT_K>(Ks, qkv, bias, b, T, C, hs, h, 1, k0, Lv, 1.0f);
-        load_tile<HSP, ATT_K>(Vs, qkv, bias, b, T, C, hs, h, 2, k0, Lv, 1.0f);
+        __syncthreads(); /* the previous tile's K and V are no longer read */
+        kv_store<HSP, NW>(R, Ks, Vt, bk, bv, hs, k0, Lv);
         __syncthreads();
-        /* S (16 x 64) = Q_w (16 x HSP) K^T */
-        {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[ATT_K / 16];
+        if (kt + 1 < ntiles) kv_fetch<HSP, NW>(R, qkv, b, T, C, hs, h, k0 + ATT_K, Lv);
+        /* S (16 x 64) = Q K^T: 8 tiles of 8 keys */
+        float sc[ATT_K / 8][4];
 #pragma unroll
-            for (int n = 0; n < ATT_K / 16; n++) wmma::fill_fragment(acc[n], 0.0f);
+        for (int nt = 0; nt < ATT_K / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            const bf16 *kr = Ks + (nt * 8 + g) * L::LDQ + t * 2;
 #pragma unroll
-            for (int kk = 0; kk < HSP / 16; kk++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-                wmma::load_matrix_sync(a, Qs + warp * 16 * L::LDQ + kk * 16, L::LDQ);
-#pragma unroll
-                for (int n = 0; n < ATT_K / 16; n++) {
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bk;
-                    wmma::load_matrix_sync(bk, Ks + n * 16 * L::LDQ + kk * 16, L::LDQ);
-                    wmma::mma_sync(acc[n], a, bk, acc[n]);
-                }
-            }
-#pragma unroll
-            for (int n = 0; n < ATT_K / 16; n++)
-                wmma::store_matrix_sync(Ss + n * 16, acc[n], L::LDS, wmma::mem_row_major);
+            for (int kk = 0; kk < HSP / 16; kk++)
+                mma_bf16(sc[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], ld32(kr + kk * 16), ld32(kr + kk * 16 + 8));
         }
-        __syncwarp();
-        /* online softmax: this lane's 32 scores of row my_row */
-        {
-            const float *srow = Ss + my_row * L::LDS + half * 32;
-            float s[32];
-            float mx = -INFINITY;
+        /* mask, row maxima (the four lanes of a row hold 16 scores each) */
+        float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-            for (int c = 0; c < 32; c++) {
-                int key = k0 + half * 32 + c;
-                s[c] = key < Lv ? srow[c] : -INFINITY;
-                mx = fmaxf(mx, s[c]);
-            }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            float mnew = fmaxf(m, mx);
-            float alpha = exp2f(m - mnew); /* m = -inf the first time: alpha = 0 */
-            float sum = 0.0f;
-            bf16 *prow = Ps + my_row * L::LDP + half * 32;
-#pragma unroll
-            for (int c = 0; c < 32; c += 2) {
-                float p0 = exp2f(s[c] - mnew), p1 = exp2f(s[c + 1] - mnew);
-                __nv_bfloat162 pb = __floats2bfloat162_rn(p0, p1);
-                /* the sum uses the rounded probabilities that multiply V */
-                float2 pr = __bfloat1622float2(pb);
-                sum += pr.x + pr.y;
-                *reinterpret_cast<__nv_bfloat162 *>(prow + c) = pb;
-            }
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            l = l * alpha + sum;
-            m = mnew;
-#pragma unroll
-            for (int c = 0; c < OC; c++) o[c] *= alpha;
+        for (int nt = 0; nt < ATT_K / 8; nt++) {
+            const int key = k0 + nt * 8 + t * 2;
+            if (key >= Lv) sc[nt][0] = sc[nt][2] = -INFINITY;
+            if (key + 1 >= Lv) sc[nt][1] = sc[nt][3] = -INFINITY;
+            mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
         }
-        __syncwarp();
-        /* O_part (16 x HSP) = P (16 x 64) V (64 x HSP), into Ss */
-        {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> pa[ATT_K / 16];
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float al0 = exp2f(m0 - mn0), al1 = exp2f(m1 - mn1); /* 0 the first time */
+        m0 = mn0;
+        m1 = mn1;
+        /* P = exp2(S - m) as bf16 A fragments (keys 16j .. 16j+15 = score tiles 2j, 2j+1) */
+        uint32_t pa[ATT_K / 16][4];
+        float s0 = 0.0f, s1 = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < ATT_K / 16; kk++) wmma::load_matrix_sync(pa[kk], Ps + kk * 16, L::LDP);
-#pragma unroll
-            for (int n = 0; n < HSP / 16; n++) {
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-                wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-                for (int kk = 0; kk < ATT_K / 16; kk++) {
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bv;
-                    wmma::load_matrix_sync(bv, Vs + kk * 16 * L::LDQ + n * 16, L::LDQ);
-                    wmma::mma_sync(acc, pa[kk], bv, acc);
-                }
-                wmma::store_matrix_sync(Ss + n * 16, acc, L::LDS, wmma::mem_row_major);
-            }
+        for (int nt = 0; nt < ATT_K / 8; nt++) {
+            uint32_t lo = pack_bf16(exp2f(sc[nt][0] - mn0), exp2f(sc[nt][1] - mn0));
+            uint32_t hi = pack_bf16(exp2f(sc[nt][2] - mn1), exp2f(sc[nt][3] - mn1));
+            /* sums of the rounded probabilities, the ones that multiply V */
+            float2 fl = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 *>(&lo));
+            float2 fh = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 *>(&hi));
+            s0 += fl.x + fl.y;
+            s1 += fh.x + fh.y;
+            pa[nt >> 1][(nt & 1) * 2 + 0] = lo;
+            pa[nt >> 1][(nt & 1) * 2 + 1] = hi;
         }
-        __syncwarp();
-        {
-            const float *orow = Ss + my_row * L::LDS + half * OC;
+        l0 = l0 * al0 + s0;
+        l1 = l1 * al1 + s1;
+        /* O = O * alpha + P V: 8-wide tiles of the head's dims; B = V^T rows */
 #pragma unroll
-            for (int c = 0; c < OC; c++) o[c] += orow[c];
+        for (int dt = 0; dt < HSP / 8; dt++) {
+            o[dt][0] *= al0;
+            o[dt][1] *= al0;
+            o[dt][2] *= al1;
+            o[dt][3] *= al1;
+            const bf16 *vr = Vt + (dt * 8 + g) * L::LDV + t * 2;
+#pragma unroll
+            for (int j = 0; j < ATT_K / 16; j++)
+                mma_bf16(o[dt], pa[j][0], pa[j][1], pa[j][2], pa[j][3], ld32(vr + j * 16), ld32(vr + j * 16 + 8));
         }
-        __syncwarp();
     }
-    const int q = q0 + warp * 16 + my_row;
-    if (q < T) {
-        float inv = 1.0f / l;
-        bf16 *dst = out + ((size_t)b * T + q) * C + (size_t)h * hs;
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    const int qa_row = q0 + warp * 16 + g, qb_row = qa_row + 8;
 #pragma unroll
-        for (int c = 0; c < OC; c += 8) {
-            int col = half * OC + c;
-            if (col < hs) {
-                float v[8];
-#pragma unroll
-                for (int e = 0; e < 8; e++) v[e] = o[c + e] * inv;
-                store8(dst + col, v);
-            }
+    for (int dt = 0; dt < HSP / 8; dt++) {
+        const int col = dt * 8 + t * 2;
+        if (col < hs) {
+            if (qa_row < T)
+                *reinterpret_cast<uint32_t *>(out + ((size_t)b * T + qa_row) * C + (size_t)h * hs + col) =
+                    pack_bf16(o[dt][0] * i0, o[dt][1] * i0);
+            if (qb_row < T)
+                *reinterpret_cast<uint32_t *>(out + ((size_t)b * T + qb_row) * C + (size_t)h * hs + col) =
+                    pack_bf16(o[dt][2] * i1, o[dt][3] * i1);
         }
     }
 }
@@ -407,6 +492,9 @@ static int set_att_smem(kst_error *err) {
     CU_TRY(cudaFuncSetAttribute(attention_kernel<HSP, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 (int)att_smem<HSP, NW>::bytes),
            "raising the attention kernel's shared memory");
+    CU_TRY(cudaFuncSetAttribute(attention_kernel<HSP, NW>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                (int)cudaSharedmemCarveoutMaxShared),
+           "the attention kernel's shared memory carveout");
 done:
     return rc;
 }
@@ -596,7 +684,14 @@ static void attention_nw(kst_bert_gpu *g, const float *qkvb, int B, int T) {
 
 /* 128 query rows a block (K/V tiles shared by 8 warps) once sequences are long enough */
 static void attention(kst_bert_gpu *g, const float *qkvb, int B, int T) {
-    if (T > 64) attention_nw<8>(g, qkvb, B, T);
+    /* KESTREL_GPU_ATT_WARPS=4|8 overrides the choice (a tuning knob for benchmarks) */
+    static int forced = -1;
+    if (forced < 0) {
+        const char *e = getenv("KESTREL_GPU_ATT_WARPS");
+        forced = e ? atoi(e) : 0;
+    }
+    int nw = forced == 4 || forced == 8 ? forced : T > 64 ? 8 : 4;
+    if (nw == 8) attention_nw<8>(g, qkvb, B, T);
     else attention_nw<4>(g, qkvb, B, T);
 }
 

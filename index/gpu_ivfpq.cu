@@ -5,7 +5,7 @@
  * Per chunk of queries: y = A q (OPQ), coarse scores y . centroids (SGEMM) and their top nprobe
  * (the top-k kernel of gpu_flat.cu); one lookup table per query, LUT[m][j] = y_m . codebook[m][j]
  * (for the inner product the table does not depend on the list); one block per (query, probed
- * list) with the table in shared memory scores every code of the list as <y, centroid> +
+ * list group) with the table in shared memory scores every code of up to 8 probed lists as <y, centroid> +
  * sum_m LUT[m][code_m], as FAISS's IVFPQ scanner does; then the top k over the probed entries. */
 #include "core/gpu_util.cuh"
 
@@ -187,39 +187,45 @@ __global__ void lut_kernel(float *lut, const float *y, const float *cb, int D, i
     lut[((size_t)q * M + m) * 256 + j] = s;
 }
 
-/* grid (nq, nprobe): scores of every code of the probed list into its maxlist slots */
+/* grid (nq, ceil(nprobe / PROBES_PER_BLOCK)): the query's table is loaded into shared memory once
+ * and the block scores every code of its probed lists into their maxlist slots */
+#define PROBES_PER_BLOCK 8
+
 __global__ void scan_kernel(float *cs, int64_t *cid, const float *lut, const float *cval, const int64_t *clist,
                             const int64_t *off, const uint8_t *codes, const int64_t *ids, int M, int nprobe,
                             size_t maxlist, size_t ld, int by_residual) {
     extern __shared__ float slut[];
-    const int q = blockIdx.x, p = blockIdx.y;
+    const int q = blockIdx.x;
     const float *lq = lut + (size_t)q * M * 256;
     for (int i = threadIdx.x; i < M * 256; i += blockDim.x) slut[i] = lq[i];
     __syncthreads();
-    const int64_t list = clist[(size_t)q * nprobe + p];
-    const float base = by_residual ? cval[(size_t)q * nprobe + p] : 0.0f;
-    const int64_t lo = list >= 0 ? off[list] : 0, n = list >= 0 ? off[list + 1] - lo : 0;
-    float *dst = cs + (size_t)q * ld + (size_t)p * maxlist;
-    int64_t *dsti = cid + (size_t)q * ld + (size_t)p * maxlist;
-    for (size_t i = threadIdx.x; i < maxlist; i += blockDim.x) {
-        if ((int64_t)i < n) {
-            const uint8_t *c = codes + (size_t)(lo + (int64_t)i) * M;
-            float s = base;
-            if ((M & 3) == 0) {
-                const uint32_t *c4 = reinterpret_cast<const uint32_t *>(c);
-                for (int m4 = 0; m4 < M / 4; m4++) {
-                    uint32_t w = c4[m4];
-                    const float *t = slut + m4 * 4 * 256;
-                    s += t[w & 0xff] + t[256 + ((w >> 8) & 0xff)] + t[512 + ((w >> 16) & 0xff)] + t[768 + (w >> 24)];
+    const int p_end = min(nprobe, (int)(blockIdx.y + 1) * PROBES_PER_BLOCK);
+    for (int p = blockIdx.y * PROBES_PER_BLOCK; p < p_end; p++) {
+        const int64_t list = clist[(size_t)q * nprobe + p];
+        const float base = by_residual ? cval[(size_t)q * nprobe + p] : 0.0f;
+        const int64_t lo = list >= 0 ? off[list] : 0, n = list >= 0 ? off[list + 1] - lo : 0;
+        float *dst = cs + (size_t)q * ld + (size_t)p * maxlist;
+        int64_t *dsti = cid + (size_t)q * ld + (size_t)p * maxlist;
+        for (size_t i = threadIdx.x; i < maxlist; i += blockDim.x) {
+            if ((int64_t)i < n) {
+                const uint8_t *c = codes + (size_t)(lo + (int64_t)i) * M;
+                float sc = base;
+                if ((M & 3) == 0) {
+                    const uint32_t *c4 = reinterpret_cast<const uint32_t *>(c);
+                    for (int m4 = 0; m4 < M / 4; m4++) {
+                        uint32_t w = c4[m4];
+                        const float *t = slut + m4 * 4 * 256;
+                        sc += t[w & 0xff] + t[256 + ((w >> 8) & 0xff)] + t[512 + ((w >> 16) & 0xff)] + t[768 + (w >> 24)];
+                    }
+                } else {
+                    for (int m = 0; m < M; m++) sc += slut[m * 256 + c[m]];
                 }
+                dst[i] = sc;
+                dsti[i] = ids[lo + (int64_t)i];
             } else {
-                for (int m = 0; m < M; m++) s += slut[m * 256 + c[m]];
+                dst[i] = -FLT_MAX;
+                dsti[i] = -1;
             }
-            dst[i] = s;
-            dsti[i] = ids[lo + (int64_t)i];
-        } else {
-            dst[i] = -FLT_MAX;
-            dsti[i] = -1;
         }
     }
 }
@@ -290,7 +296,8 @@ extern "C" int kst_gpu_ivfpq_search(kst_gpu_ivfpq *g, int64_t nq, const float *q
         KST_TRY(kst_gpu_topk_rows(g->Sc, ldc, qn, (int64_t)g->nlist, nprobe, NULL, g->cval, g->clist, g->stream, err));
         lut_kernel<<<dim3((unsigned)qn, (unsigned)g->M), 256, 0, g->stream>>>(g->lut, y, g->cb, g->D, g->M, g->dsub);
         CU_LAUNCHED("lookup table kernel");
-        scan_kernel<<<dim3((unsigned)qn, (unsigned)nprobe), 256, (size_t)g->M * 256 * 4, g->stream>>>(
+        scan_kernel<<<dim3((unsigned)qn, (unsigned)((nprobe + PROBES_PER_BLOCK - 1) / PROBES_PER_BLOCK)), 256,
+                      (size_t)g->M * 256 * 4, g->stream>>>(
             g->cs, g->cid, g->lut, g->cval, g->clist, g->off, g->codes, g->ids, g->M, nprobe, maxlist, ld,
             g->by_residual);
         CU_LAUNCHED("list scan kernel");

@@ -24,7 +24,7 @@ static const char *HELP =
     "  --rerank N       candidates re-ranked by MaxSim (default 100)\n"
     "  --cross-k N      candidates re-ranked by the cross-encoder (default 20)\n"
     "  --nprobe N       IVF lists probed (default 16)\n"
-    "  --device D       cpu (default) or cuda: encoders and exact (Flat) dense search on the GPU\n"
+    "  --device D       cpu (default) or cuda: encoders and dense search (Flat, IVF-PQ) on the GPU\n"
     "  --format F       text, tsv (id score stage title), json, or trec\n"
     "  --model/--colbert/--cross DIR   use these model folders instead of the recorded ones\n"
     "                   (the dense and ColBERT weights must be the ones the index was built with)\n";

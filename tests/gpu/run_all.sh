@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # tests/gpu/run_all.sh [OUT] - everything the GPU backend has to show, in one go, on a machine
 # with an NVIDIA GPU (sm_90 by default: NVCC_ARCH=sm_80 ... for others):
-#   build    make CUDA=1 (skipped with KST_PREBUILT=1: the build folder is used as it is)
-#   test     build/tests/test_gpu (GPU search against CPU FAISS, GPU encoders against the
-#            transformers fixtures), then the same under compute-sanitizer memcheck
+#   build    make CUDA=1 (leave it out of KST_GPU_STAGES to use the build folder as it is)
+#   test     tests/test_gpu.c (GPU search against CPU FAISS, GPU encoders against the
+#            transformers fixtures and the CPU forward)
 #   bench    PyTorch anchors (tests/bench/bench_gpu_torch.py) and kestrel (bench_gpu) in the same
-#            run, then the table of ratios (tests/gpu/report.py)
+#            run (encoding, exact search, IVF-PQ against CPU FAISS), then the table of ratios
+#            (tests/gpu/report.py)
+#   memcheck the GPU tests again under compute-sanitizer --tool memcheck
 # Results land in OUT (default tests/gpu/out): *.log, results.jsonl, report.txt.
 # Environment: KST_GPU_STAGES (default build,test,bench,memcheck; kst instead of bench: kestrel's
-# figures alone, without the PyTorch anchors), KST_BUILD (default build),
+# figures alone, without the PyTorch anchors), KST_BUILD (default build/cuda, apart from
+# the CPU build's objects),
 # KST_GPU_WORK (scratch for models and vectors, default /tmp/kst_gpu), KST_PY (python with torch
 # and transformers, default python3), KST_LIBPATH (extra LD_LIBRARY_PATH for kestrel's binaries).
 set -uo pipefail
@@ -16,7 +19,7 @@ cd "$(dirname "$0")/../.."
 OUT=${1:-${OUT:-tests/gpu/out}}
 mkdir -p "$OUT"
 STAGES=${KST_GPU_STAGES:-build,test,bench,memcheck}
-BUILD=${KST_BUILD:-build}
+BUILD=${KST_BUILD:-build/cuda}
 WORK=${KST_GPU_WORK:-/tmp/kst_gpu}
 PY=${KST_PY:-python3}
 RES=$OUT/results.jsonl
