@@ -29,12 +29,13 @@ static const char *HELP =
     "                     factory string: Flat, IVF1024,PQ48, OPQ48,IVF1024,PQ48, HNSW32\n"
     "  --bm25-only        no dense model: BM25 search only\n"
     "  --threads N        CPU threads (default: all cores)\n"
+    "  --device D         cpu (default) or cuda: encode the documents on the GPU (make CUDA=1)\n"
     "\n"
     "Every write is one atomic commit: interrupted, the index keeps its previous content.\n";
 
 typedef struct args {
     const char *index, *collection, *model, *colbert, *cross, *factory, *format, *ids;
-    int bm25_only, threads;
+    int bm25_only, threads, device;
 } args;
 
 static int parse(const char *sub, int argc, char **argv, args *a) {
@@ -56,6 +57,10 @@ static int parse(const char *sub, int argc, char **argv, args *a) {
             size_t n;
             if (cli_size_value(o, v, &n) != 0) return KST_EXIT_USAGE;
             a->threads = (int)n;
+            i++;
+            continue;
+        } else if (strcmp(o, "--device") == 0) {
+            if (cli_device_value(v, &a->device) != 0) return KST_EXIT_USAGE;
             i++;
             continue;
         } else {
@@ -129,6 +134,7 @@ int cmd_index(int argc, char **argv) {
     o.colbert = a.colbert;
     o.cross = a.cross;
     o.num_threads = a.threads;
+    o.device = a.device;
     if (a.factory) o.factory = a.factory;
     kst_index *ix = NULL;
     kst_error err;
