@@ -329,3 +329,76 @@ void kst_colbert_head_backward(const kst_bert *m, kst_bert *grads, kst_head_acts
     kst_l2norm_backward(h->d1, dout, h->out, h->norm, N, D);
     kst_matmul_backward(dhidden, grads->params.projw, NULL, h->d1, hidden, m->params.projw, N, c->C, D);
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* cross-encoder head */
+
+void kst_cross_head_acts_free(kst_cross_head_acts *h) {
+    if (!h) return;
+    float **bufs[] = {&h->cls, &h->pre, &h->pooled, &h->drop, &h->logits, &h->dpooled, &h->dpre, &h->dcls};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) kst_free(*bufs[i]);
+    memset(h, 0, sizeof *h);
+}
+
+/* BERT's pooler is tanh, DistilBERT's pre_classifier ReLU (transformers' modeling files). */
+static kst_act cross_act(const kst_bert *m) {
+    return m->cfg.arch == KST_ARCH_BERT ? KST_ACT_TANH : KST_ACT_RELU;
+}
+
+int kst_cross_head_forward(const kst_bert *m, kst_cross_head_acts *h, const float *hidden,
+                           size_t B, size_t T, float dropout, uint64_t *rng, kst_error *err) {
+    const kst_bert_config *c = &m->cfg;
+    size_t C = c->C, PD = c->pool_dim, NL = c->NL;
+    if (!PD || !NL || !m->params.clsw)
+        return kst_fail(err, KST_ERR_MISUSE, "the model has no sequence-classification head");
+    if (dropout > 0 && !rng) return kst_fail(err, KST_ERR_MISUSE, "dropout needs a random state");
+    int rc = KST_OK;
+    size_t w = C > PD ? C : PD;
+    if (w < NL) w = NL;
+    if (B * w > h->cap) {
+        GROW(h->cls, B * w, "head activations");
+        GROW(h->pre, B * w, "head activations");
+        GROW(h->pooled, B * w, "head activations");
+        GROW(h->drop, B * w, "head activations");
+        GROW(h->logits, B * w, "head activations");
+        GROW(h->dpooled, B * w, "head gradients");
+        GROW(h->dpre, B * w, "head gradients");
+        GROW(h->dcls, B * w, "head gradients");
+        h->cap = B * w;
+    }
+    h->B = B;
+    for (size_t b = 0; b < B; b++) memcpy(h->cls + b * C, hidden + b * T * C, C * sizeof(float));
+    kst_matmul_forward(h->pre, h->cls, m->params.poolw, m->params.poolb, B, C, PD);
+    kst_act_forward(h->pooled, h->pre, B * PD, cross_act(m));
+    h->dropped = dropout > 0;
+    if (h->dropped) {
+        kst_dropout_mask(h->drop, B * PD, dropout, rng);
+        kst_dropout_forward(h->pooled, h->pooled, h->drop, B * PD);
+    }
+    kst_matmul_forward(h->logits, h->pooled, m->params.clsw, m->params.clsb, B, PD, NL);
+done:
+    return rc;
+}
+
+void kst_cross_head_backward(const kst_bert *m, kst_bert *grads, kst_cross_head_acts *h,
+                             float *dhidden, const float *dlogits, size_t T) {
+    const kst_bert_config *c = &m->cfg;
+    size_t B = h->B, C = c->C, PD = c->pool_dim, NL = c->NL;
+    memset(h->dpooled, 0, B * PD * sizeof(float));
+    kst_matmul_backward(h->dpooled, grads->params.clsw, grads->params.clsb, dlogits, h->pooled,
+                        m->params.clsw, B, PD, NL);
+    if (h->dropped) { /* d (act output) = d pooled * mask */
+        memcpy(h->dpre, h->dpooled, B * PD * sizeof(float));
+        memset(h->dpooled, 0, B * PD * sizeof(float));
+        kst_dropout_backward(h->dpooled, h->dpre, h->drop, B * PD);
+    }
+    memset(h->dpre, 0, B * PD * sizeof(float));
+    kst_act_backward(h->dpre, h->dpooled, h->pre, B * PD, cross_act(m));
+    memset(h->dcls, 0, B * C * sizeof(float));
+    kst_matmul_backward(h->dcls, grads->params.poolw, grads->params.poolb, h->dpre, h->cls,
+                        m->params.poolw, B, C, PD);
+    for (size_t b = 0; b < B; b++) {
+        float *dst = dhidden + b * T * C;
+        for (size_t k = 0; k < C; k++) dst[k] += h->dcls[b * C + k];
+    }
+}

@@ -109,4 +109,31 @@ void kst_colbert_head_backward(const kst_bert *m, kst_bert *grads, kst_head_acts
                                float *dhidden, const float *dout, const float *hidden, size_t B,
                                size_t T);
 
+/* Cross-encoder head (BertForSequenceClassification / DistilBertForSequenceClassification): the
+ * [CLS] hidden state (row 0 of each sequence) through the BERT pooler (dense + tanh) or the
+ * DistilBERT pre_classifier (dense + ReLU), dropout (transformers' classifier dropout; 0: off),
+ * then the classifier (NL, pool_dim) into logits (B, NL). Zero-initialise; grown on demand; free
+ * with kst_cross_head_acts_free. */
+typedef struct kst_cross_head_acts {
+    size_t B;
+    float *cls;     /* (B, C) [CLS] hidden states */
+    float *pre;     /* (B, PD) pooler pre-activation */
+    float *pooled;  /* (B, PD) after tanh / ReLU (and dropout): the classifier's input */
+    float *drop;    /* (B, PD) dropout mask, when dropout > 0 */
+    float *logits;  /* (B, NL) */
+    float *dpooled, *dpre, *dcls; /* backward scratch */
+    size_t cap;
+    int dropped;
+} kst_cross_head_acts;
+void kst_cross_head_acts_free(kst_cross_head_acts *h);
+
+/* Forward of the cross-encoder head over hidden (B, T, C); logits land in h->logits. Masks come
+ * from *rng when dropout > 0. Fails on memory, or KST_ERR_MISUSE when the model has no head. */
+int kst_cross_head_forward(const kst_bert *m, kst_cross_head_acts *h, const float *hidden,
+                           size_t B, size_t T, float dropout, uint64_t *rng, kst_error *err);
+/* dhidden (B, T, C) += the gradient (row 0 of each sequence only), grads (pooler / pre_classifier
+ * and classifier) += theirs, from dlogits (B, NL). Cannot fail. */
+void kst_cross_head_backward(const kst_bert *m, kst_bert *grads, kst_cross_head_acts *h,
+                             float *dhidden, const float *dlogits, size_t T);
+
 #endif
