@@ -33,11 +33,14 @@ static const char *HELP =
     "  --no-shuffle             file order: the first batch is the first --batch-size lines\n"
     "  --in-batch-weight X      add X * in-batch negatives cross-entropy (off)\n";
 
+int cmd_train_cross(int argc, char **argv); /* train_cross.c */
+
 int cmd_train(int argc, char **argv) {
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         fputs(HELP, argc < 2 ? stderr : stdout);
         return argc < 2 ? KST_EXIT_USAGE : 0;
     }
+    if (strcmp(argv[1], "cross") == 0) return cmd_train_cross(argc, argv);
     if (strcmp(argv[1], "margin-mse") != 0)
         return cli_usage_error("train", "unknown training mode \"%s\" (margin-mse)", argv[1]);
     kst_train_opts o = kst_train_opts_default();
