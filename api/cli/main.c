@@ -16,6 +16,8 @@ static const struct {
     {"search", cmd_search, "search an index: one query, or a query file into a TREC run"},
     {"train", cmd_train, "distil a dense or ColBERT student from teacher scores (margin-mse)"},
     {"eval", cmd_eval, "evaluate a TREC run against qrels (MRR@10, nDCG@10, recall, MAP)"},
+    {"teach", cmd_teach, "score training triples with a cross-encoder (local or /rerank URL) into a teacher file"},
+    {"serve-rerank", cmd_serve_rerank, "serve a cross-encoder over HTTP (text-embeddings-inference /rerank API)"},
 };
 
 static void usage(FILE *fp) {
