@@ -475,7 +475,6 @@ int kst_teach(const kst_teach_opts *o, kst_teach_result *res, kst_error *err) {
     tmp[0] = '\0';
     size_t batch = o->batch_size ? o->batch_size : 32, per = o->chunk ? o->chunk : 2048;
     if (batch < 2) batch = 2;
-    double t0 = kst_now();
     if (o->model_dir) {
         if (o->num_threads > 0) kst_set_num_threads(o->num_threads);
         KST_TRY(kst_encoder_open(o->model_dir, KST_ROLE_AUTO, &e, err));
@@ -497,6 +496,7 @@ int kst_teach(const kst_teach_opts *o, kst_teach_result *res, kst_error *err) {
         KST_TRY(kst_textmap_load(o->collection_path, 0, &cmap, err));
     }
     KST_TRY(kst_stream_open(o->triples_path, &in, err));
+    double t0 = kst_now(); /* scoring time: after the model is loaded */
     if ((size_t)snprintf(tmp, sizeof tmp, "%s.tmp.%ld", o->out_path, (long)getpid()) >= sizeof tmp) {
         tmp[0] = '\0';
         rc = kst_fail(err, KST_ERR_INVALID, "%s: path too long", o->out_path);

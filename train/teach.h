@@ -49,7 +49,7 @@ kst_teach_opts kst_teach_opts_default(void);
 
 typedef struct kst_teach_result {
     size_t triples, requests, retries;
-    double seconds;
+    double seconds; /* from the first triple read to the output renamed (model loading excluded) */
 } kst_teach_result;
 
 /* Scores every triple and writes opts->out_path atomically (see above). Errors name the file and
