@@ -31,9 +31,13 @@ static const char *HELP =
     "  --grad-clip X            global-norm clipping (off)\n"
     "  --dropout P              dropout (default: the checkpoint's hidden_dropout_prob)\n"
     "  --no-shuffle             file order: the first batch is the first --batch-size lines\n"
-    "  --in-batch-weight X      add X * in-batch negatives cross-entropy (off)\n";
+    "  --in-batch-weight X      add X * in-batch negatives cross-entropy (off)\n"
+    "\n"
+    "Other modes: kestrel train cross (cross-encoders), kestrel train self-distill (bi <-> cross\n"
+    "self-distillation); see their --help.\n";
 
-int cmd_train_cross(int argc, char **argv); /* train_cross.c */
+int cmd_train_cross(int argc, char **argv);       /* train_cross.c */
+int cmd_train_self_distill(int argc, char **argv); /* train_cross.c */
 
 int cmd_train(int argc, char **argv) {
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
@@ -41,6 +45,7 @@ int cmd_train(int argc, char **argv) {
         return argc < 2 ? KST_EXIT_USAGE : 0;
     }
     if (strcmp(argv[1], "cross") == 0) return cmd_train_cross(argc, argv);
+    if (strcmp(argv[1], "self-distill") == 0) return cmd_train_self_distill(argc, argv);
     if (strcmp(argv[1], "margin-mse") != 0)
         return cli_usage_error("train", "unknown training mode \"%s\" (margin-mse)", argv[1]);
     kst_train_opts o = kst_train_opts_default();
