@@ -14,7 +14,7 @@ static const struct {
     {"score", cmd_score, "score query<TAB>passage pairs (similarity, MaxSim or logits)"},
     {"index", cmd_index, "build, add to, delete from or describe an index folder"},
     {"search", cmd_search, "search an index: one query, or a query file into a TREC run"},
-    {"train", cmd_train, "distil a dense or ColBERT student from teacher scores (margin-mse)"},
+    {"train", cmd_train, "train students (margin-mse), cross-encoders (cross), bi <-> cross (self-distill)"},
     {"eval", cmd_eval, "evaluate a TREC run against qrels (MRR@10, nDCG@10, recall, MAP)"},
     {"teach", cmd_teach, "score training triples with a cross-encoder (local or /rerank URL) into a teacher file"},
     {"serve-rerank", cmd_serve_rerank, "serve a cross-encoder over HTTP (text-embeddings-inference /rerank API)"},
