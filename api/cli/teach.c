@@ -92,11 +92,11 @@ int cmd_teach(int argc, char **argv) {
         return code;
     }
     if (o.teacher_url)
-        fprintf(stderr, "kestrel teach: %zu triples in %.1fs (%.1f triples/s), %zu requests, %zu retries; wrote %s\n",
+        fprintf(stderr, "kestrel teach: %zu triples in %.2fs (%.3f triples/s), %zu requests, %zu retries; wrote %s\n",
                 r.triples, r.seconds, r.seconds > 0 ? (double)r.triples / r.seconds : 0.0, r.requests, r.retries,
                 o.out_path);
     else
-        fprintf(stderr, "kestrel teach: %zu triples in %.1fs (%.1f triples/s); wrote %s\n", r.triples, r.seconds,
+        fprintf(stderr, "kestrel teach: %zu triples in %.2fs (%.3f triples/s); wrote %s\n", r.triples, r.seconds,
                 r.seconds > 0 ? (double)r.triples / r.seconds : 0.0, o.out_path);
     return 0;
 }
