@@ -267,6 +267,20 @@ int kst_ann_write(const kst_ann *a, const char *path, kst_error *err) {
     return rc;
 }
 
+int kst_ann_clone_empty(const kst_ann *a, kst_ann **out, kst_error *err) {
+    *out = NULL;
+    kst_ann *c = kst_calloc(1, sizeof *c, "kst_ann", err);
+    if (!c) return KST_ERR_NOMEM;
+    if (kst_faiss_clone_empty(a->index, &c->index) != 0) {
+        kst_free(c);
+        return faiss_fail(err, KST_ERR_UNSUPPORTED, "clone");
+    }
+    c->dim = a->dim;
+    snprintf(c->factory, sizeof c->factory, "%s", a->factory);
+    *out = c;
+    return KST_OK;
+}
+
 void kst_ann_free(kst_ann *a) {
     if (!a) return;
     kst_ann_gpu_free(a->gpu);

@@ -61,6 +61,11 @@ int kst_ann_read(const char *path, kst_ann_mmap mmap, kst_ann **out, kst_error *
  * temporary file behind. */
 int kst_ann_write(const kst_ann *a, const char *path, kst_error *err);
 
+/* A copy of a's structure (layers, OPQ matrix, centroids, codebooks, factory) with no vectors,
+ * for rewriting an index's quantizers (Distill-VQ). Fails with KST_ERR_UNSUPPORTED and FAISS's
+ * message where FAISS cannot clone (an index opened memory-mapped). *out is NULL on failure. */
+int kst_ann_clone_empty(const kst_ann *a, kst_ann **out, kst_error *err);
+
 /* Frees the index; NULL is a no-op. */
 void kst_ann_free(kst_ann *a);
 

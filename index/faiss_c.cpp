@@ -24,6 +24,7 @@
 #include <faiss/AutoTune.h>
 #include <faiss/Index.h>
 #include <faiss/IndexFlat.h>
+#include <faiss/clone_index.h>
 #include <faiss/IndexHNSW.h>
 #include <faiss/IndexIDMap.h>
 #include <faiss/IndexIVF.h>
@@ -710,6 +711,17 @@ int kst_faiss_opq_matrix_set(FaissIndex* index, const float* A) {
         lt->set_is_orthonormal();
         auto pre = dynamic_cast<faiss::IndexPreTransform*>(top);
         if (pre) pre->is_trained = pre->index->is_trained;
+    }
+    KST_FAISS_CATCH
+}
+
+int kst_faiss_clone_empty(const FaissIndex* index, FaissIndex** out) {
+    try {
+        need(out, "out");
+        *out = nullptr;
+        std::unique_ptr<faiss::Index> c(faiss::clone_index(ix(need(index, "index"))));
+        c->reset();
+        *out = handle(c.release());
     }
     KST_FAISS_CATCH
 }

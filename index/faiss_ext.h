@@ -77,6 +77,13 @@ int kst_faiss_pq_codebook_set(FaissIndex *index, const float *codebook);
 int kst_faiss_opq_matrix_get(const FaissIndex *index, float *A);
 int kst_faiss_opq_matrix_set(FaissIndex *index, const float *A);
 
+/* A deep copy of index (every layer, the OPQ matrix, centroids, codebooks, settings) holding no
+ * vectors: *out is the copy, emptied, ready for new centroids/codebooks (Distill-VQ writes its
+ * learned ones into it, then adds the documents, which FAISS re-encodes). Fails on an index type
+ * FAISS cannot clone (e.g. memory-mapped inverted lists: read the file without mmap). Free *out
+ * with faiss_Index_free. */
+int kst_faiss_clone_empty(const FaissIndex *index, FaissIndex **out);
+
 /* Inverted lists. sizes: (nlist). For one list: ids (size) and codes (size, code_size); either
  * pointer may be NULL to skip it. Fails on a bad list number or an index that is not IVF. */
 int kst_faiss_ivf_list_sizes(const FaissIndex *index, size_t *sizes);

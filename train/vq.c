@@ -1,0 +1,740 @@
+/* vq.c - Distill-VQ: the students' forward/backward, the training loop, and the write-back into a
+ * FAISS IndexIVFPQ (see vq.h for the method). */
+#define _POSIX_C_SOURCE 200809L
+#include "vq.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <faiss/c_api/Index_c.h>
+#include <faiss/c_api/error_c.h>
+
+#include "core/blas.h"
+#include "core/check.h"
+#include "core/mem.h"
+#include "core/progress.h"
+#include "index/faiss_ext.h"
+#include "train/optim.h"
+#include "train/teacher.h"
+
+/* ---------------------------------------------------------------------------------------------
+ * Model
+ * ------------------------------------------------------------------------------------------- */
+
+static int faiss_fail(kst_error *err, int code, const char *what) {
+    const char *msg = faiss_get_last_error();
+    return kst_fail(err, code, "%s: %s", what, msg ? msg : "FAISS failed without a message");
+}
+
+void kst_vq_model_free(kst_vq_model *m) {
+    if (!m) return;
+    kst_free(m->params);
+    kst_free(m->rot);
+    kst_free(m->tau);
+    memset(m, 0, sizeof *m);
+}
+
+int kst_vq_model_from_index(kst_ann *ann, kst_vq_model *out, kst_error *err) {
+    memset(out, 0, sizeof *out);
+    FaissIndex *fi = (FaissIndex *)kst_ann_faiss(ann);
+    kst_faiss_layout l;
+    if (kst_faiss_layout_get(fi, &l) != 0) return faiss_fail(err, KST_ERR_INTERNAL, "layout");
+    if (!l.nlist || !l.pq_M)
+        return kst_fail(err, KST_ERR_UNSUPPORTED,
+                        "Distill-VQ needs an IVF-PQ index (IVFn,PQm or OPQm,IVFn,PQm); this one "
+                        "has %s", !l.nlist ? "no IVF layer (Flat/HNSW: nothing to learn)" : "no PQ");
+    if (!l.is_trained) return kst_fail(err, KST_ERR_MISUSE, "the IVF-PQ index is not trained");
+    if (l.metric != METRIC_INNER_PRODUCT)
+        return kst_fail(err, KST_ERR_UNSUPPORTED, "metric %d: Distill-VQ here is for inner product",
+                        l.metric);
+    if (l.pq_nbits != 8)
+        return kst_fail(err, KST_ERR_UNSUPPORTED, "PQ codes of %zu bits: only 8-bit codes (PQmx8)",
+                        l.pq_nbits);
+    if (!l.by_residual)
+        return kst_fail(err, KST_ERR_UNSUPPORTED, "the PQ encodes vectors, not residuals "
+                                                  "(by_residual off)");
+    if (l.opq_d_in && (l.opq_d_in != l.d || l.opq_d_out != l.d))
+        return kst_fail(err, KST_ERR_UNSUPPORTED,
+                        "pre-transform %d -> %d: only a square OPQ rotation is supported",
+                        l.opq_d_in, l.opq_d_out);
+    out->d_in = l.d;
+    out->d = l.ivf_d;
+    out->nlist = l.nlist;
+    out->M = l.pq_M;
+    out->ksub = l.pq_ksub;
+    out->dsub = l.pq_dsub;
+    out->nparams = l.nlist * (size_t)l.ivf_d + l.pq_M * l.pq_ksub * l.pq_dsub;
+    int rc = KST_OK;
+    out->params = kst_malloc(out->nparams, sizeof(float), "Distill-VQ parameters", err);
+    out->tau = kst_malloc(l.pq_M, sizeof(float), "Distill-VQ temperatures", err);
+    if (!out->params || !out->tau) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    out->centroids = out->params;
+    out->codebook = out->params + l.nlist * (size_t)l.ivf_d;
+    for (size_t m = 0; m < l.pq_M; m++) out->tau[m] = 1.0f;
+    if (kst_faiss_ivf_centroids_get(fi, out->centroids) != 0) {
+        rc = faiss_fail(err, KST_ERR_INVALID, "IVF centroids");
+        goto done;
+    }
+    if (kst_faiss_pq_codebook_get(fi, out->codebook) != 0) {
+        rc = faiss_fail(err, KST_ERR_INVALID, "PQ codebook");
+        goto done;
+    }
+    if (l.opq_d_in) {
+        out->rot = kst_malloc((size_t)l.d * (size_t)l.d, sizeof(float), "OPQ matrix", err);
+        if (!out->rot) {
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        if (kst_faiss_opq_matrix_get(fi, out->rot) != 0) {
+            rc = faiss_fail(err, KST_ERR_INVALID, "OPQ matrix");
+            goto done;
+        }
+    }
+done:
+    if (rc != KST_OK) kst_vq_model_free(out);
+    return rc;
+}
+
+void kst_vq_rotate(const kst_vq_model *m, size_t n, const float *x, float *y) {
+    if (!n) return;
+    if (!m->rot) {
+        memcpy(y, x, n * (size_t)m->d * sizeof(float));
+        return;
+    }
+    kst_sgemm(0, 1, (int)n, m->d, m->d_in, 1.0f, x, m->d_in, m->rot, m->d_in, 0.0f, y, m->d);
+}
+
+static float dot(const float *a, const float *b, size_t n) {
+    float s = 0;
+    for (size_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+#define ASSIGN_BLOCK 512
+
+void kst_vq_assign(const kst_vq_model *m, size_t n, const float *y, int32_t *assign) {
+    size_t nl = m->nlist, d = (size_t)m->d;
+    float *s = kst_malloc(ASSIGN_BLOCK * nl, sizeof(float), "assign", NULL);
+    for (size_t i0 = 0; i0 < n; i0 += ASSIGN_BLOCK) {
+        size_t b = n - i0 < ASSIGN_BLOCK ? n - i0 : ASSIGN_BLOCK;
+        if (s) kst_sgemm(0, 1, (int)b, (int)nl, (int)d, 1.0f, y + i0 * d, (int)d, m->centroids,
+                         (int)d, 0.0f, s, (int)nl);
+        for (size_t i = 0; i < b; i++) {
+            int32_t best = 0;
+            float bv = -FLT_MAX;
+            for (size_t j = 0; j < nl; j++) {
+                float v = s ? s[i * nl + j] : dot(y + (i0 + i) * d, m->centroids + j * d, d);
+                if (v > bv) bv = v, best = (int32_t)j;
+            }
+            assign[i0 + i] = best;
+        }
+    }
+    kst_free(s);
+}
+
+/* Hard PQ code of residual sub-vector r (dsub) in codebook cb (ksub, dsub). */
+static int nearest_code(const float *r, const float *cb, size_t ksub, size_t dsub) {
+    int best = 0;
+    float bd = FLT_MAX;
+    for (size_t k = 0; k < ksub; k++) {
+        float dd = 0;
+        for (size_t i = 0; i < dsub; i++) {
+            float t = r[i] - cb[k * dsub + i];
+            dd += t * t;
+        }
+        if (dd < bd) bd = dd, best = (int)k;
+    }
+    return best;
+}
+
+/* r = y - C[a]; rho = decode(hard codes of r) (both d). */
+static void residual_and_code(const kst_vq_model *m, const float *y, int32_t a, float *r,
+                              float *rho, uint8_t *codes) {
+    size_t d = (size_t)m->d, ds = m->dsub;
+    const float *c = m->centroids + (size_t)a * d;
+    for (size_t i = 0; i < d; i++) r[i] = y[i] - c[i];
+    for (size_t s = 0; s < m->M; s++) {
+        const float *cb = m->codebook + s * m->ksub * ds;
+        int k = nearest_code(r + s * ds, cb, m->ksub, ds);
+        if (codes) codes[s] = (uint8_t)k;
+        memcpy(rho + s * ds, cb + (size_t)k * ds, ds * sizeof(float));
+    }
+}
+
+void kst_vq_reconstruct(const kst_vq_model *m, size_t n, const float *y, const int32_t *assign,
+                        float *recon, uint8_t *codes) {
+    size_t d = (size_t)m->d;
+    float *r = kst_malloc(d, sizeof(float), "residual", NULL);
+    if (!r) return;
+    for (size_t i = 0; i < n; i++) {
+        float *out = recon + i * d;
+        residual_and_code(m, y + i * d, assign[i], r, out, codes ? codes + i * m->M : NULL);
+        const float *c = m->centroids + (size_t)assign[i] * d;
+        for (size_t j = 0; j < d; j++) out[j] += c[j];
+    }
+    kst_free(r);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * One batch: forward and backward
+ * ------------------------------------------------------------------------------------------- */
+
+/* Cross-entropy between softmax(t/T) and softmax(s/T) over n scores; g (may be NULL) gets
+ * d CE / d s = (softmax(s/T) - softmax(t/T)) / T. */
+static double listwise_ce(const float *t, const float *s, size_t n, double T, float *g) {
+    double tmax = -DBL_MAX, smax = -DBL_MAX;
+    for (size_t i = 0; i < n; i++) {
+        if (t[i] > tmax) tmax = t[i];
+        if (s[i] > smax) smax = s[i];
+    }
+    double zt = 0, zs = 0;
+    for (size_t i = 0; i < n; i++) {
+        zt += exp((t[i] - tmax) / T);
+        zs += exp((s[i] - smax) / T);
+    }
+    double lzs = log(zs), loss = 0;
+    for (size_t i = 0; i < n; i++) {
+        double p = exp((t[i] - tmax) / T) / zt;
+        double logq = (s[i] - smax) / T - lzs;
+        loss -= p * logq;
+        if (g) g[i] = (float)((exp(logq) - p) / T);
+    }
+    return loss;
+}
+
+int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *off,
+                 const int64_t *cand, const float *teacher, size_t ndocs, const float *y,
+                 const int32_t *assign, double T, double w_ivf, double w_pq, float *grad,
+                 double *loss_ivf, double *loss_pq, kst_error *err) {
+    size_t d = (size_t)m->d, N = off[B], ds = m->dsub, K = m->ksub;
+    for (size_t b = 0; b < B; b++)
+        if (off[b + 1] <= off[b])
+            return kst_fail(err, KST_ERR_INVALID, "Distill-VQ: query %zu has no candidates", b);
+    int rc = KST_OK;
+    int32_t *slot = kst_malloc(ndocs, sizeof(int32_t), "doc slots", err);
+    int64_t *uniq = kst_malloc(N, sizeof(int64_t), "batch docs", err);
+    int32_t *cslot = kst_malloc(N, sizeof(int32_t), "candidate slots", err);
+    float *s = kst_malloc(4 * N, sizeof(float), "scores", err);
+    float *R = NULL, *RHO = NULL, *V = NULL, *DR = NULL;
+    if (!slot || !uniq || !cslot || !s) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    for (size_t i = 0; i < ndocs; i++) slot[i] = -1;
+    size_t U = 0;
+    for (size_t j = 0; j < N; j++) {
+        int64_t doc = cand[j];
+        if (doc < 0 || (size_t)doc >= ndocs) {
+            rc = kst_fail(err, KST_ERR_INVALID, "Distill-VQ: candidate %lld out of range (%zu docs)",
+                          (long long)doc, ndocs);
+            goto done;
+        }
+        if (slot[doc] < 0) slot[doc] = (int32_t)U, uniq[U++] = doc;
+        cslot[j] = slot[doc];
+    }
+    R = kst_malloc(U * d, sizeof(float), "residuals", err);
+    RHO = kst_malloc(U * d, sizeof(float), "PQ reconstructions", err);
+    if (!R || !RHO) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    for (size_t u = 0; u < U; u++)
+        residual_and_code(m, y + (size_t)uniq[u] * d, assign[uniq[u]], R + u * d, RHO + u * d,
+                          NULL);
+
+    /* Scores and the listwise losses. s: [s_ivf | s_pq | g_ivf | g_pq], each (N). */
+    float *s_ivf = s, *s_pq = s + N, *g_ivf = s + 2 * N, *g_pq = s + 3 * N;
+    double li = 0, lp = 0;
+    for (size_t b = 0; b < B; b++) {
+        const float *qb = q + b * d;
+        for (size_t j = off[b]; j < off[b + 1]; j++) {
+            size_t u = (size_t)cslot[j];
+            s_ivf[j] = dot(qb, m->centroids + (size_t)assign[uniq[u]] * d, d);
+            s_pq[j] = s_ivf[j] + dot(qb, RHO + u * d, d);
+        }
+        size_t n = off[b + 1] - off[b];
+        li += listwise_ce(teacher + off[b], s_ivf + off[b], n, T, g_ivf + off[b]);
+        lp += listwise_ce(teacher + off[b], s_pq + off[b], n, T, g_pq + off[b]);
+    }
+    if (loss_ivf) *loss_ivf = li / (double)B;
+    if (loss_pq) *loss_pq = lp / (double)B;
+    if (!grad) goto done;
+
+    /* Backward. dC[a] gets q times both students' score gradients; V (U, d) collects the
+     * gradient reaching rho (the PQ student only). */
+    float *dC = grad, *dB = grad + m->nlist * d;
+    V = kst_calloc(U * d, sizeof(float), "rho gradients", err);
+    DR = kst_calloc(U * d, sizeof(float), "residual gradients", err);
+    if (!V || !DR) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    for (size_t b = 0; b < B; b++) {
+        const float *qb = q + b * d;
+        for (size_t j = off[b]; j < off[b + 1]; j++) {
+            size_t u = (size_t)cslot[j];
+            float gc = (float)((w_ivf * g_ivf[j] + w_pq * g_pq[j]) / (double)B);
+            float gr = (float)(w_pq * g_pq[j] / (double)B);
+            float *dc = dC + (size_t)assign[uniq[u]] * d, *v = V + u * d;
+            for (size_t i = 0; i < d; i++) dc[i] += gc * qb[i], v[i] += gr * qb[i];
+        }
+    }
+    /* Straight-through through the soft assignment: soft = sum_k p_k B_k, p = softmax(l),
+     * l_k = -|r - B_k|^2 / tau. With v = dL/d soft and u_k = p_k (v.B_k - v.soft):
+     *   dL/dB_k += p_k v + u_k * 2 (r - B_k) / tau,   dL/dr = 2/tau sum_k u_k B_k
+     * (the -2/tau r sum_k u_k term vanishes: sum_k u_k = 0). Sub-quantizers are independent. */
+#pragma omp parallel for schedule(dynamic, 1)
+    for (size_t sm = 0; sm < m->M; sm++) {
+        const float *cb = m->codebook + sm * K * ds;
+        float *dcb = dB + sm * K * ds;
+        double tau = m->tau[sm];
+        double *p = kst_malloc(K, sizeof(double), "soft assignment", NULL);
+        double *soft = kst_malloc(ds, sizeof(double), "soft", NULL);
+        if (!p || !soft) {
+            /* Out of memory here is reported after the loop (cannot goto out of OpenMP). */
+            kst_free(p);
+            kst_free(soft);
+            continue;
+        }
+        for (size_t u = 0; u < U; u++) {
+            const float *r = R + u * d + sm * ds, *v = V + u * d + sm * ds;
+            double lmax = -DBL_MAX, z = 0;
+            for (size_t k = 0; k < K; k++) {
+                double dd = 0;
+                for (size_t i = 0; i < ds; i++) {
+                    double t = (double)r[i] - cb[k * ds + i];
+                    dd += t * t;
+                }
+                p[k] = -dd / tau;
+                if (p[k] > lmax) lmax = p[k];
+            }
+            for (size_t k = 0; k < K; k++) z += (p[k] = exp(p[k] - lmax));
+            for (size_t i = 0; i < ds; i++) soft[i] = 0;
+            for (size_t k = 0; k < K; k++) {
+                p[k] /= z;
+                for (size_t i = 0; i < ds; i++) soft[i] += p[k] * cb[k * ds + i];
+            }
+            double vs = 0;
+            for (size_t i = 0; i < ds; i++) vs += v[i] * soft[i];
+            /* The hard codeword is indexed from B too: it gets v directly (as C[a] does). */
+            int kh = nearest_code(r, cb, K, ds);
+            for (size_t i = 0; i < ds; i++) dcb[(size_t)kh * ds + i] += v[i];
+            float *dr = DR + u * d + sm * ds;
+            for (size_t k = 0; k < K; k++) {
+                if (p[k] < 1e-12) continue;
+                const float *bk = cb + k * ds;
+                double vb = 0;
+                for (size_t i = 0; i < ds; i++) vb += v[i] * bk[i];
+                double uk = p[k] * (vb - vs);
+                for (size_t i = 0; i < ds; i++) {
+                    dcb[k * ds + i] += (float)(p[k] * v[i] + uk * 2.0 * (r[i] - bk[i]) / tau);
+                    dr[i] += (float)(2.0 / tau * uk * bk[i]);
+                }
+            }
+        }
+        kst_free(p);
+        kst_free(soft);
+    }
+    /* r = y - C[a]: dC[a] -= dL/dr. */
+    for (size_t u = 0; u < U; u++) {
+        float *dc = dC + (size_t)assign[uniq[u]] * d;
+        const float *dr = DR + u * d;
+        for (size_t i = 0; i < d; i++) dc[i] -= dr[i];
+    }
+done:
+    kst_free(slot);
+    kst_free(uniq);
+    kst_free(cslot);
+    kst_free(s);
+    kst_free(R);
+    kst_free(RHO);
+    kst_free(V);
+    kst_free(DR);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Training loop
+ * ------------------------------------------------------------------------------------------- */
+
+kst_vq_opts kst_vq_opts_default(void) {
+    kst_vq_opts o;
+    memset(&o, 0, sizeof o);
+    o.epochs = 3;
+    o.lr_ivf = 2e-4;
+    o.lr_pq = 2e-4;
+    o.temperature = 0.05;
+    o.tau_scale = 1.0;
+    o.candidates = 200;
+    o.batch = 32;
+    o.max_queries = 2048;
+    o.w_ivf = 1.0;
+    o.w_pq = 1.0;
+    return o;
+}
+
+/* Min-heap of (score, id) of size k: the k best seen so far. */
+static void heap_push(float *hs, int64_t *hi, size_t *n, size_t k, float s, int64_t id) {
+    size_t i;
+    if (*n < k) {
+        i = (*n)++;
+        while (i > 0) {
+            size_t p = (i - 1) / 2;
+            if (hs[p] <= s) break;
+            hs[i] = hs[p], hi[i] = hi[p], i = p;
+        }
+        hs[i] = s, hi[i] = id;
+        return;
+    }
+    if (s <= hs[0]) return;
+    i = 0;
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, c = i;
+        float cv = s;
+        if (l < k && hs[l] < cv) c = l, cv = hs[l];
+        if (r < k && hs[r] < cv) c = r;
+        if (c == i) break;
+        hs[i] = hs[c], hi[i] = hi[c], i = c;
+    }
+    hs[i] = s, hi[i] = id;
+}
+
+#define TOPK_QB 256
+#define TOPK_DB 8192
+
+/* Exact top-k of each query (nq, d) over y (n, d): ids and scores (nq, k), best first. */
+static int exact_topk(size_t nq, const float *q, size_t n, const float *y, size_t d, size_t k,
+                      int64_t *ids, float *scores, kst_error *err) {
+    float *s = kst_malloc((size_t)TOPK_QB * TOPK_DB, sizeof(float), "exact scores", err);
+    size_t *cnt = kst_calloc(TOPK_QB, sizeof(size_t), "heap sizes", err);
+    int rc = (!s || !cnt) ? KST_ERR_NOMEM : KST_OK;
+    for (size_t q0 = 0; rc == KST_OK && q0 < nq; q0 += TOPK_QB) {
+        size_t qb = nq - q0 < TOPK_QB ? nq - q0 : TOPK_QB;
+        memset(cnt, 0, TOPK_QB * sizeof(size_t));
+        for (size_t d0 = 0; d0 < n; d0 += TOPK_DB) {
+            size_t db = n - d0 < TOPK_DB ? n - d0 : TOPK_DB;
+            kst_sgemm(0, 1, (int)qb, (int)db, (int)d, 1.0f, q + q0 * d, (int)d, y + d0 * d, (int)d,
+                      0.0f, s, (int)db);
+            for (size_t i = 0; i < qb; i++)
+                for (size_t j = 0; j < db; j++)
+                    heap_push(scores + (q0 + i) * k, ids + (q0 + i) * k, &cnt[i], k, s[i * db + j],
+                              (int64_t)(d0 + j));
+        }
+        /* Heap order -> best first (pop the minimum to the end). */
+        for (size_t i = 0; i < qb; i++) {
+            float *hs = scores + (q0 + i) * k;
+            int64_t *hi = ids + (q0 + i) * k;
+            for (size_t e = cnt[i]; e > 1; e--) {
+                float ts = hs[0];
+                int64_t ti = hi[0];
+                size_t m = e - 1;
+                float ls = hs[m];
+                int64_t li = hi[m];
+                hs[m] = ts, hi[m] = ti;
+                size_t c0 = 0; /* sift ls down in [0, m) */
+                for (;;) {
+                    size_t l = 2 * c0 + 1, r = l + 1, c = c0;
+                    float cv = ls;
+                    if (l < m && hs[l] < cv) c = l, cv = hs[l];
+                    if (r < m && hs[r] < cv) c = r;
+                    if (c == c0) break;
+                    hs[c0] = hs[c], hi[c0] = hi[c], c0 = c;
+                }
+                hs[c0] = ls, hi[c0] = li;
+            }
+        }
+    }
+    kst_free(s);
+    kst_free(cnt);
+    return rc;
+}
+
+typedef struct vq_data {
+    size_t n, nq, k, d;
+    const float *y;      /* (n, d) rotated documents */
+    const float *qy;     /* (nq, d) rotated queries */
+    int64_t *top;        /* (nq, k) */
+    float *top_s;        /* (nq, k) */
+    const size_t *pos_off;
+    const int64_t *pos;
+    int32_t *assign;     /* (n) */
+} vq_data;
+
+/* Candidates of the queries order[b0 .. b0+B): own top-k, the other queries' top-1 (in-batch),
+ * positives; duplicates dropped. Fills off (B + 1), cand, teacher (capacity B * (k + B + npos)),
+ * and q (B, d). */
+static void batch_candidates(const vq_data *v, const size_t *order, size_t B, size_t *off,
+                             int64_t *cand, float *teacher, float *q) {
+    size_t at = 0, d = v->d;
+    for (size_t b = 0; b < B; b++) {
+        size_t qi = order[b];
+        const float *qv = v->qy + qi * d;
+        memcpy(q + b * d, qv, d * sizeof(float));
+        off[b] = at;
+        for (size_t j = 0; j < v->k; j++) {
+            cand[at] = v->top[qi * v->k + j];
+            teacher[at++] = v->top_s[qi * v->k + j];
+        }
+        size_t nextra = B + (v->pos_off ? v->pos_off[qi + 1] - v->pos_off[qi] : 0);
+        for (size_t e = 0; e < nextra; e++) {
+            int64_t doc;
+            if (e < B) {
+                if (e == b) continue;
+                doc = v->top[order[e] * v->k];
+            } else {
+                doc = v->pos[v->pos_off[qi] + (e - B)];
+            }
+            int dup = 0;
+            for (size_t j = off[b]; j < at && !dup; j++) dup = cand[j] == doc;
+            if (dup) continue;
+            cand[at] = doc;
+            teacher[at++] = dot(qv, v->y + (size_t)doc * d, d);
+        }
+    }
+    off[B] = at;
+}
+
+/* Mean loss over every query, forward only, in query order. */
+static int eval_loss(const kst_vq_model *m, const vq_data *v, const kst_vq_opts *o, size_t *order,
+                     size_t *off, int64_t *cand, float *teacher, float *q, double *li, double *lp,
+                     kst_error *err) {
+    double si = 0, sp = 0;
+    size_t nb = 0;
+    for (size_t b0 = 0; b0 < v->nq; b0 += o->batch) {
+        size_t B = v->nq - b0 < o->batch ? v->nq - b0 : o->batch;
+        for (size_t b = 0; b < B; b++) order[b] = b0 + b;
+        batch_candidates(v, order, B, off, cand, teacher, q);
+        double a, c;
+        int rc = kst_vq_batch(m, B, q, off, cand, teacher, v->n, v->y, v->assign, o->temperature,
+                              o->w_ivf, o->w_pq, NULL, &a, &c, err);
+        if (rc != KST_OK) return rc;
+        si += a * (double)B, sp += c * (double)B, nb += B;
+    }
+    *li = si / (double)nb;
+    *lp = sp / (double)nb;
+    return KST_OK;
+}
+
+/* tau_m = scale * mean over (up to 4096) documents of the squared distance from the residual
+ * sub-vector to its nearest codeword: the soft assignment is then sharp around the hard code but
+ * still reaches the runners-up. */
+static void init_tau(kst_vq_model *m, const vq_data *v, double scale) {
+    size_t d = (size_t)m->d, ds = m->dsub, ns = v->n < 4096 ? v->n : 4096;
+    double *acc = kst_calloc(m->M, sizeof(double), "tau", NULL);
+    float *r = kst_malloc(2 * d, sizeof(float), "tau", NULL);
+    if (!acc || !r) {
+        kst_free(acc);
+        kst_free(r);
+        return; /* tau stays 1 */
+    }
+    for (size_t i = 0; i < ns; i++) {
+        size_t doc = i * v->n / ns;
+        residual_and_code(m, v->y + doc * d, v->assign[doc], r, r + d, NULL);
+        for (size_t s = 0; s < m->M; s++) {
+            double e = 0;
+            for (size_t j = s * ds; j < (s + 1) * ds; j++) e += (double)(r[j] - r[d + j]) * (r[j] - r[d + j]);
+            acc[s] += e;
+        }
+    }
+    for (size_t s = 0; s < m->M; s++) {
+        double t = scale * acc[s] / (double)ns;
+        m->tau[s] = (float)(t > 1e-8 ? t : 1e-8);
+    }
+    kst_free(acc);
+    kst_free(r);
+}
+
+int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const float *q,
+                 const size_t *pos_off, const int64_t *pos, const kst_vq_opts *opts,
+                 kst_vq_result *out, kst_error *err) {
+    kst_vq_opts o = opts ? *opts : kst_vq_opts_default();
+    kst_vq_result res;
+    memset(&res, 0, sizeof res);
+    if (out) memset(out, 0, sizeof *out);
+    if (n < 2) return kst_fail(err, KST_ERR_INVALID, "Distill-VQ: %zu documents; need at least 2", n);
+    if (o.batch < 1 || o.epochs < 0 || o.temperature <= 0 || o.candidates < 1)
+        return kst_fail(err, KST_ERR_INVALID,
+                        "Distill-VQ: batch, candidates and temperature must be positive");
+    if (pos_off && nq == 0)
+        return kst_fail(err, KST_ERR_INVALID, "Distill-VQ: positives given without queries");
+    double t_start = kst_now();
+    size_t d = (size_t)m->d, k = o.candidates < n ? o.candidates : n;
+    int rc = KST_OK;
+    float *yrot = NULL, *qy = NULL, *grad = NULL, *mom = NULL, *vel = NULL, *teacher = NULL,
+          *qb = NULL;
+    size_t *order = NULL, *off = NULL, *qorder = NULL;
+    int64_t *cand = NULL;
+    vq_data v = {0};
+    v.n = n, v.k = k, v.d = d, v.pos_off = pos_off, v.pos = pos;
+    if (m->rot) {
+        yrot = kst_malloc(n * d, sizeof(float), "rotated documents", err);
+        if (!yrot) return KST_ERR_NOMEM;
+        kst_vq_rotate(m, n, x, yrot);
+        v.y = yrot;
+    } else {
+        v.y = x;
+    }
+    /* Queries: given (rotated), or sampled documents (label-free). */
+    if (nq > 0) {
+        v.nq = nq;
+        qy = kst_malloc(nq * d, sizeof(float), "rotated queries", err);
+        if (!qy) {
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        kst_vq_rotate(m, nq, q, qy);
+    } else {
+        v.nq = o.max_queries < n ? o.max_queries : n;
+        size_t *perm = kst_malloc(n, sizeof(size_t), "sample", err);
+        qy = kst_malloc(v.nq * d, sizeof(float), "sampled queries", err);
+        if (!perm || !qy) {
+            kst_free(perm);
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        kst_xoshiro rng;
+        kst_xoshiro_seed(&rng, o.seed);
+        for (size_t i = 0; i < n; i++) perm[i] = i;
+        for (size_t i = 0; i < v.nq; i++) {
+            size_t j = i + (size_t)kst_xoshiro_below(&rng, n - i);
+            size_t t = perm[i];
+            perm[i] = perm[j], perm[j] = t;
+            memcpy(qy + i * d, v.y + perm[i] * d, d * sizeof(float));
+        }
+        kst_free(perm);
+    }
+    v.qy = qy;
+    size_t maxpos = 0;
+    if (pos_off)
+        for (size_t i = 0; i < v.nq; i++)
+            if (pos_off[i + 1] - pos_off[i] > maxpos) maxpos = pos_off[i + 1] - pos_off[i];
+    for (size_t i = 0; pos_off && i < pos_off[v.nq]; i++)
+        if (pos[i] < 0 || (size_t)pos[i] >= n) {
+            rc = kst_fail(err, KST_ERR_INVALID, "Distill-VQ: positive %lld out of range (%zu docs)",
+                          (long long)pos[i], n);
+            goto done;
+        }
+    v.top = kst_malloc(v.nq * k, sizeof(int64_t), "exact top-k", err);
+    v.top_s = kst_malloc(v.nq * k, sizeof(float), "exact top-k scores", err);
+    v.assign = kst_malloc(n, sizeof(int32_t), "IVF lists", err);
+    size_t cap = o.batch * (k + o.batch + maxpos);
+    cand = kst_malloc(cap, sizeof(int64_t), "candidates", err);
+    teacher = kst_malloc(cap, sizeof(float), "teacher scores", err);
+    off = kst_malloc(o.batch + 1, sizeof(size_t), "offsets", err);
+    order = kst_malloc(o.batch, sizeof(size_t), "batch", err);
+    qorder = kst_malloc(v.nq, sizeof(size_t), "query order", err);
+    qb = kst_malloc(o.batch * d, sizeof(float), "batch queries", err);
+    grad = kst_malloc(m->nparams, sizeof(float), "gradients", err);
+    mom = kst_calloc(m->nparams, sizeof(float), "Adam m", err);
+    vel = kst_calloc(m->nparams, sizeof(float), "Adam v", err);
+    res.epoch_loss = kst_calloc(o.epochs ? (size_t)o.epochs : 1, sizeof(double), "epoch losses", err);
+    if (!v.top || !v.top_s || !v.assign || !cand || !teacher || !off || !order || !qorder || !qb ||
+        !grad || !mom || !vel || !res.epoch_loss) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    KST_TRY(exact_topk(v.nq, qy, n, v.y, d, k, v.top, v.top_s, err));
+    kst_vq_assign(m, n, v.y, v.assign);
+    init_tau(m, &v, o.tau_scale);
+    KST_TRY(eval_loss(m, &v, &o, order, off, cand, teacher, qb, &res.loss_init_ivf,
+                      &res.loss_init_pq, err));
+
+    kst_adamw_config ac = kst_adamw_defaults();
+    ac.weight_decay = 0;
+    size_t nC = m->nlist * d, nB = m->nparams - nC;
+    size_t steps_per_epoch = (v.nq + o.batch - 1) / o.batch;
+    kst_progress bar;
+    if (o.progress) kst_progress_begin(&bar, "train vq", steps_per_epoch * (size_t)o.epochs);
+    kst_xoshiro rng;
+    kst_xoshiro_seed(&rng, o.seed ^ 0x9e3779b97f4a7c15ull);
+    for (size_t i = 0; i < v.nq; i++) qorder[i] = i;
+    size_t ncand = 0;
+    for (long ep = 0; ep < o.epochs; ep++) {
+        if (ep > 0) kst_vq_assign(m, n, v.y, v.assign);
+        for (size_t i = v.nq; i > 1; i--) {
+            size_t j = (size_t)kst_xoshiro_below(&rng, i);
+            size_t t = qorder[i - 1];
+            qorder[i - 1] = qorder[j], qorder[j] = t;
+        }
+        double sum = 0;
+        for (size_t b0 = 0; b0 < v.nq; b0 += o.batch) {
+            size_t B = v.nq - b0 < o.batch ? v.nq - b0 : o.batch;
+            batch_candidates(&v, qorder + b0, B, off, cand, teacher, qb);
+            ncand += off[B];
+            kst_grad_zero(grad, m->nparams);
+            double li, lp;
+            KST_TRY(kst_vq_batch(m, B, qb, off, cand, teacher, n, v.y, v.assign, o.temperature,
+                                 o.w_ivf, o.w_pq, grad, &li, &lp, err));
+            res.steps++;
+            kst_adamw_update(m->params, mom, vel, grad, NULL, nC, res.steps, o.lr_ivf, &ac);
+            kst_adamw_update(m->codebook, mom + nC, vel + nC, grad + nC, NULL, nB, res.steps,
+                             o.lr_pq, &ac);
+            sum += (o.w_ivf * li + o.w_pq * lp) * (double)B;
+            if (o.progress) {
+                snprintf(bar.suffix, sizeof bar.suffix, "loss ivf %.4f pq %.4f", li, lp);
+                kst_progress_add(&bar, 1);
+            }
+        }
+        res.epoch_loss[ep] = sum / (double)v.nq;
+    }
+    if (o.progress) kst_progress_end(&bar);
+    kst_vq_assign(m, n, v.y, v.assign);
+    KST_TRY(eval_loss(m, &v, &o, order, off, cand, teacher, qb, &res.loss_final_ivf,
+                      &res.loss_final_pq, err));
+    res.epochs = o.epochs;
+    res.queries = v.nq;
+    res.candidates_mean = res.steps ? ncand / (v.nq * (size_t)o.epochs) : k;
+    res.seconds = kst_now() - t_start;
+done:
+    kst_free(yrot);
+    kst_free(qy);
+    kst_free(v.top);
+    kst_free(v.top_s);
+    kst_free(v.assign);
+    kst_free(cand);
+    kst_free(teacher);
+    kst_free(off);
+    kst_free(order);
+    kst_free(qorder);
+    kst_free(qb);
+    kst_free(grad);
+    kst_free(mom);
+    kst_free(vel);
+    if (rc == KST_OK && out) *out = res;
+    else kst_free(res.epoch_loss);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Write-back
+ * ------------------------------------------------------------------------------------------- */
+
+int kst_vq_write_index(const kst_vq_model *m, kst_ann *src, size_t n, const float *x,
+                       const int64_t *ids, kst_ann **out, kst_error *err) {
+    *out = NULL;
+    kst_ann *a = NULL;
+    int rc = kst_ann_clone_empty(src, &a, err);
+    if (rc != KST_OK) return rc;
+    FaissIndex *fi = (FaissIndex *)kst_ann_faiss(a);
+    if (kst_faiss_ivf_centroids_set(fi, m->centroids) != 0) {
+        rc = faiss_fail(err, KST_ERR_INVALID, "writing the learned IVF centroids");
+        goto done;
+    }
+    if (kst_faiss_pq_codebook_set(fi, m->codebook) != 0) {
+        rc = faiss_fail(err, KST_ERR_INVALID, "writing the learned PQ codebooks");
+        goto done;
+    }
+    KST_TRY(kst_ann_add(a, (int64_t)n, m->d_in, x, ids, err));
+done:
+    if (rc != KST_OK) {
+        kst_ann_free(a);
+        return rc;
+    }
+    *out = a;
+    return KST_OK;
+}
