@@ -575,3 +575,31 @@ done:
     pending_free(&p);
     return rc;
 }
+
+int kst_ix_replace_ann(kst_ix *ix, kst_ann *ann, const char *meta_key, const char *meta_value,
+                       kst_error *err) {
+    if (!ix->writable) {
+        kst_ann_free(ann);
+        return kst_fail(err, KST_ERR_MISUSE, "%s: opened read-only", ix->dir);
+    }
+    char new_file[64] = "", path[PATH_CAP];
+    int rc = kst_store_begin(ix->store, err);
+    if (rc != KST_OK) {
+        kst_ann_free(ann);
+        return rc;
+    }
+    kst_store_manifest man;
+    KST_TRY(kst_store_manifest_read(ix->store, &man, err));
+    snprintf(new_file, sizeof new_file, "dense.%lld.faiss", (long long)(man.generation + 1));
+    KST_TRY(kst_path_join(path, sizeof path, ix->dir, new_file, err));
+    KST_TRY(kst_ann_write(ann, path, err));
+    KST_TRY(kst_store_meta_set(ix->store, "ann_file", new_file, err));
+    if (meta_key) KST_TRY(kst_store_meta_set(ix->store, meta_key, meta_value ? meta_value : "", err));
+    kst_ann_free(ix->ann);
+    ix->ann = ann; /* end_write reloads the committed file if the commit fails */
+    ann = NULL;
+done:
+    rc = end_write(ix, rc, new_file, err);
+    kst_ann_free(ann);
+    return rc;
+}

@@ -77,6 +77,15 @@ int kst_ix_add(kst_ix *ix, kst_docs *docs, kst_ix_progress_fn progress, void *ct
  * token store, in one commit. *removed (may be NULL) receives how many were deleted. */
 int kst_ix_delete(kst_ix *ix, const char *const *ids, size_t n, size_t *removed, kst_error *err);
 
+/* Replaces the committed FAISS index with `ann` (the same documents re-encoded, e.g. with
+ * quantizers learned by Distill-VQ): writes it as the next generation's file, sets meta_key to
+ * meta_value in the manifest (meta_key may be NULL) and commits, with kst_ix_add's crash safety
+ * (the old file stays valid and named by the manifest until the commit; KESTREL_TEST_KILL applies).
+ * Takes ownership of ann: on success ix->ann is ann; on failure ann is freed and ix keeps the
+ * committed index. */
+int kst_ix_replace_ann(kst_ix *ix, kst_ann *ann, const char *meta_key, const char *meta_value,
+                       kst_error *err);
+
 /* A read-only store handle for one search (thread-safe pool); give it back with kst_ix_put_reader. */
 int kst_ix_get_reader(kst_ix *ix, kst_store **out, kst_error *err);
 void kst_ix_put_reader(kst_ix *ix, kst_store *s);

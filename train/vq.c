@@ -462,11 +462,13 @@ typedef struct vq_data {
     float *top_s;        /* (nq, k) */
     const size_t *pos_off;
     const int64_t *pos;
+    int64_t *self;       /* (nq) the document a sampled query was, never its own candidate; NULL
+                          * for given queries */
     int32_t *assign;     /* (n) */
 } vq_data;
 
 /* Candidates of the queries order[b0 .. b0+B): own top-k, the other queries' top-1 (in-batch),
- * positives; duplicates dropped. Fills off (B + 1), cand, teacher (capacity B * (k + B + npos)),
+ * positives; duplicates and the query's own document (sampled queries) dropped. Fills off (B + 1), cand, teacher (capacity B * (k + B + npos)),
  * and q (B, d). */
 static void batch_candidates(const vq_data *v, const size_t *order, size_t B, size_t *off,
                              int64_t *cand, float *teacher, float *q) {
@@ -476,7 +478,9 @@ static void batch_candidates(const vq_data *v, const size_t *order, size_t B, si
         const float *qv = v->qy + qi * d;
         memcpy(q + b * d, qv, d * sizeof(float));
         off[b] = at;
+        int64_t self = v->self ? v->self[qi] : -1;
         for (size_t j = 0; j < v->k; j++) {
+            if (v->top[qi * v->k + j] == self) continue;
             cand[at] = v->top[qi * v->k + j];
             teacher[at++] = v->top_s[qi * v->k + j];
         }
@@ -489,7 +493,7 @@ static void batch_candidates(const vq_data *v, const size_t *order, size_t B, si
             } else {
                 doc = v->pos[v->pos_off[qi] + (e - B)];
             }
-            int dup = 0;
+            int dup = doc == self;
             for (size_t j = off[b]; j < at && !dup; j++) dup = cand[j] == doc;
             if (dup) continue;
             cand[at] = doc;
@@ -592,7 +596,8 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
         v.nq = o.max_queries < n ? o.max_queries : n;
         size_t *perm = kst_malloc(n, sizeof(size_t), "sample", err);
         qy = kst_malloc(v.nq * d, sizeof(float), "sampled queries", err);
-        if (!perm || !qy) {
+        v.self = kst_malloc(v.nq, sizeof(int64_t), "sampled rows", err);
+        if (!perm || !qy || !v.self) {
             kst_free(perm);
             rc = KST_ERR_NOMEM;
             goto done;
@@ -605,10 +610,12 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
             size_t t = perm[i];
             perm[i] = perm[j], perm[j] = t;
             memcpy(qy + i * d, v.y + perm[i] * d, d * sizeof(float));
+            v.self[i] = (int64_t)perm[i];
         }
         kst_free(perm);
     }
     v.qy = qy;
+    if (v.self && k < n) v.k = ++k; /* one more: the query's own document is dropped */
     size_t maxpos = 0;
     if (pos_off)
         for (size_t i = 0; i < v.nq; i++)
@@ -696,6 +703,7 @@ done:
     kst_free(v.top);
     kst_free(v.top_s);
     kst_free(v.assign);
+    kst_free(v.self);
     kst_free(cand);
     kst_free(teacher);
     kst_free(off);

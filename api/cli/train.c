@@ -39,7 +39,10 @@ static const char *HELP =
 int cmd_train_cross(int argc, char **argv);       /* train_cross.c */
 int cmd_train_self_distill(int argc, char **argv); /* train_cross.c */
 
+int cmd_train_vq(int argc, char **argv); /* train_vq.c */
+
 int cmd_train(int argc, char **argv) {
+    if (argc >= 2 && strcmp(argv[1], "vq") == 0) return cmd_train_vq(argc - 1, argv + 1);
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         fputs(HELP, argc < 2 ? stderr : stdout);
         return argc < 2 ? KST_EXIT_USAGE : 0;

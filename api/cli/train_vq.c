@@ -1,0 +1,370 @@
+/* train_vq.c - `kestrel train vq`: Distill-VQ, re-learn an index's IVF centroids and PQ codebooks
+ * from the dense model's own scores and rewrite its FAISS file as a new generation. */
+#define _POSIX_C_SOURCE 200809L
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "core/check.h"
+#include "core/mem.h"
+#include "core/progress.h"
+#include "index/collection.h"
+#include "index/faiss_ext.h"
+#include "rank/engine.h"
+#include "rank/trec.h"
+#include "train/vq.h"
+
+static const char *HELP =
+    "usage: kestrel train vq --index DIR [--queries FILE] [--qrels FILE] [--epochs N]\n"
+    "         [--lr-ivf X] [--lr-pq X] [--temperature T] [--candidates K] [--batch-size N]\n"
+    "         [--max-queries N] [--tau-scale X] [--seed N]\n"
+    "\n"
+    "Distill-VQ: learns the IVF coarse centroids and PQ codebooks of the index's FAISS IVF-PQ\n"
+    "(IVFn,PQm or OPQm,IVFn,PQm; 8-bit codes) so that the compressed index ranks documents as the\n"
+    "dense model does, then re-encodes every document and writes the result as the index's next\n"
+    "generation. Searching is unchanged FAISS; the old FAISS file stays valid until the new one is\n"
+    "complete and committed (a crash leaves the old index in use). The training is recorded in the\n"
+    "manifest under \"vq_training\".\n"
+    "\n"
+    "Teacher: the exact score q.d of the uncompressed document vectors, which the index does not\n"
+    "keep: every document is encoded again with the index's model (one `kestrel embed` pass).\n"
+    "Per query, candidates are the exact top-K documents plus in-batch documents (the other\n"
+    "queries' top-1) plus, with --qrels, its relevant documents. Students: the IVF score\n"
+    "q.c(d) and the IVF-PQ score q.(c(d) + PQ(d - c(d))) (hard codes forward, softmax of negative\n"
+    "distances to the codewords for gradients). Loss: listwise cross-entropy between\n"
+    "softmax(teacher/T) and softmax(student/T), IVF + PQ. With OPQ, learning happens after the\n"
+    "(fixed) OPQ rotation.\n"
+    "\n"
+    "  --index DIR        the index (built with a dense model and an IVF-PQ factory)\n"
+    "  --queries FILE     training queries (qid<TAB>text or BEIR queries.jsonl). Default: label-free,\n"
+    "                     up to --max-queries documents sampled as queries (each never its own\n"
+    "                     candidate)\n"
+    "  --qrels FILE       judgments (TREC or BEIR) for --queries: relevant documents join the\n"
+    "                     candidates of their query\n"
+    "  --epochs N         passes over the queries (3)\n"
+    "  --lr-ivf X         Adam learning rate of the centroids (2e-4)\n"
+    "  --lr-pq X          Adam learning rate of the codebooks (2e-4)\n"
+    "  --temperature T    listwise softmax temperature (0.05; scores are cosines)\n"
+    "  --candidates K     exact top-K per query (200; 100-400 is the usual range)\n"
+    "  --batch-size N     queries per step (32)\n"
+    "  --max-queries N    documents sampled as queries without --queries (2048)\n"
+    "  --tau-scale X      soft-assignment temperature, in units of each sub-vector's mean\n"
+    "                     quantisation error (1.0)\n"
+    "  --seed N           query sampling and order (0)\n"
+    "\n"
+    "Not available: --train-query-encoder (joint query-encoder fine-tuning). Flat and HNSW indexes\n"
+    "have nothing to learn. Exit codes as every command (0 ok, 2 I/O, 3 bad input, 6 unsupported\n"
+    "index, 64 usage).\n";
+
+#define EMBED_BATCH 256
+
+/* Every vector id of an IVF index (n), from its inverted lists. */
+static int ann_ids(kst_ann *ann, int64_t **ids, size_t *n, kst_error *err) {
+    FaissIndex *fi = (FaissIndex *)kst_ann_faiss(ann);
+    kst_faiss_layout l;
+    *ids = NULL, *n = 0;
+    if (kst_faiss_layout_get(fi, &l) != 0 || !l.nlist)
+        return kst_fail(err, KST_ERR_UNSUPPORTED, "the index's FAISS file is not IVF-PQ");
+    size_t *sizes = kst_malloc(l.nlist, sizeof *sizes, "list sizes", err);
+    if (!sizes) return KST_ERR_NOMEM;
+    int rc = KST_OK;
+    if (kst_faiss_ivf_list_sizes(fi, sizes) != 0) {
+        rc = kst_fail(err, KST_ERR_INTERNAL, "reading inverted list sizes");
+        goto done;
+    }
+    size_t total = 0;
+    for (size_t i = 0; i < l.nlist; i++) total += sizes[i];
+    *ids = kst_malloc(total ? total : 1, sizeof **ids, "vector ids", err);
+    if (!*ids) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    for (size_t i = 0, at = 0; i < l.nlist; at += sizes[i], i++)
+        if (kst_faiss_ivf_list_get(fi, i, *ids + at, NULL) != 0) {
+            rc = kst_fail(err, KST_ERR_INTERNAL, "reading inverted list %zu", i);
+            goto done;
+        }
+    *n = total;
+done:
+    kst_free(sizes);
+    if (rc != KST_OK) kst_free(*ids), *ids = NULL;
+    return rc;
+}
+
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Encodes the stored text of each id (n) into x (n, dim); ids without a document (left behind by
+ * an interrupted write) are dropped: *kept gets the count, ids are compacted in place. */
+static int encode_docs(kst_ix *ix, int64_t *ids, size_t n, float *x, size_t *kept,
+                       kst_error *err) {
+    size_t dim = ix->dense->dim, m = 0;
+    char **texts = kst_calloc(EMBED_BATCH, sizeof *texts, "texts", err);
+    if (!texts) return KST_ERR_NOMEM;
+    int rc = KST_OK;
+    kst_progress bar;
+    kst_progress_begin(&bar, "encode documents", n);
+    size_t nb = 0, first = 0;
+    for (size_t i = 0; i <= n && rc == KST_OK; i++) {
+        if (i < n) {
+            kst_store_doc d = {0};
+            kst_error e2;
+            int r = kst_store_get(ix->store, ids[i], &d, &e2);
+            if (r == KST_ERR_NOTFOUND) continue;
+            if (r != KST_OK) {
+                *err = e2;
+                rc = r;
+                break;
+            }
+            texts[nb] = kst_ix_doc_text(d.title, d.text, err);
+            kst_store_doc_free(&d);
+            if (!texts[nb]) {
+                rc = KST_ERR_NOMEM;
+                break;
+            }
+            if (nb == 0) first = m;
+            ids[m++] = ids[i];
+            nb++;
+        }
+        if (nb == EMBED_BATCH || (i == n && nb)) {
+            rc = kst_encoder_embed(ix->dense, (const char *const *)texts, NULL, nb, 0, 0, 32,
+                                   x + first * dim, err);
+            for (size_t j = 0; j < nb; j++) kst_free(texts[j]), texts[j] = NULL;
+            kst_progress_add(&bar, nb);
+            nb = 0;
+        }
+    }
+    kst_progress_end(&bar);
+    for (size_t j = 0; j < nb; j++) kst_free(texts[j]);
+    kst_free(texts);
+    *kept = m;
+    return rc;
+}
+
+typedef struct qset {
+    size_t n, cap;
+    char **qid, **text;
+} qset;
+
+static void qset_free(qset *q) {
+    for (size_t i = 0; i < q->n; i++) kst_free(q->qid[i]), kst_free(q->text[i]);
+    kst_free(q->qid);
+    kst_free(q->text);
+}
+
+static int read_queries(const char *path, qset *qs, kst_error *err) {
+    kst_queries *r = NULL;
+    int rc = kst_queries_open(path, KST_FORMAT_AUTO, &r, err);
+    if (rc != KST_OK) return rc;
+    for (;;) {
+        kst_query q;
+        KST_TRY(kst_queries_next(r, &q, err));
+        if (!q.id) break;
+        if (qs->n == qs->cap) {
+            size_t nc = qs->cap ? qs->cap * 2 : 256;
+            KST_TRY(kst_realloc((void **)&qs->qid, nc, sizeof(char *), "queries", err));
+            KST_TRY(kst_realloc((void **)&qs->text, nc, sizeof(char *), "queries", err));
+            qs->cap = nc;
+        }
+        qs->qid[qs->n] = kst_strndup(q.id, q.id_len, err);
+        qs->text[qs->n] = kst_strndup(q.text, q.text_len, err);
+        if (!qs->qid[qs->n] || !qs->text[qs->n]) {
+            kst_free(qs->qid[qs->n]);
+            kst_free(qs->text[qs->n]);
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        qs->n++;
+    }
+    if (!qs->n) rc = kst_fail(err, KST_ERR_FORMAT, "%s: no queries", path);
+done:
+    kst_queries_close(r);
+    return rc;
+}
+
+/* Positives of each query (rows of the sorted ids), from qrels (relevance > 0). */
+static int positives(kst_ix *ix, const char *path, const qset *qs, const int64_t *sorted_ids,
+                     const size_t *row_of, size_t n, size_t **off, int64_t **pos, size_t *found,
+                     kst_error *err) {
+    kst_qrels *qr = NULL;
+    int rc = kst_qrels_read(path, KST_QRELS_AUTO, &qr, err);
+    if (rc != KST_OK) return rc;
+    *off = kst_calloc(qs->n + 1, sizeof **off, "positives", err);
+    *pos = kst_malloc(qr->n ? qr->n : 1, sizeof **pos, "positives", err);
+    *found = 0;
+    if (!*off || !*pos) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    size_t at = 0;
+    for (size_t i = 0; i < qs->n; i++) {
+        (*off)[i] = at;
+        long qi = kst_qrels_find(qr, qs->qid[i]);
+        for (size_t j = qi < 0 ? 0 : qr->off[qi]; qi >= 0 && j < qr->off[qi + 1]; j++) {
+            if (qr->rel[j] <= 0) continue;
+            int64_t id;
+            kst_error e2;
+            if (kst_store_lookup(ix->store, qr->docids[j], &id, &e2) != KST_OK) continue;
+            const int64_t *hit = bsearch(&id, sorted_ids, n, sizeof id, cmp_i64);
+            if (!hit) continue;
+            (*pos)[at++] = (int64_t)row_of[hit - sorted_ids];
+            (*found)++;
+        }
+    }
+    (*off)[qs->n] = at;
+done:
+    kst_qrels_free(qr);
+    return rc;
+}
+
+int cmd_train_vq(int argc, char **argv) {
+    const char *dir = NULL, *qpath = NULL, *qrels = NULL;
+    kst_vq_opts o = kst_vq_opts_default();
+    o.progress = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            fputs(HELP, stdout);
+            return 0;
+        }
+        if (strcmp(a, "--train-query-encoder") == 0)
+            return cli_usage_error("train vq", "--train-query-encoder is not implemented yet (the "
+                                               "documents' index is learned; the query encoder "
+                                               "stays as it is)");
+        if (!v) return cli_usage_error("train vq", "%s needs a value (or is unknown)", a);
+        i++;
+        char *end = NULL;
+        size_t n;
+        if (strcmp(a, "--index") == 0) dir = v;
+        else if (strcmp(a, "--queries") == 0) qpath = v;
+        else if (strcmp(a, "--qrels") == 0) qrels = v;
+        else if (!strcmp(a, "--lr-ivf") || !strcmp(a, "--lr-pq") || !strcmp(a, "--temperature") ||
+                 !strcmp(a, "--tau-scale")) {
+            double x = strtod(v, &end);
+            if (!*v || *end || !(x > 0))
+                return cli_usage_error("train vq", "%s expects a positive number, got \"%s\"", a, v);
+            if (!strcmp(a, "--lr-ivf")) o.lr_ivf = x;
+            else if (!strcmp(a, "--lr-pq")) o.lr_pq = x;
+            else if (!strcmp(a, "--temperature")) o.temperature = x;
+            else o.tau_scale = x;
+        } else if (!strcmp(a, "--epochs") || !strcmp(a, "--candidates") || !strcmp(a, "--seed") ||
+                   !strcmp(a, "--batch-size") || !strcmp(a, "--max-queries")) {
+            if (cli_size_value(a, v, &n) != 0) return KST_EXIT_USAGE;
+            if (!strcmp(a, "--seed")) o.seed = n;
+            else if (!n) return cli_usage_error("train vq", "%s must be at least 1", a);
+            else if (!strcmp(a, "--epochs")) o.epochs = (long)n;
+            else if (!strcmp(a, "--candidates")) o.candidates = n;
+            else if (!strcmp(a, "--batch-size")) o.batch = n;
+            else o.max_queries = n;
+        } else {
+            return cli_usage_error("train vq", "unknown option \"%s\"", a);
+        }
+    }
+    if (!dir) return cli_usage_error("train vq", "--index is required");
+    if (qrels && !qpath) return cli_usage_error("train vq", "--qrels needs --queries");
+
+    kst_error err;
+    kst_ix *ix = NULL;
+    kst_vq_model m = {0};
+    kst_vq_result r = {0};
+    kst_ann *out = NULL;
+    int64_t *ids = NULL, *sorted = NULL, *pos = NULL;
+    size_t *row_of = NULL, *pos_off = NULL, n = 0, npos = 0;
+    float *x = NULL, *q = NULL;
+    qset qs = {0};
+    char *json = NULL;
+    int rc = kst_ix_open(dir, NULL, 1, &ix, &err);
+    if (rc != KST_OK) goto done;
+    if (!ix->dense || !ix->ann) {
+        rc = kst_fail(&err, KST_ERR_UNSUPPORTED, "%s: the index has no dense FAISS index to learn",
+                      dir);
+        goto done;
+    }
+    KST_TRY(kst_vq_model_from_index(ix->ann, &m, &err));
+    KST_TRY(ann_ids(ix->ann, &ids, &n, &err));
+    if (n < 2) {
+        rc = kst_fail(&err, KST_ERR_INVALID, "%s: %zu indexed vectors; nothing to learn from", dir, n);
+        goto done;
+    }
+    size_t dim = ix->dense->dim, kept = 0;
+    x = kst_malloc(n, dim * sizeof(float), "document vectors", &err);
+    if (!x) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    KST_TRY(encode_docs(ix, ids, n, x, &kept, &err));
+    if (kept < n)
+        fprintf(stderr, "kestrel train vq: %zu vectors have no document (an interrupted write); "
+                        "they are dropped\n", n - kept);
+    n = kept;
+    if (qpath) {
+        KST_TRY(read_queries(qpath, &qs, &err));
+        q = kst_malloc(qs.n, dim * sizeof(float), "query vectors", &err);
+        if (!q) {
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        KST_TRY(kst_encoder_embed(ix->dense, (const char *const *)qs.text, NULL, qs.n, 1, 0, 32, q,
+                                  &err));
+        if (qrels) {
+            sorted = kst_malloc(n, sizeof *sorted, "ids", &err);
+            row_of = kst_malloc(n, sizeof *row_of, "rows", &err);
+            if (!sorted || !row_of) {
+                rc = KST_ERR_NOMEM;
+                goto done;
+            }
+            /* Rows sorted by id: sort (id, row) pairs through the ids' order. */
+            memcpy(sorted, ids, n * sizeof *ids);
+            qsort(sorted, n, sizeof *sorted, cmp_i64);
+            for (size_t i = 0; i < n; i++) {
+                const int64_t *h = bsearch(&ids[i], sorted, n, sizeof *sorted, cmp_i64);
+                row_of[h - sorted] = i;
+            }
+            KST_TRY(positives(ix, qrels, &qs, sorted, row_of, n, &pos_off, &pos, &npos, &err));
+            fprintf(stderr, "kestrel train vq: %zu relevant documents from %s join the candidates\n",
+                    npos, qrels);
+        }
+    }
+    KST_TRY(kst_vq_train(&m, n, x, qs.n, q, pos_off, pos, &o, &r, &err));
+    KST_TRY(kst_vq_write_index(&m, ix->ann, n, x, ids, &out, &err));
+    json = kst_malloc(1024, 1, "manifest entry", &err);
+    if (!json) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    snprintf(json, 1024,
+             "{\"method\":\"distill-vq\",\"documents\":%zu,\"queries\":%zu,\"query_source\":\"%s\","
+             "\"qrels_positives\":%zu,\"epochs\":%ld,\"steps\":%ld,\"lr_ivf\":%g,\"lr_pq\":%g,"
+             "\"temperature\":%g,\"tau_scale\":%g,\"candidates\":%zu,\"batch\":%zu,\"seed\":%llu,"
+             "\"opq\":%s,\"loss_ivf\":[%.6f,%.6f],\"loss_pq\":[%.6f,%.6f],\"seconds\":%.1f}",
+             n, r.queries, qpath ? "given" : "sampled documents", npos, r.epochs, r.steps, o.lr_ivf,
+             o.lr_pq, o.temperature, o.tau_scale, o.candidates, o.batch,
+             (unsigned long long)o.seed, m.rot ? "true" : "false", r.loss_init_ivf,
+             r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, r.seconds);
+    rc = kst_ix_replace_ann(ix, out, "vq_training", json, &err);
+    out = NULL;
+    if (rc == KST_OK)
+        fprintf(stderr,
+                "kestrel train vq: %zu documents, %zu queries, %ld steps in %.1fs; loss ivf %.4f -> "
+                "%.4f, pq %.4f -> %.4f; wrote %s/%s\n",
+                n, r.queries, r.steps, r.seconds, r.loss_init_ivf, r.loss_final_ivf,
+                r.loss_init_pq, r.loss_final_pq, dir, ix->ann_file);
+done:
+    kst_free(json);
+    kst_ann_free(out);
+    kst_free(r.epoch_loss);
+    kst_vq_model_free(&m);
+    kst_free(ids);
+    kst_free(sorted);
+    kst_free(row_of);
+    kst_free(pos);
+    kst_free(pos_off);
+    kst_free(x);
+    kst_free(q);
+    qset_free(&qs);
+    kst_ix_close(ix);
+    if (rc != KST_OK) return cli_report("train vq", rc, &err);
+    return 0;
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# test_train_vq_cli.sh - kestrel train vq (Distill-VQ) from the command line: it rewrites the
+# index's FAISS file as a new generation that faiss-cpu reads back with the learned codebooks and
+# whose FAISS scores are q.(c + decode(code)); a kill -9 before the commit (KESTREL_TEST_KILL)
+# leaves the old generation in use with the same search results; queries + qrels; bad input.
+set -u
+K=${1:-build/kestrel}
+F=tests/fixtures/models
+PY=.venv/bin/python
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+. tests/cli/lib.bash
+export KESTREL_NO_PROGRESS=1
+head -300 ../shared/data/beir-scifact/corpus.jsonl > $T/corpus.jsonl
+awk 'NR==FNR { ids[$0] = 1; next } ($3 in ids) { print $1 " 0 " $3 " " $4 }' \
+  <(sed -n 's/^{"_id": "\([^"]*\)".*/\1/p' $T/corpus.jsonl) ../shared/data/beir-scifact/qrels/test.trec > $T/qrels.txt
+awk 'NR==FNR { q[$1] = 1; next } { match($0, /"_id": "[^"]*"/); id = substr($0, RSTART + 8, RLENGTH - 9); if (id in q) print }' \
+  $T/qrels.txt ../shared/data/beir-scifact/queries.jsonl > $T/queries.jsonl
+manifest() { $PY -c "import sqlite3,sys; print(dict(sqlite3.connect(sys.argv[1]).execute('select key, value from manifest'))[sys.argv[2]])" "$T/ix/docs.sqlite" "$1" 2>/dev/null; }
+search() { "$K" search --index $T/ix --query 'vitamin D deficiency and bone density' --stages dense -k 10 --format tsv; }
+
+check "index build (IVF4,PQ4)" "$K" index build --index $T/ix --collection $T/corpus.jsonl --model $F/st_bert_mean --factory 'IVF4,PQ4'
+gen0=$(manifest ann_file)
+search > $T/before.tsv
+cp "$T/ix/$gen0" $T/old.faiss
+
+# A crash after the new file is written, before the manifest switches to it.
+KESTREL_TEST_KILL=before_commit "$K" train vq --index $T/ix --epochs 1 --candidates 50 >/dev/null 2>&1; rc=$?
+[ "$rc" = 137 ] && ok "killed before the commit (exit 137)" || bad "killed before the commit (exit $rc, want 137)"
+[ "$(manifest ann_file)" = "$gen0" ] && ok "the manifest still names $gen0" || bad "the manifest names $(manifest ann_file), want $gen0"
+check "search after the crash gives the old results" sh -c "$(declare -f search); K='$K' T='$T' search | cmp - $T/before.tsv"
+check "the old FAISS file is unchanged" cmp "$T/ix/$gen0" $T/old.faiss
+
+check "train vq (label-free)" "$K" train vq --index $T/ix --epochs 2 --candidates 50 --lr-ivf 1e-3 --lr-pq 1e-3 --seed 3
+gen1=$(manifest ann_file)
+[ "$gen1" != "$gen0" ] && [ -f "$T/ix/$gen1" ] && ok "a new generation: $gen0 -> $gen1" || bad "no new generation ($gen0 -> $gen1)"
+check "faiss-cpu reads the learned codebooks; its scores are q.(c + decode(code))" $PY tests/tools/vq_faiss_check.py $T/old.faiss "$T/ix/$gen1"
+check "the manifest records the training" sh -c "$(declare -f manifest); PY='$PY' T='$T' manifest vq_training | $PY -c 'import json,sys; j=json.load(sys.stdin); assert j[\"method\"]==\"distill-vq\" and j[\"query_source\"]==\"sampled documents\" and j[\"epochs\"]==2 and j[\"documents\"]==300, j'"
+check "search works on the new generation" sh -c "$(declare -f search); K='$K' T='$T' search | grep -c . | grep -qx 10"
+check "index info counts every vector" sh -c "'$K' index info --index $T/ix | grep -qx 'faiss_vectors	300'"
+
+check "train vq with --queries and --qrels" sh -c "'$K' train vq --index $T/ix --queries $T/queries.jsonl --qrels $T/qrels.txt --epochs 1 --candidates 50 2>&1 | grep -E -q '^kestrel train vq: [1-9][0-9]* relevant documents'"
+check "the manifest names the given queries" sh -c "$(declare -f manifest); PY='$PY' T='$T' manifest vq_training | grep -q '\"query_source\":\"given\"'"
+
+expect_exit "--index is required" 64 "--index is required" -- "$K" train vq
+expect_exit "--train-query-encoder is not implemented" 64 "not implemented" -- "$K" train vq --index $T/ix --train-query-encoder
+expect_exit "a bad learning rate" 64 "positive number" -- "$K" train vq --index $T/ix --lr-pq -1
+expect_exit "--qrels without --queries" 64 "--qrels needs --queries" -- "$K" train vq --index $T/ix --qrels $T/qrels.txt
+check "build a Flat index" "$K" index build --index $T/flat --collection $T/corpus.jsonl --model $F/st_bert_mean --factory Flat
+expect_exit "a Flat index has nothing to learn" 6 "IVF-PQ" -- "$K" train vq --index $T/flat
+expect_exit "a missing index" 5 "$T/none" -- "$K" train vq --index $T/none
+check "train vq --help" sh -c "'$K' train vq --help | grep -q 'Distill-VQ'"
+summary "train vq CLI"
