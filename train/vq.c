@@ -220,7 +220,7 @@ int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *
     int64_t *uniq = kst_malloc(N, sizeof(int64_t), "batch docs", err);
     int32_t *cslot = kst_malloc(N, sizeof(int32_t), "candidate slots", err);
     float *s = kst_malloc(4 * N, sizeof(float), "scores", err);
-    float *R = NULL, *RHO = NULL, *V = NULL, *DR = NULL;
+    float *R = NULL, *RHO = NULL, *V = NULL, *DR = NULL, *P = NULL, *VB = NULL;
     if (!slot || !uniq || !cslot || !s) {
         rc = KST_ERR_NOMEM;
         goto done;
@@ -287,58 +287,64 @@ int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *
     /* Straight-through through the soft assignment: soft = sum_k p_k B_k, p = softmax(l),
      * l_k = -|r - B_k|^2 / tau. With v = dL/d soft and u_k = p_k (v.B_k - v.soft):
      *   dL/dB_k += p_k v + u_k * 2 (r - B_k) / tau,   dL/dr = 2/tau sum_k u_k B_k
-     * (the -2/tau r sum_k u_k term vanishes: sum_k u_k = 0). Sub-quantizers are independent. */
-#pragma omp parallel for schedule(dynamic, 1)
+     * (the -2/tau r sum_k u_k term vanishes: sum_k u_k = 0), plus v on the hard codeword. Per
+     * sub-quantizer m, over the batch's U documents, as GEMMs (R_m, V_m: (U, dsub), stride d):
+     *   P = softmax_k(-(|r|^2 - 2 R_m B_m^T + |B|^2) / tau)        (U, K)
+     *   W = P o (V_m B_m^T - rowsum(P o V_m B_m^T))                 (U, K)   u_k per document
+     *   dB_m += P^T V_m + 2/tau (W^T R_m - colsum(W) o B_m),   dR_m = 2/tau W B_m */
+    P = kst_malloc(U * K, sizeof(float), "soft assignments", err);
+    VB = kst_malloc(U * K, sizeof(float), "soft products", err);
+    if (!P || !VB) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
     for (size_t sm = 0; sm < m->M; sm++) {
-        const float *cb = m->codebook + sm * K * ds;
+        const float *cb = m->codebook + sm * K * ds, *Rm = R + sm * ds, *Vm = V + sm * ds;
         float *dcb = dB + sm * K * ds;
-        double tau = m->tau[sm];
-        double *p = kst_malloc(K, sizeof(double), "soft assignment", NULL);
-        double *soft = kst_malloc(ds, sizeof(double), "soft", NULL);
-        if (!p || !soft) {
-            /* Out of memory here is reported after the loop (cannot goto out of OpenMP). */
-            kst_free(p);
-            kst_free(soft);
-            continue;
-        }
+        float tau = m->tau[sm];
+        kst_sgemm(0, 1, (int)U, (int)K, (int)ds, 1.0f, Rm, (int)d, cb, (int)ds, 0.0f, P, (int)K);
+        kst_sgemm(0, 1, (int)U, (int)K, (int)ds, 1.0f, Vm, (int)d, cb, (int)ds, 0.0f, VB, (int)K);
         for (size_t u = 0; u < U; u++) {
-            const float *r = R + u * d + sm * ds, *v = V + u * d + sm * ds;
-            double lmax = -DBL_MAX, z = 0;
+            const float *r = Rm + u * d;
+            float *pu = P + u * K, *vb = VB + u * K;
+            double rn = 0, lmax = -DBL_MAX, z = 0, vs = 0;
+            for (size_t i = 0; i < ds; i++) rn += (double)r[i] * r[i];
+            int kh = 0;
+            double best = DBL_MAX;
             for (size_t k = 0; k < K; k++) {
-                double dd = 0;
-                for (size_t i = 0; i < ds; i++) {
-                    double t = (double)r[i] - cb[k * ds + i];
-                    dd += t * t;
-                }
-                p[k] = -dd / tau;
-                if (p[k] > lmax) lmax = p[k];
+                double bnk = 0;
+                for (size_t i = 0; i < ds; i++) bnk += (double)cb[k * ds + i] * cb[k * ds + i];
+                double dist = rn - 2.0 * pu[k] + bnk;
+                if (dist < best) best = dist, kh = (int)k;
+                double l = -dist / tau;
+                pu[k] = (float)l;
+                if (l > lmax) lmax = l;
             }
-            for (size_t k = 0; k < K; k++) z += (p[k] = exp(p[k] - lmax));
-            for (size_t i = 0; i < ds; i++) soft[i] = 0;
             for (size_t k = 0; k < K; k++) {
-                p[k] /= z;
-                for (size_t i = 0; i < ds; i++) soft[i] += p[k] * cb[k * ds + i];
+                double e = exp(pu[k] - lmax);
+                pu[k] = (float)e;
+                z += e;
             }
-            double vs = 0;
-            for (size_t i = 0; i < ds; i++) vs += v[i] * soft[i];
+            for (size_t k = 0; k < K; k++) {
+                pu[k] = (float)(pu[k] / z);
+                vs += (double)pu[k] * vb[k];
+            }
+            for (size_t k = 0; k < K; k++) vb[k] = (float)(pu[k] * (vb[k] - vs)); /* W */
             /* The hard codeword is indexed from B too: it gets v directly (as C[a] does). */
-            int kh = nearest_code(r, cb, K, ds);
+            const float *v = Vm + u * d;
             for (size_t i = 0; i < ds; i++) dcb[(size_t)kh * ds + i] += v[i];
-            float *dr = DR + u * d + sm * ds;
-            for (size_t k = 0; k < K; k++) {
-                if (p[k] < 1e-12) continue;
-                const float *bk = cb + k * ds;
-                double vb = 0;
-                for (size_t i = 0; i < ds; i++) vb += v[i] * bk[i];
-                double uk = p[k] * (vb - vs);
-                for (size_t i = 0; i < ds; i++) {
-                    dcb[k * ds + i] += (float)(p[k] * v[i] + uk * 2.0 * (r[i] - bk[i]) / tau);
-                    dr[i] += (float)(2.0 / tau * uk * bk[i]);
-                }
-            }
         }
-        kst_free(p);
-        kst_free(soft);
+        float two_tau = 2.0f / tau;
+        kst_sgemm(1, 0, (int)K, (int)ds, (int)U, 1.0f, P, (int)K, Vm, (int)d, 1.0f, dcb, (int)ds);
+        kst_sgemm(1, 0, (int)K, (int)ds, (int)U, two_tau, VB, (int)K, Rm, (int)d, 1.0f, dcb,
+                  (int)ds);
+        for (size_t k = 0; k < K; k++) {
+            double cs = 0;
+            for (size_t u = 0; u < U; u++) cs += VB[u * K + k];
+            for (size_t i = 0; i < ds; i++) dcb[k * ds + i] -= (float)(two_tau * cs) * cb[k * ds + i];
+        }
+        kst_sgemm(0, 0, (int)U, (int)ds, (int)K, two_tau, VB, (int)K, cb, (int)ds, 0.0f,
+                  DR + sm * ds, (int)d);
     }
     /* r = y - C[a]: dC[a] -= dL/dr. */
     for (size_t u = 0; u < U; u++) {
@@ -355,6 +361,8 @@ done:
     kst_free(RHO);
     kst_free(V);
     kst_free(DR);
+    kst_free(P);
+    kst_free(VB);
     return rc;
 }
 
