@@ -92,7 +92,7 @@ static void test_batch_matches_autograd(void **state) {
 
 /* ---- training and write-back ---------------------------------------------------------------- */
 
-#define SN 3000
+#define SN 1500
 #define SD 32
 
 /* Clustered, anisotropic unit vectors: 24 centres, per-centre noise scaled per dimension. */
