@@ -374,8 +374,8 @@ kst_vq_opts kst_vq_opts_default(void) {
     kst_vq_opts o;
     memset(&o, 0, sizeof o);
     o.epochs = 3;
-    o.lr_ivf = 2e-4;
-    o.lr_pq = 2e-4;
+    o.lr_ivf = 1e-3;
+    o.lr_pq = 1e-3;
     o.temperature = 0.05;
     o.tau_scale = 1.0;
     o.candidates = 200;

@@ -77,7 +77,7 @@ int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *
 
 typedef struct kst_vq_opts {
     long epochs;              /* passes over the training queries (3) */
-    double lr_ivf, lr_pq;     /* Adam learning rates of centroids and codebooks (2e-4, 2e-4) */
+    double lr_ivf, lr_pq;     /* Adam learning rates of centroids and codebooks (1e-3, 1e-3) */
     double temperature;       /* T of the listwise softmaxes (0.05: scores are cosines) */
     double tau_scale;         /* soft-assignment temperature = scale * mean quantisation error
                                * of the sub-vector (1.0) */

@@ -8,7 +8,7 @@
  * (OUT_DIR/NAME.METHOD.BYTES.run) for `kestrel eval`. Settings (environment):
  *   KESTREL_BENCH_VQ_NLIST   IVF lists (default ~4 sqrt(n), a power of two, >= 39 points each)
  *   KESTREL_BENCH_VQ_NPROBE  lists visited per query, the same for every method (default nlist/8)
- *   KESTREL_BENCH_VQ_EPOCHS, _QUERIES, _CANDIDATES, _LR  Distill-VQ settings (3, 2048, 200, 2e-4)
+ *   KESTREL_BENCH_VQ_EPOCHS, _QUERIES, _CANDIDATES, _LR  Distill-VQ settings (3, 1024, 100, 1e-3)
  *   KESTREL_BENCH_VQ_OPQ_DVQ=0  skip Distill-VQ started from the OPQ index */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -149,8 +149,8 @@ static void distill(const ctx *c, const char *method, int bytes, kst_ann *src) {
     if (kst_vq_model_from_index(src, &m, &e) != KST_OK) die("model", &e);
     kst_vq_opts o = kst_vq_opts_default();
     o.epochs = env_long("KESTREL_BENCH_VQ_EPOCHS", o.epochs);
-    o.max_queries = (size_t)env_long("KESTREL_BENCH_VQ_QUERIES", (long)o.max_queries);
-    o.candidates = (size_t)env_long("KESTREL_BENCH_VQ_CANDIDATES", (long)o.candidates);
+    o.max_queries = (size_t)env_long("KESTREL_BENCH_VQ_QUERIES", 1024);
+    o.candidates = (size_t)env_long("KESTREL_BENCH_VQ_CANDIDATES", 100);
     o.lr_ivf = o.lr_pq = env_double("KESTREL_BENCH_VQ_LR", o.lr_ivf);
     o.temperature = env_double("KESTREL_BENCH_VQ_T", o.temperature);
     o.tau_scale = env_double("KESTREL_BENCH_VQ_TAU", o.tau_scale);
