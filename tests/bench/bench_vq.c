@@ -9,7 +9,9 @@
  *   KESTREL_BENCH_VQ_NLIST   IVF lists (default ~4 sqrt(n), a power of two, >= 39 points each)
  *   KESTREL_BENCH_VQ_NPROBE  lists visited per query, the same for every method (default nlist/8)
  *   KESTREL_BENCH_VQ_EPOCHS, _QUERIES, _CANDIDATES, _LR  Distill-VQ settings (3, 1024, 100, 1e-3)
- *   KESTREL_BENCH_VQ_OPQ_DVQ=0  skip Distill-VQ started from the OPQ index */
+ *   KESTREL_BENCH_VQ_TRAIN   training sample of every index (40000, evenly spaced)
+ *   KESTREL_BENCH_VQ_OPQ=0 / _DVQ=0 / _OPQ_DVQ=0  skip OPQ (and Distill-VQ from it), Distill-VQ
+ *                            from IVF-PQ, Distill-VQ from OPQ */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <stdio.h>
@@ -131,7 +133,7 @@ static kst_ann *build(const ctx *c, const char *factory, double *secs) {
     if (kst_ann_create(factory, (int)c->d, &a, &e) != KST_OK) die(factory, &e);
     /* Every method trains on the same evenly spaced sample (OPQ's 50 rounds of PQ k-means on
      * FAISS's own 65,536-point cap would dominate the run on 2 cores). */
-    size_t ns = (size_t)env_long("KESTREL_BENCH_VQ_TRAIN", 20000);
+    size_t ns = (size_t)env_long("KESTREL_BENCH_VQ_TRAIN", 40000);
     if (ns > c->n) ns = c->n;
     float *sample = malloc(ns * c->d * sizeof *sample);
     for (size_t i = 0; i < ns; i++)
@@ -197,7 +199,10 @@ int main(int argc, char **argv) {
     c.truth = malloc(c.nq * 100 * sizeof *c.truth);
     exact(c.n, c.x, c.nq, c.q, c.d, 100, c.truth);
     size_t nlist = 1;
-    while (nlist * 2 <= 4 * sqrt((double)c.n) * 1.41421356 && nlist * 2 * 39 <= c.n) nlist *= 2;
+    /* ~4 sqrt(n), a power of two, with FAISS's 39 training points per list in the sample. */
+    size_t ns = (size_t)env_long("KESTREL_BENCH_VQ_TRAIN", 40000);
+    if (ns > c.n) ns = c.n;
+    while (nlist * 2 <= 4 * sqrt((double)c.n) * 1.41421356 && nlist * 2 * 39 <= ns) nlist *= 2;
     nlist = (size_t)env_long("KESTREL_BENCH_VQ_NLIST", (long)nlist);
     c.nprobe = (size_t)env_long("KESTREL_BENCH_VQ_NPROBE", (long)(nlist / 8 ? nlist / 8 : 1));
     printf("%s: %zu docs x %zu, %zu queries; IVF%zu, nprobe %zu (all methods)\n", c.name, c.n, c.d,
@@ -230,7 +235,7 @@ int main(int argc, char **argv) {
             opq = build(&c, f, &secs);
             report(&c, "opq+ivfpq", M, opq, secs, "");
         }
-        distill(&c, "distill-vq", M, ivfpq);
+        if (env_long("KESTREL_BENCH_VQ_DVQ", 1)) distill(&c, "distill-vq", M, ivfpq);
         if (opq && opq_dvq) distill(&c, "opq+distill-vq", M, opq);
         kst_ann_free(ivfpq);
         kst_ann_free(opq);
