@@ -9,6 +9,7 @@
  * the look-up table terms in another order than q.(c + decode)). */
 #include "harness.h"
 
+#include <omp.h>
 #include <unistd.h>
 
 #include <faiss/c_api/Index_c.h>
@@ -253,6 +254,10 @@ static void test_unsupported(void **state) {
 }
 
 int main(void) {
+    /* One thread: FAISS's OPQ training is a long chain of small OpenMP k-means runs, whose
+     * barriers spin for a descheduled partner on a loaded 2-core CI box (minutes instead of
+     * seconds); results do not depend on the thread count. */
+    omp_set_num_threads(1);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_batch_matches_autograd),
         cmocka_unit_test(test_train_ivfpq),
