@@ -595,6 +595,7 @@ int kst_ix_replace_ann(kst_ix *ix, kst_ann *ann, const char *meta_key, const cha
     KST_TRY(kst_ann_write(ann, path, err));
     KST_TRY(kst_store_meta_set(ix->store, "ann_file", new_file, err));
     if (meta_key) KST_TRY(kst_store_meta_set(ix->store, meta_key, meta_value ? meta_value : "", err));
+    if (ix->device) KST_TRY(kst_ann_set_device(ann, ix->device, 0, err));
     kst_ann_free(ix->ann);
     ix->ann = ann; /* end_write reloads the committed file if the commit fails */
     ann = NULL;
