@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "core/check.h"
 #include "core/file.h"
@@ -17,6 +18,7 @@
 #include "encoders/encoder.h"
 #include "train/loss.h"
 #include "train/optim.h"
+#include "train/state.h"
 
 kst_train_opts kst_train_opts_default(void) {
     kst_train_opts o;
@@ -212,6 +214,205 @@ static int score_pair_backward(scorer *sc, side *q, size_t qr, side *p, size_t p
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* resumable state */
+
+#define STATE_FILE "train_state.bin"
+#define STATE_JSON_VERSION 1
+
+/* What the loop carries from step to step besides the weights and moments. */
+typedef struct run_pos {
+    long step, total, epoch;
+    uint64_t rng;        /* dropout RNG */
+    double loss_first;   /* sum over the first (up to 10) steps */
+    long first_n;
+    double loss_last;
+    long log_bytes;      /* train_log.jsonl length at this step */
+} run_pos;
+
+/* The options that shape the trajectory, spelled as their flags (without "--"): a resumed run must
+ * repeat them. */
+static cJSON *options_json(const kst_train_opts *o, kst_teacher_format fmt, long total, float dropout) {
+    cJSON *j = cJSON_CreateObject();
+    char seed[32];
+    snprintf(seed, sizeof seed, "%llu", (unsigned long long)o->seed);
+    cJSON_AddStringToObject(j, "model", o->model_dir);
+    cJSON_AddStringToObject(j, "teacher-scores", o->teacher_path);
+    if (o->queries_path) cJSON_AddStringToObject(j, "queries", o->queries_path);
+    else cJSON_AddNullToObject(j, "queries");
+    if (o->collection_path) cJSON_AddStringToObject(j, "collection", o->collection_path);
+    else cJSON_AddNullToObject(j, "collection");
+    cJSON_AddStringToObject(j, "format", kst_teacher_format_name(fmt));
+    cJSON_AddNumberToObject(j, "batch-size", (double)o->batch_size);
+    cJSON_AddNumberToObject(j, "steps", (double)total);
+    cJSON_AddNumberToObject(j, "lr", o->lr);
+    cJSON_AddStringToObject(j, "optimizer", o->sgd ? "sgd" : "adamw");
+    cJSON_AddNumberToObject(j, "weight-decay", o->weight_decay);
+    cJSON_AddNumberToObject(j, "warmup", (double)o->warmup);
+    cJSON_AddStringToObject(j, "schedule", o->cosine ? "cosine" : "linear");
+    cJSON_AddNumberToObject(j, "grad-clip", o->grad_clip);
+    cJSON_AddNumberToObject(j, "dropout", (double)dropout);
+    cJSON_AddStringToObject(j, "seed", seed);
+    cJSON_AddBoolToObject(j, "no-shuffle", o->no_shuffle);
+    cJSON_AddNumberToObject(j, "shuffle-buffer", (double)o->shuffle_buffer);
+    cJSON_AddNumberToObject(j, "query-max-len", (double)o->query_max_len);
+    cJSON_AddNumberToObject(j, "doc-max-len", (double)o->doc_max_len);
+    cJSON_AddNumberToObject(j, "in-batch-weight", o->in_batch_weight);
+    return j;
+}
+
+static int save_state(const char *out_dir, const run_pos *ps, const cJSON *options, const kst_teacher *tr,
+                      const kst_encoder *e, const float *mom, const float *vel, kst_error *err) {
+    int rc = KST_OK;
+    char path[4096], hex[20], *tstate = NULL, *text = NULL;
+    cJSON *j = cJSON_CreateObject(), *t = NULL;
+    KST_TRY(kst_path_join(path, sizeof path, out_dir, STATE_FILE, err));
+    KST_TRY(kst_teacher_state(tr, &tstate, err));
+    if (!(t = cJSON_Parse(tstate))) {
+        rc = kst_fail(err, KST_ERR_INTERNAL, "teacher reader state is not JSON");
+        goto done;
+    }
+    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)ps->rng);
+    cJSON_AddNumberToObject(j, "version", STATE_JSON_VERSION);
+    cJSON_AddNumberToObject(j, "step", (double)ps->step);
+    cJSON_AddNumberToObject(j, "total", (double)ps->total);
+    cJSON_AddNumberToObject(j, "epoch", (double)ps->epoch);
+    cJSON_AddStringToObject(j, "dropout_rng", hex);
+    cJSON_AddNumberToObject(j, "loss_first_sum", ps->loss_first);
+    cJSON_AddNumberToObject(j, "loss_first_n", (double)ps->first_n);
+    cJSON_AddNumberToObject(j, "loss_last", ps->loss_last);
+    cJSON_AddNumberToObject(j, "log_bytes", (double)ps->log_bytes);
+    cJSON_AddItemReferenceToObject(j, "options", (cJSON *)options);
+    cJSON_AddItemToObject(j, "teacher", t);
+    t = NULL;
+    if (!(text = cJSON_Print(j))) {
+        rc = kst_fail(err, KST_ERR_NOMEM, "out of memory writing the training state");
+        goto done;
+    }
+    const float *blocks[3] = {e->bert.param_mem, mom, vel};
+    KST_TRY(kst_train_state_write(path, text, blocks, 3, e->bert.num_params, err));
+done:
+    cJSON_Delete(j);
+    cJSON_Delete(t);
+    kst_free(tstate);
+    if (text) cJSON_free(text);
+    return rc;
+}
+
+static int state_long(const cJSON *j, const char *key, long *out, const char *path, kst_error *err) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
+    if (!cJSON_IsNumber(v) || v->valuedouble < 0)
+        return kst_fail(err, KST_ERR_FORMAT, "%s: \"%s\" missing or not a non-negative number", path, key);
+    *out = (long)v->valuedouble;
+    return KST_OK;
+}
+
+static int state_double(const cJSON *j, const char *key, double *out, const char *path, kst_error *err) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
+    if (!cJSON_IsNumber(v)) return kst_fail(err, KST_ERR_FORMAT, "%s: \"%s\" missing or not a number", path, key);
+    *out = v->valuedouble;
+    return KST_OK;
+}
+
+/* Reads RESUME_DIR/train_state.bin: weights into e, moments into mom/vel, the position into *ps,
+ * the teacher reader state into *tstate (kst_free). Checks the saved options against `options`. */
+static int load_state(const char *dir, const cJSON *options, kst_encoder *e, float *mom, float *vel,
+                      run_pos *ps, char **tstate, kst_error *err) {
+    int rc = KST_OK;
+    char path[4096], *text = NULL, *a = NULL, *b = NULL;
+    cJSON *j = NULL;
+    *tstate = NULL;
+    KST_TRY(kst_path_join(path, sizeof path, dir, STATE_FILE, err));
+    float *blocks[3] = {e->bert.param_mem, mom, vel};
+    rc = kst_train_state_read(path, &text, blocks, 3, e->bert.num_params, err);
+    if (rc == KST_ERR_NOTFOUND) {
+        rc = kst_fail(err, KST_ERR_NOTFOUND, "%s: no training state to resume (runs with --save-every N write one)", path);
+        goto done;
+    }
+    if (rc != KST_OK) goto done;
+    KST_TRY(kst_json_parse(text, strlen(text), path, &j, err));
+    long version = 0;
+    KST_TRY(state_long(j, "version", &version, path, err));
+    if (version != STATE_JSON_VERSION) {
+        rc = kst_fail(err, KST_ERR_UNSUPPORTED, "%s: state version %ld (this build reads %d)", path, version, STATE_JSON_VERSION);
+        goto done;
+    }
+    const cJSON *saved = cJSON_GetObjectItemCaseSensitive(j, "options");
+    if (!cJSON_IsObject(saved)) {
+        rc = kst_fail(err, KST_ERR_FORMAT, "%s: \"options\" missing", path);
+        goto done;
+    }
+    for (const cJSON *want = options->child; want; want = want->next) {
+        const cJSON *got = cJSON_GetObjectItemCaseSensitive(saved, want->string);
+        if (got && cJSON_Compare(got, want, 1)) continue;
+        a = cJSON_PrintUnformatted(want);
+        b = got ? cJSON_PrintUnformatted(got) : NULL;
+        rc = kst_fail(err, KST_ERR_INVALID,
+                      "--%s is %s here but %s in the run saved in %s: resume with the same options (or train into a new --out)",
+                      want->string, a ? a : "?", b ? b : "(missing)", path);
+        goto done;
+    }
+    KST_TRY(state_long(j, "step", &ps->step, path, err));
+    KST_TRY(state_long(j, "total", &ps->total, path, err));
+    KST_TRY(state_long(j, "epoch", &ps->epoch, path, err));
+    KST_TRY(state_long(j, "loss_first_n", &ps->first_n, path, err));
+    KST_TRY(state_long(j, "log_bytes", &ps->log_bytes, path, err));
+    KST_TRY(state_double(j, "loss_first_sum", &ps->loss_first, path, err));
+    KST_TRY(state_double(j, "loss_last", &ps->loss_last, path, err));
+    const cJSON *r = cJSON_GetObjectItemCaseSensitive(j, "dropout_rng");
+    char *end = NULL;
+    if (!cJSON_IsString(r) || strlen(r->valuestring) != 16 ||
+        (ps->rng = strtoull(r->valuestring, &end, 16), *end)) {
+        rc = kst_fail(err, KST_ERR_FORMAT, "%s: \"dropout_rng\" must be 16 hex digits", path);
+        goto done;
+    }
+    if (ps->step > ps->total) {
+        rc = kst_fail(err, KST_ERR_FORMAT, "%s: step %ld beyond the run's %ld", path, ps->step, ps->total);
+        goto done;
+    }
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(j, "teacher");
+    if (!cJSON_IsObject(t) || !(*tstate = cJSON_PrintUnformatted(t))) {
+        rc = kst_fail(err, KST_ERR_FORMAT, "%s: \"teacher\" reader state missing", path);
+        goto done;
+    }
+done:
+    if (a) cJSON_free(a);
+    if (b) cJSON_free(b);
+    cJSON_Delete(j);
+    kst_free(text);
+    return rc;
+}
+
+/* The saved run's log up to its state: *out (kst_free) holds the first `bytes` bytes of
+ * DIR/train_log.jsonl (empty when the log is gone). */
+static int log_prefix(const char *dir, long bytes, char **out, size_t *len, kst_error *err) {
+    char path[4096];
+    int rc = kst_path_join(path, sizeof path, dir, "train_log.jsonl", err);
+    if (rc != KST_OK) return rc;
+    *out = NULL;
+    *len = 0;
+    if (!kst_path_exists(path)) return KST_OK;
+    size_t n = 0;
+    KST_TRY(kst_read_file(path, out, &n, err));
+    if ((long)n < bytes) {
+        rc = kst_fail(err, KST_ERR_FORMAT, "%s: %zu bytes, shorter than the %ld the training state recorded", path, n, bytes);
+        goto done;
+    }
+    *len = (size_t)bytes;
+done:
+    if (rc != KST_OK) {
+        kst_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+/* 1 when a and b name the same existing folder. */
+static int same_dir(const char *a, const char *b) {
+    struct stat sa, sb;
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* the loop */
 
 /* Which parameter tensors get weight decay: matrices and embeddings, not biases or LayerNorms. */
@@ -231,9 +432,23 @@ static double config_dropout(const char *dir) {
     return p;
 }
 
-static int open_teacher(const kst_train_opts *o, const kst_teacher_opts *to, kst_teacher **t,
-                        kst_error *err) {
-    return kst_teacher_open(o->teacher_path, to, NULL, t, err);
+/* Reads the whole teacher file once: every line checked (errors name the line), records counted. */
+static int teacher_precheck(const kst_train_opts *o, const kst_teacher_opts *to, size_t *nrec, kst_error *err) {
+    int rc = KST_OK;
+    kst_teacher *tr = NULL;
+    kst_teacher_opts plain = *to;
+    plain.no_shuffle = 1;
+    *nrec = 0;
+    KST_TRY(kst_teacher_open(o->teacher_path, &plain, NULL, &tr, err));
+    for (;;) {
+        kst_teacher_record rec;
+        KST_TRY(kst_teacher_next(tr, &rec, err));
+        if (!rec.query) break;
+        (*nrec)++;
+    }
+done:
+    kst_teacher_close(tr);
+    return rc;
 }
 
 int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_error *err) {
@@ -251,11 +466,23 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
     size_t *plens = NULL;
     const char **qtexts = NULL;
     size_t *qlens = NULL;
-    char logpath[4096];
+    char logpath[4096], statepath[4096];
+    char *tstate = NULL, *logtext = NULL;
+    size_t loglen = 0;
+    cJSON *options = NULL;
+    run_pos ps;
+    memset(&ps, 0, sizeof ps);
     memset(res, 0, sizeof *res);
     if (!o->model_dir || !o->out_dir || !o->teacher_path)
         return kst_fail(err, KST_ERR_INVALID, "training needs a model, an output folder and a teacher file");
     size_t B = o->batch_size ? o->batch_size : 32;
+    KST_TRY(kst_path_join(statepath, sizeof statepath, o->out_dir, STATE_FILE, err));
+    if (kst_path_exists(statepath) && !(o->resume_dir && same_dir(o->resume_dir, o->out_dir))) {
+        rc = kst_fail(err, KST_ERR_INVALID,
+                      "%s already holds a training state (%s): pass --resume %s to continue that run, or choose another --out",
+                      o->out_dir, STATE_FILE, o->out_dir);
+        goto done;
+    }
     KST_TRY(kst_encoder_open(o->model_dir, KST_ROLE_AUTO, &e, err));
     if (e->role == KST_ROLE_CROSS) {
         rc = kst_fail(err, KST_ERR_INVALID, "%s is a cross-encoder; `kestrel train margin-mse` trains dense or ColBERT students (cross-encoders: `kestrel train cross`)", o->model_dir);
@@ -291,41 +518,43 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
     to.shuffle_buffer = o->shuffle_buffer;
     to.no_shuffle = o->no_shuffle;
     to.seed = o->seed;
-    KST_TRY(open_teacher(o, &to, &tr, err));
-    /* steps: given, or epochs over the file (counted once) */
+    /* every line checked before anything is written; the count gives the epochs' steps */
+    size_t nrec = 0;
+    KST_TRY(teacher_precheck(o, &to, &nrec, err));
     long total = o->steps;
-    if (total <= 0) {
-        size_t nrec = 0;
-        kst_teacher_record rec;
-        for (;;) {
-            KST_TRY(kst_teacher_next(tr, &rec, err));
-            if (!rec.query) break;
-            nrec++;
-        }
-        long per_epoch = (long)((nrec + B - 1) / B);
-        total = per_epoch * (o->epochs > 0 ? o->epochs : 1);
-        kst_teacher_close(tr);
-        tr = NULL;
-        KST_TRY(open_teacher(o, &to, &tr, err));
-    }
+    if (total <= 0) total = (long)((nrec + B - 1) / B) * (o->epochs > 0 ? o->epochs : 1);
     float dropout = (float)(o->dropout >= 0 ? o->dropout : config_dropout(o->model_dir));
-    uint64_t rng = kst_rng_seed(o->seed);
+    options = options_json(o, to.format, total, dropout);
+    if (!options) {
+        rc = kst_fail(err, KST_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    ps.total = total;
+    ps.rng = kst_rng_seed(o->seed);
+    if (o->resume_dir) {
+        KST_TRY(load_state(o->resume_dir, options, e, mom, vel, &ps, &tstate, err));
+        KST_TRY(log_prefix(o->resume_dir, ps.log_bytes, &logtext, &loglen, err));
+        to.seed = o->seed + (uint64_t)ps.epoch;
+    }
+    KST_TRY(kst_teacher_open(o->teacher_path, &to, tstate, &tr, err));
     kst_adamw_config ac = kst_adamw_defaults();
     ac.weight_decay = o->weight_decay;
     KST_TRY(kst_mkdirs(o->out_dir, err));
     KST_TRY(kst_path_join(logpath, sizeof logpath, o->out_dir, "train_log.jsonl", err));
     log = fopen(logpath, "w");
-    if (!log) {
+    if (!log || (loglen && fwrite(logtext, 1, loglen, log) != loglen)) {
         rc = kst_fail(err, KST_ERR_IO, "%s: cannot create", logpath);
         goto done;
     }
     kst_progress bar;
     kst_progress_begin(&bar, "train", (size_t)total);
     if (o->quiet) bar.enabled = 0;
-    double t_start = kst_now(), loss_first = 0, loss_last = 0;
-    long first_n = 0, epoch = 0;
+    if (ps.step > 0) kst_progress_add(&bar, (size_t)ps.step);
+    double t_start = kst_now();
+    long start_step = ps.step;
     size_t n = 0;
-    for (long step = 0; step < total; step++) {
+    res->steps = ps.step;
+    for (long step = ps.step; step < total; step++) {
         /* gather B records (reopening the file for the next epoch when it runs out) */
         size_t got = 0;
         kst_teacher_record rec;
@@ -335,8 +564,8 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
                 if (got > 0 || o->steps <= 0) break;
                 kst_teacher_close(tr);
                 tr = NULL;
-                to.seed = o->seed + (uint64_t)(++epoch);
-                KST_TRY(open_teacher(o, &to, &tr, err));
+                to.seed = o->seed + (uint64_t)(++ps.epoch);
+                KST_TRY(kst_teacher_open(o->teacher_path, &to, NULL, &tr, err));
                 continue;
             }
             if (n == 0) {
@@ -376,8 +605,8 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
         for (size_t i = 0; i < b; i++) kst_free((void *)qtexts[i]);
         for (size_t i = 0; i < b * n; i++) kst_free((void *)ptexts[i]);
         if (rc != KST_OK) goto done;
-        KST_TRY(side_forward(e, &q, dropout, &rng, err));
-        KST_TRY(side_forward(e, &p, dropout, &rng, err));
+        KST_TRY(side_forward(e, &q, dropout, &ps.rng, err));
+        KST_TRY(side_forward(e, &p, dropout, &ps.rng, err));
         for (size_t i = 0; i < b; i++)
             for (size_t k = 0; k < n; k++) KST_TRY(score_pair(&sc, &q, i, &p, i * n + k, &s[i * n + k], err));
         float loss = kst_margin_mse_forward(s, t, b, n);
@@ -410,29 +639,43 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
             goto done;
         }
         double el = kst_now() - t_start;
-        res->steps = step + 1;
-        if (first_n < 10) {
-            loss_first += loss;
-            first_n++;
+        double tps = el > 0 ? (double)((step + 1 - start_step) * (long)B) / el : 0.0;
+        ps.step = step + 1;
+        res->steps = ps.step;
+        if (ps.first_n < 10) {
+            ps.loss_first += loss;
+            ps.first_n++;
         }
-        loss_last = loss_last == 0 ? loss : 0.9 * loss_last + 0.1 * loss;
+        ps.loss_last = ps.loss_last == 0 ? loss : 0.9 * ps.loss_last + 0.1 * loss;
         fprintf(log, "{\"step\": %ld, \"loss\": %.6g, \"lr\": %.6g, \"grad_norm\": %.6g, \"triples_per_s\": %.3f}\n",
-                step + 1, (double)loss, lr, (double)gnorm, el > 0 ? (double)(res->steps * (long)B) / el : 0.0);
+                step + 1, (double)loss, lr, (double)gnorm, tps);
         snprintf(bar.suffix, sizeof bar.suffix, "step %ld loss %.4f lr %.2e %.1f triples/s", step + 1,
-                 (double)loss, lr, el > 0 ? (double)(res->steps * (long)B) / el : 0.0);
+                 (double)loss, lr, tps);
         kst_progress_add(&bar, 1);
         res->last_loss = loss;
+        int stop = o->stop_after > 0 && ps.step >= o->stop_after && ps.step < total;
+        if ((o->save_every > 0 && (ps.step % o->save_every == 0 || ps.step == total)) || stop) {
+            if (fflush(log) != 0) {
+                rc = kst_fail(err, KST_ERR_IO, "%s: write failed", logpath);
+                goto done;
+            }
+            ps.log_bytes = ftell(log);
+            KST_TRY(save_state(o->out_dir, &ps, options, tr, e, mom, vel, err));
+        }
+        if (stop) break;
     }
     kst_progress_end(&bar);
-    res->first_loss = first_n ? loss_first / (double)first_n : 0;
+    res->first_loss = ps.first_n ? ps.loss_first / (double)ps.first_n : 0;
     res->seconds = kst_now() - t_start;
-    res->triples_per_s = res->seconds > 0 ? (double)res->steps * (double)B / res->seconds : 0;
+    res->triples_per_s = res->seconds > 0 ? (double)(res->steps - start_step) * (double)B / res->seconds : 0;
     if (fclose(log) != 0) {
         log = NULL;
         rc = kst_fail(err, KST_ERR_IO, "%s: write failed", logpath);
         goto done;
     }
     log = NULL;
+    if (o->save_every > 0 && start_step == total) /* resumed a finished run: keep its state */
+        KST_TRY(save_state(o->out_dir, &ps, options, tr, e, mom, vel, err));
     KST_TRY(kst_checkpoint_save(e, o->out_dir, err));
 done:
     if (log) fclose(log);
@@ -452,6 +695,9 @@ done:
     kst_free(mom);
     kst_free(vel);
     kst_free(decay);
+    kst_free(tstate);
+    kst_free(logtext);
+    cJSON_Delete(options);
     kst_bert_free(&grads);
     kst_teacher_close(tr);
     kst_textmap_free(qmap);

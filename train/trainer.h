@@ -29,6 +29,10 @@ typedef struct kst_train_opts {
     size_t query_max_len, doc_max_len; /* 0: the model's */
     double in_batch_weight;     /* in-batch negatives cross-entropy weight (0: off) */
     int quiet;                  /* no progress bar */
+    /* resuming (see kst_train_margin_mse) */
+    long save_every;            /* write OUT_DIR/train_state.bin every N steps and at the end (0: never) */
+    const char *resume_dir;     /* continue from RESUME_DIR/train_state.bin (NULL: fresh start) */
+    long stop_after;            /* stop after this step (of the full schedule), saving the state (0: run to the end) */
 } kst_train_opts;
 
 kst_train_opts kst_train_opts_default(void);
@@ -41,8 +45,23 @@ typedef struct kst_train_result {
 
 /* Trains the student at opts->model_dir on the teacher file with Margin-MSE (plus the in-batch
  * term when asked) and saves it to opts->out_dir in the same layout, with out_dir/train_log.jsonl
- * (one line per step: step, loss, lr, grad_norm, triples_per_s). Errors name the file and line of
- * bad input; nothing is written to out_dir unless training finished. */
+ * (one line per step: step, loss, lr, grad_norm, triples_per_s).
+ *
+ * Bad input: the teacher file is read through once before training (counting its records and
+ * checking every line), so a malformed line, an unknown id, a NaN score or an empty file fails
+ * with the file and line named before anything is written: out_dir is not even created.
+ *
+ * Resuming: with save_every > 0 the training state (weights, AdamW moments, step, epoch, teacher
+ * reader position with its shuffle buffer and RNG, dropout RNG, loss averages, log length and the
+ * options that shape the run) is written to OUT_DIR/train_state.bin every save_every steps and
+ * after the last one, atomically (state.h): a crash mid-save leaves the previous state. A run with
+ * resume_dir = D reads D/train_state.bin and continues from its step; its weights are those an
+ * uninterrupted run would have reached, bit for bit (same machine and thread count), and
+ * out_dir/train_log.jsonl holds the saved run's lines up to that step followed by the new ones.
+ * The options must equal the saved run's (KST_ERR_INVALID names the first that differs).
+ * A fresh run refuses an out_dir that already holds a state (pass it as resume_dir, or choose
+ * another out_dir). stop_after = k stops after step k of the full schedule, saving the state and
+ * the checkpoint as they are then. */
 int kst_train_margin_mse(const kst_train_opts *opts, kst_train_result *res, kst_error *err);
 
 #endif

@@ -11,6 +11,7 @@ static const char *HELP =
     "         [--lr X] [--optimizer adamw|sgd] [--weight-decay X] [--warmup N] [--schedule linear|cosine]\n"
     "         [--grad-clip X] [--dropout P] [--seed N] [--no-shuffle] [--query-max-len N]\n"
     "         [--doc-max-len N] [--in-batch-weight X] [--format hofstaetter|matchmaker|nway]\n"
+    "         [--save-every N] [--resume DIR] [--stop-after N]\n"
     "\n"
     "Trains the student at INIT_DIR (a sentence-transformers / BERT folder, or a ColBERT folder) so\n"
     "that its score margins match the teacher's (Margin-MSE, Hofstaetter et al. 2020):\n"
@@ -32,6 +33,18 @@ static const char *HELP =
     "  --dropout P              dropout (default: the checkpoint's hidden_dropout_prob)\n"
     "  --no-shuffle             file order: the first batch is the first --batch-size lines\n"
     "  --in-batch-weight X      add X * in-batch negatives cross-entropy (off)\n"
+    "\n"
+    "Bad input: the teacher file is read through once before training; a missing column, an unknown\n"
+    "qid/pid, a NaN score or an empty file stops with the file and line, and OUT_DIR is not created.\n"
+    "\n"
+    "Resuming:\n"
+    "  --save-every N           write OUT_DIR/train_state.bin (weights, AdamW moments, step, schedule\n"
+    "                           position, teacher-file position and shuffle buffer, RNGs) every N steps\n"
+    "                           and at the end, atomically (a crash mid-save keeps the previous one)\n"
+    "  --resume DIR             continue the run whose state is in DIR (usually OUT_DIR itself) with\n"
+    "                           the same options; the weights equal those of a run never stopped.\n"
+    "                           A fresh run refuses an OUT_DIR that holds a state.\n"
+    "  --stop-after N           stop after step N of the schedule, saving the state and the model\n"
     "\n"
     "Other modes: kestrel train cross (cross-encoders), kestrel train self-distill (bi <-> cross\n"
     "self-distillation); see their --help.\n";
@@ -71,6 +84,7 @@ int cmd_train(int argc, char **argv) {
         else if (strcmp(a, "--teacher-scores") == 0) o.teacher_path = v;
         else if (strcmp(a, "--queries") == 0) o.queries_path = v;
         else if (strcmp(a, "--collection") == 0) o.collection_path = v;
+        else if (strcmp(a, "--resume") == 0) o.resume_dir = v;
         else if (strcmp(a, "--format") == 0) {
             kst_error err;
             if (kst_teacher_format_parse(v, &o.format, &err) != KST_OK) return cli_usage_error("train", "%s", err.msg);
@@ -95,7 +109,8 @@ int cmd_train(int argc, char **argv) {
             } else o.in_batch_weight = x;
         } else if (strcmp(a, "--batch-size") == 0 || strcmp(a, "--steps") == 0 || strcmp(a, "--epochs") == 0 ||
                    strcmp(a, "--warmup") == 0 || strcmp(a, "--seed") == 0 || strcmp(a, "--query-max-len") == 0 ||
-                   strcmp(a, "--doc-max-len") == 0) {
+                   strcmp(a, "--doc-max-len") == 0 || strcmp(a, "--save-every") == 0 ||
+                   strcmp(a, "--stop-after") == 0) {
             if (cli_size_value(a, v, &n) != 0) return KST_EXIT_USAGE;
             if (!strcmp(a, "--batch-size")) {
                 if (!n) return cli_usage_error("train", "--batch-size must be at least 1");
@@ -105,6 +120,8 @@ int cmd_train(int argc, char **argv) {
             else if (!strcmp(a, "--warmup")) o.warmup = (long)n;
             else if (!strcmp(a, "--seed")) o.seed = n;
             else if (!strcmp(a, "--query-max-len")) o.query_max_len = n;
+            else if (!strcmp(a, "--save-every")) o.save_every = (long)n;
+            else if (!strcmp(a, "--stop-after")) o.stop_after = (long)n;
             else o.doc_max_len = n;
         } else {
             return cli_usage_error("train", "unknown option \"%s\"", a);
