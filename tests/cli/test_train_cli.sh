@@ -44,12 +44,28 @@ check "resume into another folder keeps the weights" cmp $T/r0/model.safetensors
 expect_exit "a fresh run refuses an OUT_DIR holding a state" 1 "--resume" -- resumable --out $T/r1 --save-every 4
 expect_exit "resume with other options is refused, naming the option" 1 "--lr is 0.001" -- resumable --out $T/r1 --resume $T/r1 --lr 1e-3
 expect_exit "resume from a folder without a state" 5 "no training state" -- resumable --out $T/r4 --resume $T/r0
+# bad teacher files: exit 3, the file and line named, and nothing written (OUT_DIR not created)
+FX=$F/train
+bad_teacher() { # NAME NEEDLE FILE [options...]
+  local name=$1 needle=$2 file=$3; shift 3
+  expect_exit "$name" 3 "$needle" -- "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores "$file" --out $T/x --steps 1 "$@"
+  check "$name: nothing written to OUT_DIR" test ! -e $T/x
+}
 printf '0.5\t0.1\tquery\tpos\n' > $T/bad1.tsv
-expect_exit "teacher line with a missing column" 3 "line 1" -- "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $T/bad1.tsv --out $T/x --steps 1
+bad_teacher "teacher line with a missing column" "bad1.tsv: line 1" $T/bad1.tsv
 printf 'nan\t0.1\tquery\tpos\tneg\n' > $T/bad2.tsv
-expect_exit "NaN teacher score" 3 "line 1" -- "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $T/bad2.tsv --out $T/x --steps 1
+bad_teacher "NaN teacher score" "bad2.tsv: line 1" $T/bad2.tsv
 : > $T/empty.tsv
-expect_exit "empty teacher file" 3 "" -- "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $T/empty.tsv --out $T/x --steps 1
+bad_teacher "empty teacher file" "empty.tsv: has no training rows" $T/empty.tsv
+printf '1.5\t0.2\tq999\t101\t102\n' > $T/badq.tsv
+bad_teacher "unknown qid" "unknown qid \"q999\"" $T/badq.tsv --queries $FX/queries.tsv --collection $FX/collection.tsv
+printf '1.5\t0.2\tq1\t101\t7777\n' > $T/badp.tsv
+bad_teacher "unknown pid" "unknown pid \"7777\"" $T/badp.tsv --queries $FX/queries.tsv --collection $FX/collection.tsv
+# a bad line far down the file (after 40 good ones), file order: still refused before training
+{ head -40 $TR; printf '0.5\tinf\tquery\tpos\tneg\n'; tail -8 $TR; } > $T/late.tsv
+bad_teacher "bad score on line 41 of 49, --no-shuffle" "late.tsv: line 41" $T/late.tsv --no-shuffle --batch-size 8
+{ head -20 $TR; printf '0.5\t0.1\tquery\tpos\n'; } > $T/late2.tsv
+bad_teacher "missing column on the last line, shuffled" "late2.tsv: line 21" $T/late2.tsv --batch-size 4
 expect_exit "a cross-encoder is not a margin-mse student" 1 "cross-encoder" -- "$K" train margin-mse --model $F/models/cross_bert --teacher-scores $TR --out $T/x --steps 1
 expect_exit "missing --out" 64 "required" -- "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $TR
 summary "train cli"
