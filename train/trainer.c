@@ -17,6 +17,7 @@
 #include "encoders/checkpoint.h"
 #include "encoders/encoder.h"
 #include "train/loss.h"
+#include "train/eval.h"
 #include "train/optim.h"
 #include "train/state.h"
 
@@ -432,6 +433,28 @@ static double config_dropout(const char *dir) {
     return p;
 }
 
+/* One evaluation: a log line, a line on stderr, and the result's figures. */
+static int evaluate(const kst_train_opts *o, kst_train_eval *ev, kst_encoder *e, long step, FILE *log,
+                    int over_bar, kst_train_result *res, const char *logpath, kst_error *err) {
+    kst_train_eval_result r;
+    int rc = kst_train_eval_run(ev, e, o->query_max_len, o->doc_max_len, &r, err);
+    if (rc != KST_OK) return rc;
+    if (fprintf(log, "{\"step\": %ld, \"eval_ndcg@10\": %.6f, \"eval_mrr@10\": %.6f, \"eval_queries\": %zu, \"eval_docs\": %zu}\n",
+                step, r.ndcg10, r.mrr10, r.queries, r.docs) < 0)
+        return kst_fail(err, KST_ERR_IO, "%s: write failed", logpath);
+    if (!o->quiet)
+        fprintf(stderr, "%skestrel train: eval at step %ld: nDCG@10 %.4f  MRR@10 %.4f  (%zu queries, %zu documents)%s\n",
+                over_bar ? "\r" : "", step, r.ndcg10, r.mrr10, r.queries, r.docs, over_bar ? "\033[K" : "");
+    if (!res->evaluated) {
+        res->evaluated = 1;
+        res->eval_first_ndcg10 = r.ndcg10;
+        res->eval_first_mrr10 = r.mrr10;
+    }
+    res->eval_last_ndcg10 = r.ndcg10;
+    res->eval_last_mrr10 = r.mrr10;
+    return KST_OK;
+}
+
 /* Reads the whole teacher file once: every line checked (errors name the line), records counted. */
 static int teacher_precheck(const kst_train_opts *o, const kst_teacher_opts *to, size_t *nrec, kst_error *err) {
     int rc = KST_OK;
@@ -470,6 +493,7 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
     char *tstate = NULL, *logtext = NULL;
     size_t loglen = 0;
     cJSON *options = NULL;
+    kst_train_eval *ev = NULL;
     run_pos ps;
     memset(&ps, 0, sizeof ps);
     memset(res, 0, sizeof *res);
@@ -523,6 +547,14 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
     KST_TRY(teacher_precheck(o, &to, &nrec, err));
     long total = o->steps;
     if (total <= 0) total = (long)((nrec + B - 1) / B) * (o->epochs > 0 ? o->epochs : 1);
+    if (o->eval_queries || o->eval_qrels) {
+        const char *corpus = o->eval_collection ? o->eval_collection : o->collection_path;
+        if (!o->eval_queries || !o->eval_qrels || !corpus) {
+            rc = kst_fail(err, KST_ERR_INVALID, "evaluation needs --eval-queries, --eval-qrels and a corpus (--eval-collection, or --collection)");
+            goto done;
+        }
+        KST_TRY(kst_train_eval_open(o->eval_queries, o->eval_qrels, corpus, &ev, err));
+    }
     float dropout = (float)(o->dropout >= 0 ? o->dropout : config_dropout(o->model_dir));
     options = options_json(o, to.format, total, dropout);
     if (!options) {
@@ -550,6 +582,9 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
     kst_progress_begin(&bar, "train", (size_t)total);
     if (o->quiet) bar.enabled = 0;
     if (ps.step > 0) kst_progress_add(&bar, (size_t)ps.step);
+    if (ev && ps.step == 0) {
+        KST_TRY(evaluate(o, ev, e, 0, log, bar.enabled, res, logpath, err));
+    }
     double t_start = kst_now();
     long start_step = ps.step;
     size_t n = 0;
@@ -654,6 +689,11 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
         kst_progress_add(&bar, 1);
         res->last_loss = loss;
         int stop = o->stop_after > 0 && ps.step >= o->stop_after && ps.step < total;
+        if (ev && ((o->eval_every > 0 && ps.step % o->eval_every == 0) || ps.step == total || stop)) {
+            double te = kst_now();
+            KST_TRY(evaluate(o, ev, e, ps.step, log, bar.enabled, res, logpath, err));
+            t_start += kst_now() - te; /* triples/s counts training only */
+        }
         if ((o->save_every > 0 && (ps.step % o->save_every == 0 || ps.step == total)) || stop) {
             if (fflush(log) != 0) {
                 rc = kst_fail(err, KST_ERR_IO, "%s: write failed", logpath);
@@ -698,6 +738,7 @@ done:
     kst_free(tstate);
     kst_free(logtext);
     cJSON_Delete(options);
+    kst_train_eval_free(ev);
     kst_bert_free(&grads);
     kst_teacher_close(tr);
     kst_textmap_free(qmap);

@@ -33,6 +33,10 @@ typedef struct kst_train_opts {
     long save_every;            /* write OUT_DIR/train_state.bin every N steps and at the end (0: never) */
     const char *resume_dir;     /* continue from RESUME_DIR/train_state.bin (NULL: fresh start) */
     long stop_after;            /* stop after this step (of the full schedule), saving the state (0: run to the end) */
+    /* evaluation on a small held-out corpus (train/eval.h); off unless both files are given */
+    const char *eval_queries, *eval_qrels;
+    const char *eval_collection; /* NULL: collection_path */
+    long eval_every;             /* steps between evaluations (0: only before and after training) */
 } kst_train_opts;
 
 kst_train_opts kst_train_opts_default(void);
@@ -41,6 +45,9 @@ typedef struct kst_train_result {
     long steps;
     double first_loss, last_loss; /* mean over the first / last 10 steps */
     double seconds, triples_per_s;
+    int evaluated;                 /* 1 when eval_* was given */
+    double eval_first_ndcg10, eval_first_mrr10; /* the first evaluation of this run */
+    double eval_last_ndcg10, eval_last_mrr10;   /* after the last step */
 } kst_train_result;
 
 /* Trains the student at opts->model_dir on the teacher file with Margin-MSE (plus the in-batch
@@ -61,7 +68,14 @@ typedef struct kst_train_result {
  * The options must equal the saved run's (KST_ERR_INVALID names the first that differs).
  * A fresh run refuses an out_dir that already holds a state (pass it as resume_dir, or choose
  * another out_dir). stop_after = k stops after step k of the full schedule, saving the state and
- * the checkpoint as they are then. */
+ * the checkpoint as they are then.
+ *
+ * Evaluation: with eval_queries and eval_qrels, the student is evaluated on eval_collection (or
+ * collection_path) by exhaustive search (train/eval.h: nDCG@10, MRR@10) before the first step
+ * (unless resumed past it), every eval_every steps and after the last step; each evaluation
+ * adds a line {"step": k, "eval_ndcg@10": x, "eval_mrr@10": y, "eval_queries": n,
+ * "eval_docs": m} to train_log.jsonl and is printed on stderr unless quiet. The eval files are
+ * read before anything is written, so their errors leave out_dir alone too. */
 int kst_train_margin_mse(const kst_train_opts *opts, kst_train_result *res, kst_error *err);
 
 #endif

@@ -12,6 +12,7 @@ static const char *HELP =
     "         [--grad-clip X] [--dropout P] [--seed N] [--no-shuffle] [--query-max-len N]\n"
     "         [--doc-max-len N] [--in-batch-weight X] [--format hofstaetter|matchmaker|nway]\n"
     "         [--save-every N] [--resume DIR] [--stop-after N]\n"
+    "         [--eval-queries F --eval-qrels F [--eval-collection F] [--eval-every N]]\n"
     "\n"
     "Trains the student at INIT_DIR (a sentence-transformers / BERT folder, or a ColBERT folder) so\n"
     "that its score margins match the teacher's (Margin-MSE, Hofstaetter et al. 2020):\n"
@@ -45,6 +46,15 @@ static const char *HELP =
     "                           the same options; the weights equal those of a run never stopped.\n"
     "                           A fresh run refuses an OUT_DIR that holds a state.\n"
     "  --stop-after N           stop after step N of the schedule, saving the state and the model\n"
+    "\n"
+    "Evaluation (exhaustive search of a small corpus with the current weights, no dropout):\n"
+    "  --eval-queries F         queries (qid<TAB>text or BEIR queries.jsonl); judged ones are used\n"
+    "  --eval-qrels F           TREC or BEIR qrels\n"
+    "  --eval-collection F      the corpus to rank (default --collection; keep it small: every\n"
+    "                           document is encoded at each evaluation)\n"
+    "  --eval-every N           evaluate every N steps (default: before the first and after the last)\n"
+    "nDCG@10 and MRR@10 (trec_eval's ndcg_cut.10 and recip_rank cut at 10) are printed and logged\n"
+    "in train_log.jsonl as {\"step\", \"eval_ndcg@10\", \"eval_mrr@10\", \"eval_queries\", \"eval_docs\"}.\n"
     "\n"
     "Other modes: kestrel train cross (cross-encoders), kestrel train self-distill (bi <-> cross\n"
     "self-distillation); see their --help.\n";
@@ -85,6 +95,9 @@ int cmd_train(int argc, char **argv) {
         else if (strcmp(a, "--queries") == 0) o.queries_path = v;
         else if (strcmp(a, "--collection") == 0) o.collection_path = v;
         else if (strcmp(a, "--resume") == 0) o.resume_dir = v;
+        else if (strcmp(a, "--eval-queries") == 0) o.eval_queries = v;
+        else if (strcmp(a, "--eval-qrels") == 0) o.eval_qrels = v;
+        else if (strcmp(a, "--eval-collection") == 0) o.eval_collection = v;
         else if (strcmp(a, "--format") == 0) {
             kst_error err;
             if (kst_teacher_format_parse(v, &o.format, &err) != KST_OK) return cli_usage_error("train", "%s", err.msg);
@@ -110,7 +123,7 @@ int cmd_train(int argc, char **argv) {
         } else if (strcmp(a, "--batch-size") == 0 || strcmp(a, "--steps") == 0 || strcmp(a, "--epochs") == 0 ||
                    strcmp(a, "--warmup") == 0 || strcmp(a, "--seed") == 0 || strcmp(a, "--query-max-len") == 0 ||
                    strcmp(a, "--doc-max-len") == 0 || strcmp(a, "--save-every") == 0 ||
-                   strcmp(a, "--stop-after") == 0) {
+                   strcmp(a, "--stop-after") == 0 || strcmp(a, "--eval-every") == 0) {
             if (cli_size_value(a, v, &n) != 0) return KST_EXIT_USAGE;
             if (!strcmp(a, "--batch-size")) {
                 if (!n) return cli_usage_error("train", "--batch-size must be at least 1");
@@ -122,6 +135,7 @@ int cmd_train(int argc, char **argv) {
             else if (!strcmp(a, "--query-max-len")) o.query_max_len = n;
             else if (!strcmp(a, "--save-every")) o.save_every = (long)n;
             else if (!strcmp(a, "--stop-after")) o.stop_after = (long)n;
+            else if (!strcmp(a, "--eval-every")) o.eval_every = (long)n;
             else o.doc_max_len = n;
         } else {
             return cli_usage_error("train", "unknown option \"%s\"", a);
@@ -135,5 +149,8 @@ int cmd_train(int argc, char **argv) {
     if (rc != KST_OK) return cli_report("train", rc, &err);
     fprintf(stderr, "kestrel train: %ld steps in %.1fs (%.1f triples/s); loss %.4f -> %.4f; saved %s\n", r.steps,
             r.seconds, r.triples_per_s, r.first_loss, r.last_loss, o.out_dir);
+    if (r.evaluated)
+        fprintf(stderr, "kestrel train: eval nDCG@10 %.4f -> %.4f, MRR@10 %.4f -> %.4f\n", r.eval_first_ndcg10,
+                r.eval_last_ndcg10, r.eval_first_mrr10, r.eval_last_mrr10);
     return 0;
 }

@@ -44,6 +44,30 @@ check "resume into another folder keeps the weights" cmp $T/r0/model.safetensors
 expect_exit "a fresh run refuses an OUT_DIR holding a state" 1 "--resume" -- resumable --out $T/r1 --save-every 4
 expect_exit "resume with other options is refused, naming the option" 1 "--lr is 0.001" -- resumable --out $T/r1 --resume $T/r1 --lr 1e-3
 expect_exit "resume from a folder without a state" 5 "no training state" -- resumable --out $T/r4 --resume $T/r0
+# evaluation during training: before the first step it must equal sentence-transformers +
+# pytrec_eval on the same slice (tests/fixtures/fx_train_eval.py -> train_eval/expected.json)
+E=$F/train_eval
+evtrain() { "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $TR --batch-size 8 --lr 5e-3 --seed 7 "$@"; }
+check "train with --eval-every 5" evtrain --out $T/ev --steps 10 --eval-queries $E/queries.tsv --eval-qrels $E/qrels.trec --eval-collection $E/corpus.jsonl --eval-every 5
+cp $T/out.log $T/ev.log
+want_nd=$(sed -n 's/.*"ndcg@10": \([^,]*\),.*/\1/p' $E/expected.json); want_mrr=$(sed -n 's/.*"mrr@10": \([^,]*\),.*/\1/p' $E/expected.json)
+got_nd=$(grep '"step": 0, "eval' $T/ev/train_log.jsonl | sed 's/.*"eval_ndcg@10": \([^,]*\),.*/\1/')
+got_mrr=$(grep '"step": 0, "eval' $T/ev/train_log.jsonl | sed 's/.*"eval_mrr@10": \([^,]*\),.*/\1/')
+echo "  eval before training: nDCG@10 $got_nd (sentence-transformers + pytrec_eval: $want_nd), MRR@10 $got_mrr ($want_mrr)"
+check "eval before training: nDCG@10 equals the reference (1e-5)" awk -v a="$got_nd" -v b="$want_nd" 'BEGIN { d = a - b; exit !(a != "" && d < 1e-5 && d > -1e-5) }'
+check "eval before training: MRR@10 equals the reference (1e-5)" awk -v a="$got_mrr" -v b="$want_mrr" 'BEGIN { d = a - b; exit !(a != "" && d < 1e-5 && d > -1e-5) }'
+check "eval logged at steps 0, 5 and 10" test "$(grep -c '"eval_ndcg@10"' $T/ev/train_log.jsonl)" = 3
+check "eval shown on stderr" grep -q "eval at step 5: nDCG@10" $T/ev.log
+check "ColBERT student with eval" "$K" train margin-mse --model $F/models/colbert --teacher-scores $TR --out $T/evc --steps 1 --batch-size 4 --eval-queries $E/queries.tsv --eval-qrels $E/qrels.trec --eval-collection $E/corpus.jsonl
+cwant=$(sed -n 's/.*"ndcg@10": \([^,]*\),.*/\1/p' $E/expected_colbert.json)
+cgot=$(grep '"step": 0, "eval' $T/evc/train_log.jsonl | sed 's/.*"eval_ndcg@10": \([^,]*\),.*/\1/')
+echo "  ColBERT eval before training: nDCG@10 $cgot (colbert-ai + pytrec_eval: $cwant)"
+check "ColBERT eval before training: nDCG@10 equals colbert-ai's (1e-5)" awk -v a="$cgot" -v b="$cwant" 'BEGIN { d = a - b; exit !(a != "" && d < 1e-5 && d > -1e-5) }'
+expect_exit "eval without a corpus" 1 "--eval-collection" -- train --out $T/x --steps 1 --eval-queries $E/queries.tsv --eval-qrels $E/qrels.trec
+check "eval without a corpus: nothing written" test ! -e $T/x
+expect_exit "eval qrels that judge none of the queries" 1 "no query has a judgment" -- train --out $T/x --steps 1 --eval-queries $E/queries.tsv --eval-qrels $F/eval/cases.qrels --eval-collection $E/corpus.jsonl
+check "bad eval qrels: nothing written" test ! -e $T/x
+
 # bad teacher files: exit 3, the file and line named, and nothing written (OUT_DIR not created)
 FX=$F/train
 bad_teacher() { # NAME NEEDLE FILE [options...]
