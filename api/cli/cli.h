@@ -55,6 +55,7 @@ int cmd_score(int argc, char **argv);
 int cmd_index(int argc, char **argv);
 int cmd_search(int argc, char **argv);
 int cmd_train(int argc, char **argv);
+int cmd_mine(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 int cmd_teach(int argc, char **argv);
 int cmd_serve_rerank(int argc, char **argv);

@@ -15,6 +15,7 @@ static const struct {
     {"index", cmd_index, "build, add to, delete from or describe an index folder"},
     {"search", cmd_search, "search an index: one query, or a query file into a TREC run"},
     {"train", cmd_train, "train students (margin-mse), cross-encoders (cross), bi <-> cross (self-distill)"},
+    {"mine", cmd_mine, "training triples with hard negatives from an index's first stage"},
     {"eval", cmd_eval, "evaluate a TREC run against qrels (MRR@10, nDCG@10, recall, MAP)"},
     {"teach", cmd_teach, "score training triples with a cross-encoder (local or /rerank URL) into a teacher file"},
     {"serve-rerank", cmd_serve_rerank, "serve a cross-encoder over HTTP (text-embeddings-inference /rerank API)"},
