@@ -25,23 +25,23 @@ check "the student's vectors moved" sh -c "echo 'stem cells' | '$K' embed --mode
 check "same seed, --no-shuffle: identical weights" sh -c "$(declare -f train); K='$K' F='$F' TR='$TR'; train --out $T/b --steps 60 && cmp $T/a/model.safetensors $T/b/model.safetensors"
 check "sgd with cosine schedule and clipping runs" train --out $T/c --steps 5 --optimizer sgd --schedule cosine --grad-clip 1.0
 check "--help" sh -c "'$K' train --help | grep -q 'margin-mse'"
-# resuming: shuffle and dropout on; 14 steps of 8 cross the 48-line file's end twice (epochs)
+# resuming: shuffle and dropout on; 10 steps of 8 cross the 48-line file's end (a new epoch)
 resumable() { "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $TR --batch-size 8 --lr 5e-3 \
-            --warmup 3 --query-max-len 24 --doc-max-len 48 --dropout 0.1 --seed 11 --steps 14 "$@"; }
+            --warmup 3 --query-max-len 24 --doc-max-len 48 --dropout 0.1 --seed 11 --steps 10 "$@"; }
 check "uninterrupted run (shuffle, dropout 0.1)" resumable --out $T/r0
-check "stopped after step 6 (state every 4 steps)" resumable --out $T/r1 --save-every 4 --stop-after 6
+check "stopped after step 5 (state every 3 steps)" resumable --out $T/r1 --save-every 3 --stop-after 5
 check "the stopped run left a state" test -f $T/r1/train_state.bin
-check "resumed to step 14" resumable --out $T/r1 --save-every 4 --resume $T/r1
+check "resumed to step 10" resumable --out $T/r1 --save-every 3 --resume $T/r1
 check "resume equals uninterrupted training: identical weights" cmp $T/r0/model.safetensors $T/r1/model.safetensors
 check "resumed log equals the uninterrupted one (but speed)" diff <(sed 's/, "triples_per_s.*//' $T/r0/train_log.jsonl) <(sed 's/, "triples_per_s.*//' $T/r1/train_log.jsonl)
-KESTREL_TEST_KILL=mid_state_save:2 resumable --out $T/r2 --save-every 4 >/dev/null 2>&1; rc=$?
-check "kill -9 in the middle of the second state save (step 8)" test "$rc" = 137
-check "the temporary of the interrupted save is there, the state is the previous one" sh -c "test -f $T/r2/train_state.bin.tmp && grep -a -q '\"step\":.4,' $T/r2/train_state.bin"
-check "resume after kill -9 from the step-4 state" resumable --out $T/r2 --save-every 4 --resume $T/r2
+KESTREL_TEST_KILL=mid_state_save:2 resumable --out $T/r2 --save-every 3 >/dev/null 2>&1; rc=$?
+check "kill -9 in the middle of the second state save (step 6)" test "$rc" = 137
+check "the temporary of the interrupted save is there, the state is the previous one" sh -c "test -f $T/r2/train_state.bin.tmp && grep -a -q '\"step\":.3,' $T/r2/train_state.bin"
+check "resume after kill -9 from the step-3 state" resumable --out $T/r2 --save-every 3 --resume $T/r2
 check "resume after kill -9 equals uninterrupted training" cmp $T/r0/model.safetensors $T/r2/model.safetensors
-check "resume into another folder" resumable --out $T/r3 --save-every 4 --resume $T/r1
+check "resume into another folder" resumable --out $T/r3 --save-every 3 --resume $T/r1
 check "resume into another folder keeps the weights" cmp $T/r0/model.safetensors $T/r3/model.safetensors
-expect_exit "a fresh run refuses an OUT_DIR holding a state" 1 "--resume" -- resumable --out $T/r1 --save-every 4
+expect_exit "a fresh run refuses an OUT_DIR holding a state" 1 "--resume" -- resumable --out $T/r1 --save-every 3
 expect_exit "resume with other options is refused, naming the option" 1 "--lr is 0.001" -- resumable --out $T/r1 --resume $T/r1 --lr 1e-3
 expect_exit "resume from a folder without a state" 5 "no training state" -- resumable --out $T/r4 --resume $T/r0
 # evaluation during training: before the first step it must equal sentence-transformers +
