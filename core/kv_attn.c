@@ -4,48 +4,6 @@
 #include <math.h>
 #include <string.h>
 
-float kst_half_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, x;
-    if (exp == 0) {
-        if (man == 0) {
-            x = sign;
-        } else { /* subnormal: renormalise */
-            int e = -1;
-            do {
-                e++;
-                man <<= 1;
-            } while (!(man & 0x400));
-            x = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        x = sign | 0x7f800000 | (man << 13);
-    } else {
-        x = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &x, 4);
-    return f;
-}
-
-uint16_t kst_f32_to_half(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t sign = (x >> 16) & 0x8000, absx = x & 0x7fffffff;
-    if (absx >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (absx > 0x7f800000 ? 0x200 : 0));
-    if (absx >= 0x477ff000) return (uint16_t)(sign | 0x7c00);
-    if (absx < 0x38800000) {
-        if (absx < 0x33000000) return (uint16_t)sign;
-        uint32_t man = (absx & 0x7fffff) | 0x800000;
-        int shift = 126 - (int)(absx >> 23);
-        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
-        if (rem > half || (rem == half && (h & 1))) h++;
-        return (uint16_t)(sign | h);
-    }
-    uint32_t h = (absx >> 13) - (112u << 10), rem = absx & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
-    return (uint16_t)(sign | h);
-}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -68,7 +26,7 @@ __attribute__((target("avx2,f16c,fma"))) static float dot_avx2(const float *q, c
     h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
     float s = _mm_cvtss_f32(h);
     for (; i < d; i++)
-        s += q[i] * (f16 ? kst_half_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i]);
+        s += q[i] * (f16 ? kst_f16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i]);
     return s;
 }
 
@@ -82,7 +40,7 @@ __attribute__((target("avx2,f16c,fma"))) static void axpy_avx2(float *out, float
         for (; i + 8 <= d; i += 8)
             _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))),
                                                       _mm256_loadu_ps(out + i)));
-        for (; i < d; i++) out[i] += w * kst_half_to_f32(r[i]);
+        for (; i < d; i++) out[i] += w * kst_f16_to_f32(r[i]);
     } else {
         const float *r = row;
         for (; i + 8 <= d; i += 8)
@@ -110,7 +68,7 @@ float kst_kv_dot(const float *q, const void *row, int f16, size_t d) {
     float s = 0;
     if (f16) {
         const uint16_t *r = row;
-        for (size_t i = 0; i < d; i++) s += q[i] * kst_half_to_f32(r[i]);
+        for (size_t i = 0; i < d; i++) s += q[i] * kst_f16_to_f32(r[i]);
     } else {
         const float *r = row;
 #pragma omp simd reduction(+ : s)
@@ -122,7 +80,7 @@ float kst_kv_dot(const float *q, const void *row, int f16, size_t d) {
 void kst_kv_rows_f32(float *out, const void *src, int f16, size_t first, size_t n, size_t d) {
     if (f16) {
         const uint16_t *s = (const uint16_t *)src + first * d;
-        for (size_t i = 0; i < n * d; i++) out[i] = kst_half_to_f32(s[i]);
+        for (size_t i = 0; i < n * d; i++) out[i] = kst_f16_to_f32(s[i]);
     } else {
         memcpy(out, (const float *)src + first * d, n * d * sizeof(float));
     }
@@ -161,7 +119,7 @@ void kst_attn_partial(float *out, float *lse, float *scratch, const float *q, co
 #endif
         if (f16) {
             const uint16_t *v = (const uint16_t *)V + r * d;
-            for (size_t i = 0; i < d; i++) out[i] += w * kst_half_to_f32(v[i]);
+            for (size_t i = 0; i < d; i++) out[i] += w * kst_f16_to_f32(v[i]);
         } else {
             const float *v = (const float *)V + r * d;
 #pragma omp simd

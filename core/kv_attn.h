@@ -12,13 +12,10 @@
 #ifndef KST_CORE_KV_ATTN_H
 #define KST_CORE_KV_ATTN_H
 
+#include "core/half.h"
 #include <stddef.h>
 #include <stdint.h>
 
-/* IEEE half (bits) to float, exact (subnormals, inf and nan included). */
-float kst_half_to_f32(uint16_t h);
-/* float to IEEE half bits, round to nearest even (overflow to infinity). */
-uint16_t kst_f32_to_half(float f);
 
 /* <q, row> for a row of d float32 (f16 == 0) or float16 (f16 != 0) values. */
 float kst_kv_dot(const float *q, const void *row, int f16, size_t d);

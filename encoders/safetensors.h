@@ -2,6 +2,7 @@
 #ifndef KST_ENCODERS_SAFETENSORS_H
 #define KST_ENCODERS_SAFETENSORS_H
 
+#include "core/half.h"
 #include <stddef.h>
 
 #include "core/error.h"
@@ -40,8 +41,7 @@ const kst_st_tensor *kst_safetensors_find(const kst_safetensors *st, const char 
 int kst_st_tensor_to_f32(const kst_safetensors *st, const kst_st_tensor *t, int ndim,
                          const size_t *shape, float *dst, kst_error *err);
 
-/* Half-precision conversions (exact). */
-float kst_f16_to_f32(unsigned short h);
+/* Half-precision conversions (exact); float16 lives in core/half.h. */
 float kst_bf16_to_f32(unsigned short h);
 
 #endif

@@ -12,7 +12,7 @@
 
 #include "core/check.h"
 #include "core/mem.h"
-#include "encoders/safetensors.h" /* kst_f16_to_f32 */
+#include "core/half.h"
 
 #define HEADER 64
 static const char MAGIC[8] = {'K', 'S', 'T', 'T', 'O', 'K', '0', '1'};
@@ -28,28 +28,6 @@ struct kst_tokens {
     size_t map_len;
 };
 
-unsigned short kst_f32_to_f16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t sign = (x >> 16) & 0x8000;
-    uint32_t absx = x & 0x7fffffff;
-    if (absx >= 0x7f800000) /* inf or nan */
-        return (unsigned short)(sign | 0x7c00 | (absx > 0x7f800000 ? 0x200 : 0));
-    if (absx >= 0x477ff000) return (unsigned short)(sign | 0x7c00); /* rounds past 65504 */
-    if (absx < 0x38800000) { /* subnormal or zero in half */
-        if (absx < 0x33000000) return (unsigned short)sign;
-        uint32_t man = (absx & 0x7fffff) | 0x800000;
-        int shift = 126 - (int)(absx >> 23); /* 14..24 */
-        uint32_t h = man >> shift;
-        uint32_t rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
-        if (rem > half || (rem == half && (h & 1))) h++;
-        return (unsigned short)(sign | h);
-    }
-    uint32_t h = ((absx >> 13) - (112u << 10));
-    uint32_t rem = absx & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
-    return (unsigned short)(sign | h);
-}
 
 static int remap(kst_tokens *t, kst_error *err) {
     struct stat st;

@@ -8,6 +8,7 @@
 #ifndef KST_INDEX_TOKENS_H
 #define KST_INDEX_TOKENS_H
 
+#include "core/half.h"
 #include <stddef.h>
 #include <stdint.h>
 
@@ -33,7 +34,5 @@ int kst_tokens_read(kst_tokens *t, uint64_t first, size_t n, float *out, kst_err
 size_t kst_tokens_dim(const kst_tokens *t);
 uint64_t kst_tokens_rows(const kst_tokens *t);
 
-/* Float16 conversion (round to nearest even, overflow to infinity). */
-unsigned short kst_f32_to_f16(float f);
 
 #endif

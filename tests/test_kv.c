@@ -96,8 +96,8 @@ static void run_decode(fx *f, kst_kv_index_kind index, int f16, size_t top_k, si
     const float *kf = f->keys.data, *vf = f->values.data;
     for (size_t i = 0; i < (P + S) * rowv; i++) {
         if (f16) {
-            ((uint16_t *)K)[i] = kst_f32_to_half(kf[i]);
-            ((uint16_t *)V)[i] = kst_f32_to_half(vf[i]);
+            ((uint16_t *)K)[i] = kst_f32_to_f16(kf[i]);
+            ((uint16_t *)V)[i] = kst_f32_to_f16(vf[i]);
         } else {
             ((float *)K)[i] = kf[i];
             ((float *)V)[i] = vf[i];

@@ -68,7 +68,7 @@ static int check(const char *dir) {
         void *K = malloc(nv * es), *V = malloc(nv * es);
         for (size_t i = 0; i < nv; i++) {
             float k = ((float *)keys.data)[i], v = ((float *)values.data)[i];
-            if (f16) { ((uint16_t *)K)[i] = kst_f32_to_half(k); ((uint16_t *)V)[i] = kst_f32_to_half(v); }
+            if (f16) { ((uint16_t *)K)[i] = kst_f32_to_f16(k); ((uint16_t *)V)[i] = kst_f32_to_f16(v); }
             else { ((float *)K)[i] = k; ((float *)V)[i] = v; }
         }
         if (kst_kvc_append(c, 0, K, V, P, &e) || kst_kvc_build(c, 0, pq.data, P, &e)) die("prefill", &e);
@@ -143,7 +143,7 @@ static void full_attn(double *out, const float *q, const uint16_t *K, const uint
     double mx = -INFINITY, sum = 0;
     for (size_t j = 0; j < n; j++) {
         double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * kst_half_to_f32(K[j * d + i]);
+        for (size_t i = 0; i < d; i++) a += (double)q[i] * kst_f16_to_f32(K[j * d + i]);
         s[j] = a * scale;
         if (s[j] > mx) mx = s[j];
     }
@@ -151,7 +151,7 @@ static void full_attn(double *out, const float *q, const uint16_t *K, const uint
     for (size_t j = 0; j < n; j++) {
         double w = exp(s[j] - mx);
         sum += w;
-        for (size_t i = 0; i < d; i++) out[i] += w * kst_half_to_f32(V[j * d + i]);
+        for (size_t i = 0; i < d; i++) out[i] += w * kst_f16_to_f32(V[j * d + i]);
     }
     for (size_t i = 0; i < d; i++) out[i] /= sum;
 }
@@ -189,8 +189,8 @@ static int latency(const char *list) {
         for (size_t t = 0; t < N; t++) {
             size_t c = (size_t)(urand() * C) % C;
             for (size_t i = 0; i < D; i++) {
-                K[t * D + i] = kst_f32_to_half(mk[i] + cen[c * D + i] + 0.7f * nrand());
-                V[t * D + i] = kst_f32_to_half(nrand());
+                K[t * D + i] = kst_f32_to_f16(mk[i] + cen[c * D + i] + 0.7f * nrand());
+                V[t * D + i] = kst_f32_to_f16(nrand());
             }
         }
         for (size_t t = 0; t < nq * QH; t++) {

@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 NVCC=${NVCC:-nvcc}
 CF="-std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -DKST_CUDA=1 -I."
-for f in core/kv_attn.c core/mem.c core/error.c core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c tests/bench/bench_kv_gpu.c; do
+for f in core/kv_attn.c core/half.c core/mem.c core/error.c core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c tests/bench/bench_kv_gpu.c; do
   cc $CF -c "$f" -o "$tmp/$(basename "$f" .c).o"
 done
 $NVCC -O2 -std=c++17 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80 -I. -c index/kv_cuda.cu -o "$tmp/kv_cuda.o"
