@@ -17,7 +17,8 @@ LDLIBS   += -lfaiss -lsqlite3 -lcurl -lcrypto -lutf8proc -lcjson -lz -lstdc++ -l
 
 # Debian packages the build, tests and demo need; `make deps` installs the missing ones.
 DEB_PKGS := build-essential pkg-config libopenblas0-openmp libutf8proc-dev libcjson-dev \
-	          libcmocka-dev zlib1g-dev python3 python3-venv
+	          libcmocka-dev zlib1g-dev libfaiss-dev libsqlite3-dev libcurl4-openssl-dev libssl-dev \
+	          sqlite3 python3 python3-venv
 
 LIB_SRC  := $(wildcard core/*.c encoders/*.c index/*.c rank/*.c train/*.c) api/kestrel.c
 CXX_SRC  := $(wildcard index/*.cpp)
