@@ -9,6 +9,7 @@
  * libraries load these folders is checked by tests/fixtures/verify_saved.py (developer-run). */
 #define _GNU_SOURCE
 #include "harness.h"
+#include "tmproot.h"
 
 #include <ftw.h>
 #include <sys/stat.h>
@@ -22,7 +23,6 @@
 
 #define FIX "tests/fixtures/models"
 
-static char g_root[256];
 
 static const char *fmt_path(const char *fmt, ...) {
     static char buf[8][2048];
@@ -35,21 +35,14 @@ static const char *fmt_path(const char *fmt, ...) {
     return buf[k];
 }
 
-static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *f) {
-    (void)sb, (void)flag, (void)f;
-    return remove(p);
-}
-
 static int setup(void **s) {
     (void)s;
-    const char *t = getenv("TMPDIR");
-    snprintf(g_root, sizeof g_root, "%s/kst_ckpt_XXXXXX", t && *t ? t : "/tmp");
-    return mkdtemp(g_root) ? 0 : -1;
+    return tmproot_make("kst_ckpt");
 }
 
 static int teardown(void **s) {
     (void)s;
-    return nftw(g_root, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    return tmproot_remove();
 }
 
 static kst_encoder *open_enc(const char *dir) {

@@ -7,6 +7,7 @@
  * tests/fixtures/grad/<model>/ from fx_grad.py (st_sgd). */
 #define _GNU_SOURCE
 #include "harness.h"
+#include "tmproot.h"
 
 #include <ftw.h>
 #include <unistd.h>
@@ -19,23 +20,15 @@
 #define GRAD "tests/fixtures/grad"
 #define MODELS "tests/fixtures/models"
 
-static char g_root[256];
-
-static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *f) {
-    (void)sb, (void)flag, (void)f;
-    return remove(p);
-}
 
 static int setup(void **s) {
     (void)s;
-    const char *t = getenv("TMPDIR");
-    snprintf(g_root, sizeof g_root, "%s/kst_parity_XXXXXX", t && *t ? t : "/tmp");
-    return mkdtemp(g_root) ? 0 : -1;
+    return tmproot_make("kst_parity");
 }
 
 static int teardown(void **s) {
     (void)s;
-    return nftw(g_root, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    return tmproot_remove();
 }
 
 /* Tensor `name` of the safetensors file `path`, as float32 (kst_free). */
