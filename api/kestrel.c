@@ -200,7 +200,8 @@ kst_index_opts kst_index_opts_default(void) {
 
 kst_search_opts kst_search_opts_default(void) {
     kst_search_cfg c = kst_search_cfg_default();
-    kst_search_opts o = {c.stages, c.k, c.dense_n, c.bm25_n, c.maxsim_m, c.cross_k, c.nprobe, c.ef_search};
+    kst_search_opts o = {c.stages, c.k, c.dense_n, c.bm25_n, c.maxsim_m, c.cross_k, c.nprobe, c.ef_search,
+                         c.ids_only};
     return o;
 }
 
@@ -320,6 +321,7 @@ static kst_search_cfg cfg_of(const kst_search_opts *o) {
     if (o->cross_k) c.cross_k = o->cross_k;
     if (o->nprobe) c.nprobe = o->nprobe;
     if (o->ef_search) c.ef_search = o->ef_search;
+    c.ids_only = o->ids_only;
     return c;
 }
 
@@ -368,6 +370,7 @@ int kst_index_search_file(kst_index *x, const char *queries_path, const char *ru
         return rc;
     }
     kst_search_cfg c = cfg_of(opts);
+    c.ids_only = 1; /* a run holds ids and scores */
     size_t done = 0;
     const char **ids = NULL;
     double *scores = NULL;

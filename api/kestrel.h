@@ -207,6 +207,9 @@ typedef struct kst_search_opts {
     size_t maxsim_m, cross_k; /* re-ranked candidates (default 100 and 20) */
     int nprobe;       /* IVF lists probed (default 16) */
     int ef_search;    /* HNSW search list (default 64) */
+    int ids_only;     /* 1: hits carry id and score only (title and text NULL); a dense-only
+                         search then reads no document rows at all: the ids come from a
+                         memory-mapped map written beside each FAISS file (default 0) */
 } kst_search_opts;
 
 kst_search_opts kst_search_opts_default(void);

@@ -81,7 +81,7 @@ static const char SCHEMA_SQL[] =
 enum {
     ST_BEGIN, ST_COMMIT, ST_ROLLBACK, ST_SAVEPOINT, ST_RELEASE, ST_ROLLBACK_TO, ST_BUMP_GEN,
     ST_DELETE_EXT, ST_INSERT, ST_GET, ST_EXT_ID, ST_LOOKUP, ST_META_GET, ST_META_SET, ST_META_ALL,
-    ST_BM25, ST_READ_BEGIN, ST_TOK_SET, ST_TOK_GET, ST_COUNT_
+    ST_BM25, ST_READ_BEGIN, ST_TOK_SET, ST_TOK_GET, ST_SCAN_IDS, ST_COUNT_
 };
 static const char *const STMT_SQL[ST_COUNT_] = {
     [ST_BEGIN] = "BEGIN IMMEDIATE",
@@ -106,6 +106,7 @@ static const char *const STMT_SQL[ST_COUNT_] = {
     [ST_READ_BEGIN] = "BEGIN DEFERRED",
     [ST_TOK_SET] = "INSERT OR REPLACE INTO doc_tokens(id, first, count) VALUES (?1, ?2, ?3)",
     [ST_TOK_GET] = "SELECT first, count FROM doc_tokens WHERE id = ?1",
+    [ST_SCAN_IDS] = "SELECT id, ext_id FROM documents ORDER BY id",
 };
 
 struct kst_store {
@@ -678,6 +679,43 @@ int kst_store_ext_id(kst_store *s, int64_t id, char *buf, size_t cap, kst_error 
     } else {
         rc = sql_fail(s, err, src, "reading an external id");
     }
+    reset_stmt(st);
+    return rc;
+}
+
+int kst_store_ext_id_dup(kst_store *s, int64_t id, char **out, kst_error *err) {
+    if (!s || !out) return kst_fail(err, KST_ERR_INVALID, "kst_store_ext_id_dup: NULL argument");
+    *out = NULL;
+    sqlite3_stmt *st = s->st[ST_EXT_ID];
+    sqlite3_bind_int64(st, 1, id);
+    int src = sqlite3_step(st), rc = KST_OK;
+    if (src == SQLITE_ROW) {
+        const unsigned char *v = sqlite3_column_text(st, 0);
+        *out = v ? kst_strndup((const char *)v, (size_t)sqlite3_column_bytes(st, 0), err) : NULL;
+        if (!*out) rc = v ? KST_ERR_NOMEM : kst_fail(err, KST_ERR_NOMEM, "%s: out of memory reading an external id", s->path);
+    } else if (src == SQLITE_DONE) {
+        rc = kst_fail(err, KST_ERR_NOTFOUND, "%s: no document with internal id %lld", s->path,
+                      (long long)id);
+    } else {
+        rc = sql_fail(s, err, src, "reading an external id");
+    }
+    reset_stmt(st);
+    return rc;
+}
+
+int kst_store_scan_ext_ids(kst_store *s, kst_store_ext_id_fn fn, void *ctx, kst_error *err) {
+    if (!s || !fn) return kst_fail(err, KST_ERR_INVALID, "kst_store_scan_ext_ids: NULL argument");
+    sqlite3_stmt *st = s->st[ST_SCAN_IDS];
+    int src, rc = KST_OK;
+    while (rc == KST_OK && (src = sqlite3_step(st)) == SQLITE_ROW) {
+        const unsigned char *v = sqlite3_column_text(st, 1);
+        if (!v) {
+            rc = kst_fail(err, KST_ERR_NOMEM, "%s: out of memory reading external ids", s->path);
+            break;
+        }
+        rc = fn(ctx, sqlite3_column_int64(st, 0), (const char *)v, (size_t)sqlite3_column_bytes(st, 1));
+    }
+    if (rc == KST_OK && src != SQLITE_DONE) rc = sql_fail(s, err, src, "reading the external ids");
     reset_stmt(st);
     return rc;
 }

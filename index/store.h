@@ -114,6 +114,12 @@ void kst_store_doc_free(kst_store_doc *doc);
 /* External id of document `id` into buf (cap bytes). KST_ERR_NOTFOUND when absent,
  * KST_ERR_INVALID when it does not fit. */
 int kst_store_ext_id(kst_store *s, int64_t id, char *buf, size_t cap, kst_error *err);
+/* As kst_store_ext_id, into a new string the caller frees with kst_free. */
+int kst_store_ext_id_dup(kst_store *s, int64_t id, char **out, kst_error *err);
+/* Calls fn for every document's (internal id, external id, its length), in id order, as this
+ * connection sees the table; a non-zero return from fn stops the scan and is returned. */
+typedef int (*kst_store_ext_id_fn)(void *ctx, int64_t id, const char *ext_id, size_t len);
+int kst_store_scan_ext_ids(kst_store *s, kst_store_ext_id_fn fn, void *ctx, kst_error *err);
 /* Internal id of `ext_id`, KST_ERR_NOTFOUND when absent. */
 int kst_store_lookup(kst_store *s, const char *ext_id, int64_t *id, kst_error *err);
 /* Number of documents (from the manifest, O(1)). */

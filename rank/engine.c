@@ -17,6 +17,7 @@
 #include "core/file.h"
 #include "core/mem.h"
 #include "core/progress.h"
+#include "index/idmap.h"
 
 #define PATH_CAP 4096
 #define TOKENS_FILE "tokens.f16"
@@ -125,7 +126,24 @@ static int open_model(kst_ix *ix, const char *given, const char *dir_key, const 
     return rc;
 }
 
-/* Removes FAISS files of generations other than `keep` and `keep_prev`. */
+/* The id map file (index/idmap.h) beside FAISS file `ann_file` ("dense.N.faiss" -> "dense.N.ids"). */
+static void ids_name(const char *ann_file, char *out, size_t cap) {
+    size_t l = strlen(ann_file);
+    if (l > 6 && strcmp(ann_file + l - 6, ".faiss") == 0)
+        snprintf(out, cap, "%.*s.ids", (int)(l - 6), ann_file);
+    else
+        snprintf(out, cap, "%s.ids", ann_file);
+}
+
+/* 1 when `n` is the FAISS or id map file of generation file `keep` ("" or NULL: none). */
+static int same_generation(const char *n, const char *keep) {
+    if (!keep || !*keep) return 0;
+    char ids[80];
+    ids_name(keep, ids, sizeof ids);
+    return strcmp(n, keep) == 0 || strcmp(n, ids) == 0;
+}
+
+/* Removes FAISS and id map files of generations other than `keep` and `keep_prev`. */
 static void prune_ann_files(const char *dir, const char *keep, const char *keep_prev) {
     DIR *d = opendir(dir);
     if (!d) return;
@@ -133,8 +151,10 @@ static void prune_ann_files(const char *dir, const char *keep, const char *keep_
     while ((de = readdir(d))) {
         const char *n = de->d_name;
         size_t l = strlen(n);
-        if (strncmp(n, "dense.", 6) != 0 || l < 12 || strcmp(n + l - 6, ".faiss") != 0) continue;
-        if ((keep && strcmp(n, keep) == 0) || (keep_prev && strcmp(n, keep_prev) == 0)) continue;
+        if (strncmp(n, "dense.", 6) != 0 ||
+            !((l >= 12 && strcmp(n + l - 6, ".faiss") == 0) || (l >= 10 && strcmp(n + l - 4, ".ids") == 0)))
+            continue;
+        if (same_generation(n, keep) || same_generation(n, keep_prev)) continue;
         char p[PATH_CAP];
         if (kst_path_join(p, sizeof p, dir, n, NULL) == KST_OK) unlink(p);
     }
@@ -142,9 +162,24 @@ static void prune_ann_files(const char *dir, const char *keep, const char *keep_
 }
 
 /* Loads the committed FAISS file named in the manifest (none for an empty or BM25-only index). */
+/* Maps the id map of the current FAISS file, when there is one (indexes written before it
+ * existed have none: searches then read external ids from SQLite). */
+static int load_idmap(kst_ix *ix, kst_error *err) {
+    kst_idmap_close(ix->idmap);
+    ix->idmap = NULL;
+    if (!ix->ann_file[0]) return KST_OK;
+    char name[80], path[PATH_CAP];
+    ids_name(ix->ann_file, name, sizeof name);
+    int rc = kst_path_join(path, sizeof path, ix->dir, name, err);
+    if (rc != KST_OK || !kst_path_exists(path)) return rc;
+    return kst_idmap_open(path, &ix->idmap, err);
+}
+
 static int load_ann(kst_ix *ix, kst_error *err) {
     kst_ann_free(ix->ann);
     ix->ann = NULL;
+    kst_idmap_close(ix->idmap);
+    ix->idmap = NULL;
     ix->ann_file[0] = '\0';
     char *name = NULL;
     int rc = meta_get_opt(ix->store, "ann_file", &name, err);
@@ -158,6 +193,7 @@ static int load_ann(kst_ix *ix, kst_error *err) {
     rc = kst_path_join(path, sizeof path, ix->dir, ix->ann_file, err);
     if (rc == KST_OK) rc = kst_ann_read(path, ix->writable ? KST_ANN_MMAP_NEVER : KST_ANN_MMAP_AUTO, &ix->ann, err);
     if (rc == KST_OK && ix->device) rc = kst_ann_set_device(ix->ann, ix->device, 0, err);
+    if (rc == KST_OK) rc = load_idmap(ix, err);
     return rc;
 }
 
@@ -213,6 +249,7 @@ void kst_ix_close(kst_ix *ix) {
     kst_encoder_free(ix->colbert);
     kst_encoder_free(ix->cross);
     kst_ann_free(ix->ann);
+    kst_idmap_close(ix->idmap);
     kst_tokens_close(ix->tokens);
     kst_free(ix->dir);
     kst_free(ix);
@@ -411,6 +448,15 @@ done:
     return rc;
 }
 
+/* Writes the id map of generation file `ann_file` from the store's rows as the open
+ * transaction sees them: the same rows the FAISS file of that generation holds. */
+static int write_idmap(kst_ix *ix, const char *ann_file, kst_error *err) {
+    char name[80], path[PATH_CAP];
+    ids_name(ann_file, name, sizeof name);
+    int rc = kst_path_join(path, sizeof path, ix->dir, name, err);
+    return rc == KST_OK ? kst_idmap_write(ix->store, path, err) : rc;
+}
+
 /* Trains (when needed) and fills the ANN with the kept vectors, removes replaced ids, writes the
  * next generation's file and points the manifest at it (inside the open transaction). */
 static int finish_ann(kst_ix *ix, pending *p, kst_ix_stats *st, char *new_file, size_t cap,
@@ -446,6 +492,7 @@ static int finish_ann(kst_ix *ix, pending *p, kst_ix_stats *st, char *new_file, 
     char path[PATH_CAP];
     KST_TRY(kst_path_join(path, sizeof path, ix->dir, new_file, err));
     KST_TRY(kst_ann_write(ix->ann, path, err));
+    KST_TRY(write_idmap(ix, new_file, err));
     KST_TRY(kst_store_meta_set(ix->store, "ann_file", new_file, err));
     const char *fac = kst_ann_factory(ix->ann);
     if (fac && *fac) KST_TRY(kst_store_meta_set(ix->store, "faiss_factory", fac, err));
@@ -475,11 +522,20 @@ static int end_write(kst_ix *ix, int rc, const char *new_file, kst_error *err) {
         if (new_file[0]) {
             snprintf(ix->ann_file, sizeof ix->ann_file, "%s", new_file);
             prune_ann_files(ix->dir, ix->ann_file, old);
+            /* The commit is done; a map that cannot be read back only costs speed (searches
+             * then read external ids from SQLite). */
+            kst_error e2;
+            if (load_idmap(ix, &e2) != KST_OK) ix->idmap = NULL;
         }
         return KST_OK;
     }
     kst_store_rollback(ix->store, NULL);
     if (new_file[0] && kst_path_join(path, sizeof path, ix->dir, new_file, NULL) == KST_OK) unlink(path);
+    if (new_file[0]) {
+        char ids[80];
+        ids_name(new_file, ids, sizeof ids);
+        if (kst_path_join(path, sizeof path, ix->dir, ids, NULL) == KST_OK) unlink(path);
+    }
     kst_error e2;
     load_ann(ix, &e2); /* back to the committed state; the first error is the one to report */
     return rc;
@@ -593,6 +649,7 @@ int kst_ix_replace_ann(kst_ix *ix, kst_ann *ann, const char *meta_key, const cha
     snprintf(new_file, sizeof new_file, "dense.%lld.faiss", (long long)(man.generation + 1));
     KST_TRY(kst_path_join(path, sizeof path, ix->dir, new_file, err));
     KST_TRY(kst_ann_write(ann, path, err));
+    KST_TRY(write_idmap(ix, new_file, err));
     KST_TRY(kst_store_meta_set(ix->store, "ann_file", new_file, err));
     if (meta_key) KST_TRY(kst_store_meta_set(ix->store, meta_key, meta_value ? meta_value : "", err));
     if (ix->device) KST_TRY(kst_ann_set_device(ann, ix->device, 0, err));

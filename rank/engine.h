@@ -39,6 +39,8 @@ typedef struct kst_ix {
     kst_store *store;       /* the writer's handle, or the first reader's */
     kst_encoder *dense, *colbert, *cross;
     kst_ann *ann;           /* NULL for a BM25-only or still empty index */
+    struct kst_idmap *idmap; /* ann's internal -> external ids (index/idmap.h); NULL when the
+                                index predates it or a write is open */
     kst_tokens *tokens;     /* NULL without a ColBERT model */
     char ann_file[64];      /* committed FAISS file name ("" when none) */
     char factory[KST_STORE_FACTORY_MAX]; /* requested factory ("auto" or a FAISS string) */

@@ -8,9 +8,10 @@
 #include "core/check.h"
 #include "core/ops_backward.h"
 #include "core/mem.h"
+#include "index/idmap.h"
 
 kst_search_cfg kst_search_cfg_default(void) {
-    kst_search_cfg c = {0, 10, 100, 100, 100, 20, 16, 64, 60.0};
+    kst_search_cfg c = {0, 10, 100, 100, 100, 20, 16, 64, 60.0, 0};
     return c;
 }
 
@@ -151,6 +152,32 @@ done:
     return rc;
 }
 
+/* The hits' external ids alone. Candidates that all come from the FAISS file (no BM25 stage) take
+ * them from its id map (index/idmap.h), written from the same rows: no store read. Otherwise,
+ * or for an index without a map, one indexed lookup per hit. */
+static int fill_ids(kst_ix *ix, kst_store *rd, unsigned stages, const cand *all, size_t n,
+                    kst_rank_hits *h, kst_error *err) {
+    const kst_idmap *map = (stages & KST_STAGE_BM25) ? NULL : ix->idmap;
+    int rc = KST_OK;
+    for (size_t i = 0; i < n && rc == KST_OK; i++) {
+        kst_rank_hit *x = &h->hit[h->n++];
+        x->id = all[i].id;
+        x->score = all[i].score;
+        x->stage = all[i].stage;
+        size_t len = 0;
+        const char *e = map ? kst_idmap_get(map, x->id, &len) : NULL;
+        if (len == SIZE_MAX)
+            rc = kst_fail(err, KST_ERR_FORMAT, "%s: corrupt entry for internal id %lld (offsets out "
+                          "of range); delete the file and kestrel reads external ids from SQLite",
+                          kst_idmap_path(map), (long long)x->id);
+        else if (e)
+            rc = (x->ext_id = kst_strndup(e, len, err)) ? KST_OK : KST_ERR_NOMEM;
+        else
+            rc = kst_store_ext_id_dup(rd, x->id, &x->ext_id, err);
+    }
+    return rc;
+}
+
 int kst_rank_search(kst_ix *ix, const char *query, size_t qlen, const kst_search_cfg *cfg_in,
                     kst_rank_hits **out, kst_error *err) {
     *out = NULL;
@@ -230,6 +257,15 @@ int kst_rank_search(kst_ix *ix, const char *query, size_t qlen, const kst_search
     if (!h->hit) {
         kst_free(h);
         rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    if (cfg.ids_only) {
+        rc = fill_ids(ix, rd, stages, all, n, h, err);
+        if (rc != KST_OK) {
+            kst_rank_hits_free(h);
+            goto done;
+        }
+        *out = h;
         goto done;
     }
     docs = kst_malloc(n ? n : 1, sizeof *docs, "hit rows", err);

@@ -22,6 +22,7 @@ typedef struct kst_search_cfg {
     int nprobe;        /* IVF lists probed (16) */
     int ef_search;     /* HNSW candidate list (64) */
     double rrf_k;      /* reciprocal rank fusion constant (60) */
+    int ids_only;      /* 1: hits carry ids and scores, no title or text (0) */
 } kst_search_cfg;
 
 kst_search_cfg kst_search_cfg_default(void);

@@ -95,6 +95,48 @@ static size_t corpus_texts(char ***ids, char ***texts) {
 
 static const char *QUERY = "vitamin D deficiency and bone health in older adults";
 
+/* ids_only searches return the very ids and scores of the full search, without title and text
+ * (the dense stage reads them from the id map beside the FAISS file, index/idmap.h). */
+static void assert_ids_only_same(kst_index *ix, const char *query, kst_search_opts so) {
+    kst_error err;
+    kst_hits *full, *ids;
+    so.ids_only = 0;
+    assert_ok(kst_index_search(ix, query, &so, &full, &err), &err);
+    so.ids_only = 1;
+    assert_ok(kst_index_search(ix, query, &so, &ids, &err), &err);
+    assert_int_equal(ids->n, full->n);
+    for (size_t i = 0; i < full->n; i++) {
+        if (strcmp(ids->hit[i].id, full->hit[i].id) != 0)
+            fail_msg("rank %zu: ids_only gives %s, the full search %s", i, ids->hit[i].id, full->hit[i].id);
+        assert_true(ids->hit[i].score == full->hit[i].score);
+        assert_int_equal(ids->hit[i].stage, full->hit[i].stage);
+        assert_null(ids->hit[i].title);
+        assert_null(ids->hit[i].text);
+    }
+    kst_hits_free(full);
+    kst_hits_free(ids);
+}
+
+/* Names of the files in `dir` ending in `suffix`, counted; the last one into last. */
+static int count_files(const char *dir, const char *suffix, char *last, size_t cap) {
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "ls '%s' | grep -c '%s$' > '%s/.count'; ls '%s' | grep '%s$' | tail -1 > '%s/.last'",
+             dir, suffix, g_dir, dir, suffix, g_dir);
+    assert_int_equal(system(cmd), 0);
+    char path[600];
+    snprintf(path, sizeof path, "%s/.count", g_dir);
+    FILE *f = fopen(path, "r");
+    int n = -1;
+    assert_int_equal(fscanf(f, "%d", &n), 1);
+    fclose(f);
+    snprintf(path, sizeof path, "%s/.last", g_dir);
+    f = fopen(path, "r");
+    if (!fgets(last, (int)cap, f)) last[0] = '\0';
+    last[strcspn(last, "\n")] = '\0';
+    fclose(f);
+    return n;
+}
+
 /* Dense stage of a Flat index = exhaustive inner product over the model's own vectors. */
 static void test_dense_equals_exhaustive(void **s) {
     (void)s;
@@ -138,6 +180,15 @@ static void test_dense_equals_exhaustive(void **s) {
                      ids[besti[r]], best[r]);
         assert_true(fabs(h->hit[r].score - best[r]) < 1e-5);
         assert_int_equal(h->hit[r].stage, KST_SEARCH_DENSE);
+    }
+    kst_hits_free(h);
+    so.ids_only = 1;
+    assert_ok(kst_index_search(ix, QUERY, &so, &h, &err), &err);
+    assert_int_equal(h->n, 10);
+    for (int r = 0; r < 10; r++) {
+        assert_string_equal(h->hit[r].id, ids[besti[r]]);
+        assert_true(fabs(h->hit[r].score - best[r]) < 1e-5);
+        assert_null(h->hit[r].text);
     }
     kst_hits_free(h);
     kst_index_info in;
@@ -215,6 +266,10 @@ static void test_replace_and_delete(void **s) {
     assert_ok(kst_index_add_file(ix, upd, "tsv", NULL, NULL, &st, &err), &err);
     assert_int_equal(st.docs, 2);
     assert_int_equal(st.replaced, 1);
+    kst_search_opts all = kst_search_opts_default();
+    all.stages = KST_SEARCH_DENSE;
+    all.k = all.dense_n = NDOCS + 1;
+    assert_ids_only_same(ix, "xylophone quokka", all);
     kst_index_info in;
     assert_ok(kst_index_info_get(ix, &in, &err), &err);
     assert_int_equal(in.docs, NDOCS + 1);
@@ -249,13 +304,25 @@ static void test_replace_and_delete(void **s) {
     assert_int_equal(h->n, NDOCS - 1);
     for (size_t i = 0; i < h->n; i++) assert_true(strcmp(h->hit[i].id, "4983") != 0);
     kst_hits_free(h);
+    assert_ids_only_same(ix, "anything", so);
+    so.stages = KST_SEARCH_DENSE | KST_SEARCH_BM25 | KST_SEARCH_MAXSIM;
+    assert_ids_only_same(ix, "vitamin quokka", so);
     kst_index_close(ix);
     /* reopened from disk: the same state */
-    assert_ok(kst_index_open(sub("upd"), NULL, &ix, &err), &err);
+    kst_index_opts ro = kst_index_opts_default();
+    ro.readonly = 1;
+    assert_ok(kst_index_open(sub("upd"), &ro, &ix, &err), &err);
     assert_ok(kst_index_info_get(ix, &in, &err), &err);
     assert_int_equal(in.docs, NDOCS - 1);
     assert_int_equal(in.vectors, NDOCS - 1);
+    so.stages = KST_SEARCH_DENSE;
+    assert_ids_only_same(ix, "anything", so);
     kst_index_close(ix);
+    /* three writes, one map per FAISS file: the current generation's and the one before */
+    char last[256], faiss_last[256];
+    assert_int_equal(count_files(sub("upd"), ".ids", last, sizeof last), 2);
+    assert_int_equal(count_files(sub("upd"), ".faiss", faiss_last, sizeof faiss_last), 2);
+    assert_int_equal(strncmp(last, faiss_last, strlen(last) - 4), 0);
 }
 
 /* Opening with another dense model than the index was built with is refused, saying so. */
@@ -315,6 +382,8 @@ static int64_t check_after_kill(const char *label, int64_t want_a, int64_t want_
     assert_ok(kst_index_search(ix, "crash document", &so, &h, &err), &err);
     assert_int_equal(h->n, 50);
     kst_hits_free(h);
+    so.stages = KST_SEARCH_DENSE;
+    assert_ids_only_same(ix, "crash document", so);
     kst_index_close(ix);
     return in.docs;
 }
@@ -426,6 +495,43 @@ static void test_concurrent_searches(void **s) {
     kst_index_close(ix);
 }
 
+/* The id map beside the FAISS file: a truncated one is refused at open naming it; without one
+ * (an index written before it existed) searches read external ids from SQLite, same hits. */
+static void test_idmap_damage(void **s) {
+    (void)s;
+    kst_index *ix = build(sub("idmap"), "Flat", 0, 0);
+    kst_index_close(ix);
+    char name[256], path[600], cmd[2000];
+    assert_int_equal(count_files(sub("idmap"), ".ids", name, sizeof name), 1);
+    snprintf(path, sizeof path, "%s/%s", sub("idmap"), name);
+    snprintf(cmd, sizeof cmd, "cp '%s' '%s.bak' && truncate -s -3 '%s'", path, path, path);
+    assert_int_equal(system(cmd), 0);
+    kst_error err;
+    kst_index_opts ro = kst_index_opts_default();
+    ro.readonly = 1;
+    assert_int_equal(kst_index_open(sub("idmap"), &ro, &ix, &err), KST_ERR_FORMAT);
+    assert_msg_has(err.msg, name);
+    assert_msg_has(err.msg, "truncated");
+    snprintf(cmd, sizeof cmd, "printf 'not a map at all, forty-some bytes of text......' > '%s'", path);
+    assert_int_equal(system(cmd), 0);
+    assert_int_equal(kst_index_open(sub("idmap"), &ro, &ix, &err), KST_ERR_FORMAT);
+    assert_msg_has(err.msg, "not a kestrel id map");
+    /* no map: the ids come from SQLite, the same as the full search's */
+    unlink(path);
+    assert_ok(kst_index_open(sub("idmap"), &ro, &ix, &err), &err);
+    kst_search_opts so = kst_search_opts_default();
+    so.stages = KST_SEARCH_DENSE;
+    so.k = so.dense_n = NDOCS;
+    assert_ids_only_same(ix, QUERY, so);
+    kst_index_close(ix);
+    /* and the intact map gives them too */
+    snprintf(cmd, sizeof cmd, "mv '%s.bak' '%s'", path, path);
+    assert_int_equal(system(cmd), 0);
+    assert_ok(kst_index_open(sub("idmap"), &ro, &ix, &err), &err);
+    assert_ids_only_same(ix, QUERY, so);
+    kst_index_close(ix);
+}
+
 /* A BM25-only index needs no model; asking it for the dense stage says what is missing. */
 static void test_bm25_only(void **s) {
     (void)s;
@@ -439,6 +545,7 @@ static void test_bm25_only(void **s) {
     assert_int_equal(h->hit[0].stage, KST_SEARCH_BM25);
     kst_hits_free(h);
     kst_search_opts so = kst_search_opts_default();
+    assert_ids_only_same(ix, "vitamin D", so);
     so.stages = KST_SEARCH_DENSE;
     assert_int_equal(kst_index_search(ix, "vitamin D", &so, &h, &err), KST_ERR_INVALID);
     assert_msg_has(err.msg, "dense model");
@@ -474,6 +581,7 @@ int main(void) {
         cmocka_unit_test(test_concurrent_searches),
         cmocka_unit_test(test_bm25_only),
         cmocka_unit_test(test_ivfpq_factory),
+        cmocka_unit_test(test_idmap_damage),
     };
     return cmocka_run_group_tests_name("engine", tests, setup, teardown);
 }

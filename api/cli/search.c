@@ -7,7 +7,7 @@
 #include "core/progress.h"
 
 static const char *HELP =
-    "usage: kestrel search --index DIR --query TEXT [-k N] [--format text|tsv|json|trec]\n"
+    "usage: kestrel search --index DIR --query TEXT [-k N] [--format text|tsv|json|trec] [--ids-only]\n"
     "       kestrel search --index DIR --queries FILE --run OUT [-k N] [--tag TAG]\n"
     "                      [--stages LIST] [--nprobe N] [--model DIR] [--colbert DIR] [--cross DIR]\n"
     "\n"
@@ -26,6 +26,8 @@ static const char *HELP =
     "  --nprobe N       IVF lists probed (default 16)\n"
     "  --device D       cpu (default) or cuda: encoders and dense search (Flat, IVF-PQ) on the GPU\n"
     "  --format F       text, tsv (id score stage title), json, or trec\n"
+    "  --ids-only       hits without title and text (ids and scores; implied by trec and --run):\n"
+    "                   a dense-only search then reads no document rows\n"
     "  --model/--colbert/--cross DIR   use these model folders instead of the recorded ones\n"
     "                   (the dense and ColBERT weights must be the ones the index was built with)\n";
 
@@ -46,7 +48,7 @@ static void print_hits(const kst_hits *h, const char *fmt) {
             cJSON_AddNumberToObject(o, "score", h->hit[i].score);
             cJSON_AddStringToObject(o, "stage", stage_name(h->hit[i].stage));
             if (h->hit[i].title) cJSON_AddStringToObject(o, "title", h->hit[i].title);
-            cJSON_AddStringToObject(o, "text", h->hit[i].text);
+            if (h->hit[i].text) cJSON_AddStringToObject(o, "text", h->hit[i].text);
             cJSON_AddItemToArray(arr, o);
         }
         char *s = cJSON_Print(arr);
@@ -63,7 +65,8 @@ static void print_hits(const kst_hits *h, const char *fmt) {
             printf("%s\t%.9g\t%s\t%s\n", x->id, x->score, stage_name(x->stage), x->title ? x->title : "");
         } else {
             printf("%2zu. %-12s %10.4f  %-6s  %.100s%s%.*s\n", i + 1, x->id, x->score, stage_name(x->stage),
-                   x->title ? x->title : "", x->title ? " | " : "", x->title ? 60 : 100, x->text);
+                   x->title ? x->title : "", x->title && x->text ? " | " : "", x->title ? 60 : 100,
+                   x->text ? x->text : "");
         }
     }
 }
@@ -86,6 +89,10 @@ int cmd_search(int argc, char **argv) {
         if (strcmp(o, "--help") == 0 || strcmp(o, "-h") == 0) {
             fputs(HELP, stdout);
             return 0;
+        }
+        if (strcmp(o, "--ids-only") == 0) {
+            so.ids_only = 1;
+            continue;
         }
         if (!v) return cli_usage_error("search", "%s needs a value (or is unknown)", o);
         i++;
@@ -123,6 +130,7 @@ int cmd_search(int argc, char **argv) {
     if (queries && !run) return cli_usage_error("search", "--queries needs --run OUT");
     if (strcmp(fmt, "text") && strcmp(fmt, "tsv") && strcmp(fmt, "json") && strcmp(fmt, "trec"))
         return cli_usage_error("search", "--format expects text, tsv, json or trec");
+    if (strcmp(fmt, "trec") == 0) so.ids_only = 1;
     if (so.k > so.dense_n) so.dense_n = so.bm25_n = so.k;
     if (so.k > so.maxsim_m) so.maxsim_m = so.k;
     kst_index *ix = NULL;

@@ -23,6 +23,7 @@ check "index build (BEIR jsonl, dense + ColBERT + cross)" "$K" index build --ind
 check "index info" sh -c "'$K' index info --index $T/ix | grep -q '^documents	300$'"
 check "search text" sh -c "'$K' search --index $T/ix --query 'vitamin D and bone density' -k 3 | grep -c . | grep -q 3"
 check "search json" sh -c "'$K' search --index $T/ix --query 'vitamin D' --format json | python3 -c 'import json,sys; h=json.load(sys.stdin); assert len(h)==10 and all(\"id\" in x for x in h)'"
+check "search --ids-only: the same ids and scores, no text" bash -c "diff <('$K' search --index $T/ix --query 'vitamin D' --stages dense --format tsv | cut -f1,2) <('$K' search --index $T/ix --query 'vitamin D' --stages dense --format tsv --ids-only | cut -f1,2) && '$K' search --index $T/ix --query 'vitamin D' --ids-only --format json | python3 -c 'import json,sys; h=json.load(sys.stdin); assert len(h)==10 and all(\"text\" not in x for x in h)'"
 check "search tsv stages" sh -c "'$K' search --index $T/ix --query 'vitamin D' --stages bm25 --format tsv | cut -f3 | sort -u | grep -qx bm25"
 check "search fused first stage" sh -c "'$K' search --index $T/ix --query 'vitamin D' --stages dense,bm25 --format tsv | cut -f3 | sort -u | grep -qx rrf"
 check "search all stages ends with the cross-encoder" sh -c "'$K' search --index $T/ix --query 'vitamin D' --format tsv | cut -f3 | sort -u | grep -qx cross"
