@@ -658,28 +658,16 @@ void kst_store_doc_free(kst_store_doc *doc) {
 
 int kst_store_ext_id(kst_store *s, int64_t id, char *buf, size_t cap, kst_error *err) {
     if (!s || !buf || !cap) return kst_fail(err, KST_ERR_INVALID, "kst_store_ext_id: bad argument");
-    sqlite3_stmt *st = s->st[ST_EXT_ID];
-    sqlite3_bind_int64(st, 1, id);
-    int src = sqlite3_step(st), rc = KST_OK;
-    if (src == SQLITE_ROW) {
-        const unsigned char *v = sqlite3_column_text(st, 0);
-        size_t n = (size_t)sqlite3_column_bytes(st, 0);
-        if (!v) {
-            rc = kst_fail(err, KST_ERR_NOMEM, "%s: out of memory reading an external id", s->path);
-        } else if (n >= cap) {
-            rc = kst_fail(err, KST_ERR_INVALID, "%s: external id of document %lld is %zu bytes, "
-                          "buffer holds %zu", s->path, (long long)id, n, cap - 1);
-        } else {
-            memcpy(buf, v, n);
-            buf[n] = '\0';
-        }
-    } else if (src == SQLITE_DONE) {
-        rc = kst_fail(err, KST_ERR_NOTFOUND, "%s: no document with internal id %lld", s->path,
-                      (long long)id);
-    } else {
-        rc = sql_fail(s, err, src, "reading an external id");
-    }
-    reset_stmt(st);
+    char *v = NULL;
+    int rc = kst_store_ext_id_dup(s, id, &v, err);
+    if (rc != KST_OK) return rc;
+    size_t n = strlen(v);
+    if (n >= cap)
+        rc = kst_fail(err, KST_ERR_INVALID, "%s: external id of document %lld is %zu bytes, "
+                      "buffer holds %zu", s->path, (long long)id, n, cap - 1);
+    else
+        memcpy(buf, v, n + 1);
+    kst_free(v);
     return rc;
 }
 
