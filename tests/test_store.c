@@ -14,7 +14,9 @@
 #include <openssl/evp.h>
 #include <sqlite3.h>
 
+#include "core/file.h"
 #include "core/mem.h"
+#include "index/idmap.h"
 #include "index/sha256.h"
 #include "index/store.h"
 
@@ -962,6 +964,95 @@ static void test_crash_safety(void **state) {
         if (!done_) fail_msg("%s never succeeded", label);                                     \
     } while (0)
 
+/* The id map (index/idmap.h) holds what SQLite holds: every id's external id, none for the gaps
+ * that deletes leave, the uncommitted rows of the writer's transaction included. Damaged files
+ * are refused at open, or (an offset out of range) at the lookup that reads it. */
+static void test_idmap(void **state) {
+    (void)state;
+    tmpdir t;
+    tmp_make(&t);
+    kst_error err = {0};
+    kst_store *s = open_ok(t.ix, KST_STORE_CREATE);
+    assert_ok(kst_store_begin(s, &err), &err);
+    char ext[32];
+    for (int i = 0; i < 50; i++) {
+        snprintf(ext, sizeof ext, i % 7 ? "doc-%d" : "d\xc3\xa9j\xc3\xa0-%d", i); /* some UTF-8 */
+        add_ok(s, ext, NULL, "text");
+    }
+    assert_ok(kst_store_commit(s, &err), &err);
+    assert_ok(kst_store_begin(s, &err), &err);
+    const char *gone[] = {"doc-3", "doc-10", "doc-11", "doc-48"};
+    int64_t removed[4];
+    size_t nrem = 0;
+    assert_ok(kst_store_delete(s, gone, 4, removed, &nrem, &err), &err);
+    assert_int_equal(nrem, 4);
+    add_ok(s, "doc-5", NULL, "replaced: a new internal id"); /* uncommitted, still seen */
+    char path[600];
+    snprintf(path, sizeof path, "%s/dense.1.ids", t.tmp);
+    assert_ok(kst_idmap_write(s, path, &err), &err);
+    kst_idmap *m = NULL;
+    assert_ok(kst_idmap_open(path, &m, &err), &err);
+    int64_t count = 0;
+    assert_ok(kst_store_count(s, &count, &err), &err);
+    assert_int_equal(kst_idmap_count(m), (uint64_t)count);
+    size_t found = 0;
+    for (int64_t id = -1; id < 70; id++) {
+        size_t len;
+        const char *e = kst_idmap_get(m, id, &len);
+        char *want = NULL;
+        int rc = kst_store_ext_id_dup(s, id, &want, &err);
+        if (rc == KST_ERR_NOTFOUND) {
+            if (e) fail_msg("id %lld: the map says %.*s, SQLite has no such document", (long long)id, (int)len, e);
+            assert_int_equal(len, 0);
+            continue;
+        }
+        assert_ok(rc, &err);
+        assert_non_null(e);
+        assert_int_equal(len, strlen(want));
+        assert_memory_equal(e, want, len);
+        kst_free(want);
+        found++;
+    }
+    assert_int_equal(found, (size_t)count);
+    kst_idmap_close(m);
+    assert_ok(kst_store_commit(s, &err), &err);
+
+    /* damaged files */
+    size_t n = 0;
+    char *bytes = NULL;
+    assert_ok(kst_read_file(path, &bytes, &n, &err), &err);
+    char bad[700];
+    snprintf(bad, sizeof bad, "%s.bad", path);
+    write_bytes(bad, bytes, n - 1);
+    assert_int_equal(kst_idmap_open(bad, &m, &err), KST_ERR_FORMAT);
+    assert_msg_has(err.msg, "dense.1.ids.bad");
+    assert_msg_has(err.msg, "truncated");
+    write_bytes(bad, "KSTIDMAX", 8);
+    assert_int_equal(kst_idmap_open(bad, &m, &err), KST_ERR_FORMAT);
+    assert_msg_has(err.msg, "not a kestrel id map");
+    write_bytes(bad, "", 0);
+    assert_int_equal(kst_idmap_open(bad, &m, &err), KST_ERR_FORMAT);
+    bytes[8] = 9; /* version */
+    write_bytes(bad, bytes, n);
+    assert_int_equal(kst_idmap_open(bad, &m, &err), KST_ERR_FORMAT);
+    assert_msg_has(err.msg, "version 9");
+    bytes[8] = 1;
+    memset(bytes + 40 + 8 * 20, 0xff, 8); /* off[20]: past the blob */
+    write_bytes(bad, bytes, n);
+    assert_ok(kst_idmap_open(bad, &m, &err), &err);
+    size_t len = 0;
+    assert_null(kst_idmap_get(m, 20, &len));
+    assert_int_equal(len, SIZE_MAX);
+    assert_null(kst_idmap_get(m, 19, &len));
+    assert_int_equal(len, SIZE_MAX);
+    assert_non_null(kst_idmap_get(m, 21, &len));
+    kst_idmap_close(m);
+    kst_free(bytes);
+    assert_int_equal(kst_idmap_open(path + 1, &m, &err), KST_ERR_IO);
+    kst_store_close(s);
+    tmp_remove(&t);
+}
+
 static void test_allocation_failures(void **state) {
     (void)state;
     tmpdir t;
@@ -1014,6 +1105,15 @@ static void test_allocation_failures(void **state) {
     write_bytes(p1, "abc", 3);
     const char *paths[] = {p1};
     INJECT("fingerprint", kst_store_fingerprint_files(paths, 1, hex, &e_));
+    s = open_ok(t.ix, 0);
+    char mp[400];
+    snprintf(mp, sizeof mp, "%s/dense.7.ids", t.tmp);
+    INJECT("idmap write", kst_idmap_write(s, mp, &e_));
+    kst_idmap *m = NULL;
+    INJECT("idmap open", kst_idmap_open(mp, &m, &e_));
+    assert_int_equal(kst_idmap_count(m), 101);
+    kst_idmap_close(m);
+    kst_store_close(s);
     check_integrity(t.ix);
     tmp_remove(&t);
 }
@@ -1029,6 +1129,7 @@ int main(void) {
         cmocka_unit_test(test_fingerprint_and_manifest),
         cmocka_unit_test(test_concurrent_reader_and_writer),
         cmocka_unit_test(test_crash_safety),
+        cmocka_unit_test(test_idmap),
         cmocka_unit_test(test_allocation_failures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

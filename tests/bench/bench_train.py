@@ -150,7 +150,11 @@ def cmd_teacher(a):
     -k 1000) of the train and test queries. The BM25 weight w is chosen on the TRAIN qrels only
     (nDCG@10 over w in 0.05..1.0); the test qrels are used only to report. Triples: for each train
     query and relevant document, --negatives hard negatives drawn (seed 0) from the top 30 of the
-    teacher's own ranking that are not relevant; teacher scores = fused scores; matchmaker form.
+    teacher's own ranking that are not relevant; teacher scores = fused scores x s, matchmaker form.
+    s (--teacher-scale, default auto) keeps the ranking and brings the teacher's margins into the
+    student's range: auto = std of MiniLM's own cosine margins / std of the fused margins over the
+    training triples (the fused score adds up to w to a cosine, so its margins are larger than
+    any cosine student can follow; Margin-MSE would pull it apart harder than its geometry allows).
     Prints JSON with the nDCG@10 figures."""
     S = a.scifact
     docs = {d["_id"]: ((d["title"] + " " + d["text"]).strip()) for d in read_jsonl(f"{S}/corpus.jsonl")}
@@ -180,20 +184,27 @@ def cmd_teacher(a):
            "test_teacher_ndcg10": ndcg10(tq, fused(tcos, tbm, best_w), tqids, dids)}
     T = fused(cos, bm, best_w)
     rng = random.Random(0)
-    n = 0
+    trip = []
+    for i, q in enumerate(qids):
+        rel = qrels[q]
+        top = [dids[j] for j in np.argsort(-T[i], kind="stable")[:30] if dids[j] not in rel]
+        for p, r in rel.items():
+            if r <= 0 or p not in index:
+                continue
+            for neg in rng.sample(top, min(a.negatives, len(top))):
+                trip.append((i, q, index[p], index[neg]))
+    tm = np.array([T[i, p] - T[i, n] for i, _, p, n in trip])
+    cm = np.array([cos[i, p] - cos[i, n] for i, _, p, n in trip])
+    scale = float(cm.std() / tm.std()) if a.teacher_scale == "auto" else float(a.teacher_scale)
+    res.update({"teacher_scale": scale, "teacher_margin_mean": float(tm.mean() * scale),
+                "teacher_margin_std": float(tm.std() * scale), "minilm_margin_mean": float(cm.mean()),
+                "minilm_margin_std": float(cm.std())})
+    clean = lambda s: s.replace("\t", " ").replace("\n", " ")
     with open(a.out, "w") as f:
-        for i, q in enumerate(qids):
-            rel = qrels[q]
-            top = [dids[j] for j in np.argsort(-T[i], kind="stable")[:30] if dids[j] not in rel]
-            for p, r in rel.items():
-                if r <= 0 or p not in index:
-                    continue
-                for neg in rng.sample(top, min(a.negatives, len(top))):
-                    clean = lambda s: s.replace("\t", " ").replace("\n", " ")
-                    f.write(f"{T[i, index[p]]:.6f}\t{T[i, index[neg]]:.6f}\t{clean(queries[q])}\t"
-                            f"{clean(docs[p])}\t{clean(docs[neg])}\n")
-                    n += 1
-    res["triples"] = n
+        for i, q, p, n in trip:
+            f.write(f"{scale * T[i, p]:.6f}\t{scale * T[i, n]:.6f}\t{clean(queries[q])}\t"
+                    f"{clean(docs[dids[p]])}\t{clean(docs[dids[n]])}\n")
+    res["triples"] = len(trip)
     print(json.dumps(res))
 
 
@@ -232,6 +243,7 @@ def main():
         te.add_argument(f"--{s}-vecs", required=True)
         te.add_argument(f"--{s}-bm25", required=True)
     te.add_argument("--negatives", type=int, default=4)
+    te.add_argument("--teacher-scale", default="auto")
     te.add_argument("--out", required=True)
     n = sub.add_parser("ndcg")
     n.add_argument("--scifact", required=True)

@@ -142,6 +142,9 @@ first = sum(r["loss"] for r in log[:10]) / 10; last = sum(r["loss"] for r in log
 print()
 print(f"Part 2: all-MiniLM-L6-v2 fine-tuned on SciFact train ({t['triples']} triples, {steps} steps x {batch}, lr {lr}, {secs} s)")
 print(f"  teacher: MiniLM cosine + {t['w']} x BM25/max_q BM25 (w chosen on train qrels: nDCG@10 {t['train_teacher_ndcg10']:.4f} vs MiniLM {t['train_minilm_ndcg10']:.4f})")
+if "teacher_scale" in t:
+    print(f"  teacher scores x {t['teacher_scale']:.4f}: margins mean {t['teacher_margin_mean']:.3f} std {t['teacher_margin_std']:.3f} "
+          f"(MiniLM's own on the triples: mean {t['minilm_margin_mean']:.3f} std {t['minilm_margin_std']:.3f})")
 print(f"  Margin-MSE loss, mean of the first / last 10 steps: {first:.4f} -> {last:.4f}")
 print(f"  SciFact test nDCG@10 (300 queries, passages cut to 128 tokens):")
 print(f"    BM25 (kestrel, FTS5)           {t['test_bm25_ndcg10']:.4f}")
