@@ -9,6 +9,7 @@
 
 #include "core/check.h"
 #include "core/file.h"
+#include "core/gpu.h"
 #include "core/json.h"
 #include "core/mem.h"
 #include "core/ops_backward.h"
@@ -20,6 +21,7 @@
 #include "train/eval.h"
 #include "train/optim.h"
 #include "train/state.h"
+#include "train/trainer_gpu.h"
 
 kst_train_opts kst_train_opts_default(void) {
     kst_train_opts o;
@@ -483,6 +485,7 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
     kst_textmap *qmap = NULL, *cmap = NULL;
     kst_teacher *tr = NULL;
     side q = {0}, p = {0};
+    kst_gpu_trainer *gt = NULL; /* --device cuda */
     scorer sc = {0};
     FILE *log = NULL;
     const char **ptexts = NULL;
@@ -523,6 +526,17 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
         goto done;
     }
     kst_decay_mask_fill(decay, e->bert.param_sizes, DECAY, KST_BERT_NPARAMS);
+    if (o->device == KST_DEV_CUDA) {
+        if (e->role == KST_ROLE_COLBERT) {
+            rc = kst_fail(err, KST_ERR_UNSUPPORTED, "%s: ColBERT students train on the CPU only for now; drop --device cuda", o->model_dir);
+            goto done;
+        }
+        if (o->in_batch_weight > 0) {
+            rc = kst_fail(err, KST_ERR_UNSUPPORTED, "--in-batch-weight is not implemented on the GPU yet; drop it or use --device cpu");
+            goto done;
+        }
+        KST_TRY(kst_gpu_trainer_create(&e->bert, e->pool_modes, e->normalize, decay, &gt, err));
+    }
     /* teacher file */
     kst_teacher_opts to;
     memset(&to, 0, sizeof to);
@@ -568,6 +582,7 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
         KST_TRY(log_prefix(o->resume_dir, ps.log_bytes, &logtext, &loglen, err));
         to.seed = o->seed + (uint64_t)ps.epoch;
     }
+    if (gt) KST_TRY(kst_gpu_trainer_set_state(gt, e->bert.param_mem, mom, vel, err));
     KST_TRY(kst_teacher_open(o->teacher_path, &to, tstate, &tr, err));
     kst_adamw_config ac = kst_adamw_defaults();
     ac.weight_decay = o->weight_decay;
@@ -640,35 +655,43 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
         for (size_t i = 0; i < b; i++) kst_free((void *)qtexts[i]);
         for (size_t i = 0; i < b * n; i++) kst_free((void *)ptexts[i]);
         if (rc != KST_OK) goto done;
-        KST_TRY(side_forward(e, &q, dropout, &ps.rng, err));
-        KST_TRY(side_forward(e, &p, dropout, &ps.rng, err));
-        for (size_t i = 0; i < b; i++)
-            for (size_t k = 0; k < n; k++) KST_TRY(score_pair(&sc, &q, i, &p, i * n + k, &s[i * n + k], err));
-        float loss = kst_margin_mse_forward(s, t, b, n);
-        memset(ds, 0, b * n * sizeof *ds);
-        kst_margin_mse_backward(ds, s, t, b, n, 1.0f);
-        KST_TRY(side_prepare_grad(e, &q, err));
-        KST_TRY(side_prepare_grad(e, &p, err));
-        for (size_t i = 0; i < b; i++)
-            for (size_t k = 0; k < n; k++)
-                KST_TRY(score_pair_backward(&sc, &q, i, &p, i * n + k, ds[i * n + k], err));
-        if (o->in_batch_weight > 0 && b > 1) {
-            for (size_t i = 0; i < b; i++)
-                for (size_t j = 0; j < b * n; j++) KST_TRY(score_pair(&sc, &q, i, &p, j, &S[i * b * n + j], err));
-            loss += kst_inbatch_ce_forward(S, b, n, 0, (float)o->in_batch_weight);
-            memset(dS, 0, b * b * n * sizeof *dS);
-            kst_inbatch_ce_backward(dS, S, b, n, 0, (float)o->in_batch_weight, 1.0f);
-            for (size_t i = 0; i < b; i++)
-                for (size_t j = 0; j < b * n; j++)
-                    if (dS[i * b * n + j] != 0.0f) KST_TRY(score_pair_backward(&sc, &q, i, &p, j, dS[i * b * n + j], err));
-        }
-        kst_bert_grads_zero(&grads);
-        side_backward(e, &grads, &q);
-        side_backward(e, &grads, &p);
-        float gnorm = o->grad_clip > 0 ? kst_clip_grad_norm(grads.param_mem, NP, (float)o->grad_clip) : 0.0f;
+        float loss = 0, gnorm = 0;
         double lr = kst_lr_at(o->cosine ? KST_LR_COSINE : KST_LR_LINEAR, o->lr, step, o->warmup, total);
-        if (o->sgd) kst_sgd_update(e->bert.param_mem, grads.param_mem, NP, lr);
-        else kst_adamw_update(e->bert.param_mem, mom, vel, grads.param_mem, decay, NP, step + 1, lr, &ac);
+        if (gt) { /* the same step on the GPU (train/trainer_gpu.h) */
+            kst_gpu_batch gq = {q.ids, q.types, q.valid, q.rows, q.T}, gp = {p.ids, p.types, p.valid, p.rows, p.T};
+            uint64_t seed_q = ps.rng = kst_rng_seed(ps.rng), seed_p = ps.rng = kst_rng_seed(ps.rng);
+            KST_TRY(kst_gpu_trainer_forward_backward(gt, &gq, &gp, t, n, dropout, seed_q, seed_p, err));
+            KST_TRY(kst_gpu_trainer_update(gt, o->sgd, lr, step + 1, &ac, o->grad_clip, &loss, &gnorm, err));
+        } else {
+            KST_TRY(side_forward(e, &q, dropout, &ps.rng, err));
+            KST_TRY(side_forward(e, &p, dropout, &ps.rng, err));
+            for (size_t i = 0; i < b; i++)
+                for (size_t k = 0; k < n; k++) KST_TRY(score_pair(&sc, &q, i, &p, i * n + k, &s[i * n + k], err));
+            loss = kst_margin_mse_forward(s, t, b, n);
+            memset(ds, 0, b * n * sizeof *ds);
+            kst_margin_mse_backward(ds, s, t, b, n, 1.0f);
+            KST_TRY(side_prepare_grad(e, &q, err));
+            KST_TRY(side_prepare_grad(e, &p, err));
+            for (size_t i = 0; i < b; i++)
+                for (size_t k = 0; k < n; k++)
+                    KST_TRY(score_pair_backward(&sc, &q, i, &p, i * n + k, ds[i * n + k], err));
+            if (o->in_batch_weight > 0 && b > 1) {
+                for (size_t i = 0; i < b; i++)
+                    for (size_t j = 0; j < b * n; j++) KST_TRY(score_pair(&sc, &q, i, &p, j, &S[i * b * n + j], err));
+                loss += kst_inbatch_ce_forward(S, b, n, 0, (float)o->in_batch_weight);
+                memset(dS, 0, b * b * n * sizeof *dS);
+                kst_inbatch_ce_backward(dS, S, b, n, 0, (float)o->in_batch_weight, 1.0f);
+                for (size_t i = 0; i < b; i++)
+                    for (size_t j = 0; j < b * n; j++)
+                        if (dS[i * b * n + j] != 0.0f) KST_TRY(score_pair_backward(&sc, &q, i, &p, j, dS[i * b * n + j], err));
+            }
+            kst_bert_grads_zero(&grads);
+            side_backward(e, &grads, &q);
+            side_backward(e, &grads, &p);
+            gnorm = o->grad_clip > 0 ? kst_clip_grad_norm(grads.param_mem, NP, (float)o->grad_clip) : 0.0f;
+            if (o->sgd) kst_sgd_update(e->bert.param_mem, grads.param_mem, NP, lr);
+            else kst_adamw_update(e->bert.param_mem, mom, vel, grads.param_mem, decay, NP, step + 1, lr, &ac);
+        }
         if (!isfinite(loss)) {
             rc = kst_fail(err, KST_ERR_INVALID, "step %ld: the loss is not finite (%g); lower --lr or set --grad-clip", step + 1, (double)loss);
             goto done;
@@ -691,6 +714,7 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
         int stop = o->stop_after > 0 && ps.step >= o->stop_after && ps.step < total;
         if (ev && ((o->eval_every > 0 && ps.step % o->eval_every == 0) || ps.step == total || stop)) {
             double te = kst_now();
+            if (gt) KST_TRY(kst_gpu_trainer_get_state(gt, e->bert.param_mem, NULL, NULL, err));
             KST_TRY(evaluate(o, ev, e, ps.step, log, bar.enabled, res, logpath, err));
             t_start += kst_now() - te; /* triples/s counts training only */
         }
@@ -700,6 +724,7 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
                 goto done;
             }
             ps.log_bytes = ftell(log);
+            if (gt) KST_TRY(kst_gpu_trainer_get_state(gt, e->bert.param_mem, mom, vel, err));
             KST_TRY(save_state(o->out_dir, &ps, options, tr, e, mom, vel, err));
         }
         if (stop) break;
@@ -716,6 +741,7 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
     log = NULL;
     if (o->save_every > 0 && start_step == total) /* resumed a finished run: keep its state */
         KST_TRY(save_state(o->out_dir, &ps, options, tr, e, mom, vel, err));
+    if (gt) KST_TRY(kst_gpu_trainer_get_state(gt, e->bert.param_mem, mom, vel, err));
     KST_TRY(kst_checkpoint_save(e, o->out_dir, err));
 done:
     if (log) fclose(log);
@@ -743,6 +769,7 @@ done:
     kst_teacher_close(tr);
     kst_textmap_free(qmap);
     kst_textmap_free(cmap);
+    kst_gpu_trainer_free(gt);
     kst_encoder_free(e);
     return rc;
 }

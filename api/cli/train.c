@@ -11,7 +11,7 @@ static const char *HELP =
     "         [--lr X] [--optimizer adamw|sgd] [--weight-decay X] [--warmup N] [--schedule linear|cosine]\n"
     "         [--grad-clip X] [--dropout P] [--seed N] [--no-shuffle] [--query-max-len N]\n"
     "         [--doc-max-len N] [--in-batch-weight X] [--format hofstaetter|matchmaker|nway]\n"
-    "         [--save-every N] [--resume DIR] [--stop-after N]\n"
+    "         [--save-every N] [--resume DIR] [--stop-after N] [--device cpu|cuda]\n"
     "         [--eval-queries F --eval-qrels F [--eval-collection F] [--eval-every N]]\n"
     "\n"
     "Trains the student at INIT_DIR (a sentence-transformers / BERT folder, or a ColBERT folder) so\n"
@@ -34,6 +34,11 @@ static const char *HELP =
     "  --dropout P              dropout (default: the checkpoint's hidden_dropout_prob)\n"
     "  --no-shuffle             file order: the first batch is the first --batch-size lines\n"
     "  --in-batch-weight X      add X * in-batch negatives cross-entropy (off)\n"
+    "  --device cpu|cuda        where the step runs (cpu). cuda: a `make CUDA=1` build on an NVIDIA\n"
+    "                           GPU (sm_90) trains dense students in bf16 with float32 master weights\n"
+    "                           (cls / mean / mean_sqrt_len pooling, Normalize; no ColBERT, max pooling,\n"
+    "                           Dense head or --in-batch-weight: those train on the CPU). Dropout masks\n"
+    "                           are drawn differently from the CPU's, so runs agree in distribution only\n"
     "\n"
     "Bad input: the teacher file is read through once before training; a missing column, an unknown\n"
     "qid/pid, a NaN score or an empty file stops with the file and line, and OUT_DIR is not created.\n"
@@ -98,6 +103,9 @@ int cmd_train(int argc, char **argv) {
         else if (strcmp(a, "--eval-queries") == 0) o.eval_queries = v;
         else if (strcmp(a, "--eval-qrels") == 0) o.eval_qrels = v;
         else if (strcmp(a, "--eval-collection") == 0) o.eval_collection = v;
+        else if (strcmp(a, "--device") == 0) {
+            if (cli_device_value(v, &o.device) != 0) return KST_EXIT_USAGE;
+        }
         else if (strcmp(a, "--format") == 0) {
             kst_error err;
             if (kst_teacher_format_parse(v, &o.format, &err) != KST_OK) return cli_usage_error("train", "%s", err.msg);

@@ -1,0 +1,913 @@
+/* bert_gpu_train.cu - training forward and backward of BERT / DistilBERT and the dense head on the
+ * GPU: cuBLAS bf16 matrix products with float32 accumulation over float32 master weights, row
+ * kernels for LayerNorm and its backward, attention with the T x T scores materialised per head,
+ * hash-drawn dropout. The CPU twin is encoders/bert_train.c; tests/test_gpu_train.c compares them. */
+#include "core/gpu_util.cuh"
+
+#include <cuda_bf16.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+extern "C" {
+#include "core/mem.h"
+#include "encoders/bert_gpu_train.h"
+#include "encoders/encoder.h"
+#include "core/ops_backward.h"
+}
+
+typedef __nv_bfloat16 bf16;
+
+/* ------------------------------------------------------------------------------------------ */
+/* dropout: a counter-based hash of (seed, site, element) -> 0 or 1/(1-p); forward and backward
+ * draw the same mask without storing it. Sites: 0 the embedding, then per layer l 1+3l the
+ * attention probabilities, 2+3l after the attention projection, 3+3l after the feed-forward. */
+
+__device__ __forceinline__ float drop_scale(uint64_t seed, uint32_t site, uint64_t idx, float p) {
+    if (p <= 0.0f) return 1.0f;
+    uint64_t z = seed + (uint64_t)site * 0x9E3779B97F4A7C15ull + idx * 0xD1B54A32D192ED03ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+    return u < p ? 0.0f : 1.0f / (1.0f - p);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float act_fwd(float x, int act) {
+    switch (act) {
+    case KST_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case KST_ACT_GELU_TANH: {
+        const float k = 0.7978845608028654f;
+        return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+    }
+    case KST_ACT_RELU: return x > 0 ? x : 0.0f;
+    case KST_ACT_TANH: return tanhf(x);
+    default: return x;
+    }
+}
+/* d act / d x, as core/ops_backward.c's kst_act_backward */
+__device__ __forceinline__ float act_grad(float x, int act) {
+    switch (act) {
+    case KST_ACT_GELU: {
+        float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+        float pdf = expf(-0.5f * x * x) * 0.3989422804014327f;
+        return cdf + x * pdf;
+    }
+    case KST_ACT_GELU_TANH: {
+        const float k = 0.7978845608028654f;
+        float t = tanhf(k * (x + 0.044715f * x * x * x));
+        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * k * (1.0f + 3.0f * 0.044715f * x * x);
+    }
+    case KST_ACT_RELU: return x > 0 ? 1.0f : 0.0f;
+    case KST_ACT_TANH: {
+        float t = tanhf(x);
+        return 1.0f - t * t;
+    }
+    default: return 1.0f;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* row kernels: one warp per token row of C values, lanes striding over the columns */
+
+#define RW 8 /* warps per block */
+
+/* LayerNorm of row v (already written to `in`, C floats): mean and rstd, as the CPU's two-pass. */
+__device__ __forceinline__ void ln_stats(const float *in, int C, float eps, int lane, float *mean,
+                                         float *rstd) {
+    float s = 0;
+    for (int c = lane; c < C; c += 32) s += in[c];
+    float m = warp_sum(s) / C;
+    float q = 0;
+    for (int c = lane; c < C; c += 32) {
+        float d = in[c] - m;
+        q += d * d;
+    }
+    *mean = m;
+    *rstd = rsqrtf(warp_sum(q) / C + eps);
+}
+
+/* emb = wte[id] + wpe[t] (+ wtt[type]); x = dropout(LN(emb)) as float32 and bf16. */
+__global__ void embed_ln_fwd(float *emb, float *mean, float *rstd, float *xf, bf16 *xb,
+                             const int32_t *ids, const int32_t *types, const float *wte,
+                             const float *wpe, const float *wtt, const float *w, const float *b,
+                             int BT, int T, int C, float eps, float p, uint64_t seed) {
+    int row = blockIdx.x * RW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= BT) return;
+    const float *we = wte + (size_t)ids[row] * C, *pe = wpe + (size_t)(row % T) * C;
+    const float *te = wtt ? wtt + (size_t)types[row] * C : NULL;
+    float *e = emb + (size_t)row * C;
+    for (int c = lane; c < C; c += 32) e[c] = we[c] + pe[c] + (te ? te[c] : 0.0f);
+    float m, r;
+    ln_stats(e, C, eps, lane, &m, &r);
+    for (int c = lane; c < C; c += 32) {
+        size_t i = (size_t)row * C + c;
+        float y = ((e[c] - m) * r * w[c] + b[c]) * drop_scale(seed, 0, i, p);
+        xf[i] = y;
+        xb[i] = __float2bfloat16(y);
+    }
+    if (lane == 0) mean[row] = m, rstd[row] = r;
+}
+
+/* res = resid + dropout(a + bias); out = LN(res) as float32 and bf16. */
+__global__ void bias_res_ln_fwd(float *res, float *mean, float *rstd, float *outf, bf16 *outb,
+                                const bf16 *a, const float *bias, const float *resid,
+                                const float *w, const float *b, int BT, int C, float eps, float p,
+                                uint64_t seed, uint32_t site) {
+    int row = blockIdx.x * RW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= BT) return;
+    size_t o = (size_t)row * C;
+    for (int c = lane; c < C; c += 32)
+        res[o + c] = resid[o + c] + (__bfloat162float(a[o + c]) + bias[c]) * drop_scale(seed, site, o + c, p);
+    float m, r;
+    ln_stats(res + o, C, eps, lane, &m, &r);
+    for (int c = lane; c < C; c += 32) {
+        float y = (res[o + c] - m) * r * w[c] + b[c];
+        outf[o + c] = y;
+        outb[o + c] = __float2bfloat16(y);
+    }
+    if (lane == 0) mean[row] = m, rstd[row] = r;
+}
+
+/* LayerNorm backward of one row (llm.c's form): with n = (x - mean) rstd and g = w dy',
+ * dx = rstd (g - mean(g) - n mean(g n)), dy' = dy * (input dropout mask of site in_site).
+ * dres (float32) = dx; dbranch (bf16, optional) = dx * (mask of site br_site). */
+__global__ void ln_bwd(float *dres, bf16 *dbranch, const float *dy, const float *x, const float *w,
+                       const float *mean, const float *rstd, int BT, int C, float in_p,
+                       uint32_t in_site, float br_p, uint32_t br_site, uint64_t seed) {
+    int row = blockIdx.x * RW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= BT) return;
+    size_t o = (size_t)row * C;
+    float m = mean[row], r = rstd[row];
+    float gm = 0, gnm = 0;
+    for (int c = lane; c < C; c += 32) {
+        float g = w[c] * dy[o + c] * drop_scale(seed, in_site, o + c, in_p);
+        gm += g;
+        gnm += g * (x[o + c] - m) * r;
+    }
+    gm = warp_sum(gm) / C;
+    gnm = warp_sum(gnm) / C;
+    for (int c = lane; c < C; c += 32) {
+        float g = w[c] * dy[o + c] * drop_scale(seed, in_site, o + c, in_p);
+        float d = r * (g - gm - (x[o + c] - m) * r * gnm);
+        dres[o + c] = d;
+        if (dbranch) dbranch[o + c] = __float2bfloat16(d * drop_scale(seed, br_site, o + c, br_p));
+    }
+}
+
+/* Column sums over rows, block (32, 8): dw[c] += sum_r dy n, db[c] += sum_r dy (LayerNorm
+ * parameters; dy through the input dropout mask), accumulated with atomics. */
+__global__ void ln_param_bwd(float *dw, float *db, const float *dy, const float *x, const float *mean,
+                             const float *rstd, int BT, int C, float in_p, uint32_t in_site,
+                             uint64_t seed) {
+    __shared__ float sw[8][33], sb[8][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    float aw = 0, ab = 0;
+    if (c < C)
+        for (int r = blockIdx.y * 8 + threadIdx.y; r < BT; r += gridDim.y * 8) {
+            size_t i = (size_t)r * C + c;
+            float d = dy[i] * drop_scale(seed, in_site, i, in_p);
+            aw += d * (x[i] - mean[r]) * rstd[r];
+            ab += d;
+        }
+    sw[threadIdx.y][threadIdx.x] = aw;
+    sb[threadIdx.y][threadIdx.x] = ab;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        for (int k = 1; k < 8; k++) aw += sw[k][threadIdx.x], ab += sb[k][threadIdx.x];
+        atomicAdd(dw + c, aw);
+        atomicAdd(db + c, ab);
+    }
+}
+
+/* dbias[c] += sum_r g[r, c] over g (R, N) bf16: a bias's gradient. */
+__global__ void colsum_bf16(float *dbias, const bf16 *g, int R, int N) {
+    __shared__ float s[8][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    float a = 0;
+    if (c < N)
+        for (int r = blockIdx.y * 8 + threadIdx.y; r < R; r += gridDim.y * 8) a += __bfloat162float(g[(size_t)r * N + c]);
+    s[threadIdx.y][threadIdx.x] = a;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < N) {
+        for (int k = 1; k < 8; k++) a += s[k][threadIdx.x];
+        atomicAdd(dbias + c, a);
+    }
+}
+
+/* Embedding backward: scatter-add d emb rows into the word, position and type tables. */
+__global__ void embed_bwd(float *dwte, float *dwpe, float *dwtt, const float *d, const int32_t *ids,
+                          const int32_t *types, int BT, int T, int C) {
+    int row = blockIdx.x * RW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= BT) return;
+    float *we = dwte + (size_t)ids[row] * C, *pe = dwpe + (size_t)(row % T) * C;
+    float *te = dwtt ? dwtt + (size_t)types[row] * C : NULL;
+    const float *g = d + (size_t)row * C;
+    for (int c = lane; c < C; c += 32) {
+        atomicAdd(we + c, g[c]);
+        atomicAdd(pe + c, g[c]);
+        if (te) atomicAdd(te + c, g[c]);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* element-wise kernels */
+
+/* h = bf16(h + bias) (the pre-activation, kept), a = bf16(act(h + bias)); FF columns. */
+__global__ void bias_act_fwd(bf16 *h, bf16 *a, const float *bias, size_t n, int FF, int act) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = __bfloat162float(h[i]) + bias[i % FF];
+    h[i] = __float2bfloat16(x);
+    a[i] = __float2bfloat16(act_fwd(x, act));
+}
+
+/* dh = dh * act'(pre), in place. */
+__global__ void act_bwd(bf16 *dh, const bf16 *pre, size_t n, int act) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    dh[i] = __float2bfloat16(__bfloat162float(dh[i]) * act_grad(__bfloat162float(pre[i]), act));
+}
+
+/* (BT, parts * C) rows -> parts x (B, NH, T, hs) heads, adding bias (parts * C) when given; 8
+ * values per thread (hs % 8 == 0). merge_heads is the inverse (no bias). */
+__global__ void split_heads(bf16 *dst, const bf16 *src, const float *bias, int B, int T, int NH,
+                            int hs, int parts) {
+    int C = NH * hs, W = parts * C;
+    size_t n8 = (size_t)B * T * W / 8, i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    size_t e = i * 8, row = e / W;
+    int col = (int)(e % W), part = col / C, cc = col % C, h = cc / hs, d = cc % hs;
+    size_t b = row / T, t = row % T;
+    uint4 u = *reinterpret_cast<const uint4 *>(src + e);
+    if (bias) {
+        __nv_bfloat162 *v = reinterpret_cast<__nv_bfloat162 *>(&u);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 f = __bfloat1622float2(v[k]);
+            v[k] = __floats2bfloat162_rn(f.x + bias[col + 2 * k], f.y + bias[col + 2 * k + 1]);
+        }
+    }
+    size_t o = ((((size_t)part * B + b) * NH + h) * T + t) * hs + d;
+    *reinterpret_cast<uint4 *>(dst + o) = u;
+}
+
+__global__ void merge_heads(bf16 *dst, const bf16 *src, int B, int T, int NH, int hs, int parts) {
+    int C = NH * hs, W = parts * C;
+    size_t n8 = (size_t)B * T * W / 8, i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    size_t e = i * 8, row = e / W;
+    int col = (int)(e % W), part = col / C, cc = col % C, h = cc / hs, d = cc % hs;
+    size_t b = row / T, t = row % T;
+    size_t o = ((((size_t)part * B + b) * NH + h) * T + t) * hs + d;
+    *reinterpret_cast<uint4 *>(dst + e) = *reinterpret_cast<const uint4 *>(src + o);
+}
+
+/* The number of keys sequence b attends to, as the CPU's keys_of. */
+__device__ __forceinline__ int keys_of(const int *valid, int b, int T) {
+    int L = valid[b] > 0 ? valid[b] : 0;
+    if (L > T) L = T;
+    return L ? L : 1;
+}
+
+/* One warp per score row (b, h, i): P = softmax over the first L keys of S (already scaled), 0
+ * past them; Pd = bf16(P) * the dropout mask when p > 0. */
+__global__ void softmax_fwd(bf16 *P, bf16 *Pd, const float *S, const int *valid, int B, int NH, int T,
+                            float p, uint64_t seed, uint32_t site) {
+    size_t row = (size_t)blockIdx.x * RW + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= (size_t)B * NH * T) return;
+    int L = keys_of(valid, (int)(row / ((size_t)NH * T)), T);
+    const float *s = S + row * T;
+    float mx = -INFINITY;
+    for (int j = lane; j < L; j += 32) mx = fmaxf(mx, s[j]);
+    mx = warp_max(mx);
+    float sum = 0;
+    for (int j = lane; j < L; j += 32) sum += expf(s[j] - mx);
+    float inv = 1.0f / warp_sum(sum);
+    for (int j = lane; j < T; j += 32) {
+        bf16 pv = __float2bfloat16(j < L ? expf(s[j] - mx) * inv : 0.0f);
+        P[row * T + j] = pv;
+        if (Pd) Pd[row * T + j] = __float2bfloat16(__bfloat162float(pv) * drop_scale(seed, site, row * T + j, p));
+    }
+}
+
+/* Pd = bf16(P) * mask again, for the backward. */
+__global__ void att_drop(bf16 *Pd, const bf16 *P, size_t n, float p, uint64_t seed, uint32_t site) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    Pd[i] = __float2bfloat16(__bfloat162float(P[i]) * drop_scale(seed, site, i, p));
+}
+
+/* One warp per row: dS = P (dP - sum_j P dP) with dP = dPd * mask. */
+__global__ void softmax_bwd(bf16 *dS, const float *dPd, const bf16 *P, int rows, int T, float p,
+                            uint64_t seed, uint32_t site) {
+    size_t row = (size_t)blockIdx.x * RW + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= (size_t)rows) return;
+    const float *g = dPd + row * T;
+    const bf16 *pr = P + row * T;
+    float dot = 0;
+    for (int j = lane; j < T; j += 32) dot += __bfloat162float(pr[j]) * g[j] * drop_scale(seed, site, row * T + j, p);
+    dot = warp_sum(dot);
+    for (int j = lane; j < T; j += 32) {
+        float pj = __bfloat162float(pr[j]);
+        dS[row * T + j] = __float2bfloat16(pj * (g[j] * drop_scale(seed, site, row * T + j, p) - dot));
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the dense head: pooling (cls, mean, mean_sqrt_len, concatenated in that order) and Normalize */
+
+__global__ void pool_fwd(float *out, const float *x, const int *valid, unsigned modes, int B, int T, int C) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= B * C) return;
+    int b = i / C, k = i % C, P = 0;
+    for (unsigned m = modes; m; m >>= 1) P += (int)(m & 1);
+    P *= C;
+    int len = keys_of(valid, b, T), off = 0;
+    const float *xb = x + (size_t)b * T * C;
+    float *y = out + (size_t)b * P;
+    if (modes & KST_POOL_CLS) y[k] = xb[k], off += C;
+    if (modes & (KST_POOL_MEAN | KST_POOL_MEAN_SQRT)) {
+        float s = 0;
+        for (int t = 0; t < len; t++) s += xb[(size_t)t * C + k];
+        if (modes & KST_POOL_MEAN) y[off + k] = s / (float)len, off += C;
+        if (modes & KST_POOL_MEAN_SQRT) y[off + k] = s / sqrtf((float)len);
+    }
+}
+
+/* dx (B, T, C) = the pooling's gradient from dy (B, P), written (not added) everywhere. */
+__global__ void pool_bwd(float *dx, const float *dy, const int *valid, unsigned modes, int B, int T, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)B * T * C) return;
+    int k = (int)(i % C), t = (int)((i / C) % T), b = (int)(i / ((size_t)T * C)), P = 0;
+    for (unsigned m = modes; m; m >>= 1) P += (int)(m & 1);
+    P *= C;
+    int len = keys_of(valid, b, T), off = 0;
+    const float *g = dy + (size_t)b * P;
+    float v = 0;
+    if (modes & KST_POOL_CLS) {
+        if (t == 0) v += g[k];
+        off += C;
+    }
+    if (modes & KST_POOL_MEAN) {
+        if (t < len) v += g[off + k] / (float)len;
+        off += C;
+    }
+    if ((modes & KST_POOL_MEAN_SQRT) && t < len) v += g[off + k] * (1.0f / sqrtf((float)len));
+    dx[i] = v;
+}
+
+/* One warp per row: out = x / max(|x|, 1e-12), norm = |x|. */
+__global__ void l2norm_fwd(float *out, float *norm, const float *x, int N, int D) {
+    int row = blockIdx.x * RW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= N) return;
+    const float *v = x + (size_t)row * D;
+    float s = 0;
+    for (int c = lane; c < D; c += 32) s += v[c] * v[c];
+    float n = sqrtf(warp_sum(s)), inv = 1.0f / fmaxf(n, 1e-12f);
+    for (int c = lane; c < D; c += 32) out[(size_t)row * D + c] = v[c] * inv;
+    if (lane == 0) norm[row] = n;
+}
+
+/* dx = (dy - y (y . dy)) / |x| (y the output), or dy * 1e12 where the norm was clamped. */
+__global__ void l2norm_bwd(float *dx, const float *dy, const float *y, const float *norm, int N, int D) {
+    int row = blockIdx.x * RW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= N) return;
+    size_t o = (size_t)row * D;
+    float n = norm[row];
+    if (n <= 1e-12f) {
+        for (int c = lane; c < D; c += 32) dx[o + c] = dy[o + c] * 1e12f;
+        return;
+    }
+    float yd = 0;
+    for (int c = lane; c < D; c += 32) yd += y[o + c] * dy[o + c];
+    yd = warp_sum(yd);
+    for (int c = lane; c < D; c += 32) dx[o + c] = (dy[o + c] - y[o + c] * yd) / n;
+}
+
+__global__ void to_bf16(bf16 *dst, const float *src, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __float2bfloat16(src[i]);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* state */
+
+/* What one side's forward keeps (device memory), sized for cap_tok tokens and cap_att scores. */
+struct gside {
+    size_t B, T, cap_tok, cap_att, cap_B, bytes;
+    float dropout;
+    uint64_t seed;
+    int32_t *ids, *types;
+    int *valid;
+    float *emb, *emb_mean, *emb_rstd; /* (BT, C), (BT) */
+    float *xf;                        /* (L + 1, BT, C) layer outputs, float32 */
+    bf16 *xb;                         /* (L + 1, BT, C) the same in bf16 (matrix-product inputs) */
+    bf16 *qkvh;                       /* (L, 3, B, NH, T, hs) q, k, v with biases */
+    bf16 *P;                          /* (L, B, NH, T, T) attention probabilities */
+    bf16 *atty;                       /* (L, BT, C) attended values */
+    float *res1, *res2;               /* (L, BT, C) LayerNorm inputs */
+    float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd; /* (L, BT) */
+    float *ln1f;                      /* (L, BT, C) */
+    bf16 *ln1b;                       /* (L, BT, C) */
+    bf16 *fch, *fca;                  /* (L, BT, FF) pre-activation (with bias), activation */
+    float *pooled, *vec, *norm, *dpool; /* (B, D), (B, D), (B), (B, D) */
+};
+
+struct kst_bert_gpu_train {
+    kst_bert_config cfg;
+    size_t NP, hs, D;
+    unsigned modes;
+    int normalize;
+    size_t off[KST_BERT_NPARAMS]; /* tensor offsets in the flat buffers */
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    float *params, *grads;
+    bf16 *pb16;
+    gside side[KST_GPU_TRAIN_SIDES];
+    /* scratch shared by the sides (one runs at a time) */
+    size_t cap_tok, cap_att;
+    bf16 *qkv_tmp;  /* (BT, 3C) */
+    float *S;       /* (B, NH, T, T) scores, then d Pd */
+    bf16 *Pd;       /* (B, NH, T, T) dropped probabilities, then dS */
+    bf16 *o;        /* (B, NH, T, hs) attended values per head, then dO */
+    bf16 *dqkvh;    /* (3, B, NH, T, hs) */
+    bf16 *tmpC, *tmpC2; /* (BT, C) */
+    bf16 *dff;      /* (BT, FF) */
+    float *dx, *dres; /* (BT, C) */
+    size_t scratch_bytes, bytes, peak; /* bytes held now, and the most held at once */
+};
+
+static int dalloc(kst_bert_gpu_train *g, void **p, size_t bytes, const char *what, kst_error *err) {
+    int rc = kst_gpu_alloc(p, bytes, what, err);
+    if (rc == KST_OK) {
+        g->bytes += bytes;
+        if (g->bytes > g->peak) g->peak = g->bytes;
+    }
+    return rc;
+}
+static void dfree(void *p) {
+    if (p) cudaFree(p);
+}
+
+static void side_release(gside *s) {
+    void *bufs[] = {s->ids, s->types, s->valid, s->emb, s->emb_mean, s->emb_rstd, s->xf, s->xb, s->qkvh,
+                    s->P, s->atty, s->res1, s->res2, s->ln1_mean, s->ln1_rstd, s->ln2_mean, s->ln2_rstd,
+                    s->ln1f, s->ln1b, s->fch, s->fca, s->pooled, s->vec, s->norm, s->dpool};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) dfree(bufs[i]);
+    memset(s, 0, sizeof *s);
+}
+
+/* Grows side s for B sequences of T tokens (contents are not kept). */
+static int side_reserve(kst_bert_gpu_train *g, gside *s, size_t B, size_t T, kst_error *err) {
+    const kst_bert_config *c = &g->cfg;
+    size_t tok = B * T, att = B * c->NH * T * T;
+    if (tok <= s->cap_tok && att <= s->cap_att && B <= s->cap_B) return KST_OK;
+    if (tok < s->cap_tok) tok = s->cap_tok;
+    if (att < s->cap_att) att = s->cap_att;
+    if (B < s->cap_B) B = s->cap_B;
+    cudaStreamSynchronize(g->stream);
+    g->bytes -= s->bytes;
+    side_release(s);
+    int rc = KST_OK;
+    size_t L = c->L, C = c->C, FF = c->FF, D = g->D;
+#define SA(ptr, n, what) KST_TRY(dalloc(g, (void **)&s->ptr, (n) * sizeof *s->ptr, what, err)); s->bytes += (n) * sizeof *s->ptr
+    SA(ids, tok, "token ids");
+    SA(types, tok, "token types");
+    SA(valid, B, "lengths");
+    SA(emb, tok * C, "training activations");
+    SA(emb_mean, tok, "training activations");
+    SA(emb_rstd, tok, "training activations");
+    SA(xf, (L + 1) * tok * C, "training activations");
+    SA(xb, (L + 1) * tok * C, "training activations");
+    SA(qkvh, L * 3 * tok * C, "training activations");
+    SA(P, L * att, "attention probabilities");
+    SA(atty, L * tok * C, "training activations");
+    SA(res1, L * tok * C, "training activations");
+    SA(res2, L * tok * C, "training activations");
+    SA(ln1_mean, L * tok, "training activations");
+    SA(ln1_rstd, L * tok, "training activations");
+    SA(ln2_mean, L * tok, "training activations");
+    SA(ln2_rstd, L * tok, "training activations");
+    SA(ln1f, L * tok * C, "training activations");
+    SA(ln1b, L * tok * C, "training activations");
+    SA(fch, L * tok * FF, "training activations");
+    SA(fca, L * tok * FF, "training activations");
+    SA(pooled, B * D, "head activations");
+    SA(vec, B * D, "head activations");
+    SA(norm, B, "head activations");
+    SA(dpool, B * D, "head gradients");
+#undef SA
+    s->cap_tok = tok, s->cap_att = att, s->cap_B = B;
+done:
+    if (rc != KST_OK) {
+        g->bytes -= s->bytes;
+        side_release(s);
+    }
+    return rc;
+}
+
+static void scratch_release(kst_bert_gpu_train *g) {
+    void *bufs[] = {g->qkv_tmp, g->S, g->Pd, g->o, g->dqkvh, g->tmpC, g->tmpC2, g->dff, g->dx, g->dres};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) dfree(bufs[i]);
+    g->qkv_tmp = NULL, g->S = NULL, g->Pd = NULL, g->o = NULL, g->dqkvh = NULL;
+    g->tmpC = g->tmpC2 = g->dff = NULL, g->dx = g->dres = NULL;
+}
+
+static int scratch_reserve(kst_bert_gpu_train *g, size_t B, size_t T, kst_error *err) {
+    const kst_bert_config *c = &g->cfg;
+    size_t tok = B * T, att = B * c->NH * T * T;
+    if (tok <= g->cap_tok && att <= g->cap_att) return KST_OK;
+    if (tok < g->cap_tok) tok = g->cap_tok;
+    if (att < g->cap_att) att = g->cap_att;
+    cudaStreamSynchronize(g->stream);
+    g->bytes -= g->scratch_bytes;
+    g->scratch_bytes = 0;
+    scratch_release(g);
+    g->cap_tok = g->cap_att = 0;
+    int rc = KST_OK;
+    size_t C = c->C;
+#define GA(ptr, n, what) KST_TRY(dalloc(g, (void **)&g->ptr, (n) * sizeof *g->ptr, what, err)); g->scratch_bytes += (n) * sizeof *g->ptr
+    GA(qkv_tmp, tok * 3 * C, "training scratch");
+    GA(S, att, "attention scores");
+    GA(Pd, att, "attention scratch");
+    GA(o, tok * C, "training scratch");
+    GA(dqkvh, 3 * tok * C, "training scratch");
+    GA(tmpC, tok * C, "training scratch");
+    GA(tmpC2, tok * C, "training scratch");
+    GA(dff, tok * c->FF, "training scratch");
+    GA(dx, tok * C, "training scratch");
+    GA(dres, tok * C, "training scratch");
+#undef GA
+    g->cap_tok = tok, g->cap_att = att;
+done:
+    if (rc != KST_OK) {
+        g->bytes -= g->scratch_bytes;
+        g->scratch_bytes = 0;
+        scratch_release(g);
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* matrix products (row-major views over cuBLAS's column-major) */
+
+static int gemm(kst_bert_gpu_train *g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                float alpha, const void *A, int lda, long long sA, const void *B, int ldb, long long sB,
+                float beta, void *C, cudaDataType ct, int ldc, long long sC, int count, kst_error *err) {
+    int rc = KST_OK;
+    if (count == 1)
+        CUBLAS_TRY(cublasGemmEx(g->blas, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb,
+                                &beta, C, ct, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx (training)");
+    else
+        CUBLAS_TRY(cublasGemmStridedBatchedEx(g->blas, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, sA, B,
+                                              CUDA_R_16BF, ldb, sB, &beta, C, ct, ldc, sC, count,
+                                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmStridedBatchedEx (attention)");
+done:
+    return rc;
+}
+
+static const cublasOperation_t NT = CUBLAS_OP_N, TT_ = CUBLAS_OP_T;
+
+/* Y (N, OC) bf16 = X (N, C) @ W (OC, C)^T */
+static int lin_fwd(kst_bert_gpu_train *g, bf16 *Y, const bf16 *X, const bf16 *W, size_t N, size_t C,
+                   size_t OC, kst_error *err) {
+    return gemm(g, TT_, NT, (int)OC, (int)N, (int)C, 1.0f, W, (int)C, 0, X, (int)C, 0, 0.0f, Y,
+                CUDA_R_16BF, (int)OC, 0, 1, err);
+}
+/* dX (N, C) = beta dX + dY (N, OC) @ W (OC, C); dX float32 or bf16 */
+static int lin_dx(kst_bert_gpu_train *g, void *dX, cudaDataType ct, float beta, const bf16 *dY,
+                  const bf16 *W, size_t N, size_t C, size_t OC, kst_error *err) {
+    return gemm(g, NT, NT, (int)C, (int)N, (int)OC, 1.0f, W, (int)C, 0, dY, (int)OC, 0, beta, dX, ct,
+                (int)C, 0, 1, err);
+}
+/* dW (OC, C) float32 += dY (N, OC)^T @ X (N, C) */
+static int lin_dw(kst_bert_gpu_train *g, float *dW, const bf16 *dY, const bf16 *X, size_t N, size_t C,
+                  size_t OC, kst_error *err) {
+    return gemm(g, NT, TT_, (int)C, (int)OC, (int)N, 1.0f, X, (int)C, 0, dY, (int)OC, 0, 1.0f, dW,
+                CUDA_R_32F, (int)C, 0, 1, err);
+}
+
+static unsigned blocks(size_t n, unsigned per) { return (unsigned)((n + per - 1) / per); }
+
+/* grid for the (32, 8) column-sum kernels over R rows and N columns */
+static dim3 colsum_grid(size_t R, size_t N) {
+    size_t gy = (R + 63) / 64;
+    if (gy > 256) gy = 256;
+    return dim3((unsigned)((N + 31) / 32), (unsigned)(gy ? gy : 1));
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* API */
+
+extern "C" int kst_bert_gpu_train_create(const kst_bert *m, unsigned pool_modes, int normalize,
+                                         kst_bert_gpu_train **out, kst_error *err) {
+    *out = NULL;
+    int rc = kst_gpu_check(err);
+    if (rc != KST_OK) return rc;
+    const kst_bert_config *c = &m->cfg;
+    if (!c->NH || c->C % c->NH || (c->C / c->NH) % 8)
+        return kst_fail(err, KST_ERR_UNSUPPORTED,
+                        "GPU training: hidden size %zu over %zu heads gives a head size that is not a multiple of 8; train on the CPU (--device cpu)",
+                        c->C, c->NH);
+    if (c->FF % 8)
+        return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: feed-forward width %zu is not a multiple of 8; train on the CPU (--device cpu)", c->FF);
+    if (pool_modes & KST_POOL_MAX)
+        return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: max pooling is not implemented on the GPU; train this student with --device cpu");
+    if (!(pool_modes & (KST_POOL_CLS | KST_POOL_MEAN | KST_POOL_MEAN_SQRT)))
+        return kst_fail(err, KST_ERR_INVALID, "GPU training: no pooling mode given");
+    if (c->dense_out)
+        return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: the sentence-transformers Dense layer is not implemented on the GPU; train this student with --device cpu");
+    if (c->proj_dim)
+        return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: ColBERT students are not implemented on the GPU; train them with --device cpu");
+    kst_bert_gpu_train *g = (kst_bert_gpu_train *)kst_calloc(1, sizeof *g, "GPU trainer", err);
+    if (!g) return KST_ERR_NOMEM;
+    g->cfg = *c;
+    g->NP = m->num_params;
+    g->hs = c->C / c->NH;
+    g->modes = pool_modes;
+    g->normalize = normalize;
+    g->D = kst_pool_dim(pool_modes, c->C);
+    {
+        const float *const *ps = (const float *const *)&m->params;
+        for (int i = 0; i < KST_BERT_NPARAMS; i++) g->off[i] = ps[i] ? (size_t)(ps[i] - m->param_mem) : 0;
+    }
+    CU_TRY(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking), "creating a stream");
+    CUBLAS_TRY(cublasCreate(&g->blas), "creating the cuBLAS handle");
+    CUBLAS_TRY(cublasSetStream(g->blas, g->stream), "cublasSetStream");
+    KST_TRY(dalloc(g, (void **)&g->params, g->NP * sizeof(float), "the weights", err));
+    KST_TRY(dalloc(g, (void **)&g->grads, g->NP * sizeof(float), "the gradients", err));
+    KST_TRY(dalloc(g, (void **)&g->pb16, g->NP * sizeof(bf16), "the bf16 weights", err));
+    CU_TRY(cudaMemsetAsync(g->grads, 0, g->NP * sizeof(float), g->stream), "zeroing the gradients");
+    KST_TRY(kst_bert_gpu_train_set_params(g, m->param_mem, err));
+    *out = g;
+    return KST_OK;
+done:
+    kst_bert_gpu_train_free(g);
+    return rc;
+}
+
+extern "C" void kst_bert_gpu_train_free(kst_bert_gpu_train *g) {
+    if (!g) return;
+    if (g->stream) cudaStreamSynchronize(g->stream);
+    for (int i = 0; i < KST_GPU_TRAIN_SIDES; i++) side_release(&g->side[i]);
+    scratch_release(g);
+    dfree(g->params);
+    dfree(g->grads);
+    dfree(g->pb16);
+    if (g->blas) cublasDestroy(g->blas);
+    if (g->stream) cudaStreamDestroy(g->stream);
+    kst_free(g);
+}
+
+/* pointers into the flat buffers, by kst_bert_params field order */
+enum { P_WTE, P_WPE, P_WTT, P_EMBLNW, P_EMBLNB, P_QKVW, P_QKVB, P_ATTPROJW, P_ATTPROJB, P_LN1W, P_LN1B,
+       P_FCW, P_FCB, P_FCPROJW, P_FCPROJB, P_LN2W, P_LN2B };
+#define PF(i) (g->params + g->off[i])
+#define PB(i) (g->pb16 + g->off[i])
+#define GR(i) (g->grads + g->off[i])
+
+extern "C" int kst_bert_gpu_train_forward(kst_bert_gpu_train *g, int sidx, const int32_t *ids,
+                                          const int32_t *type_ids, const int *valid, size_t B, size_t T,
+                                          float dropout, uint64_t seed, kst_error *err) {
+    const kst_bert_config *c = &g->cfg;
+    if (sidx < 0 || sidx >= KST_GPU_TRAIN_SIDES) return kst_fail(err, KST_ERR_MISUSE, "GPU training: side %d", sidx);
+    if (!B || !T) return kst_fail(err, KST_ERR_INVALID, "GPU training: empty batch");
+    if (T > c->P)
+        return kst_fail(err, KST_ERR_INVALID, "GPU training: %zu tokens exceed max_position_embeddings %zu", T, c->P);
+    if (!(dropout >= 0 && dropout < 1)) return kst_fail(err, KST_ERR_INVALID, "dropout %g is outside [0, 1)", (double)dropout);
+    size_t BT = B * T, C = c->C, FF = c->FF, NH = c->NH, hs = g->hs, L = c->L;
+    for (size_t i = 0; i < BT; i++) {
+        if (ids[i] < 0 || (size_t)ids[i] >= c->V)
+            return kst_fail(err, KST_ERR_INVALID, "token id %d at position %zu is outside the %zu-token vocabulary",
+                            ids[i], i % T, c->V);
+        if (c->TT && type_ids && (type_ids[i] < 0 || (size_t)type_ids[i] >= c->TT))
+            return kst_fail(err, KST_ERR_INVALID, "token type %d at position %zu exceeds type_vocab_size %zu",
+                            type_ids[i], i % T, c->TT);
+    }
+    gside *s = &g->side[sidx];
+    int rc = side_reserve(g, s, B, T, err);
+    if (rc == KST_OK) rc = scratch_reserve(g, B, T, err);
+    if (rc != KST_OK) return rc;
+    s->B = B, s->T = T, s->dropout = dropout, s->seed = seed;
+    cudaStream_t st = g->stream;
+    CU_TRY(cudaMemcpyAsync(s->ids, ids, BT * sizeof *ids, cudaMemcpyHostToDevice, st), "copying token ids");
+    if (type_ids) CU_TRY(cudaMemcpyAsync(s->types, type_ids, BT * sizeof *ids, cudaMemcpyHostToDevice, st), "copying token types");
+    else CU_TRY(cudaMemsetAsync(s->types, 0, BT * sizeof *ids, st), "zeroing token types");
+    CU_TRY(cudaMemcpyAsync(s->valid, valid, B * sizeof *valid, cudaMemcpyHostToDevice, st), "copying lengths");
+    {
+        size_t A = B * NH * T * T, HT = BT * C; /* one head-split tensor */
+        float scale = 1.0f / sqrtf((float)hs);
+        int bert = c->arch == KST_ARCH_BERT;
+        embed_ln_fwd<<<blocks(BT, RW), RW * 32, 0, st>>>(s->emb, s->emb_mean, s->emb_rstd, s->xf, s->xb, s->ids, s->types,
+                                                         PF(P_WTE), PF(P_WPE), c->TT ? PF(P_WTT) : NULL, PF(P_EMBLNW),
+                                                         PF(P_EMBLNB), (int)BT, (int)T, (int)C, c->eps, dropout, seed);
+        CU_LAUNCHED("embedding + LayerNorm");
+        for (size_t l = 0; l < L; l++) {
+            bf16 *xin = s->xb + l * BT * C, *qkvh = s->qkvh + l * 3 * HT, *P = s->P + l * A;
+            bf16 *atty = s->atty + l * BT * C;
+            uint32_t site = (uint32_t)(1 + 3 * l);
+            KST_TRY(lin_fwd(g, g->qkv_tmp, xin, PB(P_QKVW) + l * 3 * C * C, BT, C, 3 * C, err));
+            split_heads<<<blocks(BT * 3 * C / 8, 256), 256, 0, st>>>(qkvh, g->qkv_tmp, PF(P_QKVB) + l * 3 * C, (int)B,
+                                                                    (int)T, (int)NH, (int)hs, 3);
+            CU_LAUNCHED("split heads");
+            /* S (T, T) = scale q k^T per (b, h) */
+            KST_TRY(gemm(g, TT_, NT, (int)T, (int)T, (int)hs, scale, qkvh + HT, (int)hs, (long long)(T * hs), qkvh,
+                         (int)hs, (long long)(T * hs), 0.0f, g->S, CUDA_R_32F, (int)T, (long long)(T * T), (int)(B * NH), err));
+            softmax_fwd<<<blocks(B * NH * T, RW), RW * 32, 0, st>>>(P, dropout > 0 ? g->Pd : NULL, g->S, s->valid, (int)B,
+                                                                   (int)NH, (int)T, dropout, seed, site);
+            CU_LAUNCHED("softmax");
+            /* O (T, hs) = Pd (T, T) @ v (T, hs) */
+            KST_TRY(gemm(g, NT, NT, (int)hs, (int)T, (int)T, 1.0f, qkvh + 2 * HT, (int)hs, (long long)(T * hs),
+                         dropout > 0 ? g->Pd : P, (int)T, (long long)(T * T), 0.0f, g->o, CUDA_R_16BF, (int)hs,
+                         (long long)(T * hs), (int)(B * NH), err));
+            merge_heads<<<blocks(BT * C / 8, 256), 256, 0, st>>>(atty, g->o, (int)B, (int)T, (int)NH, (int)hs, 1);
+            CU_LAUNCHED("merge heads");
+            KST_TRY(lin_fwd(g, g->tmpC, atty, PB(P_ATTPROJW) + l * C * C, BT, C, C, err));
+            bias_res_ln_fwd<<<blocks(BT, RW), RW * 32, 0, st>>>(
+                s->res1 + l * BT * C, s->ln1_mean + l * BT, s->ln1_rstd + l * BT, s->ln1f + l * BT * C,
+                s->ln1b + l * BT * C, g->tmpC, PF(P_ATTPROJB) + l * C, s->xf + l * BT * C, PF(P_LN1W) + l * C,
+                PF(P_LN1B) + l * C, (int)BT, (int)C, c->eps, bert ? dropout : 0.0f, seed, site + 1);
+            CU_LAUNCHED("bias + residual + LayerNorm");
+            bf16 *fch = s->fch + l * BT * FF, *fca = s->fca + l * BT * FF;
+            KST_TRY(lin_fwd(g, fch, s->ln1b + l * BT * C, PB(P_FCW) + l * FF * C, BT, C, FF, err));
+            bias_act_fwd<<<blocks(BT * FF, 256), 256, 0, st>>>(fch, fca, PF(P_FCB) + l * FF, BT * FF, (int)FF, (int)c->act);
+            CU_LAUNCHED("bias + activation");
+            KST_TRY(lin_fwd(g, g->tmpC, fca, PB(P_FCPROJW) + l * C * FF, BT, FF, C, err));
+            bias_res_ln_fwd<<<blocks(BT, RW), RW * 32, 0, st>>>(
+                s->res2 + l * BT * C, s->ln2_mean + l * BT, s->ln2_rstd + l * BT, s->xf + (l + 1) * BT * C,
+                s->xb + (l + 1) * BT * C, g->tmpC, PF(P_FCPROJB) + l * C, s->ln1f + l * BT * C, PF(P_LN2W) + l * C,
+                PF(P_LN2B) + l * C, (int)BT, (int)C, c->eps, dropout, seed, site + 2);
+            CU_LAUNCHED("bias + residual + LayerNorm");
+        }
+        const float *h = s->xf + L * BT * C;
+        pool_fwd<<<blocks(B * C, 256), 256, 0, st>>>(s->pooled, h, s->valid, g->modes, (int)B, (int)T, (int)C);
+        CU_LAUNCHED("pooling");
+        if (g->normalize) {
+            l2norm_fwd<<<blocks(B, RW), RW * 32, 0, st>>>(s->vec, s->norm, s->pooled, (int)B, (int)g->D);
+            CU_LAUNCHED("Normalize");
+        } else {
+            CU_TRY(cudaMemcpyAsync(s->vec, s->pooled, B * g->D * sizeof(float), cudaMemcpyDeviceToDevice, st), "copying vectors");
+        }
+    }
+done:
+    return rc;
+}
+
+extern "C" int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int sidx, const float *dvec, kst_error *err) {
+    int rc = KST_OK;
+    const kst_bert_config *c = &g->cfg;
+    if (sidx < 0 || sidx >= KST_GPU_TRAIN_SIDES || !g->side[sidx].B)
+        return kst_fail(err, KST_ERR_MISUSE, "GPU training: backward of side %d without its forward", sidx);
+    gside *s = &g->side[sidx];
+    size_t B = s->B, T = s->T, BT = B * T, C = c->C, FF = c->FF, NH = c->NH, hs = g->hs, L = c->L, D = g->D;
+    size_t A = B * NH * T * T, HT = BT * C;
+    float p = s->dropout, scale = 1.0f / sqrtf((float)hs);
+    uint64_t seed = s->seed;
+    int bert = c->arch == KST_ARCH_BERT;
+    cudaStream_t st = g->stream;
+    const float *dpool = dvec;
+    if (g->normalize) {
+        l2norm_bwd<<<blocks(B, RW), RW * 32, 0, st>>>(s->dpool, dvec, s->vec, s->norm, (int)B, (int)D);
+        CU_LAUNCHED("Normalize backward");
+        dpool = s->dpool;
+    }
+    pool_bwd<<<blocks(BT * C, 256), 256, 0, st>>>(g->dx, dpool, s->valid, g->modes, (int)B, (int)T, (int)C);
+    CU_LAUNCHED("pooling backward");
+    for (size_t l = L; l-- > 0;) {
+        uint32_t site = (uint32_t)(1 + 3 * l);
+        const bf16 *qkvh = s->qkvh + l * 3 * HT, *P = s->P + l * A;
+        /* LN2: dres = d res2; tmpC = d fcproj (through its dropout) */
+        ln_bwd<<<blocks(BT, RW), RW * 32, 0, st>>>(g->dres, g->tmpC, g->dx, s->res2 + l * BT * C, PF(P_LN2W) + l * C,
+                                                   s->ln2_mean + l * BT, s->ln2_rstd + l * BT, (int)BT, (int)C, 0.0f, 0,
+                                                   p, site + 2, seed);
+        CU_LAUNCHED("LayerNorm backward");
+        ln_param_bwd<<<colsum_grid(BT, C), dim3(32, 8), 0, st>>>(GR(P_LN2W) + l * C, GR(P_LN2B) + l * C, g->dx,
+                                                                 s->res2 + l * BT * C, s->ln2_mean + l * BT,
+                                                                 s->ln2_rstd + l * BT, (int)BT, (int)C, 0.0f, 0, seed);
+        CU_LAUNCHED("LayerNorm parameter backward");
+        colsum_bf16<<<colsum_grid(BT, C), dim3(32, 8), 0, st>>>(GR(P_FCPROJB) + l * C, g->tmpC, (int)BT, (int)C);
+        CU_LAUNCHED("bias backward");
+        KST_TRY(lin_dw(g, GR(P_FCPROJW) + l * C * FF, g->tmpC, s->fca + l * BT * FF, BT, FF, C, err));
+        KST_TRY(lin_dx(g, g->dff, CUDA_R_16BF, 0.0f, g->tmpC, PB(P_FCPROJW) + l * C * FF, BT, FF, C, err));
+        act_bwd<<<blocks(BT * FF, 256), 256, 0, st>>>(g->dff, s->fch + l * BT * FF, BT * FF, (int)c->act);
+        CU_LAUNCHED("activation backward");
+        colsum_bf16<<<colsum_grid(BT, FF), dim3(32, 8), 0, st>>>(GR(P_FCB) + l * FF, g->dff, (int)BT, (int)FF);
+        CU_LAUNCHED("bias backward");
+        KST_TRY(lin_dw(g, GR(P_FCW) + l * FF * C, g->dff, s->ln1b + l * BT * C, BT, C, FF, err));
+        KST_TRY(lin_dx(g, g->dres, CUDA_R_32F, 1.0f, g->dff, PB(P_FCW) + l * FF * C, BT, C, FF, err));
+        /* LN1: dx = d res1 (the residual's share goes to the layer input), tmpC = d attproj */
+        ln_bwd<<<blocks(BT, RW), RW * 32, 0, st>>>(g->dx, g->tmpC, g->dres, s->res1 + l * BT * C, PF(P_LN1W) + l * C,
+                                                   s->ln1_mean + l * BT, s->ln1_rstd + l * BT, (int)BT, (int)C, 0.0f, 0,
+                                                   bert ? p : 0.0f, site + 1, seed);
+        CU_LAUNCHED("LayerNorm backward");
+        ln_param_bwd<<<colsum_grid(BT, C), dim3(32, 8), 0, st>>>(GR(P_LN1W) + l * C, GR(P_LN1B) + l * C, g->dres,
+                                                                 s->res1 + l * BT * C, s->ln1_mean + l * BT,
+                                                                 s->ln1_rstd + l * BT, (int)BT, (int)C, 0.0f, 0, seed);
+        CU_LAUNCHED("LayerNorm parameter backward");
+        colsum_bf16<<<colsum_grid(BT, C), dim3(32, 8), 0, st>>>(GR(P_ATTPROJB) + l * C, g->tmpC, (int)BT, (int)C);
+        CU_LAUNCHED("bias backward");
+        KST_TRY(lin_dw(g, GR(P_ATTPROJW) + l * C * C, g->tmpC, s->atty + l * BT * C, BT, C, C, err));
+        KST_TRY(lin_dx(g, g->tmpC2, CUDA_R_16BF, 0.0f, g->tmpC, PB(P_ATTPROJW) + l * C * C, BT, C, C, err));
+        /* attention: dO per head, then dv, dP, dS, dq, dk */
+        split_heads<<<blocks(BT * C / 8, 256), 256, 0, st>>>(g->o, g->tmpC2, NULL, (int)B, (int)T, (int)NH, (int)hs, 1);
+        CU_LAUNCHED("split heads");
+        const bf16 *Pdp = P;
+        if (p > 0) {
+            att_drop<<<blocks(A, 256), 256, 0, st>>>(g->Pd, P, A, p, seed, site);
+            CU_LAUNCHED("attention dropout");
+            Pdp = g->Pd;
+        }
+        /* dv (T, hs) = Pd^T (T, T) @ dO (T, hs) */
+        KST_TRY(gemm(g, NT, TT_, (int)hs, (int)T, (int)T, 1.0f, g->o, (int)hs, (long long)(T * hs), Pdp, (int)T,
+                     (long long)(T * T), 0.0f, g->dqkvh + 2 * HT, CUDA_R_16BF, (int)hs, (long long)(T * hs), (int)(B * NH), err));
+        /* dPd (T, T) = dO (T, hs) @ v (T, hs)^T */
+        KST_TRY(gemm(g, TT_, NT, (int)T, (int)T, (int)hs, 1.0f, qkvh + 2 * HT, (int)hs, (long long)(T * hs), g->o,
+                     (int)hs, (long long)(T * hs), 0.0f, g->S, CUDA_R_32F, (int)T, (long long)(T * T), (int)(B * NH), err));
+        softmax_bwd<<<blocks(B * NH * T, RW), RW * 32, 0, st>>>(g->Pd, g->S, P, (int)(B * NH * T), (int)T, p, seed, site);
+        CU_LAUNCHED("softmax backward");
+        /* dq (T, hs) = scale dS (T, T) @ k (T, hs); dk (T, hs) = scale dS^T @ q */
+        KST_TRY(gemm(g, NT, NT, (int)hs, (int)T, (int)T, scale, qkvh + HT, (int)hs, (long long)(T * hs), g->Pd, (int)T,
+                     (long long)(T * T), 0.0f, g->dqkvh, CUDA_R_16BF, (int)hs, (long long)(T * hs), (int)(B * NH), err));
+        KST_TRY(gemm(g, NT, TT_, (int)hs, (int)T, (int)T, scale, qkvh, (int)hs, (long long)(T * hs), g->Pd, (int)T,
+                     (long long)(T * T), 0.0f, g->dqkvh + HT, CUDA_R_16BF, (int)hs, (long long)(T * hs), (int)(B * NH), err));
+        merge_heads<<<blocks(BT * 3 * C / 8, 256), 256, 0, st>>>(g->qkv_tmp, g->dqkvh, (int)B, (int)T, (int)NH, (int)hs, 3);
+        CU_LAUNCHED("merge heads");
+        colsum_bf16<<<colsum_grid(BT, 3 * C), dim3(32, 8), 0, st>>>(GR(P_QKVB) + l * 3 * C, g->qkv_tmp, (int)BT, (int)(3 * C));
+        CU_LAUNCHED("bias backward");
+        KST_TRY(lin_dw(g, GR(P_QKVW) + l * 3 * C * C, g->qkv_tmp, s->xb + l * BT * C, BT, C, 3 * C, err));
+        KST_TRY(lin_dx(g, g->dx, CUDA_R_32F, 1.0f, g->qkv_tmp, PB(P_QKVW) + l * 3 * C * C, BT, C, 3 * C, err));
+    }
+    /* x[0] = dropout(LN(emb)) */
+    ln_bwd<<<blocks(BT, RW), RW * 32, 0, st>>>(g->dres, NULL, g->dx, s->emb, PF(P_EMBLNW), s->emb_mean, s->emb_rstd,
+                                               (int)BT, (int)C, p, 0, 0.0f, 0, seed);
+    CU_LAUNCHED("embedding LayerNorm backward");
+    ln_param_bwd<<<colsum_grid(BT, C), dim3(32, 8), 0, st>>>(GR(P_EMBLNW), GR(P_EMBLNB), g->dx, s->emb, s->emb_mean,
+                                                             s->emb_rstd, (int)BT, (int)C, p, 0, seed);
+    CU_LAUNCHED("embedding LayerNorm parameter backward");
+    embed_bwd<<<blocks(BT, RW), RW * 32, 0, st>>>(GR(P_WTE), GR(P_WPE), c->TT ? GR(P_WTT) : NULL, g->dres, s->ids,
+                                                  s->types, (int)BT, (int)T, (int)C);
+    CU_LAUNCHED("embedding backward");
+done:
+    return rc;
+}
+
+extern "C" const float *kst_bert_gpu_train_vectors(const kst_bert_gpu_train *g, int side) {
+    return side >= 0 && side < KST_GPU_TRAIN_SIDES ? g->side[side].vec : NULL;
+}
+extern "C" size_t kst_bert_gpu_train_dim(const kst_bert_gpu_train *g) { return g->D; }
+extern "C" size_t kst_bert_gpu_train_num_params(const kst_bert_gpu_train *g) { return g->NP; }
+extern "C" float *kst_bert_gpu_train_params(kst_bert_gpu_train *g) { return g->params; }
+extern "C" float *kst_bert_gpu_train_grads(kst_bert_gpu_train *g) { return g->grads; }
+extern "C" void *kst_bert_gpu_train_params_bf16(kst_bert_gpu_train *g) { return g->pb16; }
+extern "C" void *kst_bert_gpu_train_stream(kst_bert_gpu_train *g) { return g->stream; }
+extern "C" size_t kst_bert_gpu_train_bytes(const kst_bert_gpu_train *g) { return g->bytes; }
+extern "C" size_t kst_bert_gpu_train_peak_bytes(const kst_bert_gpu_train *g) { return g->peak; }
+
+extern "C" int kst_bert_gpu_train_zero_grads(kst_bert_gpu_train *g, kst_error *err) {
+    int rc = KST_OK;
+    CU_TRY(cudaMemsetAsync(g->grads, 0, g->NP * sizeof(float), g->stream), "zeroing the gradients");
+done:
+    return rc;
+}
+
+extern "C" int kst_bert_gpu_train_get_params(kst_bert_gpu_train *g, float *params, kst_error *err) {
+    int rc = KST_OK;
+    CU_TRY(cudaMemcpyAsync(params, g->params, g->NP * sizeof(float), cudaMemcpyDeviceToHost, g->stream), "copying the weights back");
+    CU_TRY(cudaStreamSynchronize(g->stream), "GPU training");
+done:
+    return rc;
+}
+
+extern "C" int kst_bert_gpu_train_set_params(kst_bert_gpu_train *g, const float *params, kst_error *err) {
+    int rc = KST_OK;
+    CU_TRY(cudaMemcpyAsync(g->params, params, g->NP * sizeof(float), cudaMemcpyHostToDevice, g->stream), "copying the weights");
+    to_bf16<<<blocks(g->NP, 256), 256, 0, g->stream>>>(g->pb16, g->params, g->NP);
+    CU_LAUNCHED("bf16 weights");
+    CU_TRY(cudaStreamSynchronize(g->stream), "GPU training");
+done:
+    return rc;
+}
+
+extern "C" int kst_bert_gpu_train_get_grads(kst_bert_gpu_train *g, float *grads, kst_error *err) {
+    int rc = KST_OK;
+    CU_TRY(cudaMemcpyAsync(grads, g->grads, g->NP * sizeof(float), cudaMemcpyDeviceToHost, g->stream), "copying the gradients back");
+    CU_TRY(cudaStreamSynchronize(g->stream), "GPU training");
+done:
+    return rc;
+}

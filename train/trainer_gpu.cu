@@ -1,0 +1,310 @@
+/* trainer_gpu.cu - the Margin-MSE step of a dense student on the GPU: scores, loss and its
+ * gradient, global-norm clipping and AdamW / SGD as one kernel over the flat parameter buffer. */
+#include "core/gpu_util.cuh"
+
+#include <cuda_bf16.h>
+#include <math.h>
+#include <string.h>
+
+extern "C" {
+#include "core/mem.h"
+#include "encoders/bert_gpu_train.h"
+#include "train/trainer_gpu.h"
+}
+
+struct kst_gpu_trainer {
+    kst_bert_gpu_train *g;
+    size_t NP, D, cap_pairs, cap_q, cap_p;
+    cudaStream_t stream;
+    float *m, *v;            /* AdamW moments (NP) */
+    unsigned char *decay;    /* (NP) or NULL */
+    float *s, *t, *ds;       /* (B, n) scores, teacher scores, d loss / d scores */
+    float *dq, *dp;          /* (B, D), (B n, D) d loss / d vectors */
+    float *dloss;            /* the step's loss (1) */
+    double *dss;             /* sum of squared gradients (1) */
+    float *hloss;            /* pinned: loss */
+    double *hss;             /* pinned: sum of squares */
+    size_t B, n;
+    size_t bytes;
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* kernels */
+
+/* One warp per pair: s[b n + k] = q[b] . p[b n + k]. */
+__global__ void pair_scores(float *s, const float *q, const float *p, int B, int n, int D) {
+    int pr = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (pr >= B * n) return;
+    const float *a = q + (size_t)(pr / n) * D, *b = p + (size_t)pr * D;
+    float acc = 0;
+    for (int k = lane; k < D; k += 32) acc += a[k] * b[k];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) s[pr] = acc;
+}
+
+/* One block: loss = mean_{b, i >= 1} ((s0 - si) - (t0 - ti))^2 and ds = its gradient (written),
+ * as train/loss.c (sums in double). */
+__global__ void margin_mse(float *loss, float *ds, const float *s, const float *t, int B, int n) {
+    __shared__ double part[256];
+    double c = 2.0 / (double)(B * (n - 1)), acc = 0;
+    for (int b = threadIdx.x; b < B; b += blockDim.x) {
+        const float *sb = s + (size_t)b * n, *tb = t + (size_t)b * n;
+        double dpos = 0;
+        for (int i = 1; i < n; i++) {
+            double e = ((double)sb[0] - sb[i]) - ((double)tb[0] - tb[i]);
+            acc += e * e;
+            dpos += c * e;
+            ds[(size_t)b * n + i] = (float)(-c * e);
+        }
+        ds[(size_t)b * n] = (float)dpos;
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) *loss = (float)(part[0] / (double)(B * (n - 1)));
+}
+
+/* dq[b] = sum_k ds[b, k] p[b n + k]; dp[b n + k] = ds[b, k] q[b]; one thread per element. */
+__global__ void score_bwd(float *dq, float *dp, const float *ds, const float *q, const float *p, int B,
+                          int n, int D) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, nq = (size_t)B * D;
+    if (i < nq) {
+        size_t b = i / D, k = i % D;
+        float a = 0;
+        for (int j = 0; j < n; j++) a += ds[b * n + j] * p[(b * n + j) * D + k];
+        dq[i] = a;
+    } else if (i < nq + (size_t)B * n * D) {
+        size_t e = i - nq, pr = e / D, k = e % D;
+        dp[e] = ds[pr] * q[(pr / n) * D + k];
+    }
+}
+
+/* *ss += sum g^2 (float partials per thread, double across blocks). */
+__global__ void sum_squares(double *ss, const float *g, size_t n) {
+    __shared__ float part[256];
+    float acc = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        acc += g[i] * g[i];
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) atomicAdd(ss, (double)part[0]);
+}
+
+struct adamw_args {
+    float shrink, w1, beta2, w2, step_size, bc2_sqrt, eps, lr, max_norm;
+    int sgd;
+};
+
+/* One update over the flat buffer: the clipping coefficient from *ss (torch's
+ * clip_grad_norm_), then AdamW as kst_adamw_update (or SGD), and the bf16 copy of the weight. */
+__global__ void adamw_step(float *params, __nv_bfloat16 *pb16, float *m, float *v, const float *grads,
+                           const unsigned char *decay, size_t n, adamw_args a, const double *ss) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = grads[i];
+    if (a.max_norm > 0) {
+        float total = (float)sqrt(*ss);
+        float coef = a.max_norm / (total + 1e-6f);
+        if (coef > 1.0f) coef = 1.0f;
+        if (total != total) coef = NAN;
+        g *= coef;
+    }
+    float p = params[i];
+    if (a.sgd) {
+        p = p + (-a.lr) * g;
+    } else {
+        if (!decay || decay[i]) p = p * a.shrink;
+        float mi = m[i], w1 = a.w1;
+        mi = w1 < 0.5f ? mi + w1 * (g - mi) : g - (g - mi) * (1.0f - w1);
+        float vi = v[i] * a.beta2 + a.w2 * g * g;
+        float denom = sqrtf(vi) / a.bc2_sqrt + a.eps;
+        p = p + (-a.step_size) * (mi / denom);
+        m[i] = mi;
+        v[i] = vi;
+    }
+    params[i] = p;
+    pb16[i] = __float2bfloat16(p);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* API */
+
+static unsigned nblocks(size_t n, unsigned per) { return (unsigned)((n + per - 1) / per); }
+
+static int talloc(kst_gpu_trainer *t, void **p, size_t bytes, const char *what, kst_error *err) {
+    int rc = kst_gpu_alloc(p, bytes, what, err);
+    if (rc == KST_OK) t->bytes += bytes;
+    return rc;
+}
+
+extern "C" void kst_gpu_trainer_free(kst_gpu_trainer *t) {
+    if (!t) return;
+    if (t->stream) cudaStreamSynchronize(t->stream);
+    void *bufs[] = {t->m, t->v, t->decay, t->s, t->t, t->ds, t->dq, t->dp, t->dloss, t->dss};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i]) cudaFree(bufs[i]);
+    if (t->hloss) cudaFreeHost(t->hloss);
+    if (t->hss) cudaFreeHost(t->hss);
+    kst_bert_gpu_train_free(t->g);
+    kst_free(t);
+}
+
+extern "C" int kst_gpu_trainer_create(const kst_bert *m, unsigned pool_modes, int normalize,
+                                      const unsigned char *decay, kst_gpu_trainer **out, kst_error *err) {
+    *out = NULL;
+    int rc = KST_OK;
+    kst_gpu_trainer *t = (kst_gpu_trainer *)kst_calloc(1, sizeof *t, "GPU trainer", err);
+    if (!t) return KST_ERR_NOMEM;
+    KST_TRY(kst_bert_gpu_train_create(m, pool_modes, normalize, &t->g, err));
+    t->NP = kst_bert_gpu_train_num_params(t->g);
+    t->D = kst_bert_gpu_train_dim(t->g);
+    t->stream = (cudaStream_t)kst_bert_gpu_train_stream(t->g);
+    KST_TRY(talloc(t, (void **)&t->m, t->NP * sizeof(float), "AdamW moments", err));
+    KST_TRY(talloc(t, (void **)&t->v, t->NP * sizeof(float), "AdamW moments", err));
+    CU_TRY(cudaMemsetAsync(t->m, 0, t->NP * sizeof(float), t->stream), "zeroing the moments");
+    CU_TRY(cudaMemsetAsync(t->v, 0, t->NP * sizeof(float), t->stream), "zeroing the moments");
+    if (decay) {
+        KST_TRY(talloc(t, (void **)&t->decay, t->NP, "the weight-decay mask", err));
+        CU_TRY(cudaMemcpy(t->decay, decay, t->NP, cudaMemcpyHostToDevice), "copying the weight-decay mask");
+    }
+    KST_TRY(talloc(t, (void **)&t->dloss, sizeof(float), "the loss", err));
+    KST_TRY(talloc(t, (void **)&t->dss, sizeof(double), "the gradient norm", err));
+    CU_TRY(cudaMallocHost((void **)&t->hloss, sizeof(float)), "pinned memory");
+    CU_TRY(cudaMallocHost((void **)&t->hss, sizeof(double)), "pinned memory");
+    CU_TRY(cudaStreamSynchronize(t->stream), "GPU trainer");
+    *out = t;
+    return KST_OK;
+done:
+    kst_gpu_trainer_free(t);
+    return rc;
+}
+
+/* Grows the score buffers for B queries of n passages. */
+static int pairs_reserve(kst_gpu_trainer *t, size_t B, size_t n, kst_error *err) {
+    int rc = KST_OK;
+    size_t pairs = B * n;
+    if (pairs > t->cap_pairs || B > t->cap_q) {
+        cudaStreamSynchronize(t->stream);
+        float **bufs[] = {&t->s, &t->t, &t->ds, &t->dq, &t->dp};
+        for (size_t i = 0; i < 5; i++) {
+            if (*bufs[i]) cudaFree(*bufs[i]);
+            *bufs[i] = NULL;
+        }
+        t->bytes -= (3 * t->cap_pairs + t->cap_q * t->D + t->cap_pairs * t->D) * sizeof(float);
+        t->cap_pairs = t->cap_q = 0;
+        KST_TRY(talloc(t, (void **)&t->s, pairs * sizeof(float), "scores", err));
+        KST_TRY(talloc(t, (void **)&t->t, pairs * sizeof(float), "scores", err));
+        KST_TRY(talloc(t, (void **)&t->ds, pairs * sizeof(float), "scores", err));
+        KST_TRY(talloc(t, (void **)&t->dq, B * t->D * sizeof(float), "vector gradients", err));
+        KST_TRY(talloc(t, (void **)&t->dp, pairs * t->D * sizeof(float), "vector gradients", err));
+        t->cap_pairs = pairs, t->cap_q = B;
+    }
+done:
+    return rc;
+}
+
+extern "C" int kst_gpu_trainer_forward_backward(kst_gpu_trainer *t, const kst_gpu_batch *q,
+                                                const kst_gpu_batch *p, const float *teacher, size_t n,
+                                                float dropout, uint64_t seed_q, uint64_t seed_p,
+                                                kst_error *err) {
+    int rc = KST_OK;
+    size_t B = q->rows, D = t->D;
+    if (n < 2 || p->rows != B * n)
+        return kst_fail(err, KST_ERR_SHAPE, "GPU training: %zu passages for %zu queries of %zu passages each (need n >= 2)",
+                        p->rows, B, n);
+    KST_TRY(pairs_reserve(t, B, n, err));
+    t->B = B, t->n = n;
+    KST_TRY(kst_bert_gpu_train_zero_grads(t->g, err));
+    KST_TRY(kst_bert_gpu_train_forward(t->g, 0, q->ids, q->types, q->valid, q->rows, q->T, dropout, seed_q, err));
+    KST_TRY(kst_bert_gpu_train_forward(t->g, 1, p->ids, p->types, p->valid, p->rows, p->T, dropout, seed_p, err));
+    {
+        const float *qv = kst_bert_gpu_train_vectors(t->g, 0), *pv = kst_bert_gpu_train_vectors(t->g, 1);
+        CU_TRY(cudaMemcpyAsync(t->t, teacher, B * n * sizeof(float), cudaMemcpyHostToDevice, t->stream), "copying teacher scores");
+        pair_scores<<<nblocks(B * n, 8), 256, 0, t->stream>>>(t->s, qv, pv, (int)B, (int)n, (int)D);
+        CU_LAUNCHED("scores");
+        margin_mse<<<1, 256, 0, t->stream>>>(t->dloss, t->ds, t->s, t->t, (int)B, (int)n);
+        CU_LAUNCHED("Margin-MSE");
+        score_bwd<<<nblocks(B * D + B * n * D, 256), 256, 0, t->stream>>>(t->dq, t->dp, t->ds, qv, pv, (int)B, (int)n, (int)D);
+        CU_LAUNCHED("score backward");
+    }
+    KST_TRY(kst_bert_gpu_train_backward(t->g, 0, t->dq, err));
+    KST_TRY(kst_bert_gpu_train_backward(t->g, 1, t->dp, err));
+done:
+    return rc;
+}
+
+extern "C" int kst_gpu_trainer_update(kst_gpu_trainer *t, int sgd, double lr, long step,
+                                      const kst_adamw_config *ac, double grad_clip, float *loss,
+                                      float *gnorm, kst_error *err) {
+    int rc = KST_OK;
+    float *params = kst_bert_gpu_train_params(t->g), *grads = kst_bert_gpu_train_grads(t->g);
+    __nv_bfloat16 *pb16 = (__nv_bfloat16 *)kst_bert_gpu_train_params_bf16(t->g);
+    adamw_args a;
+    memset(&a, 0, sizeof a);
+    /* the scalars as kst_adamw_update forms them (double, then float) */
+    double b1 = ac->beta1, b2 = ac->beta2;
+    a.shrink = (float)(1.0 - lr * ac->weight_decay);
+    a.w1 = (float)(1.0 - b1);
+    a.beta2 = (float)b2;
+    a.w2 = (float)(1.0 - b2);
+    a.step_size = (float)(lr / (1.0 - pow(b1, (double)step)));
+    a.bc2_sqrt = (float)sqrt(1.0 - pow(b2, (double)step));
+    a.eps = (float)ac->eps;
+    a.lr = (float)lr;
+    a.max_norm = (float)grad_clip;
+    a.sgd = sgd;
+    CU_TRY(cudaMemsetAsync(t->dss, 0, sizeof(double), t->stream), "zeroing the norm");
+    if (grad_clip > 0) {
+        sum_squares<<<1024, 256, 0, t->stream>>>(t->dss, grads, t->NP);
+        CU_LAUNCHED("gradient norm");
+    }
+    adamw_step<<<nblocks(t->NP, 256), 256, 0, t->stream>>>(params, pb16, t->m, t->v, grads, t->decay, t->NP, a, t->dss);
+    CU_LAUNCHED("AdamW");
+    CU_TRY(cudaMemcpyAsync(t->hloss, t->dloss, sizeof(float), cudaMemcpyDeviceToHost, t->stream), "copying the loss");
+    CU_TRY(cudaMemcpyAsync(t->hss, t->dss, sizeof(double), cudaMemcpyDeviceToHost, t->stream), "copying the norm");
+    CU_TRY(cudaStreamSynchronize(t->stream), "GPU training step");
+    if (loss) *loss = *t->hloss;
+    if (gnorm) *gnorm = grad_clip > 0 ? (float)sqrt(*t->hss) : 0.0f;
+done:
+    return rc;
+}
+
+extern "C" int kst_gpu_trainer_grads(kst_gpu_trainer *t, float *grads, float *loss, kst_error *err) {
+    int rc = KST_OK;
+    KST_TRY(kst_bert_gpu_train_get_grads(t->g, grads, err));
+    CU_TRY(cudaMemcpy(t->hloss, t->dloss, sizeof(float), cudaMemcpyDeviceToHost), "copying the loss");
+    if (loss) *loss = *t->hloss;
+done:
+    return rc;
+}
+
+extern "C" int kst_gpu_trainer_get_state(kst_gpu_trainer *t, float *params, float *m, float *v, kst_error *err) {
+    int rc = KST_OK;
+    if (m) CU_TRY(cudaMemcpyAsync(m, t->m, t->NP * sizeof(float), cudaMemcpyDeviceToHost, t->stream), "copying the moments back");
+    if (v) CU_TRY(cudaMemcpyAsync(v, t->v, t->NP * sizeof(float), cudaMemcpyDeviceToHost, t->stream), "copying the moments back");
+    KST_TRY(kst_bert_gpu_train_get_params(t->g, params, err)); /* waits */
+done:
+    return rc;
+}
+
+extern "C" int kst_gpu_trainer_set_state(kst_gpu_trainer *t, const float *params, const float *m,
+                                         const float *v, kst_error *err) {
+    int rc = KST_OK;
+    if (m) CU_TRY(cudaMemcpyAsync(t->m, m, t->NP * sizeof(float), cudaMemcpyHostToDevice, t->stream), "copying the moments");
+    if (v) CU_TRY(cudaMemcpyAsync(t->v, v, t->NP * sizeof(float), cudaMemcpyHostToDevice, t->stream), "copying the moments");
+    KST_TRY(kst_bert_gpu_train_set_params(t->g, params, err)); /* waits */
+done:
+    return rc;
+}
+
+extern "C" size_t kst_gpu_trainer_peak_bytes(const kst_gpu_trainer *t) {
+    return t->bytes + kst_bert_gpu_train_peak_bytes(t->g);
+}
