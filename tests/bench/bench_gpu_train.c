@@ -1,0 +1,91 @@
+/* bench_gpu_train.c - the Margin-MSE training step on the GPU (train/trainer_gpu.h), printed as
+ * JSON for tests/gpu/report.py to set beside PyTorch's same step measured in the same run
+ * (tests/bench/bench_gpu_train_torch.py). Built and run by tests/gpu/run_all.sh.
+ *
+ * usage: bench_gpu_train MODEL_DIR B TQ TP REPS DROPOUT
+ *   B triples (a query, a positive, a negative), queries of TQ tokens and passages of TP, every
+ *   token valid, random ids (1000..21000, [CLS] first) copied from the host on every step, as the
+ *   anchor's; mean pooling + Normalize, Margin-MSE against random teacher scores, AdamW (lr 2e-5,
+ *   weight decay 0.01 on matrices and embeddings only), DROPOUT on the four sites of the CPU
+ *   trainer. 3 warm-up steps, then REPS steps timed one by one (each ends when the loss is back on
+ *   the host); median. Peak memory: the trainer's own GPU buffers at their largest. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/gpu.h"
+#include "encoders/encoder.h"
+#include "train/optim.h"
+#include "train/trainer_gpu.h"
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+static void die(const char *what, const kst_error *err) {
+    fprintf(stderr, "bench_gpu_train: %s: %s\n", what, err ? err->msg : "");
+    exit(1);
+}
+
+/* train/trainer.c's: decay on matrices and embeddings, not on biases or LayerNorms. */
+static const int DECAY[KST_BERT_NPARAMS] = {1, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1,
+                                            0, 1, 0, 0, 0, 1, 0, 1, 0, 1, 1, 0};
+
+int main(int argc, char **argv) {
+    if (argc < 7) {
+        fprintf(stderr, "usage: bench_gpu_train MODEL_DIR B TQ TP REPS DROPOUT\n");
+        return 2;
+    }
+    kst_error err;
+    kst_encoder *e = NULL;
+    if (kst_encoder_open(argv[1], KST_ROLE_AUTO, &e, &err) != KST_OK) die(argv[1], &err);
+    size_t B = (size_t)atol(argv[2]), Tq = (size_t)atol(argv[3]), Tp = (size_t)atol(argv[4]), n = 2;
+    int reps = atoi(argv[5]);
+    float dropout = (float)atof(argv[6]);
+    const kst_bert *m = &e->bert;
+    unsigned char *decay = malloc(m->num_params);
+    kst_decay_mask_fill(decay, m->param_sizes, DECAY, KST_BERT_NPARAMS);
+    kst_gpu_trainer *t = NULL;
+    if (kst_gpu_trainer_create(m, KST_POOL_MEAN, 1, decay, &t, &err) != KST_OK) die("GPU trainer", &err);
+    int32_t *qids = malloc(B * Tq * sizeof *qids), *pids = malloc(B * n * Tp * sizeof *pids);
+    int *qv = malloc(B * sizeof *qv), *pv = malloc(B * n * sizeof *pv);
+    float *teacher = malloc(B * n * sizeof *teacher);
+    uint64_t r = 42;
+    for (size_t i = 0; i < B * Tq; i++) r = r * 6364136223846793005ull + 1442695040888963407ull, qids[i] = i % Tq ? 1000 + (int32_t)((r >> 33) % 20000) : 101;
+    for (size_t i = 0; i < B * n * Tp; i++) r = r * 6364136223846793005ull + 1442695040888963407ull, pids[i] = i % Tp ? 1000 + (int32_t)((r >> 33) % 20000) : 101;
+    for (size_t i = 0; i < B; i++) qv[i] = (int)Tq;
+    for (size_t i = 0; i < B * n; i++) pv[i] = (int)Tp;
+    for (size_t i = 0; i < B * n; i++) r = r * 6364136223846793005ull + 1442695040888963407ull, teacher[i] = (float)((r >> 40) % 1000) / 100.0f;
+    kst_gpu_batch q = {qids, NULL, qv, B, Tq}, p = {pids, NULL, pv, B * n, Tp};
+    kst_adamw_config ac = kst_adamw_defaults();
+    ac.weight_decay = 0.01;
+    double *ts = malloc((size_t)reps * sizeof *ts);
+    float loss = 0, first = 0, gnorm = 0;
+    for (int i = 0; i < 3 + reps; i++) {
+        double t0 = now();
+        if (kst_gpu_trainer_forward_backward(t, &q, &p, teacher, n, dropout, 2 * (uint64_t)i + 1, 2 * (uint64_t)i + 2, &err) != KST_OK)
+            die("step", &err);
+        if (kst_gpu_trainer_update(t, 0, 2e-5, i + 1, &ac, 0, &loss, &gnorm, &err) != KST_OK) die("update", &err);
+        if (i >= 3) ts[i - 3] = now() - t0;
+        if (i == 0) first = loss;
+    }
+    qsort(ts, (size_t)reps, sizeof *ts, cmp_double);
+    double med = ts[reps / 2];
+    printf("{\"bench\": \"train\", \"model\": \"%s\", \"triples\": %zu, \"Tq\": %zu, \"Tp\": %zu, \"dropout\": %g, "
+           "\"step_ms\": %.3f, \"triples_per_s\": %.1f, \"gpu_peak_bytes\": %zu, \"loss_first\": %.5f, \"loss_last\": %.5f, "
+           "\"device\": \"%s\"}\n",
+           argv[1], B, Tq, Tp, (double)dropout, med * 1e3, (double)B / med, kst_gpu_trainer_peak_bytes(t), (double)first,
+           (double)loss, kst_gpu_describe());
+    kst_gpu_trainer_free(t);
+    kst_encoder_free(e);
+    free(decay), free(qids), free(pids), free(qv), free(pv), free(teacher), free(ts);
+    return 0;
+}

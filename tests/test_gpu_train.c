@@ -1,0 +1,433 @@
+/* test_gpu_train.c - GPU training (encoders/bert_gpu_train.h, train/trainer_gpu.h) against the
+ * CPU trainer, whose gradients tests/test_backward.c and test_train_parity.c check against
+ * PyTorch autograd: the gradients of one Margin-MSE step on three small students (the committed
+ * st_bert_mean fixture and two random ones: BERT with CLS + mean_sqrt_len pooling, DistilBERT),
+ * a directional-derivative check of the GPU gradient with dropout on (whose masks the CPU cannot
+ * reproduce), and `kestrel train margin-mse --device cuda` against the CPU run over 30 AdamW steps.
+ *
+ * Tolerances (bf16 matrix-product inputs keep 8 significant bits, 2^-9 = 0.2% per rounding,
+ * compounded over two layers forward and back): per tensor the relative L2 error of the GPU
+ * gradient against the CPU's is at most 0.05 and over the whole flat buffer at most 0.02; the
+ * losses agree within 1e-2 relative. Built in every build: without `make CUDA=1` or a GPU the GPU
+ * tests skip with the reason, and asking for GPU training must fail with a clear error (checked).
+ * tests/gpu/run_all.sh runs this on a GPU machine, also under compute-sanitizer. */
+#define _GNU_SOURCE
+#include "harness.h"
+#include "tmproot.h"
+
+#include <math.h>
+
+#include "core/gpu.h"
+#include "core/mem.h"
+#include "core/ops_backward.h"
+#include "encoders/bert_train.h"
+#include "encoders/encoder.h"
+#include "train/loss.h"
+#include "train/trainer.h"
+#include "train/trainer_gpu.h"
+
+#define FIX "tests/fixtures/models"
+
+static int g_have_gpu;
+static char g_why[KST_ERROR_MSG_MAX];
+
+static int setup(void **s) {
+    (void)s;
+    kst_error err;
+    g_have_gpu = kst_gpu_check(&err) == KST_OK;
+    if (!g_have_gpu) snprintf(g_why, sizeof g_why, "%s", err.msg);
+    else printf("GPU: %s\n", kst_gpu_describe());
+    return tmproot_make("kst_gpu_train");
+}
+
+static int teardown(void **s) {
+    (void)s;
+    return tmproot_remove();
+}
+
+#define NEED_GPU()                                                  \
+    do {                                                            \
+        if (!g_have_gpu) skip_because("no GPU: %s", g_why);         \
+    } while (0)
+
+static uint64_t g_rng = 0x2545F4914F6CDD1Dull;
+static float frand(void) { /* [-1, 1) */
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (float)((g_rng >> 40) / (double)(1ull << 24)) * 2.0f - 1.0f;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* a batch and the CPU reference step */
+
+typedef struct batch {
+    size_t B, n, Tq, Tp;
+    int32_t *qids, *pids;
+    int *qvalid, *pvalid;
+    float *teacher; /* (B, n) */
+} batch;
+
+static void batch_make(batch *b, size_t V, size_t B, size_t n, size_t Tq, size_t Tp) {
+    b->B = B, b->n = n, b->Tq = Tq, b->Tp = Tp;
+    b->qids = calloc(B * Tq, sizeof *b->qids);
+    b->pids = calloc(B * n * Tp, sizeof *b->pids);
+    b->qvalid = calloc(B, sizeof *b->qvalid);
+    b->pvalid = calloc(B * n, sizeof *b->pvalid);
+    b->teacher = calloc(B * n, sizeof *b->teacher);
+    for (size_t r = 0; r < B; r++) b->qvalid[r] = r == 0 ? (int)Tq : 1 + (int)((frand() + 1) * 0.5f * (float)(Tq - 1));
+    for (size_t r = 0; r < B * n; r++) b->pvalid[r] = r == 1 ? (int)Tp : 1 + (int)((frand() + 1) * 0.5f * (float)(Tp - 1));
+    for (size_t i = 0; i < B * Tq; i++) b->qids[i] = (int32_t)((frand() + 1) * 0.5f * (float)(V - 1));
+    for (size_t i = 0; i < B * n * Tp; i++) b->pids[i] = (int32_t)((frand() + 1) * 0.5f * (float)(V - 1));
+    for (size_t i = 0; i < B * n; i++) b->teacher[i] = 3.0f * frand();
+}
+
+static void batch_free(batch *b) {
+    free(b->qids), free(b->pids), free(b->qvalid), free(b->pvalid), free(b->teacher);
+}
+
+/* The CPU trainer's step without dropout (train/trainer.c's dense path): grads (zeroed here)
+ * and the loss. */
+static float cpu_step(const kst_bert *m, kst_bert *grads, unsigned modes, int normalize, const batch *b) {
+    kst_error err;
+    kst_bert_train_acts aq = {0}, ap = {0};
+    kst_head_acts hq = {0}, hp = {0};
+    size_t B = b->B, n = b->n, Bp = B * n, C = m->cfg.C, D = kst_pool_dim(modes, C);
+    assert_ok(kst_bert_train_forward(m, &aq, b->qids, NULL, b->qvalid, B, b->Tq, 0, NULL, &err), &err);
+    assert_ok(kst_bert_train_forward(m, &ap, b->pids, NULL, b->pvalid, Bp, b->Tp, 0, NULL, &err), &err);
+    assert_ok(kst_dense_head_forward(m, &hq, kst_bert_train_hidden(m, &aq), b->qvalid, modes, normalize, B, b->Tq, &err), &err);
+    assert_ok(kst_dense_head_forward(m, &hp, kst_bert_train_hidden(m, &ap), b->pvalid, modes, normalize, Bp, b->Tp, &err), &err);
+    float *s = calloc(Bp, sizeof *s), *ds = calloc(Bp, sizeof *ds);
+    float *dq = calloc(B * D, sizeof *dq), *dp = calloc(Bp * D, sizeof *dp);
+    for (size_t i = 0; i < B; i++)
+        for (size_t k = 0; k < n; k++) {
+            double a = 0;
+            for (size_t d = 0; d < D; d++) a += (double)hq.out[i * D + d] * hp.out[(i * n + k) * D + d];
+            s[i * n + k] = (float)a;
+        }
+    float loss = kst_margin_mse_forward(s, b->teacher, B, n);
+    kst_margin_mse_backward(ds, s, b->teacher, B, n, 1.0f);
+    for (size_t i = 0; i < B; i++)
+        for (size_t k = 0; k < n; k++)
+            for (size_t d = 0; d < D; d++) {
+                dq[i * D + d] += ds[i * n + k] * hp.out[(i * n + k) * D + d];
+                dp[(i * n + k) * D + d] += ds[i * n + k] * hq.out[i * D + d];
+            }
+    float *dhq = calloc(B * b->Tq * C, sizeof(float)), *dhp = calloc(Bp * b->Tp * C, sizeof(float));
+    kst_bert_grads_zero(grads);
+    kst_dense_head_backward(m, grads, &hq, dhq, dq, kst_bert_train_hidden(m, &aq), b->qvalid, modes, normalize, B, b->Tq);
+    kst_bert_train_backward(m, grads, &aq, dhq);
+    kst_dense_head_backward(m, grads, &hp, dhp, dp, kst_bert_train_hidden(m, &ap), b->pvalid, modes, normalize, Bp, b->Tp);
+    kst_bert_train_backward(m, grads, &ap, dhp);
+    free(s), free(ds), free(dq), free(dp), free(dhq), free(dhp);
+    kst_bert_train_acts_free(&aq), kst_bert_train_acts_free(&ap);
+    kst_head_acts_free(&hq), kst_head_acts_free(&hp);
+    return loss;
+}
+
+static const char *PNAMES[KST_BERT_NPARAMS] = {
+    "wte", "wpe", "wtt", "emb_ln.w", "emb_ln.b", "qkv.w", "qkv.b", "attproj.w", "attproj.b", "ln1.w",
+    "ln1.b", "fc.w", "fc.b", "fcproj.w", "fcproj.b", "ln2.w", "ln2.b", "pool.w", "pool.b", "cls.w",
+    "cls.b", "proj.w", "dense.w", "dense.b"};
+
+static int gpu_step(const kst_bert *m, unsigned modes, int normalize, const batch *b, float dropout,
+                    uint64_t seed, float *grads, float *loss, kst_gpu_trainer **keep) {
+    kst_error err;
+    kst_gpu_trainer *t = keep && *keep ? *keep : NULL;
+    if (!t) assert_ok(kst_gpu_trainer_create(m, modes, normalize, NULL, &t, &err), &err);
+    kst_gpu_batch q = {b->qids, NULL, b->qvalid, b->B, b->Tq}, p = {b->pids, NULL, b->pvalid, b->B * b->n, b->Tp};
+    assert_ok(kst_gpu_trainer_forward_backward(t, &q, &p, b->teacher, b->n, dropout, seed, seed + 1, &err), &err);
+    assert_ok(kst_gpu_trainer_grads(t, grads, loss, &err), &err);
+    if (keep) *keep = t;
+    else kst_gpu_trainer_free(t);
+    return 0;
+}
+
+/* GPU gradients of one step against the CPU's, per tensor. */
+static void grads_parity(const char *what, const kst_bert *m, unsigned modes, int normalize, const batch *b) {
+    kst_error err;
+    kst_bert grads = {0};
+    assert_ok(kst_bert_grads_alloc(&grads, m, &err), &err);
+    float cpu_loss = cpu_step(m, &grads, modes, normalize, b);
+    float *g = calloc(m->num_params, sizeof *g), gpu_loss = 0;
+    gpu_step(m, modes, normalize, b, 0.0f, 1, g, &gpu_loss, NULL);
+    printf("%s: loss CPU %.6g GPU %.6g\n", what, (double)cpu_loss, (double)gpu_loss);
+    assert_true(fabs(gpu_loss - cpu_loss) <= 1e-2 * fabs(cpu_loss) + 1e-6);
+    size_t at = 0;
+    double tot_d = 0, tot_r = 0, worst = 0;
+    for (int i = 0; i < KST_BERT_NPARAMS; i++) {
+        size_t sz = m->param_sizes[i];
+        double dd = 0, rr = 0;
+        for (size_t k = 0; k < sz; k++) {
+            double r = grads.param_mem[at + k], d = g[at + k] - r;
+            dd += d * d, rr += r * r;
+        }
+        tot_d += dd, tot_r += rr;
+        if (sz) {
+            double rel = rr > 0 ? sqrt(dd / rr) : sqrt(dd);
+            printf("  %-10s |g| %.3e  rel err %.2e  first CPU %+.5e GPU %+.5e\n", PNAMES[i], sqrt(rr), rel,
+                   (double)grads.param_mem[at], (double)g[at]);
+            if (rr > 1e-20 && rel > worst) worst = rel;
+            if (rr > 1e-20 && rel > 0.05) fail_msg("%s: gradient of %s: relative L2 error %.3g > 0.05", what, PNAMES[i], rel);
+            if (rr <= 1e-20 && sqrt(dd) > 1e-6) fail_msg("%s: gradient of %s should be 0, GPU norm %.3g", what, PNAMES[i], sqrt(dd));
+        }
+        at += sz;
+    }
+    double total = sqrt(tot_d / tot_r);
+    printf("%s: whole gradient rel err %.2e, worst tensor %.2e\n", what, total, worst);
+    assert_true(total <= 0.02);
+    free(g);
+    kst_bert_free(&grads);
+}
+
+/* A random student: weights uniform in [-0.1, 0.1], LayerNorm weights 1 +- 0.1. */
+static void random_model(kst_bert *m, kst_arch arch, size_t V, size_t C, size_t NH, size_t FF, size_t L, kst_act act) {
+    kst_bert_config c;
+    memset(&c, 0, sizeof c);
+    c.arch = arch, c.V = V, c.P = 64, c.TT = arch == KST_ARCH_BERT ? 2 : 0, c.C = C, c.L = L, c.NH = NH, c.FF = FF;
+    c.act = act, c.eps = 1e-12f;
+    kst_error err;
+    assert_ok(kst_bert_alloc(m, &c, &err), &err);
+    for (size_t i = 0; i < m->num_params; i++) m->param_mem[i] = 0.1f * frand();
+    float *lnw[] = {m->params.emblnw, m->params.ln1w, m->params.ln2w};
+    size_t lnn[] = {C, L * C, L * C};
+    for (int j = 0; j < 3; j++)
+        for (size_t i = 0; i < lnn[j]; i++) lnw[j][i] = 1.0f + 0.1f * frand();
+}
+
+static void test_grads_fixture(void **s) {
+    (void)s;
+    NEED_GPU();
+    kst_encoder *e = NULL;
+    kst_error err;
+    assert_ok(kst_encoder_open(FIX "/st_bert_mean", KST_ROLE_AUTO, &e, &err), &err);
+    batch b;
+    batch_make(&b, e->bert.cfg.V, 3, 2, 9, 13);
+    grads_parity("st_bert_mean (mean, Normalize)", &e->bert, e->pool_modes, e->normalize, &b);
+    batch_free(&b);
+    kst_encoder_free(e);
+}
+
+static void test_grads_random_bert(void **s) {
+    (void)s;
+    NEED_GPU();
+    kst_bert m;
+    random_model(&m, KST_ARCH_BERT, 97, 64, 4, 128, 2, KST_ACT_GELU);
+    batch b;
+    batch_make(&b, m.cfg.V, 4, 3, 11, 37);
+    grads_parity("random BERT 64/4/128 (cls + mean_sqrt_len)", &m, KST_POOL_CLS | KST_POOL_MEAN_SQRT, 0, &b);
+    batch_free(&b);
+    kst_bert_free(&m);
+}
+
+static void test_grads_random_distilbert(void **s) {
+    (void)s;
+    NEED_GPU();
+    kst_bert m;
+    random_model(&m, KST_ARCH_DISTILBERT, 61, 32, 2, 64, 3, KST_ACT_GELU_TANH);
+    batch b;
+    batch_make(&b, m.cfg.V, 2, 2, 5, 24);
+    grads_parity("random DistilBERT 32/2/64 (mean, Normalize)", &m, KST_POOL_MEAN, 1, &b);
+    batch_free(&b);
+    kst_bert_free(&m);
+}
+
+/* With dropout the CPU's masks differ, so the GPU gradient is checked against its own loss: the
+ * float32 parameters (biases, LayerNorm) are moved by +-eps along the gradient, with the same
+ * masks (same seed), and (L+ - L-) / (2 eps) must match |g|^2 within 10% (bf16 rounding of the
+ * activations makes the loss a little rough; the control without dropout passes the same check).
+ * The masks must also be deterministic for a seed, differ between seeds and change the loss. */
+static void dropout_check(float p) {
+    kst_bert m;
+    random_model(&m, KST_ARCH_BERT, 97, 64, 4, 128, 2, KST_ACT_GELU);
+    batch b;
+    batch_make(&b, m.cfg.V, 4, 2, 11, 29);
+    unsigned modes = KST_POOL_MEAN;
+    kst_gpu_trainer *t = NULL;
+    kst_error err;
+    float *g = calloc(m.num_params, sizeof *g), *g2 = calloc(m.num_params, sizeof *g2), l0, l1, l2, lp, lm;
+    gpu_step(&m, modes, 1, &b, p, 7, g, &l0, &t);
+    gpu_step(&m, modes, 1, &b, p, 7, g2, &l1, &t);
+    assert_true(l0 == l1); /* the forward has no atomics: same seed, same loss */
+    if (p > 0) {
+        gpu_step(&m, modes, 1, &b, p, 8, g2, &l2, &t);
+        assert_true(l2 != l0);
+    }
+    /* direction: the gradient on the float32-only tensors */
+    int f32[] = {4, 6, 8, 9, 10, 12, 14, 15, 16}; /* emb_ln.b, qkv.b, attproj.b, ln1.w, ln1.b, fc.b, fcproj.b, ln2.w, ln2.b */
+    size_t off[KST_BERT_NPARAMS], at = 0;
+    for (int i = 0; i < KST_BERT_NPARAMS; i++) off[i] = at, at += m.param_sizes[i];
+    double gg = 0;
+    for (size_t j = 0; j < sizeof f32 / sizeof f32[0]; j++)
+        for (size_t k = 0; k < m.param_sizes[f32[j]]; k++) gg += (double)g[off[f32[j]] + k] * g[off[f32[j]] + k];
+    double eps = 0.05 / sqrt(gg); /* a step of 0.05 in parameter space */
+    float *w = malloc(m.num_params * sizeof *w);
+    for (int sign = -1; sign <= 1; sign += 2) {
+        memcpy(w, m.param_mem, m.num_params * sizeof *w);
+        for (size_t j = 0; j < sizeof f32 / sizeof f32[0]; j++)
+            for (size_t k = 0; k < m.param_sizes[f32[j]]; k++) w[off[f32[j]] + k] += (float)(sign * eps * g[off[f32[j]] + k]);
+        assert_ok(kst_gpu_trainer_set_state(t, w, NULL, NULL, &err), &err);
+        gpu_step(&m, modes, 1, &b, p, 7, g2, sign < 0 ? &lm : &lp, &t);
+    }
+    double fd = ((double)lp - lm) / (2 * eps);
+    printf("dropout %.2f: loss %.6g (seed 8: %.6g); |g|^2 over float32 tensors %.6e, finite difference %.6e, ratio %.4f\n",
+           (double)p, (double)l0, p > 0 ? (double)l2 : (double)l0, gg, fd, fd / gg);
+    assert_true(fabs(fd / gg - 1.0) <= 0.10);
+    kst_gpu_trainer_free(t);
+    free(g), free(g2), free(w);
+    batch_free(&b);
+    kst_bert_free(&m);
+}
+
+static void test_dropout_no(void **s) {
+    (void)s;
+    NEED_GPU();
+    dropout_check(0.0f);
+}
+
+static void test_dropout(void **s) {
+    (void)s;
+    NEED_GPU();
+    dropout_check(0.1f);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* kestrel train margin-mse --device cuda against --device cpu */
+
+static const char *WORDS[] = {"the", "cat", "sat", "on", "mat", "dog", "ran", "to", "park", "a", "red",
+                              "ball", "river", "bank", "money", "tree", "green", "house", "city", "car"};
+
+/* Matchmaker triples the student can learn from: the positive repeats the query's words among
+ * others, the negative is other words; teacher margins about 1. */
+static void write_triples(const char *path, size_t lines) {
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    for (size_t i = 0; i < lines; i++) {
+        size_t q[6], nq = 3 + (size_t)(frand() + 1);
+        for (size_t k = 0; k < nq; k++) q[k] = (size_t)((frand() + 1) * 0.5f * 19.99f);
+        fprintf(f, "%.3f\t%.3f\t", 1.0 + 0.3 * frand(), 0.3 * frand());
+        for (size_t k = 0; k < nq; k++) fprintf(f, "%s%s", k ? " " : "", WORDS[q[k]]);
+        fputc('\t', f);
+        int extra = 3 + (int)(2 * (frand() + 1));
+        for (size_t k = 0; k < nq; k++) fprintf(f, "%s ", WORDS[q[(k + 1) % nq]]);
+        for (int w = 0; w < extra; w++) fprintf(f, "%s%s", w ? " " : "", WORDS[(size_t)((frand() + 1) * 0.5f * 19.99f)]);
+        fputc('\t', f);
+        int len = 6 + (int)(3 * (frand() + 1));
+        for (int w = 0; w < len; w++) fprintf(f, "%s%s", w ? " " : "", WORDS[(size_t)((frand() + 1) * 0.5f * 19.99f)]);
+        fputc('\n', f);
+    }
+    fclose(f);
+}
+
+/* Losses of train_log.jsonl, in step order. */
+static size_t read_losses(const char *dir, double *out, size_t cap) {
+    char path[512], **lines;
+    snprintf(path, sizeof path, "%s/train_log.jsonl", dir);
+    size_t n = read_lines(path, &lines), k = 0;
+    for (size_t i = 0; i < n && k < cap; i++) {
+        const char *p = strstr(lines[i], "\"loss\": ");
+        if (p) out[k++] = atof(p + 8);
+    }
+    free_lines(lines, n);
+    return k;
+}
+
+static int train_run(const char *teacher, const char *out, int device, kst_error *err) {
+    kst_train_opts o = kst_train_opts_default();
+    o.model_dir = FIX "/st_bert_mean";
+    o.out_dir = out;
+    o.teacher_path = teacher;
+    o.batch_size = 8;
+    o.steps = 30;
+    o.lr = 3e-3;
+    o.dropout = 0;
+    o.no_shuffle = 1;
+    o.quiet = 1;
+    o.device = device;
+    kst_train_result r;
+    return kst_train_margin_mse(&o, &r, err);
+}
+
+static void test_train_run(void **s) {
+    (void)s;
+    char teacher[512], cpu[512], gpu[512];
+    snprintf(teacher, sizeof teacher, "%s/triples.tsv", g_root);
+    snprintf(cpu, sizeof cpu, "%s/cpu", g_root);
+    snprintf(gpu, sizeof gpu, "%s/gpu", g_root);
+    write_triples(teacher, 240);
+    kst_error err;
+    if (!g_have_gpu) {
+        /* asking for it is a clear error, and nothing is written */
+        assert_int_equal(train_run(teacher, gpu, KST_DEV_CUDA, &err), KST_ERR_UNSUPPORTED);
+        assert_msg_has(err.msg, "device cuda");
+        if (!kst_gpu_built()) assert_msg_has(err.msg, "make CUDA=1");
+        struct stat st;
+        assert_int_not_equal(stat(gpu, &st), 0);
+        skip_because("no GPU: %s", g_why);
+    }
+    assert_ok(train_run(teacher, cpu, KST_DEV_CPU, &err), &err);
+    assert_ok(train_run(teacher, gpu, KST_DEV_CUDA, &err), &err);
+    double lc[64], lg[64];
+    size_t nc = read_losses(cpu, lc, 64), ng = read_losses(gpu, lg, 64);
+    assert_int_equal(nc, 30);
+    assert_int_equal(ng, 30);
+    double fc = 0, fg = 0, ec = 0, eg = 0;
+    printf("step  CPU loss   GPU loss\n");
+    for (size_t i = 0; i < 30; i++) {
+        if (i < 5) fc += lc[i] / 5, fg += lg[i] / 5;
+        if (i >= 20) ec += lc[i] / 10, eg += lg[i] / 10;
+        if (i % 5 == 0 || i == 29) printf("%4zu  %.5f   %.5f\n", i + 1, lc[i], lg[i]);
+    }
+    printf("mean of the first 5 steps: CPU %.5f GPU %.5f; of the last 10: CPU %.5f GPU %.5f\n", fc, fg, ec, eg);
+    /* the first step sees the same weights: bf16 agreement */
+    assert_true(fabs(lg[0] - lc[0]) <= 1e-2 * lc[0]);
+    /* training works on both, and they end close: AdamW turns the bf16 noise of near-zero
+     * gradients into full-size steps, so the trajectories drift apart a little (10%) */
+    assert_true(ec < 0.9 * fc);
+    assert_true(eg < 0.9 * fg);
+    assert_true(fabs(eg - ec) <= 0.10 * ec);
+    /* the GPU checkpoint loads and encodes */
+    kst_encoder *e = NULL;
+    assert_ok(kst_encoder_open(gpu, KST_ROLE_AUTO, &e, &err), &err);
+    kst_encoder_free(e);
+}
+
+/* Students the GPU does not train are refused with what to do. */
+static void test_unsupported(void **s) {
+    (void)s;
+    char teacher[512], out[512];
+    snprintf(teacher, sizeof teacher, "%s/triples_u.tsv", g_root);
+    snprintf(out, sizeof out, "%s/unsupported", g_root);
+    write_triples(teacher, 8);
+    kst_train_opts o = kst_train_opts_default();
+    o.model_dir = FIX "/st_distilbert_max";
+    o.out_dir = out;
+    o.teacher_path = teacher;
+    o.steps = 1;
+    o.quiet = 1;
+    o.device = KST_DEV_CUDA;
+    kst_train_result r;
+    kst_error err;
+    assert_int_equal(kst_train_margin_mse(&o, &r, &err), KST_ERR_UNSUPPORTED);
+    if (g_have_gpu) assert_msg_has(err.msg, "max pooling");
+    o.model_dir = FIX "/colbert";
+    assert_int_equal(kst_train_margin_mse(&o, &r, &err), KST_ERR_UNSUPPORTED);
+    assert_msg_has(err.msg, "--device cuda");
+    o.model_dir = FIX "/st_bert_mean";
+    o.in_batch_weight = 0.5;
+    assert_int_equal(kst_train_margin_mse(&o, &r, &err), KST_ERR_UNSUPPORTED);
+    assert_msg_has(err.msg, "in-batch");
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_grads_fixture),
+        cmocka_unit_test(test_grads_random_bert),
+        cmocka_unit_test(test_grads_random_distilbert),
+        cmocka_unit_test(test_dropout_no),
+        cmocka_unit_test(test_dropout),
+        cmocka_unit_test(test_train_run),
+        cmocka_unit_test(test_unsupported),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
