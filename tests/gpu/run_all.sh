@@ -3,9 +3,12 @@
 # with an NVIDIA GPU (sm_90 by default: NVCC_ARCH=sm_80 ... for others):
 #   build    make CUDA=1 (leave it out of KST_GPU_STAGES to use the build folder as it is)
 #   test     tests/test_gpu.c (GPU search against CPU FAISS, GPU encoders against the
-#            transformers fixtures and the CPU forward)
+#            transformers fixtures and the CPU forward), tests/test_gpu_train.c (GPU training
+#            gradients and a training run against the CPU trainer)
 #   bench    PyTorch anchors (tests/bench/bench_gpu_torch.py) and kestrel (bench_gpu) in the same
-#            run (encoding, exact search, IVF-PQ against CPU FAISS), then the table of ratios
+#            run (encoding, exact search, IVF-PQ against CPU FAISS, the Margin-MSE training step
+#            against PyTorch autocast bf16: bench_gpu_train / bench_gpu_train_torch.py), then the
+#            table of ratios
 #            (tests/gpu/report.py)
 #   memcheck the GPU tests again under compute-sanitizer --tool memcheck
 # Results land in OUT (default tests/gpu/out): *.log, results.jsonl, report.txt.
@@ -33,16 +36,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 
 if has build; then
   say "building with CUDA=1"
-  make -j"$(nproc)" CUDA=1 BUILD="$BUILD" all "$BUILD/tests/test_gpu" >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  make -j"$(nproc)" CUDA=1 BUILD="$BUILD" all "$BUILD/tests/test_gpu" "$BUILD/tests/test_gpu_train" >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
   LDLIBS=$(make -s CUDA=1 print-LDLIBS)
   cc -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -I. -DKST_CUDA=1 \
     -o "$BUILD/bench_gpu" tests/bench/bench_gpu.c "$BUILD/libkestrel.a" $LDLIBS >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  cc -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -I. -DKST_CUDA=1 \
+    -o "$BUILD/bench_gpu_train" tests/bench/bench_gpu_train.c "$BUILD/libkestrel.a" $LDLIBS >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 fi
 
 if has test; then
   say "GPU tests"
   kst "$BUILD/tests/test_gpu" >"$OUT/test_gpu.log" 2>&1 || status=1
   grep -E "^\[|GPU|cosine|identical|recall" "$OUT/test_gpu.log" | grep -v "RUN\|^\[       OK" | tail -40
+  say "GPU training tests"
+  kst "$BUILD/tests/test_gpu_train" >"$OUT/test_gpu_train.log" 2>&1 || status=1
+  grep -E "^\[|rel err|ratio|mean of" "$OUT/test_gpu_train.log" | grep -v "RUN\|^\[       OK" | tail -40
 fi
 
 if has bench || has kst; then
@@ -67,6 +75,12 @@ if has bench || has kst; then
   BW=$(python3 -c "import json,sys; print(next((json.loads(l)['copy_gb_s'] for l in open('$RES') if 'copy_gb_s' in l), 3000))")
   say "IVF-PQ: CPU FAISS ($(nproc) cores) against the GPU, same index"
   kst "$BUILD/bench_gpu" ivfpq "$WORK/db.npy" "$WORK/q.npy" "${KST_IVF_FACTORY:-IVF1024,PQ48}" 8,32,128 "$BW" >>"$RES" || status=1
+  say "Margin-MSE training step (MiniLM-L6 shape, 64 triples, query 32 / passage 128 tokens)"
+  [ -f "$WORK/minilm_train/config.json" ] || $PY tests/bench/bench_gpu_train_torch.py model "$WORK/minilm_train" tests/fixtures/models/st_bert_mean/vocab.txt >>"$RES" || status=1
+  for P in 0.1 0; do
+    kst "$BUILD/bench_gpu_train" "$WORK/minilm_train" 64 32 128 20 "$P" >>"$RES" || status=1
+    has bench && { $PY tests/bench/bench_gpu_train_torch.py train "$WORK/minilm_train" 64 32 128 20 "$P" >>"$RES" || status=1; }
+  done
   cp "$RES" "$OUT/results_$(date +%H%M%S).jsonl"
   $PY tests/gpu/report.py "$RES" | tee "$OUT/report.txt"
 fi
@@ -76,6 +90,10 @@ if has memcheck; then
   rc=$?
   tail -4 "$OUT/memcheck.log"
   [ $rc = 0 ] || { say "memcheck exit $rc"; status=1; }
+  kst compute-sanitizer --tool memcheck --error-exitcode 99 "$BUILD/tests/test_gpu_train" >"$OUT/memcheck_train.log" 2>&1
+  rc=$?
+  tail -4 "$OUT/memcheck_train.log"
+  [ $rc = 0 ] || { say "memcheck (training) exit $rc"; status=1; }
 fi
 
 exit $status
