@@ -224,13 +224,20 @@ __global__ void embed_bwd(float *dwte, float *dwpe, float *dwtt, const float *d,
 /* ------------------------------------------------------------------------------------------ */
 /* element-wise kernels */
 
-/* h = bf16(h + bias) (the pre-activation, kept), a = bf16(act(h + bias)); FF columns. */
+/* h = bf16(h + bias) (the pre-activation, kept), a = bf16(act(h)); FF columns. */
 __global__ void bias_act_fwd(bf16 *h, bf16 *a, const float *bias, size_t n, int FF, int act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float x = __bfloat162float(h[i]) + bias[i % FF];
-    h[i] = __float2bfloat16(x);
-    a[i] = __float2bfloat16(act_fwd(x, act));
+    bf16 x = __float2bfloat16(__bfloat162float(h[i]) + bias[i % FF]);
+    h[i] = x;
+    if (a) a[i] = __float2bfloat16(act_fwd(__bfloat162float(x), act));
+}
+
+/* a = bf16(act(pre)): the activation again, for the backward (bias_act_fwd's, bit for bit). */
+__global__ void act_again(bf16 *a, const bf16 *pre, size_t n, int act) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    a[i] = __float2bfloat16(act_fwd(__bfloat162float(pre[i]), act));
 }
 
 /* dh = dh * act'(pre), in place. */
@@ -414,16 +421,18 @@ struct gside {
     int32_t *ids, *types;
     int *valid;
     float *emb, *emb_mean, *emb_rstd; /* (BT, C), (BT) */
-    float *xf;                        /* (L + 1, BT, C) layer outputs, float32 */
-    bf16 *xb;                         /* (L + 1, BT, C) the same in bf16 (matrix-product inputs) */
+    float *xf;                        /* (BT, C) the current layer output, float32 (the residual
+                                       * stream; the backward needs only its bf16 copies) */
+    bf16 *xb;                         /* (L + 1, BT, C) layer outputs in bf16 (matrix-product inputs) */
     bf16 *qkvh;                       /* (L, 3, B, NH, T, hs) q, k, v with biases */
     bf16 *P;                          /* (L, B, NH, T, T) attention probabilities */
     bf16 *atty;                       /* (L, BT, C) attended values */
     float *res1, *res2;               /* (L, BT, C) LayerNorm inputs */
     float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd; /* (L, BT) */
-    float *ln1f;                      /* (L, BT, C) */
-    bf16 *ln1b;                       /* (L, BT, C) */
-    bf16 *fch, *fca;                  /* (L, BT, FF) pre-activation (with bias), activation */
+    float *ln1f;                      /* (BT, C) the current layer's LN1 output (residual) */
+    bf16 *ln1b;                       /* (L, BT, C) LN1 outputs in bf16 */
+    bf16 *fch;                        /* (L, BT, FF) pre-activation (with bias); the activation
+                                       * is recomputed in the backward */
     float *pooled, *vec, *norm, *dpool; /* (B, D), (B, D), (B), (B, D) */
 };
 
@@ -447,6 +456,7 @@ struct kst_bert_gpu_train {
     bf16 *dqkvh;    /* (3, B, NH, T, hs) */
     bf16 *tmpC, *tmpC2; /* (BT, C) */
     bf16 *dff;      /* (BT, FF) */
+    bf16 *fca;      /* (BT, FF) the activation, in the forward and again in the backward */
     float *dx, *dres; /* (BT, C) */
     size_t scratch_bytes, bytes, peak; /* bytes held now, and the most held at once */
 };
@@ -466,7 +476,7 @@ static void dfree(void *p) {
 static void side_release(gside *s) {
     void *bufs[] = {s->ids, s->types, s->valid, s->emb, s->emb_mean, s->emb_rstd, s->xf, s->xb, s->qkvh,
                     s->P, s->atty, s->res1, s->res2, s->ln1_mean, s->ln1_rstd, s->ln2_mean, s->ln2_rstd,
-                    s->ln1f, s->ln1b, s->fch, s->fca, s->pooled, s->vec, s->norm, s->dpool};
+                    s->ln1f, s->ln1b, s->fch, s->pooled, s->vec, s->norm, s->dpool};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) dfree(bufs[i]);
     memset(s, 0, sizeof *s);
 }
@@ -491,7 +501,7 @@ static int side_reserve(kst_bert_gpu_train *g, gside *s, size_t B, size_t T, kst
     SA(emb, tok * C, "training activations");
     SA(emb_mean, tok, "training activations");
     SA(emb_rstd, tok, "training activations");
-    SA(xf, (L + 1) * tok * C, "training activations");
+    SA(xf, tok * C, "training activations");
     SA(xb, (L + 1) * tok * C, "training activations");
     SA(qkvh, L * 3 * tok * C, "training activations");
     SA(P, L * att, "attention probabilities");
@@ -502,10 +512,9 @@ static int side_reserve(kst_bert_gpu_train *g, gside *s, size_t B, size_t T, kst
     SA(ln1_rstd, L * tok, "training activations");
     SA(ln2_mean, L * tok, "training activations");
     SA(ln2_rstd, L * tok, "training activations");
-    SA(ln1f, L * tok * C, "training activations");
+    SA(ln1f, tok * C, "training activations");
     SA(ln1b, L * tok * C, "training activations");
     SA(fch, L * tok * FF, "training activations");
-    SA(fca, L * tok * FF, "training activations");
     SA(pooled, B * D, "head activations");
     SA(vec, B * D, "head activations");
     SA(norm, B, "head activations");
@@ -521,10 +530,10 @@ done:
 }
 
 static void scratch_release(kst_bert_gpu_train *g) {
-    void *bufs[] = {g->qkv_tmp, g->S, g->Pd, g->o, g->dqkvh, g->tmpC, g->tmpC2, g->dff, g->dx, g->dres};
+    void *bufs[] = {g->qkv_tmp, g->S, g->Pd, g->o, g->dqkvh, g->tmpC, g->tmpC2, g->dff, g->fca, g->dx, g->dres};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) dfree(bufs[i]);
     g->qkv_tmp = NULL, g->S = NULL, g->Pd = NULL, g->o = NULL, g->dqkvh = NULL;
-    g->tmpC = g->tmpC2 = g->dff = NULL, g->dx = g->dres = NULL;
+    g->tmpC = g->tmpC2 = g->dff = g->fca = NULL, g->dx = g->dres = NULL;
 }
 
 static int scratch_reserve(kst_bert_gpu_train *g, size_t B, size_t T, kst_error *err) {
@@ -549,6 +558,7 @@ static int scratch_reserve(kst_bert_gpu_train *g, size_t B, size_t T, kst_error 
     GA(tmpC, tok * C, "training scratch");
     GA(tmpC2, tok * C, "training scratch");
     GA(dff, tok * c->FF, "training scratch");
+    GA(fca, tok * c->FF, "training scratch");
     GA(dx, tok * C, "training scratch");
     GA(dres, tok * C, "training scratch");
 #undef GA
@@ -740,22 +750,22 @@ extern "C" int kst_bert_gpu_train_forward(kst_bert_gpu_train *g, int sidx, const
             CU_LAUNCHED("merge heads");
             KST_TRY(lin_fwd(g, g->tmpC, atty, PB(P_ATTPROJW) + l * C * C, BT, C, C, err));
             bias_res_ln_fwd<<<blocks(BT, RW), RW * 32, 0, st>>>(
-                s->res1 + l * BT * C, s->ln1_mean + l * BT, s->ln1_rstd + l * BT, s->ln1f + l * BT * C,
-                s->ln1b + l * BT * C, g->tmpC, PF(P_ATTPROJB) + l * C, s->xf + l * BT * C, PF(P_LN1W) + l * C,
+                s->res1 + l * BT * C, s->ln1_mean + l * BT, s->ln1_rstd + l * BT, s->ln1f,
+                s->ln1b + l * BT * C, g->tmpC, PF(P_ATTPROJB) + l * C, s->xf, PF(P_LN1W) + l * C,
                 PF(P_LN1B) + l * C, (int)BT, (int)C, c->eps, bert ? dropout : 0.0f, seed, site + 1);
             CU_LAUNCHED("bias + residual + LayerNorm");
-            bf16 *fch = s->fch + l * BT * FF, *fca = s->fca + l * BT * FF;
+            bf16 *fch = s->fch + l * BT * FF, *fca = g->fca;
             KST_TRY(lin_fwd(g, fch, s->ln1b + l * BT * C, PB(P_FCW) + l * FF * C, BT, C, FF, err));
             bias_act_fwd<<<blocks(BT * FF, 256), 256, 0, st>>>(fch, fca, PF(P_FCB) + l * FF, BT * FF, (int)FF, (int)c->act);
             CU_LAUNCHED("bias + activation");
             KST_TRY(lin_fwd(g, g->tmpC, fca, PB(P_FCPROJW) + l * C * FF, BT, FF, C, err));
             bias_res_ln_fwd<<<blocks(BT, RW), RW * 32, 0, st>>>(
-                s->res2 + l * BT * C, s->ln2_mean + l * BT, s->ln2_rstd + l * BT, s->xf + (l + 1) * BT * C,
-                s->xb + (l + 1) * BT * C, g->tmpC, PF(P_FCPROJB) + l * C, s->ln1f + l * BT * C, PF(P_LN2W) + l * C,
+                s->res2 + l * BT * C, s->ln2_mean + l * BT, s->ln2_rstd + l * BT, s->xf,
+                s->xb + (l + 1) * BT * C, g->tmpC, PF(P_FCPROJB) + l * C, s->ln1f, PF(P_LN2W) + l * C,
                 PF(P_LN2B) + l * C, (int)BT, (int)C, c->eps, dropout, seed, site + 2);
             CU_LAUNCHED("bias + residual + LayerNorm");
         }
-        const float *h = s->xf + L * BT * C;
+        const float *h = s->xf;
         pool_fwd<<<blocks(B * C, 256), 256, 0, st>>>(s->pooled, h, s->valid, g->modes, (int)B, (int)T, (int)C);
         CU_LAUNCHED("pooling");
         if (g->normalize) {
@@ -803,7 +813,9 @@ extern "C" int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int sidx, cons
         CU_LAUNCHED("LayerNorm parameter backward");
         colsum_bf16<<<colsum_grid(BT, C), dim3(32, 8), 0, st>>>(GR(P_FCPROJB) + l * C, g->tmpC, (int)BT, (int)C);
         CU_LAUNCHED("bias backward");
-        KST_TRY(lin_dw(g, GR(P_FCPROJW) + l * C * FF, g->tmpC, s->fca + l * BT * FF, BT, FF, C, err));
+        act_again<<<blocks(BT * FF, 256), 256, 0, st>>>(g->fca, s->fch + l * BT * FF, BT * FF, (int)c->act);
+        CU_LAUNCHED("activation (again)");
+        KST_TRY(lin_dw(g, GR(P_FCPROJW) + l * C * FF, g->tmpC, g->fca, BT, FF, C, err));
         KST_TRY(lin_dx(g, g->dff, CUDA_R_16BF, 0.0f, g->tmpC, PB(P_FCPROJW) + l * C * FF, BT, FF, C, err));
         act_bwd<<<blocks(BT * FF, 256), 256, 0, st>>>(g->dff, s->fch + l * BT * FF, BT * FF, (int)c->act);
         CU_LAUNCHED("activation backward");
