@@ -319,20 +319,22 @@ static void write_triples(const char *path, size_t lines) {
     fclose(f);
 }
 
-/* Losses of train_log.jsonl, in step order. */
-static size_t read_losses(const char *dir, double *out, size_t cap) {
-    char path[512], **lines;
+/* Values of `key` ("loss", "grad_norm") in train_log.jsonl, in step order. */
+static size_t read_log(const char *dir, const char *key, double *out, size_t cap) {
+    char path[512], pat[64], **lines;
     snprintf(path, sizeof path, "%s/train_log.jsonl", dir);
+    snprintf(pat, sizeof pat, "\"%s\": ", key);
     size_t n = read_lines(path, &lines), k = 0;
     for (size_t i = 0; i < n && k < cap; i++) {
-        const char *p = strstr(lines[i], "\"loss\": ");
-        if (p) out[k++] = atof(p + 8);
+        const char *p = strstr(lines[i], pat);
+        if (p) out[k++] = atof(p + strlen(pat));
     }
     free_lines(lines, n);
     return k;
 }
+static size_t read_losses(const char *dir, double *out, size_t cap) { return read_log(dir, "loss", out, cap); }
 
-static int train_run(const char *teacher, const char *out, int device, kst_error *err) {
+static kst_train_opts run_opts(const char *teacher, const char *out, int device) {
     kst_train_opts o = kst_train_opts_default();
     o.model_dir = FIX "/st_bert_mean";
     o.out_dir = out;
@@ -344,6 +346,11 @@ static int train_run(const char *teacher, const char *out, int device, kst_error
     o.no_shuffle = 1;
     o.quiet = 1;
     o.device = device;
+    return o;
+}
+
+static int train_run(const char *teacher, const char *out, int device, kst_error *err) {
+    kst_train_opts o = run_opts(teacher, out, device);
     kst_train_result r;
     return kst_train_margin_mse(&o, &r, err);
 }
@@ -392,6 +399,67 @@ static void test_train_run(void **s) {
     kst_encoder_free(e);
 }
 
+/* Gradient clipping and SGD on the GPU against the CPU, and a GPU run stopped and resumed
+ * (weights and AdamW moments through train_state.bin) against one never stopped. */
+static void test_clip_sgd_resume(void **s) {
+    (void)s;
+    NEED_GPU();
+    char teacher[512], a[512], b[512];
+    snprintf(teacher, sizeof teacher, "%s/triples_c.tsv", g_root);
+    write_triples(teacher, 80);
+    kst_error err;
+    kst_train_result r;
+    double ga[16], gb[16], la[16], lb[16];
+    /* clipping: the logged norms (before clipping) agree; the first within bf16 rounding */
+    for (int dev = 0; dev < 2; dev++) {
+        snprintf(dev ? b : a, 512, "%s/clip_%d", g_root, dev);
+        kst_train_opts o = run_opts(teacher, dev ? b : a, dev ? KST_DEV_CUDA : KST_DEV_CPU);
+        o.steps = 10;
+        o.grad_clip = 0.05;
+        assert_ok(kst_train_margin_mse(&o, &r, &err), &err);
+    }
+    assert_int_equal(read_log(a, "grad_norm", ga, 16), 10);
+    assert_int_equal(read_log(b, "grad_norm", gb, 16), 10);
+    read_losses(a, la, 16), read_losses(b, lb, 16);
+    printf("clip 0.05: grad norm step 1 CPU %.5f GPU %.5f, step 10 CPU %.5f GPU %.5f; loss step 10 CPU %.5f GPU %.5f\n",
+           ga[0], gb[0], ga[9], gb[9], la[9], lb[9]);
+    assert_true(ga[0] > 0.05); /* so the clip is active */
+    assert_true(fabs(gb[0] - ga[0]) <= 0.02 * ga[0]);
+    assert_true(fabs(lb[9] - la[9]) <= 0.05 * la[9]);
+    /* SGD */
+    for (int dev = 0; dev < 2; dev++) {
+        snprintf(dev ? b : a, 512, "%s/sgd_%d", g_root, dev);
+        kst_train_opts o = run_opts(teacher, dev ? b : a, dev ? KST_DEV_CUDA : KST_DEV_CPU);
+        o.steps = 10;
+        o.sgd = 1;
+        o.lr = 0.5;
+        assert_ok(kst_train_margin_mse(&o, &r, &err), &err);
+    }
+    read_losses(a, la, 16), read_losses(b, lb, 16);
+    printf("SGD: loss step 1 CPU %.5f GPU %.5f, step 10 CPU %.5f GPU %.5f\n", la[0], lb[0], la[9], lb[9]);
+    assert_true(fabs(lb[9] - la[9]) <= 0.05 * la[9]);
+    /* resume on the GPU: 5 steps, stop, resume to 10, against 10 straight */
+    snprintf(a, sizeof a, "%s/resume_straight", g_root);
+    snprintf(b, sizeof b, "%s/resume_stopped", g_root);
+    kst_train_opts o = run_opts(teacher, a, KST_DEV_CUDA);
+    o.steps = 10;
+    assert_ok(kst_train_margin_mse(&o, &r, &err), &err);
+    o.out_dir = b;
+    o.save_every = 5;
+    o.stop_after = 5;
+    assert_ok(kst_train_margin_mse(&o, &r, &err), &err);
+    assert_int_equal(r.steps, 5);
+    o.stop_after = 0;
+    o.resume_dir = b;
+    assert_ok(kst_train_margin_mse(&o, &r, &err), &err);
+    assert_int_equal(r.steps, 10);
+    assert_int_equal(read_losses(a, la, 16), 10);
+    assert_int_equal(read_losses(b, lb, 16), 10);
+    printf("resume: loss step 6 straight %.6f resumed %.6f, step 10 %.6f / %.6f\n", la[5], lb[5], la[9], lb[9]);
+    /* the GPU's atomics sum in any order, so equal within float rounding, not bit for bit */
+    for (int i = 5; i < 10; i++) assert_true(fabs(lb[i] - la[i]) <= 1e-3 * la[i]);
+}
+
 /* Students the GPU does not train are refused with what to do. */
 static void test_unsupported(void **s) {
     (void)s;
@@ -427,6 +495,7 @@ int main(void) {
         cmocka_unit_test(test_dropout_no),
         cmocka_unit_test(test_dropout),
         cmocka_unit_test(test_train_run),
+        cmocka_unit_test(test_clip_sgd_resume),
         cmocka_unit_test(test_unsupported),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
