@@ -206,19 +206,48 @@ __global__ void colsum_bf16(float *dbias, const bf16 *g, int R, int N) {
     }
 }
 
-/* Embedding backward: scatter-add d emb rows into the word, position and type tables. */
-__global__ void embed_bwd(float *dwte, float *dwpe, float *dwtt, const float *d, const int32_t *ids,
-                          const int32_t *types, int BT, int T, int C) {
+/* Embedding backward, word table: scatter-add d emb rows into the rows of their ids (atomics;
+ * ids rarely repeat within a column). */
+__global__ void embed_bwd(float *dwte, const float *d, const int32_t *ids, int BT, int C) {
     int row = blockIdx.x * RW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= BT) return;
-    float *we = dwte + (size_t)ids[row] * C, *pe = dwpe + (size_t)(row % T) * C;
-    float *te = dwtt ? dwtt + (size_t)types[row] * C : NULL;
+    float *we = dwte + (size_t)ids[row] * C;
     const float *g = d + (size_t)row * C;
-    for (int c = lane; c < C; c += 32) {
-        atomicAdd(we + c, g[c]);
-        atomicAdd(pe + c, g[c]);
-        if (te) atomicAdd(te + c, g[c]);
-    }
+    for (int c = lane; c < C; c += 32) atomicAdd(we + c, g[c]);
+}
+
+/* Position table: dwpe[t] += sum_b d[b, t] (one thread per (t, c), no atomics: every sequence
+ * hits every position). */
+__global__ void embed_pos_bwd(float *dwpe, const float *d, int B, int T, int C) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= T * C) return;
+    float a = 0;
+    for (int b = 0; b < B; b++) a += d[(size_t)b * T * C + i];
+    dwpe[i] += a;
+}
+
+/* Type table (TT <= 4): column sums per type over the rows, block (32, 8), one atomic per block
+ * and type (every row of a batch usually has type 0). */
+__global__ void embed_type_bwd(float *dwtt, const float *d, const int32_t *types, int BT, int C, int TT) {
+    __shared__ float s[4][8][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    float a[4] = {0, 0, 0, 0};
+    if (c < C)
+        for (int r = blockIdx.y * 8 + threadIdx.y; r < BT; r += gridDim.y * 8) {
+            float v = d[(size_t)r * C + c];
+            int t = types[r];
+#pragma unroll
+            for (int k = 0; k < 4; k++) a[k] += t == k ? v : 0.0f;
+        }
+#pragma unroll
+    for (int k = 0; k < 4; k++) s[k][threadIdx.y][threadIdx.x] = a[k];
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C)
+        for (int k = 0; k < TT; k++) {
+            float v = 0;
+            for (int y = 0; y < 8; y++) v += s[k][y][threadIdx.x];
+            atomicAdd(dwtt + (size_t)k * C + c, v);
+        }
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -637,6 +666,8 @@ extern "C" int kst_bert_gpu_train_create(const kst_bert *m, unsigned pool_modes,
                         c->C, c->NH);
     if (c->FF % 8)
         return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: feed-forward width %zu is not a multiple of 8; train on the CPU (--device cpu)", c->FF);
+    if (c->TT > 4)
+        return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: %zu token types (at most 4 on the GPU); train on the CPU (--device cpu)", c->TT);
     if (pool_modes & KST_POOL_MAX)
         return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: max pooling is not implemented on the GPU; train this student with --device cpu");
     if (!(pool_modes & (KST_POOL_CLS | KST_POOL_MEAN | KST_POOL_MEAN_SQRT)))
@@ -872,9 +903,14 @@ extern "C" int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int sidx, cons
     ln_param_bwd<<<colsum_grid(BT, C), dim3(32, 8), 0, st>>>(GR(P_EMBLNW), GR(P_EMBLNB), g->dx, s->emb, s->emb_mean,
                                                              s->emb_rstd, (int)BT, (int)C, p, 0, seed);
     CU_LAUNCHED("embedding LayerNorm parameter backward");
-    embed_bwd<<<blocks(BT, RW), RW * 32, 0, st>>>(GR(P_WTE), GR(P_WPE), c->TT ? GR(P_WTT) : NULL, g->dres, s->ids,
-                                                  s->types, (int)BT, (int)T, (int)C);
+    embed_bwd<<<blocks(BT, RW), RW * 32, 0, st>>>(GR(P_WTE), g->dres, s->ids, (int)BT, (int)C);
     CU_LAUNCHED("embedding backward");
+    embed_pos_bwd<<<blocks(T * C, 256), 256, 0, st>>>(GR(P_WPE), g->dres, (int)B, (int)T, (int)C);
+    CU_LAUNCHED("position embedding backward");
+    if (c->TT) {
+        embed_type_bwd<<<colsum_grid(BT, C), dim3(32, 8), 0, st>>>(GR(P_WTT), g->dres, s->types, (int)BT, (int)C, (int)c->TT);
+        CU_LAUNCHED("token type embedding backward");
+    }
 done:
     return rc;
 }
