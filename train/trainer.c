@@ -535,7 +535,12 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
             rc = kst_fail(err, KST_ERR_UNSUPPORTED, "--in-batch-weight is not implemented on the GPU yet; drop it or use --device cpu");
             goto done;
         }
-        KST_TRY(kst_gpu_trainer_create(&e->bert, e->pool_modes, e->normalize, decay, &gt, err));
+        rc = kst_gpu_trainer_create(&e->bert, e->pool_modes, e->normalize, decay, &gt, err);
+        if (rc == KST_ERR_UNSUPPORTED && err && !strstr(err->msg, "--device cpu")) {
+            size_t at = strlen(err->msg);
+            snprintf(err->msg + at, sizeof err->msg - at, "; train on the CPU with --device cpu");
+        }
+        if (rc != KST_OK) goto done;
     }
     /* teacher file */
     kst_teacher_opts to;

@@ -25,6 +25,12 @@ check "the student's vectors moved" sh -c "echo 'stem cells' | '$K' embed --mode
 check "same seed, --no-shuffle: identical weights" sh -c "$(declare -f train); K='$K' F='$F' TR='$TR'; train --out $T/b --steps 60 && cmp $T/a/model.safetensors $T/b/model.safetensors"
 check "sgd with cosine schedule and clipping runs" train --out $T/c --steps 5 --optimizer sgd --schedule cosine --grad-clip 1.0
 check "--help" sh -c "'$K' train --help | grep -q 'margin-mse'"
+check "--device expects cpu or cuda" sh -c "'$K' train margin-mse --device tpu --model x --out y --teacher-scores z 2>&1 | grep -q 'expects cpu or cuda'"
+# --device cuda where this build or machine has no GPU: a clear error, nothing written
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  check "--device cuda without a GPU: says what to do, writes nothing" \
+    sh -c "$(declare -f train); K='$K' F='$F' TR='$TR'; ! train --out $T/g --steps 1 --device cuda 2>$T/g.err && grep -q 'device cuda' $T/g.err && grep -q -- '--device cpu' $T/g.err && test ! -e $T/g"
+fi
 # resuming: shuffle and dropout on; 10 steps of 8 cross the 48-line file's end (a new epoch)
 resumable() { "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $TR --batch-size 8 --lr 5e-3 \
             --warmup 3 --query-max-len 24 --doc-max-len 48 --dropout 0.1 --seed 11 --steps 10 "$@"; }
