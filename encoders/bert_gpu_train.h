@@ -39,7 +39,8 @@ typedef struct kst_bert_gpu_train kst_bert_gpu_train;
 /* Copies m's weights to the GPU and allocates the gradients. pool_modes: KST_POOL_* bits
  * (encoders/encoder.h); normalize: L2-normalise the pooled vector. Fails with
  * KST_ERR_UNSUPPORTED (saying what to do) without a GPU backend or device, for shapes the kernels
- * do not take (head size a multiple of 8, hidden size C divisible by the heads) or for a head this
+ * do not take (hidden size C divisible by the heads, head size and feed-forward width multiples of
+ * 8, at most 4 token types) or for a head this
  * file does not train; KST_ERR_NOMEM when the GPU is full. */
 int kst_bert_gpu_train_create(const kst_bert *m, unsigned pool_modes, int normalize,
                               kst_bert_gpu_train **out, kst_error *err);
