@@ -38,7 +38,7 @@ NVCCFLAGS ?= -O3 -std=c++17 -arch=$(NVCC_ARCH) -lineinfo -Xcompiler -fPIC,-Wall,
 CU_SRC   := $(wildcard core/*.cu encoders/*.cu index/*.cu train/*.cu)
 LIB_OBJ  += $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 CFLAGS   += -DKST_CUDA=1
-LDLIBS   += -L/usr/local/cuda/lib64 -lcudart -lcublas
+LDLIBS   += -L/usr/local/cuda/lib64 -lcudart -lcublas -lcublasLt
 endif
 
 .PHONY: all deps test test-unit test-sanitize demo bench clean help install

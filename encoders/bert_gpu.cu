@@ -2,6 +2,7 @@
  * accumulation, fused LayerNorm / activation kernels and a flash-style attention kernel. */
 #include "core/gpu_util.cuh"
 
+#include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <math.h>
 #include <mutex>
@@ -436,7 +437,261 @@ attention_kernel(bf16 *out, const bf16 *qkv, const float *bias, const int *valid
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* attention, fused path: the same flash-style online softmax over the padded batch, with Q, K
+ * and V read as they are (their biases were added by the QKV product's epilogue). Q, K and V go
+ * from global to shared memory with cp.async (16 bytes a thread, zero-filled past the sequence
+ * and past hs), K/V double-buffered so that the next key tile loads while this one is used, and
+ * reach the tensor cores through ldmatrix (V through ldmatrix.trans: no transposed copy). The
+ * scale 1/sqrt(hs) * log2(e) is applied to the float32 scores. Each warp writes its 16 x HSP
+ * output through its own rows of the Q tile, so that the global stores are 16-byte chunks. */
+
+template <int HSP, int NW>
+struct att2_smem {
+    static constexpr int Q = 16 * NW;
+    static constexpr int LD = HSP + 8; /* bf16; row stride of 16 * odd bytes: ldmatrix conflict-free */
+    static constexpr size_t q_off = 0;
+    static constexpr size_t kv_off = (size_t)Q * LD * 2;
+    static constexpr size_t tile = (size_t)ATT_K * LD * 2; /* one K or V tile */
+    static constexpr size_t bytes = kv_off + 4 * tile;    /* K0 V0 K1 V1 */
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+/* 16 bytes global -> shared; src_bytes 0 writes zeros (src must still be a valid address) */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
+}
+/* 2^x by the SFU (inputs here are <= 0; -inf gives 0) */
+__device__ __forceinline__ float ex2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16 *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const bf16 *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16 *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+/* Rows [r0, r0 + R) of part (0 q, 1 k, 2 v) of head h into dst (ld LD); rows at or past `rows`
+ * and columns past hs are zero. */
+template <int HSP, int R, int NT>
+__device__ __forceinline__ void tile_async(bf16 *dst, const bf16 *qkv, int b, int T, int C, int hs, int h,
+                                           int part, int r0, int rows) {
+    constexpr int CPR = HSP / 8, LD = HSP + 8;
+    const bf16 *base = qkv + (size_t)b * T * 3 * C + (size_t)part * C + (size_t)h * hs;
+#pragma unroll
+    for (int j = 0; j < (R * CPR + NT - 1) / NT; j++) {
+        int i = threadIdx.x + j * NT;
+        if (i < R * CPR) {
+            int r = i / CPR, c8 = (i % CPR) * 8;
+            bool ok = r0 + r < rows && c8 < hs;
+            const bf16 *src = ok ? base + (size_t)(r0 + r) * 3 * C + c8 : base;
+            cp_async16(dst + r * LD + c8, src, ok ? 16 : 0);
+        }
+    }
+}
+
+template <int HSP, int NW>
+__global__ void __launch_bounds__(NW * 32, att_occ<HSP, NW>::blocks)
+attention2_kernel(bf16 *out, const bf16 *qkv, const int *valid, int T, int C, int NH) {
+    typedef att2_smem<HSP, NW> L;
+    constexpr int LD = L::LD, NT = NW * 32;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16 *Qs = (bf16 *)(smem + L::q_off);
+    bf16 *KV = (bf16 *)(smem + L::kv_off);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * L::Q, h = blockIdx.y, b = blockIdx.z;
+    const int hs = C / NH;
+    int Lv = valid[b];
+    if (Lv > T) Lv = T;
+    if (Lv < 1) Lv = 1;
+    const float qscale = rsqrtf((float)hs) * 1.4426950408889634f;
+    const int ntiles = (Lv + ATT_K - 1) / ATT_K;
+    tile_async<HSP, L::Q, NT>(Qs, qkv, b, T, C, hs, h, 0, q0, T);
+    tile_async<HSP, ATT_K, NT>(KV, qkv, b, T, C, hs, h, 1, 0, Lv);
+    tile_async<HSP, ATT_K, NT>(KV + ATT_K * LD, qkv, b, T, C, hs, h, 2, 0, Lv);
+    cp_async_commit();
+    uint32_t qa[HSP / 16][4];
+    float o[HSP / 8][4];
+#pragma unroll
+    for (int d = 0; d < HSP / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    for (int kt = 0; kt < ntiles; kt++) {
+        const int k0 = kt * ATT_K;
+        if (kt + 1 < ntiles) {
+            bf16 *nk = KV + (size_t)((kt + 1) & 1) * 2 * ATT_K * LD;
+            tile_async<HSP, ATT_K, NT>(nk, qkv, b, T, C, hs, h, 1, k0 + ATT_K, Lv);
+            tile_async<HSP, ATT_K, NT>(nk + ATT_K * LD, qkv, b, T, C, hs, h, 2, k0 + ATT_K, Lv);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (kt == 0) {
+            const bf16 *qr = Qs + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
+#pragma unroll
+            for (int kk = 0; kk < HSP / 16; kk++) ldsm_x4(qa[kk], qr + kk * 16);
+        }
+        const bf16 *Ks = KV + (size_t)(kt & 1) * 2 * ATT_K * LD, *Vs = Ks + ATT_K * LD;
+        /* S (16 x 64) = Q K^T */
+        float sc[ATT_K / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < ATT_K / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            if constexpr (HSP == 16) {
+                uint32_t kb[2];
+                ldsm_x2(kb, Ks + (nt * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8);
+                mma_bf16(sc[nt], qa[0][0], qa[0][1], qa[0][2], qa[0][3], kb[0], kb[1]);
+            } else {
+#pragma unroll
+                for (int kk = 0; kk < HSP / 16; kk += 2) {
+                    uint32_t kb[4];
+                    ldsm_x4(kb, Ks + (nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+                    mma_bf16(sc[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], kb[0], kb[1]);
+                    mma_bf16(sc[nt], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3], kb[2], kb[3]);
+                }
+            }
+        }
+        /* row maxima of the raw scores (keys at or past Lv masked: only the last tile has any) */
+        if (k0 + ATT_K > Lv) {
+#pragma unroll
+            for (int nt = 0; nt < ATT_K / 8; nt++) {
+                const int key = k0 + nt * 8 + t * 2;
+                if (key >= Lv) sc[nt][0] = sc[nt][2] = -INFINITY;
+                if (key + 1 >= Lv) sc[nt][1] = sc[nt][3] = -INFINITY;
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < ATT_K / 8; nt++) {
+            mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        /* m in the scaled base-2 domain; p = 2^(s * qscale - m) as one FFMA and one EX2 */
+        const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
+        const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1); /* 0 the first time */
+        m0 = mn0;
+        m1 = mn1;
+        uint32_t pa[ATT_K / 16][4];
+        float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < ATT_K / 8; nt++) {
+            const float p0 = ex2_approx(fmaf(sc[nt][0], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[nt][1], qscale, -mn0));
+            const float p2 = ex2_approx(fmaf(sc[nt][2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[nt][3], qscale, -mn1));
+            s0 += p0 + p1;
+            s1 += p2 + p3;
+            pa[nt >> 1][(nt & 1) * 2 + 0] = pack_bf16(p0, p1);
+            pa[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
+        }
+        l0 = l0 * al0 + s0;
+        l1 = l1 * al1 + s1;
+#pragma unroll
+        for (int dt = 0; dt < HSP / 8; dt++) {
+            o[dt][0] *= al0;
+            o[dt][1] *= al0;
+            o[dt][2] *= al1;
+            o[dt][3] *= al1;
+        }
+        /* O += P V: V^T fragments by ldmatrix.trans, two 8-wide dim tiles per load */
+#pragma unroll
+        for (int j = 0; j < ATT_K / 16; j++) {
+#pragma unroll
+            for (int dt = 0; dt < HSP / 8; dt += 2) {
+                uint32_t vb[4];
+                ldsm_x4_t(vb, Vs + (j * 16 + (lane & 15)) * LD + dt * 8 + (lane >> 4) * 8);
+                mma_bf16(o[dt], pa[j][0], pa[j][1], pa[j][2], pa[j][3], vb[0], vb[1]);
+                mma_bf16(o[dt + 1], pa[j][0], pa[j][1], pa[j][2], pa[j][3], vb[2], vb[3]);
+            }
+        }
+        __syncthreads(); /* this tile's slot is refilled two tiles on */
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    /* the warp's own 16 Q rows hold its output, then go out in 16-byte chunks */
+    bf16 *os = Qs + warp * 16 * LD;
+#pragma unroll
+    for (int dt = 0; dt < HSP / 8; dt++) {
+        const int col = dt * 8 + t * 2;
+        *reinterpret_cast<uint32_t *>(os + g * LD + col) = pack_bf16(o[dt][0] * i0, o[dt][1] * i0);
+        *reinterpret_cast<uint32_t *>(os + (g + 8) * LD + col) = pack_bf16(o[dt][2] * i1, o[dt][3] * i1);
+    }
+    __syncwarp();
+    constexpr int CPR = HSP / 8;
+#pragma unroll
+    for (int j = 0; j < (16 * CPR + 31) / 32; j++) {
+        int i = lane + j * 32;
+        if (i < 16 * CPR) {
+            int r = i / CPR, c8 = (i % CPR) * 8, row = q0 + warp * 16 + r;
+            if (row < T && c8 < hs)
+                *reinterpret_cast<uint4 *>(out + ((size_t)b * T + row) * C + (size_t)h * hs + c8) =
+                    *reinterpret_cast<const uint4 *>(os + r * LD + c8);
+        }
+    }
+}
+
+/* x = LN(a) (the residual and bias were added by the product's epilogue); xf as in ln_store. */
+template <int NCH>
+__global__ void ln_kernel(bf16 *x, float *xf, const bf16 *a, const float *lnw, const float *lnb, int BT, int C,
+                          float eps) {
+    int row = blockIdx.x * ROW_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= BT) return;
+    int nch = C / 8;
+    float v[NCH][8];
+#pragma unroll
+    for (int j = 0; j < NCH; j++) {
+        int ch = lane + 32 * j;
+        if (ch < nch) load8(a + (size_t)row * C + ch * 8, v[j]);
+    }
+    ln_store<NCH>(v, lane, nch, C, lnw, lnb, eps, x + (size_t)row * C, xf ? xf + (size_t)row * C : NULL);
+}
+
+/* h = act(h), in place (the bias came from the product's epilogue) */
+__global__ void act_kernel(bf16 *h, size_t n8, int act) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    float v[8];
+    load8(h + i * 8, v);
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = act_fn(v[e], act);
+    store8(h + i * 8, v);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* the model on the device */
+
+/* One cuBLASLt product out (N, OC) = in (N, K) @ W (OC, K)^T [+ bias] [+ res] [then GELU], its
+ * descriptors and the algorithm the heuristic chose, kept per shape and epilogue. */
+#define LT_PLANS 32
+struct lt_plan {
+    int N, K, OC, epi, res, bias32; /* epi: cublasLtEpilogue_t; res: adds a (N, OC) residual */
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t a, b, c;
+    cublasLtMatmulAlgo_t algo;
+};
 
 struct kst_bert_gpu {
     kst_bert_config cfg;
@@ -445,6 +700,7 @@ struct kst_bert_gpu {
     /* weights */
     float *wte, *wpe, *wtt, *emblnw, *emblnb, *qkvb, *attprojb, *ln1w, *ln1b, *fcb, *fcprojb, *ln2w, *ln2b;
     bf16 *qkvw, *attprojw, *fcw, *fcprojw;
+    bf16 *qkvb16, *attprojb16, *fcb16, *fcprojb16; /* the biases again, for epilogues without float32 bias */
     void *wmem;      /* one allocation behind the float weights */
     bf16 *bmem;      /* one allocation behind the bf16 weights */
     size_t wbytes;
@@ -458,11 +714,29 @@ struct kst_bert_gpu {
     int32_t *h_in;
     size_t h_in_cap;
     std::mutex *mu;
+    /* fused path: cuBLASLt products with bias / GELU / residual epilogues (plans cached per shape) */
+    cublasLtHandle_t lt;
+    void *lt_ws;
+    size_t lt_ws_bytes;
+    lt_plan plans[LT_PLANS];
+    int nplans, next_plan;
+    cudaEvent_t done_ev[2]; /* recorded after forward number seq (slot seq & 1) was queued */
+    uint64_t seq;           /* forwards queued so far */
+    int fused;      /* 1: the fused path (cuBLASLt epilogues, attention2_kernel) */
+    int exact_gelu; /* 1: erf GELU in its own kernel rather than the epilogue's tanh form */
 };
 
 __global__ void f32_to_bf16_kernel(bf16 *out, const float *in, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = __float2bfloat16_rn(in[i]);
+}
+
+static void lt_plan_free(lt_plan *p) {
+    if (p->desc) cublasLtMatmulDescDestroy(p->desc);
+    if (p->a) cublasLtMatrixLayoutDestroy(p->a);
+    if (p->b) cublasLtMatrixLayoutDestroy(p->b);
+    if (p->c) cublasLtMatrixLayoutDestroy(p->c);
+    memset(p, 0, sizeof *p);
 }
 
 extern "C" void kst_bert_gpu_free(kst_bert_gpu *g) {
@@ -480,6 +754,11 @@ extern "C" void kst_bert_gpu_free(kst_bert_gpu *g) {
     cudaFree(g->dtypes);
     cudaFree(g->dvalid);
     cudaFreeHost(g->h_in);
+    for (int i = 0; i < g->nplans; i++) lt_plan_free(&g->plans[i]);
+    for (int i = 0; i < 2; i++)
+        if (g->done_ev[i]) cudaEventDestroy(g->done_ev[i]);
+    cudaFree(g->lt_ws);
+    if (g->lt) cublasLtDestroy(g->lt);
     if (g->blas) cublasDestroy(g->blas);
     if (g->stream) cudaStreamDestroy(g->stream);
     delete g->mu;
@@ -499,8 +778,29 @@ done:
     return rc;
 }
 
+template <int HSP, int NW>
+static int set_att2_smem(kst_error *err) {
+    int rc = KST_OK;
+    CU_TRY(cudaFuncSetAttribute(attention2_kernel<HSP, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)att2_smem<HSP, NW>::bytes),
+           "raising the attention kernel's shared memory");
+    CU_TRY(cudaFuncSetAttribute(attention2_kernel<HSP, NW>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                (int)cudaSharedmemCarveoutMaxShared),
+           "the attention kernel's shared memory carveout");
+done:
+    return rc;
+}
+
 static int set_att_smem_all(kst_error *err) {
     int rc = KST_OK;
+    KST_TRY((set_att2_smem<16, 4>(err)));
+    KST_TRY((set_att2_smem<32, 4>(err)));
+    KST_TRY((set_att2_smem<64, 4>(err)));
+    KST_TRY((set_att2_smem<128, 4>(err)));
+    KST_TRY((set_att2_smem<16, 8>(err)));
+    KST_TRY((set_att2_smem<32, 8>(err)));
+    KST_TRY((set_att2_smem<64, 8>(err)));
+    KST_TRY((set_att2_smem<128, 8>(err)));
     KST_TRY((set_att_smem<16, 4>(err)));
     KST_TRY((set_att_smem<32, 4>(err)));
     KST_TRY((set_att_smem<64, 4>(err)));
@@ -533,6 +833,8 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
     float *stage = NULL;
     CU_TRY(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking), "creating a stream");
     CUBLAS_TRY(cublasCreate(&g->blas), "creating the cuBLAS handle");
+    for (int i = 0; i < 2; i++)
+        CU_TRY(cudaEventCreateWithFlags(&g->done_ev[i], cudaEventDisableTiming), "creating an event");
     CUBLAS_TRY(cublasSetStream(g->blas, g->stream), "cublasSetStream");
     {
         /* float32 tensors: embeddings, LayerNorms, biases (each 16-byte aligned) */
@@ -554,16 +856,19 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         /* bf16 matrices, converted on the device through a float32 staging buffer */
         struct { const float *src; size_t n; bf16 **dst; } bl[] = {
             {p->qkvw, L * 3 * C * C, &g->qkvw}, {p->attprojw, L * C * C, &g->attprojw},
-            {p->fcw, L * FF * C, &g->fcw},      {p->fcprojw, L * C * FF, &g->fcprojw}};
+            {p->fcw, L * FF * C, &g->fcw},      {p->fcprojw, L * C * FF, &g->fcprojw},
+            {p->qkvb, L * 3 * C, &g->qkvb16},   {p->attprojb, L * C, &g->attprojb16},
+            {p->fcb, L * FF, &g->fcb16},        {p->fcprojb, L * C, &g->fcprojb16}};
+        const int nbl = (int)(sizeof bl / sizeof bl[0]);
         size_t btotal = 0, bmax = 0;
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < nbl; i++) {
             btotal += (bl[i].n + 7) & ~(size_t)7;
             bmax = bl[i].n > bmax ? bl[i].n : bmax;
         }
         KST_TRY(kst_gpu_alloc((void **)&g->bmem, btotal * 2, "the encoder's bf16 weights", err));
         KST_TRY(kst_gpu_alloc((void **)&stage, bmax * 4, "weight staging", err));
         bf16 *bat = g->bmem;
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < nbl; i++) {
             *bl[i].dst = bat;
             CU_TRY(cudaMemcpy(stage, bl[i].src, bl[i].n * 4, cudaMemcpyHostToDevice), "uploading weights");
             f32_to_bf16_kernel<<<(unsigned)((bl[i].n + 255) / 256), 256, 0, g->stream>>>(bat, stage, bl[i].n);
@@ -575,6 +880,21 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         g->peak = g->wbytes;
     }
     KST_TRY(set_att_smem_all(err));
+    {
+        /* KESTREL_GPU_FUSED=0: cuBLAS products and separate bias / activation kernels (the path
+         * before the epilogues; kept to compare); KESTREL_GPU_EXACT_GELU=1: erf GELU in its own
+         * kernel instead of the epilogue's tanh form. */
+        const char *f = getenv("KESTREL_GPU_FUSED"), *x = getenv("KESTREL_GPU_EXACT_GELU");
+        g->fused = !(f && strcmp(f, "0") == 0);
+        g->exact_gelu = x && strcmp(x, "1") == 0;
+    }
+    if (g->fused) {
+        CUBLAS_TRY(cublasLtCreate(&g->lt), "creating the cuBLASLt handle");
+        g->lt_ws_bytes = (size_t)32 << 20; /* what cuBLAS asks for on Hopper */
+        KST_TRY(kst_gpu_alloc(&g->lt_ws, g->lt_ws_bytes, "cuBLASLt workspace", err));
+        g->wbytes += g->lt_ws_bytes;
+        g->peak = g->wbytes;
+    }
     cudaFree(stage);
     *out = g;
     return KST_OK;
@@ -587,6 +907,9 @@ done:
 static int reserve(kst_bert_gpu *g, size_t B, size_t BT, kst_error *err) {
     int rc = KST_OK;
     size_t C = g->cfg.C, FF = g->cfg.FF;
+    /* growing frees buffers that queued work may still use */
+    if (BT > g->cap_tokens || B > g->cap_batch || 2 * BT + B > g->h_in_cap / 2)
+        CU_TRY(cudaStreamSynchronize(g->stream), "waiting for the previous batch");
     if (BT > g->cap_tokens) {
         bf16 **bs[] = {&g->x, &g->qkv, &g->atty, &g->tmp, &g->ff};
         size_t widths[] = {C, 3 * C, C, C, FF};
@@ -614,12 +937,13 @@ static int reserve(kst_bert_gpu *g, size_t B, size_t BT, kst_error *err) {
         KST_TRY(kst_gpu_alloc((void **)&g->dvalid, B * sizeof(int), "sequence lengths", err));
         g->cap_batch = B;
     }
-    if (2 * BT + B > g->h_in_cap) {
+    if (2 * BT + B > g->h_in_cap / 2) {
         cudaFreeHost(g->h_in);
         g->h_in = NULL;
         g->h_in_cap = 0;
-        CU_TRY(cudaMallocHost((void **)&g->h_in, (2 * BT + B) * 4), "pinned input buffer");
-        g->h_in_cap = 2 * BT + B;
+        /* two slots: one may still be on its way to the GPU while the next is filled */
+        CU_TRY(cudaMallocHost((void **)&g->h_in, 2 * (2 * BT + B) * 4), "pinned input buffer");
+        g->h_in_cap = 2 * (2 * BT + B); /* both slots */
     }
     if (g->wbytes + g->act_bytes + B * 4 > g->peak) g->peak = g->wbytes + g->act_bytes + B * 4;
 done:
@@ -695,8 +1019,180 @@ static void attention(kst_bert_gpu *g, const float *qkvb, int B, int T) {
     else attention_nw<4>(g, qkvb, B, T);
 }
 
-extern "C" int kst_bert_gpu_forward(kst_bert_gpu *g, float *out, const int32_t *ids, const int32_t *type_ids,
-                                    const int *valid, size_t B, size_t T, kst_error *err) {
+/* ---- fused path ---- */
+
+/* Finds or builds the plan for out (N, OC) = in (N, K) @ W^T with epilogue epi (BIAS or
+ * GELU_BIAS) and, when res, + a (N, OC) residual (beta = 1). The bias is float32 where cuBLASLt
+ * has an algorithm for it, else the bf16 copy. *plan is NULL (and KST_OK) when cuBLASLt offers no
+ * algorithm at all: the caller falls back to the unfused path. */
+static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, lt_plan **plan, kst_error *err) {
+    int rc = KST_OK;
+    *plan = NULL;
+    for (int i = 0; i < g->nplans; i++) {
+        lt_plan *p = &g->plans[i];
+        if (p->N == N && p->K == K && p->OC == OC && p->epi == epi && p->res == res) {
+            *plan = p->desc ? p : NULL;
+            return KST_OK;
+        }
+    }
+    lt_plan *p;
+    if (g->nplans < LT_PLANS) p = &g->plans[g->nplans++];
+    else {
+        p = &g->plans[g->next_plan];
+        g->next_plan = (g->next_plan + 1) % LT_PLANS;
+        lt_plan_free(p);
+    }
+    p->N = N, p->K = K, p->OC = OC, p->epi = epi, p->res = res;
+    cublasLtMatmulPreference_t pref = NULL;
+    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, K, OC, K), "cuBLASLt layout");
+    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, K, N, K), "cuBLASLt layout");
+    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->c, CUDA_R_16BF, OC, N, OC), "cuBLASLt layout");
+    CUBLAS_TRY(cublasLtMatmulPreferenceCreate(&pref), "cuBLASLt preference");
+    CUBLAS_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &g->lt_ws_bytes,
+                                                    sizeof g->lt_ws_bytes),
+               "cuBLASLt preference");
+    for (int bias32 = 1; bias32 >= 0; bias32--) {
+        if (p->desc) cublasLtMatmulDescDestroy(p->desc);
+        p->desc = NULL;
+        CUBLAS_TRY(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cuBLASLt descriptor");
+        cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+        cublasLtEpilogue_t e = (cublasLtEpilogue_t)epi;
+        cudaDataType_t bt = bias32 ? CUDA_R_32F : CUDA_R_16BF;
+        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "cuBLASLt descriptor");
+        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "cuBLASLt descriptor");
+        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e), "cuBLASLt descriptor");
+        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt),
+                   "cuBLASLt descriptor");
+        /* a placeholder bias pointer for the heuristic (alignment only); the real one is set per call */
+        const void *bp = bias32 ? (const void *)g->qkvb : (const void *)g->qkvb16;
+        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp),
+                   "cuBLASLt descriptor");
+        cublasLtMatmulHeuristicResult_t hr;
+        int found = 0;
+        cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(g->lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &hr, &found);
+        if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+            p->algo = hr.algo;
+            p->bias32 = bias32;
+            *plan = p;
+            goto done;
+        }
+    }
+    /* none: remember that, so that the next call falls back at once */
+    cublasLtMatmulDescDestroy(p->desc);
+    p->desc = NULL;
+done:
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    return rc;
+}
+
+/* out (N, OC) = epi(in (N, K) @ W (OC, K)^T + bias) [+ res], bf16 in and out, float32
+ * accumulation; bias32 / bias16 the float32 and bf16 copies of the bias. *done_ is 0 when
+ * cuBLASLt has no algorithm for it (nothing was queued). */
+static int gemm_lt(kst_bert_gpu *g, bf16 *out, const bf16 *in, const bf16 *W, const float *bias32, const bf16 *bias16,
+                   const bf16 *res, int N, int K, int OC, int epi, int *done_, kst_error *err) {
+    int rc = KST_OK;
+    lt_plan *p = NULL;
+    *done_ = 0;
+    KST_TRY(lt_plan_get(g, N, K, OC, epi, res != NULL, &p, err));
+    if (!p) return KST_OK;
+    {
+        const void *bp = p->bias32 ? (const void *)bias32 : (const void *)bias16;
+        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp),
+                   "cuBLASLt bias");
+        const float one = 1.0f, zero = 0.0f;
+        CUBLAS_TRY(cublasLtMatmul(g->lt, p->desc, &one, W, p->a, in, p->b, res ? &one : &zero, res ? (const void *)res : out,
+                                  p->c, out, p->c, &p->algo, g->lt_ws, g->lt_ws_bytes, g->stream),
+                   "cuBLASLt bf16 product");
+        *done_ = 1;
+    }
+done:
+    return rc;
+}
+
+template <int NCH>
+static void launch_ln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *w, const float *b, int BT) {
+    ln_kernel<NCH><<<(BT + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, g->stream>>>(g->x, xf, a, w, b, BT,
+                                                                                      (int)g->cfg.C, g->cfg.eps);
+}
+static void ln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *w, const float *b, int BT) {
+    int nch = (int)(g->cfg.C / 8 + 31) / 32;
+    if (nch <= 1) launch_ln<1>(g, xf, a, w, b, BT);
+    else if (nch == 2) launch_ln<2>(g, xf, a, w, b, BT);
+    else if (nch == 3) launch_ln<3>(g, xf, a, w, b, BT);
+    else launch_ln<4>(g, xf, a, w, b, BT);
+}
+
+template <int HSP, int NW>
+static void launch_att2(kst_bert_gpu *g, int B, int T) {
+    const kst_bert_config *c = &g->cfg;
+    dim3 grid((unsigned)((T + 16 * NW - 1) / (16 * NW)), (unsigned)c->NH, (unsigned)B);
+    attention2_kernel<HSP, NW><<<grid, NW * 32, att2_smem<HSP, NW>::bytes, g->stream>>>(g->atty, g->qkv, g->dvalid, T,
+                                                                                        (int)c->C, (int)c->NH);
+}
+template <int NW>
+static void attention2_nw(kst_bert_gpu *g, int B, int T) {
+    int hs = (int)(g->cfg.C / g->cfg.NH);
+    if (hs <= 16) launch_att2<16, NW>(g, B, T);
+    else if (hs <= 32) launch_att2<32, NW>(g, B, T);
+    else if (hs <= 64) launch_att2<64, NW>(g, B, T);
+    else launch_att2<128, NW>(g, B, T);
+}
+static void attention2(kst_bert_gpu *g, int B, int T) {
+    static int forced = -1;
+    if (forced < 0) {
+        const char *e = getenv("KESTREL_GPU_ATT_WARPS");
+        forced = e ? atoi(e) : 0;
+    }
+    int nw = forced == 4 || forced == 8 ? forced : T > 64 ? 8 : 4;
+    if (nw == 8) attention2_nw<8>(g, B, T);
+    else attention2_nw<4>(g, B, T);
+}
+
+/* One layer on the fused path: 4 products (bias, residual and GELU in their epilogues), the
+ * attention kernel and two LayerNorms. *ok is 0 when cuBLASLt lacks an algorithm for a product
+ * of this layer's first one (nothing queued then); a later gap is an error. */
+static int layer_fused(kst_bert_gpu *g, size_t l, int B, int T, int last, int *ok, kst_error *err) {
+    const kst_bert_config *c = &g->cfg;
+    size_t C = c->C, FF = c->FF;
+    int BT = B * T, rc = KST_OK, d = 0;
+    int gelu_epi = !g->exact_gelu && (c->act == KST_ACT_GELU || c->act == KST_ACT_GELU_TANH);
+    *ok = 0;
+    KST_TRY(gemm_lt(g, g->qkv, g->x, g->qkvw + l * 3 * C * C, g->qkvb + l * 3 * C, g->qkvb16 + l * 3 * C, NULL, BT,
+                    (int)C, (int)(3 * C), CUBLASLT_EPILOGUE_BIAS, &d, err));
+    if (!d) return KST_OK;
+    *ok = 1;
+    attention2(g, B, T);
+    CU_LAUNCHED("attention kernel");
+    KST_TRY(gemm_lt(g, g->tmp, g->atty, g->attprojw + l * C * C, g->attprojb + l * C, g->attprojb16 + l * C, g->x, BT,
+                    (int)C, (int)C, CUBLASLT_EPILOGUE_BIAS, &d, err));
+    if (!d) goto gap;
+    ln(g, NULL, g->tmp, g->ln1w + l * C, g->ln1b + l * C, BT);
+    CU_LAUNCHED("LayerNorm kernel");
+    KST_TRY(gemm_lt(g, g->ff, g->x, g->fcw + l * FF * C, g->fcb + l * FF, g->fcb16 + l * FF, NULL, BT, (int)C, (int)FF,
+                    gelu_epi ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_BIAS, &d, err));
+    if (!d) goto gap;
+    if (!gelu_epi) {
+        size_t n8 = (size_t)BT * FF / 8;
+        act_kernel<<<(unsigned)((n8 + 255) / 256), 256, 0, g->stream>>>(g->ff, n8, (int)c->act);
+        CU_LAUNCHED("activation kernel");
+    }
+    KST_TRY(gemm_lt(g, g->tmp, g->ff, g->fcprojw + l * C * FF, g->fcprojb + l * C, g->fcprojb16 + l * C, g->x, BT,
+                    (int)FF, (int)C, CUBLASLT_EPILOGUE_BIAS, &d, err));
+    if (!d) goto gap;
+    ln(g, last ? g->hid : NULL, g->tmp, g->ln2w + l * C, g->ln2b + l * C, BT);
+    CU_LAUNCHED("LayerNorm kernel");
+    return KST_OK;
+gap:
+    return kst_fail(err, KST_ERR_INTERNAL, "GPU encoder: cuBLASLt has no algorithm for a product of layer %zu "
+                    "(set KESTREL_GPU_FUSED=0 to use plain cuBLAS)", l);
+done:
+    return rc;
+}
+
+/* Queues one forward; with `async` it returns once the forward before it has finished (its
+ * `out` filled), else once this one has (out != NULL) or is queued (out == NULL). */
+static int forward_queue(kst_bert_gpu *g, float *out, const int32_t *ids, const int32_t *type_ids, const int *valid,
+                         size_t B, size_t T, int async, kst_error *err) {
     const kst_bert_config *c = &g->cfg;
     size_t C = c->C, FF = c->FF, BT = B * T;
     int rc = KST_OK;
@@ -713,21 +1209,31 @@ extern "C" int kst_bert_gpu_forward(kst_bert_gpu *g, float *out, const int32_t *
                             type_ids[i], i % T, c->TT);
     }
     std::lock_guard<std::mutex> lock(*g->mu);
-    /* the previous forward (queued with out == NULL) must be done before its buffers change */
-    CU_TRY(cudaStreamSynchronize(g->stream), "waiting for the previous batch");
+    const int slot = (int)(g->seq & 1);
+    int32_t *hin;
+    /* the synchronous calls wait for everything queued before (as they always did) */
+    if (!async) CU_TRY(cudaStreamSynchronize(g->stream), "waiting for the previous batch");
     KST_TRY(reserve(g, B, BT, err));
-    /* inputs: one pinned staging buffer, one copy per array */
-    memcpy(g->h_in, ids, BT * 4);
-    if (type_ids) memcpy(g->h_in + BT, type_ids, BT * 4);
-    else memset(g->h_in + BT, 0, BT * 4);
-    memcpy(g->h_in + 2 * BT, valid, B * 4);
-    CU_TRY(cudaMemcpyAsync(g->dids, g->h_in, BT * 4, cudaMemcpyHostToDevice, g->stream), "uploading ids");
-    CU_TRY(cudaMemcpyAsync(g->dtypes, g->h_in + BT, BT * 4, cudaMemcpyHostToDevice, g->stream), "uploading ids");
-    CU_TRY(cudaMemcpyAsync(g->dvalid, g->h_in + 2 * BT, B * 4, cudaMemcpyHostToDevice, g->stream), "uploading lengths");
+    /* this slot's pinned inputs went up with forward seq - 2, done by now (async waited for it) */
+    if (g->seq >= 2) CU_TRY(cudaEventSynchronize(g->done_ev[slot]), "waiting for the batch before last");
+    hin = g->h_in + (size_t)slot * (g->h_in_cap / 2);
+    /* inputs: one pinned staging slot, one copy per array */
+    memcpy(hin, ids, BT * 4);
+    if (type_ids) memcpy(hin + BT, type_ids, BT * 4);
+    else memset(hin + BT, 0, BT * 4);
+    memcpy(hin + 2 * BT, valid, B * 4);
+    CU_TRY(cudaMemcpyAsync(g->dids, hin, BT * 4, cudaMemcpyHostToDevice, g->stream), "uploading ids");
+    CU_TRY(cudaMemcpyAsync(g->dtypes, hin + BT, BT * 4, cudaMemcpyHostToDevice, g->stream), "uploading ids");
+    CU_TRY(cudaMemcpyAsync(g->dvalid, hin + 2 * BT, B * 4, cudaMemcpyHostToDevice, g->stream), "uploading lengths");
     embed(g, (int)BT, (int)T);
     CU_LAUNCHED("embedding + LayerNorm kernel");
     for (size_t l = 0; l < c->L; l++) {
         int last = l + 1 == c->L;
+        if (g->fused) {
+            int ok = 0;
+            KST_TRY(layer_fused(g, l, (int)B, (int)T, last, &ok, err));
+            if (ok) continue;
+        }
         KST_TRY(gemm(g, g->qkv, g->x, g->qkvw + l * 3 * C * C, (int)BT, (int)C, (int)(3 * C), err));
         attention(g, g->qkvb + l * 3 * C, (int)B, (int)T);
         CU_LAUNCHED("attention kernel");
@@ -742,12 +1248,43 @@ extern "C" int kst_bert_gpu_forward(kst_bert_gpu *g, float *out, const int32_t *
         brln(g, last ? g->hid : NULL, g->tmp, g->fcprojb + l * C, g->ln2w + l * C, g->ln2b + l * C, (int)BT);
         CU_LAUNCHED("bias + residual + LayerNorm kernel");
     }
-    if (out) {
-        CU_TRY(cudaMemcpyAsync(out, g->hid, BT * C * 4, cudaMemcpyDeviceToHost, g->stream), "downloading hidden states");
+    if (out) CU_TRY(cudaMemcpyAsync(out, g->hid, BT * C * 4, cudaMemcpyDeviceToHost, g->stream), "downloading hidden states");
+    CU_TRY(cudaEventRecord(g->done_ev[slot], g->stream), "recording an event");
+    g->seq++;
+    if (async) {
+        if (g->seq >= 2) CU_TRY(cudaEventSynchronize(g->done_ev[slot ^ 1]), "waiting for the previous batch");
+    } else if (out) {
         CU_TRY(cudaStreamSynchronize(g->stream), "GPU encoder forward");
     }
 done:
     return rc;
+}
+
+extern "C" int kst_bert_gpu_forward(kst_bert_gpu *g, float *out, const int32_t *ids, const int32_t *type_ids,
+                                    const int *valid, size_t B, size_t T, kst_error *err) {
+    return forward_queue(g, out, ids, type_ids, valid, B, T, 0, err);
+}
+
+extern "C" int kst_bert_gpu_forward_async(kst_bert_gpu *g, float *out, const int32_t *ids, const int32_t *type_ids,
+                                          const int *valid, size_t B, size_t T, kst_error *err) {
+    if (!out) return kst_fail(err, KST_ERR_MISUSE, "kst_bert_gpu_forward_async: NULL output");
+    return forward_queue(g, out, ids, type_ids, valid, B, T, 1, err);
+}
+
+extern "C" void *kst_bert_gpu_host_alloc(size_t bytes, kst_error *err) {
+    void *p = NULL;
+    cudaError_t e = cudaMallocHost(&p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        kst_fail(err, KST_ERR_NOMEM, "cannot allocate %.1f MiB of pinned host memory: %s", bytes / 1048576.0,
+                 cudaGetErrorString(e));
+        return NULL;
+    }
+    return p;
+}
+
+extern "C" void kst_bert_gpu_host_free(void *p) {
+    if (p) cudaFreeHost(p);
 }
 
 extern "C" int kst_bert_gpu_sync(kst_bert_gpu *g, kst_error *err) {
@@ -759,3 +1296,78 @@ done:
 
 extern "C" const float *kst_bert_gpu_hidden(const kst_bert_gpu *g) { return g->hid; }
 extern "C" size_t kst_bert_gpu_peak_bytes(const kst_bert_gpu *g) { return g->peak; }
+
+/* D (n, 8) float32 = GELU(in (n, 16) @ W (8, 16)^T + 0) with in[:, 0] = x and W[:, 0] = 1, so
+ * that every column of row i is the epilogue's GELU(x[i]). */
+extern "C" int kst_bert_gpu_gelu_probe(const float *x, float *y, size_t n, kst_error *err) {
+    int rc = kst_gpu_check(err);
+    if (rc != KST_OK) return rc;
+    const int K = 16, OC = 8;
+    bf16 *hin = NULL, *din = NULL, *dw = NULL;
+    float *dout = NULL, *hout = NULL, *dbias = NULL;
+    void *ws = NULL;
+    size_t wsb = (size_t)4 << 20;
+    cublasLtHandle_t lt = NULL;
+    cublasLtMatmulDesc_t desc = NULL;
+    cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasLtMatmulHeuristicResult_t hr;
+    int found = 0;
+    bf16 hw[8 * 16];
+    hin = (bf16 *)kst_calloc(n * K, sizeof(bf16), "GELU probe", err);
+    hout = (float *)kst_calloc(n * OC, sizeof(float), "GELU probe", err);
+    if (!hin || !hout) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    for (size_t i = 0; i < n * K; i++) hin[i] = __float2bfloat16_rn(i % K == 0 ? x[i / K] : 0.0f);
+    for (int i = 0; i < OC * K; i++) hw[i] = __float2bfloat16_rn(i % K == 0 ? 1.0f : 0.0f);
+    KST_TRY(kst_gpu_alloc((void **)&din, n * K * 2, "GELU probe", err));
+    KST_TRY(kst_gpu_alloc((void **)&dw, sizeof hw, "GELU probe", err));
+    KST_TRY(kst_gpu_alloc((void **)&dout, n * OC * 4, "GELU probe", err));
+    KST_TRY(kst_gpu_alloc((void **)&dbias, OC * 4, "GELU probe", err));
+    KST_TRY(kst_gpu_alloc(&ws, wsb, "GELU probe", err));
+    CU_TRY(cudaMemcpy(din, hin, n * K * 2, cudaMemcpyHostToDevice), "GELU probe upload");
+    CU_TRY(cudaMemcpy(dw, hw, sizeof hw, cudaMemcpyHostToDevice), "GELU probe upload");
+    CU_TRY(cudaMemset(dbias, 0, OC * 4), "GELU probe");
+    CUBLAS_TRY(cublasLtCreate(&lt), "cuBLASLt handle");
+    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, K, OC, K), "cuBLASLt layout");
+    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, K, (uint64_t)n, K), "cuBLASLt layout");
+    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&ld, CUDA_R_32F, OC, (uint64_t)n, OC), "cuBLASLt layout");
+    CUBLAS_TRY(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cuBLASLt descriptor");
+    {
+        cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+        cublasLtEpilogue_t e = CUBLASLT_EPILOGUE_GELU_BIAS;
+        cudaDataType_t bt = CUDA_R_32F;
+        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "cuBLASLt descriptor");
+        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "cuBLASLt descriptor");
+        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e), "cuBLASLt descriptor");
+        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt), "cuBLASLt descriptor");
+        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &dbias, sizeof dbias), "cuBLASLt descriptor");
+    }
+    CUBLAS_TRY(cublasLtMatmulPreferenceCreate(&pref), "cuBLASLt preference");
+    CUBLAS_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb),
+               "cuBLASLt preference");
+    CUBLAS_TRY(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, pref, 1, &hr, &found), "cuBLASLt heuristic");
+    if (!found) {
+        rc = kst_fail(err, KST_ERR_UNSUPPORTED, "GELU probe: cuBLASLt has no algorithm for a GELU_BIAS product");
+        goto done;
+    }
+    {
+        const float one = 1.0f, zero = 0.0f;
+        CUBLAS_TRY(cublasLtMatmul(lt, desc, &one, dw, la, din, lb, &zero, dout, ld, dout, ld, &hr.algo, ws, wsb, 0),
+                   "cuBLASLt GELU product");
+    }
+    CU_TRY(cudaMemcpy(hout, dout, n * OC * 4, cudaMemcpyDeviceToHost), "GELU probe download");
+    for (size_t i = 0; i < n; i++) y[i] = hout[i * OC + (i % OC)];
+done:
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (ld) cublasLtMatrixLayoutDestroy(ld);
+    if (lt) cublasLtDestroy(lt);
+    cudaFree(din), cudaFree(dw), cudaFree(dout), cudaFree(dbias), cudaFree(ws);
+    kst_free(hin), kst_free(hout);
+    return rc;
+}

@@ -33,9 +33,25 @@ void kst_bert_gpu_free(kst_bert_gpu *g);
 int kst_bert_gpu_forward(kst_bert_gpu *g, float *out, const int32_t *ids, const int32_t *type_ids,
                          const int *valid, size_t B, size_t T, kst_error *err);
 int kst_bert_gpu_sync(kst_bert_gpu *g, kst_error *err);
+/* A pipelined forward: as kst_bert_gpu_forward with out != NULL, but it returns once this batch
+ * is queued (its inputs copied: the caller may refill them) and the forward queued before it has
+ * finished, so that the caller can work on the previous batch's output while the GPU runs this
+ * one. out should come from kst_bert_gpu_host_alloc (pinned; other memory makes the copy wait) and
+ * must stay untouched until the next call (or kst_bert_gpu_sync) returns. */
+int kst_bert_gpu_forward_async(kst_bert_gpu *g, float *out, const int32_t *ids, const int32_t *type_ids,
+                               const int *valid, size_t B, size_t T, kst_error *err);
+/* Pinned host memory (plain memory without the GPU backend); NULL and err filled on failure.
+ * Free with kst_bert_gpu_host_free (NULL is a no-op). */
+void *kst_bert_gpu_host_alloc(size_t bytes, kst_error *err);
+void kst_bert_gpu_host_free(void *p);
 /* The device pointer of the last hidden states (B, T, C) float32 of the last forward. */
 const float *kst_bert_gpu_hidden(const kst_bert_gpu *g);
 /* Most GPU memory this encoder has held at once (weights + activations), in bytes. */
 size_t kst_bert_gpu_peak_bytes(const kst_bert_gpu *g);
+
+/* What the fused path's GELU epilogue (cuBLASLt GELU_BIAS) computes: y[i] = GELU(x[i] + 0) for
+ * n bf16-exact inputs x (host), y float32 (host), through a bf16 product with float32 output.
+ * For tests: it is checked against the erf and tanh forms. */
+int kst_bert_gpu_gelu_probe(const float *x, float *y, size_t n, kst_error *err);
 
 #endif

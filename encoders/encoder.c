@@ -507,6 +507,82 @@ static void *tokenize_range(void *p) {
     return NULL;
 }
 
+/* Fills ids, types (B, T) and valid (B) for items[0..B) padded to T. */
+static void fill_batch(kst_encoder *e, const batch_item *items, size_t B, size_t T, int is_query, int pairs,
+                       int32_t *ids, int32_t *types, int *valid) {
+    kst_special_ids sp = kst_tokenizer_special(e->tok);
+    for (size_t r = 0; r < B; r++) {
+        const kst_ids *v = &items[r].ids;
+        valid[r] = (int)v->len;
+        /* ColBERT queries keep their [MASK] padding out of attention unless configured. */
+        if (e->role == KST_ROLE_COLBERT && is_query && !e->attend_to_mask && !pairs) {
+            size_t k = v->len;
+            while (k > 0 && v->ids[k - 1] == sp.mask) k--;
+            valid[r] = (int)k;
+        }
+        for (size_t t = 0; t < T; t++) {
+            ids[r * T + t] = t < v->len ? v->ids[t] : (sp.pad >= 0 ? sp.pad : 0);
+            types[r * T + t] = t < v->len ? v->type_ids[t] : 0;
+        }
+    }
+}
+
+/* The GPU's pipeline over the sorted batches: while the GPU runs batch s, the CPU pads batch
+ * s + 1 and runs the heads over batch s - 1's hidden states (two pinned buffers, filled by
+ * kst_bert_gpu_forward_async). KESTREL_GPU_PIPELINE=0 runs one batch at a time (to compare). */
+static int encode_items_gpu(kst_encoder *e, batch_item *items, size_t n, int is_query, int pairs,
+                            size_t batch, head_fn head, void *ctx, kst_error *err) {
+    int rc = KST_OK;
+    size_t C = e->bert.cfg.C, maxT = items[n - 1].ids.len, nb = (n + batch - 1) / batch;
+    int32_t *ids[2] = {NULL, NULL}, *types = NULL;
+    int *valid = NULL;
+    float *hidden[2] = {NULL, NULL};
+    types = kst_malloc(batch * maxT + 1, sizeof *types, "batch ids", err);
+    valid = kst_malloc(batch, sizeof *valid, "batch lengths", err);
+    for (int i = 0; i < 2; i++) {
+        ids[i] = kst_malloc(batch * maxT + 1, sizeof *ids[i], "batch ids", err);
+        hidden[i] = kst_bert_gpu_host_alloc((batch * maxT * C + 1) * sizeof(float), err);
+    }
+    if (!types || !valid || !ids[0] || !ids[1] || !hidden[0] || !hidden[1]) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    for (size_t s = 0; s <= nb; s++) {
+        /* queue batch s (returns once batch s - 1 is done) ... */
+        if (s < nb) {
+            size_t lo = s * batch, B = n - lo < batch ? n - lo : batch, T = items[lo + B - 1].ids.len;
+            fill_batch(e, items + lo, B, T, is_query, pairs, ids[s & 1], types, valid);
+            KST_TRY(kst_bert_gpu_forward_async(e->gpu, hidden[s & 1], ids[s & 1], types, valid, B, T, err));
+        } else {
+            KST_TRY(kst_bert_gpu_sync(e->gpu, err));
+        }
+        /* ... then the heads of batch s - 1 while the GPU runs batch s */
+        if (s > 0) {
+            size_t p = s - 1, lo = p * batch, B = n - lo < batch ? n - lo : batch, T = items[lo + B - 1].ids.len;
+            for (size_t r = 0; r < B; r++)
+                KST_TRY(head(e, ctx, items[lo + r].index, ids[p & 1] + r * T, hidden[p & 1] + r * T * C,
+                             items[lo + r].ids.len, err));
+        }
+    }
+done:
+    if (rc != KST_OK) {
+        kst_error ignore;
+        kst_bert_gpu_sync(e->gpu, &ignore); /* nothing may still write into hidden */
+    }
+    for (int i = 0; i < 2; i++) {
+        kst_free(ids[i]);
+        kst_bert_gpu_host_free(hidden[i]);
+    }
+    kst_free(types);
+    kst_free(valid);
+    return rc;
+}
+
+static int gpu_pipeline_enabled(void) {
+    const char *v = getenv("KESTREL_GPU_PIPELINE");
+    return !(v && strcmp(v, "0") == 0);
+}
+
 /* Sorts items (n) by length and runs the transformer over batches of similar length, handing
  * each sequence to `head`. */
 static int encode_items(kst_encoder *e, batch_item *items, size_t n, int is_query, int pairs,
@@ -518,6 +594,9 @@ static int encode_items(kst_encoder *e, batch_item *items, size_t n, int is_quer
     float *hidden = NULL;
     kst_bert_acts acts = {0}; /* per call, so concurrent calls never share scratch */
     qsort(items, n, sizeof *items, cmp_len);
+    /* more than one batch on the GPU: pipelined (pinned buffers cost more than one batch saves) */
+    if (e->gpu && n > batch && gpu_pipeline_enabled())
+        return encode_items_gpu(e, items, n, is_query, pairs, batch, head, ctx, err);
     size_t maxT = n ? items[n - 1].ids.len : 0;
     ids = kst_malloc(batch * maxT + 1, sizeof *ids, "batch ids", err);
     types = kst_malloc(batch * maxT + 1, sizeof *types, "batch ids", err);
@@ -527,24 +606,10 @@ static int encode_items(kst_encoder *e, batch_item *items, size_t n, int is_quer
         rc = KST_ERR_NOMEM;
         goto done;
     }
-    kst_special_ids sp = kst_tokenizer_special(e->tok);
     for (size_t s = 0; s < n; s += batch) {
         size_t B = n - s < batch ? n - s : batch;
         size_t T = items[s + B - 1].ids.len;
-        for (size_t r = 0; r < B; r++) {
-            const kst_ids *v = &items[s + r].ids;
-            valid[r] = (int)v->len;
-            /* ColBERT queries keep their [MASK] padding out of attention unless configured. */
-            if (e->role == KST_ROLE_COLBERT && is_query && !e->attend_to_mask && !pairs) {
-                size_t k = v->len;
-                while (k > 0 && v->ids[k - 1] == sp.mask) k--;
-                valid[r] = (int)k;
-            }
-            for (size_t t = 0; t < T; t++) {
-                ids[r * T + t] = t < v->len ? v->ids[t] : (sp.pad >= 0 ? sp.pad : 0);
-                types[r * T + t] = t < v->len ? v->type_ids[t] : 0;
-            }
-        }
+        fill_batch(e, items + s, B, T, is_query, pairs, ids, types, valid);
         if (e->gpu) KST_TRY(kst_bert_gpu_forward(e->gpu, hidden, ids, types, valid, B, T, err));
         else KST_TRY(kst_bert_forward(&e->bert, &acts, hidden, ids, types, valid, B, T, err));
         for (size_t r = 0; r < B; r++)

@@ -19,6 +19,11 @@
  *       anchor) and the GPU search of the same index, all of Q, k = 10: queries/s, recall@10
  *       against the exact top 10 (GPU flat search), and the GPU's code bytes scanned per second
  *       as a fraction of BW_GB_S (the measured device copy bandwidth).
+ *   bench_gpu embed MODEL_DIR N WORDS BATCH
+ *       kst_model_embed on the GPU over N synthetic texts of WORDS words drawn from the model's
+ *       vocab.txt (the whole path: tokenization, padding, forward, copy back, pooling), with the
+ *       pipeline (tokenization and heads on the CPU while the GPU runs the next batch) and with
+ *       KESTREL_GPU_PIPELINE=0 (one batch at a time), and tokenization alone on one core.
  * FLOPs per sequence: L * (2*T*(4C^2 + 2*C*FF) + 4*T^2*C), as tests/bench/README.md. */
 #include <math.h>
 #include <stdint.h>
@@ -27,6 +32,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "api/kestrel.h"
 #include "core/gpu.h"
 #include "core/npy.h"
 #include "encoders/bert_gpu.h"
@@ -114,7 +120,7 @@ static int encode_main(int argc, char **argv) {
     const kst_bert_config *c = &e->bert.cfg;
     kst_bert_gpu *g = NULL;
     if (kst_bert_gpu_create(&e->bert, &g, &err) != KST_OK) die("GPU encoder", &err);
-    double parity = -1;
+    double parity = -1, maxabs = -1;
     if (argc > 8) {
         kst_npy ids, valid, hid;
         if (kst_npy_read(argv[6], &ids, &err) != KST_OK) die(argv[6], &err);
@@ -136,6 +142,8 @@ static int encode_main(int argc, char **argv) {
                 for (size_t j = 0; j < C; j++) xy += (double)x[j] * y[j], xx += (double)x[j] * x[j], yy += (double)y[j] * y[j];
                 double cs = xy / sqrt(xx * yy + 1e-30);
                 if (cs < parity) parity = cs;
+                for (size_t j = 0; j < C; j++)
+                    if (fabs((double)x[j] - y[j]) > maxabs) maxabs = fabs((double)x[j] - y[j]);
             }
         free(i32), free(v), free(out);
         kst_npy_free(&ids), kst_npy_free(&valid), kst_npy_free(&hid);
@@ -164,9 +172,13 @@ static int encode_main(int argc, char **argv) {
     double med = median(tm, reps);
     double C = (double)c->C, FF = (double)c->FF, L = (double)c->L, Td = (double)T;
     double flop = L * (2 * Td * (4 * C * C + 2 * C * FF) + 4 * Td * Td * C) * (double)B;
-    printf("{\"bench\": \"encode\", \"model\": \"%s\", \"B\": %zu, \"T\": %zu, \"seconds\": %.6f, "
-           "\"docs_per_s\": %.1f, \"tflops\": %.2f, \"gpu_peak_bytes\": %zu, \"parity_min_cos\": %.6f}\n",
-           argv[2], B, T, med, (double)B / med, flop / med / 1e12, kst_bert_gpu_peak_bytes(g), parity);
+    /* which path (encoders/bert_gpu.cu's knobs), so that report.py can set them side by side */
+    const char *fu = getenv("KESTREL_GPU_FUSED"), *xg = getenv("KESTREL_GPU_EXACT_GELU");
+    const char *variant = fu && strcmp(fu, "0") == 0 ? "unfused" : xg && strcmp(xg, "1") == 0 ? "fused_erf_gelu" : "fused";
+    printf("{\"bench\": \"encode\", \"variant\": \"%s\", \"model\": \"%s\", \"B\": %zu, \"T\": %zu, \"seconds\": %.6f, "
+           "\"docs_per_s\": %.1f, \"tflops\": %.2f, \"gpu_peak_bytes\": %zu, \"parity_min_cos\": %.6f, "
+           "\"parity_max_abs\": %.6f}\n",
+           variant, argv[2], B, T, med, (double)B / med, flop / med / 1e12, kst_bert_gpu_peak_bytes(g), parity, maxabs);
     kst_bert_gpu_free(g);
     kst_encoder_free(e);
     free(ids), free(valid), free(tm);
@@ -245,6 +257,85 @@ static int ivfpq_main(int argc, char **argv) {
     return 0;
 }
 
+static int embed_main(int argc, char **argv) {
+    if (argc < 6) return fprintf(stderr, "usage: bench_gpu embed MODEL_DIR N WORDS BATCH\n"), 2;
+    const char *dir = argv[2];
+    size_t n = (size_t)atol(argv[3]), words = (size_t)atol(argv[4]), batch = (size_t)atol(argv[5]);
+    kst_error err;
+    char path[1024];
+    snprintf(path, sizeof path, "%s/vocab.txt", dir);
+    FILE *f = fopen(path, "r");
+    if (!f) return fprintf(stderr, "bench_gpu: cannot open %s\n", path), 1;
+    char line[256], **vocab = malloc(40000 * sizeof *vocab);
+    size_t nv = 0;
+    while (nv < 40000 && fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        int ok = strlen(line) >= 3;
+        for (char *c = line; *c; c++) ok &= *c >= 'a' && *c <= 'z';
+        if (ok) vocab[nv++] = strdup(line);
+    }
+    fclose(f);
+    if (nv == 0) return fprintf(stderr, "bench_gpu: no words in %s\n", path), 1;
+    char **texts = malloc(n * sizeof *texts);
+    uint32_t seed = 7;
+    for (size_t i = 0; i < n; i++) {
+        size_t cap = words * 257 + 1, len = 0; /* a vocab line is shorter than 256 bytes */
+        texts[i] = malloc(cap);
+        texts[i][0] = 0;
+        /* lengths vary from words/2 to words, as real collections' do */
+        size_t w = words / 2 + (size_t)(i * 2654435761u % (words / 2 + 1));
+        for (size_t k = 0; k < w; k++) {
+            seed = seed * 1664525u + 1013904223u;
+            const char *v = vocab[(seed >> 8) % nv];
+            size_t vl = strlen(v);
+            if (k) texts[i][len++] = ' ';
+            memcpy(texts[i] + len, v, vl + 1);
+            len += vl;
+        }
+    }
+    kst_model_opts mo = kst_model_opts_default();
+    mo.device = KST_DEVICE_CUDA;
+    kst_model *m = NULL;
+    if (kst_model_open(dir, &mo, &m, &err) != KST_OK) die(dir, &err);
+    size_t dim = kst_model_dim(m);
+    float *out = malloc(n * dim * sizeof(float));
+    kst_encode_opts eo = kst_encode_opts_default();
+    eo.batch_size = batch;
+    eo.max_len = 256;
+    /* warm-up: kernels, plans, buffers at the largest shape */
+    if (kst_model_embed(m, (const char *const *)texts, NULL, n < 4 * batch ? n : 4 * batch, &eo, out, &err) != KST_OK)
+        die("embed", &err);
+    double t[2][3];
+    for (int r = 0; r < 3; r++)
+        for (int mode = 0; mode < 2; mode++) {
+            setenv("KESTREL_GPU_PIPELINE", mode ? "0" : "1", 1);
+            double a = now();
+            if (kst_model_embed(m, (const char *const *)texts, NULL, n, &eo, out, &err) != KST_OK) die("embed", &err);
+            t[mode][r] = now() - a;
+        }
+    unsetenv("KESTREL_GPU_PIPELINE");
+    kst_encoder *e = NULL;
+    if (kst_encoder_open(dir, KST_ROLE_AUTO, &e, &err) != KST_OK) die(dir, &err);
+    double a = now();
+    size_t toks = 0;
+    for (size_t i = 0; i < n; i++) {
+        kst_ids ids;
+        if (kst_encoder_tokenize(e, texts[i], strlen(texts[i]), NULL, 0, 0, 256, &ids, &err) != KST_OK) die("tokenize", &err);
+        toks += ids.len;
+        kst_ids_free(&ids);
+    }
+    double tt = now() - a;
+    printf("{\"bench\": \"embed_pipeline\", \"model\": \"%s\", \"n\": %zu, \"batch\": %zu, \"mean_tokens\": %.1f, "
+           "\"docs_per_s\": %.1f, \"docs_per_s_serial\": %.1f, \"tokenize_per_s\": %.1f}\n",
+           dir, n, batch, (double)toks / (double)n, n / median(t[0], 3), n / median(t[1], 3), n / tt);
+    kst_encoder_free(e);
+    kst_model_close(m);
+    for (size_t i = 0; i < n; i++) free(texts[i]);
+    for (size_t i = 0; i < nv; i++) free(vocab[i]);
+    free(texts), free(vocab), free(out);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     kst_error err;
     if (kst_gpu_check(&err) != KST_OK) {
@@ -255,6 +346,7 @@ int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "search") == 0) return search_main(argc, argv);
     if (argc > 1 && strcmp(argv[1], "encode") == 0) return encode_main(argc, argv);
     if (argc > 1 && strcmp(argv[1], "ivfpq") == 0) return ivfpq_main(argc, argv);
+    if (argc > 1 && strcmp(argv[1], "embed") == 0) return embed_main(argc, argv);
     fprintf(stderr, "usage: bench_gpu search|encode ...\n");
     return 2;
 }

@@ -12,7 +12,7 @@ print(f"device: {ceil.get('device')}  torch {ceil.get('torch')}  measured bf16 G
 print("\nencoding, batch 256, all tokens valid (docs/s; ratio = kestrel / anchor)")
 print(f"{'model':9} {'T':>4} {'kestrel':>9} {'eager':>9} {'compiled':>9} {'x eager':>8} {'x comp':>7} "
       f"{'TFLOP/s':>8} {'of GEMM':>8} {'peak MiB k/e/c':>18} {'parity cos':>10}")
-for k in (r for r in rows if r["bench"] == "encode"):
+for k in (r for r in rows if r["bench"] == "encode" and r.get("variant", "fused") == "fused"):
     name = k["model"].rstrip("/").split("/")[-1]
     e = next((r for r in rows if r["bench"] == "encode_torch" and r["model"] == name and r["T"] == k["T"] and r["mode"] == "eager"), None)
     c = next((r for r in rows if r["bench"] == "encode_torch" and r["model"] == name and r["T"] == k["T"] and r["mode"] == "compiled"), None)
@@ -22,6 +22,24 @@ for k in (r for r in rows if r["bench"] == "encode"):
     print(f"{name:9} {k['T']:>4} {k['docs_per_s']:>9.0f} {ed:>9.0f} {cd:>9.0f} {k['docs_per_s'] / ed:>8.2f} "
           f"{k['docs_per_s'] / cd:>7.2f} {k['tflops']:>8.1f} {k['tflops'] / gemm if gemm else float('nan'):>8.2f} "
           f"{mib(k) + '/' + mib(e) + '/' + mib(c):>18} {k['parity_min_cos']:>10.6f}")
+variants = [r for r in rows if r["bench"] == "encode" and r.get("variant", "fused") != "fused"]
+if variants:
+    print("\nthe same, other paths of bert_gpu.cu (KESTREL_GPU_FUSED=0: cuBLAS + separate bias/GELU kernels and "
+          "the previous attention kernel; KESTREL_GPU_EXACT_GELU=1: erf GELU in its own kernel)")
+    for k in rows:
+        if k["bench"] != "encode":
+            continue
+        name = k["model"].rstrip("/").split("/")[-1]
+        e = next((r for r in rows if r["bench"] == "encode_torch" and r["model"] == name and r["T"] == k["T"] and r["mode"] == "eager"), None)
+        c = next((r for r in rows if r["bench"] == "encode_torch" and r["model"] == name and r["T"] == k["T"] and r["mode"] == "compiled"), None)
+        ed = e["docs_per_s"] if e else float("nan")
+        cd = c["docs_per_s"] if c else float("nan")
+        print(f"{k.get('variant', 'fused'):15} {name:9} {k['T']:>4} {k['docs_per_s']:>9.0f} x eager {k['docs_per_s'] / ed:5.2f} "
+              f"x comp {k['docs_per_s'] / cd:5.2f}  parity cos {k['parity_min_cos']:.6f} max |d| {k.get('parity_max_abs', float('nan')):.4f}")
+for r in (r for r in rows if r["bench"] == "embed_pipeline"):
+    print(f"\nkst_model_embed on the GPU, {r['n']} texts ({r['model']}): {r['docs_per_s']:.0f} texts/s with tokenization "
+          f"and the heads overlapping the GPU, {r['docs_per_s_serial']:.0f} texts/s one batch at a time "
+          f"(ratio {r['docs_per_s'] / r['docs_per_s_serial']:.2f}); tokenization alone {r['tokenize_per_s']:.0f} texts/s")
 print("\nexact search, 1M x 384, 10,000 queries, k = 100 (queries/s; ratio = kestrel / torch.mm + torch.topk)")
 for k in (r for r in rows if r["bench"] == "search"):
     label = "fp16" if k["fp16"] else "fp32"

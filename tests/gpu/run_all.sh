@@ -15,6 +15,7 @@
 # Environment: KST_GPU_STAGES (default build,test,bench,memcheck; kst instead of bench: kestrel's
 # figures alone, without the PyTorch anchors), KST_BUILD (default build/cuda, apart from
 # the CPU build's objects),
+# KST_GPU_ENCODE_ONLY=1 (the encoding benchmarks alone, without exact search and IVF-PQ),
 # KST_GPU_WORK (scratch for models and vectors, default /tmp/kst_gpu), KST_PY (python with torch
 # and transformers, default python3), KST_LIBPATH (extra LD_LIBRARY_PATH for kestrel's binaries).
 set -uo pipefail
@@ -58,16 +59,27 @@ if has bench || has kst; then
   say "anchors: ceilings; models"
   has bench && { $PY tests/bench/bench_gpu_torch.py ceilings >>"$RES" || status=1; }
   [ -f "$WORK/bertbase/parity_hidden.npy" ] || $PY tests/bench/bench_gpu_torch.py models "$WORK" tests/fixtures/models/st_bert_mean/vocab.txt >>"$RES" || status=1
-  for m in minilm bertbase; do
-    for T in 128 256; do
-      kst "$BUILD/bench_gpu" encode "$WORK/$m" 256 "$T" 20 "$WORK/$m/parity_ids.npy" "$WORK/$m/parity_valid.npy" \
-        "$WORK/$m/parity_hidden.npy" >>"$RES" || status=1
+  # the default path, then the unfused path (KESTREL_GPU_FUSED=0) and erf GELU (KESTREL_GPU_EXACT_GELU=1)
+  for v in "" KESTREL_GPU_FUSED=0 KESTREL_GPU_EXACT_GELU=1; do
+    for m in minilm bertbase; do
+      for T in 128 256; do
+        kst env $v "$BUILD/bench_gpu" encode "$WORK/$m" 256 "$T" 20 "$WORK/$m/parity_ids.npy" "$WORK/$m/parity_valid.npy" \
+          "$WORK/$m/parity_hidden.npy" >>"$RES" || status=1
+      done
     done
+  done
+  say "kst_model_embed end to end (tokenization and heads overlapping the GPU, and one batch at a time)"
+  for m in minilm bertbase; do
+    kst "$BUILD/bench_gpu" embed "$WORK/$m" 8192 120 256 >>"$RES" || status=1
   done
   if has bench; then
     say "anchors: encoding (eager, torch.compile)"
     $PY tests/bench/bench_gpu_torch.py encode "$WORK" 256 128,256 20 >>"$RES" || status=1
   fi
+  if [ "${KST_GPU_ENCODE_ONLY:-0}" = 1 ]; then
+    cp "$RES" "$OUT/results_$(date +%H%M%S).jsonl"
+    $PY tests/gpu/report.py "$RES" | tee "$OUT/report.txt"
+  else
   say "exact search: anchors, then kestrel"
   if has bench || ! [ -f "$WORK/db.npy" ]; then $PY tests/bench/bench_gpu_torch.py search "$WORK" >>"$RES" || status=1; fi
   kst "$BUILD/bench_gpu" search "$WORK/db.npy" "$WORK/q.npy" 100 5 0 "$WORK/anchor_ids.npy" >>"$RES" || status=1
@@ -83,6 +95,7 @@ if has bench || has kst; then
   done
   cp "$RES" "$OUT/results_$(date +%H%M%S).jsonl"
   $PY tests/gpu/report.py "$RES" | tee "$OUT/report.txt"
+  fi
 fi
 if has memcheck; then
   say "GPU tests under compute-sanitizer memcheck"
