@@ -686,10 +686,22 @@ __global__ void act_kernel(bf16 *h, size_t n8, int act) {
 /* One cuBLASLt product out (N, OC) = in (N, K) @ W (OC, K)^T [+ bias] [+ res] [then GELU], its
  * descriptors and the algorithm the heuristic chose, kept per shape and epilogue. */
 #define LT_PLANS 32
+#define LT_CANDIDATES 8
 struct lt_plan {
     int N, K, OC, epi, res, bias32; /* epi: cublasLtEpilogue_t; res: adds a (N, OC) residual */
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t a, b, c;
+    cublasLtMatmulAlgo_t algo;
+    /* the heuristic's candidates, timed at the first call when tune is set */
+    cublasLtMatmulAlgo_t cand[LT_CANDIDATES];
+    int ncand, tune;
+};
+/* The algorithm timing chose for products of one kind whose N lies in [2^nlog, 2^(nlog+1)):
+ * reused (after cublasLtMatmulAlgoCheck) for every N of that range, so that batches of varying
+ * length are not timed again. */
+#define LT_TUNED 64
+struct lt_tuned {
+    int K, OC, epi, res, bias32, nlog;
     cublasLtMatmulAlgo_t algo;
 };
 
@@ -720,6 +732,8 @@ struct kst_bert_gpu {
     size_t lt_ws_bytes;
     lt_plan plans[LT_PLANS];
     int nplans, next_plan;
+    lt_tuned tuned[LT_TUNED];
+    int ntuned, gemm_tune; /* gemm_tune: time the heuristic's candidates (KESTREL_GPU_GEMM_TUNE=0: not) */
     cudaEvent_t done_ev[2]; /* recorded after forward number seq (slot seq & 1) was queued */
     uint64_t seq;           /* forwards queued so far */
     int fused;      /* 1: the fused path (cuBLASLt epilogues, attention2_kernel) */
@@ -887,6 +901,8 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         const char *f = getenv("KESTREL_GPU_FUSED"), *x = getenv("KESTREL_GPU_EXACT_GELU");
         g->fused = !(f && strcmp(f, "0") == 0);
         g->exact_gelu = x && strcmp(x, "1") == 0;
+        const char *t = getenv("KESTREL_GPU_GEMM_TUNE");
+        g->gemm_tune = !(t && strcmp(t, "0") == 0);
     }
     if (g->fused) {
         CUBLAS_TRY(cublasLtCreate(&g->lt), "creating the cuBLASLt handle");
@@ -1067,12 +1083,36 @@ static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, 
         const void *bp = bias32 ? (const void *)g->qkvb : (const void *)g->qkvb16;
         CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp),
                    "cuBLASLt descriptor");
-        cublasLtMatmulHeuristicResult_t hr;
+        cublasLtMatmulHeuristicResult_t hr[LT_CANDIDATES];
         int found = 0;
-        cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(g->lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &hr, &found);
+        cublasStatus_t st =
+            cublasLtMatmulAlgoGetHeuristic(g->lt, p->desc, p->a, p->b, p->c, p->c, pref, LT_CANDIDATES, hr, &found);
         if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-            p->algo = hr.algo;
+            p->algo = hr[0].algo;
             p->bias32 = bias32;
+            p->ncand = 0;
+            for (int i = 0; i < found; i++)
+                if (hr[i].state == CUBLAS_STATUS_SUCCESS) p->cand[p->ncand++] = hr[i].algo;
+            /* products of at least ~10 GFLOP (tens of microseconds) are worth timing once */
+            p->tune = g->gemm_tune && p->ncand > 1 && 2.0 * N * K * OC >= 1e10;
+            if (p->tune) {
+                int nlog = 0;
+                while ((2 << nlog) <= N) nlog++;
+                for (int i = 0; i < g->ntuned; i++) {
+                    lt_tuned *t = &g->tuned[i];
+                    if (t->K == K && t->OC == OC && t->epi == epi && t->res == res && t->bias32 == bias32 &&
+                        t->nlog == nlog) {
+                        cublasLtMatmulHeuristicResult_t chk;
+                        if (cublasLtMatmulAlgoCheck(g->lt, p->desc, p->a, p->b, p->c, p->c, &t->algo, &chk) ==
+                                CUBLAS_STATUS_SUCCESS &&
+                            chk.workspaceSize <= g->lt_ws_bytes) {
+                            p->algo = t->algo;
+                            p->tune = 0;
+                        }
+                        break;
+                    }
+                }
+            }
             *plan = p;
             goto done;
         }
@@ -1082,6 +1122,46 @@ static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, 
     p->desc = NULL;
 done:
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    return rc;
+}
+
+/* Times each of p's candidates on the real operands (one warm-up, then 3 runs; they all write
+ * the same out), keeps the fastest in p and in g->tuned for p's range of N. Waits for the GPU. */
+static int lt_tune(kst_bert_gpu *g, lt_plan *p, bf16 *out, const bf16 *in, const bf16 *W, const bf16 *res,
+                   kst_error *err) {
+    int rc = KST_OK;
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    const float one = 1.0f, zero = 0.0f;
+    float best = INFINITY;
+    int bi = 0;
+    p->tune = 0;
+    CU_TRY(cudaEventCreate(&e0), "creating an event");
+    CU_TRY(cudaEventCreate(&e1), "creating an event");
+    for (int i = 0; i < p->ncand; i++) {
+        int ok = 1;
+        for (int r = 0; r < 4 && ok; r++) {
+            if (r == 1) CU_TRY(cudaEventRecord(e0, g->stream), "recording an event");
+            ok = cublasLtMatmul(g->lt, p->desc, &one, W, p->a, in, p->b, res ? &one : &zero, res ? (const void *)res : out,
+                                p->c, out, p->c, &p->cand[i], g->lt_ws, g->lt_ws_bytes, g->stream) == CUBLAS_STATUS_SUCCESS;
+        }
+        if (!ok) continue; /* a candidate that does not run is not chosen */
+        CU_TRY(cudaEventRecord(e1, g->stream), "recording an event");
+        CU_TRY(cudaEventSynchronize(e1), "timing a product");
+        float ms = 0;
+        CU_TRY(cudaEventElapsedTime(&ms, e0, e1), "timing a product");
+        if (ok && ms < best) best = ms, bi = i;
+    }
+    p->algo = p->cand[bi];
+    {
+        int nlog = 0;
+        while ((2 << nlog) <= p->N) nlog++;
+        lt_tuned *t = &g->tuned[g->ntuned < LT_TUNED ? g->ntuned++ : (int)(g->seq % LT_TUNED)];
+        t->K = p->K, t->OC = p->OC, t->epi = p->epi, t->res = p->res, t->bias32 = p->bias32, t->nlog = nlog;
+        t->algo = p->algo;
+    }
+done:
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
     return rc;
 }
 
@@ -1099,6 +1179,7 @@ static int gemm_lt(kst_bert_gpu *g, bf16 *out, const bf16 *in, const bf16 *W, co
         const void *bp = p->bias32 ? (const void *)bias32 : (const void *)bias16;
         CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp),
                    "cuBLASLt bias");
+        if (p->tune) KST_TRY(lt_tune(g, p, out, in, W, res, err));
         const float one = 1.0f, zero = 0.0f;
         CUBLAS_TRY(cublasLtMatmul(g->lt, p->desc, &one, W, p->a, in, p->b, res ? &one : &zero, res ? (const void *)res : out,
                                   p->c, out, p->c, &p->algo, g->lt_ws, g->lt_ws_bytes, g->stream),

@@ -174,7 +174,11 @@ static int encode_main(int argc, char **argv) {
     double flop = L * (2 * Td * (4 * C * C + 2 * C * FF) + 4 * Td * Td * C) * (double)B;
     /* which path (encoders/bert_gpu.cu's knobs), so that report.py can set them side by side */
     const char *fu = getenv("KESTREL_GPU_FUSED"), *xg = getenv("KESTREL_GPU_EXACT_GELU");
-    const char *variant = fu && strcmp(fu, "0") == 0 ? "unfused" : xg && strcmp(xg, "1") == 0 ? "fused_erf_gelu" : "fused";
+    const char *tu = getenv("KESTREL_GPU_GEMM_TUNE");
+    const char *variant = fu && strcmp(fu, "0") == 0    ? "unfused"
+                          : xg && strcmp(xg, "1") == 0 ? "fused_erf_gelu"
+                          : tu && strcmp(tu, "0") == 0 ? "fused_heuristic"
+                                                       : "fused";
     printf("{\"bench\": \"encode\", \"variant\": \"%s\", \"model\": \"%s\", \"B\": %zu, \"T\": %zu, \"seconds\": %.6f, "
            "\"docs_per_s\": %.1f, \"tflops\": %.2f, \"gpu_peak_bytes\": %zu, \"parity_min_cos\": %.6f, "
            "\"parity_max_abs\": %.6f}\n",

@@ -25,7 +25,8 @@ for k in (r for r in rows if r["bench"] == "encode" and r.get("variant", "fused"
 variants = [r for r in rows if r["bench"] == "encode" and r.get("variant", "fused") != "fused"]
 if variants:
     print("\nthe same, other paths of bert_gpu.cu (KESTREL_GPU_FUSED=0: cuBLAS + separate bias/GELU kernels and "
-          "the previous attention kernel; KESTREL_GPU_EXACT_GELU=1: erf GELU in its own kernel)")
+          "the previous attention kernel; KESTREL_GPU_EXACT_GELU=1: erf GELU in its own kernel; "
+          "KESTREL_GPU_GEMM_TUNE=0: cuBLASLt's first algorithm, untimed)")
     for k in rows:
         if k["bench"] != "encode":
             continue
