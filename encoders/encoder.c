@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "core/blas.h"
 #include "encoders/bert_gpu.h"
@@ -492,6 +493,7 @@ typedef struct tok_job {
     batch_item *items;
     int rc;
     kst_error err;
+    int threads; /* tokenize_par: threads to split the range over (0 or 1: this one) */
 } tok_job;
 
 static void *tokenize_range(void *p) {
@@ -505,6 +507,44 @@ static void *tokenize_range(void *p) {
                                      j->max_len, &j->items[i].ids, &j->err);
     }
     return NULL;
+}
+
+/* tokenize_range over j->threads threads, each a contiguous part of the range (the tokenizer
+ * only reads the encoder); the first part that fails gives j's error, as one thread would. */
+#define TOK_THREADS_MAX 16
+static void *tokenize_par(void *p) {
+    tok_job *j = p;
+    size_t n = j->hi - j->lo;
+    int nt = j->threads < 1 ? 1 : j->threads > TOK_THREADS_MAX ? TOK_THREADS_MAX : j->threads;
+    if ((size_t)nt > n / 64) nt = n / 64 > 0 ? (int)(n / 64) : 1; /* at least 64 texts a thread */
+    tok_job sub[TOK_THREADS_MAX];
+    pthread_t th[TOK_THREADS_MAX];
+    int started[TOK_THREADS_MAX] = {0};
+    for (int k = 0; k < nt; k++) {
+        sub[k] = *j;
+        sub[k].lo = j->lo + n * (size_t)k / (size_t)nt;
+        sub[k].hi = j->lo + n * (size_t)(k + 1) / (size_t)nt;
+        if (k > 0) started[k] = pthread_create(&th[k], NULL, tokenize_range, &sub[k]) == 0;
+    }
+    tokenize_range(&sub[0]);
+    for (int k = 1; k < nt; k++) {
+        if (started[k]) pthread_join(th[k], NULL);
+        else tokenize_range(&sub[k]);
+    }
+    j->rc = KST_OK;
+    for (int k = 0; k < nt; k++)
+        if (sub[k].rc != KST_OK) {
+            j->rc = sub[k].rc;
+            j->err = sub[k].err;
+            break;
+        }
+    return NULL;
+}
+
+/* Threads for tokenizing ahead of the GPU: the cores but one (the one feeding the GPU), at most 8. */
+static int gpu_tokenize_threads(void) {
+    long c = sysconf(_SC_NPROCESSORS_ONLN);
+    return c <= 2 ? 1 : c - 1 > 8 ? 8 : (int)(c - 1);
 }
 
 /* Fills ids, types (B, T) and valid (B) for items[0..B) padded to T. */
@@ -625,7 +665,7 @@ done:
     return rc;
 }
 
-/* Texts per tokenization chunk on the GPU: the next chunk is tokenized on a CPU thread while
+/* Texts per tokenization chunk on the GPU: the next chunk is tokenized on CPU threads while
  * the GPU encodes this one. */
 #define GPU_TOKENIZE_CHUNK 4096
 
@@ -640,8 +680,10 @@ static int run_batches(kst_encoder *e, const char *const *a, const size_t *alen,
     batch_item *items = kst_calloc(n ? n : 1, sizeof *items, "batch items", err);
     if (!items) return KST_ERR_NOMEM;
     size_t chunk = e->gpu ? GPU_TOKENIZE_CHUNK : (n ? n : 1);
-    tok_job cur = {e, a, b, alen, blen, 0, n < chunk ? n : chunk, max_len, is_query, items, 0, {0, ""}};
-    tokenize_range(&cur);
+    tok_job cur = {e, a, b, alen, blen, 0, n < chunk ? n : chunk, max_len, is_query, items, 0, {0, ""}, 1};
+    int nthreads = e->gpu ? gpu_tokenize_threads() : 1;
+    cur.threads = nthreads;
+    tokenize_par(&cur);
     if (cur.rc != KST_OK) {
         rc = cur.rc;
         if (err) *err = cur.err;
@@ -649,12 +691,13 @@ static int run_batches(kst_encoder *e, const char *const *a, const size_t *alen,
     }
     for (size_t lo = 0; lo < n; lo += chunk) {
         size_t hi = lo + chunk < n ? lo + chunk : n;
-        tok_job next = {e, a, b, alen, blen, hi, hi + chunk < n ? hi + chunk : n, max_len, is_query, items, 0, {0, ""}};
+        tok_job next = {e, a, b, alen, blen, hi, hi + chunk < n ? hi + chunk : n, max_len, is_query, items, 0, {0, ""}, 1};
+        next.threads = nthreads;
         pthread_t th;
-        int threaded = hi < n && pthread_create(&th, NULL, tokenize_range, &next) == 0;
+        int threaded = hi < n && pthread_create(&th, NULL, tokenize_par, &next) == 0;
         rc = encode_items(e, items + lo, hi - lo, is_query, b != NULL, batch, head, ctx, err);
         if (threaded) pthread_join(th, NULL);
-        else if (hi < n && rc == KST_OK) tokenize_range(&next);
+        else if (hi < n && rc == KST_OK) tokenize_par(&next);
         if (rc == KST_OK && next.rc != KST_OK) {
             rc = next.rc;
             if (err) *err = next.err;

@@ -323,7 +323,7 @@ static int embed_main(int argc, char **argv) {
     double a = now();
     size_t toks = 0;
     for (size_t i = 0; i < n; i++) {
-        kst_ids ids;
+        kst_ids ids = {0};
         if (kst_encoder_tokenize(e, texts[i], strlen(texts[i]), NULL, 0, 0, 256, &ids, &err) != KST_OK) die("tokenize", &err);
         toks += ids.len;
         kst_ids_free(&ids);
