@@ -735,6 +735,13 @@ struct kst_bert_gpu {
     lt_tuned tuned[LT_TUNED];
     int ntuned, gemm_tune; /* gemm_tune: time the heuristic's candidates (KESTREL_GPU_GEMM_TUNE=0: not) */
     cudaEvent_t done_ev[2]; /* recorded after forward number seq (slot seq & 1) was queued */
+    /* hidden states go to the host on their own stream, overlapping the next forward, which waits
+     * (copied_ev) only before its kernel that overwrites hid */
+    cudaStream_t copy;
+    cudaEvent_t hid_ev, copied_ev;
+    int copy_pending;
+    /* pinned host buffers lent to callers (kst_bert_gpu_host_take), kept across calls */
+    struct { void *p; size_t cap; int busy; } pool[4];
     uint64_t seq;           /* forwards queued so far */
     int fused;      /* 1: the fused path (cuBLASLt epilogues, attention2_kernel) */
     int exact_gelu; /* 1: erf GELU in its own kernel rather than the epilogue's tanh form */
@@ -769,8 +776,13 @@ extern "C" void kst_bert_gpu_free(kst_bert_gpu *g) {
     cudaFree(g->dvalid);
     cudaFreeHost(g->h_in);
     for (int i = 0; i < g->nplans; i++) lt_plan_free(&g->plans[i]);
+    if (g->copy) cudaStreamSynchronize(g->copy);
     for (int i = 0; i < 2; i++)
         if (g->done_ev[i]) cudaEventDestroy(g->done_ev[i]);
+    if (g->hid_ev) cudaEventDestroy(g->hid_ev);
+    if (g->copied_ev) cudaEventDestroy(g->copied_ev);
+    if (g->copy) cudaStreamDestroy(g->copy);
+    for (int i = 0; i < 4; i++) cudaFreeHost(g->pool[i].p);
     cudaFree(g->lt_ws);
     if (g->lt) cublasLtDestroy(g->lt);
     if (g->blas) cublasDestroy(g->blas);
@@ -849,6 +861,9 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
     CUBLAS_TRY(cublasCreate(&g->blas), "creating the cuBLAS handle");
     for (int i = 0; i < 2; i++)
         CU_TRY(cudaEventCreateWithFlags(&g->done_ev[i], cudaEventDisableTiming), "creating an event");
+    CU_TRY(cudaEventCreateWithFlags(&g->hid_ev, cudaEventDisableTiming), "creating an event");
+    CU_TRY(cudaEventCreateWithFlags(&g->copied_ev, cudaEventDisableTiming), "creating an event");
+    CU_TRY(cudaStreamCreateWithFlags(&g->copy, cudaStreamNonBlocking), "creating a stream");
     CUBLAS_TRY(cublasSetStream(g->blas, g->stream), "cublasSetStream");
     {
         /* float32 tensors: embeddings, LayerNorms, biases (each 16-byte aligned) */
@@ -924,8 +939,10 @@ static int reserve(kst_bert_gpu *g, size_t B, size_t BT, kst_error *err) {
     int rc = KST_OK;
     size_t C = g->cfg.C, FF = g->cfg.FF;
     /* growing frees buffers that queued work may still use */
-    if (BT > g->cap_tokens || B > g->cap_batch || 2 * BT + B > g->h_in_cap / 2)
+    if (BT > g->cap_tokens || B > g->cap_batch || 2 * BT + B > g->h_in_cap / 2) {
         CU_TRY(cudaStreamSynchronize(g->stream), "waiting for the previous batch");
+        CU_TRY(cudaStreamSynchronize(g->copy), "waiting for the previous batch");
+    }
     if (BT > g->cap_tokens) {
         bf16 **bs[] = {&g->x, &g->qkv, &g->atty, &g->tmp, &g->ff};
         size_t widths[] = {C, 3 * C, C, C, FF};
@@ -973,6 +990,14 @@ static int gemm(kst_bert_gpu *g, bf16 *out, const bf16 *in, const bf16 *W, int N
     CUBLAS_TRY(cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, K, &one, W, CUDA_R_16BF, K, in,
                             CUDA_R_16BF, K, &zero, out, CUDA_R_16BF, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                "bf16 GEMM");
+done:
+    return rc;
+}
+
+/* Before a kernel that writes g->hid: the previous forward's copy of it must be done. */
+static int hid_wait(kst_bert_gpu *g, kst_error *err) {
+    int rc = KST_OK;
+    if (g->copy_pending) CU_TRY(cudaStreamWaitEvent(g->stream, g->copied_ev, 0), "ordering the hidden-state copy");
 done:
     return rc;
 }
@@ -1260,6 +1285,7 @@ static int layer_fused(kst_bert_gpu *g, size_t l, int B, int T, int last, int *o
     KST_TRY(gemm_lt(g, g->tmp, g->ff, g->fcprojw + l * C * FF, g->fcprojb + l * C, g->fcprojb16 + l * C, g->x, BT,
                     (int)FF, (int)C, CUBLASLT_EPILOGUE_BIAS, &d, err));
     if (!d) goto gap;
+    if (last) KST_TRY(hid_wait(g, err));
     ln(g, last ? g->hid : NULL, g->tmp, g->ln2w + l * C, g->ln2b + l * C, BT);
     CU_LAUNCHED("LayerNorm kernel");
     return KST_OK;
@@ -1293,7 +1319,10 @@ static int forward_queue(kst_bert_gpu *g, float *out, const int32_t *ids, const 
     const int slot = (int)(g->seq & 1);
     int32_t *hin;
     /* the synchronous calls wait for everything queued before (as they always did) */
-    if (!async) CU_TRY(cudaStreamSynchronize(g->stream), "waiting for the previous batch");
+    if (!async) {
+        CU_TRY(cudaStreamSynchronize(g->stream), "waiting for the previous batch");
+        CU_TRY(cudaStreamSynchronize(g->copy), "waiting for the previous batch");
+    }
     KST_TRY(reserve(g, B, BT, err));
     /* this slot's pinned inputs went up with forward seq - 2, done by now (async waited for it) */
     if (g->seq >= 2) CU_TRY(cudaEventSynchronize(g->done_ev[slot]), "waiting for the batch before last");
@@ -1306,6 +1335,7 @@ static int forward_queue(kst_bert_gpu *g, float *out, const int32_t *ids, const 
     CU_TRY(cudaMemcpyAsync(g->dids, hin, BT * 4, cudaMemcpyHostToDevice, g->stream), "uploading ids");
     CU_TRY(cudaMemcpyAsync(g->dtypes, hin + BT, BT * 4, cudaMemcpyHostToDevice, g->stream), "uploading ids");
     CU_TRY(cudaMemcpyAsync(g->dvalid, hin + 2 * BT, B * 4, cudaMemcpyHostToDevice, g->stream), "uploading lengths");
+    if (c->L == 0) KST_TRY(hid_wait(g, err));
     embed(g, (int)BT, (int)T);
     CU_LAUNCHED("embedding + LayerNorm kernel");
     for (size_t l = 0; l < c->L; l++) {
@@ -1326,16 +1356,25 @@ static int forward_queue(kst_bert_gpu *g, float *out, const int32_t *ids, const 
         bias_act_kernel<<<(unsigned)((n8 + 255) / 256), 256, 0, g->stream>>>(g->ff, g->fcb + l * FF, n8, (int)FF, (int)c->act);
         CU_LAUNCHED("bias + activation kernel");
         KST_TRY(gemm(g, g->tmp, g->ff, g->fcprojw + l * C * FF, (int)BT, (int)FF, (int)C, err));
+        if (last) KST_TRY(hid_wait(g, err));
         brln(g, last ? g->hid : NULL, g->tmp, g->fcprojb + l * C, g->ln2w + l * C, g->ln2b + l * C, (int)BT);
         CU_LAUNCHED("bias + residual + LayerNorm kernel");
     }
-    if (out) CU_TRY(cudaMemcpyAsync(out, g->hid, BT * C * 4, cudaMemcpyDeviceToHost, g->stream), "downloading hidden states");
-    CU_TRY(cudaEventRecord(g->done_ev[slot], g->stream), "recording an event");
+    if (out) {
+        CU_TRY(cudaEventRecord(g->hid_ev, g->stream), "recording an event");
+        CU_TRY(cudaStreamWaitEvent(g->copy, g->hid_ev, 0), "ordering the hidden-state copy");
+        CU_TRY(cudaMemcpyAsync(out, g->hid, BT * C * 4, cudaMemcpyDeviceToHost, g->copy), "downloading hidden states");
+        CU_TRY(cudaEventRecord(g->copied_ev, g->copy), "recording an event");
+        g->copy_pending = 1;
+        CU_TRY(cudaEventRecord(g->done_ev[slot], g->copy), "recording an event");
+    } else {
+        CU_TRY(cudaEventRecord(g->done_ev[slot], g->stream), "recording an event");
+    }
     g->seq++;
     if (async) {
         if (g->seq >= 2) CU_TRY(cudaEventSynchronize(g->done_ev[slot ^ 1]), "waiting for the previous batch");
     } else if (out) {
-        CU_TRY(cudaStreamSynchronize(g->stream), "GPU encoder forward");
+        CU_TRY(cudaEventSynchronize(g->done_ev[slot]), "GPU encoder forward");
     }
 done:
     return rc;
@@ -1352,25 +1391,52 @@ extern "C" int kst_bert_gpu_forward_async(kst_bert_gpu *g, float *out, const int
     return forward_queue(g, out, ids, type_ids, valid, B, T, 1, err);
 }
 
-extern "C" void *kst_bert_gpu_host_alloc(size_t bytes, kst_error *err) {
+extern "C" void *kst_bert_gpu_host_take(kst_bert_gpu *g, size_t bytes, kst_error *err) {
+    std::lock_guard<std::mutex> lock(*g->mu);
+    int fit = -1, any = -1;
+    for (int i = 0; i < 4; i++) {
+        if (g->pool[i].busy) continue;
+        if (g->pool[i].p && g->pool[i].cap >= bytes && (fit < 0 || g->pool[i].cap < g->pool[fit].cap)) fit = i;
+        if (any < 0 || !g->pool[i].p) any = i;
+    }
+    if (fit >= 0) {
+        g->pool[fit].busy = 1;
+        return g->pool[fit].p;
+    }
+    /* grow a free slot by a quarter more than asked, so that the next, slightly longer batch fits */
+    size_t want = any >= 0 ? bytes + bytes / 4 : bytes;
     void *p = NULL;
-    cudaError_t e = cudaMallocHost(&p, bytes ? bytes : 1);
+    cudaError_t e = cudaMallocHost(&p, want ? want : 1);
     if (e != cudaSuccess) {
         cudaGetLastError();
-        kst_fail(err, KST_ERR_NOMEM, "cannot allocate %.1f MiB of pinned host memory: %s", bytes / 1048576.0,
+        kst_fail(err, KST_ERR_NOMEM, "cannot allocate %.1f MiB of pinned host memory: %s", want / 1048576.0,
                  cudaGetErrorString(e));
         return NULL;
+    }
+    if (any >= 0) {
+        cudaFreeHost(g->pool[any].p);
+        g->pool[any].p = p;
+        g->pool[any].cap = want;
+        g->pool[any].busy = 1;
     }
     return p;
 }
 
-extern "C" void kst_bert_gpu_host_free(void *p) {
-    if (p) cudaFreeHost(p);
+extern "C" void kst_bert_gpu_host_give(kst_bert_gpu *g, void *p) {
+    if (!p) return;
+    std::lock_guard<std::mutex> lock(*g->mu);
+    for (int i = 0; i < 4; i++)
+        if (g->pool[i].p == p) {
+            g->pool[i].busy = 0;
+            return;
+        }
+    cudaFreeHost(p); /* lent while every slot was busy */
 }
 
 extern "C" int kst_bert_gpu_sync(kst_bert_gpu *g, kst_error *err) {
     int rc = KST_OK;
     CU_TRY(cudaStreamSynchronize(g->stream), "GPU encoder forward");
+    CU_TRY(cudaStreamSynchronize(g->copy), "GPU encoder forward");
 done:
     return rc;
 }

@@ -36,14 +36,15 @@ int kst_bert_gpu_sync(kst_bert_gpu *g, kst_error *err);
 /* A pipelined forward: as kst_bert_gpu_forward with out != NULL, but it returns once this batch
  * is queued (its inputs copied: the caller may refill them) and the forward queued before it has
  * finished, so that the caller can work on the previous batch's output while the GPU runs this
- * one. out should come from kst_bert_gpu_host_alloc (pinned; other memory makes the copy wait) and
+ * one. out should come from kst_bert_gpu_host_take (pinned; other memory makes the copy wait) and
  * must stay untouched until the next call (or kst_bert_gpu_sync) returns. */
 int kst_bert_gpu_forward_async(kst_bert_gpu *g, float *out, const int32_t *ids, const int32_t *type_ids,
                                const int *valid, size_t B, size_t T, kst_error *err);
-/* Pinned host memory (plain memory without the GPU backend); NULL and err filled on failure.
- * Free with kst_bert_gpu_host_free (NULL is a no-op). */
-void *kst_bert_gpu_host_alloc(size_t bytes, kst_error *err);
-void kst_bert_gpu_host_free(void *p);
+/* Lends pinned host memory of at least `bytes` (plain memory without the GPU backend) from a
+ * small pool kept with g, so that repeated calls do not pin memory again; NULL and err filled on
+ * failure. Give it back with kst_bert_gpu_host_give (NULL is a no-op) before kst_bert_gpu_free. */
+void *kst_bert_gpu_host_take(kst_bert_gpu *g, size_t bytes, kst_error *err);
+void kst_bert_gpu_host_give(kst_bert_gpu *g, void *p);
 /* The device pointer of the last hidden states (B, T, C) float32 of the last forward. */
 const float *kst_bert_gpu_hidden(const kst_bert_gpu *g);
 /* Most GPU memory this encoder has held at once (weights + activations), in bytes. */

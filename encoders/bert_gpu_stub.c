@@ -25,8 +25,14 @@ int kst_bert_gpu_forward_async(kst_bert_gpu *g, float *out, const int32_t *ids, 
     (void)g, (void)out, (void)ids, (void)type_ids, (void)valid, (void)B, (void)T;
     return kst_gpu_check(err);
 }
-void *kst_bert_gpu_host_alloc(size_t bytes, kst_error *err) { return kst_malloc(bytes ? bytes : 1, 1, "host buffer", err); }
-void kst_bert_gpu_host_free(void *p) { kst_free(p); }
+void *kst_bert_gpu_host_take(kst_bert_gpu *g, size_t bytes, kst_error *err) {
+    (void)g;
+    return kst_malloc(bytes ? bytes : 1, 1, "host buffer", err);
+}
+void kst_bert_gpu_host_give(kst_bert_gpu *g, void *p) {
+    (void)g;
+    kst_free(p);
+}
 const float *kst_bert_gpu_hidden(const kst_bert_gpu *g) { (void)g; return NULL; }
 size_t kst_bert_gpu_peak_bytes(const kst_bert_gpu *g) { (void)g; return 0; }
 int kst_bert_gpu_gelu_probe(const float *x, float *y, size_t n, kst_error *err) {

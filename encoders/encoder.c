@@ -568,8 +568,9 @@ static void fill_batch(kst_encoder *e, const batch_item *items, size_t B, size_t
 }
 
 /* The GPU's pipeline over the sorted batches: while the GPU runs batch s, the CPU pads batch
- * s + 1 and runs the heads over batch s - 1's hidden states (two pinned buffers, filled by
- * kst_bert_gpu_forward_async). KESTREL_GPU_PIPELINE=0 runs one batch at a time (to compare). */
+ * s + 1 and runs the heads over batch s - 1's hidden states (two pinned buffers lent by the GPU
+ * encoder, filled by kst_bert_gpu_forward_async on a copy stream that overlaps the next batch's
+ * kernels). KESTREL_GPU_PIPELINE=0 runs one batch at a time (to compare). */
 static int encode_items_gpu(kst_encoder *e, batch_item *items, size_t n, int is_query, int pairs,
                             size_t batch, head_fn head, void *ctx, kst_error *err) {
     int rc = KST_OK;
@@ -581,7 +582,7 @@ static int encode_items_gpu(kst_encoder *e, batch_item *items, size_t n, int is_
     valid = kst_malloc(batch, sizeof *valid, "batch lengths", err);
     for (int i = 0; i < 2; i++) {
         ids[i] = kst_malloc(batch * maxT + 1, sizeof *ids[i], "batch ids", err);
-        hidden[i] = kst_bert_gpu_host_alloc((batch * maxT * C + 1) * sizeof(float), err);
+        hidden[i] = kst_bert_gpu_host_take(e->gpu, (batch * maxT * C + 1) * sizeof(float), err);
     }
     if (!types || !valid || !ids[0] || !ids[1] || !hidden[0] || !hidden[1]) {
         rc = KST_ERR_NOMEM;
@@ -611,7 +612,7 @@ done:
     }
     for (int i = 0; i < 2; i++) {
         kst_free(ids[i]);
-        kst_bert_gpu_host_free(hidden[i]);
+        kst_bert_gpu_host_give(e->gpu, hidden[i]);
     }
     kst_free(types);
     kst_free(valid);
