@@ -1,5 +1,7 @@
-/* bert_gpu.cu - BERT / DistilBERT forward on the GPU: cuBLAS bf16 matrix products with float32
- * accumulation, fused LayerNorm / activation kernels and a flash-style attention kernel. */
+/* bert_gpu.cu - BERT / DistilBERT forward on the GPU: bf16 matrix products with float32
+ * accumulation (cuBLASLt with bias / residual / GELU epilogues, or plain cuBLAS), LayerNorm and
+ * activation kernels, flash-style attention kernels, and the pinned buffers and streams that let
+ * a caller overlap its CPU work with the next batch. */
 #include "core/gpu_util.cuh"
 
 #include <cublasLt.h>

@@ -2,13 +2,17 @@
  * call fails with KST_ERR_UNSUPPORTED and says how to get it).
  *
  * The same computation as kst_bert_forward (encoders/bert.h) in bf16 with float32 accumulation:
- * weights of the matrix products in bf16 (cuBLAS, float32 accumulate), embeddings, biases and
- * LayerNorm parameters in float32; a fused embedding + LayerNorm kernel, bias + residual +
- * LayerNorm, bias + activation, and a fused flash-style attention kernel over the padded batch
- * (per query tile an online softmax over key tiles; no T x T matrix is stored; keys past a
- * sequence's length are masked and tiles wholly past it skipped). Results match the float32 CPU
- * pass within bf16 rounding (cosine >= 0.999 for pooled embeddings). One kst_bert_gpu runs one
- * forward at a time (calls are serialised inside). */
+ * weights of the matrix products in bf16, embeddings, biases and LayerNorm parameters in
+ * float32. By default the products are cuBLASLt calls whose epilogues add the bias, the residual
+ * and GELU (tanh form, within 4.7e-4 of erf GELU; KESTREL_GPU_EXACT_GELU=1: erf in its own
+ * kernel), with the algorithm timed once per kind of product and range of sizes
+ * (KESTREL_GPU_GEMM_TUNE=0: cuBLASLt's first choice); then a fused embedding + LayerNorm kernel,
+ * LayerNorm, and a flash-style attention kernel over the padded batch (per query tile an online
+ * softmax over key tiles; no T x T matrix is stored; keys past a sequence's length are masked and
+ * tiles wholly past it skipped). KESTREL_GPU_FUSED=0 selects the earlier path (cuBLAS, bias +
+ * residual + LayerNorm and bias + activation kernels). Results match the float32 CPU pass within
+ * bf16 rounding (cosine >= 0.999 for pooled embeddings). One kst_bert_gpu runs one forward at a
+ * time (calls are serialised inside). */
 #ifndef KST_ENCODERS_BERT_GPU_H
 #define KST_ENCODERS_BERT_GPU_H
 
