@@ -635,7 +635,7 @@ static int encode_items(kst_encoder *e, batch_item *items, size_t n, int is_quer
     float *hidden = NULL;
     kst_bert_acts acts = {0}; /* per call, so concurrent calls never share scratch */
     qsort(items, n, sizeof *items, cmp_len);
-    /* more than one batch on the GPU: pipelined (pinned buffers cost more than one batch saves) */
+    /* more than one batch on the GPU: pipelined (a single batch has nothing to overlap) */
     if (e->gpu && n > batch && gpu_pipeline_enabled())
         return encode_items_gpu(e, items, n, is_query, pairs, batch, head, ctx, err);
     size_t maxT = n ? items[n - 1].ids.len : 0;
