@@ -15,7 +15,7 @@
 # Environment: KST_GPU_STAGES (default build,test,bench,memcheck; kst instead of bench: kestrel's
 # figures alone, without the PyTorch anchors), KST_BUILD (default build/cuda, apart from
 # the CPU build's objects),
-# KST_GPU_ENCODE_ONLY=1 (the encoding benchmarks alone, without exact search and IVF-PQ),
+# KST_GPU_ENCODE_ONLY=1 (the encoding benchmarks alone, without exact search, IVF-PQ and training),
 # KST_GPU_WORK (scratch for models and vectors, default /tmp/kst_gpu), KST_PY (python with torch
 # and transformers, default python3), KST_LIBPATH (extra LD_LIBRARY_PATH for kestrel's binaries).
 set -uo pipefail
