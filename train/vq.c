@@ -220,7 +220,8 @@ int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *
     int64_t *uniq = kst_malloc(N, sizeof(int64_t), "batch docs", err);
     int32_t *cslot = kst_malloc(N, sizeof(int32_t), "candidate slots", err);
     float *s = kst_malloc(4 * N, sizeof(float), "scores", err);
-    float *R = NULL, *RHO = NULL, *V = NULL, *DR = NULL, *P = NULL, *VB = NULL;
+    float *R = NULL, *RHO = NULL, *V = NULL, *DR = NULL, *P = NULL, *VB = NULL, *BN = NULL;
+    uint8_t *CODE = NULL;
     if (!slot || !uniq || !cslot || !s) {
         rc = KST_ERR_NOMEM;
         goto done;
@@ -239,13 +240,43 @@ int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *
     }
     R = kst_malloc(U * d, sizeof(float), "residuals", err);
     RHO = kst_malloc(U * d, sizeof(float), "PQ reconstructions", err);
-    if (!R || !RHO) {
+    CODE = kst_malloc(U * m->M, 1, "PQ codes", err);
+    if (!R || !RHO || !CODE) {
         rc = KST_ERR_NOMEM;
         goto done;
     }
-    for (size_t u = 0; u < U; u++)
-        residual_and_code(m, y + (size_t)uniq[u] * d, assign[uniq[u]], R + u * d, RHO + u * d,
-                          NULL);
+    /* Residuals, then each sub-quantizer's hard codes from one GEMM: argmin_k |B_k|^2 - 2 r.B_k
+     * (the scalar search of residual_and_code, ~10x slower, dominated the step at 100K+). */
+    for (size_t u = 0; u < U; u++) {
+        const float *yu = y + (size_t)uniq[u] * d, *c = m->centroids + (size_t)assign[uniq[u]] * d;
+        for (size_t i = 0; i < d; i++) R[u * d + i] = yu[i] - c[i];
+    }
+    P = kst_malloc(U * K, sizeof(float), "soft assignments", err);
+    VB = kst_malloc(K, sizeof(float), "codeword norms", err);
+    if (!P || !VB) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    for (size_t sm = 0; sm < m->M; sm++) {
+        const float *cb = m->codebook + sm * K * ds;
+        for (size_t k = 0; k < K; k++) VB[k] = dot(cb + k * ds, cb + k * ds, ds);
+        kst_sgemm(0, 1, (int)U, (int)K, (int)ds, 1.0f, R + sm * ds, (int)d, cb, (int)ds, 0.0f, P,
+                  (int)K);
+        for (size_t u = 0; u < U; u++) {
+            const float *pu = P + u * K;
+            size_t kh = 0;
+            float best = FLT_MAX;
+            for (size_t k = 0; k < K; k++) {
+                float dist = VB[k] - 2.0f * pu[k];
+                if (dist < best) best = dist, kh = k;
+            }
+            memcpy(RHO + u * d + sm * ds, cb + kh * ds, ds * sizeof(float));
+            CODE[u * m->M + sm] = (uint8_t)kh;
+        }
+    }
+    kst_free(P);
+    kst_free(VB);
+    P = VB = NULL;
 
     /* Scores and the listwise losses. s: [s_ivf | s_pq | g_ivf | g_pq], each (N). */
     float *s_ivf = s, *s_pq = s + N, *g_ivf = s + 2 * N, *g_pq = s + 3 * N;
@@ -294,7 +325,8 @@ int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *
      *   dB_m += P^T V_m + 2/tau (W^T R_m - colsum(W) o B_m),   dR_m = 2/tau W B_m */
     P = kst_malloc(U * K, sizeof(float), "soft assignments", err);
     VB = kst_malloc(U * K, sizeof(float), "soft products", err);
-    if (!P || !VB) {
+    BN = kst_malloc(K, sizeof(float), "codeword norms", err);
+    if (!P || !VB || !BN) {
         rc = KST_ERR_NOMEM;
         goto done;
     }
@@ -302,6 +334,11 @@ int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *
         const float *cb = m->codebook + sm * K * ds, *Rm = R + sm * ds, *Vm = V + sm * ds;
         float *dcb = dB + sm * K * ds;
         float tau = m->tau[sm];
+        for (size_t k = 0; k < K; k++) {
+            double bnk = 0;
+            for (size_t i = 0; i < ds; i++) bnk += (double)cb[k * ds + i] * cb[k * ds + i];
+            BN[k] = (float)bnk;
+        }
         kst_sgemm(0, 1, (int)U, (int)K, (int)ds, 1.0f, Rm, (int)d, cb, (int)ds, 0.0f, P, (int)K);
         kst_sgemm(0, 1, (int)U, (int)K, (int)ds, 1.0f, Vm, (int)d, cb, (int)ds, 0.0f, VB, (int)K);
         for (size_t u = 0; u < U; u++) {
@@ -309,13 +346,9 @@ int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *
             float *pu = P + u * K, *vb = VB + u * K;
             double rn = 0, lmax = -DBL_MAX, z = 0, vs = 0;
             for (size_t i = 0; i < ds; i++) rn += (double)r[i] * r[i];
-            int kh = 0;
-            double best = DBL_MAX;
+            int kh = CODE[u * m->M + sm]; /* the forward's hard code */
             for (size_t k = 0; k < K; k++) {
-                double bnk = 0;
-                for (size_t i = 0; i < ds; i++) bnk += (double)cb[k * ds + i] * cb[k * ds + i];
-                double dist = rn - 2.0 * pu[k] + bnk;
-                if (dist < best) best = dist, kh = (int)k;
+                double dist = rn - 2.0 * pu[k] + BN[k];
                 double l = -dist / tau;
                 pu[k] = (float)l;
                 if (l > lmax) lmax = l;
@@ -363,6 +396,8 @@ done:
     kst_free(DR);
     kst_free(P);
     kst_free(VB);
+    kst_free(BN);
+    kst_free(CODE);
     return rc;
 }
 

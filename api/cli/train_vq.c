@@ -17,7 +17,7 @@
 static const char *HELP =
     "usage: kestrel train vq --index DIR [--queries FILE] [--qrels FILE] [--epochs N]\n"
     "         [--lr-ivf X] [--lr-pq X] [--temperature T] [--candidates K] [--batch-size N]\n"
-    "         [--max-queries N] [--tau-scale X] [--seed N]\n"
+    "         [--max-queries N] [--tau-scale X] [--val-fraction X] [--anchor X] [--seed N]\n"
     "\n"
     "Distill-VQ: learns the IVF coarse centroids and PQ codebooks of the index's FAISS IVF-PQ\n"
     "(IVFn,PQm or OPQm,IVFn,PQm; 8-bit codes) so that the compressed index ranks documents as the\n"
@@ -52,6 +52,13 @@ static const char *HELP =
     "  --max-queries N    documents sampled as queries without --queries (2048)\n"
     "  --tau-scale X      soft-assignment temperature, in units of each sub-vector's mean\n"
     "                     quantisation error (1.0)\n"
+    "  --val-fraction X   share of the training queries held out for validation (0.1): after\n"
+    "                     every epoch their loss is measured and the best epoch's centroids and\n"
+    "                     codebooks are kept (the start counts, so training never makes the index\n"
+    "                     worse on them); 0: keep the last epoch\n"
+    "  --anchor X         weight of the reconstruction anchor, |d - (c + PQ code)|^2 over documents\n"
+    "                     drawn uniformly each step, relative to its starting value (ANCHOR_DEFAULT);\n"
+    "                     keeps the quantizer faithful to documents no training query reaches\n"
     "  --seed N           query sampling and order (0)\n"
     "\n"
     "Not available: --train-query-encoder (joint query-encoder fine-tuning). Flat and HNSW indexes\n"
@@ -242,8 +249,16 @@ int cmd_train_vq(int argc, char **argv) {
         if (strcmp(a, "--index") == 0) dir = v;
         else if (strcmp(a, "--queries") == 0) qpath = v;
         else if (strcmp(a, "--qrels") == 0) qrels = v;
-        else if (!strcmp(a, "--lr-ivf") || !strcmp(a, "--lr-pq") || !strcmp(a, "--temperature") ||
-                 !strcmp(a, "--tau-scale")) {
+        else if (!strcmp(a, "--val-fraction") || !strcmp(a, "--anchor")) {
+            double x = strtod(v, &end);
+            int frac = !strcmp(a, "--val-fraction");
+            if (!*v || *end || !(x >= 0) || (frac && !(x < 0.9)))
+                return cli_usage_error("train vq", "%s expects a number %s, got \"%s\"", a,
+                                       frac ? "in [0, 0.9)" : ">= 0", v);
+            if (frac) o.val_fraction = x;
+            else o.w_rec = x;
+        } else if (!strcmp(a, "--lr-ivf") || !strcmp(a, "--lr-pq") || !strcmp(a, "--temperature") ||
+                   !strcmp(a, "--tau-scale")) {
             double x = strtod(v, &end);
             if (!*v || *end || !(x > 0))
                 return cli_usage_error("train vq", "%s expects a positive number, got \"%s\"", a, v);
@@ -331,28 +346,33 @@ int cmd_train_vq(int argc, char **argv) {
     }
     KST_TRY(kst_vq_train(&m, n, x, qs.n, q, pos_off, pos, &o, &r, &err));
     KST_TRY(kst_vq_write_index(&m, ix->ann, n, x, ids, &out, &err));
-    json = kst_malloc(1024, 1, "manifest entry", &err);
+    json = kst_malloc(1536, 1, "manifest entry", &err);
     if (!json) {
         rc = KST_ERR_NOMEM;
         goto done;
     }
-    snprintf(json, 1024,
+    snprintf(json, 1536,
              "{\"method\":\"distill-vq\",\"documents\":%zu,\"queries\":%zu,\"query_source\":\"%s\","
              "\"qrels_positives\":%zu,\"epochs\":%ld,\"steps\":%ld,\"lr_ivf\":%g,\"lr_pq\":%g,"
              "\"temperature\":%g,\"tau_scale\":%g,\"candidates\":%zu,\"batch\":%zu,\"seed\":%llu,"
+             "\"anchor\":%g,\"val_fraction\":%g,\"val_queries\":%zu,\"val_loss\":[%.6f,%.6f],"
+             "\"kept_epoch\":%ld,\"mse\":[%.6f,%.6f],"
              "\"opq\":%s,\"loss_ivf\":[%.6f,%.6f],\"loss_pq\":[%.6f,%.6f],\"seconds\":%.1f}",
              n, r.queries, qpath ? "given" : "sampled documents", npos, r.epochs, r.steps, o.lr_ivf,
              o.lr_pq, o.temperature, o.tau_scale, o.candidates, o.batch,
-             (unsigned long long)o.seed, m.rot ? "true" : "false", r.loss_init_ivf,
-             r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, r.seconds);
+             (unsigned long long)o.seed, o.w_rec, o.val_fraction, r.val_queries, r.val_init,
+             r.val_best, r.best_epoch, r.mse_init, r.mse_final, m.rot ? "true" : "false",
+             r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, r.seconds);
     rc = kst_ix_replace_ann(ix, out, "vq_training", json, &err);
     out = NULL;
     if (rc == KST_OK)
         fprintf(stderr,
                 "kestrel train vq: %zu documents, %zu queries, %ld steps in %.1fs; loss ivf %.4f -> "
-                "%.4f, pq %.4f -> %.4f; wrote %s/%s\n",
+                "%.4f, pq %.4f -> %.4f; validation (%zu queries) %.4f -> %.4f, kept epoch %ld of "
+                "%ld; wrote %s/%s\n",
                 n, r.queries, r.steps, r.seconds, r.loss_init_ivf, r.loss_final_ivf,
-                r.loss_init_pq, r.loss_final_pq, dir, ix->ann_file);
+                r.loss_init_pq, r.loss_final_pq, r.val_queries, r.val_init, r.val_best,
+                r.best_epoch, r.epochs, dir, ix->ann_file);
 done:
     kst_free(json);
     kst_ann_free(out);
