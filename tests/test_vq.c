@@ -252,6 +252,7 @@ static void test_keep_best(void **state) {
     kst_vq_opts o = kst_vq_opts_default();
     o.epochs = 2, o.max_queries = 200, o.candidates = 30, o.seed = 7, o.val_fraction = 0.25;
     o.lr_ivf = o.lr_pq = 3.0; /* every step overshoots: the codebooks leave the data */
+    o.lr_backoff = 0;         /* no second chance at smaller rates */
     kst_vq_result r;
     assert_ok(kst_vq_train(&m, SN, x, 0, NULL, NULL, NULL, &o, &r, &err), &err);
     fprintf(stderr, "  lr 3: validation %.4f -> %.4f, kept epoch %ld; mse %.4f -> %.4f\n",
@@ -269,6 +270,20 @@ static void test_keep_best(void **state) {
     assert_true(r.best_epoch >= 1);
     assert_true(r.val_best < r.val_init);
     kst_free(r.epoch_loss);
+
+    /* Backoff: the same overshooting rate, but each worsening epoch is undone and the rates cut
+     * tenfold; 3 -> 0.3 -> 0.03 -> 3e-3 reaches a rate that helps within 5 epochs. */
+    memcpy(m.params, init, m.nparams * sizeof(float));
+    o.lr_ivf = o.lr_pq = 3.0, o.lr_backoff = 0.1, o.epochs = 5;
+    assert_ok(kst_vq_train(&m, SN, x, 0, NULL, NULL, NULL, &o, &r, &err), &err);
+    fprintf(stderr, "  lr 3 with backoff: validation %.4f -> %.4f, kept epoch %ld, %ld backoffs, "
+            "rate x %.0e\n", r.val_init, r.val_best, r.best_epoch, r.backoffs, r.lr_scale);
+    assert_true(r.backoffs >= 1);
+    assert_true(r.lr_scale < 1.0);
+    assert_true(r.best_epoch > 1); /* an epoch after the first backoff was kept */
+    assert_true(r.val_best < r.val_init);
+    kst_free(r.epoch_loss);
+    o.epochs = 2;
 
     /* The reconstruction anchor alone (no distillation) is k-means's objective: it lowers the
      * reconstruction error FAISS's k-means left (measured on the same document sample). */

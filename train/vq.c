@@ -422,6 +422,7 @@ kst_vq_opts kst_vq_opts_default(void) {
     o.w_rec = 0.0;
     o.rec_docs = 256;
     o.val_fraction = 0.1;
+    o.lr_backoff = 0.1;
     return o;
 }
 
@@ -806,6 +807,8 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
     kst_progress bar;
     if (o.progress) kst_progress_begin(&bar, "train vq", steps_per_epoch * (size_t)o.epochs);
     size_t ncand = 0;
+    double lr_scale = 1.0;
+    long astep = 0; /* Adam's step count (restarts with the moments after a backoff) */
     for (long ep = 0; ep < o.epochs; ep++) {
         for (size_t i = ntr; i > 1; i--) {
             size_t j = (size_t)kst_xoshiro_below(&rng, i);
@@ -823,13 +826,15 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
                                  o.w_ivf, o.w_pq, grad, &li, &lp, err));
             if (o.w_rec > 0 && res.mse_init > 0)
                 rec_anchor(m, &v, o.rec_docs, o.w_rec, res.mse_init, &rng, grad, rscratch, codes);
-            res.steps++;
+            res.steps++, astep++;
             if (o.dense_adam)
-                kst_adamw_update(m->params, mom, vel, grad, NULL, nC, res.steps, o.lr_ivf, &ac);
+                kst_adamw_update(m->params, mom, vel, grad, NULL, nC, astep, o.lr_ivf * lr_scale,
+                                 &ac);
             else
-                lazy_adam_rows(m->params, mom, vel, grad, m->nlist, d, res.steps, o.lr_ivf, &ac);
-            kst_adamw_update(m->codebook, mom + nC, vel + nC, grad + nC, NULL, nB, res.steps,
-                             o.lr_pq, &ac);
+                lazy_adam_rows(m->params, mom, vel, grad, m->nlist, d, astep, o.lr_ivf * lr_scale,
+                               &ac);
+            kst_adamw_update(m->codebook, mom + nC, vel + nC, grad + nC, NULL, nB, astep,
+                             o.lr_pq * lr_scale, &ac);
             sum += (o.w_ivf * li + o.w_pq * lp) * (double)B;
             if (o.progress) {
                 snprintf(bar.suffix, sizeof bar.suffix, "loss ivf %.4f pq %.4f", li, lp);
@@ -845,6 +850,17 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
                 res.val_best = o.w_ivf * a + o.w_pq * c;
                 res.best_epoch = ep + 1;
                 memcpy(best, m->params, m->nparams * sizeof(float));
+            } else if (o.lr_backoff > 0) {
+                /* Too large a step for this collection (at 200K documents and 1,024 lists, 1e-3
+                 * overshoots where 1e-4 helps): undo the epoch, restart Adam's moments, go on
+                 * with smaller rates. */
+                memcpy(m->params, best, m->nparams * sizeof(float));
+                memset(mom, 0, m->nparams * sizeof(float));
+                memset(vel, 0, m->nparams * sizeof(float));
+                kst_vq_assign(m, n, v.y, v.assign);
+                lr_scale *= o.lr_backoff;
+                astep = 0;
+                res.backoffs++;
             }
         }
     }
@@ -854,6 +870,7 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
         kst_vq_assign(m, n, v.y, v.assign);
     }
     if (!nval) res.best_epoch = o.epochs;
+    res.lr_scale = lr_scale;
     quant_stats(m, &v, &res.mse_final, &res.imbalance_final);
     KST_TRY(eval_loss(m, &v, &o, order_all, v.nq, off, cand, teacher, qb, &res.loss_final_ivf,
                       &res.loss_final_pq, err));

@@ -92,6 +92,9 @@ typedef struct kst_vq_opts {
     double w_rec;             /* weight of the reconstruction anchor (see kst_vq_train; 0: off) */
     size_t rec_docs;          /* documents drawn uniformly per step for the anchor (256) */
     double val_fraction;      /* training queries held out for validation (0.1; 0: none) */
+    double lr_backoff;        /* with validation: an epoch that makes the validation loss worse
+                               * is undone and both learning rates are multiplied by this (0.1);
+                               * 0: keep going at the same rates (the best epoch is kept anyway) */
 } kst_vq_opts;
 kst_vq_opts kst_vq_opts_default(void);
 
@@ -101,6 +104,8 @@ typedef struct kst_vq_result {
     double *epoch_loss;                   /* (epochs) mean training loss per epoch (kst_free) */
     double val_init, val_best;            /* validation loss before training and at the kept epoch */
     long best_epoch;                      /* the epoch whose parameters were kept (0: the start) */
+    double lr_scale;                      /* the learning rates' final multiplier (backoffs) */
+    long backoffs;                        /* epochs undone by lr_backoff */
     size_t val_queries;
     double mse_init, mse_final;           /* mean |y - reconstruction|^2 over a document sample */
     double imbalance_init, imbalance_final; /* nlist * sum(list size^2) / n^2 (FAISS's factor) */

@@ -14,6 +14,8 @@
  *                            from IVF-PQ, Distill-VQ from OPQ
  *   KESTREL_BENCH_VQ_DEV     development queries (.npy): their recall@10 is printed too ("dev"),
  *                            so settings can be chosen without looking at the test queries
+ *   KESTREL_BENCH_VQ_TRAIN_Q Distill-VQ's training queries (.npy, a query log that holds no test
+ *                            query); default: sampled documents
  *   KESTREL_BENCH_VQ_CACHE=0 rebuild the FAISS indexes instead of reading OUT_DIR/NAME.N.FACTORY.faiss
  *                            (written after each build; the k-means / OPQ results are deterministic) */
 #define _POSIX_C_SOURCE 200809L
@@ -188,19 +190,29 @@ static void distill(const ctx *c, const char *method, int bytes, kst_ann *src) {
     o.dense_adam = (int)env_long("KESTREL_BENCH_VQ_DENSE_ADAM", o.dense_adam);
     o.w_rec = env_double("KESTREL_BENCH_VQ_W_REC", o.w_rec);
     o.val_fraction = env_double("KESTREL_BENCH_VQ_VAL", o.val_fraction);
+    o.lr_backoff = env_double("KESTREL_BENCH_VQ_BACKOFF", o.lr_backoff);
     o.temperature = env_double("KESTREL_BENCH_VQ_T", o.temperature);
     o.tau_scale = env_double("KESTREL_BENCH_VQ_TAU", o.tau_scale);
+    /* Training queries: a query log (KESTREL_BENCH_VQ_TRAIN_Q, .npy; never the test queries) or,
+     * by default, sampled documents (label-free). */
+    kst_npy TQ = {0};
+    const char *tq = getenv("KESTREL_BENCH_VQ_TRAIN_Q");
+    if (tq && *tq && kst_npy_read(tq, &TQ, &e) != KST_OK) die(tq, &e);
     kst_vq_result r;
-    if (kst_vq_train(&m, c->n, c->x, 0, NULL, NULL, NULL, &o, &r, &e) != KST_OK) die("vq train", &e);
+    if (kst_vq_train(&m, c->n, c->x, TQ.data ? TQ.shape[0] : 0, TQ.data, NULL, NULL, &o, &r, &e) !=
+        KST_OK)
+        die("vq train", &e);
+    kst_npy_free(&TQ);
     kst_ann *a = NULL;
     double t0 = kst_now();
     if (kst_vq_write_index(&m, src, c->n, c->x, c->ids, &a, &e) != KST_OK) die("vq write", &e);
     char extra[400];
     snprintf(extra, sizeof extra,
-             "  [loss ivf %.3f -> %.3f, pq %.3f -> %.3f; val %.4f -> %.4f (epoch %ld of %ld); "
+             "  [loss ivf %.3f -> %.3f, pq %.3f -> %.3f; val %.4f -> %.4f (epoch %ld of %ld, "
+             "%ld backoffs); "
              "mse %.4f -> %.4f; imbalance %.2f -> %.2f; re-encode %.1f s]",
              r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, r.val_init,
-             r.val_best, r.best_epoch, r.epochs, r.mse_init, r.mse_final, r.imbalance_init,
+             r.val_best, r.best_epoch, r.epochs, r.backoffs, r.mse_init, r.mse_final, r.imbalance_init,
              r.imbalance_final, kst_now() - t0);
     report(c, method, bytes, a, r.seconds, extra);
     kst_free(r.epoch_loss);
