@@ -214,6 +214,35 @@ void kst_kvg_free(kst_kvg *g) {
     memset(g, 0, sizeof *g);
 }
 
+int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
+    kst_kvg_free(dst);
+    int rc = kst_kvg_init(dst, src->M, src->max_entry, src->efc, err);
+    if (rc != KST_OK) return rc;
+    size_t cap = src->cap, M = src->M;
+    if (cap) {
+        dst->adj = kst_malloc(cap, M * sizeof(uint32_t), "kv graph copy", err);
+        dst->adist = kst_malloc(cap, M * sizeof(float), "kv graph copy", err);
+        dst->deg = kst_malloc(cap, sizeof(uint16_t), "kv graph copy", err);
+        dst->norm2 = kst_malloc(cap, sizeof(float), "kv graph copy", err);
+        dst->entry = kst_malloc(src->max_entry, sizeof(uint32_t), "kv graph copy", err);
+        if (!dst->adj || !dst->adist || !dst->deg || !dst->norm2 || !dst->entry) {
+            kst_kvg_free(dst);
+            kst_kvg_init(dst, M, src->max_entry, src->efc, NULL);
+            return KST_ERR_NOMEM;
+        }
+        memcpy(dst->adj, src->adj, cap * M * sizeof(uint32_t));
+        memcpy(dst->adist, src->adist, cap * M * sizeof(float));
+        memcpy(dst->deg, src->deg, cap * sizeof(uint16_t));
+        memcpy(dst->norm2, src->norm2, cap * sizeof(float));
+        if (src->entry) memcpy(dst->entry, src->entry, src->n_entry * sizeof(uint32_t));
+    }
+    dst->n = src->n;
+    dst->cap = cap;
+    dst->n_entry = src->n_entry;
+    dst->hub_entries = src->hub_entries;
+    return KST_OK;
+}
+
 static int reserve(kst_kvg *g, size_t n, kst_error *err) {
     if (n <= g->cap) return KST_OK;
     size_t cap = g->cap ? g->cap : 1024;

@@ -55,6 +55,8 @@ void kst_kvg_scratch_free(kst_kvg_scratch *s);
 int kst_kvg_init(kst_kvg *g, size_t M, size_t max_entry, size_t efc, kst_error *err);
 /* Frees; a zeroed graph is a no-op. */
 void kst_kvg_free(kst_kvg *g);
+/* Makes dst (freed first) a deep copy of src. Fails on memory (dst left empty). */
+int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err);
 
 /* Builds the attention-aware graph over keys K (n, d) from queries Q (nq, d) float32, linking
  * each query's exact top-T keys. The graph must be empty. Fails on memory (graph left empty). */
