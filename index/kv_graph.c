@@ -69,7 +69,7 @@ static int scratch_reserve(kst_kvg_scratch *s, size_t n, size_t ef, size_t M, ks
     int rc = KST_OK;
     if (s->mark_cap < n) {
         size_t cap = n + n / 2 + 1024;
-        uint32_t *m = kst_calloc(cap, sizeof *m, "kv search marks", err);
+        uint8_t *m = kst_calloc(cap, sizeof *m, "kv search marks", err);
         if (!m) return KST_ERR_NOMEM;
         kst_free(s->mark);
         s->mark = m;
@@ -88,7 +88,7 @@ static int scratch_reserve(kst_kvg_scratch *s, size_t n, size_t ef, size_t M, ks
         KST_TRY(kst_realloc((void **)&s->ri, ef + 1, sizeof(uint32_t), "kv search results", err));
         s->rcap = ef + 1;
     }
-    if (++s->epoch == 0) { /* wrapped: clear the marks once every 4G searches */
+    if (++s->epoch == 0) { /* wrapped: clear the marks once every 255 searches */
         memset(s->mark, 0, s->mark_cap * sizeof *s->mark);
         s->epoch = 1;
     }
@@ -111,7 +111,7 @@ static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float 
     int rc = scratch_reserve(s, g->cap, ef, g->M, err);
     if (rc != KST_OK) return rc;
     s->cn = s->rn = s->scanned = 0;
-    uint32_t ep = s->epoch;
+    uint8_t ep = s->epoch;
     size_t ne = g->n_entry;
     for (size_t e = 0; e < ne + 1; e++) {
         /* Entry points; when there are none yet (an empty or growing graph), node 0. */

@@ -43,7 +43,8 @@ typedef struct kst_kvg {
 
 /* Per-thread search state; zero-initialise, free with kst_kvg_scratch_free. */
 typedef struct kst_kvg_scratch {
-    uint32_t *mark; size_t mark_cap; uint32_t epoch; /* visited: mark[i] == epoch */
+    uint8_t *mark; size_t mark_cap; uint8_t epoch;   /* visited: mark[i] == epoch (one byte per
+                                                      key: a quarter of the cache lines) */
     float *cs; uint32_t *ci; size_t cn, ccap;        /* candidates (max-heap) */
     float *rs; uint32_t *ri; size_t rn, rcap;        /* results (min-heap) */
     size_t scanned;                                  /* keys scored by the last search */

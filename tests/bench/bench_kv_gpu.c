@@ -63,7 +63,7 @@ static int check(const char *dir) {
     size_t P = pq.shape[0], S = dq.shape[0], QH = pq.shape[1], KVH = keys.shape[1], D = keys.shape[2];
     int bad = 0;
     for (int f16 = 0; f16 < 2; f16++) {
-        kst_kvc_opts o = {1, KVH, QH, D, f16, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1};
+        kst_kvc_opts o = {1, KVH, QH, D, f16, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, 0};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         size_t nv = (P + S) * KVH * D, es = f16 ? 2 : 4;
@@ -199,7 +199,7 @@ static int latency(const char *list) {
             size_t c = (size_t)(urand() * C) % C;
             for (size_t i = 0; i < D; i++) Q[t * D + i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * nrand();
         }
-        kst_kvc_opts o = {1, 1, QH, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU};
+        kst_kvc_opts o = {1, 1, QH, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         double t0 = now_s();
