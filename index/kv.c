@@ -223,6 +223,8 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
         for (size_t h = 0; h < o->kv_heads; h++) {
             KST_TRY(kst_realloc(&L->heads[h].K, cap, rowb, "cached keys", err));
             KST_TRY(kst_realloc(&L->heads[h].V, cap, rowb, "cached values", err));
+            kst_kvg_advise_huge(L->heads[h].K, cap * rowb);
+            kst_kvg_advise_huge(L->heads[h].V, cap * rowb);
         }
         L->cap = cap;
     }

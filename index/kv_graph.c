@@ -6,6 +6,7 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "core/blas.h"
 #include "core/check.h"
@@ -214,6 +215,17 @@ void kst_kvg_free(kst_kvg *g) {
     memset(g, 0, sizeof *g);
 }
 
+void kst_kvg_advise_huge(void *p, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t H = (uintptr_t)2 << 20;
+    uintptr_t a = ((uintptr_t)p + H - 1) & ~(H - 1), b = ((uintptr_t)p + bytes) & ~(H - 1);
+    if (p && b > a) (void)madvise((void *)a, b - a, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
 int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
     kst_kvg_free(dst);
     int rc = kst_kvg_init(dst, src->M, src->max_entry, src->efc, err);
@@ -230,6 +242,7 @@ int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
             kst_kvg_init(dst, M, src->max_entry, src->efc, NULL);
             return KST_ERR_NOMEM;
         }
+        kst_kvg_advise_huge(dst->adj, cap * M * sizeof(uint32_t));
         memcpy(dst->adj, src->adj, cap * M * sizeof(uint32_t));
         memcpy(dst->adist, src->adist, cap * M * sizeof(float));
         memcpy(dst->deg, src->deg, cap * sizeof(uint16_t));
@@ -257,6 +270,7 @@ static int reserve(kst_kvg *g, size_t n, kst_error *err) {
         if (!g->entry) return KST_ERR_NOMEM;
     }
     memset(g->deg + g->cap, 0, (cap - g->cap) * sizeof(uint16_t));
+    kst_kvg_advise_huge(g->adj, cap * g->M * sizeof(uint32_t));
     g->cap = cap;
 done:
     return rc;

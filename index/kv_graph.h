@@ -56,6 +56,11 @@ void kst_kvg_scratch_free(kst_kvg_scratch *s);
 int kst_kvg_init(kst_kvg *g, size_t M, size_t max_entry, size_t efc, kst_error *err);
 /* Frees; a zeroed graph is a no-op. */
 void kst_kvg_free(kst_kvg *g);
+/* Asks the kernel to back the whole 2 MiB pages inside [p, p + bytes) with huge pages
+ * (madvise MADV_HUGEPAGE; where transparent huge pages are in "madvise" mode). The searches read
+ * key rows and edge lists at random across hundreds of MB, so with 4 KiB pages nearly every
+ * read also misses the TLB. Advisory: never fails, a no-op where unsupported. */
+void kst_kvg_advise_huge(void *p, size_t bytes);
 /* Makes dst (freed first) a deep copy of src. Fails on memory (dst left empty). */
 int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err);
 
