@@ -342,6 +342,7 @@ static int layer(const char *list) {
         if (*p == ',') p++;
         kst_error e;
         double t0 = now_s();
+        rng = 88172645463325252ull ^ (N * 0x9e3779b97f4a7c15ull); /* the same draws whatever the size list */
         /* head 0: common offset + one of 1024 centres + noise (as latency()); values noise */
         size_t C = 1024;
         float *cen = malloc(C * D * 4), mk[128], mq[128];
