@@ -447,7 +447,7 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
                       opts->dtype == KST_KV_F16, opts->scale, opts->sinks, opts->window,
                       opts->top_k, opts->ef, opts->degree, opts->build_top,
                       opts->max_build_queries, opts->entries, 64, (kst_kvc_index)opts->index,
-                      opts->gpu};
+                      opts->gpu, opts->tail_samples};
     kst_kv *kv = kst_calloc(1, sizeof *kv, "kv cache", err);
     if (!kv) return KST_ERR_NOMEM;
     int rc = kst_kvc_create(&o, &kv->c, err);
@@ -487,6 +487,7 @@ int kst_kv_attend(kst_kv *kv, size_t layer, const float *q, size_t top_k, size_t
         stats->indexed = s.indexed;
         stats->retrieved = s.retrieved;
         stats->scanned = s.scanned;
+        stats->sampled = s.sampled;
     }
     return rc;
 }
@@ -500,3 +501,8 @@ int kst_kv_search(kst_kv *kv, size_t layer, size_t q_head, const float *q, size_
 size_t kst_kv_tokens(const kst_kv *kv, size_t layer) { return kv ? kst_kvc_tokens(kv->c, layer) : 0; }
 size_t kst_kv_indexed(const kst_kv *kv, size_t layer) { return kv ? kst_kvc_indexed(kv->c, layer) : 0; }
 size_t kst_kv_gpu_bytes(const kst_kv *kv) { return kv ? kst_kvc_gpu_bytes(kv->c) : 0; }
+int kst_kv_set_tail_samples(kst_kv *kv, size_t m, kst_error *err) {
+    if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_set_tail_samples: kv is NULL");
+    kst_kvc_set_tail_samples(kv->c, m);
+    return KST_OK;
+}

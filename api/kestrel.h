@@ -288,6 +288,12 @@ typedef struct kst_kv_opts {
                                  them there while the CPU searches (needs a `make CUDA=1` build
                                  and a device, else kst_kv_create fails with KST_ERR_UNSUPPORTED);
                                  the other tokens stay in CPU memory */
+    size_t tail_samples;      /* default 0: attend to the retrieved keys alone. m > 0: also
+                                 estimate the attention over the indexed keys that were not
+                                 retrieved from m evenly spaced ones (their softmax mass scaled
+                                 up to the whole rest, merged like the other partials); an
+                                 approximation that helps where attention is spread over many
+                                 keys; m >= the indexed tokens is full attention */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */
@@ -312,6 +318,7 @@ typedef struct kst_kv_stats {
     size_t indexed;   /* tokens behind the index */
     size_t retrieved; /* keys retrieved, summed over query heads */
     size_t scanned;   /* keys scored by the index searches, summed over query heads */
+    size_t sampled;   /* keys sampled for the tail estimate (opts.tail_samples), summed */
 } kst_kv_stats;
 
 /* Decode step of one layer: q (q_heads, head_dim) float32 -> out (q_heads, head_dim), the
@@ -328,6 +335,9 @@ size_t kst_kv_tokens(const kst_kv *kv, size_t layer);
 size_t kst_kv_indexed(const kst_kv *kv, size_t layer);
 /* GPU memory the cache holds, in bytes (0 unless opts.gpu). */
 size_t kst_kv_gpu_bytes(const kst_kv *kv);
+/* Changes opts.tail_samples for the following kst_kv_attend calls (0 turns the estimate off).
+ * Fails only on a NULL cache. */
+int kst_kv_set_tail_samples(kst_kv *kv, size_t m, kst_error *err);
 
 #ifdef __cplusplus
 }

@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/check.h"
@@ -32,6 +33,7 @@ typedef struct kv_thread {
     kst_kvg_scratch s;
     float *buf; size_t buf_cap; /* scores of a partial */
     uint32_t *ids; int64_t *rows; float *o2; size_t ids_cap;
+    uint32_t *sret; int64_t *trows; size_t trows_cap; /* tail estimate: sorted retrieved, samples */
 } kv_thread;
 
 struct kst_kvc {
@@ -45,6 +47,7 @@ struct kst_kvc {
 };
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
+void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
 
 /* ------------------------------------------------------------------------------------------ */
 
@@ -129,6 +132,8 @@ void kst_kvc_free(kst_kvc *c) {
             kst_free(c->th[t].ids);
             kst_free(c->th[t].rows);
             kst_free(c->th[t].o2);
+            kst_free(c->th[t].sret);
+            kst_free(c->th[t].trows);
         }
         kst_free(c->th);
     }
@@ -218,6 +223,8 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
         for (size_t h = 0; h < o->kv_heads; h++) {
             KST_TRY(kst_realloc(&L->heads[h].K, cap, rowb, "cached keys", err));
             KST_TRY(kst_realloc(&L->heads[h].V, cap, rowb, "cached values", err));
+            kst_kvg_advise_huge(L->heads[h].K, cap * rowb);
+            kst_kvg_advise_huge(L->heads[h].V, cap * rowb);
         }
         L->cap = cap;
     }
@@ -252,7 +259,9 @@ done:
     return rc;
 }
 
-int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst_error *err) {
+/* Builds the heads' indexes; copied: head 0's only, the others get copies of it. */
+static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq, int copied,
+                       kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_build", err);
     if (rc != KST_OK) return rc;
     const kst_kvc_opts *o = &c->o;
@@ -273,7 +282,7 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
     }
     for (size_t h = 0; h < o->kv_heads; h++) kst_kvg_free(&L->heads[h].g);
     L->built = 0;
-    for (size_t h = 0; h < o->kv_heads && rc == KST_OK; h++) {
+    for (size_t h = 0; h < (copied ? 1 : o->kv_heads) && rc == KST_OK; h++) {
         kv_hstore *H = &L->heads[h];
         kst_kvg_init(&H->g, o->degree, o->entries, o->efc, NULL);
         const void *K = rows_at(c, H->K, o->sinks);
@@ -289,6 +298,8 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
         }
     }
     kst_free(Q);
+    for (size_t h = 1; copied && h < o->kv_heads && rc == KST_OK; h++)
+        rc = kst_kvg_copy(&L->heads[h].g, &L->heads[0].g, err);
     if (rc != KST_OK) {
         for (size_t h = 0; h < o->kv_heads; h++) {
             kst_kvg_free(&L->heads[h].g);
@@ -298,6 +309,14 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
     }
     L->built = 1;
     return index_leavers(c, L, err);
+}
+
+int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst_error *err) {
+    return build_layer(c, layer, queries, nq, 0, err);
+}
+
+int kst_kvc_build_copied(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst_error *err) {
+    return build_layer(c, layer, queries, nq, 1, err);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -314,10 +333,38 @@ static int thread_reserve(kv_thread *t, size_t nscore, size_t k, size_t d, kst_e
         KST_TRY(kst_realloc((void **)&t->ids, cap, sizeof(uint32_t), "retrieved ids", err));
         KST_TRY(kst_realloc((void **)&t->rows, cap, sizeof(int64_t), "retrieved rows", err));
         KST_TRY(kst_realloc((void **)&t->o2, 512, sizeof(float), "partial output", err));
+        KST_TRY(kst_realloc((void **)&t->sret, cap, sizeof(uint32_t), "retrieved ids", err));
         t->ids_cap = cap;
     }
 done:
     return rc;
+}
+
+static int cmp_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The tail estimate (kv.h, kst_kvc_attend): partial (o, *lse) over the indexed nodes at the
+ * systematic sample positions minus the m retrieved ids, lse raised by log(|R| / sampled).
+ * Returns the sampled count (0: o = 0, *lse = -inf). t->buf holds >= min(ns, nidx) floats. */
+static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, const float *q,
+                           size_t nidx, size_t m, size_t ns, float *o, float *lse) {
+    const kst_kvc_opts *op = &c->o;
+    if (ns > nidx) ns = nidx;
+    memcpy(t->sret, t->ids, m * sizeof(uint32_t));
+    qsort(t->sret, m, sizeof(uint32_t), cmp_u32);
+    size_t kept = 0, r = 0;
+    for (size_t j = 0; j < ns; j++) {
+        uint32_t x = (uint32_t)(((2 * (uint64_t)j + 1) * nidx) / (2 * (uint64_t)ns));
+        while (r < m && t->sret[r] < x) r++;
+        if (r < m && t->sret[r] == x) continue; /* retrieved: already attended exactly */
+        t->trows[kept++] = (int64_t)(op->sinks + x);
+    }
+    kst_attn_partial(o, lse, t->buf, q, H->K, H->V, op->f16, t->trows, 0, kept, op->head_dim,
+                     op->scale);
+    if (kept) *lse += (float)log((double)(nidx - m) / (double)kept);
+    return kept;
 }
 
 int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
@@ -360,7 +407,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (exact_lo < sink_end) exact_lo = sink_end;
     if (k > nidx) k = nidx;
     if (d > 512) return kst_fail(err, KST_ERR_INTERNAL, "kst_kv_attend: head_dim > 512");
-    size_t scanned = 0, retrieved = 0;
+    size_t scanned = 0, retrieved = 0, sampled = 0;
     int on_gpu = 0;
 #ifdef KST_CUDA
     /* GPU: the static tokens (sinks + the window ring) are attended there while the CPU
@@ -371,13 +418,19 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         on_gpu = 1;
     }
 #endif
-#pragma omp parallel for schedule(dynamic) reduction(+ : scanned, retrieved) if (o->q_heads > 1)
+#pragma omp parallel for schedule(dynamic) reduction(+ : scanned, retrieved, sampled) if (o->q_heads > 1)
     for (size_t h = 0; h < o->q_heads; h++) {
         kv_thread *t = &c->th[omp_get_thread_num()];
         size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
         if (need < k) need = k;
+        size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx;
+        if (need < ns) need = ns;
         kst_error e2;
         int r = thread_reserve(t, need + 1, k, d, &e2);
+        if (r == KST_OK && t->trows_cap < ns) {
+            r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
+            if (r == KST_OK) t->trows_cap = ns;
+        }
         const kv_hstore *H = &L->heads[h / G];
         const float *qh = q + h * d;
         float *oh = out + h * d, lse, lse2;
@@ -392,15 +445,22 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                                  L->n - exact_lo, d, o->scale);
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
+            size_t m = 0;
             if (k > 0) {
-                size_t m = kst_kvg_search(&H->g, rows_at(c, H->K, o->sinks), o->f16, d, qh, k, ef,
-                                          &t->s, t->ids, NULL, &r);
+                m = kst_kvg_search(&H->g, rows_at(c, H->K, o->sinks), o->f16, d, qh, k, ef, &t->s,
+                                   t->ids, NULL, &r);
+                if (r != KST_OK) kst_fail(&e2, r, "kst_kv_attend: out of memory in the index search");
                 for (size_t i = 0; i < m; i++) t->rows[i] = (int64_t)(o->sinks + t->ids[i]);
                 kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, t->rows, 0, m, d,
                                  o->scale);
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
                 scanned += t->s.scanned;
                 retrieved += m;
+            }
+            /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
+            if (r == KST_OK && ns && m < nidx) {
+                sampled += tail_partial(t, c, H, qh, nidx, m, ns, t->o2, &lse2);
+                kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
             c->lse_buf[h] = lse;
         }
@@ -436,6 +496,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         stats->indexed = nidx;
         stats->retrieved = retrieved;
         stats->scanned = scanned;
+        stats->sampled = sampled;
     }
     return KST_OK;
 }

@@ -38,6 +38,9 @@ typedef struct kst_kvc_opts {
     size_t efc;               /* beam when linking keys in */
     kst_kvc_index index;
     int gpu;                  /* static tokens on the GPU (CUDA=1 builds with a device) */
+    size_t tail_samples;      /* 0: attend to the retrieved keys alone (exact top-k attention);
+                                 else also estimate the indexed keys left out from this many
+                                 evenly spaced ones (see kst_kvc_attend) */
 } kst_kvc_opts;
 
 typedef struct kst_kvc kst_kvc;
@@ -48,6 +51,7 @@ typedef struct kst_kvc_stats {
     size_t indexed;   /* tokens behind the index */
     size_t retrieved; /* keys retrieved, summed over query heads */
     size_t scanned;   /* keys scored by the searches, summed over query heads */
+    size_t sampled;   /* tail keys sampled for the estimate, summed over query heads */
 } kst_kvc_stats;
 
 /* Validates opts (sizes, GQA divisibility) and creates an empty cache. */
@@ -69,7 +73,14 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
 int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst_error *err);
 
 /* Decode step: q (q_heads, head_dim) float32 -> out (q_heads, head_dim). top_k and ef of 0 use
- * the cache's. stats may be NULL. */
+ * the cache's. stats may be NULL.
+ *
+ * With opts.tail_samples = m > 0 the indexed keys that retrieval left out (R, |R| = indexed -
+ * retrieved) are not dropped but estimated: the indexed positions floor((j + 1/2) * indexed / m),
+ * j < m (a systematic sample), minus the retrieved ones, are attended as one more partial whose
+ * lse is raised by log(|R| / sampled), so their exp-sum stands for R's (a ratio estimator of
+ * the rest of the softmax mass and of its value mean), and merged like the others. With m >=
+ * indexed every key of R is sampled once and the result is full attention again. */
 int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
                    kst_kvc_stats *stats, kst_error *err);
 
@@ -78,8 +89,18 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
                    int64_t *pos, size_t *found, size_t *scanned, kst_error *err);
 
+/* Benchmarks whose KV heads are inner-product-preserving transforms of head 0 (signed
+ * permutations of the dimensions, as bench_kv_gpu's layer mode makes them): builds head 0's
+ * index like kst_kvc_build and gives every other KV head of the layer its own copy of it (a
+ * graph over the same inner products, so as good for that head as head 0's is for head 0 when
+ * their queries are drawn alike): each head searches its own memory, at 1/kv_heads of the build
+ * cost. Not for real caches, whose heads differ. */
+int kst_kvc_build_copied(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst_error *err);
+
 /* Benchmarks: 0 makes kst_kvc_attend ignore the GPU (the CPU path), 1 restores it. */
 void kst_kvc_use_gpu(kst_kvc *c, int on);
+/* Benchmarks: changes opts.tail_samples of a live cache. */
+void kst_kvc_set_tail_samples(kst_kvc *c, size_t m);
 
 /* GPU memory held by the cache (static tokens; 0 without the GPU). */
 size_t kst_kvc_gpu_bytes(const kst_kvc *c);

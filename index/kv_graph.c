@@ -6,6 +6,7 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "core/blas.h"
 #include "core/check.h"
@@ -69,7 +70,7 @@ static int scratch_reserve(kst_kvg_scratch *s, size_t n, size_t ef, size_t M, ks
     int rc = KST_OK;
     if (s->mark_cap < n) {
         size_t cap = n + n / 2 + 1024;
-        uint32_t *m = kst_calloc(cap, sizeof *m, "kv search marks", err);
+        uint8_t *m = kst_calloc(cap, sizeof *m, "kv search marks", err);
         if (!m) return KST_ERR_NOMEM;
         kst_free(s->mark);
         s->mark = m;
@@ -88,7 +89,7 @@ static int scratch_reserve(kst_kvg_scratch *s, size_t n, size_t ef, size_t M, ks
         KST_TRY(kst_realloc((void **)&s->ri, ef + 1, sizeof(uint32_t), "kv search results", err));
         s->rcap = ef + 1;
     }
-    if (++s->epoch == 0) { /* wrapped: clear the marks once every 4G searches */
+    if (++s->epoch == 0) { /* wrapped: clear the marks once every 255 searches */
         memset(s->mark, 0, s->mark_cap * sizeof *s->mark);
         s->epoch = 1;
     }
@@ -111,7 +112,7 @@ static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float 
     int rc = scratch_reserve(s, g->cap, ef, g->M, err);
     if (rc != KST_OK) return rc;
     s->cn = s->rn = s->scanned = 0;
-    uint32_t ep = s->epoch;
+    uint8_t ep = s->epoch;
     size_t ne = g->n_entry;
     for (size_t e = 0; e < ne + 1; e++) {
         /* Entry points; when there are none yet (an empty or growing graph), node 0. */
@@ -214,6 +215,47 @@ void kst_kvg_free(kst_kvg *g) {
     memset(g, 0, sizeof *g);
 }
 
+void kst_kvg_advise_huge(void *p, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t H = (uintptr_t)2 << 20;
+    uintptr_t a = ((uintptr_t)p + H - 1) & ~(H - 1), b = ((uintptr_t)p + bytes) & ~(H - 1);
+    if (p && b > a) (void)madvise((void *)a, b - a, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
+int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
+    kst_kvg_free(dst);
+    int rc = kst_kvg_init(dst, src->M, src->max_entry, src->efc, err);
+    if (rc != KST_OK) return rc;
+    size_t cap = src->cap, M = src->M;
+    if (cap) {
+        dst->adj = kst_malloc(cap, M * sizeof(uint32_t), "kv graph copy", err);
+        dst->adist = kst_malloc(cap, M * sizeof(float), "kv graph copy", err);
+        dst->deg = kst_malloc(cap, sizeof(uint16_t), "kv graph copy", err);
+        dst->norm2 = kst_malloc(cap, sizeof(float), "kv graph copy", err);
+        dst->entry = kst_malloc(src->max_entry, sizeof(uint32_t), "kv graph copy", err);
+        if (!dst->adj || !dst->adist || !dst->deg || !dst->norm2 || !dst->entry) {
+            kst_kvg_free(dst);
+            kst_kvg_init(dst, M, src->max_entry, src->efc, NULL);
+            return KST_ERR_NOMEM;
+        }
+        kst_kvg_advise_huge(dst->adj, cap * M * sizeof(uint32_t));
+        memcpy(dst->adj, src->adj, cap * M * sizeof(uint32_t));
+        memcpy(dst->adist, src->adist, cap * M * sizeof(float));
+        memcpy(dst->deg, src->deg, cap * sizeof(uint16_t));
+        memcpy(dst->norm2, src->norm2, cap * sizeof(float));
+        if (src->entry) memcpy(dst->entry, src->entry, src->n_entry * sizeof(uint32_t));
+    }
+    dst->n = src->n;
+    dst->cap = cap;
+    dst->n_entry = src->n_entry;
+    dst->hub_entries = src->hub_entries;
+    return KST_OK;
+}
+
 static int reserve(kst_kvg *g, size_t n, kst_error *err) {
     if (n <= g->cap) return KST_OK;
     size_t cap = g->cap ? g->cap : 1024;
@@ -228,6 +270,7 @@ static int reserve(kst_kvg *g, size_t n, kst_error *err) {
         if (!g->entry) return KST_ERR_NOMEM;
     }
     memset(g->deg + g->cap, 0, (cap - g->cap) * sizeof(uint16_t));
+    kst_kvg_advise_huge(g->adj, cap * g->M * sizeof(uint32_t));
     g->cap = cap;
 done:
     return rc;

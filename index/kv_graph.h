@@ -43,7 +43,8 @@ typedef struct kst_kvg {
 
 /* Per-thread search state; zero-initialise, free with kst_kvg_scratch_free. */
 typedef struct kst_kvg_scratch {
-    uint32_t *mark; size_t mark_cap; uint32_t epoch; /* visited: mark[i] == epoch */
+    uint8_t *mark; size_t mark_cap; uint8_t epoch;   /* visited: mark[i] == epoch (one byte per
+                                                      key: a quarter of the cache lines) */
     float *cs; uint32_t *ci; size_t cn, ccap;        /* candidates (max-heap) */
     float *rs; uint32_t *ri; size_t rn, rcap;        /* results (min-heap) */
     size_t scanned;                                  /* keys scored by the last search */
@@ -55,6 +56,13 @@ void kst_kvg_scratch_free(kst_kvg_scratch *s);
 int kst_kvg_init(kst_kvg *g, size_t M, size_t max_entry, size_t efc, kst_error *err);
 /* Frees; a zeroed graph is a no-op. */
 void kst_kvg_free(kst_kvg *g);
+/* Asks the kernel to back the whole 2 MiB pages inside [p, p + bytes) with huge pages
+ * (madvise MADV_HUGEPAGE; where transparent huge pages are in "madvise" mode). The searches read
+ * key rows and edge lists at random across hundreds of MB, so with 4 KiB pages nearly every
+ * read also misses the TLB. Advisory: never fails, a no-op where unsupported. */
+void kst_kvg_advise_huge(void *p, size_t bytes);
+/* Makes dst (freed first) a deep copy of src. Fails on memory (dst left empty). */
+int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err);
 
 /* Builds the attention-aware graph over keys K (n, d) from queries Q (nq, d) float32, linking
  * each query's exact top-T keys. The graph must be empty. Fails on memory (graph left empty). */

@@ -12,6 +12,7 @@
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #include "core/npy.h"
+#include "index/kv.h"
 #ifdef KST_CUDA
 #include "index/kv_cuda.h"
 #endif
@@ -64,7 +65,8 @@ static int teardown(void **state) {
     return 0;
 }
 
-static int g_gpu; /* run_decode on the GPU path */
+static int g_gpu;          /* run_decode on the GPU path */
+static size_t g_tail;      /* run_decode's opts.tail_samples */
 
 static kst_kv_opts small_opts(kst_kv_index_kind index) {
     kst_kv_opts o = kst_kv_opts_default();
@@ -79,6 +81,7 @@ static kst_kv_opts small_opts(kst_kv_index_kind index) {
     o.build_top = 16;
     o.entries = 8;
     o.index = index;
+    o.tail_samples = g_tail;
     return o;
 }
 
@@ -222,6 +225,10 @@ static void test_gpu_equals_sdpa(void **state) {
     g_gpu = 1;
     run_decode(f, KST_KV_INDEX_ATTN, 0, P, P, f->out32.data, ATOL, RTOL);
     run_decode(f, KST_KV_INDEX_ATTN, 1, P, P, f->out16.data, ATOL, RTOL);
+    /* the tail estimate (CPU) merged with the GPU's static partial: all samples, so SDPA */
+    g_tail = P;
+    run_decode(f, KST_KV_INDEX_ATTN, 0, 10, 32, f->out32.data, ATOL, RTOL);
+    g_tail = 0;
     /* a small top_k: GPU and CPU paths must agree (same retrieval, same merge) */
     g_gpu = 0;
     kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
@@ -244,6 +251,164 @@ static void test_gpu_equals_sdpa(void **state) {
     kst_kv_free(a);
     kst_kv_free(b);
 #endif
+}
+
+/* Tail estimate with at least as many samples as indexed tokens: every key retrieval left out is
+ * sampled once with weight 1, so a small top_k still gives SDPA's output. */
+static void test_tail_all_samples_equals_sdpa(void **state) {
+    fx *f = *state;
+    g_tail = P;
+    run_decode(f, KST_KV_INDEX_ATTN, 0, 10, 32, f->out32.data, ATOL, RTOL);
+    run_decode(f, KST_KV_INDEX_ATTN, 1, 10, 32, f->out16.data, ATOL, RTOL);
+    g_tail = 0;
+}
+
+static uint64_t g_rng = 0x2545f4914f6cdd1dull;
+static double test_gauss(void) {
+    g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17;
+    double u = ((g_rng >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17;
+    double v = (g_rng >> 11) * (1.0 / 9007199254740992.0);
+    return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
+}
+
+/* Full attention of q over n rows, float64 (the reference). */
+static void full_attn64(double *out, const float *q, const float *K, const float *V, size_t n,
+                        size_t d, double scale) {
+    double mx = -INFINITY, sum = 0, *s = malloc(n * sizeof *s);
+    for (size_t j = 0; j < n; j++) {
+        double a = 0;
+        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[j * d + i];
+        s[j] = a * scale;
+        if (s[j] > mx) mx = s[j];
+    }
+    for (size_t i = 0; i < d; i++) out[i] = 0;
+    for (size_t j = 0; j < n; j++) {
+        double w = exp(s[j] - mx);
+        sum += w;
+        for (size_t i = 0; i < d; i++) out[i] += w * V[j * d + i];
+    }
+    for (size_t i = 0; i < d; i++) out[i] /= sum;
+    free(s);
+}
+
+static double rel_err64(const float *got, const double *want, size_t d) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < d; i++) {
+        num += (got[i] - want[i]) * (got[i] - want[i]);
+        den += want[i] * want[i];
+    }
+    return sqrt(num / den);
+}
+
+/* Diffuse attention (4,096 keys of small norm, so no key dominates): top-16 attention misses most
+ * of the softmax mass; the tail estimate from 512 samples must cut the error against float64
+ * full attention at least in half, sample 512 - (retrieved among them) keys, and be
+ * deterministic. */
+static void test_tail_estimate_diffuse(void **state) {
+    (void)state;
+    const size_t n = 4096, d = 32, nq = 8;
+    float *K = malloc(n * d * sizeof *K), *V = malloc(n * d * sizeof *V), *Q = malloc(nq * d * sizeof *Q);
+    for (size_t i = 0; i < n * d; i++) K[i] = (float)(0.3 * test_gauss());
+    for (size_t i = 0; i < n * d; i++) V[i] = (float)(1.0 + test_gauss());
+    for (size_t i = 0; i < nq * d; i++) Q[i] = (float)test_gauss();
+    kst_kv_opts o = kst_kv_opts_default();
+    o.layers = o.kv_heads = o.q_heads = 1;
+    o.head_dim = d;
+    o.sinks = 4;
+    o.window = 32;
+    o.degree = 16;
+    o.index = KST_KV_INDEX_KEYS;
+    kst_kv *kv;
+    kst_error err;
+    assert_ok(kst_kv_create(&o, &kv, &err), &err);
+    assert_ok(kst_kv_append(kv, 0, K, V, n, &err), &err);
+    assert_ok(kst_kv_build(kv, 0, NULL, 0, &err), &err);
+    double e_plain = 0, e_tail = 0, ref[32];
+    float out[32], out2[32];
+    for (size_t i = 0; i < nq; i++) {
+        full_attn64(ref, Q + i * d, K, V, n, d, 1.0 / sqrt((double)d));
+        kst_kv_stats st;
+        assert_ok(kst_kv_set_tail_samples(kv, 0, &err), &err);
+        assert_ok(kst_kv_attend(kv, 0, Q + i * d, 16, 64, out, &st, &err), &err);
+        assert_int_equal(st.sampled, 0);
+        e_plain += rel_err64(out, ref, d) / nq;
+        assert_ok(kst_kv_set_tail_samples(kv, 512, &err), &err);
+        assert_ok(kst_kv_attend(kv, 0, Q + i * d, 16, 64, out, &st, &err), &err);
+        assert_true(st.sampled >= 512 - 16 && st.sampled <= 512);
+        e_tail += rel_err64(out, ref, d) / nq;
+        assert_ok(kst_kv_attend(kv, 0, Q + i * d, 16, 64, out2, NULL, &err), &err);
+        assert_memory_equal(out, out2, sizeof out);
+    }
+    print_message("tail estimate (512 samples): mean relative error %.3e, top-16 alone %.3e\n", e_tail, e_plain);
+    if (!(e_tail < 0.5 * e_plain))
+        fail_msg("tail estimate: mean relative error %.3e, without it %.3e (expected under half)", e_tail, e_plain);
+    assert_int_equal(kst_kv_set_tail_samples(NULL, 1, &err), KST_ERR_MISUSE);
+    kst_kv_free(kv);
+    free(K);
+    free(V);
+    free(Q);
+}
+
+/* kst_kvc_build_copied (the layer benchmark's shortcut): KV head 1 holds head 0's keys and
+ * values under a signed permutation of the dimensions; with head 0's graph copied, searching
+ * head 1 with the permuted query finds head 0's top keys, and attending to every indexed key
+ * gives float64 full attention (in head 1's frame) for both heads. */
+static void test_build_copied(void **state) {
+    fx *f = *state;
+    size_t perm[D];
+    float sgn[D];
+    for (size_t i = 0; i < D; i++) perm[i] = (i * 37 + 5) % D; /* 37 is prime to 64: a permutation */
+    for (size_t i = 0; i < D; i++) sgn[i] = (i % 3) ? 1.0f : -1.0f;
+    float *K = malloc(P * 2 * D * sizeof *K), *V = malloc(P * 2 * D * sizeof *V);
+    float *K0 = malloc(P * D * sizeof *K0), *V0 = malloc(P * D * sizeof *V0);
+    const float *kf = f->keys.data, *vf = f->values.data; /* (P + S, KVH, D): head 0 used */
+    for (size_t t = 0; t < P; t++)
+        for (size_t i = 0; i < D; i++) {
+            K0[t * D + i] = K[(t * 2) * D + i] = kf[(t * KVH) * D + i];
+            V0[t * D + i] = V[(t * 2) * D + i] = vf[(t * KVH) * D + i];
+            K[(t * 2 + 1) * D + i] = sgn[i] * kf[(t * KVH) * D + perm[i]];
+            V[(t * 2 + 1) * D + i] = sgn[i] * vf[(t * KVH) * D + perm[i]];
+        }
+    kst_kvc_opts o = {1, 2, 2, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0};
+    kst_kvc *c;
+    kst_error err;
+    assert_ok(kst_kvc_create(&o, &c, &err), &err);
+    assert_ok(kst_kvc_append(c, 0, K, V, P, &err), &err);
+    /* prefill queries (P, 2, D): head 0's from the fixture; head 1's are not read */
+    float *pq = calloc(P * 2 * D, sizeof *pq);
+    for (size_t t = 0; t < P; t++)
+        memcpy(pq + t * 2 * D, (const float *)f->pq.data + t * QH * D, D * sizeof(float));
+    assert_ok(kst_kvc_build_copied(c, 0, pq, P, &err), &err);
+    assert_int_equal(kst_kvc_indexed(c, 0), P - 36);
+    size_t same = 0, tot = 0;
+    for (size_t s = 0; s < S; s++) {
+        const float *q0 = (const float *)f->dq.data + s * QH * D;
+        float q[2 * D], out[2 * D], un[D];
+        double ref[D];
+        memcpy(q, q0, D * sizeof(float));
+        for (size_t i = 0; i < D; i++) q[D + i] = sgn[i] * q0[perm[i]];
+        int64_t p0[10], p1[10];
+        size_t n0, n1;
+        assert_ok(kst_kvc_search(c, 0, 0, q, 10, 32, p0, &n0, NULL, &err), &err);
+        assert_ok(kst_kvc_search(c, 0, 1, q + D, 10, 32, p1, &n1, NULL, &err), &err);
+        assert_int_equal(n0, n1);
+        assert_int_equal(p0[0], p1[0]);
+        for (size_t a = 0; a < n0; a++)
+            for (size_t b = 0; b < n1; b++) same += p0[a] == p1[b];
+        tot += n0;
+        assert_ok(kst_kvc_attend(c, 0, q, P, P, out, NULL, &err), &err);
+        full_attn64(ref, q0, K0, V0, P, D, 0.125);
+        double r32[D];
+        for (size_t i = 0; i < D; i++) r32[i] = ref[i];
+        for (size_t i = 0; i < D; i++) un[perm[i]] = sgn[i] * out[D + i];
+        if (rel_err64(out, r32, D) > 1e-5 || rel_err64(un, r32, D) > 1e-5)
+            fail_msg("copied-index decode step %zu: relative error %.2e / %.2e against float64", s,
+                     rel_err64(out, r32, D), rel_err64(un, r32, D));
+    }
+    if (same * 10 < tot * 9) fail_msg("copied index: %zu of %zu top-10 ids shared with head 0", same, tot);
+    kst_kvc_free(c);
+    free(K); free(V); free(K0); free(V0); free(pq);
 }
 
 static void test_bad_input(void **state) {
@@ -318,6 +483,9 @@ int main(void) {
         cmocka_unit_test(test_search_recall),
         cmocka_unit_test(test_partial_merge_split),
         cmocka_unit_test(test_gpu_equals_sdpa),
+        cmocka_unit_test(test_tail_all_samples_equals_sdpa),
+        cmocka_unit_test(test_tail_estimate_diffuse),
+        cmocka_unit_test(test_build_copied),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_alloc_failures),
     };

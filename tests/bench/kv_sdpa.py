@@ -1,44 +1,87 @@
 #!/usr/bin/env python
-"""kv_sdpa.py - the anchor of the GPU decode-step bench (tests/bench/kv_gpu.sh): PyTorch's
-scaled_dot_product_attention of one decode query over the whole cache, resident on the GPU, for
-the shape bench_kv_gpu uses (4 query heads over one KV head, head dim 128, float16).
+"""kv_sdpa.py - the anchors of the GPU decode-step bench (tests/bench/kv.sh): PyTorch's
+scaled_dot_product_attention of one decode step over the whole cache.
 
-    python3 tests/bench/kv_sdpa.py 32768,131072,1048576
+    python3 tests/bench/kv_sdpa.py 32768,131072,1048576            one KV head of 4 query heads
+    python3 tests/bench/kv_sdpa.py --layer 32768,131072,1048576    one layer: 8 KV x 32 query heads
 
-Per size: median of 200 single calls, each timed with CUDA events after 20 warm-ups (the cache
-is rotated among 4 copies when it fits, so repeated calls do not only read L2), and the GPU
-memory the cache holds.
+Shape: head dim 128, float16, GQA (enable_gqa). Per size, the median of 200 single calls:
+- resident: the cache on the GPU, each call timed with CUDA events after 20 warm-ups (the cache
+  rotates among copies, so repeated calls do not only read L2), and as host wall time per call
+  with a synchronize (what a decode loop waits for);
+- with --offload (layer only): the same full attention for a GPU that holds only the static
+  tokens: (a) the cache in pinned CPU memory, copied to the GPU and attended each step (median
+  of 10); (b) PyTorch's CPU SDPA over the cache in CPU memory, float32 (median of 10).
 """
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 
+def med(ts):
+    ts = sorted(ts)
+    return ts[len(ts) // 2]
+
+
 def main():
-    sizes = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "32768,131072,1048576").split(",")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    layer = "--layer" in sys.argv
+    offload = "--offload" in sys.argv
+    sizes = [int(x) for x in (args[0] if args else "32768,131072,1048576").split(",")]
+    qh, kvh, d = (32, 8, 128) if layer else (4, 1, 128)
     dev = torch.device("cuda")
-    print(f"sdpa: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    print(f"{'tokens':>8} {'sdpa_ms':>10} {'cache_MB':>10}")
+    print(f"sdpa: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {qh} query heads over {kvh} KV heads, d {d}, float16"
+          f"; {torch.get_num_threads()} CPU threads")
+    cols = f"{'tokens':>8} {'sdpa_ms':>10} {'wall_ms':>10} {'cache_MB':>10}"
+    if offload:
+        cols += f" {'h2d+sdpa_ms':>12} {'cpu_sdpa_ms':>12}"
+    print(cols)
     for n in sizes:
-        copies = 4 if n <= 262144 else 1
-        q = torch.randn(1, 4, 1, 128, device=dev, dtype=torch.float16)
-        ks = [torch.randn(1, 1, n, 128, device=dev, dtype=torch.float16) for _ in range(copies)]
-        vs = [torch.randn(1, 1, n, 128, device=dev, dtype=torch.float16) for _ in range(copies)]
+        mb = 2 * kvh * n * d * 2 / 2**20
+        copies = 4 if mb <= 1024 else 2
+        q = torch.randn(1, qh, 1, d, device=dev, dtype=torch.float16)
+        ks = [torch.randn(1, kvh, n, d, device=dev, dtype=torch.float16) for _ in range(copies)]
+        vs = [torch.randn(1, kvh, n, d, device=dev, dtype=torch.float16) for _ in range(copies)]
         for i in range(20):
             F.scaled_dot_product_attention(q, ks[i % copies], vs[i % copies], enable_gqa=True)
         torch.cuda.synchronize()
-        ts = []
+        ts, ws = [], []
         for i in range(200):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            w0 = time.perf_counter()
             a.record()
             F.scaled_dot_product_attention(q, ks[i % copies], vs[i % copies], enable_gqa=True)
             b.record()
             b.synchronize()
+            ws.append((time.perf_counter() - w0) * 1e3)
             ts.append(a.elapsed_time(b))
-        ts.sort()
-        print(f"{n:>8} {ts[len(ts) // 2]:>10.4f} {2 * n * 128 * 2 / 2**20:>10.1f}")
+        line = f"{n:>8} {med(ts):>10.4f} {med(ws):>10.4f} {mb:>10.1f}"
         del ks, vs
+        torch.cuda.empty_cache()
+        if offload:
+            kh = torch.randn(1, kvh, n, d, dtype=torch.float16).pin_memory()
+            vh = torch.randn(1, kvh, n, d, dtype=torch.float16).pin_memory()
+            hs = []
+            for i in range(12):
+                w0 = time.perf_counter()
+                kd, vd = kh.to(dev, non_blocking=True), vh.to(dev, non_blocking=True)
+                F.scaled_dot_product_attention(q, kd, vd, enable_gqa=True)
+                torch.cuda.synchronize()
+                if i >= 2:
+                    hs.append((time.perf_counter() - w0) * 1e3)
+                del kd, vd
+            kc, vc, qc = kh.float(), vh.float(), q.float().cpu()
+            cs = []
+            for i in range(12):
+                w0 = time.perf_counter()
+                F.scaled_dot_product_attention(qc, kc, vc, enable_gqa=True)
+                if i >= 2:
+                    cs.append((time.perf_counter() - w0) * 1e3)
+            line += f" {med(hs):>12.2f} {med(cs):>12.2f}"
+            del kh, vh, kc, vc
+        print(line, flush=True)
         torch.cuda.empty_cache()
 
 
