@@ -438,11 +438,16 @@ static void test_clip_sgd_resume(void **s) {
     read_losses(a, la, 16), read_losses(b, lb, 16);
     printf("SGD: loss step 1 CPU %.5f GPU %.5f, step 10 CPU %.5f GPU %.5f\n", la[0], lb[0], la[9], lb[9]);
     assert_true(fabs(lb[9] - la[9]) <= 0.05 * la[9]);
-    /* resume on the GPU: 5 steps, stop, resume to 10, against 10 straight */
+    /* resume on the GPU: 5 steps, stop, resume to 10, against 10 straight (twice: the second
+     * straight run measures the GPU's own run-to-run spread) */
+    char a2[512];
     snprintf(a, sizeof a, "%s/resume_straight", g_root);
+    snprintf(a2, sizeof a2, "%s/resume_straight2", g_root);
     snprintf(b, sizeof b, "%s/resume_stopped", g_root);
     kst_train_opts o = run_opts(teacher, a, KST_DEV_CUDA);
     o.steps = 10;
+    assert_ok(kst_train_margin_mse(&o, &r, &err), &err);
+    o.out_dir = a2;
     assert_ok(kst_train_margin_mse(&o, &r, &err), &err);
     o.out_dir = b;
     o.save_every = 5;
@@ -455,9 +460,19 @@ static void test_clip_sgd_resume(void **s) {
     assert_int_equal(r.steps, 10);
     assert_int_equal(read_losses(a, la, 16), 10);
     assert_int_equal(read_losses(b, lb, 16), 10);
-    printf("resume: loss step 6 straight %.6f resumed %.6f, step 10 %.6f / %.6f\n", la[5], lb[5], la[9], lb[9]);
-    /* the GPU's atomics sum in any order, so equal within float rounding, not bit for bit */
-    for (int i = 5; i < 10; i++) assert_true(fabs(lb[i] - la[i]) <= 1e-3 * la[i]);
+    double l2[16], spread = 0;
+    assert_int_equal(read_losses(a2, l2, 16), 10);
+    for (int i = 0; i < 10; i++) spread = fmax(spread, fabs(l2[i] - la[i]));
+    printf("resume: loss step 6 straight %.6f resumed %.6f, step 10 %.6f / %.6f; two straight runs "
+           "differ by up to %.2e\n", la[5], lb[5], la[9], lb[9], spread);
+    /* The GPU's atomics add in any order, so two runs are equal within float rounding, not bit
+     * for bit, and AdamW turns rounding-level differences in near-zero gradients into lr-sized
+     * steps: on the H100 two straight runs have differed by 0 to 5e-3 relative at step 10. The
+     * loss of each step is that step's batch scored by the weights before it, so a resume that
+     * restored the wrong teacher position or weights moves it by far more (batches' losses here
+     * differ by 10-100%); step 6, one step from the restored state, is held tighter. */
+    assert_true(fabs(lb[5] - la[5]) <= 5e-3 * la[5]);
+    for (int i = 6; i < 10; i++) assert_true(fabs(lb[i] - la[i]) <= 2e-2 * la[i] + 2 * spread);
 }
 
 /* Students the GPU does not train are refused with what to do. */
