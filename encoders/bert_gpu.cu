@@ -793,13 +793,13 @@ extern "C" void kst_bert_gpu_free(kst_bert_gpu *g) {
     kst_free(g);
 }
 
-template <int HSP, int NW>
-static int set_att_smem(kst_error *err) {
+/* Lets `kernel` use `bytes` of dynamic shared memory, with the largest carveout. */
+template <typename K>
+static int set_smem(K kernel, size_t bytes, kst_error *err) {
     int rc = KST_OK;
-    CU_TRY(cudaFuncSetAttribute(attention_kernel<HSP, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                (int)att_smem<HSP, NW>::bytes),
+    CU_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
            "raising the attention kernel's shared memory");
-    CU_TRY(cudaFuncSetAttribute(attention_kernel<HSP, NW>, cudaFuncAttributePreferredSharedMemoryCarveout,
+    CU_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                 (int)cudaSharedmemCarveoutMaxShared),
            "the attention kernel's shared memory carveout");
 done:
@@ -807,16 +807,13 @@ done:
 }
 
 template <int HSP, int NW>
+static int set_att_smem(kst_error *err) {
+    return set_smem(attention_kernel<HSP, NW>, att_smem<HSP, NW>::bytes, err);
+}
+
+template <int HSP, int NW>
 static int set_att2_smem(kst_error *err) {
-    int rc = KST_OK;
-    CU_TRY(cudaFuncSetAttribute(attention2_kernel<HSP, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                (int)att2_smem<HSP, NW>::bytes),
-           "raising the attention kernel's shared memory");
-    CU_TRY(cudaFuncSetAttribute(attention2_kernel<HSP, NW>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                (int)cudaSharedmemCarveoutMaxShared),
-           "the attention kernel's shared memory carveout");
-done:
-    return rc;
+    return set_smem(attention2_kernel<HSP, NW>, att2_smem<HSP, NW>::bytes, err);
 }
 
 static int set_att_smem_all(kst_error *err) {

@@ -15,17 +15,13 @@
 #include "index/ann.h"
 #include "index/gpu_search.h"
 
-#define FIX "tests/fixtures/models"
+#include "gpu_setup.h"
 
-static int g_have_gpu;
-static char g_why[KST_ERROR_MSG_MAX];
+#define FIX "tests/fixtures/models"
 
 static int setup(void **s) {
     (void)s;
-    kst_error err;
-    g_have_gpu = kst_gpu_check(&err) == KST_OK;
-    if (!g_have_gpu) snprintf(g_why, sizeof g_why, "%s", err.msg);
-    else printf("GPU: %s\n", kst_gpu_describe());
+    gpu_setup();
     return 0;
 }
 
