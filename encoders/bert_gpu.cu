@@ -3,6 +3,7 @@
  * activation kernels, flash-style attention kernels, and the pinned buffers and streams that let
  * a caller overlap its CPU work with the next batch. */
 #include "core/gpu_util.cuh"
+#include "encoders/bert_act.cuh"
 
 #include <cublasLt.h>
 #include <cuda_bf16.h>
@@ -147,19 +148,6 @@ __global__ void bias_residual_ln_kernel(bf16 *x, float *xf, const bf16 *a, const
 }
 
 /* h = act(h + bias), in place, 8 values per thread (FF % 8 == 0). */
-__device__ __forceinline__ float act_fn(float x, int act) {
-    switch (act) {
-    case KST_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    case KST_ACT_GELU_TANH: {
-        const float k = 0.7978845608028654f;
-        return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
-    }
-    case KST_ACT_RELU: return x > 0 ? x : 0.0f;
-    case KST_ACT_TANH: return tanhf(x);
-    default: return x;
-    }
-}
-
 __global__ void bias_act_kernel(bf16 *h, const float *bias, size_t n8, int FF, int act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n8) return;

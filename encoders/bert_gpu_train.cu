@@ -3,6 +3,7 @@
  * kernels for LayerNorm and its backward, attention with the T x T scores materialised per head,
  * hash-drawn dropout. The CPU twin is encoders/bert_train.c; tests/test_gpu_train.c compares them. */
 #include "core/gpu_util.cuh"
+#include "encoders/bert_act.cuh"
 
 #include <cuda_bf16.h>
 #include <math.h>
@@ -44,18 +45,6 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-__device__ __forceinline__ float act_fwd(float x, int act) {
-    switch (act) {
-    case KST_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    case KST_ACT_GELU_TANH: {
-        const float k = 0.7978845608028654f;
-        return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
-    }
-    case KST_ACT_RELU: return x > 0 ? x : 0.0f;
-    case KST_ACT_TANH: return tanhf(x);
-    default: return x;
-    }
-}
 /* d act / d x, as core/ops_backward.c's kst_act_backward */
 __device__ __forceinline__ float act_grad(float x, int act) {
     switch (act) {
@@ -259,14 +248,14 @@ __global__ void bias_act_fwd(bf16 *h, bf16 *a, const float *bias, size_t n, int 
     if (i >= n) return;
     bf16 x = __float2bfloat16(__bfloat162float(h[i]) + bias[i % FF]);
     h[i] = x;
-    if (a) a[i] = __float2bfloat16(act_fwd(__bfloat162float(x), act));
+    if (a) a[i] = __float2bfloat16(act_fn(__bfloat162float(x), act));
 }
 
 /* a = bf16(act(pre)): the activation again, for the backward (bias_act_fwd's, bit for bit). */
 __global__ void act_again(bf16 *a, const bf16 *pre, size_t n, int act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    a[i] = __float2bfloat16(act_fwd(__bfloat162float(pre[i]), act));
+    a[i] = __float2bfloat16(act_fn(__bfloat162float(pre[i]), act));
 }
 
 /* dh = dh * act'(pre), in place. */
