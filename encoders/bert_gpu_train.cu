@@ -923,12 +923,17 @@ done:
     return rc;
 }
 
-extern "C" int kst_bert_gpu_train_get_params(kst_bert_gpu_train *g, float *params, kst_error *err) {
+/* Copies one flat (NP) device buffer to host memory and waits for it. */
+static int copy_back(kst_bert_gpu_train *g, float *dst, const float *src, const char *what, kst_error *err) {
     int rc = KST_OK;
-    CU_TRY(cudaMemcpyAsync(params, g->params, g->NP * sizeof(float), cudaMemcpyDeviceToHost, g->stream), "copying the weights back");
+    CU_TRY(cudaMemcpyAsync(dst, src, g->NP * sizeof(float), cudaMemcpyDeviceToHost, g->stream), what);
     CU_TRY(cudaStreamSynchronize(g->stream), "GPU training");
 done:
     return rc;
+}
+
+extern "C" int kst_bert_gpu_train_get_params(kst_bert_gpu_train *g, float *params, kst_error *err) {
+    return copy_back(g, params, g->params, "copying the weights back", err);
 }
 
 extern "C" int kst_bert_gpu_train_set_params(kst_bert_gpu_train *g, const float *params, kst_error *err) {
@@ -942,9 +947,5 @@ done:
 }
 
 extern "C" int kst_bert_gpu_train_get_grads(kst_bert_gpu_train *g, float *grads, kst_error *err) {
-    int rc = KST_OK;
-    CU_TRY(cudaMemcpyAsync(grads, g->grads, g->NP * sizeof(float), cudaMemcpyDeviceToHost, g->stream), "copying the gradients back");
-    CU_TRY(cudaStreamSynchronize(g->stream), "GPU training");
-done:
-    return rc;
+    return copy_back(g, grads, g->grads, "copying the gradients back", err);
 }

@@ -426,6 +426,20 @@ kst_vq_opts kst_vq_opts_default(void) {
     return o;
 }
 
+/* Puts (s, id) at the root of the min-heap hs/hi of m entries and sifts it down. */
+static void sift_down(float *hs, int64_t *hi, size_t m, float s, int64_t id) {
+    size_t i = 0;
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, c = i;
+        float cv = s;
+        if (l < m && hs[l] < cv) c = l, cv = hs[l];
+        if (r < m && hs[r] < cv) c = r;
+        if (c == i) break;
+        hs[i] = hs[c], hi[i] = hi[c], i = c;
+    }
+    hs[i] = s, hi[i] = id;
+}
+
 /* Min-heap of (score, id) of size k: the k best seen so far. */
 static void heap_push(float *hs, int64_t *hi, size_t *n, size_t k, float s, int64_t id) {
     size_t i;
@@ -439,17 +453,7 @@ static void heap_push(float *hs, int64_t *hi, size_t *n, size_t k, float s, int6
         hs[i] = s, hi[i] = id;
         return;
     }
-    if (s <= hs[0]) return;
-    i = 0;
-    for (;;) {
-        size_t l = 2 * i + 1, r = l + 1, c = i;
-        float cv = s;
-        if (l < k && hs[l] < cv) c = l, cv = hs[l];
-        if (r < k && hs[r] < cv) c = r;
-        if (c == i) break;
-        hs[i] = hs[c], hi[i] = hi[c], i = c;
-    }
-    hs[i] = s, hi[i] = id;
+    if (s > hs[0]) sift_down(hs, hi, k, s, id);
 }
 
 #define TOPK_QB 256
@@ -484,16 +488,7 @@ static int exact_topk(size_t nq, const float *q, size_t n, const float *y, size_
                 float ls = hs[m];
                 int64_t li = hi[m];
                 hs[m] = ts, hi[m] = ti;
-                size_t c0 = 0; /* sift ls down in [0, m) */
-                for (;;) {
-                    size_t l = 2 * c0 + 1, r = l + 1, c = c0;
-                    float cv = ls;
-                    if (l < m && hs[l] < cv) c = l, cv = hs[l];
-                    if (r < m && hs[r] < cv) c = r;
-                    if (c == c0) break;
-                    hs[c0] = hs[c], hi[c0] = hi[c], c0 = c;
-                }
-                hs[c0] = ls, hi[c0] = li;
+                sift_down(hs, hi, m, ls, li);
             }
         }
     }
