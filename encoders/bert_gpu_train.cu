@@ -1,6 +1,8 @@
 /* bert_gpu_train.cu - training forward and backward of BERT / DistilBERT and the dense head on the
  * GPU: cuBLAS bf16 matrix products with float32 accumulation over float32 master weights, row
- * kernels for LayerNorm and its backward, attention with the T x T scores materialised per head,
+ * kernels for LayerNorm and its backward, flash-style attention forward and backward on the
+ * tensor cores for head sizes 16, 32 and 64 (no T x T matrix; other head sizes, or
+ * KESTREL_GPU_TRAIN_FLASH=0, keep the T x T scores materialised per head through cuBLAS),
  * hash-drawn dropout. The CPU twin is encoders/bert_train.c; tests/test_gpu_train.c compares them. */
 #include "core/gpu_util.cuh"
 #include "encoders/bert_act.cuh"
@@ -34,6 +36,37 @@ __device__ __forceinline__ float drop_scale(uint64_t seed, uint32_t site, uint64
     z ^= z >> 31;
     float u = (float)(z >> 40) * (1.0f / 16777216.0f);
     return u < p ? 0.0f : 1.0f / (1.0f - p);
+}
+
+/* The attention probabilities' mask (sites 1 + 3l), drawn far more often (B NH T^2 per layer and
+ * pass), is cheaper: element (row, j) of the (B NH T) x T matrix, row = (b NH + h) T + i, keeps
+ * when fmix32(rowkey + j * odd) >= p 2^32, with rowkey = fmix32(seedkey ^ row * odd') and
+ * seedkey the 64-bit hash of (seed, site): per element one 32-bit multiply-add and MurmurHash3's
+ * finaliser instead of three 64-bit multiplies, and the flash kernels draw a row key once per
+ * row of a tile. Both attention paths draw through these, so their masks are the same. */
+__device__ __forceinline__ uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+__device__ __forceinline__ uint32_t att_seedkey(uint64_t seed, uint32_t site) {
+    uint64_t z = seed + (uint64_t)site * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (uint32_t)((z ^ (z >> 31)) >> 32);
+}
+__device__ __forceinline__ uint32_t att_rowkey(uint32_t seedkey, uint64_t row) {
+    return fmix32(seedkey ^ ((uint32_t)row * 0x9E3779B9u));
+}
+/* threshold p 2^32 (p in [0, 1)); 0 keeps everything */
+__device__ __forceinline__ uint32_t att_thr(float p) {
+    return p > 0.0f ? (uint32_t)fminf((float)p * 4294967296.0f, 4294967040.0f) : 0u;
+}
+__device__ __forceinline__ float att_mask(uint32_t rowkey, uint32_t j, uint32_t thr, float keep) {
+    return fmix32(rowkey + j * 0x7FEB352Du) < thr ? 0.0f : keep;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -323,18 +356,21 @@ __global__ void softmax_fwd(bf16 *P, bf16 *Pd, const float *S, const int *valid,
     float sum = 0;
     for (int j = lane; j < L; j += 32) sum += expf(s[j] - mx);
     float inv = 1.0f / warp_sum(sum);
+    const uint32_t rk = att_rowkey(att_seedkey(seed, site), row), thr = att_thr(p);
+    const float keep = 1.0f / (1.0f - p);
     for (int j = lane; j < T; j += 32) {
         bf16 pv = __float2bfloat16(j < L ? expf(s[j] - mx) * inv : 0.0f);
         P[row * T + j] = pv;
-        if (Pd) Pd[row * T + j] = __float2bfloat16(__bfloat162float(pv) * drop_scale(seed, site, row * T + j, p));
+        if (Pd) Pd[row * T + j] = __float2bfloat16(__bfloat162float(pv) * att_mask(rk, (uint32_t)j, thr, keep));
     }
 }
 
 /* Pd = bf16(P) * mask again, for the backward. */
-__global__ void att_drop(bf16 *Pd, const bf16 *P, size_t n, float p, uint64_t seed, uint32_t site) {
+__global__ void att_drop(bf16 *Pd, const bf16 *P, size_t n, int T, float p, uint64_t seed, uint32_t site) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    Pd[i] = __float2bfloat16(__bfloat162float(P[i]) * drop_scale(seed, site, i, p));
+    const uint32_t rk = att_rowkey(att_seedkey(seed, site), i / T);
+    Pd[i] = __float2bfloat16(__bfloat162float(P[i]) * att_mask(rk, (uint32_t)(i % T), att_thr(p), 1.0f / (1.0f - p)));
 }
 
 /* One warp per row: dS = P (dP - sum_j P dP) with dP = dPd * mask. */
@@ -345,12 +381,14 @@ __global__ void softmax_bwd(bf16 *dS, const float *dPd, const bf16 *P, int rows,
     if (row >= (size_t)rows) return;
     const float *g = dPd + row * T;
     const bf16 *pr = P + row * T;
+    const uint32_t rk = att_rowkey(att_seedkey(seed, site), row), thr = att_thr(p);
+    const float keep = 1.0f / (1.0f - p);
     float dot = 0;
-    for (int j = lane; j < T; j += 32) dot += __bfloat162float(pr[j]) * g[j] * drop_scale(seed, site, row * T + j, p);
+    for (int j = lane; j < T; j += 32) dot += __bfloat162float(pr[j]) * g[j] * att_mask(rk, (uint32_t)j, thr, keep);
     dot = warp_sum(dot);
     for (int j = lane; j < T; j += 32) {
         float pj = __bfloat162float(pr[j]);
-        dS[row * T + j] = __float2bfloat16(pj * (g[j] * drop_scale(seed, site, row * T + j, p) - dot));
+        dS[row * T + j] = __float2bfloat16(pj * (g[j] * att_mask(rk, (uint32_t)j, thr, keep) - dot));
     }
 }
 
@@ -360,8 +398,8 @@ __global__ void softmax_bwd(bf16 *dS, const float *dPd, const bf16 *P, int rows,
  * Forward: grid (query tiles of 64, B * NH), 4 warps of 16 query rows. Per key tile (64 keys,
  * masked at the sequence's valid length L) a warp computes S = q k^T on the tensor cores
  * (mma.sync m16n8k16, bf16 in, float32 accumulate), takes the online softmax in base 2, drops
- * the probabilities with the hash mask of element ((b NH + h) T + i) T + j (the materialised
- * path's index, so both draw the same mask), and accumulates O += Pd v from registers. It writes
+ * the probabilities with the mask of element (row (b NH + h) T + i, key j) (att_mask: the
+ * materialised path's draw, so both have the same mask), and accumulates O += Pd v from registers. It writes
  * O (bf16, the (BT, C) layout the projection reads) and the row's log-sum-exp (base 2, scaled).
  *
  * Backward: D = rowsum(dO * O) first (fa_bwd_pre); then grid (key tiles of 64, B * NH), 4 warps
@@ -454,7 +492,9 @@ __global__ void __launch_bounds__(FA_THREADS) fa_fwd(bf16 *out, float *lse, cons
     for (int dt = 0; dt < HS / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
     const int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
-    const uint64_t r0 = ((uint64_t)bh * T + i0) * T, r1 = ((uint64_t)bh * T + i1) * T;
+    const uint32_t sk = att_seedkey(seed, site), thr = att_thr(p);
+    const uint32_t rk0 = att_rowkey(sk, (uint64_t)bh * T + i0), rk1 = att_rowkey(sk, (uint64_t)bh * T + i1);
+    const float keep = 1.0f / (1.0f - p);
     for (int k0 = 0; k0 < Lv; k0 += FA_T) {
         __syncthreads(); /* the previous tile is used up */
         fa_tile<HS>(Ks, k, HS, k0, Lv);
@@ -477,7 +517,7 @@ __global__ void __launch_bounds__(FA_THREADS) fa_fwd(bf16 *out, float *lse, cons
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float al0 = exp2f(m0 - mx0), al1 = exp2f(m1 - mx1); /* 0 on the first tile */
+        const float al0 = ex2_approx(m0 - mx0), al1 = ex2_approx(m1 - mx1); /* 0 on the first tile */
         m0 = mx0, m1 = mx1;
         l0 *= al0, l1 *= al1;
 #pragma unroll
@@ -485,13 +525,13 @@ __global__ void __launch_bounds__(FA_THREADS) fa_fwd(bf16 *out, float *lse, cons
         uint32_t pa[4][4];
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
-            float p00 = exp2f(sc[nt][0] - m0), p01 = exp2f(sc[nt][1] - m0);
-            float p10 = exp2f(sc[nt][2] - m1), p11 = exp2f(sc[nt][3] - m1);
+            float p00 = ex2_approx(sc[nt][0] - m0), p01 = ex2_approx(sc[nt][1] - m0);
+            float p10 = ex2_approx(sc[nt][2] - m1), p11 = ex2_approx(sc[nt][3] - m1);
             l0 += p00 + p01, l1 += p10 + p11;
-            if (p > 0.0f) {
-                const uint64_t j = (uint64_t)(k0 + nt * 8 + 2 * t);
-                p00 *= drop_scale(seed, site, r0 + j, p), p01 *= drop_scale(seed, site, r0 + j + 1, p);
-                p10 *= drop_scale(seed, site, r1 + j, p), p11 *= drop_scale(seed, site, r1 + j + 1, p);
+            if (thr) {
+                const uint32_t j = (uint32_t)(k0 + nt * 8 + 2 * t);
+                p00 *= att_mask(rk0, j, thr, keep), p01 *= att_mask(rk0, j + 1, thr, keep);
+                p10 *= att_mask(rk1, j, thr, keep), p11 *= att_mask(rk1, j + 1, thr, keep);
             }
             pa[nt >> 1][(nt & 1) * 2 + 0] = pack_bf16(p00, p01);
             pa[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p10, p11);
@@ -575,6 +615,8 @@ __global__ void __launch_bounds__(FA_THREADS) fa_bwd(bf16 *dqkv, float *dqf, con
         dk[dt][0] = dk[dt][1] = dk[dt][2] = dk[dt][3] = dv[dt][0] = dv[dt][1] = dv[dt][2] = dv[dt][3] = 0.0f;
     const int j0 = k0 + warp * 16 + g, j1 = j0 + 8; /* this lane's two keys */
     const bool kv0 = j0 < Lv, kv1 = j1 < Lv;
+    const uint32_t sk = att_seedkey(seed, site), thr = att_thr(p);
+    const float keep = 1.0f / (1.0f - p);
     for (int i0 = 0; i0 < Lv; i0 += FA_T) {
         __syncthreads(); /* the previous query tile is used up */
         fa_tile<HS>(Qs, q, HS, i0, T);
@@ -593,13 +635,13 @@ __global__ void __launch_bounds__(FA_THREADS) fa_bwd(bf16 *dqkv, float *dqf, con
         for (int nt = 0; nt < 8; nt++) {
             const int qi = nt * 8 + 2 * t;
             const float L0 = ls[qi], L1 = ls[qi + 1], D0 = Ds[qi], D1 = Ds[qi + 1];
-            float p00 = kv0 ? exp2f(st[nt][0] * sl2 - L0) : 0.0f, p01 = kv0 ? exp2f(st[nt][1] * sl2 - L1) : 0.0f;
-            float p10 = kv1 ? exp2f(st[nt][2] * sl2 - L0) : 0.0f, p11 = kv1 ? exp2f(st[nt][3] * sl2 - L1) : 0.0f;
+            float p00 = kv0 ? ex2_approx(st[nt][0] * sl2 - L0) : 0.0f, p01 = kv0 ? ex2_approx(st[nt][1] * sl2 - L1) : 0.0f;
+            float p10 = kv1 ? ex2_approx(st[nt][2] * sl2 - L0) : 0.0f, p11 = kv1 ? ex2_approx(st[nt][3] * sl2 - L1) : 0.0f;
             float z00 = 1.0f, z01 = 1.0f, z10 = 1.0f, z11 = 1.0f;
-            if (p > 0.0f) {
-                const uint64_t ra = ((uint64_t)bh * T + (uint64_t)(i0 + qi)) * T, rb = ra + T;
-                z00 = drop_scale(seed, site, ra + j0, p), z01 = drop_scale(seed, site, rb + j0, p);
-                z10 = drop_scale(seed, site, ra + j1, p), z11 = drop_scale(seed, site, rb + j1, p);
+            if (thr) {
+                const uint32_t ra = att_rowkey(sk, (uint64_t)bh * T + (uint64_t)(i0 + qi)), rb = att_rowkey(sk, (uint64_t)bh * T + (uint64_t)(i0 + qi + 1));
+                z00 = att_mask(ra, (uint32_t)j0, thr, keep), z01 = att_mask(rb, (uint32_t)j0, thr, keep);
+                z10 = att_mask(ra, (uint32_t)j1, thr, keep), z11 = att_mask(rb, (uint32_t)j1, thr, keep);
             }
             const float s00 = p00 * (dpt[nt][0] * z00 - D0), s01 = p01 * (dpt[nt][1] * z01 - D1);
             const float s10 = p10 * (dpt[nt][2] * z10 - D0), s11 = p11 * (dpt[nt][3] * z11 - D1);
@@ -1236,7 +1278,7 @@ extern "C" int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int sidx, cons
             CU_LAUNCHED("split heads");
             const bf16 *Pdp = P;
             if (p > 0) {
-                att_drop<<<blocks(A, 256), 256, 0, st>>>(g->Pd, P, A, p, seed, site);
+                att_drop<<<blocks(A, 256), 256, 0, st>>>(g->Pd, P, A, (int)T, p, seed, site);
                 CU_LAUNCHED("attention dropout");
                 Pdp = g->Pd;
             }

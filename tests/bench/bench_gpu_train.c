@@ -8,7 +8,9 @@
  *   anchor's; mean pooling + Normalize, Margin-MSE against random teacher scores, AdamW (lr 2e-5,
  *   weight decay 0.01 on matrices and embeddings only), DROPOUT on the four sites of the CPU
  *   trainer. 3 warm-up steps, then REPS steps timed one by one (each ends when the loss is back on
- *   the host); median. Peak memory: the trainer's own GPU buffers at their largest. */
+ *   the host); median. Peak memory: the trainer's own GPU buffers at their largest.
+ *   KESTREL_GPU_TRAIN_FLASH=0 measures the materialised (T x T) attention instead of the flash
+ *   one; the JSON says which ran ("attention"). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
