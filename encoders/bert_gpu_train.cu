@@ -277,27 +277,62 @@ __global__ void embed_type_bwd(float *dwtt, const float *d, const int32_t *types
 /* ------------------------------------------------------------------------------------------ */
 /* element-wise kernels */
 
-/* h = bf16(h + bias) (the pre-activation, kept), a = bf16(act(h)); FF columns. */
-__global__ void bias_act_fwd(bf16 *h, bf16 *a, const float *bias, size_t n, int FF, int act) {
+/* The feed-forward element-wise kernels take 8 values a thread (16-byte loads and stores; the
+ * element count and FF are multiples of 8). */
+__device__ __forceinline__ void unpack8(uint4 u, float (&f)[8]) {
+    const __nv_bfloat162 *v = reinterpret_cast<const __nv_bfloat162 *>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float2 x = __bfloat1622float2(v[k]);
+        f[2 * k] = x.x, f[2 * k + 1] = x.y;
+    }
+}
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+    uint4 u;
+    __nv_bfloat162 *v = reinterpret_cast<__nv_bfloat162 *>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
+    return u;
+}
+
+/* h = bf16(h + bias) (the pre-activation, kept), a = bf16(act(h)); FF columns; n8 = n / 8. */
+__global__ void bias_act_fwd(bf16 *h, bf16 *a, const float *bias, size_t n8, int FF, int act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    bf16 x = __float2bfloat16(__bfloat162float(h[i]) + bias[i % FF]);
-    h[i] = x;
-    if (a) a[i] = __float2bfloat16(act_fn(__bfloat162float(x), act));
+    if (i >= n8) return;
+    int col = (int)((i * 8) % FF);
+    float f[8];
+    unpack8(reinterpret_cast<const uint4 *>(h)[i], f);
+#pragma unroll
+    for (int k = 0; k < 8; k++) f[k] = __bfloat162float(__float2bfloat16(f[k] + bias[col + k]));
+    reinterpret_cast<uint4 *>(h)[i] = pack8(f);
+    if (a) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) f[k] = act_fn(f[k], act);
+        reinterpret_cast<uint4 *>(a)[i] = pack8(f);
+    }
 }
 
 /* a = bf16(act(pre)): the activation again, for the backward (bias_act_fwd's, bit for bit). */
-__global__ void act_again(bf16 *a, const bf16 *pre, size_t n, int act) {
+__global__ void act_again(bf16 *a, const bf16 *pre, size_t n8, int act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    a[i] = __float2bfloat16(act_fn(__bfloat162float(pre[i]), act));
+    if (i >= n8) return;
+    float f[8];
+    unpack8(reinterpret_cast<const uint4 *>(pre)[i], f);
+#pragma unroll
+    for (int k = 0; k < 8; k++) f[k] = act_fn(f[k], act);
+    reinterpret_cast<uint4 *>(a)[i] = pack8(f);
 }
 
 /* dh = dh * act'(pre), in place. */
-__global__ void act_bwd(bf16 *dh, const bf16 *pre, size_t n, int act) {
+__global__ void act_bwd(bf16 *dh, const bf16 *pre, size_t n8, int act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    dh[i] = __float2bfloat16(__bfloat162float(dh[i]) * act_grad(__bfloat162float(pre[i]), act));
+    if (i >= n8) return;
+    float d[8], x[8];
+    unpack8(reinterpret_cast<const uint4 *>(dh)[i], d);
+    unpack8(reinterpret_cast<const uint4 *>(pre)[i], x);
+#pragma unroll
+    for (int k = 0; k < 8; k++) d[k] *= act_grad(x[k], act);
+    reinterpret_cast<uint4 *>(dh)[i] = pack8(d);
 }
 
 /* (BT, parts * C) rows -> parts x (B, NH, T, hs) heads, adding bias (parts * C) when given; 8
@@ -576,6 +611,27 @@ __global__ void fa_bwd_pre(float *D, const bf16 *dO, const bf16 *O, int B, int N
     D[((size_t)b * NH + h) * T + tt] = s;
 }
 
+/* fa_tile by cp.async (16 bytes a thread, zero-filled past n): lands after cp_async_wait */
+template <int HS>
+__device__ __forceinline__ void fa_tile_async(bf16 *dst, const bf16 *src, size_t ld, int r0, int n) {
+    constexpr int CPR = HS / 8, LD = HS + 8;
+    for (int i = threadIdx.x; i < FA_T * CPR; i += FA_THREADS) {
+        int r = i / CPR, c8 = (i % CPR) * 8;
+        bool ok = r0 + r < n;
+        cp_async16(dst + r * LD + c8, ok ? src + (size_t)(r0 + r) * ld + c8 : src, ok ? 16 : 0);
+    }
+}
+
+/* fa_bwd's dynamic shared memory: K, V, two buffers of the query tile (q, dO, lse, D: the next
+ * one loads while this one is used), dS^T */
+template <int HS>
+struct fa_bwd_smem {
+    static constexpr size_t tile = (size_t)FA_T * (HS + 8) * 2;
+    static constexpr size_t ks = 0, vs = tile, qs = 2 * tile, dos = 4 * tile, dss = 6 * tile;
+    static constexpr size_t ls = dss + (size_t)FA_T * (FA_T + 8) * 2, ds = ls + 2 * FA_T * 4;
+    static constexpr size_t bytes = ds + 2 * FA_T * 4;
+};
+
 /* dqkv (BT, 3C) bf16: dk and dv columns written here (dq after fa_dq_out); dqf (BT, C) float32,
  * zeroed before, gets dq / scale. */
 template <int HS>
@@ -583,8 +639,11 @@ __global__ void __launch_bounds__(FA_THREADS) fa_bwd(bf16 *dqkv, float *dqf, con
                                                      const float *lse, const float *Dv, const int *valid, int B,
                                                      int NH, int T, float p, uint64_t seed, uint32_t site) {
     constexpr int LD = HS + 8, LDS = FA_T + 8;
-    __shared__ __align__(16) bf16 Ks[FA_T * LD], Vs[FA_T * LD], Qs[FA_T * LD], dOs[FA_T * LD], dSs[FA_T * LDS];
-    __shared__ float ls[FA_T], Ds[FA_T];
+    typedef fa_bwd_smem<HS> SM;
+    extern __shared__ __align__(16) unsigned char fsm[];
+    bf16 *Ks = (bf16 *)(fsm + SM::ks), *Vs = (bf16 *)(fsm + SM::vs), *Qb = (bf16 *)(fsm + SM::qs);
+    bf16 *dOb = (bf16 *)(fsm + SM::dos), *dSs = (bf16 *)(fsm + SM::dss);
+    float *lsb = (float *)(fsm + SM::ls), *Dsb = (float *)(fsm + SM::ds);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH, k0 = blockIdx.x * FA_T, C = NH * HS;
     const size_t HT = (size_t)B * T * C;
@@ -603,6 +662,18 @@ __global__ void __launch_bounds__(FA_THREADS) fa_bwd(bf16 *dqkv, float *dqf, con
         }
         return;
     }
+    /* query tile i0 into buffer buf */
+    auto stage = [&](int buf, int i0) {
+        fa_tile_async<HS>(Qb + buf * FA_T * LD, q, HS, i0, T);
+        fa_tile_async<HS>(dOb + buf * FA_T * LD, dOh, C, i0, T);
+        if (threadIdx.x < FA_T) {
+            int i = i0 + threadIdx.x;
+            lsb[buf * FA_T + threadIdx.x] = i < T ? lse[(size_t)bh * T + i] : INFINITY;
+            Dsb[buf * FA_T + threadIdx.x] = i < T ? Dv[(size_t)bh * T + i] : 0.0f;
+        }
+        cp_async_commit();
+    };
+    stage(0, 0);
     fa_tile<HS>(Ks, k, HS, k0, Lv);
     fa_tile<HS>(Vs, v, HS, k0, Lv);
     __syncthreads();
@@ -617,16 +688,15 @@ __global__ void __launch_bounds__(FA_THREADS) fa_bwd(bf16 *dqkv, float *dqf, con
     const bool kv0 = j0 < Lv, kv1 = j1 < Lv;
     const uint32_t sk = att_seedkey(seed, site), thr = att_thr(p);
     const float keep = 1.0f / (1.0f - p);
-    for (int i0 = 0; i0 < Lv; i0 += FA_T) {
-        __syncthreads(); /* the previous query tile is used up */
-        fa_tile<HS>(Qs, q, HS, i0, T);
-        fa_tile<HS>(dOs, dOh, C, i0, T);
-        if (threadIdx.x < FA_T) {
-            int i = i0 + threadIdx.x;
-            ls[threadIdx.x] = i < T ? lse[(size_t)bh * T + i] : INFINITY;
-            Ds[threadIdx.x] = i < T ? Dv[(size_t)bh * T + i] : 0.0f;
-        }
+    for (int i0 = 0, it = 0; i0 < Lv; i0 += FA_T, it++) {
+        const int buf = it & 1;
+        __syncthreads(); /* the other buffer and dS^T are used up */
+        if (i0 + FA_T < Lv) stage(buf ^ 1, i0 + FA_T);
+        else cp_async_commit(); /* an empty group keeps the count */
+        cp_async_wait<1>();     /* this tile's copies landed */
         __syncthreads();
+        const bf16 *Qs = Qb + buf * FA_T * LD, *dOs = dOb + buf * FA_T * LD;
+        const float *ls = lsb + buf * FA_T, *Ds = Dsb + buf * FA_T;
         float st[8][4], dpt[8][4];
         fa_abt<HS>(st, ka, Qs, g, t);  /* S^T: keys x queries */
         fa_abt<HS>(dpt, va, dOs, g, t); /* dPd^T */
@@ -669,8 +739,9 @@ __global__ void __launch_bounds__(FA_THREADS) fa_bwd(bf16 *dqkv, float *dqf, con
             float *dqr = dqf + ((size_t)b * T + qr + g) * C + (size_t)h * HS + 2 * t;
 #pragma unroll
             for (int dt = 0; dt < HS / 8; dt++) {
-                if (qr + g < T) atomicAdd(dqr + dt * 8, dq[dt][0]), atomicAdd(dqr + dt * 8 + 1, dq[dt][1]);
-                if (qr + g + 8 < T) atomicAdd(dqr + 8 * (size_t)C + dt * 8, dq[dt][2]), atomicAdd(dqr + 8 * (size_t)C + dt * 8 + 1, dq[dt][3]);
+                if (qr + g < T) atomicAdd(reinterpret_cast<float2 *>(dqr + dt * 8), make_float2(dq[dt][0], dq[dt][1]));
+                if (qr + g + 8 < T)
+                    atomicAdd(reinterpret_cast<float2 *>(dqr + 8 * (size_t)C + dt * 8), make_float2(dq[dt][2], dq[dt][3]));
             }
         }
     }
@@ -1033,9 +1104,9 @@ static int fa_backward(kst_bert_gpu_train *g, bf16 *dqkv, const bf16 *qkvh, cons
     CU_LAUNCHED("attention backward (D)");
     CU_TRY(cudaMemsetAsync(g->dres, 0, BT * C * sizeof(float), st), "zeroing dq");
     switch (g->hs) {
-    case 16: fa_bwd<16><<<grid, FA_THREADS, 0, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
-    case 32: fa_bwd<32><<<grid, FA_THREADS, 0, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
-    default: fa_bwd<64><<<grid, FA_THREADS, 0, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
+    case 16: fa_bwd<16><<<grid, FA_THREADS, fa_bwd_smem<16>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
+    case 32: fa_bwd<32><<<grid, FA_THREADS, fa_bwd_smem<32>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
+    default: fa_bwd<64><<<grid, FA_THREADS, fa_bwd_smem<64>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
     }
     CU_LAUNCHED("attention backward (flash)");
     fa_dq_out<<<blocks(BT * C / 8, 256), 256, 0, st>>>(dqkv, g->dres, 1.0f / sqrtf((float)g->hs), BT, C);
@@ -1078,6 +1149,11 @@ extern "C" int kst_bert_gpu_train_create(const kst_bert *m, unsigned pool_modes,
         /* KESTREL_GPU_TRAIN_FLASH=0 keeps the materialised attention (for comparisons) */
         const char *e = getenv("KESTREL_GPU_TRAIN_FLASH");
         g->flash = (g->hs == 16 || g->hs == 32 || g->hs == 64) && !(e && !strcmp(e, "0"));
+    }
+    if (g->flash) { /* fa_bwd<64> takes 64 KiB of shared memory */
+        CU_TRY(cudaFuncSetAttribute(fa_bwd<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa_bwd_smem<16>::bytes), "fa_bwd smem");
+        CU_TRY(cudaFuncSetAttribute(fa_bwd<32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa_bwd_smem<32>::bytes), "fa_bwd smem");
+        CU_TRY(cudaFuncSetAttribute(fa_bwd<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa_bwd_smem<64>::bytes), "fa_bwd smem");
     }
     g->modes = pool_modes;
     g->normalize = normalize;
@@ -1189,7 +1265,7 @@ extern "C" int kst_bert_gpu_train_forward(kst_bert_gpu_train *g, int sidx, const
             CU_LAUNCHED("bias + residual + LayerNorm");
             bf16 *fch = s->fch + l * BT * FF, *fca = g->fca;
             KST_TRY(lin_fwd(g, fch, s->ln1b + l * BT * C, PB(P_FCW) + l * FF * C, BT, C, FF, err));
-            bias_act_fwd<<<blocks(BT * FF, 256), 256, 0, st>>>(fch, fca, PF(P_FCB) + l * FF, BT * FF, (int)FF, (int)c->act);
+            bias_act_fwd<<<blocks(BT * FF / 8, 256), 256, 0, st>>>(fch, fca, PF(P_FCB) + l * FF, BT * FF / 8, (int)FF, (int)c->act);
             CU_LAUNCHED("bias + activation");
             KST_TRY(lin_fwd(g, g->tmpC, fca, PB(P_FCPROJW) + l * C * FF, BT, FF, C, err));
             bias_res_ln_fwd<<<blocks(BT, RW), RW * 32, 0, st>>>(
@@ -1246,11 +1322,11 @@ extern "C" int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int sidx, cons
         CU_LAUNCHED("LayerNorm parameter backward");
         colsum_bf16<<<colsum_grid(BT, C), dim3(32, 8), 0, st>>>(GR(P_FCPROJB) + l * C, g->tmpC, (int)BT, (int)C);
         CU_LAUNCHED("bias backward");
-        act_again<<<blocks(BT * FF, 256), 256, 0, st>>>(g->fca, s->fch + l * BT * FF, BT * FF, (int)c->act);
+        act_again<<<blocks(BT * FF / 8, 256), 256, 0, st>>>(g->fca, s->fch + l * BT * FF, BT * FF / 8, (int)c->act);
         CU_LAUNCHED("activation (again)");
         KST_TRY(lin_dw(g, GR(P_FCPROJW) + l * C * FF, g->tmpC, g->fca, BT, FF, C, err));
         KST_TRY(lin_dx(g, g->dff, CUDA_R_16BF, 0.0f, g->tmpC, PB(P_FCPROJW) + l * C * FF, BT, FF, C, err));
-        act_bwd<<<blocks(BT * FF, 256), 256, 0, st>>>(g->dff, s->fch + l * BT * FF, BT * FF, (int)c->act);
+        act_bwd<<<blocks(BT * FF / 8, 256), 256, 0, st>>>(g->dff, s->fch + l * BT * FF, BT * FF / 8, (int)c->act);
         CU_LAUNCHED("activation backward");
         colsum_bf16<<<colsum_grid(BT, FF), dim3(32, 8), 0, st>>>(GR(P_FCB) + l * FF, g->dff, (int)BT, (int)FF);
         CU_LAUNCHED("bias backward");
