@@ -1,13 +1,17 @@
 /* bert_gpu_train.cu - training forward and backward of BERT / DistilBERT and the dense head on the
  * GPU: cuBLAS bf16 matrix products with float32 accumulation over float32 master weights, row
- * kernels for LayerNorm and its backward, attention with the T x T scores materialised per head,
+ * kernels for LayerNorm and its backward, flash-style attention forward and backward on the
+ * tensor cores for head sizes 16, 32 and 64 (no T x T matrix; other head sizes, or
+ * KESTREL_GPU_TRAIN_FLASH=0, keep the T x T scores materialised per head through cuBLAS),
  * hash-drawn dropout. The CPU twin is encoders/bert_train.c; tests/test_gpu_train.c compares them. */
 #include "core/gpu_util.cuh"
 #include "encoders/bert_act.cuh"
+#include "encoders/bert_mma.cuh"
 
 #include <cuda_bf16.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 extern "C" {
@@ -32,6 +36,37 @@ __device__ __forceinline__ float drop_scale(uint64_t seed, uint32_t site, uint64
     z ^= z >> 31;
     float u = (float)(z >> 40) * (1.0f / 16777216.0f);
     return u < p ? 0.0f : 1.0f / (1.0f - p);
+}
+
+/* The attention probabilities' mask (sites 1 + 3l), drawn far more often (B NH T^2 per layer and
+ * pass), is cheaper: element (row, j) of the (B NH T) x T matrix, row = (b NH + h) T + i, keeps
+ * when fmix32(rowkey + j * odd) >= p 2^32, with rowkey = fmix32(seedkey ^ row * odd') and
+ * seedkey the 64-bit hash of (seed, site): per element one 32-bit multiply-add and MurmurHash3's
+ * finaliser instead of three 64-bit multiplies, and the flash kernels draw a row key once per
+ * row of a tile. Both attention paths draw through these, so their masks are the same. */
+__device__ __forceinline__ uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+__device__ __forceinline__ uint32_t att_seedkey(uint64_t seed, uint32_t site) {
+    uint64_t z = seed + (uint64_t)site * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (uint32_t)((z ^ (z >> 31)) >> 32);
+}
+__device__ __forceinline__ uint32_t att_rowkey(uint32_t seedkey, uint64_t row) {
+    return fmix32(seedkey ^ ((uint32_t)row * 0x9E3779B9u));
+}
+/* threshold p 2^32 (p in [0, 1)); 0 keeps everything */
+__device__ __forceinline__ uint32_t att_thr(float p) {
+    return p > 0.0f ? (uint32_t)fminf((float)p * 4294967296.0f, 4294967040.0f) : 0u;
+}
+__device__ __forceinline__ float att_mask(uint32_t rowkey, uint32_t j, uint32_t thr, float keep) {
+    return fmix32(rowkey + j * 0x7FEB352Du) < thr ? 0.0f : keep;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -242,27 +277,62 @@ __global__ void embed_type_bwd(float *dwtt, const float *d, const int32_t *types
 /* ------------------------------------------------------------------------------------------ */
 /* element-wise kernels */
 
-/* h = bf16(h + bias) (the pre-activation, kept), a = bf16(act(h)); FF columns. */
-__global__ void bias_act_fwd(bf16 *h, bf16 *a, const float *bias, size_t n, int FF, int act) {
+/* The feed-forward element-wise kernels take 8 values a thread (16-byte loads and stores; the
+ * element count and FF are multiples of 8). */
+__device__ __forceinline__ void unpack8(uint4 u, float (&f)[8]) {
+    const __nv_bfloat162 *v = reinterpret_cast<const __nv_bfloat162 *>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float2 x = __bfloat1622float2(v[k]);
+        f[2 * k] = x.x, f[2 * k + 1] = x.y;
+    }
+}
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+    uint4 u;
+    __nv_bfloat162 *v = reinterpret_cast<__nv_bfloat162 *>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
+    return u;
+}
+
+/* h = bf16(h + bias) (the pre-activation, kept), a = bf16(act(h)); FF columns; n8 = n / 8. */
+__global__ void bias_act_fwd(bf16 *h, bf16 *a, const float *bias, size_t n8, int FF, int act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    bf16 x = __float2bfloat16(__bfloat162float(h[i]) + bias[i % FF]);
-    h[i] = x;
-    if (a) a[i] = __float2bfloat16(act_fn(__bfloat162float(x), act));
+    if (i >= n8) return;
+    int col = (int)((i * 8) % FF);
+    float f[8];
+    unpack8(reinterpret_cast<const uint4 *>(h)[i], f);
+#pragma unroll
+    for (int k = 0; k < 8; k++) f[k] = __bfloat162float(__float2bfloat16(f[k] + bias[col + k]));
+    reinterpret_cast<uint4 *>(h)[i] = pack8(f);
+    if (a) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) f[k] = act_fn(f[k], act);
+        reinterpret_cast<uint4 *>(a)[i] = pack8(f);
+    }
 }
 
 /* a = bf16(act(pre)): the activation again, for the backward (bias_act_fwd's, bit for bit). */
-__global__ void act_again(bf16 *a, const bf16 *pre, size_t n, int act) {
+__global__ void act_again(bf16 *a, const bf16 *pre, size_t n8, int act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    a[i] = __float2bfloat16(act_fn(__bfloat162float(pre[i]), act));
+    if (i >= n8) return;
+    float f[8];
+    unpack8(reinterpret_cast<const uint4 *>(pre)[i], f);
+#pragma unroll
+    for (int k = 0; k < 8; k++) f[k] = act_fn(f[k], act);
+    reinterpret_cast<uint4 *>(a)[i] = pack8(f);
 }
 
 /* dh = dh * act'(pre), in place. */
-__global__ void act_bwd(bf16 *dh, const bf16 *pre, size_t n, int act) {
+__global__ void act_bwd(bf16 *dh, const bf16 *pre, size_t n8, int act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    dh[i] = __float2bfloat16(__bfloat162float(dh[i]) * act_grad(__bfloat162float(pre[i]), act));
+    if (i >= n8) return;
+    float d[8], x[8];
+    unpack8(reinterpret_cast<const uint4 *>(dh)[i], d);
+    unpack8(reinterpret_cast<const uint4 *>(pre)[i], x);
+#pragma unroll
+    for (int k = 0; k < 8; k++) d[k] *= act_grad(x[k], act);
+    reinterpret_cast<uint4 *>(dh)[i] = pack8(d);
 }
 
 /* (BT, parts * C) rows -> parts x (B, NH, T, hs) heads, adding bias (parts * C) when given; 8
@@ -321,18 +391,21 @@ __global__ void softmax_fwd(bf16 *P, bf16 *Pd, const float *S, const int *valid,
     float sum = 0;
     for (int j = lane; j < L; j += 32) sum += expf(s[j] - mx);
     float inv = 1.0f / warp_sum(sum);
+    const uint32_t rk = att_rowkey(att_seedkey(seed, site), row), thr = att_thr(p);
+    const float keep = 1.0f / (1.0f - p);
     for (int j = lane; j < T; j += 32) {
         bf16 pv = __float2bfloat16(j < L ? expf(s[j] - mx) * inv : 0.0f);
         P[row * T + j] = pv;
-        if (Pd) Pd[row * T + j] = __float2bfloat16(__bfloat162float(pv) * drop_scale(seed, site, row * T + j, p));
+        if (Pd) Pd[row * T + j] = __float2bfloat16(__bfloat162float(pv) * att_mask(rk, (uint32_t)j, thr, keep));
     }
 }
 
 /* Pd = bf16(P) * mask again, for the backward. */
-__global__ void att_drop(bf16 *Pd, const bf16 *P, size_t n, float p, uint64_t seed, uint32_t site) {
+__global__ void att_drop(bf16 *Pd, const bf16 *P, size_t n, int T, float p, uint64_t seed, uint32_t site) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    Pd[i] = __float2bfloat16(__bfloat162float(P[i]) * drop_scale(seed, site, i, p));
+    const uint32_t rk = att_rowkey(att_seedkey(seed, site), i / T);
+    Pd[i] = __float2bfloat16(__bfloat162float(P[i]) * att_mask(rk, (uint32_t)(i % T), att_thr(p), 1.0f / (1.0f - p)));
 }
 
 /* One warp per row: dS = P (dP - sum_j P dP) with dP = dPd * mask. */
@@ -343,13 +416,361 @@ __global__ void softmax_bwd(bf16 *dS, const float *dPd, const bf16 *P, int rows,
     if (row >= (size_t)rows) return;
     const float *g = dPd + row * T;
     const bf16 *pr = P + row * T;
+    const uint32_t rk = att_rowkey(att_seedkey(seed, site), row), thr = att_thr(p);
+    const float keep = 1.0f / (1.0f - p);
     float dot = 0;
-    for (int j = lane; j < T; j += 32) dot += __bfloat162float(pr[j]) * g[j] * drop_scale(seed, site, row * T + j, p);
+    for (int j = lane; j < T; j += 32) dot += __bfloat162float(pr[j]) * g[j] * att_mask(rk, (uint32_t)j, thr, keep);
     dot = warp_sum(dot);
     for (int j = lane; j < T; j += 32) {
         float pj = __bfloat162float(pr[j]);
-        dS[row * T + j] = __float2bfloat16(pj * (g[j] * drop_scale(seed, site, row * T + j, p) - dot));
+        dS[row * T + j] = __float2bfloat16(pj * (g[j] * att_mask(rk, (uint32_t)j, thr, keep) - dot));
     }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* flash-style attention for training (head sizes 16, 32, 64): no T x T matrix in memory.
+ *
+ * Forward: grid (query tiles of 64, B * NH), 4 warps of 16 query rows. Per key tile (64 keys,
+ * masked at the sequence's valid length L) a warp computes S = q k^T on the tensor cores
+ * (mma.sync m16n8k16, bf16 in, float32 accumulate), takes the online softmax in base 2, drops
+ * the probabilities with the mask of element (row (b NH + h) T + i, key j) (att_mask: the
+ * materialised path's draw, so both have the same mask), and accumulates O += Pd v from registers. It writes
+ * O (bf16, the (BT, C) layout the projection reads) and the row's log-sum-exp (base 2, scaled).
+ *
+ * Backward: D = rowsum(dO * O) first (fa_bwd_pre); then grid (key tiles of 64, B * NH), 4 warps
+ * of 16 keys holding their k and v rows as A fragments and dk, dv in float32 registers. Per
+ * query tile the warp recomputes S^T = k q^T and P^T = 2^(S^T - lse), dP^T = v dO^T, regenerates
+ * the mask Z, and adds dv += (P Z)^T dO, dk += dS^T q with dS = P (dP Z - D); dS^T goes through
+ * shared memory so that each warp then adds dq = dS k for 16 query rows into a float32 buffer
+ * (atomics: key tiles meet there). Query tiles at or past L are skipped: the rows of padding have
+ * dO = 0 exactly (nothing above reads them: keys are masked, pooling ignores them), so their
+ * share is 0. Keys at or past L get dk = dv = 0. */
+
+#define FA_T 64 /* query rows and keys of a tile; 4 warps of 16 */
+#define FA_THREADS 128
+
+/* rows [r0, r0 + 64) of a row-major head matrix (row stride ld) into dst (row stride HS + 8);
+ * rows at or past n are zero. */
+template <int HS>
+__device__ __forceinline__ void fa_tile(bf16 *dst, const bf16 *src, size_t ld, int r0, int n) {
+    constexpr int CPR = HS / 8, LD = HS + 8;
+    for (int i = threadIdx.x; i < FA_T * CPR; i += FA_THREADS) {
+        int r = i / CPR, c8 = (i % CPR) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r0 + r < n) v = *reinterpret_cast<const uint4 *>(src + (size_t)(r0 + r) * ld + c8);
+        *reinterpret_cast<uint4 *>(dst + r * LD + c8) = v;
+    }
+}
+
+/* the A fragments (16 rows x HS) of rows [0, 16) of a tile (row stride LD) */
+template <int HS>
+__device__ __forceinline__ void fa_afrag(uint32_t (&a)[HS / 16][4], const bf16 *s, int g, int t) {
+    constexpr int LD = HS + 8;
+#pragma unroll
+    for (int kk = 0; kk < HS / 16; kk++) {
+        a[kk][0] = ld32(s + g * LD + kk * 16 + 2 * t);
+        a[kk][1] = ld32(s + (g + 8) * LD + kk * 16 + 2 * t);
+        a[kk][2] = ld32(s + g * LD + kk * 16 + 2 * t + 8);
+        a[kk][3] = ld32(s + (g + 8) * LD + kk * 16 + 2 * t + 8);
+    }
+}
+
+/* c[nt] (16 x 8, nt < 8) = A (16 x HS) @ rows [nt 8, nt 8 + 8) of tile s (row stride HS + 8)^T */
+template <int HS>
+__device__ __forceinline__ void fa_abt(float (&c)[8][4], const uint32_t (&a)[HS / 16][4], const bf16 *s, int g, int t) {
+    constexpr int LD = HS + 8;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+        c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; kk++) {
+            const bf16 *r = s + (nt * 8 + g) * LD + kk * 16 + 2 * t;
+            mma_bf16(c[nt], a[kk][0], a[kk][1], a[kk][2], a[kk][3], ld32(r), ld32(r + 8));
+        }
+    }
+}
+
+/* acc (16 x HS) += A (16 x 64, four k chunks of 16) @ tile s (64 x HS, row stride HS + 8), the
+ * B fragments by ldmatrix.trans */
+template <int HS>
+__device__ __forceinline__ void fa_ab(float (&acc)[HS / 8][4], const uint32_t (&a)[4][4], const bf16 *s, int lane) {
+    constexpr int LD = HS + 8;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+#pragma unroll
+        for (int dt = 0; dt < HS / 8; dt += 2) {
+            uint32_t b[4];
+            ldsm_x4_t(b, s + (j * 16 + (lane & 15)) * LD + dt * 8 + (lane >> 4) * 8);
+            mma_bf16(acc[dt], a[j][0], a[j][1], a[j][2], a[j][3], b[0], b[1]);
+            mma_bf16(acc[dt + 1], a[j][0], a[j][1], a[j][2], a[j][3], b[2], b[3]);
+        }
+    }
+}
+
+template <int HS>
+__global__ void __launch_bounds__(FA_THREADS) fa_fwd(bf16 *out, float *lse, const bf16 *qkvh, const int *valid,
+                                                     int B, int NH, int T, float p, uint64_t seed, uint32_t site) {
+    constexpr int LD = HS + 8;
+    __shared__ __align__(16) bf16 Qs[FA_T * LD], Ks[FA_T * LD], Vs[FA_T * LD];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / NH, h = bh % NH, q0 = blockIdx.x * FA_T, C = NH * HS;
+    const size_t HT = (size_t)B * T * C;
+    const bf16 *q = qkvh + (size_t)bh * T * HS, *k = q + HT, *v = k + HT;
+    const int Lv = keys_of(valid, b, T);
+    const float sl2 = rsqrtf((float)HS) * 1.4426950408889634f;
+    fa_tile<HS>(Qs, q, HS, q0, T);
+    __syncthreads();
+    uint32_t qa[HS / 16][4];
+    fa_afrag<HS>(qa, Qs + warp * 16 * LD, g, t);
+    float o[HS / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < HS / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    const int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    const uint32_t sk = att_seedkey(seed, site), thr = att_thr(p);
+    const uint32_t rk0 = att_rowkey(sk, (uint64_t)bh * T + i0), rk1 = att_rowkey(sk, (uint64_t)bh * T + i1);
+    const float keep = 1.0f / (1.0f - p);
+    for (int k0 = 0; k0 < Lv; k0 += FA_T) {
+        __syncthreads(); /* the previous tile is used up */
+        fa_tile<HS>(Ks, k, HS, k0, Lv);
+        fa_tile<HS>(Vs, v, HS, k0, Lv);
+        __syncthreads();
+        float sc[8][4];
+        fa_abt<HS>(sc, qa, Ks, g, t);
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            const int j = k0 + nt * 8 + 2 * t;
+            sc[nt][0] = j < Lv ? sc[nt][0] * sl2 : -INFINITY;
+            sc[nt][1] = j + 1 < Lv ? sc[nt][1] * sl2 : -INFINITY;
+            sc[nt][2] = j < Lv ? sc[nt][2] * sl2 : -INFINITY;
+            sc[nt][3] = j + 1 < Lv ? sc[nt][3] * sl2 : -INFINITY;
+            mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float al0 = ex2_approx(m0 - mx0), al1 = ex2_approx(m1 - mx1); /* 0 on the first tile */
+        m0 = mx0, m1 = mx1;
+        l0 *= al0, l1 *= al1;
+#pragma unroll
+        for (int dt = 0; dt < HS / 8; dt++) o[dt][0] *= al0, o[dt][1] *= al0, o[dt][2] *= al1, o[dt][3] *= al1;
+        uint32_t pa[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            float p00 = ex2_approx(sc[nt][0] - m0), p01 = ex2_approx(sc[nt][1] - m0);
+            float p10 = ex2_approx(sc[nt][2] - m1), p11 = ex2_approx(sc[nt][3] - m1);
+            l0 += p00 + p01, l1 += p10 + p11;
+            if (thr) {
+                const uint32_t j = (uint32_t)(k0 + nt * 8 + 2 * t);
+                p00 *= att_mask(rk0, j, thr, keep), p01 *= att_mask(rk0, j + 1, thr, keep);
+                p10 *= att_mask(rk1, j, thr, keep), p11 *= att_mask(rk1, j + 1, thr, keep);
+            }
+            pa[nt >> 1][(nt & 1) * 2 + 0] = pack_bf16(p00, p01);
+            pa[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p10, p11);
+        }
+        fa_ab<HS>(o, pa, Vs, lane);
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float iv0 = 1.0f / l0, iv1 = 1.0f / l1;
+    bf16 *ob = out + (size_t)b * T * C + (size_t)h * HS + 2 * t;
+#pragma unroll
+    for (int dt = 0; dt < HS / 8; dt++) {
+        if (i0 < T) *reinterpret_cast<uint32_t *>(ob + (size_t)i0 * C + dt * 8) = pack_bf16(o[dt][0] * iv0, o[dt][1] * iv0);
+        if (i1 < T) *reinterpret_cast<uint32_t *>(ob + (size_t)i1 * C + dt * 8) = pack_bf16(o[dt][2] * iv1, o[dt][3] * iv1);
+    }
+    if (t == 0) {
+        if (i0 < T) lse[(size_t)bh * T + i0] = m0 + log2f(l0);
+        if (i1 < T) lse[(size_t)bh * T + i1] = m1 + log2f(l1);
+    }
+}
+
+/* D[(b NH + h) T + i] = sum_d dO[b, i, h, d] O[b, i, h, d], one thread per (b, i, h); dO and O
+ * (BT, C) bf16. */
+__global__ void fa_bwd_pre(float *D, const bf16 *dO, const bf16 *O, int B, int NH, int T, int hs) {
+    size_t n = (size_t)B * T * NH, i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    size_t row = i / NH;
+    int h = (int)(i % NH), b = (int)(row / T), tt = (int)(row % T);
+    const bf16 *a = dO + row * NH * hs + (size_t)h * hs, *o = O + row * NH * hs + (size_t)h * hs;
+    float s = 0.0f;
+    for (int d = 0; d < hs; d += 8) {
+        uint4 ua = *reinterpret_cast<const uint4 *>(a + d), uo = *reinterpret_cast<const uint4 *>(o + d);
+        const __nv_bfloat162 *va = reinterpret_cast<const __nv_bfloat162 *>(&ua), *vo = reinterpret_cast<const __nv_bfloat162 *>(&uo);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float2 x = __bfloat1622float2(va[e]), y = __bfloat1622float2(vo[e]);
+            s += x.x * y.x + x.y * y.y;
+        }
+    }
+    D[((size_t)b * NH + h) * T + tt] = s;
+}
+
+/* fa_tile by cp.async (16 bytes a thread, zero-filled past n): lands after cp_async_wait */
+template <int HS>
+__device__ __forceinline__ void fa_tile_async(bf16 *dst, const bf16 *src, size_t ld, int r0, int n) {
+    constexpr int CPR = HS / 8, LD = HS + 8;
+    for (int i = threadIdx.x; i < FA_T * CPR; i += FA_THREADS) {
+        int r = i / CPR, c8 = (i % CPR) * 8;
+        bool ok = r0 + r < n;
+        cp_async16(dst + r * LD + c8, ok ? src + (size_t)(r0 + r) * ld + c8 : src, ok ? 16 : 0);
+    }
+}
+
+/* fa_bwd's dynamic shared memory: K, V, two buffers of the query tile (q, dO, lse, D: the next
+ * one loads while this one is used), dS^T */
+template <int HS>
+struct fa_bwd_smem {
+    static constexpr size_t tile = (size_t)FA_T * (HS + 8) * 2;
+    static constexpr size_t ks = 0, vs = tile, qs = 2 * tile, dos = 4 * tile, dss = 6 * tile;
+    static constexpr size_t ls = dss + (size_t)FA_T * (FA_T + 8) * 2, ds = ls + 2 * FA_T * 4;
+    static constexpr size_t bytes = ds + 2 * FA_T * 4;
+};
+
+/* dqkv (BT, 3C) bf16: dk and dv columns written here (dq after fa_dq_out); dqf (BT, C) float32,
+ * zeroed before, gets dq / scale. */
+template <int HS>
+__global__ void __launch_bounds__(FA_THREADS) fa_bwd(bf16 *dqkv, float *dqf, const bf16 *qkvh, const bf16 *dO,
+                                                     const float *lse, const float *Dv, const int *valid, int B,
+                                                     int NH, int T, float p, uint64_t seed, uint32_t site) {
+    constexpr int LD = HS + 8, LDS = FA_T + 8;
+    typedef fa_bwd_smem<HS> SM;
+    extern __shared__ __align__(16) unsigned char fsm[];
+    bf16 *Ks = (bf16 *)(fsm + SM::ks), *Vs = (bf16 *)(fsm + SM::vs), *Qb = (bf16 *)(fsm + SM::qs);
+    bf16 *dOb = (bf16 *)(fsm + SM::dos), *dSs = (bf16 *)(fsm + SM::dss);
+    float *lsb = (float *)(fsm + SM::ls), *Dsb = (float *)(fsm + SM::ds);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / NH, h = bh % NH, k0 = blockIdx.x * FA_T, C = NH * HS;
+    const size_t HT = (size_t)B * T * C;
+    const bf16 *q = qkvh + (size_t)bh * T * HS, *k = q + HT, *v = k + HT;
+    const bf16 *dOh = dO + (size_t)b * T * C + (size_t)h * HS;
+    bf16 *dk_out = dqkv + (size_t)b * T * 3 * C + C + (size_t)h * HS, *dv_out = dk_out + C;
+    const int Lv = keys_of(valid, b, T);
+    const float sl2 = rsqrtf((float)HS) * 1.4426950408889634f, scale = rsqrtf((float)HS);
+    if (k0 >= Lv) { /* keys of padding only: no gradient */
+        constexpr int CPR = HS / 8;
+        for (int i = threadIdx.x; i < FA_T * CPR; i += FA_THREADS) {
+            int r = i / CPR, c8 = (i % CPR) * 8;
+            if (k0 + r >= T) continue;
+            *reinterpret_cast<uint4 *>(dk_out + (size_t)(k0 + r) * 3 * C + c8) = make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4 *>(dv_out + (size_t)(k0 + r) * 3 * C + c8) = make_uint4(0, 0, 0, 0);
+        }
+        return;
+    }
+    /* query tile i0 into buffer buf */
+    auto stage = [&](int buf, int i0) {
+        fa_tile_async<HS>(Qb + buf * FA_T * LD, q, HS, i0, T);
+        fa_tile_async<HS>(dOb + buf * FA_T * LD, dOh, C, i0, T);
+        if (threadIdx.x < FA_T) {
+            int i = i0 + threadIdx.x;
+            lsb[buf * FA_T + threadIdx.x] = i < T ? lse[(size_t)bh * T + i] : INFINITY;
+            Dsb[buf * FA_T + threadIdx.x] = i < T ? Dv[(size_t)bh * T + i] : 0.0f;
+        }
+        cp_async_commit();
+    };
+    stage(0, 0);
+    fa_tile<HS>(Ks, k, HS, k0, Lv);
+    fa_tile<HS>(Vs, v, HS, k0, Lv);
+    __syncthreads();
+    uint32_t ka[HS / 16][4], va[HS / 16][4];
+    fa_afrag<HS>(ka, Ks + warp * 16 * LD, g, t);
+    fa_afrag<HS>(va, Vs + warp * 16 * LD, g, t);
+    float dk[HS / 8][4], dv[HS / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < HS / 8; dt++)
+        dk[dt][0] = dk[dt][1] = dk[dt][2] = dk[dt][3] = dv[dt][0] = dv[dt][1] = dv[dt][2] = dv[dt][3] = 0.0f;
+    const int j0 = k0 + warp * 16 + g, j1 = j0 + 8; /* this lane's two keys */
+    const bool kv0 = j0 < Lv, kv1 = j1 < Lv;
+    const uint32_t sk = att_seedkey(seed, site), thr = att_thr(p);
+    const float keep = 1.0f / (1.0f - p);
+    for (int i0 = 0, it = 0; i0 < Lv; i0 += FA_T, it++) {
+        const int buf = it & 1;
+        __syncthreads(); /* the other buffer and dS^T are used up */
+        if (i0 + FA_T < Lv) stage(buf ^ 1, i0 + FA_T);
+        else cp_async_commit(); /* an empty group keeps the count */
+        cp_async_wait<1>();     /* this tile's copies landed */
+        __syncthreads();
+        const bf16 *Qs = Qb + buf * FA_T * LD, *dOs = dOb + buf * FA_T * LD;
+        const float *ls = lsb + buf * FA_T, *Ds = Dsb + buf * FA_T;
+        float st[8][4], dpt[8][4];
+        fa_abt<HS>(st, ka, Qs, g, t);  /* S^T: keys x queries */
+        fa_abt<HS>(dpt, va, dOs, g, t); /* dPd^T */
+        uint32_t pa[4][4], sa[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            const int qi = nt * 8 + 2 * t;
+            const float L0 = ls[qi], L1 = ls[qi + 1], D0 = Ds[qi], D1 = Ds[qi + 1];
+            float p00 = kv0 ? ex2_approx(st[nt][0] * sl2 - L0) : 0.0f, p01 = kv0 ? ex2_approx(st[nt][1] * sl2 - L1) : 0.0f;
+            float p10 = kv1 ? ex2_approx(st[nt][2] * sl2 - L0) : 0.0f, p11 = kv1 ? ex2_approx(st[nt][3] * sl2 - L1) : 0.0f;
+            float z00 = 1.0f, z01 = 1.0f, z10 = 1.0f, z11 = 1.0f;
+            if (thr) {
+                const uint32_t ra = att_rowkey(sk, (uint64_t)bh * T + (uint64_t)(i0 + qi)), rb = att_rowkey(sk, (uint64_t)bh * T + (uint64_t)(i0 + qi + 1));
+                z00 = att_mask(ra, (uint32_t)j0, thr, keep), z01 = att_mask(rb, (uint32_t)j0, thr, keep);
+                z10 = att_mask(ra, (uint32_t)j1, thr, keep), z11 = att_mask(rb, (uint32_t)j1, thr, keep);
+            }
+            const float s00 = p00 * (dpt[nt][0] * z00 - D0), s01 = p01 * (dpt[nt][1] * z01 - D1);
+            const float s10 = p10 * (dpt[nt][2] * z10 - D0), s11 = p11 * (dpt[nt][3] * z11 - D1);
+            pa[nt >> 1][(nt & 1) * 2 + 0] = pack_bf16(p00 * z00, p01 * z01);
+            pa[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p10 * z10, p11 * z11);
+            const uint32_t u0 = pack_bf16(s00, s01), u1 = pack_bf16(s10, s11);
+            sa[nt >> 1][(nt & 1) * 2 + 0] = u0;
+            sa[nt >> 1][(nt & 1) * 2 + 1] = u1;
+            *reinterpret_cast<uint32_t *>(dSs + (warp * 16 + g) * LDS + qi) = u0;
+            *reinterpret_cast<uint32_t *>(dSs + (warp * 16 + g + 8) * LDS + qi) = u1;
+        }
+        fa_ab<HS>(dv, pa, dOs, lane); /* dv += (P Z)^T dO */
+        fa_ab<HS>(dk, sa, Qs, lane);  /* dk += dS^T q */
+        __syncthreads();              /* dS^T (keys x queries) complete */
+        const int qr = i0 + warp * 16;
+        if (qr < T) { /* dq rows [qr, qr + 16) += dS k: A = dS from the transposed tile */
+            float dq[HS / 8][4];
+#pragma unroll
+            for (int dt = 0; dt < HS / 8; dt++) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.0f;
+            uint32_t a[4][4];
+#pragma unroll
+            for (int kc = 0; kc < 4; kc++)
+                ldsm_x4_t(a[kc], dSs + (kc * 16 + ((lane >> 4) & 1) * 8 + (lane & 7)) * LDS + warp * 16 + ((lane >> 3) & 1) * 8);
+            fa_ab<HS>(dq, a, Ks, lane);
+            float *dqr = dqf + ((size_t)b * T + qr + g) * C + (size_t)h * HS + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < HS / 8; dt++) {
+                if (qr + g < T) atomicAdd(reinterpret_cast<float2 *>(dqr + dt * 8), make_float2(dq[dt][0], dq[dt][1]));
+                if (qr + g + 8 < T)
+                    atomicAdd(reinterpret_cast<float2 *>(dqr + 8 * (size_t)C + dt * 8), make_float2(dq[dt][2], dq[dt][3]));
+            }
+        }
+    }
+#pragma unroll
+    for (int dt = 0; dt < HS / 8; dt++) {
+        const int col = dt * 8 + 2 * t;
+        if (j0 < T) {
+            *reinterpret_cast<uint32_t *>(dk_out + (size_t)j0 * 3 * C + col) = pack_bf16(dk[dt][0] * scale, dk[dt][1] * scale);
+            *reinterpret_cast<uint32_t *>(dv_out + (size_t)j0 * 3 * C + col) = pack_bf16(dv[dt][0], dv[dt][1]);
+        }
+        if (j1 < T) {
+            *reinterpret_cast<uint32_t *>(dk_out + (size_t)j1 * 3 * C + col) = pack_bf16(dk[dt][2] * scale, dk[dt][3] * scale);
+            *reinterpret_cast<uint32_t *>(dv_out + (size_t)j1 * 3 * C + col) = pack_bf16(dv[dt][2], dv[dt][3]);
+        }
+    }
+}
+
+/* dqkv[:, 0:C] = bf16(scale dqf), 8 values a thread */
+__global__ void fa_dq_out(bf16 *dqkv, const float *dqf, float scale, size_t BT, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, n8 = BT * C / 8;
+    if (i >= n8) return;
+    size_t e = i * 8, row = e / C;
+    int col = (int)(e % C);
+    const float4 *s = reinterpret_cast<const float4 *>(dqf + e);
+    float4 x = s[0], y = s[1];
+    uint4 u;
+    u.x = pack_bf16(x.x * scale, x.y * scale), u.y = pack_bf16(x.z * scale, x.w * scale);
+    u.z = pack_bf16(y.x * scale, y.y * scale), u.w = pack_bf16(y.z * scale, y.w * scale);
+    *reinterpret_cast<uint4 *>(dqkv + row * 3 * C + col) = u;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -443,7 +864,9 @@ struct gside {
                                        * stream; the backward needs only its bf16 copies) */
     bf16 *xb;                         /* (L + 1, BT, C) layer outputs in bf16 (matrix-product inputs) */
     bf16 *qkvh;                       /* (L, 3, B, NH, T, hs) q, k, v with biases */
-    bf16 *P;                          /* (L, B, NH, T, T) attention probabilities */
+    bf16 *P;                          /* (L, B, NH, T, T) attention probabilities (materialised
+                                       * path only) */
+    float *lse;                       /* (L, B, NH, T) row log-sum-exp, base 2 (flash path only) */
     bf16 *atty;                       /* (L, BT, C) attended values */
     float *res1, *res2;               /* (L, BT, C) LayerNorm inputs */
     float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd; /* (L, BT) */
@@ -459,6 +882,7 @@ struct kst_bert_gpu_train {
     size_t NP, hs, D;
     unsigned modes;
     int normalize;
+    int flash; /* attention without the T x T matrix (head sizes 16, 32, 64); else materialised */
     size_t off[KST_BERT_NPARAMS]; /* tensor offsets in the flat buffers */
     cudaStream_t stream;
     cublasHandle_t blas;
@@ -468,7 +892,8 @@ struct kst_bert_gpu_train {
     /* scratch shared by the sides (one runs at a time) */
     size_t cap_tok, cap_att;
     bf16 *qkv_tmp;  /* (BT, 3C) */
-    float *S;       /* (B, NH, T, T) scores, then d Pd */
+    float *S;       /* (B, NH, T, T) scores, then d Pd (materialised path) */
+    float *Dv;      /* (B, NH, T) rowsum(dO * O) (flash path) */
     bf16 *Pd;       /* (B, NH, T, T) dropped probabilities, then dS */
     bf16 *o;        /* (B, NH, T, hs) attended values per head, then dO */
     bf16 *dqkvh;    /* (3, B, NH, T, hs) */
@@ -493,7 +918,7 @@ static void dfree(void *p) {
 
 static void side_release(gside *s) {
     void *bufs[] = {s->ids, s->types, s->valid, s->emb, s->emb_mean, s->emb_rstd, s->xf, s->xb, s->qkvh,
-                    s->P, s->atty, s->res1, s->res2, s->ln1_mean, s->ln1_rstd, s->ln2_mean, s->ln2_rstd,
+                    s->P, s->lse, s->atty, s->res1, s->res2, s->ln1_mean, s->ln1_rstd, s->ln2_mean, s->ln2_rstd,
                     s->ln1f, s->ln1b, s->fch, s->pooled, s->vec, s->norm, s->dpool};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) dfree(bufs[i]);
     memset(s, 0, sizeof *s);
@@ -502,7 +927,7 @@ static void side_release(gside *s) {
 /* Grows side s for B sequences of T tokens (contents are not kept). */
 static int side_reserve(kst_bert_gpu_train *g, gside *s, size_t B, size_t T, kst_error *err) {
     const kst_bert_config *c = &g->cfg;
-    size_t tok = B * T, att = B * c->NH * T * T;
+    size_t tok = B * T, att = g->flash ? 0 : B * c->NH * T * T;
     if (tok <= s->cap_tok && att <= s->cap_att && B <= s->cap_B) return KST_OK;
     if (tok < s->cap_tok) tok = s->cap_tok;
     if (att < s->cap_att) att = s->cap_att;
@@ -522,7 +947,11 @@ static int side_reserve(kst_bert_gpu_train *g, gside *s, size_t B, size_t T, kst
     SA(xf, tok * C, "training activations");
     SA(xb, (L + 1) * tok * C, "training activations");
     SA(qkvh, L * 3 * tok * C, "training activations");
-    SA(P, L * att, "attention probabilities");
+    if (g->flash) {
+        SA(lse, L * tok * c->NH, "attention row statistics");
+    } else {
+        SA(P, L * att, "attention probabilities");
+    }
     SA(atty, L * tok * C, "training activations");
     SA(res1, L * tok * C, "training activations");
     SA(res2, L * tok * C, "training activations");
@@ -548,15 +977,15 @@ done:
 }
 
 static void scratch_release(kst_bert_gpu_train *g) {
-    void *bufs[] = {g->qkv_tmp, g->S, g->Pd, g->o, g->dqkvh, g->tmpC, g->tmpC2, g->dff, g->fca, g->dx, g->dres};
+    void *bufs[] = {g->qkv_tmp, g->S, g->Dv, g->Pd, g->o, g->dqkvh, g->tmpC, g->tmpC2, g->dff, g->fca, g->dx, g->dres};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) dfree(bufs[i]);
-    g->qkv_tmp = NULL, g->S = NULL, g->Pd = NULL, g->o = NULL, g->dqkvh = NULL;
+    g->qkv_tmp = NULL, g->S = NULL, g->Dv = NULL, g->Pd = NULL, g->o = NULL, g->dqkvh = NULL;
     g->tmpC = g->tmpC2 = g->dff = g->fca = NULL, g->dx = g->dres = NULL;
 }
 
 static int scratch_reserve(kst_bert_gpu_train *g, size_t B, size_t T, kst_error *err) {
     const kst_bert_config *c = &g->cfg;
-    size_t tok = B * T, att = B * c->NH * T * T;
+    size_t tok = B * T, att = g->flash ? 0 : B * c->NH * T * T;
     if (tok <= g->cap_tok && att <= g->cap_att) return KST_OK;
     if (tok < g->cap_tok) tok = g->cap_tok;
     if (att < g->cap_att) att = g->cap_att;
@@ -569,10 +998,14 @@ static int scratch_reserve(kst_bert_gpu_train *g, size_t B, size_t T, kst_error 
     size_t C = c->C;
 #define GA(ptr, n, what) KST_TRY(dalloc(g, (void **)&g->ptr, (n) * sizeof *g->ptr, what, err)); g->scratch_bytes += (n) * sizeof *g->ptr
     GA(qkv_tmp, tok * 3 * C, "training scratch");
-    GA(S, att, "attention scores");
-    GA(Pd, att, "attention scratch");
-    GA(o, tok * C, "training scratch");
-    GA(dqkvh, 3 * tok * C, "training scratch");
+    if (g->flash) {
+        GA(Dv, tok * c->NH, "attention scratch");
+    } else {
+        GA(S, att, "attention scores");
+        GA(Pd, att, "attention scratch");
+        GA(o, tok * C, "training scratch");
+        GA(dqkvh, 3 * tok * C, "training scratch");
+    }
     GA(tmpC, tok * C, "training scratch");
     GA(tmpC2, tok * C, "training scratch");
     GA(dff, tok * c->FF, "training scratch");
@@ -640,6 +1073,48 @@ static dim3 colsum_grid(size_t R, size_t N) {
     return dim3((unsigned)((N + 31) / 32), (unsigned)(gy ? gy : 1));
 }
 
+/* flash attention of one layer: O (BT, C) and the row statistics from q, k, v (3, B, NH, T, hs) */
+static int fa_forward(kst_bert_gpu_train *g, bf16 *O, float *lse, const bf16 *qkvh, const int *valid, size_t B, size_t T,
+                      float p, uint64_t seed, uint32_t site, kst_error *err) {
+    int rc = KST_OK;
+    int NH = (int)g->cfg.NH;
+    dim3 grid((unsigned)((T + FA_T - 1) / FA_T), (unsigned)(B * NH));
+    cudaStream_t st = g->stream;
+    switch (g->hs) {
+    case 16: fa_fwd<16><<<grid, FA_THREADS, 0, st>>>(O, lse, qkvh, valid, (int)B, NH, (int)T, p, seed, site); break;
+    case 32: fa_fwd<32><<<grid, FA_THREADS, 0, st>>>(O, lse, qkvh, valid, (int)B, NH, (int)T, p, seed, site); break;
+    default: fa_fwd<64><<<grid, FA_THREADS, 0, st>>>(O, lse, qkvh, valid, (int)B, NH, (int)T, p, seed, site); break;
+    }
+    CU_LAUNCHED("attention (flash)");
+done:
+    return rc;
+}
+
+/* its backward: dqkv (BT, 3C) from dO (BT, C), O, the statistics and q, k, v; g->dres (free at
+ * this point of the backward) holds dq in float32 meanwhile */
+static int fa_backward(kst_bert_gpu_train *g, bf16 *dqkv, const bf16 *qkvh, const bf16 *dO, const bf16 *O,
+                       const float *lse, const int *valid, size_t B, size_t T, float p, uint64_t seed, uint32_t site,
+                       kst_error *err) {
+    int rc = KST_OK;
+    int NH = (int)g->cfg.NH, C = (int)g->cfg.C;
+    size_t BT = B * T;
+    dim3 grid((unsigned)((T + FA_T - 1) / FA_T), (unsigned)(B * NH));
+    cudaStream_t st = g->stream;
+    fa_bwd_pre<<<blocks(BT * NH, 256), 256, 0, st>>>(g->Dv, dO, O, (int)B, NH, (int)T, (int)g->hs);
+    CU_LAUNCHED("attention backward (D)");
+    CU_TRY(cudaMemsetAsync(g->dres, 0, BT * C * sizeof(float), st), "zeroing dq");
+    switch (g->hs) {
+    case 16: fa_bwd<16><<<grid, FA_THREADS, fa_bwd_smem<16>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
+    case 32: fa_bwd<32><<<grid, FA_THREADS, fa_bwd_smem<32>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
+    default: fa_bwd<64><<<grid, FA_THREADS, fa_bwd_smem<64>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
+    }
+    CU_LAUNCHED("attention backward (flash)");
+    fa_dq_out<<<blocks(BT * C / 8, 256), 256, 0, st>>>(dqkv, g->dres, 1.0f / sqrtf((float)g->hs), BT, C);
+    CU_LAUNCHED("attention backward (dq)");
+done:
+    return rc;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* API */
 
@@ -670,6 +1145,16 @@ extern "C" int kst_bert_gpu_train_create(const kst_bert *m, unsigned pool_modes,
     g->cfg = *c;
     g->NP = m->num_params;
     g->hs = c->C / c->NH;
+    {
+        /* KESTREL_GPU_TRAIN_FLASH=0 keeps the materialised attention (for comparisons) */
+        const char *e = getenv("KESTREL_GPU_TRAIN_FLASH");
+        g->flash = (g->hs == 16 || g->hs == 32 || g->hs == 64) && !(e && !strcmp(e, "0"));
+    }
+    if (g->flash) { /* fa_bwd<64> takes 64 KiB of shared memory */
+        CU_TRY(cudaFuncSetAttribute(fa_bwd<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa_bwd_smem<16>::bytes), "fa_bwd smem");
+        CU_TRY(cudaFuncSetAttribute(fa_bwd<32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa_bwd_smem<32>::bytes), "fa_bwd smem");
+        CU_TRY(cudaFuncSetAttribute(fa_bwd<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa_bwd_smem<64>::bytes), "fa_bwd smem");
+    }
     g->modes = pool_modes;
     g->normalize = normalize;
     g->D = kst_pool_dim(pool_modes, c->C);
@@ -749,25 +1234,29 @@ extern "C" int kst_bert_gpu_train_forward(kst_bert_gpu_train *g, int sidx, const
                                                          PF(P_EMBLNB), (int)BT, (int)T, (int)C, c->eps, dropout, seed);
         CU_LAUNCHED("embedding + LayerNorm");
         for (size_t l = 0; l < L; l++) {
-            bf16 *xin = s->xb + l * BT * C, *qkvh = s->qkvh + l * 3 * HT, *P = s->P + l * A;
+            bf16 *xin = s->xb + l * BT * C, *qkvh = s->qkvh + l * 3 * HT, *P = g->flash ? NULL : s->P + l * A;
             bf16 *atty = s->atty + l * BT * C;
             uint32_t site = (uint32_t)(1 + 3 * l);
             KST_TRY(lin_fwd(g, g->qkv_tmp, xin, PB(P_QKVW) + l * 3 * C * C, BT, C, 3 * C, err));
             split_heads<<<blocks(BT * 3 * C / 8, 256), 256, 0, st>>>(qkvh, g->qkv_tmp, PF(P_QKVB) + l * 3 * C, (int)B,
                                                                     (int)T, (int)NH, (int)hs, 3);
             CU_LAUNCHED("split heads");
-            /* S (T, T) = scale q k^T per (b, h) */
-            KST_TRY(gemm(g, TT_, NT, (int)T, (int)T, (int)hs, scale, qkvh + HT, (int)hs, (long long)(T * hs), qkvh,
-                         (int)hs, (long long)(T * hs), 0.0f, g->S, CUDA_R_32F, (int)T, (long long)(T * T), (int)(B * NH), err));
-            softmax_fwd<<<blocks(B * NH * T, RW), RW * 32, 0, st>>>(P, dropout > 0 ? g->Pd : NULL, g->S, s->valid, (int)B,
-                                                                   (int)NH, (int)T, dropout, seed, site);
-            CU_LAUNCHED("softmax");
-            /* O (T, hs) = Pd (T, T) @ v (T, hs) */
-            KST_TRY(gemm(g, NT, NT, (int)hs, (int)T, (int)T, 1.0f, qkvh + 2 * HT, (int)hs, (long long)(T * hs),
-                         dropout > 0 ? g->Pd : P, (int)T, (long long)(T * T), 0.0f, g->o, CUDA_R_16BF, (int)hs,
-                         (long long)(T * hs), (int)(B * NH), err));
-            merge_heads<<<blocks(BT * C / 8, 256), 256, 0, st>>>(atty, g->o, (int)B, (int)T, (int)NH, (int)hs, 1);
-            CU_LAUNCHED("merge heads");
+            if (g->flash) {
+                KST_TRY(fa_forward(g, atty, s->lse + l * BT * NH, qkvh, s->valid, B, T, dropout, seed, site, err));
+            } else {
+                /* S (T, T) = scale q k^T per (b, h) */
+                KST_TRY(gemm(g, TT_, NT, (int)T, (int)T, (int)hs, scale, qkvh + HT, (int)hs, (long long)(T * hs), qkvh,
+                             (int)hs, (long long)(T * hs), 0.0f, g->S, CUDA_R_32F, (int)T, (long long)(T * T), (int)(B * NH), err));
+                softmax_fwd<<<blocks(B * NH * T, RW), RW * 32, 0, st>>>(P, dropout > 0 ? g->Pd : NULL, g->S, s->valid, (int)B,
+                                                                       (int)NH, (int)T, dropout, seed, site);
+                CU_LAUNCHED("softmax");
+                /* O (T, hs) = Pd (T, T) @ v (T, hs) */
+                KST_TRY(gemm(g, NT, NT, (int)hs, (int)T, (int)T, 1.0f, qkvh + 2 * HT, (int)hs, (long long)(T * hs),
+                             dropout > 0 ? g->Pd : P, (int)T, (long long)(T * T), 0.0f, g->o, CUDA_R_16BF, (int)hs,
+                             (long long)(T * hs), (int)(B * NH), err));
+                merge_heads<<<blocks(BT * C / 8, 256), 256, 0, st>>>(atty, g->o, (int)B, (int)T, (int)NH, (int)hs, 1);
+                CU_LAUNCHED("merge heads");
+            }
             KST_TRY(lin_fwd(g, g->tmpC, atty, PB(P_ATTPROJW) + l * C * C, BT, C, C, err));
             bias_res_ln_fwd<<<blocks(BT, RW), RW * 32, 0, st>>>(
                 s->res1 + l * BT * C, s->ln1_mean + l * BT, s->ln1_rstd + l * BT, s->ln1f,
@@ -776,7 +1265,7 @@ extern "C" int kst_bert_gpu_train_forward(kst_bert_gpu_train *g, int sidx, const
             CU_LAUNCHED("bias + residual + LayerNorm");
             bf16 *fch = s->fch + l * BT * FF, *fca = g->fca;
             KST_TRY(lin_fwd(g, fch, s->ln1b + l * BT * C, PB(P_FCW) + l * FF * C, BT, C, FF, err));
-            bias_act_fwd<<<blocks(BT * FF, 256), 256, 0, st>>>(fch, fca, PF(P_FCB) + l * FF, BT * FF, (int)FF, (int)c->act);
+            bias_act_fwd<<<blocks(BT * FF / 8, 256), 256, 0, st>>>(fch, fca, PF(P_FCB) + l * FF, BT * FF / 8, (int)FF, (int)c->act);
             CU_LAUNCHED("bias + activation");
             KST_TRY(lin_fwd(g, g->tmpC, fca, PB(P_FCPROJW) + l * C * FF, BT, FF, C, err));
             bias_res_ln_fwd<<<blocks(BT, RW), RW * 32, 0, st>>>(
@@ -821,7 +1310,7 @@ extern "C" int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int sidx, cons
     CU_LAUNCHED("pooling backward");
     for (size_t l = L; l-- > 0;) {
         uint32_t site = (uint32_t)(1 + 3 * l);
-        const bf16 *qkvh = s->qkvh + l * 3 * HT, *P = s->P + l * A;
+        const bf16 *qkvh = s->qkvh + l * 3 * HT, *P = g->flash ? NULL : s->P + l * A;
         /* LN2: dres = d res2; tmpC = d fcproj (through its dropout) */
         ln_bwd<<<blocks(BT, RW), RW * 32, 0, st>>>(g->dres, g->tmpC, g->dx, s->res2 + l * BT * C, PF(P_LN2W) + l * C,
                                                    s->ln2_mean + l * BT, s->ln2_rstd + l * BT, (int)BT, (int)C, 0.0f, 0,
@@ -833,11 +1322,11 @@ extern "C" int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int sidx, cons
         CU_LAUNCHED("LayerNorm parameter backward");
         colsum_bf16<<<colsum_grid(BT, C), dim3(32, 8), 0, st>>>(GR(P_FCPROJB) + l * C, g->tmpC, (int)BT, (int)C);
         CU_LAUNCHED("bias backward");
-        act_again<<<blocks(BT * FF, 256), 256, 0, st>>>(g->fca, s->fch + l * BT * FF, BT * FF, (int)c->act);
+        act_again<<<blocks(BT * FF / 8, 256), 256, 0, st>>>(g->fca, s->fch + l * BT * FF, BT * FF / 8, (int)c->act);
         CU_LAUNCHED("activation (again)");
         KST_TRY(lin_dw(g, GR(P_FCPROJW) + l * C * FF, g->tmpC, g->fca, BT, FF, C, err));
         KST_TRY(lin_dx(g, g->dff, CUDA_R_16BF, 0.0f, g->tmpC, PB(P_FCPROJW) + l * C * FF, BT, FF, C, err));
-        act_bwd<<<blocks(BT * FF, 256), 256, 0, st>>>(g->dff, s->fch + l * BT * FF, BT * FF, (int)c->act);
+        act_bwd<<<blocks(BT * FF / 8, 256), 256, 0, st>>>(g->dff, s->fch + l * BT * FF, BT * FF / 8, (int)c->act);
         CU_LAUNCHED("activation backward");
         colsum_bf16<<<colsum_grid(BT, FF), dim3(32, 8), 0, st>>>(GR(P_FCB) + l * FF, g->dff, (int)BT, (int)FF);
         CU_LAUNCHED("bias backward");
@@ -856,30 +1345,35 @@ extern "C" int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int sidx, cons
         CU_LAUNCHED("bias backward");
         KST_TRY(lin_dw(g, GR(P_ATTPROJW) + l * C * C, g->tmpC, s->atty + l * BT * C, BT, C, C, err));
         KST_TRY(lin_dx(g, g->tmpC2, CUDA_R_16BF, 0.0f, g->tmpC, PB(P_ATTPROJW) + l * C * C, BT, C, C, err));
-        /* attention: dO per head, then dv, dP, dS, dq, dk */
-        split_heads<<<blocks(BT * C / 8, 256), 256, 0, st>>>(g->o, g->tmpC2, NULL, (int)B, (int)T, (int)NH, (int)hs, 1);
-        CU_LAUNCHED("split heads");
-        const bf16 *Pdp = P;
-        if (p > 0) {
-            att_drop<<<blocks(A, 256), 256, 0, st>>>(g->Pd, P, A, p, seed, site);
-            CU_LAUNCHED("attention dropout");
-            Pdp = g->Pd;
+        if (g->flash) {
+            KST_TRY(fa_backward(g, g->qkv_tmp, qkvh, g->tmpC2, s->atty + l * BT * C, s->lse + l * BT * NH, s->valid, B, T, p,
+                                seed, site, err));
+        } else {
+            /* attention: dO per head, then dv, dP, dS, dq, dk */
+            split_heads<<<blocks(BT * C / 8, 256), 256, 0, st>>>(g->o, g->tmpC2, NULL, (int)B, (int)T, (int)NH, (int)hs, 1);
+            CU_LAUNCHED("split heads");
+            const bf16 *Pdp = P;
+            if (p > 0) {
+                att_drop<<<blocks(A, 256), 256, 0, st>>>(g->Pd, P, A, (int)T, p, seed, site);
+                CU_LAUNCHED("attention dropout");
+                Pdp = g->Pd;
+            }
+            /* dv (T, hs) = Pd^T (T, T) @ dO (T, hs) */
+            KST_TRY(gemm(g, NT, TT_, (int)hs, (int)T, (int)T, 1.0f, g->o, (int)hs, (long long)(T * hs), Pdp, (int)T,
+                         (long long)(T * T), 0.0f, g->dqkvh + 2 * HT, CUDA_R_16BF, (int)hs, (long long)(T * hs), (int)(B * NH), err));
+            /* dPd (T, T) = dO (T, hs) @ v (T, hs)^T */
+            KST_TRY(gemm(g, TT_, NT, (int)T, (int)T, (int)hs, 1.0f, qkvh + 2 * HT, (int)hs, (long long)(T * hs), g->o,
+                         (int)hs, (long long)(T * hs), 0.0f, g->S, CUDA_R_32F, (int)T, (long long)(T * T), (int)(B * NH), err));
+            softmax_bwd<<<blocks(B * NH * T, RW), RW * 32, 0, st>>>(g->Pd, g->S, P, (int)(B * NH * T), (int)T, p, seed, site);
+            CU_LAUNCHED("softmax backward");
+            /* dq (T, hs) = scale dS (T, T) @ k (T, hs); dk (T, hs) = scale dS^T @ q */
+            KST_TRY(gemm(g, NT, NT, (int)hs, (int)T, (int)T, scale, qkvh + HT, (int)hs, (long long)(T * hs), g->Pd, (int)T,
+                         (long long)(T * T), 0.0f, g->dqkvh, CUDA_R_16BF, (int)hs, (long long)(T * hs), (int)(B * NH), err));
+            KST_TRY(gemm(g, NT, TT_, (int)hs, (int)T, (int)T, scale, qkvh, (int)hs, (long long)(T * hs), g->Pd, (int)T,
+                         (long long)(T * T), 0.0f, g->dqkvh + HT, CUDA_R_16BF, (int)hs, (long long)(T * hs), (int)(B * NH), err));
+            merge_heads<<<blocks(BT * 3 * C / 8, 256), 256, 0, st>>>(g->qkv_tmp, g->dqkvh, (int)B, (int)T, (int)NH, (int)hs, 3);
+            CU_LAUNCHED("merge heads");
         }
-        /* dv (T, hs) = Pd^T (T, T) @ dO (T, hs) */
-        KST_TRY(gemm(g, NT, TT_, (int)hs, (int)T, (int)T, 1.0f, g->o, (int)hs, (long long)(T * hs), Pdp, (int)T,
-                     (long long)(T * T), 0.0f, g->dqkvh + 2 * HT, CUDA_R_16BF, (int)hs, (long long)(T * hs), (int)(B * NH), err));
-        /* dPd (T, T) = dO (T, hs) @ v (T, hs)^T */
-        KST_TRY(gemm(g, TT_, NT, (int)T, (int)T, (int)hs, 1.0f, qkvh + 2 * HT, (int)hs, (long long)(T * hs), g->o,
-                     (int)hs, (long long)(T * hs), 0.0f, g->S, CUDA_R_32F, (int)T, (long long)(T * T), (int)(B * NH), err));
-        softmax_bwd<<<blocks(B * NH * T, RW), RW * 32, 0, st>>>(g->Pd, g->S, P, (int)(B * NH * T), (int)T, p, seed, site);
-        CU_LAUNCHED("softmax backward");
-        /* dq (T, hs) = scale dS (T, T) @ k (T, hs); dk (T, hs) = scale dS^T @ q */
-        KST_TRY(gemm(g, NT, NT, (int)hs, (int)T, (int)T, scale, qkvh + HT, (int)hs, (long long)(T * hs), g->Pd, (int)T,
-                     (long long)(T * T), 0.0f, g->dqkvh, CUDA_R_16BF, (int)hs, (long long)(T * hs), (int)(B * NH), err));
-        KST_TRY(gemm(g, NT, TT_, (int)hs, (int)T, (int)T, scale, qkvh, (int)hs, (long long)(T * hs), g->Pd, (int)T,
-                     (long long)(T * T), 0.0f, g->dqkvh + HT, CUDA_R_16BF, (int)hs, (long long)(T * hs), (int)(B * NH), err));
-        merge_heads<<<blocks(BT * 3 * C / 8, 256), 256, 0, st>>>(g->qkv_tmp, g->dqkvh, (int)B, (int)T, (int)NH, (int)hs, 3);
-        CU_LAUNCHED("merge heads");
         colsum_bf16<<<colsum_grid(BT, 3 * C), dim3(32, 8), 0, st>>>(GR(P_QKVB) + l * 3 * C, g->qkv_tmp, (int)BT, (int)(3 * C));
         CU_LAUNCHED("bias backward");
         KST_TRY(lin_dw(g, GR(P_QKVW) + l * 3 * C * C, g->qkv_tmp, s->xb + l * BT * C, BT, C, 3 * C, err));

@@ -176,11 +176,12 @@ static void grads_parity(const char *what, const kst_bert *m, unsigned modes, in
     kst_bert_free(&grads);
 }
 
-/* A random student: weights uniform in [-0.1, 0.1], LayerNorm weights 1 +- 0.1. */
-static void random_model(kst_bert *m, kst_arch arch, size_t V, size_t C, size_t NH, size_t FF, size_t L, kst_act act) {
+/* A random student: weights uniform in [-0.1, 0.1], LayerNorm weights 1 +- 0.1; P positions. */
+static void random_model_p(kst_bert *m, kst_arch arch, size_t V, size_t C, size_t NH, size_t FF, size_t L, kst_act act,
+                           size_t P) {
     kst_bert_config c;
     memset(&c, 0, sizeof c);
-    c.arch = arch, c.V = V, c.P = 64, c.TT = arch == KST_ARCH_BERT ? 2 : 0, c.C = C, c.L = L, c.NH = NH, c.FF = FF;
+    c.arch = arch, c.V = V, c.P = P, c.TT = arch == KST_ARCH_BERT ? 2 : 0, c.C = C, c.L = L, c.NH = NH, c.FF = FF;
     c.act = act, c.eps = 1e-12f;
     kst_error err;
     assert_ok(kst_bert_alloc(m, &c, &err), &err);
@@ -189,6 +190,9 @@ static void random_model(kst_bert *m, kst_arch arch, size_t V, size_t C, size_t 
     size_t lnn[] = {C, L * C, L * C};
     for (int j = 0; j < 3; j++)
         for (size_t i = 0; i < lnn[j]; i++) lnw[j][i] = 1.0f + 0.1f * frand();
+}
+static void random_model(kst_bert *m, kst_arch arch, size_t V, size_t C, size_t NH, size_t FF, size_t L, kst_act act) {
+    random_model_p(m, arch, V, C, NH, FF, L, act, 64);
 }
 
 static void test_grads_fixture(void **s) {
@@ -228,16 +232,101 @@ static void test_grads_random_distilbert(void **s) {
     kst_bert_free(&m);
 }
 
+/* The flash attention (head sizes 16, 32, 64: no T x T matrix) over several query and key tiles
+ * of 64, the last one partial, with padding (random valid lengths, one sequence full): head
+ * size 64 (BERT-base's) and 32 (MiniLM's); and a head size of 24, which keeps the materialised
+ * attention. */
+static void test_grads_flash_hs64(void **s) {
+    (void)s;
+    NEED_GPU();
+    kst_bert m;
+    random_model_p(&m, KST_ARCH_BERT, 97, 128, 2, 256, 2, KST_ACT_GELU, 256);
+    batch b;
+    batch_make(&b, m.cfg.V, 2, 2, 19, 150);
+    grads_parity("random BERT 128/2/256, head size 64, T 19 / 150 (cls + mean)", &m, KST_POOL_CLS | KST_POOL_MEAN, 0, &b);
+    batch_free(&b);
+    kst_bert_free(&m);
+}
+
+static void test_grads_flash_hs32(void **s) {
+    (void)s;
+    NEED_GPU();
+    kst_bert m;
+    random_model_p(&m, KST_ARCH_DISTILBERT, 89, 64, 2, 128, 2, KST_ACT_GELU, 256);
+    batch b;
+    batch_make(&b, m.cfg.V, 2, 2, 70, 131);
+    grads_parity("random DistilBERT 64/2/128, head size 32, T 70 / 131 (mean, Normalize)", &m, KST_POOL_MEAN, 1, &b);
+    batch_free(&b);
+    kst_bert_free(&m);
+}
+
+static void test_grads_materialised_hs24(void **s) {
+    (void)s;
+    NEED_GPU();
+    kst_bert m;
+    random_model_p(&m, KST_ARCH_BERT, 97, 48, 2, 96, 2, KST_ACT_GELU, 256);
+    batch b;
+    batch_make(&b, m.cfg.V, 2, 2, 13, 90);
+    grads_parity("random BERT 48/2/96, head size 24 (materialised attention), T 13 / 90", &m, KST_POOL_MEAN, 1, &b);
+    batch_free(&b);
+    kst_bert_free(&m);
+}
+
+/* With dropout on, the flash backward must regenerate the forward's attention mask: the same
+ * step through the materialised attention (KESTREL_GPU_TRAIN_FLASH=0: the T x T probabilities
+ * stored, the mask drawn once per element from the same (seed, site, index) hash) is the
+ * reference; losses within 1e-3 and gradients within the bf16 tolerances above (and the loss
+ * must differ from the step without dropout, so that the masks are on). */
+static void test_flash_dropout_masks(void **s) {
+    (void)s;
+    NEED_GPU();
+    kst_bert m;
+    random_model_p(&m, KST_ARCH_BERT, 97, 128, 2, 256, 2, KST_ACT_GELU, 256);
+    batch b;
+    batch_make(&b, m.cfg.V, 2, 2, 19, 150);
+    unsigned modes = KST_POOL_MEAN;
+    float *gf = calloc(m.num_params, sizeof *gf), *gm = calloc(m.num_params, sizeof *gm), lf = 0, lm = 0, l0 = 0;
+    gpu_step(&m, modes, 1, &b, 0.1f, 11, gf, &lf, NULL);
+    gpu_step(&m, modes, 1, &b, 0.0f, 11, gm, &l0, NULL);
+    setenv("KESTREL_GPU_TRAIN_FLASH", "0", 1);
+    gpu_step(&m, modes, 1, &b, 0.1f, 11, gm, &lm, NULL);
+    unsetenv("KESTREL_GPU_TRAIN_FLASH");
+    double dd = 0, rr = 0, worst = 0;
+    size_t at = 0;
+    for (int i = 0; i < KST_BERT_NPARAMS; i++) {
+        double td = 0, tr = 0;
+        for (size_t k = 0; k < m.param_sizes[i]; k++) {
+            double r = gm[at + k], d = gf[at + k] - r;
+            td += d * d, tr += r * r;
+        }
+        if (tr > 1e-20) {
+            double rel = sqrt(td / tr);
+            if (rel > worst) worst = rel;
+            if (rel > 0.05) fail_msg("gradient of %s: flash against materialised, relative L2 error %.3g > 0.05", PNAMES[i], rel);
+        }
+        dd += td, rr += tr;
+        at += m.param_sizes[i];
+    }
+    printf("dropout 0.1, head size 64, T 150: loss flash %.6g materialised %.6g (no dropout %.6g); gradient rel err %.2e, "
+           "worst tensor %.2e\n", (double)lf, (double)lm, (double)l0, sqrt(dd / rr), worst);
+    assert_true(fabs(lf - lm) <= 1e-3 * fabs(lm) + 1e-6);
+    assert_true(fabs(lf - l0) > 1e-3 * fabs(l0)); /* dropout changes the loss */
+    assert_true(sqrt(dd / rr) <= 0.02);
+    free(gf), free(gm);
+    batch_free(&b);
+    kst_bert_free(&m);
+}
+
 /* With dropout the CPU's masks differ, so the GPU gradient is checked against its own loss: the
  * float32 parameters (biases, LayerNorm) are moved by +-eps along the gradient, with the same
  * masks (same seed), and (L+ - L-) / (2 eps) must match |g|^2 within 10% (bf16 rounding of the
  * activations makes the loss a little rough; the control without dropout passes the same check).
  * The masks must also be deterministic for a seed, differ between seeds and change the loss. */
-static void dropout_check(float p) {
+static void dropout_check(float p, size_t C, size_t NH, size_t Tp) {
     kst_bert m;
-    random_model(&m, KST_ARCH_BERT, 97, 64, 4, 128, 2, KST_ACT_GELU);
+    random_model_p(&m, KST_ARCH_BERT, 97, C, NH, 2 * C, 2, KST_ACT_GELU, Tp > 64 ? Tp : 64);
     batch b;
-    batch_make(&b, m.cfg.V, 4, 2, 11, 29);
+    batch_make(&b, m.cfg.V, 4, 2, 11, Tp);
     unsigned modes = KST_POOL_MEAN;
     kst_gpu_trainer *t = NULL;
     kst_error err;
@@ -266,8 +355,8 @@ static void dropout_check(float p) {
         gpu_step(&m, modes, 1, &b, p, 7, g2, sign < 0 ? &lm : &lp, &t);
     }
     double fd = ((double)lp - lm) / (2 * eps);
-    printf("dropout %.2f: loss %.6g (seed 8: %.6g); |g|^2 over float32 tensors %.6e, finite difference %.6e, ratio %.4f\n",
-           (double)p, (double)l0, p > 0 ? (double)l2 : (double)l0, gg, fd, fd / gg);
+    printf("C %zu, %zu heads, T %zu, dropout %.2f: loss %.6g (seed 8: %.6g); |g|^2 over float32 tensors %.6e, finite difference %.6e, ratio %.4f\n",
+           C, NH, Tp, (double)p, (double)l0, p > 0 ? (double)l2 : (double)l0, gg, fd, fd / gg);
     assert_true(fabs(fd / gg - 1.0) <= 0.10);
     kst_gpu_trainer_free(t);
     free(g), free(g2), free(w);
@@ -278,13 +367,20 @@ static void dropout_check(float p) {
 static void test_dropout_no(void **s) {
     (void)s;
     NEED_GPU();
-    dropout_check(0.0f);
+    dropout_check(0.0f, 64, 4, 29);
 }
 
 static void test_dropout(void **s) {
     (void)s;
     NEED_GPU();
-    dropout_check(0.1f);
+    dropout_check(0.1f, 64, 4, 29);
+}
+
+/* the same through the flash attention's tiles: head size 64, passages of 150 tokens */
+static void test_dropout_flash(void **s) {
+    (void)s;
+    NEED_GPU();
+    dropout_check(0.1f, 128, 2, 150);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -471,6 +567,48 @@ static void test_clip_sgd_resume(void **s) {
     for (int i = 6; i < 10; i++) assert_true(fabs(lb[i] - la[i]) <= 2e-2 * la[i] + 2 * spread);
 }
 
+/* `kestrel train --device cuda` reads and tokenizes batch i+1 while the GPU runs step i (the
+ * batch staged in pinned memory, the loss waited for afterwards). The run without that overlap
+ * (KESTREL_GPU_TRAIN_OVERLAP=0) must give the same loss sequence: step 1 bit for bit (same
+ * weights, same batch; the forward has no atomics), the later steps within the spread of two
+ * runs without overlap (the backward's float atomics add in any order; AdamW turns that into
+ * lr-sized steps). A batch read out of order, or twice, moves a step's loss by 10-100% (another
+ * batch). 60 triples in batches of 8 over 12 steps: the teacher file is reopened for a second
+ * epoch inside a read-ahead; steps 5 and 10 save the state and read nothing ahead (the saved
+ * teacher position; test_clip_sgd_resume resumes from such a state with the overlap on). */
+static void test_overlap(void **s) {
+    (void)s;
+    NEED_GPU();
+    char teacher[512], a[512], b[512], c[512];
+    snprintf(teacher, sizeof teacher, "%s/triples_o.tsv", g_root);
+    write_triples(teacher, 60);
+    kst_error err;
+    kst_train_result r;
+    double la[16], lb[16], lc[16];
+    const char *dirs[3] = {a, b, c};
+    for (int k = 0; k < 3; k++) {
+        snprintf((char *)dirs[k], 512, "%s/overlap_%d", g_root, k);
+        kst_train_opts o = run_opts(teacher, dirs[k], KST_DEV_CUDA);
+        o.steps = 12;
+        o.save_every = 5;
+        if (k > 0) setenv("KESTREL_GPU_TRAIN_OVERLAP", "0", 1);
+        int rc = kst_train_margin_mse(&o, &r, &err);
+        unsetenv("KESTREL_GPU_TRAIN_OVERLAP");
+        assert_ok(rc, &err);
+    }
+    assert_int_equal(read_losses(a, la, 16), 12);
+    assert_int_equal(read_losses(b, lb, 16), 12);
+    assert_int_equal(read_losses(c, lc, 16), 12);
+    double spread = 0, worst = 0;
+    for (int i = 0; i < 12; i++) spread = fmax(spread, fabs(lc[i] - lb[i]));
+    for (int i = 0; i < 12; i++) worst = fmax(worst, fabs(la[i] - lb[i]) / lb[i]);
+    printf("overlap: loss step 1 %.6f / %.6f, step 6 %.6f / %.6f, step 12 %.6f / %.6f (with / without); "
+           "worst relative difference %.2e; two runs without differ by up to %.2e\n",
+           la[0], lb[0], la[5], lb[5], la[11], lb[11], worst, spread);
+    assert_true(la[0] == lb[0]);
+    for (int i = 1; i < 12; i++) assert_true(fabs(la[i] - lb[i]) <= 2e-2 * lb[i] + 2 * spread);
+}
+
 /* Students the GPU does not train are refused with what to do. */
 static void test_unsupported(void **s) {
     (void)s;
@@ -507,6 +645,13 @@ int main(void) {
         cmocka_unit_test(test_dropout),
         cmocka_unit_test(test_train_run),
         cmocka_unit_test(test_clip_sgd_resume),
+        cmocka_unit_test(test_overlap),
+        /* after the runs above, whose triples come from the shared random stream */
+        cmocka_unit_test(test_grads_flash_hs64),
+        cmocka_unit_test(test_grads_flash_hs32),
+        cmocka_unit_test(test_grads_materialised_hs24),
+        cmocka_unit_test(test_flash_dropout_masks),
+        cmocka_unit_test(test_dropout_flash),
         cmocka_unit_test(test_unsupported),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

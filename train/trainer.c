@@ -476,6 +476,89 @@ done:
     return rc;
 }
 
+/* The host side of a batch: the records' texts (copied: a record's pointers die at the next
+ * call) and teacher scores, and the CPU path's score buffers, sized at the first record (n
+ * passages each). */
+typedef struct batch_buf {
+    size_t B, n;
+    const char **qtexts, **ptexts;
+    size_t *qlens, *plens;
+    float *s, *t, *ds, *S, *dS;
+} batch_buf;
+
+static void batch_buf_free(batch_buf *bb) {
+    kst_free(bb->qtexts), kst_free(bb->qlens), kst_free(bb->ptexts), kst_free(bb->plens);
+    kst_free(bb->s), kst_free(bb->t), kst_free(bb->ds), kst_free(bb->S), kst_free(bb->dS);
+    memset(bb, 0, sizeof *bb);
+}
+
+/* Gathers up to bb->B records (reopening the teacher file for the next epoch when it runs out,
+ * unless the run is one pass) and tokenizes them into q and p, their teacher scores into bb->t;
+ * *got = 0 at the end of the data. */
+static int read_batch(const kst_train_opts *o, kst_encoder *e, kst_teacher **tr, kst_teacher_opts *to,
+                      run_pos *ps, batch_buf *bb, side *q, side *p, size_t *got_out, kst_error *err) {
+    int rc = KST_OK;
+    size_t B = bb->B, got = 0;
+    kst_teacher_record rec;
+    *got_out = 0;
+    while (got < B) {
+        KST_TRY(kst_teacher_next(*tr, &rec, err));
+        if (!rec.query) {
+            if (got > 0 || o->steps <= 0) break;
+            kst_teacher_close(*tr);
+            *tr = NULL;
+            to->seed = o->seed + (uint64_t)(++ps->epoch);
+            KST_TRY(kst_teacher_open(o->teacher_path, to, NULL, tr, err));
+            continue;
+        }
+        if (bb->n == 0) {
+            size_t n = rec.n;
+            bb->n = n;
+            bb->qtexts = kst_calloc(B, sizeof *bb->qtexts, "batch", err);
+            bb->qlens = kst_malloc(B, sizeof *bb->qlens, "batch", err);
+            bb->ptexts = kst_calloc(B * n, sizeof *bb->ptexts, "batch", err);
+            bb->plens = kst_malloc(B * n, sizeof *bb->plens, "batch", err);
+            bb->s = kst_malloc(B * n, sizeof *bb->s, "scores", err);
+            bb->t = kst_malloc(B * n, sizeof *bb->t, "scores", err);
+            bb->ds = kst_malloc(B * n, sizeof *bb->ds, "scores", err);
+            bb->S = kst_malloc(B * B * n, sizeof *bb->S, "scores", err);
+            bb->dS = kst_malloc(B * B * n, sizeof *bb->dS, "scores", err);
+            if (!bb->qtexts || !bb->qlens || !bb->ptexts || !bb->plens || !bb->s || !bb->t || !bb->ds || !bb->S || !bb->dS) {
+                rc = KST_ERR_NOMEM;
+                goto done;
+            }
+        } else if (rec.n != bb->n) {
+            rc = kst_fail(err, KST_ERR_FORMAT, "%s line %zu: %zu passages, but earlier records have %zu",
+                          o->teacher_path, rec.line, rec.n, bb->n);
+            goto done;
+        }
+        size_t n = bb->n;
+        bb->qtexts[got] = kst_strndup(rec.query, rec.query_len, err);
+        bb->qlens[got] = rec.query_len;
+        for (size_t i = 0; i < n; i++) {
+            bb->ptexts[got * n + i] = kst_strndup(rec.passages[i], rec.passage_lens[i], err);
+            bb->plens[got * n + i] = rec.passage_lens[i];
+            bb->t[got * n + i] = rec.scores[i];
+        }
+        got++;
+    }
+    if (got > 0) {
+        rc = side_tokenize(e, q, bb->qtexts, bb->qlens, got, 1, o->query_max_len, err);
+        if (rc == KST_OK) rc = side_tokenize(e, p, bb->ptexts, bb->plens, got * bb->n, 0, o->doc_max_len, err);
+        if (rc == KST_OK) *got_out = got;
+    }
+done:
+    for (size_t i = 0; i < got; i++) {
+        kst_free((void *)bb->qtexts[i]);
+        bb->qtexts[i] = NULL;
+        for (size_t k = 0; k < bb->n; k++) {
+            kst_free((void *)bb->ptexts[i * bb->n + k]);
+            bb->ptexts[i * bb->n + k] = NULL;
+        }
+    }
+    return rc;
+}
+
 int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_error *err) {
     int rc = KST_OK;
     kst_encoder *e = NULL;
@@ -488,10 +571,8 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
     kst_gpu_trainer *gt = NULL; /* --device cuda */
     scorer sc = {0};
     FILE *log = NULL;
-    const char **ptexts = NULL;
-    size_t *plens = NULL;
-    const char **qtexts = NULL;
-    size_t *qlens = NULL;
+    batch_buf bb;
+    memset(&bb, 0, sizeof bb);
     char logpath[4096], statepath[4096];
     char *tstate = NULL, *logtext = NULL;
     size_t loglen = 0;
@@ -503,6 +584,7 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
     if (!o->model_dir || !o->out_dir || !o->teacher_path)
         return kst_fail(err, KST_ERR_INVALID, "training needs a model, an output folder and a teacher file");
     size_t B = o->batch_size ? o->batch_size : 32;
+    bb.B = B;
     KST_TRY(kst_path_join(statepath, sizeof statepath, o->out_dir, STATE_FILE, err));
     if (kst_path_exists(statepath) && !(o->resume_dir && same_dir(o->resume_dir, o->out_dir))) {
         rc = kst_fail(err, KST_ERR_INVALID,
@@ -609,64 +691,39 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
     long start_step = ps.step;
     size_t n = 0;
     res->steps = ps.step;
+    /* --device cuda: the next batch is read and tokenized while the GPU runs the step (its size,
+     * or -1: none ahead); KESTREL_GPU_TRAIN_OVERLAP=0 reads each batch after the step's wait */
+    long ahead = -1;
+    const char *ov = getenv("KESTREL_GPU_TRAIN_OVERLAP");
+    int overlap = !(ov && !strcmp(ov, "0"));
     for (long step = ps.step; step < total; step++) {
-        /* gather B records (reopening the file for the next epoch when it runs out) */
-        size_t got = 0;
-        kst_teacher_record rec;
-        while (got < B) {
-            KST_TRY(kst_teacher_next(tr, &rec, err));
-            if (!rec.query) {
-                if (got > 0 || o->steps <= 0) break;
-                kst_teacher_close(tr);
-                tr = NULL;
-                to.seed = o->seed + (uint64_t)(++ps.epoch);
-                KST_TRY(kst_teacher_open(o->teacher_path, &to, NULL, &tr, err));
-                continue;
-            }
-            if (n == 0) {
-                n = rec.n;
-                qtexts = kst_malloc(B, sizeof *qtexts, "batch", err);
-                qlens = kst_malloc(B, sizeof *qlens, "batch", err);
-                ptexts = kst_malloc(B * n, sizeof *ptexts, "batch", err);
-                plens = kst_malloc(B * n, sizeof *plens, "batch", err);
-                s = kst_malloc(B * n, sizeof *s, "scores", err);
-                t = kst_malloc(B * n, sizeof *t, "scores", err);
-                ds = kst_malloc(B * n, sizeof *ds, "scores", err);
-                S = kst_malloc(B * B * n, sizeof *S, "scores", err);
-                dS = kst_malloc(B * B * n, sizeof *dS, "scores", err);
-                if (!qtexts || !qlens || !ptexts || !plens || !s || !t || !ds || !S || !dS) {
-                    rc = KST_ERR_NOMEM;
-                    goto done;
-                }
-            } else if (rec.n != n) {
-                rc = kst_fail(err, KST_ERR_FORMAT, "%s line %zu: %zu passages, but earlier records have %zu",
-                              o->teacher_path, rec.line, rec.n, n);
-                goto done;
-            }
-            /* texts are copied: a record's pointers die at the next call */
-            qtexts[got] = kst_strndup(rec.query, rec.query_len, err);
-            qlens[got] = rec.query_len;
-            for (size_t i = 0; i < n; i++) {
-                ptexts[got * n + i] = kst_strndup(rec.passages[i], rec.passage_lens[i], err);
-                plens[got * n + i] = rec.passage_lens[i];
-                t[got * n + i] = rec.scores[i];
-            }
-            got++;
+        size_t b;
+        if (ahead >= 0) {
+            b = (size_t)ahead;
+            ahead = -1;
+        } else {
+            KST_TRY(read_batch(o, e, &tr, &to, &ps, &bb, &q, &p, &b, err));
         }
-        if (got == 0) break;
-        size_t b = got;
-        rc = side_tokenize(e, &q, qtexts, qlens, b, 1, o->query_max_len, err);
-        if (rc == KST_OK) rc = side_tokenize(e, &p, ptexts, plens, b * n, 0, o->doc_max_len, err);
-        for (size_t i = 0; i < b; i++) kst_free((void *)qtexts[i]);
-        for (size_t i = 0; i < b * n; i++) kst_free((void *)ptexts[i]);
-        if (rc != KST_OK) goto done;
+        if (b == 0) break;
+        n = bb.n, s = bb.s, t = bb.t, ds = bb.ds, S = bb.S, dS = bb.dS;
         float loss = 0, gnorm = 0;
         double lr = kst_lr_at(o->cosine ? KST_LR_COSINE : KST_LR_LINEAR, o->lr, step, o->warmup, total);
         if (gt) { /* the same step on the GPU (train/trainer_gpu.h) */
             kst_gpu_batch gq = {q.ids, q.types, q.valid, q.rows, q.T}, gp = {p.ids, p.types, p.valid, p.rows, p.T};
             uint64_t seed_q = ps.rng = kst_rng_seed(ps.rng), seed_p = ps.rng = kst_rng_seed(ps.rng);
             KST_TRY(kst_gpu_trainer_forward_backward(gt, &gq, &gp, t, n, dropout, seed_q, seed_p, err));
-            KST_TRY(kst_gpu_trainer_update(gt, o->sgd, lr, step + 1, &ac, o->grad_clip, &loss, &gnorm, err));
+            KST_TRY(kst_gpu_trainer_update_enqueue(gt, o->sgd, lr, step + 1, &ac, o->grad_clip, err));
+            /* q, p and t are free again (staged): read the next batch meanwhile, unless this step
+             * ends the run or saves the state (which records the teacher file's position) */
+            long next = step + 1;
+            int saves = (o->save_every > 0 && (next % o->save_every == 0 || next == total)) ||
+                        (o->stop_after > 0 && next >= o->stop_after && next < total);
+            if (overlap && next < total && !saves) {
+                size_t nb = 0;
+                KST_TRY(read_batch(o, e, &tr, &to, &ps, &bb, &q, &p, &nb, err));
+                ahead = (long)nb;
+            }
+            KST_TRY(kst_gpu_trainer_wait(gt, &loss, &gnorm, err));
         } else {
             KST_TRY(side_forward(e, &q, dropout, &ps.rng, err));
             KST_TRY(side_forward(e, &p, dropout, &ps.rng, err));
@@ -754,15 +811,7 @@ done:
     side_free(&p);
     kst_free(sc.keep);
     kst_free(sc.argmax);
-    kst_free(qtexts);
-    kst_free(qlens);
-    kst_free(ptexts);
-    kst_free(plens);
-    kst_free(s);
-    kst_free(t);
-    kst_free(ds);
-    kst_free(S);
-    kst_free(dS);
+    batch_buf_free(&bb);
     kst_free(mom);
     kst_free(vel);
     kst_free(decay);

@@ -24,6 +24,14 @@ struct kst_gpu_trainer {
     double *dss;             /* sum of squared gradients (1) */
     float *hloss;            /* pinned: loss */
     double *hss;             /* pinned: sum of squares */
+    int clip;                /* the queued update clips (its norm is reported) */
+    /* pinned staging of a step's host inputs (ids, types, lengths of both sides, teacher
+     * scores): the copies to the GPU are truly asynchronous, and the caller's buffers are free
+     * again when forward_backward returns; the next step's staging waits for `staged` */
+    unsigned char *hin;
+    size_t hin_cap;
+    cudaEvent_t staged;
+    int staged_pending;
     size_t B, n;
     size_t bytes;
 };
@@ -153,6 +161,8 @@ extern "C" void kst_gpu_trainer_free(kst_gpu_trainer *t) {
         if (bufs[i]) cudaFree(bufs[i]);
     if (t->hloss) cudaFreeHost(t->hloss);
     if (t->hss) cudaFreeHost(t->hss);
+    if (t->hin) cudaFreeHost(t->hin);
+    if (t->staged) cudaEventDestroy(t->staged);
     kst_bert_gpu_train_free(t->g);
     kst_free(t);
 }
@@ -179,6 +189,7 @@ extern "C" int kst_gpu_trainer_create(const kst_bert *m, unsigned pool_modes, in
     KST_TRY(talloc(t, (void **)&t->dss, sizeof(double), "the gradient norm", err));
     CU_TRY(cudaMallocHost((void **)&t->hloss, sizeof(float)), "pinned memory");
     CU_TRY(cudaMallocHost((void **)&t->hss, sizeof(double)), "pinned memory");
+    CU_TRY(cudaEventCreateWithFlags(&t->staged, cudaEventDisableTiming), "creating an event");
     CU_TRY(cudaStreamSynchronize(t->stream), "GPU trainer");
     *out = t;
     return KST_OK;
@@ -211,6 +222,32 @@ done:
     return rc;
 }
 
+/* Copies one side's batch into the pinned buffer at *at (16-byte aligned pieces); out: the same
+ * batch over the pinned copies. */
+static void stage_side(unsigned char *base, size_t *at, const kst_gpu_batch *in, kst_gpu_batch *out) {
+    size_t tok = in->rows * in->T;
+    *out = *in;
+    int32_t *ids = (int32_t *)(base + *at);
+    memcpy(ids, in->ids, tok * sizeof *ids);
+    *at += (tok * sizeof *ids + 15) & ~(size_t)15;
+    out->ids = ids;
+    if (in->types) {
+        int32_t *types = (int32_t *)(base + *at);
+        memcpy(types, in->types, tok * sizeof *types);
+        *at += (tok * sizeof *types + 15) & ~(size_t)15;
+        out->types = types;
+    }
+    int *valid = (int *)(base + *at);
+    memcpy(valid, in->valid, in->rows * sizeof *valid);
+    *at += (in->rows * sizeof *valid + 15) & ~(size_t)15;
+    out->valid = valid;
+}
+
+static size_t side_bytes(const kst_gpu_batch *b) {
+    size_t tok = b->rows * b->T;
+    return ((tok * 4 + 15) & ~(size_t)15) * (b->types ? 2 : 1) + ((b->rows * sizeof(int) + 15) & ~(size_t)15);
+}
+
 extern "C" int kst_gpu_trainer_forward_backward(kst_gpu_trainer *t, const kst_gpu_batch *q,
                                                 const kst_gpu_batch *p, const float *teacher, size_t n,
                                                 float dropout, uint64_t seed_q, uint64_t seed_p,
@@ -222,12 +259,32 @@ extern "C" int kst_gpu_trainer_forward_backward(kst_gpu_trainer *t, const kst_gp
                         p->rows, B, n);
     KST_TRY(pairs_reserve(t, B, n, err));
     t->B = B, t->n = n;
+    /* stage the host inputs (after the previous step's copies from the staging buffer ran) */
+    kst_gpu_batch sq, sp;
+    float *steacher;
+    {
+        size_t need = side_bytes(q) + side_bytes(p) + B * n * sizeof(float), at = 0;
+        if (t->staged_pending) CU_TRY(cudaEventSynchronize(t->staged), "GPU training (staging)");
+        t->staged_pending = 0;
+        if (need > t->hin_cap) {
+            if (t->hin) cudaFreeHost(t->hin);
+            t->hin = NULL, t->hin_cap = 0;
+            CU_TRY(cudaMallocHost((void **)&t->hin, need), "pinned memory for the batch");
+            t->hin_cap = need;
+        }
+        stage_side(t->hin, &at, q, &sq);
+        stage_side(t->hin, &at, p, &sp);
+        steacher = (float *)(t->hin + at);
+        memcpy(steacher, teacher, B * n * sizeof(float));
+    }
     KST_TRY(kst_bert_gpu_train_zero_grads(t->g, err));
-    KST_TRY(kst_bert_gpu_train_forward(t->g, 0, q->ids, q->types, q->valid, q->rows, q->T, dropout, seed_q, err));
-    KST_TRY(kst_bert_gpu_train_forward(t->g, 1, p->ids, p->types, p->valid, p->rows, p->T, dropout, seed_p, err));
+    KST_TRY(kst_bert_gpu_train_forward(t->g, 0, sq.ids, sq.types, sq.valid, sq.rows, sq.T, dropout, seed_q, err));
+    KST_TRY(kst_bert_gpu_train_forward(t->g, 1, sp.ids, sp.types, sp.valid, sp.rows, sp.T, dropout, seed_p, err));
     {
         const float *qv = kst_bert_gpu_train_vectors(t->g, 0), *pv = kst_bert_gpu_train_vectors(t->g, 1);
-        CU_TRY(cudaMemcpyAsync(t->t, teacher, B * n * sizeof(float), cudaMemcpyHostToDevice, t->stream), "copying teacher scores");
+        CU_TRY(cudaMemcpyAsync(t->t, steacher, B * n * sizeof(float), cudaMemcpyHostToDevice, t->stream), "copying teacher scores");
+        CU_TRY(cudaEventRecord(t->staged, t->stream), "recording an event");
+        t->staged_pending = 1;
         pair_scores<<<nblocks(B * n, 8), 256, 0, t->stream>>>(t->s, qv, pv, (int)B, (int)n, (int)D);
         CU_LAUNCHED("scores");
         margin_mse<<<1, 256, 0, t->stream>>>(t->dloss, t->ds, t->s, t->t, (int)B, (int)n);
@@ -241,9 +298,8 @@ done:
     return rc;
 }
 
-extern "C" int kst_gpu_trainer_update(kst_gpu_trainer *t, int sgd, double lr, long step,
-                                      const kst_adamw_config *ac, double grad_clip, float *loss,
-                                      float *gnorm, kst_error *err) {
+extern "C" int kst_gpu_trainer_update_enqueue(kst_gpu_trainer *t, int sgd, double lr, long step,
+                                              const kst_adamw_config *ac, double grad_clip, kst_error *err) {
     int rc = KST_OK;
     float *params = kst_bert_gpu_train_params(t->g), *grads = kst_bert_gpu_train_grads(t->g);
     __nv_bfloat16 *pb16 = (__nv_bfloat16 *)kst_bert_gpu_train_params_bf16(t->g);
@@ -270,11 +326,25 @@ extern "C" int kst_gpu_trainer_update(kst_gpu_trainer *t, int sgd, double lr, lo
     CU_LAUNCHED("AdamW");
     CU_TRY(cudaMemcpyAsync(t->hloss, t->dloss, sizeof(float), cudaMemcpyDeviceToHost, t->stream), "copying the loss");
     CU_TRY(cudaMemcpyAsync(t->hss, t->dss, sizeof(double), cudaMemcpyDeviceToHost, t->stream), "copying the norm");
-    CU_TRY(cudaStreamSynchronize(t->stream), "GPU training step");
-    if (loss) *loss = *t->hloss;
-    if (gnorm) *gnorm = grad_clip > 0 ? (float)sqrt(*t->hss) : 0.0f;
+    t->clip = grad_clip > 0;
 done:
     return rc;
+}
+
+extern "C" int kst_gpu_trainer_wait(kst_gpu_trainer *t, float *loss, float *gnorm, kst_error *err) {
+    int rc = KST_OK;
+    CU_TRY(cudaStreamSynchronize(t->stream), "GPU training step");
+    if (loss) *loss = *t->hloss;
+    if (gnorm) *gnorm = t->clip ? (float)sqrt(*t->hss) : 0.0f;
+done:
+    return rc;
+}
+
+extern "C" int kst_gpu_trainer_update(kst_gpu_trainer *t, int sgd, double lr, long step,
+                                      const kst_adamw_config *ac, double grad_clip, float *loss,
+                                      float *gnorm, kst_error *err) {
+    int rc = kst_gpu_trainer_update_enqueue(t, sgd, lr, step, ac, grad_clip, err);
+    return rc == KST_OK ? kst_gpu_trainer_wait(t, loss, gnorm, err) : rc;
 }
 
 extern "C" int kst_gpu_trainer_grads(kst_gpu_trainer *t, float *grads, float *loss, kst_error *err) {

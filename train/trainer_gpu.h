@@ -51,6 +51,14 @@ int kst_gpu_trainer_update(kst_gpu_trainer *t, int sgd, double lr, long step,
                            const kst_adamw_config *ac, double grad_clip, float *loss,
                            float *gnorm, kst_error *err);
 
+/* kst_gpu_trainer_update in two halves, so that the host can prepare the next batch while the
+ * GPU runs this step: _enqueue queues the update (and the loss and norm's copies back);
+ * _wait waits for the GPU and gives them. forward_backward stages its host inputs in pinned
+ * memory: the caller's buffers may be refilled as soon as it returns. */
+int kst_gpu_trainer_update_enqueue(kst_gpu_trainer *t, int sgd, double lr, long step,
+                                   const kst_adamw_config *ac, double grad_clip, kst_error *err);
+int kst_gpu_trainer_wait(kst_gpu_trainer *t, float *loss, float *gnorm, kst_error *err);
+
 /* The loss of the latest forward_backward and the gradients (num_params floats, host), waiting
  * for the GPU. For tests. */
 int kst_gpu_trainer_grads(kst_gpu_trainer *t, float *grads, float *loss, kst_error *err);

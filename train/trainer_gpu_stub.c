@@ -25,6 +25,15 @@ int kst_gpu_trainer_update(kst_gpu_trainer *t, int sgd, double lr, long step,
     (void)t, (void)sgd, (void)lr, (void)step, (void)ac, (void)grad_clip, (void)loss, (void)gnorm;
     return kst_gpu_check(err);
 }
+int kst_gpu_trainer_update_enqueue(kst_gpu_trainer *t, int sgd, double lr, long step,
+                                   const kst_adamw_config *ac, double grad_clip, kst_error *err) {
+    (void)t, (void)sgd, (void)lr, (void)step, (void)ac, (void)grad_clip;
+    return kst_gpu_check(err);
+}
+int kst_gpu_trainer_wait(kst_gpu_trainer *t, float *loss, float *gnorm, kst_error *err) {
+    (void)t, (void)loss, (void)gnorm;
+    return kst_gpu_check(err);
+}
 int kst_gpu_trainer_grads(kst_gpu_trainer *t, float *grads, float *loss, kst_error *err) {
     (void)t, (void)grads, (void)loss;
     return kst_gpu_check(err);

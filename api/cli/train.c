@@ -39,6 +39,8 @@ static const char *HELP =
     "                           (cls / mean / mean_sqrt_len pooling, Normalize; no ColBERT, max pooling,\n"
     "                           Dense head or --in-batch-weight: those train on the CPU). Dropout masks\n"
     "                           are drawn differently from the CPU's, so runs agree in distribution only\n"
+    "                           (the next batch is read and tokenized while the GPU runs a step;\n"
+    "                           KESTREL_GPU_TRAIN_OVERLAP=0 turns that off)\n"
     "\n"
     "Bad input: the teacher file is read through once before training; a missing column, an unknown\n"
     "qid/pid, a NaN score or an empty file stops with the file and line, and OUT_DIR is not created.\n"

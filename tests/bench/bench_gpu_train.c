@@ -8,7 +8,9 @@
  *   anchor's; mean pooling + Normalize, Margin-MSE against random teacher scores, AdamW (lr 2e-5,
  *   weight decay 0.01 on matrices and embeddings only), DROPOUT on the four sites of the CPU
  *   trainer. 3 warm-up steps, then REPS steps timed one by one (each ends when the loss is back on
- *   the host); median. Peak memory: the trainer's own GPU buffers at their largest. */
+ *   the host); median. Peak memory: the trainer's own GPU buffers at their largest.
+ *   KESTREL_GPU_TRAIN_FLASH=0 measures the materialised (T x T) attention instead of the flash
+ *   one; the JSON says which ran ("attention"). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -64,6 +66,11 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < B; i++) qv[i] = (int)Tq;
     for (size_t i = 0; i < B * n; i++) pv[i] = (int)Tp;
     for (size_t i = 0; i < B * n; i++) r = r * 6364136223846793005ull + 1442695040888963407ull, teacher[i] = (float)((r >> 40) % 1000) / 100.0f;
+    /* encoders/bert_gpu_train.cu's choice: flash for head sizes 16, 32 and 64 unless
+     * KESTREL_GPU_TRAIN_FLASH=0 */
+    size_t hs = m->cfg.C / m->cfg.NH;
+    const char *fe = getenv("KESTREL_GPU_TRAIN_FLASH");
+    const char *attention = (hs == 16 || hs == 32 || hs == 64) && !(fe && !strcmp(fe, "0")) ? "flash" : "materialised";
     kst_gpu_batch q = {qids, NULL, qv, B, Tq}, p = {pids, NULL, pv, B * n, Tp};
     kst_adamw_config ac = kst_adamw_defaults();
     ac.weight_decay = 0.01;
@@ -82,9 +89,9 @@ int main(int argc, char **argv) {
     double med = ts[reps / 2];
     qsort(tq, (size_t)reps, sizeof *tq, cmp_double);
     printf("{\"bench\": \"train\", \"model\": \"%s\", \"triples\": %zu, \"Tq\": %zu, \"Tp\": %zu, \"dropout\": %g, "
-           "\"step_ms\": %.3f, \"enqueue_ms\": %.3f, \"triples_per_s\": %.1f, \"gpu_peak_bytes\": %zu, \"loss_first\": %.5f, \"loss_last\": %.5f, "
+           "\"attention\": \"%s\", \"step_ms\": %.3f, \"enqueue_ms\": %.3f, \"triples_per_s\": %.1f, \"gpu_peak_bytes\": %zu, \"loss_first\": %.5f, \"loss_last\": %.5f, "
            "\"device\": \"%s\"}\n",
-           argv[1], B, Tq, Tp, (double)dropout, med * 1e3, tq[reps / 2] * 1e3, (double)B / med, kst_gpu_trainer_peak_bytes(t), (double)first,
+           argv[1], B, Tq, Tp, (double)dropout, attention, med * 1e3, tq[reps / 2] * 1e3, (double)B / med, kst_gpu_trainer_peak_bytes(t), (double)first,
            (double)loss, kst_gpu_describe());
     kst_gpu_trainer_free(t);
     kst_encoder_free(e);

@@ -55,13 +55,14 @@ for r in (r for r in rows if r["bench"] == "ivfpq"):
     print(f"{r['factory']} nprobe {r['nprobe']:>4}: GPU {r['gpu_qps']:>9.0f} q/s, CPU FAISS ({r['cpu_threads']} threads) {r['cpu_qps']:>8.0f} q/s, "
           f"ratio {r['gpu_qps'] / r['cpu_qps']:.1f}; recall@10 GPU {r['gpu_recall10']:.2f} CPU {r['cpu_recall10']:.2f}; "
           f"codes scanned {r['gpu_code_gb_s']:.0f} GB/s = {r['of_bw']:.2f} of the copy bandwidth")
-print("\nMargin-MSE training step, MiniLM-L6 shape, 64 triples, query 32 / passage 128 tokens, AdamW "
-      "(triples/s; ratio = kestrel / PyTorch autocast bf16 with SDPA)")
+print("\nMargin-MSE training step, MiniLM-L6 shape, 64 triples, query 32 / passage Tp tokens, AdamW "
+      "(triples/s; ratio = kestrel / PyTorch autocast bf16 with SDPA; attention flash or materialised T x T)")
 for k in (r for r in rows if r["bench"] == "train"):
-    an = {r["adamw"]: r for r in rows if r["bench"] == "train_torch" and r["dropout"] == k["dropout"]}
+    an = {r["adamw"]: r for r in rows
+          if r["bench"] == "train_torch" and r["dropout"] == k["dropout"] and r.get("Tp", 128) == k.get("Tp", 128)}
     fe, fu = an.get("foreach"), an.get("fused")
     rate = lambda r: r["triples_per_s"] if r else float("nan")
     mib = lambda r: f"{r['gpu_peak_bytes'] / 2**20:.0f}" if r else "-"
-    print(f"dropout {k['dropout']:<4}: kestrel {k['triples_per_s']:>8.0f} ({k['step_ms']:.2f} ms/step), "
+    print(f"Tp {k.get('Tp', 128)} {k.get('attention', ''):<12} dropout {k['dropout']:<4}: kestrel {k['triples_per_s']:>8.0f} ({k['step_ms']:.2f} ms/step), "
           f"torch AdamW foreach {rate(fe):>7.0f}, fused {rate(fu):>7.0f}; ratio {k['triples_per_s'] / rate(fe):.2f} / "
           f"{k['triples_per_s'] / rate(fu):.2f}; peak MiB kestrel/foreach/fused {mib(k)}/{mib(fe)}/{mib(fu)}")

@@ -88,11 +88,15 @@ if has bench || has kst; then
   BW=$(python3 -c "import json,sys; print(next((json.loads(l)['copy_gb_s'] for l in open('$RES') if 'copy_gb_s' in l), 3000))")
   say "IVF-PQ: CPU FAISS ($(nproc) cores) against the GPU, same index"
   kst "$BUILD/bench_gpu" ivfpq "$WORK/db.npy" "$WORK/q.npy" "${KST_IVF_FACTORY:-IVF1024,PQ48}" 8,32,128 "$BW" >>"$RES" || status=1
-  say "Margin-MSE training step (MiniLM-L6 shape, 64 triples, query 32 / passage 128 tokens)"
+  say "Margin-MSE training step (MiniLM-L6 shape, 64 triples, query 32 / passage 128 and 512 tokens)"
   [ -f "$WORK/minilm_train/config.json" ] || $PY tests/bench/bench_gpu_train_torch.py model "$WORK/minilm_train" tests/fixtures/models/st_bert_mean/vocab.txt >>"$RES" || status=1
+  # passages of 128 and 512 tokens; the flash attention (default) and the materialised T x T one
+  for TP in 128 512; do
   for P in 0.1 0; do
-    kst "$BUILD/bench_gpu_train" "$WORK/minilm_train" 64 32 128 20 "$P" >>"$RES" || status=1
-    has bench && { $PY tests/bench/bench_gpu_train_torch.py train "$WORK/minilm_train" 64 32 128 20 "$P" >>"$RES" || status=1; }
+    kst "$BUILD/bench_gpu_train" "$WORK/minilm_train" 64 32 "$TP" 20 "$P" >>"$RES" || status=1
+    kst env KESTREL_GPU_TRAIN_FLASH=0 "$BUILD/bench_gpu_train" "$WORK/minilm_train" 64 32 "$TP" 20 "$P" >>"$RES" || status=1
+    has bench && { $PY tests/bench/bench_gpu_train_torch.py train "$WORK/minilm_train" 64 32 "$TP" 20 "$P" >>"$RES" || status=1; }
+  done
   done
   cp "$RES" "$OUT/results_$(date +%H%M%S).jsonl"
   $PY tests/gpu/report.py "$RES" | tee "$OUT/report.txt"
