@@ -21,6 +21,10 @@ extern "C" {
 
 typedef __nv_bfloat16 bf16;
 
+/* defaults of the fused path's knobs (kst_bert_gpu_create reads the environment) */
+#define KST_ATT_DEFAULT 0
+#define KST_GEMM_CAND_DEFAULT 8
+
 /* ------------------------------------------------------------------------------------------ */
 /* row kernels: one warp per token row; a lane holds 8 consecutive values per chunk */
 
@@ -599,10 +603,216 @@ attention2_kernel(bf16 *out, const bf16 *qkv, const int *valid, int T, int C, in
     }
 }
 
-/* x = LN(a) (the residual and bias were added by the product's epilogue); xf as in ln_store. */
+/* ------------------------------------------------------------------------------------------ */
+/* attention, third form: attention2's arithmetic, with two changes that cut the shared-memory
+ * traffic and the exposed load latency per score.
+ * - Each warp owns MW fragments of 16 query rows (MW = 2: 32 rows), so that every K and V
+ *   fragment it takes from shared memory by ldmatrix feeds MW products instead of one (the
+ *   ldmatrix reads per block and key tile were as large as the tensor-core work).
+ * - S slots of K/V tiles (S - 1 tiles in flight ahead of the one in use; S = 4 holds a whole
+ *   256-token sequence, whose loads are then all issued at the start). */
+
+template <int HSP, int NW, int MW, int S>
+struct att3_smem {
+    static constexpr int Q = 16 * NW * MW;
+    static constexpr int LD = HSP + 8;
+    static constexpr size_t kv_off = (size_t)Q * LD * 2;
+    static constexpr size_t tile = (size_t)ATT_K * LD * 2;
+    static constexpr size_t bytes = kv_off + (size_t)S * 2 * tile;
+};
+
+/* blocks an SM holds: two-fragment warps use up to 255 registers */
+template <int HSP, int NW, int MW>
+struct att3_occ {
+    static constexpr int blocks = MW == 1 ? att_occ<HSP, NW>::blocks : (8 / NW > 1 ? 8 / NW : 1);
+};
+
+template <int HSP, int NW, int MW, int S>
+__global__ void __launch_bounds__(NW * 32, (att3_occ<HSP, NW, MW>::blocks))
+attention3_kernel(bf16 *out, const bf16 *qkv, const int *valid, int T, int C, int NH) {
+    typedef att3_smem<HSP, NW, MW, S> L;
+    constexpr int LD = L::LD, NT = NW * 32;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16 *Qs = (bf16 *)smem;
+    bf16 *KV = (bf16 *)(smem + L::kv_off);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int t = lane & 3;
+    const int q0 = blockIdx.x * L::Q, h = blockIdx.y, b = blockIdx.z;
+    const int hs = C / NH;
+    int Lv = valid[b];
+    if (Lv > T) Lv = T;
+    if (Lv < 1) Lv = 1;
+    const float qscale = rsqrtf((float)hs) * 1.4426950408889634f;
+    const int ntiles = (Lv + ATT_K - 1) / ATT_K;
+    /* group j (j < S - 1) holds tile j (group 0 Q as well); empty groups keep the count even */
+    tile_async<HSP, L::Q, NT>(Qs, qkv, b, T, C, hs, h, 0, q0, T);
+#pragma unroll
+    for (int j = 0; j < S - 1; j++) {
+        if (j < ntiles) {
+            bf16 *d = KV + (size_t)j * 2 * ATT_K * LD;
+            tile_async<HSP, ATT_K, NT>(d, qkv, b, T, C, hs, h, 1, j * ATT_K, Lv);
+            tile_async<HSP, ATT_K, NT>(d + ATT_K * LD, qkv, b, T, C, hs, h, 2, j * ATT_K, Lv);
+        }
+        cp_async_commit();
+    }
+    uint32_t qa[MW][HSP / 16][4];
+    float o[MW][HSP / 8][4];
+    float m[MW][2], l[MW][2];
+#pragma unroll
+    for (int w = 0; w < MW; w++) {
+#pragma unroll
+        for (int d = 0; d < HSP / 8; d++) o[w][d][0] = o[w][d][1] = o[w][d][2] = o[w][d][3] = 0.0f;
+        m[w][0] = m[w][1] = -INFINITY;
+        l[w][0] = l[w][1] = 0.0f;
+    }
+    for (int kt = 0; kt < ntiles; kt++) {
+        const int k0 = kt * ATT_K, nx = kt + S - 1;
+        if (nx < ntiles) {
+            bf16 *d = KV + (size_t)(nx % S) * 2 * ATT_K * LD;
+            tile_async<HSP, ATT_K, NT>(d, qkv, b, T, C, hs, h, 1, nx * ATT_K, Lv);
+            tile_async<HSP, ATT_K, NT>(d + ATT_K * LD, qkv, b, T, C, hs, h, 2, nx * ATT_K, Lv);
+        }
+        cp_async_commit();
+        cp_async_wait<S - 1>(); /* tile kt (and Q) have landed for this thread */
+        __syncthreads();        /* ... and for every thread */
+        if (kt == 0) {
+#pragma unroll
+            for (int w = 0; w < MW; w++) {
+                const bf16 *qr = Qs + ((warp * MW + w) * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
+#pragma unroll
+                for (int kk = 0; kk < HSP / 16; kk++) ldsm_x4(qa[w][kk], qr + kk * 16);
+            }
+        }
+        const bf16 *Ks = KV + (size_t)(kt % S) * 2 * ATT_K * LD, *Vs = Ks + ATT_K * LD;
+        float sc[MW][ATT_K / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < ATT_K / 8; nt++) {
+#pragma unroll
+            for (int w = 0; w < MW; w++) sc[w][nt][0] = sc[w][nt][1] = sc[w][nt][2] = sc[w][nt][3] = 0.0f;
+            if constexpr (HSP == 16) {
+                uint32_t kb[2];
+                ldsm_x2(kb, Ks + (nt * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8);
+#pragma unroll
+                for (int w = 0; w < MW; w++)
+                    mma_bf16(sc[w][nt], qa[w][0][0], qa[w][0][1], qa[w][0][2], qa[w][0][3], kb[0], kb[1]);
+            } else {
+#pragma unroll
+                for (int kk = 0; kk < HSP / 16; kk += 2) {
+                    uint32_t kb[4];
+                    ldsm_x4(kb, Ks + (nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+#pragma unroll
+                    for (int w = 0; w < MW; w++) {
+                        mma_bf16(sc[w][nt], qa[w][kk][0], qa[w][kk][1], qa[w][kk][2], qa[w][kk][3], kb[0], kb[1]);
+                        mma_bf16(sc[w][nt], qa[w][kk + 1][0], qa[w][kk + 1][1], qa[w][kk + 1][2], qa[w][kk + 1][3],
+                                 kb[2], kb[3]);
+                    }
+                }
+            }
+        }
+        if (k0 + ATT_K > Lv) {
+#pragma unroll
+            for (int nt = 0; nt < ATT_K / 8; nt++) {
+                const int key = k0 + nt * 8 + t * 2;
+#pragma unroll
+                for (int w = 0; w < MW; w++) {
+                    if (key >= Lv) sc[w][nt][0] = sc[w][nt][2] = -INFINITY;
+                    if (key + 1 >= Lv) sc[w][nt][1] = sc[w][nt][3] = -INFINITY;
+                }
+            }
+        }
+        uint32_t pa[MW][ATT_K / 16][4];
+#pragma unroll
+        for (int w = 0; w < MW; w++) {
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < ATT_K / 8; nt++) {
+                mx0 = fmaxf(mx0, fmaxf(sc[w][nt][0], sc[w][nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(sc[w][nt][2], sc[w][nt][3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float mn0 = fmaxf(m[w][0], mx0 * qscale), mn1 = fmaxf(m[w][1], mx1 * qscale);
+            const float al0 = ex2_approx(m[w][0] - mn0), al1 = ex2_approx(m[w][1] - mn1);
+            m[w][0] = mn0;
+            m[w][1] = mn1;
+            float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < ATT_K / 8; nt++) {
+                const float p0 = ex2_approx(fmaf(sc[w][nt][0], qscale, -mn0));
+                const float p1 = ex2_approx(fmaf(sc[w][nt][1], qscale, -mn0));
+                const float p2 = ex2_approx(fmaf(sc[w][nt][2], qscale, -mn1));
+                const float p3 = ex2_approx(fmaf(sc[w][nt][3], qscale, -mn1));
+                s0 += p0 + p1;
+                s1 += p2 + p3;
+                pa[w][nt >> 1][(nt & 1) * 2 + 0] = pack_bf16(p0, p1);
+                pa[w][nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
+            }
+            l[w][0] = l[w][0] * al0 + s0;
+            l[w][1] = l[w][1] * al1 + s1;
+#pragma unroll
+            for (int dt = 0; dt < HSP / 8; dt++) {
+                o[w][dt][0] *= al0;
+                o[w][dt][1] *= al0;
+                o[w][dt][2] *= al1;
+                o[w][dt][3] *= al1;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < ATT_K / 16; j++) {
+#pragma unroll
+            for (int dt = 0; dt < HSP / 8; dt += 2) {
+                uint32_t vb[4];
+                ldsm_x4_t(vb, Vs + (j * 16 + (lane & 15)) * LD + dt * 8 + (lane >> 4) * 8);
+#pragma unroll
+                for (int w = 0; w < MW; w++) {
+                    mma_bf16(o[w][dt], pa[w][j][0], pa[w][j][1], pa[w][j][2], pa[w][j][3], vb[0], vb[1]);
+                    mma_bf16(o[w][dt + 1], pa[w][j][0], pa[w][j][1], pa[w][j][2], pa[w][j][3], vb[2], vb[3]);
+                }
+            }
+        }
+        __syncthreads(); /* this tile's slot is refilled S - 1 tiles on */
+    }
+    /* the warp's own Q rows hold its output, then go out in 16-byte chunks */
+    const int g = lane >> 2;
+    bf16 *os = Qs + warp * MW * 16 * LD;
+#pragma unroll
+    for (int w = 0; w < MW; w++) {
+        float l0 = l[w][0], l1 = l[w][1];
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+#pragma unroll
+        for (int dt = 0; dt < HSP / 8; dt++) {
+            const int col = dt * 8 + t * 2;
+            *reinterpret_cast<uint32_t *>(os + (w * 16 + g) * LD + col) = pack_bf16(o[w][dt][0] * i0, o[w][dt][1] * i0);
+            *reinterpret_cast<uint32_t *>(os + (w * 16 + g + 8) * LD + col) =
+                pack_bf16(o[w][dt][2] * i1, o[w][dt][3] * i1);
+        }
+    }
+    __syncwarp();
+    constexpr int CPR = HSP / 8;
+#pragma unroll
+    for (int j = 0; j < (16 * MW * CPR + 31) / 32; j++) {
+        int i = lane + j * 32;
+        if (i < 16 * MW * CPR) {
+            int r = i / CPR, c8 = (i % CPR) * 8, row = q0 + warp * MW * 16 + r;
+            if (row < T && c8 < hs)
+                *reinterpret_cast<uint4 *>(out + ((size_t)b * T + row) * C + (size_t)h * hs + c8) =
+                    *reinterpret_cast<const uint4 *>(os + r * LD + c8);
+        }
+    }
+}
+
+/* x = LN(a [+ res]) (the bias, and the residual when res is NULL, were added by the product's
+ * epilogue); res may be x itself (each lane reads its chunks before writing them); xf as in
+ * ln_store. */
 template <int NCH>
-__global__ void ln_kernel(bf16 *x, float *xf, const bf16 *a, const float *lnw, const float *lnb, int BT, int C,
-                          float eps) {
+__global__ void ln_kernel(bf16 *x, float *xf, const bf16 *a, const bf16 *res, const float *lnw, const float *lnb,
+                          int BT, int C, float eps) {
     int row = blockIdx.x * ROW_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= BT) return;
     int nch = C / 8;
@@ -610,7 +820,15 @@ __global__ void ln_kernel(bf16 *x, float *xf, const bf16 *a, const float *lnw, c
 #pragma unroll
     for (int j = 0; j < NCH; j++) {
         int ch = lane + 32 * j;
-        if (ch < nch) load8(a + (size_t)row * C + ch * 8, v[j]);
+        if (ch < nch) {
+            load8(a + (size_t)row * C + ch * 8, v[j]);
+            if (res) {
+                float r[8];
+                load8(res + (size_t)row * C + ch * 8, r);
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[j][e] += r[e];
+            }
+        }
     }
     ln_store<NCH>(v, lane, nch, C, lnw, lnb, eps, x + (size_t)row * C, xf ? xf + (size_t)row * C : NULL);
 }
@@ -632,7 +850,7 @@ __global__ void act_kernel(bf16 *h, size_t n8, int act) {
 /* One cuBLASLt product out (N, OC) = in (N, K) @ W (OC, K)^T [+ bias] [+ res] [then GELU], its
  * descriptors and the algorithm the heuristic chose, kept per shape and epilogue. */
 #define LT_PLANS 32
-#define LT_CANDIDATES 8
+#define LT_CANDIDATES 32
 struct lt_plan {
     int N, K, OC, epi, res, bias32; /* epi: cublasLtEpilogue_t; res: adds a (N, OC) residual */
     cublasLtMatmulDesc_t desc;
@@ -691,6 +909,14 @@ struct kst_bert_gpu {
     uint64_t seq;           /* forwards queued so far */
     int fused;      /* 1: the fused path (cuBLASLt epilogues, attention2_kernel) */
     int exact_gelu; /* 1: erf GELU in its own kernel rather than the epilogue's tanh form */
+    int att;        /* the fused path's attention kernel (attention_fused) */
+    int res_in_ln;  /* 1: the residual is added in the LayerNorm kernel, not the product's epilogue */
+    int ncand;      /* cuBLASLt candidates asked for and timed per product kind (<= LT_CANDIDATES) */
+    /* KESTREL_GPU_PROFILE=1: events between the steps of every layer, summed per step */
+    int prof;
+    cudaEvent_t *pev;   /* (L, KST_PROF_STEPS + 1) */
+    double prof_ms[KST_PROF_STEPS];
+    int prof_n;         /* forwards summed */
 };
 
 __global__ void f32_to_bf16_kernel(bf16 *out, const float *in, size_t n) {
@@ -726,6 +952,11 @@ extern "C" void kst_bert_gpu_free(kst_bert_gpu *g) {
     for (int i = 0; i < 2; i++)
         if (g->done_ev[i]) cudaEventDestroy(g->done_ev[i]);
     if (g->hid_ev) cudaEventDestroy(g->hid_ev);
+    if (g->pev) {
+        for (size_t i = 0; i < g->cfg.L * (KST_PROF_STEPS + 1); i++)
+            if (g->pev[i]) cudaEventDestroy(g->pev[i]);
+        kst_free(g->pev);
+    }
     if (g->copied_ev) cudaEventDestroy(g->copied_ev);
     if (g->copy) cudaStreamDestroy(g->copy);
     for (int i = 0; i < 4; i++) cudaFreeHost(g->pool[i].p);
@@ -760,8 +991,26 @@ static int set_att2_smem(kst_error *err) {
     return set_smem(attention2_kernel<HSP, NW>, att2_smem<HSP, NW>::bytes, err);
 }
 
+template <int HSP, int NW, int MW, int S>
+static int set_att3_smem(kst_error *err) {
+    return set_smem(attention3_kernel<HSP, NW, MW, S>, att3_smem<HSP, NW, MW, S>::bytes, err);
+}
+template <int NW, int MW, int S>
+static int set_att3_smem_hs(kst_error *err) {
+    int rc = KST_OK;
+    KST_TRY((set_att3_smem<16, NW, MW, S>(err)));
+    KST_TRY((set_att3_smem<32, NW, MW, S>(err)));
+    KST_TRY((set_att3_smem<64, NW, MW, S>(err)));
+done:
+    return rc;
+}
+
 static int set_att_smem_all(kst_error *err) {
     int rc = KST_OK;
+    KST_TRY((set_att3_smem_hs<4, 2, 2>(err)));
+    KST_TRY((set_att3_smem_hs<4, 2, 4>(err)));
+    KST_TRY((set_att3_smem_hs<8, 1, 4>(err)));
+    KST_TRY((set_att3_smem_hs<2, 2, 2>(err)));
     KST_TRY((set_att2_smem<16, 4>(err)));
     KST_TRY((set_att2_smem<32, 4>(err)));
     KST_TRY((set_att2_smem<64, 4>(err)));
@@ -861,6 +1110,26 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         g->exact_gelu = x && strcmp(x, "1") == 0;
         const char *t = getenv("KESTREL_GPU_GEMM_TUNE");
         g->gemm_tune = !(t && strcmp(t, "0") == 0);
+        /* KESTREL_GPU_ATT=0..4: the attention kernel (attention_fused); KESTREL_GPU_RES_IN_LN=1:
+         * the residual added in the LayerNorm kernel; KESTREL_GPU_GEMM_CAND=n: cuBLASLt
+         * candidates timed per product kind. Knobs for benchmarks. */
+        const char *a = getenv("KESTREL_GPU_ATT"), *r = getenv("KESTREL_GPU_RES_IN_LN");
+        const char *n = getenv("KESTREL_GPU_GEMM_CAND"), *pr = getenv("KESTREL_GPU_PROFILE");
+        g->att = a ? atoi(a) : KST_ATT_DEFAULT;
+        if (g->att < 0 || g->att > 4) g->att = KST_ATT_DEFAULT;
+        g->res_in_ln = r && strcmp(r, "1") == 0;
+        g->ncand = n ? atoi(n) : KST_GEMM_CAND_DEFAULT;
+        if (g->ncand < 1 || g->ncand > LT_CANDIDATES) g->ncand = KST_GEMM_CAND_DEFAULT;
+        g->prof = pr && strcmp(pr, "1") == 0 && c->L > 0;
+    }
+    if (g->prof) {
+        size_t ne = L * (KST_PROF_STEPS + 1);
+        g->pev = (cudaEvent_t *)kst_calloc(ne, sizeof(cudaEvent_t), "profile events", err);
+        if (!g->pev) {
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        for (size_t i = 0; i < ne; i++) CU_TRY(cudaEventCreate(&g->pev[i]), "creating an event");
     }
     if (g->fused) {
         CUBLAS_TRY(cublasLtCreate(&g->lt), "creating the cuBLASLt handle");
@@ -1054,7 +1323,7 @@ static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, 
         cublasLtMatmulHeuristicResult_t hr[LT_CANDIDATES];
         int found = 0;
         cublasStatus_t st =
-            cublasLtMatmulAlgoGetHeuristic(g->lt, p->desc, p->a, p->b, p->c, p->c, pref, LT_CANDIDATES, hr, &found);
+            cublasLtMatmulAlgoGetHeuristic(g->lt, p->desc, p->a, p->b, p->c, p->c, pref, g->ncand, hr, &found);
         if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
             p->algo = hr[0].algo;
             p->bias32 = bias32;
@@ -1159,16 +1428,17 @@ done:
 }
 
 template <int NCH>
-static void launch_ln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *w, const float *b, int BT) {
-    ln_kernel<NCH><<<(BT + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, g->stream>>>(g->x, xf, a, w, b, BT,
+static void launch_ln(kst_bert_gpu *g, float *xf, const bf16 *a, const bf16 *res, const float *w, const float *b,
+                      int BT) {
+    ln_kernel<NCH><<<(BT + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, g->stream>>>(g->x, xf, a, res, w, b, BT,
                                                                                       (int)g->cfg.C, g->cfg.eps);
 }
-static void ln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *w, const float *b, int BT) {
+static void ln(kst_bert_gpu *g, float *xf, const bf16 *a, const bf16 *res, const float *w, const float *b, int BT) {
     int nch = (int)(g->cfg.C / 8 + 31) / 32;
-    if (nch <= 1) launch_ln<1>(g, xf, a, w, b, BT);
-    else if (nch == 2) launch_ln<2>(g, xf, a, w, b, BT);
-    else if (nch == 3) launch_ln<3>(g, xf, a, w, b, BT);
-    else launch_ln<4>(g, xf, a, w, b, BT);
+    if (nch <= 1) launch_ln<1>(g, xf, a, res, w, b, BT);
+    else if (nch == 2) launch_ln<2>(g, xf, a, res, w, b, BT);
+    else if (nch == 3) launch_ln<3>(g, xf, a, res, w, b, BT);
+    else launch_ln<4>(g, xf, a, res, w, b, BT);
 }
 
 template <int HSP, int NW>
@@ -1197,6 +1467,40 @@ static void attention2(kst_bert_gpu *g, int B, int T) {
     else attention2_nw<4>(g, B, T);
 }
 
+template <int HSP, int NW, int MW, int S>
+static void launch_att3(kst_bert_gpu *g, int B, int T) {
+    const kst_bert_config *c = &g->cfg;
+    constexpr int Q = 16 * NW * MW;
+    dim3 grid((unsigned)((T + Q - 1) / Q), (unsigned)c->NH, (unsigned)B);
+    attention3_kernel<HSP, NW, MW, S><<<grid, NW * 32, att3_smem<HSP, NW, MW, S>::bytes, g->stream>>>(
+        g->atty, g->qkv, g->dvalid, T, (int)c->C, (int)c->NH);
+}
+template <int NW, int MW, int S>
+static void attention3_hs(kst_bert_gpu *g, int B, int T) {
+    int hs = (int)(g->cfg.C / g->cfg.NH);
+    if (hs <= 16) launch_att3<16, NW, MW, S>(g, B, T);
+    else if (hs <= 32) launch_att3<32, NW, MW, S>(g, B, T);
+    else launch_att3<64, NW, MW, S>(g, B, T);
+}
+/* g->att picks the kernel: 0 attention2; 1..4 attention3 as (warps, fragments a warp, K/V slots)
+ * = (4, 2, 2), (4, 2, 4), (8, 1, 4), (2, 2, 2). Heads wider than 64 take attention2. */
+static void attention_fused(kst_bert_gpu *g, int B, int T) {
+    int hs = (int)(g->cfg.C / g->cfg.NH);
+    if (g->att == 0 || hs > 64) return attention2(g, B, T);
+    switch (g->att) {
+    case 1: attention3_hs<4, 2, 2>(g, B, T); break;
+    case 2: attention3_hs<4, 2, 4>(g, B, T); break;
+    case 3: attention3_hs<8, 1, 4>(g, B, T); break;
+    default: attention3_hs<2, 2, 2>(g, B, T); break;
+    }
+}
+
+/* KESTREL_GPU_PROFILE=1: an event before step 0 of layer l and after each of its steps */
+#define PROF(i)                                                                                                \
+    do {                                                                                                       \
+        if (g->prof) CU_TRY(cudaEventRecord(g->pev[l * (KST_PROF_STEPS + 1) + (i)], g->stream), "profile event"); \
+    } while (0)
+
 /* One layer on the fused path: 4 products (bias, residual and GELU in their epilogues), the
  * attention kernel and two LayerNorms. *ok is 0 when cuBLASLt lacks an algorithm for a product
  * of this layer's first one (nothing queued then); a later gap is an error. */
@@ -1205,18 +1509,25 @@ static int layer_fused(kst_bert_gpu *g, size_t l, int B, int T, int last, int *o
     size_t C = c->C, FF = c->FF;
     int BT = B * T, rc = KST_OK, d = 0;
     int gelu_epi = !g->exact_gelu && (c->act == KST_ACT_GELU || c->act == KST_ACT_GELU_TANH);
+    /* the residual goes into the products' epilogues (eres) or into the LayerNorms (lres) */
+    const bf16 *eres = g->res_in_ln ? NULL : g->x, *lres = g->res_in_ln ? g->x : NULL;
     *ok = 0;
+    PROF(0);
     KST_TRY(gemm_lt(g, g->qkv, g->x, g->qkvw + l * 3 * C * C, g->qkvb + l * 3 * C, g->qkvb16 + l * 3 * C, NULL, BT,
                     (int)C, (int)(3 * C), CUBLASLT_EPILOGUE_BIAS, &d, err));
     if (!d) return KST_OK;
     *ok = 1;
-    attention2(g, B, T);
+    PROF(1);
+    attention_fused(g, B, T);
     CU_LAUNCHED("attention kernel");
-    KST_TRY(gemm_lt(g, g->tmp, g->atty, g->attprojw + l * C * C, g->attprojb + l * C, g->attprojb16 + l * C, g->x, BT,
+    PROF(2);
+    KST_TRY(gemm_lt(g, g->tmp, g->atty, g->attprojw + l * C * C, g->attprojb + l * C, g->attprojb16 + l * C, eres, BT,
                     (int)C, (int)C, CUBLASLT_EPILOGUE_BIAS, &d, err));
     if (!d) goto gap;
-    ln(g, NULL, g->tmp, g->ln1w + l * C, g->ln1b + l * C, BT);
+    PROF(3);
+    ln(g, NULL, g->tmp, lres, g->ln1w + l * C, g->ln1b + l * C, BT);
     CU_LAUNCHED("LayerNorm kernel");
+    PROF(4);
     KST_TRY(gemm_lt(g, g->ff, g->x, g->fcw + l * FF * C, g->fcb + l * FF, g->fcb16 + l * FF, NULL, BT, (int)C, (int)FF,
                     gelu_epi ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_BIAS, &d, err));
     if (!d) goto gap;
@@ -1225,12 +1536,15 @@ static int layer_fused(kst_bert_gpu *g, size_t l, int B, int T, int last, int *o
         act_kernel<<<(unsigned)((n8 + 255) / 256), 256, 0, g->stream>>>(g->ff, n8, (int)c->act);
         CU_LAUNCHED("activation kernel");
     }
-    KST_TRY(gemm_lt(g, g->tmp, g->ff, g->fcprojw + l * C * FF, g->fcprojb + l * C, g->fcprojb16 + l * C, g->x, BT,
+    PROF(5);
+    KST_TRY(gemm_lt(g, g->tmp, g->ff, g->fcprojw + l * C * FF, g->fcprojb + l * C, g->fcprojb16 + l * C, eres, BT,
                     (int)FF, (int)C, CUBLASLT_EPILOGUE_BIAS, &d, err));
     if (!d) goto gap;
+    PROF(6);
     if (last) KST_TRY(hid_wait(g, err));
-    ln(g, last ? g->hid : NULL, g->tmp, g->ln2w + l * C, g->ln2b + l * C, BT);
+    ln(g, last ? g->hid : NULL, g->tmp, lres, g->ln2w + l * C, g->ln2b + l * C, BT);
     CU_LAUNCHED("LayerNorm kernel");
+    PROF(7);
     return KST_OK;
 gap:
     return kst_fail(err, KST_ERR_INTERNAL, "GPU encoder: cuBLASLt has no algorithm for a product of layer %zu "
@@ -1302,6 +1616,18 @@ static int forward_queue(kst_bert_gpu *g, float *out, const int32_t *ids, const 
         if (last) KST_TRY(hid_wait(g, err));
         brln(g, last ? g->hid : NULL, g->tmp, g->fcprojb + l * C, g->ln2w + l * C, g->ln2b + l * C, (int)BT);
         CU_LAUNCHED("bias + residual + LayerNorm kernel");
+    }
+    if (g->prof && g->fused) {
+        CU_TRY(cudaStreamSynchronize(g->stream), "profiled forward");
+        for (size_t l = 0; l < c->L; l++)
+            for (int i = 0; i < KST_PROF_STEPS; i++) {
+                float ms = 0;
+                CU_TRY(cudaEventElapsedTime(&ms, g->pev[l * (KST_PROF_STEPS + 1) + i],
+                                            g->pev[l * (KST_PROF_STEPS + 1) + i + 1]),
+                       "profile event");
+                g->prof_ms[i] += ms;
+            }
+        g->prof_n++;
     }
     if (out) {
         CU_TRY(cudaEventRecord(g->hid_ev, g->stream), "recording an event");
@@ -1386,6 +1712,14 @@ done:
 
 extern "C" const float *kst_bert_gpu_hidden(const kst_bert_gpu *g) { return g->hid; }
 extern "C" size_t kst_bert_gpu_peak_bytes(const kst_bert_gpu *g) { return g->peak; }
+
+extern "C" int kst_bert_gpu_profile(kst_bert_gpu *g, double *ms) {
+    if (!g->prof || !g->prof_n) return 0;
+    for (int i = 0; i < KST_PROF_STEPS; i++) ms[i] = g->prof_ms[i] / ((double)g->prof_n * (double)g->cfg.L);
+    for (int i = 0; i < KST_PROF_STEPS; i++) g->prof_ms[i] = 0;
+    g->prof_n = 0;
+    return KST_PROF_STEPS;
+}
 
 /* D (n, 8) float32 = GELU(in (n, 16) @ W (8, 16)^T + 0) with in[:, 0] = x and W[:, 0] = 1, so
  * that every column of row i is the epilogue's GELU(x[i]). */
