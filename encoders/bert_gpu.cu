@@ -807,6 +807,216 @@ attention3_kernel(bf16 *out, const bf16 *qkv, const int *valid, int T, int C, in
     }
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* attention, fourth form: attention2's arithmetic, software-pipelined. attention2 and
+ * attention3 are bound by latency, not by shared memory or loads (ncu on BERT-base, T=256: 46%
+ * of the SM's issue rate, 49% of DRAM, 4.1 cycles between a warp's instructions): each warp
+ * waits for its Q K^T products before the softmax, and for the softmax before P V. Here a warp
+ * issues the products of key tile kt + 1 before the softmax of tile kt, so that the tensor cores
+ * work while the softmax runs (two score tiles in registers, alternating). K/V tiles come in
+ * three slots (tile kt + 2 loads while kt + 1 is multiplied and kt finishes); each thread's
+ * cp.async sources advance by a fixed stride, without per-chunk index arithmetic. */
+
+#define ATT4_S 3
+
+template <int HSP, int NW>
+struct att4_smem {
+    static constexpr int Q = 16 * NW;
+    static constexpr int LD = HSP + 8;
+    static constexpr size_t kv_off = (size_t)Q * LD * 2;
+    static constexpr size_t tile = (size_t)ATT_K * LD * 2;
+    static constexpr size_t bytes = kv_off + (size_t)ATT4_S * 2 * tile;
+};
+
+/* K and V rows [r0, r0 + ATT_K) of this thread's column chunk c8 into one slot (K, then V) */
+template <int HSP, int NT>
+__device__ __forceinline__ void kv4_async(bf16 *slot, const bf16 *kbase, size_t ld, int C, int r0, int Lv, bool cok,
+                                          int tr, int c8) {
+    constexpr int CPR = HSP / 8, RSTEP = NT / CPR, LD = HSP + 8;
+    static_assert(NT % CPR == 0 && ATT_K % RSTEP == 0, "attention4 tiling");
+#pragma unroll
+    for (int j = 0; j < ATT_K / RSTEP; j++) {
+        const int r = tr + j * RSTEP;
+        const bool ok = cok && r0 + r < Lv;
+        const bf16 *src = ok ? kbase + (size_t)(r0 + r) * ld : kbase;
+        cp_async16(slot + r * LD + c8, src, ok ? 16 : 0);
+        cp_async16(slot + (ATT_K + r) * LD + c8, src + (ok ? C : 0), ok ? 16 : 0);
+    }
+}
+
+/* S (16 x ATT_K) = Q K^T for one warp, into sc */
+template <int HSP>
+__device__ __forceinline__ void att4_qk(float (&sc)[ATT_K / 8][4], const uint32_t (&qa)[HSP / 16][4], const bf16 *Ks,
+                                        int lane) {
+    constexpr int LD = HSP + 8;
+#pragma unroll
+    for (int nt = 0; nt < ATT_K / 8; nt++) {
+        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+        if constexpr (HSP == 16) {
+            uint32_t kb[2];
+            ldsm_x2(kb, Ks + (nt * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8);
+            mma_bf16(sc[nt], qa[0][0], qa[0][1], qa[0][2], qa[0][3], kb[0], kb[1]);
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < HSP / 16; kk += 2) {
+                uint32_t kb[4];
+                ldsm_x4(kb, Ks + (nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+                mma_bf16(sc[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], kb[0], kb[1]);
+                mma_bf16(sc[nt], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3], kb[2], kb[3]);
+            }
+        }
+    }
+}
+
+template <int HSP, int NW>
+struct att4_state {
+    uint32_t qa[HSP / 16][4];
+    float o[HSP / 8][4];
+    float m0, m1, l0, l1;
+};
+
+/* One key tile: the next tile's Q K^T goes out first (into scn), then this tile's softmax (sc)
+ * and P V. Every thread of the block calls it with the same kt. */
+template <int HSP, int NW>
+__device__ __forceinline__ void att4_step(att4_state<HSP, NW> &st, float (&sc)[ATT_K / 8][4],
+                                          float (&scn)[ATT_K / 8][4], bf16 *KV, const bf16 *kbase, size_t ld, int C,
+                                          int Lv, bool cok, int tr, int c8, int kt, int ntiles, float qscale, int lane) {
+    constexpr int LD = HSP + 8, NT = NW * 32;
+    constexpr size_t SLOT = (size_t)2 * ATT_K * LD;
+    const int t = lane & 3, k0 = kt * ATT_K;
+    if (kt + 1 < ntiles) cp_async_wait<0>(); /* tile kt + 1, this thread's part */
+    __syncthreads(); /* ... everyone's; and tile kt - 1's slot is free */
+    if (kt + 2 < ntiles) kv4_async<HSP, NT>(KV + (size_t)((kt + 2) % ATT4_S) * SLOT, kbase, ld, C, k0 + 2 * ATT_K, Lv, cok, tr, c8);
+    cp_async_commit();
+    if (kt + 1 < ntiles) att4_qk<HSP>(scn, st.qa, KV + (size_t)((kt + 1) % ATT4_S) * SLOT, lane);
+    if (k0 + ATT_K > Lv) {
+#pragma unroll
+        for (int nt = 0; nt < ATT_K / 8; nt++) {
+            const int key = k0 + nt * 8 + t * 2;
+            if (key >= Lv) sc[nt][0] = sc[nt][2] = -INFINITY;
+            if (key + 1 >= Lv) sc[nt][1] = sc[nt][3] = -INFINITY;
+        }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < ATT_K / 8; nt++) {
+        mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(st.m0, mx0 * qscale), mn1 = fmaxf(st.m1, mx1 * qscale);
+    const float al0 = ex2_approx(st.m0 - mn0), al1 = ex2_approx(st.m1 - mn1);
+    st.m0 = mn0;
+    st.m1 = mn1;
+    uint32_t pa[ATT_K / 16][4];
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < ATT_K / 8; nt++) {
+        const float p0 = ex2_approx(fmaf(sc[nt][0], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[nt][1], qscale, -mn0));
+        const float p2 = ex2_approx(fmaf(sc[nt][2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[nt][3], qscale, -mn1));
+        s0 += p0 + p1;
+        s1 += p2 + p3;
+        pa[nt >> 1][(nt & 1) * 2 + 0] = pack_bf16(p0, p1);
+        pa[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
+    }
+    st.l0 = st.l0 * al0 + s0;
+    st.l1 = st.l1 * al1 + s1;
+#pragma unroll
+    for (int dt = 0; dt < HSP / 8; dt++) {
+        st.o[dt][0] *= al0;
+        st.o[dt][1] *= al0;
+        st.o[dt][2] *= al1;
+        st.o[dt][3] *= al1;
+    }
+    const bf16 *Vs = KV + (size_t)(kt % ATT4_S) * SLOT + ATT_K * LD;
+#pragma unroll
+    for (int j = 0; j < ATT_K / 16; j++) {
+#pragma unroll
+        for (int dt = 0; dt < HSP / 8; dt += 2) {
+            uint32_t vb[4];
+            ldsm_x4_t(vb, Vs + (j * 16 + (lane & 15)) * LD + dt * 8 + (lane >> 4) * 8);
+            mma_bf16(st.o[dt], pa[j][0], pa[j][1], pa[j][2], pa[j][3], vb[0], vb[1]);
+            mma_bf16(st.o[dt + 1], pa[j][0], pa[j][1], pa[j][2], pa[j][3], vb[2], vb[3]);
+        }
+    }
+}
+
+template <int HSP, int NW>
+__global__ void __launch_bounds__(NW * 32, 12 / NW)
+attention4_kernel(bf16 *out, const bf16 *qkv, const int *valid, int T, int C, int NH) {
+    typedef att4_smem<HSP, NW> L;
+    constexpr int LD = L::LD, NT = NW * 32, CPR = HSP / 8;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16 *Qs = (bf16 *)smem;
+    bf16 *KV = (bf16 *)(smem + L::kv_off);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int q0 = blockIdx.x * L::Q, h = blockIdx.y, b = blockIdx.z;
+    const int hs = C / NH;
+    int Lv = valid[b];
+    if (Lv > T) Lv = T;
+    if (Lv < 1) Lv = 1;
+    const float qscale = rsqrtf((float)hs) * 1.4426950408889634f;
+    const int ntiles = (Lv + ATT_K - 1) / ATT_K;
+    const size_t ld = (size_t)3 * C;
+    const int tr = threadIdx.x / CPR, c8 = (threadIdx.x % CPR) * 8;
+    const bool cok = c8 < hs;
+    const bf16 *kbase = qkv + (size_t)b * T * ld + C + (size_t)h * hs + (cok ? c8 : 0);
+    constexpr size_t SLOT = (size_t)2 * ATT_K * LD;
+    /* groups: 0 = Q + tile 0, 1 = tile 1 (maybe empty) */
+    tile_async<HSP, L::Q, NT>(Qs, qkv, b, T, C, hs, h, 0, q0, T);
+    kv4_async<HSP, NT>(KV, kbase, ld, C, 0, Lv, cok, tr, c8);
+    cp_async_commit();
+    if (ntiles > 1) kv4_async<HSP, NT>(KV + SLOT, kbase, ld, C, ATT_K, Lv, cok, tr, c8);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    att4_state<HSP, NW> st;
+    {
+        const bf16 *qr = Qs + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
+#pragma unroll
+        for (int kk = 0; kk < HSP / 16; kk++) ldsm_x4(st.qa[kk], qr + kk * 16);
+    }
+#pragma unroll
+    for (int d = 0; d < HSP / 8; d++) st.o[d][0] = st.o[d][1] = st.o[d][2] = st.o[d][3] = 0.0f;
+    st.m0 = st.m1 = -INFINITY;
+    st.l0 = st.l1 = 0.0f;
+    float sa[ATT_K / 8][4], sb[ATT_K / 8][4];
+    att4_qk<HSP>(sa, st.qa, KV, lane);
+    for (int kt = 0; kt < ntiles; kt += 2) {
+        att4_step<HSP, NW>(st, sa, sb, KV, kbase, ld, C, Lv, cok, tr, c8, kt, ntiles, qscale, lane);
+        if (kt + 1 < ntiles)
+            att4_step<HSP, NW>(st, sb, sa, KV, kbase, ld, C, Lv, cok, tr, c8, kt + 1, ntiles, qscale, lane);
+    }
+    float l0 = st.l0, l1 = st.l1;
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    const int g = lane >> 2, t = lane & 3;
+    bf16 *os = Qs + warp * 16 * LD; /* the warp's own Q rows, read only by it */
+#pragma unroll
+    for (int dt = 0; dt < HSP / 8; dt++) {
+        const int col = dt * 8 + t * 2;
+        *reinterpret_cast<uint32_t *>(os + g * LD + col) = pack_bf16(st.o[dt][0] * i0, st.o[dt][1] * i0);
+        *reinterpret_cast<uint32_t *>(os + (g + 8) * LD + col) = pack_bf16(st.o[dt][2] * i1, st.o[dt][3] * i1);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < (16 * CPR + 31) / 32; j++) {
+        int i = lane + j * 32;
+        if (i < 16 * CPR) {
+            int r = i / CPR, cc = (i % CPR) * 8, row = q0 + warp * 16 + r;
+            if (row < T && cc < hs)
+                *reinterpret_cast<uint4 *>(out + ((size_t)b * T + row) * C + (size_t)h * hs + cc) =
+                    *reinterpret_cast<const uint4 *>(os + r * LD + cc);
+        }
+    }
+}
+
 /* x = LN(a [+ res]) (the bias, and the residual when res is NULL, were added by the product's
  * epilogue); res may be x itself (each lane reads its chunks before writing them); xf as in
  * ln_store. */
@@ -1007,6 +1217,9 @@ done:
 
 static int set_att_smem_all(kst_error *err) {
     int rc = KST_OK;
+    KST_TRY(set_smem(attention4_kernel<16, 4>, att4_smem<16, 4>::bytes, err));
+    KST_TRY(set_smem(attention4_kernel<32, 4>, att4_smem<32, 4>::bytes, err));
+    KST_TRY(set_smem(attention4_kernel<64, 4>, att4_smem<64, 4>::bytes, err));
     KST_TRY((set_att3_smem_hs<4, 2, 2>(err)));
     KST_TRY((set_att3_smem_hs<4, 2, 4>(err)));
     KST_TRY((set_att3_smem_hs<8, 1, 4>(err)));
@@ -1110,13 +1323,13 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         g->exact_gelu = x && strcmp(x, "1") == 0;
         const char *t = getenv("KESTREL_GPU_GEMM_TUNE");
         g->gemm_tune = !(t && strcmp(t, "0") == 0);
-        /* KESTREL_GPU_ATT=0..4: the attention kernel (attention_fused); KESTREL_GPU_RES_IN_LN=1:
+        /* KESTREL_GPU_ATT=0..5: the attention kernel (attention_fused); KESTREL_GPU_RES_IN_LN=1:
          * the residual added in the LayerNorm kernel; KESTREL_GPU_GEMM_CAND=n: cuBLASLt
          * candidates timed per product kind. Knobs for benchmarks. */
         const char *a = getenv("KESTREL_GPU_ATT"), *r = getenv("KESTREL_GPU_RES_IN_LN");
         const char *n = getenv("KESTREL_GPU_GEMM_CAND"), *pr = getenv("KESTREL_GPU_PROFILE");
         g->att = a ? atoi(a) : KST_ATT_DEFAULT;
-        if (g->att < 0 || g->att > 4) g->att = KST_ATT_DEFAULT;
+        if (g->att < 0 || g->att > 5) g->att = KST_ATT_DEFAULT;
         g->res_in_ln = r && strcmp(r, "1") == 0;
         g->ncand = n ? atoi(n) : KST_GEMM_CAND_DEFAULT;
         if (g->ncand < 1 || g->ncand > LT_CANDIDATES) g->ncand = KST_GEMM_CAND_DEFAULT;
@@ -1363,7 +1576,9 @@ done:
 }
 
 /* Times each of p's candidates on the real operands (one warm-up, then 3 runs; they all write
- * the same out), keeps the fastest in p and in g->tuned for p's range of N. Waits for the GPU. */
+ * the same out), in two rounds, each candidate's best kept: the clocks may still be rising during
+ * the first (one MiniLM run in ten of a build with one round came out 27% slower than the rest,
+ * the likeliest cause a slow algorithm chosen); keeps the fastest in p and in g->tuned for p's range of N. Waits for the GPU. */
 static int lt_tune(kst_bert_gpu *g, lt_plan *p, bf16 *out, const bf16 *in, const bf16 *W, const bf16 *res,
                    kst_error *err) {
     int rc = KST_OK;
@@ -1374,20 +1589,22 @@ static int lt_tune(kst_bert_gpu *g, lt_plan *p, bf16 *out, const bf16 *in, const
     p->tune = 0;
     CU_TRY(cudaEventCreate(&e0), "creating an event");
     CU_TRY(cudaEventCreate(&e1), "creating an event");
-    for (int i = 0; i < p->ncand; i++) {
-        int ok = 1;
-        for (int r = 0; r < 4 && ok; r++) {
-            if (r == 1) CU_TRY(cudaEventRecord(e0, g->stream), "recording an event");
-            ok = cublasLtMatmul(g->lt, p->desc, &one, W, p->a, in, p->b, res ? &one : &zero, res ? (const void *)res : out,
-                                p->c, out, p->c, &p->cand[i], g->lt_ws, g->lt_ws_bytes, g->stream) == CUBLAS_STATUS_SUCCESS;
+    for (int round = 0; round < 2; round++)
+        for (int i = 0; i < p->ncand; i++) {
+            int ok = 1;
+            for (int r = 0; r < 4 && ok; r++) {
+                if (r == 1) CU_TRY(cudaEventRecord(e0, g->stream), "recording an event");
+                ok = cublasLtMatmul(g->lt, p->desc, &one, W, p->a, in, p->b, res ? &one : &zero,
+                                    res ? (const void *)res : out, p->c, out, p->c, &p->cand[i], g->lt_ws,
+                                    g->lt_ws_bytes, g->stream) == CUBLAS_STATUS_SUCCESS;
+            }
+            if (!ok) continue; /* a candidate that does not run is not chosen */
+            CU_TRY(cudaEventRecord(e1, g->stream), "recording an event");
+            CU_TRY(cudaEventSynchronize(e1), "timing a product");
+            float ms = 0;
+            CU_TRY(cudaEventElapsedTime(&ms, e0, e1), "timing a product");
+            if (ms < best) best = ms, bi = i;
         }
-        if (!ok) continue; /* a candidate that does not run is not chosen */
-        CU_TRY(cudaEventRecord(e1, g->stream), "recording an event");
-        CU_TRY(cudaEventSynchronize(e1), "timing a product");
-        float ms = 0;
-        CU_TRY(cudaEventElapsedTime(&ms, e0, e1), "timing a product");
-        if (ok && ms < best) best = ms, bi = i;
-    }
     p->algo = p->cand[bi];
     {
         int nlog = 0;
@@ -1482,11 +1699,25 @@ static void attention3_hs(kst_bert_gpu *g, int B, int T) {
     else if (hs <= 32) launch_att3<32, NW, MW, S>(g, B, T);
     else launch_att3<64, NW, MW, S>(g, B, T);
 }
+template <int HSP, int NW>
+static void launch_att4(kst_bert_gpu *g, int B, int T) {
+    const kst_bert_config *c = &g->cfg;
+    dim3 grid((unsigned)((T + 16 * NW - 1) / (16 * NW)), (unsigned)c->NH, (unsigned)B);
+    attention4_kernel<HSP, NW><<<grid, NW * 32, att4_smem<HSP, NW>::bytes, g->stream>>>(g->atty, g->qkv, g->dvalid, T,
+                                                                                        (int)c->C, (int)c->NH);
+}
 /* g->att picks the kernel: 0 attention2; 1..4 attention3 as (warps, fragments a warp, K/V slots)
- * = (4, 2, 2), (4, 2, 4), (8, 1, 4), (2, 2, 2). Heads wider than 64 take attention2. */
+ * = (4, 2, 2), (4, 2, 4), (8, 1, 4), (2, 2, 2); 5 attention4 (4 warps). Heads wider than 64 take
+ * attention2. */
 static void attention_fused(kst_bert_gpu *g, int B, int T) {
     int hs = (int)(g->cfg.C / g->cfg.NH);
     if (g->att == 0 || hs > 64) return attention2(g, B, T);
+    if (g->att == 5) {
+        if (hs <= 16) launch_att4<16, 4>(g, B, T);
+        else if (hs <= 32) launch_att4<32, 4>(g, B, T);
+        else launch_att4<64, 4>(g, B, T);
+        return;
+    }
     switch (g->att) {
     case 1: attention3_hs<4, 2, 2>(g, B, T); break;
     case 2: attention3_hs<4, 2, 4>(g, B, T); break;
