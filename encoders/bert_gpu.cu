@@ -21,10 +21,6 @@ extern "C" {
 
 typedef __nv_bfloat16 bf16;
 
-/* defaults of the fused path's knobs (kst_bert_gpu_create reads the environment) */
-#define KST_ATT_DEFAULT 0
-#define KST_GEMM_CAND_DEFAULT 8
-
 /* ------------------------------------------------------------------------------------------ */
 /* row kernels: one warp per token row; a lane holds 8 consecutive values per chunk */
 
@@ -603,420 +599,6 @@ attention2_kernel(bf16 *out, const bf16 *qkv, const int *valid, int T, int C, in
     }
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* attention, third form: attention2's arithmetic, with two changes that cut the shared-memory
- * traffic and the exposed load latency per score.
- * - Each warp owns MW fragments of 16 query rows (MW = 2: 32 rows), so that every K and V
- *   fragment it takes from shared memory by ldmatrix feeds MW products instead of one (the
- *   ldmatrix reads per block and key tile were as large as the tensor-core work).
- * - S slots of K/V tiles (S - 1 tiles in flight ahead of the one in use; S = 4 holds a whole
- *   256-token sequence, whose loads are then all issued at the start). */
-
-template <int HSP, int NW, int MW, int S>
-struct att3_smem {
-    static constexpr int Q = 16 * NW * MW;
-    static constexpr int LD = HSP + 8;
-    static constexpr size_t kv_off = (size_t)Q * LD * 2;
-    static constexpr size_t tile = (size_t)ATT_K * LD * 2;
-    static constexpr size_t bytes = kv_off + (size_t)S * 2 * tile;
-};
-
-/* blocks an SM holds: two-fragment warps use up to 255 registers */
-template <int HSP, int NW, int MW>
-struct att3_occ {
-    static constexpr int blocks = MW == 1 ? att_occ<HSP, NW>::blocks : (8 / NW > 1 ? 8 / NW : 1);
-};
-
-template <int HSP, int NW, int MW, int S>
-__global__ void __launch_bounds__(NW * 32, (att3_occ<HSP, NW, MW>::blocks))
-attention3_kernel(bf16 *out, const bf16 *qkv, const int *valid, int T, int C, int NH) {
-    typedef att3_smem<HSP, NW, MW, S> L;
-    constexpr int LD = L::LD, NT = NW * 32;
-    extern __shared__ __align__(128) unsigned char smem[];
-    bf16 *Qs = (bf16 *)smem;
-    bf16 *KV = (bf16 *)(smem + L::kv_off);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int t = lane & 3;
-    const int q0 = blockIdx.x * L::Q, h = blockIdx.y, b = blockIdx.z;
-    const int hs = C / NH;
-    int Lv = valid[b];
-    if (Lv > T) Lv = T;
-    if (Lv < 1) Lv = 1;
-    const float qscale = rsqrtf((float)hs) * 1.4426950408889634f;
-    const int ntiles = (Lv + ATT_K - 1) / ATT_K;
-    /* group j (j < S - 1) holds tile j (group 0 Q as well); empty groups keep the count even */
-    tile_async<HSP, L::Q, NT>(Qs, qkv, b, T, C, hs, h, 0, q0, T);
-#pragma unroll
-    for (int j = 0; j < S - 1; j++) {
-        if (j < ntiles) {
-            bf16 *d = KV + (size_t)j * 2 * ATT_K * LD;
-            tile_async<HSP, ATT_K, NT>(d, qkv, b, T, C, hs, h, 1, j * ATT_K, Lv);
-            tile_async<HSP, ATT_K, NT>(d + ATT_K * LD, qkv, b, T, C, hs, h, 2, j * ATT_K, Lv);
-        }
-        cp_async_commit();
-    }
-    uint32_t qa[MW][HSP / 16][4];
-    float o[MW][HSP / 8][4];
-    float m[MW][2], l[MW][2];
-#pragma unroll
-    for (int w = 0; w < MW; w++) {
-#pragma unroll
-        for (int d = 0; d < HSP / 8; d++) o[w][d][0] = o[w][d][1] = o[w][d][2] = o[w][d][3] = 0.0f;
-        m[w][0] = m[w][1] = -INFINITY;
-        l[w][0] = l[w][1] = 0.0f;
-    }
-    for (int kt = 0; kt < ntiles; kt++) {
-        const int k0 = kt * ATT_K, nx = kt + S - 1;
-        if (nx < ntiles) {
-            bf16 *d = KV + (size_t)(nx % S) * 2 * ATT_K * LD;
-            tile_async<HSP, ATT_K, NT>(d, qkv, b, T, C, hs, h, 1, nx * ATT_K, Lv);
-            tile_async<HSP, ATT_K, NT>(d + ATT_K * LD, qkv, b, T, C, hs, h, 2, nx * ATT_K, Lv);
-        }
-        cp_async_commit();
-        cp_async_wait<S - 1>(); /* tile kt (and Q) have landed for this thread */
-        __syncthreads();        /* ... and for every thread */
-        if (kt == 0) {
-#pragma unroll
-            for (int w = 0; w < MW; w++) {
-                const bf16 *qr = Qs + ((warp * MW + w) * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
-#pragma unroll
-                for (int kk = 0; kk < HSP / 16; kk++) ldsm_x4(qa[w][kk], qr + kk * 16);
-            }
-        }
-        const bf16 *Ks = KV + (size_t)(kt % S) * 2 * ATT_K * LD, *Vs = Ks + ATT_K * LD;
-        float sc[MW][ATT_K / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < ATT_K / 8; nt++) {
-#pragma unroll
-            for (int w = 0; w < MW; w++) sc[w][nt][0] = sc[w][nt][1] = sc[w][nt][2] = sc[w][nt][3] = 0.0f;
-            if constexpr (HSP == 16) {
-                uint32_t kb[2];
-                ldsm_x2(kb, Ks + (nt * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8);
-#pragma unroll
-                for (int w = 0; w < MW; w++)
-                    mma_bf16(sc[w][nt], qa[w][0][0], qa[w][0][1], qa[w][0][2], qa[w][0][3], kb[0], kb[1]);
-            } else {
-#pragma unroll
-                for (int kk = 0; kk < HSP / 16; kk += 2) {
-                    uint32_t kb[4];
-                    ldsm_x4(kb, Ks + (nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
-#pragma unroll
-                    for (int w = 0; w < MW; w++) {
-                        mma_bf16(sc[w][nt], qa[w][kk][0], qa[w][kk][1], qa[w][kk][2], qa[w][kk][3], kb[0], kb[1]);
-                        mma_bf16(sc[w][nt], qa[w][kk + 1][0], qa[w][kk + 1][1], qa[w][kk + 1][2], qa[w][kk + 1][3],
-                                 kb[2], kb[3]);
-                    }
-                }
-            }
-        }
-        if (k0 + ATT_K > Lv) {
-#pragma unroll
-            for (int nt = 0; nt < ATT_K / 8; nt++) {
-                const int key = k0 + nt * 8 + t * 2;
-#pragma unroll
-                for (int w = 0; w < MW; w++) {
-                    if (key >= Lv) sc[w][nt][0] = sc[w][nt][2] = -INFINITY;
-                    if (key + 1 >= Lv) sc[w][nt][1] = sc[w][nt][3] = -INFINITY;
-                }
-            }
-        }
-        uint32_t pa[MW][ATT_K / 16][4];
-#pragma unroll
-        for (int w = 0; w < MW; w++) {
-            float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-            for (int nt = 0; nt < ATT_K / 8; nt++) {
-                mx0 = fmaxf(mx0, fmaxf(sc[w][nt][0], sc[w][nt][1]));
-                mx1 = fmaxf(mx1, fmaxf(sc[w][nt][2], sc[w][nt][3]));
-            }
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-            const float mn0 = fmaxf(m[w][0], mx0 * qscale), mn1 = fmaxf(m[w][1], mx1 * qscale);
-            const float al0 = ex2_approx(m[w][0] - mn0), al1 = ex2_approx(m[w][1] - mn1);
-            m[w][0] = mn0;
-            m[w][1] = mn1;
-            float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < ATT_K / 8; nt++) {
-                const float p0 = ex2_approx(fmaf(sc[w][nt][0], qscale, -mn0));
-                const float p1 = ex2_approx(fmaf(sc[w][nt][1], qscale, -mn0));
-                const float p2 = ex2_approx(fmaf(sc[w][nt][2], qscale, -mn1));
-                const float p3 = ex2_approx(fmaf(sc[w][nt][3], qscale, -mn1));
-                s0 += p0 + p1;
-                s1 += p2 + p3;
-                pa[w][nt >> 1][(nt & 1) * 2 + 0] = pack_bf16(p0, p1);
-                pa[w][nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
-            }
-            l[w][0] = l[w][0] * al0 + s0;
-            l[w][1] = l[w][1] * al1 + s1;
-#pragma unroll
-            for (int dt = 0; dt < HSP / 8; dt++) {
-                o[w][dt][0] *= al0;
-                o[w][dt][1] *= al0;
-                o[w][dt][2] *= al1;
-                o[w][dt][3] *= al1;
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < ATT_K / 16; j++) {
-#pragma unroll
-            for (int dt = 0; dt < HSP / 8; dt += 2) {
-                uint32_t vb[4];
-                ldsm_x4_t(vb, Vs + (j * 16 + (lane & 15)) * LD + dt * 8 + (lane >> 4) * 8);
-#pragma unroll
-                for (int w = 0; w < MW; w++) {
-                    mma_bf16(o[w][dt], pa[w][j][0], pa[w][j][1], pa[w][j][2], pa[w][j][3], vb[0], vb[1]);
-                    mma_bf16(o[w][dt + 1], pa[w][j][0], pa[w][j][1], pa[w][j][2], pa[w][j][3], vb[2], vb[3]);
-                }
-            }
-        }
-        __syncthreads(); /* this tile's slot is refilled S - 1 tiles on */
-    }
-    /* the warp's own Q rows hold its output, then go out in 16-byte chunks */
-    const int g = lane >> 2;
-    bf16 *os = Qs + warp * MW * 16 * LD;
-#pragma unroll
-    for (int w = 0; w < MW; w++) {
-        float l0 = l[w][0], l1 = l[w][1];
-        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-        const float i0 = 1.0f / l0, i1 = 1.0f / l1;
-#pragma unroll
-        for (int dt = 0; dt < HSP / 8; dt++) {
-            const int col = dt * 8 + t * 2;
-            *reinterpret_cast<uint32_t *>(os + (w * 16 + g) * LD + col) = pack_bf16(o[w][dt][0] * i0, o[w][dt][1] * i0);
-            *reinterpret_cast<uint32_t *>(os + (w * 16 + g + 8) * LD + col) =
-                pack_bf16(o[w][dt][2] * i1, o[w][dt][3] * i1);
-        }
-    }
-    __syncwarp();
-    constexpr int CPR = HSP / 8;
-#pragma unroll
-    for (int j = 0; j < (16 * MW * CPR + 31) / 32; j++) {
-        int i = lane + j * 32;
-        if (i < 16 * MW * CPR) {
-            int r = i / CPR, c8 = (i % CPR) * 8, row = q0 + warp * MW * 16 + r;
-            if (row < T && c8 < hs)
-                *reinterpret_cast<uint4 *>(out + ((size_t)b * T + row) * C + (size_t)h * hs + c8) =
-                    *reinterpret_cast<const uint4 *>(os + r * LD + c8);
-        }
-    }
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* attention, fourth form: attention2's arithmetic, software-pipelined. attention2 and
- * attention3 are bound by latency, not by shared memory or loads (ncu on BERT-base, T=256: 46%
- * of the SM's issue rate, 49% of DRAM, 4.1 cycles between a warp's instructions): each warp
- * waits for its Q K^T products before the softmax, and for the softmax before P V. Here a warp
- * issues the products of key tile kt + 1 before the softmax of tile kt, so that the tensor cores
- * work while the softmax runs (two score tiles in registers, alternating). K/V tiles come in
- * three slots (tile kt + 2 loads while kt + 1 is multiplied and kt finishes); each thread's
- * cp.async sources advance by a fixed stride, without per-chunk index arithmetic. */
-
-#define ATT4_S 3
-
-template <int HSP, int NW>
-struct att4_smem {
-    static constexpr int Q = 16 * NW;
-    static constexpr int LD = HSP + 8;
-    static constexpr size_t kv_off = (size_t)Q * LD * 2;
-    static constexpr size_t tile = (size_t)ATT_K * LD * 2;
-    static constexpr size_t bytes = kv_off + (size_t)ATT4_S * 2 * tile;
-};
-
-/* K and V rows [r0, r0 + ATT_K) of this thread's column chunk c8 into one slot (K, then V) */
-template <int HSP, int NT>
-__device__ __forceinline__ void kv4_async(bf16 *slot, const bf16 *kbase, size_t ld, int C, int r0, int Lv, bool cok,
-                                          int tr, int c8) {
-    constexpr int CPR = HSP / 8, RSTEP = NT / CPR, LD = HSP + 8;
-    static_assert(NT % CPR == 0 && ATT_K % RSTEP == 0, "attention4 tiling");
-#pragma unroll
-    for (int j = 0; j < ATT_K / RSTEP; j++) {
-        const int r = tr + j * RSTEP;
-        const bool ok = cok && r0 + r < Lv;
-        const bf16 *src = ok ? kbase + (size_t)(r0 + r) * ld : kbase;
-        cp_async16(slot + r * LD + c8, src, ok ? 16 : 0);
-        cp_async16(slot + (ATT_K + r) * LD + c8, src + (ok ? C : 0), ok ? 16 : 0);
-    }
-}
-
-/* S (16 x ATT_K) = Q K^T for one warp, into sc */
-template <int HSP>
-__device__ __forceinline__ void att4_qk(float (&sc)[ATT_K / 8][4], const uint32_t (&qa)[HSP / 16][4], const bf16 *Ks,
-                                        int lane) {
-    constexpr int LD = HSP + 8;
-#pragma unroll
-    for (int nt = 0; nt < ATT_K / 8; nt++) {
-        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-        if constexpr (HSP == 16) {
-            uint32_t kb[2];
-            ldsm_x2(kb, Ks + (nt * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8);
-            mma_bf16(sc[nt], qa[0][0], qa[0][1], qa[0][2], qa[0][3], kb[0], kb[1]);
-        } else {
-#pragma unroll
-            for (int kk = 0; kk < HSP / 16; kk += 2) {
-                uint32_t kb[4];
-                ldsm_x4(kb, Ks + (nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
-                mma_bf16(sc[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], kb[0], kb[1]);
-                mma_bf16(sc[nt], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3], kb[2], kb[3]);
-            }
-        }
-    }
-}
-
-template <int HSP, int NW>
-struct att4_state {
-    uint32_t qa[HSP / 16][4];
-    float o[HSP / 8][4];
-    float m0, m1, l0, l1;
-};
-
-/* One key tile: the next tile's Q K^T goes out first (into scn), then this tile's softmax (sc)
- * and P V. Every thread of the block calls it with the same kt. */
-template <int HSP, int NW>
-__device__ __forceinline__ void att4_step(att4_state<HSP, NW> &st, float (&sc)[ATT_K / 8][4],
-                                          float (&scn)[ATT_K / 8][4], bf16 *KV, const bf16 *kbase, size_t ld, int C,
-                                          int Lv, bool cok, int tr, int c8, int kt, int ntiles, float qscale, int lane) {
-    constexpr int LD = HSP + 8, NT = NW * 32;
-    constexpr size_t SLOT = (size_t)2 * ATT_K * LD;
-    const int t = lane & 3, k0 = kt * ATT_K;
-    if (kt + 1 < ntiles) cp_async_wait<0>(); /* tile kt + 1, this thread's part */
-    __syncthreads(); /* ... everyone's; and tile kt - 1's slot is free */
-    if (kt + 2 < ntiles) kv4_async<HSP, NT>(KV + (size_t)((kt + 2) % ATT4_S) * SLOT, kbase, ld, C, k0 + 2 * ATT_K, Lv, cok, tr, c8);
-    cp_async_commit();
-    if (kt + 1 < ntiles) att4_qk<HSP>(scn, st.qa, KV + (size_t)((kt + 1) % ATT4_S) * SLOT, lane);
-    if (k0 + ATT_K > Lv) {
-#pragma unroll
-        for (int nt = 0; nt < ATT_K / 8; nt++) {
-            const int key = k0 + nt * 8 + t * 2;
-            if (key >= Lv) sc[nt][0] = sc[nt][2] = -INFINITY;
-            if (key + 1 >= Lv) sc[nt][1] = sc[nt][3] = -INFINITY;
-        }
-    }
-    float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < ATT_K / 8; nt++) {
-        mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
-        mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
-    }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(st.m0, mx0 * qscale), mn1 = fmaxf(st.m1, mx1 * qscale);
-    const float al0 = ex2_approx(st.m0 - mn0), al1 = ex2_approx(st.m1 - mn1);
-    st.m0 = mn0;
-    st.m1 = mn1;
-    uint32_t pa[ATT_K / 16][4];
-    float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-    for (int nt = 0; nt < ATT_K / 8; nt++) {
-        const float p0 = ex2_approx(fmaf(sc[nt][0], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[nt][1], qscale, -mn0));
-        const float p2 = ex2_approx(fmaf(sc[nt][2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[nt][3], qscale, -mn1));
-        s0 += p0 + p1;
-        s1 += p2 + p3;
-        pa[nt >> 1][(nt & 1) * 2 + 0] = pack_bf16(p0, p1);
-        pa[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
-    }
-    st.l0 = st.l0 * al0 + s0;
-    st.l1 = st.l1 * al1 + s1;
-#pragma unroll
-    for (int dt = 0; dt < HSP / 8; dt++) {
-        st.o[dt][0] *= al0;
-        st.o[dt][1] *= al0;
-        st.o[dt][2] *= al1;
-        st.o[dt][3] *= al1;
-    }
-    const bf16 *Vs = KV + (size_t)(kt % ATT4_S) * SLOT + ATT_K * LD;
-#pragma unroll
-    for (int j = 0; j < ATT_K / 16; j++) {
-#pragma unroll
-        for (int dt = 0; dt < HSP / 8; dt += 2) {
-            uint32_t vb[4];
-            ldsm_x4_t(vb, Vs + (j * 16 + (lane & 15)) * LD + dt * 8 + (lane >> 4) * 8);
-            mma_bf16(st.o[dt], pa[j][0], pa[j][1], pa[j][2], pa[j][3], vb[0], vb[1]);
-            mma_bf16(st.o[dt + 1], pa[j][0], pa[j][1], pa[j][2], pa[j][3], vb[2], vb[3]);
-        }
-    }
-}
-
-template <int HSP, int NW>
-__global__ void __launch_bounds__(NW * 32, 12 / NW)
-attention4_kernel(bf16 *out, const bf16 *qkv, const int *valid, int T, int C, int NH) {
-    typedef att4_smem<HSP, NW> L;
-    constexpr int LD = L::LD, NT = NW * 32, CPR = HSP / 8;
-    extern __shared__ __align__(128) unsigned char smem[];
-    bf16 *Qs = (bf16 *)smem;
-    bf16 *KV = (bf16 *)(smem + L::kv_off);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int q0 = blockIdx.x * L::Q, h = blockIdx.y, b = blockIdx.z;
-    const int hs = C / NH;
-    int Lv = valid[b];
-    if (Lv > T) Lv = T;
-    if (Lv < 1) Lv = 1;
-    const float qscale = rsqrtf((float)hs) * 1.4426950408889634f;
-    const int ntiles = (Lv + ATT_K - 1) / ATT_K;
-    const size_t ld = (size_t)3 * C;
-    const int tr = threadIdx.x / CPR, c8 = (threadIdx.x % CPR) * 8;
-    const bool cok = c8 < hs;
-    const bf16 *kbase = qkv + (size_t)b * T * ld + C + (size_t)h * hs + (cok ? c8 : 0);
-    constexpr size_t SLOT = (size_t)2 * ATT_K * LD;
-    /* groups: 0 = Q + tile 0, 1 = tile 1 (maybe empty) */
-    tile_async<HSP, L::Q, NT>(Qs, qkv, b, T, C, hs, h, 0, q0, T);
-    kv4_async<HSP, NT>(KV, kbase, ld, C, 0, Lv, cok, tr, c8);
-    cp_async_commit();
-    if (ntiles > 1) kv4_async<HSP, NT>(KV + SLOT, kbase, ld, C, ATT_K, Lv, cok, tr, c8);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    att4_state<HSP, NW> st;
-    {
-        const bf16 *qr = Qs + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
-#pragma unroll
-        for (int kk = 0; kk < HSP / 16; kk++) ldsm_x4(st.qa[kk], qr + kk * 16);
-    }
-#pragma unroll
-    for (int d = 0; d < HSP / 8; d++) st.o[d][0] = st.o[d][1] = st.o[d][2] = st.o[d][3] = 0.0f;
-    st.m0 = st.m1 = -INFINITY;
-    st.l0 = st.l1 = 0.0f;
-    float sa[ATT_K / 8][4], sb[ATT_K / 8][4];
-    att4_qk<HSP>(sa, st.qa, KV, lane);
-    for (int kt = 0; kt < ntiles; kt += 2) {
-        att4_step<HSP, NW>(st, sa, sb, KV, kbase, ld, C, Lv, cok, tr, c8, kt, ntiles, qscale, lane);
-        if (kt + 1 < ntiles)
-            att4_step<HSP, NW>(st, sb, sa, KV, kbase, ld, C, Lv, cok, tr, c8, kt + 1, ntiles, qscale, lane);
-    }
-    float l0 = st.l0, l1 = st.l1;
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
-    const int g = lane >> 2, t = lane & 3;
-    bf16 *os = Qs + warp * 16 * LD; /* the warp's own Q rows, read only by it */
-#pragma unroll
-    for (int dt = 0; dt < HSP / 8; dt++) {
-        const int col = dt * 8 + t * 2;
-        *reinterpret_cast<uint32_t *>(os + g * LD + col) = pack_bf16(st.o[dt][0] * i0, st.o[dt][1] * i0);
-        *reinterpret_cast<uint32_t *>(os + (g + 8) * LD + col) = pack_bf16(st.o[dt][2] * i1, st.o[dt][3] * i1);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < (16 * CPR + 31) / 32; j++) {
-        int i = lane + j * 32;
-        if (i < 16 * CPR) {
-            int r = i / CPR, cc = (i % CPR) * 8, row = q0 + warp * 16 + r;
-            if (row < T && cc < hs)
-                *reinterpret_cast<uint4 *>(out + ((size_t)b * T + row) * C + (size_t)h * hs + cc) =
-                    *reinterpret_cast<const uint4 *>(os + r * LD + cc);
-        }
-    }
-}
-
 /* x = LN(a [+ res]) (the bias, and the residual when res is NULL, were added by the product's
  * epilogue); res may be x itself (each lane reads its chunks before writing them); xf as in
  * ln_store. */
@@ -1060,7 +642,7 @@ __global__ void act_kernel(bf16 *h, size_t n8, int act) {
 /* One cuBLASLt product out (N, OC) = in (N, K) @ W (OC, K)^T [+ bias] [+ res] [then GELU], its
  * descriptors and the algorithm the heuristic chose, kept per shape and epilogue. */
 #define LT_PLANS 32
-#define LT_CANDIDATES 32
+#define LT_CANDIDATES 8
 struct lt_plan {
     int N, K, OC, epi, res, bias32; /* epi: cublasLtEpilogue_t; res: adds a (N, OC) residual */
     cublasLtMatmulDesc_t desc;
@@ -1119,9 +701,8 @@ struct kst_bert_gpu {
     uint64_t seq;           /* forwards queued so far */
     int fused;      /* 1: the fused path (cuBLASLt epilogues, attention2_kernel) */
     int exact_gelu; /* 1: erf GELU in its own kernel rather than the epilogue's tanh form */
-    int att;        /* the fused path's attention kernel (attention_fused) */
     int res_in_ln;  /* 1: the residual is added in the LayerNorm kernel, not the product's epilogue */
-    int ncand;      /* cuBLASLt candidates asked for and timed per product kind (<= LT_CANDIDATES) */
+    int bias16_first; /* 1: epilogue biases in bf16 where cuBLASLt has an algorithm, else float32 */
     /* KESTREL_GPU_PROFILE=1: events between the steps of every layer, summed per step */
     int prof;
     cudaEvent_t *pev;   /* (L, KST_PROF_STEPS + 1) */
@@ -1201,29 +782,8 @@ static int set_att2_smem(kst_error *err) {
     return set_smem(attention2_kernel<HSP, NW>, att2_smem<HSP, NW>::bytes, err);
 }
 
-template <int HSP, int NW, int MW, int S>
-static int set_att3_smem(kst_error *err) {
-    return set_smem(attention3_kernel<HSP, NW, MW, S>, att3_smem<HSP, NW, MW, S>::bytes, err);
-}
-template <int NW, int MW, int S>
-static int set_att3_smem_hs(kst_error *err) {
-    int rc = KST_OK;
-    KST_TRY((set_att3_smem<16, NW, MW, S>(err)));
-    KST_TRY((set_att3_smem<32, NW, MW, S>(err)));
-    KST_TRY((set_att3_smem<64, NW, MW, S>(err)));
-done:
-    return rc;
-}
-
 static int set_att_smem_all(kst_error *err) {
     int rc = KST_OK;
-    KST_TRY(set_smem(attention4_kernel<16, 4>, att4_smem<16, 4>::bytes, err));
-    KST_TRY(set_smem(attention4_kernel<32, 4>, att4_smem<32, 4>::bytes, err));
-    KST_TRY(set_smem(attention4_kernel<64, 4>, att4_smem<64, 4>::bytes, err));
-    KST_TRY((set_att3_smem_hs<4, 2, 2>(err)));
-    KST_TRY((set_att3_smem_hs<4, 2, 4>(err)));
-    KST_TRY((set_att3_smem_hs<8, 1, 4>(err)));
-    KST_TRY((set_att3_smem_hs<2, 2, 2>(err)));
     KST_TRY((set_att2_smem<16, 4>(err)));
     KST_TRY((set_att2_smem<32, 4>(err)));
     KST_TRY((set_att2_smem<64, 4>(err)));
@@ -1323,16 +883,16 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         g->exact_gelu = x && strcmp(x, "1") == 0;
         const char *t = getenv("KESTREL_GPU_GEMM_TUNE");
         g->gemm_tune = !(t && strcmp(t, "0") == 0);
-        /* KESTREL_GPU_ATT=0..5: the attention kernel (attention_fused); KESTREL_GPU_RES_IN_LN=1:
-         * the residual added in the LayerNorm kernel; KESTREL_GPU_GEMM_CAND=n: cuBLASLt
-         * candidates timed per product kind. Knobs for benchmarks. */
-        const char *a = getenv("KESTREL_GPU_ATT"), *r = getenv("KESTREL_GPU_RES_IN_LN");
-        const char *n = getenv("KESTREL_GPU_GEMM_CAND"), *pr = getenv("KESTREL_GPU_PROFILE");
-        g->att = a ? atoi(a) : KST_ATT_DEFAULT;
-        if (g->att < 0 || g->att > 5) g->att = KST_ATT_DEFAULT;
+        /* KESTREL_GPU_RES_IN_LN=1: the residual added in the LayerNorm kernel (float32 sum)
+         * rather than in the products' epilogues (bf16 sum); KESTREL_GPU_PROFILE=1: the
+         * per-step CUDA events of kst_bert_gpu_profile. Knobs for benchmarks. */
+        const char *r = getenv("KESTREL_GPU_RES_IN_LN"), *pr = getenv("KESTREL_GPU_PROFILE");
         g->res_in_ln = r && strcmp(r, "1") == 0;
-        g->ncand = n ? atoi(n) : KST_GEMM_CAND_DEFAULT;
-        if (g->ncand < 1 || g->ncand > LT_CANDIDATES) g->ncand = KST_GEMM_CAND_DEFAULT;
+        /* KESTREL_GPU_BIAS16=1: bf16 epilogue biases first, as PyTorch's bf16 Linear passes them
+         * (its products ran 9-18% faster than ours in the same run; whether the bias type picks
+         * cuBLASLt's kernel family is not measured yet) */
+        const char *b16 = getenv("KESTREL_GPU_BIAS16");
+        g->bias16_first = b16 && strcmp(b16, "1") == 0;
         g->prof = pr && strcmp(pr, "1") == 0 && c->L > 0;
     }
     if (g->prof) {
@@ -1517,7 +1077,8 @@ static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, 
     CUBLAS_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &g->lt_ws_bytes,
                                                     sizeof g->lt_ws_bytes),
                "cuBLASLt preference");
-    for (int bias32 = 1; bias32 >= 0; bias32--) {
+    for (int k = 0; k < 2; k++) {
+        const int bias32 = g->bias16_first ? k : 1 - k;
         if (p->desc) cublasLtMatmulDescDestroy(p->desc);
         p->desc = NULL;
         CUBLAS_TRY(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cuBLASLt descriptor");
@@ -1536,7 +1097,7 @@ static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, 
         cublasLtMatmulHeuristicResult_t hr[LT_CANDIDATES];
         int found = 0;
         cublasStatus_t st =
-            cublasLtMatmulAlgoGetHeuristic(g->lt, p->desc, p->a, p->b, p->c, p->c, pref, g->ncand, hr, &found);
+            cublasLtMatmulAlgoGetHeuristic(g->lt, p->desc, p->a, p->b, p->c, p->c, pref, LT_CANDIDATES, hr, &found);
         if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
             p->algo = hr[0].algo;
             p->bias32 = bias32;
@@ -1576,9 +1137,10 @@ done:
 }
 
 /* Times each of p's candidates on the real operands (one warm-up, then 3 runs; they all write
- * the same out), in two rounds, each candidate's best kept: the clocks may still be rising during
- * the first (one MiniLM run in ten of a build with one round came out 27% slower than the rest,
- * the likeliest cause a slow algorithm chosen); keeps the fastest in p and in g->tuned for p's range of N. Waits for the GPU. */
+ * the same out) in two rounds, keeping each candidate's best: the clocks may still be rising
+ * during the first (with one round, one MiniLM T=256 run in a benchmark of 44 came out 27% slower
+ * than its repeats; a slow algorithm chosen then is the likeliest cause, not a proven one). The
+ * fastest goes to p and to g->tuned for p's range of N. Waits for the GPU. */
 static int lt_tune(kst_bert_gpu *g, lt_plan *p, bf16 *out, const bf16 *in, const bf16 *W, const bf16 *res,
                    kst_error *err) {
     int rc = KST_OK;
@@ -1684,48 +1246,6 @@ static void attention2(kst_bert_gpu *g, int B, int T) {
     else attention2_nw<4>(g, B, T);
 }
 
-template <int HSP, int NW, int MW, int S>
-static void launch_att3(kst_bert_gpu *g, int B, int T) {
-    const kst_bert_config *c = &g->cfg;
-    constexpr int Q = 16 * NW * MW;
-    dim3 grid((unsigned)((T + Q - 1) / Q), (unsigned)c->NH, (unsigned)B);
-    attention3_kernel<HSP, NW, MW, S><<<grid, NW * 32, att3_smem<HSP, NW, MW, S>::bytes, g->stream>>>(
-        g->atty, g->qkv, g->dvalid, T, (int)c->C, (int)c->NH);
-}
-template <int NW, int MW, int S>
-static void attention3_hs(kst_bert_gpu *g, int B, int T) {
-    int hs = (int)(g->cfg.C / g->cfg.NH);
-    if (hs <= 16) launch_att3<16, NW, MW, S>(g, B, T);
-    else if (hs <= 32) launch_att3<32, NW, MW, S>(g, B, T);
-    else launch_att3<64, NW, MW, S>(g, B, T);
-}
-template <int HSP, int NW>
-static void launch_att4(kst_bert_gpu *g, int B, int T) {
-    const kst_bert_config *c = &g->cfg;
-    dim3 grid((unsigned)((T + 16 * NW - 1) / (16 * NW)), (unsigned)c->NH, (unsigned)B);
-    attention4_kernel<HSP, NW><<<grid, NW * 32, att4_smem<HSP, NW>::bytes, g->stream>>>(g->atty, g->qkv, g->dvalid, T,
-                                                                                        (int)c->C, (int)c->NH);
-}
-/* g->att picks the kernel: 0 attention2; 1..4 attention3 as (warps, fragments a warp, K/V slots)
- * = (4, 2, 2), (4, 2, 4), (8, 1, 4), (2, 2, 2); 5 attention4 (4 warps). Heads wider than 64 take
- * attention2. */
-static void attention_fused(kst_bert_gpu *g, int B, int T) {
-    int hs = (int)(g->cfg.C / g->cfg.NH);
-    if (g->att == 0 || hs > 64) return attention2(g, B, T);
-    if (g->att == 5) {
-        if (hs <= 16) launch_att4<16, 4>(g, B, T);
-        else if (hs <= 32) launch_att4<32, 4>(g, B, T);
-        else launch_att4<64, 4>(g, B, T);
-        return;
-    }
-    switch (g->att) {
-    case 1: attention3_hs<4, 2, 2>(g, B, T); break;
-    case 2: attention3_hs<4, 2, 4>(g, B, T); break;
-    case 3: attention3_hs<8, 1, 4>(g, B, T); break;
-    default: attention3_hs<2, 2, 2>(g, B, T); break;
-    }
-}
-
 /* KESTREL_GPU_PROFILE=1: an event before step 0 of layer l and after each of its steps */
 #define PROF(i)                                                                                                \
     do {                                                                                                       \
@@ -1749,7 +1269,7 @@ static int layer_fused(kst_bert_gpu *g, size_t l, int B, int T, int last, int *o
     if (!d) return KST_OK;
     *ok = 1;
     PROF(1);
-    attention_fused(g, B, T);
+    attention2(g, B, T);
     CU_LAUNCHED("attention kernel");
     PROF(2);
     KST_TRY(gemm_lt(g, g->tmp, g->atty, g->attprojw + l * C * C, g->attprojb + l * C, g->attprojb16 + l * C, eres, BT,
@@ -1791,6 +1311,7 @@ static int forward_queue(kst_bert_gpu *g, float *out, const int32_t *ids, const 
     const kst_bert_config *c = &g->cfg;
     size_t C = c->C, FF = c->FF, BT = B * T;
     int rc = KST_OK;
+    int all_fused = g->fused; /* the profile's events exist only for fused layers */
     if (T > c->P)
         return kst_fail(err, KST_ERR_INVALID, "sequence of %zu tokens exceeds the model's %zu positions", T, c->P);
     if (BT == 0) return KST_OK;
@@ -1832,6 +1353,7 @@ static int forward_queue(kst_bert_gpu *g, float *out, const int32_t *ids, const 
             int ok = 0;
             KST_TRY(layer_fused(g, l, (int)B, (int)T, last, &ok, err));
             if (ok) continue;
+            all_fused = 0;
         }
         KST_TRY(gemm(g, g->qkv, g->x, g->qkvw + l * 3 * C * C, (int)BT, (int)C, (int)(3 * C), err));
         attention(g, g->qkvb + l * 3 * C, (int)B, (int)T);
@@ -1848,7 +1370,7 @@ static int forward_queue(kst_bert_gpu *g, float *out, const int32_t *ids, const 
         brln(g, last ? g->hid : NULL, g->tmp, g->fcprojb + l * C, g->ln2w + l * C, g->ln2b + l * C, (int)BT);
         CU_LAUNCHED("bias + residual + LayerNorm kernel");
     }
-    if (g->prof && g->fused) {
+    if (g->prof && all_fused) {
         CU_TRY(cudaStreamSynchronize(g->stream), "profiled forward");
         for (size_t l = 0; l < c->L; l++)
             for (int i = 0; i < KST_PROF_STEPS; i++) {
