@@ -53,6 +53,13 @@ void kst_bert_gpu_host_give(kst_bert_gpu *g, void *p);
 const float *kst_bert_gpu_hidden(const kst_bert_gpu *g);
 /* Most GPU memory this encoder has held at once (weights + activations), in bytes. */
 size_t kst_bert_gpu_peak_bytes(const kst_bert_gpu *g);
+/* With KESTREL_GPU_PROFILE=1 set at create, the fused path records CUDA events between the steps
+ * of every layer and waits for each forward: the mean milliseconds a layer of each step since the
+ * last call go to ms (QKV product, attention, projection product, LayerNorm, FC1 product, FC2
+ * product, LayerNorm) and their number is returned; 0 (ms untouched) when not profiling. For
+ * benchmarks. */
+#define KST_PROF_STEPS 7
+int kst_bert_gpu_profile(kst_bert_gpu *g, double *ms);
 
 /* What the fused path's GELU epilogue (cuBLASLt GELU_BIAS) computes: y[i] = GELU(x[i] + 0) for
  * n bf16-exact inputs x (host), y float32 (host), through a bf16 product with float32 output.

@@ -420,6 +420,66 @@ static void test_forward_vs_cpu(void **s) {
     forward_case("cross_bert", 5, 12, v1);
 }
 
+/* Head sizes 32 and 64 (the MiniLM and BERT-base heads; the fixtures' heads are 8 wide) over
+ * 300 tokens: several key tiles and query tiles, a sequence of one token, lengths off the tile
+ * edges. Random weights (uniform in [-0.1, 0.1], LayerNorm weights 1 +- 0.1), GPU forward against
+ * the float32 CPU forward, with the residual added in the products' epilogues (the default) and in
+ * the LayerNorm kernel (KESTREL_GPU_RES_IN_LN=1). */
+static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln) {
+    enum { B = 5, T = 300 };
+    kst_bert_config c;
+    memset(&c, 0, sizeof c);
+    c.arch = KST_ARCH_BERT, c.V = 211, c.P = T, c.TT = 2, c.C = C, c.L = 2, c.NH = NH, c.FF = 2 * C;
+    c.act = KST_ACT_GELU, c.eps = 1e-12f;
+    kst_bert m;
+    kst_error err;
+    assert_ok(kst_bert_alloc(&m, &c, &err), &err);
+    g_rng = 0x9E3779B97F4A7C15ull;
+    for (size_t i = 0; i < m.num_params; i++) m.param_mem[i] = 0.1f * frand();
+    float *lnw[] = {m.params.emblnw, m.params.ln1w, m.params.ln2w};
+    size_t lnn[] = {C, c.L * C, c.L * C};
+    for (int j = 0; j < 3; j++)
+        for (size_t i = 0; i < lnn[j]; i++) lnw[j][i] = 1.0f + 0.1f * frand();
+    int valid[B] = {T, 1, 65, 129, 200};
+    int32_t *ids = malloc(B * T * sizeof(int32_t));
+    for (size_t i = 0; i < B * T; i++) ids[i] = (int32_t)((i * 7919) % c.V);
+    float *cpu = malloc(B * T * C * sizeof(float)), *gpu = malloc(B * T * C * sizeof(float));
+    kst_bert_acts acts = {0};
+    assert_ok(kst_bert_forward(&m, &acts, cpu, ids, NULL, valid, B, T, &err), &err);
+    kst_bert_acts_free(&acts);
+    /* the knob is read at create; whatever the caller set is restored after */
+    const char *knob = "KESTREL_GPU_RES_IN_LN";
+    char *was = getenv(knob) ? strdup(getenv(knob)) : NULL;
+    setenv(knob, res_in_ln, 1);
+    kst_bert_gpu *g = NULL;
+    int rc = kst_bert_gpu_create(&m, &g, &err);
+    if (was) setenv(knob, was, 1);
+    else unsetenv(knob);
+    free(was);
+    assert_ok(rc, &err);
+    assert_ok(kst_bert_gpu_forward(g, gpu, ids, NULL, valid, B, T, &err), &err);
+    double worst = 1;
+    for (size_t b = 0; b < B; b++)
+        for (size_t t = 0; t < (size_t)valid[b]; t++) {
+            double cs = cosine_f32(gpu + (b * T + t) * C, cpu + (b * T + t) * C, C);
+            if (!(cs >= worst)) worst = cs;
+        }
+    printf("  C=%zu, %zu heads of %zu, T=%d, residual in LN %s: GPU vs CPU min row cosine %.6f\n", C, NH, C / NH, T,
+           res_in_ln, worst);
+    if (!(worst >= 0.999)) fail_msg("head size %zu: GPU forward differs from the CPU's (cosine %.6f)", C / NH, worst);
+    kst_bert_gpu_free(g);
+    free(ids), free(cpu), free(gpu);
+    kst_bert_free(&m);
+}
+
+static void test_forward_wide_heads(void **s) {
+    (void)s;
+    NEED_GPU();
+    wide_heads_case(128, 2, "0");
+    wide_heads_case(64, 2, "0");
+    wide_heads_case(128, 2, "1");
+}
+
 /* The same texts through the CPU and the GPU model, one at a time and batched. */
 static void embed_both(const char *name) {
     char dir[512], path[512];
@@ -540,6 +600,7 @@ int main(void) {
         cmocka_unit_test(test_ivfpq),
         cmocka_unit_test(test_gelu_epilogue),
         cmocka_unit_test(test_forward_vs_cpu),
+        cmocka_unit_test(test_forward_wide_heads),
         cmocka_unit_test(test_encoder_dense),
         cmocka_unit_test(test_encoder_chunks),
         cmocka_unit_test(test_encoder_cross),

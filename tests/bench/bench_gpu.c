@@ -12,7 +12,9 @@
  *       kst_bert_gpu_forward on a (B, T) batch of random ids, all T valid (the last hidden states
  *       stay on the GPU, as the anchor's), 3 warm-ups, REPS timed; median. The optional files:
  *       a padded batch (ids (b, t) int64, valid (b) int64) and PyTorch's float32 last hidden
- *       states (b, t, C) for it: min cosine over the valid token rows is printed.
+ *       states (b, t, C) for it: min cosine over the valid token rows is printed. With
+ *       KESTREL_GPU_PROFILE=1 also the mean milliseconds a layer of each step (kst_bert_gpu_profile);
+ *       KST_BENCH_VARIANT names the variant in the output.
  *   bench_gpu ivfpq DB.npy Q.npy FACTORY NPROBES BW_GB_S
  *       FAISS IVF-PQ (FACTORY, e.g. IVF1024,PQ48) trained and filled on the CPU from DB; for each
  *       nprobe in NPROBES (comma separated): CPU FAISS search on all cores (kst_ann_search, the
@@ -163,6 +165,8 @@ static int encode_main(int argc, char **argv) {
         if (kst_bert_gpu_sync(g, &err) != KST_OK) die("forward", &err);
     }
     double *tm = malloc((size_t)reps * sizeof(double));
+    double pms[KST_PROF_STEPS];
+    kst_bert_gpu_profile(g, pms); /* KESTREL_GPU_PROFILE=1: drop the warm-ups' step times */
     for (int r = 0; r < reps; r++) {
         double a = now();
         if (kst_bert_gpu_forward(g, NULL, ids, NULL, valid, B, T, &err) != KST_OK) die("forward", &err);
@@ -175,10 +179,23 @@ static int encode_main(int argc, char **argv) {
     /* which path (encoders/bert_gpu.cu's knobs), so that report.py can set them side by side */
     const char *fu = getenv("KESTREL_GPU_FUSED"), *xg = getenv("KESTREL_GPU_EXACT_GELU");
     const char *tu = getenv("KESTREL_GPU_GEMM_TUNE");
-    const char *variant = fu && strcmp(fu, "0") == 0    ? "unfused"
+    const char *rl = getenv("KESTREL_GPU_RES_IN_LN"), *b16 = getenv("KESTREL_GPU_BIAS16");
+    const char *variant = getenv("KST_BENCH_VARIANT") ? getenv("KST_BENCH_VARIANT")
+                          : fu && strcmp(fu, "0") == 0 ? "unfused"
                           : xg && strcmp(xg, "1") == 0 ? "fused_erf_gelu"
                           : tu && strcmp(tu, "0") == 0 ? "fused_heuristic"
+                          : rl && strcmp(rl, "1") == 0 ? "fused_res_in_ln"
+                          : b16 && strcmp(b16, "1") == 0 ? "fused_bias16"
                                                        : "fused";
+    if (kst_bert_gpu_profile(g, pms) == KST_PROF_STEPS) {
+        /* per-layer milliseconds of each step (CUDA events between them) */
+        static const char *step[KST_PROF_STEPS] = {"qkv", "attention", "proj", "ln1", "fc1", "fc2", "ln2"};
+        printf("{\"bench\": \"encode_profile\", \"variant\": \"%s\", \"model\": \"%s\", \"B\": %zu, \"T\": %zu", variant,
+               argv[2], B, T);
+        double sum = 0;
+        for (int i = 0; i < KST_PROF_STEPS; i++) printf(", \"%s_ms\": %.4f", step[i], pms[i]), sum += pms[i];
+        printf(", \"layer_ms\": %.4f}\n", sum);
+    }
     printf("{\"bench\": \"encode\", \"variant\": \"%s\", \"model\": \"%s\", \"B\": %zu, \"T\": %zu, \"seconds\": %.6f, "
            "\"docs_per_s\": %.1f, \"tflops\": %.2f, \"gpu_peak_bytes\": %zu, \"parity_min_cos\": %.6f, "
            "\"parity_max_abs\": %.6f}\n",

@@ -7,7 +7,7 @@ inputs both sides share. Prints one JSON object per line.
                       batch (ids, valid, float32 last hidden states from transformers)
   encode DIR B T...   transformers BertModel in bf16, eval, SDPA attention: eager and
                       torch.compile, docs/s on a (B, T) batch (ids copied from the host each call,
-                      as kestrel's), peak GPU memory
+                      as kestrel's), peak GPU memory (KST_TORCH_MODES=eager: eager alone)
   search DIR          1M x 384 unit vectors and 10,000 queries (written to DIR as .npy); torch.mm +
                       torch.topk (k=100) in float32 and float16, best of two query chunk sizes
 """
@@ -91,7 +91,10 @@ def encode(root, B, Ts, reps):
             ids = torch.randint(1000, 21000, (B, T), generator=g)
             ids[:, 0], ids[:, -1] = 101, 102
             mask = torch.ones(B, T, dtype=torch.long)
+            modes = os.environ.get("KST_TORCH_MODES", "eager,compiled").split(",")
             for label, mod in (("eager", m), ("compiled", cm)):
+                if label not in modes:
+                    continue
                 def step():
                     with torch.inference_mode():
                         return mod(input_ids=ids.to(dev, non_blocking=False),

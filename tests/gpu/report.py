@@ -37,6 +37,14 @@ if variants:
         cd = c["docs_per_s"] if c else float("nan")
         print(f"{k.get('variant', 'fused'):15} {name:9} {k['T']:>4} {k['docs_per_s']:>9.0f} x eager {k['docs_per_s'] / ed:5.2f} "
               f"x comp {k['docs_per_s'] / cd:5.2f}  parity cos {k['parity_min_cos']:.6f} max |d| {k.get('parity_max_abs', float('nan')):.4f}")
+profiles = [r for r in rows if r["bench"] == "encode_profile"]
+if profiles:
+    print("\nper-layer step times, ms (KESTREL_GPU_PROFILE=1: CUDA events between the steps, mean over layers and runs)")
+    steps = ("qkv", "attention", "proj", "ln1", "fc1", "fc2", "ln2")
+    print(f"{'variant':10} {'model':9} {'T':>4} " + " ".join(f"{s:>9}" for s in steps) + f" {'layer':>8}")
+    for r in profiles:
+        name = r["model"].rstrip("/").split("/")[-1]
+        print(f"{r.get('variant', ''):10} {name:9} {r['T']:>4} " + " ".join(f"{r[s + '_ms']:>9.4f}" for s in steps) + f" {r['layer_ms']:>8.4f}")
 for r in (r for r in rows if r["bench"] == "embed_pipeline"):
     print(f"\nkst_model_embed on the GPU, {r['n']} texts ({r['model']}): {r['docs_per_s']:.0f} texts/s with tokenization "
           f"and the heads overlapping the GPU, {r['docs_per_s_serial']:.0f} texts/s one batch at a time "

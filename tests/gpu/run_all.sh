@@ -59,9 +59,12 @@ if has bench || has kst; then
   say "anchors: ceilings; models"
   has bench && { $PY tests/bench/bench_gpu_torch.py ceilings >>"$RES" || status=1; }
   [ -f "$WORK/bertbase/parity_hidden.npy" ] || $PY tests/bench/bench_gpu_torch.py models "$WORK" tests/fixtures/models/st_bert_mean/vocab.txt >>"$RES" || status=1
-  # the default path, then the unfused path (KESTREL_GPU_FUSED=0), erf GELU (KESTREL_GPU_EXACT_GELU=1)
-  # and cuBLASLt's first choice of algorithm without timing its candidates (KESTREL_GPU_GEMM_TUNE=0)
-  for v in "" KESTREL_GPU_FUSED=0 KESTREL_GPU_EXACT_GELU=1 KESTREL_GPU_GEMM_TUNE=0; do
+  # the default path, then the unfused path (KESTREL_GPU_FUSED=0), erf GELU (KESTREL_GPU_EXACT_GELU=1),
+  # cuBLASLt's first choice of algorithm without timing its candidates (KESTREL_GPU_GEMM_TUNE=0),
+  # and the residual added in the LayerNorm (KESTREL_GPU_RES_IN_LN=1), bf16 epilogue biases
+  # (KESTREL_GPU_BIAS16=1), then the per-step profile of each layer (KESTREL_GPU_PROFILE=1)
+  for v in "" KESTREL_GPU_FUSED=0 KESTREL_GPU_EXACT_GELU=1 KESTREL_GPU_GEMM_TUNE=0 KESTREL_GPU_RES_IN_LN=1 \
+           KESTREL_GPU_BIAS16=1 "KESTREL_GPU_PROFILE=1 KST_BENCH_VARIANT=profile"; do
     for m in minilm bertbase; do
       for T in 128 256; do
         kst env $v "$BUILD/bench_gpu" encode "$WORK/$m" 256 "$T" 20 "$WORK/$m/parity_ids.npy" "$WORK/$m/parity_valid.npy" \
