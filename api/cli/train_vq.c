@@ -12,12 +12,15 @@
 #include "index/faiss_ext.h"
 #include "rank/engine.h"
 #include "rank/trec.h"
+#include "encoders/checkpoint.h"
 #include "train/vq.h"
+#include "train/vq_qenc.h"
 
 static const char *HELP =
     "usage: kestrel train vq --index DIR [--queries FILE] [--qrels FILE] [--epochs N]\n"
     "         [--lr-ivf X] [--lr-pq X] [--temperature T] [--candidates K] [--batch-size N]\n"
     "         [--max-queries N] [--tau-scale X] [--val-fraction X] [--anchor X] [--seed N]\n"
+    "         [--train-query-encoder [--lr-query-encoder X]]\n"
     "\n"
     "Distill-VQ: learns the IVF coarse centroids and PQ codebooks of the index's FAISS IVF-PQ\n"
     "(IVFn,PQm or OPQm,IVFn,PQm; 8-bit codes) so that the compressed index ranks documents as the\n"
@@ -61,10 +64,23 @@ static const char *HELP =
     "                     drawn uniformly each step, relative to its starting value (0: off; 1\n"
     "                     did not help in tests/bench/README.md, \"Distill-VQ\")\n"
     "  --seed N           query sampling and order (0)\n"
+    "  --train-query-encoder\n"
+    "                     also fine-tune the query encoder, jointly: the students score the tuned\n"
+    "                     encoder's query vectors against the compressed index, the teacher stays\n"
+    "                     the original (frozen) query vectors against the uncompressed documents,\n"
+    "                     and the loss's gradient flows through the query vector into the encoder\n"
+    "                     (AdamW, no dropout). Needs --queries (the texts to encode; without them\n"
+    "                     it is refused: sampled documents have no query text). Documents stay as\n"
+    "                     encoded by the index's model. The tuned encoder is saved inside the index\n"
+    "                     as the folder query_model.N (a sentence-transformers checkpoint), recorded\n"
+    "                     in the manifest (\"query_model\", with its fingerprint) in the same commit\n"
+    "                     as the FAISS file, and from then on `kestrel search` and the C API embed\n"
+    "                     queries on this index with it. A later run starts from it; a run without\n"
+    "                     this flag keeps it and trains the centroids and codebooks for its vectors\n"
+    "  --lr-query-encoder X  AdamW learning rate of the query encoder (2e-5; weight decay 0.01)\n"
     "\n"
-    "Not available: --train-query-encoder (joint query-encoder fine-tuning). Flat and HNSW indexes\n"
-    "have nothing to learn. Exit codes as every command (0 ok, 2 I/O, 3 bad input, 6 unsupported\n"
-    "index, 64 usage).\n";
+    "Flat and HNSW indexes have nothing to learn. Exit codes as every command (0 ok, 2 I/O, 3 bad\n"
+    "input, 6 unsupported index, 64 usage).\n";
 
 #define EMBED_BATCH 256
 
@@ -231,6 +247,8 @@ done:
 
 int cmd_train_vq(int argc, char **argv) {
     const char *dir = NULL, *qpath = NULL, *qrels = NULL;
+    int train_qenc = 0;
+    double lr_qenc = 2e-5;
     kst_vq_opts o = kst_vq_opts_default();
     o.progress = 1;
     for (int i = 1; i < argc; i++) {
@@ -239,10 +257,10 @@ int cmd_train_vq(int argc, char **argv) {
             fputs(HELP, stdout);
             return 0;
         }
-        if (strcmp(a, "--train-query-encoder") == 0)
-            return cli_usage_error("train vq", "--train-query-encoder is not implemented yet (the "
-                                               "documents' index is learned; the query encoder "
-                                               "stays as it is)");
+        if (strcmp(a, "--train-query-encoder") == 0) {
+            train_qenc = 1;
+            continue;
+        }
         if (!v) return cli_usage_error("train vq", "%s needs a value (or is unknown)", a);
         i++;
         char *end = NULL;
@@ -259,13 +277,14 @@ int cmd_train_vq(int argc, char **argv) {
             if (frac) o.val_fraction = x;
             else o.w_rec = x;
         } else if (!strcmp(a, "--lr-ivf") || !strcmp(a, "--lr-pq") || !strcmp(a, "--temperature") ||
-                   !strcmp(a, "--tau-scale")) {
+                   !strcmp(a, "--tau-scale") || !strcmp(a, "--lr-query-encoder")) {
             double x = strtod(v, &end);
             if (!*v || *end || !(x > 0))
                 return cli_usage_error("train vq", "%s expects a positive number, got \"%s\"", a, v);
             if (!strcmp(a, "--lr-ivf")) o.lr_ivf = x;
             else if (!strcmp(a, "--lr-pq")) o.lr_pq = x;
             else if (!strcmp(a, "--temperature")) o.temperature = x;
+            else if (!strcmp(a, "--lr-query-encoder")) lr_qenc = x;
             else o.tau_scale = x;
         } else if (!strcmp(a, "--epochs") || !strcmp(a, "--candidates") || !strcmp(a, "--seed") ||
                    !strcmp(a, "--batch-size") || !strcmp(a, "--max-queries")) {
@@ -282,6 +301,11 @@ int cmd_train_vq(int argc, char **argv) {
     }
     if (!dir) return cli_usage_error("train vq", "--index is required");
     if (qrels && !qpath) return cli_usage_error("train vq", "--qrels needs --queries");
+    if (train_qenc && !qpath)
+        return cli_usage_error("train vq", "--train-query-encoder needs --queries FILE: the query "
+                                           "texts the encoder is trained on (the label-free "
+                                           "default samples document vectors, which have no "
+                                           "query text to encode)");
 
     kst_error err;
     kst_ix *ix = NULL;
@@ -290,9 +314,12 @@ int cmd_train_vq(int argc, char **argv) {
     kst_ann *out = NULL;
     int64_t *ids = NULL, *sorted = NULL, *pos = NULL;
     size_t *row_of = NULL, *pos_off = NULL, n = 0, npos = 0;
-    float *x = NULL, *q = NULL;
+    float *x = NULL, *q = NULL, *qstu = NULL;
     qset qs = {0};
     char *json = NULL;
+    kst_encoder *qenc_enc = NULL, *saved = NULL;
+    kst_vq_qenc qe = {0};
+    char qfolder[64] = "", qpath_full[4096] = "", qfp[65] = "";
     int rc = kst_ix_open(dir, NULL, 1, &ix, &err);
     if (rc != KST_OK) goto done;
     if (!ix->dense || !ix->ann) {
@@ -324,8 +351,26 @@ int cmd_train_vq(int argc, char **argv) {
             rc = KST_ERR_NOMEM;
             goto done;
         }
+        /* The teacher: the original model's query vectors (frozen). */
         KST_TRY(kst_encoder_embed(ix->dense, (const char *const *)qs.text, NULL, qs.n, 1, 0, 32, q,
                                   &err));
+        if (train_qenc) {
+            /* The student encoder: a private copy of the index's current query encoder. */
+            KST_TRY(kst_encoder_open(kst_ix_query_encoder(ix)->dir, KST_ROLE_DENSE, &qenc_enc, &err));
+            KST_TRY(kst_vq_qenc_init(&qe, qenc_enc, (const char *const *)qs.text, qs.n, &err));
+            qe.lr = lr_qenc;
+            o.qenc = &qe;
+        } else if (ix->query) {
+            /* The index's tuned query encoder stays in use: the students are its vectors. */
+            qstu = kst_malloc(qs.n, dim * sizeof(float), "query vectors", &err);
+            if (!qstu) {
+                rc = KST_ERR_NOMEM;
+                goto done;
+            }
+            KST_TRY(kst_encoder_embed(ix->query, (const char *const *)qs.text, NULL, qs.n, 1, 0, 32,
+                                      qstu, &err));
+            o.q_student = qstu;
+        }
         if (qrels) {
             sorted = kst_malloc(n, sizeof *sorted, "ids", &err);
             row_of = kst_malloc(n, sizeof *row_of, "rows", &err);
@@ -364,7 +409,25 @@ int cmd_train_vq(int argc, char **argv) {
              (unsigned long long)o.seed, o.w_rec, o.val_fraction, r.val_queries, r.val_init,
              r.val_best, r.best_epoch, r.mse_init, r.mse_final, m.rot ? "true" : "false",
              r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, r.seconds);
-    rc = kst_ix_replace_ann(ix, out, "vq_training", json, &err);
+    if (train_qenc) {
+        /* The tuned encoder goes into the index as query_model.<next generation>, written (each
+         * file atomically, weights last) before the commit that names it: a crash before the
+         * commit leaves the manifest on the old FAISS file and the old query encoder. */
+        kst_store_manifest man;
+        KST_TRY(kst_store_manifest_read(ix->store, &man, &err));
+        snprintf(qfolder, sizeof qfolder, "query_model.%lld", (long long)(man.generation + 1));
+        KST_TRY(kst_path_join(qpath_full, sizeof qpath_full, ix->dir, qfolder, &err));
+        KST_TRY(kst_checkpoint_save(qenc_enc, qpath_full, &err));
+        KST_TRY(kst_encoder_open(qpath_full, KST_ROLE_DENSE, &saved, &err));
+        KST_TRY(kst_store_fingerprint_files((const char *const *)saved->weight_files,
+                                            saved->n_weight_files, qfp, &err));
+        size_t jl = strlen(json);
+        snprintf(json + jl - 1, 1536 - (jl - 1),
+                 ",\"query_encoder\":{\"folder\":\"%s\",\"lr\":%g}}", qfolder, lr_qenc);
+    }
+    const char *keys[3] = {"vq_training", "query_model", "query_model_fingerprint"};
+    const char *vals[3] = {json, qfolder, qfp};
+    rc = kst_ix_replace_ann_meta(ix, out, keys, vals, train_qenc ? 3 : 1, &err);
     out = NULL;
     if (rc == KST_OK)
         fprintf(stderr,
@@ -374,6 +437,9 @@ int cmd_train_vq(int argc, char **argv) {
                 n, r.queries, r.steps, r.seconds, r.loss_init_ivf, r.loss_final_ivf,
                 r.loss_init_pq, r.loss_final_pq, r.val_queries, r.val_init, r.val_best,
                 r.best_epoch, r.epochs, dir, ix->ann_file);
+    if (rc == KST_OK && train_qenc)
+        fprintf(stderr, "kestrel train vq: the tuned query encoder is %s (searches of this index "
+                        "use it)\n", qpath_full);
 done:
     kst_free(json);
     kst_ann_free(out);
@@ -386,6 +452,10 @@ done:
     kst_free(pos_off);
     kst_free(x);
     kst_free(q);
+    kst_free(qstu);
+    kst_vq_qenc_free(&qe);
+    kst_encoder_free(qenc_enc);
+    kst_encoder_free(saved);
     qset_free(&qs);
     kst_ix_close(ix);
     if (rc != KST_OK) return cli_report("train vq", rc, &err);
