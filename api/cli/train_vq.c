@@ -1,12 +1,15 @@
 /* train_vq.c - `kestrel train vq`: Distill-VQ, re-learn an index's IVF centroids and PQ codebooks
  * from the dense model's own scores and rewrite its FAISS file as a new generation. */
 #define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cli.h"
 #include "core/check.h"
 #include "core/mem.h"
+#include "core/npy.h"
 #include "core/progress.h"
 #include "index/collection.h"
 #include "index/faiss_ext.h"
@@ -64,6 +67,12 @@ static const char *HELP =
     "                     drawn uniformly each step, relative to its starting value (0: off; 1\n"
     "                     did not help in tests/bench/README.md, \"Distill-VQ\")\n"
     "  --seed N           query sampling and order (0)\n"
+    "  --doc-vectors V.npy --doc-ids F\n"
+    "                     the documents' vectors computed before by the index's model (`kestrel\n"
+    "                     embed` over each document's \"title text\"), rows named by the external\n"
+    "                     ids of F (one per line), instead of encoding the collection again; every\n"
+    "                     indexed document needs a row, and 8 documents are encoded and compared\n"
+    "                     (vectors of another model or text are refused)\n"
     "  --train-query-encoder\n"
     "                     also fine-tune the query encoder, jointly: the students score the tuned\n"
     "                     encoder's query vectors against the compressed index, the teacher stays\n"
@@ -169,6 +178,113 @@ static int encode_docs(kst_ix *ix, int64_t *ids, size_t n, float *x, size_t *kep
     return rc;
 }
 
+typedef struct id_row {
+    int64_t id;
+    size_t row;
+} id_row;
+
+static int cmp_id_row(const void *a, const void *b) {
+    int64_t x = ((const id_row *)a)->id, y = ((const id_row *)b)->id;
+    return x < y ? -1 : x > y;
+}
+
+#define VERIFY_DOCS 8
+
+/* --doc-vectors V.npy --doc-ids F: the documents' vectors computed before by the index's model
+ * (`kestrel embed` over each document's "title text"), rows named by the external ids of F (one
+ * per line), instead of encoding the collection again. Fills x (n, dim) in the order of ids (n).
+ * Fails naming the file when the shapes or counts disagree or an indexed vector has no row; then
+ * encodes VERIFY_DOCS documents spread over the index and compares: vectors from another model
+ * or another text are refused. */
+static int load_doc_vectors(kst_ix *ix, const char *vpath, const char *idpath, const int64_t *ids,
+                            size_t n, float *x, kst_error *err) {
+    size_t dim = ix->dense->dim, nl = 0, cap = 0;
+    kst_npy v = {0};
+    id_row *map = NULL;
+    char *line = NULL, *text = NULL;
+    size_t lcap = 0;
+    float got[VERIFY_DOCS * 1024];
+    FILE *f = NULL;
+    int rc = kst_npy_read(vpath, &v, err);
+    if (rc != KST_OK) return rc;
+    if (v.dtype != KST_NPY_F32 || v.ndim != 2 || v.shape[1] != dim) {
+        rc = kst_fail(err, KST_ERR_SHAPE, "%s: expected a float32 (rows, %zu) array of the index "
+                      "model's document vectors", vpath, dim);
+        goto done;
+    }
+    f = fopen(idpath, "r");
+    if (!f) {
+        rc = kst_fail(err, KST_ERR_IO, "%s: cannot open the document ids", idpath);
+        goto done;
+    }
+    for (ssize_t len; (len = getline(&line, &lcap, f)) >= 0; nl++) {
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = '\0';
+        if (nl >= v.shape[0]) break;
+        int64_t id;
+        kst_error e2;
+        int r = kst_store_lookup(ix->store, line, &id, &e2);
+        if (r == KST_ERR_NOTFOUND) continue; /* not in the index: not needed */
+        if (r != KST_OK) {
+            *err = e2;
+            rc = r;
+            goto done;
+        }
+        KST_TRY(kst_realloc((void **)&map, ++cap, sizeof *map, "document rows", err));
+        map[cap - 1] = (id_row){id, nl};
+    }
+    if (nl != v.shape[0]) {
+        rc = kst_fail(err, KST_ERR_FORMAT, "%s: %zu ids for the %zu rows of %s", idpath, nl,
+                      v.shape[0], vpath);
+        goto done;
+    }
+    qsort(map, cap, sizeof *map, cmp_id_row);
+    for (size_t i = 0; i < n; i++) {
+        id_row key = {ids[i], 0};
+        const id_row *h = cap ? bsearch(&key, map, cap, sizeof *map, cmp_id_row) : NULL;
+        if (!h) {
+            rc = kst_fail(err, KST_ERR_INVALID, "%s: no row for indexed document %lld (internal "
+                          "id); the ids file must name every document of the index", idpath,
+                          (long long)ids[i]);
+            goto done;
+        }
+        memcpy(x + i * dim, (const float *)v.data + h->row * dim, dim * sizeof(float));
+    }
+    /* The check: a few documents encoded here against their given rows. */
+    size_t nv = n < VERIFY_DOCS ? n : VERIFY_DOCS;
+    if (dim > 1024) nv = 0;
+    for (size_t k = 0; k < nv; k++) {
+        size_t i = k * n / nv;
+        kst_store_doc d = {0};
+        KST_TRY(kst_store_get(ix->store, ids[i], &d, err));
+        text = kst_ix_doc_text(d.title, d.text, err);
+        kst_store_doc_free(&d);
+        if (!text) {
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        KST_TRY(kst_encoder_embed(ix->dense, (const char *const *)&text, NULL, 1, 0, 0, 1, got, err));
+        kst_free(text), text = NULL;
+        double worst = 0;
+        for (size_t j = 0; j < dim; j++) worst = fmax(worst, fabs((double)got[j] - x[i * dim + j]));
+        if (!(worst < 2e-3)) {
+            rc = kst_fail(err, KST_ERR_INVALID, "%s: the row of document %lld differs from the "
+                          "index model's vector by %.3g: the vectors must come from the index's "
+                          "model over each document's \"title text\" (kestrel embed --model %s)",
+                          vpath, (long long)ids[i], worst, ix->dense->dir);
+            goto done;
+        }
+    }
+    fprintf(stderr, "kestrel train vq: %zu document vectors from %s (%zu checked against the "
+                    "model)\n", n, vpath, nv);
+done:
+    if (f) fclose(f);
+    free(line);
+    kst_free(text);
+    kst_free(map);
+    kst_npy_free(&v);
+    return rc;
+}
+
 typedef struct qset {
     size_t n, cap;
     char **qid, **text;
@@ -246,7 +362,7 @@ done:
 }
 
 int cmd_train_vq(int argc, char **argv) {
-    const char *dir = NULL, *qpath = NULL, *qrels = NULL;
+    const char *dir = NULL, *qpath = NULL, *qrels = NULL, *dvec = NULL, *dids = NULL;
     int train_qenc = 0;
     double lr_qenc = 2e-5;
     kst_vq_opts o = kst_vq_opts_default();
@@ -268,6 +384,8 @@ int cmd_train_vq(int argc, char **argv) {
         if (strcmp(a, "--index") == 0) dir = v;
         else if (strcmp(a, "--queries") == 0) qpath = v;
         else if (strcmp(a, "--qrels") == 0) qrels = v;
+        else if (strcmp(a, "--doc-vectors") == 0) dvec = v;
+        else if (strcmp(a, "--doc-ids") == 0) dids = v;
         else if (!strcmp(a, "--val-fraction") || !strcmp(a, "--anchor")) {
             double x = strtod(v, &end);
             int frac = !strcmp(a, "--val-fraction");
@@ -301,6 +419,8 @@ int cmd_train_vq(int argc, char **argv) {
     }
     if (!dir) return cli_usage_error("train vq", "--index is required");
     if (qrels && !qpath) return cli_usage_error("train vq", "--qrels needs --queries");
+    if (!dvec != !dids)
+        return cli_usage_error("train vq", "--doc-vectors and --doc-ids go together");
     if (train_qenc && !qpath)
         return cli_usage_error("train vq", "--train-query-encoder needs --queries FILE: the query "
                                            "texts the encoder is trained on (the label-free "
@@ -339,7 +459,12 @@ int cmd_train_vq(int argc, char **argv) {
         rc = KST_ERR_NOMEM;
         goto done;
     }
-    KST_TRY(encode_docs(ix, ids, n, x, &kept, &err));
+    if (dvec) {
+        KST_TRY(load_doc_vectors(ix, dvec, dids, ids, n, x, &err));
+        kept = n;
+    } else {
+        KST_TRY(encode_docs(ix, ids, n, x, &kept, &err));
+    }
     if (kept < n)
         fprintf(stderr, "kestrel train vq: %zu vectors have no document (an interrupted write); "
                         "they are dropped\n", n - kept);

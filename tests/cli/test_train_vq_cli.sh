@@ -96,6 +96,24 @@ cp $T/qm.bak "$T/ix/$qm/model.safetensors"
 check "train vq without the flag keeps the query encoder" "$K" train vq --index $T/ix --queries $T/queries.jsonl --epochs 1 --candidates 50
 [ "$(manifest query_model)" = "$qm" ] && ok "query_model still $qm" || bad "query_model became '$(manifest query_model)'"
 
+# --doc-vectors: the documents' vectors from `kestrel embed` (rows named by an ids file, any
+# order) instead of encoding the collection again; checked against the model.
+"$PY" -c "
+import json, sys
+rows = [json.loads(l) for l in open('$T/corpus.jsonl')][::-1]
+open('$T/dids.txt', 'w').write(''.join(r['_id'] + '\\n' for r in rows))
+open('$T/dtexts.txt', 'w').write(''.join(' '.join(((r.get('title') or '') + ' ' + (r.get('text') or '')).split()) + '\\n' for r in rows))
+" 2>/dev/null || awk '{ print }' /dev/null
+if [ -s $T/dids.txt ]; then
+  "$K" embed --model $F/st_bert_mean --out $T/dv.npy < $T/dtexts.txt 2>/dev/null
+  check "train vq --doc-vectors (no re-encoding)" sh -c "'$K' train vq --index $T/ix --epochs 1 --candidates 50 --doc-vectors $T/dv.npy --doc-ids $T/dids.txt 2>&1 | grep -q '300 document vectors from .*(8 checked against the model)'"
+  "$K" embed --model $F/st_bert_sqrtlen_tokjson --out $T/dv_other.npy < $T/dtexts.txt 2>/dev/null
+  expect_exit "--doc-vectors of another model are refused" 1 "differs from the index model" -- "$K" train vq --index $T/ix --doc-vectors $T/dv_other.npy --doc-ids $T/dids.txt
+  head -299 $T/dids.txt > $T/dids_short.txt
+  expect_exit "--doc-ids with a row count other than the vectors'" 3 "299 ids for the 300 rows" -- "$K" train vq --index $T/ix --doc-vectors $T/dv.npy --doc-ids $T/dids_short.txt
+  expect_exit "--doc-vectors without --doc-ids" 64 "go together" -- "$K" train vq --index $T/ix --doc-vectors $T/dv.npy
+fi
+
 expect_exit "--index is required" 64 "--index is required" -- "$K" train vq
 expect_exit "--train-query-encoder without --queries" 64 "needs --queries" -- "$K" train vq --index $T/ix --train-query-encoder
 expect_exit "a bad --lr-query-encoder" 64 "positive number" -- "$K" train vq --index $T/ix --lr-query-encoder 0
