@@ -126,6 +126,41 @@ static int open_model(kst_ix *ix, const char *given, const char *dir_key, const 
     return rc;
 }
 
+/* The tuned query encoder (manifest "query_model": a folder name inside the index directory,
+ * "query_model_fingerprint": its weights' fingerprint), when the index has one. */
+static int open_query_model(kst_ix *ix, kst_error *err) {
+    char *name = NULL, *want_fp = NULL, path[PATH_CAP];
+    int rc = meta_get_opt(ix->store, "query_model", &name, err);
+    if (rc == KST_OK) rc = meta_get_opt(ix->store, "query_model_fingerprint", &want_fp, err);
+    if (rc != KST_OK || !name || !*name) goto done;
+    if (strchr(name, '/') || strcmp(name, "..") == 0) {
+        rc = kst_fail(err, KST_ERR_FORMAT, "%s: manifest query_model \"%s\" is not a folder name "
+                      "inside the index", ix->dir, name);
+        goto done;
+    }
+    KST_TRY(kst_path_join(path, sizeof path, ix->dir, name, err));
+    rc = kst_encoder_open(path, KST_ROLE_DENSE, &ix->query, err);
+    if (rc != KST_OK) {
+        kst_error_prefix(err, "%s: the query encoder recorded as query_model", ix->dir);
+        goto done;
+    }
+    if (want_fp && *want_fp) {
+        char fp[65];
+        KST_TRY(fingerprint(ix->query, fp, err));
+        if (strcmp(fp, want_fp) != 0)
+            rc = kst_fail(err, KST_ERR_INVALID, "%s: the query encoder %s has fingerprint %s, the "
+                          "manifest records %s (changed on disk?); run `kestrel train vq "
+                          "--train-query-encoder` again", ix->dir, path, fp, want_fp);
+    }
+    if (rc == KST_OK && ix->dense && ix->query->dim != ix->dense->dim)
+        rc = kst_fail(err, KST_ERR_SHAPE, "%s: the query encoder gives %zu-d vectors, the index "
+                      "%zu-d ones", path, ix->query->dim, ix->dense->dim);
+done:
+    kst_free(name);
+    kst_free(want_fp);
+    return rc;
+}
+
 /* The id map file (index/idmap.h) beside FAISS file `ann_file` ("dense.N.faiss" -> "dense.N.ids"). */
 static void ids_name(const char *ann_file, char *out, size_t cap) {
     size_t l = strlen(ann_file);
@@ -202,6 +237,7 @@ static int open_parts(kst_ix *ix, const kst_ix_models *m, kst_error *err) {
     KST_TRY(open_model(ix, m ? m->dense : NULL, "dense_model", "model_fingerprint", KST_ROLE_DENSE, &ix->dense, err));
     KST_TRY(open_model(ix, m ? m->colbert : NULL, "colbert_model", "colbert_fingerprint", KST_ROLE_COLBERT, &ix->colbert, err));
     KST_TRY(open_model(ix, m ? m->cross : NULL, "cross_model", "cross_fingerprint", KST_ROLE_CROSS, &ix->cross, err));
+    KST_TRY(open_query_model(ix, err));
     char *fac = NULL;
     KST_TRY(meta_get_opt(ix->store, "requested_factory", &fac, err));
     snprintf(ix->factory, sizeof ix->factory, "%s", fac ? fac : "auto");
@@ -248,6 +284,7 @@ void kst_ix_close(kst_ix *ix) {
     kst_encoder_free(ix->dense);
     kst_encoder_free(ix->colbert);
     kst_encoder_free(ix->cross);
+    kst_encoder_free(ix->query);
     kst_ann_free(ix->ann);
     kst_idmap_close(ix->idmap);
     kst_tokens_close(ix->tokens);
@@ -634,6 +671,11 @@ done:
 
 int kst_ix_replace_ann(kst_ix *ix, kst_ann *ann, const char *meta_key, const char *meta_value,
                        kst_error *err) {
+    return kst_ix_replace_ann_meta(ix, ann, &meta_key, &meta_value, meta_key ? 1 : 0, err);
+}
+
+int kst_ix_replace_ann_meta(kst_ix *ix, kst_ann *ann, const char *const *keys,
+                            const char *const *values, size_t nkeys, kst_error *err) {
     if (!ix->writable) {
         kst_ann_free(ann);
         return kst_fail(err, KST_ERR_MISUSE, "%s: opened read-only", ix->dir);
@@ -651,7 +693,8 @@ int kst_ix_replace_ann(kst_ix *ix, kst_ann *ann, const char *meta_key, const cha
     KST_TRY(kst_ann_write(ann, path, err));
     KST_TRY(write_idmap(ix, new_file, err));
     KST_TRY(kst_store_meta_set(ix->store, "ann_file", new_file, err));
-    if (meta_key) KST_TRY(kst_store_meta_set(ix->store, meta_key, meta_value ? meta_value : "", err));
+    for (size_t i = 0; i < nkeys; i++)
+        KST_TRY(kst_store_meta_set(ix->store, keys[i], values && values[i] ? values[i] : "", err));
     if (ix->device) KST_TRY(kst_ann_set_device(ann, ix->device, 0, err));
     kst_ann_free(ix->ann);
     ix->ann = ann; /* end_write reloads the committed file if the commit fails */

@@ -38,6 +38,9 @@ typedef struct kst_ix {
     int writable;
     kst_store *store;       /* the writer's handle, or the first reader's */
     kst_encoder *dense, *colbert, *cross;
+    kst_encoder *query;     /* the query encoder trained with the index (`kestrel train vq
+                               --train-query-encoder`, manifest "query_model": a folder inside the
+                               index), or NULL: queries use `dense`. Documents always use `dense` */
     kst_ann *ann;           /* NULL for a BM25-only or still empty index */
     struct kst_idmap *idmap; /* ann's internal -> external ids (index/idmap.h); NULL when the
                                 index predates it or a write is open */
@@ -87,6 +90,15 @@ int kst_ix_delete(kst_ix *ix, const char *const *ids, size_t n, size_t *removed,
  * committed index. */
 int kst_ix_replace_ann(kst_ix *ix, kst_ann *ann, const char *meta_key, const char *meta_value,
                        kst_error *err);
+/* kst_ix_replace_ann setting n manifest keys (values NULL: ""), in the same commit. */
+int kst_ix_replace_ann_meta(kst_ix *ix, kst_ann *ann, const char *const *keys,
+                            const char *const *values, size_t n, kst_error *err);
+
+/* The encoder that embeds queries for the dense search: ix->query when the index has one, else
+ * ix->dense. */
+static inline kst_encoder *kst_ix_query_encoder(const kst_ix *ix) {
+    return ix->query ? ix->query : ix->dense;
+}
 
 /* A read-only store handle for one search (thread-safe pool); give it back with kst_ix_put_reader. */
 int kst_ix_get_reader(kst_ix *ix, kst_store **out, kst_error *err);

@@ -10,8 +10,8 @@ int kst_ix_set_device(kst_ix *ix, int device, kst_error *err) {
         return kst_fail(err, KST_ERR_INVALID, "device %d: expected 0 (cpu) or 1 (cuda)", device);
     if (device == KST_DEV_CUDA) KST_TRY(kst_gpu_check(err));
     ix->device = device;
-    kst_encoder *encs[3] = {ix->dense, ix->colbert, ix->cross};
-    for (int i = 0; i < 3; i++)
+    kst_encoder *encs[4] = {ix->dense, ix->colbert, ix->cross, ix->query};
+    for (int i = 0; i < 4; i++)
         if (encs[i]) KST_TRY(kst_encoder_set_device(encs[i], device, err));
     if (ix->ann) KST_TRY(kst_ann_set_device(ix->ann, device, 0, err));
 done:

@@ -215,7 +215,7 @@ int kst_rank_search(kst_ix *ix, const char *query, size_t qlen, const kst_search
             rc = KST_ERR_NOMEM;
             goto done;
         }
-        KST_TRY(kst_encoder_embed(ix->dense, (const char *const *)&qz, &qlen, 1, 1, 0, 1, qv, err));
+        KST_TRY(kst_encoder_embed(kst_ix_query_encoder(ix), (const char *const *)&qz, &qlen, 1, 1, 0, 1, qv, err));
         kst_ann_search_opts so = {cfg.nprobe, cfg.ef_search};
         KST_TRY(kst_ann_search(ix->ann, 1, (int)dim, qv, (int64_t)kn, &so, sc, ids, err));
         for (size_t i = 0; i < kn && ids[i] >= 0; i++) dense[nd++] = (cand){ids[i], sc[i], KST_STAGE_DENSE};

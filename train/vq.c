@@ -18,6 +18,7 @@
 #include "index/faiss_ext.h"
 #include "train/optim.h"
 #include "train/teacher.h"
+#include "train/vq_qenc.h"
 
 /* ---------------------------------------------------------------------------------------------
  * Model
@@ -211,6 +212,14 @@ int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *
                  const int64_t *cand, const float *teacher, size_t ndocs, const float *y,
                  const int32_t *assign, double T, double w_ivf, double w_pq, float *grad,
                  double *loss_ivf, double *loss_pq, kst_error *err) {
+    return kst_vq_batch_q(m, B, q, off, cand, teacher, ndocs, y, assign, T, w_ivf, w_pq, grad,
+                          NULL, loss_ivf, loss_pq, err);
+}
+
+int kst_vq_batch_q(const kst_vq_model *m, size_t B, const float *q, const size_t *off,
+                   const int64_t *cand, const float *teacher, size_t ndocs, const float *y,
+                   const int32_t *assign, double T, double w_ivf, double w_pq, float *grad,
+                   float *dq, double *loss_ivf, double *loss_pq, kst_error *err) {
     size_t d = (size_t)m->d, N = off[B], ds = m->dsub, K = m->ksub;
     for (size_t b = 0; b < B; b++)
         if (off[b + 1] <= off[b])
@@ -294,6 +303,18 @@ int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *
     }
     if (loss_ivf) *loss_ivf = li / (double)B;
     if (loss_pq) *loss_pq = lp / (double)B;
+    /* The students' scores are linear in q: dL/dq_b = sum_j (w_ivf g_ivf + w_pq g_pq) C[a_j]
+     * + w_pq g_pq rho_j, over B (the batch mean). */
+    for (size_t b = 0; dq && b < B; b++) {
+        float *g = dq + b * d;
+        for (size_t j = off[b]; j < off[b + 1]; j++) {
+            size_t u = (size_t)cslot[j];
+            float gc = (float)((w_ivf * g_ivf[j] + w_pq * g_pq[j]) / (double)B);
+            float gr = (float)(w_pq * g_pq[j] / (double)B);
+            const float *c = m->centroids + (size_t)assign[uniq[u]] * d, *rho = RHO + u * d;
+            for (size_t i = 0; i < d; i++) g[i] += gc * c[i] + gr * rho[i];
+        }
+    }
     if (!grad) goto done;
 
     /* Backward. dC[a] gets q times both students' score gradients; V (U, d) collects the
@@ -500,7 +521,8 @@ static int exact_topk(size_t nq, const float *q, size_t n, const float *y, size_
 typedef struct vq_data {
     size_t n, nq, k, d;
     const float *y;      /* (n, d) rotated documents */
-    const float *qy;     /* (nq, d) rotated queries */
+    const float *qy;     /* (nq, d) rotated queries: the teacher's */
+    const float *qs;     /* (nq, d) the students' (qy, or the jointly trained query encoder's) */
     int64_t *top;        /* (nq, k) */
     float *top_s;        /* (nq, k) */
     const size_t *pos_off;
@@ -519,7 +541,7 @@ static void batch_candidates(const vq_data *v, const size_t *order, size_t B, si
     for (size_t b = 0; b < B; b++) {
         size_t qi = order[b];
         const float *qv = v->qy + qi * d;
-        memcpy(q + b * d, qv, d * sizeof(float));
+        memcpy(q + b * d, v->qs + qi * d, d * sizeof(float));
         off[b] = at;
         int64_t self = v->self ? v->self[qi] : -1;
         for (size_t j = 0; j < v->k; j++) {
@@ -648,6 +670,15 @@ static double rec_anchor(const kst_vq_model *m, const vq_data *v, size_t R, doub
     return loss * sc;
 }
 
+/* The student queries of joint training: every query text through the current encoder (raw,
+ * (nq, d_in)), rotated into out (nq, d). */
+static int students(const kst_vq_model *m, kst_vq_qenc *qe, float *raw, float *out,
+                    kst_error *err) {
+    int rc = kst_vq_qenc_embed(qe, NULL, qe->nq, raw, err);
+    if (rc == KST_OK) kst_vq_rotate(m, qe->nq, raw, out);
+    return rc;
+}
+
 /* Lazy Adam (torch.optim.SparseAdam's rule) on the rows (rows, width) of p: a row whose gradient
  * is all zero keeps its value and moments, so a centroid no query reached in this batch does not
  * coast on its old momentum (with dense Adam, one noisy gradient moves a row ~30 lr over the next
@@ -681,7 +712,12 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
     size_t d = (size_t)m->d, k = o.candidates < n ? o.candidates : n;
     int rc = KST_OK;
     float *yrot = NULL, *qy = NULL, *grad = NULL, *mom = NULL, *vel = NULL, *teacher = NULL,
-          *qb = NULL, *best = NULL, *rscratch = NULL;
+          *qb = NULL, *best = NULL, *rscratch = NULL, *qstu = NULL, *qraw = NULL;
+    kst_vq_qenc *qe = o.qenc;
+    if (qe && (nq == 0 || qe->nq != nq))
+        return kst_fail(err, KST_ERR_INVALID, "Distill-VQ: the query encoder has %zu query texts "
+                        "for %zu query vectors; joint training needs the texts of the queries",
+                        qe->nq, nq);
     size_t *order_all = NULL, *off = NULL, *qorder = NULL;
     uint8_t *codes = NULL;
     int64_t *cand = NULL;
@@ -727,6 +763,25 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
         kst_free(perm);
     }
     v.qy = qy;
+    v.qs = qy;
+    if (qe) {
+        qstu = kst_malloc(nq * d, sizeof(float), "student queries", err);
+        qraw = kst_malloc(nq * (size_t)m->d_in, sizeof(float), "student queries", err);
+        if (!qstu || !qraw) {
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        KST_TRY(students(m, qe, qraw, qstu, err));
+        v.qs = qstu;
+    } else if (o.q_student && nq > 0) {
+        qstu = kst_malloc(nq * d, sizeof(float), "student queries", err);
+        if (!qstu) {
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        kst_vq_rotate(m, nq, o.q_student, qstu);
+        v.qs = qstu;
+    }
     if (v.self && k < n) v.k = ++k; /* one more: the query's own document is dropped */
     size_t maxpos = 0;
     if (pos_off)
@@ -790,6 +845,7 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
             goto done;
         }
         memcpy(best, m->params, m->nparams * sizeof(float));
+        if (qe) KST_TRY(kst_vq_qenc_keep(qe, err));
     }
     for (size_t i = 0; i < v.nq; i++) order_all[i] = i;
     KST_TRY(eval_loss(m, &v, &o, order_all, v.nq, off, cand, teacher, qb, &res.loss_init_ivf,
@@ -817,8 +873,13 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
             ncand += off[B];
             kst_grad_zero(grad, m->nparams);
             double li, lp;
-            KST_TRY(kst_vq_batch(m, B, qb, off, cand, teacher, n, v.y, v.assign, o.temperature,
-                                 o.w_ivf, o.w_pq, grad, &li, &lp, err));
+            if (qe)
+                KST_TRY(kst_vq_joint_batch(m, qe, qorder + b0, B, off, cand, teacher, n, v.y,
+                                           v.assign, o.temperature, o.w_ivf, o.w_pq, grad, &li,
+                                           &lp, err));
+            else
+                KST_TRY(kst_vq_batch(m, B, qb, off, cand, teacher, n, v.y, v.assign,
+                                     o.temperature, o.w_ivf, o.w_pq, grad, &li, &lp, err));
             if (o.w_rec > 0 && res.mse_init > 0)
                 rec_anchor(m, &v, o.rec_docs, o.w_rec, res.mse_init, &rng, grad, rscratch, codes);
             res.steps++, astep++;
@@ -830,6 +891,7 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
                                &ac);
             kst_adamw_update(m->codebook, mom + nC, vel + nC, grad + nC, NULL, nB, astep,
                              o.lr_pq * lr_scale, &ac);
+            if (qe) kst_vq_qenc_step(qe, lr_scale);
             sum += (o.w_ivf * li + o.w_pq * lp) * (double)B;
             if (o.progress) {
                 snprintf(bar.suffix, sizeof bar.suffix, "loss ivf %.4f pq %.4f", li, lp);
@@ -838,6 +900,7 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
         }
         res.epoch_loss[ep] = sum / (double)ntr;
         kst_vq_assign(m, n, v.y, v.assign); /* the lists the next epoch (and FAISS) will use */
+        if (qe) KST_TRY(students(m, qe, qraw, qstu, err));
         if (nval) {
             double a, c;
             KST_TRY(eval_loss(m, &v, &o, val_idx, nval, off, cand, teacher, qb, &a, &c, err));
@@ -845,6 +908,7 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
                 res.val_best = o.w_ivf * a + o.w_pq * c;
                 res.best_epoch = ep + 1;
                 memcpy(best, m->params, m->nparams * sizeof(float));
+                if (qe) KST_TRY(kst_vq_qenc_keep(qe, err));
             } else if (o.lr_backoff > 0) {
                 /* Too large a step for this collection (at 200K documents and 1,024 lists, 1e-3
                  * overshoots where 1e-4 helps): undo the epoch, restart Adam's moments, go on
@@ -853,6 +917,10 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
                 memset(mom, 0, m->nparams * sizeof(float));
                 memset(vel, 0, m->nparams * sizeof(float));
                 kst_vq_assign(m, n, v.y, v.assign);
+                if (qe) {
+                    kst_vq_qenc_restore(qe);
+                    KST_TRY(students(m, qe, qraw, qstu, err));
+                }
                 lr_scale *= o.lr_backoff;
                 astep = 0;
                 res.backoffs++;
@@ -863,6 +931,10 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
     if (nval && res.best_epoch != o.epochs) {
         memcpy(m->params, best, m->nparams * sizeof(float));
         kst_vq_assign(m, n, v.y, v.assign);
+        if (qe) {
+            kst_vq_qenc_restore(qe);
+            KST_TRY(students(m, qe, qraw, qstu, err));
+        }
     }
     if (!nval) res.best_epoch = o.epochs;
     res.lr_scale = lr_scale;
@@ -876,6 +948,8 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
 done:
     kst_free(yrot);
     kst_free(qy);
+    kst_free(qstu);
+    kst_free(qraw);
     kst_free(v.top);
     kst_free(v.top_s);
     kst_free(v.assign);

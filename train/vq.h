@@ -75,6 +75,16 @@ int kst_vq_batch(const kst_vq_model *m, size_t B, const float *q, const size_t *
                  const int32_t *assign, double T, double w_ivf, double w_pq, float *grad,
                  double *loss_ivf, double *loss_pq, kst_error *err);
 
+/* kst_vq_batch, and when dq (B, d) is not NULL ADDS into it the gradient of the same loss with
+ * respect to the (rotated) queries q: the path into a query encoder trained jointly
+ * (train/vq_qenc.h). */
+int kst_vq_batch_q(const kst_vq_model *m, size_t B, const float *q, const size_t *off,
+                   const int64_t *cand, const float *teacher, size_t ndocs, const float *y,
+                   const int32_t *assign, double T, double w_ivf, double w_pq, float *grad,
+                   float *dq, double *loss_ivf, double *loss_pq, kst_error *err);
+
+struct kst_vq_qenc;
+
 typedef struct kst_vq_opts {
     long epochs;              /* passes over the training queries (3) */
     double lr_ivf, lr_pq;     /* Adam learning rates of centroids and codebooks (1e-3, 1e-3) */
@@ -95,6 +105,14 @@ typedef struct kst_vq_opts {
     double lr_backoff;        /* with validation: an epoch that makes the validation loss worse
                                * is undone and both learning rates are multiplied by this (0.1);
                                * 0: keep going at the same rates (the best epoch is kept anyway) */
+    struct kst_vq_qenc *qenc; /* NULL: the queries are fixed vectors. Else the student queries
+                               * come from this query encoder, trained jointly (train/vq_qenc.h;
+                               * its texts are the nq queries of kst_vq_train, whose q stay the
+                               * teacher's frozen embeddings); lr_backoff and the kept epoch
+                               * cover its weights too */
+    const float *q_student;   /* (nq, d_in) or NULL: fixed student queries other than the
+                               * teacher's q (an index's tuned query encoder, trained no further);
+                               * ignored with qenc */
 } kst_vq_opts;
 kst_vq_opts kst_vq_opts_default(void);
 

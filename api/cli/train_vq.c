@@ -1,23 +1,29 @@
 /* train_vq.c - `kestrel train vq`: Distill-VQ, re-learn an index's IVF centroids and PQ codebooks
  * from the dense model's own scores and rewrite its FAISS file as a new generation. */
 #define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cli.h"
 #include "core/check.h"
 #include "core/mem.h"
+#include "core/npy.h"
 #include "core/progress.h"
 #include "index/collection.h"
 #include "index/faiss_ext.h"
 #include "rank/engine.h"
 #include "rank/trec.h"
+#include "encoders/checkpoint.h"
 #include "train/vq.h"
+#include "train/vq_qenc.h"
 
 static const char *HELP =
     "usage: kestrel train vq --index DIR [--queries FILE] [--qrels FILE] [--epochs N]\n"
     "         [--lr-ivf X] [--lr-pq X] [--temperature T] [--candidates K] [--batch-size N]\n"
     "         [--max-queries N] [--tau-scale X] [--val-fraction X] [--anchor X] [--seed N]\n"
+    "         [--train-query-encoder [--lr-query-encoder X]]\n"
     "\n"
     "Distill-VQ: learns the IVF coarse centroids and PQ codebooks of the index's FAISS IVF-PQ\n"
     "(IVFn,PQm or OPQm,IVFn,PQm; 8-bit codes) so that the compressed index ranks documents as the\n"
@@ -61,10 +67,29 @@ static const char *HELP =
     "                     drawn uniformly each step, relative to its starting value (0: off; 1\n"
     "                     did not help in tests/bench/README.md, \"Distill-VQ\")\n"
     "  --seed N           query sampling and order (0)\n"
+    "  --doc-vectors V.npy --doc-ids F\n"
+    "                     the documents' vectors computed before by the index's model (`kestrel\n"
+    "                     embed` over each document's \"title text\"), rows named by the external\n"
+    "                     ids of F (one per line), instead of encoding the collection again; every\n"
+    "                     indexed document needs a row, and 8 documents are encoded and compared\n"
+    "                     (vectors of another model or text are refused)\n"
+    "  --train-query-encoder\n"
+    "                     also fine-tune the query encoder, jointly: the students score the tuned\n"
+    "                     encoder's query vectors against the compressed index, the teacher stays\n"
+    "                     the original (frozen) query vectors against the uncompressed documents,\n"
+    "                     and the loss's gradient flows through the query vector into the encoder\n"
+    "                     (AdamW, no dropout). Needs --queries (the texts to encode; without them\n"
+    "                     it is refused: sampled documents have no query text). Documents stay as\n"
+    "                     encoded by the index's model. The tuned encoder is saved inside the index\n"
+    "                     as the folder query_model.N (a sentence-transformers checkpoint), recorded\n"
+    "                     in the manifest (\"query_model\", with its fingerprint) in the same commit\n"
+    "                     as the FAISS file, and from then on `kestrel search` and the C API embed\n"
+    "                     queries on this index with it. A later run starts from it; a run without\n"
+    "                     this flag keeps it and trains the centroids and codebooks for its vectors\n"
+    "  --lr-query-encoder X  AdamW learning rate of the query encoder (2e-5; weight decay 0.01)\n"
     "\n"
-    "Not available: --train-query-encoder (joint query-encoder fine-tuning). Flat and HNSW indexes\n"
-    "have nothing to learn. Exit codes as every command (0 ok, 2 I/O, 3 bad input, 6 unsupported\n"
-    "index, 64 usage).\n";
+    "Flat and HNSW indexes have nothing to learn. Exit codes as every command (0 ok, 2 I/O, 3 bad\n"
+    "input, 6 unsupported index, 64 usage).\n";
 
 #define EMBED_BATCH 256
 
@@ -153,6 +178,113 @@ static int encode_docs(kst_ix *ix, int64_t *ids, size_t n, float *x, size_t *kep
     return rc;
 }
 
+typedef struct id_row {
+    int64_t id;
+    size_t row;
+} id_row;
+
+static int cmp_id_row(const void *a, const void *b) {
+    int64_t x = ((const id_row *)a)->id, y = ((const id_row *)b)->id;
+    return x < y ? -1 : x > y;
+}
+
+#define VERIFY_DOCS 8
+
+/* --doc-vectors V.npy --doc-ids F: the documents' vectors computed before by the index's model
+ * (`kestrel embed` over each document's "title text"), rows named by the external ids of F (one
+ * per line), instead of encoding the collection again. Fills x (n, dim) in the order of ids (n).
+ * Fails naming the file when the shapes or counts disagree or an indexed vector has no row; then
+ * encodes VERIFY_DOCS documents spread over the index and compares: vectors from another model
+ * or another text are refused. */
+static int load_doc_vectors(kst_ix *ix, const char *vpath, const char *idpath, const int64_t *ids,
+                            size_t n, float *x, kst_error *err) {
+    size_t dim = ix->dense->dim, nl = 0, cap = 0;
+    kst_npy v = {0};
+    id_row *map = NULL;
+    char *line = NULL, *text = NULL;
+    size_t lcap = 0;
+    float got[VERIFY_DOCS * 1024];
+    FILE *f = NULL;
+    int rc = kst_npy_read(vpath, &v, err);
+    if (rc != KST_OK) return rc;
+    if (v.dtype != KST_NPY_F32 || v.ndim != 2 || v.shape[1] != dim) {
+        rc = kst_fail(err, KST_ERR_SHAPE, "%s: expected a float32 (rows, %zu) array of the index "
+                      "model's document vectors", vpath, dim);
+        goto done;
+    }
+    f = fopen(idpath, "r");
+    if (!f) {
+        rc = kst_fail(err, KST_ERR_IO, "%s: cannot open the document ids", idpath);
+        goto done;
+    }
+    for (ssize_t len; (len = getline(&line, &lcap, f)) >= 0; nl++) {
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = '\0';
+        if (nl >= v.shape[0]) break;
+        int64_t id;
+        kst_error e2;
+        int r = kst_store_lookup(ix->store, line, &id, &e2);
+        if (r == KST_ERR_NOTFOUND) continue; /* not in the index: not needed */
+        if (r != KST_OK) {
+            *err = e2;
+            rc = r;
+            goto done;
+        }
+        KST_TRY(kst_realloc((void **)&map, ++cap, sizeof *map, "document rows", err));
+        map[cap - 1] = (id_row){id, nl};
+    }
+    if (nl != v.shape[0]) {
+        rc = kst_fail(err, KST_ERR_FORMAT, "%s: %zu ids for the %zu rows of %s", idpath, nl,
+                      v.shape[0], vpath);
+        goto done;
+    }
+    qsort(map, cap, sizeof *map, cmp_id_row);
+    for (size_t i = 0; i < n; i++) {
+        id_row key = {ids[i], 0};
+        const id_row *h = cap ? bsearch(&key, map, cap, sizeof *map, cmp_id_row) : NULL;
+        if (!h) {
+            rc = kst_fail(err, KST_ERR_INVALID, "%s: no row for indexed document %lld (internal "
+                          "id); the ids file must name every document of the index", idpath,
+                          (long long)ids[i]);
+            goto done;
+        }
+        memcpy(x + i * dim, (const float *)v.data + h->row * dim, dim * sizeof(float));
+    }
+    /* The check: a few documents encoded here against their given rows. */
+    size_t nv = n < VERIFY_DOCS ? n : VERIFY_DOCS;
+    if (dim > 1024) nv = 0;
+    for (size_t k = 0; k < nv; k++) {
+        size_t i = k * n / nv;
+        kst_store_doc d = {0};
+        KST_TRY(kst_store_get(ix->store, ids[i], &d, err));
+        text = kst_ix_doc_text(d.title, d.text, err);
+        kst_store_doc_free(&d);
+        if (!text) {
+            rc = KST_ERR_NOMEM;
+            goto done;
+        }
+        KST_TRY(kst_encoder_embed(ix->dense, (const char *const *)&text, NULL, 1, 0, 0, 1, got, err));
+        kst_free(text), text = NULL;
+        double worst = 0;
+        for (size_t j = 0; j < dim; j++) worst = fmax(worst, fabs((double)got[j] - x[i * dim + j]));
+        if (!(worst < 2e-3)) {
+            rc = kst_fail(err, KST_ERR_INVALID, "%s: the row of document %lld differs from the "
+                          "index model's vector by %.3g: the vectors must come from the index's "
+                          "model over each document's \"title text\" (kestrel embed --model %s)",
+                          vpath, (long long)ids[i], worst, ix->dense->dir);
+            goto done;
+        }
+    }
+    fprintf(stderr, "kestrel train vq: %zu document vectors from %s (%zu checked against the "
+                    "model)\n", n, vpath, nv);
+done:
+    if (f) fclose(f);
+    free(line);
+    kst_free(text);
+    kst_free(map);
+    kst_npy_free(&v);
+    return rc;
+}
+
 typedef struct qset {
     size_t n, cap;
     char **qid, **text;
@@ -230,7 +362,9 @@ done:
 }
 
 int cmd_train_vq(int argc, char **argv) {
-    const char *dir = NULL, *qpath = NULL, *qrels = NULL;
+    const char *dir = NULL, *qpath = NULL, *qrels = NULL, *dvec = NULL, *dids = NULL;
+    int train_qenc = 0;
+    double lr_qenc = 2e-5;
     kst_vq_opts o = kst_vq_opts_default();
     o.progress = 1;
     for (int i = 1; i < argc; i++) {
@@ -239,10 +373,10 @@ int cmd_train_vq(int argc, char **argv) {
             fputs(HELP, stdout);
             return 0;
         }
-        if (strcmp(a, "--train-query-encoder") == 0)
-            return cli_usage_error("train vq", "--train-query-encoder is not implemented yet (the "
-                                               "documents' index is learned; the query encoder "
-                                               "stays as it is)");
+        if (strcmp(a, "--train-query-encoder") == 0) {
+            train_qenc = 1;
+            continue;
+        }
         if (!v) return cli_usage_error("train vq", "%s needs a value (or is unknown)", a);
         i++;
         char *end = NULL;
@@ -250,6 +384,8 @@ int cmd_train_vq(int argc, char **argv) {
         if (strcmp(a, "--index") == 0) dir = v;
         else if (strcmp(a, "--queries") == 0) qpath = v;
         else if (strcmp(a, "--qrels") == 0) qrels = v;
+        else if (strcmp(a, "--doc-vectors") == 0) dvec = v;
+        else if (strcmp(a, "--doc-ids") == 0) dids = v;
         else if (!strcmp(a, "--val-fraction") || !strcmp(a, "--anchor")) {
             double x = strtod(v, &end);
             int frac = !strcmp(a, "--val-fraction");
@@ -259,13 +395,14 @@ int cmd_train_vq(int argc, char **argv) {
             if (frac) o.val_fraction = x;
             else o.w_rec = x;
         } else if (!strcmp(a, "--lr-ivf") || !strcmp(a, "--lr-pq") || !strcmp(a, "--temperature") ||
-                   !strcmp(a, "--tau-scale")) {
+                   !strcmp(a, "--tau-scale") || !strcmp(a, "--lr-query-encoder")) {
             double x = strtod(v, &end);
             if (!*v || *end || !(x > 0))
                 return cli_usage_error("train vq", "%s expects a positive number, got \"%s\"", a, v);
             if (!strcmp(a, "--lr-ivf")) o.lr_ivf = x;
             else if (!strcmp(a, "--lr-pq")) o.lr_pq = x;
             else if (!strcmp(a, "--temperature")) o.temperature = x;
+            else if (!strcmp(a, "--lr-query-encoder")) lr_qenc = x;
             else o.tau_scale = x;
         } else if (!strcmp(a, "--epochs") || !strcmp(a, "--candidates") || !strcmp(a, "--seed") ||
                    !strcmp(a, "--batch-size") || !strcmp(a, "--max-queries")) {
@@ -282,6 +419,13 @@ int cmd_train_vq(int argc, char **argv) {
     }
     if (!dir) return cli_usage_error("train vq", "--index is required");
     if (qrels && !qpath) return cli_usage_error("train vq", "--qrels needs --queries");
+    if (!dvec != !dids)
+        return cli_usage_error("train vq", "--doc-vectors and --doc-ids go together");
+    if (train_qenc && !qpath)
+        return cli_usage_error("train vq", "--train-query-encoder needs --queries FILE: the query "
+                                           "texts the encoder is trained on (the label-free "
+                                           "default samples document vectors, which have no "
+                                           "query text to encode)");
 
     kst_error err;
     kst_ix *ix = NULL;
@@ -290,9 +434,12 @@ int cmd_train_vq(int argc, char **argv) {
     kst_ann *out = NULL;
     int64_t *ids = NULL, *sorted = NULL, *pos = NULL;
     size_t *row_of = NULL, *pos_off = NULL, n = 0, npos = 0;
-    float *x = NULL, *q = NULL;
+    float *x = NULL, *q = NULL, *qstu = NULL;
     qset qs = {0};
     char *json = NULL;
+    kst_encoder *qenc_enc = NULL, *saved = NULL;
+    kst_vq_qenc qe = {0};
+    char qfolder[64] = "", qpath_full[4096] = "", qfp[65] = "";
     int rc = kst_ix_open(dir, NULL, 1, &ix, &err);
     if (rc != KST_OK) goto done;
     if (!ix->dense || !ix->ann) {
@@ -312,7 +459,12 @@ int cmd_train_vq(int argc, char **argv) {
         rc = KST_ERR_NOMEM;
         goto done;
     }
-    KST_TRY(encode_docs(ix, ids, n, x, &kept, &err));
+    if (dvec) {
+        KST_TRY(load_doc_vectors(ix, dvec, dids, ids, n, x, &err));
+        kept = n;
+    } else {
+        KST_TRY(encode_docs(ix, ids, n, x, &kept, &err));
+    }
     if (kept < n)
         fprintf(stderr, "kestrel train vq: %zu vectors have no document (an interrupted write); "
                         "they are dropped\n", n - kept);
@@ -324,8 +476,26 @@ int cmd_train_vq(int argc, char **argv) {
             rc = KST_ERR_NOMEM;
             goto done;
         }
+        /* The teacher: the original model's query vectors (frozen). */
         KST_TRY(kst_encoder_embed(ix->dense, (const char *const *)qs.text, NULL, qs.n, 1, 0, 32, q,
                                   &err));
+        if (train_qenc) {
+            /* The student encoder: a private copy of the index's current query encoder. */
+            KST_TRY(kst_encoder_open(kst_ix_query_encoder(ix)->dir, KST_ROLE_DENSE, &qenc_enc, &err));
+            KST_TRY(kst_vq_qenc_init(&qe, qenc_enc, (const char *const *)qs.text, qs.n, &err));
+            qe.lr = lr_qenc;
+            o.qenc = &qe;
+        } else if (ix->query) {
+            /* The index's tuned query encoder stays in use: the students are its vectors. */
+            qstu = kst_malloc(qs.n, dim * sizeof(float), "query vectors", &err);
+            if (!qstu) {
+                rc = KST_ERR_NOMEM;
+                goto done;
+            }
+            KST_TRY(kst_encoder_embed(ix->query, (const char *const *)qs.text, NULL, qs.n, 1, 0, 32,
+                                      qstu, &err));
+            o.q_student = qstu;
+        }
         if (qrels) {
             sorted = kst_malloc(n, sizeof *sorted, "ids", &err);
             row_of = kst_malloc(n, sizeof *row_of, "rows", &err);
@@ -364,7 +534,25 @@ int cmd_train_vq(int argc, char **argv) {
              (unsigned long long)o.seed, o.w_rec, o.val_fraction, r.val_queries, r.val_init,
              r.val_best, r.best_epoch, r.mse_init, r.mse_final, m.rot ? "true" : "false",
              r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, r.seconds);
-    rc = kst_ix_replace_ann(ix, out, "vq_training", json, &err);
+    if (train_qenc) {
+        /* The tuned encoder goes into the index as query_model.<next generation>, written (each
+         * file atomically, weights last) before the commit that names it: a crash before the
+         * commit leaves the manifest on the old FAISS file and the old query encoder. */
+        kst_store_manifest man;
+        KST_TRY(kst_store_manifest_read(ix->store, &man, &err));
+        snprintf(qfolder, sizeof qfolder, "query_model.%lld", (long long)(man.generation + 1));
+        KST_TRY(kst_path_join(qpath_full, sizeof qpath_full, ix->dir, qfolder, &err));
+        KST_TRY(kst_checkpoint_save(qenc_enc, qpath_full, &err));
+        KST_TRY(kst_encoder_open(qpath_full, KST_ROLE_DENSE, &saved, &err));
+        KST_TRY(kst_store_fingerprint_files((const char *const *)saved->weight_files,
+                                            saved->n_weight_files, qfp, &err));
+        size_t jl = strlen(json);
+        snprintf(json + jl - 1, 1536 - (jl - 1),
+                 ",\"query_encoder\":{\"folder\":\"%s\",\"lr\":%g}}", qfolder, lr_qenc);
+    }
+    const char *keys[3] = {"vq_training", "query_model", "query_model_fingerprint"};
+    const char *vals[3] = {json, qfolder, qfp};
+    rc = kst_ix_replace_ann_meta(ix, out, keys, vals, train_qenc ? 3 : 1, &err);
     out = NULL;
     if (rc == KST_OK)
         fprintf(stderr,
@@ -374,6 +562,9 @@ int cmd_train_vq(int argc, char **argv) {
                 n, r.queries, r.steps, r.seconds, r.loss_init_ivf, r.loss_final_ivf,
                 r.loss_init_pq, r.loss_final_pq, r.val_queries, r.val_init, r.val_best,
                 r.best_epoch, r.epochs, dir, ix->ann_file);
+    if (rc == KST_OK && train_qenc)
+        fprintf(stderr, "kestrel train vq: the tuned query encoder is %s (searches of this index "
+                        "use it)\n", qpath_full);
 done:
     kst_free(json);
     kst_ann_free(out);
@@ -386,6 +577,10 @@ done:
     kst_free(pos_off);
     kst_free(x);
     kst_free(q);
+    kst_free(qstu);
+    kst_vq_qenc_free(&qe);
+    kst_encoder_free(qenc_enc);
+    kst_encoder_free(saved);
     qset_free(&qs);
     kst_ix_close(ix);
     if (rc != KST_OK) return cli_report("train vq", rc, &err);

@@ -2,7 +2,8 @@
 # test_train_vq_cli.sh - kestrel train vq (Distill-VQ) from the command line: it rewrites the
 # index's FAISS file as a new generation that faiss-cpu reads back with the learned codebooks and
 # whose FAISS scores are q.(c + decode(code)); a kill -9 before the commit (KESTREL_TEST_KILL)
-# leaves the old generation in use with the same search results; queries + qrels; bad input.
+# leaves the old generation in use with the same search results; queries + qrels; the query
+# encoder trained jointly (saved in the index, used by search, crash-safe); bad input.
 set -u
 K=${1:-build/kestrel}
 F=tests/fixtures/models
@@ -58,8 +59,64 @@ check "train vq with --queries and --qrels" sh -c "'$K' train vq --index $T/ix -
 case "$(manifest vq_training)" in *'"query_source":"given"'*) ok "the manifest names the given queries" ;; *) bad "the manifest names the given queries ($(manifest vq_training))" ;; esac
 case "$(manifest vq_training)" in *'"val_fraction":0.1,'*'"kept_epoch":'[01]*) ok "the manifest records the validation (default 0.1, one epoch: epoch 0 or 1 kept)" ;; *) bad "the manifest records the validation ($(manifest vq_training))" ;; esac
 
+# --train-query-encoder: a crash before the commit leaves the old FAISS file and no query model.
+gen2=$(manifest ann_file)
+search > $T/before_q.tsv
+KESTREL_TEST_KILL=before_commit "$K" train vq --index $T/ix --queries $T/queries.jsonl --train-query-encoder --epochs 1 --candidates 50 >/dev/null 2>&1; rc=$?
+[ "$rc" = 137 ] && ok "query-encoder training killed before the commit (exit 137)" || bad "killed before the commit (exit $rc, want 137)"
+[ "$(manifest ann_file)" = "$gen2" ] && [ -z "$(manifest query_model)" ] && ok "the manifest still names $gen2 and no query model" || bad "after the crash: ann_file $(manifest ann_file) (want $gen2), query_model '$(manifest query_model)'"
+check "search after the crash gives the old results (original query encoder)" sh -c "$(declare -f search); K='$K' T='$T' search | cmp - $T/before_q.tsv"
+
+out=$("$K" train vq --index $T/ix --queries $T/queries.jsonl --train-query-encoder --lr-query-encoder 1e-3 --epochs 2 --candidates 50 --val-fraction 0 2>&1); rc=$?
+[ "$rc" = 0 ] && ok "train vq --train-query-encoder" || bad "train vq --train-query-encoder (exit $rc: $out)"
+qm=$(manifest query_model)
+case "$qm" in query_model.[0-9]*) [ -f "$T/ix/$qm/model.safetensors" ] && ok "the tuned query encoder is saved in the index ($qm)" || bad "no $T/ix/$qm/model.safetensors" ;; *) bad "manifest query_model = '$qm'" ;; esac
+[ -n "$(manifest query_model_fingerprint)" ] && ok "the manifest records its fingerprint" || bad "no query_model_fingerprint"
+case "$(manifest vq_training)" in *'"query_encoder":{"folder":"'$qm'"'*) ok "vq_training records the query encoder" ;; *) bad "vq_training lacks the query encoder ($(manifest vq_training))" ;; esac
+# The training loss falls (printed: loss ivf A -> B, pq C -> D).
+echo "$out" | awk '/^kestrel train vq: .* steps in/ { for (i = 1; i <= NF; i++) { if ($i == "ivf") { a = $(i+1); b = $(i+3) } if ($i == "pq") { c = $(i+1); d = $(i+3) } } }
+  END { exit !(b + d < a + c) }' && ok "the joint training loss falls" || bad "the joint training loss did not fall ($out)"
+# Search embeds queries with the tuned encoder: kestrel's scores are FAISS's for its vector.
+QTEXT='vitamin D deficiency and bone density'
+"$K" search --index $T/ix --query "$QTEXT" --stages dense -k 10 --format tsv --nprobe 4 > $T/after_q.tsv
+cmp -s $T/after_q.tsv $T/before_q.tsv && bad "search results unchanged after query-encoder training" || ok "search results changed"
+printf '%s\n' "$QTEXT" | "$K" embed --model "$T/ix/$qm" --query --out $T/tuned.npy 2>/dev/null
+printf '%s\n' "$QTEXT" | "$K" embed --model $F/st_bert_mean --query --out $T/orig.npy 2>/dev/null
+if have_py; then
+  check "search uses the tuned query encoder (scores = FAISS's for its vector, not the original's)" $PY tests/tools/vq_qenc_check.py "$T/ix/$(manifest ann_file)" $T/tuned.npy $T/orig.npy $T/after_q.tsv
+else
+  echo "  skip the faiss-cpu score check: no $PY with faiss and numpy"
+fi
+# A damaged query model is refused at open, naming it.
+cp "$T/ix/$qm/model.safetensors" $T/qm.bak
+printf 'x' >> "$T/ix/$qm/model.safetensors"
+expect_exit "a query model changed on disk is refused" 1 "fingerprint" -- "$K" search --index $T/ix --query x
+cp $T/qm.bak "$T/ix/$qm/model.safetensors"
+# A later run without the flag keeps the tuned encoder.
+check "train vq without the flag keeps the query encoder" "$K" train vq --index $T/ix --queries $T/queries.jsonl --epochs 1 --candidates 50
+[ "$(manifest query_model)" = "$qm" ] && ok "query_model still $qm" || bad "query_model became '$(manifest query_model)'"
+
+# --doc-vectors: the documents' vectors from `kestrel embed` (rows named by an ids file, any
+# order) instead of encoding the collection again; checked against the model.
+"$PY" -c "
+import json, sys
+rows = [json.loads(l) for l in open('$T/corpus.jsonl')][::-1]
+open('$T/dids.txt', 'w').write(''.join(r['_id'] + '\\n' for r in rows))
+open('$T/dtexts.txt', 'w').write(''.join(' '.join(((r.get('title') or '') + ' ' + (r.get('text') or '')).split()) + '\\n' for r in rows))
+" 2>/dev/null || awk '{ print }' /dev/null
+if [ -s $T/dids.txt ]; then
+  "$K" embed --model $F/st_bert_mean --out $T/dv.npy < $T/dtexts.txt 2>/dev/null
+  check "train vq --doc-vectors (no re-encoding)" sh -c "'$K' train vq --index $T/ix --epochs 1 --candidates 50 --doc-vectors $T/dv.npy --doc-ids $T/dids.txt 2>&1 | grep -q '300 document vectors from .*(8 checked against the model)'"
+  "$K" embed --model $F/st_bert_sqrtlen_tokjson --out $T/dv_other.npy < $T/dtexts.txt 2>/dev/null
+  expect_exit "--doc-vectors of another model are refused" 1 "differs from the index model" -- "$K" train vq --index $T/ix --doc-vectors $T/dv_other.npy --doc-ids $T/dids.txt
+  head -299 $T/dids.txt > $T/dids_short.txt
+  expect_exit "--doc-ids with a row count other than the vectors'" 3 "299 ids for the 300 rows" -- "$K" train vq --index $T/ix --doc-vectors $T/dv.npy --doc-ids $T/dids_short.txt
+  expect_exit "--doc-vectors without --doc-ids" 64 "go together" -- "$K" train vq --index $T/ix --doc-vectors $T/dv.npy
+fi
+
 expect_exit "--index is required" 64 "--index is required" -- "$K" train vq
-expect_exit "--train-query-encoder is not implemented" 64 "not implemented" -- "$K" train vq --index $T/ix --train-query-encoder
+expect_exit "--train-query-encoder without --queries" 64 "needs --queries" -- "$K" train vq --index $T/ix --train-query-encoder
+expect_exit "a bad --lr-query-encoder" 64 "positive number" -- "$K" train vq --index $T/ix --lr-query-encoder 0
 expect_exit "a bad learning rate" 64 "positive number" -- "$K" train vq --index $T/ix --lr-pq -1
 expect_exit "a bad --val-fraction" 64 "in [0, 0.9)" -- "$K" train vq --index $T/ix --val-fraction 1.5
 expect_exit "a negative --anchor" 64 ">= 0" -- "$K" train vq --index $T/ix --anchor -1
@@ -68,4 +125,5 @@ check "build a Flat index" "$K" index build --index $T/flat --collection $T/corp
 expect_exit "a Flat index has nothing to learn" 6 "IVF-PQ" -- "$K" train vq --index $T/flat
 expect_exit "a missing index" 5 "$T/none" -- "$K" train vq --index $T/none
 check "train vq --help" sh -c "'$K' train vq --help | grep -q 'Distill-VQ'"
+check "train vq --help documents --train-query-encoder" sh -c "'$K' train vq --help | grep -q 'query_model.N'"
 summary "train vq CLI"
