@@ -447,7 +447,7 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
                       opts->dtype == KST_KV_F16, opts->scale, opts->sinks, opts->window,
                       opts->top_k, opts->ef, opts->degree, opts->build_top,
                       opts->max_build_queries, opts->entries, 64, (kst_kvc_index)opts->index,
-                      opts->gpu, opts->tail_samples};
+                      opts->gpu, opts->tail_samples, opts->group_search, opts->codes};
     kst_kv *kv = kst_calloc(1, sizeof *kv, "kv cache", err);
     if (!kv) return KST_ERR_NOMEM;
     int rc = kst_kvc_create(&o, &kv->c, err);
@@ -488,6 +488,7 @@ int kst_kv_attend(kst_kv *kv, size_t layer, const float *q, size_t top_k, size_t
         stats->retrieved = s.retrieved;
         stats->scanned = s.scanned;
         stats->sampled = s.sampled;
+        stats->searches = s.searches;
     }
     return rc;
 }

@@ -294,6 +294,14 @@ typedef struct kst_kv_opts {
                                  up to the whole rest, merged like the other partials); an
                                  approximation that helps where attention is spread over many
                                  keys; m >= the indexed tokens is full attention */
+    int group_search;         /* default 0; 1: the query heads sharing a KV head search its
+                                 graph once together, each keeping its own top_k of the union of
+                                 the keys scored (fewer scattered reads when the heads attend to
+                                 overlapping keys, as real GQA heads do) */
+    int codes;                /* default 0; 1: also keep a 4-bit code of each indexed key (a
+                                 quarter of a float16 key's bytes; head_dim a multiple of 32, else
+                                 ignored) and steer the searches by the codes, the ef best
+                                 re-scored exactly from the keys */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */
@@ -319,6 +327,7 @@ typedef struct kst_kv_stats {
     size_t retrieved; /* keys retrieved, summed over query heads */
     size_t scanned;   /* keys scored by the index searches, summed over query heads */
     size_t sampled;   /* keys sampled for the tail estimate (opts.tail_samples), summed */
+    size_t searches;  /* index searches run: q_heads, or kv_heads with group_search */
 } kst_kv_stats;
 
 /* Decode step of one layer: q (q_heads, head_dim) float32 -> out (q_heads, head_dim), the
