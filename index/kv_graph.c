@@ -56,6 +56,22 @@ static void heap_pop(float *s, uint32_t *id, size_t *n, int maxheap) {
     id[i] = x;
 }
 
+/* Replaces the top of a heap of n by (v, x) and restores it: a pop and a push in one pass. */
+static void heap_replace_top(float *s, uint32_t *id, size_t n, float v, uint32_t x, int maxheap) {
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && (maxheap ? s[c + 1] > s[c] : s[c + 1] < s[c])) c++;
+        if (maxheap ? v >= s[c] : v <= s[c]) break;
+        s[i] = s[c];
+        id[i] = id[c];
+        i = c;
+    }
+    s[i] = v;
+    id[i] = x;
+}
+
 void kst_kvg_scratch_free(kst_kvg_scratch *s) {
     if (!s) return;
     kst_free(s->mark);
@@ -161,8 +177,8 @@ static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float 
             s->scanned++;
             if (s->rn < ef || v > s->rs[0]) {
                 if (s->cn < s->ccap) heap_push(s->cs, s->ci, &s->cn, v, x, 1);
-                heap_push(s->rs, s->ri, &s->rn, v, x, 0);
-                if (s->rn > ef) heap_pop(s->rs, s->ri, &s->rn, 0);
+                if (s->rn < ef) heap_push(s->rs, s->ri, &s->rn, v, x, 0);
+                else heap_replace_top(s->rs, s->ri, s->rn, v, x, 0);
             }
         }
     }
@@ -837,17 +853,46 @@ __attribute__((target("avx2"))) static void decode_avx2(float *x, const uint8_t 
         _mm256_storeu_ps(x + b + 24, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))));
     }
 }
+
+/* <co, code values> for one key, decoded in registers (two FMA chains). */
+__attribute__((target("avx2,fma"))) static float code_dot_avx2(const float *co, const uint8_t *c, size_t d) {
+    const __m128i m = _mm_set1_epi8(0x0F);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (size_t b = 0; b < d; b += 32) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(c + b / 2));
+        __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(co + b), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(co + b + 8),
+                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), a1);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(co + b + 16), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(co + b + 24),
+                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), a1);
+    }
+    a0 = _mm256_add_ps(a0, a1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
 #endif
+
+static int cpu_avx2_fma(void) {
+    static int v = -1;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+#else
+    v = 0;
+#endif
+    return v;
+}
 
 /* Code values (0..15, as floats) of one key. */
 static void decode_row(float *x, const uint8_t *c, size_t d) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    static int avx2 = -1;
-    if (avx2 < 0) {
-        __builtin_cpu_init();
-        avx2 = __builtin_cpu_supports("avx2");
-    }
-    if (avx2) {
+    if (cpu_avx2_fma()) {
         decode_avx2(x, c, d);
         return;
     }
@@ -857,6 +902,15 @@ static void decode_row(float *x, const uint8_t *c, size_t d) {
             x[b + j] = (float)(c[b / 2 + j] & 15);
             x[b + 16 + j] = (float)(c[b / 2 + j] >> 4);
         }
+}
+
+static float code_dot(const float *co, const uint8_t *c, size_t d) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return code_dot_avx2(co, c, d);
+#else
+    (void)co; (void)c; (void)d;
+    return 0; /* not reached: fused only where cpu_avx2_fma() */
+#endif
 }
 
 typedef struct gpair { float s; uint32_t x; } gpair;
@@ -921,10 +975,13 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
         s->grn[q] = 0;
     }
     size_t cb = d / 2, rowb = d * (f16 ? 2 : 4), sn = 0, cn = 0, E = ef + 1;
+    int fused = G == 1 && cpu_avx2_fma();
     float v[64];
 #define GSCORE(x)                                                                          \
     do {                                                                                   \
-        if (codes) {                                                                       \
+        if (codes && fused) {                                                              \
+            v[0] = c0[0] + code_dot(co, g->codes + (size_t)(x) * cb, d);                   \
+        } else if (codes) {                                                                \
             decode_row(buf, g->codes + (size_t)(x) * cb, d);                               \
             for (size_t q_ = 0; q_ < G; q_++) v[q_] = c0[q_] + kst_kv_dot(co + q_ * d, buf, 0, d); \
         } else {                                                                           \
@@ -941,9 +998,11 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
         for (size_t q_ = 0; q_ < G; q_++) {                                                \
             float *rs_ = s->grs + q_ * E;                                                  \
             uint32_t *ri_ = s->gri + q_ * E;                                               \
-            if (s->grn[q_] < ef || v[q_] > rs_[0]) {                                       \
+            if (s->grn[q_] < ef) {                                                         \
                 heap_push(rs_, ri_, &s->grn[q_], v[q_], (x), 0);                           \
-                if (s->grn[q_] > ef) heap_pop(rs_, ri_, &s->grn[q_], 0);                   \
+                use_ = 1;                                                                  \
+            } else if (v[q_] > rs_[0]) {                                                   \
+                heap_replace_top(rs_, ri_, ef, v[q_], (x), 0);                             \
                 use_ = 1;                                                                  \
             }                                                                              \
             if (v[q_] * inv[q_] > pr_) pr_ = v[q_] * inv[q_];                              \
