@@ -115,14 +115,25 @@ void kst_attn_partial(float *out, float *lse, float *scratch, const float *q, co
         return;
     }
     float mx = -INFINITY;
+    /* Gathered rows (retrieved keys, tail samples) are scattered over a cache far larger than
+     * the CPU's caches: ask for the rows PF ahead so their reads overlap. */
+    const size_t PF = 8, rowb = d * (f16 ? 2 : 4);
+    for (size_t j = 0; ids && j < PF && j < n; j++)
+        for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch((const char *)row_at(K, f16, (size_t)ids[j], d) + o);
     for (size_t j = 0; j < n; j++) {
+        if (ids && j + PF < n)
+            for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch((const char *)row_at(K, f16, (size_t)ids[j + PF], d) + o);
         size_t r = ids ? (size_t)ids[j] : first + j;
         scratch[j] = scale * kst_kv_dot(q, row_at(K, f16, r, d), f16, d);
         if (scratch[j] > mx) mx = scratch[j];
     }
     /* Sums in double: a partial may cover a million keys, and its lse feeds an exact merge. */
     double sum = 0;
+    for (size_t j = 0; ids && j < PF && j < n; j++)
+        for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch((const char *)row_at(V, f16, (size_t)ids[j], d) + o);
     for (size_t j = 0; j < n; j++) {
+        if (ids && j + PF < n)
+            for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch((const char *)row_at(V, f16, (size_t)ids[j + PF], d) + o);
         float w = expf(scratch[j] - mx);
         sum += w;
         size_t r = ids ? (size_t)ids[j] : first + j;

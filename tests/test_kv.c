@@ -232,6 +232,10 @@ static void test_gpu_equals_sdpa(void **state) {
     g_tail = P;
     run_decode(f, KST_KV_INDEX_ATTN, 0, 10, 32, f->out32.data, ATOL, RTOL);
     g_tail = 0;
+    /* group searches with codes, merged with the GPU's static partial */
+    g_group = g_codes = 1;
+    run_decode(f, KST_KV_INDEX_ATTN, 1, P, P, f->out16.data, ATOL, RTOL);
+    g_group = g_codes = 0;
     /* a small top_k: GPU and CPU paths must agree (same retrieval, same merge) */
     g_gpu = 0;
     kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);

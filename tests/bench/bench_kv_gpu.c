@@ -324,13 +324,44 @@ static int layer(const char *list) {
     size_t tail = getenv("KV_TAIL") ? (size_t)atol(getenv("KV_TAIL")) : 0;
     float corr = getenv("KV_GQA_CORR") ? (float)atof(getenv("KV_GQA_CORR")) : 0.0f;
     const char *modes = getenv("KV_MODES") ? getenv("KV_MODES") : "head,group,head+codes,group+codes";
+    /* rows: KV_MODES x KV_EFS (top_k 100; with KV_TAIL a second pass with that many tail
+     * samples), then KV_RUNS "mode:ef:top_k:tail;..." */
+    struct { char mode[32]; size_t ef, topk, tail; } runs[512];
+    size_t nrun = 0;
+    for (int pass = 0; pass < (tail ? 2 : 1); pass++)
+        for (const char *mp = modes; *mp && nrun < 512;) {
+            size_t ml = strcspn(mp, ",");
+            for (const char *ep = efs; *ep && nrun < 512;) {
+                size_t ef = strtoul(ep, (char **)&ep, 10);
+                if (*ep == ',') ep++;
+                if (ef == 0) break;
+                snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 31 ? ml : 31), mp);
+                runs[nrun].ef = ef;
+                runs[nrun].topk = TOPK;
+                runs[nrun++].tail = pass ? tail : 0;
+            }
+            mp += ml + (mp[ml] == ',');
+        }
+    for (const char *rp = getenv("KV_RUNS") ? getenv("KV_RUNS") : ""; *rp && nrun < 512;) {
+        size_t ml = strcspn(rp, ":");
+        snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 31 ? ml : 31), rp);
+        rp += ml + (rp[ml] == ':');
+        runs[nrun].ef = strtoul(rp, (char **)&rp, 10);
+        runs[nrun].topk = strtoul(rp + (*rp == ':'), (char **)&rp, 10);
+        runs[nrun].tail = strtoul(rp + (*rp == ':'), (char **)&rp, 10);
+        if (*rp == ';') rp++;
+        if (runs[nrun].ef && runs[nrun].topk) nrun++;
+    }
+    int thr2 = getenv("KV_THREADS2") ? atoi(getenv("KV_THREADS2")) : (omp_get_max_threads() + 1) / 2;
     printf("layer: %zu KV heads x %zu query heads (GQA %zu), head dim %zu, float16; sinks %zu + window %zu"
            " on the GPU; top_k %zu, ef %s; %d CPU threads\n",
            KVH, QH, G, D, SINKS, WINDOW, TOPK, efs, omp_get_max_threads());
     printf("KV_GQA_CORR %.2f; modes %s (head: one search per query head; group: one per KV head; codes: steered by 4-bit codes)\n",
            corr, modes);
-    printf("%8s %-12s %5s %6s %9s %10s %10s %9s %11s %9s %10s %10s %12s %9s\n", "tokens", "mode", "ef", "tail", "build_s",
-           "gpu+cpu_ms", "cpu_ms", "recall", "scan/search", "scan/head", "rel.err", "gpu_MB", "cache_MB", "index_MB");
+    printf("%8s %-12s %5s %5s %6s %9s %10s %10s %9s %11s %9s %10s %10s %12s %9s\n", "tokens", "mode", "ef", "top_k", "tail", "build_s",
+           "ms", "ms_thr2", "recall", "scan/search", "scan/head", "rel.err", "gpu_MB", "cache_MB", "index_MB");
+    printf("(ms: median decode step on %d threads, ms_thr2 on %d; recall of the top-100 at the row's ef)\n",
+           omp_get_max_threads(), thr2);
     int perm[8][128];
     float sgn[8][128];
     for (size_t h = 0; h < KVH; h++) {
@@ -441,26 +472,19 @@ static int layer(const char *list) {
                         }
             printf("(%zu tokens: exact top-100 of a group's heads overlap %.1f%% pairwise)\n", N, 100 * ov / np);
         }
-        for (const char *mp = modes; *mp;) {
-        char mode[32];
-        size_t ml = strcspn(mp, ",");
-        snprintf(mode, sizeof mode, "%.*s", (int)(ml < 31 ? ml : 31), mp);
-        mp += ml + (mp[ml] == ',');
-        /* "group": whole groups; "group2": two query heads per search */
-        const char *gp = strstr(mode, "group");
-        kst_kvc_set_search(c, gp ? (gp[5] >= '2' && gp[5] <= '9' ? gp[5] - '0' : 1) : 0, strstr(mode, "codes") != NULL);
-        for (int pass = 0; pass < (tail ? 2 : 1); pass++)
-        for (const char *ep = efs; *ep;) {
-            size_t ef = strtoul(ep, (char **)&ep, 10);
-            if (*ep == ',') ep++;
-            if (ef == 0) break;
-            kst_kvc_set_tail_samples(c, pass ? tail : 0);
+        for (size_t ri = 0; ri < nrun; ri++) {
+            const char *mode = runs[ri].mode;
+            size_t ef = runs[ri].ef, topk_att = runs[ri].topk;
+            /* "group": whole groups; "group2": two query heads per search */
+            const char *gp = strstr(mode, "group");
+            kst_kvc_set_search(c, gp ? (gp[5] >= '2' && gp[5] <= '9' ? gp[5] - '0' : 1) : 0, strstr(mode, "codes") != NULL);
+            kst_kvc_set_tail_samples(c, runs[ri].tail);
             double rec = 0, scan = 0, shead = 0, err = 0;
             int64_t pos[G * TOPK];
             size_t found[G];
             for (size_t i = 0; i < NREF; i++) {
                 kst_kvc_stats st;
-                if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, ef, out, &st, &e)) die("attend", &e);
+                if (kst_kvc_attend(c, 0, Qd + i * QH * D, topk_att, ef, out, &st, &e)) die("attend", &e);
                 scan += (double)st.scanned / st.indexed / st.searches;
                 shead += (double)st.scanned / st.indexed / QH;
                 for (size_t h = 0; h < QH; h++) {
@@ -479,25 +503,26 @@ static int layer(const char *list) {
                     }
                 }
             }
+            /* median step time with the GPU, on all threads and on KV_THREADS2 of them */
             double med[2];
-            for (int mode = 0; mode < 2; mode++) {
-                kst_kvc_use_gpu(c, mode == 0);
+            int nth0 = omp_get_max_threads();
+            for (int tm = 0; tm < 2; tm++) {
+                omp_set_num_threads(tm ? thr2 : nth0);
                 double *ts = malloc(NT * sizeof *ts);
-                for (size_t i = 0; i < 5; i++) kst_kvc_attend(c, 0, Qd, 0, ef, out, NULL, &e);
+                for (size_t i = 0; i < 5; i++) kst_kvc_attend(c, 0, Qd, topk_att, ef, out, NULL, &e);
                 for (size_t i = 0; i < NT; i++) {
                     double a = now_s();
-                    if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, ef, out, NULL, &e)) die("attend", &e);
+                    if (kst_kvc_attend(c, 0, Qd + i * QH * D, topk_att, ef, out, NULL, &e)) die("attend", &e);
                     ts[i] = now_s() - a;
                 }
                 qsort(ts, NT, sizeof *ts, cmp_d);
-                med[mode] = ts[NT / 2] * 1e3;
+                med[tm] = ts[NT / 2] * 1e3;
                 free(ts);
             }
-            kst_kvc_use_gpu(c, 1);
-            printf("%8zu %-12s %5zu %6zu %9.1f %10.3f %10.3f %9.3f %10.2f%% %8.2f%% %10.2e %10.2f %12.1f %9.1f\n", N, mode, ef,
-                   pass ? tail : 0, build, med[0], med[1], rec / NREF, 100 * scan / NREF, 100 * shead / NREF, err / NREF,
+            omp_set_num_threads(nth0);
+            printf("%8zu %-12s %5zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %10.2f%% %8.2f%% %10.2e %10.2f %12.1f %9.1f\n", N, mode, ef, topk_att,
+                   runs[ri].tail, build, med[0], med[1], rec / NREF, 100 * scan / NREF, 100 * shead / NREF, err / NREF,
                    kst_kvc_gpu_bytes(c) / 1048576.0, 2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0);
-        }
         }
         kst_kvc_free(c);
         free(cen); free(K0); free(V0); free(Qpre); free(Qd0); free(Qd); free(out); free(un); free(ref); free(want);
