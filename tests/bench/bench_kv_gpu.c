@@ -318,7 +318,8 @@ static double rel_l2(const float *got, const double *want, size_t d) {
  * unchanged), so head 0's graph is built once and copied (kst_kvc_build_copied); every query
  * head has its own independent queries. Reference: float64 full attention, exact top-100. */
 static int layer(const char *list) {
-    const size_t D = 128, KVH = 8, QH = 32, G = QH / KVH, SINKS = 4, WINDOW = 512, TOPK = 100;
+    const size_t D = 128, KVH = 8, QH = 32, G = QH / KVH, SINKS = 4, TOPK = 100;
+    const size_t WINDOW = getenv("KV_WINDOW") ? (size_t)atol(getenv("KV_WINDOW")) : 512;
     const size_t NT = 50, NREF = 4, NPRE = 8192, CH = 65536;
     const char *efs = getenv("KV_EFS") ? getenv("KV_EFS") : "128,256";
     size_t tail = getenv("KV_TAIL") ? (size_t)atol(getenv("KV_TAIL")) : 0;
