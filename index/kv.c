@@ -45,10 +45,12 @@ struct kst_kvc {
     float *lse_buf; /* (q_heads) each head's lse after the CPU part of a decode step */
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
+    size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
 };
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
+void kst_kvc_set_expand(kst_kvc *c, size_t b) { c->expand = b; }
 void kst_kvc_set_search(kst_kvc *c, int group_search, int codes) {
     c->group = group_search;
     c->use_codes = codes;
@@ -414,6 +416,7 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
     if (gq == 1 && !c->use_codes) {
         fnd[0] = kst_kvg_search(&H->g, K, o->f16, o->head_dim, Q, k, ef, &t->s, t->ids, NULL, &rc);
     } else {
+        t->s.expand = c->expand;
         rc = kst_kvg_search_group(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->use_codes, &t->s,
                                   t->ids, NULL, fnd);
     }

@@ -107,6 +107,10 @@ int kst_kvc_search_group(kst_kvc *c, size_t layer, size_t kv_head, const float *
  * of a live cache. */
 void kst_kvc_set_search(kst_kvc *c, int group_search, int codes);
 
+/* Benchmarks: candidates the group search (and codes) path expands at a time (1: plain
+ * best-first; more overlap the memory latency of several expansions). */
+void kst_kvc_set_expand(kst_kvc *c, size_t b);
+
 /* Bytes of CPU memory the layer's index takes beyond the keys and values (edges, codes). */
 size_t kst_kvc_index_bytes(const kst_kvc *c, size_t layer);
 

@@ -876,6 +876,15 @@ __attribute__((target("avx2,fma"))) static float code_dot_avx2(const float *co, 
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,f16c"))) static void row_f32_avx2(float *x, const void *row, size_t d) {
+    const uint16_t *r = row;
+    size_t i = 0;
+    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))));
+    for (; i < d; i++) x[i] = kst_f16_to_f32(r[i]);
+}
+#endif
+
 static int cpu_avx2_fma(void) {
     static int v = -1;
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -887,6 +896,17 @@ static int cpu_avx2_fma(void) {
     v = 0;
 #endif
     return v;
+}
+
+/* A float16 row as float32. */
+static void row_f32(float *x, const void *row, size_t d) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (cpu_avx2_fma()) {
+        row_f32_avx2(x, row, d);
+        return;
+    }
+#endif
+    kst_kv_rows_f32(x, row, 1, 0, 1, d);
 }
 
 /* Code values (0..15, as floats) of one key. */
@@ -984,9 +1004,12 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
         } else if (codes) {                                                                \
             decode_row(buf, g->codes + (size_t)(x) * cb, d);                               \
             for (size_t q_ = 0; q_ < G; q_++) v[q_] = c0[q_] + kst_kv_dot(co + q_ * d, buf, 0, d); \
-        } else {                                                                           \
+        } else if (G == 1 || !f16) {                                                       \
             const void *r_ = krow(K, f16, (x), d);                                         \
             for (size_t q_ = 0; q_ < G; q_++) v[q_] = kst_kv_dot(Q + q_ * d, r_, f16, d);   \
+        } else { /* float16 row converted once for the G queries */                        \
+            row_f32(buf, krow(K, f16, (x), d), d);                                         \
+            for (size_t q_ = 0; q_ < G; q_++) v[q_] = kst_kv_dot(Q + q_ * d, buf, 0, d);    \
         }                                                                                  \
         s->scanned++;                                                                      \
     } while (0)
@@ -1022,38 +1045,55 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
         GSCORE(x);
         GCONSIDER(x);
     }
-    while (cn > 0) {
-        uint32_t slot = s->ci[0];
-        heap_pop(s->cs, s->ci, &cn, 1);
-        int still = 0;
-        for (size_t q = 0; q < G && !still; q++)
-            still = s->grn[q] < ef || s->gv[(size_t)slot * G + q] >= s->grs[q * E];
-        if (!still) {
-            if (G == 1) break; /* ordered by the one score: nothing left can help */
-            continue;
-        }
-        uint32_t c = s->gx[slot];
-        const uint32_t *nb = g->adj + (size_t)c * g->M;
-        size_t dg = g->deg[c];
-        for (size_t j = 0; j < dg; j++) {
-            uint32_t x = nb[j];
-            if (x >= g->n || s->mark[x] == ep) continue;
-            if (codes) {
-                const char *r = (const char *)(g->codes + (size_t)x * cb);
-                __builtin_prefetch(r);
-                __builtin_prefetch(r + cb - 1);
-            } else {
-                const char *r = (const char *)krow(K, f16, x, d);
-                for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+    /* Expands up to B candidates at a time (s->expand): their neighbours' reads are issued
+     * together, so the memory latencies of B expansions overlap. B = 1 is plain best-first. */
+    size_t B = s->expand > 1 ? (s->expand < 16 ? s->expand : 16) : 1;
+    uint32_t batch[16];
+    int stop = 0;
+    while (cn > 0 && !stop) {
+        size_t nbt = 0;
+        while (cn > 0 && nbt < B) {
+            uint32_t slot = s->ci[0];
+            heap_pop(s->cs, s->ci, &cn, 1);
+            int still = 0;
+            for (size_t q = 0; q < G && !still; q++)
+                still = s->grn[q] < ef || s->gv[(size_t)slot * G + q] >= s->grs[q * E];
+            if (!still) {
+                if (G == 1) { /* ordered by the one score: nothing left can help */
+                    stop = 1;
+                    break;
+                }
+                continue;
             }
-            __builtin_prefetch(g->adj + (size_t)x * g->M);
+            batch[nbt++] = s->gx[slot];
         }
-        for (size_t j = 0; j < dg; j++) {
-            uint32_t x = nb[j];
-            if (x >= g->n || s->mark[x] == ep) continue;
-            s->mark[x] = ep;
-            GSCORE(x);
-            GCONSIDER(x);
+        for (size_t b = 0; b < nbt; b++) {
+            const uint32_t *nb = g->adj + (size_t)batch[b] * g->M;
+            size_t dg = g->deg[batch[b]];
+            for (size_t j = 0; j < dg; j++) {
+                uint32_t x = nb[j];
+                if (x >= g->n || s->mark[x] == ep) continue;
+                if (codes) {
+                    const char *r = (const char *)(g->codes + (size_t)x * cb);
+                    __builtin_prefetch(r);
+                    __builtin_prefetch(r + cb - 1);
+                } else {
+                    const char *r = (const char *)krow(K, f16, x, d);
+                    for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+                }
+                __builtin_prefetch(g->adj + (size_t)x * g->M);
+            }
+        }
+        for (size_t b = 0; b < nbt; b++) {
+            const uint32_t *nb = g->adj + (size_t)batch[b] * g->M;
+            size_t dg = g->deg[batch[b]];
+            for (size_t j = 0; j < dg; j++) {
+                uint32_t x = nb[j];
+                if (x >= g->n || s->mark[x] == ep) continue;
+                s->mark[x] = ep;
+                GSCORE(x);
+                GCONSIDER(x);
+            }
         }
     }
 #undef GSCORE

@@ -62,6 +62,8 @@ typedef struct kst_kvg_scratch {
     float *grs; uint32_t *gri; size_t *grn; size_t grcap; /* per-query result min-heaps */
     float *gq; size_t gqcap;                         /* per-query code coefficients */
     float *rr; size_t rrcap;                         /* rerank pool ((score, id) pairs) */
+    size_t expand;                                   /* group search: candidates expanded at a
+                                                      time (0, 1: one; up to 16) */
 } kst_kvg_scratch;
 void kst_kvg_scratch_free(kst_kvg_scratch *s);
 

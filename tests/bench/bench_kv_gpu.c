@@ -479,6 +479,8 @@ static int layer(const char *list) {
             /* "group": whole groups; "group2": two query heads per search */
             const char *gp = strstr(mode, "group");
             kst_kvc_set_search(c, gp ? (gp[5] >= '2' && gp[5] <= '9' ? gp[5] - '0' : 1) : 0, strstr(mode, "codes") != NULL);
+            /* "/x4": the group-search path expands 4 candidates at a time */
+            kst_kvc_set_expand(c, strstr(mode, "/x") ? (size_t)atol(strstr(mode, "/x") + 2) : 1);
             kst_kvc_set_tail_samples(c, runs[ri].tail);
             double rec = 0, scan = 0, shead = 0, err = 0;
             int64_t pos[G * TOPK];
