@@ -275,8 +275,8 @@ typedef struct kst_kv_opts {
     kst_kv_dtype dtype;       /* keys and values as given to kst_kv_append (default F32) */
     float scale;              /* score scale (default 0: 1/sqrt(head_dim)) */
     size_t sinks;             /* first tokens always attended (default 4) */
-    size_t window;            /* last tokens always attended (default 512) */
-    size_t top_k;             /* keys retrieved per query head and step (default 100) */
+    size_t window;            /* last tokens always attended (default 1024) */
+    size_t top_k;             /* keys retrieved per query head and step (default 256) */
     size_t ef;                /* search effort: beam width, >= top_k (default 256) */
     size_t degree;            /* graph out-degree (default 32) */
     size_t build_top;         /* exact top keys linked per prefill query (default 32) */
@@ -288,7 +288,7 @@ typedef struct kst_kv_opts {
                                  them there while the CPU searches (needs a `make CUDA=1` build
                                  and a device, else kst_kv_create fails with KST_ERR_UNSUPPORTED);
                                  the other tokens stay in CPU memory */
-    size_t tail_samples;      /* default 0: attend to the retrieved keys alone. m > 0: also
+    size_t tail_samples;      /* default 1024; 0: attend to the retrieved keys alone. m > 0: also
                                  estimate the attention over the indexed keys that were not
                                  retrieved from m evenly spaced ones (their softmax mass scaled
                                  up to the whole rest, merged like the other partials); an
@@ -296,9 +296,11 @@ typedef struct kst_kv_opts {
                                  keys; m >= the indexed tokens is full attention */
     int group_search;         /* default 0; 1: the query heads sharing a KV head search its
                                  graph once together, each keeping its own top_k of the union of
-                                 the keys scored (fewer scattered reads when the heads attend to
-                                 overlapping keys, as real GQA heads do) */
-    int codes;                /* default 0; 1: also keep a 4-bit code of each indexed key (a
+                                 the keys scored (about half the keys scored per head at equal
+                                 recall on real GQA heads, but fewer searches to spread over
+                                 threads, so a slower step on an idle many-core CPU); n > 1: n
+                                 query heads per search */
+    int codes;                /* default 1; 0: none. 1: also keep a 4-bit code of each indexed key (a
                                  quarter of a float16 key's bytes; head_dim a multiple of 32, else
                                  ignored) and steer the searches by the codes, the ef best
                                  re-scored exactly from the keys */
