@@ -942,16 +942,22 @@ static int cmp_gpair(const void *a, const void *b) {
 static int group_reserve(kst_kvg_scratch *s, size_t G, size_t ef, size_t d) {
     int rc = KST_OK;
     kst_error *err = NULL;
-    if (s->gcap < s->ccap * G || !s->gx) {
+    if (s->gcap < s->ccap * G) {
         KST_TRY(kst_realloc((void **)&s->gv, s->ccap * G, sizeof(float), "kv group search", err));
-        KST_TRY(kst_realloc((void **)&s->gx, s->ccap, sizeof(uint32_t), "kv group search", err));
         s->gcap = s->ccap * G;
     }
-    if (s->grcap < G * (ef + 1) || !s->grn) {
+    if (s->gxcap < s->ccap) {
+        KST_TRY(kst_realloc((void **)&s->gx, s->ccap, sizeof(uint32_t), "kv group search", err));
+        s->gxcap = s->ccap;
+    }
+    if (s->grcap < G * (ef + 1)) {
         KST_TRY(kst_realloc((void **)&s->grs, G * (ef + 1), sizeof(float), "kv group search", err));
         KST_TRY(kst_realloc((void **)&s->gri, G * (ef + 1), sizeof(uint32_t), "kv group search", err));
-        KST_TRY(kst_realloc((void **)&s->grn, G, sizeof(size_t), "kv group search", err));
         s->grcap = G * (ef + 1);
+    }
+    if (s->grncap < G) {
+        KST_TRY(kst_realloc((void **)&s->grn, G, sizeof(size_t), "kv group search", err));
+        s->grncap = G;
     }
     if (s->gqcap < G * (d + 2) + d) {
         KST_TRY(kst_realloc((void **)&s->gq, G * (d + 2) + d, sizeof(float), "kv group search", err));

@@ -58,8 +58,9 @@ typedef struct kst_kvg_scratch {
     float *rs; uint32_t *ri; size_t rn, rcap;        /* results (min-heap) */
     size_t scanned;                                  /* keys scored by the last search */
     /* group search (kst_kvg_search_group) */
-    float *gv; uint32_t *gx; size_t gcap;            /* pushed candidates: node, G scores */
-    float *grs; uint32_t *gri; size_t *grn; size_t grcap; /* per-query result min-heaps */
+    float *gv; uint32_t *gx; size_t gcap, gxcap;     /* pushed candidates: G scores, node */
+    float *grs; uint32_t *gri; size_t grcap;         /* per-query result min-heaps */
+    size_t *grn; size_t grncap;                      /* their sizes */
     float *gq; size_t gqcap;                         /* per-query code coefficients */
     float *rr; size_t rrcap;                         /* rerank pool ((score, id) pairs) */
     size_t expand;                                   /* group search: candidates expanded at a

@@ -447,7 +447,16 @@ static void test_group_search_recall(void **state) {
         assert_ok(kst_kvc_create(&o, &c, &err), &err);
         assert_ok(kst_kvc_append(c, 0, f->keys.data, f->values.data, P, &err), &err);
         assert_ok(kst_kvc_build(c, 0, f->pq.data, P, &err), &err);
-        for (int full = 1; full >= 0; full--) {
+        /* a one-head search with a wide beam first: the group search then reuses its scratch
+         * (sized for one head, ef = all) for two heads (ASan checks the reuse) */
+        kst_kvc_set_search(c, 0, codes);
+        int64_t p1[10];
+        size_t n1;
+        assert_ok(kst_kvc_search(c, 0, 0, f->dq.data, 10, nidx, p1, &n1, NULL, &err), &err);
+        assert_int_equal(n1, 10);
+        assert_int_equal(p1[0], ((const int64_t *)f->top10.data)[0]);
+        kst_kvc_set_search(c, 1, codes);
+        for (int full = 0; full < 2; full++) {
             size_t hit[QH] = {0};
             for (size_t s = 0; s < S; s++)
                 for (size_t kh = 0; kh < KVH; kh++) {
