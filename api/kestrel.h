@@ -275,8 +275,8 @@ typedef struct kst_kv_opts {
     kst_kv_dtype dtype;       /* keys and values as given to kst_kv_append (default F32) */
     float scale;              /* score scale (default 0: 1/sqrt(head_dim)) */
     size_t sinks;             /* first tokens always attended (default 4) */
-    size_t window;            /* last tokens always attended (default 512) */
-    size_t top_k;             /* keys retrieved per query head and step (default 100) */
+    size_t window;            /* last tokens always attended (default 1024) */
+    size_t top_k;             /* keys retrieved per query head and step (default 256) */
     size_t ef;                /* search effort: beam width, >= top_k (default 256) */
     size_t degree;            /* graph out-degree (default 32) */
     size_t build_top;         /* exact top keys linked per prefill query (default 32) */
@@ -288,12 +288,22 @@ typedef struct kst_kv_opts {
                                  them there while the CPU searches (needs a `make CUDA=1` build
                                  and a device, else kst_kv_create fails with KST_ERR_UNSUPPORTED);
                                  the other tokens stay in CPU memory */
-    size_t tail_samples;      /* default 0: attend to the retrieved keys alone. m > 0: also
+    size_t tail_samples;      /* default 1024; 0: attend to the retrieved keys alone. m > 0: also
                                  estimate the attention over the indexed keys that were not
                                  retrieved from m evenly spaced ones (their softmax mass scaled
                                  up to the whole rest, merged like the other partials); an
                                  approximation that helps where attention is spread over many
                                  keys; m >= the indexed tokens is full attention */
+    int group_search;         /* default 0; 1: the query heads sharing a KV head search its
+                                 graph once together, each keeping its own top_k of the union of
+                                 the keys scored (about half the keys scored per head at equal
+                                 recall on real GQA heads, but fewer searches to spread over
+                                 threads, so a slower step on an idle many-core CPU); n > 1: n
+                                 query heads per search */
+    int codes;                /* default 1; 0: none. 1: also keep a 4-bit code of each indexed key (a
+                                 quarter of a float16 key's bytes; head_dim a multiple of 32, else
+                                 ignored) and steer the searches by the codes, the ef best
+                                 re-scored exactly from the keys */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */
@@ -319,6 +329,7 @@ typedef struct kst_kv_stats {
     size_t retrieved; /* keys retrieved, summed over query heads */
     size_t scanned;   /* keys scored by the index searches, summed over query heads */
     size_t sampled;   /* keys sampled for the tail estimate (opts.tail_samples), summed */
+    size_t searches;  /* index searches run: q_heads, or kv_heads with group_search */
 } kst_kv_stats;
 
 /* Decode step of one layer: q (q_heads, head_dim) float32 -> out (q_heads, head_dim), the

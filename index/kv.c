@@ -44,10 +44,27 @@ struct kst_kvc {
     int nth;
     float *lse_buf; /* (q_heads) each head's lse after the CPU part of a decode step */
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
+    int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
+    size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
 };
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
+void kst_kvc_set_expand(kst_kvc *c, size_t b) { c->expand = b; }
+void kst_kvc_set_search(kst_kvc *c, int group_search, int codes) {
+    c->group = group_search;
+    c->use_codes = codes;
+}
+
+/* Query heads per search: 1, or with group_search the whole group (1) or that many of it (n > 1,
+ * at most G, rounded down to a divisor of G). */
+static size_t heads_per_search(const kst_kvc *c) {
+    size_t G = c->o.q_heads / c->o.kv_heads, n = c->group <= 0 ? 1 : c->group == 1 ? G : (size_t)c->group;
+    if (n > G) n = G;
+    if (n > 64) n = 64;
+    while (G % n) n--;
+    return n;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 
@@ -81,6 +98,8 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     kst_kvc *c = kst_calloc(1, sizeof *c, "kv cache", err);
     if (!c) return KST_ERR_NOMEM;
     c->o = o;
+    c->group = o.group_search;
+    c->use_codes = o.codes;
     c->esize = o.f16 ? 2 : 4;
     c->nth = omp_get_max_threads();
     c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);
@@ -90,8 +109,10 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     for (size_t l = 0; l < o.layers; l++) {
         c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
         if (!c->layers[l].heads) goto fail;
-        for (size_t h = 0; h < o.kv_heads; h++)
+        for (size_t h = 0; h < o.kv_heads; h++) {
             kst_kvg_init(&c->layers[l].heads[h].g, o.degree, o.entries, o.efc, NULL);
+            c->layers[l].heads[h].g.codes_on = o.codes;
+        }
 #ifdef KST_CUDA
         if (o.gpu && kst_kvgpu_create(o.q_heads, o.kv_heads, o.head_dim, o.sinks + o.window, o.f16,
                                        o.scale, &c->layers[l].gpu, err) != KST_OK) {
@@ -139,6 +160,17 @@ void kst_kvc_free(kst_kvc *c) {
     }
     kst_free(c->lse_buf);
     kst_free(c);
+}
+
+size_t kst_kvc_index_bytes(const kst_kvc *c, size_t layer) {
+    if (!c || layer >= c->o.layers || !c->layers[layer].heads) return 0;
+    size_t b = 0;
+    for (size_t h = 0; h < c->o.kv_heads; h++) {
+        const kst_kvg *g = &c->layers[layer].heads[h].g;
+        b += g->cap * (g->M * (sizeof(uint32_t) + sizeof(float)) + sizeof(uint16_t) + sizeof(float)) +
+             kst_kvg_code_bytes(g);
+    }
+    return b;
 }
 
 size_t kst_kvc_gpu_bytes(const kst_kvc *c) {
@@ -285,6 +317,7 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
     for (size_t h = 0; h < (copied ? 1 : o->kv_heads) && rc == KST_OK; h++) {
         kv_hstore *H = &L->heads[h];
         kst_kvg_init(&H->g, o->degree, o->entries, o->efc, NULL);
+        H->g.codes_on = o->codes;
         const void *K = rows_at(c, H->K, o->sinks);
         if (o->index == KST_KVC_INDEX_ATTN) {
             /* Evenly spaced rows of the group's (nq * G) queries. */
@@ -298,12 +331,17 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
         }
     }
     kst_free(Q);
-    for (size_t h = 1; copied && h < o->kv_heads && rc == KST_OK; h++)
+    for (size_t h = 1; copied && h < o->kv_heads && rc == KST_OK; h++) {
         rc = kst_kvg_copy(&L->heads[h].g, &L->heads[0].g, err);
+        /* the codes are of head 0's keys: this head's own */
+        if (rc == KST_OK && L->heads[h].g.codes)
+            rc = kst_kvg_make_codes(&L->heads[h].g, rows_at(c, L->heads[h].K, o->sinks), o->f16, d, err);
+    }
     if (rc != KST_OK) {
         for (size_t h = 0; h < o->kv_heads; h++) {
             kst_kvg_free(&L->heads[h].g);
             kst_kvg_init(&L->heads[h].g, o->degree, o->entries, o->efc, NULL);
+            L->heads[h].g.codes_on = o->codes;
         }
         return kst_error_prefix(err, "kst_kv_build: layer %zu", layer);
     }
@@ -349,10 +387,11 @@ static int cmp_u32(const void *a, const void *b) {
  * systematic sample positions minus the m retrieved ids, lse raised by log(|R| / sampled).
  * Returns the sampled count (0: o = 0, *lse = -inf). t->buf holds >= min(ns, nidx) floats. */
 static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, const float *q,
-                           size_t nidx, size_t m, size_t ns, float *o, float *lse) {
+                           const uint32_t *rid, size_t nidx, size_t m, size_t ns, float *o,
+                           float *lse) {
     const kst_kvc_opts *op = &c->o;
     if (ns > nidx) ns = nidx;
-    memcpy(t->sret, t->ids, m * sizeof(uint32_t));
+    memcpy(t->sret, rid, m * sizeof(uint32_t));
     qsort(t->sret, m, sizeof(uint32_t), cmp_u32);
     size_t kept = 0, r = 0;
     for (size_t j = 0; j < ns; j++) {
@@ -365,6 +404,24 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, c
                      op->scale);
     if (kept) *lse += (float)log((double)(nidx - m) / (double)kept);
     return kept;
+}
+
+/* Retrieval for query heads h0 .. h0 + gq - 1 (one KV head's, or one head) into t->ids (gq, k)
+ * and fnd (gq): the per-head beam (kst_kvg_search) unless the group search or codes are on. */
+static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q, size_t gq,
+                    size_t k, size_t ef, size_t *fnd, size_t *scanned) {
+    const kst_kvc_opts *o = &c->o;
+    const void *K = rows_at(c, H->K, o->sinks);
+    int rc = KST_OK;
+    if (gq == 1 && !c->use_codes) {
+        fnd[0] = kst_kvg_search(&H->g, K, o->f16, o->head_dim, Q, k, ef, &t->s, t->ids, NULL, &rc);
+    } else {
+        t->s.expand = c->expand;
+        rc = kst_kvg_search_group(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->use_codes, &t->s,
+                                  t->ids, NULL, fnd);
+    }
+    *scanned = rc == KST_OK ? t->s.scanned : 0;
+    return rc;
 }
 
 int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
@@ -381,12 +438,44 @@ int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size
     if (scanned) *scanned = 0;
     if (!L->built || k == 0) return KST_OK;
     KST_TRY(thread_reserve(t, 1, k, o->head_dim, err));
-    size_t m = kst_kvg_search(&H->g, rows_at(c, H->K, o->sinks), o->f16, o->head_dim, q, k,
-                              ef ? ef : o->ef, &t->s, t->ids, NULL, &rc);
+    size_t m, sc;
+    rc = retrieve(c, H, t, q, 1, k, ef ? ef : o->ef, &m, &sc);
     if (rc != KST_OK) return kst_fail(err, rc, "kst_kv_search: out of memory");
     for (size_t i = 0; i < m; i++) pos[i] = (int64_t)(o->sinks + t->ids[i]);
     if (found) *found = m;
-    if (scanned) *scanned = t->s.scanned;
+    if (scanned) *scanned = sc;
+done:
+    return rc;
+}
+
+int kst_kvc_search_group(kst_kvc *c, size_t layer, size_t kv_head, const float *Q, size_t k,
+                         size_t ef, int64_t *pos, size_t *found, size_t *scanned, kst_error *err) {
+    int rc = check_layer(c, layer, "kst_kv_search_group", err);
+    if (rc != KST_OK) return rc;
+    const kst_kvc_opts *o = &c->o;
+    if (kv_head >= o->kv_heads)
+        return kst_fail(err, KST_ERR_INVALID, "kst_kv_search_group: KV head %zu of %zu", kv_head, o->kv_heads);
+    if (!Q || (!pos && k) || !found) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_search_group: NULL argument");
+    size_t G = o->q_heads / o->kv_heads, gq = heads_per_search(c), d = o->head_dim;
+    if (G > 64) return kst_fail(err, KST_ERR_INVALID, "kst_kv_search_group: %zu query heads per KV head (at most 64)", G);
+    kv_layer *L = &c->layers[layer];
+    kv_hstore *H = &L->heads[kv_head];
+    kv_thread *t = &c->th[omp_get_thread_num()];
+    for (size_t a = 0; a < G; a++) found[a] = 0;
+    if (scanned) *scanned = 0;
+    if (!L->built || k == 0) return KST_OK;
+    KST_TRY(thread_reserve(t, 1, k * G, d, err));
+    size_t fnd[64], sc, tot = 0;
+    for (size_t a0 = 0; a0 < G; a0 += gq) {
+        rc = retrieve(c, H, t, Q + a0 * d, gq, k, ef ? ef : o->ef, fnd, &sc);
+        if (rc != KST_OK) return kst_fail(err, rc, "kst_kv_search_group: out of memory");
+        tot += sc;
+        for (size_t a = 0; a < gq; a++) {
+            for (size_t i = 0; i < fnd[a]; i++) pos[(a0 + a) * k + i] = (int64_t)(o->sinks + t->ids[a * k + i]);
+            found[a0 + a] = fnd[a];
+        }
+    }
+    if (scanned) *scanned = tot;
 done:
     return rc;
 }
@@ -407,6 +496,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (exact_lo < sink_end) exact_lo = sink_end;
     if (k > nidx) k = nidx;
     if (d > 512) return kst_fail(err, KST_ERR_INTERNAL, "kst_kv_attend: head_dim > 512");
+    /* one task per query head, or per KV head (its G query heads) with the group search */
+    size_t gq = heads_per_search(c), ntask = o->q_heads / gq;
     size_t scanned = 0, retrieved = 0, sampled = 0;
     int on_gpu = 0;
 #ifdef KST_CUDA
@@ -418,23 +509,31 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         on_gpu = 1;
     }
 #endif
-#pragma omp parallel for schedule(dynamic) reduction(+ : scanned, retrieved, sampled) if (o->q_heads > 1)
-    for (size_t h = 0; h < o->q_heads; h++) {
+#pragma omp parallel for schedule(dynamic) reduction(+ : scanned, retrieved, sampled) if (ntask > 1)
+    for (size_t tk = 0; tk < ntask; tk++) {
         kv_thread *t = &c->th[omp_get_thread_num()];
         size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
         if (need < k) need = k;
         size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx;
         if (need < ns) need = ns;
         kst_error e2;
-        int r = thread_reserve(t, need + 1, k, d, &e2);
+        int r = thread_reserve(t, need + 1, k * gq, d, &e2);
         if (r == KST_OK && t->trows_cap < ns) {
             r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
             if (r == KST_OK) t->trows_cap = ns;
         }
-        const kv_hstore *H = &L->heads[h / G];
-        const float *qh = q + h * d;
-        float *oh = out + h * d, lse, lse2;
-        if (r == KST_OK) {
+        size_t h0 = tk * gq, fnd[64] = {0};
+        const kv_hstore *H = &L->heads[h0 / G];
+        if (r == KST_OK && k > 0) {
+            size_t sc;
+            r = retrieve(c, H, t, q + h0 * d, gq, k, ef, fnd, &sc);
+            if (r != KST_OK) kst_fail(&e2, r, "kst_kv_attend: out of memory in the index search");
+            scanned += sc;
+        }
+        for (size_t a = 0; a < gq && r == KST_OK; a++) {
+            size_t h = h0 + a;
+            const float *qh = q + h * d;
+            float *oh = out + h * d, lse, lse2;
             /* sinks, then the exact tail (window and tokens not yet indexed), then retrieved */
             if (on_gpu) {
                 memset(oh, 0, d * sizeof(float));
@@ -445,21 +544,18 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                                  L->n - exact_lo, d, o->scale);
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
-            size_t m = 0;
-            if (k > 0) {
-                m = kst_kvg_search(&H->g, rows_at(c, H->K, o->sinks), o->f16, d, qh, k, ef, &t->s,
-                                   t->ids, NULL, &r);
-                if (r != KST_OK) kst_fail(&e2, r, "kst_kv_attend: out of memory in the index search");
-                for (size_t i = 0; i < m; i++) t->rows[i] = (int64_t)(o->sinks + t->ids[i]);
+            size_t m = k > 0 ? fnd[a] : 0;
+            const uint32_t *rid = t->ids + a * k;
+            if (m > 0) {
+                for (size_t i = 0; i < m; i++) t->rows[i] = (int64_t)(o->sinks + rid[i]);
                 kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, t->rows, 0, m, d,
                                  o->scale);
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
-                scanned += t->s.scanned;
                 retrieved += m;
             }
             /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
-            if (r == KST_OK && ns && m < nidx) {
-                sampled += tail_partial(t, c, H, qh, nidx, m, ns, t->o2, &lse2);
+            if (ns && m < nidx) {
+                sampled += tail_partial(t, c, H, qh, rid, nidx, m, ns, t->o2, &lse2);
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
             c->lse_buf[h] = lse;
@@ -497,6 +593,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         stats->retrieved = retrieved;
         stats->scanned = scanned;
         stats->sampled = sampled;
+        stats->searches = k > 0 && nidx > 0 ? ntask : 0;
     }
     return KST_OK;
 }

@@ -41,6 +41,13 @@ typedef struct kst_kvc_opts {
     size_t tail_samples;      /* 0: attend to the retrieved keys alone (exact top-k attention);
                                  else also estimate the indexed keys left out from this many
                                  evenly spaced ones (see kst_kvc_attend) */
+    int group_search;         /* 1: the query heads of a KV head search its graph once together
+                                 (kst_kvg_search_group), each keeping its own top_k of the union
+                                 of keys scored; n > 1: n of them per search (rounded down to a
+                                 divisor of the group: more searches to spread over threads);
+                                 0: one search per query head */
+    int codes;                /* 1: keep 4-bit codes of the indexed keys (head_dim a multiple of
+                                 32) and steer the searches by them, the pool re-scored exactly */
 } kst_kvc_opts;
 
 typedef struct kst_kvc kst_kvc;
@@ -52,6 +59,7 @@ typedef struct kst_kvc_stats {
     size_t retrieved; /* keys retrieved, summed over query heads */
     size_t scanned;   /* keys scored by the searches, summed over query heads */
     size_t sampled;   /* tail keys sampled for the estimate, summed over query heads */
+    size_t searches;  /* graph searches run (q_heads, or kv_heads with group_search) */
 } kst_kvc_stats;
 
 /* Validates opts (sizes, GQA divisibility) and creates an empty cache. */
@@ -88,6 +96,23 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
  * with the largest <q, k>; *found and *scanned (may be NULL) get the counts. */
 int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
                    int64_t *pos, size_t *found, size_t *scanned, kst_error *err);
+
+/* Retrieval for the G = q_heads / kv_heads query heads of one KV head, Q (G, head_dim), as
+ * kst_kvc_attend does it under the cache's group_search and codes settings: pos (G, k) and
+ * found (G); *scanned gets the keys scored by the search(es) (may be NULL). */
+int kst_kvc_search_group(kst_kvc *c, size_t layer, size_t kv_head, const float *Q, size_t k,
+                         size_t ef, int64_t *pos, size_t *found, size_t *scanned, kst_error *err);
+
+/* Benchmarks: changes group_search and the use of codes (when the index was built with them)
+ * of a live cache. */
+void kst_kvc_set_search(kst_kvc *c, int group_search, int codes);
+
+/* Benchmarks: candidates the group search (and codes) path expands at a time (1: plain
+ * best-first; more overlap the memory latency of several expansions). */
+void kst_kvc_set_expand(kst_kvc *c, size_t b);
+
+/* Bytes of CPU memory the layer's index takes beyond the keys and values (edges, codes). */
+size_t kst_kvc_index_bytes(const kst_kvc *c, size_t layer);
 
 /* Benchmarks whose KV heads are inner-product-preserving transforms of head 0 (signed
  * permutations of the dimensions, as bench_kv_gpu's layer mode makes them): builds head 0's

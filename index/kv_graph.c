@@ -56,6 +56,22 @@ static void heap_pop(float *s, uint32_t *id, size_t *n, int maxheap) {
     id[i] = x;
 }
 
+/* Replaces the top of a heap of n by (v, x) and restores it: a pop and a push in one pass. */
+static void heap_replace_top(float *s, uint32_t *id, size_t n, float v, uint32_t x, int maxheap) {
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && (maxheap ? s[c + 1] > s[c] : s[c + 1] < s[c])) c++;
+        if (maxheap ? v >= s[c] : v <= s[c]) break;
+        s[i] = s[c];
+        id[i] = id[c];
+        i = c;
+    }
+    s[i] = v;
+    id[i] = x;
+}
+
 void kst_kvg_scratch_free(kst_kvg_scratch *s) {
     if (!s) return;
     kst_free(s->mark);
@@ -63,6 +79,13 @@ void kst_kvg_scratch_free(kst_kvg_scratch *s) {
     kst_free(s->ci);
     kst_free(s->rs);
     kst_free(s->ri);
+    kst_free(s->gv);
+    kst_free(s->gx);
+    kst_free(s->grs);
+    kst_free(s->gri);
+    kst_free(s->grn);
+    kst_free(s->gq);
+    kst_free(s->rr);
     memset(s, 0, sizeof *s);
 }
 
@@ -154,8 +177,8 @@ static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float 
             s->scanned++;
             if (s->rn < ef || v > s->rs[0]) {
                 if (s->cn < s->ccap) heap_push(s->cs, s->ci, &s->cn, v, x, 1);
-                heap_push(s->rs, s->ri, &s->rn, v, x, 0);
-                if (s->rn > ef) heap_pop(s->rs, s->ri, &s->rn, 0);
+                if (s->rn < ef) heap_push(s->rs, s->ri, &s->rn, v, x, 0);
+                else heap_replace_top(s->rs, s->ri, s->rn, v, x, 0);
             }
         }
     }
@@ -212,6 +235,8 @@ void kst_kvg_free(kst_kvg *g) {
     kst_free(g->norm2);
     kst_free(g->adist);
     kst_free(g->entry);
+    kst_free(g->codes);
+    kst_free(g->clo); /* cstep lies in the same block */
     memset(g, 0, sizeof *g);
 }
 
@@ -248,7 +273,24 @@ int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
         memcpy(dst->deg, src->deg, cap * sizeof(uint16_t));
         memcpy(dst->norm2, src->norm2, cap * sizeof(float));
         if (src->entry) memcpy(dst->entry, src->entry, src->n_entry * sizeof(uint32_t));
+        if (src->codes) {
+            size_t cb = src->cd / 2;
+            dst->codes = kst_malloc(cap, cb, "kv graph codes copy", err);
+            dst->clo = kst_malloc(src->cd, 2 * sizeof(float), "kv graph codes copy", err);
+            if (!dst->codes || !dst->clo) {
+                kst_kvg_free(dst);
+                kst_kvg_init(dst, M, src->max_entry, src->efc, NULL);
+                return KST_ERR_NOMEM;
+            }
+            kst_kvg_advise_huge(dst->codes, cap * cb);
+            memcpy(dst->codes, src->codes, cap * cb);
+            dst->cstep = dst->clo + src->cd;
+            memcpy(dst->clo, src->clo, src->cd * sizeof(float));
+            memcpy(dst->cstep, src->cstep, src->cd * sizeof(float));
+        }
     }
+    dst->codes_on = src->codes_on;
+    dst->cd = src->cd;
     dst->n = src->n;
     dst->cap = cap;
     dst->n_entry = src->n_entry;
@@ -268,6 +310,10 @@ static int reserve(kst_kvg *g, size_t n, kst_error *err) {
     if (!g->entry) {
         g->entry = kst_malloc(g->max_entry, sizeof(uint32_t), "kv graph entries", err);
         if (!g->entry) return KST_ERR_NOMEM;
+    }
+    if (g->codes) {
+        KST_TRY(kst_realloc((void **)&g->codes, cap, g->cd / 2, "kv graph codes", err));
+        kst_kvg_advise_huge(g->codes, cap * g->cd / 2);
     }
     memset(g->deg + g->cap, 0, (cap - g->cap) * sizeof(uint16_t));
     kst_kvg_advise_huge(g->adj, cap * g->M * sizeof(uint32_t));
@@ -440,6 +486,9 @@ done:
     return rc;
 }
 
+static int codes_make(kst_kvg *g, const void *K, int f16, size_t n, size_t d, kst_error *err);
+static void code_row(kst_kvg *g, const void *K, int f16, size_t i, size_t d, float *tmp);
+
 /* Entry points of a key-only graph: evenly spread nodes. */
 static void spread_entries(kst_kvg *g) {
     size_t ne = g->max_entry < g->n ? g->max_entry : g->n;
@@ -468,6 +517,7 @@ int kst_kvg_insert(kst_kvg *g, const void *K, int f16, size_t d, kst_kvg_scratch
         return kst_fail(err, KST_ERR_NOMEM, "kv graph: out of memory linking a key");
     }
     apply_links(g, x, sel, seld, c);
+    if (g->codes) code_row(g, K, f16, x, d, tmp);
     kst_free(tmp);
     g->n++;
     /* A graph without entry points of its own (key-only, or still small) spreads them anew as
@@ -491,6 +541,7 @@ int kst_kvg_build_keys(kst_kvg *g, const void *K, int f16, size_t n, size_t d, k
         g->n_entry = 1;
         g->entry[0] = 0;
         rc = link_range(g, K, f16, d, 0, n, 0, err);
+        if (rc == KST_OK) rc = codes_make(g, K, f16, n, d, err);
     }
     kst_free(tmp);
     if (rc == KST_OK) spread_entries(g);
@@ -701,6 +752,7 @@ int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, c
      * by key-key search, in order; keys no query retrieved get all their edges this way. Without
      * it recall stalled near 0.98 on real heads (co-retrieval clusters left unreachable). */
     KST_TRY(link_range(g, K, f16, d, 0, n, n, err));
+    KST_TRY(codes_make(g, K, f16, n, d, err));
 done:
     kst_free(top);
     kst_free(hits);
@@ -714,4 +766,369 @@ done:
         kst_kvg_init(g, M, me, efc, NULL);
     }
     return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* 4-bit codes and the group search */
+
+size_t kst_kvg_code_bytes(const kst_kvg *g) {
+    return g->codes ? g->cap * g->cd / 2 + 2 * g->cd * sizeof(float) : 0;
+}
+
+static uint8_t code_of(float x, float lo, float step) {
+    if (!(step > 0)) return 0;
+    float c = floorf((x - lo) / step);
+    return (uint8_t)(c < 0 ? 0 : c > 15 ? 15 : c);
+}
+
+/* Codes of key row i (tmp: d floats). */
+static void code_row(kst_kvg *g, const void *K, int f16, size_t i, size_t d, float *tmp) {
+    kst_kv_rows_f32(tmp, K, f16, i, 1, d);
+    uint8_t *c = g->codes + i * (d / 2);
+    for (size_t b = 0; b < d; b += 32)
+        for (size_t j = 0; j < 16; j++)
+            c[b / 2 + j] = (uint8_t)(code_of(tmp[b + j], g->clo[b + j], g->cstep[b + j]) |
+                                     code_of(tmp[b + 16 + j], g->clo[b + 16 + j], g->cstep[b + 16 + j]) << 4);
+}
+
+/* After a build of n keys: the per-dimension ranges, then every key's codes. A no-op unless
+ * codes_on, d a multiple of 32 and n > 0. */
+static int codes_make(kst_kvg *g, const void *K, int f16, size_t n, size_t d, kst_error *err) {
+    if (!g->codes_on || d % 32 != 0 || n == 0) return KST_OK;
+    g->cd = d;
+    g->clo = kst_malloc(d, 2 * sizeof(float), "kv graph code ranges", err);
+    g->codes = kst_malloc(g->cap, d / 2, "kv graph codes", err);
+    float *tmp = kst_malloc(d, sizeof(float), "kv graph codes", err);
+    if (!g->clo || !g->codes || !tmp) {
+        kst_free(tmp);
+        return KST_ERR_NOMEM;
+    }
+    kst_kvg_advise_huge(g->codes, g->cap * d / 2);
+    g->cstep = g->clo + d;
+    float *hi = g->cstep;
+    for (size_t j = 0; j < d; j++) {
+        g->clo[j] = INFINITY;
+        hi[j] = -INFINITY;
+    }
+    for (size_t i = 0; i < n; i++) {
+        kst_kv_rows_f32(tmp, K, f16, i, 1, d);
+        for (size_t j = 0; j < d; j++) {
+            if (tmp[j] < g->clo[j]) g->clo[j] = tmp[j];
+            if (tmp[j] > hi[j]) hi[j] = tmp[j];
+        }
+    }
+    for (size_t j = 0; j < d; j++) g->cstep[j] = (hi[j] - g->clo[j]) / 16.0f;
+    for (size_t i = 0; i < n; i++) code_row(g, K, f16, i, d, tmp);
+    kst_free(tmp);
+    return KST_OK;
+}
+
+int kst_kvg_make_codes(kst_kvg *g, const void *K, int f16, size_t d, kst_error *err) {
+    kst_free(g->codes);
+    kst_free(g->clo);
+    g->codes = NULL;
+    g->clo = g->cstep = NULL;
+    g->cd = 0;
+    int rc = codes_make(g, K, f16, g->n, d, err);
+    if (rc != KST_OK) {
+        kst_free(g->codes);
+        kst_free(g->clo);
+        g->codes = NULL;
+        g->clo = g->cstep = NULL;
+        g->cd = 0;
+    }
+    return rc;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+__attribute__((target("avx2"))) static void decode_avx2(float *x, const uint8_t *c, size_t d) {
+    const __m128i m = _mm_set1_epi8(0x0F);
+    for (size_t b = 0; b < d; b += 32) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(c + b / 2));
+        __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+        _mm256_storeu_ps(x + b, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)));
+        _mm256_storeu_ps(x + b + 8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))));
+        _mm256_storeu_ps(x + b + 16, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)));
+        _mm256_storeu_ps(x + b + 24, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))));
+    }
+}
+
+/* <co, code values> for one key, decoded in registers (two FMA chains). */
+__attribute__((target("avx2,fma"))) static float code_dot_avx2(const float *co, const uint8_t *c, size_t d) {
+    const __m128i m = _mm_set1_epi8(0x0F);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (size_t b = 0; b < d; b += 32) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(c + b / 2));
+        __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(co + b), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(co + b + 8),
+                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), a1);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(co + b + 16), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(co + b + 24),
+                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), a1);
+    }
+    a0 = _mm256_add_ps(a0, a1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,f16c"))) static void row_f32_avx2(float *x, const void *row, size_t d) {
+    const uint16_t *r = row;
+    size_t i = 0;
+    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))));
+    for (; i < d; i++) x[i] = kst_f16_to_f32(r[i]);
+}
+#endif
+
+static int cpu_avx2_fma(void) {
+    static int v = -1;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+#else
+    v = 0;
+#endif
+    return v;
+}
+
+/* A float16 row as float32. */
+static void row_f32(float *x, const void *row, size_t d) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (cpu_avx2_fma()) {
+        row_f32_avx2(x, row, d);
+        return;
+    }
+#endif
+    kst_kv_rows_f32(x, row, 1, 0, 1, d);
+}
+
+/* Code values (0..15, as floats) of one key. */
+static void decode_row(float *x, const uint8_t *c, size_t d) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (cpu_avx2_fma()) {
+        decode_avx2(x, c, d);
+        return;
+    }
+#endif
+    for (size_t b = 0; b < d; b += 32)
+        for (size_t j = 0; j < 16; j++) {
+            x[b + j] = (float)(c[b / 2 + j] & 15);
+            x[b + 16 + j] = (float)(c[b / 2 + j] >> 4);
+        }
+}
+
+static float code_dot(const float *co, const uint8_t *c, size_t d) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return code_dot_avx2(co, c, d);
+#else
+    (void)co; (void)c; (void)d;
+    return 0; /* not reached: fused only where cpu_avx2_fma() */
+#endif
+}
+
+typedef struct gpair { float s; uint32_t x; } gpair;
+static int cmp_gpair(const void *a, const void *b) {
+    float x = ((const gpair *)a)->s, y = ((const gpair *)b)->s;
+    return x > y ? -1 : x < y;
+}
+
+static int group_reserve(kst_kvg_scratch *s, size_t G, size_t ef, size_t d) {
+    int rc = KST_OK;
+    kst_error *err = NULL;
+    if (s->gcap < s->ccap * G) {
+        KST_TRY(kst_realloc((void **)&s->gv, s->ccap * G, sizeof(float), "kv group search", err));
+        s->gcap = s->ccap * G;
+    }
+    if (s->gxcap < s->ccap) {
+        KST_TRY(kst_realloc((void **)&s->gx, s->ccap, sizeof(uint32_t), "kv group search", err));
+        s->gxcap = s->ccap;
+    }
+    if (s->grcap < G * (ef + 1)) {
+        KST_TRY(kst_realloc((void **)&s->grs, G * (ef + 1), sizeof(float), "kv group search", err));
+        KST_TRY(kst_realloc((void **)&s->gri, G * (ef + 1), sizeof(uint32_t), "kv group search", err));
+        s->grcap = G * (ef + 1);
+    }
+    if (s->grncap < G) {
+        KST_TRY(kst_realloc((void **)&s->grn, G, sizeof(size_t), "kv group search", err));
+        s->grncap = G;
+    }
+    if (s->gqcap < G * (d + 2) + d) {
+        KST_TRY(kst_realloc((void **)&s->gq, G * (d + 2) + d, sizeof(float), "kv group search", err));
+        s->gqcap = G * (d + 2) + d;
+    }
+    if (s->rrcap < ef) {
+        KST_TRY(kst_realloc((void **)&s->rr, ef, sizeof(gpair), "kv group search", err));
+        s->rrcap = ef;
+    }
+done:
+    return rc;
+}
+
+int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q,
+                         size_t G, size_t k, size_t ef, int use_codes, kst_kvg_scratch *s,
+                         uint32_t *ids, float *scores, size_t *found) {
+    s->scanned = 0;
+    if (G == 0 || G > 64) return KST_ERR_INVALID;
+    for (size_t q = 0; q < G; q++) found[q] = 0;
+    if (g->n == 0 || k == 0) return KST_OK;
+    if (ef < k) ef = k;
+    int rc = scratch_reserve(s, g->cap, ef, g->M, NULL);
+    if (rc == KST_OK) rc = group_reserve(s, G, ef, d);
+    if (rc != KST_OK) return rc;
+    int codes = use_codes && g->codes && g->cd == d;
+    uint8_t ep = s->epoch;
+    /* per query: coefficients (d), constant, 1/|q|; then a row buffer */
+    float *co = s->gq, *c0 = s->gq + G * d, *inv = c0 + G, *buf = inv + G;
+    for (size_t q = 0; q < G; q++) {
+        const float *qq = Q + q * d;
+        double n2 = 0, cst = 0;
+        for (size_t j = 0; j < d; j++) {
+            n2 += (double)qq[j] * qq[j];
+            if (codes) {
+                co[q * d + j] = qq[j] * g->cstep[j];
+                cst += (double)qq[j] * (g->clo[j] + 0.5 * g->cstep[j]);
+            }
+        }
+        c0[q] = (float)cst;
+        inv[q] = n2 > 0 ? (float)(1.0 / sqrt(n2)) : 1.0f;
+        s->grn[q] = 0;
+    }
+    size_t cb = d / 2, rowb = d * (f16 ? 2 : 4), sn = 0, cn = 0, E = ef + 1;
+    int fused = G == 1 && cpu_avx2_fma();
+    float v[64];
+#define GSCORE(x)                                                                          \
+    do {                                                                                   \
+        if (codes && fused) {                                                              \
+            v[0] = c0[0] + code_dot(co, g->codes + (size_t)(x) * cb, d);                   \
+        } else if (codes) {                                                                \
+            decode_row(buf, g->codes + (size_t)(x) * cb, d);                               \
+            for (size_t q_ = 0; q_ < G; q_++) v[q_] = c0[q_] + kst_kv_dot(co + q_ * d, buf, 0, d); \
+        } else if (G == 1 || !f16) {                                                       \
+            const void *r_ = krow(K, f16, (x), d);                                         \
+            for (size_t q_ = 0; q_ < G; q_++) v[q_] = kst_kv_dot(Q + q_ * d, r_, f16, d);   \
+        } else { /* float16 row converted once for the G queries */                        \
+            row_f32(buf, krow(K, f16, (x), d), d);                                         \
+            for (size_t q_ = 0; q_ < G; q_++) v[q_] = kst_kv_dot(Q + q_ * d, buf, 0, d);    \
+        }                                                                                  \
+        s->scanned++;                                                                      \
+    } while (0)
+    /* v -> each query's results; a candidate when it made some query's ef best */
+#define GCONSIDER(x)                                                                       \
+    do {                                                                                   \
+        int use_ = 0;                                                                      \
+        float pr_ = -INFINITY;                                                             \
+        for (size_t q_ = 0; q_ < G; q_++) {                                                \
+            float *rs_ = s->grs + q_ * E;                                                  \
+            uint32_t *ri_ = s->gri + q_ * E;                                               \
+            if (s->grn[q_] < ef) {                                                         \
+                heap_push(rs_, ri_, &s->grn[q_], v[q_], (x), 0);                           \
+                use_ = 1;                                                                  \
+            } else if (v[q_] > rs_[0]) {                                                   \
+                heap_replace_top(rs_, ri_, ef, v[q_], (x), 0);                             \
+                use_ = 1;                                                                  \
+            }                                                                              \
+            if (v[q_] * inv[q_] > pr_) pr_ = v[q_] * inv[q_];                              \
+        }                                                                                  \
+        if (use_ && sn < s->ccap && cn < s->ccap) {                                        \
+            s->gx[sn] = (x);                                                               \
+            memcpy(s->gv + sn * G, v, G * sizeof(float));                                  \
+            heap_push(s->cs, s->ci, &cn, pr_, (uint32_t)sn, 1);                            \
+            sn++;                                                                          \
+        }                                                                                  \
+    } while (0)
+    size_t ne = g->n_entry;
+    for (size_t e = 0; e < (ne ? ne : 1); e++) {
+        uint32_t x = ne ? g->entry[e] : 0;
+        if (x >= g->n || s->mark[x] == ep) continue;
+        s->mark[x] = ep;
+        GSCORE(x);
+        GCONSIDER(x);
+    }
+    /* Expands up to B candidates at a time (s->expand): their neighbours' reads are issued
+     * together, so the memory latencies of B expansions overlap. B = 1 is plain best-first. */
+    size_t B = s->expand > 1 ? (s->expand < 16 ? s->expand : 16) : 1;
+    uint32_t batch[16];
+    int stop = 0;
+    while (cn > 0 && !stop) {
+        size_t nbt = 0;
+        while (cn > 0 && nbt < B) {
+            uint32_t slot = s->ci[0];
+            heap_pop(s->cs, s->ci, &cn, 1);
+            int still = 0;
+            for (size_t q = 0; q < G && !still; q++)
+                still = s->grn[q] < ef || s->gv[(size_t)slot * G + q] >= s->grs[q * E];
+            if (!still) {
+                if (G == 1) { /* ordered by the one score: nothing left can help */
+                    stop = 1;
+                    break;
+                }
+                continue;
+            }
+            batch[nbt++] = s->gx[slot];
+        }
+        for (size_t b = 0; b < nbt; b++) {
+            const uint32_t *nb = g->adj + (size_t)batch[b] * g->M;
+            size_t dg = g->deg[batch[b]];
+            for (size_t j = 0; j < dg; j++) {
+                uint32_t x = nb[j];
+                if (x >= g->n || s->mark[x] == ep) continue;
+                if (codes) {
+                    const char *r = (const char *)(g->codes + (size_t)x * cb);
+                    __builtin_prefetch(r);
+                    __builtin_prefetch(r + cb - 1);
+                } else {
+                    const char *r = (const char *)krow(K, f16, x, d);
+                    for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+                }
+                __builtin_prefetch(g->adj + (size_t)x * g->M);
+            }
+        }
+        for (size_t b = 0; b < nbt; b++) {
+            const uint32_t *nb = g->adj + (size_t)batch[b] * g->M;
+            size_t dg = g->deg[batch[b]];
+            for (size_t j = 0; j < dg; j++) {
+                uint32_t x = nb[j];
+                if (x >= g->n || s->mark[x] == ep) continue;
+                s->mark[x] = ep;
+                GSCORE(x);
+                GCONSIDER(x);
+            }
+        }
+    }
+#undef GSCORE
+#undef GCONSIDER
+    /* each query's ef best, best first; with codes re-scored exactly, then the k best */
+    gpair *pool = (gpair *)s->rr;
+    for (size_t q = 0; q < G; q++) {
+        float *rs = s->grs + q * E;
+        uint32_t *ri = s->gri + q * E;
+        size_t n = s->grn[q];
+        for (size_t i = n; i-- > 0;) {
+            pool[i].s = rs[0];
+            pool[i].x = ri[0];
+            heap_pop(rs, ri, &s->grn[q], 0);
+        }
+        if (codes) {
+            for (size_t i = 0; i < n; i++) {
+                const char *r = (const char *)krow(K, f16, pool[i].x, d);
+                for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+            }
+            for (size_t i = 0; i < n; i++) pool[i].s = kst_kv_dot(Q + q * d, krow(K, f16, pool[i].x, d), f16, d);
+            qsort(pool, n, sizeof *pool, cmp_gpair);
+        }
+        size_t m = n < k ? n : k;
+        for (size_t i = 0; i < m; i++) {
+            ids[q * k + i] = pool[i].x;
+            if (scores) scores[q * k + i] = pool[i].s;
+        }
+        found[q] = m;
+    }
+    return KST_OK;
 }

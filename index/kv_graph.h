@@ -39,6 +39,15 @@ typedef struct kst_kvg {
     size_t n_entry, max_entry;
     int hub_entries;   /* entries are the attention-aware build's hubs: kept as nodes are added */
     size_t efc;        /* beam width when inserting */
+    /* 4-bit codes of the keys (kst_kvg_search_group with use_codes): per dimension i,
+     * code c in 0..15 stands for clo[i] + (c + 1/2) cstep[i], the range being the keys' min..max
+     * at build time (keys added later are clamped). Laid out per 32-dimension block: byte j of a
+     * block holds dimension j (low nibble) and j + 16 (high). One 64-byte line per key at d 128
+     * instead of four of float16: the search's scattered reads are what bounds it. */
+    int codes_on;      /* set before building: make and keep the codes */
+    uint8_t *codes;    /* (cap, d / 2), NULL when off or not built */
+    float *clo, *cstep; /* (cd) */
+    size_t cd;
 } kst_kvg;
 
 /* Per-thread search state; zero-initialise, free with kst_kvg_scratch_free. */
@@ -48,6 +57,14 @@ typedef struct kst_kvg_scratch {
     float *cs; uint32_t *ci; size_t cn, ccap;        /* candidates (max-heap) */
     float *rs; uint32_t *ri; size_t rn, rcap;        /* results (min-heap) */
     size_t scanned;                                  /* keys scored by the last search */
+    /* group search (kst_kvg_search_group) */
+    float *gv; uint32_t *gx; size_t gcap, gxcap;     /* pushed candidates: G scores, node */
+    float *grs; uint32_t *gri; size_t grcap;         /* per-query result min-heaps */
+    size_t *grn; size_t grncap;                      /* their sizes */
+    float *gq; size_t gqcap;                         /* per-query code coefficients */
+    float *rr; size_t rrcap;                         /* rerank pool ((score, id) pairs) */
+    size_t expand;                                   /* group search: candidates expanded at a
+                                                      time (0, 1: one; up to 16) */
 } kst_kvg_scratch;
 void kst_kvg_scratch_free(kst_kvg_scratch *s);
 
@@ -85,5 +102,28 @@ int kst_kvg_exact_topk(const void *K, int f16, size_t n, size_t d, const float *
 size_t kst_kvg_search(const kst_kvg *g, const void *K, int f16, size_t d, const float *q,
                       size_t k, size_t ef, kst_kvg_scratch *s, uint32_t *ids, float *scores,
                       int *rc);
+
+
+/* Group search: G queries (G, d) that share the graph (the query heads of one KV head under
+ * grouped-query attention) search it once. One beam with shared visited marks, ordered by the
+ * best of the G scores (each divided by its query's norm); every key reached is scored for all
+ * G queries from one read of its row, and each query keeps its own ef best, so each query's
+ * result is its best among the union of the keys the joint beam scored. A key is expanded while
+ * it is among some query's ef best. use_codes (and the graph has codes): the beam scores the
+ * 4-bit codes, then each query's ef best are re-scored exactly and the k best kept. Writes
+ * ids (G, k) and scores (G, k) (may be NULL), best first, found (G) counts; s->scanned gets the
+ * keys scored by the beam (once for the group), re-scored ones not counted. G 1..64. Fails
+ * only on memory (returns it, s->scanned 0). */
+int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q,
+                         size_t G, size_t k, size_t ef, int use_codes, kst_kvg_scratch *s,
+                         uint32_t *ids, float *scores, size_t *found);
+
+/* (Re)makes the codes of the graph's g->n keys from K (ranges from these keys): for a copy of
+ * a graph over other keys (kst_kvg_copy). A no-op unless codes_on. Fails on memory (codes
+ * dropped: searches then score the keys). */
+int kst_kvg_make_codes(kst_kvg *g, const void *K, int f16, size_t d, kst_error *err);
+
+/* Bytes the codes take (0 without). */
+size_t kst_kvg_code_bytes(const kst_kvg *g);
 
 #endif

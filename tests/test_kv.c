@@ -67,6 +67,7 @@ static int teardown(void **state) {
 
 static int g_gpu;          /* run_decode on the GPU path */
 static size_t g_tail;      /* run_decode's opts.tail_samples */
+static int g_group, g_codes; /* run_decode's opts.group_search and opts.codes */
 
 static kst_kv_opts small_opts(kst_kv_index_kind index) {
     kst_kv_opts o = kst_kv_opts_default();
@@ -82,6 +83,8 @@ static kst_kv_opts small_opts(kst_kv_index_kind index) {
     o.entries = 8;
     o.index = index;
     o.tail_samples = g_tail;
+    o.group_search = g_group;
+    o.codes = g_codes;
     return o;
 }
 
@@ -229,6 +232,10 @@ static void test_gpu_equals_sdpa(void **state) {
     g_tail = P;
     run_decode(f, KST_KV_INDEX_ATTN, 0, 10, 32, f->out32.data, ATOL, RTOL);
     g_tail = 0;
+    /* group searches with codes, merged with the GPU's static partial */
+    g_group = g_codes = 1;
+    run_decode(f, KST_KV_INDEX_ATTN, 1, P, P, f->out16.data, ATOL, RTOL);
+    g_group = g_codes = 0;
     /* a small top_k: GPU and CPU paths must agree (same retrieval, same merge) */
     g_gpu = 0;
     kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
@@ -370,7 +377,7 @@ static void test_build_copied(void **state) {
             K[(t * 2 + 1) * D + i] = sgn[i] * kf[(t * KVH) * D + perm[i]];
             V[(t * 2 + 1) * D + i] = sgn[i] * vf[(t * KVH) * D + perm[i]];
         }
-    kst_kvc_opts o = {1, 2, 2, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0};
+    kst_kvc_opts o = {1, 2, 2, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 0};
     kst_kvc *c;
     kst_error err;
     assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -409,6 +416,74 @@ static void test_build_copied(void **state) {
     if (same * 10 < tot * 9) fail_msg("copied index: %zu of %zu top-10 ids shared with head 0", same, tot);
     kst_kvc_free(c);
     free(K); free(V); free(K0); free(V0); free(pq);
+}
+
+/* One search per GQA group (and the 4-bit codes) with top_k covering every indexed token: the
+ * union is every key, so the result must be full attention (SDPA), also for the tokens linked in
+ * by appends after the build (their codes are made as they are inserted). */
+static void test_group_all_keys_equals_sdpa(void **state) {
+    fx *f = *state;
+    g_group = 1;
+    run_decode(f, KST_KV_INDEX_ATTN, 0, P, P, f->out32.data, ATOL, RTOL);
+    run_decode(f, KST_KV_INDEX_KEYS, 0, P, P, f->out32.data, ATOL, RTOL);
+    g_codes = 1;
+    run_decode(f, KST_KV_INDEX_ATTN, 1, P, P, f->out16.data, ATOL, RTOL);
+    g_group = 0;
+    run_decode(f, KST_KV_INDEX_ATTN, 0, P, P, f->out32.data, ATOL, RTOL);
+    g_codes = 0;
+}
+
+/* The group search against torch.topk's exact top-10 of every query head: with ef >= the
+ * indexed keys each head gets exactly its top-10 in order (codes or not: the pool is then every
+ * key, re-scored exactly); at ef 32 recall@10 >= 0.9 per head. One search of a group scores a
+ * key once at most, for all of the group's heads. */
+static void test_group_search_recall(void **state) {
+    fx *f = *state;
+    const size_t G = QH / KVH, nidx = P - 36;
+    for (int codes = 0; codes < 2; codes++) {
+        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 1, codes};
+        kst_kvc *c;
+        kst_error err;
+        assert_ok(kst_kvc_create(&o, &c, &err), &err);
+        assert_ok(kst_kvc_append(c, 0, f->keys.data, f->values.data, P, &err), &err);
+        assert_ok(kst_kvc_build(c, 0, f->pq.data, P, &err), &err);
+        /* a one-head search with a wide beam first: the group search then reuses its scratch
+         * (sized for one head, ef = all) for two heads (ASan checks the reuse) */
+        kst_kvc_set_search(c, 0, codes);
+        int64_t p1[10];
+        size_t n1;
+        assert_ok(kst_kvc_search(c, 0, 0, f->dq.data, 10, nidx, p1, &n1, NULL, &err), &err);
+        assert_int_equal(n1, 10);
+        assert_int_equal(p1[0], ((const int64_t *)f->top10.data)[0]);
+        kst_kvc_set_search(c, 1, codes);
+        for (int full = 0; full < 2; full++) {
+            size_t hit[QH] = {0};
+            for (size_t s = 0; s < S; s++)
+                for (size_t kh = 0; kh < KVH; kh++) {
+                    int64_t pos[QH * 10];
+                    size_t found[QH], sc;
+                    assert_ok(kst_kvc_search_group(c, 0, kh, (const float *)f->dq.data + (s * QH + kh * G) * D,
+                                                   10, full ? nidx : 32, pos, found, &sc, &err), &err);
+                    assert_true(sc > 0 && sc <= nidx);
+                    for (size_t a = 0; a < G; a++) {
+                        size_t h = kh * G + a;
+                        const int64_t *want = (const int64_t *)f->top10.data + (s * QH + h) * 10;
+                        assert_int_equal(found[a], 10);
+                        for (int i = 0; i < 10; i++) {
+                            if (full && pos[a * 10 + i] != want[i])
+                                fail_msg("group search (codes %d), ef = all, step %zu head %zu: rank %d is %lld, torch.topk %lld",
+                                         codes, s, h, i, (long long)pos[a * 10 + i], (long long)want[i]);
+                            for (int j = 0; j < 10; j++) hit[h] += pos[a * 10 + j] == want[i];
+                        }
+                    }
+                }
+            for (size_t h = 0; h < QH; h++)
+                if (hit[h] < (size_t)(0.9 * 10 * S))
+                    fail_msg("group search (codes %d), ef %zu: head %zu recall@10 %.3f < 0.9", codes,
+                             full ? nidx : (size_t)32, h, hit[h] / (10.0 * S));
+        }
+        kst_kvc_free(c);
+    }
 }
 
 static void test_bad_input(void **state) {
@@ -454,6 +529,8 @@ static void test_bad_input(void **state) {
 /* Allocation failures anywhere in create/append/build/attend: an error, no crash, no leak. */
 static void test_alloc_failures(void **state) {
     fx *f = *state;
+    for (int mode = 0; mode < 2; mode++) { /* per-head searches, then group searches with codes */
+    g_group = g_codes = mode;
     int failed_once = 0;
     for (long k = 1; k < 400; k++) {
         kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
@@ -472,6 +549,8 @@ static void test_alloc_failures(void **state) {
         failed_once = 1;
     }
     assert_true(failed_once);
+    }
+    g_group = g_codes = 0;
 }
 
 int main(void) {
@@ -486,6 +565,8 @@ int main(void) {
         cmocka_unit_test(test_tail_all_samples_equals_sdpa),
         cmocka_unit_test(test_tail_estimate_diffuse),
         cmocka_unit_test(test_build_copied),
+        cmocka_unit_test(test_group_all_keys_equals_sdpa),
+        cmocka_unit_test(test_group_search_recall),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_alloc_failures),
     };

@@ -63,7 +63,7 @@ static int check(const char *dir) {
     size_t P = pq.shape[0], S = dq.shape[0], QH = pq.shape[1], KVH = keys.shape[1], D = keys.shape[2];
     int bad = 0;
     for (int f16 = 0; f16 < 2; f16++) {
-        kst_kvc_opts o = {1, KVH, QH, D, f16, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, 0};
+        kst_kvc_opts o = {1, KVH, QH, D, f16, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, 0, 0, 0};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         size_t nv = (P + S) * KVH * D, es = f16 ? 2 : 4;
@@ -199,7 +199,7 @@ static int latency(const char *list) {
             size_t c = (size_t)(urand() * C) % C;
             for (size_t i = 0; i < D; i++) Q[t * D + i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * nrand();
         }
-        kst_kvc_opts o = {1, 1, QH, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0};
+        kst_kvc_opts o = {1, 1, QH, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 0};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         double t0 = now_s();
@@ -318,15 +318,51 @@ static double rel_l2(const float *got, const double *want, size_t d) {
  * unchanged), so head 0's graph is built once and copied (kst_kvc_build_copied); every query
  * head has its own independent queries. Reference: float64 full attention, exact top-100. */
 static int layer(const char *list) {
-    const size_t D = 128, KVH = 8, QH = 32, G = QH / KVH, SINKS = 4, WINDOW = 512, TOPK = 100;
+    const size_t D = 128, KVH = 8, QH = 32, G = QH / KVH, SINKS = 4, TOPK = 100;
+    const size_t WINDOW = getenv("KV_WINDOW") ? (size_t)atol(getenv("KV_WINDOW")) : 512;
     const size_t NT = 50, NREF = 4, NPRE = 8192, CH = 65536;
     const char *efs = getenv("KV_EFS") ? getenv("KV_EFS") : "128,256";
     size_t tail = getenv("KV_TAIL") ? (size_t)atol(getenv("KV_TAIL")) : 0;
+    float corr = getenv("KV_GQA_CORR") ? (float)atof(getenv("KV_GQA_CORR")) : 0.0f;
+    const char *modes = getenv("KV_MODES") ? getenv("KV_MODES") : "head,group,head+codes,group+codes";
+    /* rows: KV_MODES x KV_EFS (top_k 100; with KV_TAIL a second pass with that many tail
+     * samples), then KV_RUNS "mode:ef:top_k:tail;..." */
+    struct { char mode[32]; size_t ef, topk, tail; } runs[512];
+    size_t nrun = 0;
+    for (int pass = 0; pass < (tail ? 2 : 1); pass++)
+        for (const char *mp = modes; *mp && nrun < 512;) {
+            size_t ml = strcspn(mp, ",");
+            for (const char *ep = efs; *ep && nrun < 512;) {
+                size_t ef = strtoul(ep, (char **)&ep, 10);
+                if (*ep == ',') ep++;
+                if (ef == 0) break;
+                snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 31 ? ml : 31), mp);
+                runs[nrun].ef = ef;
+                runs[nrun].topk = TOPK;
+                runs[nrun++].tail = pass ? tail : 0;
+            }
+            mp += ml + (mp[ml] == ',');
+        }
+    for (const char *rp = getenv("KV_RUNS") ? getenv("KV_RUNS") : ""; *rp && nrun < 512;) {
+        size_t ml = strcspn(rp, ":");
+        snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 31 ? ml : 31), rp);
+        rp += ml + (rp[ml] == ':');
+        runs[nrun].ef = strtoul(rp, (char **)&rp, 10);
+        runs[nrun].topk = strtoul(rp + (*rp == ':'), (char **)&rp, 10);
+        runs[nrun].tail = strtoul(rp + (*rp == ':'), (char **)&rp, 10);
+        if (*rp == ';') rp++;
+        if (runs[nrun].ef && runs[nrun].topk) nrun++;
+    }
+    int thr2 = getenv("KV_THREADS2") ? atoi(getenv("KV_THREADS2")) : (omp_get_max_threads() + 1) / 2;
     printf("layer: %zu KV heads x %zu query heads (GQA %zu), head dim %zu, float16; sinks %zu + window %zu"
            " on the GPU; top_k %zu, ef %s; %d CPU threads\n",
            KVH, QH, G, D, SINKS, WINDOW, TOPK, efs, omp_get_max_threads());
-    printf("%8s %5s %6s %9s %10s %10s %9s %9s %10s %10s %12s\n", "tokens", "ef", "tail", "build_s",
-           "gpu+cpu_ms", "cpu_ms", "recall", "scanned", "rel.err", "gpu_MB", "cache_MB");
+    printf("KV_GQA_CORR %.2f; modes %s (head: one search per query head; group: one per KV head; codes: steered by 4-bit codes)\n",
+           corr, modes);
+    printf("%8s %-12s %5s %5s %6s %9s %10s %10s %9s %11s %9s %10s %10s %12s %9s\n", "tokens", "mode", "ef", "top_k", "tail", "build_s",
+           "ms", "ms_thr2", "recall", "scan/search", "scan/head", "rel.err", "gpu_MB", "cache_MB", "index_MB");
+    printf("(ms: median decode step on %d threads, ms_thr2 on %d; recall of the top-100 at the row's ef)\n",
+           omp_get_max_threads(), thr2);
     int perm[8][128];
     float sgn[8][128];
     for (size_t h = 0; h < KVH; h++) {
@@ -361,18 +397,29 @@ static int layer(const char *list) {
         /* queries in head 0's frame: prefill (NPRE, QH, D) only group 0's heads are read by the
          * build; decode (NT, QH, D), then each head's in its KV head's frame */
         float *Qpre = calloc(NPRE * QH * D, 4), *Qd0 = malloc(NT * QH * D * 4), *Qd = malloc(NT * QH * D * 4);
+        /* KV_GQA_CORR = rho in [0, 1): with probability rho a query head takes its group's
+         * shared centre and noise mixed sqrt(rho) shared + sqrt(1 - rho) own (0, the default:
+         * independent heads, the worst case for the group search) */
         for (size_t t = 0; t < NPRE + NT; t++)
-            for (size_t h = 0; h < QH; h++) {
-                if (t < NPRE && h >= G) continue;
-                float *q = t < NPRE ? Qpre + (t * QH + h) * D : Qd0 + ((t - NPRE) * QH + h) * D;
-                size_t c = (size_t)(urand() * C) % C;
-                for (size_t i = 0; i < D; i++) q[i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * nrand();
+            for (size_t g0 = 0; g0 < QH; g0 += G) {
+                size_t cs = (size_t)(urand() * C) % C;
+                float zs[128];
+                for (size_t i = 0; i < D; i++) zs[i] = nrand();
+                for (size_t h = g0; h < g0 + G; h++) {
+                    if (t < NPRE && h >= G) continue;
+                    float *q = t < NPRE ? Qpre + (t * QH + h) * D : Qd0 + ((t - NPRE) * QH + h) * D;
+                    size_t c = (size_t)(urand() * C) % C;
+                    int shared = urand() < corr;
+                    if (shared) c = cs;
+                    float a = shared ? sqrtf(corr) : 0, b = sqrtf(1 - a * a);
+                    for (size_t i = 0; i < D; i++) q[i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * (a * zs[i] + b * nrand());
+                }
             }
         for (size_t t = 0; t < NT; t++)
             for (size_t h = 0; h < QH; h++)
                 for (size_t i = 0; i < D; i++)
                     Qd[(t * QH + h) * D + i] = sgn[h / G][i] * Qd0[(t * QH + h) * D + perm[h / G][i]];
-        kst_kvc_opts o = {1, KVH, QH, D, 1, 0, SINKS, WINDOW, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0};
+        kst_kvc_opts o = {1, KVH, QH, D, 1, 0, SINKS, WINDOW, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 1};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         uint16_t *kc = malloc(CH * KVH * D * 2), *vc = malloc(CH * KVH * D * 2);
@@ -411,48 +458,74 @@ static int layer(const char *list) {
         free(kx);
         printf("(%zu tokens: data %.1f s, references %.1f s)\n", N, tgen, now_s() - t0 - build);
         float *out = malloc(QH * D * 4), *un = malloc(D * 4);
-        for (int pass = 0; pass < (tail ? 2 : 1); pass++)
-        for (const char *ep = efs; *ep;) {
-            size_t ef = strtoul(ep, (char **)&ep, 10);
-            if (*ep == ',') ep++;
-            if (ef == 0) break;
-            kst_kvc_set_tail_samples(c, pass ? tail : 0);
-            double rec = 0, scan = 0, err = 0;
-            int64_t pos[100];
+        /* pairwise overlap of the exact top-100 of a group's heads */
+        {
+            double ov = 0;
+            size_t np = 0;
+            for (size_t i = 0; i < NREF; i++)
+                for (size_t g0 = 0; g0 < QH; g0 += G)
+                    for (size_t a = g0; a < g0 + G; a++)
+                        for (size_t b = a + 1; b < g0 + G; b++, np++) {
+                            size_t cnt = 0;
+                            for (size_t x = 0; x < TOPK; x++)
+                                for (size_t y = 0; y < TOPK; y++) cnt += want[(i * QH + a) * TOPK + x] == want[(i * QH + b) * TOPK + y];
+                            ov += (double)cnt / TOPK;
+                        }
+            printf("(%zu tokens: exact top-100 of a group's heads overlap %.1f%% pairwise)\n", N, 100 * ov / np);
+        }
+        for (size_t ri = 0; ri < nrun; ri++) {
+            const char *mode = runs[ri].mode;
+            size_t ef = runs[ri].ef, topk_att = runs[ri].topk;
+            /* "group": whole groups; "group2": two query heads per search */
+            const char *gp = strstr(mode, "group");
+            kst_kvc_set_search(c, gp ? (gp[5] >= '2' && gp[5] <= '9' ? gp[5] - '0' : 1) : 0, strstr(mode, "codes") != NULL);
+            /* "/x4": the group-search path expands 4 candidates at a time */
+            kst_kvc_set_expand(c, strstr(mode, "/x") ? (size_t)atol(strstr(mode, "/x") + 2) : 1);
+            kst_kvc_set_tail_samples(c, runs[ri].tail);
+            double rec = 0, scan = 0, shead = 0, err = 0;
+            int64_t pos[G * TOPK];
+            size_t found[G];
             for (size_t i = 0; i < NREF; i++) {
                 kst_kvc_stats st;
-                if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, ef, out, &st, &e)) die("attend", &e);
-                scan += (double)st.scanned / st.indexed / QH;
+                if (kst_kvc_attend(c, 0, Qd + i * QH * D, topk_att, ef, out, &st, &e)) die("attend", &e);
+                scan += (double)st.scanned / st.indexed / st.searches;
+                shead += (double)st.scanned / st.indexed / QH;
                 for (size_t h = 0; h < QH; h++) {
                     /* back to head 0's frame: out[i] = sgn[i] * ref[perm[i]] */
                     for (size_t j = 0; j < D; j++) un[perm[h / G][j]] = sgn[h / G][j] * out[h * D + j];
                     err += rel_l2(un, ref + (i * QH + h) * D, D) / QH;
-                    size_t found, sc;
-                    if (kst_kvc_search(c, 0, h, Qd + (i * QH + h) * D, TOPK, ef, pos, &found, &sc, &e)) die("search", &e);
-                    size_t hit = 0;
-                    for (size_t a = 0; a < TOPK; a++)
-                        for (size_t b = 0; b < found; b++) hit += (uint64_t)pos[b] == want[(i * QH + h) * TOPK + a] + SINKS;
-                    rec += (double)hit / TOPK / QH;
+                }
+                for (size_t kh = 0; kh < KVH; kh++) {
+                    size_t sc;
+                    if (kst_kvc_search_group(c, 0, kh, Qd + (i * QH + kh * G) * D, TOPK, ef, pos, found, &sc, &e)) die("search", &e);
+                    for (size_t a = 0; a < G; a++) {
+                        size_t h = kh * G + a, hit = 0;
+                        for (size_t x = 0; x < TOPK; x++)
+                            for (size_t b = 0; b < found[a]; b++) hit += (uint64_t)pos[a * TOPK + b] == want[(i * QH + h) * TOPK + x] + SINKS;
+                        rec += (double)hit / TOPK / QH;
+                    }
                 }
             }
+            /* median step time with the GPU, on all threads and on KV_THREADS2 of them */
             double med[2];
-            for (int mode = 0; mode < 2; mode++) {
-                kst_kvc_use_gpu(c, mode == 0);
+            int nth0 = omp_get_max_threads();
+            for (int tm = 0; tm < 2; tm++) {
+                omp_set_num_threads(tm ? thr2 : nth0);
                 double *ts = malloc(NT * sizeof *ts);
-                for (size_t i = 0; i < 5; i++) kst_kvc_attend(c, 0, Qd, 0, ef, out, NULL, &e);
+                for (size_t i = 0; i < 5; i++) kst_kvc_attend(c, 0, Qd, topk_att, ef, out, NULL, &e);
                 for (size_t i = 0; i < NT; i++) {
                     double a = now_s();
-                    if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, ef, out, NULL, &e)) die("attend", &e);
+                    if (kst_kvc_attend(c, 0, Qd + i * QH * D, topk_att, ef, out, NULL, &e)) die("attend", &e);
                     ts[i] = now_s() - a;
                 }
                 qsort(ts, NT, sizeof *ts, cmp_d);
-                med[mode] = ts[NT / 2] * 1e3;
+                med[tm] = ts[NT / 2] * 1e3;
                 free(ts);
             }
-            kst_kvc_use_gpu(c, 1);
-            printf("%8zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %8.2f%% %10.2e %10.2f %12.1f\n", N, ef,
-                   pass ? tail : 0, build, med[0], med[1], rec / NREF, 100 * scan / NREF, err / NREF,
-                   kst_kvc_gpu_bytes(c) / 1048576.0, 2.0 * KVH * N * D * 2 / 1048576.0);
+            omp_set_num_threads(nth0);
+            printf("%8zu %-12s %5zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %10.2f%% %8.2f%% %10.2e %10.2f %12.1f %9.1f\n", N, mode, ef, topk_att,
+                   runs[ri].tail, build, med[0], med[1], rec / NREF, 100 * scan / NREF, 100 * shead / NREF, err / NREF,
+                   kst_kvc_gpu_bytes(c) / 1048576.0, 2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0);
         }
         kst_kvc_free(c);
         free(cen); free(K0); free(V0); free(Qpre); free(Qd0); free(Qd); free(out); free(un); free(ref); free(want);

@@ -52,12 +52,25 @@ cc -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_
 SDATA=${KESTREL_KV_SMOLLM2_DATA:-$OUT/kv/smollm2}
 if [ ! -f "$SDATA/L4H0_k.npy" ]; then
   KESTREL_SHARED=${KESTREL_SHARED:-$ROOT/../shared/data} .venv/bin/python tests/bench/kv_dump_llm.py "$SDATA" \
-    ${KV_SMOLLM2_GGUF:+--gguf "$KV_SMOLLM2_GGUF"} || say "SmolLM2 dump failed (see above): its part is skipped"
+    ${KV_SMOLLM2_GGUF:+--gguf "$KV_SMOLLM2_GGUF"} --heads 0,1,2,3,4,5,6,7,8 || say "SmolLM2 dump failed (see above): its part is skipped"
 fi
 if [ -f "$SDATA/L4H0_k.npy" ]; then
   for l in 4 12 20 28; do for h in 0 4 8; do
     KV_SECTIONS=${KV_SECTIONS:-attn,err} "$BUILD/bench_kv" real "$SDATA" $l $h 7936 200; echo
   done; done | tee "$OUT/kv_smollm2.txt"
+  # GQA groups (the 3 query heads of each KV head): one search per head vs one per group, 4-bit
+  # codes, and the default budget (bench_kv_group.c)
+  cc -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -I. -o "$BUILD/bench_kv_group" \
+    core/kv_attn.c core/half.c core/mem.c core/error.c core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c \
+    tests/bench/bench_kv_group.c $LDLIBS
+  if [ -f "$SDATA/L4H1_q.npy" ]; then
+    for l in 4 12 20 28; do for g in 0,1,2 3,4,5 6,7,8; do
+      KV_WINDOW=1024 KV_BUDGETS="100:100:0;100:128:0;100:256:0;256:256:1024" OMP_NUM_THREADS=1 \
+        "$BUILD/bench_kv_group" "$SDATA" $l $g 7936 200; echo
+    done; done | tee "$OUT/kv_smollm2_groups.txt"
+  else
+    say "the SmolLM2 dump lacks heads 1,2,3,5,6,7 (an older dump): remove $SDATA to redo it; group part skipped"
+  fi
 fi
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null; then
@@ -67,7 +80,9 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && command 
     python3 tests/bench/kv_sdpa.py 32768,131072,1048576
     "$BUILD/bench_kv_gpu" latency 32768,131072,1048576
     python3 tests/bench/kv_sdpa.py --layer --offload 32768,131072,1048576
-    KV_EFS=100,128,256 "$BUILD/bench_kv_gpu" layer 32768,131072,1048576
+    KV_WINDOW=1024 KV_GQA_CORR=0.7 KV_EFS=128,192,256 KV_MODES=head,head+codes,head+codes/x2,group2+codes,group+codes \
+      KV_RUNS="head+codes:256:256:1024" "$BUILD/bench_kv_gpu" layer 131072,1048576
+    KV_WINDOW=1024 KV_GQA_CORR=0 KV_EFS=192,256 KV_MODES=head,head+codes,group2+codes "$BUILD/bench_kv_gpu" layer 1048576
   } | tee "$OUT/kv_gpu.txt"
 else
   say "no CUDA device (or no nvcc): the GPU part is skipped"

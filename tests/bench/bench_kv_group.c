@@ -1,0 +1,224 @@
+/* bench_kv_group.c - one GQA group of real decoder heads (tests/bench/kv.sh): the query heads that
+ * share a KV head, searched one by one or together (group_search), with and without 4-bit codes,
+ * at a list of budgets: recall@100 of each head's exact top-100, keys scanned, attention output
+ * error against float64 full attention, and the decode step's CPU time. Nothing is asserted.
+ *
+ *   bench_kv_group DIR L H0,H1,... [ctx] [nq]
+ *
+ * DIR holds kv_dump_llm.py's files (L<l>H<h>_{q,k,v}.npy; every listed head must read the same
+ * KV head). Budgets: KV_BUDGETS "top_k:ef:tail;..." (default below); KV_MODES (default
+ * "head,group,head+codes,group+codes"); KV_SINKS, KV_WINDOW. Standalone (the kv sources only). */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/kv_attn.h"
+#include "core/npy.h"
+#include "index/kv.h"
+#include "index/kv_graph.h"
+
+#define TOPK 100
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void die(const char *what, const kst_error *e) {
+    fprintf(stderr, "bench_kv_group: %s: %s\n", what, e ? e->msg : "");
+    exit(2);
+}
+
+static float *load(const char *dir, int L, int H, const char *k, size_t *rows, size_t *d) {
+    char p[4096];
+    snprintf(p, sizeof p, "%s/L%dH%d_%s.npy", dir, L, H, k);
+    kst_npy a;
+    kst_error e;
+    if (kst_npy_read(p, &a, &e) != KST_OK) die(p, &e);
+    *rows = a.shape[0];
+    *d = a.shape[1];
+    return a.data;
+}
+
+static void full_attn(double *out, const float *q, const float *K, const float *V, size_t n, size_t d,
+                      double scale, double *s) {
+    double mx = -INFINITY, sum = 0;
+    for (size_t j = 0; j < n; j++) {
+        double a = 0;
+        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[j * d + i];
+        s[j] = a * scale;
+        if (s[j] > mx) mx = s[j];
+    }
+    memset(out, 0, d * sizeof *out);
+    for (size_t j = 0; j < n; j++) {
+        double w = exp(s[j] - mx);
+        sum += w;
+        for (size_t i = 0; i < d; i++) out[i] += w * V[j * d + i];
+    }
+    for (size_t i = 0; i < d; i++) out[i] /= sum;
+}
+
+static int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) {
+        fprintf(stderr, "usage: bench_kv_group DIR L H0,H1,... [ctx] [nq]\n");
+        return 2;
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    kst_error e;
+    int L = atoi(argv[2]);
+    int hs[64] = {0};
+    size_t G = 0;
+    for (const char *p = argv[3]; *p && G < 64;) {
+        hs[G++] = (int)strtol(p, (char **)&p, 10);
+        if (*p == ',') p++;
+    }
+    size_t rows, d, r2, dd;
+    float *K = load(argv[1], L, hs[0], "k", &rows, &d);
+    float *V = load(argv[1], L, hs[0], "v", &r2, &dd);
+    float **Qa = malloc(G * sizeof *Qa);
+    for (size_t g = 0; g < G; g++) {
+        Qa[g] = load(argv[1], L, hs[g], "q", &r2, &dd);
+        if (r2 != rows || dd != d) die("heads of different shapes", NULL);
+        if (g) { /* the same KV head */
+            size_t r3, d3;
+            float *K2 = load(argv[1], L, hs[g], "k", &r3, &d3);
+            if (memcmp(K2, K, rows * d * sizeof(float)) != 0) die("the listed heads read different KV heads", NULL);
+            free(K2);
+        }
+    }
+    size_t n = argc > 4 ? (size_t)atol(argv[4]) : 7936, nt = argc > 5 ? (size_t)atol(argv[5]) : 200;
+    if (n + nt > rows) die("ctx + nq exceed the dumped tokens", NULL);
+    size_t sinks = getenv("KV_SINKS") ? (size_t)atol(getenv("KV_SINKS")) : 4;
+    size_t window = getenv("KV_WINDOW") ? (size_t)atol(getenv("KV_WINDOW")) : 512;
+    size_t nidx = n - sinks - window;
+    /* prefill queries (n, G, d) and decode queries (nt, G, d): evenly spaced tokens after ctx */
+    float *Qp = malloc(n * G * d * sizeof *Qp), *Qt = malloc(nt * G * d * sizeof *Qt);
+    for (size_t t = 0; t < n; t++)
+        for (size_t g = 0; g < G; g++) memcpy(Qp + (t * G + g) * d, Qa[g] + t * d, d * sizeof(float));
+    for (size_t i = 0; i < nt; i++)
+        for (size_t g = 0; g < G; g++)
+            memcpy(Qt + (i * G + g) * d, Qa[g] + (n + i * (rows - n) / nt) * d, d * sizeof(float));
+    printf("== L%d heads %s (GQA group of %zu), %zu keys, d %zu; %zu decode queries; sinks %zu, window %zu, indexed %zu; %d threads\n",
+           L, argv[3], G, n, d, nt, sinks, window, nidx, omp_get_max_threads());
+    /* exact top-100 per (query, head), their pairwise overlap and union */
+    uint32_t *want = malloc(nt * G * TOPK * sizeof *want);
+    if (kst_kvg_exact_topk(K + sinks * d, 0, nidx, d, Qt, nt * G, TOPK, want, NULL, &e)) die("exact", &e);
+    double ov = 0, un = 0;
+    size_t npair = 0;
+    {
+        uint8_t *seen = calloc(nidx, 1);
+        for (size_t i = 0; i < nt; i++) {
+            size_t u = 0;
+            for (size_t g = 0; g < G; g++)
+                for (size_t j = 0; j < TOPK; j++) {
+                    uint32_t x = want[(i * G + g) * TOPK + j];
+                    if (!seen[x]) { seen[x] = 1; u++; }
+                }
+            for (size_t g = 0; g < G; g++)
+                for (size_t j = 0; j < TOPK; j++) seen[want[(i * G + g) * TOPK + j]] = 0;
+            un += (double)u / TOPK;
+            for (size_t a = 0; a < G; a++)
+                for (size_t b = a + 1; b < G; b++, npair++) {
+                    size_t c = 0;
+                    for (size_t x = 0; x < TOPK; x++)
+                        for (size_t y = 0; y < TOPK; y++) c += want[(i * G + a) * TOPK + x] == want[(i * G + b) * TOPK + y];
+                    ov += (double)c / TOPK;
+                }
+        }
+        free(seen);
+    }
+    printf("exact top-100: pairwise overlap %.1f%%, union of the group %.2fx one head's\n",
+           npair ? 100 * ov / npair : 0.0, un / nt);
+    /* float64 references */
+    size_t ne = nt < 100 ? nt : 100;
+    double *ref = malloc(ne * G * d * sizeof *ref), scale = 1.0 / sqrt((double)d);
+#pragma omp parallel
+    {
+        double *s = malloc(n * sizeof *s);
+#pragma omp for schedule(dynamic)
+        for (size_t i = 0; i < ne * G; i++) full_attn(ref + i * d, Qt + i * d, K, V, n, d, scale, s);
+        free(s);
+    }
+    kst_kvc_opts o = {1, 1, G, d, 0, 0, sinks, window, TOPK, 256, 32, 32, 32768, 32, 64,
+                      KST_KVC_INDEX_ATTN, 0, 0, 0, 1};
+    kst_kvc *c;
+    if (kst_kvc_create(&o, &c, &e)) die("create", &e);
+    if (kst_kvc_append(c, 0, K, V, n, &e)) die("append", &e);
+    double t0 = now_s();
+    if (kst_kvc_build(c, 0, Qp, n, &e)) die("build", &e);
+    printf("attention-aware graph built in %.1f s from %zu prefill queries; index %.1f KB beyond keys and values (%.1f KB)\n",
+           now_s() - t0, n * G < 32768 ? n * G : 32768, kst_kvc_index_bytes(c, 0) / 1024.0,
+           2.0 * n * d * 4 / 1024.0);
+    const char *budgets = getenv("KV_BUDGETS")
+                              ? getenv("KV_BUDGETS")
+                              : "100:100:0;100:256:0;100:256:1024;256:512:0;500:1024:0;1000:2048:0";
+    const char *modes = getenv("KV_MODES") ? getenv("KV_MODES") : "head,group,head+codes,group+codes";
+    printf("%-12s %6s %6s %6s %10s %12s %12s %10s %10s %10s\n", "mode", "top_k", "ef", "tail", "recall@100",
+           "scan/search", "scan/head", "rel.err", "attended", "cpu_us");
+    float *out = malloc(G * d * sizeof *out);
+    int64_t *pos = malloc(G * 4096 * sizeof *pos);
+    size_t found[64];
+    for (const char *mp = modes; *mp;) {
+        char mode[32];
+        size_t ml = strcspn(mp, ",");
+        snprintf(mode, sizeof mode, "%.*s", (int)(ml < 31 ? ml : 31), mp);
+        mp += ml + (mp[ml] == ',');
+        int grp = strstr(mode, "group") != NULL, cod = strstr(mode, "codes") != NULL;
+        kst_kvc_set_search(c, grp, cod);
+        for (const char *bp = budgets; *bp;) {
+            size_t k = strtoul(bp, (char **)&bp, 10);
+            size_t ef = strtoul(bp + 1, (char **)&bp, 10);
+            size_t tail = strtoul(bp + 1, (char **)&bp, 10);
+            if (*bp == ';') bp++;
+            kst_kvc_set_tail_samples(c, tail);
+            double rec = 0, ssearch = 0, shead = 0, err = 0, att = 0;
+            for (size_t i = 0; i < nt; i++) {
+                size_t sc;
+                if (kst_kvc_search_group(c, 0, 0, Qt + i * G * d, TOPK, ef, pos, found, &sc, &e)) die("search", &e);
+                for (size_t g = 0; g < G; g++) {
+                    size_t hit = 0;
+                    for (size_t a = 0; a < TOPK; a++)
+                        for (size_t b = 0; b < found[g]; b++)
+                            if ((uint64_t)pos[g * TOPK + b] == want[(i * G + g) * TOPK + a] + sinks) { hit++; break; }
+                    rec += (double)hit / TOPK / G;
+                }
+                if (i >= ne) continue;
+                kst_kvc_stats st;
+                if (kst_kvc_attend(c, 0, Qt + i * G * d, k, ef, out, &st, &e)) die("attend", &e);
+                ssearch += (double)st.scanned / st.searches / st.indexed;
+                shead += (double)st.scanned / G / st.indexed;
+                att += (double)(st.exact + (st.retrieved + st.sampled) / G) / n;
+                for (size_t g = 0; g < G; g++) {
+                    double num = 0, den = 0;
+                    for (size_t j = 0; j < d; j++) {
+                        double r = ref[(i * G + g) * d + j];
+                        num += (out[g * d + j] - r) * (out[g * d + j] - r);
+                        den += r * r;
+                    }
+                    err += sqrt(num / den) / G;
+                }
+            }
+            /* CPU time of the decode step (one thread per search; noisy on a shared box) */
+            double ts[50];
+            for (size_t i = 0; i < 50; i++) {
+                double a = now_s();
+                if (kst_kvc_attend(c, 0, Qt + (i % nt) * G * d, k, ef, out, NULL, &e)) die("attend", &e);
+                ts[i] = now_s() - a;
+            }
+            qsort(ts, 50, sizeof *ts, cmp_d);
+            printf("%-12s %6zu %6zu %6zu %10.3f %11.2f%% %11.2f%% %10.2e %9.1f%% %10.1f\n", mode, k, ef, tail,
+                   rec / nt, 100 * ssearch / ne, 100 * shead / ne, err / ne, 100 * att / ne, ts[25] * 1e6);
+        }
+    }
+    kst_kvc_free(c);
+    return 0;
+}
