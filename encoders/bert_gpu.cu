@@ -844,7 +844,12 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         float *at = (float *)g->wmem;
         for (size_t i = 0; i < nfl; i++) {
             *fl[i].dst = fl[i].n ? at : NULL;
-            if (fl[i].n) CU_TRY(cudaMemcpy(at, fl[i].src, fl[i].n * 4, cudaMemcpyHostToDevice), "uploading weights");
+            /* on the encoder's own stream: a plain cudaMemcpy from pageable memory may return before
+             * its DMA lands, and the non-blocking stream would not wait for it (the first forward
+             * after create then read partly uploaded weights, now and then) */
+            if (fl[i].n)
+                CU_TRY(cudaMemcpyAsync(at, fl[i].src, fl[i].n * 4, cudaMemcpyHostToDevice, g->stream),
+                       "uploading weights");
             at += (fl[i].n + 3) & ~(size_t)3;
         }
         /* bf16 matrices, converted on the device through a float32 staging buffer */
@@ -864,7 +869,8 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         bf16 *bat = g->bmem;
         for (int i = 0; i < nbl; i++) {
             *bl[i].dst = bat;
-            CU_TRY(cudaMemcpy(stage, bl[i].src, bl[i].n * 4, cudaMemcpyHostToDevice), "uploading weights");
+            CU_TRY(cudaMemcpyAsync(stage, bl[i].src, bl[i].n * 4, cudaMemcpyHostToDevice, g->stream),
+                   "uploading weights");
             f32_to_bf16_kernel<<<(unsigned)((bl[i].n + 255) / 256), 256, 0, g->stream>>>(bat, stage, bl[i].n);
             CU_LAUNCHED("bf16 conversion");
             CU_TRY(cudaStreamSynchronize(g->stream), "bf16 conversion");

@@ -329,7 +329,10 @@ extern "C" int kst_gpu_flat_add(kst_gpu_flat *g, int64_t n, const float *x, cons
     std::lock_guard<std::mutex> lock(*g->mu);
     KST_TRY(reserve_vectors(g, g->n + n, err));
     if (!g->fp16) {
-        CU_TRY(cudaMemcpy((float *)g->x + (size_t)g->n * g->dim, x, (size_t)n * g->dim * 4, cudaMemcpyHostToDevice),
+        /* on the search stream (a plain cudaMemcpy may return before its DMA lands, and the
+         * non-blocking stream would not wait for it); waited for below */
+        CU_TRY(cudaMemcpyAsync((float *)g->x + (size_t)g->n * g->dim, x, (size_t)n * g->dim * 4,
+                               cudaMemcpyHostToDevice, g->stream),
                "uploading vectors");
     } else {
         /* through a float staging buffer of up to 64 Mi floats, converted on the device */
@@ -357,7 +360,8 @@ extern "C" int kst_gpu_flat_add(kst_gpu_flat *g, int64_t n, const float *x, cons
         }
     }
     if (ids) {
-        CU_TRY(cudaMemcpy(g->ids + g->n, ids, (size_t)n * 8, cudaMemcpyHostToDevice), "uploading ids");
+        CU_TRY(cudaMemcpyAsync(g->ids + g->n, ids, (size_t)n * 8, cudaMemcpyHostToDevice, g->stream), "uploading ids");
+        CU_TRY(cudaStreamSynchronize(g->stream), "uploading ids");
     } else {
         iota_kernel<<<(unsigned)((n + 255) / 256), 256, 0, g->stream>>>(g->ids + g->n, g->n, n);
         CU_LAUNCHED("id sequence");

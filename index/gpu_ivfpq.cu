@@ -78,7 +78,10 @@ static int up(void **dst, const void *src, size_t bytes, const char *what, kst_g
     if (rc != KST_OK) return rc;
     g->bytes += bytes;
     if (bytes && src) {
-        cudaError_t e = cudaMemcpy(*dst, src, bytes, cudaMemcpyHostToDevice);
+        /* on the search stream, and waited for: a plain cudaMemcpy may return before its DMA
+         * lands, and the non-blocking stream would not wait for it */
+        cudaError_t e = cudaMemcpyAsync(*dst, src, bytes, cudaMemcpyHostToDevice, g->stream);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(g->stream);
         if (e != cudaSuccess) return kst_cuda_fail(err, e, what);
     }
     return KST_OK;

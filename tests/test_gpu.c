@@ -459,13 +459,15 @@ static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln) {
     assert_ok(rc, &err);
     assert_ok(kst_bert_gpu_forward(g, gpu, ids, NULL, valid, B, T, &err), &err);
     double worst = 1;
+    size_t wb = 0, wt = 0;
     for (size_t b = 0; b < B; b++)
         for (size_t t = 0; t < (size_t)valid[b]; t++) {
             double cs = cosine_f32(gpu + (b * T + t) * C, cpu + (b * T + t) * C, C);
-            if (!(cs >= worst)) worst = cs;
+            if (!(cs >= worst)) worst = cs, wb = b, wt = t;
         }
-    printf("  C=%zu, %zu heads of %zu, T=%d, residual in LN %s: GPU vs CPU min row cosine %.6f\n", C, NH, C / NH, T,
-           res_in_ln, worst);
+    printf("  C=%zu, %zu heads of %zu, T=%d, residual in LN %s: GPU vs CPU min row cosine %.6f (sequence %zu of "
+           "length %d, token %zu)\n",
+           C, NH, C / NH, T, res_in_ln, worst, wb, valid[wb], wt);
     if (!(worst >= 0.999)) fail_msg("head size %zu: GPU forward differs from the CPU's (cosine %.6f)", C / NH, worst);
     kst_bert_gpu_free(g);
     free(ids), free(cpu), free(gpu);

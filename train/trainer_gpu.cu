@@ -183,7 +183,10 @@ extern "C" int kst_gpu_trainer_create(const kst_bert *m, unsigned pool_modes, in
     CU_TRY(cudaMemsetAsync(t->v, 0, t->NP * sizeof(float), t->stream), "zeroing the moments");
     if (decay) {
         KST_TRY(talloc(t, (void **)&t->decay, t->NP, "the weight-decay mask", err));
-        CU_TRY(cudaMemcpy(t->decay, decay, t->NP, cudaMemcpyHostToDevice), "copying the weight-decay mask");
+        /* on the trainer's stream: a plain cudaMemcpy may return before its DMA lands */
+        CU_TRY(cudaMemcpyAsync(t->decay, decay, t->NP, cudaMemcpyHostToDevice, t->stream),
+               "copying the weight-decay mask");
+        CU_TRY(cudaStreamSynchronize(t->stream), "copying the weight-decay mask");
     }
     KST_TRY(talloc(t, (void **)&t->dloss, sizeof(float), "the loss", err));
     KST_TRY(talloc(t, (void **)&t->dss, sizeof(double), "the gradient norm", err));
@@ -350,7 +353,8 @@ extern "C" int kst_gpu_trainer_update(kst_gpu_trainer *t, int sgd, double lr, lo
 extern "C" int kst_gpu_trainer_grads(kst_gpu_trainer *t, float *grads, float *loss, kst_error *err) {
     int rc = KST_OK;
     KST_TRY(kst_bert_gpu_train_get_grads(t->g, grads, err));
-    CU_TRY(cudaMemcpy(t->hloss, t->dloss, sizeof(float), cudaMemcpyDeviceToHost), "copying the loss");
+    CU_TRY(cudaMemcpyAsync(t->hloss, t->dloss, sizeof(float), cudaMemcpyDeviceToHost, t->stream), "copying the loss");
+    CU_TRY(cudaStreamSynchronize(t->stream), "copying the loss");
     if (loss) *loss = *t->hloss;
 done:
     return rc;
