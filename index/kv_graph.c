@@ -37,25 +37,6 @@ static void heap_push(float *s, uint32_t *id, size_t *n, float v, uint32_t x, in
     id[i] = x;
 }
 
-static void heap_pop(float *s, uint32_t *id, size_t *n, int maxheap) {
-    size_t m = --(*n);
-    if (m == 0) return;
-    float v = s[m];
-    uint32_t x = id[m];
-    size_t i = 0;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= m) break;
-        if (c + 1 < m && (maxheap ? s[c + 1] > s[c] : s[c + 1] < s[c])) c++;
-        if (maxheap ? v >= s[c] : v <= s[c]) break;
-        s[i] = s[c];
-        id[i] = id[c];
-        i = c;
-    }
-    s[i] = v;
-    id[i] = x;
-}
-
 /* Replaces the top of a heap of n by (v, x) and restores it: a pop and a push in one pass. */
 static void heap_replace_top(float *s, uint32_t *id, size_t n, float v, uint32_t x, int maxheap) {
     size_t i = 0;
@@ -70,6 +51,12 @@ static void heap_replace_top(float *s, uint32_t *id, size_t n, float v, uint32_t
     }
     s[i] = v;
     id[i] = x;
+}
+
+/* Removes the top: the last element replaces it in a heap one shorter. */
+static void heap_pop(float *s, uint32_t *id, size_t *n, int maxheap) {
+    size_t m = --(*n);
+    if (m) heap_replace_top(s, id, m, s[m], id[m], maxheap);
 }
 
 void kst_kvg_scratch_free(kst_kvg_scratch *s) {

@@ -24,38 +24,8 @@
 #include "core/kv_attn.h"
 
 #define TOPK 100
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void die(const char *what, const kst_error *e) {
-    fprintf(stderr, "bench_kv: %s: %s\n", what, e ? e->msg : "");
-    exit(1);
-}
-
-static float *load(const char *dir, int L, int H, const char *k, size_t *rows, size_t *d) {
-    char p[4096];
-    snprintf(p, sizeof p, "%s/L%dH%d_%s.npy", dir, L, H, k);
-    kst_npy a;
-    kst_error e;
-    if (kst_npy_read(p, &a, &e) != KST_OK) die(p, &e);
-    *rows = a.shape[0];
-    *d = a.shape[1];
-    return a.data;
-}
-
-static uint64_t rng = 88172645463325252ull;
-static double urand(void) {
-    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
-    return (rng >> 11) * (1.0 / 9007199254740992.0);
-}
-static float nrand(void) {
-    double u = urand() + 1e-12, v = urand();
-    return (float)(sqrt(-2 * log(u)) * cos(2 * M_PI * v));
-}
+#define KVB_PROG "bench_kv"
+#include "tests/bench/bench_kv_util.h"
 
 /* Synthetic attention-like vectors: keys share a large common offset (as keys of real LLMs
  * do) plus one of 1024 cluster centres; queries come from another offset and scaled centres,
@@ -77,26 +47,6 @@ static void synth(float *K, float *V, float *Q, size_t n, size_t nq, size_t d) {
         for (size_t i = 0; i < d; i++) Q[t * d + i] = mq[i] + 1.5f * cen[c * d + i] + 0.7f * nrand();
     }
     free(cen); free(mk); free(mq);
-}
-
-/* Full attention of q over all n keys, float64. */
-static void full_attn(double *out, const float *q, const float *K, const float *V, size_t n, size_t d,
-                      double scale) {
-    double mx = -INFINITY, *s = malloc(n * sizeof *s), sum = 0;
-    for (size_t j = 0; j < n; j++) {
-        double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[j * d + i];
-        s[j] = a * scale;
-        if (s[j] > mx) mx = s[j];
-    }
-    memset(out, 0, d * sizeof *out);
-    for (size_t j = 0; j < n; j++) {
-        double w = exp(s[j] - mx);
-        sum += w;
-        for (size_t i = 0; i < d; i++) out[i] += w * V[j * d + i];
-    }
-    for (size_t i = 0; i < d; i++) out[i] /= sum;
-    free(s);
 }
 
 /* KV_SECTIONS (default "attn,keys,ivf,err") picks the parts to run. */
@@ -267,7 +217,7 @@ int main(int argc, char **argv) {
         size_t ne = nt < 100 ? nt : 100;
         double *ref = malloc(ne * d * sizeof *ref);
         double scale = 1.0 / sqrt((double)d);
-        for (size_t i = 0; i < ne; i++) full_attn(ref + i * d, Qtest + i * d, K, V, n, d, scale);
+        for (size_t i = 0; i < ne; i++) full_attn(ref + i * d, Qtest + i * d, K, V, n, d, scale, NULL);
         float *out = malloc(d * sizeof *out);
         printf("\n-- decode-step output vs full attention over %zu keys (mean relative L2 over %zu queries)\n", n, ne);
         /* oracle: static tokens + the exact top_k indexed keys (what a perfect index gives) */
@@ -288,12 +238,7 @@ int main(int argc, char **argv) {
                 kst_kv_stats st;
                 if (kst_kv_attend(kvs[0], 0, Qtest + i * d, ks[x][0], ks[x][1], out, &st, &e) != KST_OK)
                     die("attend", &e);
-                double num = 0, den = 0;
-                for (size_t j = 0; j < d; j++) {
-                    num += (out[j] - ref[i * d + j]) * (out[j] - ref[i * d + j]);
-                    den += ref[i * d + j] * ref[i * d + j];
-                }
-                err2 += sqrt(num / den);
+                err2 += rel_l2(out, ref + i * d, d);
                 scan += (double)st.scanned / st.indexed;
                 att += (double)(st.exact + st.retrieved + st.sampled) / n;
             }
@@ -306,12 +251,7 @@ int main(int argc, char **argv) {
                 for (size_t j = 0; j < kk; j++) rows[m++] = (int64_t)(ex[i * kmax + j] + sinks);
                 float lse;
                 kst_attn_partial(out, &lse, sc2, Qtest + i * d, K, V, 0, rows, 0, m, d, (float)scale);
-                double num = 0, den = 0;
-                for (size_t j = 0; j < d; j++) {
-                    num += (out[j] - ref[i * d + j]) * (out[j] - ref[i * d + j]);
-                    den += ref[i * d + j] * ref[i * d + j];
-                }
-                oerr += sqrt(num / den);
+                oerr += rel_l2(out, ref + i * d, d);
             }
             char ostr[32] = "-"; /* the oracle has no tail estimate */
             if (!ks[x][2]) snprintf(ostr, sizeof ostr, "%.2e", oerr / ne);

@@ -23,32 +23,8 @@
 #include "index/kv_cuda.h"
 #endif
 #include "index/kv_graph.h"
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void die(const char *what, const kst_error *e) {
-    fprintf(stderr, "bench_kv_gpu: %s: %s\n", what, e ? e->msg : "");
-    exit(2);
-}
-
-static uint64_t rng = 88172645463325252ull;
-static double urand(void) {
-    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
-    return (rng >> 11) * (1.0 / 9007199254740992.0);
-}
-static float nrand(void) {
-    double u = urand() + 1e-12, v = urand();
-    return (float)(sqrt(-2 * log(u)) * cos(2 * M_PI * v));
-}
-
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
+#define KVB_PROG "bench_kv_gpu"
+#include "tests/bench/bench_kv_util.h"
 
 /* ------------------------------------------------------------------------------------------ */
 
@@ -140,7 +116,7 @@ static int check(const char *dir) {
 
 /* ------------------------------------------------------------------------------------------ */
 
-static void full_attn(double *out, const float *q, const uint16_t *K, const uint16_t *V, size_t n,
+static void full_attn_f16(double *out, const float *q, const uint16_t *K, const uint16_t *V, size_t n,
                       size_t d, double scale, double *s) {
     double mx = -INFINITY, sum = 0;
     for (size_t j = 0; j < n; j++) {
@@ -213,7 +189,7 @@ static int latency(const char *list) {
         {
             double *s = malloc(N * sizeof *s);
 #pragma omp for schedule(dynamic)
-            for (size_t i = 0; i < NREF * QH; i++) full_attn(ref + i * D, Qd + i * D, K, V, N, D, scale, s);
+            for (size_t i = 0; i < NREF * QH; i++) full_attn_f16(ref + i * D, Qd + i * D, K, V, N, D, scale, s);
             free(s);
         }
         size_t nidx = N - SINKS - WINDOW;
@@ -233,13 +209,7 @@ static int latency(const char *list) {
             if (kst_kvc_attend(c, 0, Qd + i * QH * D, 0, ef, out, &st, &e)) die("attend", &e);
             scan += (double)st.scanned / st.indexed / QH;
             for (size_t h = 0; h < QH; h++) {
-                double num = 0, den = 0;
-                for (size_t j = 0; j < D; j++) {
-                    double r = ref[(i * QH + h) * D + j];
-                    num += (out[h * D + j] - r) * (out[h * D + j] - r);
-                    den += r * r;
-                }
-                err += sqrt(num / den) / QH;
+                err += rel_l2(out + h * D, ref + (i * QH + h) * D, D) / QH;
                 size_t found, sc;
                 if (kst_kvc_search(c, 0, h, Qd + (i * QH + h) * D, TOPK, ef, pos, &found, &sc, &e)) die("search", &e);
                 size_t hit = 0;
@@ -250,13 +220,7 @@ static int latency(const char *list) {
             /* one retrieved token only, for scale: what retrieval buys */
             if (kst_kvc_attend(c, 0, Qd + i * QH * D, 1, 1, out, &st, &e)) die("attend", &e);
             for (size_t h = 0; h < QH; h++) {
-                double num = 0, den = 0;
-                for (size_t j = 0; j < D; j++) {
-                    double r = ref[(i * QH + h) * D + j];
-                    num += (out[h * D + j] - r) * (out[h * D + j] - r);
-                    den += r * r;
-                }
-                serr += sqrt(num / den) / QH;
+                serr += rel_l2(out + h * D, ref + (i * QH + h) * D, D) / QH;
             }
         }
         /* latency: median of NT decode steps, GPU+CPU then CPU alone */
@@ -299,15 +263,6 @@ static float gauss_at(uint64_t seed, uint64_t i) {
     uint64_t a = mix64(seed * 0x632be59bd9b4e019ull + 2 * i), b = mix64(seed * 0x632be59bd9b4e019ull + 2 * i + 1);
     double u = ((a >> 11) + 0.5) * (1.0 / 9007199254740992.0), v = (b >> 11) * (1.0 / 9007199254740992.0);
     return (float)(sqrt(-2 * log(u)) * cos(2 * M_PI * v));
-}
-
-static double rel_l2(const float *got, const double *want, size_t d) {
-    double num = 0, den = 0;
-    for (size_t j = 0; j < d; j++) {
-        num += (got[j] - want[j]) * (got[j] - want[j]);
-        den += want[j] * want[j];
-    }
-    return sqrt(num / den);
 }
 
 /* One layer of a Llama-3-8B-shaped model: 8 KV heads, 32 query heads (GQA 4), head dim 128,
@@ -447,7 +402,7 @@ static int layer(const char *list) {
         {
             double *s = malloc(N * sizeof *s);
 #pragma omp for schedule(dynamic)
-            for (size_t i = 0; i < NREF * QH; i++) full_attn(ref + i * D, Qd0 + i * D, K0, V0, N, D, scale, s);
+            for (size_t i = 0; i < NREF * QH; i++) full_attn_f16(ref + i * D, Qd0 + i * D, K0, V0, N, D, scale, s);
             free(s);
         }
         size_t nidx = N - SINKS - WINDOW;

@@ -21,51 +21,8 @@
 #include "index/kv_graph.h"
 
 #define TOPK 100
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void die(const char *what, const kst_error *e) {
-    fprintf(stderr, "bench_kv_group: %s: %s\n", what, e ? e->msg : "");
-    exit(2);
-}
-
-static float *load(const char *dir, int L, int H, const char *k, size_t *rows, size_t *d) {
-    char p[4096];
-    snprintf(p, sizeof p, "%s/L%dH%d_%s.npy", dir, L, H, k);
-    kst_npy a;
-    kst_error e;
-    if (kst_npy_read(p, &a, &e) != KST_OK) die(p, &e);
-    *rows = a.shape[0];
-    *d = a.shape[1];
-    return a.data;
-}
-
-static void full_attn(double *out, const float *q, const float *K, const float *V, size_t n, size_t d,
-                      double scale, double *s) {
-    double mx = -INFINITY, sum = 0;
-    for (size_t j = 0; j < n; j++) {
-        double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[j * d + i];
-        s[j] = a * scale;
-        if (s[j] > mx) mx = s[j];
-    }
-    memset(out, 0, d * sizeof *out);
-    for (size_t j = 0; j < n; j++) {
-        double w = exp(s[j] - mx);
-        sum += w;
-        for (size_t i = 0; i < d; i++) out[i] += w * V[j * d + i];
-    }
-    for (size_t i = 0; i < d; i++) out[i] /= sum;
-}
-
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
+#define KVB_PROG "bench_kv_group"
+#include "tests/bench/bench_kv_util.h"
 
 int main(int argc, char **argv) {
     if (argc < 4) {
@@ -198,13 +155,7 @@ int main(int argc, char **argv) {
                 shead += (double)st.scanned / G / st.indexed;
                 att += (double)(st.exact + (st.retrieved + st.sampled) / G) / n;
                 for (size_t g = 0; g < G; g++) {
-                    double num = 0, den = 0;
-                    for (size_t j = 0; j < d; j++) {
-                        double r = ref[(i * G + g) * d + j];
-                        num += (out[g * d + j] - r) * (out[g * d + j] - r);
-                        den += r * r;
-                    }
-                    err += sqrt(num / den) / G;
+                    err += rel_l2(out + g * d, ref + (i * G + g) * d, d) / G;
                 }
             }
             /* CPU time of the decode step (one thread per search; noisy on a shared box) */

@@ -1,0 +1,87 @@
+/* bench_kv_util.h - helpers shared by the KV-retrieval benchmarks (bench_kv.c, bench_kv_group.c,
+ * bench_kv_gpu.c): a clock, a fatal-error exit, the npy loader of the dumped heads, a seeded
+ * normal generator, float64 reference attention and its relative L2 error. Define KVB_PROG (the
+ * program's name, for messages) before including it. */
+#ifndef KST_BENCH_KV_UTIL_H
+#define KST_BENCH_KV_UTIL_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/error.h"
+#include "core/npy.h"
+
+static inline double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static inline void die(const char *what, const kst_error *e) {
+    fprintf(stderr, KVB_PROG ": %s: %s\n", what, e ? e->msg : "");
+    exit(2);
+}
+
+/* DIR/L{L}H{H}_{k}.npy, as kv_dump.py and kv_dump_llm.py write them: (rows, d) float32 */
+static inline float *load(const char *dir, int L, int H, const char *k, size_t *rows, size_t *d) {
+    char p[4096];
+    snprintf(p, sizeof p, "%s/L%dH%d_%s.npy", dir, L, H, k);
+    kst_npy a;
+    kst_error e;
+    if (kst_npy_read(p, &a, &e) != KST_OK) die(p, &e);
+    *rows = a.shape[0];
+    *d = a.shape[1];
+    return a.data;
+}
+
+static uint64_t rng = 88172645463325252ull;
+static inline double urand(void) {
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+    return (rng >> 11) * (1.0 / 9007199254740992.0);
+}
+static inline float nrand(void) {
+    double u = urand() + 1e-12, v = urand();
+    return (float)(sqrt(-2 * log(u)) * cos(2 * M_PI * v));
+}
+
+static inline int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Full attention of q over all n keys in float64; s: n doubles of scratch (NULL: allocated here). */
+static inline void full_attn(double *out, const float *q, const float *K, const float *V, size_t n, size_t d,
+                             double scale, double *s) {
+    double mx = -INFINITY, sum = 0, *own = s ? NULL : malloc(n * sizeof *own);
+    if (!s) s = own;
+    for (size_t j = 0; j < n; j++) {
+        double a = 0;
+        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[j * d + i];
+        s[j] = a * scale;
+        if (s[j] > mx) mx = s[j];
+    }
+    memset(out, 0, d * sizeof *out);
+    for (size_t j = 0; j < n; j++) {
+        double w = exp(s[j] - mx);
+        sum += w;
+        for (size_t i = 0; i < d; i++) out[i] += w * V[j * d + i];
+    }
+    for (size_t i = 0; i < d; i++) out[i] /= sum;
+    free(own);
+}
+
+/* ||out - ref|| / ||ref|| over d values */
+static inline double rel_l2(const float *out, const double *ref, size_t d) {
+    double num = 0, den = 0;
+    for (size_t j = 0; j < d; j++) {
+        num += (out[j] - ref[j]) * (out[j] - ref[j]);
+        den += ref[j] * ref[j];
+    }
+    return sqrt(num / den);
+}
+
+#endif
