@@ -236,40 +236,36 @@ static void test_grads_random_distilbert(void **s) {
  * of 64, the last one partial, with padding (random valid lengths, one sequence full): head
  * size 64 (BERT-base's) and 32 (MiniLM's); and a head size of 24, which keeps the materialised
  * attention. */
+static void wide_grads_case(const char *what, kst_arch arch, size_t V, size_t C, size_t FF, int Tq, int Td,
+                            unsigned modes, int normalize) {
+    kst_bert m;
+    random_model_p(&m, arch, V, C, 2, FF, 2, KST_ACT_GELU, 256);
+    batch b;
+    batch_make(&b, m.cfg.V, 2, 2, Tq, Td);
+    grads_parity(what, &m, modes, normalize, &b);
+    batch_free(&b);
+    kst_bert_free(&m);
+}
+
 static void test_grads_flash_hs64(void **s) {
     (void)s;
     NEED_GPU();
-    kst_bert m;
-    random_model_p(&m, KST_ARCH_BERT, 97, 128, 2, 256, 2, KST_ACT_GELU, 256);
-    batch b;
-    batch_make(&b, m.cfg.V, 2, 2, 19, 150);
-    grads_parity("random BERT 128/2/256, head size 64, T 19 / 150 (cls + mean)", &m, KST_POOL_CLS | KST_POOL_MEAN, 0, &b);
-    batch_free(&b);
-    kst_bert_free(&m);
+    wide_grads_case("random BERT 128/2/256, head size 64, T 19 / 150 (cls + mean)", KST_ARCH_BERT, 97, 128, 256, 19,
+                    150, KST_POOL_CLS | KST_POOL_MEAN, 0);
 }
 
 static void test_grads_flash_hs32(void **s) {
     (void)s;
     NEED_GPU();
-    kst_bert m;
-    random_model_p(&m, KST_ARCH_DISTILBERT, 89, 64, 2, 128, 2, KST_ACT_GELU, 256);
-    batch b;
-    batch_make(&b, m.cfg.V, 2, 2, 70, 131);
-    grads_parity("random DistilBERT 64/2/128, head size 32, T 70 / 131 (mean, Normalize)", &m, KST_POOL_MEAN, 1, &b);
-    batch_free(&b);
-    kst_bert_free(&m);
+    wide_grads_case("random DistilBERT 64/2/128, head size 32, T 70 / 131 (mean, Normalize)", KST_ARCH_DISTILBERT, 89,
+                    64, 128, 70, 131, KST_POOL_MEAN, 1);
 }
 
 static void test_grads_materialised_hs24(void **s) {
     (void)s;
     NEED_GPU();
-    kst_bert m;
-    random_model_p(&m, KST_ARCH_BERT, 97, 48, 2, 96, 2, KST_ACT_GELU, 256);
-    batch b;
-    batch_make(&b, m.cfg.V, 2, 2, 13, 90);
-    grads_parity("random BERT 48/2/96, head size 24 (materialised attention), T 13 / 90", &m, KST_POOL_MEAN, 1, &b);
-    batch_free(&b);
-    kst_bert_free(&m);
+    wide_grads_case("random BERT 48/2/96, head size 24 (materialised attention), T 13 / 90", KST_ARCH_BERT, 97, 48, 96,
+                    13, 90, KST_POOL_MEAN, 1);
 }
 
 /* With dropout on, the flash backward must regenerate the forward's attention mask: the same
