@@ -20,6 +20,7 @@
 #include "index/faiss_ext.h"
 #include "train/teacher.h"
 #include "train/vq.h"
+#include "tests/vq_fixture.h"
 
 #define FX "tests/fixtures/vq/"
 
@@ -39,16 +40,8 @@ static void test_batch_matches_autograd(void **state) {
     kst_npy y = load("y"), C = load("C"), B = load("B"), tau = load("tau"), q = load("q"),
             off = load("off"), cand = load("cand"), teacher = load("teacher"),
             assign = load("assign"), sc = load("scalars"), dC = load("dC"), dB = load("dB");
-    kst_vq_model m = {0};
-    m.d_in = m.d = (int)y.shape[1];
-    m.nlist = C.shape[0];
-    m.M = B.shape[0], m.ksub = B.shape[1], m.dsub = B.shape[2];
-    m.nparams = C.count + B.count;
-    m.params = malloc(m.nparams * sizeof(float));
-    memcpy(m.params, C.data, C.count * sizeof(float));
-    memcpy(m.params + C.count, B.data, B.count * sizeof(float));
-    m.centroids = m.params, m.codebook = m.params + C.count;
-    m.tau = tau.data;
+    kst_vq_model m;
+    vq_model_from_fixture(&m, &y, &C, &B, &tau);
     const float *s = sc.data;
     size_t nb = off.count - 1, n = y.shape[0];
 

@@ -16,6 +16,7 @@
 #include "encoders/encoder.h"
 #include "train/vq.h"
 #include "train/vq_qenc.h"
+#include "tests/vq_fixture.h"
 
 #define FX "tests/fixtures/vq_qenc/"
 #define MODEL "tests/fixtures/models/st_bert_mean"
@@ -62,16 +63,8 @@ static void test_joint_matches_autograd(void **state) {
     kst_vq_qenc qe;
     assert_ok(kst_vq_qenc_init(&qe, e, texts, 3, &err), &err);
 
-    kst_vq_model m = {0};
-    m.d_in = m.d = (int)y.shape[1];
-    m.nlist = C.shape[0];
-    m.M = B.shape[0], m.ksub = B.shape[1], m.dsub = B.shape[2];
-    m.nparams = C.count + B.count;
-    m.params = malloc(m.nparams * sizeof(float));
-    memcpy(m.params, C.data, C.count * sizeof(float));
-    memcpy(m.params + C.count, B.data, B.count * sizeof(float));
-    m.centroids = m.params, m.codebook = m.params + C.count;
-    m.tau = tau.data;
+    kst_vq_model m;
+    vq_model_from_fixture(&m, &y, &C, &B, &tau);
     m.rot = A.data;
     size_t n = y.shape[0];
     int32_t *a = malloc(n * sizeof *a);

@@ -1,0 +1,27 @@
+/* vq_fixture.h - the Distill-VQ model of a tests/fixtures/fx_vq*.py fixture: centroids C (nlist, d)
+ * and codebooks B (M, ksub, dsub) copied into one parameter buffer (freed by the caller), the
+ * temperatures tau; y gives the dimension. Shared by test_vq.c and test_vq_qenc.c. */
+#ifndef KST_TESTS_VQ_FIXTURE_H
+#define KST_TESTS_VQ_FIXTURE_H
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/npy.h"
+#include "train/vq.h"
+
+static inline void vq_model_from_fixture(kst_vq_model *m, const kst_npy *y, const kst_npy *C, const kst_npy *B,
+                                         const kst_npy *tau) {
+    memset(m, 0, sizeof *m);
+    m->d_in = m->d = (int)y->shape[1];
+    m->nlist = C->shape[0];
+    m->M = B->shape[0], m->ksub = B->shape[1], m->dsub = B->shape[2];
+    m->nparams = C->count + B->count;
+    m->params = malloc(m->nparams * sizeof(float));
+    memcpy(m->params, C->data, C->count * sizeof(float));
+    memcpy(m->params + C->count, B->data, B->count * sizeof(float));
+    m->centroids = m->params, m->codebook = m->params + C->count;
+    m->tau = tau->data;
+}
+
+#endif
