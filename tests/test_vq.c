@@ -24,14 +24,7 @@
 
 #define FX "tests/fixtures/vq/"
 
-static kst_npy load(const char *name) {
-    char p[256];
-    snprintf(p, sizeof p, FX "%s.npy", name);
-    kst_npy a;
-    kst_error err;
-    assert_ok(kst_npy_read(p, &a, &err), &err);
-    return a;
-}
+static kst_npy load(const char *name) { return vq_fixture_load(FX, name); }
 
 /* ---- gradients ------------------------------------------------------------------------------ */
 

@@ -21,14 +21,7 @@
 #define FX "tests/fixtures/vq_qenc/"
 #define MODEL "tests/fixtures/models/st_bert_mean"
 
-static kst_npy load(const char *name) {
-    char p[256];
-    snprintf(p, sizeof p, FX "%s.npy", name);
-    kst_npy a;
-    kst_error err;
-    assert_ok(kst_npy_read(p, &a, &err), &err);
-    return a;
-}
+static kst_npy load(const char *name) { return vq_fixture_load(FX, name); }
 
 static double rel_err(const float *got, const float *want, size_t n) {
     double num = 0, den = 0;

@@ -1,14 +1,26 @@
 /* vq_fixture.h - the Distill-VQ model of a tests/fixtures/fx_vq*.py fixture: centroids C (nlist, d)
  * and codebooks B (M, ksub, dsub) copied into one parameter buffer (freed by the caller), the
- * temperatures tau; y gives the dimension. Shared by test_vq.c and test_vq_qenc.c. */
+ * temperatures tau; y gives the dimension. Shared by test_vq.c and test_vq_qenc.c; include it after
+ * harness.h (assert_ok). */
 #ifndef KST_TESTS_VQ_FIXTURE_H
 #define KST_TESTS_VQ_FIXTURE_H
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/npy.h"
 #include "train/vq.h"
+
+/* DIR/NAME.npy, which must read (a failed read fails the test) */
+static inline kst_npy vq_fixture_load(const char *dir, const char *name) {
+    char p[256];
+    snprintf(p, sizeof p, "%s%s.npy", dir, name);
+    kst_npy a;
+    kst_error err;
+    assert_ok(kst_npy_read(p, &a, &err), &err);
+    return a;
+}
 
 static inline void vq_model_from_fixture(kst_vq_model *m, const kst_npy *y, const kst_npy *C, const kst_npy *B,
                                          const kst_npy *tau) {
