@@ -307,7 +307,14 @@ int kst_index_info_get(kst_index *x, kst_index_info *out, kst_error *err) {
     out->vectors = x->ix->ann ? kst_ann_count(x->ix->ann) : 0;
     out->has_colbert = x->ix->colbert != NULL;
     out->has_cross = x->ix->cross != NULL;
-    return KST_OK;
+    char *qm = NULL;
+    kst_error e2;
+    rc = kst_store_meta_get(x->ix->store, "query_model", &qm, &e2);
+    if (rc == KST_OK) snprintf(out->query_model, sizeof out->query_model, "%s", qm);
+    kst_free(qm);
+    if (rc == KST_ERR_NOTFOUND) rc = KST_OK;
+    else if (rc != KST_OK && err) *err = e2;
+    return rc;
 }
 
 static kst_search_cfg cfg_of(const kst_search_opts *o) {

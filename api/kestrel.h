@@ -189,6 +189,9 @@ typedef struct kst_index_info {
     char fingerprint[65];   /* sha256 of the dense model's weights ("" for BM25-only) */
     int64_t vectors;        /* vectors in the FAISS index */
     int has_colbert, has_cross;
+    char query_model[64];   /* the query encoder trained with the index (`kestrel train vq
+                               --train-query-encoder`): its folder inside the index, "" when
+                               queries use the index's own model */
 } kst_index_info;
 
 int kst_index_info_get(kst_index *ix, kst_index_info *out, kst_error *err);

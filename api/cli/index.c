@@ -112,6 +112,7 @@ static int info(kst_index *ix) {
     printf("model_fingerprint\t%s\n", in.fingerprint[0] ? in.fingerprint : "- (BM25 only)");
     printf("colbert\t%s\n", in.has_colbert ? "yes" : "no");
     printf("cross_encoder\t%s\n", in.has_cross ? "yes" : "no");
+    printf("query_model\t%s\n", in.query_model[0] ? in.query_model : "- (queries use the index's model)");
     return 0;
 }
 

@@ -65,6 +65,7 @@ search > $T/before_q.tsv
 KESTREL_TEST_KILL=before_commit "$K" train vq --index $T/ix --queries $T/queries.jsonl --train-query-encoder --epochs 1 --candidates 50 >/dev/null 2>&1; rc=$?
 [ "$rc" = 137 ] && ok "query-encoder training killed before the commit (exit 137)" || bad "killed before the commit (exit $rc, want 137)"
 [ "$(manifest ann_file)" = "$gen2" ] && [ -z "$(manifest query_model)" ] && ok "the manifest still names $gen2 and no query model" || bad "after the crash: ann_file $(manifest ann_file) (want $gen2), query_model '$(manifest query_model)'"
+"$K" index info --index $T/ix | grep -qx "query_model	- (queries use the index's model)" && ok "index info: no query model" || bad "index info: $("$K" index info --index $T/ix | grep query_model)"
 check "search after the crash gives the old results (original query encoder)" sh -c "$(declare -f search); K='$K' T='$T' search | cmp - $T/before_q.tsv"
 
 out=$("$K" train vq --index $T/ix --queries $T/queries.jsonl --train-query-encoder --lr-query-encoder 1e-3 --epochs 2 --candidates 50 --val-fraction 0 2>&1); rc=$?
@@ -72,6 +73,7 @@ out=$("$K" train vq --index $T/ix --queries $T/queries.jsonl --train-query-encod
 qm=$(manifest query_model)
 case "$qm" in query_model.[0-9]*) [ -f "$T/ix/$qm/model.safetensors" ] && ok "the tuned query encoder is saved in the index ($qm)" || bad "no $T/ix/$qm/model.safetensors" ;; *) bad "manifest query_model = '$qm'" ;; esac
 [ -n "$(manifest query_model_fingerprint)" ] && ok "the manifest records its fingerprint" || bad "no query_model_fingerprint"
+"$K" index info --index $T/ix | grep -qx "query_model	$qm" && ok "index info names the query model ($qm)" || bad "index info: $("$K" index info --index $T/ix | grep query_model)"
 case "$(manifest vq_training)" in *'"query_encoder":{"folder":"'$qm'"'*) ok "vq_training records the query encoder" ;; *) bad "vq_training lacks the query encoder ($(manifest vq_training))" ;; esac
 # The training loss falls (printed: loss ivf A -> B, pq C -> D).
 echo "$out" | awk '/^kestrel train vq: .* steps in/ { for (i = 1; i <= NF; i++) { if ($i == "ivf") { a = $(i+1); b = $(i+3) } if ($i == "pq") { c = $(i+1); d = $(i+3) } } }
