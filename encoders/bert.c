@@ -380,15 +380,8 @@ done:
     return rc;
 }
 
-int kst_bert_forward(const kst_bert *m, kst_bert_acts *a, float *out, const int32_t *ids,
-                     const int32_t *type_ids, const int *valid, size_t B, size_t T,
-                     kst_error *err) {
-    const kst_bert_config *c = &m->cfg;
-    const kst_bert_params *p = &m->params;
-    size_t C = c->C, FF = c->FF, BT = B * T;
-    if (T > c->P)
-        return kst_fail(err, KST_ERR_INVALID, "sequence of %zu tokens exceeds the model's %zu positions",
-                        T, c->P);
+int kst_bert_check_ids(const kst_bert_config *c, const int32_t *ids, const int32_t *type_ids, size_t BT, size_t T,
+                       kst_error *err) {
     for (size_t i = 0; i < BT; i++) {
         if (ids[i] < 0 || (size_t)ids[i] >= c->V)
             return kst_fail(err, KST_ERR_INVALID, "token id %d at position %zu is outside the %zu-token vocabulary",
@@ -398,7 +391,21 @@ int kst_bert_forward(const kst_bert *m, kst_bert_acts *a, float *out, const int3
             return kst_fail(err, KST_ERR_INVALID, "token type %d at position %zu exceeds type_vocab_size %zu",
                             type_ids[i], i % T, c->TT);
     }
-    int rc = acts_reserve(c, a, BT, T, err);
+    return KST_OK;
+}
+
+int kst_bert_forward(const kst_bert *m, kst_bert_acts *a, float *out, const int32_t *ids,
+                     const int32_t *type_ids, const int *valid, size_t B, size_t T,
+                     kst_error *err) {
+    const kst_bert_config *c = &m->cfg;
+    const kst_bert_params *p = &m->params;
+    size_t C = c->C, FF = c->FF, BT = B * T;
+    if (T > c->P)
+        return kst_fail(err, KST_ERR_INVALID, "sequence of %zu tokens exceeds the model's %zu positions",
+                        T, c->P);
+    int rc = kst_bert_check_ids(c, ids, type_ids, BT, T, err);
+    if (rc != KST_OK) return rc;
+    rc = acts_reserve(c, a, BT, T, err);
     if (rc != KST_OK) return rc;
     /* embeddings: word + position (+ token type), then LayerNorm */
 #pragma omp parallel for if (BT > 64)

@@ -11,6 +11,10 @@
 #include "core/ops.h"
 #include "encoders/safetensors.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum { KST_ARCH_BERT, KST_ARCH_DISTILBERT } kst_arch;
 
 typedef struct kst_bert_config {
@@ -99,6 +103,11 @@ typedef struct kst_bert_acts {
 } kst_bert_acts;
 void kst_bert_acts_free(kst_bert_acts *a);
 
+/* Checks a padded batch's token ids (and type ids, NULL: all 0) against the vocabulary and
+ * type_vocab_size, naming the first bad position; the CPU and GPU forwards and trainers call it. */
+int kst_bert_check_ids(const kst_bert_config *c, const int32_t *ids, const int32_t *type_ids, size_t BT, size_t T,
+                       kst_error *err);
+
 /* Runs the transformer on a padded batch.
  * ids, type_ids (B, T) (type_ids may be NULL: all 0); valid (B): real tokens per sequence (the
  * rest is padding, never attended to, though its rows are computed); out (B, T, C): last hidden
@@ -106,5 +115,9 @@ void kst_bert_acts_free(kst_bert_acts *a);
 int kst_bert_forward(const kst_bert *m, kst_bert_acts *a, float *out, const int32_t *ids,
                      const int32_t *type_ids, const int *valid, size_t B, size_t T,
                      kst_error *err);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -1322,13 +1322,9 @@ static int forward_queue(kst_bert_gpu *g, float *out, const int32_t *ids, const 
         return kst_fail(err, KST_ERR_INVALID, "sequence of %zu tokens exceeds the model's %zu positions", T, c->P);
     if (BT == 0) return KST_OK;
     if (BT > INT32_MAX / 4) return kst_fail(err, KST_ERR_INVALID, "GPU encoder: batch of %zu tokens is too large", BT);
-    for (size_t i = 0; i < BT; i++) {
-        if (ids[i] < 0 || (size_t)ids[i] >= c->V)
-            return kst_fail(err, KST_ERR_INVALID, "token id %d at position %zu is outside the %zu-token vocabulary",
-                            ids[i], i % T, c->V);
-        if (c->TT && type_ids && (type_ids[i] < 0 || (size_t)type_ids[i] >= c->TT))
-            return kst_fail(err, KST_ERR_INVALID, "token type %d at position %zu exceeds type_vocab_size %zu",
-                            type_ids[i], i % T, c->TT);
+    {
+        int idrc = kst_bert_check_ids(c, ids, type_ids, BT, T, err);
+        if (idrc != KST_OK) return idrc;
     }
     std::lock_guard<std::mutex> lock(*g->mu);
     const int slot = (int)(g->seq & 1);

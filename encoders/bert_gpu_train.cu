@@ -1207,13 +1207,9 @@ extern "C" int kst_bert_gpu_train_forward(kst_bert_gpu_train *g, int sidx, const
         return kst_fail(err, KST_ERR_INVALID, "GPU training: %zu tokens exceed max_position_embeddings %zu", T, c->P);
     if (!(dropout >= 0 && dropout < 1)) return kst_fail(err, KST_ERR_INVALID, "dropout %g is outside [0, 1)", (double)dropout);
     size_t BT = B * T, C = c->C, FF = c->FF, NH = c->NH, hs = g->hs, L = c->L;
-    for (size_t i = 0; i < BT; i++) {
-        if (ids[i] < 0 || (size_t)ids[i] >= c->V)
-            return kst_fail(err, KST_ERR_INVALID, "token id %d at position %zu is outside the %zu-token vocabulary",
-                            ids[i], i % T, c->V);
-        if (c->TT && type_ids && (type_ids[i] < 0 || (size_t)type_ids[i] >= c->TT))
-            return kst_fail(err, KST_ERR_INVALID, "token type %d at position %zu exceeds type_vocab_size %zu",
-                            type_ids[i], i % T, c->TT);
+    {
+        int idrc = kst_bert_check_ids(c, ids, type_ids, BT, T, err);
+        if (idrc != KST_OK) return idrc;
     }
     gside *s = &g->side[sidx];
     int rc = side_reserve(g, s, B, T, err);

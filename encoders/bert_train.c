@@ -108,13 +108,9 @@ int kst_bert_train_forward(const kst_bert *m, kst_bert_train_acts *a, const int3
     if (!(dropout >= 0 && dropout < 1))
         return kst_fail(err, KST_ERR_INVALID, "dropout %g is outside [0, 1)", (double)dropout);
     if (dropout > 0 && !rng) return kst_fail(err, KST_ERR_MISUSE, "dropout needs a random state");
-    for (size_t i = 0; i < BT; i++) {
-        if (ids[i] < 0 || (size_t)ids[i] >= c->V)
-            return kst_fail(err, KST_ERR_INVALID, "token id %d at position %zu is outside the %zu-token vocabulary",
-                            ids[i], i % T, c->V);
-        if (c->TT && type_ids && (type_ids[i] < 0 || (size_t)type_ids[i] >= c->TT))
-            return kst_fail(err, KST_ERR_INVALID, "token type %d at position %zu exceeds type_vocab_size %zu",
-                            type_ids[i], i % T, c->TT);
+    {
+        int idrc = kst_bert_check_ids(c, ids, type_ids, BT, T, err);
+        if (idrc != KST_OK) return idrc;
     }
     int rc = reserve(c, a, B, T, dropout, err);
     if (rc != KST_OK) return rc;
