@@ -1006,19 +1006,20 @@ static void launch_brln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *
     bias_residual_ln_kernel<NCH><<<(BT + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, g->stream>>>(
         g->x, xf, a, bias, w, b, BT, (int)g->cfg.C, g->cfg.eps);
 }
-static void embed(kst_bert_gpu *g, int BT, int T) {
-    int nch = (int)(g->cfg.C / 8 + 31) / 32;
-    if (nch <= 1) launch_embed<1>(g, BT, T);
-    else if (nch == 2) launch_embed<2>(g, BT, T);
-    else if (nch == 3) launch_embed<3>(g, BT, T);
-    else launch_embed<4>(g, BT, T);
-}
+/* Calls LAUNCH<NCH>(args...) for the row kernels' chunk count: NCH 32-lane rounds of 8 values
+ * cover a row of C (1 to 4, C up to 1024). */
+#define BY_ROW_CHUNKS(g, LAUNCH, ...)                                                                  \
+    do {                                                                                               \
+        int nch_ = (int)((g)->cfg.C / 8 + 31) / 32;                                                    \
+        if (nch_ <= 1) LAUNCH<1>(__VA_ARGS__);                                                         \
+        else if (nch_ == 2) LAUNCH<2>(__VA_ARGS__);                                                    \
+        else if (nch_ == 3) LAUNCH<3>(__VA_ARGS__);                                                    \
+        else LAUNCH<4>(__VA_ARGS__);                                                                   \
+    } while (0)
+
+static void embed(kst_bert_gpu *g, int BT, int T) { BY_ROW_CHUNKS(g, launch_embed, g, BT, T); }
 static void brln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *bias, const float *w, const float *b, int BT) {
-    int nch = (int)(g->cfg.C / 8 + 31) / 32;
-    if (nch <= 1) launch_brln<1>(g, xf, a, bias, w, b, BT);
-    else if (nch == 2) launch_brln<2>(g, xf, a, bias, w, b, BT);
-    else if (nch == 3) launch_brln<3>(g, xf, a, bias, w, b, BT);
-    else launch_brln<4>(g, xf, a, bias, w, b, BT);
+    BY_ROW_CHUNKS(g, launch_brln, g, xf, a, bias, w, b, BT);
 }
 
 template <int HSP, int NW>
@@ -1219,11 +1220,7 @@ static void launch_ln(kst_bert_gpu *g, float *xf, const bf16 *a, const bf16 *res
                                                                                       (int)g->cfg.C, g->cfg.eps);
 }
 static void ln(kst_bert_gpu *g, float *xf, const bf16 *a, const bf16 *res, const float *w, const float *b, int BT) {
-    int nch = (int)(g->cfg.C / 8 + 31) / 32;
-    if (nch <= 1) launch_ln<1>(g, xf, a, res, w, b, BT);
-    else if (nch == 2) launch_ln<2>(g, xf, a, res, w, b, BT);
-    else if (nch == 3) launch_ln<3>(g, xf, a, res, w, b, BT);
-    else launch_ln<4>(g, xf, a, res, w, b, BT);
+    BY_ROW_CHUNKS(g, launch_ln, g, xf, a, res, w, b, BT);
 }
 
 template <int HSP, int NW>
