@@ -42,7 +42,7 @@ struct kst_gpu_trainer {
     size_t hin_cap;
     cudaEvent_t staged;
     int staged_pending;
-    size_t B, n;
+    size_t B, n, W, Tq;
     size_t bytes;
 };
 
@@ -297,7 +297,7 @@ extern "C" int kst_gpu_trainer_forward_backward(kst_gpu_trainer *t, const kst_gp
     int all = t->ib_weight > 0 && B > 1; /* in-batch negatives: every query against every passage */
     size_t W = all ? B * n : n, Tq = q->T, Tp = p->T;
     KST_TRY(pairs_reserve(t, B, n, W, Tq, Tp, err));
-    t->B = B, t->n = n;
+    t->B = B, t->n = n, t->W = W, t->Tq = Tq;
     /* stage the host inputs (after the previous step's copies from the staging buffer ran) */
     kst_gpu_batch sq, sp;
     float *steacher;
@@ -413,6 +413,18 @@ extern "C" int kst_gpu_trainer_grads(kst_gpu_trainer *t, float *grads, float *lo
     CU_TRY(cudaMemcpyAsync(t->hloss, t->dloss, sizeof(float), cudaMemcpyDeviceToHost, t->stream), "copying the loss");
     CU_TRY(cudaStreamSynchronize(t->stream), "copying the loss");
     if (loss) *loss = *t->hloss;
+done:
+    return rc;
+}
+
+extern "C" int kst_gpu_trainer_maxsim_choices(kst_gpu_trainer *t, int *argmax, size_t cap, size_t *W, kst_error *err) {
+    int rc = KST_OK;
+    size_t need = t->B * t->W * t->Tq;
+    if (!t->colbert || !t->B) return kst_fail(err, KST_ERR_MISUSE, "GPU training: no ColBERT step to read MaxSim's choices of");
+    if (cap < need) return kst_fail(err, KST_ERR_MISUSE, "GPU training: %zu MaxSim choices, room for %zu", need, cap);
+    CU_TRY(cudaMemcpyAsync(argmax, t->argmax, need * sizeof(int), cudaMemcpyDeviceToHost, t->stream), "copying MaxSim's choices");
+    CU_TRY(cudaStreamSynchronize(t->stream), "copying MaxSim's choices");
+    *W = t->W;
 done:
     return rc;
 }

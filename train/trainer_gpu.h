@@ -77,6 +77,12 @@ int kst_gpu_trainer_wait(kst_gpu_trainer *t, float *loss, float *gnorm, kst_erro
  * for the GPU. For tests. */
 int kst_gpu_trainer_grads(kst_gpu_trainer *t, float *grads, float *loss, kst_error *err);
 
+/* ColBERT students, for tests: MaxSim's choices in the latest forward_backward, (B, W, Tq)
+ * ints into argmax (cap of them): entry (b, c, i) is the passage token that query token i of
+ * query b matched in score column c (W = n, or B n with the in-batch term; -1: none). *W gets W.
+ * Waits for the GPU. KST_ERR_MISUSE for a dense student or a too small cap. */
+int kst_gpu_trainer_maxsim_choices(kst_gpu_trainer *t, int *argmax, size_t cap, size_t *W, kst_error *err);
+
 /* Host copies of the weights and AdamW moments (m, v may be NULL), and back (resuming). */
 int kst_gpu_trainer_get_state(kst_gpu_trainer *t, float *params, float *m, float *v, kst_error *err);
 int kst_gpu_trainer_set_state(kst_gpu_trainer *t, const float *params, const float *m,

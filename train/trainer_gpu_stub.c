@@ -39,6 +39,10 @@ int kst_gpu_trainer_grads(kst_gpu_trainer *t, float *grads, float *loss, kst_err
     (void)t, (void)grads, (void)loss;
     return kst_gpu_check(err);
 }
+int kst_gpu_trainer_maxsim_choices(kst_gpu_trainer *t, int *argmax, size_t cap, size_t *W, kst_error *err) {
+    (void)t, (void)argmax, (void)cap, (void)W;
+    return kst_gpu_check(err);
+}
 int kst_gpu_trainer_get_state(kst_gpu_trainer *t, float *params, float *m, float *v, kst_error *err) {
     (void)t, (void)params, (void)m, (void)v;
     return kst_gpu_check(err);
