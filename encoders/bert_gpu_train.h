@@ -1,9 +1,10 @@
 /* bert_gpu_train.h - the training forward and backward of the transformer and the dense
- * (bi-encoder) head on the GPU (built with CUDA=1; without it every call fails with
+ * (bi-encoder) or ColBERT head on the GPU (built with CUDA=1; without it every call fails with
  * KST_ERR_UNSUPPORTED and says how to get it).
  *
  * The same computation as kst_bert_train_forward / kst_bert_train_backward and
- * kst_dense_head_forward / _backward (encoders/bert_train.h), in llm.c's shape on the device:
+ * kst_dense_head_forward / _backward and kst_colbert_head_forward / _backward
+ * (encoders/bert_train.h), in llm.c's shape on the device:
  * float32 master weights in one flat buffer laid out as kst_bert.param_mem, a bf16 mirror of it
  * that the matrix products read (cuBLAS, bf16 inputs, float32 accumulation), one flat float32
  * gradient buffer of the same layout, and per batch ("side": the queries, the passages) an
