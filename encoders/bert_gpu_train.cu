@@ -442,9 +442,10 @@ __global__ void softmax_bwd(bf16 *dS, const float *dPd, const bf16 *P, int rows,
  * query tile the warp recomputes S^T = k q^T and P^T = 2^(S^T - lse), dP^T = v dO^T, regenerates
  * the mask Z, and adds dv += (P Z)^T dO, dk += dS^T q with dS = P (dP Z - D); dS^T goes through
  * shared memory so that each warp then adds dq = dS k for 16 query rows into a float32 buffer
- * (atomics: key tiles meet there). Query tiles at or past L are skipped: the rows of padding have
- * dO = 0 exactly (nothing above reads them: keys are masked, pooling ignores them), so their
- * share is 0. Keys at or past L get dk = dv = 0. */
+ * (atomics: key tiles meet there). Query tiles at or past the sequence's rows with a gradient
+ * (qrows: the valid length for pooled heads, whose padding rows have dO = 0 exactly; ColBERT
+ * queries also take their [MASK] rows, which attend but are not attended to) are skipped. Keys
+ * at or past L get dk = dv = 0. */
 
 #define FA_T 64 /* query rows and keys of a tile; 4 warps of 16 */
 #define FA_THREADS 128
@@ -636,8 +637,9 @@ struct fa_bwd_smem {
  * zeroed before, gets dq / scale. */
 template <int HS>
 __global__ void __launch_bounds__(FA_THREADS) fa_bwd(bf16 *dqkv, float *dqf, const bf16 *qkvh, const bf16 *dO,
-                                                     const float *lse, const float *Dv, const int *valid, int B,
-                                                     int NH, int T, float p, uint64_t seed, uint32_t site) {
+                                                     const float *lse, const float *Dv, const int *valid,
+                                                     const int *qrows, int B, int NH, int T, float p, uint64_t seed,
+                                                     uint32_t site) {
     constexpr int LD = HS + 8, LDS = FA_T + 8;
     typedef fa_bwd_smem<HS> SM;
     extern __shared__ __align__(16) unsigned char fsm[];
@@ -650,7 +652,7 @@ __global__ void __launch_bounds__(FA_THREADS) fa_bwd(bf16 *dqkv, float *dqf, con
     const bf16 *q = qkvh + (size_t)bh * T * HS, *k = q + HT, *v = k + HT;
     const bf16 *dOh = dO + (size_t)b * T * C + (size_t)h * HS;
     bf16 *dk_out = dqkv + (size_t)b * T * 3 * C + C + (size_t)h * HS, *dv_out = dk_out + C;
-    const int Lv = keys_of(valid, b, T);
+    const int Lv = keys_of(valid, b, T), Lq = qrows ? keys_of(qrows, b, T) : Lv;
     const float sl2 = rsqrtf((float)HS) * 1.4426950408889634f, scale = rsqrtf((float)HS);
     if (k0 >= Lv) { /* keys of padding only: no gradient */
         constexpr int CPR = HS / 8;
@@ -688,10 +690,10 @@ __global__ void __launch_bounds__(FA_THREADS) fa_bwd(bf16 *dqkv, float *dqf, con
     const bool kv0 = j0 < Lv, kv1 = j1 < Lv;
     const uint32_t sk = att_seedkey(seed, site), thr = att_thr(p);
     const float keep = 1.0f / (1.0f - p);
-    for (int i0 = 0, it = 0; i0 < Lv; i0 += FA_T, it++) {
+    for (int i0 = 0, it = 0; i0 < Lq; i0 += FA_T, it++) {
         const int buf = it & 1;
         __syncthreads(); /* the other buffer and dS^T are used up */
-        if (i0 + FA_T < Lv) stage(buf ^ 1, i0 + FA_T);
+        if (i0 + FA_T < Lq) stage(buf ^ 1, i0 + FA_T);
         else cp_async_commit(); /* an empty group keeps the count */
         cp_async_wait<1>();     /* this tile's copies landed */
         __syncthreads();
@@ -859,6 +861,8 @@ struct gside {
     uint64_t seed;
     int32_t *ids, *types;
     int *valid;
+    int *rows;                        /* (B) rows with a gradient (forward_rows), when has_rows */
+    int has_rows;
     float *emb, *emb_mean, *emb_rstd; /* (BT, C), (BT) */
     float *xf;                        /* (BT, C) the current layer output, float32 (the residual
                                        * stream; the backward needs only its bf16 copies) */
@@ -874,7 +878,9 @@ struct gside {
     bf16 *ln1b;                       /* (L, BT, C) LN1 outputs in bf16 */
     bf16 *fch;                        /* (L, BT, FF) pre-activation (with bias); the activation
                                        * is recomputed in the backward */
-    float *pooled, *vec, *norm, *dpool; /* (B, D), (B, D), (B), (B, D) */
+    float *pooled, *vec, *norm, *dpool; /* (B, D), (B, D), (B), (B, D); ColBERT: (BT, D), (BT, D), (BT),
+                                         * (BT, D): the projection, its normalised rows, their norms */
+    bf16 *dpre;                       /* ColBERT: (BT, D) d loss / d projection, bf16 */
 };
 
 struct kst_bert_gpu_train {
@@ -882,6 +888,7 @@ struct kst_bert_gpu_train {
     size_t NP, hs, D;
     unsigned modes;
     int normalize;
+    int colbert; /* the ColBERT head (linear without bias, L2 norm per token) instead of pooling */
     int flash; /* attention without the T x T matrix (head sizes 16, 32, 64); else materialised */
     size_t off[KST_BERT_NPARAMS]; /* tensor offsets in the flat buffers */
     cudaStream_t stream;
@@ -917,9 +924,9 @@ static void dfree(void *p) {
 }
 
 static void side_release(gside *s) {
-    void *bufs[] = {s->ids, s->types, s->valid, s->emb, s->emb_mean, s->emb_rstd, s->xf, s->xb, s->qkvh,
+    void *bufs[] = {s->ids, s->types, s->valid, s->rows, s->emb, s->emb_mean, s->emb_rstd, s->xf, s->xb, s->qkvh,
                     s->P, s->lse, s->atty, s->res1, s->res2, s->ln1_mean, s->ln1_rstd, s->ln2_mean, s->ln2_rstd,
-                    s->ln1f, s->ln1b, s->fch, s->pooled, s->vec, s->norm, s->dpool};
+                    s->ln1f, s->ln1b, s->fch, s->pooled, s->vec, s->norm, s->dpool, s->dpre};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) dfree(bufs[i]);
     memset(s, 0, sizeof *s);
 }
@@ -941,6 +948,7 @@ static int side_reserve(kst_bert_gpu_train *g, gside *s, size_t B, size_t T, kst
     SA(ids, tok, "token ids");
     SA(types, tok, "token types");
     SA(valid, B, "lengths");
+    SA(rows, B, "lengths");
     SA(emb, tok * C, "training activations");
     SA(emb_mean, tok, "training activations");
     SA(emb_rstd, tok, "training activations");
@@ -962,10 +970,16 @@ static int side_reserve(kst_bert_gpu_train *g, gside *s, size_t B, size_t T, kst
     SA(ln1f, tok * C, "training activations");
     SA(ln1b, L * tok * C, "training activations");
     SA(fch, L * tok * FF, "training activations");
-    SA(pooled, B * D, "head activations");
-    SA(vec, B * D, "head activations");
-    SA(norm, B, "head activations");
-    SA(dpool, B * D, "head gradients");
+    {
+        size_t R = g->colbert ? tok : B; /* head output rows */
+        SA(pooled, R * D, "head activations");
+        SA(vec, R * D, "head activations");
+        SA(norm, R, "head activations");
+        SA(dpool, R * D, "head gradients");
+        if (g->colbert) {
+            SA(dpre, R * D, "head gradients");
+        }
+    }
 #undef SA
     s->cap_tok = tok, s->cap_att = att, s->cap_B = B;
 done:
@@ -1093,8 +1107,8 @@ done:
 /* its backward: dqkv (BT, 3C) from dO (BT, C), O, the statistics and q, k, v; g->dres (free at
  * this point of the backward) holds dq in float32 meanwhile */
 static int fa_backward(kst_bert_gpu_train *g, bf16 *dqkv, const bf16 *qkvh, const bf16 *dO, const bf16 *O,
-                       const float *lse, const int *valid, size_t B, size_t T, float p, uint64_t seed, uint32_t site,
-                       kst_error *err) {
+                       const float *lse, const int *valid, const int *qrows, size_t B, size_t T, float p, uint64_t seed,
+                       uint32_t site, kst_error *err) {
     int rc = KST_OK;
     int NH = (int)g->cfg.NH, C = (int)g->cfg.C;
     size_t BT = B * T;
@@ -1104,9 +1118,9 @@ static int fa_backward(kst_bert_gpu_train *g, bf16 *dqkv, const bf16 *qkvh, cons
     CU_LAUNCHED("attention backward (D)");
     CU_TRY(cudaMemsetAsync(g->dres, 0, BT * C * sizeof(float), st), "zeroing dq");
     switch (g->hs) {
-    case 16: fa_bwd<16><<<grid, FA_THREADS, fa_bwd_smem<16>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
-    case 32: fa_bwd<32><<<grid, FA_THREADS, fa_bwd_smem<32>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
-    default: fa_bwd<64><<<grid, FA_THREADS, fa_bwd_smem<64>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, (int)B, NH, (int)T, p, seed, site); break;
+    case 16: fa_bwd<16><<<grid, FA_THREADS, fa_bwd_smem<16>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, qrows, (int)B, NH, (int)T, p, seed, site); break;
+    case 32: fa_bwd<32><<<grid, FA_THREADS, fa_bwd_smem<32>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, qrows, (int)B, NH, (int)T, p, seed, site); break;
+    default: fa_bwd<64><<<grid, FA_THREADS, fa_bwd_smem<64>::bytes, st>>>(dqkv, g->dres, qkvh, dO, lse, g->Dv, valid, qrows, (int)B, NH, (int)T, p, seed, site); break;
     }
     CU_LAUNCHED("attention backward (flash)");
     fa_dq_out<<<blocks(BT * C / 8, 256), 256, 0, st>>>(dqkv, g->dres, 1.0f / sqrtf((float)g->hs), BT, C);
@@ -1132,14 +1146,14 @@ extern "C" int kst_bert_gpu_train_create(const kst_bert *m, unsigned pool_modes,
         return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: feed-forward width %zu is not a multiple of 8; train on the CPU (--device cpu)", c->FF);
     if (c->TT > 4)
         return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: %zu token types (at most 4 on the GPU); train on the CPU (--device cpu)", c->TT);
-    if (pool_modes & KST_POOL_MAX)
+    if (c->proj_dim && c->dense_out)
+        return kst_fail(err, KST_ERR_INVALID, "GPU training: a model with both a ColBERT linear and a Dense layer");
+    if (!c->proj_dim && (pool_modes & KST_POOL_MAX))
         return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: max pooling is not implemented on the GPU; train this student with --device cpu");
-    if (!(pool_modes & (KST_POOL_CLS | KST_POOL_MEAN | KST_POOL_MEAN_SQRT)))
+    if (!c->proj_dim && !(pool_modes & (KST_POOL_CLS | KST_POOL_MEAN | KST_POOL_MEAN_SQRT)))
         return kst_fail(err, KST_ERR_INVALID, "GPU training: no pooling mode given");
     if (c->dense_out)
         return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: the sentence-transformers Dense layer is not implemented on the GPU; train this student with --device cpu");
-    if (c->proj_dim)
-        return kst_fail(err, KST_ERR_UNSUPPORTED, "GPU training: ColBERT students are not implemented on the GPU; train them with --device cpu");
     kst_bert_gpu_train *g = (kst_bert_gpu_train *)kst_calloc(1, sizeof *g, "GPU trainer", err);
     if (!g) return KST_ERR_NOMEM;
     g->cfg = *c;
@@ -1155,9 +1169,10 @@ extern "C" int kst_bert_gpu_train_create(const kst_bert *m, unsigned pool_modes,
         CU_TRY(cudaFuncSetAttribute(fa_bwd<32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa_bwd_smem<32>::bytes), "fa_bwd smem");
         CU_TRY(cudaFuncSetAttribute(fa_bwd<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa_bwd_smem<64>::bytes), "fa_bwd smem");
     }
-    g->modes = pool_modes;
-    g->normalize = normalize;
-    g->D = kst_pool_dim(pool_modes, c->C);
+    g->colbert = c->proj_dim > 0;
+    g->modes = g->colbert ? 0 : pool_modes;
+    g->normalize = g->colbert ? 1 : normalize;
+    g->D = g->colbert ? c->proj_dim : kst_pool_dim(pool_modes, c->C);
     {
         const float *const *ps = (const float *const *)&m->params;
         for (int i = 0; i < KST_BERT_NPARAMS; i++) g->off[i] = ps[i] ? (size_t)(ps[i] - m->param_mem) : 0;
@@ -1192,7 +1207,7 @@ extern "C" void kst_bert_gpu_train_free(kst_bert_gpu_train *g) {
 
 /* pointers into the flat buffers, by kst_bert_params field order */
 enum { P_WTE, P_WPE, P_WTT, P_EMBLNW, P_EMBLNB, P_QKVW, P_QKVB, P_ATTPROJW, P_ATTPROJB, P_LN1W, P_LN1B,
-       P_FCW, P_FCB, P_FCPROJW, P_FCPROJB, P_LN2W, P_LN2B };
+       P_FCW, P_FCB, P_FCPROJW, P_FCPROJB, P_LN2W, P_LN2B, P_POOLW, P_POOLB, P_CLSW, P_CLSB, P_PROJW };
 #define PF(i) (g->params + g->off[i])
 #define PB(i) (g->pb16 + g->off[i])
 #define GR(i) (g->grads + g->off[i])
@@ -1200,6 +1215,12 @@ enum { P_WTE, P_WPE, P_WTT, P_EMBLNW, P_EMBLNB, P_QKVW, P_QKVB, P_ATTPROJW, P_AT
 extern "C" int kst_bert_gpu_train_forward(kst_bert_gpu_train *g, int sidx, const int32_t *ids,
                                           const int32_t *type_ids, const int *valid, size_t B, size_t T,
                                           float dropout, uint64_t seed, kst_error *err) {
+    return kst_bert_gpu_train_forward_rows(g, sidx, ids, type_ids, valid, NULL, B, T, dropout, seed, err);
+}
+
+extern "C" int kst_bert_gpu_train_forward_rows(kst_bert_gpu_train *g, int sidx, const int32_t *ids,
+                                               const int32_t *type_ids, const int *valid, const int *rows,
+                                               size_t B, size_t T, float dropout, uint64_t seed, kst_error *err) {
     const kst_bert_config *c = &g->cfg;
     if (sidx < 0 || sidx >= KST_GPU_TRAIN_SIDES) return kst_fail(err, KST_ERR_MISUSE, "GPU training: side %d", sidx);
     if (!B || !T) return kst_fail(err, KST_ERR_INVALID, "GPU training: empty batch");
@@ -1221,6 +1242,8 @@ extern "C" int kst_bert_gpu_train_forward(kst_bert_gpu_train *g, int sidx, const
     if (type_ids) CU_TRY(cudaMemcpyAsync(s->types, type_ids, BT * sizeof *ids, cudaMemcpyHostToDevice, st), "copying token types");
     else CU_TRY(cudaMemsetAsync(s->types, 0, BT * sizeof *ids, st), "zeroing token types");
     CU_TRY(cudaMemcpyAsync(s->valid, valid, B * sizeof *valid, cudaMemcpyHostToDevice, st), "copying lengths");
+    s->has_rows = rows != NULL;
+    if (rows) CU_TRY(cudaMemcpyAsync(s->rows, rows, B * sizeof *rows, cudaMemcpyHostToDevice, st), "copying lengths");
     {
         size_t A = B * NH * T * T, HT = BT * C; /* one head-split tensor */
         float scale = 1.0f / sqrtf((float)hs);
@@ -1271,6 +1294,14 @@ extern "C" int kst_bert_gpu_train_forward(kst_bert_gpu_train *g, int sidx, const
             CU_LAUNCHED("bias + residual + LayerNorm");
         }
         const float *h = s->xf;
+        if (g->colbert) {
+            /* pre (BT, D) float32 = the last hidden states (bf16) @ projw^T; vec = pre / |pre| per row */
+            KST_TRY(gemm(g, TT_, NT, (int)g->D, (int)BT, (int)C, 1.0f, PB(P_PROJW), (int)C, 0, s->xb + L * BT * C, (int)C,
+                         0, 0.0f, s->pooled, CUDA_R_32F, (int)g->D, 0, 1, err));
+            l2norm_fwd<<<blocks(BT, RW), RW * 32, 0, st>>>(s->vec, s->norm, s->pooled, (int)BT, (int)g->D);
+            CU_LAUNCHED("ColBERT normalisation");
+            goto done;
+        }
         pool_fwd<<<blocks(B * C, 256), 256, 0, st>>>(s->pooled, h, s->valid, g->modes, (int)B, (int)T, (int)C);
         CU_LAUNCHED("pooling");
         if (g->normalize) {
@@ -1297,13 +1328,23 @@ extern "C" int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int sidx, cons
     int bert = c->arch == KST_ARCH_BERT;
     cudaStream_t st = g->stream;
     const float *dpool = dvec;
-    if (g->normalize) {
-        l2norm_bwd<<<blocks(B, RW), RW * 32, 0, st>>>(s->dpool, dvec, s->vec, s->norm, (int)B, (int)D);
-        CU_LAUNCHED("Normalize backward");
-        dpool = s->dpool;
+    if (g->colbert) {
+        /* dvec (BT, D) -> d pre (normalisation backward) -> d projw += d pre^T h, d h = d pre projw */
+        l2norm_bwd<<<blocks(BT, RW), RW * 32, 0, st>>>(s->dpool, dvec, s->vec, s->norm, (int)BT, (int)D);
+        CU_LAUNCHED("ColBERT normalisation backward");
+        to_bf16<<<blocks(BT * D, 256), 256, 0, st>>>(s->dpre, s->dpool, BT * D);
+        CU_LAUNCHED("bf16 head gradient");
+        KST_TRY(lin_dw(g, GR(P_PROJW), s->dpre, s->xb + L * BT * C, BT, C, D, err));
+        KST_TRY(lin_dx(g, g->dx, CUDA_R_32F, 0.0f, s->dpre, PB(P_PROJW), BT, C, D, err));
+    } else {
+        if (g->normalize) {
+            l2norm_bwd<<<blocks(B, RW), RW * 32, 0, st>>>(s->dpool, dvec, s->vec, s->norm, (int)B, (int)D);
+            CU_LAUNCHED("Normalize backward");
+            dpool = s->dpool;
+        }
+        pool_bwd<<<blocks(BT * C, 256), 256, 0, st>>>(g->dx, dpool, s->valid, g->modes, (int)B, (int)T, (int)C);
+        CU_LAUNCHED("pooling backward");
     }
-    pool_bwd<<<blocks(BT * C, 256), 256, 0, st>>>(g->dx, dpool, s->valid, g->modes, (int)B, (int)T, (int)C);
-    CU_LAUNCHED("pooling backward");
     for (size_t l = L; l-- > 0;) {
         uint32_t site = (uint32_t)(1 + 3 * l);
         const bf16 *qkvh = s->qkvh + l * 3 * HT, *P = g->flash ? NULL : s->P + l * A;
@@ -1342,7 +1383,7 @@ extern "C" int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int sidx, cons
         KST_TRY(lin_dw(g, GR(P_ATTPROJW) + l * C * C, g->tmpC, s->atty + l * BT * C, BT, C, C, err));
         KST_TRY(lin_dx(g, g->tmpC2, CUDA_R_16BF, 0.0f, g->tmpC, PB(P_ATTPROJW) + l * C * C, BT, C, C, err));
         if (g->flash) {
-            KST_TRY(fa_backward(g, g->qkv_tmp, qkvh, g->tmpC2, s->atty + l * BT * C, s->lse + l * BT * NH, s->valid, B, T, p,
+            KST_TRY(fa_backward(g, g->qkv_tmp, qkvh, g->tmpC2, s->atty + l * BT * C, s->lse + l * BT * NH, s->valid, s->has_rows ? s->rows : NULL, B, T, p,
                                 seed, site, err));
         } else {
             /* attention: dO per head, then dv, dP, dS, dq, dk */

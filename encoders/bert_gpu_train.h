@@ -1,9 +1,10 @@
 /* bert_gpu_train.h - the training forward and backward of the transformer and the dense
- * (bi-encoder) head on the GPU (built with CUDA=1; without it every call fails with
+ * (bi-encoder) or ColBERT head on the GPU (built with CUDA=1; without it every call fails with
  * KST_ERR_UNSUPPORTED and says how to get it).
  *
  * The same computation as kst_bert_train_forward / kst_bert_train_backward and
- * kst_dense_head_forward / _backward (encoders/bert_train.h), in llm.c's shape on the device:
+ * kst_dense_head_forward / _backward and kst_colbert_head_forward / _backward
+ * (encoders/bert_train.h), in llm.c's shape on the device:
  * float32 master weights in one flat buffer laid out as kst_bert.param_mem, a bf16 mirror of it
  * that the matrix products read (cuBLAS, bf16 inputs, float32 accumulation), one flat float32
  * gradient buffer of the same layout, and per batch ("side": the queries, the passages) an
@@ -20,8 +21,10 @@
  *
  * Gradients accumulate (+=) over backward calls; kst_bert_gpu_train_zero_grads zeroes them. The
  * head supports the pooling modes cls, mean and mean_sqrt_len (combined as sentence-transformers
- * concatenates them) and Normalize; max pooling, a sentence-transformers Dense layer and the
- * ColBERT head are refused at creation (train those on the CPU). Calls queue work on one stream
+ * concatenates them) and Normalize, and the ColBERT head (a model with cfg.proj_dim: every token's
+ * last hidden state through the linear without bias, bf16 product with float32 accumulation, then
+ * L2-normalised, as kst_colbert_head_forward); max pooling and a sentence-transformers Dense
+ * layer are refused at creation (train those on the CPU). Calls queue work on one stream
  * and return; the get / set functions wait for it. One object serves one thread. */
 #ifndef KST_ENCODERS_BERT_GPU_TRAIN_H
 #define KST_ENCODERS_BERT_GPU_TRAIN_H
@@ -37,7 +40,8 @@
 typedef struct kst_bert_gpu_train kst_bert_gpu_train;
 
 /* Copies m's weights to the GPU and allocates the gradients. pool_modes: KST_POOL_* bits
- * (encoders/encoder.h); normalize: L2-normalise the pooled vector. Fails with
+ * (encoders/encoder.h); normalize: L2-normalise the pooled vector (both ignored for a ColBERT
+ * model, m->cfg.proj_dim > 0, whose head is the ColBERT one). Fails with
  * KST_ERR_UNSUPPORTED (saying what to do) without a GPU backend or device, for shapes the kernels
  * do not take (hidden size C divisible by the heads, head size and feed-forward width multiples of
  * 8, at most 4 token types) or for a head this
@@ -54,11 +58,19 @@ void kst_bert_gpu_train_free(kst_bert_gpu_train *g); /* NULL is a no-op */
 int kst_bert_gpu_train_forward(kst_bert_gpu_train *g, int side, const int32_t *ids,
                                const int32_t *type_ids, const int *valid, size_t B, size_t T,
                                float dropout, uint64_t seed, kst_error *err);
-/* Device pointer to the side's head output (B, dim) float32 of its latest forward. */
+/* The same, with rows (B, host; NULL: valid) the number of leading tokens of each sequence whose
+ * head outputs can get a gradient: ColBERT queries pass their length with the [MASK] padding,
+ * which is encoded (its rows attend) but not attended to (valid stops before it). The backward
+ * skips only the attention rows past it. */
+int kst_bert_gpu_train_forward_rows(kst_bert_gpu_train *g, int side, const int32_t *ids,
+                                    const int32_t *type_ids, const int *valid, const int *rows,
+                                    size_t B, size_t T, float dropout, uint64_t seed, kst_error *err);
+/* Device pointer to the side's head output of its latest forward, float32: (B, dim), or for the
+ * ColBERT head (B * T, dim), one normalised vector per position. */
 const float *kst_bert_gpu_train_vectors(const kst_bert_gpu_train *g, int side);
 size_t kst_bert_gpu_train_dim(const kst_bert_gpu_train *g);
 
-/* Backward of the side's latest forward from dvec (B, dim), a device pointer: adds d loss /
+/* Backward of the side's latest forward from dvec (B, dim; ColBERT (B * T, dim)), a device pointer: adds d loss /
  * d params into the gradient buffer. Fails only on a CUDA error. */
 int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int side, const float *dvec, kst_error *err);
 

@@ -17,6 +17,12 @@ int kst_bert_gpu_train_forward(kst_bert_gpu_train *g, int side, const int32_t *i
     (void)g, (void)side, (void)ids, (void)type_ids, (void)valid, (void)B, (void)T, (void)dropout, (void)seed;
     return kst_gpu_check(err);
 }
+int kst_bert_gpu_train_forward_rows(kst_bert_gpu_train *g, int side, const int32_t *ids,
+                                    const int32_t *type_ids, const int *valid, const int *rows,
+                                    size_t B, size_t T, float dropout, uint64_t seed, kst_error *err) {
+    (void)g, (void)side, (void)ids, (void)type_ids, (void)valid, (void)rows, (void)B, (void)T, (void)dropout, (void)seed;
+    return kst_gpu_check(err);
+}
 const float *kst_bert_gpu_train_vectors(const kst_bert_gpu_train *g, int side) { (void)g, (void)side; return NULL; }
 size_t kst_bert_gpu_train_dim(const kst_bert_gpu_train *g) { (void)g; return 0; }
 int kst_bert_gpu_train_backward(kst_bert_gpu_train *g, int side, const float *dvec, kst_error *err) {

@@ -153,6 +153,8 @@ typedef struct scorer {
     unsigned char *keep; /* (T) document tokens entering MaxSim */
     int *argmax;         /* (query_maxlen) */
     size_t cap_keep, cap_arg;
+    unsigned char *keep_all; /* (rows, T) every passage's mask, for the GPU step */
+    size_t cap_keep_all;
 } scorer;
 
 /* ColBERT's document mask: not padding, not punctuation; within the sequence. */
@@ -167,6 +169,22 @@ static int doc_keep(scorer *sc, const side *p, size_t r, kst_error *err) {
     for (size_t t = 0; t < p->T; t++) {
         int32_t id = p->ids[r * p->T + t];
         sc->keep[t] = (int)t < p->len[r] && id != sp.pad && !e->skip[id];
+    }
+    return KST_OK;
+}
+
+/* doc_keep for every row of p into sc->keep_all (the GPU step's MaxSim mask). */
+static int doc_keep_all(scorer *sc, const side *p, kst_error *err) {
+    size_t need = p->rows * p->T;
+    if (need > sc->cap_keep_all) {
+        int rc = kst_realloc((void **)&sc->keep_all, need, 1, "MaxSim mask", err);
+        if (rc != KST_OK) return rc;
+        sc->cap_keep_all = need;
+    }
+    for (size_t r = 0; r < p->rows; r++) {
+        int rc = doc_keep(sc, p, r, err);
+        if (rc != KST_OK) return rc;
+        memcpy(sc->keep_all + r * p->T, sc->keep, p->T);
     }
     return KST_OK;
 }
@@ -609,20 +627,13 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
     }
     kst_decay_mask_fill(decay, e->bert.param_sizes, DECAY, KST_BERT_NPARAMS);
     if (o->device == KST_DEV_CUDA) {
-        if (e->role == KST_ROLE_COLBERT) {
-            rc = kst_fail(err, KST_ERR_UNSUPPORTED, "%s: ColBERT students train on the CPU only for now; drop --device cuda", o->model_dir);
-            goto done;
-        }
-        if (o->in_batch_weight > 0) {
-            rc = kst_fail(err, KST_ERR_UNSUPPORTED, "--in-batch-weight is not implemented on the GPU yet; drop it or use --device cpu");
-            goto done;
-        }
         rc = kst_gpu_trainer_create(&e->bert, e->pool_modes, e->normalize, decay, &gt, err);
         if (rc == KST_ERR_UNSUPPORTED && err && !strstr(err->msg, "--device cpu")) {
             size_t at = strlen(err->msg);
             snprintf(err->msg + at, sizeof err->msg - at, "; train on the CPU with --device cpu");
         }
         if (rc != KST_OK) goto done;
+        kst_gpu_trainer_set_in_batch(gt, (float)o->in_batch_weight);
     }
     /* teacher file */
     kst_teacher_opts to;
@@ -709,7 +720,12 @@ int kst_train_margin_mse(const kst_train_opts *o, kst_train_result *res, kst_err
         float loss = 0, gnorm = 0;
         double lr = kst_lr_at(o->cosine ? KST_LR_COSINE : KST_LR_LINEAR, o->lr, step, o->warmup, total);
         if (gt) { /* the same step on the GPU (train/trainer_gpu.h) */
-            kst_gpu_batch gq = {q.ids, q.types, q.valid, q.rows, q.T}, gp = {p.ids, p.types, p.valid, p.rows, p.T};
+            kst_gpu_batch gq = {q.ids, q.types, q.valid, q.rows, q.T, NULL, NULL};
+            kst_gpu_batch gp = {p.ids, p.types, p.valid, p.rows, p.T, NULL, NULL};
+            if (e->role == KST_ROLE_COLBERT) { /* MaxSim's query lengths and passage masks */
+                KST_TRY(doc_keep_all(&sc, &p, err));
+                gq.len = q.len, gp.len = p.len, gp.keep = sc.keep_all;
+            }
             uint64_t seed_q = ps.rng = kst_rng_seed(ps.rng), seed_p = ps.rng = kst_rng_seed(ps.rng);
             KST_TRY(kst_gpu_trainer_forward_backward(gt, &gq, &gp, t, n, dropout, seed_q, seed_p, err));
             KST_TRY(kst_gpu_trainer_update_enqueue(gt, o->sgd, lr, step + 1, &ac, o->grad_clip, err));
@@ -811,6 +827,7 @@ done:
     side_free(&p);
     kst_free(sc.keep);
     kst_free(sc.argmax);
+    kst_free(sc.keep_all);
     batch_buf_free(&bb);
     kst_free(mom);
     kst_free(vel);

@@ -30,7 +30,8 @@ typedef struct kst_train_opts {
     double in_batch_weight;     /* in-batch negatives cross-entropy weight (0: off) */
     int quiet;                  /* no progress bar */
     int device;                 /* KST_DEV_CPU (0) or KST_DEV_CUDA (core/gpu.h): the step on the GPU
-                                 * (train/trainer_gpu.h; dense students, Margin-MSE only) */
+                                 * (train/trainer_gpu.h; dense and ColBERT students,
+                                 * Margin-MSE and the in-batch term) */
     /* resuming (see kst_train_margin_mse) */
     long save_every;            /* write OUT_DIR/train_state.bin every N steps and at the end (0: never) */
     const char *resume_dir;     /* continue from RESUME_DIR/train_state.bin (NULL: fresh start) */

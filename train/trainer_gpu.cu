@@ -1,5 +1,7 @@
-/* trainer_gpu.cu - the Margin-MSE step of a dense student on the GPU: scores, loss and its
- * gradient, global-norm clipping and AdamW / SGD as one kernel over the flat parameter buffer. */
+/* trainer_gpu.cu - the Margin-MSE step of a dense or ColBERT student on the GPU: scores (the
+ * dense own-passage path here, ColBERT MaxSim and the in-batch negatives in train/scores_gpu.cu),
+ * loss and its gradient, global-norm clipping and AdamW / SGD as one kernel over the flat
+ * parameter buffer. */
 #include "core/gpu_util.cuh"
 
 #include <cuda_bf16.h>
@@ -9,17 +11,25 @@
 extern "C" {
 #include "core/mem.h"
 #include "encoders/bert_gpu_train.h"
+#include "train/scores_gpu.h"
 #include "train/trainer_gpu.h"
 }
 
 struct kst_gpu_trainer {
     kst_bert_gpu_train *g;
-    size_t NP, D, cap_pairs, cap_q, cap_p;
+    size_t NP, D;
+    int colbert;             /* ColBERT student: token vectors and MaxSim */
+    float ib_weight;         /* in-batch negatives cross-entropy weight (0: off) */
     cudaStream_t stream;
     float *m, *v;            /* AdamW moments (NP) */
     unsigned char *decay;    /* (NP) or NULL */
-    float *s, *t, *ds;       /* (B, n) scores, teacher scores, d loss / d scores */
-    float *dq, *dp;          /* (B, D), (B n, D) d loss / d vectors */
+    float *s, *t, *ds;       /* (B, W) scores (W = n, or B n with in-batch negatives), teacher
+                              * scores (B, n), d loss / d scores (B, W) */
+    float *dq, *dp;          /* d loss / d vectors: (B, D), (B n, D); ColBERT (B Tq, D), (B n Tp, D) */
+    int *argmax;             /* ColBERT: (B, W, Tq) MaxSim's choice */
+    int *qlen;               /* ColBERT: (B) query tokens entering MaxSim */
+    unsigned char *keep;     /* ColBERT: (B n, Tp) passage tokens entering MaxSim */
+    size_t cap_s, cap_ds, cap_t, cap_dq, cap_dp, cap_arg, cap_qlen, cap_keep; /* in elements */
     float *dloss;            /* the step's loss (1) */
     double *dss;             /* sum of squared gradients (1) */
     float *hloss;            /* pinned: loss */
@@ -32,7 +42,7 @@ struct kst_gpu_trainer {
     size_t hin_cap;
     cudaEvent_t staged;
     int staged_pending;
-    size_t B, n;
+    size_t B, n, W, Tq;
     size_t bytes;
 };
 
@@ -156,7 +166,7 @@ static int talloc(kst_gpu_trainer *t, void **p, size_t bytes, const char *what, 
 extern "C" void kst_gpu_trainer_free(kst_gpu_trainer *t) {
     if (!t) return;
     if (t->stream) cudaStreamSynchronize(t->stream);
-    void *bufs[] = {t->m, t->v, t->decay, t->s, t->t, t->ds, t->dq, t->dp, t->dloss, t->dss};
+    void *bufs[] = {t->m, t->v, t->decay, t->s, t->t, t->ds, t->dq, t->dp, t->dloss, t->dss, t->argmax, t->qlen, t->keep};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) cudaFree(bufs[i]);
     if (t->hloss) cudaFreeHost(t->hloss);
@@ -176,6 +186,7 @@ extern "C" int kst_gpu_trainer_create(const kst_bert *m, unsigned pool_modes, in
     KST_TRY(kst_bert_gpu_train_create(m, pool_modes, normalize, &t->g, err));
     t->NP = kst_bert_gpu_train_num_params(t->g);
     t->D = kst_bert_gpu_train_dim(t->g);
+    t->colbert = m->cfg.proj_dim > 0;
     t->stream = (cudaStream_t)kst_bert_gpu_train_stream(t->g);
     KST_TRY(talloc(t, (void **)&t->m, t->NP * sizeof(float), "AdamW moments", err));
     KST_TRY(talloc(t, (void **)&t->v, t->NP * sizeof(float), "AdamW moments", err));
@@ -201,25 +212,33 @@ done:
     return rc;
 }
 
-/* Grows the score buffers for B queries of n passages. */
-static int pairs_reserve(kst_gpu_trainer *t, size_t B, size_t n, kst_error *err) {
+/* Grows *p (device, *cap elements of size el) to hold need elements; contents are not kept. */
+static int grow(kst_gpu_trainer *t, void **p, size_t *cap, size_t need, size_t el, const char *what, kst_error *err) {
+    if (need <= *cap) return KST_OK;
+    cudaStreamSynchronize(t->stream);
+    if (*p) cudaFree(*p);
+    *p = NULL;
+    t->bytes -= *cap * el;
+    *cap = 0;
+    int rc = talloc(t, p, need * el, what, err);
+    if (rc == KST_OK) *cap = need;
+    return rc;
+}
+
+/* Grows the score buffers for B queries of n passages (W score columns a query; ColBERT: Tq
+ * and Tp tokens a query and a passage). */
+static int pairs_reserve(kst_gpu_trainer *t, size_t B, size_t n, size_t W, size_t Tq, size_t Tp, kst_error *err) {
     int rc = KST_OK;
-    size_t pairs = B * n;
-    if (pairs > t->cap_pairs || B > t->cap_q) {
-        cudaStreamSynchronize(t->stream);
-        float **bufs[] = {&t->s, &t->t, &t->ds, &t->dq, &t->dp};
-        for (size_t i = 0; i < 5; i++) {
-            if (*bufs[i]) cudaFree(*bufs[i]);
-            *bufs[i] = NULL;
-        }
-        t->bytes -= (3 * t->cap_pairs + t->cap_q * t->D + t->cap_pairs * t->D) * sizeof(float);
-        t->cap_pairs = t->cap_q = 0;
-        KST_TRY(talloc(t, (void **)&t->s, pairs * sizeof(float), "scores", err));
-        KST_TRY(talloc(t, (void **)&t->t, pairs * sizeof(float), "scores", err));
-        KST_TRY(talloc(t, (void **)&t->ds, pairs * sizeof(float), "scores", err));
-        KST_TRY(talloc(t, (void **)&t->dq, B * t->D * sizeof(float), "vector gradients", err));
-        KST_TRY(talloc(t, (void **)&t->dp, pairs * t->D * sizeof(float), "vector gradients", err));
-        t->cap_pairs = pairs, t->cap_q = B;
+    size_t pairs = B * W, tq = t->colbert ? Tq : 1, tp = t->colbert ? Tp : 1;
+    KST_TRY(grow(t, (void **)&t->s, &t->cap_s, pairs, sizeof(float), "scores", err));
+    KST_TRY(grow(t, (void **)&t->ds, &t->cap_ds, pairs, sizeof(float), "scores", err));
+    KST_TRY(grow(t, (void **)&t->t, &t->cap_t, B * n, sizeof(float), "scores", err));
+    KST_TRY(grow(t, (void **)&t->dq, &t->cap_dq, B * tq * t->D, sizeof(float), "vector gradients", err));
+    KST_TRY(grow(t, (void **)&t->dp, &t->cap_dp, B * n * tp * t->D, sizeof(float), "vector gradients", err));
+    if (t->colbert) {
+        KST_TRY(grow(t, (void **)&t->argmax, &t->cap_arg, pairs * Tq, sizeof(int), "MaxSim", err));
+        KST_TRY(grow(t, (void **)&t->qlen, &t->cap_qlen, B, sizeof(int), "MaxSim", err));
+        KST_TRY(grow(t, (void **)&t->keep, &t->cap_keep, B * n * Tp, 1, "MaxSim", err));
     }
 done:
     return rc;
@@ -244,11 +263,24 @@ static void stage_side(unsigned char *base, size_t *at, const kst_gpu_batch *in,
     memcpy(valid, in->valid, in->rows * sizeof *valid);
     *at += (in->rows * sizeof *valid + 15) & ~(size_t)15;
     out->valid = valid;
+    if (in->len) {
+        int *len = (int *)(base + *at);
+        memcpy(len, in->len, in->rows * sizeof *len);
+        *at += (in->rows * sizeof *len + 15) & ~(size_t)15;
+        out->len = len;
+    }
+    if (in->keep) {
+        unsigned char *keep = base + *at;
+        memcpy(keep, in->keep, tok);
+        *at += (tok + 15) & ~(size_t)15;
+        out->keep = keep;
+    }
 }
 
 static size_t side_bytes(const kst_gpu_batch *b) {
-    size_t tok = b->rows * b->T;
-    return ((tok * 4 + 15) & ~(size_t)15) * (b->types ? 2 : 1) + ((b->rows * sizeof(int) + 15) & ~(size_t)15);
+    size_t tok = b->rows * b->T, rows16 = (b->rows * sizeof(int) + 15) & ~(size_t)15;
+    return ((tok * 4 + 15) & ~(size_t)15) * (b->types ? 2 : 1) + rows16 * (b->len ? 2 : 1) +
+           (b->keep ? (tok + 15) & ~(size_t)15 : 0);
 }
 
 extern "C" int kst_gpu_trainer_forward_backward(kst_gpu_trainer *t, const kst_gpu_batch *q,
@@ -260,8 +292,12 @@ extern "C" int kst_gpu_trainer_forward_backward(kst_gpu_trainer *t, const kst_gp
     if (n < 2 || p->rows != B * n)
         return kst_fail(err, KST_ERR_SHAPE, "GPU training: %zu passages for %zu queries of %zu passages each (need n >= 2)",
                         p->rows, B, n);
-    KST_TRY(pairs_reserve(t, B, n, err));
-    t->B = B, t->n = n;
+    if (t->colbert && !p->keep)
+        return kst_fail(err, KST_ERR_MISUSE, "GPU training: a ColBERT step needs the passages' MaxSim mask (kst_gpu_batch.keep)");
+    int all = t->ib_weight > 0 && B > 1; /* in-batch negatives: every query against every passage */
+    size_t W = all ? B * n : n, Tq = q->T, Tp = p->T;
+    KST_TRY(pairs_reserve(t, B, n, W, Tq, Tp, err));
+    t->B = B, t->n = n, t->W = W, t->Tq = Tq;
     /* stage the host inputs (after the previous step's copies from the staging buffer ran) */
     kst_gpu_batch sq, sp;
     float *steacher;
@@ -281,25 +317,46 @@ extern "C" int kst_gpu_trainer_forward_backward(kst_gpu_trainer *t, const kst_gp
         memcpy(steacher, teacher, B * n * sizeof(float));
     }
     KST_TRY(kst_bert_gpu_train_zero_grads(t->g, err));
-    KST_TRY(kst_bert_gpu_train_forward(t->g, 0, sq.ids, sq.types, sq.valid, sq.rows, sq.T, dropout, seed_q, err));
-    KST_TRY(kst_bert_gpu_train_forward(t->g, 1, sp.ids, sp.types, sp.valid, sp.rows, sp.T, dropout, seed_p, err));
+    /* ColBERT: the query's [MASK] rows (up to len) get MaxSim gradients though not attended to */
+    KST_TRY(kst_bert_gpu_train_forward_rows(t->g, 0, sq.ids, sq.types, sq.valid, t->colbert ? sq.len : NULL, sq.rows, sq.T,
+                                            dropout, seed_q, err));
+    KST_TRY(kst_bert_gpu_train_forward_rows(t->g, 1, sp.ids, sp.types, sp.valid, t->colbert ? sp.len : NULL, sp.rows, sp.T,
+                                            dropout, seed_p, err));
     {
         const float *qv = kst_bert_gpu_train_vectors(t->g, 0), *pv = kst_bert_gpu_train_vectors(t->g, 1);
         CU_TRY(cudaMemcpyAsync(t->t, steacher, B * n * sizeof(float), cudaMemcpyHostToDevice, t->stream), "copying teacher scores");
+        if (t->colbert) {
+            CU_TRY(cudaMemcpyAsync(t->qlen, sq.len ? sq.len : sq.valid, B * sizeof(int), cudaMemcpyHostToDevice, t->stream),
+                   "copying query lengths");
+            CU_TRY(cudaMemcpyAsync(t->keep, sp.keep, B * n * Tp, cudaMemcpyHostToDevice, t->stream), "copying the MaxSim mask");
+        }
         CU_TRY(cudaEventRecord(t->staged, t->stream), "recording an event");
         t->staged_pending = 1;
-        pair_scores<<<nblocks(B * n, 8), 256, 0, t->stream>>>(t->s, qv, pv, (int)B, (int)n, (int)D);
-        CU_LAUNCHED("scores");
-        margin_mse<<<1, 256, 0, t->stream>>>(t->dloss, t->ds, t->s, t->t, (int)B, (int)n);
-        CU_LAUNCHED("Margin-MSE");
-        score_bwd<<<nblocks(B * D + B * n * D, 256), 256, 0, t->stream>>>(t->dq, t->dp, t->ds, qv, pv, (int)B, (int)n, (int)D);
-        CU_LAUNCHED("score backward");
+        if (t->colbert) {
+            KST_TRY(kst_gpu_maxsim_forward(t->s, t->argmax, qv, pv, t->qlen, t->keep, B, n, Tq, Tp, D, all, t->stream, err));
+            KST_TRY(kst_gpu_mmse_ib_loss(t->dloss, t->ds, t->s, t->t, B, n, all, t->ib_weight, t->stream, err));
+            KST_TRY(kst_gpu_maxsim_backward(t->dq, t->dp, t->ds, t->argmax, qv, pv, t->qlen, B, n, Tq, Tp, D, all, t->stream,
+                                            err));
+        } else if (all) {
+            KST_TRY(kst_gpu_dense_all_forward(t->s, qv, pv, B, n, D, t->stream, err));
+            KST_TRY(kst_gpu_mmse_ib_loss(t->dloss, t->ds, t->s, t->t, B, n, all, t->ib_weight, t->stream, err));
+            KST_TRY(kst_gpu_dense_all_backward(t->dq, t->dp, t->ds, qv, pv, B, n, D, t->stream, err));
+        } else {
+            pair_scores<<<nblocks(B * n, 8), 256, 0, t->stream>>>(t->s, qv, pv, (int)B, (int)n, (int)D);
+            CU_LAUNCHED("scores");
+            margin_mse<<<1, 256, 0, t->stream>>>(t->dloss, t->ds, t->s, t->t, (int)B, (int)n);
+            CU_LAUNCHED("Margin-MSE");
+            score_bwd<<<nblocks(B * D + B * n * D, 256), 256, 0, t->stream>>>(t->dq, t->dp, t->ds, qv, pv, (int)B, (int)n, (int)D);
+            CU_LAUNCHED("score backward");
+        }
     }
     KST_TRY(kst_bert_gpu_train_backward(t->g, 0, t->dq, err));
     KST_TRY(kst_bert_gpu_train_backward(t->g, 1, t->dp, err));
 done:
     return rc;
 }
+
+extern "C" void kst_gpu_trainer_set_in_batch(kst_gpu_trainer *t, float weight) { t->ib_weight = weight > 0 ? weight : 0.0f; }
 
 extern "C" int kst_gpu_trainer_update_enqueue(kst_gpu_trainer *t, int sgd, double lr, long step,
                                               const kst_adamw_config *ac, double grad_clip, kst_error *err) {
@@ -356,6 +413,18 @@ extern "C" int kst_gpu_trainer_grads(kst_gpu_trainer *t, float *grads, float *lo
     CU_TRY(cudaMemcpyAsync(t->hloss, t->dloss, sizeof(float), cudaMemcpyDeviceToHost, t->stream), "copying the loss");
     CU_TRY(cudaStreamSynchronize(t->stream), "copying the loss");
     if (loss) *loss = *t->hloss;
+done:
+    return rc;
+}
+
+extern "C" int kst_gpu_trainer_maxsim_choices(kst_gpu_trainer *t, int *argmax, size_t cap, size_t *W, kst_error *err) {
+    int rc = KST_OK;
+    size_t need = t->B * t->W * t->Tq;
+    if (!t->colbert || !t->B) return kst_fail(err, KST_ERR_MISUSE, "GPU training: no ColBERT step to read MaxSim's choices of");
+    if (cap < need) return kst_fail(err, KST_ERR_MISUSE, "GPU training: %zu MaxSim choices, room for %zu", need, cap);
+    CU_TRY(cudaMemcpyAsync(argmax, t->argmax, need * sizeof(int), cudaMemcpyDeviceToHost, t->stream), "copying MaxSim's choices");
+    CU_TRY(cudaStreamSynchronize(t->stream), "copying MaxSim's choices");
+    *W = t->W;
 done:
     return rc;
 }

@@ -19,6 +19,7 @@ int kst_gpu_trainer_forward_backward(kst_gpu_trainer *t, const kst_gpu_batch *q,
     (void)t, (void)q, (void)p, (void)teacher, (void)n, (void)dropout, (void)seed_q, (void)seed_p;
     return kst_gpu_check(err);
 }
+void kst_gpu_trainer_set_in_batch(kst_gpu_trainer *t, float weight) { (void)t, (void)weight; }
 int kst_gpu_trainer_update(kst_gpu_trainer *t, int sgd, double lr, long step,
                            const kst_adamw_config *ac, double grad_clip, float *loss,
                            float *gnorm, kst_error *err) {
@@ -36,6 +37,10 @@ int kst_gpu_trainer_wait(kst_gpu_trainer *t, float *loss, float *gnorm, kst_erro
 }
 int kst_gpu_trainer_grads(kst_gpu_trainer *t, float *grads, float *loss, kst_error *err) {
     (void)t, (void)grads, (void)loss;
+    return kst_gpu_check(err);
+}
+int kst_gpu_trainer_maxsim_choices(kst_gpu_trainer *t, int *argmax, size_t cap, size_t *W, kst_error *err) {
+    (void)t, (void)argmax, (void)cap, (void)W;
     return kst_gpu_check(err);
 }
 int kst_gpu_trainer_get_state(kst_gpu_trainer *t, float *params, float *m, float *v, kst_error *err) {

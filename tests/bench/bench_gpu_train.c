@@ -71,7 +71,7 @@ int main(int argc, char **argv) {
     size_t hs = m->cfg.C / m->cfg.NH;
     const char *fe = getenv("KESTREL_GPU_TRAIN_FLASH");
     const char *attention = (hs == 16 || hs == 32 || hs == 64) && !(fe && !strcmp(fe, "0")) ? "flash" : "materialised";
-    kst_gpu_batch q = {qids, NULL, qv, B, Tq}, p = {pids, NULL, pv, B * n, Tp};
+    kst_gpu_batch q = {qids, NULL, qv, B, Tq, NULL, NULL}, p = {pids, NULL, pv, B * n, Tp, NULL, NULL};
     kst_adamw_config ac = kst_adamw_defaults();
     ac.weight_decay = 0.01;
     double *ts = malloc((size_t)reps * sizeof *ts), *tq = malloc((size_t)reps * sizeof *tq);

@@ -74,3 +74,14 @@ for k in (r for r in rows if r["bench"] == "train"):
     print(f"Tp {k.get('Tp', 128)} {k.get('attention', ''):<12} dropout {k['dropout']:<4}: kestrel {k['triples_per_s']:>8.0f} ({k['step_ms']:.2f} ms/step), "
           f"torch AdamW foreach {rate(fe):>7.0f}, fused {rate(fu):>7.0f}; ratio {k['triples_per_s'] / rate(fe):.2f} / "
           f"{k['triples_per_s'] / rate(fu):.2f}; peak MiB kestrel/foreach/fused {mib(k)}/{mib(fe)}/{mib(fu)}")
+cb = [r for r in rows if r["bench"] == "train_colbert"]
+if cb:
+    print("\nColBERT Margin-MSE training step, MiniLM-L6 shape + linear to dim, 64 triples, query 32 / passage Tp tokens, "
+          "AdamW (triples/s; ratio = kestrel / PyTorch autocast bf16 with SDPA and colbert-ai's MaxSim, fused AdamW)")
+    for k in cb:
+        a = next((r for r in rows if r["bench"] == "train_colbert_torch" and r["dropout"] == k["dropout"]
+                  and r["Tp"] == k["Tp"] and r["in_batch_weight"] == k["in_batch_weight"]), None)
+        rate = a["triples_per_s"] if a else float("nan")
+        print(f"Tp {k['Tp']} dim {k['dim']} dropout {k['dropout']:<4} in-batch {k['in_batch_weight']:<4}: kestrel "
+              f"{k['triples_per_s']:>8.0f} ({k['step_ms']:.2f} ms/step), torch {rate:>7.0f}; ratio {k['triples_per_s'] / rate:.2f}; "
+              f"peak MiB kestrel/torch {k['gpu_peak_bytes'] / 2**20:.0f}/{a['gpu_peak_bytes'] / 2**20 if a else float('nan'):.0f}")
