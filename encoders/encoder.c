@@ -779,7 +779,6 @@ typedef struct colbert_ctx {
     int is_query;
     float **rows;    /* (n) per-text vectors */
     size_t *counts;  /* (n) */
-    float *proj;     /* (T, dim) scratch */
 } colbert_ctx;
 
 static int colbert_head(kst_encoder *e, void *vctx, size_t index, const int32_t *ids,
@@ -789,11 +788,14 @@ static int colbert_head(kst_encoder *e, void *vctx, size_t index, const int32_t 
     kst_special_ids sp = kst_tokenizer_special(e->tok);
     float *v = kst_malloc(len ? len : 1, D * sizeof(float), "token vectors", err);
     if (!v) return KST_ERR_NOMEM;
+    /* One product over the sequence's rows, then the kept rows moved up in place (row t goes to
+     * kept <= t) and normalised. */
+    kst_matmul_forward(v, hidden, e->bert.params.projw, NULL, len, C, D);
     size_t kept = 0;
     for (size_t t = 0; t < len; t++) {
         int32_t id = ids[t];
         if (!ctx->is_query && (id == sp.pad || e->skip[id])) continue;
-        kst_matmul_forward(v + kept * D, hidden + t * C, e->bert.params.projw, NULL, 1, C, D);
+        if (kept != t) memcpy(v + kept * D, v + t * D, D * sizeof(float));
         kst_l2norm_forward(v + kept * D, NULL, v + kept * D, 1, D);
         kept++;
     }
@@ -809,7 +811,7 @@ static int colbert_encode(kst_encoder *e, const char *const *texts, const size_t
     if (e->role != KST_ROLE_COLBERT)
         return kst_fail(err, KST_ERR_MISUSE, "%s: token vectors need a ColBERT model (this one is %s)",
                         e->dir, kst_role_name(e->role));
-    colbert_ctx ctx = {is_query, rows, counts, NULL};
+    colbert_ctx ctx = {is_query, rows, counts};
     return run_batches(e, texts, lens, NULL, NULL, n, is_query, max_len, batch, colbert_head, &ctx, err);
 }
 
