@@ -57,6 +57,7 @@ struct kst_kvc {
     size_t il;            /* query heads per task, searched interleaved (kst_kvc_set_interleave) */
     size_t rerank;        /* codes: beam entries re-scored exactly (0: all ef; kst_kvc_set_rerank) */
     int pf_push;          /* kst_kvc_set_prefetch */
+    int no_vnni;          /* kst_kvc_set_vnni(c, 0) */
 };
 
 static double mono_s(void) {
@@ -69,6 +70,7 @@ void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p) { c->prof = p; }
 void kst_kvc_set_interleave(kst_kvc *c, size_t n) { c->il = n; }
 void kst_kvc_set_rerank(kst_kvc *c, size_t r) { c->rerank = r; }
 void kst_kvc_set_prefetch(kst_kvc *c, int on_push) { c->pf_push = on_push; }
+void kst_kvc_set_vnni(kst_kvc *c, int on) { c->no_vnni = !on; }
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
@@ -440,6 +442,7 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
     if (c->group <= 0 && c->il > 0) { /* gq independent searches, interleaved */
         kst_kvg_scratch *ss[KV_IL_MAX] = {&t->s};
         t->s.pf_push = c->pf_push;
+        t->s.no_vnni = c->no_vnni;
         for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];
         rc = kst_kvg_search_multi(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->rerank,
                                   c->use_codes, ss, t->ids, NULL, fnd);

@@ -116,6 +116,10 @@ void kst_kvc_set_rerank(kst_kvc *c, size_t r);
  * beam; 0: as soon as it is scored. */
 void kst_kvc_set_prefetch(kst_kvc *c, int on_push);
 
+/* Benchmarks and tests: 0 makes the searches score codes in float32 even where the CPU has
+ * AVX-512 VNNI (int8 coefficients, the default there); 1 restores it. */
+void kst_kvc_set_vnni(kst_kvc *c, int on);
+
 /* Benchmarks: changes group_search and the use of codes (when the index was built with them)
  * of a live cache. */
 void kst_kvc_set_search(kst_kvc *c, int group_search, int codes);

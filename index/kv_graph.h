@@ -71,6 +71,7 @@ typedef struct kst_kvg_scratch {
     double t_rerank;
     size_t hops;
     uint8_t *fl; size_t flcap;                       /* kst_kvg_search_multi: pool flags */
+    int no_vnni;   /* kst_kvg_search_multi: score codes in float even where AVX-512 VNNI is */
     int pf_push;   /* kst_kvg_search_multi: a node's edges are read once it joins the beam (1),
                       or as soon as it is scored (0) */
 } kst_kvg_scratch;

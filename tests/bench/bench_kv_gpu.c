@@ -460,6 +460,8 @@ static int layer(const char *list) {
             kst_kvc_set_rerank(c, strstr(mode, "/rr") ? (size_t)atol(strstr(mode, "/rr") + 3) : 0);
             /* "/pf0": edges read as soon as a node is scored (default: once it joins the beam) */
             kst_kvc_set_prefetch(c, strstr(mode, "/pf0") == NULL);
+            /* "/f32": codes scored in float32 (default: int8 x 4-bit by AVX-512 VNNI where there) */
+            kst_kvc_set_vnni(c, strstr(mode, "/f32") == NULL);
             kst_kvc_set_tail_samples(c, runs[ri].tail);
             double rec = 0, scan = 0, shead = 0, err = 0;
             int64_t pos[G * TOPK];
