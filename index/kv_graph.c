@@ -941,7 +941,7 @@ static float code_dot(const float *co, const uint8_t *c, size_t d) {
  * multiplies 64 codes by their coefficients and adds them in fours: <qi, codes> in int32.
  * The rounding (a step of max|coefficient| / 127) is ~10x below the codes' own. */
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static int32_t
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static inline int32_t
 code_dot_vnni(const int8_t *qlo, const int8_t *qhi, const uint8_t *c, size_t d) {
     size_t nb = d / 2, i = 0;
     int32_t s = 0;
@@ -1244,12 +1244,16 @@ static inline int pool_insert(gpair *pool, uint8_t *fl, size_t *n, size_t L, siz
                               uint32_t x) {
     size_t m = *n;
     if (m == L && !(v > pool[L - 1].s)) return 0;
-    size_t lo = 0, hi = m; /* first entry with a smaller score */
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (pool[mid].s >= v) lo = mid + 1;
-        else hi = mid;
+    /* the first entry with a smaller score, by a binary search without branches (a select per
+     * halving: the comparisons are unpredictable, and mispredicted branches were a third of
+     * the search's time): the answer stays in [lo, lo + w] */
+    size_t lo = 0, w = m;
+    while (w > 1) {
+        size_t h = w / 2;
+        lo = pool[lo + h - 1].s >= v ? lo + h : lo;
+        w -= h;
     }
+    lo += w == 1 && pool[lo].s >= v;
     size_t keep = m < L ? m : L - 1;
     if (keep > lo) {
         memmove(pool + lo + 1, pool + lo, (keep - lo) * sizeof *pool);
@@ -1263,16 +1267,12 @@ static inline int pool_insert(gpair *pool, uint8_t *fl, size_t *n, size_t L, siz
     return 1;
 }
 
-int kst_kvg_search_multi(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q,
-                         size_t nq, size_t k, size_t ef, size_t rerank, int use_codes,
-                         kst_kvg_scratch **s, uint32_t *ids, float *scores, size_t *found) {
-    if (nq == 0 || nq > KVG_MULTI_MAX) return KST_ERR_INVALID;
-    s[0]->scanned = s[0]->hops = 0;
-    for (size_t q = 0; q < nq; q++) found[q] = 0;
-    if (g->n == 0 || k == 0) return KST_OK;
-    if (ef < k) ef = k;
-    int codes = use_codes && g->codes && g->cd == d && cpu_avx2_fma();
-    int vnni = codes && !s[0]->no_vnni && cpu_vnni();
+/* The search itself; instantiated twice below: compiled for AVX-512 VNNI (vnni 1, the code
+ * scores inlined) and generically (vnni 0). */
+static inline __attribute__((always_inline)) int
+multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, size_t nq, size_t k,
+           size_t ef, size_t rerank, int codes, int vnni, kst_kvg_scratch **s, uint32_t *ids,
+           float *scores, size_t *found) {
     for (size_t q = 0; q < nq; q++) {
         int rc = scratch_reserve(s[q], g->cap, ef, g->M, NULL);
         if (rc == KST_OK) rc = group_reserve(s[q], 1, ef, d);
@@ -1434,4 +1434,28 @@ int kst_kvg_search_multi(const kst_kvg *g, const void *K, int f16, size_t d, con
     s[0]->scanned = scanned;
     s[0]->hops = hops;
     return KST_OK;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) static int
+multi_vnni(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, size_t nq, size_t k,
+           size_t ef, size_t rerank, kst_kvg_scratch **s, uint32_t *ids, float *scores, size_t *found) {
+    return multi_impl(g, K, f16, d, Q, nq, k, ef, rerank, 1, 1, s, ids, scores, found);
+}
+#endif
+
+int kst_kvg_search_multi(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q,
+                         size_t nq, size_t k, size_t ef, size_t rerank, int use_codes,
+                         kst_kvg_scratch **s, uint32_t *ids, float *scores, size_t *found) {
+    if (nq == 0 || nq > KVG_MULTI_MAX) return KST_ERR_INVALID;
+    s[0]->scanned = s[0]->hops = 0;
+    for (size_t q = 0; q < nq; q++) found[q] = 0;
+    if (g->n == 0 || k == 0) return KST_OK;
+    if (ef < k) ef = k;
+    int codes = use_codes && g->codes && g->cd == d && cpu_avx2_fma();
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (codes && !s[0]->no_vnni && cpu_vnni())
+        return multi_vnni(g, K, f16, d, Q, nq, k, ef, rerank, s, ids, scores, found);
+#endif
+    return multi_impl(g, K, f16, d, Q, nq, k, ef, rerank, codes, 0, s, ids, scores, found);
 }
