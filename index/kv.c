@@ -416,13 +416,40 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, c
                            float *lse) {
     const kst_kvc_opts *op = &c->o;
     if (ns > nidx) ns = nidx;
-    memcpy(t->sret, rid, m * sizeof(uint32_t));
-    qsort(t->sret, m, sizeof(uint32_t), cmp_u32);
+    /* The retrieved ids get this thread's visited marks under a fresh epoch (the searches'
+     * marks cover every indexed node; a search ran on this thread when m > 0): one byte test
+     * per sample instead of sorting the retrieved ids. */
+    kst_kvg_scratch *S = &t->s;
+    uint8_t ep = 0;
+    if (m > 0 && S->mark_cap >= nidx) {
+        if (++S->epoch == 0) {
+            memset(S->mark, 0, S->mark_cap);
+            S->epoch = 1;
+        }
+        ep = S->epoch;
+        for (size_t i = 0; i < m; i++) S->mark[rid[i]] = ep;
+    } else if (m > 0) { /* not reached through kst_kvc_attend; sorted ids then */
+        memcpy(t->sret, rid, m * sizeof(uint32_t));
+        qsort(t->sret, m, sizeof(uint32_t), cmp_u32);
+    }
+    /* positions floor((2j + 1) nidx / (2 ns)), stepped without a division per sample */
+    uint64_t D2 = 2 * (uint64_t)ns, step = 2 * (uint64_t)nidx, sq = step / D2, sr = step % D2;
+    uint64_t xq = (uint64_t)nidx / D2, xr = (uint64_t)nidx % D2;
     size_t kept = 0, r = 0;
     for (size_t j = 0; j < ns; j++) {
-        uint32_t x = (uint32_t)(((2 * (uint64_t)j + 1) * nidx) / (2 * (uint64_t)ns));
-        while (r < m && t->sret[r] < x) r++;
-        if (r < m && t->sret[r] == x) continue; /* retrieved: already attended exactly */
+        uint32_t x = (uint32_t)xq;
+        xq += sq;
+        xr += sr;
+        if (xr >= D2) {
+            xr -= D2;
+            xq++;
+        }
+        if (ep) {
+            if (S->mark[x] == ep) continue; /* retrieved: already attended exactly */
+        } else if (m > 0) {
+            while (r < m && t->sret[r] < x) r++;
+            if (r < m && t->sret[r] == x) continue;
+        }
         t->trows[kept++] = (int64_t)(op->sinks + x);
     }
     kst_attn_partial(o, lse, t->buf, q, H->K, H->V, op->f16, t->trows, 0, kept, op->head_dim,
