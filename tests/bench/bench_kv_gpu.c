@@ -8,7 +8,12 @@
  *   bench_kv_gpu latency N[,N...]     synthetic keys (one KV head of 4 query heads, d 128,
  *                                     float16): build, recall, error, latency GPU+CPU vs CPU.
  *   bench_kv_gpu layer N[,N...]       the same for a whole layer (8 KV heads x 32 query heads):
- *                                     KV_EFS (default 128,256), KV_TAIL (tail samples, a 2nd pass). */
+ *                                     KV_EFS (default 128,256), KV_TAIL (tail samples, a 2nd pass),
+ *                                     KV_RUNS rows "mode:ef:top_k:tail;..." (mode: head|group[N],
+ *                                     +codes, /il0 the round-2 heap search, /ilN N searches
+ *                                     interleaved, /rrR re-score R, /f32 no VNNI, /pf0, /same the
+ *                                     same query every step), KV_PROF=1 a per-phase breakdown,
+ *                                     KV_SMAPS=1 huge pages per mapping. */
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
