@@ -41,6 +41,18 @@ void *kst_malloc(size_t count, size_t size, const char *what, kst_error *err) {
     return p;
 }
 
+void *kst_malloc_aligned(size_t count, size_t size, size_t align, const char *what, kst_error *err) {
+    size_t n;
+    if (!size_product(count, size, &n)) {
+        kst_fail(err, KST_ERR_NOMEM, "%s: size %zu x %zu overflows", what, count, size);
+        return NULL;
+    }
+    void *p = NULL;
+    if (!injected_failure() && posix_memalign(&p, align, n ? n : 1) != 0) p = NULL;
+    if (!p) kst_fail(err, KST_ERR_NOMEM, "%s: cannot allocate %zu bytes (aligned to %zu)", what, n, align);
+    return p;
+}
+
 void *kst_calloc(size_t count, size_t size, const char *what, kst_error *err) {
     void *p = kst_malloc(count, size, what, err);
     if (p) memset(p, 0, count * size);

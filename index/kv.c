@@ -5,6 +5,7 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/check.h"
 #include "core/kv_attn.h"
@@ -29,11 +30,17 @@ typedef struct kv_layer {
 } kv_layer;
 
 /* One thread's scratch for the decode step. */
+#define KV_IL_MAX 8 /* query heads searched interleaved by one task at most */
+
 typedef struct kv_thread {
     kst_kvg_scratch s;
+    kst_kvg_scratch sx[KV_IL_MAX - 1]; /* the other interleaved searches' */
     float *buf; size_t buf_cap; /* scores of a partial */
     uint32_t *ids; int64_t *rows; float *o2; size_t ids_cap;
     uint32_t *sret; int64_t *trows; size_t trows_cap; /* tail estimate: sorted retrieved, samples */
+    double p_first, p_last, p_busy, p_search, p_attn, p_tail; /* profile (kst_kvc_set_prof) */
+    size_t p_hops;
+    char pad[64];       /* threads' hot fields on separate cache lines */
 } kv_thread;
 
 struct kst_kvc {
@@ -46,7 +53,24 @@ struct kst_kvc {
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
+    kst_kvc_prof *prof;   /* kst_kvc_set_prof */
+    size_t il;            /* query heads per task, searched interleaved (kst_kvc_set_interleave) */
+    size_t rerank;        /* codes: beam entries re-scored exactly (0: all ef; kst_kvc_set_rerank) */
+    int pf_push;          /* kst_kvc_set_prefetch */
+    int no_vnni;          /* kst_kvc_set_vnni(c, 0) */
 };
+
+static double mono_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p) { c->prof = p; }
+void kst_kvc_set_interleave(kst_kvc *c, size_t n) { c->il = n; }
+void kst_kvc_set_rerank(kst_kvc *c, size_t r) { c->rerank = r; }
+void kst_kvc_set_prefetch(kst_kvc *c, int on_push) { c->pf_push = on_push; }
+void kst_kvc_set_vnni(kst_kvc *c, int on) { c->no_vnni = !on; }
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
@@ -59,9 +83,9 @@ void kst_kvc_set_search(kst_kvc *c, int group_search, int codes) {
 /* Query heads per search: 1, or with group_search the whole group (1) or that many of it (n > 1,
  * at most G, rounded down to a divisor of G). */
 static size_t heads_per_search(const kst_kvc *c) {
-    size_t G = c->o.q_heads / c->o.kv_heads, n = c->group <= 0 ? 1 : c->group == 1 ? G : (size_t)c->group;
+    size_t G = c->o.q_heads / c->o.kv_heads, n = c->group <= 0 ? (c->il ? c->il : 1) : c->group == 1 ? G : (size_t)c->group;
     if (n > G) n = G;
-    if (n > 64) n = 64;
+    if (n > (c->group <= 0 ? KV_IL_MAX : 64)) n = c->group <= 0 ? KV_IL_MAX : 64;
     while (G % n) n--;
     return n;
 }
@@ -100,6 +124,8 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->o = o;
     c->group = o.group_search;
     c->use_codes = o.codes;
+    c->il = 1;
+    c->pf_push = 1;
     c->esize = o.f16 ? 2 : 4;
     c->nth = omp_get_max_threads();
     c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);
@@ -149,6 +175,7 @@ void kst_kvc_free(kst_kvc *c) {
     if (c->th) {
         for (int t = 0; t < c->nth; t++) {
             kst_kvg_scratch_free(&c->th[t].s);
+            for (int i = 0; i < KV_IL_MAX - 1; i++) kst_kvg_scratch_free(&c->th[t].sx[i]);
             kst_free(c->th[t].buf);
             kst_free(c->th[t].ids);
             kst_free(c->th[t].rows);
@@ -253,10 +280,8 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
         size_t cap = L->cap ? L->cap : 256;
         while (cap < L->n + n) cap *= 2;
         for (size_t h = 0; h < o->kv_heads; h++) {
-            KST_TRY(kst_realloc(&L->heads[h].K, cap, rowb, "cached keys", err));
-            KST_TRY(kst_realloc(&L->heads[h].V, cap, rowb, "cached values", err));
-            kst_kvg_advise_huge(L->heads[h].K, cap * rowb);
-            kst_kvg_advise_huge(L->heads[h].V, cap * rowb);
+            KST_TRY(kst_kvg_grow_big(&L->heads[h].K, L->n * rowb, cap * rowb, "cached keys", err));
+            KST_TRY(kst_kvg_grow_big(&L->heads[h].V, L->n * rowb, cap * rowb, "cached values", err));
         }
         L->cap = cap;
     }
@@ -391,13 +416,40 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, c
                            float *lse) {
     const kst_kvc_opts *op = &c->o;
     if (ns > nidx) ns = nidx;
-    memcpy(t->sret, rid, m * sizeof(uint32_t));
-    qsort(t->sret, m, sizeof(uint32_t), cmp_u32);
+    /* The retrieved ids get this thread's visited marks under a fresh epoch (the searches'
+     * marks cover every indexed node; a search ran on this thread when m > 0): one byte test
+     * per sample instead of sorting the retrieved ids. */
+    kst_kvg_scratch *S = &t->s;
+    uint8_t ep = 0;
+    if (m > 0 && S->mark_cap >= nidx) {
+        if (++S->epoch == 0) {
+            memset(S->mark, 0, S->mark_cap);
+            S->epoch = 1;
+        }
+        ep = S->epoch;
+        for (size_t i = 0; i < m; i++) S->mark[rid[i]] = ep;
+    } else if (m > 0) { /* not reached through kst_kvc_attend; sorted ids then */
+        memcpy(t->sret, rid, m * sizeof(uint32_t));
+        qsort(t->sret, m, sizeof(uint32_t), cmp_u32);
+    }
+    /* positions floor((2j + 1) nidx / (2 ns)), stepped without a division per sample */
+    uint64_t D2 = 2 * (uint64_t)ns, step = 2 * (uint64_t)nidx, sq = step / D2, sr = step % D2;
+    uint64_t xq = (uint64_t)nidx / D2, xr = (uint64_t)nidx % D2;
     size_t kept = 0, r = 0;
     for (size_t j = 0; j < ns; j++) {
-        uint32_t x = (uint32_t)(((2 * (uint64_t)j + 1) * nidx) / (2 * (uint64_t)ns));
-        while (r < m && t->sret[r] < x) r++;
-        if (r < m && t->sret[r] == x) continue; /* retrieved: already attended exactly */
+        uint32_t x = (uint32_t)xq;
+        xq += sq;
+        xr += sr;
+        if (xr >= D2) {
+            xr -= D2;
+            xq++;
+        }
+        if (ep) {
+            if (S->mark[x] == ep) continue; /* retrieved: already attended exactly */
+        } else if (m > 0) {
+            while (r < m && t->sret[r] < x) r++;
+            if (r < m && t->sret[r] == x) continue;
+        }
         t->trows[kept++] = (int64_t)(op->sinks + x);
     }
     kst_attn_partial(o, lse, t->buf, q, H->K, H->V, op->f16, t->trows, 0, kept, op->head_dim,
@@ -413,7 +465,15 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
     const kst_kvc_opts *o = &c->o;
     const void *K = rows_at(c, H->K, o->sinks);
     int rc = KST_OK;
-    if (gq == 1 && !c->use_codes) {
+    t->s.hops = 0;
+    if (c->group <= 0 && c->il > 0) { /* gq independent searches, interleaved */
+        kst_kvg_scratch *ss[KV_IL_MAX] = {&t->s};
+        t->s.pf_push = c->pf_push;
+        t->s.no_vnni = c->no_vnni;
+        for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];
+        rc = kst_kvg_search_multi(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->rerank,
+                                  c->use_codes, ss, t->ids, NULL, fnd);
+    } else if (gq == 1 && !c->use_codes) {
         fnd[0] = kst_kvg_search(&H->g, K, o->f16, o->head_dim, Q, k, ef, &t->s, t->ids, NULL, &rc);
     } else {
         t->s.expand = c->expand;
@@ -500,6 +560,16 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     size_t gq = heads_per_search(c), ntask = o->q_heads / gq;
     size_t scanned = 0, retrieved = 0, sampled = 0;
     int on_gpu = 0;
+    kst_kvc_prof *pf = c->prof;
+    double pt0 = pf ? mono_s() : 0, pt1 = pt0;
+    if (pf)
+        for (int i = 0; i < c->nth; i++) {
+            kv_thread *t = &c->th[i];
+            t->p_first = t->p_last = t->p_busy = t->p_search = t->p_attn = t->p_tail = 0;
+            t->p_hops = 0;
+            t->s.prof = 1;
+            t->s.t_rerank = 0;
+        }
 #ifdef KST_CUDA
     /* GPU: the static tokens (sinks + the window ring) are attended there while the CPU
      * searches; the CPU then merges in the retrieved tokens' partials. */
@@ -509,9 +579,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         on_gpu = 1;
     }
 #endif
+    if (pf) pt1 = mono_s();
 #pragma omp parallel for schedule(dynamic) reduction(+ : scanned, retrieved, sampled) if (ntask > 1)
     for (size_t tk = 0; tk < ntask; tk++) {
         kv_thread *t = &c->th[omp_get_thread_num()];
+        double ta = pf ? mono_s() : 0, tb = ta;
+        if (pf && t->p_first == 0) t->p_first = ta;
         size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
         if (need < k) need = k;
         size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx;
@@ -529,6 +602,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             r = retrieve(c, H, t, q + h0 * d, gq, k, ef, fnd, &sc);
             if (r != KST_OK) kst_fail(&e2, r, "kst_kv_attend: out of memory in the index search");
             scanned += sc;
+            if (pf) {
+                tb = mono_s();
+                t->p_search += tb - ta;
+                t->p_hops += t->s.hops;
+            }
         }
         for (size_t a = 0; a < gq && r == KST_OK; a++) {
             size_t h = h0 + a;
@@ -553,12 +631,22 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
                 retrieved += m;
             }
+            double tc = pf ? mono_s() : 0;
+            if (pf) t->p_attn += tc - tb;
             /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
             if (ns && m < nidx) {
                 sampled += tail_partial(t, c, H, qh, rid, nidx, m, ns, t->o2, &lse2);
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
             c->lse_buf[h] = lse;
+            if (pf) {
+                tb = mono_s();
+                t->p_tail += tb - tc;
+            }
+        }
+        if (pf) {
+            t->p_last = mono_s();
+            t->p_busy += t->p_last - ta;
         }
         if (r != KST_OK) {
 #pragma omp critical(kv_err)
@@ -570,11 +658,13 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             }
         }
     }
+    double pt2 = pf ? mono_s() : 0, pt3 = pt2;
 #ifdef KST_CUDA
     if (on_gpu) {
         /* out holds the CPU partials (retrieved tokens), lse_buf their lse: merge the GPU's. */
         float *go = kst_malloc(o->q_heads * (d + 1), sizeof(float), "gpu partials", err);
         int r2 = go ? kst_kvgpu_partial_wait(L->gpu, go, go + o->q_heads * d, err) : KST_ERR_NOMEM;
+        if (pf) pt3 = mono_s();
         if (r2 == KST_OK && rc == KST_OK)
             for (size_t h = 0; h < o->q_heads; h++) {
                 float l1 = c->lse_buf[h];
@@ -585,6 +675,35 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (rc == KST_OK) rc = r2;
     }
 #endif
+    if (pf) {
+        double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0;
+        int used = 0;
+        for (int i = 0; i < c->nth; i++) {
+            kv_thread *t = &c->th[i];
+            t->s.prof = 0;
+            if (t->p_first == 0) continue;
+            used++;
+            if (t->p_busy > bmax) bmax = t->p_busy;
+            bsum += t->p_busy;
+            esum += t->p_first - pt1;
+            pf->search += t->p_search - t->s.t_rerank;
+            pf->rerank += t->s.t_rerank;
+            pf->attn += t->p_attn;
+            pf->tail += t->p_tail;
+            pf->hops += t->p_hops;
+        }
+        pf->steps++;
+        pf->tasks += c->group > 0 ? ntask : o->q_heads; /* searches (beams) */
+        pf->scanned += scanned;
+        pf->total += pt4 - pt0;
+        pf->gpu_start += pt1 - pt0;
+        pf->region += pt2 - pt1;
+        pf->enter += used ? esum / used : 0;
+        pf->busy_max += bmax;
+        pf->busy_mean += used ? bsum / used : 0;
+        pf->gpu_wait += pt3 - pt2;
+        pf->merge += pt4 - pt3;
+    }
     if (rc != KST_OK) return rc;
     if (stats) {
         stats->tokens = L->n;
@@ -593,7 +712,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         stats->retrieved = retrieved;
         stats->scanned = scanned;
         stats->sampled = sampled;
-        stats->searches = k > 0 && nidx > 0 ? ntask : 0;
+        stats->searches = k > 0 && nidx > 0 ? (c->group > 0 ? ntask : o->q_heads) : 0;
     }
     return KST_OK;
 }

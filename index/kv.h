@@ -103,6 +103,23 @@ int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size
 int kst_kvc_search_group(kst_kvc *c, size_t layer, size_t kv_head, const float *Q, size_t k,
                          size_t ef, int64_t *pos, size_t *found, size_t *scanned, kst_error *err);
 
+/* Benchmarks: query heads per task when each searches alone (group_search 0): n searches of a
+ * KV head run interleaved on one thread (kst_kvg_search_multi; 1, the default: one at a time;
+ * rounded down to a divisor of the group, at most 8); 0: one at a time by the earlier heap-based
+ * search (kst_kvg_search_group with G = 1, or kst_kvg_search without codes). */
+void kst_kvc_set_interleave(kst_kvc *c, size_t n);
+/* Benchmarks: with codes, the beam's r best by code score are re-scored exactly (0, the
+ * default: all ef of them). */
+void kst_kvc_set_rerank(kst_kvc *c, size_t r);
+
+/* Benchmarks: 1 (the default): the interleaved searches read a node's edges once it joins a
+ * beam; 0: as soon as it is scored. */
+void kst_kvc_set_prefetch(kst_kvc *c, int on_push);
+
+/* Benchmarks and tests: 0 makes the searches score codes in float32 even where the CPU has
+ * AVX-512 VNNI (int8 coefficients, the default there); 1 restores it. */
+void kst_kvc_set_vnni(kst_kvc *c, int on);
+
 /* Benchmarks: changes group_search and the use of codes (when the index was built with them)
  * of a live cache. */
 void kst_kvc_set_search(kst_kvc *c, int group_search, int codes);
@@ -126,6 +143,22 @@ int kst_kvc_build_copied(kst_kvc *c, size_t layer, const float *queries, size_t 
 void kst_kvc_use_gpu(kst_kvc *c, int on);
 /* Benchmarks: changes opts.tail_samples of a live cache. */
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m);
+
+/* Benchmarks: where kst_kvc_attend's time goes. While a profile is set (NULL: off), every call
+ * adds its figures: seconds summed over calls; the per-task phases summed over tasks too. */
+typedef struct kst_kvc_prof {
+    size_t steps, tasks, hops, scanned; /* tasks: searches (beams) run */
+    double total;               /* the whole call */
+    double gpu_start;           /* query upload and kernel launch (before the CPU part) */
+    double region;              /* the parallel CPU part, fork to join */
+    double enter;               /* mean over threads of (first task start - fork) */
+    double busy_max, busy_mean; /* max / mean over threads of the time spent in tasks */
+    double search, rerank, attn, tail; /* per task: graph search (key or code scoring), exact
+                                          re-scoring of the beam, the retrieved keys' partial
+                                          attention (gathers, softmax), the tail sample's */
+    double gpu_wait, merge;     /* waiting for the GPU's partials after the CPU part; merging */
+} kst_kvc_prof;
+void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 
 /* GPU memory held by the cache (static tokens; 0 without the GPU). */
 size_t kst_kvc_gpu_bytes(const kst_kvc *c);

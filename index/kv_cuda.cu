@@ -44,6 +44,11 @@ struct kst_kvgpu {
     float *hq, *ho;     // pinned host: q (qh, d); o (qh, d) then lse (qh)
     cudaStream_t st;
     cudaEvent_t done;
+    // the step's upload, kernel and download as one CUDA graph (one launch instead of three
+    // calls: ~10-20 us less of the host's serial time a step), for n static tokens
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    size_t graph_n;
 };
 
 static __device__ __forceinline__ float ld(const float *p) { return *p; }
@@ -152,6 +157,8 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     cudaFree(g->o);
     cudaFreeHost(g->hq);
     cudaFreeHost(g->ho);
+    if (g->exec) cudaGraphExecDestroy(g->exec);
+    if (g->graph) cudaGraphDestroy(g->graph);
     if (g->done) cudaEventDestroy(g->done);
     if (g->st) cudaStreamDestroy(g->st);
     free(g);
@@ -176,10 +183,51 @@ done:
     return rc;
 }
 
+static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err);
+
 extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t n, kst_error *err) {
     int rc = KST_OK;
     if (n > g->cap) return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu static tokens > %zu slots", n, g->cap);
     memcpy(g->hq, q, g->qh * g->d * sizeof(float));
+    if (g->exec && g->graph_n == n) {
+        CU(cudaGraphLaunch(g->exec, g->st), "kv gpu partial attention graph launch");
+        CU(cudaEventRecord(g->done, g->st), "kv gpu event");
+        return KST_OK;
+    }
+    if (!g->exec && getenv("KESTREL_KV_GPU_GRAPH") && atoi(getenv("KESTREL_KV_GPU_GRAPH")) == 0) goto plain;
+    {
+        // capture once per static-token count (it is sinks + window once the window is full)
+        if (g->exec) cudaGraphExecDestroy(g->exec);
+        if (g->graph) cudaGraphDestroy(g->graph);
+        g->exec = NULL;
+        g->graph = NULL;
+        CU(cudaStreamBeginCapture(g->st, cudaStreamCaptureModeThreadLocal), "kv gpu graph capture");
+        rc = kst_kvgpu_enqueue(g, n, err);
+        cudaGraph_t gr = NULL;
+        cudaError_t ce = cudaStreamEndCapture(g->st, &gr);
+        if (rc != KST_OK) {
+            if (gr) cudaGraphDestroy(gr);
+            goto done;
+        }
+        CU(ce, "kv gpu graph capture end");
+        g->graph = gr;
+        CU(cudaGraphInstantiate(&g->exec, g->graph, 0), "kv gpu graph instantiate");
+        g->graph_n = n;
+        CU(cudaGraphLaunch(g->exec, g->st), "kv gpu partial attention graph launch");
+        CU(cudaEventRecord(g->done, g->st), "kv gpu event");
+        return KST_OK;
+    }
+plain:
+    rc = kst_kvgpu_enqueue(g, n, err);
+    if (rc != KST_OK) goto done;
+    CU(cudaEventRecord(g->done, g->st), "kv gpu event");
+done:
+    return rc;
+}
+
+// The step's work on g->st: the query up, the kernel, the partials down.
+static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
+    int rc = KST_OK;
     CU(cudaMemcpyAsync(g->q, g->hq, g->qh * g->d * sizeof(float), cudaMemcpyHostToDevice, g->st), "kv gpu query upload");
     if (g->f16)
         partial_kernel<__half><<<(unsigned)g->qh, 256, 0, g->st>>>(
@@ -192,7 +240,6 @@ extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t n, k
     CU(cudaGetLastError(), "kv gpu partial attention launch");
     CU(cudaMemcpyAsync(g->ho, g->o, (g->qh * g->d + g->qh) * sizeof(float), cudaMemcpyDeviceToHost, g->st),
        "kv gpu output download");
-    CU(cudaEventRecord(g->done, g->st), "kv gpu event");
 done:
     return rc;
 }

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include "core/blas.h"
 #include "core/check.h"
@@ -18,6 +19,12 @@
 
 /* ------------------------------------------------------------------------------------------ */
 /* helpers */
+
+static double mono_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 static const void *krow(const void *K, int f16, size_t i, size_t d) {
     return f16 ? (const void *)((const uint16_t *)K + i * d) : (const void *)((const float *)K + i * d);
@@ -73,6 +80,7 @@ void kst_kvg_scratch_free(kst_kvg_scratch *s) {
     kst_free(s->grn);
     kst_free(s->gq);
     kst_free(s->rr);
+    kst_free(s->fl);
     memset(s, 0, sizeof *s);
 }
 
@@ -121,7 +129,7 @@ static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float 
                 int l2, size_t limit, kst_kvg_scratch *s, kst_error *err) {
     int rc = scratch_reserve(s, g->cap, ef, g->M, err);
     if (rc != KST_OK) return rc;
-    s->cn = s->rn = s->scanned = 0;
+    s->cn = s->rn = s->scanned = s->hops = 0;
     uint8_t ep = s->epoch;
     size_t ne = g->n_entry;
     for (size_t e = 0; e < ne + 1; e++) {
@@ -143,6 +151,7 @@ static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float 
         uint32_t c = s->ci[0];
         heap_pop(s->cs, s->ci, &s->cn, 1);
         if (s->rn >= ef && cv < s->rs[0]) break;
+        s->hops++;
         const uint32_t *nb = g->adj + (size_t)c * g->M;
         size_t dg = g->deg[c];
         /* Ask for the unvisited neighbours' key rows (and their edges, read if they join the
@@ -238,15 +247,26 @@ void kst_kvg_advise_huge(void *p, size_t bytes) {
 #endif
 }
 
+int kst_kvg_grow_big(void **p, size_t old_bytes, size_t new_bytes, const char *what, kst_error *err) {
+    const size_t H = (size_t)2 << 20;
+    void *q = kst_malloc_aligned(1, new_bytes, new_bytes >= H ? H : 64, what, err);
+    if (!q) return KST_ERR_NOMEM;
+    kst_kvg_advise_huge(q, new_bytes);
+    if (*p && old_bytes) memcpy(q, *p, old_bytes < new_bytes ? old_bytes : new_bytes);
+    kst_free(*p);
+    *p = q;
+    return KST_OK;
+}
+
 int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
     kst_kvg_free(dst);
     int rc = kst_kvg_init(dst, src->M, src->max_entry, src->efc, err);
     if (rc != KST_OK) return rc;
     size_t cap = src->cap, M = src->M;
     if (cap) {
-        dst->adj = kst_malloc(cap, M * sizeof(uint32_t), "kv graph copy", err);
+        if (kst_kvg_grow_big((void **)&dst->adj, 0, cap * M * sizeof(uint32_t), "kv graph copy", err)) dst->adj = NULL;
         dst->adist = kst_malloc(cap, M * sizeof(float), "kv graph copy", err);
-        dst->deg = kst_malloc(cap, sizeof(uint16_t), "kv graph copy", err);
+        if (kst_kvg_grow_big((void **)&dst->deg, 0, cap * sizeof(uint16_t), "kv graph copy", err)) dst->deg = NULL;
         dst->norm2 = kst_malloc(cap, sizeof(float), "kv graph copy", err);
         dst->entry = kst_malloc(src->max_entry, sizeof(uint32_t), "kv graph copy", err);
         if (!dst->adj || !dst->adist || !dst->deg || !dst->norm2 || !dst->entry) {
@@ -254,7 +274,6 @@ int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
             kst_kvg_init(dst, M, src->max_entry, src->efc, NULL);
             return KST_ERR_NOMEM;
         }
-        kst_kvg_advise_huge(dst->adj, cap * M * sizeof(uint32_t));
         memcpy(dst->adj, src->adj, cap * M * sizeof(uint32_t));
         memcpy(dst->adist, src->adist, cap * M * sizeof(float));
         memcpy(dst->deg, src->deg, cap * sizeof(uint16_t));
@@ -262,14 +281,13 @@ int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
         if (src->entry) memcpy(dst->entry, src->entry, src->n_entry * sizeof(uint32_t));
         if (src->codes) {
             size_t cb = src->cd / 2;
-            dst->codes = kst_malloc(cap, cb, "kv graph codes copy", err);
+            if (kst_kvg_grow_big((void **)&dst->codes, 0, cap * cb, "kv graph codes copy", err)) dst->codes = NULL;
             dst->clo = kst_malloc(src->cd, 2 * sizeof(float), "kv graph codes copy", err);
             if (!dst->codes || !dst->clo) {
                 kst_kvg_free(dst);
                 kst_kvg_init(dst, M, src->max_entry, src->efc, NULL);
                 return KST_ERR_NOMEM;
             }
-            kst_kvg_advise_huge(dst->codes, cap * cb);
             memcpy(dst->codes, src->codes, cap * cb);
             dst->cstep = dst->clo + src->cd;
             memcpy(dst->clo, src->clo, src->cd * sizeof(float));
@@ -290,20 +308,19 @@ static int reserve(kst_kvg *g, size_t n, kst_error *err) {
     size_t cap = g->cap ? g->cap : 1024;
     while (cap < n) cap *= 2;
     int rc = KST_OK;
-    KST_TRY(kst_realloc((void **)&g->adj, cap, g->M * sizeof(uint32_t), "kv graph edges", err));
+    KST_TRY(kst_kvg_grow_big((void **)&g->adj, g->cap * g->M * sizeof(uint32_t), cap * g->M * sizeof(uint32_t),
+                             "kv graph edges", err));
     KST_TRY(kst_realloc((void **)&g->adist, cap, g->M * sizeof(float), "kv graph edges", err));
-    KST_TRY(kst_realloc((void **)&g->deg, cap, sizeof(uint16_t), "kv graph degrees", err));
+    KST_TRY(kst_kvg_grow_big((void **)&g->deg, g->cap * sizeof(uint16_t), cap * sizeof(uint16_t), "kv graph degrees", err));
     KST_TRY(kst_realloc((void **)&g->norm2, cap, sizeof(float), "kv graph norms", err));
     if (!g->entry) {
         g->entry = kst_malloc(g->max_entry, sizeof(uint32_t), "kv graph entries", err);
         if (!g->entry) return KST_ERR_NOMEM;
     }
     if (g->codes) {
-        KST_TRY(kst_realloc((void **)&g->codes, cap, g->cd / 2, "kv graph codes", err));
-        kst_kvg_advise_huge(g->codes, cap * g->cd / 2);
+        KST_TRY(kst_kvg_grow_big((void **)&g->codes, g->cap * g->cd / 2, cap * g->cd / 2, "kv graph codes", err));
     }
     memset(g->deg + g->cap, 0, (cap - g->cap) * sizeof(uint16_t));
-    kst_kvg_advise_huge(g->adj, cap * g->M * sizeof(uint32_t));
     g->cap = cap;
 done:
     return rc;
@@ -784,13 +801,12 @@ static int codes_make(kst_kvg *g, const void *K, int f16, size_t n, size_t d, ks
     if (!g->codes_on || d % 32 != 0 || n == 0) return KST_OK;
     g->cd = d;
     g->clo = kst_malloc(d, 2 * sizeof(float), "kv graph code ranges", err);
-    g->codes = kst_malloc(g->cap, d / 2, "kv graph codes", err);
+    if (kst_kvg_grow_big((void **)&g->codes, 0, g->cap * (d / 2), "kv graph codes", err)) g->codes = NULL;
     float *tmp = kst_malloc(d, sizeof(float), "kv graph codes", err);
     if (!g->clo || !g->codes || !tmp) {
         kst_free(tmp);
         return KST_ERR_NOMEM;
     }
-    kst_kvg_advise_huge(g->codes, g->cap * d / 2);
     g->cstep = g->clo + d;
     float *hi = g->cstep;
     for (size_t j = 0; j < d; j++) {
@@ -920,6 +936,71 @@ static float code_dot(const float *co, const uint8_t *c, size_t d) {
 #endif
 }
 
+/* Integer code scores (AVX-512 VNNI): the query's code coefficients rounded to int8 (qlo: the
+ * low nibbles' dimensions in the codes' byte order, qhi: the high ones'), so that one vpdpbusd
+ * multiplies 64 codes by their coefficients and adds them in fours: <qi, codes> in int32.
+ * The rounding (a step of max|coefficient| / 127) is ~10x below the codes' own. */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static inline int32_t
+code_dot_vnni(const int8_t *qlo, const int8_t *qhi, const uint8_t *c, size_t d) {
+    size_t nb = d / 2, i = 0;
+    int32_t s = 0;
+    if (nb >= 64) {
+        const __m512i m = _mm512_set1_epi8(0x0F);
+        __m512i acc = _mm512_setzero_si512();
+        for (; i + 64 <= nb; i += 64) {
+            __m512i v = _mm512_loadu_si512((const void *)(c + i));
+            __m512i lo = _mm512_and_si512(v, m), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+            acc = _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512((const void *)(qlo + i)));
+            acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512((const void *)(qhi + i)));
+        }
+        s = _mm512_reduce_add_epi32(acc);
+    }
+    if (i < nb) { /* the remaining 32-dimension blocks, 16 bytes each */
+        const __m128i m = _mm_set1_epi8(0x0F);
+        __m128i acc = _mm_setzero_si128();
+        for (; i < nb; i += 16) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(c + i));
+            __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+            acc = _mm_dpbusd_epi32(acc, lo, _mm_loadu_si128((const __m128i *)(qlo + i)));
+            acc = _mm_dpbusd_epi32(acc, hi, _mm_loadu_si128((const __m128i *)(qhi + i)));
+        }
+        acc = _mm_add_epi32(acc, _mm_shuffle_epi32(acc, 0x4E));
+        acc = _mm_add_epi32(acc, _mm_shuffle_epi32(acc, 0xB1));
+        s += _mm_cvtsi128_si32(acc);
+    }
+    return s;
+}
+#endif
+
+static int cpu_vnni(void) {
+    static int v = -1;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    }
+#else
+    v = 0;
+#endif
+    return v;
+}
+
+/* The query's coefficients co (d) as int8 in the codes' nibble order (qlo, qhi: d / 2 each);
+ * returns the scale. */
+static float quantize_coefs(const float *co, size_t d, int8_t *qlo, int8_t *qhi) {
+    float mx = 0;
+    for (size_t j = 0; j < d; j++) mx = fabsf(co[j]) > mx ? fabsf(co[j]) : mx;
+    float sc = mx > 0 ? mx / 127.0f : 1.0f, inv = 1.0f / sc;
+    for (size_t b = 0; b < d; b += 32)
+        for (size_t j = 0; j < 16; j++) {
+            qlo[b / 2 + j] = (int8_t)lrintf(co[b + j] * inv);
+            qhi[b / 2 + j] = (int8_t)lrintf(co[b + 16 + j] * inv);
+        }
+    return sc;
+}
+
 typedef struct gpair { float s; uint32_t x; } gpair;
 static int cmp_gpair(const void *a, const void *b) {
     float x = ((const gpair *)a)->s, y = ((const gpair *)b)->s;
@@ -1043,6 +1124,7 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
     size_t B = s->expand > 1 ? (s->expand < 16 ? s->expand : 16) : 1;
     uint32_t batch[16];
     int stop = 0;
+    s->hops = 0;
     while (cn > 0 && !stop) {
         size_t nbt = 0;
         while (cn > 0 && nbt < B) {
@@ -1060,6 +1142,7 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
             }
             batch[nbt++] = s->gx[slot];
         }
+        s->hops += nbt;
         for (size_t b = 0; b < nbt; b++) {
             const uint32_t *nb = g->adj + (size_t)batch[b] * g->M;
             size_t dg = g->deg[batch[b]];
@@ -1092,6 +1175,7 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
 #undef GSCORE
 #undef GCONSIDER
     /* each query's ef best, best first; with codes re-scored exactly, then the k best */
+    double tr0 = s->prof ? mono_s() : 0;
     gpair *pool = (gpair *)s->rr;
     for (size_t q = 0; q < G; q++) {
         float *rs = s->grs + q * E;
@@ -1117,5 +1201,261 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
         }
         found[q] = m;
     }
+    if (s->prof) s->t_rerank += mono_s() - tr0;
     return KST_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* interleaved independent searches (kst_kvg_search_multi) */
+
+#define KVG_MULTI_MAX 8
+
+/* Issues the reads of node x's edges (and its degree). */
+static inline void prefetch_edges(const kst_kvg *g, uint32_t x) {
+    const char *a = (const char *)(g->adj + (size_t)x * g->M);
+    size_t ab = g->M * sizeof(uint32_t);
+    for (size_t o = 0; o < ab; o += 64) __builtin_prefetch(a + o);
+    __builtin_prefetch(a + ab - 1);
+    __builtin_prefetch(g->deg + x);
+}
+
+/* Issues the reads of node x's code (or key row), and its edges unless `edges` is 0. */
+static inline void prefetch_node(const kst_kvg *g, const void *K, int f16, size_t d, int codes,
+                                 uint32_t x, int edges) {
+    if (codes) {
+        const char *r = (const char *)(g->codes + (size_t)x * (d / 2));
+        __builtin_prefetch(r);
+        __builtin_prefetch(r + d / 2 - 1);
+    } else {
+        const char *r = (const char *)krow(K, f16, x, d);
+        size_t rowb = d * (f16 ? 2 : 4);
+        for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+        __builtin_prefetch(r + rowb - 1);
+    }
+    if (edges) prefetch_edges(g, x);
+}
+
+/* Inserts (v, x) into a search's pool: the best `L` (score, node) pairs, sorted by score
+ * descending, with a flag per entry once expanded (NSG's candidate pool: one sorted array in
+ * place of a candidate heap and a result heap; the search expands the best unexpanded entry).
+ * *cur, the first entry that may be unexpanded, moves back when x lands before it. Returns 1
+ * when x joined the pool. */
+static inline int pool_insert(gpair *pool, uint8_t *fl, size_t *n, size_t L, size_t *cur, float v,
+                              uint32_t x) {
+    size_t m = *n;
+    if (m == L && !(v > pool[L - 1].s)) return 0;
+    /* the first entry with a smaller score, by a binary search without branches (a select per
+     * halving: the comparisons are unpredictable, and mispredicted branches were a third of
+     * the search's time): the answer stays in [lo, lo + w] */
+    size_t lo = 0, w = m;
+    while (w > 1) {
+        size_t h = w / 2;
+        lo = pool[lo + h - 1].s >= v ? lo + h : lo;
+        w -= h;
+    }
+    lo += w == 1 && pool[lo].s >= v;
+    size_t keep = m < L ? m : L - 1;
+    if (keep > lo) {
+        memmove(pool + lo + 1, pool + lo, (keep - lo) * sizeof *pool);
+        memmove(fl + lo + 1, fl + lo, keep - lo);
+    }
+    pool[lo].s = v;
+    pool[lo].x = x;
+    fl[lo] = 0;
+    if (m < L) *n = m + 1;
+    if (lo < *cur) *cur = lo;
+    return 1;
+}
+
+/* The search itself; instantiated twice below: compiled for AVX-512 VNNI (vnni 1, the code
+ * scores inlined) and generically (vnni 0). */
+static inline __attribute__((always_inline)) int
+multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, size_t nq, size_t k,
+           size_t ef, size_t rerank, int codes, int vnni, kst_kvg_scratch **s, uint32_t *ids,
+           float *scores, size_t *found) {
+    for (size_t q = 0; q < nq; q++) {
+        int rc = scratch_reserve(s[q], g->cap, ef, g->M, NULL);
+        if (rc == KST_OK) rc = group_reserve(s[q], 1, ef, d);
+        if (rc == KST_OK && s[q]->flcap < ef) {
+            uint8_t *f = s[q]->fl;
+            rc = kst_realloc((void **)&f, ef, 1, "kv search pool", NULL);
+            if (rc == KST_OK) {
+                s[q]->fl = f;
+                s[q]->flcap = ef;
+            }
+        }
+        if (rc != KST_OK) return rc;
+    }
+    /* per search: code coefficients (d) and constant, or the query itself; its pool */
+    const float *qv[KVG_MULTI_MAX];
+    float c0[KVG_MULTI_MAX], qsc[KVG_MULTI_MAX];
+    const int8_t *qlo[KVG_MULTI_MAX], *qhi[KVG_MULTI_MAX];
+    gpair *pool[KVG_MULTI_MAX];
+    uint8_t *fl[KVG_MULTI_MAX];
+    size_t pn[KVG_MULTI_MAX], cur[KVG_MULTI_MAX];
+    uint32_t pend[KVG_MULTI_MAX][1024];
+    size_t np[KVG_MULTI_MAX];
+    int live[KVG_MULTI_MAX];
+    size_t scanned = 0, hops = 0, M = g->M < 1024 ? g->M : 1024, cb = d / 2;
+    int push_pf = s[0]->pf_push;
+    for (size_t q = 0; q < nq; q++) {
+        const float *qq = Q + q * d;
+        kst_kvg_scratch *S = s[q];
+        c0[q] = 0;
+        if (codes) {
+            double cst = 0;
+            for (size_t j = 0; j < d; j++) {
+                S->gq[j] = qq[j] * g->cstep[j];
+                cst += (double)qq[j] * (g->clo[j] + 0.5 * g->cstep[j]);
+            }
+            c0[q] = (float)cst;
+            qv[q] = S->gq;
+            if (vnni) { /* int8 coefficients in the bytes after them (gq holds 2d + 2 floats) */
+                int8_t *lo8 = (int8_t *)(S->gq + d), *hi8 = lo8 + d / 2;
+                qsc[q] = quantize_coefs(S->gq, d, lo8, hi8);
+                qlo[q] = lo8;
+                qhi[q] = hi8;
+            }
+        } else {
+            qv[q] = qq;
+        }
+        pool[q] = (gpair *)S->rr;
+        fl[q] = S->fl;
+        pn[q] = cur[q] = 0;
+        live[q] = 1;
+        np[q] = 0;
+    }
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MSCORE(q, x) (vnni ? c0[q] + qsc[q] * (float)code_dot_vnni(qlo[q], qhi[q], g->codes + (size_t)(x) * cb, d) \
+                      : codes ? c0[q] + code_dot(qv[q], g->codes + (size_t)(x) * cb, d)                        \
+                              : kst_kv_dot(qv[q], krow(K, f16, (x), d), f16, d))
+#else
+#define MSCORE(q, x) (codes ? c0[q] + code_dot(qv[q], g->codes + (size_t)(x) * cb, d) \
+                            : kst_kv_dot(qv[q], krow(K, f16, (x), d), f16, d))
+#endif
+    /* entry points */
+    size_t ne = g->n_entry ? g->n_entry : 1;
+    for (size_t e = 0; e < ne; e++) prefetch_node(g, K, f16, d, codes, g->n_entry ? g->entry[e] : 0, 1);
+    for (size_t q = 0; q < nq; q++) {
+        kst_kvg_scratch *S = s[q];
+        uint8_t ep = S->epoch;
+        for (size_t e = 0; e < ne; e++) {
+            uint32_t x = g->n_entry ? g->entry[e] : 0;
+            if (x >= g->n || S->mark[x] == ep) continue;
+            S->mark[x] = ep;
+            float v = MSCORE(q, x);
+            scanned++;
+            pool_insert(pool[q], fl[q], &pn[q], ef, &cur[q], v, x);
+        }
+    }
+    size_t nlive = nq;
+    while (nlive) {
+        /* issue: every live search takes its best unexpanded entry; the reads of that node's
+         * unvisited neighbours go out before any search scores one */
+        for (size_t q = 0; q < nq; q++) {
+            np[q] = 0;
+            if (!live[q]) continue;
+            kst_kvg_scratch *S = s[q];
+            size_t c0i = cur[q];
+            while (c0i < pn[q] && fl[q][c0i]) c0i++;
+            cur[q] = c0i;
+            if (c0i >= pn[q]) {
+                live[q] = 0;
+                nlive--;
+                continue;
+            }
+            fl[q][c0i] = 1;
+            uint32_t c = pool[q][c0i].x;
+            hops++;
+            const uint32_t *nb = g->adj + (size_t)c * g->M;
+            size_t dg = g->deg[c] < M ? g->deg[c] : M;
+            uint8_t ep = S->epoch, *mk = S->mark;
+            uint32_t *pd = pend[q];
+            size_t m = 0;
+            for (size_t j = 0; j < dg; j++) {
+                uint32_t x = nb[j];
+                if (x >= g->n) continue;
+                pd[m] = x; /* kept when not yet visited (no branch on the mark) */
+                m += mk[x] != ep;
+                mk[x] = ep;
+            }
+            for (size_t j = 0; j < m; j++) prefetch_node(g, K, f16, d, codes, pd[j], !push_pf);
+            np[q] = m;
+        }
+        /* score: by now the first search's reads have had the others' issue time to arrive */
+        for (size_t q = 0; q < nq; q++) {
+            for (size_t j = 0; j < np[q]; j++) {
+                uint32_t x = pend[q][j];
+                float v = MSCORE(q, x);
+                scanned++;
+                if (pool_insert(pool[q], fl[q], &pn[q], ef, &cur[q], v, x) && push_pf) prefetch_edges(g, x);
+            }
+        }
+    }
+#undef MSCORE
+    double tr0 = s[0]->prof ? mono_s() : 0;
+    size_t npool[KVG_MULTI_MAX];
+    for (size_t q = 0; q < nq; q++) {
+        size_t n = pn[q];
+        if (codes && rerank && rerank < n) n = rerank < k ? k : rerank;
+        npool[q] = n;
+    }
+    if (codes) { /* exact re-scoring: every search's rows asked for first, then scored */
+        size_t rowb = d * (f16 ? 2 : 4);
+        for (size_t q = 0; q < nq; q++)
+            for (size_t i = 0; i < npool[q]; i++) {
+                const char *r = (const char *)krow(K, f16, pool[q][i].x, d);
+                for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+            }
+        for (size_t q = 0; q < nq; q++) {
+            gpair *P = pool[q];
+            for (size_t i = 0; i < npool[q]; i++) P[i].s = kst_kv_dot(Q + q * d, krow(K, f16, P[i].x, d), f16, d);
+            /* insertion sort, best first: the code order is nearly the exact one, so few moves */
+            for (size_t i = 1; i < npool[q]; i++) {
+                gpair t = P[i];
+                size_t j = i;
+                while (j > 0 && P[j - 1].s < t.s) {
+                    P[j] = P[j - 1];
+                    j--;
+                }
+                P[j] = t;
+            }
+        }
+    }
+    for (size_t q = 0; q < nq; q++) {
+        size_t m = npool[q] < k ? npool[q] : k;
+        for (size_t i = 0; i < m; i++) {
+            ids[q * k + i] = pool[q][i].x;
+            if (scores) scores[q * k + i] = pool[q][i].s;
+        }
+        found[q] = m;
+    }
+    if (s[0]->prof) s[0]->t_rerank += mono_s() - tr0;
+    s[0]->scanned = scanned;
+    s[0]->hops = hops;
+    return KST_OK;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) static int
+multi_vnni(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, size_t nq, size_t k,
+           size_t ef, size_t rerank, kst_kvg_scratch **s, uint32_t *ids, float *scores, size_t *found) {
+    return multi_impl(g, K, f16, d, Q, nq, k, ef, rerank, 1, 1, s, ids, scores, found);
+}
+#endif
+
+int kst_kvg_search_multi(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q,
+                         size_t nq, size_t k, size_t ef, size_t rerank, int use_codes,
+                         kst_kvg_scratch **s, uint32_t *ids, float *scores, size_t *found) {
+    if (nq == 0 || nq > KVG_MULTI_MAX) return KST_ERR_INVALID;
+    s[0]->scanned = s[0]->hops = 0;
+    for (size_t q = 0; q < nq; q++) found[q] = 0;
+    if (g->n == 0 || k == 0) return KST_OK;
+    if (ef < k) ef = k;
+    int codes = use_codes && g->codes && g->cd == d && cpu_avx2_fma();
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (codes && !s[0]->no_vnni && cpu_vnni())
+        return multi_vnni(g, K, f16, d, Q, nq, k, ef, rerank, s, ids, scores, found);
+#endif
+    return multi_impl(g, K, f16, d, Q, nq, k, ef, rerank, codes, 0, s, ids, scores, found);
 }

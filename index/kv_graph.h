@@ -65,6 +65,15 @@ typedef struct kst_kvg_scratch {
     float *rr; size_t rrcap;                         /* rerank pool ((score, id) pairs) */
     size_t expand;                                   /* group search: candidates expanded at a
                                                       time (0, 1: one; up to 16) */
+    /* profiling (benchmarks): with prof set, the group search adds the seconds it spent
+     * re-scoring to t_rerank; hops counts the nodes expanded by the last search */
+    int prof;
+    double t_rerank;
+    size_t hops;
+    uint8_t *fl; size_t flcap;                       /* kst_kvg_search_multi: pool flags */
+    int no_vnni;   /* kst_kvg_search_multi: score codes in float even where AVX-512 VNNI is */
+    int pf_push;   /* kst_kvg_search_multi: a node's edges are read once it joins the beam (1),
+                      or as soon as it is scored (0) */
 } kst_kvg_scratch;
 void kst_kvg_scratch_free(kst_kvg_scratch *s);
 
@@ -78,6 +87,11 @@ void kst_kvg_free(kst_kvg *g);
  * key rows and edge lists at random across hundreds of MB, so with 4 KiB pages nearly every
  * read also misses the TLB. Advisory: never fails, a no-op where unsupported. */
 void kst_kvg_advise_huge(void *p, size_t bytes);
+/* Grows (or first allocates) *p, holding old_bytes, to new_bytes: a fresh block aligned to 2 MiB
+ * (64 bytes when small), advised huge before it is touched, the old contents copied over and the
+ * old block freed (realloc would keep neither the alignment nor the huge pages: a moved range
+ * is mapped with small pages). On failure *p is untouched. */
+int kst_kvg_grow_big(void **p, size_t old_bytes, size_t new_bytes, const char *what, kst_error *err);
 /* Makes dst (freed first) a deep copy of src. Fails on memory (dst left empty). */
 int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err);
 
@@ -117,6 +131,19 @@ size_t kst_kvg_search(const kst_kvg *g, const void *K, int f16, size_t d, const 
 int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q,
                          size_t G, size_t k, size_t ef, int use_codes, kst_kvg_scratch *s,
                          uint32_t *ids, float *scores, size_t *found);
+
+/* nq independent searches of one graph (nq queries (nq, d), each its own beam, as
+ * kst_kvg_search_group with G = 1 searches one query), run interleaved on the calling thread:
+ * each round pops the best candidate of every search and issues the reads of its unvisited
+ * neighbours (codes or key rows, and their edges) before any search scores one, so the memory
+ * latencies of nq searches overlap instead of adding up. use_codes (and the graph has codes):
+ * steered by the codes, then each search's `rerank` best by code score (0: all ef) re-scored
+ * exactly, the k best kept. s: nq scratches (each its own visited marks); ids (nq, k), scores
+ * (nq, k) (may be NULL), found (nq); s[0]->scanned gets the keys scored, summed, s[0]->hops the
+ * nodes expanded. nq 1..8. Fails only on memory (returns it). */
+int kst_kvg_search_multi(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q,
+                         size_t nq, size_t k, size_t ef, size_t rerank, int use_codes,
+                         kst_kvg_scratch **s, uint32_t *ids, float *scores, size_t *found);
 
 /* (Re)makes the codes of the graph's g->n keys from K (ranges from these keys): for a copy of
  * a graph over other keys (kst_kvg_copy). A no-op unless codes_on. Fails on memory (codes

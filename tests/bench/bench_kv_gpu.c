@@ -8,7 +8,12 @@
  *   bench_kv_gpu latency N[,N...]     synthetic keys (one KV head of 4 query heads, d 128,
  *                                     float16): build, recall, error, latency GPU+CPU vs CPU.
  *   bench_kv_gpu layer N[,N...]       the same for a whole layer (8 KV heads x 32 query heads):
- *                                     KV_EFS (default 128,256), KV_TAIL (tail samples, a 2nd pass). */
+ *                                     KV_EFS (default 128,256), KV_TAIL (tail samples, a 2nd pass),
+ *                                     KV_RUNS rows "mode:ef:top_k:tail;..." (mode: head|group[N],
+ *                                     +codes, /il0 the round-2 heap search, /ilN N searches
+ *                                     interleaved, /rrR re-score R, /f32 no VNNI, /pf0, /same the
+ *                                     same query every step), KV_PROF=1 a per-phase breakdown,
+ *                                     KV_SMAPS=1 huge pages per mapping. */
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -412,6 +417,24 @@ static int layer(const char *list) {
         if (kst_kvg_exact_topk(kx, 0, nidx, D, Qd0, NREF * QH, TOPK, want, NULL, &e)) die("exact", &e);
         free(kx);
         printf("(%zu tokens: data %.1f s, references %.1f s)\n", N, tgen, now_s() - t0 - build);
+        { /* are the big arrays on huge pages? (THP "madvise": kst_kvg_advise_huge) */
+            FILE *f = fopen("/proc/self/smaps_rollup", "r");
+            char line[256];
+            while (f && fgets(line, sizeof line, f))
+                if (!strncmp(line, "Rss:", 4) || !strncmp(line, "AnonHugePages:", 14)) printf("(%zu tokens: %s", N, line);
+            if (f) fclose(f);
+            /* per mapping of 8 MB or more: its size, resident and huge-page kB */
+            f = getenv("KV_SMAPS") ? fopen("/proc/self/smaps", "r") : NULL;
+            long sz = 0, rss = 0;
+            while (f && fgets(line, sizeof line, f)) {
+                long v;
+                if (sscanf(line, "Size: %ld kB", &v) == 1) sz = v;
+                else if (sscanf(line, "Rss: %ld kB", &v) == 1) rss = v;
+                else if (sscanf(line, "AnonHugePages: %ld kB", &v) == 1 && sz >= 8192)
+                    printf("  (map %ld MB: rss %ld MB, huge %ld MB)\n", sz >> 10, rss >> 10, v >> 10);
+            }
+            if (f) fclose(f);
+        }
         float *out = malloc(QH * D * 4), *un = malloc(D * 4);
         /* pairwise overlap of the exact top-100 of a group's heads */
         {
@@ -436,6 +459,14 @@ static int layer(const char *list) {
             kst_kvc_set_search(c, gp ? (gp[5] >= '2' && gp[5] <= '9' ? gp[5] - '0' : 1) : 0, strstr(mode, "codes") != NULL);
             /* "/x4": the group-search path expands 4 candidates at a time */
             kst_kvc_set_expand(c, strstr(mode, "/x") ? (size_t)atol(strstr(mode, "/x") + 2) : 1);
+            /* "/il2": two query heads per task searched interleaved (/il1, the default: one at a
+             * time); "/rr128": re-score the 128 best by code score (default: all ef) */
+            kst_kvc_set_interleave(c, strstr(mode, "/il") ? (size_t)atol(strstr(mode, "/il") + 3) : 1);
+            kst_kvc_set_rerank(c, strstr(mode, "/rr") ? (size_t)atol(strstr(mode, "/rr") + 3) : 0);
+            /* "/pf0": edges read as soon as a node is scored (default: once it joins the beam) */
+            kst_kvc_set_prefetch(c, strstr(mode, "/pf0") == NULL);
+            /* "/f32": codes scored in float32 (default: int8 x 4-bit by AVX-512 VNNI where there) */
+            kst_kvc_set_vnni(c, strstr(mode, "/f32") == NULL);
             kst_kvc_set_tail_samples(c, runs[ri].tail);
             double rec = 0, scan = 0, shead = 0, err = 0;
             int64_t pos[G * TOPK];
@@ -467,10 +498,12 @@ static int layer(const char *list) {
             for (int tm = 0; tm < 2; tm++) {
                 omp_set_num_threads(tm ? thr2 : nth0);
                 double *ts = malloc(NT * sizeof *ts);
+                /* "/same": every step the same query (its reads then hit the caches: the compute floor) */
+                size_t qstep = strstr(mode, "/same") ? 0 : QH * D;
                 for (size_t i = 0; i < 5; i++) kst_kvc_attend(c, 0, Qd, topk_att, ef, out, NULL, &e);
                 for (size_t i = 0; i < NT; i++) {
                     double a = now_s();
-                    if (kst_kvc_attend(c, 0, Qd + i * QH * D, topk_att, ef, out, NULL, &e)) die("attend", &e);
+                    if (kst_kvc_attend(c, 0, Qd + i * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
                     ts[i] = now_s() - a;
                 }
                 qsort(ts, NT, sizeof *ts, cmp_d);
@@ -478,6 +511,22 @@ static int layer(const char *list) {
                 free(ts);
             }
             omp_set_num_threads(nth0);
+            if (getenv("KV_PROF")) { /* where a step's time goes (kst_kvc_prof), all threads */
+                kst_kvc_prof pf;
+                memset(&pf, 0, sizeof pf);
+                kst_kvc_set_prof(c, &pf);
+                size_t qstep = strstr(mode, "/same") ? 0 : QH * D;
+                for (size_t i = 0; i < NT; i++)
+                    if (kst_kvc_attend(c, 0, Qd + i * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
+                kst_kvc_set_prof(c, NULL);
+                double u = 1e6 / (double)pf.steps, nt = omp_get_max_threads();
+                printf("  prof %s ef %zu (us/step, mean of %zu): total %.1f = gpu_start %.1f + region %.1f + gpu_wait %.1f + merge %.1f;"
+                       " region: enter %.1f, busy max %.1f mean %.1f; per thread (task sums / %d): search %.1f rerank %.1f attn %.1f tail %.1f;"
+                       " per search: %.1f hops %.0f scanned\n",
+                       mode, ef, pf.steps, pf.total * u, pf.gpu_start * u, pf.region * u, pf.gpu_wait * u, pf.merge * u,
+                       pf.enter * u, pf.busy_max * u, pf.busy_mean * u, (int)nt, pf.search * u / nt, pf.rerank * u / nt,
+                       pf.attn * u / nt, pf.tail * u / nt, (double)pf.hops / pf.tasks, (double)pf.scanned / pf.tasks);
+            }
             printf("%8zu %-12s %5zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %10.2f%% %8.2f%% %10.2e %10.2f %12.1f %9.1f\n", N, mode, ef, topk_att,
                    runs[ri].tail, build, med[0], med[1], rec / NREF, 100 * scan / NREF, 100 * shead / NREF, err / NREF,
                    kst_kvc_gpu_bytes(c) / 1048576.0, 2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0);

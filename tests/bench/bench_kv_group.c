@@ -131,6 +131,8 @@ int main(int argc, char **argv) {
         mp += ml + (mp[ml] == ',');
         int grp = strstr(mode, "group") != NULL, cod = strstr(mode, "codes") != NULL;
         kst_kvc_set_search(c, grp, cod);
+        /* "/il0": the earlier heap-based per-head search (default: the pool search) */
+        kst_kvc_set_interleave(c, strstr(mode, "/il0") ? 0 : 1);
         for (const char *bp = budgets; *bp;) {
             size_t k = strtoul(bp, (char **)&bp, 10);
             size_t ef = strtoul(bp + 1, (char **)&bp, 10);
