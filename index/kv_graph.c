@@ -1298,6 +1298,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     int live[KVG_MULTI_MAX];
     size_t scanned = 0, hops = 0, M = g->M < 1024 ? g->M : 1024, cb = d / 2;
     int push_pf = s[0]->pf_push;
+    size_t depth = s[0]->depth && s[0]->depth < ef ? s[0]->depth : ef;
     for (size_t q = 0; q < nq; q++) {
         const float *qq = Q + q * d;
         kst_kvg_scratch *S = s[q];
@@ -1335,7 +1336,41 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
 #endif
     /* entry points */
     size_t ne = g->n_entry ? g->n_entry : 1;
-    for (size_t e = 0; e < ne; e++) prefetch_node(g, K, f16, d, codes, g->n_entry ? g->entry[e] : 0, 1);
+    size_t nsp = s[0]->spread < g->n ? s[0]->spread : g->n;
+    for (size_t e = 0; e < ne; e++) prefetch_node(g, K, f16, d, codes, g->n_entry ? g->entry[e] : 0, !nsp);
+    if (nsp) { /* chosen per query: the best `keep` of the hubs and nsp evenly spaced keys */
+        size_t keep = s[0]->spread_keep ? s[0]->spread_keep : 8;
+        if (keep > 64) keep = 64;
+        for (size_t e = 0; e < nsp; e++) prefetch_node(g, K, f16, d, codes, (uint32_t)(e * g->n / nsp), 0);
+        for (size_t q = 0; q < nq; q++) {
+            float tv[64];
+            uint32_t tx[64];
+            size_t nt = 0;
+            for (size_t e = 0; e < ne + nsp; e++) {
+                uint32_t x = e < ne ? (g->n_entry ? g->entry[e] : 0) : (uint32_t)((e - ne) * g->n / nsp);
+                if (x >= g->n) continue;
+                float v = MSCORE(q, x);
+                scanned++;
+                if (nt == keep && !(v > tv[keep - 1])) continue;
+                size_t j = nt < keep ? nt++ : keep - 1;
+                while (j > 0 && tv[j - 1] < v) {
+                    tv[j] = tv[j - 1];
+                    tx[j] = tx[j - 1];
+                    j--;
+                }
+                tv[j] = v;
+                tx[j] = x;
+            }
+            kst_kvg_scratch *S = s[q];
+            for (size_t j = 0; j < nt; j++) {
+                if (S->mark[tx[j]] == S->epoch) continue; /* a hub among the spaced keys */
+                S->mark[tx[j]] = S->epoch;
+                prefetch_edges(g, tx[j]);
+                pool_insert(pool[q], fl[q], &pn[q], ef, &cur[q], tv[j], tx[j]);
+            }
+        }
+        ne = 0;
+    }
     for (size_t q = 0; q < nq; q++) {
         kst_kvg_scratch *S = s[q];
         uint8_t ep = S->epoch;
@@ -1359,7 +1394,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             size_t c0i = cur[q];
             while (c0i < pn[q] && fl[q][c0i]) c0i++;
             cur[q] = c0i;
-            if (c0i >= pn[q]) {
+            if (c0i >= pn[q] || c0i >= depth) {
                 live[q] = 0;
                 nlive--;
                 continue;
