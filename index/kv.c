@@ -58,7 +58,6 @@ struct kst_kvc {
     size_t rerank;        /* codes: beam entries re-scored exactly (0: all ef; kst_kvc_set_rerank) */
     int pf_push;          /* kst_kvc_set_prefetch */
     int no_vnni;          /* kst_kvc_set_vnni(c, 0) */
-    size_t depth;         /* kst_kvc_set_depth */
     size_t spread, spread_keep; /* kst_kvc_set_spread */
 };
 
@@ -73,7 +72,6 @@ void kst_kvc_set_interleave(kst_kvc *c, size_t n) { c->il = n; }
 void kst_kvc_set_rerank(kst_kvc *c, size_t r) { c->rerank = r; }
 void kst_kvc_set_prefetch(kst_kvc *c, int on_push) { c->pf_push = on_push; }
 void kst_kvc_set_vnni(kst_kvc *c, int on) { c->no_vnni = !on; }
-void kst_kvc_set_depth(kst_kvc *c, size_t n) { c->depth = n; }
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep) {
     c->spread = n;
     c->spread_keep = keep;
@@ -477,7 +475,6 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
         kst_kvg_scratch *ss[KV_IL_MAX] = {&t->s};
         t->s.pf_push = c->pf_push;
         t->s.no_vnni = c->no_vnni;
-        t->s.depth = c->depth;
         t->s.spread = c->spread;
         t->s.spread_keep = c->spread_keep;
         for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];

@@ -120,11 +120,6 @@ void kst_kvc_set_prefetch(kst_kvc *c, int on_push);
  * AVX-512 VNNI (int8 coefficients, the default there); 1 restores it. */
 void kst_kvc_set_vnni(kst_kvc *c, int on);
 
-/* Benchmarks: the per-head searches (group_search 0, interleave >= 1) expand only the n best
- * entries of their pool of ef (0, the default: all of them); the pool's other entries are
- * still re-scored, so the beam keeps ef candidates for fewer hops. */
-void kst_kvc_set_depth(kst_kvc *c, size_t n);
-
 /* Benchmarks: entry points chosen per query in the per-head searches: each scores the graph's
  * hub entries and n evenly spaced keys, and starts from the `keep` best (0: 8); n = 0, the
  * default: from all the hubs. */

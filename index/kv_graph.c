@@ -1298,7 +1298,6 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     int live[KVG_MULTI_MAX];
     size_t scanned = 0, hops = 0, M = g->M < 1024 ? g->M : 1024, cb = d / 2;
     int push_pf = s[0]->pf_push;
-    size_t depth = s[0]->depth && s[0]->depth < ef ? s[0]->depth : ef;
     for (size_t q = 0; q < nq; q++) {
         const float *qq = Q + q * d;
         kst_kvg_scratch *S = s[q];
@@ -1394,7 +1393,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             size_t c0i = cur[q];
             while (c0i < pn[q] && fl[q][c0i]) c0i++;
             cur[q] = c0i;
-            if (c0i >= pn[q] || c0i >= depth) {
+            if (c0i >= pn[q]) {
                 live[q] = 0;
                 nlive--;
                 continue;

@@ -77,8 +77,6 @@ typedef struct kst_kvg_scratch {
     size_t spread, spread_keep; /* kst_kvg_search_multi: with spread > 0, each search scores the
                       hub entries and `spread` evenly spaced keys, and starts from the
                       `spread_keep` best of them (0: 8) instead of from all the hubs */
-    size_t depth;  /* kst_kvg_search_multi: only the `depth` best pool entries are expanded
-                      (0: all ef); the rest of the pool only adds re-scoring candidates */
 } kst_kvg_scratch;
 void kst_kvg_scratch_free(kst_kvg_scratch *s);
 
@@ -143,9 +141,7 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
  * neighbours (codes or key rows, and their edges) before any search scores one, so the memory
  * latencies of nq searches overlap instead of adding up. use_codes (and the graph has codes):
  * steered by the codes, then each search's `rerank` best by code score (0: all ef) re-scored
- * exactly, the k best kept. s[0]->depth (when nonzero and below ef): the search stops once
- * every entry among the pool's `depth` best is expanded (fewer hops; the pool's other entries
- * are still re-scored). s: nq scratches (each its own visited marks); ids (nq, k), scores
+ * exactly, the k best kept. s: nq scratches (each its own visited marks); ids (nq, k), scores
  * (nq, k) (may be NULL), found (nq); s[0]->scanned gets the keys scored, summed, s[0]->hops the
  * nodes expanded. nq 1..8. Fails only on memory (returns it). */
 int kst_kvg_search_multi(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q,

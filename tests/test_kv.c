@@ -490,18 +490,17 @@ static void test_group_search_recall(void **state) {
  * torch.topk's exact top-10 of every query head, in each of its forms: one search at a time or
  * two interleaved on a thread, with codes scored by AVX-512 VNNI (int8 coefficients; where the
  * CPU has it) or in float32, without codes, with only the 20 best by code score re-scored,
- * with entry points chosen per query, and with a smaller expansion depth than ef. With ef >=
- * the indexed keys each head gets exactly its top-10 in order (not with the re-scoring cut or
- * the depth, which may leave one of them out); at ef 32 recall@10 >= 0.9 per head. */
+ * and with entry points chosen per query. With ef >= the indexed keys each head gets exactly
+ * its top-10 in order (not with the re-scoring cut, which may leave one of them out); at ef 32
+ * recall@10 >= 0.9 per head. */
 static void test_pool_search_recall(void **state) {
     fx *f = *state;
     const size_t G = QH / KVH, nidx = P - 36;
-    struct { int codes; size_t il; int vnni; size_t rerank, depth, spread, keep; } v[] = {
-        {1, 1, 1, 0, 0, 0, 0}, {1, 1, 0, 0, 0, 0, 0}, {1, 2, 1, 0, 0, 0, 0}, {1, 2, 0, 0, 0, 0, 0},
-        {0, 1, 1, 0, 0, 0, 0}, {0, 2, 1, 0, 0, 0, 0}, {1, 1, 1, 20, 0, 0, 0},
-        /* entries chosen per query (the best 4 of the hubs and 64 spaced keys), expansion
-         * depth 24 of the pool's ef */
-        {1, 1, 1, 0, 0, 64, 4}, {0, 2, 1, 0, 0, 64, 4}, {1, 1, 0, 0, 24, 0, 0}, {1, 2, 1, 0, 24, 64, 4},
+    struct { int codes; size_t il; int vnni; size_t rerank, spread, keep; } v[] = {
+        {1, 1, 1, 0, 0, 0}, {1, 1, 0, 0, 0, 0}, {1, 2, 1, 0, 0, 0}, {1, 2, 0, 0, 0, 0},
+        {0, 1, 1, 0, 0, 0}, {0, 2, 1, 0, 0, 0}, {1, 1, 1, 20, 0, 0},
+        /* entries chosen per query: the best 4 (8) of the 8 hubs and 64 (200) spaced keys */
+        {1, 1, 1, 0, 64, 4}, {1, 2, 0, 0, 64, 4}, {0, 2, 1, 0, 64, 4}, {1, 1, 1, 0, 200, 0},
     };
     for (size_t vi = 0; vi < sizeof v / sizeof v[0]; vi++) {
         kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, v[vi].codes};
@@ -513,7 +512,6 @@ static void test_pool_search_recall(void **state) {
         kst_kvc_set_interleave(c, v[vi].il);
         kst_kvc_set_vnni(c, v[vi].vnni);
         kst_kvc_set_rerank(c, v[vi].rerank);
-        kst_kvc_set_depth(c, v[vi].depth);
         kst_kvc_set_spread(c, v[vi].spread, v[vi].keep);
         for (int full = 0; full < 2; full++) {
             size_t hit[QH] = {0};
@@ -530,7 +528,7 @@ static void test_pool_search_recall(void **state) {
                         const int64_t *want = (const int64_t *)f->top10.data + (s * QH + h) * 10;
                         assert_int_equal(found[a], 10);
                         for (int i = 0; i < 10; i++) {
-                            if (full && !v[vi].rerank && !v[vi].depth && pos[a * 10 + i] != want[i])
+                            if (full && !v[vi].rerank && pos[a * 10 + i] != want[i])
                                 fail_msg("pool search (variant %zu), ef = all, step %zu head %zu: rank %d is %lld, torch.topk %lld",
                                          vi, s, h, i, (long long)pos[a * 10 + i], (long long)want[i]);
                             for (int j = 0; j < 10; j++) hit[h] += pos[a * 10 + j] == want[i];

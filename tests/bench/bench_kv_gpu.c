@@ -467,8 +467,6 @@ static int layer(const char *list) {
             kst_kvc_set_prefetch(c, strstr(mode, "/pf0") == NULL);
             /* "/f32": codes scored in float32 (default: int8 x 4-bit by AVX-512 VNNI where there) */
             kst_kvc_set_vnni(c, strstr(mode, "/f32") == NULL);
-            /* "/dp120": the searches expand only the 120 best of their pool (default: all ef) */
-            kst_kvc_set_depth(c, strstr(mode, "/dp") ? (size_t)atol(strstr(mode, "/dp") + 3) : 0);
             /* "/sp256/sk8": per query, start from the 8 best of the hubs and 256 spaced keys */
             kst_kvc_set_spread(c, strstr(mode, "/sp") ? (size_t)atol(strstr(mode, "/sp") + 3) : 0,
                                strstr(mode, "/sk") ? (size_t)atol(strstr(mode, "/sk") + 3) : 0);
