@@ -113,7 +113,8 @@ void kst_kvc_set_interleave(kst_kvc *c, size_t n);
 void kst_kvc_set_rerank(kst_kvc *c, size_t r);
 
 /* Benchmarks: 1 (the default): the interleaved searches read a node's edges once it joins a
- * beam; 0: as soon as it is scored. */
+ * beam; 0: as soon as it is scored; 2: as 1, and each hop also asks for the codes of the next
+ * candidate's unvisited neighbours (one hop ahead). */
 void kst_kvc_set_prefetch(kst_kvc *c, int on_push);
 
 /* Benchmarks and tests: 0 makes the searches score codes in float32 even where the CPU has

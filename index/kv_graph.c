@@ -1415,6 +1415,17 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             }
             for (size_t j = 0; j < m; j++) prefetch_node(g, K, f16, d, codes, pd[j], !push_pf);
             np[q] = m;
+            if (push_pf == 2) { /* one hop ahead: the next candidate's unvisited neighbours */
+                size_t n1 = c0i + 1;
+                while (n1 < pn[q] && fl[q][n1]) n1++;
+                if (n1 < pn[q]) {
+                    uint32_t c1 = pool[q][n1].x;
+                    const uint32_t *nb1 = g->adj + (size_t)c1 * g->M;
+                    size_t dg1 = g->deg[c1] < M ? g->deg[c1] : M;
+                    for (size_t j = 0; j < dg1; j++)
+                        if (nb1[j] < g->n && mk[nb1[j]] != ep) prefetch_node(g, K, f16, d, codes, nb1[j], 0);
+                }
+            }
         }
         /* score: by now the first search's reads have had the others' issue time to arrive */
         for (size_t q = 0; q < nq; q++) {
