@@ -113,17 +113,20 @@ void kst_kvc_set_interleave(kst_kvc *c, size_t n);
 void kst_kvc_set_rerank(kst_kvc *c, size_t r);
 
 /* Benchmarks: 1 (the default): the interleaved searches read a node's edges once it joins a
- * beam; 0: as soon as it is scored; 2: as 1, and each hop also asks for the codes of the next
- * candidate's unvisited neighbours (one hop ahead). */
+ * beam; 0: as soon as it is scored. */
 void kst_kvc_set_prefetch(kst_kvc *c, int on_push);
 
 /* Benchmarks and tests: 0 makes the searches score codes in float32 even where the CPU has
  * AVX-512 VNNI (int8 coefficients, the default there); 1 restores it. */
 void kst_kvc_set_vnni(kst_kvc *c, int on);
 
-/* Benchmarks: entry points chosen per query in the per-head searches: each scores the graph's
- * hub entries and n evenly spaced keys, and starts from the `keep` best (0: 8); n = 0, the
- * default: from all the hubs. */
+/* Entry points chosen per query in the per-head searches (codes or not; not the group search):
+ * each scores the graph's hub entries and n evenly spaced indexed keys, and starts from the
+ * `keep` best (0: 8, or 16 under AUTO) instead of from all the hubs, so the beam starts near
+ * its answer: fewer hops for the same recall (bench README). n = 0: from all the hubs (the
+ * earlier search); KST_KVC_SPREAD_AUTO, the default: one indexed key in 64 (at most 4,096)
+ * from 32,768 indexed keys on, none below. For benchmarks and tests. */
+#define KST_KVC_SPREAD_AUTO ((size_t)-1)
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep);
 
 /* Benchmarks: changes group_search and the use of codes (when the index was built with them)

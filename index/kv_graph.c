@@ -1340,12 +1340,17 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     if (nsp) { /* chosen per query: the best `keep` of the hubs and nsp evenly spaced keys */
         size_t keep = s[0]->spread_keep ? s[0]->spread_keep : 8;
         if (keep > 64) keep = 64;
-        for (size_t e = 0; e < nsp; e++) prefetch_node(g, K, f16, d, codes, (uint32_t)(e * g->n / nsp), 0);
+        /* the spaced keys' reads are asked for 16 ahead of their scoring (thousands asked at
+         * once would overflow the line fill buffers) */
+        const size_t ahead = 16;
+        for (size_t e = 0; e < nsp && e < ahead; e++) prefetch_node(g, K, f16, d, codes, (uint32_t)(e * g->n / nsp), 0);
         for (size_t q = 0; q < nq; q++) {
             float tv[64];
             uint32_t tx[64];
             size_t nt = 0;
             for (size_t e = 0; e < ne + nsp; e++) {
+                if (q == 0 && e >= ne && e - ne + ahead < nsp)
+                    prefetch_node(g, K, f16, d, codes, (uint32_t)((e - ne + ahead) * g->n / nsp), 0);
                 uint32_t x = e < ne ? (g->n_entry ? g->entry[e] : 0) : (uint32_t)((e - ne) * g->n / nsp);
                 if (x >= g->n) continue;
                 float v = MSCORE(q, x);
@@ -1415,17 +1420,6 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             }
             for (size_t j = 0; j < m; j++) prefetch_node(g, K, f16, d, codes, pd[j], !push_pf);
             np[q] = m;
-            if (push_pf == 2) { /* one hop ahead: the next candidate's unvisited neighbours */
-                size_t n1 = c0i + 1;
-                while (n1 < pn[q] && fl[q][n1]) n1++;
-                if (n1 < pn[q]) {
-                    uint32_t c1 = pool[q][n1].x;
-                    const uint32_t *nb1 = g->adj + (size_t)c1 * g->M;
-                    size_t dg1 = g->deg[c1] < M ? g->deg[c1] : M;
-                    for (size_t j = 0; j < dg1; j++)
-                        if (nb1[j] < g->n && mk[nb1[j]] != ep) prefetch_node(g, K, f16, d, codes, nb1[j], 0);
-                }
-            }
         }
         /* score: by now the first search's reads have had the others' issue time to arrive */
         for (size_t q = 0; q < nq; q++) {

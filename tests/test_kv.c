@@ -513,7 +513,6 @@ static void test_pool_search_recall(void **state) {
         kst_kvc_set_vnni(c, v[vi].vnni);
         kst_kvc_set_rerank(c, v[vi].rerank);
         kst_kvc_set_spread(c, v[vi].spread, v[vi].keep);
-        kst_kvc_set_prefetch(c, v[vi].spread ? 2 : 1); /* these also prefetch one hop ahead */
         for (int full = 0; full < 2; full++) {
             size_t hit[QH] = {0};
             for (size_t s = 0; s < S; s++)

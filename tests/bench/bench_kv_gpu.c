@@ -464,12 +464,12 @@ static int layer(const char *list) {
             kst_kvc_set_interleave(c, strstr(mode, "/il") ? (size_t)atol(strstr(mode, "/il") + 3) : 1);
             kst_kvc_set_rerank(c, strstr(mode, "/rr") ? (size_t)atol(strstr(mode, "/rr") + 3) : 0);
             /* "/pf0": edges read as soon as a node is scored (default: once it joins the beam) */
-            /* "/pf2": also the next candidate's neighbours' codes, one hop ahead */
-            kst_kvc_set_prefetch(c, strstr(mode, "/pf0") ? 0 : strstr(mode, "/pf2") ? 2 : 1);
+            kst_kvc_set_prefetch(c, strstr(mode, "/pf0") == NULL);
             /* "/f32": codes scored in float32 (default: int8 x 4-bit by AVX-512 VNNI where there) */
             kst_kvc_set_vnni(c, strstr(mode, "/f32") == NULL);
-            /* "/sp256/sk8": per query, start from the 8 best of the hubs and 256 spaced keys */
-            kst_kvc_set_spread(c, strstr(mode, "/sp") ? (size_t)atol(strstr(mode, "/sp") + 3) : 0,
+            /* "/sp256/sk8": per query, start from the 8 best of the hubs and 256 spaced keys
+             * ("/sp0": from all the hubs; default: KST_KVC_SPREAD_AUTO) */
+            kst_kvc_set_spread(c, strstr(mode, "/sp") ? (size_t)atol(strstr(mode, "/sp") + 3) : KST_KVC_SPREAD_AUTO,
                                strstr(mode, "/sk") ? (size_t)atol(strstr(mode, "/sk") + 3) : 0);
             kst_kvc_set_tail_samples(c, runs[ri].tail);
             double rec = 0, scan = 0, shead = 0, err = 0;
