@@ -137,7 +137,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->use_codes = o.codes;
     c->il = 1;
     c->pf_push = 1;
-    c->spread = KST_KVC_SPREAD_AUTO;
+    c->spread = 0; /* kst_kvc_set_spread: no recall gain on real heads (bench README) */
     c->esize = o.f16 ? 2 : 4;
     c->nth = omp_get_max_threads();
     c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);

@@ -123,9 +123,11 @@ void kst_kvc_set_vnni(kst_kvc *c, int on);
 /* Entry points chosen per query in the per-head searches (codes or not; not the group search):
  * each scores the graph's hub entries and n evenly spaced indexed keys, and starts from the
  * `keep` best (0: 8, or 16 under AUTO) instead of from all the hubs, so the beam starts near
- * its answer: fewer hops for the same recall (bench README). n = 0: from all the hubs (the
- * earlier search); KST_KVC_SPREAD_AUTO, the default: one indexed key in 64 (at most 4,096)
- * from 32,768 indexed keys on, none below. For benchmarks and tests. */
+ * its answer: fewer hops for the same recall where the hubs lie far from the decode queries
+ * (the synthetic layer bench: half the hops at 128K); on real MiniLM heads the hubs already
+ * start well, and the spaced keys only add to the keys scanned (bench README). n = 0, the
+ * default: from all the hubs; KST_KVC_SPREAD_AUTO: one indexed key in 64 (at most 4,096) from
+ * 32,768 indexed keys on, none below (what bench_kv_gpu's layer mode uses unless told). */
 #define KST_KVC_SPREAD_AUTO ((size_t)-1)
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep);
 
