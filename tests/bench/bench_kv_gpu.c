@@ -12,7 +12,9 @@
  *                                     KV_RUNS rows "mode:ef:top_k:tail;..." (mode: head|group[N],
  *                                     +codes, /il0 the round-2 heap search, /ilN N searches
  *                                     interleaved, /rrR re-score R, /f32 no VNNI, /pf0, /same the
- *                                     same query every step), KV_PROF=1 a per-phase breakdown,
+ *                                     same query every step, /spN/skM entries per query: the
+ *                                     best M of the hubs and N spaced keys, default AUTO, /sp0
+ *                                     the hubs), KV_PROF=1 a per-phase breakdown,
  *                                     KV_SMAPS=1 huge pages per mapping. */
 #include <math.h>
 #include <omp.h>
