@@ -58,6 +58,7 @@ struct kst_kvc {
     size_t rerank;        /* codes: beam entries re-scored exactly (0: all ef; kst_kvc_set_rerank) */
     int pf_push;          /* kst_kvc_set_prefetch */
     int no_vnni;          /* kst_kvc_set_vnni(c, 0) */
+    size_t spread, spread_keep; /* kst_kvc_set_spread */
 };
 
 static double mono_s(void) {
@@ -71,6 +72,16 @@ void kst_kvc_set_interleave(kst_kvc *c, size_t n) { c->il = n; }
 void kst_kvc_set_rerank(kst_kvc *c, size_t r) { c->rerank = r; }
 void kst_kvc_set_prefetch(kst_kvc *c, int on_push) { c->pf_push = on_push; }
 void kst_kvc_set_vnni(kst_kvc *c, int on) { c->no_vnni = !on; }
+/* The spaced entry candidates of a search over nidx indexed keys: n (KST_KVC_SPREAD_AUTO: one
+ * key in 64 from 32,768 indexed keys on, at most 4,096; none below, where the hubs suffice). */
+static size_t spread_of(const kst_kvc *c, size_t nidx) {
+    if (c->spread != KST_KVC_SPREAD_AUTO) return c->spread;
+    return nidx < 32768 ? 0 : nidx / 64 < 4096 ? nidx / 64 : 4096;
+}
+void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep) {
+    c->spread = n;
+    c->spread_keep = keep;
+}
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
@@ -126,6 +137,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->use_codes = o.codes;
     c->il = 1;
     c->pf_push = 1;
+    c->spread = 0; /* kst_kvc_set_spread: no recall gain on real heads (bench README) */
     c->esize = o.f16 ? 2 : 4;
     c->nth = omp_get_max_threads();
     c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);
@@ -470,6 +482,8 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
         kst_kvg_scratch *ss[KV_IL_MAX] = {&t->s};
         t->s.pf_push = c->pf_push;
         t->s.no_vnni = c->no_vnni;
+        t->s.spread = spread_of(c, H->g.n);
+        t->s.spread_keep = c->spread == KST_KVC_SPREAD_AUTO && !c->spread_keep ? 16 : c->spread_keep;
         for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];
         rc = kst_kvg_search_multi(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->rerank,
                                   c->use_codes, ss, t->ids, NULL, fnd);

@@ -120,6 +120,17 @@ void kst_kvc_set_prefetch(kst_kvc *c, int on_push);
  * AVX-512 VNNI (int8 coefficients, the default there); 1 restores it. */
 void kst_kvc_set_vnni(kst_kvc *c, int on);
 
+/* Entry points chosen per query in the per-head searches (codes or not; not the group search):
+ * each scores the graph's hub entries and n evenly spaced indexed keys, and starts from the
+ * `keep` best (0: 8, or 16 under AUTO) instead of from all the hubs, so the beam starts near
+ * its answer: fewer hops for the same recall where the hubs lie far from the decode queries
+ * (the synthetic layer bench: half the hops at 128K); on real MiniLM heads the hubs already
+ * start well, and the spaced keys only add to the keys scanned (bench README). n = 0, the
+ * default: from all the hubs; KST_KVC_SPREAD_AUTO: one indexed key in 64 (at most 4,096) from
+ * 32,768 indexed keys on, none below (what bench_kv_gpu's layer mode uses unless told). */
+#define KST_KVC_SPREAD_AUTO ((size_t)-1)
+void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep);
+
 /* Benchmarks: changes group_search and the use of codes (when the index was built with them)
  * of a live cache. */
 void kst_kvc_set_search(kst_kvc *c, int group_search, int codes);

@@ -1335,7 +1335,46 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
 #endif
     /* entry points */
     size_t ne = g->n_entry ? g->n_entry : 1;
-    for (size_t e = 0; e < ne; e++) prefetch_node(g, K, f16, d, codes, g->n_entry ? g->entry[e] : 0, 1);
+    size_t nsp = s[0]->spread < g->n ? s[0]->spread : g->n;
+    for (size_t e = 0; e < ne; e++) prefetch_node(g, K, f16, d, codes, g->n_entry ? g->entry[e] : 0, !nsp);
+    if (nsp) { /* chosen per query: the best `keep` of the hubs and nsp evenly spaced keys */
+        size_t keep = s[0]->spread_keep ? s[0]->spread_keep : 8;
+        if (keep > 64) keep = 64;
+        /* the spaced keys' reads are asked for 16 ahead of their scoring (thousands asked at
+         * once would overflow the line fill buffers) */
+        const size_t ahead = 16;
+        for (size_t e = 0; e < nsp && e < ahead; e++) prefetch_node(g, K, f16, d, codes, (uint32_t)(e * g->n / nsp), 0);
+        for (size_t q = 0; q < nq; q++) {
+            float tv[64];
+            uint32_t tx[64];
+            size_t nt = 0;
+            for (size_t e = 0; e < ne + nsp; e++) {
+                if (q == 0 && e >= ne && e - ne + ahead < nsp)
+                    prefetch_node(g, K, f16, d, codes, (uint32_t)((e - ne + ahead) * g->n / nsp), 0);
+                uint32_t x = e < ne ? (g->n_entry ? g->entry[e] : 0) : (uint32_t)((e - ne) * g->n / nsp);
+                if (x >= g->n) continue;
+                float v = MSCORE(q, x);
+                scanned++;
+                if (nt == keep && !(v > tv[keep - 1])) continue;
+                size_t j = nt < keep ? nt++ : keep - 1;
+                while (j > 0 && tv[j - 1] < v) {
+                    tv[j] = tv[j - 1];
+                    tx[j] = tx[j - 1];
+                    j--;
+                }
+                tv[j] = v;
+                tx[j] = x;
+            }
+            kst_kvg_scratch *S = s[q];
+            for (size_t j = 0; j < nt; j++) {
+                if (S->mark[tx[j]] == S->epoch) continue; /* a hub among the spaced keys */
+                S->mark[tx[j]] = S->epoch;
+                prefetch_edges(g, tx[j]);
+                pool_insert(pool[q], fl[q], &pn[q], ef, &cur[q], tv[j], tx[j]);
+            }
+        }
+        ne = 0;
+    }
     for (size_t q = 0; q < nq; q++) {
         kst_kvg_scratch *S = s[q];
         uint8_t ep = S->epoch;

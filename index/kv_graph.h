@@ -74,6 +74,9 @@ typedef struct kst_kvg_scratch {
     int no_vnni;   /* kst_kvg_search_multi: score codes in float even where AVX-512 VNNI is */
     int pf_push;   /* kst_kvg_search_multi: a node's edges are read once it joins the beam (1),
                       or as soon as it is scored (0) */
+    size_t spread, spread_keep; /* kst_kvg_search_multi: with spread > 0, each search scores the
+                      hub entries and `spread` evenly spaced keys, and starts from the
+                      `spread_keep` best of them (0: 8) instead of from all the hubs */
 } kst_kvg_scratch;
 void kst_kvg_scratch_free(kst_kvg_scratch *s);
 

@@ -489,14 +489,18 @@ static void test_group_search_recall(void **state) {
 /* The per-head pool search (kst_kvg_search_multi, the default per-head path) against
  * torch.topk's exact top-10 of every query head, in each of its forms: one search at a time or
  * two interleaved on a thread, with codes scored by AVX-512 VNNI (int8 coefficients; where the
- * CPU has it) or in float32, without codes, and with only the 20 best by code score re-scored.
- * With ef >= the indexed keys each head gets exactly its top-10 in order (not with the
- * re-scoring cut, which may leave one of them out); at ef 32 recall@10 >= 0.9 per head. */
+ * CPU has it) or in float32, without codes, with only the 20 best by code score re-scored,
+ * and with entry points chosen per query. With ef >= the indexed keys each head gets exactly
+ * its top-10 in order (not with the re-scoring cut, which may leave one of them out); at ef 32
+ * recall@10 >= 0.9 per head. */
 static void test_pool_search_recall(void **state) {
     fx *f = *state;
     const size_t G = QH / KVH, nidx = P - 36;
-    struct { int codes; size_t il; int vnni; size_t rerank; } v[] = {
-        {1, 1, 1, 0}, {1, 1, 0, 0}, {1, 2, 1, 0}, {1, 2, 0, 0}, {0, 1, 1, 0}, {0, 2, 1, 0}, {1, 1, 1, 20},
+    struct { int codes; size_t il; int vnni; size_t rerank, spread, keep; } v[] = {
+        {1, 1, 1, 0, 0, 0}, {1, 1, 0, 0, 0, 0}, {1, 2, 1, 0, 0, 0}, {1, 2, 0, 0, 0, 0},
+        {0, 1, 1, 0, 0, 0}, {0, 2, 1, 0, 0, 0}, {1, 1, 1, 20, 0, 0},
+        /* entries chosen per query: the best 4 (8) of the 8 hubs and 64 (200) spaced keys */
+        {1, 1, 1, 0, 64, 4}, {1, 2, 0, 0, 64, 4}, {0, 2, 1, 0, 64, 4}, {1, 1, 1, 0, 200, 0},
     };
     for (size_t vi = 0; vi < sizeof v / sizeof v[0]; vi++) {
         kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, v[vi].codes};
@@ -508,6 +512,7 @@ static void test_pool_search_recall(void **state) {
         kst_kvc_set_interleave(c, v[vi].il);
         kst_kvc_set_vnni(c, v[vi].vnni);
         kst_kvc_set_rerank(c, v[vi].rerank);
+        kst_kvc_set_spread(c, v[vi].spread, v[vi].keep);
         for (int full = 0; full < 2; full++) {
             size_t hit[QH] = {0};
             for (size_t s = 0; s < S; s++)
@@ -516,7 +521,8 @@ static void test_pool_search_recall(void **state) {
                     size_t found[QH], sc;
                     assert_ok(kst_kvc_search_group(c, 0, kh, (const float *)f->dq.data + (s * QH + kh * G) * D,
                                                    10, full ? nidx : 32, pos, found, &sc, &err), &err);
-                    assert_true(sc > 0 && sc <= G * nidx);
+                    /* the entry candidates scored per query (8 hubs, the spaced keys) count too */
+                    assert_true(sc > 0 && sc <= G * (nidx + (v[vi].spread ? 8 + v[vi].spread : 0)));
                     for (size_t a = 0; a < G; a++) {
                         size_t h = kh * G + a;
                         const int64_t *want = (const int64_t *)f->top10.data + (s * QH + h) * 10;

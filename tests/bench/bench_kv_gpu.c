@@ -12,7 +12,9 @@
  *                                     KV_RUNS rows "mode:ef:top_k:tail;..." (mode: head|group[N],
  *                                     +codes, /il0 the round-2 heap search, /ilN N searches
  *                                     interleaved, /rrR re-score R, /f32 no VNNI, /pf0, /same the
- *                                     same query every step), KV_PROF=1 a per-phase breakdown,
+ *                                     same query every step, /spN/skM entries per query: the
+ *                                     best M of the hubs and N spaced keys, default AUTO, /sp0
+ *                                     the hubs), KV_PROF=1 a per-phase breakdown,
  *                                     KV_SMAPS=1 huge pages per mapping. */
 #include <math.h>
 #include <omp.h>
@@ -467,6 +469,10 @@ static int layer(const char *list) {
             kst_kvc_set_prefetch(c, strstr(mode, "/pf0") == NULL);
             /* "/f32": codes scored in float32 (default: int8 x 4-bit by AVX-512 VNNI where there) */
             kst_kvc_set_vnni(c, strstr(mode, "/f32") == NULL);
+            /* "/sp256/sk8": per query, start from the 8 best of the hubs and 256 spaced keys
+             * ("/sp0": from all the hubs; default: KST_KVC_SPREAD_AUTO) */
+            kst_kvc_set_spread(c, strstr(mode, "/sp") ? (size_t)atol(strstr(mode, "/sp") + 3) : KST_KVC_SPREAD_AUTO,
+                               strstr(mode, "/sk") ? (size_t)atol(strstr(mode, "/sk") + 3) : 0);
             kst_kvc_set_tail_samples(c, runs[ri].tail);
             double rec = 0, scan = 0, shead = 0, err = 0;
             int64_t pos[G * TOPK];
