@@ -193,6 +193,8 @@ static void distill(const ctx *c, const char *method, int bytes, kst_ann *src) {
     o.lr_backoff = env_double("KESTREL_BENCH_VQ_BACKOFF", o.lr_backoff);
     o.temperature = env_double("KESTREL_BENCH_VQ_T", o.temperature);
     o.tau_scale = env_double("KESTREL_BENCH_VQ_TAU", o.tau_scale);
+    o.score_weight = env_double("KESTREL_BENCH_VQ_SW", o.score_weight);
+    o.refit_rounds = env_long("KESTREL_BENCH_VQ_REFITS", o.refit_rounds);
     /* Training queries: a query log (KESTREL_BENCH_VQ_TRAIN_Q, .npy; never the test queries) or,
      * by default, sampled documents (label-free). */
     kst_npy TQ = {0};
@@ -206,14 +208,16 @@ static void distill(const ctx *c, const char *method, int bytes, kst_ann *src) {
     kst_ann *a = NULL;
     double t0 = kst_now();
     if (kst_vq_write_index(&m, src, c->n, c->x, c->ids, &a, &e) != KST_OK) die("vq write", &e);
-    char extra[400];
+    char extra[512];
     snprintf(extra, sizeof extra,
              "  [loss ivf %.3f -> %.3f, pq %.3f -> %.3f; val %.4f -> %.4f (epoch %ld of %ld, "
              "%ld backoffs); "
-             "mse %.4f -> %.4f; imbalance %.2f -> %.2f; re-encode %.1f s]",
+             "mse %.4f -> %.4f; imbalance %.2f -> %.2f; W-err %.4f -> %.4f (%ld refits, "
+             "weight %.2f); re-encode %.1f s]",
              r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, r.val_init,
              r.val_best, r.best_epoch, r.epochs, r.backoffs, r.mse_init, r.mse_final, r.imbalance_init,
-             r.imbalance_final, kst_now() - t0);
+             r.imbalance_final, r.werr_init, r.werr_final, r.refits, o.score_weight,
+             kst_now() - t0);
     report(c, method, bytes, a, r.seconds, extra);
     kst_free(r.epoch_loss);
     kst_ann_free(a);
