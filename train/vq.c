@@ -717,7 +717,8 @@ static void lazy_adam_rows(float *p, float *mom, float *vel, const float *g, siz
     }
 }
 
-/* The query-weighted codes (train/vq_code.h): W from the training queries (given), or from up
+/* The query-weighted codes (train/vq_code.h): W from the training queries (given; the student
+ * queries, i.e. the tuned query encoder's when one is trained), or from up
  * to refit_docs evenly spaced documents (label-free: the documents stand for the queries, as the
  * sampled-document queries do), stored in m; then refit_rounds times: encode a sample of the
  * documents under W, refit the codebooks to those codes. */
@@ -742,7 +743,7 @@ static int score_codes(kst_vq_model *m, const vq_data *v, const kst_vq_opts *o, 
     if (v->self) /* label-free: the documents' own second moment */
         rc = kst_vq_score_metric(d, ns, ys, o->score_weight, m->wq, err);
     else
-        rc = kst_vq_score_metric(d, v->nq, v->qy, o->score_weight, m->wq, err);
+        rc = kst_vq_score_metric(d, v->nq, v->qs, o->score_weight, m->wq, err);
     if (rc != KST_OK) goto done;
     m->wq_iters = 3;
     for (long r = 0; r < o->refit_rounds; r++) {

@@ -11,7 +11,10 @@
  *   KESTREL_BENCH_VQ_EPOCHS, _QUERIES, _CANDIDATES, _LR  Distill-VQ settings (3, 1024, 100, 1e-3)
  *   KESTREL_BENCH_VQ_TRAIN   training sample of every index (40000, evenly spaced)
  *   KESTREL_BENCH_VQ_OPQ=0 / _DVQ=0 / _OPQ_DVQ=0  skip OPQ (and Distill-VQ from it), Distill-VQ
- *                            from IVF-PQ, Distill-VQ from OPQ
+ *                            from IVF-PQ, Distill-VQ from OPQ; _IVFPQ=0 with _DVQ=0: no k-means
+ *                            IVF-PQ either
+ *   KESTREL_BENCH_VQ_SW, _REFITS  the query-weighted codes' weight and refits (kst_vq_opts
+ *                            defaults: 0.5, 3; SW=0 is FAISS's nearest codes)
  *   KESTREL_BENCH_VQ_DEV     development queries (.npy): their recall@10 is printed too ("dev"),
  *                            so settings can be chosen without looking at the test queries
  *   KESTREL_BENCH_VQ_TRAIN_Q Distill-VQ's training queries (.npy, a query log that holds no test
@@ -290,8 +293,12 @@ int main(int argc, char **argv) {
         char f[128];
         double secs;
         snprintf(f, sizeof f, "IVF%zu,PQ%d", nlist, M);
-        kst_ann *ivfpq = build(&c, f, &secs);
-        report(&c, "ivfpq", M, ivfpq, secs, "");
+        /* KESTREL_BENCH_VQ_IVFPQ=0 skips the k-means IVF-PQ (with _DVQ=0 nothing needs it). */
+        kst_ann *ivfpq = NULL;
+        if (env_long("KESTREL_BENCH_VQ_IVFPQ", 1) || env_long("KESTREL_BENCH_VQ_DVQ", 1)) {
+            ivfpq = build(&c, f, &secs);
+            report(&c, "ivfpq", M, ivfpq, secs, "");
+        }
         kst_ann *opq = NULL;
         if (with_opq) {
             snprintf(f, sizeof f, "OPQ%d,IVF%zu,PQ%d", M, nlist, M);

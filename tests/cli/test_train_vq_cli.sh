@@ -49,7 +49,7 @@ case "$vq" in
   *'"method":"distill-vq"'*'"query_source":"sampled documents"'*) ok "the manifest records the training" ;;
   *) bad "the manifest records the training (vq_training = $vq)" ;;
 esac
-for want in '"epochs":2' '"documents":300' '"val_fraction":0,' '"kept_epoch":2' '"anchor":0,'; do
+for want in '"epochs":2' '"documents":300' '"val_fraction":0,' '"kept_epoch":2' '"anchor":0,' '"score_weight":0.5,' '"refits":3,'; do
   case "$vq" in *"$want"*) ok "vq_training has $want" ;; *) bad "vq_training lacks $want ($vq)" ;; esac
 done
 check "search works on the new generation" sh -c "$(declare -f search); K='$K' T='$T' search | grep -c . | grep -qx 10"
@@ -121,6 +121,7 @@ expect_exit "--train-query-encoder without --queries" 64 "needs --queries" -- "$
 expect_exit "a bad --lr-query-encoder" 64 "positive number" -- "$K" train vq --index $T/ix --lr-query-encoder 0
 expect_exit "a bad learning rate" 64 "positive number" -- "$K" train vq --index $T/ix --lr-pq -1
 expect_exit "a bad --val-fraction" 64 "in [0, 0.9)" -- "$K" train vq --index $T/ix --val-fraction 1.5
+expect_exit "a bad --score-weight" 64 "in [0, 1]" -- "$K" train vq --index $T/ix --score-weight 1.5
 expect_exit "a negative --anchor" 64 ">= 0" -- "$K" train vq --index $T/ix --anchor -1
 expect_exit "--qrels without --queries" 64 "--qrels needs --queries" -- "$K" train vq --index $T/ix --qrels $T/qrels.txt
 check "build a Flat index" "$K" index build --index $T/flat --collection $T/corpus.jsonl --model $F/st_bert_mean --factory Flat
@@ -128,4 +129,5 @@ expect_exit "a Flat index has nothing to learn" 6 "IVF-PQ" -- "$K" train vq --in
 expect_exit "a missing index" 5 "$T/none" -- "$K" train vq --index $T/none
 check "train vq --help" sh -c "'$K' train vq --help | grep -q 'Distill-VQ'"
 check "train vq --help documents --train-query-encoder" sh -c "'$K' train vq --help | grep -q 'query_model.N'"
+check "train vq --help documents --score-weight" sh -c "'$K' train vq --help | grep -q -- --score-weight"
 summary "train vq CLI"
