@@ -463,7 +463,7 @@ kst_vq_opts kst_vq_opts_default(void) {
     o.rec_docs = 256;
     o.val_fraction = 0.1;
     o.score_weight = 0.5;
-    o.refit_rounds = 3;
+    o.refit_rounds = 8;
     o.refit_docs = 32768;
     o.lr_backoff = 0.1;
     return o;

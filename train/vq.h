@@ -120,7 +120,7 @@ typedef struct kst_vq_opts {
                                * training queries' second moment (sampled documents when no
                                * queries are given), is stored in the model (m->wq) and the
                                * codebooks are refit under it; 0: FAISS's nearest codes (0.5) */
-    long refit_rounds;        /* codebook refits under W, each followed by re-encoding (3) */
+    long refit_rounds;        /* codebook refits under W, each after encoding the sample (8) */
     size_t refit_docs;        /* documents (evenly spaced) the refits see (65536) */
     const float *q_student;   /* (nq, d_in) or NULL: fixed student queries other than the
                                * teacher's q (an index's tuned query encoder, trained no further);

@@ -77,7 +77,7 @@ static const char *HELP =
     "  --score-weight X   X of the query-weighted codes, in [0, 1] (0.5; 0: FAISS's nearest\n"
     "                     codewords, as before). Chosen on development queries (SciFact train\n"
     "                     queries): tests/bench/README.md, \"Distill-VQ\"\n"
-    "  --refits N         codebook refits under W, each after encoding (3; 0: encode only)\n"
+    "  --refits N         codebook refits under W, each after encoding (8; 0: encode only)\n"
     "  --doc-vectors V.npy --doc-ids F\n"
     "                     the documents' vectors computed before by the index's model (`kestrel\n"
     "                     embed` over each document's \"title text\"), rows named by the external\n"

@@ -49,7 +49,7 @@ case "$vq" in
   *'"method":"distill-vq"'*'"query_source":"sampled documents"'*) ok "the manifest records the training" ;;
   *) bad "the manifest records the training (vq_training = $vq)" ;;
 esac
-for want in '"epochs":2' '"documents":300' '"val_fraction":0,' '"kept_epoch":2' '"anchor":0,' '"score_weight":0.5,' '"refits":3,'; do
+for want in '"epochs":2' '"documents":300' '"val_fraction":0,' '"kept_epoch":2' '"anchor":0,' '"score_weight":0.5,' '"refits":8,'; do
   case "$vq" in *"$want"*) ok "vq_training has $want" ;; *) bad "vq_training lacks $want ($vq)" ;; esac
 done
 check "search works on the new generation" sh -c "$(declare -f search); K='$K' T='$T' search | grep -c . | grep -qx 10"
