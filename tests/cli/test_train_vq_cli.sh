@@ -55,7 +55,9 @@ done
 check "search works on the new generation" sh -c "$(declare -f search); K='$K' T='$T' search | grep -c . | grep -qx 10"
 check "index info counts every vector" sh -c "'$K' index info --index $T/ix | grep -qx 'faiss_vectors	300'"
 
-check "train vq with --queries and --qrels" sh -c "'$K' train vq --index $T/ix --queries $T/queries.jsonl --qrels $T/qrels.txt --epochs 1 --candidates 50 2>&1 | grep -E -q '^kestrel train vq: [1-9][0-9]* relevant documents'"
+# --score-weight 0 (FAISS's nearest codes): the joint training below starts from this index and
+# checks that its distillation loss (nearest codes forward) falls
+check "train vq with --queries and --qrels" sh -c "'$K' train vq --index $T/ix --queries $T/queries.jsonl --qrels $T/qrels.txt --epochs 1 --candidates 50 --score-weight 0 2>&1 | grep -E -q '^kestrel train vq: [1-9][0-9]* relevant documents'"
 case "$(manifest vq_training)" in *'"query_source":"given"'*) ok "the manifest names the given queries" ;; *) bad "the manifest names the given queries ($(manifest vq_training))" ;; esac
 case "$(manifest vq_training)" in *'"val_fraction":0.1,'*'"kept_epoch":'[01]*) ok "the manifest records the validation (default 0.1, one epoch: epoch 0 or 1 kept)" ;; *) bad "the manifest records the validation ($(manifest vq_training))" ;; esac
 
