@@ -19,6 +19,11 @@
  * residual, the hard codeword B[m,k*] directly (it is indexed from B, as in PyTorch's
  * `B[code] + soft - soft.detach()`), and every codeword through the soft assignment.
  *
+ * After the epochs, by default, the codes are chosen for ranking (train/vq_code.h): each document's
+ * PQ codes minimise e^T W e, W built from the queries' second moment, and the codebooks are refit
+ * under W (opts score_weight, refit_rounds); m->wq keeps W, and kst_vq_reconstruct /
+ * kst_vq_write_index use those codes (written into FAISS as they are).
+ *
  * Parameters (llm.c shape): one flat float buffer [C (nlist, d) | B (M, ksub, dsub)], the
  * gradient and Adam moments in the same layout. The learned values are written back into a copy
  * of the FAISS index (kst_vq_write_index) and the documents re-encoded, so search is plain FAISS.

@@ -113,13 +113,11 @@ static void block_start(const kst_vq_model *m, const float *y, const int32_t *as
     }
 }
 
-/* G = (R - RHO) W for the block (E kept in D-sized scratch is not needed: G is all we use). */
+/* G = (R - RHO) W for the block (W NULL: G = R - RHO), as R W - RHO W (no copy of E needed). */
 static void block_g(const kst_vq_model *m, size_t nb, const float *W, blk *b) {
     size_t d = (size_t)m->d;
     for (size_t i = 0; i < nb * d; i++) b->G[i] = b->R[i] - b->RHO[i];
     if (!W) return;
-    /* G = E W in place needs a copy of E: H is too small, use S's space when it fits, else RHO's
-     * trick: G = R W - RHO W as two GEMMs into G with beta. */
     kst_sgemm(0, 0, (int)nb, (int)d, (int)d, 1.0f, b->R, (int)d, W, (int)d, 0.0f, b->G, (int)d);
     kst_sgemm(0, 0, (int)nb, (int)d, (int)d, -1.0f, b->RHO, (int)d, W, (int)d, 1.0f, b->G, (int)d);
 }
