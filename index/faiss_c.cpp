@@ -755,6 +755,33 @@ int kst_faiss_ivf_list_get(const FaissIndex* index, size_t list_no, idx_t* ids, 
     KST_FAISS_CATCH
 }
 
+int kst_faiss_ivf_add_encoded(FaissIndex* index, idx_t n, const idx_t* list_nos,
+                              const uint8_t* codes, const idx_t* ids) {
+    try {
+        faiss::Index* top = ix(need(index, "index"));
+        need(list_nos, "list_nos"), need(codes, "codes"), need(ids, "ids");
+        Layers l = layers_of(top);
+        if (l.id_map)
+            throw std::invalid_argument("the index has an id map: encoded entries go to IVF only");
+        auto v = const_cast<faiss::IndexIVF*>(need_ivf(top));
+        FAISS_THROW_IF_NOT_MSG(v->is_trained, "the index is not trained");
+        size_t cs = v->coarse_code_size(), sz = cs + v->code_size;
+        std::vector<uint8_t> sa((size_t)n * sz);
+        for (idx_t i = 0; i < n; i++) {
+            if (list_nos[i] < 0 || (size_t)list_nos[i] >= v->nlist)
+                throw std::invalid_argument("entry " + std::to_string(i) + ": list " +
+                                            std::to_string(list_nos[i]) + " out of range (nlist " +
+                                            std::to_string(v->nlist) + ")");
+            v->encode_listno(list_nos[i], sa.data() + (size_t)i * sz);
+            std::memcpy(sa.data() + (size_t)i * sz + cs, codes + (size_t)i * v->code_size,
+                        v->code_size);
+        }
+        v->add_sa_codes(n, sa.data(), ids);
+        if (l.pre) const_cast<faiss::IndexPreTransform*>(l.pre)->ntotal = v->ntotal;
+    }
+    KST_FAISS_CATCH
+}
+
 int kst_faiss_search(const FaissIndex* index, idx_t n, const float* x, idx_t k, size_t nprobe,
                      int ef_search, float* distances, idx_t* labels) {
     try {

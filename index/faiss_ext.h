@@ -89,6 +89,14 @@ int kst_faiss_clone_empty(const FaissIndex *index, FaissIndex **out);
 int kst_faiss_ivf_list_sizes(const FaissIndex *index, size_t *sizes);
 int kst_faiss_ivf_list_get(const FaissIndex *index, size_t list_no, idx_t *ids, uint8_t *codes);
 
+/* Adds n entries already encoded: entry i goes to list list_nos[i] with the IVF's code
+ * codes[i * code_size ...] (for IVF-PQ the PQ code of the residual, FAISS's byte layout) under id
+ * ids[i]. For codes chosen by other means than FAISS's nearest-codeword encoder (Distill-VQ's
+ * query-weighted codes, train/vq_code.h); search is unchanged. Fails on a list out of range, an
+ * untrained index, or an index with an id map. */
+int kst_faiss_ivf_add_encoded(FaissIndex *index, idx_t n, const idx_t *list_nos,
+                              const uint8_t *codes, const idx_t *ids);
+
 /* Searches as faiss_Index_search, with nprobe (IVF; 0 keeps the index's) and ef_search (HNSW; 0
  * keeps the index's) given for this call only, through FAISS's SearchParameters: the index is
  * not modified, so concurrent searches with different settings are safe. distances and labels

@@ -20,6 +20,7 @@
 #include "index/faiss_ext.h"
 #include "train/teacher.h"
 #include "train/vq.h"
+#include "train/vq_code.h"
 #include "tests/vq_fixture.h"
 
 #define FX "tests/fixtures/vq/"
@@ -115,7 +116,7 @@ static kst_ann *trained(const char *factory, const float *x, int64_t *ids) {
     return a;
 }
 
-static void check_written(const char *factory) {
+static void check_written(const char *factory, double score_weight) {
     float *x = synthetic(SN, 11), *q = synthetic(40, 12);
     int64_t *ids = malloc(SN * sizeof *ids);
     for (size_t i = 0; i < SN; i++) ids[i] = 1000 + 3 * (int64_t)i;
@@ -129,6 +130,7 @@ static void check_written(const char *factory) {
 
     kst_vq_opts o = kst_vq_opts_default();
     o.epochs = 3, o.max_queries = 256, o.candidates = 50, o.lr_ivf = o.lr_pq = 2e-3, o.seed = 5;
+    o.score_weight = score_weight;
     kst_vq_result r, r2;
     assert_ok(kst_vq_train(&m, SN, x, 0, NULL, NULL, NULL, &o, &r, &err), &err);
     fprintf(stderr, "  %s: loss ivf %.4f -> %.4f, pq %.4f -> %.4f; epochs %.4f %.4f %.4f\n",
@@ -143,6 +145,15 @@ static void check_written(const char *factory) {
     /* Determinism: the same seed gives the same parameters, bit for bit. */
     assert_ok(kst_vq_train(&m2, SN, x, 0, NULL, NULL, NULL, &o, &r2, &err), &err);
     assert_memory_equal(m.params, m2.params, m.nparams * sizeof(float));
+    /* Query-weighted codes: the metric is stored and the refits lowered e^T W e. */
+    assert_true((m.wq != NULL) == (score_weight > 0));
+    if (score_weight > 0) {
+        fprintf(stderr, "  %s: e^T W e %.5f -> %.5f over %ld refits\n", factory, r.werr_init,
+                r.werr_final, r.refits);
+        assert_int_equal(r.refits, o.refit_rounds);
+        assert_true(r.werr_final < r.werr_init);
+        assert_memory_equal(m.wq, m2.wq, (size_t)m.d * m.d * sizeof(float));
+    }
 
     /* Written into FAISS, saved and read back: FAISS holds exactly the learned parameters. */
     kst_ann *w = NULL, *back = NULL;
@@ -209,12 +220,19 @@ static void check_written(const char *factory) {
 
 static void test_train_ivfpq(void **state) {
     (void)state;
-    check_written("IVF16,PQ8");
+    check_written("IVF16,PQ8", 0.0); /* FAISS's own encoder writes the codes */
 }
 
 static void test_train_opq(void **state) {
     (void)state;
-    check_written("OPQ8,IVF16,PQ8");
+    check_written("OPQ8,IVF16,PQ8", 0.0);
+}
+
+/* The default: query-weighted codes (train/vq_code.h), stored by kst_faiss_ivf_add_encoded. */
+static void test_train_weighted(void **state) {
+    (void)state;
+    check_written("IVF16,PQ8", 0.5);
+    check_written("OPQ8,IVF16,PQ8", 0.5);
 }
 
 /* Validation keep-best: with a learning rate far too large the training queries' loss may fall
@@ -239,6 +257,7 @@ static void test_keep_best(void **state) {
     o.epochs = 2, o.max_queries = 200, o.candidates = 30, o.seed = 7, o.val_fraction = 0.25;
     o.lr_ivf = o.lr_pq = 3.0; /* every step overshoots: the codebooks leave the data */
     o.lr_backoff = 0;         /* no second chance at smaller rates */
+    o.score_weight = 0;       /* the distillation alone (the refit would move the codebooks) */
     kst_vq_result r;
     assert_ok(kst_vq_train(&m, SN, x, 0, NULL, NULL, NULL, &o, &r, &err), &err);
     fprintf(stderr, "  lr 3: validation %.4f -> %.4f, kept epoch %ld; mse %.4f -> %.4f\n",
@@ -284,6 +303,54 @@ static void test_keep_best(void **state) {
     free(init), free(x), free(ids);
 }
 
+/* Query-weighted codes and codebook refit against the NumPy reference (fx_vq_code.py): the same
+ * metric W, the same codes (the reference evaluates every candidate's e^T W e in full), the same
+ * refit codebooks (solved there by least squares, here by the normal equations) and objectives. */
+static void test_code_matches_numpy(void **state) {
+    (void)state;
+    const char *dir = "tests/fixtures/vq_code/";
+    kst_npy y = vq_fixture_load(dir, "y"), C = vq_fixture_load(dir, "C"), B = vq_fixture_load(dir, "B"),
+            q = vq_fixture_load(dir, "q"), assign = vq_fixture_load(dir, "assign"),
+            W = vq_fixture_load(dir, "W"), codes = vq_fixture_load(dir, "codes"),
+            B1 = vq_fixture_load(dir, "B1"), sc = vq_fixture_load(dir, "scalars");
+    const float *s = sc.data;
+    size_t n = y.shape[0], d = y.shape[1];
+    float *tau = calloc(B.shape[0], sizeof(float));
+    kst_npy tn = {0};
+    tn.data = tau;
+    kst_vq_model m;
+    vq_model_from_fixture(&m, &y, &C, &B, &tn);
+    kst_error err;
+    float *w = malloc(d * d * sizeof(float));
+    assert_ok(kst_vq_score_metric(d, q.shape[0], q.data, s[0], w, &err), &err);
+    assert_close_f32("W", w, W.data, d * d, 1e-5, 1e-5);
+    const int32_t *a = (const int32_t *)(const void *)assign.data;
+    uint8_t *got = malloc(n * m.M);
+    /* Without a metric: the nearest codes, and e^T I e is the reconstruction error. */
+    assert_ok(kst_vq_encode(&m, n, y.data, a, got, NULL, &err), &err);
+    m.wq = w, m.wq_iters = (long)s[1];
+    double e0 = kst_vq_weighted_error(&m, n, y.data, a, got);
+    assert_true(fabs(e0 - s[2]) < 1e-5 * (1 + fabs(s[2])));
+    long rounds;
+    assert_ok(kst_vq_encode(&m, n, y.data, a, got, &rounds, &err), &err);
+    const int32_t *want = (const int32_t *)(const void *)codes.data;
+    for (size_t i = 0; i < n * m.M; i++) assert_int_equal(got[i], want[i]);
+    assert_true(rounds >= 1 && rounds <= m.wq_iters);
+    double before, after;
+    assert_ok(kst_vq_refit(&m, n, y.data, a, got, &before, &after, &err), &err);
+    fprintf(stderr, "  e^T W e: nearest %.6f, encoded %.6f (ref %.6f), refit %.6f (ref %.6f)\n", e0,
+            before, s[3], after, s[4]);
+    assert_true(fabs(before - s[3]) < 1e-5 * (1 + s[3]));
+    assert_true(fabs(after - s[4]) < 1e-5 * (1 + s[4]));
+    assert_close_f32("refit B", m.codebook, B1.data, B1.count, 1e-4, 1e-4);
+    /* Bad input: a weight outside [0, 1]. */
+    assert_int_equal(kst_vq_score_metric(d, q.shape[0], q.data, 1.5, w, &err), KST_ERR_INVALID);
+    assert_msg_has(err.msg, "[0, 1]");
+    free(m.params), free(w), free(got), free(tau);
+    kst_npy_free(&y), kst_npy_free(&C), kst_npy_free(&B), kst_npy_free(&q), kst_npy_free(&assign);
+    kst_npy_free(&W), kst_npy_free(&codes), kst_npy_free(&B1), kst_npy_free(&sc);
+}
+
 static void test_unsupported(void **state) {
     (void)state;
     kst_ann *a = NULL;
@@ -315,6 +382,8 @@ int main(void) {
         cmocka_unit_test(test_batch_matches_autograd),
         cmocka_unit_test(test_train_ivfpq),
         cmocka_unit_test(test_train_opq),
+        cmocka_unit_test(test_train_weighted),
+        cmocka_unit_test(test_code_matches_numpy),
         cmocka_unit_test(test_keep_best),
         cmocka_unit_test(test_unsupported),
     };

@@ -18,6 +18,7 @@
 #include "index/faiss_ext.h"
 #include "train/optim.h"
 #include "train/teacher.h"
+#include "train/vq_code.h"
 #include "train/vq_qenc.h"
 
 /* ---------------------------------------------------------------------------------------------
@@ -34,6 +35,7 @@ void kst_vq_model_free(kst_vq_model *m) {
     kst_free(m->params);
     kst_free(m->rot);
     kst_free(m->tau);
+    kst_free(m->wq);
     memset(m, 0, sizeof *m);
 }
 
@@ -170,6 +172,23 @@ static void residual_and_code(const kst_vq_model *m, const float *y, int32_t a, 
 void kst_vq_reconstruct(const kst_vq_model *m, size_t n, const float *y, const int32_t *assign,
                         float *recon, uint8_t *codes) {
     size_t d = (size_t)m->d;
+    if (m->wq) {
+        uint8_t *cw = codes ? codes : kst_malloc(n > 0 ? n * m->M : 1, 1, "codes", NULL);
+        if (!cw || kst_vq_encode(m, n, y, assign, cw, NULL, NULL) != KST_OK) {
+            if (cw != codes) kst_free(cw);
+            return;
+        }
+        for (size_t i = 0; i < n; i++) {
+            const float *c = m->centroids + (size_t)assign[i] * d;
+            for (size_t s = 0; s < m->M; s++) {
+                const float *cb = m->codebook + (s * m->ksub + cw[i * m->M + s]) * m->dsub;
+                for (size_t j = 0; j < m->dsub; j++)
+                    recon[i * d + s * m->dsub + j] = c[s * m->dsub + j] + cb[j];
+            }
+        }
+        if (cw != codes) kst_free(cw);
+        return;
+    }
     float *r = kst_malloc(d, sizeof(float), "residual", NULL);
     if (!r) return;
     for (size_t i = 0; i < n; i++) {
@@ -443,6 +462,9 @@ kst_vq_opts kst_vq_opts_default(void) {
     o.w_rec = 0.0;
     o.rec_docs = 256;
     o.val_fraction = 0.1;
+    o.score_weight = 0.5;
+    o.refit_rounds = 8;
+    o.refit_docs = 32768;
     o.lr_backoff = 0.1;
     return o;
 }
@@ -695,6 +717,54 @@ static void lazy_adam_rows(float *p, float *mom, float *vel, const float *g, siz
     }
 }
 
+/* The query-weighted codes (train/vq_code.h): W from the training queries (given; the student
+ * queries, i.e. the tuned query encoder's when one is trained), or from up
+ * to refit_docs evenly spaced documents (label-free: the documents stand for the queries, as the
+ * sampled-document queries do), stored in m; then refit_rounds times: encode a sample of the
+ * documents under W, refit the codebooks to those codes. */
+static int score_codes(kst_vq_model *m, const vq_data *v, const kst_vq_opts *o, kst_vq_result *res,
+                       kst_error *err) {
+    size_t d = (size_t)m->d, n = v->n;
+    size_t ns = o->refit_docs && o->refit_docs < n ? o->refit_docs : n;
+    int rc = KST_OK;
+    float *ys = kst_malloc(ns * d, sizeof(float), "refit sample", err);
+    int32_t *as = kst_malloc(ns, sizeof(int32_t), "refit lists", err);
+    uint8_t *codes = kst_malloc(ns * m->M, 1, "refit codes", err);
+    if (!m->wq) m->wq = kst_malloc(d * d, sizeof(float), "score metric", err);
+    if (!ys || !as || !codes || !m->wq) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    for (size_t i = 0; i < ns; i++) {
+        size_t doc = i * n / ns;
+        memcpy(ys + i * d, v->y + doc * d, d * sizeof(float));
+        as[i] = v->assign[doc];
+    }
+    if (v->self) /* label-free: the documents' own second moment */
+        rc = kst_vq_score_metric(d, ns, ys, o->score_weight, m->wq, err);
+    else
+        rc = kst_vq_score_metric(d, v->nq, v->qs, o->score_weight, m->wq, err);
+    if (rc != KST_OK) goto done;
+    m->wq_iters = 3;
+    for (long r = 0; r < o->refit_rounds; r++) {
+        double before, after;
+        KST_TRY(kst_vq_encode(m, ns, ys, as, codes, NULL, err));
+        KST_TRY(kst_vq_refit(m, ns, ys, as, codes, &before, &after, err));
+        if (r == 0) res->werr_init = before;
+        res->werr_final = after;
+        res->refits++;
+    }
+done:
+    kst_free(ys);
+    kst_free(as);
+    kst_free(codes);
+    if (rc != KST_OK) {
+        kst_free(m->wq);
+        m->wq = NULL;
+    }
+    return rc;
+}
+
 int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const float *q,
                  const size_t *pos_off, const int64_t *pos, const kst_vq_opts *opts,
                  kst_vq_result *out, kst_error *err) {
@@ -941,6 +1011,7 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
     quant_stats(m, &v, &res.mse_final, &res.imbalance_final);
     KST_TRY(eval_loss(m, &v, &o, order_all, v.nq, off, cand, teacher, qb, &res.loss_final_ivf,
                       &res.loss_final_pq, err));
+    if (o.score_weight > 0) KST_TRY(score_codes(m, &v, &o, &res, err));
     res.epochs = o.epochs;
     res.queries = v.nq;
     res.candidates_mean = res.steps ? ncand / (ntr * (size_t)o.epochs) : k;
@@ -975,6 +1046,42 @@ done:
  * Write-back
  * ------------------------------------------------------------------------------------------- */
 
+#define WRITE_BLOCK 65536
+
+/* Adds the documents with their query-weighted codes (m->wq), block by block: rotate, assign the
+ * list (as FAISS's flat quantizer: the largest inner product), encode, hand FAISS the codes. */
+static int add_weighted(const kst_vq_model *m, kst_ann *a, size_t n, const float *x,
+                        const int64_t *ids, kst_error *err) {
+    size_t d = (size_t)m->d, bs = n < WRITE_BLOCK ? (n ? n : 1) : WRITE_BLOCK;
+    int rc = KST_OK;
+    float *y = kst_malloc(bs * d, sizeof(float), "write block", err);
+    int32_t *as = kst_malloc(bs, sizeof(int32_t), "write lists", err);
+    int64_t *lists = kst_malloc(bs, sizeof(int64_t), "write lists", err);
+    uint8_t *codes = kst_malloc(bs * m->M, 1, "write codes", err);
+    if (!y || !as || !lists || !codes) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    for (size_t i0 = 0; i0 < n; i0 += bs) {
+        size_t nb = n - i0 < bs ? n - i0 : bs;
+        kst_vq_rotate(m, nb, x + i0 * (size_t)m->d_in, y);
+        kst_vq_assign(m, nb, y, as);
+        KST_TRY(kst_vq_encode(m, nb, y, as, codes, NULL, err));
+        for (size_t i = 0; i < nb; i++) lists[i] = as[i];
+        if (kst_faiss_ivf_add_encoded((FaissIndex *)kst_ann_faiss(a), (idx_t)nb, lists, codes,
+                                      ids + i0) != 0) {
+            rc = faiss_fail(err, KST_ERR_INVALID, "adding the query-weighted codes");
+            goto done;
+        }
+    }
+done:
+    kst_free(y);
+    kst_free(as);
+    kst_free(lists);
+    kst_free(codes);
+    return rc;
+}
+
 int kst_vq_write_index(const kst_vq_model *m, kst_ann *src, size_t n, const float *x,
                        const int64_t *ids, kst_ann **out, kst_error *err) {
     *out = NULL;
@@ -990,7 +1097,10 @@ int kst_vq_write_index(const kst_vq_model *m, kst_ann *src, size_t n, const floa
         rc = faiss_fail(err, KST_ERR_INVALID, "writing the learned PQ codebooks");
         goto done;
     }
-    KST_TRY(kst_ann_add(a, (int64_t)n, m->d_in, x, ids, err));
+    if (m->wq)
+        KST_TRY(add_weighted(m, a, n, x, ids, err));
+    else
+        KST_TRY(kst_ann_add(a, (int64_t)n, m->d_in, x, ids, err));
 done:
     if (rc != KST_OK) {
         kst_ann_free(a);

@@ -19,6 +19,11 @@
  * residual, the hard codeword B[m,k*] directly (it is indexed from B, as in PyTorch's
  * `B[code] + soft - soft.detach()`), and every codeword through the soft assignment.
  *
+ * After the epochs, by default, the codes are chosen for ranking (train/vq_code.h): each document's
+ * PQ codes minimise e^T W e, W built from the queries' second moment, and the codebooks are refit
+ * under W (opts score_weight, refit_rounds); m->wq keeps W, and kst_vq_reconstruct /
+ * kst_vq_write_index use those codes (written into FAISS as they are).
+ *
  * Parameters (llm.c shape): one flat float buffer [C (nlist, d) | B (M, ksub, dsub)], the
  * gradient and Adam moments in the same layout. The learned values are written back into a copy
  * of the FAISS index (kst_vq_write_index) and the documents re-encoded, so search is plain FAISS.
@@ -43,6 +48,10 @@ typedef struct kst_vq_model {
     float *codebook;   /* (M, ksub, dsub) points into params */
     float *rot;        /* (d, d_in) OPQ's A (y = A x), NULL without OPQ */
     float *tau;        /* (M) soft-assignment temperatures */
+    float *wq;         /* (d, d) or NULL: the score metric W of query-weighted codes
+                        * (train/vq_code.h); set, the codes kst_vq_reconstruct and
+                        * kst_vq_write_index use minimise e^T W e instead of |e|^2 */
+    long wq_iters;     /* coordinate-descent rounds of that encoder (3) */
 } kst_vq_model;
 
 /* Reads the centroids, codebooks and OPQ matrix of a trained IVF-PQ (optionally OPQ) index with
@@ -61,7 +70,8 @@ void kst_vq_rotate(const kst_vq_model *m, size_t n, const float *x, float *y);
 void kst_vq_assign(const kst_vq_model *m, size_t n, const float *y, int32_t *assign);
 
 /* The IVF-PQ reconstruction C[a] + decode(hard codes) of n rotated documents (n, d), with their
- * lists `assign`; codes (n, M) may be NULL. */
+ * lists `assign`; codes (n, M) may be NULL. The codes are the nearest codewords, or with m->wq the
+ * query-weighted ones (train/vq_code.h), as kst_vq_write_index stores them. */
 void kst_vq_reconstruct(const kst_vq_model *m, size_t n, const float *y, const int32_t *assign,
                         float *recon, uint8_t *codes);
 
@@ -110,6 +120,13 @@ typedef struct kst_vq_opts {
                                * its texts are the nq queries of kst_vq_train, whose q stay the
                                * teacher's frozen embeddings); lr_backoff and the kept epoch
                                * cover its weights too */
+    double score_weight;      /* lambda of the query-weighted codes (train/vq_code.h): after the
+                               * distillation epochs W = (1 - lambda) I + lambda d S / tr(S), S the
+                               * training queries' second moment (sampled documents when no
+                               * queries are given), is stored in the model (m->wq) and the
+                               * codebooks are refit under it; 0: FAISS's nearest codes (0.5) */
+    long refit_rounds;        /* codebook refits under W, each after encoding the sample (8) */
+    size_t refit_docs;        /* documents (evenly spaced) the refits see (65536) */
     const float *q_student;   /* (nq, d_in) or NULL: fixed student queries other than the
                                * teacher's q (an index's tuned query encoder, trained no further);
                                * ignored with qenc */
@@ -127,6 +144,9 @@ typedef struct kst_vq_result {
     size_t val_queries;
     double mse_init, mse_final;           /* mean |y - reconstruction|^2 over a document sample */
     double imbalance_init, imbalance_final; /* nlist * sum(list size^2) / n^2 (FAISS's factor) */
+    double werr_init, werr_final;         /* mean e^T W e of the refit sample before the first
+                                           * and after the last codebook refit (score_weight) */
+    long refits;
     long epochs, steps;
     size_t queries, candidates_mean;
     double seconds;

@@ -23,7 +23,7 @@ static const char *HELP =
     "usage: kestrel train vq --index DIR [--queries FILE] [--qrels FILE] [--epochs N]\n"
     "         [--lr-ivf X] [--lr-pq X] [--temperature T] [--candidates K] [--batch-size N]\n"
     "         [--max-queries N] [--tau-scale X] [--val-fraction X] [--anchor X] [--seed N]\n"
-    "         [--train-query-encoder [--lr-query-encoder X]]\n"
+    "         [--score-weight X] [--refits N] [--train-query-encoder [--lr-query-encoder X]]\n"
     "\n"
     "Distill-VQ: learns the IVF coarse centroids and PQ codebooks of the index's FAISS IVF-PQ\n"
     "(IVFn,PQm or OPQm,IVFn,PQm; 8-bit codes) so that the compressed index ranks documents as the\n"
@@ -40,6 +40,13 @@ static const char *HELP =
     "distances to the codewords for gradients). Loss: listwise cross-entropy between\n"
     "softmax(teacher/T) and softmax(student/T), IVF + PQ. With OPQ, learning happens after the\n"
     "(fixed) OPQ rotation.\n"
+    "\n"
+    "Query-weighted codes (after the epochs; on by default): a document's score error for a query\n"
+    "q is q.e, e = (d - c(d)) - PQ code, so its mean square over the queries is e^T S e, S the\n"
+    "queries' second moment. FAISS picks the nearest codeword (|e|^2); here every document's codes\n"
+    "minimise e^T W e, W = (1 - X) I + X S (scaled to trace d; S from --queries, or from the\n"
+    "documents when label-free), and the codebooks are refit under W. The codes are stored in the\n"
+    "FAISS IVF-PQ as they are: search is unchanged.\n"
     "\n"
     "  --index DIR        the index (built with a dense model and an IVF-PQ factory)\n"
     "  --queries FILE     training queries (qid<TAB>text or BEIR queries.jsonl). Default: label-free,\n"
@@ -67,6 +74,10 @@ static const char *HELP =
     "                     drawn uniformly each step, relative to its starting value (0: off; 1\n"
     "                     did not help in tests/bench/README.md, \"Distill-VQ\")\n"
     "  --seed N           query sampling and order (0)\n"
+    "  --score-weight X   X of the query-weighted codes, in [0, 1] (0.5; 0: FAISS's nearest\n"
+    "                     codewords, as before). Chosen on development queries (SciFact train\n"
+    "                     queries): tests/bench/README.md, \"Distill-VQ\"\n"
+    "  --refits N         codebook refits under W, each after encoding (8; 0: encode only)\n"
     "  --doc-vectors V.npy --doc-ids F\n"
     "                     the documents' vectors computed before by the index's model (`kestrel\n"
     "                     embed` over each document's \"title text\"), rows named by the external\n"
@@ -386,7 +397,16 @@ int cmd_train_vq(int argc, char **argv) {
         else if (strcmp(a, "--qrels") == 0) qrels = v;
         else if (strcmp(a, "--doc-vectors") == 0) dvec = v;
         else if (strcmp(a, "--doc-ids") == 0) dids = v;
-        else if (!strcmp(a, "--val-fraction") || !strcmp(a, "--anchor")) {
+        else if (!strcmp(a, "--score-weight")) {
+            double x = strtod(v, &end);
+            if (!*v || *end || !(x >= 0 && x <= 1))
+                return cli_usage_error("train vq", "--score-weight expects a number in [0, 1], got "
+                                       "\"%s\"", v);
+            o.score_weight = x;
+        } else if (!strcmp(a, "--refits")) {
+            if (cli_size_value(a, v, &n) != 0) return KST_EXIT_USAGE;
+            o.refit_rounds = (long)n;
+        } else if (!strcmp(a, "--val-fraction") || !strcmp(a, "--anchor")) {
             double x = strtod(v, &end);
             int frac = !strcmp(a, "--val-fraction");
             if (!*v || *end || !(x >= 0) || (frac && !(x < 0.9)))
@@ -528,12 +548,14 @@ int cmd_train_vq(int argc, char **argv) {
              "\"temperature\":%g,\"tau_scale\":%g,\"candidates\":%zu,\"batch\":%zu,\"seed\":%llu,"
              "\"anchor\":%g,\"val_fraction\":%g,\"val_queries\":%zu,\"val_loss\":[%.6f,%.6f],"
              "\"kept_epoch\":%ld,\"mse\":[%.6f,%.6f],"
-             "\"opq\":%s,\"loss_ivf\":[%.6f,%.6f],\"loss_pq\":[%.6f,%.6f],\"seconds\":%.1f}",
+             "\"opq\":%s,\"loss_ivf\":[%.6f,%.6f],\"loss_pq\":[%.6f,%.6f],\"score_weight\":%g,"
+             "\"refits\":%ld,\"weighted_error\":[%.6f,%.6f],\"seconds\":%.1f}",
              n, r.queries, qpath ? "given" : "sampled documents", npos, r.epochs, r.steps, o.lr_ivf,
              o.lr_pq, o.temperature, o.tau_scale, o.candidates, o.batch,
              (unsigned long long)o.seed, o.w_rec, o.val_fraction, r.val_queries, r.val_init,
              r.val_best, r.best_epoch, r.mse_init, r.mse_final, m.rot ? "true" : "false",
-             r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, r.seconds);
+             r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, o.score_weight,
+             r.refits, r.werr_init, r.werr_final, r.seconds);
     if (train_qenc) {
         /* The tuned encoder goes into the index as query_model.<next generation>, written (each
          * file atomically, weights last) before the commit that names it: a crash before the

@@ -11,7 +11,10 @@
  *   KESTREL_BENCH_VQ_EPOCHS, _QUERIES, _CANDIDATES, _LR  Distill-VQ settings (3, 1024, 100, 1e-3)
  *   KESTREL_BENCH_VQ_TRAIN   training sample of every index (40000, evenly spaced)
  *   KESTREL_BENCH_VQ_OPQ=0 / _DVQ=0 / _OPQ_DVQ=0  skip OPQ (and Distill-VQ from it), Distill-VQ
- *                            from IVF-PQ, Distill-VQ from OPQ
+ *                            from IVF-PQ, Distill-VQ from OPQ; _IVFPQ=0 with _DVQ=0: no k-means
+ *                            IVF-PQ either
+ *   KESTREL_BENCH_VQ_SW, _REFITS  the query-weighted codes' weight and refits (kst_vq_opts
+ *                            defaults: 0.5, 3; SW=0 is FAISS's nearest codes)
  *   KESTREL_BENCH_VQ_DEV     development queries (.npy): their recall@10 is printed too ("dev"),
  *                            so settings can be chosen without looking at the test queries
  *   KESTREL_BENCH_VQ_TRAIN_Q Distill-VQ's training queries (.npy, a query log that holds no test
@@ -193,6 +196,8 @@ static void distill(const ctx *c, const char *method, int bytes, kst_ann *src) {
     o.lr_backoff = env_double("KESTREL_BENCH_VQ_BACKOFF", o.lr_backoff);
     o.temperature = env_double("KESTREL_BENCH_VQ_T", o.temperature);
     o.tau_scale = env_double("KESTREL_BENCH_VQ_TAU", o.tau_scale);
+    o.score_weight = env_double("KESTREL_BENCH_VQ_SW", o.score_weight);
+    o.refit_rounds = env_long("KESTREL_BENCH_VQ_REFITS", o.refit_rounds);
     /* Training queries: a query log (KESTREL_BENCH_VQ_TRAIN_Q, .npy; never the test queries) or,
      * by default, sampled documents (label-free). */
     kst_npy TQ = {0};
@@ -206,14 +211,16 @@ static void distill(const ctx *c, const char *method, int bytes, kst_ann *src) {
     kst_ann *a = NULL;
     double t0 = kst_now();
     if (kst_vq_write_index(&m, src, c->n, c->x, c->ids, &a, &e) != KST_OK) die("vq write", &e);
-    char extra[400];
+    char extra[512];
     snprintf(extra, sizeof extra,
              "  [loss ivf %.3f -> %.3f, pq %.3f -> %.3f; val %.4f -> %.4f (epoch %ld of %ld, "
              "%ld backoffs); "
-             "mse %.4f -> %.4f; imbalance %.2f -> %.2f; re-encode %.1f s]",
+             "mse %.4f -> %.4f; imbalance %.2f -> %.2f; W-err %.4f -> %.4f (%ld refits, "
+             "weight %.2f); re-encode %.1f s]",
              r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, r.val_init,
              r.val_best, r.best_epoch, r.epochs, r.backoffs, r.mse_init, r.mse_final, r.imbalance_init,
-             r.imbalance_final, kst_now() - t0);
+             r.imbalance_final, r.werr_init, r.werr_final, r.refits, o.score_weight,
+             kst_now() - t0);
     report(c, method, bytes, a, r.seconds, extra);
     kst_free(r.epoch_loss);
     kst_ann_free(a);
@@ -286,8 +293,12 @@ int main(int argc, char **argv) {
         char f[128];
         double secs;
         snprintf(f, sizeof f, "IVF%zu,PQ%d", nlist, M);
-        kst_ann *ivfpq = build(&c, f, &secs);
-        report(&c, "ivfpq", M, ivfpq, secs, "");
+        /* KESTREL_BENCH_VQ_IVFPQ=0 skips the k-means IVF-PQ (with _DVQ=0 nothing needs it). */
+        kst_ann *ivfpq = NULL;
+        if (env_long("KESTREL_BENCH_VQ_IVFPQ", 1) || env_long("KESTREL_BENCH_VQ_DVQ", 1)) {
+            ivfpq = build(&c, f, &secs);
+            report(&c, "ivfpq", M, ivfpq, secs, "");
+        }
         kst_ann *opq = NULL;
         if (with_opq) {
             snprintf(f, sizeof f, "OPQ%d,IVF%zu,PQ%d", M, nlist, M);

@@ -26,6 +26,7 @@ check "index build (IVF4,PQ4)" "$K" index build --index $T/ix --collection $T/co
 gen0=$(manifest ann_file)
 search > $T/before.tsv
 cp "$T/ix/$gen0" $T/old.faiss
+cp -r $T/ix $T/ixw  # a fresh copy for the default (query-weighted codes) run below
 
 # A crash after the new file is written, before the manifest switches to it.
 KESTREL_TEST_KILL=before_commit "$K" train vq --index $T/ix --epochs 1 --candidates 50 >/dev/null 2>&1; rc=$?
@@ -36,7 +37,10 @@ check "the old FAISS file is unchanged" cmp "$T/ix/$gen0" $T/old.faiss
 
 # --val-fraction 0 keeps the last epoch: on 300 documents the held-out queries may prefer the
 # start, and then there would be no learned codebooks to read back
-check "train vq (label-free)" "$K" train vq --index $T/ix --epochs 2 --candidates 50 --lr-ivf 1e-3 --lr-pq 1e-3 --seed 3 --val-fraction 0
+# --score-weight 0 (FAISS's nearest codes) on this index: the runs below continue from it, and the
+# joint training's loss check assumes the distillation's nearest-code start; the default
+# query-weighted codes are checked on the fresh copy $T/ixw after this block
+check "train vq (label-free)" "$K" train vq --index $T/ix --epochs 2 --candidates 50 --lr-ivf 1e-3 --lr-pq 1e-3 --seed 3 --val-fraction 0 --score-weight 0
 gen1=$(manifest ann_file)
 [ "$gen1" != "$gen0" ] && [ -f "$T/ix/$gen1" ] && ok "a new generation: $gen0 -> $gen1" || bad "no new generation ($gen0 -> $gen1)"
 if have_py; then
@@ -49,13 +53,24 @@ case "$vq" in
   *'"method":"distill-vq"'*'"query_source":"sampled documents"'*) ok "the manifest records the training" ;;
   *) bad "the manifest records the training (vq_training = $vq)" ;;
 esac
-for want in '"epochs":2' '"documents":300' '"val_fraction":0,' '"kept_epoch":2' '"anchor":0,'; do
+for want in '"epochs":2' '"documents":300' '"val_fraction":0,' '"kept_epoch":2' '"anchor":0,' '"score_weight":0,' '"refits":0,'; do
   case "$vq" in *"$want"*) ok "vq_training has $want" ;; *) bad "vq_training lacks $want ($vq)" ;; esac
 done
+# The defaults: query-weighted codes (W from the documents, 8 codebook refits), stored in FAISS as
+# they are; faiss-cpu reads the file and its scores are q.(c + decode(code)) of the stored codes.
+check "train vq with the defaults (query-weighted codes)" "$K" train vq --index $T/ixw --epochs 1 --candidates 50 --seed 3
+mw() { sqlite3 -readonly "$T/ixw/docs.sqlite" "SELECT value FROM manifest WHERE key = '$1'" 2>/dev/null; }
+for want in '"score_weight":0.5,' '"refits":8,' '"weighted_error":['; do
+  case "$(mw vq_training)" in *"$want"*) ok "default vq_training has $want" ;; *) bad "default vq_training lacks $want ($(mw vq_training))" ;; esac
+done
+if have_py; then
+  check "faiss-cpu reads the query-weighted index; its scores are q.(c + decode(code))" $PY tests/tools/vq_faiss_check.py $T/old.faiss "$T/ixw/$(mw ann_file)"
+fi
+check "index info counts every query-weighted vector" sh -c "'$K' index info --index $T/ixw | grep -qx 'faiss_vectors	300'"
 check "search works on the new generation" sh -c "$(declare -f search); K='$K' T='$T' search | grep -c . | grep -qx 10"
 check "index info counts every vector" sh -c "'$K' index info --index $T/ix | grep -qx 'faiss_vectors	300'"
 
-check "train vq with --queries and --qrels" sh -c "'$K' train vq --index $T/ix --queries $T/queries.jsonl --qrels $T/qrels.txt --epochs 1 --candidates 50 2>&1 | grep -E -q '^kestrel train vq: [1-9][0-9]* relevant documents'"
+check "train vq with --queries and --qrels" sh -c "'$K' train vq --index $T/ix --queries $T/queries.jsonl --qrels $T/qrels.txt --epochs 1 --candidates 50 --score-weight 0 2>&1 | grep -E -q '^kestrel train vq: [1-9][0-9]* relevant documents'"
 case "$(manifest vq_training)" in *'"query_source":"given"'*) ok "the manifest names the given queries" ;; *) bad "the manifest names the given queries ($(manifest vq_training))" ;; esac
 case "$(manifest vq_training)" in *'"val_fraction":0.1,'*'"kept_epoch":'[01]*) ok "the manifest records the validation (default 0.1, one epoch: epoch 0 or 1 kept)" ;; *) bad "the manifest records the validation ($(manifest vq_training))" ;; esac
 
@@ -121,6 +136,7 @@ expect_exit "--train-query-encoder without --queries" 64 "needs --queries" -- "$
 expect_exit "a bad --lr-query-encoder" 64 "positive number" -- "$K" train vq --index $T/ix --lr-query-encoder 0
 expect_exit "a bad learning rate" 64 "positive number" -- "$K" train vq --index $T/ix --lr-pq -1
 expect_exit "a bad --val-fraction" 64 "in [0, 0.9)" -- "$K" train vq --index $T/ix --val-fraction 1.5
+expect_exit "a bad --score-weight" 64 "in [0, 1]" -- "$K" train vq --index $T/ix --score-weight 1.5
 expect_exit "a negative --anchor" 64 ">= 0" -- "$K" train vq --index $T/ix --anchor -1
 expect_exit "--qrels without --queries" 64 "--qrels needs --queries" -- "$K" train vq --index $T/ix --qrels $T/qrels.txt
 check "build a Flat index" "$K" index build --index $T/flat --collection $T/corpus.jsonl --model $F/st_bert_mean --factory Flat
@@ -128,4 +144,5 @@ expect_exit "a Flat index has nothing to learn" 6 "IVF-PQ" -- "$K" train vq --in
 expect_exit "a missing index" 5 "$T/none" -- "$K" train vq --index $T/none
 check "train vq --help" sh -c "'$K' train vq --help | grep -q 'Distill-VQ'"
 check "train vq --help documents --train-query-encoder" sh -c "'$K' train vq --help | grep -q 'query_model.N'"
+check "train vq --help documents --score-weight" sh -c "'$K' train vq --help | grep -q -- --score-weight"
 summary "train vq CLI"
