@@ -356,10 +356,8 @@ attention_kernel(bf16 *out, const bf16 *qkv, const float *bias, const int *valid
             mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
             mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
         const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
         const float al0 = exp2f(m0 - mn0), al1 = exp2f(m1 - mn1); /* 0 the first time */
         m0 = mn0;
@@ -394,10 +392,8 @@ attention_kernel(bf16 *out, const bf16 *qkv, const float *bias, const int *valid
                 mma_bf16(o[dt], pa[j][0], pa[j][1], pa[j][2], pa[j][3], ld32(vr + j * 16), ld32(vr + j * 16 + 8));
         }
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
     const float i0 = 1.0f / l0, i1 = 1.0f / l1;
     const int qa_row = q0 + warp * 16 + g, qb_row = qa_row + 8;
 #pragma unroll
@@ -530,10 +526,8 @@ attention2_kernel(bf16 *out, const bf16 *qkv, const int *valid, int T, int C, in
             mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
             mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
         /* m in the scaled base-2 domain; p = 2^(s * qscale - m) as one FFMA and one EX2 */
         const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
         const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1); /* 0 the first time */
@@ -572,10 +566,8 @@ attention2_kernel(bf16 *out, const bf16 *qkv, const int *valid, int T, int C, in
         }
         __syncthreads(); /* this tile's slot is refilled two tiles on */
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
     const float i0 = 1.0f / l0, i1 = 1.0f / l1;
     /* the warp's own 16 Q rows hold its output, then go out in 16-byte chunks */
     bf16 *os = Qs + warp * 16 * LD;

@@ -549,10 +549,8 @@ __global__ void __launch_bounds__(FA_THREADS) fa_fwd(bf16 *out, float *lse, cons
             mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
             mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
         const float al0 = ex2_approx(m0 - mx0), al1 = ex2_approx(m1 - mx1); /* 0 on the first tile */
         m0 = mx0, m1 = mx1;
         l0 *= al0, l1 *= al1;
@@ -574,10 +572,8 @@ __global__ void __launch_bounds__(FA_THREADS) fa_fwd(bf16 *out, float *lse, cons
         }
         fa_ab<HS>(o, pa, Vs, lane);
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
     const float iv0 = 1.0f / l0, iv1 = 1.0f / l1;
     bf16 *ob = out + (size_t)b * T * C + (size_t)h * HS + 2 * t;
 #pragma unroll
