@@ -24,6 +24,8 @@ typedef struct kv_layer {
     size_t n, cap;
     int built;
     kv_hstore *heads; /* (kv_heads) */
+    uint32_t *cost;   /* (q_heads) keys each decode-step task scored last step */
+    uint32_t *order;  /* (q_heads) the tasks by that cost, largest first (the next step's order) */
 #ifdef KST_CUDA
     kst_kvgpu *gpu;  /* static tokens: slot p for sink p, a ring of `window` slots after */
 #endif
@@ -146,7 +148,9 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     if (!c->layers || !c->th || !c->lse_buf) goto fail;
     for (size_t l = 0; l < o.layers; l++) {
         c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
-        if (!c->layers[l].heads) goto fail;
+        c->layers[l].cost = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache task costs", err);
+        c->layers[l].order = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache task order", err);
+        if (!c->layers[l].heads || !c->layers[l].cost || !c->layers[l].order) goto fail;
         for (size_t h = 0; h < o.kv_heads; h++) {
             kst_kvg_init(&c->layers[l].heads[h].g, o.degree, o.entries, o.efc, NULL);
             c->layers[l].heads[h].g.codes_on = o.codes;
@@ -171,6 +175,8 @@ void kst_kvc_free(kst_kvc *c) {
     if (c->layers) {
         for (size_t l = 0; l < c->o.layers; l++) {
             kv_layer *L = &c->layers[l];
+            kst_free(L->cost);
+            kst_free(L->order);
             if (!L->heads) continue;
             for (size_t h = 0; h < c->o.kv_heads; h++) {
                 kst_free(L->heads[h].K);
@@ -594,8 +600,17 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     }
 #endif
     if (pf) pt1 = mono_s();
+    /* Longest task first: the threads take the tasks in the order of the keys each scored in the
+     * previous step (a head's search costs about the same from step to step), so that no thread
+     * is left with two long searches while others idle (ties keep the head order). */
+    for (size_t i = 0; i < ntask; i++) {
+        size_t j = i;
+        for (; j > 0 && L->cost[L->order[j - 1]] < L->cost[i]; j--) L->order[j] = L->order[j - 1];
+        L->order[j] = (uint32_t)i;
+    }
 #pragma omp parallel for schedule(dynamic) reduction(+ : scanned, retrieved, sampled) if (ntask > 1)
-    for (size_t tk = 0; tk < ntask; tk++) {
+    for (size_t ti = 0; ti < ntask; ti++) {
+        const size_t tk = L->order[ti];
         kv_thread *t = &c->th[omp_get_thread_num()];
         double ta = pf ? mono_s() : 0, tb = ta;
         if (pf && t->p_first == 0) t->p_first = ta;
@@ -616,6 +631,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             r = retrieve(c, H, t, q + h0 * d, gq, k, ef, fnd, &sc);
             if (r != KST_OK) kst_fail(&e2, r, "kst_kv_attend: out of memory in the index search");
             scanned += sc;
+            L->cost[tk] = sc > UINT32_MAX ? UINT32_MAX : (uint32_t)sc;
             if (pf) {
                 tb = mono_s();
                 t->p_search += tb - ta;
