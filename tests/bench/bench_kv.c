@@ -217,7 +217,7 @@ int main(int argc, char **argv) {
         size_t ne = nt < 100 ? nt : 100;
         double *ref = malloc(ne * d * sizeof *ref);
         double scale = 1.0 / sqrt((double)d);
-        for (size_t i = 0; i < ne; i++) full_attn(ref + i * d, Qtest + i * d, K, V, n, d, scale, NULL);
+        for (size_t i = 0; i < ne; i++) full_attn(ref + i * d, Qtest + i * d, K, V, 0, n, d, scale, NULL);
         float *out = malloc(d * sizeof *out);
         printf("\n-- decode-step output vs full attention over %zu keys (mean relative L2 over %zu queries)\n", n, ne);
         /* oracle: static tokens + the exact top_k indexed keys (what a perfect index gives) */

@@ -123,24 +123,6 @@ static int check(const char *dir) {
 
 /* ------------------------------------------------------------------------------------------ */
 
-static void full_attn_f16(double *out, const float *q, const uint16_t *K, const uint16_t *V, size_t n,
-                      size_t d, double scale, double *s) {
-    double mx = -INFINITY, sum = 0;
-    for (size_t j = 0; j < n; j++) {
-        double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * kst_f16_to_f32(K[j * d + i]);
-        s[j] = a * scale;
-        if (s[j] > mx) mx = s[j];
-    }
-    memset(out, 0, d * sizeof *out);
-    for (size_t j = 0; j < n; j++) {
-        double w = exp(s[j] - mx);
-        sum += w;
-        for (size_t i = 0; i < d; i++) out[i] += w * kst_f16_to_f32(V[j * d + i]);
-    }
-    for (size_t i = 0; i < d; i++) out[i] /= sum;
-}
-
 #ifdef KST_CUDA
 #define GPU 1
 #else
@@ -196,7 +178,7 @@ static int latency(const char *list) {
         {
             double *s = malloc(N * sizeof *s);
 #pragma omp for schedule(dynamic)
-            for (size_t i = 0; i < NREF * QH; i++) full_attn_f16(ref + i * D, Qd + i * D, K, V, N, D, scale, s);
+            for (size_t i = 0; i < NREF * QH; i++) full_attn(ref + i * D, Qd + i * D, K, V, 1, N, D, scale, s);
             free(s);
         }
         size_t nidx = N - SINKS - WINDOW;
@@ -409,7 +391,7 @@ static int layer(const char *list) {
         {
             double *s = malloc(N * sizeof *s);
 #pragma omp for schedule(dynamic)
-            for (size_t i = 0; i < NREF * QH; i++) full_attn_f16(ref + i * D, Qd0 + i * D, K0, V0, N, D, scale, s);
+            for (size_t i = 0; i < NREF * QH; i++) full_attn(ref + i * D, Qd0 + i * D, K0, V0, 1, N, D, scale, s);
             free(s);
         }
         size_t nidx = N - SINKS - WINDOW;

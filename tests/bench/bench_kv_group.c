@@ -102,7 +102,7 @@ int main(int argc, char **argv) {
     {
         double *s = malloc(n * sizeof *s);
 #pragma omp for schedule(dynamic)
-        for (size_t i = 0; i < ne * G; i++) full_attn(ref + i * d, Qt + i * d, K, V, n, d, scale, s);
+        for (size_t i = 0; i < ne * G; i++) full_attn(ref + i * d, Qt + i * d, K, V, 0, n, d, scale, s);
         free(s);
     }
     kst_kvc_opts o = {1, 1, G, d, 0, 0, sinks, window, TOPK, 256, 32, 32, 32768, 32, 64,

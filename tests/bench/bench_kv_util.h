@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include "core/error.h"
+#include "core/half.h"
 #include "core/npy.h"
 
 static inline double now_s(void) {
@@ -53,14 +54,20 @@ static inline int cmp_d(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* Full attention of q over all n keys in float64; s: n doubles of scratch (NULL: allocated here). */
-static inline void full_attn(double *out, const float *q, const float *K, const float *V, size_t n, size_t d,
-                             double scale, double *s) {
+/* Element i of a float32 (f16 = 0) or float16 (f16 = 1) array, as a double. */
+static inline double kv_elem(const void *a, int f16, size_t i) {
+    return f16 ? (double)kst_f16_to_f32(((const uint16_t *)a)[i]) : (double)((const float *)a)[i];
+}
+
+/* Full attention of q over all n keys in float64, keys and values float32 or float16 (f16); s: n
+ * doubles of scratch (NULL: allocated here). */
+static inline void full_attn(double *out, const float *q, const void *K, const void *V, int f16, size_t n,
+                             size_t d, double scale, double *s) {
     double mx = -INFINITY, sum = 0, *own = s ? NULL : malloc(n * sizeof *own);
     if (!s) s = own;
     for (size_t j = 0; j < n; j++) {
         double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[j * d + i];
+        for (size_t i = 0; i < d; i++) a += (double)q[i] * kv_elem(K, f16, j * d + i);
         s[j] = a * scale;
         if (s[j] > mx) mx = s[j];
     }
@@ -68,7 +75,7 @@ static inline void full_attn(double *out, const float *q, const float *K, const 
     for (size_t j = 0; j < n; j++) {
         double w = exp(s[j] - mx);
         sum += w;
-        for (size_t i = 0; i < d; i++) out[i] += w * V[j * d + i];
+        for (size_t i = 0; i < d; i++) out[i] += w * kv_elem(V, f16, j * d + i);
     }
     for (size_t i = 0; i < d; i++) out[i] /= sum;
     free(own);
