@@ -888,18 +888,25 @@ __attribute__((target("avx2,f16c"))) static void row_f32_avx2(float *x, const vo
 }
 #endif
 
-static int cpu_avx2_fma(void) {
+/* What this CPU runs of the kernels below, probed once (a race only stores the same value). */
+enum { CPU_AVX2_FMA = 1, CPU_VNNI = 2 };
+static int cpu_features(void) {
     static int v = -1;
-#if defined(__x86_64__) && defined(__GNUC__)
     if (v < 0) {
+        int f = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
         __builtin_cpu_init();
-        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-#else
-    v = 0;
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) f |= CPU_AVX2_FMA;
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+            f |= CPU_VNNI;
 #endif
+        v = f;
+    }
     return v;
 }
+static int cpu_avx2_fma(void) { return (cpu_features() & CPU_AVX2_FMA) != 0; }
+static int cpu_vnni(void) { return (cpu_features() & CPU_VNNI) != 0; }
 
 /* A float16 row as float32. */
 static void row_f32(float *x, const void *row, size_t d) {
@@ -972,20 +979,6 @@ code_dot_vnni(const int8_t *qlo, const int8_t *qhi, const uint8_t *c, size_t d) 
     return s;
 }
 #endif
-
-static int cpu_vnni(void) {
-    static int v = -1;
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (v < 0) {
-        __builtin_cpu_init();
-        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-    }
-#else
-    v = 0;
-#endif
-    return v;
-}
 
 /* The query's coefficients co (d) as int8 in the codes' nibble order (qlo, qhi: d / 2 each);
  * returns the scale. */
