@@ -80,9 +80,26 @@ static size_t spread_of(const kst_kvc *c, size_t nidx) {
     if (c->spread != KST_KVC_SPREAD_AUTO) return c->spread;
     return nidx < 32768 ? 0 : nidx / 64 < 4096 ? nidx / 64 : 4096;
 }
+static void refresh_tables(kst_kvc *c, kv_layer *L, int force);
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep) {
     c->spread = n;
     c->spread_keep = keep;
+    for (size_t l = 0; l < c->o.layers; l++) refresh_tables(c, &c->layers[l], 1);
+}
+
+/* Each KV head's entry table (kst_kvg_entry_table: the spaced entry candidates' codes in one
+ * block, scored 16 at a time) for the spread asked for: made anew when forced (a build, a new
+ * spread) or once the index has grown by 1/64 since it was made (appends; in between, the
+ * newest keys are not among the candidates). Only a speed-up: on a memory failure the head
+ * goes without (its searches then score the spaced keys' own codes). */
+static void refresh_tables(kst_kvc *c, kv_layer *L, int force) {
+    if (!L->built || !L->heads) return;
+    for (size_t h = 0; h < c->o.kv_heads; h++) {
+        kst_kvg *g = &L->heads[h].g;
+        size_t n = g->codes ? spread_of(c, g->n) : 0;
+        if (!force && (n == 0) == (g->et_n == 0) && g->n - g->et_at <= g->et_at / 64) continue;
+        if (kst_kvg_entry_table(g, n, NULL) != KST_OK) kst_kvg_entry_table(g, 0, NULL);
+    }
 }
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
@@ -280,6 +297,7 @@ static int index_leavers(kst_kvc *c, kv_layer *L, kst_error *err) {
             }
         }
     }
+    refresh_tables(c, L, 0);
     return rc;
 }
 
@@ -389,7 +407,9 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
         return kst_error_prefix(err, "kst_kv_build: layer %zu", layer);
     }
     L->built = 1;
-    return index_leavers(c, L, err);
+    rc = index_leavers(c, L, err);
+    refresh_tables(c, L, 1);
+    return rc;
 }
 
 int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst_error *err) {
@@ -589,16 +609,20 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             t->p_hops = 0;
             t->s.prof = 1;
             t->s.t_rerank = 0;
+            t->s.t_entry = 0;
         }
 #ifdef KST_CUDA
     /* GPU: the static tokens (sinks + the window ring) are attended there while the CPU
-     * searches; the CPU then merges in the retrieved tokens' partials. */
-    if (L->gpu && !c->gpu_off && L->built && L->n >= o->sinks + o->window && exact_lo == L->n - o->window) {
-        rc = kst_kvgpu_partial_start(L->gpu, q, o->sinks + o->window, err);
-        if (rc != KST_OK) return rc;
-        on_gpu = 1;
-    }
+     * searches: thread 0 starts it on entering the parallel part below (its launch overlaps
+     * the other threads' searches), and each task merges the GPU's partial of its heads as it
+     * finishes them (the GPU is done long before the first search), so no merge is left for
+     * after the searches. gpu_state: 0 not started yet, 1 started, -1 failed to start;
+     * gpu_ready: 0 not waited for, 1 the partials are in (gpu_o, gpu_lse), -1 failed. */
+    on_gpu = L->gpu && !c->gpu_off && L->built && L->n >= o->sinks + o->window && exact_lo == L->n - o->window;
+    const float *gpu_o = NULL, *gpu_lse = NULL;
 #endif
+    int gpu_state = 0, gpu_ready = 0;
+    double gpu_dt = 0;
     if (pf) pt1 = mono_s();
     /* Longest task first: the threads take the tasks in the order of the keys each scored in the
      * previous step (a head's search costs about the same from step to step), so that no thread
@@ -608,7 +632,27 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         for (; j > 0 && L->cost[L->order[j - 1]] < L->cost[i]; j--) L->order[j] = L->order[j - 1];
         L->order[j] = (uint32_t)i;
     }
-#pragma omp parallel for schedule(dynamic) reduction(+ : scanned, retrieved, sampled) if (ntask > 1)
+#pragma omp parallel reduction(+ : scanned, retrieved, sampled) if (ntask > 1)
+    {
+#ifdef KST_CUDA
+    if (on_gpu && omp_get_thread_num() == 0) {
+        double g0 = pf ? mono_s() : 0;
+        kst_error e3;
+        int r = kst_kvgpu_partial_start(L->gpu, q, o->sinks + o->window, &e3);
+        if (r != KST_OK) {
+#pragma omp critical(kv_err)
+            {
+                if (rc == KST_OK) {
+                    rc = r;
+                    if (err) *err = e3;
+                }
+            }
+        }
+        __atomic_store_n(&gpu_state, r == KST_OK ? 1 : -1, __ATOMIC_RELEASE);
+        if (pf) gpu_dt = mono_s() - g0;
+    }
+#endif
+#pragma omp for schedule(dynamic) nowait
     for (size_t ti = 0; ti < ntask; ti++) {
         const size_t tk = L->order[ti];
         kv_thread *t = &c->th[omp_get_thread_num()];
@@ -668,6 +712,34 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 sampled += tail_partial(t, c, H, qh, rid, nidx, m, ns, t->o2, &lse2);
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
+#ifdef KST_CUDA
+            if (on_gpu) { /* the static tokens' partial, from the GPU */
+                int st;
+                while ((st = __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE)) == 0) {
+                } /* thread 0 starts the GPU before it takes a task: a few us at most */
+                if (st == 1 && !__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE)) {
+#pragma omp critical(kv_gpu)
+                    {
+                        if (!gpu_ready) {
+                            kst_error e3;
+                            int r3 = kst_kvgpu_partial_ready(L->gpu, &gpu_o, &gpu_lse, &e3);
+                            if (r3 != KST_OK) {
+#pragma omp critical(kv_err)
+                                {
+                                    if (rc == KST_OK) {
+                                        rc = r3;
+                                        if (err) *err = e3;
+                                    }
+                                }
+                            }
+                            __atomic_store_n(&gpu_ready, r3 == KST_OK ? 1 : -1, __ATOMIC_RELEASE);
+                        }
+                    }
+                }
+                if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) kst_attn_merge(oh, &lse, gpu_o + h * d, gpu_lse[h], d);
+                else r = kst_fail(&e2, KST_ERR_INTERNAL, "kst_kv_attend: the GPU's partial attention failed"); /* rc has its error */
+            }
+#endif
             c->lse_buf[h] = lse;
             if (pf) {
                 tb = mono_s();
@@ -688,23 +760,16 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             }
         }
     }
+    }
     double pt2 = pf ? mono_s() : 0, pt3 = pt2;
 #ifdef KST_CUDA
-    if (on_gpu) {
-        /* out holds the CPU partials (retrieved tokens), lse_buf their lse: merge the GPU's. */
-        float *go = kst_malloc(o->q_heads * (d + 1), sizeof(float), "gpu partials", err);
-        int r2 = go ? kst_kvgpu_partial_wait(L->gpu, go, go + o->q_heads * d, err) : KST_ERR_NOMEM;
-        if (pf) pt3 = mono_s();
-        if (r2 == KST_OK && rc == KST_OK)
-            for (size_t h = 0; h < o->q_heads; h++) {
-                float l1 = c->lse_buf[h];
-                kst_attn_merge(go + h * d, go + o->q_heads * d + h, out + h * d, l1, d);
-                memcpy(out + h * d, go + h * d, d * sizeof(float));
-            }
-        kst_free(go);
+    if (on_gpu && gpu_state == 1 && gpu_ready == 0) { /* no task got to it (errors): still wait */
+        int r2 = kst_kvgpu_partial_ready(L->gpu, &gpu_o, &gpu_lse, rc == KST_OK ? err : NULL);
         if (rc == KST_OK) rc = r2;
     }
 #endif
+    (void)gpu_state;
+    (void)gpu_ready;
     if (pf) {
         double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0;
         int used = 0;
@@ -716,7 +781,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             if (t->p_busy > bmax) bmax = t->p_busy;
             bsum += t->p_busy;
             esum += t->p_first - pt1;
-            pf->search += t->p_search - t->s.t_rerank;
+            pf->search += t->p_search - t->s.t_rerank - t->s.t_entry;
+            pf->entry += t->s.t_entry;
             pf->rerank += t->s.t_rerank;
             pf->attn += t->p_attn;
             pf->tail += t->p_tail;
@@ -726,7 +792,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         pf->tasks += c->group > 0 ? ntask : o->q_heads; /* searches (beams) */
         pf->scanned += scanned;
         pf->total += pt4 - pt0;
-        pf->gpu_start += pt1 - pt0;
+        pf->gpu_start += pt1 - pt0 + gpu_dt; /* the launch runs inside the region now */
         pf->region += pt2 - pt1;
         pf->enter += used ? esum / used : 0;
         pf->busy_max += bmax;

@@ -167,6 +167,8 @@ typedef struct kst_kvc_prof {
     double search, rerank, attn, tail; /* per task: graph search (key or code scoring), exact
                                           re-scoring of the beam, the retrieved keys' partial
                                           attention (gathers, softmax), the tail sample's */
+    double entry;               /* per task: choosing the entry points (per-query entries; taken
+                                   out of search) */
     double gpu_wait, merge;     /* waiting for the GPU's partials after the CPU part; merging */
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);

@@ -253,6 +253,15 @@ done:
     return rc;
 }
 
+extern "C" int kst_kvgpu_partial_ready(kst_kvgpu *g, const float **o, const float **lse, kst_error *err) {
+    int rc = KST_OK;
+    CU(cudaEventSynchronize(g->done), "kv gpu partial attention");
+    *o = g->ho;
+    *lse = g->ho + g->qh * g->d;
+done:
+    return rc;
+}
+
 // ---------------------------------------------------------------------------------------------
 // exact top-k: cuBLAS scores for a block of queries x a chunk of keys, then one block per query
 // merges the chunk into the query's running top-k.
