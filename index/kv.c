@@ -41,7 +41,7 @@ typedef struct kv_thread {
     uint32_t *ids; int64_t *rows; float *o2; size_t ids_cap;
     uint32_t *sret; int64_t *trows; size_t trows_cap; /* tail estimate: sorted retrieved, samples */
     double p_first, p_last, p_busy, p_search, p_attn, p_tail; /* profile (kst_kvc_set_prof) */
-    size_t p_hops;
+    size_t p_hops, p_tasks;
     char pad[64];       /* threads' hot fields on separate cache lines */
 } kv_thread;
 
@@ -507,6 +507,7 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
     if (c->group <= 0 && c->il > 0) { /* gq independent searches, interleaved */
         kst_kvg_scratch *ss[KV_IL_MAX] = {&t->s};
         t->s.pf_push = c->pf_push;
+        t->s.expand = c->expand;
         t->s.no_vnni = c->no_vnni;
         t->s.spread = spread_of(c, H->g.n);
         t->s.spread_keep = c->spread == KST_KVC_SPREAD_AUTO && !c->spread_keep ? 16 : c->spread_keep;
@@ -606,7 +607,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         for (int i = 0; i < c->nth; i++) {
             kv_thread *t = &c->th[i];
             t->p_first = t->p_last = t->p_busy = t->p_search = t->p_attn = t->p_tail = 0;
-            t->p_hops = 0;
+            t->p_hops = t->p_tasks = 0;
             t->s.prof = 1;
             t->s.t_rerank = 0;
             t->s.t_entry = 0;
@@ -658,6 +659,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         kv_thread *t = &c->th[omp_get_thread_num()];
         double ta = pf ? mono_s() : 0, tb = ta;
         if (pf && t->p_first == 0) t->p_first = ta;
+        if (pf) t->p_tasks++;
         size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
         if (need < k) need = k;
         size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx;
@@ -771,7 +773,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     (void)gpu_state;
     (void)gpu_ready;
     if (pf) {
-        double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0;
+        double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0, emax = 0;
+        size_t tmax = 0;
         int used = 0;
         for (int i = 0; i < c->nth; i++) {
             kv_thread *t = &c->th[i];
@@ -781,6 +784,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             if (t->p_busy > bmax) bmax = t->p_busy;
             bsum += t->p_busy;
             esum += t->p_first - pt1;
+            if (t->p_first - pt1 > emax) emax = t->p_first - pt1;
+            if (t->p_tasks > tmax) tmax = t->p_tasks;
             pf->search += t->p_search - t->s.t_rerank - t->s.t_entry;
             pf->entry += t->s.t_entry;
             pf->rerank += t->s.t_rerank;
@@ -795,6 +800,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         pf->gpu_start += pt1 - pt0 + gpu_dt; /* the launch runs inside the region now */
         pf->region += pt2 - pt1;
         pf->enter += used ? esum / used : 0;
+        pf->enter_max += emax;
+        pf->tasks_max += tmax;
+        pf->threads_used += (size_t)used;
         pf->busy_max += bmax;
         pf->busy_mean += used ? bsum / used : 0;
         pf->gpu_wait += pt3 - pt2;

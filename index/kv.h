@@ -170,6 +170,9 @@ typedef struct kst_kvc_prof {
     double entry;               /* per task: choosing the entry points (per-query entries; taken
                                    out of search) */
     double gpu_wait, merge;     /* waiting for the GPU's partials after the CPU part; merging */
+    double enter_max;           /* max over threads of (first task start - fork) */
+    size_t tasks_max;           /* max over threads of the tasks one ran (summed over calls) */
+    size_t threads_used;        /* threads that ran a task (summed over calls) */
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

@@ -1402,6 +1402,8 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     int live[KVG_MULTI_MAX];
     size_t scanned = 0, hops = 0, M = g->M < 1024 ? g->M : 1024, cb = d / 2;
     int push_pf = s[0]->pf_push;
+    size_t width = s[0]->expand > 1 ? (s[0]->expand < 8 ? s[0]->expand : 8) : 1;
+    if (width * M > 1024) width = 1024 / M; /* pend holds 1024 */
     for (size_t q = 0; q < nq; q++) {
         const float *qq = Q + q * d;
         kst_kvg_scratch *S = s[q];
@@ -1520,20 +1522,26 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
                 nlive--;
                 continue;
             }
-            fl[q][c0i] = 1;
-            uint32_t c = pool[q][c0i].x;
-            hops++;
-            const uint32_t *nb = g->adj + (size_t)c * g->M;
-            size_t dg = g->deg[c] < M ? g->deg[c] : M;
             uint8_t ep = S->epoch, *mk = S->mark;
             uint32_t *pd = pend[q];
             size_t m = 0;
-            for (size_t j = 0; j < dg; j++) {
-                uint32_t x = nb[j];
-                if (x >= g->n) continue;
-                pd[m] = x; /* kept when not yet visited (no branch on the mark) */
-                m += mk[x] != ep;
-                mk[x] = ep;
+            /* the best unexpanded entry, and with width > 1 the next ones too (their reads then
+             * overlap; an entry expanded early may later have dropped out of the pool) */
+            for (size_t w = 0; w < width && c0i < pn[q]; w++) {
+                fl[q][c0i] = 1;
+                uint32_t c = pool[q][c0i].x;
+                hops++;
+                const uint32_t *nb = g->adj + (size_t)c * g->M;
+                size_t dg = g->deg[c] < M ? g->deg[c] : M;
+                for (size_t j = 0; j < dg; j++) {
+                    uint32_t x = nb[j];
+                    if (x >= g->n) continue;
+                    pd[m] = x; /* kept when not yet visited (no branch on the mark) */
+                    m += mk[x] != ep;
+                    mk[x] = ep;
+                }
+                while (++c0i < pn[q] && fl[q][c0i]) {
+                }
             }
             for (size_t j = 0; j < m; j++) prefetch_node(g, K, f16, d, codes, pd[j], !push_pf);
             np[q] = m;
