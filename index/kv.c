@@ -52,6 +52,7 @@ struct kst_kvc {
     kv_thread *th;
     int nth;
     float *lse_buf; /* (q_heads) each head's lse after the CPU part of a decode step */
+    uint8_t *gpu_merged; /* (q_heads) the GPU's partial is merged into the head's output */
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
@@ -162,7 +163,8 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);
     c->th = kst_calloc((size_t)c->nth, sizeof *c->th, "kv cache threads", err);
     c->lse_buf = kst_calloc(o.q_heads, sizeof(float), "kv cache lse", err);
-    if (!c->layers || !c->th || !c->lse_buf) goto fail;
+    c->gpu_merged = kst_calloc(o.q_heads, 1, "kv cache merge flags", err);
+    if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged) goto fail;
     for (size_t l = 0; l < o.layers; l++) {
         c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
         c->layers[l].cost = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache task costs", err);
@@ -221,6 +223,7 @@ void kst_kvc_free(kst_kvc *c) {
         kst_free(c->th);
     }
     kst_free(c->lse_buf);
+    kst_free(c->gpu_merged);
     kst_free(c);
 }
 
@@ -615,14 +618,15 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #ifdef KST_CUDA
     /* GPU: the static tokens (sinks + the window ring) are attended there while the CPU
      * searches: thread 0 starts it on entering the parallel part below (its launch overlaps
-     * the other threads' searches), and each task merges the GPU's partial of its heads as it
-     * finishes them (the GPU is done long before the first search), so no merge is left for
-     * after the searches. gpu_state: 0 not started yet, 1 started, -1 failed to start;
-     * gpu_ready: 0 not waited for, 1 the partials are in (gpu_o, gpu_lse), -1 failed. */
+     * the other threads' searches), and a task that finds the GPU's partials in (one thread
+     * at a time asks, without waiting) merges them into its heads at once; the heads of tasks
+     * that finished earlier are merged after the parallel part (few: the GPU is done before
+     * most searches). gpu_state: 0 not started yet, 1 started, -1 failed to start; gpu_ready:
+     * 1 once the partials are in (gpu_o, gpu_lse); gpu_asking: a thread is asking. */
     on_gpu = L->gpu && !c->gpu_off && L->built && L->n >= o->sinks + o->window && exact_lo == L->n - o->window;
     const float *gpu_o = NULL, *gpu_lse = NULL;
 #endif
-    int gpu_state = 0, gpu_ready = 0;
+    int gpu_state = 0, gpu_ready = 0, gpu_asking = 0;
     double gpu_dt = 0;
     if (pf) pt1 = mono_s();
     /* Longest task first: the threads take the tasks in the order of the keys each scored in the
@@ -715,31 +719,20 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
 #ifdef KST_CUDA
-            if (on_gpu) { /* the static tokens' partial, from the GPU */
-                int st;
-                while ((st = __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE)) == 0) {
-                } /* thread 0 starts the GPU before it takes a task: a few us at most */
-                if (st == 1 && !__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE)) {
-#pragma omp critical(kv_gpu)
-                    {
-                        if (!gpu_ready) {
-                            kst_error e3;
-                            int r3 = kst_kvgpu_partial_ready(L->gpu, &gpu_o, &gpu_lse, &e3);
-                            if (r3 != KST_OK) {
-#pragma omp critical(kv_err)
-                                {
-                                    if (rc == KST_OK) {
-                                        rc = r3;
-                                        if (err) *err = e3;
-                                    }
-                                }
-                            }
-                            __atomic_store_n(&gpu_ready, r3 == KST_OK ? 1 : -1, __ATOMIC_RELEASE);
-                        }
-                    }
+            c->gpu_merged[h] = 0;
+            if (on_gpu) { /* the static tokens' partial, from the GPU, if in */
+                if (!__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1 &&
+                    !__atomic_exchange_n(&gpu_asking, 1, __ATOMIC_ACQ_REL)) {
+                    int done = 0;
+                    kst_error e3;
+                    if (kst_kvgpu_partial_poll(L->gpu, &gpu_o, &gpu_lse, &done, &e3) == KST_OK && done)
+                        __atomic_store_n(&gpu_ready, 1, __ATOMIC_RELEASE);
+                    __atomic_store_n(&gpu_asking, 0, __ATOMIC_RELEASE); /* errors: seen by the wait below */
                 }
-                if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) kst_attn_merge(oh, &lse, gpu_o + h * d, gpu_lse[h], d);
-                else r = kst_fail(&e2, KST_ERR_INTERNAL, "kst_kv_attend: the GPU's partial attention failed"); /* rc has its error */
+                if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE)) {
+                    kst_attn_merge(oh, &lse, gpu_o + h * d, gpu_lse[h], d);
+                    c->gpu_merged[h] = 1;
+                }
             }
 #endif
             c->lse_buf[h] = lse;
@@ -765,13 +758,19 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     }
     double pt2 = pf ? mono_s() : 0, pt3 = pt2;
 #ifdef KST_CUDA
-    if (on_gpu && gpu_state == 1 && gpu_ready == 0) { /* no task got to it (errors): still wait */
-        int r2 = kst_kvgpu_partial_ready(L->gpu, &gpu_o, &gpu_lse, rc == KST_OK ? err : NULL);
+    if (on_gpu && gpu_state == 1) {
+        /* the heads whose tasks ended before the GPU: merged now */
+        int r2 = gpu_ready ? KST_OK : kst_kvgpu_partial_ready(L->gpu, &gpu_o, &gpu_lse, rc == KST_OK ? err : NULL);
+        if (pf) pt3 = mono_s();
+        if (r2 == KST_OK && rc == KST_OK)
+            for (size_t h = 0; h < o->q_heads; h++)
+                if (!c->gpu_merged[h]) kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
         if (rc == KST_OK) rc = r2;
     }
 #endif
     (void)gpu_state;
     (void)gpu_ready;
+    (void)gpu_asking;
     if (pf) {
         double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0, emax = 0;
         size_t tmax = 0;

@@ -43,6 +43,9 @@ int kst_kvgpu_partial_wait(kst_kvgpu *g, float *o, float *lse, kst_error *err);
  * partials in pinned host memory, valid until the next kst_kvgpu_partial_start. Safe to call
  * from any thread (one call at a time). */
 int kst_kvgpu_partial_ready(kst_kvgpu *g, const float **o, const float **lse, kst_error *err);
+/* Without waiting: *done 1 (and *o, *lse as kst_kvgpu_partial_ready sets them) when the
+ * partials are in, else 0. */
+int kst_kvgpu_partial_poll(kst_kvgpu *g, const float **o, const float **lse, int *done, kst_error *err);
 
 /* Exact top-k (k <= 64) keys by inner product for each query: K (n, d) and Q (nq, d) float32
  * host arrays, ids (nq, k) best first. */
