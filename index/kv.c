@@ -620,13 +620,16 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
      * searches: thread 0 starts it on entering the parallel part below (its launch overlaps
      * the other threads' searches), and a task that finds the GPU's partials in (one thread
      * at a time asks, without waiting) merges them into its heads at once; the heads of tasks
-     * that finished earlier are merged after the parallel part (few: the GPU is done before
-     * most searches). gpu_state: 0 not started yet, 1 started, -1 failed to start; gpu_ready:
-     * 1 once the partials are in (gpu_o, gpu_lse); gpu_asking: a thread is asking. */
+     * that ended before the GPU (gpu_merged 1: the CPU's partial in out and lse_buf) are merged
+     * by the threads that run out of tasks while others still search, and what is left after
+     * the parallel part. gpu_state: 0 not started yet, 1 started, -1 failed to start;
+     * gpu_ready: 1 once the partials are in (gpu_o, gpu_lse), -1 on a failure; gpu_asking: a
+     * thread is asking. */
     on_gpu = L->gpu && !c->gpu_off && L->built && L->n >= o->sinks + o->window && exact_lo == L->n - o->window;
     const float *gpu_o = NULL, *gpu_lse = NULL;
 #endif
     int gpu_state = 0, gpu_ready = 0, gpu_asking = 0;
+    if (on_gpu) memset(c->gpu_merged, 0, o->q_heads);
     double gpu_dt = 0;
     if (pf) pt1 = mono_s();
     /* Longest task first: the threads take the tasks in the order of the keys each scored in the
@@ -640,6 +643,27 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #pragma omp parallel reduction(+ : scanned, retrieved, sampled) if (ntask > 1)
     {
 #ifdef KST_CUDA
+    /* One thread at a time asks the GPU whether its partials are in, without waiting. */
+#define GPU_ASK()                                                                                 \
+    do {                                                                                          \
+        if (!__atomic_exchange_n(&gpu_asking, 1, __ATOMIC_ACQ_REL)) {                             \
+            int done_ = 0;                                                                        \
+            kst_error e3_;                                                                        \
+            if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0) {                             \
+                int r_ = kst_kvgpu_partial_poll(L->gpu, &gpu_o, &gpu_lse, &done_, &e3_);          \
+                if (r_ != KST_OK) {                                                               \
+                    _Pragma("omp critical(kv_err)") {                                             \
+                        if (rc == KST_OK) {                                                       \
+                            rc = r_;                                                              \
+                            if (err) *err = e3_;                                                  \
+                        }                                                                         \
+                    }                                                                             \
+                }                                                                                 \
+                if (r_ != KST_OK || done_) __atomic_store_n(&gpu_ready, r_ == KST_OK ? 1 : -1, __ATOMIC_RELEASE); \
+            }                                                                                     \
+            __atomic_store_n(&gpu_asking, 0, __ATOMIC_RELEASE);                                   \
+        }                                                                                         \
+    } while (0)
     if (on_gpu && omp_get_thread_num() == 0) {
         double g0 = pf ? mono_s() : 0;
         kst_error e3;
@@ -718,24 +742,19 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 sampled += tail_partial(t, c, H, qh, rid, nidx, m, ns, t->o2, &lse2);
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
+            c->lse_buf[h] = lse;
 #ifdef KST_CUDA
-            c->gpu_merged[h] = 0;
             if (on_gpu) { /* the static tokens' partial, from the GPU, if in */
-                if (!__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1 &&
-                    !__atomic_exchange_n(&gpu_asking, 1, __ATOMIC_ACQ_REL)) {
-                    int done = 0;
-                    kst_error e3;
-                    if (kst_kvgpu_partial_poll(L->gpu, &gpu_o, &gpu_lse, &done, &e3) == KST_OK && done)
-                        __atomic_store_n(&gpu_ready, 1, __ATOMIC_RELEASE);
-                    __atomic_store_n(&gpu_asking, 0, __ATOMIC_RELEASE); /* errors: seen by the wait below */
-                }
-                if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE)) {
-                    kst_attn_merge(oh, &lse, gpu_o + h * d, gpu_lse[h], d);
-                    c->gpu_merged[h] = 1;
+                if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1)
+                    GPU_ASK();
+                if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) {
+                    kst_attn_merge(oh, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
+                    __atomic_store_n(&c->gpu_merged[h], 2, __ATOMIC_RELAXED);
+                } else {
+                    __atomic_store_n(&c->gpu_merged[h], 1, __ATOMIC_RELEASE);
                 }
             }
 #endif
-            c->lse_buf[h] = lse;
             if (pf) {
                 tb = mono_s();
                 t->p_tail += tb - tc;
@@ -755,16 +774,38 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             }
         }
     }
+#ifdef KST_CUDA
+    /* Out of tasks: wait for the GPU (asking) and merge the heads of tasks that ended before
+     * it, while other threads still search. */
+    if (on_gpu && ntask > 1) {
+        int rdy;
+        while ((rdy = __atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE)) == 0) {
+            int st = __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE);
+            if (st < 0) break;
+            if (st == 1) GPU_ASK();
+        }
+        if (rdy == 1)
+            for (size_t h = 0; h < o->q_heads; h++) {
+                uint8_t one = 1;
+                if (__atomic_load_n(&c->gpu_merged[h], __ATOMIC_ACQUIRE) == 1 &&
+                    __atomic_compare_exchange_n(&c->gpu_merged[h], &one, 2, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                    kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
+            }
+    }
+#undef GPU_ASK
+#endif
     }
     double pt2 = pf ? mono_s() : 0, pt3 = pt2;
 #ifdef KST_CUDA
     if (on_gpu && gpu_state == 1) {
-        /* the heads whose tasks ended before the GPU: merged now */
-        int r2 = gpu_ready ? KST_OK : kst_kvgpu_partial_ready(L->gpu, &gpu_o, &gpu_lse, rc == KST_OK ? err : NULL);
+        /* heads still waiting (a task ended just as the others merged, or one thread ran all) */
+        int r2 = gpu_ready == 1 ? KST_OK
+                 : gpu_ready == 0 ? kst_kvgpu_partial_ready(L->gpu, &gpu_o, &gpu_lse, rc == KST_OK ? err : NULL)
+                                  : KST_ERR_INTERNAL;
         if (pf) pt3 = mono_s();
         if (r2 == KST_OK && rc == KST_OK)
             for (size_t h = 0; h < o->q_heads; h++)
-                if (!c->gpu_merged[h]) kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
+                if (c->gpu_merged[h] == 1) kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
         if (rc == KST_OK) rc = r2;
     }
 #endif
