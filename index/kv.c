@@ -52,7 +52,13 @@ struct kst_kvc {
     kv_thread *th;
     int nth;
     float *lse_buf; /* (q_heads) each head's lse after the CPU part of a decode step */
-    uint8_t *gpu_merged; /* (q_heads) the GPU's partial is merged into the head's output */
+    uint8_t *gpu_merged; /* (q_heads) 1: the CPU's partial is in, 2: the GPU's merged into it */
+    /* decode step work items (kst_kvc_attend): each query head's retrieved ids (q_heads, top_k)
+     * and counts; the tasks whose searches ended, in order (pub, pub_ok: published) */
+    uint32_t *ids_all; size_t ids_all_cap;
+    size_t *fnd_all;
+    uint32_t *pub;
+    uint8_t *pub_ok;
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
@@ -164,7 +170,10 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->th = kst_calloc((size_t)c->nth, sizeof *c->th, "kv cache threads", err);
     c->lse_buf = kst_calloc(o.q_heads, sizeof(float), "kv cache lse", err);
     c->gpu_merged = kst_calloc(o.q_heads, 1, "kv cache merge flags", err);
-    if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged) goto fail;
+    c->fnd_all = kst_calloc(o.q_heads, sizeof(size_t), "kv cache step items", err);
+    c->pub = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache step items", err);
+    c->pub_ok = kst_calloc(o.q_heads, 1, "kv cache step items", err);
+    if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged || !c->fnd_all || !c->pub || !c->pub_ok) goto fail;
     for (size_t l = 0; l < o.layers; l++) {
         c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
         c->layers[l].cost = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache task costs", err);
@@ -224,6 +233,10 @@ void kst_kvc_free(kst_kvc *c) {
     }
     kst_free(c->lse_buf);
     kst_free(c->gpu_merged);
+    kst_free(c->ids_all);
+    kst_free(c->fnd_all);
+    kst_free(c->pub);
+    kst_free(c->pub_ok);
     kst_free(c);
 }
 
@@ -499,10 +512,10 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, c
     return kept;
 }
 
-/* Retrieval for query heads h0 .. h0 + gq - 1 (one KV head's, or one head) into t->ids (gq, k)
+/* Retrieval for query heads h0 .. h0 + gq - 1 (one KV head's, or one head) into ids (gq, k)
  * and fnd (gq): the per-head beam (kst_kvg_search) unless the group search or codes are on. */
 static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q, size_t gq,
-                    size_t k, size_t ef, size_t *fnd, size_t *scanned) {
+                    size_t k, size_t ef, uint32_t *ids, size_t *fnd, size_t *scanned) {
     const kst_kvc_opts *o = &c->o;
     const void *K = rows_at(c, H->K, o->sinks);
     int rc = KST_OK;
@@ -516,13 +529,13 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
         t->s.spread_keep = c->spread == KST_KVC_SPREAD_AUTO && !c->spread_keep ? 16 : c->spread_keep;
         for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];
         rc = kst_kvg_search_multi(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->rerank,
-                                  c->use_codes, ss, t->ids, NULL, fnd);
+                                  c->use_codes, ss, ids, NULL, fnd);
     } else if (gq == 1 && !c->use_codes) {
-        fnd[0] = kst_kvg_search(&H->g, K, o->f16, o->head_dim, Q, k, ef, &t->s, t->ids, NULL, &rc);
+        fnd[0] = kst_kvg_search(&H->g, K, o->f16, o->head_dim, Q, k, ef, &t->s, ids, NULL, &rc);
     } else {
         t->s.expand = c->expand;
         rc = kst_kvg_search_group(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->use_codes, &t->s,
-                                  t->ids, NULL, fnd);
+                                  ids, NULL, fnd);
     }
     *scanned = rc == KST_OK ? t->s.scanned : 0;
     return rc;
@@ -543,7 +556,7 @@ int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size
     if (!L->built || k == 0) return KST_OK;
     KST_TRY(thread_reserve(t, 1, k, o->head_dim, err));
     size_t m, sc;
-    rc = retrieve(c, H, t, q, 1, k, ef ? ef : o->ef, &m, &sc);
+    rc = retrieve(c, H, t, q, 1, k, ef ? ef : o->ef, t->ids, &m, &sc);
     if (rc != KST_OK) return kst_fail(err, rc, "kst_kv_search: out of memory");
     for (size_t i = 0; i < m; i++) pos[i] = (int64_t)(o->sinks + t->ids[i]);
     if (found) *found = m;
@@ -571,7 +584,7 @@ int kst_kvc_search_group(kst_kvc *c, size_t layer, size_t kv_head, const float *
     KST_TRY(thread_reserve(t, 1, k * G, d, err));
     size_t fnd[64], sc, tot = 0;
     for (size_t a0 = 0; a0 < G; a0 += gq) {
-        rc = retrieve(c, H, t, Q + a0 * d, gq, k, ef ? ef : o->ef, fnd, &sc);
+        rc = retrieve(c, H, t, Q + a0 * d, gq, k, ef ? ef : o->ef, t->ids, fnd, &sc);
         if (rc != KST_OK) return kst_fail(err, rc, "kst_kv_search_group: out of memory");
         tot += sc;
         for (size_t a = 0; a < gq; a++) {
@@ -630,6 +643,13 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #endif
     int gpu_state = 0, gpu_ready = 0, gpu_asking = 0;
     if (on_gpu) memset(c->gpu_merged, 0, o->q_heads);
+    if (c->ids_all_cap < o->q_heads * (k ? k : 1)) {
+        rc = kst_realloc((void **)&c->ids_all, o->q_heads * (k ? k : 1), sizeof(uint32_t), "retrieved ids", err);
+        if (rc != KST_OK) return rc;
+        c->ids_all_cap = o->q_heads * (k ? k : 1);
+    }
+    memset(c->pub_ok, 0, ntask);
+    size_t next_a = 0, next_b = 0, npub = 0;
     double gpu_dt = 0;
     if (pf) pt1 = mono_s();
     /* Longest task first: the threads take the tasks in the order of the keys each scored in the
@@ -681,38 +701,69 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (pf) gpu_dt = mono_s() - g0;
     }
 #endif
-#pragma omp for schedule(dynamic) nowait
-    for (size_t ti = 0; ti < ntask; ti++) {
-        const size_t tk = L->order[ti];
-        kv_thread *t = &c->th[omp_get_thread_num()];
+    /* Work items, taken dynamically: first the tasks' searches (A, longest first), then the
+     * tasks' attention (B: the retrieved keys' partial, the tail, the GPU's merge) in the order
+     * their searches ended. A thread takes a search while any is left, so the last ~50 us
+     * searches are not what the step ends on: the ~7 us attention items fill the gaps. */
+    kv_thread *t = &c->th[omp_get_thread_num()];
+    size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx;
+    size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
+    if (need < k) need = k;
+    if (need < ns) need = ns;
+    kst_error e2;
+    int r = thread_reserve(t, need + 1, k * gq, d, &e2);
+    if (r == KST_OK && t->trows_cap < ns) {
+        r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
+        if (r == KST_OK) t->trows_cap = ns;
+    }
+    while (r == KST_OK) {
+        size_t ti = __atomic_fetch_add(&next_a, 1, __ATOMIC_ACQ_REL);
         double ta = pf ? mono_s() : 0, tb = ta;
         if (pf && t->p_first == 0) t->p_first = ta;
-        if (pf) t->p_tasks++;
-        size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
-        if (need < k) need = k;
-        size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx;
-        if (need < ns) need = ns;
-        kst_error e2;
-        int r = thread_reserve(t, need + 1, k * gq, d, &e2);
-        if (r == KST_OK && t->trows_cap < ns) {
-            r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
-            if (r == KST_OK) t->trows_cap = ns;
-        }
-        size_t h0 = tk * gq, fnd[64] = {0};
-        const kv_hstore *H = &L->heads[h0 / G];
-        if (r == KST_OK && k > 0) {
-            size_t sc;
-            r = retrieve(c, H, t, q + h0 * d, gq, k, ef, fnd, &sc);
-            if (r != KST_OK) kst_fail(&e2, r, "kst_kv_attend: out of memory in the index search");
-            scanned += sc;
-            L->cost[tk] = sc > UINT32_MAX ? UINT32_MAX : (uint32_t)sc;
-            if (pf) {
-                tb = mono_s();
-                t->p_search += tb - ta;
-                t->p_hops += t->s.hops;
+        if (ti < ntask) { /* A: a search */
+            const size_t tk = L->order[ti];
+            size_t h0 = tk * gq, *fnd = c->fnd_all + h0;
+            const kv_hstore *H = &L->heads[h0 / G];
+            for (size_t a = 0; a < gq; a++) fnd[a] = 0;
+            if (k > 0) {
+                size_t sc;
+                int r2 = retrieve(c, H, t, q + h0 * d, gq, k, ef, c->ids_all + h0 * k, fnd, &sc);
+                if (r2 != KST_OK) {
+                    kst_error e4;
+                    kst_fail(&e4, r2, "kst_kv_attend: out of memory in the index search");
+#pragma omp critical(kv_err)
+                    {
+                        if (rc == KST_OK) {
+                            rc = r2;
+                            if (err) *err = e4;
+                        }
+                    }
+                }
+                scanned += sc;
+                L->cost[tk] = sc > UINT32_MAX ? UINT32_MAX : (uint32_t)sc;
+                if (pf) {
+                    tb = mono_s();
+                    t->p_search += tb - ta;
+                    t->p_hops += t->s.hops;
+                    t->p_tasks++;
+                    t->p_busy += tb - ta;
+                }
             }
+            size_t j = __atomic_fetch_add(&npub, 1, __ATOMIC_ACQ_REL);
+            c->pub[j] = (uint32_t)tk;
+            __atomic_store_n(&c->pub_ok[j], 1, __ATOMIC_RELEASE);
+            continue;
         }
-        for (size_t a = 0; a < gq && r == KST_OK; a++) {
+        size_t j = __atomic_fetch_add(&next_b, 1, __ATOMIC_ACQ_REL);
+        if (j >= ntask) break;
+        while (!__atomic_load_n(&c->pub_ok[j], __ATOMIC_ACQUIRE)) {
+        } /* a search still running: its attention is the next item */
+        if (pf) ta = tb = mono_s();
+        const size_t tk = c->pub[j];
+        size_t h0 = tk * gq;
+        const size_t *fnd = c->fnd_all + h0;
+        const kv_hstore *H = &L->heads[h0 / G];
+        for (size_t a = 0; a < gq; a++) { /* B: the task's attention */
             size_t h = h0 + a;
             const float *qh = q + h * d;
             float *oh = out + h * d, lse, lse2;
@@ -727,7 +778,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
             size_t m = k > 0 ? fnd[a] : 0;
-            const uint32_t *rid = t->ids + a * k;
+            const uint32_t *rid = c->ids_all + h * k;
             if (m > 0) {
                 for (size_t i = 0; i < m; i++) t->rows[i] = (int64_t)(o->sinks + rid[i]);
                 kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, t->rows, 0, m, d,
@@ -760,17 +811,14 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 t->p_tail += tb - tc;
             }
         }
-        if (pf) {
-            t->p_last = mono_s();
-            t->p_busy += t->p_last - ta;
-        }
-        if (r != KST_OK) {
+        if (pf) t->p_busy += mono_s() - ta;
+    }
+    if (r != KST_OK) { /* this thread takes no items: the others take them all */
 #pragma omp critical(kv_err)
-            {
-                if (rc == KST_OK) {
-                    rc = r;
-                    if (err) *err = e2;
-                }
+        {
+            if (rc == KST_OK) {
+                rc = r;
+                if (err) *err = e2;
             }
         }
     }
