@@ -10,7 +10,8 @@
  *   bench_kv_gpu layer N[,N...]       the same for a whole layer (8 KV heads x 32 query heads):
  *                                     KV_EFS (default 128,256), KV_TAIL (tail samples, a 2nd pass),
  *                                     KV_RUNS rows "mode:ef:top_k:tail;..." (mode: head|group[N],
- *                                     +codes, /il0 the round-2 heap search, /ilN N searches
+ *                                     +codes, /xN N candidates expanded at a time (group and
+ *                                     per-head searches), /il0 the round-2 heap search, /ilN N searches
  *                                     interleaved, /rrR re-score R, /f32 no VNNI, /pf0, /same the
  *                                     same query every step, /spN/skM entries per query: the
  *                                     best M of the hubs and N spaced keys, default AUTO, /sp0
