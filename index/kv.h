@@ -129,6 +129,9 @@ void kst_kvc_set_vnni(kst_kvc *c, int on);
  * default: from all the hubs; KST_KVC_SPREAD_AUTO: one indexed key in 64 (at most 4,096) from
  * 32,768 indexed keys on, none below (what bench_kv_gpu's layer mode uses unless told). */
 #define KST_KVC_SPREAD_AUTO ((size_t)-1)
+/* With codes, each KV head keeps the spaced keys' codes in one block (kst_kvg_entry_table, made
+ * here, at builds and as appends grow the index by 1/64), which the searches score 16 at a time
+ * where the CPU has AVX-512 VNNI: the same entries, ~1/3 of the time (bench README, round 5). */
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep);
 
 /* Benchmarks: changes group_search and the use of codes (when the index was built with them)
