@@ -41,7 +41,7 @@ typedef struct kv_thread {
     uint32_t *ids; int64_t *rows; float *o2; size_t ids_cap;
     uint32_t *sret; int64_t *trows; size_t trows_cap; /* tail estimate: sorted retrieved, samples */
     double p_first, p_last, p_busy, p_search, p_attn, p_tail; /* profile (kst_kvc_set_prof) */
-    size_t p_hops;
+    size_t p_hops, p_tasks;
     char pad[64];       /* threads' hot fields on separate cache lines */
 } kv_thread;
 
@@ -52,6 +52,13 @@ struct kst_kvc {
     kv_thread *th;
     int nth;
     float *lse_buf; /* (q_heads) each head's lse after the CPU part of a decode step */
+    uint8_t *gpu_merged; /* (q_heads) 1: the CPU's partial is in, 2: the GPU's merged into it */
+    /* decode step work items (kst_kvc_attend): each query head's retrieved ids (q_heads, top_k)
+     * and counts; the tasks whose searches ended, in order (pub, pub_ok: published) */
+    uint32_t *ids_all; size_t ids_all_cap;
+    size_t *fnd_all;
+    uint32_t *pub;
+    uint8_t *pub_ok;
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
@@ -80,9 +87,26 @@ static size_t spread_of(const kst_kvc *c, size_t nidx) {
     if (c->spread != KST_KVC_SPREAD_AUTO) return c->spread;
     return nidx < 32768 ? 0 : nidx / 64 < 4096 ? nidx / 64 : 4096;
 }
+static void refresh_tables(kst_kvc *c, kv_layer *L, int force);
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep) {
     c->spread = n;
     c->spread_keep = keep;
+    for (size_t l = 0; l < c->o.layers; l++) refresh_tables(c, &c->layers[l], 1);
+}
+
+/* Each KV head's entry table (kst_kvg_entry_table: the spaced entry candidates' codes in one
+ * block, scored 16 at a time) for the spread asked for: made anew when forced (a build, a new
+ * spread) or once the index has grown by 1/64 since it was made (appends; in between, the
+ * newest keys are not among the candidates). Only a speed-up: on a memory failure the head
+ * goes without (its searches then score the spaced keys' own codes). */
+static void refresh_tables(kst_kvc *c, kv_layer *L, int force) {
+    if (!L->built || !L->heads) return;
+    for (size_t h = 0; h < c->o.kv_heads; h++) {
+        kst_kvg *g = &L->heads[h].g;
+        size_t n = g->codes ? spread_of(c, g->n) : 0;
+        if (!force && (n == 0) == (g->et_n == 0) && g->n - g->et_at <= g->et_at / 64) continue;
+        if (kst_kvg_entry_table(g, n, NULL) != KST_OK) kst_kvg_entry_table(g, 0, NULL);
+    }
 }
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
@@ -145,7 +169,11 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);
     c->th = kst_calloc((size_t)c->nth, sizeof *c->th, "kv cache threads", err);
     c->lse_buf = kst_calloc(o.q_heads, sizeof(float), "kv cache lse", err);
-    if (!c->layers || !c->th || !c->lse_buf) goto fail;
+    c->gpu_merged = kst_calloc(o.q_heads, 1, "kv cache merge flags", err);
+    c->fnd_all = kst_calloc(o.q_heads, sizeof(size_t), "kv cache step items", err);
+    c->pub = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache step items", err);
+    c->pub_ok = kst_calloc(o.q_heads, 1, "kv cache step items", err);
+    if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged || !c->fnd_all || !c->pub || !c->pub_ok) goto fail;
     for (size_t l = 0; l < o.layers; l++) {
         c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
         c->layers[l].cost = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache task costs", err);
@@ -204,6 +232,11 @@ void kst_kvc_free(kst_kvc *c) {
         kst_free(c->th);
     }
     kst_free(c->lse_buf);
+    kst_free(c->gpu_merged);
+    kst_free(c->ids_all);
+    kst_free(c->fnd_all);
+    kst_free(c->pub);
+    kst_free(c->pub_ok);
     kst_free(c);
 }
 
@@ -280,6 +313,7 @@ static int index_leavers(kst_kvc *c, kv_layer *L, kst_error *err) {
             }
         }
     }
+    refresh_tables(c, L, 0);
     return rc;
 }
 
@@ -389,7 +423,9 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
         return kst_error_prefix(err, "kst_kv_build: layer %zu", layer);
     }
     L->built = 1;
-    return index_leavers(c, L, err);
+    rc = index_leavers(c, L, err);
+    refresh_tables(c, L, 1);
+    return rc;
 }
 
 int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst_error *err) {
@@ -476,10 +512,10 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, c
     return kept;
 }
 
-/* Retrieval for query heads h0 .. h0 + gq - 1 (one KV head's, or one head) into t->ids (gq, k)
+/* Retrieval for query heads h0 .. h0 + gq - 1 (one KV head's, or one head) into ids (gq, k)
  * and fnd (gq): the per-head beam (kst_kvg_search) unless the group search or codes are on. */
 static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q, size_t gq,
-                    size_t k, size_t ef, size_t *fnd, size_t *scanned) {
+                    size_t k, size_t ef, uint32_t *ids, size_t *fnd, size_t *scanned) {
     const kst_kvc_opts *o = &c->o;
     const void *K = rows_at(c, H->K, o->sinks);
     int rc = KST_OK;
@@ -487,18 +523,19 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
     if (c->group <= 0 && c->il > 0) { /* gq independent searches, interleaved */
         kst_kvg_scratch *ss[KV_IL_MAX] = {&t->s};
         t->s.pf_push = c->pf_push;
+        t->s.expand = c->expand;
         t->s.no_vnni = c->no_vnni;
         t->s.spread = spread_of(c, H->g.n);
         t->s.spread_keep = c->spread == KST_KVC_SPREAD_AUTO && !c->spread_keep ? 16 : c->spread_keep;
         for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];
         rc = kst_kvg_search_multi(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->rerank,
-                                  c->use_codes, ss, t->ids, NULL, fnd);
+                                  c->use_codes, ss, ids, NULL, fnd);
     } else if (gq == 1 && !c->use_codes) {
-        fnd[0] = kst_kvg_search(&H->g, K, o->f16, o->head_dim, Q, k, ef, &t->s, t->ids, NULL, &rc);
+        fnd[0] = kst_kvg_search(&H->g, K, o->f16, o->head_dim, Q, k, ef, &t->s, ids, NULL, &rc);
     } else {
         t->s.expand = c->expand;
         rc = kst_kvg_search_group(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->use_codes, &t->s,
-                                  t->ids, NULL, fnd);
+                                  ids, NULL, fnd);
     }
     *scanned = rc == KST_OK ? t->s.scanned : 0;
     return rc;
@@ -519,7 +556,7 @@ int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size
     if (!L->built || k == 0) return KST_OK;
     KST_TRY(thread_reserve(t, 1, k, o->head_dim, err));
     size_t m, sc;
-    rc = retrieve(c, H, t, q, 1, k, ef ? ef : o->ef, &m, &sc);
+    rc = retrieve(c, H, t, q, 1, k, ef ? ef : o->ef, t->ids, &m, &sc);
     if (rc != KST_OK) return kst_fail(err, rc, "kst_kv_search: out of memory");
     for (size_t i = 0; i < m; i++) pos[i] = (int64_t)(o->sinks + t->ids[i]);
     if (found) *found = m;
@@ -547,7 +584,7 @@ int kst_kvc_search_group(kst_kvc *c, size_t layer, size_t kv_head, const float *
     KST_TRY(thread_reserve(t, 1, k * G, d, err));
     size_t fnd[64], sc, tot = 0;
     for (size_t a0 = 0; a0 < G; a0 += gq) {
-        rc = retrieve(c, H, t, Q + a0 * d, gq, k, ef ? ef : o->ef, fnd, &sc);
+        rc = retrieve(c, H, t, Q + a0 * d, gq, k, ef ? ef : o->ef, t->ids, fnd, &sc);
         if (rc != KST_OK) return kst_fail(err, rc, "kst_kv_search_group: out of memory");
         tot += sc;
         for (size_t a = 0; a < gq; a++) {
@@ -586,19 +623,34 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         for (int i = 0; i < c->nth; i++) {
             kv_thread *t = &c->th[i];
             t->p_first = t->p_last = t->p_busy = t->p_search = t->p_attn = t->p_tail = 0;
-            t->p_hops = 0;
+            t->p_hops = t->p_tasks = 0;
             t->s.prof = 1;
             t->s.t_rerank = 0;
+            t->s.t_entry = 0;
         }
 #ifdef KST_CUDA
     /* GPU: the static tokens (sinks + the window ring) are attended there while the CPU
-     * searches; the CPU then merges in the retrieved tokens' partials. */
-    if (L->gpu && !c->gpu_off && L->built && L->n >= o->sinks + o->window && exact_lo == L->n - o->window) {
-        rc = kst_kvgpu_partial_start(L->gpu, q, o->sinks + o->window, err);
-        if (rc != KST_OK) return rc;
-        on_gpu = 1;
-    }
+     * searches: thread 0 starts it on entering the parallel part below (its launch overlaps
+     * the other threads' searches), and a task that finds the GPU's partials in (one thread
+     * at a time asks, without waiting) merges them into its heads at once; the heads of tasks
+     * that ended before the GPU (gpu_merged 1: the CPU's partial in out and lse_buf) are merged
+     * by the threads that run out of tasks while others still search, and what is left after
+     * the parallel part. gpu_state: 0 not started yet, 1 started, -1 failed to start;
+     * gpu_ready: 1 once the partials are in (gpu_o, gpu_lse), -1 on a failure; gpu_asking: a
+     * thread is asking. */
+    on_gpu = L->gpu && !c->gpu_off && L->built && L->n >= o->sinks + o->window && exact_lo == L->n - o->window;
+    const float *gpu_o = NULL, *gpu_lse = NULL;
 #endif
+    int gpu_state = 0, gpu_ready = 0, gpu_asking = 0;
+    if (on_gpu) memset(c->gpu_merged, 0, o->q_heads);
+    if (c->ids_all_cap < o->q_heads * (k ? k : 1)) {
+        rc = kst_realloc((void **)&c->ids_all, o->q_heads * (k ? k : 1), sizeof(uint32_t), "retrieved ids", err);
+        if (rc != KST_OK) return rc;
+        c->ids_all_cap = o->q_heads * (k ? k : 1);
+    }
+    memset(c->pub_ok, 0, ntask);
+    size_t next_a = 0, next_b = 0, npub = 0;
+    double gpu_dt = 0;
     if (pf) pt1 = mono_s();
     /* Longest task first: the threads take the tasks in the order of the keys each scored in the
      * previous step (a head's search costs about the same from step to step), so that no thread
@@ -608,37 +660,110 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         for (; j > 0 && L->cost[L->order[j - 1]] < L->cost[i]; j--) L->order[j] = L->order[j - 1];
         L->order[j] = (uint32_t)i;
     }
-#pragma omp parallel for schedule(dynamic) reduction(+ : scanned, retrieved, sampled) if (ntask > 1)
-    for (size_t ti = 0; ti < ntask; ti++) {
-        const size_t tk = L->order[ti];
-        kv_thread *t = &c->th[omp_get_thread_num()];
-        double ta = pf ? mono_s() : 0, tb = ta;
-        if (pf && t->p_first == 0) t->p_first = ta;
-        size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
-        if (need < k) need = k;
-        size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx;
-        if (need < ns) need = ns;
-        kst_error e2;
-        int r = thread_reserve(t, need + 1, k * gq, d, &e2);
-        if (r == KST_OK && t->trows_cap < ns) {
-            r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
-            if (r == KST_OK) t->trows_cap = ns;
-        }
-        size_t h0 = tk * gq, fnd[64] = {0};
-        const kv_hstore *H = &L->heads[h0 / G];
-        if (r == KST_OK && k > 0) {
-            size_t sc;
-            r = retrieve(c, H, t, q + h0 * d, gq, k, ef, fnd, &sc);
-            if (r != KST_OK) kst_fail(&e2, r, "kst_kv_attend: out of memory in the index search");
-            scanned += sc;
-            L->cost[tk] = sc > UINT32_MAX ? UINT32_MAX : (uint32_t)sc;
-            if (pf) {
-                tb = mono_s();
-                t->p_search += tb - ta;
-                t->p_hops += t->s.hops;
+#pragma omp parallel reduction(+ : scanned, retrieved, sampled) if (ntask > 1)
+    {
+#ifdef KST_CUDA
+    /* One thread at a time asks the GPU whether its partials are in, without waiting. */
+#define GPU_ASK()                                                                                 \
+    do {                                                                                          \
+        if (!__atomic_exchange_n(&gpu_asking, 1, __ATOMIC_ACQ_REL)) {                             \
+            int done_ = 0;                                                                        \
+            kst_error e3_;                                                                        \
+            if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0) {                             \
+                int r_ = kst_kvgpu_partial_poll(L->gpu, &gpu_o, &gpu_lse, &done_, &e3_);          \
+                if (r_ != KST_OK) {                                                               \
+                    _Pragma("omp critical(kv_err)") {                                             \
+                        if (rc == KST_OK) {                                                       \
+                            rc = r_;                                                              \
+                            if (err) *err = e3_;                                                  \
+                        }                                                                         \
+                    }                                                                             \
+                }                                                                                 \
+                if (r_ != KST_OK || done_) __atomic_store_n(&gpu_ready, r_ == KST_OK ? 1 : -1, __ATOMIC_RELEASE); \
+            }                                                                                     \
+            __atomic_store_n(&gpu_asking, 0, __ATOMIC_RELEASE);                                   \
+        }                                                                                         \
+    } while (0)
+    if (on_gpu && omp_get_thread_num() == 0) {
+        double g0 = pf ? mono_s() : 0;
+        kst_error e3;
+        int r = kst_kvgpu_partial_start(L->gpu, q, o->sinks + o->window, &e3);
+        if (r != KST_OK) {
+#pragma omp critical(kv_err)
+            {
+                if (rc == KST_OK) {
+                    rc = r;
+                    if (err) *err = e3;
+                }
             }
         }
-        for (size_t a = 0; a < gq && r == KST_OK; a++) {
+        __atomic_store_n(&gpu_state, r == KST_OK ? 1 : -1, __ATOMIC_RELEASE);
+        if (pf) gpu_dt = mono_s() - g0;
+    }
+#endif
+    /* Work items, taken dynamically: first the tasks' searches (A, longest first), then the
+     * tasks' attention (B: the retrieved keys' partial, the tail, the GPU's merge) in the order
+     * their searches ended. A thread takes a search while any is left, so the last ~50 us
+     * searches are not what the step ends on: the ~7 us attention items fill the gaps. */
+    kv_thread *t = &c->th[omp_get_thread_num()];
+    size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx;
+    size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
+    if (need < k) need = k;
+    if (need < ns) need = ns;
+    kst_error e2;
+    int r = thread_reserve(t, need + 1, k * gq, d, &e2);
+    if (r == KST_OK && t->trows_cap < ns) {
+        r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
+        if (r == KST_OK) t->trows_cap = ns;
+    }
+    while (r == KST_OK) {
+        size_t ti = __atomic_fetch_add(&next_a, 1, __ATOMIC_ACQ_REL);
+        double ta = pf ? mono_s() : 0, tb = ta;
+        if (pf && t->p_first == 0) t->p_first = ta;
+        if (ti < ntask) { /* A: a search */
+            const size_t tk = L->order[ti];
+            size_t h0 = tk * gq, *fnd = c->fnd_all + h0;
+            const kv_hstore *H = &L->heads[h0 / G];
+            for (size_t a = 0; a < gq; a++) fnd[a] = 0;
+            if (k > 0) {
+                size_t sc;
+                int r2 = retrieve(c, H, t, q + h0 * d, gq, k, ef, c->ids_all + h0 * k, fnd, &sc);
+                if (r2 != KST_OK) {
+                    kst_error e4;
+                    kst_fail(&e4, r2, "kst_kv_attend: out of memory in the index search");
+#pragma omp critical(kv_err)
+                    {
+                        if (rc == KST_OK) {
+                            rc = r2;
+                            if (err) *err = e4;
+                        }
+                    }
+                }
+                scanned += sc;
+                L->cost[tk] = sc > UINT32_MAX ? UINT32_MAX : (uint32_t)sc;
+                if (pf) {
+                    tb = mono_s();
+                    t->p_search += tb - ta;
+                    t->p_hops += t->s.hops;
+                    t->p_tasks++;
+                    t->p_busy += tb - ta;
+                }
+            }
+            size_t j = __atomic_fetch_add(&npub, 1, __ATOMIC_ACQ_REL);
+            c->pub[j] = (uint32_t)tk;
+            __atomic_store_n(&c->pub_ok[j], 1, __ATOMIC_RELEASE);
+            continue;
+        }
+        size_t j = __atomic_fetch_add(&next_b, 1, __ATOMIC_ACQ_REL);
+        if (j >= ntask) break;
+        while (!__atomic_load_n(&c->pub_ok[j], __ATOMIC_ACQUIRE)) {
+        } /* a search still running: its attention is the next item */
+        if (pf) ta = tb = mono_s();
+        const size_t tk = c->pub[j];
+        size_t h0 = tk * gq;
+        const size_t *fnd = c->fnd_all + h0;
+        const kv_hstore *H = &L->heads[h0 / G];
+        for (size_t a = 0; a < gq; a++) { /* B: the task's attention */
             size_t h = h0 + a;
             const float *qh = q + h * d;
             float *oh = out + h * d, lse, lse2;
@@ -653,7 +778,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
             size_t m = k > 0 ? fnd[a] : 0;
-            const uint32_t *rid = t->ids + a * k;
+            const uint32_t *rid = c->ids_all + h * k;
             if (m > 0) {
                 for (size_t i = 0; i < m; i++) t->rows[i] = (int64_t)(o->sinks + rid[i]);
                 kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, t->rows, 0, m, d,
@@ -669,44 +794,75 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
             c->lse_buf[h] = lse;
+#ifdef KST_CUDA
+            if (on_gpu) { /* the static tokens' partial, from the GPU, if in */
+                if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1)
+                    GPU_ASK();
+                if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) {
+                    kst_attn_merge(oh, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
+                    __atomic_store_n(&c->gpu_merged[h], 2, __ATOMIC_RELAXED);
+                } else {
+                    __atomic_store_n(&c->gpu_merged[h], 1, __ATOMIC_RELEASE);
+                }
+            }
+#endif
             if (pf) {
                 tb = mono_s();
                 t->p_tail += tb - tc;
             }
         }
-        if (pf) {
-            t->p_last = mono_s();
-            t->p_busy += t->p_last - ta;
-        }
-        if (r != KST_OK) {
+        if (pf) t->p_busy += mono_s() - ta;
+    }
+    if (r != KST_OK) { /* this thread takes no items: the others take them all */
 #pragma omp critical(kv_err)
-            {
-                if (rc == KST_OK) {
-                    rc = r;
-                    if (err) *err = e2;
-                }
+        {
+            if (rc == KST_OK) {
+                rc = r;
+                if (err) *err = e2;
             }
         }
+    }
+#ifdef KST_CUDA
+    /* Out of tasks: wait for the GPU (asking) and merge the heads of tasks that ended before
+     * it, while other threads still search. */
+    if (on_gpu && ntask > 1) {
+        int rdy;
+        while ((rdy = __atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE)) == 0) {
+            int st = __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE);
+            if (st < 0) break;
+            if (st == 1) GPU_ASK();
+        }
+        if (rdy == 1)
+            for (size_t h = 0; h < o->q_heads; h++) {
+                uint8_t one = 1;
+                if (__atomic_load_n(&c->gpu_merged[h], __ATOMIC_ACQUIRE) == 1 &&
+                    __atomic_compare_exchange_n(&c->gpu_merged[h], &one, 2, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                    kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
+            }
+    }
+#undef GPU_ASK
+#endif
     }
     double pt2 = pf ? mono_s() : 0, pt3 = pt2;
 #ifdef KST_CUDA
-    if (on_gpu) {
-        /* out holds the CPU partials (retrieved tokens), lse_buf their lse: merge the GPU's. */
-        float *go = kst_malloc(o->q_heads * (d + 1), sizeof(float), "gpu partials", err);
-        int r2 = go ? kst_kvgpu_partial_wait(L->gpu, go, go + o->q_heads * d, err) : KST_ERR_NOMEM;
+    if (on_gpu && gpu_state == 1) {
+        /* heads still waiting (a task ended just as the others merged, or one thread ran all) */
+        int r2 = gpu_ready == 1 ? KST_OK
+                 : gpu_ready == 0 ? kst_kvgpu_partial_ready(L->gpu, &gpu_o, &gpu_lse, rc == KST_OK ? err : NULL)
+                                  : KST_ERR_INTERNAL;
         if (pf) pt3 = mono_s();
         if (r2 == KST_OK && rc == KST_OK)
-            for (size_t h = 0; h < o->q_heads; h++) {
-                float l1 = c->lse_buf[h];
-                kst_attn_merge(go + h * d, go + o->q_heads * d + h, out + h * d, l1, d);
-                memcpy(out + h * d, go + h * d, d * sizeof(float));
-            }
-        kst_free(go);
+            for (size_t h = 0; h < o->q_heads; h++)
+                if (c->gpu_merged[h] == 1) kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
         if (rc == KST_OK) rc = r2;
     }
 #endif
+    (void)gpu_state;
+    (void)gpu_ready;
+    (void)gpu_asking;
     if (pf) {
-        double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0;
+        double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0, emax = 0;
+        size_t tmax = 0;
         int used = 0;
         for (int i = 0; i < c->nth; i++) {
             kv_thread *t = &c->th[i];
@@ -716,7 +872,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             if (t->p_busy > bmax) bmax = t->p_busy;
             bsum += t->p_busy;
             esum += t->p_first - pt1;
-            pf->search += t->p_search - t->s.t_rerank;
+            if (t->p_first - pt1 > emax) emax = t->p_first - pt1;
+            if (t->p_tasks > tmax) tmax = t->p_tasks;
+            pf->search += t->p_search - t->s.t_rerank - t->s.t_entry;
+            pf->entry += t->s.t_entry;
             pf->rerank += t->s.t_rerank;
             pf->attn += t->p_attn;
             pf->tail += t->p_tail;
@@ -726,9 +885,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         pf->tasks += c->group > 0 ? ntask : o->q_heads; /* searches (beams) */
         pf->scanned += scanned;
         pf->total += pt4 - pt0;
-        pf->gpu_start += pt1 - pt0;
+        pf->gpu_start += pt1 - pt0 + gpu_dt; /* the launch runs inside the region now */
         pf->region += pt2 - pt1;
         pf->enter += used ? esum / used : 0;
+        pf->enter_max += emax;
+        pf->tasks_max += tmax;
+        pf->threads_used += (size_t)used;
         pf->busy_max += bmax;
         pf->busy_mean += used ? bsum / used : 0;
         pf->gpu_wait += pt3 - pt2;

@@ -129,14 +129,19 @@ void kst_kvc_set_vnni(kst_kvc *c, int on);
  * default: from all the hubs; KST_KVC_SPREAD_AUTO: one indexed key in 64 (at most 4,096) from
  * 32,768 indexed keys on, none below (what bench_kv_gpu's layer mode uses unless told). */
 #define KST_KVC_SPREAD_AUTO ((size_t)-1)
+/* With codes, each KV head keeps the spaced keys' codes in one block (kst_kvg_entry_table, made
+ * here, at builds and as appends grow the index by 1/64), which the searches score 16 at a time
+ * where the CPU has AVX-512 VNNI: the same entries, ~1/3 of the time (bench README, round 5). */
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep);
 
 /* Benchmarks: changes group_search and the use of codes (when the index was built with them)
  * of a live cache. */
 void kst_kvc_set_search(kst_kvc *c, int group_search, int codes);
 
-/* Benchmarks: candidates the group search (and codes) path expands at a time (1: plain
- * best-first; more overlap the memory latency of several expansions). */
+/* Benchmarks: candidates a search expands at a time: the group search (and codes) path's, and
+ * the per-head pool search's (its best unexpanded entries, up to 8) (1: plain best-first; more
+ * overlap the memory latency of several expansions; 2 is ~7% faster per search at 128K keys, at
+ * the same recall: bench README). */
 void kst_kvc_set_expand(kst_kvc *c, size_t b);
 
 /* Bytes of CPU memory the layer's index takes beyond the keys and values (edges, codes). */
@@ -167,7 +172,12 @@ typedef struct kst_kvc_prof {
     double search, rerank, attn, tail; /* per task: graph search (key or code scoring), exact
                                           re-scoring of the beam, the retrieved keys' partial
                                           attention (gathers, softmax), the tail sample's */
+    double entry;               /* per task: choosing the entry points (per-query entries; taken
+                                   out of search) */
     double gpu_wait, merge;     /* waiting for the GPU's partials after the CPU part; merging */
+    double enter_max;           /* max over threads of (first task start - fork) */
+    size_t tasks_max;           /* max over threads of the tasks one ran (summed over calls) */
+    size_t threads_used;        /* threads that ran a task (summed over calls) */
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

@@ -253,6 +253,28 @@ done:
     return rc;
 }
 
+extern "C" int kst_kvgpu_partial_ready(kst_kvgpu *g, const float **o, const float **lse, kst_error *err) {
+    int rc = KST_OK;
+    CU(cudaEventSynchronize(g->done), "kv gpu partial attention");
+    *o = g->ho;
+    *lse = g->ho + g->qh * g->d;
+done:
+    return rc;
+}
+
+extern "C" int kst_kvgpu_partial_poll(kst_kvgpu *g, const float **o, const float **lse, int *done, kst_error *err) {
+    int rc = KST_OK;
+    *done = 0;
+    cudaError_t e = cudaEventQuery(g->done);
+    if (e == cudaErrorNotReady) return KST_OK;
+    CU(e, "kv gpu partial attention");
+    *o = g->ho;
+    *lse = g->ho + g->qh * g->d;
+    *done = 1;
+done:
+    return rc;
+}
+
 // ---------------------------------------------------------------------------------------------
 // exact top-k: cuBLAS scores for a block of queries x a chunk of keys, then one block per query
 // merges the chunk into the query's running top-k.

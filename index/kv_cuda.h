@@ -39,6 +39,13 @@ int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const void *V, size_
  * kst_kvgpu_partial_wait then writes o (q_heads, d) and lse (q_heads). */
 int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t n, kst_error *err);
 int kst_kvgpu_partial_wait(kst_kvgpu *g, float *o, float *lse, kst_error *err);
+/* As kst_kvgpu_partial_wait, without the copies: *o (q_heads, d) and *lse (q_heads) point at the
+ * partials in pinned host memory, valid until the next kst_kvgpu_partial_start. Safe to call
+ * from any thread (one call at a time). */
+int kst_kvgpu_partial_ready(kst_kvgpu *g, const float **o, const float **lse, kst_error *err);
+/* Without waiting: *done 1 (and *o, *lse as kst_kvgpu_partial_ready sets them) when the
+ * partials are in, else 0. */
+int kst_kvgpu_partial_poll(kst_kvgpu *g, const float **o, const float **lse, int *done, kst_error *err);
 
 /* Exact top-k (k <= 64) keys by inner product for each query: K (n, d) and Q (nq, d) float32
  * host arrays, ids (nq, k) best first. */

@@ -233,6 +233,8 @@ void kst_kvg_free(kst_kvg *g) {
     kst_free(g->entry);
     kst_free(g->codes);
     kst_free(g->clo); /* cstep lies in the same block */
+    kst_free(g->et_id);
+    kst_free(g->et_codes);
     memset(g, 0, sizeof *g);
 }
 
@@ -776,7 +778,50 @@ done:
 /* 4-bit codes and the group search */
 
 size_t kst_kvg_code_bytes(const kst_kvg *g) {
-    return g->codes ? g->cap * g->cd / 2 + 2 * g->cd * sizeof(float) : 0;
+    size_t et = (g->et_n + 15) / 16 * 16;
+    return (g->codes ? g->cap * g->cd / 2 + 2 * g->cd * sizeof(float) : 0) + et * (g->cd / 2 + sizeof(uint32_t));
+}
+
+/* Code (0..15) of dimension x in a key's code bytes (layout: kst_kvg). */
+static inline unsigned code_nibble(const uint8_t *c, size_t x) {
+    return (unsigned)(c[x / 32 * 16 + x % 16] >> (x % 32 >= 16 ? 4 : 0)) & 15u;
+}
+
+int kst_kvg_entry_table(kst_kvg *g, size_t n, kst_error *err) {
+    kst_free(g->et_id);
+    kst_free(g->et_codes);
+    g->et_id = NULL;
+    g->et_codes = NULL;
+    g->et_n = g->et_at = 0;
+    if (n > g->n) n = g->n;
+    if (n == 0 || !g->codes || g->cd == 0 || g->cd % 32 != 0) return KST_OK;
+    size_t d = g->cd, nb = (n + 15) / 16, L = d / 8;
+    uint32_t *id = kst_malloc(nb * 16, sizeof(uint32_t), "kv entry table", err);
+    uint8_t *tc = kst_malloc_aligned(1, nb * L * 64, 64, "kv entry table", err);
+    if (!id || !tc) {
+        kst_free(id);
+        kst_free(tc);
+        return KST_ERR_NOMEM;
+    }
+    memset(tc, 0, nb * L * 64);
+    for (size_t e = 0; e < nb * 16; e++) {
+        if (e >= n) {
+            id[e] = id[n - 1]; /* padding, never kept (masked out) */
+            continue;
+        }
+        uint32_t x = (uint32_t)((uint64_t)e * g->n / n);
+        id[e] = x;
+        const uint8_t *c = g->codes + (size_t)x * (d / 2);
+        uint8_t *blk = tc + e / 16 * L * 64 + 4 * (e % 16);
+        for (size_t j = 0; j < L; j++)
+            for (size_t t = 0; t < 4; t++)
+                blk[j * 64 + t] = (uint8_t)(code_nibble(c, 8 * j + t) | code_nibble(c, 8 * j + 4 + t) << 4);
+    }
+    g->et_id = id;
+    g->et_codes = tc;
+    g->et_n = n;
+    g->et_at = g->n;
+    return KST_OK;
 }
 
 static uint8_t code_of(float x, float lo, float step) {
@@ -993,6 +1038,72 @@ static float quantize_coefs(const float *co, size_t d, int8_t *qlo, int8_t *qhi)
         }
     return sc;
 }
+
+/* Keeps (v, x) among the best `keep` of (tv, tx) (sorted descending, *nt of them). */
+static inline void top_insert(float *tv, uint32_t *tx, size_t *nt, size_t keep, float v, uint32_t x) {
+    if (*nt == keep && !(v > tv[keep - 1])) return;
+    size_t j = *nt < keep ? (*nt)++ : keep - 1;
+    while (j > 0 && tv[j - 1] < v) {
+        tv[j] = tv[j - 1];
+        tx[j] = tx[j - 1];
+        j--;
+    }
+    tv[j] = v;
+    tx[j] = x;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* The entry table's nodes scored for one query by AVX-512 VNNI, 16 at a time (one int32 lane
+ * per node; w8: the query's int8 code coefficients in dimension order, so that one 32-bit
+ * broadcast holds the 4 of the dimensions a table byte lane carries), each score
+ * c0 + qsc * <w8, codes> as kst_kvg_search_multi scores a code; the best `keep` join (tv, tx). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void
+table_best(const kst_kvg *g, const int8_t *w8, float c0, float qsc, size_t keep, float *tv, uint32_t *tx,
+           size_t *nt) {
+    const size_t L = g->cd / 8, nb = (g->et_n + 15) / 16;
+    const __m512i m = _mm512_set1_epi8(0x0F);
+    const __m512 vc0 = _mm512_set1_ps(c0), vsc = _mm512_set1_ps(qsc);
+    int32_t w[128]; /* d <= 512: L * 2 <= 128 broadcast words */
+    memcpy(w, w8, 2 * L * sizeof(int32_t));
+    float thr = *nt == keep ? tv[keep - 1] : -INFINITY;
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *blk = g->et_codes + b * L * 64;
+        if (b + 4 < nb) /* the lines of the block four ahead (the table streams from L3) */
+            for (size_t o = 0; o < L * 64; o += 64) _mm_prefetch((const char *)(blk + 4 * L * 64 + o), _MM_HINT_T0);
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512(), a2 = _mm512_setzero_si512(),
+                a3 = _mm512_setzero_si512();
+        size_t j = 0;
+        for (; j + 2 <= L; j += 2) {
+            __m512i v0 = _mm512_load_si512((const void *)(blk + j * 64));
+            __m512i v1 = _mm512_load_si512((const void *)(blk + j * 64 + 64));
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v0, m), _mm512_set1_epi32(w[2 * j]));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(v0, 4), m), _mm512_set1_epi32(w[2 * j + 1]));
+            a2 = _mm512_dpbusd_epi32(a2, _mm512_and_si512(v1, m), _mm512_set1_epi32(w[2 * j + 2]));
+            a3 = _mm512_dpbusd_epi32(a3, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m), _mm512_set1_epi32(w[2 * j + 3]));
+        }
+        for (; j < L; j++) {
+            __m512i v0 = _mm512_load_si512((const void *)(blk + j * 64));
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v0, m), _mm512_set1_epi32(w[2 * j]));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(v0, 4), m), _mm512_set1_epi32(w[2 * j + 1]));
+        }
+        __m512i acc = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
+        __m512 f = _mm512_add_ps(vc0, _mm512_mul_ps(vsc, _mm512_cvtepi32_ps(acc)));
+        __mmask16 mk = _mm512_cmp_ps_mask(f, _mm512_set1_ps(thr), _CMP_GT_OQ);
+        if (b == nb - 1 && g->et_n % 16) mk &= (__mmask16)((1u << (g->et_n % 16)) - 1);
+        if (!mk) continue;
+        float fs[16];
+        _mm512_storeu_ps(fs, f);
+        while (mk) {
+            unsigned i = (unsigned)__builtin_ctz(mk);
+            mk &= (__mmask16)(mk - 1);
+            if (fs[i] > thr) {
+                top_insert(tv, tx, nt, keep, fs[i], g->et_id[b * 16 + i]);
+                if (*nt == keep) thr = tv[keep - 1];
+            }
+        }
+    }
+}
+#endif
 
 typedef struct gpair { float s; uint32_t x; } gpair;
 static int cmp_gpair(const void *a, const void *b) {
@@ -1291,6 +1402,8 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     int live[KVG_MULTI_MAX];
     size_t scanned = 0, hops = 0, M = g->M < 1024 ? g->M : 1024, cb = d / 2;
     int push_pf = s[0]->pf_push;
+    size_t width = s[0]->expand > 1 ? (s[0]->expand < 8 ? s[0]->expand : 8) : 1;
+    if (width * M > 1024) width = 1024 / M; /* pend holds 1024 */
     for (size_t q = 0; q < nq; q++) {
         const float *qq = Q + q * d;
         kst_kvg_scratch *S = s[q];
@@ -1327,36 +1440,48 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
                             : kst_kv_dot(qv[q], krow(K, f16, (x), d), f16, d))
 #endif
     /* entry points */
+    double te0 = s[0]->prof ? mono_s() : 0;
     size_t ne = g->n_entry ? g->n_entry : 1;
     size_t nsp = s[0]->spread < g->n ? s[0]->spread : g->n;
     for (size_t e = 0; e < ne; e++) prefetch_node(g, K, f16, d, codes, g->n_entry ? g->entry[e] : 0, !nsp);
     if (nsp) { /* chosen per query: the best `keep` of the hubs and nsp evenly spaced keys */
         size_t keep = s[0]->spread_keep ? s[0]->spread_keep : 8;
         if (keep > 64) keep = 64;
-        /* the spaced keys' reads are asked for 16 ahead of their scoring (thousands asked at
-         * once would overflow the line fill buffers) */
+        /* with the graph's entry table (scored 16 nodes at a time), its nodes are the spaced
+         * keys; else the spaced keys' own codes (or rows), their reads asked for 16 ahead of
+         * their scoring (thousands asked at once would overflow the line fill buffers) */
+        int tab = vnni && g->et_n > 0 && g->et_n <= g->n;
         const size_t ahead = 16;
-        for (size_t e = 0; e < nsp && e < ahead; e++) prefetch_node(g, K, f16, d, codes, (uint32_t)(e * g->n / nsp), 0);
+        if (tab) nsp = g->et_n;
+        else
+            for (size_t e = 0; e < nsp && e < ahead; e++) prefetch_node(g, K, f16, d, codes, (uint32_t)(e * g->n / nsp), 0);
         for (size_t q = 0; q < nq; q++) {
             float tv[64];
             uint32_t tx[64];
             size_t nt = 0;
-            for (size_t e = 0; e < ne + nsp; e++) {
-                if (q == 0 && e >= ne && e - ne + ahead < nsp)
-                    prefetch_node(g, K, f16, d, codes, (uint32_t)((e - ne + ahead) * g->n / nsp), 0);
-                uint32_t x = e < ne ? (g->n_entry ? g->entry[e] : 0) : (uint32_t)((e - ne) * g->n / nsp);
+            for (size_t e = 0; e < ne; e++) {
+                uint32_t x = g->n_entry ? g->entry[e] : 0;
                 if (x >= g->n) continue;
-                float v = MSCORE(q, x);
+                top_insert(tv, tx, &nt, keep, MSCORE(q, x), x);
                 scanned++;
-                if (nt == keep && !(v > tv[keep - 1])) continue;
-                size_t j = nt < keep ? nt++ : keep - 1;
-                while (j > 0 && tv[j - 1] < v) {
-                    tv[j] = tv[j - 1];
-                    tx[j] = tx[j - 1];
-                    j--;
-                }
-                tv[j] = v;
-                tx[j] = x;
+            }
+#if defined(__x86_64__) && defined(__GNUC__)
+            if (tab) {
+                int8_t *w8 = (int8_t *)(s[q]->gq + d) + d; /* after qlo, qhi (gq: 2d + 2 floats) */
+                for (size_t b = 0; b < d; b += 32)
+                    for (size_t j = 0; j < 16; j++) {
+                        w8[b + j] = qlo[q][b / 2 + j];
+                        w8[b + 16 + j] = qhi[q][b / 2 + j];
+                    }
+                table_best(g, w8, c0[q], qsc[q], keep, tv, tx, &nt);
+                scanned += nsp;
+            }
+#endif
+            for (size_t e = 0; e < nsp && !tab; e++) {
+                if (q == 0 && e + ahead < nsp) prefetch_node(g, K, f16, d, codes, (uint32_t)((e + ahead) * g->n / nsp), 0);
+                uint32_t x = (uint32_t)(e * g->n / nsp);
+                top_insert(tv, tx, &nt, keep, MSCORE(q, x), x);
+                scanned++;
             }
             kst_kvg_scratch *S = s[q];
             for (size_t j = 0; j < nt; j++) {
@@ -1380,6 +1505,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             pool_insert(pool[q], fl[q], &pn[q], ef, &cur[q], v, x);
         }
     }
+    if (s[0]->prof) s[0]->t_entry += mono_s() - te0;
     size_t nlive = nq;
     while (nlive) {
         /* issue: every live search takes its best unexpanded entry; the reads of that node's
@@ -1396,20 +1522,26 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
                 nlive--;
                 continue;
             }
-            fl[q][c0i] = 1;
-            uint32_t c = pool[q][c0i].x;
-            hops++;
-            const uint32_t *nb = g->adj + (size_t)c * g->M;
-            size_t dg = g->deg[c] < M ? g->deg[c] : M;
             uint8_t ep = S->epoch, *mk = S->mark;
             uint32_t *pd = pend[q];
             size_t m = 0;
-            for (size_t j = 0; j < dg; j++) {
-                uint32_t x = nb[j];
-                if (x >= g->n) continue;
-                pd[m] = x; /* kept when not yet visited (no branch on the mark) */
-                m += mk[x] != ep;
-                mk[x] = ep;
+            /* the best unexpanded entry, and with width > 1 the next ones too (their reads then
+             * overlap; an entry expanded early may later have dropped out of the pool) */
+            for (size_t w = 0; w < width && c0i < pn[q]; w++) {
+                fl[q][c0i] = 1;
+                uint32_t c = pool[q][c0i].x;
+                hops++;
+                const uint32_t *nb = g->adj + (size_t)c * g->M;
+                size_t dg = g->deg[c] < M ? g->deg[c] : M;
+                for (size_t j = 0; j < dg; j++) {
+                    uint32_t x = nb[j];
+                    if (x >= g->n) continue;
+                    pd[m] = x; /* kept when not yet visited (no branch on the mark) */
+                    m += mk[x] != ep;
+                    mk[x] = ep;
+                }
+                while (++c0i < pn[q] && fl[q][c0i]) {
+                }
             }
             for (size_t j = 0; j < m; j++) prefetch_node(g, K, f16, d, codes, pd[j], !push_pf);
             np[q] = m;

@@ -48,6 +48,13 @@ typedef struct kst_kvg {
     uint8_t *codes;    /* (cap, d / 2), NULL when off or not built */
     float *clo, *cstep; /* (cd) */
     size_t cd;
+    /* Entry table (kst_kvg_entry_table): the codes of et_n evenly spaced nodes (of et_at nodes
+     * when made) gathered into one contiguous block, 16 nodes to a 64-byte line per 8
+     * dimensions, so that the per-query entry choice of kst_kvg_search_multi streams them and
+     * scores 16 at a time (AVX-512 VNNI) instead of reading et_n scattered lines. */
+    size_t et_n, et_at;
+    uint32_t *et_id;   /* (et_n rounded up to 16) node ids */
+    uint8_t *et_codes; /* (et_n rounded up to 16) / 16 blocks of (d / 8) lines of 64 bytes */
 } kst_kvg;
 
 /* Per-thread search state; zero-initialise, free with kst_kvg_scratch_free. */
@@ -69,6 +76,7 @@ typedef struct kst_kvg_scratch {
      * re-scoring to t_rerank; hops counts the nodes expanded by the last search */
     int prof;
     double t_rerank;
+    double t_entry;  /* kst_kvg_search_multi: seconds choosing the entry points (with prof) */
     size_t hops;
     uint8_t *fl; size_t flcap;                       /* kst_kvg_search_multi: pool flags */
     int no_vnni;   /* kst_kvg_search_multi: score codes in float even where AVX-512 VNNI is */
@@ -76,7 +84,9 @@ typedef struct kst_kvg_scratch {
                       or as soon as it is scored (0) */
     size_t spread, spread_keep; /* kst_kvg_search_multi: with spread > 0, each search scores the
                       hub entries and `spread` evenly spaced keys, and starts from the
-                      `spread_keep` best of them (0: 8) instead of from all the hubs */
+                      `spread_keep` best of them (0: 8) instead of from all the hubs; where the
+                      graph has an entry table (and the codes are scored by AVX-512 VNNI) its
+                      et_n nodes stand for the `spread` spaced keys */
 } kst_kvg_scratch;
 void kst_kvg_scratch_free(kst_kvg_scratch *s);
 
@@ -153,7 +163,12 @@ int kst_kvg_search_multi(const kst_kvg *g, const void *K, int f16, size_t d, con
  * dropped: searches then score the keys). */
 int kst_kvg_make_codes(kst_kvg *g, const void *K, int f16, size_t d, kst_error *err);
 
-/* Bytes the codes take (0 without). */
+/* Makes the entry table of n evenly spaced nodes floor(e * g->n / n), e < n (n = 0 or a graph
+ * without codes: drops it; n > g->n: g->n). Read by concurrent searches, so made only while none
+ * runs. Fails on memory (table dropped: searches then score the spaced nodes' own codes). */
+int kst_kvg_entry_table(kst_kvg *g, size_t n, kst_error *err);
+
+/* Bytes the codes take (0 without), the entry table's included. */
 size_t kst_kvg_code_bytes(const kst_kvg *g);
 
 #endif

@@ -13,6 +13,7 @@
 #include "core/mem.h"
 #include "core/npy.h"
 #include "index/kv.h"
+#include "index/kv_graph.h"
 #ifdef KST_CUDA
 #include "index/kv_cuda.h"
 #endif
@@ -532,6 +533,71 @@ static void test_pool_search_recall(void **state) {
     }
 }
 
+/* The entry table (kst_kvg_entry_table: the spaced entry candidates' codes in one block,
+ * scored 16 at a time where the CPU has AVX-512 VNNI) stands for the spaced keys' own codes:
+ * the same scores, so the same entries, hence the same search (ids, keys scored, hops) as
+ * without it, at a small beam and at ef = all keys, where both give torch.topk's top-10 in
+ * order. KV head 0's indexed keys of the fixture; its two query heads. */
+static void test_entry_table(void **state) {
+    fx *f = *state;
+    const size_t n = P - 36, G = QH / KVH;
+    float *K = malloc(n * D * sizeof(float)), *Q = malloc(P * G * D * sizeof(float));
+    assert_non_null(K);
+    assert_non_null(Q);
+    for (size_t i = 0; i < n; i++) memcpy(K + i * D, (const float *)f->keys.data + ((4 + i) * KVH) * D, D * sizeof(float));
+    for (size_t t = 0; t < P; t++)
+        memcpy(Q + t * G * D, (const float *)f->pq.data + t * QH * D, G * D * sizeof(float));
+    kst_kvg g;
+    kst_error err;
+    assert_ok(kst_kvg_init(&g, 16, 8, 64, &err), &err);
+    g.codes_on = 1;
+    assert_ok(kst_kvg_build_attn(&g, K, 0, n, D, Q, P * G, 16, &err), &err);
+    assert_non_null(g.codes);
+    size_t code_bytes = kst_kvg_code_bytes(&g);
+    kst_kvg_scratch sc = {0}, *sp = &sc;
+    const size_t spreads[2] = {64, n + 64}; /* some keys; more than there are (all of them) */
+    for (size_t si = 0; si < 2; si++) {
+        size_t spread = spreads[si];
+        for (size_t s = 0; s < S; s++)
+            for (size_t a = 0; a < G; a++) {
+                const float *q = (const float *)f->dq.data + (s * QH + a) * D;
+                const int64_t *want = (const int64_t *)f->top10.data + (s * QH + a) * 10;
+                for (int big = 0; big < 2; big++) {
+                    size_t ef = big ? n : 16;
+                    uint32_t id0[10], id1[10];
+                    size_t f0, f1, sc0, sc1, hop0, hop1;
+                    assert_ok(kst_kvg_entry_table(&g, 0, &err), &err); /* none: the keys' own codes */
+                    assert_int_equal(g.et_n, 0);
+                    sc.spread = spread;
+                    sc.spread_keep = 4;
+                    assert_int_equal(kst_kvg_search_multi(&g, K, 0, D, q, 1, 10, ef, 0, 1, &sp, id0, NULL, &f0), KST_OK);
+                    sc0 = sc.scanned;
+                    hop0 = sc.hops;
+                    assert_ok(kst_kvg_entry_table(&g, spread, &err), &err);
+                    assert_int_equal(g.et_n, spread < n ? spread : n);
+                    assert_int_equal(kst_kvg_code_bytes(&g), code_bytes + (g.et_n + 15) / 16 * 16 * (D / 2 + 4));
+                    assert_int_equal(kst_kvg_search_multi(&g, K, 0, D, q, 1, 10, ef, 0, 1, &sp, id1, NULL, &f1), KST_OK);
+                    sc1 = sc.scanned;
+                    hop1 = sc.hops;
+                    assert_int_equal(f0, 10);
+                    assert_int_equal(f1, 10);
+                    assert_int_equal(sc0, sc1);
+                    assert_int_equal(hop0, hop1);
+                    for (int i = 0; i < 10; i++) {
+                        assert_int_equal(id0[i], id1[i]);
+                        if (big && (int64_t)id1[i] + 4 != want[i])
+                            fail_msg("entry table, ef = all, step %zu head %zu: rank %d is %lld, torch.topk %lld", s, a, i,
+                                     (long long)id1[i] + 4, (long long)want[i]);
+                    }
+                }
+            }
+    }
+    kst_kvg_scratch_free(&sc);
+    kst_kvg_free(&g);
+    free(K);
+    free(Q);
+}
+
 /* Attention over every indexed key through the interleaved searches (two query heads per task)
  * and through float32 code scores: full attention (PyTorch SDPA, float32 fixture). */
 static void test_interleaved_all_keys_equals_sdpa(void **state) {
@@ -642,6 +708,7 @@ int main(void) {
         cmocka_unit_test(test_group_search_recall),
         cmocka_unit_test(test_pool_search_recall),
         cmocka_unit_test(test_interleaved_all_keys_equals_sdpa),
+        cmocka_unit_test(test_entry_table),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_alloc_failures),
     };

@@ -10,7 +10,8 @@
  *   bench_kv_gpu layer N[,N...]       the same for a whole layer (8 KV heads x 32 query heads):
  *                                     KV_EFS (default 128,256), KV_TAIL (tail samples, a 2nd pass),
  *                                     KV_RUNS rows "mode:ef:top_k:tail;..." (mode: head|group[N],
- *                                     +codes, /il0 the round-2 heap search, /ilN N searches
+ *                                     +codes, /xN N candidates expanded at a time (group and
+ *                                     per-head searches), /il0 the round-2 heap search, /ilN N searches
  *                                     interleaved, /rrR re-score R, /f32 no VNNI, /pf0, /same the
  *                                     same query every step, /spN/skM entries per query: the
  *                                     best M of the hubs and N spaced keys, default AUTO, /sp0
@@ -509,10 +510,10 @@ static int layer(const char *list) {
                 kst_kvc_set_prof(c, NULL);
                 double u = 1e6 / (double)pf.steps, nt = omp_get_max_threads();
                 printf("  prof %s ef %zu (us/step, mean of %zu): total %.1f = gpu_start %.1f + region %.1f + gpu_wait %.1f + merge %.1f;"
-                       " region: enter %.1f, busy max %.1f mean %.1f; per thread (task sums / %d): search %.1f rerank %.1f attn %.1f tail %.1f;"
+                       " region: enter %.1f (max %.1f), threads %.1f, tasks max %.2f, busy max %.1f mean %.1f; per thread (task sums / %d): entry %.1f search %.1f rerank %.1f attn %.1f tail %.1f;"
                        " per search: %.1f hops %.0f scanned\n",
                        mode, ef, pf.steps, pf.total * u, pf.gpu_start * u, pf.region * u, pf.gpu_wait * u, pf.merge * u,
-                       pf.enter * u, pf.busy_max * u, pf.busy_mean * u, (int)nt, pf.search * u / nt, pf.rerank * u / nt,
+                       pf.enter * u, pf.enter_max * u, (double)pf.threads_used / pf.steps, (double)pf.tasks_max / pf.steps, pf.busy_max * u, pf.busy_mean * u, (int)nt, pf.entry * u / nt, pf.search * u / nt, pf.rerank * u / nt,
                        pf.attn * u / nt, pf.tail * u / nt, (double)pf.hops / pf.tasks, (double)pf.scanned / pf.tasks);
             }
             printf("%8zu %-12s %5zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %10.2f%% %8.2f%% %10.2e %10.2f %12.1f %9.1f\n", N, mode, ef, topk_att,
