@@ -83,29 +83,7 @@ static void test_batch_matches_autograd(void **state) {
 #define SN 1500
 #define SD 32
 
-/* Clustered, anisotropic unit vectors: 24 centres, per-centre noise scaled per dimension. */
-static float *synthetic(size_t n, uint64_t seed) {
-    kst_xoshiro r;
-    kst_xoshiro_seed(&r, seed);
-    float *x = malloc(n * SD * sizeof(float)), cen[24][SD];
-#define U01() ((double)(kst_xoshiro_next(&r) >> 11) / 9007199254740992.0)
-#define GAUSS() (sqrt(-2 * log(U01() + 1e-12)) * cos(6.283185307179586 * U01()))
-    for (int c = 0; c < 24; c++)
-        for (int j = 0; j < SD; j++) cen[c][j] = (float)GAUSS();
-    for (size_t i = 0; i < n; i++) {
-        int c = (int)(kst_xoshiro_next(&r) % 24);
-        double nn = 0;
-        for (int j = 0; j < SD; j++) {
-            float v = cen[c][j] + (float)(GAUSS() * (0.3 + 0.7 * (j % 4) / 3.0));
-            x[i * SD + j] = v;
-            nn += (double)v * v;
-        }
-        for (int j = 0; j < SD; j++) x[i * SD + j] /= (float)sqrt(nn);
-    }
-#undef GAUSS
-#undef U01
-    return x;
-}
+static float *synthetic(size_t n, uint64_t seed) { return vq_synthetic(n, SD, seed); }
 
 static kst_ann *trained(const char *factory, const float *x, int64_t *ids) {
     kst_ann *a = NULL;

@@ -9,7 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <math.h>
+
 #include "core/npy.h"
+#include "train/teacher.h"
 #include "train/vq.h"
 
 /* DIR/NAME.npy, which must read (a failed read fails the test) */
@@ -34,6 +37,31 @@ static inline void vq_model_from_fixture(kst_vq_model *m, const kst_npy *y, cons
     memcpy(m->params + C->count, B->data, B->count * sizeof(float));
     m->centroids = m->params, m->codebook = m->params + C->count;
     m->tau = tau->data;
+}
+
+/* Clustered, anisotropic unit vectors (n, SD) (at most 64 dimensions): 24 centres, per-centre
+ * noise scaled per dimension. Shared by test_vq.c and test_vq_gpu.c (malloc'd). */
+static inline float *vq_synthetic(size_t n, int SD, uint64_t seed) {
+    kst_xoshiro r;
+    kst_xoshiro_seed(&r, seed);
+    float *x = malloc(n * SD * sizeof(float)), cen[24][64];
+#define U01() ((double)(kst_xoshiro_next(&r) >> 11) / 9007199254740992.0)
+#define GAUSS() (sqrt(-2 * log(U01() + 1e-12)) * cos(6.283185307179586 * U01()))
+    for (int c = 0; c < 24; c++)
+        for (int j = 0; j < SD; j++) cen[c][j] = (float)GAUSS();
+    for (size_t i = 0; i < n; i++) {
+        int c = (int)(kst_xoshiro_next(&r) % 24);
+        double nn = 0;
+        for (int j = 0; j < SD; j++) {
+            float v = cen[c][j] + (float)(GAUSS() * (0.3 + 0.7 * (j % 4) / 3.0));
+            x[i * SD + j] = v;
+            nn += (double)v * v;
+        }
+        for (int j = 0; j < SD; j++) x[i * SD + j] /= (float)sqrt(nn);
+    }
+#undef GAUSS
+#undef U01
+    return x;
 }
 
 #endif

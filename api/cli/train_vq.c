@@ -8,6 +8,7 @@
 
 #include "cli.h"
 #include "core/check.h"
+#include "core/gpu.h"
 #include "core/mem.h"
 #include "core/npy.h"
 #include "core/progress.h"
@@ -24,6 +25,7 @@ static const char *HELP =
     "         [--lr-ivf X] [--lr-pq X] [--temperature T] [--candidates K] [--batch-size N]\n"
     "         [--max-queries N] [--tau-scale X] [--val-fraction X] [--anchor X] [--seed N]\n"
     "         [--score-weight X] [--refits N] [--train-query-encoder [--lr-query-encoder X]]\n"
+    "         [--device cpu|cuda]\n"
     "\n"
     "Distill-VQ: learns the IVF coarse centroids and PQ codebooks of the index's FAISS IVF-PQ\n"
     "(IVFn,PQm or OPQm,IVFn,PQm; 8-bit codes) so that the compressed index ranks documents as the\n"
@@ -78,6 +80,11 @@ static const char *HELP =
     "                     codewords, as before). Chosen on development queries (SciFact train\n"
     "                     queries): tests/bench/README.md, \"Distill-VQ\"\n"
     "  --refits N         codebook refits under W, each after encoding (8; 0: encode only)\n"
+    "  --device cpu|cuda  where the training runs (cpu). cuda: a `make CUDA=1` build on an NVIDIA\n"
+    "                     GPU (sm_90) runs the epochs, the query-weighted codes, the refits and\n"
+    "                     the re-encoding of every document there, with the CPU's semantics\n"
+    "                     (float32; results agree within rounding: tests/test_vq_gpu.c); not with\n"
+    "                     --train-query-encoder or --anchor. Recorded in the manifest\n"
     "  --doc-vectors V.npy --doc-ids F\n"
     "                     the documents' vectors computed before by the index's model (`kestrel\n"
     "                     embed` over each document's \"title text\"), rows named by the external\n"
@@ -393,6 +400,9 @@ int cmd_train_vq(int argc, char **argv) {
         char *end = NULL;
         size_t n;
         if (strcmp(a, "--index") == 0) dir = v;
+        else if (strcmp(a, "--device") == 0) {
+            if (cli_device_value(v, &o.device) != 0) return KST_EXIT_USAGE;
+        }
         else if (strcmp(a, "--queries") == 0) qpath = v;
         else if (strcmp(a, "--qrels") == 0) qrels = v;
         else if (strcmp(a, "--doc-vectors") == 0) dvec = v;
@@ -460,7 +470,24 @@ int cmd_train_vq(int argc, char **argv) {
     kst_encoder *qenc_enc = NULL, *saved = NULL;
     kst_vq_qenc qe = {0};
     char qfolder[64] = "", qpath_full[4096] = "", qfp[65] = "";
-    int rc = kst_ix_open(dir, NULL, 1, &ix, &err);
+    int rc = KST_OK;
+    if (o.device == KST_DEV_CUDA) {
+        /* Before any work: no GPU, or what stays on the CPU, is said at once. */
+        if (train_qenc || o.w_rec > 0) {
+            rc = kst_fail(&err, KST_ERR_UNSUPPORTED, "--device cuda: %s trains on the CPU only; "
+                          "drop --device cuda", train_qenc ? "--train-query-encoder" : "--anchor");
+            goto done;
+        }
+        rc = kst_gpu_check(&err);
+        if (rc != KST_OK) {
+            if (!strstr(err.msg, "--device cpu")) {
+                size_t at = strlen(err.msg);
+                snprintf(err.msg + at, sizeof err.msg - at, "; train on the CPU with --device cpu");
+            }
+            goto done;
+        }
+    }
+    rc = kst_ix_open(dir, NULL, 1, &ix, &err);
     if (rc != KST_OK) goto done;
     if (!ix->dense || !ix->ann) {
         rc = kst_fail(&err, KST_ERR_UNSUPPORTED, "%s: the index has no dense FAISS index to learn",
@@ -549,13 +576,13 @@ int cmd_train_vq(int argc, char **argv) {
              "\"anchor\":%g,\"val_fraction\":%g,\"val_queries\":%zu,\"val_loss\":[%.6f,%.6f],"
              "\"kept_epoch\":%ld,\"mse\":[%.6f,%.6f],"
              "\"opq\":%s,\"loss_ivf\":[%.6f,%.6f],\"loss_pq\":[%.6f,%.6f],\"score_weight\":%g,"
-             "\"refits\":%ld,\"weighted_error\":[%.6f,%.6f],\"seconds\":%.1f}",
+             "\"refits\":%ld,\"weighted_error\":[%.6f,%.6f],\"seconds\":%.1f,\"device\":\"%s\"}",
              n, r.queries, qpath ? "given" : "sampled documents", npos, r.epochs, r.steps, o.lr_ivf,
              o.lr_pq, o.temperature, o.tau_scale, o.candidates, o.batch,
              (unsigned long long)o.seed, o.w_rec, o.val_fraction, r.val_queries, r.val_init,
              r.val_best, r.best_epoch, r.mse_init, r.mse_final, m.rot ? "true" : "false",
              r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, o.score_weight,
-             r.refits, r.werr_init, r.werr_final, r.seconds);
+             r.refits, r.werr_init, r.werr_final, r.seconds, kst_device_name(o.device));
     if (train_qenc) {
         /* The tuned encoder goes into the index as query_model.<next generation>, written (each
          * file atomically, weights last) before the commit that names it: a crash before the
