@@ -395,9 +395,10 @@ struct kst_vq_gpu {
 void kst_vq_gpu_free(kst_vq_gpu *g) {
     if (!g) return;
     if (g->blas) cublasDestroy(g->blas);
+    /* (P is S: not freed twice) */
     void *dev[] = {g->y, g->params, g->grad, g->mom, g->vel, g->best, g->tau, g->BN, g->assign,
                    g->flag, g->q, g->teacher, g->s_ivf, g->s_pq, g->gc, g->gr, g->R, g->RHO,
-                   g->V, g->DR, g->P, g->VB, g->S, g->uniq, g->cslot, g->qof, g->off, g->codes,
+                   g->V, g->DR, g->VB, g->S, g->uniq, g->cslot, g->qof, g->off, g->codes,
                    g->loss};
     for (size_t i = 0; i < sizeof dev / sizeof *dev; i++) cudaFree(dev[i]);
     kst_free(g->slot), kst_free(g->huniq), kst_free(g->hcslot), kst_free(g->hqof),

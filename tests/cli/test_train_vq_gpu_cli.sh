@@ -13,7 +13,11 @@ trap 'rm -rf "$T"' EXIT
 . tests/cli/lib.bash
 export KESTREL_NO_PROGRESS=1
 head -300 ../shared/data/beir-scifact/corpus.jsonl > $T/corpus.jsonl
-manifest() { sqlite3 -readonly "$1/docs.sqlite" "SELECT value FROM manifest WHERE key = '$2'" 2>/dev/null; }
+# the manifest, with the sqlite3 shell (make deps installs it) or else Python's sqlite3 (GPU hosts)
+manifest() {
+  if command -v sqlite3 >/dev/null; then sqlite3 -readonly "$1/docs.sqlite" "SELECT value FROM manifest WHERE key = '$2'" 2>/dev/null
+  else python3 -c 'import sqlite3, sys; r = sqlite3.connect(sys.argv[1]).execute("SELECT value FROM manifest WHERE key = ?", (sys.argv[2],)).fetchone(); print(r[0] if r else "")' "$1/docs.sqlite" "$2"; fi
+}
 # "loss ivf A -> B, pq C -> D" of the summary line: B D
 losses() { sed -n 's/.*loss ivf [0-9.]* -> \([0-9.]*\), pq [0-9.]* -> \([0-9.]*\);.*/\1 \2/p' "$1"; }
 
@@ -29,7 +33,8 @@ if [ $rc = 0 ]; then
   case "$(manifest $T/ix vq_training)" in *'"device":"cuda"'*) ok "the manifest records device cuda" ;;
     *) bad "the manifest lacks device cuda: $(manifest $T/ix vq_training)" ;; esac
   check "search on the GPU-trained index" sh -c "'$K' search --index $T/ix --query 'vitamin D deficiency' --stages dense -k 10 --format tsv | grep -q ."
-  check "the same run on the CPU" "$K" train vq --index $T/ixc $args --device cpu 2>$T/cpu.err
+  "$K" train vq --index $T/ixc $args --device cpu >/dev/null 2>$T/cpu.err && ok "the same run on the CPU" ||
+    bad "the same run on the CPU: $(head -c 300 $T/cpu.err)"
   case "$(manifest $T/ixc vq_training)" in *'"device":"cpu"'*) ok "the CPU run records device cpu" ;;
     *) bad "the CPU run's manifest: $(manifest $T/ixc vq_training)" ;; esac
   g=$(losses $T/gpu.err); c=$(losses $T/cpu.err)
