@@ -1,6 +1,8 @@
 /* train_vq.c - `kestrel train vq`: Distill-VQ, re-learn an index's IVF centroids and PQ codebooks
  * from the dense model's own scores and rewrite its FAISS file as a new generation. */
-#define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700
+#include <dirent.h>
+#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -103,7 +105,9 @@ static const char *HELP =
     "                     in the manifest (\"query_model\", with its fingerprint) in the same commit\n"
     "                     as the FAISS file, and from then on `kestrel search` and the C API embed\n"
     "                     queries on this index with it. A later run starts from it; a run without\n"
-    "                     this flag keeps it and trains the centroids and codebooks for its vectors\n"
+    "                     this flag keeps it and trains the centroids and codebooks for its vectors.\n"
+    "                     Each commit keeps the query_model.N the manifest names and the one it\n"
+    "                     named before (for readers that opened the index earlier); older ones go\n"
     "  --lr-query-encoder X  AdamW learning rate of the query encoder (2e-5; weight decay 0.01)\n"
     "\n"
     "Flat and HNSW indexes have nothing to learn. Exit codes as every command (0 ok, 2 I/O, 3 bad\n"
@@ -379,6 +383,32 @@ done:
     return rc;
 }
 
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *f) {
+    (void)st, (void)flag, (void)f;
+    remove(path);
+    return 0;
+}
+
+/* After a commit: removes the index's query_model.N folders (tuned query encoders of earlier
+ * runs) other than `keep` (the one the manifest names now) and `keep_prev` (the one it named
+ * before this commit, which a reader that opened the index before it may still load), as the
+ * FAISS files of older generations are pruned (rank/engine.c). */
+static void prune_query_models(const char *dir, const char *keep, const char *keep_prev) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        const char *nm = de->d_name;
+        if (strncmp(nm, "query_model.", 12) != 0 || !nm[12] || strspn(nm + 12, "0123456789") != strlen(nm + 12))
+            continue;
+        if ((keep && strcmp(nm, keep) == 0) || (keep_prev && strcmp(nm, keep_prev) == 0)) continue;
+        char p[4096];
+        if (snprintf(p, sizeof p, "%s/%s", dir, nm) < (int)sizeof p)
+            nftw(p, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    }
+    closedir(d);
+}
+
 int cmd_train_vq(int argc, char **argv) {
     const char *dir = NULL, *qpath = NULL, *qrels = NULL, *dvec = NULL, *dids = NULL;
     int train_qenc = 0;
@@ -469,7 +499,7 @@ int cmd_train_vq(int argc, char **argv) {
     char *json = NULL;
     kst_encoder *qenc_enc = NULL, *saved = NULL;
     kst_vq_qenc qe = {0};
-    char qfolder[64] = "", qpath_full[4096] = "", qfp[65] = "";
+    char qfolder[64] = "", qpath_full[4096] = "", qfp[65] = "", qprev[256] = "";
     int rc = KST_OK;
     if (o.device == KST_DEV_CUDA) {
         /* Before any work: no GPU, or what stays on the CPU, is said at once. */
@@ -493,6 +523,10 @@ int cmd_train_vq(int argc, char **argv) {
         rc = kst_fail(&err, KST_ERR_UNSUPPORTED, "%s: the index has no dense FAISS index to learn",
                       dir);
         goto done;
+    }
+    if (ix->query) { /* the tuned query encoder in use before this run (kept by the pruning) */
+        const char *qd = kst_ix_query_encoder(ix)->dir, *sl = strrchr(qd, '/');
+        snprintf(qprev, sizeof qprev, "%s", sl ? sl + 1 : qd);
     }
     KST_TRY(kst_vq_model_from_index(ix->ann, &m, &err));
     KST_TRY(ann_ids(ix->ann, &ids, &n, &err));
@@ -614,6 +648,8 @@ int cmd_train_vq(int argc, char **argv) {
     if (rc == KST_OK && train_qenc)
         fprintf(stderr, "kestrel train vq: the tuned query encoder is %s (searches of this index "
                         "use it)\n", qpath_full);
+    if (rc == KST_OK)
+        prune_query_models(dir, train_qenc ? qfolder : qprev, qprev[0] ? qprev : NULL);
 done:
     kst_free(json);
     kst_ann_free(out);
