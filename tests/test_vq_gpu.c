@@ -111,52 +111,7 @@ static void test_batch_matches_autograd(void **state) {
 static void test_code_matches_numpy(void **state) {
     (void)state;
     NEED_GPU();
-    const char *dir = "tests/fixtures/vq_code/";
-    kst_npy y = vq_fixture_load(dir, "y"), C = vq_fixture_load(dir, "C"),
-            B = vq_fixture_load(dir, "B"), q = vq_fixture_load(dir, "q"),
-            assign = vq_fixture_load(dir, "assign"), codes = vq_fixture_load(dir, "codes"),
-            B1 = vq_fixture_load(dir, "B1"), sc = vq_fixture_load(dir, "scalars");
-    const float *s = sc.data;
-    size_t n = y.shape[0], d = y.shape[1];
-    float *tau = calloc(B.shape[0], sizeof(float));
-    kst_npy tn = {0};
-    tn.data = tau;
-    kst_vq_model m;
-    vq_model_from_fixture(&m, &y, &C, &B, &tn);
-    m.device = KST_DEV_CUDA;
-    kst_error err;
-    float *w = malloc(d * d * sizeof(float));
-    assert_ok(kst_vq_score_metric(d, q.shape[0], q.data, s[0], w, &err), &err);
-    const int32_t *a = (const int32_t *)(const void *)assign.data;
-    uint8_t *got = malloc(n * m.M);
-    long rounds;
-    m.wq = w, m.wq_iters = (long)s[1];
-    assert_ok(kst_vq_encode(&m, n, y.data, a, got, &rounds, &err), &err);
-    const int32_t *want = (const int32_t *)(const void *)codes.data;
-    size_t diff = 0;
-    for (size_t i = 0; i < n * m.M; i++) diff += got[i] != want[i];
-    fprintf(stderr, "  GPU codes: %zu of %zu differ from NumPy's; %ld rounds\n", diff, n * m.M,
-            rounds);
-    assert_int_equal(diff, 0);
-    assert_true(rounds >= 1 && rounds <= m.wq_iters);
-    double before, after;
-    assert_ok(kst_vq_refit(&m, n, y.data, a, got, &before, &after, &err), &err);
-    fprintf(stderr, "  GPU e^T W e: encoded %.6f (ref %.6f), refit %.6f (ref %.6f)\n", before, s[3],
-            after, s[4]);
-    assert_true(fabs(before - s[3]) < 1e-5 * (1 + s[3]));
-    assert_true(fabs(after - s[4]) < 1e-5 * (1 + s[4]));
-    assert_close_f32("refit B", m.codebook, B1.data, B1.count, 1e-4, 1e-4);
-
-    /* The CPU twin on the same input: the same codes after the refit codebooks too. */
-    uint8_t *cpu = malloc(n * m.M);
-    m.device = KST_DEV_CPU;
-    assert_ok(kst_vq_encode(&m, n, y.data, a, cpu, NULL, &err), &err);
-    m.device = KST_DEV_CUDA;
-    assert_ok(kst_vq_encode(&m, n, y.data, a, got, NULL, &err), &err);
-    assert_memory_equal(cpu, got, n * m.M);
-    free(cpu), free(m.params), free(w), free(got), free(tau);
-    kst_npy *all[] = {&y, &C, &B, &q, &assign, &codes, &B1, &sc};
-    for (size_t i = 0; i < sizeof all / sizeof *all; i++) kst_npy_free(all[i]);
+    vq_code_fixture_check(KST_DEV_CUDA);
 }
 
 /* ---- a whole training run: GPU against CPU ------------------------------------------------ */
