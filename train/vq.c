@@ -13,12 +13,14 @@
 
 #include "core/blas.h"
 #include "core/check.h"
+#include "core/gpu.h"
 #include "core/mem.h"
 #include "core/progress.h"
 #include "index/faiss_ext.h"
 #include "train/optim.h"
 #include "train/teacher.h"
 #include "train/vq_code.h"
+#include "train/vq_gpu.h"
 #include "train/vq_qenc.h"
 
 /* ---------------------------------------------------------------------------------------------
@@ -591,7 +593,7 @@ static void batch_candidates(const vq_data *v, const size_t *order, size_t B, si
 }
 
 /* Mean loss over the queries idx (nidx), forward only, in that order (batches of opts->batch). */
-static int eval_loss(const kst_vq_model *m, const vq_data *v, const kst_vq_opts *o,
+static int eval_loss(const kst_vq_model *m, const vq_data *v, const kst_vq_opts *o, kst_vq_gpu *g,
                      const size_t *idx, size_t nidx, size_t *off, int64_t *cand, float *teacher,
                      float *q, double *li, double *lp, kst_error *err) {
     double si = 0, sp = 0;
@@ -600,8 +602,10 @@ static int eval_loss(const kst_vq_model *m, const vq_data *v, const kst_vq_opts 
         size_t B = nidx - b0 < o->batch ? nidx - b0 : o->batch;
         batch_candidates(v, idx + b0, B, off, cand, teacher, q);
         double a, c;
-        int rc = kst_vq_batch(m, B, q, off, cand, teacher, v->n, v->y, v->assign, o->temperature,
-                              o->w_ivf, o->w_pq, NULL, &a, &c, err);
+        int rc = g ? kst_vq_gpu_batch(g, B, q, off, cand, teacher, o->temperature, o->w_ivf,
+                                      o->w_pq, 0, &a, &c, err)
+                   : kst_vq_batch(m, B, q, off, cand, teacher, v->n, v->y, v->assign,
+                                  o->temperature, o->w_ivf, o->w_pq, NULL, &a, &c, err);
         if (rc != KST_OK) return rc;
         si += a * (double)B, sp += c * (double)B, nb += B;
     }
@@ -765,6 +769,13 @@ done:
     return rc;
 }
 
+/* Every document's IVF list with the current centroids: on the GPU with its parameters when g. */
+static int assign_docs(const kst_vq_model *m, const vq_data *v, kst_vq_gpu *g, kst_error *err) {
+    if (g) return kst_vq_gpu_assign(g, v->assign, err);
+    kst_vq_assign(m, v->n, v->y, v->assign);
+    return KST_OK;
+}
+
 int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const float *q,
                  const size_t *pos_off, const int64_t *pos, const kst_vq_opts *opts,
                  kst_vq_result *out, kst_error *err) {
@@ -778,7 +789,20 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
                         "Distill-VQ: batch, candidates and temperature must be positive");
     if (pos_off && nq == 0)
         return kst_fail(err, KST_ERR_INVALID, "Distill-VQ: positives given without queries");
+    if (o.device == KST_DEV_CUDA) {
+        if (o.qenc)
+            return kst_fail(err, KST_ERR_UNSUPPORTED, "Distill-VQ on the GPU: the query encoder "
+                            "trains jointly on the CPU only; drop --device cuda (or "
+                            "--train-query-encoder)");
+        if (o.w_rec > 0)
+            return kst_fail(err, KST_ERR_UNSUPPORTED, "Distill-VQ on the GPU: the reconstruction "
+                            "anchor runs on the CPU only; drop --device cuda (or --anchor)");
+        int grc = kst_gpu_check(err);
+        if (grc != KST_OK) return grc;
+    }
+    m->device = o.device;
     double t_start = kst_now();
+    kst_vq_gpu *g = NULL;
     size_t d = (size_t)m->d, k = o.candidates < n ? o.candidates : n;
     int rc = KST_OK;
     float *yrot = NULL, *qy = NULL, *grad = NULL, *mom = NULL, *vel = NULL, *teacher = NULL,
@@ -885,9 +909,12 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
         goto done;
     }
     KST_TRY(exact_topk(v.nq, qy, n, v.y, d, k, v.top, v.top_s, err));
-    kst_vq_assign(m, n, v.y, v.assign);
+    if (o.device == KST_DEV_CUDA) KST_TRY(kst_vq_gpu_create(m, n, v.y, o.batch, cap, &g, err));
+    KST_TRY(assign_docs(m, &v, g, err));
     init_tau(m, &v, o.tau_scale);
+    if (g) KST_TRY(kst_vq_gpu_set_tau(g, m->tau, err));
     quant_stats(m, &v, &res.mse_init, &res.imbalance_init);
+    res.seconds_setup = kst_now() - t_start;
     /* Validation: a seeded share of the queries never trained on; after every epoch the loss on
      * them decides which parameters are kept (the start counts, so training cannot make the
      * index worse on them). The rest are the training queries. */
@@ -907,7 +934,7 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
     res.best_epoch = 0;
     if (nval) {
         double a, c;
-        KST_TRY(eval_loss(m, &v, &o, val_idx, nval, off, cand, teacher, qb, &a, &c, err));
+        KST_TRY(eval_loss(m, &v, &o, g, val_idx, nval, off, cand, teacher, qb, &a, &c, err));
         res.val_init = res.val_best = o.w_ivf * a + o.w_pq * c;
         best = kst_malloc(m->nparams, sizeof(float), "best parameters", err);
         if (!best) {
@@ -915,10 +942,11 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
             goto done;
         }
         memcpy(best, m->params, m->nparams * sizeof(float));
+        if (g) KST_TRY(kst_vq_gpu_keep(g, err));
         if (qe) KST_TRY(kst_vq_qenc_keep(qe, err));
     }
     for (size_t i = 0; i < v.nq; i++) order_all[i] = i;
-    KST_TRY(eval_loss(m, &v, &o, order_all, v.nq, off, cand, teacher, qb, &res.loss_init_ivf,
+    KST_TRY(eval_loss(m, &v, &o, g, order_all, v.nq, off, cand, teacher, qb, &res.loss_init_ivf,
                       &res.loss_init_pq, err));
 
     kst_adamw_config ac = kst_adamw_defaults();
@@ -941,8 +969,21 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
             size_t B = ntr - b0 < o.batch ? ntr - b0 : o.batch;
             batch_candidates(&v, qorder + b0, B, off, cand, teacher, qb);
             ncand += off[B];
-            kst_grad_zero(grad, m->nparams);
             double li, lp;
+            if (g) {
+                KST_TRY(kst_vq_gpu_batch(g, B, qb, off, cand, teacher, o.temperature, o.w_ivf,
+                                         o.w_pq, 1, &li, &lp, err));
+                res.steps++, astep++;
+                KST_TRY(kst_vq_gpu_adam(g, o.dense_adam, astep, o.lr_ivf * lr_scale,
+                                        o.lr_pq * lr_scale, &ac, err));
+                sum += (o.w_ivf * li + o.w_pq * lp) * (double)B;
+                if (o.progress) {
+                    snprintf(bar.suffix, sizeof bar.suffix, "loss ivf %.4f pq %.4f", li, lp);
+                    kst_progress_add(&bar, 1);
+                }
+                continue;
+            }
+            kst_grad_zero(grad, m->nparams);
             if (qe)
                 KST_TRY(kst_vq_joint_batch(m, qe, qorder + b0, B, off, cand, teacher, n, v.y,
                                            v.assign, o.temperature, o.w_ivf, o.w_pq, grad, &li,
@@ -969,15 +1010,16 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
             }
         }
         res.epoch_loss[ep] = sum / (double)ntr;
-        kst_vq_assign(m, n, v.y, v.assign); /* the lists the next epoch (and FAISS) will use */
+        KST_TRY(assign_docs(m, &v, g, err)); /* the lists the next epoch (and FAISS) will use */
         if (qe) KST_TRY(students(m, qe, qraw, qstu, err));
         if (nval) {
             double a, c;
-            KST_TRY(eval_loss(m, &v, &o, val_idx, nval, off, cand, teacher, qb, &a, &c, err));
+            KST_TRY(eval_loss(m, &v, &o, g, val_idx, nval, off, cand, teacher, qb, &a, &c, err));
             if (o.w_ivf * a + o.w_pq * c < res.val_best) {
                 res.val_best = o.w_ivf * a + o.w_pq * c;
                 res.best_epoch = ep + 1;
-                memcpy(best, m->params, m->nparams * sizeof(float));
+                if (g) KST_TRY(kst_vq_gpu_keep(g, err));
+                else memcpy(best, m->params, m->nparams * sizeof(float));
                 if (qe) KST_TRY(kst_vq_qenc_keep(qe, err));
             } else if (o.lr_backoff > 0) {
                 /* Too large a step for this collection (at 200K documents and 1,024 lists, 1e-3
@@ -986,7 +1028,8 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
                 memcpy(m->params, best, m->nparams * sizeof(float));
                 memset(mom, 0, m->nparams * sizeof(float));
                 memset(vel, 0, m->nparams * sizeof(float));
-                kst_vq_assign(m, n, v.y, v.assign);
+                if (g) KST_TRY(kst_vq_gpu_restore(g, 1, err));
+                KST_TRY(assign_docs(m, &v, g, err));
                 if (qe) {
                     kst_vq_qenc_restore(qe);
                     KST_TRY(students(m, qe, qraw, qstu, err));
@@ -1000,7 +1043,8 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
     if (o.progress) kst_progress_end(&bar);
     if (nval && res.best_epoch != o.epochs) {
         memcpy(m->params, best, m->nparams * sizeof(float));
-        kst_vq_assign(m, n, v.y, v.assign);
+        if (g) KST_TRY(kst_vq_gpu_restore(g, 0, err));
+        KST_TRY(assign_docs(m, &v, g, err));
         if (qe) {
             kst_vq_qenc_restore(qe);
             KST_TRY(students(m, qe, qraw, qstu, err));
@@ -1008,15 +1052,27 @@ int kst_vq_train(kst_vq_model *m, size_t n, const float *x, size_t nq, const flo
     }
     if (!nval) res.best_epoch = o.epochs;
     res.lr_scale = lr_scale;
+    if (g) KST_TRY(kst_vq_gpu_get_params(g, m->params, err)); /* the kept parameters */
     quant_stats(m, &v, &res.mse_final, &res.imbalance_final);
-    KST_TRY(eval_loss(m, &v, &o, order_all, v.nq, off, cand, teacher, qb, &res.loss_final_ivf,
+    KST_TRY(eval_loss(m, &v, &o, g, order_all, v.nq, off, cand, teacher, qb, &res.loss_final_ivf,
                       &res.loss_final_pq, err));
+    res.seconds_epochs = kst_now() - t_start - res.seconds_setup;
+    if (g) {
+        res.gpu_bytes = kst_vq_gpu_bytes(g);
+        kst_vq_gpu_free(g); /* the refits below hold their own (smaller) buffers */
+        g = NULL;
+    }
+    double t_codes = kst_now();
     if (o.score_weight > 0) KST_TRY(score_codes(m, &v, &o, &res, err));
+    res.seconds_codes = kst_now() - t_codes;
+    if (o.device == KST_DEV_CUDA && kst_vq_gpu_coder_peak_bytes() > res.gpu_bytes)
+        res.gpu_bytes = kst_vq_gpu_coder_peak_bytes();
     res.epochs = o.epochs;
     res.queries = v.nq;
     res.candidates_mean = res.steps ? ncand / (ntr * (size_t)o.epochs) : k;
     res.seconds = kst_now() - t_start;
 done:
+    kst_vq_gpu_free(g);
     kst_free(yrot);
     kst_free(qy);
     kst_free(qstu);

@@ -52,6 +52,9 @@ typedef struct kst_vq_model {
                         * (train/vq_code.h); set, the codes kst_vq_reconstruct and
                         * kst_vq_write_index use minimise e^T W e instead of |e|^2 */
     long wq_iters;     /* coordinate-descent rounds of that encoder (3) */
+    int device;        /* KST_DEV_CPU (0) or KST_DEV_CUDA: where kst_vq_encode / kst_vq_refit
+                        * (and so kst_vq_reconstruct, kst_vq_write_index) run (train/vq_gpu.h);
+                        * kst_vq_train sets it from its opts */
 } kst_vq_model;
 
 /* Reads the centroids, codebooks and OPQ matrix of a trained IVF-PQ (optionally OPQ) index with
@@ -130,6 +133,9 @@ typedef struct kst_vq_opts {
     const float *q_student;   /* (nq, d_in) or NULL: fixed student queries other than the
                                * teacher's q (an index's tuned query encoder, trained no further);
                                * ignored with qenc */
+    int device;               /* KST_DEV_CPU (0) or KST_DEV_CUDA (core/gpu.h): the epochs, the
+                               * query-weighted codes and refits on the GPU (train/vq_gpu.h; not
+                               * with qenc or w_rec > 0) */
 } kst_vq_opts;
 kst_vq_opts kst_vq_opts_default(void);
 
@@ -150,6 +156,10 @@ typedef struct kst_vq_result {
     long epochs, steps;
     size_t queries, candidates_mean;
     double seconds;
+    double seconds_setup;                 /* rotation, exact top-k, lists, statistics */
+    double seconds_epochs;                /* the distillation epochs with their validations */
+    double seconds_codes;                 /* the query-weighted codes and codebook refits */
+    size_t gpu_bytes;                     /* device cuda: the most GPU memory held at once */
 } kst_vq_result;
 
 /* Trains m in place on documents x (n, d_in) (the teacher's uncompressed vectors). Queries: q

@@ -10,7 +10,9 @@
 
 #include "core/blas.h"
 #include "core/check.h"
+#include "core/gpu.h"
 #include "core/mem.h"
+#include "train/vq_gpu.h"
 
 int kst_vq_score_metric(size_t d, size_t n, const float *v, double lambda, float *W,
                         kst_error *err) {
@@ -147,6 +149,7 @@ static void block_g_update(const kst_vq_model *m, size_t nb, const float *W, siz
 
 int kst_vq_encode(const kst_vq_model *m, size_t n, const float *y, const int32_t *assign,
                   uint8_t *codes, long *rounds, kst_error *err) {
+    if (m->device == KST_DEV_CUDA) return kst_vq_gpu_encode(m, n, y, assign, codes, rounds, err);
     size_t d = (size_t)m->d, ds = m->dsub, K = m->ksub;
     const float *W = m->wq;
     if (rounds) *rounds = 0;
@@ -250,8 +253,37 @@ static void chol_solve(const double *L, size_t n, double *b) {
     }
 }
 
+int kst_vq_refit_solve(const kst_vq_model *m, size_t sm, const double *acc, const size_t *cnt,
+                       float *newb, kst_error *err) {
+    size_t d = (size_t)m->d, ds = m->dsub, K = m->ksub;
+    const float *W = m->wq, *cb = m->codebook + sm * K * ds;
+    if (ds > 256) return kst_fail(err, KST_ERR_UNSUPPORTED, "refit: sub-vectors of %zu > 256", ds);
+    double x[256];
+    double *F = kst_malloc(ds * ds, sizeof(double), "refit factor", err);
+    if (!F) return KST_ERR_NOMEM;
+    for (size_t i = 0; i < ds; i++)
+        for (size_t j = 0; j < ds; j++)
+            F[i * ds + j] = W ? (double)W[(sm * ds + i) * d + sm * ds + j] : (double)(i == j);
+    if (chol_factor(F, ds) != 0) {
+        kst_free(F);
+        return kst_fail(err, KST_ERR_INVALID, "refit: the score metric's block %zu is not "
+                        "positive definite (use a score weight below 1)", sm);
+    }
+    memcpy(newb, cb, K * ds * sizeof(float));
+    for (size_t k = 0; k < K; k++) {
+        if (!cnt[k]) continue;
+        for (size_t i = 0; i < ds; i++) x[i] = acc[k * ds + i] / (double)cnt[k];
+        chol_solve(F, ds, x);
+        for (size_t i = 0; i < ds; i++) newb[k * ds + i] = (float)x[i];
+    }
+    kst_free(F);
+    return KST_OK;
+}
+
 int kst_vq_refit(kst_vq_model *m, size_t n, const float *y, const int32_t *assign,
                  const uint8_t *codes, double *obj_before, double *obj_after, kst_error *err) {
+    if (m->device == KST_DEV_CUDA)
+        return kst_vq_gpu_refit(m, n, y, assign, codes, obj_before, obj_after, err);
     size_t d = (size_t)m->d, ds = m->dsub, K = m->ksub, M = m->M;
     const float *W = m->wq;
     if (obj_before) *obj_before = kst_vq_weighted_error(m, n, y, assign, codes);
@@ -266,9 +298,8 @@ int kst_vq_refit(kst_vq_model *m, size_t n, const float *y, const int32_t *assig
     memset(&b, 0, sizeof b);
     double *acc = kst_calloc(K * ds, sizeof(double), "refit sums", err);
     size_t *cnt = kst_calloc(K, sizeof(size_t), "refit counts", err);
-    double *L = kst_malloc(ds * ds, sizeof(double), "refit factor", err);
     float *newb = kst_malloc(K * ds, sizeof(float), "refit codewords", err);
-    if (!acc || !cnt || !L || !newb || blk_alloc(&b, m, n, err) != KST_OK) {
+    if (!acc || !cnt || !newb || blk_alloc(&b, m, n, err) != KST_OK) {
         rc = KST_ERR_NOMEM;
         goto done;
     }
@@ -284,27 +315,7 @@ int kst_vq_refit(kst_vq_model *m, size_t n, const float *y, const int32_t *assig
             cnt[k]++;
             for (size_t i = 0; i < ds; i++) acc[k * ds + i] += b.H[u * ds + i];
         }
-        for (size_t i = 0; i < ds; i++)
-            for (size_t j = 0; j < ds; j++)
-                L[i * ds + j] = W ? (double)W[(sm * ds + i) * d + sm * ds + j] : (double)(i == j);
-        if (chol_factor(L, ds) != 0) {
-            rc = kst_fail(err, KST_ERR_INVALID, "refit: the score metric's block %zu is not "
-                          "positive definite (use a score weight below 1)", sm);
-            goto done;
-        }
-        memcpy(newb, cb, K * ds * sizeof(float));
-        for (size_t k = 0; k < K; k++) {
-            if (!cnt[k]) continue;
-            double x[256];
-            double *xs = ds <= 256 ? x : NULL;
-            if (!xs) {
-                rc = kst_fail(err, KST_ERR_UNSUPPORTED, "refit: sub-vectors of %zu > 256", ds);
-                goto done;
-            }
-            for (size_t i = 0; i < ds; i++) xs[i] = acc[k * ds + i] / (double)cnt[k];
-            chol_solve(L, ds, xs);
-            for (size_t i = 0; i < ds; i++) newb[k * ds + i] = (float)xs[i];
-        }
+        KST_TRY(kst_vq_refit_solve(m, sm, acc, cnt, newb, err));
         /* e_m changes by B_old - B_new for every document; G and RHO follow. */
         for (size_t u = 0; u < n; u++) {
             size_t k = codes[u * M + sm];
@@ -316,6 +327,6 @@ int kst_vq_refit(kst_vq_model *m, size_t n, const float *y, const int32_t *assig
     }
     if (obj_after) *obj_after = kst_vq_weighted_error(m, n, y, assign, codes);
 done:
-    kst_free(acc), kst_free(cnt), kst_free(L), kst_free(newb), blk_free(&b);
+    kst_free(acc), kst_free(cnt), kst_free(newb), blk_free(&b);
     return rc;
 }

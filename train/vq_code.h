@@ -43,6 +43,12 @@ int kst_vq_encode(const kst_vq_model *m, size_t n, const float *y, const int32_t
 int kst_vq_refit(kst_vq_model *m, size_t n, const float *y, const int32_t *assign,
                  const uint8_t *codes, double *obj_before, double *obj_after, kst_error *err);
 
+/* The refit's solve for sub-quantizer sm, shared by the CPU and GPU refits: newb (ksub, dsub)
+ * gets W_mm^-1 acc[k] / cnt[k] for each codeword k with cnt[k] > 0 (acc (ksub, dsub): the sums of
+ * the targets h of the documents coded k) and m's current codeword for the others. */
+int kst_vq_refit_solve(const kst_vq_model *m, size_t sm, const double *acc, const size_t *cnt,
+                       float *newb, kst_error *err);
+
 /* Mean e^T W e (W = m->wq, or I) of n documents with the given codes. */
 double kst_vq_weighted_error(const kst_vq_model *m, size_t n, const float *y,
                              const int32_t *assign, const uint8_t *codes);

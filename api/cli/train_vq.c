@@ -1,6 +1,8 @@
 /* train_vq.c - `kestrel train vq`: Distill-VQ, re-learn an index's IVF centroids and PQ codebooks
  * from the dense model's own scores and rewrite its FAISS file as a new generation. */
-#define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700
+#include <dirent.h>
+#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,6 +10,7 @@
 
 #include "cli.h"
 #include "core/check.h"
+#include "core/gpu.h"
 #include "core/mem.h"
 #include "core/npy.h"
 #include "core/progress.h"
@@ -24,6 +27,7 @@ static const char *HELP =
     "         [--lr-ivf X] [--lr-pq X] [--temperature T] [--candidates K] [--batch-size N]\n"
     "         [--max-queries N] [--tau-scale X] [--val-fraction X] [--anchor X] [--seed N]\n"
     "         [--score-weight X] [--refits N] [--train-query-encoder [--lr-query-encoder X]]\n"
+    "         [--device cpu|cuda]\n"
     "\n"
     "Distill-VQ: learns the IVF coarse centroids and PQ codebooks of the index's FAISS IVF-PQ\n"
     "(IVFn,PQm or OPQm,IVFn,PQm; 8-bit codes) so that the compressed index ranks documents as the\n"
@@ -78,6 +82,11 @@ static const char *HELP =
     "                     codewords, as before). Chosen on development queries (SciFact train\n"
     "                     queries): tests/bench/README.md, \"Distill-VQ\"\n"
     "  --refits N         codebook refits under W, each after encoding (8; 0: encode only)\n"
+    "  --device cpu|cuda  where the training runs (cpu). cuda: a `make CUDA=1` build on an NVIDIA\n"
+    "                     GPU (sm_90) runs the epochs, the query-weighted codes, the refits and\n"
+    "                     the re-encoding of every document there, with the CPU's semantics\n"
+    "                     (float32; results agree within rounding: tests/test_vq_gpu.c); not with\n"
+    "                     --train-query-encoder or --anchor. Recorded in the manifest\n"
     "  --doc-vectors V.npy --doc-ids F\n"
     "                     the documents' vectors computed before by the index's model (`kestrel\n"
     "                     embed` over each document's \"title text\"), rows named by the external\n"
@@ -96,7 +105,10 @@ static const char *HELP =
     "                     in the manifest (\"query_model\", with its fingerprint) in the same commit\n"
     "                     as the FAISS file, and from then on `kestrel search` and the C API embed\n"
     "                     queries on this index with it. A later run starts from it; a run without\n"
-    "                     this flag keeps it and trains the centroids and codebooks for its vectors\n"
+    "                     this flag keeps it and trains the centroids and codebooks for its vectors.\n"
+    "                     Each commit keeps the query_model.N the manifest names and the one it\n"
+    "                     named before (for readers that opened the index earlier); older ones are\n"
+    "                     removed\n"
     "  --lr-query-encoder X  AdamW learning rate of the query encoder (2e-5; weight decay 0.01)\n"
     "\n"
     "Flat and HNSW indexes have nothing to learn. Exit codes as every command (0 ok, 2 I/O, 3 bad\n"
@@ -372,6 +384,32 @@ done:
     return rc;
 }
 
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *f) {
+    (void)st, (void)flag, (void)f;
+    remove(path);
+    return 0;
+}
+
+/* After a commit: removes the index's query_model.N folders (tuned query encoders of earlier
+ * runs) other than `keep` (the one the manifest names now) and `keep_prev` (the one it named
+ * before this commit, which a reader that opened the index before it may still load), as the
+ * FAISS files of older generations are pruned (rank/engine.c). */
+static void prune_query_models(const char *dir, const char *keep, const char *keep_prev) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        const char *nm = de->d_name;
+        if (strncmp(nm, "query_model.", 12) != 0 || !nm[12] || strspn(nm + 12, "0123456789") != strlen(nm + 12))
+            continue;
+        if ((keep && strcmp(nm, keep) == 0) || (keep_prev && strcmp(nm, keep_prev) == 0)) continue;
+        char p[4096];
+        if (snprintf(p, sizeof p, "%s/%s", dir, nm) < (int)sizeof p)
+            nftw(p, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    }
+    closedir(d);
+}
+
 int cmd_train_vq(int argc, char **argv) {
     const char *dir = NULL, *qpath = NULL, *qrels = NULL, *dvec = NULL, *dids = NULL;
     int train_qenc = 0;
@@ -393,6 +431,9 @@ int cmd_train_vq(int argc, char **argv) {
         char *end = NULL;
         size_t n;
         if (strcmp(a, "--index") == 0) dir = v;
+        else if (strcmp(a, "--device") == 0) {
+            if (cli_device_value(v, &o.device) != 0) return KST_EXIT_USAGE;
+        }
         else if (strcmp(a, "--queries") == 0) qpath = v;
         else if (strcmp(a, "--qrels") == 0) qrels = v;
         else if (strcmp(a, "--doc-vectors") == 0) dvec = v;
@@ -459,13 +500,34 @@ int cmd_train_vq(int argc, char **argv) {
     char *json = NULL;
     kst_encoder *qenc_enc = NULL, *saved = NULL;
     kst_vq_qenc qe = {0};
-    char qfolder[64] = "", qpath_full[4096] = "", qfp[65] = "";
-    int rc = kst_ix_open(dir, NULL, 1, &ix, &err);
+    char qfolder[64] = "", qpath_full[4096] = "", qfp[65] = "", qprev[256] = "";
+    int rc = KST_OK;
+    if (o.device == KST_DEV_CUDA) {
+        /* Before any work: no GPU, or what stays on the CPU, is said at once. */
+        if (train_qenc || o.w_rec > 0) {
+            rc = kst_fail(&err, KST_ERR_UNSUPPORTED, "--device cuda: %s trains on the CPU only; "
+                          "drop --device cuda", train_qenc ? "--train-query-encoder" : "--anchor");
+            goto done;
+        }
+        rc = kst_gpu_check(&err);
+        if (rc != KST_OK) {
+            if (!strstr(err.msg, "--device cpu")) {
+                size_t at = strlen(err.msg);
+                snprintf(err.msg + at, sizeof err.msg - at, "; train on the CPU with --device cpu");
+            }
+            goto done;
+        }
+    }
+    rc = kst_ix_open(dir, NULL, 1, &ix, &err);
     if (rc != KST_OK) goto done;
     if (!ix->dense || !ix->ann) {
         rc = kst_fail(&err, KST_ERR_UNSUPPORTED, "%s: the index has no dense FAISS index to learn",
                       dir);
         goto done;
+    }
+    if (ix->query) { /* the tuned query encoder in use before this run (kept by the pruning) */
+        const char *qd = kst_ix_query_encoder(ix)->dir, *sl = strrchr(qd, '/');
+        snprintf(qprev, sizeof qprev, "%s", sl ? sl + 1 : qd);
     }
     KST_TRY(kst_vq_model_from_index(ix->ann, &m, &err));
     KST_TRY(ann_ids(ix->ann, &ids, &n, &err));
@@ -549,13 +611,13 @@ int cmd_train_vq(int argc, char **argv) {
              "\"anchor\":%g,\"val_fraction\":%g,\"val_queries\":%zu,\"val_loss\":[%.6f,%.6f],"
              "\"kept_epoch\":%ld,\"mse\":[%.6f,%.6f],"
              "\"opq\":%s,\"loss_ivf\":[%.6f,%.6f],\"loss_pq\":[%.6f,%.6f],\"score_weight\":%g,"
-             "\"refits\":%ld,\"weighted_error\":[%.6f,%.6f],\"seconds\":%.1f}",
+             "\"refits\":%ld,\"weighted_error\":[%.6f,%.6f],\"seconds\":%.1f,\"device\":\"%s\"}",
              n, r.queries, qpath ? "given" : "sampled documents", npos, r.epochs, r.steps, o.lr_ivf,
              o.lr_pq, o.temperature, o.tau_scale, o.candidates, o.batch,
              (unsigned long long)o.seed, o.w_rec, o.val_fraction, r.val_queries, r.val_init,
              r.val_best, r.best_epoch, r.mse_init, r.mse_final, m.rot ? "true" : "false",
              r.loss_init_ivf, r.loss_final_ivf, r.loss_init_pq, r.loss_final_pq, o.score_weight,
-             r.refits, r.werr_init, r.werr_final, r.seconds);
+             r.refits, r.werr_init, r.werr_final, r.seconds, kst_device_name(o.device));
     if (train_qenc) {
         /* The tuned encoder goes into the index as query_model.<next generation>, written (each
          * file atomically, weights last) before the commit that names it: a crash before the
@@ -587,6 +649,8 @@ int cmd_train_vq(int argc, char **argv) {
     if (rc == KST_OK && train_qenc)
         fprintf(stderr, "kestrel train vq: the tuned query encoder is %s (searches of this index "
                         "use it)\n", qpath_full);
+    if (rc == KST_OK)
+        prune_query_models(dir, train_qenc ? qfolder : qprev, qprev[0] ? qprev : NULL);
 done:
     kst_free(json);
     kst_ann_free(out);

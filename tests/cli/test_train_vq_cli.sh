@@ -112,6 +112,16 @@ cp $T/qm.bak "$T/ix/$qm/model.safetensors"
 # A later run without the flag keeps the tuned encoder.
 check "train vq without the flag keeps the query encoder" "$K" train vq --index $T/ix --queries $T/queries.jsonl --epochs 1 --candidates 50
 [ "$(manifest query_model)" = "$qm" ] && ok "query_model still $qm" || bad "query_model became '$(manifest query_model)'"
+# Pruning: a second tuned encoder keeps the first beside it (a reader that opened the index before
+# the commit may still load it); the next commit removes it, as older FAISS generations are.
+mkdir -p "$T/ix/query_model.999"  # an orphan (as a crash before a commit leaves)
+check "a second --train-query-encoder run" "$K" train vq --index $T/ix --queries $T/queries.jsonl --train-query-encoder --epochs 1 --candidates 50
+qm2=$(manifest query_model)
+[ "$qm2" != "$qm" ] && [ -d "$T/ix/$qm2" ] && [ -d "$T/ix/$qm" ] && [ ! -e "$T/ix/query_model.999" ] &&
+  ok "new $qm2 and previous $qm kept, the orphan removed" || bad "after the second run: $(ls $T/ix | grep query_model | tr '\n' ' ') (manifest $qm2)"
+check "train vq without the flag" "$K" train vq --index $T/ix --queries $T/queries.jsonl --epochs 1 --candidates 50
+[ -d "$T/ix/$qm2" ] && [ ! -e "$T/ix/$qm" ] && ok "the next commit prunes $qm, keeps $qm2" || bad "after the next commit: $(ls $T/ix | grep query_model | tr '\n' ' ')"
+qm=$qm2
 
 # --doc-vectors: the documents' vectors from `kestrel embed` (rows named by an ids file, any
 # order) instead of encoding the collection again; checked against the model.
