@@ -15,9 +15,22 @@
 #include "index/kv_cuda.h"
 #endif
 
+/* The tail estimate's sample of one KV head (kv.h, kst_kvc_attend): the sampled indexed keys'
+ * rows copied into one block, scored once per decode step for all the query heads of the GQA
+ * group; remade whenever the index or the sample size changes. */
+typedef struct kv_tail {
+    size_t n, nidx, cap; /* samples in the table, indexed keys they were drawn from, rows allocated */
+    void *K, *V;         /* (n, d) the sampled rows, in the cache's dtype */
+    float *w;            /* (G, n) this step's weights exp(s_gj - mx_g) */
+    float *o;            /* (G, d) sum_j w_gj V_j */
+    double *sum;         /* (G) sum_j w_gj */
+    float *mx;           /* (G) max_j s_gj */
+} kv_tail;
+
 typedef struct kv_hstore {
     void *K, *V;  /* (cap, d) in the cache's dtype */
     kst_kvg g;    /* nodes = rows sinks .. sinks + g.n - 1 */
+    kv_tail tt;   /* the tail estimate's sample */
 } kv_hstore;
 
 typedef struct kv_layer {
@@ -59,6 +72,7 @@ struct kst_kvc {
     size_t *fnd_all;
     uint32_t *pub;
     uint8_t *pub_ok;
+    uint8_t *tt_ok; /* (kv_heads) the KV head's tail item: 0 not done, 1 done, 2 failed */
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
@@ -173,7 +187,8 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->fnd_all = kst_calloc(o.q_heads, sizeof(size_t), "kv cache step items", err);
     c->pub = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache step items", err);
     c->pub_ok = kst_calloc(o.q_heads, 1, "kv cache step items", err);
-    if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged || !c->fnd_all || !c->pub || !c->pub_ok) goto fail;
+    c->tt_ok = kst_calloc(o.kv_heads, 1, "kv cache step items", err);
+    if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged || !c->fnd_all || !c->pub || !c->pub_ok || !c->tt_ok) goto fail;
     for (size_t l = 0; l < o.layers; l++) {
         c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
         c->layers[l].cost = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache task costs", err);
@@ -210,6 +225,13 @@ void kst_kvc_free(kst_kvc *c) {
                 kst_free(L->heads[h].K);
                 kst_free(L->heads[h].V);
                 kst_kvg_free(&L->heads[h].g);
+                kv_tail *T = &L->heads[h].tt;
+                kst_free(T->K);
+                kst_free(T->V);
+                kst_free(T->w);
+                kst_free(T->o);
+                kst_free(T->sum);
+                kst_free(T->mx);
             }
             kst_free(L->heads);
 #ifdef KST_CUDA
@@ -237,6 +259,7 @@ void kst_kvc_free(kst_kvc *c) {
     kst_free(c->fnd_all);
     kst_free(c->pub);
     kst_free(c->pub_ok);
+    kst_free(c->tt_ok);
     kst_free(c);
 }
 
@@ -389,7 +412,10 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
         Q = kst_malloc(use ? use : 1, d * sizeof(float), "prefill queries", err);
         if (!Q) return KST_ERR_NOMEM;
     }
-    for (size_t h = 0; h < o->kv_heads; h++) kst_kvg_free(&L->heads[h].g);
+    for (size_t h = 0; h < o->kv_heads; h++) {
+        kst_kvg_free(&L->heads[h].g);
+        L->heads[h].tt.n = 0; /* the tail sample is remade at the next decode step */
+    }
     L->built = 0;
     for (size_t h = 0; h < (copied ? 1 : o->kv_heads) && rc == KST_OK; h++) {
         kv_hstore *H = &L->heads[h];
@@ -462,53 +488,112 @@ static int cmp_u32(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* The tail estimate (kv.h, kst_kvc_attend): partial (o, *lse) over the indexed nodes at the
- * systematic sample positions minus the m retrieved ids, lse raised by log(|R| / sampled).
- * Returns the sampled count (0: o = 0, *lse = -inf). t->buf holds >= min(ns, nidx) floats. */
-static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, const float *q,
-                           const uint32_t *rid, size_t nidx, size_t m, size_t ns, float *o,
+/* The systematic sample of the tail estimate (kv.h, kst_kvc_attend): ns of nidx indexed nodes at
+ * positions floor((2j + 1) nidx / (2 ns)), j < ns (ns <= nidx: strictly increasing). */
+static size_t sample_pos(size_t j, size_t nidx, size_t ns) {
+    return (size_t)((2 * (uint64_t)j + 1) * nidx / (2 * (uint64_t)ns));
+}
+/* The sample index j of node x, or ns when x is not sampled. */
+static size_t sample_of(size_t x, size_t nidx, size_t ns) {
+    /* the least j with (2j + 1) nidx >= 2 ns x */
+    uint64_t a = 2 * (uint64_t)ns * x, j = a <= nidx ? 0 : (a - nidx + 2 * (uint64_t)nidx - 1) / (2 * (uint64_t)nidx);
+    return j < ns && sample_pos((size_t)j, nidx, ns) == x ? (size_t)j : ns;
+}
+
+/* A KV head's tail item in the decode step: its sample table made anew if the index or the
+ * sample size changed, then the G query heads Qg (G, d) scored against it and its value rows
+ * summed by their weights, once for the group. On failure the table is left empty (n = 0). */
+static int tail_table(const kst_kvc *c, kv_hstore *H, size_t nidx, size_t ns, const float *Qg,
+                      kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
+    kv_tail *T = &H->tt;
+    int rc = KST_OK;
+    if (T->n != ns || T->nidx != nidx) {
+        T->n = 0;
+        if (T->cap < ns) {
+            KST_TRY(kst_realloc(&T->K, ns, rowb, "tail sample keys", err));
+            KST_TRY(kst_realloc(&T->V, ns, rowb, "tail sample values", err));
+            KST_TRY(kst_realloc((void **)&T->w, G * ns, sizeof(float), "tail sample weights", err));
+            T->cap = ns;
+        }
+        if (!T->o) {
+            KST_TRY(kst_realloc((void **)&T->o, G * d, sizeof(float), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->sum, G, sizeof(double), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->mx, G, sizeof(float), "tail sample sums", err));
+        }
+        const char *K = H->K, *V = H->V;
+        for (size_t j = 0; j < ns; j++) {
+            size_t r = o->sinks + sample_pos(j, nidx, ns);
+            memcpy((char *)T->K + j * rowb, K + r * rowb, rowb);
+            memcpy((char *)T->V + j * rowb, V + r * rowb, rowb);
+        }
+        T->n = ns;
+        T->nidx = nidx;
+    }
+    kst_kv_scores_multi(T->w, Qg, G, T->K, o->f16, ns, d, o->scale);
+    for (size_t g = 0; g < G; g++) {
+        float *w = T->w + g * ns, mx = -INFINITY;
+        for (size_t j = 0; j < ns; j++)
+            if (w[j] > mx) mx = w[j];
+        double sum = 0;
+        for (size_t j = 0; j < ns; j++) {
+            w[j] = expf(w[j] - mx);
+            sum += w[j];
+        }
+        T->mx[g] = mx;
+        T->sum[g] = sum;
+    }
+    kst_kv_wsum_multi(T->o, T->w, G, T->V, o->f16, ns, d);
+done:
+    return rc;
+}
+
+/* The tail estimate (kv.h, kst_kvc_attend) of query head g of H's group from its table: partial
+ * (o, *lse) over the sampled nodes minus the m retrieved ids rid, lse raised by
+ * log(|R| / kept). The group's sums over the whole sample less the retrieved samples' terms;
+ * where those held most of the sample's mass (the difference would lose precision) the kept
+ * rows are attended anew. Returns the kept count (0: o = 0, *lse = -inf). t->buf and t->trows
+ * hold >= ns entries, t->sret >= m. */
+static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, size_t g,
+                           const float *q, const uint32_t *rid, size_t nidx, size_t m, float *o,
                            float *lse) {
     const kst_kvc_opts *op = &c->o;
-    if (ns > nidx) ns = nidx;
-    /* The retrieved ids get this thread's visited marks under a fresh epoch (the searches'
-     * marks cover every indexed node; a search ran on this thread when m > 0): one byte test
-     * per sample instead of sorting the retrieved ids. */
-    kst_kvg_scratch *S = &t->s;
-    uint8_t ep = 0;
-    if (m > 0 && S->mark_cap >= nidx) {
-        if (++S->epoch == 0) {
-            memset(S->mark, 0, S->mark_cap);
-            S->epoch = 1;
-        }
-        ep = S->epoch;
-        for (size_t i = 0; i < m; i++) S->mark[rid[i]] = ep;
-    } else if (m > 0) { /* not reached through kst_kvc_attend; sorted ids then */
-        memcpy(t->sret, rid, m * sizeof(uint32_t));
-        qsort(t->sret, m, sizeof(uint32_t), cmp_u32);
+    const kv_tail *T = &H->tt;
+    size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, nex = 0;
+    const float *w = T->w + g * ns;
+    double sum = T->sum[g];
+    memcpy(o, T->o + g * d, d * sizeof(float));
+    for (size_t i = 0; i < m; i++) {
+        size_t j = sample_of(rid[i], nidx, ns);
+        if (j == ns) continue;
+        t->sret[nex++] = (uint32_t)j;
+        sum -= w[j];
+        kst_kv_axpy(o, -w[j], (const char *)T->V + j * rowb, op->f16, d);
     }
-    /* positions floor((2j + 1) nidx / (2 ns)), stepped without a division per sample */
-    uint64_t D2 = 2 * (uint64_t)ns, step = 2 * (uint64_t)nidx, sq = step / D2, sr = step % D2;
-    uint64_t xq = (uint64_t)nidx / D2, xr = (uint64_t)nidx % D2;
-    size_t kept = 0, r = 0;
-    for (size_t j = 0; j < ns; j++) {
-        uint32_t x = (uint32_t)xq;
-        xq += sq;
-        xr += sr;
-        if (xr >= D2) {
-            xr -= D2;
-            xq++;
-        }
-        if (ep) {
-            if (S->mark[x] == ep) continue; /* retrieved: already attended exactly */
-        } else if (m > 0) {
-            while (r < m && t->sret[r] < x) r++;
-            if (r < m && t->sret[r] == x) continue;
-        }
-        t->trows[kept++] = (int64_t)(op->sinks + x);
+    size_t kept = ns - nex;
+    if (kept == 0) {
+        memset(o, 0, d * sizeof(float));
+        *lse = -INFINITY;
+        return 0;
     }
-    kst_attn_partial(o, lse, t->buf, q, H->K, H->V, op->f16, t->trows, 0, kept, op->head_dim,
-                     op->scale);
-    if (kept) *lse += (float)log((double)(nidx - m) / (double)kept);
+    if (nex && !(sum >= T->sum[g] / 8)) {
+        qsort(t->sret, nex, sizeof(uint32_t), cmp_u32);
+        size_t r = 0, k2 = 0;
+        for (size_t j = 0; j < ns; j++) {
+            if (r < nex && t->sret[r] == j) {
+                r++;
+                continue;
+            }
+            t->trows[k2++] = (int64_t)j;
+        }
+        kst_attn_partial(o, lse, t->buf, q, T->K, T->V, op->f16, t->trows, 0, kept, d, op->scale);
+    } else {
+        float inv = (float)(1.0 / sum);
+        for (size_t i = 0; i < d; i++) o[i] *= inv;
+        *lse = T->mx[g] + (float)log(sum);
+    }
+    *lse += (float)log((double)(nidx - m) / (double)kept);
     return kept;
 }
 
@@ -649,6 +734,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         c->ids_all_cap = o->q_heads * (k ? k : 1);
     }
     memset(c->pub_ok, 0, ntask);
+    /* the tail estimate: one item per KV head (its sample scored for the group), taken first */
+    size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx, nT = ns ? o->kv_heads : 0;
+    memset(c->tt_ok, 0, o->kv_heads);
     size_t next_a = 0, next_b = 0, npub = 0;
     double gpu_dt = 0;
     if (pf) pt1 = mono_s();
@@ -701,12 +789,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (pf) gpu_dt = mono_s() - g0;
     }
 #endif
-    /* Work items, taken dynamically: first the tasks' searches (A, longest first), then the
-     * tasks' attention (B: the retrieved keys' partial, the tail, the GPU's merge) in the order
-     * their searches ended. A thread takes a search while any is left, so the last ~50 us
+    /* Work items, taken dynamically: first the KV heads' tail items (T: their samples scored
+     * for the group, as long as a search), then the tasks' searches (A, longest first), then
+     * the tasks' attention (B: the retrieved keys' partial, the tail, the GPU's merge) in the
+     * order their searches ended. A thread takes a search while any is left, so the last ~50 us
      * searches are not what the step ends on: the ~7 us attention items fill the gaps. */
     kv_thread *t = &c->th[omp_get_thread_num()];
-    size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx;
     size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
     if (need < k) need = k;
     if (need < ns) need = ns;
@@ -720,6 +808,26 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         size_t ti = __atomic_fetch_add(&next_a, 1, __ATOMIC_ACQ_REL);
         double ta = pf ? mono_s() : 0, tb = ta;
         if (pf && t->p_first == 0) t->p_first = ta;
+        if (ti < nT) { /* T: a KV head's tail sample */
+            kst_error e4;
+            int r2 = tail_table(c, &L->heads[ti], nidx, ns, q + ti * G * d, &e4);
+            if (r2 != KST_OK) {
+#pragma omp critical(kv_err)
+                {
+                    if (rc == KST_OK) {
+                        rc = r2;
+                        if (err) *err = e4;
+                    }
+                }
+            }
+            __atomic_store_n(&c->tt_ok[ti], r2 == KST_OK ? 1 : 2, __ATOMIC_RELEASE);
+            if (pf) {
+                t->p_tail += mono_s() - ta;
+                t->p_busy += mono_s() - ta;
+            }
+            continue;
+        }
+        ti -= nT;
         if (ti < ntask) { /* A: a search */
             const size_t tk = L->order[ti];
             size_t h0 = tk * gq, *fnd = c->fnd_all + h0;
@@ -790,8 +898,13 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             if (pf) t->p_attn += tc - tb;
             /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
             if (ns && m < nidx) {
-                sampled += tail_partial(t, c, H, qh, rid, nidx, m, ns, t->o2, &lse2);
-                kst_attn_merge(oh, &lse, t->o2, lse2, d);
+                uint8_t st;
+                while (!(st = __atomic_load_n(&c->tt_ok[h0 / G], __ATOMIC_ACQUIRE))) {
+                } /* its T item still running */
+                if (st == 1) {
+                    sampled += tail_partial(t, c, H, h % G, qh, rid, nidx, m, t->o2, &lse2);
+                    kst_attn_merge(oh, &lse, t->o2, lse2, d);
+                }
             }
             c->lse_buf[h] = lse;
 #ifdef KST_CUDA
