@@ -21,11 +21,16 @@
 typedef struct kv_tail {
     size_t n, nidx, cap; /* samples in the table, indexed keys they were drawn from, rows allocated */
     void *K, *V;         /* (n, d) the sampled rows, in the cache's dtype */
-    float *w;            /* (G, n) this step's weights exp(s_gj - mx_g) */
-    float *o;            /* (G, d) sum_j w_gj V_j */
-    double *sum;         /* (G) sum_j w_gj */
+    float *w;            /* (G, n) this step's weights exp(s_gj - mx_g), 0 for the head's top */
+    float *o;            /* (G, d) sum_j w_gj V_j over the samples outside each head's top */
+    double *sum;         /* (G) sum_j w_gj, the same */
     float *mx;           /* (G) max_j s_gj */
+    uint32_t *top;       /* (G, KV_TT_TOP) each head's best-scoring samples, kept apart */
+    float *topw;         /* (G, KV_TT_TOP) their weights */
 } kv_tail;
+/* Samples kept apart per query head: those most likely retrieved too (the head's best), so that
+ * taking the retrieved ones out of the sums subtracts little. */
+#define KV_TT_TOP 32
 
 typedef struct kv_hstore {
     void *K, *V;  /* (cap, d) in the cache's dtype */
@@ -96,10 +101,10 @@ void kst_kvc_set_rerank(kst_kvc *c, size_t r) { c->rerank = r; }
 void kst_kvc_set_prefetch(kst_kvc *c, int on_push) { c->pf_push = on_push; }
 void kst_kvc_set_vnni(kst_kvc *c, int on) { c->no_vnni = !on; }
 /* The spaced entry candidates of a search over nidx indexed keys: n (KST_KVC_SPREAD_AUTO: one
- * key in 64 from 32,768 indexed keys on, at most 4,096; none below, where the hubs suffice). */
+ * key in 128 from 32,768 indexed keys on, at most 4,096; none below, where the hubs suffice). */
 static size_t spread_of(const kst_kvc *c, size_t nidx) {
     if (c->spread != KST_KVC_SPREAD_AUTO) return c->spread;
-    return nidx < 32768 ? 0 : nidx / 64 < 4096 ? nidx / 64 : 4096;
+    return nidx < 32768 ? 0 : nidx / 128 < 4096 ? nidx / 128 : 4096;
 }
 static void refresh_tables(kst_kvc *c, kv_layer *L, int force);
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep) {
@@ -177,7 +182,11 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->use_codes = o.codes;
     c->il = 1;
     c->pf_push = 1;
-    c->spread = 0; /* kst_kvc_set_spread: no recall gain on real heads (bench README) */
+    /* the default budget's search (bench README, round 6): entries per query from one indexed
+     * key in 128 (the best 8), two expansions at a time */
+    c->spread = KST_KVC_SPREAD_AUTO;
+    c->spread_keep = 8;
+    c->expand = 2;
     c->esize = o.f16 ? 2 : 4;
     c->nth = omp_get_max_threads();
     c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);
@@ -232,6 +241,8 @@ void kst_kvc_free(kst_kvc *c) {
                 kst_free(T->o);
                 kst_free(T->sum);
                 kst_free(T->mx);
+                kst_free(T->top);
+                kst_free(T->topw);
             }
             kst_free(L->heads);
 #ifdef KST_CUDA
@@ -521,6 +532,8 @@ static int tail_table(const kst_kvc *c, kv_hstore *H, size_t nidx, size_t ns, co
             KST_TRY(kst_realloc((void **)&T->o, G * d, sizeof(float), "tail sample sums", err));
             KST_TRY(kst_realloc((void **)&T->sum, G, sizeof(double), "tail sample sums", err));
             KST_TRY(kst_realloc((void **)&T->mx, G, sizeof(float), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->top, G * KV_TT_TOP, sizeof(uint32_t), "tail sample tops", err));
+            KST_TRY(kst_realloc((void **)&T->topw, G * KV_TT_TOP, sizeof(float), "tail sample tops", err));
         }
         const char *K = H->K, *V = H->V;
         for (size_t j = 0; j < ns; j++) {
@@ -532,15 +545,31 @@ static int tail_table(const kst_kvc *c, kv_hstore *H, size_t nidx, size_t ns, co
         T->nidx = nidx;
     }
     kst_kv_scores_multi(T->w, Qg, G, T->K, o->f16, ns, d, o->scale);
+    size_t nt = ns < KV_TT_TOP ? ns : KV_TT_TOP;
     for (size_t g = 0; g < G; g++) {
-        float *w = T->w + g * ns, mx = -INFINITY;
-        for (size_t j = 0; j < ns; j++)
-            if (w[j] > mx) mx = w[j];
-        double sum = 0;
+        float *w = T->w + g * ns, mx = -INFINITY, *tw = T->topw + g * KV_TT_TOP;
+        uint32_t *tp = T->top + g * KV_TT_TOP;
+        /* the nt best scores, by insertion into a sorted list (best first) */
+        size_t cnt = 0;
         for (size_t j = 0; j < ns; j++) {
-            w[j] = expf(w[j] - mx);
-            sum += w[j];
+            float v = w[j];
+            if (cnt == nt && !(v > tw[nt - 1])) continue;
+            size_t i = cnt < nt ? cnt++ : nt - 1;
+            for (; i > 0 && tw[i - 1] < v; i--) {
+                tw[i] = tw[i - 1];
+                tp[i] = tp[i - 1];
+            }
+            tw[i] = v;
+            tp[i] = (uint32_t)j;
         }
+        mx = tw[0];
+        for (size_t j = 0; j < ns; j++) w[j] = expf(w[j] - mx);
+        for (size_t i = 0; i < nt; i++) {
+            tw[i] = w[tp[i]];
+            w[tp[i]] = 0;
+        }
+        double sum = 0;
+        for (size_t j = 0; j < ns; j++) sum += w[j];
         T->mx[g] = mx;
         T->sum[g] = sum;
     }
@@ -551,24 +580,32 @@ done:
 
 /* The tail estimate (kv.h, kst_kvc_attend) of query head g of H's group from its table: partial
  * (o, *lse) over the sampled nodes minus the m retrieved ids rid, lse raised by
- * log(|R| / kept). The group's sums over the whole sample less the retrieved samples' terms;
- * where those held most of the sample's mass (the difference would lose precision) the kept
- * rows are attended anew. Returns the kept count (0: o = 0, *lse = -inf). t->buf and t->trows
- * hold >= ns entries, t->sret >= m. */
+ * log(|R| / kept): the group's sums over the samples outside the head's top, less the retrieved
+ * ones among them, plus the head's top samples that were not retrieved. Where the retrieved
+ * outside the top held most of the sums (the difference would lose precision) the kept rows are
+ * attended anew. Returns the kept count (0: o = 0, *lse = -inf). t->buf and t->trows hold >= ns
+ * entries, t->sret >= m. */
 static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, size_t g,
                            const float *q, const uint32_t *rid, size_t nidx, size_t m, float *o,
                            float *lse) {
     const kst_kvc_opts *op = &c->o;
     const kv_tail *T = &H->tt;
-    size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, nex = 0;
-    const float *w = T->w + g * ns;
-    double sum = T->sum[g];
+    size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, nex = 0, nt = ns < KV_TT_TOP ? ns : KV_TT_TOP;
+    const float *w = T->w + g * ns, *tw = T->topw + g * KV_TT_TOP;
+    const uint32_t *tp = T->top + g * KV_TT_TOP;
+    double sum = T->sum[g], sub = 0;
+    uint64_t topx = 0; /* the top samples retrieved (bit i: tp[i]) */
     memcpy(o, T->o + g * d, d * sizeof(float));
     for (size_t i = 0; i < m; i++) {
         size_t j = sample_of(rid[i], nidx, ns);
         if (j == ns) continue;
         t->sret[nex++] = (uint32_t)j;
-        sum -= w[j];
+        if (w[j] == 0) { /* in the head's top (or a weight of 0) */
+            for (size_t a = 0; a < nt; a++)
+                if (tp[a] == j) topx |= (uint64_t)1 << a;
+            continue;
+        }
+        sub += w[j];
         kst_kv_axpy(o, -w[j], (const char *)T->V + j * rowb, op->f16, d);
     }
     size_t kept = ns - nex;
@@ -577,7 +614,10 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         *lse = -INFINITY;
         return 0;
     }
-    if (nex && !(sum >= T->sum[g] / 8)) {
+    double rest = sum - sub;
+    for (size_t a = 0; a < nt; a++)
+        if (!(topx >> a & 1)) rest += tw[a];
+    if ((sub > 0 && !(sub <= sum * 0.875)) || !(rest > 0) || !isfinite(rest)) {
         qsort(t->sret, nex, sizeof(uint32_t), cmp_u32);
         size_t r = 0, k2 = 0;
         for (size_t j = 0; j < ns; j++) {
@@ -589,9 +629,11 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         }
         kst_attn_partial(o, lse, t->buf, q, T->K, T->V, op->f16, t->trows, 0, kept, d, op->scale);
     } else {
-        float inv = (float)(1.0 / sum);
+        for (size_t a = 0; a < nt; a++)
+            if (!(topx >> a & 1)) kst_kv_axpy(o, tw[a], (const char *)T->V + (size_t)tp[a] * rowb, op->f16, d);
+        float inv = (float)(1.0 / rest);
         for (size_t i = 0; i < d; i++) o[i] *= inv;
-        *lse = T->mx[g] + (float)log(sum);
+        *lse = T->mx[g] + (float)log(rest);
     }
     *lse += (float)log((double)(nidx - m) / (double)kept);
     return kept;
@@ -611,7 +653,7 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
         t->s.expand = c->expand;
         t->s.no_vnni = c->no_vnni;
         t->s.spread = spread_of(c, H->g.n);
-        t->s.spread_keep = c->spread == KST_KVC_SPREAD_AUTO && !c->spread_keep ? 16 : c->spread_keep;
+        t->s.spread_keep = c->spread == KST_KVC_SPREAD_AUTO && !c->spread_keep ? 8 : c->spread_keep;
         for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];
         rc = kst_kvg_search_multi(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->rerank,
                                   c->use_codes, ss, ids, NULL, fnd);
@@ -734,7 +776,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         c->ids_all_cap = o->q_heads * (k ? k : 1);
     }
     memset(c->pub_ok, 0, ntask);
-    /* the tail estimate: one item per KV head (its sample scored for the group), taken first */
+    /* the tail estimate: one item per KV head (its sample scored for the group), done first */
     size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx, nT = ns ? o->kv_heads : 0;
     memset(c->tt_ok, 0, o->kv_heads);
     size_t next_a = 0, next_b = 0, npub = 0;
@@ -789,8 +831,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (pf) gpu_dt = mono_s() - g0;
     }
 #endif
-    /* Work items, taken dynamically: first the KV heads' tail items (T: their samples scored
-     * for the group, as long as a search), then the tasks' searches (A, longest first), then
+    /* Work items: first the KV heads' tail items (T: their samples scored for the group, about
+     * as long as a search; assigned to threads below), then, taken dynamically, the tasks'
+     * searches (A, longest first), then
      * the tasks' attention (B: the retrieved keys' partial, the tail, the GPU's merge) in the
      * order their searches ended. A thread takes a search while any is left, so the last ~50 us
      * searches are not what the step ends on: the ~7 us attention items fill the gaps. */
@@ -804,30 +847,33 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
         if (r == KST_OK) t->trows_cap = ns;
     }
+    /* T: the KV heads' tail samples, thread i taking heads i, i + threads, ... (the same each
+     * step: a head's table, ~1 MB at 2,048 samples of d 128 float16, stays in that core's L2) */
+    for (size_t hh = (size_t)omp_get_thread_num(); hh < nT; hh += (size_t)omp_get_num_threads()) {
+        double ta = pf ? mono_s() : 0;
+        if (pf && t->p_first == 0) t->p_first = ta;
+        kst_error e4;
+        int r2 = tail_table(c, &L->heads[hh], nidx, ns, q + hh * G * d, &e4);
+        if (r2 != KST_OK) {
+#pragma omp critical(kv_err)
+            {
+                if (rc == KST_OK) {
+                    rc = r2;
+                    if (err) *err = e4;
+                }
+            }
+        }
+        __atomic_store_n(&c->tt_ok[hh], r2 == KST_OK ? 1 : 2, __ATOMIC_RELEASE);
+        if (pf) {
+            double tb = mono_s();
+            t->p_tail += tb - ta;
+            t->p_busy += tb - ta;
+        }
+    }
     while (r == KST_OK) {
         size_t ti = __atomic_fetch_add(&next_a, 1, __ATOMIC_ACQ_REL);
         double ta = pf ? mono_s() : 0, tb = ta;
         if (pf && t->p_first == 0) t->p_first = ta;
-        if (ti < nT) { /* T: a KV head's tail sample */
-            kst_error e4;
-            int r2 = tail_table(c, &L->heads[ti], nidx, ns, q + ti * G * d, &e4);
-            if (r2 != KST_OK) {
-#pragma omp critical(kv_err)
-                {
-                    if (rc == KST_OK) {
-                        rc = r2;
-                        if (err) *err = e4;
-                    }
-                }
-            }
-            __atomic_store_n(&c->tt_ok[ti], r2 == KST_OK ? 1 : 2, __ATOMIC_RELEASE);
-            if (pf) {
-                t->p_tail += mono_s() - ta;
-                t->p_busy += mono_s() - ta;
-            }
-            continue;
-        }
-        ti -= nT;
         if (ti < ntask) { /* A: a search */
             const size_t tk = L->order[ti];
             size_t h0 = tk * gq, *fnd = c->fnd_all + h0;
