@@ -16,21 +16,26 @@
 #endif
 
 /* The tail estimate's sample of one KV head (kv.h, kst_kvc_attend): the sampled indexed keys'
- * rows copied into one block, scored once per decode step for all the query heads of the GQA
- * group; remade whenever the index or the sample size changes. */
+ * rows copied into one block, in nc chunks of up to ch rows, each chunk scored once per decode
+ * step for all the query heads of the GQA group (a work item: the chunks spread over threads);
+ * remade whenever the index or the sample size changes. Per chunk c and query head g (index
+ * c * G + g): */
 typedef struct kv_tail {
-    size_t n, nidx, cap; /* samples in the table, indexed keys they were drawn from, rows allocated */
-    void *K, *V;         /* (n, d) the sampled rows, in the cache's dtype */
-    float *w;            /* (G, n) this step's weights exp(s_gj - mx_g), 0 for the head's top */
-    float *o;            /* (G, d) sum_j w_gj V_j over the samples outside each head's top */
-    double *sum;         /* (G) sum_j w_gj, the same */
-    float *mx;           /* (G) max_j s_gj */
-    uint32_t *top;       /* (G, KV_TT_TOP) each head's best-scoring samples, kept apart */
-    float *topw;         /* (G, KV_TT_TOP) their weights */
+    size_t n, nidx, cap;   /* samples in the table, indexed keys they were drawn from, rows allocated */
+    size_t ch, nc, ccap;   /* rows per chunk, chunks, chunks allocated */
+    int copy;              /* the rows are to be copied this step (made anew) */
+    void *K, *V;           /* (n, d) the sampled rows, in the cache's dtype */
+    float *w;              /* (nc, G, ch) this step's weights exp(s - mx), 0 for the chunk's top */
+    float *o;              /* (nc, G, d) sum of w V over the chunk's other samples */
+    double *sum;           /* (nc, G) sum of w, the same */
+    float *mx;             /* (nc, G) the chunk's best score */
+    uint32_t *top;         /* (nc, G, KV_TT_TOP) the chunk's best-scoring samples, kept apart */
+    float *topw;           /* (nc, G, KV_TT_TOP) their weights */
 } kv_tail;
-/* Samples kept apart per query head: those most likely retrieved too (the head's best), so that
- * taking the retrieved ones out of the sums subtracts little. */
+/* Samples kept apart per query head and chunk: those most likely retrieved too (the head's
+ * best), so that taking the retrieved ones out of the sums subtracts little. */
 #define KV_TT_TOP 32
+#define KV_TT_CHUNKS 16 /* at most; chunks of 512 rows up to 8,192 samples */
 
 typedef struct kv_hstore {
     void *K, *V;  /* (cap, d) in the cache's dtype */
@@ -77,7 +82,7 @@ struct kst_kvc {
     size_t *fnd_all;
     uint32_t *pub;
     uint8_t *pub_ok;
-    uint8_t *tt_ok; /* (kv_heads) the KV head's tail item: 0 not done, 1 done, 2 failed */
+    uint8_t *tt_ok; /* (kv_heads * chunks) the tail items: 1 done */
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
@@ -196,7 +201,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->fnd_all = kst_calloc(o.q_heads, sizeof(size_t), "kv cache step items", err);
     c->pub = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache step items", err);
     c->pub_ok = kst_calloc(o.q_heads, 1, "kv cache step items", err);
-    c->tt_ok = kst_calloc(o.kv_heads, 1, "kv cache step items", err);
+    c->tt_ok = kst_calloc(o.kv_heads * KV_TT_CHUNKS, 1, "kv cache step items", err);
     if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged || !c->fnd_all || !c->pub || !c->pub_ok || !c->tt_ok) goto fail;
     for (size_t l = 0; l < o.layers; l++) {
         c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
@@ -511,47 +516,69 @@ static size_t sample_of(size_t x, size_t nidx, size_t ns) {
     return j < ns && sample_pos((size_t)j, nidx, ns) == x ? (size_t)j : ns;
 }
 
-/* A KV head's tail item in the decode step: its sample table made anew if the index or the
- * sample size changed, then the G query heads Qg (G, d) scored against it and its value rows
- * summed by their weights, once for the group. On failure the table is left empty (n = 0). */
-static int tail_table(const kst_kvc *c, kv_hstore *H, size_t nidx, size_t ns, const float *Qg,
-                      kst_error *err) {
+/* Before a decode step's parallel part: each KV head's sample table sized for ns samples of
+ * nidx indexed keys, marked for copying where the index or ns changed. */
+static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
-    kv_tail *T = &H->tt;
+    size_t ch = ns <= 512 * KV_TT_CHUNKS ? 512 : (ns + KV_TT_CHUNKS - 1) / KV_TT_CHUNKS, nc = (ns + ch - 1) / ch;
     int rc = KST_OK;
-    if (T->n != ns || T->nidx != nidx) {
+    for (size_t h = 0; h < o->kv_heads; h++) {
+        kv_tail *T = &L->heads[h].tt;
+        T->copy = 0;
+        if (T->n == ns && T->nidx == nidx) continue;
         T->n = 0;
         if (T->cap < ns) {
             KST_TRY(kst_realloc(&T->K, ns, rowb, "tail sample keys", err));
             KST_TRY(kst_realloc(&T->V, ns, rowb, "tail sample values", err));
-            KST_TRY(kst_realloc((void **)&T->w, G * ns, sizeof(float), "tail sample weights", err));
             T->cap = ns;
         }
-        if (!T->o) {
-            KST_TRY(kst_realloc((void **)&T->o, G * d, sizeof(float), "tail sample sums", err));
-            KST_TRY(kst_realloc((void **)&T->sum, G, sizeof(double), "tail sample sums", err));
-            KST_TRY(kst_realloc((void **)&T->mx, G, sizeof(float), "tail sample sums", err));
-            KST_TRY(kst_realloc((void **)&T->top, G * KV_TT_TOP, sizeof(uint32_t), "tail sample tops", err));
-            KST_TRY(kst_realloc((void **)&T->topw, G * KV_TT_TOP, sizeof(float), "tail sample tops", err));
-        }
-        const char *K = H->K, *V = H->V;
-        for (size_t j = 0; j < ns; j++) {
-            size_t r = o->sinks + sample_pos(j, nidx, ns);
-            memcpy((char *)T->K + j * rowb, K + r * rowb, rowb);
-            memcpy((char *)T->V + j * rowb, V + r * rowb, rowb);
+        if (T->ccap < nc * ch) {
+            KST_TRY(kst_realloc((void **)&T->w, nc * G * ch, sizeof(float), "tail sample weights", err));
+            KST_TRY(kst_realloc((void **)&T->o, nc * G * d, sizeof(float), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->sum, nc * G, sizeof(double), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->mx, nc * G, sizeof(float), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->top, nc * G * KV_TT_TOP, sizeof(uint32_t), "tail sample tops", err));
+            KST_TRY(kst_realloc((void **)&T->topw, nc * G * KV_TT_TOP, sizeof(float), "tail sample tops", err));
+            T->ccap = nc * ch;
         }
         T->n = ns;
         T->nidx = nidx;
+        T->ch = ch;
+        T->nc = nc;
+        T->copy = 1;
     }
-    kst_kv_scores_multi(T->w, Qg, G, T->K, o->f16, ns, d, o->scale);
-    size_t nt = ns < KV_TT_TOP ? ns : KV_TT_TOP;
+done:
+    return rc;
+}
+
+/* A tail item of the decode step: chunk cc of H's sample table (rows copied first if the table
+ * was made anew), scored for the G query heads Qg (G, d) and its value rows summed by their
+ * weights, once for the group. Cannot fail. */
+static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Qg) {
+    const kst_kvc_opts *o = &c->o;
+    size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
+    kv_tail *T = &H->tt;
+    size_t j0 = cc * T->ch, nr = T->n - j0 < T->ch ? T->n - j0 : T->ch;
+    if (T->copy) {
+        const char *K = H->K, *V = H->V;
+        for (size_t j = j0; j < j0 + nr; j++) {
+            size_t r = o->sinks + sample_pos(j, T->nidx, T->n);
+            memcpy((char *)T->K + j * rowb, K + r * rowb, rowb);
+            memcpy((char *)T->V + j * rowb, V + r * rowb, rowb);
+        }
+    }
+    float *W = T->w + cc * G * T->ch; /* (G, nr) */
+    const char *Kc = (const char *)T->K + j0 * rowb, *Vc = (const char *)T->V + j0 * rowb;
+    kst_kv_scores_multi(W, Qg, G, Kc, o->f16, nr, d, o->scale);
+    size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
     for (size_t g = 0; g < G; g++) {
-        float *w = T->w + g * ns, mx = -INFINITY, *tw = T->topw + g * KV_TT_TOP;
-        uint32_t *tp = T->top + g * KV_TT_TOP;
+        size_t ix = cc * G + g;
+        float *w = W + g * nr, *tw = T->topw + ix * KV_TT_TOP;
+        uint32_t *tp = T->top + ix * KV_TT_TOP;
         /* the nt best scores, by insertion into a sorted list (best first) */
         size_t cnt = 0;
-        for (size_t j = 0; j < ns; j++) {
+        for (size_t j = 0; j < nr; j++) {
             float v = w[j];
             if (cnt == nt && !(v > tw[nt - 1])) continue;
             size_t i = cnt < nt ? cnt++ : nt - 1;
@@ -562,78 +589,86 @@ static int tail_table(const kst_kvc *c, kv_hstore *H, size_t nidx, size_t ns, co
             tw[i] = v;
             tp[i] = (uint32_t)j;
         }
-        mx = tw[0];
-        for (size_t j = 0; j < ns; j++) w[j] = expf(w[j] - mx);
+        float mx = tw[0];
+        for (size_t j = 0; j < nr; j++) w[j] = expf(w[j] - mx);
         for (size_t i = 0; i < nt; i++) {
             tw[i] = w[tp[i]];
             w[tp[i]] = 0;
         }
         double sum = 0;
-        for (size_t j = 0; j < ns; j++) sum += w[j];
-        T->mx[g] = mx;
-        T->sum[g] = sum;
+        for (size_t j = 0; j < nr; j++) sum += w[j];
+        T->mx[ix] = mx;
+        T->sum[ix] = sum;
     }
-    kst_kv_wsum_multi(T->o, T->w, G, T->V, o->f16, ns, d);
-done:
-    return rc;
+    kst_kv_wsum_multi(T->o + cc * G * d, W, G, Vc, o->f16, nr, d);
 }
 
 /* The tail estimate (kv.h, kst_kvc_attend) of query head g of H's group from its table: partial
  * (o, *lse) over the sampled nodes minus the m retrieved ids rid, lse raised by
- * log(|R| / kept): the group's sums over the samples outside the head's top, less the retrieved
- * ones among them, plus the head's top samples that were not retrieved. Where the retrieved
- * outside the top held most of the sums (the difference would lose precision) the kept rows are
- * attended anew. Returns the kept count (0: o = 0, *lse = -inf). t->buf and t->trows hold >= ns
- * entries, t->sret >= m. */
+ * log(|R| / kept). Per chunk: the group's sums over the samples outside the head's top, less
+ * the retrieved ones among them, plus the head's top samples that were not retrieved (where the
+ * retrieved outside the top held most of the sums, so that the difference would lose
+ * precision, the chunk's kept rows are attended anew); the chunks merged. Returns the kept
+ * count (0: o = 0, *lse = -inf). t->buf and t->trows hold >= ns entries, t->sret >= m. */
 static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, size_t g,
                            const float *q, const uint32_t *rid, size_t nidx, size_t m, float *o,
                            float *lse) {
     const kst_kvc_opts *op = &c->o;
     const kv_tail *T = &H->tt;
-    size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, nex = 0, nt = ns < KV_TT_TOP ? ns : KV_TT_TOP;
-    const float *w = T->w + g * ns, *tw = T->topw + g * KV_TT_TOP;
-    const uint32_t *tp = T->top + g * KV_TT_TOP;
-    double sum = T->sum[g], sub = 0;
-    uint64_t topx = 0; /* the top samples retrieved (bit i: tp[i]) */
-    memcpy(o, T->o + g * d, d * sizeof(float));
+    size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, nex = 0, G = op->q_heads / op->kv_heads;
     for (size_t i = 0; i < m; i++) {
         size_t j = sample_of(rid[i], nidx, ns);
-        if (j == ns) continue;
-        t->sret[nex++] = (uint32_t)j;
-        if (w[j] == 0) { /* in the head's top (or a weight of 0) */
-            for (size_t a = 0; a < nt; a++)
-                if (tp[a] == j) topx |= (uint64_t)1 << a;
-            continue;
-        }
-        sub += w[j];
-        kst_kv_axpy(o, -w[j], (const char *)T->V + j * rowb, op->f16, d);
+        if (j < ns) t->sret[nex++] = (uint32_t)j;
     }
     size_t kept = ns - nex;
-    if (kept == 0) {
-        memset(o, 0, d * sizeof(float));
-        *lse = -INFINITY;
-        return 0;
-    }
-    double rest = sum - sub;
-    for (size_t a = 0; a < nt; a++)
-        if (!(topx >> a & 1)) rest += tw[a];
-    if ((sub > 0 && !(sub <= sum * 0.875)) || !(rest > 0) || !isfinite(rest)) {
-        qsort(t->sret, nex, sizeof(uint32_t), cmp_u32);
-        size_t r = 0, k2 = 0;
-        for (size_t j = 0; j < ns; j++) {
-            if (r < nex && t->sret[r] == j) {
-                r++;
+    memset(o, 0, d * sizeof(float));
+    *lse = -INFINITY;
+    if (kept == 0) return 0;
+    if (nex > 1) qsort(t->sret, nex, sizeof(uint32_t), cmp_u32);
+    float oc[512], lc;
+    size_t e = 0; /* t->sret[e..) are in chunks cc.. */
+    for (size_t cc = 0; cc < T->nc; cc++) {
+        size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, ix = cc * G + g, e0 = e;
+        while (e < nex && t->sret[e] < j0 + nr) e++;
+        const float *w = T->w + cc * G * T->ch + g * nr, *tw = T->topw + ix * KV_TT_TOP;
+        const uint32_t *tp = T->top + ix * KV_TT_TOP;
+        size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
+        const char *Vc = (const char *)T->V + j0 * rowb;
+        if (e - e0 == nr) continue; /* the whole chunk retrieved */
+        double sum = T->sum[ix], sub = 0;
+        uint64_t topx = 0; /* the top samples retrieved (bit a: tp[a]) */
+        memcpy(oc, T->o + ix * d, d * sizeof(float));
+        for (size_t i = e0; i < e; i++) {
+            size_t j = t->sret[i] - j0;
+            if (w[j] == 0) { /* in the head's top (or a weight of 0) */
+                for (size_t a = 0; a < nt; a++)
+                    if (tp[a] == j) topx |= (uint64_t)1 << a;
                 continue;
             }
-            t->trows[k2++] = (int64_t)j;
+            sub += w[j];
+            kst_kv_axpy(oc, -w[j], Vc + j * rowb, op->f16, d);
         }
-        kst_attn_partial(o, lse, t->buf, q, T->K, T->V, op->f16, t->trows, 0, kept, d, op->scale);
-    } else {
+        double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
-            if (!(topx >> a & 1)) kst_kv_axpy(o, tw[a], (const char *)T->V + (size_t)tp[a] * rowb, op->f16, d);
-        float inv = (float)(1.0 / rest);
-        for (size_t i = 0; i < d; i++) o[i] *= inv;
-        *lse = T->mx[g] + (float)log(rest);
+            if (!(topx >> a & 1)) rest += tw[a];
+        if ((sub > 0 && !(sub <= sum * 0.875)) || !(rest > 0) || !isfinite(rest)) {
+            size_t r = e0, k2 = 0;
+            for (size_t j = j0; j < j0 + nr; j++) {
+                if (r < e && t->sret[r] == j) {
+                    r++;
+                    continue;
+                }
+                t->trows[k2++] = (int64_t)j;
+            }
+            kst_attn_partial(oc, &lc, t->buf, q, T->K, T->V, op->f16, t->trows, 0, k2, d, op->scale);
+        } else {
+            for (size_t a = 0; a < nt; a++)
+                if (!(topx >> a & 1)) kst_kv_axpy(oc, tw[a], Vc + (size_t)tp[a] * rowb, op->f16, d);
+            float inv = (float)(1.0 / rest);
+            for (size_t i = 0; i < d; i++) oc[i] *= inv;
+            lc = T->mx[ix] + (float)log(rest);
+        }
+        kst_attn_merge(o, lse, oc, lc, d);
     }
     *lse += (float)log((double)(nidx - m) / (double)kept);
     return kept;
@@ -777,8 +812,14 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     }
     memset(c->pub_ok, 0, ntask);
     /* the tail estimate: one item per KV head (its sample scored for the group), done first */
-    size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx, nT = ns ? o->kv_heads : 0;
-    memset(c->tt_ok, 0, o->kv_heads);
+    size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx, nT = 0, tnc = 0;
+    if (ns) {
+        rc = tail_prepare(c, L, nidx, ns, err);
+        if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+        tnc = L->heads[0].tt.nc;
+        nT = o->kv_heads * tnc;
+    }
+    memset(c->tt_ok, 0, nT);
     size_t next_a = 0, next_b = 0, npub = 0;
     double gpu_dt = 0;
     if (pf) pt1 = mono_s();
@@ -847,23 +888,15 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
         if (r == KST_OK) t->trows_cap = ns;
     }
-    /* T: the KV heads' tail samples, thread i taking heads i, i + threads, ... (the same each
-     * step: a head's table, ~1 MB at 2,048 samples of d 128 float16, stays in that core's L2) */
-    for (size_t hh = (size_t)omp_get_thread_num(); hh < nT; hh += (size_t)omp_get_num_threads()) {
+    /* T: the KV heads' sample chunks, thread i taking items i, i + threads, ... (the same each
+     * step, so a chunk's rows, 256 KB at 512 samples of d 128 float16, may stay in that core's
+     * caches) */
+    for (size_t it = (size_t)omp_get_thread_num(); it < nT; it += (size_t)omp_get_num_threads()) {
         double ta = pf ? mono_s() : 0;
         if (pf && t->p_first == 0) t->p_first = ta;
-        kst_error e4;
-        int r2 = tail_table(c, &L->heads[hh], nidx, ns, q + hh * G * d, &e4);
-        if (r2 != KST_OK) {
-#pragma omp critical(kv_err)
-            {
-                if (rc == KST_OK) {
-                    rc = r2;
-                    if (err) *err = e4;
-                }
-            }
-        }
-        __atomic_store_n(&c->tt_ok[hh], r2 == KST_OK ? 1 : 2, __ATOMIC_RELEASE);
+        size_t hh = it / tnc;
+        tail_chunk(c, &L->heads[hh], it % tnc, q + hh * G * d);
+        __atomic_store_n(&c->tt_ok[it], 1, __ATOMIC_RELEASE);
         if (pf) {
             double tb = mono_s();
             t->p_tail += tb - ta;
@@ -944,13 +977,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             if (pf) t->p_attn += tc - tb;
             /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
             if (ns && m < nidx) {
-                uint8_t st;
-                while (!(st = __atomic_load_n(&c->tt_ok[h0 / G], __ATOMIC_ACQUIRE))) {
-                } /* its T item still running */
-                if (st == 1) {
-                    sampled += tail_partial(t, c, H, h % G, qh, rid, nidx, m, t->o2, &lse2);
-                    kst_attn_merge(oh, &lse, t->o2, lse2, d);
-                }
+                for (size_t cc = 0; cc < tnc; cc++)
+                    while (!__atomic_load_n(&c->tt_ok[h0 / G * tnc + cc], __ATOMIC_ACQUIRE)) {
+                    } /* its T items still running */
+                sampled += tail_partial(t, c, H, h % G, qh, rid, nidx, m, t->o2, &lse2);
+                kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
             c->lse_buf[h] = lse;
 #ifdef KST_CUDA
