@@ -31,6 +31,14 @@ void kst_kv_axpy(float *out, float w, const void *row, int f16, size_t d);
 void kst_kv_scores_multi(float *S, const float *Q, size_t G, const void *K, int f16, size_t n,
                          size_t d, float scale);
 
+/* The same from K stored transposed, Kt (d, n): S[g * n + j] = scale * sum_i Q_g[i] Kt[i][j]. */
+void kst_kv_scores_t(float *S, const float *Q, size_t G, const void *Kt, int f16, size_t n,
+                     size_t d, float scale);
+
+/* w[j] = exp(w[j] - mx) for j < n (float32; a vectorized exp where the CPU has AVX2, within
+ * 2 ulp of expf; 0 below exp's float range). */
+void kst_kv_exp_shift(float *w, size_t n, float mx);
+
 /* Weighted sums of n contiguous rows V (n, d) for G weight vectors W (G, n):
  * O[g * d + i] = sum_j W[g * n + j] V[j][i] (each row read once for all G). */
 void kst_kv_wsum_multi(float *O, const float *W, size_t G, const void *V, int f16, size_t n,

@@ -24,7 +24,8 @@ typedef struct kv_tail {
     size_t n, nidx, cap;   /* samples in the table, indexed keys they were drawn from, rows allocated */
     size_t ch, nc, ccap;   /* rows per chunk, chunks, chunks allocated */
     int copy;              /* the rows are to be copied this step (made anew) */
-    void *K, *V;           /* (n, d) the sampled rows, in the cache's dtype */
+    void *K, *V;           /* the sampled rows, in the cache's dtype: V (n, d); K per chunk
+                              transposed, (d, rows) */
     float *w;              /* (nc, G, ch) this step's weights exp(s - mx), 0 for the chunk's top */
     float *o;              /* (nc, G, d) sum of w V over the chunk's other samples */
     double *sum;           /* (nc, G) sum of w, the same */
@@ -560,17 +561,21 @@ static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Q
     size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
     kv_tail *T = &H->tt;
     size_t j0 = cc * T->ch, nr = T->n - j0 < T->ch ? T->n - j0 : T->ch;
+    char *Kc = (char *)T->K + j0 * rowb, *Vc = (char *)T->V + j0 * rowb;
     if (T->copy) {
         const char *K = H->K, *V = H->V;
-        for (size_t j = j0; j < j0 + nr; j++) {
-            size_t r = o->sinks + sample_pos(j, T->nidx, T->n);
-            memcpy((char *)T->K + j * rowb, K + r * rowb, rowb);
-            memcpy((char *)T->V + j * rowb, V + r * rowb, rowb);
+        for (size_t j = 0; j < nr; j++) {
+            size_t r = o->sinks + sample_pos(j0 + j, T->nidx, T->n);
+            memcpy(Vc + j * rowb, V + r * rowb, rowb);
+            /* keys transposed: column j of (d, nr) */
+            if (o->f16)
+                for (size_t i = 0; i < d; i++) ((uint16_t *)Kc)[i * nr + j] = ((const uint16_t *)(K + r * rowb))[i];
+            else
+                for (size_t i = 0; i < d; i++) ((float *)Kc)[i * nr + j] = ((const float *)(K + r * rowb))[i];
         }
     }
     float *W = T->w + cc * G * T->ch; /* (G, nr) */
-    const char *Kc = (const char *)T->K + j0 * rowb, *Vc = (const char *)T->V + j0 * rowb;
-    kst_kv_scores_multi(W, Qg, G, Kc, o->f16, nr, d, o->scale);
+    kst_kv_scores_t(W, Qg, G, Kc, o->f16, nr, d, o->scale);
     size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
     for (size_t g = 0; g < G; g++) {
         size_t ix = cc * G + g;
@@ -590,7 +595,7 @@ static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Q
             tp[i] = (uint32_t)j;
         }
         float mx = tw[0];
-        for (size_t j = 0; j < nr; j++) w[j] = expf(w[j] - mx);
+        kst_kv_exp_shift(w, nr, mx);
         for (size_t i = 0; i < nt; i++) {
             tw[i] = w[tp[i]];
             w[tp[i]] = 0;
@@ -652,15 +657,27 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         for (size_t a = 0; a < nt; a++)
             if (!(topx >> a & 1)) rest += tw[a];
         if ((sub > 0 && !(sub <= sum * 0.875)) || !(rest > 0) || !isfinite(rest)) {
-            size_t r = e0, k2 = 0;
-            for (size_t j = j0; j < j0 + nr; j++) {
-                if (r < e && t->sret[r] == j) {
+            /* the kept rows summed anew from their weights (the top's from topw) */
+            size_t r = e0;
+            double s2 = 0;
+            memset(oc, 0, d * sizeof(float));
+            for (size_t j = 0; j < nr; j++) {
+                if (r < e && t->sret[r] == j0 + j) {
                     r++;
                     continue;
                 }
-                t->trows[k2++] = (int64_t)j;
+                float wj = w[j];
+                if (wj == 0)
+                    for (size_t a = 0; a < nt; a++)
+                        if (tp[a] == j) wj = tw[a];
+                if (wj == 0) continue;
+                s2 += wj;
+                kst_kv_axpy(oc, wj, Vc + j * rowb, op->f16, d);
             }
-            kst_attn_partial(oc, &lc, t->buf, q, T->K, T->V, op->f16, t->trows, 0, k2, d, op->scale);
+            if (!(s2 > 0)) continue; /* every kept weight underflowed */
+            float inv = (float)(1.0 / s2);
+            for (size_t i = 0; i < d; i++) oc[i] *= inv;
+            lc = T->mx[ix] + (float)log(s2);
         } else {
             for (size_t a = 0; a < nt; a++)
                 if (!(topx >> a & 1)) kst_kv_axpy(oc, tw[a], Vc + (size_t)tp[a] * rowb, op->f16, d);
