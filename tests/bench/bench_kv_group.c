@@ -134,11 +134,11 @@ int main(int argc, char **argv) {
         /* "/il0": the earlier heap-based per-head search (default: the pool search) */
         kst_kvc_set_interleave(c, strstr(mode, "/il0") ? 0 : 1);
         /* "/x2": expansion width; "/sp1024/sk8": per-query entries from 1,024 spaced keys, the
-         * best 8 ("/spA": KST_KVC_SPREAD_AUTO; default: from the hubs), as bench_kv_gpu's modes */
-        kst_kvc_set_expand(c, strstr(mode, "/x") ? (size_t)atol(strstr(mode, "/x") + 2) : 1);
-        {
+         * best 8 ("/spA": KST_KVC_SPREAD_AUTO), as bench_kv_gpu's modes (default: the library's) */
+        if (strstr(mode, "/x")) kst_kvc_set_expand(c, (size_t)atol(strstr(mode, "/x") + 2));
+        if (strstr(mode, "/sp")) {
             const char *sp = strstr(mode, "/sp");
-            kst_kvc_set_spread(c, !sp ? 0 : sp[3] == 'A' ? KST_KVC_SPREAD_AUTO : (size_t)atol(sp + 3),
+            kst_kvc_set_spread(c, sp[3] == 'A' ? KST_KVC_SPREAD_AUTO : (size_t)atol(sp + 3),
                                strstr(mode, "/sk") ? (size_t)atol(strstr(mode, "/sk") + 3) : 0);
         }
         for (const char *bp = budgets; *bp;) {
