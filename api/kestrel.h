@@ -279,8 +279,8 @@ typedef struct kst_kv_opts {
     float scale;              /* score scale (default 0: 1/sqrt(head_dim)) */
     size_t sinks;             /* first tokens always attended (default 4) */
     size_t window;            /* last tokens always attended (default 1024) */
-    size_t top_k;             /* keys retrieved per query head and step (default 256) */
-    size_t ef;                /* search effort: beam width, >= top_k (default 256) */
+    size_t top_k;             /* keys retrieved per query head and step (default 100) */
+    size_t ef;                /* search effort: beam width, >= top_k (default 128) */
     size_t degree;            /* graph out-degree (default 32) */
     size_t build_top;         /* exact top keys linked per prefill query (default 32) */
     size_t max_build_queries; /* prefill queries used per KV head (default 0: all) */
@@ -291,7 +291,7 @@ typedef struct kst_kv_opts {
                                  them there while the CPU searches (needs a `make CUDA=1` build
                                  and a device, else kst_kv_create fails with KST_ERR_UNSUPPORTED);
                                  the other tokens stay in CPU memory */
-    size_t tail_samples;      /* default 1024; 0: attend to the retrieved keys alone. m > 0: also
+    size_t tail_samples;      /* default 2048; 0: attend to the retrieved keys alone. m > 0: also
                                  estimate the attention over the indexed keys that were not
                                  retrieved from m evenly spaced ones (their softmax mass scaled
                                  up to the whole rest, merged like the other partials); an
@@ -303,7 +303,9 @@ typedef struct kst_kv_opts {
                                  recall on real GQA heads, but fewer searches to spread over
                                  threads, so a slower step on an idle many-core CPU); n > 1: n
                                  query heads per search */
-    int codes;                /* default 1; 0: none. 1: also keep a 4-bit code of each indexed key (a
+    int codes;                /* default -1: 1 from head_dim 64 on, else 0 (at head_dim 32 the
+                                 codes cost recall: real all-MiniLM-L6-v2 heads 0.80 against 0.91
+                                 at ef 128); 0: none. 1: also keep a 4-bit code of each indexed key (a
                                  quarter of a float16 key's bytes; head_dim a multiple of 32, else
                                  ignored) and steer the searches by the codes, the ef best
                                  re-scored exactly from the keys */

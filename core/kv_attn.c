@@ -101,6 +101,231 @@ void kst_kv_rows_f32(float *out, const void *src, int f16, size_t first, size_t 
     }
 }
 
+void kst_kv_axpy(float *out, float w, const void *row, int f16, size_t d) {
+#ifdef KST_KV_DOT_AVX2
+    if (has_avx2()) {
+        axpy_avx2(out, w, row, f16, d);
+        return;
+    }
+#endif
+    if (f16) {
+        const uint16_t *v = row;
+        for (size_t i = 0; i < d; i++) out[i] += w * kst_f16_to_f32(v[i]);
+    } else {
+        const float *v = row;
+        for (size_t i = 0; i < d; i++) out[i] += w * v[i];
+    }
+}
+
+#ifdef KST_KV_DOT_AVX2
+static inline float hsum256(__m256 a) __attribute__((target("avx2,fma")));
+static inline float hsum256(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+/* Up to 4 queries against 2 rows at a time: 8 independent FMA chains (d a multiple of 8). */
+__attribute__((target("avx2,f16c,fma"))) static void scores_avx2(float *S, const float *Q, size_t G,
+                                                                   const void *K, int f16, size_t n,
+                                                                   size_t d, float scale) {
+#define KV_LD(r, i) (f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)K + (r) * d + (i)))) \
+                         : _mm256_loadu_ps((const float *)K + (r) * d + (i)))
+    for (size_t g0 = 0; g0 < G; g0 += 4) {
+        size_t gn = G - g0 < 4 ? G - g0 : 4;
+        const float *q0 = Q + g0 * d, *q1 = Q + (g0 + (gn > 1)) * d, *q2 = Q + (g0 + (gn > 2 ? 2 : 0)) * d,
+                    *q3 = Q + (g0 + (gn > 3 ? 3 : 0)) * d;
+        size_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (size_t i = 0; i < d; i += 8) {
+                __m256 x = KV_LD(j, i), y = KV_LD(j + 1, i), v;
+                v = _mm256_loadu_ps(q0 + i); a0 = _mm256_fmadd_ps(v, x, a0); b0 = _mm256_fmadd_ps(v, y, b0);
+                v = _mm256_loadu_ps(q1 + i); a1 = _mm256_fmadd_ps(v, x, a1); b1 = _mm256_fmadd_ps(v, y, b1);
+                v = _mm256_loadu_ps(q2 + i); a2 = _mm256_fmadd_ps(v, x, a2); b2 = _mm256_fmadd_ps(v, y, b2);
+                v = _mm256_loadu_ps(q3 + i); a3 = _mm256_fmadd_ps(v, x, a3); b3 = _mm256_fmadd_ps(v, y, b3);
+            }
+            float ra[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+            float rb[4] = {hsum256(b0), hsum256(b1), hsum256(b2), hsum256(b3)};
+            for (size_t g = 0; g < gn; g++) {
+                S[(g0 + g) * n + j] = scale * ra[g];
+                S[(g0 + g) * n + j + 1] = scale * rb[g];
+            }
+        }
+        for (; j < n; j++)
+            for (size_t g = 0; g < gn; g++)
+                S[(g0 + g) * n + j] = scale * dot_avx2(Q + (g0 + g) * d, f16 ? (const void *)((const uint16_t *)K + j * d)
+                                                                          : (const void *)((const float *)K + j * d), f16, d);
+    }
+#undef KV_LD
+}
+/* Up to 4 weight vectors, 16 dimensions at a time: 8 accumulators over the rows (d a multiple
+ * of 16). */
+__attribute__((target("avx2,f16c,fma"))) static void wsum_avx2(float *O, const float *W, size_t G,
+                                                                 const void *V, int f16, size_t n,
+                                                                 size_t d) {
+    for (size_t g0 = 0; g0 < G; g0 += 4) {
+        size_t gn = G - g0 < 4 ? G - g0 : 4;
+        const float *w0 = W + g0 * n, *w1 = W + (g0 + (gn > 1)) * n, *w2 = W + (g0 + (gn > 2 ? 2 : 0)) * n,
+                    *w3 = W + (g0 + (gn > 3 ? 3 : 0)) * n;
+        for (size_t i = 0; i < d; i += 16) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (size_t j = 0; j < n; j++) {
+                __m256 x, y, w;
+                if (f16) {
+                    const uint16_t *r = (const uint16_t *)V + j * d + i;
+                    x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)r));
+                    y = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + 8)));
+                } else {
+                    const float *r = (const float *)V + j * d + i;
+                    x = _mm256_loadu_ps(r);
+                    y = _mm256_loadu_ps(r + 8);
+                }
+                w = _mm256_broadcast_ss(w0 + j); a0 = _mm256_fmadd_ps(w, x, a0); b0 = _mm256_fmadd_ps(w, y, b0);
+                w = _mm256_broadcast_ss(w1 + j); a1 = _mm256_fmadd_ps(w, x, a1); b1 = _mm256_fmadd_ps(w, y, b1);
+                w = _mm256_broadcast_ss(w2 + j); a2 = _mm256_fmadd_ps(w, x, a2); b2 = _mm256_fmadd_ps(w, y, b2);
+                w = _mm256_broadcast_ss(w3 + j); a3 = _mm256_fmadd_ps(w, x, a3); b3 = _mm256_fmadd_ps(w, y, b3);
+            }
+            __m256 aa[4] = {a0, a1, a2, a3}, bb[4] = {b0, b1, b2, b3};
+            for (size_t g = 0; g < gn; g++) {
+                _mm256_storeu_ps(O + (g0 + g) * d + i, aa[g]);
+                _mm256_storeu_ps(O + (g0 + g) * d + i + 8, bb[g]);
+            }
+        }
+    }
+}
+#endif
+
+#ifdef KST_KV_DOT_AVX2
+/* Up to 4 queries, 16 keys (columns of Kt) at a time: 8 independent FMA chains, no reductions. */
+__attribute__((target("avx2,f16c,fma"))) static void scores_t_avx2(float *S, const float *Q, size_t G,
+                                                                     const void *Kt, int f16, size_t n,
+                                                                     size_t d, float scale) {
+    __m256 sc = _mm256_set1_ps(scale);
+    for (size_t g0 = 0; g0 < G; g0 += 4) {
+        size_t gn = G - g0 < 4 ? G - g0 : 4;
+        const float *q0 = Q + g0 * d, *q1 = Q + (g0 + (gn > 1)) * d, *q2 = Q + (g0 + (gn > 2 ? 2 : 0)) * d,
+                    *q3 = Q + (g0 + (gn > 3 ? 3 : 0)) * d;
+        size_t j = 0;
+        for (; j + 16 <= n; j += 16) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (size_t i = 0; i < d; i++) {
+                __m256 x, y, v;
+                if (f16) {
+                    const uint16_t *r = (const uint16_t *)Kt + i * n + j;
+                    x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)r));
+                    y = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + 8)));
+                } else {
+                    const float *r = (const float *)Kt + i * n + j;
+                    x = _mm256_loadu_ps(r);
+                    y = _mm256_loadu_ps(r + 8);
+                }
+                v = _mm256_broadcast_ss(q0 + i); a0 = _mm256_fmadd_ps(v, x, a0); b0 = _mm256_fmadd_ps(v, y, b0);
+                v = _mm256_broadcast_ss(q1 + i); a1 = _mm256_fmadd_ps(v, x, a1); b1 = _mm256_fmadd_ps(v, y, b1);
+                v = _mm256_broadcast_ss(q2 + i); a2 = _mm256_fmadd_ps(v, x, a2); b2 = _mm256_fmadd_ps(v, y, b2);
+                v = _mm256_broadcast_ss(q3 + i); a3 = _mm256_fmadd_ps(v, x, a3); b3 = _mm256_fmadd_ps(v, y, b3);
+            }
+            __m256 aa[4] = {a0, a1, a2, a3}, bb[4] = {b0, b1, b2, b3};
+            for (size_t g = 0; g < gn; g++) {
+                _mm256_storeu_ps(S + (g0 + g) * n + j, _mm256_mul_ps(sc, aa[g]));
+                _mm256_storeu_ps(S + (g0 + g) * n + j + 8, _mm256_mul_ps(sc, bb[g]));
+            }
+        }
+        for (; j < n; j++)
+            for (size_t g = 0; g < gn; g++) {
+                float a = 0;
+                for (size_t i = 0; i < d; i++)
+                    a += Q[(g0 + g) * d + i] * (f16 ? kst_f16_to_f32(((const uint16_t *)Kt)[i * n + j]) : ((const float *)Kt)[i * n + j]);
+                S[(g0 + g) * n + j] = scale * a;
+            }
+    }
+}
+
+/* exp(x) for 8 floats: 2^k * p(r), x = k ln2 + r, |r| <= ln2 / 2 (Cephes' expf polynomial);
+ * 0 below -87.3 (exp's float range), x <= 0 here. */
+__attribute__((target("avx2,fma"))) static __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(under, p);
+}
+__attribute__((target("avx2,fma"))) static void exp_shift_avx2(float *w, size_t n, float mx) {
+    __m256 m = _mm256_set1_ps(mx);
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(w + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(w + j), m)));
+    for (; j < n; j++) w[j] = expf(w[j] - mx);
+}
+#endif
+
+void kst_kv_scores_t(float *S, const float *Q, size_t G, const void *Kt, int f16, size_t n,
+                     size_t d, float scale) {
+#ifdef KST_KV_DOT_AVX2
+    if (has_avx2()) {
+        scores_t_avx2(S, Q, G, Kt, f16, n, d, scale);
+        return;
+    }
+#endif
+    for (size_t g = 0; g < G; g++)
+        for (size_t j = 0; j < n; j++) {
+            float a = 0;
+            for (size_t i = 0; i < d; i++)
+                a += Q[g * d + i] * (f16 ? kst_f16_to_f32(((const uint16_t *)Kt)[i * n + j]) : ((const float *)Kt)[i * n + j]);
+            S[g * n + j] = scale * a;
+        }
+}
+
+void kst_kv_exp_shift(float *w, size_t n, float mx) {
+#ifdef KST_KV_DOT_AVX2
+    if (has_avx2()) {
+        exp_shift_avx2(w, n, mx);
+        return;
+    }
+#endif
+    for (size_t j = 0; j < n; j++) w[j] = expf(w[j] - mx);
+}
+
+void kst_kv_scores_multi(float *S, const float *Q, size_t G, const void *K, int f16, size_t n,
+                         size_t d, float scale) {
+#ifdef KST_KV_DOT_AVX2
+    if (has_avx2() && d % 8 == 0) {
+        scores_avx2(S, Q, G, K, f16, n, d, scale);
+        return;
+    }
+#endif
+    for (size_t j = 0; j < n; j++) {
+        const void *r = f16 ? (const void *)((const uint16_t *)K + j * d) : (const void *)((const float *)K + j * d);
+        for (size_t g = 0; g < G; g++) S[g * n + j] = scale * kst_kv_dot(Q + g * d, r, f16, d);
+    }
+}
+
+void kst_kv_wsum_multi(float *O, const float *W, size_t G, const void *V, int f16, size_t n,
+                       size_t d) {
+#ifdef KST_KV_DOT_AVX2
+    if (has_avx2() && d % 16 == 0) {
+        wsum_avx2(O, W, G, V, f16, n, d);
+        return;
+    }
+#endif
+    memset(O, 0, G * d * sizeof(float));
+    for (size_t j = 0; j < n; j++) {
+        const void *r = f16 ? (const void *)((const uint16_t *)V + j * d) : (const void *)((const float *)V + j * d);
+        for (size_t g = 0; g < G; g++) kst_kv_axpy(O + g * d, W[g * n + j], r, f16, d);
+    }
+}
+
 static const void *row_at(const void *base, int f16, size_t row, size_t d) {
     return f16 ? (const void *)((const uint16_t *)base + row * d)
                : (const void *)((const float *)base + row * d);

@@ -23,6 +23,27 @@ float kst_kv_dot(const float *q, const void *row, int f16, size_t d);
  * float32. */
 void kst_kv_rows_f32(float *out, const void *src, int f16, size_t first, size_t n, size_t d);
 
+/* out (d) += w * row (d) for a row of d float32 or float16 values. */
+void kst_kv_axpy(float *out, float w, const void *row, int f16, size_t d);
+
+/* Scores of G queries Q (G, d) float32 against n contiguous rows K (n, d):
+ * S[g * n + j] = scale * <Q_g, K_j> (each row read once for all G queries). */
+void kst_kv_scores_multi(float *S, const float *Q, size_t G, const void *K, int f16, size_t n,
+                         size_t d, float scale);
+
+/* The same from K stored transposed, Kt (d, n): S[g * n + j] = scale * sum_i Q_g[i] Kt[i][j]. */
+void kst_kv_scores_t(float *S, const float *Q, size_t G, const void *Kt, int f16, size_t n,
+                     size_t d, float scale);
+
+/* w[j] = exp(w[j] - mx) for j < n (float32; a vectorized exp where the CPU has AVX2, within
+ * 2 ulp of expf; 0 below exp's float range). */
+void kst_kv_exp_shift(float *w, size_t n, float mx);
+
+/* Weighted sums of n contiguous rows V (n, d) for G weight vectors W (G, n):
+ * O[g * d + i] = sum_j W[g * n + j] V[j][i] (each row read once for all G). */
+void kst_kv_wsum_multi(float *O, const float *W, size_t G, const void *V, int f16, size_t n,
+                       size_t d);
+
 /* Partial attention of q (d) over n rows of K and V (each (*, d), float32 or float16): rows
  * ids[0..n) when ids is not NULL, else rows first..first+n-1. Writes out (d) and *lse; scratch
  * holds n floats. n == 0 gives out = 0, *lse = -INFINITY. Cannot fail. */

@@ -15,9 +15,33 @@
 #include "index/kv_cuda.h"
 #endif
 
+/* The tail estimate's sample of one KV head (kv.h, kst_kvc_attend): the sampled indexed keys'
+ * rows copied into one block, in nc chunks of up to ch rows, each chunk scored once per decode
+ * step for all the query heads of the GQA group (a work item: the chunks spread over threads);
+ * remade whenever the index or the sample size changes. Per chunk c and query head g (index
+ * c * G + g): */
+typedef struct kv_tail {
+    size_t n, nidx, cap;   /* samples in the table, indexed keys they were drawn from, rows allocated */
+    size_t ch, nc, ccap;   /* rows per chunk, chunks, chunks allocated */
+    int copy;              /* the rows are to be copied this step (made anew) */
+    void *K, *V;           /* the sampled rows, in the cache's dtype: V (n, d); K per chunk
+                              transposed, (d, rows) */
+    float *w;              /* (nc, G, ch) this step's weights exp(s - mx), 0 for the chunk's top */
+    float *o;              /* (nc, G, d) sum of w V over the chunk's other samples */
+    double *sum;           /* (nc, G) sum of w, the same */
+    float *mx;             /* (nc, G) the chunk's best score */
+    uint32_t *top;         /* (nc, G, KV_TT_TOP) the chunk's best-scoring samples, kept apart */
+    float *topw;           /* (nc, G, KV_TT_TOP) their weights */
+} kv_tail;
+/* Samples kept apart per query head and chunk: those most likely retrieved too (the head's
+ * best), so that taking the retrieved ones out of the sums subtracts little. */
+#define KV_TT_TOP 32
+#define KV_TT_CHUNKS 16 /* at most; chunks of 512 rows up to 8,192 samples */
+
 typedef struct kv_hstore {
     void *K, *V;  /* (cap, d) in the cache's dtype */
     kst_kvg g;    /* nodes = rows sinks .. sinks + g.n - 1 */
+    kv_tail tt;   /* the tail estimate's sample */
 } kv_hstore;
 
 typedef struct kv_layer {
@@ -59,6 +83,7 @@ struct kst_kvc {
     size_t *fnd_all;
     uint32_t *pub;
     uint8_t *pub_ok;
+    uint8_t *tt_ok; /* (kv_heads * chunks) the tail items: 1 done */
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
@@ -82,10 +107,10 @@ void kst_kvc_set_rerank(kst_kvc *c, size_t r) { c->rerank = r; }
 void kst_kvc_set_prefetch(kst_kvc *c, int on_push) { c->pf_push = on_push; }
 void kst_kvc_set_vnni(kst_kvc *c, int on) { c->no_vnni = !on; }
 /* The spaced entry candidates of a search over nidx indexed keys: n (KST_KVC_SPREAD_AUTO: one
- * key in 64 from 32,768 indexed keys on, at most 4,096; none below, where the hubs suffice). */
+ * key in 128 from 32,768 indexed keys on, at most 4,096; none below, where the hubs suffice). */
 static size_t spread_of(const kst_kvc *c, size_t nidx) {
     if (c->spread != KST_KVC_SPREAD_AUTO) return c->spread;
-    return nidx < 32768 ? 0 : nidx / 64 < 4096 ? nidx / 64 : 4096;
+    return nidx < 32768 ? 0 : nidx / 128 < 4096 ? nidx / 128 : 4096;
 }
 static void refresh_tables(kst_kvc *c, kv_layer *L, int force);
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep) {
@@ -163,7 +188,11 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->use_codes = o.codes;
     c->il = 1;
     c->pf_push = 1;
-    c->spread = 0; /* kst_kvc_set_spread: no recall gain on real heads (bench README) */
+    /* the default budget's search (bench README, round 6): entries per query from one indexed
+     * key in 128 (the best 8), two expansions at a time */
+    c->spread = KST_KVC_SPREAD_AUTO;
+    c->spread_keep = 8;
+    c->expand = 2;
     c->esize = o.f16 ? 2 : 4;
     c->nth = omp_get_max_threads();
     c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);
@@ -173,7 +202,8 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->fnd_all = kst_calloc(o.q_heads, sizeof(size_t), "kv cache step items", err);
     c->pub = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache step items", err);
     c->pub_ok = kst_calloc(o.q_heads, 1, "kv cache step items", err);
-    if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged || !c->fnd_all || !c->pub || !c->pub_ok) goto fail;
+    c->tt_ok = kst_calloc(o.kv_heads * KV_TT_CHUNKS, 1, "kv cache step items", err);
+    if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged || !c->fnd_all || !c->pub || !c->pub_ok || !c->tt_ok) goto fail;
     for (size_t l = 0; l < o.layers; l++) {
         c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
         c->layers[l].cost = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache task costs", err);
@@ -210,6 +240,15 @@ void kst_kvc_free(kst_kvc *c) {
                 kst_free(L->heads[h].K);
                 kst_free(L->heads[h].V);
                 kst_kvg_free(&L->heads[h].g);
+                kv_tail *T = &L->heads[h].tt;
+                kst_free(T->K);
+                kst_free(T->V);
+                kst_free(T->w);
+                kst_free(T->o);
+                kst_free(T->sum);
+                kst_free(T->mx);
+                kst_free(T->top);
+                kst_free(T->topw);
             }
             kst_free(L->heads);
 #ifdef KST_CUDA
@@ -237,6 +276,7 @@ void kst_kvc_free(kst_kvc *c) {
     kst_free(c->fnd_all);
     kst_free(c->pub);
     kst_free(c->pub_ok);
+    kst_free(c->tt_ok);
     kst_free(c);
 }
 
@@ -389,7 +429,10 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
         Q = kst_malloc(use ? use : 1, d * sizeof(float), "prefill queries", err);
         if (!Q) return KST_ERR_NOMEM;
     }
-    for (size_t h = 0; h < o->kv_heads; h++) kst_kvg_free(&L->heads[h].g);
+    for (size_t h = 0; h < o->kv_heads; h++) {
+        kst_kvg_free(&L->heads[h].g);
+        L->heads[h].tt.n = 0; /* the tail sample is remade at the next decode step */
+    }
     L->built = 0;
     for (size_t h = 0; h < (copied ? 1 : o->kv_heads) && rc == KST_OK; h++) {
         kv_hstore *H = &L->heads[h];
@@ -462,53 +505,189 @@ static int cmp_u32(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* The tail estimate (kv.h, kst_kvc_attend): partial (o, *lse) over the indexed nodes at the
- * systematic sample positions minus the m retrieved ids, lse raised by log(|R| / sampled).
- * Returns the sampled count (0: o = 0, *lse = -inf). t->buf holds >= min(ns, nidx) floats. */
-static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, const float *q,
-                           const uint32_t *rid, size_t nidx, size_t m, size_t ns, float *o,
+/* The systematic sample of the tail estimate (kv.h, kst_kvc_attend): ns of nidx indexed nodes at
+ * positions floor((2j + 1) nidx / (2 ns)), j < ns (ns <= nidx: strictly increasing). */
+static size_t sample_pos(size_t j, size_t nidx, size_t ns) {
+    return (size_t)((2 * (uint64_t)j + 1) * nidx / (2 * (uint64_t)ns));
+}
+/* The sample index j of node x, or ns when x is not sampled. */
+static size_t sample_of(size_t x, size_t nidx, size_t ns) {
+    /* the least j with (2j + 1) nidx >= 2 ns x */
+    uint64_t a = 2 * (uint64_t)ns * x, j = a <= nidx ? 0 : (a - nidx + 2 * (uint64_t)nidx - 1) / (2 * (uint64_t)nidx);
+    return j < ns && sample_pos((size_t)j, nidx, ns) == x ? (size_t)j : ns;
+}
+
+/* Before a decode step's parallel part: each KV head's sample table sized for ns samples of
+ * nidx indexed keys, marked for copying where the index or ns changed. */
+static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
+    size_t ch = ns <= 512 * KV_TT_CHUNKS ? 512 : (ns + KV_TT_CHUNKS - 1) / KV_TT_CHUNKS, nc = (ns + ch - 1) / ch;
+    int rc = KST_OK;
+    for (size_t h = 0; h < o->kv_heads; h++) {
+        kv_tail *T = &L->heads[h].tt;
+        T->copy = 0;
+        if (T->n == ns && T->nidx == nidx) continue;
+        T->n = 0;
+        if (T->cap < ns) {
+            KST_TRY(kst_realloc(&T->K, ns, rowb, "tail sample keys", err));
+            KST_TRY(kst_realloc(&T->V, ns, rowb, "tail sample values", err));
+            T->cap = ns;
+        }
+        if (T->ccap < nc * ch) {
+            KST_TRY(kst_realloc((void **)&T->w, nc * G * ch, sizeof(float), "tail sample weights", err));
+            KST_TRY(kst_realloc((void **)&T->o, nc * G * d, sizeof(float), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->sum, nc * G, sizeof(double), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->mx, nc * G, sizeof(float), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->top, nc * G * KV_TT_TOP, sizeof(uint32_t), "tail sample tops", err));
+            KST_TRY(kst_realloc((void **)&T->topw, nc * G * KV_TT_TOP, sizeof(float), "tail sample tops", err));
+            T->ccap = nc * ch;
+        }
+        T->n = ns;
+        T->nidx = nidx;
+        T->ch = ch;
+        T->nc = nc;
+        T->copy = 1;
+    }
+done:
+    return rc;
+}
+
+/* A tail item of the decode step: chunk cc of H's sample table (rows copied first if the table
+ * was made anew), scored for the G query heads Qg (G, d) and its value rows summed by their
+ * weights, once for the group. Cannot fail. */
+static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Qg) {
+    const kst_kvc_opts *o = &c->o;
+    size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
+    kv_tail *T = &H->tt;
+    size_t j0 = cc * T->ch, nr = T->n - j0 < T->ch ? T->n - j0 : T->ch;
+    char *Kc = (char *)T->K + j0 * rowb, *Vc = (char *)T->V + j0 * rowb;
+    if (T->copy) {
+        const char *K = H->K, *V = H->V;
+        for (size_t j = 0; j < nr; j++) {
+            size_t r = o->sinks + sample_pos(j0 + j, T->nidx, T->n);
+            memcpy(Vc + j * rowb, V + r * rowb, rowb);
+            /* keys transposed: column j of (d, nr) */
+            if (o->f16)
+                for (size_t i = 0; i < d; i++) ((uint16_t *)Kc)[i * nr + j] = ((const uint16_t *)(K + r * rowb))[i];
+            else
+                for (size_t i = 0; i < d; i++) ((float *)Kc)[i * nr + j] = ((const float *)(K + r * rowb))[i];
+        }
+    }
+    float *W = T->w + cc * G * T->ch; /* (G, nr) */
+    kst_kv_scores_t(W, Qg, G, Kc, o->f16, nr, d, o->scale);
+    size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
+    for (size_t g = 0; g < G; g++) {
+        size_t ix = cc * G + g;
+        float *w = W + g * nr, *tw = T->topw + ix * KV_TT_TOP;
+        uint32_t *tp = T->top + ix * KV_TT_TOP;
+        /* the nt best scores, by insertion into a sorted list (best first) */
+        size_t cnt = 0;
+        for (size_t j = 0; j < nr; j++) {
+            float v = w[j];
+            if (cnt == nt && !(v > tw[nt - 1])) continue;
+            size_t i = cnt < nt ? cnt++ : nt - 1;
+            for (; i > 0 && tw[i - 1] < v; i--) {
+                tw[i] = tw[i - 1];
+                tp[i] = tp[i - 1];
+            }
+            tw[i] = v;
+            tp[i] = (uint32_t)j;
+        }
+        float mx = tw[0];
+        kst_kv_exp_shift(w, nr, mx);
+        for (size_t i = 0; i < nt; i++) {
+            tw[i] = w[tp[i]];
+            w[tp[i]] = 0;
+        }
+        double sum = 0;
+        for (size_t j = 0; j < nr; j++) sum += w[j];
+        T->mx[ix] = mx;
+        T->sum[ix] = sum;
+    }
+    kst_kv_wsum_multi(T->o + cc * G * d, W, G, Vc, o->f16, nr, d);
+}
+
+/* The tail estimate (kv.h, kst_kvc_attend) of query head g of H's group from its table: partial
+ * (o, *lse) over the sampled nodes minus the m retrieved ids rid, lse raised by
+ * log(|R| / kept). Per chunk: the group's sums over the samples outside the head's top, less
+ * the retrieved ones among them, plus the head's top samples that were not retrieved (where the
+ * retrieved outside the top held most of the sums, so that the difference would lose
+ * precision, the chunk's kept rows are attended anew); the chunks merged. Returns the kept
+ * count (0: o = 0, *lse = -inf). t->buf and t->trows hold >= ns entries, t->sret >= m. */
+static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, size_t g,
+                           const float *q, const uint32_t *rid, size_t nidx, size_t m, float *o,
                            float *lse) {
     const kst_kvc_opts *op = &c->o;
-    if (ns > nidx) ns = nidx;
-    /* The retrieved ids get this thread's visited marks under a fresh epoch (the searches'
-     * marks cover every indexed node; a search ran on this thread when m > 0): one byte test
-     * per sample instead of sorting the retrieved ids. */
-    kst_kvg_scratch *S = &t->s;
-    uint8_t ep = 0;
-    if (m > 0 && S->mark_cap >= nidx) {
-        if (++S->epoch == 0) {
-            memset(S->mark, 0, S->mark_cap);
-            S->epoch = 1;
-        }
-        ep = S->epoch;
-        for (size_t i = 0; i < m; i++) S->mark[rid[i]] = ep;
-    } else if (m > 0) { /* not reached through kst_kvc_attend; sorted ids then */
-        memcpy(t->sret, rid, m * sizeof(uint32_t));
-        qsort(t->sret, m, sizeof(uint32_t), cmp_u32);
+    const kv_tail *T = &H->tt;
+    size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, nex = 0, G = op->q_heads / op->kv_heads;
+    for (size_t i = 0; i < m; i++) {
+        size_t j = sample_of(rid[i], nidx, ns);
+        if (j < ns) t->sret[nex++] = (uint32_t)j;
     }
-    /* positions floor((2j + 1) nidx / (2 ns)), stepped without a division per sample */
-    uint64_t D2 = 2 * (uint64_t)ns, step = 2 * (uint64_t)nidx, sq = step / D2, sr = step % D2;
-    uint64_t xq = (uint64_t)nidx / D2, xr = (uint64_t)nidx % D2;
-    size_t kept = 0, r = 0;
-    for (size_t j = 0; j < ns; j++) {
-        uint32_t x = (uint32_t)xq;
-        xq += sq;
-        xr += sr;
-        if (xr >= D2) {
-            xr -= D2;
-            xq++;
+    size_t kept = ns - nex;
+    memset(o, 0, d * sizeof(float));
+    *lse = -INFINITY;
+    if (kept == 0) return 0;
+    if (nex > 1) qsort(t->sret, nex, sizeof(uint32_t), cmp_u32);
+    float oc[512], lc;
+    size_t e = 0; /* t->sret[e..) are in chunks cc.. */
+    for (size_t cc = 0; cc < T->nc; cc++) {
+        size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, ix = cc * G + g, e0 = e;
+        while (e < nex && t->sret[e] < j0 + nr) e++;
+        const float *w = T->w + cc * G * T->ch + g * nr, *tw = T->topw + ix * KV_TT_TOP;
+        const uint32_t *tp = T->top + ix * KV_TT_TOP;
+        size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
+        const char *Vc = (const char *)T->V + j0 * rowb;
+        if (e - e0 == nr) continue; /* the whole chunk retrieved */
+        double sum = T->sum[ix], sub = 0;
+        uint64_t topx = 0; /* the top samples retrieved (bit a: tp[a]) */
+        memcpy(oc, T->o + ix * d, d * sizeof(float));
+        for (size_t i = e0; i < e; i++) {
+            size_t j = t->sret[i] - j0;
+            if (w[j] == 0) { /* in the head's top (or a weight of 0) */
+                for (size_t a = 0; a < nt; a++)
+                    if (tp[a] == j) topx |= (uint64_t)1 << a;
+                continue;
+            }
+            sub += w[j];
+            kst_kv_axpy(oc, -w[j], Vc + j * rowb, op->f16, d);
         }
-        if (ep) {
-            if (S->mark[x] == ep) continue; /* retrieved: already attended exactly */
-        } else if (m > 0) {
-            while (r < m && t->sret[r] < x) r++;
-            if (r < m && t->sret[r] == x) continue;
+        double rest = sum - sub;
+        for (size_t a = 0; a < nt; a++)
+            if (!(topx >> a & 1)) rest += tw[a];
+        if ((sub > 0 && !(sub <= sum * 0.875)) || !(rest > 0) || !isfinite(rest)) {
+            /* the kept rows summed anew from their weights (the top's from topw) */
+            size_t r = e0;
+            double s2 = 0;
+            memset(oc, 0, d * sizeof(float));
+            for (size_t j = 0; j < nr; j++) {
+                if (r < e && t->sret[r] == j0 + j) {
+                    r++;
+                    continue;
+                }
+                float wj = w[j];
+                if (wj == 0)
+                    for (size_t a = 0; a < nt; a++)
+                        if (tp[a] == j) wj = tw[a];
+                if (wj == 0) continue;
+                s2 += wj;
+                kst_kv_axpy(oc, wj, Vc + j * rowb, op->f16, d);
+            }
+            if (!(s2 > 0)) continue; /* every kept weight underflowed */
+            float inv = (float)(1.0 / s2);
+            for (size_t i = 0; i < d; i++) oc[i] *= inv;
+            lc = T->mx[ix] + (float)log(s2);
+        } else {
+            for (size_t a = 0; a < nt; a++)
+                if (!(topx >> a & 1)) kst_kv_axpy(oc, tw[a], Vc + (size_t)tp[a] * rowb, op->f16, d);
+            float inv = (float)(1.0 / rest);
+            for (size_t i = 0; i < d; i++) oc[i] *= inv;
+            lc = T->mx[ix] + (float)log(rest);
         }
-        t->trows[kept++] = (int64_t)(op->sinks + x);
+        kst_attn_merge(o, lse, oc, lc, d);
     }
-    kst_attn_partial(o, lse, t->buf, q, H->K, H->V, op->f16, t->trows, 0, kept, op->head_dim,
-                     op->scale);
-    if (kept) *lse += (float)log((double)(nidx - m) / (double)kept);
+    *lse += (float)log((double)(nidx - m) / (double)kept);
     return kept;
 }
 
@@ -526,7 +705,7 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
         t->s.expand = c->expand;
         t->s.no_vnni = c->no_vnni;
         t->s.spread = spread_of(c, H->g.n);
-        t->s.spread_keep = c->spread == KST_KVC_SPREAD_AUTO && !c->spread_keep ? 16 : c->spread_keep;
+        t->s.spread_keep = c->spread == KST_KVC_SPREAD_AUTO && !c->spread_keep ? 8 : c->spread_keep;
         for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];
         rc = kst_kvg_search_multi(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->rerank,
                                   c->use_codes, ss, ids, NULL, fnd);
@@ -649,6 +828,15 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         c->ids_all_cap = o->q_heads * (k ? k : 1);
     }
     memset(c->pub_ok, 0, ntask);
+    /* the tail estimate: one item per KV head (its sample scored for the group), done first */
+    size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx, nT = 0, tnc = 0;
+    if (ns) {
+        rc = tail_prepare(c, L, nidx, ns, err);
+        if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+        tnc = L->heads[0].tt.nc;
+        nT = o->kv_heads * tnc;
+    }
+    memset(c->tt_ok, 0, nT);
     size_t next_a = 0, next_b = 0, npub = 0;
     double gpu_dt = 0;
     if (pf) pt1 = mono_s();
@@ -701,12 +889,13 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (pf) gpu_dt = mono_s() - g0;
     }
 #endif
-    /* Work items, taken dynamically: first the tasks' searches (A, longest first), then the
-     * tasks' attention (B: the retrieved keys' partial, the tail, the GPU's merge) in the order
-     * their searches ended. A thread takes a search while any is left, so the last ~50 us
+    /* Work items: first the KV heads' tail items (T: their samples scored for the group, about
+     * as long as a search; assigned to threads below), then, taken dynamically, the tasks'
+     * searches (A, longest first), then
+     * the tasks' attention (B: the retrieved keys' partial, the tail, the GPU's merge) in the
+     * order their searches ended. A thread takes a search while any is left, so the last ~50 us
      * searches are not what the step ends on: the ~7 us attention items fill the gaps. */
     kv_thread *t = &c->th[omp_get_thread_num()];
-    size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx;
     size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
     if (need < k) need = k;
     if (need < ns) need = ns;
@@ -715,6 +904,21 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (r == KST_OK && t->trows_cap < ns) {
         r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
         if (r == KST_OK) t->trows_cap = ns;
+    }
+    /* T: the KV heads' sample chunks, thread i taking items i, i + threads, ... (the same each
+     * step, so a chunk's rows, 256 KB at 512 samples of d 128 float16, may stay in that core's
+     * caches) */
+    for (size_t it = (size_t)omp_get_thread_num(); it < nT; it += (size_t)omp_get_num_threads()) {
+        double ta = pf ? mono_s() : 0;
+        if (pf && t->p_first == 0) t->p_first = ta;
+        size_t hh = it / tnc;
+        tail_chunk(c, &L->heads[hh], it % tnc, q + hh * G * d);
+        __atomic_store_n(&c->tt_ok[it], 1, __ATOMIC_RELEASE);
+        if (pf) {
+            double tb = mono_s();
+            t->p_tail += tb - ta;
+            t->p_busy += tb - ta;
+        }
     }
     while (r == KST_OK) {
         size_t ti = __atomic_fetch_add(&next_a, 1, __ATOMIC_ACQ_REL);
@@ -790,7 +994,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             if (pf) t->p_attn += tc - tb;
             /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
             if (ns && m < nidx) {
-                sampled += tail_partial(t, c, H, qh, rid, nidx, m, ns, t->o2, &lse2);
+                for (size_t cc = 0; cc < tnc; cc++)
+                    while (!__atomic_load_n(&c->tt_ok[h0 / G * tnc + cc], __ATOMIC_ACQUIRE)) {
+                    } /* its T items still running */
+                sampled += tail_partial(t, c, H, h % G, qh, rid, nidx, m, t->o2, &lse2);
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
             c->lse_buf[h] = lse;

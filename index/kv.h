@@ -88,7 +88,11 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
  * j < m (a systematic sample), minus the retrieved ones, are attended as one more partial whose
  * lse is raised by log(|R| / sampled), so their exp-sum stands for R's (a ratio estimator of
  * the rest of the softmax mass and of its value mean), and merged like the others. With m >=
- * indexed every key of R is sampled once and the result is full attention again. */
+ * indexed every key of R is sampled once and the result is full attention again. The sample's
+ * rows are kept per KV head in one block (remade when the index or m changes), scored and
+ * summed once per step for all the query heads of the group; each head then takes out its
+ * retrieved samples' terms (or, where those held most of the sample's softmax mass, attends to
+ * the rest of the sample anew). */
 int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
                    kst_kvc_stats *stats, kst_error *err);
 
@@ -122,12 +126,12 @@ void kst_kvc_set_vnni(kst_kvc *c, int on);
 
 /* Entry points chosen per query in the per-head searches (codes or not; not the group search):
  * each scores the graph's hub entries and n evenly spaced indexed keys, and starts from the
- * `keep` best (0: 8, or 16 under AUTO) instead of from all the hubs, so the beam starts near
- * its answer: fewer hops for the same recall where the hubs lie far from the decode queries
- * (the synthetic layer bench: half the hops at 128K); on real MiniLM heads the hubs already
- * start well, and the spaced keys only add to the keys scanned (bench README). n = 0, the
- * default: from all the hubs; KST_KVC_SPREAD_AUTO: one indexed key in 64 (at most 4,096) from
- * 32,768 indexed keys on, none below (what bench_kv_gpu's layer mode uses unless told). */
+ * `keep` best (0: 8) instead of from all the hubs, so the beam starts near its answer: fewer
+ * hops for the same recall where the hubs lie far from the decode queries (the synthetic layer
+ * bench: half the hops at 128K); on real MiniLM heads the hubs already start well, and the
+ * spaced keys only add to the keys scanned (bench README). n = 0: from all the hubs;
+ * KST_KVC_SPREAD_AUTO, the default (round 6; round 5's was one in 64, best 16): one indexed key
+ * in 128 (at most 4,096) from 32,768 indexed keys on, none below. */
 #define KST_KVC_SPREAD_AUTO ((size_t)-1)
 /* With codes, each KV head keeps the spaced keys' codes in one block (kst_kvg_entry_table, made
  * here, at builds and as appends grow the index by 1/64), which the searches score 16 at a time

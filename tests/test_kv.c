@@ -347,6 +347,23 @@ static void test_tail_estimate_diffuse(void **state) {
         e_tail += rel_err64(out, ref, d) / nq;
         assert_ok(kst_kv_attend(kv, 0, Q + i * d, 16, 64, out2, NULL, &err), &err);
         assert_memory_equal(out, out2, sizeof out);
+        /* every indexed key sampled (the sample table in 8 chunks, the retrieved keys taken out
+         * of its sums): full attention, for this diffuse query and a concentrated one (100x; most
+         * of a chunk's mass retrieved, so its kept rows are summed anew) */
+        assert_ok(kst_kv_set_tail_samples(kv, n, &err), &err);
+        for (int sc = 1; sc <= 100; sc += 99) {
+            float qs[32];
+            double ref2[32];
+            for (size_t j = 0; j < d; j++) qs[j] = (float)sc * Q[i * d + j];
+            full_attn64(ref2, qs, K, V, n, d, 1.0 / sqrt((double)d));
+            /* top_k 400: ~50 retrieved per chunk, more than its 32 best kept apart */
+            assert_ok(kst_kv_attend(kv, 0, qs, 400, 400, out2, &st, &err), &err);
+            assert_int_equal(st.sampled, st.indexed - st.retrieved);
+            for (size_t j = 0; j < d; j++)
+                if (!(fabs(out2[j] - ref2[j]) <= 2e-5 + 1e-4 * fabs(ref2[j])))
+                    fail_msg("tail with every key sampled, query x%d, dim %zu: %.7g, full attention %.7g", sc, j,
+                             out2[j], ref2[j]);
+        }
     }
     print_message("tail estimate (512 samples): mean relative error %.3e, top-16 alone %.3e\n", e_tail, e_plain);
     if (!(e_tail < 0.5 * e_plain))

@@ -119,20 +119,28 @@ int main(int argc, char **argv) {
                               ? getenv("KV_BUDGETS")
                               : "100:100:0;100:256:0;100:256:1024;256:512:0;500:1024:0;1000:2048:0";
     const char *modes = getenv("KV_MODES") ? getenv("KV_MODES") : "head,group,head+codes,group+codes";
-    printf("%-12s %6s %6s %6s %10s %12s %12s %10s %10s %10s\n", "mode", "top_k", "ef", "tail", "recall@100",
+    printf("%-26s %6s %6s %6s %10s %12s %12s %10s %10s %10s\n", "mode", "top_k", "ef", "tail", "recall@100",
            "scan/search", "scan/head", "rel.err", "attended", "cpu_us");
     float *out = malloc(G * d * sizeof *out);
     int64_t *pos = malloc(G * 4096 * sizeof *pos);
     size_t found[64];
     for (const char *mp = modes; *mp;) {
-        char mode[32];
+        char mode[64];
         size_t ml = strcspn(mp, ",");
-        snprintf(mode, sizeof mode, "%.*s", (int)(ml < 31 ? ml : 31), mp);
+        snprintf(mode, sizeof mode, "%.*s", (int)(ml < 63 ? ml : 63), mp);
         mp += ml + (mp[ml] == ',');
         int grp = strstr(mode, "group") != NULL, cod = strstr(mode, "codes") != NULL;
         kst_kvc_set_search(c, grp, cod);
         /* "/il0": the earlier heap-based per-head search (default: the pool search) */
         kst_kvc_set_interleave(c, strstr(mode, "/il0") ? 0 : 1);
+        /* "/x2": expansion width; "/sp1024/sk8": per-query entries from 1,024 spaced keys, the
+         * best 8 ("/spA": KST_KVC_SPREAD_AUTO), as bench_kv_gpu's modes (default: the library's) */
+        if (strstr(mode, "/x")) kst_kvc_set_expand(c, (size_t)atol(strstr(mode, "/x") + 2));
+        if (strstr(mode, "/sp")) {
+            const char *sp = strstr(mode, "/sp");
+            kst_kvc_set_spread(c, sp[3] == 'A' ? KST_KVC_SPREAD_AUTO : (size_t)atol(sp + 3),
+                               strstr(mode, "/sk") ? (size_t)atol(strstr(mode, "/sk") + 3) : 0);
+        }
         for (const char *bp = budgets; *bp;) {
             size_t k = strtoul(bp, (char **)&bp, 10);
             size_t ef = strtoul(bp + 1, (char **)&bp, 10);
@@ -168,7 +176,7 @@ int main(int argc, char **argv) {
                 ts[i] = now_s() - a;
             }
             qsort(ts, 50, sizeof *ts, cmp_d);
-            printf("%-12s %6zu %6zu %6zu %10.3f %11.2f%% %11.2f%% %10.2e %9.1f%% %10.1f\n", mode, k, ef, tail,
+            printf("%-26s %6zu %6zu %6zu %10.3f %11.2f%% %11.2f%% %10.2e %9.1f%% %10.1f\n", mode, k, ef, tail,
                    rec / nt, 100 * ssearch / ne, 100 * shead / ne, err / ne, 100 * att / ne, ts[25] * 1e6);
         }
     }
