@@ -159,64 +159,32 @@ __attribute__((target("avx2,f16c,fma"))) static void scores_avx2(float *S, const
     }
 #undef KV_LD
 }
-/* Up to 4 weight vectors, 16 dimensions at a time: 8 accumulators over the rows (d a multiple
- * of 16). */
-__attribute__((target("avx2,f16c,fma"))) static void wsum_avx2(float *O, const float *W, size_t G,
-                                                                 const void *V, int f16, size_t n,
-                                                                 size_t d) {
-    for (size_t g0 = 0; g0 < G; g0 += 4) {
-        size_t gn = G - g0 < 4 ? G - g0 : 4;
-        const float *w0 = W + g0 * n, *w1 = W + (g0 + (gn > 1)) * n, *w2 = W + (g0 + (gn > 2 ? 2 : 0)) * n,
-                    *w3 = W + (g0 + (gn > 3 ? 3 : 0)) * n;
-        for (size_t i = 0; i < d; i += 16) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-            for (size_t j = 0; j < n; j++) {
-                __m256 x, y, w;
-                if (f16) {
-                    const uint16_t *r = (const uint16_t *)V + j * d + i;
-                    x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)r));
-                    y = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + 8)));
-                } else {
-                    const float *r = (const float *)V + j * d + i;
-                    x = _mm256_loadu_ps(r);
-                    y = _mm256_loadu_ps(r + 8);
-                }
-                w = _mm256_broadcast_ss(w0 + j); a0 = _mm256_fmadd_ps(w, x, a0); b0 = _mm256_fmadd_ps(w, y, b0);
-                w = _mm256_broadcast_ss(w1 + j); a1 = _mm256_fmadd_ps(w, x, a1); b1 = _mm256_fmadd_ps(w, y, b1);
-                w = _mm256_broadcast_ss(w2 + j); a2 = _mm256_fmadd_ps(w, x, a2); b2 = _mm256_fmadd_ps(w, y, b2);
-                w = _mm256_broadcast_ss(w3 + j); a3 = _mm256_fmadd_ps(w, x, a3); b3 = _mm256_fmadd_ps(w, y, b3);
-            }
-            __m256 aa[4] = {a0, a1, a2, a3}, bb[4] = {b0, b1, b2, b3};
-            for (size_t g = 0; g < gn; g++) {
-                _mm256_storeu_ps(O + (g0 + g) * d + i, aa[g]);
-                _mm256_storeu_ps(O + (g0 + g) * d + i + 8, bb[g]);
-            }
-        }
-    }
-}
 #endif
 
 #ifdef KST_KV_DOT_AVX2
-/* Up to 4 queries, 16 keys (columns of Kt) at a time: 8 independent FMA chains, no reductions. */
-__attribute__((target("avx2,f16c,fma"))) static void scores_t_avx2(float *S, const float *Q, size_t G,
-                                                                     const void *Kt, int f16, size_t n,
-                                                                     size_t d, float scale) {
+/* O (G, C) = scale * A (G, R) M (R, C), M float16 or float32 row-major: up to 4 rows of A, 16
+ * columns of M at a time, 8 independent FMA chains and no reductions. The scores of a transposed
+ * key block (A the queries, M = K^T) and the weighted sums of a value block (A the weights, M = V)
+ * are both this product. */
+__attribute__((target("avx2,f16c,fma"))) static void comb_avx2(float *O, const float *A, size_t G,
+                                                                 const void *M, int f16, size_t R,
+                                                                 size_t C, float scale) {
     __m256 sc = _mm256_set1_ps(scale);
     for (size_t g0 = 0; g0 < G; g0 += 4) {
         size_t gn = G - g0 < 4 ? G - g0 : 4;
-        const float *q0 = Q + g0 * d, *q1 = Q + (g0 + (gn > 1)) * d, *q2 = Q + (g0 + (gn > 2 ? 2 : 0)) * d,
-                    *q3 = Q + (g0 + (gn > 3 ? 3 : 0)) * d;
+        const float *q0 = A + g0 * R, *q1 = A + (g0 + (gn > 1)) * R, *q2 = A + (g0 + (gn > 2 ? 2 : 0)) * R,
+                    *q3 = A + (g0 + (gn > 3 ? 3 : 0)) * R;
         size_t j = 0;
-        for (; j + 16 <= n; j += 16) {
+        for (; j + 16 <= C; j += 16) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-            for (size_t i = 0; i < d; i++) {
+            for (size_t i = 0; i < R; i++) {
                 __m256 x, y, v;
                 if (f16) {
-                    const uint16_t *r = (const uint16_t *)Kt + i * n + j;
+                    const uint16_t *r = (const uint16_t *)M + i * C + j;
                     x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)r));
                     y = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + 8)));
                 } else {
-                    const float *r = (const float *)Kt + i * n + j;
+                    const float *r = (const float *)M + i * C + j;
                     x = _mm256_loadu_ps(r);
                     y = _mm256_loadu_ps(r + 8);
                 }
@@ -227,16 +195,16 @@ __attribute__((target("avx2,f16c,fma"))) static void scores_t_avx2(float *S, con
             }
             __m256 aa[4] = {a0, a1, a2, a3}, bb[4] = {b0, b1, b2, b3};
             for (size_t g = 0; g < gn; g++) {
-                _mm256_storeu_ps(S + (g0 + g) * n + j, _mm256_mul_ps(sc, aa[g]));
-                _mm256_storeu_ps(S + (g0 + g) * n + j + 8, _mm256_mul_ps(sc, bb[g]));
+                _mm256_storeu_ps(O + (g0 + g) * C + j, _mm256_mul_ps(sc, aa[g]));
+                _mm256_storeu_ps(O + (g0 + g) * C + j + 8, _mm256_mul_ps(sc, bb[g]));
             }
         }
-        for (; j < n; j++)
+        for (; j < C; j++)
             for (size_t g = 0; g < gn; g++) {
                 float a = 0;
-                for (size_t i = 0; i < d; i++)
-                    a += Q[(g0 + g) * d + i] * (f16 ? kst_f16_to_f32(((const uint16_t *)Kt)[i * n + j]) : ((const float *)Kt)[i * n + j]);
-                S[(g0 + g) * n + j] = scale * a;
+                for (size_t i = 0; i < R; i++)
+                    a += A[(g0 + g) * R + i] * (f16 ? kst_f16_to_f32(((const uint16_t *)M)[i * C + j]) : ((const float *)M)[i * C + j]);
+                O[(g0 + g) * C + j] = scale * a;
             }
     }
 }
@@ -270,21 +238,26 @@ __attribute__((target("avx2,fma"))) static void exp_shift_avx2(float *w, size_t 
 }
 #endif
 
-void kst_kv_scores_t(float *S, const float *Q, size_t G, const void *Kt, int f16, size_t n,
-                     size_t d, float scale) {
+static void comb(float *O, const float *A, size_t G, const void *M, int f16, size_t R, size_t C,
+                 float scale) {
 #ifdef KST_KV_DOT_AVX2
     if (has_avx2()) {
-        scores_t_avx2(S, Q, G, Kt, f16, n, d, scale);
+        comb_avx2(O, A, G, M, f16, R, C, scale);
         return;
     }
 #endif
     for (size_t g = 0; g < G; g++)
-        for (size_t j = 0; j < n; j++) {
+        for (size_t j = 0; j < C; j++) {
             float a = 0;
-            for (size_t i = 0; i < d; i++)
-                a += Q[g * d + i] * (f16 ? kst_f16_to_f32(((const uint16_t *)Kt)[i * n + j]) : ((const float *)Kt)[i * n + j]);
-            S[g * n + j] = scale * a;
+            for (size_t i = 0; i < R; i++)
+                a += A[g * R + i] * (f16 ? kst_f16_to_f32(((const uint16_t *)M)[i * C + j]) : ((const float *)M)[i * C + j]);
+            O[g * C + j] = scale * a;
         }
+}
+
+void kst_kv_scores_t(float *S, const float *Q, size_t G, const void *Kt, int f16, size_t n,
+                     size_t d, float scale) {
+    comb(S, Q, G, Kt, f16, d, n, scale);
 }
 
 void kst_kv_exp_shift(float *w, size_t n, float mx) {
@@ -313,17 +286,7 @@ void kst_kv_scores_multi(float *S, const float *Q, size_t G, const void *K, int 
 
 void kst_kv_wsum_multi(float *O, const float *W, size_t G, const void *V, int f16, size_t n,
                        size_t d) {
-#ifdef KST_KV_DOT_AVX2
-    if (has_avx2() && d % 16 == 0) {
-        wsum_avx2(O, W, G, V, f16, n, d);
-        return;
-    }
-#endif
-    memset(O, 0, G * d * sizeof(float));
-    for (size_t j = 0; j < n; j++) {
-        const void *r = f16 ? (const void *)((const uint16_t *)V + j * d) : (const void *)((const float *)V + j * d);
-        for (size_t g = 0; g < G; g++) kst_kv_axpy(O + g * d, W[g * n + j], r, f16, d);
-    }
+    comb(O, W, G, V, f16, n, d, 1.0f);
 }
 
 static const void *row_at(const void *base, int f16, size_t row, size_t d) {
