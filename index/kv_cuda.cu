@@ -48,7 +48,12 @@ struct kst_kvgpu {
     // calls: ~10-20 us less of the host's serial time a step), for n static tokens
     cudaGraph_t graph;
     cudaGraphExec_t exec;
-    size_t graph_n;
+    size_t graph_n, graph_gen;
+    // the tail estimate's sample table (kv_cuda.h, kst_kvgpu_tail_reserve): per KV head ns rows
+    // in nc chunks of ch rows, keys chunk-transposed as on the CPU; tout (qh * nc items)
+    void *tK, *tV;
+    size_t tns, tch, tnc, tcap, tocap, gen;
+    float *tout, *htout;
 };
 
 static __device__ __forceinline__ float ld(const float *p) { return *p; }
@@ -117,6 +122,85 @@ __global__ void partial_kernel(const T *K, const T *V, const float *q, float *o,
     if (tid == 0) lse[h] = n > 0 ? m + logf(l) : -INFINITY;
 }
 
+// The tail sample (kv_cuda.h): one block per (query head, chunk). Scores the chunk's rows (keys
+// transposed: threads read consecutive rows of a dim, coalesced), sorts (score, row) pairs
+// (bitonic, P = the power of two >= rows) for the chunk's best KST_KVGPU_TT_TOP, then writes the
+// item: max, the sum of the other rows' weights exp(s - max), their weighted value sum, the
+// best rows and their weights.
+#define TT_PMAX 1024
+template <typename T>
+__global__ void tail_kernel(const T *K, const T *V, const float *q, float *out, int ns, int ch,
+                            int nc, int P, int G, int d, float scale) {
+    __shared__ float qs[512];
+    __shared__ float sv[TT_PMAX];
+    __shared__ float kv[TT_PMAX];
+    __shared__ int ki[TT_PMAX];
+    __shared__ float red[32];
+    const int TOP = KST_KVGPU_TT_TOP;
+    int h = blockIdx.x / nc, cc = blockIdx.x % nc, kh = h / G, tid = threadIdx.x, nt = blockDim.x;
+    int j0 = cc * ch, nr = min(ch, ns - j0), lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
+    const T *Kc = K + ((size_t)kh * ns + j0) * d, *Vc = V + ((size_t)kh * ns + j0) * d;
+    float *it = out + (size_t)blockIdx.x * (d + 2 + 2 * TOP);
+    for (int i = tid; i < d; i += nt) qs[i] = q[h * d + i];
+    __syncthreads();
+    for (int j = tid; j < P; j += nt) {
+        float a = -INFINITY;
+        if (j < nr) {
+            a = 0.0f;
+            for (int i = 0; i < d; i++) a += qs[i] * ld(Kc + (size_t)i * nr + j);
+            a *= scale;
+        }
+        sv[j] = a;
+        kv[j] = a;
+        ki[j] = j;
+    }
+    __syncthreads();
+    for (int k = 2; k <= P; k <<= 1)
+        for (int jj = k >> 1; jj > 0; jj >>= 1) {
+            for (int i = tid; i < P; i += nt) {
+                int x = i ^ jj;
+                if (x > i) {
+                    float a = kv[i], b = kv[x];
+                    if ((i & k) == 0 ? a < b : a > b) {
+                        kv[i] = b;
+                        kv[x] = a;
+                        int t = ki[i];
+                        ki[i] = ki[x];
+                        ki[x] = t;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    int top = min(nr, TOP);
+    float mx = kv[0];
+    for (int j = tid; j < nr; j += nt) sv[j] = expf(sv[j] - mx);
+    __syncthreads();
+    if (tid < top) {
+        it[2 + d + tid] = __int_as_float(ki[tid]);
+        it[2 + d + TOP + tid] = sv[ki[tid]];
+    }
+    __syncthreads();
+    if (tid < top) sv[ki[tid]] = 0.0f;
+    __syncthreads();
+    float ls = 0.0f;
+    for (int j = tid; j < nr; j += nt) ls += sv[j];
+    for (int off = 16; off; off >>= 1) ls += __shfl_xor_sync(0xffffffffu, ls, off);
+    if (lane == 0) red[warp] = ls;
+    __syncthreads();
+    if (tid == 0) {
+        float s = 0.0f;
+        for (int w = 0; w < nw; w++) s += red[w];
+        it[0] = mx;
+        it[1] = s;
+    }
+    for (int t = tid; t < d; t += nt) {
+        float a = 0.0f;
+        for (int j = 0; j < nr; j++) a += sv[j] * ld(Vc + (size_t)j * d + t);
+        it[2 + t] = a;
+    }
+}
+
 extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_t cap, int f16,
                                  float scale, kst_kvgpu **out, kst_error *err) {
     int rc = KST_OK;
@@ -155,6 +239,10 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     cudaFree(g->V);
     cudaFree(g->q);
     cudaFree(g->o);
+    cudaFree(g->tK);
+    cudaFree(g->tV);
+    cudaFree(g->tout);
+    cudaFreeHost(g->htout);
     cudaFreeHost(g->hq);
     cudaFreeHost(g->ho);
     if (g->exec) cudaGraphExecDestroy(g->exec);
@@ -167,8 +255,58 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
 extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
     if (!g) return 0;
     size_t es = g->f16 ? 2 : 4;
-    return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh) * sizeof(float);
+    return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh) * sizeof(float) +
+           2 * g->tcap * g->kvh * g->d * es + g->tocap * sizeof(float);
 }
+
+extern "C" size_t kst_kvgpu_tail_stride(const kst_kvgpu *g) { return g->d + 2 + 2 * KST_KVGPU_TT_TOP; }
+
+extern "C" int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t nc, kst_error *err) {
+    int rc = KST_OK;
+    if (ns && (ch == 0 || ch > TT_PMAX || nc * ch < ns || (nc - 1) * ch >= ns))
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of %zu samples in %zu chunks of %zu rows (at most %d)",
+                        ns, nc, ch, TT_PMAX);
+    if (ns == g->tns && ch == g->tch && nc == g->tnc) return KST_OK;
+    size_t es = g->f16 ? 2 : 4, no = g->qh * nc * kst_kvgpu_tail_stride(g);
+    g->tns = 0;
+    g->gen++;
+    if (ns > g->tcap) {
+        cudaFree(g->tK);
+        cudaFree(g->tV);
+        g->tK = g->tV = NULL;
+        g->tcap = 0;
+        CU(cudaMalloc(&g->tK, ns * g->kvh * g->d * es), "kv gpu tail sample keys");
+        CU(cudaMalloc(&g->tV, ns * g->kvh * g->d * es), "kv gpu tail sample values");
+        g->tcap = ns;
+    }
+    if (no > g->tocap) {
+        cudaFree(g->tout);
+        cudaFreeHost(g->htout);
+        g->tout = g->htout = NULL;
+        g->tocap = 0;
+        CU(cudaMalloc((void **)&g->tout, no * sizeof(float)), "kv gpu tail sums");
+        CU(cudaMallocHost((void **)&g->htout, no * sizeof(float)), "kv gpu pinned tail sums");
+        g->tocap = no;
+    }
+    g->tns = ns;
+    g->tch = ch;
+    g->tnc = nc;
+done:
+    return rc;
+}
+
+extern "C" int kst_kvgpu_tail_put(kst_kvgpu *g, size_t kv_head, const void *K, const void *V, kst_error *err) {
+    int rc = KST_OK;
+    if (kv_head >= g->kvh || !g->tns) return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of KV head %zu not reserved", kv_head);
+    size_t b = g->tns * g->d * (g->f16 ? 2 : 4);
+    CU(cudaMemcpyAsync((char *)g->tK + kv_head * b, K, b, cudaMemcpyHostToDevice, g->st), "kv gpu tail keys upload");
+    CU(cudaMemcpyAsync((char *)g->tV + kv_head * b, V, b, cudaMemcpyHostToDevice, g->st), "kv gpu tail values upload");
+    CU(cudaStreamSynchronize(g->st), "kv gpu tail upload");
+done:
+    return rc;
+}
+
+extern "C" const float *kst_kvgpu_tail_out(const kst_kvgpu *g) { return g->htout; }
 
 extern "C" int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const void *V, size_t n,
                               kst_error *err) {
@@ -189,7 +327,7 @@ extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t n, k
     int rc = KST_OK;
     if (n > g->cap) return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu static tokens > %zu slots", n, g->cap);
     memcpy(g->hq, q, g->qh * g->d * sizeof(float));
-    if (g->exec && g->graph_n == n) {
+    if (g->exec && g->graph_n == n && g->graph_gen == g->gen) {
         CU(cudaGraphLaunch(g->exec, g->st), "kv gpu partial attention graph launch");
         CU(cudaEventRecord(g->done, g->st), "kv gpu event");
         return KST_OK;
@@ -213,6 +351,7 @@ extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t n, k
         g->graph = gr;
         CU(cudaGraphInstantiate(&g->exec, g->graph, 0), "kv gpu graph instantiate");
         g->graph_n = n;
+        g->graph_gen = g->gen;
         CU(cudaGraphLaunch(g->exec, g->st), "kv gpu partial attention graph launch");
         CU(cudaEventRecord(g->done, g->st), "kv gpu event");
         return KST_OK;
@@ -238,6 +377,21 @@ static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
             (const float *)g->K, (const float *)g->V, g->q, g->o, g->lse, (int)n, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale);
     CU(cudaGetLastError(), "kv gpu partial attention launch");
+    if (g->tns) {
+        size_t P = 32;
+        while (P < g->tch) P <<= 1;
+        if (g->f16)
+            tail_kernel<__half><<<(unsigned)(g->qh * g->tnc), 256, 0, g->st>>>(
+                (const __half *)g->tK, (const __half *)g->tV, g->q, g->tout, (int)g->tns, (int)g->tch,
+                (int)g->tnc, (int)P, (int)(g->qh / g->kvh), (int)g->d, g->scale);
+        else
+            tail_kernel<float><<<(unsigned)(g->qh * g->tnc), 256, 0, g->st>>>(
+                (const float *)g->tK, (const float *)g->tV, g->q, g->tout, (int)g->tns, (int)g->tch,
+                (int)g->tnc, (int)P, (int)(g->qh / g->kvh), (int)g->d, g->scale);
+        CU(cudaGetLastError(), "kv gpu tail sample launch");
+        CU(cudaMemcpyAsync(g->htout, g->tout, g->qh * g->tnc * kst_kvgpu_tail_stride(g) * sizeof(float),
+                           cudaMemcpyDeviceToHost, g->st), "kv gpu tail sums download");
+    }
     CU(cudaMemcpyAsync(g->ho, g->o, (g->qh * g->d + g->qh) * sizeof(float), cudaMemcpyDeviceToHost, g->st),
        "kv gpu output download");
 done:
