@@ -768,7 +768,6 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
             for (size_t j = 0; j < nr; j++) {
                 if (r < e && t->sret[r] == j0 + j) {
                     r++;
-                    w[j] = -INFINITY;
                     continue;
                 }
                 if (w[j] > mk) mk = w[j];
@@ -776,7 +775,12 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
             kst_kv_exp_shift(w, nr, mk);
             double s2 = 0;
             memset(oc, 0, d * sizeof(float));
+            r = e0;
             for (size_t j = 0; j < nr; j++) {
+                if (r < e && t->sret[r] == j0 + j) { /* retrieved */
+                    r++;
+                    continue;
+                }
                 if (!(w[j] > 0)) continue;
                 s2 += w[j];
                 kst_kv_axpy(oc, w[j], Vc + j * rowb, op->f16, d);
