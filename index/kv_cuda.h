@@ -1,6 +1,7 @@
 /* kv_cuda.h - the GPU side of the retrieval-attention KV cache (index/kv_cuda.cu, compiled only
  * with `make CUDA=1`): the static tokens' keys and values held on the GPU with a partial-
- * attention kernel over them (its (o, lse) merge with the CPU's retrieved-token partial), and
+ * attention kernel over them (its (o, lse) merge with the CPU's retrieved-token partial), the
+ * tail estimate's sample table scored in the same launch (kst_kvgpu_tail_reserve), and
  * the exact top-k by inner product that the attention-aware index is built from (cuBLAS scores,
  * a block-per-query selection).
  *
