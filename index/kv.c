@@ -52,6 +52,7 @@ typedef struct kv_layer {
     uint32_t *order;  /* (q_heads) the tasks by that cost, largest first (the next step's order) */
 #ifdef KST_CUDA
     kst_kvgpu *gpu;  /* static tokens: slot p for sink p, a ring of `window` slots after */
+    size_t gt_ns, gt_nidx; /* the tail sample on the GPU: ns of nidx indexed keys (0: none) */
 #endif
 } kv_layer;
 
@@ -85,6 +86,7 @@ struct kst_kvc {
     uint8_t *pub_ok;
     uint8_t *tt_ok; /* (kv_heads * chunks) the tail items: 1 done */
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
+    int tail_gpu_off; /* kst_kvc_set_tail_gpu(c, 0) (or KESTREL_KV_TAIL_GPU=0): the tail on the CPU */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
     kst_kvc_prof *prof;   /* kst_kvc_set_prof */
@@ -135,6 +137,7 @@ static void refresh_tables(kst_kvc *c, kv_layer *L, int force) {
 }
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
+void kst_kvc_set_tail_gpu(kst_kvc *c, int on) { c->tail_gpu_off = !on; }
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
 void kst_kvc_set_expand(kst_kvc *c, size_t b) { c->expand = b; }
 void kst_kvc_set_search(kst_kvc *c, int group_search, int codes) {
@@ -191,6 +194,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     /* the default budget's search (bench README, round 6): entries per query from one indexed
      * key in 128 (the best 8), two expansions at a time */
     c->spread = KST_KVC_SPREAD_AUTO;
+    c->tail_gpu_off = getenv("KESTREL_KV_TAIL_GPU") && atoi(getenv("KESTREL_KV_TAIL_GPU")) == 0;
     c->spread_keep = 8;
     c->expand = 2;
     c->esize = o.f16 ? 2 : 4;
@@ -433,6 +437,9 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
         kst_kvg_free(&L->heads[h].g);
         L->heads[h].tt.n = 0; /* the tail sample is remade at the next decode step */
     }
+#ifdef KST_CUDA
+    L->gt_ns = 0;
+#endif
     L->built = 0;
     for (size_t h = 0; h < (copied ? 1 : o->kv_heads) && rc == KST_OK; h++) {
         kv_hstore *H = &L->heads[h];
@@ -556,13 +563,13 @@ done:
 /* A tail item of the decode step: chunk cc of H's sample table (rows copied first if the table
  * was made anew), scored for the G query heads Qg (G, d) and its value rows summed by their
  * weights, once for the group. Cannot fail. */
-static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Qg) {
+static void tail_copy(const kst_kvc *c, kv_hstore *H, size_t cc) {
     const kst_kvc_opts *o = &c->o;
-    size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
+    size_t d = o->head_dim, rowb = d * c->esize;
     kv_tail *T = &H->tt;
     size_t j0 = cc * T->ch, nr = T->n - j0 < T->ch ? T->n - j0 : T->ch;
     char *Kc = (char *)T->K + j0 * rowb, *Vc = (char *)T->V + j0 * rowb;
-    if (T->copy) {
+    {
         const char *K = H->K, *V = H->V;
         for (size_t j = 0; j < nr; j++) {
             size_t r = o->sinks + sample_pos(j0 + j, T->nidx, T->n);
@@ -574,6 +581,14 @@ static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Q
                 for (size_t i = 0; i < d; i++) ((float *)Kc)[i * nr + j] = ((const float *)(K + r * rowb))[i];
         }
     }
+}
+static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Qg) {
+    const kst_kvc_opts *o = &c->o;
+    size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
+    kv_tail *T = &H->tt;
+    size_t j0 = cc * T->ch, nr = T->n - j0 < T->ch ? T->n - j0 : T->ch;
+    char *Kc = (char *)T->K + j0 * rowb, *Vc = (char *)T->V + j0 * rowb;
+    if (T->copy) tail_copy(c, H, cc);
     float *W = T->w + cc * G * T->ch; /* (G, nr) */
     kst_kv_scores_t(W, Qg, G, Kc, o->f16, nr, d, o->scale);
     size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
@@ -690,6 +705,130 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
     *lse += (float)log((double)(nidx - m) / (double)kept);
     return kept;
 }
+
+#ifdef KST_CUDA
+/* tail_partial from the GPU's items for query head h (it: its nc items, kst_kvgpu_tail_out,
+ * stride st floats each): the same estimator, the same exclusions. A retrieved sample among the
+ * chunk's best is skipped; one outside them has its weight exp(s - mx) recomputed from its key
+ * (s at float precision, as the GPU's) and its terms subtracted; where the subtraction would
+ * lose precision (as tail_partial: > 7/8 of the rest's weight) the chunk's kept rows are scored
+ * and summed anew on the CPU from its table. */
+static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *H, const float *it,
+                               size_t st, const float *q, const uint32_t *rid, size_t nidx, size_t m,
+                               float *o, float *lse) {
+    const kst_kvc_opts *op = &c->o;
+    const kv_tail *T = &H->tt;
+    size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, nex = 0;
+    for (size_t i = 0; i < m; i++) {
+        size_t j = sample_of(rid[i], nidx, ns);
+        if (j < ns) t->sret[nex++] = (uint32_t)j;
+    }
+    size_t kept = ns - nex;
+    memset(o, 0, d * sizeof(float));
+    *lse = -INFINITY;
+    if (kept == 0) return 0;
+    if (nex > 1) qsort(t->sret, nex, sizeof(uint32_t), cmp_u32);
+    float oc[512], lc;
+    size_t e = 0;
+    for (size_t cc = 0; cc < T->nc; cc++) {
+        size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, e0 = e;
+        while (e < nex && t->sret[e] < j0 + nr) e++;
+        if (e - e0 == nr) continue; /* the whole chunk retrieved */
+        const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVGPU_TT_TOP;
+        float mx = ic[0];
+        size_t nt = nr < KST_KVGPU_TT_TOP ? nr : KST_KVGPU_TT_TOP;
+        int32_t tp[KST_KVGPU_TT_TOP];
+        memcpy(tp, ic + 2 + d, nt * sizeof(int32_t));
+        const char *Vc = (const char *)T->V + j0 * rowb;
+        double sum = ic[1], sub = 0;
+        uint64_t topx = 0;
+        memcpy(oc, ic + 2, d * sizeof(float));
+        for (size_t i = e0; i < e; i++) {
+            size_t j = t->sret[i] - j0, a = 0;
+            for (; a < nt; a++)
+                if ((size_t)tp[a] == j) break;
+            if (a < nt) {
+                topx |= (uint64_t)1 << a;
+                continue;
+            }
+            const void *kr = rows_at(c, H->K, op->sinks + sample_pos(t->sret[i], nidx, ns));
+            float w = expf(kst_kv_dot(q, kr, op->f16, d) * op->scale - mx);
+            sub += w;
+            kst_kv_axpy(oc, -w, Vc + j * rowb, op->f16, d);
+        }
+        double rest = sum - sub;
+        for (size_t a = 0; a < nt; a++)
+            if (!(topx >> a & 1)) rest += tw[a];
+        if ((sub > 0 && !(sub <= sum * 0.875)) || !(rest > 0) || !isfinite(rest)) {
+            /* the CPU table path: the chunk's kept rows scored and summed anew */
+            float *w = t->buf;
+            kst_kv_scores_t(w, q, 1, (const char *)T->K + j0 * rowb, op->f16, nr, d, op->scale);
+            size_t r = e0;
+            float mk = -INFINITY;
+            for (size_t j = 0; j < nr; j++) {
+                if (r < e && t->sret[r] == j0 + j) {
+                    r++;
+                    continue;
+                }
+                if (w[j] > mk) mk = w[j];
+            }
+            kst_kv_exp_shift(w, nr, mk);
+            double s2 = 0;
+            memset(oc, 0, d * sizeof(float));
+            r = e0;
+            for (size_t j = 0; j < nr; j++) {
+                if (r < e && t->sret[r] == j0 + j) { /* retrieved */
+                    r++;
+                    continue;
+                }
+                if (!(w[j] > 0)) continue;
+                s2 += w[j];
+                kst_kv_axpy(oc, w[j], Vc + j * rowb, op->f16, d);
+            }
+            if (!(s2 > 0)) continue;
+            float inv = (float)(1.0 / s2);
+            for (size_t i = 0; i < d; i++) oc[i] *= inv;
+            lc = mk + (float)log(s2);
+        } else {
+            for (size_t a = 0; a < nt; a++)
+                if (!(topx >> a & 1)) kst_kv_axpy(oc, tw[a], Vc + (size_t)tp[a] * rowb, op->f16, d);
+            float inv = (float)(1.0 / rest);
+            for (size_t i = 0; i < d; i++) oc[i] *= inv;
+            lc = mx + (float)log(rest);
+        }
+        kst_attn_merge(o, lse, oc, lc, d);
+    }
+    *lse += (float)log((double)(nidx - m) / (double)kept);
+    return kept;
+}
+
+/* The GPU's copy of each KV head's sample table, uploaded where it is not the one the CPU's
+ * tables hold now (they were just made anew, or the GPU's was of another sample); rows copied
+ * into the CPU's tables first where those were made anew (the fallback reads them). */
+static int tail_upload(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    const kv_tail *T0 = &L->heads[0].tt;
+    int any = 0;
+    for (size_t h = 0; h < o->kv_heads; h++) any |= L->heads[h].tt.copy;
+    if (any) {
+        size_t nc = T0->nc, n = o->kv_heads * nc;
+#pragma omp parallel for schedule(static) if (n > 1)
+        for (size_t i = 0; i < n; i++)
+            if (L->heads[i / nc].tt.copy) tail_copy(c, &L->heads[i / nc], i % nc);
+        for (size_t h = 0; h < o->kv_heads; h++) L->heads[h].tt.copy = 0;
+    }
+    if (!any && L->gt_ns == ns && L->gt_nidx == nidx) return KST_OK;
+    int rc = KST_OK;
+    L->gt_ns = 0;
+    KST_TRY(kst_kvgpu_tail_reserve(L->gpu, ns, T0->ch, T0->nc, err));
+    for (size_t h = 0; h < o->kv_heads; h++)
+        KST_TRY(kst_kvgpu_tail_put(L->gpu, h, L->heads[h].tt.K, L->heads[h].tt.V, err));
+    L->gt_ns = ns;
+    L->gt_nidx = nidx;
+done:
+    return rc;
+}
+#endif
 
 /* Retrieval for query heads h0 .. h0 + gq - 1 (one KV head's, or one head) into ids (gq, k)
  * and fnd (gq): the per-head beam (kst_kvg_search) unless the group search or codes are on. */
@@ -836,6 +975,24 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         tnc = L->heads[0].tt.nc;
         nT = o->kv_heads * tnc;
     }
+    /* the tail sample scored on the GPU beside the static tokens (launched with them) */
+    int tail_gpu = 0;
+#ifdef KST_CUDA
+    const float *gpu_tt = NULL;
+    size_t gpu_st = 0;
+    if (on_gpu && ns && !c->tail_gpu_off && L->heads[0].tt.ch <= 1024) {
+        rc = tail_upload(c, L, nidx, ns, err);
+        if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+        tail_gpu = 1;
+        nT = 0;
+        gpu_st = kst_kvgpu_tail_stride(L->gpu);
+        gpu_tt = kst_kvgpu_tail_out(L->gpu); /* filled once the partials are in */
+    } else if (on_gpu && L->gt_ns) { /* the GPU's tail off for this step */
+        rc = kst_kvgpu_tail_reserve(L->gpu, 0, 0, 0, err);
+        if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+        L->gt_ns = 0;
+    }
+#endif
     memset(c->tt_ok, 0, nT);
     size_t next_a = 0, next_b = 0, npub = 0;
     double gpu_dt = 0;
@@ -993,7 +1150,18 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             double tc = pf ? mono_s() : 0;
             if (pf) t->p_attn += tc - tb;
             /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
-            if (ns && m < nidx) {
+#ifdef KST_CUDA
+            if (ns && m < nidx && tail_gpu) { /* from the GPU's items: wait for them */
+                while (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
+                    if (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
+                if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) {
+                    sampled += tail_partial_gpu(t, c, H, gpu_tt + h * tnc * gpu_st, gpu_st, qh, rid, nidx, m,
+                                                t->o2, &lse2);
+                    kst_attn_merge(oh, &lse, t->o2, lse2, d);
+                }
+            }
+#endif
+            if (ns && m < nidx && !tail_gpu) {
                 for (size_t cc = 0; cc < tnc; cc++)
                     while (!__atomic_load_n(&c->tt_ok[h0 / G * tnc + cc], __ATOMIC_ACQUIRE)) {
                     } /* its T items still running */

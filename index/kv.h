@@ -92,7 +92,18 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
  * rows are kept per KV head in one block (remade when the index or m changes), scored and
  * summed once per step for all the query heads of the group; each head then takes out its
  * retrieved samples' terms (or, where those held most of the sample's softmax mass, attends to
- * the rest of the sample anew). */
+ * the rest of the sample anew).
+ *
+ * With the GPU (opts.gpu, the window full) the table is also kept on the GPU (uploaded when it
+ * is remade, as the window's slots are) and scored there with the static tokens, launched
+ * with them at the start of the step (it does not depend on the search): per query head and
+ * chunk of 512 samples the GPU returns the chunk's best 32 samples (rows, weights) and the
+ * rest's max, exp-sum and weighted value sum; the CPU then takes out the head's retrieved
+ * samples (outside the 32: their weights recomputed from their keys and subtracted; inside:
+ * skipped), adds back the best ones not retrieved, and where the subtraction would lose
+ * precision scores the chunk on the CPU from its own table. The same estimator, the same
+ * samples and exclusions; the CPU path (no GPU, chunks over 1,024 samples, or
+ * kst_kvc_set_tail_gpu(c, 0)) is its twin. */
 int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
                    kst_kvc_stats *stats, kst_error *err);
 
@@ -161,6 +172,10 @@ int kst_kvc_build_copied(kst_kvc *c, size_t layer, const float *queries, size_t 
 
 /* Benchmarks: 0 makes kst_kvc_attend ignore the GPU (the CPU path), 1 restores it. */
 void kst_kvc_use_gpu(kst_kvc *c, int on);
+/* Benchmarks and tests: 0 scores the tail sample on the CPU even where the GPU holds it (as
+ * KESTREL_KV_TAIL_GPU=0 in the environment when the cache is created); 1 (the default) restores
+ * it. */
+void kst_kvc_set_tail_gpu(kst_kvc *c, int on);
 /* Benchmarks: changes opts.tail_samples of a live cache. */
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m);
 
@@ -185,7 +200,11 @@ typedef struct kst_kvc_prof {
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 
-/* GPU memory held by the cache (static tokens; 0 without the GPU). */
+/* GPU memory held by the cache (0 without the GPU): per layer the static tokens (sinks +
+ * window) and, once a decode step has used the tail estimate there, the tail sample table
+ * (tail_samples keys and values per KV head: 1 MB per KV head at 2,048 samples of head dim 128
+ * in float16) with its per-step sums. So the GPU holds the static tokens and the tail sample,
+ * never the indexed keys themselves beyond that sample. */
 size_t kst_kvc_gpu_bytes(const kst_kvc *c);
 
 /* Keys and values of one KV head ((tokens, head_dim) rows in the cache's dtype), valid until the

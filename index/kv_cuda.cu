@@ -48,23 +48,61 @@ struct kst_kvgpu {
     // calls: ~10-20 us less of the host's serial time a step), for n static tokens
     cudaGraph_t graph;
     cudaGraphExec_t exec;
-    size_t graph_n;
+    size_t graph_n, graph_gen;
+    // the tail estimate's sample table (kv_cuda.h, kst_kvgpu_tail_reserve): per KV head ns rows
+    // in nc chunks of ch rows, keys chunk-transposed as on the CPU; tout (qh * nc items)
+    void *tK, *tV;
+    size_t tns, tch, tnc, tcap, tocap, gen;
+    float *tout, *htout;
 };
 
 static __device__ __forceinline__ float ld(const float *p) { return *p; }
 static __device__ __forceinline__ float ld(const __half *p) { return __half2float(*p); }
 
-// One block per query head; 8 warps. Chunks of CH tokens: a warp scores a token (lanes split
+// res[t] (t < d) = sum_j w[j] V[j * rs + t] over nr rows: warps take rows (j = warp mod warps),
+// lanes dims (coalesced), the warps' sums added in shared memory (red: 16 x 128 floats; at most
+// 16 warps). Every thread of the block calls it.
+template <typename T>
+__device__ void wsum_rows(const float *w, const T *V, size_t rs, int nr, int d, float *red, float *res) {
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    for (int db = 0; db < d; db += 128) {
+        int dn = min(128, d - db);
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+        for (int j = warp; j < nr; j += nw) {
+            float wj = w[j];
+            if (wj == 0.0f) continue;
+            const T *vr = V + (size_t)j * rs + db;
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                if (lane + 32 * k < dn) a[k] += wj * ld(vr + lane + 32 * k);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            if (lane + 32 * k < dn) red[warp * 128 + lane + 32 * k] = a[k];
+        __syncthreads();
+        for (int t = tid; t < dn; t += blockDim.x) {
+            float sm = 0.0f;
+            for (int w2 = 0; w2 < nw; w2++) sm += red[w2 * 128 + t];
+            res[db + t] = sm;
+        }
+        __syncthreads();
+    }
+}
+
+// One block per query head (bi); 16 warps. Chunks of CH tokens: a warp scores a token (lanes split
 // the head dims, so key rows are read coalesced), then online softmax: running max m, sum l and
 // output o (threads t < d own o[t]).
 template <typename T>
-__global__ void partial_kernel(const T *K, const T *V, const float *q, float *o, float *lse,
-                               int n, int kvh, int G, int d, float scale) {
+__device__ void partial_body(int bi, const T *K, const T *V, const float *q, float *o, float *lse,
+                             int n, int kvh, int G, int d, float scale) {
     const int CH = 1024;
     __shared__ float s[CH];
     __shared__ float qs[512];
     __shared__ float red[32];
-    int h = blockIdx.x, kh = h / G, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    __shared__ float red2[16 * 128];
+    __shared__ float res[512];
+    int h = bi, kh = h / G, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int nw = blockDim.x >> 5;
     for (int i = tid; i < d; i += blockDim.x) qs[i] = q[h * d + i];
     __syncthreads();
@@ -100,12 +138,10 @@ __global__ void partial_kernel(const T *K, const T *V, const float *q, float *o,
         float csum = 0.0f;
         for (int w = 0; w < nw; w++) csum += red[w];
         l = l * corr + csum;
+        wsum_rows(s, V + ((size_t)c0 * kvh + kh) * d, (size_t)kvh * d, cn, d, red2, res);
         for (int r = 0; r < 2; r++) {
             int t = tid + r * blockDim.x;
-            if (t >= d) continue;
-            float a = acc[r] * corr;
-            for (int j = 0; j < cn; j++) a += s[j] * ld(V + ((size_t)(c0 + j) * kvh + kh) * d + t);
-            acc[r] = a;
+            if (t < d) acc[r] = acc[r] * corr + res[t];
         }
         m = mn;
         __syncthreads();
@@ -115,6 +151,102 @@ __global__ void partial_kernel(const T *K, const T *V, const float *q, float *o,
         if (t < d) o[h * d + t] = n > 0 ? acc[r] / l : 0.0f;
     }
     if (tid == 0) lse[h] = n > 0 ? m + logf(l) : -INFINITY;
+}
+
+// The tail sample (kv_cuda.h): one block per (query head, chunk). Scores the chunk's rows (keys
+// transposed: threads read consecutive rows of a dim, coalesced), sorts (score, row) pairs
+// (bitonic, P = the power of two >= rows) for the chunk's best KST_KVGPU_TT_TOP, then writes the
+// item: max, the sum of the other rows' weights exp(s - max), their weighted value sum, the
+// best rows and their weights.
+#define TT_PMAX 1024
+template <typename T>
+__device__ void tail_body(int bi, const T *K, const T *V, const float *q, float *out, int ns, int ch,
+                          int nc, int P, int G, int d, float scale) {
+    __shared__ float tqs[512];
+    __shared__ float red2[16 * 128];
+    __shared__ float res[512];
+    float *qs = tqs;
+    __shared__ float sv[TT_PMAX];
+    __shared__ float kv[TT_PMAX];
+    __shared__ int ki[TT_PMAX];
+    __shared__ float red[32];
+    const int TOP = KST_KVGPU_TT_TOP;
+    int h = bi / nc, cc = bi % nc, kh = h / G, tid = threadIdx.x, nt = blockDim.x;
+    int j0 = cc * ch, nr = min(ch, ns - j0), lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
+    const T *Kc = K + ((size_t)kh * ns + j0) * d, *Vc = V + ((size_t)kh * ns + j0) * d;
+    float *it = out + (size_t)bi * (d + 2 + 2 * TOP);
+    for (int i = tid; i < d; i += nt) qs[i] = q[h * d + i];
+    __syncthreads();
+    for (int j = tid; j < P; j += nt) {
+        float a = -INFINITY;
+        if (j < nr) {
+            float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            int i = 0;
+            for (; i + 4 <= d; i += 4)
+#pragma unroll
+                for (int k = 0; k < 4; k++) a4[k] += qs[i + k] * ld(Kc + (size_t)(i + k) * nr + j);
+            for (; i < d; i++) a4[0] += qs[i] * ld(Kc + (size_t)i * nr + j);
+            a = (a4[0] + a4[1] + a4[2] + a4[3]) * scale;
+        }
+        sv[j] = a;
+        kv[j] = a;
+        ki[j] = j;
+    }
+    __syncthreads();
+    for (int k = 2; k <= P; k <<= 1)
+        for (int jj = k >> 1; jj > 0; jj >>= 1) {
+            for (int i = tid; i < P; i += nt) {
+                int x = i ^ jj;
+                if (x > i) {
+                    float a = kv[i], b = kv[x];
+                    if ((i & k) == 0 ? a < b : a > b) {
+                        kv[i] = b;
+                        kv[x] = a;
+                        int t = ki[i];
+                        ki[i] = ki[x];
+                        ki[x] = t;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    int top = min(nr, TOP);
+    float mx = kv[0];
+    for (int j = tid; j < nr; j += nt) sv[j] = expf(sv[j] - mx);
+    __syncthreads();
+    if (tid < top) {
+        it[2 + d + tid] = __int_as_float(ki[tid]);
+        it[2 + d + TOP + tid] = sv[ki[tid]];
+    }
+    __syncthreads();
+    if (tid < top) sv[ki[tid]] = 0.0f;
+    __syncthreads();
+    float ls = 0.0f;
+    for (int j = tid; j < nr; j += nt) ls += sv[j];
+    for (int off = 16; off; off >>= 1) ls += __shfl_xor_sync(0xffffffffu, ls, off);
+    if (lane == 0) red[warp] = ls;
+    __syncthreads();
+    if (tid == 0) {
+        float s = 0.0f;
+        for (int w = 0; w < nw; w++) s += red[w];
+        it[0] = mx;
+        it[1] = s;
+    }
+    wsum_rows(sv, Vc, (size_t)d, nr, d, red2, res);
+    for (int t = tid; t < d; t += nt) it[2 + t] = res[t];
+}
+
+// The step's kernel: blocks [0, qh) the static tokens' partial per query head, then (with the
+// tail sample) qh * nc blocks of tail items; 16 warps each.
+#define STEP_THREADS 512
+template <typename T>
+__global__ void step_kernel(const T *K, const T *V, const float *q, float *o, float *lse, int n,
+                            int kvh, int G, int d, float scale, int qh, const T *tK, const T *tV,
+                            float *tout, int ns, int ch, int nc, int P) {
+    if ((int)blockIdx.x < qh)
+        partial_body<T>(blockIdx.x, K, V, q, o, lse, n, kvh, G, d, scale);
+    else
+        tail_body<T>(blockIdx.x - qh, tK, tV, q, tout, ns, ch, nc, P, G, d, scale);
 }
 
 extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_t cap, int f16,
@@ -155,6 +287,10 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     cudaFree(g->V);
     cudaFree(g->q);
     cudaFree(g->o);
+    cudaFree(g->tK);
+    cudaFree(g->tV);
+    cudaFree(g->tout);
+    cudaFreeHost(g->htout);
     cudaFreeHost(g->hq);
     cudaFreeHost(g->ho);
     if (g->exec) cudaGraphExecDestroy(g->exec);
@@ -167,8 +303,58 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
 extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
     if (!g) return 0;
     size_t es = g->f16 ? 2 : 4;
-    return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh) * sizeof(float);
+    return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh) * sizeof(float) +
+           2 * g->tcap * g->kvh * g->d * es + g->tocap * sizeof(float);
 }
+
+extern "C" size_t kst_kvgpu_tail_stride(const kst_kvgpu *g) { return g->d + 2 + 2 * KST_KVGPU_TT_TOP; }
+
+extern "C" int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t nc, kst_error *err) {
+    int rc = KST_OK;
+    if (ns && (ch == 0 || ch > TT_PMAX || nc * ch < ns || (nc - 1) * ch >= ns))
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of %zu samples in %zu chunks of %zu rows (at most %d)",
+                        ns, nc, ch, TT_PMAX);
+    if (ns == g->tns && ch == g->tch && nc == g->tnc) return KST_OK;
+    size_t es = g->f16 ? 2 : 4, no = g->qh * nc * kst_kvgpu_tail_stride(g);
+    g->tns = 0;
+    g->gen++;
+    if (ns > g->tcap) {
+        cudaFree(g->tK);
+        cudaFree(g->tV);
+        g->tK = g->tV = NULL;
+        g->tcap = 0;
+        CU(cudaMalloc(&g->tK, ns * g->kvh * g->d * es), "kv gpu tail sample keys");
+        CU(cudaMalloc(&g->tV, ns * g->kvh * g->d * es), "kv gpu tail sample values");
+        g->tcap = ns;
+    }
+    if (no > g->tocap) {
+        cudaFree(g->tout);
+        cudaFreeHost(g->htout);
+        g->tout = g->htout = NULL;
+        g->tocap = 0;
+        CU(cudaMalloc((void **)&g->tout, no * sizeof(float)), "kv gpu tail sums");
+        CU(cudaMallocHost((void **)&g->htout, no * sizeof(float)), "kv gpu pinned tail sums");
+        g->tocap = no;
+    }
+    g->tns = ns;
+    g->tch = ch;
+    g->tnc = nc;
+done:
+    return rc;
+}
+
+extern "C" int kst_kvgpu_tail_put(kst_kvgpu *g, size_t kv_head, const void *K, const void *V, kst_error *err) {
+    int rc = KST_OK;
+    if (kv_head >= g->kvh || !g->tns) return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of KV head %zu not reserved", kv_head);
+    size_t b = g->tns * g->d * (g->f16 ? 2 : 4);
+    CU(cudaMemcpyAsync((char *)g->tK + kv_head * b, K, b, cudaMemcpyHostToDevice, g->st), "kv gpu tail keys upload");
+    CU(cudaMemcpyAsync((char *)g->tV + kv_head * b, V, b, cudaMemcpyHostToDevice, g->st), "kv gpu tail values upload");
+    CU(cudaStreamSynchronize(g->st), "kv gpu tail upload");
+done:
+    return rc;
+}
+
+extern "C" const float *kst_kvgpu_tail_out(const kst_kvgpu *g) { return g->htout; }
 
 extern "C" int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const void *V, size_t n,
                               kst_error *err) {
@@ -189,7 +375,7 @@ extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t n, k
     int rc = KST_OK;
     if (n > g->cap) return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu static tokens > %zu slots", n, g->cap);
     memcpy(g->hq, q, g->qh * g->d * sizeof(float));
-    if (g->exec && g->graph_n == n) {
+    if (g->exec && g->graph_n == n && g->graph_gen == g->gen) {
         CU(cudaGraphLaunch(g->exec, g->st), "kv gpu partial attention graph launch");
         CU(cudaEventRecord(g->done, g->st), "kv gpu event");
         return KST_OK;
@@ -213,6 +399,7 @@ extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t n, k
         g->graph = gr;
         CU(cudaGraphInstantiate(&g->exec, g->graph, 0), "kv gpu graph instantiate");
         g->graph_n = n;
+        g->graph_gen = g->gen;
         CU(cudaGraphLaunch(g->exec, g->st), "kv gpu partial attention graph launch");
         CU(cudaEventRecord(g->done, g->st), "kv gpu event");
         return KST_OK;
@@ -229,15 +416,24 @@ done:
 static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
     int rc = KST_OK;
     CU(cudaMemcpyAsync(g->q, g->hq, g->qh * g->d * sizeof(float), cudaMemcpyHostToDevice, g->st), "kv gpu query upload");
+    {
+    size_t P = 32, nb = g->qh + (g->tns ? g->qh * g->tnc : 0);
+    while (P < g->tch) P <<= 1;
     if (g->f16)
-        partial_kernel<__half><<<(unsigned)g->qh, 256, 0, g->st>>>(
+        step_kernel<__half><<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const __half *)g->K, (const __half *)g->V, g->q, g->o, g->lse, (int)n, (int)g->kvh,
-            (int)(g->qh / g->kvh), (int)g->d, g->scale);
+            (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const __half *)g->tK,
+            (const __half *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P);
     else
-        partial_kernel<float><<<(unsigned)g->qh, 256, 0, g->st>>>(
+        step_kernel<float><<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const float *)g->K, (const float *)g->V, g->q, g->o, g->lse, (int)n, (int)g->kvh,
-            (int)(g->qh / g->kvh), (int)g->d, g->scale);
-    CU(cudaGetLastError(), "kv gpu partial attention launch");
+            (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const float *)g->tK,
+            (const float *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P);
+    }
+    CU(cudaGetLastError(), "kv gpu step launch");
+    if (g->tns)
+        CU(cudaMemcpyAsync(g->htout, g->tout, g->qh * g->tnc * kst_kvgpu_tail_stride(g) * sizeof(float),
+                           cudaMemcpyDeviceToHost, g->st), "kv gpu tail sums download");
     CU(cudaMemcpyAsync(g->ho, g->o, (g->qh * g->d + g->qh) * sizeof(float), cudaMemcpyDeviceToHost, g->st),
        "kv gpu output download");
 done:

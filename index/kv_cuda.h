@@ -1,6 +1,7 @@
 /* kv_cuda.h - the GPU side of the retrieval-attention KV cache (index/kv_cuda.cu, compiled only
  * with `make CUDA=1`): the static tokens' keys and values held on the GPU with a partial-
- * attention kernel over them (its (o, lse) merge with the CPU's retrieved-token partial), and
+ * attention kernel over them (its (o, lse) merge with the CPU's retrieved-token partial), the
+ * tail estimate's sample table scored in the same launch (kst_kvgpu_tail_reserve), and
  * the exact top-k by inner product that the attention-aware index is built from (cuBLAS scores,
  * a block-per-query selection).
  *
@@ -46,6 +47,22 @@ int kst_kvgpu_partial_ready(kst_kvgpu *g, const float **o, const float **lse, ks
 /* Without waiting: *done 1 (and *o, *lse as kst_kvgpu_partial_ready sets them) when the
  * partials are in, else 0. */
 int kst_kvgpu_partial_poll(kst_kvgpu *g, const float **o, const float **lse, int *done, kst_error *err);
+
+/* The tail estimate's sample table on the GPU (kv.h, kst_kvc_attend): per KV head ns sampled
+ * rows of keys and values in nc chunks of ch rows (ch <= 1024; the last chunk may be shorter),
+ * keys transposed within each chunk as the CPU's table keeps them ((d, rows) per chunk), values
+ * (ns, d). Once reserved (ns > 0), every kst_kvgpu_partial_start also scores the table for the
+ * query heads, and kst_kvgpu_tail_out then holds, per query head h and chunk c (item h * nc + c,
+ * kst_kvgpu_tail_stride floats each): the chunk's best score mx, the sum of w = exp(s - mx) over
+ * its rows outside its KST_KVGPU_TT_TOP best, their sum of w V (d), the best rows (int32 row
+ * within the chunk, as float bits) and their weights. ns 0: no tail. */
+#define KST_KVGPU_TT_TOP 32
+int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t nc, kst_error *err);
+/* Uploads KV head kv_head's table: K and V of ns * d values each, in the layout above. */
+int kst_kvgpu_tail_put(kst_kvgpu *g, size_t kv_head, const void *K, const void *V, kst_error *err);
+size_t kst_kvgpu_tail_stride(const kst_kvgpu *g);
+/* Pinned host copy of the last step's items, valid once the partials are in (wait/ready/poll). */
+const float *kst_kvgpu_tail_out(const kst_kvgpu *g);
 
 /* Exact top-k (k <= 64) keys by inner product for each query: K (n, d) and Q (nq, d) float32
  * host arrays, ids (nq, k) best first. */

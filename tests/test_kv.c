@@ -229,9 +229,11 @@ static void test_gpu_equals_sdpa(void **state) {
     g_gpu = 1;
     run_decode(f, KST_KV_INDEX_ATTN, 0, P, P, f->out32.data, ATOL, RTOL);
     run_decode(f, KST_KV_INDEX_ATTN, 1, P, P, f->out16.data, ATOL, RTOL);
-    /* the tail estimate (CPU) merged with the GPU's static partial: all samples, so SDPA */
+    /* the tail estimate merged with the GPU's static partial: all samples, so SDPA; the sample
+     * table scored on the GPU (re-uploaded each step: the appends grow the index) */
     g_tail = P;
     run_decode(f, KST_KV_INDEX_ATTN, 0, 10, 32, f->out32.data, ATOL, RTOL);
+    run_decode(f, KST_KV_INDEX_ATTN, 1, 10, 32, f->out16.data, ATOL, RTOL);
     g_tail = 0;
     /* group searches with codes, merged with the GPU's static partial */
     g_group = g_codes = 1;
@@ -258,6 +260,69 @@ static void test_gpu_equals_sdpa(void **state) {
     assert_close_f32("gpu vs cpu decode step", ob, oa, QH * D, ATOL, RTOL);
     kst_kv_free(a);
     kst_kv_free(b);
+#endif
+}
+
+/* The tail sample scored on the GPU (its best 32 per chunk apart, the rest as sums; the CPU
+ * takes the retrieved samples out) against the CPU's table path (KESTREL_KV_TAIL_GPU=0): the
+ * same estimator, so the same output within float tolerance, for top_k from few retrieved
+ * samples (all among the best 32: skipped) to most of them (subtracted, or the chunk scored
+ * anew on the CPU where the subtraction would lose precision), float32 and float16. */
+static void test_tail_gpu_equals_cpu(void **state) {
+    fx *f = *state;
+#ifndef KST_CUDA
+    (void)f;
+    skip_because("built without CUDA (make CUDA=1)");
+#else
+    if (kst_kv_cuda_devices() == 0) skip_because("no CUDA device visible");
+    kst_error err;
+    for (int f16 = 0; f16 < 2; f16++) {
+        kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
+        o.gpu = 1;
+        o.dtype = f16 ? KST_KV_F16 : KST_KV_F32;
+        size_t nv = (P + S) * KVH * D;
+        uint16_t *K16 = malloc(nv * 2), *V16 = malloc(nv * 2);
+        for (size_t i = 0; i < nv; i++) {
+            K16[i] = kst_f32_to_f16(((const float *)f->keys.data)[i]);
+            V16[i] = kst_f32_to_f16(((const float *)f->values.data)[i]);
+        }
+        const void *K = f16 ? (const void *)K16 : f->keys.data, *V = f16 ? (const void *)V16 : f->values.data;
+        kst_kv *cpu, *gpu;
+        setenv("KESTREL_KV_TAIL_GPU", "0", 1);
+        assert_ok(kst_kv_create(&o, &cpu, &err), &err);
+        unsetenv("KESTREL_KV_TAIL_GPU");
+        assert_ok(kst_kv_create(&o, &gpu, &err), &err);
+        kst_kv *both[2] = {cpu, gpu};
+        for (int i = 0; i < 2; i++) {
+            assert_ok(kst_kv_append(both[i], 0, K, V, P, &err), &err);
+            assert_ok(kst_kv_build(both[i], 0, f->pq.data, P, &err), &err);
+        }
+        size_t bytes0 = kst_kv_gpu_bytes(gpu);
+        const size_t tails[3] = {128, 200, 48}, ks[4] = {10, 50, 120, 180};
+        for (size_t a = 0; a < 3; a++)
+            for (size_t b = 0; b < 4; b++)
+                for (size_t s = 0; s < S; s++) {
+                    float oc[QH * D], og[QH * D];
+                    kst_kv_stats sc, sg;
+                    for (int i = 0; i < 2; i++) assert_ok(kst_kv_set_tail_samples(both[i], tails[a], &err), &err);
+                    const float *q = (const float *)f->dq.data + s * QH * D;
+                    assert_ok(kst_kv_attend(cpu, 0, q, ks[b], 200, oc, &sc, &err), &err);
+                    assert_ok(kst_kv_attend(gpu, 0, q, ks[b], 200, og, &sg, &err), &err);
+                    assert_int_equal(sg.retrieved, sc.retrieved);
+                    assert_int_equal(sg.sampled, sc.sampled);
+                    assert_true(sg.sampled > 0);
+                    char name[96];
+                    snprintf(name, sizeof name, "gpu vs cpu tail (f16 %d, %zu samples, top_k %zu, query %zu)", f16,
+                             tails[a], ks[b], s);
+                    assert_close_f32(name, og, oc, QH * D, ATOL, RTOL);
+                }
+        /* the sample table is held on the GPU beside the static tokens */
+        assert_true(kst_kv_gpu_bytes(gpu) >= bytes0 + 2 * 200 * KVH * D * (f16 ? 2 : 4));
+        kst_kv_free(cpu);
+        kst_kv_free(gpu);
+        free(K16);
+        free(V16);
+    }
 #endif
 }
 
@@ -719,6 +784,7 @@ int main(void) {
         cmocka_unit_test(test_partial_merge_split),
         cmocka_unit_test(test_gpu_equals_sdpa),
         cmocka_unit_test(test_tail_all_samples_equals_sdpa),
+        cmocka_unit_test(test_tail_gpu_equals_cpu),
         cmocka_unit_test(test_tail_estimate_diffuse),
         cmocka_unit_test(test_build_copied),
         cmocka_unit_test(test_group_all_keys_equals_sdpa),
