@@ -18,7 +18,7 @@
 /* The tail estimate's sample of one KV head (kv.h, kst_kvc_attend): the sampled indexed keys'
  * rows copied into one block, in nc chunks of up to ch rows, each chunk scored once per decode
  * step for all the query heads of the GQA group (a work item: the chunks spread over threads);
- * remade whenever the index or the sample size changes. Per chunk c and query head g (index
+ * remade when the sample is drawn (tail_prepare). Per chunk c and query head g (index
  * c * G + g): */
 typedef struct kv_tail {
     size_t n, nidx, cap;   /* samples in the table, indexed keys they were drawn from, rows allocated */
@@ -37,6 +37,12 @@ typedef struct kv_tail {
  * best), so that taking the retrieved ones out of the sums subtracts little. */
 #define KV_TT_TOP 32
 #define KV_TT_CHUNKS 16 /* at most; chunks of 512 rows up to 8,192 samples */
+/* The sample is drawn again once the index has grown by 1/KV_TT_LAG since it was drawn (not at
+ * every append: at 128K tokens and 2,048 samples a draw copies 8 MB a layer, and the GPU's copy
+ * is uploaded again). */
+#ifndef KV_TT_LAG
+#define KV_TT_LAG 64
+#endif
 
 typedef struct kv_hstore {
     void *K, *V;  /* (cap, d) in the cache's dtype */
@@ -534,7 +540,10 @@ static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_err
     for (size_t h = 0; h < o->kv_heads; h++) {
         kv_tail *T = &L->heads[h].tt;
         T->copy = 0;
-        if (T->n == ns && T->nidx == nidx) continue;
+        /* drawn anew when the sample size changed (every key sampled: with each growth) or the
+         * index grew by more than 1/KV_TT_LAG since the draw; until then the keys indexed since
+         * are not in the sample (tail_partial's ratio stands for them too) */
+        if (T->n == ns && T->nidx <= nidx && nidx - T->nidx <= T->nidx / KV_TT_LAG) continue;
         T->n = 0;
         if (T->cap < ns) {
             KST_TRY(kst_realloc(&T->K, ns, rowb, "tail sample keys", err));
@@ -637,7 +646,7 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
     const kv_tail *T = &H->tt;
     size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, nex = 0, G = op->q_heads / op->kv_heads;
     for (size_t i = 0; i < m; i++) {
-        size_t j = sample_of(rid[i], nidx, ns);
+        size_t j = sample_of(rid[i], T->nidx, ns);
         if (j < ns) t->sret[nex++] = (uint32_t)j;
     }
     size_t kept = ns - nex;
@@ -720,7 +729,7 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
     const kv_tail *T = &H->tt;
     size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, nex = 0;
     for (size_t i = 0; i < m; i++) {
-        size_t j = sample_of(rid[i], nidx, ns);
+        size_t j = sample_of(rid[i], T->nidx, ns);
         if (j < ns) t->sret[nex++] = (uint32_t)j;
     }
     size_t kept = ns - nex;
@@ -751,7 +760,7 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                 topx |= (uint64_t)1 << a;
                 continue;
             }
-            const void *kr = rows_at(c, H->K, op->sinks + sample_pos(t->sret[i], nidx, ns));
+            const void *kr = rows_at(c, H->K, op->sinks + sample_pos(t->sret[i], T->nidx, ns));
             float w = expf(kst_kv_dot(q, kr, op->f16, d) * op->scale - mx);
             sub += w;
             kst_kv_axpy(oc, -w, Vc + j * rowb, op->f16, d);
@@ -817,14 +826,14 @@ static int tail_upload(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_erro
             if (L->heads[i / nc].tt.copy) tail_copy(c, &L->heads[i / nc], i % nc);
         for (size_t h = 0; h < o->kv_heads; h++) L->heads[h].tt.copy = 0;
     }
-    if (!any && L->gt_ns == ns && L->gt_nidx == nidx) return KST_OK;
+    if (!any && L->gt_ns == ns && L->gt_nidx == T0->nidx) return KST_OK;
     int rc = KST_OK;
     L->gt_ns = 0;
     KST_TRY(kst_kvgpu_tail_reserve(L->gpu, ns, T0->ch, T0->nc, err));
     for (size_t h = 0; h < o->kv_heads; h++)
         KST_TRY(kst_kvgpu_tail_put(L->gpu, h, L->heads[h].tt.K, L->heads[h].tt.V, err));
     L->gt_ns = ns;
-    L->gt_nidx = nidx;
+    L->gt_nidx = T0->nidx;
 done:
     return rc;
 }

@@ -84,12 +84,15 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
  * the cache's. stats may be NULL.
  *
  * With opts.tail_samples = m > 0 the indexed keys that retrieval left out (R, |R| = indexed -
- * retrieved) are not dropped but estimated: the indexed positions floor((j + 1/2) * indexed / m),
- * j < m (a systematic sample), minus the retrieved ones, are attended as one more partial whose
- * lse is raised by log(|R| / sampled), so their exp-sum stands for R's (a ratio estimator of
- * the rest of the softmax mass and of its value mean), and merged like the others. With m >=
+ * retrieved) are not dropped but estimated: the indexed positions floor((j + 1/2) * n / m),
+ * j < m (a systematic sample of the n keys indexed when the sample was drawn: it is drawn again
+ * once the index has grown by more than n / 64, or when m changes, so that appends do not copy
+ * it anew every step; the keys indexed since are represented by it), minus the retrieved ones,
+ * are attended as one more partial whose lse is raised by log(|R| / sampled), so their exp-sum
+ * stands for R's (a ratio estimator of the rest of the softmax mass and of its value mean), and
+ * merged like the others. With m >=
  * indexed every key of R is sampled once and the result is full attention again. The sample's
- * rows are kept per KV head in one block (remade when the index or m changes), scored and
+ * rows are kept per KV head in one block (remade when the sample is drawn), scored and
  * summed once per step for all the query heads of the group; each head then takes out its
  * retrieved samples' terms (or, where those held most of the sample's softmax mass, attends to
  * the rest of the sample anew).

@@ -440,6 +440,99 @@ static void test_tail_estimate_diffuse(void **state) {
     free(Q);
 }
 
+/* The tail estimate's float64 reference for query q: sinks, window and the m retrieved indexed
+ * keys rid attended exactly, and the sampled positions floor((2j + 1) nd / (2 ns)) of the nd indexed
+ * keys when the sample was drawn, less the retrieved, each weighted (nidx - m) / kept. Returns
+ * kept. */
+static size_t tail_ref64(double *out, const float *q, const float *K, const float *V, size_t n,
+                         size_t d, size_t sinks, size_t window, const int64_t *rid, size_t m, size_t nd,
+                         size_t ns) {
+    size_t nidx = n - sinks - window, kept = 0;
+    double sc = 1.0 / sqrt((double)d), *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w);
+    char *top = calloc(nidx, 1);
+    for (size_t t = 0; t < n; t++) {
+        double a = 0;
+        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[t * d + i];
+        l[t] = a * sc;
+    }
+    for (size_t r = 0; r < m; r++) top[rid[r] - (int64_t)sinks] = 1; /* token positions */
+    for (size_t j = 0; j < ns; j++) kept += !top[(2 * j + 1) * nd / (2 * ns)];
+    double mx = -INFINITY, den = 0;
+    for (size_t t = 0; t < n; t++) mx = l[t] > mx ? l[t] : mx;
+    for (size_t t = 0; t < n; t++)
+        if (t < sinks || t >= sinks + nidx || top[t - sinks]) w[t] = exp(l[t] - mx);
+    for (size_t j = 0; j < ns; j++) {
+        size_t x = (2 * j + 1) * nd / (2 * ns);
+        if (!top[x]) w[sinks + x] = exp(l[sinks + x] - mx) * (double)(nidx - m) / (double)kept;
+    }
+    for (size_t i = 0; i < d; i++) out[i] = 0;
+    for (size_t t = 0; t < n; t++) {
+        den += w[t];
+        for (size_t i = 0; i < d; i++) out[i] += w[t] * V[t * d + i];
+    }
+    for (size_t i = 0; i < d; i++) out[i] /= den;
+    free(l);
+    free(w);
+    free(top);
+    return kept;
+}
+
+/* Appends between decode steps: the tail sample is drawn at a step and kept while the index grows
+ * by up to 1/64 (the keys indexed since are estimated through the ratio), then drawn anew from
+ * the grown index; both against the float64 estimator over the sample then in use. */
+static void test_tail_sample_kept_across_appends(void **state) {
+    (void)state;
+    const size_t n0 = 4096, extra = 200, d = 32, sinks = 4, window = 32, ns = 512, m = 16;
+    size_t n = n0 + extra;
+    float *K = malloc(n * d * sizeof *K), *V = malloc(n * d * sizeof *V), q[32];
+    for (size_t i = 0; i < n * d; i++) K[i] = (float)(0.3 * test_gauss());
+    for (size_t i = 0; i < n * d; i++) V[i] = (float)(1.0 + test_gauss());
+    for (size_t i = 0; i < d; i++) q[i] = (float)(2.0 * test_gauss());
+    kst_kv_opts o = kst_kv_opts_default();
+    o.layers = o.kv_heads = o.q_heads = 1;
+    o.head_dim = d;
+    o.sinks = sinks;
+    o.window = window;
+    o.degree = 16;
+    o.index = KST_KV_INDEX_KEYS;
+    o.tail_samples = ns;
+    kst_kv *kv;
+    kst_error err;
+    assert_ok(kst_kv_create(&o, &kv, &err), &err);
+    assert_ok(kst_kv_append(kv, 0, K, V, n0, &err), &err);
+    assert_ok(kst_kv_build(kv, 0, NULL, 0, &err), &err);
+    size_t nd = n0 - sinks - window, at = n0;
+    /* 40 appended (< nd / 64 = 63): the sample of the first step kept; then 160 more: drawn anew */
+    const size_t steps[3] = {0, 40, 160};
+    for (int s = 0; s < 3; s++) {
+        if (steps[s]) {
+            assert_ok(kst_kv_append(kv, 0, K + at * d, V + at * d, steps[s], &err), &err);
+            at += steps[s];
+        }
+        if (s == 2) nd = at - sinks - window; /* grown by more than 1/64: drawn at this step */
+        float out[32];
+        double ref[32];
+        kst_kv_stats st;
+        int64_t rid[16];
+        size_t found = 0;
+        assert_ok(kst_kv_attend(kv, 0, q, m, 256, out, &st, &err), &err);
+        assert_ok(kst_kv_search(kv, 0, 0, q, m, 256, rid, &found, NULL, &err), &err);
+        assert_int_equal(found, m);
+        size_t kept = tail_ref64(ref, q, K, V, at, d, sinks, window, rid, m, nd, ns);
+        assert_int_equal(st.indexed, at - sinks - window);
+        assert_int_equal(st.retrieved, m);
+        if (st.sampled != kept)
+            fail_msg("tail after %zu appended tokens: %zu sampled, the estimator keeps %zu", at - n0, st.sampled, kept);
+        for (size_t j = 0; j < d; j++)
+            if (!(fabs(out[j] - ref[j]) <= 2e-5 + 1e-4 * fabs(ref[j])))
+                fail_msg("tail after %zu appended tokens, dim %zu: %.7g, float64 estimator %.7g", at - n0, j, out[j],
+                         ref[j]);
+    }
+    kst_kv_free(kv);
+    free(K);
+    free(V);
+}
+
 /* kst_kvc_build_copied (the layer benchmark's shortcut): KV head 1 holds head 0's keys and
  * values under a signed permutation of the dimensions; with head 0's graph copied, searching
  * head 1 with the permuted query finds head 0's top keys, and attending to every indexed key
@@ -786,6 +879,7 @@ int main(void) {
         cmocka_unit_test(test_tail_all_samples_equals_sdpa),
         cmocka_unit_test(test_tail_gpu_equals_cpu),
         cmocka_unit_test(test_tail_estimate_diffuse),
+        cmocka_unit_test(test_tail_sample_kept_across_appends),
         cmocka_unit_test(test_build_copied),
         cmocka_unit_test(test_group_all_keys_equals_sdpa),
         cmocka_unit_test(test_group_search_recall),

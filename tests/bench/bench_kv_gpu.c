@@ -15,7 +15,8 @@
  *                                     interleaved, /rrR re-score R, /f32 no VNNI, /pf0, /same the
  *                                     same query every step, /spN/skM entries per query: the
  *                                     best M of the hubs and N spaced keys, default AUTO, /sp0
- *                                     the hubs), KV_PROF=1 a per-phase breakdown,
+ *                                     the hubs, /app one token appended before each timed
+ *                                     step, timed with it: last in KV_RUNS), KV_PROF=1 a per-phase breakdown,
  *                                     KV_SMAPS=1 huge pages per mapping. */
 #include <math.h>
 #include <omp.h>
@@ -490,8 +491,24 @@ static int layer(const char *list) {
                 /* "/same": every step the same query (its reads then hit the caches: the compute floor) */
                 size_t qstep = strstr(mode, "/same") ? 0 : QH * D;
                 for (size_t i = 0; i < 5; i++) kst_kvc_attend(c, 0, Qd, topk_att, ef, out, NULL, &e);
+                /* "/app": each timed step first appends one token (a copy of a cached one), as a
+                 * decode step does, so the oldest window token moves into the index (timed with
+                 * the step; the cache then holds more tokens than the references: put it last) */
+                int app = strstr(mode, "/app") != NULL;
+                uint16_t kc1[KVH * D], vc1[KVH * D];
                 for (size_t i = 0; i < NT; i++) {
+                    if (app) {
+                        size_t t = (i * 7919 + 13) % N;
+                        for (size_t h = 0; h < KVH; h++)
+                            for (size_t j = 0; j < D; j++) {
+                                uint16_t k = K0[t * D + perm[h][j]], v = V0[t * D + perm[h][j]];
+                                if (sgn[h][j] < 0) { k ^= 0x8000; v ^= 0x8000; }
+                                kc1[h * D + j] = k;
+                                vc1[h * D + j] = v;
+                            }
+                    }
                     double a = now_s();
+                    if (app && kst_kvc_append(c, 0, kc1, vc1, 1, &e)) die("append", &e);
                     if (kst_kvc_attend(c, 0, Qd + i * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
                     ts[i] = now_s() - a;
                 }
