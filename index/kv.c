@@ -632,6 +632,21 @@ static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Q
     kst_kv_wsum_multi(T->o + cc * G * d, W, G, Vc, o->f16, nr, d);
 }
 
+/* The start of a tail estimate: o = 0, *lse = -inf, and t->sret[0..nex) the sample indices of
+ * the m retrieved ids rid that are in T's sample, ascending; returns nex. */
+static size_t tail_begin(kv_thread *t, const kv_tail *T, const uint32_t *rid, size_t m, float *o,
+                         float *lse, size_t d) {
+    size_t ns = T->n, nex = 0;
+    for (size_t i = 0; i < m; i++) {
+        size_t j = sample_of(rid[i], T->nidx, ns);
+        if (j < ns) t->sret[nex++] = (uint32_t)j;
+    }
+    memset(o, 0, d * sizeof(float));
+    *lse = -INFINITY;
+    if (nex > 1) qsort(t->sret, nex, sizeof(uint32_t), cmp_u32);
+    return nex;
+}
+
 /* The tail estimate (kv.h, kst_kvc_attend) of query head g of H's group from its table: partial
  * (o, *lse) over the sampled nodes minus the m retrieved ids rid, lse raised by
  * log(|R| / kept). Per chunk: the group's sums over the samples outside the head's top, less
@@ -644,16 +659,9 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
                            float *lse) {
     const kst_kvc_opts *op = &c->o;
     const kv_tail *T = &H->tt;
-    size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, nex = 0, G = op->q_heads / op->kv_heads;
-    for (size_t i = 0; i < m; i++) {
-        size_t j = sample_of(rid[i], T->nidx, ns);
-        if (j < ns) t->sret[nex++] = (uint32_t)j;
-    }
-    size_t kept = ns - nex;
-    memset(o, 0, d * sizeof(float));
-    *lse = -INFINITY;
+    size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, G = op->q_heads / op->kv_heads;
+    size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex;
     if (kept == 0) return 0;
-    if (nex > 1) qsort(t->sret, nex, sizeof(uint32_t), cmp_u32);
     float oc[512], lc;
     size_t e = 0; /* t->sret[e..) are in chunks cc.. */
     for (size_t cc = 0; cc < T->nc; cc++) {
@@ -727,16 +735,9 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                                float *o, float *lse) {
     const kst_kvc_opts *op = &c->o;
     const kv_tail *T = &H->tt;
-    size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, nex = 0;
-    for (size_t i = 0; i < m; i++) {
-        size_t j = sample_of(rid[i], T->nidx, ns);
-        if (j < ns) t->sret[nex++] = (uint32_t)j;
-    }
-    size_t kept = ns - nex;
-    memset(o, 0, d * sizeof(float));
-    *lse = -INFINITY;
+    size_t ns = T->n, d = op->head_dim, rowb = d * c->esize;
+    size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex;
     if (kept == 0) return 0;
-    if (nex > 1) qsort(t->sret, nex, sizeof(uint32_t), cmp_u32);
     float oc[512], lc;
     size_t e = 0;
     for (size_t cc = 0; cc < T->nc; cc++) {
