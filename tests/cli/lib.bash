@@ -1,5 +1,11 @@
 # lib.bash - helpers the CLI test scripts share (sourced, not run: run_tests.sh runs *.sh only).
-# Each script sets T (its temporary folder) before sourcing, and prints its summary with `summary`.
+# Sourced first: K is the kestrel binary (the script's first argument), T a temporary folder
+# removed on exit (a script that must also stop servers sets its own trap, removing T too), and
+# progress bars are off. Each script prints its summary with `summary`.
+K=${1:-build/kestrel}
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+export KESTREL_NO_PROGRESS=1
 pass=0; fail=0
 
 ok()  { pass=$((pass+1)); echo "  ok   $1"; }

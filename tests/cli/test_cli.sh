@@ -2,13 +2,10 @@
 # test_cli.sh - the command-line contract: kestrel tokenize / embed / score against the reference
 # outputs in tests/fixtures/models/*/kestrel_ref, exit codes and messages on bad input.
 set -u
-K=${1:-build/kestrel}
+. tests/cli/lib.bash
 B=$(dirname "$K")
 CLOSE="$B/tests/tools/npy_close"
 F=tests/fixtures/models
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
-. tests/cli/lib.bash
 
 
 # --- tokenize: the ids transformers / colbert-ai produced

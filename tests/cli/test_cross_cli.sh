@@ -4,12 +4,8 @@
 # output keeps the transformers layout and scores in Kestrel, --no-shuffle means the first batch is
 # the first lines, and bad input is refused with its line.
 set -u
-K=${1:-build/kestrel}
-F=tests/fixtures
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
 . tests/cli/lib.bash
-export KESTREL_NO_PROGRESS=1
+F=tests/fixtures
 TR=$F/train_cli/scifact_minilm_triples.tsv
 M=$F/models/cross_bert
 awk -F'\t' '{print $3"\t"$4"\t1"; print $3"\t"$5"\t0"}' $TR > $T/pairs.tsv

@@ -3,12 +3,8 @@
 # works (a CUDA=1 build on a machine with a GPU: vectors within bf16 rounding of the CPU's) or
 # fails with exit code 6 and a message saying why and what to do; a bad value is a usage error.
 set -u
-K=${1:-build/kestrel}
-F=tests/fixtures/models
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
 . tests/cli/lib.bash
-export KESTREL_NO_PROGRESS=1
+F=tests/fixtures/models
 M=$F/st_bert_mean
 cp $M/kestrel_ref/texts.txt $T/texts.txt
 check "embed --device cpu" sh -c "'$K' embed --model $M --out $T/cpu.npy --device cpu < $T/texts.txt"

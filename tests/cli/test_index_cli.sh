@@ -3,13 +3,10 @@
 # gzip and an http:// URL (a server on 127.0.0.1 that this test starts), search in every format,
 # a query file into a TREC run scored by eval, add/replace/delete, and bad input.
 set -u
-K=${1:-build/kestrel}
+. tests/cli/lib.bash
 F=tests/fixtures/models
-T=$(mktemp -d)
 srv=""
 trap '[ -n "$srv" ] && kill $srv 2>/dev/null; rm -rf "$T"' EXIT
-. tests/cli/lib.bash
-export KESTREL_NO_PROGRESS=1
 head -300 ../shared/data/beir-scifact/corpus.jsonl > $T/corpus.jsonl
 gzip -c $T/corpus.jsonl > $T/corpus.jsonl.gz
 # queries whose relevant documents are among the first 300

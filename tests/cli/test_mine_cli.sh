@@ -5,13 +5,9 @@
 # negatives are exactly the best-ranked non-relevant hits of `kestrel search` with the same first
 # stage after --skip-top; positives x negatives lines per query; bad input refused, nothing written.
 set -u
-K=${1:-build/kestrel}
+. tests/cli/lib.bash
 F=tests/fixtures
 E=$F/train_eval
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
-. tests/cli/lib.bash
-export KESTREL_NO_PROGRESS=1
 check "index the slice (dense + BM25)" "$K" index build --index $T/ix --collection $E/corpus.jsonl --model $F/models/st_bert_mean
 check "mine bm25, 3 negatives, skip the top 1" "$K" mine --index $T/ix --queries $E/queries.tsv --qrels $E/qrels.trec --out $T/bm25.tsv --first-stage bm25 --negatives 3 --skip-top 1
 check "mine dense, 2 negatives" "$K" mine --index $T/ix --queries $E/queries.tsv --qrels $E/qrels.trec --out $T/dense.tsv --first-stage dense --negatives 2

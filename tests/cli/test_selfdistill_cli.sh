@@ -4,13 +4,9 @@
 # the sources' layouts and loads back, mutual distillation (several --bi / --cross, A||B) runs,
 # and bad input is refused.
 set -u
-K=${1:-build/kestrel}
+. tests/cli/lib.bash
 F=tests/fixtures
 D=$F/teach
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
-. tests/cli/lib.bash
-export KESTREL_NO_PROGRESS=1
 awk -F'\t' 'NR <= 16 {print $3"\t"$4; print $3"\t"$5}' $F/train_cli/scifact_minilm_triples.tsv > $T/pairs.tsv
 awk -F'\t' '{print $1"||"$2}' $T/pairs.tsv > $T/pairs_bars.txt
 DEV="--dev-queries $D/queries.tsv --dev-qrels $D/qrels.txt --dev-collection $D/collection.tsv"

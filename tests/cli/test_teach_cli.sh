@@ -4,15 +4,12 @@
 # behaviour against a misbehaving stand-in server (tests/cli/rerank_stub.py): retries on 503 and on
 # dropped connections, a clear error and no output on a malformed answer, a 404 or a time-out.
 set -u
-K=${1:-build/kestrel}
+. tests/cli/lib.bash
 F=tests/fixtures
 D=$F/teach
 M=$F/models/cross_bert
-T=$(mktemp -d)
 pids=""
 trap 'for p in $pids; do kill $p 2>/dev/null; done; rm -rf "$T"' EXIT
-. tests/cli/lib.bash
-export KESTREL_NO_PROGRESS=1
 IDS="--triples $D/triples_ids.tsv --queries $D/queries.tsv --collection $D/collection.tsv"
 # same ids, and every score within 1e-5 of the reference (float32 against float32)
 same_scores() { # GOT WANT TOL

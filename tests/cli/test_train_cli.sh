@@ -3,12 +3,8 @@
 # falls, the output folder keeps the sentence-transformers layout and loads back, a fixed seed
 # with --no-shuffle is deterministic, and bad teacher files are refused with their line.
 set -u
-K=${1:-build/kestrel}
-F=tests/fixtures
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
 . tests/cli/lib.bash
-export KESTREL_NO_PROGRESS=1
+F=tests/fixtures
 TR=$F/train_cli/scifact_minilm_triples.tsv
 train() { "$K" train margin-mse --model $F/models/st_bert_mean --teacher-scores $TR --batch-size 8 --lr 5e-3 \
             --warmup 5 --query-max-len 24 --doc-max-len 48 --dropout 0 --seed 7 --no-shuffle "$@"; }

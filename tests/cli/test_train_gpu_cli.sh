@@ -5,12 +5,8 @@
 # what to do (--device cpu), and write nothing. Either way the old refusals ("ColBERT students
 # train on the CPU only", "--in-batch-weight is not implemented on the GPU") are gone.
 set -u
-K=${1:-build/kestrel}
-F=tests/fixtures
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
 . tests/cli/lib.bash
-export KESTREL_NO_PROGRESS=1
+F=tests/fixtures
 TR=$F/train_cli/scifact_minilm_triples.tsv
 train() { "$K" train margin-mse --teacher-scores $TR --batch-size 8 --lr 3e-3 --dropout 0 --seed 7 --no-shuffle \
             --device cuda "$@"; }

@@ -5,13 +5,9 @@
 # leaves the old generation in use with the same search results; queries + qrels; the query
 # encoder trained jointly (saved in the index, used by search, crash-safe); bad input.
 set -u
-K=${1:-build/kestrel}
+. tests/cli/lib.bash
 F=tests/fixtures/models
 PY=.venv/bin/python
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
-. tests/cli/lib.bash
-export KESTREL_NO_PROGRESS=1
 head -300 ../shared/data/beir-scifact/corpus.jsonl > $T/corpus.jsonl
 awk 'NR==FNR { ids[$0] = 1; next } ($3 in ids) { print $1 " 0 " $3 " " $4 }' \
   <(sed -n 's/^{"_id": "\([^"]*\)".*/\1/p' $T/corpus.jsonl) ../shared/data/beir-scifact/qrels/test.trec > $T/qrels.txt

@@ -6,12 +6,8 @@
 # generation. Either way: --anchor with --device cuda is refused by name (exit 6), a bad device
 # is a usage error (exit 64).
 set -u
-K=${1:-build/kestrel}
-F=tests/fixtures/models
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
 . tests/cli/lib.bash
-export KESTREL_NO_PROGRESS=1
+F=tests/fixtures/models
 head -300 ../shared/data/beir-scifact/corpus.jsonl > $T/corpus.jsonl
 # the manifest, with the sqlite3 shell (make deps installs it) or else Python's sqlite3 (GPU hosts)
 manifest() {
