@@ -780,10 +780,9 @@ static int set_att2_smem(kst_error *err) {
 
 static int set_att_smem_all(kst_error *err) {
     int rc = KST_OK;
-    KST_TRY(set_smem(attention_wg_kernel<2, 2>, wg_smem<2, 2>::bytes, err));
-    KST_TRY(set_smem(attention_wg_kernel<2, 3>, wg_smem<2, 3>::bytes, err));
-    KST_TRY(set_smem(attention_wg_kernel<2, 4>, wg_smem<2, 4>::bytes, err));
-    KST_TRY(set_smem(attention_wg_kernel<4, 4>, wg_smem<4, 4>::bytes, err));
+    KST_TRY((set_smem(attention_wg_kernel<2, 4, 0>, wg_smem<2, 4>::bytes, err)));
+    KST_TRY((set_smem(attention_wg_kernel<2, 4, 1>, wg_smem<2, 4>::bytes, err)));
+    KST_TRY((set_smem(attention_wg_kernel<2, 3, 1>, wg_smem<2, 3>::bytes, err)));
     KST_TRY((set_att2_smem<16, 4>(err)));
     KST_TRY((set_att2_smem<32, 4>(err)));
     KST_TRY((set_att2_smem<64, 4>(err)));
@@ -1267,18 +1266,17 @@ static void attention2_nw(kst_bert_gpu *g, int B, int T) {
     else if (hs <= 64) launch_att2<64, NW>(g, B, T);
     else launch_att2<128, NW>(g, B, T);
 }
-template <int NWG, int NS>
+template <int NWG, int NS, int PIPE>
 static void launch_att_wg(kst_bert_gpu *g, int B, int T) {
     const kst_bert_config *c = &g->cfg;
     dim3 grid((unsigned)((T + 64 * NWG - 1) / (64 * NWG)), (unsigned)c->NH, (unsigned)B);
-    attention_wg_kernel<NWG, NS><<<grid, NWG * 128, wg_smem<NWG, NS>::bytes, g->stream>>>(g->atty, g->qkv, g->dvalid,
-                                                                                        T, (int)c->C, (int)c->NH);
+    attention_wg_kernel<NWG, NS, PIPE><<<grid, NWG * 128, wg_smem<NWG, NS>::bytes, g->stream>>>(
+        g->atty, g->qkv, g->dvalid, T, (int)c->C, (int)c->NH);
 }
 static void attention2(kst_bert_gpu *g, int B, int T) {
-    if (g->att_wg == 22) return launch_att_wg<2, 2>(g, B, T);
-    if (g->att_wg == 23) return launch_att_wg<2, 3>(g, B, T);
-    if (g->att_wg == 24) return launch_att_wg<2, 4>(g, B, T);
-    if (g->att_wg == 44) return launch_att_wg<4, 4>(g, B, T);
+    if (g->att_wg == 24) return launch_att_wg<2, 4, 0>(g, B, T);
+    if (g->att_wg == 124) return launch_att_wg<2, 4, 1>(g, B, T);
+    if (g->att_wg == 123) return launch_att_wg<2, 3, 1>(g, B, T);
     static int forced = -1;
     if (forced < 0) {
         const char *e = getenv("KESTREL_GPU_ATT_WARPS");

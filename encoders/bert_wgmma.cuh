@@ -68,13 +68,14 @@ struct wg_smem {
 /* grid (query tiles of 64 * NWG rows, heads, batch), NWG warpgroups of 64 query rows; hs = 64.
  * Masking as attention2_kernel: keys at or past valid[b] get -inf, tiles wholly past it are
  * skipped, K/V rows past it are zero-filled; every query row below T is computed and written.
- * K/V tiles go through a ring of NS slots, NS - 1 tiles ahead of the one in use: the kernel is
- * bound by the bytes it reads (Q, K, V once from memory), so it keeps many of them in flight. */
-template <int NWG, int NS>
+ * K/V tiles go through a ring of NS slots, loaded ahead of the one in use; PIPE = 1 overlaps
+ * each tile's P V with the next tile's wait and Q K^T (see the loop). */
+template <int NWG, int NS, int PIPE>
 __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 4 : NWG == 2 ? 2 : 1)
 attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *valid, int T, int C, int NH) {
 #if KST_WGMMA
     typedef wg_smem<NWG, NS> L;
+    static_assert(NS >= (PIPE ? 3 : 2), "the K/V ring needs slots ahead");
     constexpr int QR = 64 * NWG, NT = NWG * 128;
     extern __shared__ unsigned char wg_smem_raw[];
     unsigned char *sm = wg_smem_raw + ((1024 - (smem_u32(wg_smem_raw) & 1023)) & 1023);
@@ -100,48 +101,29 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
             }
         }
     };
-    /* group j of cp.async holds tile j (group 0 also Q) */
-    load(L::q, 0, q0, QR, T);
-    load(L::k, 1, 0, WG_KT, Lv);
-    load(L::v, 2, 0, WG_KT, Lv);
-    cp_async_commit();
-#pragma unroll
-    for (int p = 1; p < NS - 1; p++) {
-        if (p < ntiles) {
-            load(L::k + p * WG_KT * 128, 1, p * WG_KT, WG_KT, Lv);
-            load(L::v + p * WG_KT * 128, 2, p * WG_KT, WG_KT, Lv);
+    auto load_tile = [&](int tile) { /* K and V of key tile `tile` into its slot */
+        if (tile < ntiles) {
+            load(L::k + (tile % NS) * WG_KT * 128, 1, tile * WG_KT, WG_KT, Lv);
+            load(L::v + (tile % NS) * WG_KT * 128, 2, tile * WG_KT, WG_KT, Lv);
         }
-        cp_async_commit();
-    }
-    float o[32];
+    };
+    float o[32], sc[32];
+    uint32_t pa[4][4]; /* P of the tile in flight; kept live until its product is waited for */
 #pragma unroll
     for (int i = 0; i < 32; i++) o[i] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-    for (int kt = 0; kt < ntiles; kt++) {
-        const int k0 = kt * WG_KT, s = kt % NS;
-        {
-            /* the slot of tile kt - 1, free since the barrier that ended its iteration */
-            const int nx = kt + NS - 1;
-            if (nx < ntiles) {
-                load(L::k + (nx % NS) * WG_KT * 128, 1, nx * WG_KT, WG_KT, Lv);
-                load(L::v + (nx % NS) * WG_KT * 128, 2, nx * WG_KT, WG_KT, Lv);
-            }
-            cp_async_commit();
-            cp_async_wait<NS - 1>(); /* groups 0 .. kt done */
-        }
-        fence_async_smem();
-        __syncthreads();
-        float sc[32];
-#pragma unroll
-        for (int i = 0; i < 32; i++) sc[i] = 0.0f;
+    /* S = Q K^T of tile kt into sc (issued, not waited for) */
+    auto issue_s = [&](int kt) {
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; kk++)
             wgmma_ss(sc, wg_desc(sb + L::q + wg * 64 * 128 + kk * 32, 16),
-                     wg_desc(sb + L::k + s * WG_KT * 128 + kk * 32, 16), kk > 0);
+                     wg_desc(sb + L::k + (kt % NS) * WG_KT * 128 + kk * 32, 16), kk > 0);
         wg_commit();
-        wg_wait<0>();
-        reg_fence(sc);
+    };
+    /* the online softmax of tile kt's scores, O rescaled, then O += P V issued (not waited for) */
+    auto softmax_pv = [&](int kt) {
+        const int k0 = kt * WG_KT;
         if (k0 + WG_KT > Lv) {
 #pragma unroll
             for (int j = 0; j < 8; j++) {
@@ -162,7 +144,6 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
         const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1);
         m0 = mn0;
         m1 = mn1;
-        uint32_t pa[4][4];
         float s0 = 0.0f, s1 = 0.0f;
 #pragma unroll
         for (int j = 0; j < 8; j++) {
@@ -184,13 +165,69 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
         }
         wg_fence();
 #pragma unroll
-        for (int jj = 0; jj < 4; jj++) {
-            wgmma_rs<1>(o, pa[jj], wg_desc(sb + L::v + s * WG_KT * 128 + jj * 16 * 128, 8192));
-        }
+        for (int jj = 0; jj < 4; jj++)
+            wgmma_rs<1>(o, pa[jj], wg_desc(sb + L::v + (kt % NS) * WG_KT * 128 + jj * 16 * 128, 8192));
         wg_commit();
+    };
+    /* cp.async group j holds tile j (group 0 also Q); each thread waits for its own copies, then
+     * makes them visible to the products (async proxy) and to the other threads */
+    load(L::q, 0, q0, QR, T);
+    load_tile(0);
+    cp_async_commit();
+    if constexpr (!PIPE) {
+        /* tile kt is loaded PD = NS - 1 tiles ahead, into the slot of tile kt - 1 (free since the
+         * barrier that ended its iteration); every product is waited for at once */
+#pragma unroll
+        for (int p = 1; p < NS - 1; p++) {
+            load_tile(p);
+            cp_async_commit();
+        }
+        for (int kt = 0; kt < ntiles; kt++) {
+            load_tile(kt + NS - 1);
+            cp_async_commit();
+            cp_async_wait<NS - 1>(); /* groups 0 .. kt */
+            fence_async_smem();
+            __syncthreads();
+            issue_s(kt);
+            wg_wait<0>();
+            reg_fence(sc);
+            softmax_pv(kt);
+            wg_wait<0>();
+            reg_fence(o);
+            __syncthreads();
+        }
+    } else {
+        /* P V of tile kt runs while the warps wait for tile kt + 1 and issue its Q K^T into sc
+         * (free once P is in registers); one wait covers both, so no product is in flight across
+         * iterations. Tile kt + NS - 1 goes into the slot of tile kt - 1, which no product reads
+         * any more once every warp has passed this iteration's barrier. */
+#pragma unroll
+        for (int p = 1; p < NS - 1; p++) {
+            load_tile(p);
+            cp_async_commit();
+        }
+        cp_async_wait<NS - 2>(); /* group 0 */
+        fence_async_smem();
+        __syncthreads();
+        issue_s(0);
         wg_wait<0>();
-        reg_fence(o);
-        __syncthreads(); /* this tile's slot is refilled in the next iteration */
+        reg_fence(sc);
+        for (int kt = 0; kt < ntiles; kt++) {
+            softmax_pv(kt);
+            if (kt + 1 < ntiles) {
+                cp_async_wait<NS - 3>(); /* groups 0 .. kt + 1 */
+                fence_async_smem();
+                __syncthreads();
+                load_tile(kt + NS - 1);
+                cp_async_commit();
+                issue_s(kt + 1);
+            }
+            wg_wait<0>();
+            reg_fence(o);
+            reg_fence(sc);
+#pragma unroll
+            for (int i = 0; i < 16; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
+        }
     }
     l0 = quad_sum(l0);
     l1 = quad_sum(l1);
