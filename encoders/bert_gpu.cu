@@ -638,7 +638,6 @@ __global__ void act_kernel(bf16 *h, size_t n8, int act) {
 #define LT_CANDIDATES 8
 struct lt_plan {
     int N, K, OC, epi, res, bias32; /* epi: cublasLtEpilogue_t; res: adds a (N, OC) residual */
-    int ldo;                        /* the output's row stride (OC, or more for a column slice) */
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t a, b, c;
     cublasLtMatmulAlgo_t algo;
@@ -651,7 +650,7 @@ struct lt_plan {
  * length are not timed again. */
 #define LT_TUNED 64
 struct lt_tuned {
-    int K, OC, epi, res, bias32, nlog, ldo;
+    int K, OC, epi, res, bias32, nlog;
     cublasLtMatmulAlgo_t algo;
 };
 
@@ -697,8 +696,7 @@ struct kst_bert_gpu {
     int exact_gelu; /* 1: erf GELU in its own kernel rather than the epilogue's tanh form */
     int res_in_ln;  /* 1: the residual is added in the LayerNorm kernel, not the product's epilogue */
     int bias16_first; /* 1: epilogue biases in bf16 where cuBLASLt has an algorithm, else float32 */
-    int qkv_split;    /* 1: Q, K and V as three products into column slices of qkv */
-    int att_wg;       /* attention_wg_kernel<NWG, NS> as 10 NWG + NS; 0: attention2_kernel */
+    int att_wg;       /* 1: attention_wg_kernel for 64-dim heads (sm_90a build, sm_90 GPU); 0: attention2_kernel */
     /* KESTREL_GPU_PROFILE=1: events between the steps of every layer, summed per step */
     int prof;
     cudaEvent_t *pev;   /* (L, KST_PROF_STEPS + 1) */
@@ -780,9 +778,7 @@ static int set_att2_smem(kst_error *err) {
 
 static int set_att_smem_all(kst_error *err) {
     int rc = KST_OK;
-    KST_TRY((set_smem(attention_wg_kernel<2, 4, 0>, wg_smem<2, 4>::bytes, err)));
-    KST_TRY((set_smem(attention_wg_kernel<2, 4, 1>, wg_smem<2, 4>::bytes, err)));
-    KST_TRY((set_smem(attention_wg_kernel<2, 3, 1>, wg_smem<2, 3>::bytes, err)));
+    KST_TRY(set_smem(attention_wg_kernel, WG_SMEM_BYTES, err));
     KST_TRY((set_att2_smem<16, 4>(err)));
     KST_TRY((set_att2_smem<32, 4>(err)));
     KST_TRY((set_att2_smem<64, 4>(err)));
@@ -898,15 +894,13 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
          * way, see tests/bench/README.md) */
         const char *b16 = getenv("KESTREL_GPU_BIAS16");
         g->bias16_first = b16 && strcmp(b16, "1") == 0;
-        const char *qs = getenv("KESTREL_GPU_QKV_SPLIT");
-        g->qkv_split = qs && strcmp(qs, "1") == 0;
         g->prof = pr && strcmp(pr, "1") == 0 && c->L > 0;
     }
     if (g->fused && hs == 64) {
         /* the wgmma attention kernel: heads of 64 dims on an sm_90 GPU, where this build holds it
-         * (KESTREL_GPU_ATT=2: attention2_kernel; wg1: one warpgroup a block; wgt: V^T copied) */
+         * (KESTREL_GPU_ATT=2: attention2_kernel, a knob to compare) */
         const char *a = getenv("KESTREL_GPU_ATT");
-        int dev = 0, want = !a ? 24 : !strcmp(a, "2") ? 0 : atoi(a) > 20 ? atoi(a) : 24;
+        int dev = 0, want = !(a && strcmp(a, "2") == 0);
         cudaDeviceProp prop;
         if (want && cudaGetDevice(&dev) == cudaSuccess && cudaGetDeviceProperties(&prop, dev) == cudaSuccess &&
             prop.major == 9 && prop.minor == 0) {
@@ -933,8 +927,6 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
     if (g->fused) {
         CUBLAS_TRY(cublasLtCreate(&g->lt), "creating the cuBLASLt handle");
         g->lt_ws_bytes = (size_t)32 << 20; /* what cuBLAS asks for on Hopper */
-        const char *ws = getenv("KESTREL_GPU_LT_WS_MB");
-        if (ws && atoi(ws) > 0) g->lt_ws_bytes = (size_t)atoi(ws) << 20;
         KST_TRY(kst_gpu_alloc(&g->lt_ws, g->lt_ws_bytes, "cuBLASLt workspace", err));
         g->wbytes += g->lt_ws_bytes;
         g->peak = g->wbytes;
@@ -1080,13 +1072,12 @@ static void attention(kst_bert_gpu *g, const float *qkvb, int B, int T) {
  * GELU_BIAS) and, when res, + a (N, OC) residual (beta = 1). The bias is float32 where cuBLASLt
  * has an algorithm for it, else the bf16 copy. *plan is NULL (and KST_OK) when cuBLASLt offers no
  * algorithm at all: the caller falls back to the unfused path. */
-static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int ldo, int epi, int res, lt_plan **plan,
-                       kst_error *err) {
+static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, lt_plan **plan, kst_error *err) {
     int rc = KST_OK;
     *plan = NULL;
     for (int i = 0; i < g->nplans; i++) {
         lt_plan *p = &g->plans[i];
-        if (p->N == N && p->K == K && p->OC == OC && p->ldo == ldo && p->epi == epi && p->res == res) {
+        if (p->N == N && p->K == K && p->OC == OC && p->epi == epi && p->res == res) {
             *plan = p->desc ? p : NULL;
             return KST_OK;
         }
@@ -1098,11 +1089,11 @@ static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int ldo, int epi, 
         g->next_plan = (g->next_plan + 1) % LT_PLANS;
         lt_plan_free(p);
     }
-    p->N = N, p->K = K, p->OC = OC, p->ldo = ldo, p->epi = epi, p->res = res;
+    p->N = N, p->K = K, p->OC = OC, p->epi = epi, p->res = res;
     cublasLtMatmulPreference_t pref = NULL;
     CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, K, OC, K), "cuBLASLt layout");
     CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, K, N, K), "cuBLASLt layout");
-    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->c, CUDA_R_16BF, OC, N, ldo), "cuBLASLt layout");
+    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->c, CUDA_R_16BF, OC, N, OC), "cuBLASLt layout");
     CUBLAS_TRY(cublasLtMatmulPreferenceCreate(&pref), "cuBLASLt preference");
     CUBLAS_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &g->lt_ws_bytes,
                                                     sizeof g->lt_ws_bytes),
@@ -1141,8 +1132,8 @@ static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int ldo, int epi, 
                 while ((2 << nlog) <= N) nlog++;
                 for (int i = 0; i < g->ntuned; i++) {
                     lt_tuned *t = &g->tuned[i];
-                    if (t->K == K && t->OC == OC && t->ldo == ldo && t->epi == epi && t->res == res &&
-                        t->bias32 == bias32 && t->nlog == nlog) {
+                    if (t->K == K && t->OC == OC && t->epi == epi && t->res == res && t->bias32 == bias32 &&
+                        t->nlog == nlog) {
                         cublasLtMatmulHeuristicResult_t chk;
                         if (cublasLtMatmulAlgoCheck(g->lt, p->desc, p->a, p->b, p->c, p->c, &t->algo, &chk) ==
                                 CUBLAS_STATUS_SUCCESS &&
@@ -1202,8 +1193,7 @@ static int lt_tune(kst_bert_gpu *g, lt_plan *p, bf16 *out, const bf16 *in, const
         int nlog = 0;
         while ((2 << nlog) <= p->N) nlog++;
         lt_tuned *t = &g->tuned[g->ntuned < LT_TUNED ? g->ntuned++ : (int)(g->seq % LT_TUNED)];
-        t->K = p->K, t->OC = p->OC, t->ldo = p->ldo, t->epi = p->epi, t->res = p->res, t->bias32 = p->bias32;
-        t->nlog = nlog;
+        t->K = p->K, t->OC = p->OC, t->epi = p->epi, t->res = p->res, t->bias32 = p->bias32, t->nlog = nlog;
         t->algo = p->algo;
     }
 done:
@@ -1215,12 +1205,12 @@ done:
 /* out (N, OC) = epi(in (N, K) @ W (OC, K)^T + bias) [+ res], bf16 in and out, float32
  * accumulation; bias32 / bias16 the float32 and bf16 copies of the bias. *done_ is 0 when
  * cuBLASLt has no algorithm for it (nothing was queued). */
-static int gemm_lt_ld(kst_bert_gpu *g, bf16 *out, int ldo, const bf16 *in, const bf16 *W, const float *bias32,
-                      const bf16 *bias16, const bf16 *res, int N, int K, int OC, int epi, int *done_, kst_error *err) {
+static int gemm_lt(kst_bert_gpu *g, bf16 *out, const bf16 *in, const bf16 *W, const float *bias32, const bf16 *bias16,
+                   const bf16 *res, int N, int K, int OC, int epi, int *done_, kst_error *err) {
     int rc = KST_OK;
     lt_plan *p = NULL;
     *done_ = 0;
-    KST_TRY(lt_plan_get(g, N, K, OC, ldo, epi, res != NULL, &p, err));
+    KST_TRY(lt_plan_get(g, N, K, OC, epi, res != NULL, &p, err));
     if (!p) return KST_OK;
     {
         const void *bp = p->bias32 ? (const void *)bias32 : (const void *)bias16;
@@ -1235,10 +1225,6 @@ static int gemm_lt_ld(kst_bert_gpu *g, bf16 *out, int ldo, const bf16 *in, const
     }
 done:
     return rc;
-}
-static int gemm_lt(kst_bert_gpu *g, bf16 *out, const bf16 *in, const bf16 *W, const float *bias32, const bf16 *bias16,
-                   const bf16 *res, int N, int K, int OC, int epi, int *done_, kst_error *err) {
-    return gemm_lt_ld(g, out, OC, in, W, bias32, bias16, res, N, K, OC, epi, done_, err);
 }
 
 template <int NCH>
@@ -1266,17 +1252,14 @@ static void attention2_nw(kst_bert_gpu *g, int B, int T) {
     else if (hs <= 64) launch_att2<64, NW>(g, B, T);
     else launch_att2<128, NW>(g, B, T);
 }
-template <int NWG, int NS, int PIPE>
-static void launch_att_wg(kst_bert_gpu *g, int B, int T) {
-    const kst_bert_config *c = &g->cfg;
-    dim3 grid((unsigned)((T + 64 * NWG - 1) / (64 * NWG)), (unsigned)c->NH, (unsigned)B);
-    attention_wg_kernel<NWG, NS, PIPE><<<grid, NWG * 128, wg_smem<NWG, NS>::bytes, g->stream>>>(
-        g->atty, g->qkv, g->dvalid, T, (int)c->C, (int)c->NH);
-}
 static void attention2(kst_bert_gpu *g, int B, int T) {
-    if (g->att_wg == 24) return launch_att_wg<2, 4, 0>(g, B, T);
-    if (g->att_wg == 124) return launch_att_wg<2, 4, 1>(g, B, T);
-    if (g->att_wg == 123) return launch_att_wg<2, 3, 1>(g, B, T);
+    if (g->att_wg) {
+        const kst_bert_config *c = &g->cfg;
+        dim3 grid((unsigned)((T + WG_QR - 1) / WG_QR), (unsigned)c->NH, (unsigned)B);
+        attention_wg_kernel<<<grid, WG_THREADS, WG_SMEM_BYTES, g->stream>>>(g->atty, g->qkv, g->dvalid, T, (int)c->C,
+                                                                            (int)c->NH);
+        return;
+    }
     static int forced = -1;
     if (forced < 0) {
         const char *e = getenv("KESTREL_GPU_ATT_WARPS");
@@ -1305,20 +1288,9 @@ static int layer_fused(kst_bert_gpu *g, size_t l, int B, int T, int last, int *o
     const bf16 *eres = g->res_in_ln ? NULL : g->x, *lres = g->res_in_ln ? g->x : NULL;
     *ok = 0;
     PROF(0);
-    if (g->qkv_split) {
-        /* three products of C columns each, into the column slices of qkv (row stride 3C) */
-        for (int i = 0; i < 3; i++) {
-            KST_TRY(gemm_lt_ld(g, g->qkv + i * C, (int)(3 * C), g->x, g->qkvw + l * 3 * C * C + i * C * C,
-                               g->qkvb + l * 3 * C + i * C, g->qkvb16 + l * 3 * C + i * C, NULL, BT, (int)C, (int)C,
-                               CUBLASLT_EPILOGUE_BIAS, &d, err));
-            if (!d && i == 0) return KST_OK;
-            if (!d) goto gap;
-        }
-    } else {
-        KST_TRY(gemm_lt(g, g->qkv, g->x, g->qkvw + l * 3 * C * C, g->qkvb + l * 3 * C, g->qkvb16 + l * 3 * C, NULL, BT,
-                        (int)C, (int)(3 * C), CUBLASLT_EPILOGUE_BIAS, &d, err));
-        if (!d) return KST_OK;
-    }
+    KST_TRY(gemm_lt(g, g->qkv, g->x, g->qkvw + l * 3 * C * C, g->qkvb + l * 3 * C, g->qkvb16 + l * 3 * C, NULL, BT,
+                    (int)C, (int)(3 * C), CUBLASLT_EPILOGUE_BIAS, &d, err));
+    if (!d) return KST_OK;
     *ok = 1;
     PROF(1);
     attention2(g, B, T);

@@ -5,7 +5,7 @@
  * 128-byte swizzled layout the instruction's descriptors describe (16-byte chunk c of row r at
  * r * 128 + ((c ^ (r & 7)) << 4), tiles 1024-byte aligned), filled by cp.async. Built only where
  * the compiler targets sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the kernel is an empty stub
- * and wgmma_attention_built() reports 0, so that the host keeps attention2_kernel. */
+ * and wgmma_probe_kernel reports 0, so that the host keeps attention2_kernel. */
 #ifndef KST_ENCODERS_BERT_WGMMA_CUH
 #define KST_ENCODERS_BERT_WGMMA_CUH
 
@@ -57,26 +57,33 @@ static __device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (
 
 #define WG_KT 64 /* keys a tile */
 
-/* dynamic shared memory of attention_wg_kernel<NWG, NS>: Q (64 * NWG rows), NS slots of a K and a
- * V tile, 1024 bytes of alignment slack */
-template <int NWG, int NS>
-struct wg_smem {
-    static constexpr uint32_t q = 0, k = 64 * NWG * 128, v = k + NS * WG_KT * 128;
-    static constexpr size_t bytes = v + NS * WG_KT * 128 + 1024;
-};
+/* Two warpgroups a block (128 query rows: 2 blocks an SM, 16 warps, at most 128 registers a
+ * thread), a ring of 4 K/V tile slots. Measured on an H100 (BERT-base, B = 256, tests/bench/
+ * README.md): one warpgroup a block, 2 or 3 slots, 4 warpgroups, V transposed in shared memory
+ * and each product waited for at once were all slower or no faster. */
+#define WG_NWG 2
+#define WG_NS 4
+#define WG_QR (64 * WG_NWG)
+#define WG_THREADS (128 * WG_NWG)
 
-/* grid (query tiles of 64 * NWG rows, heads, batch), NWG warpgroups of 64 query rows; hs = 64.
+/* dynamic shared memory: Q (WG_QR rows), WG_NS slots of a K and a V tile, 1024 bytes of
+ * alignment slack */
+struct wg_smem {
+    static constexpr uint32_t q = 0, k = WG_QR * 128, v = k + WG_NS * WG_KT * 128;
+    static constexpr size_t bytes = v + WG_NS * WG_KT * 128 + 1024;
+};
+#define WG_SMEM_BYTES wg_smem::bytes
+
+/* grid (query tiles of WG_QR rows, heads, batch), warpgroups of 64 query rows; hs = 64.
  * Masking as attention2_kernel: keys at or past valid[b] get -inf, tiles wholly past it are
  * skipped, K/V rows past it are zero-filled; every query row below T is computed and written.
- * K/V tiles go through a ring of NS slots, loaded ahead of the one in use; PIPE = 1 overlaps
- * each tile's P V with the next tile's wait and Q K^T (see the loop). */
-template <int NWG, int NS, int PIPE>
-__global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 4 : NWG == 2 ? 2 : 1)
+ * K/V tiles go through the ring, loaded two tiles ahead of the one in use, and each tile's P V
+ * overlaps the next tile's wait and Q K^T (see the loop). */
+__global__ void __launch_bounds__(WG_THREADS, 2)
 attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *valid, int T, int C, int NH) {
 #if KST_WGMMA
-    typedef wg_smem<NWG, NS> L;
-    static_assert(NS >= (PIPE ? 3 : 2), "the K/V ring needs slots ahead");
-    constexpr int QR = 64 * NWG, NT = NWG * 128;
+    typedef wg_smem L;
+    constexpr int NS = WG_NS, QR = WG_QR, NT = WG_THREADS;
     extern __shared__ unsigned char wg_smem_raw[];
     unsigned char *sm = wg_smem_raw + ((1024 - (smem_u32(wg_smem_raw) & 1023)) & 1023);
     const uint32_t sb = smem_u32(sm);
@@ -174,60 +181,36 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
     load(L::q, 0, q0, QR, T);
     load_tile(0);
     cp_async_commit();
-    if constexpr (!PIPE) {
-        /* tile kt is loaded PD = NS - 1 tiles ahead, into the slot of tile kt - 1 (free since the
-         * barrier that ended its iteration); every product is waited for at once */
+    /* P V of tile kt runs while the warps wait for tile kt + 1 and issue its Q K^T into sc
+     * (free once P is in registers); one wait covers both, so no product is in flight across
+     * iterations. Tile kt + NS - 1 goes into the slot of tile kt - 1, which no product reads
+     * any more once every warp has passed this iteration's barrier. */
 #pragma unroll
-        for (int p = 1; p < NS - 1; p++) {
-            load_tile(p);
-            cp_async_commit();
-        }
-        for (int kt = 0; kt < ntiles; kt++) {
-            load_tile(kt + NS - 1);
-            cp_async_commit();
-            cp_async_wait<NS - 1>(); /* groups 0 .. kt */
+    for (int p = 1; p < NS - 1; p++) {
+        load_tile(p);
+        cp_async_commit();
+    }
+    cp_async_wait<NS - 2>(); /* group 0 */
+    fence_async_smem();
+    __syncthreads();
+    issue_s(0);
+    wg_wait<0>();
+    reg_fence(sc);
+    for (int kt = 0; kt < ntiles; kt++) {
+        softmax_pv(kt);
+        if (kt + 1 < ntiles) {
+            cp_async_wait<NS - 3>(); /* groups 0 .. kt + 1 */
             fence_async_smem();
             __syncthreads();
-            issue_s(kt);
-            wg_wait<0>();
-            reg_fence(sc);
-            softmax_pv(kt);
-            wg_wait<0>();
-            reg_fence(o);
-            __syncthreads();
-        }
-    } else {
-        /* P V of tile kt runs while the warps wait for tile kt + 1 and issue its Q K^T into sc
-         * (free once P is in registers); one wait covers both, so no product is in flight across
-         * iterations. Tile kt + NS - 1 goes into the slot of tile kt - 1, which no product reads
-         * any more once every warp has passed this iteration's barrier. */
-#pragma unroll
-        for (int p = 1; p < NS - 1; p++) {
-            load_tile(p);
+            load_tile(kt + NS - 1);
             cp_async_commit();
+            issue_s(kt + 1);
         }
-        cp_async_wait<NS - 2>(); /* group 0 */
-        fence_async_smem();
-        __syncthreads();
-        issue_s(0);
         wg_wait<0>();
+        reg_fence(o);
         reg_fence(sc);
-        for (int kt = 0; kt < ntiles; kt++) {
-            softmax_pv(kt);
-            if (kt + 1 < ntiles) {
-                cp_async_wait<NS - 3>(); /* groups 0 .. kt + 1 */
-                fence_async_smem();
-                __syncthreads();
-                load_tile(kt + NS - 1);
-                cp_async_commit();
-                issue_s(kt + 1);
-            }
-            wg_wait<0>();
-            reg_fence(o);
-            reg_fence(sc);
 #pragma unroll
-            for (int i = 0; i < 16; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
-        }
+        for (int i = 0; i < 16; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
     }
     l0 = quad_sum(l0);
     l1 = quad_sum(l1);
