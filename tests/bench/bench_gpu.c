@@ -191,12 +191,14 @@ static int encode_main(int argc, char **argv) {
     const char *fu = getenv("KESTREL_GPU_FUSED"), *xg = getenv("KESTREL_GPU_EXACT_GELU");
     const char *tu = getenv("KESTREL_GPU_GEMM_TUNE");
     const char *rl = getenv("KESTREL_GPU_RES_IN_LN"), *b16 = getenv("KESTREL_GPU_BIAS16");
+    const char *att = getenv("KESTREL_GPU_ATT");
     const char *variant = getenv("KST_BENCH_VARIANT") ? getenv("KST_BENCH_VARIANT")
                           : fu && strcmp(fu, "0") == 0 ? "unfused"
                           : xg && strcmp(xg, "1") == 0 ? "fused_erf_gelu"
                           : tu && strcmp(tu, "0") == 0 ? "fused_heuristic"
                           : rl && strcmp(rl, "1") == 0 ? "fused_res_in_ln"
                           : b16 && strcmp(b16, "1") == 0 ? "fused_bias16"
+                          : att && strcmp(att, "2") == 0 ? "fused_attention2"
                                                        : "fused";
     if (kst_bert_gpu_profile(g, pms) == KST_PROF_STEPS) {
         /* per-layer milliseconds of each step (CUDA events between them) */
