@@ -14,7 +14,8 @@
  *       a padded batch (ids (b, t) int64, valid (b) int64) and PyTorch's float32 last hidden
  *       states (b, t, C) for it: min cosine over the valid token rows is printed. With
  *       KESTREL_GPU_PROFILE=1 also the mean milliseconds a layer of each step (kst_bert_gpu_profile);
- *       KST_BENCH_VARIANT names the variant in the output.
+ *       KST_BENCH_VARIANT names the variant in the output; KST_BENCH_NCU=1 runs one more forward
+ *       between cudaProfilerStart and cudaProfilerStop (for `ncu --profile-from-start off`).
  *   bench_gpu ivfpq DB.npy Q.npy FACTORY NPROBES BW_GB_S
  *       FAISS IVF-PQ (FACTORY, e.g. IVF1024,PQ48) trained and filled on the CPU from DB; for each
  *       nprobe in NPROBES (comma separated): CPU FAISS search on all cores (kst_ann_search, the
