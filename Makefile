@@ -32,8 +32,9 @@ TOOLS    := $(patsubst tests/tools/%.c,$(BUILD)/tests/tools/%,$(wildcard tests/t
 
 ifeq ($(CUDA),1)
 NVCC     ?= nvcc
-# sm_90: H100/H200 (NVCC_ARCH=sm_80 etc. for other GPUs; the kernels need sm_80 or newer).
-NVCC_ARCH ?= sm_90
+# sm_90a: H100/H200, with the wgmma attention kernel (NVCC_ARCH=sm_80 etc. for other GPUs; the kernels
+# need sm_80 or newer; without sm_90a the encoder keeps its mma.sync attention kernel).
+NVCC_ARCH ?= sm_90a
 NVCCFLAGS ?= -O3 -std=c++17 -arch=$(NVCC_ARCH) -lineinfo -Xcompiler -fPIC,-Wall,-Werror -Werror all-warnings
 CU_SRC   := $(wildcard core/*.cu encoders/*.cu index/*.cu train/*.cu)
 LIB_OBJ  += $(CU_SRC:%.cu=$(BUILD)/%.cu.o)

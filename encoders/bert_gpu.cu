@@ -5,6 +5,7 @@
 #include "core/gpu_util.cuh"
 #include "encoders/bert_act.cuh"
 #include "encoders/bert_mma.cuh"
+#include "encoders/bert_wgmma.cuh"
 
 #include <cublasLt.h>
 #include <cuda_bf16.h>
@@ -695,6 +696,7 @@ struct kst_bert_gpu {
     int exact_gelu; /* 1: erf GELU in its own kernel rather than the epilogue's tanh form */
     int res_in_ln;  /* 1: the residual is added in the LayerNorm kernel, not the product's epilogue */
     int bias16_first; /* 1: epilogue biases in bf16 where cuBLASLt has an algorithm, else float32 */
+    int att_wg;       /* 1: attention_wg_kernel for 64-dim heads (sm_90a build, sm_90 GPU); 0: attention2_kernel */
     /* KESTREL_GPU_PROFILE=1: events between the steps of every layer, summed per step */
     int prof;
     cudaEvent_t *pev;   /* (L, KST_PROF_STEPS + 1) */
@@ -776,6 +778,7 @@ static int set_att2_smem(kst_error *err) {
 
 static int set_att_smem_all(kst_error *err) {
     int rc = KST_OK;
+    KST_TRY(set_smem(attention_wg_kernel, WG_SMEM_BYTES, err));
     KST_TRY((set_att2_smem<16, 4>(err)));
     KST_TRY((set_att2_smem<32, 4>(err)));
     KST_TRY((set_att2_smem<64, 4>(err)));
@@ -892,6 +895,25 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         const char *b16 = getenv("KESTREL_GPU_BIAS16");
         g->bias16_first = b16 && strcmp(b16, "1") == 0;
         g->prof = pr && strcmp(pr, "1") == 0 && c->L > 0;
+    }
+    if (g->fused && hs == 64) {
+        /* the wgmma attention kernel: heads of 64 dims on an sm_90 GPU, where this build holds it
+         * (KESTREL_GPU_ATT=2: attention2_kernel, a knob to compare) */
+        const char *a = getenv("KESTREL_GPU_ATT");
+        int dev = 0, want = !(a && strcmp(a, "2") == 0);
+        cudaDeviceProp prop;
+        if (want && cudaGetDevice(&dev) == cudaSuccess && cudaGetDeviceProperties(&prop, dev) == cudaSuccess &&
+            prop.major == 9 && prop.minor == 0) {
+            int *flag = NULL, hf = 0;
+            KST_TRY(kst_gpu_alloc((void **)&flag, sizeof(int), "a flag", err));
+            wgmma_probe_kernel<<<1, 1, 0, g->stream>>>(flag);
+            if (cudaGetLastError() == cudaSuccess &&
+                cudaMemcpyAsync(&hf, flag, sizeof hf, cudaMemcpyDeviceToHost, g->stream) == cudaSuccess &&
+                cudaStreamSynchronize(g->stream) == cudaSuccess && hf == 1)
+                g->att_wg = want;
+            cudaGetLastError();
+            cudaFree(flag);
+        }
     }
     if (g->prof) {
         size_t ne = L * (KST_PROF_STEPS + 1);
@@ -1231,6 +1253,13 @@ static void attention2_nw(kst_bert_gpu *g, int B, int T) {
     else launch_att2<128, NW>(g, B, T);
 }
 static void attention2(kst_bert_gpu *g, int B, int T) {
+    if (g->att_wg) {
+        const kst_bert_config *c = &g->cfg;
+        dim3 grid((unsigned)((T + WG_QR - 1) / WG_QR), (unsigned)c->NH, (unsigned)B);
+        attention_wg_kernel<<<grid, WG_THREADS, WG_SMEM_BYTES, g->stream>>>(g->atty, g->qkv, g->dvalid, T, (int)c->C,
+                                                                            (int)c->NH);
+        return;
+    }
     static int forced = -1;
     if (forced < 0) {
         const char *e = getenv("KESTREL_GPU_ATT_WARPS");

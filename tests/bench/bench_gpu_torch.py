@@ -8,6 +8,7 @@ inputs both sides share. Prints one JSON object per line.
   encode DIR B T...   transformers BertModel in bf16, eval, SDPA attention: eager and
                       torch.compile, docs/s on a (B, T) batch (ids copied from the host each call,
                       as kestrel's), peak GPU memory (KST_TORCH_MODES=eager: eager alone)
+  kernels DIR NAME B T  torch.profiler's CUDA kernels of one eager forward (KST_TORCH_MODELS limits encode)
   search DIR          1M x 384 unit vectors and 10,000 queries (written to DIR as .npy); torch.mm +
                       torch.topk (k=100) in float32 and float16, best of two query chunk sizes
 """
@@ -82,7 +83,8 @@ def models(root, vocab):
 
 def encode(root, B, Ts, reps):
     from transformers import BertModel
-    for name in SHAPES:
+    names = os.environ.get("KST_TORCH_MODELS", ",".join(SHAPES)).split(",")
+    for name in (n for n in SHAPES if n in names):
         d = os.path.join(root, name)
         m = BertModel.from_pretrained(d, attn_implementation="sdpa", dtype=torch.bfloat16).to(dev).eval()
         cm = torch.compile(m)
@@ -115,6 +117,28 @@ def encode(root, B, Ts, reps):
                                   "gpu_peak_bytes": torch.cuda.max_memory_allocated()}), flush=True)
         del m, cm
         torch.cuda.empty_cache()
+
+
+def kernels(root, name, B, T):
+    """torch.profiler's CUDA kernels of one eager forward: name, calls, total ms (a layer's share
+    is total / the model's layers)"""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import BertModel
+    m = BertModel.from_pretrained(os.path.join(root, name), attn_implementation="sdpa",
+                                  dtype=torch.bfloat16).to(dev).eval()
+    ids = torch.randint(1000, 21000, (B, T)).to(dev)
+    mask = torch.ones(B, T, dtype=torch.long, device=dev)
+    with torch.inference_mode():
+        for _ in range(3):
+            m(input_ids=ids, attention_mask=mask)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            m(input_ids=ids, attention_mask=mask)
+            torch.cuda.synchronize()
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+        if e.device_time_total > 0:
+            print(json.dumps({"bench": "torch_kernel", "model": name, "T": T, "kernel": e.key[:120],
+                              "calls": e.count, "total_ms": round(e.device_time_total / 1e3, 4)}), flush=True)
 
 
 def search(root, n=1_000_000, d=384, nq=10_000, k=100):
@@ -164,5 +188,7 @@ if __name__ == "__main__":
         models(sys.argv[2], sys.argv[3])
     elif what == "encode":
         encode(sys.argv[2], int(sys.argv[3]), [int(x) for x in sys.argv[4].split(",")], int(sys.argv[5]))
+    elif what == "kernels":
+        kernels(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif what == "search":
         search(sys.argv[2])

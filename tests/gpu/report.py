@@ -26,7 +26,8 @@ variants = [r for r in rows if r["bench"] == "encode" and r.get("variant", "fuse
 if variants:
     print("\nthe same, other paths of bert_gpu.cu (KESTREL_GPU_FUSED=0: cuBLAS + separate bias/GELU kernels and "
           "the previous attention kernel; KESTREL_GPU_EXACT_GELU=1: erf GELU in its own kernel; "
-          "KESTREL_GPU_GEMM_TUNE=0: cuBLASLt's first algorithm, untimed)")
+          "KESTREL_GPU_GEMM_TUNE=0: cuBLASLt's first algorithm, untimed; KESTREL_GPU_ATT=2: the mma.sync attention kernel "
+          "instead of the wgmma one for 64-dim heads)")
     for k in rows:
         if k["bench"] != "encode":
             continue

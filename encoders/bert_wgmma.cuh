@@ -1,0 +1,240 @@
+/* bert_wgmma.cuh - the Hopper (sm_90a) attention kernel for heads of 64 dims: warpgroup matrix
+ * products (wgmma) for S = Q K^T (both operands in shared memory) and O += P V (P from registers,
+ * V in shared memory read transposed by the instruction), the online softmax of attention2_kernel
+ * on the S accumulators in between. Q, K and V tiles are rows of 64 bf16 (128 bytes) in the
+ * 128-byte swizzled layout the instruction's descriptors describe (16-byte chunk c of row r at
+ * r * 128 + ((c ^ (r & 7)) << 4), tiles 1024-byte aligned), filled by cp.async. Built only where
+ * the compiler targets sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the kernel is an empty stub
+ * and wgmma_probe_kernel reports 0, so that the host keeps attention2_kernel. */
+#ifndef KST_ENCODERS_BERT_WGMMA_CUH
+#define KST_ENCODERS_BERT_WGMMA_CUH
+
+#include "encoders/bert_mma.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define KST_WGMMA 1
+#else
+#define KST_WGMMA 0
+#endif
+
+/* byte offset of 16-byte chunk c of row r in a swizzled tile of 128-byte rows */
+static __device__ __forceinline__ uint32_t sw128(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
+
+/* shared-memory matrix descriptor, 128-byte swizzle; SBO 1024 bytes (8 rows of 128 bytes) */
+static __device__ __forceinline__ uint64_t wg_desc(uint32_t addr, uint32_t lbo) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+
+#if KST_WGMMA
+static __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+static __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+static __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+static __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+/* keeps the compiler from moving accesses of d across the asynchronous products */
+static __device__ __forceinline__ void reg_fence(float (&d)[32]) {
+#pragma unroll
+    for (int i = 0; i < 32; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+/* d (64 x 64, float32) (+)= A (64 x 16, descriptor) B (16 x 64, descriptor, K-major) */
+static __device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(da), "l"(db), "r"(scale_d));
+}
+/* d (64 x 64) += A (64 x 16, registers) B (16 x 64, descriptor; TB = 1: MN-major, read transposed) */
+template <int TB>
+static __device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
+    asm volatile("{\nwgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1, %37;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(TB));
+}
+#endif
+
+#define WG_KT 64 /* keys a tile */
+
+/* Two warpgroups a block (128 query rows: 2 blocks an SM, 16 warps, at most 128 registers a
+ * thread), a ring of 4 K/V tile slots. Measured on an H100 (BERT-base, B = 256, tests/bench/
+ * README.md): one warpgroup a block, 2 or 3 slots, 4 warpgroups, V transposed in shared memory
+ * and each product waited for at once were all slower or no faster. */
+#define WG_NWG 2
+#define WG_NS 4
+#define WG_QR (64 * WG_NWG)
+#define WG_THREADS (128 * WG_NWG)
+
+/* dynamic shared memory: Q (WG_QR rows), WG_NS slots of a K and a V tile, 1024 bytes of
+ * alignment slack */
+struct wg_smem {
+    static constexpr uint32_t q = 0, k = WG_QR * 128, v = k + WG_NS * WG_KT * 128;
+    static constexpr size_t bytes = v + WG_NS * WG_KT * 128 + 1024;
+};
+#define WG_SMEM_BYTES wg_smem::bytes
+
+/* grid (query tiles of WG_QR rows, heads, batch), warpgroups of 64 query rows; hs = 64.
+ * Masking as attention2_kernel: keys at or past valid[b] get -inf, tiles wholly past it are
+ * skipped, K/V rows past it are zero-filled; every query row below T is computed and written.
+ * K/V tiles go through the ring, loaded two tiles ahead of the one in use, and each tile's P V
+ * overlaps the next tile's wait and Q K^T (see the loop). */
+__global__ void __launch_bounds__(WG_THREADS, 2)
+attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *valid, int T, int C, int NH) {
+#if KST_WGMMA
+    typedef wg_smem L;
+    constexpr int NS = WG_NS, QR = WG_QR, NT = WG_THREADS;
+    extern __shared__ unsigned char wg_smem_raw[];
+    unsigned char *sm = wg_smem_raw + ((1024 - (smem_u32(wg_smem_raw) & 1023)) & 1023);
+    const uint32_t sb = smem_u32(sm);
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * QR, h = blockIdx.y, b = blockIdx.z;
+    int Lv = valid[b];
+    if (Lv > T) Lv = T;
+    if (Lv < 1) Lv = 1;
+    const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
+    const int ntiles = (Lv + WG_KT - 1) / WG_KT;
+    const __nv_bfloat16 *base = qkv + (size_t)b * T * 3 * C + (size_t)h * 64;
+    auto load = [&](uint32_t off, int part, int r0, int R, int rows) {
+#pragma unroll
+        for (int j = 0; j < (R * 8 + NT - 1) / NT; j++) {
+            int i = tid + j * NT;
+            if (i < R * 8) {
+                int r = i >> 3, c = i & 7;
+                bool ok = r0 + r < rows;
+                const __nv_bfloat16 *src = ok ? base + (size_t)(r0 + r) * 3 * C + (size_t)part * C + c * 8 : base;
+                cp_async16(sm + off + sw128(r, c), src, ok ? 16 : 0);
+            }
+        }
+    };
+    auto load_tile = [&](int tile) { /* K and V of key tile `tile` into its slot */
+        if (tile < ntiles) {
+            load(L::k + (tile % NS) * WG_KT * 128, 1, tile * WG_KT, WG_KT, Lv);
+            load(L::v + (tile % NS) * WG_KT * 128, 2, tile * WG_KT, WG_KT, Lv);
+        }
+    };
+    float o[32], sc[32];
+    uint32_t pa[4][4]; /* P of the tile in flight; kept live until its product is waited for */
+#pragma unroll
+    for (int i = 0; i < 32; i++) o[i] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    /* S = Q K^T of tile kt into sc (issued, not waited for) */
+    auto issue_s = [&](int kt) {
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            wgmma_ss(sc, wg_desc(sb + L::q + wg * 64 * 128 + kk * 32, 16),
+                     wg_desc(sb + L::k + (kt % NS) * WG_KT * 128 + kk * 32, 16), kk > 0);
+        wg_commit();
+    };
+    /* the online softmax of tile kt's scores, O rescaled, then O += P V issued (not waited for) */
+    auto softmax_pv = [&](int kt) {
+        const int k0 = kt * WG_KT;
+        if (k0 + WG_KT > Lv) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const int key = k0 + j * 8 + t * 2;
+                if (key >= Lv) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
+                if (key + 1 >= Lv) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
+        const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
+        const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float p0 = ex2_approx(fmaf(sc[4 * j], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[4 * j + 1], qscale, -mn0));
+            const float p2 = ex2_approx(fmaf(sc[4 * j + 2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[4 * j + 3], qscale, -mn1));
+            s0 += p0 + p1;
+            s1 += p2 + p3;
+            pa[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
+            pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
+        }
+        l0 = l0 * al0 + s0;
+        l1 = l1 * al1 + s1;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            o[4 * j] *= al0;
+            o[4 * j + 1] *= al0;
+            o[4 * j + 2] *= al1;
+            o[4 * j + 3] *= al1;
+        }
+        wg_fence();
+#pragma unroll
+        for (int jj = 0; jj < 4; jj++)
+            wgmma_rs<1>(o, pa[jj], wg_desc(sb + L::v + (kt % NS) * WG_KT * 128 + jj * 16 * 128, 8192));
+        wg_commit();
+    };
+    /* cp.async group j holds tile j (group 0 also Q); each thread waits for its own copies, then
+     * makes them visible to the products (async proxy) and to the other threads */
+    load(L::q, 0, q0, QR, T);
+    load_tile(0);
+    cp_async_commit();
+    /* P V of tile kt runs while the warps wait for tile kt + 1 and issue its Q K^T into sc
+     * (free once P is in registers); one wait covers both, so no product is in flight across
+     * iterations. Tile kt + NS - 1 goes into the slot of tile kt - 1, which no product reads
+     * any more once every warp has passed this iteration's barrier. */
+#pragma unroll
+    for (int p = 1; p < NS - 1; p++) {
+        load_tile(p);
+        cp_async_commit();
+    }
+    cp_async_wait<NS - 2>(); /* group 0 */
+    fence_async_smem();
+    __syncthreads();
+    issue_s(0);
+    wg_wait<0>();
+    reg_fence(sc);
+    for (int kt = 0; kt < ntiles; kt++) {
+        softmax_pv(kt);
+        if (kt + 1 < ntiles) {
+            cp_async_wait<NS - 3>(); /* groups 0 .. kt + 1 */
+            fence_async_smem();
+            __syncthreads();
+            load_tile(kt + NS - 1);
+            cp_async_commit();
+            issue_s(kt + 1);
+        }
+        wg_wait<0>();
+        reg_fence(o);
+        reg_fence(sc);
+#pragma unroll
+        for (int i = 0; i < 16; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
+    }
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    /* the warp's own 16 rows of the Q tile hold its output, then go out in 16-byte chunks */
+    unsigned char *os = sm + L::q + wg * 64 * 128;
+    const int r0 = warp * 16 + g, r1 = r0 + 8;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        *reinterpret_cast<uint32_t *>(os + sw128(r0, j) + t * 4) = pack_bf16(o[4 * j] * i0, o[4 * j + 1] * i0);
+        *reinterpret_cast<uint32_t *>(os + sw128(r1, j) + t * 4) = pack_bf16(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int i = lane + j * 32, r = warp * 16 + (i >> 3), c = i & 7, row = q0 + wg * 64 + r;
+        if (row < T)
+            *reinterpret_cast<uint4 *>(out + ((size_t)b * T + row) * C + (size_t)h * 64 + c * 8) =
+                *reinterpret_cast<const uint4 *>(os + sw128(r, c));
+    }
+#endif
+}
+
+/* 1 when this build holds the wgmma kernel (compiled for sm_90a) */
+__global__ void wgmma_probe_kernel(int *flag) { *flag = KST_WGMMA; }
+
+#endif
