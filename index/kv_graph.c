@@ -11,6 +11,7 @@
 
 #include "core/blas.h"
 #include "core/check.h"
+#include "core/half.h"
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #ifdef KST_CUDA
@@ -370,6 +371,44 @@ static size_t select_diverse(const kst_kvg *g, const void *K, int f16, size_t d,
     return n;
 }
 
+/* select_diverse where candidates at or past `limit` (a batch's nodes, not linked yet) have no
+ * norm in the graph: distances involving them computed from the rows. */
+static float dist2_rows(const kst_kvg *g, const void *K, int f16, size_t d, const float *xa, uint32_t a,
+                        uint32_t b, size_t limit) {
+    if (a < limit && b < limit) return dist2(g, K, f16, d, xa, a, b);
+    const char *rb = krow(K, f16, b, d);
+    float s = 0;
+    for (size_t j = 0; j < d; j++) {
+        float v = f16 ? kst_f16_to_f32(((const uint16_t *)rb)[j]) : ((const float *)rb)[j];
+        s += (xa[j] - v) * (xa[j] - v);
+    }
+    return s;
+}
+static size_t select_diverse_rows(const kst_kvg *g, const void *K, int f16, size_t d, const uint32_t *cid,
+                                  const float *cdist, size_t nc, size_t want, uint32_t *out, float *outd,
+                                  float *tmp, size_t limit) {
+    size_t n = 0;
+    for (size_t i = 0; i < nc && n < want; i++) {
+        kst_kv_rows_f32(tmp, K, f16, cid[i], 1, d);
+        int keep = 1;
+        for (size_t j = 0; j < n && keep; j++)
+            if (dist2_rows(g, K, f16, d, tmp, cid[i], out[j], limit) < cdist[i]) keep = 0;
+        if (keep) {
+            outd[n] = cdist[i];
+            out[n++] = cid[i];
+        }
+    }
+    for (size_t i = 0; i < nc && n < want / 2; i++) {
+        int have = 0;
+        for (size_t j = 0; j < n && !have; j++) have = out[j] == cid[i];
+        if (!have) {
+            outd[n] = cdist[i];
+            out[n++] = cid[i];
+        }
+    }
+    return n;
+}
+
 /* Adds edge a -> x (squared distance dax); a full node keeps its nearest: x replaces the
  * farthest replaceable edge when nearer. Co-retrieval edges (distance -1) are never replaced. */
 static void add_back_edge(kst_kvg *g, uint32_t a, uint32_t x, float dax) {
@@ -403,7 +442,10 @@ static size_t plan_links(const kst_kvg *g, const void *K, int f16, size_t d, uin
     if (have >= g->M || limit == 0) return 0;
     float *q = tmp + d;
     kst_kv_rows_f32(q, K, f16, x, 1, d);
+    double tb0 = s->prof ? mono_s() : 0;
     if (beam(g, K, f16, d, q, g->efc, 1, limit, s, NULL) != KST_OK) return (size_t)-1;
+    double tb1 = s->prof ? mono_s() : 0;
+    if (s->prof) s->t_ibeam += tb1 - tb0;
     /* drain into the candidate heap's own arrays, nearest first */
     size_t nc = s->rn;
     uint32_t *cid = s->ci;
@@ -419,7 +461,9 @@ static size_t plan_links(const kst_kvg *g, const void *K, int f16, size_t d, uin
             cd[m++] = g->norm2[x] - 2.0f * cd[i]; /* score -> squared distance */
         }
     }
-    return select_diverse(g, K, f16, d, cid, cd, m, g->M - have, sel, seld, tmp);
+    size_t r = select_diverse(g, K, f16, d, cid, cd, m, g->M - have, sel, seld, tmp);
+    if (s->prof) s->t_iselect += mono_s() - tb1;
+    return r;
 }
 
 static void apply_links(kst_kvg *g, uint32_t x, const uint32_t *sel, const float *seld, size_t n) {
@@ -522,14 +566,75 @@ int kst_kvg_insert(kst_kvg *g, const void *K, int f16, size_t d, kst_kvg_scratch
         kst_free(tmp);
         return kst_fail(err, KST_ERR_NOMEM, "kv graph: out of memory linking a key");
     }
+    double ta0 = s->prof ? mono_s() : 0;
     apply_links(g, x, sel, seld, c);
     if (g->codes) code_row(g, K, f16, x, d, tmp);
+    if (s->prof) s->t_iapply += mono_s() - ta0;
     kst_free(tmp);
     g->n++;
     /* A graph without entry points of its own (key-only, or still small) spreads them anew as
      * it grows; the attention-aware one keeps its hubs. */
     if (!g->hub_entries && g->n_entry < g->max_entry) spread_entries(g);
     return KST_OK;
+}
+
+int kst_kvg_reserve(kst_kvg *g, size_t n, kst_error *err) {
+    if (n >= UINT32_MAX - 1) return kst_fail(err, KST_ERR_INVALID, "kv graph holds the most keys it can (%zu)", g->n);
+    return reserve(g, n, err);
+}
+
+size_t kst_kvg_plan(const kst_kvg *g, const void *K, int f16, size_t d, uint32_t x, size_t limit,
+                    kst_kvg_scratch *s, uint32_t *sel, float *seld, float *tmp, float *norm2) {
+    *norm2 = sqnorm(K, f16, x, d, tmp);
+    /* plan_links reads norm2[x] and deg[x] of the new node: both are the caller's (x >= g->n,
+     * no search reaches it), so a plan reads the graph only */
+    if (limit == 0) return 0;
+    float *q = tmp + d;
+    kst_kv_rows_f32(q, K, f16, x, 1, d);
+    double tb0 = s->prof ? mono_s() : 0;
+    if (beam(g, K, f16, d, q, g->efc, 1, limit, s, NULL) != KST_OK) return (size_t)-1;
+    double tb1 = s->prof ? mono_s() : 0;
+    if (s->prof) s->t_ibeam += tb1 - tb0;
+    size_t nc = drain(s, s->ci, s->cs, s->rn), m = 0;
+    uint32_t *cid = s->ci;
+    float *cd = s->cs;
+    for (size_t i = 0; i < nc; i++)
+        if (cid[i] != x) {
+            cid[m] = cid[i];
+            cd[m++] = *norm2 - 2.0f * cd[i]; /* score -> squared distance */
+        }
+    /* the batch's nodes before x (up to 64 of them), not in the graph yet: their distances
+     * computed here, merged into the candidates by distance (as if inserted one by one) */
+    size_t b0 = x - limit > 64 ? x - 64 : limit;
+    for (size_t y = b0; y < x && m < s->ccap; y++) {
+        float dy = *norm2 - 2.0f * kst_kv_dot(tmp + d, krow(K, f16, y, d), f16, d);
+        kst_kv_rows_f32(tmp, K, f16, y, 1, d);
+        float ny = 0;
+        for (size_t j = 0; j < d; j++) ny += tmp[j] * tmp[j];
+        dy += ny;
+        size_t i = m++;
+        for (; i > 0 && cd[i - 1] > dy; i--) {
+            cd[i] = cd[i - 1];
+            cid[i] = cid[i - 1];
+        }
+        cd[i] = dy;
+        cid[i] = (uint32_t)y;
+    }
+    /* select_diverse reads the candidates' norms from the graph: the batch's are not there
+     * yet, so their distances to kept neighbours come from their rows (dist2 below) */
+    size_t r = select_diverse_rows(g, K, f16, d, cid, cd, m, g->M, sel, seld, tmp, limit);
+    if (s->prof) s->t_iselect += mono_s() - tb1;
+    return r;
+}
+
+void kst_kvg_link(kst_kvg *g, const void *K, int f16, size_t d, uint32_t x, float norm2,
+                  const uint32_t *sel, const float *seld, size_t n, float *tmp) {
+    g->norm2[x] = norm2;
+    g->deg[x] = 0;
+    apply_links(g, x, sel, seld, n);
+    if (g->codes) code_row(g, K, f16, x, d, tmp);
+    if (x >= g->n) g->n = (size_t)x + 1;
+    if (!g->hub_entries && g->n_entry < g->max_entry) spread_entries(g);
 }
 
 int kst_kvg_build_keys(kst_kvg *g, const void *K, int f16, size_t n, size_t d, kst_error *err) {

@@ -78,6 +78,8 @@ typedef struct kst_kvg_scratch {
     double t_rerank;
     double t_entry;  /* kst_kvg_search_multi: seconds choosing the entry points (with prof) */
     size_t hops;
+    double t_ibeam, t_iselect, t_iapply; /* kst_kvg_insert with prof: its beam search, neighbour
+                                            selection, linking (edges, back edges, code) */
     uint8_t *fl; size_t flcap;                       /* kst_kvg_search_multi: pool flags */
     int no_vnni;   /* kst_kvg_search_multi: score codes in float even where AVX-512 VNNI is */
     int pf_push;   /* kst_kvg_search_multi: a node's edges are read once it joins the beam (1),
@@ -117,6 +119,20 @@ int kst_kvg_build_keys(kst_kvg *g, const void *K, int f16, size_t n, size_t d, k
 /* Adds node g->n (row g->n of K) linked to its near keys, with edges back. */
 int kst_kvg_insert(kst_kvg *g, const void *K, int f16, size_t d, kst_kvg_scratch *s,
                    kst_error *err);
+
+/* Batch insertion (index/kv.c's appends): nodes g->n .. g->n + B - 1 are planned apart, then
+ * linked in order. kst_kvg_reserve makes room for n nodes (exclusive use: moves the arrays).
+ * kst_kvg_plan plans the links of node x >= g->n (row x of K present) among nodes [0, limit)
+ * by key-key search (as kst_kvg_insert does): it only reads the graph, so plans may run while
+ * searches do, on another thread; sel / seld get up to M neighbours (squared distances), *norm2
+ * |k_x|^2; tmp holds 2 * d floats. Returns the count, (size_t)-1 on memory failure.
+ * kst_kvg_link applies a plan (exclusive use: edges both ways, the code) and makes the graph
+ * hold nodes up to x; link x = g->n first. */
+int kst_kvg_reserve(kst_kvg *g, size_t n, kst_error *err);
+size_t kst_kvg_plan(const kst_kvg *g, const void *K, int f16, size_t d, uint32_t x, size_t limit,
+                    kst_kvg_scratch *s, uint32_t *sel, float *seld, float *tmp, float *norm2);
+void kst_kvg_link(kst_kvg *g, const void *K, int f16, size_t d, uint32_t x, float norm2,
+                  const uint32_t *sel, const float *seld, size_t n, float *tmp);
 
 /* Exact top-k keys by inner product for each of nq queries: ids (nq, k) and scores (nq, k),
  * best first (scores may be NULL). k <= n. Uses sgemm in blocks. */
