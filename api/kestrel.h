@@ -310,11 +310,12 @@ typedef struct kst_kv_opts {
                                  ignored) and steer the searches by the codes, the ef best
                                  re-scored exactly from the keys */
     size_t append_batch;      /* default 64; tokens leaving the window join the index this many
-                                 at a time, linked by a background thread while decode steps go
-                                 on (KESTREL_KV_APPEND_WORKER=0: by the appending call); until
-                                 then they are attended exactly with the window (the GPU holds
-                                 window + 4 * append_batch ring slots). 0 or 1: each token is
-                                 linked by the append that moves it out of the window */
+                                 at a time, linked by the append that completes a batch (on all
+                                 its threads; KESTREL_KV_APPEND_WORKER=1: by a background thread
+                                 while decode steps go on); until then they are attended exactly
+                                 with the window (the GPU holds window + 4 * append_batch ring
+                                 slots). 0 or 1: each token is linked by the append that moves
+                                 it out of the window */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */

@@ -63,7 +63,7 @@ typedef struct kv_job {
     int fail;             /* a plan ran out of memory (atomic) */
     int workers;          /* worker threads inside the item loop (under the mutex) */
     uint32_t *sel;        /* (items, M) planned neighbours */
-    float *seld, *nrm;    /* (items, M) their squared distances; (items) |k|^2 */
+    float *seld;          /* (items, M) their squared distances */
     size_t *cnt;          /* (items) neighbours planned */
     size_t cap;           /* items allocated */
 } kv_job;
@@ -83,6 +83,7 @@ typedef struct kv_layer {
 
 /* One thread's scratch for the decode step. */
 #define KV_IL_MAX 8 /* query heads searched interleaved by one task at most */
+#define KV_PLAN_IL 4 /* batch appends: plans interleaved by one thread (<= KV_IL_MAX) */
 
 typedef struct kv_thread {
     kst_kvg_scratch s;
@@ -122,6 +123,7 @@ struct kst_kvc {
     size_t spread, spread_keep; /* kst_kvc_set_spread */
     size_t batch, pmax;   /* append_batch (>= 1); pending tokens allowed before an append helps */
     size_t ring;          /* GPU ring slots: window + pmax */
+    size_t plan_il;       /* plans interleaved per thread (1..KV_PLAN_IL; KESTREL_KV_PLAN_IL) */
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
     /* the background planner (kst_kvc_set_append_worker) */
     int wk_on, wk_started, wk_stop;
@@ -235,11 +237,16 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->batch = o.append_batch > 1 ? o.append_batch : 1;
     c->pmax = c->batch > 1 ? 4 * c->batch : 0;
     c->ring = o.window + c->pmax ? o.window + c->pmax : 1;
-    c->wk_on = !(getenv("KESTREL_KV_APPEND_WORKER") && atoi(getenv("KESTREL_KV_APPEND_WORKER")) == 0);
+    c->plan_il = getenv("KESTREL_KV_PLAN_IL") ? (size_t)atoi(getenv("KESTREL_KV_PLAN_IL")) : KV_PLAN_IL;
+    if (c->plan_il < 1 || c->plan_il > KV_PLAN_IL) c->plan_il = KV_PLAN_IL;
+    /* off by default: with every core in the decode steps (bench README) the worker only takes
+     * time from them, and an append that must wait for its plan waits for a thread the step's
+     * spinning threads keep off the cores */
+    c->wk_on = getenv("KESTREL_KV_APPEND_WORKER") && atoi(getenv("KESTREL_KV_APPEND_WORKER")) == 1;
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv_work, NULL);
     pthread_cond_init(&c->cv_idle, NULL);
-    c->ptmp = kst_malloc((size_t)c->nth * 2, o.head_dim * sizeof(float), "kv cache plan scratch", err);
+    c->ptmp = kst_malloc((size_t)c->nth * 2 * KV_PLAN_IL, o.head_dim * sizeof(float), "kv cache plan scratch", err);
     c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);
     c->th = kst_calloc((size_t)c->nth, sizeof *c->th, "kv cache threads", err);
     c->lse_buf = kst_calloc(o.q_heads, sizeof(float), "kv cache lse", err);
@@ -292,7 +299,6 @@ void kst_kvc_free(kst_kvc *c) {
             kv_layer *L = &c->layers[l];
             kst_free(L->job.sel);
             kst_free(L->job.seld);
-            kst_free(L->job.nrm);
             kst_free(L->job.cnt);
             kst_free(L->cost);
             kst_free(L->order);
@@ -433,32 +439,51 @@ static int index_leavers(kst_kvc *c, kv_layer *L, kst_error *err) {
 /* ------------------------------------------------------------------------------------------ */
 /* batch appends (kv.h, kst_kvc_append) */
 
-/* Plans the job's items that are left, one at a time (the worker, or a thread of the appending
- * call): s and tmp (2 * head_dim floats) the caller's own. */
-static void job_work(kst_kvc *c, kv_layer *L, kv_job *J, kst_kvg_scratch *s, float *tmp) {
+/* Plans the job's items that are left, KV_PLAN_IL at a time interleaved on one thread (their
+ * memory latencies overlap: kst_kvg_plan_multi), by the worker or a thread of the appending
+ * call: s (KV_PLAN_IL scratches) and tmp (KV_PLAN_IL * 2 * head_dim floats) the caller's own. */
+static void job_work(kst_kvc *c, kv_layer *L, kv_job *J, kst_kvg_scratch **s, float *tmp, size_t il) {
     const kst_kvc_opts *o = &c->o;
     size_t M = L->heads[0].g.M;
     for (;;) {
-        size_t i = __atomic_fetch_add(&J->next, 1, __ATOMIC_ACQ_REL);
-        if (i >= J->items) break;
-        kv_hstore *H = &L->heads[i / J->n];
-        size_t r = kst_kvg_plan(&H->g, rows_at(c, H->K, o->sinks), o->f16, o->head_dim,
-                                (uint32_t)(J->lo + i % J->n), J->lo, s, J->sel + i * M, J->seld + i * M, tmp,
-                                &J->nrm[i]);
-        if (r == (size_t)-1) {
-            __atomic_store_n(&J->fail, 1, __ATOMIC_RELAXED);
-            r = 0;
+        size_t i0 = __atomic_fetch_add(&J->next, il, __ATOMIC_ACQ_REL);
+        if (i0 >= J->items) break;
+        size_t np = J->items - i0 < il ? J->items - i0 : il;
+        kst_kvg_plan_item it[KV_PLAN_IL];
+        float *tp[KV_PLAN_IL];
+        for (size_t a = 0; a < np; a++) {
+            size_t i = i0 + a;
+            kv_hstore *H = &L->heads[i / J->n];
+            kst_kvg_plan_item x = {&H->g, rows_at(c, H->K, o->sinks), (uint32_t)(J->lo + i % J->n), J->lo,
+                                   J->sel + i * M, J->seld + i * M, 0, 0};
+            it[a] = x;
+            tp[a] = tmp + a * 2 * o->head_dim;
         }
-        J->cnt[i] = r;
-        __atomic_fetch_add(&J->done, 1, __ATOMIC_RELEASE);
+        kst_kvg_plan_multi(it, np, o->f16, o->head_dim, s, tp);
+        for (size_t a = 0; a < np; a++) {
+            size_t r = it[a].count;
+            if (r == (size_t)-1) {
+                __atomic_store_n(&J->fail, 1, __ATOMIC_RELAXED);
+                r = 0;
+            }
+            J->cnt[i0 + a] = r;
+        }
+        __atomic_fetch_add(&J->done, np, __ATOMIC_RELEASE);
     }
+}
+
+/* Thread t's KV_PLAN_IL scratches for job_work: its search scratch and interleaved ones. */
+static void plan_scratches(kst_kvc *c, int t, kst_kvg_scratch **s) {
+    s[0] = &c->th[t].s;
+    for (size_t a = 1; a < KV_PLAN_IL; a++) s[a] = &c->th[t].sx[a - 1];
 }
 
 static void *worker_main(void *arg) {
     kst_kvc *c = arg;
-    kst_kvg_scratch s;
-    memset(&s, 0, sizeof s);
-    float *tmp = malloc(2 * c->o.head_dim * sizeof(float));
+    kst_kvg_scratch sc[KV_PLAN_IL], *s[KV_PLAN_IL];
+    memset(sc, 0, sizeof sc);
+    for (size_t a = 0; a < KV_PLAN_IL; a++) s[a] = &sc[a];
+    float *tmp = malloc(KV_PLAN_IL * 2 * c->o.head_dim * sizeof(float));
     pthread_mutex_lock(&c->mu);
     while (!c->wk_stop) {
         kv_layer *L = NULL;
@@ -472,13 +497,14 @@ static void *worker_main(void *arg) {
         }
         L->job.workers++;
         pthread_mutex_unlock(&c->mu);
-        job_work(c, L, &L->job, &s, tmp);
+        job_work(c, L, &L->job, s, tmp, 1); /* one plan at a time: an append that must finish
+                                               the batch waits for one plan at most */
         pthread_mutex_lock(&c->mu);
         L->job.workers--;
         pthread_cond_broadcast(&c->cv_idle);
     }
     pthread_mutex_unlock(&c->mu);
-    kst_kvg_scratch_free(&s);
+    for (size_t a = 0; a < KV_PLAN_IL; a++) kst_kvg_scratch_free(&sc[a]);
     free(tmp);
     return NULL;
 }
@@ -496,11 +522,12 @@ static int job_launch(kst_kvc *c, kv_layer *L, size_t n, kst_error *err) {
     pthread_mutex_lock(&c->mu);
     while (J->workers) pthread_cond_wait(&c->cv_idle, &c->mu);
     pthread_mutex_unlock(&c->mu);
-    for (size_t h = 0; h < o->kv_heads; h++) KST_TRY(kst_kvg_reserve(&L->heads[h].g, lo + n, err));
+    for (size_t h = 0; h < o->kv_heads; h++)
+        KST_TRY(kst_kvg_stage(&L->heads[h].g, rows_at(c, L->heads[h].K, o->sinks), o->f16, o->head_dim, lo + n,
+                              c->ptmp, err));
     if (J->cap < items) {
         KST_TRY(kst_realloc((void **)&J->sel, items, M * sizeof(uint32_t), "kv append plans", err));
         KST_TRY(kst_realloc((void **)&J->seld, items, M * sizeof(float), "kv append plans", err));
-        KST_TRY(kst_realloc((void **)&J->nrm, items, sizeof(float), "kv append plans", err));
         KST_TRY(kst_realloc((void **)&J->cnt, items, sizeof(size_t), "kv append plans", err));
         J->cap = items;
     }
@@ -536,11 +563,11 @@ static int job_apply(kst_kvc *c, kv_layer *L, kst_error *err) {
 #pragma omp parallel for schedule(static) if (o->kv_heads > 1)
         for (size_t h = 0; h < o->kv_heads; h++) {
             kv_hstore *H = &L->heads[h];
-            float *tmp = c->ptmp + (size_t)omp_get_thread_num() * 2 * o->head_dim;
+            float *tmp = c->ptmp + (size_t)omp_get_thread_num() * KV_PLAN_IL * 2 * o->head_dim;
             for (size_t i = 0; i < J->n; i++) {
                 size_t it = h * J->n + i;
                 kst_kvg_link(&H->g, rows_at(c, H->K, o->sinks), o->f16, o->head_dim, (uint32_t)(J->lo + i),
-                             J->nrm[it], J->sel + it * M, J->seld + it * M, J->cnt[it], tmp);
+                             J->sel + it * M, J->seld + it * M, J->cnt[it], tmp);
             }
         }
     }
@@ -558,8 +585,12 @@ static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err) {
     kv_job *J = &L->job;
     if (J->state != KV_JOB_QUEUED) return KST_OK;
     if (__atomic_load_n(&J->next, __ATOMIC_ACQUIRE) < J->items) {
-#pragma omp parallel if (J->items > 1)
-        job_work(c, L, J, &c->th[omp_get_thread_num()].s, c->ptmp + (size_t)omp_get_thread_num() * 2 * c->o.head_dim);
+#pragma omp parallel if (J->items > KV_PLAN_IL)
+        {
+            kst_kvg_scratch *s[KV_PLAN_IL];
+            plan_scratches(c, omp_get_thread_num(), s);
+            job_work(c, L, J, s, c->ptmp + (size_t)omp_get_thread_num() * KV_PLAN_IL * 2 * c->o.head_dim, c->plan_il);
+        }
     }
     while (__atomic_load_n(&J->done, __ATOMIC_ACQUIRE) < J->items) sched_yield();
     return job_apply(c, L, err);
@@ -612,6 +643,36 @@ size_t kst_kvc_pending(const kst_kvc *c, size_t layer) {
     return target - L->heads[0].g.n;
 }
 
+/* Rows of n tokens per KV head (the batch in flight, which reads them, finished first). */
+static int grow_rows(kst_kvc *c, kv_layer *L, size_t n, kst_error *err) {
+    int rc = KST_OK;
+    if (n <= L->cap) return KST_OK;
+    KST_TRY(job_finish(c, L, err));
+    size_t rowb = c->o.head_dim * c->esize, cap = L->cap ? L->cap : 256;
+    while (cap < n) cap *= 2;
+    for (size_t h = 0; h < c->o.kv_heads; h++) {
+        KST_TRY(kst_kvg_grow_big(&L->heads[h].K, L->n * rowb, cap * rowb, "cached keys", err));
+        KST_TRY(kst_kvg_grow_big(&L->heads[h].V, L->n * rowb, cap * rowb, "cached values", err));
+    }
+    L->cap = cap;
+done:
+    return rc;
+}
+
+int kst_kvc_reserve(kst_kvc *c, size_t layer, size_t n, kst_error *err) {
+    int rc = check_layer(c, layer, "kst_kv_reserve", err);
+    if (rc != KST_OK) return rc;
+    kv_layer *L = &c->layers[layer];
+    KST_TRY(grow_rows(c, L, n, err));
+    if (L->built && n > c->o.sinks + c->o.window) {
+        KST_TRY(job_finish(c, L, err));
+        for (size_t h = 0; h < c->o.kv_heads; h++)
+            KST_TRY(kst_kvg_reserve(&L->heads[h].g, n - c->o.sinks - c->o.window, err));
+    }
+done:
+    return rc;
+}
+
 int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *values, size_t n,
                    kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_append", err);
@@ -624,17 +685,7 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
         return kst_fail(err, KST_ERR_INVALID, "kst_kv_append: layer %zu would hold more than 2^32 tokens", layer);
     size_t rowb = o->head_dim * c->esize;
     double pa0 = c->prof ? mono_s() : 0, pa1 = pa0, pa2 = pa0;
-    if (L->n + n > L->cap) {
-        /* the rows move: the batch in flight (which reads them) is finished first */
-        KST_TRY(job_finish(c, L, err));
-        size_t cap = L->cap ? L->cap : 256;
-        while (cap < L->n + n) cap *= 2;
-        for (size_t h = 0; h < o->kv_heads; h++) {
-            KST_TRY(kst_kvg_grow_big(&L->heads[h].K, L->n * rowb, cap * rowb, "cached keys", err));
-            KST_TRY(kst_kvg_grow_big(&L->heads[h].V, L->n * rowb, cap * rowb, "cached values", err));
-        }
-        L->cap = cap;
-    }
+    KST_TRY(grow_rows(c, L, L->n + n, err)); /* the rows may move */
     /* (n, kv_heads, d) -> per head (n, d) */
     for (size_t t = 0; t < n; t++)
         for (size_t h = 0; h < o->kv_heads; h++) {

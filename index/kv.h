@@ -77,21 +77,27 @@ size_t kst_kvc_indexed(const kst_kvc *c, size_t layer);
  * When the layer is indexed, tokens leaving the window are linked into the index: with
  * append_batch B > 1, B at a time. Until linked they are pending: attended exactly, as the
  * window is (on the GPU with it: the GPU's ring holds window + 4B slots). Once B are pending,
- * their links are planned (each a key-key search of its KV head's graph, which only reads it)
- * by a background thread (kst_kvc_set_append_worker; else at once by the appending call's
- * threads), while decode steps go on; an append that finds the plans done links them in (a
- * few microseconds a token: the edges both ways, the code), between steps. An append that
- * would leave more than 4B pending first helps plan and links the batch in flight (so the
- * lag is bounded). On failure the layer's tokens stay (pending tokens stay pending). */
+ * their links are planned (each a key-key search of its KV head's graph, which only reads it):
+ * by the appending call on all its threads (the default), or by a background thread while
+ * decode steps go on (kst_kvc_set_append_worker), in which case an append that finds the plans
+ * done links them in (a few microseconds a token: the edges both ways, the code), between
+ * steps, and one that would leave more than 4B pending first helps plan the batch in flight
+ * (so the lag is bounded). On failure the layer's tokens stay (pending tokens stay pending). */
 int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *values, size_t n,
                    kst_error *err);
 
 /* Links every pending token of the layer into its index now (waits for the batch in flight;
  * tests and callers that want the index complete). */
 int kst_kvc_flush(kst_kvc *c, size_t layer, kst_error *err);
-/* The background planner of batch appends: on (1, the default unless KESTREL_KV_APPEND_WORKER=0
- * in the environment at creation) or off (0: plans made by the appending call). */
+/* The background planner of batch appends: off (0, the default: the append that completes a
+ * batch plans it on all its OpenMP threads) or on (1, or KESTREL_KV_APPEND_WORKER=1 in the
+ * environment at creation: one background thread plans the batches while decode steps go on,
+ * for callers whose CPU has idle time between steps; an append that finds more than 4B
+ * pending helps it finish). */
 void kst_kvc_set_append_worker(kst_kvc *c, int on);
+/* Room for n tokens in a layer (its rows and, once built, its index), so that appends up to n
+ * tokens move no arrays (a growth copies the layer's rows: ~0.1 s at 128K tokens, 1 s at 1M). */
+int kst_kvc_reserve(kst_kvc *c, size_t layer, size_t n, kst_error *err);
 /* Pending tokens of a layer (left the window, not indexed yet). */
 size_t kst_kvc_pending(const kst_kvc *c, size_t layer);
 

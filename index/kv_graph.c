@@ -125,9 +125,12 @@ static inline float score_of(const kst_kvg *g, const void *K, int f16, size_t d,
 }
 
 /* Best-first beam search; leaves the ef best in s's result heap. Nodes at or past `limit` are
- * not visited (insertion searches the nodes before the new one). */
-static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
-                int l2, size_t limit, kst_kvg_scratch *s, kst_error *err) {
+ * not visited (insertion searches the nodes before the new one). In three parts, so that several
+ * beams can run interleaved on one thread (kst_kvg_plan_multi): beam_init scores the entry
+ * points; beam_next pops the next node to expand (0: the beam has ended) and asks for its
+ * unvisited neighbours' rows and edges; beam_expand scores them. */
+static int beam_init(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
+                     int l2, size_t limit, kst_kvg_scratch *s, kst_error *err) {
     int rc = scratch_reserve(s, g->cap, ef, g->M, err);
     if (rc != KST_OK) return rc;
     s->cn = s->rn = s->scanned = s->hops = 0;
@@ -147,39 +150,64 @@ static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float 
         heap_push(s->rs, s->ri, &s->rn, v, x, 0);
         if (s->rn > ef) heap_pop(s->rs, s->ri, &s->rn, 0);
     }
-    while (s->cn > 0) {
-        float cv = s->cs[0];
-        uint32_t c = s->ci[0];
-        heap_pop(s->cs, s->ci, &s->cn, 1);
-        if (s->rn >= ef && cv < s->rs[0]) break;
-        s->hops++;
-        const uint32_t *nb = g->adj + (size_t)c * g->M;
-        size_t dg = g->deg[c];
-        /* Ask for the unvisited neighbours' key rows (and their edges, read if they join the
-         * beam) before scoring the first: on a cache larger than the CPU's caches the search is
-         * bound by these scattered reads, and issuing them together overlaps their latency. */
-        size_t rowb = d * (f16 ? 2 : 4);
-        for (size_t j = 0; j < dg; j++) {
-            uint32_t x = nb[j];
-            if (x >= limit || s->mark[x] == ep) continue;
-            const char *r = (const char *)krow(K, f16, x, d);
-            for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
-            __builtin_prefetch(g->adj + (size_t)x * g->M);
-        }
-        for (size_t j = 0; j < dg; j++) {
-            uint32_t x = nb[j];
-            if (x >= limit || s->mark[x] == ep) continue;
-            s->mark[x] = ep;
-            float v = score_of(g, K, f16, d, q, x, l2);
-            s->scanned++;
-            if (s->rn < ef || v > s->rs[0]) {
-                if (s->cn < s->ccap) heap_push(s->cs, s->ci, &s->cn, v, x, 1);
-                if (s->rn < ef) heap_push(s->rs, s->ri, &s->rn, v, x, 0);
-                else heap_replace_top(s->rs, s->ri, s->rn, v, x, 0);
-            }
+    return KST_OK;
+}
+
+static int beam_next(const kst_kvg *g, const void *K, int f16, size_t d, size_t ef, size_t limit,
+                     kst_kvg_scratch *s, uint32_t *out) {
+    if (s->cn == 0) return 0;
+    float cv = s->cs[0];
+    uint32_t c = s->ci[0];
+    heap_pop(s->cs, s->ci, &s->cn, 1);
+    if (s->rn >= ef && cv < s->rs[0]) {
+        s->cn = 0;
+        return 0;
+    }
+    s->hops++;
+    const uint32_t *nb = g->adj + (size_t)c * g->M;
+    size_t dg = g->deg[c];
+    uint8_t ep = s->epoch;
+    /* Ask for the unvisited neighbours' key rows (and their edges, read if they join the
+     * beam) before scoring the first: on a cache larger than the CPU's caches the search is
+     * bound by these scattered reads, and issuing them together overlaps their latency. */
+    size_t rowb = d * (f16 ? 2 : 4);
+    for (size_t j = 0; j < dg; j++) {
+        uint32_t x = nb[j];
+        if (x >= limit || s->mark[x] == ep) continue;
+        const char *r = (const char *)krow(K, f16, x, d);
+        for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+        __builtin_prefetch(g->adj + (size_t)x * g->M);
+    }
+    *out = c;
+    return 1;
+}
+
+static void beam_expand(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
+                        int l2, size_t limit, kst_kvg_scratch *s, uint32_t c) {
+    const uint32_t *nb = g->adj + (size_t)c * g->M;
+    size_t dg = g->deg[c];
+    uint8_t ep = s->epoch;
+    for (size_t j = 0; j < dg; j++) {
+        uint32_t x = nb[j];
+        if (x >= limit || s->mark[x] == ep) continue;
+        s->mark[x] = ep;
+        float v = score_of(g, K, f16, d, q, x, l2);
+        s->scanned++;
+        if (s->rn < ef || v > s->rs[0]) {
+            if (s->cn < s->ccap) heap_push(s->cs, s->ci, &s->cn, v, x, 1);
+            if (s->rn < ef) heap_push(s->rs, s->ri, &s->rn, v, x, 0);
+            else heap_replace_top(s->rs, s->ri, s->rn, v, x, 0);
         }
     }
-    return KST_OK;
+}
+
+static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
+                int l2, size_t limit, kst_kvg_scratch *s, kst_error *err) {
+    int rc = beam_init(g, K, f16, d, q, ef, l2, limit, s, err);
+    uint32_t c;
+    if (rc == KST_OK)
+        while (beam_next(g, K, f16, d, ef, limit, s, &c)) beam_expand(g, K, f16, d, q, ef, l2, limit, s, c);
+    return rc;
 }
 
 /* Drains s's result heap into ids/scores, best first; returns the count. */
@@ -371,44 +399,6 @@ static size_t select_diverse(const kst_kvg *g, const void *K, int f16, size_t d,
     return n;
 }
 
-/* select_diverse where candidates at or past `limit` (a batch's nodes, not linked yet) have no
- * norm in the graph: distances involving them computed from the rows. */
-static float dist2_rows(const kst_kvg *g, const void *K, int f16, size_t d, const float *xa, uint32_t a,
-                        uint32_t b, size_t limit) {
-    if (a < limit && b < limit) return dist2(g, K, f16, d, xa, a, b);
-    const char *rb = krow(K, f16, b, d);
-    float s = 0;
-    for (size_t j = 0; j < d; j++) {
-        float v = f16 ? kst_f16_to_f32(((const uint16_t *)rb)[j]) : ((const float *)rb)[j];
-        s += (xa[j] - v) * (xa[j] - v);
-    }
-    return s;
-}
-static size_t select_diverse_rows(const kst_kvg *g, const void *K, int f16, size_t d, const uint32_t *cid,
-                                  const float *cdist, size_t nc, size_t want, uint32_t *out, float *outd,
-                                  float *tmp, size_t limit) {
-    size_t n = 0;
-    for (size_t i = 0; i < nc && n < want; i++) {
-        kst_kv_rows_f32(tmp, K, f16, cid[i], 1, d);
-        int keep = 1;
-        for (size_t j = 0; j < n && keep; j++)
-            if (dist2_rows(g, K, f16, d, tmp, cid[i], out[j], limit) < cdist[i]) keep = 0;
-        if (keep) {
-            outd[n] = cdist[i];
-            out[n++] = cid[i];
-        }
-    }
-    for (size_t i = 0; i < nc && n < want / 2; i++) {
-        int have = 0;
-        for (size_t j = 0; j < n && !have; j++) have = out[j] == cid[i];
-        if (!have) {
-            outd[n] = cdist[i];
-            out[n++] = cid[i];
-        }
-    }
-    return n;
-}
-
 /* Adds edge a -> x (squared distance dax); a full node keeps its nearest: x replaces the
  * farthest replaceable edge when nearer. Co-retrieval edges (distance -1) are never replaced. */
 static void add_back_edge(kst_kvg *g, uint32_t a, uint32_t x, float dax) {
@@ -583,35 +573,37 @@ int kst_kvg_reserve(kst_kvg *g, size_t n, kst_error *err) {
     return reserve(g, n, err);
 }
 
-size_t kst_kvg_plan(const kst_kvg *g, const void *K, int f16, size_t d, uint32_t x, size_t limit,
-                    kst_kvg_scratch *s, uint32_t *sel, float *seld, float *tmp, float *norm2) {
-    *norm2 = sqnorm(K, f16, x, d, tmp);
-    /* plan_links reads norm2[x] and deg[x] of the new node: both are the caller's (x >= g->n,
-     * no search reaches it), so a plan reads the graph only */
-    if (limit == 0) return 0;
-    float *q = tmp + d;
-    kst_kv_rows_f32(q, K, f16, x, 1, d);
-    double tb0 = s->prof ? mono_s() : 0;
-    if (beam(g, K, f16, d, q, g->efc, 1, limit, s, NULL) != KST_OK) return (size_t)-1;
-    double tb1 = s->prof ? mono_s() : 0;
-    if (s->prof) s->t_ibeam += tb1 - tb0;
+int kst_kvg_stage(kst_kvg *g, const void *K, int f16, size_t d, size_t hi, float *tmp, kst_error *err) {
+    if (hi >= UINT32_MAX - 1) return kst_fail(err, KST_ERR_INVALID, "kv graph holds the most keys it can (%zu)", g->n);
+    int rc = reserve(g, hi, err);
+    if (rc != KST_OK) return rc;
+    for (size_t x = g->n; x < hi; x++) {
+        g->norm2[x] = sqnorm(K, f16, x, d, tmp);
+        g->deg[x] = 0;
+    }
+    return KST_OK;
+}
+
+/* The end of a plan: its beam's candidates (in s) and the batch's nodes before x merged by
+ * distance, then the diverse ones kept (tmp: x's row in tmp[d..2d), scratch in tmp[0..d)). */
+static size_t plan_end(kst_kvg_plan_item *it, int f16, size_t d, kst_kvg_scratch *s, float *tmp) {
+    const kst_kvg *g = it->g;
+    const void *K = it->K;
+    uint32_t x = it->x;
+    size_t limit = it->limit;
     size_t nc = drain(s, s->ci, s->cs, s->rn), m = 0;
     uint32_t *cid = s->ci;
     float *cd = s->cs;
     for (size_t i = 0; i < nc; i++)
         if (cid[i] != x) {
             cid[m] = cid[i];
-            cd[m++] = *norm2 - 2.0f * cd[i]; /* score -> squared distance */
+            cd[m++] = it->norm2 - 2.0f * cd[i]; /* score -> squared distance */
         }
-    /* the batch's nodes before x (up to 64 of them), not in the graph yet: their distances
-     * computed here, merged into the candidates by distance (as if inserted one by one) */
+    /* the batch's nodes before x (up to 64 of them), not linked yet (their norms staged): merged
+     * into the candidates by distance, as if inserted one by one; the nearest efc kept */
     size_t b0 = x - limit > 64 ? x - 64 : limit;
     for (size_t y = b0; y < x && m < s->ccap; y++) {
-        float dy = *norm2 - 2.0f * kst_kv_dot(tmp + d, krow(K, f16, y, d), f16, d);
-        kst_kv_rows_f32(tmp, K, f16, y, 1, d);
-        float ny = 0;
-        for (size_t j = 0; j < d; j++) ny += tmp[j] * tmp[j];
-        dy += ny;
+        float dy = it->norm2 + g->norm2[y] - 2.0f * kst_kv_dot(tmp + d, krow(K, f16, y, d), f16, d);
         size_t i = m++;
         for (; i > 0 && cd[i - 1] > dy; i--) {
             cd[i] = cd[i - 1];
@@ -620,17 +612,47 @@ size_t kst_kvg_plan(const kst_kvg *g, const void *K, int f16, size_t d, uint32_t
         cd[i] = dy;
         cid[i] = (uint32_t)y;
     }
-    /* select_diverse reads the candidates' norms from the graph: the batch's are not there
-     * yet, so their distances to kept neighbours come from their rows (dist2 below) */
-    size_t r = select_diverse_rows(g, K, f16, d, cid, cd, m, g->M, sel, seld, tmp, limit);
-    if (s->prof) s->t_iselect += mono_s() - tb1;
-    return r;
+    if (m > g->efc) m = g->efc;
+    return select_diverse(g, K, f16, d, cid, cd, m, g->M, it->sel, it->seld, tmp);
 }
 
-void kst_kvg_link(kst_kvg *g, const void *K, int f16, size_t d, uint32_t x, float norm2,
-                  const uint32_t *sel, const float *seld, size_t n, float *tmp) {
-    g->norm2[x] = norm2;
-    g->deg[x] = 0;
+void kst_kvg_plan_multi(kst_kvg_plan_item *it, size_t np, int f16, size_t d, kst_kvg_scratch **s,
+                        float **tmp) {
+    uint32_t c[KST_KVG_PLAN_MAX];
+    int on[KST_KVG_PLAN_MAX];
+    size_t live = 0;
+    double t0 = np && s[0]->prof ? mono_s() : 0;
+    for (size_t i = 0; i < np && i < KST_KVG_PLAN_MAX; i++) {
+        /* the new node's norm was staged and its edges are not read (x >= g->n, no search
+         * reaches it): a plan reads the graph only */
+        it[i].norm2 = it[i].g->norm2[it[i].x];
+        it[i].count = 0;
+        on[i] = 0;
+        if (it[i].limit == 0) continue;
+        kst_kv_rows_f32(tmp[i] + d, it[i].K, f16, it[i].x, 1, d);
+        if (beam_init(it[i].g, it[i].K, f16, d, tmp[i] + d, it[i].g->efc, 1, it[i].limit, s[i], NULL) != KST_OK) {
+            it[i].count = (size_t)-1;
+            continue;
+        }
+        on[i] = 1;
+        live++;
+    }
+    if (np > KST_KVG_PLAN_MAX) np = KST_KVG_PLAN_MAX;
+    while (live) {
+        for (size_t i = 0; i < np; i++)
+            if (on[i] && !beam_next(it[i].g, it[i].K, f16, d, it[i].g->efc, it[i].limit, s[i], &c[i])) {
+                on[i] = 0;
+                live--;
+                it[i].count = plan_end(&it[i], f16, d, s[i], tmp[i]);
+            }
+        for (size_t i = 0; i < np; i++)
+            if (on[i]) beam_expand(it[i].g, it[i].K, f16, d, tmp[i] + d, it[i].g->efc, 1, it[i].limit, s[i], c[i]);
+    }
+    if (np && s[0]->prof) s[0]->t_ibeam += mono_s() - t0;
+}
+
+void kst_kvg_link(kst_kvg *g, const void *K, int f16, size_t d, uint32_t x, const uint32_t *sel,
+                  const float *seld, size_t n, float *tmp) {
     apply_links(g, x, sel, seld, n);
     if (g->codes) code_row(g, K, f16, x, d, tmp);
     if (x >= g->n) g->n = (size_t)x + 1;

@@ -273,7 +273,7 @@ static int layer(const char *list) {
     const char *modes = getenv("KV_MODES") ? getenv("KV_MODES") : "head,group,head+codes,group+codes";
     /* rows: KV_MODES x KV_EFS (top_k 100; with KV_TAIL a second pass with that many tail
      * samples), then KV_RUNS "mode:ef:top_k:tail;..." */
-    struct { char mode[32]; size_t ef, topk, tail; } runs[512];
+    struct { char mode[64]; size_t ef, topk, tail; } runs[512];
     size_t nrun = 0;
     for (int pass = 0; pass < (tail ? 2 : 1); pass++)
         for (const char *mp = modes; *mp && nrun < 512;) {
@@ -282,7 +282,7 @@ static int layer(const char *list) {
                 size_t ef = strtoul(ep, (char **)&ep, 10);
                 if (*ep == ',') ep++;
                 if (ef == 0) break;
-                snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 31 ? ml : 31), mp);
+                snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 63 ? ml : 63), mp);
                 runs[nrun].ef = ef;
                 runs[nrun].topk = TOPK;
                 runs[nrun++].tail = pass ? tail : 0;
@@ -291,7 +291,7 @@ static int layer(const char *list) {
         }
     for (const char *rp = getenv("KV_RUNS") ? getenv("KV_RUNS") : ""; *rp && nrun < 512;) {
         size_t ml = strcspn(rp, ":");
-        snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 31 ? ml : 31), rp);
+        snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 63 ? ml : 63), rp);
         rp += ml + (rp[ml] == ':');
         runs[nrun].ef = strtoul(rp, (char **)&rp, 10);
         runs[nrun].topk = strtoul(rp + (*rp == ':'), (char **)&rp, 10);
@@ -389,6 +389,10 @@ static int layer(const char *list) {
         t0 = now_s();
         if (kst_kvc_build_copied(c, 0, Qpre, NPRE, &e)) die("build", &e);
         double build = now_s() - t0;
+        /* room for the "/app" rows' tokens (KV_RESERVE, default 16384 more), as an engine that
+         * knows its context length reserves it: a growth in a timed step would copy the layer */
+        if (kst_kvc_reserve(c, 0, N + (getenv("KV_RESERVE") ? (size_t)atol(getenv("KV_RESERVE")) : 16384), &e))
+            die("reserve", &e);
         /* references in head 0's frame */
         double *ref = malloc(NREF * QH * D * sizeof *ref), scale = 1.0 / sqrt((double)D);
 #pragma omp parallel
@@ -497,8 +501,9 @@ static int layer(const char *list) {
                  * decode step does, so the oldest window token moves into the index (timed with
                  * the step; the cache then holds more tokens than the references: put it last) */
                 int app = strstr(mode, "/app") != NULL;
-                /* "/wk0": batch appends planned by the appending call (no background worker) */
-                kst_kvc_set_append_worker(c, strstr(mode, "/wk0") == NULL);
+                /* "/w1": batch appends planned by the background worker (default: by the
+                 * appending call) */
+                kst_kvc_set_append_worker(c, strstr(mode, "/w1") != NULL);
                 uint16_t kc1[KVH * D], vc1[KVH * D];
                 /* KV_APP_STEPS: steps timed with appends (default 50; more to reach the steady
                  * state of the batches: their median, mean and max are printed) */
