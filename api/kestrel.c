@@ -523,3 +523,11 @@ int kst_kv_set_tail_samples(kst_kv *kv, size_t m, kst_error *err) {
     kst_kvc_set_tail_samples(kv->c, m);
     return KST_OK;
 }
+int kst_kv_reserve(kst_kv *kv, size_t layer, size_t n, kst_error *err) {
+    if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_reserve: kv is NULL");
+    return kst_kvc_reserve(kv->c, layer, n, err);
+}
+int kst_kv_flush(kst_kv *kv, size_t layer, kst_error *err) {
+    if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_flush: kv is NULL");
+    return kst_kvc_flush(kv->c, layer, err);
+}

@@ -353,7 +353,8 @@ int kst_kv_attend(kst_kv *kv, size_t layer, const float *q, size_t top_k, size_t
  * <q, key>, best first; *found and *scanned (may be NULL) get the counts. */
 int kst_kv_search(kst_kv *kv, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
                   int64_t *pos, size_t *found, size_t *scanned, kst_error *err);
-/* Tokens cached in a layer, and how many of them are indexed. */
+/* Tokens cached in a layer, and how many of them are indexed (with opts.append_batch > 1 up to
+ * 4 x append_batch tokens that left the window may not be yet: see kst_kv_flush). */
 size_t kst_kv_tokens(const kst_kv *kv, size_t layer);
 size_t kst_kv_indexed(const kst_kv *kv, size_t layer);
 /* GPU memory the cache holds, in bytes (0 unless opts.gpu). */
@@ -361,6 +362,15 @@ size_t kst_kv_gpu_bytes(const kst_kv *kv);
 /* Changes opts.tail_samples for the following kst_kv_attend calls (0 turns the estimate off).
  * Fails only on a NULL cache. */
 int kst_kv_set_tail_samples(kst_kv *kv, size_t m, kst_error *err);
+/* Room for n tokens in a layer (its keys, values and index), so that appends up to n tokens
+ * move no arrays (a growth copies the layer in the append that needs it: ~0.1 s at 128K tokens,
+ * 1 s at 1M). Optional. */
+int kst_kv_reserve(kst_kv *kv, size_t layer, size_t n, kst_error *err);
+/* Links every token of the layer that has left the window but waits for its batch
+ * (opts.append_batch) into the index now; kst_kv_indexed then counts every token but the sinks
+ * and the window. Optional: the output is the same either way (pending tokens are attended
+ * exactly). */
+int kst_kv_flush(kst_kv *kv, size_t layer, kst_error *err);
 
 #ifdef __cplusplus
 }

@@ -111,6 +111,7 @@ static void run_decode(fx *f, kst_kv_index_kind index, int f16, size_t top_k, si
         }
     }
     assert_ok(kst_kv_append(kv, 1, K, V, P, &err), &err);
+    assert_ok(kst_kv_reserve(kv, 1, P + S, &err), &err); /* optional: room for the decode */
     assert_ok(kst_kv_build(kv, 1, index == KST_KV_INDEX_ATTN ? f->pq.data : NULL,
                            index == KST_KV_INDEX_ATTN ? P : 0, &err), &err);
     assert_int_equal(kst_kv_tokens(kv, 1), P);
@@ -133,6 +134,9 @@ static void run_decode(fx *f, kst_kv_index_kind index, int f16, size_t top_k, si
         snprintf(name, sizeof name, "decode step %zu output", s);
         assert_close_f32(name, out, want + s * QH * D, QH * D, atol, rtol);
     }
+    /* the pending tokens linked at once */
+    assert_ok(kst_kv_flush(kv, 1, &err), &err);
+    assert_int_equal(kst_kv_indexed(kv, 1), index == KST_KV_INDEX_NONE ? 0 : P + S - 4 - 32);
     free(K);
     free(V);
     kst_kv_free(kv);
@@ -1012,6 +1016,11 @@ static void test_bad_input(void **state) {
     assert_int_equal(kst_kv_append(kv, 2, x, x, 1, &err), KST_ERR_INVALID);
     assert_msg_has(err.msg, "layer 2 of a 2-layer cache");
     assert_int_equal(kst_kv_append(kv, 0, NULL, x, 1, &err), KST_ERR_MISUSE);
+    assert_int_equal(kst_kv_flush(kv, 5, &err), KST_ERR_INVALID);
+    assert_msg_has(err.msg, "kst_kv_flush");
+    assert_int_equal(kst_kv_reserve(kv, 5, 10, &err), KST_ERR_INVALID);
+    assert_msg_has(err.msg, "kst_kv_reserve");
+    assert_int_equal(kst_kv_flush(NULL, 0, &err), KST_ERR_MISUSE);
     assert_int_equal(kst_kv_build(kv, 0, NULL, 0, &err), KST_ERR_INVALID);
     assert_msg_has(err.msg, "prefill queries");
     /* an empty layer attends to nothing: zeros, no failure */
