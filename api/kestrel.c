@@ -443,6 +443,7 @@ kst_kv_opts kst_kv_opts_default(void) {
     o.index = KST_KV_INDEX_ATTN;
     o.tail_samples = 2048;
     o.codes = -1;
+    o.append_batch = 64; /* batch appends (index/kv.h, kst_kvc_append) */
     return o;
 }
 
@@ -462,7 +463,7 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
                       opts->max_build_queries, opts->entries, 64, (kst_kvc_index)opts->index,
                       opts->gpu, opts->tail_samples, opts->group_search,
                       /* codes < 0: on from head_dim 64 (at 32 they cost recall, bench README) */
-                      opts->codes < 0 ? opts->head_dim >= 64 : opts->codes};
+                      opts->codes < 0 ? opts->head_dim >= 64 : opts->codes, opts->append_batch};
     kst_kv *kv = kst_calloc(1, sizeof *kv, "kv cache", err);
     if (!kv) return KST_ERR_NOMEM;
     int rc = kst_kvc_create(&o, &kv->c, err);
@@ -521,4 +522,12 @@ int kst_kv_set_tail_samples(kst_kv *kv, size_t m, kst_error *err) {
     if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_set_tail_samples: kv is NULL");
     kst_kvc_set_tail_samples(kv->c, m);
     return KST_OK;
+}
+int kst_kv_reserve(kst_kv *kv, size_t layer, size_t n, kst_error *err) {
+    if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_reserve: kv is NULL");
+    return kst_kvc_reserve(kv->c, layer, n, err);
+}
+int kst_kv_flush(kst_kv *kv, size_t layer, kst_error *err) {
+    if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_flush: kv is NULL");
+    return kst_kvc_flush(kv->c, layer, err);
 }

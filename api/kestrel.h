@@ -309,6 +309,13 @@ typedef struct kst_kv_opts {
                                  quarter of a float16 key's bytes; head_dim a multiple of 32, else
                                  ignored) and steer the searches by the codes, the ef best
                                  re-scored exactly from the keys */
+    size_t append_batch;      /* default 64; tokens leaving the window join the index this many
+                                 at a time, linked by the append that completes a batch (on all
+                                 its threads; KESTREL_KV_APPEND_WORKER=1: by a background thread
+                                 while decode steps go on); until then they are attended exactly
+                                 with the window (the GPU holds window + 4 * append_batch ring
+                                 slots). 0 or 1: each token is linked by the append that moves
+                                 it out of the window */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */
@@ -346,7 +353,8 @@ int kst_kv_attend(kst_kv *kv, size_t layer, const float *q, size_t top_k, size_t
  * <q, key>, best first; *found and *scanned (may be NULL) get the counts. */
 int kst_kv_search(kst_kv *kv, size_t layer, size_t q_head, const float *q, size_t k, size_t ef,
                   int64_t *pos, size_t *found, size_t *scanned, kst_error *err);
-/* Tokens cached in a layer, and how many of them are indexed. */
+/* Tokens cached in a layer, and how many of them are indexed (with opts.append_batch > 1 up to
+ * 4 x append_batch tokens that left the window may not be yet: see kst_kv_flush). */
 size_t kst_kv_tokens(const kst_kv *kv, size_t layer);
 size_t kst_kv_indexed(const kst_kv *kv, size_t layer);
 /* GPU memory the cache holds, in bytes (0 unless opts.gpu). */
@@ -354,6 +362,15 @@ size_t kst_kv_gpu_bytes(const kst_kv *kv);
 /* Changes opts.tail_samples for the following kst_kv_attend calls (0 turns the estimate off).
  * Fails only on a NULL cache. */
 int kst_kv_set_tail_samples(kst_kv *kv, size_t m, kst_error *err);
+/* Room for n tokens in a layer (its keys, values and index), so that appends up to n tokens
+ * move no arrays (a growth copies the layer in the append that needs it: ~0.1 s at 128K tokens,
+ * 1 s at 1M). Optional. */
+int kst_kv_reserve(kst_kv *kv, size_t layer, size_t n, kst_error *err);
+/* Links every token of the layer that has left the window but waits for its batch
+ * (opts.append_batch) into the index now; kst_kv_indexed then counts every token but the sinks
+ * and the window. Optional: the output is the same either way (pending tokens are attended
+ * exactly). */
+int kst_kv_flush(kst_kv *kv, size_t layer, kst_error *err);
 
 #ifdef __cplusplus
 }

@@ -3,6 +3,8 @@
 
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -50,9 +52,26 @@ typedef struct kv_hstore {
     kv_tail tt;   /* the tail estimate's sample */
 } kv_hstore;
 
+/* A batch of tokens being linked into a layer's index (kst_kvc_append): nodes lo .. lo + n - 1
+ * of every KV head. Its plans are work items (item i: KV head i / n, node lo + i % n), claimed by
+ * the background worker and, when an append must wait, by the appending call's threads. */
+enum { KV_JOB_NONE = 0, KV_JOB_QUEUED = 1 };
+typedef struct kv_job {
+    int state;            /* KV_JOB_*, changed under the cache's mutex */
+    size_t lo, n, items;
+    size_t next, done;    /* items claimed, items planned (atomics) */
+    int fail;             /* a plan ran out of memory (atomic) */
+    int workers;          /* worker threads inside the item loop (under the mutex) */
+    uint32_t *sel;        /* (items, M) planned neighbours */
+    float *seld;          /* (items, M) their squared distances */
+    size_t *cnt;          /* (items) neighbours planned */
+    size_t cap;           /* items allocated */
+} kv_job;
+
 typedef struct kv_layer {
     size_t n, cap;
     int built;
+    kv_job job;       /* the batch of pending tokens being linked (append_batch > 1) */
     kv_hstore *heads; /* (kv_heads) */
     uint32_t *cost;   /* (q_heads) keys each decode-step task scored last step */
     uint32_t *order;  /* (q_heads) the tasks by that cost, largest first (the next step's order) */
@@ -64,6 +83,7 @@ typedef struct kv_layer {
 
 /* One thread's scratch for the decode step. */
 #define KV_IL_MAX 8 /* query heads searched interleaved by one task at most */
+#define KV_PLAN_IL 4 /* batch appends: plans interleaved by one thread (<= KV_IL_MAX) */
 
 typedef struct kv_thread {
     kst_kvg_scratch s;
@@ -101,6 +121,15 @@ struct kst_kvc {
     int pf_push;          /* kst_kvc_set_prefetch */
     int no_vnni;          /* kst_kvc_set_vnni(c, 0) */
     size_t spread, spread_keep; /* kst_kvc_set_spread */
+    size_t batch, pmax;   /* append_batch (>= 1); pending tokens allowed before an append helps */
+    size_t ring;          /* GPU ring slots: window + pmax */
+    size_t plan_il;       /* plans interleaved per thread (1..KV_PLAN_IL; KESTREL_KV_PLAN_IL) */
+    float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
+    /* the background planner (kst_kvc_set_append_worker) */
+    int wk_on, wk_started, wk_stop;
+    pthread_t wk;
+    pthread_mutex_t mu;
+    pthread_cond_t cv_work, cv_idle;
 };
 
 static double mono_s(void) {
@@ -205,6 +234,19 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->expand = 2;
     c->esize = o.f16 ? 2 : 4;
     c->nth = omp_get_max_threads();
+    c->batch = o.append_batch > 1 ? o.append_batch : 1;
+    c->pmax = c->batch > 1 ? 4 * c->batch : 0;
+    c->ring = o.window + c->pmax ? o.window + c->pmax : 1;
+    c->plan_il = getenv("KESTREL_KV_PLAN_IL") ? (size_t)atoi(getenv("KESTREL_KV_PLAN_IL")) : KV_PLAN_IL;
+    if (c->plan_il < 1 || c->plan_il > KV_PLAN_IL) c->plan_il = KV_PLAN_IL;
+    /* off by default: with every core in the decode steps (bench README) the worker only takes
+     * time from them, and an append that must wait for its plan waits for a thread the step's
+     * spinning threads keep off the cores */
+    c->wk_on = getenv("KESTREL_KV_APPEND_WORKER") && atoi(getenv("KESTREL_KV_APPEND_WORKER")) == 1;
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->cv_work, NULL);
+    pthread_cond_init(&c->cv_idle, NULL);
+    c->ptmp = kst_malloc((size_t)c->nth * 2 * KV_PLAN_IL, o.head_dim * sizeof(float), "kv cache plan scratch", err);
     c->layers = kst_calloc(o.layers, sizeof *c->layers, "kv cache layers", err);
     c->th = kst_calloc((size_t)c->nth, sizeof *c->th, "kv cache threads", err);
     c->lse_buf = kst_calloc(o.q_heads, sizeof(float), "kv cache lse", err);
@@ -213,7 +255,8 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->pub = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache step items", err);
     c->pub_ok = kst_calloc(o.q_heads, 1, "kv cache step items", err);
     c->tt_ok = kst_calloc(o.kv_heads * KV_TT_CHUNKS, 1, "kv cache step items", err);
-    if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged || !c->fnd_all || !c->pub || !c->pub_ok || !c->tt_ok) goto fail;
+    if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged || !c->fnd_all || !c->pub || !c->pub_ok || !c->tt_ok ||
+        !c->ptmp) goto fail;
     for (size_t l = 0; l < o.layers; l++) {
         c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
         c->layers[l].cost = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache task costs", err);
@@ -224,7 +267,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
             c->layers[l].heads[h].g.codes_on = o.codes;
         }
 #ifdef KST_CUDA
-        if (o.gpu && kst_kvgpu_create(o.q_heads, o.kv_heads, o.head_dim, o.sinks + o.window, o.f16,
+        if (o.gpu && kst_kvgpu_create(o.q_heads, o.kv_heads, o.head_dim, o.sinks, c->ring, o.f16,
                                        o.scale, &c->layers[l].gpu, err) != KST_OK) {
             kst_kvc_free(c);
             return KST_ERR_INTERNAL;
@@ -240,9 +283,23 @@ fail:
 
 void kst_kvc_free(kst_kvc *c) {
     if (!c) return;
+    if (c->wk_started) {
+        pthread_mutex_lock(&c->mu);
+        c->wk_stop = 1;
+        pthread_cond_broadcast(&c->cv_work);
+        pthread_mutex_unlock(&c->mu);
+        pthread_join(c->wk, NULL);
+    }
+    pthread_mutex_destroy(&c->mu);
+    pthread_cond_destroy(&c->cv_work);
+    pthread_cond_destroy(&c->cv_idle);
+    kst_free(c->ptmp);
     if (c->layers) {
         for (size_t l = 0; l < c->o.layers; l++) {
             kv_layer *L = &c->layers[l];
+            kst_free(L->job.sel);
+            kst_free(L->job.seld);
+            kst_free(L->job.cnt);
             kst_free(L->cost);
             kst_free(L->order);
             if (!L->heads) continue;
@@ -348,6 +405,7 @@ static int index_leavers(kst_kvc *c, kv_layer *L, kst_error *err) {
     for (size_t h = 0; h < o->kv_heads; h++) {
         kv_hstore *H = &L->heads[h];
         kst_kvg_scratch *s = &c->th[omp_get_thread_num()].s;
+        s->prof = c->prof != NULL;
         kst_error e2;
         while (H->g.n < target) {
             int r = kst_kvg_insert(&H->g, rows_at(c, H->K, o->sinks), o->f16, o->head_dim, s, &e2);
@@ -363,7 +421,255 @@ static int index_leavers(kst_kvc *c, kv_layer *L, kst_error *err) {
             }
         }
     }
+    double t1 = c->prof ? mono_s() : 0;
+    if (c->prof)
+        for (int i = 0; i < c->nth; i++) {
+            kst_kvg_scratch *s = &c->th[i].s;
+            c->prof->app_ibeam += s->t_ibeam;
+            c->prof->app_iselect += s->t_iselect;
+            c->prof->app_iapply += s->t_iapply;
+            s->t_ibeam = s->t_iselect = s->t_iapply = 0;
+            s->prof = 0;
+        }
     refresh_tables(c, L, 0);
+    if (c->prof) c->prof->app_tables += mono_s() - t1;
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* batch appends (kv.h, kst_kvc_append) */
+
+/* Plans the job's items that are left, KV_PLAN_IL at a time interleaved on one thread (their
+ * memory latencies overlap: kst_kvg_plan_multi), by the worker or a thread of the appending
+ * call: s (KV_PLAN_IL scratches) and tmp (KV_PLAN_IL * 2 * head_dim floats) the caller's own. */
+static void job_work(kst_kvc *c, kv_layer *L, kv_job *J, kst_kvg_scratch **s, float *tmp, size_t il) {
+    const kst_kvc_opts *o = &c->o;
+    size_t M = L->heads[0].g.M;
+    for (;;) {
+        size_t i0 = __atomic_fetch_add(&J->next, il, __ATOMIC_ACQ_REL);
+        if (i0 >= J->items) break;
+        size_t np = J->items - i0 < il ? J->items - i0 : il;
+        kst_kvg_plan_item it[KV_PLAN_IL];
+        float *tp[KV_PLAN_IL];
+        for (size_t a = 0; a < np; a++) {
+            size_t i = i0 + a;
+            kv_hstore *H = &L->heads[i / J->n];
+            kst_kvg_plan_item x = {&H->g, rows_at(c, H->K, o->sinks), (uint32_t)(J->lo + i % J->n), J->lo,
+                                   J->sel + i * M, J->seld + i * M, 0, 0};
+            it[a] = x;
+            tp[a] = tmp + a * 2 * o->head_dim;
+        }
+        kst_kvg_plan_multi(it, np, o->f16, o->head_dim, s, tp);
+        for (size_t a = 0; a < np; a++) {
+            size_t r = it[a].count;
+            if (r == (size_t)-1) {
+                __atomic_store_n(&J->fail, 1, __ATOMIC_RELAXED);
+                r = 0;
+            }
+            J->cnt[i0 + a] = r;
+        }
+        __atomic_fetch_add(&J->done, np, __ATOMIC_RELEASE);
+    }
+}
+
+/* Thread t's KV_PLAN_IL scratches for job_work: its search scratch and interleaved ones. */
+static void plan_scratches(kst_kvc *c, int t, kst_kvg_scratch **s) {
+    s[0] = &c->th[t].s;
+    for (size_t a = 1; a < KV_PLAN_IL; a++) s[a] = &c->th[t].sx[a - 1];
+}
+
+static void *worker_main(void *arg) {
+    kst_kvc *c = arg;
+    kst_kvg_scratch sc[KV_PLAN_IL], *s[KV_PLAN_IL];
+    memset(sc, 0, sizeof sc);
+    for (size_t a = 0; a < KV_PLAN_IL; a++) s[a] = &sc[a];
+    float *tmp = malloc(KV_PLAN_IL * 2 * c->o.head_dim * sizeof(float));
+    pthread_mutex_lock(&c->mu);
+    while (!c->wk_stop) {
+        kv_layer *L = NULL;
+        for (size_t l = 0; l < c->o.layers && !L && tmp; l++) {
+            kv_job *J = &c->layers[l].job;
+            if (J->state == KV_JOB_QUEUED && __atomic_load_n(&J->next, __ATOMIC_ACQUIRE) < J->items) L = &c->layers[l];
+        }
+        if (!L) {
+            pthread_cond_wait(&c->cv_work, &c->mu);
+            continue;
+        }
+        L->job.workers++;
+        pthread_mutex_unlock(&c->mu);
+        job_work(c, L, &L->job, s, tmp, 1); /* one plan at a time: an append that must finish
+                                               the batch waits for one plan at most */
+        pthread_mutex_lock(&c->mu);
+        L->job.workers--;
+        pthread_cond_broadcast(&c->cv_idle);
+    }
+    pthread_mutex_unlock(&c->mu);
+    for (size_t a = 0; a < KV_PLAN_IL; a++) kst_kvg_scratch_free(&sc[a]);
+    free(tmp);
+    return NULL;
+}
+
+void kst_kvc_set_append_worker(kst_kvc *c, int on) { c->wk_on = on; }
+
+/* Queues a job of the n pending tokens after the indexed ones (no job in flight): the graphs
+ * made room for them, the plans' buffers sized, then the worker woken (if on). */
+static int job_launch(kst_kvc *c, kv_layer *L, size_t n, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    kv_job *J = &L->job;
+    size_t lo = L->heads[0].g.n, items = o->kv_heads * n, M = L->heads[0].g.M;
+    int rc = KST_OK;
+    /* no worker may still be inside an earlier job's item loop (it reads the job's fields) */
+    pthread_mutex_lock(&c->mu);
+    while (J->workers) pthread_cond_wait(&c->cv_idle, &c->mu);
+    pthread_mutex_unlock(&c->mu);
+    for (size_t h = 0; h < o->kv_heads; h++)
+        KST_TRY(kst_kvg_stage(&L->heads[h].g, rows_at(c, L->heads[h].K, o->sinks), o->f16, o->head_dim, lo + n,
+                              c->ptmp, err));
+    if (J->cap < items) {
+        KST_TRY(kst_realloc((void **)&J->sel, items, M * sizeof(uint32_t), "kv append plans", err));
+        KST_TRY(kst_realloc((void **)&J->seld, items, M * sizeof(float), "kv append plans", err));
+        KST_TRY(kst_realloc((void **)&J->cnt, items, sizeof(size_t), "kv append plans", err));
+        J->cap = items;
+    }
+    if (c->wk_on && !c->wk_started) {
+        if (pthread_create(&c->wk, NULL, worker_main, c) == 0) c->wk_started = 1;
+        /* else no worker: the appending calls plan the batches */
+    }
+    pthread_mutex_lock(&c->mu);
+    J->lo = lo;
+    J->n = n;
+    J->items = items;
+    J->next = J->done = 0;
+    J->fail = 0;
+    J->state = KV_JOB_QUEUED;
+    if (c->wk_on && c->wk_started) pthread_cond_signal(&c->cv_work);
+    pthread_mutex_unlock(&c->mu);
+done:
+    return rc;
+}
+
+static int job_planned(kv_job *J) {
+    return J->state == KV_JOB_QUEUED && __atomic_load_n(&J->done, __ATOMIC_ACQUIRE) == J->items;
+}
+
+/* Links the job's planned nodes in, each KV head in order (exclusive use of the graphs: between
+ * steps), and ends the job. */
+static int job_apply(kst_kvc *c, kv_layer *L, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    kv_job *J = &L->job;
+    size_t M = L->heads[0].g.M;
+    int fail = __atomic_load_n(&J->fail, __ATOMIC_RELAXED);
+    if (!fail) {
+#pragma omp parallel for schedule(static) if (o->kv_heads > 1)
+        for (size_t h = 0; h < o->kv_heads; h++) {
+            kv_hstore *H = &L->heads[h];
+            float *tmp = c->ptmp + (size_t)omp_get_thread_num() * KV_PLAN_IL * 2 * o->head_dim;
+            for (size_t i = 0; i < J->n; i++) {
+                size_t it = h * J->n + i;
+                kst_kvg_link(&H->g, rows_at(c, H->K, o->sinks), o->f16, o->head_dim, (uint32_t)(J->lo + i),
+                             J->sel + it * M, J->seld + it * M, J->cnt[it], tmp);
+            }
+        }
+    }
+    pthread_mutex_lock(&c->mu);
+    J->state = KV_JOB_NONE;
+    pthread_mutex_unlock(&c->mu);
+    if (fail) return kst_fail(err, KST_ERR_NOMEM, "kst_kv_append: out of memory linking tokens into the index");
+    refresh_tables(c, L, 0);
+    return KST_OK;
+}
+
+/* The job in flight planned to the end (this call's threads claim the items left, beside the
+ * worker, then wait for the worker's last) and linked in. */
+static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err) {
+    kv_job *J = &L->job;
+    if (J->state != KV_JOB_QUEUED) return KST_OK;
+    if (__atomic_load_n(&J->next, __ATOMIC_ACQUIRE) < J->items) {
+#pragma omp parallel if (J->items > KV_PLAN_IL)
+        {
+            kst_kvg_scratch *s[KV_PLAN_IL];
+            plan_scratches(c, omp_get_thread_num(), s);
+            job_work(c, L, J, s, c->ptmp + (size_t)omp_get_thread_num() * KV_PLAN_IL * 2 * c->o.head_dim, c->plan_il);
+        }
+    }
+    while (__atomic_load_n(&J->done, __ATOMIC_ACQUIRE) < J->items) sched_yield();
+    return job_apply(c, L, err);
+}
+
+/* After an append (batch > 1): lands a planned batch, keeps the pending tokens within pmax
+ * (helping), and queues the next batch once B are pending. */
+static int kv_advance(kst_kvc *c, kv_layer *L, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    int rc = KST_OK;
+    if (!L->built) return KST_OK;
+    kv_job *J = &L->job;
+    if (job_planned(J)) KST_TRY(job_apply(c, L, err));
+    for (;;) {
+        size_t target = L->n >= o->sinks + o->window ? L->n - o->sinks - o->window : 0, nidx = L->heads[0].g.n;
+        size_t pend = target > nidx ? target - nidx : 0;
+        if (J->state == KV_JOB_QUEUED) {
+            if (pend <= c->pmax) break;
+            KST_TRY(job_finish(c, L, err)); /* too far behind: this step helps */
+            continue;
+        }
+        if (pend < c->batch) break;
+        KST_TRY(job_launch(c, L, c->batch, err));
+        if (!(c->wk_on && c->wk_started) || pend > c->pmax) KST_TRY(job_finish(c, L, err));
+    }
+done:
+    return rc;
+}
+
+int kst_kvc_flush(kst_kvc *c, size_t layer, kst_error *err) {
+    int rc = check_layer(c, layer, "kst_kv_flush", err);
+    if (rc != KST_OK) return rc;
+    kv_layer *L = &c->layers[layer];
+    const kst_kvc_opts *o = &c->o;
+    if (!L->built) return KST_OK;
+    KST_TRY(job_finish(c, L, err));
+    size_t target = L->n >= o->sinks + o->window ? L->n - o->sinks - o->window : 0, nidx = L->heads[0].g.n;
+    if (target > nidx) {
+        KST_TRY(job_launch(c, L, target - nidx, err));
+        KST_TRY(job_finish(c, L, err));
+    }
+done:
+    return rc;
+}
+
+size_t kst_kvc_pending(const kst_kvc *c, size_t layer) {
+    if (!c || layer >= c->o.layers || !c->layers[layer].built) return 0;
+    const kv_layer *L = &c->layers[layer];
+    size_t target = L->n >= c->o.sinks + c->o.window ? L->n - c->o.sinks - c->o.window : 0;
+    return target - L->heads[0].g.n;
+}
+
+/* Rows of n tokens per KV head (the batch in flight, which reads them, finished first). */
+static int grow_rows(kst_kvc *c, kv_layer *L, size_t n, kst_error *err) {
+    int rc = KST_OK;
+    if (n <= L->cap) return KST_OK;
+    KST_TRY(job_finish(c, L, err));
+    size_t rowb = c->o.head_dim * c->esize, cap = L->cap ? L->cap : 256;
+    while (cap < n) cap *= 2;
+    for (size_t h = 0; h < c->o.kv_heads; h++) {
+        KST_TRY(kst_kvg_grow_big(&L->heads[h].K, L->n * rowb, cap * rowb, "cached keys", err));
+        KST_TRY(kst_kvg_grow_big(&L->heads[h].V, L->n * rowb, cap * rowb, "cached values", err));
+    }
+    L->cap = cap;
+done:
+    return rc;
+}
+
+int kst_kvc_reserve(kst_kvc *c, size_t layer, size_t n, kst_error *err) {
+    int rc = check_layer(c, layer, "kst_kv_reserve", err);
+    if (rc != KST_OK) return rc;
+    kv_layer *L = &c->layers[layer];
+    KST_TRY(grow_rows(c, L, n, err));
+    if (L->built && n > c->o.sinks + c->o.window) {
+        KST_TRY(job_finish(c, L, err));
+        for (size_t h = 0; h < c->o.kv_heads; h++)
+            KST_TRY(kst_kvg_reserve(&L->heads[h].g, n - c->o.sinks - c->o.window, err));
+    }
+done:
     return rc;
 }
 
@@ -378,15 +684,8 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
     if (L->n + n > UINT32_MAX - 1)
         return kst_fail(err, KST_ERR_INVALID, "kst_kv_append: layer %zu would hold more than 2^32 tokens", layer);
     size_t rowb = o->head_dim * c->esize;
-    if (L->n + n > L->cap) {
-        size_t cap = L->cap ? L->cap : 256;
-        while (cap < L->n + n) cap *= 2;
-        for (size_t h = 0; h < o->kv_heads; h++) {
-            KST_TRY(kst_kvg_grow_big(&L->heads[h].K, L->n * rowb, cap * rowb, "cached keys", err));
-            KST_TRY(kst_kvg_grow_big(&L->heads[h].V, L->n * rowb, cap * rowb, "cached values", err));
-        }
-        L->cap = cap;
-    }
+    double pa0 = c->prof ? mono_s() : 0, pa1 = pa0, pa2 = pa0;
+    KST_TRY(grow_rows(c, L, L->n + n, err)); /* the rows may move */
     /* (n, kv_heads, d) -> per head (n, d) */
     for (size_t t = 0; t < n; t++)
         for (size_t h = 0; h < o->kv_heads; h++) {
@@ -394,6 +693,7 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
             memcpy((char *)L->heads[h].K + (L->n + t) * rowb, (const char *)keys + src, rowb);
             memcpy((char *)L->heads[h].V + (L->n + t) * rowb, (const char *)values + src, rowb);
         }
+    if (c->prof) pa1 = mono_s();
 #ifdef KST_CUDA
     if (L->gpu) {
         /* sinks to their slots; of the rest only the last `window` tokens matter (ring) */
@@ -401,10 +701,11 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
         for (size_t p = n0; p < n1 && p < o->sinks; p++)
             KST_TRY(kst_kvgpu_put(L->gpu, p, (const char *)keys + (p - n0) * tokb,
                                    (const char *)values + (p - n0) * tokb, 1, err));
-        size_t lo = n0 > o->sinks ? n0 : o->sinks;
-        if (o->window && n1 > o->window + lo) lo = n1 - o->window;
-        for (size_t p = lo; p < n1 && o->window;) {
-            size_t slot = (p - o->sinks) % o->window, run = o->window - slot;
+        /* the ring: the window and the pending tokens (c->ring slots) */
+        size_t lo = n0 > o->sinks ? n0 : o->sinks, R = c->ring;
+        if (n1 > R + lo) lo = n1 - R;
+        for (size_t p = lo; p < n1;) {
+            size_t slot = (p - o->sinks) % R, run = R - slot;
             if (run > n1 - p) run = n1 - p;
             KST_TRY(kst_kvgpu_put(L->gpu, o->sinks + slot, (const char *)keys + (p - n0) * tokb,
                                    (const char *)values + (p - n0) * tokb, run, err));
@@ -413,8 +714,17 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
     }
 #endif
     L->n += n;
-    rc = index_leavers(c, L, err);
+    if (c->prof) pa2 = mono_s();
+    rc = c->batch > 1 ? kv_advance(c, L, err) : index_leavers(c, L, err);
 done:
+    if (c->prof) {
+        double pa3 = mono_s();
+        c->prof->appends++;
+        c->prof->app_total += pa3 - pa0;
+        c->prof->app_copy += pa1 - pa0;
+        c->prof->app_gpu += pa2 - pa1;
+        c->prof->app_index += pa3 - pa2; /* the tables' share is also in app_tables */
+    }
     return rc;
 }
 
@@ -438,6 +748,12 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
     if (o->index == KST_KVC_INDEX_ATTN) {
         Q = kst_malloc(use ? use : 1, d * sizeof(float), "prefill queries", err);
         if (!Q) return KST_ERR_NOMEM;
+    }
+    /* a batch in flight reads the graphs: finished first (then replaced with the rest) */
+    rc = job_finish(c, L, err);
+    if (rc != KST_OK) {
+        kst_free(Q);
+        return rc;
     }
     for (size_t h = 0; h < o->kv_heads; h++) {
         kst_kvg_free(&L->heads[h].g);
@@ -966,7 +1282,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
      * the parallel part. gpu_state: 0 not started yet, 1 started, -1 failed to start;
      * gpu_ready: 1 once the partials are in (gpu_o, gpu_lse), -1 on a failure; gpu_asking: a
      * thread is asking. */
-    on_gpu = L->gpu && !c->gpu_off && L->built && L->n >= o->sinks + o->window && exact_lo == L->n - o->window;
+    /* the GPU's ring holds the window and the pending tokens: every exact token past the sinks */
+    on_gpu = L->gpu && !c->gpu_off && L->built && L->n >= o->sinks && exact_lo >= o->sinks && L->n - exact_lo <= c->ring;
     const float *gpu_o = NULL, *gpu_lse = NULL;
 #endif
     int gpu_state = 0, gpu_ready = 0, gpu_asking = 0;
@@ -1042,7 +1359,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (on_gpu && omp_get_thread_num() == 0) {
         double g0 = pf ? mono_s() : 0;
         kst_error e3;
-        int r = kst_kvgpu_partial_start(L->gpu, q, o->sinks + o->window, &e3);
+        int r = kst_kvgpu_partial_start(L->gpu, q, sink_end, exact_lo - o->sinks, L->n - exact_lo, &e3);
         if (r != KST_OK) {
 #pragma omp critical(kv_err)
             {

@@ -9,7 +9,9 @@
  *   sinks <= p < sinks + indexed    in the index (after kst_kvc_build)
  *   sinks + indexed <= p < n        attended exactly: the recent window, and before any build
  *                                   every non-sink token
- * Appends after a build move tokens leaving the window into the index one by one.
+ * Appends after a build move tokens leaving the window into the index (in batches: the tokens
+ * that left the window but are not indexed yet, "pending", are attended exactly with the window,
+ * so sinks + indexed + exact = n always; see kst_kvc_append).
  *
  * Grouped-query attention: q_heads is a multiple of kv_heads; query head h reads KV head
  * h / (q_heads / kv_heads). Threads: one call at a time per cache (a cache belongs to one
@@ -48,6 +50,8 @@ typedef struct kst_kvc_opts {
                                  0: one search per query head */
     int codes;                /* 1: keep 4-bit codes of the indexed keys (head_dim a multiple of
                                  32) and steer the searches by them, the pool re-scored exactly */
+    size_t append_batch;      /* B: tokens leaving the window are linked into the index B at a
+                                 time (0, 1: each at its append); see kst_kvc_append */
 } kst_kvc_opts;
 
 typedef struct kst_kvc kst_kvc;
@@ -70,10 +74,32 @@ size_t kst_kvc_tokens(const kst_kvc *c, size_t layer);
 size_t kst_kvc_indexed(const kst_kvc *c, size_t layer);
 
 /* Appends n tokens to a layer: keys and values (n, kv_heads, head_dim) in the cache's dtype.
- * When the layer is indexed, tokens leaving the window are linked into the index. On failure
- * the layer is unchanged (tokens linked before the failure stay indexed). */
+ * When the layer is indexed, tokens leaving the window are linked into the index: with
+ * append_batch B > 1, B at a time. Until linked they are pending: attended exactly, as the
+ * window is (on the GPU with it: the GPU's ring holds window + 4B slots). Once B are pending,
+ * their links are planned (each a key-key search of its KV head's graph, which only reads it):
+ * by the appending call on all its threads (the default), or by a background thread while
+ * decode steps go on (kst_kvc_set_append_worker), in which case an append that finds the plans
+ * done links them in (a few microseconds a token: the edges both ways, the code), between
+ * steps, and one that would leave more than 4B pending first helps plan the batch in flight
+ * (so the lag is bounded). On failure the layer's tokens stay (pending tokens stay pending). */
 int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *values, size_t n,
                    kst_error *err);
+
+/* Links every pending token of the layer into its index now (waits for the batch in flight;
+ * tests and callers that want the index complete). */
+int kst_kvc_flush(kst_kvc *c, size_t layer, kst_error *err);
+/* The background planner of batch appends: off (0, the default: the append that completes a
+ * batch plans it on all its OpenMP threads) or on (1, or KESTREL_KV_APPEND_WORKER=1 in the
+ * environment at creation: one background thread plans the batches while decode steps go on,
+ * for callers whose CPU has idle time between steps; an append that finds more than 4B
+ * pending helps it finish). */
+void kst_kvc_set_append_worker(kst_kvc *c, int on);
+/* Room for n tokens in a layer (its rows and, once built, its index), so that appends up to n
+ * tokens move no arrays (a growth copies the layer's rows: ~0.1 s at 128K tokens, 1 s at 1M). */
+int kst_kvc_reserve(kst_kvc *c, size_t layer, size_t n, kst_error *err);
+/* Pending tokens of a layer (left the window, not indexed yet). */
+size_t kst_kvc_pending(const kst_kvc *c, size_t layer);
 
 /* Builds the layer's index over the tokens between the sinks and the window from prefill
  * queries (nq, q_heads, head_dim) float32 (queries may be NULL with nq 0 for the key-only
@@ -200,6 +226,13 @@ typedef struct kst_kvc_prof {
     double enter_max;           /* max over threads of (first task start - fork) */
     size_t tasks_max;           /* max over threads of the tasks one ran (summed over calls) */
     size_t threads_used;        /* threads that ran a task (summed over calls) */
+    /* kst_kvc_append (summed over calls): rows copied into the cache, the GPU's window update,
+     * linking tokens that left the window into the graphs, the entry tables' upkeep */
+    size_t appends;
+    double app_total, app_copy, app_gpu, app_index, app_tables;
+    double app_ibeam, app_iselect, app_iapply; /* of app_index, summed over the KV heads'
+                                                  insertions: beam search, neighbour selection,
+                                                  linking */
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

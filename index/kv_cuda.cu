@@ -36,12 +36,16 @@ extern "C" int kst_kv_cuda_devices(void) {
 // static-token partial attention
 
 struct kst_kvgpu {
-    size_t qh, kvh, d, cap;
+    size_t qh, kvh, d, cap, sinks, ring; // cap = sinks + ring slots
     int f16;
     float scale;
-    void *K, *V;        // (cap, kvh, d)
-    float *q, *o, *lse; // device (qh, d), (qh, d), (qh)
-    float *hq, *ho;     // pinned host: q (qh, d); o (qh, d) then lse (qh)
+    void *KV;           // (cap, 2, kvh, d): slot s's keys, then its values (one copy a token)
+    void *hstage;       // pinned host staging of the same layout (the uploads' source)
+    size_t staged, staged_start; // ring slots staged since the uploads were last known done;
+                                 // staged at the last partial_start
+    int got;            // the last step's partials were seen in (its uploads done)
+    float *q, *o, *lse; // device (qh, d + KST_KVGPU_PRM), (qh, d), (qh)
+    float *hq, *ho;     // pinned host: q (qh, d) then the step's parameters; o (qh, d) then lse (qh)
     cudaStream_t st;
     cudaEvent_t done;
     // the step's upload, kernel and download as one CUDA graph (one launch instead of three
@@ -62,8 +66,24 @@ static __device__ __forceinline__ float ld(const __half *p) { return __half2floa
 // res[t] (t < d) = sum_j w[j] V[j * rs + t] over nr rows: warps take rows (j = warp mod warps),
 // lanes dims (coalesced), the warps' sums added in shared memory (red: 16 x 128 floats; at most
 // 16 warps). Every thread of the block calls it.
-template <typename T>
-__device__ void wsum_rows(const float *w, const T *V, size_t rs, int nr, int d, float *red, float *res) {
+template <typename T> struct RowsLinear { // row j at V + j * rs
+    const T *V;
+    size_t rs;
+    __device__ const T *operator()(int j) const { return V + (size_t)j * rs; }
+};
+// The static tokens' value rows: token t of the step (t < ns: sink slot t, else the ring's slot
+// of position rlo + t - ns) of KV head kh.
+template <typename T> struct RowsRing {
+    const T *KV;
+    int c0, ns, rlo, sinks, ring, kvh, kh, d;
+    __device__ const T *operator()(int j) const {
+        int t = c0 + j, slot = t < ns ? t : sinks + (rlo + t - ns) % ring;
+        return KV + ((size_t)slot * 2 * kvh + kvh + kh) * d;
+    }
+};
+
+template <typename T, typename R>
+__device__ void wsum_rows(const float *w, R rows, int nr, int d, float *red, float *res) {
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
     for (int db = 0; db < d; db += 128) {
         int dn = min(128, d - db);
@@ -72,7 +92,7 @@ __device__ void wsum_rows(const float *w, const T *V, size_t rs, int nr, int d, 
         for (int j = warp; j < nr; j += nw) {
             float wj = w[j];
             if (wj == 0.0f) continue;
-            const T *vr = V + (size_t)j * rs + db;
+            const T *vr = rows(j) + db;
 #pragma unroll
             for (int k = 0; k < 4; k++)
                 if (lane + 32 * k < dn) a[k] += wj * ld(vr + lane + 32 * k);
@@ -94,8 +114,8 @@ __device__ void wsum_rows(const float *w, const T *V, size_t rs, int nr, int d, 
 // the head dims, so key rows are read coalesced), then online softmax: running max m, sum l and
 // output o (threads t < d own o[t]).
 template <typename T>
-__device__ void partial_body(int bi, const T *K, const T *V, const float *q, float *o, float *lse,
-                             int n, int kvh, int G, int d, float scale) {
+__device__ void partial_body(int bi, const T *KV, const float *q, float *o, float *lse, int sinks,
+                             int ring, int qh, int kvh, int G, int d, float scale) {
     const int CH = 1024;
     __shared__ float s[CH];
     __shared__ float qs[512];
@@ -104,13 +124,18 @@ __device__ void partial_body(int bi, const T *K, const T *V, const float *q, flo
     __shared__ float res[512];
     int h = bi, kh = h / G, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int nw = blockDim.x >> 5;
+    // the step's parameters after the queries: sink slots used, ring offset of the first
+    // exact token, exact tokens in the ring
+    const int *prm = (const int *)(q + (size_t)qh * d);
+    int ns = prm[0], rlo = prm[1], n = ns + prm[2];
     for (int i = tid; i < d; i += blockDim.x) qs[i] = q[h * d + i];
     __syncthreads();
     float m = -INFINITY, l = 0.0f, acc[2] = {0.0f, 0.0f}; // threads own dims tid, tid + blockDim
     for (int c0 = 0; c0 < n; c0 += CH) {
         int cn = min(CH, n - c0);
         for (int j = warp; j < cn; j += nw) {
-            const T *kr = K + ((size_t)(c0 + j) * kvh + kh) * d;
+            int t = c0 + j, slot = t < ns ? t : sinks + (rlo + t - ns) % ring;
+            const T *kr = KV + ((size_t)slot * 2 * kvh + kh) * d;
             float a = 0.0f;
             for (int i = lane; i < d; i += 32) a += qs[i] * ld(kr + i);
             for (int off = 16; off; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
@@ -138,7 +163,8 @@ __device__ void partial_body(int bi, const T *K, const T *V, const float *q, flo
         float csum = 0.0f;
         for (int w = 0; w < nw; w++) csum += red[w];
         l = l * corr + csum;
-        wsum_rows(s, V + ((size_t)c0 * kvh + kh) * d, (size_t)kvh * d, cn, d, red2, res);
+        RowsRing<T> rr = {KV, c0, ns, rlo, sinks, ring, kvh, kh, d};
+        wsum_rows<T>(s, rr, cn, d, red2, res);
         for (int r = 0; r < 2; r++) {
             int t = tid + r * blockDim.x;
             if (t < d) acc[r] = acc[r] * corr + res[t];
@@ -232,7 +258,8 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
         it[0] = mx;
         it[1] = s;
     }
-    wsum_rows(sv, Vc, (size_t)d, nr, d, red2, res);
+    RowsLinear<T> rl = {Vc, (size_t)d};
+    wsum_rows<T>(sv, rl, nr, d, red2, res);
     for (int t = tid; t < d; t += nt) it[2 + t] = res[t];
 }
 
@@ -240,17 +267,17 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
 // tail sample) qh * nc blocks of tail items; 16 warps each.
 #define STEP_THREADS 512
 template <typename T>
-__global__ void step_kernel(const T *K, const T *V, const float *q, float *o, float *lse, int n,
+__global__ void step_kernel(const T *KV, const float *q, float *o, float *lse, int sinks, int ring,
                             int kvh, int G, int d, float scale, int qh, const T *tK, const T *tV,
                             float *tout, int ns, int ch, int nc, int P) {
     if ((int)blockIdx.x < qh)
-        partial_body<T>(blockIdx.x, K, V, q, o, lse, n, kvh, G, d, scale);
+        partial_body<T>(blockIdx.x, KV, q, o, lse, sinks, ring, qh, kvh, G, d, scale);
     else
         tail_body<T>(blockIdx.x - qh, tK, tV, q, tout, ns, ch, nc, P, G, d, scale);
 }
 
-extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_t cap, int f16,
-                                 float scale, kst_kvgpu **out, kst_error *err) {
+extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_t sinks, size_t ring,
+                                 int f16, float scale, kst_kvgpu **out, kst_error *err) {
     int rc = KST_OK;
     *out = NULL;
     if (d > 512 || q_heads % kv_heads)
@@ -260,18 +287,20 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
     g->qh = q_heads;
     g->kvh = kv_heads;
     g->d = d;
-    g->cap = cap ? cap : 1;
+    g->sinks = sinks;
+    g->ring = ring ? ring : 1;
+    g->cap = sinks + g->ring;
     g->f16 = f16;
     g->scale = scale;
-    size_t es = f16 ? 2 : 4, bytes = g->cap * kv_heads * d * es;
+    size_t es = f16 ? 2 : 4, bytes = g->cap * 2 * kv_heads * d * es;
     CU(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "kv gpu stream");
     CU(cudaEventCreateWithFlags(&g->done, cudaEventDisableTiming), "kv gpu event");
-    CU(cudaMalloc(&g->K, bytes), "kv gpu static keys");
-    CU(cudaMalloc(&g->V, bytes), "kv gpu static values");
-    CU(cudaMalloc((void **)&g->q, q_heads * d * sizeof(float)), "kv gpu query");
+    CU(cudaMalloc(&g->KV, bytes), "kv gpu static keys and values");
+    CU(cudaMallocHost(&g->hstage, bytes), "kv gpu pinned upload staging");
+    CU(cudaMalloc((void **)&g->q, (q_heads * d + KST_KVGPU_PRM) * sizeof(float)), "kv gpu query");
     CU(cudaMalloc((void **)&g->o, (q_heads * d + q_heads) * sizeof(float)), "kv gpu output");
     g->lse = g->o + q_heads * d;
-    CU(cudaMallocHost((void **)&g->hq, q_heads * d * sizeof(float)), "kv gpu pinned query");
+    CU(cudaMallocHost((void **)&g->hq, (q_heads * d + KST_KVGPU_PRM) * sizeof(float)), "kv gpu pinned query");
     CU(cudaMallocHost((void **)&g->ho, (q_heads * d + q_heads) * sizeof(float)), "kv gpu pinned output");
     *out = g;
     return KST_OK;
@@ -283,8 +312,8 @@ done:
 extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     if (!g) return;
     if (g->st) cudaStreamSynchronize(g->st);
-    cudaFree(g->K);
-    cudaFree(g->V);
+    cudaFree(g->KV);
+    cudaFreeHost(g->hstage);
     cudaFree(g->q);
     cudaFree(g->o);
     cudaFree(g->tK);
@@ -303,7 +332,7 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
 extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
     if (!g) return 0;
     size_t es = g->f16 ? 2 : 4;
-    return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh) * sizeof(float) +
+    return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh + KST_KVGPU_PRM) * sizeof(float) +
            2 * g->tcap * g->kvh * g->d * es + g->tocap * sizeof(float);
 }
 
@@ -362,19 +391,51 @@ extern "C" int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const voi
     if (slot + n > g->cap)
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: slots %zu..%zu past %zu", slot, slot + n, g->cap);
     size_t row = g->kvh * g->d * (g->f16 ? 2 : 4);
-    CU(cudaMemcpyAsync((char *)g->K + slot * row, K, n * row, cudaMemcpyHostToDevice, g->st), "kv gpu keys upload");
-    CU(cudaMemcpyAsync((char *)g->V + slot * row, V, n * row, cudaMemcpyHostToDevice, g->st), "kv gpu values upload");
-    CU(cudaStreamSynchronize(g->st), "kv gpu upload");
+    // The staging slots are reused once the ring has gone round: before overwriting one whose
+    // upload may still be queued, wait for the stream (at most once a ring of slots; never in
+    // a decode loop, whose steps see their uploads done).
+    if (g->staged + n > g->ring) {
+        CU(cudaStreamSynchronize(g->st), "kv gpu upload");
+        g->staged = g->staged_start = 0;
+    }
+    {
+        char *st = (char *)g->hstage + slot * 2 * row;
+        for (size_t i = 0; i < n; i++) {
+            memcpy(st + 2 * i * row, (const char *)K + i * row, row);
+            memcpy(st + (2 * i + 1) * row, (const char *)V + i * row, row);
+        }
+        CU(cudaMemcpyAsync((char *)g->KV + slot * 2 * row, st, n * 2 * row, cudaMemcpyHostToDevice, g->st),
+           "kv gpu keys and values upload");
+        g->staged += n;
+    }
 done:
     return rc;
 }
 
+// The step's partials are in: the uploads queued before its start are done too.
+static void uploads_done(kst_kvgpu *g) {
+    if (g->got) return;
+    g->got = 1;
+    g->staged -= g->staged_start < g->staged ? g->staged_start : g->staged;
+    g->staged_start = 0;
+}
+
 static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err);
 
-extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t n, kst_error *err) {
+extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t nsink, size_t rlo, size_t cnt,
+                                        kst_error *err) {
     int rc = KST_OK;
-    if (n > g->cap) return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu static tokens > %zu slots", n, g->cap);
+    if (nsink > g->sinks || cnt > g->ring)
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu sinks and %zu ring tokens (%zu and %zu slots)", nsink, cnt,
+                        g->sinks, g->ring);
+    size_t n = 0; // the graph does not depend on the token counts (read from the parameters)
     memcpy(g->hq, q, g->qh * g->d * sizeof(float));
+    {
+        int prm[KST_KVGPU_PRM] = {(int)nsink, (int)(rlo % g->ring), (int)cnt, 0};
+        memcpy(g->hq + g->qh * g->d, prm, sizeof prm);
+    }
+    g->staged_start = g->staged;
+    g->got = 0;
     if (g->exec && g->graph_n == n && g->graph_gen == g->gen) {
         CU(cudaGraphLaunch(g->exec, g->st), "kv gpu partial attention graph launch");
         CU(cudaEventRecord(g->done, g->st), "kv gpu event");
@@ -415,18 +476,19 @@ done:
 // The step's work on g->st: the query up, the kernel, the partials down.
 static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
     int rc = KST_OK;
-    CU(cudaMemcpyAsync(g->q, g->hq, g->qh * g->d * sizeof(float), cudaMemcpyHostToDevice, g->st), "kv gpu query upload");
+    CU(cudaMemcpyAsync(g->q, g->hq, (g->qh * g->d + KST_KVGPU_PRM) * sizeof(float), cudaMemcpyHostToDevice, g->st),
+       "kv gpu query upload");
     {
     size_t P = 32, nb = g->qh + (g->tns ? g->qh * g->tnc : 0);
     while (P < g->tch) P <<= 1;
     if (g->f16)
         step_kernel<__half><<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
-            (const __half *)g->K, (const __half *)g->V, g->q, g->o, g->lse, (int)n, (int)g->kvh,
+            (const __half *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const __half *)g->tK,
             (const __half *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P);
     else
         step_kernel<float><<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
-            (const float *)g->K, (const float *)g->V, g->q, g->o, g->lse, (int)n, (int)g->kvh,
+            (const float *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const float *)g->tK,
             (const float *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P);
     }
@@ -443,6 +505,7 @@ done:
 extern "C" int kst_kvgpu_partial_wait(kst_kvgpu *g, float *o, float *lse, kst_error *err) {
     int rc = KST_OK;
     CU(cudaEventSynchronize(g->done), "kv gpu partial attention");
+    uploads_done(g);
     memcpy(o, g->ho, g->qh * g->d * sizeof(float));
     memcpy(lse, g->ho + g->qh * g->d, g->qh * sizeof(float));
 done:
@@ -452,6 +515,7 @@ done:
 extern "C" int kst_kvgpu_partial_ready(kst_kvgpu *g, const float **o, const float **lse, kst_error *err) {
     int rc = KST_OK;
     CU(cudaEventSynchronize(g->done), "kv gpu partial attention");
+    uploads_done(g);
     *o = g->ho;
     *lse = g->ho + g->qh * g->d;
 done:
@@ -464,6 +528,7 @@ extern "C" int kst_kvgpu_partial_poll(kst_kvgpu *g, const float **o, const float
     cudaError_t e = cudaEventQuery(g->done);
     if (e == cudaErrorNotReady) return KST_OK;
     CU(e, "kv gpu partial attention");
+    uploads_done(g);
     *o = g->ho;
     *lse = g->ho + g->qh * g->d;
     *done = 1;

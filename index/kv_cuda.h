@@ -24,21 +24,29 @@ int kst_kv_cuda_devices(void);
 
 typedef struct kst_kvgpu kst_kvgpu;
 
-/* Device buffers for `cap` static-token slots of keys and values, each slot (kv_heads, d) in
- * float16 (f16) or float32, plus the query and result buffers of q_heads. */
-int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_t cap, int f16,
+/* Device buffers for the static tokens: `sinks` slots, then a ring of `ring` slots (the window
+ * and the tokens that left it but are not indexed yet), each slot a token's keys and values
+ * (kv_heads, d) in float16 (f16) or float32; plus the query and result buffers of q_heads. */
+int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_t sinks, size_t ring, int f16,
                       float scale, kst_kvgpu **out, kst_error *err);
 void kst_kvgpu_free(kst_kvgpu *g);
 /* Device memory held, in bytes. */
 size_t kst_kvgpu_bytes(const kst_kvgpu *g);
 
-/* Writes n consecutive slots from `slot` on: keys and values (n, kv_heads, d) host rows. */
+/* Writes n consecutive slots from `slot` on (slot < sinks: sinks; sinks + i: ring slot i): keys
+ * and values (n, kv_heads, d) host rows. Asynchronous: the rows are staged in pinned memory and
+ * one copy is queued on the step's stream (so the next step's kernel sees them); it waits for the
+ * stream only when the staging would overwrite rows whose copy may still be queued (a ring of
+ * slots written since the last step's partials came in). */
 int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const void *V, size_t n,
                    kst_error *err);
 
-/* Starts the partial attention of q (q_heads, d) float32 over slots [0, n) (returns at once);
+/* Starts the partial attention of q (q_heads, d) float32 over sink slots [0, nsink) and cnt ring
+ * tokens from ring offset rlo on (ring slots rlo, rlo + 1, ... mod ring) (returns at once);
  * kst_kvgpu_partial_wait then writes o (q_heads, d) and lse (q_heads). */
-int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t n, kst_error *err);
+#define KST_KVGPU_PRM 4 /* the step's parameters, uploaded after the query (ints) */
+int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t nsink, size_t rlo, size_t cnt,
+                            kst_error *err);
 int kst_kvgpu_partial_wait(kst_kvgpu *g, float *o, float *lse, kst_error *err);
 /* As kst_kvgpu_partial_wait, without the copies: *o (q_heads, d) and *lse (q_heads) point at the
  * partials in pinned host memory, valid until the next kst_kvgpu_partial_start. Safe to call

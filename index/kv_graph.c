@@ -11,6 +11,7 @@
 
 #include "core/blas.h"
 #include "core/check.h"
+#include "core/half.h"
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #ifdef KST_CUDA
@@ -124,9 +125,12 @@ static inline float score_of(const kst_kvg *g, const void *K, int f16, size_t d,
 }
 
 /* Best-first beam search; leaves the ef best in s's result heap. Nodes at or past `limit` are
- * not visited (insertion searches the nodes before the new one). */
-static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
-                int l2, size_t limit, kst_kvg_scratch *s, kst_error *err) {
+ * not visited (insertion searches the nodes before the new one). In three parts, so that several
+ * beams can run interleaved on one thread (kst_kvg_plan_multi): beam_init scores the entry
+ * points; beam_next pops the next node to expand (0: the beam has ended) and asks for its
+ * unvisited neighbours' rows and edges; beam_expand scores them. */
+static int beam_init(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
+                     int l2, size_t limit, kst_kvg_scratch *s, kst_error *err) {
     int rc = scratch_reserve(s, g->cap, ef, g->M, err);
     if (rc != KST_OK) return rc;
     s->cn = s->rn = s->scanned = s->hops = 0;
@@ -146,39 +150,64 @@ static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float 
         heap_push(s->rs, s->ri, &s->rn, v, x, 0);
         if (s->rn > ef) heap_pop(s->rs, s->ri, &s->rn, 0);
     }
-    while (s->cn > 0) {
-        float cv = s->cs[0];
-        uint32_t c = s->ci[0];
-        heap_pop(s->cs, s->ci, &s->cn, 1);
-        if (s->rn >= ef && cv < s->rs[0]) break;
-        s->hops++;
-        const uint32_t *nb = g->adj + (size_t)c * g->M;
-        size_t dg = g->deg[c];
-        /* Ask for the unvisited neighbours' key rows (and their edges, read if they join the
-         * beam) before scoring the first: on a cache larger than the CPU's caches the search is
-         * bound by these scattered reads, and issuing them together overlaps their latency. */
-        size_t rowb = d * (f16 ? 2 : 4);
-        for (size_t j = 0; j < dg; j++) {
-            uint32_t x = nb[j];
-            if (x >= limit || s->mark[x] == ep) continue;
-            const char *r = (const char *)krow(K, f16, x, d);
-            for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
-            __builtin_prefetch(g->adj + (size_t)x * g->M);
-        }
-        for (size_t j = 0; j < dg; j++) {
-            uint32_t x = nb[j];
-            if (x >= limit || s->mark[x] == ep) continue;
-            s->mark[x] = ep;
-            float v = score_of(g, K, f16, d, q, x, l2);
-            s->scanned++;
-            if (s->rn < ef || v > s->rs[0]) {
-                if (s->cn < s->ccap) heap_push(s->cs, s->ci, &s->cn, v, x, 1);
-                if (s->rn < ef) heap_push(s->rs, s->ri, &s->rn, v, x, 0);
-                else heap_replace_top(s->rs, s->ri, s->rn, v, x, 0);
-            }
+    return KST_OK;
+}
+
+static int beam_next(const kst_kvg *g, const void *K, int f16, size_t d, size_t ef, size_t limit,
+                     kst_kvg_scratch *s, uint32_t *out) {
+    if (s->cn == 0) return 0;
+    float cv = s->cs[0];
+    uint32_t c = s->ci[0];
+    heap_pop(s->cs, s->ci, &s->cn, 1);
+    if (s->rn >= ef && cv < s->rs[0]) {
+        s->cn = 0;
+        return 0;
+    }
+    s->hops++;
+    const uint32_t *nb = g->adj + (size_t)c * g->M;
+    size_t dg = g->deg[c];
+    uint8_t ep = s->epoch;
+    /* Ask for the unvisited neighbours' key rows (and their edges, read if they join the
+     * beam) before scoring the first: on a cache larger than the CPU's caches the search is
+     * bound by these scattered reads, and issuing them together overlaps their latency. */
+    size_t rowb = d * (f16 ? 2 : 4);
+    for (size_t j = 0; j < dg; j++) {
+        uint32_t x = nb[j];
+        if (x >= limit || s->mark[x] == ep) continue;
+        const char *r = (const char *)krow(K, f16, x, d);
+        for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+        __builtin_prefetch(g->adj + (size_t)x * g->M);
+    }
+    *out = c;
+    return 1;
+}
+
+static void beam_expand(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
+                        int l2, size_t limit, kst_kvg_scratch *s, uint32_t c) {
+    const uint32_t *nb = g->adj + (size_t)c * g->M;
+    size_t dg = g->deg[c];
+    uint8_t ep = s->epoch;
+    for (size_t j = 0; j < dg; j++) {
+        uint32_t x = nb[j];
+        if (x >= limit || s->mark[x] == ep) continue;
+        s->mark[x] = ep;
+        float v = score_of(g, K, f16, d, q, x, l2);
+        s->scanned++;
+        if (s->rn < ef || v > s->rs[0]) {
+            if (s->cn < s->ccap) heap_push(s->cs, s->ci, &s->cn, v, x, 1);
+            if (s->rn < ef) heap_push(s->rs, s->ri, &s->rn, v, x, 0);
+            else heap_replace_top(s->rs, s->ri, s->rn, v, x, 0);
         }
     }
-    return KST_OK;
+}
+
+static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
+                int l2, size_t limit, kst_kvg_scratch *s, kst_error *err) {
+    int rc = beam_init(g, K, f16, d, q, ef, l2, limit, s, err);
+    uint32_t c;
+    if (rc == KST_OK)
+        while (beam_next(g, K, f16, d, ef, limit, s, &c)) beam_expand(g, K, f16, d, q, ef, l2, limit, s, c);
+    return rc;
 }
 
 /* Drains s's result heap into ids/scores, best first; returns the count. */
@@ -403,7 +432,10 @@ static size_t plan_links(const kst_kvg *g, const void *K, int f16, size_t d, uin
     if (have >= g->M || limit == 0) return 0;
     float *q = tmp + d;
     kst_kv_rows_f32(q, K, f16, x, 1, d);
+    double tb0 = s->prof ? mono_s() : 0;
     if (beam(g, K, f16, d, q, g->efc, 1, limit, s, NULL) != KST_OK) return (size_t)-1;
+    double tb1 = s->prof ? mono_s() : 0;
+    if (s->prof) s->t_ibeam += tb1 - tb0;
     /* drain into the candidate heap's own arrays, nearest first */
     size_t nc = s->rn;
     uint32_t *cid = s->ci;
@@ -419,7 +451,9 @@ static size_t plan_links(const kst_kvg *g, const void *K, int f16, size_t d, uin
             cd[m++] = g->norm2[x] - 2.0f * cd[i]; /* score -> squared distance */
         }
     }
-    return select_diverse(g, K, f16, d, cid, cd, m, g->M - have, sel, seld, tmp);
+    size_t r = select_diverse(g, K, f16, d, cid, cd, m, g->M - have, sel, seld, tmp);
+    if (s->prof) s->t_iselect += mono_s() - tb1;
+    return r;
 }
 
 static void apply_links(kst_kvg *g, uint32_t x, const uint32_t *sel, const float *seld, size_t n) {
@@ -522,14 +556,107 @@ int kst_kvg_insert(kst_kvg *g, const void *K, int f16, size_t d, kst_kvg_scratch
         kst_free(tmp);
         return kst_fail(err, KST_ERR_NOMEM, "kv graph: out of memory linking a key");
     }
+    double ta0 = s->prof ? mono_s() : 0;
     apply_links(g, x, sel, seld, c);
     if (g->codes) code_row(g, K, f16, x, d, tmp);
+    if (s->prof) s->t_iapply += mono_s() - ta0;
     kst_free(tmp);
     g->n++;
     /* A graph without entry points of its own (key-only, or still small) spreads them anew as
      * it grows; the attention-aware one keeps its hubs. */
     if (!g->hub_entries && g->n_entry < g->max_entry) spread_entries(g);
     return KST_OK;
+}
+
+int kst_kvg_reserve(kst_kvg *g, size_t n, kst_error *err) {
+    if (n >= UINT32_MAX - 1) return kst_fail(err, KST_ERR_INVALID, "kv graph holds the most keys it can (%zu)", g->n);
+    return reserve(g, n, err);
+}
+
+int kst_kvg_stage(kst_kvg *g, const void *K, int f16, size_t d, size_t hi, float *tmp, kst_error *err) {
+    if (hi >= UINT32_MAX - 1) return kst_fail(err, KST_ERR_INVALID, "kv graph holds the most keys it can (%zu)", g->n);
+    int rc = reserve(g, hi, err);
+    if (rc != KST_OK) return rc;
+    for (size_t x = g->n; x < hi; x++) {
+        g->norm2[x] = sqnorm(K, f16, x, d, tmp);
+        g->deg[x] = 0;
+    }
+    return KST_OK;
+}
+
+/* The end of a plan: its beam's candidates (in s) and the batch's nodes before x merged by
+ * distance, then the diverse ones kept (tmp: x's row in tmp[d..2d), scratch in tmp[0..d)). */
+static size_t plan_end(kst_kvg_plan_item *it, int f16, size_t d, kst_kvg_scratch *s, float *tmp) {
+    const kst_kvg *g = it->g;
+    const void *K = it->K;
+    uint32_t x = it->x;
+    size_t limit = it->limit;
+    size_t nc = drain(s, s->ci, s->cs, s->rn), m = 0;
+    uint32_t *cid = s->ci;
+    float *cd = s->cs;
+    for (size_t i = 0; i < nc; i++)
+        if (cid[i] != x) {
+            cid[m] = cid[i];
+            cd[m++] = it->norm2 - 2.0f * cd[i]; /* score -> squared distance */
+        }
+    /* the batch's nodes before x (up to 64 of them), not linked yet (their norms staged): merged
+     * into the candidates by distance, as if inserted one by one; the nearest efc kept */
+    size_t b0 = x - limit > 64 ? x - 64 : limit;
+    for (size_t y = b0; y < x && m < s->ccap; y++) {
+        float dy = it->norm2 + g->norm2[y] - 2.0f * kst_kv_dot(tmp + d, krow(K, f16, y, d), f16, d);
+        size_t i = m++;
+        for (; i > 0 && cd[i - 1] > dy; i--) {
+            cd[i] = cd[i - 1];
+            cid[i] = cid[i - 1];
+        }
+        cd[i] = dy;
+        cid[i] = (uint32_t)y;
+    }
+    if (m > g->efc) m = g->efc;
+    return select_diverse(g, K, f16, d, cid, cd, m, g->M, it->sel, it->seld, tmp);
+}
+
+void kst_kvg_plan_multi(kst_kvg_plan_item *it, size_t np, int f16, size_t d, kst_kvg_scratch **s,
+                        float **tmp) {
+    uint32_t c[KST_KVG_PLAN_MAX];
+    int on[KST_KVG_PLAN_MAX];
+    size_t live = 0;
+    double t0 = np && s[0]->prof ? mono_s() : 0;
+    for (size_t i = 0; i < np && i < KST_KVG_PLAN_MAX; i++) {
+        /* the new node's norm was staged and its edges are not read (x >= g->n, no search
+         * reaches it): a plan reads the graph only */
+        it[i].norm2 = it[i].g->norm2[it[i].x];
+        it[i].count = 0;
+        on[i] = 0;
+        if (it[i].limit == 0) continue;
+        kst_kv_rows_f32(tmp[i] + d, it[i].K, f16, it[i].x, 1, d);
+        if (beam_init(it[i].g, it[i].K, f16, d, tmp[i] + d, it[i].g->efc, 1, it[i].limit, s[i], NULL) != KST_OK) {
+            it[i].count = (size_t)-1;
+            continue;
+        }
+        on[i] = 1;
+        live++;
+    }
+    if (np > KST_KVG_PLAN_MAX) np = KST_KVG_PLAN_MAX;
+    while (live) {
+        for (size_t i = 0; i < np; i++)
+            if (on[i] && !beam_next(it[i].g, it[i].K, f16, d, it[i].g->efc, it[i].limit, s[i], &c[i])) {
+                on[i] = 0;
+                live--;
+                it[i].count = plan_end(&it[i], f16, d, s[i], tmp[i]);
+            }
+        for (size_t i = 0; i < np; i++)
+            if (on[i]) beam_expand(it[i].g, it[i].K, f16, d, tmp[i] + d, it[i].g->efc, 1, it[i].limit, s[i], c[i]);
+    }
+    if (np && s[0]->prof) s[0]->t_ibeam += mono_s() - t0;
+}
+
+void kst_kvg_link(kst_kvg *g, const void *K, int f16, size_t d, uint32_t x, const uint32_t *sel,
+                  const float *seld, size_t n, float *tmp) {
+    apply_links(g, x, sel, seld, n);
+    if (g->codes) code_row(g, K, f16, x, d, tmp);
+    if (x >= g->n) g->n = (size_t)x + 1;
+    if (!g->hub_entries && g->n_entry < g->max_entry) spread_entries(g);
 }
 
 int kst_kvg_build_keys(kst_kvg *g, const void *K, int f16, size_t n, size_t d, kst_error *err) {

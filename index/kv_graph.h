@@ -78,6 +78,8 @@ typedef struct kst_kvg_scratch {
     double t_rerank;
     double t_entry;  /* kst_kvg_search_multi: seconds choosing the entry points (with prof) */
     size_t hops;
+    double t_ibeam, t_iselect, t_iapply; /* kst_kvg_insert with prof: its beam search, neighbour
+                                            selection, linking (edges, back edges, code) */
     uint8_t *fl; size_t flcap;                       /* kst_kvg_search_multi: pool flags */
     int no_vnni;   /* kst_kvg_search_multi: score codes in float even where AVX-512 VNNI is */
     int pf_push;   /* kst_kvg_search_multi: a node's edges are read once it joins the beam (1),
@@ -117,6 +119,37 @@ int kst_kvg_build_keys(kst_kvg *g, const void *K, int f16, size_t n, size_t d, k
 /* Adds node g->n (row g->n of K) linked to its near keys, with edges back. */
 int kst_kvg_insert(kst_kvg *g, const void *K, int f16, size_t d, kst_kvg_scratch *s,
                    kst_error *err);
+
+/* Batch insertion (index/kv.c's appends): nodes g->n .. hi - 1 are planned apart, then linked
+ * in order. kst_kvg_stage makes room for them and sets their norms (exclusive use: moves the
+ * arrays; tmp d floats). kst_kvg_plan_multi plans the links of np (1..KST_KVG_PLAN_MAX)
+ * staged nodes, of one graph or several: each among nodes [0, limit) by key-key search (as
+ * kst_kvg_insert does) and among the staged nodes before it (up to 64: as if inserted one by
+ * one), the nearest efc candidates kept; it only reads the graphs, so plans may run while
+ * searches do, on other threads. The np beams run interleaved on the calling thread (each step
+ * pops a node of every beam and asks for its neighbours' rows before scoring any, so the memory
+ * latencies overlap), each with its own scratch s[i] and tmp[i] (2 * d floats); the same plans
+ * as one at a time. sel / seld get up to M neighbours (squared distances); count (size_t)-1:
+ * out of memory. kst_kvg_link applies a plan (exclusive use: edges both ways, the
+ * code) and makes the graph hold nodes up to x; link x = g->n first. */
+int kst_kvg_stage(kst_kvg *g, const void *K, int f16, size_t d, size_t hi, float *tmp, kst_error *err);
+/* Room for n nodes (exclusive use: moves the arrays). */
+int kst_kvg_reserve(kst_kvg *g, size_t n, kst_error *err);
+#define KST_KVG_PLAN_MAX 8
+typedef struct kst_kvg_plan_item {
+    const kst_kvg *g;
+    const void *K;
+    uint32_t x;
+    size_t limit;
+    uint32_t *sel;
+    float *seld;
+    float norm2;  /* |k_x|^2 (set by the plan, from the staged norms) */
+    size_t count; /* out: neighbours planned */
+} kst_kvg_plan_item;
+void kst_kvg_plan_multi(kst_kvg_plan_item *it, size_t np, int f16, size_t d, kst_kvg_scratch **s,
+                        float **tmp);
+void kst_kvg_link(kst_kvg *g, const void *K, int f16, size_t d, uint32_t x, const uint32_t *sel,
+                  const float *seld, size_t n, float *tmp);
 
 /* Exact top-k keys by inner product for each of nq queries: ids (nq, k) and scores (nq, k),
  * best first (scores may be NULL). k <= n. Uses sgemm in blocks. */

@@ -111,6 +111,7 @@ static void run_decode(fx *f, kst_kv_index_kind index, int f16, size_t top_k, si
         }
     }
     assert_ok(kst_kv_append(kv, 1, K, V, P, &err), &err);
+    assert_ok(kst_kv_reserve(kv, 1, P + S, &err), &err); /* optional: room for the decode */
     assert_ok(kst_kv_build(kv, 1, index == KST_KV_INDEX_ATTN ? f->pq.data : NULL,
                            index == KST_KV_INDEX_ATTN ? P : 0, &err), &err);
     assert_int_equal(kst_kv_tokens(kv, 1), P);
@@ -120,16 +121,22 @@ static void run_decode(fx *f, kst_kv_index_kind index, int f16, size_t top_k, si
     for (size_t s = 0; s < S; s++) {
         assert_ok(kst_kv_append(kv, 1, (char *)K + (P + s) * rowv * esz,
                                 (char *)V + (P + s) * rowv * esz, 1, &err), &err);
-        /* tokens leaving the window were linked into the index */
-        if (index != KST_KV_INDEX_NONE) assert_int_equal(kst_kv_indexed(kv, 1), P + s + 1 - 4 - 32);
+        /* tokens leaving the window are linked into the index (with o.append_batch = 64, the
+         * default, these 8 stay pending: attended exactly) */
+        if (index != KST_KV_INDEX_NONE) assert_int_equal(kst_kv_indexed(kv, 1), P - 4 - 32);
         kst_kv_stats st;
         assert_ok(kst_kv_attend(kv, 1, (const float *)f->dq.data + s * QH * D, top_k, ef, out, &st,
                                 &err), &err);
         assert_int_equal(st.tokens, P + s + 1);
+        /* every token attended exactly or indexed, once */
+        assert_int_equal(st.exact + st.indexed, st.tokens);
         char name[64];
         snprintf(name, sizeof name, "decode step %zu output", s);
         assert_close_f32(name, out, want + s * QH * D, QH * D, atol, rtol);
     }
+    /* the pending tokens linked at once */
+    assert_ok(kst_kv_flush(kv, 1, &err), &err);
+    assert_int_equal(kst_kv_indexed(kv, 1), index == KST_KV_INDEX_NONE ? 0 : P + S - 4 - 32);
     free(K);
     free(V);
     kst_kv_free(kv);
@@ -496,6 +503,8 @@ static void test_tail_sample_kept_across_appends(void **state) {
     o.degree = 16;
     o.index = KST_KV_INDEX_KEYS;
     o.tail_samples = ns;
+    o.append_batch = 1; /* every token that leaves the window indexed at its append (the
+                           reference's exact set: the sinks and the window) */
     kst_kv *kv;
     kst_error err;
     assert_ok(kst_kv_create(&o, &kv, &err), &err);
@@ -533,6 +542,183 @@ static void test_tail_sample_kept_across_appends(void **state) {
     free(V);
 }
 
+/* Batch appends (kst_kvc_append, append_batch B): the tokens that left the window and are not
+ * indexed yet are attended exactly with the window (on the GPU in its ring), and linked into
+ * the graphs B at a time, by the background worker or by the appending call. With every indexed
+ * key attended (retrieved, or in a tail sample as large as the index), each decode step must
+ * equal float64 full attention over every token (a pending
+ * token lost, or attended both exactly and through the index, at a batch boundary changes it);
+ * the counts add up; the lag stays within 4B; after kst_kvc_flush every appended key is found
+ * by a search for it (the batches' links reach it). Single appends, a 50-token append (more than
+ * 4B at once: the call links batches itself), worker on and off, CPU and (CUDA builds) GPU. */
+#define AB_KVH 2
+#define AB_QH 4
+#define AB_D 32
+static void ab_ref(double *ref, const float *q, const float *K, const float *V, size_t n, float *kh, float *vh) {
+    for (size_t h = 0; h < AB_QH; h++) {
+        size_t g = h / (AB_QH / AB_KVH);
+        for (size_t j = 0; j < n; j++) {
+            memcpy(kh + j * AB_D, K + (j * AB_KVH + g) * AB_D, AB_D * sizeof(float));
+            memcpy(vh + j * AB_D, V + (j * AB_KVH + g) * AB_D, AB_D * sizeof(float));
+        }
+        full_attn64(ref + h * AB_D, q + h * AB_D, kh, vh, n, AB_D, 1.0 / sqrt((double)AB_D));
+    }
+}
+
+static void run_append_batches(int gpu, int worker, size_t B) {
+    const size_t n0 = 300, steps = 130, sinks = 4, window = 16, n = n0 + steps + 50;
+    float *K = malloc(n * AB_KVH * AB_D * sizeof *K), *V = malloc(n * AB_KVH * AB_D * sizeof *V);
+    float *Qp = malloc(n0 * AB_QH * AB_D * sizeof *Qp), *kh = malloc(n * AB_D * sizeof *kh), *vh = malloc(n * AB_D * sizeof *vh);
+    for (size_t i = 0; i < n * AB_KVH * AB_D; i++) K[i] = (float)test_gauss();
+    for (size_t i = 0; i < n * AB_KVH * AB_D; i++) V[i] = (float)test_gauss();
+    for (size_t i = 0; i < n0 * AB_QH * AB_D; i++) Qp[i] = (float)test_gauss();
+    /* top_k 10 and every indexed key not retrieved in the tail sample (tail_samples >= indexed:
+     * each sampled once, so full attention whatever the search reaches) */
+    kst_kvc_opts o = {1, AB_KVH, AB_QH, AB_D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, gpu, 100000, 0, 0, B};
+    kst_kvc *c;
+    kst_error err;
+    assert_ok(kst_kvc_create(&o, &c, &err), &err);
+    kst_kvc_set_append_worker(c, worker);
+    assert_ok(kst_kvc_append(c, 0, K, V, n0, &err), &err);
+    assert_ok(kst_kvc_build(c, 0, Qp, n0, &err), &err);
+    size_t at = n0, landed = 0, last = kst_kvc_indexed(c, 0);
+    for (size_t s = 0; s < steps + 1; s++) {
+        size_t add = s == steps / 2 ? 50 : 1; /* one append of 50 tokens: > 4B pending at once */
+        if (s == steps) break;
+        assert_ok(kst_kvc_append(c, 0, K + at * AB_KVH * AB_D, V + at * AB_KVH * AB_D, add, &err), &err);
+        at += add;
+        size_t pend = kst_kvc_pending(c, 0), idx = kst_kvc_indexed(c, 0);
+        assert_int_equal(pend + idx + sinks + window, at);
+        if (pend > 4 * B) fail_msg("%zu tokens pending after %zu appended (at most 4B = %zu)", pend, at - n0, 4 * B);
+        if (!worker && pend >= B) fail_msg("%zu tokens pending without the worker (batch %zu)", pend, B);
+        if (idx != last) {
+            if ((idx - last) % B) fail_msg("the index grew by %zu, not a multiple of the batch %zu", idx - last, B);
+            landed++;
+            last = idx;
+        }
+        float q[AB_QH * AB_D], out[AB_QH * AB_D];
+        double ref[AB_QH * AB_D];
+        for (size_t i = 0; i < AB_QH * AB_D; i++) q[i] = (float)(0.5 * test_gauss());
+        kst_kvc_stats st;
+        assert_ok(kst_kvc_attend(c, 0, q, 10, 32, out, &st, &err), &err);
+        assert_int_equal(st.tokens, at);
+        assert_int_equal(st.exact + st.indexed, at);
+        assert_int_equal(st.retrieved + st.sampled, AB_QH * st.indexed);
+        ab_ref(ref, q, K, V, at, kh, vh);
+        for (size_t i = 0; i < AB_QH * AB_D; i++)
+            if (!(fabs(out[i] - ref[i]) <= 2e-5 + 1e-4 * fabs(ref[i])))
+                fail_msg("batch appends (gpu %d, worker %d, B %zu), %zu tokens (%zu pending), element %zu: %.7g,"
+                         " float64 full attention %.7g", gpu, worker, B, at, pend, i, out[i], ref[i]);
+    }
+    if (landed < 3) fail_msg("only %zu batches landed over %zu appended tokens (batch %zu)", landed, at - n0, B);
+    /* every pending token linked; each appended key then found by a search for it: a query
+     * along the key, whose exact top-1 (float64, over the indexed keys) the search must return
+     * among its best 4 */
+    assert_ok(kst_kvc_flush(c, 0, &err), &err);
+    assert_int_equal(kst_kvc_pending(c, 0), 0);
+    assert_int_equal(kst_kvc_indexed(c, 0), at - sinks - window);
+    size_t miss = 0, tried = 0, miss0 = 0, tried0 = 0;
+    for (size_t p = sinks; p < at - window; p += 3) {
+        int appended = p >= n0 - window; /* else a key indexed by the build: the control */
+        size_t g = p % AB_KVH, qh = g * (AB_QH / AB_KVH);
+        float q[AB_D];
+        for (size_t i = 0; i < AB_D; i++) q[i] = 3.0f * K[(p * AB_KVH + g) * AB_D + i];
+        size_t best = 0;
+        double bv = -INFINITY;
+        for (size_t j = sinks; j < at - window; j++) {
+            double a = 0;
+            for (size_t i = 0; i < AB_D; i++) a += (double)q[i] * K[(j * AB_KVH + g) * AB_D + i];
+            if (a > bv) {
+                bv = a;
+                best = j;
+            }
+        }
+        int64_t pos[4];
+        size_t found = 0;
+        assert_ok(kst_kvc_search(c, 0, qh, q, 4, 64, pos, &found, NULL, &err), &err);
+        int hit = 0;
+        for (size_t i = 0; i < found; i++) hit |= (size_t)pos[i] == best;
+        if (appended) {
+            miss += !hit;
+            tried++;
+        } else {
+            miss0 += !hit;
+            tried0++;
+        }
+    }
+    /* the graph's search misses a few (keys inserted one by one too: 1 of 59 here, 0 of 94 built
+     * ones); unlinked batches would miss nearly all */
+    if (miss * 6 > tried || miss0 * 6 > tried0)
+        fail_msg("batch appends (gpu %d, worker %d, B %zu): %zu of %zu appended keys (%zu of %zu built ones) not"
+                 " found by a search for them", gpu, worker, B, miss, tried, miss0, tried0);
+    kst_kvc_free(c);
+    free(K);
+    free(V);
+    free(Qp);
+    free(kh);
+    free(vh);
+}
+
+static void test_append_batches_equal_full_attention(void **state) {
+    (void)state;
+    run_append_batches(0, 0, 1);
+    run_append_batches(0, 1, 8);
+    run_append_batches(0, 0, 8);
+    run_append_batches(0, 1, 3);
+#ifdef KST_CUDA
+    if (kst_kv_cuda_devices() > 0) {
+        run_append_batches(1, 1, 8);
+        run_append_batches(1, 0, 8);
+        run_append_batches(1, 1, 3);
+    }
+#endif
+}
+
+/* GPU = CPU across batch boundaries: the same graphs (batches planned by the appending call, so
+ * they land at the same appends), a small top_k (the same retrieval) and the tail estimate: the
+ * same output, with the GPU attending the pending tokens in its ring. */
+static void test_append_batches_gpu_equals_cpu(void **state) {
+    (void)state;
+#ifndef KST_CUDA
+    skip_because("built without CUDA (make CUDA=1)");
+#else
+    if (kst_kv_cuda_devices() == 0) skip_because("no CUDA device visible");
+    const size_t n0 = 400, steps = 100, n = n0 + steps;
+    float *K = malloc(n * AB_KVH * AB_D * sizeof *K), *V = malloc(n * AB_KVH * AB_D * sizeof *V);
+    float *Qp = malloc(n0 * AB_QH * AB_D * sizeof *Qp);
+    for (size_t i = 0; i < n * AB_KVH * AB_D; i++) K[i] = (float)test_gauss();
+    for (size_t i = 0; i < n * AB_KVH * AB_D; i++) V[i] = (float)test_gauss();
+    for (size_t i = 0; i < n0 * AB_QH * AB_D; i++) Qp[i] = (float)test_gauss();
+    kst_kvc *c[2];
+    kst_error err;
+    for (int g = 0; g < 2; g++) {
+        kst_kvc_opts o = {1, AB_KVH, AB_QH, AB_D, 0, 0, 4, 16, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, g, 64, 0, 0, 8};
+        assert_ok(kst_kvc_create(&o, &c[g], &err), &err);
+        kst_kvc_set_append_worker(c[g], 0);
+        assert_ok(kst_kvc_append(c[g], 0, K, V, n0, &err), &err);
+        assert_ok(kst_kvc_build(c[g], 0, Qp, n0, &err), &err);
+    }
+    for (size_t s = 0; s < steps; s++) {
+        float q[AB_QH * AB_D], out[2][AB_QH * AB_D];
+        kst_kvc_stats st[2];
+        for (size_t i = 0; i < AB_QH * AB_D; i++) q[i] = (float)(0.5 * test_gauss());
+        for (int g = 0; g < 2; g++) {
+            assert_ok(kst_kvc_append(c[g], 0, K + (n0 + s) * AB_KVH * AB_D, V + (n0 + s) * AB_KVH * AB_D, 1, &err), &err);
+            assert_ok(kst_kvc_attend(c[g], 0, q, 10, 32, out[g], &st[g], &err), &err);
+        }
+        assert_int_equal(st[1].exact, st[0].exact);
+        assert_int_equal(st[1].retrieved, st[0].retrieved);
+        char name[64];
+        snprintf(name, sizeof name, "gpu vs cpu after %zu batch appends", s + 1);
+        assert_close_f32(name, out[1], out[0], AB_QH * AB_D, ATOL, RTOL);
+    }
+    for (int g = 0; g < 2; g++) kst_kvc_free(c[g]);
+    free(K);
+    free(V);
+    free(Qp);
+#endif
+}
+
 /* kst_kvc_build_copied (the layer benchmark's shortcut): KV head 1 holds head 0's keys and
  * values under a signed permutation of the dimensions; with head 0's graph copied, searching
  * head 1 with the permuted query finds head 0's top keys, and attending to every indexed key
@@ -553,7 +739,7 @@ static void test_build_copied(void **state) {
             K[(t * 2 + 1) * D + i] = sgn[i] * kf[(t * KVH) * D + perm[i]];
             V[(t * 2 + 1) * D + i] = sgn[i] * vf[(t * KVH) * D + perm[i]];
         }
-    kst_kvc_opts o = {1, 2, 2, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 0};
+    kst_kvc_opts o = {1, 2, 2, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 0, 0};
     kst_kvc *c;
     kst_error err;
     assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -652,7 +838,7 @@ static void test_group_search_recall(void **state) {
     fx *f = *state;
     const size_t nidx = P - 36;
     for (int codes = 0; codes < 2; codes++) {
-        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 1, codes};
+        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 1, codes, 0};
         kst_kvc *c;
         kst_error err;
         assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -690,7 +876,7 @@ static void test_pool_search_recall(void **state) {
         {1, 1, 1, 0, 64, 4}, {1, 2, 0, 0, 64, 4}, {0, 2, 1, 0, 64, 4}, {1, 1, 1, 0, 200, 0},
     };
     for (size_t vi = 0; vi < sizeof v / sizeof v[0]; vi++) {
-        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, v[vi].codes};
+        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, v[vi].codes, 0};
         kst_kvc *c;
         kst_error err;
         assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -778,7 +964,7 @@ static void test_entry_table(void **state) {
 static void test_interleaved_all_keys_equals_sdpa(void **state) {
     fx *f = *state;
     for (int variant = 0; variant < 2; variant++) {
-        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 1};
+        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 1, 0};
         kst_kvc *c;
         kst_error err;
         assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -830,6 +1016,11 @@ static void test_bad_input(void **state) {
     assert_int_equal(kst_kv_append(kv, 2, x, x, 1, &err), KST_ERR_INVALID);
     assert_msg_has(err.msg, "layer 2 of a 2-layer cache");
     assert_int_equal(kst_kv_append(kv, 0, NULL, x, 1, &err), KST_ERR_MISUSE);
+    assert_int_equal(kst_kv_flush(kv, 5, &err), KST_ERR_INVALID);
+    assert_msg_has(err.msg, "kst_kv_flush");
+    assert_int_equal(kst_kv_reserve(kv, 5, 10, &err), KST_ERR_INVALID);
+    assert_msg_has(err.msg, "kst_kv_reserve");
+    assert_int_equal(kst_kv_flush(NULL, 0, &err), KST_ERR_MISUSE);
     assert_int_equal(kst_kv_build(kv, 0, NULL, 0, &err), KST_ERR_INVALID);
     assert_msg_has(err.msg, "prefill queries");
     /* an empty layer attends to nothing: zeros, no failure */
@@ -881,6 +1072,8 @@ int main(void) {
         cmocka_unit_test(test_tail_estimate_diffuse),
         cmocka_unit_test(test_tail_sample_kept_across_appends),
         cmocka_unit_test(test_build_copied),
+        cmocka_unit_test(test_append_batches_equal_full_attention),
+        cmocka_unit_test(test_append_batches_gpu_equals_cpu),
         cmocka_unit_test(test_group_all_keys_equals_sdpa),
         cmocka_unit_test(test_group_search_recall),
         cmocka_unit_test(test_pool_search_recall),

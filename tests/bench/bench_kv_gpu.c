@@ -48,7 +48,7 @@ static int check(const char *dir) {
     size_t P = pq.shape[0], S = dq.shape[0], QH = pq.shape[1], KVH = keys.shape[1], D = keys.shape[2];
     int bad = 0;
     for (int f16 = 0; f16 < 2; f16++) {
-        kst_kvc_opts o = {1, KVH, QH, D, f16, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, 0, 0, 0};
+        kst_kvc_opts o = {1, KVH, QH, D, f16, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, 0, 0, 0, 0};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         size_t nv = (P + S) * KVH * D, es = f16 ? 2 : 4;
@@ -166,7 +166,7 @@ static int latency(const char *list) {
             size_t c = (size_t)(urand() * C) % C;
             for (size_t i = 0; i < D; i++) Q[t * D + i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * nrand();
         }
-        kst_kvc_opts o = {1, 1, QH, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 0};
+        kst_kvc_opts o = {1, 1, QH, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 0, 0};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         double t0 = now_s();
@@ -273,7 +273,7 @@ static int layer(const char *list) {
     const char *modes = getenv("KV_MODES") ? getenv("KV_MODES") : "head,group,head+codes,group+codes";
     /* rows: KV_MODES x KV_EFS (top_k 100; with KV_TAIL a second pass with that many tail
      * samples), then KV_RUNS "mode:ef:top_k:tail;..." */
-    struct { char mode[32]; size_t ef, topk, tail; } runs[512];
+    struct { char mode[64]; size_t ef, topk, tail; } runs[512];
     size_t nrun = 0;
     for (int pass = 0; pass < (tail ? 2 : 1); pass++)
         for (const char *mp = modes; *mp && nrun < 512;) {
@@ -282,7 +282,7 @@ static int layer(const char *list) {
                 size_t ef = strtoul(ep, (char **)&ep, 10);
                 if (*ep == ',') ep++;
                 if (ef == 0) break;
-                snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 31 ? ml : 31), mp);
+                snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 63 ? ml : 63), mp);
                 runs[nrun].ef = ef;
                 runs[nrun].topk = TOPK;
                 runs[nrun++].tail = pass ? tail : 0;
@@ -291,7 +291,7 @@ static int layer(const char *list) {
         }
     for (const char *rp = getenv("KV_RUNS") ? getenv("KV_RUNS") : ""; *rp && nrun < 512;) {
         size_t ml = strcspn(rp, ":");
-        snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 31 ? ml : 31), rp);
+        snprintf(runs[nrun].mode, sizeof runs[nrun].mode, "%.*s", (int)(ml < 63 ? ml : 63), rp);
         rp += ml + (rp[ml] == ':');
         runs[nrun].ef = strtoul(rp, (char **)&rp, 10);
         runs[nrun].topk = strtoul(rp + (*rp == ':'), (char **)&rp, 10);
@@ -365,7 +365,9 @@ static int layer(const char *list) {
             for (size_t h = 0; h < QH; h++)
                 for (size_t i = 0; i < D; i++)
                     Qd[(t * QH + h) * D + i] = sgn[h / G][i] * Qd0[(t * QH + h) * D + perm[h / G][i]];
-        kst_kvc_opts o = {1, KVH, QH, D, 1, 0, SINKS, WINDOW, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 1};
+        kst_kvc_opts o = {1, KVH, QH, D, 1, 0, SINKS, WINDOW, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 1, 0};
+        /* KV_BATCH: append_batch (default 64, the API's; 1: each token linked at its append) */
+        o.append_batch = getenv("KV_BATCH") ? (size_t)atol(getenv("KV_BATCH")) : 64;
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         uint16_t *kc = malloc(CH * KVH * D * 2), *vc = malloc(CH * KVH * D * 2);
@@ -387,6 +389,10 @@ static int layer(const char *list) {
         t0 = now_s();
         if (kst_kvc_build_copied(c, 0, Qpre, NPRE, &e)) die("build", &e);
         double build = now_s() - t0;
+        /* room for the "/app" rows' tokens (KV_RESERVE, default 16384 more), as an engine that
+         * knows its context length reserves it: a growth in a timed step would copy the layer */
+        if (kst_kvc_reserve(c, 0, N + (getenv("KV_RESERVE") ? (size_t)atol(getenv("KV_RESERVE")) : 16384), &e))
+            die("reserve", &e);
         /* references in head 0's frame */
         double *ref = malloc(NREF * QH * D * sizeof *ref), scale = 1.0 / sqrt((double)D);
 #pragma omp parallel
@@ -495,8 +501,18 @@ static int layer(const char *list) {
                  * decode step does, so the oldest window token moves into the index (timed with
                  * the step; the cache then holds more tokens than the references: put it last) */
                 int app = strstr(mode, "/app") != NULL;
+                /* "/w1": batch appends planned by the background worker (default: by the
+                 * appending call) */
+                kst_kvc_set_append_worker(c, strstr(mode, "/w1") != NULL);
                 uint16_t kc1[KVH * D], vc1[KVH * D];
-                for (size_t i = 0; i < NT; i++) {
+                /* KV_APP_STEPS: steps timed with appends (default 50; more to reach the steady
+                 * state of the batches: their median, mean and max are printed) */
+                size_t NS = app && getenv("KV_APP_STEPS") ? (size_t)atol(getenv("KV_APP_STEPS")) : NT;
+                if (NS > NT) {
+                    free(ts);
+                    ts = malloc(NS * sizeof *ts);
+                }
+                for (size_t i = 0; i < NS; i++) {
                     if (app) {
                         size_t t = (i * 7919 + 13) % N;
                         for (size_t h = 0; h < KVH; h++)
@@ -509,11 +525,18 @@ static int layer(const char *list) {
                     }
                     double a = now_s();
                     if (app && kst_kvc_append(c, 0, kc1, vc1, 1, &e)) die("append", &e);
-                    if (kst_kvc_attend(c, 0, Qd + i * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
+                    if (kst_kvc_attend(c, 0, Qd + i % NT * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
                     ts[i] = now_s() - a;
                 }
-                qsort(ts, NT, sizeof *ts, cmp_d);
-                med[tm] = ts[NT / 2] * 1e3;
+                double mean = 0;
+                for (size_t i = 0; i < NS; i++) mean += ts[i] / NS;
+                qsort(ts, NS, sizeof *ts, cmp_d);
+                med[tm] = ts[NS / 2] * 1e3;
+                if (app)
+                    printf("  %s ef %zu, %d threads: %zu steps with an append: median %.3f mean %.3f p90 %.3f max %.3f ms;"
+                           " %zu pending, %zu indexed after\n",
+                           mode, ef, omp_get_max_threads(), NS, ts[NS / 2] * 1e3, mean * 1e3, ts[NS * 9 / 10] * 1e3,
+                           ts[NS - 1] * 1e3, kst_kvc_pending(c, 0), kst_kvc_indexed(c, 0));
                 free(ts);
             }
             omp_set_num_threads(nth0);
@@ -522,9 +545,30 @@ static int layer(const char *list) {
                 memset(&pf, 0, sizeof pf);
                 kst_kvc_set_prof(c, &pf);
                 size_t qstep = strstr(mode, "/same") ? 0 : QH * D;
-                for (size_t i = 0; i < NT; i++)
+                int app = strstr(mode, "/app") != NULL;
+                uint16_t kc1[KVH * D], vc1[KVH * D];
+                for (size_t i = 0; i < NT; i++) {
+                    if (app) {
+                        size_t t = (i * 7919 + 17) % N;
+                        for (size_t h = 0; h < KVH; h++)
+                            for (size_t j = 0; j < D; j++) {
+                                uint16_t k = K0[t * D + perm[h][j]], v = V0[t * D + perm[h][j]];
+                                if (sgn[h][j] < 0) { k ^= 0x8000; v ^= 0x8000; }
+                                kc1[h * D + j] = k;
+                                vc1[h * D + j] = v;
+                            }
+                        if (kst_kvc_append(c, 0, kc1, vc1, 1, &e)) die("append", &e);
+                    }
                     if (kst_kvc_attend(c, 0, Qd + i * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
+                }
                 kst_kvc_set_prof(c, NULL);
+                if (pf.appends) {
+                    double ua = 1e6 / (double)pf.appends;
+                    printf("  prof %s appends (us/append, mean of %zu): total %.1f = copy %.1f + gpu %.1f + index %.1f"
+                           " (of which tables %.1f; insertions summed over KV heads: beam %.1f select %.1f link %.1f)\n",
+                           mode, pf.appends, pf.app_total * ua, pf.app_copy * ua, pf.app_gpu * ua, pf.app_index * ua,
+                           pf.app_tables * ua, pf.app_ibeam * ua, pf.app_iselect * ua, pf.app_iapply * ua);
+                }
                 double u = 1e6 / (double)pf.steps, nt = omp_get_max_threads();
                 printf("  prof %s ef %zu (us/step, mean of %zu): total %.1f = gpu_start %.1f + region %.1f + gpu_wait %.1f + merge %.1f;"
                        " region: enter %.1f (max %.1f), threads %.1f, tasks max %.2f, busy max %.1f mean %.1f; per thread (task sums / %d): entry %.1f search %.1f rerank %.1f attn %.1f tail %.1f;"
