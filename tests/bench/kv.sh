@@ -80,7 +80,8 @@ fi
 # positions with YaRN RoPE scaling by TOKENS / 8,192 (kv_dump_llm.py --yarn; the dump also prints
 # the text's next-token loss per 4K positions with and without the scaling). The long dump takes
 # ~15 min (32K) / ~1 h (64K) on 2 cores and 0.9 / 1.8 GB under $OUT/kv. KV_HEADS_BUDGETS: more
-# "top_k:ef:tail" rows (0: the default's); KV_HEADS_WINDOWS: windows to run (default: the default's).
+# "top_k:ef:tail" rows (0: the default's); KV_HEADS_WINDOWS: windows to run (default: the default's);
+# KV_SMOLLM2_COMPARE: the unscaled loss pass over that many tokens (default all; 0 skips it).
 cc -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -I. \
   -o "$BUILD/bench_kv_heads" tests/bench/bench_kv_heads.c "$BUILD/libkestrel.a" $LDLIBS
 kv_heads() { # DIR CTX OUTFILE
