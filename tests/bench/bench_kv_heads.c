@@ -1,0 +1,153 @@
+/* bench_kv_heads.c - per query head figures of the public KV cache (kst_kv_*, library defaults)
+ * on one GQA group of real decoder heads (kv_dump_llm.py's dumps; tests/bench/kv.sh): for each
+ * budget, each head's recall@100 of its exact top-100 indexed keys, keys scanned, attention
+ * output error against float64 full attention (mean and max over the decode queries) and the
+ * fraction of the cache attended. kv_heads_report.py sums the lines over groups (mean and max
+ * over heads). Nothing is asserted.
+ *
+ *   bench_kv_heads DIR L H0,H1,... [ctx] [nq]
+ *
+ * The cache is kst_kv_opts_default() (window, sinks, top_k, ef, tail, codes, entries, all the
+ * prefill queries) except where set: KV_WINDOW, KV_SINKS, KV_BUILD_QUERIES (max_build_queries);
+ * KV_BUDGETS "top_k:ef:tail;..." (0: the default's; default "0:0:2048;0:0:0", the default
+ * budget with and without the tail estimate). The first ctx tokens are the cache (appended,
+ * then built from their queries of every listed head: the prefill); nq decode queries evenly
+ * spaced over the tokens after it (errors over the first min(nq, 100)). */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/kestrel.h"
+#include "index/kv_graph.h"
+
+#define TOPK 100
+#define KVB_PROG "bench_kv_heads"
+#include "tests/bench/bench_kv_util.h"
+
+static size_t env_size(const char *name, size_t dflt) {
+    const char *s = getenv(name);
+    return s && *s ? (size_t)atol(s) : dflt;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) {
+        fprintf(stderr, "usage: bench_kv_heads DIR L H0,H1,... [ctx] [nq]\n");
+        return 2;
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    kst_error e;
+    int L = atoi(argv[2]);
+    int hs[64] = {0};
+    size_t G = 0;
+    for (const char *p = argv[3]; *p && G < 64;) {
+        char *end;
+        hs[G++] = (int)strtol(p, &end, 10);
+        if (end == p) die("heads: expected a comma list of integers", NULL);
+        p = end + (*end == ',');
+    }
+    size_t rows, d, r2, d2;
+    float *K = load(argv[1], L, hs[0], "k", &rows, &d);
+    float *V = load(argv[1], L, hs[0], "v", &r2, &d2);
+    if (r2 != rows || d2 != d) die("keys and values of different shapes", NULL);
+    float **Qa = malloc(G * sizeof *Qa);
+    for (size_t g = 0; g < G; g++) {
+        Qa[g] = load(argv[1], L, hs[g], "q", &r2, &d2);
+        if (r2 != rows || d2 != d) die("heads of different shapes", NULL);
+        if (g) {
+            size_t r3, d3;
+            float *K2 = load(argv[1], L, hs[g], "k", &r3, &d3);
+            if (r3 != rows || memcmp(K2, K, rows * d * sizeof(float)) != 0)
+                die("the listed heads read different KV heads", NULL);
+            free(K2);
+        }
+    }
+    size_t n = argc > 4 ? (size_t)atol(argv[4]) : rows - 256, nt = argc > 5 ? (size_t)atol(argv[5]) : 200;
+    if (n == 0 || nt == 0 || n + nt > rows) die("ctx + nq exceed the dumped tokens (or are 0)", NULL);
+    kst_kv_opts o = kst_kv_opts_default();
+    o.layers = o.kv_heads = 1;
+    o.q_heads = G;
+    o.head_dim = d;
+    o.sinks = env_size("KV_SINKS", o.sinks);
+    o.window = env_size("KV_WINDOW", o.window);
+    o.max_build_queries = env_size("KV_BUILD_QUERIES", o.max_build_queries);
+    if (o.sinks + o.window >= n) die("sinks + window leave nothing to index", NULL);
+    size_t sinks = o.sinks, nidx = n - o.sinks - o.window;
+    /* prefill queries (n, G, d); decode queries (nt, G, d) evenly spaced after the cache */
+    float *Qp = malloc(n * G * d * sizeof *Qp), *Qt = malloc(nt * G * d * sizeof *Qt);
+    for (size_t t = 0; t < n; t++)
+        for (size_t g = 0; g < G; g++) memcpy(Qp + (t * G + g) * d, Qa[g] + t * d, d * sizeof(float));
+    for (size_t i = 0; i < nt; i++)
+        for (size_t g = 0; g < G; g++)
+            memcpy(Qt + (i * G + g) * d, Qa[g] + (n + i * (rows - n) / nt) * d, d * sizeof(float));
+    printf("== L%d heads %s, %zu cached keys, d %zu, %zu decode queries; sinks %zu, window %zu, indexed %zu;"
+           " default top_k %zu ef %zu tail %zu; build queries %zu; %d threads\n",
+           L, argv[3], n, d, nt, sinks, o.window, nidx, o.top_k, o.ef, o.tail_samples,
+           o.max_build_queries ? o.max_build_queries : n * G, omp_get_max_threads());
+    uint32_t *want = malloc(nt * G * TOPK * sizeof *want);
+    if (kst_kvg_exact_topk(K + sinks * d, 0, nidx, d, Qt, nt * G, TOPK, want, NULL, &e)) die("exact top-k", &e);
+    size_t ne = nt < 100 ? nt : 100;
+    double *ref = malloc(ne * G * d * sizeof *ref), scale = 1.0 / sqrt((double)d);
+#pragma omp parallel
+    {
+        double *s = malloc(n * sizeof *s);
+#pragma omp for schedule(dynamic)
+        for (size_t i = 0; i < ne * G; i++) full_attn(ref + i * d, Qt + i * d, K, V, 0, n, d, scale, s);
+        free(s);
+    }
+    kst_kv *kv;
+    if (kst_kv_create(&o, &kv, &e)) die("create", &e);
+    if (kst_kv_append(kv, 0, K, V, n, &e)) die("append", &e);
+    double t0 = now_s();
+    if (kst_kv_build(kv, 0, Qp, n, &e)) die("build", &e);
+    printf("built in %.1f s\n", now_s() - t0);
+    const char *budgets = getenv("KV_BUDGETS") ? getenv("KV_BUDGETS") : "0:0:2048;0:0:0";
+    printf("%-5s %4s %6s %6s %6s %10s %9s %10s %10s %9s\n", "layer", "head", "top_k", "ef", "tail",
+           "recall@100", "scanned", "err_mean", "err_max", "attended");
+    float *out = malloc(G * d * sizeof *out);
+    int64_t *pos = malloc(8192 * sizeof *pos);
+    double *rec = malloc(G * sizeof *rec), *err = malloc(G * sizeof *err), *emax = malloc(G * sizeof *emax);
+    for (const char *bp = budgets; *bp;) {
+        char *end;
+        size_t k = strtoul(bp, &end, 10);
+        if (*end != ':') die("KV_BUDGETS: expected top_k:ef:tail;...", NULL);
+        size_t ef = strtoul(end + 1, &end, 10);
+        if (*end != ':') die("KV_BUDGETS: expected top_k:ef:tail;...", NULL);
+        size_t tail = strtoul(end + 1, &end, 10);
+        bp = end + (*end == ';');
+        size_t kk = k ? k : o.top_k, eff = ef ? ef : o.ef;
+        if (eff > 8192) die("ef over 8192", NULL);
+        if (kst_kv_set_tail_samples(kv, tail, &e)) die("tail", &e);
+        double scanned = 0, att = 0;
+        for (size_t g = 0; g < G; g++) rec[g] = err[g] = emax[g] = 0;
+        for (size_t i = 0; i < nt; i++) {
+            for (size_t g = 0; g < G; g++) {
+                size_t found, sc, hit = 0;
+                if (kst_kv_search(kv, 0, g, Qt + (i * G + g) * d, TOPK, eff, pos, &found, &sc, &e)) die("search", &e);
+                for (size_t a = 0; a < TOPK; a++)
+                    for (size_t b = 0; b < found; b++)
+                        if ((uint64_t)pos[b] == want[(i * G + g) * TOPK + a] + sinks) { hit++; break; }
+                rec[g] += (double)hit / TOPK / nt;
+            }
+            if (i >= ne) continue;
+            kst_kv_stats st;
+            if (kst_kv_attend(kv, 0, Qt + i * G * d, kk, eff, out, &st, &e)) die("attend", &e);
+            scanned += (double)st.scanned / G / st.indexed / ne;
+            att += (double)(st.exact + (st.retrieved + st.sampled) / G) / n / ne;
+            for (size_t g = 0; g < G; g++) {
+                double x = rel_l2(out + g * d, ref + (i * G + g) * d, d);
+                err[g] += x / ne;
+                if (x > emax[g]) emax[g] = x;
+            }
+        }
+        for (size_t g = 0; g < G; g++)
+            printf("L%-4d %4d %6zu %6zu %6zu %10.3f %8.2f%% %10.3e %10.3e %8.1f%%\n", L, hs[g], kk, eff, tail,
+                   rec[g], 100 * scanned, err[g], emax[g], 100 * att);
+    }
+    kst_kv_free(kv);
+    free(rec), free(err), free(emax), free(out), free(pos), free(ref), free(want), free(Qp), free(Qt);
+    for (size_t g = 0; g < G; g++) free(Qa[g]);
+    free(Qa), free(K), free(V);
+    return 0;
+}
