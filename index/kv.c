@@ -963,22 +963,57 @@ static size_t tail_begin(kv_thread *t, const kv_tail *T, const uint32_t *rid, si
     return nex;
 }
 
+/* The kept samples whose score exceeds tau (the least retrieved score: keys the search should
+ * have found) are not estimators of the rest: each is attended once, as if retrieved, and the
+ * others stand for the indexed keys neither retrieved nor such (the ratio (|R| - na) / (kept -
+ * na)). Weighted by the whole ratio, one missed top key sampled counted ~|R| / kept times (15 at
+ * 32K, 2,048 samples) and single queries' errors reached 1-4 on SmolLM2's heads. tail_acc adds a
+ * kept sample of weight w = exp(s - mx) (its chunk's frame) to the estimate (a, sa) or, above
+ * thr = exp(tau - mx), to the exact part (x, sx), counting it in *na. */
+static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, float w, float thr,
+                     const void *vrow, int f16, size_t d) {
+    if (w > thr) {
+        *sx += w;
+        (*na)++;
+        kst_kv_axpy(x, w, vrow, f16, d);
+    } else {
+        *sa += w;
+        kst_kv_axpy(a, w, vrow, f16, d);
+    }
+}
+/* Merges a chunk's sums (v, s, in the frame mx) into the partial (o, lse). */
+static void tail_merge(float *o, float *lse, float *v, double s, float mx, size_t d) {
+    if (!(s > 0)) return;
+    float inv = (float)(1.0 / s);
+    for (size_t i = 0; i < d; i++) v[i] *= inv;
+    kst_attn_merge(o, lse, v, mx + (float)log(s), d);
+}
+/* The end of a tail estimate: the estimate's lse raised by the ratio, the exact part merged. */
+static void tail_end(float *o, float *lse, const float *oe, float lse_e, size_t nidx, size_t m,
+                     size_t kept, size_t na, size_t d) {
+    if (kept > na) *lse += (float)log((double)(nidx - m - na) / (double)(kept - na));
+    else *lse = -INFINITY;
+    kst_attn_merge(o, lse, oe, lse_e, d);
+}
+
 /* The tail estimate (kv.h, kst_kvc_attend) of query head g of H's group from its table: partial
- * (o, *lse) over the sampled nodes minus the m retrieved ids rid, lse raised by
- * log(|R| / kept). Per chunk: the group's sums over the samples outside the head's top, less
- * the retrieved ones among them, plus the head's top samples that were not retrieved (where the
- * retrieved outside the top held most of the sums, so that the difference would lose
- * precision, the chunk's kept rows are attended anew); the chunks merged. Returns the kept
- * count (0: o = 0, *lse = -inf). t->buf and t->trows hold >= ns entries, t->sret >= m. */
+ * (o, *lse) over the sampled nodes minus the m retrieved ids rid (tau: the least retrieved
+ * score, tail_acc), the estimate's lse raised by the ratio. Per chunk: the group's sums over the
+ * samples outside the head's top, less the retrieved ones among them, plus the head's top
+ * samples that were not retrieved (where the retrieved outside the top held most of the sums, so
+ * that the difference would lose precision, or samples outside the top may score above tau, the
+ * chunk's kept rows are attended anew); the chunks merged. Returns the kept count (0: o = 0,
+ * *lse = -inf). t->buf and t->trows hold >= ns entries, t->sret >= m. */
 static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, size_t g,
-                           const float *q, const uint32_t *rid, size_t nidx, size_t m, float *o,
-                           float *lse) {
+                           const float *q, const uint32_t *rid, size_t nidx, size_t m, float tau,
+                           float *o, float *lse) {
     const kst_kvc_opts *op = &c->o;
     const kv_tail *T = &H->tt;
     size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, G = op->q_heads / op->kv_heads;
-    size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex;
+    size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex, na = 0;
     if (kept == 0) return 0;
-    float oc[512], lc;
+    float oc[512], oe[512], ox[512], lse_e = -INFINITY;
+    memset(oe, 0, d * sizeof(float));
     size_t e = 0; /* t->sret[e..) are in chunks cc.. */
     for (size_t cc = 0; cc < T->nc; cc++) {
         size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, ix = cc * G + g, e0 = e;
@@ -988,9 +1023,11 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
         const char *Vc = (const char *)T->V + j0 * rowb;
         if (e - e0 == nr) continue; /* the whole chunk retrieved */
-        double sum = T->sum[ix], sub = 0;
+        float thr = expf(tau - T->mx[ix]);
+        double sum = T->sum[ix], sub = 0, sx = 0;
         uint64_t topx = 0; /* the top samples retrieved (bit a: tp[a]) */
         memcpy(oc, T->o + ix * d, d * sizeof(float));
+        memset(ox, 0, d * sizeof(float));
         for (size_t i = e0; i < e; i++) {
             size_t j = t->sret[i] - j0;
             if (w[j] == 0) { /* in the head's top (or a weight of 0) */
@@ -1003,8 +1040,9 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         }
         double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
-            if (!(topx >> a & 1)) rest += tw[a];
-        if ((sub > 0 && !(sub <= sum * 0.875)) || !(rest > 0) || !isfinite(rest)) {
+            if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
+        if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw[nt - 1] > thr) || !(rest > 0) ||
+            !isfinite(rest)) {
             /* the kept rows summed anew from their weights (the top's from topw) */
             size_t r = e0;
             double s2 = 0;
@@ -1019,23 +1057,18 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
                     for (size_t a = 0; a < nt; a++)
                         if (tp[a] == j) wj = tw[a];
                 if (wj == 0) continue;
-                s2 += wj;
-                kst_kv_axpy(oc, wj, Vc + j * rowb, op->f16, d);
+                tail_acc(oc, &s2, ox, &sx, &na, wj, thr, Vc + j * rowb, op->f16, d);
             }
-            if (!(s2 > 0)) continue; /* every kept weight underflowed */
-            float inv = (float)(1.0 / s2);
-            for (size_t i = 0; i < d; i++) oc[i] *= inv;
-            lc = T->mx[ix] + (float)log(s2);
+            tail_merge(o, lse, oc, s2, T->mx[ix], d); /* 0 when every kept weight underflowed */
         } else {
+            double s0 = 0;
             for (size_t a = 0; a < nt; a++)
-                if (!(topx >> a & 1)) kst_kv_axpy(oc, tw[a], Vc + (size_t)tp[a] * rowb, op->f16, d);
-            float inv = (float)(1.0 / rest);
-            for (size_t i = 0; i < d; i++) oc[i] *= inv;
-            lc = T->mx[ix] + (float)log(rest);
+                if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, Vc + (size_t)tp[a] * rowb, op->f16, d);
+            tail_merge(o, lse, oc, rest, T->mx[ix], d);
         }
-        kst_attn_merge(o, lse, oc, lc, d);
+        tail_merge(oe, &lse_e, ox, sx, T->mx[ix], d);
     }
-    *lse += (float)log((double)(nidx - m) / (double)kept);
+    tail_end(o, lse, oe, lse_e, nidx, m, kept, na, d);
     return kept;
 }
 
@@ -1044,31 +1077,33 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
  * stride st floats each): the same estimator, the same exclusions. A retrieved sample among the
  * chunk's best is skipped; one outside them has its weight exp(s - mx) recomputed from its key
  * (s at float precision, as the GPU's) and its terms subtracted; where the subtraction would
- * lose precision (as tail_partial: > 7/8 of the rest's weight) the chunk's kept rows are scored
- * and summed anew on the CPU from its table. */
+ * lose precision (as tail_partial: > 7/8 of the rest's weight), or samples outside the best may
+ * score above tau, the chunk's kept rows are scored and summed anew on the CPU from its table. */
 static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *H, const float *it,
                                size_t st, const float *q, const uint32_t *rid, size_t nidx, size_t m,
-                               float *o, float *lse) {
+                               float tau, float *o, float *lse) {
     const kst_kvc_opts *op = &c->o;
     const kv_tail *T = &H->tt;
     size_t ns = T->n, d = op->head_dim, rowb = d * c->esize;
-    size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex;
+    size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex, na = 0;
     if (kept == 0) return 0;
-    float oc[512], lc;
+    float oc[512], oe[512], ox[512], lse_e = -INFINITY;
+    memset(oe, 0, d * sizeof(float));
     size_t e = 0;
     for (size_t cc = 0; cc < T->nc; cc++) {
         size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, e0 = e;
         while (e < nex && t->sret[e] < j0 + nr) e++;
         if (e - e0 == nr) continue; /* the whole chunk retrieved */
         const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVGPU_TT_TOP;
-        float mx = ic[0];
+        float mx = ic[0], thr = expf(tau - mx);
         size_t nt = nr < KST_KVGPU_TT_TOP ? nr : KST_KVGPU_TT_TOP;
         int32_t tp[KST_KVGPU_TT_TOP];
         memcpy(tp, ic + 2 + d, nt * sizeof(int32_t));
         const char *Vc = (const char *)T->V + j0 * rowb;
-        double sum = ic[1], sub = 0;
+        double sum = ic[1], sub = 0, sx = 0;
         uint64_t topx = 0;
         memcpy(oc, ic + 2, d * sizeof(float));
+        memset(ox, 0, d * sizeof(float));
         for (size_t i = e0; i < e; i++) {
             size_t j = t->sret[i] - j0, a = 0;
             for (; a < nt; a++)
@@ -1084,8 +1119,9 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
         }
         double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
-            if (!(topx >> a & 1)) rest += tw[a];
-        if ((sub > 0 && !(sub <= sum * 0.875)) || !(rest > 0) || !isfinite(rest)) {
+            if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
+        if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw[nt - 1] > thr) || !(rest > 0) ||
+            !isfinite(rest)) {
             /* the CPU table path: the chunk's kept rows scored and summed anew */
             float *w = t->buf;
             kst_kv_scores_t(w, q, 1, (const char *)T->K + j0 * rowb, op->f16, nr, d, op->scale);
@@ -1099,8 +1135,11 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                 if (w[j] > mk) mk = w[j];
             }
             kst_kv_exp_shift(w, nr, mk);
+            float thk = expf(tau - mk);
             double s2 = 0;
             memset(oc, 0, d * sizeof(float));
+            memset(ox, 0, d * sizeof(float));
+            sx = 0;
             r = e0;
             for (size_t j = 0; j < nr; j++) {
                 if (r < e && t->sret[r] == j0 + j) { /* retrieved */
@@ -1108,23 +1147,19 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                     continue;
                 }
                 if (!(w[j] > 0)) continue;
-                s2 += w[j];
-                kst_kv_axpy(oc, w[j], Vc + j * rowb, op->f16, d);
+                tail_acc(oc, &s2, ox, &sx, &na, w[j], thk, Vc + j * rowb, op->f16, d);
             }
-            if (!(s2 > 0)) continue;
-            float inv = (float)(1.0 / s2);
-            for (size_t i = 0; i < d; i++) oc[i] *= inv;
-            lc = mk + (float)log(s2);
+            tail_merge(o, lse, oc, s2, mk, d);
+            tail_merge(oe, &lse_e, ox, sx, mk, d);
         } else {
+            double s0 = 0;
             for (size_t a = 0; a < nt; a++)
-                if (!(topx >> a & 1)) kst_kv_axpy(oc, tw[a], Vc + (size_t)tp[a] * rowb, op->f16, d);
-            float inv = (float)(1.0 / rest);
-            for (size_t i = 0; i < d; i++) oc[i] *= inv;
-            lc = mx + (float)log(rest);
+                if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, Vc + (size_t)tp[a] * rowb, op->f16, d);
+            tail_merge(o, lse, oc, rest, mx, d);
+            tail_merge(oe, &lse_e, ox, sx, mx, d);
         }
-        kst_attn_merge(o, lse, oc, lc, d);
     }
-    *lse += (float)log((double)(nidx - m) / (double)kept);
+    tail_end(o, lse, oe, lse_e, nidx, m, kept, na, d);
     return kept;
 }
 
@@ -1476,6 +1511,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             }
             double tc = pf ? mono_s() : 0;
             if (pf) t->p_attn += tc - tb;
+            float tau = INFINITY; /* the least retrieved score (t->buf: the retrieved partial's) */
+            for (size_t i = 0; i < m; i++) tau = t->buf[i] < tau ? t->buf[i] : tau;
             /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
 #ifdef KST_CUDA
             if (ns && m < nidx && tail_gpu) { /* from the GPU's items: wait for them */
@@ -1483,7 +1520,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     if (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
                 if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) {
                     sampled += tail_partial_gpu(t, c, H, gpu_tt + h * tnc * gpu_st, gpu_st, qh, rid, nidx, m,
-                                                t->o2, &lse2);
+                                                tau, t->o2, &lse2);
                     kst_attn_merge(oh, &lse, t->o2, lse2, d);
                 }
             }
@@ -1492,7 +1529,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 for (size_t cc = 0; cc < tnc; cc++)
                     while (!__atomic_load_n(&c->tt_ok[h0 / G * tnc + cc], __ATOMIC_ACQUIRE)) {
                     } /* its T items still running */
-                sampled += tail_partial(t, c, H, h % G, qh, rid, nidx, m, t->o2, &lse2);
+                sampled += tail_partial(t, c, H, h % G, qh, rid, nidx, m, tau, t->o2, &lse2);
                 kst_attn_merge(oh, &lse, t->o2, lse2, d);
             }
             c->lse_buf[h] = lse;

@@ -449,11 +449,12 @@ static void test_tail_estimate_diffuse(void **state) {
 
 /* The tail estimate's float64 reference for query q: sinks, window and the m retrieved indexed
  * keys rid attended exactly, and the sampled positions floor((2j + 1) nd / (2 ns)) of the nd indexed
- * keys when the sample was drawn, less the retrieved, each weighted (nidx - m) / kept. Returns
- * kept. */
+ * keys when the sample was drawn, less the retrieved (kept): the na of them that score above the
+ * least retrieved key attended once, the others weighted (nidx - m - na) / (kept - na). Returns
+ * kept; *nabove = na. */
 static size_t tail_ref64(double *out, const float *q, const float *K, const float *V, size_t n,
                          size_t d, size_t sinks, size_t window, const int64_t *rid, size_t m, size_t nd,
-                         size_t ns) {
+                         size_t ns, size_t *nabove) {
     size_t nidx = n - sinks - window, kept = 0;
     double sc = 1.0 / sqrt((double)d), *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w);
     char *top = calloc(nidx, 1);
@@ -468,10 +469,17 @@ static size_t tail_ref64(double *out, const float *q, const float *K, const floa
     for (size_t t = 0; t < n; t++) mx = l[t] > mx ? l[t] : mx;
     for (size_t t = 0; t < n; t++)
         if (t < sinks || t >= sinks + nidx || top[t - sinks]) w[t] = exp(l[t] - mx);
+    double tau = INFINITY;
+    for (size_t r = 0; r < m; r++) tau = l[rid[r]] < tau ? l[rid[r]] : tau;
+    size_t na = 0;
+    for (size_t j = 0; j < ns; j++) na += !top[(2 * j + 1) * nd / (2 * ns)] && l[sinks + (2 * j + 1) * nd / (2 * ns)] > tau;
     for (size_t j = 0; j < ns; j++) {
         size_t x = (2 * j + 1) * nd / (2 * ns);
-        if (!top[x]) w[sinks + x] = exp(l[sinks + x] - mx) * (double)(nidx - m) / (double)kept;
+        if (top[x]) continue;
+        w[sinks + x] = exp(l[sinks + x] - mx);
+        if (!(l[sinks + x] > tau)) w[sinks + x] *= (double)(nidx - m - na) / (double)(kept - na);
     }
+    *nabove = na;
     for (size_t i = 0; i < d; i++) out[i] = 0;
     for (size_t t = 0; t < n; t++) {
         den += w[t];
@@ -510,7 +518,7 @@ static void test_tail_sample_kept_across_appends(void **state) {
     assert_ok(kst_kv_create(&o, &kv, &err), &err);
     assert_ok(kst_kv_append(kv, 0, K, V, n0, &err), &err);
     assert_ok(kst_kv_build(kv, 0, NULL, 0, &err), &err);
-    size_t nd = n0 - sinks - window, at = n0;
+    size_t nd = n0 - sinks - window, at = n0, above = 0;
     /* 40 appended (< nd / 64 = 63): the sample of the first step kept; then 160 more: drawn anew */
     const size_t steps[3] = {0, 40, 160};
     for (int s = 0; s < 3; s++) {
@@ -519,24 +527,32 @@ static void test_tail_sample_kept_across_appends(void **state) {
             at += steps[s];
         }
         if (s == 2) nd = at - sinks - window; /* grown by more than 1/64: drawn at this step */
-        float out[32];
-        double ref[32];
-        kst_kv_stats st;
-        int64_t rid[16];
-        size_t found = 0;
-        assert_ok(kst_kv_attend(kv, 0, q, m, 256, out, &st, &err), &err);
-        assert_ok(kst_kv_search(kv, 0, 0, q, m, 256, rid, &found, NULL, &err), &err);
-        assert_int_equal(found, m);
-        size_t kept = tail_ref64(ref, q, K, V, at, d, sinks, window, rid, m, nd, ns);
-        assert_int_equal(st.indexed, at - sinks - window);
-        assert_int_equal(st.retrieved, m);
-        if (st.sampled != kept)
-            fail_msg("tail after %zu appended tokens: %zu sampled, the estimator keeps %zu", at - n0, st.sampled, kept);
-        for (size_t j = 0; j < d; j++)
-            if (!(fabs(out[j] - ref[j]) <= 2e-5 + 1e-4 * fabs(ref[j])))
-                fail_msg("tail after %zu appended tokens, dim %zu: %.7g, float64 estimator %.7g", at - n0, j, out[j],
-                         ref[j]);
+        /* ef 256 (a search that finds the top 16) and ef 16 (one that misses some: sampled keys
+         * above the least retrieved are then attended once) */
+        for (int qi = 0; qi < 8; qi++) {
+            float out[32];
+            double ref[32];
+            kst_kv_stats st;
+            int64_t rid[16];
+            size_t found = 0, ef = qi < 2 ? 256 : 16, na = 0;
+            if (qi) for (size_t i = 0; i < d; i++) q[i] = (float)(2.0 * test_gauss());
+            assert_ok(kst_kv_attend(kv, 0, q, m, ef, out, &st, &err), &err);
+            assert_ok(kst_kv_search(kv, 0, 0, q, m, ef, rid, &found, NULL, &err), &err);
+            assert_int_equal(found, m);
+            size_t kept = tail_ref64(ref, q, K, V, at, d, sinks, window, rid, m, nd, ns, &na);
+            above += na;
+            assert_int_equal(st.indexed, at - sinks - window);
+            assert_int_equal(st.retrieved, m);
+            if (st.sampled != kept)
+                fail_msg("tail after %zu appended tokens: %zu sampled, the estimator keeps %zu", at - n0, st.sampled, kept);
+            for (size_t j = 0; j < d; j++)
+                if (!(fabs(out[j] - ref[j]) <= 2e-5 + 1e-4 * fabs(ref[j])))
+                    fail_msg("tail after %zu appended tokens, query %d (ef %zu, %zu sampled above the retrieved), dim %zu: "
+                             "%.7g, float64 estimator %.7g", at - n0, qi, ef, na, j, out[j], ref[j]);
+        }
     }
+    print_message("tail across appends: %zu sampled keys above the least retrieved (attended once)\n", above);
+    if (above == 0) fail_msg("no search missed a sampled key: the test does not reach the rule");
     kst_kv_free(kv);
     free(K);
     free(V);
