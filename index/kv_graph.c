@@ -645,6 +645,17 @@ static size_t plan_links(const kst_kvg *g, const void *K, int f16, size_t d, uin
 }
 
 static void apply_links(kst_kvg *g, uint32_t x, const uint32_t *sel, const float *seld, size_t n) {
+    /* the new neighbours' edge lists and distances, read and changed by the back edges: asked
+     * for together (scattered lines across the graph: their latencies overlap) */
+    size_t lb = g->M * sizeof(uint32_t);
+    for (size_t j = 0; j < n; j++) {
+        const char *a = (const char *)(g->adj + (size_t)sel[j] * g->M), *e = (const char *)(g->adist + (size_t)sel[j] * g->M);
+        for (size_t o = 0; o < lb; o += 64) {
+            __builtin_prefetch(a + o, 1);
+            __builtin_prefetch(e + o, 1);
+        }
+        __builtin_prefetch(g->deg + sel[j], 1);
+    }
     for (size_t j = 0; j < n && g->deg[x] < g->M; j++) {
         size_t dg = g->deg[x];
         int dup = 0;
@@ -1153,7 +1164,7 @@ static uint8_t code_of(float x, float lo, float step) {
 
 /* Codes of key row i (tmp: d floats). */
 static void code_row(kst_kvg *g, const void *K, int f16, size_t i, size_t d, float *tmp) {
-    kst_kv_rows_f32(tmp, K, f16, i, 1, d);
+    key_f32(tmp, K, f16, i, d);
     uint8_t *c = g->codes + i * (d / 2);
     for (size_t b = 0; b < d; b += 32)
         for (size_t j = 0; j < 16; j++)
