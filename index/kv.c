@@ -584,6 +584,7 @@ static int job_apply(kst_kvc *c, kv_layer *L, kst_error *err) {
 static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err) {
     kv_job *J = &L->job;
     if (J->state != KV_JOB_QUEUED) return KST_OK;
+    double t0 = c->prof ? mono_s() : 0;
     if (__atomic_load_n(&J->next, __ATOMIC_ACQUIRE) < J->items) {
 #pragma omp parallel if (J->items > KV_PLAN_IL)
         {
@@ -593,7 +594,14 @@ static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err) {
         }
     }
     while (__atomic_load_n(&J->done, __ATOMIC_ACQUIRE) < J->items) sched_yield();
-    return job_apply(c, L, err);
+    double t1 = c->prof ? mono_s() : 0;
+    int rc = job_apply(c, L, err);
+    if (c->prof) {
+        c->prof->app_batches++;
+        c->prof->app_bplan += t1 - t0;
+        c->prof->app_blink += mono_s() - t1;
+    }
+    return rc;
 }
 
 /* After an append (batch > 1): lands a planned batch, keeps the pending tokens within pmax

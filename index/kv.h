@@ -237,6 +237,11 @@ typedef struct kst_kvc_prof {
     double app_ibeam, app_iselect, app_iapply; /* of app_index, summed over the KV heads'
                                                   insertions: beam search, neighbour selection,
                                                   linking */
+    /* batch appends (append_batch > 1): batches finished by an appending call, the wall
+     * seconds it spent planning them (its threads' share and waiting for the worker's) and
+     * linking them in (edges, codes, tables) */
+    size_t app_batches;
+    double app_bplan, app_blink;
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

@@ -82,6 +82,8 @@ void kst_kvg_scratch_free(kst_kvg_scratch *s) {
     kst_free(s->gq);
     kst_free(s->rr);
     kst_free(s->fl);
+    kst_free(s->ic);
+    kst_free(s->srow);
     memset(s, 0, sizeof *s);
 }
 
@@ -124,6 +126,20 @@ static inline float score_of(const kst_kvg *g, const void *K, int f16, size_t d,
     return l2 ? s - 0.5f * g->norm2[i] : s;
 }
 
+/* Code-steered insertion (kst_kvg.ins_codes), defined with the code kernels below: ins_prepare
+ * sets s up to score codes against q (a new key, float32) and returns whether it did;
+ * ins_code_dot is <q, x's code values> (plus the constant). */
+static int ins_prepare(const kst_kvg *g, const float *q, size_t d, kst_kvg_scratch *s);
+static float ins_code_dot(const kst_kvg *g, const kst_kvg_scratch *s, uint32_t x, size_t d);
+static void row_f32(float *x, const void *row, size_t d);
+
+/* A beam's score of node i: exact, or from its codes while s->ic_on (insertion: l2). */
+static inline float beam_score(const kst_kvg *g, const void *K, int f16, size_t d, const float *q,
+                               uint32_t i, int l2, const kst_kvg_scratch *s) {
+    if (s->ic_on) return ins_code_dot(g, s, i, d) - 0.5f * g->norm2[i];
+    return score_of(g, K, f16, d, q, i, l2);
+}
+
 /* Best-first beam search; leaves the ef best in s's result heap. Nodes at or past `limit` are
  * not visited (insertion searches the nodes before the new one). In three parts, so that several
  * beams can run interleaved on one thread (kst_kvg_plan_multi): beam_init scores the entry
@@ -144,7 +160,7 @@ static int beam_init(const kst_kvg *g, const void *K, int f16, size_t d, const f
         else break;
         if (x >= limit || s->mark[x] == ep) continue;
         s->mark[x] = ep;
-        float v = score_of(g, K, f16, d, q, x, l2);
+        float v = beam_score(g, K, f16, d, q, x, l2, s);
         s->scanned++;
         heap_push(s->cs, s->ci, &s->cn, v, x, 1);
         heap_push(s->rs, s->ri, &s->rn, v, x, 0);
@@ -174,8 +190,15 @@ static int beam_next(const kst_kvg *g, const void *K, int f16, size_t d, size_t 
     for (size_t j = 0; j < dg; j++) {
         uint32_t x = nb[j];
         if (x >= limit || s->mark[x] == ep) continue;
-        const char *r = (const char *)krow(K, f16, x, d);
-        for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+        if (s->ic_on) { /* one line of codes (d 128) and the norm instead of the row */
+            const char *r = (const char *)(g->codes + (size_t)x * (d / 2));
+            __builtin_prefetch(r);
+            __builtin_prefetch(r + d / 2 - 1);
+            __builtin_prefetch(g->norm2 + x);
+        } else {
+            const char *r = (const char *)krow(K, f16, x, d);
+            for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+        }
         __builtin_prefetch(g->adj + (size_t)x * g->M);
     }
     *out = c;
@@ -191,7 +214,7 @@ static void beam_expand(const kst_kvg *g, const void *K, int f16, size_t d, cons
         uint32_t x = nb[j];
         if (x >= limit || s->mark[x] == ep) continue;
         s->mark[x] = ep;
-        float v = score_of(g, K, f16, d, q, x, l2);
+        float v = beam_score(g, K, f16, d, q, x, l2, s);
         s->scanned++;
         if (s->rn < ef || v > s->rs[0]) {
             if (s->cn < s->ccap) heap_push(s->cs, s->ci, &s->cn, v, x, 1);
@@ -208,6 +231,135 @@ static int beam(const kst_kvg *g, const void *K, int f16, size_t d, const float 
     if (rc == KST_OK)
         while (beam_next(g, K, f16, d, ef, limit, s, &c)) beam_expand(g, K, f16, d, q, ef, l2, limit, s, c);
     return rc;
+}
+
+/* The insertion beam (kst_kvg_insert, kst_kvg_plan_multi): the same best-first search by
+ * Euclidean distance (l2 scores) as beam(), over nodes [0, limit), but its ef best kept in one
+ * array sorted best first (s->rs, s->ri; s->fl: expanded) instead of two heaps: a node scored
+ * below the ef-th is dropped at once, the next node to expand is the best unexpanded one, and
+ * the beam ends when all ef are expanded (the heap version's stop: its best candidate below the
+ * ef-th result). Steered by codes while s->ic_on. In parts, as beam(), for interleaving. */
+static void ipool_add(kst_kvg_scratch *s, size_t ef, float v, uint32_t x, const uint32_t *adj, size_t M) {
+    size_t n = s->rn;
+    if (n == ef && !(v > s->rs[n - 1])) return;
+    size_t lo = 0, hi = n; /* first position whose score is below v */
+    while (lo < hi) {
+        size_t m = (lo + hi) / 2;
+        if (s->rs[m] >= v) lo = m + 1;
+        else hi = m;
+    }
+    size_t mv = (n == ef ? n - 1 : n) - lo;
+    memmove(s->rs + lo + 1, s->rs + lo, mv * sizeof(float));
+    memmove(s->ri + lo + 1, s->ri + lo, mv * sizeof(uint32_t));
+    memmove(s->fl + lo + 1, s->fl + lo, mv);
+    s->rs[lo] = v;
+    s->ri[lo] = x;
+    s->fl[lo] = 0;
+    __builtin_prefetch(adj + (size_t)x * M); /* its edges, read if it is expanded */
+    if (n < ef) s->rn = n + 1;
+    if (lo < s->cn) s->cn = lo; /* cn: the first position that may be unexpanded */
+}
+
+static int ibeam_init(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
+                      size_t limit, kst_kvg_scratch *s) {
+    int rc = scratch_reserve(s, g->cap, ef, g->M, NULL);
+    if (rc != KST_OK) return rc;
+    if (s->flcap < ef + 1) {
+        if (kst_realloc((void **)&s->fl, ef + 1, 1, "kv insert pool", NULL) != KST_OK) return KST_ERR_NOMEM;
+        s->flcap = ef + 1;
+    }
+    s->cn = s->rn = s->scanned = s->hops = 0;
+    uint8_t ep = s->epoch;
+    size_t ne = g->n_entry;
+    for (size_t e = 0; e < ne + 1; e++) {
+        uint32_t x;
+        if (e < ne) x = g->entry[e];
+        else if (ne == 0) x = 0;
+        else break;
+        if (x >= limit || s->mark[x] == ep) continue;
+        s->mark[x] = ep;
+        ipool_add(s, ef, beam_score(g, K, f16, d, q, x, 1, s), x, g->adj, g->M);
+        s->scanned++;
+    }
+    return KST_OK;
+}
+
+static int ibeam_next(const kst_kvg *g, const void *K, int f16, size_t d, size_t limit, size_t ex,
+                      kst_kvg_scratch *s, uint32_t *out) {
+    size_t c = s->cn, top = s->rn < ex ? s->rn : ex;
+    while (c < top && s->fl[c]) c++;
+    s->cn = c;
+    if (c >= top) return 0;
+    s->fl[c] = 1;
+    uint32_t x0 = s->ri[c];
+    s->hops++;
+    const uint32_t *nb = g->adj + (size_t)x0 * g->M;
+    size_t dg = g->deg[x0], rowb = d * (f16 ? 2 : 4);
+    uint8_t ep = s->epoch;
+    for (size_t j = 0; j < dg; j++) {
+        uint32_t x = nb[j];
+        if (x >= limit || s->mark[x] == ep) continue;
+        if (s->ic_on) {
+            const char *r = (const char *)(g->codes + (size_t)x * (d / 2));
+            __builtin_prefetch(r);
+            __builtin_prefetch(r + d / 2 - 1);
+            __builtin_prefetch(g->norm2 + x);
+        } else {
+            const char *r = (const char *)krow(K, f16, x, d);
+            for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+        }
+    }
+    *out = x0;
+    return 1;
+}
+
+static void ibeam_expand(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
+                         size_t limit, kst_kvg_scratch *s, uint32_t c) {
+    const uint32_t *nb = g->adj + (size_t)c * g->M;
+    size_t dg = g->deg[c];
+    uint8_t ep = s->epoch;
+    for (size_t j = 0; j < dg; j++) {
+        uint32_t x = nb[j];
+        if (x >= limit || s->mark[x] == ep) continue;
+        s->mark[x] = ep;
+        ipool_add(s, ef, beam_score(g, K, f16, d, q, x, 1, s), x, g->adj, g->M);
+        s->scanned++;
+    }
+}
+
+/* The end of an insertion beam: its pool (re-scored exactly from the rows first where the
+ * codes steered it, s->ic_on then cleared) into ids / dist as squared distances to q (norm2:
+ * |q|^2), nearest first, at most k; returns the count. ids / dist may be s->ci / s->cs. */
+static size_t ibeam_end(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, float norm2,
+                        kst_kvg_scratch *s, uint32_t *ids, float *dist, size_t k) {
+    size_t n = s->rn;
+    if (s->ic_on) {
+        s->ic_on = 0;
+        size_t rowb = d * (f16 ? 2 : 4);
+        for (size_t i = 0; i < n; i++) {
+            const char *r = (const char *)krow(K, f16, s->ri[i], d);
+            for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+        }
+        for (size_t i = 0; i < n; i++) s->rs[i] = score_of(g, K, f16, d, q, s->ri[i], 1);
+        for (size_t i = 1; i < n; i++) { /* insertion sort, best first (nearly sorted) */
+            float v = s->rs[i];
+            uint32_t x = s->ri[i];
+            size_t j = i;
+            for (; j > 0 && s->rs[j - 1] < v; j--) {
+                s->rs[j] = s->rs[j - 1];
+                s->ri[j] = s->ri[j - 1];
+            }
+            s->rs[j] = v;
+            s->ri[j] = x;
+        }
+    }
+    if (n > k) n = k;
+    for (size_t i = 0; i < n; i++) {
+        ids[i] = s->ri[i];
+        dist[i] = norm2 - 2.0f * s->rs[i]; /* score -> squared distance */
+    }
+    s->rn = 0;
+    return n;
 }
 
 /* Drains s's result heap into ids/scores, best first; returns the count. */
@@ -231,6 +383,7 @@ size_t kst_kvg_search(const kst_kvg *g, const void *K, int f16, size_t d, const 
         return 0;
     }
     if (ef < k) ef = k;
+    s->ic_on = 0;
     int r = beam(g, K, f16, d, q, ef, 0, g->n, s, NULL);
     if (r != KST_OK) {
         *rc = r;
@@ -250,6 +403,11 @@ int kst_kvg_init(kst_kvg *g, size_t M, size_t max_entry, size_t efc, kst_error *
     g->M = M;
     g->max_entry = max_entry ? max_entry : 1;
     g->efc = efc ? efc : 64;
+    const char *ic = getenv("KESTREL_KV_INS_CODES"), *ie = getenv("KESTREL_KV_INS_EF");
+    g->ins_codes = !(ic && ic[0] == '0');
+    g->ins_ef = ie && atol(ie) > 0 ? (size_t)atol(ie) : g->efc;
+    const char *ix = getenv("KESTREL_KV_INS_EX");
+    g->ins_ex = ix && atol(ix) > 0 ? (size_t)atol(ix) : g->ins_ef;
     return KST_OK;
 }
 
@@ -331,6 +489,9 @@ int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
     dst->cap = cap;
     dst->n_entry = src->n_entry;
     dst->hub_entries = src->hub_entries;
+    dst->ins_codes = src->ins_codes;
+    dst->ins_ef = src->ins_ef;
+    dst->ins_ex = src->ins_ex;
     return KST_OK;
 }
 
@@ -358,7 +519,8 @@ done:
 }
 
 static float sqnorm(const void *K, int f16, size_t i, size_t d, float *tmp) {
-    kst_kv_rows_f32(tmp, K, f16, i, 1, d);
+    if (f16) row_f32(tmp, krow(K, f16, i, d), d);
+    else kst_kv_rows_f32(tmp, K, f16, i, 1, d);
     float s = 0;
     for (size_t j = 0; j < d; j++) s += tmp[j] * tmp[j];
     return s;
@@ -376,13 +538,18 @@ static float dist2(const kst_kvg *g, const void *K, int f16, size_t d, const flo
  * (distances in outd). */
 static size_t select_diverse(const kst_kvg *g, const void *K, int f16, size_t d, const uint32_t *cid,
                              const float *cdist, size_t nc, size_t want, uint32_t *out, float *outd,
-                             float *tmp) {
+                             float *rows) {
+    /* rows (want * d floats): the kept neighbours' rows in float32, each candidate's converted
+     * once (into the next free slot) and compared with them in float32 */
     size_t n = 0;
     for (size_t i = 0; i < nc && n < want; i++) {
-        kst_kv_rows_f32(tmp, K, f16, cid[i], 1, d);
+        float *xr = rows + n * d;
+        if (f16) row_f32(xr, krow(K, f16, cid[i], d), d);
+        else memcpy(xr, krow(K, f16, cid[i], d), d * sizeof(float));
+        float nx = g->norm2[cid[i]];
         int keep = 1;
         for (size_t j = 0; j < n && keep; j++)
-            if (dist2(g, K, f16, d, tmp, cid[i], out[j]) < cdist[i]) keep = 0;
+            if (nx + g->norm2[out[j]] - 2.0f * kst_kv_dot(xr, rows + j * d, 0, d) < cdist[i]) keep = 0;
         if (keep) {
             outd[n] = cdist[i];
             out[n++] = cid[i];
@@ -422,6 +589,20 @@ static void add_back_edge(kst_kvg *g, uint32_t a, uint32_t x, float dax) {
     }
 }
 
+/* Key row i as float32 (F16C where the CPU has it). */
+static void key_f32(float *out, const void *K, int f16, size_t i, size_t d) {
+    if (f16) row_f32(out, krow(K, f16, i, d), d);
+    else memcpy(out, krow(K, f16, i, d), d * sizeof(float));
+}
+
+/* Room for the neighbour selection's float32 rows (M of d). */
+static int srow_reserve(kst_kvg_scratch *s, size_t M, size_t d) {
+    if (s->srowcap >= M * d) return KST_OK;
+    if (kst_realloc((void **)&s->srow, M * d, sizeof(float), "kv insert rows", NULL) != KST_OK) return KST_ERR_NOMEM;
+    s->srowcap = M * d;
+    return KST_OK;
+}
+
 /* Plans the links of node x: diverse near keys among nodes [0, limit) (x and its present
  * neighbours excluded) for its free slots, by key-key search. Reads the graph only, so plans
  * for many nodes can run at once. sel/seld hold M entries; tmp 2 * d floats. Returns the count
@@ -430,17 +611,24 @@ static size_t plan_links(const kst_kvg *g, const void *K, int f16, size_t d, uin
                          size_t limit, kst_kvg_scratch *s, uint32_t *sel, float *seld, float *tmp) {
     size_t have = g->deg[x];
     if (have >= g->M || limit == 0) return 0;
+    if (srow_reserve(s, g->M, d) != KST_OK) return (size_t)-1;
     float *q = tmp + d;
-    kst_kv_rows_f32(q, K, f16, x, 1, d);
+    key_f32(q, K, f16, x, d);
     double tb0 = s->prof ? mono_s() : 0;
-    if (beam(g, K, f16, d, q, g->efc, 1, limit, s, NULL) != KST_OK) return (size_t)-1;
-    double tb1 = s->prof ? mono_s() : 0;
-    if (s->prof) s->t_ibeam += tb1 - tb0;
-    /* drain into the candidate heap's own arrays, nearest first */
-    size_t nc = s->rn;
+    int ic = ins_prepare(g, q, d, s);
+    size_t ef = ic ? g->ins_ef : g->efc, ex = ic ? g->ins_ex : g->efc;
+    uint32_t c;
+    if (ibeam_init(g, K, f16, d, q, ef, limit, s) != KST_OK) {
+        s->ic_on = 0;
+        return (size_t)-1;
+    }
+    while (ibeam_next(g, K, f16, d, limit, ex, s, &c)) ibeam_expand(g, K, f16, d, q, ef, limit, s, c);
+    /* into the candidate heap's own arrays, nearest first */
     uint32_t *cid = s->ci;
     float *cd = s->cs;
-    nc = drain(s, cid, cd, nc);
+    size_t nc = ibeam_end(g, K, f16, d, q, g->norm2[x], s, cid, cd, g->efc);
+    double tb1 = s->prof ? mono_s() : 0;
+    if (s->prof) s->t_ibeam += tb1 - tb0;
     const uint32_t *nb = g->adj + (size_t)x * g->M;
     size_t m = 0;
     for (size_t i = 0; i < nc; i++) {
@@ -448,15 +636,26 @@ static size_t plan_links(const kst_kvg *g, const void *K, int f16, size_t d, uin
         for (size_t j = 0; j < have && !skip; j++) skip = nb[j] == cid[i];
         if (!skip) {
             cid[m] = cid[i];
-            cd[m++] = g->norm2[x] - 2.0f * cd[i]; /* score -> squared distance */
+            cd[m++] = cd[i];
         }
     }
-    size_t r = select_diverse(g, K, f16, d, cid, cd, m, g->M - have, sel, seld, tmp);
+    size_t r = select_diverse(g, K, f16, d, cid, cd, m, g->M - have, sel, seld, s->srow);
     if (s->prof) s->t_iselect += mono_s() - tb1;
     return r;
 }
 
 static void apply_links(kst_kvg *g, uint32_t x, const uint32_t *sel, const float *seld, size_t n) {
+    /* the new neighbours' edge lists and distances, read and changed by the back edges: asked
+     * for together (scattered lines across the graph: their latencies overlap) */
+    size_t lb = g->M * sizeof(uint32_t);
+    for (size_t j = 0; j < n; j++) {
+        const char *a = (const char *)(g->adj + (size_t)sel[j] * g->M), *e = (const char *)(g->adist + (size_t)sel[j] * g->M);
+        for (size_t o = 0; o < lb; o += 64) {
+            __builtin_prefetch(a + o, 1);
+            __builtin_prefetch(e + o, 1);
+        }
+        __builtin_prefetch(g->deg + sel[j], 1);
+    }
     for (size_t j = 0; j < n && g->deg[x] < g->M; j++) {
         size_t dg = g->deg[x];
         int dup = 0;
@@ -591,13 +790,13 @@ static size_t plan_end(kst_kvg_plan_item *it, int f16, size_t d, kst_kvg_scratch
     const void *K = it->K;
     uint32_t x = it->x;
     size_t limit = it->limit;
-    size_t nc = drain(s, s->ci, s->cs, s->rn), m = 0;
+    size_t nc = ibeam_end(g, K, f16, d, tmp + d, it->norm2, s, s->ci, s->cs, g->efc), m = 0;
     uint32_t *cid = s->ci;
     float *cd = s->cs;
     for (size_t i = 0; i < nc; i++)
         if (cid[i] != x) {
             cid[m] = cid[i];
-            cd[m++] = it->norm2 - 2.0f * cd[i]; /* score -> squared distance */
+            cd[m++] = cd[i];
         }
     /* the batch's nodes before x (up to 64 of them), not linked yet (their norms staged): merged
      * into the candidates by distance, as if inserted one by one; the nearest efc kept */
@@ -613,12 +812,13 @@ static size_t plan_end(kst_kvg_plan_item *it, int f16, size_t d, kst_kvg_scratch
         cid[i] = (uint32_t)y;
     }
     if (m > g->efc) m = g->efc;
-    return select_diverse(g, K, f16, d, cid, cd, m, g->M, it->sel, it->seld, tmp);
+    return select_diverse(g, K, f16, d, cid, cd, m, g->M, it->sel, it->seld, s->srow);
 }
 
 void kst_kvg_plan_multi(kst_kvg_plan_item *it, size_t np, int f16, size_t d, kst_kvg_scratch **s,
                         float **tmp) {
     uint32_t c[KST_KVG_PLAN_MAX];
+    size_t ef[KST_KVG_PLAN_MAX], ex[KST_KVG_PLAN_MAX];
     int on[KST_KVG_PLAN_MAX];
     size_t live = 0;
     double t0 = np && s[0]->prof ? mono_s() : 0;
@@ -629,8 +829,13 @@ void kst_kvg_plan_multi(kst_kvg_plan_item *it, size_t np, int f16, size_t d, kst
         it[i].count = 0;
         on[i] = 0;
         if (it[i].limit == 0) continue;
-        kst_kv_rows_f32(tmp[i] + d, it[i].K, f16, it[i].x, 1, d);
-        if (beam_init(it[i].g, it[i].K, f16, d, tmp[i] + d, it[i].g->efc, 1, it[i].limit, s[i], NULL) != KST_OK) {
+        key_f32(tmp[i] + d, it[i].K, f16, it[i].x, d);
+        int ic = ins_prepare(it[i].g, tmp[i] + d, d, s[i]);
+        ef[i] = ic ? it[i].g->ins_ef : it[i].g->efc;
+        ex[i] = ic ? it[i].g->ins_ex : it[i].g->efc;
+        if (srow_reserve(s[i], it[i].g->M, d) != KST_OK ||
+            ibeam_init(it[i].g, it[i].K, f16, d, tmp[i] + d, ef[i], it[i].limit, s[i]) != KST_OK) {
+            s[i]->ic_on = 0;
             it[i].count = (size_t)-1;
             continue;
         }
@@ -640,13 +845,13 @@ void kst_kvg_plan_multi(kst_kvg_plan_item *it, size_t np, int f16, size_t d, kst
     if (np > KST_KVG_PLAN_MAX) np = KST_KVG_PLAN_MAX;
     while (live) {
         for (size_t i = 0; i < np; i++)
-            if (on[i] && !beam_next(it[i].g, it[i].K, f16, d, it[i].g->efc, it[i].limit, s[i], &c[i])) {
+            if (on[i] && !ibeam_next(it[i].g, it[i].K, f16, d, it[i].limit, ex[i], s[i], &c[i])) {
                 on[i] = 0;
                 live--;
                 it[i].count = plan_end(&it[i], f16, d, s[i], tmp[i]);
             }
         for (size_t i = 0; i < np; i++)
-            if (on[i]) beam_expand(it[i].g, it[i].K, f16, d, tmp[i] + d, it[i].g->efc, 1, it[i].limit, s[i], c[i]);
+            if (on[i]) ibeam_expand(it[i].g, it[i].K, f16, d, tmp[i] + d, ef[i], it[i].limit, s[i], c[i]);
     }
     if (np && s[0]->prof) s[0]->t_ibeam += mono_s() - t0;
 }
@@ -959,7 +1164,7 @@ static uint8_t code_of(float x, float lo, float step) {
 
 /* Codes of key row i (tmp: d floats). */
 static void code_row(kst_kvg *g, const void *K, int f16, size_t i, size_t d, float *tmp) {
-    kst_kv_rows_f32(tmp, K, f16, i, 1, d);
+    key_f32(tmp, K, f16, i, d);
     uint8_t *c = g->codes + i * (d / 2);
     for (size_t b = 0; b < d; b += 32)
         for (size_t j = 0; j < 16; j++)
@@ -1164,6 +1369,40 @@ static float quantize_coefs(const float *co, size_t d, int8_t *qlo, int8_t *qhi)
             qhi[b / 2 + j] = (int8_t)lrintf(co[b + 16 + j] * inv);
         }
     return sc;
+}
+
+static int ins_prepare(const kst_kvg *g, const float *q, size_t d, kst_kvg_scratch *s) {
+    s->ic_on = 0;
+    if (!g->ins_codes || !g->codes || g->cd != d || d % 32 != 0 || !cpu_avx2_fma()) return 0;
+    size_t need = d + d / 4; /* the coefficients, then d int8 (qlo, qhi) */
+    if (s->iccap < need) {
+        if (kst_realloc((void **)&s->ic, need, sizeof(float), "kv insert codes", NULL) != KST_OK) return 0;
+        s->iccap = need;
+    }
+    double c0 = 0;
+    for (size_t j = 0; j < d; j++) {
+        s->ic[j] = q[j] * g->cstep[j];
+        c0 += (double)q[j] * (g->clo[j] + 0.5 * g->cstep[j]);
+    }
+    s->ic_c0 = (float)c0;
+    s->ic_vnni = cpu_vnni() && !s->no_vnni;
+    if (s->ic_vnni) {
+        int8_t *q8 = (int8_t *)(s->ic + d);
+        s->ic_sc = quantize_coefs(s->ic, d, q8, q8 + d / 2);
+    }
+    s->ic_on = 1;
+    return 1;
+}
+
+static float ins_code_dot(const kst_kvg *g, const kst_kvg_scratch *s, uint32_t x, size_t d) {
+    const uint8_t *c = g->codes + (size_t)x * (d / 2);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (s->ic_vnni) {
+        const int8_t *q8 = (const int8_t *)(s->ic + d);
+        return s->ic_c0 + s->ic_sc * (float)code_dot_vnni(q8, q8 + d / 2, c, d);
+    }
+#endif
+    return s->ic_c0 + code_dot(s->ic, c, d);
 }
 
 /* Keeps (v, x) among the best `keep` of (tv, tx) (sorted descending, *nt of them). */

@@ -39,6 +39,14 @@ typedef struct kst_kvg {
     size_t n_entry, max_entry;
     int hub_entries;   /* entries are the attention-aware build's hubs: kept as nodes are added */
     size_t efc;        /* beam width when inserting */
+    /* Code-steered insertion (kst_kvg_insert, kst_kvg_plan_multi; where the graph has codes and
+     * the CPU AVX2/FMA): the key-key beam scores the nodes' 4-bit codes against the new key
+     * (||k - x||^2 = ||k||^2 + ||x||^2 - 2 <k, x>, <k, x> from x's codes, ||x||^2 exact), ins_ef
+     * wide, then its ins_ef candidates are re-scored exactly and the nearest efc go on to the
+     * neighbour selection. ins_codes 0 (or KESTREL_KV_INS_CODES=0 at init): every key's float
+     * row scored (before round 9). ins_ef: KESTREL_KV_INS_EF, else efc. */
+    int ins_codes;
+    size_t ins_ef, ins_ex;
     /* 4-bit codes of the keys (kst_kvg_search_group with use_codes): per dimension i,
      * code c in 0..15 stands for clo[i] + (c + 1/2) cstep[i], the range being the keys' min..max
      * at build time (keys added later are clamped). Laid out per 32-dimension block: byte j of a
@@ -81,6 +89,10 @@ typedef struct kst_kvg_scratch {
     double t_ibeam, t_iselect, t_iapply; /* kst_kvg_insert with prof: its beam search, neighbour
                                             selection, linking (edges, back edges, code) */
     uint8_t *fl; size_t flcap;                       /* kst_kvg_search_multi: pool flags */
+    /* code-steered insertion: the new key's code coefficients (d floats, then d int8), their
+     * constant and int8 scale; ic_on while a beam is steered by them */
+    float *ic; size_t iccap; float ic_c0, ic_sc; int ic_on, ic_vnni;
+    float *srow; size_t srowcap;                     /* neighbour selection: kept rows, float32 */
     int no_vnni;   /* kst_kvg_search_multi: score codes in float even where AVX-512 VNNI is */
     int pf_push;   /* kst_kvg_search_multi: a node's edges are read once it joins the beam (1),
                       or as soon as it is scored (0) */

@@ -690,6 +690,130 @@ static void test_append_batches_equal_full_attention(void **state) {
 #endif
 }
 
+/* Code-steered insertion (kst_kvg.ins_codes, the default where the graph has codes): the key-key
+ * beam that links appended keys scores their 4-bit codes, then re-scores its candidates from the
+ * float16 rows before the neighbour selection. Clustered float16 keys (d 64, 32 centres), 1,536
+ * built, 1,536 appended in batches of 64; against the same cache whose appends are linked one
+ * by one by the exact beam (KESTREL_KV_INS_CODES=0 when its graph is made). After a flush:
+ * (a) each appended key's exact top-1 (float64 over the indexed keys, a query along the key)
+ * among the search's best 4 (at most 1 in 6 missed, as test_append_batches_*); (b) recall@10
+ * of 120 decode queries (ef 32, codes, one search per query head), counted over the exact
+ * top-10 keys that were appended (brute force in float64), within 0.05 of the exact one-by-one
+ * insertion's (a beam steered the wrong way, or candidates left unranked, links appended keys
+ * to far ones: their recall falls by far more). */
+static void test_append_codes_steered_insertion(void **state) {
+    (void)state;
+    enum { SD = 64, SQH = 4, NC = 32, NQ = 120, TK = 10 };
+    const size_t n0 = 1536, napp = 1536, n = n0 + napp, sinks = 4, window = 64;
+    uint16_t *K = malloc(n * SD * sizeof *K), *V = malloc(n * SD * sizeof *V);
+    float *Kf = malloc(n * SD * sizeof *Kf), *Qp = malloc(n0 * SQH * SD * sizeof *Qp), *Qd = malloc(NQ * SQH * SD * sizeof *Qd);
+    float *cen = malloc(NC * SD * sizeof *cen);
+    for (size_t i = 0; i < NC * SD; i++) cen[i] = (float)test_gauss();
+    for (size_t t = 0; t < n; t++) {
+        size_t c = (size_t)(t * 7919u + t / 3) % NC;
+        for (size_t i = 0; i < SD; i++) {
+            K[t * SD + i] = kst_f32_to_f16(cen[c * SD + i] + 0.6f * (float)test_gauss());
+            Kf[t * SD + i] = kst_f16_to_f32(K[t * SD + i]);
+            V[t * SD + i] = kst_f32_to_f16((float)test_gauss());
+        }
+    }
+    for (size_t i = 0; i < n0 * SQH; i++) {
+        size_t c = (size_t)(i * 31u) % NC;
+        for (size_t j = 0; j < SD; j++) Qp[i * SD + j] = 1.5f * cen[c * SD + j] + 0.6f * (float)test_gauss();
+    }
+    for (size_t i = 0; i < NQ * SQH; i++) {
+        size_t c = (size_t)(i * 17u + 5) % NC;
+        for (size_t j = 0; j < SD; j++) Qd[i * SD + j] = 1.5f * cen[c * SD + j] + 0.6f * (float)test_gauss();
+    }
+    size_t lo = sinks, hi = n - window, first_app = n0 - window; /* indexed positions; appended from */
+    double rec[2] = {0, 0};
+    size_t miss[2] = {0, 0}, tried = 0;
+    for (int v = 0; v < 2; v++) { /* 0: code-steered, batches of 64; 1: exact, one by one */
+        kst_kvc_opts o = {1, 1, SQH, SD, 1, 0, sinks, window, TK, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 1,
+                          v == 0 ? 64 : 1};
+        kst_kvc *c;
+        kst_error err;
+        if (v == 1) setenv("KESTREL_KV_INS_CODES", "0", 1);
+        assert_ok(kst_kvc_create(&o, &c, &err), &err);
+        kst_kvc_set_append_worker(c, 0);
+        assert_ok(kst_kvc_append(c, 0, K, V, n0, &err), &err);
+        assert_ok(kst_kvc_build(c, 0, Qp, n0, &err), &err);
+        unsetenv("KESTREL_KV_INS_CODES");
+        for (size_t t = n0; t < n; t++) assert_ok(kst_kvc_append(c, 0, K + t * SD, V + t * SD, 1, &err), &err);
+        assert_ok(kst_kvc_flush(c, 0, &err), &err);
+        assert_int_equal(kst_kvc_indexed(c, 0), hi - lo);
+        /* (a) */
+        tried = 0;
+        for (size_t p = first_app > lo ? first_app : lo; p < hi; p += 5) {
+            float q[SD];
+            for (size_t i = 0; i < SD; i++) q[i] = 3.0f * Kf[p * SD + i];
+            size_t best = 0;
+            double bv = -INFINITY;
+            for (size_t j = lo; j < hi; j++) {
+                double a = 0;
+                for (size_t i = 0; i < SD; i++) a += (double)q[i] * Kf[j * SD + i];
+                if (a > bv) {
+                    bv = a;
+                    best = j;
+                }
+            }
+            int64_t pos[4];
+            size_t found = 0;
+            assert_ok(kst_kvc_search(c, 0, 0, q, 4, 64, pos, &found, NULL, &err), &err);
+            int hit = 0;
+            for (size_t i = 0; i < found; i++) hit |= (size_t)pos[i] == best;
+            miss[v] += !hit;
+            tried++;
+        }
+        /* (b) */
+        size_t want = 0, got = 0;
+        for (size_t i = 0; i < NQ * SQH; i++) {
+            const float *q = Qd + i * SD;
+            size_t top[TK];
+            double tv[TK];
+            size_t nt = 0;
+            for (size_t j = lo; j < hi; j++) {
+                double a = 0;
+                for (size_t k = 0; k < SD; k++) a += (double)q[k] * Kf[j * SD + k];
+                if (nt == TK && a <= tv[TK - 1]) continue;
+                size_t k = nt < TK ? nt++ : TK - 1;
+                for (; k > 0 && tv[k - 1] < a; k--) {
+                    tv[k] = tv[k - 1];
+                    top[k] = top[k - 1];
+                }
+                tv[k] = a;
+                top[k] = j;
+            }
+            int64_t pos[TK];
+            size_t found = 0;
+            assert_ok(kst_kvc_search(c, 0, i % SQH, q, TK, 32, pos, &found, NULL, &err), &err);
+            for (size_t a = 0; a < TK; a++) {
+                if (top[a] < first_app) continue;
+                want++;
+                for (size_t b = 0; b < found; b++)
+                    if ((size_t)pos[b] == top[a]) {
+                        got++;
+                        break;
+                    }
+            }
+        }
+        assert_true(want > NQ * SQH * TK / 4); /* the appended keys hold a fair share of the top-10s */
+        rec[v] = (double)got / (double)want;
+        kst_kvc_free(c);
+    }
+    print_message("appended keys: recall@10 %.4f code-steered (B 64), %.4f exact one by one; top-1 missed %zu, %zu"
+                  " of %zu\n", rec[0], rec[1], miss[0], miss[1], tried);
+    if (miss[0] * 6 > tried) fail_msg("code-steered insertion: %zu of %zu appended keys not found by a search for them", miss[0], tried);
+    if (rec[0] < rec[1] - 0.05)
+        fail_msg("code-steered insertion: recall@10 over appended keys %.4f, exact one-by-one insertion %.4f", rec[0], rec[1]);
+    free(K);
+    free(V);
+    free(Kf);
+    free(Qp);
+    free(Qd);
+    free(cen);
+}
+
 /* GPU = CPU across batch boundaries: the same graphs (batches planned by the appending call, so
  * they land at the same appends), a small top_k (the same retrieval) and the tail estimate: the
  * same output, with the GPU attending the pending tokens in its ring. */
@@ -1090,6 +1214,7 @@ int main(void) {
         cmocka_unit_test(test_build_copied),
         cmocka_unit_test(test_append_batches_equal_full_attention),
         cmocka_unit_test(test_append_batches_gpu_equals_cpu),
+        cmocka_unit_test(test_append_codes_steered_insertion),
         cmocka_unit_test(test_group_all_keys_equals_sdpa),
         cmocka_unit_test(test_group_search_recall),
         cmocka_unit_test(test_pool_search_recall),

@@ -547,7 +547,9 @@ static int layer(const char *list) {
                 size_t qstep = strstr(mode, "/same") ? 0 : QH * D;
                 int app = strstr(mode, "/app") != NULL;
                 uint16_t kc1[KVH * D], vc1[KVH * D];
-                for (size_t i = 0; i < NT; i++) {
+                /* with appends, KV_APP_STEPS steps (so that batches land within them) */
+                size_t NP = app && getenv("KV_APP_STEPS") ? (size_t)atol(getenv("KV_APP_STEPS")) : NT;
+                for (size_t i = 0; i < NP; i++) {
                     if (app) {
                         size_t t = (i * 7919 + 17) % N;
                         for (size_t h = 0; h < KVH; h++)
@@ -559,7 +561,7 @@ static int layer(const char *list) {
                             }
                         if (kst_kvc_append(c, 0, kc1, vc1, 1, &e)) die("append", &e);
                     }
-                    if (kst_kvc_attend(c, 0, Qd + i * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
+                    if (kst_kvc_attend(c, 0, Qd + i % NT * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
                 }
                 kst_kvc_set_prof(c, NULL);
                 if (pf.appends) {
@@ -568,6 +570,10 @@ static int layer(const char *list) {
                            " (of which tables %.1f; insertions summed over KV heads: beam %.1f select %.1f link %.1f)\n",
                            mode, pf.appends, pf.app_total * ua, pf.app_copy * ua, pf.app_gpu * ua, pf.app_index * ua,
                            pf.app_tables * ua, pf.app_ibeam * ua, pf.app_iselect * ua, pf.app_iapply * ua);
+                    if (pf.app_batches)
+                        printf("  prof %s batches: %zu finished, ms each: planning %.2f (its 'index' share), linking %.2f\n", mode,
+                               pf.app_batches, 1e3 * pf.app_bplan / (double)pf.app_batches,
+                               1e3 * pf.app_blink / (double)pf.app_batches);
                 }
                 double u = 1e6 / (double)pf.steps, nt = omp_get_max_threads();
                 printf("  prof %s ef %zu (us/step, mean of %zu): total %.1f = gpu_start %.1f + region %.1f + gpu_wait %.1f + merge %.1f;"
