@@ -140,6 +140,13 @@ static inline float beam_score(const kst_kvg *g, const void *K, int f16, size_t 
     return score_of(g, K, f16, d, q, i, l2);
 }
 
+/* The e-th entry point of g; when it has none yet (an empty or growing graph), node 0; past the
+ * last, UINT32_MAX. */
+static uint32_t entry_at(const kst_kvg *g, size_t e) {
+    if (e < g->n_entry) return g->entry[e];
+    return e == 0 ? 0 : UINT32_MAX;
+}
+
 /* Best-first beam search; leaves the ef best in s's result heap. Nodes at or past `limit` are
  * not visited (insertion searches the nodes before the new one). In three parts, so that several
  * beams can run interleaved on one thread (kst_kvg_plan_multi): beam_init scores the entry
@@ -151,13 +158,9 @@ static int beam_init(const kst_kvg *g, const void *K, int f16, size_t d, const f
     if (rc != KST_OK) return rc;
     s->cn = s->rn = s->scanned = s->hops = 0;
     uint8_t ep = s->epoch;
-    size_t ne = g->n_entry;
-    for (size_t e = 0; e < ne + 1; e++) {
-        /* Entry points; when there are none yet (an empty or growing graph), node 0. */
-        uint32_t x;
-        if (e < ne) x = g->entry[e];
-        else if (ne == 0) x = 0;
-        else break;
+    for (size_t e = 0;; e++) {
+        uint32_t x = entry_at(g, e);
+        if (x == UINT32_MAX) break;
         if (x >= limit || s->mark[x] == ep) continue;
         s->mark[x] = ep;
         float v = beam_score(g, K, f16, d, q, x, l2, s);
@@ -270,12 +273,9 @@ static int ibeam_init(const kst_kvg *g, const void *K, int f16, size_t d, const 
     }
     s->cn = s->rn = s->scanned = s->hops = 0;
     uint8_t ep = s->epoch;
-    size_t ne = g->n_entry;
-    for (size_t e = 0; e < ne + 1; e++) {
-        uint32_t x;
-        if (e < ne) x = g->entry[e];
-        else if (ne == 0) x = 0;
-        else break;
+    for (size_t e = 0;; e++) {
+        uint32_t x = entry_at(g, e);
+        if (x == UINT32_MAX) break;
         if (x >= limit || s->mark[x] == ep) continue;
         s->mark[x] = ep;
         ipool_add(s, ef, beam_score(g, K, f16, d, q, x, 1, s), x, g->adj, g->M);

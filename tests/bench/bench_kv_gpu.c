@@ -256,6 +256,18 @@ static float gauss_at(uint64_t seed, uint64_t i) {
     return (float)(sqrt(-2 * log(u)) * cos(2 * M_PI * v));
 }
 
+/* Token t of head 0's synthetic keys and values as a KV head's (its signed permutation perm,
+ * sgn of the dimensions) into k and v (D each). */
+static void head_row(uint16_t *k, uint16_t *v, const uint16_t *K0, const uint16_t *V0, size_t t,
+                     const int *perm, const float *sgn, size_t D) {
+    for (size_t i = 0; i < D; i++) {
+        uint16_t a = K0[t * D + perm[i]], b = V0[t * D + perm[i]];
+        if (sgn[i] < 0) { a ^= 0x8000; b ^= 0x8000; }
+        k[i] = a;
+        v[i] = b;
+    }
+}
+
 /* One layer of a Llama-3-8B-shaped model: 8 KV heads, 32 query heads (GQA 4), head dim 128,
  * float16, sinks 4 + window 512 on the GPU, everything else in CPU memory behind the graphs;
  * kst_kvc_attend searches the 32 query heads on all CPU threads while the GPU attends to the
@@ -376,12 +388,7 @@ static int layer(const char *list) {
 #pragma omp parallel for schedule(static)
             for (size_t t = 0; t < m; t++)
                 for (size_t h = 0; h < KVH; h++)
-                    for (size_t i = 0; i < D; i++) {
-                        uint16_t k = K0[(t0c + t) * D + perm[h][i]], v = V0[(t0c + t) * D + perm[h][i]];
-                        if (sgn[h][i] < 0) { k ^= 0x8000; v ^= 0x8000; }
-                        kc[(t * KVH + h) * D + i] = k;
-                        vc[(t * KVH + h) * D + i] = v;
-                    }
+                    head_row(kc + (t * KVH + h) * D, vc + (t * KVH + h) * D, K0, V0, t0c + t, perm[h], sgn[h], D);
             if (kst_kvc_append(c, 0, kc, vc, m, &e)) die("append", &e);
         }
         free(kc); free(vc);
@@ -515,13 +522,7 @@ static int layer(const char *list) {
                 for (size_t i = 0; i < NS; i++) {
                     if (app) {
                         size_t t = (i * 7919 + 13) % N;
-                        for (size_t h = 0; h < KVH; h++)
-                            for (size_t j = 0; j < D; j++) {
-                                uint16_t k = K0[t * D + perm[h][j]], v = V0[t * D + perm[h][j]];
-                                if (sgn[h][j] < 0) { k ^= 0x8000; v ^= 0x8000; }
-                                kc1[h * D + j] = k;
-                                vc1[h * D + j] = v;
-                            }
+                        for (size_t h = 0; h < KVH; h++) head_row(kc1 + h * D, vc1 + h * D, K0, V0, t, perm[h], sgn[h], D);
                     }
                     double a = now_s();
                     if (app && kst_kvc_append(c, 0, kc1, vc1, 1, &e)) die("append", &e);
@@ -552,13 +553,7 @@ static int layer(const char *list) {
                 for (size_t i = 0; i < NP; i++) {
                     if (app) {
                         size_t t = (i * 7919 + 17) % N;
-                        for (size_t h = 0; h < KVH; h++)
-                            for (size_t j = 0; j < D; j++) {
-                                uint16_t k = K0[t * D + perm[h][j]], v = V0[t * D + perm[h][j]];
-                                if (sgn[h][j] < 0) { k ^= 0x8000; v ^= 0x8000; }
-                                kc1[h * D + j] = k;
-                                vc1[h * D + j] = v;
-                            }
+                        for (size_t h = 0; h < KVH; h++) head_row(kc1 + h * D, vc1 + h * D, K0, V0, t, perm[h], sgn[h], D);
                         if (kst_kvc_append(c, 0, kc1, vc1, 1, &e)) die("append", &e);
                     }
                     if (kst_kvc_attend(c, 0, Qd + i % NT * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
