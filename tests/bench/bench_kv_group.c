@@ -33,11 +33,7 @@ int main(int argc, char **argv) {
     kst_error e;
     int L = atoi(argv[2]);
     int hs[64] = {0};
-    size_t G = 0;
-    for (const char *p = argv[3]; *p && G < 64;) {
-        hs[G++] = (int)strtol(p, (char **)&p, 10);
-        if (*p == ',') p++;
-    }
+    size_t G = parse_heads(argv[3], hs, 64);
     size_t rows, d, r2, dd;
     float *K = load(argv[1], L, hs[0], "k", &rows, &d);
     float *V = load(argv[1], L, hs[0], "v", &r2, &dd);

@@ -40,13 +40,7 @@ int main(int argc, char **argv) {
     kst_error e;
     int L = atoi(argv[2]);
     int hs[64] = {0};
-    size_t G = 0;
-    for (const char *p = argv[3]; *p && G < 64;) {
-        char *end;
-        hs[G++] = (int)strtol(p, &end, 10);
-        if (end == p) die("heads: expected a comma list of integers", NULL);
-        p = end + (*end == ',');
-    }
+    size_t G = parse_heads(argv[3], hs, 64);
     size_t rows, d, r2, d2;
     float *K = load(argv[1], L, hs[0], "k", &rows, &d);
     float *V = load(argv[1], L, hs[0], "v", &r2, &d2);

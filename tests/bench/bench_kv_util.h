@@ -39,6 +39,17 @@ static inline float *load(const char *dir, int L, int H, const char *k, size_t *
     return a.data;
 }
 
+/* The comma list of head numbers in arg into hs (at most max); returns the count. */
+static inline size_t parse_heads(const char *arg, int *hs, size_t max) {
+    size_t G = 0;
+    for (const char *p = arg; *p && G < max;) {
+        char *end;
+        hs[G++] = (int)strtol(p, &end, 10);
+        if (end == p) die("heads: expected a comma list of integers", NULL);
+        p = end + (*end == ',');
+    }
+    return G;
+}
 static uint64_t rng = 88172645463325252ull;
 static inline double urand(void) {
     rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
