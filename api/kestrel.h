@@ -316,6 +316,13 @@ typedef struct kst_kv_opts {
                                  with the window (the GPU holds window + 4 * append_batch ring
                                  slots). 0 or 1: each token is linked by the append that moves
                                  it out of the window */
+    float widen;              /* adaptive budget (default WIDEN_DEFAULT; 0: off): a query head
+                                 whose tail estimate (tail_samples > 0) holds more than this
+                                 share of its softmax mass (sinks, window, retrieved and the
+                                 estimated rest) is searched again with top_k and ef 4x larger
+                                 (up to widen_top_k), and its step attended from that: only
+                                 the heads whose attention is spread past the top_k pay */
+    size_t widen_top_k;       /* the widened searches' top_k at most (default 0: 16 x top_k) */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */
@@ -342,6 +349,7 @@ typedef struct kst_kv_stats {
     size_t scanned;   /* keys scored by the index searches, summed over query heads */
     size_t sampled;   /* keys sampled for the tail estimate (opts.tail_samples), summed */
     size_t searches;  /* index searches run: q_heads, or kv_heads with group_search */
+    size_t widened;   /* widened searches run (opts.widen), summed over query heads */
 } kst_kv_stats;
 
 /* Decode step of one layer: q (q_heads, head_dim) float32 -> out (q_heads, head_dim), the

@@ -52,6 +52,10 @@ typedef struct kst_kvc_opts {
                                  32) and steer the searches by them, the pool re-scored exactly */
     size_t append_batch;      /* B: tokens leaving the window are linked into the index B at a
                                  time (0, 1: each at its append); see kst_kvc_append */
+    float widen;              /* adaptive budget (kst_kvc_attend): a query head whose tail
+                                 estimate holds more than this share of its softmax mass is
+                                 searched again, wider; 0: off */
+    size_t widen_top_k;       /* the widened searches' top_k at most (0: 16 x top_k) */
 } kst_kvc_opts;
 
 typedef struct kst_kvc kst_kvc;
@@ -64,6 +68,7 @@ typedef struct kst_kvc_stats {
     size_t scanned;   /* keys scored by the searches, summed over query heads */
     size_t sampled;   /* tail keys sampled for the estimate, summed over query heads */
     size_t searches;  /* graph searches run (q_heads, or kv_heads with group_search) */
+    size_t widened;   /* widened searches run (opts.widen), summed over query heads */
 } kst_kvc_stats;
 
 /* Validates opts (sizes, GQA divisibility) and creates an empty cache. */
@@ -209,6 +214,8 @@ void kst_kvc_use_gpu(kst_kvc *c, int on);
  * KESTREL_KV_TAIL_GPU=0 in the environment when the cache is created); 1 (the default) restores
  * it. */
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on);
+/* Benchmarks: changes opts.widen of a live cache (the adaptive budget; 0: off). */
+void kst_kvc_set_widen(kst_kvc *c, float widen);
 /* Benchmarks: changes opts.tail_samples of a live cache. */
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m);
 
