@@ -444,7 +444,7 @@ kst_kv_opts kst_kv_opts_default(void) {
     o.tail_samples = 2048;
     o.codes = -1;
     o.append_batch = 64; /* batch appends (index/kv.h, kst_kvc_append) */
-    o.widen = 0.05f;     /* the adaptive budget (index/kv.h, kst_kvc_attend) */
+    o.widen = 0.02f;     /* the adaptive budget (index/kv.h, kst_kvc_attend) */
     return o;
 }
 

@@ -304,7 +304,7 @@ static void test_tail_gpu_equals_cpu(void **state) {
             assert_ok(kst_kv_append(both[i], 0, K, V, P, &err), &err);
             assert_ok(kst_kv_build(both[i], 0, f->pq.data, P, &err), &err);
         }
-        size_t bytes0 = kst_kv_gpu_bytes(gpu);
+        size_t bytes0 = kst_kv_gpu_bytes(gpu), nwid = 0;
         const size_t tails[3] = {128, 200, 48}, ks[4] = {10, 50, 120, 180};
         for (size_t a = 0; a < 3; a++)
             for (size_t b = 0; b < 4; b++)
@@ -318,11 +318,14 @@ static void test_tail_gpu_equals_cpu(void **state) {
                     assert_int_equal(sg.retrieved, sc.retrieved);
                     assert_int_equal(sg.sampled, sc.sampled);
                     assert_true(sg.sampled > 0);
+                    assert_int_equal(sg.widened, sc.widened); /* the adaptive budget (opts.widen) */
+                    nwid += sc.widened;
                     char name[96];
                     snprintf(name, sizeof name, "gpu vs cpu tail (f16 %d, %zu samples, top_k %zu, query %zu)", f16,
                              tails[a], ks[b], s);
                     assert_close_f32(name, og, oc, QH * D, ATOL, RTOL);
                 }
+        print_message("gpu vs cpu tail (f16 %d): %zu widened searches, the same on both paths\n", f16, nwid);
         /* the sample table is held on the GPU beside the static tokens */
         assert_true(kst_kv_gpu_bytes(gpu) >= bytes0 + 2 * 200 * KVH * D * (f16 ? 2 : 4));
         kst_kv_free(cpu);
