@@ -316,6 +316,19 @@ typedef struct kst_kv_opts {
                                  with the window (the GPU holds window + 4 * append_batch ring
                                  slots). 0 or 1: each token is linked by the append that moves
                                  it out of the window */
+    float widen;              /* adaptive budget, default 0.02; 0: off (needs tail_samples):
+                                 a query head whose tail estimate holds more than this share of
+                                 its softmax mass (sinks, window, retrieved and the estimated
+                                 rest) is searched again, top_k and ef 4x or 16x larger (the
+                                 least predicted from the tail sample's best keys to leave at
+                                 most this share outside; up to widen_top_k), and attended from
+                                 that. Only the heads whose attention is spread past top_k pay:
+                                 SmolLM2-135M at 32K tokens (YaRN x4) 4.5e-2 -> 8.7e-3 mean
+                                 output error, keys scanned 3.8% -> 20%; at 8K 8.3e-3 -> 6.1e-3;
+                                 on the synthetic 128K layer bench (diffuse attention) 0.31 ->
+                                 0.038 error but a 3.3x slower step (tests/bench/README.md,
+                                 round 10); stats.widened counts the widened searches */
+    size_t widen_top_k;       /* the widened searches' top_k at most (default 0: 16 x top_k) */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */
@@ -342,6 +355,7 @@ typedef struct kst_kv_stats {
     size_t scanned;   /* keys scored by the index searches, summed over query heads */
     size_t sampled;   /* keys sampled for the tail estimate (opts.tail_samples), summed */
     size_t searches;  /* index searches run: q_heads, or kv_heads with group_search */
+    size_t widened;   /* widened searches run (opts.widen), summed over query heads */
 } kst_kv_stats;
 
 /* Decode step of one layer: q (q_heads, head_dim) float32 -> out (q_heads, head_dim), the

@@ -91,6 +91,8 @@ typedef struct kv_thread {
     float *buf; size_t buf_cap; /* scores of a partial */
     uint32_t *ids; int64_t *rows; float *o2; size_t ids_cap;
     uint32_t *sret; int64_t *trows; size_t trows_cap; /* tail estimate: sorted retrieved, samples */
+    float tlw[KV_TT_CHUNKS * KV_TT_TOP]; size_t ntlw; /* the adaptive budget: log-weights of the
+                                                         chunks' best samples not retrieved */
     double p_first, p_last, p_busy, p_search, p_attn, p_tail; /* profile (kst_kvc_set_prof) */
     size_t p_hops, p_tasks;
     char pad[64];       /* threads' hot fields on separate cache lines */
@@ -124,6 +126,11 @@ struct kst_kvc {
     size_t batch, pmax;   /* append_batch (>= 1); pending tokens allowed before an append helps */
     size_t ring;          /* GPU ring slots: window + pmax */
     size_t plan_il;       /* plans interleaved per thread (1..KV_PLAN_IL; KESTREL_KV_PLAN_IL) */
+    float widen;          /* adaptive budget: opts.widen (KESTREL_KV_WIDEN overrides it) */
+    size_t widen_k;       /* the widened searches' top_k at most (opts.widen_top_k, 0: 16 x top_k) */
+    size_t widen_f;       /* top_k and ef multiplied by this per widening (4; KESTREL_KV_WIDEN_F) */
+    int widen_pred;       /* the widened top_k predicted from the tail sample (1; KESTREL_KV_WIDEN_PRED) */
+    double widen_gain;    /* widen to the cap where predicted to cut the tail's share by this (0.5) */
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
     /* the background planner (kst_kvc_set_append_worker) */
     int wk_on, wk_started, wk_stop;
@@ -174,6 +181,7 @@ static void refresh_tables(kst_kvc *c, kv_layer *L, int force) {
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on) { c->tail_gpu_off = !on; }
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
+void kst_kvc_set_widen(kst_kvc *c, float widen) { c->widen = widen > 0 && isfinite(widen) ? widen : 0; }
 void kst_kvc_set_expand(kst_kvc *c, size_t b) { c->expand = b; }
 void kst_kvc_set_search(kst_kvc *c, int group_search, int codes) {
     c->group = group_search;
@@ -243,6 +251,14 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
      * time from them, and an append that must wait for its plan waits for a thread the step's
      * spinning threads keep off the cores */
     c->wk_on = getenv("KESTREL_KV_APPEND_WORKER") && atoi(getenv("KESTREL_KV_APPEND_WORKER")) == 1;
+    /* the adaptive budget (kst_kvc_attend); the environment overrides it for experiments */
+    c->widen = getenv("KESTREL_KV_WIDEN") ? (float)atof(getenv("KESTREL_KV_WIDEN")) : o.widen;
+    if (!(c->widen > 0) || !isfinite(c->widen)) c->widen = 0;
+    c->widen_k = getenv("KESTREL_KV_WIDEN_TOP_K") ? (size_t)atol(getenv("KESTREL_KV_WIDEN_TOP_K")) : o.widen_top_k;
+    c->widen_f = getenv("KESTREL_KV_WIDEN_F") ? (size_t)atol(getenv("KESTREL_KV_WIDEN_F")) : 4;
+    if (c->widen_f < 2) c->widen_f = 2;
+    c->widen_pred = getenv("KESTREL_KV_WIDEN_PRED") ? atoi(getenv("KESTREL_KV_WIDEN_PRED")) : 1;
+    c->widen_gain = getenv("KESTREL_KV_WIDEN_GAIN") ? atof(getenv("KESTREL_KV_WIDEN_GAIN")) : 0.5;
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv_work, NULL);
     pthread_cond_init(&c->cv_idle, NULL);
@@ -1019,6 +1035,7 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
     const kv_tail *T = &H->tt;
     size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, G = op->q_heads / op->kv_heads;
     size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex, na = 0;
+    t->ntlw = 0;
     if (kept == 0) return 0;
     float oc[512], oe[512], ox[512], lse_e = -INFINITY;
     memset(oe, 0, d * sizeof(float));
@@ -1049,6 +1066,8 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
             if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
+        for (size_t a = 0; a < nt; a++) /* the adaptive budget's signal (widen_pick) */
+            if (!(topx >> a & 1) && tw[a] > 0) t->tlw[t->ntlw++] = logf(tw[a]) + T->mx[ix];
         if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw[nt - 1] > thr) || !(rest > 0) ||
             !isfinite(rest)) {
             /* the kept rows summed anew from their weights (the top's from topw) */
@@ -1094,6 +1113,7 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
     const kv_tail *T = &H->tt;
     size_t ns = T->n, d = op->head_dim, rowb = d * c->esize;
     size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex, na = 0;
+    t->ntlw = 0;
     if (kept == 0) return 0;
     float oc[512], oe[512], ox[512], lse_e = -INFINITY;
     memset(oe, 0, d * sizeof(float));
@@ -1128,6 +1148,8 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
         double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
             if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
+        for (size_t a = 0; a < nt; a++) /* the adaptive budget's signal (widen_pick) */
+            if (!(topx >> a & 1) && tw[a] > 0) t->tlw[t->ntlw++] = logf(tw[a]) + mx;
         if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw[nt - 1] > thr) || !(rest > 0) ||
             !isfinite(rest)) {
             /* the CPU table path: the chunk's kept rows scored and summed anew */
@@ -1198,6 +1220,48 @@ done:
     return rc;
 }
 #endif
+
+static int cmp_f32_desc(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return x > y ? -1 : x < y;
+}
+
+/* The adaptive budget (kv.h, kst_kvc_attend): the top_k a query head is searched again with, or
+ * 0 to keep its kw retrieved (m found). Its tail estimate (lse_t, from kept samples, each
+ * standing for ratio = (nidx - m) / kept indexed keys) holds share = exp(lse_t - lse_all) of its
+ * softmax mass; above c->widen the head is widened: to the least of kw f, kw f^2, ... (at most
+ * kcap) whose keys are predicted to leave no more than c->widen of the mass outside, the
+ * prediction being that a search for k2 keys gets the (k2 - m) / ratio best samples' worth of
+ * keys (t->tlw: the log-weights of the chunks' best samples not retrieved, tail_partial*). If
+ * even kcap is predicted to leave more, kcap where it would at least halve the share
+ * (c->widen_gain), else 0 (attention spread over more keys than a widened search can hold:
+ * widening would cost a search and gain little). Without the prediction (widen_pred 0): kw f. */
+static size_t widen_pick(const kst_kvc *c, kv_thread *t, float lse_t, float lse_all, size_t nidx, size_t m,
+                         size_t kept, size_t kw, size_t kcap) {
+    double share = exp((double)lse_t - (double)lse_all);
+    if (!(share > c->widen) || kw >= kcap || kept == 0) return 0;
+    size_t f = c->widen_f;
+    if (!c->widen_pred) return kw * f < kcap ? kw * f : kcap;
+    double ratio = (double)(nidx - m) / (double)kept, need = share - c->widen, least = share * (1 - c->widen_gain);
+    if (least < need) need = least;
+    size_t n = t->ntlw;
+    float *x = t->tlw, mx = -INFINITY;
+    for (size_t i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    /* at most (kcap - m) / ratio samples of weight <= the best: no sort where that is too little */
+    double rcap = kcap > m ? (double)(kcap - m) / ratio : 0;
+    if (!(rcap * ratio * exp((double)mx - (double)lse_all) >= need)) return 0;
+    qsort(x, n, sizeof *x, cmp_f32_desc);
+    double cum = 0;
+    size_t i = 0, k2 = kw;
+    for (;;) {
+        k2 = k2 * f < kcap ? k2 * f : kcap;
+        double r = k2 > m ? (double)(k2 - m) / ratio : 0;
+        while (i < n && (double)i + 1 <= r) cum += exp((double)x[i++] - (double)lse_all);
+        double resid = share - ratio * cum;
+        if (resid <= c->widen) return k2;
+        if (k2 >= kcap) return share - resid >= least ? k2 : 0;
+    }
+}
 
 /* Retrieval for query heads h0 .. h0 + gq - 1 (one KV head's, or one head) into ids (gq, k)
  * and fnd (gq): the per-head beam (kst_kvg_search) unless the group search or codes are on. */
@@ -1300,9 +1364,13 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (exact_lo < sink_end) exact_lo = sink_end;
     if (k > nidx) k = nidx;
     if (d > 512) return kst_fail(err, KST_ERR_INTERNAL, "kst_kv_attend: head_dim > 512");
+    /* the adaptive budget's top_k at most (kv.h): widened searches retrieve up to kcap keys */
+    size_t kcap = c->widen && k > 0 ? (c->widen_k ? c->widen_k : 16 * k) : k;
+    if (kcap > nidx) kcap = nidx;
+    if (kcap < k) kcap = k;
     /* one task per query head, or per KV head (its G query heads) with the group search */
     size_t gq = heads_per_search(c), ntask = o->q_heads / gq;
-    size_t scanned = 0, retrieved = 0, sampled = 0;
+    size_t scanned = 0, retrieved = 0, sampled = 0, widened = 0;
     int on_gpu = 0;
     kst_kvc_prof *pf = c->prof;
     double pt0 = pf ? mono_s() : 0, pt1 = pt0;
@@ -1375,7 +1443,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         for (; j > 0 && L->cost[L->order[j - 1]] < L->cost[i]; j--) L->order[j] = L->order[j - 1];
         L->order[j] = (uint32_t)i;
     }
-#pragma omp parallel reduction(+ : scanned, retrieved, sampled) if (ntask > 1)
+#pragma omp parallel reduction(+ : scanned, retrieved, sampled, widened) if (ntask > 1)
     {
 #ifdef KST_CUDA
     /* One thread at a time asks the GPU whether its partials are in, without waiting. */
@@ -1426,8 +1494,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     size_t need = (L->n - exact_lo) > sink_end ? (L->n - exact_lo) : sink_end;
     if (need < k) need = k;
     if (need < ns) need = ns;
+    if (need < kcap) need = kcap;
     kst_error e2;
-    int r = thread_reserve(t, need + 1, k * gq, d, &e2);
+    int r = thread_reserve(t, need + 1, k * gq > kcap ? k * gq : kcap, d, &e2);
     if (r == KST_OK && t->trows_cap < ns) {
         r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
         if (r == KST_OK) t->trows_cap = ns;
@@ -1497,49 +1566,100 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         for (size_t a = 0; a < gq; a++) { /* B: the task's attention */
             size_t h = h0 + a;
             const float *qh = q + h * d;
-            float *oh = out + h * d, lse, lse2;
-            /* sinks, then the exact tail (window and tokens not yet indexed), then retrieved */
+            float *oh = out + h * d, lse, lse2, os[512], lse_s = -INFINITY;
+            /* sinks, then the exact tail (window and tokens not yet indexed): os, then retrieved */
             if (on_gpu) {
-                memset(oh, 0, d * sizeof(float));
-                lse = -INFINITY;
+                memset(os, 0, d * sizeof(float));
             } else {
-                kst_attn_partial(oh, &lse, t->buf, qh, H->K, H->V, o->f16, NULL, 0, sink_end, d, o->scale);
+                kst_attn_partial(os, &lse_s, t->buf, qh, H->K, H->V, o->f16, NULL, 0, sink_end, d, o->scale);
                 kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, NULL, exact_lo,
                                  L->n - exact_lo, d, o->scale);
-                kst_attn_merge(oh, &lse, t->o2, lse2, d);
+                kst_attn_merge(os, &lse_s, t->o2, lse2, d);
             }
-            size_t m = k > 0 ? fnd[a] : 0;
+            size_t m = k > 0 ? fnd[a] : 0, kw = k, efw = ef, kept = 0;
             const uint32_t *rid = c->ids_all + h * k;
-            if (m > 0) {
-                for (size_t i = 0; i < m; i++) t->rows[i] = (int64_t)(o->sinks + rid[i]);
-                kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, t->rows, 0, m, d,
-                                 o->scale);
-                kst_attn_merge(oh, &lse, t->o2, lse2, d);
-                retrieved += m;
-            }
-            double tc = pf ? mono_s() : 0;
-            if (pf) t->p_attn += tc - tb;
-            float tau = INFINITY; /* the least retrieved score (t->buf: the retrieved partial's) */
-            for (size_t i = 0; i < m; i++) tau = t->buf[i] < tau ? t->buf[i] : tau;
-            /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
-#ifdef KST_CUDA
-            if (ns && m < nidx && tail_gpu) { /* from the GPU's items: wait for them */
-                while (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
-                    if (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
-                if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) {
-                    sampled += tail_partial_gpu(t, c, H, gpu_tt + h * tnc * gpu_st, gpu_st, qh, rid, nidx, m,
-                                                tau, t->o2, &lse2);
+            double tc = tb;
+            /* Adaptive budget (kv.h, kst_kvc_attend): after the retrieved keys and the tail
+             * estimate, a head whose estimate holds more than c->widen of its softmax mass is
+             * searched again with top_k and ef widen_f times larger (up to kcap) and attended
+             * anew from its static partial. */
+            for (;;) {
+                memcpy(oh, os, d * sizeof(float));
+                lse = lse_s;
+                if (m > 0) {
+                    for (size_t i = 0; i < m; i++) t->rows[i] = (int64_t)(o->sinks + rid[i]);
+                    kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, t->rows, 0, m, d,
+                                     o->scale);
                     kst_attn_merge(oh, &lse, t->o2, lse2, d);
                 }
-            }
+                if (pf) {
+                    double tn = mono_s();
+                    t->p_attn += tn - tc;
+                    tc = tn;
+                }
+                float tau = INFINITY; /* the least retrieved score (t->buf: the retrieved partial's) */
+                for (size_t i = 0; i < m; i++) tau = t->buf[i] < tau ? t->buf[i] : tau;
+                float lse_t = -INFINITY; /* the tail estimate's */
+                kept = 0;
+                /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
+#ifdef KST_CUDA
+                if (ns && m < nidx && tail_gpu) { /* from the GPU's items: wait for them */
+                    while (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
+                        if (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
+                    if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) {
+                        kept = tail_partial_gpu(t, c, H, gpu_tt + h * tnc * gpu_st, gpu_st, qh, rid, nidx, m,
+                                                tau, t->o2, &lse_t);
+                        kst_attn_merge(oh, &lse, t->o2, lse_t, d);
+                    }
+                }
 #endif
-            if (ns && m < nidx && !tail_gpu) {
-                for (size_t cc = 0; cc < tnc; cc++)
-                    while (!__atomic_load_n(&c->tt_ok[h0 / G * tnc + cc], __ATOMIC_ACQUIRE)) {
-                    } /* its T items still running */
-                sampled += tail_partial(t, c, H, h % G, qh, rid, nidx, m, tau, t->o2, &lse2);
-                kst_attn_merge(oh, &lse, t->o2, lse2, d);
+                if (ns && m < nidx && !tail_gpu) {
+                    for (size_t cc = 0; cc < tnc; cc++)
+                        while (!__atomic_load_n(&c->tt_ok[h0 / G * tnc + cc], __ATOMIC_ACQUIRE)) {
+                        } /* its T items still running */
+                    kept = tail_partial(t, c, H, h % G, qh, rid, nidx, m, tau, t->o2, &lse_t);
+                    kst_attn_merge(oh, &lse, t->o2, lse_t, d);
+                }
+                if (!c->widen || kept == 0 || kw >= kcap || m >= nidx || !(lse_t > -INFINITY)) break;
+                float lse_all = lse; /* the whole denominator: with the static tokens' */
+#ifdef KST_CUDA
+                if (on_gpu) { /* theirs come from the GPU (with the tail's items when on the GPU) */
+                    while (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
+                        if (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
+                    if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) != 1) break;
+                    float hi = gpu_lse[h] > lse_all ? gpu_lse[h] : lse_all, lo = gpu_lse[h] > lse_all ? lse_all : gpu_lse[h];
+                    if (hi > -INFINITY) lse_all = hi + log1pf(expf(lo - hi));
+                }
+#endif
+                size_t k2 = widen_pick(c, t, lse_t, lse_all, nidx, m, kept, kw, kcap);
+                if (!k2) break;
+                efw = efw * k2 / kw > k2 ? efw * k2 / kw : k2;
+                kw = k2;
+                size_t sc2 = 0;
+                int r2 = retrieve(c, H, t, qh, 1, kw, efw, t->ids, &m, &sc2);
+                if (r2 != KST_OK) {
+                    kst_error e4;
+                    kst_fail(&e4, r2, "kst_kv_attend: out of memory in the widened index search");
+#pragma omp critical(kv_err)
+                    {
+                        if (rc == KST_OK) {
+                            rc = r2;
+                            if (err) *err = e4;
+                        }
+                    }
+                    m = 0;
+                    break;
+                }
+                rid = t->ids;
+                scanned += sc2;
+                widened++;
+                {
+                    uint32_t cst = L->cost[tk];
+                    L->cost[tk] = cst + sc2 < cst || cst + sc2 > UINT32_MAX ? UINT32_MAX : (uint32_t)(cst + sc2);
+                }
             }
+            retrieved += m;
+            sampled += kept;
             c->lse_buf[h] = lse;
 #ifdef KST_CUDA
             if (on_gpu) { /* the static tokens' partial, from the GPU, if in */
@@ -1652,6 +1772,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         stats->scanned = scanned;
         stats->sampled = sampled;
         stats->searches = k > 0 && nidx > 0 ? (c->group > 0 ? ntask : o->q_heads) : 0;
+        stats->widened = widened;
     }
     return KST_OK;
 }

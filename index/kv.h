@@ -52,6 +52,10 @@ typedef struct kst_kvc_opts {
                                  32) and steer the searches by them, the pool re-scored exactly */
     size_t append_batch;      /* B: tokens leaving the window are linked into the index B at a
                                  time (0, 1: each at its append); see kst_kvc_append */
+    float widen;              /* adaptive budget (kst_kvc_attend): a query head whose tail
+                                 estimate holds more than this share of its softmax mass is
+                                 searched again, wider; 0: off */
+    size_t widen_top_k;       /* the widened searches' top_k at most (0: 16 x top_k) */
 } kst_kvc_opts;
 
 typedef struct kst_kvc kst_kvc;
@@ -64,6 +68,7 @@ typedef struct kst_kvc_stats {
     size_t scanned;   /* keys scored by the searches, summed over query heads */
     size_t sampled;   /* tail keys sampled for the estimate, summed over query heads */
     size_t searches;  /* graph searches run (q_heads, or kv_heads with group_search) */
+    size_t widened;   /* widened searches run (opts.widen), summed over query heads */
 } kst_kvc_stats;
 
 /* Validates opts (sizes, GQA divisibility) and creates an empty cache. */
@@ -136,7 +141,22 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
  * skipped), adds back the best ones not retrieved, and where the subtraction would lose
  * precision scores the chunk on the CPU from its own table. The same estimator, the same
  * samples and exclusions; the CPU path (no GPU, chunks over 1,024 samples, or
- * kst_kvc_set_tail_gpu(c, 0)) is its twin. */
+ * kst_kvc_set_tail_gpu(c, 0)) is its twin.
+ *
+ * Adaptive budget (opts.widen = p > 0, with the tail estimate): once a query head's retrieved
+ * keys and tail estimate are in, the estimate's share of the head's softmax mass (its lse
+ * against the whole, the static tokens' included: on the GPU path their partial is waited for)
+ * is compared with p. Above it, the head is searched again with top_k k2 = k f or k f^2 (f = 4;
+ * ef scaled alike; at most widen_top_k, 0: 16 k): the least whose keys are predicted to leave at
+ * most p of the mass outside, predicted from the chunks' best samples not retrieved (a search
+ * for k2 keys gets about the (k2 - k) / ratio best samples' worth); the cap where none is but
+ * the cap would at least halve the share; none where not even that (attention spread over more
+ * keys than a widened search holds). Its retrieved and tail partials are then made anew from
+ * the new keys (the tail estimate takes them out of the sample as any retrieved keys), and the
+ * check repeated. Both paths decide from the same quantities (the GPU's tail items carry the
+ * chunks' best samples and sums as the CPU's table does), each computed to float precision: they
+ * widen alike and agree within float tolerance (test_kv) unless a share falls within rounding
+ * of p. (kst_kvc_prof counts a widened search's time in `attn`.) */
 int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
                    kst_kvc_stats *stats, kst_error *err);
 
@@ -209,6 +229,8 @@ void kst_kvc_use_gpu(kst_kvc *c, int on);
  * KESTREL_KV_TAIL_GPU=0 in the environment when the cache is created); 1 (the default) restores
  * it. */
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on);
+/* Benchmarks: changes opts.widen of a live cache (the adaptive budget; 0: off). */
+void kst_kvc_set_widen(kst_kvc *c, float widen);
 /* Benchmarks: changes opts.tail_samples of a live cache. */
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m);
 

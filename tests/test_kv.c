@@ -304,7 +304,7 @@ static void test_tail_gpu_equals_cpu(void **state) {
             assert_ok(kst_kv_append(both[i], 0, K, V, P, &err), &err);
             assert_ok(kst_kv_build(both[i], 0, f->pq.data, P, &err), &err);
         }
-        size_t bytes0 = kst_kv_gpu_bytes(gpu);
+        size_t bytes0 = kst_kv_gpu_bytes(gpu), nwid = 0;
         const size_t tails[3] = {128, 200, 48}, ks[4] = {10, 50, 120, 180};
         for (size_t a = 0; a < 3; a++)
             for (size_t b = 0; b < 4; b++)
@@ -318,11 +318,14 @@ static void test_tail_gpu_equals_cpu(void **state) {
                     assert_int_equal(sg.retrieved, sc.retrieved);
                     assert_int_equal(sg.sampled, sc.sampled);
                     assert_true(sg.sampled > 0);
+                    assert_int_equal(sg.widened, sc.widened); /* the adaptive budget (opts.widen) */
+                    nwid += sc.widened;
                     char name[96];
                     snprintf(name, sizeof name, "gpu vs cpu tail (f16 %d, %zu samples, top_k %zu, query %zu)", f16,
                              tails[a], ks[b], s);
                     assert_close_f32(name, og, oc, QH * D, ATOL, RTOL);
                 }
+        print_message("gpu vs cpu tail (f16 %d): %zu widened searches, the same on both paths\n", f16, nwid);
         /* the sample table is held on the GPU beside the static tokens */
         assert_true(kst_kv_gpu_bytes(gpu) >= bytes0 + 2 * 200 * KVH * D * (f16 ? 2 : 4));
         kst_kv_free(cpu);
@@ -399,6 +402,7 @@ static void test_tail_estimate_diffuse(void **state) {
     o.window = 32;
     o.degree = 16;
     o.index = KST_KV_INDEX_KEYS;
+    o.widen = 0; /* the estimator alone (the adaptive budget: test_widen_spread_attention) */
     kst_kv *kv;
     kst_error err;
     assert_ok(kst_kv_create(&o, &kv, &err), &err);
@@ -442,6 +446,111 @@ static void test_tail_estimate_diffuse(void **state) {
         fail_msg("tail estimate: mean relative error %.3e, without it %.3e (expected under half)", e_tail, e_plain);
     assert_int_equal(kst_kv_set_tail_samples(NULL, 1, &err), KST_ERR_MISUSE);
     kst_kv_free(kv);
+    free(K);
+    free(V);
+    free(Q);
+}
+
+/* The adaptive budget (opts.widen): one KV head, two query heads. Head 1's attention is spread
+ * over a shoulder of 300 keys (scores ~4 +- 0.6, the other 3,700 indexed keys ~-4): top_k 16
+ * holds ~13% of its mass and the tail estimate (64 samples, ~5 of them in the shoulder) leaves a
+ * relative error over 1e-2 against float64 full attention; widened (16 -> 64 -> 256 -> 512, the
+ * cap) it must come under 1e-2. Head 0 attends to 8 keys (scores ~12): never widened. The same
+ * through the GPU path (static tokens and tail sample scored there) where a device is visible:
+ * the same widenings, the same output within float tolerance. */
+static void test_widen_spread_attention(void **state) {
+    (void)state;
+    const size_t n = 4096, d = 64, nq = 6, sinks = 4, window = 32;
+    float *K = malloc(n * d * sizeof *K), *V = malloc(n * d * sizeof *V), *Q = malloc(nq * 2 * d * sizeof *Q);
+    for (size_t i = 0; i < n * d; i++) K[i] = (float)(0.3 * test_gauss());
+    for (size_t i = 0; i < n * d; i++) V[i] = (float)(1.0 + test_gauss());
+    for (size_t t = sinks; t < n - window; t++) K[t * d + 1] += (t - sinks) % 13 == 5 && t < sinks + 13 * 300 ? 2.0f : -2.0f;
+    for (size_t j = 0; j < 8; j++) K[(100 + 500 * j) * d] += 8.0f;
+    /* nq decode queries, then np prefill queries drawn alike (the attention-aware index) */
+    const size_t np = 64;
+    Q = realloc(Q, (nq + np) * 2 * d * sizeof *Q);
+    for (size_t s = 0; s < nq + np; s++)
+        for (size_t i = 0; i < 2 * d; i++)
+            Q[s * 2 * d + i] = (float)(0.2 * test_gauss()) + (i == 0 ? 12.0f : i == d + 1 ? 16.0f : 0.0f);
+    kst_error err;
+    double e_fixed[2] = {0, 0}, e_wide[2] = {0, 0};
+    float cpu_out[6 * 2 * 64];
+    kst_kv_stats cpu_st[6];
+    for (int gpu = 0; gpu < 2; gpu++) {
+#ifdef KST_CUDA
+        if (gpu && kst_kv_cuda_devices() == 0) break;
+#else
+        if (gpu) break;
+#endif
+        kst_kv *kv[2]; /* widen off, on */
+        for (int w = 0; w < 2; w++) {
+            kst_kv_opts o = kst_kv_opts_default();
+            o.layers = o.kv_heads = 1;
+            o.q_heads = 2;
+            o.head_dim = d;
+            o.sinks = sinks;
+            o.window = window;
+            o.degree = 16;
+            o.tail_samples = 64;
+            o.top_k = 16;
+            o.ef = 64;
+            o.gpu = gpu;
+            if (!w) o.widen = 0;
+            o.widen_top_k = 512;
+            assert_ok(kst_kv_create(&o, &kv[w], &err), &err);
+            assert_ok(kst_kv_append(kv[w], 0, K, V, n, &err), &err);
+            assert_ok(kst_kv_build(kv[w], 0, Q + nq * 2 * d, np, &err), &err);
+        }
+        float out[2 * 64], outc[2 * 64];
+        double ref[64];
+        for (size_t s = 0; s < nq; s++) {
+            const float *q = Q + s * 2 * d;
+            kst_kv_stats st;
+            assert_ok(kst_kv_attend(kv[0], 0, q, 0, 0, out, &st, &err), &err);
+            assert_int_equal(st.widened, 0);
+            for (size_t g = 0; g < 2; g++) {
+                full_attn64(ref, q + g * d, K, V, n, d, 1.0 / sqrt((double)d));
+                if (!gpu) e_fixed[g] += rel_err64(out + g * d, ref, d) / nq;
+            }
+            assert_ok(kst_kv_attend(kv[1], 0, q, 0, 0, out, &st, &err), &err);
+            /* head 1 widened up to the cap: 16 -> 64 -> 256 -> 512; head 0 never */
+            if (!(st.widened >= 1 && st.widened <= 3)) fail_msg("step %zu: %zu widened searches (expected 1..3)", s, st.widened);
+            assert_true(st.retrieved > 16 + 16 && st.retrieved <= 16 + 512);
+            for (size_t g = 0; g < 2; g++) {
+                full_attn64(ref, q + g * d, K, V, n, d, 1.0 / sqrt((double)d));
+                if (!gpu) e_wide[g] += rel_err64(out + g * d, ref, d) / nq;
+            }
+            memcpy(outc, out, sizeof out);
+            kst_kv_stats st1 = st;
+            if (!gpu) {
+                /* two concentrated heads: nothing widened */
+                float q2[2 * 64];
+                memcpy(q2, q, d * sizeof(float));
+                memcpy(q2 + d, q, d * sizeof(float));
+                assert_ok(kst_kv_attend(kv[1], 0, q2, 0, 0, out, &st, &err), &err);
+                assert_int_equal(st.widened, 0);
+                assert_int_equal(st.retrieved, 2 * 16);
+            }
+            if (!gpu) { /* the CPU path's step, for the GPU's below */
+                memcpy(cpu_out + s * 2 * d, outc, 2 * d * sizeof(float));
+                cpu_st[s] = st1;
+            } else {
+                assert_int_equal(st1.widened, cpu_st[s].widened);
+                assert_int_equal(st1.retrieved, cpu_st[s].retrieved);
+                assert_int_equal(st1.sampled, cpu_st[s].sampled);
+                char name[64];
+                snprintf(name, sizeof name, "widened step %zu, gpu vs cpu", s);
+                assert_close_f32(name, outc, cpu_out + s * 2 * d, 2 * d, ATOL, RTOL);
+            }
+        }
+        kst_kv_free(kv[0]);
+        kst_kv_free(kv[1]);
+    }
+    print_message("adaptive budget: rel. error head 0 %.3e -> %.3e, head 1 (spread) %.3e -> %.3e\n", e_fixed[0],
+                  e_wide[0], e_fixed[1], e_wide[1]);
+    if (!(e_fixed[1] > 1e-2)) fail_msg("the fixed budget's error on the spread head is %.3e (the test expects > 1e-2)", e_fixed[1]);
+    if (!(e_wide[1] < 1e-2)) fail_msg("adaptive budget: error on the spread head %.3e (expected < 1e-2)", e_wide[1]);
+    if (!(e_wide[0] < 1e-3)) fail_msg("adaptive budget: error on the concentrated head %.3e (expected < 1e-3)", e_wide[0]);
     free(K);
     free(V);
     free(Q);
@@ -511,6 +620,7 @@ static void test_tail_sample_kept_across_appends(void **state) {
     o.degree = 16;
     o.index = KST_KV_INDEX_KEYS;
     o.tail_samples = ns;
+    o.widen = 0; /* the estimator over the top_k retrieved, as the reference */
     o.append_batch = 1; /* every token that leaves the window indexed at its append (the
                            reference's exact set: the sinks and the window) */
     kst_kv *kv;
@@ -590,7 +700,7 @@ static void run_append_batches(int gpu, int worker, size_t B) {
     for (size_t i = 0; i < n0 * AB_QH * AB_D; i++) Qp[i] = (float)test_gauss();
     /* top_k 10 and every indexed key not retrieved in the tail sample (tail_samples >= indexed:
      * each sampled once, so full attention whatever the search reaches) */
-    kst_kvc_opts o = {1, AB_KVH, AB_QH, AB_D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, gpu, 100000, 0, 0, B};
+    kst_kvc_opts o = {1, AB_KVH, AB_QH, AB_D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, gpu, 100000, 0, 0, B, 0, 0};
     kst_kvc *c;
     kst_error err;
     assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -730,7 +840,7 @@ static void test_append_codes_steered_insertion(void **state) {
     size_t miss[2] = {0, 0}, tried = 0;
     for (int v = 0; v < 2; v++) { /* 0: code-steered, batches of 64; 1: exact, one by one */
         kst_kvc_opts o = {1, 1, SQH, SD, 1, 0, sinks, window, TK, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 1,
-                          v == 0 ? 64 : 1};
+                          v == 0 ? 64 : 1, 0, 0};
         kst_kvc *c;
         kst_error err;
         if (v == 1) setenv("KESTREL_KV_INS_CODES", "0", 1);
@@ -832,7 +942,7 @@ static void test_append_batches_gpu_equals_cpu(void **state) {
     kst_kvc *c[2];
     kst_error err;
     for (int g = 0; g < 2; g++) {
-        kst_kvc_opts o = {1, AB_KVH, AB_QH, AB_D, 0, 0, 4, 16, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, g, 64, 0, 0, 8};
+        kst_kvc_opts o = {1, AB_KVH, AB_QH, AB_D, 0, 0, 4, 16, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, g, 64, 0, 0, 8, 0, 0};
         assert_ok(kst_kvc_create(&o, &c[g], &err), &err);
         kst_kvc_set_append_worker(c[g], 0);
         assert_ok(kst_kvc_append(c[g], 0, K, V, n0, &err), &err);
@@ -879,7 +989,7 @@ static void test_build_copied(void **state) {
             K[(t * 2 + 1) * D + i] = sgn[i] * kf[(t * KVH) * D + perm[i]];
             V[(t * 2 + 1) * D + i] = sgn[i] * vf[(t * KVH) * D + perm[i]];
         }
-    kst_kvc_opts o = {1, 2, 2, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 0, 0};
+    kst_kvc_opts o = {1, 2, 2, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 0, 0, 0, 0};
     kst_kvc *c;
     kst_error err;
     assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -978,7 +1088,7 @@ static void test_group_search_recall(void **state) {
     fx *f = *state;
     const size_t nidx = P - 36;
     for (int codes = 0; codes < 2; codes++) {
-        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 1, codes, 0};
+        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 1, codes, 0, 0, 0};
         kst_kvc *c;
         kst_error err;
         assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -1016,7 +1126,7 @@ static void test_pool_search_recall(void **state) {
         {1, 1, 1, 0, 64, 4}, {1, 2, 0, 0, 64, 4}, {0, 2, 1, 0, 64, 4}, {1, 1, 1, 0, 200, 0},
     };
     for (size_t vi = 0; vi < sizeof v / sizeof v[0]; vi++) {
-        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, v[vi].codes, 0};
+        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, v[vi].codes, 0, 0, 0};
         kst_kvc *c;
         kst_error err;
         assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -1104,7 +1214,7 @@ static void test_entry_table(void **state) {
 static void test_interleaved_all_keys_equals_sdpa(void **state) {
     fx *f = *state;
     for (int variant = 0; variant < 2; variant++) {
-        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 1, 0};
+        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 1, 0, 0, 0};
         kst_kvc *c;
         kst_error err;
         assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -1210,6 +1320,7 @@ int main(void) {
         cmocka_unit_test(test_tail_all_samples_equals_sdpa),
         cmocka_unit_test(test_tail_gpu_equals_cpu),
         cmocka_unit_test(test_tail_estimate_diffuse),
+        cmocka_unit_test(test_widen_spread_attention),
         cmocka_unit_test(test_tail_sample_kept_across_appends),
         cmocka_unit_test(test_build_copied),
         cmocka_unit_test(test_append_batches_equal_full_attention),

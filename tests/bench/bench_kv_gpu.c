@@ -48,7 +48,7 @@ static int check(const char *dir) {
     size_t P = pq.shape[0], S = dq.shape[0], QH = pq.shape[1], KVH = keys.shape[1], D = keys.shape[2];
     int bad = 0;
     for (int f16 = 0; f16 < 2; f16++) {
-        kst_kvc_opts o = {1, KVH, QH, D, f16, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, 0, 0, 0, 0};
+        kst_kvc_opts o = {1, KVH, QH, D, f16, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, 0, 0, 0, 0, 0, 0};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         size_t nv = (P + S) * KVH * D, es = f16 ? 2 : 4;
@@ -166,7 +166,7 @@ static int latency(const char *list) {
             size_t c = (size_t)(urand() * C) % C;
             for (size_t i = 0; i < D; i++) Q[t * D + i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * nrand();
         }
-        kst_kvc_opts o = {1, 1, QH, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 0, 0};
+        kst_kvc_opts o = {1, 1, QH, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 0, 0, 0, 0};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
         double t0 = now_s();
@@ -317,9 +317,9 @@ static int layer(const char *list) {
            KVH, QH, G, D, SINKS, WINDOW, TOPK, efs, omp_get_max_threads());
     printf("KV_GQA_CORR %.2f; modes %s (head: one search per query head; group: one per KV head; codes: steered by 4-bit codes)\n",
            corr, modes);
-    printf("%8s %-12s %5s %5s %6s %9s %10s %10s %9s %11s %9s %10s %10s %12s %9s\n", "tokens", "mode", "ef", "top_k", "tail", "build_s",
-           "ms", "ms_thr2", "recall", "scan/search", "scan/head", "rel.err", "gpu_MB", "cache_MB", "index_MB");
-    printf("(ms: median decode step on %d threads, ms_thr2 on %d; recall of the top-100 at the row's ef)\n",
+    printf("%8s %-12s %5s %5s %6s %9s %10s %10s %9s %11s %9s %10s %10s %12s %9s %8s\n", "tokens", "mode", "ef", "top_k", "tail", "build_s",
+           "ms", "ms_thr2", "recall", "scan/search", "scan/head", "rel.err", "gpu_MB", "cache_MB", "index_MB", "widened");
+    printf("(ms: median decode step on %d threads, ms_thr2 on %d; recall of the top-100 at the row's ef; widened: widened searches per query head and step, /wdN: opts.widen = N%%)\n",
            omp_get_max_threads(), thr2);
     int perm[8][128];
     float sgn[8][128];
@@ -377,7 +377,7 @@ static int layer(const char *list) {
             for (size_t h = 0; h < QH; h++)
                 for (size_t i = 0; i < D; i++)
                     Qd[(t * QH + h) * D + i] = sgn[h / G][i] * Qd0[(t * QH + h) * D + perm[h / G][i]];
-        kst_kvc_opts o = {1, KVH, QH, D, 1, 0, SINKS, WINDOW, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 1, 0};
+        kst_kvc_opts o = {1, KVH, QH, D, 1, 0, SINKS, WINDOW, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 1, 0, 0, 0};
         /* KV_BATCH: append_batch (default 64, the API's; 1: each token linked at its append) */
         o.append_batch = getenv("KV_BATCH") ? (size_t)atol(getenv("KV_BATCH")) : 64;
         kst_kvc *c;
@@ -471,7 +471,11 @@ static int layer(const char *list) {
             kst_kvc_set_spread(c, strstr(mode, "/sp") ? (size_t)atol(strstr(mode, "/sp") + 3) : KST_KVC_SPREAD_AUTO,
                                strstr(mode, "/sk") ? (size_t)atol(strstr(mode, "/sk") + 3) : 0);
             kst_kvc_set_tail_samples(c, runs[ri].tail);
-            double rec = 0, scan = 0, shead = 0, err = 0;
+            /* "/wd5": the adaptive budget at widen 0.05 (opts.widen in percent; "/wd0": off;
+             * default: KESTREL_KV_WIDEN, else off) */
+            kst_kvc_set_widen(c, strstr(mode, "/wd") ? (float)atof(strstr(mode, "/wd") + 3) / 100.0f
+                                 : getenv("KESTREL_KV_WIDEN") ? (float)atof(getenv("KESTREL_KV_WIDEN")) : 0.0f);
+            double rec = 0, scan = 0, shead = 0, err = 0, wid = 0;
             int64_t pos[G * TOPK];
             size_t found[G];
             for (size_t i = 0; i < NREF; i++) {
@@ -479,6 +483,7 @@ static int layer(const char *list) {
                 if (kst_kvc_attend(c, 0, Qd + i * QH * D, topk_att, ef, out, &st, &e)) die("attend", &e);
                 scan += (double)st.scanned / st.indexed / st.searches;
                 shead += (double)st.scanned / st.indexed / QH;
+                wid += (double)st.widened / QH;
                 for (size_t h = 0; h < QH; h++) {
                     /* back to head 0's frame: out[i] = sgn[i] * ref[perm[i]] */
                     for (size_t j = 0; j < D; j++) un[perm[h / G][j]] = sgn[h / G][j] * out[h * D + j];
@@ -578,9 +583,10 @@ static int layer(const char *list) {
                        pf.enter * u, pf.enter_max * u, (double)pf.threads_used / pf.steps, (double)pf.tasks_max / pf.steps, pf.busy_max * u, pf.busy_mean * u, (int)nt, pf.entry * u / nt, pf.search * u / nt, pf.rerank * u / nt,
                        pf.attn * u / nt, pf.tail * u / nt, (double)pf.hops / pf.tasks, (double)pf.scanned / pf.tasks);
             }
-            printf("%8zu %-12s %5zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %10.2f%% %8.2f%% %10.2e %10.2f %12.1f %9.1f\n", N, mode, ef, topk_att,
+            printf("%8zu %-12s %5zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %10.2f%% %8.2f%% %10.2e %10.2f %12.1f %9.1f %8.3f\n", N, mode, ef, topk_att,
                    runs[ri].tail, build, med[0], med[1], rec / NREF, 100 * scan / NREF, 100 * shead / NREF, err / NREF,
-                   kst_kvc_gpu_bytes(c) / 1048576.0, 2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0);
+                   kst_kvc_gpu_bytes(c) / 1048576.0, 2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0,
+                   wid / NREF);
         }
         kst_kvc_free(c);
         free(cen); free(K0); free(V0); free(Qpre); free(Qd0); free(Qd); free(out); free(un); free(ref); free(want);

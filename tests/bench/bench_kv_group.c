@@ -102,7 +102,7 @@ int main(int argc, char **argv) {
         free(s);
     }
     kst_kvc_opts o = {1, 1, G, d, 0, 0, sinks, window, TOPK, 256, 32, 32, 32768, 32, 64,
-                      KST_KVC_INDEX_ATTN, 0, 0, 0, 1, 0};
+                      KST_KVC_INDEX_ATTN, 0, 0, 0, 1, 0, 0, 0};
     kst_kvc *c;
     if (kst_kvc_create(&o, &c, &e)) die("create", &e);
     if (kst_kvc_append(c, 0, K, V, n, &e)) die("append", &e);

@@ -10,7 +10,9 @@
  * The cache is kst_kv_opts_default() (window, sinks, top_k, ef, tail, codes, entries, all the
  * prefill queries) except where set: KV_WINDOW, KV_SINKS, KV_BUILD_QUERIES (max_build_queries);
  * KV_BUDGETS "top_k:ef:tail;..." (0: the default's; default "0:0:2048;0:0:0", the default
- * budget with and without the tail estimate). The first ctx tokens are the cache (appended,
+ * budget with and without the tail estimate); KESTREL_KV_WIDEN (the adaptive budget's threshold,
+ * opts.widen; 0: off) and KESTREL_KV_WIDEN_TOP_K (opts.widen_top_k) are read by the library. The
+ * "widened" column: widened searches per query head and step (the group's mean). The first ctx tokens are the cache (appended,
  * then built from their queries of every listed head: the prefill); nq decode queries evenly
  * spaced over the tokens after it (errors over the first min(nq, 100)). */
 #include <math.h>
@@ -97,8 +99,8 @@ int main(int argc, char **argv) {
     if (kst_kv_build(kv, 0, Qp, n, &e)) die("build", &e);
     printf("built in %.1f s\n", now_s() - t0);
     const char *budgets = getenv("KV_BUDGETS") ? getenv("KV_BUDGETS") : "0:0:2048;0:0:0";
-    printf("%-5s %4s %6s %6s %6s %10s %9s %10s %10s %9s\n", "layer", "head", "top_k", "ef", "tail",
-           "recall@100", "scanned", "err_mean", "err_max", "attended");
+    printf("%-5s %4s %6s %6s %6s %10s %9s %10s %10s %9s %8s\n", "layer", "head", "top_k", "ef", "tail",
+           "recall@100", "scanned", "err_mean", "err_max", "attended", "widened");
     float *out = malloc(G * d * sizeof *out);
     int64_t *pos = malloc(8192 * sizeof *pos);
     double *rec = malloc(G * sizeof *rec), *err = malloc(G * sizeof *err), *emax = malloc(G * sizeof *emax);
@@ -113,7 +115,7 @@ int main(int argc, char **argv) {
         size_t kk = k ? k : o.top_k, eff = ef ? ef : o.ef;
         if (eff > 8192) die("ef over 8192", NULL);
         if (kst_kv_set_tail_samples(kv, tail, &e)) die("tail", &e);
-        double scanned = 0, att = 0;
+        double scanned = 0, att = 0, wid = 0;
         for (size_t g = 0; g < G; g++) rec[g] = err[g] = emax[g] = 0;
         for (size_t i = 0; i < nt; i++) {
             for (size_t g = 0; g < G; g++) {
@@ -129,6 +131,7 @@ int main(int argc, char **argv) {
             if (kst_kv_attend(kv, 0, Qt + i * G * d, kk, eff, out, &st, &e)) die("attend", &e);
             scanned += (double)st.scanned / G / st.indexed / ne;
             att += (double)(st.exact + (st.retrieved + st.sampled) / G) / n / ne;
+            wid += (double)st.widened / G / ne; /* widened searches per query head and step */
             for (size_t g = 0; g < G; g++) {
                 double x = rel_l2(out + g * d, ref + (i * G + g) * d, d);
                 err[g] += x / ne;
@@ -136,8 +139,8 @@ int main(int argc, char **argv) {
             }
         }
         for (size_t g = 0; g < G; g++)
-            printf("L%-4d %4d %6zu %6zu %6zu %10.3f %8.2f%% %10.3e %10.3e %8.1f%%\n", L, hs[g], kk, eff, tail,
-                   rec[g], 100 * scanned, err[g], emax[g], 100 * att);
+            printf("L%-4d %4d %6zu %6zu %6zu %10.3f %8.2f%% %10.3e %10.3e %8.1f%% %7.1f%%\n", L, hs[g], kk, eff, tail,
+                   rec[g], 100 * scanned, err[g], emax[g], 100 * att, 100 * wid);
     }
     kst_kv_free(kv);
     free(rec), free(err), free(emax), free(out), free(pos), free(ref), free(want), free(Qp), free(Qt);
