@@ -306,6 +306,7 @@ static int ibeam_init(const kst_kvg *g, const void *K, int f16, size_t d, const 
         }
         if (s->rn > 0) {
             s->ic_tab = 1;
+            s->ic_e0 = s->ri[0];
             return KST_OK;
         }
     }

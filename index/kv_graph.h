@@ -102,6 +102,7 @@ typedef struct kst_kvg_scratch {
      * constant and int8 scale; ic_on while a beam is steered by them */
     float *ic; size_t iccap; float ic_c0, ic_sc; int ic_on, ic_vnni;
     int ic_tab;    /* the insertion beam started from the entry table (kst_kvg.ins_sk) */
+    uint32_t ic_e0; /* then its best entry (tests) */
     float *srow; size_t srowcap;                     /* neighbour selection: kept rows, float32 */
     int no_vnni;   /* kst_kvg_search_multi: score codes in float even where AVX-512 VNNI is */
     int pf_push;   /* kst_kvg_search_multi: a node's edges are read once it joins the beam (1),
