@@ -85,6 +85,11 @@ typedef struct kv_layer {
 #define KV_IL_MAX 8 /* query heads searched interleaved by one task at most */
 #define KV_PLAN_IL 4 /* batch appends: plans interleaved by one thread (<= KV_IL_MAX) */
 #define KV_WK_MAX 16 /* background planner threads at most (kst_kvc_set_append_worker) */
+#ifdef SCHED_IDLE
+#define KV_SCHED_IDLE SCHED_IDLE
+#else
+#define KV_SCHED_IDLE 5 /* Linux's SCHED_IDLE (sched.h defines it with _GNU_SOURCE only) */
+#endif
 
 typedef struct kv_thread {
     kst_kvg_scratch s;
@@ -135,6 +140,7 @@ struct kst_kvc {
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
     /* the background planner (kst_kvc_set_append_worker) */
     int wk_on, wk_started, wk_stop; /* worker threads wanted, started (KV_WK_MAX at most) */
+    int wk_idle;                    /* workers at the idle scheduling class (Linux SCHED_IDLE) */
     pthread_t wk[KV_WK_MAX];
     pthread_mutex_t mu;
     pthread_cond_t cv_work, cv_idle;
@@ -261,6 +267,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     if (c->widen_f < 2) c->widen_f = 2;
     c->widen_pred = getenv("KESTREL_KV_WIDEN_PRED") ? atoi(getenv("KESTREL_KV_WIDEN_PRED")) : 1;
     c->widen_gain = getenv("KESTREL_KV_WIDEN_GAIN") ? atof(getenv("KESTREL_KV_WIDEN_GAIN")) : 0.5;
+    c->wk_idle = getenv("KESTREL_KV_APPEND_WORKER_IDLE") && atoi(getenv("KESTREL_KV_APPEND_WORKER_IDLE")) == 1;
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv_work, NULL);
     pthread_cond_init(&c->cv_idle, NULL);
@@ -502,8 +509,17 @@ static void *worker_main(void *arg) {
     memset(sc, 0, sizeof sc);
     for (size_t a = 0; a < KV_PLAN_IL; a++) s[a] = &sc[a];
     float *tmp = malloc(KV_PLAN_IL * 2 * c->o.head_dim * sizeof(float));
+    int idle = 0;
     pthread_mutex_lock(&c->mu);
     while (!c->wk_stop) {
+        if (idle != c->wk_idle) { /* kst_kvc_set_append_worker_idle */
+            idle = c->wk_idle;
+#ifdef __linux__
+            struct sched_param sp;
+            memset(&sp, 0, sizeof sp);
+            (void)pthread_setschedparam(pthread_self(), idle ? KV_SCHED_IDLE : SCHED_OTHER, &sp);
+#endif
+        }
         kv_layer *L = NULL;
         for (size_t l = 0; l < c->o.layers && !L && tmp; l++) {
             kv_job *J = &c->layers[l].job;
@@ -526,6 +542,8 @@ static void *worker_main(void *arg) {
     free(tmp);
     return NULL;
 }
+
+void kst_kvc_set_append_worker_idle(kst_kvc *c, int on) { c->wk_idle = on != 0; }
 
 void kst_kvc_set_append_worker(kst_kvc *c, int n) { c->wk_on = n < 0 ? 0 : n > KV_WK_MAX ? KV_WK_MAX : n; }
 

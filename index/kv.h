@@ -101,6 +101,10 @@ int kst_kvc_flush(kst_kvc *c, size_t layer, kst_error *err);
  * steps on the others: omp_set_num_threads); an append that finds more than 4B pending helps
  * them finish). Threads once started stay until kst_kvc_free (a smaller n idles them). */
 void kst_kvc_set_append_worker(kst_kvc *c, int n);
+/* The workers at the idle scheduling class (1; Linux SCHED_IDLE: they run only on cores no other
+ * thread wants, e.g. while the decode steps' threads sleep between steps) or the normal one (0,
+ * the default; KESTREL_KV_APPEND_WORKER_IDLE=1 at creation). Taken up at a worker's next batch. */
+void kst_kvc_set_append_worker_idle(kst_kvc *c, int on);
 /* Benchmarks: the insertion beam of appended keys (kst_kvg.ins_sk, ins_ext) of every KV head:
  * entries from the entry table's sk best (0: from the hubs, before round 10), the pool's best
  * ext expanded (0: all). The batch in flight is finished first. */

@@ -530,7 +530,10 @@ static int layer(const char *list) {
                 int app = strstr(mode, "/app") != NULL;
                 /* "/wN": batch appends planned by N background worker threads (default: by
                  * the appending call) */
-                kst_kvc_set_append_worker(c, (int)mode_num(mode, "/w", 0));
+                kst_kvc_set_append_worker(c, (int)(mode_num(mode, "/wi", -1) >= 0 ? mode_num(mode, "/wi", 0) : mode_num(mode, "/w", 0)));
+                /* "/wiN": N workers at the idle scheduling class (run with OMP_WAIT_POLICY=passive
+                 * so that the steps' threads leave their cores between steps) */
+                kst_kvc_set_append_worker_idle(c, mode_num(mode, "/wi", -1) >= 0);
                 uint16_t kc1[KVH * D], vc1[KVH * D];
                 /* KV_APP_STEPS: steps timed with appends (default 50; more to reach the steady
                  * state of the batches: their median, mean and max are printed) */
