@@ -164,10 +164,17 @@ static size_t spread_of(const kst_kvc *c, size_t nidx) {
     return nidx < 32768 ? 0 : nidx / 128 < 4096 ? nidx / 128 : 4096;
 }
 static void refresh_tables(kst_kvc *c, kv_layer *L, int force);
+static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err);
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep) {
     c->spread = n;
     c->spread_keep = keep;
-    for (size_t l = 0; l < c->o.layers; l++) refresh_tables(c, &c->layers[l], 1);
+    for (size_t l = 0; l < c->o.layers; l++) {
+        /* the batch in flight first: its plans read the entry table (the insertion beam's
+         * entries), which is remade here */
+        kst_error e;
+        (void)job_finish(c, &c->layers[l], &e);
+        refresh_tables(c, &c->layers[l], 1);
+    }
 }
 
 /* Each KV head's entry table (kst_kvg_entry_table: the spaced entry candidates' codes in one
@@ -621,6 +628,14 @@ static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err) {
     kv_job *J = &L->job;
     if (J->state != KV_JOB_QUEUED) return KST_OK;
     double t0 = c->prof ? mono_s() : 0;
+    if (job_planned(J)) { /* the workers planned it all: linked as kv_advance would */
+        int rc = job_apply(c, L, err);
+        if (c->prof) {
+            c->prof->app_wbatches++;
+            c->prof->app_wlink += mono_s() - t0;
+        }
+        return rc;
+    }
     if (__atomic_load_n(&J->next, __ATOMIC_ACQUIRE) < J->items) {
 #pragma omp parallel if (J->items > KV_PLAN_IL)
         {

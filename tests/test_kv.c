@@ -693,7 +693,7 @@ static void ab_ref(double *ref, const float *q, const float *K, const float *V, 
     }
 }
 
-static void run_append_batches(int gpu, int worker, size_t B) {
+static void run_append_batches(int gpu, int worker, size_t B, int codes) {
     const size_t n0 = 300, steps = 130, sinks = 4, window = 16, n = n0 + steps + 50;
     float *K = malloc(n * AB_KVH * AB_D * sizeof *K), *V = malloc(n * AB_KVH * AB_D * sizeof *V);
     float *Qp = malloc(n0 * AB_QH * AB_D * sizeof *Qp), *kh = malloc(n * AB_D * sizeof *kh), *vh = malloc(n * AB_D * sizeof *vh);
@@ -702,7 +702,7 @@ static void run_append_batches(int gpu, int worker, size_t B) {
     for (size_t i = 0; i < n0 * AB_QH * AB_D; i++) Qp[i] = (float)test_gauss();
     /* top_k 10 and every indexed key not retrieved in the tail sample (tail_samples >= indexed:
      * each sampled once, so full attention whatever the search reaches) */
-    kst_kvc_opts o = {1, AB_KVH, AB_QH, AB_D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, gpu, 100000, 0, 0, B, 0, 0};
+    kst_kvc_opts o = {1, AB_KVH, AB_QH, AB_D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, gpu, 100000, 0, codes, B, 0, 0};
     kst_kvc *c;
     kst_error err;
     assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -716,6 +716,9 @@ static void run_append_batches(int gpu, int worker, size_t B) {
     for (size_t s = 0; s < steps + 1; s++) {
         size_t add = s == steps / 2 ? 50 : 1; /* one append of 50 tokens: > 4B pending at once */
         if (s == steps) break;
+        /* with codes: the entry table remade while a batch may be in flight (its plans start
+         * from it: kst_kvc_set_spread finishes the batch first) */
+        if (codes && s % 2) kst_kvc_set_spread(c, s % 4 == 1 ? 16 : 32, 4);
         assert_ok(kst_kvc_append(c, 0, K + at * AB_KVH * AB_D, V + at * AB_KVH * AB_D, add, &err), &err);
         at += add;
         size_t pend = kst_kvc_pending(c, 0), idx = kst_kvc_indexed(c, 0);
@@ -803,16 +806,16 @@ static void run_append_batches(int gpu, int worker, size_t B) {
 
 static void test_append_batches_equal_full_attention(void **state) {
     (void)state;
-    run_append_batches(0, 0, 1);
-    run_append_batches(0, 1, 8);
-    run_append_batches(0, 0, 8);
-    run_append_batches(0, 1, 3);
-    run_append_batches(0, 3, 8); /* three background planners */
+    run_append_batches(0, 0, 1, 0);
+    run_append_batches(0, 1, 8, 0);
+    run_append_batches(0, 0, 8, 0);
+    run_append_batches(0, 1, 3, 0);
+    run_append_batches(0, 3, 8, 1); /* three background planners; codes, entry tables */
 #ifdef KST_CUDA
     if (kst_kv_cuda_devices() > 0) {
-        run_append_batches(1, 1, 8);
-        run_append_batches(1, 0, 8);
-        run_append_batches(1, 1, 3);
+        run_append_batches(1, 1, 8, 0);
+        run_append_batches(1, 0, 8, 0);
+        run_append_batches(1, 1, 3, 0);
     }
 #endif
 }
