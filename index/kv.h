@@ -106,7 +106,7 @@ void kst_kvc_set_append_worker(kst_kvc *c, int n);
  * the default; KESTREL_KV_APPEND_WORKER_IDLE=1 at creation). Taken up at a worker's next batch. */
 void kst_kvc_set_append_worker_idle(kst_kvc *c, int on);
 /* Benchmarks: the insertion beam of appended keys (kst_kvg.ins_sk, ins_ext) of every KV head:
- * entries from the entry table's sk best (0: from the hubs, before round 10), the pool's best
+ * entries from the entry table's sk best (0: from the hubs, before round 11), the pool's best
  * ext expanded (0: all). The batch in flight is finished first. */
 void kst_kvc_set_insert(kst_kvc *c, size_t sk, size_t ext);
 /* Room for n tokens in a layer (its rows and, once built, its index), so that appends up to n

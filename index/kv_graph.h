@@ -47,12 +47,12 @@ typedef struct kst_kvg {
      * row scored (before round 9). ins_ef: KESTREL_KV_INS_EF, else efc. */
     int ins_codes;
     size_t ins_ef, ins_ex;
-    /* Entries of the code-steered insertion beam (round 10): where the graph has an entry table
+    /* Entries of the code-steered insertion beam (round 11): where the graph has an entry table
      * (kst_kvg_entry_table) and the CPU AVX-512 VNNI, the ins_sk best of its spaced nodes by
-     * <k, x> (codes), instead of the hubs; 0: the hubs (before round 10). KESTREL_KV_INS_SK at
+     * <k, x> (codes), instead of the hubs; 0: the hubs (before round 11). KESTREL_KV_INS_SK at
      * init, else KST_KVG_INS_SK. A beam so started expands only the best ins_ext of its pool
      * (KESTREL_KV_INS_EXT, else 3/4 of ins_ef): it starts near the key, so the pool's tail
-     * adds little (bench README, round 10). */
+     * adds little (bench README, round 11). */
     size_t ins_sk, ins_ext;
     /* 4-bit codes of the keys (kst_kvg_search_group with use_codes): per dimension i,
      * code c in 0..15 stands for clo[i] + (c + 1/2) cstep[i], the range being the keys' min..max

@@ -821,7 +821,7 @@ static void test_append_batches_equal_full_attention(void **state) {
 }
 
 
-/* Entries of the insertion beam from the entry table (kst_kvg.ins_sk, round 10): with an entry
+/* Entries of the insertion beam from the entry table (kst_kvg.ins_sk, round 11): with an entry
  * table and AVX-512 VNNI, the beam that links a new key starts from the spaced nodes whose
  * codes score best against it. Clustered float16 keys (d 64, 32 centres): 3,072 built
  * (key-only graph with codes), a table of 256 spaced nodes, 256 keys inserted one by one, into

@@ -16,7 +16,10 @@
  *                                     same query every step, /spN/skM entries per query: the
  *                                     best M of the hubs and N spaced keys, default AUTO, /sp0
  *                                     the hubs, /app one token appended before each timed
- *                                     step, timed with it: last in KV_RUNS), KV_PROF=1 a per-phase breakdown,
+ *                                     step, timed with it: last in KV_RUNS; /wN N planner threads,
+ *                                     /wiN at the idle scheduling class, /tN the second timing on N
+ *                                     threads, /isN the insertion beam's entries (0: the hubs)),
+ *                                     KV_PROF=1 a per-phase breakdown,
  *                                     KV_SMAPS=1 huge pages per mapping. */
 #include <math.h>
 #include <omp.h>
@@ -485,7 +488,7 @@ static int layer(const char *list) {
             kst_kvc_set_widen(c, strstr(mode, "/wd") ? (float)atof(strstr(mode, "/wd") + 3) / 100.0f
                                  : getenv("KESTREL_KV_WIDEN") ? (float)atof(getenv("KESTREL_KV_WIDEN")) : 0.0f);
             /* "/is0": appended keys' insertion beam from the hubs, every pool entry expanded (before
-             * round 10; default: entries from the entry table, KST_KVG_INS_SK, 3/4 expanded) */
+             * round 11; default: entries from the entry table, KST_KVG_INS_SK, 3/4 expanded) */
             if (mode_num(mode, "/is", -1) >= 0) kst_kvc_set_insert(c, (size_t)mode_num(mode, "/is", 0), 0);
             else kst_kvc_set_insert(c, KST_KVG_INS_SK, (3 * 64 + 3) / 4);
             /* "/tN": the second timing (and KV_PROF) on N threads instead of KV_THREADS2 */

@@ -1,4 +1,4 @@
-/* bench_kv_ins.c - the index quality gate for the insertion of appended keys (rounds 8-10 of
+/* bench_kv_ins.c - the index quality gate for the insertion of appended keys (rounds 8, 9 and 11 of
  * the bench README's "KV-cache retrieval"): the layer bench's synthetic clustered keys (d 128,
  * float16, 1,024 centres), one KV head of 4 query heads, window 1,024, codes; the index built on
  * the first N/2 tokens from 8,192 prefill queries, the other N/2 appended one at a time (linked
@@ -8,7 +8,10 @@
  * and the CPU time of the appends (one thread: OMP_NUM_THREADS=1 for a per-token cost).
  *
  *   bench_kv_ins [N]      N tokens (default 40,000)
- * KESTREL_KV_INS_* (kv_graph.h) change the insertion beam. */
+ * KESTREL_KV_INS_* (kv_graph.h) change the insertion beam. Build (from the repo root):
+ *   cc -std=c11 -O2 -fopenmp -D_DEFAULT_SOURCE -I. core/kv_attn.c core/half.c core/mem.c core/error.c \
+ *      core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c tests/bench/bench_kv_ins.c \
+ *      -o bench_kv_ins -lm -ldl -lpthread */
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
