@@ -519,8 +519,9 @@ static void *worker_main(void *arg) {
     int idle = 0;
     pthread_mutex_lock(&c->mu);
     while (!c->wk_stop) {
-        if (idle != c->wk_idle) { /* kst_kvc_set_append_worker_idle */
-            idle = c->wk_idle;
+        int want = __atomic_load_n(&c->wk_idle, __ATOMIC_RELAXED); /* kst_kvc_set_append_worker_idle */
+        if (idle != want) {
+            idle = want;
 #ifdef __linux__
             struct sched_param sp;
             memset(&sp, 0, sizeof sp);
@@ -550,7 +551,7 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-void kst_kvc_set_append_worker_idle(kst_kvc *c, int on) { c->wk_idle = on != 0; }
+void kst_kvc_set_append_worker_idle(kst_kvc *c, int on) { __atomic_store_n(&c->wk_idle, on != 0, __ATOMIC_RELAXED); }
 
 void kst_kvc_set_append_worker(kst_kvc *c, int n) { c->wk_on = n < 0 ? 0 : n > KV_WK_MAX ? KV_WK_MAX : n; }
 
