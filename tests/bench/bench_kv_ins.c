@@ -53,7 +53,7 @@ int main(int argc, char **argv) {
             size_t c = (size_t)(urand() * C) % C;
             for (size_t i = 0; i < D; i++) q[i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * nrand();
         }
-    kst_kvc_opts o = {1, 1, G, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 1, 0};
+    kst_kvc_opts o = {1, 1, G, D, 1, 0, SINKS, WINDOW, TOPK, EF, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 1, 0, 0, 0};
     o.append_batch = getenv("KV_BATCH") ? (size_t)atol(getenv("KV_BATCH")) : 64;
     kst_kvc *c;
     if (kst_kvc_create(&o, &c, &e)) die("create", &e);
