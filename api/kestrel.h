@@ -311,7 +311,7 @@ typedef struct kst_kv_opts {
                                  re-scored exactly from the keys */
     size_t append_batch;      /* default 64; tokens leaving the window join the index this many
                                  at a time, linked by the append that completes a batch (on all
-                                 its threads; KESTREL_KV_APPEND_WORKER=1: by a background thread
+                                 its threads; KESTREL_KV_APPEND_WORKER=n: by n background threads
                                  while decode steps go on); until then they are attended exactly
                                  with the window (the GPU holds window + 4 * append_batch ring
                                  slots). 0 or 1: each token is linked by the append that moves

@@ -84,6 +84,12 @@ typedef struct kv_layer {
 /* One thread's scratch for the decode step. */
 #define KV_IL_MAX 8 /* query heads searched interleaved by one task at most */
 #define KV_PLAN_IL 4 /* batch appends: plans interleaved by one thread (<= KV_IL_MAX) */
+#define KV_WK_MAX 16 /* background planner threads at most (kst_kvc_set_append_worker) */
+#ifdef SCHED_IDLE
+#define KV_SCHED_IDLE SCHED_IDLE
+#else
+#define KV_SCHED_IDLE 5 /* Linux's SCHED_IDLE (sched.h defines it with _GNU_SOURCE only) */
+#endif
 
 typedef struct kv_thread {
     kst_kvg_scratch s;
@@ -133,8 +139,9 @@ struct kst_kvc {
     double widen_gain;    /* widen to the cap where predicted to cut the tail's share by this (0.5) */
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
     /* the background planner (kst_kvc_set_append_worker) */
-    int wk_on, wk_started, wk_stop;
-    pthread_t wk;
+    int wk_on, wk_started, wk_stop; /* worker threads wanted, started (KV_WK_MAX at most) */
+    int wk_idle;                    /* workers at the idle scheduling class (Linux SCHED_IDLE) */
+    pthread_t wk[KV_WK_MAX];
     pthread_mutex_t mu;
     pthread_cond_t cv_work, cv_idle;
 };
@@ -157,10 +164,17 @@ static size_t spread_of(const kst_kvc *c, size_t nidx) {
     return nidx < 32768 ? 0 : nidx / 128 < 4096 ? nidx / 128 : 4096;
 }
 static void refresh_tables(kst_kvc *c, kv_layer *L, int force);
+static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err);
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep) {
     c->spread = n;
     c->spread_keep = keep;
-    for (size_t l = 0; l < c->o.layers; l++) refresh_tables(c, &c->layers[l], 1);
+    for (size_t l = 0; l < c->o.layers; l++) {
+        /* the batch in flight first: its plans read the entry table (the insertion beam's
+         * entries), which is remade here */
+        kst_error e;
+        (void)job_finish(c, &c->layers[l], &e);
+        refresh_tables(c, &c->layers[l], 1);
+    }
 }
 
 /* Each KV head's entry table (kst_kvg_entry_table: the spaced entry candidates' codes in one
@@ -247,10 +261,11 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->ring = o.window + c->pmax ? o.window + c->pmax : 1;
     c->plan_il = getenv("KESTREL_KV_PLAN_IL") ? (size_t)atoi(getenv("KESTREL_KV_PLAN_IL")) : KV_PLAN_IL;
     if (c->plan_il < 1 || c->plan_il > KV_PLAN_IL) c->plan_il = KV_PLAN_IL;
-    /* off by default: with every core in the decode steps (bench README) the worker only takes
+    /* off by default: with every core in the decode steps (bench README) the workers only take
      * time from them, and an append that must wait for its plan waits for a thread the step's
-     * spinning threads keep off the cores */
-    c->wk_on = getenv("KESTREL_KV_APPEND_WORKER") && atoi(getenv("KESTREL_KV_APPEND_WORKER")) == 1;
+     * spinning threads keep off the cores; KESTREL_KV_APPEND_WORKER=n: n threads */
+    c->wk_on = 0;
+    kst_kvc_set_append_worker(c, getenv("KESTREL_KV_APPEND_WORKER") ? atoi(getenv("KESTREL_KV_APPEND_WORKER")) : 0);
     /* the adaptive budget (kst_kvc_attend); the environment overrides it for experiments */
     c->widen = getenv("KESTREL_KV_WIDEN") ? (float)atof(getenv("KESTREL_KV_WIDEN")) : o.widen;
     if (!(c->widen > 0) || !isfinite(c->widen)) c->widen = 0;
@@ -259,6 +274,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     if (c->widen_f < 2) c->widen_f = 2;
     c->widen_pred = getenv("KESTREL_KV_WIDEN_PRED") ? atoi(getenv("KESTREL_KV_WIDEN_PRED")) : 1;
     c->widen_gain = getenv("KESTREL_KV_WIDEN_GAIN") ? atof(getenv("KESTREL_KV_WIDEN_GAIN")) : 0.5;
+    c->wk_idle = getenv("KESTREL_KV_APPEND_WORKER_IDLE") && atoi(getenv("KESTREL_KV_APPEND_WORKER_IDLE")) == 1;
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv_work, NULL);
     pthread_cond_init(&c->cv_idle, NULL);
@@ -304,7 +320,7 @@ void kst_kvc_free(kst_kvc *c) {
         c->wk_stop = 1;
         pthread_cond_broadcast(&c->cv_work);
         pthread_mutex_unlock(&c->mu);
-        pthread_join(c->wk, NULL);
+        for (int w = 0; w < c->wk_started; w++) pthread_join(c->wk[w], NULL);
     }
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->cv_work);
@@ -500,8 +516,18 @@ static void *worker_main(void *arg) {
     memset(sc, 0, sizeof sc);
     for (size_t a = 0; a < KV_PLAN_IL; a++) s[a] = &sc[a];
     float *tmp = malloc(KV_PLAN_IL * 2 * c->o.head_dim * sizeof(float));
+    int idle = 0;
     pthread_mutex_lock(&c->mu);
     while (!c->wk_stop) {
+        int want = __atomic_load_n(&c->wk_idle, __ATOMIC_RELAXED); /* kst_kvc_set_append_worker_idle */
+        if (idle != want) {
+            idle = want;
+#ifdef __linux__
+            struct sched_param sp;
+            memset(&sp, 0, sizeof sp);
+            (void)pthread_setschedparam(pthread_self(), idle ? KV_SCHED_IDLE : SCHED_OTHER, &sp);
+#endif
+        }
         kv_layer *L = NULL;
         for (size_t l = 0; l < c->o.layers && !L && tmp; l++) {
             kv_job *J = &c->layers[l].job;
@@ -525,7 +551,9 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-void kst_kvc_set_append_worker(kst_kvc *c, int on) { c->wk_on = on; }
+void kst_kvc_set_append_worker_idle(kst_kvc *c, int on) { __atomic_store_n(&c->wk_idle, on != 0, __ATOMIC_RELAXED); }
+
+void kst_kvc_set_append_worker(kst_kvc *c, int n) { c->wk_on = n < 0 ? 0 : n > KV_WK_MAX ? KV_WK_MAX : n; }
 
 /* Queues a job of the n pending tokens after the indexed ones (no job in flight): the graphs
  * made room for them, the plans' buffers sized, then the worker woken (if on). */
@@ -547,9 +575,9 @@ static int job_launch(kst_kvc *c, kv_layer *L, size_t n, kst_error *err) {
         KST_TRY(kst_realloc((void **)&J->cnt, items, sizeof(size_t), "kv append plans", err));
         J->cap = items;
     }
-    if (c->wk_on && !c->wk_started) {
-        if (pthread_create(&c->wk, NULL, worker_main, c) == 0) c->wk_started = 1;
-        /* else no worker: the appending calls plan the batches */
+    while (c->wk_started < c->wk_on && !c->wk_stop) {
+        if (pthread_create(&c->wk[c->wk_started], NULL, worker_main, c) != 0) break;
+        c->wk_started++; /* (none started: the appending calls plan the batches) */
     }
     pthread_mutex_lock(&c->mu);
     J->lo = lo;
@@ -558,7 +586,7 @@ static int job_launch(kst_kvc *c, kv_layer *L, size_t n, kst_error *err) {
     J->next = J->done = 0;
     J->fail = 0;
     J->state = KV_JOB_QUEUED;
-    if (c->wk_on && c->wk_started) pthread_cond_signal(&c->cv_work);
+    if (c->wk_on && c->wk_started) pthread_cond_broadcast(&c->cv_work);
     pthread_mutex_unlock(&c->mu);
 done:
     return rc;
@@ -601,6 +629,14 @@ static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err) {
     kv_job *J = &L->job;
     if (J->state != KV_JOB_QUEUED) return KST_OK;
     double t0 = c->prof ? mono_s() : 0;
+    if (job_planned(J)) { /* the workers planned it all: linked as kv_advance would */
+        int rc = job_apply(c, L, err);
+        if (c->prof) {
+            c->prof->app_wbatches++;
+            c->prof->app_wlink += mono_s() - t0;
+        }
+        return rc;
+    }
     if (__atomic_load_n(&J->next, __ATOMIC_ACQUIRE) < J->items) {
 #pragma omp parallel if (J->items > KV_PLAN_IL)
         {
@@ -620,6 +656,19 @@ static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err) {
     return rc;
 }
 
+void kst_kvc_set_insert(kst_kvc *c, size_t sk, size_t ext) {
+    for (size_t l = 0; l < c->o.layers; l++) {
+        kv_layer *L = &c->layers[l];
+        kst_error e;
+        if (L->built) (void)job_finish(c, L, &e); /* the batch in flight planned as it was */
+        for (size_t h = 0; L->heads && h < c->o.kv_heads; h++) {
+            kst_kvg *g = &L->heads[h].g;
+            g->ins_sk = sk;
+            g->ins_ext = ext ? ext : g->ins_ef;
+        }
+    }
+}
+
 /* After an append (batch > 1): lands a planned batch, keeps the pending tokens within pmax
  * (helping), and queues the next batch once B are pending. */
 static int kv_advance(kst_kvc *c, kv_layer *L, kst_error *err) {
@@ -627,7 +676,14 @@ static int kv_advance(kst_kvc *c, kv_layer *L, kst_error *err) {
     int rc = KST_OK;
     if (!L->built) return KST_OK;
     kv_job *J = &L->job;
-    if (job_planned(J)) KST_TRY(job_apply(c, L, err));
+    if (job_planned(J)) {
+        double t0 = c->prof ? mono_s() : 0;
+        KST_TRY(job_apply(c, L, err));
+        if (c->prof) {
+            c->prof->app_wbatches++;
+            c->prof->app_wlink += mono_s() - t0;
+        }
+    }
     for (;;) {
         size_t target = L->n >= o->sinks + o->window ? L->n - o->sinks - o->window : 0, nidx = L->heads[0].g.n;
         size_t pend = target > nidx ? target - nidx : 0;

@@ -95,11 +95,20 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
  * tests and callers that want the index complete). */
 int kst_kvc_flush(kst_kvc *c, size_t layer, kst_error *err);
 /* The background planner of batch appends: off (0, the default: the append that completes a
- * batch plans it on all its OpenMP threads) or on (1, or KESTREL_KV_APPEND_WORKER=1 in the
- * environment at creation: one background thread plans the batches while decode steps go on,
- * for callers whose CPU has idle time between steps; an append that finds more than 4B
- * pending helps it finish). */
-void kst_kvc_set_append_worker(kst_kvc *c, int on);
+ * batch plans it on all its OpenMP threads) or n threads (1..16, or KESTREL_KV_APPEND_WORKER=n
+ * in the environment at creation: n background threads plan the batches while decode steps go
+ * on, for callers whose CPU has idle time between steps or cores the steps do not use (run the
+ * steps on the others: omp_set_num_threads); an append that finds more than 4B pending helps
+ * them finish). Threads once started stay until kst_kvc_free (a smaller n idles them). */
+void kst_kvc_set_append_worker(kst_kvc *c, int n);
+/* The workers at the idle scheduling class (1; Linux SCHED_IDLE: they run only on cores no other
+ * thread wants, e.g. while the decode steps' threads sleep between steps) or the normal one (0,
+ * the default; KESTREL_KV_APPEND_WORKER_IDLE=1 at creation). Taken up at a worker's next batch. */
+void kst_kvc_set_append_worker_idle(kst_kvc *c, int on);
+/* Benchmarks: the insertion beam of appended keys (kst_kvg.ins_sk, ins_ext) of every KV head:
+ * entries from the entry table's sk best (0: from the hubs, before round 11), the pool's best
+ * ext expanded (0: all). The batch in flight is finished first. */
+void kst_kvc_set_insert(kst_kvc *c, size_t sk, size_t ext);
 /* Room for n tokens in a layer (its rows and, once built, its index), so that appends up to n
  * tokens move no arrays (a growth copies the layer's rows: ~0.1 s at 128K tokens, 1 s at 1M). */
 int kst_kvc_reserve(kst_kvc *c, size_t layer, size_t n, kst_error *err);
@@ -264,6 +273,10 @@ typedef struct kst_kvc_prof {
      * linking them in (edges, codes, tables) */
     size_t app_batches;
     double app_bplan, app_blink;
+    /* batches planned by the background workers (kst_kvc_set_append_worker) and linked by an
+     * appending call that found them planned: count, wall seconds linking */
+    size_t app_wbatches;
+    double app_wlink;
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

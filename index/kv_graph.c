@@ -263,6 +263,11 @@ static void ipool_add(kst_kvg_scratch *s, size_t ef, float v, uint32_t x, const 
     if (lo < s->cn) s->cn = lo; /* cn: the first position that may be unexpanded */
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+static void table_best(const kst_kvg *g, const int8_t *w8, float c0, float qsc, size_t keep, float *tv, uint32_t *tx,
+                       size_t *nt);
+#endif
+
 static int ibeam_init(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
                       size_t limit, kst_kvg_scratch *s) {
     int rc = scratch_reserve(s, g->cap, ef, g->M, NULL);
@@ -272,7 +277,40 @@ static int ibeam_init(const kst_kvg *g, const void *K, int f16, size_t d, const 
         s->flcap = ef + 1;
     }
     s->cn = s->rn = s->scanned = s->hops = 0;
+    s->ic_tab = 0;
     uint8_t ep = s->epoch;
+#if defined(__x86_64__) && defined(__GNUC__)
+    /* entries chosen per key (kst_kvg.ins_sk): the ins_sk best of the entry table's spaced nodes
+     * by <k, x> from their codes (16 at a time, as the decode searches choose theirs), each then
+     * scored by the beam (code distance) and put in the pool, instead of the hubs (the prefill
+     * queries' favourite keys, far from most new keys) */
+    if (s->ic_on && s->ic_vnni && g->ins_sk && g->et_n > 0 && g->et_n <= g->n && d <= 512) {
+        const int8_t *q8 = (const int8_t *)(s->ic + d);
+        int8_t w8[512];
+        for (size_t b = 0; b < d; b += 32)
+            for (size_t j = 0; j < 16; j++) {
+                w8[b + j] = q8[b / 2 + j];
+                w8[b + 16 + j] = q8[d / 2 + b / 2 + j];
+            }
+        float tv[64];
+        uint32_t tx[64];
+        size_t nt = 0, keep = g->ins_sk < 64 ? g->ins_sk : 64;
+        table_best(g, w8, s->ic_c0, s->ic_sc, keep, tv, tx, &nt);
+        s->scanned += g->et_n;
+        for (size_t j = 0; j < nt; j++) __builtin_prefetch(g->norm2 + tx[j]);
+        for (size_t j = 0; j < nt; j++) {
+            uint32_t x = tx[j];
+            if (x >= limit || s->mark[x] == ep) continue;
+            s->mark[x] = ep;
+            ipool_add(s, ef, tv[j] - 0.5f * g->norm2[x], x, g->adj, g->M);
+        }
+        if (s->rn > 0) {
+            s->ic_tab = 1;
+            s->ic_e0 = s->ri[0];
+            return KST_OK;
+        }
+    }
+#endif
     for (size_t e = 0;; e++) {
         uint32_t x = entry_at(g, e);
         if (x == UINT32_MAX) break;
@@ -408,6 +446,10 @@ int kst_kvg_init(kst_kvg *g, size_t M, size_t max_entry, size_t efc, kst_error *
     g->ins_ef = ie && atol(ie) > 0 ? (size_t)atol(ie) : g->efc;
     const char *ix = getenv("KESTREL_KV_INS_EX");
     g->ins_ex = ix && atol(ix) > 0 ? (size_t)atol(ix) : g->ins_ef;
+    const char *ik = getenv("KESTREL_KV_INS_SK");
+    g->ins_sk = ik ? (size_t)atol(ik) : KST_KVG_INS_SK;
+    const char *it = getenv("KESTREL_KV_INS_EXT");
+    g->ins_ext = it && atol(it) > 0 ? (size_t)atol(it) : (3 * g->ins_ef + 3) / 4;
     return KST_OK;
 }
 
@@ -492,6 +534,8 @@ int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
     dst->ins_codes = src->ins_codes;
     dst->ins_ef = src->ins_ef;
     dst->ins_ex = src->ins_ex;
+    dst->ins_sk = src->ins_sk;
+    dst->ins_ext = src->ins_ext;
     return KST_OK;
 }
 
@@ -622,6 +666,7 @@ static size_t plan_links(const kst_kvg *g, const void *K, int f16, size_t d, uin
         s->ic_on = 0;
         return (size_t)-1;
     }
+    if (s->ic_tab) ex = g->ins_ext;
     while (ibeam_next(g, K, f16, d, limit, ex, s, &c)) ibeam_expand(g, K, f16, d, q, ef, limit, s, c);
     /* into the candidate heap's own arrays, nearest first */
     uint32_t *cid = s->ci;
@@ -839,6 +884,7 @@ void kst_kvg_plan_multi(kst_kvg_plan_item *it, size_t np, int f16, size_t d, kst
             it[i].count = (size_t)-1;
             continue;
         }
+        if (s[i]->ic_tab) ex[i] = it[i].g->ins_ext;
         on[i] = 1;
         live++;
     }

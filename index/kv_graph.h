@@ -47,6 +47,13 @@ typedef struct kst_kvg {
      * row scored (before round 9). ins_ef: KESTREL_KV_INS_EF, else efc. */
     int ins_codes;
     size_t ins_ef, ins_ex;
+    /* Entries of the code-steered insertion beam (round 11): where the graph has an entry table
+     * (kst_kvg_entry_table) and the CPU AVX-512 VNNI, the ins_sk best of its spaced nodes by
+     * <k, x> (codes), instead of the hubs; 0: the hubs (before round 11). KESTREL_KV_INS_SK at
+     * init, else KST_KVG_INS_SK. A beam so started expands only the best ins_ext of its pool
+     * (KESTREL_KV_INS_EXT, else 3/4 of ins_ef): it starts near the key, so the pool's tail
+     * adds little (bench README, round 11). */
+    size_t ins_sk, ins_ext;
     /* 4-bit codes of the keys (kst_kvg_search_group with use_codes): per dimension i,
      * code c in 0..15 stands for clo[i] + (c + 1/2) cstep[i], the range being the keys' min..max
      * at build time (keys added later are clamped). Laid out per 32-dimension block: byte j of a
@@ -64,6 +71,8 @@ typedef struct kst_kvg {
     uint32_t *et_id;   /* (et_n rounded up to 16) node ids */
     uint8_t *et_codes; /* (et_n rounded up to 16) / 16 blocks of (d / 8) lines of 64 bytes */
 } kst_kvg;
+
+#define KST_KVG_INS_SK 16
 
 /* Per-thread search state; zero-initialise, free with kst_kvg_scratch_free. */
 typedef struct kst_kvg_scratch {
@@ -92,6 +101,8 @@ typedef struct kst_kvg_scratch {
     /* code-steered insertion: the new key's code coefficients (d floats, then d int8), their
      * constant and int8 scale; ic_on while a beam is steered by them */
     float *ic; size_t iccap; float ic_c0, ic_sc; int ic_on, ic_vnni;
+    int ic_tab;    /* the insertion beam started from the entry table (kst_kvg.ins_sk) */
+    uint32_t ic_e0; /* then its best entry (tests) */
     float *srow; size_t srowcap;                     /* neighbour selection: kept rows, float32 */
     int no_vnni;   /* kst_kvg_search_multi: score codes in float even where AVX-512 VNNI is */
     int pf_push;   /* kst_kvg_search_multi: a node's edges are read once it joins the beam (1),

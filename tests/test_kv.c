@@ -6,6 +6,8 @@
  * float64 as the reference, and torch.topk's exact top-10 keys. Tolerances: outputs 2e-5
  * absolute + 1e-4 relative (float32 scores and sums over <= 248 keys, merged by log-sum-exp; the
  * largest difference is printed on failure). Recall of the graph index: >= 0.9 at ef 64. */
+#include <time.h>
+
 #include "harness.h"
 
 #include "api/kestrel.h"
@@ -691,7 +693,7 @@ static void ab_ref(double *ref, const float *q, const float *K, const float *V, 
     }
 }
 
-static void run_append_batches(int gpu, int worker, size_t B) {
+static void run_append_batches(int gpu, int worker, size_t B, int codes) {
     const size_t n0 = 300, steps = 130, sinks = 4, window = 16, n = n0 + steps + 50;
     float *K = malloc(n * AB_KVH * AB_D * sizeof *K), *V = malloc(n * AB_KVH * AB_D * sizeof *V);
     float *Qp = malloc(n0 * AB_QH * AB_D * sizeof *Qp), *kh = malloc(n * AB_D * sizeof *kh), *vh = malloc(n * AB_D * sizeof *vh);
@@ -700,17 +702,23 @@ static void run_append_batches(int gpu, int worker, size_t B) {
     for (size_t i = 0; i < n0 * AB_QH * AB_D; i++) Qp[i] = (float)test_gauss();
     /* top_k 10 and every indexed key not retrieved in the tail sample (tail_samples >= indexed:
      * each sampled once, so full attention whatever the search reaches) */
-    kst_kvc_opts o = {1, AB_KVH, AB_QH, AB_D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, gpu, 100000, 0, 0, B, 0, 0};
+    kst_kvc_opts o = {1, AB_KVH, AB_QH, AB_D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, gpu, 100000, 0, codes, B, 0, 0};
     kst_kvc *c;
     kst_error err;
     assert_ok(kst_kvc_create(&o, &c, &err), &err);
     kst_kvc_set_append_worker(c, worker);
+    kst_kvc_prof pf;
+    memset(&pf, 0, sizeof pf);
+    kst_kvc_set_prof(c, &pf);
     assert_ok(kst_kvc_append(c, 0, K, V, n0, &err), &err);
     assert_ok(kst_kvc_build(c, 0, Qp, n0, &err), &err);
     size_t at = n0, landed = 0, last = kst_kvc_indexed(c, 0);
     for (size_t s = 0; s < steps + 1; s++) {
         size_t add = s == steps / 2 ? 50 : 1; /* one append of 50 tokens: > 4B pending at once */
         if (s == steps) break;
+        /* with codes: the entry table remade while a batch may be in flight (its plans start
+         * from it: kst_kvc_set_spread finishes the batch first) */
+        if (codes && s % 2) kst_kvc_set_spread(c, s % 4 == 1 ? 16 : 32, 4);
         assert_ok(kst_kvc_append(c, 0, K + at * AB_KVH * AB_D, V + at * AB_KVH * AB_D, add, &err), &err);
         at += add;
         size_t pend = kst_kvc_pending(c, 0), idx = kst_kvc_indexed(c, 0);
@@ -735,7 +743,18 @@ static void run_append_batches(int gpu, int worker, size_t B) {
             if (!(fabs(out[i] - ref[i]) <= 2e-5 + 1e-4 * fabs(ref[i])))
                 fail_msg("batch appends (gpu %d, worker %d, B %zu), %zu tokens (%zu pending), element %zu: %.7g,"
                          " float64 full attention %.7g", gpu, worker, B, at, pend, i, out[i], ref[i]);
+        if (worker) { /* time between steps for the workers' plans (an engine's GPU work between layers) */
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
     }
+    /* the workers planned batches that the appends then linked (not all: one of 50 tokens,
+     * more than 4B at once, is planned by its appending call) */
+    if (worker && pf.app_wbatches == 0)
+        fail_msg("batch appends (gpu %d, worker %d, B %zu): no batch planned by the workers (%zu by the appends)", gpu,
+                 worker, B, pf.app_batches);
+    if (!worker && pf.app_wbatches != 0) fail_msg("batch appends without workers: %zu batches from workers", pf.app_wbatches);
+    kst_kvc_set_prof(c, NULL);
     if (landed < 3) fail_msg("only %zu batches landed over %zu appended tokens (batch %zu)", landed, at - n0, B);
     /* every pending token linked; each appended key then found by a search for it: a query
      * along the key, whose exact top-1 (float64, over the indexed keys) the search must return
@@ -787,17 +806,138 @@ static void run_append_batches(int gpu, int worker, size_t B) {
 
 static void test_append_batches_equal_full_attention(void **state) {
     (void)state;
-    run_append_batches(0, 0, 1);
-    run_append_batches(0, 1, 8);
-    run_append_batches(0, 0, 8);
-    run_append_batches(0, 1, 3);
+    run_append_batches(0, 0, 1, 0);
+    run_append_batches(0, 1, 8, 0);
+    run_append_batches(0, 0, 8, 0);
+    run_append_batches(0, 1, 3, 0);
+    run_append_batches(0, 3, 8, 1); /* three background planners; codes, entry tables */
 #ifdef KST_CUDA
     if (kst_kv_cuda_devices() > 0) {
-        run_append_batches(1, 1, 8);
-        run_append_batches(1, 0, 8);
-        run_append_batches(1, 1, 3);
+        run_append_batches(1, 1, 8, 0);
+        run_append_batches(1, 0, 8, 0);
+        run_append_batches(1, 1, 3, 0);
     }
 #endif
+}
+
+
+/* Entries of the insertion beam from the entry table (kst_kvg.ins_sk, round 11): with an entry
+ * table and AVX-512 VNNI, the beam that links a new key starts from the spaced nodes whose
+ * codes score best against it. Clustered float16 keys (d 64, 32 centres): 3,072 built
+ * (key-only graph with codes), a table of 256 spaced nodes, 256 keys inserted one by one, into
+ * a graph that starts from the table and into one from the hubs (ins_sk 0). Per inserted key:
+ * (a) the table graph's best entry is, by float64 code scores (the code values clo + (c + 1/2)
+ * step against the key, the exact norms), among the 16 best of the table's nodes by inner
+ * product (19: int8 coefficients may swap near ties) and within the 3 nearest of those (a
+ * wrong table layout or sign picks a far node); (b) its
+ * exact nearest node (float64 over the float16 rows) among its links for at least 19 in 20
+ * keys, and no more misses than the hubs' graph plus 3; (c) fewer nodes scored than from the
+ * hubs (scored = the beam's, the table's nodes apart). */
+static void test_insert_entries_from_table(void **state) {
+    (void)state;
+    enum { ED = 64, NCL = 32 };
+    const size_t n0 = 3072, nin = 256, n = n0 + nin, NT = 256;
+    uint16_t *K = malloc(n * ED * sizeof *K);
+    float *Kf = malloc(n * ED * sizeof *Kf), *cen = malloc(NCL * ED * sizeof *cen);
+    assert_non_null(K);
+    assert_non_null(Kf);
+    assert_non_null(cen);
+    for (size_t i = 0; i < NCL * ED; i++) cen[i] = (float)test_gauss();
+    for (size_t t = 0; t < n; t++) {
+        size_t c = (size_t)(t * 7919u + t / 5) % NCL;
+        for (size_t i = 0; i < ED; i++) {
+            K[t * ED + i] = kst_f32_to_f16(0.5f + cen[c * ED + i] + 0.6f * (float)test_gauss());
+            Kf[t * ED + i] = kst_f16_to_f32(K[t * ED + i]);
+        }
+    }
+    int vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+    kst_kvg g[2];
+    kst_error err;
+    size_t miss[2] = {0, 0}, scored[2] = {0, 0}, e0bad = 0;
+    for (int v = 0; v < 2; v++) { /* 0: entries from the table; 1: from the hubs */
+        assert_ok(kst_kvg_init(&g[v], 16, 8, 64, &err), &err);
+        g[v].codes_on = 1;
+        assert_ok(kst_kvg_build_keys(&g[v], K, 1, n0, ED, &err), &err);
+        assert_ok(kst_kvg_reserve(&g[v], n, &err), &err);
+        assert_ok(kst_kvg_entry_table(&g[v], NT, &err), &err);
+        assert_int_equal(g[v].et_n, NT);
+        if (v == 1) g[v].ins_sk = 0;
+        kst_kvg_scratch sc = {0};
+        for (size_t x = n0; x < n; x++) {
+            assert_ok(kst_kvg_insert(&g[v], K, 1, ED, &sc, &err), &err);
+            assert_int_equal(g[v].n, x + 1);
+            assert_int_equal(sc.ic_tab, v == 0 && vnni);
+            scored[v] += sc.scanned - (sc.ic_tab ? NT : 0);
+            /* (a): the table's nodes by float64 code scores against the key: the ins_sk (16) best
+             * by inner product, the entry the one of them nearest by distance */
+            if (sc.ic_tab) {
+                double ip[256], dd[256];
+                size_t rank_e0 = NT, ie0 = NT;
+                for (size_t e = 0; e < NT; e++) {
+                    uint32_t y = g[v].et_id[e];
+                    const uint8_t *cy = g[v].codes + (size_t)y * (ED / 2);
+                    double dot = 0;
+                    for (size_t i = 0; i < ED; i++) {
+                        unsigned cv = (unsigned)(cy[i / 32 * 16 + i % 16] >> (i % 32 >= 16 ? 4 : 0)) & 15u;
+                        dot += (double)Kf[x * ED + i] * (g[v].clo[i] + (cv + 0.5) * g[v].cstep[i]);
+                    }
+                    ip[e] = dot;
+                    dd[e] = (double)g[v].norm2[y] - 2 * dot;
+                    if (y == sc.ic_e0) ie0 = e;
+                }
+                if (ie0 < NT) {
+                    rank_e0 = 0; /* its rank by inner product */
+                    for (size_t e = 0; e < NT; e++) rank_e0 += ip[e] > ip[ie0];
+                }
+                /* the 3rd smallest distance among the 16 best by inner product */
+                double b3[3] = {INFINITY, INFINITY, INFINITY};
+                for (size_t e = 0; e < NT; e++) {
+                    size_t r = 0;
+                    for (size_t u = 0; u < NT; u++) r += ip[u] > ip[e];
+                    if (r >= 16) continue;
+                    for (int q = 0; q < 3; q++)
+                        if (dd[e] < b3[q]) {
+                            for (int u = 2; u > q; u--) b3[u] = b3[u - 1];
+                            b3[q] = dd[e];
+                            break;
+                        }
+                }
+                e0bad += !(rank_e0 < 19 && dd[ie0 < NT ? ie0 : 0] <= b3[2]);
+            }
+            /* (b) */
+            size_t nn = 0;
+            double bd = INFINITY;
+            for (size_t y = 0; y < x; y++) {
+                double dd = 0;
+                for (size_t i = 0; i < ED; i++) {
+                    double df = (double)Kf[x * ED + i] - Kf[y * ED + i];
+                    dd += df * df;
+                }
+                if (dd < bd) {
+                    bd = dd;
+                    nn = y;
+                }
+            }
+            int linked = 0;
+            for (size_t j = 0; j < g[v].deg[x]; j++) linked |= g[v].adj[x * g[v].M + j] == nn;
+            miss[v] += !linked;
+        }
+        kst_kvg_scratch_free(&sc);
+    }
+    print_message("insertion from the entry table: nearest node not linked %zu (hubs %zu) of %zu; nodes scored %.1f"
+                  " (hubs %.1f) per key; best entry not among the table's 3 best %zu\n", miss[0], miss[1], nin,
+                  (double)scored[0] / nin, (double)scored[1] / nin, e0bad);
+    if (e0bad) fail_msg("the table's best entry was not among its 3 best nodes by code distance for %zu keys", e0bad);
+    if (miss[0] * 20 > nin || miss[0] > miss[1] + 3)
+        fail_msg("insertion from the entry table: %zu of %zu keys not linked to their nearest node (hubs %zu)", miss[0], nin,
+                 miss[1]);
+    if (vnni && !(scored[0] < scored[1]))
+        fail_msg("insertion from the entry table scored %zu nodes, from the hubs %zu", scored[0], scored[1]);
+    kst_kvg_free(&g[0]);
+    kst_kvg_free(&g[1]);
+    free(K);
+    free(Kf);
+    free(cen);
 }
 
 /* Code-steered insertion (kst_kvg.ins_codes, the default where the graph has codes): the key-key
@@ -1326,6 +1466,7 @@ int main(void) {
         cmocka_unit_test(test_append_batches_equal_full_attention),
         cmocka_unit_test(test_append_batches_gpu_equals_cpu),
         cmocka_unit_test(test_append_codes_steered_insertion),
+        cmocka_unit_test(test_insert_entries_from_table),
         cmocka_unit_test(test_group_all_keys_equals_sdpa),
         cmocka_unit_test(test_group_search_recall),
         cmocka_unit_test(test_pool_search_recall),

@@ -16,7 +16,10 @@
  *                                     same query every step, /spN/skM entries per query: the
  *                                     best M of the hubs and N spaced keys, default AUTO, /sp0
  *                                     the hubs, /app one token appended before each timed
- *                                     step, timed with it: last in KV_RUNS), KV_PROF=1 a per-phase breakdown,
+ *                                     step, timed with it: last in KV_RUNS; /wN N planner threads,
+ *                                     /wiN at the idle scheduling class, /tN the second timing on N
+ *                                     threads, /isN the insertion beam's entries (0: the hubs)),
+ *                                     KV_PROF=1 a per-phase breakdown,
  *                                     KV_SMAPS=1 huge pages per mapping. */
 #include <math.h>
 #include <omp.h>
@@ -242,6 +245,15 @@ static int latency(const char *list) {
 
 /* ------------------------------------------------------------------------------------------ */
 /* layer: the decode step of one whole decoder layer */
+
+/* The number after a mode flag ("/w3": 3 for "/w"), only where a digit follows it (so "/w" is not
+ * "/wd5" or "/wi3"); dflt where the flag is absent. */
+static long mode_num(const char *mode, const char *flag, long dflt) {
+    size_t fl = strlen(flag);
+    for (const char *p = strstr(mode, flag); p; p = strstr(p + 1, flag))
+        if (p[fl] >= '0' && p[fl] <= '9') return atol(p + fl);
+    return dflt;
+}
 
 /* Counter-based normal draws (splitmix64 + Box-Muller), so big arrays fill in parallel. */
 static uint64_t mix64(uint64_t x) {
@@ -475,6 +487,12 @@ static int layer(const char *list) {
              * default: KESTREL_KV_WIDEN, else off) */
             kst_kvc_set_widen(c, strstr(mode, "/wd") ? (float)atof(strstr(mode, "/wd") + 3) / 100.0f
                                  : getenv("KESTREL_KV_WIDEN") ? (float)atof(getenv("KESTREL_KV_WIDEN")) : 0.0f);
+            /* "/is0": appended keys' insertion beam from the hubs, every pool entry expanded (before
+             * round 11; default: entries from the entry table, KST_KVG_INS_SK, 3/4 expanded) */
+            if (mode_num(mode, "/is", -1) >= 0) kst_kvc_set_insert(c, (size_t)mode_num(mode, "/is", 0), 0);
+            else kst_kvc_set_insert(c, KST_KVG_INS_SK, (3 * 64 + 3) / 4);
+            /* "/tN": the second timing (and KV_PROF) on N threads instead of KV_THREADS2 */
+            int thr2r = (int)mode_num(mode, "/t", thr2);
             double rec = 0, scan = 0, shead = 0, err = 0, wid = 0;
             int64_t pos[G * TOPK];
             size_t found[G];
@@ -504,7 +522,7 @@ static int layer(const char *list) {
             double med[2];
             int nth0 = omp_get_max_threads();
             for (int tm = 0; tm < 2; tm++) {
-                omp_set_num_threads(tm ? thr2 : nth0);
+                omp_set_num_threads(tm ? thr2r : nth0);
                 double *ts = malloc(NT * sizeof *ts);
                 /* "/same": every step the same query (its reads then hit the caches: the compute floor) */
                 size_t qstep = strstr(mode, "/same") ? 0 : QH * D;
@@ -513,27 +531,48 @@ static int layer(const char *list) {
                  * decode step does, so the oldest window token moves into the index (timed with
                  * the step; the cache then holds more tokens than the references: put it last) */
                 int app = strstr(mode, "/app") != NULL;
-                /* "/w1": batch appends planned by the background worker (default: by the
-                 * appending call) */
-                kst_kvc_set_append_worker(c, strstr(mode, "/w1") != NULL);
+                /* "/wN": batch appends planned by N background worker threads (default: by
+                 * the appending call) */
+                kst_kvc_set_append_worker(c, (int)(mode_num(mode, "/wi", -1) >= 0 ? mode_num(mode, "/wi", 0) : mode_num(mode, "/w", 0)));
+                /* "/wiN": N workers at the idle scheduling class (run with OMP_WAIT_POLICY=passive
+                 * so that the steps' threads leave their cores between steps) */
+                kst_kvc_set_append_worker_idle(c, mode_num(mode, "/wi", -1) >= 0);
                 uint16_t kc1[KVH * D], vc1[KVH * D];
                 /* KV_APP_STEPS: steps timed with appends (default 50; more to reach the steady
                  * state of the batches: their median, mean and max are printed) */
                 size_t NS = app && getenv("KV_APP_STEPS") ? (size_t)atol(getenv("KV_APP_STEPS")) : NT;
+                /* KV_STEPS: steps timed in the rows without appends (default 50; the queries cycle) */
+                if (!app && getenv("KV_STEPS")) NS = (size_t)atol(getenv("KV_STEPS"));
                 if (NS > NT) {
                     free(ts);
                     ts = malloc(NS * sizeof *ts);
                 }
+                /* steps whose append linked a batch (the index grew), the step after each, the
+                 * others: where the mean goes (the phase of the batches) */
+                double ph_t[3] = {0, 0, 0}, ph_max[3] = {0, 0, 0};
+                size_t ph_n[3] = {0, 0, 0}, after = 0;
                 for (size_t i = 0; i < NS; i++) {
                     if (app) {
                         size_t t = (i * 7919 + 13) % N;
                         for (size_t h = 0; h < KVH; h++) head_row(kc1 + h * D, vc1 + h * D, K0, V0, t, perm[h], sgn[h], D);
                     }
+                    size_t nidx0 = kst_kvc_indexed(c, 0);
                     double a = now_s();
                     if (app && kst_kvc_append(c, 0, kc1, vc1, 1, &e)) die("append", &e);
                     if (kst_kvc_attend(c, 0, Qd + i % NT * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
                     ts[i] = now_s() - a;
+                    int ph = kst_kvc_indexed(c, 0) != nidx0 ? 0 : after ? 1 : 2;
+                    after = ph == 0;
+                    ph_t[ph] += ts[i];
+                    ph_n[ph]++;
+                    if (ts[i] > ph_max[ph]) ph_max[ph] = ts[i];
                 }
+                if (app)
+                    printf("  %s ef %zu, %d threads: phases (ms): %zu batch steps mean %.3f max %.3f; the step after each"
+                           " mean %.3f max %.3f; %zu others mean %.3f max %.3f\n",
+                           mode, ef, omp_get_max_threads(), ph_n[0], ph_n[0] ? 1e3 * ph_t[0] / ph_n[0] : 0.0, 1e3 * ph_max[0],
+                           ph_n[1] ? 1e3 * ph_t[1] / ph_n[1] : 0.0, 1e3 * ph_max[1], ph_n[2],
+                           ph_n[2] ? 1e3 * ph_t[2] / ph_n[2] : 0.0, 1e3 * ph_max[2]);
                 double mean = 0;
                 for (size_t i = 0; i < NS; i++) mean += ts[i] / NS;
                 qsort(ts, NS, sizeof *ts, cmp_d);
@@ -543,6 +582,9 @@ static int layer(const char *list) {
                            " %zu pending, %zu indexed after\n",
                            mode, ef, omp_get_max_threads(), NS, ts[NS / 2] * 1e3, mean * 1e3, ts[NS * 9 / 10] * 1e3,
                            ts[NS - 1] * 1e3, kst_kvc_pending(c, 0), kst_kvc_indexed(c, 0));
+                else /* the step's own spread (new queries every step), beside the appending rows' */
+                    printf("  %s ef %zu, %d threads: %zu steps: median %.3f mean %.3f p90 %.3f max %.3f ms\n", mode, ef,
+                           omp_get_max_threads(), NS, ts[NS / 2] * 1e3, mean * 1e3, ts[NS * 9 / 10] * 1e3, ts[NS - 1] * 1e3);
                 free(ts);
             }
             omp_set_num_threads(nth0);
@@ -550,6 +592,8 @@ static int layer(const char *list) {
                 kst_kvc_prof pf;
                 memset(&pf, 0, sizeof pf);
                 kst_kvc_set_prof(c, &pf);
+                if (mode_num(mode, "/t", -1) >= 0) omp_set_num_threads(thr2r);
+                int pth = omp_get_max_threads();
                 size_t qstep = strstr(mode, "/same") ? 0 : QH * D;
                 int app = strstr(mode, "/app") != NULL;
                 uint16_t kc1[KVH * D], vc1[KVH * D];
@@ -564,6 +608,7 @@ static int layer(const char *list) {
                     if (kst_kvc_attend(c, 0, Qd + i % NT * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
                 }
                 kst_kvc_set_prof(c, NULL);
+                if (mode_num(mode, "/t", -1) >= 0) omp_set_num_threads(nth0);
                 if (pf.appends) {
                     double ua = 1e6 / (double)pf.appends;
                     printf("  prof %s appends (us/append, mean of %zu): total %.1f = copy %.1f + gpu %.1f + index %.1f"
@@ -574,8 +619,11 @@ static int layer(const char *list) {
                         printf("  prof %s batches: %zu finished, ms each: planning %.2f (its 'index' share), linking %.2f\n", mode,
                                pf.app_batches, 1e3 * pf.app_bplan / (double)pf.app_batches,
                                1e3 * pf.app_blink / (double)pf.app_batches);
+                    if (pf.app_wbatches)
+                        printf("  prof %s batches planned by the workers: %zu, linked in %.2f ms each\n", mode, pf.app_wbatches,
+                               1e3 * pf.app_wlink / (double)pf.app_wbatches);
                 }
-                double u = 1e6 / (double)pf.steps, nt = omp_get_max_threads();
+                double u = 1e6 / (double)pf.steps, nt = pth;
                 printf("  prof %s ef %zu (us/step, mean of %zu): total %.1f = gpu_start %.1f + region %.1f + gpu_wait %.1f + merge %.1f;"
                        " region: enter %.1f (max %.1f), threads %.1f, tasks max %.2f, busy max %.1f mean %.1f; per thread (task sums / %d): entry %.1f search %.1f rerank %.1f attn %.1f tail %.1f;"
                        " per search: %.1f hops %.0f scanned\n",
