@@ -1338,21 +1338,28 @@ static size_t widen_pick(const kst_kvc *c, kv_thread *t, float lse_t, float lse_
 /* The adaptive budget decided before the first search (c->widen_early): the top_k a query head
  * is first searched with, from its tail estimate over the whole sample (nothing retrieved yet:
  * lse_t, kept samples each standing for nidx / kept indexed keys) against lse_all (with the
- * static tokens'): k where the k best keys are predicted to leave at most c->widen of the mass
- * outside (the k / ratio best samples' worth, as widen_pick predicts), else widen_pick's choice
- * from k (k where it widens nothing). The search then runs once at that size; the check after
- * it (widen_pick) still widens where the prediction fell short. */
+ * static tokens'). The sample misses the few top keys of a concentrated head more often than
+ * not (their mass, which the search would find, is then absent from lse_all and the share looks
+ * large), so this decision is the cautious one: k unless the k best keys are predicted to leave
+ * more than 1.5 x c->widen of the mass outside (the k / ratio best samples' worth, as
+ * widen_pick predicts) and widen_pick's k2 is predicted to leave at most c->widen (not its
+ * "cap where it halves the share" choice). The check after the search (widen_pick) still widens
+ * where this falls short. */
 static size_t widen_first(const kst_kvc *c, kv_thread *t, float lse_t, float lse_all, size_t nidx, size_t kept,
                           size_t k, size_t kcap) {
     double share = exp((double)lse_t - (double)lse_all);
-    if (!(share > c->widen) || k >= kcap || kept == 0 || nidx <= k) return k;
-    double ratio = (double)nidx / (double)kept, r = (double)k / ratio, cum = 0;
+    if (!(share > 1.5 * c->widen) || k >= kcap || kept == 0 || nidx <= k) return k;
+    double ratio = (double)nidx / (double)kept;
     size_t n = t->ntlw;
     qsort(t->tlw, n, sizeof *t->tlw, cmp_f32_desc);
-    for (size_t i = 0; i < n && (double)i + 1 <= r; i++) cum += exp((double)t->tlw[i] - (double)lse_all);
-    if (share - ratio * cum <= c->widen) return k;
+    double cum = 0;
+    for (size_t i = 0; i < n && (double)i + 1 <= (double)k / ratio; i++) cum += exp((double)t->tlw[i] - (double)lse_all);
+    if (share - ratio * cum <= 1.5 * c->widen) return k;
     size_t k2 = widen_pick(c, t, lse_t, lse_all, nidx, 0, kept, k, kcap);
-    return k2 > k ? k2 : k;
+    if (k2 <= k) return k;
+    cum = 0; /* widen_pick sorted t->tlw too */
+    for (size_t i = 0; i < n && (double)i + 1 <= (double)k2 / ratio; i++) cum += exp((double)t->tlw[i] - (double)lse_all);
+    return share - ratio * cum <= c->widen ? k2 : k;
 }
 
 /* Retrieval for query heads h0 .. h0 + gq - 1 (one KV head's, or one head) into ids (gq, k)
