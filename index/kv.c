@@ -137,6 +137,12 @@ struct kst_kvc {
     size_t widen_f;       /* top_k and ef multiplied by this per widening (4; KESTREL_KV_WIDEN_F) */
     int widen_pred;       /* the widened top_k predicted from the tail sample (1; KESTREL_KV_WIDEN_PRED) */
     double widen_gain;    /* widen to the cap where predicted to cut the tail's share by this (0.5) */
+    int widen_early;      /* the widened top_k predicted before the first search (kst_kvc_set_widen_early;
+                             KESTREL_KV_WIDEN_EARLY): 1 where the tail's items are in by then (the CPU
+                             path always: it waits for its chunks), 2 also waiting for the GPU's, 0 off */
+    size_t *kw_all;       /* (q_heads) the top_k each head's first search of the step ran with */
+    float *os_all, *lse_s_all; /* (q_heads, head_dim), (q_heads): the static partial, where made early */
+    uint8_t *os_ok;       /* (q_heads) 1: os_all holds this step's static partial */
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
     /* the background planner (kst_kvc_set_append_worker) */
     int wk_on, wk_started, wk_stop; /* worker threads wanted, started (KV_WK_MAX at most) */
@@ -196,6 +202,7 @@ void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on) { c->tail_gpu_off = !on; }
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
 void kst_kvc_set_widen(kst_kvc *c, float widen) { c->widen = widen > 0 && isfinite(widen) ? widen : 0; }
+void kst_kvc_set_widen_early(kst_kvc *c, int mode) { c->widen_early = mode < 0 ? 0 : mode > 2 ? 2 : mode; }
 void kst_kvc_set_expand(kst_kvc *c, size_t b) { c->expand = b; }
 void kst_kvc_set_search(kst_kvc *c, int group_search, int codes) {
     c->group = group_search;
@@ -275,6 +282,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->widen_pred = getenv("KESTREL_KV_WIDEN_PRED") ? atoi(getenv("KESTREL_KV_WIDEN_PRED")) : 1;
     c->widen_gain = getenv("KESTREL_KV_WIDEN_GAIN") ? atof(getenv("KESTREL_KV_WIDEN_GAIN")) : 0.5;
     c->wk_idle = getenv("KESTREL_KV_APPEND_WORKER_IDLE") && atoi(getenv("KESTREL_KV_APPEND_WORKER_IDLE")) == 1;
+    c->widen_early = getenv("KESTREL_KV_WIDEN_EARLY") ? atoi(getenv("KESTREL_KV_WIDEN_EARLY")) : 1;
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv_work, NULL);
     pthread_cond_init(&c->cv_idle, NULL);
@@ -287,8 +295,12 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->pub = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache step items", err);
     c->pub_ok = kst_calloc(o.q_heads, 1, "kv cache step items", err);
     c->tt_ok = kst_calloc(o.kv_heads * KV_TT_CHUNKS, 1, "kv cache step items", err);
+    c->kw_all = kst_calloc(o.q_heads, sizeof(size_t), "kv cache step items", err);
+    c->os_all = kst_calloc(o.q_heads * o.head_dim, sizeof(float), "kv cache step items", err);
+    c->lse_s_all = kst_calloc(o.q_heads, sizeof(float), "kv cache step items", err);
+    c->os_ok = kst_calloc(o.q_heads, 1, "kv cache step items", err);
     if (!c->layers || !c->th || !c->lse_buf || !c->gpu_merged || !c->fnd_all || !c->pub || !c->pub_ok || !c->tt_ok ||
-        !c->ptmp) goto fail;
+        !c->ptmp || !c->kw_all || !c->os_all || !c->lse_s_all || !c->os_ok) goto fail;
     for (size_t l = 0; l < o.layers; l++) {
         c->layers[l].heads = kst_calloc(o.kv_heads, sizeof(kv_hstore), "kv cache heads", err);
         c->layers[l].cost = kst_calloc(o.q_heads, sizeof(uint32_t), "kv cache task costs", err);
@@ -376,6 +388,10 @@ void kst_kvc_free(kst_kvc *c) {
     kst_free(c->pub);
     kst_free(c->pub_ok);
     kst_free(c->tt_ok);
+    kst_free(c->kw_all);
+    kst_free(c->os_all);
+    kst_free(c->lse_s_all);
+    kst_free(c->os_ok);
     kst_free(c);
 }
 
@@ -1319,6 +1335,33 @@ static size_t widen_pick(const kst_kvc *c, kv_thread *t, float lse_t, float lse_
     }
 }
 
+/* The adaptive budget decided before the first search (c->widen_early): the top_k a query head
+ * is first searched with, from its tail estimate over the whole sample (nothing retrieved yet:
+ * lse_t, kept samples each standing for nidx / kept indexed keys) against lse_all (with the
+ * static tokens'). The sample misses the few top keys of a concentrated head more often than
+ * not (their mass, which the search would find, is then absent from lse_all and the share looks
+ * large), so this decision is the cautious one: k unless the k best keys are predicted to leave
+ * more than 1.5 x c->widen of the mass outside (the k / ratio best samples' worth, as
+ * widen_pick predicts) and widen_pick's k2 is predicted to leave at most c->widen (not its
+ * "cap where it halves the share" choice). The check after the search (widen_pick) still widens
+ * where this falls short. */
+static size_t widen_first(const kst_kvc *c, kv_thread *t, float lse_t, float lse_all, size_t nidx, size_t kept,
+                          size_t k, size_t kcap) {
+    double share = exp((double)lse_t - (double)lse_all);
+    if (!(share > 1.5 * c->widen) || k >= kcap || kept == 0 || nidx <= k) return k;
+    double ratio = (double)nidx / (double)kept;
+    size_t n = t->ntlw;
+    qsort(t->tlw, n, sizeof *t->tlw, cmp_f32_desc);
+    double cum = 0;
+    for (size_t i = 0; i < n && (double)i + 1 <= (double)k / ratio; i++) cum += exp((double)t->tlw[i] - (double)lse_all);
+    if (share - ratio * cum <= 1.5 * c->widen) return k;
+    size_t k2 = widen_pick(c, t, lse_t, lse_all, nidx, 0, kept, k, kcap);
+    if (k2 <= k) return k;
+    cum = 0; /* widen_pick sorted t->tlw too */
+    for (size_t i = 0; i < n && (double)i + 1 <= (double)k2 / ratio; i++) cum += exp((double)t->tlw[i] - (double)lse_all);
+    return share - ratio * cum <= c->widen ? k2 : k;
+}
+
 /* Retrieval for query heads h0 .. h0 + gq - 1 (one KV head's, or one head) into ids (gq, k)
  * and fnd (gq): the per-head beam (kst_kvg_search) unless the group search or codes are on. */
 static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q, size_t gq,
@@ -1427,6 +1470,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     /* one task per query head, or per KV head (its G query heads) with the group search */
     size_t gq = heads_per_search(c), ntask = o->q_heads / gq;
     size_t scanned = 0, retrieved = 0, sampled = 0, widened = 0;
+    /* the adaptive budget decided before the first search too (widen_first; one head per task):
+     * the heads' retrieved ids then take up to kcap each */
+    int early = c->widen && c->widen_early && gq == 1 && k > 0 && kcap > k && o->tail_samples > 0 && nidx > k;
+    size_t ks = early ? kcap : k;
     int on_gpu = 0;
     kst_kvc_prof *pf = c->prof;
     double pt0 = pf ? mono_s() : 0, pt1 = pt0;
@@ -1455,11 +1502,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #endif
     int gpu_state = 0, gpu_ready = 0, gpu_asking = 0;
     if (on_gpu) memset(c->gpu_merged, 0, o->q_heads);
-    if (c->ids_all_cap < o->q_heads * (k ? k : 1)) {
-        rc = kst_realloc((void **)&c->ids_all, o->q_heads * (k ? k : 1), sizeof(uint32_t), "retrieved ids", err);
+    if (c->ids_all_cap < o->q_heads * (ks ? ks : 1)) {
+        rc = kst_realloc((void **)&c->ids_all, o->q_heads * (ks ? ks : 1), sizeof(uint32_t), "retrieved ids", err);
         if (rc != KST_OK) return rc;
-        c->ids_all_cap = o->q_heads * (k ? k : 1);
+        c->ids_all_cap = o->q_heads * (ks ? ks : 1);
     }
+    memset(c->os_ok, 0, o->q_heads);
     memset(c->pub_ok, 0, ntask);
     /* the tail estimate: one item per KV head (its sample scored for the group), done first */
     size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx, nT = 0, tnc = 0;
@@ -1581,9 +1629,57 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             size_t h0 = tk * gq, *fnd = c->fnd_all + h0;
             const kv_hstore *H = &L->heads[h0 / G];
             for (size_t a = 0; a < gq; a++) fnd[a] = 0;
+            size_t kA = k, efA = ef;
+            if (early) { /* widen_first: from the tail estimate over the whole sample */
+                const float *qh = q + h0 * d;
+                float lse_t = -INFINITY, lse_st = -INFINITY;
+                size_t kept = 0;
+                int have = 0;
+#ifdef KST_CUDA
+                if (on_gpu) { /* the static partial (and the tail's items) come from the GPU */
+                    if (c->widen_early >= 2)
+                        while (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
+                            if (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
+                    if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1)
+                        GPU_ASK();
+                    if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) {
+                        lse_st = gpu_lse[h0];
+                        have = 1;
+                        if (tail_gpu)
+                            kept = tail_partial_gpu(t, c, H, gpu_tt + h0 * tnc * gpu_st, gpu_st, qh, NULL, nidx, 0,
+                                                    INFINITY, t->o2, &lse_t);
+                    }
+                }
+#endif
+                if (!on_gpu) { /* the static partial made here, kept for the attention item */
+                    float *os = c->os_all + h0 * d, lse2;
+                    kst_attn_partial(os, &c->lse_s_all[h0], t->buf, qh, H->K, H->V, o->f16, NULL, 0, sink_end, d, o->scale);
+                    kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, NULL, exact_lo,
+                                     L->n - exact_lo, d, o->scale);
+                    kst_attn_merge(os, &c->lse_s_all[h0], t->o2, lse2, d);
+                    c->os_ok[h0] = 1;
+                    lse_st = c->lse_s_all[h0];
+                    have = 1;
+                }
+                if (have && !tail_gpu) {
+                    for (size_t cc = 0; cc < tnc; cc++)
+                        while (!__atomic_load_n(&c->tt_ok[h0 / G * tnc + cc], __ATOMIC_ACQUIRE)) {
+                        } /* its T items still running */
+                    kept = tail_partial(t, c, H, h0 % G, qh, NULL, nidx, 0, INFINITY, t->o2, &lse_t);
+                }
+                if (have && kept && lse_t > -INFINITY) {
+                    float hi = lse_st > lse_t ? lse_st : lse_t, lo = lse_st > lse_t ? lse_t : lse_st;
+                    kA = widen_first(c, t, lse_t, hi + log1pf(expf(lo - hi)), nidx, kept, k, kcap);
+                    if (kA > k) {
+                        efA = ef * kA / k > kA ? ef * kA / k : kA;
+                        widened++;
+                    }
+                }
+                c->kw_all[h0] = kA;
+            }
             if (k > 0) {
                 size_t sc;
-                int r2 = retrieve(c, H, t, q + h0 * d, gq, k, ef, c->ids_all + h0 * k, fnd, &sc);
+                int r2 = retrieve(c, H, t, q + h0 * d, gq, kA, efA, c->ids_all + h0 * ks, fnd, &sc);
                 if (r2 != KST_OK) {
                     kst_error e4;
                     kst_fail(&e4, r2, "kst_kv_attend: out of memory in the index search");
@@ -1626,14 +1722,18 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             /* sinks, then the exact tail (window and tokens not yet indexed): os, then retrieved */
             if (on_gpu) {
                 memset(os, 0, d * sizeof(float));
+            } else if (c->os_ok[h]) { /* made before the search (widen_first) */
+                memcpy(os, c->os_all + h * d, d * sizeof(float));
+                lse_s = c->lse_s_all[h];
             } else {
                 kst_attn_partial(os, &lse_s, t->buf, qh, H->K, H->V, o->f16, NULL, 0, sink_end, d, o->scale);
                 kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, NULL, exact_lo,
                                  L->n - exact_lo, d, o->scale);
                 kst_attn_merge(os, &lse_s, t->o2, lse2, d);
             }
-            size_t m = k > 0 ? fnd[a] : 0, kw = k, efw = ef, kept = 0;
-            const uint32_t *rid = c->ids_all + h * k;
+            size_t m = k > 0 ? fnd[a] : 0, kw = early ? c->kw_all[h] : k, efw = ef, kept = 0;
+            if (kw > k) efw = ef * kw / k > kw ? ef * kw / k : kw;
+            const uint32_t *rid = c->ids_all + h * ks;
             double tc = tb;
             /* Adaptive budget (kv.h, kst_kvc_attend): after the retrieved keys and the tail
              * estimate, a head whose estimate holds more than c->widen of its softmax mass is

@@ -165,7 +165,15 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
  * check repeated. Both paths decide from the same quantities (the GPU's tail items carry the
  * chunks' best samples and sums as the CPU's table does), each computed to float precision: they
  * widen alike and agree within float tolerance (test_kv) unless a share falls within rounding
- * of p. (kst_kvc_prof counts a widened search's time in `attn`.) */
+ * of p. (kst_kvc_prof counts a widened search's time in `attn`.)
+ * Decided early (one query head per search, the default; kst_kvc_set_widen_early): where the
+ * tail's items are in when a head's search starts (the CPU path waits for its chunks; the GPU's
+ * come with the static partial, usually in by the second round of searches), the same
+ * prediction is made from the whole sample before the search (nothing retrieved yet: the k2 / ratio
+ * best samples' worth), and the head is searched once at that top_k instead of at k and again
+ * wider: no first search wasted, and the wide searches start first, where the threads' other
+ * searches fill around them. The check after the search is unchanged (it widens further where
+ * the prediction fell short). stats.widened counts the searches run wider than top_k. */
 int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
                    kst_kvc_stats *stats, kst_error *err);
 
@@ -240,6 +248,10 @@ void kst_kvc_use_gpu(kst_kvc *c, int on);
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on);
 /* Benchmarks: changes opts.widen of a live cache (the adaptive budget; 0: off). */
 void kst_kvc_set_widen(kst_kvc *c, float widen);
+/* Benchmarks and tests: the adaptive budget's decision before the first search (as
+ * KESTREL_KV_WIDEN_EARLY): 1 (the default) where the tail's items are in by then, 2 also
+ * waiting for the GPU's (the same decisions on both paths: tests), 0 off (after it only). */
+void kst_kvc_set_widen_early(kst_kvc *c, int mode);
 /* Benchmarks: changes opts.tail_samples of a live cache. */
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m);
 

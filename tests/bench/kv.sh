@@ -123,6 +123,12 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && command 
     KV_WINDOW=1024 KV_GQA_CORR=0.7 KV_EFS=128,192,256 KV_MODES=head,head+codes,head+codes/x2,group2+codes,group+codes \
       KV_RUNS="head+codes:256:256:1024" "$BUILD/bench_kv_gpu" layer 131072,1048576
     KV_WINDOW=1024 KV_GQA_CORR=0 KV_EFS=192,256 KV_MODES=head,head+codes,group2+codes "$BUILD/bench_kv_gpu" layer 1048576
+    # the default budget (adaptive, /wd2) against the fixed one, both generators (round 12: KV_GEN=real,
+    # the default, calibrated on SmolLM2's attention shares; diffuse: the generator of rounds 1-10)
+    for g in real diffuse; do
+      KV_GEN=$g KV_WINDOW=1024 KV_GQA_CORR=0.7 KV_THREADS2=16 KV_NREF=8 KV_MODES= \
+        KV_RUNS="head+codes/sp1015/sk8/x2/wd2:128:100:2048;head+codes/sp1015/sk8/x2/wd0:128:100:2048" "$BUILD/bench_kv_gpu" layer 131072
+    done
   } | tee "$OUT/kv_gpu.txt"
 else
   say "no CUDA device (or no nvcc): the GPU part is skipped"

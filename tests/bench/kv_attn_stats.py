@@ -4,7 +4,8 @@
 of 200 evenly spaced after CTX):
 per layer, the softmax mass (float64) on the sinks, on the window, on the exact top-100 indexed
 keys and on the rest of the indexed keys, and the effective number of keys attended (exp of the
-entropy); with --oracle, the output error of exact top-k attention (no index, no tail).
+entropy), and the share of queries whose rest holds more than 2% of the mass (those the
+adaptive budget, opts.widen 0.02, would consider widening); with --oracle, the output error of exact top-k attention (no index, no tail).
 Mean over the query heads and queries of each layer. Says whether heads at 32K are as
 focused as at 8K, and so what the tail estimate has to cover."""
 import argparse
@@ -30,12 +31,12 @@ def main():
                     (re.search(r"L(\d+)H(\d+)_q\.npy$", p) for p in glob.glob(os.path.join(a.dir, "L*H*_q.npy"))) if m})
     n, s, w = a.ctx, a.sinks, a.window
     print(f"{a.dir}: {n} cached keys, sinks {s}, window {w}, {a.nq} decode queries per head")
-    print(f"{'layer':>5} {'heads':>5} {'sinks':>7} {'window':>7} {'top-100':>7} {'rest':>7} {'eff. keys':>9}"
+    print(f"{'layer':>5} {'heads':>5} {'sinks':>7} {'window':>7} {'top-100':>7} {'rest':>7} {'eff. keys':>9} {'rest>2%':>7}"
           + "".join(f" {'err@' + str(k):>9}" for k in ks))
     layers = sorted({l for l, _ in pairs})
-    tot = np.zeros(5 + len(ks))
+    tot = np.zeros(6 + len(ks))
     for l in layers:
-        acc = np.zeros(5 + len(ks))
+        acc = np.zeros(6 + len(ks))
         hs = [h for ll, h in pairs if ll == l]
         for h in hs:
             q = np.load(os.path.join(a.dir, f"L{l}H{h}_q.npy")).astype(np.float64)
@@ -62,12 +63,13 @@ def main():
                     o = (pk @ V) / pk.sum(1, keepdims=True)
                     errs.append((np.linalg.norm(o - ref, axis=1) / np.linalg.norm(ref, axis=1)).mean())
             acc += np.array([p[:, :s].sum(1).mean(), p[:, n - w:].sum(1).mean(), top.mean(),
-                             (mid.sum(1) - top).mean(), np.exp(ent).mean()] + errs) / len(hs)
+                             (mid.sum(1) - top).mean(), np.exp(ent).mean(),
+                             ((mid.sum(1) - top) > 0.02).mean()] + errs) / len(hs)
         tot += acc / len(layers)
-        print(f"{l:5d} {len(hs):5d} {acc[0]:7.3f} {acc[1]:7.3f} {acc[2]:7.3f} {acc[3]:7.3f} {acc[4]:9.0f}"
-              + "".join(f" {x:9.2e}" for x in acc[5:]))
-    print(f"{'all':>5} {len(pairs):5d} {tot[0]:7.3f} {tot[1]:7.3f} {tot[2]:7.3f} {tot[3]:7.3f} {tot[4]:9.0f}"
-          + "".join(f" {x:9.2e}" for x in tot[5:]))
+        print(f"{l:5d} {len(hs):5d} {acc[0]:7.3f} {acc[1]:7.3f} {acc[2]:7.3f} {acc[3]:7.3f} {acc[4]:9.0f} {acc[5]:7.3f}"
+              + "".join(f" {x:9.2e}" for x in acc[6:]))
+    print(f"{'all':>5} {len(pairs):5d} {tot[0]:7.3f} {tot[1]:7.3f} {tot[2]:7.3f} {tot[3]:7.3f} {tot[4]:9.0f} {tot[5]:7.3f}"
+          + "".join(f" {x:9.2e}" for x in tot[6:]))
 
 
 if __name__ == "__main__":
