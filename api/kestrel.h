@@ -316,7 +316,10 @@ typedef struct kst_kv_opts {
                                  with the window (the GPU holds window + 4 * append_batch ring
                                  slots). 0 or 1: each token is linked by the append that moves
                                  it out of the window */
-    float widen;              /* adaptive budget, default 0.02; 0: off (needs tail_samples):
+    float widen;              /* adaptive budget, default 0 (off: the fixed budget above, whose
+                                 step cost is predictable); 0.02 recommended where attention is
+                                 spread past top_k (e.g. a model run past its trained context
+                                 with RoPE scaling). Needs tail_samples. With it,
                                  a query head whose tail estimate holds more than this share of
                                  its softmax mass (sinks, window, retrieved and the estimated
                                  rest) is searched again, top_k and ef 4x or 16x larger (the
@@ -326,8 +329,10 @@ typedef struct kst_kv_opts {
                                  SmolLM2-135M at 32K tokens (YaRN x4) 4.5e-2 -> 8.7e-3 mean
                                  output error, keys scanned 3.8% -> 20%; at 8K 8.3e-3 -> 6.1e-3;
                                  on the synthetic 128K layer bench (diffuse attention) 0.31 ->
-                                 0.038 error but a 3.3x slower step (tests/bench/README.md,
-                                 round 10); stats.widened counts the widened searches */
+                                 0.038 error but a 3.3x slower step; on keys whose attention
+                                 shares match SmolLM2's at 32K, 10x slower than full attention
+                                 at 128K (tests/bench/README.md, rounds 10 and 12);
+                                 stats.widened counts the widened searches */
     size_t widen_top_k;       /* the widened searches' top_k at most (default 0: 16 x top_k) */
 } kst_kv_opts;
 

@@ -138,8 +138,9 @@ struct kst_kvc {
     int widen_pred;       /* the widened top_k predicted from the tail sample (1; KESTREL_KV_WIDEN_PRED) */
     double widen_gain;    /* widen to the cap where predicted to cut the tail's share by this (0.5) */
     int widen_early;      /* the widened top_k predicted before the first search (kst_kvc_set_widen_early;
-                             KESTREL_KV_WIDEN_EARLY): 1 where the tail's items are in by then (the CPU
-                             path always: it waits for its chunks), 2 also waiting for the GPU's, 0 off */
+                             KESTREL_KV_WIDEN_EARLY): 2 (default) waiting for the GPU's items, so that
+                             the GPU path decides as the CPU path does; 1 only where they are in by
+                             then (timing-dependent on the GPU path); 0 off */
     size_t *kw_all;       /* (q_heads) the top_k each head's first search of the step ran with */
     float *os_all, *lse_s_all; /* (q_heads, head_dim), (q_heads): the static partial, where made early */
     uint8_t *os_ok;       /* (q_heads) 1: os_all holds this step's static partial */
@@ -282,7 +283,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->widen_pred = getenv("KESTREL_KV_WIDEN_PRED") ? atoi(getenv("KESTREL_KV_WIDEN_PRED")) : 1;
     c->widen_gain = getenv("KESTREL_KV_WIDEN_GAIN") ? atof(getenv("KESTREL_KV_WIDEN_GAIN")) : 0.5;
     c->wk_idle = getenv("KESTREL_KV_APPEND_WORKER_IDLE") && atoi(getenv("KESTREL_KV_APPEND_WORKER_IDLE")) == 1;
-    c->widen_early = getenv("KESTREL_KV_WIDEN_EARLY") ? atoi(getenv("KESTREL_KV_WIDEN_EARLY")) : 1;
+    c->widen_early = getenv("KESTREL_KV_WIDEN_EARLY") ? atoi(getenv("KESTREL_KV_WIDEN_EARLY")) : 2;
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv_work, NULL);
     pthread_cond_init(&c->cv_idle, NULL);

@@ -297,8 +297,10 @@ static void test_tail_gpu_equals_cpu(void **state) {
         }
         const void *K = f16 ? (const void *)K16 : f->keys.data, *V = f16 ? (const void *)V16 : f->values.data;
         kst_kv *cpu, *gpu;
-        /* the adaptive budget's decisions before the search wait for the GPU's items (2), so
-         * that both paths decide alike (1, the default, decides where they are in by then) */
+        /* the adaptive budget on (opts.widen is 0 by default); its decisions before the search
+         * wait for the GPU's items (2, the default, set here in case the environment has another),
+         * so that both paths decide alike */
+        o.widen = 0.02f;
         setenv("KESTREL_KV_WIDEN_EARLY", "2", 1);
         setenv("KESTREL_KV_TAIL_GPU", "0", 1);
         assert_ok(kst_kv_create(&o, &cpu, &err), &err);
@@ -506,7 +508,7 @@ static void test_widen_spread_attention(void **state) {
             o.top_k = 16;
             o.ef = 64;
             o.gpu = gpu;
-            if (!w) o.widen = 0;
+            o.widen = w ? 0.02f : 0; /* off by default: on where asked */
             o.widen_top_k = 512;
             assert_ok(kst_kv_create(&o, &kv[w], &err), &err);
             assert_ok(kst_kv_append(kv[w], 0, K, V, n, &err), &err);

@@ -565,9 +565,9 @@ static int layer(const char *list) {
             else kst_kvc_set_insert(c, KST_KVG_INS_SK, (3 * 64 + 3) / 4);
             /* "/tN": the second timing (and KV_PROF) on N threads instead of KV_THREADS2 */
             int thr2r = (int)mode_num(mode, "/t", thr2);
-            /* "/we0": the adaptive budget decided after the search only (round 10); "/we2": before
-             * it too, waiting for the GPU's items; default (1): before it where they are in */
-            kst_kvc_set_widen_early(c, strstr(mode, "/we") ? atoi(strstr(mode, "/we") + 3) : 1);
+            /* "/we0": the adaptive budget decided after the search only (round 10); "/we1": before
+             * it too where the GPU's items are in; default (2): before it, waiting for them */
+            kst_kvc_set_widen_early(c, strstr(mode, "/we") ? atoi(strstr(mode, "/we") + 3) : 2);
             double rec = 0, scan = 0, shead = 0, err = 0, wid = 0;
             int64_t pos[G * TOPK];
             size_t found[G];

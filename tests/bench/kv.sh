@@ -82,8 +82,9 @@ fi
 # ~15 min (32K) / ~1 h (64K) on 2 cores and 0.9 / 1.8 GB under $OUT/kv. KV_HEADS_BUDGETS: more
 # "top_k:ef:tail" rows (0: the default's); KV_HEADS_WINDOWS: windows to run (default: the default's);
 # KV_SMOLLM2_COMPARE: the unscaled loss pass over that many tokens (default all; 0 skips it).
-# The default budget widens the searches of heads whose tail estimate holds over 2% of the mass
-# (opts.widen, round 10); KESTREL_KV_WIDEN=0 in the environment gives the fixed budget before it.
+# The default budget is fixed; KESTREL_KV_WIDEN=0.02 in the environment turns on the adaptive
+# budget (opts.widen, rounds 10 and 12: heads whose tail estimate holds over 2% of the mass are
+# searched again wider).
 cc -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -I. \
   -o "$BUILD/bench_kv_heads" tests/bench/bench_kv_heads.c "$BUILD/libkestrel.a" $LDLIBS
 kv_heads() { # DIR CTX OUTFILE
