@@ -445,6 +445,17 @@ static const void *rows_at(const kst_kvc *c, const void *base, size_t row) {
 }
 
 /* Links tokens that left the window into each head's index. */
+
+/* The first failure of a parallel region wins: its status into *rc and its message into *err. */
+static void first_err(int *rc, kst_error *err, int r, const kst_error *e) {
+#pragma omp critical(kv_err)
+    {
+        if (*rc == KST_OK) {
+            *rc = r;
+            if (err) *err = *e;
+        }
+    }
+}
 static int index_leavers(kst_kvc *c, kv_layer *L, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     if (!L->built || L->n < o->sinks + o->window) return KST_OK;
@@ -459,13 +470,7 @@ static int index_leavers(kst_kvc *c, kv_layer *L, kst_error *err) {
         while (H->g.n < target) {
             int r = kst_kvg_insert(&H->g, rows_at(c, H->K, o->sinks), o->f16, o->head_dim, s, &e2);
             if (r != KST_OK) {
-#pragma omp critical(kv_err)
-                {
-                    if (rc == KST_OK) {
-                        rc = r;
-                        if (err) *err = e2;
-                    }
-                }
+                first_err(&rc, err, r, &e2);
                 break;
             }
         }
@@ -1560,12 +1565,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0) {                             \
                 int r_ = kst_kvgpu_partial_poll(L->gpu, &gpu_o, &gpu_lse, &done_, &e3_);          \
                 if (r_ != KST_OK) {                                                               \
-                    _Pragma("omp critical(kv_err)") {                                             \
-                        if (rc == KST_OK) {                                                       \
-                            rc = r_;                                                              \
-                            if (err) *err = e3_;                                                  \
-                        }                                                                         \
-                    }                                                                             \
+                    first_err(&rc, err, r_, &e3_);                                                \
                 }                                                                                 \
                 if (r_ != KST_OK || done_) __atomic_store_n(&gpu_ready, r_ == KST_OK ? 1 : -1, __ATOMIC_RELEASE); \
             }                                                                                     \
@@ -1577,13 +1577,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         kst_error e3;
         int r = kst_kvgpu_partial_start(L->gpu, q, sink_end, exact_lo - o->sinks, L->n - exact_lo, &e3);
         if (r != KST_OK) {
-#pragma omp critical(kv_err)
-            {
-                if (rc == KST_OK) {
-                    rc = r;
-                    if (err) *err = e3;
-                }
-            }
+            first_err(&rc, err, r, &e3);
         }
         __atomic_store_n(&gpu_state, r == KST_OK ? 1 : -1, __ATOMIC_RELEASE);
         if (pf) gpu_dt = mono_s() - g0;
@@ -1684,13 +1678,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 if (r2 != KST_OK) {
                     kst_error e4;
                     kst_fail(&e4, r2, "kst_kv_attend: out of memory in the index search");
-#pragma omp critical(kv_err)
-                    {
-                        if (rc == KST_OK) {
-                            rc = r2;
-                            if (err) *err = e4;
-                        }
-                    }
+                    first_err(&rc, err, r2, &e4);
                 }
                 scanned += sc;
                 L->cost[tk] = sc > UINT32_MAX ? UINT32_MAX : (uint32_t)sc;
@@ -1797,13 +1785,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 if (r2 != KST_OK) {
                     kst_error e4;
                     kst_fail(&e4, r2, "kst_kv_attend: out of memory in the widened index search");
-#pragma omp critical(kv_err)
-                    {
-                        if (rc == KST_OK) {
-                            rc = r2;
-                            if (err) *err = e4;
-                        }
-                    }
+                    first_err(&rc, err, r2, &e4);
                     m = 0;
                     break;
                 }
@@ -1838,13 +1820,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (pf) t->p_busy += mono_s() - ta;
     }
     if (r != KST_OK) { /* this thread takes no items: the others take them all */
-#pragma omp critical(kv_err)
-        {
-            if (rc == KST_OK) {
-                rc = r;
-                if (err) *err = e2;
-            }
-        }
+        first_err(&rc, err, r, &e2);
     }
 #ifdef KST_CUDA
     /* Out of tasks: wait for the GPU (asking) and merge the heads of tasks that ended before
