@@ -34,20 +34,8 @@ int main(int argc, char **argv) {
     int L = atoi(argv[2]);
     int hs[64] = {0};
     size_t G = parse_heads(argv[3], hs, 64);
-    size_t rows, d, r2, dd;
-    float *K = load(argv[1], L, hs[0], "k", &rows, &d);
-    float *V = load(argv[1], L, hs[0], "v", &r2, &dd);
-    float **Qa = malloc(G * sizeof *Qa);
-    for (size_t g = 0; g < G; g++) {
-        Qa[g] = load(argv[1], L, hs[g], "q", &r2, &dd);
-        if (r2 != rows || dd != d) die("heads of different shapes", NULL);
-        if (g) { /* the same KV head */
-            size_t r3, d3;
-            float *K2 = load(argv[1], L, hs[g], "k", &r3, &d3);
-            if (memcmp(K2, K, rows * d * sizeof(float)) != 0) die("the listed heads read different KV heads", NULL);
-            free(K2);
-        }
-    }
+    size_t rows, d;
+    float *K, *V, **Qa = load_group(argv[1], L, hs, G, &K, &V, &rows, &d);
     size_t n = argc > 4 ? (size_t)atol(argv[4]) : 7936, nt = argc > 5 ? (size_t)atol(argv[5]) : 200;
     if (n + nt > rows) die("ctx + nq exceed the dumped tokens", NULL);
     size_t sinks = getenv("KV_SINKS") ? (size_t)atol(getenv("KV_SINKS")) : 4;

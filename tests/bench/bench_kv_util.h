@@ -50,6 +50,30 @@ static inline size_t parse_heads(const char *arg, int *hs, size_t max) {
     }
     return G;
 }
+/* One GQA group of a dump: the KV head's keys and values (rows, d) and each listed query head's
+ * queries (Qa[g], rows x d; malloc'ed); dies unless the listed heads share one KV head and shape. */
+static inline float **load_group(const char *dir, int L, const int *hs, size_t G, float **K, float **V,
+                                 size_t *rows, size_t *d) {
+    size_t r2, d2;
+    *K = load(dir, L, hs[0], "k", rows, d);
+    *V = load(dir, L, hs[0], "v", &r2, &d2);
+    if (r2 != *rows || d2 != *d) die("keys and values of different shapes", NULL);
+    float **Qa = malloc(G * sizeof *Qa);
+    if (!Qa) die("out of memory", NULL);
+    for (size_t g = 0; g < G; g++) {
+        Qa[g] = load(dir, L, hs[g], "q", &r2, &d2);
+        if (r2 != *rows || d2 != *d) die("heads of different shapes", NULL);
+        if (g) {
+            size_t r3, d3;
+            float *K2 = load(dir, L, hs[g], "k", &r3, &d3);
+            if (r3 != *rows || memcmp(K2, *K, *rows * *d * sizeof(float)) != 0)
+                die("the listed heads read different KV heads", NULL);
+            free(K2);
+        }
+    }
+    return Qa;
+}
+
 static uint64_t rng = 88172645463325252ull;
 static inline double urand(void) {
     rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
