@@ -25,19 +25,12 @@
 #include "tests/bench/bench_kv_util.h"
 
 int main(int argc, char **argv) {
-    if (argc < 4) {
-        fprintf(stderr, "usage: bench_kv_group DIR L H0,H1,... [ctx] [nq]\n");
-        return 2;
-    }
-    setvbuf(stdout, NULL, _IOLBF, 0);
+    kv_group_args a;
+    group_args(argc, argv, "bench_kv_group", 7936, &a);
     kst_error e;
-    int L = atoi(argv[2]);
-    int hs[64] = {0};
-    size_t G = parse_heads(argv[3], hs, 64);
-    size_t rows, d;
-    float *K, *V, **Qa = load_group(argv[1], L, hs, G, &K, &V, &rows, &d);
-    size_t n = argc > 4 ? (size_t)atol(argv[4]) : 7936, nt = argc > 5 ? (size_t)atol(argv[5]) : 200;
-    if (n + nt > rows) die("ctx + nq exceed the dumped tokens", NULL);
+    const int L = a.L;
+    const size_t G = a.G, rows = a.rows, d = a.d, n = a.n, nt = a.nt;
+    float *K = a.K, *V = a.V, **Qa = a.Qa;
     size_t sinks = getenv("KV_SINKS") ? (size_t)atol(getenv("KV_SINKS")) : 4;
     size_t window = getenv("KV_WINDOW") ? (size_t)atol(getenv("KV_WINDOW")) : 512;
     size_t nidx = n - sinks - window;

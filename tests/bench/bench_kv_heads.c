@@ -34,19 +34,12 @@ static size_t env_size(const char *name, size_t dflt) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 4) {
-        fprintf(stderr, "usage: bench_kv_heads DIR L H0,H1,... [ctx] [nq]\n");
-        return 2;
-    }
-    setvbuf(stdout, NULL, _IOLBF, 0);
+    kv_group_args a;
+    group_args(argc, argv, "bench_kv_heads", 0, &a);
     kst_error e;
-    int L = atoi(argv[2]);
-    int hs[64] = {0};
-    size_t G = parse_heads(argv[3], hs, 64);
-    size_t rows, d;
-    float *K, *V, **Qa = load_group(argv[1], L, hs, G, &K, &V, &rows, &d);
-    size_t n = argc > 4 ? (size_t)atol(argv[4]) : rows - 256, nt = argc > 5 ? (size_t)atol(argv[5]) : 200;
-    if (n == 0 || nt == 0 || n + nt > rows) die("ctx + nq exceed the dumped tokens (or are 0)", NULL);
+    const int L = a.L, *hs = a.hs;
+    const size_t G = a.G, rows = a.rows, d = a.d, n = a.n, nt = a.nt;
+    float *K = a.K, *V = a.V, **Qa = a.Qa;
     kst_kv_opts o = kst_kv_opts_default();
     o.layers = o.kv_heads = 1;
     o.q_heads = G;

@@ -74,6 +74,29 @@ static inline float **load_group(const char *dir, int L, const int *hs, size_t G
     return Qa;
 }
 
+/* The command line shared by the dump benches, "PROG DIR L H0,H1,... [ctx] [nq]": the group (as
+ * load_group), the cached tokens *n (default ctx0, 0: the dump's rows - 256) and the decode
+ * queries *nt (default 200); exits with the usage or a message on bad arguments. */
+typedef struct kv_group_args {
+    int L, hs[64];
+    size_t G, rows, d, n, nt;
+    float *K, *V, **Qa;
+} kv_group_args;
+
+static inline void group_args(int argc, char **argv, const char *prog, size_t ctx0, kv_group_args *a) {
+    if (argc < 4) {
+        fprintf(stderr, "usage: %s DIR L H0,H1,... [ctx] [nq]\n", prog);
+        exit(2);
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    a->L = atoi(argv[2]);
+    a->G = parse_heads(argv[3], a->hs, 64);
+    a->Qa = load_group(argv[1], a->L, a->hs, a->G, &a->K, &a->V, &a->rows, &a->d);
+    a->n = argc > 4 ? (size_t)atol(argv[4]) : ctx0 ? ctx0 : a->rows - 256;
+    a->nt = argc > 5 ? (size_t)atol(argv[5]) : 200;
+    if (a->n == 0 || a->nt == 0 || a->n + a->nt > a->rows) die("ctx + nq exceed the dumped tokens (or are 0)", NULL);
+}
+
 static uint64_t rng = 88172645463325252ull;
 static inline double urand(void) {
     rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
