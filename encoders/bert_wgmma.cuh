@@ -11,6 +11,8 @@
 
 #include "encoders/bert_mma.cuh"
 
+#include <limits.h>
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define KST_WGMMA 1
 #else
@@ -57,6 +59,68 @@ static __device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (
 
 #define WG_KT 64 /* keys a tile */
 
+#if KST_WGMMA
+/* S (64 x 64 scores of a warpgroup) = Q K^T: q, k the shared addresses of the warpgroup's 64 Q
+ * rows and of the K tile (issued and committed, not waited for) */
+static __device__ __forceinline__ void wg_issue_s(float (&sc)[32], uint32_t q, uint32_t k) {
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) wgmma_ss(sc, wg_desc(q + kk * 32, 16), wg_desc(k + kk * 32, 16), kk > 0);
+    wg_commit();
+}
+/* the online softmax of a tile's scores sc (keys k0 .. k0 + 63; keys at or past Lv get -inf), O
+ * rescaled, then O += P V issued (v: the shared address of the V tile; not waited for). m, l:
+ * the running maximum (log2 units) and sum of rows g and g + 8 of the thread's fragment. */
+static __device__ __forceinline__ void wg_softmax_pv(float (&o)[32], float (&sc)[32], uint32_t (&pa)[4][4], float &m0,
+                                                     float &m1, float &l0, float &l1, int k0, int Lv, int t,
+                                                     uint32_t v) {
+    const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
+    if (k0 + WG_KT > Lv) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int key = k0 + j * 8 + t * 2;
+            if (key >= Lv) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
+            if (key + 1 >= Lv) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
+        }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+        mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+    }
+    mx0 = quad_max(mx0);
+    mx1 = quad_max(mx1);
+    const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
+    const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1);
+    m0 = mn0;
+    m1 = mn1;
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const float p0 = ex2_approx(fmaf(sc[4 * j], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[4 * j + 1], qscale, -mn0));
+        const float p2 = ex2_approx(fmaf(sc[4 * j + 2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[4 * j + 3], qscale, -mn1));
+        s0 += p0 + p1;
+        s1 += p2 + p3;
+        pa[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
+        pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
+    }
+    l0 = l0 * al0 + s0;
+    l1 = l1 * al1 + s1;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        o[4 * j] *= al0;
+        o[4 * j + 1] *= al0;
+        o[4 * j + 2] *= al1;
+        o[4 * j + 3] *= al1;
+    }
+    wg_fence();
+#pragma unroll
+    for (int jj = 0; jj < 4; jj++) wgmma_rs<1>(o, pa[jj], wg_desc(v + jj * 16 * 128, 8192));
+    wg_commit();
+}
+#endif
+
 /* Two warpgroups a block (128 query rows: 2 blocks an SM, 16 warps, at most 128 registers a
  * thread), a ring of 4 K/V tile slots. Measured on an H100 (BERT-base, B = 256, tests/bench/
  * README.md): one warpgroup a block, 2 or 3 slots, 4 warpgroups, V transposed in shared memory
@@ -93,7 +157,6 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
     int Lv = valid[b];
     if (Lv > T) Lv = T;
     if (Lv < 1) Lv = 1;
-    const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
     const int ntiles = (Lv + WG_KT - 1) / WG_KT;
     const __nv_bfloat16 *base = qkv + (size_t)b * T * 3 * C + (size_t)h * 64;
     auto load = [&](uint32_t off, int part, int r0, int R, int rows) {
@@ -119,62 +182,9 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
 #pragma unroll
     for (int i = 0; i < 32; i++) o[i] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-    /* S = Q K^T of tile kt into sc (issued, not waited for) */
-    auto issue_s = [&](int kt) {
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-            wgmma_ss(sc, wg_desc(sb + L::q + wg * 64 * 128 + kk * 32, 16),
-                     wg_desc(sb + L::k + (kt % NS) * WG_KT * 128 + kk * 32, 16), kk > 0);
-        wg_commit();
-    };
-    /* the online softmax of tile kt's scores, O rescaled, then O += P V issued (not waited for) */
+    auto issue_s = [&](int kt) { wg_issue_s(sc, sb + L::q + wg * 64 * 128, sb + L::k + (kt % NS) * WG_KT * 128); };
     auto softmax_pv = [&](int kt) {
-        const int k0 = kt * WG_KT;
-        if (k0 + WG_KT > Lv) {
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const int key = k0 + j * 8 + t * 2;
-                if (key >= Lv) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
-                if (key + 1 >= Lv) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
-            }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
-        }
-        mx0 = quad_max(mx0);
-        mx1 = quad_max(mx1);
-        const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
-        const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1);
-        m0 = mn0;
-        m1 = mn1;
-        float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const float p0 = ex2_approx(fmaf(sc[4 * j], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[4 * j + 1], qscale, -mn0));
-            const float p2 = ex2_approx(fmaf(sc[4 * j + 2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[4 * j + 3], qscale, -mn1));
-            s0 += p0 + p1;
-            s1 += p2 + p3;
-            pa[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
-            pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
-        }
-        l0 = l0 * al0 + s0;
-        l1 = l1 * al1 + s1;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            o[4 * j] *= al0;
-            o[4 * j + 1] *= al0;
-            o[4 * j + 2] *= al1;
-            o[4 * j + 3] *= al1;
-        }
-        wg_fence();
-#pragma unroll
-        for (int jj = 0; jj < 4; jj++)
-            wgmma_rs<1>(o, pa[jj], wg_desc(sb + L::v + (kt % NS) * WG_KT * 128 + jj * 16 * 128, 8192));
-        wg_commit();
+        wg_softmax_pv(o, sc, pa, m0, m1, l0, l1, kt * WG_KT, Lv, t, sb + L::v + (kt % NS) * WG_KT * 128);
     };
     /* cp.async group j holds tile j (group 0 also Q); each thread waits for its own copies, then
      * makes them visible to the products (async proxy) and to the other threads */
@@ -230,6 +240,168 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
         if (row < T)
             *reinterpret_cast<uint4 *>(out + ((size_t)b * T + row) * C + (size_t)h * 64 + c * 8) =
                 *reinterpret_cast<const uint4 *>(os + sw128(r, c));
+    }
+#endif
+}
+
+/* The persistent form of attention_wg_kernel: a grid of about two blocks an SM, each block taking
+ * the work items (a tile of WG_QR query rows of one head) blockIdx.x, blockIdx.x + gridDim.x, ...
+ * in turn (item i = (b * NH + h) * nq + query tile), and the K/V ring running on across items:
+ * the next item's Q and first K/V tiles are loaded while this item's last tiles are computed, so
+ * that no block starts from a cold pipeline. Two Q buffers: an item's Q goes into buffer
+ * (local item index & 1), loaded with its first K/V tile, only once the item two before it is
+ * finished (its output left through its own Q buffer). Same products, masking and online
+ * softmax as attention_wg_kernel, tile by tile. */
+struct wgp_smem {
+    static constexpr uint32_t q = 0, k = 2 * WG_QR * 128, v = k + WG_NS * WG_KT * 128;
+    static constexpr size_t bytes = v + WG_NS * WG_KT * 128 + 1024;
+};
+#define WGP_SMEM_BYTES wgp_smem::bytes
+
+__global__ void __launch_bounds__(WG_THREADS, 2)
+attention_wgp_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *valid, int T, int C, int NH, int B) {
+#if KST_WGMMA
+    typedef wgp_smem L;
+    constexpr int NS = WG_NS, QR = WG_QR, NT = WG_THREADS;
+    extern __shared__ unsigned char wg_smem_raw[];
+    unsigned char *sm = wg_smem_raw + ((1024 - (smem_u32(wg_smem_raw) & 1023)) & 1023);
+    const uint32_t sb = smem_u32(sm);
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int nq = (T + QR - 1) / QR, nitems = nq * NH * B, G = (int)gridDim.x, first = (int)blockIdx.x;
+    if (first >= nitems) return;
+    auto valid_len = [&](int bb) {
+        int v = valid[bb];
+        return v > T ? T : v < 1 ? 1 : v;
+    };
+    auto load = [&](uint32_t off, const __nv_bfloat16 *base, int part, int r0, int R, int rows) {
+#pragma unroll
+        for (int j = 0; j < (R * 8 + NT - 1) / NT; j++) {
+            int i = tid + j * NT;
+            if (i < R * 8) {
+                int r = i >> 3, c = i & 7;
+                bool ok = r0 + r < rows;
+                const __nv_bfloat16 *src = ok ? base + (size_t)(r0 + r) * 3 * C + (size_t)part * C + c * 8 : base;
+                cp_async16(sm + off + sw128(r, c), src, ok ? 16 : 0);
+            }
+        }
+    };
+    /* the loads' cursor: local item p_li (global first + p_li * G), its tile p_kt, and p_g, the
+     * block's running tile count (tile p_g goes into slot p_g % NS); last_lo: the first tile of
+     * the newest cp.async group (INT_MAX when that group is empty) */
+    int p_li = 0, p_kt = 0, p_g = 0, p_nt = 0, p_Lv = 0, p_q0 = 0, last_lo = INT_MAX;
+    const __nv_bfloat16 *p_base = qkv;
+    auto p_item = [&]() {
+        const int it = first + p_li * G, r = it / nq, bb = r / NH;
+        p_q0 = (it - r * nq) * QR;
+        p_base = qkv + (size_t)bb * T * 3 * C + (size_t)(r - bb * NH) * 64;
+        p_Lv = valid_len(bb);
+        p_nt = (p_Lv + WG_KT - 1) / WG_KT;
+    };
+    p_item();
+    /* loads tiles up to `limit` of items up to c_li + 1 (the Q buffer of c_li + 1 was item
+     * c_li - 1's, finished by every warp before the barrier that precedes this) */
+    auto produce = [&](int limit, int c_li) {
+        while (p_g <= limit && p_li <= c_li + 1 && first + p_li * G < nitems) {
+            if (p_kt == 0) load(L::q + (p_li & 1) * QR * 128, p_base, 0, p_q0, QR, T);
+            load(L::k + (p_g % NS) * WG_KT * 128, p_base, 1, p_kt * WG_KT, WG_KT, p_Lv);
+            load(L::v + (p_g % NS) * WG_KT * 128, p_base, 2, p_kt * WG_KT, WG_KT, p_Lv);
+            if (last_lo == INT_MAX) last_lo = p_g;
+            p_g++;
+            if (++p_kt == p_nt) {
+                p_kt = 0;
+                p_li++;
+                if (first + p_li * G < nitems) p_item();
+            }
+        }
+    };
+    float o[32], sc[32];
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int i = 0; i < 32; i++) o[i] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    int c_li = 0, c_kt = 0, c_nt = p_nt, c_Lv = p_Lv;
+    /* prologue: tiles 0, 1, 2 (of items 0 and 1 at most), one cp.async group each */
+#pragma unroll
+    for (int p = 0; p < NS - 1; p++) {
+        last_lo = INT_MAX;
+        produce(p, 0);
+        cp_async_commit();
+    }
+    cp_async_wait<NS - 2>(); /* group 0: tile 0 and item 0's Q */
+    fence_async_smem();
+    __syncthreads();
+    wg_issue_s(sc, sb + L::q + wg * 64 * 128, sb + L::k);
+    wg_wait<0>();
+    reg_fence(sc);
+    for (int s = 0;; s++) {
+        wg_softmax_pv(o, sc, pa, m0, m1, l0, l1, c_kt * WG_KT, c_Lv, t, sb + L::v + (s % NS) * WG_KT * 128);
+        const bool last = c_kt + 1 == c_nt;
+        const bool more = !last || first + (c_li + 1) * G < nitems;
+        if (more) {
+            if (p_g <= s + 1) {
+                /* tile s + 1 held back (its item's Q buffer was busy): load it now */
+                __syncthreads();
+                last_lo = INT_MAX;
+                produce(s + NS - 1, c_li);
+                cp_async_commit();
+                cp_async_wait<0>();
+                fence_async_smem();
+                __syncthreads();
+            } else {
+                if (s + 1 >= last_lo) cp_async_wait<0>();
+                else cp_async_wait<1>();
+                fence_async_smem();
+                __syncthreads();
+                last_lo = INT_MAX;
+                produce(s + NS - 1, c_li); /* into the slot of tile s - 1, done by every warp */
+                cp_async_commit();
+            }
+            wg_issue_s(sc, sb + L::q + ((last ? c_li + 1 : c_li) & 1) * QR * 128 + wg * 64 * 128,
+                       sb + L::k + ((s + 1) % NS) * WG_KT * 128);
+        }
+        wg_wait<0>();
+        reg_fence(o);
+        reg_fence(sc);
+#pragma unroll
+        for (int i = 0; i < 16; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
+        if (!last) {
+            c_kt++;
+            continue;
+        }
+        /* item c_li done: its output through the warp's own rows of its Q buffer */
+        {
+            const float i0 = 1.0f / quad_sum(l0), i1 = 1.0f / quad_sum(l1);
+            const int it = first + c_li * G, r = it / nq, bb = r / NH, q0 = (it - r * nq) * QR;
+            __nv_bfloat16 *ob = out + (size_t)bb * T * C + (size_t)(r - bb * NH) * 64;
+            unsigned char *os = sm + L::q + (c_li & 1) * QR * 128 + wg * 64 * 128;
+            const int r0 = warp * 16 + g, r1 = r0 + 8;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                *reinterpret_cast<uint32_t *>(os + sw128(r0, j) + t * 4) = pack_bf16(o[4 * j] * i0, o[4 * j + 1] * i0);
+                *reinterpret_cast<uint32_t *>(os + sw128(r1, j) + t * 4) = pack_bf16(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
+            }
+            __syncwarp();
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int i = lane + j * 32, rr = warp * 16 + (i >> 3), c = i & 7, row = q0 + wg * 64 + rr;
+                if (row < T)
+                    *reinterpret_cast<uint4 *>(ob + (size_t)row * C + c * 8) =
+                        *reinterpret_cast<const uint4 *>(os + sw128(rr, c));
+            }
+        }
+        if (!more) break;
+        c_li++;
+        c_kt = 0;
+        {
+            const int it = first + c_li * G;
+            c_Lv = valid_len(it / nq / NH);
+            c_nt = (c_Lv + WG_KT - 1) / WG_KT;
+        }
+#pragma unroll
+        for (int i = 0; i < 32; i++) o[i] = 0.0f;
+        m0 = m1 = -INFINITY;
+        l0 = l1 = 0.0f;
     }
 #endif
 }
