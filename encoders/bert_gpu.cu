@@ -697,8 +697,7 @@ struct kst_bert_gpu {
     int res_in_ln;  /* 1: the residual is added in the LayerNorm kernel, not the product's epilogue */
     int bias16_first; /* 1: epilogue biases in bf16 where cuBLASLt has an algorithm, else float32 */
     int att_wg;       /* 1: attention_wg_kernel for 64-dim heads (sm_90a build, sm_90 GPU); 0: attention2_kernel;
-                       * 3: attention_wgp_kernel (the persistent form, KESTREL_GPU_ATT=3) */
-    int att_wgp_blocks; /* attention_wgp_kernel's resident blocks on the device (its grid at most) */
+                       * 4, 5: attention_wg128_kernel<false>, <true> (key tiles of 128, KESTREL_GPU_ATT=4, 5) */
     /* KESTREL_GPU_PROFILE=1: events between the steps of every layer, summed per step */
     int prof;
     cudaEvent_t *pev;   /* (L, KST_PROF_STEPS + 1) */
@@ -781,7 +780,8 @@ static int set_att2_smem(kst_error *err) {
 static int set_att_smem_all(kst_error *err) {
     int rc = KST_OK;
     KST_TRY(set_smem(attention_wg_kernel, WG_SMEM_BYTES, err));
-    KST_TRY(set_smem(attention_wgp_kernel, WGP_SMEM_BYTES, err));
+    KST_TRY(set_smem(attention_wg128_kernel<false>, WG128_SMEM_BYTES, err));
+    KST_TRY(set_smem(attention_wg128_kernel<true>, WG128_SMEM_BYTES, err));
     KST_TRY((set_att2_smem<16, 4>(err)));
     KST_TRY((set_att2_smem<32, 4>(err)));
     KST_TRY((set_att2_smem<64, 4>(err)));
@@ -910,23 +910,10 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
             int *flag = NULL, hf = 0;
             KST_TRY(kst_gpu_alloc((void **)&flag, sizeof(int), "a flag", err));
             wgmma_probe_kernel<<<1, 1, 0, g->stream>>>(flag);
-            int nb = 0;
             if (cudaGetLastError() == cudaSuccess &&
                 cudaMemcpyAsync(&hf, flag, sizeof hf, cudaMemcpyDeviceToHost, g->stream) == cudaSuccess &&
                 cudaStreamSynchronize(g->stream) == cudaSuccess && hf == 1)
-                g->att_wg = 1;
-            /* KESTREL_GPU_ATT=3: the persistent form, a grid of as many blocks as fit at once */
-            if (g->att_wg && a && strcmp(a, "3") == 0 &&
-                cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attention_wgp_kernel, WG_THREADS, WGP_SMEM_BYTES) ==
-                    cudaSuccess &&
-                nb > 0) {
-                g->att_wg = 3;
-                g->att_wgp_blocks = nb * prop.multiProcessorCount;
-                /* KESTREL_GPU_ATT_BLOCKS=n: a smaller grid (tests: many items a block) */
-                const char *nbs = getenv("KESTREL_GPU_ATT_BLOCKS");
-                int cap = nbs ? atoi(nbs) : 0;
-                if (cap > 0 && cap < g->att_wgp_blocks) g->att_wgp_blocks = cap;
-            }
+                g->att_wg = a && (strcmp(a, "4") == 0 || strcmp(a, "5") == 0) ? atoi(a) : 1; /* key tiles of 128 */
             cudaGetLastError();
             cudaFree(flag);
         }
@@ -1269,12 +1256,18 @@ static void attention2_nw(kst_bert_gpu *g, int B, int T) {
     else launch_att2<128, NW>(g, B, T);
 }
 static void attention2(kst_bert_gpu *g, int B, int T) {
-    if (g->att_wg == 3) {
+    if (g->att_wg == 4) {
         const kst_bert_config *c = &g->cfg;
-        int items = (T + WG_QR - 1) / WG_QR * (int)c->NH * B;
-        unsigned grid = (unsigned)(items < g->att_wgp_blocks ? items : g->att_wgp_blocks);
-        attention_wgp_kernel<<<grid, WG_THREADS, WGP_SMEM_BYTES, g->stream>>>(g->atty, g->qkv, g->dvalid, T, (int)c->C,
-                                                                              (int)c->NH, B);
+        dim3 grid((unsigned)((T + WG_QR - 1) / WG_QR), (unsigned)c->NH, (unsigned)B);
+        attention_wg128_kernel<false><<<grid, WG_THREADS, WG128_SMEM_BYTES, g->stream>>>(g->atty, g->qkv, g->dvalid,
+                                                                                         T, (int)c->C, (int)c->NH);
+        return;
+    }
+    if (g->att_wg == 5) {
+        const kst_bert_config *c = &g->cfg;
+        dim3 grid((unsigned)((T + WG_QR - 1) / WG_QR), (unsigned)c->NH, (unsigned)B);
+        attention_wg128_kernel<true><<<grid, WG_THREADS, WG128_SMEM_BYTES, g->stream>>>(g->atty, g->qkv, g->dvalid, T,
+                                                                                        (int)c->C, (int)c->NH);
         return;
     }
     if (g->att_wg) {

@@ -11,8 +11,6 @@
 
 #include "encoders/bert_mma.cuh"
 
-#include <limits.h>
-
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define KST_WGMMA 1
 #else
@@ -244,37 +242,69 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
 #endif
 }
 
-/* The persistent form of attention_wg_kernel: a grid of about two blocks an SM, each block taking
- * the work items (a tile of WG_QR query rows of one head) blockIdx.x, blockIdx.x + gridDim.x, ...
- * in turn (item i = (b * NH + h) * nq + query tile), and the K/V ring running on across items:
- * the next item's Q and first K/V tiles are loaded while this item's last tiles are computed, so
- * that no block starts from a cold pipeline. Two Q buffers: an item's Q goes into buffer
- * (local item index & 1), loaded with its first K/V tile, only once the item two before it is
- * finished (its output left through its own Q buffer). Same products, masking and online
- * softmax as attention_wg_kernel, tile by tile. */
-struct wgp_smem {
-    static constexpr uint32_t q = 0, k = 2 * WG_QR * 128, v = k + WG_NS * WG_KT * 128;
-    static constexpr size_t bytes = v + WG_NS * WG_KT * 128 + 1024;
+/* Key tiles of 128 (KESTREL_GPU_ATT=4): S = Q K^T of a warpgroup's 64 rows against 128 keys in
+ * one m64n128k16 chain (64 score registers a thread), then the online softmax over the 128 and
+ * O += P V in 8 m64n64k16 steps; P V is waited for before the next tile's Q K^T (no overlap, so
+ * that scores, P and O fit the 128 registers of 2 blocks an SM). Two K/V slots of 128 keys: an
+ * item of up to 256 keys has all its K/V in flight from the start. Masking as
+ * attention_wg_kernel (tiles of 128 keys wholly past valid[b] skipped). */
+#define WG128_KT 128
+#define WG128_NS 2
+struct wg128_smem {
+    static constexpr uint32_t q = 0, k = WG_QR * 128, v = k + WG128_NS * WG128_KT * 128;
+    static constexpr uint32_t bar = v + WG128_NS * WG128_KT * 128; /* SPLIT: K and V mbarriers a slot */
+    static constexpr size_t bytes = bar + 4 * 8 + 1024;
 };
-#define WGP_SMEM_BYTES wgp_smem::bytes
+#define WG128_SMEM_BYTES wg128_smem::bytes
 
-__global__ void __launch_bounds__(WG_THREADS, 2)
-attention_wgp_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *valid, int T, int C, int NH, int B) {
 #if KST_WGMMA
-    typedef wgp_smem L;
-    constexpr int NS = WG_NS, QR = WG_QR, NT = WG_THREADS;
+/* d (64 x 128, float32) (+)= A (64 x 16, descriptor) B (16 x 128, descriptor, K-major) */
+static __device__ __forceinline__ void wgmma_ss128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(scale_d));
+}
+static __device__ __forceinline__ void mbar_init(uint32_t a, int n) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(n) : "memory");
+}
+/* an arrive on the mbarrier once all of this thread's earlier cp.async copies have landed */
+static __device__ __forceinline__ void mbar_cp_async_arrive(uint32_t a) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
+}
+static __device__ __forceinline__ void mbar_wait(uint32_t a, int parity) {
+    uint32_t ok;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(ok)
+                     : "r"(a), "r"(parity)
+                     : "memory");
+    } while (!ok);
+}
+#endif
+
+/* SPLIT (KESTREL_GPU_ATT=5): the K and the V half of each slot complete on their own mbarriers
+ * (cp.async.mbarrier.arrive.noinc, 256 arrivals a phase) instead of cp.async groups and a block
+ * barrier: Q K^T and the softmax of a tile start before its V has landed, and the warpgroups
+ * meet at a barrier only before a slot is refilled (never at 256 keys or fewer). */
+template <bool SPLIT>
+__global__ void __launch_bounds__(WG_THREADS, 2)
+attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *valid, int T, int C, int NH) {
+#if KST_WGMMA
+    typedef wg128_smem L;
+    constexpr int NS = WG128_NS, QR = WG_QR, NT = WG_THREADS, KT = WG128_KT;
     extern __shared__ unsigned char wg_smem_raw[];
     unsigned char *sm = wg_smem_raw + ((1024 - (smem_u32(wg_smem_raw) & 1023)) & 1023);
     const uint32_t sb = smem_u32(sm);
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int nq = (T + QR - 1) / QR, nitems = nq * NH * B, G = (int)gridDim.x, first = (int)blockIdx.x;
-    if (first >= nitems) return;
-    auto valid_len = [&](int bb) {
-        int v = valid[bb];
-        return v > T ? T : v < 1 ? 1 : v;
-    };
-    auto load = [&](uint32_t off, const __nv_bfloat16 *base, int part, int r0, int R, int rows) {
+    const int q0 = blockIdx.x * QR, h = blockIdx.y, b = blockIdx.z;
+    int Lv = valid[b];
+    if (Lv > T) Lv = T;
+    if (Lv < 1) Lv = 1;
+    const int ntiles = (Lv + KT - 1) / KT;
+    const __nv_bfloat16 *base = qkv + (size_t)b * T * 3 * C + (size_t)h * 64;
+    auto load = [&](uint32_t off, int part, int r0, int R, int rows) {
 #pragma unroll
         for (int j = 0; j < (R * 8 + NT - 1) / NT; j++) {
             int i = tid + j * NT;
@@ -286,122 +316,129 @@ attention_wgp_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *va
             }
         }
     };
-    /* the loads' cursor: local item p_li (global first + p_li * G), its tile p_kt, and p_g, the
-     * block's running tile count (tile p_g goes into slot p_g % NS); last_lo: the first tile of
-     * the newest cp.async group (INT_MAX when that group is empty) */
-    int p_li = 0, p_kt = 0, p_g = 0, p_nt = 0, p_Lv = 0, p_q0 = 0, last_lo = INT_MAX;
-    const __nv_bfloat16 *p_base = qkv;
-    auto p_item = [&]() {
-        const int it = first + p_li * G, r = it / nq, bb = r / NH;
-        p_q0 = (it - r * nq) * QR;
-        p_base = qkv + (size_t)bb * T * 3 * C + (size_t)(r - bb * NH) * 64;
-        p_Lv = valid_len(bb);
-        p_nt = (p_Lv + WG_KT - 1) / WG_KT;
-    };
-    p_item();
-    /* loads tiles up to `limit` of items up to c_li + 1 (the Q buffer of c_li + 1 was item
-     * c_li - 1's, finished by every warp before the barrier that precedes this) */
-    auto produce = [&](int limit, int c_li) {
-        while (p_g <= limit && p_li <= c_li + 1 && first + p_li * G < nitems) {
-            if (p_kt == 0) load(L::q + (p_li & 1) * QR * 128, p_base, 0, p_q0, QR, T);
-            load(L::k + (p_g % NS) * WG_KT * 128, p_base, 1, p_kt * WG_KT, WG_KT, p_Lv);
-            load(L::v + (p_g % NS) * WG_KT * 128, p_base, 2, p_kt * WG_KT, WG_KT, p_Lv);
-            if (last_lo == INT_MAX) last_lo = p_g;
-            p_g++;
-            if (++p_kt == p_nt) {
-                p_kt = 0;
-                p_li++;
-                if (first + p_li * G < nitems) p_item();
-            }
+    auto load_tile = [&](int tile) {
+        if (tile < ntiles) {
+            load(L::k + (tile % NS) * KT * 128, 1, tile * KT, KT, Lv);
+            if (SPLIT) mbar_cp_async_arrive(sb + L::bar + (tile % NS) * 8);
+            load(L::v + (tile % NS) * KT * 128, 2, tile * KT, KT, Lv);
+            if (SPLIT) mbar_cp_async_arrive(sb + L::bar + 16 + (tile % NS) * 8);
         }
     };
-    float o[32], sc[32];
-    uint32_t pa[4][4];
+    const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
+    float o[32], sc[64];
+    uint32_t pa[8][4];
 #pragma unroll
     for (int i = 0; i < 32; i++) o[i] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-    int c_li = 0, c_kt = 0, c_nt = p_nt, c_Lv = p_Lv;
-    /* prologue: tiles 0, 1, 2 (of items 0 and 1 at most), one cp.async group each */
-#pragma unroll
-    for (int p = 0; p < NS - 1; p++) {
-        last_lo = INT_MAX;
-        produce(p, 0);
-        cp_async_commit();
+    /* group 0: Q and tile 0; group 1: tile 1; tile kt + 1 goes into the slot of tile kt - 1
+     * once every warp has passed step kt's barrier (its P V of tile kt - 1 waited for) */
+    if (SPLIT) {
+        if (tid == 0)
+            for (int i = 0; i < 4; i++) mbar_init(sb + L::bar + i * 8, NT);
+        __syncthreads();
     }
-    cp_async_wait<NS - 2>(); /* group 0: tile 0 and item 0's Q */
-    fence_async_smem();
-    __syncthreads();
-    wg_issue_s(sc, sb + L::q + wg * 64 * 128, sb + L::k);
-    wg_wait<0>();
-    reg_fence(sc);
-    for (int s = 0;; s++) {
-        wg_softmax_pv(o, sc, pa, m0, m1, l0, l1, c_kt * WG_KT, c_Lv, t, sb + L::v + (s % NS) * WG_KT * 128);
-        const bool last = c_kt + 1 == c_nt;
-        const bool more = !last || first + (c_li + 1) * G < nitems;
-        if (more) {
-            if (p_g <= s + 1) {
-                /* tile s + 1 held back (its item's Q buffer was busy): load it now */
-                __syncthreads();
-                last_lo = INT_MAX;
-                produce(s + NS - 1, c_li);
-                cp_async_commit();
-                cp_async_wait<0>();
-                fence_async_smem();
-                __syncthreads();
-            } else {
-                if (s + 1 >= last_lo) cp_async_wait<0>();
-                else cp_async_wait<1>();
-                fence_async_smem();
-                __syncthreads();
-                last_lo = INT_MAX;
-                produce(s + NS - 1, c_li); /* into the slot of tile s - 1, done by every warp */
+    load(L::q, 0, q0, QR, T); /* with tile 0's K (its mbarrier, or group 0) */
+    load_tile(0);
+    cp_async_commit();
+    load_tile(1);
+    cp_async_commit();
+    for (int kt = 0; kt < ntiles; kt++) {
+        if (SPLIT) {
+            if (kt >= 1 && kt + 1 < ntiles) {
+                __syncthreads(); /* every warp is past tile kt - 1: its slot is free */
+                load_tile(kt + 1);
+            }
+            mbar_wait(sb + L::bar + (kt % NS) * 8, (kt / NS) & 1);
+            fence_async_smem();
+        } else {
+            if (kt == 0) cp_async_wait<1>();
+            else cp_async_wait<0>();
+            fence_async_smem();
+            __syncthreads();
+            if (kt >= 1) {
+                load_tile(kt + 1);
                 cp_async_commit();
             }
-            wg_issue_s(sc, sb + L::q + ((last ? c_li + 1 : c_li) & 1) * QR * 128 + wg * 64 * 128,
-                       sb + L::k + ((s + 1) % NS) * WG_KT * 128);
         }
+        const uint32_t ks = sb + L::k + (kt % NS) * KT * 128, vs = sb + L::v + (kt % NS) * KT * 128;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            wgmma_ss128(sc, wg_desc(sb + L::q + wg * 64 * 128 + kk * 32, 16), wg_desc(ks + kk * 32, 16), kk > 0);
+        wg_commit();
+        wg_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 64; i++) asm volatile("" : "+f"(sc[i])::"memory");
+        const int k0 = kt * KT;
+        if (k0 + KT > Lv) {
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                const int key = k0 + j * 8 + t * 2;
+                if (key >= Lv) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
+                if (key + 1 >= Lv) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
+        const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
+        const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const float p0 = ex2_approx(fmaf(sc[4 * j], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[4 * j + 1], qscale, -mn0));
+            const float p2 = ex2_approx(fmaf(sc[4 * j + 2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[4 * j + 3], qscale, -mn1));
+            s0 += p0 + p1;
+            s1 += p2 + p3;
+            pa[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
+            pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
+        }
+        l0 = l0 * al0 + s0;
+        l1 = l1 * al1 + s1;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            o[4 * j] *= al0;
+            o[4 * j + 1] *= al0;
+            o[4 * j + 2] *= al1;
+            o[4 * j + 3] *= al1;
+        }
+        if (SPLIT) {
+            mbar_wait(sb + L::bar + 16 + (kt % NS) * 8, (kt / NS) & 1);
+            fence_async_smem();
+        }
+        wg_fence();
+#pragma unroll
+        for (int jj = 0; jj < 8; jj++) wgmma_rs<1>(o, pa[jj], wg_desc(vs + jj * 16 * 128, 8192));
+        wg_commit();
         wg_wait<0>();
         reg_fence(o);
-        reg_fence(sc);
 #pragma unroll
-        for (int i = 0; i < 16; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
-        if (!last) {
-            c_kt++;
-            continue;
-        }
-        /* item c_li done: its output through the warp's own rows of its Q buffer */
-        {
-            const float i0 = 1.0f / quad_sum(l0), i1 = 1.0f / quad_sum(l1);
-            const int it = first + c_li * G, r = it / nq, bb = r / NH, q0 = (it - r * nq) * QR;
-            __nv_bfloat16 *ob = out + (size_t)bb * T * C + (size_t)(r - bb * NH) * 64;
-            unsigned char *os = sm + L::q + (c_li & 1) * QR * 128 + wg * 64 * 128;
-            const int r0 = warp * 16 + g, r1 = r0 + 8;
+        for (int i = 0; i < 32; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
+    }
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    unsigned char *os = sm + L::q + wg * 64 * 128;
+    const int r0 = warp * 16 + g, r1 = r0 + 8;
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                *reinterpret_cast<uint32_t *>(os + sw128(r0, j) + t * 4) = pack_bf16(o[4 * j] * i0, o[4 * j + 1] * i0);
-                *reinterpret_cast<uint32_t *>(os + sw128(r1, j) + t * 4) = pack_bf16(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
-            }
-            __syncwarp();
+    for (int j = 0; j < 8; j++) {
+        *reinterpret_cast<uint32_t *>(os + sw128(r0, j) + t * 4) = pack_bf16(o[4 * j] * i0, o[4 * j + 1] * i0);
+        *reinterpret_cast<uint32_t *>(os + sw128(r1, j) + t * 4) = pack_bf16(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
+    }
+    __syncwarp();
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int i = lane + j * 32, rr = warp * 16 + (i >> 3), c = i & 7, row = q0 + wg * 64 + rr;
-                if (row < T)
-                    *reinterpret_cast<uint4 *>(ob + (size_t)row * C + c * 8) =
-                        *reinterpret_cast<const uint4 *>(os + sw128(rr, c));
-            }
-        }
-        if (!more) break;
-        c_li++;
-        c_kt = 0;
-        {
-            const int it = first + c_li * G;
-            c_Lv = valid_len(it / nq / NH);
-            c_nt = (c_Lv + WG_KT - 1) / WG_KT;
-        }
-#pragma unroll
-        for (int i = 0; i < 32; i++) o[i] = 0.0f;
-        m0 = m1 = -INFINITY;
-        l0 = l1 = 0.0f;
+    for (int j = 0; j < 4; j++) {
+        const int i = lane + j * 32, r = warp * 16 + (i >> 3), c = i & 7, row = q0 + wg * 64 + r;
+        if (row < T)
+            *reinterpret_cast<uint4 *>(out + ((size_t)b * T + row) * C + (size_t)h * 64 + c * 8) =
+                *reinterpret_cast<const uint4 *>(os + sw128(r, c));
     }
 #endif
 }
