@@ -242,17 +242,21 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
 #endif
 }
 
-/* Key tiles of 128 (KESTREL_GPU_ATT=4): S = Q K^T of a warpgroup's 64 rows against 128 keys in
+/* Key tiles of 128 (KESTREL_GPU_ATT=5): S = Q K^T of a warpgroup's 64 rows against 128 keys in
  * one m64n128k16 chain (64 score registers a thread), then the online softmax over the 128 and
  * O += P V in 8 m64n64k16 steps; P V is waited for before the next tile's Q K^T (no overlap, so
- * that scores, P and O fit the 128 registers of 2 blocks an SM). Two K/V slots of 128 keys: an
- * item of up to 256 keys has all its K/V in flight from the start. Masking as
- * attention_wg_kernel (tiles of 128 keys wholly past valid[b] skipped). */
+ * that scores, P and O fit the 128 registers of 2 blocks an SM). Two K/V slots of 128 keys: a
+ * sequence of up to 256 keys has all its K/V in flight from the start. The K and the V half of
+ * each slot complete on their own mbarriers (cp.async.mbarrier.arrive.noinc, 256 arrivals a
+ * phase), so that Q K^T and the softmax of a tile start before its V has landed, and the
+ * warpgroups meet at a block barrier only before a slot is refilled (never at 256 keys or
+ * fewer). Masking as attention_wg_kernel (tiles of 128 keys wholly past valid[b] skipped); the
+ * online softmax the same, rescaled once every 128 keys instead of 64. */
 #define WG128_KT 128
 #define WG128_NS 2
 struct wg128_smem {
     static constexpr uint32_t q = 0, k = WG_QR * 128, v = k + WG128_NS * WG128_KT * 128;
-    static constexpr uint32_t bar = v + WG128_NS * WG128_KT * 128; /* SPLIT: K and V mbarriers a slot */
+    static constexpr uint32_t bar = v + WG128_NS * WG128_KT * 128; /* a K and a V mbarrier a slot */
     static constexpr size_t bytes = bar + 4 * 8 + 1024;
 };
 #define WG128_SMEM_BYTES wg128_smem::bytes
@@ -283,11 +287,6 @@ static __device__ __forceinline__ void mbar_wait(uint32_t a, int parity) {
 }
 #endif
 
-/* SPLIT (KESTREL_GPU_ATT=5): the K and the V half of each slot complete on their own mbarriers
- * (cp.async.mbarrier.arrive.noinc, 256 arrivals a phase) instead of cp.async groups and a block
- * barrier: Q K^T and the softmax of a tile start before its V has landed, and the warpgroups
- * meet at a barrier only before a slot is refilled (never at 256 keys or fewer). */
-template <bool SPLIT>
 __global__ void __launch_bounds__(WG_THREADS, 2)
 attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *valid, int T, int C, int NH) {
 #if KST_WGMMA
@@ -319,9 +318,9 @@ attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *
     auto load_tile = [&](int tile) {
         if (tile < ntiles) {
             load(L::k + (tile % NS) * KT * 128, 1, tile * KT, KT, Lv);
-            if (SPLIT) mbar_cp_async_arrive(sb + L::bar + (tile % NS) * 8);
+            mbar_cp_async_arrive(sb + L::bar + (tile % NS) * 8);
             load(L::v + (tile % NS) * KT * 128, 2, tile * KT, KT, Lv);
-            if (SPLIT) mbar_cp_async_arrive(sb + L::bar + 16 + (tile % NS) * 8);
+            mbar_cp_async_arrive(sb + L::bar + 16 + (tile % NS) * 8);
         }
     };
     const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
@@ -332,34 +331,23 @@ attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
     /* group 0: Q and tile 0; group 1: tile 1; tile kt + 1 goes into the slot of tile kt - 1
      * once every warp has passed step kt's barrier (its P V of tile kt - 1 waited for) */
-    if (SPLIT) {
-        if (tid == 0)
-            for (int i = 0; i < 4; i++) mbar_init(sb + L::bar + i * 8, NT);
-        __syncthreads();
-    }
-    load(L::q, 0, q0, QR, T); /* with tile 0's K (its mbarrier, or group 0) */
+    if (tid == 0)
+        for (int i = 0; i < 4; i++) mbar_init(sb + L::bar + i * 8, NT);
+    __syncthreads();
+    /* tiles 0 and 1 into the two slots (Q with tile 0's K); tile kt + 1 goes into the slot of
+     * tile kt - 1 once every warp is past it. Slot s's barriers complete once a use: tile kt
+     * waits for phase (kt / 2) & 1. Each thread waits on the barrier, then orders the copies
+     * before the products (async proxy). */
+    load(L::q, 0, q0, QR, T);
     load_tile(0);
-    cp_async_commit();
     load_tile(1);
-    cp_async_commit();
     for (int kt = 0; kt < ntiles; kt++) {
-        if (SPLIT) {
-            if (kt >= 1 && kt + 1 < ntiles) {
-                __syncthreads(); /* every warp is past tile kt - 1: its slot is free */
-                load_tile(kt + 1);
-            }
-            mbar_wait(sb + L::bar + (kt % NS) * 8, (kt / NS) & 1);
-            fence_async_smem();
-        } else {
-            if (kt == 0) cp_async_wait<1>();
-            else cp_async_wait<0>();
-            fence_async_smem();
+        if (kt >= 1 && kt + 1 < ntiles) {
             __syncthreads();
-            if (kt >= 1) {
-                load_tile(kt + 1);
-                cp_async_commit();
-            }
+            load_tile(kt + 1);
         }
+        mbar_wait(sb + L::bar + (kt % NS) * 8, (kt / NS) & 1);
+        fence_async_smem();
         const uint32_t ks = sb + L::k + (kt % NS) * KT * 128, vs = sb + L::v + (kt % NS) * KT * 128;
         wg_fence();
 #pragma unroll
@@ -409,10 +397,8 @@ attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *
             o[4 * j + 2] *= al1;
             o[4 * j + 3] *= al1;
         }
-        if (SPLIT) {
-            mbar_wait(sb + L::bar + 16 + (kt % NS) * 8, (kt / NS) & 1);
-            fence_async_smem();
-        }
+        mbar_wait(sb + L::bar + 16 + (kt % NS) * 8, (kt / NS) & 1);
+        fence_async_smem();
         wg_fence();
 #pragma unroll
         for (int jj = 0; jj < 8; jj++) wgmma_rs<1>(o, pa[jj], wg_desc(vs + jj * 16 * 128, 8192));
