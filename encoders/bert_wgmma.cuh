@@ -4,8 +4,10 @@
  * on the S accumulators in between. Q, K and V tiles are rows of 64 bf16 (128 bytes) in the
  * 128-byte swizzled layout the instruction's descriptors describe (16-byte chunk c of row r at
  * r * 128 + ((c ^ (r & 7)) << 4), tiles 1024-byte aligned), filled by cp.async. Built only where
- * the compiler targets sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the kernel is an empty stub
- * and wgmma_probe_kernel reports 0, so that the host keeps attention2_kernel. */
+ * the compiler targets sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the kernels are empty stubs
+ * and wgmma_probe_kernel reports 0, so that the host keeps attention2_kernel. attention_wg_kernel
+ * (key tiles of 64) is the default; attention_wg128_kernel (key tiles of 128, K and V on
+ * mbarriers) is KESTREL_GPU_ATT=5. */
 #ifndef KST_ENCODERS_BERT_WGMMA_CUH
 #define KST_ENCODERS_BERT_WGMMA_CUH
 
