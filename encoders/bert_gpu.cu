@@ -696,7 +696,8 @@ struct kst_bert_gpu {
     int exact_gelu; /* 1: erf GELU in its own kernel rather than the epilogue's tanh form */
     int res_in_ln;  /* 1: the residual is added in the LayerNorm kernel, not the product's epilogue */
     int bias16_first; /* 1: epilogue biases in bf16 where cuBLASLt has an algorithm, else float32 */
-    int att_wg;       /* 1: attention_wg_kernel for 64-dim heads (sm_90a build, sm_90 GPU); 0: attention2_kernel */
+    int att_wg;       /* 1: attention_wg_kernel for 64-dim heads (sm_90a build, sm_90 GPU); 0: attention2_kernel;
+                       * 5: attention_wg128_kernel (key tiles of 128, KESTREL_GPU_ATT=5) */
     /* KESTREL_GPU_PROFILE=1: events between the steps of every layer, summed per step */
     int prof;
     cudaEvent_t *pev;   /* (L, KST_PROF_STEPS + 1) */
@@ -779,6 +780,7 @@ static int set_att2_smem(kst_error *err) {
 static int set_att_smem_all(kst_error *err) {
     int rc = KST_OK;
     KST_TRY(set_smem(attention_wg_kernel, WG_SMEM_BYTES, err));
+    KST_TRY(set_smem(attention_wg128_kernel, WG128_SMEM_BYTES, err));
     KST_TRY((set_att2_smem<16, 4>(err)));
     KST_TRY((set_att2_smem<32, 4>(err)));
     KST_TRY((set_att2_smem<64, 4>(err)));
@@ -898,7 +900,9 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
     }
     if (g->fused && hs == 64) {
         /* the wgmma attention kernel: heads of 64 dims on an sm_90 GPU, where this build holds it
-         * (KESTREL_GPU_ATT=2: attention2_kernel, a knob to compare) */
+         * (KESTREL_GPU_ATT=2: attention2_kernel, a knob to compare; KESTREL_GPU_ATT=5: the wgmma
+         * kernel with key tiles of 128, 3-5% faster attention on an H100, end to end within noise,
+         * see tests/bench/README.md) */
         const char *a = getenv("KESTREL_GPU_ATT");
         int dev = 0, want = !(a && strcmp(a, "2") == 0);
         cudaDeviceProp prop;
@@ -910,7 +914,7 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
             if (cudaGetLastError() == cudaSuccess &&
                 cudaMemcpyAsync(&hf, flag, sizeof hf, cudaMemcpyDeviceToHost, g->stream) == cudaSuccess &&
                 cudaStreamSynchronize(g->stream) == cudaSuccess && hf == 1)
-                g->att_wg = want;
+                g->att_wg = a && strcmp(a, "5") == 0 ? 5 : 1; /* KESTREL_GPU_ATT=5: key tiles of 128 */
             cudaGetLastError();
             cudaFree(flag);
         }
@@ -1253,6 +1257,13 @@ static void attention2_nw(kst_bert_gpu *g, int B, int T) {
     else launch_att2<128, NW>(g, B, T);
 }
 static void attention2(kst_bert_gpu *g, int B, int T) {
+    if (g->att_wg == 5) {
+        const kst_bert_config *c = &g->cfg;
+        dim3 grid((unsigned)((T + WG_QR - 1) / WG_QR), (unsigned)c->NH, (unsigned)B);
+        attention_wg128_kernel<<<grid, WG_THREADS, WG128_SMEM_BYTES, g->stream>>>(g->atty, g->qkv, g->dvalid, T,
+                                                                                  (int)c->C, (int)c->NH);
+        return;
+    }
     if (g->att_wg) {
         const kst_bert_config *c = &g->cfg;
         dim3 grid((unsigned)((T + WG_QR - 1) / WG_QR), (unsigned)c->NH, (unsigned)B);

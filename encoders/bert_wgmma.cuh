@@ -4,8 +4,10 @@
  * on the S accumulators in between. Q, K and V tiles are rows of 64 bf16 (128 bytes) in the
  * 128-byte swizzled layout the instruction's descriptors describe (16-byte chunk c of row r at
  * r * 128 + ((c ^ (r & 7)) << 4), tiles 1024-byte aligned), filled by cp.async. Built only where
- * the compiler targets sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the kernel is an empty stub
- * and wgmma_probe_kernel reports 0, so that the host keeps attention2_kernel. */
+ * the compiler targets sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the kernels are empty stubs
+ * and wgmma_probe_kernel reports 0, so that the host keeps attention2_kernel. attention_wg_kernel
+ * (key tiles of 64) is the default; attention_wg128_kernel (key tiles of 128, K and V on
+ * mbarriers) is KESTREL_GPU_ATT=5. */
 #ifndef KST_ENCODERS_BERT_WGMMA_CUH
 #define KST_ENCODERS_BERT_WGMMA_CUH
 
@@ -57,6 +59,68 @@ static __device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (
 
 #define WG_KT 64 /* keys a tile */
 
+#if KST_WGMMA
+/* S (64 x 64 scores of a warpgroup) = Q K^T: q, k the shared addresses of the warpgroup's 64 Q
+ * rows and of the K tile (issued and committed, not waited for) */
+static __device__ __forceinline__ void wg_issue_s(float (&sc)[32], uint32_t q, uint32_t k) {
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) wgmma_ss(sc, wg_desc(q + kk * 32, 16), wg_desc(k + kk * 32, 16), kk > 0);
+    wg_commit();
+}
+/* the online softmax of a tile's scores sc (keys k0 .. k0 + 63; keys at or past Lv get -inf), O
+ * rescaled, then O += P V issued (v: the shared address of the V tile; not waited for). m, l:
+ * the running maximum (log2 units) and sum of rows g and g + 8 of the thread's fragment. */
+static __device__ __forceinline__ void wg_softmax_pv(float (&o)[32], float (&sc)[32], uint32_t (&pa)[4][4], float &m0,
+                                                     float &m1, float &l0, float &l1, int k0, int Lv, int t,
+                                                     uint32_t v) {
+    const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
+    if (k0 + WG_KT > Lv) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int key = k0 + j * 8 + t * 2;
+            if (key >= Lv) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
+            if (key + 1 >= Lv) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
+        }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+        mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+    }
+    mx0 = quad_max(mx0);
+    mx1 = quad_max(mx1);
+    const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
+    const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1);
+    m0 = mn0;
+    m1 = mn1;
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const float p0 = ex2_approx(fmaf(sc[4 * j], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[4 * j + 1], qscale, -mn0));
+        const float p2 = ex2_approx(fmaf(sc[4 * j + 2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[4 * j + 3], qscale, -mn1));
+        s0 += p0 + p1;
+        s1 += p2 + p3;
+        pa[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
+        pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
+    }
+    l0 = l0 * al0 + s0;
+    l1 = l1 * al1 + s1;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        o[4 * j] *= al0;
+        o[4 * j + 1] *= al0;
+        o[4 * j + 2] *= al1;
+        o[4 * j + 3] *= al1;
+    }
+    wg_fence();
+#pragma unroll
+    for (int jj = 0; jj < 4; jj++) wgmma_rs<1>(o, pa[jj], wg_desc(v + jj * 16 * 128, 8192));
+    wg_commit();
+}
+#endif
+
 /* Two warpgroups a block (128 query rows: 2 blocks an SM, 16 warps, at most 128 registers a
  * thread), a ring of 4 K/V tile slots. Measured on an H100 (BERT-base, B = 256, tests/bench/
  * README.md): one warpgroup a block, 2 or 3 slots, 4 warpgroups, V transposed in shared memory
@@ -93,7 +157,6 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
     int Lv = valid[b];
     if (Lv > T) Lv = T;
     if (Lv < 1) Lv = 1;
-    const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
     const int ntiles = (Lv + WG_KT - 1) / WG_KT;
     const __nv_bfloat16 *base = qkv + (size_t)b * T * 3 * C + (size_t)h * 64;
     auto load = [&](uint32_t off, int part, int r0, int R, int rows) {
@@ -119,62 +182,9 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
 #pragma unroll
     for (int i = 0; i < 32; i++) o[i] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-    /* S = Q K^T of tile kt into sc (issued, not waited for) */
-    auto issue_s = [&](int kt) {
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-            wgmma_ss(sc, wg_desc(sb + L::q + wg * 64 * 128 + kk * 32, 16),
-                     wg_desc(sb + L::k + (kt % NS) * WG_KT * 128 + kk * 32, 16), kk > 0);
-        wg_commit();
-    };
-    /* the online softmax of tile kt's scores, O rescaled, then O += P V issued (not waited for) */
+    auto issue_s = [&](int kt) { wg_issue_s(sc, sb + L::q + wg * 64 * 128, sb + L::k + (kt % NS) * WG_KT * 128); };
     auto softmax_pv = [&](int kt) {
-        const int k0 = kt * WG_KT;
-        if (k0 + WG_KT > Lv) {
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const int key = k0 + j * 8 + t * 2;
-                if (key >= Lv) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
-                if (key + 1 >= Lv) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
-            }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
-        }
-        mx0 = quad_max(mx0);
-        mx1 = quad_max(mx1);
-        const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
-        const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1);
-        m0 = mn0;
-        m1 = mn1;
-        float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const float p0 = ex2_approx(fmaf(sc[4 * j], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[4 * j + 1], qscale, -mn0));
-            const float p2 = ex2_approx(fmaf(sc[4 * j + 2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[4 * j + 3], qscale, -mn1));
-            s0 += p0 + p1;
-            s1 += p2 + p3;
-            pa[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
-            pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
-        }
-        l0 = l0 * al0 + s0;
-        l1 = l1 * al1 + s1;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            o[4 * j] *= al0;
-            o[4 * j + 1] *= al0;
-            o[4 * j + 2] *= al1;
-            o[4 * j + 3] *= al1;
-        }
-        wg_fence();
-#pragma unroll
-        for (int jj = 0; jj < 4; jj++)
-            wgmma_rs<1>(o, pa[jj], wg_desc(sb + L::v + (kt % NS) * WG_KT * 128 + jj * 16 * 128, 8192));
-        wg_commit();
+        wg_softmax_pv(o, sc, pa, m0, m1, l0, l1, kt * WG_KT, Lv, t, sb + L::v + (kt % NS) * WG_KT * 128);
     };
     /* cp.async group j holds tile j (group 0 also Q); each thread waits for its own copies, then
      * makes them visible to the products (async proxy) and to the other threads */
@@ -216,6 +226,193 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
     l1 = quad_sum(l1);
     const float i0 = 1.0f / l0, i1 = 1.0f / l1;
     /* the warp's own 16 rows of the Q tile hold its output, then go out in 16-byte chunks */
+    unsigned char *os = sm + L::q + wg * 64 * 128;
+    const int r0 = warp * 16 + g, r1 = r0 + 8;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        *reinterpret_cast<uint32_t *>(os + sw128(r0, j) + t * 4) = pack_bf16(o[4 * j] * i0, o[4 * j + 1] * i0);
+        *reinterpret_cast<uint32_t *>(os + sw128(r1, j) + t * 4) = pack_bf16(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int i = lane + j * 32, r = warp * 16 + (i >> 3), c = i & 7, row = q0 + wg * 64 + r;
+        if (row < T)
+            *reinterpret_cast<uint4 *>(out + ((size_t)b * T + row) * C + (size_t)h * 64 + c * 8) =
+                *reinterpret_cast<const uint4 *>(os + sw128(r, c));
+    }
+#endif
+}
+
+/* Key tiles of 128 (KESTREL_GPU_ATT=5): S = Q K^T of a warpgroup's 64 rows against 128 keys in
+ * one m64n128k16 chain (64 score registers a thread), then the online softmax over the 128 and
+ * O += P V in 8 m64n64k16 steps; P V is waited for before the next tile's Q K^T (no overlap, so
+ * that scores, P and O fit the 128 registers of 2 blocks an SM). Two K/V slots of 128 keys: a
+ * sequence of up to 256 keys has all its K/V in flight from the start. The K and the V half of
+ * each slot complete on their own mbarriers (cp.async.mbarrier.arrive.noinc, 256 arrivals a
+ * phase), so that Q K^T and the softmax of a tile start before its V has landed, and the
+ * warpgroups meet at a block barrier only before a slot is refilled (never at 256 keys or
+ * fewer). Masking as attention_wg_kernel (tiles of 128 keys wholly past valid[b] skipped); the
+ * online softmax the same, rescaled once every 128 keys instead of 64. */
+#define WG128_KT 128
+#define WG128_NS 2
+struct wg128_smem {
+    static constexpr uint32_t q = 0, k = WG_QR * 128, v = k + WG128_NS * WG128_KT * 128;
+    static constexpr uint32_t bar = v + WG128_NS * WG128_KT * 128; /* a K and a V mbarrier a slot */
+    static constexpr size_t bytes = bar + 4 * 8 + 1024;
+};
+#define WG128_SMEM_BYTES wg128_smem::bytes
+
+#if KST_WGMMA
+/* d (64 x 128, float32) (+)= A (64 x 16, descriptor) B (16 x 128, descriptor, K-major) */
+static __device__ __forceinline__ void wgmma_ss128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(scale_d));
+}
+static __device__ __forceinline__ void mbar_init(uint32_t a, int n) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(n) : "memory");
+}
+/* an arrive on the mbarrier once all of this thread's earlier cp.async copies have landed */
+static __device__ __forceinline__ void mbar_cp_async_arrive(uint32_t a) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
+}
+static __device__ __forceinline__ void mbar_wait(uint32_t a, int parity) {
+    uint32_t ok;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(ok)
+                     : "r"(a), "r"(parity)
+                     : "memory");
+    } while (!ok);
+}
+#endif
+
+__global__ void __launch_bounds__(WG_THREADS, 2)
+attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *valid, int T, int C, int NH) {
+#if KST_WGMMA
+    typedef wg128_smem L;
+    constexpr int NS = WG128_NS, QR = WG_QR, NT = WG_THREADS, KT = WG128_KT;
+    extern __shared__ unsigned char wg_smem_raw[];
+    unsigned char *sm = wg_smem_raw + ((1024 - (smem_u32(wg_smem_raw) & 1023)) & 1023);
+    const uint32_t sb = smem_u32(sm);
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * QR, h = blockIdx.y, b = blockIdx.z;
+    int Lv = valid[b];
+    if (Lv > T) Lv = T;
+    if (Lv < 1) Lv = 1;
+    const int ntiles = (Lv + KT - 1) / KT;
+    const __nv_bfloat16 *base = qkv + (size_t)b * T * 3 * C + (size_t)h * 64;
+    auto load = [&](uint32_t off, int part, int r0, int R, int rows) {
+#pragma unroll
+        for (int j = 0; j < (R * 8 + NT - 1) / NT; j++) {
+            int i = tid + j * NT;
+            if (i < R * 8) {
+                int r = i >> 3, c = i & 7;
+                bool ok = r0 + r < rows;
+                const __nv_bfloat16 *src = ok ? base + (size_t)(r0 + r) * 3 * C + (size_t)part * C + c * 8 : base;
+                cp_async16(sm + off + sw128(r, c), src, ok ? 16 : 0);
+            }
+        }
+    };
+    auto load_tile = [&](int tile) {
+        if (tile < ntiles) {
+            load(L::k + (tile % NS) * KT * 128, 1, tile * KT, KT, Lv);
+            mbar_cp_async_arrive(sb + L::bar + (tile % NS) * 8);
+            load(L::v + (tile % NS) * KT * 128, 2, tile * KT, KT, Lv);
+            mbar_cp_async_arrive(sb + L::bar + 16 + (tile % NS) * 8);
+        }
+    };
+    const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
+    float o[32], sc[64];
+    uint32_t pa[8][4];
+#pragma unroll
+    for (int i = 0; i < 32; i++) o[i] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    /* group 0: Q and tile 0; group 1: tile 1; tile kt + 1 goes into the slot of tile kt - 1
+     * once every warp has passed step kt's barrier (its P V of tile kt - 1 waited for) */
+    if (tid == 0)
+        for (int i = 0; i < 4; i++) mbar_init(sb + L::bar + i * 8, NT);
+    __syncthreads();
+    /* tiles 0 and 1 into the two slots (Q with tile 0's K); tile kt + 1 goes into the slot of
+     * tile kt - 1 once every warp is past it. Slot s's barriers complete once a use: tile kt
+     * waits for phase (kt / 2) & 1. Each thread waits on the barrier, then orders the copies
+     * before the products (async proxy). */
+    load(L::q, 0, q0, QR, T);
+    load_tile(0);
+    load_tile(1);
+    for (int kt = 0; kt < ntiles; kt++) {
+        if (kt >= 1 && kt + 1 < ntiles) {
+            __syncthreads();
+            load_tile(kt + 1);
+        }
+        mbar_wait(sb + L::bar + (kt % NS) * 8, (kt / NS) & 1);
+        fence_async_smem();
+        const uint32_t ks = sb + L::k + (kt % NS) * KT * 128, vs = sb + L::v + (kt % NS) * KT * 128;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            wgmma_ss128(sc, wg_desc(sb + L::q + wg * 64 * 128 + kk * 32, 16), wg_desc(ks + kk * 32, 16), kk > 0);
+        wg_commit();
+        wg_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 64; i++) asm volatile("" : "+f"(sc[i])::"memory");
+        const int k0 = kt * KT;
+        if (k0 + KT > Lv) {
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                const int key = k0 + j * 8 + t * 2;
+                if (key >= Lv) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
+                if (key + 1 >= Lv) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
+        const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
+        const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const float p0 = ex2_approx(fmaf(sc[4 * j], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[4 * j + 1], qscale, -mn0));
+            const float p2 = ex2_approx(fmaf(sc[4 * j + 2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[4 * j + 3], qscale, -mn1));
+            s0 += p0 + p1;
+            s1 += p2 + p3;
+            pa[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
+            pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
+        }
+        l0 = l0 * al0 + s0;
+        l1 = l1 * al1 + s1;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            o[4 * j] *= al0;
+            o[4 * j + 1] *= al0;
+            o[4 * j + 2] *= al1;
+            o[4 * j + 3] *= al1;
+        }
+        mbar_wait(sb + L::bar + 16 + (kt % NS) * 8, (kt / NS) & 1);
+        fence_async_smem();
+        wg_fence();
+#pragma unroll
+        for (int jj = 0; jj < 8; jj++) wgmma_rs<1>(o, pa[jj], wg_desc(vs + jj * 16 * 128, 8192));
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(o);
+#pragma unroll
+        for (int i = 0; i < 32; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
+    }
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
     unsigned char *os = sm + L::q + wg * 64 * 128;
     const int r0 = warp * 16 + g, r1 = r0 + 8;
 #pragma unroll

@@ -425,7 +425,7 @@ static void test_forward_vs_cpu(void **s) {
  * edges. Random weights (uniform in [-0.1, 0.1], LayerNorm weights 1 +- 0.1), GPU forward against
  * the float32 CPU forward, with the residual added in the products' epilogues (the default) and in
  * the LayerNorm kernel (KESTREL_GPU_RES_IN_LN=1). */
-static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln) {
+static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln, const char *att) {
     enum { B = 5, T = 300 };
     kst_bert_config c;
     memset(&c, 0, sizeof c);
@@ -447,15 +447,21 @@ static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln) {
     kst_bert_acts acts = {0};
     assert_ok(kst_bert_forward(&m, &acts, cpu, ids, NULL, valid, B, T, &err), &err);
     kst_bert_acts_free(&acts);
-    /* the knob is read at create; whatever the caller set is restored after */
-    const char *knob = "KESTREL_GPU_RES_IN_LN";
-    char *was = getenv(knob) ? strdup(getenv(knob)) : NULL;
-    setenv(knob, res_in_ln, 1);
+    /* the knobs are read at create; whatever the caller set is restored after (NULL: left as it is) */
+    const char *knob[2] = {"KESTREL_GPU_RES_IN_LN", "KESTREL_GPU_ATT"};
+    const char *val[2] = {res_in_ln, att};
+    char *was[2];
+    for (int k = 0; k < 2; k++) {
+        was[k] = getenv(knob[k]) ? strdup(getenv(knob[k])) : NULL;
+        if (val[k]) setenv(knob[k], val[k], 1);
+    }
     kst_bert_gpu *g = NULL;
     int rc = kst_bert_gpu_create(&m, &g, &err);
-    if (was) setenv(knob, was, 1);
-    else unsetenv(knob);
-    free(was);
+    for (int k = 0; k < 2; k++) {
+        if (was[k]) setenv(knob[k], was[k], 1);
+        else unsetenv(knob[k]);
+        free(was[k]);
+    }
     assert_ok(rc, &err);
     assert_ok(kst_bert_gpu_forward(g, gpu, ids, NULL, valid, B, T, &err), &err);
     double worst = 1;
@@ -465,9 +471,9 @@ static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln) {
             double cs = cosine_f32(gpu + (b * T + t) * C, cpu + (b * T + t) * C, C);
             if (!(cs >= worst)) worst = cs, wb = b, wt = t;
         }
-    printf("  C=%zu, %zu heads of %zu, T=%d, residual in LN %s: GPU vs CPU min row cosine %.6f (sequence %zu of "
-           "length %d, token %zu)\n",
-           C, NH, C / NH, T, res_in_ln, worst, wb, valid[wb], wt);
+    printf("  C=%zu, %zu heads of %zu, T=%d, residual in LN %s, attention %s: GPU vs CPU min row cosine %.6f "
+           "(sequence %zu of length %d, token %zu)\n",
+           C, NH, C / NH, T, res_in_ln, att ? att : "default", worst, wb, valid[wb], wt);
     if (!(worst >= 0.999)) fail_msg("head size %zu: GPU forward differs from the CPU's (cosine %.6f)", C / NH, worst);
     kst_bert_gpu_free(g);
     free(ids), free(cpu), free(gpu);
@@ -477,9 +483,12 @@ static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln) {
 static void test_forward_wide_heads(void **s) {
     (void)s;
     NEED_GPU();
-    wide_heads_case(128, 2, "0");
-    wide_heads_case(64, 2, "0");
-    wide_heads_case(128, 2, "1");
+    wide_heads_case(128, 2, "0", NULL);
+    wide_heads_case(64, 2, "0", NULL);
+    wide_heads_case(128, 2, "1", NULL);
+    /* the wgmma kernel with key tiles of 128 (64-dim heads, KESTREL_GPU_ATT=5): 3, 1, 1, 2 and 2
+     * key tiles a sequence, the two K/V slots reused once */
+    wide_heads_case(128, 2, "0", "5");
 }
 
 /* The same texts through the CPU and the GPU model, one at a time and batched. */

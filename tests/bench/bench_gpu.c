@@ -200,6 +200,7 @@ static int encode_main(int argc, char **argv) {
                           : rl && strcmp(rl, "1") == 0 ? "fused_res_in_ln"
                           : b16 && strcmp(b16, "1") == 0 ? "fused_bias16"
                           : att && strcmp(att, "2") == 0 ? "fused_attention2"
+                          : att && strcmp(att, "5") == 0 ? "fused_attention_wg128"
                                                        : "fused";
     if (kst_bert_gpu_profile(g, pms) == KST_PROF_STEPS) {
         /* per-layer milliseconds of each step (CUDA events between them) */
