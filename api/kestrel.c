@@ -469,7 +469,7 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
                       opts->gpu, opts->tail_samples, opts->group_search,
                       /* codes < 0: on from head_dim 64 (at 32 they cost recall, bench README) */
                       opts->codes < 0 ? opts->head_dim >= 64 : opts->codes, opts->append_batch,
-                      opts->widen, opts->widen_top_k};
+                      opts->widen, opts->widen_top_k, opts->append_idle};
     kst_kv *kv = kst_calloc(1, sizeof *kv, "kv cache", err);
     if (!kv) return KST_ERR_NOMEM;
     int rc = kst_kvc_create(&o, &kv->c, err);
@@ -533,6 +533,10 @@ int kst_kv_set_tail_samples(kst_kv *kv, size_t m, kst_error *err) {
 int kst_kv_reserve(kst_kv *kv, size_t layer, size_t n, kst_error *err) {
     if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_reserve: kv is NULL");
     return kst_kvc_reserve(kv->c, layer, n, err);
+}
+int kst_kv_work(kst_kv *kv, int (*more)(void *arg), void *arg, kst_error *err) {
+    if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_work: kv is NULL");
+    return kst_kvc_work(kv->c, more, arg, NULL, err);
 }
 int kst_kv_flush(kst_kv *kv, size_t layer, kst_error *err) {
     if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_flush: kv is NULL");
