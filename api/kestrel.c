@@ -469,7 +469,7 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
                       opts->gpu, opts->tail_samples, opts->group_search,
                       /* codes < 0: on from head_dim 64 (at 32 they cost recall, bench README) */
                       opts->codes < 0 ? opts->head_dim >= 64 : opts->codes, opts->append_batch,
-                      opts->widen, opts->widen_top_k, opts->append_idle};
+                      opts->widen, opts->widen_top_k};
     kst_kv *kv = kst_calloc(1, sizeof *kv, "kv cache", err);
     if (!kv) return KST_ERR_NOMEM;
     int rc = kst_kvc_create(&o, &kv->c, err);
@@ -477,6 +477,7 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
         kst_free(kv);
         return rc;
     }
+    if (opts->append_idle) kst_kvc_set_append_idle(kv->c, 1);
     *out = kv;
     return KST_OK;
 }

@@ -283,7 +283,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     if (c->widen_f < 2) c->widen_f = 2;
     c->widen_pred = getenv("KESTREL_KV_WIDEN_PRED") ? atoi(getenv("KESTREL_KV_WIDEN_PRED")) : 1;
     c->widen_gain = getenv("KESTREL_KV_WIDEN_GAIN") ? atof(getenv("KESTREL_KV_WIDEN_GAIN")) : 0.5;
-    c->app_idle = getenv("KESTREL_KV_APPEND_IDLE") ? atoi(getenv("KESTREL_KV_APPEND_IDLE")) != 0 : o.append_idle != 0;
+    c->app_idle = getenv("KESTREL_KV_APPEND_IDLE") && atoi(getenv("KESTREL_KV_APPEND_IDLE")) != 0;
     c->wk_idle = getenv("KESTREL_KV_APPEND_WORKER_IDLE") && atoi(getenv("KESTREL_KV_APPEND_WORKER_IDLE")) == 1;
     c->widen_early = getenv("KESTREL_KV_WIDEN_EARLY") ? atoi(getenv("KESTREL_KV_WIDEN_EARLY")) : 2;
     pthread_mutex_init(&c->mu, NULL);

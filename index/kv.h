@@ -56,8 +56,6 @@ typedef struct kst_kvc_opts {
                                  estimate holds more than this share of its softmax mass is
                                  searched again, wider; 0: off */
     size_t widen_top_k;       /* the widened searches' top_k at most (0: 16 x top_k) */
-    int append_idle;          /* 1: batch appends planned and linked in the engine's idle time
-                                 (kst_kvc_work), not by the appending call (see kst_kvc_append) */
 } kst_kvc_opts;
 
 typedef struct kst_kvc kst_kvc;
@@ -93,7 +91,8 @@ size_t kst_kvc_indexed(const kst_kvc *c, size_t layer);
 int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *values, size_t n,
                    kst_error *err);
 
-/* The engine's idle time lent to the cache (append_idle = 1, or kst_kvc_set_append_idle): an
+/* The engine's idle time lent to the cache (kst_kvc_set_append_idle; kestrel.h's
+ * opts.append_idle): an
  * inference engine's CPU waits while the GPU runs the rest of a layer (the O projection, the
  * MLP, the next layer's QKV: ~0.15 ms for an 8B model on an H100), and a batch append's
  * planning (512 key-key searches at 8 KV heads and B = 64: ~2 ms on 16 threads, once per B
@@ -116,8 +115,9 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
  * calls, by planner threads or here (test_kv_idle); before it, a step attends exactly to the
  * tokens not linked yet, so outputs differ within the retrieval's error only. */
 int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, kst_error *err);
-/* Changes opts.append_idle of a live cache (KESTREL_KV_APPEND_IDLE=0/1 at creation overrides
- * opts). Off: a queued batch is planned by the next append, as before. */
+/* 1: batch appends planned and linked in the engine's idle time (kst_kvc_work), the appending
+ * call only queueing a completed batch; 0 (the default; KESTREL_KV_APPEND_IDLE=1 at creation
+ * turns it on): the appending call plans it. Taken up at the next batch. */
 void kst_kvc_set_append_idle(kst_kvc *c, int on);
 
 /* Links every pending token of the layer into its index now (waits for the batch in flight;

@@ -91,10 +91,11 @@ static void run_idle(int gpu, size_t B, double us) {
     fill(K, n * KVH * D, 1);
     fill(V, n * KVH * D, 1);
     fill(Qp, n0 * QH * D, 1);
-    kst_kvc_opts o = {1, KVH, QH, D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, gpu, 100000, 0, 1, B, 0, 0, 1};
+    kst_kvc_opts o = {1, KVH, QH, D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, gpu, 100000, 0, 1, B, 0, 0};
     kst_kvc *c;
     kst_error err;
     assert_ok(kst_kvc_create(&o, &c, &err), &err);
+    kst_kvc_set_append_idle(c, 1);
     kst_kvc_prof pf;
     memset(&pf, 0, sizeof pf);
     kst_kvc_set_prof(c, &pf);
@@ -178,10 +179,11 @@ static void test_idle_slices(void **state) {
     fill(K, (n0 + B) * KVH * D, 1);
     fill(V, (n0 + B) * KVH * D, 1);
     fill(Qp, n0 * QH * D, 1);
-    kst_kvc_opts o = {1, KVH, QH, D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 0, B, 0, 0, 1};
+    kst_kvc_opts o = {1, KVH, QH, D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 0, B, 0, 0};
     kst_kvc *c;
     kst_error err;
     assert_ok(kst_kvc_create(&o, &c, &err), &err);
+    kst_kvc_set_append_idle(c, 1);
     assert_ok(kst_kvc_append(c, 0, K, V, n0, &err), &err);
     assert_ok(kst_kvc_build(c, 0, Qp, n0, &err), &err);
     assert_ok(kst_kvc_append(c, 0, K + n0 * KVH * D, V + n0 * KVH * D, B, &err), &err); /* one batch queued */
@@ -232,9 +234,10 @@ static void test_idle_same_index(void **state) {
     kst_kvc *c[3];
     kst_error err;
     for (int m = 0; m < 3; m++) {
-        kst_kvc_opts o = {1, KVH, QH, D, 1, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 1, B, 0, 0, m == 2};
+        kst_kvc_opts o = {1, KVH, QH, D, 1, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 1, B, 0, 0};
         assert_ok(kst_kvc_create(&o, &c[m], &err), &err);
         kst_kvc_set_append_worker(c[m], m == 1 ? 2 : 0);
+        kst_kvc_set_append_idle(c[m], m == 2);
         kst_kvc_set_spread(c[m], 32, 4);
         assert_ok(kst_kvc_append(c[m], 0, K, V, n0, &err), &err);
         assert_ok(kst_kvc_build(c[m], 0, Qp, n0, &err), &err);
