@@ -18,8 +18,9 @@
  * GEMVs only: no norms, activations or residual kernels (the PyTorch loop, kv_loop_torch.py,
  * runs the same GEMVs beside SDPA).
  * Environment: KV_LAYERS (4), KV_LOOP_STEPS (320 steps per row), KV_WINDOW (1024),
- * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"). Budget: the
- * default (head+codes, spread 1015 / best 8, 2 expansions, ef 128, top_k 100, tail 2,048). */
+ * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"), KV_SPREAD
+ * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
+ * 8, 2 expansions, ef 128, top_k 100, tail 2,048). */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -328,7 +329,7 @@ int main(int argc, char **argv) {
     /* the default budget's search (bench_kv_gpu layer "head+codes/sp1015/sk8/x2", ef 128) */
     kst_kvc_set_search(c, 0, 1);
     kst_kvc_set_expand(c, 2);
-    kst_kvc_set_spread(c, 1015, 8);
+    kst_kvc_set_spread(c, getenv("KV_SPREAD") ? (size_t)atol(getenv("KV_SPREAD")) : 1015, 8); /* 1M: 4096, as layer's */
     kst_kvc_set_insert(c, KST_KVG_INS_SK, (3 * 64 + 3) / 4);
     gpu_init(L);
     CK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
