@@ -477,6 +477,7 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
         kst_free(kv);
         return rc;
     }
+    if (opts->append_idle) kst_kvc_set_append_idle(kv->c, 1);
     *out = kv;
     return KST_OK;
 }
@@ -533,6 +534,10 @@ int kst_kv_set_tail_samples(kst_kv *kv, size_t m, kst_error *err) {
 int kst_kv_reserve(kst_kv *kv, size_t layer, size_t n, kst_error *err) {
     if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_reserve: kv is NULL");
     return kst_kvc_reserve(kv->c, layer, n, err);
+}
+int kst_kv_work(kst_kv *kv, int (*more)(void *arg), void *arg, kst_error *err) {
+    if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_work: kv is NULL");
+    return kst_kvc_work(kv->c, more, arg, NULL, err);
 }
 int kst_kv_flush(kst_kv *kv, size_t layer, kst_error *err) {
     if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_flush: kv is NULL");

@@ -334,6 +334,9 @@ typedef struct kst_kv_opts {
                                  at 128K (tests/bench/README.md, rounds 10 and 12);
                                  stats.widened counts the widened searches */
     size_t widen_top_k;       /* the widened searches' top_k at most (default 0: 16 x top_k) */
+    int append_idle;          /* default 0; 1: a completed batch of appends is only queued by
+                                 kst_kv_append and planned and linked by kst_kv_work, in the
+                                 time the engine's CPU waits for the GPU (see kst_kv_work) */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */
@@ -390,6 +393,17 @@ int kst_kv_reserve(kst_kv *kv, size_t layer, size_t n, kst_error *err);
  * and the window. Optional: the output is the same either way (pending tokens are attended
  * exactly). */
 int kst_kv_flush(kst_kv *kv, size_t layer, kst_error *err);
+
+/* Lends the cache the engine's idle time (with opts.append_idle = 1): plans the queued batch
+ * appends of every layer (key-key searches, ~2 ms on 16 threads per batch of 64 tokens at 8 KV
+ * heads) in slices of one search on the calling thread's OpenMP team and links planned batches
+ * in, asking more(arg) before each slice, until it returns 0 or nothing is left (more NULL: until
+ * nothing is left). Call it between a layer's kst_kv_attend and the next, while the GPU runs
+ * the rest of the layer, e.g. with more = "cudaEventQuery(ev) == cudaErrorNotReady"; it returns
+ * within one search of more() saying no. No hidden threads; the same index after kst_kv_flush
+ * whoever planned. An append that would leave more than 4 x append_batch tokens pending plans
+ * the batch itself. */
+int kst_kv_work(kst_kv *kv, int (*more)(void *arg), void *arg, kst_error *err);
 
 #ifdef __cplusplus
 }

@@ -148,6 +148,7 @@ struct kst_kvc {
     /* the background planner (kst_kvc_set_append_worker) */
     int wk_on, wk_started, wk_stop; /* worker threads wanted, started (KV_WK_MAX at most) */
     int wk_idle;                    /* workers at the idle scheduling class (Linux SCHED_IDLE) */
+    int app_idle;                   /* batches planned in the engine's idle time (kst_kvc_work) */
     pthread_t wk[KV_WK_MAX];
     pthread_mutex_t mu;
     pthread_cond_t cv_work, cv_idle;
@@ -282,6 +283,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     if (c->widen_f < 2) c->widen_f = 2;
     c->widen_pred = getenv("KESTREL_KV_WIDEN_PRED") ? atoi(getenv("KESTREL_KV_WIDEN_PRED")) : 1;
     c->widen_gain = getenv("KESTREL_KV_WIDEN_GAIN") ? atof(getenv("KESTREL_KV_WIDEN_GAIN")) : 0.5;
+    c->app_idle = getenv("KESTREL_KV_APPEND_IDLE") && atoi(getenv("KESTREL_KV_APPEND_IDLE")) != 0;
     c->wk_idle = getenv("KESTREL_KV_APPEND_WORKER_IDLE") && atoi(getenv("KESTREL_KV_APPEND_WORKER_IDLE")) == 1;
     c->widen_early = getenv("KESTREL_KV_WIDEN_EARLY") ? atoi(getenv("KESTREL_KV_WIDEN_EARLY")) : 2;
     pthread_mutex_init(&c->mu, NULL);
@@ -493,37 +495,47 @@ static int index_leavers(kst_kvc *c, kv_layer *L, kst_error *err) {
 /* ------------------------------------------------------------------------------------------ */
 /* batch appends (kv.h, kst_kvc_append) */
 
-/* Plans the job's items that are left, KV_PLAN_IL at a time interleaved on one thread (their
- * memory latencies overlap: kst_kvg_plan_multi), by the worker or a thread of the appending
- * call: s (KV_PLAN_IL scratches) and tmp (KV_PLAN_IL * 2 * head_dim floats) the caller's own. */
-static void job_work(kst_kvc *c, kv_layer *L, kv_job *J, kst_kvg_scratch **s, float *tmp, size_t il) {
+/* Plans the job's next il items (fewer at its end), interleaved on one thread (their memory
+ * latencies overlap: kst_kvg_plan_multi), by a worker, a thread of the appending call or of
+ * kst_kvc_work: s (KV_PLAN_IL scratches) and tmp (KV_PLAN_IL * 2 * head_dim floats) the
+ * caller's own. Returns the items planned (0: none was left to claim). */
+static size_t job_slice(kst_kvc *c, kv_layer *L, kv_job *J, kst_kvg_scratch **s, float *tmp, size_t il) {
     const kst_kvc_opts *o = &c->o;
     size_t M = L->heads[0].g.M;
-    for (;;) {
-        size_t i0 = __atomic_fetch_add(&J->next, il, __ATOMIC_ACQ_REL);
-        if (i0 >= J->items) break;
-        size_t np = J->items - i0 < il ? J->items - i0 : il;
-        kst_kvg_plan_item it[KV_PLAN_IL];
-        float *tp[KV_PLAN_IL];
-        for (size_t a = 0; a < np; a++) {
-            size_t i = i0 + a;
-            kv_hstore *H = &L->heads[i / J->n];
-            kst_kvg_plan_item x = {&H->g, rows_at(c, H->K, o->sinks), (uint32_t)(J->lo + i % J->n), J->lo,
-                                   J->sel + i * M, J->seld + i * M, 0, 0};
-            it[a] = x;
-            tp[a] = tmp + a * 2 * o->head_dim;
-        }
-        kst_kvg_plan_multi(it, np, o->f16, o->head_dim, s, tp);
-        for (size_t a = 0; a < np; a++) {
-            size_t r = it[a].count;
-            if (r == (size_t)-1) {
-                __atomic_store_n(&J->fail, 1, __ATOMIC_RELAXED);
-                r = 0;
-            }
-            J->cnt[i0 + a] = r;
-        }
-        __atomic_fetch_add(&J->done, np, __ATOMIC_RELEASE);
+    size_t i0 = __atomic_fetch_add(&J->next, il, __ATOMIC_ACQ_REL);
+    if (i0 >= J->items) return 0;
+    size_t np = J->items - i0 < il ? J->items - i0 : il;
+    kst_kvg_plan_item it[KV_PLAN_IL];
+    float *tp[KV_PLAN_IL];
+    for (size_t a = 0; a < np; a++) {
+        size_t i = i0 + a;
+        kv_hstore *H = &L->heads[i / J->n];
+        kst_kvg_plan_item x = {&H->g, rows_at(c, H->K, o->sinks), (uint32_t)(J->lo + i % J->n), J->lo,
+                               J->sel + i * M, J->seld + i * M, 0, 0};
+        it[a] = x;
+        tp[a] = tmp + a * 2 * o->head_dim;
     }
+    kst_kvg_plan_multi(it, np, o->f16, o->head_dim, s, tp);
+    for (size_t a = 0; a < np; a++) {
+        size_t r = it[a].count;
+        if (r == (size_t)-1) {
+            __atomic_store_n(&J->fail, 1, __ATOMIC_RELAXED);
+            r = 0;
+        }
+        J->cnt[i0 + a] = r;
+    }
+    __atomic_fetch_add(&J->done, np, __ATOMIC_RELEASE);
+    return np;
+}
+
+/* The job's items that are left, il at a time, until none is left or *stop (may be NULL) is
+ * set; returns the items this thread planned. */
+static size_t job_work(kst_kvc *c, kv_layer *L, kv_job *J, kst_kvg_scratch **s, float *tmp, size_t il,
+                       const int *stop) {
+    size_t planned = 0, np;
+    while (!(stop && __atomic_load_n(stop, __ATOMIC_ACQUIRE)) && (np = job_slice(c, L, J, s, tmp, il)) > 0)
+        planned += np;
+    return planned;
 }
 
 /* Thread t's KV_PLAN_IL scratches for job_work: its search scratch and interleaved ones. */
@@ -561,7 +573,7 @@ static void *worker_main(void *arg) {
         }
         L->job.workers++;
         pthread_mutex_unlock(&c->mu);
-        job_work(c, L, &L->job, s, tmp, 1); /* one plan at a time: an append that must finish
+        (void)job_work(c, L, &L->job, s, tmp, 1, NULL); /* one plan at a time: an append that must finish
                                                the batch waits for one plan at most */
         pthread_mutex_lock(&c->mu);
         L->job.workers--;
@@ -664,7 +676,8 @@ static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err) {
         {
             kst_kvg_scratch *s[KV_PLAN_IL];
             plan_scratches(c, omp_get_thread_num(), s);
-            job_work(c, L, J, s, c->ptmp + (size_t)omp_get_thread_num() * KV_PLAN_IL * 2 * c->o.head_dim, c->plan_il);
+            (void)job_work(c, L, J, s, c->ptmp + (size_t)omp_get_thread_num() * KV_PLAN_IL * 2 * c->o.head_dim, c->plan_il,
+                           NULL);
         }
     }
     while (__atomic_load_n(&J->done, __ATOMIC_ACQUIRE) < J->items) sched_yield();
@@ -716,9 +729,97 @@ static int kv_advance(kst_kvc *c, kv_layer *L, kst_error *err) {
         }
         if (pend < c->batch) break;
         KST_TRY(job_launch(c, L, c->batch, err));
-        if (!(c->wk_on && c->wk_started) || pend > c->pmax) KST_TRY(job_finish(c, L, err));
+        /* planned by the workers or in the engine's idle time (kst_kvc_work), within the lag */
+        if (!((c->wk_on && c->wk_started) || c->app_idle) || pend > c->pmax) KST_TRY(job_finish(c, L, err));
     }
 done:
+    return rc;
+}
+
+void kst_kvc_set_append_idle(kst_kvc *c, int on) { c->app_idle = on != 0; }
+
+/* kst_kvc_work's plans of one job (more() has said yes): the team's threads claim one plan at a
+ * time until none is left or more() says no. With more than one thread the first only asks
+ * more() (its answer is seen at once) while the others plan; alone, a thread asks after each
+ * plan. Returns the plans made. */
+static size_t work_plan(kst_kvc *c, kv_layer *L, int (*more)(void *), void *arg, int *stop) {
+    kv_job *J = &L->job;
+    size_t planned = 0;
+    int nt = omp_get_max_threads() < c->nth ? omp_get_max_threads() : c->nth;
+#pragma omp parallel num_threads(nt) reduction(+ : planned) if (nt > 1)
+    {
+        int t = omp_get_thread_num();
+        float *tmp = c->ptmp + (size_t)t * KV_PLAN_IL * 2 * c->o.head_dim;
+        kst_kvg_scratch *s[KV_PLAN_IL];
+        plan_scratches(c, t, s);
+        if (omp_get_num_threads() == 1) { /* (the caller asked before the first) */
+            size_t np;
+            while ((np = job_slice(c, L, J, s, tmp, 1)) > 0) {
+                planned += np;
+                if (__atomic_load_n(&J->next, __ATOMIC_ACQUIRE) >= J->items) break;
+                if (more && !more(arg)) {
+                    *stop = 1;
+                    break;
+                }
+            }
+        } else if (t == 0 && more) {
+            while (__atomic_load_n(&J->next, __ATOMIC_ACQUIRE) < J->items)
+                if (more && !more(arg)) {
+                    __atomic_store_n(stop, 1, __ATOMIC_RELEASE);
+                    break;
+                }
+        } else {
+            planned += job_work(c, L, J, s, tmp, 1, stop);
+        }
+    }
+    return planned;
+}
+
+int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, kst_error *err) {
+    if (planned) *planned = 0;
+    if (!c) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_work: the cache is NULL");
+    int rc = KST_OK, stop = 0;
+    size_t np = 0, linked = 0;
+    double t0 = c->prof ? mono_s() : 0, tl = 0;
+    while (!stop) {
+        /* a planned batch first (linked: its tokens leave the exact part), then plans to make */
+        kv_layer *L = NULL;
+        int link = 0;
+        for (size_t l = 0; l < c->o.layers && !L; l++)
+            if (c->layers[l].built && job_planned(&c->layers[l].job)) {
+                L = &c->layers[l];
+                link = 1;
+            }
+        for (size_t l = 0; l < c->o.layers && !L; l++) {
+            kv_job *J = &c->layers[l].job;
+            if (c->layers[l].built && J->state == KV_JOB_QUEUED && __atomic_load_n(&J->next, __ATOMIC_ACQUIRE) < J->items)
+                L = &c->layers[l];
+        }
+        if (!L) break; /* nothing left (or only plans a background worker is making) */
+        if (link) {
+            if (more && !more(arg)) break;
+            double a = c->prof ? mono_s() : 0;
+            KST_TRY(job_apply(c, L, err));
+            linked++;
+            /* the next batch queued where B more are pending, as the appending call would */
+            const kst_kvc_opts *o = &c->o;
+            size_t target = L->n >= o->sinks + o->window ? L->n - o->sinks - o->window : 0, nidx = L->heads[0].g.n;
+            if (target >= nidx + c->batch) KST_TRY(job_launch(c, L, c->batch, err));
+            if (c->prof) tl += mono_s() - a;
+            continue;
+        }
+        if (more && !more(arg)) break;
+        np += work_plan(c, L, more, arg, &stop);
+    }
+done:
+    if (c->prof) {
+        c->prof->idle_calls++;
+        c->prof->idle_plans += np;
+        c->prof->idle_batches += linked;
+        c->prof->idle_s += mono_s() - t0;
+        c->prof->idle_link += tl;
+    }
+    if (planned) *planned = np;
     return rc;
 }
 
@@ -729,9 +830,13 @@ int kst_kvc_flush(kst_kvc *c, size_t layer, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     if (!L->built) return KST_OK;
     KST_TRY(job_finish(c, L, err));
-    size_t target = L->n >= o->sinks + o->window ? L->n - o->sinks - o->window : 0, nidx = L->heads[0].g.n;
-    if (target > nidx) {
-        KST_TRY(job_launch(c, L, target - nidx, err));
+    /* batch by batch (B at a time, then the rest), as the appends link them: a batch's plans
+     * see the staged nodes before them, so the graphs after a flush are the same whether the
+     * earlier batches were planned by the appending calls, the workers or kst_kvc_work */
+    for (;;) {
+        size_t target = L->n >= o->sinks + o->window ? L->n - o->sinks - o->window : 0, nidx = L->heads[0].g.n;
+        if (target <= nidx) break;
+        KST_TRY(job_launch(c, L, c->batch > 1 && target - nidx > c->batch ? c->batch : target - nidx, err));
         KST_TRY(job_finish(c, L, err));
     }
 done:

@@ -91,6 +91,35 @@ size_t kst_kvc_indexed(const kst_kvc *c, size_t layer);
 int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *values, size_t n,
                    kst_error *err);
 
+/* The engine's idle time lent to the cache (kst_kvc_set_append_idle; kestrel.h's
+ * opts.append_idle): an
+ * inference engine's CPU waits while the GPU runs the rest of a layer (the O projection, the
+ * MLP, the next layer's QKV: ~0.15 ms for an 8B model on an H100), and a batch append's
+ * planning (512 key-key searches at 8 KV heads and B = 64: ~2 ms on 16 threads, once per B
+ * steps and layer) belongs there rather than in a decode step. With append_idle the append that
+ * completes a batch only queues it (staging its norms); kst_kvc_work then plans the queued
+ * batches of every layer in slices of one plan (one key-key search, tens of microseconds) on
+ * the calling thread's OpenMP team, asking more(arg) between slices (e.g. "the GPU's event is
+ * not ready": cudaEventQuery(ev) == cudaErrorNotReady), and links a planned batch in (all KV
+ * heads at once, the edges both ways: ~0.25 ms at 8 KV heads) where more still says yes. With
+ * more than one thread the first asks more() while the others plan, so the call returns within
+ * one plan of more() saying no. It returns when more() says no or nothing is left to do
+ * (*planned, may be NULL: the plans it made; more NULL: until nothing is left). No thread of
+ * its own: nothing runs unless the engine calls it (as libuv's idle handles or redis's
+ * incremental rehash in its cron), between the cache's other calls (one call at a time). An
+ * append that finds its batch planned links it in (if kst_kvc_work has not); one that would
+ * leave more than 4B pending plans the batch itself (the lag stays bounded when the engine
+ * lends too little time). The result does not depend on who planned: a batch's plans read the
+ * graphs as they were when it was queued and each batch is queued at the same point, so after
+ * kst_kvc_flush the graphs are the same whether the batches were planned by the appending
+ * calls, by planner threads or here (test_kv_idle); before it, a step attends exactly to the
+ * tokens not linked yet, so outputs differ within the retrieval's error only. */
+int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, kst_error *err);
+/* 1: batch appends planned and linked in the engine's idle time (kst_kvc_work), the appending
+ * call only queueing a completed batch; 0 (the default; KESTREL_KV_APPEND_IDLE=1 at creation
+ * turns it on): the appending call plans it. Taken up at the next batch. */
+void kst_kvc_set_append_idle(kst_kvc *c, int on);
+
 /* Links every pending token of the layer into its index now (waits for the batch in flight;
  * tests and callers that want the index complete). */
 int kst_kvc_flush(kst_kvc *c, size_t layer, kst_error *err);
@@ -289,6 +318,9 @@ typedef struct kst_kvc_prof {
      * appending call that found them planned: count, wall seconds linking */
     size_t app_wbatches;
     double app_wlink;
+    /* kst_kvc_work: calls, plans made, batches linked, wall seconds in it (all) and linking */
+    size_t idle_calls, idle_plans, idle_batches;
+    double idle_s, idle_link;
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # kv_gpu_build.sh OUT - builds tests/bench/bench_kv_gpu standalone (the kv sources only; libgomp
 # static; cudart static, cublas shared) so that it runs on a CUDA machine without Kestrel's other
-# dependencies. Needs nvcc (works without a GPU).
+# dependencies. Needs nvcc (works without a GPU). BENCH=bench_kv_loop builds that bench instead.
 set -euo pipefail
-out=${1:-build/bench_kv_gpu}
+bench=${BENCH:-bench_kv_gpu}
+out=${1:-build/$bench}
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 NVCC=${NVCC:-nvcc}
 CF="-std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -DKST_CUDA=1 -I."
-for f in core/kv_attn.c core/half.c core/mem.c core/error.c core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c tests/bench/bench_kv_gpu.c; do
+for f in core/kv_attn.c core/half.c core/mem.c core/error.c core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c tests/bench/$bench.c; do
   cc $CF -c "$f" -o "$tmp/$(basename "$f" .c).o"
 done
 $NVCC -O2 -std=c++17 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80 -I. -c index/kv_cuda.cu -o "$tmp/kv_cuda.o"

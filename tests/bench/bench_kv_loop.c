@@ -1,0 +1,417 @@
+/* bench_kv_loop.c - decode steps inside a decoder loop (CUDA machine): per step and layer the
+ * GPU runs a Llama-3-8B layer's GEMVs (cuBLAS, random bfloat16 weights: QKV 4096 -> 6144 before
+ * the attention; O 4096 -> 4096, MLP gate and up 4096 -> 14336, down 14336 -> 4096 after it),
+ * and the attention of that layer is Kestrel's decode step (kst_kvc_attend, each layer its own
+ * cache of N tokens: 8 KV x 32 query heads, d 128, float16, the bench_kv_gpu layer generator),
+ * with one token appended per layer and step. The engine's CPU is idle while the GPU runs the
+ * O projection, the MLP and the next layer's QKV: in the "idle" rows that time is lent to the
+ * cache (kst_kvc_work until the GPU's event is done), in the "inline" rows the append that
+ * completes a batch plans it (the library's default).
+ *
+ *   bench_kv_loop N     N cached tokens per layer (e.g. 131072)
+ *
+ * Per layer and step: wait for the QKV GEMV and the copy of its output to the host (the
+ * query), append + attend (timed: "step"), the output (4096 values, bfloat16) copied to the
+ * GPU, then the O / MLP GEMVs and the next layer's QKV launched (a CUDA graph per layer:
+ * KV_LOOP_GRAPH=0 launches them one by one) and an event recorded after them. "layer" is the
+ * wall time from one layer's query ready to the next's (the decoder loop's time per layer).
+ * GEMVs only: no norms, activations or residual kernels (the PyTorch loop, kv_loop_torch.py,
+ * runs the same GEMVs beside SDPA).
+ * Environment: KV_LAYERS (4), KV_LOOP_STEPS (320 steps per row), KV_WINDOW (1024),
+ * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"), KV_SPREAD
+ * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
+ * 8, 2 expansions, ef 128, top_k 100, tail 2,048). */
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/half.h"
+#include "index/kv.h"
+#include "index/kv_cuda.h"
+#include "index/kv_graph.h"
+#define KVB_PROG "bench_kv_loop"
+#include "tests/bench/bench_kv_util.h"
+
+#define CK(x)                                                                                             \
+    do {                                                                                                  \
+        cudaError_t e_ = (x);                                                                             \
+        if (e_ != cudaSuccess) {                                                                          \
+            fprintf(stderr, KVB_PROG ": %s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+            exit(2);                                                                                      \
+        }                                                                                                 \
+    } while (0)
+#define CB(x)                                                                             \
+    do {                                                                                  \
+        cublasStatus_t s_ = (x);                                                          \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                \
+            fprintf(stderr, KVB_PROG ": %s:%d %s: cuBLAS %d\n", __FILE__, __LINE__, #x, (int)s_); \
+            exit(2);                                                                      \
+        }                                                                                 \
+    } while (0)
+
+enum { HID = 4096, NQKV = 6144, FF = 14336 };
+
+/* ------------------------------------------------------------------------------------------ */
+/* the synthetic layer (bench_kv_gpu.c, layer(): the same generator, KV_GEN=real) */
+
+static uint64_t mix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+static float gauss_at(uint64_t seed, uint64_t i) {
+    uint64_t a = mix64(seed * 0x632be59bd9b4e019ull + 2 * i), b = mix64(seed * 0x632be59bd9b4e019ull + 2 * i + 1);
+    double u = ((a >> 11) + 0.5) * (1.0 / 9007199254740992.0), v = (b >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2 * log(u)) * cos(2 * M_PI * v));
+}
+static void head_row(uint16_t *k, uint16_t *v, const uint16_t *K0, const uint16_t *V0, size_t t, const int *perm,
+                     const float *sgn, size_t D) {
+    for (size_t i = 0; i < D; i++) {
+        uint16_t a = K0[t * D + perm[i]], b = V0[t * D + perm[i]];
+        if (sgn[i] < 0) { a ^= 0x8000; b ^= 0x8000; }
+        k[i] = a;
+        v[i] = b;
+    }
+}
+
+enum { D = 128, KVH = 8, QH = 32, G = 4, SINKS = 4, TOPK = 100, NT = 50, NPRE = 8192 };
+static int perm[KVH][D];
+static float sgn[KVH][D];
+static uint16_t *K0, *V0;
+static float *Qpre, *Qd;
+
+/* head 0's keys and values (N, D) float16, prefill queries in head 0's frame, decode queries in
+ * each KV head's frame (as bench_kv_gpu layer makes them) */
+static void gen(size_t N, float corr) {
+    for (size_t h = 0; h < KVH; h++) {
+        for (size_t i = 0; i < D; i++) { perm[h][i] = (int)i; sgn[h][i] = 1; }
+        for (size_t i = D - 1; h && i > 0; i--) {
+            size_t j = (size_t)(urand() * (i + 1)) % (i + 1);
+            int x = perm[h][i]; perm[h][i] = perm[h][j]; perm[h][j] = x;
+        }
+        for (size_t i = 0; h && i < D; i++) sgn[h][i] = urand() < 0.5 ? -1.0f : 1.0f;
+    }
+    rng = 88172645463325252ull ^ (N * 0x9e3779b97f4a7c15ull);
+    size_t C = N / 384 > 0 ? N / 384 : 1;
+    const size_t GWIN = 1024;
+    const float bsink = 20.8f, bwin = 3.5f;
+    float *cen = malloc(C * D * 4), mk[D], mq[D], u[D];
+    for (size_t i = 0; i < C * D; i++) cen[i] = nrand();
+    for (size_t i = 0; i < D; i++) { mk[i] = 1.5f * nrand(); mq[i] = 0.5f * nrand(); }
+    double un2 = 0;
+    for (size_t i = 0; i < D; i++) { u[i] = nrand(); un2 += (double)u[i] * u[i]; }
+    for (size_t i = 0; i < D; i++) u[i] = (float)(u[i] / sqrt(un2));
+    K0 = malloc(N * D * 2);
+    V0 = malloc(N * D * 2);
+    uint64_t seed = N;
+#pragma omp parallel for schedule(static)
+    for (size_t t = 0; t < N; t++) {
+        size_t c = mix64(seed ^ (t * 0x9e3779b97f4a7c15ull)) % C;
+        float kr[D];
+        double ku = 0;
+        for (size_t i = 0; i < D; i++) {
+            kr[i] = mk[i] + cen[c * D + i] + 0.7f * gauss_at(seed, t * 2 * D + i);
+            ku += (double)kr[i] * u[i];
+            V0[t * D + i] = kst_f32_to_f16(gauss_at(seed, t * 2 * D + D + i));
+        }
+        float b = t < SINKS ? bsink : t + GWIN >= N ? bwin : 0;
+        for (size_t i = 0; i < D; i++) K0[t * D + i] = kst_f32_to_f16(kr[i] - (float)ku * u[i] + b * u[i]);
+    }
+    Qpre = calloc((size_t)NPRE * QH * D, 4);
+    float *Qd0 = malloc((size_t)NT * QH * D * 4);
+    Qd = malloc((size_t)NT * QH * D * 4);
+    for (size_t t = 0; t < NPRE + NT; t++)
+        for (size_t g0 = 0; g0 < QH; g0 += G) {
+            size_t cs = (size_t)(urand() * C) % C;
+            float zs[D];
+            for (size_t i = 0; i < D; i++) zs[i] = nrand();
+            for (size_t h = g0; h < g0 + G; h++) {
+                if (t < NPRE && h >= G) continue;
+                float *q = t < NPRE ? Qpre + (t * QH + h) * D : Qd0 + ((t - NPRE) * QH + h) * D;
+                size_t c = (size_t)(urand() * C) % C;
+                int shared = urand() < corr;
+                if (shared) c = cs;
+                float a = shared ? sqrtf(corr) : 0, b = sqrtf(1 - a * a);
+                double qu = 0;
+                for (size_t i = 0; i < D; i++) {
+                    q[i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * (a * zs[i] + b * nrand());
+                    qu += (double)q[i] * u[i];
+                }
+                for (size_t i = 0; i < D; i++) q[i] += ((float)sqrt((double)D) - (float)qu) * u[i];
+            }
+        }
+    for (size_t t = 0; t < NT; t++)
+        for (size_t h = 0; h < QH; h++)
+            for (size_t i = 0; i < D; i++)
+                Qd[(t * QH + h) * D + i] = sgn[h / G][i] * Qd0[(t * QH + h) * D + perm[h / G][i]];
+    free(cen);
+    free(Qd0);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the GPU side of the loop */
+
+typedef struct gpu_layer {
+    void *wqkv, *wo, *wg, *wu, *wd;
+} gpu_layer;
+
+static cublasHandle_t hb;
+static cudaStream_t st;
+static gpu_layer *W;
+static void *x_d, *qkv_d, *attn_d, *o_d, *g_d, *u_d; /* bfloat16 activations */
+static uint16_t *qkv_h, *attn_h;                      /* pinned */
+static cudaGraphExec_t *seg;                          /* per layer l: post(l) + pre(l + 1) */
+static int use_graph;
+
+/* y (m) = W (m x k, row-major) x (k), bfloat16, float32 accumulation */
+static void gemv(const void *Wt, const void *x, void *y, int m, int k) {
+    const float one = 1, zero = 0;
+    CB(cublasGemmEx(hb, CUBLAS_OP_T, CUBLAS_OP_N, m, 1, k, &one, Wt, CUDA_R_16BF, k, x, CUDA_R_16BF, k, &zero, y,
+                    CUDA_R_16BF, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+/* before the attention of layer l: its QKV, the query (and new key, value) to the host */
+static void pre(int l) {
+    gemv(W[l].wqkv, x_d, qkv_d, NQKV, HID);
+    CK(cudaMemcpyAsync(qkv_h, qkv_d, NQKV * 2, cudaMemcpyDeviceToHost, st));
+}
+/* after it: the attention output to the GPU, O, MLP */
+static void post(int l) {
+    CK(cudaMemcpyAsync(attn_d, attn_h, HID * 2, cudaMemcpyHostToDevice, st));
+    gemv(W[l].wo, attn_d, o_d, HID, HID);
+    gemv(W[l].wg, o_d, g_d, FF, HID);
+    gemv(W[l].wu, o_d, u_d, FF, HID);
+    gemv(W[l].wd, g_d, x_d, HID, FF);
+}
+static void launch_seg(int l, int L) {
+    if (use_graph) CK(cudaGraphLaunch(seg[l], st));
+    else {
+        post(l);
+        pre((l + 1) % L);
+    }
+}
+
+static void gpu_init(int L) {
+    CB(cublasCreate(&hb));
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    CB(cublasSetStream(hb, st));
+    void *ws;
+    CK(cudaMalloc(&ws, 32u << 20));
+    CB(cublasSetWorkspace(hb, ws, 32u << 20)); /* (graph capture: no allocation inside) */
+    W = calloc((size_t)L, sizeof *W);
+    /* random bfloat16 weights (uniform +-1/64): a 64 MB block of draws copied over each matrix */
+    size_t blk = 32u << 20;
+    uint16_t *r = malloc(blk * 2);
+    for (size_t i = 0; i < blk; i++) {
+        float f = (float)((urand() * 2 - 1) / 64);
+        uint32_t b;
+        memcpy(&b, &f, 4);
+        r[i] = (uint16_t)(b >> 16);
+    }
+    void *rd;
+    CK(cudaMalloc(&rd, blk * 2));
+    CK(cudaMemcpy(rd, r, blk * 2, cudaMemcpyHostToDevice));
+    free(r);
+    size_t sz[5] = {(size_t)NQKV * HID, (size_t)HID * HID, (size_t)FF * HID, (size_t)FF * HID, (size_t)HID * FF};
+    for (int l = 0; l < L; l++) {
+        void **p[5] = {&W[l].wqkv, &W[l].wo, &W[l].wg, &W[l].wu, &W[l].wd};
+        for (int m = 0; m < 5; m++) {
+            CK(cudaMalloc(p[m], sz[m] * 2));
+            for (size_t o = 0; o < sz[m]; o += blk)
+                CK(cudaMemcpy((char *)*p[m] + o * 2, rd, (sz[m] - o < blk ? sz[m] - o : blk) * 2, cudaMemcpyDeviceToDevice));
+        }
+    }
+    CK(cudaFree(rd));
+    void **acts[6] = {&x_d, &qkv_d, &attn_d, &o_d, &g_d, &u_d};
+    size_t an[6] = {HID, NQKV, HID, HID, FF, FF};
+    for (int i = 0; i < 6; i++) {
+        CK(cudaMalloc(acts[i], an[i] * 2));
+        CK(cudaMemset(*acts[i], 0x3c, an[i] * 2)); /* 0x3c3c: 0.0115 */
+    }
+    CK(cudaMallocHost((void **)&qkv_h, NQKV * 2));
+    CK(cudaMallocHost((void **)&attn_h, HID * 2));
+    memset(attn_h, 0x3c, HID * 2);
+    seg = calloc((size_t)L, sizeof *seg);
+    use_graph = !getenv("KV_LOOP_GRAPH") || atoi(getenv("KV_LOOP_GRAPH")) != 0;
+    for (int l = 0; l < L && use_graph; l++) {
+        cudaGraph_t g;
+        if (cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal) != cudaSuccess) { use_graph = 0; break; }
+        post(l);
+        pre((l + 1) % L);
+        if (cudaStreamEndCapture(st, &g) != cudaSuccess || cudaGraphInstantiate(&seg[l], g, 0) != cudaSuccess) {
+            (void)cudaGetLastError();
+            use_graph = 0;
+            break;
+        }
+        CK(cudaGraphDestroy(g));
+    }
+    CK(cudaStreamSynchronize(st));
+}
+
+static cudaEvent_t ev;
+static int gpu_busy(void *arg) {
+    (void)arg;
+    return cudaEventQuery(ev) == cudaErrorNotReady;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct row_stats {
+    double mean, med, p90, max;
+} row_stats;
+static row_stats stats_of(double *a, size_t n) {
+    row_stats r = {0, 0, 0, 0};
+    for (size_t i = 0; i < n; i++) r.mean += a[i] / n;
+    qsort(a, n, sizeof *a, cmp_d);
+    r.med = a[n / 2];
+    r.p90 = a[n * 9 / 10];
+    r.max = a[n - 1];
+    return r;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc < 2) {
+        fprintf(stderr, "usage: bench_kv_loop N (cached tokens per layer)\n");
+        return 2;
+    }
+    if (kst_kv_cuda_devices() == 0) {
+        printf(KVB_PROG ": no CUDA device visible; nothing to do\n");
+        return 0;
+    }
+    size_t N = (size_t)atol(argv[1]);
+    int L = getenv("KV_LAYERS") ? atoi(getenv("KV_LAYERS")) : 4;
+    size_t steps = getenv("KV_LOOP_STEPS") ? (size_t)atol(getenv("KV_LOOP_STEPS")) : 320;
+    size_t window = getenv("KV_WINDOW") ? (size_t)atol(getenv("KV_WINDOW")) : 1024;
+    float corr = getenv("KV_GQA_CORR") ? (float)atof(getenv("KV_GQA_CORR")) : 0.7f;
+    const char *rows = getenv("KV_LOOP_ROWS") ? getenv("KV_LOOP_ROWS") : "gemv,plain,inline,idle,inline,idle";
+    if (L < 1 || steps < 10 || N < 4 * window) {
+        fprintf(stderr, KVB_PROG ": KV_LAYERS >= 1, KV_LOOP_STEPS >= 10, N >= 4 x window\n");
+        return 2;
+    }
+    struct cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    printf("loop: %s; %d layers of %zu tokens each (8 KV x 32 query heads, d 128, float16, window %zu, GQA corr %.2f);"
+           " %zu steps per row; %d CPU threads\n", prop.name, L, N, window, corr, steps, omp_get_max_threads());
+    double t0 = now_s();
+    gen(N, corr);
+    printf("(data %.1f s)\n", now_s() - t0);
+    kst_kvc_opts o = {(size_t)L, KVH, QH, D, 1, 0, SINKS, window, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, 1, 2048, 0, 1, 64, 0, 0};
+    kst_kvc *c;
+    kst_error e;
+    if (kst_kvc_create(&o, &c, &e)) die("create", &e);
+    const size_t CH = 65536;
+    uint16_t *kc = malloc(CH * KVH * D * 2), *vc = malloc(CH * KVH * D * 2);
+    double tb = 0;
+    for (int l = 0; l < L; l++) {
+        for (size_t t0c = 0; t0c < N; t0c += CH) {
+            size_t m = N - t0c < CH ? N - t0c : CH;
+#pragma omp parallel for schedule(static)
+            for (size_t t = 0; t < m; t++)
+                for (size_t h = 0; h < KVH; h++)
+                    head_row(kc + (t * KVH + h) * D, vc + (t * KVH + h) * D, K0, V0, t0c + t, perm[h], sgn[h], D);
+            if (kst_kvc_append(c, (size_t)l, kc, vc, m, &e)) die("append", &e);
+        }
+        double a = now_s();
+        if (kst_kvc_build_copied(c, (size_t)l, Qpre, NPRE, &e)) die("build", &e);
+        tb += now_s() - a;
+        if (kst_kvc_reserve(c, (size_t)l, N + 8 * steps + 4096, &e)) die("reserve", &e);
+    }
+    free(kc);
+    free(vc);
+    printf("(build %.1f s for %d layers; cache %.0f MB per layer in CPU memory + index %.0f MB; GPU holds %.2f MB for all)\n", tb, L,
+           2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0, kst_kvc_gpu_bytes(c) / 1048576.0);
+    /* the default budget's search (bench_kv_gpu layer "head+codes/sp1015/sk8/x2", ef 128) */
+    kst_kvc_set_search(c, 0, 1);
+    kst_kvc_set_expand(c, 2);
+    kst_kvc_set_spread(c, getenv("KV_SPREAD") ? (size_t)atol(getenv("KV_SPREAD")) : 1015, 8); /* 1M: 4096, as layer's */
+    kst_kvc_set_insert(c, KST_KVG_INS_SK, (3 * 64 + 3) / 4);
+    gpu_init(L);
+    CK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    printf("(GEMVs: cuBLAS GemmEx bfloat16, n = 1, %s; weights %.0f MB per layer)\n",
+           use_graph ? "one CUDA graph per layer (O, MLP, next QKV)" : "launched one by one",
+           2.0 * ((double)NQKV * HID + (double)HID * HID + 3.0 * FF * HID) / 1048576.0);
+    printf("%-8s %9s %9s %9s %9s %9s | %9s %9s %9s | %9s %9s %9s %9s\n", "row", "step_mean", "step_med", "step_p90",
+           "step_max", "", "layer_mean", "layer_med", "layer_p90", "idle_ms", "idle_plans", "batches", "pending");
+    float *out = malloc(QH * D * 4);
+    uint16_t kc1[KVH * D], vc1[KVH * D];
+    double *ts = malloc(steps * L * sizeof *ts), *tl = malloc(steps * L * sizeof *tl);
+    size_t app_i = 0;
+    for (const char *rp = rows; *rp;) {
+        size_t rl = strcspn(rp, ",");
+        char row[32];
+        snprintf(row, sizeof row, "%.*s", (int)(rl < 31 ? rl : 31), rp);
+        rp += rl + (rp[rl] == ',');
+        int gemv_only = !strcmp(row, "gemv"), app = !strcmp(row, "inline") || !strcmp(row, "idle"), idle = !strcmp(row, "idle");
+        if (!gemv_only && !app && strcmp(row, "plain")) {
+            fprintf(stderr, KVB_PROG ": unknown row %s\n", row);
+            return 2;
+        }
+        kst_kvc_set_append_idle(c, idle);
+        for (int l = 0; l < L; l++) /* each row starts with nothing queued: the last row's batches linked */
+            if (kst_kvc_flush(c, (size_t)l, &e)) die("flush", &e);
+        kst_kvc_prof pf;
+        memset(&pf, 0, sizeof pf);
+        kst_kvc_set_prof(c, &pf);
+        /* warm-up: a few steps of every layer, then the timed ones */
+        size_t warm = 8;
+        pre(0);
+        CK(cudaEventRecord(ev, st));
+        double prev = 0, idle_s = 0;
+        size_t k = 0;
+        for (size_t s = 0; s < warm + steps; s++)
+            for (int l = 0; l < L; l++) {
+                CK(cudaEventSynchronize(ev)); /* the query of layer l is on the host */
+                double a = now_s();
+                if (!gemv_only) {
+                    if (app) {
+                        size_t t = (app_i++ * 7919 + 13) % N;
+                        for (size_t h = 0; h < KVH; h++) head_row(kc1 + h * D, vc1 + h * D, K0, V0, t, perm[h], sgn[h], D);
+                        if (kst_kvc_append(c, (size_t)l, kc1, vc1, 1, &e)) die("append", &e);
+                    }
+                    if (kst_kvc_attend(c, (size_t)l, Qd + (s % NT) * QH * D, TOPK, 128, out, NULL, &e)) die("attend", &e);
+                    for (size_t i = 0; i < HID; i++) attn_h[i] = (uint16_t)(((union { float f; uint32_t u; }){out[i]}.u) >> 16);
+                }
+                double b = now_s();
+                launch_seg(l, L);
+                CK(cudaEventRecord(ev, st));
+                if (idle) {
+                    double w0 = now_s();
+                    if (kst_kvc_work(c, gpu_busy, NULL, NULL, &e)) die("work", &e);
+                    if (s >= warm) idle_s += now_s() - w0;
+                }
+                if (s >= warm) {
+                    ts[k] = b - a;
+                    tl[k] = a - prev; /* from the last layer's query ready to this one's */
+                    k++;
+                }
+                prev = a;
+            }
+        CK(cudaStreamSynchronize(st));
+        kst_kvc_set_prof(c, NULL);
+        size_t n = k;
+        /* tl[0] spans the warm-up's end: dropped */
+        row_stats S = stats_of(ts, n), T = stats_of(tl + 1, n - 1);
+        size_t pend = 0;
+        for (int l = 0; l < L; l++) pend += kst_kvc_pending(c, (size_t)l);
+        printf("%-8s %9.3f %9.3f %9.3f %9.3f %9s | %9.3f %9.3f %9.3f | %9.3f %9zu %9zu %9zu\n", row, 1e3 * S.mean,
+               1e3 * S.med, 1e3 * S.p90, 1e3 * S.max, "", 1e3 * T.mean, 1e3 * T.med, 1e3 * T.p90,
+               1e3 * idle_s / (double)n, pf.idle_plans, pf.idle_batches + pf.app_wbatches + pf.app_batches, pend);
+        if (app)
+            printf("  (%s: batches linked in idle time %zu, linked by an append %zu, planned by an append %zu (%.2f ms"
+                   " each); kst_kvc_work %.1f us a call, linking %.2f ms a batch)\n", row, pf.idle_batches,
+                   pf.app_wbatches, pf.app_batches, pf.app_batches ? 1e3 * pf.app_bplan / pf.app_batches : 0.0,
+                   pf.idle_calls ? 1e6 * pf.idle_s / pf.idle_calls : 0.0,
+                   pf.idle_batches ? 1e3 * pf.idle_link / pf.idle_batches : 0.0);
+    }
+    printf("(step: append (rows inline, idle) + kst_kvc_attend of one layer, ms; layer: the loop's wall time per layer"
+           " (query ready to the next query ready: the attention step, the GEMVs, the waits); idle_ms: per layer"
+           " in kst_kvc_work)\n");
+    kst_kvc_free(c);
+    return 0;
+}

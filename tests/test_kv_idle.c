@@ -1,0 +1,345 @@
+/* test_kv_idle.c - batch appends planned in the engine's idle time (kst_kvc_work, kst_kv_work;
+ * index/kv.h): the decode steps still equal float64 full attention where every indexed key is
+ * attended; the idle calls really plan and link the batches (the appending calls then plan
+ * none); a call stops within one plan of `more` saying no; and after kst_kvc_flush the index is
+ * the same (the same keys found, the same keys scored, by every search) whether the batches were
+ * planned by the appending calls, by background planner threads or in idle time. */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "harness.h"
+
+#include "api/kestrel.h"
+#include "core/half.h"
+#include "index/kv.h"
+#ifdef KST_CUDA
+#include "index/kv_cuda.h"
+#endif
+
+#define KVH 2
+#define QH 4
+#define D 32
+
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+static double gauss(void) {
+    g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17;
+    double u = ((g_rng >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17;
+    double v = (g_rng >> 11) * (1.0 / 9007199254740992.0);
+    return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
+}
+
+/* float64 full attention of each query head over the first n tokens of K, V (n, KVH, D). */
+static void ref_attn(double *ref, const float *q, const float *K, const float *V, size_t n) {
+    double *s = malloc(n * sizeof *s);
+    for (size_t h = 0; h < QH; h++) {
+        size_t g = h / (QH / KVH);
+        double mx = -INFINITY, z = 0;
+        for (size_t j = 0; j < n; j++) {
+            double a = 0;
+            for (size_t i = 0; i < D; i++) a += (double)q[h * D + i] * K[(j * KVH + g) * D + i];
+            s[j] = a / sqrt((double)D);
+            if (s[j] > mx) mx = s[j];
+        }
+        for (size_t i = 0; i < D; i++) ref[h * D + i] = 0;
+        for (size_t j = 0; j < n; j++) {
+            double w = exp(s[j] - mx);
+            z += w;
+            for (size_t i = 0; i < D; i++) ref[h * D + i] += w * V[(j * KVH + g) * D + i];
+        }
+        for (size_t i = 0; i < D; i++) ref[h * D + i] /= z;
+    }
+    free(s);
+}
+
+/* more(): yes `left` times, then no (counts its calls). */
+typedef struct budget {
+    long left, calls;
+} budget;
+static int more_budget(void *arg) {
+    budget *b = arg;
+    b->calls++;
+    return b->left-- > 0;
+}
+
+/* more(): yes until `us` microseconds after the call that set the deadline (an engine's GPU
+ * time, as cudaEventQuery would say). */
+static double mono_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e6 * (double)ts.tv_sec + 1e-3 * (double)ts.tv_nsec;
+}
+static int more_until(void *arg) { return mono_us() < *(double *)arg; }
+
+static void fill(float *a, size_t n, double sd) {
+    for (size_t i = 0; i < n; i++) a[i] = (float)(sd * gauss());
+}
+
+/* Appends in idle mode, kst_kvc_work between the steps (for `us` microseconds each, 0: until
+ * nothing is left): each step against float64 full attention (top_k 10 and a tail sample as large
+ * as the index: every indexed key attended once), the lag within 4B, and the counters: with all
+ * the time needed (us 0) the idle calls planned and linked every batch (no appending call planned
+ * one: a kst_kvc_work that does nothing fails this), a batch linked by the call after its
+ * append; with little time, the batches land whoever finishes them. */
+static void run_idle(int gpu, size_t B, double us) {
+    const size_t n0 = 300, steps = 140, sinks = 4, window = 16, n = n0 + steps;
+    float *K = malloc(n * KVH * D * sizeof *K), *V = malloc(n * KVH * D * sizeof *V), *Qp = malloc(n0 * QH * D * sizeof *Qp);
+    fill(K, n * KVH * D, 1);
+    fill(V, n * KVH * D, 1);
+    fill(Qp, n0 * QH * D, 1);
+    kst_kvc_opts o = {1, KVH, QH, D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, gpu, 100000, 0, 1, B, 0, 0};
+    kst_kvc *c;
+    kst_error err;
+    assert_ok(kst_kvc_create(&o, &c, &err), &err);
+    kst_kvc_set_append_idle(c, 1);
+    kst_kvc_prof pf;
+    memset(&pf, 0, sizeof pf);
+    kst_kvc_set_prof(c, &pf);
+    assert_ok(kst_kvc_append(c, 0, K, V, n0, &err), &err);
+    assert_ok(kst_kvc_build(c, 0, Qp, n0, &err), &err);
+    size_t at = n0, landed = 0, last = kst_kvc_indexed(c, 0), planned_sum = 0, max_pend = 0;
+    for (size_t s = 0; s < steps; s++) {
+        assert_ok(kst_kvc_append(c, 0, K + at * KVH * D, V + at * KVH * D, 1, &err), &err);
+        at++;
+        size_t pend = kst_kvc_pending(c, 0), idx = kst_kvc_indexed(c, 0);
+        assert_int_equal(pend + idx + sinks + window, at);
+        if (pend > 4 * B) fail_msg("%zu tokens pending after %zu appended (at most 4B = %zu)", pend, at - n0, 4 * B);
+        if (pend > max_pend) max_pend = pend;
+        if (idx != last) {
+            if ((idx - last) % B) fail_msg("the index grew by %zu, not a multiple of the batch %zu", idx - last, B);
+            landed += (idx - last) / B;
+            last = idx;
+        }
+        float q[QH * D], out[QH * D];
+        double ref[QH * D];
+        fill(q, QH * D, 0.5);
+        kst_kvc_stats st;
+        assert_ok(kst_kvc_attend(c, 0, q, 10, 32, out, &st, &err), &err);
+        assert_int_equal(st.exact + st.indexed, at);
+        ref_attn(ref, q, K, V, at);
+        for (size_t i = 0; i < QH * D; i++)
+            if (!(fabs(out[i] - ref[i]) <= 2e-5 + 1e-4 * fabs(ref[i])))
+                fail_msg("idle planning (gpu %d, B %zu, %.0f us), %zu tokens (%zu pending), element %zu: %.7g,"
+                         " float64 full attention %.7g", gpu, B, us, at, pend, i, out[i], ref[i]);
+        /* the GPU's time after the step: the engine lends it */
+        double until = mono_us() + us;
+        size_t planned = 0;
+        assert_ok(kst_kvc_work(c, us > 0 ? more_until : NULL, &until, &planned, &err), &err);
+        planned_sum += planned;
+        idx = kst_kvc_indexed(c, 0);
+        if (idx != last) {
+            landed += (idx - last) / B;
+            last = idx;
+        }
+    }
+    print_message("idle planning (gpu %d, B %zu, %.0f us): %zu batches landed, %zu plans in idle time, %zu batches"
+                  " linked there, %zu by appends (planned: %zu by appends), at most %zu pending\n", gpu, B, us,
+                  landed, pf.idle_plans, pf.idle_batches, pf.app_wbatches, pf.app_batches, max_pend);
+    if (landed < 3) fail_msg("only %zu batches landed over %zu appended tokens (batch %zu)", landed, steps, B);
+    assert_int_equal(pf.idle_plans, planned_sum);
+    assert_int_equal(pf.idle_batches + pf.app_wbatches + pf.app_batches, landed);
+    if (pf.idle_plans == 0) fail_msg("no plan made in idle time (%zu batches planned by appends)", pf.app_batches);
+    /* all the time needed: the idle calls did all the planning and linking (no appending call
+     * planned or linked a batch; every landed batch's plans, KVH per token, came from them) */
+    if (us == 0 && (pf.app_batches || pf.app_wbatches || pf.idle_batches != landed || pf.idle_plans != landed * B * KVH ||
+                    max_pend > B))
+        fail_msg("unbounded idle time: %zu of %zu batches linked in it, %zu plans there (%zu wanted), %zu batches"
+                 " planned by appends, %zu pending at most", pf.idle_batches, landed, pf.idle_plans, landed * B * KVH,
+                 pf.app_batches, max_pend);
+    kst_kvc_set_prof(c, NULL);
+    kst_kvc_free(c);
+    free(K);
+    free(V);
+    free(Qp);
+}
+
+static void test_idle_equals_full_attention(void **state) {
+    (void)state;
+    run_idle(0, 8, 0);   /* all the idle time needed */
+    run_idle(0, 8, 100); /* 100 us a step: batches may take several steps, appends link some */
+    run_idle(0, 3, 30);
+#ifdef KST_CUDA
+    if (kst_kv_cuda_devices() > 0) {
+        run_idle(1, 8, 0);
+        run_idle(1, 8, 100);
+    }
+#endif
+}
+
+/* A call stops within one plan of more() saying no: on one thread, more() yes 3 times then no
+ * gives exactly 3 plans (asked before each); more() no at once, none, and nothing linked. */
+static void test_idle_slices(void **state) {
+    (void)state;
+    const size_t n0 = 200, sinks = 4, window = 16, B = 8;
+    float *K = malloc((n0 + B) * KVH * D * sizeof *K), *V = malloc((n0 + B) * KVH * D * sizeof *V), *Qp = malloc(n0 * QH * D * sizeof *Qp);
+    fill(K, (n0 + B) * KVH * D, 1);
+    fill(V, (n0 + B) * KVH * D, 1);
+    fill(Qp, n0 * QH * D, 1);
+    kst_kvc_opts o = {1, KVH, QH, D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 0, B, 0, 0};
+    kst_kvc *c;
+    kst_error err;
+    assert_ok(kst_kvc_create(&o, &c, &err), &err);
+    kst_kvc_set_append_idle(c, 1);
+    assert_ok(kst_kvc_append(c, 0, K, V, n0, &err), &err);
+    assert_ok(kst_kvc_build(c, 0, Qp, n0, &err), &err);
+    assert_ok(kst_kvc_append(c, 0, K + n0 * KVH * D, V + n0 * KVH * D, B, &err), &err); /* one batch queued */
+    size_t idx0 = kst_kvc_indexed(c, 0), planned = 99;
+    assert_int_equal(kst_kvc_pending(c, 0), B);
+    budget b = {0, 0};
+    assert_ok(kst_kvc_work(c, more_budget, &b, &planned, &err), &err);
+    assert_int_equal(planned, 0);
+    assert_int_equal(kst_kvc_indexed(c, 0), idx0);
+    int nth = omp_get_max_threads();
+    omp_set_num_threads(1);
+    b.left = 3;
+    b.calls = 0;
+    assert_ok(kst_kvc_work(c, more_budget, &b, &planned, &err), &err);
+    assert_int_equal(planned, 3);
+    assert_int_equal(b.calls, 4);
+    omp_set_num_threads(nth);
+    /* the rest (B * KVH - 3 plans), then the batch linked in by the same call */
+    assert_ok(kst_kvc_work(c, NULL, NULL, &planned, &err), &err);
+    assert_int_equal(planned, B * KVH - 3);
+    assert_int_equal(kst_kvc_indexed(c, 0), idx0 + B);
+    assert_int_equal(kst_kvc_pending(c, 0), 0);
+    assert_ok(kst_kvc_work(c, NULL, NULL, &planned, &err), &err); /* nothing left */
+    assert_int_equal(planned, 0);
+    assert_int_equal(kst_kvc_work(NULL, NULL, NULL, &planned, &err), KST_ERR_MISUSE);
+    kst_kvc_free(c);
+    free(K);
+    free(V);
+    free(Qp);
+}
+
+/* The same index whoever planned: three caches fed the same tokens (f16, codes: the code-steered
+ * insertion from the entry tables), decode steps between the appends; batches planned by the
+ * appending calls, by two background planners (time between steps), in idle time (60 us a
+ * step; none in the last 3B steps, so that the flush finds 2B+ tokens pending). After
+ * kst_kvc_flush every search (300 queries x 4 heads, top 10; half along the appended keys)
+ * returns the same positions and scores the same number of keys in all three. */
+static void test_idle_same_index(void **state) {
+    (void)state;
+    const size_t n0 = 400, steps = 150, sinks = 4, window = 16, B = 8, n = n0 + steps;
+    uint16_t *K = malloc(n * KVH * D * 2), *V = malloc(n * KVH * D * 2);
+    float *Qp = malloc(n0 * QH * D * sizeof *Qp);
+    for (size_t i = 0; i < n * KVH * D; i++) {
+        K[i] = kst_f32_to_f16((float)gauss());
+        V[i] = kst_f32_to_f16((float)gauss());
+    }
+    fill(Qp, n0 * QH * D, 1);
+    kst_kvc *c[3];
+    kst_error err;
+    for (int m = 0; m < 3; m++) {
+        kst_kvc_opts o = {1, KVH, QH, D, 1, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 0, 0, 1, B, 0, 0};
+        assert_ok(kst_kvc_create(&o, &c[m], &err), &err);
+        kst_kvc_set_append_worker(c[m], m == 1 ? 2 : 0);
+        kst_kvc_set_append_idle(c[m], m == 2);
+        kst_kvc_set_spread(c[m], 32, 4);
+        assert_ok(kst_kvc_append(c[m], 0, K, V, n0, &err), &err);
+        assert_ok(kst_kvc_build(c[m], 0, Qp, n0, &err), &err);
+    }
+    kst_kvc_prof pf;
+    memset(&pf, 0, sizeof pf);
+    kst_kvc_set_prof(c[2], &pf);
+    size_t differ = 0;
+    for (size_t s = 0; s < steps; s++) {
+        float q[QH * D], out[3][QH * D];
+        fill(q, QH * D, 0.5);
+        for (int m = 0; m < 3; m++) {
+            assert_ok(kst_kvc_append(c[m], 0, K + (n0 + s) * KVH * D, V + (n0 + s) * KVH * D, 1, &err), &err);
+            assert_ok(kst_kvc_attend(c[m], 0, q, 10, 32, out[m], NULL, &err), &err);
+        }
+        differ += kst_kvc_indexed(c[2], 0) != kst_kvc_indexed(c[0], 0);
+        double until = mono_us() + 60;
+        /* none in the last 3B steps: the flush then finds a batch queued and 2B+ more pending */
+        if (s + 3 * B < steps) assert_ok(kst_kvc_work(c[2], more_until, &until, NULL, &err), &err);
+        struct timespec ts = {0, 200000};
+        nanosleep(&ts, NULL);
+    }
+    kst_kvc_set_prof(c[2], NULL);
+    /* the idle cache really lagged (else the comparison is that of one path with itself) */
+    if (differ == 0 || pf.idle_plans == 0)
+        fail_msg("idle cache: indexed count never differed from the inline one (%zu steps), %zu idle plans", differ,
+                 pf.idle_plans);
+    for (int m = 0; m < 3; m++) assert_ok(kst_kvc_flush(c[m], 0, &err), &err);
+    for (int m = 1; m < 3; m++) assert_int_equal(kst_kvc_indexed(c[m], 0), kst_kvc_indexed(c[0], 0));
+    size_t same = 0, total = 0;
+    for (size_t t = 0; t < 2 * steps; t++) {
+        /* random queries, and queries along the appended keys (their searches pass the new links) */
+        float q[D];
+        fill(q, D, 1);
+        if (t % 2)
+            for (size_t i = 0; i < D; i++) q[i] = 3.0f * kst_f16_to_f32(K[((n0 + t / 2) * KVH + t % KVH) * D + i]);
+        for (size_t h = 0; h < QH; h++) {
+            int64_t pos[3][10];
+            size_t found[3], scanned[3];
+            for (int m = 0; m < 3; m++)
+                assert_ok(kst_kvc_search(c[m], 0, h, q, 10, 32, pos[m], &found[m], &scanned[m], &err), &err);
+            for (int m = 1; m < 3; m++) {
+                total++;
+                if (found[m] != found[0] || scanned[m] != scanned[0] || memcmp(pos[m], pos[0], found[0] * sizeof(int64_t)))
+                    fail_msg("query %zu head %zu: cache %d (%s) found %zu scanned %zu, the inline one %zu / %zu", t, h, m,
+                             m == 1 ? "planner threads" : "idle time", found[m], scanned[m], found[0], scanned[0]);
+                same++;
+            }
+        }
+    }
+    print_message("same index: %zu of %zu searches identical; the idle cache lagged in %zu of %zu steps\n", same,
+                  total, differ, steps);
+    for (int m = 0; m < 3; m++) kst_kvc_free(c[m]);
+    free(K);
+    free(V);
+    free(Qp);
+}
+
+/* The public API: opts.append_idle and kst_kv_work (more NULL: everything queued done). */
+static void test_kv_work_api(void **state) {
+    (void)state;
+    const size_t n0 = 200, B = 8, steps = 3 * B;
+    kst_kv_opts o = kst_kv_opts_default();
+    o.layers = 2;
+    o.kv_heads = KVH;
+    o.q_heads = QH;
+    o.head_dim = D;
+    o.window = 16;
+    o.append_batch = B;
+    o.append_idle = 1;
+    kst_kv *kv;
+    kst_error err;
+    float *K = malloc((n0 + steps) * KVH * D * sizeof *K), *V = malloc((n0 + steps) * KVH * D * sizeof *V), *Qp = malloc(n0 * QH * D * sizeof *Qp);
+    fill(K, (n0 + steps) * KVH * D, 1);
+    fill(V, (n0 + steps) * KVH * D, 1);
+    fill(Qp, n0 * QH * D, 1);
+    assert_ok(kst_kv_create(&o, &kv, &err), &err);
+    for (size_t l = 0; l < 2; l++) {
+        assert_ok(kst_kv_append(kv, l, K, V, n0, &err), &err);
+        assert_ok(kst_kv_build(kv, l, Qp, n0, &err), &err);
+    }
+    size_t idx0 = kst_kv_indexed(kv, 1);
+    for (size_t s = 0; s < steps; s++)
+        for (size_t l = 0; l < 2; l++)
+            assert_ok(kst_kv_append(kv, l, K + (n0 + s) * KVH * D, V + (n0 + s) * KVH * D, 1, &err), &err);
+    /* queued, not planned: the appends left it to kst_kv_work (3B pending, within 4B) */
+    assert_int_equal(kst_kv_indexed(kv, 1), idx0);
+    assert_ok(kst_kv_work(kv, NULL, NULL, &err), &err);
+    for (size_t l = 0; l < 2; l++) assert_int_equal(kst_kv_indexed(kv, l), idx0 + steps);
+    assert_int_equal(kst_kv_work(NULL, NULL, NULL, &err), KST_ERR_MISUSE);
+    kst_kv_free(kv);
+    free(K);
+    free(V);
+    free(Qp);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_idle_equals_full_attention),
+        cmocka_unit_test(test_idle_slices),
+        cmocka_unit_test(test_idle_same_index),
+        cmocka_unit_test(test_kv_work_api),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
