@@ -36,6 +36,7 @@
 #include "index/kv_graph.h"
 #define KVB_PROG "bench_kv_loop"
 #include "tests/bench/bench_kv_util.h"
+#include "tests/bench/bench_kv_gen.h"
 
 #define CK(x)                                                                                             \
     do {                                                                                                  \
@@ -57,101 +58,27 @@
 enum { HID = 4096, NQKV = 6144, FF = 14336 };
 
 /* ------------------------------------------------------------------------------------------ */
-/* the synthetic layer (bench_kv_gpu.c, layer(): the same generator, KV_GEN=real) */
+/* the synthetic layer (bench_kv_gen.h: bench_kv_gpu layer's generator, KV_GEN=real) */
 
-static uint64_t mix64(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-static float gauss_at(uint64_t seed, uint64_t i) {
-    uint64_t a = mix64(seed * 0x632be59bd9b4e019ull + 2 * i), b = mix64(seed * 0x632be59bd9b4e019ull + 2 * i + 1);
-    double u = ((a >> 11) + 0.5) * (1.0 / 9007199254740992.0), v = (b >> 11) * (1.0 / 9007199254740992.0);
-    return (float)(sqrt(-2 * log(u)) * cos(2 * M_PI * v));
-}
-static void head_row(uint16_t *k, uint16_t *v, const uint16_t *K0, const uint16_t *V0, size_t t, const int *perm,
-                     const float *sgn, size_t D) {
-    for (size_t i = 0; i < D; i++) {
-        uint16_t a = K0[t * D + perm[i]], b = V0[t * D + perm[i]];
-        if (sgn[i] < 0) { a ^= 0x8000; b ^= 0x8000; }
-        k[i] = a;
-        v[i] = b;
-    }
-}
-
-enum { D = 128, KVH = 8, QH = 32, G = 4, SINKS = 4, TOPK = 100, NT = 50, NPRE = 8192 };
+enum { D = KVB_D, KVH = KVB_KVH, QH = KVB_QH, G = KVB_G, SINKS = KVB_SINKS, TOPK = 100, NT = KVB_NT, NPRE = KVB_NPRE };
 static int perm[KVH][D];
 static float sgn[KVH][D];
 static uint16_t *K0, *V0;
 static float *Qpre, *Qd;
 
 /* head 0's keys and values (N, D) float16, prefill queries in head 0's frame, decode queries in
- * each KV head's frame (as bench_kv_gpu layer makes them) */
-static void gen(size_t N, float corr) {
-    for (size_t h = 0; h < KVH; h++) {
-        for (size_t i = 0; i < D; i++) { perm[h][i] = (int)i; sgn[h][i] = 1; }
-        for (size_t i = D - 1; h && i > 0; i--) {
-            size_t j = (size_t)(urand() * (i + 1)) % (i + 1);
-            int x = perm[h][i]; perm[h][i] = perm[h][j]; perm[h][j] = x;
-        }
-        for (size_t i = 0; h && i < D; i++) sgn[h][i] = urand() < 0.5 ? -1.0f : 1.0f;
-    }
-    rng = 88172645463325252ull ^ (N * 0x9e3779b97f4a7c15ull);
-    size_t C = N / 384 > 0 ? N / 384 : 1;
-    const size_t GWIN = 1024;
-    const float bsink = 20.8f, bwin = 3.5f;
-    float *cen = malloc(C * D * 4), mk[D], mq[D], u[D];
-    for (size_t i = 0; i < C * D; i++) cen[i] = nrand();
-    for (size_t i = 0; i < D; i++) { mk[i] = 1.5f * nrand(); mq[i] = 0.5f * nrand(); }
-    double un2 = 0;
-    for (size_t i = 0; i < D; i++) { u[i] = nrand(); un2 += (double)u[i] * u[i]; }
-    for (size_t i = 0; i < D; i++) u[i] = (float)(u[i] / sqrt(un2));
-    K0 = malloc(N * D * 2);
-    V0 = malloc(N * D * 2);
-    uint64_t seed = N;
-#pragma omp parallel for schedule(static)
-    for (size_t t = 0; t < N; t++) {
-        size_t c = mix64(seed ^ (t * 0x9e3779b97f4a7c15ull)) % C;
-        float kr[D];
-        double ku = 0;
-        for (size_t i = 0; i < D; i++) {
-            kr[i] = mk[i] + cen[c * D + i] + 0.7f * gauss_at(seed, t * 2 * D + i);
-            ku += (double)kr[i] * u[i];
-            V0[t * D + i] = kst_f32_to_f16(gauss_at(seed, t * 2 * D + D + i));
-        }
-        float b = t < SINKS ? bsink : t + GWIN >= N ? bwin : 0;
-        for (size_t i = 0; i < D; i++) K0[t * D + i] = kst_f32_to_f16(kr[i] - (float)ku * u[i] + b * u[i]);
-    }
-    Qpre = calloc((size_t)NPRE * QH * D, 4);
-    float *Qd0 = malloc((size_t)NT * QH * D * 4);
-    Qd = malloc((size_t)NT * QH * D * 4);
-    for (size_t t = 0; t < NPRE + NT; t++)
-        for (size_t g0 = 0; g0 < QH; g0 += G) {
-            size_t cs = (size_t)(urand() * C) % C;
-            float zs[D];
-            for (size_t i = 0; i < D; i++) zs[i] = nrand();
-            for (size_t h = g0; h < g0 + G; h++) {
-                if (t < NPRE && h >= G) continue;
-                float *q = t < NPRE ? Qpre + (t * QH + h) * D : Qd0 + ((t - NPRE) * QH + h) * D;
-                size_t c = (size_t)(urand() * C) % C;
-                int shared = urand() < corr;
-                if (shared) c = cs;
-                float a = shared ? sqrtf(corr) : 0, b = sqrtf(1 - a * a);
-                double qu = 0;
-                for (size_t i = 0; i < D; i++) {
-                    q[i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * (a * zs[i] + b * nrand());
-                    qu += (double)q[i] * u[i];
-                }
-                for (size_t i = 0; i < D; i++) q[i] += ((float)sqrt((double)D) - (float)qu) * u[i];
-            }
-        }
-    for (size_t t = 0; t < NT; t++)
-        for (size_t h = 0; h < QH; h++)
-            for (size_t i = 0; i < D; i++)
-                Qd[(t * QH + h) * D + i] = sgn[h / G][i] * Qd0[(t * QH + h) * D + perm[h / G][i]];
-    free(cen);
-    free(Qd0);
+ * each KV head's frame (as bench_kv_gpu layer makes them); returns the data's sum */
+static uint64_t gen(size_t N, float corr) {
+    kvb_perms(perm, sgn);
+    kvb_data g;
+    kvb_gen(N, corr, 0, 384, 20.8f, 3.5f, perm, sgn, &g);
+    uint64_t sum = kvb_sum(&g, N);
+    K0 = g.K0;
+    V0 = g.V0;
+    Qpre = g.Qpre;
+    Qd = g.Qd;
+    free(g.Qd0);
+    return sum;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -299,8 +226,8 @@ int main(int argc, char **argv) {
     printf("loop: %s; %d layers of %zu tokens each (8 KV x 32 query heads, d 128, float16, window %zu, GQA corr %.2f);"
            " %zu steps per row; %d CPU threads\n", prop.name, L, N, window, corr, steps, omp_get_max_threads());
     double t0 = now_s();
-    gen(N, corr);
-    printf("(data %.1f s)\n", now_s() - t0);
+    uint64_t sum = gen(N, corr);
+    printf("(data %.1f s, sum %016llx)\n", now_s() - t0, (unsigned long long)sum);
     kst_kvc_opts o = {(size_t)L, KVH, QH, D, 1, 0, SINKS, window, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, 1, 2048, 0, 1, 64, 0, 0};
     kst_kvc *c;
     kst_error e;
