@@ -18,7 +18,8 @@
  * GEMVs only: no norms, activations or residual kernels (the PyTorch loop, kv_loop_torch.py,
  * runs the same GEMVs beside SDPA).
  * Environment: KV_LAYERS (4), KV_LOOP_STEPS (320 steps per row), KV_WINDOW (1024),
- * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"), KV_SPREAD
+ * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"; a row may add
+ * "+spin" and "+dl", see below), KV_SPREAD
  * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
  * 8, 2 expansions, ef 128, top_k 100, tail 2,048). */
 #include <cublas_v2.h>
@@ -185,6 +186,11 @@ static int gpu_busy(void *arg) {
     (void)arg;
     return cudaEventQuery(ev) == cudaErrorNotReady;
 }
+/* rows "+dl": the GPU is busy and the expected end of its GEMVs (*arg: a time, now_s) is not
+ * within one plan (KV_LOOP_MARGIN_US) */
+static int gpu_busy_dl(void *arg) {
+    return now_s() < *(const double *)arg && cudaEventQuery(ev) == cudaErrorNotReady;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 
@@ -269,17 +275,27 @@ int main(int argc, char **argv) {
     uint16_t kc1[KVH * D], vc1[KVH * D];
     double *ts = malloc(steps * L * sizeof *ts), *tl = malloc(steps * L * sizeof *tl);
     size_t app_i = 0;
+    double gemv_s = 1e-6 * (getenv("KV_LOOP_GEMV_US") ? atof(getenv("KV_LOOP_GEMV_US")) : 170);
+    double margin_s = 1e-6 * (getenv("KV_LOOP_MARGIN_US") ? atof(getenv("KV_LOOP_MARGIN_US")) : 60);
     for (const char *rp = rows; *rp;) {
         size_t rl = strcspn(rp, ",");
         char row[32];
         snprintf(row, sizeof row, "%.*s", (int)(rl < 31 ? rl : 31), rp);
         rp += rl + (rp[rl] == ',');
-        int gemv_only = !strcmp(row, "gemv"), app = !strcmp(row, "inline") || !strcmp(row, "idle"), idle = !strcmp(row, "idle");
-        if (!gemv_only && !app && strcmp(row, "plain")) {
+        /* a row: gemv | plain | inline | idle, then "+spin" (kst_kvc_set_idle_spin: kst_kvc_work,
+         * called after every layer, holds the team spinning until the GPU is done), "+dl"
+         * (kst_kvc_work's more() also says no within KV_LOOP_MARGIN_US, default 60, of the
+         * GEMVs' expected end: the last gemv row's median layer time, else KV_LOOP_GEMV_US) */
+        size_t bl = strcspn(row, "+");
+        int spin = strstr(row + bl, "+spin") != NULL, dl = strstr(row + bl, "+dl") != NULL;
+        int gemv_only = !strncmp(row, "gemv", bl) && bl == 4, plain = !strncmp(row, "plain", bl) && bl == 5;
+        int idle = !strncmp(row, "idle", bl) && bl == 4, app = idle || (!strncmp(row, "inline", bl) && bl == 6);
+        if (!gemv_only && !app && !plain) {
             fprintf(stderr, KVB_PROG ": unknown row %s\n", row);
             return 2;
         }
         kst_kvc_set_append_idle(c, idle);
+        kst_kvc_set_idle_spin(c, spin);
         for (int l = 0; l < L; l++) /* each row starts with nothing queued: the last row's batches linked */
             if (kst_kvc_flush(c, (size_t)l, &e)) die("flush", &e);
         kst_kvc_prof pf;
@@ -307,9 +323,9 @@ int main(int argc, char **argv) {
                 double b = now_s();
                 launch_seg(l, L);
                 CK(cudaEventRecord(ev, st));
-                if (idle) {
-                    double w0 = now_s();
-                    if (kst_kvc_work(c, gpu_busy, NULL, NULL, &e)) die("work", &e);
+                if (idle || spin) {
+                    double w0 = now_s(), end = b + gemv_s - margin_s;
+                    if (kst_kvc_work(c, dl ? gpu_busy_dl : gpu_busy, &end, NULL, &e)) die("work", &e);
                     if (s >= warm) idle_s += now_s() - w0;
                 }
                 if (s >= warm) {
@@ -329,6 +345,20 @@ int main(int argc, char **argv) {
         printf("%-8s %9.3f %9.3f %9.3f %9.3f %9s | %9.3f %9.3f %9.3f | %9.3f %9zu %9zu %9zu\n", row, 1e3 * S.mean,
                1e3 * S.med, 1e3 * S.p90, 1e3 * S.max, "", 1e3 * T.mean, 1e3 * T.med, 1e3 * T.p90,
                1e3 * idle_s / (double)n, pf.idle_plans, pf.idle_batches + pf.app_wbatches + pf.app_batches, pend);
+        if (gemv_only) gemv_s = T.med;
+        if (!gemv_only && pf.steps) { /* kst_kvc_attend's phases (kst_kvc_prof), us per step */
+            double u = 1e6 / (double)pf.steps, nt = omp_get_max_threads();
+            printf("  (%s: attend us/step: total %.1f = gpu_start %.1f + region %.1f + gpu_wait %.1f + merge %.1f;"
+                   " region: enter %.1f (max %.1f), busy max %.1f mean %.1f; per thread: entry %.1f search %.1f"
+                   " rerank %.1f attn %.1f tail %.1f; %.0f scanned a search)\n",
+                   row, pf.total * u, pf.gpu_start * u, pf.region * u, pf.gpu_wait * u, pf.merge * u, pf.enter * u,
+                   pf.enter_max * u, pf.busy_max * u, pf.busy_mean * u, pf.entry * u / nt, pf.search * u / nt,
+                   pf.rerank * u / nt, pf.attn * u / nt, pf.tail * u / nt, pf.tasks ? (double)pf.scanned / pf.tasks : 0.0);
+            if (spin)
+                printf("  (%s: kst_kvc_work held the team spinning in %zu of %zu calls, %.1f threads, %.1f us a layer)\n",
+                       row, pf.idle_spins, pf.idle_calls, pf.idle_spins ? (double)pf.idle_spin_threads / pf.idle_spins : 0.0,
+                       1e6 * pf.idle_spin_s / (double)n);
+        }
         if (app)
             printf("  (%s: batches linked in idle time %zu, linked by an append %zu, planned by an append %zu (%.2f ms"
                    " each); kst_kvc_work %.1f us a call, linking %.2f ms a batch)\n", row, pf.idle_batches,
