@@ -149,7 +149,6 @@ struct kst_kvc {
     int wk_on, wk_started, wk_stop; /* worker threads wanted, started (KV_WK_MAX at most) */
     int wk_idle;                    /* workers at the idle scheduling class (Linux SCHED_IDLE) */
     int app_idle;                   /* batches planned in the engine's idle time (kst_kvc_work) */
-    int idle_spin;                  /* kst_kvc_work holds the team spinning until more() says no */
     pthread_t wk[KV_WK_MAX];
     pthread_mutex_t mu;
     pthread_cond_t cv_work, cv_idle;
@@ -285,7 +284,6 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->widen_pred = getenv("KESTREL_KV_WIDEN_PRED") ? atoi(getenv("KESTREL_KV_WIDEN_PRED")) : 1;
     c->widen_gain = getenv("KESTREL_KV_WIDEN_GAIN") ? atof(getenv("KESTREL_KV_WIDEN_GAIN")) : 0.5;
     c->app_idle = getenv("KESTREL_KV_APPEND_IDLE") && atoi(getenv("KESTREL_KV_APPEND_IDLE")) != 0;
-    c->idle_spin = getenv("KESTREL_KV_IDLE_SPIN") && atoi(getenv("KESTREL_KV_IDLE_SPIN")) != 0;
     c->wk_idle = getenv("KESTREL_KV_APPEND_WORKER_IDLE") && atoi(getenv("KESTREL_KV_APPEND_WORKER_IDLE")) == 1;
     c->widen_early = getenv("KESTREL_KV_WIDEN_EARLY") ? atoi(getenv("KESTREL_KV_WIDEN_EARLY")) : 2;
     pthread_mutex_init(&c->mu, NULL);
@@ -739,30 +737,6 @@ done:
 }
 
 void kst_kvc_set_append_idle(kst_kvc *c, int on) { c->app_idle = on != 0; }
-void kst_kvc_set_idle_spin(kst_kvc *c, int on) { c->idle_spin = on != 0; }
-
-/* kst_kvc_work with nothing left to do (kst_kvc_set_idle_spin): the team's threads stay in a
- * parallel region, spinning, until more() says no (thread 0 asks), so that the next step finds
- * them awake on their cores. Returns the threads held. */
-static int work_spin(kst_kvc *c, int (*more)(void *), void *arg) {
-    int nt = omp_get_max_threads() < c->nth ? omp_get_max_threads() : c->nth, held = 0, done = 0;
-#pragma omp parallel num_threads(nt) reduction(+ : held) if (nt > 1)
-    {
-        held = 1;
-        if (omp_get_thread_num() == 0) {
-            while (more(arg)) {
-            }
-            __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
-        } else {
-            while (!__atomic_load_n(&done, __ATOMIC_ACQUIRE)) {
-#if defined(__x86_64__) || defined(__i386__)
-                __builtin_ia32_pause();
-#endif
-            }
-        }
-    }
-    return held;
-}
 
 /* kst_kvc_work's plans of one job (more() has said yes): the team's threads claim one plan at a
  * time until none is left or more() says no. With more than one thread the first only asks
@@ -804,7 +778,7 @@ static size_t work_plan(kst_kvc *c, kv_layer *L, int (*more)(void *), void *arg,
 int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, kst_error *err) {
     if (planned) *planned = 0;
     if (!c) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_work: the cache is NULL");
-    int rc = KST_OK, stop = 0, left = 0;
+    int rc = KST_OK, stop = 0;
     size_t np = 0, linked = 0;
     double t0 = c->prof ? mono_s() : 0, tl = 0;
     while (!stop) {
@@ -821,10 +795,7 @@ int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, ks
             if (c->layers[l].built && J->state == KV_JOB_QUEUED && __atomic_load_n(&J->next, __ATOMIC_ACQUIRE) < J->items)
                 L = &c->layers[l];
         }
-        if (!L) { /* nothing left (or only plans a background worker is making) */
-            left = 1;
-            break;
-        }
+        if (!L) break; /* nothing left (or only plans a background worker is making) */
         if (link) {
             if (more && !more(arg)) break;
             double a = c->prof ? mono_s() : 0;
@@ -839,15 +810,6 @@ int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, ks
         }
         if (more && !more(arg)) break;
         np += work_plan(c, L, more, arg, &stop);
-    }
-    if (left && c->idle_spin && more && more(arg)) {
-        double a = c->prof ? mono_s() : 0;
-        int held = work_spin(c, more, arg);
-        if (c->prof) {
-            c->prof->idle_spins++;
-            c->prof->idle_spin_threads += (size_t)held;
-            c->prof->idle_spin_s += mono_s() - a;
-        }
     }
 done:
     if (c->prof) {

@@ -119,13 +119,6 @@ int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, ks
  * call only queueing a completed batch; 0 (the default; KESTREL_KV_APPEND_IDLE=1 at creation
  * turns it on): the appending call plans it. Taken up at the next batch. */
 void kst_kvc_set_append_idle(kst_kvc *c, int on);
-/* 1: kst_kvc_work, once nothing is left to do, holds the calling thread's OpenMP team in a
- * parallel region until more() says no (thread 0 asks it; the others spin with a pause), so that
- * the next decode step finds its threads awake rather than going to sleep in the GPU's time;
- * with more NULL it returns as before. 0: the default (KESTREL_KV_IDLE_SPIN=1 at creation turns
- * it on). The engine's cores are busy all the time it waits for the GPU (as OMP_WAIT_POLICY=active
- * would keep them, but only inside kst_kvc_work). */
-void kst_kvc_set_idle_spin(kst_kvc *c, int on);
 
 /* Links every pending token of the layer into its index now (waits for the batch in flight;
  * tests and callers that want the index complete). */
@@ -328,9 +321,6 @@ typedef struct kst_kvc_prof {
     /* kst_kvc_work: calls, plans made, batches linked, wall seconds in it (all) and linking */
     size_t idle_calls, idle_plans, idle_batches;
     double idle_s, idle_link;
-    /* kst_kvc_set_idle_spin: calls that held the team, threads held (summed), seconds spinning */
-    size_t idle_spins, idle_spin_threads;
-    double idle_spin_s;
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

@@ -3,8 +3,7 @@
  * attended; the idle calls really plan and link the batches (the appending calls then plan
  * none); a call stops within one plan of `more` saying no; and after kst_kvc_flush the index is
  * the same (the same keys found, the same keys scored, by every search) whether the batches were
- * planned by the appending calls, by background planner threads or in idle time; with
- * kst_kvc_set_idle_spin the call holds the team until more() says no. */
+ * planned by the appending calls, by background planner threads or in idle time. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -335,85 +334,12 @@ static void test_kv_work_api(void **state) {
     free(Qp);
 }
 
-/* more(): yes until the layer's index holds `want` keys, then `left` more times (counts the
- * calls after that) */
-typedef struct until_linked {
-    kst_kvc *c;
-    size_t want;
-    budget b;
-} until_linked;
-static int more_linked(void *arg) {
-    until_linked *u = arg;
-    return kst_kvc_indexed(u->c, 0) < u->want || more_budget(&u->b);
-}
-
-/* kst_kvc_set_idle_spin: with nothing left to do, kst_kvc_work holds the team until more() says
- * no (asked until then: a no-op spin returns at once and fails the count), every thread of the
- * team in the region (the profile's count); off, or with more NULL, it returns at once; with a
- * batch queued it plans and links it first; the next step still equals float64 full attention. */
-static void test_idle_spin(void **state) {
-    (void)state;
-    const size_t n0 = 200, sinks = 4, window = 16, B = 8, n = n0 + B;
-    float *K = malloc(n * KVH * D * sizeof *K), *V = malloc(n * KVH * D * sizeof *V), *Qp = malloc(n0 * QH * D * sizeof *Qp);
-    fill(K, n * KVH * D, 1);
-    fill(V, n * KVH * D, 1);
-    fill(Qp, n0 * QH * D, 1);
-    kst_kvc_opts o = {1, KVH, QH, D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0, 100000, 0, 0, B, 0, 0};
-    kst_kvc *c;
-    kst_error err;
-    assert_ok(kst_kvc_create(&o, &c, &err), &err);
-    kst_kvc_set_append_idle(c, 1);
-    kst_kvc_prof pf;
-    memset(&pf, 0, sizeof pf);
-    kst_kvc_set_prof(c, &pf);
-    assert_ok(kst_kvc_append(c, 0, K, V, n0, &err), &err);
-    assert_ok(kst_kvc_build(c, 0, Qp, n0, &err), &err);
-    size_t planned = 99;
-    budget b = {5, 0};
-    assert_ok(kst_kvc_work(c, more_budget, &b, &planned, &err), &err); /* off: nothing to do, not asked */
-    assert_int_equal(b.calls, 0);
-    assert_int_equal(pf.idle_spins, 0);
-    kst_kvc_set_idle_spin(c, 1);
-    assert_ok(kst_kvc_work(c, NULL, NULL, &planned, &err), &err); /* more NULL: returns */
-    assert_int_equal(pf.idle_spins, 0);
-    assert_ok(kst_kvc_work(c, more_budget, &b, &planned, &err), &err);
-    assert_int_equal(planned, 0);
-    assert_int_equal(b.calls, 6); /* yes 5 times, then the no it returned on */
-    assert_int_equal(pf.idle_spins, 1);
-    int nth = omp_get_max_threads();
-    assert_int_equal(pf.idle_spin_threads, (size_t)nth);
-    /* a batch queued: planned and linked, then the spin until more() says no */
-    size_t idx0 = kst_kvc_indexed(c, 0);
-    assert_ok(kst_kvc_append(c, 0, K + n0 * KVH * D, V + n0 * KVH * D, B, &err), &err);
-    assert_int_equal(kst_kvc_pending(c, 0), B);
-    until_linked u = {c, idx0 + B, {5, 0}};
-    assert_ok(kst_kvc_work(c, more_linked, &u, &planned, &err), &err);
-    assert_int_equal(planned, B * KVH);
-    assert_int_equal(kst_kvc_indexed(c, 0), idx0 + B);
-    assert_int_equal(u.b.calls, 6);
-    assert_int_equal(pf.idle_spins, 2);
-    float q[QH * D], out[QH * D];
-    double ref[QH * D];
-    fill(q, QH * D, 0.5);
-    assert_ok(kst_kvc_attend(c, 0, q, 10, 32, out, NULL, &err), &err);
-    ref_attn(ref, q, K, V, n);
-    for (size_t i = 0; i < QH * D; i++)
-        if (!(fabs(out[i] - ref[i]) <= 2e-5 + 1e-4 * fabs(ref[i])))
-            fail_msg("after a spin, element %zu: %.7g, float64 full attention %.7g", i, out[i], ref[i]);
-    kst_kvc_set_prof(c, NULL);
-    kst_kvc_free(c);
-    free(K);
-    free(V);
-    free(Qp);
-}
-
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_idle_equals_full_attention),
         cmocka_unit_test(test_idle_slices),
         cmocka_unit_test(test_idle_same_index),
         cmocka_unit_test(test_kv_work_api),
-        cmocka_unit_test(test_idle_spin),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

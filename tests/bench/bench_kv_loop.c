@@ -18,8 +18,8 @@
  * GEMVs only: no norms, activations or residual kernels (the PyTorch loop, kv_loop_torch.py,
  * runs the same GEMVs beside SDPA).
  * Environment: KV_LAYERS (4), KV_LOOP_STEPS (320 steps per row), KV_WINDOW (1024),
- * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"; a row may add
- * "+spin" and "+dl", see below), KV_SPREAD
+ * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"; plain and inline
+ * rows may add "+cpu" or "+nogap", see below), KV_SPREAD
  * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
  * 8, 2 expansions, ef 128, top_k 100, tail 2,048). */
 #include <cublas_v2.h>
@@ -186,11 +186,6 @@ static int gpu_busy(void *arg) {
     (void)arg;
     return cudaEventQuery(ev) == cudaErrorNotReady;
 }
-/* rows "+dl": the GPU is busy and the expected end of its GEMVs (*arg: a time, now_s) is not
- * within one plan (KV_LOOP_MARGIN_US) */
-static int gpu_busy_dl(void *arg) {
-    return now_s() < *(const double *)arg && cudaEventQuery(ev) == cudaErrorNotReady;
-}
 
 /* ------------------------------------------------------------------------------------------ */
 
@@ -257,6 +252,13 @@ int main(int argc, char **argv) {
     }
     free(kc);
     free(vc);
+    { /* the process's resident and huge-page memory (THP "madvise": kst_kvg_advise_huge) */
+        FILE *f = fopen("/proc/self/smaps_rollup", "r");
+        char line[256];
+        while (f && fgets(line, sizeof line, f))
+            if (!strncmp(line, "Rss:", 4) || !strncmp(line, "AnonHugePages:", 14)) printf("(%s", line);
+        if (f) fclose(f);
+    }
     printf("(build %.1f s for %d layers; cache %.0f MB per layer in CPU memory + index %.0f MB; GPU holds %.2f MB for all)\n", tb, L,
            2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0, kst_kvc_gpu_bytes(c) / 1048576.0);
     /* the default budget's search (bench_kv_gpu layer "head+codes/sp1015/sk8/x2", ef 128) */
@@ -276,26 +278,23 @@ int main(int argc, char **argv) {
     double *ts = malloc(steps * L * sizeof *ts), *tl = malloc(steps * L * sizeof *tl);
     size_t app_i = 0;
     double gemv_s = 1e-6 * (getenv("KV_LOOP_GEMV_US") ? atof(getenv("KV_LOOP_GEMV_US")) : 170);
-    double margin_s = 1e-6 * (getenv("KV_LOOP_MARGIN_US") ? atof(getenv("KV_LOOP_MARGIN_US")) : 60);
     for (const char *rp = rows; *rp;) {
         size_t rl = strcspn(rp, ",");
         char row[32];
         snprintf(row, sizeof row, "%.*s", (int)(rl < 31 ? rl : 31), rp);
         rp += rl + (rp[rl] == ',');
-        /* a row: gemv | plain | inline | idle, then "+spin" (kst_kvc_set_idle_spin: kst_kvc_work,
-         * called after every layer, holds the team spinning until the GPU is done), "+dl"
-         * (kst_kvc_work's more() also says no within KV_LOOP_MARGIN_US, default 60, of the
-         * GEMVs' expected end: the last gemv row's median layer time, else KV_LOOP_GEMV_US) */
+        /* a row: gemv | plain | inline | idle, then "+cpu" (no GEMVs: the thread waits, spinning,
+         * as long as the last gemv row's median layer, else KV_LOOP_GEMV_US, default 170) or
+         * "+nogap" (no GEMVs, no wait: the steps back to back, as bench_kv_gpu layer times them) */
         size_t bl = strcspn(row, "+");
-        int spin = strstr(row + bl, "+spin") != NULL, dl = strstr(row + bl, "+dl") != NULL;
+        int nogpu = strstr(row + bl, "+cpu") != NULL, nogap = strstr(row + bl, "+nogap") != NULL;
         int gemv_only = !strncmp(row, "gemv", bl) && bl == 4, plain = !strncmp(row, "plain", bl) && bl == 5;
         int idle = !strncmp(row, "idle", bl) && bl == 4, app = idle || (!strncmp(row, "inline", bl) && bl == 6);
-        if (!gemv_only && !app && !plain) {
+        if ((!gemv_only && !app && !plain) || ((nogpu || nogap) && idle)) {
             fprintf(stderr, KVB_PROG ": unknown row %s\n", row);
             return 2;
         }
         kst_kvc_set_append_idle(c, idle);
-        kst_kvc_set_idle_spin(c, spin);
         for (int l = 0; l < L; l++) /* each row starts with nothing queued: the last row's batches linked */
             if (kst_kvc_flush(c, (size_t)l, &e)) die("flush", &e);
         kst_kvc_prof pf;
@@ -321,11 +320,16 @@ int main(int argc, char **argv) {
                     for (size_t i = 0; i < HID; i++) attn_h[i] = (uint16_t)(((union { float f; uint32_t u; }){out[i]}.u) >> 16);
                 }
                 double b = now_s();
-                launch_seg(l, L);
-                CK(cudaEventRecord(ev, st));
-                if (idle || spin) {
-                    double w0 = now_s(), end = b + gemv_s - margin_s;
-                    if (kst_kvc_work(c, dl ? gpu_busy_dl : gpu_busy, &end, NULL, &e)) die("work", &e);
+                if (nogpu)
+                    while (now_s() < b + gemv_s) {
+                    }
+                else if (!nogap) {
+                    launch_seg(l, L);
+                    CK(cudaEventRecord(ev, st));
+                }
+                if (idle) {
+                    double w0 = now_s();
+                    if (kst_kvc_work(c, gpu_busy, NULL, NULL, &e)) die("work", &e);
                     if (s >= warm) idle_s += now_s() - w0;
                 }
                 if (s >= warm) {
@@ -354,10 +358,6 @@ int main(int argc, char **argv) {
                    row, pf.total * u, pf.gpu_start * u, pf.region * u, pf.gpu_wait * u, pf.merge * u, pf.enter * u,
                    pf.enter_max * u, pf.busy_max * u, pf.busy_mean * u, pf.entry * u / nt, pf.search * u / nt,
                    pf.rerank * u / nt, pf.attn * u / nt, pf.tail * u / nt, pf.tasks ? (double)pf.scanned / pf.tasks : 0.0);
-            if (spin)
-                printf("  (%s: kst_kvc_work held the team spinning in %zu of %zu calls, %.1f threads, %.1f us a layer)\n",
-                       row, pf.idle_spins, pf.idle_calls, pf.idle_spins ? (double)pf.idle_spin_threads / pf.idle_spins : 0.0,
-                       1e6 * pf.idle_spin_s / (double)n);
         }
         if (app)
             printf("  (%s: batches linked in idle time %zu, linked by an append %zu, planned by an append %zu (%.2f ms"
