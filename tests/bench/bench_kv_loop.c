@@ -21,7 +21,8 @@
  * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"; plain and inline
  * rows may add "+cpu" or "+nogap", see below), KV_SPREAD
  * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
- * 8, 2 expansions, ef 128, top_k 100, tail 2,048). */
+ * 8, 2 expansions, ef 128, top_k 100, tail 2,048). Per row it also prints kst_kvc_attend's
+ * phases (kst_kvc_prof, us a step). */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <math.h>
