@@ -37,6 +37,7 @@
 #include "index/kv_graph.h"
 #define KVB_PROG "bench_kv_gpu"
 #include "tests/bench/bench_kv_util.h"
+#include "tests/bench/bench_kv_gen.h"
 
 /* ------------------------------------------------------------------------------------------ */
 
@@ -255,31 +256,6 @@ static long mode_num(const char *mode, const char *flag, long dflt) {
     return dflt;
 }
 
-/* Counter-based normal draws (splitmix64 + Box-Muller), so big arrays fill in parallel. */
-static uint64_t mix64(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-static float gauss_at(uint64_t seed, uint64_t i) {
-    uint64_t a = mix64(seed * 0x632be59bd9b4e019ull + 2 * i), b = mix64(seed * 0x632be59bd9b4e019ull + 2 * i + 1);
-    double u = ((a >> 11) + 0.5) * (1.0 / 9007199254740992.0), v = (b >> 11) * (1.0 / 9007199254740992.0);
-    return (float)(sqrt(-2 * log(u)) * cos(2 * M_PI * v));
-}
-
-/* Token t of head 0's synthetic keys and values as a KV head's (its signed permutation perm,
- * sgn of the dimensions) into k and v (D each). */
-static void head_row(uint16_t *k, uint16_t *v, const uint16_t *K0, const uint16_t *V0, size_t t,
-                     const int *perm, const float *sgn, size_t D) {
-    for (size_t i = 0; i < D; i++) {
-        uint16_t a = K0[t * D + perm[i]], b = V0[t * D + perm[i]];
-        if (sgn[i] < 0) { a ^= 0x8000; b ^= 0x8000; }
-        k[i] = a;
-        v[i] = b;
-    }
-}
-
 /* One layer of a Llama-3-8B-shaped model: 8 KV heads, 32 query heads (GQA 4), head dim 128,
  * float16, sinks 4 + window 512 on the GPU, everything else in CPU memory behind the graphs;
  * kst_kvc_attend searches the 32 query heads on all CPU threads while the GPU attends to the
@@ -337,95 +313,40 @@ static int layer(const char *list) {
            "ms", "ms_thr2", "recall", "scan/search", "scan/head", "rel.err", "gpu_MB", "cache_MB", "index_MB", "widened");
     printf("(ms: median decode step on %d threads, ms_thr2 on %d; recall of the top-100 at the row's ef; widened: widened searches per query head and step, /wdN: opts.widen = N%%)\n",
            omp_get_max_threads(), thr2);
-    int perm[8][128];
-    float sgn[8][128];
-    for (size_t h = 0; h < KVH; h++) {
-        for (size_t i = 0; i < D; i++) { perm[h][i] = (int)i; sgn[h][i] = 1; }
-        for (size_t i = D - 1; h && i > 0; i--) { /* Fisher-Yates; head 0 is the identity */
-            size_t j = (size_t)(urand() * (i + 1)) % (i + 1);
-            int x = perm[h][i]; perm[h][i] = perm[h][j]; perm[h][j] = x;
-        }
-        for (size_t i = 0; h && i < D; i++) sgn[h][i] = urand() < 0.5 ? -1.0f : 1.0f;
-    }
+    int perm[KVB_KVH][KVB_D];
+    float sgn[KVB_KVH][KVB_D];
+    kvb_perms(perm, sgn); /* head 0: the identity */
     for (const char *p = list; *p;) {
         size_t N = strtoul(p, (char **)&p, 10);
         if (*p == ',') p++;
         kst_error e;
         double t0 = now_s();
-        rng = 88172645463325252ull ^ (N * 0x9e3779b97f4a7c15ull); /* the same draws whatever the size list */
-        /* head 0: common offset + one of C centres + noise (as latency()); values noise.
-         * KV_GEN=diffuse (the generator of rounds 1-10): C = 1024 whatever N, so a query's
-         * cluster holds N / 1024 near-equal keys (128 at 128K, 1,024 at 1M). KV_GEN=real (the
-         * default): C = N / KV_KPC (384 keys per cluster whatever N), and the attention sinks and
-         * the most recent 1,024 tokens get a logit bonus (KV_SINK_LOGIT 20.8, KV_WIN_LOGIT 3.5)
-         * along a direction u that the other keys and the queries' noise lack (projected out;
-         * every query has sqrt(D) along u): calibrated so that the float64 attention's shares
-         * (sinks, window, top-100, rest; the bench prints them) match SmolLM2-135M's at 32K
-         * (tests/bench/kv_attn_stats.py; README, round 11), not tuned on the bench's speed. */
+        /* head 0: common offset + one of C centres + noise (as latency()); values noise
+         * (bench_kv_gen.h, the same draws whatever the size list). KV_GEN=diffuse (the generator
+         * of rounds 1-10): C = 1024 whatever N, so a query's cluster holds N / 1024 near-equal keys
+         * (128 at 128K, 1,024 at 1M). KV_GEN=real (the default): C = N / KV_KPC (384 keys per
+         * cluster whatever N), and the attention sinks and the most recent 1,024 tokens get a
+         * logit bonus (KV_SINK_LOGIT 20.8, KV_WIN_LOGIT 3.5) along a direction u that the other
+         * keys and the queries' noise lack (projected out; every query has sqrt(D) along u):
+         * calibrated so that the float64 attention's shares (sinks, window, top-100, rest; the
+         * bench prints them) match SmolLM2-135M's at 32K (tests/bench/kv_attn_stats.py; README,
+         * round 11), not tuned on the bench's speed. KV_GQA_CORR = rho in [0, 1): with
+         * probability rho a query head takes its group's shared centre and noise mixed sqrt(rho)
+         * shared + sqrt(1 - rho) own (0, the default: independent heads, the worst case for the
+         * group search). */
         const char *gen = getenv("KV_GEN") ? getenv("KV_GEN") : "real";
         int diffuse = !strcmp(gen, "diffuse");
         size_t kpc = getenv("KV_KPC") ? (size_t)atol(getenv("KV_KPC")) : 384;
-        size_t C = diffuse ? 1024 : (N / (kpc ? kpc : 1) > 0 ? N / (kpc ? kpc : 1) : 1);
-        const size_t GWIN = 1024; /* the generator's recent tokens (whatever the bench's window) */
         float bsink = getenv("KV_SINK_LOGIT") ? (float)atof(getenv("KV_SINK_LOGIT")) : 20.8f;
         float bwin = getenv("KV_WIN_LOGIT") ? (float)atof(getenv("KV_WIN_LOGIT")) : 3.5f;
-        float *cen = malloc(C * D * 4), mk[128], mq[128], u[128];
-        for (size_t i = 0; i < C * D; i++) cen[i] = nrand();
-        for (size_t i = 0; i < D; i++) { mk[i] = 1.5f * nrand(); mq[i] = 0.5f * nrand(); }
-        {
-            double un2 = 0;
-            for (size_t i = 0; i < D; i++) { u[i] = diffuse ? 0 : nrand(); un2 += (double)u[i] * u[i]; }
-            for (size_t i = 0; i < D; i++) u[i] = un2 > 0 ? (float)(u[i] / sqrt(un2)) : 0;
-        }
+        kvb_data gd;
+        kvb_gen(N, corr, diffuse, kpc, bsink, bwin, perm, sgn, &gd);
+        size_t C = gd.C;
+        uint16_t *K0 = gd.K0, *V0 = gd.V0;
+        float *Qpre = gd.Qpre, *Qd0 = gd.Qd0, *Qd = gd.Qd;
         printf("(%zu tokens: generator %s: %zu clusters (%.0f keys each)", N, diffuse ? "diffuse" : "real", C, (double)N / C);
-        if (!diffuse) printf(", sinks +%.2f, last %zu tokens +%.2f logits", bsink, GWIN, bwin);
-        printf(")\n");
-        uint16_t *K0 = malloc(N * D * 2), *V0 = malloc(N * D * 2);
-        uint64_t seed = N;
-#pragma omp parallel for schedule(static)
-        for (size_t t = 0; t < N; t++) {
-            size_t c = mix64(seed ^ (t * 0x9e3779b97f4a7c15ull)) % C;
-            float kr[128];
-            double ku = 0;
-            for (size_t i = 0; i < D; i++) {
-                kr[i] = mk[i] + cen[c * D + i] + 0.7f * gauss_at(seed, t * 2 * D + i);
-                ku += (double)kr[i] * u[i];
-                V0[t * D + i] = kst_f32_to_f16(gauss_at(seed, t * 2 * D + D + i));
-            }
-            float b = t < SINKS ? bsink : t + GWIN >= N ? bwin : 0;
-            for (size_t i = 0; i < D; i++) K0[t * D + i] = kst_f32_to_f16(kr[i] - (float)ku * u[i] + b * u[i]);
-        }
-        /* queries in head 0's frame: prefill (NPRE, QH, D) only group 0's heads are read by the
-         * build; decode (NT, QH, D), then each head's in its KV head's frame */
-        float *Qpre = calloc(NPRE * QH * D, 4), *Qd0 = malloc(NT * QH * D * 4), *Qd = malloc(NT * QH * D * 4);
-        /* KV_GQA_CORR = rho in [0, 1): with probability rho a query head takes its group's
-         * shared centre and noise mixed sqrt(rho) shared + sqrt(1 - rho) own (0, the default:
-         * independent heads, the worst case for the group search) */
-        for (size_t t = 0; t < NPRE + NT; t++)
-            for (size_t g0 = 0; g0 < QH; g0 += G) {
-                size_t cs = (size_t)(urand() * C) % C;
-                float zs[128];
-                for (size_t i = 0; i < D; i++) zs[i] = nrand();
-                for (size_t h = g0; h < g0 + G; h++) {
-                    if (t < NPRE && h >= G) continue;
-                    float *q = t < NPRE ? Qpre + (t * QH + h) * D : Qd0 + ((t - NPRE) * QH + h) * D;
-                    size_t c = (size_t)(urand() * C) % C;
-                    int shared = urand() < corr;
-                    if (shared) c = cs;
-                    float a = shared ? sqrtf(corr) : 0, b = sqrtf(1 - a * a);
-                    double qu = 0;
-                    for (size_t i = 0; i < D; i++) {
-                        q[i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * (a * zs[i] + b * nrand());
-                        qu += (double)q[i] * u[i];
-                    }
-                    if (!diffuse) /* u: projected out, then sqrt(D) along it (the bonuses in logits) */
-                        for (size_t i = 0; i < D; i++) q[i] += ((float)sqrt((double)D) - (float)qu) * u[i];
-                }
-            }
-        for (size_t t = 0; t < NT; t++)
-            for (size_t h = 0; h < QH; h++)
-                for (size_t i = 0; i < D; i++)
-                    Qd[(t * QH + h) * D + i] = sgn[h / G][i] * Qd0[(t * QH + h) * D + perm[h / G][i]];
+        if (!diffuse) printf(", sinks +%.2f, last 1024 tokens +%.2f logits", bsink, bwin);
+        printf("; data sum %016llx)\n", (unsigned long long)kvb_sum(&gd, N));
         kst_kvc_opts o = {1, KVH, QH, D, 1, 0, SINKS, WINDOW, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 1, 0, 0, 0};
         /* KV_BATCH: append_batch (default 64, the API's; 1: each token linked at its append) */
         o.append_batch = getenv("KV_BATCH") ? (size_t)atol(getenv("KV_BATCH")) : 64;
@@ -712,7 +633,7 @@ static int layer(const char *list) {
                    wid / NREF);
         }
         kst_kvc_free(c);
-        free(cen); free(K0); free(V0); free(Qpre); free(Qd0); free(Qd); free(out); free(un); free(ref); free(want);
+        free(K0); free(V0); free(Qpre); free(Qd0); free(Qd); free(out); free(un); free(ref); free(want);
     }
     return 0;
 }

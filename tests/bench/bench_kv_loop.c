@@ -18,9 +18,11 @@
  * GEMVs only: no norms, activations or residual kernels (the PyTorch loop, kv_loop_torch.py,
  * runs the same GEMVs beside SDPA).
  * Environment: KV_LAYERS (4), KV_LOOP_STEPS (320 steps per row), KV_WINDOW (1024),
- * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"), KV_SPREAD
+ * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"; plain and inline
+ * rows may add "+cpu" or "+nogap", see below), KV_SPREAD
  * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
- * 8, 2 expansions, ef 128, top_k 100, tail 2,048). */
+ * 8, 2 expansions, ef 128, top_k 100, tail 2,048). Per row it also prints kst_kvc_attend's
+ * phases (kst_kvc_prof, us a step). */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -36,6 +38,7 @@
 #include "index/kv_graph.h"
 #define KVB_PROG "bench_kv_loop"
 #include "tests/bench/bench_kv_util.h"
+#include "tests/bench/bench_kv_gen.h"
 
 #define CK(x)                                                                                             \
     do {                                                                                                  \
@@ -57,101 +60,27 @@
 enum { HID = 4096, NQKV = 6144, FF = 14336 };
 
 /* ------------------------------------------------------------------------------------------ */
-/* the synthetic layer (bench_kv_gpu.c, layer(): the same generator, KV_GEN=real) */
+/* the synthetic layer (bench_kv_gen.h: bench_kv_gpu layer's generator, KV_GEN=real) */
 
-static uint64_t mix64(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-static float gauss_at(uint64_t seed, uint64_t i) {
-    uint64_t a = mix64(seed * 0x632be59bd9b4e019ull + 2 * i), b = mix64(seed * 0x632be59bd9b4e019ull + 2 * i + 1);
-    double u = ((a >> 11) + 0.5) * (1.0 / 9007199254740992.0), v = (b >> 11) * (1.0 / 9007199254740992.0);
-    return (float)(sqrt(-2 * log(u)) * cos(2 * M_PI * v));
-}
-static void head_row(uint16_t *k, uint16_t *v, const uint16_t *K0, const uint16_t *V0, size_t t, const int *perm,
-                     const float *sgn, size_t D) {
-    for (size_t i = 0; i < D; i++) {
-        uint16_t a = K0[t * D + perm[i]], b = V0[t * D + perm[i]];
-        if (sgn[i] < 0) { a ^= 0x8000; b ^= 0x8000; }
-        k[i] = a;
-        v[i] = b;
-    }
-}
-
-enum { D = 128, KVH = 8, QH = 32, G = 4, SINKS = 4, TOPK = 100, NT = 50, NPRE = 8192 };
+enum { D = KVB_D, KVH = KVB_KVH, QH = KVB_QH, G = KVB_G, SINKS = KVB_SINKS, TOPK = 100, NT = KVB_NT, NPRE = KVB_NPRE };
 static int perm[KVH][D];
 static float sgn[KVH][D];
 static uint16_t *K0, *V0;
 static float *Qpre, *Qd;
 
 /* head 0's keys and values (N, D) float16, prefill queries in head 0's frame, decode queries in
- * each KV head's frame (as bench_kv_gpu layer makes them) */
-static void gen(size_t N, float corr) {
-    for (size_t h = 0; h < KVH; h++) {
-        for (size_t i = 0; i < D; i++) { perm[h][i] = (int)i; sgn[h][i] = 1; }
-        for (size_t i = D - 1; h && i > 0; i--) {
-            size_t j = (size_t)(urand() * (i + 1)) % (i + 1);
-            int x = perm[h][i]; perm[h][i] = perm[h][j]; perm[h][j] = x;
-        }
-        for (size_t i = 0; h && i < D; i++) sgn[h][i] = urand() < 0.5 ? -1.0f : 1.0f;
-    }
-    rng = 88172645463325252ull ^ (N * 0x9e3779b97f4a7c15ull);
-    size_t C = N / 384 > 0 ? N / 384 : 1;
-    const size_t GWIN = 1024;
-    const float bsink = 20.8f, bwin = 3.5f;
-    float *cen = malloc(C * D * 4), mk[D], mq[D], u[D];
-    for (size_t i = 0; i < C * D; i++) cen[i] = nrand();
-    for (size_t i = 0; i < D; i++) { mk[i] = 1.5f * nrand(); mq[i] = 0.5f * nrand(); }
-    double un2 = 0;
-    for (size_t i = 0; i < D; i++) { u[i] = nrand(); un2 += (double)u[i] * u[i]; }
-    for (size_t i = 0; i < D; i++) u[i] = (float)(u[i] / sqrt(un2));
-    K0 = malloc(N * D * 2);
-    V0 = malloc(N * D * 2);
-    uint64_t seed = N;
-#pragma omp parallel for schedule(static)
-    for (size_t t = 0; t < N; t++) {
-        size_t c = mix64(seed ^ (t * 0x9e3779b97f4a7c15ull)) % C;
-        float kr[D];
-        double ku = 0;
-        for (size_t i = 0; i < D; i++) {
-            kr[i] = mk[i] + cen[c * D + i] + 0.7f * gauss_at(seed, t * 2 * D + i);
-            ku += (double)kr[i] * u[i];
-            V0[t * D + i] = kst_f32_to_f16(gauss_at(seed, t * 2 * D + D + i));
-        }
-        float b = t < SINKS ? bsink : t + GWIN >= N ? bwin : 0;
-        for (size_t i = 0; i < D; i++) K0[t * D + i] = kst_f32_to_f16(kr[i] - (float)ku * u[i] + b * u[i]);
-    }
-    Qpre = calloc((size_t)NPRE * QH * D, 4);
-    float *Qd0 = malloc((size_t)NT * QH * D * 4);
-    Qd = malloc((size_t)NT * QH * D * 4);
-    for (size_t t = 0; t < NPRE + NT; t++)
-        for (size_t g0 = 0; g0 < QH; g0 += G) {
-            size_t cs = (size_t)(urand() * C) % C;
-            float zs[D];
-            for (size_t i = 0; i < D; i++) zs[i] = nrand();
-            for (size_t h = g0; h < g0 + G; h++) {
-                if (t < NPRE && h >= G) continue;
-                float *q = t < NPRE ? Qpre + (t * QH + h) * D : Qd0 + ((t - NPRE) * QH + h) * D;
-                size_t c = (size_t)(urand() * C) % C;
-                int shared = urand() < corr;
-                if (shared) c = cs;
-                float a = shared ? sqrtf(corr) : 0, b = sqrtf(1 - a * a);
-                double qu = 0;
-                for (size_t i = 0; i < D; i++) {
-                    q[i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * (a * zs[i] + b * nrand());
-                    qu += (double)q[i] * u[i];
-                }
-                for (size_t i = 0; i < D; i++) q[i] += ((float)sqrt((double)D) - (float)qu) * u[i];
-            }
-        }
-    for (size_t t = 0; t < NT; t++)
-        for (size_t h = 0; h < QH; h++)
-            for (size_t i = 0; i < D; i++)
-                Qd[(t * QH + h) * D + i] = sgn[h / G][i] * Qd0[(t * QH + h) * D + perm[h / G][i]];
-    free(cen);
-    free(Qd0);
+ * each KV head's frame (as bench_kv_gpu layer makes them); returns the data's sum */
+static uint64_t gen(size_t N, float corr) {
+    kvb_perms(perm, sgn);
+    kvb_data g;
+    kvb_gen(N, corr, 0, 384, 20.8f, 3.5f, perm, sgn, &g);
+    uint64_t sum = kvb_sum(&g, N);
+    K0 = g.K0;
+    V0 = g.V0;
+    Qpre = g.Qpre;
+    Qd = g.Qd;
+    free(g.Qd0);
+    return sum;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -299,8 +228,8 @@ int main(int argc, char **argv) {
     printf("loop: %s; %d layers of %zu tokens each (8 KV x 32 query heads, d 128, float16, window %zu, GQA corr %.2f);"
            " %zu steps per row; %d CPU threads\n", prop.name, L, N, window, corr, steps, omp_get_max_threads());
     double t0 = now_s();
-    gen(N, corr);
-    printf("(data %.1f s)\n", now_s() - t0);
+    uint64_t sum = gen(N, corr);
+    printf("(data %.1f s, sum %016llx)\n", now_s() - t0, (unsigned long long)sum);
     kst_kvc_opts o = {(size_t)L, KVH, QH, D, 1, 0, SINKS, window, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, 1, 2048, 0, 1, 64, 0, 0};
     kst_kvc *c;
     kst_error e;
@@ -324,6 +253,13 @@ int main(int argc, char **argv) {
     }
     free(kc);
     free(vc);
+    { /* the process's resident and huge-page memory (THP "madvise": kst_kvg_advise_huge) */
+        FILE *f = fopen("/proc/self/smaps_rollup", "r");
+        char line[256];
+        while (f && fgets(line, sizeof line, f))
+            if (!strncmp(line, "Rss:", 4) || !strncmp(line, "AnonHugePages:", 14)) printf("(%s", line);
+        if (f) fclose(f);
+    }
     printf("(build %.1f s for %d layers; cache %.0f MB per layer in CPU memory + index %.0f MB; GPU holds %.2f MB for all)\n", tb, L,
            2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0, kst_kvc_gpu_bytes(c) / 1048576.0);
     /* the default budget's search (bench_kv_gpu layer "head+codes/sp1015/sk8/x2", ef 128) */
@@ -342,13 +278,20 @@ int main(int argc, char **argv) {
     uint16_t kc1[KVH * D], vc1[KVH * D];
     double *ts = malloc(steps * L * sizeof *ts), *tl = malloc(steps * L * sizeof *tl);
     size_t app_i = 0;
+    double gemv_s = 1e-6 * (getenv("KV_LOOP_GEMV_US") ? atof(getenv("KV_LOOP_GEMV_US")) : 170);
     for (const char *rp = rows; *rp;) {
         size_t rl = strcspn(rp, ",");
         char row[32];
         snprintf(row, sizeof row, "%.*s", (int)(rl < 31 ? rl : 31), rp);
         rp += rl + (rp[rl] == ',');
-        int gemv_only = !strcmp(row, "gemv"), app = !strcmp(row, "inline") || !strcmp(row, "idle"), idle = !strcmp(row, "idle");
-        if (!gemv_only && !app && strcmp(row, "plain")) {
+        /* a row: gemv | plain | inline | idle, then "+cpu" (no GEMVs: the thread waits, spinning,
+         * as long as the last gemv row's median layer, else KV_LOOP_GEMV_US, default 170) or
+         * "+nogap" (no GEMVs, no wait: the steps back to back, as bench_kv_gpu layer times them) */
+        size_t bl = strcspn(row, "+");
+        int nogpu = strstr(row + bl, "+cpu") != NULL, nogap = strstr(row + bl, "+nogap") != NULL;
+        int gemv_only = !strncmp(row, "gemv", bl) && bl == 4, plain = !strncmp(row, "plain", bl) && bl == 5;
+        int idle = !strncmp(row, "idle", bl) && bl == 4, app = idle || (!strncmp(row, "inline", bl) && bl == 6);
+        if ((!gemv_only && !app && !plain) || ((nogpu || nogap) && idle)) {
             fprintf(stderr, KVB_PROG ": unknown row %s\n", row);
             return 2;
         }
@@ -378,8 +321,13 @@ int main(int argc, char **argv) {
                     for (size_t i = 0; i < HID; i++) attn_h[i] = (uint16_t)(((union { float f; uint32_t u; }){out[i]}.u) >> 16);
                 }
                 double b = now_s();
-                launch_seg(l, L);
-                CK(cudaEventRecord(ev, st));
+                if (nogpu)
+                    while (now_s() < b + gemv_s) {
+                    }
+                else if (!nogap) {
+                    launch_seg(l, L);
+                    CK(cudaEventRecord(ev, st));
+                }
                 if (idle) {
                     double w0 = now_s();
                     if (kst_kvc_work(c, gpu_busy, NULL, NULL, &e)) die("work", &e);
@@ -402,6 +350,16 @@ int main(int argc, char **argv) {
         printf("%-8s %9.3f %9.3f %9.3f %9.3f %9s | %9.3f %9.3f %9.3f | %9.3f %9zu %9zu %9zu\n", row, 1e3 * S.mean,
                1e3 * S.med, 1e3 * S.p90, 1e3 * S.max, "", 1e3 * T.mean, 1e3 * T.med, 1e3 * T.p90,
                1e3 * idle_s / (double)n, pf.idle_plans, pf.idle_batches + pf.app_wbatches + pf.app_batches, pend);
+        if (gemv_only) gemv_s = T.med;
+        if (!gemv_only && pf.steps) { /* kst_kvc_attend's phases (kst_kvc_prof), us per step */
+            double u = 1e6 / (double)pf.steps, nt = omp_get_max_threads();
+            printf("  (%s: attend us/step: total %.1f = gpu_start %.1f + region %.1f + gpu_wait %.1f + merge %.1f;"
+                   " region: enter %.1f (max %.1f), busy max %.1f mean %.1f; per thread: entry %.1f search %.1f"
+                   " rerank %.1f attn %.1f tail %.1f; %.0f scanned a search)\n",
+                   row, pf.total * u, pf.gpu_start * u, pf.region * u, pf.gpu_wait * u, pf.merge * u, pf.enter * u,
+                   pf.enter_max * u, pf.busy_max * u, pf.busy_mean * u, pf.entry * u / nt, pf.search * u / nt,
+                   pf.rerank * u / nt, pf.attn * u / nt, pf.tail * u / nt, pf.tasks ? (double)pf.scanned / pf.tasks : 0.0);
+        }
         if (app)
             printf("  (%s: batches linked in idle time %zu, linked by an append %zu, planned by an append %zu (%.2f ms"
                    " each); kst_kvc_work %.1f us a call, linking %.2f ms a batch)\n", row, pf.idle_batches,
