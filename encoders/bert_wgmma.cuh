@@ -68,16 +68,17 @@ static __device__ __forceinline__ void wg_issue_s(float (&sc)[32], uint32_t q, u
     for (int kk = 0; kk < 4; kk++) wgmma_ss(sc, wg_desc(q + kk * 32, 16), wg_desc(k + kk * 32, 16), kk > 0);
     wg_commit();
 }
-/* the online softmax of a tile's scores sc (keys k0 .. k0 + 63; keys at or past Lv get -inf), O
- * rescaled, then O += P V issued (v: the shared address of the V tile; not waited for). m, l:
- * the running maximum (log2 units) and sum of rows g and g + 8 of the thread's fragment. */
-static __device__ __forceinline__ void wg_softmax_pv(float (&o)[32], float (&sc)[32], uint32_t (&pa)[4][4], float &m0,
-                                                     float &m1, float &l0, float &l1, int k0, int Lv, int t,
-                                                     uint32_t v) {
+/* The online softmax of a tile's scores sc (NJ fragments of 8 keys: keys k0 .. k0 + 8 NJ - 1;
+ * keys at or past Lv get -inf) into P (pa, bf16) and O rescaled. m, l: the running maximum
+ * (log2 units) and sum of rows g and g + 8 of the thread's fragment. */
+template <int NJ>
+static __device__ __forceinline__ void wg_online_softmax(float (&o)[32], float (&sc)[4 * NJ], uint32_t (&pa)[NJ / 2][4],
+                                                         float &m0, float &m1, float &l0, float &l1, int k0, int Lv,
+                                                         int t) {
     const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
-    if (k0 + WG_KT > Lv) {
+    if (k0 + 8 * NJ > Lv) {
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
+        for (int j = 0; j < NJ; j++) {
             const int key = k0 + j * 8 + t * 2;
             if (key >= Lv) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
             if (key + 1 >= Lv) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
@@ -85,7 +86,7 @@ static __device__ __forceinline__ void wg_softmax_pv(float (&o)[32], float (&sc)
     }
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < NJ; j++) {
         mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
         mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
     }
@@ -97,7 +98,7 @@ static __device__ __forceinline__ void wg_softmax_pv(float (&o)[32], float (&sc)
     m1 = mn1;
     float s0 = 0.0f, s1 = 0.0f;
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < NJ; j++) {
         const float p0 = ex2_approx(fmaf(sc[4 * j], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[4 * j + 1], qscale, -mn0));
         const float p2 = ex2_approx(fmaf(sc[4 * j + 2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[4 * j + 3], qscale, -mn1));
         s0 += p0 + p1;
@@ -114,6 +115,14 @@ static __device__ __forceinline__ void wg_softmax_pv(float (&o)[32], float (&sc)
         o[4 * j + 2] *= al1;
         o[4 * j + 3] *= al1;
     }
+}
+
+/* wg_online_softmax of a 64-key tile, then O += P V issued (v: the shared address of the V
+ * tile; not waited for). */
+static __device__ __forceinline__ void wg_softmax_pv(float (&o)[32], float (&sc)[32], uint32_t (&pa)[4][4], float &m0,
+                                                     float &m1, float &l0, float &l1, int k0, int Lv, int t,
+                                                     uint32_t v) {
+    wg_online_softmax<WG_KT / 8>(o, sc, pa, m0, m1, l0, l1, k0, Lv, t);
     wg_fence();
 #pragma unroll
     for (int jj = 0; jj < 4; jj++) wgmma_rs<1>(o, pa[jj], wg_desc(v + jj * 16 * 128, 8192));
@@ -325,7 +334,6 @@ attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *
             mbar_cp_async_arrive(sb + L::bar + 16 + (tile % NS) * 8);
         }
     };
-    const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
     float o[32], sc[64];
     uint32_t pa[8][4];
 #pragma unroll
@@ -359,46 +367,7 @@ attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *
         wg_wait<0>();
 #pragma unroll
         for (int i = 0; i < 64; i++) asm volatile("" : "+f"(sc[i])::"memory");
-        const int k0 = kt * KT;
-        if (k0 + KT > Lv) {
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-                const int key = k0 + j * 8 + t * 2;
-                if (key >= Lv) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
-                if (key + 1 >= Lv) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
-            }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 16; j++) {
-            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
-        }
-        mx0 = quad_max(mx0);
-        mx1 = quad_max(mx1);
-        const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
-        const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1);
-        m0 = mn0;
-        m1 = mn1;
-        float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 16; j++) {
-            const float p0 = ex2_approx(fmaf(sc[4 * j], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[4 * j + 1], qscale, -mn0));
-            const float p2 = ex2_approx(fmaf(sc[4 * j + 2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[4 * j + 3], qscale, -mn1));
-            s0 += p0 + p1;
-            s1 += p2 + p3;
-            pa[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
-            pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
-        }
-        l0 = l0 * al0 + s0;
-        l1 = l1 * al1 + s1;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            o[4 * j] *= al0;
-            o[4 * j + 1] *= al0;
-            o[4 * j + 2] *= al1;
-            o[4 * j + 3] *= al1;
-        }
+        wg_online_softmax<KT / 8>(o, sc, pa, m0, m1, l0, l1, kt * KT, Lv, t);
         mbar_wait(sb + L::bar + 16 + (kt % NS) * 8, (kt / NS) & 1);
         fence_async_smem();
         wg_fence();
