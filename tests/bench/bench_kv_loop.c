@@ -23,7 +23,8 @@
  * CPU summing the tail chunks' best rows itself), KV_SPREAD
  * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
  * 8, 2 expansions, ef 128, top_k 100, tail 2,048). Per row it also prints kst_kvc_attend's
- * phases (kst_kvc_prof, us a step). */
+ * phases (kst_kvc_prof, us a step) and the GPU partial's life (launched, seen in, first needed: us
+ * from the call's start; the tail phase as wait + CPU estimate). */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <math.h>
