@@ -100,7 +100,8 @@ typedef struct kv_thread {
     float tlw[KV_TT_CHUNKS * KV_TT_TOP]; size_t ntlw; /* the adaptive budget: log-weights of the
                                                          chunks' best samples not retrieved */
     double p_first, p_last, p_busy, p_search, p_attn, p_tail; /* profile (kst_kvc_set_prof) */
-    size_t p_hops, p_tasks;
+    double p_want, p_twait, p_tcpu; /* the GPU's tail items: first needed, waited for, used */
+    size_t p_hops, p_tasks, p_topsum;
     char pad[64];       /* threads' hot fields on separate cache lines */
 } kv_thread;
 
@@ -121,6 +122,7 @@ struct kst_kvc {
     uint8_t *tt_ok; /* (kv_heads * chunks) the tail items: 1 done */
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int tail_gpu_off; /* kst_kvc_set_tail_gpu(c, 0) (or KESTREL_KV_TAIL_GPU=0): the tail on the CPU */
+    int topsum_off;   /* kst_kvc_set_tail_topsum(c, 0) (or KESTREL_KV_TAIL_TOPSUM=0) */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
     kst_kvc_prof *prof;   /* kst_kvc_set_prof */
@@ -202,6 +204,16 @@ static void refresh_tables(kst_kvc *c, kv_layer *L, int force) {
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on) { c->tail_gpu_off = !on; }
+void kst_kvc_set_tail_topsum(kst_kvc *c, int on) {
+    c->topsum_off = !on;
+#ifdef KST_CUDA
+    for (size_t l = 0; l < c->o.layers; l++)
+        if (c->layers[l].gpu) {
+            kst_kvgpu_tail_topsum(c->layers[l].gpu, on);
+            c->layers[l].gt_ns = 0; /* the tables put again with the new layout */
+        }
+#endif
+}
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
 void kst_kvc_set_widen(kst_kvc *c, float widen) { c->widen = widen > 0 && isfinite(widen) ? widen : 0; }
 void kst_kvc_set_widen_early(kst_kvc *c, int mode) { c->widen_early = mode < 0 ? 0 : mode > 2 ? 2 : mode; }
@@ -261,6 +273,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
      * key in 128 (the best 8), two expansions at a time */
     c->spread = KST_KVC_SPREAD_AUTO;
     c->tail_gpu_off = getenv("KESTREL_KV_TAIL_GPU") && atoi(getenv("KESTREL_KV_TAIL_GPU")) == 0;
+    c->topsum_off = getenv("KESTREL_KV_TAIL_TOPSUM") && atoi(getenv("KESTREL_KV_TAIL_TOPSUM")) == 0;
     c->spread_keep = 8;
     c->expand = 2;
     c->esize = o.f16 ? 2 : 4;
@@ -319,6 +332,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
             kst_kvc_free(c);
             return KST_ERR_INTERNAL;
         }
+        if (c->layers[l].gpu && c->topsum_off) kst_kvgpu_tail_topsum(c->layers[l].gpu, 0);
 #endif
     }
     *out = c;
@@ -1365,9 +1379,35 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
             tail_merge(o, lse, oc, s2, mk, d);
             tail_merge(oe, &lse_e, ox, sx, mk, d);
         } else {
-            double s0 = 0;
-            for (size_t a = 0; a < nt; a++)
-                if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, Vc + (size_t)tp[a] * rowb, op->f16, d);
+            /* the best rows: their sum of w V from the GPU (items with it, kst_kvc_set_tail_topsum)
+             * less the retrieved ones and those above tau (to the exact part), where those hold
+             * at most 7/8 of the best rows' weight (else the difference would lose precision);
+             * else row by row */
+            double ttot = 0, trm = 0;
+            if (!c->topsum_off)
+                for (size_t a = 0; a < nt; a++) {
+                    ttot += tw[a];
+                    if ((topx >> a & 1) || tw[a] > thr) trm += tw[a];
+                }
+            if (!c->topsum_off && trm <= ttot * 0.875) {
+                const float *ot = ic + 2 + d + 2 * KST_KVGPU_TT_TOP;
+                for (size_t i = 0; i < d; i++) oc[i] += ot[i];
+                for (size_t a = 0; a < nt; a++) {
+                    if (!(topx >> a & 1) && !(tw[a] > thr)) continue;
+                    const char *vr = Vc + (size_t)tp[a] * rowb;
+                    kst_kv_axpy(oc, -tw[a], vr, op->f16, d);
+                    if (!(topx >> a & 1)) { /* above tau: to the exact part (tail_acc) */
+                        sx += tw[a];
+                        na++;
+                        kst_kv_axpy(ox, tw[a], vr, op->f16, d);
+                    }
+                }
+                if (c->prof) t->p_topsum++;
+            } else {
+                double s0 = 0;
+                for (size_t a = 0; a < nt; a++)
+                    if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, Vc + (size_t)tp[a] * rowb, op->f16, d);
+            }
             tail_merge(o, lse, oc, rest, mx, d);
             tail_merge(oe, &lse_e, ox, sx, mx, d);
         }
@@ -1592,6 +1632,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         for (int i = 0; i < c->nth; i++) {
             kv_thread *t = &c->th[i];
             t->p_first = t->p_last = t->p_busy = t->p_search = t->p_attn = t->p_tail = 0;
+            t->p_want = t->p_twait = t->p_tcpu = 0;
+            t->p_topsum = 0;
             t->p_hops = t->p_tasks = 0;
             t->s.prof = 1;
             t->s.t_rerank = 0;
@@ -1612,6 +1654,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     const float *gpu_o = NULL, *gpu_lse = NULL;
 #endif
     int gpu_state = 0, gpu_ready = 0, gpu_asking = 0;
+    double gpu_seen = 0, gpu_launched = 0; /* profile: the partials first seen in; launch returned */
     if (on_gpu) memset(c->gpu_merged, 0, o->q_heads);
     if (c->ids_all_cap < o->q_heads * (ks ? ks : 1)) {
         rc = kst_realloc((void **)&c->ids_all, o->q_heads * (ks ? ks : 1), sizeof(uint32_t), "retrieved ids", err);
@@ -1672,6 +1715,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 if (r_ != KST_OK) {                                                               \
                     first_err(&rc, err, r_, &e3_);                                                \
                 }                                                                                 \
+                if (pf && done_) gpu_seen = mono_s();                                             \
                 if (r_ != KST_OK || done_) __atomic_store_n(&gpu_ready, r_ == KST_OK ? 1 : -1, __ATOMIC_RELEASE); \
             }                                                                                     \
             __atomic_store_n(&gpu_asking, 0, __ATOMIC_RELEASE);                                   \
@@ -1685,7 +1729,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             first_err(&rc, err, r, &e3);
         }
         __atomic_store_n(&gpu_state, r == KST_OK ? 1 : -1, __ATOMIC_RELEASE);
-        if (pf) gpu_dt = mono_s() - g0;
+        if (pf) {
+            gpu_launched = mono_s();
+            gpu_dt = gpu_launched - g0;
+        }
     }
 #endif
     /* Work items: first the KV heads' tail items (T: their samples scored for the group, about
@@ -1854,12 +1901,19 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
 #ifdef KST_CUDA
                 if (ns && m < nidx && tail_gpu) { /* from the GPU's items: wait for them */
+                    double w0 = pf ? mono_s() : 0;
+                    if (pf && t->p_want == 0) t->p_want = w0;
                     while (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
                         if (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
+                    double w1 = pf ? mono_s() : 0;
                     if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) {
                         kept = tail_partial_gpu(t, c, H, gpu_tt + h * tnc * gpu_st, gpu_st, qh, rid, nidx, m,
                                                 tau, t->o2, &lse_t);
                         kst_attn_merge(oh, &lse, t->o2, lse_t, d);
+                    }
+                    if (pf) {
+                        t->p_twait += w1 - w0;
+                        t->p_tcpu += mono_s() - w1;
                     }
                 }
 #endif
@@ -1956,6 +2010,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                  : gpu_ready == 0 ? kst_kvgpu_partial_ready(L->gpu, &gpu_o, &gpu_lse, rc == KST_OK ? err : NULL)
                                   : KST_ERR_INTERNAL;
         if (pf) pt3 = mono_s();
+        if (pf && gpu_seen == 0) gpu_seen = pt3;
         if (r2 == KST_OK && rc == KST_OK)
             for (size_t h = 0; h < o->q_heads; h++)
                 if (c->gpu_merged[h] == 1) kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
@@ -1966,7 +2021,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     (void)gpu_ready;
     (void)gpu_asking;
     if (pf) {
-        double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0, emax = 0;
+        double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0, emax = 0, want = 0;
         size_t tmax = 0;
         int used = 0;
         for (int i = 0; i < c->nth; i++) {
@@ -1985,6 +2040,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             pf->attn += t->p_attn;
             pf->tail += t->p_tail;
             pf->hops += t->p_hops;
+            pf->tail_wait += t->p_twait;
+            pf->tail_cpu += t->p_tcpu;
+            pf->tail_topsum += t->p_topsum;
+            if (t->p_want > 0 && (want == 0 || t->p_want < want)) want = t->p_want;
         }
         pf->steps++;
         pf->tasks += c->group > 0 ? ntask : o->q_heads; /* searches (beams) */
@@ -2000,6 +2059,16 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         pf->busy_mean += used ? bsum / used : 0;
         pf->gpu_wait += pt3 - pt2;
         pf->merge += pt4 - pt3;
+        if (gpu_launched > 0 && gpu_seen > 0) { /* the GPU's partial's life (on_gpu steps) */
+            pf->gpu_steps++;
+            pf->gpu_launched += gpu_launched - pt0;
+            pf->gpu_seen += gpu_seen - pt0;
+            if (want > 0) {
+                pf->gpu_wanted_steps++;
+                pf->gpu_wanted += want - pt0;
+                if (want < gpu_seen) pf->gpu_late++;
+            }
+        }
     }
     if (rc != KST_OK) return rc;
     if (stats) {

@@ -275,6 +275,12 @@ void kst_kvc_use_gpu(kst_kvc *c, int on);
  * KESTREL_KV_TAIL_GPU=0 in the environment when the cache is created); 1 (the default) restores
  * it. */
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on);
+/* Benchmarks and tests: 1 (the default) has the GPU's tail items carry their best samples'
+ * weighted value sum, so that the CPU's estimate adds it and subtracts only the best samples
+ * that were retrieved or score above the least retrieved (d floats more per item from the GPU;
+ * without it, the CPU sums the 32 best rows of every chunk itself); 0 (or
+ * KESTREL_KV_TAIL_TOPSUM=0 in the environment when the cache is created) without. */
+void kst_kvc_set_tail_topsum(kst_kvc *c, int on);
 /* Benchmarks: changes opts.widen of a live cache (the adaptive budget; 0: off). */
 void kst_kvc_set_widen(kst_kvc *c, float widen);
 /* Benchmarks and tests: the adaptive budget's decision before the first search (as
@@ -321,6 +327,17 @@ typedef struct kst_kvc_prof {
     /* kst_kvc_work: calls, plans made, batches linked, wall seconds in it (all) and linking */
     size_t idle_calls, idle_plans, idle_batches;
     double idle_s, idle_link;
+    /* the GPU's partial (static tokens + tail sample) per step, seconds from the call's start,
+     * summed over the gpu_steps steps that had it: its launch returned (gpu_launched), a thread
+     * first saw it in (gpu_seen; an upper bound where no thread was asking), and, over the
+     * gpu_wanted_steps steps with the tail on the GPU, the first thread needing its tail items
+     * (gpu_wanted; gpu_late: steps where that was before gpu_seen). Per thread, summed: waiting
+     * for them within the tail phase (tail_wait) and the CPU's tail estimate from them
+     * (tail_cpu; both inside `tail`). */
+    size_t gpu_steps, gpu_wanted_steps, gpu_late;
+    double gpu_launched, gpu_seen, gpu_wanted, tail_wait, tail_cpu;
+    /* the GPU's tail chunks whose best rows came summed from the GPU (kst_kvc_set_tail_topsum) */
+    size_t tail_topsum;
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

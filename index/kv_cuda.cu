@@ -58,6 +58,7 @@ struct kst_kvgpu {
     void *tK, *tV;
     size_t tns, tch, tnc, tcap, tocap, gen;
     float *tout, *htout;
+    int topsum; // the items carry their best rows' weighted value sum (kst_kvgpu_tail_topsum)
 };
 
 static __device__ __forceinline__ float ld(const float *p) { return *p; }
@@ -80,6 +81,14 @@ template <typename T> struct RowsRing {
         int t = c0 + j, slot = t < ns ? t : sinks + (rlo + t - ns) % ring;
         return KV + ((size_t)slot * 2 * kvh + kvh + kh) * d;
     }
+};
+
+// The chunk's best rows: row j at V + idx[j] * d.
+template <typename T> struct RowsIdx {
+    const T *V;
+    const int *idx;
+    int d;
+    __device__ const T *operator()(int j) const { return V + (size_t)idx[j] * d; }
 };
 
 template <typename T, typename R>
@@ -183,11 +192,12 @@ __device__ void partial_body(int bi, const T *KV, const float *q, float *o, floa
 // transposed: threads read consecutive rows of a dim, coalesced), sorts (score, row) pairs
 // (bitonic, P = the power of two >= rows) for the chunk's best KST_KVGPU_TT_TOP, then writes the
 // item: max, the sum of the other rows' weights exp(s - max), their weighted value sum, the
-// best rows and their weights.
+// best rows and their weights, and (st > d + 2 + 2 * TOP: kst_kvgpu_tail_topsum) the best rows'
+// weighted value sum.
 #define TT_PMAX 1024
 template <typename T>
 __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float *out, int ns, int ch,
-                          int nc, int P, int G, int d, float scale) {
+                          int nc, int P, int G, int d, float scale, int st) {
     __shared__ float tqs[512];
     __shared__ float red2[16 * 128];
     __shared__ float res[512];
@@ -200,7 +210,7 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
     int h = bi / nc, cc = bi % nc, kh = h / G, tid = threadIdx.x, nt = blockDim.x;
     int j0 = cc * ch, nr = min(ch, ns - j0), lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
     const T *Kc = K + ((size_t)kh * ns + j0) * d, *Vc = V + ((size_t)kh * ns + j0) * d;
-    float *it = out + (size_t)bi * (d + 2 + 2 * TOP);
+    float *it = out + (size_t)bi * st;
     for (int i = tid; i < d; i += nt) qs[i] = q[h * d + i];
     __syncthreads();
     for (int j = tid; j < P; j += nt) {
@@ -243,8 +253,14 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
     if (tid < top) {
         it[2 + d + tid] = __int_as_float(ki[tid]);
         it[2 + d + TOP + tid] = sv[ki[tid]];
+        kv[tid] = sv[ki[tid]]; // (every thread read mx before the barrier above)
     }
     __syncthreads();
+    if (st > d + 2 + 2 * TOP) { // the best rows' sum of w V
+        RowsIdx<T> ri = {Vc, ki, d};
+        wsum_rows<T>(kv, ri, top, d, red2, res);
+        for (int t = tid; t < d; t += nt) it[2 + d + 2 * TOP + t] = res[t];
+    }
     if (tid < top) sv[ki[tid]] = 0.0f;
     __syncthreads();
     float ls = 0.0f;
@@ -269,11 +285,11 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
 template <typename T>
 __global__ void step_kernel(const T *KV, const float *q, float *o, float *lse, int sinks, int ring,
                             int kvh, int G, int d, float scale, int qh, const T *tK, const T *tV,
-                            float *tout, int ns, int ch, int nc, int P) {
+                            float *tout, int ns, int ch, int nc, int P, int st) {
     if ((int)blockIdx.x < qh)
         partial_body<T>(blockIdx.x, KV, q, o, lse, sinks, ring, qh, kvh, G, d, scale);
     else
-        tail_body<T>(blockIdx.x - qh, tK, tV, q, tout, ns, ch, nc, P, G, d, scale);
+        tail_body<T>(blockIdx.x - qh, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st);
 }
 
 extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_t sinks, size_t ring,
@@ -292,6 +308,7 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
     g->cap = sinks + g->ring;
     g->f16 = f16;
     g->scale = scale;
+    g->topsum = 1;
     size_t es = f16 ? 2 : 4, bytes = g->cap * 2 * kv_heads * d * es;
     CU(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "kv gpu stream");
     CU(cudaEventCreateWithFlags(&g->done, cudaEventDisableTiming), "kv gpu event");
@@ -336,7 +353,15 @@ extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
            2 * g->tcap * g->kvh * g->d * es + g->tocap * sizeof(float);
 }
 
-extern "C" size_t kst_kvgpu_tail_stride(const kst_kvgpu *g) { return g->d + 2 + 2 * KST_KVGPU_TT_TOP; }
+extern "C" size_t kst_kvgpu_tail_stride(const kst_kvgpu *g) {
+    return g->d + 2 + 2 * KST_KVGPU_TT_TOP + (g->topsum ? g->d : 0);
+}
+
+extern "C" void kst_kvgpu_tail_topsum(kst_kvgpu *g, int on) {
+    if (!!on == g->topsum) return;
+    g->topsum = !!on;
+    g->tns = g->tch = g->tnc = 0; // the next kst_kvgpu_tail_reserve lays the items out anew
+}
 
 extern "C" int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t nc, kst_error *err) {
     int rc = KST_OK;
@@ -485,12 +510,14 @@ static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
         step_kernel<__half><<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const __half *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const __half *)g->tK,
-            (const __half *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P);
+            (const __half *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
+            (int)kst_kvgpu_tail_stride(g));
     else
         step_kernel<float><<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const float *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const float *)g->tK,
-            (const float *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P);
+            (const float *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
+            (int)kst_kvgpu_tail_stride(g));
     }
     CU(cudaGetLastError(), "kv gpu step launch");
     if (g->tns)

@@ -63,9 +63,14 @@ int kst_kvgpu_partial_poll(kst_kvgpu *g, const float **o, const float **lse, int
  * query heads, and kst_kvgpu_tail_out then holds, per query head h and chunk c (item h * nc + c,
  * kst_kvgpu_tail_stride floats each): the chunk's best score mx, the sum of w = exp(s - mx) over
  * its rows outside its KST_KVGPU_TT_TOP best, their sum of w V (d), the best rows (int32 row
- * within the chunk, as float bits) and their weights. ns 0: no tail. */
+ * within the chunk, as float bits) and their weights, then (kst_kvgpu_tail_topsum on, the
+ * default) the best rows' sum of w V (d). ns 0: no tail. */
 #define KST_KVGPU_TT_TOP 32
 int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t nc, kst_error *err);
+/* 1 (the default): the items end with their best rows' sum of w V; 0: without it. Takes effect
+ * at the next kst_kvgpu_tail_reserve (a change makes it lay the items out anew; the tables
+ * must then be put again). */
+void kst_kvgpu_tail_topsum(kst_kvgpu *g, int on);
 /* Uploads KV head kv_head's table: K and V of ns * d values each, in the layout above. */
 int kst_kvgpu_tail_put(kst_kvgpu *g, size_t kv_head, const void *K, const void *V, kst_error *err);
 size_t kst_kvgpu_tail_stride(const kst_kvgpu *g);

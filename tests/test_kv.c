@@ -344,6 +344,61 @@ static void test_tail_gpu_equals_cpu(void **state) {
 #endif
 }
 
+/* The GPU's tail items carrying their best rows' weighted value sum (kst_kvc_set_tail_topsum, on
+ * by default): the CPU adds it and subtracts only the retrieved best rows and those above the
+ * least retrieved score. With every indexed token sampled the estimate is exact, so each decode
+ * step must equal SDPA (the fixture's float64 reference) with the sum on and off; with a partial
+ * sample the two must agree; and chunks must take the summed path when on (none when off: fails
+ * if the mechanism does nothing). */
+static void test_tail_topsum_gpu(void **state) {
+    fx *f = *state;
+#ifndef KST_CUDA
+    (void)f;
+    skip_because("built without CUDA (make CUDA=1)");
+#else
+    if (kst_kv_cuda_devices() == 0) skip_because("no CUDA device visible");
+    kst_error err;
+    kst_kvc *c[2];
+    kst_kvc_prof pf[2];
+    for (int i = 0; i < 2; i++) {
+        kst_kvc_opts o = {1, KVH, QH, D, 0, 0, 4, 32, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, P, 0, 0, 0, 0, 0};
+        assert_ok(kst_kvc_create(&o, &c[i], &err), &err);
+        kst_kvc_set_tail_topsum(c[i], i == 0); /* c[0] on, c[1] off */
+        assert_ok(kst_kvc_append(c[i], 0, f->keys.data, f->values.data, P, &err), &err);
+        assert_ok(kst_kvc_build(c[i], 0, f->pq.data, P, &err), &err);
+        memset(&pf[i], 0, sizeof pf[i]);
+        kst_kvc_set_prof(c[i], &pf[i]);
+    }
+    const size_t ks[3] = {1, 3, 10};
+    const float *kf = f->keys.data, *vf = f->values.data;
+    for (size_t s = 0; s < S; s++) {
+        for (int i = 0; i < 2; i++)
+            assert_ok(kst_kvc_append(c[i], 0, kf + (P + s) * KVH * D, vf + (P + s) * KVH * D, 1, &err), &err);
+        const float *q = (const float *)f->dq.data + s * QH * D;
+        for (size_t b = 0; b < 3; b++) {
+            float out[2][QH * D];
+            for (int i = 0; i < 2; i++) {
+                kst_kvc_set_tail_samples(c[i], P); /* every indexed token: exact */
+                assert_ok(kst_kvc_attend(c[i], 0, q, ks[b], 32, out[i], NULL, &err), &err);
+                char name[96];
+                snprintf(name, sizeof name, "tail topsum %s vs SDPA (step %zu, top_k %zu)", i ? "off" : "on", s, ks[b]);
+                assert_close_f32(name, out[i], (const float *)f->out32.data + s * QH * D, QH * D, ATOL, RTOL);
+                kst_kvc_set_tail_samples(c[i], 48); /* a partial sample: an estimate */
+                assert_ok(kst_kvc_attend(c[i], 0, q, ks[b], 32, out[i], NULL, &err), &err);
+            }
+            char name[96];
+            snprintf(name, sizeof name, "tail topsum on vs off (48 samples, step %zu, top_k %zu)", s, ks[b]);
+            assert_close_f32(name, out[0], out[1], QH * D, ATOL, RTOL);
+        }
+    }
+    print_message("tail topsum: %zu chunks summed on the GPU (on), %zu (off)\n", pf[0].tail_topsum, pf[1].tail_topsum);
+    assert_true(pf[0].gpu_steps > 0 && pf[1].gpu_steps > 0); /* the static tokens and the tail on the GPU */
+    assert_true(pf[0].tail_topsum > 0);
+    assert_int_equal(pf[1].tail_topsum, 0);
+    for (int i = 0; i < 2; i++) kst_kvc_free(c[i]);
+#endif
+}
+
 /* Tail estimate with at least as many samples as indexed tokens: every key retrieval left out is
  * sampled once with weight 1, so a small top_k still gives SDPA's output. */
 static void test_tail_all_samples_equals_sdpa(void **state) {
@@ -1484,6 +1539,7 @@ int main(void) {
         cmocka_unit_test(test_gpu_equals_sdpa),
         cmocka_unit_test(test_tail_all_samples_equals_sdpa),
         cmocka_unit_test(test_tail_gpu_equals_cpu),
+        cmocka_unit_test(test_tail_topsum_gpu),
         cmocka_unit_test(test_tail_estimate_diffuse),
         cmocka_unit_test(test_widen_spread_attention),
         cmocka_unit_test(test_tail_sample_kept_across_appends),

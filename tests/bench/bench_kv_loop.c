@@ -19,10 +19,12 @@
  * runs the same GEMVs beside SDPA).
  * Environment: KV_LAYERS (4), KV_LOOP_STEPS (320 steps per row), KV_WINDOW (1024),
  * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"; plain and inline
- * rows may add "+cpu" or "+nogap", see below), KV_SPREAD
+ * rows may add "+cpu" or "+nogap", see below; any row but those "+nots": kst_kvc_set_tail_topsum 0, the
+ * CPU summing the tail chunks' best rows itself), KV_SPREAD
  * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
  * 8, 2 expansions, ef 128, top_k 100, tail 2,048). Per row it also prints kst_kvc_attend's
- * phases (kst_kvc_prof, us a step). */
+ * phases (kst_kvc_prof, us a step) and the GPU partial's life (launched, seen in, first needed: us
+ * from the call's start; the tail phase as wait + CPU estimate). */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -289,13 +291,15 @@ int main(int argc, char **argv) {
          * "+nogap" (no GEMVs, no wait: the steps back to back, as bench_kv_gpu layer times them) */
         size_t bl = strcspn(row, "+");
         int nogpu = strstr(row + bl, "+cpu") != NULL, nogap = strstr(row + bl, "+nogap") != NULL;
+        int nots = strstr(row + bl, "+nots") != NULL;
         int gemv_only = !strncmp(row, "gemv", bl) && bl == 4, plain = !strncmp(row, "plain", bl) && bl == 5;
         int idle = !strncmp(row, "idle", bl) && bl == 4, app = idle || (!strncmp(row, "inline", bl) && bl == 6);
-        if ((!gemv_only && !app && !plain) || ((nogpu || nogap) && idle)) {
+        if ((!gemv_only && !app && !plain) || ((nogpu || nogap) && idle) || (nots && (nogpu || nogap))) {
             fprintf(stderr, KVB_PROG ": unknown row %s\n", row);
             return 2;
         }
         kst_kvc_set_append_idle(c, idle);
+        kst_kvc_set_tail_topsum(c, !nots);
         for (int l = 0; l < L; l++) /* each row starts with nothing queued: the last row's batches linked */
             if (kst_kvc_flush(c, (size_t)l, &e)) die("flush", &e);
         kst_kvc_prof pf;
@@ -359,6 +363,14 @@ int main(int argc, char **argv) {
                    row, pf.total * u, pf.gpu_start * u, pf.region * u, pf.gpu_wait * u, pf.merge * u, pf.enter * u,
                    pf.enter_max * u, pf.busy_max * u, pf.busy_mean * u, pf.entry * u / nt, pf.search * u / nt,
                    pf.rerank * u / nt, pf.attn * u / nt, pf.tail * u / nt, pf.tasks ? (double)pf.scanned / pf.tasks : 0.0);
+            if (pf.gpu_steps) /* the GPU's partial's life: us from the call's start, means over steps */
+                printf("  (%s: GPU partial: launched at %.1f, seen in at %.1f, tail items first needed at %.1f (%zu of %zu"
+                       " steps before seen); per thread: tail %.1f = wait %.1f + CPU estimate %.1f + rest; %.1f chunks"
+                       " a step with the best rows summed on the GPU)\n", row,
+                       1e6 * pf.gpu_launched / pf.gpu_steps, 1e6 * pf.gpu_seen / pf.gpu_steps,
+                       pf.gpu_wanted_steps ? 1e6 * pf.gpu_wanted / pf.gpu_wanted_steps : 0.0, pf.gpu_late,
+                       pf.gpu_wanted_steps, pf.tail * u / nt, pf.tail_wait * u / nt, pf.tail_cpu * u / nt,
+                       (double)pf.tail_topsum / pf.steps);
         }
         if (app)
             printf("  (%s: batches linked in idle time %zu, linked by an append %zu, planned by an append %zu (%.2f ms"
