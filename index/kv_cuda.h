@@ -81,8 +81,10 @@ const float *kst_kvgpu_tail_out(const kst_kvgpu *g);
  * head's last block merging the s partials by log-sum-exp; 1: one block a head, as before
  * round 16), the step's kernel built for minb (2 or 3) blocks of 512 threads an SM (3: fewer
  * registers). Defaults KST_KVGPU_SPLIT and KST_KVGPU_MINB (KESTREL_KV_GPU_SPLIT,
- * KESTREL_KV_GPU_MINB at creation override them). */
-#define KST_KVGPU_SPLIT 8
+ * KESTREL_KV_GPU_MINB at creation override them). H100, 1,028 static tokens x 32 query heads
+ * beside 256 tail blocks (bench README, round 16): the kernel 98-101 us with 1, 45 with 4, 58
+ * with 8 (48 built for 3 blocks an SM), 57 with 16. */
+#define KST_KVGPU_SPLIT 4
 #define KST_KVGPU_SPLIT_MAX 32
 #define KST_KVGPU_MINB 2
 void kst_kvgpu_split(kst_kvgpu *g, int s, int minb);
