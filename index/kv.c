@@ -125,8 +125,8 @@ struct kst_kvc {
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int tail_gpu_off; /* kst_kvc_set_tail_gpu(c, 0) (or KESTREL_KV_TAIL_GPU=0): the tail on the CPU */
     int topsum_off;   /* kst_kvc_set_tail_topsum(c, 0) (or KESTREL_KV_TAIL_TOPSUM=0) */
-    int gpu_late;     /* kst_kvc_set_gpu_early(c, 0) (or KESTREL_KV_GPU_EARLY=0): the GPU's partial
-                         launched by thread 0 inside the parallel part, as before round 16 */
+    int gpu_late;     /* 1 (the default; kst_kvc_set_gpu_early(c, 1) or KESTREL_KV_GPU_EARLY=1: 0): the
+                         GPU's partial launched by thread 0 inside the parallel part */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
     kst_kvc_prof *prof;   /* kst_kvc_set_prof */
@@ -291,7 +291,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->spread = KST_KVC_SPREAD_AUTO;
     c->tail_gpu_off = getenv("KESTREL_KV_TAIL_GPU") && atoi(getenv("KESTREL_KV_TAIL_GPU")) == 0;
     c->topsum_off = getenv("KESTREL_KV_TAIL_TOPSUM") && atoi(getenv("KESTREL_KV_TAIL_TOPSUM")) == 0;
-    c->gpu_late = getenv("KESTREL_KV_GPU_EARLY") && atoi(getenv("KESTREL_KV_GPU_EARLY")) == 0;
+    c->gpu_late = !(getenv("KESTREL_KV_GPU_EARLY") && atoi(getenv("KESTREL_KV_GPU_EARLY")) == 1);
     c->spread_keep = 8;
     c->expand = 2;
     c->esize = o.f16 ? 2 : 4;
@@ -1738,8 +1738,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     double gpu_dt = 0;
     int gpu_early = 0;
 #ifdef KST_CUDA
-    /* the GPU's partial launched before the parallel part (its fork and the threads' entry,
-     * 5-11 us, no longer before it), as soon as the tail sample's table is on the GPU */
+    /* kst_kvc_set_gpu_early: the GPU's partial launched before the parallel part, as soon as
+     * the tail sample's table is on the GPU (off by default: the launch's ~8-10 us of host
+     * time then delay the fork, while inside the part thread 0 pays them beside the others'
+     * searches, and with the split kernel the partial is in before it is needed anyway;
+     * bench README, round 16) */
     if (on_gpu && !c->gpu_late) {
         kst_error e3;
         int r = kst_kvgpu_partial_start(L->gpu, q, sink_end, exact_lo - o->sinks, L->n - exact_lo, &e3);

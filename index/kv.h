@@ -128,9 +128,9 @@ void kst_kvc_set_append_idle(kst_kvc *c, int on);
  * at once, linked by the next append if kst_kvc_work has not (rounds 13-15). Default 8
  * (KESTREL_KV_LINK_PIECE at creation overrides it). */
 void kst_kvc_set_link_piece(kst_kvc *c, size_t n);
-/* The GPU's partial (static tokens + tail sample): 1 (the default; KESTREL_KV_GPU_EARLY=0 at
- * creation: 0) launched by the calling thread before the decode step's parallel part; 0 by
- * thread 0 inside it (rounds 7-15). Its static-token part split over s blocks a query head,
+/* The GPU's partial (static tokens + tail sample): 1 (KESTREL_KV_GPU_EARLY=1 at creation)
+ * launched by the calling thread before the decode step's parallel part; 0 (the default) by
+ * thread 0 inside it, beside the other threads' searches (measured faster: round 16). Its static-token part split over s blocks a query head,
  * its kernel built for minb blocks an SM (kv_cuda.h, kst_kvgpu_split; 1, 2: as before round
  * 16). Benchmarks. */
 void kst_kvc_set_gpu_early(kst_kvc *c, int on);

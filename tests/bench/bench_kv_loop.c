@@ -25,7 +25,7 @@
  * 8, 2 expansions, ef 128, top_k 100, tail 2,048). Per row it also prints kst_kvc_attend's
  * phases (kst_kvc_prof, us a step) and the GPU partial's life (launched, seen in, first needed: us
  * from the call's start; the tail phase as wait + CPU estimate). Round 16 row flags: "+old" (the
- * GPU partial and the links as in round 15), "+late", "+sN", "+whole" (see below); KV_LINK_PIECE
+ * GPU partial and the links as in round 15), "+early", "+sN", "+b3", "+whole" (see below); KV_LINK_PIECE
  * (8) tokens a link piece; KESTREL_KV_GPU_TIME=1 times the partial's parts by CUDA events. */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -296,11 +296,11 @@ int main(int argc, char **argv) {
         int nogpu = strstr(row + bl, "+cpu") != NULL, nogap = strstr(row + bl, "+nogap") != NULL;
         int nots = strstr(row + bl, "+nots") != NULL;
         /* round 16: "+old" the GPU partial and the links as in round 15 (one block a query head,
-         * launched inside the parallel part; a batch linked whole); "+late" launched inside the
-         * parallel part only; "+sN" the partial split over N blocks a head, "+b3" its kernel
-         * built for 3 blocks an SM (else 2); "+whole" a batch
+         * launched inside the parallel part; a batch linked whole); "+early" launched before the
+         * parallel part ("+late": inside it, the default); "+sN" the partial split over N blocks
+         * a head, "+b3" its kernel built for 3 blocks an SM (else 2); "+whole" a batch
          * linked whole (kst_kvc_set_link_piece 0) */
-        int old = strstr(row + bl, "+old") != NULL, late = old || strstr(row + bl, "+late") != NULL;
+        int old = strstr(row + bl, "+old") != NULL, late = old || !strstr(row + bl, "+early");
         int whole = old || strstr(row + bl, "+whole") != NULL;
         const char *sp = strstr(row + bl, "+s");
         int split = old ? 1 : sp && sp[2] >= '1' && sp[2] <= '9' ? atoi(sp + 2) : KST_KVGPU_SPLIT;
