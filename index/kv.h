@@ -106,8 +106,9 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
  * one plan of more() saying no. It returns when more() says no or nothing is left to do
  * (*planned, may be NULL: the plans it made; more NULL: until nothing is left). No thread of
  * its own: nothing runs unless the engine calls it (as libuv's idle handles or redis's
- * incremental rehash in its cron), between the cache's other calls (one call at a time). An
- * append that finds its batch planned links it in (if kst_kvc_work has not); one that would
+ * incremental rehash in its cron), between the cache's other calls (one call at a time). With
+ * whole-batch links (kst_kvc_set_link_piece 0) an append that finds its batch planned links it
+ * in (if kst_kvc_work has not); by default kst_kvc_work links it in pieces. An append that would
  * leave more than 4B pending plans the batch itself (the lag stays bounded when the engine
  * lends too little time). The result does not depend on who planned: a batch's plans read the
  * graphs as they were when it was queued and each batch is queued at the same point, so after
