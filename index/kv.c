@@ -66,6 +66,7 @@ typedef struct kv_job {
     float *seld;          /* (items, M) their squared distances */
     size_t *cnt;          /* (items) neighbours planned */
     size_t cap;           /* items allocated */
+    size_t linked;        /* tokens of the batch linked so far (every KV head; kst_kvc_set_link_piece) */
 } kv_job;
 
 typedef struct kv_layer {
@@ -85,6 +86,7 @@ typedef struct kv_layer {
 #define KV_IL_MAX 8 /* query heads searched interleaved by one task at most */
 #define KV_PLAN_IL 4 /* batch appends: plans interleaved by one thread (<= KV_IL_MAX) */
 #define KV_WK_MAX 16 /* background planner threads at most (kst_kvc_set_append_worker) */
+#define KV_LINK_PIECE 8 /* tokens a planned batch is linked by at a time in kst_kvc_work */
 #ifdef SCHED_IDLE
 #define KV_SCHED_IDLE SCHED_IDLE
 #else
@@ -123,6 +125,8 @@ struct kst_kvc {
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int tail_gpu_off; /* kst_kvc_set_tail_gpu(c, 0) (or KESTREL_KV_TAIL_GPU=0): the tail on the CPU */
     int topsum_off;   /* kst_kvc_set_tail_topsum(c, 0) (or KESTREL_KV_TAIL_TOPSUM=0) */
+    int gpu_late;     /* 1 (the default; kst_kvc_set_gpu_early(c, 1) or KESTREL_KV_GPU_EARLY=1: 0): the
+                         GPU's partial launched by thread 0 inside the parallel part */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
     kst_kvc_prof *prof;   /* kst_kvc_set_prof */
@@ -151,6 +155,8 @@ struct kst_kvc {
     int wk_on, wk_started, wk_stop; /* worker threads wanted, started (KV_WK_MAX at most) */
     int wk_idle;                    /* workers at the idle scheduling class (Linux SCHED_IDLE) */
     int app_idle;                   /* batches planned in the engine's idle time (kst_kvc_work) */
+    size_t link_piece;              /* tokens a planned batch is linked by at a time (all KV heads;
+                                       0: the whole batch at once; kst_kvc_set_link_piece) */
     pthread_t wk[KV_WK_MAX];
     pthread_mutex_t mu;
     pthread_cond_t cv_work, cv_idle;
@@ -203,6 +209,17 @@ static void refresh_tables(kst_kvc *c, kv_layer *L, int force) {
 }
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
+void kst_kvc_set_gpu_early(kst_kvc *c, int on) { c->gpu_late = !on; }
+void kst_kvc_set_gpu_split(kst_kvc *c, int s, int minb) {
+#ifdef KST_CUDA
+    for (size_t l = 0; l < c->o.layers; l++)
+        if (c->layers[l].gpu) kst_kvgpu_split(c->layers[l].gpu, s, minb);
+#else
+    (void)c;
+    (void)s;
+    (void)minb;
+#endif
+}
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on) { c->tail_gpu_off = !on; }
 void kst_kvc_set_tail_topsum(kst_kvc *c, int on) {
     c->topsum_off = !on;
@@ -274,6 +291,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->spread = KST_KVC_SPREAD_AUTO;
     c->tail_gpu_off = getenv("KESTREL_KV_TAIL_GPU") && atoi(getenv("KESTREL_KV_TAIL_GPU")) == 0;
     c->topsum_off = getenv("KESTREL_KV_TAIL_TOPSUM") && atoi(getenv("KESTREL_KV_TAIL_TOPSUM")) == 0;
+    c->gpu_late = !(getenv("KESTREL_KV_GPU_EARLY") && atoi(getenv("KESTREL_KV_GPU_EARLY")) == 1);
     c->spread_keep = 8;
     c->expand = 2;
     c->esize = o.f16 ? 2 : 4;
@@ -297,6 +315,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->widen_pred = getenv("KESTREL_KV_WIDEN_PRED") ? atoi(getenv("KESTREL_KV_WIDEN_PRED")) : 1;
     c->widen_gain = getenv("KESTREL_KV_WIDEN_GAIN") ? atof(getenv("KESTREL_KV_WIDEN_GAIN")) : 0.5;
     c->app_idle = getenv("KESTREL_KV_APPEND_IDLE") && atoi(getenv("KESTREL_KV_APPEND_IDLE")) != 0;
+    c->link_piece = getenv("KESTREL_KV_LINK_PIECE") ? (size_t)atol(getenv("KESTREL_KV_LINK_PIECE")) : KV_LINK_PIECE;
     c->wk_idle = getenv("KESTREL_KV_APPEND_WORKER_IDLE") && atoi(getenv("KESTREL_KV_APPEND_WORKER_IDLE")) == 1;
     c->widen_early = getenv("KESTREL_KV_WIDEN_EARLY") ? atoi(getenv("KESTREL_KV_WIDEN_EARLY")) : 2;
     pthread_mutex_init(&c->mu, NULL);
@@ -632,6 +651,7 @@ static int job_launch(kst_kvc *c, kv_layer *L, size_t n, kst_error *err) {
     J->n = n;
     J->items = items;
     J->next = J->done = 0;
+    J->linked = 0;
     J->fail = 0;
     J->state = KV_JOB_QUEUED;
     if (c->wk_on && c->wk_started) pthread_cond_broadcast(&c->cv_work);
@@ -644,32 +664,44 @@ static int job_planned(kv_job *J) {
     return J->state == KV_JOB_QUEUED && __atomic_load_n(&J->done, __ATOMIC_ACQUIRE) == J->items;
 }
 
-/* Links the job's planned nodes in, each KV head in order (exclusive use of the graphs: between
- * steps), and ends the job. */
-static int job_apply(kst_kvc *c, kv_layer *L, kst_error *err) {
+/* Links up to `piece` more of the job's planned tokens in (0: all that are left), every KV head
+ * (exclusive use of the graphs: between steps), and ends the job once all are in. A piece
+ * leaves every head's graph holding the same tokens (the index as if the batch were shorter),
+ * and each head's links are made in the same order whatever the pieces, so the graphs do not
+ * depend on where the pieces ran. *ended (may be NULL): 1 when the job ended. */
+static int job_apply_piece(kst_kvc *c, kv_layer *L, size_t piece, int *ended, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     kv_job *J = &L->job;
     size_t M = L->heads[0].g.M;
     int fail = __atomic_load_n(&J->fail, __ATOMIC_RELAXED);
+    size_t i0 = J->linked, i1 = piece && J->n - i0 > piece ? i0 + piece : J->n;
+    if (ended) *ended = 0;
     if (!fail) {
 #pragma omp parallel for schedule(static) if (o->kv_heads > 1)
         for (size_t h = 0; h < o->kv_heads; h++) {
             kv_hstore *H = &L->heads[h];
             float *tmp = c->ptmp + (size_t)omp_get_thread_num() * KV_PLAN_IL * 2 * o->head_dim;
-            for (size_t i = 0; i < J->n; i++) {
+            for (size_t i = i0; i < i1; i++) {
                 size_t it = h * J->n + i;
                 kst_kvg_link(&H->g, rows_at(c, H->K, o->sinks), o->f16, o->head_dim, (uint32_t)(J->lo + i),
                              J->sel + it * M, J->seld + it * M, J->cnt[it], tmp);
             }
         }
+        J->linked = i1;
+        if (i1 < J->n) return KST_OK;
     }
     pthread_mutex_lock(&c->mu);
     J->state = KV_JOB_NONE;
     pthread_mutex_unlock(&c->mu);
+    if (ended) *ended = 1;
     if (fail) return kst_fail(err, KST_ERR_NOMEM, "kst_kv_append: out of memory linking tokens into the index");
     refresh_tables(c, L, 0);
     return KST_OK;
 }
+
+/* Links the job's planned nodes in (what is left of them), each KV head in order, and ends the
+ * job. */
+static int job_apply(kst_kvc *c, kv_layer *L, kst_error *err) { return job_apply_piece(c, L, 0, NULL, err); }
 
 /* The job in flight planned to the end (this call's threads claim the items left, beside the
  * worker, then wait for the worker's last) and linked in. */
@@ -725,7 +757,10 @@ static int kv_advance(kst_kvc *c, kv_layer *L, kst_error *err) {
     int rc = KST_OK;
     if (!L->built) return KST_OK;
     kv_job *J = &L->job;
-    if (job_planned(J)) {
+    /* idle mode with pieces: a planned batch is left to kst_kvc_work, which links it piece by
+     * piece within the engine's idle time, unless the tokens pending pass the lag */
+    int defer = c->app_idle && c->link_piece > 0;
+    if (job_planned(J) && !(defer && kst_kvc_pending(c, (size_t)(L - c->layers)) <= c->pmax)) {
         double t0 = c->prof ? mono_s() : 0;
         KST_TRY(job_apply(c, L, err));
         if (c->prof) {
@@ -751,6 +786,8 @@ done:
 }
 
 void kst_kvc_set_append_idle(kst_kvc *c, int on) { c->app_idle = on != 0; }
+
+void kst_kvc_set_link_piece(kst_kvc *c, size_t n) { c->link_piece = n; }
 
 /* kst_kvc_work's plans of one job (more() has said yes): the team's threads claim one plan at a
  * time until none is left or more() says no. With more than one thread the first only asks
@@ -793,7 +830,7 @@ int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, ks
     if (planned) *planned = 0;
     if (!c) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_work: the cache is NULL");
     int rc = KST_OK, stop = 0;
-    size_t np = 0, linked = 0;
+    size_t np = 0, linked = 0, pieces = 0;
     double t0 = c->prof ? mono_s() : 0, tl = 0;
     while (!stop) {
         /* a planned batch first (linked: its tokens leave the exact part), then plans to make */
@@ -813,7 +850,13 @@ int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, ks
         if (link) {
             if (more && !more(arg)) break;
             double a = c->prof ? mono_s() : 0;
-            KST_TRY(job_apply(c, L, err));
+            int ended = 0;
+            KST_TRY(job_apply_piece(c, L, c->link_piece, &ended, err));
+            pieces++;
+            if (!ended) { /* more() asked again before the next piece */
+                if (c->prof) tl += mono_s() - a;
+                continue;
+            }
             linked++;
             /* the next batch queued where B more are pending, as the appending call would */
             const kst_kvc_opts *o = &c->o;
@@ -830,6 +873,7 @@ done:
         c->prof->idle_calls++;
         c->prof->idle_plans += np;
         c->prof->idle_batches += linked;
+        c->prof->idle_pieces += pieces;
         c->prof->idle_s += mono_s() - t0;
         c->prof->idle_link += tl;
     }
@@ -1692,6 +1736,22 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     memset(c->tt_ok, 0, nT);
     size_t next_a = 0, next_b = 0, npub = 0;
     double gpu_dt = 0;
+    int gpu_early = 0;
+#ifdef KST_CUDA
+    /* kst_kvc_set_gpu_early: the GPU's partial launched before the parallel part, as soon as
+     * the tail sample's table is on the GPU (off by default: the launch's ~8-10 us of host
+     * time then delay the fork, while inside the part thread 0 pays them beside the others'
+     * searches, and with the split kernel the partial is in before it is needed anyway;
+     * bench README, round 16) */
+    if (on_gpu && !c->gpu_late) {
+        kst_error e3;
+        int r = kst_kvgpu_partial_start(L->gpu, q, sink_end, exact_lo - o->sinks, L->n - exact_lo, &e3);
+        if (r != KST_OK) first_err(&rc, err, r, &e3);
+        gpu_state = r == KST_OK ? 1 : -1;
+        if (pf) gpu_launched = mono_s();
+        gpu_early = 1;
+    }
+#endif
     if (pf) pt1 = mono_s();
     /* Longest task first: the threads take the tasks in the order of the keys each scored in the
      * previous step (a head's search costs about the same from step to step), so that no thread
@@ -1721,7 +1781,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             __atomic_store_n(&gpu_asking, 0, __ATOMIC_RELEASE);                                   \
         }                                                                                         \
     } while (0)
-    if (on_gpu && omp_get_thread_num() == 0) {
+    if (on_gpu && !gpu_early && omp_get_thread_num() == 0) {
         double g0 = pf ? mono_s() : 0;
         kst_error e3;
         int r = kst_kvgpu_partial_start(L->gpu, q, sink_end, exact_lo - o->sinks, L->n - exact_lo, &e3);
@@ -2020,6 +2080,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     (void)gpu_state;
     (void)gpu_ready;
     (void)gpu_asking;
+    (void)gpu_early;
     if (pf) {
         double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0, emax = 0, want = 0;
         size_t tmax = 0;
@@ -2059,6 +2120,16 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         pf->busy_mean += used ? bsum / used : 0;
         pf->gpu_wait += pt3 - pt2;
         pf->merge += pt4 - pt3;
+#ifdef KST_CUDA
+        if (on_gpu) { /* KESTREL_KV_GPU_TIME=1: the GPU's own spans */
+            double ms[3];
+            size_t nt = kst_kvgpu_times(L->gpu, ms);
+            pf->gpu_timed += nt;
+            pf->gpu_h2d += 1e-3 * ms[0];
+            pf->gpu_kernel += 1e-3 * ms[1];
+            pf->gpu_d2h += 1e-3 * ms[2];
+        }
+#endif
         if (gpu_launched > 0 && gpu_seen > 0) { /* the GPU's partial's life (on_gpu steps) */
             pf->gpu_steps++;
             pf->gpu_launched += gpu_launched - pt0;

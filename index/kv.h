@@ -106,8 +106,9 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
  * one plan of more() saying no. It returns when more() says no or nothing is left to do
  * (*planned, may be NULL: the plans it made; more NULL: until nothing is left). No thread of
  * its own: nothing runs unless the engine calls it (as libuv's idle handles or redis's
- * incremental rehash in its cron), between the cache's other calls (one call at a time). An
- * append that finds its batch planned links it in (if kst_kvc_work has not); one that would
+ * incremental rehash in its cron), between the cache's other calls (one call at a time). With
+ * whole-batch links (kst_kvc_set_link_piece 0) an append that finds its batch planned links it
+ * in (if kst_kvc_work has not); by default kst_kvc_work links it in pieces. An append that would
  * leave more than 4B pending plans the batch itself (the lag stays bounded when the engine
  * lends too little time). The result does not depend on who planned: a batch's plans read the
  * graphs as they were when it was queued and each batch is queued at the same point, so after
@@ -119,6 +120,22 @@ int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, ks
  * call only queueing a completed batch; 0 (the default; KESTREL_KV_APPEND_IDLE=1 at creation
  * turns it on): the appending call plans it. Taken up at the next batch. */
 void kst_kvc_set_append_idle(kst_kvc *c, int on);
+/* Idle mode: kst_kvc_work links a planned batch n tokens at a time (every KV head; ~5-10 us a
+ * token at 8 KV heads), asking more() before each piece, so that a link no longer overruns the
+ * engine's window by a whole batch (0.3-0.7 ms at B = 64); an append then leaves a planned
+ * batch to kst_kvc_work unless more than 4B tokens are pending. Between pieces every head's
+ * index holds the same tokens (as if the batch were shorter), and each head's links are made
+ * in the same order, so the graphs do not depend on where the pieces ran. 0: the whole batch
+ * at once, linked by the next append if kst_kvc_work has not (rounds 13-15). Default 8
+ * (KESTREL_KV_LINK_PIECE at creation overrides it). */
+void kst_kvc_set_link_piece(kst_kvc *c, size_t n);
+/* The GPU's partial (static tokens + tail sample): 1 (KESTREL_KV_GPU_EARLY=1 at creation)
+ * launched by the calling thread before the decode step's parallel part; 0 (the default) by
+ * thread 0 inside it, beside the other threads' searches (measured faster: round 16). Its static-token part split over s blocks a query head,
+ * its kernel built for minb blocks an SM (kv_cuda.h, kst_kvgpu_split; 1, 2: as before round
+ * 16). Benchmarks. */
+void kst_kvc_set_gpu_early(kst_kvc *c, int on);
+void kst_kvc_set_gpu_split(kst_kvc *c, int s, int minb);
 
 /* Links every pending token of the layer into its index now (waits for the batch in flight;
  * tests and callers that want the index complete). */
@@ -327,6 +344,7 @@ typedef struct kst_kvc_prof {
     /* kst_kvc_work: calls, plans made, batches linked, wall seconds in it (all) and linking */
     size_t idle_calls, idle_plans, idle_batches;
     double idle_s, idle_link;
+    size_t idle_pieces; /* kst_kvc_work's links, piece by piece (kst_kvc_set_link_piece) */
     /* the GPU's partial (static tokens + tail sample) per step, seconds from the call's start,
      * summed over the gpu_steps steps that had it: its launch returned (gpu_launched), a thread
      * first saw it in (gpu_seen; an upper bound where no thread was asking), and, over the
@@ -338,6 +356,10 @@ typedef struct kst_kvc_prof {
     double gpu_launched, gpu_seen, gpu_wanted, tail_wait, tail_cpu;
     /* the GPU's tail chunks whose best rows came summed from the GPU (kst_kvc_set_tail_topsum) */
     size_t tail_topsum;
+    /* KESTREL_KV_GPU_TIME=1 at creation: the GPU partial's own spans by CUDA events (no graph),
+     * seconds summed over gpu_timed steps: query upload, kernel, downloads */
+    size_t gpu_timed;
+    double gpu_h2d, gpu_kernel, gpu_d2h;
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

@@ -59,6 +59,18 @@ struct kst_kvgpu {
     size_t tns, tch, tnc, tcap, tocap, gen;
     float *tout, *htout;
     int topsum; // the items carry their best rows' weighted value sum (kst_kvgpu_tail_topsum)
+    // the static tokens' partial split over `split` blocks a query head (kst_kvgpu_split): their
+    // unnormalized partials (qh * split: d floats, then m and l) and a counter a head, the last
+    // block of a head merging them (the counter back to 0 for the next launch)
+    int split, minb; // (minb: the kernel's blocks an SM must hold, 2 or 3)
+    float *sp;
+    unsigned *spc;
+    // KESTREL_KV_GPU_TIME=1: no graph; events before the upload, after it, after the kernel,
+    // after the downloads; their spans (ms) summed over tn steps (kst_kvgpu_times)
+    int timing;
+    cudaEvent_t tev[4];
+    double tms[3];
+    size_t tn;
 };
 
 static __device__ __forceinline__ float ld(const float *p) { return *p; }
@@ -124,24 +136,27 @@ __device__ void wsum_rows(const float *w, R rows, int nr, int d, float *red, flo
 // output o (threads t < d own o[t]).
 template <typename T>
 __device__ void partial_body(int bi, const T *KV, const float *q, float *o, float *lse, int sinks,
-                             int ring, int qh, int kvh, int G, int d, float scale) {
+                             int ring, int qh, int kvh, int G, int d, float scale, int S, float *sp,
+                             unsigned *spc) {
     const int CH = 1024;
     __shared__ float s[CH];
     __shared__ float qs[512];
     __shared__ float red[32];
     __shared__ float red2[16 * 128];
     __shared__ float res[512];
-    int h = bi, kh = h / G, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int h = bi / S, part = bi % S, kh = h / G, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int nw = blockDim.x >> 5;
     // the step's parameters after the queries: sink slots used, ring offset of the first
     // exact token, exact tokens in the ring
     const int *prm = (const int *)(q + (size_t)qh * d);
     int ns = prm[0], rlo = prm[1], n = ns + prm[2];
+    // this block's share of the tokens: [t0, t1) of n
+    int t0 = (int)((long long)n * part / S), t1 = (int)((long long)n * (part + 1) / S);
     for (int i = tid; i < d; i += blockDim.x) qs[i] = q[h * d + i];
     __syncthreads();
     float m = -INFINITY, l = 0.0f, acc[2] = {0.0f, 0.0f}; // threads own dims tid, tid + blockDim
-    for (int c0 = 0; c0 < n; c0 += CH) {
-        int cn = min(CH, n - c0);
+    for (int c0 = t0; c0 < t1; c0 += CH) {
+        int cn = min(CH, t1 - c0);
         for (int j = warp; j < cn; j += nw) {
             int t = c0 + j, slot = t < ns ? t : sinks + (rlo + t - ns) % ring;
             const T *kr = KV + ((size_t)slot * 2 * kvh + kh) * d;
@@ -181,11 +196,51 @@ __device__ void partial_body(int bi, const T *KV, const float *q, float *o, floa
         m = mn;
         __syncthreads();
     }
+    if (S == 1) {
+        for (int r = 0; r < 2; r++) {
+            int t = tid + r * blockDim.x;
+            if (t < d) o[h * d + t] = n > 0 ? acc[r] / l : 0.0f;
+        }
+        if (tid == 0) lse[h] = n > 0 ? m + logf(l) : -INFINITY;
+        return;
+    }
+    // split: this block's (acc, m, l) out, then the head's last block merges the S of them
+    float *mine = sp + (size_t)bi * (d + 2);
     for (int r = 0; r < 2; r++) {
         int t = tid + r * blockDim.x;
-        if (t < d) o[h * d + t] = n > 0 ? acc[r] / l : 0.0f;
+        if (t < d) mine[t] = acc[r];
     }
-    if (tid == 0) lse[h] = n > 0 ? m + logf(l) : -INFINITY;
+    if (tid == 0) {
+        mine[d] = m;
+        mine[d + 1] = l;
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ unsigned last;
+    if (tid == 0) last = atomicAdd(&spc[h], 1u) == (unsigned)(S - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const volatile float *hp = sp + (size_t)h * S * (d + 2);
+    float M = -INFINITY;
+    for (int k = 0; k < S; k++) M = fmaxf(M, hp[k * (d + 2) + d]);
+    float Ls = 0.0f;
+    for (int k = 0; k < S; k++) {
+        float mk = hp[k * (d + 2) + d];
+        if (mk > -INFINITY) Ls += hp[k * (d + 2) + d + 1] * expf(mk - M);
+    }
+    for (int t = tid; t < d; t += blockDim.x) {
+        float a = 0.0f;
+        for (int k = 0; k < S; k++) {
+            float mk = hp[k * (d + 2) + d];
+            if (mk > -INFINITY) a += hp[k * (d + 2) + t] * expf(mk - M);
+        }
+        o[h * d + t] = Ls > 0.0f ? a / Ls : 0.0f;
+    }
+    if (tid == 0) {
+        lse[h] = Ls > 0.0f ? M + logf(Ls) : -INFINITY;
+        spc[h] = 0;
+    }
 }
 
 // The tail sample (kv_cuda.h): one block per (query head, chunk). Scores the chunk's rows (keys
@@ -279,17 +334,19 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
     for (int t = tid; t < d; t += nt) it[2 + t] = res[t];
 }
 
-// The step's kernel: blocks [0, qh) the static tokens' partial per query head, then (with the
-// tail sample) qh * nc blocks of tail items; 16 warps each.
+// The step's kernel: blocks [0, qh * S) the static tokens' partial (S blocks a query head), then
+// (with the tail sample) qh * nc blocks of tail items; 16 warps each. MB: blocks an SM must hold
+// (2: 56 registers a thread, as ptxas chooses; 3: 40, a few spilled; kst_kvgpu_split).
 #define STEP_THREADS 512
-template <typename T>
-__global__ void step_kernel(const T *KV, const float *q, float *o, float *lse, int sinks, int ring,
+template <typename T, int MB>
+__global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, const float *q, float *o, float *lse, int sinks, int ring,
                             int kvh, int G, int d, float scale, int qh, const T *tK, const T *tV,
-                            float *tout, int ns, int ch, int nc, int P, int st) {
-    if ((int)blockIdx.x < qh)
-        partial_body<T>(blockIdx.x, KV, q, o, lse, sinks, ring, qh, kvh, G, d, scale);
+                            float *tout, int ns, int ch, int nc, int P, int st, int S, float *sp,
+                            unsigned *spc) {
+    if ((int)blockIdx.x < qh * S)
+        partial_body<T>(blockIdx.x, KV, q, o, lse, sinks, ring, qh, kvh, G, d, scale, S, sp, spc);
     else
-        tail_body<T>(blockIdx.x - qh, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st);
+        tail_body<T>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st);
 }
 
 extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_t sinks, size_t ring,
@@ -309,6 +366,12 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
     g->f16 = f16;
     g->scale = scale;
     g->topsum = 1;
+    g->split = KST_KVGPU_SPLIT;
+    if (getenv("KESTREL_KV_GPU_SPLIT")) g->split = atoi(getenv("KESTREL_KV_GPU_SPLIT"));
+    if (g->split < 1) g->split = 1;
+    if (g->split > KST_KVGPU_SPLIT_MAX) g->split = KST_KVGPU_SPLIT_MAX;
+    g->minb = getenv("KESTREL_KV_GPU_MINB") && atoi(getenv("KESTREL_KV_GPU_MINB")) == 3 ? 3 : KST_KVGPU_MINB;
+    g->timing = getenv("KESTREL_KV_GPU_TIME") && atoi(getenv("KESTREL_KV_GPU_TIME")) == 1;
     size_t es = f16 ? 2 : 4, bytes = g->cap * 2 * kv_heads * d * es;
     CU(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "kv gpu stream");
     CU(cudaEventCreateWithFlags(&g->done, cudaEventDisableTiming), "kv gpu event");
@@ -317,6 +380,10 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
     CU(cudaMalloc((void **)&g->q, (q_heads * d + KST_KVGPU_PRM) * sizeof(float)), "kv gpu query");
     CU(cudaMalloc((void **)&g->o, (q_heads * d + q_heads) * sizeof(float)), "kv gpu output");
     g->lse = g->o + q_heads * d;
+    CU(cudaMalloc((void **)&g->sp, q_heads * KST_KVGPU_SPLIT_MAX * (d + 2) * sizeof(float)), "kv gpu split partials");
+    CU(cudaMalloc((void **)&g->spc, q_heads * sizeof(unsigned)), "kv gpu split counters");
+    CU(cudaMemset(g->spc, 0, q_heads * sizeof(unsigned)), "kv gpu split counters");
+    for (int i = 0; g->timing && i < 4; i++) CU(cudaEventCreate(&g->tev[i]), "kv gpu timing event");
     CU(cudaMallocHost((void **)&g->hq, (q_heads * d + KST_KVGPU_PRM) * sizeof(float)), "kv gpu pinned query");
     CU(cudaMallocHost((void **)&g->ho, (q_heads * d + q_heads) * sizeof(float)), "kv gpu pinned output");
     *out = g;
@@ -333,6 +400,10 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     cudaFreeHost(g->hstage);
     cudaFree(g->q);
     cudaFree(g->o);
+    cudaFree(g->sp);
+    cudaFree(g->spc);
+    for (int i = 0; i < 4; i++)
+        if (g->tev[i]) cudaEventDestroy(g->tev[i]);
     cudaFree(g->tK);
     cudaFree(g->tV);
     cudaFree(g->tout);
@@ -438,9 +509,11 @@ done:
 }
 
 // The step's partials are in: the uploads queued before its start are done too.
+static void times_add(kst_kvgpu *g);
 static void uploads_done(kst_kvgpu *g) {
     if (g->got) return;
     g->got = 1;
+    times_add(g);
     g->staged -= g->staged_start < g->staged ? g->staged_start : g->staged;
     g->staged_start = 0;
 }
@@ -466,7 +539,8 @@ extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t nsin
         CU(cudaEventRecord(g->done, g->st), "kv gpu event");
         return KST_OK;
     }
-    if (!g->exec && getenv("KESTREL_KV_GPU_GRAPH") && atoi(getenv("KESTREL_KV_GPU_GRAPH")) == 0) goto plain;
+    if (!g->exec && ((getenv("KESTREL_KV_GPU_GRAPH") && atoi(getenv("KESTREL_KV_GPU_GRAPH")) == 0) || g->timing))
+        goto plain;
     {
         // capture once per static-token count (it is sinks + window once the window is full)
         if (g->exec) cudaGraphExecDestroy(g->exec);
@@ -501,32 +575,70 @@ done:
 // The step's work on g->st: the query up, the kernel, the partials down.
 static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
     int rc = KST_OK;
+    if (g->timing) CU(cudaEventRecord(g->tev[0], g->st), "kv gpu timing");
     CU(cudaMemcpyAsync(g->q, g->hq, (g->qh * g->d + KST_KVGPU_PRM) * sizeof(float), cudaMemcpyHostToDevice, g->st),
        "kv gpu query upload");
+    if (g->timing) CU(cudaEventRecord(g->tev[1], g->st), "kv gpu timing");
     {
-    size_t P = 32, nb = g->qh + (g->tns ? g->qh * g->tnc : 0);
+    size_t P = 32, nb = g->qh * (size_t)g->split + (g->tns ? g->qh * g->tnc : 0);
     while (P < g->tch) P <<= 1;
     if (g->f16)
-        step_kernel<__half><<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
+        (g->minb == 3 ? step_kernel<__half, 3> : step_kernel<__half, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const __half *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const __half *)g->tK,
             (const __half *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
-            (int)kst_kvgpu_tail_stride(g));
+            (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc);
     else
-        step_kernel<float><<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
+        (g->minb == 3 ? step_kernel<float, 3> : step_kernel<float, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const float *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const float *)g->tK,
             (const float *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
-            (int)kst_kvgpu_tail_stride(g));
+            (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc);
     }
     CU(cudaGetLastError(), "kv gpu step launch");
+    if (g->timing) CU(cudaEventRecord(g->tev[2], g->st), "kv gpu timing");
     if (g->tns)
         CU(cudaMemcpyAsync(g->htout, g->tout, g->qh * g->tnc * kst_kvgpu_tail_stride(g) * sizeof(float),
                            cudaMemcpyDeviceToHost, g->st), "kv gpu tail sums download");
     CU(cudaMemcpyAsync(g->ho, g->o, (g->qh * g->d + g->qh) * sizeof(float), cudaMemcpyDeviceToHost, g->st),
        "kv gpu output download");
+    if (g->timing) CU(cudaEventRecord(g->tev[3], g->st), "kv gpu timing");
 done:
     return rc;
+}
+
+// The step's partials are in (timing on): its spans added.
+static void times_add(kst_kvgpu *g) {
+    if (!g->timing) return;
+    float ms[3];
+    for (int i = 0; i < 3; i++)
+        if (cudaEventElapsedTime(&ms[i], g->tev[i], g->tev[i + 1]) != cudaSuccess) {
+            cudaGetLastError();
+            return;
+        }
+    for (int i = 0; i < 3; i++) g->tms[i] += ms[i];
+    g->tn++;
+}
+
+extern "C" size_t kst_kvgpu_times(kst_kvgpu *g, double ms[3]) {
+    size_t n = g->tn;
+    for (int i = 0; i < 3; i++) {
+        ms[i] = g->tms[i];
+        g->tms[i] = 0;
+    }
+    g->tn = 0;
+    return n;
+}
+
+extern "C" void kst_kvgpu_split(kst_kvgpu *g, int s, int minb) {
+    if (s < 1) s = 1;
+    if (s > KST_KVGPU_SPLIT_MAX) s = KST_KVGPU_SPLIT_MAX;
+    minb = minb == 3 ? 3 : 2;
+    if (s == g->split && minb == g->minb) return;
+    if (g->st) cudaStreamSynchronize(g->st); // (the last step's kernel done with the scratch)
+    g->split = s;
+    g->minb = minb;
+    g->gen++; // the graph captured anew
 }
 
 extern "C" int kst_kvgpu_partial_wait(kst_kvgpu *g, float *o, float *lse, kst_error *err) {

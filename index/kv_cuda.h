@@ -77,6 +77,22 @@ size_t kst_kvgpu_tail_stride(const kst_kvgpu *g);
 /* Pinned host copy of the last step's items, valid once the partials are in (wait/ready/poll). */
 const float *kst_kvgpu_tail_out(const kst_kvgpu *g);
 
+/* The static tokens' partial split over s blocks a query head (split-K over the tokens, the
+ * head's last block merging the s partials by log-sum-exp; 1: one block a head, as before
+ * round 16), the step's kernel built for minb (2 or 3) blocks of 512 threads an SM (3: fewer
+ * registers). Defaults KST_KVGPU_SPLIT and KST_KVGPU_MINB (KESTREL_KV_GPU_SPLIT,
+ * KESTREL_KV_GPU_MINB at creation override them). H100, 1,028 static tokens x 32 query heads
+ * beside 256 tail blocks (bench README, round 16): the kernel 98-101 us with 1, 45 with 4, 58
+ * with 8 (48 built for 3 blocks an SM), 57 with 16. */
+#define KST_KVGPU_SPLIT 4
+#define KST_KVGPU_SPLIT_MAX 32
+#define KST_KVGPU_MINB 2
+void kst_kvgpu_split(kst_kvgpu *g, int s, int minb);
+/* KESTREL_KV_GPU_TIME=1 at creation (benchmarks): the step runs without a graph, timed by CUDA
+ * events; returns the steps timed since the last call and their summed spans, ms: query upload,
+ * kernel, downloads (then cleared). 0 with timing off. */
+size_t kst_kvgpu_times(kst_kvgpu *g, double ms[3]);
+
 /* Exact top-k (k <= 64) keys by inner product for each query: K (n, d) and Q (nq, d) float32
  * host arrays, ids (nq, k) best first. */
 int kst_kv_cuda_topk(const float *K, size_t n, size_t d, const float *Q, size_t nq, size_t k,

@@ -238,6 +238,18 @@ static void test_gpu_equals_sdpa(void **state) {
     g_gpu = 1;
     run_decode(f, KST_KV_INDEX_ATTN, 0, P, P, f->out32.data, ATOL, RTOL);
     run_decode(f, KST_KV_INDEX_ATTN, 1, P, P, f->out16.data, ATOL, RTOL);
+    /* the static tokens' partial in one block a query head (before round 16) launched before
+     * the parallel part, and split over 32 blocks a head (more blocks than tokens: empty
+     * partials in the merge), its kernel built for 3 blocks an SM */
+    setenv("KESTREL_KV_GPU_SPLIT", "1", 1);
+    setenv("KESTREL_KV_GPU_EARLY", "1", 1);
+    run_decode(f, KST_KV_INDEX_ATTN, 0, P, P, f->out32.data, ATOL, RTOL);
+    unsetenv("KESTREL_KV_GPU_EARLY");
+    setenv("KESTREL_KV_GPU_SPLIT", "32", 1);
+    setenv("KESTREL_KV_GPU_MINB", "3", 1);
+    run_decode(f, KST_KV_INDEX_ATTN, 1, P, P, f->out16.data, ATOL, RTOL);
+    unsetenv("KESTREL_KV_GPU_SPLIT");
+    unsetenv("KESTREL_KV_GPU_MINB");
     /* the tail estimate merged with the GPU's static partial: all samples, so SDPA; the sample
      * table scored on the GPU (re-uploaded each step: the appends grow the index) */
     g_tail = P;

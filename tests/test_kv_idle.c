@@ -84,8 +84,10 @@ static void fill(float *a, size_t n, double sd) {
  * as the index: every indexed key attended once), the lag within 4B, and the counters: with all
  * the time needed (us 0) the idle calls planned and linked every batch (no appending call planned
  * one: a kst_kvc_work that does nothing fails this), a batch linked by the call after its
- * append; with little time, the batches land whoever finishes them. */
-static void run_idle(int gpu, size_t B, double us) {
+ * append, in ceil(B / piece) pieces (kst_kvc_set_link_piece; a piece that links the whole batch
+ * fails this); with little time, the batches land whoever finishes them (steps between a batch's
+ * pieces attend to an index holding part of it). */
+static void run_idle(int gpu, size_t B, double us, size_t piece) {
     const size_t n0 = 300, steps = 140, sinks = 4, window = 16, n = n0 + steps;
     float *K = malloc(n * KVH * D * sizeof *K), *V = malloc(n * KVH * D * sizeof *V), *Qp = malloc(n0 * QH * D * sizeof *Qp);
     fill(K, n * KVH * D, 1);
@@ -96,6 +98,7 @@ static void run_idle(int gpu, size_t B, double us) {
     kst_error err;
     assert_ok(kst_kvc_create(&o, &c, &err), &err);
     kst_kvc_set_append_idle(c, 1);
+    kst_kvc_set_link_piece(c, piece);
     kst_kvc_prof pf;
     memset(&pf, 0, sizeof pf);
     kst_kvc_set_prof(c, &pf);
@@ -110,8 +113,8 @@ static void run_idle(int gpu, size_t B, double us) {
         if (pend > 4 * B) fail_msg("%zu tokens pending after %zu appended (at most 4B = %zu)", pend, at - n0, 4 * B);
         if (pend > max_pend) max_pend = pend;
         if (idx != last) {
-            if ((idx - last) % B) fail_msg("the index grew by %zu, not a multiple of the batch %zu", idx - last, B);
-            landed += (idx - last) / B;
+            if (piece == 0 && (idx - last) % B) fail_msg("the index grew by %zu, not a multiple of the batch %zu", idx - last, B);
+            landed += idx - last; /* tokens (batches below) */
             last = idx;
         }
         float q[QH * D], out[QH * D];
@@ -132,13 +135,15 @@ static void run_idle(int gpu, size_t B, double us) {
         planned_sum += planned;
         idx = kst_kvc_indexed(c, 0);
         if (idx != last) {
-            landed += (idx - last) / B;
+            landed += idx - last;
             last = idx;
         }
     }
-    print_message("idle planning (gpu %d, B %zu, %.0f us): %zu batches landed, %zu plans in idle time, %zu batches"
-                  " linked there, %zu by appends (planned: %zu by appends), at most %zu pending\n", gpu, B, us,
-                  landed, pf.idle_plans, pf.idle_batches, pf.app_wbatches, pf.app_batches, max_pend);
+    landed /= B; /* whole batches (the last may be partly linked) */
+    print_message("idle planning (gpu %d, B %zu, %.0f us, pieces of %zu): %zu batches landed, %zu plans in idle time,"
+                  " %zu batches linked there (%zu pieces), %zu by appends (planned: %zu by appends), at most %zu"
+                  " pending\n", gpu, B, us, piece, landed, pf.idle_plans, pf.idle_batches, pf.idle_pieces,
+                  pf.app_wbatches, pf.app_batches, max_pend);
     if (landed < 3) fail_msg("only %zu batches landed over %zu appended tokens (batch %zu)", landed, steps, B);
     assert_int_equal(pf.idle_plans, planned_sum);
     assert_int_equal(pf.idle_batches + pf.app_wbatches + pf.app_batches, landed);
@@ -150,6 +155,10 @@ static void run_idle(int gpu, size_t B, double us) {
         fail_msg("unbounded idle time: %zu of %zu batches linked in it, %zu plans there (%zu wanted), %zu batches"
                  " planned by appends, %zu pending at most", pf.idle_batches, landed, pf.idle_plans, landed * B * KVH,
                  pf.app_batches, max_pend);
+    size_t per = piece ? (B + piece - 1) / piece : 1;
+    if (us == 0 && pf.idle_pieces != landed * per)
+        fail_msg("unbounded idle time, pieces of %zu: %zu pieces linked for %zu batches of %zu (%zu wanted)", piece,
+                 pf.idle_pieces, landed, B, landed * per);
     kst_kvc_set_prof(c, NULL);
     kst_kvc_free(c);
     free(K);
@@ -159,13 +168,16 @@ static void run_idle(int gpu, size_t B, double us) {
 
 static void test_idle_equals_full_attention(void **state) {
     (void)state;
-    run_idle(0, 8, 0);   /* all the idle time needed */
-    run_idle(0, 8, 100); /* 100 us a step: batches may take several steps, appends link some */
-    run_idle(0, 3, 30);
+    run_idle(0, 8, 0, 3);   /* all the idle time needed; batches linked 3 tokens at a time */
+    run_idle(0, 8, 0, 0);   /* whole batches (rounds 13-15) */
+    run_idle(0, 8, 100, 3); /* 100 us a step: batches may take several steps, appends link some */
+    run_idle(0, 3, 30, 2);
+    run_idle(0, 8, 30, 0);
 #ifdef KST_CUDA
     if (kst_kv_cuda_devices() > 0) {
-        run_idle(1, 8, 0);
-        run_idle(1, 8, 100);
+        run_idle(1, 8, 0, 3);
+        run_idle(1, 8, 100, 3);
+        run_idle(1, 8, 100, 0);
     }
 #endif
 }
@@ -200,10 +212,22 @@ static void test_idle_slices(void **state) {
     assert_ok(kst_kvc_work(c, more_budget, &b, &planned, &err), &err);
     assert_int_equal(planned, 3);
     assert_int_equal(b.calls, 4);
-    omp_set_num_threads(nth);
-    /* the rest (B * KVH - 3 plans), then the batch linked in by the same call */
-    assert_ok(kst_kvc_work(c, NULL, NULL, &planned, &err), &err);
+    /* pieces of 3 tokens: the rest of the plans (more() asked before each) and one piece with
+     * one more yes; then one piece a yes; every head's index holding the same tokens */
+    kst_kvc_set_link_piece(c, 3);
+    b.left = (long)(B * KVH - 3) + 1;
+    assert_ok(kst_kvc_work(c, more_budget, &b, &planned, &err), &err);
     assert_int_equal(planned, B * KVH - 3);
+    assert_int_equal(kst_kvc_indexed(c, 0), idx0 + 3);
+    assert_int_equal(kst_kvc_pending(c, 0), B - 3);
+    b.left = 1;
+    assert_ok(kst_kvc_work(c, more_budget, &b, &planned, &err), &err);
+    assert_int_equal(planned, 0);
+    assert_int_equal(kst_kvc_indexed(c, 0), idx0 + 6);
+    omp_set_num_threads(nth);
+    /* the rest of the batch linked in by the next call */
+    assert_ok(kst_kvc_work(c, NULL, NULL, &planned, &err), &err);
+    assert_int_equal(planned, 0);
     assert_int_equal(kst_kvc_indexed(c, 0), idx0 + B);
     assert_int_equal(kst_kvc_pending(c, 0), 0);
     assert_ok(kst_kvc_work(c, NULL, NULL, &planned, &err), &err); /* nothing left */
@@ -238,6 +262,7 @@ static void test_idle_same_index(void **state) {
         assert_ok(kst_kvc_create(&o, &c[m], &err), &err);
         kst_kvc_set_append_worker(c[m], m == 1 ? 2 : 0);
         kst_kvc_set_append_idle(c[m], m == 2);
+        kst_kvc_set_link_piece(c[m], m == 2 ? 3 : 0); /* the idle cache links 3 tokens at a time */
         kst_kvc_set_spread(c[m], 32, 4);
         assert_ok(kst_kvc_append(c[m], 0, K, V, n0, &err), &err);
         assert_ok(kst_kvc_build(c[m], 0, Qp, n0, &err), &err);
@@ -261,10 +286,11 @@ static void test_idle_same_index(void **state) {
         nanosleep(&ts, NULL);
     }
     kst_kvc_set_prof(c[2], NULL);
-    /* the idle cache really lagged (else the comparison is that of one path with itself) */
-    if (differ == 0 || pf.idle_plans == 0)
-        fail_msg("idle cache: indexed count never differed from the inline one (%zu steps), %zu idle plans", differ,
-                 pf.idle_plans);
+    /* the idle cache really lagged and linked in pieces (else the comparison is that of one
+     * path with itself) */
+    if (differ == 0 || pf.idle_plans == 0 || pf.idle_pieces <= pf.idle_batches)
+        fail_msg("idle cache: indexed count never differed from the inline one (%zu steps), %zu idle plans, %zu"
+                 " pieces for %zu batches", differ, pf.idle_plans, pf.idle_pieces, pf.idle_batches);
     for (int m = 0; m < 3; m++) assert_ok(kst_kvc_flush(c[m], 0, &err), &err);
     for (int m = 1; m < 3; m++) assert_int_equal(kst_kvc_indexed(c[m], 0), kst_kvc_indexed(c[0], 0));
     size_t same = 0, total = 0;

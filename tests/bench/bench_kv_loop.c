@@ -24,7 +24,9 @@
  * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
  * 8, 2 expansions, ef 128, top_k 100, tail 2,048). Per row it also prints kst_kvc_attend's
  * phases (kst_kvc_prof, us a step) and the GPU partial's life (launched, seen in, first needed: us
- * from the call's start; the tail phase as wait + CPU estimate). */
+ * from the call's start; the tail phase as wait + CPU estimate). Round 16 row flags: "+old" (the
+ * GPU partial and the links as in round 15), "+early", "+sN", "+b3", "+whole" (see below); KV_LINK_PIECE
+ * (8) tokens a link piece; KESTREL_KV_GPU_TIME=1 times the partial's parts by CUDA events. */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -36,6 +38,7 @@
 
 #include "core/half.h"
 #include "index/kv.h"
+#include "index/kv_cuda.h"
 #include "index/kv_cuda.h"
 #include "index/kv_graph.h"
 #define KVB_PROG "bench_kv_loop"
@@ -292,6 +295,15 @@ int main(int argc, char **argv) {
         size_t bl = strcspn(row, "+");
         int nogpu = strstr(row + bl, "+cpu") != NULL, nogap = strstr(row + bl, "+nogap") != NULL;
         int nots = strstr(row + bl, "+nots") != NULL;
+        /* round 16: "+old" the GPU partial and the links as in round 15 (one block a query head,
+         * launched inside the parallel part; a batch linked whole); "+early" launched before the
+         * parallel part ("+late": inside it, the default); "+sN" the partial split over N blocks
+         * a head, "+b3" its kernel built for 3 blocks an SM (else 2); "+whole" a batch
+         * linked whole (kst_kvc_set_link_piece 0) */
+        int old = strstr(row + bl, "+old") != NULL, late = old || !strstr(row + bl, "+early");
+        int whole = old || strstr(row + bl, "+whole") != NULL;
+        const char *sp = strstr(row + bl, "+s");
+        int split = old ? 1 : sp && sp[2] >= '1' && sp[2] <= '9' ? atoi(sp + 2) : KST_KVGPU_SPLIT;
         int gemv_only = !strncmp(row, "gemv", bl) && bl == 4, plain = !strncmp(row, "plain", bl) && bl == 5;
         int idle = !strncmp(row, "idle", bl) && bl == 4, app = idle || (!strncmp(row, "inline", bl) && bl == 6);
         if ((!gemv_only && !app && !plain) || ((nogpu || nogap) && idle) || (nots && (nogpu || nogap))) {
@@ -300,6 +312,9 @@ int main(int argc, char **argv) {
         }
         kst_kvc_set_append_idle(c, idle);
         kst_kvc_set_tail_topsum(c, !nots);
+        kst_kvc_set_gpu_early(c, !late);
+        kst_kvc_set_gpu_split(c, split, strstr(row + bl, "+b3") ? 3 : 2);
+        kst_kvc_set_link_piece(c, whole ? 0 : (getenv("KV_LINK_PIECE") ? (size_t)atol(getenv("KV_LINK_PIECE")) : 8));
         for (int l = 0; l < L; l++) /* each row starts with nothing queued: the last row's batches linked */
             if (kst_kvc_flush(c, (size_t)l, &e)) die("flush", &e);
         kst_kvc_prof pf;
@@ -371,10 +386,14 @@ int main(int argc, char **argv) {
                        pf.gpu_wanted_steps ? 1e6 * pf.gpu_wanted / pf.gpu_wanted_steps : 0.0, pf.gpu_late,
                        pf.gpu_wanted_steps, pf.tail * u / nt, pf.tail_wait * u / nt, pf.tail_cpu * u / nt,
                        (double)pf.tail_topsum / pf.steps);
+            if (pf.gpu_timed) /* KESTREL_KV_GPU_TIME=1: CUDA events around the partial's parts */
+                printf("  (%s: GPU partial by CUDA events (no graph), us a step: query up %.1f, kernel %.1f (split %d),"
+                       " downloads %.1f)\n", row, 1e6 * pf.gpu_h2d / pf.gpu_timed, 1e6 * pf.gpu_kernel / pf.gpu_timed,
+                       split, 1e6 * pf.gpu_d2h / pf.gpu_timed);
         }
         if (app)
-            printf("  (%s: batches linked in idle time %zu, linked by an append %zu, planned by an append %zu (%.2f ms"
-                   " each); kst_kvc_work %.1f us a call, linking %.2f ms a batch)\n", row, pf.idle_batches,
+            printf("  (%s: batches linked in idle time %zu (%zu pieces), linked by an append %zu, planned by an append %zu (%.2f ms"
+                   " each); kst_kvc_work %.1f us a call, linking %.2f ms a batch)\n", row, pf.idle_batches, pf.idle_pieces,
                    pf.app_wbatches, pf.app_batches, pf.app_batches ? 1e3 * pf.app_bplan / pf.app_batches : 0.0,
                    pf.idle_calls ? 1e6 * pf.idle_s / pf.idle_calls : 0.0,
                    pf.idle_batches ? 1e3 * pf.idle_link / pf.idle_batches : 0.0);
