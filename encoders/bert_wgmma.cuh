@@ -117,6 +117,32 @@ static __device__ __forceinline__ void wg_online_softmax(float (&o)[32], float (
     }
 }
 
+/* The end of a warpgroup's rows: O / l into the warpgroup's 64 rows of the Q tile (os, the warp's
+ * own 16), then out in 16-byte chunks to rows row0 .. row0 + 63 (those below T) of sequence
+ * offset seq (b * T), head h. */
+static __device__ __forceinline__ void wg_store_out(__nv_bfloat16 *out, unsigned char *os, const float (&o)[32], float l0,
+                                                    float l1, int warp, int lane, int row0, int T, size_t seq, int C,
+                                                    int h) {
+    const int g = lane >> 2, t = lane & 3;
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    const int r0 = warp * 16 + g, r1 = r0 + 8;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        *reinterpret_cast<uint32_t *>(os + sw128(r0, j) + t * 4) = pack_bf16(o[4 * j] * i0, o[4 * j + 1] * i0);
+        *reinterpret_cast<uint32_t *>(os + sw128(r1, j) + t * 4) = pack_bf16(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int i = lane + j * 32, r = warp * 16 + (i >> 3), c = i & 7, row = row0 + r;
+        if (row < T)
+            *reinterpret_cast<uint4 *>(out + (seq + row) * C + (size_t)h * 64 + c * 8) =
+                *reinterpret_cast<const uint4 *>(os + sw128(r, c));
+    }
+}
+
 /* wg_online_softmax of a 64-key tile, then O += P V issued (v: the shared address of the V
  * tile; not waited for). */
 static __device__ __forceinline__ void wg_softmax_pv(float (&o)[32], float (&sc)[32], uint32_t (&pa)[4][4], float &m0,
@@ -161,7 +187,7 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
     unsigned char *sm = wg_smem_raw + ((1024 - (smem_u32(wg_smem_raw) & 1023)) & 1023);
     const uint32_t sb = smem_u32(sm);
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
+    const int t = lane & 3;
     const int q0 = blockIdx.x * QR, h = blockIdx.y, b = blockIdx.z;
     int Lv = valid[b];
     if (Lv > T) Lv = T;
@@ -231,25 +257,7 @@ attention_wg_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *val
 #pragma unroll
         for (int i = 0; i < 16; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
     }
-    l0 = quad_sum(l0);
-    l1 = quad_sum(l1);
-    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
-    /* the warp's own 16 rows of the Q tile hold its output, then go out in 16-byte chunks */
-    unsigned char *os = sm + L::q + wg * 64 * 128;
-    const int r0 = warp * 16 + g, r1 = r0 + 8;
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        *reinterpret_cast<uint32_t *>(os + sw128(r0, j) + t * 4) = pack_bf16(o[4 * j] * i0, o[4 * j + 1] * i0);
-        *reinterpret_cast<uint32_t *>(os + sw128(r1, j) + t * 4) = pack_bf16(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const int i = lane + j * 32, r = warp * 16 + (i >> 3), c = i & 7, row = q0 + wg * 64 + r;
-        if (row < T)
-            *reinterpret_cast<uint4 *>(out + ((size_t)b * T + row) * C + (size_t)h * 64 + c * 8) =
-                *reinterpret_cast<const uint4 *>(os + sw128(r, c));
-    }
+    wg_store_out(out, sm + L::q + wg * 64 * 128, o, l0, l1, warp, lane, q0 + wg * 64, T, (size_t)b * T, C, h);
 #endif
 }
 
@@ -307,7 +315,7 @@ attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *
     unsigned char *sm = wg_smem_raw + ((1024 - (smem_u32(wg_smem_raw) & 1023)) & 1023);
     const uint32_t sb = smem_u32(sm);
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
+    const int t = lane & 3;
     const int q0 = blockIdx.x * QR, h = blockIdx.y, b = blockIdx.z;
     int Lv = valid[b];
     if (Lv > T) Lv = T;
@@ -379,24 +387,7 @@ attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *
 #pragma unroll
         for (int i = 0; i < 32; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
     }
-    l0 = quad_sum(l0);
-    l1 = quad_sum(l1);
-    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
-    unsigned char *os = sm + L::q + wg * 64 * 128;
-    const int r0 = warp * 16 + g, r1 = r0 + 8;
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        *reinterpret_cast<uint32_t *>(os + sw128(r0, j) + t * 4) = pack_bf16(o[4 * j] * i0, o[4 * j + 1] * i0);
-        *reinterpret_cast<uint32_t *>(os + sw128(r1, j) + t * 4) = pack_bf16(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const int i = lane + j * 32, r = warp * 16 + (i >> 3), c = i & 7, row = q0 + wg * 64 + r;
-        if (row < T)
-            *reinterpret_cast<uint4 *>(out + ((size_t)b * T + row) * C + (size_t)h * 64 + c * 8) =
-                *reinterpret_cast<const uint4 *>(os + sw128(r, c));
-    }
+    wg_store_out(out, sm + L::q + wg * 64 * 128, o, l0, l1, warp, lane, q0 + wg * 64, T, (size_t)b * T, C, h);
 #endif
 }
 
