@@ -10,6 +10,8 @@
 #include <stdlib.h>
 
 #include "core/half.h"
+#include "core/check.h"
+#include "index/kv.h"
 
 enum { KVB_D = 128, KVB_KVH = 8, KVB_QH = 32, KVB_G = 4, KVB_SINKS = 4, KVB_NT = 50, KVB_NPRE = 8192 };
 
@@ -36,6 +38,26 @@ static inline void head_row(uint16_t *k, uint16_t *v, const uint16_t *K0, const 
         k[i] = a;
         v[i] = b;
     }
+}
+
+/* Appends tokens 0 .. N-1 of the synthetic layer (every KV head's rows by head_row) to layer
+ * `layer` of c, 65,536 tokens at a time; 0 or the failed append's status. */
+static inline int kvb_append(kst_kvc *c, size_t layer, size_t N, const uint16_t *K0, const uint16_t *V0,
+                             int perm[KVB_KVH][KVB_D], float sgn[KVB_KVH][KVB_D], kst_error *e) {
+    const size_t CH = 65536, KVH = KVB_KVH, D = KVB_D;
+    uint16_t *kc = malloc(CH * KVH * D * 2), *vc = malloc(CH * KVH * D * 2);
+    int rc = kc && vc ? 0 : kst_fail(e, KST_ERR_NOMEM, "kvb_append: out of memory");
+    for (size_t t0c = 0; !rc && t0c < N; t0c += CH) {
+        size_t m = N - t0c < CH ? N - t0c : CH;
+#pragma omp parallel for schedule(static)
+        for (size_t t = 0; t < m; t++)
+            for (size_t h = 0; h < KVH; h++)
+                head_row(kc + (t * KVH + h) * D, vc + (t * KVH + h) * D, K0, V0, t0c + t, perm[h], sgn[h], D);
+        rc = kst_kvc_append(c, layer, kc, vc, m, e);
+    }
+    free(kc);
+    free(vc);
+    return rc;
 }
 
 /* Each KV head's signed permutation (head 0: the identity), drawn from rng. */

@@ -266,7 +266,7 @@ static long mode_num(const char *mode, const char *flag, long dflt) {
 static int layer(const char *list) {
     const size_t D = 128, KVH = 8, QH = 32, G = QH / KVH, SINKS = 4, TOPK = 100;
     const size_t WINDOW = getenv("KV_WINDOW") ? (size_t)atol(getenv("KV_WINDOW")) : 512;
-    const size_t NT = 50, NPRE = 8192, CH = 65536;
+    const size_t NT = 50, NPRE = 8192;
     /* KV_NREF: decode steps whose outputs are checked against float64 full attention (4; <= 50) */
     size_t NREF = getenv("KV_NREF") ? (size_t)atol(getenv("KV_NREF")) : 4;
     if (NREF < 1) NREF = 1;
@@ -352,16 +352,7 @@ static int layer(const char *list) {
         o.append_batch = getenv("KV_BATCH") ? (size_t)atol(getenv("KV_BATCH")) : 64;
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
-        uint16_t *kc = malloc(CH * KVH * D * 2), *vc = malloc(CH * KVH * D * 2);
-        for (size_t t0c = 0; t0c < N; t0c += CH) {
-            size_t m = N - t0c < CH ? N - t0c : CH;
-#pragma omp parallel for schedule(static)
-            for (size_t t = 0; t < m; t++)
-                for (size_t h = 0; h < KVH; h++)
-                    head_row(kc + (t * KVH + h) * D, vc + (t * KVH + h) * D, K0, V0, t0c + t, perm[h], sgn[h], D);
-            if (kst_kvc_append(c, 0, kc, vc, m, &e)) die("append", &e);
-        }
-        free(kc); free(vc);
+        if (kvb_append(c, 0, N, K0, V0, perm, sgn, &e)) die("append", &e);
         double tgen = now_s() - t0;
         t0 = now_s();
         if (kst_kvc_build_copied(c, 0, Qpre, NPRE, &e)) die("build", &e);

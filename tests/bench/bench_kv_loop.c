@@ -239,25 +239,14 @@ int main(int argc, char **argv) {
     kst_kvc *c;
     kst_error e;
     if (kst_kvc_create(&o, &c, &e)) die("create", &e);
-    const size_t CH = 65536;
-    uint16_t *kc = malloc(CH * KVH * D * 2), *vc = malloc(CH * KVH * D * 2);
     double tb = 0;
     for (int l = 0; l < L; l++) {
-        for (size_t t0c = 0; t0c < N; t0c += CH) {
-            size_t m = N - t0c < CH ? N - t0c : CH;
-#pragma omp parallel for schedule(static)
-            for (size_t t = 0; t < m; t++)
-                for (size_t h = 0; h < KVH; h++)
-                    head_row(kc + (t * KVH + h) * D, vc + (t * KVH + h) * D, K0, V0, t0c + t, perm[h], sgn[h], D);
-            if (kst_kvc_append(c, (size_t)l, kc, vc, m, &e)) die("append", &e);
-        }
+        if (kvb_append(c, (size_t)l, N, K0, V0, perm, sgn, &e)) die("append", &e);
         double a = now_s();
         if (kst_kvc_build_copied(c, (size_t)l, Qpre, NPRE, &e)) die("build", &e);
         tb += now_s() - a;
         if (kst_kvc_reserve(c, (size_t)l, N + 8 * steps + 4096, &e)) die("reserve", &e);
     }
-    free(kc);
-    free(vc);
     { /* the process's resident and huge-page memory (THP "madvise": kst_kvg_advise_huge) */
         FILE *f = fopen("/proc/self/smaps_rollup", "r");
         char line[256];
