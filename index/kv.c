@@ -383,6 +383,9 @@ fail:
 
 void kst_kvc_free(kst_kvc *c) {
     if (!c) return;
+    /* every layer's queued GPU launch released before any layer's memory is freed (a cudaFree
+     * waits for the whole device) */
+    kst_kvc_gpu_release(c, NULL);
     if (c->wk_started) {
         pthread_mutex_lock(&c->mu);
         c->wk_stop = 1;
@@ -1505,6 +1508,9 @@ static int tail_upload(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_erro
     if (!any && L->gt_ns == ns && L->gt_nidx == T0->nidx) return KST_OK;
     int rc = KST_OK;
     L->gt_ns = 0;
+    /* (kst_kvc_set_gpu_arm: every layer's queued launch released first; a reallocation's
+     * cudaFree would wait for them) */
+    KST_TRY(kst_kvc_gpu_release(c, err));
     KST_TRY(kst_kvgpu_tail_reserve(L->gpu, ns, T0->ch, T0->nc, err));
     for (size_t h = 0; h < o->kv_heads; h++)
         KST_TRY(kst_kvgpu_tail_put(L->gpu, h, L->heads[h].tt.K, L->heads[h].tt.V, err));
@@ -1760,7 +1766,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         gpu_st = kst_kvgpu_tail_stride(L->gpu);
         gpu_tt = kst_kvgpu_tail_out(L->gpu); /* filled once the partials are in */
     } else if (on_gpu && L->gt_ns) { /* the GPU's tail off for this step */
-        rc = kst_kvgpu_tail_reserve(L->gpu, 0, 0, 0, err);
+        rc = kst_kvc_gpu_release(c, err);
+        if (rc == KST_OK) rc = kst_kvgpu_tail_reserve(L->gpu, 0, 0, 0, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
         L->gt_ns = 0;
     }
@@ -2090,9 +2097,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     __atomic_compare_exchange_n(&c->gpu_merged[h], &one, 2, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
                     kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
             }
-        /* kst_kvc_set_gpu_arm 1: the first thread here queues the next step's launch (the
-         * partials are in: the stream is idle, and the chain writes nothing before its flag) */
-        if (rdy == 1 && c->gpu_arm == 1 && !__atomic_exchange_n(&gpu_armer, 1, __ATOMIC_ACQ_REL)) {
+        /* kst_kvc_set_gpu_arm 1: thread 0 (the caller's), out of tasks, queues the next step's
+         * launch (the partials are in: the stream is idle, and the chain writes nothing before
+         * its flag) */
+        if (rdy == 1 && c->gpu_arm == 1 && omp_get_thread_num() == 0 && !__atomic_exchange_n(&gpu_armer, 1, __ATOMIC_ACQ_REL)) {
             double a0 = pf ? mono_s() : 0;
             kst_error e5;
             int r5 = kst_kvgpu_arm(L->gpu, NULL, &e5);

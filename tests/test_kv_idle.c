@@ -368,7 +368,9 @@ static void test_kv_work_api(void **state) {
  * pinned memory, copied in by the step's first kernel), one append of 40 tokens (more than
  * KST_KVGPU_DMAX: the chain released first) and a kst_kvc_gpu_release midway. Where the device
  * takes stream waits on host memory, steps must have gone through armed chains (a kst_kvgpu_arm
- * that queues nothing fails this); the free with a chain queued must return. */
+ * that queues nothing fails this); the free with a chain queued must return (two layers, layer
+ * 1 used: layer 0's cudaFree would wait for layer 1's queued chain forever, were it not released
+ * first). */
 static void run_arm(int mode, float *outs, size_t steps, size_t *armed) {
     const size_t n0 = 300, sinks = 4, window = 16, B = 8, n = n0 + steps + 40;
     g_rng = 0x2545f4914f6cdd1dull;
@@ -376,7 +378,7 @@ static void run_arm(int mode, float *outs, size_t steps, size_t *armed) {
     fill(K, n * KVH * D, 1);
     fill(V, n * KVH * D, 1);
     fill(Qp, n0 * QH * D, 1);
-    kst_kvc_opts o = {1, KVH, QH, D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, 100000, 0, 1, B, 0, 0};
+    kst_kvc_opts o = {2, KVH, QH, D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, 100000, 0, 1, B, 0, 0};
     kst_kvc *c;
     kst_error err;
     assert_ok(kst_kvc_create(&o, &c, &err), &err);
@@ -385,17 +387,17 @@ static void run_arm(int mode, float *outs, size_t steps, size_t *armed) {
     kst_kvc_prof pf;
     memset(&pf, 0, sizeof pf);
     kst_kvc_set_prof(c, &pf);
-    assert_ok(kst_kvc_append(c, 0, K, V, n0, &err), &err);
-    assert_ok(kst_kvc_build(c, 0, Qp, n0, &err), &err);
+    assert_ok(kst_kvc_append(c, 1, K, V, n0, &err), &err);
+    assert_ok(kst_kvc_build(c, 1, Qp, n0, &err), &err);
     size_t at = n0;
     for (size_t s = 0; s < steps; s++) {
         size_t na = s == steps / 3 ? 40 : 1;
-        assert_ok(kst_kvc_append(c, 0, K + at * KVH * D, V + at * KVH * D, na, &err), &err);
+        assert_ok(kst_kvc_append(c, 1, K + at * KVH * D, V + at * KVH * D, na, &err), &err);
         at += na;
         float *q = outs + s * 2 * QH * D, *out = q + QH * D;
         double ref[QH * D];
         fill(q, QH * D, 0.5);
-        assert_ok(kst_kvc_attend(c, 0, q, 10, 32, out, NULL, &err), &err);
+        assert_ok(kst_kvc_attend(c, 1, q, 10, 32, out, NULL, &err), &err);
         ref_attn(ref, q, K, V, at);
         for (size_t i = 0; i < QH * D; i++)
             if (!(fabs(out[i] - ref[i]) <= 2e-5 + 1e-4 * fabs(ref[i])))
@@ -406,7 +408,7 @@ static void run_arm(int mode, float *outs, size_t steps, size_t *armed) {
     }
     *armed = pf.gpu_armed;
     kst_kvc_set_prof(c, NULL);
-    kst_kvc_free(c); /* (with a chain queued in modes 1, 2) */
+    kst_kvc_free(c); /* (with layer 1's chain queued in modes 1, 2: layer 0 is freed first) */
     free(K);
     free(V);
     free(Qp);

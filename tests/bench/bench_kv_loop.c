@@ -188,6 +188,30 @@ static void gpu_init(int L) {
     CK(cudaStreamSynchronize(st));
 }
 
+/* KV_LOOP_WATCHDOG=s: a thread that, s seconds after the last step ended, prints where the loop
+ * is (row, step, layer, phase) and exits 3 (a stuck GPU wait shows up as such, not as a timeout) */
+static volatile int wd_phase, wd_layer;
+static volatile size_t wd_step;
+static volatile double wd_last;
+static const char *volatile wd_row = "";
+#include <pthread.h>
+#include <unistd.h>
+static void *watchdog(void *arg) {
+    double lim = *(double *)arg;
+    static const char *ph[] = {"setup", "waiting for the query (cudaEventSynchronize)", "append", "attend",
+                               "launching the GEMVs", "kst_kvc_work", "row end"};
+    for (;;) {
+        sleep(1);
+        if (wd_last > 0 && now_s() - wd_last > lim) {
+            fprintf(stderr, KVB_PROG ": watchdog: row %s, step %zu, layer %d stuck in %s for %.0f s\n", wd_row, wd_step,
+                    wd_layer, ph[wd_phase], now_s() - wd_last);
+            fflush(stderr);
+            _exit(3);
+        }
+    }
+    return NULL;
+}
+
 static cudaEvent_t ev;
 static int gpu_busy(void *arg) {
     (void)arg;
@@ -273,6 +297,13 @@ int main(int argc, char **argv) {
     uint16_t kc1[KVH * D], vc1[KVH * D];
     double *ts = malloc(steps * L * sizeof *ts), *tl = malloc(steps * L * sizeof *tl);
     size_t app_i = 0;
+    static double wd_s;
+    wd_s = getenv("KV_LOOP_WATCHDOG") ? atof(getenv("KV_LOOP_WATCHDOG")) : 0;
+    if (wd_s > 0) {
+        pthread_t wt;
+        pthread_create(&wt, NULL, watchdog, &wd_s);
+        pthread_detach(wt);
+    }
     double gemv_s = 1e-6 * (getenv("KV_LOOP_GEMV_US") ? atof(getenv("KV_LOOP_GEMV_US")) : 170);
     for (const char *rp = rows; *rp;) {
         size_t rl = strcspn(rp, ",");
@@ -322,18 +353,26 @@ int main(int argc, char **argv) {
         size_t k = 0;
         for (size_t s = 0; s < warm + steps; s++)
             for (int l = 0; l < L; l++) {
+                wd_row = row;
+                wd_step = s;
+                wd_layer = l;
+                wd_last = now_s();
+                wd_phase = 1;
                 CK(cudaEventSynchronize(ev)); /* the query of layer l is on the host */
                 double a = now_s();
+                wd_phase = 2;
                 if (!gemv_only) {
                     if (app) {
                         size_t t = (app_i++ * 7919 + 13) % N;
                         for (size_t h = 0; h < KVH; h++) head_row(kc1 + h * D, vc1 + h * D, K0, V0, t, perm[h], sgn[h], D);
                         if (kst_kvc_append(c, (size_t)l, kc1, vc1, 1, &e)) die("append", &e);
                     }
+                    wd_phase = 3;
                     if (kst_kvc_attend(c, (size_t)l, Qd + (s % NT) * QH * D, TOPK, 128, out, NULL, &e)) die("attend", &e);
                     for (size_t i = 0; i < HID; i++) attn_h[i] = (uint16_t)(((union { float f; uint32_t u; }){out[i]}.u) >> 16);
                 }
                 double b = now_s();
+                wd_phase = 4;
                 if (nogpu)
                     while (now_s() < b + gemv_s) {
                     }
@@ -342,6 +381,7 @@ int main(int argc, char **argv) {
                     CK(cudaEventRecord(ev, st));
                 }
                 if (idle) {
+                    wd_phase = 5;
                     double w0 = now_s();
                     if (kst_kvc_work(c, gpu_busy, NULL, NULL, &e)) die("work", &e);
                     if (s >= warm) idle_s += now_s() - w0;
@@ -353,7 +393,9 @@ int main(int argc, char **argv) {
                 }
                 prev = a;
             }
+        wd_phase = 6;
         CK(cudaStreamSynchronize(st));
+        wd_last = 0;
         kst_kvc_set_prof(c, NULL);
         size_t n = k;
         /* tl[0] spans the warm-up's end: dropped */
