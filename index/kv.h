@@ -148,7 +148,10 @@ void kst_kvc_set_gpu_split(kst_kvc *c, int s, int minb);
  * kst_kvc_gpu_release first, or it waits forever. */
 void kst_kvc_set_gpu_arm(kst_kvc *c, int mode);
 /* Releases every layer's queued launch (its kernel skipped; the staged rows copied in; the
- * stream synchronized). The next step launches as before and may arm again. */
+ * stream synchronized), and those of every other cache in the process (kv_cuda.h,
+ * kst_kvgpu_release_all: all flags first). The next step launches as before and may arm again.
+ * Kestrel's own GPU allocations and frees (cache creation and free, the index build) do this
+ * first. */
 int kst_kvc_gpu_release(kst_kvc *c, kst_error *err);
 
 /* Links every pending token of the layer into its index now (waits for the batch in flight;

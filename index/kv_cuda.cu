@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <time.h>
 
 extern "C" {
@@ -85,7 +86,15 @@ struct kst_kvgpu {
     void *dstage;          // hstage's device address
     int ndirty, dirty[KST_KVGPU_DMAX];
     size_t narmed;         // steps launched through an armed chain
+    kst_kvgpu *arm_next;   // the process's armed handles (arm_head), under arm_mu
 };
+
+// Every armed handle of the process: a release lets all of them go (flags first, then the
+// streams synchronized), since a queued wait may hold up other streams' work (streams share the
+// device's hardware queues) and any device-wide synchronization (a cudaFree) waits for them all.
+static pthread_mutex_t arm_mu = PTHREAD_MUTEX_INITIALIZER;
+static kst_kvgpu *arm_head;
+static int kvgpu_release_all(kst_error *err);
 
 static __device__ __forceinline__ float ld(const float *p) { return *p; }
 static __device__ __forceinline__ float ld(const __half *p) { return __half2float(*p); }
@@ -439,6 +448,7 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
                                  int f16, float scale, kst_kvgpu **out, kst_error *err) {
     int rc = KST_OK;
     *out = NULL;
+    if ((rc = kvgpu_release_all(err)) != KST_OK) return rc; // (its allocations may wait for the device)
     if (d > 512 || q_heads % kv_heads)
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: head_dim %zu > 512 or q_heads %% kv_heads", d);
     kst_kvgpu *g = (kst_kvgpu *)calloc(1, sizeof *g);
@@ -496,7 +506,7 @@ done:
 
 extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     if (!g) return;
-    kst_kvgpu_disarm(g, NULL); // (a queued chain's wait released first)
+    kvgpu_release_all(NULL); // (every queued chain released first: the frees wait for the device)
     if (g->st) cudaStreamSynchronize(g->st);
     cudaFree(g->KV);
     cudaFreeHost(g->hstage);
@@ -545,7 +555,7 @@ extern "C" int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of %zu samples in %zu chunks of %zu rows (at most %d)",
                         ns, nc, ch, TT_PMAX);
     if (ns == g->tns && ch == g->tch && nc == g->tnc) return KST_OK;
-    if ((rc = kst_kvgpu_disarm(g, err)) != KST_OK) return rc;
+    if ((rc = kvgpu_release_all(err)) != KST_OK) return rc; // (reallocations below)
     size_t es = g->f16 ? 2 : 4, no = g->qh * nc * kst_kvgpu_tail_stride(g);
     g->tns = 0;
     g->gen++;
@@ -655,11 +665,22 @@ static void prm_write(kst_kvgpu *g, size_t nsink, size_t rlo, size_t cnt, int sk
 // The armed chain let go: the flag written (after the query and parameters: x86 stores are
 // seen in order; the sequentially consistent store drains the store buffer), its event the
 // step's.
-static void flag_release(kst_kvgpu *g) {
+static void flag_release_locked(kst_kvgpu *g) {
+    for (kst_kvgpu **pp = &arm_head; *pp; pp = &(*pp)->arm_next)
+        if (*pp == g) {
+            *pp = g->arm_next;
+            break;
+        }
+    g->arm_next = NULL;
     g->seq++;
     __atomic_store_n((uint32_t *)g->flag, g->seq, __ATOMIC_SEQ_CST);
     g->armed = 0;
     g->done = g->ev[g->seq & 1];
+}
+static void flag_release(kst_kvgpu *g) {
+    pthread_mutex_lock(&arm_mu);
+    flag_release_locked(g);
+    pthread_mutex_unlock(&arm_mu);
 }
 
 extern "C" int kst_kvgpu_can_arm(const kst_kvgpu *g) { return g && g->arm_ok; }
@@ -678,16 +699,18 @@ extern "C" int kst_kvgpu_arm(kst_kvgpu *g, int *armed, kst_error *err) {
             g->arm_ok = 0; // never again on this handle: launched as before
             return KST_OK;
         }
+        pthread_mutex_lock(&arm_mu);
         g->armed = 1;
+        g->arm_next = arm_head;
+        arm_head = g;
+        pthread_mutex_unlock(&arm_mu);
         g->ndirty = 0;
         cudaError_t e = cudaGraphLaunch(g->exec, g->st);
         if (e == cudaSuccess) e = cudaEventRecord(g->ev[(g->seq + 1) & 1], g->st);
         if (e != cudaSuccess) { // the wait released with the kernel skipped
             rc = kst_fail(err, KST_ERR_INTERNAL, "kv gpu arm: %s", cudaGetErrorString(e));
             cudaGetLastError();
-            prm_write(g, 0, 0, 0, 1);
-            flag_release(g);
-            cudaStreamSynchronize(g->st);
+            kvgpu_release_all(NULL);
             g->arm_ok = 0;
             return rc;
         }
@@ -696,17 +719,41 @@ extern "C" int kst_kvgpu_arm(kst_kvgpu *g, int *armed, kst_error *err) {
     return KST_OK;
 }
 
-extern "C" int kst_kvgpu_disarm(kst_kvgpu *g, kst_error *err) {
+// Every armed chain of the process let go (its kernel skipped; its staged slots still copied
+// in): all flags written, then each stream synchronized.
+static int kvgpu_release_all(kst_error *err) {
     int rc = KST_OK;
-    if (!g || !g->armed) return KST_OK;
-    prm_write(g, 0, 0, 0, 1); // the kernel skipped; the staged slots still copied in
-    flag_release(g);
-    CU(cudaStreamSynchronize(g->st), "kv gpu released chain");
-    g->staged = g->staged_start = 0;
-    g->got = 1;
-done:
+    kst_kvgpu *rel[64];
+    for (;;) {
+        size_t nr = 0;
+        pthread_mutex_lock(&arm_mu);
+        while (arm_head && nr < 64) {
+            kst_kvgpu *g = arm_head;
+            prm_write(g, 0, 0, 0, 1);
+            flag_release_locked(g); // (unlinks it)
+            rel[nr++] = g;
+        }
+        int more = arm_head != NULL;
+        pthread_mutex_unlock(&arm_mu);
+        for (size_t i = 0; i < nr; i++) {
+            kst_kvgpu *g = rel[i];
+            cudaError_t e = cudaStreamSynchronize(g->st);
+            if (e != cudaSuccess && rc == KST_OK)
+                rc = kst_fail(err, KST_ERR_INTERNAL, "kv gpu released chain: %s", cudaGetErrorString(e));
+            g->staged = g->staged_start = 0;
+            g->got = 1;
+        }
+        if (!more) break;
+    }
     return rc;
 }
+
+extern "C" int kst_kvgpu_disarm(kst_kvgpu *g, kst_error *err) {
+    if (!g || !g->armed) return KST_OK;
+    return kvgpu_release_all(err);
+}
+
+extern "C" int kst_kvgpu_release_all(kst_error *err) { return kvgpu_release_all(err); }
 
 extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t nsink, size_t rlo, size_t cnt,
                                         kst_error *err) {
@@ -950,6 +997,7 @@ extern "C" int kst_kv_cuda_topk(const float *K, size_t n, size_t d, const float 
     if (k == 0 || k > TOPK_MAX || k > n)
         return kst_fail(err, KST_ERR_INVALID, "kv gpu top-k: k = %zu (expected 1..%d, <= %zu keys)", k,
                         TOPK_MAX, n);
+    if ((rc = kvgpu_release_all(err)) != KST_OK) return rc; // (its allocations and frees)
     const size_t QB = 1024, KC = 65536;
     size_t kc = KC < n ? KC : n;
     float *dK = NULL, *dQ = NULL, *dS = NULL, *rv = NULL;

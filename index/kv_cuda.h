@@ -64,7 +64,14 @@ int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t nsink, size_t r
  * cudaDeviceSynchronize by the caller would not return; kst_kvgpu_disarm (or any of this
  * handle's other calls) releases it. *armed: 1 if a chain is queued now. */
 int kst_kvgpu_arm(kst_kvgpu *g, int *armed, kst_error *err);
+/* Releases g's chain if armed; as any release, it releases every armed handle of the process
+ * (all flags written first, then the streams synchronized: a queued wait can hold up other
+ * streams sharing its hardware queue, so releasing one by one could wait forever).
+ * kst_kvgpu_release_all: the same whether g is armed or not. kst_kvgpu_create, _free, the tail
+ * table's reallocation and kst_kv_cuda_topk (whose allocations and frees may wait for the whole
+ * device) call it first. */
 int kst_kvgpu_disarm(kst_kvgpu *g, kst_error *err);
+int kst_kvgpu_release_all(kst_error *err);
 /* 1 where kst_kvgpu_arm can queue a chain (the device takes stream waits on host memory). */
 int kst_kvgpu_can_arm(const kst_kvgpu *g);
 /* Steps launched through an armed chain since creation. */
