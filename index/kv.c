@@ -125,7 +125,7 @@ struct kst_kvc {
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int tail_gpu_off; /* kst_kvc_set_tail_gpu(c, 0) (or KESTREL_KV_TAIL_GPU=0): the tail on the CPU */
     int topsum_off;   /* kst_kvc_set_tail_topsum(c, 0) (or KESTREL_KV_TAIL_TOPSUM=0) */
-    int gpu_arm;      /* kst_kvc_set_gpu_arm (KESTREL_KV_GPU_ARM): 0 off, 1 armed in the step, 2 in kst_kvc_work */
+    int gpu_arm;      /* kst_kvc_set_gpu_arm (KESTREL_KV_GPU_ARM=1): the next launches queued in kst_kvc_work */
     int gpu_late;     /* 1 (the default; kst_kvc_set_gpu_early(c, 1) or KESTREL_KV_GPU_EARLY=1: 0): the
                          GPU's partial launched by thread 0 inside the parallel part */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
@@ -211,8 +211,8 @@ static void refresh_tables(kst_kvc *c, kv_layer *L, int force) {
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
 void kst_kvc_set_gpu_early(kst_kvc *c, int on) { c->gpu_late = !on; }
-void kst_kvc_set_gpu_arm(kst_kvc *c, int mode) {
-    c->gpu_arm = mode < 0 || mode > 2 ? 0 : mode;
+void kst_kvc_set_gpu_arm(kst_kvc *c, int on) {
+    c->gpu_arm = on != 0;
     if (!c->gpu_arm) kst_kvc_gpu_release(c, NULL);
 }
 int kst_kvc_gpu_release(kst_kvc *c, kst_error *err) {
@@ -309,8 +309,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->spread = KST_KVC_SPREAD_AUTO;
     c->tail_gpu_off = getenv("KESTREL_KV_TAIL_GPU") && atoi(getenv("KESTREL_KV_TAIL_GPU")) == 0;
     c->topsum_off = getenv("KESTREL_KV_TAIL_TOPSUM") && atoi(getenv("KESTREL_KV_TAIL_TOPSUM")) == 0;
-    c->gpu_arm = getenv("KESTREL_KV_GPU_ARM") ? atoi(getenv("KESTREL_KV_GPU_ARM")) : 0;
-    if (c->gpu_arm < 0 || c->gpu_arm > 2) c->gpu_arm = 0;
+    c->gpu_arm = getenv("KESTREL_KV_GPU_ARM") && atoi(getenv("KESTREL_KV_GPU_ARM")) == 1;
     c->gpu_late = !(getenv("KESTREL_KV_GPU_EARLY") && atoi(getenv("KESTREL_KV_GPU_EARLY")) == 1);
     c->spread_keep = 8;
     c->expand = 2;
@@ -1730,9 +1729,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     on_gpu = L->gpu && !c->gpu_off && L->built && L->n >= o->sinks && exact_lo >= o->sinks && L->n - exact_lo <= c->ring;
     const float *gpu_o = NULL, *gpu_lse = NULL;
 #endif
-    int gpu_state = 0, gpu_ready = 0, gpu_asking = 0, gpu_armer = 0;
+    int gpu_state = 0, gpu_ready = 0, gpu_asking = 0;
     size_t gpu_armed0 = 0;
-    double gpu_arm_dt = 0;
     double gpu_seen = 0, gpu_launched = 0; /* profile: the partials first seen in; launch returned */
     if (on_gpu) memset(c->gpu_merged, 0, o->q_heads);
 #ifdef KST_CUDA
@@ -2097,16 +2095,6 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     __atomic_compare_exchange_n(&c->gpu_merged[h], &one, 2, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
                     kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
             }
-        /* kst_kvc_set_gpu_arm 1: thread 0 (the caller's), out of tasks, queues the next step's
-         * launch (the partials are in: the stream is idle, and the chain writes nothing before
-         * its flag) */
-        if (rdy == 1 && c->gpu_arm == 1 && omp_get_thread_num() == 0 && !__atomic_exchange_n(&gpu_armer, 1, __ATOMIC_ACQ_REL)) {
-            double a0 = pf ? mono_s() : 0;
-            kst_error e5;
-            int r5 = kst_kvgpu_arm(L->gpu, NULL, &e5);
-            if (r5 != KST_OK) first_err(&rc, err, r5, &e5);
-            if (pf) gpu_arm_dt = mono_s() - a0;
-        }
     }
 #undef GPU_ASK
 #endif
@@ -2124,17 +2112,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             for (size_t h = 0; h < o->q_heads; h++)
                 if (c->gpu_merged[h] == 1) kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
         if (rc == KST_OK) rc = r2;
-        if (rc == KST_OK && c->gpu_arm == 1 && !gpu_armer) { /* (no thread ran out of tasks in the part) */
-            double a0 = pf ? mono_s() : 0;
-            rc = kst_kvgpu_arm(L->gpu, NULL, err);
-            if (pf) gpu_arm_dt = mono_s() - a0;
-        }
         if (pf) pf->gpu_armed += kst_kvgpu_armed_steps(L->gpu) - gpu_armed0;
     }
 #endif
     (void)gpu_state;
     (void)gpu_armed0;
-    (void)gpu_armer;
     (void)gpu_ready;
     (void)gpu_asking;
     (void)gpu_early;
@@ -2176,7 +2158,6 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         pf->busy_max += bmax;
         pf->busy_mean += used ? bsum / used : 0;
         pf->gpu_wait += pt3 - pt2;
-        pf->gpu_arm_s += gpu_arm_dt;
         pf->merge += pt4 - pt3;
 #ifdef KST_CUDA
         if (on_gpu) { /* KESTREL_KV_GPU_TIME=1: the GPU's own spans */

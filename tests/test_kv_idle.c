@@ -361,17 +361,17 @@ static void test_kv_work_api(void **state) {
 }
 
 #ifdef KST_CUDA
-/* The GPU partial launched through a chain queued in advance (kst_kvc_set_gpu_arm 1: by the step,
- * 2: by kst_kvc_work; kv_cuda.h, kst_kvgpu_arm): the same decode steps as launched plainly (mode
- * 0), each equal to float64 full attention (top_k 10, the tail sample the whole index, redrawn as
- * the index grows: a table upload releases the chain), with appends of one token (staged in
+/* The GPU partial launched through a chain queued in advance by kst_kvc_work (kst_kvc_set_gpu_arm;
+ * kv_cuda.h, kst_kvgpu_arm): the same decode steps as launched plainly (off), each equal to
+ * float64 full attention (top_k 10, the tail sample the whole index, redrawn as the index grows:
+ * a table upload releases the chain), with appends of one token (staged in
  * pinned memory, copied in by the step's first kernel), one append of 40 tokens (more than
  * KST_KVGPU_DMAX: the chain released first) and a kst_kvc_gpu_release midway. Where the device
  * takes stream waits on host memory, steps must have gone through armed chains (a kst_kvgpu_arm
  * that queues nothing fails this); the free with a chain queued must return (two layers, layer
  * 1 used: layer 0's cudaFree would wait for layer 1's queued chain forever, were it not released
  * first). */
-static void run_arm(int mode, float *outs, size_t steps, size_t *armed) {
+static void run_arm(int on, float *outs, size_t steps, size_t *armed) {
     const size_t n0 = 300, sinks = 4, window = 16, B = 8, n = n0 + steps + 40;
     g_rng = 0x2545f4914f6cdd1dull;
     float *K = malloc(n * KVH * D * sizeof *K), *V = malloc(n * KVH * D * sizeof *V), *Qp = malloc(n0 * QH * D * sizeof *Qp);
@@ -383,7 +383,7 @@ static void run_arm(int mode, float *outs, size_t steps, size_t *armed) {
     kst_error err;
     assert_ok(kst_kvc_create(&o, &c, &err), &err);
     kst_kvc_set_append_idle(c, 1);
-    kst_kvc_set_gpu_arm(c, mode);
+    kst_kvc_set_gpu_arm(c, on);
     kst_kvc_prof pf;
     memset(&pf, 0, sizeof pf);
     kst_kvc_set_prof(c, &pf);
@@ -401,14 +401,14 @@ static void run_arm(int mode, float *outs, size_t steps, size_t *armed) {
         ref_attn(ref, q, K, V, at);
         for (size_t i = 0; i < QH * D; i++)
             if (!(fabs(out[i] - ref[i]) <= 2e-5 + 1e-4 * fabs(ref[i])))
-                fail_msg("armed launch (mode %d), step %zu (%zu tokens), element %zu: %.7g, float64 full attention %.7g",
-                         mode, s, at, i, out[i], ref[i]);
+                fail_msg("armed launch (%d), step %zu (%zu tokens), element %zu: %.7g, float64 full attention %.7g",
+                         on, s, at, i, out[i], ref[i]);
         assert_ok(kst_kvc_work(c, NULL, NULL, NULL, &err), &err);
         if (s == steps / 2) assert_ok(kst_kvc_gpu_release(c, &err), &err);
     }
     *armed = pf.gpu_armed;
     kst_kvc_set_prof(c, NULL);
-    kst_kvc_free(c); /* (with layer 1's chain queued in modes 1, 2: layer 0 is freed first) */
+    kst_kvc_free(c); /* (with layer 1's chain queued: layer 0 is freed first) */
     free(K);
     free(V);
     free(Qp);
@@ -427,19 +427,17 @@ static void test_gpu_arm(void **state) {
     size_t a0, a1;
     run_arm(0, o0, steps, &a0);
     assert_int_equal(a0, 0);
-    for (int mode = 1; mode <= 2; mode++) {
-        run_arm(mode, o1, steps, &a1);
-        for (size_t i = 0; i < steps * 2 * QH * D; i++)
-            if (!(fabs(o1[i] - o0[i]) <= 1e-6 + 1e-6 * fabs(o0[i])))
-                fail_msg("armed launch (mode %d): step %zu, %s element %zu: %.9g, launched plainly %.9g", mode,
-                         i / (2 * QH * D), i % (2 * QH * D) < QH * D ? "query" : "output", i % (QH * D), o1[i], o0[i]);
-        print_message("armed launch (mode %d): %zu of %zu steps launched through a queued chain (device can arm: %d)\n",
-                      mode, a1, steps, can);
-        /* every step but the first, the one after the release, a few after the table uploads
-         * and the 40-token append, at least half */
-        if (can && a1 < steps / 2) fail_msg("mode %d: %zu of %zu steps armed", mode, a1, steps);
-        if (!can) assert_int_equal(a1, 0);
-    }
+    run_arm(1, o1, steps, &a1);
+    for (size_t i = 0; i < steps * 2 * QH * D; i++)
+        if (!(fabs(o1[i] - o0[i]) <= 1e-6 + 1e-6 * fabs(o0[i])))
+            fail_msg("armed launch: step %zu, %s element %zu: %.9g, launched plainly %.9g", i / (2 * QH * D),
+                     i % (2 * QH * D) < QH * D ? "query" : "output", i % (QH * D), o1[i], o0[i]);
+    print_message("armed launch: %zu of %zu steps launched through a queued chain (device can arm: %d)\n", a1, steps,
+                  can);
+    /* every step but the first, the one after the release, a few after the table uploads and
+     * the 40-token append: at least half */
+    if (can && a1 < steps / 2) fail_msg("%zu of %zu steps armed", a1, steps);
+    if (!can) assert_int_equal(a1, 0);
     free(o0);
     free(o1);
 }

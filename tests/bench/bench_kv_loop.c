@@ -26,7 +26,8 @@
  * phases (kst_kvc_prof, us a step) and the GPU partial's life (launched, seen in, first needed: us
  * from the call's start; the tail phase as wait + CPU estimate). Round 16 row flags: "+old" (the
  * GPU partial and the links as in round 15), "+early", "+sN", "+b3", "+whole" (see below); round 17:
- * "+arm", "+arm2" (the GPU partial queued in advance, kst_kvc_set_gpu_arm); KV_LINK_PIECE
+ * "+arm" (or "+arm2", as round 17 measured it: the GPU partial queued in advance by
+ * kst_kvc_work, kst_kvc_set_gpu_arm; in plain rows nothing queues it); KV_LINK_PIECE
  * (8) tokens a link piece; KESTREL_KV_GPU_TIME=1 times the partial's parts by CUDA events. */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -335,10 +336,9 @@ int main(int argc, char **argv) {
         kst_kvc_set_tail_topsum(c, !nots);
         kst_kvc_set_gpu_early(c, !late);
         kst_kvc_set_gpu_split(c, split, strstr(row + bl, "+b3") ? 3 : 2);
-        /* round 17: "+arm" the GPU partial queued in advance by the step (kst_kvc_set_gpu_arm 1),
-         * "+arm2" by kst_kvc_work only (2; in plain rows nothing arms it); else launched as before */
-        const char *ap = strstr(row + bl, "+arm");
-        kst_kvc_set_gpu_arm(c, ap ? (ap[4] == '2' ? 2 : 1) : 0);
+        /* round 17: "+arm" ("+arm2") the GPU partial queued in advance by kst_kvc_work
+         * (kst_kvc_set_gpu_arm); else launched as before */
+        kst_kvc_set_gpu_arm(c, strstr(row + bl, "+arm") != NULL);
         kst_kvc_set_link_piece(c, whole ? 0 : (getenv("KV_LINK_PIECE") ? (size_t)atol(getenv("KV_LINK_PIECE")) : 8));
         for (int l = 0; l < L; l++) /* each row starts with nothing queued: the last row's batches linked */
             if (kst_kvc_flush(c, (size_t)l, &e)) die("flush", &e);
@@ -422,10 +422,9 @@ int main(int argc, char **argv) {
                        pf.gpu_wanted_steps ? 1e6 * pf.gpu_wanted / pf.gpu_wanted_steps : 0.0, pf.gpu_late,
                        pf.gpu_wanted_steps, pf.tail * u / nt, pf.tail_wait * u / nt, pf.tail_cpu * u / nt,
                        (double)pf.tail_topsum / pf.steps);
-            if (pf.gpu_armed || pf.gpu_arm_s > 0 || pf.gpu_arm_idle_s > 0)
+            if (pf.gpu_armed || pf.gpu_arm_idle_s > 0)
                 printf("  (%s: GPU partial launched through a queued chain in %zu of %zu steps; queueing %.1f us a step"
-                       " in the step, %.1f in kst_kvc_work)\n", row, pf.gpu_armed, pf.gpu_steps,
-                       1e6 * pf.gpu_arm_s / pf.steps, 1e6 * pf.gpu_arm_idle_s / pf.steps);
+                       " in kst_kvc_work)\n", row, pf.gpu_armed, pf.gpu_steps, 1e6 * pf.gpu_arm_idle_s / pf.steps);
             if (pf.gpu_timed) /* KESTREL_KV_GPU_TIME=1: CUDA events around the partial's parts */
                 printf("  (%s: GPU partial by CUDA events (no graph), us a step: query up %.1f, kernel %.1f (split %d),"
                        " downloads %.1f)\n", row, 1e6 * pf.gpu_h2d / pf.gpu_timed, 1e6 * pf.gpu_kernel / pf.gpu_timed,
