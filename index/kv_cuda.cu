@@ -79,6 +79,7 @@ struct kst_kvgpu {
     // Puts while armed only stage the rows (pinned, mapped: hstage) and list the slots, which the
     // step's first kernel copies in (at most KST_KVGPU_DMAX; more: the chain released first).
     int arm_ok;            // the device takes stream waits on host memory (0: never armed)
+    int arm_want;          // kst_kvgpu_arm was called: the step's graph has the staged slots' kernel
     int armed;             // a chain waits for *flag >= seq + 1
     uint32_t seq;          // steps launched
     volatile uint32_t *flag;
@@ -689,8 +690,13 @@ extern "C" size_t kst_kvgpu_armed_steps(const kst_kvgpu *g) { return g ? g->narm
 extern "C" int kst_kvgpu_arm(kst_kvgpu *g, int *armed, kst_error *err) {
     int rc = KST_OK;
     if (armed) *armed = g->armed;
-    if (g->armed || !g->arm_ok || !g->got || g->timing || !g->exec || g->graph_n != 0 || g->graph_gen != g->gen)
+    if (g->armed || !g->arm_ok || !g->got || g->timing) return KST_OK;
+    if (!g->arm_want) { // the graph captured anew with the staged slots' kernel at the next step
+        g->arm_want = 1;
+        g->gen++;
         return KST_OK;
+    }
+    if (!g->exec || g->graph_n != 0 || g->graph_gen != g->gen) return KST_OK;
     {
         // the wait, then the step's graph and its event (ev[(seq + 1) & 1]: the current step's
         // event, polled until its partials are in, is the other one)
@@ -818,7 +824,7 @@ static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
     CU(cudaMemcpyAsync(g->q, g->hq, (g->qh * g->d + KST_KVGPU_PRM) * sizeof(float), cudaMemcpyHostToDevice, g->st),
        "kv gpu query upload");
     if (g->timing) CU(cudaEventRecord(g->tev[1], g->st), "kv gpu timing");
-    if (g->arm_ok) // the slots staged while armed (graph mode: every step; none staged: it returns)
+    if (g->arm_ok && g->arm_want) // the slots staged while armed (none staged: it returns)
         refresh_kernel<<<KST_KVGPU_DMAX, 256, 0, g->st>>>(g->q, (int)g->qh, (int)g->d, (const char *)g->dstage,
                                                           (char *)g->KV, 2 * g->kvh * g->d * (g->f16 ? 2 : 4));
     {

@@ -60,7 +60,9 @@ int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t nsink, size_t r
  * that needs the stream, releases the chain first: its kernel skipped, the stream synchronized).
  * Call it once the last step's partials are in (no-op otherwise, or if already armed, or where
  * the device takes no stream waits on host memory, or without the step's CUDA graph: after the
- * first graphed partial_start). While armed the stream is blocked on the flag: a
+ * first graphed partial_start; the first call only has the next step's graph captured anew with
+ * the staged slots' kernel, which a handle never armed does not run). While armed the stream is
+ * blocked on the flag: a
  * cudaDeviceSynchronize by the caller would not return; kst_kvgpu_disarm (or any of this
  * handle's other calls) releases it. *armed: 1 if a chain is queued now. */
 int kst_kvgpu_arm(kst_kvgpu *g, int *armed, kst_error *err);
