@@ -125,6 +125,7 @@ struct kst_kvc {
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int tail_gpu_off; /* kst_kvc_set_tail_gpu(c, 0) (or KESTREL_KV_TAIL_GPU=0): the tail on the CPU */
     int topsum_off;   /* kst_kvc_set_tail_topsum(c, 0) (or KESTREL_KV_TAIL_TOPSUM=0) */
+    int gpu_arm;      /* kst_kvc_set_gpu_arm (KESTREL_KV_GPU_ARM=1): the next launches queued in kst_kvc_work */
     int gpu_late;     /* 1 (the default; kst_kvc_set_gpu_early(c, 1) or KESTREL_KV_GPU_EARLY=1: 0): the
                          GPU's partial launched by thread 0 inside the parallel part */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
@@ -210,6 +211,23 @@ static void refresh_tables(kst_kvc *c, kv_layer *L, int force) {
 
 void kst_kvc_use_gpu(kst_kvc *c, int on) { c->gpu_off = !on; }
 void kst_kvc_set_gpu_early(kst_kvc *c, int on) { c->gpu_late = !on; }
+void kst_kvc_set_gpu_arm(kst_kvc *c, int on) {
+    c->gpu_arm = on != 0;
+    if (!c->gpu_arm) kst_kvc_gpu_release(c, NULL);
+}
+int kst_kvc_gpu_release(kst_kvc *c, kst_error *err) {
+    int rc = KST_OK;
+#ifdef KST_CUDA
+    for (size_t l = 0; c && c->layers && l < c->o.layers; l++) {
+        int r = c->layers[l].gpu ? kst_kvgpu_disarm(c->layers[l].gpu, rc == KST_OK ? err : NULL) : KST_OK;
+        if (rc == KST_OK) rc = r;
+    }
+#else
+    (void)c;
+    (void)err;
+#endif
+    return rc;
+}
 void kst_kvc_set_gpu_split(kst_kvc *c, int s, int minb) {
 #ifdef KST_CUDA
     for (size_t l = 0; l < c->o.layers; l++)
@@ -291,6 +309,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->spread = KST_KVC_SPREAD_AUTO;
     c->tail_gpu_off = getenv("KESTREL_KV_TAIL_GPU") && atoi(getenv("KESTREL_KV_TAIL_GPU")) == 0;
     c->topsum_off = getenv("KESTREL_KV_TAIL_TOPSUM") && atoi(getenv("KESTREL_KV_TAIL_TOPSUM")) == 0;
+    c->gpu_arm = getenv("KESTREL_KV_GPU_ARM") && atoi(getenv("KESTREL_KV_GPU_ARM")) == 1;
     c->gpu_late = !(getenv("KESTREL_KV_GPU_EARLY") && atoi(getenv("KESTREL_KV_GPU_EARLY")) == 1);
     c->spread_keep = 8;
     c->expand = 2;
@@ -363,6 +382,9 @@ fail:
 
 void kst_kvc_free(kst_kvc *c) {
     if (!c) return;
+    /* every layer's queued GPU launch released before any layer's memory is freed (a cudaFree
+     * waits for the whole device) */
+    kst_kvc_gpu_release(c, NULL);
     if (c->wk_started) {
         pthread_mutex_lock(&c->mu);
         c->wk_stop = 1;
@@ -832,6 +854,13 @@ int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, ks
     int rc = KST_OK, stop = 0;
     size_t np = 0, linked = 0, pieces = 0;
     double t0 = c->prof ? mono_s() : 0, tl = 0;
+#ifdef KST_CUDA
+    if (c->gpu_arm && !c->gpu_off) { /* the layers' next GPU launches queued (idle time: the GPU is busy) */
+        for (size_t l = 0; l < c->o.layers; l++)
+            if (c->layers[l].gpu) KST_TRY(kst_kvgpu_arm(c->layers[l].gpu, NULL, err));
+        if (c->prof) c->prof->gpu_arm_idle_s += mono_s() - t0;
+    }
+#endif
     while (!stop) {
         /* a planned batch first (linked: its tokens leave the exact part), then plans to make */
         kv_layer *L = NULL;
@@ -1478,6 +1507,9 @@ static int tail_upload(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_erro
     if (!any && L->gt_ns == ns && L->gt_nidx == T0->nidx) return KST_OK;
     int rc = KST_OK;
     L->gt_ns = 0;
+    /* (kst_kvc_set_gpu_arm: every layer's queued launch released first; a reallocation's
+     * cudaFree would wait for them) */
+    KST_TRY(kst_kvc_gpu_release(c, err));
     KST_TRY(kst_kvgpu_tail_reserve(L->gpu, ns, T0->ch, T0->nc, err));
     for (size_t h = 0; h < o->kv_heads; h++)
         KST_TRY(kst_kvgpu_tail_put(L->gpu, h, L->heads[h].tt.K, L->heads[h].tt.V, err));
@@ -1698,8 +1730,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     const float *gpu_o = NULL, *gpu_lse = NULL;
 #endif
     int gpu_state = 0, gpu_ready = 0, gpu_asking = 0;
+    size_t gpu_armed0 = 0;
     double gpu_seen = 0, gpu_launched = 0; /* profile: the partials first seen in; launch returned */
     if (on_gpu) memset(c->gpu_merged, 0, o->q_heads);
+#ifdef KST_CUDA
+    if (on_gpu) gpu_armed0 = kst_kvgpu_armed_steps(L->gpu);
+#endif
     if (c->ids_all_cap < o->q_heads * (ks ? ks : 1)) {
         rc = kst_realloc((void **)&c->ids_all, o->q_heads * (ks ? ks : 1), sizeof(uint32_t), "retrieved ids", err);
         if (rc != KST_OK) return rc;
@@ -1728,7 +1764,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         gpu_st = kst_kvgpu_tail_stride(L->gpu);
         gpu_tt = kst_kvgpu_tail_out(L->gpu); /* filled once the partials are in */
     } else if (on_gpu && L->gt_ns) { /* the GPU's tail off for this step */
-        rc = kst_kvgpu_tail_reserve(L->gpu, 0, 0, 0, err);
+        rc = kst_kvc_gpu_release(c, err);
+        if (rc == KST_OK) rc = kst_kvgpu_tail_reserve(L->gpu, 0, 0, 0, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
         L->gt_ns = 0;
     }
@@ -2075,9 +2112,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             for (size_t h = 0; h < o->q_heads; h++)
                 if (c->gpu_merged[h] == 1) kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
         if (rc == KST_OK) rc = r2;
+        if (pf) pf->gpu_armed += kst_kvgpu_armed_steps(L->gpu) - gpu_armed0;
     }
 #endif
     (void)gpu_state;
+    (void)gpu_armed0;
     (void)gpu_ready;
     (void)gpu_asking;
     (void)gpu_early;

@@ -136,6 +136,25 @@ void kst_kvc_set_link_piece(kst_kvc *c, size_t n);
  * 16). Benchmarks. */
 void kst_kvc_set_gpu_early(kst_kvc *c, int on);
 void kst_kvc_set_gpu_split(kst_kvc *c, int s, int minb);
+/* A launch without host cost (round 17, experimental; kv_cuda.h, kst_kvgpu_arm): on (1;
+ * KESTREL_KV_GPU_ARM=1 at creation), kst_kvc_work first queues each layer's next GPU partial on
+ * its stream behind a wait on a flag word in pinned host memory (in the engine's idle time);
+ * the next step's launch then only writes the query and the flag (the launch's 12-22 us of host
+ * time on thread 0 gone), and its appends stage the new rows in pinned memory that the step's
+ * first kernel copies in. Off (0, the default): launched as before. Where the device takes no
+ * stream waits on host memory, or kst_kvc_work is not called, launched as before.
+ * While a layer is armed its stream waits on host memory: an engine that synchronizes the
+ * whole device (cudaDeviceSynchronize, or a cudaFree) between steps must call
+ * kst_kvc_gpu_release first, or it waits forever. Queued from inside the decode step instead (by
+ * its thread 0 once out of tasks) the 4-layer decoder loop deadlocked on the H100 (bench
+ * README, round 17); that placement is not offered. */
+void kst_kvc_set_gpu_arm(kst_kvc *c, int on);
+/* Releases every layer's queued launch (its kernel skipped; the staged rows copied in; the
+ * stream synchronized), and those of every other cache in the process (kv_cuda.h,
+ * kst_kvgpu_release_all: all flags first). The next step launches as before and may arm again.
+ * Kestrel's own GPU allocations and frees (cache creation and free, the index build) do this
+ * first. */
+int kst_kvc_gpu_release(kst_kvc *c, kst_error *err);
 
 /* Links every pending token of the layer into its index now (waits for the batch in flight;
  * tests and callers that want the index complete). */
@@ -360,6 +379,10 @@ typedef struct kst_kvc_prof {
      * seconds summed over gpu_timed steps: query upload, kernel, downloads */
     size_t gpu_timed;
     double gpu_h2d, gpu_kernel, gpu_d2h;
+    /* kst_kvc_set_gpu_arm: steps whose GPU partial was launched through a queued chain; seconds
+     * spent queueing the chains in kst_kvc_work */
+    size_t gpu_armed;
+    double gpu_arm_idle_s;
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

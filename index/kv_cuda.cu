@@ -3,11 +3,14 @@
 #include "index/kv_cuda.h"
 
 #include <cublas_v2.h>
+#include <cuda.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
+#include <time.h>
 
 extern "C" {
 #include "core/check.h"
@@ -47,7 +50,7 @@ struct kst_kvgpu {
     float *q, *o, *lse; // device (qh, d + KST_KVGPU_PRM), (qh, d), (qh)
     float *hq, *ho;     // pinned host: q (qh, d) then the step's parameters; o (qh, d) then lse (qh)
     cudaStream_t st;
-    cudaEvent_t done;
+    cudaEvent_t done, ev[2]; // done: the last launched step's event (ev[seq & 1])
     // the step's upload, kernel and download as one CUDA graph (one launch instead of three
     // calls: ~10-20 us less of the host's serial time a step), for n static tokens
     cudaGraph_t graph;
@@ -71,7 +74,28 @@ struct kst_kvgpu {
     cudaEvent_t tev[4];
     double tms[3];
     size_t tn;
+    // kst_kvgpu_arm: the next step's work queued in advance behind a wait (cuStreamWaitValue32)
+    // on *flag (pinned, mapped); partial_start then writes the query and the flag (no CUDA call).
+    // Puts while armed only stage the rows (pinned, mapped: hstage) and list the slots, which the
+    // step's first kernel copies in (at most KST_KVGPU_DMAX; more: the chain released first).
+    int arm_ok;            // the device takes stream waits on host memory (0: never armed)
+    int arm_want;          // kst_kvgpu_arm was called: the step's graph has the staged slots' kernel
+    int armed;             // a chain waits for *flag >= seq + 1
+    uint32_t seq;          // steps launched
+    volatile uint32_t *flag;
+    unsigned long long dflag; // its device address
+    void *dstage;          // hstage's device address
+    int ndirty, dirty[KST_KVGPU_DMAX];
+    size_t narmed;         // steps launched through an armed chain
+    kst_kvgpu *arm_next;   // the process's armed handles (arm_head), under arm_mu
 };
+
+// Every armed handle of the process: a release lets all of them go (flags first, then the
+// streams synchronized), since a queued wait may hold up other streams' work (streams share the
+// device's hardware queues) and any device-wide synchronization (a cudaFree) waits for them all.
+static pthread_mutex_t arm_mu = PTHREAD_MUTEX_INITIALIZER;
+static kst_kvgpu *arm_head;
+static int kvgpu_release_all(kst_error *err);
 
 static __device__ __forceinline__ float ld(const float *p) { return *p; }
 static __device__ __forceinline__ float ld(const __half *p) { return __half2float(*p); }
@@ -343,16 +367,89 @@ __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, con
                             int kvh, int G, int d, float scale, int qh, const T *tK, const T *tV,
                             float *tout, int ns, int ch, int nc, int P, int st, int S, float *sp,
                             unsigned *spc) {
+    if (((const int *)(q + (size_t)qh * d))[3]) return; // skip: a released chain (kst_kvgpu_disarm)
     if ((int)blockIdx.x < qh * S)
         partial_body<T>(blockIdx.x, KV, q, o, lse, sinks, ring, qh, kvh, G, d, scale, S, sp, spc);
     else
         tail_body<T>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st);
 }
 
+// The step's first kernel: the slots kst_kvgpu_put staged while armed (parameters 4, 5...: count,
+// slots) copied from pinned host memory (mapped: stage) into the device's slots, a block a slot.
+__global__ void refresh_kernel(const float *q, int qh, int d, const char *stage, char *KV, size_t slotb) {
+    const int *prm = (const int *)(q + (size_t)qh * d);
+    int nd = prm[4];
+    for (int i = blockIdx.x; i < nd; i += gridDim.x) {
+        size_t off = (size_t)prm[5 + i] * slotb;
+        if (slotb % 16 == 0)
+            for (size_t j = threadIdx.x; j < slotb / 16; j += blockDim.x)
+                ((uint4 *)(KV + off))[j] = ((const uint4 *)(stage + off))[j];
+        else
+            for (size_t j = threadIdx.x; j < slotb / 4; j += blockDim.x)
+                ((uint32_t *)(KV + off))[j] = ((const uint32_t *)(stage + off))[j];
+    }
+}
+
+// cuStreamWaitValue32 through the runtime's driver entry point (no -lcuda); NULL where missing.
+typedef CUresult (*wait_value_fn)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+static wait_value_fn wait_value(void) {
+    static wait_value_fn fn;
+    static int tried;
+    if (__atomic_load_n(&tried, __ATOMIC_ACQUIRE)) return fn;
+    void *p = NULL;
+    cudaDriverEntryPointQueryResult qr;
+    if (cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", &p, 12000, cudaEnableDefault, &qr) != cudaSuccess ||
+        qr != cudaDriverEntryPointSuccess)
+        p = NULL;
+    cudaGetLastError();
+    fn = (wait_value_fn)p;
+    __atomic_store_n(&tried, 1, __ATOMIC_RELEASE);
+    return fn;
+}
+
+// Whether a stream wait on the mapped flag page is honoured: a wait on word 16 (not the flag),
+// an event behind it, the word written; 1 if the event completes within 200 ms (else the test
+// stream stays blocked, and leaks: never armed then).
+static int arm_selftest(kst_kvgpu *g) {
+    wait_value_fn w = wait_value();
+    if (!w || !g->flag) return 0;
+    cudaStream_t ts = NULL;
+    cudaEvent_t te = NULL;
+    int ok = 0;
+    if (cudaStreamCreateWithFlags(&ts, cudaStreamNonBlocking) != cudaSuccess ||
+        cudaEventCreateWithFlags(&te, cudaEventDisableTiming) != cudaSuccess)
+        goto out;
+    g->flag[16] = 0;
+    if (w((CUstream)ts, (CUdeviceptr)(g->dflag + 16 * sizeof(uint32_t)), 1, CU_STREAM_WAIT_VALUE_GEQ) != CUDA_SUCCESS) goto out;
+    if (cudaEventRecord(te, ts) != cudaSuccess) {
+        g->flag[16] = 1;
+        goto out;
+    }
+    if (cudaEventQuery(te) != cudaErrorNotReady) goto out; // the wait did not hold the stream
+    __atomic_store_n((uint32_t *)&g->flag[16], 1u, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < 200000; i++) {
+        cudaError_t e = cudaEventQuery(te);
+        if (e == cudaSuccess) {
+            ok = 1;
+            break;
+        }
+        if (e != cudaErrorNotReady) break;
+        struct timespec ts1 = {0, 1000};
+        nanosleep(&ts1, NULL);
+    }
+    if (!ok) return 0; // (ts, te left as they are: the stream may still be blocked)
+out:
+    cudaGetLastError();
+    if (te) cudaEventDestroy(te);
+    if (ts) cudaStreamDestroy(ts);
+    return ok;
+}
+
 extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_t sinks, size_t ring,
                                  int f16, float scale, kst_kvgpu **out, kst_error *err) {
     int rc = KST_OK;
     *out = NULL;
+    if ((rc = kvgpu_release_all(err)) != KST_OK) return rc; // (its allocations may wait for the device)
     if (d > 512 || q_heads % kv_heads)
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: head_dim %zu > 512 or q_heads %% kv_heads", d);
     kst_kvgpu *g = (kst_kvgpu *)calloc(1, sizeof *g);
@@ -374,7 +471,8 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
     g->timing = getenv("KESTREL_KV_GPU_TIME") && atoi(getenv("KESTREL_KV_GPU_TIME")) == 1;
     size_t es = f16 ? 2 : 4, bytes = g->cap * 2 * kv_heads * d * es;
     CU(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "kv gpu stream");
-    CU(cudaEventCreateWithFlags(&g->done, cudaEventDisableTiming), "kv gpu event");
+    for (int i = 0; i < 2; i++) CU(cudaEventCreateWithFlags(&g->ev[i], cudaEventDisableTiming), "kv gpu event");
+    g->done = g->ev[0];
     CU(cudaMalloc(&g->KV, bytes), "kv gpu static keys and values");
     CU(cudaMallocHost(&g->hstage, bytes), "kv gpu pinned upload staging");
     CU(cudaMalloc((void **)&g->q, (q_heads * d + KST_KVGPU_PRM) * sizeof(float)), "kv gpu query");
@@ -386,6 +484,20 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
     for (int i = 0; g->timing && i < 4; i++) CU(cudaEventCreate(&g->tev[i]), "kv gpu timing event");
     CU(cudaMallocHost((void **)&g->hq, (q_heads * d + KST_KVGPU_PRM) * sizeof(float)), "kv gpu pinned query");
     CU(cudaMallocHost((void **)&g->ho, (q_heads * d + q_heads) * sizeof(float)), "kv gpu pinned output");
+    { // the flag word of kst_kvgpu_arm and the staging's device address (mapped pinned memory)
+        void *df = NULL, *ds = NULL;
+        if (cudaHostAlloc((void **)&g->flag, 32 * sizeof(uint32_t), cudaHostAllocMapped) != cudaSuccess) g->flag = NULL;
+        else {
+            memset((void *)g->flag, 0, 32 * sizeof(uint32_t));
+            if (cudaHostGetDevicePointer(&df, (void *)g->flag, 0) == cudaSuccess &&
+                cudaHostGetDevicePointer(&ds, g->hstage, 0) == cudaSuccess) {
+                g->dflag = (unsigned long long)(uintptr_t)df;
+                g->dstage = ds;
+                g->arm_ok = arm_selftest(g);
+            }
+        }
+        cudaGetLastError();
+    }
     *out = g;
     return KST_OK;
 done:
@@ -395,6 +507,7 @@ done:
 
 extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     if (!g) return;
+    kvgpu_release_all(NULL); // (every queued chain released first: the frees wait for the device)
     if (g->st) cudaStreamSynchronize(g->st);
     cudaFree(g->KV);
     cudaFreeHost(g->hstage);
@@ -412,7 +525,9 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     cudaFreeHost(g->ho);
     if (g->exec) cudaGraphExecDestroy(g->exec);
     if (g->graph) cudaGraphDestroy(g->graph);
-    if (g->done) cudaEventDestroy(g->done);
+    for (int i = 0; i < 2; i++)
+        if (g->ev[i]) cudaEventDestroy(g->ev[i]);
+    if (g->flag) cudaFreeHost((void *)g->flag);
     if (g->st) cudaStreamDestroy(g->st);
     free(g);
 }
@@ -430,6 +545,7 @@ extern "C" size_t kst_kvgpu_tail_stride(const kst_kvgpu *g) {
 
 extern "C" void kst_kvgpu_tail_topsum(kst_kvgpu *g, int on) {
     if (!!on == g->topsum) return;
+    kst_kvgpu_disarm(g, NULL);
     g->topsum = !!on;
     g->tns = g->tch = g->tnc = 0; // the next kst_kvgpu_tail_reserve lays the items out anew
 }
@@ -440,6 +556,7 @@ extern "C" int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of %zu samples in %zu chunks of %zu rows (at most %d)",
                         ns, nc, ch, TT_PMAX);
     if (ns == g->tns && ch == g->tch && nc == g->tnc) return KST_OK;
+    if ((rc = kvgpu_release_all(err)) != KST_OK) return rc; // (reallocations below)
     size_t es = g->f16 ? 2 : 4, no = g->qh * nc * kst_kvgpu_tail_stride(g);
     g->tns = 0;
     g->gen++;
@@ -472,6 +589,7 @@ extern "C" int kst_kvgpu_tail_put(kst_kvgpu *g, size_t kv_head, const void *K, c
     int rc = KST_OK;
     if (kv_head >= g->kvh || !g->tns) return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of KV head %zu not reserved", kv_head);
     size_t b = g->tns * g->d * (g->f16 ? 2 : 4);
+    KST_TRY(kst_kvgpu_disarm(g, err));
     CU(cudaMemcpyAsync((char *)g->tK + kv_head * b, K, b, cudaMemcpyHostToDevice, g->st), "kv gpu tail keys upload");
     CU(cudaMemcpyAsync((char *)g->tV + kv_head * b, V, b, cudaMemcpyHostToDevice, g->st), "kv gpu tail values upload");
     CU(cudaStreamSynchronize(g->st), "kv gpu tail upload");
@@ -487,6 +605,18 @@ extern "C" int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const voi
     if (slot + n > g->cap)
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: slots %zu..%zu past %zu", slot, slot + n, g->cap);
     size_t row = g->kvh * g->d * (g->f16 ? 2 : 4);
+    if (g->armed) { // staged only: the armed step's first kernel copies them in
+        if (g->ndirty + n <= KST_KVGPU_DMAX) {
+            char *st = (char *)g->hstage + slot * 2 * row;
+            for (size_t i = 0; i < n; i++) {
+                memcpy(st + 2 * i * row, (const char *)K + i * row, row);
+                memcpy(st + (2 * i + 1) * row, (const char *)V + i * row, row);
+                g->dirty[g->ndirty++] = (int)(slot + i);
+            }
+            return KST_OK;
+        }
+        KST_TRY(kst_kvgpu_disarm(g, err)); // (copies those listed so far)
+    }
     // The staging slots are reused once the ring has gone round: before overwriting one whose
     // upload may still be queued, wait for the stream (at most once a ring of slots; never in
     // a decode loop, whose steps see their uploads done).
@@ -520,6 +650,117 @@ static void uploads_done(kst_kvgpu *g) {
 
 static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err);
 
+// The step's parameters after the query in hq (kv_cuda.h, KST_KVGPU_PRM); the staged slots'
+// list moves there.
+static void prm_write(kst_kvgpu *g, size_t nsink, size_t rlo, size_t cnt, int skip) {
+    int *prm = (int *)(g->hq + g->qh * g->d);
+    prm[0] = (int)nsink;
+    prm[1] = (int)(rlo % g->ring);
+    prm[2] = (int)cnt;
+    prm[3] = skip;
+    prm[4] = g->ndirty;
+    memcpy(prm + 5, g->dirty, (size_t)g->ndirty * sizeof(int));
+    g->ndirty = 0;
+}
+
+// The armed chain let go: the flag written (after the query and parameters: x86 stores are
+// seen in order; the sequentially consistent store drains the store buffer), its event the
+// step's.
+static void flag_release_locked(kst_kvgpu *g) {
+    for (kst_kvgpu **pp = &arm_head; *pp; pp = &(*pp)->arm_next)
+        if (*pp == g) {
+            *pp = g->arm_next;
+            break;
+        }
+    g->arm_next = NULL;
+    g->seq++;
+    __atomic_store_n((uint32_t *)g->flag, g->seq, __ATOMIC_SEQ_CST);
+    g->armed = 0;
+    g->done = g->ev[g->seq & 1];
+}
+static void flag_release(kst_kvgpu *g) {
+    pthread_mutex_lock(&arm_mu);
+    flag_release_locked(g);
+    pthread_mutex_unlock(&arm_mu);
+}
+
+extern "C" int kst_kvgpu_can_arm(const kst_kvgpu *g) { return g && g->arm_ok; }
+extern "C" size_t kst_kvgpu_armed_steps(const kst_kvgpu *g) { return g ? g->narmed : 0; }
+
+extern "C" int kst_kvgpu_arm(kst_kvgpu *g, int *armed, kst_error *err) {
+    int rc = KST_OK;
+    if (armed) *armed = g->armed;
+    if (g->armed || !g->arm_ok || !g->got || g->timing) return KST_OK;
+    if (!g->arm_want) { // the graph captured anew with the staged slots' kernel at the next step
+        g->arm_want = 1;
+        g->gen++;
+        return KST_OK;
+    }
+    if (!g->exec || g->graph_n != 0 || g->graph_gen != g->gen) return KST_OK;
+    {
+        // the wait, then the step's graph and its event (ev[(seq + 1) & 1]: the current step's
+        // event, polled until its partials are in, is the other one)
+        CUresult r = wait_value()((CUstream)g->st, (CUdeviceptr)g->dflag, g->seq + 1, CU_STREAM_WAIT_VALUE_GEQ);
+        if (r != CUDA_SUCCESS) {
+            g->arm_ok = 0; // never again on this handle: launched as before
+            return KST_OK;
+        }
+        pthread_mutex_lock(&arm_mu);
+        g->armed = 1;
+        g->arm_next = arm_head;
+        arm_head = g;
+        pthread_mutex_unlock(&arm_mu);
+        g->ndirty = 0;
+        cudaError_t e = cudaGraphLaunch(g->exec, g->st);
+        if (e == cudaSuccess) e = cudaEventRecord(g->ev[(g->seq + 1) & 1], g->st);
+        if (e != cudaSuccess) { // the wait released with the kernel skipped
+            rc = kst_fail(err, KST_ERR_INTERNAL, "kv gpu arm: %s", cudaGetErrorString(e));
+            cudaGetLastError();
+            kvgpu_release_all(NULL);
+            g->arm_ok = 0;
+            return rc;
+        }
+    }
+    if (armed) *armed = 1;
+    return KST_OK;
+}
+
+// Every armed chain of the process let go (its kernel skipped; its staged slots still copied
+// in): all flags written, then each stream synchronized.
+static int kvgpu_release_all(kst_error *err) {
+    int rc = KST_OK;
+    kst_kvgpu *rel[64];
+    for (;;) {
+        size_t nr = 0;
+        pthread_mutex_lock(&arm_mu);
+        while (arm_head && nr < 64) {
+            kst_kvgpu *g = arm_head;
+            prm_write(g, 0, 0, 0, 1);
+            flag_release_locked(g); // (unlinks it)
+            rel[nr++] = g;
+        }
+        int more = arm_head != NULL;
+        pthread_mutex_unlock(&arm_mu);
+        for (size_t i = 0; i < nr; i++) {
+            kst_kvgpu *g = rel[i];
+            cudaError_t e = cudaStreamSynchronize(g->st);
+            if (e != cudaSuccess && rc == KST_OK)
+                rc = kst_fail(err, KST_ERR_INTERNAL, "kv gpu released chain: %s", cudaGetErrorString(e));
+            g->staged = g->staged_start = 0;
+            g->got = 1;
+        }
+        if (!more) break;
+    }
+    return rc;
+}
+
+extern "C" int kst_kvgpu_disarm(kst_kvgpu *g, kst_error *err) {
+    if (!g || !g->armed) return KST_OK;
+    return kvgpu_release_all(err);
+}
+
+extern "C" int kst_kvgpu_release_all(kst_error *err) { return kvgpu_release_all(err); }
+
 extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t nsink, size_t rlo, size_t cnt,
                                         kst_error *err) {
     int rc = KST_OK;
@@ -527,13 +768,17 @@ extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t nsin
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu sinks and %zu ring tokens (%zu and %zu slots)", nsink, cnt,
                         g->sinks, g->ring);
     size_t n = 0; // the graph does not depend on the token counts (read from the parameters)
+    if (g->armed && !(g->exec && g->graph_n == n && g->graph_gen == g->gen)) KST_TRY(kst_kvgpu_disarm(g, err));
+    if (!g->armed) g->ndirty = 0; // (puts while not armed were copied on the stream)
     memcpy(g->hq, q, g->qh * g->d * sizeof(float));
-    {
-        int prm[KST_KVGPU_PRM] = {(int)nsink, (int)(rlo % g->ring), (int)cnt, 0};
-        memcpy(g->hq + g->qh * g->d, prm, sizeof prm);
-    }
+    prm_write(g, nsink, rlo, cnt, 0);
     g->staged_start = g->staged;
     g->got = 0;
+    if (g->armed) { // the step's work is queued behind the flag: release it
+        flag_release(g);
+        g->narmed++;
+        return KST_OK;
+    }
     if (g->exec && g->graph_n == n && g->graph_gen == g->gen) {
         CU(cudaGraphLaunch(g->exec, g->st), "kv gpu partial attention graph launch");
         CU(cudaEventRecord(g->done, g->st), "kv gpu event");
@@ -579,6 +824,9 @@ static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
     CU(cudaMemcpyAsync(g->q, g->hq, (g->qh * g->d + KST_KVGPU_PRM) * sizeof(float), cudaMemcpyHostToDevice, g->st),
        "kv gpu query upload");
     if (g->timing) CU(cudaEventRecord(g->tev[1], g->st), "kv gpu timing");
+    if (g->arm_ok && g->arm_want) // the slots staged while armed (none staged: it returns)
+        refresh_kernel<<<KST_KVGPU_DMAX, 256, 0, g->st>>>(g->q, (int)g->qh, (int)g->d, (const char *)g->dstage,
+                                                          (char *)g->KV, 2 * g->kvh * g->d * (g->f16 ? 2 : 4));
     {
     size_t P = 32, nb = g->qh * (size_t)g->split + (g->tns ? g->qh * g->tnc : 0);
     while (P < g->tch) P <<= 1;
@@ -635,6 +883,7 @@ extern "C" void kst_kvgpu_split(kst_kvgpu *g, int s, int minb) {
     if (s > KST_KVGPU_SPLIT_MAX) s = KST_KVGPU_SPLIT_MAX;
     minb = minb == 3 ? 3 : 2;
     if (s == g->split && minb == g->minb) return;
+    kst_kvgpu_disarm(g, NULL);
     if (g->st) cudaStreamSynchronize(g->st); // (the last step's kernel done with the scratch)
     g->split = s;
     g->minb = minb;
@@ -754,6 +1003,7 @@ extern "C" int kst_kv_cuda_topk(const float *K, size_t n, size_t d, const float 
     if (k == 0 || k > TOPK_MAX || k > n)
         return kst_fail(err, KST_ERR_INVALID, "kv gpu top-k: k = %zu (expected 1..%d, <= %zu keys)", k,
                         TOPK_MAX, n);
+    if ((rc = kvgpu_release_all(err)) != KST_OK) return rc; // (its allocations and frees)
     const size_t QB = 1024, KC = 65536;
     size_t kc = KC < n ? KC : n;
     float *dK = NULL, *dQ = NULL, *dS = NULL, *rv = NULL;

@@ -44,9 +44,40 @@ int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const void *V, size_
 /* Starts the partial attention of q (q_heads, d) float32 over sink slots [0, nsink) and cnt ring
  * tokens from ring offset rlo on (ring slots rlo, rlo + 1, ... mod ring) (returns at once);
  * kst_kvgpu_partial_wait then writes o (q_heads, d) and lse (q_heads). */
-#define KST_KVGPU_PRM 4 /* the step's parameters, uploaded after the query (ints) */
+/* The step's parameters, uploaded after the query (ints): sink slots, ring offset, ring tokens,
+ * skip (1: the step kernel does nothing; a released armed chain), then the slots staged by
+ * kst_kvgpu_put while armed: their count and up to KST_KVGPU_DMAX slots. */
+#define KST_KVGPU_DMAX 32
+#define KST_KVGPU_PRM (5 + KST_KVGPU_DMAX)
 int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t nsink, size_t rlo, size_t cnt,
                             kst_error *err);
+/* Launch without host cost (round 17): queues the next step's work (the query upload, the
+ * kernels, the downloads, the event) on the handle's stream now, behind a wait
+ * (cuStreamWaitValue32) on a flag word in pinned host memory; the next kst_kvgpu_partial_start
+ * then only writes the query and its parameters into pinned memory and the flag (no CUDA call,
+ * ~1-2 us instead of 12-22), and kst_kvgpu_put meanwhile stages rows in pinned memory that the
+ * step's first kernel copies in (zero-copy; more than KST_KVGPU_DMAX slots, or any other call
+ * that needs the stream, releases the chain first: its kernel skipped, the stream synchronized).
+ * Call it once the last step's partials are in (no-op otherwise, or if already armed, or where
+ * the device takes no stream waits on host memory, or without the step's CUDA graph: after the
+ * first graphed partial_start; the first call only has the next step's graph captured anew with
+ * the staged slots' kernel, which a handle never armed does not run). While armed the stream is
+ * blocked on the flag: a
+ * cudaDeviceSynchronize by the caller would not return; kst_kvgpu_disarm (or any of this
+ * handle's other calls) releases it. *armed: 1 if a chain is queued now. */
+int kst_kvgpu_arm(kst_kvgpu *g, int *armed, kst_error *err);
+/* Releases g's chain if armed; as any release, it releases every armed handle of the process
+ * (all flags written first, then the streams synchronized: a queued wait can hold up other
+ * streams sharing its hardware queue, so releasing one by one could wait forever).
+ * kst_kvgpu_release_all: the same whether g is armed or not. kst_kvgpu_create, _free, the tail
+ * table's reallocation and kst_kv_cuda_topk (whose allocations and frees may wait for the whole
+ * device) call it first. */
+int kst_kvgpu_disarm(kst_kvgpu *g, kst_error *err);
+int kst_kvgpu_release_all(kst_error *err);
+/* 1 where kst_kvgpu_arm can queue a chain (the device takes stream waits on host memory). */
+int kst_kvgpu_can_arm(const kst_kvgpu *g);
+/* Steps launched through an armed chain since creation. */
+size_t kst_kvgpu_armed_steps(const kst_kvgpu *g);
 int kst_kvgpu_partial_wait(kst_kvgpu *g, float *o, float *lse, kst_error *err);
 /* As kst_kvgpu_partial_wait, without the copies: *o (q_heads, d) and *lse (q_heads) point at the
  * partials in pinned host memory, valid until the next kst_kvgpu_partial_start. Safe to call

@@ -360,12 +360,98 @@ static void test_kv_work_api(void **state) {
     free(Qp);
 }
 
+#ifdef KST_CUDA
+/* The GPU partial launched through a chain queued in advance by kst_kvc_work (kst_kvc_set_gpu_arm;
+ * kv_cuda.h, kst_kvgpu_arm): the same decode steps as launched plainly (off), each equal to
+ * float64 full attention (top_k 10, the tail sample the whole index, redrawn as the index grows:
+ * a table upload releases the chain), with appends of one token (staged in
+ * pinned memory, copied in by the step's first kernel), one append of 40 tokens (more than
+ * KST_KVGPU_DMAX: the chain released first) and a kst_kvc_gpu_release midway. Where the device
+ * takes stream waits on host memory, steps must have gone through armed chains (a kst_kvgpu_arm
+ * that queues nothing fails this); the free with a chain queued must return (two layers, layer
+ * 1 used: layer 0's cudaFree would wait for layer 1's queued chain forever, were it not released
+ * first). */
+static void run_arm(int on, float *outs, size_t steps, size_t *armed) {
+    const size_t n0 = 300, sinks = 4, window = 16, B = 8, n = n0 + steps + 40;
+    g_rng = 0x2545f4914f6cdd1dull;
+    float *K = malloc(n * KVH * D * sizeof *K), *V = malloc(n * KVH * D * sizeof *V), *Qp = malloc(n0 * QH * D * sizeof *Qp);
+    fill(K, n * KVH * D, 1);
+    fill(V, n * KVH * D, 1);
+    fill(Qp, n0 * QH * D, 1);
+    kst_kvc_opts o = {2, KVH, QH, D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 1, 100000, 0, 1, B, 0, 0};
+    kst_kvc *c;
+    kst_error err;
+    assert_ok(kst_kvc_create(&o, &c, &err), &err);
+    kst_kvc_set_append_idle(c, 1);
+    kst_kvc_set_gpu_arm(c, on);
+    kst_kvc_prof pf;
+    memset(&pf, 0, sizeof pf);
+    kst_kvc_set_prof(c, &pf);
+    assert_ok(kst_kvc_append(c, 1, K, V, n0, &err), &err);
+    assert_ok(kst_kvc_build(c, 1, Qp, n0, &err), &err);
+    size_t at = n0;
+    for (size_t s = 0; s < steps; s++) {
+        size_t na = s == steps / 3 ? 40 : 1;
+        assert_ok(kst_kvc_append(c, 1, K + at * KVH * D, V + at * KVH * D, na, &err), &err);
+        at += na;
+        float *q = outs + s * 2 * QH * D, *out = q + QH * D;
+        double ref[QH * D];
+        fill(q, QH * D, 0.5);
+        assert_ok(kst_kvc_attend(c, 1, q, 10, 32, out, NULL, &err), &err);
+        ref_attn(ref, q, K, V, at);
+        for (size_t i = 0; i < QH * D; i++)
+            if (!(fabs(out[i] - ref[i]) <= 2e-5 + 1e-4 * fabs(ref[i])))
+                fail_msg("armed launch (%d), step %zu (%zu tokens), element %zu: %.7g, float64 full attention %.7g",
+                         on, s, at, i, out[i], ref[i]);
+        assert_ok(kst_kvc_work(c, NULL, NULL, NULL, &err), &err);
+        if (s == steps / 2) assert_ok(kst_kvc_gpu_release(c, &err), &err);
+    }
+    *armed = pf.gpu_armed;
+    kst_kvc_set_prof(c, NULL);
+    kst_kvc_free(c); /* (with layer 1's chain queued: layer 0 is freed first) */
+    free(K);
+    free(V);
+    free(Qp);
+}
+
+static void test_gpu_arm(void **state) {
+    (void)state;
+    if (kst_kv_cuda_devices() == 0) skip();
+    const size_t steps = 60;
+    kst_kvgpu *g;
+    kst_error err;
+    assert_ok(kst_kvgpu_create(QH, KVH, D, 4, 16, 0, 1.0f, &g, &err), &err);
+    int can = kst_kvgpu_can_arm(g);
+    kst_kvgpu_free(g);
+    float *o0 = malloc(steps * 2 * QH * D * sizeof *o0), *o1 = malloc(steps * 2 * QH * D * sizeof *o1);
+    size_t a0, a1;
+    run_arm(0, o0, steps, &a0);
+    assert_int_equal(a0, 0);
+    run_arm(1, o1, steps, &a1);
+    for (size_t i = 0; i < steps * 2 * QH * D; i++)
+        if (!(fabs(o1[i] - o0[i]) <= 1e-6 + 1e-6 * fabs(o0[i])))
+            fail_msg("armed launch: step %zu, %s element %zu: %.9g, launched plainly %.9g", i / (2 * QH * D),
+                     i % (2 * QH * D) < QH * D ? "query" : "output", i % (QH * D), o1[i], o0[i]);
+    print_message("armed launch: %zu of %zu steps launched through a queued chain (device can arm: %d)\n", a1, steps,
+                  can);
+    /* every step but the first, the one after the release, a few after the table uploads and
+     * the 40-token append: at least half */
+    if (can && a1 < steps / 2) fail_msg("%zu of %zu steps armed", a1, steps);
+    if (!can) assert_int_equal(a1, 0);
+    free(o0);
+    free(o1);
+}
+#endif
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_idle_equals_full_attention),
         cmocka_unit_test(test_idle_slices),
         cmocka_unit_test(test_idle_same_index),
         cmocka_unit_test(test_kv_work_api),
+#ifdef KST_CUDA
+        cmocka_unit_test(test_gpu_arm),
+#endif
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

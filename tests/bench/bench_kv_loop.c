@@ -25,7 +25,9 @@
  * 8, 2 expansions, ef 128, top_k 100, tail 2,048). Per row it also prints kst_kvc_attend's
  * phases (kst_kvc_prof, us a step) and the GPU partial's life (launched, seen in, first needed: us
  * from the call's start; the tail phase as wait + CPU estimate). Round 16 row flags: "+old" (the
- * GPU partial and the links as in round 15), "+early", "+sN", "+b3", "+whole" (see below); KV_LINK_PIECE
+ * GPU partial and the links as in round 15), "+early", "+sN", "+b3", "+whole" (see below); round 17:
+ * "+arm" (or "+arm2", as round 17 measured it: the GPU partial queued in advance by
+ * kst_kvc_work, kst_kvc_set_gpu_arm; in plain rows nothing queues it); KV_LINK_PIECE
  * (8) tokens a link piece; KESTREL_KV_GPU_TIME=1 times the partial's parts by CUDA events. */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -187,6 +189,30 @@ static void gpu_init(int L) {
     CK(cudaStreamSynchronize(st));
 }
 
+/* KV_LOOP_WATCHDOG=s: a thread that, s seconds after the last step ended, prints where the loop
+ * is (row, step, layer, phase) and exits 3 (a stuck GPU wait shows up as such, not as a timeout) */
+static volatile int wd_phase, wd_layer;
+static volatile size_t wd_step;
+static volatile double wd_last;
+static const char *volatile wd_row = "";
+#include <pthread.h>
+#include <unistd.h>
+static void *watchdog(void *arg) {
+    double lim = *(double *)arg;
+    static const char *ph[] = {"setup", "waiting for the query (cudaEventSynchronize)", "append", "attend",
+                               "launching the GEMVs", "kst_kvc_work", "row end"};
+    for (;;) {
+        sleep(1);
+        if (wd_last > 0 && now_s() - wd_last > lim) {
+            fprintf(stderr, KVB_PROG ": watchdog: row %s, step %zu, layer %d stuck in %s for %.0f s\n", wd_row, wd_step,
+                    wd_layer, ph[wd_phase], now_s() - wd_last);
+            fflush(stderr);
+            _exit(3);
+        }
+    }
+    return NULL;
+}
+
 static cudaEvent_t ev;
 static int gpu_busy(void *arg) {
     (void)arg;
@@ -272,6 +298,13 @@ int main(int argc, char **argv) {
     uint16_t kc1[KVH * D], vc1[KVH * D];
     double *ts = malloc(steps * L * sizeof *ts), *tl = malloc(steps * L * sizeof *tl);
     size_t app_i = 0;
+    static double wd_s;
+    wd_s = getenv("KV_LOOP_WATCHDOG") ? atof(getenv("KV_LOOP_WATCHDOG")) : 0;
+    if (wd_s > 0) {
+        pthread_t wt;
+        pthread_create(&wt, NULL, watchdog, &wd_s);
+        pthread_detach(wt);
+    }
     double gemv_s = 1e-6 * (getenv("KV_LOOP_GEMV_US") ? atof(getenv("KV_LOOP_GEMV_US")) : 170);
     for (const char *rp = rows; *rp;) {
         size_t rl = strcspn(rp, ",");
@@ -303,6 +336,9 @@ int main(int argc, char **argv) {
         kst_kvc_set_tail_topsum(c, !nots);
         kst_kvc_set_gpu_early(c, !late);
         kst_kvc_set_gpu_split(c, split, strstr(row + bl, "+b3") ? 3 : 2);
+        /* round 17: "+arm" ("+arm2") the GPU partial queued in advance by kst_kvc_work
+         * (kst_kvc_set_gpu_arm); else launched as before */
+        kst_kvc_set_gpu_arm(c, strstr(row + bl, "+arm") != NULL);
         kst_kvc_set_link_piece(c, whole ? 0 : (getenv("KV_LINK_PIECE") ? (size_t)atol(getenv("KV_LINK_PIECE")) : 8));
         for (int l = 0; l < L; l++) /* each row starts with nothing queued: the last row's batches linked */
             if (kst_kvc_flush(c, (size_t)l, &e)) die("flush", &e);
@@ -317,18 +353,26 @@ int main(int argc, char **argv) {
         size_t k = 0;
         for (size_t s = 0; s < warm + steps; s++)
             for (int l = 0; l < L; l++) {
+                wd_row = row;
+                wd_step = s;
+                wd_layer = l;
+                wd_last = now_s();
+                wd_phase = 1;
                 CK(cudaEventSynchronize(ev)); /* the query of layer l is on the host */
                 double a = now_s();
+                wd_phase = 2;
                 if (!gemv_only) {
                     if (app) {
                         size_t t = (app_i++ * 7919 + 13) % N;
                         for (size_t h = 0; h < KVH; h++) head_row(kc1 + h * D, vc1 + h * D, K0, V0, t, perm[h], sgn[h], D);
                         if (kst_kvc_append(c, (size_t)l, kc1, vc1, 1, &e)) die("append", &e);
                     }
+                    wd_phase = 3;
                     if (kst_kvc_attend(c, (size_t)l, Qd + (s % NT) * QH * D, TOPK, 128, out, NULL, &e)) die("attend", &e);
                     for (size_t i = 0; i < HID; i++) attn_h[i] = (uint16_t)(((union { float f; uint32_t u; }){out[i]}.u) >> 16);
                 }
                 double b = now_s();
+                wd_phase = 4;
                 if (nogpu)
                     while (now_s() < b + gemv_s) {
                     }
@@ -337,6 +381,7 @@ int main(int argc, char **argv) {
                     CK(cudaEventRecord(ev, st));
                 }
                 if (idle) {
+                    wd_phase = 5;
                     double w0 = now_s();
                     if (kst_kvc_work(c, gpu_busy, NULL, NULL, &e)) die("work", &e);
                     if (s >= warm) idle_s += now_s() - w0;
@@ -348,7 +393,9 @@ int main(int argc, char **argv) {
                 }
                 prev = a;
             }
+        wd_phase = 6;
         CK(cudaStreamSynchronize(st));
+        wd_last = 0;
         kst_kvc_set_prof(c, NULL);
         size_t n = k;
         /* tl[0] spans the warm-up's end: dropped */
@@ -375,6 +422,9 @@ int main(int argc, char **argv) {
                        pf.gpu_wanted_steps ? 1e6 * pf.gpu_wanted / pf.gpu_wanted_steps : 0.0, pf.gpu_late,
                        pf.gpu_wanted_steps, pf.tail * u / nt, pf.tail_wait * u / nt, pf.tail_cpu * u / nt,
                        (double)pf.tail_topsum / pf.steps);
+            if (pf.gpu_armed || pf.gpu_arm_idle_s > 0)
+                printf("  (%s: GPU partial launched through a queued chain in %zu of %zu steps; queueing %.1f us a step"
+                       " in kst_kvc_work)\n", row, pf.gpu_armed, pf.gpu_steps, 1e6 * pf.gpu_arm_idle_s / pf.steps);
             if (pf.gpu_timed) /* KESTREL_KV_GPU_TIME=1: CUDA events around the partial's parts */
                 printf("  (%s: GPU partial by CUDA events (no graph), us a step: query up %.1f, kernel %.1f (split %d),"
                        " downloads %.1f)\n", row, 1e6 * pf.gpu_h2d / pf.gpu_timed, 1e6 * pf.gpu_kernel / pf.gpu_timed,
