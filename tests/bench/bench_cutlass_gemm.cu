@@ -154,6 +154,7 @@ static void lt_call(ltp *p, const cublasLtMatmulAlgo_t *algo, bf16 *out, const b
     LK(cublasLtMatmul(lt, p->d, &one, W, p->a, in, p->b, res ? &one : &zero, res ? (const void *)res : out, p->c, out,
                       p->c, algo, ws, WS, st));
 }
+static const void *bias16_of(const float *b); /* the bf16 copy of a float32 bias */
 static ltp lt_make(int M, int K, int OC, cublasLtEpilogue_t e, const float *bias, bf16 *out, const bf16 *in,
                    const bf16 *W, const bf16 *res) {
     ltp p;
@@ -161,26 +162,35 @@ static ltp lt_make(int M, int K, int OC, cublasLtEpilogue_t e, const float *bias
     LK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, K, OC, K));
     LK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, K, M, K));
     LK(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_16BF, OC, M, OC));
-    LK(cublasLtMatmulDescCreate(&p.d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    cudaDataType_t bt = CUDA_R_32F;
-    LK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-    LK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-    LK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e));
-    if (bias) {
-        LK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
-        LK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
-    }
     cublasLtMatmulPreference_t pref;
     LK(cublasLtMatmulPreferenceCreate(&pref));
     size_t wsb = WS;
     LK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb));
     cublasLtMatmulHeuristicResult_t hr[8];
     int found = 0;
-    LK(cublasLtMatmulAlgoGetHeuristic(lt, p.d, p.a, p.b, p.c, p.c, pref, 8, hr, &found));
+    /* float32 bias first, as the encoder (which falls back to bf16 where cuBLASLt has none) */
+    for (int k = 0; k < 2 && !found; k++) {
+        if (p.d) cublasLtMatmulDescDestroy(p.d);
+        LK(cublasLtMatmulDescCreate(&p.d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+        cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+        cudaDataType_t bt = k == 0 ? CUDA_R_32F : CUDA_R_16BF;
+        LK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+        LK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+        LK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e));
+        if (bias) {
+            const void *bp = k == 0 ? (const void *)bias : bias16_of(bias);
+            LK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
+            LK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp));
+        }
+        cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(lt, p.d, p.a, p.b, p.c, p.c, pref, 8, hr, &found);
+        if (s != CUBLAS_STATUS_SUCCESS) found = 0;
+        if (bias) printf("{\"bench\": \"lt_plan\", \"M\": %d, \"K\": %d, \"N\": %d, \"epilogue\": %d, \"bias\": \"%s\", "
+                         "\"status\": %d, \"found\": %d}\n", M, K, OC, (int)e, k ? "bf16" : "float32", (int)s, found);
+        if (!bias) break;
+    }
     cublasLtMatmulPreferenceDestroy(pref);
     if (!found) {
-        fprintf(stderr, "cuBLASLt: no algorithm\n");
+        printf("{\"bench\": \"error\", \"what\": \"cuBLASLt: no algorithm\"}\n");
         exit(1);
     }
     cudaEvent_t e0, e1;
@@ -228,10 +238,12 @@ template <class F> static double time_ms(F f) {
 }
 
 typedef int (*cg_fn)(const cg_args *, void *, size_t, cudaStream_t);
-static cg_fn CG[5][2] = {{cg_run_0_0, cg_run_0_1}, {cg_run_1_0, cg_run_1_1}, {cg_run_2_0, cg_run_2_1},
-                         {cg_run_3_0, cg_run_3_1}, {cg_run_4_0, cg_run_4_1}};
+#define NS 3 /* schedules */
+static cg_fn CG[5][NS] = {{cg_run_0_0, cg_run_0_1, cg_run_0_2}, {cg_run_1_0, cg_run_1_1, cg_run_1_2},
+                          {cg_run_2_0, cg_run_2_1, cg_run_2_2}, {cg_run_3_0, cg_run_3_1, cg_run_3_2},
+                          {cg_run_4_0, cg_run_4_1, cg_run_4_2}};
 static const char *EPIN[5] = {"bias", "norm", "norm_gelu", "res", "res_stats"};
-static const char *SCHN[2] = {"coop256x128", "ping128x128"};
+static const char *SCHN[NS] = {"coop256x128", "ping128x128", "coop128x256"};
 static void cg(int epi, int sch, const cg_args &a) {
     int rc = CG[epi][sch](&a, ws, WS, st);
     if (rc) {
@@ -257,10 +269,22 @@ static void fill(bf16 *p, size_t n, uint32_t seed, float scale, float rowoff, in
     fill_kernel<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(p, n, seed, scale, rowoff, cols);
     CK(cudaGetLastError());
 }
+static std::vector<std::pair<const float *, const void *>> b16reg;
 static float *upload(const std::vector<float> &v) {
     float *p = dalloc_f(v.size());
     CK(cudaMemcpy(p, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+    std::vector<bf16> h(v.size());
+    for (size_t i = 0; i < v.size(); i++) h[i] = __float2bfloat16_rn(v[i]);
+    bf16 *q;
+    CK(cudaMalloc(&q, h.size() * 2));
+    CK(cudaMemcpy(q, h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+    b16reg.push_back({p, q});
     return p;
+}
+static const void *bias16_of(const float *b) {
+    for (auto &e : b16reg)
+        if (e.first == b) return e.second;
+    return NULL;
 }
 static std::vector<float> download_bf(const bf16 *p, size_t n) {
     std::vector<bf16> h(n);
@@ -307,6 +331,7 @@ static void fold_weights(const std::vector<float> &W, const std::vector<float> &
 int main(int argc, char **argv) {
     int M = argc > 1 ? atoi(argv[1]) : 65536;
     if (argc > 2) reps = atoi(argv[2]);
+    setvbuf(stdout, NULL, _IOLBF, 0);
     CK(cudaStreamCreate(&st));
     LK(cublasLtCreate(&lt));
     CK(cudaMalloc(&ws, WS));
@@ -390,7 +415,7 @@ int main(int argc, char **argv) {
     lt_call(&L_fc1, &L_fc1.algo, ref_ff, x, W1, NULL);
     lt_call(&L_fc2, &L_fc2.algo, ref_s2, ref_ff, W2, x);
     CK(cudaGetLastError());
-    for (int sch = 0; sch < 2; sch++) {
+    for (int sch = 0; sch < NS; sch++) {
         cg_args a;
         memset(&a, 0, sizeof a);
         stats_kernel<<<lnb, ROW_WARPS * 32, 0, st>>>(r2, q2, s2, M);
@@ -440,7 +465,7 @@ int main(int argc, char **argv) {
         printf("{\"bench\": \"product\", \"M\": %d, \"shape\": \"%s\", \"lt_plain_ms\": %.4f, \"lt_bias_ms\": %.4f, "
                "\"lt_today_ms\": %.4f, \"lt_plain_tflops\": %.1f",
                M, shp[i].name, tp, tb, tt, tf(flop, tp));
-        for (int sch = 0; sch < 2; sch++) {
+        for (int sch = 0; sch < NS; sch++) {
             cg_args a = {M, shp[i].N, shp[i].K, shp[i].in, shp[i].W, shp[i].out, NULL, NULL, NULL, shp[i].bias,
                          NULL, NULL, NULL, NULL};
             double cb = time_ms([&] { cg(EPI_BIAS, sch, a); });
@@ -479,7 +504,7 @@ int main(int argc, char **argv) {
         ln_kernel<<<lnb, ROW_WARPS * 32, 0, st>>>(x, tmp, g2, be2, M);
     });
     printf("{\"bench\": \"layer\", \"M\": %d, \"path\": \"today (cuBLASLt + LN)\", \"ms\": %.4f}\n", M, today);
-    for (int sch = 0; sch < 2; sch++)
+    for (int sch = 0; sch < NS; sch++)
         for (int epistats = 0; epistats < 2; epistats++) {
             double t = time_ms([&] {
                 cg_args a{M, 3 * C, C, s2, Wqkvf, qkv, NULL, r2, q2, bqkvf, cqkv, NULL, NULL, NULL};

@@ -11,7 +11,7 @@
 #include <cuda_runtime.h>
 
 enum { EPI_BIAS, EPI_NORM, EPI_NORMG, EPI_RES, EPI_RESST };
-enum { SCHED_COOP, SCHED_PING };
+enum { SCHED_COOP, SCHED_PING, SCHED_COOPN };
 
 struct cg_args {
     int M, N, K;
@@ -26,6 +26,7 @@ struct cg_args {
 #define CG_DECL(epi, sched) int cg_run_##epi##_##sched(const cg_args *a, void *ws, size_t ws_bytes, cudaStream_t s)
 CG_DECL(0, 0); CG_DECL(1, 0); CG_DECL(2, 0); CG_DECL(3, 0); CG_DECL(4, 0);
 CG_DECL(0, 1); CG_DECL(1, 1); CG_DECL(2, 1); CG_DECL(3, 1); CG_DECL(4, 1);
+CG_DECL(0, 2); CG_DECL(1, 2); CG_DECL(2, 2); CG_DECL(3, 2); CG_DECL(4, 2);
 
 #ifdef CG_IMPL
 #include <cute/tensor.hpp>
@@ -134,6 +135,13 @@ template <> struct Sched<SCHED_PING> {
     using Cluster = Shape<_1, _2, _1>;
     using K = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
     using E = cutlass::epilogue::TmaWarpSpecialized;
+};
+
+template <> struct Sched<SCHED_COOPN> {
+    using Tile = Shape<_128, _256, _64>;
+    using Cluster = Shape<_2, _1, _1>;
+    using K = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+    using E = cutlass::epilogue::TmaWarpSpecializedCooperative;
 };
 
 template <int EPI, int SCHED> struct Gemm {
