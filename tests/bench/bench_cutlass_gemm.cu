@@ -1,7 +1,7 @@
 /* bench_cutlass_gemm.cu - go/no-go microbenchmark for folding BERT's LayerNorms into the products
  * (issue 6): one BERT-base layer's four products at M tokens, today's path (cuBLASLt with bias /
  * GELU / residual epilogues, the algorithm timed among the heuristic's 8 candidates as the encoder
- * does, plus the LayerNorm kernel) against CUTLASS sm90 kernels (tests/bench/cutlass/gemm.cuh)
+ * does, plus the LayerNorm kernel) against CUTLASS sm90 kernels (encoders/cutlass/gemm.cuh; tests/bench/cutlass/k_*.cu instantiate them)
  * whose epilogues apply the LayerNorm (per-token scales) and rebuild the normalised residual, the
  * row statistics coming from the producing product's epilogue (atomics) or from a stats kernel.
  *
@@ -15,7 +15,13 @@
  *   (r = 1/sqrt(var + eps), q = -mean r per token)
  *
  * Usage: bench_cutlass_gemm M [reps]. Prints one JSON object per line: per-product times, the
- * layer's products + LayerNorm sequences, and the fold's errors against today's path. */
+ * layer's products + LayerNorm sequences, and the fold's errors against today's path. Build
+ * (after `make cutlass`; each kernel file takes a minute or more):
+ *   for f in tests/bench/cutlass/k_*.cu; do nvcc -O3 -std=c++17 -arch=sm_90a -DNDEBUG \
+ *     --expt-relaxed-constexpr -I. -isystem .cutlass/include -c $f -o build/$(basename $f .cu).o; done
+ *   nvcc -O3 -std=c++17 -arch=sm_90a -I. tests/bench/bench_cutlass_gemm.cu build/k_*.o -lcublasLt \
+ *     -o build/bench_cutlass_gemm
+ * Figures and what they decided: tests/bench/README.md, "LayerNorm folded into CUTLASS products". */
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <math.h>
@@ -25,7 +31,7 @@
 #include <string.h>
 #include <vector>
 
-#include "tests/bench/cutlass/gemm.cuh"
+#include "encoders/cutlass/gemm.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -94,9 +100,13 @@ __global__ void ln_kernel(bf16 *x, const bf16 *a, const float *w, const float *b
 #pragma unroll
     for (int j = 0; j < 3; j++) {
         int ch = lane + 32 * j;
-        float o[8];
+        float o[8], wv[8], bv[8];
+        float4 w0 = *reinterpret_cast<const float4 *>(w + ch * 8), w1 = *reinterpret_cast<const float4 *>(w + ch * 8 + 4);
+        float4 b0 = *reinterpret_cast<const float4 *>(b + ch * 8), b1 = *reinterpret_cast<const float4 *>(b + ch * 8 + 4);
+        wv[0] = w0.x, wv[1] = w0.y, wv[2] = w0.z, wv[3] = w0.w, wv[4] = w1.x, wv[5] = w1.y, wv[6] = w1.z, wv[7] = w1.w;
+        bv[0] = b0.x, bv[1] = b0.y, bv[2] = b0.z, bv[3] = b0.w, bv[4] = b1.x, bv[5] = b1.y, bv[6] = b1.z, bv[7] = b1.w;
 #pragma unroll
-        for (int e = 0; e < 8; e++) o[e] = (v[j][e] - mean) * rstd * w[ch * 8 + e] + b[ch * 8 + e];
+        for (int e = 0; e < 8; e++) o[e] = (v[j][e] - mean) * rstd * wv[e] + bv[e];
         store8(x + (size_t)row * C + ch * 8, o);
     }
 }

@@ -1,3 +1,3 @@
 #define CG_IMPL
-#include "gemm.cuh"
+#include "encoders/cutlass/gemm.cuh"
 CG_DEF(3, 2)

@@ -36,7 +36,6 @@ CG_DECL(0, 2); CG_DECL(1, 2); CG_DECL(2, 2); CG_DECL(3, 2); CG_DECL(4, 2);
 #include <cutlass/gemm/collective/collective_builder.hpp>
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/util/packed_stride.hpp>
 
 namespace cg {
 using namespace cute;
@@ -144,6 +143,13 @@ template <> struct Sched<SCHED_COOPN> {
     using E = cutlass::epilogue::TmaWarpSpecializedCooperative;
 };
 
+template <class S> static S packed(int64_t ld, int64_t batch) {
+    S s{};
+    cute::get<0>(s) = ld;
+    cute::get<2>(s) = batch;
+    return s;
+}
+
 template <int EPI, int SCHED> struct Gemm {
     using S = Sched<SCHED>;
     using F = Fusion<EPI, typename S::Tile>;
@@ -168,10 +174,11 @@ template <int EPI, int SCHED> struct Gemm {
         using SB = typename Kernel::StrideB;
         using SC = typename Kernel::StrideC;
         using SD = typename Kernel::StrideD;
-        SA sa = cutlass::make_cute_packed_stride(SA{}, cute::make_shape(a->M, a->K, 1));
-        SB sb = cutlass::make_cute_packed_stride(SB{}, cute::make_shape(a->N, a->K, 1));
-        SC sc = cutlass::make_cute_packed_stride(SC{}, cute::make_shape(a->M, a->N, 1));
-        SD sd = cutlass::make_cute_packed_stride(SD{}, cute::make_shape(a->M, a->N, 1));
+        /* all row-major in their (rows, K or N) shape: (ld, 1, rows * ld) */
+        SA sa = packed<SA>(a->K, (int64_t)a->M * a->K);
+        SB sb = packed<SB>(a->K, (int64_t)a->N * a->K);
+        SC sc = packed<SC>(a->N, (int64_t)a->M * a->N);
+        SD sd = packed<SD>(a->N, (int64_t)a->M * a->N);
         typename Op::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                                     {a->M, a->N, a->K, 1},
                                     {(const bf *)a->A, sa, (const bf *)a->W, sb},
