@@ -82,6 +82,7 @@ help:
 	@echo "make demo       embed and score the bundled sample texts"
 	@echo "make bench      benchmarks (tests/bench), figures beside their anchors"
 	@echo "make CUDA=1     also build the GPU backend"
+	@echo "make cutlass    fetch CUTLASS's headers (then make CUDA=1 builds the LayerNorm-folded products)"
 	@echo "make install    library, kestrel.h, the tool and kestrel.pc under PREFIX ($(PREFIX))"
 
 deps:
