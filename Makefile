@@ -40,7 +40,33 @@ CU_SRC   := $(wildcard core/*.cu encoders/*.cu index/*.cu train/*.cu)
 LIB_OBJ  += $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 CFLAGS   += -DKST_CUDA=1
 LDLIBS   += -L/usr/local/cuda/lib64 -lcudart -lcublas -lcublasLt
+# CUTLASS 4 (headers only) for the LayerNorm-folded products of the GPU encoder (KESTREL_GPU_LNFOLD,
+# encoders/cutlass/): CUTLASS=DIR names an include folder holding cutlass/ and cute/; `make cutlass`
+# fetches CUTLASS 4.2's from PyPI's nvidia-cutlass wheel (sha256 checked) into .cutlass/, which is
+# then used by default. Without it (or for another arch than sm_90a) the encoder keeps cuBLASLt alone.
+CUTLASS  ?= $(wildcard .cutlass/include)
+ifneq ($(CUTLASS),)
+ifeq ($(NVCC_ARCH),sm_90a)
+CG_SRC   := $(wildcard encoders/cutlass/*.cu)
+LIB_OBJ  += $(CG_SRC:%.cu=$(BUILD)/%.cu.o)
+NVCCFLAGS += -DKST_CUTLASS=1
+CGFLAGS  ?= -O3 -std=c++17 -arch=sm_90a -DNDEBUG --expt-relaxed-constexpr -Xcompiler -fPIC -I. -isystem $(CUTLASS)
 endif
+endif
+endif
+
+CUTLASS_WHL    := nvidia_cutlass-4.2.0.0-py3-none-any.whl
+CUTLASS_SHA256 := f9599ada45c7bcb6bf53f7d3f0a7d154183e53451c01bfa59eecd37dd4a693f6
+.PHONY: cutlass
+cutlass:
+	@mkdir -p .cutlass/whl
+	@test -f .cutlass/whl/$(CUTLASS_WHL) || python3 -m pip download -q --no-deps --only-binary=:all: \
+	  -d .cutlass/whl nvidia-cutlass==4.2.0.0
+	echo "$(CUTLASS_SHA256)  .cutlass/whl/$(CUTLASS_WHL)" | sha256sum -c -
+	rm -rf .cutlass/include && mkdir -p .cutlass/tmp && cd .cutlass/tmp && \
+	  python3 -c "import zipfile; zipfile.ZipFile('../whl/$(CUTLASS_WHL)').extractall()" && \
+	  mv cutlass_library/source/include ../include && cd .. && rm -rf tmp
+	@echo "CUTLASS headers in .cutlass/include (make CUDA=1 now builds the LayerNorm-folded products)"
 
 .PHONY: all deps test test-unit test-sanitize demo bench clean help install
 
@@ -56,6 +82,7 @@ help:
 	@echo "make demo       embed and score the bundled sample texts"
 	@echo "make bench      benchmarks (tests/bench), figures beside their anchors"
 	@echo "make CUDA=1     also build the GPU backend"
+	@echo "make cutlass    fetch CUTLASS's headers (then make CUDA=1 builds the LayerNorm-folded products)"
 	@echo "make install    library, kestrel.h, the tool and kestrel.pc under PREFIX ($(PREFIX))"
 
 deps:
@@ -79,6 +106,10 @@ $(BUILD)/%.cpp.o: %.cpp
 $(BUILD)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -I. -MMD -MP -c $< -o $@
+
+$(BUILD)/encoders/cutlass/%.cu.o: encoders/cutlass/%.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(CGFLAGS) -MMD -MP -c $< -o $@
 
 $(BUILD)/libkestrel.a: $(LIB_OBJ)
 	@rm -f $@

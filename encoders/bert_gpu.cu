@@ -6,6 +6,9 @@
 #include "encoders/bert_act.cuh"
 #include "encoders/bert_mma.cuh"
 #include "encoders/bert_wgmma.cuh"
+#ifdef KST_CUTLASS
+#include "encoders/cutlass/gemm.cuh"
+#endif
 
 #include <cublasLt.h>
 #include <cuda_bf16.h>
@@ -122,6 +125,12 @@ __global__ void embed_ln_kernel(bf16 *y, float *yf, const int32_t *ids, const in
                 for (int e = 0; e < 8; e++) v[j][e] += a[e];
             }
         }
+    }
+    if (!lnw) { /* the LayerNorm-folded path: the sum itself, normalised inside the products */
+#pragma unroll
+        for (int j = 0; j < NCH; j++)
+            if (lane + 32 * j < nch) store8(y + (size_t)row * C + (lane + 32 * j) * 8, v[j]);
+        return;
     }
     ln_store<NCH>(v, lane, nch, C, lnw, lnb, eps, y + (size_t)row * C, yf ? yf + (size_t)row * C : NULL);
 }
@@ -618,6 +627,31 @@ __global__ void ln_kernel(bf16 *x, float *xf, const bf16 *a, const bf16 *res, co
     ln_store<NCH>(v, lane, nch, C, lnw, lnb, eps, x + (size_t)row * C, xf ? xf + (size_t)row * C : NULL);
 }
 
+/* The LayerNorm statistics of each row of a: r = 1 / sqrt(var + eps), q = -mean r (the
+ * LayerNorm-folded path applies them in the next products' epilogues). */
+template <int NCH>
+__global__ void stats_kernel(float *r, float *q, const bf16 *a, int BT, int C, float eps) {
+    int row = blockIdx.x * ROW_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= BT) return;
+    int nch = C / 8;
+    float v[NCH][8], s = 0, d = 0;
+#pragma unroll
+    for (int j = 0; j < NCH; j++)
+        if (lane + 32 * j < nch) {
+            load8(a + (size_t)row * C + (lane + 32 * j) * 8, v[j]);
+#pragma unroll
+            for (int e = 0; e < 8; e++) s += v[j][e];
+        }
+    float mean = warp_sum(s) / C;
+#pragma unroll
+    for (int j = 0; j < NCH; j++)
+        if (lane + 32 * j < nch)
+#pragma unroll
+            for (int e = 0; e < 8; e++) d += (v[j][e] - mean) * (v[j][e] - mean);
+    float rs = rsqrtf(warp_sum(d) / C + eps);
+    if (lane == 0) r[row] = rs, q[row] = -mean * rs;
+}
+
 /* h = act(h), in place (the bias came from the product's epilogue) */
 __global__ void act_kernel(bf16 *h, size_t n8, int act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -698,6 +732,11 @@ struct kst_bert_gpu {
     int bias16_first; /* 1: epilogue biases in bf16 where cuBLASLt has an algorithm, else float32 */
     int att_wg;       /* 1: attention_wg_kernel for 64-dim heads (sm_90a build, sm_90 GPU); 0: attention2_kernel;
                        * 5: attention_wg128_kernel (key tiles of 128, KESTREL_GPU_ATT=5) */
+    /* the LayerNorm-folded path (KESTREL_GPU_LNFOLD, CUTLASS builds; layer_lnfold): the stream x holds
+     * the LayerNorms' inputs s, rs their rows' statistics, fold the per-feature vectors */
+    int lnfold;
+    float *fold; /* per layer: cqkv (3C), bqkv' (3C), bo' (C), c1 (FF), b1' (FF), b2' (C) */
+    float *rs;   /* (4, cap_tokens): r and q of x, then of tmp */
     /* KESTREL_GPU_PROFILE=1: events between the steps of every layer, summed per step */
     int prof;
     cudaEvent_t *pev;   /* (L, KST_PROF_STEPS + 1) */
@@ -732,6 +771,8 @@ extern "C" void kst_bert_gpu_free(kst_bert_gpu *g) {
     cudaFree(g->dids);
     cudaFree(g->dtypes);
     cudaFree(g->dvalid);
+    cudaFree(g->fold);
+    cudaFree(g->rs);
     cudaFreeHost(g->h_in);
     for (int i = 0; i < g->nplans; i++) lt_plan_free(&g->plans[i]);
     if (g->copy) cudaStreamSynchronize(g->copy);
@@ -801,6 +842,77 @@ done:
     return rc;
 }
 
+/* ---- the LayerNorm-folded path (KESTREL_GPU_LNFOLD=1 in a CUTLASS build; see layer_lnfold) ---- */
+
+#ifndef KST_LNFOLD_DEFAULT
+#define KST_LNFOLD_DEFAULT 0
+#endif
+
+/* Whether create takes the LayerNorm-folded path: a CUTLASS build, the knob (default
+ * KST_LNFOLD_DEFAULT), an sm_90 GPU, the fused path with the tanh GELU in the epilogue (the
+ * fold's GELU is that one) and the residual in the epilogues. */
+static int lnfold_wanted(const kst_bert_config *c) {
+#ifdef KST_CUTLASS
+    const char *f = getenv("KESTREL_GPU_LNFOLD"), *fu = getenv("KESTREL_GPU_FUSED");
+    const char *x = getenv("KESTREL_GPU_EXACT_GELU"), *r = getenv("KESTREL_GPU_RES_IN_LN");
+    int want = f ? strcmp(f, "1") == 0 : KST_LNFOLD_DEFAULT;
+    if (!want || (fu && strcmp(fu, "0") == 0) || (x && strcmp(x, "1") == 0) || (r && strcmp(r, "1") == 0)) return 0;
+    if (c->L == 0 || (c->act != KST_ACT_GELU && c->act != KST_ACT_GELU_TANH)) return 0;
+    int dev = 0;
+    cudaDeviceProp prop;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return prop.major == 9 && prop.minor == 0;
+#else
+    (void)c;
+    return 0;
+#endif
+}
+
+/* A product's weights W (OC, K) taking LN(s) = (s - mean) r g + be as input, refolded to take s:
+ * Wf = W diag(g) (float32, rounded to bf16 at the upload), cs[o] = sum_k bf16(Wf[o, k]) and
+ * bf[o] = b[o] + sum_k be[k] W[o, k], so that LN(s) W^T + b = r (s Wf^T) + (-mean r) cs + bf. */
+static void fold_rows(const float *W, size_t OC, size_t K, const float *g, const float *be, const float *b, float *Wf,
+                      float *cs, float *bf) {
+    for (size_t o = 0; o < OC; o++) {
+        double c = 0, bb = b[o];
+        for (size_t k = 0; k < K; k++) {
+            float w = W[o * K + k] * g[k];
+            Wf[o * K + k] = w;
+            c += __bfloat162float(__float2bfloat16_rn(w));
+            bb += (double)be[k] * W[o * K + k];
+        }
+        cs[o] = (float)c, bf[o] = (float)bb;
+    }
+}
+
+/* The host side of the fold: QKV weights of layer l refolded with the LayerNorm before it (the
+ * embeddings' for l = 0, else layer l-1's second), FC1's with the layer's first; per layer the
+ * vectors cqkv, bqkv', bo' = bo + be_prev, c1, b1', b2' = b2 + be1 (the residual LN(s) + bias is
+ * rebuilt in the epilogues as (s r + q) g + be). */
+#define LNFOLD_V(C, FF) (8 * (C) + 2 * (FF))
+static int lnfold_prepare(const kst_bert *m, float **wq, float **wf, float **vec, kst_error *err) {
+    const kst_bert_config *c = &m->cfg;
+    const kst_bert_params *p = &m->params;
+    size_t C = c->C, FF = c->FF, L = c->L, V = LNFOLD_V(C, FF);
+    *wq = (float *)kst_malloc(L * 3 * C * C, sizeof(float), "folded QKV weights", err);
+    *wf = (float *)kst_malloc(L * FF * C, sizeof(float), "folded FC1 weights", err);
+    *vec = (float *)kst_malloc(L * V, sizeof(float), "folded LayerNorm vectors", err);
+    if (!*wq || !*wf || !*vec) return KST_ERR_NOMEM;
+    for (size_t l = 0; l < L; l++) {
+        const float *gp = l ? p->ln2w + (l - 1) * C : p->emblnw, *bp = l ? p->ln2b + (l - 1) * C : p->emblnb;
+        float *v = *vec + l * V;
+        fold_rows(p->qkvw + l * 3 * C * C, 3 * C, C, gp, bp, p->qkvb + l * 3 * C, *wq + l * 3 * C * C, v, v + 3 * C);
+        for (size_t i = 0; i < C; i++) v[6 * C + i] = p->attprojb[l * C + i] + bp[i];
+        fold_rows(p->fcw + l * FF * C, FF, C, p->ln1w + l * C, p->ln1b + l * C, p->fcb + l * FF, *wf + l * FF * C,
+                  v + 7 * C, v + 7 * C + FF);
+        for (size_t i = 0; i < C; i++) v[7 * C + 2 * FF + i] = p->fcprojb[l * C + i] + p->ln1b[l * C + i];
+    }
+    return KST_OK;
+}
+
 extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_error *err) {
     *out = NULL;
     int rc = kst_gpu_check(err);
@@ -818,8 +930,10 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
     g->cfg = *c;
     g->mu = new std::mutex();
     const kst_bert_params *p = &m->params;
-    float *stage = NULL;
+    float *stage = NULL, *fwq = NULL, *fwf = NULL, *fvec = NULL; /* the fold's host side */
+    g->lnfold = lnfold_wanted(c);
     CU_TRY(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking), "creating a stream");
+    if (g->lnfold) KST_TRY(lnfold_prepare(m, &fwq, &fwf, &fvec, err));
     CUBLAS_TRY(cublasCreate(&g->blas), "creating the cuBLAS handle");
     for (int i = 0; i < 2; i++)
         CU_TRY(cudaEventCreateWithFlags(&g->done_ev[i], cudaEventDisableTiming), "creating an event");
@@ -851,8 +965,8 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         }
         /* bf16 matrices, converted on the device through a float32 staging buffer */
         struct { const float *src; size_t n; bf16 **dst; } bl[] = {
-            {p->qkvw, L * 3 * C * C, &g->qkvw}, {p->attprojw, L * C * C, &g->attprojw},
-            {p->fcw, L * FF * C, &g->fcw},      {p->fcprojw, L * C * FF, &g->fcprojw},
+            {fwq ? fwq : p->qkvw, L * 3 * C * C, &g->qkvw}, {p->attprojw, L * C * C, &g->attprojw},
+            {fwf ? fwf : p->fcw, L * FF * C, &g->fcw},      {p->fcprojw, L * C * FF, &g->fcprojw},
             {p->qkvb, L * 3 * C, &g->qkvb16},   {p->attprojb, L * C, &g->attprojb16},
             {p->fcb, L * FF, &g->fcb16},        {p->fcprojb, L * C, &g->fcprojb16}};
         const int nbl = (int)(sizeof bl / sizeof bl[0]);
@@ -874,6 +988,13 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
             bat += (bl[i].n + 7) & ~(size_t)7;
         }
         g->wbytes = total * 4 + btotal * 2;
+        if (fvec) {
+            size_t nb = L * LNFOLD_V(C, FF) * sizeof(float);
+            KST_TRY(kst_gpu_alloc((void **)&g->fold, nb, "the folded LayerNorm vectors", err));
+            CU_TRY(cudaMemcpyAsync(g->fold, fvec, nb, cudaMemcpyHostToDevice, g->stream), "uploading weights");
+            CU_TRY(cudaStreamSynchronize(g->stream), "uploading weights");
+            g->wbytes += nb;
+        }
         g->peak = g->wbytes;
     }
     KST_TRY(set_att_smem_all(err));
@@ -936,10 +1057,16 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         g->peak = g->wbytes;
     }
     cudaFree(stage);
+    kst_free(fwq);
+    kst_free(fwf);
+    kst_free(fvec);
     *out = g;
     return KST_OK;
 done:
     cudaFree(stage);
+    kst_free(fwq);
+    kst_free(fwf);
+    kst_free(fvec);
     kst_bert_gpu_free(g);
     return rc;
 }
@@ -962,15 +1089,18 @@ static int reserve(kst_bert_gpu *g, size_t B, size_t BT, kst_error *err) {
         cudaFree(g->hid);
         cudaFree(g->dids);
         cudaFree(g->dtypes);
+        cudaFree(g->rs);
         g->hid = NULL;
+        g->rs = NULL;
         g->dids = g->dtypes = NULL;
         g->cap_tokens = 0;
         for (int i = 0; i < 5; i++) KST_TRY(kst_gpu_alloc((void **)bs[i], BT * widths[i] * 2, "encoder activations", err));
         KST_TRY(kst_gpu_alloc((void **)&g->hid, BT * C * 4, "encoder hidden states", err));
         KST_TRY(kst_gpu_alloc((void **)&g->dids, BT * 4, "token ids", err));
         KST_TRY(kst_gpu_alloc((void **)&g->dtypes, BT * 4, "token types", err));
+        if (g->lnfold) KST_TRY(kst_gpu_alloc((void **)&g->rs, 4 * BT * 4, "LayerNorm statistics", err));
         g->cap_tokens = BT;
-        g->act_bytes = BT * (C * 2 * 6 + FF * 2 + C * 4 + 8);
+        g->act_bytes = BT * (C * 2 * 6 + FF * 2 + C * 4 + 8 + (g->lnfold ? 16 : 0));
     }
     if (B > g->cap_batch) {
         cudaFree(g->dvalid);
@@ -1016,7 +1146,12 @@ static void launch_embed(kst_bert_gpu *g, int BT, int T) {
     const kst_bert_config *c = &g->cfg;
     embed_ln_kernel<NCH><<<(BT + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, g->stream>>>(
         g->x, c->L == 0 ? g->hid : NULL, g->dids, g->wtt ? g->dtypes : NULL, g->wte, g->wpe, g->wtt,
-        g->emblnw, g->emblnb, BT, T, (int)c->C, c->eps);
+        g->lnfold ? NULL : g->emblnw, g->emblnb, BT, T, (int)c->C, c->eps);
+}
+template <int NCH>
+static void launch_stats(kst_bert_gpu *g, float *r, float *q, const bf16 *a, int BT) {
+    stats_kernel<NCH><<<(BT + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, g->stream>>>(r, q, a, BT, (int)g->cfg.C,
+                                                                                       g->cfg.eps);
 }
 template <int NCH>
 static void launch_brln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *bias, const float *w,
@@ -1036,6 +1171,9 @@ static void launch_brln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *
     } while (0)
 
 static void embed(kst_bert_gpu *g, int BT, int T) { BY_ROW_CHUNKS(g, launch_embed, g, BT, T); }
+static void stats(kst_bert_gpu *g, float *r, float *q, const bf16 *a, int BT) {
+    BY_ROW_CHUNKS(g, launch_stats, g, r, q, a, BT);
+}
 static void brln(kst_bert_gpu *g, float *xf, const bf16 *a, const float *bias, const float *w, const float *b, int BT) {
     BY_ROW_CHUNKS(g, launch_brln, g, xf, a, bias, w, b, BT);
 }
@@ -1339,6 +1477,72 @@ done:
     return rc;
 }
 
+/* One layer on the LayerNorm-folded path (post-LN BERT; the stream x holds s, the input of the
+ * LayerNorm before this layer, rs[0..1] its rows' statistics r and q = -mean r):
+ *   qkv = r (s Wqkv'^T) + q cqkv + bqkv'                       (Wqkv' = Wqkv diag(g_prev))
+ *   tmp = s1 = atty Wo^T + (s r + q) g_prev + bo'              (bo' = bo + be_prev: + LN_prev(s))
+ *   r1, q1 = stats(s1)
+ *   ff = gelu(r1 (s1 W1'^T) + q1 c1 + b1')                     (W1' = W1 diag(g1))
+ *   x = s2 = ff W2^T + (s1 r1 + q1) g1 + b2'                   (b2' = b2 + be1)
+ *   rs[0..1] = stats(s2); the last layer writes x = LN2(s2) (and hid) instead.
+ * The four products are CUTLASS sm90 kernels whose epilogues apply the per-token r, q
+ * (encoders/cutlass/gemm.cuh; ping-pong 128x128 tiles, FC2 cooperative 256x128: the faster of the
+ * two for each in tests/bench/bench_cutlass_gemm.cu); the LayerNorms' own passes are gone, each replaced by a
+ * statistics pass that reads s once. */
+static int layer_lnfold(kst_bert_gpu *g, size_t l, int B, int T, int last, kst_error *err) {
+    int rc = KST_OK;
+#ifdef KST_CUTLASS
+    const kst_bert_config *c = &g->cfg;
+    const int C = (int)c->C, FF = (int)c->FF, BT = B * T;
+    const float *v = g->fold + l * LNFOLD_V(c->C, c->FF);
+    const float *gp = l ? g->ln2w + (l - 1) * C : g->emblnw;
+    float *r0 = g->rs, *q0 = g->rs + g->cap_tokens, *r1 = g->rs + 2 * g->cap_tokens, *q1 = g->rs + 3 * g->cap_tokens;
+    cg_args a;
+    int st;
+    PROF(0);
+    a = cg_args{BT, 3 * C, C, g->x, g->qkvw + l * 3 * C * C, g->qkv, NULL, r0, q0, v + 3 * C, v, NULL, NULL, NULL};
+    if ((st = cg_run_1_1(&a, g->lt_ws, g->lt_ws_bytes, g->stream)) != 0) goto refused;
+    PROF(1);
+    attention2(g, B, T);
+    CU_LAUNCHED("attention kernel");
+    PROF(2);
+    a = cg_args{BT, C, C, g->atty, g->attprojw + l * C * C, g->tmp, g->x, r0, q0, v + 6 * C, NULL, gp, NULL, NULL};
+    if ((st = cg_run_3_1(&a, g->lt_ws, g->lt_ws_bytes, g->stream)) != 0) goto refused;
+    PROF(3);
+    stats(g, r1, q1, g->tmp, BT);
+    CU_LAUNCHED("LayerNorm statistics kernel");
+    PROF(4);
+    a = cg_args{BT, FF, C, g->tmp, g->fcw + l * FF * C, g->ff, NULL, r1, q1, v + 7 * C + FF, v + 7 * C, NULL, NULL, NULL};
+    if ((st = cg_run_2_1(&a, g->lt_ws, g->lt_ws_bytes, g->stream)) != 0) goto refused;
+    PROF(5);
+    a = cg_args{BT, C, FF, g->ff, g->fcprojw + l * C * FF, g->x, g->tmp, r1, q1, v + 7 * C + 2 * FF, NULL,
+                g->ln1w + l * C, NULL, NULL};
+    if ((st = cg_run_3_0(&a, g->lt_ws, g->lt_ws_bytes, g->stream)) != 0) goto refused;
+    PROF(6);
+    if (last) {
+        KST_TRY(hid_wait(g, err));
+        ln(g, g->hid, g->x, NULL, g->ln2w + l * C, g->ln2b + l * C, BT);
+        CU_LAUNCHED("LayerNorm kernel");
+    } else {
+        stats(g, r0, q0, g->x, BT);
+        CU_LAUNCHED("LayerNorm statistics kernel");
+    }
+    PROF(7);
+    return KST_OK;
+refused:
+    return kst_fail(err, KST_ERR_INTERNAL,
+                    "GPU encoder: CUTLASS refused a LayerNorm-folded product of layer %zu (status %d); "
+                    "set KESTREL_GPU_LNFOLD=0 to use cuBLASLt",
+                    l, st);
+#else
+    (void)g, (void)l, (void)B, (void)T, (void)last;
+    rc = kst_fail(err, KST_ERR_INTERNAL, "GPU encoder: built without CUTLASS");
+    goto done;
+#endif
+done:
+    return rc;
+}
+
 /* Queues one forward; with `async` it returns once the forward before it has finished (its
  * `out` filled), else once this one has (out != NULL) or is queued (out == NULL). */
 static int forward_queue(kst_bert_gpu *g, float *out, const int32_t *ids, const int32_t *type_ids, const int *valid,
@@ -1378,8 +1582,16 @@ static int forward_queue(kst_bert_gpu *g, float *out, const int32_t *ids, const 
     if (c->L == 0) KST_TRY(hid_wait(g, err));
     embed(g, (int)BT, (int)T);
     CU_LAUNCHED("embedding + LayerNorm kernel");
+    if (g->lnfold) {
+        stats(g, g->rs, g->rs + g->cap_tokens, g->x, (int)BT);
+        CU_LAUNCHED("LayerNorm statistics kernel");
+    }
     for (size_t l = 0; l < c->L; l++) {
         int last = l + 1 == c->L;
+        if (g->lnfold) {
+            KST_TRY(layer_lnfold(g, l, (int)B, (int)T, last, err));
+            continue;
+        }
         if (g->fused) {
             int ok = 0;
             KST_TRY(layer_fused(g, l, (int)B, (int)T, last, &ok, err));
@@ -1496,6 +1708,15 @@ done:
 
 extern "C" const float *kst_bert_gpu_hidden(const kst_bert_gpu *g) { return g->hid; }
 extern "C" size_t kst_bert_gpu_peak_bytes(const kst_bert_gpu *g) { return g->peak; }
+
+extern "C" int kst_bert_gpu_lnfold(const kst_bert_gpu *g) {
+#ifdef KST_CUTLASS
+    return g->lnfold;
+#else
+    (void)g;
+    return -1;
+#endif
+}
 
 extern "C" int kst_bert_gpu_profile(kst_bert_gpu *g, double *ms) {
     if (!g->prof || !g->prof_n) return 0;

@@ -60,6 +60,9 @@ size_t kst_bert_gpu_peak_bytes(const kst_bert_gpu *g);
  * benchmarks. */
 #define KST_PROF_STEPS 7
 int kst_bert_gpu_profile(kst_bert_gpu *g, double *ms);
+/* 1 when g runs the LayerNorm-folded products (KESTREL_GPU_LNFOLD=1, a build with CUTLASS, an sm_90
+ * GPU), 0 when it does not, -1 when this build has no CUTLASS. For tests and benchmarks. */
+int kst_bert_gpu_lnfold(const kst_bert_gpu *g);
 
 /* What the fused path's GELU epilogue (cuBLASLt GELU_BIAS) computes: y[i] = GELU(x[i] + 0) for
  * n bf16-exact inputs x (host), y float32 (host), through a bf16 product with float32 output.

@@ -425,7 +425,8 @@ static void test_forward_vs_cpu(void **s) {
  * edges. Random weights (uniform in [-0.1, 0.1], LayerNorm weights 1 +- 0.1), GPU forward against
  * the float32 CPU forward, with the residual added in the products' epilogues (the default) and in
  * the LayerNorm kernel (KESTREL_GPU_RES_IN_LN=1). */
-static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln, const char *att) {
+static void wide_heads_case_ln(size_t C, size_t NH, const char *res_in_ln, const char *att, const char *lnfold,
+                               float lnspread) {
     enum { B = 5, T = 300 };
     kst_bert_config c;
     memset(&c, 0, sizeof c);
@@ -439,7 +440,11 @@ static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln, const ch
     float *lnw[] = {m.params.emblnw, m.params.ln1w, m.params.ln2w};
     size_t lnn[] = {C, c.L * C, c.L * C};
     for (int j = 0; j < 3; j++)
-        for (size_t i = 0; i < lnn[j]; i++) lnw[j][i] = 1.0f + 0.1f * frand();
+        for (size_t i = 0; i < lnn[j]; i++) lnw[j][i] = 1.0f + lnspread * frand();
+    float *lnb[] = {m.params.emblnb, m.params.ln1b, m.params.ln2b};
+    if (lnspread > 0.1f) /* LayerNorm biases of the same spread (else the weights' 0.1) */
+        for (int j = 0; j < 3; j++)
+            for (size_t i = 0; i < lnn[j]; i++) lnb[j][i] = lnspread * frand();
     int valid[B] = {T, 1, 65, 129, 200};
     int32_t *ids = malloc(B * T * sizeof(int32_t));
     for (size_t i = 0; i < B * T; i++) ids[i] = (int32_t)((i * 7919) % c.V);
@@ -448,21 +453,30 @@ static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln, const ch
     assert_ok(kst_bert_forward(&m, &acts, cpu, ids, NULL, valid, B, T, &err), &err);
     kst_bert_acts_free(&acts);
     /* the knobs are read at create; whatever the caller set is restored after (NULL: left as it is) */
-    const char *knob[2] = {"KESTREL_GPU_RES_IN_LN", "KESTREL_GPU_ATT"};
-    const char *val[2] = {res_in_ln, att};
-    char *was[2];
-    for (int k = 0; k < 2; k++) {
+    const char *knob[3] = {"KESTREL_GPU_RES_IN_LN", "KESTREL_GPU_ATT", "KESTREL_GPU_LNFOLD"};
+    const char *val[3] = {res_in_ln, att, lnfold};
+    char *was[3];
+    for (int k = 0; k < 3; k++) {
         was[k] = getenv(knob[k]) ? strdup(getenv(knob[k])) : NULL;
         if (val[k]) setenv(knob[k], val[k], 1);
     }
     kst_bert_gpu *g = NULL;
     int rc = kst_bert_gpu_create(&m, &g, &err);
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 3; k++) {
         if (was[k]) setenv(knob[k], was[k], 1);
         else unsetenv(knob[k]);
         free(was[k]);
     }
     assert_ok(rc, &err);
+    int folded = kst_bert_gpu_lnfold(g);
+    if (lnfold && strcmp(lnfold, "1") == 0 && folded != 1) {
+        printf("  C=%zu: LayerNorm-folded products not run (%s)\n", C,
+               folded < 0 ? "this build has no CUTLASS" : "not an sm_90 GPU");
+        kst_bert_gpu_free(g);
+        free(ids), free(cpu), free(gpu);
+        kst_bert_free(&m);
+        return;
+    }
     assert_ok(kst_bert_gpu_forward(g, gpu, ids, NULL, valid, B, T, &err), &err);
     double worst = 1;
     size_t wb = 0, wt = 0;
@@ -471,13 +485,18 @@ static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln, const ch
             double cs = cosine_f32(gpu + (b * T + t) * C, cpu + (b * T + t) * C, C);
             if (!(cs >= worst)) worst = cs, wb = b, wt = t;
         }
-    printf("  C=%zu, %zu heads of %zu, T=%d, residual in LN %s, attention %s: GPU vs CPU min row cosine %.6f "
-           "(sequence %zu of length %d, token %zu)\n",
-           C, NH, C / NH, T, res_in_ln, att ? att : "default", worst, wb, valid[wb], wt);
+    printf("  C=%zu, %zu heads of %zu, T=%d, residual in LN %s, attention %s, LayerNorm %s (weights 1 +- %.1f): "
+           "GPU vs CPU min row cosine %.6f (sequence %zu of length %d, token %zu)\n",
+           C, NH, C / NH, T, res_in_ln, att ? att : "default", folded == 1 ? "folded" : "kernel", lnspread, worst, wb,
+           valid[wb], wt);
     if (!(worst >= 0.999)) fail_msg("head size %zu: GPU forward differs from the CPU's (cosine %.6f)", C / NH, worst);
     kst_bert_gpu_free(g);
     free(ids), free(cpu), free(gpu);
     kst_bert_free(&m);
+}
+
+static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln, const char *att) {
+    wide_heads_case_ln(C, NH, res_in_ln, att, NULL, 0.1f);
 }
 
 static void test_forward_wide_heads(void **s) {
@@ -489,6 +508,11 @@ static void test_forward_wide_heads(void **s) {
     /* the wgmma kernel with key tiles of 128 (64-dim heads, KESTREL_GPU_ATT=5): 3, 1, 1, 2 and 2
      * key tiles a sequence, the two K/V slots reused once */
     wide_heads_case(128, 2, "0", "5");
+    /* the LayerNorms folded into CUTLASS products (KESTREL_GPU_LNFOLD=1; skipped without CUTLASS or
+     * an sm_90 GPU), LayerNorm weights 1 +- 0.5 and biases +- 0.5, so that a fold that dropped
+     * either (or the normalisation) would move the outputs well off the CPU's */
+    wide_heads_case_ln(128, 2, "0", NULL, "1", 0.5f);
+    wide_heads_case_ln(64, 2, "0", NULL, "1", 0.5f);
 }
 
 /* The same texts through the CPU and the GPU model, one at a time and batched. */

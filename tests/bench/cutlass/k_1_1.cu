@@ -1,0 +1,3 @@
+#define CG_IMPL
+#include "encoders/cutlass/gemm.cuh"
+CG_DEF(1, 1)
