@@ -55,6 +55,8 @@ endif
 endif
 endif
 
+# (`make` alone builds `all`: the rule below comes first in the file)
+.DEFAULT_GOAL := all
 CUTLASS_WHL    := nvidia_cutlass-4.2.0.0-py3-none-any.whl
 CUTLASS_SHA256 := f9599ada45c7bcb6bf53f7d3f0a7d154183e53451c01bfa59eecd37dd4a693f6
 .PHONY: cutlass
