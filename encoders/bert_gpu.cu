@@ -15,6 +15,7 @@
 #include <math.h>
 #include <mutex>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -731,7 +732,11 @@ struct kst_bert_gpu {
     int res_in_ln;  /* 1: the residual is added in the LayerNorm kernel, not the product's epilogue */
     int bias16_first; /* 1: epilogue biases in bf16 where cuBLASLt has an algorithm, else float32 */
     int att_wg;       /* 1: attention_wg_kernel for 64-dim heads (sm_90a build, sm_90 GPU); 0: attention2_kernel;
-                       * 5: attention_wg128_kernel (key tiles of 128, KESTREL_GPU_ATT=5) */
+                       * 5: attention_wg128_kernel (key tiles of 128, KESTREL_GPU_ATT=5); 6: the same with
+                       * ping-pong (KESTREL_GPU_ATT=6); 7: attention_ws_kernel (warp-specialized,
+                       * persistent, bulk tensor copies; the default), 8: the same with ping-pong */
+    int att_blocks;   /* KESTREL_GPU_ATT_BLOCKS=n: at most n blocks for attention_ws_kernel (a test knob: several
+                       * work items a block); 0: one a multiprocessor */
     /* the LayerNorm-folded path (KESTREL_GPU_LNFOLD, CUTLASS builds; layer_lnfold): the stream x holds
      * the LayerNorms' inputs s, rs their rows' statistics, fold the per-feature vectors */
     int lnfold;
@@ -818,10 +823,17 @@ static int set_att2_smem(kst_error *err) {
     return set_smem(attention2_kernel<HSP, NW>, att2_smem<HSP, NW>::bytes, err);
 }
 
+/* the attention kernel without KESTREL_GPU_ATT (where the driver makes tensor maps):
+ * attention_ws_kernel<0> (KESTREL_GPU_ATT=7) */
+#define WS_DEFAULT_FORM 7
+
 static int set_att_smem_all(kst_error *err) {
     int rc = KST_OK;
     KST_TRY(set_smem(attention_wg_kernel, WG_SMEM_BYTES, err));
-    KST_TRY(set_smem(attention_wg128_kernel, WG128_SMEM_BYTES, err));
+    KST_TRY(set_smem(attention_wg128_kernel<0>, WG128_SMEM_BYTES, err));
+    KST_TRY(set_smem(attention_wg128_kernel<1>, WG128_SMEM_BYTES, err));
+    KST_TRY(set_smem(attention_ws_kernel<0>, WS_SMEM_BYTES, err));
+    KST_TRY(set_smem(attention_ws_kernel<1>, WS_SMEM_BYTES, err));
     KST_TRY((set_att2_smem<16, 4>(err)));
     KST_TRY((set_att2_smem<32, 4>(err)));
     KST_TRY((set_att2_smem<64, 4>(err)));
@@ -1020,10 +1032,12 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         g->prof = pr && strcmp(pr, "1") == 0 && c->L > 0;
     }
     if (g->fused && hs == 64) {
-        /* the wgmma attention kernel: heads of 64 dims on an sm_90 GPU, where this build holds it
-         * (KESTREL_GPU_ATT=2: attention2_kernel, a knob to compare; KESTREL_GPU_ATT=5: the wgmma
-         * kernel with key tiles of 128, 3-5% faster attention on an H100, end to end within noise,
-         * see tests/bench/README.md) */
+        /* the wgmma attention kernels: heads of 64 dims on an sm_90 GPU, where this build holds them.
+         * Default: attention_ws_kernel form WS_DEFAULT_FORM (warp-specialized; 13% faster attention
+         * than attention_wg_kernel on an H100 at T=256, 7% at T=128, up to 2% more docs/s, see
+         * tests/bench/README.md), attention_wg_kernel where the driver makes no tensor maps.
+         * KESTREL_GPU_ATT=1: attention_wg_kernel; 2: attention2_kernel (mma.sync); 5: the wgmma
+         * kernel with key tiles of 128; 6: with ping-pong; 7: attention_ws_kernel; 8: with ping-pong */
         const char *a = getenv("KESTREL_GPU_ATT");
         int dev = 0, want = !(a && strcmp(a, "2") == 0);
         cudaDeviceProp prop;
@@ -1034,8 +1048,15 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
             wgmma_probe_kernel<<<1, 1, 0, g->stream>>>(flag);
             if (cudaGetLastError() == cudaSuccess &&
                 cudaMemcpyAsync(&hf, flag, sizeof hf, cudaMemcpyDeviceToHost, g->stream) == cudaSuccess &&
-                cudaStreamSynchronize(g->stream) == cudaSuccess && hf == 1)
-                g->att_wg = a && strcmp(a, "5") == 0 ? 5 : 1; /* KESTREL_GPU_ATT=5: key tiles of 128 */
+                cudaStreamSynchronize(g->stream) == cudaSuccess && hf == 1) {
+                int v = a ? atoi(a) : WS_DEFAULT_FORM;
+                const char *nb = getenv("KESTREL_GPU_ATT_BLOCKS");
+                g->att_wg = v == 5 || v == 6 || ((v == 7 || v == 8) && ws_encoder()) ? v : 1;
+                if (a && (v == 7 || v == 8) && g->att_wg == 1)
+                    fprintf(stderr, "kestrel: KESTREL_GPU_ATT=%d needs the driver's cuTensorMapEncodeTiled, which it "
+                                    "lacks: the default attention kernel instead\n", v);
+                g->att_blocks = nb && atoi(nb) > 0 ? atoi(nb) : 0;
+            }
             cudaGetLastError();
             cudaFree(flag);
         }
@@ -1395,11 +1416,34 @@ static void attention2_nw(kst_bert_gpu *g, int B, int T) {
     else launch_att2<128, NW>(g, B, T);
 }
 static void attention2(kst_bert_gpu *g, int B, int T) {
-    if (g->att_wg == 5) {
+    if (g->att_wg >= 7) {
+        /* one block a multiprocessor, at most one a work item (128 query rows of a head) */
+        const kst_bert_config *c = &g->cfg;
+        CUtensorMap map;
+        int dev = 0, nsm = 0;
+        if (ws_tensor_map(&map, g->qkv, B, T, (int)c->C) == 0 && cudaGetDevice(&dev) == cudaSuccess &&
+            cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess) {
+            long items = (long)((T + WS_KT - 1) / WS_KT) * (long)c->NH * B, cap = g->att_blocks ? g->att_blocks : nsm;
+            unsigned grid = (unsigned)(items < cap ? items : cap);
+            if (g->att_wg == 8)
+                attention_ws_kernel<1><<<grid, WS_THREADS, WS_SMEM_BYTES, g->stream>>>(map, g->atty, g->dvalid, T,
+                                                                                       (int)c->C, (int)c->NH, B);
+            else
+                attention_ws_kernel<0><<<grid, WS_THREADS, WS_SMEM_BYTES, g->stream>>>(map, g->atty, g->dvalid, T,
+                                                                                       (int)c->C, (int)c->NH, B);
+            return;
+        }
+        cudaGetLastError(); /* no map: the default kernel below */
+    }
+    if (g->att_wg == 5 || g->att_wg == 6) {
         const kst_bert_config *c = &g->cfg;
         dim3 grid((unsigned)((T + WG_QR - 1) / WG_QR), (unsigned)c->NH, (unsigned)B);
-        attention_wg128_kernel<<<grid, WG_THREADS, WG128_SMEM_BYTES, g->stream>>>(g->atty, g->qkv, g->dvalid, T,
-                                                                                  (int)c->C, (int)c->NH);
+        if (g->att_wg == 6)
+            attention_wg128_kernel<1><<<grid, WG_THREADS, WG128_SMEM_BYTES, g->stream>>>(g->atty, g->qkv, g->dvalid,
+                                                                                         T, (int)c->C, (int)c->NH);
+        else
+            attention_wg128_kernel<0><<<grid, WG_THREADS, WG128_SMEM_BYTES, g->stream>>>(g->atty, g->qkv, g->dvalid,
+                                                                                         T, (int)c->C, (int)c->NH);
         return;
     }
     if (g->att_wg) {

@@ -5,13 +5,18 @@
  * 128-byte swizzled layout the instruction's descriptors describe (16-byte chunk c of row r at
  * r * 128 + ((c ^ (r & 7)) << 4), tiles 1024-byte aligned), filled by cp.async. Built only where
  * the compiler targets sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the kernels are empty stubs
- * and wgmma_probe_kernel reports 0, so that the host keeps attention2_kernel. attention_wg_kernel
- * (key tiles of 64) is the default; attention_wg128_kernel (key tiles of 128, K and V on
- * mbarriers) is KESTREL_GPU_ATT=5. */
+ * and wgmma_probe_kernel reports 0, so that the host keeps attention2_kernel. attention_ws_kernel
+ * (warp-specialized, persistent, bulk tensor copies) is the default where the driver makes tensor
+ * maps, else attention_wg_kernel (key tiles of 64; KESTREL_GPU_ATT=1); attention_wg128_kernel (key
+ * tiles of 128, K and V on mbarriers) is KESTREL_GPU_ATT=5, 6 with ping-pong. */
 #ifndef KST_ENCODERS_BERT_WGMMA_CUH
 #define KST_ENCODERS_BERT_WGMMA_CUH
 
 #include "encoders/bert_mma.cuh"
+
+#include <cuda.h> /* CUtensorMap (the types alone: the map is made through the runtime's driver entry point) */
+#include <cudaTypedefs.h>
+#include <mutex>
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define KST_WGMMA 1
@@ -117,6 +122,68 @@ static __device__ __forceinline__ void wg_online_softmax(float (&o)[32], float (
     }
 }
 
+/* wg_online_softmax in place (attention_ws_kernel): sc becomes the tile's exponentials (P before its
+ * rounding to bf16, wg_pack), al0 and al1 the factors by which O must be scaled before this tile's
+ * P V is added; m, l: the running maximum (log2 units) and sum of rows g and g + 8 of the thread's
+ * fragment. O is scaled apart (wg_rescale) so that the warp-specialized kernel can scale it while
+ * this softmax runs under the previous tile's P V. */
+template <int NJ>
+static __device__ __forceinline__ void wg_softmax_x(float (&sc)[4 * NJ], float &m0, float &m1, float &l0, float &l1,
+                                                    int k0, int Lv, int t, float &al0, float &al1) {
+    const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
+    if (k0 + 8 * NJ > Lv) {
+#pragma unroll
+        for (int j = 0; j < NJ; j++) {
+            const int key = k0 + j * 8 + t * 2;
+            if (key >= Lv) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
+            if (key + 1 >= Lv) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
+        }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+        mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+        mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+    }
+    mx0 = quad_max(mx0);
+    mx1 = quad_max(mx1);
+    const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
+    al0 = ex2_approx(m0 - mn0);
+    al1 = ex2_approx(m1 - mn1);
+    m0 = mn0;
+    m1 = mn1;
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+        sc[4 * j] = ex2_approx(fmaf(sc[4 * j], qscale, -mn0));
+        sc[4 * j + 1] = ex2_approx(fmaf(sc[4 * j + 1], qscale, -mn0));
+        sc[4 * j + 2] = ex2_approx(fmaf(sc[4 * j + 2], qscale, -mn1));
+        sc[4 * j + 3] = ex2_approx(fmaf(sc[4 * j + 3], qscale, -mn1));
+        s0 += sc[4 * j] + sc[4 * j + 1];
+        s1 += sc[4 * j + 2] + sc[4 * j + 3];
+    }
+    l0 = l0 * al0 + s0;
+    l1 = l1 * al1 + s1;
+}
+/* the exponentials of wg_softmax_x as P, the A operand (bf16 pairs) of the P V products */
+template <int NJ>
+static __device__ __forceinline__ void wg_pack(const float (&sc)[4 * NJ], uint32_t (&pa)[NJ / 2][4]) {
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+        pa[j >> 1][(j & 1) * 2 + 0] = pack_bf16(sc[4 * j], sc[4 * j + 1]);
+        pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(sc[4 * j + 2], sc[4 * j + 3]);
+    }
+}
+/* rows g and g + 8 of O scaled by a0 and a1 */
+static __device__ __forceinline__ void wg_rescale(float (&o)[32], float a0, float a1) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        o[4 * j] *= a0;
+        o[4 * j + 1] *= a0;
+        o[4 * j + 2] *= a1;
+        o[4 * j + 3] *= a1;
+    }
+}
 /* The end of a warpgroup's rows: O / l into the warpgroup's 64 rows of the Q tile (os, the warp's
  * own 16), then out in 16-byte chunks to rows row0 .. row0 + 63 (those below T) of sequence
  * offset seq (b * T), head h. */
@@ -306,6 +373,27 @@ static __device__ __forceinline__ void mbar_wait(uint32_t a, int parity) {
 }
 #endif
 
+#if KST_WGMMA
+/* named barriers 1 and 2 of N threads (0 is __syncthreads; the ids are immediates, so that the
+ * kernel is known to use 3 barriers): named_sync waits until N threads have reached barrier id by
+ * named_sync or named_arrive; named_arrive does not wait */
+template <int N>
+static __device__ __forceinline__ void named_sync(int id) {
+    if (id == 1) asm volatile("bar.sync 1, %0;\n" ::"n"(N) : "memory");
+    else asm volatile("bar.sync 2, %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+static __device__ __forceinline__ void named_arrive(int id) {
+    if (id == 1) asm volatile("bar.arrive 1, %0;\n" ::"n"(N) : "memory");
+    else asm volatile("bar.arrive 2, %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
+/* PP = 1 (KESTREL_GPU_ATT=6): ping-pong of the two warpgroups (as FlashAttention-3): each product
+ * (Q K^T, P V) is issued only in a warpgroup's turn, the turns alternating by named barriers 1
+ * (warpgroup 0's) and 2 (warpgroup 1's), so that one warpgroup's softmax runs while the other's
+ * products keep the tensor cores busy. */
+template <int PP>
 __global__ void __launch_bounds__(WG_THREADS, 2)
 attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *valid, int T, int C, int NH) {
 #if KST_WGMMA
@@ -359,6 +447,8 @@ attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *
     load(L::q, 0, q0, QR, T);
     load_tile(0);
     load_tile(1);
+    /* ping-pong: warpgroup 0 takes the first turn; each turn ends by handing it to the other */
+    if (PP && wg == 1) named_arrive<NT>(1);
     for (int kt = 0; kt < ntiles; kt++) {
         if (kt >= 1 && kt + 1 < ntiles) {
             __syncthreads();
@@ -367,28 +457,266 @@ attention_wg128_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *qkv, const int *
         mbar_wait(sb + L::bar + (kt % NS) * 8, (kt / NS) & 1);
         fence_async_smem();
         const uint32_t ks = sb + L::k + (kt % NS) * KT * 128, vs = sb + L::v + (kt % NS) * KT * 128;
+        if (PP) named_sync<NT>(1 + wg);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; kk++)
             wgmma_ss128(sc, wg_desc(sb + L::q + wg * 64 * 128 + kk * 32, 16), wg_desc(ks + kk * 32, 16), kk > 0);
         wg_commit();
+        if (PP) named_arrive<NT>(2 - wg);
         wg_wait<0>();
 #pragma unroll
         for (int i = 0; i < 64; i++) asm volatile("" : "+f"(sc[i])::"memory");
         wg_online_softmax<KT / 8>(o, sc, pa, m0, m1, l0, l1, kt * KT, Lv, t);
         mbar_wait(sb + L::bar + 16 + (kt % NS) * 8, (kt / NS) & 1);
         fence_async_smem();
+        if (PP) named_sync<NT>(1 + wg);
         wg_fence();
 #pragma unroll
         for (int jj = 0; jj < 8; jj++) wgmma_rs<1>(o, pa[jj], wg_desc(vs + jj * 16 * 128, 8192));
         wg_commit();
+        if (PP) named_arrive<NT>(2 - wg);
         wg_wait<0>();
         reg_fence(o);
 #pragma unroll
         for (int i = 0; i < 32; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
     }
+    /* warpgroup 1's last hand-over, so that no arrival is left pending on barrier 1 */
+    if (PP && wg == 0) named_sync<NT>(1);
     wg_store_out(out, sm + L::q + wg * 64 * 128, o, l0, l1, warp, lane, q0 + wg * 64, T, (size_t)b * T, C, h);
 #endif
+}
+
+/* The warp-specialized persistent kernel (the default for 64-dim heads; KESTREL_GPU_ATT=7, 8 with
+ * ping-pong), the structure of FlashAttention-3: one block an SM (a grid of at most one block a
+ * multiprocessor), each block taking work items (128 query rows of one head) blockIdx.x,
+ * blockIdx.x + gridDim.x, ...; 3 warpgroups: warpgroup 0 the producer (one thread issues the bulk
+ * tensor copies of Q, K and V tiles; setmaxnreg down to 40 registers), warpgroups 1 and 2 the
+ * consumers (64 query rows each, setmaxnreg up to 232). Q in WS_NQ buffers, K and V of 128 keys in a
+ * ring of WS_NS stages, each buffer with a full mbarrier (the copy's bytes) and an empty one (one
+ * arrival a consumer warp), so the loads of the next tiles and items run while the consumers
+ * compute. Inside a consumer (as FlashAttention-3), tile kt's Q K^T and tile kt - 1's P V are
+ * issued together and the softmax of tile kt runs under that P V; P is packed to bf16 once the P
+ * V has completed. PP = 1 (KESTREL_GPU_ATT=8): the two consumers' product issues alternate (named
+ * barriers 1 and 2, as attention_wg128_kernel<1>). The tensor map is the
+ * QKV buffer as (3 C, T, B) bf16, boxes of 64 x 128 x 1, 128-byte swizzle (rows at or past T read
+ * as zeros). Masking as attention_wg_kernel: keys at or past valid[b] get -inf, tiles wholly past
+ * it are skipped (their rows below T are read but masked); every query row below T is written. */
+#define WS_KT 128
+#define WS_NS 4
+#define WS_NQ 2
+#define WS_THREADS 384
+struct ws_smem {
+    static constexpr uint32_t tile = WS_KT * 128; /* bytes of a 128-row tile */
+    static constexpr uint32_t q = 0, k = WS_NQ * tile, v = k + WS_NS * tile;
+    /* mbarriers: Q full / empty, K full / empty, V full / empty */
+    static constexpr uint32_t qf = v + WS_NS * tile, qe = qf + 8 * WS_NQ, kf = qe + 8 * WS_NQ, ke = kf + 8 * WS_NS,
+                              vf = ke + 8 * WS_NS, ve = vf + 8 * WS_NS;
+    static constexpr size_t bytes = ve + 8 * WS_NS + 1024;
+};
+#define WS_SMEM_BYTES ws_smem::bytes
+
+#if KST_WGMMA
+static __device__ __forceinline__ void mbar_arrive(uint32_t a) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(a) : "memory");
+}
+static __device__ __forceinline__ void mbar_expect_tx(uint32_t a, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes) : "memory");
+}
+/* box (x, y, z) of the tensor map into shared memory at dst, completing on mbarrier bar */
+static __device__ __forceinline__ void tma_load3(uint32_t dst, const void *map, int x, int y, int z, uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+                 "[%5];\n" ::"r"(dst),
+                 "l"(map), "r"(x), "r"(y), "r"(z), "r"(bar)
+                 : "memory");
+}
+#endif
+
+template <int PP>
+__global__ void __launch_bounds__(WS_THREADS, 1)
+attention_ws_kernel(const __grid_constant__ CUtensorMap map, __nv_bfloat16 *out, const int *valid, int T, int C,
+                    int NH, int B) {
+#if KST_WGMMA
+    typedef ws_smem L;
+    constexpr int NS = WS_NS, NQ = WS_NQ, KT = WS_KT;
+    extern __shared__ unsigned char wg_smem_raw[];
+    unsigned char *sm = wg_smem_raw + ((1024 - (smem_u32(wg_smem_raw) & 1023)) & 1023);
+    const uint32_t sb = smem_u32(sm);
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int nq = (T + KT - 1) / KT, nitems = nq * NH * B;
+    if (tid == 0) {
+        for (int i = 0; i < NQ; i++) {
+            mbar_init(sb + L::qf + 8 * i, 1);
+            mbar_init(sb + L::qe + 8 * i, 8);
+        }
+        for (int i = 0; i < NS; i++) {
+            mbar_init(sb + L::kf + 8 * i, 1);
+            mbar_init(sb + L::ke + 8 * i, 8);
+            mbar_init(sb + L::vf + 8 * i, 1);
+            mbar_init(sb + L::ve + 8 * i, 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (wg == 0) {
+        /* the producer: phases of the empty barriers start at 1, so the first wait on each passes */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (tid == 0) {
+            int kit = 0, qit = 0;
+            for (int item = blockIdx.x; item < nitems; item += gridDim.x, qit++) {
+                const int qt = item % nq, h = (item / nq) % NH, b = item / (nq * NH);
+                int Lv = valid[b];
+                if (Lv > T) Lv = T;
+                if (Lv < 1) Lv = 1;
+                const int ntiles = (Lv + KT - 1) / KT, qb = qit % NQ;
+                mbar_wait(sb + L::qe + 8 * qb, ((qit / NQ) & 1) ^ 1);
+                mbar_expect_tx(sb + L::qf + 8 * qb, L::tile);
+                tma_load3(sb + L::q + qb * L::tile, &map, h * 64, qt * KT, b, sb + L::qf + 8 * qb);
+                for (int kt = 0; kt < ntiles; kt++, kit++) {
+                    const int st = kit % NS, ph = ((kit / NS) & 1) ^ 1;
+                    mbar_wait(sb + L::ke + 8 * st, ph);
+                    mbar_expect_tx(sb + L::kf + 8 * st, L::tile);
+                    tma_load3(sb + L::k + st * L::tile, &map, C + h * 64, kt * KT, b, sb + L::kf + 8 * st);
+                    mbar_wait(sb + L::ve + 8 * st, ph);
+                    mbar_expect_tx(sb + L::vf + 8 * st, L::tile);
+                    tma_load3(sb + L::v + st * L::tile, &map, 2 * C + h * 64, kt * KT, b, sb + L::vf + 8 * st);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        const int cw = wg - 1, t = lane & 3;
+        constexpr int NC = 256; /* consumer threads (the named barriers' count) */
+        float o[32], sc[64];
+        uint32_t pa[8][4];
+        int kit = 0, qit = 0;
+        /* ping-pong: consumer 0 takes the first turn; each turn ends by handing it to the other */
+        if (PP && cw == 1) named_arrive<NC>(1);
+        auto issue_s = [&](uint32_t q, int st) {
+            const uint32_t ks = sb + L::k + st * L::tile;
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) wgmma_ss128(sc, wg_desc(q + kk * 32, 16), wg_desc(ks + kk * 32, 16), kk > 0);
+            wg_commit();
+        };
+        auto issue_pv = [&](int st) {
+            const uint32_t vs = sb + L::v + st * L::tile;
+            wg_fence();
+#pragma unroll
+            for (int jj = 0; jj < 8; jj++) wgmma_rs<1>(o, pa[jj], wg_desc(vs + jj * 16 * 128, 8192));
+            wg_commit();
+        };
+        auto release = [&](uint32_t bar) { /* this warp is done with the buffer of mbarrier bar */
+            __syncwarp();
+            if (lane == 0) mbar_arrive(bar);
+        };
+        for (int item = blockIdx.x; item < nitems; item += gridDim.x, qit++) {
+            const int qt = item % nq, h = (item / nq) % NH, b = item / (nq * NH);
+            int Lv = valid[b];
+            if (Lv > T) Lv = T;
+            if (Lv < 1) Lv = 1;
+            const int ntiles = (Lv + KT - 1) / KT, qb = qit % NQ;
+            const uint32_t q = sb + L::q + qb * L::tile + cw * 64 * 128;
+            float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f, al0, al1;
+            mbar_wait(sb + L::qf + 8 * qb, (qit / NQ) & 1);
+            /* tile 0: Q K^T, softmax (O starts at 0: no rescale) */
+            int st = kit % NS, ph = (kit / NS) & 1;
+            mbar_wait(sb + L::kf + 8 * st, ph);
+            if (PP) named_sync<NC>(1 + cw);
+            issue_s(q, st);
+            if (PP) named_arrive<NC>(2 - cw);
+            wg_wait<0>();
+#pragma unroll
+            for (int i = 0; i < 64; i++) asm volatile("" : "+f"(sc[i])::"memory");
+            release(sb + L::ke + 8 * st);
+            wg_softmax_x<KT / 8>(sc, m0, m1, l0, l1, 0, Lv, t, al0, al1);
+            wg_wait<0>();
+            reg_fence(o);
+#pragma unroll
+            for (int i = 0; i < 32; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
+#pragma unroll
+            for (int i = 0; i < 32; i++) o[i] = 0.0f;
+            wg_pack<KT / 8>(sc, pa);
+            /* tile kt (as FlashAttention-3): its Q K^T issued, O scaled by tile kt - 1's factors and
+             * tile kt - 1's P V issued, then the softmax of tile kt under that P V; P packed once
+             * the P V has completed */
+            for (int kt = 1; kt < ntiles; kt++) {
+                const int st1 = (kit + 1) % NS, ph1 = ((kit + 1) / NS) & 1;
+                mbar_wait(sb + L::kf + 8 * st1, ph1);
+                mbar_wait(sb + L::vf + 8 * st, ph);
+                if (PP) named_sync<NC>(1 + cw);
+                issue_s(q, st1);
+                wg_rescale(o, al0, al1);
+                issue_pv(st);
+                if (PP) named_arrive<NC>(2 - cw);
+                wg_wait<1>();
+#pragma unroll
+                for (int i = 0; i < 64; i++) asm volatile("" : "+f"(sc[i])::"memory");
+                release(sb + L::ke + 8 * st1);
+                wg_softmax_x<KT / 8>(sc, m0, m1, l0, l1, kt * KT, Lv, t, al0, al1);
+                wg_wait<0>();
+                reg_fence(o);
+#pragma unroll
+                for (int i = 0; i < 32; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
+                release(sb + L::ve + 8 * st);
+                wg_pack<KT / 8>(sc, pa);
+                kit++;
+                st = st1;
+                ph = ph1;
+            }
+            /* the last tile's P V */
+            mbar_wait(sb + L::vf + 8 * st, ph);
+            wg_rescale(o, al0, al1);
+            if (PP) named_sync<NC>(1 + cw);
+            issue_pv(st);
+            if (PP) named_arrive<NC>(2 - cw);
+            wg_wait<0>();
+            reg_fence(o);
+#pragma unroll
+            for (int i = 0; i < 32; i++) asm volatile("" : "+r"(pa[i >> 2][i & 3])::"memory");
+            release(sb + L::ve + 8 * st);
+            kit++;
+            /* O / l out through this consumer's 64 rows of the Q buffer, which then goes back to
+             * the producer (generic-proxy accesses ordered before its next bulk copy) */
+            wg_store_out(out, sm + L::q + qb * L::tile + cw * 64 * 128, o, l0, l1, warp, lane, qt * KT + cw * 64, T,
+                         (size_t)b * T, C, h);
+            fence_async_smem();
+            release(sb + L::qe + 8 * qb);
+        }
+        /* consumer 1's last hand-over, so that no arrival is left pending on barrier 1 */
+        if (PP && cw == 0) named_sync<NC>(1);
+    }
+#endif
+}
+
+/* The driver's cuTensorMapEncodeTiled through the runtime (no link to libcuda); NULL where the
+ * driver lacks it */
+static PFN_cuTensorMapEncodeTiled_v12000 ws_encoder(void) {
+    static PFN_cuTensorMapEncodeTiled_v12000 fn = NULL;
+    static std::once_flag once;
+    std::call_once(once, [] {
+        void *f = NULL;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+            q == cudaDriverEntryPointSuccess)
+            fn = (PFN_cuTensorMapEncodeTiled_v12000)f;
+        else
+            cudaGetLastError();
+    });
+    return fn;
+}
+/* The tensor map of attention_ws_kernel over the QKV buffer (B, T, 3 C) bf16 (16-byte aligned, C
+ * a multiple of 8); 0 on success */
+static int ws_tensor_map(CUtensorMap *m, const void *qkv, int B, int T, int C) {
+    PFN_cuTensorMapEncodeTiled_v12000 enc = ws_encoder();
+    if (!enc) return -1;
+    cuuint64_t dims[3] = {(cuuint64_t)3 * C, (cuuint64_t)T, (cuuint64_t)B};
+    cuuint64_t strides[2] = {(cuuint64_t)3 * C * 2, (cuuint64_t)T * 3 * C * 2};
+    cuuint32_t box[3] = {64, WS_KT, 1}, es[3] = {1, 1, 1};
+    CUresult r = enc(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void *>(qkv), dims, strides, box, es,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return r == CUDA_SUCCESS ? 0 : -1;
 }
 
 /* 1 when this build holds the wgmma kernel (compiled for sm_90a) */

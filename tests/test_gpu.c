@@ -425,8 +425,8 @@ static void test_forward_vs_cpu(void **s) {
  * edges. Random weights (uniform in [-0.1, 0.1], LayerNorm weights 1 +- 0.1), GPU forward against
  * the float32 CPU forward, with the residual added in the products' epilogues (the default) and in
  * the LayerNorm kernel (KESTREL_GPU_RES_IN_LN=1). */
-static void wide_heads_case_ln(size_t C, size_t NH, const char *res_in_ln, const char *att, const char *lnfold,
-                               float lnspread) {
+static void wide_heads_case_ln(size_t C, size_t NH, const char *res_in_ln, const char *att, const char *blocks,
+                               const char *lnfold, float lnspread) {
     enum { B = 5, T = 300 };
     kst_bert_config c;
     memset(&c, 0, sizeof c);
@@ -453,16 +453,16 @@ static void wide_heads_case_ln(size_t C, size_t NH, const char *res_in_ln, const
     assert_ok(kst_bert_forward(&m, &acts, cpu, ids, NULL, valid, B, T, &err), &err);
     kst_bert_acts_free(&acts);
     /* the knobs are read at create; whatever the caller set is restored after (NULL: left as it is) */
-    const char *knob[3] = {"KESTREL_GPU_RES_IN_LN", "KESTREL_GPU_ATT", "KESTREL_GPU_LNFOLD"};
-    const char *val[3] = {res_in_ln, att, lnfold};
-    char *was[3];
-    for (int k = 0; k < 3; k++) {
+    const char *knob[4] = {"KESTREL_GPU_RES_IN_LN", "KESTREL_GPU_ATT", "KESTREL_GPU_ATT_BLOCKS", "KESTREL_GPU_LNFOLD"};
+    const char *val[4] = {res_in_ln, att, blocks, lnfold};
+    char *was[4];
+    for (int k = 0; k < 4; k++) {
         was[k] = getenv(knob[k]) ? strdup(getenv(knob[k])) : NULL;
         if (val[k]) setenv(knob[k], val[k], 1);
     }
     kst_bert_gpu *g = NULL;
     int rc = kst_bert_gpu_create(&m, &g, &err);
-    for (int k = 0; k < 3; k++) {
+    for (int k = 0; k < 4; k++) {
         if (was[k]) setenv(knob[k], was[k], 1);
         else unsetenv(knob[k]);
         free(was[k]);
@@ -485,34 +485,44 @@ static void wide_heads_case_ln(size_t C, size_t NH, const char *res_in_ln, const
             double cs = cosine_f32(gpu + (b * T + t) * C, cpu + (b * T + t) * C, C);
             if (!(cs >= worst)) worst = cs, wb = b, wt = t;
         }
-    printf("  C=%zu, %zu heads of %zu, T=%d, residual in LN %s, attention %s, LayerNorm %s (weights 1 +- %.1f): "
-           "GPU vs CPU min row cosine %.6f (sequence %zu of length %d, token %zu)\n",
-           C, NH, C / NH, T, res_in_ln, att ? att : "default", folded == 1 ? "folded" : "kernel", lnspread, worst, wb,
-           valid[wb], wt);
+    printf("  C=%zu, %zu heads of %zu, T=%d, residual in LN %s, attention %s (blocks %s), LayerNorm %s (weights 1 "
+           "+- %.1f): GPU vs CPU min row cosine %.6f (sequence %zu of length %d, token %zu)\n",
+           C, NH, C / NH, T, res_in_ln, att ? att : "default", blocks ? blocks : "default",
+           folded == 1 ? "folded" : "kernel", lnspread, worst, wb, valid[wb], wt);
     if (!(worst >= 0.999)) fail_msg("head size %zu: GPU forward differs from the CPU's (cosine %.6f)", C / NH, worst);
     kst_bert_gpu_free(g);
     free(ids), free(cpu), free(gpu);
     kst_bert_free(&m);
 }
 
-static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln, const char *att) {
-    wide_heads_case_ln(C, NH, res_in_ln, att, NULL, 0.1f);
+static void wide_heads_case(size_t C, size_t NH, const char *res_in_ln, const char *att, const char *blocks) {
+    wide_heads_case_ln(C, NH, res_in_ln, att, blocks, NULL, 0.1f);
 }
 
 static void test_forward_wide_heads(void **s) {
     (void)s;
     NEED_GPU();
-    wide_heads_case(128, 2, "0", NULL);
-    wide_heads_case(64, 2, "0", NULL);
-    wide_heads_case(128, 2, "1", NULL);
+    wide_heads_case(128, 2, "0", NULL, NULL);
+    wide_heads_case(64, 2, "0", NULL, NULL);
+    wide_heads_case(128, 2, "1", NULL, NULL);
+    /* the wgmma kernel with key tiles of 64 (the default before attention_ws_kernel) */
+    wide_heads_case(128, 2, "0", "1", NULL);
     /* the wgmma kernel with key tiles of 128 (64-dim heads, KESTREL_GPU_ATT=5): 3, 1, 1, 2 and 2
-     * key tiles a sequence, the two K/V slots reused once */
-    wide_heads_case(128, 2, "0", "5");
+     * key tiles a sequence, the two K/V slots reused once; the same with ping-pong (6) */
+    wide_heads_case(128, 2, "0", "5", NULL);
+    wide_heads_case(128, 2, "0", "6", NULL);
+    /* the warp-specialized kernel (7, the default where the driver makes tensor maps; 8 with
+     * ping-pong): 30 work items (3 query tiles, 2 heads, 5 sequences) on 30 blocks, then on 4 and
+     * 3 blocks (7 to 10 items a block: its Q buffers and K/V stages reused across items, the
+     * mbarrier phases running on) */
+    wide_heads_case(128, 2, "0", "7", NULL);
+    wide_heads_case(128, 2, "0", "7", "4");
+    wide_heads_case(128, 2, "0", "8", "3");
     /* the LayerNorms folded into CUTLASS products (KESTREL_GPU_LNFOLD=1; skipped without CUTLASS or
      * an sm_90 GPU), LayerNorm weights 1 +- 0.5 and biases +- 0.5, so that a fold that dropped
      * either (or the normalisation) would move the outputs well off the CPU's */
-    wide_heads_case_ln(128, 2, "0", NULL, "1", 0.5f);
-    wide_heads_case_ln(64, 2, "0", NULL, "1", 0.5f);
+    wide_heads_case_ln(128, 2, "0", NULL, NULL, "1", 0.5f);
+    wide_heads_case_ln(64, 2, "0", NULL, NULL, "1", 0.5f);
 }
 
 /* The same texts through the CPU and the GPU model, one at a time and batched. */

@@ -199,8 +199,12 @@ static int encode_main(int argc, char **argv) {
                           : tu && strcmp(tu, "0") == 0 ? "fused_heuristic"
                           : rl && strcmp(rl, "1") == 0 ? "fused_res_in_ln"
                           : b16 && strcmp(b16, "1") == 0 ? "fused_bias16"
+                          : att && strcmp(att, "1") == 0 ? "fused_attention_wg"
                           : att && strcmp(att, "2") == 0 ? "fused_attention2"
                           : att && strcmp(att, "5") == 0 ? "fused_attention_wg128"
+                          : att && strcmp(att, "6") == 0 ? "fused_attention_wg128_pingpong"
+                          : att && strcmp(att, "7") == 0 ? "fused_attention_ws"
+                          : att && strcmp(att, "8") == 0 ? "fused_attention_ws_pingpong"
                                                        : "fused";
     if (kst_bert_gpu_profile(g, pms) == KST_PROF_STEPS) {
         /* per-layer milliseconds of each step (CUDA events between them) */
