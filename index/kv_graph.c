@@ -84,6 +84,7 @@ void kst_kvg_scratch_free(kst_kvg_scratch *s) {
     kst_free(s->fl);
     kst_free(s->ic);
     kst_free(s->srow);
+    kst_free(s->vl);
     memset(s, 0, sizeof *s);
 }
 
@@ -1783,15 +1784,48 @@ static inline int pool_insert(gpair *pool, uint8_t *fl, size_t *n, size_t L, siz
     return 1;
 }
 
+/* The second tier (kst_kvg_scratch.tier): (v, x) into t, the best L pairs scored but outside the
+ * pool, sorted by score descending (so the pool followed by it is in code-score order). */
+static inline void tier_insert(gpair *t, size_t *n, size_t L, float v, uint32_t x) {
+    size_t m = *n;
+    if (m == L && !(v > t[L - 1].s)) return;
+    size_t i = m < L ? m : L - 1;
+    for (; i > 0 && t[i - 1].s < v; i--) t[i] = t[i - 1];
+    t[i].s = v;
+    t[i].x = x;
+    if (m < L) *n = m + 1;
+}
+/* pool_insert, the pair it rejects or evicts going to the second tier (tier > 0). */
+static inline int pool_insert_t(gpair *pool, uint8_t *fl, size_t *n, size_t L, size_t *cur, float v,
+                                uint32_t x, gpair *t, size_t *tn, size_t tier) {
+    if (tier && *n == L) {
+        if (!(v > pool[L - 1].s)) {
+            tier_insert(t, tn, tier, v, x);
+            return 0;
+        }
+        tier_insert(t, tn, tier, pool[L - 1].s, pool[L - 1].x);
+    }
+    return pool_insert(pool, fl, n, L, cur, v, x);
+}
+
 /* The search itself; instantiated twice below: compiled for AVX-512 VNNI (vnni 1, the code
  * scores inlined) and generically (vnni 0). */
 static inline __attribute__((always_inline)) int
 multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, size_t nq, size_t k,
            size_t ef, size_t rerank, int codes, int vnni, kst_kvg_scratch **s, uint32_t *ids,
            float *scores, size_t *found) {
+    size_t tier = codes ? s[0]->tier : 0;
     for (size_t q = 0; q < nq; q++) {
         int rc = scratch_reserve(s[q], g->cap, ef, g->M, NULL);
-        if (rc == KST_OK) rc = group_reserve(s[q], 1, ef, d);
+        if (rc == KST_OK) rc = group_reserve(s[q], 1, ef + tier, d);
+        if (rc == KST_OK && s[q]->vlcap < tier) {
+            void *v = s[q]->vl;
+            rc = kst_realloc(&v, tier, sizeof(gpair), "kv search tier", NULL);
+            if (rc == KST_OK) {
+                s[q]->vl = v;
+                s[q]->vlcap = tier;
+            }
+        }
         if (rc == KST_OK && s[q]->flcap < ef) {
             uint8_t *f = s[q]->fl;
             rc = kst_realloc((void **)&f, ef, 1, "kv search pool", NULL);
@@ -1806,7 +1840,8 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     const float *qv[KVG_MULTI_MAX];
     float c0[KVG_MULTI_MAX], qsc[KVG_MULTI_MAX];
     const int8_t *qlo[KVG_MULTI_MAX], *qhi[KVG_MULTI_MAX];
-    gpair *pool[KVG_MULTI_MAX];
+    gpair *pool[KVG_MULTI_MAX], *tp[KVG_MULTI_MAX];
+    size_t tn[KVG_MULTI_MAX];
     uint8_t *fl[KVG_MULTI_MAX];
     size_t pn[KVG_MULTI_MAX], cur[KVG_MULTI_MAX];
     uint32_t pend[KVG_MULTI_MAX][1024];
@@ -1838,6 +1873,8 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             qv[q] = qq;
         }
         pool[q] = (gpair *)S->rr;
+        tp[q] = (gpair *)S->vl;
+        tn[q] = 0;
         fl[q] = S->fl;
         pn[q] = cur[q] = 0;
         live[q] = 1;
@@ -1900,7 +1937,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
                 if (S->mark[tx[j]] == S->epoch) continue; /* a hub among the spaced keys */
                 S->mark[tx[j]] = S->epoch;
                 prefetch_edges(g, tx[j]);
-                pool_insert(pool[q], fl[q], &pn[q], ef, &cur[q], tv[j], tx[j]);
+                pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], tv[j], tx[j], tp[q], &tn[q], tier);
             }
         }
         ne = 0;
@@ -1914,7 +1951,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             S->mark[x] = ep;
             float v = MSCORE(q, x);
             scanned++;
-            pool_insert(pool[q], fl[q], &pn[q], ef, &cur[q], v, x);
+            pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], v, x, tp[q], &tn[q], tier);
         }
     }
     if (s[0]->prof) s[0]->t_entry += mono_s() - te0;
@@ -1964,7 +2001,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
                 uint32_t x = pend[q][j];
                 float v = MSCORE(q, x);
                 scanned++;
-                if (pool_insert(pool[q], fl[q], &pn[q], ef, &cur[q], v, x) && push_pf) prefetch_edges(g, x);
+                if (pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], v, x, tp[q], &tn[q], tier) && push_pf) prefetch_edges(g, x);
             }
         }
     }
@@ -1973,7 +2010,11 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     size_t npool[KVG_MULTI_MAX];
     for (size_t q = 0; q < nq; q++) {
         size_t n = pn[q];
-        if (codes && rerank && rerank < n) n = rerank < k ? k : rerank;
+        if (codes && rerank && rerank < n && !tier) n = rerank < k ? k : rerank;
+        if (tier && tn[q]) { /* the second tier after the pool: in code-score order still */
+            memcpy(pool[q] + n, tp[q], tn[q] * sizeof(gpair));
+            n += tn[q];
+        }
         npool[q] = n;
     }
     if (codes) { /* exact re-scoring: every search's rows asked for first, then scored */
@@ -2027,8 +2068,9 @@ int kst_kvg_search_multi(const kst_kvg *g, const void *K, int f16, size_t d, con
     s[0]->scanned = s[0]->hops = 0;
     for (size_t q = 0; q < nq; q++) found[q] = 0;
     if (g->n == 0 || k == 0) return KST_OK;
-    if (ef < k) ef = k;
     int codes = use_codes && g->codes && g->cd == d && cpu_avx2_fma();
+    size_t tier = codes ? s[0]->tier : 0;
+    if (ef + tier < k) ef = k - tier;
 #if defined(__x86_64__) && defined(__GNUC__)
     if (codes && !s[0]->no_vnni && cpu_vnni())
         return multi_vnni(g, K, f16, d, Q, nq, k, ef, rerank, s, ids, scores, found);
