@@ -40,6 +40,7 @@ typedef struct kv_tail {
      * alone (each chunk its ratio; the nodes indexed since the draw count in the last stratum,
      * the one next to the window). strat 0: one systematic sample over all nodes (b unused). */
     int strat;
+    double tf;             /* kst_kvc.strat when drawn (drawn anew when it changes) */
     size_t b[KV_TT_CHUNKS + 1];
 } kv_tail;
 /* Samples kept apart per query head and chunk: those most likely retrieved too (the head's
@@ -124,6 +125,8 @@ struct kst_kvc {
     /* decode step work items (kst_kvc_attend): each query head's retrieved ids (q_heads, top_k)
      * and counts; the tasks whose searches ended, in order (pub, pub_ok: published) */
     uint32_t *ids_all; size_t ids_all_cap;
+    float *sc_all;  /* (q_heads, top_k...) the first search's exact scores of ids_all (unscaled), for
+                       the attention (kst_attn_partial_scored: the rerank already read the keys) */
     size_t *fnd_all;
     uint32_t *pub;
     uint8_t *pub_ok;
@@ -468,6 +471,7 @@ void kst_kvc_free(kst_kvc *c) {
     kst_free(c->gpu_merged);
     kst_free(c->ids_all);
     kst_free(c->fnd_all);
+    kst_free(c->sc_all);
     kst_free(c->pub);
     kst_free(c->pub_ok);
     kst_free(c->tt_ok);
@@ -1224,7 +1228,7 @@ static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_err
         /* drawn anew when the sample size changed (every key sampled: with each growth) or the
          * index grew by more than 1/KV_TT_LAG since the draw; until then the keys indexed since
          * are not in the sample (tail_partial's ratio stands for them too) */
-        if (T->n == ns && T->nidx <= nidx && nidx - T->nidx <= T->nidx / KV_TT_LAG) continue;
+        if (T->n == ns && T->tf == c->strat && T->nidx <= nidx && nidx - T->nidx <= T->nidx / KV_TT_LAG) continue;
         T->n = 0;
         if (T->cap < ns) {
             KST_TRY(kst_realloc(&T->K, ns, rowb, "tail sample keys", err));
@@ -1245,6 +1249,7 @@ static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_err
         T->ch = ch;
         T->nc = nc;
         T->strat = tt_strata(T->b, c->strat, nidx, ns, ch, nc);
+        T->tf = c->strat;
         T->copy = 1;
     }
 done:
@@ -1687,7 +1692,7 @@ static size_t widen_first(const kst_kvc *c, kv_thread *t, float lse_t, float lse
 /* Retrieval for query heads h0 .. h0 + gq - 1 (one KV head's, or one head) into ids (gq, k)
  * and fnd (gq): the per-head beam (kst_kvg_search) unless the group search or codes are on. */
 static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q, size_t gq,
-                    size_t k, size_t ef, size_t tier, uint32_t *ids, size_t *fnd, size_t *scanned) {
+                    size_t k, size_t ef, size_t tier, uint32_t *ids, float *scores, size_t *fnd, size_t *scanned) {
     const kst_kvc_opts *o = &c->o;
     const void *K = rows_at(c, H->K, o->sinks);
     int rc = KST_OK;
@@ -1702,7 +1707,7 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
         t->s.tier = tier;
         for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];
         rc = kst_kvg_search_multi(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->rerank,
-                                  c->use_codes, ss, ids, NULL, fnd);
+                                  c->use_codes, ss, ids, scores, fnd);
     } else if (gq == 1 && !c->use_codes) {
         fnd[0] = kst_kvg_search(&H->g, K, o->f16, o->head_dim, Q, k, ef, &t->s, ids, NULL, &rc);
     } else {
@@ -1729,7 +1734,7 @@ int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size
     if (!L->built || k == 0) return KST_OK;
     KST_TRY(thread_reserve(t, 1, k, o->head_dim, err));
     size_t m, sc;
-    rc = retrieve(c, H, t, q, 1, k, ef ? ef : o->ef, 0, t->ids, &m, &sc);
+    rc = retrieve(c, H, t, q, 1, k, ef ? ef : o->ef, 0, t->ids, NULL, &m, &sc);
     if (rc != KST_OK) return kst_fail(err, rc, "kst_kv_search: out of memory");
     for (size_t i = 0; i < m; i++) pos[i] = (int64_t)(o->sinks + t->ids[i]);
     if (found) *found = m;
@@ -1757,7 +1762,7 @@ int kst_kvc_search_group(kst_kvc *c, size_t layer, size_t kv_head, const float *
     KST_TRY(thread_reserve(t, 1, k * G, d, err));
     size_t fnd[64], sc, tot = 0;
     for (size_t a0 = 0; a0 < G; a0 += gq) {
-        rc = retrieve(c, H, t, Q + a0 * d, gq, k, ef ? ef : o->ef, 0, t->ids, fnd, &sc);
+        rc = retrieve(c, H, t, Q + a0 * d, gq, k, ef ? ef : o->ef, 0, t->ids, NULL, fnd, &sc);
         if (rc != KST_OK) return kst_fail(err, rc, "kst_kv_search_group: out of memory");
         tot += sc;
         for (size_t a = 0; a < gq; a++) {
@@ -1839,6 +1844,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #endif
     if (c->ids_all_cap < o->q_heads * (ks ? ks : 1)) {
         rc = kst_realloc((void **)&c->ids_all, o->q_heads * (ks ? ks : 1), sizeof(uint32_t), "retrieved ids", err);
+        if (rc != KST_OK) return rc;
+        rc = kst_realloc((void **)&c->sc_all, o->q_heads * (ks ? ks : 1), sizeof(float), "retrieved scores", err);
         if (rc != KST_OK) return rc;
         c->ids_all_cap = o->q_heads * (ks ? ks : 1);
     }
@@ -2029,7 +2036,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 size_t sc;
                 size_t x = kA == k ? xk : 0;
                 int r2 = retrieve(c, H, t, q + h0 * d, gq, kA + x, efA, x > (c->att_ef && ef > k ? ef - k : 0) ? c->tier : 0,
-                                  c->ids_all + h0 * ks, fnd, &sc);
+                                  c->ids_all + h0 * ks, c->sc_all + h0 * ks, fnd, &sc);
                 if (r2 != KST_OK) {
                     kst_error e4;
                     kst_fail(&e4, r2, "kst_kv_attend: out of memory in the index search");
@@ -2088,8 +2095,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 lse = lse_s;
                 if (m > 0) {
                     for (size_t i = 0; i < m; i++) t->rows[i] = (int64_t)(o->sinks + rid[i]);
-                    kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, t->rows, 0, m, d,
-                                     o->scale);
+                    if (rid == c->ids_all + h * ks && c->group <= 0 && c->il > 0) /* scored by the search */
+                        kst_attn_partial_scored(t->o2, &lse2, t->buf, c->sc_all + h * ks, H->V, o->f16, t->rows, m, d,
+                                                o->scale);
+                    else
+                        kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, t->rows, 0, m, d,
+                                         o->scale);
                     kst_attn_merge(oh, &lse, t->o2, lse2, d);
                 }
                 if (pf) {
@@ -2146,7 +2157,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 efw = efw * k2 / kw > k2 ? efw * k2 / kw : k2;
                 kw = k2;
                 size_t sc2 = 0;
-                int r2 = retrieve(c, H, t, qh, 1, kw, efw, 0, t->ids, &m, &sc2);
+                int r2 = retrieve(c, H, t, qh, 1, kw, efw, 0, t->ids, NULL, &m, &sc2);
                 if (r2 != KST_OK) {
                     kst_error e4;
                     kst_fail(&e4, r2, "kst_kv_attend: out of memory in the widened index search");

@@ -1784,28 +1784,57 @@ static inline int pool_insert(gpair *pool, uint8_t *fl, size_t *n, size_t L, siz
     return 1;
 }
 
-/* The second tier (kst_kvg_scratch.tier): (v, x) into t, the best L pairs scored but outside the
- * pool, sorted by score descending (so the pool followed by it is in code-score order). */
-static inline void tier_insert(gpair *t, size_t *n, size_t L, float v, uint32_t x) {
-    size_t m = *n;
-    if (m == L && !(v > t[L - 1].s)) return;
-    size_t i = m < L ? m : L - 1;
-    for (; i > 0 && t[i - 1].s < v; i--) t[i] = t[i - 1];
-    t[i].s = v;
-    t[i].x = x;
-    if (m < L) *n = m + 1;
+/* The second tier (kst_kvg_scratch.tier): the pairs a search scored that its pool rejected or
+ * evicted, logged in S->vl (*tn of them; grown as needed, and where that fails no more are
+ * logged: a smaller tier, never an error). An append per pair: keeping the best `tier` sorted
+ * during the search (an insertion per pair) was a third of a 32K step's time. */
+static inline void tier_log(kst_kvg_scratch *S, size_t *tn, float v, uint32_t x) {
+    if (*tn == S->vlcap) {
+        void *p = S->vl;
+        size_t cap = 2 * S->vlcap + 256;
+        if (kst_realloc(&p, cap, sizeof(gpair), "kv search tier", NULL) != KST_OK) return;
+        S->vl = p;
+        S->vlcap = cap;
+    }
+    gpair *t = (gpair *)S->vl + (*tn)++;
+    t->s = v;
+    t->x = x;
 }
-/* pool_insert, the pair it rejects or evicts going to the second tier (tier > 0). */
+/* pool_insert, the pair it rejects or evicts logged for the second tier (tier > 0). */
 static inline int pool_insert_t(gpair *pool, uint8_t *fl, size_t *n, size_t L, size_t *cur, float v,
-                                uint32_t x, gpair *t, size_t *tn, size_t tier) {
+                                uint32_t x, kst_kvg_scratch *S, size_t *tn, size_t tier) {
     if (tier && *n == L) {
         if (!(v > pool[L - 1].s)) {
-            tier_insert(t, tn, tier, v, x);
+            tier_log(S, tn, v, x);
             return 0;
         }
-        tier_insert(t, tn, tier, pool[L - 1].s, pool[L - 1].x);
+        tier_log(S, tn, pool[L - 1].s, pool[L - 1].x);
     }
     return pool_insert(pool, fl, n, L, cur, v, x);
+}
+/* Moves the m best pairs of t[0..n) by score to its front, in no order (quickselect, three-way
+ * partitions). */
+static void tier_select(gpair *t, size_t n, size_t m) {
+    size_t lo = 0, hi = n;
+    while (hi - lo > 1) {
+        float p = t[lo + (hi - lo) / 2].s;
+        size_t i = lo, lt = lo, gt = hi; /* [lo, lt) > p, [lt, gt) == p, [gt, hi) < p */
+        while (i < gt) {
+            gpair a = t[i];
+            if (a.s > p) {
+                t[i++] = t[lt];
+                t[lt++] = a;
+            } else if (a.s < p) {
+                t[i] = t[--gt];
+                t[gt] = a;
+            } else {
+                i++;
+            }
+        }
+        if (m <= lt) hi = lt;
+        else if (m <= gt) return;
+        else lo = gt;
+    }
 }
 
 /* The search itself; instantiated twice below: compiled for AVX-512 VNNI (vnni 1, the code
@@ -1818,12 +1847,12 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     for (size_t q = 0; q < nq; q++) {
         int rc = scratch_reserve(s[q], g->cap, ef, g->M, NULL);
         if (rc == KST_OK) rc = group_reserve(s[q], 1, ef + tier, d);
-        if (rc == KST_OK && s[q]->vlcap < tier) {
+        if (rc == KST_OK && tier && s[q]->vlcap < 4 * tier) {
             void *v = s[q]->vl;
-            rc = kst_realloc(&v, tier, sizeof(gpair), "kv search tier", NULL);
+            rc = kst_realloc(&v, 4 * tier, sizeof(gpair), "kv search tier", NULL);
             if (rc == KST_OK) {
                 s[q]->vl = v;
-                s[q]->vlcap = tier;
+                s[q]->vlcap = 4 * tier;
             }
         }
         if (rc == KST_OK && s[q]->flcap < ef) {
@@ -1840,8 +1869,8 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     const float *qv[KVG_MULTI_MAX];
     float c0[KVG_MULTI_MAX], qsc[KVG_MULTI_MAX];
     const int8_t *qlo[KVG_MULTI_MAX], *qhi[KVG_MULTI_MAX];
-    gpair *pool[KVG_MULTI_MAX], *tp[KVG_MULTI_MAX];
-    size_t tn[KVG_MULTI_MAX];
+    gpair *pool[KVG_MULTI_MAX];
+    size_t tn[KVG_MULTI_MAX], nsort[KVG_MULTI_MAX];
     uint8_t *fl[KVG_MULTI_MAX];
     size_t pn[KVG_MULTI_MAX], cur[KVG_MULTI_MAX];
     uint32_t pend[KVG_MULTI_MAX][1024];
@@ -1873,7 +1902,6 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             qv[q] = qq;
         }
         pool[q] = (gpair *)S->rr;
-        tp[q] = (gpair *)S->vl;
         tn[q] = 0;
         fl[q] = S->fl;
         pn[q] = cur[q] = 0;
@@ -1937,7 +1965,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
                 if (S->mark[tx[j]] == S->epoch) continue; /* a hub among the spaced keys */
                 S->mark[tx[j]] = S->epoch;
                 prefetch_edges(g, tx[j]);
-                pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], tv[j], tx[j], tp[q], &tn[q], tier);
+                pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], tv[j], tx[j], s[q], &tn[q], tier);
             }
         }
         ne = 0;
@@ -1951,7 +1979,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             S->mark[x] = ep;
             float v = MSCORE(q, x);
             scanned++;
-            pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], v, x, tp[q], &tn[q], tier);
+            pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], v, x, s[q], &tn[q], tier);
         }
     }
     if (s[0]->prof) s[0]->t_entry += mono_s() - te0;
@@ -2001,7 +2029,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
                 uint32_t x = pend[q][j];
                 float v = MSCORE(q, x);
                 scanned++;
-                if (pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], v, x, tp[q], &tn[q], tier) && push_pf) prefetch_edges(g, x);
+                if (pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], v, x, s[q], &tn[q], tier) && push_pf) prefetch_edges(g, x);
             }
         }
     }
@@ -2011,9 +2039,12 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     for (size_t q = 0; q < nq; q++) {
         size_t n = pn[q];
         if (codes && rerank && rerank < n && !tier) n = rerank < k ? k : rerank;
-        if (tier && tn[q]) { /* the second tier after the pool: in code-score order still */
-            memcpy(pool[q] + n, tp[q], tn[q] * sizeof(gpair));
-            n += tn[q];
+        nsort[q] = n;
+        if (tier && tn[q]) { /* the second tier after the pool: its best `tier` by code score */
+            size_t t = tn[q] < tier ? tn[q] : tier;
+            if (tn[q] > tier) tier_select((gpair *)s[q]->vl, tn[q], tier);
+            memcpy(pool[q] + n, s[q]->vl, t * sizeof(gpair));
+            n += t;
         }
         npool[q] = n;
     }
@@ -2028,9 +2059,23 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             gpair *P = pool[q];
             for (size_t i = 0; i < npool[q]; i++) P[i].s = kst_kv_dot(Q + q * d, krow(K, f16, P[i].x, d), f16, d);
             /* insertion sort, best first: the code order is nearly the exact one, so few moves */
-            for (size_t i = 1; i < npool[q]; i++) {
+            size_t ns = nsort[q];
+            for (size_t i = 1; i < ns; i++) {
                 gpair t = P[i];
                 size_t j = i;
+                while (j > 0 && P[j - 1].s < t.s) {
+                    P[j] = P[j - 1];
+                    j--;
+                }
+                P[j] = t;
+            }
+            /* the tier's keys (in no order) that beat the pool's last join the sorted pool, its
+             * last taking their place: the first ns are the best ns of all, best first */
+            for (size_t i = ns; ns && i < npool[q]; i++) {
+                if (!(P[i].s > P[ns - 1].s)) continue;
+                gpair t = P[i];
+                P[i] = P[ns - 1];
+                size_t j = ns - 1;
                 while (j > 0 && P[j - 1].s < t.s) {
                     P[j] = P[j - 1];
                     j--;

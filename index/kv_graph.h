@@ -116,8 +116,9 @@ typedef struct kst_kvg_scratch {
      * also re-scores exactly the `tier` best keys by code score that it scored but that fell
      * outside its pool (its visited keys ranked ef + 1 .. ef + tier by code score: the beam
      * reached them, so they sit near the top keys in the graph), and k may be up to ef + tier:
-     * the ids are the k best by exact score of the pool and the tier. Costs tier exact scores,
-     * no extra code scores. vl: the search's scored keys, logged (vlcap pairs). */
+     * the first ef ids are the best ef of the pool and the tier by exact score, best first, the
+     * tier's others follow in no order. Costs tier exact scores, no extra code scores. vl: the
+     * pairs the pool rejected or evicted, logged (vlcap allocated). */
     size_t tier;
     void *vl; size_t vlcap;
 } kst_kvg_scratch;
