@@ -318,8 +318,9 @@ static void test_search_tier(void **state) {
 
 /* The second tier in the decode step (d 64, codes on, the attention-aware index; top_k 16, ef 64,
  * tier 256): one query head spread over a shoulder of 600 keys, one concentrated. Every indexed
- * key sampled: full attention for both (the tier's keys are taken out of the sample); 64 samples:
- * the spread head's error with the tier under 0.7x the one without; more keys attended than ef. */
+ * key sampled: full attention for both (the tier's keys are taken out of the sample), on the CPU
+ * and the GPU path; 64 samples: the spread head's error with the tier under 0.7x the one
+ * without; more keys attended than ef. */
 static void test_tier_attend(void **state) {
     (void)state;
     const size_t n = 6000, d = 64, nq = 4, np = 64, sinks = 4, window = 32;
@@ -334,7 +335,13 @@ static void test_tier_attend(void **state) {
     kst_error err;
     double e[2] = {0, 0};
     size_t att[2] = {0, 0};
-    for (int ti = 0; ti < 2; ti++) {
+    for (int run = 0; run < 4; run++) {
+        int ti = run & 1, gpu = run >> 1;
+#ifdef KST_CUDA
+        if (gpu && kst_kv_cuda_devices() == 0) break;
+#else
+        if (gpu) break;
+#endif
         kst_kv_opts o = kst_kv_opts_default();
         o.layers = o.kv_heads = 1;
         o.q_heads = 2;
@@ -344,6 +351,7 @@ static void test_tier_attend(void **state) {
         o.degree = 16;
         o.top_k = 16;
         o.ef = 64;
+        o.gpu = gpu;
         o.tier = ti ? 256 : 0;
         kst_kv *kv;
         assert_ok(kst_kv_create(&o, &kv, &err), &err);
@@ -356,9 +364,11 @@ static void test_tier_attend(void **state) {
             kst_kv_stats st;
             assert_ok(kst_kv_set_tail_samples(kv, 64, &err), &err);
             assert_ok(kst_kv_attend(kv, 0, q, 0, 0, out, &st, &err), &err);
-            att[ti] += st.retrieved;
             full_attn64(ref, q + d, K, V, n, d);
-            e[ti] += rel_err64(out + d, ref, d) / nq;
+            if (!gpu) {
+                att[ti] += st.retrieved;
+                e[ti] += rel_err64(out + d, ref, d) / nq;
+            }
             assert_ok(kst_kv_set_tail_samples(kv, n, &err), &err);
             assert_ok(kst_kv_attend(kv, 0, q, 0, 0, out, &st, &err), &err);
             assert_int_equal(st.sampled + st.retrieved, 2 * st.indexed);
@@ -366,8 +376,8 @@ static void test_tier_attend(void **state) {
                 full_attn64(ref, q + g * d, K, V, n, d);
                 for (size_t j = 0; j < d; j++)
                     if (!(fabs(out[g * d + j] - ref[j]) <= 2e-5 + 1e-4 * fabs(ref[j])))
-                        fail_msg("every key sampled, tier %d, step %zu, head %zu, dim %zu: %.7g, full attention %.7g", ti ? 256 : 0,
-                                 s, g, j, out[g * d + j], ref[j]);
+                        fail_msg("every key sampled (%s), tier %d, step %zu, head %zu, dim %zu: %.7g, full attention %.7g",
+                                 gpu ? "gpu" : "cpu", ti ? 256 : 0, s, g, j, out[g * d + j], ref[j]);
             }
         }
         kst_kv_free(kv);
