@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kv_heads_report.py FILE... - sums bench_kv_heads' per-head lines (kv.sh) per budget: the mean
 and max over query heads of the mean relative L2 output error, the mean recall@100, keys scanned,
-cache attended, widened searches and (newer benches) the mean step time. A FILE's "== ..." header
+cache attended, widened searches and (newer benches) the mean CPU time of a step. A FILE's "== ..." header
 lines name its cache; files are reported one by one."""
 import sys
 from collections import OrderedDict
@@ -23,7 +23,7 @@ def report(path):
                                                  float(f[11]) if len(f) == 12 else float("nan")))
     print(f"{path}: {head or '(no header)'}")
     print(f"{'top_k':>6} {'ef':>5} {'tail':>5} {'heads':>5} {'err mean':>9} {'err max (head)':>22} "
-          f"{'max single query':>16} {'recall@100':>10} {'scanned':>8} {'attended':>8} {'widened':>8} {'step us':>8}")
+          f"{'max single query':>16} {'recall@100':>10} {'scanned':>8} {'attended':>8} {'widened':>8} {'cpu us':>8}")
     for (k, ef, tail), r in rows.items():
         n = len(r)
         worst = max(r, key=lambda x: x[3])
