@@ -337,6 +337,19 @@ typedef struct kst_kv_opts {
     int append_idle;          /* default 0; 1: a completed batch of appends is only queued by
                                  kst_kv_append and planned and linked by kst_kv_work, in the
                                  time the engine's CPU waits for the GPU (see kst_kv_work) */
+    /* Spread attention at a fixed budget (tests/bench/README.md, round 17): */
+    float tail_strata;        /* default 0 (one evenly spaced tail sample); f > 1: the sample
+                                 stratified by position, for decoders whose attention favours
+                                 recent tokens: the indexed tokens split into one stratum per
+                                 512 samples, each f times as long as the next one nearer the
+                                 window, each estimated from its own samples (as many in each);
+                                 the same cost. Uniform where the nearest stratum would hold
+                                 fewer tokens than samples (e.g. 8K tokens at 2,048 samples) */
+    size_t tier;              /* default 0; n > 0 (with codes): every key the search re-scored
+                                 exactly (ef, not only top_k) is attended, and the n best by
+                                 code score of the other keys it reached too (re-scored
+                                 exactly): n more key and value rows read per query head, no
+                                 more keys scanned; the tail estimate covers the rest */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */

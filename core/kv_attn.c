@@ -345,6 +345,34 @@ void kst_attn_partial(float *out, float *lse, float *scratch, const float *q, co
     *lse = mx + (float)log(sum);
 }
 
+void kst_attn_partial_scored(float *out, float *lse, float *scratch, const float *s, const void *V, int f16,
+                             const int64_t *ids, size_t n, size_t d, float scale) {
+    memset(out, 0, d * sizeof(float));
+    if (n == 0) {
+        *lse = -INFINITY;
+        return;
+    }
+    float mx = -INFINITY;
+    for (size_t j = 0; j < n; j++) {
+        scratch[j] = scale * s[j];
+        if (scratch[j] > mx) mx = scratch[j];
+    }
+    const size_t PF = 8, rowb = d * (f16 ? 2 : 4);
+    for (size_t j = 0; j < PF && j < n; j++)
+        for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch((const char *)row_at(V, f16, (size_t)ids[j], d) + o);
+    double sum = 0;
+    for (size_t j = 0; j < n; j++) {
+        if (j + PF < n)
+            for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch((const char *)row_at(V, f16, (size_t)ids[j + PF], d) + o);
+        float w = expf(scratch[j] - mx);
+        sum += w;
+        kst_kv_axpy(out, w, row_at(V, f16, (size_t)ids[j], d), f16, d);
+    }
+    float inv = (float)(1.0 / sum);
+    for (size_t i = 0; i < d; i++) out[i] *= inv;
+    *lse = mx + (float)log(sum);
+}
+
 void kst_attn_merge(float *o, float *lse, const float *o2, float lse2, size_t d) {
     if (lse2 == -INFINITY) return;
     if (*lse == -INFINITY) {

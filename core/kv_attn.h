@@ -51,6 +51,13 @@ void kst_attn_partial(float *out, float *lse, float *scratch, const float *q, co
                       const void *V, int f16, const int64_t *ids, size_t first, size_t n,
                       size_t d, float scale);
 
+/* kst_attn_partial over rows ids[0..n) of V whose scores are known: s[j] = <q, k_ids[j]> unscaled
+ * (as kst_kv_dot gives them, e.g. a search's exact re-scoring); scratch gets scale * s[j], the
+ * values kst_attn_partial would have computed from the keys, so the result is the same without
+ * reading the keys again. */
+void kst_attn_partial_scored(float *out, float *lse, float *scratch, const float *s, const void *V, int f16,
+                             const int64_t *ids, size_t n, size_t d, float scale);
+
 /* Merges the partial (o2, lse2) into (o, *lse) in place (d values). Either may be empty
  * (lse = -INFINITY). Cannot fail. */
 void kst_attn_merge(float *o, float *lse, const float *o2, float lse2, size_t d);

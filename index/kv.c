@@ -22,6 +22,7 @@
  * step for all the query heads of the GQA group (a work item: the chunks spread over threads);
  * remade when the sample is drawn (tail_prepare). Per chunk c and query head g (index
  * c * G + g): */
+#define KV_TT_CHUNKS 16 /* at most; chunks of 512 rows up to 8,192 samples */
 typedef struct kv_tail {
     size_t n, nidx, cap;   /* samples in the table, indexed keys they were drawn from, rows allocated */
     size_t ch, nc, ccap;   /* rows per chunk, chunks, chunks allocated */
@@ -34,11 +35,17 @@ typedef struct kv_tail {
     float *mx;             /* (nc, G) the chunk's best score */
     uint32_t *top;         /* (nc, G, KV_TT_TOP) the chunk's best-scoring samples, kept apart */
     float *topw;           /* (nc, G, KV_TT_TOP) their weights */
+    /* Stratified by position (kst_kvc.strat; round 17): chunk c's samples are a systematic
+     * sample of its own stratum, indexed nodes b[c] .. b[c + 1] - 1, and stand for that stratum
+     * alone (each chunk its ratio; the nodes indexed since the draw count in the last stratum,
+     * the one next to the window). strat 0: one systematic sample over all nodes (b unused). */
+    int strat;
+    double tf;             /* kst_kvc.strat when drawn (drawn anew when it changes) */
+    size_t b[KV_TT_CHUNKS + 1];
 } kv_tail;
 /* Samples kept apart per query head and chunk: those most likely retrieved too (the head's
  * best), so that taking the retrieved ones out of the sums subtracts little. */
 #define KV_TT_TOP 32
-#define KV_TT_CHUNKS 16 /* at most; chunks of 512 rows up to 8,192 samples */
 /* The sample is drawn again once the index has grown by 1/KV_TT_LAG since it was drawn (not at
  * every append: at 128K tokens and 2,048 samples a draw copies 8 MB a layer, and the GPU's copy
  * is uploaded again). */
@@ -118,6 +125,8 @@ struct kst_kvc {
     /* decode step work items (kst_kvc_attend): each query head's retrieved ids (q_heads, top_k)
      * and counts; the tasks whose searches ended, in order (pub, pub_ok: published) */
     uint32_t *ids_all; size_t ids_all_cap;
+    float *sc_all;  /* (q_heads, top_k...) the first search's exact scores of ids_all (unscaled), for
+                       the attention (kst_attn_partial_scored: the rerank already read the keys) */
     size_t *fnd_all;
     uint32_t *pub;
     uint8_t *pub_ok;
@@ -149,6 +158,16 @@ struct kst_kvc {
                              the GPU path decides as the CPU path does; 1 only where they are in by
                              then (timing-dependent on the GPU path); 0 off */
     size_t *kw_all;       /* (q_heads) the top_k each head's first search of the step ran with */
+    /* Spread attention at a fixed budget (kst_kvc_attend; bench README, round 17): the first
+     * search's keys attended beyond its top_k: att_ef 1, every key its rerank scored exactly (ef);
+     * tier n, also the n best visited keys outside its pool (kst_kvg_scratch.tier); tau_all 1: the
+     * tail's tau is the least of all those (else the top_k-th best's) */
+    int att_ef, tau_all;
+    size_t tier;
+    size_t tt_ch;         /* with strat: rows per chunk (stratum) (KESTREL_KV_TT_CH; 0: 512) */
+    double strat;         /* the tail sample stratified by position (kv_tail.strat): each chunk's
+                             stratum strat times as long as the next one's, nearer the window
+                             (0 or 1: one uniform sample; KESTREL_KV_STRAT) */
     float *os_all, *lse_s_all; /* (q_heads, head_dim), (q_heads): the static partial, where made early */
     uint8_t *os_ok;       /* (q_heads) 1: os_all holds this step's static partial */
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
@@ -250,6 +269,12 @@ void kst_kvc_set_tail_topsum(kst_kvc *c, int on) {
 #endif
 }
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
+void kst_kvc_set_spread_budget(kst_kvc *c, float strata, size_t tier) {
+    c->strat = getenv("KESTREL_KV_STRAT") ? atof(getenv("KESTREL_KV_STRAT")) : strata;
+    if (!(c->strat > 1) || !isfinite(c->strat)) c->strat = 0;
+    c->tier = getenv("KESTREL_KV_TIER") ? (size_t)atol(getenv("KESTREL_KV_TIER")) : tier;
+    c->att_ef = getenv("KESTREL_KV_ATT_EF") ? atoi(getenv("KESTREL_KV_ATT_EF")) != 0 : c->tier > 0;
+}
 void kst_kvc_set_widen(kst_kvc *c, float widen) { c->widen = widen > 0 && isfinite(widen) ? widen : 0; }
 void kst_kvc_set_widen_early(kst_kvc *c, int mode) { c->widen_early = mode < 0 ? 0 : mode > 2 ? 2 : mode; }
 void kst_kvc_set_expand(kst_kvc *c, size_t b) { c->expand = b; }
@@ -337,6 +362,9 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->link_piece = getenv("KESTREL_KV_LINK_PIECE") ? (size_t)atol(getenv("KESTREL_KV_LINK_PIECE")) : KV_LINK_PIECE;
     c->wk_idle = getenv("KESTREL_KV_APPEND_WORKER_IDLE") && atoi(getenv("KESTREL_KV_APPEND_WORKER_IDLE")) == 1;
     c->widen_early = getenv("KESTREL_KV_WIDEN_EARLY") ? atoi(getenv("KESTREL_KV_WIDEN_EARLY")) : 2;
+    kst_kvc_set_spread_budget(c, 0, 0);
+    c->tau_all = getenv("KESTREL_KV_TAU_ALL") ? atoi(getenv("KESTREL_KV_TAU_ALL")) != 0 : 0;
+    c->tt_ch = getenv("KESTREL_KV_TT_CH") ? (size_t)atol(getenv("KESTREL_KV_TT_CH")) : 0;
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv_work, NULL);
     pthread_cond_init(&c->cv_idle, NULL);
@@ -443,6 +471,7 @@ void kst_kvc_free(kst_kvc *c) {
     kst_free(c->gpu_merged);
     kst_free(c->ids_all);
     kst_free(c->fnd_all);
+    kst_free(c->sc_all);
     kst_free(c->pub);
     kst_free(c->pub_ok);
     kst_free(c->tt_ok);
@@ -1140,12 +1169,58 @@ static size_t sample_of(size_t x, size_t nidx, size_t ns) {
     return j < ns && sample_pos((size_t)j, nidx, ns) == x ? (size_t)j : ns;
 }
 
+/* Node of sample j in T's table (kv_tail.strat: within its chunk's stratum). */
+static size_t tt_pos(const kv_tail *T, size_t j) {
+    if (!T->strat) return sample_pos(j, T->nidx, T->n);
+    size_t c = j / T->ch, nr = T->n - c * T->ch < T->ch ? T->n - c * T->ch : T->ch;
+    return T->b[c] + sample_pos(j - c * T->ch, T->b[c + 1] - T->b[c], nr);
+}
+/* The stratum (chunk) of node x (kv_tail.strat; nodes indexed since the draw: the last). */
+static size_t tt_stratum(const kv_tail *T, size_t x) {
+    size_t lo = 0, hi = T->nc - 1;
+    while (lo < hi) {
+        size_t mid = (lo + hi + 1) / 2;
+        if (T->b[mid] <= x) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+/* The sample index of node x in T's table, or T->n when x is not sampled. */
+static size_t tt_of(const kv_tail *T, size_t x) {
+    if (!T->strat) return sample_of(x, T->nidx, T->n);
+    if (x >= T->nidx) return T->n;
+    size_t c = tt_stratum(T, x), nr = T->n - c * T->ch < T->ch ? T->n - c * T->ch : T->ch;
+    size_t j = sample_of(x - T->b[c], T->b[c + 1] - T->b[c], nr);
+    return j < nr ? c * T->ch + j : T->n;
+}
+/* Stratum bounds of a sample of ns in chunks of ch (nc of them) over nidx nodes, stratum c
+ * f times as long as stratum c + 1 (the last one next to the window): returns 0 (uniform
+ * sample) where a stratum would hold fewer nodes than samples. */
+static int tt_strata(size_t *b, double f, size_t nidx, size_t ns, size_t ch, size_t nc) {
+    if (!(f > 1) || nc < 2 || ns >= nidx) return 0;
+    double tot = 0, w = 1;
+    for (size_t c = 0; c < nc; c++, w *= f) tot += w;
+    double acc = 0;
+    w = 1;
+    b[nc] = nidx;
+    for (size_t c = nc; c-- > 0; w *= f) { /* from the window back */
+        acc += w;
+        b[c] = c ? (size_t)((1 - acc / tot) * (double)nidx + 0.5) : 0;
+    }
+    for (size_t c = 0; c < nc; c++) {
+        size_t nr = ns - c * ch < ch ? ns - c * ch : ch;
+        if (b[c + 1] - b[c] < nr) return 0;
+    }
+    return 1;
+}
+
 /* Before a decode step's parallel part: each KV head's sample table sized for ns samples of
  * nidx indexed keys, marked for copying where the index or ns changed. */
 static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
-    size_t ch = ns <= 512 * KV_TT_CHUNKS ? 512 : (ns + KV_TT_CHUNKS - 1) / KV_TT_CHUNKS, nc = (ns + ch - 1) / ch;
+    size_t c0 = c->strat > 1 && c->tt_ch ? c->tt_ch : 512;
+    size_t ch = ns <= c0 * KV_TT_CHUNKS ? c0 : (ns + KV_TT_CHUNKS - 1) / KV_TT_CHUNKS, nc = (ns + ch - 1) / ch;
     int rc = KST_OK;
     for (size_t h = 0; h < o->kv_heads; h++) {
         kv_tail *T = &L->heads[h].tt;
@@ -1153,7 +1228,7 @@ static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_err
         /* drawn anew when the sample size changed (every key sampled: with each growth) or the
          * index grew by more than 1/KV_TT_LAG since the draw; until then the keys indexed since
          * are not in the sample (tail_partial's ratio stands for them too) */
-        if (T->n == ns && T->nidx <= nidx && nidx - T->nidx <= T->nidx / KV_TT_LAG) continue;
+        if (T->n == ns && T->tf == c->strat && T->nidx <= nidx && nidx - T->nidx <= T->nidx / KV_TT_LAG) continue;
         T->n = 0;
         if (T->cap < ns) {
             KST_TRY(kst_realloc(&T->K, ns, rowb, "tail sample keys", err));
@@ -1173,6 +1248,8 @@ static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_err
         T->nidx = nidx;
         T->ch = ch;
         T->nc = nc;
+        T->strat = tt_strata(T->b, c->strat, nidx, ns, ch, nc);
+        T->tf = c->strat;
         T->copy = 1;
     }
 done:
@@ -1191,7 +1268,7 @@ static void tail_copy(const kst_kvc *c, kv_hstore *H, size_t cc) {
     {
         const char *K = H->K, *V = H->V;
         for (size_t j = 0; j < nr; j++) {
-            size_t r = o->sinks + sample_pos(j0 + j, T->nidx, T->n);
+            size_t r = o->sinks + tt_pos(T, j0 + j);
             memcpy(Vc + j * rowb, V + r * rowb, rowb);
             /* keys transposed: column j of (d, nr) */
             if (o->f16)
@@ -1248,7 +1325,7 @@ static size_t tail_begin(kv_thread *t, const kv_tail *T, const uint32_t *rid, si
                          float *lse, size_t d) {
     size_t ns = T->n, nex = 0;
     for (size_t i = 0; i < m; i++) {
-        size_t j = sample_of(rid[i], T->nidx, ns);
+        size_t j = tt_of(T, rid[i]);
         if (j < ns) t->sret[nex++] = (uint32_t)j;
     }
     memset(o, 0, d * sizeof(float));
@@ -1290,6 +1367,21 @@ static void tail_end(float *o, float *lse, const float *oe, float lse_e, size_t 
     kst_attn_merge(o, lse, oe, lse_e, d);
 }
 
+/* A stratified sample's (kv_tail.strat) log ratio for chunk cc: the nodes of its stratum neither
+ * attended (mc[cc]) nor above tau (na) over its kept samples below tau; -inf where none is left
+ * to stand for them. mc (T->nc): the m attended ids rid counted per stratum when cc == 0. */
+static void tt_counts(const kv_tail *T, const uint32_t *rid, size_t m, size_t *mc) {
+    for (size_t c = 0; c < T->nc; c++) mc[c] = 0;
+    for (size_t i = 0; i < m; i++) mc[rid[i] >= T->nidx ? T->nc - 1 : tt_stratum(T, rid[i])]++;
+}
+static float tt_lratio(const kv_tail *T, const size_t *mc, size_t cc, size_t nidx, size_t nr, size_t nex_c,
+                       size_t na) {
+    size_t N = T->b[cc + 1] - T->b[cc] + (cc == T->nc - 1 ? nidx - T->nidx : 0);
+    size_t kept = nr - nex_c, out = mc[cc] + na;
+    if (kept <= na || N <= out) return -INFINITY;
+    return (float)log((double)(N - out) / (double)(kept - na));
+}
+
 /* The tail estimate (kv.h, kst_kvc_attend) of query head g of H's group from its table: partial
  * (o, *lse) over the sampled nodes minus the m retrieved ids rid (tau: the least retrieved
  * score, tail_acc), the estimate's lse raised by the ratio. Per chunk: the group's sums over the
@@ -1304,14 +1396,15 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
     const kst_kvc_opts *op = &c->o;
     const kv_tail *T = &H->tt;
     size_t ns = T->n, d = op->head_dim, rowb = d * c->esize, G = op->q_heads / op->kv_heads;
-    size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex, na = 0;
+    size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex, na = 0, mc[KV_TT_CHUNKS];
     t->ntlw = 0;
     if (kept == 0) return 0;
+    if (T->strat) tt_counts(T, rid, m, mc);
     float oc[512], oe[512], ox[512], lse_e = -INFINITY;
     memset(oe, 0, d * sizeof(float));
     size_t e = 0; /* t->sret[e..) are in chunks cc.. */
     for (size_t cc = 0; cc < T->nc; cc++) {
-        size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, ix = cc * G + g, e0 = e;
+        size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, ix = cc * G + g, e0 = e, na0 = na;
         while (e < nex && t->sret[e] < j0 + nr) e++;
         const float *w = T->w + cc * G * T->ch + g * nr, *tw = T->topw + ix * KV_TT_TOP;
         const uint32_t *tp = T->top + ix * KV_TT_TOP;
@@ -1356,16 +1449,19 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
                 if (wj == 0) continue;
                 tail_acc(oc, &s2, ox, &sx, &na, wj, thr, Vc + j * rowb, op->f16, d);
             }
-            tail_merge(o, lse, oc, s2, T->mx[ix], d); /* 0 when every kept weight underflowed */
+            float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
+            if (lr > -INFINITY) tail_merge(o, lse, oc, s2, T->mx[ix] + lr, d); /* 0 when every kept weight underflowed */
         } else {
             double s0 = 0;
             for (size_t a = 0; a < nt; a++)
                 if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, Vc + (size_t)tp[a] * rowb, op->f16, d);
-            tail_merge(o, lse, oc, rest, T->mx[ix], d);
+            float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
+            if (lr > -INFINITY) tail_merge(o, lse, oc, rest, T->mx[ix] + lr, d);
         }
         tail_merge(oe, &lse_e, ox, sx, T->mx[ix], d);
     }
-    tail_end(o, lse, oe, lse_e, nidx, m, kept, na, d);
+    if (T->strat) kst_attn_merge(o, lse, oe, lse_e, d);
+    else tail_end(o, lse, oe, lse_e, nidx, m, kept, na, d);
     return kept;
 }
 
@@ -1382,14 +1478,15 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
     const kst_kvc_opts *op = &c->o;
     const kv_tail *T = &H->tt;
     size_t ns = T->n, d = op->head_dim, rowb = d * c->esize;
-    size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex, na = 0;
+    size_t nex = tail_begin(t, T, rid, m, o, lse, d), kept = ns - nex, na = 0, mc[KV_TT_CHUNKS];
     t->ntlw = 0;
     if (kept == 0) return 0;
+    if (T->strat) tt_counts(T, rid, m, mc);
     float oc[512], oe[512], ox[512], lse_e = -INFINITY;
     memset(oe, 0, d * sizeof(float));
     size_t e = 0;
     for (size_t cc = 0; cc < T->nc; cc++) {
-        size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, e0 = e;
+        size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, e0 = e, na0 = na;
         while (e < nex && t->sret[e] < j0 + nr) e++;
         if (e - e0 == nr) continue; /* the whole chunk retrieved */
         const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVGPU_TT_TOP;
@@ -1410,7 +1507,7 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                 topx |= (uint64_t)1 << a;
                 continue;
             }
-            const void *kr = rows_at(c, H->K, op->sinks + sample_pos(t->sret[i], T->nidx, ns));
+            const void *kr = rows_at(c, H->K, op->sinks + tt_pos(T, t->sret[i]));
             float w = expf(kst_kv_dot(q, kr, op->f16, d) * op->scale - mx);
             sub += w;
             kst_kv_axpy(oc, -w, Vc + j * rowb, op->f16, d);
@@ -1449,7 +1546,8 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                 if (!(w[j] > 0)) continue;
                 tail_acc(oc, &s2, ox, &sx, &na, w[j], thk, Vc + j * rowb, op->f16, d);
             }
-            tail_merge(o, lse, oc, s2, mk, d);
+            float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
+            if (lr > -INFINITY) tail_merge(o, lse, oc, s2, mk + lr, d);
             tail_merge(oe, &lse_e, ox, sx, mk, d);
         } else {
             /* the best rows: their sum of w V from the GPU (items with it, kst_kvc_set_tail_topsum)
@@ -1481,11 +1579,13 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                 for (size_t a = 0; a < nt; a++)
                     if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, Vc + (size_t)tp[a] * rowb, op->f16, d);
             }
-            tail_merge(o, lse, oc, rest, mx, d);
+            float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
+            if (lr > -INFINITY) tail_merge(o, lse, oc, rest, mx + lr, d);
             tail_merge(oe, &lse_e, ox, sx, mx, d);
         }
     }
-    tail_end(o, lse, oe, lse_e, nidx, m, kept, na, d);
+    if (T->strat) kst_attn_merge(o, lse, oe, lse_e, d);
+    else tail_end(o, lse, oe, lse_e, nidx, m, kept, na, d);
     return kept;
 }
 
@@ -1592,7 +1692,7 @@ static size_t widen_first(const kst_kvc *c, kv_thread *t, float lse_t, float lse
 /* Retrieval for query heads h0 .. h0 + gq - 1 (one KV head's, or one head) into ids (gq, k)
  * and fnd (gq): the per-head beam (kst_kvg_search) unless the group search or codes are on. */
 static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q, size_t gq,
-                    size_t k, size_t ef, uint32_t *ids, size_t *fnd, size_t *scanned) {
+                    size_t k, size_t ef, size_t tier, uint32_t *ids, float *scores, size_t *fnd, size_t *scanned) {
     const kst_kvc_opts *o = &c->o;
     const void *K = rows_at(c, H->K, o->sinks);
     int rc = KST_OK;
@@ -1604,9 +1704,10 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
         t->s.no_vnni = c->no_vnni;
         t->s.spread = spread_of(c, H->g.n);
         t->s.spread_keep = c->spread == KST_KVC_SPREAD_AUTO && !c->spread_keep ? 8 : c->spread_keep;
+        t->s.tier = tier;
         for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];
         rc = kst_kvg_search_multi(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->rerank,
-                                  c->use_codes, ss, ids, NULL, fnd);
+                                  c->use_codes, ss, ids, scores, fnd);
     } else if (gq == 1 && !c->use_codes) {
         fnd[0] = kst_kvg_search(&H->g, K, o->f16, o->head_dim, Q, k, ef, &t->s, ids, NULL, &rc);
     } else {
@@ -1633,7 +1734,7 @@ int kst_kvc_search(kst_kvc *c, size_t layer, size_t q_head, const float *q, size
     if (!L->built || k == 0) return KST_OK;
     KST_TRY(thread_reserve(t, 1, k, o->head_dim, err));
     size_t m, sc;
-    rc = retrieve(c, H, t, q, 1, k, ef ? ef : o->ef, t->ids, &m, &sc);
+    rc = retrieve(c, H, t, q, 1, k, ef ? ef : o->ef, 0, t->ids, NULL, &m, &sc);
     if (rc != KST_OK) return kst_fail(err, rc, "kst_kv_search: out of memory");
     for (size_t i = 0; i < m; i++) pos[i] = (int64_t)(o->sinks + t->ids[i]);
     if (found) *found = m;
@@ -1661,7 +1762,7 @@ int kst_kvc_search_group(kst_kvc *c, size_t layer, size_t kv_head, const float *
     KST_TRY(thread_reserve(t, 1, k * G, d, err));
     size_t fnd[64], sc, tot = 0;
     for (size_t a0 = 0; a0 < G; a0 += gq) {
-        rc = retrieve(c, H, t, Q + a0 * d, gq, k, ef ? ef : o->ef, t->ids, fnd, &sc);
+        rc = retrieve(c, H, t, Q + a0 * d, gq, k, ef ? ef : o->ef, 0, t->ids, NULL, fnd, &sc);
         if (rc != KST_OK) return kst_fail(err, rc, "kst_kv_search_group: out of memory");
         tot += sc;
         for (size_t a = 0; a < gq; a++) {
@@ -1701,6 +1802,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
      * the heads' retrieved ids then take up to kcap each */
     int early = c->widen && c->widen_early && gq == 1 && k > 0 && kcap > k && o->tail_samples > 0 && nidx > k;
     size_t ks = early ? kcap : k;
+    /* keys attended beyond the first search's top_k (c->att_ef, c->tier; the interleaved code
+     * search only, and not where it was widened before it ran) */
+    size_t xk = c->group <= 0 && c->il > 0 && c->use_codes && k > 0 ? (c->att_ef && ef > k ? ef - k : 0) + c->tier : 0;
+    if (xk > nidx - k) xk = nidx - k;
+    if (ks < k + xk) ks = k + xk;
     int on_gpu = 0;
     kst_kvc_prof *pf = c->prof;
     double pt0 = pf ? mono_s() : 0, pt1 = pt0;
@@ -1738,6 +1844,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #endif
     if (c->ids_all_cap < o->q_heads * (ks ? ks : 1)) {
         rc = kst_realloc((void **)&c->ids_all, o->q_heads * (ks ? ks : 1), sizeof(uint32_t), "retrieved ids", err);
+        if (rc != KST_OK) return rc;
+        rc = kst_realloc((void **)&c->sc_all, o->q_heads * (ks ? ks : 1), sizeof(float), "retrieved scores", err);
         if (rc != KST_OK) return rc;
         c->ids_all_cap = o->q_heads * (ks ? ks : 1);
     }
@@ -1843,8 +1951,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (need < k) need = k;
     if (need < ns) need = ns;
     if (need < kcap) need = kcap;
+    if (need < ks) need = ks;
     kst_error e2;
-    int r = thread_reserve(t, need + 1, k * gq > kcap ? k * gq : kcap, d, &e2);
+    size_t kres = k * gq > kcap ? k * gq : kcap;
+    if (kres < ks * gq) kres = ks * gq;
+    int r = thread_reserve(t, need + 1, kres, d, &e2);
     if (r == KST_OK && t->trows_cap < ns) {
         r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
         if (r == KST_OK) t->trows_cap = ns;
@@ -1923,7 +2034,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             }
             if (k > 0) {
                 size_t sc;
-                int r2 = retrieve(c, H, t, q + h0 * d, gq, kA, efA, c->ids_all + h0 * ks, fnd, &sc);
+                size_t x = kA == k ? xk : 0;
+                int r2 = retrieve(c, H, t, q + h0 * d, gq, kA + x, efA, x > (c->att_ef && ef > k ? ef - k : 0) ? c->tier : 0,
+                                  c->ids_all + h0 * ks, c->sc_all + h0 * ks, fnd, &sc);
                 if (r2 != KST_OK) {
                     kst_error e4;
                     kst_fail(&e4, r2, "kst_kv_attend: out of memory in the index search");
@@ -1982,8 +2095,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 lse = lse_s;
                 if (m > 0) {
                     for (size_t i = 0; i < m; i++) t->rows[i] = (int64_t)(o->sinks + rid[i]);
-                    kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, t->rows, 0, m, d,
-                                     o->scale);
+                    if (rid == c->ids_all + h * ks && c->group <= 0 && c->il > 0) /* scored by the search */
+                        kst_attn_partial_scored(t->o2, &lse2, t->buf, c->sc_all + h * ks, H->V, o->f16, t->rows, m, d,
+                                                o->scale);
+                    else
+                        kst_attn_partial(t->o2, &lse2, t->buf, qh, H->K, H->V, o->f16, t->rows, 0, m, d,
+                                         o->scale);
                     kst_attn_merge(oh, &lse, t->o2, lse2, d);
                 }
                 if (pf) {
@@ -1991,8 +2108,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     t->p_attn += tn - tc;
                     tc = tn;
                 }
-                float tau = INFINITY; /* the least retrieved score (t->buf: the retrieved partial's) */
-                for (size_t i = 0; i < m; i++) tau = t->buf[i] < tau ? t->buf[i] : tau;
+                /* the least retrieved score (t->buf: the retrieved partial's) among the top_k
+                 * (rid best first), or among all attended (c->tau_all) */
+                float tau = INFINITY;
+                size_t mt = c->tau_all || m < kw ? m : kw;
+                for (size_t i = 0; i < mt; i++) tau = t->buf[i] < tau ? t->buf[i] : tau;
                 float lse_t = -INFINITY; /* the tail estimate's */
                 kept = 0;
                 /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
@@ -2037,7 +2157,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 efw = efw * k2 / kw > k2 ? efw * k2 / kw : k2;
                 kw = k2;
                 size_t sc2 = 0;
-                int r2 = retrieve(c, H, t, qh, 1, kw, efw, t->ids, &m, &sc2);
+                int r2 = retrieve(c, H, t, qh, 1, kw, efw, 0, t->ids, NULL, &m, &sc2);
                 if (r2 != KST_OK) {
                     kst_error e4;
                     kst_fail(&e4, r2, "kst_kv_attend: out of memory in the widened index search");

@@ -325,6 +325,20 @@ void kst_kvc_set_widen(kst_kvc *c, float widen);
 void kst_kvc_set_widen_early(kst_kvc *c, int mode);
 /* Benchmarks: changes opts.tail_samples of a live cache. */
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m);
+/* Spread attention at a fixed budget (kst_kvc_attend; tests/bench/README.md, round 17); the
+ * environment overrides both for experiments (KESTREL_KV_STRAT, KESTREL_KV_TIER):
+ * - strata f > 1: the tail sample stratified by position: one stratum per chunk of the sample
+ *   table (512 samples; KESTREL_KV_TT_CH=n: n), stratum c the indexed nodes b[c] .. b[c+1] - 1,
+ *   each f times as long as the next one nearer the window, estimated from its own systematic
+ *   sample with its own ratio (the nodes of the stratum neither attended nor above tau, over
+ *   its kept samples below tau); uniform where the nearest stratum would hold fewer nodes than
+ *   samples. 0 or 1: one evenly spaced sample (before round 17). Applies at the next draw.
+ * - tier n > 0: with the interleaved code search (the default), the first search's every
+ *   re-scored key (its ef best, not only top_k) is attended, and the n best by code score of
+ *   the other keys it scored (kst_kvg_scratch.tier), re-scored exactly; the tail's sample
+ *   stands for the keys outside them, tau still the top_k-th best score
+ *   (KESTREL_KV_TAU_ALL=1: the least attended). Not for searches widened (opts.widen). */
+void kst_kvc_set_spread_budget(kst_kvc *c, float strata, size_t tier);
 
 /* Benchmarks: where kst_kvc_attend's time goes. While a profile is set (NULL: off), every call
  * adds its figures: seconds summed over calls; the per-task phases summed over tasks too. */

@@ -84,6 +84,7 @@ void kst_kvg_scratch_free(kst_kvg_scratch *s) {
     kst_free(s->fl);
     kst_free(s->ic);
     kst_free(s->srow);
+    kst_free(s->vl);
     memset(s, 0, sizeof *s);
 }
 
@@ -1783,15 +1784,77 @@ static inline int pool_insert(gpair *pool, uint8_t *fl, size_t *n, size_t L, siz
     return 1;
 }
 
+/* The second tier (kst_kvg_scratch.tier): the pairs a search scored that its pool rejected or
+ * evicted, logged in S->vl (*tn of them; grown as needed, and where that fails no more are
+ * logged: a smaller tier, never an error). An append per pair: keeping the best `tier` sorted
+ * during the search (an insertion per pair) was a third of a 32K step's time. */
+static inline void tier_log(kst_kvg_scratch *S, size_t *tn, float v, uint32_t x) {
+    if (*tn == S->vlcap) {
+        void *p = S->vl;
+        size_t cap = 2 * S->vlcap + 256;
+        if (kst_realloc(&p, cap, sizeof(gpair), "kv search tier", NULL) != KST_OK) return;
+        S->vl = p;
+        S->vlcap = cap;
+    }
+    gpair *t = (gpair *)S->vl + (*tn)++;
+    t->s = v;
+    t->x = x;
+}
+/* pool_insert, the pair it rejects or evicts logged for the second tier (tier > 0). */
+static inline int pool_insert_t(gpair *pool, uint8_t *fl, size_t *n, size_t L, size_t *cur, float v,
+                                uint32_t x, kst_kvg_scratch *S, size_t *tn, size_t tier) {
+    if (tier && *n == L) {
+        if (!(v > pool[L - 1].s)) {
+            tier_log(S, tn, v, x);
+            return 0;
+        }
+        tier_log(S, tn, pool[L - 1].s, pool[L - 1].x);
+    }
+    return pool_insert(pool, fl, n, L, cur, v, x);
+}
+/* Moves the m best pairs of t[0..n) by score to its front, in no order (quickselect, three-way
+ * partitions). */
+static void tier_select(gpair *t, size_t n, size_t m) {
+    size_t lo = 0, hi = n;
+    while (hi - lo > 1) {
+        float p = t[lo + (hi - lo) / 2].s;
+        size_t i = lo, lt = lo, gt = hi; /* [lo, lt) > p, [lt, gt) == p, [gt, hi) < p */
+        while (i < gt) {
+            gpair a = t[i];
+            if (a.s > p) {
+                t[i++] = t[lt];
+                t[lt++] = a;
+            } else if (a.s < p) {
+                t[i] = t[--gt];
+                t[gt] = a;
+            } else {
+                i++;
+            }
+        }
+        if (m <= lt) hi = lt;
+        else if (m <= gt) return;
+        else lo = gt;
+    }
+}
+
 /* The search itself; instantiated twice below: compiled for AVX-512 VNNI (vnni 1, the code
  * scores inlined) and generically (vnni 0). */
 static inline __attribute__((always_inline)) int
 multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, size_t nq, size_t k,
            size_t ef, size_t rerank, int codes, int vnni, kst_kvg_scratch **s, uint32_t *ids,
            float *scores, size_t *found) {
+    size_t tier = codes ? s[0]->tier : 0;
     for (size_t q = 0; q < nq; q++) {
         int rc = scratch_reserve(s[q], g->cap, ef, g->M, NULL);
-        if (rc == KST_OK) rc = group_reserve(s[q], 1, ef, d);
+        if (rc == KST_OK) rc = group_reserve(s[q], 1, ef + tier, d);
+        if (rc == KST_OK && tier && s[q]->vlcap < 4 * tier) {
+            void *v = s[q]->vl;
+            rc = kst_realloc(&v, 4 * tier, sizeof(gpair), "kv search tier", NULL);
+            if (rc == KST_OK) {
+                s[q]->vl = v;
+                s[q]->vlcap = 4 * tier;
+            }
+        }
         if (rc == KST_OK && s[q]->flcap < ef) {
             uint8_t *f = s[q]->fl;
             rc = kst_realloc((void **)&f, ef, 1, "kv search pool", NULL);
@@ -1807,6 +1870,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     float c0[KVG_MULTI_MAX], qsc[KVG_MULTI_MAX];
     const int8_t *qlo[KVG_MULTI_MAX], *qhi[KVG_MULTI_MAX];
     gpair *pool[KVG_MULTI_MAX];
+    size_t tn[KVG_MULTI_MAX], nsort[KVG_MULTI_MAX];
     uint8_t *fl[KVG_MULTI_MAX];
     size_t pn[KVG_MULTI_MAX], cur[KVG_MULTI_MAX];
     uint32_t pend[KVG_MULTI_MAX][1024];
@@ -1838,6 +1902,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             qv[q] = qq;
         }
         pool[q] = (gpair *)S->rr;
+        tn[q] = 0;
         fl[q] = S->fl;
         pn[q] = cur[q] = 0;
         live[q] = 1;
@@ -1900,7 +1965,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
                 if (S->mark[tx[j]] == S->epoch) continue; /* a hub among the spaced keys */
                 S->mark[tx[j]] = S->epoch;
                 prefetch_edges(g, tx[j]);
-                pool_insert(pool[q], fl[q], &pn[q], ef, &cur[q], tv[j], tx[j]);
+                pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], tv[j], tx[j], s[q], &tn[q], tier);
             }
         }
         ne = 0;
@@ -1914,7 +1979,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             S->mark[x] = ep;
             float v = MSCORE(q, x);
             scanned++;
-            pool_insert(pool[q], fl[q], &pn[q], ef, &cur[q], v, x);
+            pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], v, x, s[q], &tn[q], tier);
         }
     }
     if (s[0]->prof) s[0]->t_entry += mono_s() - te0;
@@ -1964,7 +2029,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
                 uint32_t x = pend[q][j];
                 float v = MSCORE(q, x);
                 scanned++;
-                if (pool_insert(pool[q], fl[q], &pn[q], ef, &cur[q], v, x) && push_pf) prefetch_edges(g, x);
+                if (pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], v, x, s[q], &tn[q], tier) && push_pf) prefetch_edges(g, x);
             }
         }
     }
@@ -1973,7 +2038,14 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     size_t npool[KVG_MULTI_MAX];
     for (size_t q = 0; q < nq; q++) {
         size_t n = pn[q];
-        if (codes && rerank && rerank < n) n = rerank < k ? k : rerank;
+        if (codes && rerank && rerank < n && !tier) n = rerank < k ? k : rerank;
+        nsort[q] = n;
+        if (tier && tn[q]) { /* the second tier after the pool: its best `tier` by code score */
+            size_t t = tn[q] < tier ? tn[q] : tier;
+            if (tn[q] > tier) tier_select((gpair *)s[q]->vl, tn[q], tier);
+            memcpy(pool[q] + n, s[q]->vl, t * sizeof(gpair));
+            n += t;
+        }
         npool[q] = n;
     }
     if (codes) { /* exact re-scoring: every search's rows asked for first, then scored */
@@ -1987,9 +2059,23 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             gpair *P = pool[q];
             for (size_t i = 0; i < npool[q]; i++) P[i].s = kst_kv_dot(Q + q * d, krow(K, f16, P[i].x, d), f16, d);
             /* insertion sort, best first: the code order is nearly the exact one, so few moves */
-            for (size_t i = 1; i < npool[q]; i++) {
+            size_t ns = nsort[q];
+            for (size_t i = 1; i < ns; i++) {
                 gpair t = P[i];
                 size_t j = i;
+                while (j > 0 && P[j - 1].s < t.s) {
+                    P[j] = P[j - 1];
+                    j--;
+                }
+                P[j] = t;
+            }
+            /* the tier's keys (in no order) that beat the pool's last join the sorted pool, its
+             * last taking their place: the first ns are the best ns of all, best first */
+            for (size_t i = ns; ns && i < npool[q]; i++) {
+                if (!(P[i].s > P[ns - 1].s)) continue;
+                gpair t = P[i];
+                P[i] = P[ns - 1];
+                size_t j = ns - 1;
                 while (j > 0 && P[j - 1].s < t.s) {
                     P[j] = P[j - 1];
                     j--;
@@ -2027,8 +2113,9 @@ int kst_kvg_search_multi(const kst_kvg *g, const void *K, int f16, size_t d, con
     s[0]->scanned = s[0]->hops = 0;
     for (size_t q = 0; q < nq; q++) found[q] = 0;
     if (g->n == 0 || k == 0) return KST_OK;
-    if (ef < k) ef = k;
     int codes = use_codes && g->codes && g->cd == d && cpu_avx2_fma();
+    size_t tier = codes ? s[0]->tier : 0;
+    if (ef + tier < k) ef = k - tier;
 #if defined(__x86_64__) && defined(__GNUC__)
     if (codes && !s[0]->no_vnni && cpu_vnni())
         return multi_vnni(g, K, f16, d, Q, nq, k, ef, rerank, s, ids, scores, found);

@@ -112,6 +112,15 @@ typedef struct kst_kvg_scratch {
                       `spread_keep` best of them (0: 8) instead of from all the hubs; where the
                       graph has an entry table (and the codes are scored by AVX-512 VNNI) its
                       et_n nodes stand for the `spread` spaced keys */
+    /* kst_kvg_search_multi with codes: the second tier. With tier > 0 (s[0]'s), each search
+     * also re-scores exactly the `tier` best keys by code score that it scored but that fell
+     * outside its pool (its visited keys ranked ef + 1 .. ef + tier by code score: the beam
+     * reached them, so they sit near the top keys in the graph), and k may be up to ef + tier:
+     * the first ef ids are the best ef of the pool and the tier by exact score, best first, the
+     * tier's others follow in no order. Costs tier exact scores, no extra code scores. vl: the
+     * pairs the pool rejected or evicted, logged (vlcap allocated). */
+    size_t tier;
+    void *vl; size_t vlcap;
 } kst_kvg_scratch;
 void kst_kvg_scratch_free(kst_kvg_scratch *s);
 

@@ -12,7 +12,10 @@
  * KV_BUDGETS "top_k:ef:tail;..." (0: the default's; default "0:0:2048;0:0:0", the default
  * budget with and without the tail estimate); KESTREL_KV_WIDEN (the adaptive budget's threshold,
  * opts.widen; 0: off) and KESTREL_KV_WIDEN_TOP_K (opts.widen_top_k) are read by the library. The
- * "widened" column: widened searches per query head and step (the group's mean). The first ctx tokens are the cache (appended,
+ * "widened" column: widened searches per query head and step (the group's mean); "cpu_us": the
+ * mean CPU time of one kst_kv_attend over the group's query heads (all its threads; with
+ * OMP_NUM_THREADS=1 a one-thread step, the tail sample scored on the CPU too). KV_TAIL_STRATA, KV_TIER: opts.tail_strata, opts.tier
+ * (round 17; KESTREL_KV_STRAT / KESTREL_KV_TIER override them in the library). The first ctx tokens are the cache (appended,
  * then built from their queries of every listed head: the prefill); nq decode queries evenly
  * spaced over the tokens after it (errors over the first min(nq, 100)). */
 #include <math.h>
@@ -20,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "api/kestrel.h"
 #include "index/kv_graph.h"
@@ -27,6 +31,14 @@
 #define TOPK 100
 #define KVB_PROG "bench_kv_heads"
 #include "tests/bench/bench_kv_util.h"
+
+/* CPU seconds of the whole process (all threads): with OMP_NUM_THREADS=1 one thread's CPU time,
+ * which the box's other jobs do not inflate as they do wall time. */
+static double cpu_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 static size_t env_size(const char *name, size_t dflt) {
     const char *s = getenv(name);
@@ -47,6 +59,8 @@ int main(int argc, char **argv) {
     o.sinks = env_size("KV_SINKS", o.sinks);
     o.window = env_size("KV_WINDOW", o.window);
     o.max_build_queries = env_size("KV_BUILD_QUERIES", o.max_build_queries);
+    if (getenv("KV_TAIL_STRATA")) o.tail_strata = (float)atof(getenv("KV_TAIL_STRATA"));
+    o.tier = env_size("KV_TIER", o.tier);
     if (o.sinks + o.window >= n) die("sinks + window leave nothing to index", NULL);
     size_t sinks = o.sinks, nidx = n - o.sinks - o.window;
     /* prefill queries (n, G, d); decode queries (nt, G, d) evenly spaced after the cache */
@@ -78,8 +92,8 @@ int main(int argc, char **argv) {
     if (kst_kv_build(kv, 0, Qp, n, &e)) die("build", &e);
     printf("built in %.1f s\n", now_s() - t0);
     const char *budgets = getenv("KV_BUDGETS") ? getenv("KV_BUDGETS") : "0:0:2048;0:0:0";
-    printf("%-5s %4s %6s %6s %6s %10s %9s %10s %10s %9s %8s\n", "layer", "head", "top_k", "ef", "tail",
-           "recall@100", "scanned", "err_mean", "err_max", "attended", "widened");
+    printf("%-5s %4s %6s %6s %6s %10s %9s %10s %10s %9s %8s %9s\n", "layer", "head", "top_k", "ef", "tail",
+           "recall@100", "scanned", "err_mean", "err_max", "attended", "widened", "cpu_us");
     float *out = malloc(G * d * sizeof *out);
     int64_t *pos = malloc(8192 * sizeof *pos);
     double *rec = malloc(G * sizeof *rec), *err = malloc(G * sizeof *err), *emax = malloc(G * sizeof *emax);
@@ -94,7 +108,7 @@ int main(int argc, char **argv) {
         size_t kk = k ? k : o.top_k, eff = ef ? ef : o.ef;
         if (eff > 8192) die("ef over 8192", NULL);
         if (kst_kv_set_tail_samples(kv, tail, &e)) die("tail", &e);
-        double scanned = 0, att = 0, wid = 0;
+        double scanned = 0, att = 0, wid = 0, tstep = 0;
         for (size_t g = 0; g < G; g++) rec[g] = err[g] = emax[g] = 0;
         for (size_t i = 0; i < nt; i++) {
             for (size_t g = 0; g < G; g++) {
@@ -107,7 +121,9 @@ int main(int argc, char **argv) {
             }
             if (i >= ne) continue;
             kst_kv_stats st;
+            double ta = cpu_s();
             if (kst_kv_attend(kv, 0, Qt + i * G * d, kk, eff, out, &st, &e)) die("attend", &e);
+            tstep += (cpu_s() - ta) / ne;
             scanned += (double)st.scanned / G / st.indexed / ne;
             att += (double)(st.exact + (st.retrieved + st.sampled) / G) / n / ne;
             wid += (double)st.widened / G / ne; /* widened searches per query head and step */
@@ -118,8 +134,8 @@ int main(int argc, char **argv) {
             }
         }
         for (size_t g = 0; g < G; g++)
-            printf("L%-4d %4d %6zu %6zu %6zu %10.3f %8.2f%% %10.3e %10.3e %8.1f%% %7.1f%%\n", L, hs[g], kk, eff, tail,
-                   rec[g], 100 * scanned, err[g], emax[g], 100 * att, 100 * wid);
+            printf("L%-4d %4d %6zu %6zu %6zu %10.3f %8.2f%% %10.3e %10.3e %8.1f%% %7.1f%% %9.1f\n", L, hs[g], kk, eff, tail,
+                   rec[g], 100 * scanned, err[g], emax[g], 100 * att, 100 * wid, 1e6 * tstep);
     }
     kst_kv_free(kv);
     free(rec), free(err), free(emax), free(out), free(pos), free(ref), free(want), free(Qp), free(Qt);
