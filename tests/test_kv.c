@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "harness.h"
+#include "kv_ref.h"
 
 #include "api/kestrel.h"
 #include "core/kv_attn.h"
@@ -428,35 +429,6 @@ static double test_gauss(void) {
     g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17;
     double v = (g_rng >> 11) * (1.0 / 9007199254740992.0);
     return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
-}
-
-/* Full attention of q over n rows, float64 (the reference). */
-static void full_attn64(double *out, const float *q, const float *K, const float *V, size_t n,
-                        size_t d, double scale) {
-    double mx = -INFINITY, sum = 0, *s = malloc(n * sizeof *s);
-    for (size_t j = 0; j < n; j++) {
-        double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[j * d + i];
-        s[j] = a * scale;
-        if (s[j] > mx) mx = s[j];
-    }
-    for (size_t i = 0; i < d; i++) out[i] = 0;
-    for (size_t j = 0; j < n; j++) {
-        double w = exp(s[j] - mx);
-        sum += w;
-        for (size_t i = 0; i < d; i++) out[i] += w * V[j * d + i];
-    }
-    for (size_t i = 0; i < d; i++) out[i] /= sum;
-    free(s);
-}
-
-static double rel_err64(const float *got, const double *want, size_t d) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < d; i++) {
-        num += (got[i] - want[i]) * (got[i] - want[i]);
-        den += want[i] * want[i];
-    }
-    return sqrt(num / den);
 }
 
 /* Diffuse attention (4,096 keys of small norm, so no key dominates): top-16 attention misses most

@@ -11,6 +11,7 @@
  *   key sampled, the output is full attention (tier keys are not counted twice); on a head whose
  *   attention is spread over a shoulder of keys it lowers the error. */
 #include "harness.h"
+#include "kv_ref.h"
 
 #include "api/kestrel.h"
 #include "index/kv_graph.h"
@@ -25,33 +26,6 @@ static double gauss(void) {
     g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17;
     double v = (g_rng >> 11) * (1.0 / 9007199254740992.0);
     return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
-}
-
-static void full_attn64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d) {
-    double mx = -INFINITY, sum = 0, sc = 1.0 / sqrt((double)d), *s = malloc(n * sizeof *s);
-    for (size_t j = 0; j < n; j++) {
-        double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[j * d + i];
-        s[j] = a * sc;
-        mx = s[j] > mx ? s[j] : mx;
-    }
-    for (size_t i = 0; i < d; i++) out[i] = 0;
-    for (size_t j = 0; j < n; j++) {
-        double w = exp(s[j] - mx);
-        sum += w;
-        for (size_t i = 0; i < d; i++) out[i] += w * V[j * d + i];
-    }
-    for (size_t i = 0; i < d; i++) out[i] /= sum;
-    free(s);
-}
-
-static double rel_err64(const float *got, const double *want, size_t d) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < d; i++) {
-        num += (got[i] - want[i]) * (got[i] - want[i]);
-        den += want[i] * want[i];
-    }
-    return sqrt(num / den);
 }
 
 /* The tail estimate's float64 reference (kv.h): sinks, window and the m retrieved ids rid
@@ -242,7 +216,7 @@ static void test_tail_strata_recency(void **state) {
         float out[32];
         double ref[32];
         for (size_t s = 0; s < nq; s++) {
-            full_attn64(ref, Q + s * d, K, V, n, d);
+            full_attn64(ref, Q + s * d, K, V, n, d, 1.0 / sqrt((double)d));
             assert_ok(kst_kv_set_tail_samples(kv, 2048, &err), &err);
             assert_ok(kst_kv_attend(kv, 0, Q + s * d, 16, 64, out, NULL, &err), &err);
             e[st] += rel_err64(out, ref, d) / nq;
@@ -364,7 +338,7 @@ static void test_tier_attend(void **state) {
             kst_kv_stats st;
             assert_ok(kst_kv_set_tail_samples(kv, 64, &err), &err);
             assert_ok(kst_kv_attend(kv, 0, q, 0, 0, out, &st, &err), &err);
-            full_attn64(ref, q + d, K, V, n, d);
+            full_attn64(ref, q + d, K, V, n, d, 1.0 / sqrt((double)d));
             if (!gpu) {
                 att[ti] += st.retrieved;
                 e[ti] += rel_err64(out + d, ref, d) / nq;
@@ -373,7 +347,7 @@ static void test_tier_attend(void **state) {
             assert_ok(kst_kv_attend(kv, 0, q, 0, 0, out, &st, &err), &err);
             assert_int_equal(st.sampled + st.retrieved, 2 * st.indexed);
             for (size_t g = 0; g < 2; g++) {
-                full_attn64(ref, q + g * d, K, V, n, d);
+                full_attn64(ref, q + g * d, K, V, n, d, 1.0 / sqrt((double)d));
                 for (size_t j = 0; j < d; j++)
                     if (!(fabs(out[g * d + j] - ref[j]) <= 2e-5 + 1e-4 * fabs(ref[j])))
                         fail_msg("every key sampled (%s), tier %d, step %zu, head %zu, dim %zu: %.7g, full attention %.7g",
