@@ -73,56 +73,7 @@ static __device__ __forceinline__ void wg_issue_s(float (&sc)[32], uint32_t q, u
     for (int kk = 0; kk < 4; kk++) wgmma_ss(sc, wg_desc(q + kk * 32, 16), wg_desc(k + kk * 32, 16), kk > 0);
     wg_commit();
 }
-/* The online softmax of a tile's scores sc (NJ fragments of 8 keys: keys k0 .. k0 + 8 NJ - 1;
- * keys at or past Lv get -inf) into P (pa, bf16) and O rescaled. m, l: the running maximum
- * (log2 units) and sum of rows g and g + 8 of the thread's fragment. */
-template <int NJ>
-static __device__ __forceinline__ void wg_online_softmax(float (&o)[32], float (&sc)[4 * NJ], uint32_t (&pa)[NJ / 2][4],
-                                                         float &m0, float &m1, float &l0, float &l1, int k0, int Lv,
-                                                         int t) {
-    const float qscale = 0.125f * 1.4426950408889634f; /* 1/sqrt(64) * log2(e) */
-    if (k0 + 8 * NJ > Lv) {
-#pragma unroll
-        for (int j = 0; j < NJ; j++) {
-            const int key = k0 + j * 8 + t * 2;
-            if (key >= Lv) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
-            if (key + 1 >= Lv) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
-        }
-    }
-    float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < NJ; j++) {
-        mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
-        mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
-    }
-    mx0 = quad_max(mx0);
-    mx1 = quad_max(mx1);
-    const float mn0 = fmaxf(m0, mx0 * qscale), mn1 = fmaxf(m1, mx1 * qscale);
-    const float al0 = ex2_approx(m0 - mn0), al1 = ex2_approx(m1 - mn1);
-    m0 = mn0;
-    m1 = mn1;
-    float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NJ; j++) {
-        const float p0 = ex2_approx(fmaf(sc[4 * j], qscale, -mn0)), p1 = ex2_approx(fmaf(sc[4 * j + 1], qscale, -mn0));
-        const float p2 = ex2_approx(fmaf(sc[4 * j + 2], qscale, -mn1)), p3 = ex2_approx(fmaf(sc[4 * j + 3], qscale, -mn1));
-        s0 += p0 + p1;
-        s1 += p2 + p3;
-        pa[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
-        pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
-    }
-    l0 = l0 * al0 + s0;
-    l1 = l1 * al1 + s1;
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        o[4 * j] *= al0;
-        o[4 * j + 1] *= al0;
-        o[4 * j + 2] *= al1;
-        o[4 * j + 3] *= al1;
-    }
-}
-
-/* wg_online_softmax in place (attention_ws_kernel): sc becomes the tile's exponentials (P before its
+/* The online softmax of a tile in place (wg_online_softmax below; attention_ws_kernel): sc becomes the tile's exponentials (P before its
  * rounding to bf16, wg_pack), al0 and al1 the factors by which O must be scaled before this tile's
  * P V is added; m, l: the running maximum (log2 units) and sum of rows g and g + 8 of the thread's
  * fragment. O is scaled apart (wg_rescale) so that the warp-specialized kernel can scale it while
@@ -183,6 +134,18 @@ static __device__ __forceinline__ void wg_rescale(float (&o)[32], float a0, floa
         o[4 * j + 2] *= a1;
         o[4 * j + 3] *= a1;
     }
+}
+/* The online softmax of a tile's scores sc (NJ fragments of 8 keys: keys k0 .. k0 + 8 NJ - 1;
+ * keys at or past Lv get -inf) into P (pa, bf16) and O rescaled. m, l: the running maximum
+ * (log2 units) and sum of rows g and g + 8 of the thread's fragment. */
+template <int NJ>
+static __device__ __forceinline__ void wg_online_softmax(float (&o)[32], float (&sc)[4 * NJ], uint32_t (&pa)[NJ / 2][4],
+                                                         float &m0, float &m1, float &l0, float &l1, int k0, int Lv,
+                                                         int t) {
+    float al0, al1;
+    wg_softmax_x<NJ>(sc, m0, m1, l0, l1, k0, Lv, t, al0, al1);
+    wg_pack<NJ>(sc, pa);
+    wg_rescale(o, al0, al1);
 }
 /* The end of a warpgroup's rows: O / l into the warpgroup's 64 rows of the Q tile (os, the warp's
  * own 16), then out in 16-byte chunks to rows row0 .. row0 + 63 (those below T) of sequence
