@@ -35,4 +35,16 @@ static inline double rel_err64(const float *got, const double *want, size_t d) {
     return sqrt(num / den);
 }
 
+/* out = sum_t w[t] V[t] / sum_t w[t] over n rows of V (d wide): a reference estimator's output
+ * from its per-token weights. */
+static inline void wsum_rows64(double *out, const double *w, const float *V, size_t n, size_t d) {
+    double den = 0;
+    for (size_t i = 0; i < d; i++) out[i] = 0;
+    for (size_t t = 0; t < n; t++) {
+        den += w[t];
+        for (size_t i = 0; i < d; i++) out[i] += w[t] * V[t * d + i];
+    }
+    for (size_t i = 0; i < d; i++) out[i] /= den;
+}
+
 #endif

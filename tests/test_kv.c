@@ -640,7 +640,7 @@ static size_t tail_ref64(double *out, const float *q, const float *K, const floa
     }
     for (size_t r = 0; r < m; r++) top[rid[r] - (int64_t)sinks] = 1; /* token positions */
     for (size_t j = 0; j < ns; j++) kept += !top[(2 * j + 1) * nd / (2 * ns)];
-    double mx = -INFINITY, den = 0;
+    double mx = -INFINITY;
     for (size_t t = 0; t < n; t++) mx = l[t] > mx ? l[t] : mx;
     for (size_t t = 0; t < n; t++)
         if (t < sinks || t >= sinks + nidx || top[t - sinks]) w[t] = exp(l[t] - mx);
@@ -655,12 +655,7 @@ static size_t tail_ref64(double *out, const float *q, const float *K, const floa
         if (!(l[sinks + x] > tau)) w[sinks + x] *= (double)(nidx - m - na) / (double)(kept - na);
     }
     *nabove = na;
-    for (size_t i = 0; i < d; i++) out[i] = 0;
-    for (size_t t = 0; t < n; t++) {
-        den += w[t];
-        for (size_t i = 0; i < d; i++) out[i] += w[t] * V[t * d + i];
-    }
-    for (size_t i = 0; i < d; i++) out[i] /= den;
+    wsum_rows64(out, w, V, n, d);
     free(l);
     free(w);
     free(top);

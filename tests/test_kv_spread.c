@@ -86,13 +86,7 @@ static size_t strata_ref64(double *out, const float *q, const float *K, const fl
             if (!(l[sinks + x] > tau)) w[sinks + x] *= (double)(N - mc - na) / (double)(kept - na);
         }
     }
-    double den = 0;
-    for (size_t i = 0; i < d; i++) out[i] = 0;
-    for (size_t t = 0; t < n; t++) {
-        den += w[t];
-        for (size_t i = 0; i < d; i++) out[i] += w[t] * V[t * d + i];
-    }
-    for (size_t i = 0; i < d; i++) out[i] /= den;
+    wsum_rows64(out, w, V, n, d);
     free(l);
     free(w);
     free(ret);
