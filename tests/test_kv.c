@@ -622,46 +622,6 @@ static void test_widen_spread_attention(void **state) {
     free(Q);
 }
 
-/* The tail estimate's float64 reference for query q: sinks, window and the m retrieved indexed
- * keys rid attended exactly, and the sampled positions floor((2j + 1) nd / (2 ns)) of the nd indexed
- * keys when the sample was drawn, less the retrieved (kept): the na of them that score above the
- * least retrieved key attended once, the others weighted (nidx - m - na) / (kept - na). Returns
- * kept; *nabove = na. */
-static size_t tail_ref64(double *out, const float *q, const float *K, const float *V, size_t n,
-                         size_t d, size_t sinks, size_t window, const int64_t *rid, size_t m, size_t nd,
-                         size_t ns, size_t *nabove) {
-    size_t nidx = n - sinks - window, kept = 0;
-    double sc = 1.0 / sqrt((double)d), *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w);
-    char *top = calloc(nidx, 1);
-    for (size_t t = 0; t < n; t++) {
-        double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[t * d + i];
-        l[t] = a * sc;
-    }
-    for (size_t r = 0; r < m; r++) top[rid[r] - (int64_t)sinks] = 1; /* token positions */
-    for (size_t j = 0; j < ns; j++) kept += !top[(2 * j + 1) * nd / (2 * ns)];
-    double mx = -INFINITY;
-    for (size_t t = 0; t < n; t++) mx = l[t] > mx ? l[t] : mx;
-    for (size_t t = 0; t < n; t++)
-        if (t < sinks || t >= sinks + nidx || top[t - sinks]) w[t] = exp(l[t] - mx);
-    double tau = INFINITY;
-    for (size_t r = 0; r < m; r++) tau = l[rid[r]] < tau ? l[rid[r]] : tau;
-    size_t na = 0;
-    for (size_t j = 0; j < ns; j++) na += !top[(2 * j + 1) * nd / (2 * ns)] && l[sinks + (2 * j + 1) * nd / (2 * ns)] > tau;
-    for (size_t j = 0; j < ns; j++) {
-        size_t x = (2 * j + 1) * nd / (2 * ns);
-        if (top[x]) continue;
-        w[sinks + x] = exp(l[sinks + x] - mx);
-        if (!(l[sinks + x] > tau)) w[sinks + x] *= (double)(nidx - m - na) / (double)(kept - na);
-    }
-    *nabove = na;
-    wsum_rows64(out, w, V, n, d);
-    free(l);
-    free(w);
-    free(top);
-    return kept;
-}
-
 /* Appends between decode steps: the tail sample is drawn at a step and kept while the index grows
  * by up to 1/64 (the keys indexed since are estimated through the ratio), then drawn anew from
  * the grown index; both against the float64 estimator over the sample then in use. */
@@ -710,7 +670,7 @@ static void test_tail_sample_kept_across_appends(void **state) {
             assert_ok(kst_kv_attend(kv, 0, q, m, ef, out, &st, &err), &err);
             assert_ok(kst_kv_search(kv, 0, 0, q, m, ef, rid, &found, NULL, &err), &err);
             assert_int_equal(found, m);
-            size_t kept = tail_ref64(ref, q, K, V, at, d, sinks, window, rid, m, nd, ns, &na);
+            size_t kept = tail_ref64(ref, q, K, V, at, d, sinks, window, rid, m, nd, ns, 1, &na); /* one stratum */
             above += na;
             assert_int_equal(st.indexed, at - sinks - window);
             assert_int_equal(st.retrieved, m);

@@ -28,71 +28,6 @@ static double gauss(void) {
     return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
 }
 
-/* The tail estimate's float64 reference (kv.h): sinks, window and the m retrieved ids rid
- * (token positions) exact; the nidx indexed keys split into nc strata of nd keys when the sample
- * was drawn (f <= 1: one), stratum c (from the oldest) f^(nc-1-c) times as long as the nearest's,
- * bounds rounded, the keys indexed since the draw in the last; in each, nr_c = min(512, ns - 512 c)
- * keys at floor((2i + 1) N_c / (2 nr_c)); the sampled keys not retrieved (kept) that score above
- * the least retrieved key attended once (na), the others weighted (N_c - m_c - na_c) / (kept_c -
- * na_c) in their stratum. Returns kept (all strata); adds the na to *nabove. */
-static size_t strata_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d,
-                           size_t sinks, size_t window, const int64_t *rid, size_t m, size_t nd, size_t ns,
-                           double f, size_t *nabove) {
-    size_t nidx = n - sinks - window, ch = 512, nc = f > 1 ? (ns + ch - 1) / ch : 1, b[17], kept_all = 0;
-    if (nc == 1) {
-        b[0] = 0;
-        b[1] = nd;
-    } else {
-        double tot = 0, w = 1, acc = 0;
-        for (size_t c = 0; c < nc; c++, w *= f) tot += w;
-        w = 1;
-        b[nc] = nd;
-        for (size_t c = nc; c-- > 0; w *= f) {
-            acc += w;
-            b[c] = c ? (size_t)((1 - acc / tot) * (double)nd + 0.5) : 0;
-        }
-    }
-    double sc = 1.0 / sqrt((double)d), *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w);
-    char *ret = calloc(nidx, 1);
-    for (size_t t = 0; t < n; t++) {
-        double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[t * d + i];
-        l[t] = a * sc;
-    }
-    double mx = -INFINITY, tau = INFINITY;
-    for (size_t t = 0; t < n; t++) mx = l[t] > mx ? l[t] : mx;
-    for (size_t r = 0; r < m; r++) {
-        ret[rid[r] - (int64_t)sinks] = 1;
-        tau = l[rid[r]] < tau ? l[rid[r]] : tau;
-    }
-    for (size_t t = 0; t < n; t++)
-        if (t < sinks || t >= sinks + nidx || ret[t - sinks]) w[t] = exp(l[t] - mx);
-    for (size_t c = 0; c < nc; c++) {
-        size_t lo = b[c], hi = c == nc - 1 ? nidx : b[c + 1], N = hi - lo, nr = nc == 1 ? ns : (ns - c * ch < ch ? ns - c * ch : ch);
-        size_t N0 = b[c + 1] - b[c], mc = 0, kept = 0, na = 0;
-        for (size_t x = lo; x < hi; x++) mc += ret[x];
-        for (size_t i = 0; i < nr; i++) {
-            size_t x = lo + (2 * i + 1) * N0 / (2 * nr);
-            if (ret[x]) continue;
-            kept++;
-            na += l[sinks + x] > tau;
-        }
-        kept_all += kept;
-        *nabove += na;
-        for (size_t i = 0; i < nr; i++) {
-            size_t x = lo + (2 * i + 1) * N0 / (2 * nr);
-            if (ret[x]) continue;
-            w[sinks + x] = exp(l[sinks + x] - mx);
-            if (!(l[sinks + x] > tau)) w[sinks + x] *= (double)(N - mc - na) / (double)(kept - na);
-        }
-    }
-    wsum_rows64(out, w, V, n, d);
-    free(l);
-    free(w);
-    free(ret);
-    return kept_all;
-}
-
 /* Keys whose attention decays with the distance to the window (a decoder's recency): dimension 0
  * of key t holds 6 exp(-(distance) / 600), the queries weigh it by ~4; the rest noise. */
 static void recency_data(float *K, float *V, float *Q, size_t n, size_t nq, size_t d, size_t window) {
@@ -159,8 +94,8 @@ static void test_tail_strata_equals_reference(void **state) {
                 assert_ok(kst_kv_search(kv, 0, 0, q, m, ef, rid, &found, NULL, &err), &err);
                 assert_int_equal(found, m);
                 size_t na = 0, na_u = 0;
-                size_t kept = strata_ref64(ref, q, K, V, at, d, sinks, window, rid, m, nd, ns, 2, &na);
-                strata_ref64(uni, q, K, V, at, d, sinks, window, rid, m, nd, ns, 1, &na_u);
+                size_t kept = tail_ref64(ref, q, K, V, at, d, sinks, window, rid, m, nd, ns, 2, &na);
+                tail_ref64(uni, q, K, V, at, d, sinks, window, rid, m, nd, ns, 1, &na_u);
                 above += na;
                 if (st.sampled != kept)
                     fail_msg("strata (%s), %zu appended: %zu sampled, the reference keeps %zu", gpu ? "gpu" : "cpu",
