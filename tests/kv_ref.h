@@ -1,10 +1,22 @@
-/* kv_ref.h - float64 references for the KV-cache tests (test_kv.c, test_kv_spread.c). */
+/* kv_ref.h - float64 references and test data for the KV-cache tests (test_kv.c, test_kv_idle.c,
+ * test_kv_spread.c). */
 #ifndef KST_TESTS_KV_REF_H
 #define KST_TESTS_KV_REF_H
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+/* Standard normal draws (xorshift64 and Box-Muller) for the KV tests' data; each test file has
+ * its own state (kv_rng, which a test may reseed). */
+static uint64_t kv_rng = 0x9e3779b97f4a7c15ull;
+static inline double kv_gauss(void) {
+    kv_rng ^= kv_rng << 13; kv_rng ^= kv_rng >> 7; kv_rng ^= kv_rng << 17;
+    double u = ((kv_rng >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    kv_rng ^= kv_rng << 13; kv_rng ^= kv_rng >> 7; kv_rng ^= kv_rng << 17;
+    double v = (kv_rng >> 11) * (1.0 / 9007199254740992.0);
+    return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
+}
 
 /* Full attention of q over n rows of K and V (row-major, d wide), scores times scale, in float64. */
 static inline void full_attn64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d,

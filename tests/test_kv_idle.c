@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "harness.h"
+#include "kv_ref.h"
 
 #include "api/kestrel.h"
 #include "core/half.h"
@@ -23,15 +24,6 @@
 #define KVH 2
 #define QH 4
 #define D 32
-
-static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-static double gauss(void) {
-    g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17;
-    double u = ((g_rng >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-    g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17;
-    double v = (g_rng >> 11) * (1.0 / 9007199254740992.0);
-    return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
-}
 
 /* float64 full attention of each query head over the first n tokens of K, V (n, KVH, D). */
 static void ref_attn(double *ref, const float *q, const float *K, const float *V, size_t n) {
@@ -76,7 +68,7 @@ static double mono_us(void) {
 static int more_until(void *arg) { return mono_us() < *(double *)arg; }
 
 static void fill(float *a, size_t n, double sd) {
-    for (size_t i = 0; i < n; i++) a[i] = (float)(sd * gauss());
+    for (size_t i = 0; i < n; i++) a[i] = (float)(sd * kv_gauss());
 }
 
 /* Appends in idle mode, kst_kvc_work between the steps (for `us` microseconds each, 0: until
@@ -251,8 +243,8 @@ static void test_idle_same_index(void **state) {
     uint16_t *K = malloc(n * KVH * D * 2), *V = malloc(n * KVH * D * 2);
     float *Qp = malloc(n0 * QH * D * sizeof *Qp);
     for (size_t i = 0; i < n * KVH * D; i++) {
-        K[i] = kst_f32_to_f16((float)gauss());
-        V[i] = kst_f32_to_f16((float)gauss());
+        K[i] = kst_f32_to_f16((float)kv_gauss());
+        V[i] = kst_f32_to_f16((float)kv_gauss());
     }
     fill(Qp, n0 * QH * D, 1);
     kst_kvc *c[3];
@@ -378,7 +370,7 @@ static void test_kv_work_api(void **state) {
  * first). */
 static void run_arm(int on, float *outs, size_t steps, size_t *armed) {
     const size_t n0 = 300, sinks = 4, window = 16, B = 8, n = n0 + steps + 40;
-    g_rng = 0x2545f4914f6cdd1dull;
+    kv_rng = 0x2545f4914f6cdd1dull;
     float *K = malloc(n * KVH * D * sizeof *K), *V = malloc(n * KVH * D * sizeof *V), *Qp = malloc(n0 * QH * D * sizeof *Qp);
     fill(K, n * KVH * D, 1);
     fill(V, n * KVH * D, 1);

@@ -19,26 +19,17 @@
 #include "index/kv_cuda.h"
 #endif
 
-static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-static double gauss(void) {
-    g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17;
-    double u = ((g_rng >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-    g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17;
-    double v = (g_rng >> 11) * (1.0 / 9007199254740992.0);
-    return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
-}
-
 /* Keys whose attention decays with the distance to the window (a decoder's recency): dimension 0
  * of key t holds 6 exp(-(distance) / 600), the queries weigh it by ~4; the rest noise. */
 static void recency_data(float *K, float *V, float *Q, size_t n, size_t nq, size_t d, size_t window) {
-    for (size_t i = 0; i < n * d; i++) K[i] = (float)(0.8 * gauss());
-    for (size_t i = 0; i < n * d; i++) V[i] = (float)(1.0 + gauss());
+    for (size_t i = 0; i < n * d; i++) K[i] = (float)(0.8 * kv_gauss());
+    for (size_t i = 0; i < n * d; i++) V[i] = (float)(1.0 + kv_gauss());
     for (size_t t = 0; t < n; t++) {
         double dist = t + window >= n ? 0 : (double)(n - window - t);
         K[t * d] = (float)(6.0 * exp(-dist / 600.0));
     }
     for (size_t s = 0; s < nq; s++)
-        for (size_t i = 0; i < d; i++) Q[s * d + i] = (float)(0.8 * gauss()) + (i == 0 ? 4.0f : 0.0f);
+        for (size_t i = 0; i < d; i++) Q[s * d + i] = (float)(0.8 * kv_gauss()) + (i == 0 ? 4.0f : 0.0f);
 }
 
 /* The stratified tail sample (f = 2, 1,536 samples: 3 strata of 4/7, 2/7, 1/7 of the keys):
@@ -175,8 +166,8 @@ static void test_search_tier(void **state) {
     (void)state;
     const size_t n = 4000, d = 64, ef = 64, tier = 128;
     float *K = malloc(n * d * sizeof *K), *Q = malloc(8 * d * sizeof *Q);
-    for (size_t i = 0; i < n * d; i++) K[i] = (float)gauss();
-    for (size_t i = 0; i < 8 * d; i++) Q[i] = (float)gauss();
+    for (size_t i = 0; i < n * d; i++) K[i] = (float)kv_gauss();
+    for (size_t i = 0; i < 8 * d; i++) Q[i] = (float)kv_gauss();
     kst_kvg g = {0};
     kst_error err;
     assert_ok(kst_kvg_init(&g, 16, 16, 64, &err), &err);
@@ -228,13 +219,13 @@ static void test_tier_attend(void **state) {
     (void)state;
     const size_t n = 6000, d = 64, nq = 4, np = 64, sinks = 4, window = 32;
     float *K = malloc(n * d * sizeof *K), *V = malloc(n * d * sizeof *V), *Q = malloc((nq + np) * 2 * d * sizeof *Q);
-    for (size_t i = 0; i < n * d; i++) K[i] = (float)(0.3 * gauss());
-    for (size_t i = 0; i < n * d; i++) V[i] = (float)(1.0 + gauss());
+    for (size_t i = 0; i < n * d; i++) K[i] = (float)(0.3 * kv_gauss());
+    for (size_t i = 0; i < n * d; i++) V[i] = (float)(1.0 + kv_gauss());
     for (size_t t = sinks; t < n - window; t++) K[t * d + 1] += (t - sinks) % 9 == 4 && t < sinks + 9 * 600 ? 2.0f : -2.0f;
     for (size_t j = 0; j < 8; j++) K[(100 + 700 * j) * d] += 8.0f;
     for (size_t s = 0; s < nq + np; s++)
         for (size_t i = 0; i < 2 * d; i++)
-            Q[s * 2 * d + i] = (float)(0.2 * gauss()) + (i == 0 ? 12.0f : i == d + 1 ? 16.0f : 0.0f);
+            Q[s * 2 * d + i] = (float)(0.2 * kv_gauss()) + (i == 0 ? 12.0f : i == d + 1 ? 16.0f : 0.0f);
     kst_error err;
     double e[2] = {0, 0};
     size_t att[2] = {0, 0};
