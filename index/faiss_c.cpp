@@ -22,6 +22,7 @@
 // e.g. std::bad_alloc keeps its own message.
 
 #include <faiss/AutoTune.h>
+#include <faiss/Clustering.h>
 #include <faiss/Index.h>
 #include <faiss/IndexFlat.h>
 #include <faiss/clone_index.h>
@@ -608,6 +609,27 @@ int kst_faiss_training_defaults(FaissIndex* index) {
         if (l.pre)
             for (auto t : l.pre->chain)
                 if (auto opq = dynamic_cast<faiss::OPQMatrix*>(t)) opq->verbose = false;
+    }
+    KST_FAISS_CATCH
+}
+
+int kst_faiss_kmeans(size_t d, size_t n, size_t k, const float* x, int niter, int max_per, int seed,
+                     float* centroids) {
+    try {
+        need(x, "x");
+        need(centroids, "centroids");
+        FAISS_THROW_IF_NOT_MSG(k >= 1 && n >= k, "k-means needs at least k vectors");
+        faiss::ClusteringParameters cp;
+        cp.niter = niter;
+        cp.verbose = false;
+        cp.min_points_per_centroid = 0;
+        cp.max_points_per_centroid = max_per;
+        cp.seed = seed;
+        faiss::Clustering cl((int)d, (int)k, cp);
+        faiss::IndexFlatL2 q((idx_t)d);
+        cl.train((idx_t)n, x, q);
+        FAISS_THROW_IF_NOT_MSG(cl.centroids.size() == k * d, "k-means returned a wrong number of centroids");
+        std::copy(cl.centroids.begin(), cl.centroids.end(), centroids);
     }
     KST_FAISS_CATCH
 }

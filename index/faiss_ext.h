@@ -118,6 +118,13 @@ int kst_faiss_flat_get(const FaissIndex *index, float *x, idx_t *ids);
  * they are; fails only on a NULL index. */
 int kst_faiss_training_defaults(FaissIndex *index);
 
+/* k-means of n vectors x (n, d) into k centroids (k, d) (faiss::Clustering over a flat L2
+ * index): niter iterations, at most max_per training vectors per centroid (FAISS samples the
+ * rest out, by seed), no warnings on few vectors per centroid. Fails on n < k. For the KV
+ * cache's tail clusters (index/kv_tclust.c). */
+int kst_faiss_kmeans(size_t d, size_t n, size_t k, const float *x, int niter, int max_per, int seed,
+                     float *centroids);
+
 /* KST_OK when the BLAS/LAPACK routines libfaiss.a calls can be reached (OpenBLAS loaded and
  * complete); otherwise err says what is missing (index/faiss_blas.c). */
 int kst_faiss_blas_ready(kst_error *err);

@@ -13,6 +13,7 @@
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #include "index/kv_graph.h"
+#include "index/kv_tclust.h"
 #ifdef KST_CUDA
 #include "index/kv_cuda.h"
 #endif
@@ -57,6 +58,7 @@ typedef struct kv_hstore {
     void *K, *V;  /* (cap, d) in the cache's dtype */
     kst_kvg g;    /* nodes = rows sinks .. sinks + g.n - 1 */
     kv_tail tt;   /* the tail estimate's sample */
+    kst_kvtc tc;  /* the clustered tail estimate's clusters (kst_kvc_set_tail_clusters) */
 } kv_hstore;
 
 /* A batch of tokens being linked into a layer's index (kst_kvc_append): nodes lo .. lo + n - 1
@@ -111,6 +113,10 @@ typedef struct kv_thread {
     double p_first, p_last, p_busy, p_search, p_attn, p_tail; /* profile (kst_kvc_set_prof) */
     double p_want, p_twait, p_tcpu; /* the GPU's tail items: first needed, waited for, used */
     size_t p_hops, p_tasks, p_topsum;
+    /* the clustered tail estimate (tail_clusters): per-cluster counts (2 C), scores (2 C), the
+     * samples' rows and scores (2 x budget), marks of the attended nodes (nidx, kept all 0) */
+    uint32_t *tcu; float *tcf, *tcs; int64_t *tcr; uint8_t *tmark;
+    size_t tc_c, tc_b, tmark_cap;
     char pad[64];       /* threads' hot fields on separate cache lines */
 } kv_thread;
 
@@ -168,6 +174,9 @@ struct kst_kvc {
     double strat;         /* the tail sample stratified by position (kv_tail.strat): each chunk's
                              stratum strat times as long as the next one's, nearer the window
                              (0 or 1: one uniform sample; KESTREL_KV_STRAT) */
+    size_t tclust;        /* the clustered tail estimate (kv_tclust.h): clusters per KV head made
+                             at build (0: the sample above; KESTREL_KV_TCLUST) */
+    float tc_temp;        /* its allocation's temperature (0.5; KESTREL_KV_TCLUST_T) */
     float *os_all, *lse_s_all; /* (q_heads, head_dim), (q_heads): the static partial, where made early */
     uint8_t *os_ok;       /* (q_heads) 1: os_all holds this step's static partial */
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
@@ -275,6 +284,17 @@ void kst_kvc_set_spread_budget(kst_kvc *c, float strata, size_t tier) {
     c->tier = getenv("KESTREL_KV_TIER") ? (size_t)atol(getenv("KESTREL_KV_TIER")) : tier;
     c->att_ef = getenv("KESTREL_KV_ATT_EF") ? atoi(getenv("KESTREL_KV_ATT_EF")) != 0 : c->tier > 0;
 }
+void kst_kvc_set_tail_clusters(kst_kvc *c, size_t n, float temp) {
+    const char *e = getenv("KESTREL_KV_TCLUST"), *et = getenv("KESTREL_KV_TCLUST_T");
+    c->tclust = e ? (size_t)atol(e) : n;
+    c->tc_temp = et ? (float)atof(et) : temp > 0 && isfinite(temp) ? temp : 0.5f;
+    if (!(c->tc_temp >= 0) || !isfinite(c->tc_temp)) c->tc_temp = 0.5f;
+}
+const kst_kvtc *kst_kvc_tail_clusters(const kst_kvc *c, size_t layer, size_t kvh) {
+    if (layer >= c->o.layers || kvh >= c->o.kv_heads || !c->layers[layer].built) return NULL;
+    const kst_kvtc *T = &c->layers[layer].heads[kvh].tc;
+    return T->C ? T : NULL;
+}
 void kst_kvc_set_widen(kst_kvc *c, float widen) { c->widen = widen > 0 && isfinite(widen) ? widen : 0; }
 void kst_kvc_set_widen_early(kst_kvc *c, int mode) { c->widen_early = mode < 0 ? 0 : mode > 2 ? 2 : mode; }
 void kst_kvc_set_expand(kst_kvc *c, size_t b) { c->expand = b; }
@@ -365,6 +385,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     kst_kvc_set_spread_budget(c, 0, 0);
     c->tau_all = getenv("KESTREL_KV_TAU_ALL") ? atoi(getenv("KESTREL_KV_TAU_ALL")) != 0 : 0;
     c->tt_ch = getenv("KESTREL_KV_TT_CH") ? (size_t)atol(getenv("KESTREL_KV_TT_CH")) : 0;
+    kst_kvc_set_tail_clusters(c, 0, 0);
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv_work, NULL);
     pthread_cond_init(&c->cv_idle, NULL);
@@ -446,6 +467,7 @@ void kst_kvc_free(kst_kvc *c) {
                 kst_free(T->mx);
                 kst_free(T->top);
                 kst_free(T->topw);
+                kst_kvtc_free(&L->heads[h].tc);
             }
             kst_free(L->heads);
 #ifdef KST_CUDA
@@ -464,6 +486,11 @@ void kst_kvc_free(kst_kvc *c) {
             kst_free(c->th[t].o2);
             kst_free(c->th[t].sret);
             kst_free(c->th[t].trows);
+            kst_free(c->th[t].tcu);
+            kst_free(c->th[t].tcf);
+            kst_free(c->th[t].tcs);
+            kst_free(c->th[t].tcr);
+            kst_free(c->th[t].tmark);
         }
         kst_free(c->th);
     }
@@ -488,7 +515,7 @@ size_t kst_kvc_index_bytes(const kst_kvc *c, size_t layer) {
     for (size_t h = 0; h < c->o.kv_heads; h++) {
         const kst_kvg *g = &c->layers[layer].heads[h].g;
         b += g->cap * (g->M * (sizeof(uint32_t) + sizeof(float)) + sizeof(uint16_t) + sizeof(float)) +
-             kst_kvg_code_bytes(g);
+             kst_kvg_code_bytes(g) + kst_kvtc_bytes(&c->layers[layer].heads[h].tc);
     }
     return b;
 }
@@ -1117,6 +1144,16 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
         }
         return kst_error_prefix(err, "kst_kv_build: layer %zu", layer);
     }
+    /* the clustered tail estimate's clusters, per KV head (its own keys, copied graphs too) */
+    for (size_t h = 0; h < o->kv_heads && rc == KST_OK; h++) {
+        kv_hstore *H = &L->heads[h];
+        if (c->tclust)
+            rc = kst_kvtc_build(&H->tc, rows_at(c, H->K, o->sinks), o->f16, H->g.n, d, c->tclust,
+                                1 + layer * 4096 + h, err);
+        else
+            kst_kvtc_free(&H->tc);
+    }
+    if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_build: layer %zu", layer);
     L->built = 1;
     rc = index_leavers(c, L, err);
     refresh_tables(c, L, 1);
@@ -1465,6 +1502,51 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
     return kept;
 }
 
+/* A thread's scratch for tail_clusters: C clusters, a budget of B samples, nidx indexed keys. */
+static int tc_reserve(kv_thread *t, size_t C, size_t B, size_t nidx, kst_error *err) {
+    int rc = KST_OK;
+    if (t->tc_c < C) {
+        KST_TRY(kst_realloc((void **)&t->tcu, 2 * C, sizeof(uint32_t), "tail cluster plan", err));
+        KST_TRY(kst_realloc((void **)&t->tcf, 2 * C, sizeof(float), "tail cluster plan", err));
+        t->tc_c = C;
+    }
+    if (t->tc_b < B) {
+        KST_TRY(kst_realloc((void **)&t->tcs, 2 * B, sizeof(float), "tail cluster samples", err));
+        KST_TRY(kst_realloc((void **)&t->tcr, B, sizeof(int64_t), "tail cluster samples", err));
+        t->tc_b = B;
+    }
+    if (t->tmark_cap < nidx) {
+        size_t cap = nidx + nidx / 4 + 1024;
+        KST_TRY(kst_realloc((void **)&t->tmark, cap, 1, "tail cluster marks", err));
+        memset(t->tmark + t->tmark_cap, 0, cap - t->tmark_cap);
+        t->tmark_cap = cap;
+    }
+done:
+    return rc;
+}
+/* The clustered tail estimate (kv_tclust.h) of query head q over H's indexed keys outside the m
+ * attended ids rid (distinct): partial (o, *lse); returns the keys sampled. */
+static size_t tail_clusters(kv_thread *t, const kst_kvc *c, const kv_hstore *H, const float *q, const uint32_t *rid,
+                            size_t m, float *o, float *lse) {
+    const kst_kvc_opts *op = &c->o;
+    const kst_kvtc *T = &H->tc;
+    size_t C = T->C, B = op->tail_samples, kept = 0;
+    t->ntlw = 0;
+    for (size_t i = 0; i < m; i++)
+        if (rid[i] < t->tmark_cap) t->tmark[rid[i]] = 1;
+    size_t tot = kst_kvtc_plan(T, q, op->scale, c->tc_temp, rid, m, B, t->tcu, t->tcu + C, t->tcf);
+    if (tot)
+        kept = kst_kvtc_partial(T, q, H->K, H->V, op->f16, op->head_dim, op->scale, op->sinks, t->tmark, t->tcu,
+                                t->tcu + C, t->tcr, t->tcs, t->tcs + B, o, lse);
+    else {
+        memset(o, 0, op->head_dim * sizeof(float));
+        *lse = -INFINITY;
+    }
+    for (size_t i = 0; i < m; i++)
+        if (rid[i] < t->tmark_cap) t->tmark[rid[i]] = 0;
+    return kept;
+}
+
 #ifdef KST_CUDA
 /* tail_partial from the GPU's items for query head h (it: its nc items, kst_kvgpu_tail_out,
  * stride st floats each): the same estimator, the same exclusions. A retrieved sample among the
@@ -1800,7 +1882,15 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     size_t scanned = 0, retrieved = 0, sampled = 0, widened = 0;
     /* the adaptive budget decided before the first search too (widen_first; one head per task):
      * the heads' retrieved ids then take up to kcap each */
-    int early = c->widen && c->widen_early && gq == 1 && k > 0 && kcap > k && o->tail_samples > 0 && nidx > k;
+    /* the clustered tail estimate (kv_tclust.h) in place of the sample table: its clusters take
+     * the keys indexed since the last step first */
+    int tcl = c->tclust && nidx > 0 && L->heads[0].tc.C && o->tail_samples > 0;
+    for (size_t h = 0; tcl && h < o->kv_heads; h++) {
+        kv_hstore *H = &L->heads[h];
+        rc = kst_kvtc_add(&H->tc, rows_at(c, H->K, o->sinks), o->f16, H->g.n, err);
+        if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+    }
+    int early = c->widen && c->widen_early && gq == 1 && k > 0 && kcap > k && o->tail_samples > 0 && nidx > k && !tcl;
     size_t ks = early ? kcap : k;
     /* keys attended beyond the first search's top_k (c->att_ef, c->tier; the interleaved code
      * search only, and not where it was widened before it ran) */
@@ -1852,7 +1942,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     memset(c->os_ok, 0, o->q_heads);
     memset(c->pub_ok, 0, ntask);
     /* the tail estimate: one item per KV head (its sample scored for the group), done first */
-    size_t ns = o->tail_samples < nidx ? o->tail_samples : nidx, nT = 0, tnc = 0;
+    size_t ns = tcl ? 0 : o->tail_samples < nidx ? o->tail_samples : nidx, nT = 0, tnc = 0;
     if (ns) {
         rc = tail_prepare(c, L, nidx, ns, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
@@ -1960,6 +2050,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
         if (r == KST_OK) t->trows_cap = ns;
     }
+    if (r == KST_OK && tcl) r = tc_reserve(t, L->heads[0].tc.C, o->tail_samples, nidx, &e2);
     /* T: the KV heads' sample chunks, thread i taking items i, i + threads, ... (the same each
      * step, so a chunk's rows, 256 KB at 512 samples of d 128 float16, may stay in that core's
      * caches) */
@@ -2134,6 +2225,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     }
                 }
 #endif
+                if (tcl && m < nidx) {
+                    kept = tail_clusters(t, c, H, qh, rid, m, t->o2, &lse_t);
+                    kst_attn_merge(oh, &lse, t->o2, lse_t, d);
+                }
                 if (ns && m < nidx && !tail_gpu) {
                     for (size_t cc = 0; cc < tnc; cc++)
                         while (!__atomic_load_n(&c->tt_ok[h0 / G * tnc + cc], __ATOMIC_ACQUIRE)) {

@@ -9,7 +9,9 @@
  * cache for every row, the rows interleaved over KV_PASSES passes (noise on a shared box).
  *
  *   bench_kv_spread N [N...]
- *   KV_ROWS "ef:tier:strata;..." (default "128:0:0;128:256:0;128:0:2;128:256:2;256:512:2")
+ *   KV_ROWS "ef:tier:strata[:clusters[:tail]];..." (default "128:0:0;128:256:0;128:0:2;128:256:2;256:512:2";
+ *   clusters n > 0: the clustered tail estimate, kst_kvc_set_tail_clusters, the cache built with the
+ *   rows' largest n; tail: tail_samples, default 2048)
  *
  * Nothing is asserted. */
 #include <math.h>
@@ -43,7 +45,7 @@ int main(int argc, char **argv) {
     const char *rows = getenv("KV_ROWS") ? getenv("KV_ROWS") : "128:0:0;128:256:0;128:0:2;128:256:2;256:512:2";
     int passes = getenv("KV_PASSES") ? atoi(getenv("KV_PASSES")) : 3;
     int diffuse = getenv("KV_GEN") && strcmp(getenv("KV_GEN"), "diffuse") == 0;
-    size_t nr = 0, ef[16], tier[16];
+    size_t nr = 0, ef[16], tier[16], tcl[16], tail[16], tcmax = 0;
     float strata[16];
     for (const char *p = rows; *p && nr < 16; nr++) {
         char *e;
@@ -52,6 +54,9 @@ int main(int argc, char **argv) {
         tier[nr] = strtoul(e + 1, &e, 10);
         if (*e != ':') die("KV_ROWS: expected ef:tier:strata;...", NULL);
         strata[nr] = strtof(e + 1, &e);
+        tcl[nr] = *e == ':' ? strtoul(e + 1, &e, 10) : 0;
+        tail[nr] = *e == ':' ? strtoul(e + 1, &e, 10) : 2048;
+        tcmax = tcl[nr] > tcmax ? tcl[nr] : tcmax;
         p = e + (*e == ';');
     }
     for (int a = 1; a < argc; a++) {
@@ -65,6 +70,7 @@ int main(int argc, char **argv) {
         kst_kvc_opts o = {1, 1, G, D, 1, 0, KVB_SINKS, 1024, 100, 128, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, 0, 2048, 0, 1, 64, 0, 0};
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
+        kst_kvc_set_tail_clusters(c, tcmax, 0);
         float *Qp = malloc(NPRE * G * D * sizeof *Qp), *Qd = malloc(NT * G * D * sizeof *Qd);
         for (size_t t = 0; t < NPRE; t++) memcpy(Qp + t * G * D, g.Qpre + t * QH * D, G * D * sizeof(float));
         for (size_t t = 0; t < NT; t++) memcpy(Qd + t * G * D, g.Qd0 + t * QH * D, G * D * sizeof(float));
@@ -83,14 +89,16 @@ int main(int argc, char **argv) {
         printf("== %zu tokens (%s keys), one KV head x %zu query heads, d %zu, float16, window 1024, top_k 100,"
                " tail 2048; built in %.1f s; %d threads, %d passes\n", N, diffuse ? "diffuse" : "real", G, D, build,
                omp_get_max_threads(), passes);
-        printf("%5s %5s %7s %12s %12s %10s %10s %9s\n", "ef", "tier", "strata", "cpu us/head", "min", "rel.err",
-               "scanned", "attended");
+        printf("%5s %5s %7s %8s %6s %12s %12s %10s %10s %9s\n", "ef", "tier", "strata", "clusters", "tail",
+               "cpu us/head", "min", "rel.err", "scanned", "attended");
         float *out = malloc(G * D * sizeof *out);
         double *ts = malloc(passes * NT * sizeof *ts), (*all)[64] = calloc(nr, sizeof *all);
         double err[16] = {0}, scan[16] = {0}, att[16] = {0};
         for (int ps = 0; ps < passes; ps++)
             for (size_t r = 0; r < nr; r++) {
                 kst_kvc_set_spread_budget(c, strata[r], tier[r]);
+                kst_kvc_set_tail_clusters(c, tcl[r], 0);
+                kst_kvc_set_tail_samples(c, tail[r]);
                 kst_kvc_stats st;
                 for (size_t i = 0; i < 3; i++) kst_kvc_attend(c, 0, Qd, 0, ef[r], out, NULL, &e); /* warm, redraw */
                 for (size_t i = 0; i < NT; i++) {
@@ -108,7 +116,7 @@ int main(int argc, char **argv) {
             }
         for (size_t r = 0; r < nr; r++) {
             qsort(all[r], passes, sizeof(double), cmp_d);
-            printf("%5zu %5zu %7.2f %12.1f %12.1f %10.3e %9.2f%% %10.0f\n", ef[r], tier[r], strata[r],
+            printf("%5zu %5zu %7.2f %8zu %6zu %12.1f %12.1f %10.3e %9.2f%% %10.0f\n", ef[r], tier[r], strata[r], tcl[r], tail[r],
                    1e6 * all[r][passes / 2] / G, 1e6 * all[r][0] / G, err[r], 100 * scan[r], att[r]);
         }
         free(out), free(ts), free(all), free(ref), free(Qp), free(Qd);

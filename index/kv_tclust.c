@@ -1,0 +1,327 @@
+/* kv_tclust.c - the clustered tail estimate of the KV cache (kv_tclust.h). */
+#include "kv_tclust.h"
+
+#include <math.h>
+#include <string.h>
+
+#include <faiss/c_api/error_c.h>
+
+#include "core/check.h"
+#include "core/kv_attn.h"
+#include "core/mem.h"
+#include "index/faiss_ext.h"
+
+#define TC_ITER 8      /* k-means iterations */
+#define TC_PER 64      /* training keys per cluster at most */
+#define TC_MIN 16      /* keys per cluster at least (else fewer clusters) */
+#define TC_BLOCK 256   /* keys assigned per scoring block */
+#define TC_PB 16       /* samples per block of the estimate (kst_kvtc_partial) */
+
+static uint32_t tc_next(kst_kvtc *T, uint32_t below) {
+    T->rng ^= T->rng << 13;
+    T->rng ^= T->rng >> 7;
+    T->rng ^= T->rng << 17;
+    return (uint32_t)((T->rng >> 11) % below);
+}
+
+/* Node x joins cluster c at a uniformly random place of its order (inside-out shuffle). */
+static int tc_join(kst_kvtc *T, uint32_t c, uint32_t x, kst_error *err) {
+    if (T->len[c] == T->mcap[c]) {
+        uint32_t cap = T->mcap[c] ? 2 * T->mcap[c] : 16;
+        int rc = kst_realloc((void **)&T->mem[c], cap, sizeof(uint32_t), "tail cluster members", err);
+        if (rc != KST_OK) return rc;
+        T->mcap[c] = cap;
+    }
+    uint32_t n = T->len[c]++, j = tc_next(T, n + 1);
+    T->mem[c][n] = T->mem[c][j];
+    T->mem[c][j] = x;
+    return KST_OK;
+}
+
+void kst_kvtc_free(kst_kvtc *T) {
+    if (!T) return;
+    for (size_t c = 0; T->mem && c < T->C; c++) kst_free(T->mem[c]);
+    kst_free(T->mem);
+    kst_free(T->len);
+    kst_free(T->mcap);
+    kst_free(T->cent);
+    kst_free(T->cent_t);
+    kst_free(T->hn2);
+    kst_free(T->of);
+    memset(T, 0, sizeof *T);
+}
+
+size_t kst_kvtc_bytes(const kst_kvtc *T) {
+    size_t b = T->C * (2 * T->d + 1) * sizeof(float) + T->ncap * sizeof(uint32_t) +
+               T->C * (sizeof(uint32_t *) + 2 * sizeof(uint32_t));
+    for (size_t c = 0; c < T->C; c++) b += (size_t)T->mcap[c] * sizeof(uint32_t);
+    return b;
+}
+
+int kst_kvtc_add(kst_kvtc *T, const void *K, int f16, size_t n, kst_error *err) {
+    if (!T->C || n <= T->na) return KST_OK;
+    size_t d = T->d, lo = T->na, cnt = n - lo;
+    int rc = KST_OK;
+    if (T->ncap < n) {
+        size_t cap = n + n / 4 + 64;
+        KST_TRY(kst_realloc((void **)&T->of, cap, sizeof(uint32_t), "tail cluster assignments", err));
+        T->ncap = cap;
+    }
+    size_t nb = (cnt + TC_BLOCK - 1) / TC_BLOCK;
+    int fail = 0;
+    /* nearest centroid by <k, c> - |c|^2 / 2: one block of keys against every centroid at a time */
+#pragma omp parallel if (cnt * T->C * d > 4000000)
+    {
+        float *x = kst_malloc(TC_BLOCK * d, sizeof(float), "tail cluster keys", NULL);
+        float *s = kst_malloc(TC_BLOCK * T->C, sizeof(float), "tail cluster scores", NULL);
+        if (!x || !s) __atomic_store_n(&fail, 1, __ATOMIC_RELAXED);
+#pragma omp for schedule(dynamic)
+        for (size_t b = 0; b < nb; b++) {
+            if (!x || !s) continue;
+            size_t i0 = lo + b * TC_BLOCK, nr = n - i0 < TC_BLOCK ? n - i0 : TC_BLOCK;
+            kst_kv_rows_f32(x, K, f16, i0, nr, d);
+            kst_kv_scores_multi(s, x, nr, T->cent, 0, T->C, d, 1.0f);
+            for (size_t i = 0; i < nr; i++) {
+                const float *si = s + i * T->C;
+                size_t best = 0;
+                float bv = -INFINITY;
+                for (size_t c = 0; c < T->C; c++) {
+                    float v = si[c] - T->hn2[c];
+                    if (v > bv) {
+                        bv = v;
+                        best = c;
+                    }
+                }
+                T->of[i0 + i] = (uint32_t)best;
+            }
+        }
+        kst_free(x);
+        kst_free(s);
+    }
+    if (fail) return kst_fail(err, KST_ERR_NOMEM, "out of memory assigning keys to tail clusters");
+    for (size_t i = lo; i < n; i++) KST_TRY(tc_join(T, T->of[i], (uint32_t)i, err));
+    T->na = n;
+done:
+    return rc;
+}
+
+int kst_kvtc_build(kst_kvtc *T, const void *K, int f16, size_t n, size_t d, size_t C, uint64_t seed,
+                   kst_error *err) {
+    kst_kvtc_free(T);
+    if (C == 0 || n == 0) return KST_OK;
+    if (C > n / TC_MIN) C = n / TC_MIN ? n / TC_MIN : 1;
+    int rc = KST_OK;
+    size_t ntr = C * TC_PER < n ? C * TC_PER : n;
+    float *x = kst_malloc(ntr * d, sizeof(float), "tail cluster training keys", err);
+    if (!x) return KST_ERR_NOMEM;
+    for (size_t i = 0; i < ntr; i++) kst_kv_rows_f32(x + i * d, K, f16, i * n / ntr, 1, d);
+    T->C = C;
+    T->d = d;
+    T->rng = seed ? seed : 0x9e3779b97f4a7c15ull;
+    T->cent = kst_malloc(C * d, sizeof(float), "tail cluster centroids", err);
+    T->cent_t = kst_malloc(C * d, sizeof(float), "tail cluster centroids", err);
+    T->hn2 = kst_malloc(C, sizeof(float), "tail cluster centroids", err);
+    T->mem = kst_calloc(C, sizeof *T->mem, "tail cluster members", err);
+    T->len = kst_calloc(C, sizeof *T->len, "tail cluster members", err);
+    T->mcap = kst_calloc(C, sizeof *T->mcap, "tail cluster members", err);
+    if (!T->cent || !T->cent_t || !T->hn2 || !T->mem || !T->len || !T->mcap) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    if (C == 1) {
+        for (size_t i = 0; i < d; i++) T->cent[i] = 0;
+        for (size_t j = 0; j < ntr; j++)
+            for (size_t i = 0; i < d; i++) T->cent[i] += x[j * d + i] / (float)ntr;
+    } else if (kst_faiss_kmeans(d, ntr, C, x, TC_ITER, TC_PER, (int)(seed & 0x7fffffff), T->cent) != 0) {
+        const char *m = faiss_get_last_error();
+        rc = kst_fail(err, KST_ERR_INTERNAL, "tail clusters: k-means of %zu keys into %zu clusters failed: %s", ntr, C,
+                      m ? m : "unknown error");
+        goto done;
+    }
+    for (size_t c = 0; c < C; c++) {
+        double s = 0;
+        for (size_t i = 0; i < d; i++) s += (double)T->cent[c * d + i] * T->cent[c * d + i];
+        T->hn2[c] = (float)(s / 2);
+        for (size_t i = 0; i < d; i++) T->cent_t[i * C + c] = T->cent[c * d + i];
+    }
+    rc = kst_kvtc_add(T, K, f16, n, err);
+done:
+    kst_free(x);
+    if (rc != KST_OK) kst_kvtc_free(T);
+    return rc;
+}
+
+/* s (C) = scale * <q, centroid_c> from the transposed centroids ct (d, C): four rows of ct per pass
+ * over s (in L1), so that the loop streams ct once (512 KB at 1,024 clusters of head dim 128). */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) static void tc_scores_avx2(float *s, const float *q, const float *ct, size_t C,
+                                                                size_t d, float scale) {
+    for (size_t j = 0; j < C; j++) s[j] = 0;
+    size_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+        const float *r0 = ct + i * C, *r1 = r0 + C, *r2 = r1 + C, *r3 = r2 + C;
+        float a0 = q[i], a1 = q[i + 1], a2 = q[i + 2], a3 = q[i + 3];
+#pragma omp simd
+        for (size_t j = 0; j < C; j++) s[j] += a0 * r0[j] + a1 * r1[j] + a2 * r2[j] + a3 * r3[j];
+    }
+    for (; i < d; i++)
+        for (size_t j = 0; j < C; j++) s[j] += q[i] * ct[i * C + j];
+    for (size_t j = 0; j < C; j++) s[j] *= scale;
+}
+#endif
+static void tc_scores(float *s, const float *q, const float *ct, size_t C, size_t d, float scale) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        tc_scores_avx2(s, q, ct, C, d, scale);
+        return;
+    }
+#endif
+    for (size_t j = 0; j < C; j++) s[j] = 0;
+    for (size_t i = 0; i < d; i++)
+        for (size_t j = 0; j < C; j++) s[j] += q[i] * ct[i * C + j];
+    for (size_t j = 0; j < C; j++) s[j] *= scale;
+}
+
+size_t kst_kvtc_plan(const kst_kvtc *T, const float *q, float scale, float temp, const uint32_t *rid, size_t m,
+                     size_t budget, uint32_t *ns, uint32_t *rc, float *sc) {
+    size_t C = T->C, rest = 0;
+    if (!C) return 0;
+    float *w = sc, *x = sc + C;
+    for (size_t c = 0; c < C; c++) rc[c] = T->len[c];
+    for (size_t i = 0; i < m; i++)
+        if (rid[i] < T->na) rc[T->of[rid[i]]]--;
+    for (size_t c = 0; c < C; c++) rest += rc[c];
+    size_t B = budget < rest ? budget : rest;
+    memset(ns, 0, C * sizeof *ns);
+    if (B == 0) return 0;
+    tc_scores(w, q, T->cent_t, C, T->d, scale);
+    float mx = -INFINITY;
+    for (size_t c = 0; c < C; c++) {
+        w[c] *= temp;
+        if (rc[c] && w[c] > mx) mx = w[c];
+    }
+    kst_kv_exp_shift(w, C, mx);
+    for (size_t c = 0; c < C; c++) w[c] *= (float)rc[c];
+    /* water-filling: a cluster whose share reaches its keys is taken whole (ns = rc, marked by
+     * w = 0), the budget left shared again over the others */
+    double left = (double)B;
+    for (;;) {
+        double W = 0;
+        for (size_t c = 0; c < C; c++) W += w[c];
+        if (!(W > 0)) break;
+        int closed = 0;
+        double lw = left / W;
+        for (size_t c = 0; c < C; c++)
+            if (w[c] > 0 && lw * w[c] >= rc[c]) {
+                ns[c] = rc[c];
+                w[c] = 0;
+                closed = 1;
+            }
+        if (!closed) {
+            for (size_t c = 0; c < C; c++) x[c] = (float)(lw * w[c]);
+            break;
+        }
+        left = (double)B;
+        for (size_t c = 0; c < C; c++)
+            if (ns[c]) left -= ns[c];
+        if (!(left > 0)) {
+            for (size_t c = 0; c < C; c++) x[c] = 0;
+            break;
+        }
+    }
+    /* the open clusters' shares rounded by cumulative sums: floor(F_c + 1/2) - floor(F_(c-1) + 1/2)
+     * (each within 1 of its share, below its keys, and the total exact) */
+    size_t tot = 0;
+    for (size_t c = 0; c < C; c++) tot += ns[c];
+    double F = 0.5;
+    size_t prev = 0;
+    for (size_t c = 0; c < C; c++) {
+        if (!(x[c] > 0)) continue;
+        F += x[c];
+        size_t cur = (size_t)F;
+        size_t a = cur - prev;
+        if (a > rc[c]) a = rc[c];
+        ns[c] = (uint32_t)a;
+        tot += a;
+        prev = cur;
+    }
+    /* float rounding may leave the total one off the budget: settled on the largest open cluster */
+    while (tot < B) {
+        size_t bc = C;
+        for (size_t c = 0; c < C; c++)
+            if (ns[c] < rc[c] && (bc == C || x[c] > x[bc])) bc = c;
+        if (bc == C) break;
+        ns[bc]++;
+        tot++;
+    }
+    while (tot > B) {
+        size_t bc = C;
+        for (size_t c = 0; c < C; c++)
+            if (ns[c] > 0 && ns[c] < rc[c] && (bc == C || x[c] > x[bc])) bc = c;
+        if (bc == C) break;
+        ns[bc]--;
+        tot--;
+    }
+    return tot;
+}
+
+size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const void *V, int f16, size_t d,
+                        float scale, size_t row0, const uint8_t *mark, const uint32_t *ns,
+                        const uint32_t *rc, int64_t *rows, float *s, float *sc, float *o, float *lse) {
+    size_t n = 0;
+    /* the samples, each with its cluster's log ratio (in s until scored) */
+    for (size_t c = 0; c < T->C; c++) {
+        if (!ns[c]) continue;
+        float lr = logf((float)rc[c] / (float)ns[c]) / scale;
+        const uint32_t *mem = T->mem[c];
+        for (uint32_t i = 0, got = 0; i < T->len[c] && got < ns[c]; i++) {
+            if (mark[mem[i]]) continue;
+            rows[n] = (int64_t)(row0 + mem[i]);
+            s[n++] = lr;
+            got++;
+        }
+    }
+    if (n == 0) {
+        memset(o, 0, d * sizeof(float));
+        *lse = -INFINITY;
+        return 0;
+    }
+    /* Blocks of TC_PB samples: the block's key rows scored while its value rows and the next
+     * block's key rows are fetched, then its weights and value rows summed (online: the running
+     * sums rescaled where a block raises the maximum), so that key and value reads overlap. */
+    const size_t rowb = d * (f16 ? 2 : 4);
+    const char *Kb = K, *Vb = V;
+    float mx = -INFINITY;
+    double sum = 0;
+    memset(o, 0, d * sizeof(float));
+    for (size_t j = 0; j < TC_PB && j < n; j++)
+        for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (size_t)rows[j] * rowb + b);
+    for (size_t j0 = 0; j0 < n; j0 += TC_PB) {
+        size_t nb = n - j0 < TC_PB ? n - j0 : TC_PB;
+        float bm = -INFINITY, *w = sc + j0;
+        for (size_t j = j0; j < j0 + nb; j++) {
+            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (size_t)rows[j] * rowb + b);
+            if (j + TC_PB < n)
+                for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (size_t)rows[j + TC_PB] * rowb + b);
+            w[j - j0] = scale * (s[j] + kst_kv_dot(q, Kb + (size_t)rows[j] * rowb, f16, d));
+            if (w[j - j0] > bm) bm = w[j - j0];
+        }
+        if (bm > mx) {
+            if (mx > -INFINITY) {
+                float r = expf(mx - bm);
+                for (size_t i = 0; i < d; i++) o[i] *= r;
+                sum *= r;
+            }
+            mx = bm;
+        }
+        kst_kv_exp_shift(w, nb, mx);
+        for (size_t j = 0; j < nb; j++) {
+            sum += w[j];
+            kst_kv_axpy(o, w[j], Vb + (size_t)rows[j0 + j] * rowb, f16, d);
+        }
+    }
+    float inv = (float)(1.0 / sum);
+    for (size_t i = 0; i < d; i++) o[i] *= inv;
+    *lse = mx + (float)log(sum);
+    return n;
+}

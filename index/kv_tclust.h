@@ -1,0 +1,67 @@
+/* kv_tclust.h - the clustered tail estimate of the KV cache (kst_kv_opts.tail_clusters; index/kv.h,
+ * kst_kvc_attend): the attention over the indexed keys that retrieval left out, estimated from a
+ * sample drawn each step where that query's attention mass is.
+ *
+ * One per KV head: its indexed keys partitioned by k-means (FAISS) into C clusters at build time,
+ * keys indexed later assigned to the nearest centroid. Each cluster keeps its members in a
+ * uniformly random order (an inside-out shuffle as they join), so its first members form a
+ * uniform sample of it.
+ *
+ * A decode step's query q, after retrieval attended the keys R exactly:
+ * - plan: cluster c holds r_c keys outside R and gets n_c = r_c w_c / sum w samples of the budget
+ *   B (water-filled: a cluster whose share reaches r_c is taken whole, the rest shared again;
+ *   rounded by cumulative sums, so sum n_c = min(B, sum r_c) and |n_c - share| < 1), with
+ *   w_c = r_c exp(temp * scale * <q, centroid_c>). temp 0 is proportional allocation; 1 would
+ *   sample a cluster as if its keys all scored its centroid's score; 0.5 (the default) hedges
+ *   the centroid's error (bench README, round 18);
+ * - estimate: in each cluster its first n_c members outside R, each weighted r_c / n_c: an
+ *   unbiased estimate of the cluster's sum of exp(s) v and exp(s), stratified by cluster, merged
+ *   as one partial (o, lse) whose softmax weights are exp(s + log(r_c / n_c)).
+ * A cluster taken whole is exact, so with B >= the keys outside R the estimate is exact. */
+#ifndef KST_INDEX_KV_TCLUST_H
+#define KST_INDEX_KV_TCLUST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/error.h"
+
+typedef struct kst_kvtc {
+    size_t C, d;      /* clusters (0: not built), head dim */
+    size_t na;        /* nodes assigned: 0 .. na - 1 */
+    float *cent;      /* (C, d) centroids */
+    float *cent_t;    /* (d, C) the same, transposed (a query's scores in one pass) */
+    float *hn2;       /* (C) |centroid|^2 / 2 (nearest centroid by <k, c> - |c|^2 / 2) */
+    uint32_t *of;     /* (ncap) cluster of each assigned node */
+    size_t ncap;
+    uint32_t **mem;   /* (C) members, in a uniformly random order */
+    uint32_t *len, *mcap;
+    uint64_t rng;     /* the shuffles' state */
+} kst_kvtc;
+
+/* Clusters the n keys (rows of K, float16 bits or float32, d wide; node i = row i) into C
+ * clusters (fewer where n < 16 C: n / 16, at least 1), k-means (FAISS, 8 iterations over up to
+ * 64 keys a cluster, evenly spaced), and assigns every key. Replaces T's clusters. */
+int kst_kvtc_build(kst_kvtc *T, const void *K, int f16, size_t n, size_t d, size_t C, uint64_t seed,
+                   kst_error *err);
+/* Assigns nodes T->na .. n - 1 (rows of K) to their nearest centroids (a no-op when T is not
+ * built). The scoring runs on the calling thread's OpenMP team. */
+int kst_kvtc_add(kst_kvtc *T, const void *K, int f16, size_t n, kst_error *err);
+void kst_kvtc_free(kst_kvtc *T);
+/* Heap bytes T holds. */
+size_t kst_kvtc_bytes(const kst_kvtc *T);
+
+/* The plan (above) for query q with the m attended nodes rid (distinct, any order; nodes >=
+ * T->na ignored): ns (C) the samples per cluster, rc (C) the keys outside R per cluster; returns
+ * the samples in all. sc: scratch of 2 C floats. */
+size_t kst_kvtc_plan(const kst_kvtc *T, const float *q, float scale, float temp, const uint32_t *rid, size_t m,
+                     size_t budget, uint32_t *ns, uint32_t *rc, float *sc);
+/* The estimate (above) from a plan: (o, *lse) the partial over the sampled keys with their
+ * weights (o = 0, *lse = -inf when none); K, V the head's rows, node i at row row0 + i; mark
+ * (>= T->na bytes): nonzero for the attended nodes (the plan's rid). rows, s, sc: scratch of the
+ * plan's total (int64, float, float). Returns the keys sampled. */
+size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const void *V, int f16, size_t d,
+                        float scale, size_t row0, const uint8_t *mark, const uint32_t *ns,
+                        const uint32_t *rc, int64_t *rows, float *s, float *sc, float *o, float *lse);
+
+#endif
