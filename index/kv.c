@@ -177,6 +177,11 @@ struct kst_kvc {
     size_t tclust;        /* the clustered tail estimate (kv_tclust.h): clusters per KV head made
                              at build (0: the sample above; KESTREL_KV_TCLUST) */
     float tc_temp;        /* its allocation's temperature (0.5; KESTREL_KV_TCLUST_T) */
+    float *tc_cs;         /* (q_heads, C) this step's centroid scores, made once per KV head by
+                             the first of its query heads to need them (tc_st: 0 not yet, 1 being
+                             made, 2 made) */
+    uint8_t *tc_st;
+    size_t tc_cs_cap;
     float *os_all, *lse_s_all; /* (q_heads, head_dim), (q_heads): the static partial, where made early */
     uint8_t *os_ok;       /* (q_heads) 1: os_all holds this step's static partial */
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
@@ -495,6 +500,8 @@ void kst_kvc_free(kst_kvc *c) {
         kst_free(c->th);
     }
     kst_free(c->lse_buf);
+    kst_free(c->tc_cs);
+    kst_free(c->tc_st);
     kst_free(c->gpu_merged);
     kst_free(c->ids_all);
     kst_free(c->fnd_all);
@@ -1507,7 +1514,7 @@ static int tc_reserve(kv_thread *t, size_t C, size_t B, size_t nidx, kst_error *
     int rc = KST_OK;
     if (t->tc_c < C) {
         KST_TRY(kst_realloc((void **)&t->tcu, 2 * C, sizeof(uint32_t), "tail cluster plan", err));
-        KST_TRY(kst_realloc((void **)&t->tcf, 2 * C, sizeof(float), "tail cluster plan", err));
+        KST_TRY(kst_realloc((void **)&t->tcf, 3 * C, sizeof(float), "tail cluster plan", err));
         t->tc_c = C;
     }
     if (t->tc_b < B) {
@@ -1524,17 +1531,30 @@ static int tc_reserve(kv_thread *t, size_t C, size_t B, size_t nidx, kst_error *
 done:
     return rc;
 }
-/* The clustered tail estimate (kv_tclust.h) of query head q over H's indexed keys outside the m
- * attended ids rid (distinct): partial (o, *lse); returns the keys sampled. */
-static size_t tail_clusters(kv_thread *t, const kst_kvc *c, const kv_hstore *H, const float *q, const uint32_t *rid,
-                            size_t m, float *o, float *lse) {
+/* The clustered tail estimate (kv_tclust.h) of query head h (queries Q: the step's, all heads)
+ * over H's indexed keys outside the m attended ids rid (distinct): partial (o, *lse); returns the
+ * keys sampled. The centroid scores of the KV head's query heads are made once (c->tc_cs) by the
+ * first of them here; a head that finds them being made scores its own. */
+static size_t tail_clusters(kv_thread *t, const kst_kvc *c, const kv_hstore *H, size_t h, const float *Q,
+                            const uint32_t *rid, size_t m, float *o, float *lse) {
     const kst_kvc_opts *op = &c->o;
     const kst_kvtc *T = &H->tc;
-    size_t C = T->C, B = op->tail_samples, kept = 0;
+    size_t C = T->C, B = op->tail_samples, kept = 0, G = op->q_heads / op->kv_heads, kvh = h / G, d = op->head_dim;
+    const float *q = Q + h * d, *cs = c->tc_cs + h * C;
+    uint8_t *st = &c->tc_st[kvh], zero = 0;
+    if (__atomic_load_n(st, __ATOMIC_ACQUIRE) != 2) {
+        if (__atomic_compare_exchange_n(st, &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            kst_kvtc_scores(T, Q + kvh * G * d, G, op->scale, c->tc_cs + kvh * G * C);
+            __atomic_store_n(st, 2, __ATOMIC_RELEASE);
+        } else if (__atomic_load_n(st, __ATOMIC_ACQUIRE) != 2) {
+            kst_kvtc_scores(T, q, 1, op->scale, t->tcf + 2 * C);
+            cs = t->tcf + 2 * C;
+        }
+    }
     t->ntlw = 0;
     for (size_t i = 0; i < m; i++)
         if (rid[i] < t->tmark_cap) t->tmark[rid[i]] = 1;
-    size_t tot = kst_kvtc_plan(T, q, op->scale, c->tc_temp, rid, m, B, t->tcu, t->tcu + C, t->tcf);
+    size_t tot = kst_kvtc_plan(T, cs, c->tc_temp, rid, m, B, t->tcu, t->tcu + C, t->tcf);
     if (tot)
         kept = kst_kvtc_partial(T, q, H->K, H->V, op->f16, op->head_dim, op->scale, op->sinks, t->tmark, t->tcu,
                                 t->tcu + C, t->tcr, t->tcs, t->tcs + B, o, lse);
@@ -1890,6 +1910,16 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         rc = kst_kvtc_add(&H->tc, rows_at(c, H->K, o->sinks), o->f16, H->g.n, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
     }
+    if (tcl) { /* this step's centroid scores (tail_clusters) */
+        size_t need = o->q_heads * L->heads[0].tc.C;
+        if (c->tc_cs_cap < need) {
+            rc = kst_realloc((void **)&c->tc_cs, need, sizeof(float), "tail cluster scores", err);
+            if (rc != KST_OK) return rc;
+            c->tc_cs_cap = need;
+        }
+        if (!c->tc_st && !(c->tc_st = kst_calloc(o->kv_heads, 1, "tail cluster scores", err))) return KST_ERR_NOMEM;
+        memset(c->tc_st, 0, o->kv_heads);
+    }
     int early = c->widen && c->widen_early && gq == 1 && k > 0 && kcap > k && o->tail_samples > 0 && nidx > k && !tcl;
     size_t ks = early ? kcap : k;
     /* keys attended beyond the first search's top_k (c->att_ef, c->tier; the interleaved code
@@ -2226,7 +2256,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 }
 #endif
                 if (tcl && m < nidx) {
-                    kept = tail_clusters(t, c, H, qh, rid, m, t->o2, &lse_t);
+                    kept = tail_clusters(t, c, H, h, q, rid, m, t->o2, &lse_t);
                     kst_attn_merge(oh, &lse, t->o2, lse_t, d);
                 }
                 if (ns && m < nidx && !tail_gpu) {

@@ -151,39 +151,45 @@ done:
     return rc;
 }
 
-/* s (C) = scale * <q, centroid_c> from the transposed centroids ct (d, C): four rows of ct per pass
- * over s (in L1), so that the loop streams ct once (512 KB at 1,024 clusters of head dim 128). */
+/* S (G, C) = scale * <Q_g, centroid_c> from the transposed centroids ct (d, C): four rows of ct
+ * per pass (16 KB at 1,024 clusters, kept in L1 for the G queries), so that ct (512 KB at 1,024
+ * clusters of head dim 128) is streamed once for the G query heads of a KV head. */
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2,fma"))) static void tc_scores_avx2(float *s, const float *q, const float *ct, size_t C,
-                                                                size_t d, float scale) {
-    for (size_t j = 0; j < C; j++) s[j] = 0;
+__attribute__((target("avx2,fma"))) static void tc_scores_avx2(float *S, const float *Q, size_t G, const float *ct,
+                                                                size_t C, size_t d) {
     size_t i = 0;
     for (; i + 4 <= d; i += 4) {
         const float *r0 = ct + i * C, *r1 = r0 + C, *r2 = r1 + C, *r3 = r2 + C;
-        float a0 = q[i], a1 = q[i + 1], a2 = q[i + 2], a3 = q[i + 3];
+        for (size_t g = 0; g < G; g++) {
+            const float *q = Q + g * d;
+            float a0 = q[i], a1 = q[i + 1], a2 = q[i + 2], a3 = q[i + 3], *s = S + g * C;
 #pragma omp simd
-        for (size_t j = 0; j < C; j++) s[j] += a0 * r0[j] + a1 * r1[j] + a2 * r2[j] + a3 * r3[j];
+            for (size_t j = 0; j < C; j++) s[j] += a0 * r0[j] + a1 * r1[j] + a2 * r2[j] + a3 * r3[j];
+        }
     }
     for (; i < d; i++)
-        for (size_t j = 0; j < C; j++) s[j] += q[i] * ct[i * C + j];
-    for (size_t j = 0; j < C; j++) s[j] *= scale;
+        for (size_t g = 0; g < G; g++)
+            for (size_t j = 0; j < C; j++) S[g * C + j] += Q[g * d + i] * ct[i * C + j];
 }
 #endif
-static void tc_scores(float *s, const float *q, const float *ct, size_t C, size_t d, float scale) {
+void kst_kvtc_scores(const kst_kvtc *T, const float *Q, size_t G, float scale, float *S) {
+    size_t C = T->C, d = T->d;
+    memset(S, 0, G * C * sizeof(float));
 #if defined(__x86_64__) && defined(__GNUC__)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        tc_scores_avx2(s, q, ct, C, d, scale);
-        return;
-    }
+        tc_scores_avx2(S, Q, G, T->cent_t, C, d);
+    } else
 #endif
-    for (size_t j = 0; j < C; j++) s[j] = 0;
-    for (size_t i = 0; i < d; i++)
-        for (size_t j = 0; j < C; j++) s[j] += q[i] * ct[i * C + j];
-    for (size_t j = 0; j < C; j++) s[j] *= scale;
+    {
+        for (size_t i = 0; i < d; i++)
+            for (size_t g = 0; g < G; g++)
+                for (size_t j = 0; j < C; j++) S[g * C + j] += Q[g * d + i] * T->cent_t[i * C + j];
+    }
+    for (size_t j = 0; j < G * C; j++) S[j] *= scale;
 }
 
-size_t kst_kvtc_plan(const kst_kvtc *T, const float *q, float scale, float temp, const uint32_t *rid, size_t m,
-                     size_t budget, uint32_t *ns, uint32_t *rc, float *sc) {
+size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint32_t *rid, size_t m, size_t budget,
+                     uint32_t *ns, uint32_t *rc, float *sc) {
     size_t C = T->C, rest = 0;
     if (!C) return 0;
     float *w = sc, *x = sc + C;
@@ -194,10 +200,9 @@ size_t kst_kvtc_plan(const kst_kvtc *T, const float *q, float scale, float temp,
     size_t B = budget < rest ? budget : rest;
     memset(ns, 0, C * sizeof *ns);
     if (B == 0) return 0;
-    tc_scores(w, q, T->cent_t, C, T->d, scale);
     float mx = -INFINITY;
     for (size_t c = 0; c < C; c++) {
-        w[c] *= temp;
+        w[c] = temp * cs[c];
         if (rc[c] && w[c] > mx) mx = w[c];
     }
     kst_kv_exp_shift(w, C, mx);

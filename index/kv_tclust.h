@@ -51,11 +51,15 @@ void kst_kvtc_free(kst_kvtc *T);
 /* Heap bytes T holds. */
 size_t kst_kvtc_bytes(const kst_kvtc *T);
 
-/* The plan (above) for query q with the m attended nodes rid (distinct, any order; nodes >=
- * T->na ignored): ns (C) the samples per cluster, rc (C) the keys outside R per cluster; returns
- * the samples in all. sc: scratch of 2 C floats. */
-size_t kst_kvtc_plan(const kst_kvtc *T, const float *q, float scale, float temp, const uint32_t *rid, size_t m,
-                     size_t budget, uint32_t *ns, uint32_t *rc, float *sc);
+/* The centroids' scaled scores S (G, C) = scale * <Q_g, centroid_c> of G queries Q (G, d) (the
+ * query heads of a KV head: the centroids read once for all of them). */
+void kst_kvtc_scores(const kst_kvtc *T, const float *Q, size_t G, float scale, float *S);
+/* The plan (above) for a query whose centroid scores are cs (C, kst_kvtc_scores), with the m
+ * attended nodes rid (distinct, any order; nodes >= T->na ignored): ns (C) the samples per
+ * cluster, rc (C) the keys outside R per cluster; returns the samples in all. sc: scratch of 2 C
+ * floats. */
+size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint32_t *rid, size_t m, size_t budget,
+                     uint32_t *ns, uint32_t *rc, float *sc);
 /* The estimate (above) from a plan: (o, *lse) the partial over the sampled keys with their
  * weights (o = 0, *lse = -inf when none); K, V the head's rows, node i at row row0 + i; mark
  * (>= T->na bytes): nonzero for the attended nodes (the plan's rid). rows, s, sc: scratch of the

@@ -22,7 +22,8 @@
  * rows may add "+cpu" or "+nogap", see below; any row but those "+nots": kst_kvc_set_tail_topsum 0, the
  * CPU summing the tail chunks' best rows itself), KV_SPREAD
  * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
- * 8, 2 expansions, ef 128, top_k 100, tail 2,048). Per row it also prints kst_kvc_attend's
+ * 8, 2 expansions, ef 128, top_k 100, tail 2,048; KV_TAIL=n: n tail samples, and with
+ * KESTREL_KV_TCLUST=n in the environment the clustered tail estimate, round 18). Per row it also prints kst_kvc_attend's
  * phases (kst_kvc_prof, us a step) and the GPU partial's life (launched, seen in, first needed: us
  * from the call's start; the tail phase as wait + CPU estimate). Round 16 row flags: "+old" (the
  * GPU partial and the links as in round 15), "+early", "+sN", "+b3", "+whole" (see below); round 17:
@@ -261,7 +262,8 @@ int main(int argc, char **argv) {
     double t0 = now_s();
     uint64_t sum = gen(N, corr);
     printf("(data %.1f s, sum %016llx)\n", now_s() - t0, (unsigned long long)sum);
-    kst_kvc_opts o = {(size_t)L, KVH, QH, D, 1, 0, SINKS, window, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, 1, 2048, 0, 1, 64, 0, 0};
+    size_t tail = getenv("KV_TAIL") ? (size_t)atol(getenv("KV_TAIL")) : 2048;
+    kst_kvc_opts o = {(size_t)L, KVH, QH, D, 1, 0, SINKS, window, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, 1, tail, 0, 1, 64, 0, 0};
     kst_kvc *c;
     kst_error e;
     if (kst_kvc_create(&o, &c, &e)) die("create", &e);
