@@ -200,23 +200,27 @@ size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint3
     size_t B = budget < rest ? budget : rest;
     memset(ns, 0, C * sizeof *ns);
     if (B == 0) return 0;
-    float mx = -INFINITY;
-    for (size_t c = 0; c < C; c++) {
-        w[c] = temp * cs[c];
-        if (rc[c] && w[c] > mx) mx = w[c];
-    }
-    kst_kv_exp_shift(w, C, mx);
-    for (size_t c = 0; c < C; c++) w[c] *= (float)rc[c];
-    /* water-filling: a cluster whose share reaches its keys is taken whole (ns = rc, marked by
-     * w = 0), the budget left shared again over the others */
+    /* x: the clusters' scores temp * scale * <q, centroid> while the budget is shared (then
+     * their shares); w: r_c exp(score - the largest open score), made again each round, so that
+     * the weights of the clusters left open do not underflow once the best are taken whole */
+    for (size_t c = 0; c < C; c++) x[c] = temp * cs[c];
+    /* water-filling: a cluster whose share reaches its keys is taken whole (ns = rc), the
+     * budget left shared again over the others (open: ns = 0 < rc) */
     double left = (double)B;
     for (;;) {
-        double W = 0;
-        for (size_t c = 0; c < C; c++) W += w[c];
-        if (!(W > 0)) break;
-        int closed = 0;
-        double lw = left / W;
+        float mx = -INFINITY;
         for (size_t c = 0; c < C; c++)
+            if (rc[c] && !ns[c] && x[c] > mx) mx = x[c];
+        memcpy(w, x, C * sizeof *w);
+        kst_kv_exp_shift(w, C, mx);
+        double W = 0;
+        for (size_t c = 0; c < C; c++) {
+            w[c] = rc[c] && !ns[c] ? w[c] * (float)rc[c] : 0;
+            W += w[c];
+        }
+        int closed = 0;
+        double lw = W > 0 ? left / W : 0;
+        for (size_t c = 0; W > 0 && c < C; c++)
             if (w[c] > 0 && lw * w[c] >= rc[c]) {
                 ns[c] = rc[c];
                 w[c] = 0;
