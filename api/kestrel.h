@@ -352,9 +352,9 @@ typedef struct kst_kv_opts {
                                  more keys scanned; the tail estimate covers the rest */
     size_t tail_clusters;     /* default 0; n > 0: the tail estimate's samples drawn each step
                                  where that query's attention is: kst_kv_build clusters each KV
-                                 head's indexed keys into n (k-means; 1024 recommended), and each
+                                 head's indexed keys into n (k-means; 2048 recommended), and each
                                  query head's tail_samples keys are shared over the clusters in
-                                 proportion to their keys left out times exp(0.5 x the
+                                 proportion to their keys left out times exp(0.7 x the
                                  centroid's scaled score), each cluster's sample scaled to its
                                  rest. Read from the CPU's rows each step (no sample on the
                                  GPU). SmolLM2 past its trained context: 3-4x less error than

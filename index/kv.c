@@ -176,7 +176,7 @@ struct kst_kvc {
                              (0 or 1: one uniform sample; KESTREL_KV_STRAT) */
     size_t tclust;        /* the clustered tail estimate (kv_tclust.h): clusters per KV head made
                              at build (0: the sample above; KESTREL_KV_TCLUST) */
-    float tc_temp;        /* its allocation's temperature (0.5; KESTREL_KV_TCLUST_T) */
+    float tc_temp;        /* its allocation's temperature (0.7; KESTREL_KV_TCLUST_T) */
     float *tc_cs;         /* (q_heads, C) this step's centroid scores, made once per KV head by
                              the first of its query heads to need them (tc_st: 0 not yet, 1 being
                              made, 2 made) */
@@ -292,8 +292,8 @@ void kst_kvc_set_spread_budget(kst_kvc *c, float strata, size_t tier) {
 void kst_kvc_set_tail_clusters(kst_kvc *c, size_t n, float temp) {
     const char *e = getenv("KESTREL_KV_TCLUST"), *et = getenv("KESTREL_KV_TCLUST_T");
     c->tclust = e ? (size_t)atol(e) : n;
-    c->tc_temp = et ? (float)atof(et) : temp > 0 && isfinite(temp) ? temp : 0.5f;
-    if (!(c->tc_temp >= 0) || !isfinite(c->tc_temp)) c->tc_temp = 0.5f;
+    c->tc_temp = et ? (float)atof(et) : temp > 0 && isfinite(temp) ? temp : 0.7f;
+    if (!(c->tc_temp >= 0) || !isfinite(c->tc_temp)) c->tc_temp = 0.7f;
 }
 const kst_kvtc *kst_kvc_tail_clusters(const kst_kvc *c, size_t layer, size_t kvh) {
     if (layer >= c->o.layers || kvh >= c->o.kv_heads || !c->layers[layer].built) return NULL;

@@ -340,12 +340,12 @@ void kst_kvc_set_tail_samples(kst_kvc *c, size_t m);
  *   (KESTREL_KV_TAU_ALL=1: the least attended). Not for searches widened (opts.widen). */
 void kst_kvc_set_spread_budget(kst_kvc *c, float strata, size_t tier);
 /* The clustered tail estimate (kv_tclust.h; tests/bench/README.md, round 18): n > 0 clusters
- * per KV head, made by k-means at kst_kvc_build (in its time: ~1 s per KV head of 128K keys on
- * one core), keys indexed later assigned at the next decode step. The tail's tail_samples keys
+ * per KV head, made by k-means at kst_kvc_build (in its time: ~1.5 s per KV head of 128K keys
+ * and 1,024 clusters on 16 threads), keys indexed later assigned at the next decode step. The tail's tail_samples keys
  * are then drawn each step, for each query head, from the clusters where its attention is (the
  * plan: n_c proportional to the cluster's keys left out times exp(temp * its centroid's scaled
  * score)), each cluster its own ratio, on the CPU from the cache's rows (no sample on the GPU).
- * 0: the evenly spaced (or stratified) sample. temp <= 0: 0.5. The environment overrides both
+ * 0: the evenly spaced (or stratified) sample. temp <= 0: 0.7. The environment overrides both
  * (KESTREL_KV_TCLUST, KESTREL_KV_TCLUST_T). Applies at the next build. */
 void kst_kvc_set_tail_clusters(kst_kvc *c, size_t n, float temp);
 /* Tests: KV head kvh's clusters in a layer (NULL before a build with clusters, or out of range). */

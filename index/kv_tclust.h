@@ -12,8 +12,9 @@
  *   B (water-filled: a cluster whose share reaches r_c is taken whole, the rest shared again;
  *   rounded by cumulative sums, so sum n_c = min(B, sum r_c) and |n_c - share| < 1), with
  *   w_c = r_c exp(temp * scale * <q, centroid_c>). temp 0 is proportional allocation; 1 would
- *   sample a cluster as if its keys all scored its centroid's score; 0.5 (the default) hedges
- *   the centroid's error (bench README, round 18);
+ *   sample a cluster as if its keys all scored its centroid's score; 0.7 (the default; 0.5-0.8
+ *   within 7% of each other on SmolLM2's heads) hedges the centroid's error (bench README,
+ *   round 18);
  * - estimate: in each cluster its first n_c members outside R, each weighted r_c / n_c: an
  *   unbiased estimate of the cluster's sum of exp(s) v and exp(s), stratified by cluster, merged
  *   as one partial (o, lse) whose softmax weights are exp(s + log(r_c / n_c)).

@@ -62,8 +62,7 @@ if [ -f "$SDATA/L4H0_k.npy" ]; then
   # GQA groups (the 3 query heads of each KV head): one search per head vs one per group, 4-bit
   # codes, and the default budget (bench_kv_group.c)
   cc -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -I. -o "$BUILD/bench_kv_group" \
-    core/kv_attn.c core/half.c core/mem.c core/error.c core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c \
-    tests/bench/bench_kv_group.c $LDLIBS
+    tests/bench/bench_kv_group.c "$BUILD/libkestrel.a" $LDLIBS
   if [ -f "$SDATA/L4H1_q.npy" ]; then
     for l in 4 12 20 28; do for g in 0,1,2 3,4,5 6,7,8; do
       KV_WINDOW=1024 KV_BUDGETS="100:100:0;100:128:0;100:256:0;256:256:1024" OMP_NUM_THREADS=1 \
