@@ -201,26 +201,40 @@ size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint3
     memset(ns, 0, C * sizeof *ns);
     if (B == 0) return 0;
     /* x: the clusters' scores temp * scale * <q, centroid> while the budget is shared (then
-     * their shares); w: r_c exp(score - the largest open score), made again each round, so that
-     * the weights of the clusters left open do not underflow once the best are taken whole */
-    for (size_t c = 0; c < C; c++) x[c] = temp * cs[c];
-    /* water-filling: a cluster whose share reaches its keys is taken whole (ns = rc), the
-     * budget left shared again over the others (open: ns = 0 < rc) */
+     * their shares); w: r_c exp(x_c - mx), made once (again only where every open weight has
+     * underflowed to 0 once the best clusters are taken whole: mx then the largest open score) */
+    float mx = -INFINITY;
+    for (size_t c = 0; c < C; c++) {
+        x[c] = temp * cs[c];
+        if (rc[c] && x[c] > mx) mx = x[c];
+    }
+    memcpy(w, x, C * sizeof *w);
+    kst_kv_exp_shift(w, C, mx);
+    for (size_t c = 0; c < C; c++) w[c] = rc[c] ? w[c] * (float)rc[c] : 0;
+    /* water-filling: a cluster whose share reaches its keys is taken whole (ns = rc, w = 0), the
+     * budget left shared again over the others (open: w > 0) */
     double left = (double)B;
     for (;;) {
-        float mx = -INFINITY;
-        for (size_t c = 0; c < C; c++)
-            if (rc[c] && !ns[c] && x[c] > mx) mx = x[c];
-        memcpy(w, x, C * sizeof *w);
-        kst_kv_exp_shift(w, C, mx);
         double W = 0;
-        for (size_t c = 0; c < C; c++) {
-            w[c] = rc[c] && !ns[c] ? w[c] * (float)rc[c] : 0;
-            W += w[c];
+        for (size_t c = 0; c < C; c++) W += w[c];
+        if (!(W > 0)) {
+            mx = -INFINITY;
+            for (size_t c = 0; c < C; c++)
+                if (rc[c] && !ns[c] && x[c] > mx) mx = x[c];
+            if (mx == -INFINITY) {
+                for (size_t c = 0; c < C; c++) x[c] = 0;
+                break;
+            }
+            memcpy(w, x, C * sizeof *w);
+            kst_kv_exp_shift(w, C, mx);
+            for (size_t c = 0; c < C; c++) {
+                w[c] = rc[c] && !ns[c] ? w[c] * (float)rc[c] : 0;
+                W += w[c];
+            }
         }
         int closed = 0;
-        double lw = W > 0 ? left / W : 0;
-        for (size_t c = 0; W > 0 && c < C; c++)
+        double lw = left / W;
+        for (size_t c = 0; c < C; c++)
             if (w[c] > 0 && lw * w[c] >= rc[c]) {
                 ns[c] = rc[c];
                 w[c] = 0;
