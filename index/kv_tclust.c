@@ -216,6 +216,7 @@ size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint3
     double left = (double)B;
     for (;;) {
         double W = 0;
+#pragma omp simd reduction(+ : W)
         for (size_t c = 0; c < C; c++) W += w[c];
         if (!(W > 0)) {
             mx = -INFINITY;
@@ -234,12 +235,14 @@ size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint3
         }
         int closed = 0;
         double lw = left / W;
-        for (size_t c = 0; c < C; c++)
-            if (w[c] > 0 && lw * w[c] >= rc[c]) {
-                ns[c] = rc[c];
-                w[c] = 0;
-                closed = 1;
-            }
+        float lwf = (float)lw;
+#pragma omp simd reduction(| : closed)
+        for (size_t c = 0; c < C; c++) {
+            int cl = w[c] > 0 && lwf * w[c] >= (float)rc[c];
+            ns[c] = cl ? rc[c] : ns[c];
+            w[c] = cl ? 0 : w[c];
+            closed |= cl;
+        }
         if (!closed) {
             for (size_t c = 0; c < C; c++) x[c] = (float)(lw * w[c]);
             break;
