@@ -31,13 +31,14 @@
 #define TOL_A 2e-5
 #define TOL_R 1e-4
 
-/* A uniform integer below n (the data's choices; kv_gauss draws the values). */
+/* The data's choices (kv_gauss draws the values): each test seeds both states itself
+ * (tc_seed), so that its data and figures do not depend on the tests run before it. */
 static uint64_t tc_rng = 0x2545f4914f6cdd1dull;
-/* Each test starts from its own state (its data and figures do not depend on the others). */
 static void tc_seed(uint64_t s) {
     kv_rng = 0x9e3779b97f4a7c15ull ^ (s * 0xbf58476d1ce4e5b9ull);
     tc_rng = 0x2545f4914f6cdd1dull ^ (s * 0x94d049bb133111ebull);
 }
+/* A uniform integer below n. */
 static size_t tc_below(size_t n) {
     tc_rng ^= tc_rng << 13;
     tc_rng ^= tc_rng >> 7;
