@@ -660,8 +660,9 @@ static void test_appends_assigned(void **state) {
 /* 5. Keys in 64 clusters of ~60 around random centres (d 32; 3,840 indexed), 48 queries near one
  * centre or between two, top_k 16 (the clusters' other keys past it), 256 samples: through
  * kst_kv (opts.tail_clusters 64 against 0, the uniform sample), the mean relative L2 error
- * against float64 full attention. Clustered / uniform measured 0.17 here (0.16-0.25 over ten
- * seeds of the data, the uniform sample's error 0.19-0.23); asserted under 0.35. */
+ * against float64 full attention. Clustered / uniform at the default temperature (0.7) measured
+ * 0.117 here (0.105-0.181 over ten seeds of the data; at temperature 0.5 0.16-0.25; the uniform
+ * sample's error 0.19-0.23); asserted under 0.3. */
 static void test_spread_over_clusters(void **state) {
     (void)state;
     tc_seed(5);
@@ -713,7 +714,7 @@ static void test_spread_over_clusters(void **state) {
     print_message("keys in 64 clusters, top_k 16, 256 samples: mean rel. error uniform %.3e, clustered %.3e (ratio %.3f); "
                   "samples %zu, %zu\n", e[0], e[1], e[1] / e[0], smp[0], smp[1]);
     assert_int_equal(smp[1], nq * 256);
-    if (!(e[1] < 0.35 * e[0])) fail_msg("clustered %.3e against uniform %.3e (expected under 0.35x)", e[1], e[0]);
+    if (!(e[1] < 0.3 * e[0])) fail_msg("clustered %.3e against uniform %.3e (expected under 0.3x)", e[1], e[0]);
     free(K);
     free(V);
     free(cen);
