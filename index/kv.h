@@ -346,7 +346,9 @@ void kst_kvc_set_spread_budget(kst_kvc *c, float strata, size_t tier);
  * plan: n_c proportional to the cluster's keys left out times exp(temp * its centroid's scaled
  * score)), each cluster its own ratio, on the CPU from the cache's rows (no sample on the GPU).
  * 0: the evenly spaced (or stratified) sample. temp <= 0: 0.7. The environment overrides both
- * (KESTREL_KV_TCLUST, KESTREL_KV_TCLUST_T). Applies at the next build. */
+ * (KESTREL_KV_TCLUST, KESTREL_KV_TCLUST_T). Applies at the next build. With it the adaptive
+ * budget (opts.widen) does not widen: its prediction reads the evenly spaced sample's best rows
+ * (KESTREL_KV_WIDEN_PRED=0 widens by the fixed factor instead). */
 void kst_kvc_set_tail_clusters(kst_kvc *c, size_t n, float temp);
 /* Tests: KV head kvh's clusters in a layer (NULL before a build with clusters, or out of range). */
 const struct kst_kvtc *kst_kvc_tail_clusters(const kst_kvc *c, size_t layer, size_t kvh);
