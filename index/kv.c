@@ -1540,7 +1540,7 @@ static size_t tail_clusters(kv_thread *t, const kst_kvc *c, const kv_hstore *H, 
     const kst_kvc_opts *op = &c->o;
     const kst_kvtc *T = &H->tc;
     size_t C = T->C, B = op->tail_samples, kept = 0, G = op->q_heads / op->kv_heads, kvh = h / G, d = op->head_dim;
-    const float *q = Q + h * d, *cs = c->tc_cs + h * C;
+    const float *q = Q + h * d, *cs = c->tc_cs + kvh * G * C + (h % G) * C;
     uint8_t *st = &c->tc_st[kvh], zero = 0;
     if (__atomic_load_n(st, __ATOMIC_ACQUIRE) != 2) {
         if (__atomic_compare_exchange_n(st, &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
@@ -1556,10 +1556,10 @@ static size_t tail_clusters(kv_thread *t, const kst_kvc *c, const kv_hstore *H, 
         if (rid[i] < t->tmark_cap) t->tmark[rid[i]] = 1;
     size_t tot = kst_kvtc_plan(T, cs, c->tc_temp, rid, m, B, t->tcu, t->tcu + C, t->tcf);
     if (tot)
-        kept = kst_kvtc_partial(T, q, H->K, H->V, op->f16, op->head_dim, op->scale, op->sinks, t->tmark, t->tcu,
+        kept = kst_kvtc_partial(T, q, H->K, H->V, op->f16, d, op->scale, op->sinks, t->tmark, t->tcu,
                                 t->tcu + C, t->tcr, t->tcs, t->tcs + B, o, lse);
     else {
-        memset(o, 0, op->head_dim * sizeof(float));
+        memset(o, 0, d * sizeof(float));
         *lse = -INFINITY;
     }
     for (size_t i = 0; i < m; i++)
@@ -1900,18 +1900,18 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     /* one task per query head, or per KV head (its G query heads) with the group search */
     size_t gq = heads_per_search(c), ntask = o->q_heads / gq;
     size_t scanned = 0, retrieved = 0, sampled = 0, widened = 0;
-    /* the adaptive budget decided before the first search too (widen_first; one head per task):
-     * the heads' retrieved ids then take up to kcap each */
     /* the clustered tail estimate (kv_tclust.h) in place of the sample table: its clusters take
      * the keys indexed since the last step first */
     int tcl = c->tclust && nidx > 0 && L->heads[0].tc.C && o->tail_samples > 0;
+    size_t tcC = 0; /* the most clusters a KV head has (all have as many: the same keys count) */
     for (size_t h = 0; tcl && h < o->kv_heads; h++) {
         kv_hstore *H = &L->heads[h];
         rc = kst_kvtc_add(&H->tc, rows_at(c, H->K, o->sinks), o->f16, H->g.n, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+        tcC = H->tc.C > tcC ? H->tc.C : tcC;
     }
     if (tcl) { /* this step's centroid scores (tail_clusters) */
-        size_t need = o->q_heads * L->heads[0].tc.C;
+        size_t need = o->q_heads * tcC;
         if (c->tc_cs_cap < need) {
             rc = kst_realloc((void **)&c->tc_cs, need, sizeof(float), "tail cluster scores", err);
             if (rc != KST_OK) return rc;
@@ -1920,6 +1920,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (!c->tc_st && !(c->tc_st = kst_calloc(o->kv_heads, 1, "tail cluster scores", err))) return KST_ERR_NOMEM;
         memset(c->tc_st, 0, o->kv_heads);
     }
+    /* the adaptive budget decided before the first search too (widen_first; one head per task):
+     * the heads' retrieved ids then take up to kcap each */
     int early = c->widen && c->widen_early && gq == 1 && k > 0 && kcap > k && o->tail_samples > 0 && nidx > k && !tcl;
     size_t ks = early ? kcap : k;
     /* keys attended beyond the first search's top_k (c->att_ef, c->tier; the interleaved code
@@ -2080,7 +2082,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         r = kst_realloc((void **)&t->trows, ns, sizeof(int64_t), "tail samples", &e2);
         if (r == KST_OK) t->trows_cap = ns;
     }
-    if (r == KST_OK && tcl) r = tc_reserve(t, L->heads[0].tc.C, o->tail_samples, nidx, &e2);
+    if (r == KST_OK && tcl) r = tc_reserve(t, tcC, o->tail_samples, nidx, &e2);
     /* T: the KV heads' sample chunks, thread i taking items i, i + threads, ... (the same each
      * step, so a chunk's rows, 256 KB at 512 samples of d 128 float16, may stay in that core's
      * caches) */
