@@ -34,7 +34,9 @@ static int tc_join(kst_kvtc *T, uint32_t c, uint32_t x, kst_error *err) {
     }
     uint32_t n = T->len[c]++, j = tc_next(T, n + 1);
     T->mem[c][n] = T->mem[c][j];
+    T->pos[T->mem[c][n]] = n;
     T->mem[c][j] = x;
+    T->pos[x] = j;
     return KST_OK;
 }
 
@@ -48,11 +50,12 @@ void kst_kvtc_free(kst_kvtc *T) {
     kst_free(T->cent_t);
     kst_free(T->hn2);
     kst_free(T->of);
+    kst_free(T->pos);
     memset(T, 0, sizeof *T);
 }
 
 size_t kst_kvtc_bytes(const kst_kvtc *T) {
-    size_t b = T->C * (2 * T->d + 1) * sizeof(float) + T->ncap * sizeof(uint32_t) +
+    size_t b = T->C * (2 * T->d + 1) * sizeof(float) + 2 * T->ncap * sizeof(uint32_t) +
                T->C * (sizeof(uint32_t *) + 2 * sizeof(uint32_t));
     for (size_t c = 0; c < T->C; c++) b += (size_t)T->mcap[c] * sizeof(uint32_t);
     return b;
@@ -65,6 +68,7 @@ int kst_kvtc_add(kst_kvtc *T, const void *K, int f16, size_t n, kst_error *err) 
     if (T->ncap < n) {
         size_t cap = n + n / 4 + 64;
         KST_TRY(kst_realloc((void **)&T->of, cap, sizeof(uint32_t), "tail cluster assignments", err));
+        KST_TRY(kst_realloc((void **)&T->pos, cap, sizeof(uint32_t), "tail cluster assignments", err));
         T->ncap = cap;
     }
     size_t nb = (cnt + TC_BLOCK - 1) / TC_BLOCK;
@@ -188,14 +192,11 @@ void kst_kvtc_scores(const kst_kvtc *T, const float *Q, size_t G, float scale, f
     for (size_t j = 0; j < G * C; j++) S[j] *= scale;
 }
 
-size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint32_t *rid, size_t m, size_t budget,
-                     uint32_t *ns, uint32_t *rc, float *sc) {
-    size_t C = T->C, rest = 0;
-    if (!C) return 0;
-    float *w = sc, *x = sc + C;
-    for (size_t c = 0; c < C; c++) rc[c] = T->len[c];
-    for (size_t i = 0; i < m; i++)
-        if (rid[i] < T->na) rc[T->of[rid[i]]]--;
+/* The plan's water-filling and rounding (kst_kvtc_plan) of the budget over C clusters of rc[c]
+ * keys each, cluster c weighted rc[c] exp(x[c]) (x: log weights; then the shares); w: scratch
+ * of C floats. */
+static size_t tc_fill(size_t C, const uint32_t *rc, float *x, float *w, size_t budget, uint32_t *ns) {
+    size_t rest = 0;
     for (size_t c = 0; c < C; c++) rest += rc[c];
     size_t B = budget < rest ? budget : rest;
     memset(ns, 0, C * sizeof *ns);
@@ -204,10 +205,8 @@ size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint3
      * their shares); w: r_c exp(x_c - mx), made once (again only where every open weight has
      * underflowed to 0 once the best clusters are taken whole: mx then the largest open score) */
     float mx = -INFINITY;
-    for (size_t c = 0; c < C; c++) {
-        x[c] = temp * cs[c];
+    for (size_t c = 0; c < C; c++)
         if (rc[c] && x[c] > mx) mx = x[c];
-    }
     memcpy(w, x, C * sizeof *w);
     kst_kv_exp_shift(w, C, mx);
     for (size_t c = 0; c < C; c++) w[c] = rc[c] ? w[c] * (float)rc[c] : 0;
@@ -291,6 +290,17 @@ size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint3
     return tot;
 }
 
+size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint32_t *rid, size_t m, size_t budget,
+                     uint32_t *ns, uint32_t *rc, float *sc) {
+    size_t C = T->C;
+    if (!C) return 0;
+    for (size_t c = 0; c < C; c++) rc[c] = T->len[c];
+    for (size_t i = 0; i < m; i++)
+        if (rid[i] < T->na) rc[T->of[rid[i]]]--;
+    for (size_t c = 0; c < C; c++) sc[C + c] = temp * cs[c];
+    return tc_fill(C, rc, sc + C, sc, budget, ns);
+}
+
 size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const void *V, int f16, size_t d,
                         float scale, size_t row0, const uint8_t *mark, const uint32_t *ns,
                         const uint32_t *rc, int64_t *rows, float *s, float *sc, float *o, float *lse) {
@@ -350,4 +360,185 @@ size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const 
     for (size_t i = 0; i < d; i++) o[i] *= inv;
     *lse = mx + (float)log(sum);
     return n;
+}
+
+void kst_kvtc_group_free(kst_kvtc_group *A) {
+    if (!A) return;
+    kst_free(A->ns);
+    kst_free(A->item);
+    kst_free(A->item_of);
+    kst_free(A->mx);
+    kst_free(A->s);
+    kst_free(A->o);
+    memset(A, 0, sizeof *A);
+}
+
+int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, size_t G, float temp,
+                        size_t budget, kst_error *err) {
+    size_t C = T->C, d = T->d;
+    int rc = KST_OK;
+    A->ni = A->tot = A->nmax = 0;
+    if (!C || !G) return KST_OK;
+    if (A->C < C || A->G < G || A->d != d) {
+        size_t Cm = A->C > C ? A->C : C, Gm = A->G > G ? A->G : G;
+        KST_TRY(kst_realloc((void **)&A->ns, Cm, sizeof(uint32_t), "shared tail plan", err));
+        KST_TRY(kst_realloc((void **)&A->item, Cm, sizeof(uint32_t), "shared tail plan", err));
+        KST_TRY(kst_realloc((void **)&A->item_of, Cm, sizeof(int32_t), "shared tail plan", err));
+        /* the items' sums: (C, G) and (C, G, d) at most (every cluster sampled) */
+        KST_TRY(kst_realloc((void **)&A->mx, Cm * Gm, sizeof(float), "shared tail sums", err));
+        KST_TRY(kst_realloc((void **)&A->s, Cm * Gm, sizeof(double), "shared tail sums", err));
+        KST_TRY(kst_realloc((void **)&A->o, Cm * Gm * d, sizeof(float), "shared tail sums", err));
+        A->C = Cm;
+        A->G = Gm;
+        A->d = d;
+    }
+    A->G = G;
+    /* x_c = log sum_g exp(temp cs_gc - L_g), L_g = log sum_c len_c exp(temp cs_gc): the heads'
+     * normalized allocations averaged (the constant 1/G left out); the scratch for the filling:
+     * A->mx (C floats at least) */
+    float *x = A->mx, *w = (float *)A->s; /* (the sums' arrays, C G floats each, free until gathered) */
+    for (size_t c = 0; c < C; c++) x[c] = -INFINITY;
+    for (size_t g = 0; g < G; g++) {
+        const float *cg = cs + g * C;
+        float m = -INFINITY;
+        for (size_t c = 0; c < C; c++)
+            if (T->len[c] && temp * cg[c] > m) m = temp * cg[c];
+        if (m == -INFINITY) break;
+        double Z = 0;
+        for (size_t c = 0; c < C; c++)
+            if (T->len[c]) Z += (double)T->len[c] * exp((double)(temp * cg[c] - m));
+        float L = m + (float)log(Z);
+        for (size_t c = 0; c < C; c++) {
+            float v = temp * cg[c] - L, hi = v > x[c] ? v : x[c], lo = v > x[c] ? x[c] : v;
+            x[c] = hi == -INFINITY ? hi : hi + log1pf(expf(lo - hi));
+        }
+    }
+    A->tot = tc_fill(C, T->len, x, w, budget, A->ns);
+    for (size_t c = 0; c < C; c++) {
+        A->item_of[c] = -1;
+        if (A->ns[c]) {
+            if (A->ns[c] > A->nmax) A->nmax = A->ns[c];
+            A->item_of[c] = (int32_t)A->ni;
+            A->item[A->ni++] = (uint32_t)c;
+        }
+    }
+done:
+    return rc;
+}
+
+/* The scores scale * <q_g, k> of n rows (nodes ids, rows row0 + id) for G queries: S (G, n);
+ * the rows' keys read once for the G queries, the next rows prefetched. */
+static void tc_group_scores(float *S, const float *Q, size_t G, const uint32_t *ids, size_t n, const void *K,
+                            int f16, size_t d, float scale, size_t row0) {
+    const size_t rowb = d * (f16 ? 2 : 4);
+    const char *Kb = K;
+    for (size_t j = 0; j < TC_PB && j < n; j++)
+        for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (row0 + ids[j]) * rowb + b);
+    for (size_t j = 0; j < n; j++) {
+        if (j + TC_PB < n)
+            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (row0 + ids[j + TC_PB]) * rowb + b);
+        const char *kr = Kb + (row0 + ids[j]) * rowb;
+        for (size_t g = 0; g < G; g++) S[g * n + j] = scale * kst_kv_dot(Q + g * d, kr, f16, d);
+    }
+}
+
+void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t i0, size_t i1, const float *Q,
+                           const void *K, const void *V, int f16, float scale, size_t row0, float *sc) {
+    size_t G = A->G, d = T->d;
+    const size_t rowb = d * (f16 ? 2 : 4);
+    const char *Vb = V;
+    for (size_t i = i0; i < i1 && i < A->ni; i++) {
+        uint32_t c = A->item[i], n = A->ns[c];
+        const uint32_t *mem = T->mem[c];
+        tc_group_scores(sc, Q, G, mem, n, K, f16, d, scale, row0);
+        for (uint32_t j = 0; j < n && j < TC_PB; j++)
+            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j]) * rowb + b);
+        for (size_t g = 0; g < G; g++) {
+            float *w = sc + g * n, m = -INFINITY;
+            for (uint32_t j = 0; j < n; j++) m = w[j] > m ? w[j] : m;
+            kst_kv_exp_shift(w, n, m);
+            double s = 0;
+            for (uint32_t j = 0; j < n; j++) s += w[j];
+            A->mx[i * G + g] = m;
+            A->s[i * G + g] = s;
+            memset(A->o + (i * G + g) * d, 0, d * sizeof(float));
+        }
+        for (uint32_t j = 0; j < n; j++) {
+            if (j + TC_PB < n)
+                for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j + TC_PB]) * rowb + b);
+            const char *vr = Vb + (row0 + mem[j]) * rowb;
+            for (size_t g = 0; g < G; g++) kst_kv_axpy(A->o + (i * G + g) * d, sc[g * n + j], vr, f16, d);
+        }
+    }
+}
+
+size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t g, const float *q,
+                             const void *K, const void *V, int f16, float scale, size_t row0,
+                             const uint32_t *rid, size_t m, const uint8_t *mark, uint32_t *cnt, float *sc,
+                             float *o, float *lse) {
+    size_t G = A->G, d = T->d, C = T->C, used = 0;
+    const size_t rowb = d * (f16 ? 2 : 4);
+    const char *Kb = K, *Vb = V;
+    uint32_t *out_c = cnt, *in_s = cnt + C; /* per cluster: retrieved keys, retrieved in its sample */
+    for (size_t i = 0; i < m; i++)
+        if (rid[i] < T->na) {
+            uint32_t c = T->of[rid[i]];
+            out_c[c]++;
+            if (T->pos[rid[i]] < A->ns[c]) in_s[c]++;
+        }
+    float *oi = sc, *x = sc + d;
+    memset(o, 0, d * sizeof(float));
+    *lse = -INFINITY;
+    for (size_t i = 0; i < A->ni; i++) {
+        uint32_t c = A->item[i], n = A->ns[c], r = T->len[c] - out_c[c], nk = n - in_s[c];
+        if (r == 0) continue;
+        float mi = A->mx[i * G + g];
+        double s = A->s[i * G + g];
+        memcpy(oi, A->o + (i * G + g) * d, d * sizeof(float));
+        int anew = 0;
+        if (in_s[c] && nk > 0) { /* the retrieved members of its sample taken out */
+            double s0 = s;
+            for (uint32_t j = 0; j < n; j++) {
+                uint32_t x0 = T->mem[c][j];
+                if (!mark[x0]) continue;
+                float w = expf(scale * kst_kv_dot(q, Kb + (row0 + x0) * rowb, f16, d) - mi);
+                s -= w;
+                kst_kv_axpy(oi, -w, Vb + (row0 + x0) * rowb, f16, d);
+            }
+            anew = !(s > s0 * 1e-4);
+        }
+        if (nk == 0 || anew) { /* made anew: its first nk (at least 1) members outside R */
+            uint32_t want = nk ? nk : 1, got = 0;
+            memset(oi, 0, d * sizeof(float));
+            mi = -INFINITY;
+            for (uint32_t j = 0; j < T->len[c] && got < want; j++) {
+                uint32_t x0 = T->mem[c][j];
+                if (mark[x0]) continue;
+                x[got++] = scale * kst_kv_dot(q, Kb + (row0 + x0) * rowb, f16, d);
+                mi = x[got - 1] > mi ? x[got - 1] : mi;
+            }
+            s = 0;
+            got = 0;
+            for (uint32_t j = 0; j < T->len[c] && got < want; j++) {
+                uint32_t x0 = T->mem[c][j];
+                if (mark[x0]) continue;
+                float w = expf(x[got++] - mi);
+                s += w;
+                kst_kv_axpy(oi, w, Vb + (row0 + x0) * rowb, f16, d);
+            }
+            nk = want;
+        }
+        used += nk;
+        if (!(s > 0)) continue;
+        float inv = (float)(1.0 / s);
+        for (size_t k = 0; k < d; k++) oi[k] *= inv;
+        kst_attn_merge(o, lse, oi, mi + (float)log(s * (double)r / (double)nk), d);
+    }
+    for (size_t i = 0; i < m; i++)
+        if (rid[i] < T->na) {
+            uint32_t c = T->of[rid[i]];
+            out_c[c] = 0;
+            in_s[c] = 0;
+        }
+    return used;
 }

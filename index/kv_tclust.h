@@ -34,6 +34,7 @@ typedef struct kst_kvtc {
     float *cent_t;    /* (d, C) the same, transposed (a query's scores in one pass) */
     float *hn2;       /* (C) |centroid|^2 / 2 (nearest centroid by <k, c> - |c|^2 / 2) */
     uint32_t *of;     /* (ncap) cluster of each assigned node */
+    uint32_t *pos;    /* (ncap) its place in its cluster's order (mem[of[x]][pos[x]] == x) */
     size_t ncap;
     uint32_t **mem;   /* (C) members, in a uniformly random order */
     uint32_t *len, *mcap;
@@ -68,5 +69,53 @@ size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint3
 size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const void *V, int f16, size_t d,
                         float scale, size_t row0, const uint8_t *mark, const uint32_t *ns,
                         const uint32_t *rc, int64_t *rows, float *s, float *sc, float *o, float *lse);
+
+
+/* One sample a KV head, shared by its G query heads (kst_kvc_set_tail_share): read once, scored
+ * for each head, so that a step reads 1/G of the rows the per-head samples read.
+ * - plan: cluster c gets n_c of the budget (water-filled and rounded as above; at most its keys)
+ *   in proportion to len_c times the mixture over the heads of exp(temp * cs_gc) normalized per
+ *   head: each head's own allocation (kst_kvtc_plan before retrieval) averaged, so that every
+ *   head gets at least 1/G of the samples it would have drawn alone where its attention is.
+ * - gather: the sample is each planned cluster's first n_c members; per (cluster, head) item
+ *   its best score mx, the sum s of exp(sc - mx) and the sum o of exp(sc - mx) V over them.
+ * - finish, for head g once its retrieval attended the ids R: each item less the retrieved members
+ *   of its sample (their terms subtracted; the item made anew from its rows where that would
+ *   leave under 1e-4 of its sum), weighted r_c / n'_c (r_c: the cluster's keys outside R, n'_c:
+ *   its sample's); a cluster whose sample was all retrieved is estimated from its first member
+ *   outside R. The members of a uniformly random order that are not in R, taken from its first
+ *   n_c places, are a uniform sample of the keys outside R (of size n'_c), so each cluster's
+ *   estimate is unbiased given n'_c > 0, as the per-head one. */
+typedef struct kst_kvtc_group {
+    size_t G, d, C;   /* query heads, head dim, clusters (the arrays' sizes) */
+    size_t ni, tot;   /* clusters sampled (items), samples in all */
+    size_t nmax;      /* the most samples a cluster gets (the scratch sizes below) */
+    uint32_t *ns;     /* (C) the plan */
+    uint32_t *item;   /* (ni) cluster of each item, ascending */
+    int32_t *item_of; /* (C) item of each cluster, -1 where none */
+    float *mx;        /* (ni, G) */
+    double *s;        /* (ni, G) */
+    float *o;         /* (ni, G, d) */
+    size_t icap;
+} kst_kvtc_group;
+
+/* Plans the KV head's shared sample from its G heads' centroid scores cs (G, C; kst_kvtc_scores)
+ * into A (sized for T->C clusters and G heads; grown as needed); returns the samples in all. */
+int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, size_t G, float temp,
+                        size_t budget, kst_error *err);
+/* Gathers items i0 .. i1 - 1 of A's plan for the queries Q (G, d): K, V the head's rows, node i at
+ * row row0 + i. Items of one plan may be gathered by several threads at once. sc: scratch of
+ * G * A->nmax floats. */
+void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t i0, size_t i1, const float *Q,
+                           const void *K, const void *V, int f16, float scale, size_t row0, float *sc);
+/* Head g's estimate (above) from the gathered items: (o, *lse) (o = 0, *lse = -inf where nothing
+ * is left); rid: the m ids it attended (distinct); mark (>= T->na bytes): nonzero for them; cnt:
+ * scratch of 2 T->C uint32, all 0 (left 0); sc: scratch of d + A->nmax floats.
+ * Returns the samples that stood for the rest (sum of n'_c). */
+size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t g, const float *q,
+                             const void *K, const void *V, int f16, float scale, size_t row0,
+                             const uint32_t *rid, size_t m, const uint8_t *mark, uint32_t *cnt, float *sc,
+                             float *o, float *lse);
+void kst_kvtc_group_free(kst_kvtc_group *A);
 
 #endif
