@@ -24,6 +24,8 @@
  * remade when the sample is drawn (tail_prepare). Per chunk c and query head g (index
  * c * G + g): */
 #define KV_TT_CHUNKS 16 /* at most; chunks of 512 rows up to 8,192 samples */
+/* The shared clustered sample's gathering (kst_kvc_set_tail_share): pieces a KV head */
+#define KV_TG_PIECES 8
 typedef struct kv_tail {
     size_t n, nidx, cap;   /* samples in the table, indexed keys they were drawn from, rows allocated */
     size_t ch, nc, ccap;   /* rows per chunk, chunks, chunks allocated */
@@ -117,6 +119,8 @@ typedef struct kv_thread {
      * samples' rows and scores (2 x budget), marks of the attended nodes (nidx, kept all 0) */
     uint32_t *tcu; float *tcf, *tcs; int64_t *tcr; uint8_t *tmark;
     size_t tc_c, tc_b, tmark_cap;
+    /* the shared sample (kst_kvc_set_tail_share): counts (2 C, kept all 0), scores */
+    uint32_t *tgc; float *tgs; size_t tg_c, tg_s;
     char pad[64];       /* threads' hot fields on separate cache lines */
 } kv_thread;
 
@@ -182,6 +186,13 @@ struct kst_kvc {
                              made, 2 made) */
     uint8_t *tc_st;
     size_t tc_cs_cap;
+    int tshare;           /* one clustered sample a KV head for its query heads (kst_kvc_set_tail_share;
+                             KESTREL_KV_TSHARE) */
+    kst_kvtc_group *tg;   /* (kv_heads) this step's shared samples */
+    size_t tg_n;
+    uint32_t tg_next;     /* the step's gather pieces claimed (atomic) */
+    uint32_t *tg_done;    /* (kv_heads) pieces gathered; tg_st: 0 not planned, 1 planned, -1 failed */
+    int8_t *tg_st;
     float *os_all, *lse_s_all; /* (q_heads, head_dim), (q_heads): the static partial, where made early */
     uint8_t *os_ok;       /* (q_heads) 1: os_all holds this step's static partial */
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
@@ -295,6 +306,10 @@ void kst_kvc_set_tail_clusters(kst_kvc *c, size_t n, float temp) {
     c->tc_temp = et ? (float)atof(et) : temp > 0 && isfinite(temp) ? temp : 0.7f;
     if (!(c->tc_temp >= 0) || !isfinite(c->tc_temp)) c->tc_temp = 0.7f;
 }
+void kst_kvc_set_tail_share(kst_kvc *c, int on) {
+    const char *e = getenv("KESTREL_KV_TSHARE");
+    c->tshare = e ? atoi(e) != 0 : on != 0;
+}
 const kst_kvtc *kst_kvc_tail_clusters(const kst_kvc *c, size_t layer, size_t kvh) {
     if (layer >= c->o.layers || kvh >= c->o.kv_heads || !c->layers[layer].built) return NULL;
     const kst_kvtc *T = &c->layers[layer].heads[kvh].tc;
@@ -391,6 +406,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->tau_all = getenv("KESTREL_KV_TAU_ALL") ? atoi(getenv("KESTREL_KV_TAU_ALL")) != 0 : 0;
     c->tt_ch = getenv("KESTREL_KV_TT_CH") ? (size_t)atol(getenv("KESTREL_KV_TT_CH")) : 0;
     kst_kvc_set_tail_clusters(c, 0, 0);
+    kst_kvc_set_tail_share(c, 0);
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv_work, NULL);
     pthread_cond_init(&c->cv_idle, NULL);
@@ -496,12 +512,18 @@ void kst_kvc_free(kst_kvc *c) {
             kst_free(c->th[t].tcs);
             kst_free(c->th[t].tcr);
             kst_free(c->th[t].tmark);
+            kst_free(c->th[t].tgc);
+            kst_free(c->th[t].tgs);
         }
         kst_free(c->th);
     }
     kst_free(c->lse_buf);
     kst_free(c->tc_cs);
     kst_free(c->tc_st);
+    for (size_t h = 0; c->tg && h < c->tg_n; h++) kst_kvtc_group_free(&c->tg[h]);
+    kst_free(c->tg);
+    kst_free(c->tg_done);
+    kst_free(c->tg_st);
     kst_free(c->gpu_merged);
     kst_free(c->ids_all);
     kst_free(c->fnd_all);
@@ -1920,6 +1942,21 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (!c->tc_st && !(c->tc_st = kst_calloc(o->kv_heads, 1, "tail cluster scores", err))) return KST_ERR_NOMEM;
         memset(c->tc_st, 0, o->kv_heads);
     }
+    /* the shared sample (kst_kvc_set_tail_share): each KV head's planned by one thread, then
+     * gathered in KV_TG_PIECES pieces taken by any, before the searches */
+    int tsh = tcl && c->tshare && G > 1;
+    if (tsh) {
+        if (!c->tg) {
+            c->tg = kst_calloc(o->kv_heads, sizeof *c->tg, "shared tail samples", err);
+            c->tg_done = kst_calloc(o->kv_heads, sizeof *c->tg_done, "shared tail samples", err);
+            c->tg_st = kst_calloc(o->kv_heads, 1, "shared tail samples", err);
+            if (!c->tg || !c->tg_done || !c->tg_st) return KST_ERR_NOMEM; /* (freed with the cache) */
+            c->tg_n = o->kv_heads;
+        }
+        memset(c->tg_done, 0, o->kv_heads * sizeof *c->tg_done);
+        memset(c->tg_st, 0, o->kv_heads);
+        c->tg_next = 0;
+    }
     /* the adaptive budget decided before the first search too (widen_first; one head per task):
      * the heads' retrieved ids then take up to kcap each */
     int early = c->widen && c->widen_early && gq == 1 && k > 0 && kcap > k && o->tail_samples > 0 && nidx > k && !tcl;
@@ -2083,6 +2120,50 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (r == KST_OK) t->trows_cap = ns;
     }
     if (r == KST_OK && tcl) r = tc_reserve(t, tcC, o->tail_samples, nidx, &e2);
+    if (r == KST_OK && tsh && t->tg_c < tcC) {
+        r = kst_realloc((void **)&t->tgc, 2 * tcC, sizeof(uint32_t), "shared tail counts", &e2);
+        if (r == KST_OK) {
+            memset(t->tgc, 0, 2 * tcC * sizeof(uint32_t));
+            t->tg_c = tcC;
+        }
+    }
+    if (r != KST_OK && tsh) /* (the pieces below would wait for this thread's plans) */
+        for (size_t kh = (size_t)omp_get_thread_num(); kh < o->kv_heads; kh += (size_t)omp_get_num_threads())
+            __atomic_store_n(&c->tg_st[kh], -1, __ATOMIC_RELEASE);
+    /* the shared samples: plans (thread i: KV heads i, i + threads, ...), then the pieces */
+    for (size_t kh = (size_t)omp_get_thread_num(); r == KST_OK && tsh && kh < o->kv_heads;
+         kh += (size_t)omp_get_num_threads()) {
+        const kst_kvtc *T = &L->heads[kh].tc;
+        float *cs = c->tc_cs + kh * G * T->C;
+        kst_kvtc_scores(T, q + kh * G * d, G, o->scale, cs);
+        kst_error e5;
+        int r5 = kst_kvtc_group_plan(T, &c->tg[kh], cs, G, c->tc_temp, o->tail_samples, &e5);
+        if (r5 != KST_OK) first_err(&rc, err, r5, &e5);
+        __atomic_store_n(&c->tg_st[kh], r5 == KST_OK ? 1 : -1, __ATOMIC_RELEASE);
+    }
+    while (tsh) {
+        uint32_t pi = __atomic_fetch_add(&c->tg_next, 1, __ATOMIC_ACQ_REL);
+        if (pi >= o->kv_heads * KV_TG_PIECES) break;
+        size_t kh = pi / KV_TG_PIECES, p = pi % KV_TG_PIECES;
+        while (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 0) {
+        } /* its plan still being made */
+        kst_kvtc_group *A = &c->tg[kh];
+        if (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 1 && r == KST_OK) {
+            size_t tgn = (G > 1 ? G : 2) * A->nmax + A->ni + d; /* (gather: d + G nmax; finish: ni + d + nmax) */
+            if (t->tg_s < tgn) {
+                kst_error e5;
+                int r5 = kst_realloc((void **)&t->tgs, tgn, sizeof(float), "shared tail scores", &e5);
+                if (r5 == KST_OK) t->tg_s = tgn;
+                else first_err(&rc, err, r5, &e5);
+            }
+            if (t->tg_s >= tgn) {
+                const kv_hstore *H = &L->heads[kh];
+                kst_kvtc_group_gather(&H->tc, A, A->ni * p / KV_TG_PIECES, A->ni * (p + 1) / KV_TG_PIECES, q + kh * G * d,
+                                      H->K, H->V, o->f16, o->scale, o->sinks, t->tgs);
+            }
+        }
+        __atomic_fetch_add(&c->tg_done[kh], 1, __ATOMIC_ACQ_REL);
+    }
     /* T: the KV heads' sample chunks, thread i taking items i, i + threads, ... (the same each
      * step, so a chunk's rows, 256 KB at 512 samples of d 128 float16, may stay in that core's
      * caches) */
@@ -2257,7 +2338,21 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     }
                 }
 #endif
-                if (tcl && m < nidx) {
+                if (tsh && m < nidx) { /* the KV head's shared sample, once gathered */
+                    size_t kh = h / G;
+                    while (__atomic_load_n(&c->tg_done[kh], __ATOMIC_ACQUIRE) < KV_TG_PIECES) {
+                    }
+                    kst_kvtc_group *A = &c->tg[kh];
+                    if (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 1 && t->tg_s >= A->nmax + A->ni + d) {
+                        for (size_t i = 0; i < m; i++)
+                            if (rid[i] < t->tmark_cap) t->tmark[rid[i]] = 1;
+                        kept = kst_kvtc_group_finish(&H->tc, A, h % G, qh, H->K, H->V, o->f16, o->scale, o->sinks, rid, m,
+                                                     t->tmark, t->tgc, t->tgs, t->o2, &lse_t);
+                        for (size_t i = 0; i < m; i++)
+                            if (rid[i] < t->tmark_cap) t->tmark[rid[i]] = 0;
+                        kst_attn_merge(oh, &lse, t->o2, lse_t, d);
+                    }
+                } else if (tcl && m < nidx) {
                     kept = tail_clusters(t, c, H, h, q, rid, m, t->o2, &lse_t);
                     kst_attn_merge(oh, &lse, t->o2, lse_t, d);
                 }

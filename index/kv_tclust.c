@@ -33,8 +33,10 @@ static int tc_join(kst_kvtc *T, uint32_t c, uint32_t x, kst_error *err) {
         T->mcap[c] = cap;
     }
     uint32_t n = T->len[c]++, j = tc_next(T, n + 1);
-    T->mem[c][n] = T->mem[c][j];
-    T->pos[T->mem[c][n]] = n;
+    if (j < n) { /* (j == n: x joins at the end) */
+        T->mem[c][n] = T->mem[c][j];
+        T->pos[T->mem[c][n]] = n;
+    }
     T->mem[c][j] = x;
     T->pos[x] = j;
     return KST_OK;
@@ -393,26 +395,29 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
         A->d = d;
     }
     A->G = G;
-    /* x_c = log sum_g exp(temp cs_gc - L_g), L_g = log sum_c len_c exp(temp cs_gc): the heads'
-     * normalized allocations averaged (the constant 1/G left out); the scratch for the filling:
-     * A->mx (C floats at least) */
-    float *x = A->mx, *w = (float *)A->s; /* (the sums' arrays, C G floats each, free until gathered) */
-    for (size_t c = 0; c < C; c++) x[c] = -INFINITY;
+    /* x_c = log sum_g exp(temp cs_gc - m_g) / Z_g, Z_g = sum_c len_c exp(temp cs_gc - m_g): the
+     * heads' normalized allocations averaged (the constant 1/G left out), summed in float (a
+     * cluster whose every head's weight underflows gets x = -inf; the per-head plan would still
+     * rank those by score once the others are taken whole); scratch: A->mx and A->s (C G floats
+     * each, free until gathered) */
+    float *x = A->mx, *w = (float *)A->s, *e = w + C;
+    for (size_t c = 0; c < C; c++) x[c] = 0;
     for (size_t g = 0; g < G; g++) {
         const float *cg = cs + g * C;
         float m = -INFINITY;
-        for (size_t c = 0; c < C; c++)
-            if (T->len[c] && temp * cg[c] > m) m = temp * cg[c];
-        if (m == -INFINITY) break;
-        double Z = 0;
-        for (size_t c = 0; c < C; c++)
-            if (T->len[c]) Z += (double)T->len[c] * exp((double)(temp * cg[c] - m));
-        float L = m + (float)log(Z);
         for (size_t c = 0; c < C; c++) {
-            float v = temp * cg[c] - L, hi = v > x[c] ? v : x[c], lo = v > x[c] ? x[c] : v;
-            x[c] = hi == -INFINITY ? hi : hi + log1pf(expf(lo - hi));
+            e[c] = temp * cg[c];
+            if (T->len[c] && e[c] > m) m = e[c];
         }
+        if (m == -INFINITY) break;
+        kst_kv_exp_shift(e, C, m);
+        double Z = 0;
+        for (size_t c = 0; c < C; c++) Z += (double)T->len[c] * e[c];
+        float iz = (float)(1.0 / Z);
+#pragma omp simd
+        for (size_t c = 0; c < C; c++) x[c] += e[c] * iz;
     }
+    for (size_t c = 0; c < C; c++) x[c] = x[c] > 0 ? logf(x[c]) : -INFINITY;
     A->tot = tc_fill(C, T->len, x, w, budget, A->ns);
     for (size_t c = 0; c < C; c++) {
         A->item_of[c] = -1;
@@ -426,50 +431,47 @@ done:
     return rc;
 }
 
-/* The scores scale * <q_g, k> of n rows (nodes ids, rows row0 + id) for G queries: S (G, n);
- * the rows' keys read once for the G queries, the next rows prefetched. */
-static void tc_group_scores(float *S, const float *Q, size_t G, const uint32_t *ids, size_t n, const void *K,
-                            int f16, size_t d, float scale, size_t row0) {
+/* Item i of A: the first n_c members' keys read once each and scored
+ * for the G queries (S (G, n), scale * <q_g, k>), then their values read once each and summed
+ * by each head's weights exp(s - mx); the next rows prefetched. */
+static void tc_group_item(const kst_kvtc *T, kst_kvtc_group *A, size_t i, const float *Q, const char *Kb,
+                          const char *Vb, int f16, float scale, size_t row0, float *S) {
+    size_t G = A->G, d = T->d;
     const size_t rowb = d * (f16 ? 2 : 4);
-    const char *Kb = K;
-    for (size_t j = 0; j < TC_PB && j < n; j++)
-        for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (row0 + ids[j]) * rowb + b);
-    for (size_t j = 0; j < n; j++) {
+    uint32_t c = A->item[i], n = A->ns[c];
+    const uint32_t *mem = T->mem[c];
+    for (uint32_t j = 0; j < n && j < TC_PB; j++)
+        for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (row0 + mem[j]) * rowb + b);
+    for (uint32_t j = 0; j < n; j++) {
         if (j + TC_PB < n)
-            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (row0 + ids[j + TC_PB]) * rowb + b);
-        const char *kr = Kb + (row0 + ids[j]) * rowb;
+            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (row0 + mem[j + TC_PB]) * rowb + b);
+        else if (j + TC_PB - n < n) /* the values' first rows */
+            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j + TC_PB - n]) * rowb + b);
+        const char *kr = Kb + (row0 + mem[j]) * rowb;
         for (size_t g = 0; g < G; g++) S[g * n + j] = scale * kst_kv_dot(Q + g * d, kr, f16, d);
+    }
+    for (size_t g = 0; g < G; g++) {
+        float *w = S + g * n, m = -INFINITY;
+        for (uint32_t j = 0; j < n; j++) m = w[j] > m ? w[j] : m;
+        kst_kv_exp_shift(w, n, m);
+        double s = 0;
+        for (uint32_t j = 0; j < n; j++) s += w[j];
+        A->mx[i * G + g] = m;
+        A->s[i * G + g] = s;
+        memset(A->o + (i * G + g) * d, 0, d * sizeof(float));
+    }
+    for (uint32_t j = 0; j < n; j++) {
+        if (j + TC_PB < n)
+            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j + TC_PB]) * rowb + b);
+        const char *vr = Vb + (row0 + mem[j]) * rowb;
+        for (size_t g = 0; g < G; g++) kst_kv_axpy(A->o + (i * G + g) * d, S[g * n + j], vr, f16, d);
     }
 }
 
 void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t i0, size_t i1, const float *Q,
                            const void *K, const void *V, int f16, float scale, size_t row0, float *sc) {
-    size_t G = A->G, d = T->d;
-    const size_t rowb = d * (f16 ? 2 : 4);
-    const char *Vb = V;
-    for (size_t i = i0; i < i1 && i < A->ni; i++) {
-        uint32_t c = A->item[i], n = A->ns[c];
-        const uint32_t *mem = T->mem[c];
-        tc_group_scores(sc, Q, G, mem, n, K, f16, d, scale, row0);
-        for (uint32_t j = 0; j < n && j < TC_PB; j++)
-            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j]) * rowb + b);
-        for (size_t g = 0; g < G; g++) {
-            float *w = sc + g * n, m = -INFINITY;
-            for (uint32_t j = 0; j < n; j++) m = w[j] > m ? w[j] : m;
-            kst_kv_exp_shift(w, n, m);
-            double s = 0;
-            for (uint32_t j = 0; j < n; j++) s += w[j];
-            A->mx[i * G + g] = m;
-            A->s[i * G + g] = s;
-            memset(A->o + (i * G + g) * d, 0, d * sizeof(float));
-        }
-        for (uint32_t j = 0; j < n; j++) {
-            if (j + TC_PB < n)
-                for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j + TC_PB]) * rowb + b);
-            const char *vr = Vb + (row0 + mem[j]) * rowb;
-            for (size_t g = 0; g < G; g++) kst_kv_axpy(A->o + (i * G + g) * d, sc[g * n + j], vr, f16, d);
-        }
-    }
+    for (size_t i = i0; i < i1 && i < A->ni; i++)
+        tc_group_item(T, A, i, Q, K, V, f16, scale, row0, sc);
 }
 
 size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t g, const float *q,
@@ -486,17 +488,27 @@ size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t 
             out_c[c]++;
             if (T->pos[rid[i]] < A->ns[c]) in_s[c]++;
         }
-    float *oi = sc, *x = sc + d;
+    /* Pass 1: each item's log weight lw = mx + log(s r_c / n'_c) in sc[0..ni) (-inf: none left),
+     * the items a retrieved member touches taken out of A's sums into oi (d) and merged into
+     * (o, *lse) apart; pass 2: the others summed in one frame, their largest lw. */
+    float *lw = sc, *oi = sc + A->ni, *x = oi + d, M = -INFINITY;
     memset(o, 0, d * sizeof(float));
     *lse = -INFINITY;
     for (size_t i = 0; i < A->ni; i++) {
         uint32_t c = A->item[i], n = A->ns[c], r = T->len[c] - out_c[c], nk = n - in_s[c];
+        lw[i] = -INFINITY;
         if (r == 0) continue;
         float mi = A->mx[i * G + g];
         double s = A->s[i * G + g];
+        if (!in_s[c]) {
+            used += nk;
+            if (s > 0) lw[i] = mi + (float)log(s * (double)r / (double)nk);
+            M = lw[i] > M ? lw[i] : M;
+            continue;
+        }
         memcpy(oi, A->o + (i * G + g) * d, d * sizeof(float));
-        int anew = 0;
-        if (in_s[c] && nk > 0) { /* the retrieved members of its sample taken out */
+        int anew = nk == 0;
+        if (nk > 0) { /* the retrieved members of its sample taken out */
             double s0 = s;
             for (uint32_t j = 0; j < n; j++) {
                 uint32_t x0 = T->mem[c][j];
@@ -507,7 +519,7 @@ size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t 
             }
             anew = !(s > s0 * 1e-4);
         }
-        if (nk == 0 || anew) { /* made anew: its first nk (at least 1) members outside R */
+        if (anew) { /* made anew: its first nk (at least 1) members outside R */
             uint32_t want = nk ? nk : 1, got = 0;
             memset(oi, 0, d * sizeof(float));
             mi = -INFINITY;
@@ -533,6 +545,7 @@ size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t 
         float inv = (float)(1.0 / s);
         for (size_t k = 0; k < d; k++) oi[k] *= inv;
         kst_attn_merge(o, lse, oi, mi + (float)log(s * (double)r / (double)nk), d);
+        lw[i] = -INFINITY; /* (merged) */
     }
     for (size_t i = 0; i < m; i++)
         if (rid[i] < T->na) {
@@ -540,5 +553,22 @@ size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t 
             out_c[c] = 0;
             in_s[c] = 0;
         }
+    if (M > -INFINITY) {
+        double S = 0;
+        memset(oi, 0, d * sizeof(float));
+        for (size_t i = 0; i < A->ni; i++) {
+            if (!(lw[i] > -INFINITY)) continue;
+            /* item i's sums times exp(lw - M) / s (its o holds the sum of exp(sc - mx) V) */
+            double f = exp((double)(lw[i] - M));
+            S += f;
+            float fo = (float)(f / A->s[i * G + g]);
+            const float *oa = A->o + (i * G + g) * d;
+#pragma omp simd
+            for (size_t k = 0; k < d; k++) oi[k] += fo * oa[k];
+        }
+        float inv = (float)(1.0 / S);
+        for (size_t k = 0; k < d; k++) oi[k] *= inv;
+        kst_attn_merge(o, lse, oi, M + (float)log(S), d);
+    }
     return used;
 }

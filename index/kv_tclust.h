@@ -110,7 +110,7 @@ void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t i0, size
                            const void *K, const void *V, int f16, float scale, size_t row0, float *sc);
 /* Head g's estimate (above) from the gathered items: (o, *lse) (o = 0, *lse = -inf where nothing
  * is left); rid: the m ids it attended (distinct); mark (>= T->na bytes): nonzero for them; cnt:
- * scratch of 2 T->C uint32, all 0 (left 0); sc: scratch of d + A->nmax floats.
+ * scratch of 2 T->C uint32, all 0 (left 0); sc: scratch of A->ni + d + A->nmax floats.
  * Returns the samples that stood for the rest (sum of n'_c). */
 size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t g, const float *q,
                              const void *K, const void *V, int f16, float scale, size_t row0,
