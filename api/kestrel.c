@@ -480,6 +480,7 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
     if (opts->append_idle) kst_kvc_set_append_idle(kv->c, 1);
     kst_kvc_set_spread_budget(kv->c, opts->tail_strata, opts->tier);
     kst_kvc_set_tail_clusters(kv->c, opts->tail_clusters, 0);
+    kst_kvc_set_tail_share(kv->c, opts->tail_share);
     *out = kv;
     return KST_OK;
 }

@@ -362,6 +362,13 @@ typedef struct kst_kv_opts {
                                  tail_samples 3072 and tier 256. Costs CPU reads: on an H100
                                  host a 128K-token step is 2-5x slower than SDPA's, a 1M one
                                  1.6x faster (tests/bench/README.md, round 18) */
+    int tail_share;           /* default 0; 1 (with tail_clusters and GQA, q_heads > kv_heads):
+                                 one sample of tail_samples keys a KV head, planned from its query
+                                 heads' allocations averaged, each row read once and scored for
+                                 each head (a third of the rows read with 3 query heads a KV
+                                 head). SmolLM2 at 32K, tier 256: tail 6144 shared 2.2e-3 mean
+                                 error against 5.6e-3 for 3072 a head, with 2/3 of the reads
+                                 (tests/bench/README.md, round 19) */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */

@@ -2343,7 +2343,14 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     while (__atomic_load_n(&c->tg_done[kh], __ATOMIC_ACQUIRE) < KV_TG_PIECES) {
                     }
                     kst_kvtc_group *A = &c->tg[kh];
-                    if (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 1 && t->tg_s >= A->nmax + A->ni + d) {
+                    size_t tgn = (G > 1 ? G : 2) * A->nmax + A->ni + d;
+                    if (t->tg_s < tgn) { /* (a thread that gathered no piece of it) */
+                        kst_error e5;
+                        int r5 = kst_realloc((void **)&t->tgs, tgn, sizeof(float), "shared tail scores", &e5);
+                        if (r5 == KST_OK) t->tg_s = tgn;
+                        else first_err(&rc, err, r5, &e5);
+                    }
+                    if (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 1 && t->tg_s >= tgn) {
                         for (size_t i = 0; i < m; i++)
                             if (rid[i] < t->tmark_cap) t->tmark[rid[i]] = 1;
                         kept = kst_kvtc_group_finish(&H->tc, A, h % G, qh, H->K, H->V, o->f16, o->scale, o->sinks, rid, m,
