@@ -24,8 +24,6 @@
  * remade when the sample is drawn (tail_prepare). Per chunk c and query head g (index
  * c * G + g): */
 #define KV_TT_CHUNKS 16 /* at most; chunks of 512 rows up to 8,192 samples */
-/* The shared clustered sample's gathering (kst_kvc_set_tail_share): pieces a KV head */
-#define KV_TG_PIECES 8
 typedef struct kv_tail {
     size_t n, nidx, cap;   /* samples in the table, indexed keys they were drawn from, rows allocated */
     size_t ch, nc, ccap;   /* rows per chunk, chunks, chunks allocated */
@@ -119,8 +117,8 @@ typedef struct kv_thread {
      * samples' rows and scores (2 x budget), marks of the attended nodes (nidx, kept all 0) */
     uint32_t *tcu; float *tcf, *tcs; int64_t *tcr; uint8_t *tmark;
     size_t tc_c, tc_b, tmark_cap;
-    /* the shared sample (kst_kvc_set_tail_share): counts (2 C, kept all 0), scores */
-    uint32_t *tgc; float *tgs; size_t tg_c, tg_s;
+    /* the shared sample (kst_kvc_set_tail_share): scores */
+    float *tgs; size_t tg_s;
     char pad[64];       /* threads' hot fields on separate cache lines */
 } kv_thread;
 
@@ -512,7 +510,6 @@ void kst_kvc_free(kst_kvc *c) {
             kst_free(c->th[t].tcs);
             kst_free(c->th[t].tcr);
             kst_free(c->th[t].tmark);
-            kst_free(c->th[t].tgc);
             kst_free(c->th[t].tgs);
         }
         kst_free(c->th);
@@ -1943,7 +1940,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         memset(c->tc_st, 0, o->kv_heads);
     }
     /* the shared sample (kst_kvc_set_tail_share): each KV head's planned by one thread, then
-     * gathered in KV_TG_PIECES pieces taken by any, before the searches */
+     * gathered in KST_KVTC_PIECES pieces taken by any, before the searches */
     int tsh = tcl && c->tshare && G > 1;
     if (tsh) {
         if (!c->tg) {
@@ -2120,13 +2117,6 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (r == KST_OK) t->trows_cap = ns;
     }
     if (r == KST_OK && tcl) r = tc_reserve(t, tcC, o->tail_samples, nidx, &e2);
-    if (r == KST_OK && tsh && t->tg_c < tcC) {
-        r = kst_realloc((void **)&t->tgc, 2 * tcC, sizeof(uint32_t), "shared tail counts", &e2);
-        if (r == KST_OK) {
-            memset(t->tgc, 0, 2 * tcC * sizeof(uint32_t));
-            t->tg_c = tcC;
-        }
-    }
     if (r != KST_OK && tsh) /* (the pieces below would wait for this thread's plans) */
         for (size_t kh = (size_t)omp_get_thread_num(); kh < o->kv_heads; kh += (size_t)omp_get_num_threads())
             __atomic_store_n(&c->tg_st[kh], -1, __ATOMIC_RELEASE);
@@ -2143,13 +2133,13 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     }
     while (tsh) {
         uint32_t pi = __atomic_fetch_add(&c->tg_next, 1, __ATOMIC_ACQ_REL);
-        if (pi >= o->kv_heads * KV_TG_PIECES) break;
-        size_t kh = pi / KV_TG_PIECES, p = pi % KV_TG_PIECES;
+        if (pi >= o->kv_heads * KST_KVTC_PIECES) break;
+        size_t kh = pi / KST_KVTC_PIECES, p = pi % KST_KVTC_PIECES;
         while (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 0) {
         } /* its plan still being made */
         kst_kvtc_group *A = &c->tg[kh];
         if (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 1 && r == KST_OK) {
-            size_t tgn = (G > 1 ? G : 2) * A->nmax + A->ni + d; /* (gather: d + G nmax; finish: ni + d + nmax) */
+            size_t tgn = G * (A->nmax + d); /* (gather: G (nmax + d); finish: nmax + d) */
             if (t->tg_s < tgn) {
                 kst_error e5;
                 int r5 = kst_realloc((void **)&t->tgs, tgn, sizeof(float), "shared tail scores", &e5);
@@ -2158,8 +2148,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             }
             if (t->tg_s >= tgn) {
                 const kv_hstore *H = &L->heads[kh];
-                kst_kvtc_group_gather(&H->tc, A, A->ni * p / KV_TG_PIECES, A->ni * (p + 1) / KV_TG_PIECES, q + kh * G * d,
-                                      H->K, H->V, o->f16, o->scale, o->sinks, t->tgs);
+                kst_kvtc_group_gather(&H->tc, A, p, q + kh * G * d, H->K, H->V, o->f16, o->scale, o->sinks, t->tgs);
             }
         }
         __atomic_fetch_add(&c->tg_done[kh], 1, __ATOMIC_ACQ_REL);
@@ -2340,10 +2329,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #endif
                 if (tsh && m < nidx) { /* the KV head's shared sample, once gathered */
                     size_t kh = h / G;
-                    while (__atomic_load_n(&c->tg_done[kh], __ATOMIC_ACQUIRE) < KV_TG_PIECES) {
+                    while (__atomic_load_n(&c->tg_done[kh], __ATOMIC_ACQUIRE) < KST_KVTC_PIECES) {
                     }
                     kst_kvtc_group *A = &c->tg[kh];
-                    size_t tgn = (G > 1 ? G : 2) * A->nmax + A->ni + d;
+                    size_t tgn = G * (A->nmax + d);
                     if (t->tg_s < tgn) { /* (a thread that gathered no piece of it) */
                         kst_error e5;
                         int r5 = kst_realloc((void **)&t->tgs, tgn, sizeof(float), "shared tail scores", &e5);
@@ -2354,7 +2343,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                         for (size_t i = 0; i < m; i++)
                             if (rid[i] < t->tmark_cap) t->tmark[rid[i]] = 1;
                         kept = kst_kvtc_group_finish(&H->tc, A, h % G, qh, H->K, H->V, o->f16, o->scale, o->sinks, rid, m,
-                                                     t->tmark, t->tgc, t->tgs, t->o2, &lse_t);
+                                                     t->tmark, t->tgs, t->o2, &lse_t);
                         for (size_t i = 0; i < m; i++)
                             if (rid[i] < t->tmark_cap) t->tmark[rid[i]] = 0;
                         kst_attn_merge(oh, &lse, t->o2, lse_t, d);

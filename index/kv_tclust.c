@@ -7,6 +7,7 @@
 #include <faiss/c_api/error_c.h>
 
 #include "core/check.h"
+#include "core/half.h"
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #include "index/faiss_ext.h"
@@ -368,10 +369,8 @@ void kst_kvtc_group_free(kst_kvtc_group *A) {
     if (!A) return;
     kst_free(A->ns);
     kst_free(A->item);
-    kst_free(A->item_of);
-    kst_free(A->mx);
-    kst_free(A->s);
-    kst_free(A->o);
+    kst_free(A->pt);
+    kst_free(A->x);
     memset(A, 0, sizeof *A);
 }
 
@@ -381,26 +380,25 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
     int rc = KST_OK;
     A->ni = A->tot = A->nmax = 0;
     if (!C || !G) return KST_OK;
-    if (A->C < C || A->G < G || A->d != d) {
-        size_t Cm = A->C > C ? A->C : C, Gm = A->G > G ? A->G : G;
-        KST_TRY(kst_realloc((void **)&A->ns, Cm, sizeof(uint32_t), "shared tail plan", err));
-        KST_TRY(kst_realloc((void **)&A->item, Cm, sizeof(uint32_t), "shared tail plan", err));
-        KST_TRY(kst_realloc((void **)&A->item_of, Cm, sizeof(int32_t), "shared tail plan", err));
-        /* the items' sums: (C, G) and (C, G, d) at most (every cluster sampled) */
-        KST_TRY(kst_realloc((void **)&A->mx, Cm * Gm, sizeof(float), "shared tail sums", err));
-        KST_TRY(kst_realloc((void **)&A->s, Cm * Gm, sizeof(double), "shared tail sums", err));
-        KST_TRY(kst_realloc((void **)&A->o, Cm * Gm * d, sizeof(float), "shared tail sums", err));
-        A->C = Cm;
-        A->G = Gm;
-        A->d = d;
+    if (A->C < C) {
+        KST_TRY(kst_realloc((void **)&A->ns, C, sizeof(uint32_t), "shared tail plan", err));
+        KST_TRY(kst_realloc((void **)&A->item, C, sizeof(uint32_t), "shared tail plan", err));
+        KST_TRY(kst_realloc((void **)&A->x, 3 * C, sizeof(float), "shared tail plan", err));
+        A->C = C;
+    }
+    if (A->gcap < G || A->dcap < d) {
+        size_t Gm = A->gcap > G ? A->gcap : G, dm = A->dcap > d ? A->dcap : d;
+        KST_TRY(kst_realloc((void **)&A->pt, KST_KVTC_PIECES * Gm, (dm + 2) * sizeof(double), "shared tail sums", err));
+        A->gcap = Gm;
+        A->dcap = dm;
     }
     A->G = G;
+    A->d = d;
     /* x_c = log sum_g exp(temp cs_gc - m_g) / Z_g, Z_g = sum_c len_c exp(temp cs_gc - m_g): the
      * heads' normalized allocations averaged (the constant 1/G left out), summed in float (a
      * cluster whose every head's weight underflows gets x = -inf; the per-head plan would still
-     * rank those by score once the others are taken whole); scratch: A->mx and A->s (C G floats
-     * each, free until gathered) */
-    float *x = A->mx, *w = (float *)A->s, *e = w + C;
+     * rank those by score once the others are taken whole) */
+    float *x = A->x, *w = x + C, *e = w + C;
     for (size_t c = 0; c < C; c++) x[c] = 0;
     for (size_t g = 0; g < G; g++) {
         const float *cg = cs + g * C;
@@ -419,26 +417,40 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
     }
     for (size_t c = 0; c < C; c++) x[c] = x[c] > 0 ? logf(x[c]) : -INFINITY;
     A->tot = tc_fill(C, T->len, x, w, budget, A->ns);
-    for (size_t c = 0; c < C; c++) {
-        A->item_of[c] = -1;
+    for (size_t c = 0; c < C; c++)
         if (A->ns[c]) {
             if (A->ns[c] > A->nmax) A->nmax = A->ns[c];
-            A->item_of[c] = (int32_t)A->ni;
             A->item[A->ni++] = (uint32_t)c;
         }
-    }
 done:
     return rc;
 }
 
-/* Item i of A: the first n_c members' keys read once each and scored
- * for the G queries (S (G, n), scale * <q_g, k>), then their values read once each and summed
- * by each head's weights exp(s - mx); the next rows prefetched. */
-static void tc_group_item(const kst_kvtc *T, kst_kvtc_group *A, size_t i, const float *Q, const char *Kb,
-                          const char *Vb, int f16, float scale, size_t row0, float *S) {
-    size_t G = A->G, d = T->d;
+/* Adds the weighted sums (w: n weights exp(s - m) of rows, o: their sum of w V, s their sum)
+ * times f in frame m to the running sums (mx, sum, acc) in doubles, rescaled where m is the
+ * larger. */
+static void tc_fold(double *mx, double *sum, double *acc, double m, double f, double s, const float *o, size_t d) {
+    if (!(s > 0)) return;
+    if (m > *mx) {
+        double r = *mx == -INFINITY ? 0 : exp(*mx - m);
+        *sum *= r;
+        for (size_t k = 0; k < d; k++) acc[k] *= r;
+        *mx = m;
+    }
+    double a = f * exp(m - *mx);
+    *sum += a * s;
+    for (size_t k = 0; k < d; k++) acc[k] += a * o[k];
+}
+
+/* Cluster c's first n members' keys read once each and scored for the G queries Q (S (G, n),
+ * scale * <q_g, k>; where mark is given, the marked members count as weight 0), then their values
+ * read once each and summed by each head's weights exp(s - m_g) into o (G, d); m (G), s (G): the
+ * heads' maxima and sums of weights. The next rows prefetched. */
+static void tc_cluster(const kst_kvtc *T, uint32_t c, uint32_t n, size_t G, const float *Q, const char *Kb,
+                       const char *Vb, int f16, float scale, size_t row0, const uint8_t *mark, float *S, float *o,
+                       float *m, double *s) {
+    size_t d = T->d;
     const size_t rowb = d * (f16 ? 2 : 4);
-    uint32_t c = A->item[i], n = A->ns[c];
     const uint32_t *mem = T->mem[c];
     for (uint32_t j = 0; j < n && j < TC_PB; j++)
         for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (row0 + mem[j]) * rowb + b);
@@ -448,127 +460,119 @@ static void tc_group_item(const kst_kvtc *T, kst_kvtc_group *A, size_t i, const 
         else if (j + TC_PB - n < n) /* the values' first rows */
             for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j + TC_PB - n]) * rowb + b);
         const char *kr = Kb + (row0 + mem[j]) * rowb;
-        for (size_t g = 0; g < G; g++) S[g * n + j] = scale * kst_kv_dot(Q + g * d, kr, f16, d);
+        for (size_t g = 0; g < G; g++)
+            S[g * n + j] = mark && mark[mem[j]] ? -INFINITY : scale * kst_kv_dot(Q + g * d, kr, f16, d);
     }
     for (size_t g = 0; g < G; g++) {
-        float *w = S + g * n, m = -INFINITY;
-        for (uint32_t j = 0; j < n; j++) m = w[j] > m ? w[j] : m;
-        kst_kv_exp_shift(w, n, m);
-        double s = 0;
-        for (uint32_t j = 0; j < n; j++) s += w[j];
-        A->mx[i * G + g] = m;
-        A->s[i * G + g] = s;
-        memset(A->o + (i * G + g) * d, 0, d * sizeof(float));
+        float *w = S + g * n, mg = -INFINITY;
+        for (uint32_t j = 0; j < n; j++) mg = w[j] > mg ? w[j] : mg;
+        double sg = 0;
+        if (mg > -INFINITY) {
+            kst_kv_exp_shift(w, n, mg);
+            for (uint32_t j = 0; j < n; j++) sg += w[j];
+        } else {
+            for (uint32_t j = 0; j < n; j++) w[j] = 0;
+        }
+        m[g] = mg;
+        s[g] = sg;
+        memset(o + g * d, 0, d * sizeof(float));
     }
     for (uint32_t j = 0; j < n; j++) {
+        if (mark && mark[mem[j]]) continue;
         if (j + TC_PB < n)
             for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j + TC_PB]) * rowb + b);
         const char *vr = Vb + (row0 + mem[j]) * rowb;
-        for (size_t g = 0; g < G; g++) kst_kv_axpy(A->o + (i * G + g) * d, S[g * n + j], vr, f16, d);
+        for (size_t g = 0; g < G; g++) kst_kv_axpy(o + g * d, S[g * n + j], vr, f16, d);
     }
 }
 
-void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t i0, size_t i1, const float *Q,
-                           const void *K, const void *V, int f16, float scale, size_t row0, float *sc) {
-    for (size_t i = i0; i < i1 && i < A->ni; i++)
-        tc_group_item(T, A, i, Q, K, V, f16, scale, row0, sc);
+void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t p, const float *Q, const void *K,
+                           const void *V, int f16, float scale, size_t row0, float *sc) {
+    size_t G = A->G, d = A->d, i0 = A->ni * p / KST_KVTC_PIECES, i1 = A->ni * (p + 1) / KST_KVTC_PIECES;
+    double *pt = A->pt + p * G * (d + 2);
+    for (size_t g = 0; g < G; g++) {
+        double *h = pt + g * (d + 2);
+        h[0] = -INFINITY;
+        h[1] = 0;
+        memset(h + 2, 0, d * sizeof(double));
+    }
+    float *o = sc + G * A->nmax, m[64];
+    double s[64];
+    for (size_t i = i0; i < i1; i++) {
+        uint32_t c = A->item[i], n = A->ns[c];
+        for (size_t g0 = 0; g0 < G; g0 += 64) { /* (64 heads a pass) */
+            size_t Gp = G - g0 < 64 ? G - g0 : 64;
+            tc_cluster(T, c, n, Gp, Q + g0 * d, K, V, f16, scale, row0, NULL, sc, o, m, s);
+            double f = (double)T->len[c] / (double)n;
+            for (size_t g = 0; g < Gp; g++) {
+                double *h = pt + (g0 + g) * (d + 2);
+                tc_fold(&h[0], &h[1], h + 2, m[g], f, s[g], o + g * d, d);
+            }
+        }
+    }
 }
 
 size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t g, const float *q,
                              const void *K, const void *V, int f16, float scale, size_t row0,
-                             const uint32_t *rid, size_t m, const uint8_t *mark, uint32_t *cnt, float *sc,
-                             float *o, float *lse) {
-    size_t G = A->G, d = T->d, C = T->C, used = 0;
+                             const uint32_t *rid, size_t m, const uint8_t *mark, float *sc, float *o,
+                             float *lse) {
+    size_t G = A->G, d = A->d, out = 0;
+    if (!T->C) {
+        *lse = -INFINITY;
+        return 0;
+    }
     const size_t rowb = d * (f16 ? 2 : 4);
     const char *Kb = K, *Vb = V;
-    uint32_t *out_c = cnt, *in_s = cnt + C; /* per cluster: retrieved keys, retrieved in its sample */
-    for (size_t i = 0; i < m; i++)
-        if (rid[i] < T->na) {
-            uint32_t c = T->of[rid[i]];
-            out_c[c]++;
-            if (T->pos[rid[i]] < A->ns[c]) in_s[c]++;
+    double mx = -INFINITY, sum = 0, acc[512], s0;
+    memset(acc, 0, d * sizeof(double));
+    for (size_t p = 0; p < KST_KVTC_PIECES; p++) {
+        const double *h = A->pt + (p * G + g) * (d + 2);
+        if (!(h[1] > 0)) continue;
+        if (h[0] > mx) {
+            double r = mx == -INFINITY ? 0 : exp(mx - h[0]);
+            sum *= r;
+            for (size_t k = 0; k < d; k++) acc[k] *= r;
+            mx = h[0];
         }
-    /* Pass 1: each item's log weight lw = mx + log(s r_c / n'_c) in sc[0..ni) (-inf: none left),
-     * the items a retrieved member touches taken out of A's sums into oi (d) and merged into
-     * (o, *lse) apart; pass 2: the others summed in one frame, their largest lw. */
-    float *lw = sc, *oi = sc + A->ni, *x = oi + d, M = -INFINITY;
-    memset(o, 0, d * sizeof(float));
-    *lse = -INFINITY;
-    for (size_t i = 0; i < A->ni; i++) {
-        uint32_t c = A->item[i], n = A->ns[c], r = T->len[c] - out_c[c], nk = n - in_s[c];
-        lw[i] = -INFINITY;
-        if (r == 0) continue;
-        float mi = A->mx[i * G + g];
-        double s = A->s[i * G + g];
-        if (!in_s[c]) {
-            used += nk;
-            if (s > 0) lw[i] = mi + (float)log(s * (double)r / (double)nk);
-            M = lw[i] > M ? lw[i] : M;
-            continue;
-        }
-        memcpy(oi, A->o + (i * G + g) * d, d * sizeof(float));
-        int anew = nk == 0;
-        if (nk > 0) { /* the retrieved members of its sample taken out */
-            double s0 = s;
-            for (uint32_t j = 0; j < n; j++) {
-                uint32_t x0 = T->mem[c][j];
-                if (!mark[x0]) continue;
-                float w = expf(scale * kst_kv_dot(q, Kb + (row0 + x0) * rowb, f16, d) - mi);
-                s -= w;
-                kst_kv_axpy(oi, -w, Vb + (row0 + x0) * rowb, f16, d);
-            }
-            anew = !(s > s0 * 1e-4);
-        }
-        if (anew) { /* made anew: its first nk (at least 1) members outside R */
-            uint32_t want = nk ? nk : 1, got = 0;
-            memset(oi, 0, d * sizeof(float));
-            mi = -INFINITY;
-            for (uint32_t j = 0; j < T->len[c] && got < want; j++) {
-                uint32_t x0 = T->mem[c][j];
-                if (mark[x0]) continue;
-                x[got++] = scale * kst_kv_dot(q, Kb + (row0 + x0) * rowb, f16, d);
-                mi = x[got - 1] > mi ? x[got - 1] : mi;
-            }
-            s = 0;
-            got = 0;
-            for (uint32_t j = 0; j < T->len[c] && got < want; j++) {
-                uint32_t x0 = T->mem[c][j];
-                if (mark[x0]) continue;
-                float w = expf(x[got++] - mi);
-                s += w;
-                kst_kv_axpy(oi, w, Vb + (row0 + x0) * rowb, f16, d);
-            }
-            nk = want;
-        }
-        used += nk;
-        if (!(s > 0)) continue;
-        float inv = (float)(1.0 / s);
-        for (size_t k = 0; k < d; k++) oi[k] *= inv;
-        kst_attn_merge(o, lse, oi, mi + (float)log(s * (double)r / (double)nk), d);
-        lw[i] = -INFINITY; /* (merged) */
+        double a = exp(h[0] - mx);
+        sum += a * h[1];
+        for (size_t k = 0; k < d; k++) acc[k] += a * h[2 + k];
     }
-    for (size_t i = 0; i < m; i++)
-        if (rid[i] < T->na) {
-            uint32_t c = T->of[rid[i]];
-            out_c[c] = 0;
-            in_s[c] = 0;
-        }
-    if (M > -INFINITY) {
-        double S = 0;
-        memset(oi, 0, d * sizeof(float));
+    s0 = sum;
+    /* the sampled members of R taken out (their scores as the gather made them) */
+    for (size_t i = 0; i < m && mx > -INFINITY; i++) {
+        uint32_t x = rid[i];
+        if (x >= T->na) continue;
+        uint32_t c = T->of[x];
+        if (T->pos[x] >= A->ns[c]) continue;
+        out++;
+        double w = (double)T->len[c] / (double)A->ns[c] *
+                   exp((double)(scale * kst_kv_dot(q, Kb + (row0 + x) * rowb, f16, d)) - mx);
+        sum -= w;
+        const char *vr = Vb + (row0 + x) * rowb;
+        if (f16)
+            for (size_t k = 0; k < d; k++) acc[k] -= w * kst_f16_to_f32(((const uint16_t *)vr)[k]);
+        else
+            for (size_t k = 0; k < d; k++) acc[k] -= w * ((const float *)vr)[k];
+    }
+    if (out && !(sum > s0 * 1e-6)) { /* summed anew, R's members left out */
+        mx = -INFINITY;
+        sum = 0;
+        memset(acc, 0, d * sizeof(double));
+        float *S = sc, *oi = sc + A->nmax, mi;
+        double si;
         for (size_t i = 0; i < A->ni; i++) {
-            if (!(lw[i] > -INFINITY)) continue;
-            /* item i's sums times exp(lw - M) / s (its o holds the sum of exp(sc - mx) V) */
-            double f = exp((double)(lw[i] - M));
-            S += f;
-            float fo = (float)(f / A->s[i * G + g]);
-            const float *oa = A->o + (i * G + g) * d;
-#pragma omp simd
-            for (size_t k = 0; k < d; k++) oi[k] += fo * oa[k];
+            uint32_t c = A->item[i];
+            tc_cluster(T, c, A->ns[c], 1, q, Kb, Vb, f16, scale, row0, mark, S, oi, &mi, &si);
+            tc_fold(&mx, &sum, acc, mi, (double)T->len[c] / (double)A->ns[c], si, oi, d);
         }
-        float inv = (float)(1.0 / S);
-        for (size_t k = 0; k < d; k++) oi[k] *= inv;
-        kst_attn_merge(o, lse, oi, M + (float)log(S), d);
     }
-    return used;
+    if (!(sum > 0)) {
+        memset(o, 0, d * sizeof(float));
+        *lse = -INFINITY;
+        return A->tot - out;
+    }
+    for (size_t k = 0; k < d; k++) o[k] = (float)(acc[k] / sum);
+    *lse = (float)(mx + log(sum));
+    return A->tot - out;
 }

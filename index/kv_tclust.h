@@ -73,49 +73,51 @@ size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const 
 
 /* One sample a KV head, shared by its G query heads (kst_kvc_set_tail_share): read once, scored
  * for each head, so that a step reads 1/G of the rows the per-head samples read.
- * - plan: cluster c gets n_c of the budget (water-filled and rounded as above; at most its keys)
- *   in proportion to len_c times the mixture over the heads of exp(temp * cs_gc) normalized per
- *   head: each head's own allocation (kst_kvtc_plan before retrieval) averaged, so that every
+ * - plan (before retrieval): cluster c gets n_c of the budget (water-filled and rounded as
+ *   above; at most its keys) in proportion to len_c times the mixture over the heads of
+ *   exp(temp * cs_gc) normalized per head: the heads' own allocations averaged, so that every
  *   head gets at least 1/G of the samples it would have drawn alone where its attention is.
- * - gather: the sample is each planned cluster's first n_c members; per (cluster, head) item
- *   its best score mx, the sum s of exp(sc - mx) and the sum o of exp(sc - mx) V over them.
- * - finish, for head g once its retrieval attended the ids R: each item less the retrieved members
- *   of its sample (their terms subtracted; the item made anew from its rows where that would
- *   leave under 1e-4 of its sum), weighted r_c / n'_c (r_c: the cluster's keys outside R, n'_c:
- *   its sample's); a cluster whose sample was all retrieved is estimated from its first member
- *   outside R. The members of a uniformly random order that are not in R, taken from its first
- *   n_c places, are a uniform sample of the keys outside R (of size n'_c), so each cluster's
- *   estimate is unbiased given n'_c > 0, as the per-head one. */
+ * - gather (before retrieval too, in pieces): the sample is each planned cluster's first n_c
+ *   members, each weighted len_c / n_c (its cluster's keys over its samples); per piece and head
+ *   the weighted sums of exp(s) and exp(s) V over its clusters' samples, in doubles.
+ * - finish, for head g once its retrieval attended the ids R: the pieces merged, less the terms
+ *   of the sampled members of R. A member of a uniformly random order lies in its cluster's
+ *   first n_c places with probability n_c / len_c whatever R is, so the sum over the sampled
+ *   keys outside R, each weighted len_c / n_c, is an unbiased (Horvitz-Thompson) estimate of the
+ *   sum over the indexed keys outside R; a cluster taken whole is exact. Where the subtraction
+ *   would leave under 1e-6 of the sums (float rounding would then dominate), the head's estimate
+ *   is summed anew from its samples outside R. */
+#define KST_KVTC_PIECES 8
 typedef struct kst_kvtc_group {
     size_t G, d, C;   /* query heads, head dim, clusters (the arrays' sizes) */
     size_t ni, tot;   /* clusters sampled (items), samples in all */
     size_t nmax;      /* the most samples a cluster gets (the scratch sizes below) */
     uint32_t *ns;     /* (C) the plan */
     uint32_t *item;   /* (ni) cluster of each item, ascending */
-    int32_t *item_of; /* (C) item of each cluster, -1 where none */
-    float *mx;        /* (ni, G) */
-    double *s;        /* (ni, G) */
-    float *o;         /* (ni, G, d) */
-    size_t icap;
+    double *pt;       /* (KST_KVTC_PIECES, G, d + 2): each piece's sums per head: max score mx,
+                         sum of w = (len_c / n_c) exp(s - mx), sum of w V */
+    float *x;         /* (C) scratch of the plan */
+    size_t gcap, dcap;
 } kst_kvtc_group;
 
 /* Plans the KV head's shared sample from its G heads' centroid scores cs (G, C; kst_kvtc_scores)
- * into A (sized for T->C clusters and G heads; grown as needed); returns the samples in all. */
+ * into A (grown as needed); returns KST_OK or KST_ERR_NOMEM. A->tot: the samples in all. */
 int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, size_t G, float temp,
                         size_t budget, kst_error *err);
-/* Gathers items i0 .. i1 - 1 of A's plan for the queries Q (G, d): K, V the head's rows, node i at
- * row row0 + i. Items of one plan may be gathered by several threads at once. sc: scratch of
- * G * A->nmax floats. */
-void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t i0, size_t i1, const float *Q,
-                           const void *K, const void *V, int f16, float scale, size_t row0, float *sc);
-/* Head g's estimate (above) from the gathered items: (o, *lse) (o = 0, *lse = -inf where nothing
- * is left); rid: the m ids it attended (distinct); mark (>= T->na bytes): nonzero for them; cnt:
- * scratch of 2 T->C uint32, all 0 (left 0); sc: scratch of A->ni + d + A->nmax floats.
- * Returns the samples that stood for the rest (sum of n'_c). */
+/* Gathers piece p (< KST_KVTC_PIECES: items ni p / PIECES .. ni (p + 1) / PIECES - 1) of A's plan
+ * for the queries Q (G, d): K, V the head's rows, node i at row row0 + i. The pieces of one plan
+ * may be gathered by several threads at once. sc: scratch of G * A->nmax floats + G d floats. */
+void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t p, const float *Q, const void *K,
+                           const void *V, int f16, float scale, size_t row0, float *sc);
+/* Head g's estimate (above) once every piece is gathered: (o, *lse) (o = 0, *lse = -inf where
+ * nothing is left; o untouched where T has no clusters); rid: the m ids it attended (distinct;
+ * ids >= T->na ignored); mark (>= T->na bytes): nonzero for them (read only where the estimate
+ * is summed anew); sc: scratch of A->nmax + d floats. Returns the samples that stood for the
+ * rest (those outside R). */
 size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t g, const float *q,
                              const void *K, const void *V, int f16, float scale, size_t row0,
-                             const uint32_t *rid, size_t m, const uint8_t *mark, uint32_t *cnt, float *sc,
-                             float *o, float *lse);
+                             const uint32_t *rid, size_t m, const uint8_t *mark, float *sc, float *o,
+                             float *lse);
 void kst_kvtc_group_free(kst_kvtc_group *A);
 
 #endif
