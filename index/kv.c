@@ -2062,7 +2062,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         for (; j > 0 && L->cost[L->order[j - 1]] < L->cost[i]; j--) L->order[j] = L->order[j - 1];
         L->order[j] = (uint32_t)i;
     }
-#pragma omp parallel reduction(+ : scanned, retrieved, sampled, widened) if (ntask > 1)
+#pragma omp parallel reduction(+ : scanned, retrieved, sampled, widened) if (ntask > 1) num_threads(c->nth)
     {
 #ifdef KST_CUDA
     /* One thread at a time asks the GPU whether its partials are in, without waiting. */
@@ -2329,6 +2329,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #endif
                 if (tsh && m < nidx) { /* the KV head's shared sample, once gathered */
                     size_t kh = h / G;
+                    t->ntlw = 0; /* (no signal for the adaptive budget, which does not widen here) */
                     while (__atomic_load_n(&c->tg_done[kh], __ATOMIC_ACQUIRE) < KST_KVTC_PIECES) {
                     }
                     kst_kvtc_group *A = &c->tg[kh];

@@ -379,6 +379,7 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
     size_t C = T->C, d = T->d;
     int rc = KST_OK;
     A->ni = A->tot = A->nmax = 0;
+    for (size_t p = 0; p <= KST_KVTC_PIECES; p++) A->pb[p] = 0;
     if (!C || !G) return KST_OK;
     if (A->C < C) {
         KST_TRY(kst_realloc((void **)&A->ns, C, sizeof(uint32_t), "shared tail plan", err));
@@ -417,41 +418,34 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
     }
     for (size_t c = 0; c < C; c++) x[c] = x[c] > 0 ? logf(x[c]) : -INFINITY;
     A->tot = tc_fill(C, T->len, x, w, budget, A->ns);
+    /* the items, and the pieces cut where the samples so far pass tot p / PIECES */
+    size_t cum = 0, p = 1;
+    A->pb[0] = 0;
     for (size_t c = 0; c < C; c++)
         if (A->ns[c]) {
             if (A->ns[c] > A->nmax) A->nmax = A->ns[c];
             A->item[A->ni++] = (uint32_t)c;
+            cum += A->ns[c];
+            while (p < KST_KVTC_PIECES && cum * KST_KVTC_PIECES >= A->tot * p) A->pb[p++] = A->ni;
         }
+    while (p <= KST_KVTC_PIECES) A->pb[p++] = A->ni;
 done:
     return rc;
 }
 
-/* Adds the weighted sums (w: n weights exp(s - m) of rows, o: their sum of w V, s their sum)
- * times f in frame m to the running sums (mx, sum, acc) in doubles, rescaled where m is the
- * larger. */
-static void tc_fold(double *mx, double *sum, double *acc, double m, double f, double s, const float *o, size_t d) {
-    if (!(s > 0)) return;
-    if (m > *mx) {
-        double r = *mx == -INFINITY ? 0 : exp(*mx - m);
-        *sum *= r;
-        for (size_t k = 0; k < d; k++) acc[k] *= r;
-        *mx = m;
-    }
-    double a = f * exp(m - *mx);
-    *sum += a * s;
-    for (size_t k = 0; k < d; k++) acc[k] += a * o[k];
-}
-
-/* Cluster c's first n members' keys read once each and scored for the G queries Q (S (G, n),
- * scale * <q_g, k>; where mark is given, the marked members count as weight 0), then their values
- * read once each and summed by each head's weights exp(s - m_g) into o (G, d); m (G), s (G): the
- * heads' maxima and sums of weights. The next rows prefetched. */
-static void tc_cluster(const kst_kvtc *T, uint32_t c, uint32_t n, size_t G, const float *Q, const char *Kb,
-                       const char *Vb, int f16, float scale, size_t row0, const uint8_t *mark, float *S, float *o,
-                       float *m, double *s) {
+/* Cluster c's first n members, each weighted f = len_c / n, added for the G queries Q to the
+ * running sums (online, as kst_kvtc_partial): mx (G) each head's largest log weight so far, sum
+ * (G) its sum of f exp(s - mx), acc (G, d) its sum of f exp(s - mx) V, rescaled where an item
+ * raises mx. The keys read once each and scored for the G queries (S: scratch (G, n)), then the
+ * values read once each; the next rows prefetched. mark: where given, the marked members are
+ * left out. */
+static void tc_accumulate(const kst_kvtc *T, uint32_t c, uint32_t n, size_t G, const float *Q, const char *Kb,
+                          const char *Vb, int f16, float scale, size_t row0, const uint8_t *mark, float *S,
+                          float *mx, double *sum, float *acc) {
     size_t d = T->d;
     const size_t rowb = d * (f16 ? 2 : 4);
     const uint32_t *mem = T->mem[c];
+    float lf = logf((float)T->len[c] / (float)n);
     for (uint32_t j = 0; j < n && j < TC_PB; j++)
         for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (row0 + mem[j]) * rowb + b);
     for (uint32_t j = 0; j < n; j++) {
@@ -461,53 +455,60 @@ static void tc_cluster(const kst_kvtc *T, uint32_t c, uint32_t n, size_t G, cons
             for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j + TC_PB - n]) * rowb + b);
         const char *kr = Kb + (row0 + mem[j]) * rowb;
         for (size_t g = 0; g < G; g++)
-            S[g * n + j] = mark && mark[mem[j]] ? -INFINITY : scale * kst_kv_dot(Q + g * d, kr, f16, d);
+            S[g * n + j] = mark && mark[mem[j]] ? -INFINITY : scale * kst_kv_dot(Q + g * d, kr, f16, d) + lf;
     }
     for (size_t g = 0; g < G; g++) {
         float *w = S + g * n, mg = -INFINITY;
         for (uint32_t j = 0; j < n; j++) mg = w[j] > mg ? w[j] : mg;
-        double sg = 0;
-        if (mg > -INFINITY) {
-            kst_kv_exp_shift(w, n, mg);
-            for (uint32_t j = 0; j < n; j++) sg += w[j];
-        } else {
+        if (!(mg > -INFINITY)) {
             for (uint32_t j = 0; j < n; j++) w[j] = 0;
+            continue;
         }
-        m[g] = mg;
-        s[g] = sg;
-        memset(o + g * d, 0, d * sizeof(float));
+        if (mg > mx[g]) {
+            if (mx[g] > -INFINITY) {
+                float r = expf(mx[g] - mg);
+                sum[g] *= r;
+                for (size_t k = 0; k < d; k++) acc[g * d + k] *= r;
+            }
+            mx[g] = mg;
+        }
+        kst_kv_exp_shift(w, n, mx[g]);
+        double sg = 0;
+        for (uint32_t j = 0; j < n; j++) sg += w[j];
+        sum[g] += sg;
     }
     for (uint32_t j = 0; j < n; j++) {
         if (mark && mark[mem[j]]) continue;
         if (j + TC_PB < n)
             for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j + TC_PB]) * rowb + b);
         const char *vr = Vb + (row0 + mem[j]) * rowb;
-        for (size_t g = 0; g < G; g++) kst_kv_axpy(o + g * d, S[g * n + j], vr, f16, d);
+        for (size_t g = 0; g < G; g++)
+            if (S[g * n + j] > 0) kst_kv_axpy(acc + g * d, S[g * n + j], vr, f16, d);
     }
 }
 
 void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t p, const float *Q, const void *K,
                            const void *V, int f16, float scale, size_t row0, float *sc) {
-    size_t G = A->G, d = A->d, i0 = A->ni * p / KST_KVTC_PIECES, i1 = A->ni * (p + 1) / KST_KVTC_PIECES;
+    size_t G = A->G, d = A->d, i0 = A->pb[p], i1 = A->pb[p + 1];
     double *pt = A->pt + p * G * (d + 2);
-    for (size_t g = 0; g < G; g++) {
-        double *h = pt + g * (d + 2);
-        h[0] = -INFINITY;
-        h[1] = 0;
-        memset(h + 2, 0, d * sizeof(double));
-    }
-    float *o = sc + G * A->nmax, m[64];
-    double s[64];
-    for (size_t i = i0; i < i1; i++) {
-        uint32_t c = A->item[i], n = A->ns[c];
-        for (size_t g0 = 0; g0 < G; g0 += 64) { /* (64 heads a pass) */
-            size_t Gp = G - g0 < 64 ? G - g0 : 64;
-            tc_cluster(T, c, n, Gp, Q + g0 * d, K, V, f16, scale, row0, NULL, sc, o, m, s);
-            double f = (double)T->len[c] / (double)n;
-            for (size_t g = 0; g < Gp; g++) {
-                double *h = pt + (g0 + g) * (d + 2);
-                tc_fold(&h[0], &h[1], h + 2, m[g], f, s[g], o + g * d, d);
-            }
+    float *acc = sc + G * A->nmax, mx[64];
+    double sum[64];
+    for (size_t g0 = 0; g0 < G; g0 += 64) { /* (64 heads a pass) */
+        size_t Gp = G - g0 < 64 ? G - g0 : 64;
+        for (size_t g = 0; g < Gp; g++) {
+            mx[g] = -INFINITY;
+            sum[g] = 0;
+        }
+        memset(acc, 0, Gp * d * sizeof(float));
+        for (size_t i = i0; i < i1; i++) {
+            uint32_t c = A->item[i];
+            tc_accumulate(T, c, A->ns[c], Gp, Q + g0 * d, K, V, f16, scale, row0, NULL, sc, mx, sum, acc);
+        }
+        for (size_t g = 0; g < Gp; g++) {
+            double *h = pt + (g0 + g) * (d + 2);
+            h[0] = mx[g];
+            h[1] = sum[g];
+            for (size_t k = 0; k < d; k++) h[2 + k] = acc[g * d + k];
         }
     }
 }
@@ -559,13 +560,16 @@ size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t 
         mx = -INFINITY;
         sum = 0;
         memset(acc, 0, d * sizeof(double));
-        float *S = sc, *oi = sc + A->nmax, mi;
-        double si;
+        float *S = sc, *oi = sc + A->nmax, mi = -INFINITY;
+        double si = 0;
+        memset(oi, 0, d * sizeof(float));
         for (size_t i = 0; i < A->ni; i++) {
             uint32_t c = A->item[i];
-            tc_cluster(T, c, A->ns[c], 1, q, Kb, Vb, f16, scale, row0, mark, S, oi, &mi, &si);
-            tc_fold(&mx, &sum, acc, mi, (double)T->len[c] / (double)A->ns[c], si, oi, d);
+            tc_accumulate(T, c, A->ns[c], 1, q, Kb, Vb, f16, scale, row0, mark, S, &mi, &si, oi);
         }
+        mx = mi;
+        sum = si;
+        for (size_t k = 0; k < d; k++) acc[k] = oi[k];
     }
     if (!(sum > 0)) {
         memset(o, 0, d * sizeof(float));

@@ -87,13 +87,15 @@ size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const 
  *   sum over the indexed keys outside R; a cluster taken whole is exact. Where the subtraction
  *   would leave under 1e-6 of the sums (float rounding would then dominate), the head's estimate
  *   is summed anew from its samples outside R. */
-#define KST_KVTC_PIECES 8
+#define KST_KVTC_PIECES 16
 typedef struct kst_kvtc_group {
     size_t G, d, C;   /* query heads, head dim, clusters (the arrays' sizes) */
     size_t ni, tot;   /* clusters sampled (items), samples in all */
     size_t nmax;      /* the most samples a cluster gets (the scratch sizes below) */
     uint32_t *ns;     /* (C) the plan */
     uint32_t *item;   /* (ni) cluster of each item, ascending */
+    size_t pb[KST_KVTC_PIECES + 1]; /* piece p: items pb[p] .. pb[p + 1] - 1 (about tot / PIECES
+                                       samples each: a cluster is not split) */
     double *pt;       /* (KST_KVTC_PIECES, G, d + 2): each piece's sums per head: max score mx,
                          sum of w = (len_c / n_c) exp(s - mx), sum of w V */
     float *x;         /* (C) scratch of the plan */
@@ -104,7 +106,7 @@ typedef struct kst_kvtc_group {
  * into A (grown as needed); returns KST_OK or KST_ERR_NOMEM. A->tot: the samples in all. */
 int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, size_t G, float temp,
                         size_t budget, kst_error *err);
-/* Gathers piece p (< KST_KVTC_PIECES: items ni p / PIECES .. ni (p + 1) / PIECES - 1) of A's plan
+/* Gathers piece p (< KST_KVTC_PIECES: items A->pb[p] .. A->pb[p + 1] - 1) of A's plan
  * for the queries Q (G, d): K, V the head's rows, node i at row row0 + i. The pieces of one plan
  * may be gathered by several threads at once. sc: scratch of G * A->nmax floats + G d floats. */
 void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t p, const float *Q, const void *K,
