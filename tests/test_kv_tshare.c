@@ -308,25 +308,30 @@ static size_t plan(const kst_kvtc *T, kst_kvtc_group *A, const float *Q, size_t 
 }
 
 /* Gathers A's items in two ranges [0, ni / 2) and [ni / 2, ni) on two threads, each with its own
- * scratch (G * nmax floats, stale). */
+ * scratch of exactly G * nmax floats (stale; its own allocation, so that ASan sees an overrun). */
 static void gather2(const kst_kvtc *T, kst_kvtc_group *A, const float *Q, const ts_rows *R, float scale) {
-    size_t G = A->G, ni = A->ni, sz = G * (A->nmax ? A->nmax : 1);
-    float *sc = malloc(2 * sz * sizeof *sc);
-    memset(sc, 0x7f, 2 * sz * sizeof *sc);
+    size_t G = A->G, ni = A->ni, sz = G * A->nmax;
+    float *sc[2];
+    for (int part = 0; part < 2; part++) {
+        sc[part] = malloc(sz ? sz * sizeof(float) : 1);
+        memset(sc[part], 0x7f, sz * sizeof(float));
+    }
 #pragma omp parallel for num_threads(2) schedule(static, 1)
     for (int part = 0; part < 2; part++)
         kst_kvtc_group_gather(T, A, part ? ni / 2 : 0, part ? ni : ni / 2, Q, rows_K(R), rows_V(R), R->f16, scale,
-                              R->row0, sc + (size_t)part * sz);
-    free(sc);
+                              R->row0, sc[part]);
+    free(sc[0]);
+    free(sc[1]);
 }
 
-/* Head g's finish (o (d), *lse; returns its count), its cnt scratch checked all 0 after. */
+/* Head g's finish (o (d), *lse; returns its count) with scratch of exactly the sizes kv_tclust.h
+ * gives (cnt 2 C, sc d + nmax; ASan sees an overrun), cnt checked all 0 after. */
 static size_t finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t g, const float *q, const ts_rows *R,
                      float scale, const uint32_t *rid, size_t m, const uint8_t *mark, float *o, float *lse) {
     size_t C = T->C ? T->C : 1;
     uint32_t *cnt = calloc(2 * C, sizeof *cnt);
-    float *sc = malloc((R->d + A->nmax + 1) * sizeof *sc);
-    memset(sc, 0x7f, (R->d + A->nmax + 1) * sizeof *sc);
+    float *sc = malloc((R->d + A->nmax) * sizeof *sc);
+    memset(sc, 0x7f, (R->d + A->nmax) * sizeof *sc);
     size_t got = kst_kvtc_group_finish(T, A, g, q, rows_K(R), rows_V(R), R->f16, scale, R->row0, rid, m, mark, cnt,
                                        sc, o, lse);
     for (size_t c = 0; c < 2 * C; c++)
@@ -734,7 +739,7 @@ static void test_unbiased(void **state) {
     for (size_t i = 0; i < 20; i++) m = add_id(rid, m, mark, (uint32_t)ts_below(n));
     double *s = malloc(n * sizeof *s), sum[2] = {0, 0}, sum2[2] = {0, 0}, share[2] = {0, 0};
     size_t emptied = 0; /* planned clusters whose sample R took whole (their first member outside R stands) */
-    float *gsc = malloc(G * n * sizeof *gsc); /* the gather's scratch (G * nmax <= G n) */
+    float *gsc = NULL; /* the gather's scratch, G * nmax */
     kst_kvtc T = {0};
     kst_kvtc_group A = {0};
     kst_error err;
@@ -755,6 +760,7 @@ static void test_unbiased(void **state) {
             for (uint32_t j = 0; j < T.len[c]; j++) r += !mark[T.mem[c][j]], left += j < A.ns[c] && !mark[T.mem[c][j]];
             emptied += A.ns[c] && r && !left;
         }
+        gsc = realloc(gsc, G * A.nmax * sizeof *gsc);
         kst_kvtc_group_gather(&T, &A, 0, A.ni, Q, R.K, R.V, 0, scale, 0, gsc);
         for (size_t g = 0; g < G; g++) {
             double mx = -INFINITY, ex = 0, rt = 0;
