@@ -801,7 +801,8 @@ static void test_unbiased(void **state) {
  * the keys, temps 0 .. 2; (b) budget 0: tot 0, ni 0, finish lse -inf and o 0; (c) clusters not
  * built (C 0): the plan KST_OK with ni 0, finish's lse -inf (o untouched: T->d is 0); (d) every key retrieved: -inf; (e) one
  * group reused over a head of d 16, 16 clusters, G 4 and back (d 64, 64 clusters, G 2): each
- * finish the float64 estimator. cnt left 0 by every finish (finish()). */
+ * finish the float64 estimator; (f) empty clusters (400 keys at 3 points, 16 clusters): none
+ * planned, finish the estimator (budget 50) and exact (budget 400). cnt left 0 by every finish (finish()). */
 static void test_edges(void **state) {
     (void)state;
     ts_seed(5);
@@ -917,7 +918,41 @@ static void test_edges(void **state) {
         kst_kvtc_free(&T2);
         rows_free(&R2);
     }
-    print_message("edges: G = 1 equals kst_kvtc_plan in %zu plans (%zu clusters differ)\n", plans, diff);
+    /* (f) empty clusters: 400 keys at 3 points in 16 clusters */
+    size_t empty = 0;
+    {
+        const size_t n3 = 400, d3 = 16, C3 = 16;
+        float cen3[3 * 16], Q3[2 * 16], cs3[2 * 16];
+        ts_rows R3;
+        rows_make(&R3, cen3, n3, d3, 0, 0, 3, 1.0, 0.0);
+        kst_kvtc T3 = {0};
+        build(&T3, &R3, C3, 53);
+        assert_int_equal(T3.C, C3);
+        for (size_t c = 0; c < C3; c++) empty += T3.len[c] == 0;
+        for (size_t pass = 0; pass < 2; pass++) {
+            size_t B3 = pass ? n3 : 50, m = 0;
+            make_queries(Q3, cen3, 2, d3, 3, 0);
+            assert_int_equal(plan(&T3, &A, Q3, 2, 0.25f, 0.7f, B3, cs3), B3);
+            for (size_t c = 0; c < C3; c++)
+                if (!T3.len[c] && A.ns[c]) fail_msg("empty cluster %zu gets %u samples", c, A.ns[c]);
+            gather2(&T3, &A, Q3, &R3, 0.25f);
+            for (size_t i = 0; i < 40; i++) m = add_id(rid, m, mark, (uint32_t)ts_below(n3));
+            for (size_t g = 0; g < 2; g++) {
+                char what[64];
+                snprintf(what, sizeof what, "empty clusters, budget %zu, head %zu", B3, g);
+                size_t rgot = pass ? exact_ref64(ro, &rlse, &R3, Q3 + g * d3, 0.25, mark)
+                                   : finish_ref64(ro, &rlse, NULL, &T3, A.ns, &R3, Q3 + g * d3, 0.25, mark);
+                size_t got = finish(&T3, &A, g, Q3 + g * d3, &R3, 0.25f, rid, m, mark, o, &lse);
+                check_out(what, o, lse, got, ro, rlse, rgot, d3, NULL);
+            }
+            for (size_t i = 0; i < m; i++) mark[rid[i]] = 0;
+        }
+        kst_kvtc_free(&T3);
+        rows_free(&R3);
+    }
+    print_message("edges: G = 1 equals kst_kvtc_plan in %zu plans (%zu clusters differ); %zu of 16 clusters empty\n",
+                  plans, diff, empty);
+    if (!empty) fail_msg("keys at 3 points left no cluster empty: the empty clusters are not tested");
     kst_kvtc_group_free(&A);
     kst_kvtc_free(&T);
     rows_free(&R);
