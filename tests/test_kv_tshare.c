@@ -429,7 +429,8 @@ static void test_places(void **state) {
  * the float32 weights of all but the best clusters underflow), temp 0 .. 2, budgets 1 .. past
  * the keys: n_c within 1 of its float64 share (1e-4 relative slack for the float32 weights),
  * n_c <= len_c, sum = min(B, n) = tot, clusters 1e-4 past their keys (log margin) taken whole,
- * item = the planned clusters ascending, item_of, ni, nmax. */
+ * each head's 1/G of its own proportional share kept (within 1), item = the planned clusters
+ * ascending, item_of, ni, nmax. */
 static void test_plan_definition(void **state) {
     (void)state;
     ts_seed(1);
@@ -484,6 +485,23 @@ static void test_plan_definition(void **state) {
                     nmax = ns > nmax ? ns : nmax;
                 } else if (A.item_of[c] != -1) {
                     fail_msg("trial %zu: cluster %zu has no samples but item_of %d", trial, c, A.item_of[c]);
+                }
+            }
+            /* the header's promise: each head at least 1/G of its own proportional share,
+             * min(len_c, B len_c p_gc / G), p_gc = exp(temp cs_gc) / Z_g (the level only rises
+             * above B where clusters are taken whole) */
+            for (size_t g = 0; g < G; g++) {
+                double mz = -INFINITY, z = 0;
+                for (size_t c = 0; c < C; c++)
+                    if (T.len[c]) mz = fmax(mz, (double)temp * cs[g * C + c]);
+                for (size_t c = 0; c < C; c++)
+                    if (T.len[c]) z += T.len[c] * exp((double)temp * cs[g * C + c] - mz);
+                for (size_t c = 0; c < C; c++) {
+                    double own = (double)want * T.len[c] * exp((double)temp * cs[g * C + c] - mz) / z / (double)G;
+                    own = fmin(own, (double)T.len[c]);
+                    if (!(A.ns[c] + 1 + 1e-4 * own >= own))
+                        fail_msg("trial %zu (G %zu, temp %.1f, budget %zu): cluster %zu gets %u samples, under 1/G of "
+                                 "head %zu's own share (%.3f)", trial, G, temp, B, c, A.ns[c], g, own);
                 }
             }
             if (sum != want || tot != want || A.tot != want)
@@ -595,10 +613,10 @@ static void test_gather_finish(void **state) {
 
 /* 2b. A retrieved member holding all but a fraction f of its sample's sum of exp(s) (f 0.1 ..
  * 2e-4, above the 1e-4 at which the item is made anew): its terms are subtracted from float32
- * sums, so the item keeps an error of about eps32 / f of its own; in the cluster where head 0's
- * centroid scores best (a large part of its estimate); float32 and float16 rows. Measured errors
- * printed (under 1e-5 here: the item's share of the estimate dilutes them); asserted under
- * 1e-5 + 2 eps32 / f, o and lse. */
+ * sums, so the item keeps an error of about eps32 / f of its own (times |v_x| / |o_item|); in
+ * the cluster where head 0's centroid scores best; float32 and float16 rows. Measured errors
+ * printed (under 1e-5 here: the item's share of the estimate dilutes them; 2.3 eps32 / f seen
+ * with another plan where the item dominated); asserted under 1e-5 + 8 eps32 / f, o and lse. */
 static void test_cancellation(void **state) {
     (void)state;
     ts_seed(6);
@@ -634,7 +652,7 @@ static void test_cancellation(void **state) {
             size_t rgot = finish_ref64(ro, &rlse, NULL, &T, A.ns, &R, Q, scale, mark);
             size_t got = finish(&T, &A, 0, Q, &R, scale, rid, 1, mark, o, &lse);
             double fx = so / (so + exp(score64(&R, Q, x, scale))), e = rel_err64(o, ro, d), le = fabs(lse - rlse),
-                   bound = 1e-5 + 2 * 5.96e-8 / fx;
+                   bound = 1e-5 + 8 * 5.96e-8 / fx;
             print_message("%s: retrieved member leaves %.1e of its sample's sum: o error %.2e, lse error %.2e\n",
                           f16 ? "float16" : "float32", fx, e, le);
             assert_int_equal(got, rgot);
