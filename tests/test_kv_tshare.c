@@ -737,8 +737,11 @@ static void test_exact(void **state) {
  * For heads 0 and 1 the ratio of exp(lse) to the exact sum of exp(s) over the planned clusters'
  * keys outside R has mean 1 within 5 standard errors (each ratio's expectation 1 given the
  * clusters: the sample less R is a uniform sample of a cluster's keys outside R given its size,
- * the first member outside R a uniform one). Weighting r_c / n_c (n_c the whole sample) or
- * len_c / n'_c instead moves head 0's mean by more than 10 standard errors (checked by hand). */
+ * the first member outside R a uniform one). Checked by hand with the weight in finish changed:
+ * r_c / n_c (n_c the whole sample) gives head 0 a mean of 0.54 (-78 SE), len_c / n'_c 1.86
+ * (+47 SE); len_c / n_c (Horvitz-Thompson) is unbiased too (1.004) and is caught by the
+ * deterministic tests (2, 2b, 5e) instead. The standard error is also asserted under 0.03, so that
+ * the test keeps the power to see such weights. */
 static void test_unbiased(void **state) {
     (void)state;
     ts_seed(4);
@@ -803,7 +806,7 @@ static void test_unbiased(void **state) {
         print_message("head %zu: mean estimate / exact %.4f, standard error %.4f (%.1f SE off; the planned clusters "
                       "hold %.3f of the sum outside R)\n", g, mean, se, (mean - 1) / se, share[g]);
         if (!(fabs(mean - 1) <= 5 * se)) fail_msg("head %zu: mean ratio %.4f is %.1f standard errors from 1", g, mean, (mean - 1) / se);
-        if (!(se < 0.02)) fail_msg("head %zu: standard error %.4f too wide to catch a wrong weight", g, se);
+        if (!(se < 0.03)) fail_msg("head %zu: standard error %.4f too wide to catch a wrong weight", g, se);
     }
     kst_kvtc_group_free(&A);
     kst_kvtc_free(&T);
