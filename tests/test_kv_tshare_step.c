@@ -14,6 +14,9 @@
  * against per-head samples at the same rows read on clustered data, and the switches
  * (KESTREL_KV_TSHARE, G = 1, tail_samples 0).
  * Tolerances: outputs 2e-5 absolute + 1e-4 relative (as test_kv_tclust). */
+#include <omp.h>
+#include <time.h>
+
 #include "harness.h"
 #include "kv_ref.h"
 
@@ -305,10 +308,20 @@ static size_t check_step_sh(kst_kvc *c, const float *K, const float *V, size_t n
             if (k) assert_ok(kst_kvc_search(c, 0, h, qh, k, ef, pos, &found, NULL, &err), &err);
             tot += tsh_ref64(ref, qh, Kh, Vh, n, d, o->scale, sinks, nidx, pos, found, T, cs ? A.ns : NULL, newfrom);
             for (size_t j = 0; j < d; j++)
-                if (!(fabs(out[h * d + j] - ref[j]) <= TOL_A + TOL_R * fabs(ref[j])))
+                if (!(fabs(out[h * d + j] - ref[j]) <= TOL_A + TOL_R * fabs(ref[j]))) {
+                    /* the diagnosis: is it the step without the tail estimate? */
+                    double ref0[512];
+                    size_t nf = g_cnt.fallback, nt = g_cnt.touched, npl = g_cnt.plain, nn = g_cnt.newseen, same = 1;
+                    tsh_ref64(ref0, qh, Kh, Vh, n, d, o->scale, sinks, nidx, pos, found, T, NULL, newfrom);
+                    for (size_t i = 0; i < d; i++) same &= fabs(out[h * d + i] - ref0[i]) <= TOL_A + TOL_R * fabs(ref0[i]);
+                    g_cnt.fallback = nf, g_cnt.touched = nt, g_cnt.plain = npl, g_cnt.newseen = nn;
                     fail_msg("%s: head %zu, dim %zu: %.7g, float64 shared estimator %.7g (%zu indexed, %zu retrieved, "
-                             "%zu samples)",
-                             what, h, j, out[h * d + j], ref[j], nidx, found, B);
+                             "%zu samples, %d OpenMP threads)%s",
+                             what, h, j, out[h * d + j], ref[j], nidx, found, B, omp_get_max_threads(),
+                             same ? ": the head's output is the static and retrieved keys' alone (its tail estimate "
+                                    "skipped)"
+                                  : "");
+                }
         }
         kst_kvtc_group_free(&A);
         free(cs);
@@ -811,14 +824,68 @@ static void test_switches(void **state) {
     free(Vh);
 }
 
+/* 7. The OpenMP team's size: the shared sample's gather is split in 8 pieces a KV head, taken by
+ * any thread, and each head's estimate finished by the thread that runs its search. With 1, 3, 8
+ * and 16 threads (one KV head of 8 query heads, then 2 of 4), 3 steps each on one cache: every
+ * step the shared estimator (check_step_sh: stats.sampled and every head's output). */
+static void test_threads(void **state) {
+    (void)state;
+    tc_seed(7);
+    const size_t n = 1200 + 4 + 64, d = 32, ncent = 16, QH = 8;
+    static const int teams[4] = {1, 3, 8, 16};
+    int was = omp_get_max_threads();
+    for (size_t H = 1; H <= 2; H++) {
+        float *K = malloc(n * H * d * sizeof *K), *V = malloc(n * H * d * sizeof *V),
+              *cen = malloc(H * ncent * d * sizeof *cen), *Q = malloc(12 * QH * d * sizeof *Q);
+        mix_data(K, V, cen, n, H, d, ncent, 1.0, 0.5);
+        mix_queries(Q, cen, 12, QH, H, d, ncent);
+        for (size_t ti = 0; ti < 4; ti++) {
+            /* (set before the cache is made: it sizes its per-thread scratch by the team then) */
+            omp_set_num_threads(teams[ti]);
+            kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
+            kst_kvc *c = make_cache(&o, K, V, n, NULL, 0, 32, 0.5f, 1);
+            for (size_t s = 0; s < 3; s++) {
+                char what[96];
+                snprintf(what, sizeof what, "%zu KV heads x %zu, %d threads, step %zu", H, QH / H, teams[ti], s);
+                check_step_sh(c, K, V, n, Q + (3 * ti + s) * QH * d, 16, 48, 0.5f, UINT32_MAX, NULL, what);
+            }
+            kst_kvc_free(c);
+            omp_set_num_threads(was);
+        }
+        free(K);
+        free(V);
+        free(cen);
+        free(Q);
+    }
+}
+
+/* Each test's wall time (printed: the suite runs under the sanitizers in CI too). */
+static double t_start;
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+static int t_begin(void **state) {
+    (void)state;
+    t_start = now_s();
+    return 0;
+}
+static int t_end(void **state) {
+    (void)state;
+    print_message("(%.2f s)\n", now_s() - t_start);
+    return 0;
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_step_equals_estimator),
-        cmocka_unit_test(test_budget_covers_all),
-        cmocka_unit_test(test_appends),
-        cmocka_unit_test(test_shared_vs_per_head),
-        cmocka_unit_test(test_switches),
-        cmocka_unit_test(test_step_gpu),
+        cmocka_unit_test_setup_teardown(test_step_equals_estimator, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_budget_covers_all, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_appends, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_shared_vs_per_head, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_switches, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_threads, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_step_gpu, t_begin, t_end),
     };
     return cmocka_run_group_tests_name("kv_tshare_step", tests, NULL, NULL);
 }
