@@ -86,6 +86,8 @@ static void head_rows(float *dst, const float *src, size_t n, size_t H, size_t h
 static struct {
     size_t fallback;  /* clusters whose sample was all retrieved: their first member outside R */
     size_t touched;   /* clusters whose sample held retrieved keys and others (the subtraction) */
+    size_t anew;      /* of those, the ones whose retrieved keys held > 1 - 1e-4 of the sample's mass
+                         (made anew from the rows, kv_tclust.c) */
     size_t plain;     /* clusters whose sample held no retrieved key */
     size_t newseen;   /* sampled nodes indexed after the build (test 3) */
     size_t plans;     /* plans checked against float64 */
@@ -180,8 +182,18 @@ static size_t tsh_ref64(double *out, const float *q, const float *K, const float
                 w[sinks + x] = ratio * exp(l[sinks + x] - mx);
                 g_cnt.newseen += x >= newfrom;
             }
-            if (np < ns[c]) g_cnt.touched++;
-            else g_cnt.plain++;
+            if (np < ns[c]) {
+                double s0 = 0, s1 = 0;
+                for (uint32_t i = 0; i < ns[c]; i++) {
+                    double e = exp(l[sinks + T->mem[c][i]] - mx);
+                    s0 += e;
+                    s1 += ret[T->mem[c][i]] ? 0 : e;
+                }
+                g_cnt.touched++;
+                g_cnt.anew += !(s1 > 1e-4 * s0);
+            } else {
+                g_cnt.plain++;
+            }
         } else {
             uint32_t i = 0;
             while (ret[T->mem[c][i]]) i++; /* (rc > 0: one exists) */
@@ -287,7 +299,8 @@ static size_t check_step_sh(kst_kvc *c, const float *K, const float *V, size_t n
     size_t nidx = kst_kvc_indexed(c, 0), k = top_k < nidx ? top_k : nidx, tot = 0;
     assert_int_equal(st.tokens, n);
     assert_int_equal(st.indexed, nidx);
-    int64_t *pos = malloc((k + 1) * sizeof *pos);
+    int64_t *pos = malloc((k + 1) * sizeof *pos), *posg = malloc((G * k + 1) * sizeof *posg);
+    assert_true(G <= 16);
     for (size_t kh = 0; kh < H; kh++) {
         const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, kh);
         kst_kvtc_group A = {0};
@@ -302,10 +315,18 @@ static size_t check_step_sh(kst_kvc *c, const float *K, const float *V, size_t n
             assert_ok(kst_kvtc_group_plan(T, &A, cs, G, temp, B, &err), &err);
             check_plan64(T, A.ns, A.tot, q + kh * G * d, G, o->scale, temp, B, what);
         }
+        size_t fg[16] = {0};
+        if (k && o->group_search) /* the searches of the group as the step runs them */
+            assert_ok(kst_kvc_search_group(c, 0, kh, q + kh * G * d, k, ef, posg, fg, NULL, &err), &err);
         for (size_t g = 0; g < G; g++) {
             size_t h = kh * G + g, found = 0;
             const float *qh = q + h * d;
-            if (k) assert_ok(kst_kvc_search(c, 0, h, qh, k, ef, pos, &found, NULL, &err), &err);
+            if (k && o->group_search) {
+                found = fg[g];
+                memcpy(pos, posg + g * k, found * sizeof *pos);
+            } else if (k) {
+                assert_ok(kst_kvc_search(c, 0, h, qh, k, ef, pos, &found, NULL, &err), &err);
+            }
             tot += tsh_ref64(ref, qh, Kh, Vh, n, d, o->scale, sinks, nidx, pos, found, T, cs ? A.ns : NULL, newfrom);
             for (size_t j = 0; j < d; j++)
                 if (!(fabs(out[h * d + j] - ref[j]) <= TOL_A + TOL_R * fabs(ref[j]))) {
@@ -332,6 +353,7 @@ static size_t check_step_sh(kst_kvc *c, const float *K, const float *V, size_t n
     free(Kh);
     free(Vh);
     free(pos);
+    free(posg);
     return tot;
 }
 
@@ -509,9 +531,9 @@ static void run_step_equals_estimator(int gpu) {
         free(Q);
     }
     print_message("shared step (%s): %zu steps equal to the float64 estimator, %zu keys used; clusters: %zu plain, %zu "
-                  "with retrieved samples taken out, %zu whole samples retrieved (first member outside R); %zu plans "
+                  "with retrieved samples taken out (%zu nearly all the sample's mass), %zu whole samples retrieved (first member outside R); %zu plans "
                   "within %.3f of float64\n",
-                  gpu ? "gpu" : "cpu", steps, sampled, g_cnt.plain, g_cnt.touched, g_cnt.fallback, g_cnt.plans,
+                  gpu ? "gpu" : "cpu", steps, sampled, g_cnt.plain, g_cnt.touched, g_cnt.anew, g_cnt.fallback, g_cnt.plans,
                   g_cnt.maxoff);
     if (!g_cnt.touched) fail_msg("no sample held retrieved keys: the subtraction is not tested");
     if (!g_cnt.fallback) fail_msg("no sample was all retrieved: the fallback is not tested");
@@ -859,6 +881,61 @@ static void test_threads(void **state) {
     }
 }
 
+/* 8. Rebuilds, the group search and sharp queries (2 KV heads x 4, d 32, 1,500 indexed keys, the
+ * attention-aware index): built with 16 clusters, then rebuilt with 48 (the shared plans' arrays
+ * grow) and with 8, steps after each; then opts.group_search 1 (the reference's retrieval by
+ * kst_kvc_search_group); queries at the usual scale and x4, x8 (the retrieved keys hold nearly all
+ * of the mass of the samples that hold them: those items made anew from their rows), budgets 64 and
+ * 256, top_k 16 and 48. Every step the shared estimator. */
+static void test_rebuild_group_sharp(void **state) {
+    (void)state;
+    tc_seed(8);
+    const size_t n = 1500 + 4 + 64, d = 32, ncent = 16, nq = 32, H = 2, QH = 8, G = 4;
+    float *K = malloc(n * H * d * sizeof *K), *V = malloc(n * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
+          *Qp = malloc(nq * QH * d * sizeof *Qp), *Q = malloc(12 * QH * d * sizeof *Q);
+    mix_data(K, V, cen, n, H, d, ncent, 1.0, 0.5);
+    mix_queries(Qp, cen, nq, QH, H, d, ncent);
+    mix_queries(Q, cen, 12, QH, H, d, ncent);
+    for (size_t s = 0; s < 12; s++)
+        for (size_t i = 0; i < QH * d; i++) Q[s * QH * d + i] *= (float)(s % 3 == 0 ? 1 : s % 3 == 1 ? 4 : 8);
+    memset(&g_cnt, 0, sizeof g_cnt);
+    kst_error err;
+    size_t steps = 0;
+    for (int grp = 0; grp < 2; grp++) {
+        kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_ATTN, 64, H, QH);
+        o.group_search = grp;
+        kst_kvc *c = make_cache(&o, K, V, n, Qp, nq, 16, 0.5f, 1);
+        static const size_t Cs[3] = {16, 48, 8};
+        for (size_t b = 0; b < 3; b++) {
+            if (b) {
+                kst_kvc_set_tail_clusters(c, Cs[b], 0.5f);
+                assert_ok(kst_kvc_build(c, 0, Qp, nq, &err), &err);
+            }
+            assert_int_equal(kst_kvc_tail_clusters(c, 0, 1)->C, Cs[b]);
+            for (size_t s = 0; s < 4; s++) {
+                size_t qi = (4 * b + s) % 12, B = s % 2 ? 256 : 64, tk = s / 2 ? 48 : 16;
+                char what[128];
+                snprintf(what, sizeof what, "%s, %zu clusters, query x%d, %zu samples, top_k %zu",
+                         grp ? "group search" : "one search a head", Cs[b], qi % 3 == 0 ? 1 : qi % 3 == 1 ? 4 : 8, B, tk);
+                kst_kvc_set_tail_samples(c, B);
+                check_step_sh(c, K, V, n, Q + qi * QH * d, tk, 2 * tk + 16, 0.5f, UINT32_MAX, NULL, what);
+                steps++;
+            }
+        }
+        kst_kvc_free(c);
+    }
+    (void)G;
+    print_message("rebuilds, group search, sharp queries: %zu steps; clusters: %zu plain, %zu with retrieved samples "
+                  "(%zu of them nearly all retrieved mass), %zu whole samples retrieved\n",
+                  steps, g_cnt.plain, g_cnt.touched, g_cnt.anew, g_cnt.fallback);
+    if (!g_cnt.anew) fail_msg("no sample whose retrieved keys held nearly all of its mass");
+    free(K);
+    free(V);
+    free(cen);
+    free(Qp);
+    free(Q);
+}
+
 /* Each test's wall time (printed: the suite runs under the sanitizers in CI too). */
 static double t_start;
 static double now_s(void) {
@@ -884,6 +961,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_appends, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_shared_vs_per_head, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_switches, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_rebuild_group_sharp, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_threads, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_step_gpu, t_begin, t_end),
     };
