@@ -936,6 +936,65 @@ static void test_rebuild_group_sharp(void **state) {
     free(Q);
 }
 
+/* 9. The adaptive budget (opts.widen) with the shared sample: with tail_clusters it does not widen
+ * (kv.h: its prediction reads the evenly spaced sample's best rows, which the clustered estimate
+ * does not make). A cache (1 KV head x 4, d 32, 1,500 indexed keys, widen 0.01) first steps with
+ * the evenly spaced sample (no clusters: these may widen), then is rebuilt with 32 clusters: with
+ * the per-head sample and then the shared one, every step has stats.widened 0 and is its
+ * estimator (the top_k retrieval). */
+static void test_widen_off(void **state) {
+    (void)state;
+    tc_seed(9);
+    const size_t n = 1500 + 4 + 64, d = 32, ncent = 16, H = 1, QH = 4;
+    float *K = malloc(n * H * d * sizeof *K), *V = malloc(n * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
+          *Q = malloc(12 * QH * d * sizeof *Q), *out = malloc(QH * d * sizeof *out);
+    mix_data(K, V, cen, n, H, d, ncent, 1.0, 0.5);
+    mix_queries(Q, cen, 12, QH, H, d, ncent);
+    /* the evenly spaced sample's steps sharp (x4), the clustered ones' flat (x0.5) */
+    for (size_t i = 0; i < 12 * QH * d; i++) Q[i] *= i < 4 * QH * d ? 4.0f : 0.5f;
+    kst_error err;
+    kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, 256, H, QH);
+    o.widen = 0.01f;
+    kst_kvc *c = make_cache(&o, K, V, n, NULL, 0, 0, 0.5f, 1);
+    assert_null(kst_kvc_tail_clusters(c, 0, 0));
+    size_t wid0 = 0;
+    for (size_t s = 0; s < 4; s++) {
+        kst_kvc_stats st;
+        assert_ok(kst_kvc_attend(c, 0, Q + s * QH * d, 16, 48, out, &st, &err), &err);
+        wid0 += st.widened;
+    }
+    kst_kvc_set_tail_clusters(c, 32, 0.5f);
+    assert_ok(kst_kvc_build(c, 0, NULL, 0, &err), &err);
+    assert_non_null(kst_kvc_tail_clusters(c, 0, 0));
+    size_t wid[2] = {0, 0};
+    for (int pass = 0; pass < 2; pass++) { /* shared first (right after the evenly spaced steps) */
+        int share = !pass;
+        kst_kvc_set_tail_share(c, share);
+        for (size_t s = 4; s < 8; s++) {
+            char what[96];
+            snprintf(what, sizeof what, "widen 0.01, clusters, %s sample, step %zu", share ? "shared" : "per-head", s);
+            kst_kvc_stats st;
+            assert_ok(kst_kvc_attend(c, 0, Q + s * QH * d, 16, 48, out, &st, &err), &err);
+            wid[share] += st.widened;
+            if (st.widened) continue; /* (reported below) */
+            if (share) check_step_sh(c, K, V, n, Q + s * QH * d, 16, 48, 0.5f, UINT32_MAX, NULL, what);
+            else check_step_ph(c, K, V, n, Q + s * QH * d, 16, 48, 0.5f, NULL, what);
+        }
+    }
+    print_message("widen 0.01: %zu searches widened with the evenly spaced sample; with clusters: %zu per-head, %zu "
+                  "shared\n",
+                  wid0, wid[0], wid[1]);
+    if (wid[0] || wid[1])
+        fail_msg("with tail_clusters the adaptive budget widened %zu searches (per-head sample) and %zu (shared sample)",
+                 wid[0], wid[1]);
+    kst_kvc_free(c);
+    free(K);
+    free(V);
+    free(cen);
+    free(Q);
+    free(out);
+}
+
 /* Each test's wall time (printed: the suite runs under the sanitizers in CI too). */
 static double t_start;
 static double now_s(void) {
@@ -962,6 +1021,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_shared_vs_per_head, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_switches, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_rebuild_group_sharp, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_widen_off, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_threads, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_step_gpu, t_begin, t_end),
     };
