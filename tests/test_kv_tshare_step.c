@@ -282,7 +282,10 @@ static void check_plan64(const kst_kvtc *T, const uint32_t *ns, size_t tot, cons
     free(open);
 }
 
-/* One decode step of layer 0 of c (K, V: its n tokens (n, H, d) as the references read them)
+/* The layer check_step_sh steps (0 but in test 10). */
+static size_t g_layer;
+
+/* One decode step of layer g_layer of c (K, V: its n tokens (n, H, d) as the references read them)
  * against the shared estimator of every query head: per KV head the plan by kst_kvtc_group_plan
  * (its G heads' kst_kvtc_scores; checked by check_plan64), the retrieved keys reproduced by
  * kst_kvc_search (the same top_k and ef); stats.sampled the sum of n'. out (may be NULL): the
@@ -295,14 +298,14 @@ static size_t check_step_sh(kst_kvc *c, const float *K, const float *V, size_t n
     double ref[512];
     kst_kvc_stats st;
     kst_error err;
-    assert_ok(kst_kvc_attend(c, 0, q, top_k, ef, out, &st, &err), &err);
-    size_t nidx = kst_kvc_indexed(c, 0), k = top_k < nidx ? top_k : nidx, tot = 0;
+    assert_ok(kst_kvc_attend(c, g_layer, q, top_k, ef, out, &st, &err), &err);
+    size_t nidx = kst_kvc_indexed(c, g_layer), k = top_k < nidx ? top_k : nidx, tot = 0;
     assert_int_equal(st.tokens, n);
     assert_int_equal(st.indexed, nidx);
     int64_t *pos = malloc((k + 1) * sizeof *pos), *posg = malloc((G * k + 1) * sizeof *posg);
     assert_true(G <= 16);
     for (size_t kh = 0; kh < H; kh++) {
-        const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, kh);
+        const kst_kvtc *T = kst_kvc_tail_clusters(c, g_layer, kh);
         kst_kvtc_group A = {0};
         float *cs = NULL;
         head_rows(Kh, K, n, H, kh, d);
@@ -317,7 +320,7 @@ static size_t check_step_sh(kst_kvc *c, const float *K, const float *V, size_t n
         }
         size_t fg[16] = {0};
         if (k && o->group_search) /* the searches of the group as the step runs them */
-            assert_ok(kst_kvc_search_group(c, 0, kh, q + kh * G * d, k, ef, posg, fg, NULL, &err), &err);
+            assert_ok(kst_kvc_search_group(c, g_layer, kh, q + kh * G * d, k, ef, posg, fg, NULL, &err), &err);
         for (size_t g = 0; g < G; g++) {
             size_t h = kh * G + g, found = 0;
             const float *qh = q + h * d;
@@ -325,7 +328,7 @@ static size_t check_step_sh(kst_kvc *c, const float *K, const float *V, size_t n
                 found = fg[g];
                 memcpy(pos, posg + g * k, found * sizeof *pos);
             } else if (k) {
-                assert_ok(kst_kvc_search(c, 0, h, qh, k, ef, pos, &found, NULL, &err), &err);
+                assert_ok(kst_kvc_search(c, g_layer, h, qh, k, ef, pos, &found, NULL, &err), &err);
             }
             tot += tsh_ref64(ref, qh, Kh, Vh, n, d, o->scale, sinks, nidx, pos, found, T, cs ? A.ns : NULL, newfrom);
             for (size_t j = 0; j < d; j++)
@@ -682,17 +685,19 @@ static void clustered_keys(float *K, float *V, float *cen, size_t n, size_t d, s
 }
 
 /* 4. Shared against per-head at the same rows read: one KV head of 3,840 indexed keys (d 32) in
- * 64 clusters of ~60 around random centres, G = 4 query heads, top_k 16; 32 steps whose 4 heads
- * look at the same centre or pair of centres (each its own noise and scale) or, every fourth step,
- * each at its own. The shared sample of B = 256 rows (read once for the 4 heads) against the
- * per-head samples of B / 4 = 64 each (256 rows in all): the mean relative L2 error against
- * float64 full attention over the 128 head outputs. Measured 0.55 (shared / per-head; 0.49-0.62
- * over the seeds 40-47 of the data, 0.73 where the heads look at their own centres);
- * asserted under 0.8. Then per-head at the full B = 256 a head (4x the rows) is as good or better
- * than shared (measured 0.87x shared's error; asserted under 1.2x). */
+ * 64 clusters of ~60 around random centres, G = 4 query heads, top_k 16, 64 clusters, the default
+ * temperature; 32 steps whose 4 heads look at the same centre or pair of centres (each its own
+ * noise and scale) or, every fourth step, each at its own. The shared sample of B = 256 rows (read
+ * once for the 4 heads) against the per-head samples of B / 4 = 64 each (256 rows in all): the
+ * mean relative L2 error against float64 full attention over the 128 head outputs. Measured
+ * shared / per-head 0.41 (0.38-0.54 over the data seeds 40-49, TSK_SEED=n; the steps whose heads
+ * look at their own centres alone 0.81-1.05: the gain is where the heads' attention overlaps);
+ * asserted under 0.8 (with the two swapped the assertion fails). Then the per-head samples at
+ * the full B a head (4x the rows) beat the shared one: measured 0.67-0.77x its error, asserted
+ * under 1x. */
 static void test_shared_vs_per_head(void **state) {
     (void)state;
-    tc_seed(40);
+    tc_seed(getenv("TSK_SEED") ? (uint64_t)atol(getenv("TSK_SEED")) : 40);
     const size_t nc = 64, per = 60, d = 32, sinks = 4, window = 64, nq = 32, G = 4, B = 256;
     size_t n = sinks + nc * per + window;
     float *K = malloc(n * d * sizeof *K), *V = malloc(n * d * sizeof *V), *cen = malloc(nc * d * sizeof *cen),
@@ -741,8 +746,8 @@ static void test_shared_vs_per_head(void **state) {
     if (!(e[0] < 0.8 * e[1]))
         fail_msg("shared sample of %zu: error %.3e, per-head of %zu: %.3e (expected under 0.8x at the same rows read)", B,
                  e[0], B / G, e[1]);
-    if (!(e[2] < 1.2 * e[0]))
-        fail_msg("per-head at the full budget %zu: error %.3e, shared %.3e (expected under 1.2x)", B, e[2], e[0]);
+    if (!(e[2] < e[0]))
+        fail_msg("per-head at the full budget %zu: error %.3e, shared %.3e (expected under 1x)", B, e[2], e[0]);
     kst_kvc_free(c);
     free(K);
     free(V);
@@ -995,6 +1000,52 @@ static void test_widen_off(void **state) {
     free(out);
 }
 
+/* 10. Two layers of different sizes (2 KV heads x 4, d 32): layer 0 2,000 indexed keys in 32
+ * clusters, layer 1 400 (25 clusters: the shared plans' arrays, kept a KV head across layers, and
+ * the threads' counts sized by the larger); steps alternate between them, budgets 128 and 256.
+ * Every step the shared estimator of its layer. */
+static void test_two_layers(void **state) {
+    (void)state;
+    tc_seed(10);
+    const size_t d = 32, ncent = 16, H = 2, QH = 8, n0 = 2000 + 4 + 64, n1 = 400 + 4 + 64;
+    float *K0 = malloc(n0 * H * d * sizeof *K0), *V0 = malloc(n0 * H * d * sizeof *V0),
+          *K1 = malloc(n1 * H * d * sizeof *K1), *V1 = malloc(n1 * H * d * sizeof *V1),
+          *cen = malloc(H * ncent * d * sizeof *cen), *Q = malloc(6 * QH * d * sizeof *Q);
+    mix_data(K0, V0, cen, n0, H, d, ncent, 1.0, 0.5);
+    mix_data(K1, V1, cen, n1, H, d, ncent, 1.0, 0.5); /* (new centres: Q near layer 1's) */
+    mix_queries(Q, cen, 6, QH, H, d, ncent);
+    kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
+    o.layers = 2;
+    kst_error err;
+    kst_kvc *c;
+    assert_ok(kst_kvc_create(&o, &c, &err), &err);
+    kst_kvc_set_tail_clusters(c, 32, 0.5f);
+    kst_kvc_set_tail_share(c, 1);
+    assert_ok(kst_kvc_append(c, 0, K0, V0, n0, &err), &err);
+    assert_ok(kst_kvc_append(c, 1, K1, V1, n1, &err), &err);
+    assert_ok(kst_kvc_build(c, 0, NULL, 0, &err), &err);
+    assert_ok(kst_kvc_build(c, 1, NULL, 0, &err), &err);
+    assert_int_equal(kst_kvc_tail_clusters(c, 0, 0)->C, 32);
+    assert_int_equal(kst_kvc_tail_clusters(c, 1, 0)->C, 25);
+    static const size_t order[6] = {1, 0, 1, 0, 0, 1};
+    for (size_t s = 0; s < 6; s++) {
+        char what[64];
+        g_layer = order[s];
+        kst_kvc_set_tail_samples(c, s % 2 ? 256 : 128);
+        snprintf(what, sizeof what, "two layers: layer %zu, step %zu", g_layer, s);
+        if (g_layer) check_step_sh(c, K1, V1, n1, Q + s * QH * d, 16, 48, 0.5f, UINT32_MAX, NULL, what);
+        else check_step_sh(c, K0, V0, n0, Q + s * QH * d, 16, 48, 0.5f, UINT32_MAX, NULL, what);
+    }
+    g_layer = 0;
+    kst_kvc_free(c);
+    free(K0);
+    free(V0);
+    free(K1);
+    free(V1);
+    free(cen);
+    free(Q);
+}
+
 /* Each test's wall time (printed: the suite runs under the sanitizers in CI too). */
 static double t_start;
 static double now_s(void) {
@@ -1004,6 +1055,7 @@ static double now_s(void) {
 }
 static int t_begin(void **state) {
     (void)state;
+    g_layer = 0;
     t_start = now_s();
     return 0;
 }
@@ -1021,6 +1073,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_shared_vs_per_head, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_switches, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_rebuild_group_sharp, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_two_layers, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_widen_off, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_threads, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_step_gpu, t_begin, t_end),
