@@ -898,7 +898,7 @@ static void test_threads(void **state) {
 static void test_rebuild_group_sharp(void **state) {
     (void)state;
     tc_seed(8);
-    const size_t n = 1500 + 4 + 64, d = 32, ncent = 16, nq = 32, H = 2, QH = 8, G = 4;
+    const size_t n = 1500 + 4 + 64, d = 32, ncent = 16, nq = 32, H = 2, QH = 8;
     float *K = malloc(n * H * d * sizeof *K), *V = malloc(n * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
           *Qp = malloc(nq * QH * d * sizeof *Qp), *Q = malloc(12 * QH * d * sizeof *Q);
     mix_data(K, V, cen, n, H, d, ncent, 1.0, 0.5);
@@ -932,7 +932,6 @@ static void test_rebuild_group_sharp(void **state) {
         }
         kst_kvc_free(c);
     }
-    (void)G;
     print_message("rebuilds, group search, sharp queries: %zu steps; clusters: %zu plain, %zu with retrieved samples "
                   "(%zu of them nearly all retrieved mass), %zu whole samples retrieved\n",
                   steps, g_cnt.plain, g_cnt.touched, g_cnt.anew, g_cnt.fallback);
