@@ -5,10 +5,10 @@
  *   heads (kst_kvtc_scores), itself checked against a float64 water-filling of the budget in
  *   proportion to len_c sum_g exp(temp cs_gc) / Z_g (within 1 a cluster, the total exact);
  * - each query head's output: sinks, the exact tail (window, pending) and its retrieved keys
- *   (kst_kvc_search, the same top_k and ef) exact; in each cluster with ns_c > 0 and r_c > 0 keys
- *   not retrieved, the n' members of its first ns_c places that were not retrieved, each weighted
- *   r_c / n', or, where n' = 0, its first member not retrieved (in the cluster's order) weighted
- *   r_c; stats.sampled = sum of the n' (1 in that case).
+ *   (kst_kvc_search, the same top_k and ef) exact; then, Horvitz-Thompson, every member of the
+ *   first ns_c places of a cluster c that was not retrieved, weighted len_c / ns_c (a cluster
+ *   whose sample retrieval took whole, or that the plan left out, contributes nothing);
+ *   stats.sampled = the number of such members over the heads.
  * Tests: 1 the step against it (float32 / float16, both indexes, G = 2 and 4; 6 the same with the
  * static tokens on the GPU where a device is), 2 the budget past the rest (full attention), 3
  * appends (new members sampled), 4 shared against per-head samples at the same rows read on
@@ -86,11 +86,15 @@ static void head_rows(float *dst, const float *src, size_t n, size_t H, size_t h
 
 /* What the references saw (coverage: the tests assert that the estimator's branches ran). */
 static struct {
-    size_t fallback;  /* clusters whose sample was all retrieved: their first member outside R */
-    size_t touched;   /* clusters whose sample held retrieved keys and others (the subtraction) */
-    size_t anew;      /* of those, the ones whose retrieved keys held > 1 - 1e-4 of the sample's mass
-                         (made anew from the rows, kv_tclust.c) */
+    size_t insample;  /* retrieved keys in their cluster's sample (their terms taken out, a head each) */
+    size_t emptied;   /* clusters whose sample was all retrieved while keys outside R were left (no term) */
+    size_t touched;   /* clusters whose sample held retrieved keys and others */
+    size_t anew;      /* heads whose retrieved sampled keys held all but under 1e-6 (and over 0) of
+                         their weighted sample's sum (kv_tclust.c then sums the head anew) */
+    size_t gone;      /* heads whose every sampled key was retrieved (no estimate) */
     size_t plain;     /* clusters whose sample held no retrieved key */
+    double lrem;      /* the least log10 of a head's remainder (its weighted sample's sum outside R
+                         over its sum; 0 after the memset: remainder 1) */
     size_t newseen;   /* sampled nodes indexed after the build (test 3) */
     size_t plans;     /* plans checked against float64 */
     double maxoff;    /* the largest |n_c - float64 share| */
@@ -142,16 +146,15 @@ static size_t tc_ref64(double *out, const float *q, const float *K, const float 
 }
 
 /* The shared estimator's float64 reference for one query head (the definition above): exact as
- * tc_ref64; then each cluster c of T with ns[c] > 0 (ns: the KV head's shared plan; NULL: no
- * estimate) and r_c > 0 members not retrieved: the n' members among its first ns[c] places not
- * retrieved, each weighted r_c / n'; where n' = 0 its first member not retrieved, weighted r_c
- * (n' counted 1). Nodes >= newfrom sampled are counted in g_cnt.newseen. Returns the sum of n'. */
+ * tc_ref64; then each member x of the first ns[c] places of a cluster c of T (ns: the KV head's
+ * shared plan; NULL: no estimate) that was not retrieved, weighted len_c / ns[c]. Sampled nodes
+ * >= newfrom are counted in g_cnt.newseen. Returns the sampled members not retrieved. */
 static size_t tsh_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d, double scale,
                         size_t sinks, size_t nidx, const int64_t *pos, size_t m, const kst_kvtc *T,
                         const uint32_t *ns, uint32_t newfrom) {
-    double *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w), mx = -INFINITY;
+    double *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w), mx = -INFINITY, s_all = 0, s_left = 0;
     uint8_t *ret = calloc(nidx + 1, 1);
-    size_t used = 0;
+    size_t used = 0, inr_all = 0;
     for (size_t t = 0; t < n; t++) {
         double a = 0;
         for (size_t i = 0; i < d; i++) a += (double)q[i] * K[t * d + i];
@@ -168,45 +171,35 @@ static size_t tsh_ref64(double *out, const float *q, const float *K, const float
     for (size_t c = 0; ns && c < T->C; c++) {
         if (!ns[c]) continue;
         if (ns[c] > T->len[c]) fail_msg("cluster %zu: %u samples planned of %u members", c, ns[c], T->len[c]);
-        size_t rc = 0, np = 0;
+        size_t rc = 0, inr = 0;
         for (uint32_t i = 0; i < T->len[c]; i++) {
             uint32_t x = T->mem[c][i];
             if (x >= nidx) fail_msg("cluster %zu holds node %u of %zu indexed", c, x, nidx);
             rc += !ret[x];
         }
-        if (rc == 0) continue;
-        for (uint32_t i = 0; i < ns[c]; i++) np += !ret[T->mem[c][i]];
-        if (np > 0) {
-            double ratio = (double)rc / (double)np;
-            for (uint32_t i = 0; i < ns[c]; i++) {
-                uint32_t x = T->mem[c][i];
-                if (ret[x]) continue;
-                w[sinks + x] = ratio * exp(l[sinks + x] - mx);
-                g_cnt.newseen += x >= newfrom;
-            }
-            if (np < ns[c]) {
-                double s0 = 0, s1 = 0;
-                for (uint32_t i = 0; i < ns[c]; i++) {
-                    double e = exp(l[sinks + T->mem[c][i]] - mx);
-                    s0 += e;
-                    s1 += ret[T->mem[c][i]] ? 0 : e;
-                }
-                g_cnt.touched++;
-                g_cnt.anew += !(s1 > 1e-4 * s0);
-            } else {
-                g_cnt.plain++;
-            }
-        } else {
-            uint32_t i = 0;
-            while (ret[T->mem[c][i]]) i++; /* (rc > 0: one exists) */
+        double wc = (double)T->len[c] / (double)ns[c];
+        for (uint32_t i = 0; i < ns[c]; i++) {
             uint32_t x = T->mem[c][i];
-            w[sinks + x] = (double)rc * exp(l[sinks + x] - mx);
+            double e = wc * exp(l[sinks + x] - mx);
+            s_all += e;
+            if (ret[x]) {
+                inr++;
+                continue;
+            }
+            s_left += e;
+            w[sinks + x] = e;
             g_cnt.newseen += x >= newfrom;
-            g_cnt.fallback++;
-            np = 1;
+            used++;
         }
-        used += np;
+        inr_all += inr;
+        if (!inr) g_cnt.plain++;
+        else if (inr < ns[c]) g_cnt.touched++;
+        else g_cnt.emptied += rc > 0;
     }
+    g_cnt.insample += inr_all;
+    if (inr_all && s_left > 0 && s_left < 1e-6 * s_all) g_cnt.anew++;
+    g_cnt.gone += inr_all && !(s_left > 0);
+    if (s_left > 0) g_cnt.lrem = fmin(g_cnt.lrem, log10(s_left / s_all));
     wsum_rows64(out, w, V, n, d);
     free(l);
     free(w);
@@ -290,8 +283,8 @@ static size_t g_layer;
 /* One decode step of layer g_layer of c (K, V: its n tokens (n, H, d) as the references read them)
  * against the shared estimator of every query head: per KV head the plan by kst_kvtc_group_plan
  * (its G heads' kst_kvtc_scores; checked by check_plan64), the retrieved keys reproduced by
- * kst_kvc_search (the same top_k and ef); stats.sampled the sum of n'. out (may be NULL): the
- * step's output. Returns the sum of n'. */
+ * kst_kvc_search (the same top_k and ef); stats.sampled the sampled members not retrieved, over
+ * the heads. out (may be NULL): the step's output. Returns that count. */
 static size_t check_step_sh(kst_kvc *c, const float *K, const float *V, size_t n, const float *q, size_t top_k,
                             size_t ef, float temp, uint32_t newfrom, float *out_keep, const char *what) {
     const kst_kvc_opts *o = kst_kvc_opts_of(c);
@@ -338,10 +331,9 @@ static size_t check_step_sh(kst_kvc *c, const float *K, const float *V, size_t n
                 if (!(fabs(out[h * d + j] - ref[j]) <= TOL_A + TOL_R * fabs(ref[j]))) {
                     /* the diagnosis: is it the step without the tail estimate? */
                     double ref0[512];
-                    size_t nf = g_cnt.fallback, nt = g_cnt.touched, npl = g_cnt.plain, nn = g_cnt.newseen, same = 1;
+                    size_t same = 1;
                     tsh_ref64(ref0, qh, Kh, Vh, n, d, o->scale, sinks, nidx, pos, found, T, NULL, newfrom);
                     for (size_t i = 0; i < d; i++) same &= fabs(out[h * d + i] - ref0[i]) <= TOL_A + TOL_R * fabs(ref0[i]);
-                    g_cnt.fallback = nf, g_cnt.touched = nt, g_cnt.plain = npl, g_cnt.newseen = nn;
                     fail_msg("%s: head %zu, dim %zu: %.7g, float64 shared estimator %.7g (%zu indexed, %zu retrieved, "
                              "%zu samples, %d OpenMP threads)%s",
                              what, h, j, out[h * d + j], ref[j], nidx, found, B, omp_get_max_threads(),
@@ -494,8 +486,10 @@ static int have_gpu(void) {
  * clusters per KV head (2 KV heads), float32 at d 32 and float16 at d 64 (codes), the
  * attention-aware index (48 prefill queries) and the key-only one, G = 2 and 4; the CPU path
  * and (CUDA builds with a device) the static tokens on the GPU. Each cache 4 steps: top_k / ef /
- * budget 16 / 48 / 256, 4 / 16 / 256, 64 / 128 / 32 and 32 / 64 / 8 (few samples a cluster: the
- * samples that retrieval took, and whole samples retrieved, reached). */
+ * budget 16 / 48 / 256, 4 / 16 / 256, 64 / 128 / 32 and 32 / 64 / 8 (few samples a cluster:
+ * asserted reached, retrieved keys in samples (200 at least; their terms taken out), samples
+ * holding retrieved keys and others, and whole samples retrieved while keys outside R are left
+ * (no term)). */
 static void run_step_equals_estimator(int gpu) {
     tc_seed(1);
     const size_t n = 2000 + 4 + 64, ncent = 32, nq = 48, H = 2;
@@ -524,7 +518,7 @@ static void run_step_equals_estimator(int gpu) {
                      bud[s]);
             kst_kvc_set_tail_samples(c, bud[s]);
             size_t got = check_step_sh(c, K, V, n, Q + s * QH * d, tk[s], ef[s], 0.5f, UINT32_MAX, NULL, what);
-            /* each head's n' at most the KV head's budget, at least 1 a sampled cluster */
+            /* each head's samples outside R at most the KV head's budget */
             if (got > QH * bud[s]) fail_msg("%s: %zu samples used of %zu a head", what, got, bud[s]);
             sampled += got;
             steps++;
@@ -536,13 +530,15 @@ static void run_step_equals_estimator(int gpu) {
         free(Qp);
         free(Q);
     }
-    print_message("shared step (%s): %zu steps equal to the float64 estimator, %zu keys used; clusters: %zu plain, %zu "
-                  "with retrieved samples taken out (%zu nearly all the sample's mass), %zu whole samples retrieved (first member outside R); %zu plans "
-                  "within %.3f of float64\n",
-                  gpu ? "gpu" : "cpu", steps, sampled, g_cnt.plain, g_cnt.touched, g_cnt.anew, g_cnt.fallback, g_cnt.plans,
-                  g_cnt.maxoff);
-    if (!g_cnt.touched) fail_msg("no sample held retrieved keys: the subtraction is not tested");
-    if (!g_cnt.fallback) fail_msg("no sample was all retrieved: the fallback is not tested");
+    print_message("shared step (%s): %zu steps equal to the float64 estimator, %zu keys used; %zu retrieved keys in "
+                  "samples (their terms taken out); clusters: %zu plain, %zu with retrieved samples and others, %zu whole "
+                  "samples retrieved (no term); %zu heads under 1e-6 of their sum left (least remainder 1e%.1f); %zu "
+                  "plans within %.3f of float64\n",
+                  gpu ? "gpu" : "cpu", steps, sampled, g_cnt.insample, g_cnt.plain, g_cnt.touched, g_cnt.emptied,
+                  g_cnt.anew, g_cnt.lrem, g_cnt.plans, g_cnt.maxoff);
+    if (!g_cnt.touched) fail_msg("no sample held retrieved keys and others: the subtraction is not tested");
+    if (g_cnt.insample < 200) fail_msg("only %zu retrieved keys in samples (200 wanted)", g_cnt.insample);
+    if (!g_cnt.emptied) fail_msg("no sample was all retrieved: a planned cluster without a term is not tested");
 }
 
 static void test_step_equals_estimator(void **state) {
@@ -854,7 +850,7 @@ static void test_switches(void **state) {
     free(Vh);
 }
 
-/* 7. The OpenMP team's size: the shared sample's gather is split in 8 pieces a KV head, taken by
+/* 7. The OpenMP team's size: the shared sample's gather is split in 16 pieces a KV head, taken by
  * any thread, and each head's estimate finished by the thread that runs its search. With 1, 3, 8
  * and 16 threads (one KV head of 8 query heads, then 2 of 4), 3 steps each on one cache: every
  * step the shared estimator (check_step_sh: stats.sampled and every head's output). */
@@ -892,9 +888,9 @@ static void test_threads(void **state) {
 /* 8. Rebuilds, the group search and sharp queries (2 KV heads x 4, d 32, 1,500 indexed keys, the
  * attention-aware index): built with 16 clusters, then rebuilt with 48 (the shared plans' arrays
  * grow) and with 8, steps after each; then opts.group_search 1 (the reference's retrieval by
- * kst_kvc_search_group); queries at the usual scale and x4, x8 (the retrieved keys hold nearly all
- * of the mass of the samples that hold them: those items made anew from their rows), budgets 64,
- * 256, 1 and 3, top_k 16 and 48. Every step the shared estimator. */
+ * kst_kvc_search_group); queries at the usual scale and x4, x8 (the retrieved keys in samples
+ * then hold nearly all of a head's weighted sample sum), budgets 64, 256, 1 and 3, top_k 16 and
+ * 48. Every step the shared estimator. */
 static void test_rebuild_group_sharp(void **state) {
     (void)state;
     tc_seed(8);
@@ -932,10 +928,11 @@ static void test_rebuild_group_sharp(void **state) {
         }
         kst_kvc_free(c);
     }
-    print_message("rebuilds, group search, sharp queries: %zu steps; clusters: %zu plain, %zu with retrieved samples "
-                  "(%zu of them nearly all retrieved mass), %zu whole samples retrieved\n",
-                  steps, g_cnt.plain, g_cnt.touched, g_cnt.anew, g_cnt.fallback);
-    if (!g_cnt.anew) fail_msg("no sample whose retrieved keys held nearly all of its mass");
+    print_message("rebuilds, group search, sharp queries: %zu steps; %zu retrieved keys in samples; clusters: %zu plain, "
+                  "%zu with retrieved samples and others, %zu whole samples retrieved; %zu heads under 1e-6 of their sum "
+                  "left (least remainder 1e%.1f), %zu whose every sample was retrieved\n",
+                  steps, g_cnt.insample, g_cnt.plain, g_cnt.touched, g_cnt.emptied, g_cnt.anew, g_cnt.lrem, g_cnt.gone);
+    if (!g_cnt.anew) fail_msg("no head whose retrieved sampled keys held all but 1e-6 of its sum");
     free(K);
     free(V);
     free(cen);
