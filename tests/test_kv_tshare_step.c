@@ -14,7 +14,8 @@
  * appends (new members sampled), 4 shared against per-head samples at the same rows read on
  * clustered data, 5 the switches (KESTREL_KV_TSHARE, G = 1, tail_samples 0), 8 rebuilds with
  * other cluster counts, the group search, sharp queries and budgets of 1 and 3, 10 two layers, 9
- * the adaptive budget staying off, 7 OpenMP teams of 1, 3, 8 and 16 threads.
+ * the adaptive budget staying off, 7 OpenMP teams of 1, 3, 8 and 16 threads, 11 a retrieved key
+ * that dominates its head and is its cluster's one sample.
  * Tolerances: outputs 2e-5 absolute + 1e-4 relative (as test_kv_tclust). */
 #include <omp.h>
 #include <time.h>
@@ -1051,6 +1052,96 @@ static void test_two_layers(void **state) {
     free(Q);
 }
 
+/* 11. A retrieved key that dominates its head and is its cluster's one sample (weight len_c, ~100):
+ * 1 KV head x 4 (d 32, 1,500 indexed keys, 16 clusters, budget 4, top_k 16), head 0's query
+ * along the key of a cluster's first member x (the cluster planned: its centroid scores best),
+ * x scoring 20, 25, 30 and 35; 8 data seeds, x in clusters 0 .. 3 (the steps where the plan leaves
+ * x's cluster out skipped: 100 or so left). Every head's
+ * output the shared estimator (all steps run, then failed). The finish takes x's weighted term
+ * (~len_c of the head's sampled sum) out of float sums whose rounding is ~|s| eps32 of it: past
+ * the 1e-6 that sums the head anew, that noise becomes its estimate, merged with the weight of
+ * ~1e-6 len_c (kv_tclust.c, kst_kvtc_group_finish; test_kv_tshare's test_cancellation). */
+static void test_dominant_sample(void **state) {
+    (void)state;
+    const size_t d = 32, ncent = 16, H = 1, QH = 4, n = 1500 + 4 + 64, nidx = 1500, B = 4;
+    size_t steps = 0, bad = 0, anew = 0, missed = 0;
+    double worst = 0;
+    float *K = malloc(n * H * d * sizeof *K), *V = malloc(n * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
+          *Q = malloc(QH * d * sizeof *Q), *out = malloc(QH * d * sizeof *out);
+    kst_error err;
+    for (uint64_t seed = 100; seed < 108; seed++) {
+        tc_seed(seed);
+        mix_data(K, V, cen, n, H, d, ncent, 1.0, 0.5);
+        mix_queries(Q, cen, 1, QH, H, d, ncent);
+        kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, B, H, QH);
+        kst_kvc *c = make_cache(&o, K, V, n, NULL, 0, 16, 0.5f, 1);
+        const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, 0);
+        const float scale = kst_kvc_opts_of(c)->scale;
+        for (size_t cx = 0; cx < 4; cx++) {
+            if (!T->len[cx]) continue;
+            uint32_t x = T->mem[cx][0];
+            const float *kx = K + (4 + x) * d;
+            double kk = 0;
+            for (size_t i = 0; i < d; i++) kk += (double)kx[i] * kx[i];
+            for (int a = 0; a < 4; a++) {
+                double sx = 20 + 5 * a;
+                for (size_t i = 0; i < d; i++) Q[i] = (float)(sx / scale * kx[i] / kk);
+                kst_kvc_stats st;
+                assert_ok(kst_kvc_attend(c, 0, Q, 16, 48, out, &st, &err), &err);
+                kst_kvtc_group A = {0};
+                float cs[4 * 16];
+                kst_kvtc_scores(T, Q, QH, scale, cs);
+                assert_ok(kst_kvtc_group_plan(T, &A, cs, QH, 0.5f, B, &err), &err);
+                if (!A.ns[cx]) { /* (x not sampled: not this test's case) */
+                    kst_kvtc_group_free(&A);
+                    continue;
+                }
+                size_t tot = 0, a0 = g_cnt.anew, nb = 0;
+                double dev = 0;
+                for (size_t h = 0; h < QH; h++) {
+                    int64_t pos[16];
+                    size_t found = 0;
+                    double ref[32];
+                    assert_ok(kst_kvc_search(c, 0, h, Q + h * d, 16, 48, pos, &found, NULL, &err), &err);
+                    if (h == 0) {
+                        int got = 0;
+                        for (size_t i = 0; i < found; i++) got |= pos[i] == (int64_t)(4 + x);
+                        missed += !got;
+                    }
+                    tot += tsh_ref64(ref, Q + h * d, K, V, n, d, scale, 4, nidx, pos, found, T, A.ns, UINT32_MAX);
+                    for (size_t j = 0; j < d; j++) {
+                        double e = fabs(out[h * d + j] - ref[j]) / (TOL_A + TOL_R * fabs(ref[j]));
+                        dev = e > dev ? e : dev;
+                        nb += e > 1;
+                    }
+                }
+                if (st.sampled != tot) fail_msg("seed %llu: stats.sampled %zu, the estimator's %zu", (unsigned long long)seed, st.sampled, tot);
+                anew += g_cnt.anew > a0;
+                if (nb) {
+                    if (bad < 6)
+                        print_message("seed %llu, x (cluster %zu, 1 of %u keys sampled) scoring %.0f: %zu values off, up to "
+                                      "%.2f tolerances%s\n", (unsigned long long)seed, cx, T->len[cx], sx, nb, dev,
+                                      g_cnt.anew > a0 ? " (head 0 under 1e-6 of its sum left)" : "");
+                    bad++;
+                }
+                worst = dev > worst ? dev : worst;
+                steps++;
+                kst_kvtc_group_free(&A);
+            }
+        }
+        kst_kvc_free(c);
+    }
+    free(K);
+    free(V);
+    free(cen);
+    free(Q);
+    free(out);
+    print_message("dominant sampled key: %zu steps (%zu with head 0 under 1e-6 of its sum left; x not retrieved in %zu), "
+                  "%zu off the float64 estimator, up to %.2f tolerances\n", steps, anew, missed, bad, worst);
+    if (anew < 16) fail_msg("only %zu steps left a head under 1e-6 of its sum", anew);
+    if (bad) fail_msg("%zu of %zu steps off the shared estimator (up to %.2f tolerances)", bad, steps, worst);
+}
+
 /* Each test's wall time (printed: the suite runs under the sanitizers in CI too). */
 static double t_start;
 static double now_s(void) {
@@ -1081,6 +1172,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_two_layers, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_widen_off, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_threads, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_dominant_sample, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_step_gpu, t_begin, t_end),
     };
     return cmocka_run_group_tests_name("kv_tshare_step", tests, NULL, NULL);
