@@ -7,7 +7,6 @@
 #include <faiss/c_api/error_c.h>
 
 #include "core/check.h"
-#include "core/half.h"
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #include "index/faiss_ext.h"
@@ -548,23 +547,23 @@ size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t 
         for (size_t k = 0; k < d; k++) acc[k] += a * h[2 + k];
     }
     s0 = sum;
-    /* the sampled members of R taken out (their scores as the gather made them) */
+    /* the sampled members of R taken out (their scores as the gather made them; their weighted
+     * value rows summed in float, as the pieces were) */
+    float *sub = sc;
+    memset(sub, 0, d * sizeof(float));
     for (size_t i = 0; i < m && mx > -INFINITY; i++) {
         uint32_t x = rid[i];
         if (x >= T->na) continue;
         uint32_t c = T->of[x];
         if (T->pos[x] >= A->ns[c]) continue;
         out++;
-        double w = (double)T->len[c] / (double)A->ns[c] *
-                   exp((double)(scale * kst_kv_dot(q, Kb + (row0 + x) * rowb, f16, d)) - mx);
+        float w = expf(scale * kst_kv_dot(q, Kb + (row0 + x) * rowb, f16, d) +
+                       logf((float)T->len[c] / (float)A->ns[c]) - (float)mx);
         sum -= w;
-        const char *vr = Vb + (row0 + x) * rowb;
-        if (f16)
-            for (size_t k = 0; k < d; k++) acc[k] -= w * kst_f16_to_f32(((const uint16_t *)vr)[k]);
-        else
-            for (size_t k = 0; k < d; k++) acc[k] -= w * ((const float *)vr)[k];
+        kst_kv_axpy(sub, w, Vb + (row0 + x) * rowb, f16, d);
     }
-    if (out && !(sum > s0 * 1e-6)) { /* summed anew, R's members left out */
+    for (size_t k = 0; k < d; k++) acc[k] -= sub[k];
+    if (out && !(sum > s0 * 1e-4)) { /* summed anew, R's members left out */
         mx = -INFINITY;
         sum = 0;
         memset(acc, 0, d * sizeof(double));
