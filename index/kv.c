@@ -2139,7 +2139,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         } /* its plan still being made */
         kst_kvtc_group *A = &c->tg[kh];
         if (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 1 && r == KST_OK) {
-            size_t tgn = G * (A->nmax + d); /* (gather: G (nmax + d); finish: nmax + d) */
+            size_t tgn = KST_KVTC_GATHER_SC(A) > KST_KVTC_FINISH_SC(A) ? KST_KVTC_GATHER_SC(A) : KST_KVTC_FINISH_SC(A);
             if (t->tg_s < tgn) {
                 kst_error e5;
                 int r5 = kst_realloc((void **)&t->tgs, tgn, sizeof(float), "shared tail scores", &e5);
@@ -2333,7 +2333,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     while (__atomic_load_n(&c->tg_done[kh], __ATOMIC_ACQUIRE) < KST_KVTC_PIECES) {
                     }
                     kst_kvtc_group *A = &c->tg[kh];
-                    size_t tgn = G * (A->nmax + d);
+                    size_t tgn = KST_KVTC_GATHER_SC(A) > KST_KVTC_FINISH_SC(A) ? KST_KVTC_GATHER_SC(A) : KST_KVTC_FINISH_SC(A);
                     if (t->tg_s < tgn) { /* (a thread that gathered no piece of it) */
                         kst_error e5;
                         int r5 = kst_realloc((void **)&t->tgs, tgn, sizeof(float), "shared tail scores", &e5);

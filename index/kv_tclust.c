@@ -7,7 +7,6 @@
 #include <faiss/c_api/error_c.h>
 
 #include "core/check.h"
-#include "core/half.h"
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #include "index/faiss_ext.h"
@@ -378,7 +377,7 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
                         size_t budget, kst_error *err) {
     size_t C = T->C, d = T->d;
     int rc = KST_OK;
-    A->ni = A->tot = A->nmax = 0;
+    A->ni = A->tot = A->nmax = A->pmax = 0;
     for (size_t p = 0; p <= KST_KVTC_PIECES; p++) A->pb[p] = 0;
     if (!C || !G) return KST_OK;
     if (A->C < C) {
@@ -429,61 +428,70 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
             while (p < KST_KVTC_PIECES && cum * KST_KVTC_PIECES >= A->tot * p) A->pb[p++] = A->ni;
         }
     while (p <= KST_KVTC_PIECES) A->pb[p++] = A->ni;
+    for (p = 0; p < KST_KVTC_PIECES; p++) {
+        size_t k = 0;
+        for (size_t i = A->pb[p]; i < A->pb[p + 1]; i++) k += A->ns[A->item[i]];
+        if (k > A->pmax) A->pmax = k;
+    }
 done:
     return rc;
 }
 
-/* Cluster c's first n members, each weighted f = len_c / n, added for the G queries Q to the
- * running sums (online, as kst_kvtc_partial): mx (G) each head's largest log weight so far, sum
- * (G) its sum of f exp(s - mx), acc (G, d) its sum of f exp(s - mx) V, rescaled where an item
- * raises mx. The keys read once each and scored for the G queries (S: scratch (G, n)), then the
- * values read once each; the next rows prefetched. mark: where given, the marked members are
- * left out. */
-static void tc_accumulate(const kst_kvtc *T, uint32_t c, uint32_t n, size_t G, const float *Q, const char *Kb,
-                          const char *Vb, int f16, float scale, size_t row0, const uint8_t *mark, float *S,
-                          float *mx, double *sum, float *acc) {
-    size_t d = T->d;
+/* The samples of items i0 .. i1 - 1 of A's plan (cluster c's first ns[c] members; where mark is
+ * given, the marked ones left out) summed for the G queries Q, each weighted len_c / ns[c], as
+ * kst_kvtc_partial sums one head's: their rows listed first (rows, lf: each one's log weight),
+ * then streamed in blocks of TC_PB, each block's key rows scored for the G heads while its value
+ * rows and the next block's key rows are fetched, the running sums (mx, sum, acc (G, d)) rescaled
+ * where a block raises a head's maximum. w: scratch of G TC_PB floats. */
+static void tc_stream(const kst_kvtc *T, const kst_kvtc_group *A, size_t i0, size_t i1, size_t G, const float *Q,
+                      const char *Kb, const char *Vb, int f16, float scale, size_t row0, const uint8_t *mark,
+                      int64_t *rows, float *lf, float *w, float *mx, double *sum, float *acc) {
+    size_t d = T->d, n = 0;
     const size_t rowb = d * (f16 ? 2 : 4);
-    const uint32_t *mem = T->mem[c];
-    float lf = logf((float)T->len[c] / (float)n);
-    for (uint32_t j = 0; j < n && j < TC_PB; j++)
-        for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (row0 + mem[j]) * rowb + b);
-    for (uint32_t j = 0; j < n; j++) {
-        if (j + TC_PB < n)
-            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (row0 + mem[j + TC_PB]) * rowb + b);
-        else if (j + TC_PB - n < n) /* the values' first rows */
-            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j + TC_PB - n]) * rowb + b);
-        const char *kr = Kb + (row0 + mem[j]) * rowb;
-        for (size_t g = 0; g < G; g++)
-            S[g * n + j] = mark && mark[mem[j]] ? -INFINITY : scale * kst_kv_dot(Q + g * d, kr, f16, d) + lf;
-    }
-    for (size_t g = 0; g < G; g++) {
-        float *w = S + g * n, mg = -INFINITY;
-        for (uint32_t j = 0; j < n; j++) mg = w[j] > mg ? w[j] : mg;
-        if (!(mg > -INFINITY)) {
-            for (uint32_t j = 0; j < n; j++) w[j] = 0;
-            continue;
+    for (size_t i = i0; i < i1; i++) {
+        uint32_t c = A->item[i], k = A->ns[c];
+        float l = logf((float)T->len[c] / (float)k);
+        for (uint32_t j = 0; j < k; j++) {
+            uint32_t x = T->mem[c][j];
+            if (mark && mark[x]) continue;
+            rows[n] = (int64_t)(row0 + x);
+            lf[n++] = l;
         }
-        if (mg > mx[g]) {
-            if (mx[g] > -INFINITY) {
-                float r = expf(mx[g] - mg);
-                sum[g] *= r;
-                for (size_t k = 0; k < d; k++) acc[g * d + k] *= r;
+    }
+    for (size_t j = 0; j < TC_PB && j < n; j++)
+        for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (size_t)rows[j] * rowb + b);
+    for (size_t j0 = 0; j0 < n; j0 += TC_PB) {
+        size_t nb = n - j0 < TC_PB ? n - j0 : TC_PB;
+        for (size_t j = j0; j < j0 + nb; j++) {
+            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (size_t)rows[j] * rowb + b);
+            if (j + TC_PB < n)
+                for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (size_t)rows[j + TC_PB] * rowb + b);
+            const char *kr = Kb + (size_t)rows[j] * rowb;
+            for (size_t g = 0; g < G; g++) w[g * TC_PB + (j - j0)] = scale * kst_kv_dot(Q + g * d, kr, f16, d) + lf[j];
+        }
+        for (size_t g = 0; g < G; g++) {
+            float *wg = w + g * TC_PB, bm = -INFINITY;
+            for (size_t j = 0; j < nb; j++) bm = wg[j] > bm ? wg[j] : bm;
+            if (bm > mx[g]) {
+                if (mx[g] > -INFINITY) {
+                    float r = expf(mx[g] - bm);
+                    sum[g] *= r;
+                    for (size_t k = 0; k < d; k++) acc[g * d + k] *= r;
+                }
+                mx[g] = bm;
             }
-            mx[g] = mg;
+            kst_kv_exp_shift(wg, nb, mx[g]);
+            double sg = 0;
+            for (size_t j = 0; j < nb; j++) sg += wg[j];
+            sum[g] += sg;
         }
-        kst_kv_exp_shift(w, n, mx[g]);
-        double sg = 0;
-        for (uint32_t j = 0; j < n; j++) sg += w[j];
-        sum[g] += sg;
-    }
-    for (uint32_t j = 0; j < n; j++) {
-        if (mark && mark[mem[j]]) continue;
-        if (j + TC_PB < n)
-            for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Vb + (row0 + mem[j + TC_PB]) * rowb + b);
-        const char *vr = Vb + (row0 + mem[j]) * rowb;
-        for (size_t g = 0; g < G; g++)
-            if (S[g * n + j] > 0) kst_kv_axpy(acc + g * d, S[g * n + j], vr, f16, d);
+        for (size_t j = j0; j < j0 + nb; j++) {
+            const char *vr = Vb + (size_t)rows[j] * rowb;
+            for (size_t g = 0; g < G; g++) {
+                float wj = w[g * TC_PB + (j - j0)];
+                if (wj > 0) kst_kv_axpy(acc + g * d, wj, vr, f16, d);
+            }
+        }
     }
 }
 
@@ -491,7 +499,9 @@ void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t p, const
                            const void *V, int f16, float scale, size_t row0, float *sc) {
     size_t G = A->G, d = A->d, i0 = A->pb[p], i1 = A->pb[p + 1];
     double *pt = A->pt + p * G * (d + 2);
-    float *acc = sc + G * A->nmax, mx[64];
+    /* scratch: rows (pmax int64), lf (pmax), w (64 TC_PB), acc (64 d) */
+    int64_t *rows = (int64_t *)(void *)sc;
+    float *lf = sc + 2 * A->pmax, *w = lf + A->pmax, *acc = w + 64 * TC_PB, mx[64];
     double sum[64];
     for (size_t g0 = 0; g0 < G; g0 += 64) { /* (64 heads a pass) */
         size_t Gp = G - g0 < 64 ? G - g0 : 64;
@@ -500,10 +510,7 @@ void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t p, const
             sum[g] = 0;
         }
         memset(acc, 0, Gp * d * sizeof(float));
-        for (size_t i = i0; i < i1; i++) {
-            uint32_t c = A->item[i];
-            tc_accumulate(T, c, A->ns[c], Gp, Q + g0 * d, K, V, f16, scale, row0, NULL, sc, mx, sum, acc);
-        }
+        tc_stream(T, A, i0, i1, Gp, Q + g0 * d, K, V, f16, scale, row0, NULL, rows, lf, w, mx, sum, acc);
         for (size_t g = 0; g < Gp; g++) {
             double *h = pt + (g0 + g) * (d + 2);
             h[0] = mx[g];
@@ -540,33 +547,31 @@ size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t 
         for (size_t k = 0; k < d; k++) acc[k] += a * h[2 + k];
     }
     s0 = sum;
-    /* the sampled members of R taken out (their scores as the gather made them) */
+    /* the sampled members of R taken out (their scores as the gather made them; their weighted
+     * value rows summed in float, as the pieces were) */
+    float *sub = sc;
+    memset(sub, 0, d * sizeof(float));
     for (size_t i = 0; i < m && mx > -INFINITY; i++) {
         uint32_t x = rid[i];
         if (x >= T->na) continue;
         uint32_t c = T->of[x];
         if (T->pos[x] >= A->ns[c]) continue;
         out++;
-        double w = (double)T->len[c] / (double)A->ns[c] *
-                   exp((double)(scale * kst_kv_dot(q, Kb + (row0 + x) * rowb, f16, d)) - mx);
+        float w = expf(scale * kst_kv_dot(q, Kb + (row0 + x) * rowb, f16, d) +
+                       logf((float)T->len[c] / (float)A->ns[c]) - (float)mx);
         sum -= w;
-        const char *vr = Vb + (row0 + x) * rowb;
-        if (f16)
-            for (size_t k = 0; k < d; k++) acc[k] -= w * kst_f16_to_f32(((const uint16_t *)vr)[k]);
-        else
-            for (size_t k = 0; k < d; k++) acc[k] -= w * ((const float *)vr)[k];
+        kst_kv_axpy(sub, w, Vb + (row0 + x) * rowb, f16, d);
     }
-    if (out && !(sum > s0 * 1e-6)) { /* summed anew, R's members left out */
+    for (size_t k = 0; k < d; k++) acc[k] -= sub[k];
+    if (out && !(sum > s0 * 1e-4)) { /* summed anew, R's members left out */
         mx = -INFINITY;
         sum = 0;
         memset(acc, 0, d * sizeof(double));
-        float *S = sc, *oi = sc + A->nmax, mi = -INFINITY;
+        int64_t *rows = (int64_t *)(void *)sc;
+        float *lf = sc + 2 * A->tot, *w = lf + A->tot, *oi = w + TC_PB, mi = -INFINITY;
         double si = 0;
         memset(oi, 0, d * sizeof(float));
-        for (size_t i = 0; i < A->ni; i++) {
-            uint32_t c = A->item[i];
-            tc_accumulate(T, c, A->ns[c], 1, q, Kb, Vb, f16, scale, row0, mark, S, &mi, &si, oi);
-        }
+        tc_stream(T, A, 0, A->ni, 1, q, Kb, Vb, f16, scale, row0, mark, rows, lf, w, &mi, &si, oi);
         mx = mi;
         sum = si;
         for (size_t k = 0; k < d; k++) acc[k] = oi[k];

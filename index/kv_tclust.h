@@ -85,13 +85,14 @@ size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const 
  *   first n_c places with probability n_c / len_c whatever R is, so the sum over the sampled
  *   keys outside R, each weighted len_c / n_c, is an unbiased (Horvitz-Thompson) estimate of the
  *   sum over the indexed keys outside R; a cluster taken whole is exact. Where the subtraction
- *   would leave under 1e-6 of the sums (float rounding would then dominate), the head's estimate
+ *   would leave under 1e-4 of the sums (float rounding would then matter), the head's estimate
  *   is summed anew from its samples outside R. */
 #define KST_KVTC_PIECES 16
 typedef struct kst_kvtc_group {
     size_t G, d, C;   /* query heads, head dim, clusters (the arrays' sizes) */
     size_t ni, tot;   /* clusters sampled (items), samples in all */
-    size_t nmax;      /* the most samples a cluster gets (the scratch sizes below) */
+    size_t nmax;      /* the most samples a cluster gets */
+    size_t pmax;      /* the most samples a piece holds (the scratch sizes below) */
     uint32_t *ns;     /* (C) the plan */
     uint32_t *item;   /* (ni) cluster of each item, ascending */
     size_t pb[KST_KVTC_PIECES + 1]; /* piece p: items pb[p] .. pb[p + 1] - 1 (about tot / PIECES
@@ -108,14 +109,16 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
                         size_t budget, kst_error *err);
 /* Gathers piece p (< KST_KVTC_PIECES: items A->pb[p] .. A->pb[p + 1] - 1) of A's plan
  * for the queries Q (G, d): K, V the head's rows, node i at row row0 + i. The pieces of one plan
- * may be gathered by several threads at once. sc: scratch of G * A->nmax floats + G d floats. */
+ * may be gathered by several threads at once. sc: scratch of KST_KVTC_GATHER_SC(A) floats. */
+#define KST_KVTC_GATHER_SC(A) (3 * (A)->pmax + 64 * 16 + 64 * (A)->d)
 void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t p, const float *Q, const void *K,
                            const void *V, int f16, float scale, size_t row0, float *sc);
 /* Head g's estimate (above) once every piece is gathered: (o, *lse) (o = 0, *lse = -inf where
  * nothing is left; o untouched where T has no clusters); rid: the m ids it attended (distinct;
  * ids >= T->na ignored); mark (>= T->na bytes): nonzero for them (read only where the estimate
- * is summed anew); sc: scratch of A->nmax + d floats. Returns the samples that stood for the
- * rest (those outside R). */
+ * is summed anew); sc: scratch of KST_KVTC_FINISH_SC(A) floats. Returns the samples that stood
+ * for the rest (those outside R). */
+#define KST_KVTC_FINISH_SC(A) (3 * (A)->tot + 16 + (A)->d)
 size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t g, const float *q,
                              const void *K, const void *V, int f16, float scale, size_t row0,
                              const uint32_t *rid, size_t m, const uint8_t *mark, float *sc, float *o,
