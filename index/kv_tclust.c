@@ -395,11 +395,15 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
     A->G = G;
     A->d = d;
     /* x_c = log sum_g exp(temp cs_gc - m_g) / Z_g, Z_g = sum_c len_c exp(temp cs_gc - m_g): the
-     * heads' normalized allocations averaged (the constant 1/G left out), summed in float (a
-     * cluster whose every head's weight underflows gets x = -inf; the per-head plan would still
-     * rank those by score once the others are taken whole) */
-    float *x = A->x, *w = x + C, *e = w + C;
-    for (size_t c = 0; c < C; c++) x[c] = 0;
+     * heads' normalized allocations averaged (the constant 1/G left out), summed in float; a
+     * cluster whose every head's weight underflows gets the largest of its heads' log weights
+     * (lm, within log G of its x), so that the budget left once the others are taken whole still
+     * goes by score, as the per-head plan's does */
+    float *x = A->x, *lm = x + C, *e = lm + C;
+    for (size_t c = 0; c < C; c++) {
+        x[c] = 0;
+        lm[c] = -INFINITY;
+    }
     for (size_t g = 0; g < G; g++) {
         const float *cg = cs + g * C;
         float m = -INFINITY;
@@ -411,12 +415,16 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
         kst_kv_exp_shift(e, C, m);
         double Z = 0;
         for (size_t c = 0; c < C; c++) Z += (double)T->len[c] * e[c];
-        float iz = (float)(1.0 / Z);
+        float iz = (float)(1.0 / Z), L = m + (float)log(Z);
 #pragma omp simd
-        for (size_t c = 0; c < C; c++) x[c] += e[c] * iz;
+        for (size_t c = 0; c < C; c++) {
+            x[c] += e[c] * iz;
+            float v = temp * cg[c] - L;
+            lm[c] = v > lm[c] ? v : lm[c];
+        }
     }
-    for (size_t c = 0; c < C; c++) x[c] = x[c] > 0 ? logf(x[c]) : -INFINITY;
-    A->tot = tc_fill(C, T->len, x, w, budget, A->ns);
+    for (size_t c = 0; c < C; c++) x[c] = x[c] > 0 ? logf(x[c]) : lm[c];
+    A->tot = tc_fill(C, T->len, x, e, budget, A->ns);
     /* the items, and the pieces cut where the samples so far pass tot p / PIECES */
     size_t cum = 0, p = 1;
     A->pb[0] = 0;
@@ -563,7 +571,7 @@ size_t kst_kvtc_group_finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t 
         kst_kv_axpy(sub, w, Vb + (row0 + x) * rowb, f16, d);
     }
     for (size_t k = 0; k < d; k++) acc[k] -= sub[k];
-    if (out && !(sum > s0 * 1e-4)) { /* summed anew, R's members left out */
+    if (out && !(sum > s0 * 1e-3)) { /* summed anew, R's members left out */
         mx = -INFINITY;
         sum = 0;
         memset(acc, 0, d * sizeof(double));

@@ -85,7 +85,8 @@ size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const 
  *   first n_c places with probability n_c / len_c whatever R is, so the sum over the sampled
  *   keys outside R, each weighted len_c / n_c, is an unbiased (Horvitz-Thompson) estimate of the
  *   sum over the indexed keys outside R; a cluster taken whole is exact. Where the subtraction
- *   would leave under 1e-4 of the sums (float rounding would then matter), the head's estimate
+ *   would leave under 1e-3 of the sums (the float rounding of a subtracted term, ~2e-7 |its log
+ *   weight| of it, would then matter), the head's estimate
  *   is summed anew from its samples outside R. */
 #define KST_KVTC_PIECES 16
 typedef struct kst_kvtc_group {
