@@ -395,11 +395,11 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
     A->G = G;
     A->d = d;
     /* x_c = log sum_g exp(temp cs_gc - m_g) / Z_g, Z_g = sum_c len_c exp(temp cs_gc - m_g): the
-     * heads' normalized allocations averaged (the constant 1/G left out), summed in float; a
-     * cluster whose every head's weight underflows gets the largest of its heads' log weights
-     * (lm, within log G of its x), so that the budget left once the others are taken whole still
-     * goes by score, as the per-head plan's does */
-    float *x = A->x, *lm = x + C, *e = lm + C;
+     * heads' normalized allocations averaged (the constant 1/G left out), summed in float; where
+     * every head's weight underflows, summed in the frame of its heads' largest log weight lm
+     * (so that the budget left once the others are taken whole still goes by score, as the
+     * per-head plan's does) */
+    float *x = A->x, *lm = x + C, *e = lm + C, Ls[64];
     for (size_t c = 0; c < C; c++) {
         x[c] = 0;
         lm[c] = -INFINITY;
@@ -416,6 +416,7 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
         double Z = 0;
         for (size_t c = 0; c < C; c++) Z += (double)T->len[c] * e[c];
         float iz = (float)(1.0 / Z), L = m + (float)log(Z);
+        if (g < 64) Ls[g] = L;
 #pragma omp simd
         for (size_t c = 0; c < C; c++) {
             x[c] += e[c] * iz;
@@ -423,7 +424,18 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
             lm[c] = v > lm[c] ? v : lm[c];
         }
     }
-    for (size_t c = 0; c < C; c++) x[c] = x[c] > 0 ? logf(x[c]) : lm[c];
+    /* (those underflowed: log sum_g exp(a_gc) = lm_c + log sum_g exp(a_gc - lm_c), each term <= 1) */
+    for (size_t c = 0; c < C; c++) {
+        if (x[c] > 0) {
+            x[c] = logf(x[c]);
+        } else if (lm[c] > -INFINITY && G <= 64) {
+            float t = 0;
+            for (size_t g = 0; g < G; g++) t += expf(temp * cs[g * C + c] - Ls[g] - lm[c]);
+            x[c] = lm[c] + logf(t);
+        } else {
+            x[c] = lm[c];
+        }
+    }
     A->tot = tc_fill(C, T->len, x, e, budget, A->ns);
     /* the items, and the pieces cut where the samples so far pass tot p / PIECES */
     size_t cum = 0, p = 1;
@@ -507,9 +519,10 @@ void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t p, const
                            const void *V, int f16, float scale, size_t row0, float *sc) {
     size_t G = A->G, d = A->d, i0 = A->pb[p], i1 = A->pb[p + 1];
     double *pt = A->pt + p * G * (d + 2);
-    /* scratch: rows (pmax int64), lf (pmax), w (64 TC_PB), acc (64 d) */
+    /* scratch: rows (pmax int64), lf (pmax), w (gm TC_PB), acc (gm d), gm = min(G, 64) */
+    size_t gm = G < 64 ? G : 64;
     int64_t *rows = (int64_t *)(void *)sc;
-    float *lf = sc + 2 * A->pmax, *w = lf + A->pmax, *acc = w + 64 * TC_PB, mx[64];
+    float *lf = sc + 2 * A->pmax, *w = lf + A->pmax, *acc = w + gm * TC_PB, mx[64];
     double sum[64];
     for (size_t g0 = 0; g0 < G; g0 += 64) { /* (64 heads a pass) */
         size_t Gp = G - g0 < 64 ? G - g0 : 64;

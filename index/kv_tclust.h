@@ -111,7 +111,7 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
 /* Gathers piece p (< KST_KVTC_PIECES: items A->pb[p] .. A->pb[p + 1] - 1) of A's plan
  * for the queries Q (G, d): K, V the head's rows, node i at row row0 + i. The pieces of one plan
  * may be gathered by several threads at once. sc: scratch of KST_KVTC_GATHER_SC(A) floats. */
-#define KST_KVTC_GATHER_SC(A) (3 * (A)->pmax + 64 * 16 + 64 * (A)->d)
+#define KST_KVTC_GATHER_SC(A) (3 * (A)->pmax + ((A)->G < 64 ? (A)->G : 64) * (16 + (A)->d))
 void kst_kvtc_group_gather(const kst_kvtc *T, kst_kvtc_group *A, size_t p, const float *Q, const void *K,
                            const void *V, int f16, float scale, size_t row0, float *sc);
 /* Head g's estimate (above) once every piece is gathered: (o, *lse) (o = 0, *lse = -inf where
