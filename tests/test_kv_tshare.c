@@ -315,10 +315,10 @@ static void poison(kst_kvtc_group *A) {
     for (size_t i = 0; i < nv; i++) A->pt[i] = NAN;
 }
 
-/* The gather's scratch: exactly G (nmax + d) floats (kv_tclust.h), stale (0x7f bytes), its own
- * allocation (ASan sees an overrun). */
+/* The gather's scratch: exactly KST_KVTC_GATHER_SC(A) floats (kv_tclust.h), stale (0x7f
+ * bytes), its own allocation (ASan sees an overrun). */
 static float *gather_scratch(const kst_kvtc_group *A) {
-    size_t sz = A->G * (A->nmax + A->d);
+    size_t sz = KST_KVTC_GATHER_SC(A);
     float *sc = malloc(sz ? sz * sizeof(float) : 1);
     memset(sc, 0x7f, sz * sizeof(float));
     return sc;
@@ -347,11 +347,11 @@ static void gather1(const kst_kvtc *T, kst_kvtc_group *A, const float *Q, const 
     free(sc);
 }
 
-/* Head g's finish (o (d), *lse; returns its count) with scratch of exactly nmax + d floats
- * (kv_tclust.h; stale, its own allocation). */
+/* Head g's finish (o (d), *lse; returns its count) with scratch of exactly KST_KVTC_FINISH_SC(A)
+ * floats (kv_tclust.h; stale, its own allocation). */
 static size_t finish(const kst_kvtc *T, const kst_kvtc_group *A, size_t g, const float *q, const ts_rows *R,
                      float scale, const uint32_t *rid, size_t m, const uint8_t *mark, float *o, float *lse) {
-    size_t sz = A->nmax + R->d;
+    size_t sz = KST_KVTC_FINISH_SC(A);
     float *sc = malloc(sz * sizeof *sc);
     memset(sc, 0x7f, sz * sizeof *sc);
     size_t got = kst_kvtc_group_finish(T, A, g, q, rows_K(R), rows_V(R), R->f16, scale, R->row0, rid, m, mark, sc, o,
