@@ -188,7 +188,7 @@ struct kst_kvc {
                              KESTREL_KV_TSHARE) */
     kst_kvtc_group *tg;   /* (kv_heads) this step's shared samples */
     size_t tg_n;
-    uint32_t tg_next;     /* the step's gather pieces claimed (atomic) */
+    uint32_t *tg_next;    /* (kv_heads) the step's gather pieces claimed (atomic) */
     uint32_t *tg_done;    /* (kv_heads) pieces gathered; tg_st: 0 not planned, 1 planned, -1 failed */
     int8_t *tg_st;
     float *os_all, *lse_s_all; /* (q_heads, head_dim), (q_heads): the static partial, where made early */
@@ -521,6 +521,7 @@ void kst_kvc_free(kst_kvc *c) {
     kst_free(c->tg);
     kst_free(c->tg_done);
     kst_free(c->tg_st);
+    kst_free(c->tg_next);
     kst_free(c->gpu_merged);
     kst_free(c->ids_all);
     kst_free(c->fnd_all);
@@ -1896,6 +1897,37 @@ done:
     return rc;
 }
 
+/* One piece of a planned shared sample (kst_kvc_set_tail_share) gathered by thread t, if one is
+ * ready and not yet taken (the KV heads tried from t's own on, so that threads spread over
+ * them): returns 1 if it took one. A failure is recorded in *rc / err (the piece then counts as
+ * done without its sums: the step fails). */
+static int tg_help(kst_kvc *c, kv_layer *L, kv_thread *t, const float *q, int *rc, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    size_t G = o->q_heads / o->kv_heads, d = o->head_dim, t0 = (size_t)(t - c->th);
+    for (size_t i = 0; i < o->kv_heads; i++) {
+        size_t kh = (t0 + i) % o->kv_heads;
+        int8_t st = __atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE);
+        if (st == 0 || __atomic_load_n(&c->tg_next[kh], __ATOMIC_RELAXED) >= KST_KVTC_PIECES) continue;
+        uint32_t p = __atomic_fetch_add(&c->tg_next[kh], 1, __ATOMIC_ACQ_REL);
+        if (p >= KST_KVTC_PIECES) continue;
+        kst_kvtc_group *A = &c->tg[kh];
+        size_t need = KST_KVTC_GATHER_SC(A) > KST_KVTC_FINISH_SC(A) ? KST_KVTC_GATHER_SC(A) : KST_KVTC_FINISH_SC(A);
+        if (st == 1 && t->tg_s < need) {
+            kst_error e5;
+            int r5 = kst_realloc((void **)&t->tgs, need, sizeof(float), "shared tail scores", &e5);
+            if (r5 == KST_OK) t->tg_s = need;
+            else first_err(rc, err, r5, &e5);
+        }
+        if (st == 1 && t->tg_s >= need) {
+            const kv_hstore *H = &L->heads[kh];
+            kst_kvtc_group_gather(&H->tc, A, p, q + kh * G * d, H->K, H->V, o->f16, o->scale, o->sinks, t->tgs);
+        }
+        __atomic_fetch_add(&c->tg_done[kh], 1, __ATOMIC_ACQ_REL);
+        return 1;
+    }
+    return 0;
+}
+
 int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
                    kst_kvc_stats *stats, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_attend", err);
@@ -1940,19 +1972,20 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         memset(c->tc_st, 0, o->kv_heads);
     }
     /* the shared sample (kst_kvc_set_tail_share): each KV head's planned by one thread, then
-     * gathered in KST_KVTC_PIECES pieces taken by any, before the searches */
+     * gathered in KST_KVTC_PIECES pieces taken by any thread before its next search */
     int tsh = tcl && c->tshare && G > 1;
     if (tsh) {
         if (!c->tg) {
             c->tg = kst_calloc(o->kv_heads, sizeof *c->tg, "shared tail samples", err);
             c->tg_done = kst_calloc(o->kv_heads, sizeof *c->tg_done, "shared tail samples", err);
             c->tg_st = kst_calloc(o->kv_heads, 1, "shared tail samples", err);
-            if (!c->tg || !c->tg_done || !c->tg_st) return KST_ERR_NOMEM; /* (freed with the cache) */
+            c->tg_next = kst_calloc(o->kv_heads, sizeof *c->tg_next, "shared tail samples", err);
+            if (!c->tg || !c->tg_done || !c->tg_st || !c->tg_next) return KST_ERR_NOMEM; /* (freed with the cache) */
             c->tg_n = o->kv_heads;
         }
         memset(c->tg_done, 0, o->kv_heads * sizeof *c->tg_done);
         memset(c->tg_st, 0, o->kv_heads);
-        c->tg_next = 0;
+        memset(c->tg_next, 0, o->kv_heads * sizeof *c->tg_next);
     }
     /* the adaptive budget decided before the first search too (widen_first; one head per task):
      * the heads' retrieved ids then take up to kcap each */
@@ -2120,7 +2153,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (r != KST_OK && tsh) /* (the pieces below would wait for this thread's plans) */
         for (size_t kh = (size_t)omp_get_thread_num(); kh < o->kv_heads; kh += (size_t)omp_get_num_threads())
             __atomic_store_n(&c->tg_st[kh], -1, __ATOMIC_RELEASE);
-    /* the shared samples: plans (thread i: KV heads i, i + threads, ...), then the pieces */
+    /* the shared samples: plans (thread i: KV heads i, i + threads, ...); their pieces are then
+     * taken before any other task (tg_help), by threads whose searches they interleave */
     for (size_t kh = (size_t)omp_get_thread_num(); r == KST_OK && tsh && kh < o->kv_heads;
          kh += (size_t)omp_get_num_threads()) {
         const kst_kvtc *T = &L->heads[kh].tc;
@@ -2130,28 +2164,6 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         int r5 = kst_kvtc_group_plan(T, &c->tg[kh], cs, G, c->tc_temp, o->tail_samples, &e5);
         if (r5 != KST_OK) first_err(&rc, err, r5, &e5);
         __atomic_store_n(&c->tg_st[kh], r5 == KST_OK ? 1 : -1, __ATOMIC_RELEASE);
-    }
-    while (tsh) {
-        uint32_t pi = __atomic_fetch_add(&c->tg_next, 1, __ATOMIC_ACQ_REL);
-        if (pi >= o->kv_heads * KST_KVTC_PIECES) break;
-        size_t kh = pi / KST_KVTC_PIECES, p = pi % KST_KVTC_PIECES;
-        while (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 0) {
-        } /* its plan still being made */
-        kst_kvtc_group *A = &c->tg[kh];
-        if (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 1 && r == KST_OK) {
-            size_t tgn = KST_KVTC_GATHER_SC(A) > KST_KVTC_FINISH_SC(A) ? KST_KVTC_GATHER_SC(A) : KST_KVTC_FINISH_SC(A);
-            if (t->tg_s < tgn) {
-                kst_error e5;
-                int r5 = kst_realloc((void **)&t->tgs, tgn, sizeof(float), "shared tail scores", &e5);
-                if (r5 == KST_OK) t->tg_s = tgn;
-                else first_err(&rc, err, r5, &e5);
-            }
-            if (t->tg_s >= tgn) {
-                const kv_hstore *H = &L->heads[kh];
-                kst_kvtc_group_gather(&H->tc, A, p, q + kh * G * d, H->K, H->V, o->f16, o->scale, o->sinks, t->tgs);
-            }
-        }
-        __atomic_fetch_add(&c->tg_done[kh], 1, __ATOMIC_ACQ_REL);
     }
     /* T: the KV heads' sample chunks, thread i taking items i, i + threads, ... (the same each
      * step, so a chunk's rows, 256 KB at 512 samples of d 128 float16, may stay in that core's
@@ -2169,6 +2181,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         }
     }
     while (r == KST_OK) {
+        if (tsh && tg_help(c, L, t, q, &rc, err)) continue; /* a shared sample's piece first */
         size_t ti = __atomic_fetch_add(&next_a, 1, __ATOMIC_ACQ_REL);
         double ta = pf ? mono_s() : 0, tb = ta;
         if (pf && t->p_first == 0) t->p_first = ta;
@@ -2330,8 +2343,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 if (tsh && m < nidx) { /* the KV head's shared sample, once gathered */
                     size_t kh = h / G;
                     t->ntlw = 0; /* (no signal for the adaptive budget, which does not widen here) */
-                    while (__atomic_load_n(&c->tg_done[kh], __ATOMIC_ACQUIRE) < KST_KVTC_PIECES) {
-                    }
+                    while (__atomic_load_n(&c->tg_done[kh], __ATOMIC_ACQUIRE) < KST_KVTC_PIECES)
+                        tg_help(c, L, t, q, &rc, err); /* (its pieces, or others', being gathered) */
                     kst_kvtc_group *A = &c->tg[kh];
                     size_t tgn = KST_KVTC_GATHER_SC(A) > KST_KVTC_FINISH_SC(A) ? KST_KVTC_GATHER_SC(A) : KST_KVTC_FINISH_SC(A);
                     if (t->tg_s < tgn) { /* (a thread that gathered no piece of it) */

@@ -394,48 +394,49 @@ int kst_kvtc_group_plan(const kst_kvtc *T, kst_kvtc_group *A, const float *cs, s
     }
     A->G = G;
     A->d = d;
-    /* x_c = log sum_g exp(temp cs_gc - m_g) / Z_g, Z_g = sum_c len_c exp(temp cs_gc - m_g): the
-     * heads' normalized allocations averaged (the constant 1/G left out), summed in float; where
-     * every head's weight underflows, summed in the frame of its heads' largest log weight lm
-     * (so that the budget left once the others are taken whole still goes by score, as the
-     * per-head plan's does) */
-    float *x = A->x, *lm = x + C, *e = lm + C, Ls[64];
+    /* x_c = log sum_g exp(a_gc), a_gc = temp cs_gc - L_g, L_g = log sum_c len_c exp(temp cs_gc):
+     * the heads' normalized allocations averaged (the constant 1/G left out), summed in the
+     * frame of the cluster's largest a_gc (lm_c), so that no weight underflows (the budget left
+     * once the best clusters are taken whole still goes by score, as the per-head plan's does);
+     * two vectorized exponential passes a head */
+    float *x = A->x, *lm = x + C, *e = lm + C;
     for (size_t c = 0; c < C; c++) {
         x[c] = 0;
         lm[c] = -INFINITY;
     }
-    for (size_t g = 0; g < G; g++) {
-        const float *cg = cs + g * C;
-        float m = -INFINITY;
-        for (size_t c = 0; c < C; c++) {
-            e[c] = temp * cg[c];
-            if (T->len[c] && e[c] > m) m = e[c];
-        }
-        if (m == -INFINITY) break;
-        kst_kv_exp_shift(e, C, m);
-        double Z = 0;
-        for (size_t c = 0; c < C; c++) Z += (double)T->len[c] * e[c];
-        float iz = (float)(1.0 / Z), L = m + (float)log(Z);
-        if (g < 64) Ls[g] = L;
+    float Ls[64];
+    for (int pass = 0; pass < 2; pass++)
+        for (size_t g = 0; g < G; g++) {
+            const float *cg = cs + g * C;
+            float L;
+            if (pass == 1 && g < 64) {
+                L = Ls[g];
+            } else { /* L_g */
+                float m = -INFINITY;
+                for (size_t c = 0; c < C; c++) {
+                    e[c] = temp * cg[c];
+                    if (T->len[c] && e[c] > m) m = e[c];
+                }
+                if (m == -INFINITY) return KST_OK; /* (no keys: nothing planned) */
+                kst_kv_exp_shift(e, C, m);
+                double Z = 0;
+                for (size_t c = 0; c < C; c++) Z += (double)T->len[c] * e[c];
+                L = m + (float)log(Z);
+                if (g < 64) Ls[g] = L;
+            }
+            if (pass == 0) {
+                for (size_t c = 0; c < C; c++) {
+                    float v = temp * cg[c] - L;
+                    lm[c] = v > lm[c] ? v : lm[c];
+                }
+            } else {
+                for (size_t c = 0; c < C; c++) e[c] = temp * cg[c] - L - lm[c];
+                kst_kv_exp_shift(e, C, 0.0f);
 #pragma omp simd
-        for (size_t c = 0; c < C; c++) {
-            x[c] += e[c] * iz;
-            float v = temp * cg[c] - L;
-            lm[c] = v > lm[c] ? v : lm[c];
+                for (size_t c = 0; c < C; c++) x[c] += e[c];
+            }
         }
-    }
-    /* (those underflowed: log sum_g exp(a_gc) = lm_c + log sum_g exp(a_gc - lm_c), each term <= 1) */
-    for (size_t c = 0; c < C; c++) {
-        if (x[c] > 0) {
-            x[c] = logf(x[c]);
-        } else if (lm[c] > -INFINITY && G <= 64) {
-            float t = 0;
-            for (size_t g = 0; g < G; g++) t += expf(temp * cs[g * C + c] - Ls[g] - lm[c]);
-            x[c] = lm[c] + logf(t);
-        } else {
-            x[c] = lm[c];
-        }
-    }
+    for (size_t c = 0; c < C; c++) x[c] = x[c] > 0 ? lm[c] + logf(x[c]) : -INFINITY;
     A->tot = tc_fill(C, T->len, x, e, budget, A->ns);
     /* the items, and the pieces cut where the samples so far pass tot p / PIECES */
     size_t cum = 0, p = 1;
