@@ -364,11 +364,12 @@ typedef struct kst_kv_opts {
                                  1.6x faster (tests/bench/README.md, round 18) */
     int tail_share;           /* default 0; 1 (with tail_clusters and GQA, q_heads > kv_heads):
                                  one sample of tail_samples keys a KV head, planned from its query
-                                 heads' allocations averaged, each row read once and scored for
-                                 each head (a third of the rows read with 3 query heads a KV
-                                 head). SmolLM2 at 32K, tier 256: tail 6144 shared 2.2e-3 mean
-                                 error against 5.6e-3 for 3072 a head, with 2/3 of the reads
-                                 (tests/bench/README.md, round 19) */
+                                 heads' allocations averaged before the searches, each row read
+                                 once and scored for each head (Horvitz-Thompson weights, the
+                                 retrieved keys taken out after retrieval). SmolLM2 at 32K, tier
+                                 256: 4096 shared rows 7.7e-3 mean output error against 6.9e-3 for
+                                 3072 a query head (9216 rows); one layer at 128K on the H100
+                                 0.75 ms against 0.95 (tests/bench/README.md, round 19) */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */
