@@ -28,61 +28,7 @@
 #include "index/kv_cuda.h"
 #endif
 
-#define TOL_A 2e-5
-#define TOL_R 1e-4
-
-/* The data's choices (kv_gauss draws the values): each test seeds both states itself
- * (tc_seed), so that its data and figures do not depend on the tests run before it. */
-static uint64_t tc_rng = 0x2545f4914f6cdd1dull;
-static void tc_seed(uint64_t s) {
-    kv_rng = 0x9e3779b97f4a7c15ull ^ (s * 0xbf58476d1ce4e5b9ull);
-    tc_rng = 0x2545f4914f6cdd1dull ^ (s * 0x94d049bb133111ebull);
-}
-/* A uniform integer below n. */
-static size_t tc_below(size_t n) {
-    tc_rng ^= tc_rng << 13;
-    tc_rng ^= tc_rng >> 7;
-    tc_rng ^= tc_rng << 17;
-    return (size_t)((tc_rng >> 11) % n);
-}
-
-/* Keys of H KV heads around ncent centres each: centre (H, ncent, d) N(0, cs^2) a dimension,
- * token t's key in head h its centre (uniform) + N(0, ks^2); values 1 + N(0, 1); K, V (n, H, d). */
-static void mix_data(float *K, float *V, float *cen, size_t n, size_t H, size_t d, size_t ncent, double cs,
-                     double ks) {
-    for (size_t i = 0; i < H * ncent * d; i++) cen[i] = (float)(cs * kv_gauss());
-    for (size_t t = 0; t < n; t++)
-        for (size_t h = 0; h < H; h++) {
-            const float *c = cen + (h * ncent + tc_below(ncent)) * d;
-            for (size_t i = 0; i < d; i++) K[(t * H + h) * d + i] = c[i] + (float)(ks * kv_gauss());
-        }
-    for (size_t i = 0; i < n * H * d; i++) V[i] = (float)(1.0 + kv_gauss());
-}
-
-/* Queries (nq, QH, d): query head hq near a centre of its KV head hq / (QH / H), a * (centre +
- * N(0, 0.3^2)), a drawn from {0.5, 1, 2}. */
-static void mix_queries(float *Q, const float *cen, size_t nq, size_t QH, size_t H, size_t d, size_t ncent) {
-    static const double amp[3] = {0.5, 1.0, 2.0};
-    for (size_t s = 0; s < nq; s++)
-        for (size_t hq = 0; hq < QH; hq++) {
-            const float *c = cen + ((hq / (QH / H)) * ncent + tc_below(ncent)) * d;
-            double a = amp[tc_below(3)];
-            for (size_t i = 0; i < d; i++) Q[(s * QH + hq) * d + i] = (float)(a * (c[i] + 0.3 * kv_gauss()));
-        }
-}
-
-/* float16 bits of x (n values) into h, and x rounded to them (the float64 references read x). */
-static void round_f16(uint16_t *h, float *x, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        h[i] = kst_f32_to_f16(x[i]);
-        x[i] = kst_f16_to_f32(h[i]);
-    }
-}
-
-/* Rows of KV head h (n, d) out of (n, H, d). */
-static void head_rows(float *dst, const float *src, size_t n, size_t H, size_t h, size_t d) {
-    for (size_t t = 0; t < n; t++) memcpy(dst + t * d, src + (t * H + h) * d, d * sizeof(float));
-}
+#include "kv_tc_ref.h"
 
 /* The plan's float64 reference (kv_tclust.h): r (C) each cluster's members not marked (mark:
  * nodes attended), x (C) the water-filled shares of min(B, sum r) in proportion to
@@ -136,51 +82,6 @@ static size_t plan_ref64(double *x, size_t *r, const kst_kvtc *T, const float *q
     return rest;
 }
 
-/* The clustered estimator's float64 reference for one query head (kv_tclust.h): positions below
- * sinks and from sinks + nidx on (sinks, pending tokens, window) and the m retrieved positions
- * pos exact; in cluster c of T (ns NULL: no estimate) its first ns[c] members not retrieved, each
- * weighted r_c / ns[c], r_c its members not retrieved (counted here). K, V: the KV head's rows
- * (n, d). Returns the keys sampled. */
-static size_t tc_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d, double scale,
-                       size_t sinks, size_t nidx, const int64_t *pos, size_t m, const kst_kvtc *T,
-                       const uint32_t *ns) {
-    double *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w), mx = -INFINITY;
-    uint8_t *ret = calloc(nidx + 1, 1);
-    size_t got_all = 0;
-    for (size_t t = 0; t < n; t++) {
-        double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[t * d + i];
-        l[t] = a * scale;
-        mx = l[t] > mx ? l[t] : mx;
-    }
-    for (size_t i = 0; i < m; i++) {
-        if (!(pos[i] >= (int64_t)sinks && pos[i] < (int64_t)(sinks + nidx)))
-            fail_msg("retrieved position %lld outside the index [%zu, %zu)", (long long)pos[i], sinks, sinks + nidx);
-        ret[pos[i] - (int64_t)sinks] = 1;
-    }
-    for (size_t t = 0; t < n; t++)
-        if (t < sinks || t >= sinks + nidx || ret[t - sinks]) w[t] = exp(l[t] - mx);
-    for (size_t c = 0; ns && c < T->C; c++) {
-        if (!ns[c]) continue;
-        size_t rc = 0, got = 0;
-        for (uint32_t i = 0; i < T->len[c]; i++) rc += !ret[T->mem[c][i]];
-        double ratio = (double)rc / (double)ns[c];
-        for (uint32_t i = 0; i < T->len[c] && got < ns[c]; i++) {
-            uint32_t x = T->mem[c][i];
-            if (ret[x]) continue;
-            if (x >= nidx) fail_msg("cluster %zu holds node %u of %zu indexed", c, x, nidx);
-            w[sinks + x] = ratio * exp(l[sinks + x] - mx);
-            got++;
-        }
-        if (got != ns[c]) fail_msg("cluster %zu: %u samples planned, %zu keys not retrieved", c, ns[c], got);
-        got_all += got;
-    }
-    wsum_rows64(out, w, V, n, d);
-    free(l);
-    free(w);
-    free(ret);
-    return got_all;
-}
 
 /* One decode step of layer 0 of c (K, V: its n tokens (n, H, d) as the references read them)
  * checked against the float64 estimator of every query head: the retrieved keys reproduced by
@@ -269,38 +170,11 @@ static kst_kvc *make_cache(const kst_kvc_opts *o, float *K, float *V, size_t n, 
     kst_error err;
     assert_ok(kst_kvc_create(o, &c, &err), &err);
     kst_kvc_set_tail_clusters(c, C, temp);
-    size_t nv = n * o->kv_heads * o->head_dim;
-    if (o->f16) {
-        uint16_t *K16 = malloc(nv * sizeof *K16), *V16 = malloc(nv * sizeof *V16);
-        round_f16(K16, K, nv);
-        round_f16(V16, V, nv);
-        assert_ok(kst_kvc_append(c, 0, K16, V16, n, &err), &err);
-        free(K16);
-        free(V16);
-    } else {
-        assert_ok(kst_kvc_append(c, 0, K, V, n, &err), &err);
-    }
+    append_rows(c, K, V, n);
     assert_ok(kst_kvc_build(c, 0, Qp, nq, &err), &err);
     return c;
 }
 
-/* Appends n more tokens (rows at K, V of the (n, H, d) arrays; float16 when the cache is,
- * rounded in place). */
-static void append_rows(kst_kvc *c, float *K, float *V, size_t n) {
-    const kst_kvc_opts *o = kst_kvc_opts_of(c);
-    size_t nv = n * o->kv_heads * o->head_dim;
-    kst_error err;
-    if (o->f16) {
-        uint16_t *K16 = malloc(nv * sizeof *K16), *V16 = malloc(nv * sizeof *V16);
-        round_f16(K16, K, nv);
-        round_f16(V16, V, nv);
-        assert_ok(kst_kvc_append(c, 0, K16, V16, n, &err), &err);
-        free(K16);
-        free(V16);
-    } else {
-        assert_ok(kst_kvc_append(c, 0, K, V, n, &err), &err);
-    }
-}
 
 /* 1. The plan against its definition (plan_ref64; its scores from kst_kvtc_scores, which is
  * checked against float64 too, 4 queries at once), from clusters built over 3,000 keys (48 per

@@ -31,6 +31,7 @@
 
 #include "harness.h"
 #include "kv_ref.h"
+#include "kv_tc_ref.h"
 
 #include "core/half.h"
 #include "core/ops.h"
@@ -38,20 +39,6 @@
 
 #define TOL_O 1e-5
 #define TOL_LSE 1e-5
-
-/* The data's choices (kv_gauss draws the values): each test seeds both states itself. */
-static uint64_t ts_rng = 0x2545f4914f6cdd1dull;
-static void ts_seed(uint64_t s) {
-    kv_rng = 0x9e3779b97f4a7c15ull ^ (s * 0xbf58476d1ce4e5b9ull);
-    ts_rng = 0x2545f4914f6cdd1dull ^ (s * 0x94d049bb133111ebull);
-}
-/* A uniform integer below n. */
-static size_t ts_below(size_t n) {
-    ts_rng ^= ts_rng << 13;
-    ts_rng ^= ts_rng >> 7;
-    ts_rng ^= ts_rng << 17;
-    return (size_t)((ts_rng >> 11) % n);
-}
 
 /* One KV head's rows: node i at row row0 + i of K, V ((row0 + n, d) float32; when f16 rounded to
  * float16, whose bits K16, V16 the code reads); lab (n) the centre each key was drawn around. */
@@ -83,7 +70,7 @@ static void rows_make(ts_rows *R, float *cen, size_t n, size_t d, size_t row0, i
         R->V[i] = (float)(100 * kv_gauss());
     }
     for (size_t t = 0; t < n; t++) {
-        R->lab[t] = (uint32_t)ts_below(ncent);
+        R->lab[t] = (uint32_t)tc_below(ncent);
         const float *c = cen + R->lab[t] * d;
         for (size_t i = 0; i < d; i++) R->K[(row0 + t) * d + i] = c[i] + (float)(ks * kv_gauss());
     }
@@ -134,8 +121,8 @@ static void build(kst_kvtc *T, const ts_rows *R, size_t C, uint64_t seed) {
 static void make_queries(float *Q, const float *cen, size_t G, size_t d, size_t ncent, double amp) {
     static const double amps[3] = {0.5, 1.0, 2.0};
     for (size_t g = 0; g < G; g++) {
-        const float *c = cen + ts_below(ncent) * d;
-        double a = amp > 0 ? amp : amps[ts_below(3)];
+        const float *c = cen + tc_below(ncent) * d;
+        double a = amp > 0 ? amp : amps[tc_below(3)];
         for (size_t i = 0; i < d; i++) Q[g * d + i] = (float)(a * (c[i] + 0.3 * kv_gauss()));
     }
 }
@@ -387,7 +374,7 @@ static size_t add_id(uint32_t *rid, size_t m, uint8_t *mark, uint32_t x) {
 }
 static void shuffle_ids(uint32_t *rid, size_t m) {
     for (size_t i = m; i > 1; i--) {
-        size_t j = ts_below(i);
+        size_t j = tc_below(i);
         uint32_t t = rid[i - 1];
         rid[i - 1] = rid[j];
         rid[j] = t;
@@ -419,7 +406,7 @@ static void check_places(const kst_kvtc *T, const char *what) {
  * clusters) and after 300 appends one at a time and 500 at once. */
 static void test_places(void **state) {
     (void)state;
-    ts_seed(10);
+    tc_seed(10);
     const size_t n = 4800, d = 32, ncent = 24;
     float *cen = malloc(ncent * d * sizeof *cen);
     for (int f16 = 0; f16 < 2; f16++) {
@@ -469,7 +456,7 @@ static void check_pieces(const kst_kvtc_group *A, const char *what) {
  * each head's 1/G of its own proportional share kept (within 1), item = the planned clusters
  * ascending, ni, nmax, the pieces (check_pieces). */
 static void plan_definition(int sharp) {
-    ts_seed(1);
+    tc_seed(1);
     const size_t n = 4000, d = 64, C = 64, ncent = 40;
     float *cen = malloc(ncent * d * sizeof *cen), Q[4 * 64], *cs = malloc(4 * C * sizeof *cs);
     ts_rows R;
@@ -614,7 +601,7 @@ static size_t g1_plans(const kst_kvtc *T, const float *cen, size_t ncent, float 
  * it. */
 static void test_plan_sharp(void **state) {
     (void)state;
-    ts_seed(5);
+    tc_seed(5);
     const size_t n = 4000, d = 64, C = 64, ncent = 40;
     float *cen = malloc(ncent * d * sizeof *cen);
     ts_rows R;
@@ -650,7 +637,7 @@ static void test_gather_finish(void **state) {
     double ro[64], rlse, emax = 0, lmax = 0, fmin = 1, fsub = 1;
     size_t anew = 0, steps = 0, whole = 0, in_all = 0;
     for (int f16 = 0; f16 < 2; f16++) {
-        ts_seed(2);
+        tc_seed(2);
         ts_rows R;
         rows_make(&R, cen, n, d, row0, f16, ncent, 1.0, 0.5);
         kst_kvtc T = {0};
@@ -678,7 +665,7 @@ static void test_gather_finish(void **state) {
                 for (uint32_t j = 0; j < T.len[c3]; j++) m = add_id(rid, m, mark, T.mem[c3][j]);
                 whole++;
             }
-            for (size_t i = 0; i < 150; i++) m = add_id(rid, m, mark, (uint32_t)ts_below(n));
+            for (size_t i = 0; i < 150; i++) m = add_id(rid, m, mark, (uint32_t)tc_below(n));
             size_t in_samples = 0;
             for (size_t i = 0; i < m; i++) in_samples += T.pos[rid[i]] < A.ns[T.of[rid[i]]];
             in_all += in_samples;
@@ -730,7 +717,7 @@ static void test_gather_finish(void **state) {
  * printed; asserted under 1e-5 + 8 eps32 max(1, |s_x|) / f (o and lse). */
 static void test_cancellation(void **state) {
     (void)state;
-    ts_seed(6);
+    tc_seed(6);
     const size_t n = 2000, d = 64, C = 32, ncent = 20, B = 400, G = 3;
     const float scale = (float)(1.0 / sqrt((double)d));
     float *cen = malloc(ncent * d * sizeof *cen), Q[3 * 64], cs[3 * 32], o[64], lse;
@@ -753,7 +740,7 @@ static void test_cancellation(void **state) {
         if (c1 == C) fail_msg("no planned cluster of 4 samples");
         uint32_t x = T.mem[c1][0];
         size_t m = add_id(rid, 0, mark, x);
-        for (size_t i = 0; i < 30; i++) m = add_id(rid, m, mark, (uint32_t)ts_below(n));
+        for (size_t i = 0; i < 30; i++) m = add_id(rid, m, mark, (uint32_t)tc_below(n));
         shuffle_ids(rid, m);
         /* head 0's weighted sum over the samples outside R (exp(s) (len_c / n_c), float64) */
         double so = 0, qq = 0, wx = (double)T.len[c1] / (double)A.ns[c1];
@@ -821,7 +808,7 @@ static void test_cancellation(void **state) {
  * estimate then summed anew). */
 static void test_exact(void **state) {
     (void)state;
-    ts_seed(3);
+    tc_seed(3);
     const size_t n = 3000, d = 64, C = 48, G = 3, ncent = 30;
     const float scale = (float)(1.0 / sqrt((double)d));
     float *cen = malloc(ncent * d * sizeof *cen), Q[3 * 64], *cs = malloc(G * C * sizeof *cs), o[64], lse;
@@ -847,7 +834,7 @@ static void test_exact(void **state) {
         memset(mark, 0, n);
         size_t m = 0;
         if (run >= 2) {
-            size_t cw = ts_below(C), x = ts_below(n);
+            size_t cw = tc_below(C), x = tc_below(n);
             float k[64];
             double qq = 0;
             for (size_t i = 0; i < d; i++) qq += (double)Q[d + i] * Q[d + i];
@@ -855,7 +842,7 @@ static void test_exact(void **state) {
             rows_set_key(&R, x, k);
             m = add_id(rid, m, mark, (uint32_t)x);
             for (uint32_t j = 0; j < T.len[cw]; j++) m = add_id(rid, m, mark, T.mem[cw][j]);
-            for (size_t i = 0; i < 150; i++) m = add_id(rid, m, mark, (uint32_t)ts_below(n));
+            for (size_t i = 0; i < 150; i++) m = add_id(rid, m, mark, (uint32_t)tc_below(n));
             shuffle_ids(rid, m);
         }
         if (run % 2) gather1(&T, &A, Q, &R, scale);
@@ -912,7 +899,7 @@ static double wt_r_np(size_t len, size_t r, size_t ns, size_t np) {
  * is the deterministic checks' to see). The standard error is also asserted under 0.03. */
 static void test_unbiased(void **state) {
     (void)state;
-    ts_seed(4);
+    tc_seed(4);
     const size_t n = 1200, d = 16, C = 16, G = 2, ncent = 8, trials = 400, B = 96, NW = 4;
     const float scale = (float)(1.0 / sqrt((double)d));
     float *cen = malloc(ncent * d * sizeof *cen), Q[2 * 16], cs[2 * 16], o[16], lse;
@@ -925,7 +912,7 @@ static void test_unbiased(void **state) {
     size_t m = 0, half = 0;
     for (size_t x = 0; x < n; x++)
         if (R.lab[x] <= 1 && half++ % 2 == 0) m = add_id(rid, m, mark, (uint32_t)x);
-    for (size_t i = 0; i < 20; i++) m = add_id(rid, m, mark, (uint32_t)ts_below(n));
+    for (size_t i = 0; i < 20; i++) m = add_id(rid, m, mark, (uint32_t)tc_below(n));
     /* per head and estimator (0 the code, then HT's weight in float64, then the wrong ones) the
      * sums of the ratio and its square */
     static const ts_weight wts[4] = {NULL, NULL, wt_r_ns, wt_len_np};
@@ -1022,7 +1009,7 @@ static void test_unbiased(void **state) {
  * 16 clusters): none planned, finish the estimator (budget 50) and exact (budget 400). */
 static void test_edges(void **state) {
     (void)state;
-    ts_seed(5);
+    tc_seed(5);
     const size_t n = 4000, d = 64, C = 64, ncent = 40;
     const float scale = (float)(1.0 / sqrt((double)d));
     float *cen = malloc(ncent * d * sizeof *cen), Q[4 * 64], *cs = malloc(4 * C * sizeof *cs), o[64], lse;
@@ -1103,7 +1090,7 @@ static void test_edges(void **state) {
             make_queries(Qp, pass == 1 ? cen2 : cen, Gp, dp, pass == 1 ? 12 : ncent, 0);
             plan(Tp, &A, Qp, Gp, sp, 0.7f, pass == 1 ? 200 : 600, pass == 1 ? cs2 : cs);
             gather2(Tp, &A, Qp, Rp, sp);
-            for (size_t i = 0; i < 60; i++) m = add_id(rid, m, mark, (uint32_t)ts_below(np));
+            for (size_t i = 0; i < 60; i++) m = add_id(rid, m, mark, (uint32_t)tc_below(np));
             for (size_t g = 0; g < Gp; g++) {
                 char what[64];
                 snprintf(what, sizeof what, "group reused, pass %d, head %zu", pass, g);
@@ -1134,7 +1121,7 @@ static void test_edges(void **state) {
             for (size_t c = 0; c < C3; c++)
                 if (!T3.len[c] && A.ns[c]) fail_msg("empty cluster %zu gets %u samples", c, A.ns[c]);
             gather2(&T3, &A, Q3, &R3, 0.25f);
-            for (size_t i = 0; i < 40; i++) m = add_id(rid, m, mark, (uint32_t)ts_below(n3));
+            for (size_t i = 0; i < 40; i++) m = add_id(rid, m, mark, (uint32_t)tc_below(n3));
             for (size_t g = 0; g < 2; g++) {
                 char what[64];
                 snprintf(what, sizeof what, "empty clusters, budget %zu, head %zu", B3, g);
