@@ -1897,6 +1897,21 @@ done:
     return rc;
 }
 
+/* Thread t's scratch for A's gather and finish (kv_tclust.h): 1 once it holds enough, 0 on a
+ * failure (recorded in *rc / err). */
+static int tg_scratch(kv_thread *t, const kst_kvtc_group *A, int *rc, kst_error *err) {
+    size_t need = KST_KVTC_GATHER_SC(A) > KST_KVTC_FINISH_SC(A) ? KST_KVTC_GATHER_SC(A) : KST_KVTC_FINISH_SC(A);
+    if (t->tg_s >= need) return 1;
+    kst_error e5;
+    int r5 = kst_realloc((void **)&t->tgs, need, sizeof(float), "shared tail scores", &e5);
+    if (r5 != KST_OK) {
+        first_err(rc, err, r5, &e5);
+        return 0;
+    }
+    t->tg_s = need;
+    return 1;
+}
+
 /* One piece of a planned shared sample (kst_kvc_set_tail_share) gathered by thread t, if one is
  * ready and not yet taken (the KV heads tried from t's own on, so that threads spread over
  * them): returns 1 if it took one. A failure is recorded in *rc / err (the piece then counts as
@@ -1911,14 +1926,7 @@ static int tg_help(kst_kvc *c, kv_layer *L, kv_thread *t, const float *q, int *r
         uint32_t p = __atomic_fetch_add(&c->tg_next[kh], 1, __ATOMIC_ACQ_REL);
         if (p >= KST_KVTC_PIECES) continue;
         kst_kvtc_group *A = &c->tg[kh];
-        size_t need = KST_KVTC_GATHER_SC(A) > KST_KVTC_FINISH_SC(A) ? KST_KVTC_GATHER_SC(A) : KST_KVTC_FINISH_SC(A);
-        if (st == 1 && t->tg_s < need) {
-            kst_error e5;
-            int r5 = kst_realloc((void **)&t->tgs, need, sizeof(float), "shared tail scores", &e5);
-            if (r5 == KST_OK) t->tg_s = need;
-            else first_err(rc, err, r5, &e5);
-        }
-        if (st == 1 && t->tg_s >= need) {
+        if (st == 1 && tg_scratch(t, A, rc, err)) {
             const kv_hstore *H = &L->heads[kh];
             kst_kvtc_group_gather(&H->tc, A, p, q + kh * G * d, H->K, H->V, o->f16, o->scale, o->sinks, t->tgs);
         }
@@ -2346,14 +2354,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     while (__atomic_load_n(&c->tg_done[kh], __ATOMIC_ACQUIRE) < KST_KVTC_PIECES)
                         tg_help(c, L, t, q, &rc, err); /* (its pieces, or others', being gathered) */
                     kst_kvtc_group *A = &c->tg[kh];
-                    size_t tgn = KST_KVTC_GATHER_SC(A) > KST_KVTC_FINISH_SC(A) ? KST_KVTC_GATHER_SC(A) : KST_KVTC_FINISH_SC(A);
-                    if (t->tg_s < tgn) { /* (a thread that gathered no piece of it) */
-                        kst_error e5;
-                        int r5 = kst_realloc((void **)&t->tgs, tgn, sizeof(float), "shared tail scores", &e5);
-                        if (r5 == KST_OK) t->tg_s = tgn;
-                        else first_err(&rc, err, r5, &e5);
-                    }
-                    if (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 1 && t->tg_s >= tgn) {
+                    /* (the scratch sized here too: this thread may have gathered no piece of it) */
+                    if (__atomic_load_n(&c->tg_st[kh], __ATOMIC_ACQUIRE) == 1 && tg_scratch(t, A, &rc, err)) {
                         for (size_t i = 0; i < m; i++)
                             if (rid[i] < t->tmark_cap) t->tmark[rid[i]] = 1;
                         kept = kst_kvtc_group_finish(&H->tc, A, h % G, qh, H->K, H->V, o->f16, o->scale, o->sinks, rid, m,

@@ -352,8 +352,9 @@ void kst_kvc_set_spread_budget(kst_kvc *c, float strata, size_t tier);
 void kst_kvc_set_tail_clusters(kst_kvc *c, size_t n, float temp);
 /* With the clustered tail estimate: 1 draws one sample a KV head for all its query heads (each
  * row read once and scored for each; kv_tclust.h, kst_kvtc_group_*), tail_samples rows, planned
- * from the heads' allocations averaged, gathered before the searches; 0 (the default): one
- * sample a query head. KESTREL_KV_TSHARE overrides it. Applies at the next decode step. */
+ * from the heads' allocations averaged by one thread a KV head at the step's start, gathered in
+ * pieces that any thread takes before its next search; 0 (the default): one sample a query head.
+ * KESTREL_KV_TSHARE overrides it. Applies at the next decode step. */
 void kst_kvc_set_tail_share(kst_kvc *c, int on);
 /* Tests: KV head kvh's clusters in a layer (NULL before a build with clusters, or out of range). */
 const struct kst_kvtc *kst_kvc_tail_clusters(const kst_kvc *c, size_t layer, size_t kvh);
