@@ -4,7 +4,9 @@
 #ifndef KST_TESTS_KV_TC_REF_H
 #define KST_TESTS_KV_TC_REF_H
 
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "core/half.h"
 #include "index/kv.h"
@@ -128,6 +130,87 @@ static inline void append_rows(kst_kvc *c, float *K, float *V, size_t n) {
     } else {
         assert_ok(kst_kvc_append(c, 0, K, V, n, &err), &err);
     }
+}
+
+/* One decode step of layer 0 of c (K, V: its n tokens (n, H, d) as the references read them)
+ * checked against the float64 estimator of every query head: the retrieved keys reproduced by
+ * kst_kvc_search (the same top_k and ef), n_c by kst_kvtc_plan (kst_kvtc_scores) with temp; stats.sampled the
+ * estimator's keys; out_keep (q_heads, d; NULL: none) gets the step's output. Returns the step's
+ * sum of n_c. */
+static inline size_t check_step(kst_kvc *c, const float *K, const float *V, size_t n, const float *q, size_t top_k,
+                                size_t ef, float temp, float *out_keep, const char *what) {
+    const kst_kvc_opts *o = kst_kvc_opts_of(c);
+    size_t H = o->kv_heads, QH = o->q_heads, G = QH / H, d = o->head_dim, sinks = o->sinks, B = o->tail_samples;
+    float *out = malloc(QH * d * sizeof *out), *Kh = malloc(n * d * sizeof *Kh), *Vh = malloc(n * d * sizeof *Vh);
+    double ref[512];
+    kst_kvc_stats st;
+    kst_error err;
+    assert_ok(kst_kvc_attend(c, 0, q, top_k, ef, out, &st, &err), &err);
+    size_t nidx = kst_kvc_indexed(c, 0), k = top_k < nidx ? top_k : nidx, tot = 0;
+    assert_int_equal(st.tokens, n);
+    assert_int_equal(st.indexed, nidx);
+    int64_t *pos = malloc((k + 1) * sizeof *pos);
+    uint32_t *rid = malloc((k + 1) * sizeof *rid);
+    for (size_t h = 0; h < QH; h++) {
+        const float *qh = q + h * d;
+        head_rows(Kh, K, n, H, h / G, d);
+        head_rows(Vh, V, n, H, h / G, d);
+        size_t found = 0;
+        if (k) assert_ok(kst_kvc_search(c, 0, h, qh, k, ef, pos, &found, NULL, &err), &err);
+        for (size_t i = 0; i < found; i++) rid[i] = (uint32_t)(pos[i] - (int64_t)sinks);
+        const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, h / G);
+        uint32_t *ns = NULL, *rcl = NULL;
+        float *sc = NULL, *cs = NULL;
+        if (T && B > 0 && found < nidx) {
+            assert_int_equal(T->na, nidx);
+            ns = malloc(T->C * sizeof *ns);
+            rcl = malloc(T->C * sizeof *rcl);
+            sc = malloc(2 * T->C * sizeof *sc);
+            cs = malloc(T->C * sizeof *cs);
+            kst_kvtc_scores(T, qh, 1, o->scale, cs);
+            kst_kvtc_plan(T, cs, temp, rid, found, B, ns, rcl, sc);
+        }
+        tot += tc_ref64(ref, qh, Kh, Vh, n, d, o->scale, sinks, nidx, pos, found, T, ns);
+        for (size_t j = 0; j < d; j++)
+            if (!(fabs(out[h * d + j] - ref[j]) <= TOL_A + TOL_R * fabs(ref[j])))
+                fail_msg("%s: head %zu, dim %zu: %.7g, float64 estimator %.7g (%zu indexed, %zu retrieved)", what, h, j,
+                         out[h * d + j], ref[j], nidx, found);
+        free(ns);
+        free(rcl);
+        free(sc);
+        free(cs);
+    }
+    if (st.sampled != tot) fail_msg("%s: stats.sampled %zu, the estimator's samples %zu", what, st.sampled, tot);
+    if (out_keep) memcpy(out_keep, out, QH * d * sizeof *out);
+    free(out);
+    free(Kh);
+    free(Vh);
+    free(pos);
+    free(rid);
+    return tot;
+}
+
+/* The options the tests start from: one layer, H KV heads x QH query heads, 4 sinks, window 64,
+ * top_k 16, ef 48, the key-only index unless queries are given. */
+static inline kst_kvc_opts tc_base_opts(size_t d, int f16, kst_kvc_index index, size_t tail, size_t H, size_t QH) {
+    kst_kvc_opts o = {0};
+    o.layers = 1;
+    o.kv_heads = H;
+    o.q_heads = QH;
+    o.head_dim = d;
+    o.f16 = f16;
+    o.sinks = 4;
+    o.window = 64;
+    o.top_k = 16;
+    o.ef = 48;
+    o.degree = 16;
+    o.build_top = 16;
+    o.entries = 8;
+    o.efc = 64;
+    o.index = index;
+    o.tail_samples = tail;
+    o.codes = d % 32 == 0 && d >= 64;
+    return o;
 }
 
 #endif

@@ -83,83 +83,11 @@ static size_t plan_ref64(double *x, size_t *r, const kst_kvtc *T, const float *q
 }
 
 
-/* One decode step of layer 0 of c (K, V: its n tokens (n, H, d) as the references read them)
- * checked against the float64 estimator of every query head: the retrieved keys reproduced by
- * kst_kvc_search (the same top_k and ef), n_c by kst_kvtc_plan (kst_kvtc_scores) with temp; stats.sampled the
- * estimator's keys. Returns the step's sum of n_c. */
-static size_t check_step(kst_kvc *c, const float *K, const float *V, size_t n, const float *q, size_t top_k,
-                         size_t ef, float temp, const char *what) {
-    const kst_kvc_opts *o = kst_kvc_opts_of(c);
-    size_t H = o->kv_heads, QH = o->q_heads, G = QH / H, d = o->head_dim, sinks = o->sinks, B = o->tail_samples;
-    float *out = malloc(QH * d * sizeof *out), *Kh = malloc(n * d * sizeof *Kh), *Vh = malloc(n * d * sizeof *Vh);
-    double ref[512];
-    kst_kvc_stats st;
-    kst_error err;
-    assert_ok(kst_kvc_attend(c, 0, q, top_k, ef, out, &st, &err), &err);
-    size_t nidx = kst_kvc_indexed(c, 0), k = top_k < nidx ? top_k : nidx, tot = 0;
-    assert_int_equal(st.tokens, n);
-    assert_int_equal(st.indexed, nidx);
-    int64_t *pos = malloc((k + 1) * sizeof *pos);
-    uint32_t *rid = malloc((k + 1) * sizeof *rid);
-    for (size_t h = 0; h < QH; h++) {
-        const float *qh = q + h * d;
-        head_rows(Kh, K, n, H, h / G, d);
-        head_rows(Vh, V, n, H, h / G, d);
-        size_t found = 0;
-        if (k) assert_ok(kst_kvc_search(c, 0, h, qh, k, ef, pos, &found, NULL, &err), &err);
-        for (size_t i = 0; i < found; i++) rid[i] = (uint32_t)(pos[i] - (int64_t)sinks);
-        const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, h / G);
-        uint32_t *ns = NULL, *rcl = NULL;
-        float *sc = NULL, *cs = NULL;
-        if (T && B > 0 && found < nidx) {
-            assert_int_equal(T->na, nidx);
-            ns = malloc(T->C * sizeof *ns);
-            rcl = malloc(T->C * sizeof *rcl);
-            sc = malloc(2 * T->C * sizeof *sc);
-            cs = malloc(T->C * sizeof *cs);
-            kst_kvtc_scores(T, qh, 1, o->scale, cs);
-            kst_kvtc_plan(T, cs, temp, rid, found, B, ns, rcl, sc);
-        }
-        tot += tc_ref64(ref, qh, Kh, Vh, n, d, o->scale, sinks, nidx, pos, found, T, ns);
-        for (size_t j = 0; j < d; j++)
-            if (!(fabs(out[h * d + j] - ref[j]) <= TOL_A + TOL_R * fabs(ref[j])))
-                fail_msg("%s: head %zu, dim %zu: %.7g, float64 estimator %.7g (%zu indexed, %zu retrieved)", what, h, j,
-                         out[h * d + j], ref[j], nidx, found);
-        free(ns);
-        free(rcl);
-        free(sc);
-        free(cs);
-    }
-    if (st.sampled != tot) fail_msg("%s: stats.sampled %zu, the estimator's samples %zu", what, st.sampled, tot);
-    free(out);
-    free(Kh);
-    free(Vh);
-    free(pos);
-    free(rid);
-    return tot;
-}
 
 /* The options the tests start from: one layer, 2 KV heads x 2 query heads, 4 sinks, window 64,
  * top_k 16, ef 48, the key-only index unless queries are given. */
 static kst_kvc_opts base_opts(size_t d, int f16, kst_kvc_index index, size_t tail) {
-    kst_kvc_opts o = {0};
-    o.layers = 1;
-    o.kv_heads = 2;
-    o.q_heads = 4;
-    o.head_dim = d;
-    o.f16 = f16;
-    o.sinks = 4;
-    o.window = 64;
-    o.top_k = 16;
-    o.ef = 48;
-    o.degree = 16;
-    o.build_top = 16;
-    o.entries = 8;
-    o.efc = 64;
-    o.index = index;
-    o.tail_samples = tail;
-    o.codes = d % 32 == 0 && d >= 64;
-    return o;
+    return tc_base_opts(d, f16, index, tail, 2, 4);
 }
 
 /* A cache of n tokens (K, V (n, 2, d) float32; float16 when o->f16, rounded in place), built with
@@ -358,7 +286,7 @@ static void test_step_equals_estimator(void **state) {
         for (size_t s = 0; s < 8; s++) {
             char what[96];
             snprintf(what, sizeof what, "%s, %s, step %zu", f16 ? "float16" : "float32", gpu ? "gpu" : "cpu", s);
-            size_t got = check_step(c, K, V, n, Q + s * 4 * d, s % 2 ? 4 : 16, s % 2 ? 16 : 48, 0.5f, what);
+            size_t got = check_step(c, K, V, n, Q + s * 4 * d, s % 2 ? 4 : 16, s % 2 ? 16 : 48, 0.5f, NULL, what);
             /* the budget is spent in full: every head has more than 256 keys left */
             assert_int_equal(got, 4 * 256);
             sampled += got;
@@ -511,14 +439,14 @@ static void test_appends_assigned(void **state) {
             size_t nidx = kst_kvc_indexed(c, 0);
             if (!batch) assert_int_equal(nidx, at - 4 - 64); /* linked at once */
             if (!(nidx > nb || batch)) fail_msg("%s: nothing indexed by the appends", what);
-            check_step(c, K, V, at, Q + (qi++ % 12) * 4 * d, 16, 48, 0.5f, what);
+            check_step(c, K, V, at, Q + (qi++ % 12) * 4 * d, 16, 48, 0.5f, NULL, what);
             for (size_t h = 0; h < 2; h++) {
                 head_rows(Kh, K, at, 2, h, d);
                 ties += check_assign(kst_kvc_tail_clusters(c, 0, h), Kh, 4, nidx, what);
             }
             assigned += nidx - nb;
             nb = nidx;
-            check_step(c, K, V, at, Q + (qi++ % 12) * 4 * d, 4, 16, 0.5f, what);
+            check_step(c, K, V, at, Q + (qi++ % 12) * 4 * d, 4, 16, 0.5f, NULL, what);
         }
         assert_int_equal(kst_kvc_indexed(c, 0), at - 4 - 64);
         kst_kvc_free(c);
@@ -616,7 +544,7 @@ static void test_edges(void **state) {
         kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, 300);
         kst_kvc *c = make_cache(&o, K, V, nmax, NULL, 0, 1024, 0.5f);
         assert_int_equal(kst_kvc_tail_clusters(c, 0, 0)->C, 2000 / 16);
-        check_step(c, K, V, nmax, Q, 16, 48, 0.5f, "1,024 clusters asked of 2,000 keys");
+        check_step(c, K, V, nmax, Q, 16, 48, 0.5f, NULL, "1,024 clusters asked of 2,000 keys");
         /* rebuilt with the clusters off: none left */
         kst_kvc_set_tail_clusters(c, 0, 0);
         assert_ok(kst_kvc_build(c, 0, NULL, 0, &err), &err);
@@ -634,7 +562,7 @@ static void test_edges(void **state) {
         char what[64];
         for (size_t s = 0; s < 3; s++) {
             snprintf(what, sizeof what, "%zu indexed keys, top_k %zu", few, (size_t[]){4, 16, 64}[s]);
-            check_step(c, K, V, n, Q + s * 4 * d, (size_t[]){4, 16, 64}[s], 64, 0.5f, what);
+            check_step(c, K, V, n, Q + s * 4 * d, (size_t[]){4, 16, 64}[s], 64, 0.5f, NULL, what);
         }
         kst_kvc_free(c);
     }
@@ -644,7 +572,7 @@ static void test_edges(void **state) {
         kst_kvc *c = make_cache(&o, K, V, nmax, NULL, 0, 32, 0.5f);
         assert_non_null(kst_kvc_tail_clusters(c, 0, 0));
         for (size_t s = 0; s < 2; s++)
-            if (check_step(c, K, V, nmax, Q + s * 4 * d, 16, 48, 0.5f, "tail_samples 0") != 0)
+            if (check_step(c, K, V, nmax, Q + s * 4 * d, 16, 48, 0.5f, NULL, "tail_samples 0") != 0)
                 fail_msg("tail_samples 0: keys sampled");
         kst_kvc_free(c);
     }
@@ -727,7 +655,7 @@ static void test_env_override(void **state) {
     const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, 0);
     assert_non_null(T);
     assert_int_equal(T->C, 8);
-    check_step(c, K, V, n, Q, 16, 48, 0.0f, "KESTREL_KV_TCLUST=8, KESTREL_KV_TCLUST_T=0");
+    check_step(c, K, V, n, Q, 16, 48, 0.0f, NULL, "KESTREL_KV_TCLUST=8, KESTREL_KV_TCLUST_T=0");
     /* temp 0's plan differs from temp 0.5's for these queries (else the check above proves nothing) */
     {
         uint32_t ns0[8], ns5[8], rc[8], rid[1] = {0};

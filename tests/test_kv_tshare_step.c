@@ -259,81 +259,7 @@ static size_t check_step_sh(kst_kvc *c, const float *K, const float *V, size_t n
     return tot;
 }
 
-/* The same step against the per-head estimator (test_kv_tclust's check_step): n_c by
- * kst_kvtc_plan of each query head with its retrieved ids. */
-static size_t check_step_ph(kst_kvc *c, const float *K, const float *V, size_t n, const float *q, size_t top_k,
-                            size_t ef, float temp, float *out_keep, const char *what) {
-    const kst_kvc_opts *o = kst_kvc_opts_of(c);
-    size_t H = o->kv_heads, QH = o->q_heads, G = QH / H, d = o->head_dim, sinks = o->sinks, B = o->tail_samples;
-    float *out = malloc(QH * d * sizeof *out), *Kh = malloc(n * d * sizeof *Kh), *Vh = malloc(n * d * sizeof *Vh);
-    double ref[512];
-    kst_kvc_stats st;
-    kst_error err;
-    assert_ok(kst_kvc_attend(c, 0, q, top_k, ef, out, &st, &err), &err);
-    size_t nidx = kst_kvc_indexed(c, 0), k = top_k < nidx ? top_k : nidx, tot = 0;
-    assert_int_equal(st.tokens, n);
-    int64_t *pos = malloc((k + 1) * sizeof *pos);
-    uint32_t *rid = malloc((k + 1) * sizeof *rid);
-    for (size_t h = 0; h < QH; h++) {
-        const float *qh = q + h * d;
-        head_rows(Kh, K, n, H, h / G, d);
-        head_rows(Vh, V, n, H, h / G, d);
-        size_t found = 0;
-        if (k) assert_ok(kst_kvc_search(c, 0, h, qh, k, ef, pos, &found, NULL, &err), &err);
-        for (size_t i = 0; i < found; i++) rid[i] = (uint32_t)(pos[i] - (int64_t)sinks);
-        const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, h / G);
-        uint32_t *ns = NULL, *rcl = NULL;
-        float *sc = NULL, *cs = NULL;
-        if (T && B > 0 && found < nidx) {
-            ns = malloc(T->C * sizeof *ns);
-            rcl = malloc(T->C * sizeof *rcl);
-            sc = malloc(2 * T->C * sizeof *sc);
-            cs = malloc(T->C * sizeof *cs);
-            kst_kvtc_scores(T, qh, 1, o->scale, cs);
-            kst_kvtc_plan(T, cs, temp, rid, found, B, ns, rcl, sc);
-        }
-        tot += tc_ref64(ref, qh, Kh, Vh, n, d, o->scale, sinks, nidx, pos, found, T, ns);
-        for (size_t j = 0; j < d; j++)
-            if (!(fabs(out[h * d + j] - ref[j]) <= TOL_A + TOL_R * fabs(ref[j])))
-                fail_msg("%s: head %zu, dim %zu: %.7g, float64 per-head estimator %.7g (%zu indexed, %zu retrieved)", what,
-                         h, j, out[h * d + j], ref[j], nidx, found);
-        free(ns);
-        free(rcl);
-        free(sc);
-        free(cs);
-    }
-    if (st.sampled != tot) fail_msg("%s: stats.sampled %zu, the per-head estimator's %zu", what, st.sampled, tot);
-    if (out_keep) memcpy(out_keep, out, QH * d * sizeof *out);
-    free(out);
-    free(Kh);
-    free(Vh);
-    free(pos);
-    free(rid);
-    return tot;
-}
 
-/* The options the tests start from: one layer, H KV heads x QH query heads, 4 sinks, window 64,
- * top_k 16, ef 48, the key-only index unless queries are given. */
-static kst_kvc_opts base_opts(size_t d, int f16, kst_kvc_index index, size_t tail, size_t H, size_t QH) {
-    kst_kvc_opts o = {0};
-    o.layers = 1;
-    o.kv_heads = H;
-    o.q_heads = QH;
-    o.head_dim = d;
-    o.f16 = f16;
-    o.sinks = 4;
-    o.window = 64;
-    o.top_k = 16;
-    o.ef = 48;
-    o.degree = 16;
-    o.build_top = 16;
-    o.entries = 8;
-    o.efc = 64;
-    o.index = index;
-    o.tail_samples = tail;
-    o.codes = d % 32 == 0 && d >= 64;
-    return o;
-}
 
 /* A cache of n tokens (K, V (n, H, d) float32; float16 when o->f16, rounded in place), built with
  * nq prefill queries Qp (attention-aware) or none, tail_clusters C at temp, the shared sample on
@@ -382,7 +308,7 @@ static void run_step_equals_estimator(int gpu) {
         mix_data(K, V, cen, n, H, d, ncent, 1.0, 0.5);
         mix_queries(Qp, cen, nq, QH, H, d, ncent);
         mix_queries(Q, cen, 4, QH, H, d, ncent);
-        kst_kvc_opts o = base_opts(d, f16, keys ? KST_KVC_INDEX_KEYS : KST_KVC_INDEX_ATTN, 256, H, QH);
+        kst_kvc_opts o = tc_base_opts(d, f16, keys ? KST_KVC_INDEX_KEYS : KST_KVC_INDEX_ATTN, 256, H, QH);
         o.gpu = gpu;
         kst_kvc *c = make_cache(&o, K, V, n, keys ? NULL : Qp, keys ? 0 : nq, 32, 0.5f, 1);
         assert_int_equal(kst_kvc_indexed(c, 0), 2000);
@@ -451,7 +377,7 @@ static void test_budget_covers_all(void **state) {
         mix_queries(Qp, cen, nq, QH, H, d, ncent);
         mix_queries(Q, cen, 4, QH, H, d, ncent);
         for (size_t i = 2 * QH * d; i < 4 * QH * d; i++) Q[i] *= 20; /* steps 2, 3: sharp */
-        kst_kvc_opts o = base_opts(d, f16, f16 ? KST_KVC_INDEX_KEYS : KST_KVC_INDEX_ATTN, nidx, H, QH);
+        kst_kvc_opts o = tc_base_opts(d, f16, f16 ? KST_KVC_INDEX_KEYS : KST_KVC_INDEX_ATTN, nidx, H, QH);
         kst_kvc *c = make_cache(&o, K, V, n, f16 ? NULL : Qp, f16 ? 0 : nq, 32, 0.5f, 1);
         assert_int_equal(kst_kvc_indexed(c, 0), nidx);
         for (size_t s = 0; s < 4; s++) {
@@ -506,7 +432,7 @@ static void test_appends(void **state) {
               *cen = malloc(H * ncent * d * sizeof *cen), *Q = malloc(8 * QH * d * sizeof *Q);
         mix_data(K, V, cen, nmax, H, d, ncent, 1.0, 0.5);
         mix_queries(Q, cen, 8, QH, H, d, ncent);
-        kst_kvc_opts o = base_opts(d, f16, KST_KVC_INDEX_KEYS, 192, H, QH);
+        kst_kvc_opts o = tc_base_opts(d, f16, KST_KVC_INDEX_KEYS, 192, H, QH);
         o.append_batch = batch ? 16 : 1;
         kst_kvc *c = make_cache(&o, K, V, n0, NULL, 0, 24, 0.5f, 1);
         size_t at = n0, qi = 0;
@@ -592,7 +518,7 @@ static void test_shared_vs_per_head(void **state) {
                     (float)(amp * (s % 2 ? cen[a * d + i] : 0.6 * (cen[a * d + i] + cen[b * d + i])) + 0.2 * kv_gauss());
         }
     }
-    kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, B, 1, G);
+    kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, B, 1, G);
     kst_kvc *c = make_cache(&o, K, V, n, NULL, 0, 64, 0.0f, 1);
     assert_int_equal(kst_kvc_indexed(c, 0), nc * per);
     kst_error err;
@@ -649,14 +575,14 @@ static void test_switches(void **state) {
     kst_error err;
     /* (a) the environment */
     {
-        kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
+        kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
         kst_kvc *c = make_cache(&o, K, V, n, NULL, 0, 32, 0.5f, 0);
         setenv("KESTREL_KV_TSHARE", "0", 1);
         kst_kvc_set_tail_share(c, 1);
         unsetenv("KESTREL_KV_TSHARE");
         double maxdev = 0;
         for (size_t s = 0; s < 2; s++) {
-            check_step_ph(c, K, V, n, Q + s * QH * d, 16, 48, 0.5f, o1, "KESTREL_KV_TSHARE=0 over share 1");
+            check_step(c, K, V, n, Q + s * QH * d, 16, 48, 0.5f, o1, "KESTREL_KV_TSHARE=0 over share 1");
             /* on again (no environment): the shared estimator, and a different output */
             kst_kvc_set_tail_share(c, 1);
             check_step_sh(c, K, V, n, Q + s * QH * d, 16, 48, 0.5f, UINT32_MAX, o2, "share 1 after KESTREL_KV_TSHARE=0");
@@ -679,21 +605,21 @@ static void test_switches(void **state) {
     }
     /* (b) G = 1: the per-head path */
     {
-        kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, H);
+        kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, H);
         kst_kvc *c = make_cache(&o, K, V, n, NULL, 0, 32, 0.5f, 1);
         for (size_t s = 0; s < 3; s++) {
             const float *q = Q + s * QH * d; /* (the first 2 heads' rows) */
             kst_kvc_set_tail_share(c, 1);
-            check_step_ph(c, K, V, n, q, 16, 48, 0.5f, o1, "G 1, share 1");
+            check_step(c, K, V, n, q, 16, 48, 0.5f, o1, "G 1, share 1");
             kst_kvc_set_tail_share(c, 0);
-            check_step_ph(c, K, V, n, q, 16, 48, 0.5f, o2, "G 1, share 0");
+            check_step(c, K, V, n, q, 16, 48, 0.5f, o2, "G 1, share 0");
             if (memcmp(o1, o2, H * d * sizeof *o1) != 0) fail_msg("G 1, step %zu: share 1 and 0 differ", s);
         }
         kst_kvc_free(c);
     }
     /* (c) tail_samples 0: no estimate */
     {
-        kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, 0, H, QH);
+        kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 0, H, QH);
         kst_kvc *c = make_cache(&o, K, V, n, NULL, 0, 32, 0.5f, 1);
         assert_non_null(kst_kvc_tail_clusters(c, 0, 0));
         for (size_t s = 0; s < 2; s++) {
@@ -745,7 +671,7 @@ static void test_threads(void **state) {
         for (size_t ti = 0; ti < 4; ti++) {
             /* (set before the cache is made: it sizes its per-thread scratch by the team then) */
             omp_set_num_threads(teams[ti]);
-            kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
+            kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
             kst_kvc *c = make_cache(&o, K, V, n, NULL, 0, 32, 0.5f, 1);
             for (size_t s = 0; s < 3; s++) {
                 char what[96];
@@ -783,7 +709,7 @@ static void test_rebuild_group_sharp(void **state) {
     kst_error err;
     size_t steps = 0;
     for (int grp = 0; grp < 2; grp++) {
-        kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_ATTN, 64, H, QH);
+        kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_ATTN, 64, H, QH);
         o.group_search = grp;
         kst_kvc *c = make_cache(&o, K, V, n, Qp, nq, 16, 0.5f, 1);
         static const size_t Cs[3] = {16, 48, 8};
@@ -834,7 +760,7 @@ static void test_widen_off(void **state) {
     /* the evenly spaced sample's steps sharp (x4), the clustered ones' flat (x0.5) */
     for (size_t i = 0; i < 12 * QH * d; i++) Q[i] *= i < 4 * QH * d ? 4.0f : 0.5f;
     kst_error err;
-    kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, 256, H, QH);
+    kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 256, H, QH);
     o.widen = 0.01f;
     /* 4 threads (set before the cache is made): which thread's state a head finds depends on the
      * schedule; with 4 the shared steps widened 7-26 searches in every run here (2 threads: most
@@ -864,7 +790,7 @@ static void test_widen_off(void **state) {
             wid[share] += st.widened;
             if (st.widened) continue; /* (reported below) */
             if (share) check_step_sh(c, K, V, n, Q + s * QH * d, 16, 48, 0.5f, UINT32_MAX, NULL, what);
-            else check_step_ph(c, K, V, n, Q + s * QH * d, 16, 48, 0.5f, NULL, what);
+            else check_step(c, K, V, n, Q + s * QH * d, 16, 48, 0.5f, NULL, what);
         }
     }
     print_message("widen 0.01: %zu searches widened with the evenly spaced sample; with clusters: %zu per-head, %zu "
@@ -896,7 +822,7 @@ static void test_two_layers(void **state) {
     mix_data(K0, V0, cen, n0, H, d, ncent, 1.0, 0.5);
     mix_data(K1, V1, cen, n1, H, d, ncent, 1.0, 0.5); /* (new centres: Q near layer 1's) */
     mix_queries(Q, cen, 6, QH, H, d, ncent);
-    kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
+    kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
     o.layers = 2;
     kst_error err;
     kst_kvc *c;
@@ -949,7 +875,7 @@ static void test_dominant_sample(void **state) {
         tc_seed(seed);
         mix_data(K, V, cen, n, H, d, ncent, 1.0, 0.5);
         mix_queries(Q, cen, 1, QH, H, d, ncent);
-        kst_kvc_opts o = base_opts(d, 0, KST_KVC_INDEX_KEYS, B, H, QH);
+        kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, B, H, QH);
         kst_kvc *c = make_cache(&o, K, V, n, NULL, 0, 16, 0.5f, 1);
         const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, 0);
         const float scale = kst_kvc_opts_of(c)->scale;
