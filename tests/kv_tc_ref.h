@@ -68,17 +68,13 @@ static inline void head_rows(float *dst, const float *src, size_t n, size_t H, s
     for (size_t t = 0; t < n; t++) memcpy(dst + t * d, src + (t * H + h) * d, d * sizeof(float));
 }
 
-/* The clustered estimator's float64 reference for one query head (kv_tclust.h): positions below
- * sinks and from sinks + nidx on (sinks, pending tokens, window) and the m retrieved positions
- * pos exact; in cluster c of T (ns NULL: no estimate) its first ns[c] members not retrieved, each
- * weighted r_c / ns[c], r_c its members not retrieved (counted here). K, V: the KV head's rows
- * (n, d). Returns the keys sampled. */
-static inline size_t tc_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d, double scale,
-                       size_t sinks, size_t nidx, const int64_t *pos, size_t m, const kst_kvtc *T,
-                       const uint32_t *ns) {
-    double *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w), mx = -INFINITY;
-    uint8_t *ret = calloc(nidx + 1, 1);
-    size_t got_all = 0;
+/* The exact part of a step's float64 references: l (n) the scaled scores of q against the rows
+ * of K (n, d), ret (nidx) 1 for the m retrieved positions pos (each checked to lie in the
+ * index), w (n, zeroed) exp(l - max) for the exact tokens (sinks, those from sinks + nidx on, the
+ * retrieved ones). Returns the max. */
+static inline double tc_exact64(double *l, double *w, uint8_t *ret, const float *q, const float *K, size_t n, size_t d,
+                                double scale, size_t sinks, size_t nidx, const int64_t *pos, size_t m) {
+    double mx = -INFINITY;
     for (size_t t = 0; t < n; t++) {
         double a = 0;
         for (size_t i = 0; i < d; i++) a += (double)q[i] * K[t * d + i];
@@ -92,6 +88,21 @@ static inline size_t tc_ref64(double *out, const float *q, const float *K, const
     }
     for (size_t t = 0; t < n; t++)
         if (t < sinks || t >= sinks + nidx || ret[t - sinks]) w[t] = exp(l[t] - mx);
+    return mx;
+}
+
+/* The clustered estimator's float64 reference for one query head (kv_tclust.h): positions below
+ * sinks and from sinks + nidx on (sinks, pending tokens, window) and the m retrieved positions
+ * pos exact; in cluster c of T (ns NULL: no estimate) its first ns[c] members not retrieved, each
+ * weighted r_c / ns[c], r_c its members not retrieved (counted here). K, V: the KV head's rows
+ * (n, d). Returns the keys sampled. */
+static inline size_t tc_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d, double scale,
+                       size_t sinks, size_t nidx, const int64_t *pos, size_t m, const kst_kvtc *T,
+                       const uint32_t *ns) {
+    double *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w), mx = -INFINITY;
+    uint8_t *ret = calloc(nidx + 1, 1);
+    size_t got_all = 0;
+    mx = tc_exact64(l, w, ret, q, K, n, d, scale, sinks, nidx, pos, m);
     for (size_t c = 0; ns && c < T->C; c++) {
         if (!ns[c]) continue;
         size_t rc = 0, got = 0;

@@ -59,19 +59,7 @@ static size_t tsh_ref64(double *out, const float *q, const float *K, const float
     double *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w), mx = -INFINITY, s_all = 0, s_left = 0;
     uint8_t *ret = calloc(nidx + 1, 1);
     size_t used = 0, inr_all = 0;
-    for (size_t t = 0; t < n; t++) {
-        double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[t * d + i];
-        l[t] = a * scale;
-        mx = l[t] > mx ? l[t] : mx;
-    }
-    for (size_t i = 0; i < m; i++) {
-        if (!(pos[i] >= (int64_t)sinks && pos[i] < (int64_t)(sinks + nidx)))
-            fail_msg("retrieved position %lld outside the index [%zu, %zu)", (long long)pos[i], sinks, sinks + nidx);
-        ret[pos[i] - (int64_t)sinks] = 1;
-    }
-    for (size_t t = 0; t < n; t++)
-        if (t < sinks || t >= sinks + nidx || ret[t - sinks]) w[t] = exp(l[t] - mx);
+    mx = tc_exact64(l, w, ret, q, K, n, d, scale, sinks, nidx, pos, m);
     for (size_t c = 0; ns && c < T->C; c++) {
         if (!ns[c]) continue;
         if (ns[c] > T->len[c]) fail_msg("cluster %zu: %u samples planned of %u members", c, ns[c], T->len[c]);
