@@ -13,6 +13,7 @@
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #include "index/kv_graph.h"
+#include "index/kv_scache.h"
 #include "index/kv_tclust.h"
 #ifdef KST_CUDA
 #include "index/kv_cuda.h"
@@ -59,6 +60,7 @@ typedef struct kv_hstore {
     kst_kvg g;    /* nodes = rows sinks .. sinks + g.n - 1 */
     kv_tail tt;   /* the tail estimate's sample */
     kst_kvtc tc;  /* the clustered tail estimate's clusters (kst_kvc_set_tail_clusters) */
+    kst_kvsc sc;  /* their sample cache (kst_kvc_set_tail_cache) */
 } kv_hstore;
 
 /* A batch of tokens being linked into a layer's index (kst_kvc_append): nodes lo .. lo + n - 1
@@ -88,6 +90,7 @@ typedef struct kv_layer {
 #ifdef KST_CUDA
     kst_kvgpu *gpu;  /* static tokens: slot p for sink p, a ring of `window` slots after */
     size_t gt_ns, gt_nidx; /* the tail sample on the GPU: ns of nidx indexed keys (0: none) */
+    int sc_gpu;            /* the sample cache's table is on the GPU (kst_kvc_set_tail_cache) */
 #endif
 } kv_layer;
 
@@ -119,6 +122,8 @@ typedef struct kv_thread {
     size_t tc_c, tc_b, tmark_cap;
     /* the shared sample (kst_kvc_set_tail_share): scores */
     float *tgs; size_t tg_s;
+    /* the sample cache's items made on the CPU (kst_kvsc_item) */
+    float *scf; size_t scf_cap;
     char pad[64];       /* threads' hot fields on separate cache lines */
 } kv_thread;
 
@@ -191,6 +196,15 @@ struct kst_kvc {
     uint32_t *tg_next;    /* (kv_heads) the step's gather pieces claimed (atomic) */
     uint32_t *tg_done;    /* (kv_heads) pieces gathered; tg_st: 0 not planned, 1 planned, -1 failed */
     int8_t *tg_st;
+    int tcache;           /* the shared sample planned a step ahead and held (on the GPU where the
+                             static tokens are; kst_kvc_set_tail_cache, KESTREL_KV_TCACHE) */
+    size_t tcache_cap;    /* its table's slots a KV head (0: 2 x tail_samples; KESTREL_KV_TCACHE_CAP) */
+    float *sc_it;         /* (q_heads, chunks, stride) the cache's items made on the CPU */
+    uint8_t *sc_ok;       /* (kv_heads, chunks) 1: made */
+    size_t sc_it_cap, sc_ok_cap;
+    uint32_t *sc_dirty;   /* (slots) scratch of the uploads */
+    float *sc_lw;         /* (kv_heads, C) the clusters' log weights, uploaded */
+    size_t sc_dcap, sc_lcap;
     float *os_all, *lse_s_all; /* (q_heads, head_dim), (q_heads): the static partial, where made early */
     uint8_t *os_ok;       /* (q_heads) 1: os_all holds this step's static partial */
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
@@ -308,6 +322,16 @@ void kst_kvc_set_tail_share(kst_kvc *c, int on) {
     const char *e = getenv("KESTREL_KV_TSHARE");
     c->tshare = e ? atoi(e) != 0 : on != 0;
 }
+void kst_kvc_set_tail_cache(kst_kvc *c, int on, size_t slots) {
+    const char *e = getenv("KESTREL_KV_TCACHE"), *es = getenv("KESTREL_KV_TCACHE_CAP");
+    c->tcache = e ? atoi(e) != 0 : on != 0;
+    c->tcache_cap = es ? (size_t)atol(es) : slots;
+}
+const kst_kvsc *kst_kvc_sample_cache(const kst_kvc *c, size_t layer, size_t kvh) {
+    if (layer >= c->o.layers || kvh >= c->o.kv_heads || !c->layers[layer].built) return NULL;
+    const kst_kvsc *S = &c->layers[layer].heads[kvh].sc;
+    return S->C ? S : NULL;
+}
 const kst_kvtc *kst_kvc_tail_clusters(const kst_kvc *c, size_t layer, size_t kvh) {
     if (layer >= c->o.layers || kvh >= c->o.kv_heads || !c->layers[layer].built) return NULL;
     const kst_kvtc *T = &c->layers[layer].heads[kvh].tc;
@@ -405,6 +429,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->tt_ch = getenv("KESTREL_KV_TT_CH") ? (size_t)atol(getenv("KESTREL_KV_TT_CH")) : 0;
     kst_kvc_set_tail_clusters(c, 0, 0);
     kst_kvc_set_tail_share(c, 0);
+    kst_kvc_set_tail_cache(c, 0, 0);
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv_work, NULL);
     pthread_cond_init(&c->cv_idle, NULL);
@@ -487,6 +512,7 @@ void kst_kvc_free(kst_kvc *c) {
                 kst_free(T->top);
                 kst_free(T->topw);
                 kst_kvtc_free(&L->heads[h].tc);
+                kst_kvsc_free(&L->heads[h].sc);
             }
             kst_free(L->heads);
 #ifdef KST_CUDA
@@ -511,6 +537,7 @@ void kst_kvc_free(kst_kvc *c) {
             kst_free(c->th[t].tcr);
             kst_free(c->th[t].tmark);
             kst_free(c->th[t].tgs);
+            kst_free(c->th[t].scf);
         }
         kst_free(c->th);
     }
@@ -522,6 +549,10 @@ void kst_kvc_free(kst_kvc *c) {
     kst_free(c->tg_done);
     kst_free(c->tg_st);
     kst_free(c->tg_next);
+    kst_free(c->sc_it);
+    kst_free(c->sc_ok);
+    kst_free(c->sc_dirty);
+    kst_free(c->sc_lw);
     kst_free(c->gpu_merged);
     kst_free(c->ids_all);
     kst_free(c->fnd_all);
@@ -1179,7 +1210,11 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
                                 1 + layer * 4096 + h, err);
         else
             kst_kvtc_free(&H->tc);
+        kst_kvsc_free(&H->sc); /* (set up anew for the new clusters at the next step) */
     }
+#ifdef KST_CUDA
+    L->sc_gpu = 0;
+#endif
     if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_build: layer %zu", layer);
     L->built = 1;
     rc = index_leavers(c, L, err);
@@ -1936,6 +1971,107 @@ static int tg_help(kst_kvc *c, kv_layer *L, kv_thread *t, const float *q, int *r
     return 0;
 }
 
+/* The sample cache (kst_kvc_set_tail_cache; kv_scache.h) at a step's start: each KV head's set up
+ * for its clusters (anew after a build) and brought in line with the keys its clusters took since
+ * the last step; with the GPU (gpu 1), its table reserved there (every slot held sent anew) and
+ * the slots changed since the last step sent with the clusters' weights (the step's launch sees
+ * them). *ready: 1 where every KV head holds a plan (the step then estimates from the cache). */
+static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    size_t G = o->q_heads / o->kv_heads, want = c->tcache_cap ? c->tcache_cap : 2 * o->tail_samples;
+    if (want < o->tail_samples) want = o->tail_samples;
+    int rc = KST_OK, all = 1;
+    for (size_t h = 0; h < o->kv_heads; h++) {
+        kv_hstore *H = &L->heads[h];
+        kst_kvsc *S = &H->sc;
+        if (S->C != H->tc.C || S->G != G || S->cap < want || S->cap >= want + S->nc) {
+            KST_TRY(kst_kvsc_setup(S, &H->tc, G, want, err));
+#ifdef KST_CUDA
+            L->sc_gpu = 0;
+#endif
+        } else {
+            KST_TRY(kst_kvsc_joined(S, &H->tc, err));
+        }
+        all &= S->ready;
+    }
+    *ready = all;
+#ifdef KST_CUDA
+    if (!gpu) {
+        L->sc_gpu = 0; /* (sent whole when the GPU is back) */
+        return KST_OK;
+    }
+    {
+        const kst_kvsc *S0 = &L->heads[0].sc;
+        size_t C = S0->C, d = o->head_dim;
+        if (c->sc_lcap < o->kv_heads * C * (d > 1 ? d : 1)) {
+            KST_TRY(kst_realloc((void **)&c->sc_lw, o->kv_heads * C * d, sizeof(float), "tail sample cache weights", err));
+            c->sc_lcap = o->kv_heads * C * d;
+        }
+        if (c->sc_dcap < S0->cap) {
+            KST_TRY(kst_realloc((void **)&c->sc_dirty, S0->cap, sizeof(uint32_t), "tail sample cache uploads", err));
+            c->sc_dcap = S0->cap;
+        }
+        if (!L->sc_gpu) { /* the centroids (kv_heads, d, C), as kst_kvtc keeps them transposed */
+            KST_TRY(kst_kvc_gpu_release(c, err));
+            for (size_t h = 0; h < o->kv_heads; h++)
+                memcpy(c->sc_lw + h * d * C, L->heads[h].tc.cent_t, d * C * sizeof(float));
+            KST_TRY(kst_kvgpu_sc_reserve(L->gpu, S0->cap, S0->ch, S0->nc, C, c->sc_lw, err));
+        }
+        for (size_t h = 0; h < o->kv_heads; h++) {
+            kv_hstore *H = &L->heads[h];
+            kst_kvsc *S = &H->sc;
+            size_t n = kst_kvsc_take_dirty(S, c->sc_dirty);
+            if (!L->sc_gpu) { /* every slot held, the table being new */
+                n = 0;
+                for (size_t s = 0; s < S->cap; s++)
+                    if (S->key[s] != KST_KVSC_FREE) c->sc_dirty[n++] = (uint32_t)s;
+            }
+            for (size_t i = 0; i < n; i++) {
+                uint32_t sl = c->sc_dirty[i], x = S->key[sl];
+                KST_TRY(kst_kvgpu_sc_stage(L->gpu, h, sl, S->cid[sl], x == KST_KVSC_FREE ? NULL : rows_at(c, H->K, o->sinks + x),
+                                           x == KST_KVSC_FREE ? NULL : rows_at(c, H->V, o->sinks + x), err));
+            }
+            memcpy(c->sc_lw + h * C, S->lw, C * sizeof(float));
+        }
+        KST_TRY(kst_kvgpu_sc_flush(L->gpu, c->sc_lw, err));
+        L->sc_gpu = 1;
+    }
+#else
+    (void)gpu;
+#endif
+done:
+    return rc;
+}
+
+/* The sample cache after a step: each KV head's plan made from this step's centroid scores
+ * (cs: (q_heads, C), the GPU's, or NULL: scored here from q) and the step before's, the rows it
+ * adds sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step. */
+static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int gpu, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    size_t G = o->q_heads / o->kv_heads, C = L->heads[0].sc.C;
+    int rc = KST_OK;
+    if (!cs) {
+        for (size_t h = 0; h < o->kv_heads; h++)
+            kst_kvtc_scores(&L->heads[h].tc, q + h * G * o->head_dim, G, o->scale, c->tc_cs + h * G * C);
+        cs = c->tc_cs;
+    }
+#pragma omp parallel for schedule(static) num_threads(c->nth) if (o->kv_heads > 1)
+    for (size_t h = 0; h < o->kv_heads; h++) {
+        kst_error e;
+        int r = kst_kvsc_plan(&L->heads[h].sc, &L->heads[h].tc, cs + h * G * C, c->tc_temp, o->tail_samples, &e);
+        if (r != KST_OK) {
+#pragma omp critical(kv_sc_end)
+            if (rc == KST_OK) {
+                rc = r;
+                *err = e;
+            }
+        }
+    }
+    if (rc != KST_OK || !gpu) return rc;
+    int ready;
+    return sc_begin(c, L, gpu, &ready, err);
+}
+
 int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
                    kst_kvc_stats *stats, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_attend", err);
@@ -2048,6 +2184,48 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     }
     memset(c->os_ok, 0, o->q_heads);
     memset(c->pub_ok, 0, ntask);
+    /* the sample cache (kst_kvc_set_tail_cache): the step estimates from it once every KV head
+     * holds a plan (the first step only plans: its estimate is made as without the cache); its
+     * items come from the GPU where the static tokens are attended (sc_g), else are made here */
+    int tqc = tcl && c->tcache, scu = 0, sc_g = 0;
+    size_t scnc = 0, scst = 0;
+    const float *sc_tt = NULL;
+#ifdef KST_CUDA
+    if (!tqc && L->sc_gpu) { /* (the cache turned off, or the clustered tail: the GPU's table freed) */
+        rc = kst_kvc_gpu_release(c, err);
+        if (rc == KST_OK) rc = kst_kvgpu_sc_reserve(L->gpu, 0, 0, 0, 0, NULL, err);
+        if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+        L->sc_gpu = 0;
+    }
+    sc_g = tqc && on_gpu && !c->tail_gpu_off;
+#endif
+    if (tqc) {
+        rc = sc_begin(c, L, sc_g, &scu, err);
+        if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+        scnc = L->heads[0].sc.nc;
+        scst = KST_KVSC_STRIDE(d);
+#ifdef KST_CUDA
+        if (sc_g) {
+            scst = kst_kvgpu_tail_stride(L->gpu);
+            sc_tt = kst_kvgpu_tail_out(L->gpu); /* filled once the partials are in */
+        }
+#endif
+        if (scu) tsh = 0;
+        if (scu && !sc_g) {
+            if (c->sc_it_cap < o->q_heads * scnc * scst) {
+                rc = kst_realloc((void **)&c->sc_it, o->q_heads * scnc * scst, sizeof(float), "tail sample cache items", err);
+                if (rc != KST_OK) return rc;
+                c->sc_it_cap = o->q_heads * scnc * scst;
+            }
+            if (c->sc_ok_cap < o->kv_heads * scnc) {
+                rc = kst_realloc((void **)&c->sc_ok, o->kv_heads * scnc, 1, "tail sample cache items", err);
+                if (rc != KST_OK) return rc;
+                c->sc_ok_cap = o->kv_heads * scnc;
+            }
+            memset(c->sc_ok, 0, o->kv_heads * scnc);
+            sc_tt = c->sc_it;
+        }
+    }
     /* the tail estimate: one item per KV head (its sample scored for the group), done first */
     size_t ns = tcl ? 0 : o->tail_samples < nidx ? o->tail_samples : nidx, nT = 0, tnc = 0;
     if (ns) {
@@ -2158,6 +2336,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (r == KST_OK) t->trows_cap = ns;
     }
     if (r == KST_OK && tcl) r = tc_reserve(t, tcC, o->tail_samples, nidx, &e2);
+    if (r == KST_OK && tqc && t->buf_cap < L->heads[0].sc.ch) /* (kst_kvsc_finish's scratch) */
+        r = thread_reserve(t, L->heads[0].sc.ch, kres, d, &e2);
+    if (r == KST_OK && scu && !sc_g && t->scf_cap < G * L->heads[0].sc.ch) {
+        r = kst_realloc((void **)&t->scf, G * L->heads[0].sc.ch, sizeof(float), "tail sample cache scores", &e2);
+        if (r == KST_OK) t->scf_cap = G * L->heads[0].sc.ch;
+    }
     if (r != KST_OK && tsh) /* (the pieces below would wait for this thread's plans) */
         for (size_t kh = (size_t)omp_get_thread_num(); kh < o->kv_heads; kh += (size_t)omp_get_num_threads())
             __atomic_store_n(&c->tg_st[kh], -1, __ATOMIC_RELEASE);
@@ -2182,6 +2366,26 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         size_t hh = it / tnc;
         tail_chunk(c, &L->heads[hh], it % tnc, q + hh * G * d);
         __atomic_store_n(&c->tt_ok[it], 1, __ATOMIC_RELEASE);
+        if (pf) {
+            double tb = mono_s();
+            t->p_tail += tb - ta;
+            t->p_busy += tb - ta;
+        }
+    }
+    /* the sample cache's items on the CPU (thread i: items i, i + threads, ...; made empty by a
+     * thread without scratch, whose failure fails the step) */
+    for (size_t it = (size_t)omp_get_thread_num(); scu && !sc_g && it < o->kv_heads * scnc;
+         it += (size_t)omp_get_num_threads()) {
+        double ta = pf ? mono_s() : 0;
+        if (pf && t->p_first == 0) t->p_first = ta;
+        size_t kh = it / scnc, cc = it % scnc;
+        const kv_hstore *H = &L->heads[kh];
+        float *ib = c->sc_it + (kh * G * scnc + cc) * scst;
+        if (r == KST_OK)
+            kst_kvsc_item(&H->sc, cc, q + kh * G * d, G, H->K, H->V, o->f16, d, o->scale, o->sinks, ib, scnc * scst, t->scf);
+        else
+            for (size_t g = 0; g < G; g++) ib[g * scnc * scst] = -INFINITY;
+        __atomic_store_n(&c->sc_ok[it], 1, __ATOMIC_RELEASE);
         if (pf) {
             double tb = mono_s();
             t->p_tail += tb - ta;
@@ -2348,7 +2552,36 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     }
                 }
 #endif
-                if (tsh && m < nidx) { /* the KV head's shared sample, once gathered */
+                if (scu && m < nidx) { /* the sample cache's items: the GPU's, or this step's on the CPU */
+                    size_t kh = h / G;
+                    const float *its = NULL;
+                    double w0 = pf ? mono_s() : 0;
+                    if (pf && t->p_want == 0) t->p_want = w0;
+#ifdef KST_CUDA
+                    if (sc_g) {
+                        while (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
+                            if (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
+                        if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) its = sc_tt + h * scnc * scst;
+                    }
+#endif
+                    if (!sc_g) {
+                        for (size_t cc = 0; cc < scnc; cc++)
+                            while (!__atomic_load_n(&c->sc_ok[kh * scnc + cc], __ATOMIC_ACQUIRE)) {
+                            } /* its items still being made */
+                        its = sc_tt + h * scnc * scst;
+                    }
+                    double w1 = pf ? mono_s() : 0;
+                    t->ntlw = 0; /* (no signal for the adaptive budget, as with the shared sample) */
+                    if (its) {
+                        kept = kst_kvsc_finish(&H->sc, its, scst, qh, H->K, H->V, o->f16, d, o->scale, o->sinks, rid, m,
+                                               t->sret, t->buf, t->o2, &lse_t);
+                        kst_attn_merge(oh, &lse, t->o2, lse_t, d);
+                    }
+                    if (pf) {
+                        t->p_twait += w1 - w0;
+                        t->p_tcpu += mono_s() - w1;
+                    }
+                } else if (tsh && m < nidx) { /* the KV head's shared sample, once gathered */
                     size_t kh = h / G;
                     t->ntlw = 0; /* (no signal for the adaptive budget, which does not widen here) */
                     while (__atomic_load_n(&c->tg_done[kh], __ATOMIC_ACQUIRE) < KST_KVTC_PIECES)
@@ -2469,6 +2702,16 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (pf) pf->gpu_armed += kst_kvgpu_armed_steps(L->gpu) - gpu_armed0;
     }
 #endif
+    /* the sample cache's plan for the next step, from this step's centroid scores (the GPU's where
+     * its partials came in) */
+    if (tqc && rc == KST_OK) {
+        const float *cs = NULL;
+#ifdef KST_CUDA
+        if (sc_g && gpu_state == 1) cs = kst_kvgpu_sc_scores(L->gpu);
+#endif
+        rc = sc_end(c, L, q, cs, sc_g, err);
+        if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+    }
     (void)gpu_state;
     (void)gpu_armed0;
     (void)gpu_ready;

@@ -356,6 +356,20 @@ void kst_kvc_set_tail_clusters(kst_kvc *c, size_t n, float temp);
  * pieces that any thread takes before its next search; 0 (the default): one sample a query head.
  * KESTREL_KV_TSHARE overrides it. Applies at the next decode step. */
 void kst_kvc_set_tail_share(kst_kvc *c, int on);
+/* With the clustered tail estimate: 1 plans each KV head's shared sample (kst_kvtc_group_plan over
+ * its query heads) from the last two steps' queries instead of this step's, and holds every
+ * cluster's planned prefix in a table of `slots` rows a KV head (0: 2 x tail_samples; at most
+ * 16,384), on the GPU where the static tokens are (kv_scache.h): a step then scores the table
+ * there in its launch, beside the static tokens, and sends only the rows the last plan added
+ * (and those pushed in by keys joining a prefix); each held row weighted len_c / m_c, the
+ * retrieved ones taken out as the GPU's tail items are (kst_kvsc_finish). The step after a
+ * build (or the first) plans only and estimates as without it. Without the GPU its items are
+ * made on the CPU (the same estimate). KESTREL_KV_TCACHE=0/1 and KESTREL_KV_TCACHE_CAP=n in the
+ * environment override the arguments. */
+void kst_kvc_set_tail_cache(kst_kvc *c, int on, size_t slots);
+struct kst_kvsc;
+/* Tests: the sample cache of a KV head (NULL where none is set up). */
+const struct kst_kvsc *kst_kvc_sample_cache(const kst_kvc *c, size_t layer, size_t kvh);
 /* Tests: KV head kvh's clusters in a layer (NULL before a build with clusters, or out of range). */
 const struct kst_kvtc *kst_kvc_tail_clusters(const kst_kvc *c, size_t layer, size_t kvh);
 

@@ -62,6 +62,17 @@ struct kst_kvgpu {
     size_t tns, tch, tnc, tcap, tocap, gen;
     float *tout, *htout;
     int topsum; // the items carry their best rows' weighted value sum (kst_kvgpu_tail_topsum)
+    // the clustered tail's sample cache (kst_kvgpu_sc_reserve): the table above with a cluster a
+    // slot (scid, kvh * tns; -1 free) and a log weight a cluster (sclw, kvh * sC); the centroids
+    // (scent, (kvh, d, sC)) scored for each query head into scs (qh, sC), downloaded to hscs;
+    // rows staged in pinned memory (hshdr: KV head, slot, cluster; hsrows: K then V) until
+    // copied and scattered into the table on the stream (sev: the last such copy)
+    int *scid, *dshdr, *hshdr;
+    float *sclw, *hslw, *scent, *scs, *hscs;
+    char *dsrows, *hsrows;
+    size_t sC, sstaged;
+    cudaEvent_t sev, slev; // (slev: the last copy of the weights out of hslw)
+    int sev_rec, slev_rec;
     // the static tokens' partial split over `split` blocks a query head (kst_kvgpu_split): their
     // unnormalized partials (qh * split: d floats, then m and l) and a counter a head, the last
     // block of a head merging them (the counter back to 0 for the next launch)
@@ -274,9 +285,10 @@ __device__ void partial_body(int bi, const T *KV, const float *q, float *o, floa
 // best rows and their weights, and (st > d + 2 + 2 * TOP: kst_kvgpu_tail_topsum) the best rows'
 // weighted value sum.
 #define TT_PMAX 1024
+#define KVGPU_SC_STAGE 512 // sample cache rows staged at a time
 template <typename T>
 __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float *out, int ns, int ch,
-                          int nc, int P, int G, int d, float scale, int st) {
+                          int nc, int P, int G, int d, float scale, int st, const int *cid, const float *clw, int C) {
     __shared__ float tqs[512];
     __shared__ float red2[16 * 128];
     __shared__ float res[512];
@@ -302,6 +314,10 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
                 for (int k = 0; k < 4; k++) a4[k] += qs[i + k] * ld(Kc + (size_t)(i + k) * nr + j);
             for (; i < d; i++) a4[0] += qs[i] * ld(Kc + (size_t)i * nr + j);
             a = (a4[0] + a4[1] + a4[2] + a4[3]) * scale;
+            if (cid) { // the sample cache: the row's cluster's log weight; a free slot -inf
+                int c = cid[(size_t)kh * ns + j0 + j];
+                a = c >= 0 ? a + clw[(size_t)kh * C + c] : -INFINITY;
+            }
         }
         sv[j] = a;
         kv[j] = a;
@@ -326,8 +342,8 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
             __syncthreads();
         }
     int top = min(nr, TOP);
-    float mx = kv[0];
-    for (int j = tid; j < nr; j += nt) sv[j] = expf(sv[j] - mx);
+    float mx = kv[0], sh = mx > -INFINITY ? mx : 0.0f; // (mx -inf: no row held, every weight 0)
+    for (int j = tid; j < P; j += nt) sv[j] = j < nr ? expf(sv[j] - sh) : 0.0f;
     __syncthreads();
     if (tid < top) {
         it[2 + d + tid] = __int_as_float(ki[tid]);
@@ -358,20 +374,63 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
     for (int t = tid; t < d; t += nt) it[2 + t] = res[t];
 }
 
+// The sample cache's centroid scores (kst_kvgpu_sc_reserve): block bi scores centroids cb * 512 ..
+// of query head h = bi / nbc: cs[h][c] = scale <q_h, cent_c>, cent (kvh, d, C) (a thread a
+// centroid, reading consecutive centroids of a dim).
+__device__ void cent_body(int bi, const float *q, const float *cent, float *cs, int C, int nbc, int G, int d,
+                          float scale) {
+    __shared__ float cq[512];
+    int h = bi / nbc, cb = bi % nbc, kh = h / G;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) cq[i] = q[h * d + i];
+    __syncthreads();
+    int c = cb * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const float *ct = cent + (size_t)kh * d * C + c;
+    float a0 = 0.0f, a1 = 0.0f;
+    int i = 0;
+    for (; i + 2 <= d; i += 2) {
+        a0 += cq[i] * ct[(size_t)i * C];
+        a1 += cq[i + 1] * ct[(size_t)(i + 1) * C];
+    }
+    for (; i < d; i++) a0 += cq[i] * ct[(size_t)i * C];
+    cs[(size_t)h * C + c] = (a0 + a1) * scale;
+}
+
 // The step's kernel: blocks [0, qh * S) the static tokens' partial (S blocks a query head), then
-// (with the tail sample) qh * nc blocks of tail items; 16 warps each. MB: blocks an SM must hold
+// (with the tail sample) qh * nc blocks of tail items, then (with the sample cache) qh * nbc
+// blocks of centroid scores; 16 warps each. MB: blocks an SM must hold
 // (2: 56 registers a thread, as ptxas chooses; 3: 40, a few spilled; kst_kvgpu_split).
 #define STEP_THREADS 512
 template <typename T, int MB>
 __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, const float *q, float *o, float *lse, int sinks, int ring,
                             int kvh, int G, int d, float scale, int qh, const T *tK, const T *tV,
                             float *tout, int ns, int ch, int nc, int P, int st, int S, float *sp,
-                            unsigned *spc) {
+                            unsigned *spc, const int *cid, const float *clw, int C, const float *cent,
+                            float *cs, int nbc) {
     if (((const int *)(q + (size_t)qh * d))[3]) return; // skip: a released chain (kst_kvgpu_disarm)
+    int nt = ns ? qh * nc : 0;
     if ((int)blockIdx.x < qh * S)
         partial_body<T>(blockIdx.x, KV, q, o, lse, sinks, ring, qh, kvh, G, d, scale, S, sp, spc);
+    else if ((int)blockIdx.x < qh * S + nt)
+        tail_body<T>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C);
     else
-        tail_body<T>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st);
+        cent_body(blockIdx.x - qh * S - nt, q, cent, cs, C, nbc, G, d, scale);
+}
+
+// The sample cache's staged rows (kst_kvgpu_sc_stage): entry e (block e) sets its slot's cluster
+// and, for a held slot, writes its key (chunk-transposed) and value rows into the table.
+template <typename T>
+__global__ void sc_scatter_kernel(const int *hdr, const T *rows, T *tK, T *tV, int *cid, int ns, int ch, int d) {
+    int e = blockIdx.x, kh = hdr[3 * e], s = hdr[3 * e + 1], c = hdr[3 * e + 2];
+    if (threadIdx.x == 0) cid[(size_t)kh * ns + s] = c;
+    if (c < 0) return;
+    int j0 = s / ch * ch, nr = min(ch, ns - j0), j = s - j0;
+    const T *k = rows + (size_t)e * 2 * d, *v = k + d;
+    T *Kc = tK + ((size_t)kh * ns + j0) * d, *Vr = tV + ((size_t)kh * ns + s) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        Kc[(size_t)i * nr + j] = k[i];
+        Vr[i] = v[i];
+    }
 }
 
 // The step's first kernel: the slots kst_kvgpu_put staged while armed (parameters 4, 5...: count,
@@ -521,6 +580,18 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     cudaFree(g->tV);
     cudaFree(g->tout);
     cudaFreeHost(g->htout);
+    cudaFree(g->scid);
+    cudaFree(g->sclw);
+    cudaFree(g->scent);
+    cudaFree(g->scs);
+    cudaFree(g->dshdr);
+    cudaFree(g->dsrows);
+    cudaFreeHost(g->hscs);
+    cudaFreeHost(g->hslw);
+    cudaFreeHost(g->hshdr);
+    cudaFreeHost(g->hsrows);
+    if (g->sev) cudaEventDestroy(g->sev);
+    if (g->slev) cudaEventDestroy(g->slev);
     cudaFreeHost(g->hq);
     cudaFreeHost(g->ho);
     if (g->exec) cudaGraphExecDestroy(g->exec);
@@ -536,7 +607,10 @@ extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
     if (!g) return 0;
     size_t es = g->f16 ? 2 : 4;
     return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh + KST_KVGPU_PRM) * sizeof(float) +
-           2 * g->tcap * g->kvh * g->d * es + g->tocap * sizeof(float);
+           2 * g->tcap * g->kvh * g->d * es + g->tocap * sizeof(float) +
+           (g->sC ? g->kvh * g->tns * sizeof(int) + g->kvh * g->sC * (g->d + 1) * sizeof(float) +
+                        g->qh * g->sC * sizeof(float) + KVGPU_SC_STAGE * (3 * sizeof(int) + 2 * g->d * es)
+                  : 0);
 }
 
 extern "C" size_t kst_kvgpu_tail_stride(const kst_kvgpu *g) {
@@ -598,6 +672,122 @@ done:
 }
 
 extern "C" const float *kst_kvgpu_tail_out(const kst_kvgpu *g) { return g->htout; }
+
+extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent,
+                                    kst_error *err) {
+    int rc = KST_OK;
+    if ((rc = kvgpu_release_all(err)) != KST_OK) return rc; // (reallocations below)
+    if (g->st) CU(cudaStreamSynchronize(g->st), "kv gpu sample cache");
+    cudaFree(g->scid);
+    cudaFree(g->sclw);
+    cudaFree(g->scent);
+    cudaFree(g->scs);
+    cudaFreeHost(g->hscs);
+    cudaFreeHost(g->hslw);
+    g->scid = NULL;
+    g->sclw = g->scent = g->scs = g->hscs = g->hslw = NULL;
+    g->sC = 0;
+    g->sstaged = 0;
+    g->gen++;
+    if (!cap) return kst_kvgpu_tail_reserve(g, 0, 0, 0, err);
+    KST_TRY(kst_kvgpu_tail_reserve(g, cap, ch, nc, err));
+    if (kst_kvgpu_tail_stride(g) < 2 * g->d + 2 + 2 * KST_KVGPU_TT_TOP)
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu: the sample cache needs the items' best-row sums (kst_kvgpu_tail_topsum)");
+    {
+        size_t es = g->f16 ? 2 : 4;
+        CU(cudaMalloc((void **)&g->scid, g->kvh * cap * sizeof(int)), "kv gpu sample cache clusters");
+        CU(cudaMemset(g->scid, 0xff, g->kvh * cap * sizeof(int)), "kv gpu sample cache clusters"); // -1: free
+        CU(cudaMalloc((void **)&g->sclw, g->kvh * C * sizeof(float)), "kv gpu sample cache weights");
+        CU(cudaMalloc((void **)&g->scent, g->kvh * g->d * C * sizeof(float)), "kv gpu sample cache centroids");
+        CU(cudaMemcpy(g->scent, cent, g->kvh * g->d * C * sizeof(float), cudaMemcpyHostToDevice),
+           "kv gpu sample cache centroids upload");
+        CU(cudaMalloc((void **)&g->scs, g->qh * C * sizeof(float)), "kv gpu centroid scores");
+        CU(cudaMallocHost((void **)&g->hscs, g->qh * C * sizeof(float)), "kv gpu pinned centroid scores");
+        CU(cudaMallocHost((void **)&g->hslw, g->kvh * C * sizeof(float)), "kv gpu pinned sample cache weights");
+        if (!g->hshdr) {
+            CU(cudaMalloc((void **)&g->dshdr, KVGPU_SC_STAGE * 3 * sizeof(int)), "kv gpu sample cache staging");
+            CU(cudaMallocHost((void **)&g->hshdr, KVGPU_SC_STAGE * 3 * sizeof(int)), "kv gpu sample cache staging");
+            CU(cudaMalloc((void **)&g->dsrows, KVGPU_SC_STAGE * 2 * g->d * es), "kv gpu sample cache staging");
+            CU(cudaMallocHost((void **)&g->hsrows, KVGPU_SC_STAGE * 2 * g->d * es), "kv gpu sample cache staging");
+            CU(cudaEventCreateWithFlags(&g->sev, cudaEventDisableTiming), "kv gpu sample cache event");
+            CU(cudaEventCreateWithFlags(&g->slev, cudaEventDisableTiming), "kv gpu sample cache event");
+        }
+        for (size_t i = 0; i < g->kvh * C; i++) g->hslw[i] = -INFINITY;
+        CU(cudaMemcpy(g->sclw, g->hslw, g->kvh * C * sizeof(float), cudaMemcpyHostToDevice), "kv gpu sample cache weights");
+        g->sC = C;
+    }
+done:
+    return rc;
+}
+
+// The staged entries copied and scattered on the stream (the staging reused once sev is done).
+static int sc_send(kst_kvgpu *g, kst_error *err) {
+    int rc = KST_OK;
+    size_t n = g->sstaged, es = g->f16 ? 2 : 4;
+    if (!n) return KST_OK;
+    KST_TRY(kst_kvgpu_disarm(g, err));
+    CU(cudaMemcpyAsync(g->dshdr, g->hshdr, n * 3 * sizeof(int), cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
+    CU(cudaMemcpyAsync(g->dsrows, g->hsrows, n * 2 * g->d * es, cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
+    if (g->f16)
+        sc_scatter_kernel<__half><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const __half *)g->dsrows, (__half *)g->tK,
+                                                                  (__half *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d);
+    else
+        sc_scatter_kernel<float><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const float *)g->dsrows, (float *)g->tK,
+                                                                 (float *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d);
+    CU(cudaGetLastError(), "kv gpu sample cache scatter");
+    CU(cudaEventRecord(g->sev, g->st), "kv gpu sample cache event");
+    g->sev_rec = 1;
+    g->sstaged = 0;
+done:
+    return rc;
+}
+// Waits for the last copy out of the staging (before it is written again).
+static int sc_wait(kst_kvgpu *g, kst_error *err) {
+    int rc = KST_OK;
+    if (g->sev_rec) CU(cudaEventSynchronize(g->sev), "kv gpu sample cache upload");
+    g->sev_rec = 0;
+done:
+    return rc;
+}
+
+extern "C" int kst_kvgpu_sc_stage(kst_kvgpu *g, size_t kv_head, size_t slot, int cid, const void *k, const void *v,
+                                  kst_error *err) {
+    int rc = KST_OK;
+    if (!g->sC || kv_head >= g->kvh || slot >= g->tns)
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu: sample cache slot %zu of KV head %zu (%zu slots, %zu heads)", slot,
+                        kv_head, g->sC ? g->tns : 0, g->kvh);
+    if (g->sstaged == KVGPU_SC_STAGE) KST_TRY(sc_send(g, err));
+    if (g->sstaged == 0) KST_TRY(sc_wait(g, err));
+    {
+        size_t e = g->sstaged++, rb = g->d * (g->f16 ? 2 : 4);
+        g->hshdr[3 * e] = (int)kv_head;
+        g->hshdr[3 * e + 1] = (int)slot;
+        g->hshdr[3 * e + 2] = cid;
+        if (cid >= 0) {
+            memcpy(g->hsrows + 2 * e * rb, k, rb);
+            memcpy(g->hsrows + (2 * e + 1) * rb, v, rb);
+        }
+    }
+done:
+    return rc;
+}
+
+extern "C" int kst_kvgpu_sc_flush(kst_kvgpu *g, const float *lw, kst_error *err) {
+    int rc = KST_OK;
+    if (!g->sC) return kst_fail(err, KST_ERR_INVALID, "kv gpu: no sample cache reserved");
+    KST_TRY(sc_send(g, err));
+    KST_TRY(kst_kvgpu_disarm(g, err));
+    if (g->slev_rec) CU(cudaEventSynchronize(g->slev), "kv gpu sample cache weights upload"); // (done by now, as a rule)
+    memcpy(g->hslw, lw, g->kvh * g->sC * sizeof(float));
+    CU(cudaMemcpyAsync(g->sclw, g->hslw, g->kvh * g->sC * sizeof(float), cudaMemcpyHostToDevice, g->st),
+       "kv gpu sample cache weights upload");
+    CU(cudaEventRecord(g->slev, g->st), "kv gpu sample cache event");
+    g->slev_rec = 1;
+done:
+    return rc;
+}
+
+extern "C" const float *kst_kvgpu_sc_scores(const kst_kvgpu *g) { return g->sC ? g->hscs : NULL; }
 
 extern "C" int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const void *V, size_t n,
                               kst_error *err) {
@@ -828,26 +1018,32 @@ static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
         refresh_kernel<<<KST_KVGPU_DMAX, 256, 0, g->st>>>(g->q, (int)g->qh, (int)g->d, (const char *)g->dstage,
                                                           (char *)g->KV, 2 * g->kvh * g->d * (g->f16 ? 2 : 4));
     {
-    size_t P = 32, nb = g->qh * (size_t)g->split + (g->tns ? g->qh * g->tnc : 0);
+    size_t P = 32, nbc = g->sC ? (g->sC + STEP_THREADS - 1) / STEP_THREADS : 0;
+    size_t nb = g->qh * (size_t)g->split + (g->tns ? g->qh * g->tnc : 0) + g->qh * nbc;
     while (P < g->tch) P <<= 1;
     if (g->f16)
         (g->minb == 3 ? step_kernel<__half, 3> : step_kernel<__half, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const __half *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const __half *)g->tK,
             (const __half *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
-            (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc);
+            (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC,
+            g->scent, g->scs, (int)nbc);
     else
         (g->minb == 3 ? step_kernel<float, 3> : step_kernel<float, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const float *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const float *)g->tK,
             (const float *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
-            (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc);
+            (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC,
+            g->scent, g->scs, (int)nbc);
     }
     CU(cudaGetLastError(), "kv gpu step launch");
     if (g->timing) CU(cudaEventRecord(g->tev[2], g->st), "kv gpu timing");
     if (g->tns)
         CU(cudaMemcpyAsync(g->htout, g->tout, g->qh * g->tnc * kst_kvgpu_tail_stride(g) * sizeof(float),
                            cudaMemcpyDeviceToHost, g->st), "kv gpu tail sums download");
+    if (g->sC)
+        CU(cudaMemcpyAsync(g->hscs, g->scs, g->qh * g->sC * sizeof(float), cudaMemcpyDeviceToHost, g->st),
+           "kv gpu centroid scores download");
     CU(cudaMemcpyAsync(g->ho, g->o, (g->qh * g->d + g->qh) * sizeof(float), cudaMemcpyDeviceToHost, g->st),
        "kv gpu output download");
     if (g->timing) CU(cudaEventRecord(g->tev[3], g->st), "kv gpu timing");

@@ -108,6 +108,25 @@ size_t kst_kvgpu_tail_stride(const kst_kvgpu *g);
 /* Pinned host copy of the last step's items, valid once the partials are in (wait/ready/poll). */
 const float *kst_kvgpu_tail_out(const kst_kvgpu *g);
 
+/* The clustered tail's sample cache (index/kv_scache.h, kst_kvc_set_tail_cache) on the GPU: the
+ * tail table above (kst_kvgpu_tail_reserve(cap, ch, nc)) with a cluster a slot (-1: free) and a
+ * log weight a cluster (its rows weighted by it in the items, a free slot's rows left out), and
+ * the KV heads' C centroids cent (kv_heads, d, C) float32, scored for every query head in each
+ * step's launch (kst_kvgpu_sc_scores: scale <q_h, cent_c>, (q_heads, C), valid once the
+ * partials are in). Every slot starts free and every weight at -inf. cap 0 releases it. */
+int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent,
+                         kst_error *err);
+/* Stages slot `slot` of KV head kv_head: its cluster cid (-1: free, k and v unread) and its key
+ * and value rows (d values in the cache's dtype); copied in by kst_kvgpu_sc_flush (or earlier,
+ * on the stream, when the staging is full). */
+int kst_kvgpu_sc_stage(kst_kvgpu *g, size_t kv_head, size_t slot, int cid, const void *k, const void *v,
+                       kst_error *err);
+/* Queues the staged slots and the clusters' log weights lw (kv_heads, C) on the step's stream
+ * (the next step's launch sees them). */
+int kst_kvgpu_sc_flush(kst_kvgpu *g, const float *lw, kst_error *err);
+/* Pinned host copy of the last step's centroid scores (q_heads, C); NULL without the cache. */
+const float *kst_kvgpu_sc_scores(const kst_kvgpu *g);
+
 /* The static tokens' partial split over s blocks a query head (split-K over the tokens, the
  * head's last block merging the s partials by log-sum-exp; 1: one block a head, as before
  * round 16), the step's kernel built for minb (2 or 3) blocks of 512 threads an SM (3: fewer

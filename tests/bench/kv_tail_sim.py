@@ -15,6 +15,10 @@ output against full attention, mean over decode queries).
     .venv/bin/python tests/bench/kv_tail_sim.py gqa DIR CTX LAYER KVHEAD [nq]
         one plan per query head against one shared plan per KV head (kst_kvc_set_tail_share)
         at the rows read (needs the dump's three query heads of the KV head)
+    .venv/bin/python tests/bench/kv_tail_sim.py lag DIR CTX LAYER KVHEAD [nq]
+        the shared plan made from the last W steps' queries instead of this step's (a plan known
+        before the step, whose rows a GPU cache can hold), with a share of the budget spread by
+        cluster size; error, and the rows a step must upload to a cache of the prefixes planned
 """
 import sys
 
@@ -195,8 +199,55 @@ def gqa(D, ctx, l, kh, nq=16):
         print(f"  {k:28s} err {np.mean(v):.3e}")
 
 
+def lag(D, ctx, l, kh, nq=32):
+    hs = [3 * kh, 3 * kh + 1, 3 * kh + 2]
+    Qs = [load(D, l, h, "q") for h in hs]
+    K, V = load(D, l, hs[0], "k"), load(D, l, hs[0], "v")
+    scale = 1 / np.sqrt(K.shape[1])
+    C, a, mem, ln, cent = clusters(K[SINKS:ctx - WIN])
+
+    def alloc(t):  # the heads' normalized allocations averaged, before any retrieval
+        m = 0
+        for Qg in Qs:
+            cs = cent @ (Qg[t] * scale)
+            w = ln * np.exp(0.7 * (cs - cs.max()))
+            m = m + w / w.sum()
+        return m / len(Qs)
+
+    A = {t: alloc(t) for t in range(ctx, ctx + nq + 16)}
+    res, up = {}, {}
+    for B in (4096, 6144):
+        for W, u, cap in ((0, 0.0, 0), (1, 0.0, 0), (2, 0.0, 0), (2, 0.1, 0), (4, 0.1, 0), (2, 0.0, 1.5), (2, 0.0, 2), (2, 0.0, 4)):
+            held, last = np.zeros(C, int), np.zeros(C)
+            for t in range(ctx + 8, ctx + 8 + nq):
+                m = A[t] if W == 0 else sum(A[t - j] for j in range(1, W + 1)) / W
+                ns = plan((1 - u) * m + u * ln / ln.sum(), ln, B)
+                new = np.maximum(held, ns)
+                if cap and new.sum() > cap * B:  # clusters holding more than planned cut back, oldest first
+                    over, c = new.sum() - cap * B, 0
+                    for c in np.argsort(last):
+                        if over <= 0:
+                            break
+                        cut = min(new[c] - ns[c], over)
+                        new[c] -= cut
+                        over -= cut
+                last[ns >= np.maximum(held, 1)] = t
+                if t >= ctx + 12:
+                    xs = [Query(Qg[t] * scale, K, V, ctx, a, ln, cent, C) for Qg in Qs]
+                    k = f"B {B}, plan from " + ("this step" if W == 0 else f"the last {W} steps") + f", {u:.0%} by size"
+                    if cap:
+                        k += f", all held (cap {cap} B)"
+                    res.setdefault(k, []).append(np.mean([x.err(*x.ht(mem, ln, new if cap else ns)) for x in xs]))
+                    up.setdefault(k, []).append([np.maximum(new - held, 0).sum(), new.sum()])
+                held = new
+    print(f"L{l} KV head {kh} (query heads {hs}), {ctx} tokens, {nq - 4} consecutive steps")
+    for k, v in res.items():
+        u = np.array(up[k])
+        print(f"  {k:62s} err {np.mean(v):.3e}  uploads a step {u[:, 0].mean():6.0f}  rows held {u[:, 1].mean():6.0f}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 6 or sys.argv[1] not in ("reservoir", "locality", "gqa"):
+    if len(sys.argv) < 6 or sys.argv[1] not in ("reservoir", "locality", "gqa", "lag"):
         sys.exit(__doc__)
-    f = {"reservoir": reservoir, "locality": locality, "gqa": gqa}[sys.argv[1]]
+    f = {"reservoir": reservoir, "locality": locality, "gqa": gqa, "lag": lag}[sys.argv[1]]
     f(sys.argv[2], *map(int, sys.argv[3:]))

@@ -1,0 +1,329 @@
+/* kv_scache.c - the clustered tail's sample cache (kv_scache.h). */
+#include "kv_scache.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/check.h"
+#include "core/kv_attn.h"
+#include "core/mem.h"
+
+void kst_kvsc_free(kst_kvsc *S) {
+    if (!S) return;
+    kst_free(S->m);
+    kst_free(S->lw);
+    kst_free(S->key);
+    kst_free(S->cid);
+    kst_free(S->slot);
+    kst_free(S->fr);
+    kst_free(S->dirty);
+    kst_free(S->dmark);
+    kst_free(S->hist);
+    kst_kvtc_group_free(&S->A);
+    memset(S, 0, sizeof *S);
+}
+
+size_t kst_kvsc_bytes(const kst_kvsc *S) {
+    return S->C * (sizeof(uint32_t) + sizeof(float) + 2 * S->G * sizeof(float)) +
+           S->cap * (3 * sizeof(uint32_t) + sizeof(int32_t) + 1) + S->ncap * sizeof(int32_t);
+}
+
+static int sc_nodes(kst_kvsc *S, size_t n, kst_error *err) {
+    if (S->ncap >= n) return KST_OK;
+    size_t cap = n + n / 4 + 1024;
+    int rc = kst_realloc((void **)&S->slot, cap, sizeof(int32_t), "tail sample cache slots", err);
+    if (rc != KST_OK) return rc;
+    for (size_t i = S->ncap; i < cap; i++) S->slot[i] = -1;
+    S->ncap = cap;
+    return KST_OK;
+}
+
+int kst_kvsc_setup(kst_kvsc *S, const kst_kvtc *T, size_t G, size_t cap, kst_error *err) {
+    kst_kvsc_free(S);
+    if (!T->C || !G || !cap)
+        return kst_fail(err, KST_ERR_INVALID, "tail sample cache: %zu clusters, %zu heads, %zu slots (none may be 0)",
+                        T->C, G, cap);
+    size_t nc = (cap + KST_KVSC_CH - 1) / KST_KVSC_CH;
+    if (nc > 16)
+        return kst_fail(err, KST_ERR_INVALID, "tail sample cache: %zu slots, at most %d", cap, 16 * KST_KVSC_CH);
+    size_t ch = (cap + nc - 1) / nc, C = T->C;
+    cap = ch * nc;
+    int rc = KST_OK;
+    if (!(S->m = kst_calloc(C, sizeof(uint32_t), "tail sample cache", err)) ||
+        !(S->lw = kst_malloc(C, sizeof(float), "tail sample cache", err)) ||
+        !(S->key = kst_malloc(cap, sizeof(uint32_t), "tail sample cache", err)) ||
+        !(S->cid = kst_malloc(cap, sizeof(int32_t), "tail sample cache", err)) ||
+        !(S->fr = kst_malloc(cap, sizeof(uint32_t), "tail sample cache", err)) ||
+        !(S->dirty = kst_malloc(cap, sizeof(uint32_t), "tail sample cache", err)) ||
+        !(S->dmark = kst_calloc(cap, 1, "tail sample cache", err)) ||
+        !(S->hist = kst_calloc(2 * G * C, sizeof(float), "tail sample cache", err))) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
+    for (size_t c = 0; c < C; c++) S->lw[c] = -INFINITY;
+    for (size_t s = 0; s < cap; s++) {
+        S->key[s] = KST_KVSC_FREE;
+        S->cid[s] = -1;
+        S->fr[s] = (uint32_t)(cap - 1 - s); /* popped from slot 0 up */
+    }
+    S->nfr = cap;
+    KST_TRY(sc_nodes(S, T->na, err));
+    S->C = C;
+    S->cap = cap;
+    S->ch = ch;
+    S->nc = nc;
+    S->G = G;
+    S->na = T->na;
+done:
+    if (rc != KST_OK) kst_kvsc_free(S);
+    return rc;
+}
+
+static void sc_mark(kst_kvsc *S, uint32_t s) {
+    if (S->dmark[s]) return;
+    S->dmark[s] = 1;
+    S->dirty[S->nd++] = s;
+}
+static void sc_drop(kst_kvsc *S, uint32_t x) {
+    int32_t s = S->slot[x];
+    S->slot[x] = -1;
+    S->key[s] = KST_KVSC_FREE;
+    S->cid[s] = -1;
+    S->fr[S->nfr++] = (uint32_t)s;
+    sc_mark(S, (uint32_t)s);
+}
+static void sc_hold(kst_kvsc *S, uint32_t x, uint32_t c) {
+    uint32_t s = S->fr[--S->nfr];
+    S->slot[x] = (int32_t)s;
+    S->key[s] = x;
+    S->cid[s] = (int32_t)c;
+    sc_mark(S, s);
+}
+/* Cluster c's prefix held to L members (L <= len_c; the slots for more are free). */
+static void sc_set(kst_kvsc *S, const kst_kvtc *T, uint32_t c, uint32_t L) {
+    uint32_t mc = S->m[c];
+    for (uint32_t p = L; p < mc; p++) sc_drop(S, T->mem[c][p]);
+    for (uint32_t p = mc; p < L; p++) sc_hold(S, T->mem[c][p], c);
+    S->m[c] = L;
+    S->used = S->used - mc + L;
+}
+static void sc_weights(kst_kvsc *S, const kst_kvtc *T) {
+    for (size_t c = 0; c < S->C; c++)
+        S->lw[c] = S->m[c] ? logf((float)T->len[c] / (float)S->m[c]) : -INFINITY;
+}
+
+int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err) {
+    if (!S->C || T->na == S->na) return KST_OK;
+    int rc = sc_nodes(S, T->na, err);
+    if (rc != KST_OK) return rc;
+    for (size_t x = S->na; x < T->na; x++) {
+        uint32_t c = T->of[x], mc = S->m[c];
+        if (T->pos[x] >= mc) continue;
+        /* x joined inside c's prefix: members pushed out give their slots to those pushed in */
+        for (uint32_t p = mc; p < T->len[c]; p++)
+            if (S->slot[T->mem[c][p]] >= 0) sc_drop(S, T->mem[c][p]);
+        for (uint32_t p = 0; p < mc; p++)
+            if (S->slot[T->mem[c][p]] < 0) sc_hold(S, T->mem[c][p], c);
+    }
+    S->na = T->na;
+    sc_weights(S, T);
+    return KST_OK;
+}
+
+int kst_kvsc_plan(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, size_t budget, kst_error *err) {
+    if (!S->C) return KST_OK;
+    size_t G = S->G, C = S->C;
+    if (budget > S->cap) budget = S->cap;
+    if (S->nh) memcpy(S->hist + G * C, S->hist, G * C * sizeof(float));
+    memcpy(S->hist, cs, G * C * sizeof(float));
+    S->nh = S->nh < 2 ? S->nh + 1 : 2;
+    int rc = kst_kvtc_group_plan(T, &S->A, S->hist, S->nh * G, temp, budget, err);
+    if (rc != KST_OK) return rc;
+    const uint32_t *ns = S->A.ns;
+    size_t need = 0;
+    for (size_t c = 0; c < C; c++) need += ns[c] > S->m[c] ? ns[c] - S->m[c] : 0;
+    /* over the table: clusters holding more than this plan wants cut back, round a clock (one
+     * round frees enough: sum n_c <= budget <= cap) */
+    size_t over = S->used + need > S->cap ? S->used + need - S->cap : 0;
+    for (size_t k = 0; over > 0 && k < C; k++) {
+        uint32_t c = (uint32_t)S->hand;
+        S->hand = S->hand + 1 < C ? S->hand + 1 : 0;
+        if (S->m[c] <= ns[c]) continue;
+        size_t cut = S->m[c] - ns[c] < over ? S->m[c] - ns[c] : over;
+        sc_set(S, T, c, (uint32_t)(S->m[c] - cut));
+        over -= cut;
+    }
+    for (size_t c = 0; c < C; c++)
+        if (ns[c] > S->m[c]) {
+            S->added += ns[c] - S->m[c];
+            sc_set(S, T, (uint32_t)c, ns[c]);
+        }
+    sc_weights(S, T);
+    S->ready = 1;
+    return KST_OK;
+}
+
+size_t kst_kvsc_take_dirty(kst_kvsc *S, uint32_t *out) {
+    size_t n = S->nd;
+    for (size_t i = 0; i < n; i++) {
+        out[i] = S->dirty[i];
+        S->dmark[S->dirty[i]] = 0;
+    }
+    S->nd = 0;
+    return n;
+}
+
+static const void *sc_row(const void *base, size_t row, int f16, size_t d) {
+    return (const char *)base + row * d * (f16 ? 2 : 4);
+}
+
+void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const void *K, const void *V, int f16,
+                   size_t d, float scale, size_t row0, float *it, size_t gst, float *sc) {
+    size_t j0 = cc * S->ch, nr = S->cap - j0 < S->ch ? S->cap - j0 : S->ch, nt = nr < KST_KVSC_TOP ? nr : KST_KVSC_TOP;
+    for (size_t j = 0; j < nr; j++) {
+        uint32_t x = S->key[j0 + j];
+        if (x == KST_KVSC_FREE) {
+            for (size_t g = 0; g < G; g++) sc[g * nr + j] = -INFINITY;
+            continue;
+        }
+        const void *kr = sc_row(K, row0 + x, f16, d);
+        float l = S->lw[S->cid[j0 + j]];
+        for (size_t g = 0; g < G; g++) sc[g * nr + j] = kst_kv_dot(Q + g * d, kr, f16, d) * scale + l;
+    }
+    for (size_t g = 0; g < G; g++) {
+        float *w = sc + g * nr, *ig = it + g * gst, *tw = ig + 2 + d + KST_KVSC_TOP, *ot = tw + KST_KVSC_TOP;
+        int32_t tp[KST_KVSC_TOP];
+        /* the nt best, by insertion into a sorted list (best first) */
+        size_t cnt = 0;
+        for (size_t j = 0; j < nr; j++) {
+            float v = w[j];
+            if (cnt == nt && !(v > tw[nt - 1])) continue;
+            size_t i = cnt < nt ? cnt++ : nt - 1;
+            for (; i > 0 && tw[i - 1] < v; i--) {
+                tw[i] = tw[i - 1];
+                tp[i] = tp[i - 1];
+            }
+            tw[i] = v;
+            tp[i] = (int32_t)j;
+        }
+        float mx = nt ? tw[0] : -INFINITY;
+        memset(ig + 2, 0, d * sizeof(float));
+        memset(ot, 0, d * sizeof(float));
+        ig[0] = mx;
+        ig[1] = 0;
+        memcpy(ig + 2 + d, tp, nt * sizeof(int32_t));
+        if (!(mx > -INFINITY)) {
+            for (size_t i = 0; i < nt; i++) tw[i] = 0;
+            continue;
+        }
+        kst_kv_exp_shift(w, nr, mx);
+        for (size_t i = 0; i < nt; i++) {
+            tw[i] = w[tp[i]];
+            w[tp[i]] = 0;
+            if (tw[i] > 0) kst_kv_axpy(ot, tw[i], sc_row(V, row0 + S->key[j0 + tp[i]], f16, d), f16, d);
+        }
+        double sum = 0;
+        for (size_t j = 0; j < nr; j++)
+            if (w[j] > 0) {
+                sum += w[j];
+                kst_kv_axpy(ig + 2, w[j], sc_row(V, row0 + S->key[j0 + j], f16, d), f16, d);
+            }
+        ig[1] = (float)sum;
+    }
+}
+
+static int cmp_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+/* (v, s) in the frame mx merged into (o, lse). */
+static void sc_merge(float *o, float *lse, float *v, double s, float mx, size_t d) {
+    if (!(s > 0)) return;
+    float inv = (float)(1.0 / s);
+    for (size_t i = 0; i < d; i++) v[i] *= inv;
+    kst_attn_merge(o, lse, v, mx + (float)log(s), d);
+}
+
+size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K, const void *V,
+                       int f16, size_t d, float scale, size_t row0, const uint32_t *rid, size_t m, uint32_t *sl,
+                       float *sc, float *o, float *lse) {
+    memset(o, 0, d * sizeof(float));
+    *lse = -INFINITY;
+    size_t nex = 0;
+    for (size_t i = 0; i < m; i++)
+        if (rid[i] < S->ncap && S->slot[rid[i]] >= 0) sl[nex++] = (uint32_t)S->slot[rid[i]];
+    if (nex > 1) qsort(sl, nex, sizeof(uint32_t), cmp_u32);
+    size_t kept = S->used - nex, e = 0;
+    if (kept == 0) return 0;
+    float oc[512];
+    for (size_t cc = 0; cc < S->nc; cc++) {
+        size_t j0 = cc * S->ch, nr = S->cap - j0 < S->ch ? S->cap - j0 : S->ch, e0 = e;
+        size_t nt = nr < KST_KVSC_TOP ? nr : KST_KVSC_TOP;
+        while (e < nex && sl[e] < j0 + nr) e++;
+        const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVSC_TOP, *ot = tw + KST_KVSC_TOP;
+        float mx = ic[0];
+        if (!(mx > -INFINITY)) continue; /* no row held */
+        int32_t tp[KST_KVSC_TOP];
+        memcpy(tp, ic + 2 + d, nt * sizeof(int32_t));
+        double sum = ic[1], sub = 0, ttot = 0, trm = 0;
+        uint64_t topx = 0; /* the best rows retrieved (bit a: tp[a]) */
+        memcpy(oc, ic + 2, d * sizeof(float));
+        for (size_t i = e0; i < e; i++) {
+            size_t j = sl[i] - j0, a = 0;
+            for (; a < nt; a++)
+                if ((size_t)tp[a] == j) break;
+            if (a < nt) {
+                topx |= (uint64_t)1 << a;
+                continue;
+            }
+            uint32_t x = S->key[sl[i]];
+            float w = expf(kst_kv_dot(q, sc_row(K, row0 + x, f16, d), f16, d) * scale + S->lw[S->cid[sl[i]]] - mx);
+            sub += w;
+            kst_kv_axpy(oc, -w, sc_row(V, row0 + x, f16, d), f16, d);
+        }
+        for (size_t a = 0; a < nt; a++) {
+            ttot += tw[a];
+            if (topx >> a & 1) trm += tw[a];
+        }
+        double rest = sum - sub + ttot - trm;
+        if ((sub > 0 && !(sub <= sum * 0.875)) || !(rest > 0) || !isfinite(rest)) {
+            /* the chunk's rows outside R scored and summed anew */
+            size_t r = e0;
+            float mk = -INFINITY;
+            for (size_t j = 0; j < nr; j++) {
+                uint32_t x = S->key[j0 + j];
+                sc[j] = -INFINITY;
+                if (r < e && sl[r] == j0 + j) {
+                    r++;
+                    continue;
+                }
+                if (x == KST_KVSC_FREE) continue;
+                sc[j] = kst_kv_dot(q, sc_row(K, row0 + x, f16, d), f16, d) * scale + S->lw[S->cid[j0 + j]];
+                if (sc[j] > mk) mk = sc[j];
+            }
+            if (!(mk > -INFINITY)) continue;
+            kst_kv_exp_shift(sc, nr, mk);
+            double s2 = 0;
+            memset(oc, 0, d * sizeof(float));
+            for (size_t j = 0; j < nr; j++)
+                if (sc[j] > 0) {
+                    s2 += sc[j];
+                    kst_kv_axpy(oc, sc[j], sc_row(V, row0 + S->key[j0 + j], f16, d), f16, d);
+                }
+            sc_merge(o, lse, oc, s2, mk, d);
+            continue;
+        }
+        if (trm <= ttot * 0.875) { /* the best rows' sums, less the retrieved ones */
+            for (size_t i = 0; i < d; i++) oc[i] += ot[i];
+            for (size_t a = 0; a < nt; a++)
+                if (topx >> a & 1) kst_kv_axpy(oc, -tw[a], sc_row(V, row0 + S->key[j0 + tp[a]], f16, d), f16, d);
+        } else {
+            for (size_t a = 0; a < nt; a++)
+                if (!(topx >> a & 1) && tw[a] > 0)
+                    kst_kv_axpy(oc, tw[a], sc_row(V, row0 + S->key[j0 + tp[a]], f16, d), f16, d);
+        }
+        sc_merge(o, lse, oc, rest, mx, d);
+    }
+    return kept;
+}

@@ -1,0 +1,103 @@
+/* kv_scache.h - the clustered tail's sample cache (kst_kvc_set_tail_cache; index/kv.h): the
+ * shared sample of a KV head (kv_tclust.h, kst_kvtc_group_*) planned from the last steps'
+ * queries instead of this step's, so that its rows can sit where the step's partial attention
+ * runs (the GPU) before the step starts, and a step copies there only the rows a plan adds.
+ *
+ * State, one per KV head: cluster c keeps its first m_c members (of its uniformly random order)
+ * in slots of a table of `cap` rows, in chunks of `ch` rows. After a step, the shared plan
+ * (kst_kvtc_group_plan) of the last two steps' query heads (2G score rows: their normalized
+ * allocations averaged) gives n_c, and m_c becomes max(m_c, n_c): the rows a plan adds. Above
+ * cap, clusters holding more than their n_c are cut back towards it, a clock hand going round
+ * them. A key that joins a cluster at a place < m_c (kst_kvtc_add's inside-out shuffle) takes the
+ * slot of the member it pushes out of the prefix.
+ *
+ * Estimate, query head q, retrieved ids R: every cached member weighted len_c / m_c, those in R
+ * left out: sum over S \ R of (len_c / m_c) exp(s) (and times v). The cached prefix is a
+ * uniformly random subset of its cluster whose size was fixed before this query (by earlier
+ * plans and the clusters' sizes), so this is the Horvitz-Thompson estimate of kv_tclust.h,
+ * unbiased for the indexed keys outside R; a cluster held whole is exact. The plan comes one
+ * step late: on SmolLM2's heads at 32K about 1.1-1.5x the error of this step's plan at equal
+ * samples, against ~100 rows a step to copy instead of 4,096 (bench README, round 20).
+ *
+ * The table is scored in items, one per (query head, chunk), as the GPU's tail kernel lays them
+ * out (kv_cuda.h, KST_KVGPU_TT_TOP): the chunk's best weighted score mx (-inf: no row held), the
+ * sum of exp(s + lw - mx) over its rows outside its KST_KVSC_TOP best, their weighted value sum
+ * (d), the best rows (int32 bits) and their weights, then their weighted value sum (d), where
+ * s = scale <q, k> and lw = log(len_c / m_c). kst_kvsc_item makes them on the CPU,
+ * kst_kvsc_finish turns a head's items into its estimate. */
+#ifndef KST_INDEX_KV_SCACHE_H
+#define KST_INDEX_KV_SCACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/error.h"
+#include "index/kv_tclust.h"
+
+#define KST_KVSC_TOP 32           /* best rows an item carries (== KST_KVGPU_TT_TOP) */
+#define KST_KVSC_CH 1024          /* rows a chunk holds at most */
+#define KST_KVSC_FREE UINT32_MAX  /* a free slot's node */
+/* An item's floats for head dim d: mx, sum, sums (d), rows, weights, the best rows' sums (d). */
+#define KST_KVSC_STRIDE(d) (2 * (d) + 2 + 2 * KST_KVSC_TOP)
+
+typedef struct kst_kvsc {
+    size_t C, cap, ch, nc; /* clusters (0: not set up), slots, rows a chunk, chunks */
+    size_t used;           /* slots held: sum m_c */
+    size_t G;              /* query heads of the KV head */
+    uint32_t *m;           /* (C) members held a cluster: its prefix */
+    float *lw;             /* (C) log(len_c / m_c), -inf where m_c = 0 */
+    uint32_t *key;         /* (cap) node in each slot, KST_KVSC_FREE */
+    int32_t *cid;          /* (cap) its cluster, -1 for a free slot */
+    int32_t *slot;         /* (ncap) slot of each node, -1 */
+    size_t ncap;
+    uint32_t *fr;          /* (cap) free slots, a stack of nfr */
+    size_t nfr;
+    uint32_t *dirty;       /* (cap) slots changed since kst_kvsc_take_dirty, nd of them */
+    uint8_t *dmark;        /* (cap) */
+    size_t nd;
+    float *hist;           /* (2 G, C) centroid score rows: the last step's, the one before */
+    size_t nh;             /* steps in hist (0..2) */
+    size_t hand;           /* the eviction clock */
+    size_t na;             /* nodes of the clusters seen (kst_kvsc_joined) */
+    size_t added;          /* rows the plans added since set up (uploads) */
+    int ready;             /* 1 once a plan is held */
+    kst_kvtc_group A;      /* the plan */
+} kst_kvsc;
+
+/* Sets S up empty for T's clusters (T->C > 0), G query heads and a table of at least cap slots
+ * (rounded up to whole chunks of at most KST_KVSC_CH rows, at most 16 chunks), every node
+ * assigned so far seen. */
+int kst_kvsc_setup(kst_kvsc *S, const kst_kvtc *T, size_t G, size_t cap, kst_error *err);
+void kst_kvsc_free(kst_kvsc *S);
+size_t kst_kvsc_bytes(const kst_kvsc *S);
+
+/* After kst_kvtc_add assigned nodes S->na .. T->na - 1: a cluster where one joined inside its
+ * prefix has its slots brought in line, and every cluster's weight made anew (its size grew). */
+int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err);
+
+/* A step's centroid scores cs (G, C; kst_kvtc_scores) in: the plan of the last two steps' heads
+ * (budget samples, temp as kst_kvtc_group_plan) held, as above. budget <= S->cap. */
+int kst_kvsc_plan(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, size_t budget, kst_error *err);
+
+/* The slots changed since the last call (their node, cluster and rows to copy), into out (at
+ * least S->cap entries); returns their count. */
+size_t kst_kvsc_take_dirty(kst_kvsc *S, uint32_t *out);
+
+/* Chunk cc's items (above) for the G queries Q (G, d): head g's at it + g * gst (st >=
+ * KST_KVSC_STRIDE(d) floats each; gst = S->nc * st lays them out as the GPU does, head by head).
+ * K, V: the KV head's rows, node i at row row0 + i. sc: scratch of G S->ch floats. */
+void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const void *K, const void *V, int f16,
+                   size_t d, float scale, size_t row0, float *it, size_t gst, float *sc);
+
+/* Head q's estimate (o, *lse; o = 0, *lse = -inf where nothing is left) from its S->nc items
+ * (it + cc * st) once its retrieval attended the m ids rid (distinct): per chunk the items'
+ * sums less the terms of the retrieved rows held (a best row is skipped; another's weight is
+ * made anew from its key, as the items' weights are), plus the best rows not retrieved; where
+ * the retrieved outside the best hold more than 7/8 of the sum (the difference would lose
+ * precision), the chunk's rows outside R are scored and summed anew. sl: scratch of m uint32,
+ * sc: of S->ch floats. Returns the rows that stood for the rest (held, outside R). */
+size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K, const void *V,
+                       int f16, size_t d, float scale, size_t row0, const uint32_t *rid, size_t m, uint32_t *sl,
+                       float *sc, float *o, float *lse);
+
+#endif
