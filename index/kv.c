@@ -1980,7 +1980,7 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
     const kst_kvc_opts *o = &c->o;
     size_t G = o->q_heads / o->kv_heads, want = c->tcache_cap ? c->tcache_cap : 2 * o->tail_samples;
     if (want < o->tail_samples) want = o->tail_samples;
-    int rc = KST_OK, all = 1;
+    int rc = KST_OK, all = 1, moved = 0;
     for (size_t h = 0; h < o->kv_heads; h++) {
         kv_hstore *H = &L->heads[h];
         kst_kvsc *S = &H->sc;
@@ -1990,8 +1990,10 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
             L->sc_gpu = 0;
 #endif
         } else {
+            moved |= S->na != H->tc.na;
             KST_TRY(kst_kvsc_joined(S, &H->tc, err));
         }
+        moved |= S->nd > 0;
         all &= S->ready;
     }
     *ready = all;
@@ -2000,6 +2002,7 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
         L->sc_gpu = 0; /* (sent whole when the GPU is back) */
         return KST_OK;
     }
+    if (L->sc_gpu && !moved) return KST_OK; /* (the GPU's table and weights are this step's) */
     {
         const kst_kvsc *S0 = &L->heads[0].sc;
         size_t C = S0->C, d = o->head_dim;
@@ -2038,6 +2041,7 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
     }
 #else
     (void)gpu;
+    (void)moved;
 #endif
 done:
     return rc;

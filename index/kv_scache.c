@@ -100,6 +100,9 @@ static void sc_hold(kst_kvsc *S, uint32_t x, uint32_t c) {
     S->cid[s] = (int32_t)c;
     sc_mark(S, s);
 }
+static void sc_weight(kst_kvsc *S, const kst_kvtc *T, uint32_t c) {
+    S->lw[c] = S->m[c] ? logf((float)T->len[c] / (float)S->m[c]) : -INFINITY;
+}
 /* Cluster c's prefix held to L members (L <= len_c; the slots for more are free). */
 static void sc_set(kst_kvsc *S, const kst_kvtc *T, uint32_t c, uint32_t L) {
     uint32_t mc = S->m[c];
@@ -107,10 +110,7 @@ static void sc_set(kst_kvsc *S, const kst_kvtc *T, uint32_t c, uint32_t L) {
     for (uint32_t p = mc; p < L; p++) sc_hold(S, T->mem[c][p], c);
     S->m[c] = L;
     S->used = S->used - mc + L;
-}
-static void sc_weights(kst_kvsc *S, const kst_kvtc *T) {
-    for (size_t c = 0; c < S->C; c++)
-        S->lw[c] = S->m[c] ? logf((float)T->len[c] / (float)S->m[c]) : -INFINITY;
+    sc_weight(S, T, c);
 }
 
 int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err) {
@@ -119,6 +119,7 @@ int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err) {
     if (rc != KST_OK) return rc;
     for (size_t x = S->na; x < T->na; x++) {
         uint32_t c = T->of[x], mc = S->m[c];
+        sc_weight(S, T, c); /* (its size grew) */
         if (T->pos[x] >= mc) continue;
         /* x joined inside c's prefix: members pushed out give their slots to those pushed in */
         for (uint32_t p = mc; p < T->len[c]; p++)
@@ -127,7 +128,6 @@ int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err) {
             if (S->slot[T->mem[c][p]] < 0) sc_hold(S, T->mem[c][p], c);
     }
     S->na = T->na;
-    sc_weights(S, T);
     return KST_OK;
 }
 
@@ -159,7 +159,6 @@ int kst_kvsc_plan(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, s
             S->added += ns[c] - S->m[c];
             sc_set(S, T, (uint32_t)c, ns[c]);
         }
-    sc_weights(S, T);
     S->ready = 1;
     return KST_OK;
 }
