@@ -18,7 +18,8 @@
  *                                     the hubs, /app one token appended before each timed
  *                                     step, timed with it: last in KV_RUNS; /wN N planner threads,
  *                                     /wiN at the idle scheduling class, /tN the second timing on N
- *                                     threads, /isN the insertion beam's entries (0: the hubs)),
+ *                                     threads, /isN the insertion beam's entries (0: the hubs),
+ *                                     /tc1 the clustered tail's sample cache),
  *                                     KV_PROF=1 a per-phase breakdown,
  *                                     KV_SMAPS=1 huge pages per mapping. */
 #include <math.h>
@@ -467,6 +468,10 @@ static int layer(const char *list) {
             kst_kvc_set_spread(c, strstr(mode, "/sp") ? (size_t)atol(strstr(mode, "/sp") + 3) : KST_KVC_SPREAD_AUTO,
                                strstr(mode, "/sk") ? (size_t)atol(strstr(mode, "/sk") + 3) : 0);
             kst_kvc_set_tail_samples(c, runs[ri].tail);
+            /* "/tc1": the clustered tail's sample cache (kst_kvc_set_tail_cache; with
+             * KESTREL_KV_TCLUST, and KESTREL_KV_TSHARE for its first step; "/tc0" or none: off,
+             * unless KESTREL_KV_TCACHE says otherwise) */
+            kst_kvc_set_tail_cache(c, mode_num(mode, "/tc", 0) > 0, 0);
             /* "/wd5": the adaptive budget at widen 0.05 (opts.widen in percent; "/wd0": off;
              * default: KESTREL_KV_WIDEN, else off) */
             kst_kvc_set_widen(c, strstr(mode, "/wd") ? (float)atof(strstr(mode, "/wd") + 3) / 100.0f
