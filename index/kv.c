@@ -199,12 +199,13 @@ struct kst_kvc {
     int tcache;           /* the shared sample planned a step ahead and held (on the GPU where the
                              static tokens are; kst_kvc_set_tail_cache, KESTREL_KV_TCACHE) */
     size_t tcache_cap;    /* its table's slots a KV head (0: 2 x tail_samples; KESTREL_KV_TCACHE_CAP) */
+    size_t tcache_up;     /* rows a plan adds a KV head and step at most (512; KESTREL_KV_TCACHE_UP) */
     float *sc_it;         /* (q_heads, chunks, stride) the cache's items made on the CPU */
     uint8_t *sc_ok;       /* (kv_heads, chunks) 1: made */
     size_t sc_it_cap, sc_ok_cap;
-    uint32_t *sc_dirty;   /* (slots) scratch of the uploads */
+    size_t *sc_off;       /* (kv_heads + 1) the uploads' offsets */
     float *sc_lw;         /* (kv_heads, C) the clusters' log weights, uploaded */
-    size_t sc_dcap, sc_lcap;
+    size_t sc_lcap;
     float *os_all, *lse_s_all; /* (q_heads, head_dim), (q_heads): the static partial, where made early */
     uint8_t *os_ok;       /* (q_heads) 1: os_all holds this step's static partial */
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
@@ -326,6 +327,7 @@ void kst_kvc_set_tail_cache(kst_kvc *c, int on, size_t slots) {
     const char *e = getenv("KESTREL_KV_TCACHE"), *es = getenv("KESTREL_KV_TCACHE_CAP");
     c->tcache = e ? atoi(e) != 0 : on != 0;
     c->tcache_cap = es ? (size_t)atol(es) : slots;
+    c->tcache_up = getenv("KESTREL_KV_TCACHE_UP") ? (size_t)atol(getenv("KESTREL_KV_TCACHE_UP")) : 512;
 }
 const kst_kvsc *kst_kvc_sample_cache(const kst_kvc *c, size_t layer, size_t kvh) {
     if (layer >= c->o.layers || kvh >= c->o.kv_heads || !c->layers[layer].built) return NULL;
@@ -551,7 +553,7 @@ void kst_kvc_free(kst_kvc *c) {
     kst_free(c->tg_next);
     kst_free(c->sc_it);
     kst_free(c->sc_ok);
-    kst_free(c->sc_dirty);
+    kst_free(c->sc_off);
     kst_free(c->sc_lw);
     kst_free(c->gpu_merged);
     kst_free(c->ids_all);
@@ -1971,10 +1973,49 @@ static int tg_help(kst_kvc *c, kv_layer *L, kv_thread *t, const float *q, int *r
     return 0;
 }
 
+#ifdef KST_CUDA
+/* The sample cache's slots changed since the last upload (all held where `all`: a new table)
+ * staged, each KV head's by its own thread, and sent with the clusters' weights. */
+static int sc_upload(kst_kvc *c, kv_layer *L, int all, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    size_t H = o->kv_heads, C = L->heads[0].sc.C, rowb = o->head_dim * c->esize, *off = c->sc_off;
+    int rc = KST_OK, *hdr;
+    void *rows;
+    if (!off && !(off = c->sc_off = kst_malloc(H + 1, sizeof(size_t), "tail sample cache uploads", err))) return KST_ERR_NOMEM;
+    off[0] = 0;
+    for (size_t h = 0; h < H; h++) off[h + 1] = off[h] + (all ? L->heads[h].sc.used : L->heads[h].sc.nd);
+    KST_TRY(kst_kvgpu_sc_staging(L->gpu, off[H], &hdr, &rows, err));
+#pragma omp parallel for schedule(static) num_threads(c->nth) if (off[H] > 512 && H > 1)
+    for (size_t h = 0; h < H; h++) {
+        kv_hstore *Hs = &L->heads[h];
+        kst_kvsc *S = &Hs->sc;
+        size_t e = off[h], n = all ? S->cap : S->nd;
+        for (size_t i = 0; i < n; i++) {
+            uint32_t sl = all ? (uint32_t)i : S->dirty[i], x = S->key[sl];
+            if (all && x == KST_KVSC_FREE) continue;
+            hdr[3 * e] = (int)h;
+            hdr[3 * e + 1] = (int)sl;
+            hdr[3 * e + 2] = S->cid[sl];
+            if (x != KST_KVSC_FREE) {
+                memcpy((char *)rows + 2 * e * rowb, rows_at(c, Hs->K, o->sinks + x), rowb);
+                memcpy((char *)rows + (2 * e + 1) * rowb, rows_at(c, Hs->V, o->sinks + x), rowb);
+            }
+            e++;
+        }
+        kst_kvsc_take_dirty(S, NULL);
+        memcpy(c->sc_lw + h * C, S->lw, C * sizeof(float));
+    }
+    KST_TRY(kst_kvgpu_sc_send(L->gpu, off[H], c->sc_lw, err));
+    L->sc_gpu = 1;
+done:
+    return rc;
+}
+#endif
+
 /* The sample cache (kst_kvc_set_tail_cache; kv_scache.h) at a step's start: each KV head's set up
  * for its clusters (anew after a build) and brought in line with the keys its clusters took since
  * the last step; with the GPU (gpu 1), its table reserved there (every slot held sent anew) and
- * the slots changed since the last step sent with the clusters' weights (the step's launch sees
+ * the slots changed since the last upload sent with the clusters' weights (the step's launch sees
  * them). *ready: 1 where every KV head holds a plan (the step then estimates from the cache). */
 static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
@@ -2006,38 +2047,16 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
     {
         const kst_kvsc *S0 = &L->heads[0].sc;
         size_t C = S0->C, d = o->head_dim;
-        if (c->sc_lcap < o->kv_heads * C * (d > 1 ? d : 1)) {
+        if (c->sc_lcap < o->kv_heads * C * d) {
             KST_TRY(kst_realloc((void **)&c->sc_lw, o->kv_heads * C * d, sizeof(float), "tail sample cache weights", err));
             c->sc_lcap = o->kv_heads * C * d;
         }
-        if (c->sc_dcap < S0->cap) {
-            KST_TRY(kst_realloc((void **)&c->sc_dirty, S0->cap, sizeof(uint32_t), "tail sample cache uploads", err));
-            c->sc_dcap = S0->cap;
-        }
         if (!L->sc_gpu) { /* the centroids (kv_heads, d, C), as kst_kvtc keeps them transposed */
-            KST_TRY(kst_kvc_gpu_release(c, err));
             for (size_t h = 0; h < o->kv_heads; h++)
                 memcpy(c->sc_lw + h * d * C, L->heads[h].tc.cent_t, d * C * sizeof(float));
             KST_TRY(kst_kvgpu_sc_reserve(L->gpu, S0->cap, S0->ch, S0->nc, C, c->sc_lw, err));
         }
-        for (size_t h = 0; h < o->kv_heads; h++) {
-            kv_hstore *H = &L->heads[h];
-            kst_kvsc *S = &H->sc;
-            size_t n = kst_kvsc_take_dirty(S, c->sc_dirty);
-            if (!L->sc_gpu) { /* every slot held, the table being new */
-                n = 0;
-                for (size_t s = 0; s < S->cap; s++)
-                    if (S->key[s] != KST_KVSC_FREE) c->sc_dirty[n++] = (uint32_t)s;
-            }
-            for (size_t i = 0; i < n; i++) {
-                uint32_t sl = c->sc_dirty[i], x = S->key[sl];
-                KST_TRY(kst_kvgpu_sc_stage(L->gpu, h, sl, S->cid[sl], x == KST_KVSC_FREE ? NULL : rows_at(c, H->K, o->sinks + x),
-                                           x == KST_KVSC_FREE ? NULL : rows_at(c, H->V, o->sinks + x), err));
-            }
-            memcpy(c->sc_lw + h * C, S->lw, C * sizeof(float));
-        }
-        KST_TRY(kst_kvgpu_sc_flush(L->gpu, c->sc_lw, err));
-        L->sc_gpu = 1;
+        KST_TRY(sc_upload(c, L, !L->sc_gpu, err));
     }
 #else
     (void)gpu;
@@ -2047,9 +2066,10 @@ done:
     return rc;
 }
 
-/* The sample cache after a step: each KV head's plan made from this step's centroid scores
- * (cs: (q_heads, C), the GPU's, or NULL: scored here from q) and the step before's, the rows it
- * adds sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step. */
+/* The sample cache after a step: each KV head's plan made (where the step's threads have not made
+ * it yet) from this step's centroid scores (cs: (q_heads, C), the GPU's, or NULL: scored here
+ * from q) and the step before's, then held, adding at most c->tcache_up rows a KV head; the rows
+ * it adds sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step. */
 static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int gpu, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     size_t G = o->q_heads / o->kv_heads, C = L->heads[0].sc.C;
@@ -2061,8 +2081,10 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
     }
 #pragma omp parallel for schedule(static) num_threads(c->nth) if (o->kv_heads > 1)
     for (size_t h = 0; h < o->kv_heads; h++) {
+        kst_kvsc *S = &L->heads[h].sc;
         kst_error e;
-        int r = kst_kvsc_plan(&L->heads[h].sc, &L->heads[h].tc, cs + h * G * C, c->tc_temp, o->tail_samples, &e);
+        int r = S->made ? KST_OK : kst_kvsc_plan_make(S, &L->heads[h].tc, cs + h * G * C, c->tc_temp, o->tail_samples, &e);
+        if (r == KST_OK) kst_kvsc_plan_apply(S, &L->heads[h].tc, c->tcache_up);
         if (r != KST_OK) {
 #pragma omp critical(kv_sc_end)
             if (rc == KST_OK) {
@@ -2071,9 +2093,12 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
             }
         }
     }
-    if (rc != KST_OK || !gpu) return rc;
-    int ready;
-    return sc_begin(c, L, gpu, &ready, err);
+#ifdef KST_CUDA
+    if (rc == KST_OK && gpu) rc = sc_upload(c, L, 0, err);
+#else
+    (void)gpu;
+#endif
+    return rc;
 }
 
 int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
@@ -2577,8 +2602,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     double w1 = pf ? mono_s() : 0;
                     t->ntlw = 0; /* (no signal for the adaptive budget, as with the shared sample) */
                     if (its) {
-                        kept = kst_kvsc_finish(&H->sc, its, scst, qh, H->K, H->V, o->f16, d, o->scale, o->sinks, rid, m,
-                                               t->sret, t->buf, t->o2, &lse_t);
+                        /* (the retrieved keys' scores: the search's where it re-scored them) */
+                        const float *rs = rid == c->ids_all + h * ks && c->group <= 0 && c->il > 0 ? c->sc_all + h * ks : NULL;
+                        kept = kst_kvsc_finish_scored(&H->sc, its, scst, qh, H->K, H->V, o->f16, d, o->scale, o->sinks, rid,
+                                                      rs, m, (uint64_t *)t->rows, t->sret, t->buf, t->o2, &lse_t);
                         kst_attn_merge(oh, &lse, t->o2, lse_t, d);
                     }
                     if (pf) {

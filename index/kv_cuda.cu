@@ -70,7 +70,7 @@ struct kst_kvgpu {
     int *scid, *dshdr, *hshdr;
     float *sclw, *hslw, *scent, *scs, *hscs;
     char *dsrows, *hsrows;
-    size_t sC, sstaged;
+    size_t sC, scap_stage;
     cudaEvent_t sev, slev; // (slev: the last copy of the weights out of hslw)
     int sev_rec, slev_rec;
     // the static tokens' partial split over `split` blocks a query head (kst_kvgpu_split): their
@@ -285,7 +285,6 @@ __device__ void partial_body(int bi, const T *KV, const float *q, float *o, floa
 // best rows and their weights, and (st > d + 2 + 2 * TOP: kst_kvgpu_tail_topsum) the best rows'
 // weighted value sum.
 #define TT_PMAX 1024
-#define KVGPU_SC_STAGE 512 // sample cache rows staged at a time
 template <typename T>
 __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float *out, int ns, int ch,
                           int nc, int P, int G, int d, float scale, int st, const int *cid, const float *clw, int C) {
@@ -609,7 +608,7 @@ extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
     return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh + KST_KVGPU_PRM) * sizeof(float) +
            2 * g->tcap * g->kvh * g->d * es + g->tocap * sizeof(float) +
            (g->sC ? g->kvh * g->tns * sizeof(int) + g->kvh * g->sC * (g->d + 1) * sizeof(float) +
-                        g->qh * g->sC * sizeof(float) + KVGPU_SC_STAGE * (3 * sizeof(int) + 2 * g->d * es)
+                        g->qh * g->sC * sizeof(float) + g->scap_stage * (3 * sizeof(int) + 2 * g->d * es)
                   : 0);
 }
 
@@ -687,7 +686,6 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
     g->scid = NULL;
     g->sclw = g->scent = g->scs = g->hscs = g->hslw = NULL;
     g->sC = 0;
-    g->sstaged = 0;
     g->gen++;
     if (!cap) return kst_kvgpu_tail_reserve(g, 0, 0, 0, err);
     KST_TRY(kst_kvgpu_tail_reserve(g, cap, ch, nc, err));
@@ -704,11 +702,8 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
         CU(cudaMalloc((void **)&g->scs, g->qh * C * sizeof(float)), "kv gpu centroid scores");
         CU(cudaMallocHost((void **)&g->hscs, g->qh * C * sizeof(float)), "kv gpu pinned centroid scores");
         CU(cudaMallocHost((void **)&g->hslw, g->kvh * C * sizeof(float)), "kv gpu pinned sample cache weights");
-        if (!g->hshdr) {
-            CU(cudaMalloc((void **)&g->dshdr, KVGPU_SC_STAGE * 3 * sizeof(int)), "kv gpu sample cache staging");
-            CU(cudaMallocHost((void **)&g->hshdr, KVGPU_SC_STAGE * 3 * sizeof(int)), "kv gpu sample cache staging");
-            CU(cudaMalloc((void **)&g->dsrows, KVGPU_SC_STAGE * 2 * g->d * es), "kv gpu sample cache staging");
-            CU(cudaMallocHost((void **)&g->hsrows, KVGPU_SC_STAGE * 2 * g->d * es), "kv gpu sample cache staging");
+        (void)es;
+        if (!g->sev) {
             CU(cudaEventCreateWithFlags(&g->sev, cudaEventDisableTiming), "kv gpu sample cache event");
             CU(cudaEventCreateWithFlags(&g->slev, cudaEventDisableTiming), "kv gpu sample cache event");
         }
@@ -720,69 +715,59 @@ done:
     return rc;
 }
 
-// The staged entries copied and scattered on the stream (the staging reused once sev is done).
-static int sc_send(kst_kvgpu *g, kst_error *err) {
-    int rc = KST_OK;
-    size_t n = g->sstaged, es = g->f16 ? 2 : 4;
-    if (!n) return KST_OK;
-    KST_TRY(kst_kvgpu_disarm(g, err));
-    CU(cudaMemcpyAsync(g->dshdr, g->hshdr, n * 3 * sizeof(int), cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
-    CU(cudaMemcpyAsync(g->dsrows, g->hsrows, n * 2 * g->d * es, cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
-    if (g->f16)
-        sc_scatter_kernel<__half><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const __half *)g->dsrows, (__half *)g->tK,
-                                                                  (__half *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d);
-    else
-        sc_scatter_kernel<float><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const float *)g->dsrows, (float *)g->tK,
-                                                                 (float *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d);
-    CU(cudaGetLastError(), "kv gpu sample cache scatter");
-    CU(cudaEventRecord(g->sev, g->st), "kv gpu sample cache event");
-    g->sev_rec = 1;
-    g->sstaged = 0;
-done:
-    return rc;
-}
-// Waits for the last copy out of the staging (before it is written again).
-static int sc_wait(kst_kvgpu *g, kst_error *err) {
-    int rc = KST_OK;
-    if (g->sev_rec) CU(cudaEventSynchronize(g->sev), "kv gpu sample cache upload");
-    g->sev_rec = 0;
-done:
-    return rc;
-}
-
-extern "C" int kst_kvgpu_sc_stage(kst_kvgpu *g, size_t kv_head, size_t slot, int cid, const void *k, const void *v,
-                                  kst_error *err) {
-    int rc = KST_OK;
-    if (!g->sC || kv_head >= g->kvh || slot >= g->tns)
-        return kst_fail(err, KST_ERR_INVALID, "kv gpu: sample cache slot %zu of KV head %zu (%zu slots, %zu heads)", slot,
-                        kv_head, g->sC ? g->tns : 0, g->kvh);
-    if (g->sstaged == KVGPU_SC_STAGE) KST_TRY(sc_send(g, err));
-    if (g->sstaged == 0) KST_TRY(sc_wait(g, err));
-    {
-        size_t e = g->sstaged++, rb = g->d * (g->f16 ? 2 : 4);
-        g->hshdr[3 * e] = (int)kv_head;
-        g->hshdr[3 * e + 1] = (int)slot;
-        g->hshdr[3 * e + 2] = cid;
-        if (cid >= 0) {
-            memcpy(g->hsrows + 2 * e * rb, k, rb);
-            memcpy(g->hsrows + (2 * e + 1) * rb, v, rb);
-        }
-    }
-done:
-    return rc;
-}
-
-extern "C" int kst_kvgpu_sc_flush(kst_kvgpu *g, const float *lw, kst_error *err) {
+extern "C" int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err) {
     int rc = KST_OK;
     if (!g->sC) return kst_fail(err, KST_ERR_INVALID, "kv gpu: no sample cache reserved");
-    KST_TRY(sc_send(g, err));
+    if (g->sev_rec) CU(cudaEventSynchronize(g->sev), "kv gpu sample cache upload"); // (done by now, as a rule)
+    g->sev_rec = 0;
+    if (n > g->scap_stage) {
+        size_t es = g->f16 ? 2 : 4, cap = n + n / 2 + 64;
+        cudaFree(g->dshdr);
+        cudaFree(g->dsrows);
+        cudaFreeHost(g->hshdr);
+        cudaFreeHost(g->hsrows);
+        g->dshdr = g->hshdr = NULL;
+        g->dsrows = g->hsrows = NULL;
+        g->scap_stage = 0;
+        CU(cudaMalloc((void **)&g->dshdr, cap * 3 * sizeof(int)), "kv gpu sample cache staging");
+        CU(cudaMallocHost((void **)&g->hshdr, cap * 3 * sizeof(int)), "kv gpu sample cache staging");
+        CU(cudaMalloc((void **)&g->dsrows, cap * 2 * g->d * es), "kv gpu sample cache staging");
+        CU(cudaMallocHost((void **)&g->hsrows, cap * 2 * g->d * es), "kv gpu sample cache staging");
+        g->scap_stage = cap;
+    }
+    *hdr = g->hshdr;
+    *rows = g->hsrows;
+done:
+    return rc;
+}
+
+extern "C" int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_error *err) {
+    int rc = KST_OK;
+    size_t es = g->f16 ? 2 : 4;
+    if (!g->sC || n > g->scap_stage)
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu sample cache rows staged (room for %zu)", n, g->scap_stage);
     KST_TRY(kst_kvgpu_disarm(g, err));
-    if (g->slev_rec) CU(cudaEventSynchronize(g->slev), "kv gpu sample cache weights upload"); // (done by now, as a rule)
-    memcpy(g->hslw, lw, g->kvh * g->sC * sizeof(float));
-    CU(cudaMemcpyAsync(g->sclw, g->hslw, g->kvh * g->sC * sizeof(float), cudaMemcpyHostToDevice, g->st),
-       "kv gpu sample cache weights upload");
-    CU(cudaEventRecord(g->slev, g->st), "kv gpu sample cache event");
-    g->slev_rec = 1;
+    if (n) {
+        CU(cudaMemcpyAsync(g->dshdr, g->hshdr, n * 3 * sizeof(int), cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
+        CU(cudaMemcpyAsync(g->dsrows, g->hsrows, n * 2 * g->d * es, cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
+        if (g->f16)
+            sc_scatter_kernel<__half><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const __half *)g->dsrows, (__half *)g->tK,
+                                                                      (__half *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d);
+        else
+            sc_scatter_kernel<float><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const float *)g->dsrows, (float *)g->tK,
+                                                                     (float *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d);
+        CU(cudaGetLastError(), "kv gpu sample cache scatter");
+    }
+    if (lw) {
+        if (g->slev_rec) CU(cudaEventSynchronize(g->slev), "kv gpu sample cache weights upload");
+        memcpy(g->hslw, lw, g->kvh * g->sC * sizeof(float));
+        CU(cudaMemcpyAsync(g->sclw, g->hslw, g->kvh * g->sC * sizeof(float), cudaMemcpyHostToDevice, g->st),
+           "kv gpu sample cache weights upload");
+        CU(cudaEventRecord(g->slev, g->st), "kv gpu sample cache event");
+        g->slev_rec = 1;
+    }
+    CU(cudaEventRecord(g->sev, g->st), "kv gpu sample cache event");
+    g->sev_rec = 1;
 done:
     return rc;
 }

@@ -116,14 +116,14 @@ const float *kst_kvgpu_tail_out(const kst_kvgpu *g);
  * partials are in). Every slot starts free and every weight at -inf. cap 0 releases it. */
 int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent,
                          kst_error *err);
-/* Stages slot `slot` of KV head kv_head: its cluster cid (-1: free, k and v unread) and its key
- * and value rows (d values in the cache's dtype); copied in by kst_kvgpu_sc_flush (or earlier,
- * on the stream, when the staging is full). */
-int kst_kvgpu_sc_stage(kst_kvgpu *g, size_t kv_head, size_t slot, int cid, const void *k, const void *v,
-                       kst_error *err);
-/* Queues the staged slots and the clusters' log weights lw (kv_heads, C) on the step's stream
- * (the next step's launch sees them). */
-int kst_kvgpu_sc_flush(kst_kvgpu *g, const float *lw, kst_error *err);
+/* Pinned staging for n slots of the table (grown as needed; once the last send's copies are done):
+ * *hdr (n, 3) ints, each a KV head, its slot and its cluster (-1: free, its rows unread), and
+ * *rows (n, 2, d) values in the cache's dtype, the slot's key and value rows. */
+int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err);
+/* Queues the first n staged slots (copied and written into the table) and, where lw is not
+ * NULL, the clusters' log weights lw (kv_heads, C) on the step's stream: the next launch sees
+ * them. */
+int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_error *err);
 /* Pinned host copy of the last step's centroid scores (q_heads, C); NULL without the cache. */
 const float *kst_kvgpu_sc_scores(const kst_kvgpu *g);
 

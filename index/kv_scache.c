@@ -131,21 +131,33 @@ int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err) {
     return KST_OK;
 }
 
-int kst_kvsc_plan(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, size_t budget, kst_error *err) {
+int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, size_t budget,
+                       kst_error *err) {
     if (!S->C) return KST_OK;
     size_t G = S->G, C = S->C;
     if (budget > S->cap) budget = S->cap;
     if (S->nh) memcpy(S->hist + G * C, S->hist, G * C * sizeof(float));
     memcpy(S->hist, cs, G * C * sizeof(float));
     S->nh = S->nh < 2 ? S->nh + 1 : 2;
+    S->made = 0;
     int rc = kst_kvtc_group_plan(T, &S->A, S->hist, S->nh * G, temp, budget, err);
-    if (rc != KST_OK) return rc;
+    if (rc == KST_OK) S->made = 1;
+    return rc;
+}
+
+void kst_kvsc_plan_apply(kst_kvsc *S, const kst_kvtc *T, size_t upmax) {
+    if (!S->C || !S->made) return;
+    size_t C = S->C;
     const uint32_t *ns = S->A.ns;
     size_t need = 0;
     for (size_t c = 0; c < C; c++) need += ns[c] > S->m[c] ? ns[c] - S->m[c] : 0;
+    /* rows added at most upmax: each cluster short of its plan gets that share of its shortfall
+     * (rounded by cumulative sums) */
+    if (S->used < S->A.tot && S->A.tot - S->used > upmax) upmax = S->A.tot - S->used; /* (a table still filling) */
+    size_t grow = need < upmax ? need : upmax;
     /* over the table: clusters holding more than this plan wants cut back, round a clock (one
      * round frees enough: sum n_c <= budget <= cap) */
-    size_t over = S->used + need > S->cap ? S->used + need - S->cap : 0;
+    size_t over = S->used + grow > S->cap ? S->used + grow - S->cap : 0;
     for (size_t k = 0; over > 0 && k < C; k++) {
         uint32_t c = (uint32_t)S->hand;
         S->hand = S->hand + 1 < C ? S->hand + 1 : 0;
@@ -154,19 +166,31 @@ int kst_kvsc_plan(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, s
         sc_set(S, T, c, (uint32_t)(S->m[c] - cut));
         over -= cut;
     }
-    for (size_t c = 0; c < C; c++)
+    size_t cum = 0, done = 0;
+    for (size_t c = 0; c < C && done < grow; c++)
         if (ns[c] > S->m[c]) {
-            S->added += ns[c] - S->m[c];
-            sc_set(S, T, (uint32_t)c, ns[c]);
+            cum += ns[c] - S->m[c];
+            size_t to = grow == need ? cum : (size_t)((double)cum * (double)grow / (double)need + 0.5), g = to - done;
+            if (g > ns[c] - S->m[c]) g = ns[c] - S->m[c];
+            if (!g) continue;
+            S->added += g;
+            done += g;
+            sc_set(S, T, (uint32_t)c, (uint32_t)(S->m[c] + g));
         }
+    S->made = 0;
     S->ready = 1;
-    return KST_OK;
+}
+
+int kst_kvsc_plan(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, size_t budget, kst_error *err) {
+    int rc = kst_kvsc_plan_make(S, T, cs, temp, budget, err);
+    if (rc == KST_OK) kst_kvsc_plan_apply(S, T, SIZE_MAX);
+    return rc;
 }
 
 size_t kst_kvsc_take_dirty(kst_kvsc *S, uint32_t *out) {
     size_t n = S->nd;
     for (size_t i = 0; i < n; i++) {
-        out[i] = S->dirty[i];
+        if (out) out[i] = S->dirty[i];
         S->dmark[S->dirty[i]] = 0;
     }
     S->nd = 0;
@@ -236,6 +260,10 @@ static int cmp_u32(const void *a, const void *b) {
     uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
     return x < y ? -1 : x > y;
 }
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
 /* (v, s) in the frame mx merged into (o, lse). */
 static void sc_merge(float *o, float *lse, float *v, double s, float mx, size_t d) {
     if (!(s > 0)) return;
@@ -247,19 +275,36 @@ static void sc_merge(float *o, float *lse, float *v, double s, float mx, size_t 
 size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K, const void *V,
                        int f16, size_t d, float scale, size_t row0, const uint32_t *rid, size_t m, uint32_t *sl,
                        float *sc, float *o, float *lse) {
+    return kst_kvsc_finish_scored(S, it, st, q, K, V, f16, d, scale, row0, rid, NULL, m, (uint64_t *)NULL, sl, sc, o, lse);
+}
+
+size_t kst_kvsc_finish_scored(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K,
+                              const void *V, int f16, size_t d, float scale, size_t row0, const uint32_t *rid,
+                              const float *rs, size_t m, uint64_t *sl64, uint32_t *sl32, float *sc, float *o,
+                              float *lse) {
     memset(o, 0, d * sizeof(float));
     *lse = -INFINITY;
     size_t nex = 0;
-    for (size_t i = 0; i < m; i++)
-        if (rid[i] < S->ncap && S->slot[rid[i]] >= 0) sl[nex++] = (uint32_t)S->slot[rid[i]];
-    if (nex > 1) qsort(sl, nex, sizeof(uint32_t), cmp_u32);
+    /* the retrieved rows held: (slot, index in rid) pairs by slot */
+    uint64_t *sp = sl64;
+    uint32_t *sl = sl32;
+    if (sp) {
+        for (size_t i = 0; i < m; i++)
+            if (rid[i] < S->ncap && S->slot[rid[i]] >= 0) sp[nex++] = (uint64_t)(uint32_t)S->slot[rid[i]] << 32 | i;
+        if (nex > 1) qsort(sp, nex, sizeof(uint64_t), cmp_u64);
+    } else {
+        for (size_t i = 0; i < m; i++)
+            if (rid[i] < S->ncap && S->slot[rid[i]] >= 0) sl[nex++] = (uint32_t)S->slot[rid[i]];
+        if (nex > 1) qsort(sl, nex, sizeof(uint32_t), cmp_u32);
+    }
+#define SL(i) (sp ? (uint32_t)(sp[i] >> 32) : sl[i])
     size_t kept = S->used - nex, e = 0;
     if (kept == 0) return 0;
     float oc[512];
     for (size_t cc = 0; cc < S->nc; cc++) {
         size_t j0 = cc * S->ch, nr = S->cap - j0 < S->ch ? S->cap - j0 : S->ch, e0 = e;
         size_t nt = nr < KST_KVSC_TOP ? nr : KST_KVSC_TOP;
-        while (e < nex && sl[e] < j0 + nr) e++;
+        while (e < nex && SL(e) < j0 + nr) e++;
         const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVSC_TOP, *ot = tw + KST_KVSC_TOP;
         float mx = ic[0];
         if (!(mx > -INFINITY)) continue; /* no row held */
@@ -269,15 +314,17 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
         uint64_t topx = 0; /* the best rows retrieved (bit a: tp[a]) */
         memcpy(oc, ic + 2, d * sizeof(float));
         for (size_t i = e0; i < e; i++) {
-            size_t j = sl[i] - j0, a = 0;
+            size_t j = SL(i) - j0, a = 0;
             for (; a < nt; a++)
                 if ((size_t)tp[a] == j) break;
             if (a < nt) {
                 topx |= (uint64_t)1 << a;
                 continue;
             }
-            uint32_t x = S->key[sl[i]];
-            float w = expf(kst_kv_dot(q, sc_row(K, row0 + x, f16, d), f16, d) * scale + S->lw[S->cid[sl[i]]] - mx);
+            uint32_t x = S->key[SL(i)];
+            /* its score: the search's (rs) or made anew from its key */
+            float s0 = sp && rs ? rs[(uint32_t)sp[i]] : kst_kv_dot(q, sc_row(K, row0 + x, f16, d), f16, d);
+            float w = expf(s0 * scale + S->lw[S->cid[SL(i)]] - mx);
             sub += w;
             kst_kv_axpy(oc, -w, sc_row(V, row0 + x, f16, d), f16, d);
         }
@@ -286,14 +333,14 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
             if (topx >> a & 1) trm += tw[a];
         }
         double rest = sum - sub + ttot - trm;
-        if ((sub > 0 && !(sub <= sum * 0.875)) || !(rest > 0) || !isfinite(rest)) {
+        if ((sub > 0 && !(sub <= sum * (1.0 - KST_KVSC_KEEP))) || !(rest > 0) || !isfinite(rest)) {
             /* the chunk's rows outside R scored and summed anew */
             size_t r = e0;
             float mk = -INFINITY;
             for (size_t j = 0; j < nr; j++) {
                 uint32_t x = S->key[j0 + j];
                 sc[j] = -INFINITY;
-                if (r < e && sl[r] == j0 + j) {
+                if (r < e && SL(r) == j0 + j) {
                     r++;
                     continue;
                 }
@@ -324,5 +371,6 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
         }
         sc_merge(o, lse, oc, rest, mx, d);
     }
+#undef SL
     return kept;
 }

@@ -61,6 +61,7 @@ typedef struct kst_kvsc {
     size_t na;             /* nodes of the clusters seen (kst_kvsc_joined) */
     size_t added;          /* rows the plans added since set up (uploads) */
     int ready;             /* 1 once a plan is held */
+    int made;              /* 1: a plan made (kst_kvsc_plan_make) and not applied yet */
     kst_kvtc_group A;      /* the plan */
 } kst_kvsc;
 
@@ -76,11 +77,19 @@ size_t kst_kvsc_bytes(const kst_kvsc *S);
 int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err);
 
 /* A step's centroid scores cs (G, C; kst_kvtc_scores) in: the plan of the last two steps' heads
- * (budget samples, temp as kst_kvtc_group_plan) held, as above. budget <= S->cap. */
+ * (budget samples, at most S->cap; temp as kst_kvtc_group_plan) made into S->A, nothing held
+ * changed yet (so that it can be made while the step's heads still read the cache). */
+int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, size_t budget,
+                       kst_error *err);
+/* The plan made held, as above, adding at most upmax rows, or as many as the table holds fewer
+ * than the plan's samples (where it wants more, each cluster short of its plan gets that share of
+ * its shortfall: the estimate stays unbiased, with fewer rows). */
+void kst_kvsc_plan_apply(kst_kvsc *S, const kst_kvtc *T, size_t upmax);
+/* Both, without a bound. */
 int kst_kvsc_plan(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, size_t budget, kst_error *err);
 
 /* The slots changed since the last call (their node, cluster and rows to copy), into out (at
- * least S->cap entries); returns their count. */
+ * least S->cap entries; NULL: only forgotten); returns their count. */
 size_t kst_kvsc_take_dirty(kst_kvsc *S, uint32_t *out);
 
 /* Chunk cc's items (above) for the G queries Q (G, d): head g's at it + g * gst (st >=
@@ -92,12 +101,20 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
 /* Head q's estimate (o, *lse; o = 0, *lse = -inf where nothing is left) from its S->nc items
  * (it + cc * st) once its retrieval attended the m ids rid (distinct): per chunk the items'
  * sums less the terms of the retrieved rows held (a best row is skipped; another's weight is
- * made anew from its key, as the items' weights are), plus the best rows not retrieved; where
- * the retrieved outside the best hold more than 7/8 of the sum (the difference would lose
- * precision), the chunk's rows outside R are scored and summed anew. sl: scratch of m uint32,
- * sc: of S->ch floats. Returns the rows that stood for the rest (held, outside R). */
+ * made anew from its score, as the items' weights are), plus the best rows not retrieved; where
+ * the retrieved outside the best hold all but KST_KVSC_KEEP of the sum (the difference would
+ * lose precision: the items' float sums are good to ~1e-6 of the sum), the chunk's rows outside
+ * R are scored and summed anew. sl: scratch of m uint32, sc: of S->ch floats. Returns the rows
+ * that stood for the rest (held, outside R). */
+#define KST_KVSC_KEEP (1.0 / 32)
 size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K, const void *V,
                        int f16, size_t d, float scale, size_t row0, const uint32_t *rid, size_t m, uint32_t *sl,
                        float *sc, float *o, float *lse);
+/* The same where the retrieved keys' unscaled scores <q, k> are known (rs[i] for rid[i], e.g. the
+ * search's exact re-scoring; NULL: made from the keys): sl64, scratch of m uint64, replaces sl. */
+size_t kst_kvsc_finish_scored(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K,
+                              const void *V, int f16, size_t d, float scale, size_t row0, const uint32_t *rid,
+                              const float *rs, size_t m, uint64_t *sl64, uint32_t *sl32, float *sc, float *o,
+                              float *lse);
 
 #endif
