@@ -692,7 +692,6 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
     if (kst_kvgpu_tail_stride(g) < 2 * g->d + 2 + 2 * KST_KVGPU_TT_TOP)
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: the sample cache needs the items' best-row sums (kst_kvgpu_tail_topsum)");
     {
-        size_t es = g->f16 ? 2 : 4;
         CU(cudaMalloc((void **)&g->scid, g->kvh * cap * sizeof(int)), "kv gpu sample cache clusters");
         CU(cudaMemset(g->scid, 0xff, g->kvh * cap * sizeof(int)), "kv gpu sample cache clusters"); // -1: free
         CU(cudaMalloc((void **)&g->sclw, g->kvh * C * sizeof(float)), "kv gpu sample cache weights");
@@ -702,7 +701,6 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
         CU(cudaMalloc((void **)&g->scs, g->qh * C * sizeof(float)), "kv gpu centroid scores");
         CU(cudaMallocHost((void **)&g->hscs, g->qh * C * sizeof(float)), "kv gpu pinned centroid scores");
         CU(cudaMallocHost((void **)&g->hslw, g->kvh * C * sizeof(float)), "kv gpu pinned sample cache weights");
-        (void)es;
         if (!g->sev) {
             CU(cudaEventCreateWithFlags(&g->sev, cudaEventDisableTiming), "kv gpu sample cache event");
             CU(cudaEventCreateWithFlags(&g->slev, cudaEventDisableTiming), "kv gpu sample cache event");
