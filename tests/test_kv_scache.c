@@ -1081,11 +1081,15 @@ static void test_steps(void **state) {
  * kst_kvc_set_tail_cache(c, 1, 0) without the environment: on again, its first step the shared
  * plan's (it only plans), the next from the prefixes held; (c) a rebuild (kst_kvc_build; the
  * cache set up anew): the same two steps; (d) the budget raised to 200 (the table of 256 too
- * small: set up anew): the same; (e) the cache's own table size (slots 1,000). */
+ * small: set up anew): the same; (e) the cache's own table size (slots 1,000); (f) 20,000 slots
+ * asked, and (g) budget 9,000 with the default table (2 x 9,000): both past the 16,384 a table
+ * holds (kv.h: at most 16,384), the table 16,384 (before the fix every step failed with
+ * "tail sample cache: 18000 slots, at most 16384"); (g) keeps (f)'s table, so its first step
+ * estimates from the prefixes held, and its second from budget 9,000's (every key: exact). */
 static void test_switches(void **state) {
     (void)state;
     tc_seed(55);
-    const size_t H = 2, G = 2, QH = H * G, d = 32, ncent = 16, n = 1500 + 4 + 64, C = 32, nsteps = 12;
+    const size_t H = 2, G = 2, QH = H * G, d = 32, ncent = 16, n = 1500 + 4 + 64, C = 32, nsteps = 16;
     float *K = malloc(n * H * d * sizeof *K), *V = malloc(n * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
           *Q = malloc(nsteps * QH * d * sizeof *Q);
     uint32_t *pre[2] = {malloc(C * sizeof(uint32_t)), malloc(C * sizeof(uint32_t))};
@@ -1102,17 +1106,29 @@ static void test_switches(void **state) {
         for (size_t kh = 0; kh < H; kh++)
             if (kst_kvc_sample_cache(c, 0, kh)) fail_msg("KESTREL_KV_TCACHE=0, step %zu: a sample cache set up", s);
     }
-    static const char *names[4] = {"on again", "after a rebuild", "budget 200", "a table of 1,000"};
-    for (int ph = 0; ph < 4; ph++) {
+    static const char *names[6] = {"on again", "after a rebuild", "budget 200", "a table of 1,000",
+                                   "a table of 20,000 asked", "budget 9,000 (a table of 18,000)"};
+    for (int ph = 0; ph < 6; ph++) {
         char what[96];
         if (ph == 0) kst_kvc_set_tail_cache(c, 1, 0);
         if (ph == 1) assert_ok(kst_kvc_build(c, 0, NULL, 0, &err), &err);
         if (ph == 2) kst_kvc_set_tail_samples(c, 200);
         if (ph == 3) kst_kvc_set_tail_cache(c, 1, 1000);
-        snprintf(what, sizeof what, "%s: its first step (the shared plan's)", names[ph]);
-        check_step_sc(c, K, V, n, Q + s++ * QH * d, 16, 48, 0.5f, NULL, NULL, what);
+        if (ph == 4) kst_kvc_set_tail_cache(c, 1, 20000);
+        if (ph == 5) {
+            kst_kvc_set_tail_cache(c, 1, 0);
+            kst_kvc_set_tail_samples(c, 9000);
+        }
+        if (ph < 5) { /* a table set up anew: its first step only plans */
+            snprintf(what, sizeof what, "%s: its first step (the shared plan's)", names[ph]);
+            check_step_sc(c, K, V, n, Q + s++ * QH * d, 16, 48, 0.5f, NULL, NULL, what);
+        } else { /* the table kept (16,384 already): the prefixes of the last budget's plans */
+            snprintf(what, sizeof what, "%s: its first step (the table kept)", names[ph]);
+            snap_m(c, pre, C, what);
+            check_step_sc(c, K, V, n, Q + s++ * QH * d, 16, 48, 0.5f, pre, NULL, what);
+        }
         const kst_kvsc *S = kst_kvc_sample_cache(c, 0, 0);
-        size_t want = ph == 3 ? 1000 : 2 * kst_kvc_opts_of(c)->tail_samples;
+        size_t want = ph == 3 ? 1000 : ph >= 4 ? 16 * KST_KVSC_CH : 2 * kst_kvc_opts_of(c)->tail_samples;
         if (!S || S->cap < want || S->cap >= want + S->nc)
             fail_msg("%s: a table of %zu slots, %zu wanted", what, S ? S->cap : 0, want);
         snap_m(c, pre, C, what);
