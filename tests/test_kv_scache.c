@@ -1085,15 +1085,18 @@ static void test_steps(void **state) {
  * asked, and (g) budget 9,000 with the default table (2 x 9,000): both past the 16,384 a table
  * holds (kv.h: at most 16,384), the table 16,384 (before the fix every step failed with
  * "tail sample cache: 18000 slots, at most 16384"); (g) keeps (f)'s table, so its first step
- * estimates from the prefixes held, and its second from budget 9,000's (every key: exact). */
+ * estimates from the prefixes held, and its second from budget 9,000's (every key: exact); (h)
+ * budget 128 again (one step plans), the cache off for two steps while 100 tokens are appended
+ * (the shared plan's), then on: its step from the prefixes held before, brought in line with the
+ * keys the clusters took. */
 static void test_switches(void **state) {
     (void)state;
     tc_seed(55);
-    const size_t H = 2, G = 2, QH = H * G, d = 32, ncent = 16, n = 1500 + 4 + 64, C = 32, nsteps = 16;
-    float *K = malloc(n * H * d * sizeof *K), *V = malloc(n * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
+    const size_t H = 2, G = 2, QH = H * G, d = 32, ncent = 16, n = 1500 + 4 + 64, C = 32, nsteps = 20, nx = 100;
+    float *K = malloc((n + nx) * H * d * sizeof *K), *V = malloc((n + nx) * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
           *Q = malloc(nsteps * QH * d * sizeof *Q);
     uint32_t *pre[2] = {malloc(C * sizeof(uint32_t)), malloc(C * sizeof(uint32_t))};
-    mix_data(K, V, cen, n, H, d, ncent, 1.0, 0.5);
+    mix_data(K, V, cen, n + nx, H, d, ncent, 1.0, 0.5);
     mix_queries(Q, cen, nsteps, QH, H, d, ncent);
     kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
     kst_error err;
@@ -1135,6 +1138,23 @@ static void test_switches(void **state) {
         snprintf(what, sizeof what, "%s: from the prefixes held", names[ph]);
         check_step_sc(c, K, V, n, Q + s++ * QH * d, 16, 48, 0.5f, pre, NULL, what);
     }
+    /* (h) budget 128 again (a table of 256, set up anew: a step plans it), then off for two steps
+     * (the shared plan's) while 100 tokens are appended, then on: the prefixes held before,
+     * brought in line with the keys the clusters took meanwhile */
+    kst_kvc_set_tail_samples(c, 128);
+    kst_kvc_set_tail_cache(c, 1, 0);
+    check_step_sc(c, K, V, n, Q + s++ * QH * d, 16, 48, 0.5f, NULL, NULL, "budget 128 again (the table set up anew)");
+    kst_kvc_set_tail_cache(c, 0, 0);
+    for (size_t i = 0; i < 2; i++) {
+        append_rows(c, K + (n + 50 * i) * H * d, V + (n + 50 * i) * H * d, 50);
+        check_step_sc(c, K, V, n + 50 * (i + 1), Q + s++ * QH * d, 16, 48, 0.5f, NULL, NULL, "the cache off a while");
+    }
+    kst_kvc_set_tail_cache(c, 1, 0);
+    snap_m(c, pre, C, "the cache on after appends");
+    size_t lag = kst_kvc_tail_clusters(c, 0, 0)->na - kst_kvc_sample_cache(c, 0, 0)->na;
+    if (lag != nx) fail_msg("the cache off: it saw %zu fewer nodes than its clusters, %zu appended", lag, nx);
+    check_step_sc(c, K, V, n + nx, Q + s++ * QH * d, 16, 48, 0.5f, pre, NULL, "the cache on after appends");
+    sc_check(kst_kvc_sample_cache(c, 0, 0), kst_kvc_tail_clusters(c, 0, 0), "the cache on after appends");
     kst_kvc_free(c);
     free(pre[0]);
     free(pre[1]);
@@ -1150,6 +1170,71 @@ static void test_steps_gpu(void **state) {
     (void)state;
     if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU path of the sample cache not run");
     run_steps(1);
+}
+
+/* 6b. Switching between the sample cache and the evenly spaced sample with the static tokens on
+ * the GPU (skipped without a device): a cache whose tail items the GPU makes against its twin
+ * whose tail is scored on the CPU (KESTREL_KV_TAIL_GPU=0 at its creation; the static tokens on
+ * the GPU in both). 2 KV heads x 2, d 32, 1,500 indexed keys, budget 128: steps 0-2 the sample
+ * cache (32 clusters); 3-4 tail_clusters 0 without a rebuild (the evenly spaced sample, its table
+ * put on the GPU); 5-6 tail_clusters 32 again (the clusters still built: the sample cache, its
+ * table reserved on the GPU anew, estimated from the prefixes held); then tail_clusters 0 and a
+ * rebuild, steps 7-8 the evenly spaced sample. Every step the twin's output within the
+ * tolerance; the sample cache's steps also the float64 estimator (check_step_sc). Before the
+ * fixes in kv.c: step 5's reserve was freed by the step's "GPU tail off" branch (gt_ns still the
+ * evenly spaced table's), and after the rebuild the GPU kept the cache's cluster ids, which then
+ * weighted the evenly spaced sample's rows. */
+static void test_gpu_switches(void **state) {
+    (void)state;
+    if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU's sample cache switches not run");
+    tc_seed(66);
+    const size_t H = 2, G = 2, QH = H * G, d = 32, ncent = 16, n = 1500 + 4 + 64, C = 32, nsteps = 9;
+    float *K = malloc(n * H * d * sizeof *K), *V = malloc(n * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
+          *Q = malloc(nsteps * QH * d * sizeof *Q), *og = malloc(QH * d * sizeof *og), *oc = malloc(QH * d * sizeof *oc);
+    uint32_t *pre[2] = {malloc(C * sizeof(uint32_t)), malloc(C * sizeof(uint32_t))};
+    mix_data(K, V, cen, n, H, d, ncent, 1.0, 0.5);
+    mix_queries(Q, cen, nsteps, QH, H, d, ncent);
+    kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
+    o.gpu = 1;
+    kst_error err;
+    kst_kvc *cg = make_cache(&o, K, V, n, NULL, 0, C, 0.5f, 1);
+    setenv("KESTREL_KV_TAIL_GPU", "0", 1);
+    kst_kvc *cc = make_cache(&o, K, V, n, NULL, 0, C, 0.5f, 1);
+    unsetenv("KESTREL_KV_TAIL_GPU");
+    kst_kvc *both[2] = {cg, cc};
+    for (size_t s = 0; s < nsteps; s++) {
+        if (s == 3 || s == 7)
+            for (int i = 0; i < 2; i++) kst_kvc_set_tail_clusters(both[i], 0, 0.5f);
+        if (s == 5)
+            for (int i = 0; i < 2; i++) kst_kvc_set_tail_clusters(both[i], C, 0.5f);
+        if (s == 7)
+            for (int i = 0; i < 2; i++) assert_ok(kst_kvc_build(both[i], 0, NULL, 0, &err), &err);
+        int cache = s < 3 || s == 5 || s == 6;
+        char what[96];
+        snprintf(what, sizeof what, "GPU switches, step %zu (%s)", s, cache ? "the sample cache" : "the evenly spaced sample");
+        const float *q = Q + s * QH * d;
+        kst_kvc_stats st;
+        if (cache) {
+            if (s) snap_m(cg, pre, C, what); /* (step 5: kept from step 2's plan) */
+            check_step_sc(cg, K, V, n, q, 16, 48, 0.5f, s ? pre : NULL, og, what);
+        } else {
+            assert_ok(kst_kvc_attend(cg, 0, q, 16, 48, og, &st, &err), &err);
+        }
+        assert_ok(kst_kvc_attend(cc, 0, q, 16, 48, oc, &st, &err), &err);
+        for (size_t i = 0; i < QH * d; i++)
+            if (!(fabs(og[i] - oc[i]) <= TOL_A + TOL_R * fabs(oc[i])))
+                fail_msg("%s: value %zu: %.7g, the twin with its tail on the CPU %.7g", what, i, og[i], oc[i]);
+    }
+    kst_kvc_free(cg);
+    kst_kvc_free(cc);
+    free(pre[0]);
+    free(pre[1]);
+    free(K);
+    free(V);
+    free(cen);
+    free(Q);
+    free(og);
+    free(oc);
 }
 
 /* Each test's wall time (printed: the suite runs under the sanitizers in CI too). */
@@ -1179,6 +1264,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_steps, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_switches, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_steps_gpu, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_gpu_switches, t_begin, t_end),
     };
     return cmocka_run_group_tests_name("kv_scache", tests, NULL, NULL);
 }
