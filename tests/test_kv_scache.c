@@ -22,8 +22,11 @@
  *   joins), stats.sampled their rows outside R; float32 / float16, G 2 / 4, both indexes, the
  *   group search, appends between steps, 1 and 3 OpenMP threads; KESTREL_KV_TCACHE=0 off, on
  *   again, a rebuild, a larger budget and another table size (each first step the shared plan's,
- *   the next from the prefixes held);
- * 6 the same with the static tokens (and the table) on the GPU (skipped without a device).
+ *   the next from the prefixes held; tables asked past 16,384 rows held at 16,384; the cache off
+ *   while keys join, then on); two layers, steps alternating;
+ * 6 the same with the static tokens (and the table) on the GPU, and switches between the cache
+ *   and the evenly spaced sample there against a twin scoring its tail on the CPU (both skipped
+ *   without a device).
  * Tolerances: outputs 2e-5 absolute + 1e-4 relative, lse 1e-4 (as the clustered tail suites:
  * float32 sums of at most a few thousand terms). */
 #include <omp.h>
@@ -867,13 +870,14 @@ static size_t step_ref64(double *out, const float *q, const float *K, const floa
     return used;
 }
 
-/* One step of layer 0 of c checked against step_ref64 for every query head: pre[kh] (C of KV head
+/* One step of layer g_layer of c checked against step_ref64 for every query head: pre[kh] (C of KV head
  * kh) the prefixes the cache held before the step, or NULL: the step's shared plan
  * (kst_kvtc_group_plan of the G heads' kst_kvtc_scores, checked by check_plan64); T read after
  * the step (its joins in); the retrieved keys reproduced by kst_kvc_search_group /
  * kst_kvc_search as the step runs them; stats.sampled those members summed. out_keep (may be
  * NULL) gets the output. Returns stats.sampled. */
 static size_t g_insample;
+static size_t g_layer; /* the layer check_step_sc and snap_m read (0 but in test 7) */
 static size_t check_step_sc(kst_kvc *c, const float *K, const float *V, size_t n, const float *q, size_t top_k, size_t ef,
                             float temp, uint32_t *const *pre, float *out_keep, const char *what) {
     const kst_kvc_opts *o = kst_kvc_opts_of(c);
@@ -882,14 +886,14 @@ static size_t check_step_sc(kst_kvc *c, const float *K, const float *V, size_t n
     double ref[512];
     kst_kvc_stats st;
     kst_error err;
-    assert_ok(kst_kvc_attend(c, 0, q, top_k, ef, out, &st, &err), &err);
-    size_t nidx = kst_kvc_indexed(c, 0), k = top_k < nidx ? top_k : nidx, tot = 0;
+    assert_ok(kst_kvc_attend(c, g_layer, q, top_k, ef, out, &st, &err), &err);
+    size_t nidx = kst_kvc_indexed(c, g_layer), k = top_k < nidx ? top_k : nidx, tot = 0;
     assert_int_equal(st.tokens, n);
     assert_int_equal(st.indexed, nidx);
     int64_t *pos = malloc((k + 1) * sizeof *pos), *posg = malloc((G * k + 1) * sizeof *posg);
     assert_true(G <= 16);
     for (size_t kh = 0; kh < H; kh++) {
-        const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, kh);
+        const kst_kvtc *T = kst_kvc_tail_clusters(c, g_layer, kh);
         if (!T) fail_msg("%s: KV head %zu has no clusters", what, kh);
         assert_int_equal(T->na, nidx);
         kst_kvtc_group A = {0};
@@ -906,7 +910,7 @@ static size_t check_step_sc(kst_kvc *c, const float *K, const float *V, size_t n
         }
         size_t fg[16] = {0};
         if (k && o->group_search)
-            assert_ok(kst_kvc_search_group(c, 0, kh, q + kh * G * d, k, ef, posg, fg, NULL, &err), &err);
+            assert_ok(kst_kvc_search_group(c, g_layer, kh, q + kh * G * d, k, ef, posg, fg, NULL, &err), &err);
         for (size_t g = 0; g < G; g++) {
             size_t h = kh * G + g, found = 0;
             const float *qh = q + h * d;
@@ -914,7 +918,7 @@ static size_t check_step_sc(kst_kvc *c, const float *K, const float *V, size_t n
                 found = fg[g];
                 memcpy(pos, posg + g * k, found * sizeof *pos);
             } else if (k) {
-                assert_ok(kst_kvc_search(c, 0, h, qh, k, ef, pos, &found, NULL, &err), &err);
+                assert_ok(kst_kvc_search(c, g_layer, h, qh, k, ef, pos, &found, NULL, &err), &err);
             }
             tot += step_ref64(ref, qh, Kh, Vh, n, d, o->scale, sinks, nidx, pos, found, T, found < nidx ? ns : NULL,
                               &g_insample);
@@ -938,7 +942,7 @@ static size_t check_step_sc(kst_kvc *c, const float *K, const float *V, size_t n
 /* The prefixes every KV head's cache holds now (pre[kh], C each), asserted planned. */
 static void snap_m(kst_kvc *c, uint32_t *const *pre, size_t C, const char *what) {
     for (size_t kh = 0; kh < kst_kvc_opts_of(c)->kv_heads; kh++) {
-        const kst_kvsc *S = kst_kvc_sample_cache(c, 0, kh);
+        const kst_kvsc *S = kst_kvc_sample_cache(c, g_layer, kh);
         if (!S || !S->ready) fail_msg("%s: KV head %zu has no planned sample cache", what, kh);
         assert_int_equal(S->C, C);
         memcpy(pre[kh], S->m, C * sizeof(uint32_t));
@@ -1164,6 +1168,57 @@ static void test_switches(void **state) {
     free(Q);
 }
 
+/* 5c. Two layers of different sizes (2 KV heads x 2, d 32): layer 0 2,000 indexed keys in 32
+ * clusters, layer 1 400 (25 clusters); steps alternate between them (each layer's cache plans
+ * on its own steps only: its first step the shared plan's, later ones from its prefixes held). */
+static void test_two_layers(void **state) {
+    (void)state;
+    tc_seed(57);
+    const size_t d = 32, ncent = 16, H = 2, QH = 4, n0 = 2000 + 4 + 64, n1 = 400 + 4 + 64, nsteps = 8;
+    float *K0 = malloc(n0 * H * d * sizeof *K0), *V0 = malloc(n0 * H * d * sizeof *V0),
+          *K1 = malloc(n1 * H * d * sizeof *K1), *V1 = malloc(n1 * H * d * sizeof *V1),
+          *cen = malloc(H * ncent * d * sizeof *cen), *Q = malloc(nsteps * QH * d * sizeof *Q);
+    uint32_t *pre[2] = {malloc(32 * sizeof(uint32_t)), malloc(32 * sizeof(uint32_t))};
+    mix_data(K0, V0, cen, n0, H, d, ncent, 1.0, 0.5);
+    mix_data(K1, V1, cen, n1, H, d, ncent, 1.0, 0.5); /* (new centres: Q near layer 1's) */
+    mix_queries(Q, cen, nsteps, QH, H, d, ncent);
+    kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
+    o.layers = 2;
+    kst_error err;
+    kst_kvc *c;
+    assert_ok(kst_kvc_create(&o, &c, &err), &err);
+    kst_kvc_set_tail_clusters(c, 32, 0.5f);
+    kst_kvc_set_tail_share(c, 1);
+    kst_kvc_set_tail_cache(c, 1, 0);
+    assert_ok(kst_kvc_append(c, 0, K0, V0, n0, &err), &err);
+    assert_ok(kst_kvc_append(c, 1, K1, V1, n1, &err), &err);
+    assert_ok(kst_kvc_build(c, 0, NULL, 0, &err), &err);
+    assert_ok(kst_kvc_build(c, 1, NULL, 0, &err), &err);
+    assert_int_equal(kst_kvc_tail_clusters(c, 1, 0)->C, 25);
+    static const size_t order[8] = {1, 0, 1, 0, 0, 1, 1, 0};
+    int seen[2] = {0, 0};
+    for (size_t s = 0; s < nsteps; s++) {
+        char what[64];
+        g_layer = order[s];
+        snprintf(what, sizeof what, "two layers: layer %zu, step %zu", g_layer, s);
+        size_t C = kst_kvc_tail_clusters(c, g_layer, 0)->C;
+        if (seen[g_layer]) snap_m(c, pre, C, what);
+        if (g_layer) check_step_sc(c, K1, V1, n1, Q + s * QH * d, 16, 48, 0.5f, seen[1] ? pre : NULL, NULL, what);
+        else check_step_sc(c, K0, V0, n0, Q + s * QH * d, 16, 48, 0.5f, seen[0] ? pre : NULL, NULL, what);
+        seen[g_layer] = 1;
+    }
+    g_layer = 0;
+    kst_kvc_free(c);
+    free(pre[0]);
+    free(pre[1]);
+    free(K0);
+    free(V0);
+    free(K1);
+    free(V1);
+    free(cen);
+    free(Q);
+}
+
 /* 6. Test 5 with the static tokens, and the sample cache's table, on the GPU (CUDA builds with a
  * device; skipped here). */
 static void test_steps_gpu(void **state) {
@@ -1246,6 +1301,7 @@ static double now_s(void) {
 }
 static int t_begin(void **state) {
     (void)state;
+    g_layer = 0;
     t_start = now_s();
     return 0;
 }
@@ -1263,6 +1319,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_unbiased, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_steps, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_switches, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_two_layers, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_steps_gpu, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_gpu_switches, t_begin, t_end),
     };
