@@ -2021,6 +2021,7 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
     const kst_kvc_opts *o = &c->o;
     size_t G = o->q_heads / o->kv_heads, want = c->tcache_cap ? c->tcache_cap : 2 * o->tail_samples;
     if (want < o->tail_samples) want = o->tail_samples;
+    if (want > 16 * KST_KVSC_CH) want = 16 * KST_KVSC_CH; /* (kv.h: at most 16,384; a larger budget planned within) */
     int rc = KST_OK, all = 1, moved = 0;
     for (size_t h = 0; h < o->kv_heads; h++) {
         kv_hstore *H = &L->heads[h];
@@ -2055,6 +2056,7 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
             for (size_t h = 0; h < o->kv_heads; h++)
                 memcpy(c->sc_lw + h * d * C, L->heads[h].tc.cent_t, d * C * sizeof(float));
             KST_TRY(kst_kvgpu_sc_reserve(L->gpu, S0->cap, S0->ch, S0->nc, C, c->sc_lw, err));
+            L->gt_ns = 0; /* (the GPU's tail table is the cache's now: the evenly spaced sample's put anew) */
         }
         KST_TRY(sc_upload(c, L, !L->sc_gpu, err));
     }
@@ -2220,7 +2222,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     size_t scnc = 0, scst = 0;
     const float *sc_tt = NULL;
 #ifdef KST_CUDA
-    if (!tqc && L->sc_gpu) { /* (the cache turned off, or the clustered tail: the GPU's table freed) */
+    /* (the cache turned off, or the clustered tail: the GPU's table freed; also where the GPU holds
+     * one that sc_gpu no longer marks, after a build or steps with the tail off the GPU: its
+     * cluster ids would weight the evenly spaced sample's rows) */
+    if (!tqc && L->gpu && (L->sc_gpu || kst_kvgpu_sc_scores(L->gpu))) {
         rc = kst_kvc_gpu_release(c, err);
         if (rc == KST_OK) rc = kst_kvgpu_sc_reserve(L->gpu, 0, 0, 0, 0, NULL, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);

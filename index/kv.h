@@ -365,7 +365,8 @@ void kst_kvc_set_tail_share(kst_kvc *c, int on);
  * retrieved ones taken out as the GPU's tail items are (kst_kvsc_finish). The step after a
  * build (or the first) plans only and estimates as without it. Without the GPU its items are
  * made on the CPU (the same estimate). KESTREL_KV_TCACHE=0/1 and KESTREL_KV_TCACHE_CAP=n in the
- * environment override the arguments. */
+ * environment override the arguments. A table asked past 16,384 rows (either way) is held at
+ * 16,384, a larger budget planned within it. */
 void kst_kvc_set_tail_cache(kst_kvc *c, int on, size_t slots);
 struct kst_kvsc;
 /* Tests: the sample cache of a KV head (NULL where none is set up). */

@@ -1,0 +1,1327 @@
+/* test_kv_scache.c - the clustered tail's sample cache (index/kv_scache.h: kst_kvsc_*, and its
+ * use by kst_kvc_attend under kst_kvc_set_tail_cache) against float64 references written here
+ * from kv_scache.h's definition, never against the code's own earlier output:
+ * 1 the plans: cluster c holds exactly its first m_c members (slot[x] >= 0 iff pos[x] < m_c),
+ *   key / cid / slot / the free stack consistent, used = sum m_c = cap - nfr <= cap, lw_c =
+ *   log(len_c / m_c) (-inf at 0); each plan's n_c within 1 of the float64 water-filling over the
+ *   last two steps' 2G query rows, m_c raised to max(m_c, n_c), cut back (never under n_c) only
+ *   where the table overflows, then to exactly cap; the dirty list every slot changed since the
+ *   last take (snapshots compared); a cap of the budget (evictions asserted reached);
+ * 2 joins (kst_kvtc_add, kst_kvsc_joined): the same invariants, nodes joining inside a prefix and
+ *   members pushed out asserted reached, the node arrays grown past their first size;
+ * 3 items + finish: (o, lse) and the rows counted equal the float64 Horvitz-Thompson estimate
+ *   over the held rows outside R (each weighted len_c / m_c), float32 and float16 rows, 3 chunks
+ *   and a one-chunk table smaller than KST_KVSC_TOP; R empty, random, a chunk's best rows (some /
+ *   nearly all of the best 32), nearly all of a chunk's weight outside its best 32 (recomputed),
+ *   a whole chunk, every held row; each of finish's branches counted from float64 and asserted;
+ * 4 unbiasedness over 400 cluster orders with R and m_c fixed (two plans, a table that evicts);
+ *   wrong weights (len_c / n_c of the last plan, 1) shown far off;
+ * 5 the decode step (CPU twin): the first step the shared sample's float64 estimator and the
+ *   output of a twin cache without the sample cache; later steps the float64 estimator from the
+ *   cache's prefixes as they were before the step (m snapshotted, the orders after the step's
+ *   joins), stats.sampled their rows outside R; float32 / float16, G 2 / 4, both indexes, the
+ *   group search, appends between steps, 1 and 3 OpenMP threads; KESTREL_KV_TCACHE=0 off, on
+ *   again, a rebuild, a larger budget and another table size (each first step the shared plan's,
+ *   the next from the prefixes held; tables asked past 16,384 rows held at 16,384; the cache off
+ *   while keys join, then on); two layers, steps alternating;
+ * 6 the same with the static tokens (and the table) on the GPU, and switches between the cache
+ *   and the evenly spaced sample there against a twin scoring its tail on the CPU (both skipped
+ *   without a device).
+ * Tolerances: outputs 2e-5 absolute + 1e-4 relative, lse 1e-4 (as the clustered tail suites:
+ * float32 sums of at most a few thousand terms). */
+#include <omp.h>
+#include <time.h>
+
+#include "harness.h"
+#include "kv_ref.h"
+
+#include "core/half.h"
+#include "index/kv.h"
+#include "index/kv_scache.h"
+#include "index/kv_tclust.h"
+#ifdef KST_CUDA
+#include "index/kv_cuda.h"
+#endif
+
+#include "kv_tc_ref.h"
+
+#define TOL_LSE 1e-4
+
+/* ---------------------------------------------------------------------------------------------
+ * data */
+
+/* One KV head's rows: node i at row row0 + i of K, V ((row0 + n, d) float32; when f16 rounded to
+ * float16, whose bits K16, V16 the code reads); the rows before row0 noise (never read). */
+typedef struct {
+    size_t n, d, row0;
+    int f16;
+    float *K, *V;
+    uint16_t *K16, *V16;
+} sc_rows;
+
+static void rows_make(sc_rows *R, float *cen, size_t n, size_t d, size_t row0, int f16, size_t ncent) {
+    size_t N = (row0 + n) * d;
+    R->n = n;
+    R->d = d;
+    R->row0 = row0;
+    R->f16 = f16;
+    R->K = malloc(N * sizeof *R->K);
+    R->V = malloc(N * sizeof *R->V);
+    R->K16 = f16 ? malloc(N * sizeof *R->K16) : NULL;
+    R->V16 = f16 ? malloc(N * sizeof *R->V16) : NULL;
+    for (size_t i = 0; i < row0 * d; i++) {
+        R->K[i] = (float)(100 * kv_gauss());
+        R->V[i] = (float)(100 * kv_gauss());
+    }
+    mix_data(R->K + row0 * d, R->V + row0 * d, cen, n, 1, d, ncent, 1.0, 0.5);
+    if (f16) {
+        round_f16(R->K16, R->K, N);
+        round_f16(R->V16, R->V, N);
+    }
+}
+static const void *rows_K(const sc_rows *R) { return R->f16 ? (const void *)R->K16 : (const void *)R->K; }
+static const void *rows_V(const sc_rows *R) { return R->f16 ? (const void *)R->V16 : (const void *)R->V; }
+static const void *rows_K0(const sc_rows *R) {
+    return R->f16 ? (const void *)(R->K16 + R->row0 * R->d) : (const void *)(R->K + R->row0 * R->d);
+}
+static void rows_free(sc_rows *R) {
+    free(R->K);
+    free(R->V);
+    free(R->K16);
+    free(R->V16);
+}
+
+/* scale * <q, node x's key> in float64. */
+static double score64(const sc_rows *R, const float *q, size_t x, double scale) {
+    const float *k = R->K + (R->row0 + x) * R->d;
+    double a = 0;
+    for (size_t i = 0; i < R->d; i++) a += (double)q[i] * k[i];
+    return a * scale;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * the cache's state against its definition */
+
+/* The state's invariants (kv_scache.h): cluster c holds exactly its first m_c members, each in a
+ * slot whose key and cid name it; a slot is free (key KST_KVSC_FREE, cid -1) or held by such a
+ * member; the free stack the free slots; used = sum m_c = cap - nfr <= cap; lw_c = log(len_c /
+ * m_c) (float; -inf at m_c 0); every node of T seen (na). */
+static void sc_check(const kst_kvsc *S, const kst_kvtc *T, const char *what) {
+    if (S->C != T->C) fail_msg("%s: the cache has %zu clusters, T %zu", what, S->C, T->C);
+    if (S->na != T->na) fail_msg("%s: the cache has seen %zu nodes, T assigned %zu", what, S->na, T->na);
+    if (S->ncap < T->na) fail_msg("%s: slot[] holds %zu nodes of %zu", what, S->ncap, T->na);
+    if (S->cap != S->nc * S->ch || S->ch > KST_KVSC_CH || S->nc > 16)
+        fail_msg("%s: %zu slots in %zu chunks of %zu", what, S->cap, S->nc, S->ch);
+    size_t sum = 0;
+    for (size_t c = 0; c < T->C; c++) {
+        uint32_t m = S->m[c];
+        if (m > T->len[c]) fail_msg("%s: cluster %zu holds %u of its %u members", what, c, m, T->len[c]);
+        sum += m;
+        for (uint32_t p = 0; p < T->len[c]; p++) {
+            uint32_t x = T->mem[c][p];
+            int32_t s = S->slot[x];
+            if (p < m) {
+                if (s < 0 || (size_t)s >= S->cap)
+                    fail_msg("%s: cluster %zu's member %u at place %u < m_c %u holds slot %d", what, c, x, p, m, s);
+                if (S->key[s] != x || S->cid[s] != (int32_t)c)
+                    fail_msg("%s: slot %d of cluster %zu's member %u holds node %u of cluster %d", what, s, c, x, S->key[s],
+                             S->cid[s]);
+            } else if (s != -1) {
+                fail_msg("%s: cluster %zu's member %u at place %u >= m_c %u holds slot %d", what, c, x, p, m, s);
+            }
+        }
+        double want = m ? log((double)T->len[c] / (double)m) : -INFINITY;
+        if (m ? !(fabs(S->lw[c] - want) <= 1e-6 + 1e-6 * fabs(want)) : S->lw[c] != -INFINITY)
+            fail_msg("%s: cluster %zu (%u of %u held): lw %.9g, log(len / m) %.9g", what, c, m, T->len[c], S->lw[c], want);
+    }
+    size_t held = 0;
+    uint8_t *fr = calloc(S->cap, 1);
+    for (size_t i = 0; i < S->nfr; i++) {
+        uint32_t s = S->fr[i];
+        if (s >= S->cap || fr[s]) fail_msg("%s: free stack entry %zu: slot %u (of %zu, or twice)", what, i, s, S->cap);
+        fr[s] = 1;
+    }
+    for (size_t s = 0; s < S->cap; s++) {
+        uint32_t x = S->key[s];
+        if (x == KST_KVSC_FREE) {
+            if (S->cid[s] != -1) fail_msg("%s: free slot %zu has cluster %d", what, s, S->cid[s]);
+            if (!fr[s]) fail_msg("%s: free slot %zu not on the free stack", what, s);
+            continue;
+        }
+        held++;
+        if (fr[s]) fail_msg("%s: slot %zu holds node %u and is on the free stack", what, s, x);
+        if (x >= T->na || S->slot[x] != (int32_t)s || T->of[x] != (uint32_t)S->cid[s] || T->pos[x] >= S->m[T->of[x]])
+            fail_msg("%s: slot %zu holds node %u (cluster %d), not a held member there", what, s, x, S->cid[s]);
+    }
+    free(fr);
+    if (held != sum || S->used != sum || S->cap - S->nfr != sum || sum > S->cap)
+        fail_msg("%s: %zu slots held, sum m_c %zu, used %zu, cap - nfr %zu (cap %zu)", what, held, sum, S->used,
+                 S->cap - S->nfr, S->cap);
+}
+
+/* The table as of the last take: the dirty list since must hold every slot whose (key, cid) has
+ * changed (and only slots, each once). */
+typedef struct {
+    uint32_t *key, *buf;
+    int32_t *cid;
+    size_t cap;
+} sc_snap;
+
+static void snap_init(sc_snap *P, kst_kvsc *S) {
+    P->cap = S->cap;
+    P->key = malloc(S->cap * sizeof *P->key);
+    P->cid = malloc(S->cap * sizeof *P->cid);
+    P->buf = malloc(S->cap * sizeof *P->buf);
+    kst_kvsc_take_dirty(S, P->buf);
+    memcpy(P->key, S->key, S->cap * sizeof *P->key);
+    memcpy(P->cid, S->cid, S->cap * sizeof *P->cid);
+}
+/* Takes the dirty list and checks it against the snapshot (then moved on); returns the slots
+ * changed. */
+static size_t snap_check(sc_snap *P, kst_kvsc *S, const char *what) {
+    size_t nd = kst_kvsc_take_dirty(S, P->buf), changed = 0;
+    uint8_t *in = calloc(P->cap, 1);
+    for (size_t i = 0; i < nd; i++) {
+        if (P->buf[i] >= P->cap || in[P->buf[i]]) fail_msg("%s: dirty entry %zu: slot %u (of %zu, or twice)", what, i, P->buf[i], P->cap);
+        in[P->buf[i]] = 1;
+    }
+    for (size_t s = 0; s < P->cap; s++)
+        if (P->key[s] != S->key[s] || P->cid[s] != S->cid[s]) {
+            changed++;
+            if (!in[s])
+                fail_msg("%s: slot %zu changed (node %u cluster %d -> node %u cluster %d) but is not in the dirty list", what,
+                         s, P->key[s], P->cid[s], S->key[s], S->cid[s]);
+        }
+    free(in);
+    if (kst_kvsc_take_dirty(S, P->buf) != 0) fail_msg("%s: a second take found slots", what);
+    memcpy(P->key, S->key, P->cap * sizeof *P->key);
+    memcpy(P->cid, S->cid, P->cap * sizeof *P->cid);
+    return changed;
+}
+static void snap_free(sc_snap *P) {
+    free(P->key);
+    free(P->cid);
+    free(P->buf);
+}
+
+/* The shared plan of nr query rows Q (nr, d) against float64 (kv_tclust.h): cluster c weighted
+ * len_c sum_r exp(temp s_rc) / Z_r, s_rc = scale <q_r, centroid_c> (float64), Z_r = sum_c len_c
+ * exp(temp s_rc); min(B, sum len) water-filled (a cluster whose share reaches len_c taken whole,
+ * the rest shared again); each n_c within 1 of its share, n_c <= len_c, the total exact. */
+static double g_maxoff;
+static void check_plan64(const kst_kvtc *T, const uint32_t *ns, size_t tot, const float *Q, size_t nr, double scale,
+                         double temp, size_t B, const char *what) {
+    size_t C = T->C, d = T->d, all = 0;
+    double *lw = calloc(C, sizeof *lw), *s = malloc(C * sizeof *s), *x = calloc(C, sizeof *x), *w = malloc(C * sizeof *w);
+    char *open = malloc(C);
+    for (size_t c = 0; c < C; c++) {
+        all += T->len[c];
+        open[c] = T->len[c] > 0;
+    }
+    for (size_t r = 0; r < nr; r++) {
+        double m = -INFINITY, Z = 0;
+        for (size_t c = 0; c < C; c++) {
+            double a = 0;
+            for (size_t i = 0; i < d; i++) a += (double)Q[r * d + i] * T->cent[c * d + i];
+            s[c] = temp * scale * a;
+            if (T->len[c] && s[c] > m) m = s[c];
+        }
+        for (size_t c = 0; c < C; c++) Z += (double)T->len[c] * exp(s[c] - m);
+        for (size_t c = 0; c < C; c++) lw[c] += exp(s[c] - m) / Z;
+    }
+    size_t want = B < all ? B : all;
+    double left = (double)want;
+    while (left > 0) {
+        double W = 0;
+        for (size_t c = 0; c < C; c++) {
+            w[c] = open[c] ? (double)T->len[c] * lw[c] : 0;
+            W += w[c];
+        }
+        if (!(W > 0)) break;
+        int closed = 0;
+        for (size_t c = 0; c < C; c++)
+            if (open[c] && left * w[c] / W >= (double)T->len[c]) {
+                x[c] = T->len[c];
+                open[c] = 0;
+                closed = 1;
+            }
+        if (!closed) {
+            for (size_t c = 0; c < C; c++)
+                if (open[c]) x[c] = left * w[c] / W;
+            break;
+        }
+        left = (double)want;
+        for (size_t c = 0; c < C; c++)
+            if (!open[c]) left -= x[c];
+    }
+    size_t sum = 0;
+    for (size_t c = 0; c < C; c++) {
+        if (ns[c] > T->len[c]) fail_msg("%s: cluster %zu: %u samples of %u members", what, c, ns[c], T->len[c]);
+        double off = fabs((double)ns[c] - x[c]);
+        if (!(off <= 1 + 1e-4 * x[c] + 1e-6))
+            fail_msg("%s: cluster %zu gets %u samples, its float64 share %.4f (budget %zu of %zu, %zu query rows)", what, c,
+                     ns[c], x[c], B, all, nr);
+        g_maxoff = off > g_maxoff ? off : g_maxoff;
+        sum += ns[c];
+    }
+    if (sum != want || tot != want)
+        fail_msg("%s: the plan has %zu samples (tot %zu), expected min(%zu, %zu)", what, sum, tot, B, all);
+    free(lw);
+    free(s);
+    free(x);
+    free(w);
+    free(open);
+}
+
+/* One plan (kst_kvsc_plan from the centroid scores of the G queries Q) checked against the
+ * definition: its n_c the float64 plan of Q and the queries before (Qprev, NULL on the first);
+ * every m_c raised to n_c; where used + the rows to add fit the table, m_c = max(m_c, n_c);
+ * else clusters only cut (to no less than n_c) where they held more than n_c, the table then
+ * exactly full. Returns 1 when the plan evicted. */
+static int plan_checked(kst_kvsc *S, const kst_kvtc *T, const float *Q, const float *Qprev, size_t G, float scale,
+                        float temp, size_t B, const char *what) {
+    size_t C = T->C, d = T->d, need = 0, used0 = S->used;
+    uint32_t *m0 = malloc(C * sizeof *m0);
+    float *cs = malloc(G * C * sizeof *cs), *Q2 = malloc(2 * G * d * sizeof *Q2);
+    memcpy(m0, S->m, C * sizeof *m0);
+    kst_kvtc_scores(T, Q, G, scale, cs);
+    kst_error err;
+    assert_ok(kst_kvsc_plan(S, T, cs, temp, B, &err), &err);
+    memcpy(Q2, Q, G * d * sizeof *Q2);
+    if (Qprev) memcpy(Q2 + G * d, Qprev, G * d * sizeof *Q2);
+    check_plan64(T, S->A.ns, S->A.tot, Q2, Qprev ? 2 * G : G, scale, temp, B < S->cap ? B : S->cap, what);
+    const uint32_t *ns = S->A.ns;
+    for (size_t c = 0; c < C; c++) need += ns[c] > m0[c] ? ns[c] - m0[c] : 0;
+    int evict = used0 + need > S->cap;
+    for (size_t c = 0; c < C; c++) {
+        uint32_t hi = m0[c] > ns[c] ? m0[c] : ns[c];
+        if (S->m[c] < ns[c] || S->m[c] > hi || (!evict && S->m[c] != hi))
+            fail_msg("%s: cluster %zu held %u, planned %u, now holds %u (%s)", what, c, m0[c], ns[c], S->m[c],
+                     evict ? "the table overflowing" : "no eviction");
+    }
+    if (evict && S->used != S->cap)
+        fail_msg("%s: %zu held + %zu to add over %zu slots, but %zu held after the cut", what, used0, need, S->cap, S->used);
+    if (!S->ready) fail_msg("%s: not ready after a plan", what);
+    free(m0);
+    free(cs);
+    free(Q2);
+    return evict;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * 1. plans */
+
+/* 3,000 keys (d 32) around 24 centres in 48 clusters, G = 3, temp 0.7; tables of 2,500 slots (3
+ * chunks), 512 (twice the budget) and 256 (the budget: it evicts); budget 256; 12 plans each from
+ * mix_queries (x0.5 .. x2; every fourth step the queries x4, sharp; steps 6, 7 the same queries
+ * as steps 4, 5). After the setup and every plan: the invariants (sc_check), the plan
+ * (plan_checked), the dirty list (snap_check). */
+static void test_plans(void **state) {
+    (void)state;
+    tc_seed(1);
+    const size_t n = 3000, d = 32, C = 48, G = 3, ncent = 24, B = 256, steps = 12;
+    const float scale = (float)(1.0 / sqrt((double)d)), temp = 0.7f;
+    float *cen = malloc(ncent * d * sizeof *cen), *Q = malloc(steps * G * d * sizeof *Q);
+    sc_rows R;
+    rows_make(&R, cen, n, d, 0, 0, ncent);
+    mix_queries(Q, cen, steps, G, 1, d, ncent);
+    for (size_t s = 0; s < steps; s++)
+        if (s % 4 == 3)
+            for (size_t i = 0; i < G * d; i++) Q[s * G * d + i] *= 4;
+    memcpy(Q + 6 * G * d, Q + 4 * G * d, 2 * G * d * sizeof *Q);
+    kst_kvtc T = {0};
+    kst_error err;
+    assert_ok(kst_kvtc_build(&T, rows_K0(&R), 0, n, d, C, 11, &err), &err);
+    assert_int_equal(T.C, C);
+    static const size_t caps[3] = {2500, 512, 256};
+    size_t evictions[3] = {0, 0, 0}, changed = 0;
+    for (size_t ci = 0; ci < 3; ci++) {
+        kst_kvsc S = {0};
+        assert_ok(kst_kvsc_setup(&S, &T, G, caps[ci], &err), &err);
+        size_t nc = (caps[ci] + KST_KVSC_CH - 1) / KST_KVSC_CH;
+        assert_int_equal(S.nc, nc);
+        assert_int_equal(S.ch, (caps[ci] + nc - 1) / nc);
+        if (S.cap < caps[ci]) fail_msg("table of %zu slots asked, %zu made", caps[ci], S.cap);
+        assert_int_equal(S.used, 0);
+        assert_int_equal(S.ready, 0);
+        sc_check(&S, &T, "after the setup");
+        sc_snap P;
+        snap_init(&P, &S);
+        for (size_t s = 0; s < steps; s++) {
+            char what[96];
+            snprintf(what, sizeof what, "table of %zu, plan %zu", S.cap, s);
+            evictions[ci] += plan_checked(&S, &T, Q + s * G * d, s ? Q + (s - 1) * G * d : NULL, G, scale, temp, B, what);
+            sc_check(&S, &T, what);
+            changed += snap_check(&P, &S, what);
+        }
+        snap_free(&P);
+        kst_kvsc_free(&S);
+        kst_kvsc_free(&S); /* twice: freed state */
+    }
+    print_message("plans: 3 tables x %zu plans, n_c within %.3f of float64; evictions: %zu, %zu, %zu; %zu slot changes "
+                  "all in the dirty lists\n", steps, g_maxoff, evictions[0], evictions[1], evictions[2], changed);
+    if (!evictions[2]) fail_msg("the table of the budget never evicted");
+    if (evictions[0]) fail_msg("the table of 2,500 slots evicted (the plans' union is under it)");
+    kst_kvtc_free(&T);
+    rows_free(&R);
+    free(cen);
+    free(Q);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * 2. joins */
+
+/* 1,000 keys (d 32) in 32 clusters built, G = 2, budget 192, tables of 384 and 192; 3 plans, then
+ * keys added (kst_kvtc_add) 60 one at a time (kst_kvsc_joined after each), then 700 and 1,240 at
+ * once (past the cache's first node array, 2,274), a plan between: after each the invariants,
+ * the dirty list, the weights (len grew; sc_check) and, counted and asserted reached, nodes that
+ * joined inside a prefix and held members pushed out of it (still in their cluster). */
+static void test_joins(void **state) {
+    (void)state;
+    tc_seed(2);
+    const size_t n0 = 1000, n = 3000, d = 32, C = 32, G = 2, ncent = 16, B = 192;
+    const float scale = (float)(1.0 / sqrt((double)d)), temp = 0.7f;
+    float *cen = malloc(ncent * d * sizeof *cen), *Q = malloc(8 * G * d * sizeof *Q);
+    sc_rows R;
+    rows_make(&R, cen, n, d, 0, 0, ncent);
+    mix_queries(Q, cen, 8, G, 1, d, ncent);
+    size_t inside = 0, pushed = 0, changed = 0, grown = 0;
+    kst_error err;
+    for (size_t ci = 0; ci < 2; ci++) {
+        kst_kvtc T = {0};
+        assert_ok(kst_kvtc_build(&T, rows_K0(&R), 0, n0, d, C, 21 + ci, &err), &err);
+        kst_kvsc S = {0};
+        assert_ok(kst_kvsc_setup(&S, &T, G, ci ? B : 2 * B, &err), &err);
+        size_t ncap0 = S.ncap, qi = 0;
+        sc_snap P;
+        snap_init(&P, &S);
+        for (; qi < 3; qi++) plan_checked(&S, &T, Q + qi * G * d, qi ? Q + (qi - 1) * G * d : NULL, G, scale, temp, B, "joins: plan");
+        sc_check(&S, &T, "joins: after the plans");
+        snap_check(&P, &S, "joins: after the plans");
+        int32_t *was = malloc(n * sizeof *was);
+        size_t na = n0;
+        static const size_t adds[3] = {60, 700, 1240};
+        for (size_t ph = 0; ph < 3; ph++) {
+            size_t reps = ph ? 1 : adds[0];
+            for (size_t r = 0; r < reps; r++) {
+                size_t to = na + (ph ? adds[ph] : 1);
+                for (size_t x = 0; x < na; x++) was[x] = S.slot[x];
+                assert_ok(kst_kvtc_add(&T, rows_K0(&R), 0, to, &err), &err);
+                assert_ok(kst_kvsc_joined(&S, &T, &err), &err);
+                char what[96];
+                snprintf(what, sizeof what, "table of %zu, %zu nodes joined (to %zu)", S.cap, to - na, to);
+                sc_check(&S, &T, what);
+                changed += snap_check(&P, &S, what);
+                for (size_t x = na; x < to; x++) inside += T.pos[x] < S.m[T.of[x]];
+                for (size_t x = 0; x < na; x++) pushed += was[x] >= 0 && S.slot[x] < 0;
+                na = to;
+            }
+            char what[96];
+            snprintf(what, sizeof what, "table of %zu, plan after joins (phase %zu)", S.cap, ph);
+            plan_checked(&S, &T, Q + qi * G * d, Q + (qi - 1) * G * d, G, scale, temp, B, what);
+            qi++;
+            sc_check(&S, &T, what);
+            changed += snap_check(&P, &S, what);
+        }
+        assert_int_equal(T.na, n);
+        grown += S.ncap > ncap0;
+        free(was);
+        snap_free(&P);
+        kst_kvsc_free(&S);
+        kst_kvtc_free(&T);
+    }
+    print_message("joins: %zu new nodes inside a prefix, %zu held members pushed out, %zu slot changes in the dirty "
+                  "lists, node arrays grown in %zu of 2\n", inside, pushed, changed, grown);
+    if (!inside || !pushed) fail_msg("no node joined inside a prefix (%zu) or none pushed out (%zu)", inside, pushed);
+    if (grown != 2) fail_msg("the cache's node arrays did not grow past their first size");
+    rows_free(&R);
+    free(cen);
+    free(Q);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * 3. items + finish */
+
+/* The items of every chunk for the G queries Q, laid out as the GPU's (head g's at it + g nc st),
+ * st a little over KST_KVSC_STRIDE(d); the items' floats NaN before, the scratch exactly G ch
+ * floats, stale, its own allocation; the chunks made last first. */
+static float *make_items(const kst_kvsc *S, const float *Q, size_t G, const sc_rows *R, float scale, size_t *st_out) {
+    size_t st = KST_KVSC_STRIDE(R->d) + 3, nit = G * S->nc * st;
+    float *it = malloc(nit * sizeof *it), *sc = malloc(G * S->ch * sizeof *sc);
+    for (size_t i = 0; i < nit; i++) it[i] = NAN;
+    memset(sc, 0x7f, G * S->ch * sizeof *sc);
+    for (size_t cc = S->nc; cc-- > 0;)
+        kst_kvsc_item(S, cc, Q, G, rows_K(R), rows_V(R), R->f16, R->d, scale, R->row0, it + cc * st, S->nc * st, sc);
+    free(sc);
+    *st_out = st;
+    return it;
+}
+
+/* Head g's finish with scratch of exactly m uint32 and ch floats (stale, their own allocations). */
+static size_t finish(const kst_kvsc *S, const float *it, size_t st, size_t g, const float *q, const sc_rows *R, float scale,
+                     const uint32_t *rid, size_t m, float *o, float *lse) {
+    uint32_t *sl = malloc((m ? m : 1) * sizeof *sl);
+    float *sc = malloc(S->ch * sizeof *sc);
+    memset(sl, 0x7f, (m ? m : 1) * sizeof *sl);
+    memset(sc, 0x7f, S->ch * sizeof *sc);
+    for (size_t i = 0; i < R->d; i++) o[i] = NAN;
+    size_t got = kst_kvsc_finish(S, it + g * S->nc * st, st, q, rows_K(R), rows_V(R), R->f16, R->d, scale, R->row0, rid, m,
+                                 sl, sc, o, lse);
+    free(sl);
+    free(sc);
+    return got;
+}
+
+/* The estimate's float64 reference (kv_scache.h): every member at a place < pre[c] of a cluster c
+ * (pre: the prefixes held) that is outside R (mark) weighted len_c / pre[c]; lse = log sum w
+ * exp(s), o = sum w exp(s) v / sum w exp(s); o 0 and lse -inf where no such member. wt (may be
+ * NULL): the weight replaced by wt[c] (test 4's wrong weights; 0 drops the cluster). Returns the
+ * members summed. */
+static size_t est_ref64(double *o, double *lse, const kst_kvtc *T, const uint32_t *pre, const double *wt,
+                        const sc_rows *R, const float *q, double scale, const uint8_t *mark) {
+    size_t d = R->d, used = 0;
+    double mx = -INFINITY, sum = 0, *lw = malloc(T->C * sizeof *lw);
+    for (size_t i = 0; i < d; i++) o[i] = 0;
+    for (size_t c = 0; c < T->C; c++) {
+        if (pre[c] > T->len[c]) fail_msg("estimate reference: cluster %zu holds %u of %u", c, pre[c], T->len[c]);
+        double w = wt ? wt[c] : pre[c] ? (double)T->len[c] / (double)pre[c] : 0;
+        lw[c] = w > 0 ? log(w) : -INFINITY;
+        for (uint32_t j = 0; j < pre[c] && lw[c] > -INFINITY; j++)
+            if (!mark[T->mem[c][j]]) mx = fmax(mx, score64(R, q, T->mem[c][j], scale) + lw[c]);
+    }
+    for (size_t c = 0; c < T->C; c++)
+        for (uint32_t j = 0; j < pre[c] && lw[c] > -INFINITY; j++) {
+            uint32_t x = T->mem[c][j];
+            if (mark[x]) continue;
+            double e = exp(score64(R, q, x, scale) + lw[c] - mx);
+            used++;
+            sum += e;
+            const float *v = R->V + (R->row0 + x) * d;
+            for (size_t i = 0; i < d; i++) o[i] += e * v[i];
+        }
+    free(lw);
+    if (!(sum > 0)) {
+        for (size_t i = 0; i < d; i++) o[i] = 0;
+        *lse = -INFINITY;
+        return used;
+    }
+    for (size_t i = 0; i < d; i++) o[i] /= sum;
+    *lse = mx + log(sum);
+    return used;
+}
+
+/* (o, lse, count) against the float64 reference; returns the largest |o - ref| / tolerance. */
+static double check_out(const char *what, const float *o, float lse, size_t got, const double *ro, double rlse,
+                        size_t rgot, size_t d) {
+    if (got != rgot) fail_msg("%s: %zu rows stood for the rest, the reference's %zu", what, got, rgot);
+    if (rlse == -INFINITY) {
+        if (lse != -INFINITY) fail_msg("%s: lse %.7g where nothing is left (-inf)", what, lse);
+        for (size_t i = 0; i < d; i++)
+            if (o[i] != 0) fail_msg("%s: o[%zu] = %.7g where nothing is left (0)", what, i, o[i]);
+        return 0;
+    }
+    double dev = 0;
+    for (size_t i = 0; i < d; i++) {
+        double e = fabs(o[i] - ro[i]) / (TOL_A + TOL_R * fabs(ro[i]));
+        if (!(e <= 1)) fail_msg("%s: o[%zu] = %.7g, float64 %.7g", what, i, o[i], ro[i]);
+        dev = e > dev ? e : dev;
+    }
+    if (!(fabs(lse - rlse) <= TOL_LSE)) fail_msg("%s: lse %.9g, float64 %.9g", what, lse, rlse);
+    return dev;
+}
+
+/* Finish's cases a (head, chunk) meets, read from the definition in float64 (kv_scache.h): the
+ * chunk's held rows by weighted score s + log(len_c / m_c), its best min(32, held) the best rows;
+ * sub / sum: the retrieved rows' share of the weights outside the best; trm / ttot the same of
+ * the best. */
+enum { K_PLAIN, K_SUB, K_TOPSUB, K_TOPADD, K_ANEW, K_ALL, K_N };
+static const char *k_names[K_N] = {"nothing retrieved", "retrieved outside the best only", "best rows retrieved (subtracted)",
+                                   "nearly all the best retrieved (added anew)", "over 7/8 outside the best (recomputed)",
+                                   "every row retrieved"};
+static size_t g_kind[K_N];
+
+/* A chunk's held rows (slots j0 ..) sorted best first by head q's weighted score (w64). */
+static size_t chunk_rows(const kst_kvsc *S, const kst_kvtc *T, size_t cc, const sc_rows *R, const float *q, double scale,
+                         uint32_t *x, double *w) {
+    size_t j0 = cc * S->ch, nh = 0;
+    for (size_t j = j0; j < j0 + S->ch; j++) {
+        uint32_t y = S->key[j];
+        if (y == KST_KVSC_FREE) continue;
+        uint32_t c = T->of[y];
+        double v = score64(R, q, y, scale) + log((double)T->len[c] / (double)S->m[c]);
+        size_t i = nh++;
+        for (; i > 0 && w[i - 1] < v; i--) {
+            w[i] = w[i - 1];
+            x[i] = x[i - 1];
+        }
+        w[i] = v;
+        x[i] = y;
+    }
+    return nh;
+}
+
+static void classify(const kst_kvsc *S, const kst_kvtc *T, const sc_rows *R, const float *q, double scale,
+                     const uint8_t *mark, uint32_t *x, double *w) {
+    for (size_t cc = 0; cc < S->nc; cc++) {
+        size_t nh = chunk_rows(S, T, cc, R, q, scale, x, w), nt = nh < KST_KVSC_TOP ? nh : KST_KVSC_TOP, inr = 0;
+        if (!nh) continue;
+        double sum = 0, sub = 0, ttot = 0, trm = 0;
+        for (size_t i = 0; i < nh; i++) {
+            double e = exp(w[i] - w[0]);
+            inr += mark[x[i]];
+            if (i < nt) ttot += e, trm += mark[x[i]] ? e : 0;
+            else sum += e, sub += mark[x[i]] ? e : 0;
+        }
+        int k = inr == nh                ? K_ALL
+                : sub > 0.875 * sum && sub > 0 ? K_ANEW
+                : trm > 0.875 * ttot     ? K_TOPADD
+                : trm > 0                ? K_TOPSUB
+                : sub > 0                ? K_SUB
+                                         : K_PLAIN;
+        g_kind[k]++;
+    }
+}
+
+/* 3. 4,000 keys (d 64, from row 7 on) around 40 centres in 64 clusters, G = 3, temp 0.7, float32
+ * and float16 rows; (a) a table of 2,500 slots (3 chunks of 834), budget 600, three plans; (b)
+ * one of 20 (one chunk, under KST_KVSC_TOP), budget 20, two plans. The items of a fourth step's
+ * queries, then for each head R (the best chunk: the one holding the head's best weighted row):
+ * empty; 200 random ids; the best chunk's 32nd best row and 100 random; its best 31 rows; its
+ * rows but its best 32 and its 3 lightest; all its rows; every held row (and 50 others); every
+ * held row but the best chunk's 3 lightest (the estimate theirs alone: a difference of the
+ * chunk's float sums would keep little of it). Each head's (o, lse, count) the float64 estimate;
+ * the cases finish meets counted (classify) and each asserted reached. */
+static void test_items_finish(void **state) {
+    (void)state;
+    const size_t n = 4000, d = 64, C = 64, G = 3, ncent = 40, row0 = 7;
+    const float scale = (float)(1.0 / sqrt((double)d)), temp = 0.7f;
+    float *cen = malloc(ncent * d * sizeof *cen), Q[4 * 3 * 64], o[64], lse;
+    uint32_t *rid = malloc((n + 8) * sizeof *rid), *xs = malloc(KST_KVSC_CH * sizeof *xs);
+    uint8_t *mark = calloc(n, 1);
+    double *ws = malloc(KST_KVSC_CH * sizeof *ws), ro[64], rlse, worst = 0;
+    size_t checks = 0;
+    memset(g_kind, 0, sizeof g_kind);
+    kst_error err;
+    for (int f16 = 0; f16 < 2; f16++) {
+        tc_seed(3);
+        sc_rows R;
+        rows_make(&R, cen, n, d, row0, f16, ncent);
+        mix_queries(Q, cen, 4, G, 1, d, ncent);
+        kst_kvtc T = {0};
+        assert_ok(kst_kvtc_build(&T, rows_K0(&R), f16, n, d, C, 31, &err), &err);
+        for (int tb = 0; tb < 2; tb++) {
+            size_t cap = tb ? 20 : 2500, B = tb ? 20 : 600, np = tb ? 2 : 3;
+            kst_kvsc S = {0};
+            assert_ok(kst_kvsc_setup(&S, &T, G, cap, &err), &err);
+            for (size_t s = 0; s < np; s++)
+                plan_checked(&S, &T, Q + s * G * d, s ? Q + (s - 1) * G * d : NULL, G, scale, temp, B, "items: plan");
+            sc_check(&S, &T, "items");
+            const float *Qs = Q + 3 * G * d;
+            size_t st, held = 0;
+            float *it = make_items(&S, Qs, G, &R, scale, &st);
+            for (size_t s = 0; s < S.cap; s++) held += S.key[s] != KST_KVSC_FREE;
+            for (size_t g = 0; g < G; g++) {
+                const float *q = Qs + g * d;
+                /* the chunk holding head g's best weighted row */
+                size_t cb = 0;
+                double best = -INFINITY;
+                for (size_t cc = 0; cc < S.nc; cc++) {
+                    size_t nh = chunk_rows(&S, &T, cc, &R, q, scale, xs, ws);
+                    if (nh && ws[0] > best) best = ws[0], cb = cc;
+                }
+                size_t nh = chunk_rows(&S, &T, cb, &R, q, scale, xs, ws);
+                for (int rc = 0; rc < 8; rc++) {
+                    size_t m = 0;
+                    memset(mark, 0, n);
+#define ADD(y)                                          \
+    do {                                                \
+        uint32_t y_ = (uint32_t)(y);                    \
+        if (!mark[y_]) mark[y_] = 1, rid[m++] = y_;     \
+    } while (0)
+                    if (rc == 1 || rc == 2)
+                        for (size_t i = 0; i < (rc == 1 ? 200u : 100u); i++) ADD(tc_below(n));
+                    if (rc == 2 && nh >= KST_KVSC_TOP) ADD(xs[KST_KVSC_TOP - 1]);
+                    if (rc == 2 && nh < KST_KVSC_TOP && nh > 1) ADD(xs[nh - 1]);
+                    if (rc == 3)
+                        for (size_t i = 0; i + 1 < nh && i < KST_KVSC_TOP - 1; i++) ADD(xs[i]);
+                    if (rc == 4)
+                        for (size_t i = KST_KVSC_TOP; i + 3 < nh; i++) ADD(xs[i]);
+                    if (rc == 5)
+                        for (size_t i = 0; i < nh; i++) ADD(xs[i]);
+                    if (rc == 7) { /* every held row but the best chunk's 3 lightest: the estimate is theirs */
+                        for (size_t i = 0; i + 3 < nh; i++) ADD(xs[i]);
+                        for (size_t s = 0; s < S.cap; s++)
+                            if (S.key[s] != KST_KVSC_FREE && s / S.ch != cb) ADD(S.key[s]);
+                    }
+                    if (rc == 6) {
+                        for (size_t s = 0; s < S.cap; s++)
+                            if (S.key[s] != KST_KVSC_FREE) ADD(S.key[s]);
+                        for (size_t i = 0; i < 50; i++) ADD(tc_below(n));
+                    }
+#undef ADD
+                    for (size_t i = m; i > 1; i--) { /* any order */
+                        size_t j = tc_below(i);
+                        uint32_t t = rid[i - 1];
+                        rid[i - 1] = rid[j];
+                        rid[j] = t;
+                    }
+                    char what[128];
+                    snprintf(what, sizeof what, "%s, table of %zu, head %zu, R case %d (%zu ids)", f16 ? "float16" : "float32",
+                             S.cap, g, rc, m);
+                    size_t rgot = est_ref64(ro, &rlse, &T, S.m, NULL, &R, q, scale, mark);
+                    size_t got = finish(&S, it, st, g, q, &R, scale, rid, m, o, &lse);
+                    double dev = check_out(what, o, lse, got, ro, rlse, rgot, d);
+                    worst = dev > worst ? dev : worst;
+                    if (rc == 6 && (got != 0 || lse != -INFINITY)) fail_msg("%s: every held row retrieved, %zu kept", what, got);
+                    if (rc == 0 && got != held) fail_msg("%s: %zu rows held, %zu kept", what, held, got);
+                    classify(&S, &T, &R, q, scale, mark, xs, ws);
+                    nh = chunk_rows(&S, &T, cb, &R, q, scale, xs, ws);
+                    checks++;
+                }
+            }
+            free(it);
+            kst_kvsc_free(&S);
+        }
+        kst_kvtc_free(&T);
+        rows_free(&R);
+    }
+    print_message("items + finish: %zu estimates the float64 estimator (up to %.3f tolerances); (head, chunk) cases:", checks,
+                  worst);
+    for (int k = 0; k < K_N; k++) print_message(" %s %zu;", k_names[k], g_kind[k]);
+    print_message("\n");
+    for (int k = 0; k < K_N; k++)
+        if (!g_kind[k]) fail_msg("finish's case '%s' never reached", k_names[k]);
+    free(cen);
+    free(rid);
+    free(xs);
+    free(mark);
+    free(ws);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * 4. unbiasedness */
+
+/* 4. 1,200 keys (d 16) around 8 centres in 16 clusters, G = 2, 400 cluster orders: 8 k-means
+ * builds, each then reassigned 49 times with other shuffle seeds (na and the lengths reset,
+ * kst_kvtc_add: the same clusters, new orders). Each order a fresh cache (a table of 128 slots)
+ * planned twice, budget 96, temp 0.7: first from queries Q1 (head 0 near centre 0, head 1 near
+ * centre 2), then Q2 (near centres 4 and 6): m_c = the first plan's n_c where the second plans
+ * fewer, the table then over its slots (cut back): m_c depends on the clusters' sizes alone,
+ * asserted the same over a build's orders. The estimate for Q1 again, R every other key of
+ * centres 0 and 1 and 20 random ids, made by kst_kvsc_item + kst_kvsc_finish and checked against
+ * the float64 estimator each trial; for each head the mean of exp(lse) over the exact sum of
+ * exp(s) over the keys outside R of the clusters held (m_c > 0) is 1 within 5 standard errors
+ * (a member lies in its cluster's first m_c places with probability m_c / len_c, whatever R is).
+ * Wrong weights on the same rows (float64): len_c / n_c of the last plan and 1 must each be 5
+ * standard errors off on some head. */
+static void test_unbiased(void **state) {
+    (void)state;
+    tc_seed(4);
+    const size_t n = 1200, d = 16, C = 16, G = 2, ncent = 8, trials = 400, B = 96, cap = 128;
+    const float scale = (float)(1.0 / sqrt((double)d)), temp = 0.7f;
+    float *cen = malloc(ncent * d * sizeof *cen), Q1[2 * 16], Q2[2 * 16], o[16], lse;
+    uint32_t *rid = malloc(n * sizeof *rid), m0[16];
+    uint8_t *mark = calloc(n, 1);
+    sc_rows R;
+    rows_make(&R, cen, n, d, 0, 0, ncent);
+    /* each key's centre (mix_data does not keep it): the nearest */
+    uint32_t *lab = malloc(n * sizeof *lab);
+    for (size_t x = 0; x < n; x++) {
+        double bd = INFINITY;
+        for (size_t k = 0; k < ncent; k++) {
+            double dd = 0;
+            for (size_t i = 0; i < d; i++) dd += (R.K[x * d + i] - cen[k * d + i]) * (R.K[x * d + i] - cen[k * d + i]);
+            if (dd < bd) bd = dd, lab[x] = (uint32_t)k;
+        }
+    }
+    for (size_t g = 0; g < G; g++)
+        for (size_t i = 0; i < d; i++) {
+            Q1[g * d + i] = (float)(1.2 * cen[(2 * g) * d + i] + 0.2 * kv_gauss());
+            Q2[g * d + i] = (float)(1.2 * cen[(4 + 2 * g) * d + i] + 0.2 * kv_gauss());
+        }
+    size_t m = 0, half = 0;
+    for (size_t x = 0; x < n; x++)
+        if (lab[x] <= 1 && half++ % 2 == 0) mark[x] = 1, rid[m++] = (uint32_t)x;
+    for (size_t i = 0; i < 20; i++) {
+        uint32_t x = (uint32_t)tc_below(n);
+        if (!mark[x]) mark[x] = 1, rid[m++] = x;
+    }
+    enum { NW = 4 };
+    static const char *names[NW] = {"the code (len_c / m_c)", "float64 len_c / m_c", "len_c / n_c of the last plan",
+                                    "weight 1"};
+    double sum[2][NW] = {{0}}, sum2[2][NW] = {{0}}, share[2] = {0, 0}, ro[16], rlse, wt[16], worst = 0, *s = malloc(n * sizeof *s);
+    size_t differ = 0, evicted = 0;
+    kst_kvtc T = {0};
+    kst_error err;
+    for (size_t t = 0; t < trials; t++) {
+        if (t % 50 == 0) {
+            assert_ok(kst_kvtc_build(&T, R.K, 0, n, d, C, 1000 + 7 * t, &err), &err);
+            assert_int_equal(T.C, C);
+        } else { /* the same clusters in new orders */
+            T.na = 0;
+            memset(T.len, 0, C * sizeof *T.len);
+            T.rng = 0x5851f42d4c957f2dull * (t + 1);
+            assert_ok(kst_kvtc_add(&T, R.K, 0, n, &err), &err);
+        }
+        kst_kvsc S = {0};
+        assert_ok(kst_kvsc_setup(&S, &T, G, cap, &err), &err);
+        evicted += plan_checked(&S, &T, Q1, NULL, G, scale, temp, B, "unbiasedness: plan 1");
+        evicted += plan_checked(&S, &T, Q2, Q1, G, scale, temp, B, "unbiasedness: plan 2");
+        if (t % 50 < 2) sc_check(&S, &T, "unbiasedness");
+        if (t % 50 == 0) memcpy(m0, S.m, C * sizeof *m0);
+        else if (memcmp(m0, S.m, C * sizeof *m0) != 0) fail_msg("trial %zu: m_c differs from the build's first order's", t);
+        for (size_t c = 0; c < C; c++) differ += S.m[c] != S.A.ns[c];
+        size_t st;
+        float *it = make_items(&S, Q1, G, &R, scale, &st);
+        for (size_t g = 0; g < G; g++) {
+            const float *q = Q1 + g * d;
+            double mx = -INFINITY, ex = 0, rt = 0, est[NW];
+            for (size_t x = 0; x < n; x++) s[x] = score64(&R, q, x, scale), mx = fmax(mx, s[x]);
+            for (size_t x = 0; x < n; x++)
+                if (!mark[x]) {
+                    rt += exp(s[x] - mx);
+                    if (S.m[T.of[x]]) ex += exp(s[x] - mx);
+                }
+            size_t got = finish(&S, it, st, g, q, &R, scale, rid, m, o, &lse);
+            size_t rgot = est_ref64(ro, &rlse, &T, S.m, NULL, &R, q, scale, mark);
+            char what[64];
+            snprintf(what, sizeof what, "unbiasedness, trial %zu, head %zu", t, g);
+            double dev = check_out(what, o, lse, got, ro, rlse, rgot, d);
+            worst = dev > worst ? dev : worst;
+            est[0] = exp((double)lse - mx);
+            est[1] = exp(rlse - mx);
+            for (size_t c = 0; c < C; c++) wt[c] = S.A.ns[c] ? (double)T.len[c] / (double)S.A.ns[c] : 0;
+            est_ref64(ro, &rlse, &T, S.m, wt, &R, q, scale, mark);
+            est[2] = exp(rlse - mx);
+            for (size_t c = 0; c < C; c++) wt[c] = S.m[c] ? 1 : 0;
+            est_ref64(ro, &rlse, &T, S.m, wt, &R, q, scale, mark);
+            est[3] = exp(rlse - mx);
+            for (size_t w = 0; w < NW; w++) {
+                sum[g][w] += est[w] / ex;
+                sum2[g][w] += est[w] / ex * est[w] / ex;
+            }
+            share[g] += ex / rt / (double)trials;
+        }
+        free(it);
+        kst_kvsc_free(&S);
+    }
+    print_message("unbiasedness: %zu trials (each the float64 estimator, up to %.3f tolerances), %zu plans evicted, %zu "
+                  "clusters where m_c != the last plan's n_c\n", trials, worst, evicted, differ);
+    if (!evicted || !differ) fail_msg("the plans never evicted (%zu) or m_c always the last n_c (%zu)", evicted, differ);
+    int caught[NW] = {0};
+    for (size_t g = 0; g < G; g++) {
+        print_message("head %zu (the clusters held hold %.3f of the sum outside R):\n", g, share[g]);
+        for (size_t w = 0; w < NW; w++) {
+            double mean = sum[g][w] / (double)trials, var = (sum2[g][w] - trials * mean * mean) / (double)(trials - 1),
+                   se = sqrt(var / (double)trials);
+            print_message("  %-32s mean estimate / exact %.4f, standard error %.4f (%+.1f SE)\n", names[w], mean, se,
+                          (mean - 1) / se);
+            int off = !(fabs(mean - 1) <= 5 * se);
+            caught[w] |= off;
+            if (w < 2 && off)
+                fail_msg("head %zu, %s: mean ratio %.4f is %.1f standard errors from 1", g, names[w], mean, (mean - 1) / se);
+            if (w < 2 && !(se < 0.03)) fail_msg("head %zu: standard error %.4f too wide to catch a wrong weight", g, se);
+        }
+    }
+    for (size_t w = 2; w < NW; w++)
+        if (!caught[w]) fail_msg("the wrong weight %s is within 5 standard errors on both heads: no power", names[w]);
+    kst_kvtc_free(&T);
+    rows_free(&R);
+    free(cen);
+    free(rid);
+    free(mark);
+    free(lab);
+    free(s);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * 5, 6. the decode step */
+
+/* The float64 reference of one query head's step: exact as tc_ref64 (sinks, the exact tail, the
+ * retrieved positions pos); then every member at a place < pre[c] of cluster c of T not
+ * retrieved, weighted len_c / pre[c] (pre: the cache's m snapshotted before the step, or the
+ * step's shared plan; NULL: no estimate). Returns those members. */
+static size_t step_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d, double scale,
+                         size_t sinks, size_t nidx, const int64_t *pos, size_t m, const kst_kvtc *T, const uint32_t *pre,
+                         size_t *insample) {
+    double *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w), mx;
+    uint8_t *ret = calloc(nidx + 1, 1);
+    size_t used = 0;
+    mx = tc_exact64(l, w, ret, q, K, n, d, scale, sinks, nidx, pos, m);
+    for (size_t c = 0; pre && c < T->C; c++) {
+        if (!pre[c]) continue;
+        if (pre[c] > T->len[c]) fail_msg("cluster %zu: %u held of %u members", c, pre[c], T->len[c]);
+        double wc = (double)T->len[c] / (double)pre[c];
+        for (uint32_t i = 0; i < pre[c]; i++) {
+            uint32_t x = T->mem[c][i];
+            if (x >= nidx) fail_msg("cluster %zu holds node %u of %zu indexed", c, x, nidx);
+            if (ret[x]) {
+                ++*insample;
+                continue;
+            }
+            w[sinks + x] = wc * exp(l[sinks + x] - mx);
+            used++;
+        }
+    }
+    wsum_rows64(out, w, V, n, d);
+    free(l);
+    free(w);
+    free(ret);
+    return used;
+}
+
+/* One step of layer g_layer of c checked against step_ref64 for every query head: pre[kh] (C of KV head
+ * kh) the prefixes the cache held before the step, or NULL: the step's shared plan
+ * (kst_kvtc_group_plan of the G heads' kst_kvtc_scores, checked by check_plan64); T read after
+ * the step (its joins in); the retrieved keys reproduced by kst_kvc_search_group /
+ * kst_kvc_search as the step runs them; stats.sampled those members summed. out_keep (may be
+ * NULL) gets the output. Returns stats.sampled. */
+static size_t g_insample;
+static size_t g_layer; /* the layer check_step_sc and snap_m read (0 but in test 7) */
+static size_t check_step_sc(kst_kvc *c, const float *K, const float *V, size_t n, const float *q, size_t top_k, size_t ef,
+                            float temp, uint32_t *const *pre, float *out_keep, const char *what) {
+    const kst_kvc_opts *o = kst_kvc_opts_of(c);
+    size_t H = o->kv_heads, QH = o->q_heads, G = QH / H, d = o->head_dim, sinks = o->sinks, B = o->tail_samples;
+    float *out = malloc(QH * d * sizeof *out), *Kh = malloc(n * d * sizeof *Kh), *Vh = malloc(n * d * sizeof *Vh);
+    double ref[512];
+    kst_kvc_stats st;
+    kst_error err;
+    assert_ok(kst_kvc_attend(c, g_layer, q, top_k, ef, out, &st, &err), &err);
+    size_t nidx = kst_kvc_indexed(c, g_layer), k = top_k < nidx ? top_k : nidx, tot = 0;
+    assert_int_equal(st.tokens, n);
+    assert_int_equal(st.indexed, nidx);
+    int64_t *pos = malloc((k + 1) * sizeof *pos), *posg = malloc((G * k + 1) * sizeof *posg);
+    assert_true(G <= 16);
+    for (size_t kh = 0; kh < H; kh++) {
+        const kst_kvtc *T = kst_kvc_tail_clusters(c, g_layer, kh);
+        if (!T) fail_msg("%s: KV head %zu has no clusters", what, kh);
+        assert_int_equal(T->na, nidx);
+        kst_kvtc_group A = {0};
+        const uint32_t *ns = pre ? pre[kh] : NULL;
+        head_rows(Kh, K, n, H, kh, d);
+        head_rows(Vh, V, n, H, kh, d);
+        if (!pre) {
+            float *cs = malloc(G * T->C * sizeof *cs);
+            kst_kvtc_scores(T, q + kh * G * d, G, o->scale, cs);
+            assert_ok(kst_kvtc_group_plan(T, &A, cs, G, temp, B, &err), &err);
+            check_plan64(T, A.ns, A.tot, q + kh * G * d, G, o->scale, temp, B, what);
+            ns = A.ns;
+            free(cs);
+        }
+        size_t fg[16] = {0};
+        if (k && o->group_search)
+            assert_ok(kst_kvc_search_group(c, g_layer, kh, q + kh * G * d, k, ef, posg, fg, NULL, &err), &err);
+        for (size_t g = 0; g < G; g++) {
+            size_t h = kh * G + g, found = 0;
+            const float *qh = q + h * d;
+            if (k && o->group_search) {
+                found = fg[g];
+                memcpy(pos, posg + g * k, found * sizeof *pos);
+            } else if (k) {
+                assert_ok(kst_kvc_search(c, g_layer, h, qh, k, ef, pos, &found, NULL, &err), &err);
+            }
+            tot += step_ref64(ref, qh, Kh, Vh, n, d, o->scale, sinks, nidx, pos, found, T, found < nidx ? ns : NULL,
+                              &g_insample);
+            for (size_t j = 0; j < d; j++)
+                if (!(fabs(out[h * d + j] - ref[j]) <= TOL_A + TOL_R * fabs(ref[j])))
+                    fail_msg("%s: head %zu, dim %zu: %.7g, float64 estimator %.7g (%zu indexed, %zu retrieved, %d OpenMP "
+                             "threads)", what, h, j, out[h * d + j], ref[j], nidx, found, omp_get_max_threads());
+        }
+        kst_kvtc_group_free(&A);
+    }
+    if (st.sampled != tot) fail_msg("%s: stats.sampled %zu, the estimator's %zu", what, st.sampled, tot);
+    if (out_keep) memcpy(out_keep, out, QH * d * sizeof *out);
+    free(out);
+    free(Kh);
+    free(Vh);
+    free(pos);
+    free(posg);
+    return st.sampled;
+}
+
+/* The prefixes every KV head's cache holds now (pre[kh], C each), asserted planned. */
+static void snap_m(kst_kvc *c, uint32_t *const *pre, size_t C, const char *what) {
+    for (size_t kh = 0; kh < kst_kvc_opts_of(c)->kv_heads; kh++) {
+        const kst_kvsc *S = kst_kvc_sample_cache(c, g_layer, kh);
+        if (!S || !S->ready) fail_msg("%s: KV head %zu has no planned sample cache", what, kh);
+        assert_int_equal(S->C, C);
+        memcpy(pre[kh], S->m, C * sizeof(uint32_t));
+    }
+}
+
+/* A cache of the first n tokens of K, V ((n, H, d); float16 when o->f16, rounded in place),
+ * built with nq prefill queries Qp or none, C clusters at temp, the shared sample on, the
+ * sample cache on or off (its default table). */
+static kst_kvc *make_cache(const kst_kvc_opts *o, float *K, float *V, size_t n, const float *Qp, size_t nq, size_t C,
+                           float temp, int cache) {
+    kst_kvc *c;
+    kst_error err;
+    assert_ok(kst_kvc_create(o, &c, &err), &err);
+    kst_kvc_set_tail_clusters(c, C, temp);
+    kst_kvc_set_tail_share(c, 1);
+    kst_kvc_set_tail_cache(c, cache, 0);
+    append_rows(c, K, V, n);
+    assert_ok(kst_kvc_build(c, 0, Qp, nq, &err), &err);
+    return c;
+}
+
+static int have_gpu(void) {
+#ifdef KST_CUDA
+    return kst_kv_cuda_devices() > 0;
+#else
+    return 0;
+#endif
+}
+
+/* 5 (and 6). 2 KV heads, 1,500 indexed keys in 32 clusters each, budget 128 (the table 256):
+ * (a) float32 d 32, G 2, the key-only index, 1 thread; (b) float16 d 64, G 4, the attention-aware
+ * index (48 prefill queries), 3 threads; (c) as (a) with opts.group_search and 3 threads. 7 steps
+ * each (top_k 16, 4, 64 in turn), 40 tokens appended one at a time before step 3 and 150 at once
+ * before step 5. Step 0: the shared plan's estimator (the cache only plans), and the output of a
+ * twin cache without the sample cache (same data and options) within the tolerance. Steps 1..6:
+ * m snapshotted from kst_kvc_sample_cache before the step, the estimator from those prefixes
+ * (orders after the step's joins); after each step every KV head's cache meets the invariants
+ * (sc_check) and its plan the float64 plan of this step's and the last step's query rows. */
+static void run_steps(int gpu) {
+    const size_t H = 2, ncent = 24, nq = 48, C = 32, B = 128, steps = 7, n0 = 1500 + 4 + 64, nmax = n0 + 190;
+    static const size_t tk[3] = {16, 4, 64}, efs[3] = {48, 16, 128};
+    size_t nsteps = 0, sampled = 0, twin = 0, joined = 0;
+    double maxoff0 = g_maxoff;
+    g_maxoff = 0;
+    g_insample = 0;
+    int was = omp_get_max_threads();
+    for (int run = 0; run < 3; run++) {
+        tc_seed(50 + (uint64_t)run);
+        int f16 = run == 1, attn = run == 1;
+        size_t G = run == 1 ? 4 : 2, QH = H * G, d = f16 ? 64 : 32;
+        omp_set_num_threads(run == 0 ? 1 : 3);
+        float *K = malloc(nmax * H * d * sizeof *K), *V = malloc(nmax * H * d * sizeof *V),
+              *cen = malloc(H * ncent * d * sizeof *cen), *Qp = malloc(nq * QH * d * sizeof *Qp),
+              *Q = malloc(steps * QH * d * sizeof *Q), *o1 = malloc(QH * d * sizeof *o1), *o2 = malloc(QH * d * sizeof *o2);
+        mix_data(K, V, cen, nmax, H, d, ncent, 1.0, 0.5);
+        mix_queries(Qp, cen, nq, QH, H, d, ncent);
+        mix_queries(Q, cen, steps, QH, H, d, ncent);
+        kst_kvc_opts o = tc_base_opts(d, f16, attn ? KST_KVC_INDEX_ATTN : KST_KVC_INDEX_KEYS, B, H, QH);
+        o.gpu = gpu;
+        o.group_search = run == 2;
+        kst_kvc *c = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 1);
+        kst_kvc *c2 = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 0);
+        size_t at = n0;
+        uint32_t *pre[2] = {malloc(C * sizeof(uint32_t)), malloc(C * sizeof(uint32_t))};
+        for (size_t s = 0; s < steps; s++) {
+            if (s == 3) {
+                for (size_t i = 0; i < 40; i++) append_rows(c, K + (at + i) * H * d, V + (at + i) * H * d, 1);
+                at += 40;
+            } else if (s == 5) {
+                append_rows(c, K + at * H * d, V + at * H * d, 150);
+                at += 150;
+            }
+            char what[160];
+            snprintf(what, sizeof what, "%s, G %zu, %s index%s, %s, %d threads, step %zu (top_k %zu)",
+                     f16 ? "float16" : "float32", G, attn ? "attention-aware" : "key-only", run == 2 ? ", group search" : "",
+                     gpu ? "gpu" : "cpu", omp_get_max_threads(), s, tk[s % 3]);
+            const float *q = Q + s * QH * d;
+            if (s == 0) {
+                for (size_t kh = 0; kh < H; kh++)
+                    if (kst_kvc_sample_cache(c, 0, kh)) fail_msg("%s: a sample cache before the first step", what);
+                check_step_sc(c, K, V, at, q, tk[0], efs[0], 0.5f, NULL, o1, what);
+                check_step_sc(c2, K, V, at, q, tk[0], efs[0], 0.5f, NULL, o2, what);
+                for (size_t i = 0; i < QH * d; i++)
+                    if (!(fabs(o1[i] - o2[i]) <= TOL_A + TOL_R * fabs(o2[i])))
+                        fail_msg("%s: value %zu: %.7g, the twin without the sample cache %.7g", what, i, o1[i], o2[i]);
+                twin++;
+            } else {
+                size_t na0[2];
+                snap_m(c, pre, C, what);
+                for (size_t kh = 0; kh < H; kh++) na0[kh] = kst_kvc_tail_clusters(c, 0, kh)->na;
+                sampled += check_step_sc(c, K, V, at, q, tk[s % 3], efs[s % 3], 0.5f, pre, NULL, what);
+                for (size_t kh = 0; kh < H; kh++) { /* the keys the step's clusters took, inside a prefix */
+                    const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, kh);
+                    for (size_t x = na0[kh]; x < T->na; x++) joined += T->pos[x] < pre[kh][T->of[x]];
+                }
+            }
+            for (size_t kh = 0; kh < H; kh++) {
+                const kst_kvsc *S = kst_kvc_sample_cache(c, 0, kh);
+                const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, kh);
+                if (!S) fail_msg("%s: no sample cache after the step", what);
+                sc_check(S, T, what);
+                float *Q2 = malloc(2 * G * d * sizeof *Q2);
+                memcpy(Q2, q + kh * G * d, G * d * sizeof *Q2);
+                if (s) memcpy(Q2 + G * d, Q + ((s - 1) * QH + kh * G) * d, G * d * sizeof *Q2);
+                check_plan64(T, S->A.ns, S->A.tot, Q2, s ? 2 * G : G, kst_kvc_opts_of(c)->scale, 0.5, B, what);
+                free(Q2);
+            }
+            nsteps++;
+        }
+        kst_kvc_free(c);
+        kst_kvc_free(c2);
+        free(pre[0]);
+        free(pre[1]);
+        free(K);
+        free(V);
+        free(cen);
+        free(Qp);
+        free(Q);
+        free(o1);
+        free(o2);
+    }
+    omp_set_num_threads(was);
+    print_message("sample cache steps (%s): %zu steps the float64 estimator (%zu first steps also the twin without the "
+                  "cache), %zu rows stood for the rest, %zu retrieved keys held, %zu appended keys joined inside a prefix; plans "
+                  "within %.3f of float64\n", gpu ? "gpu" : "cpu", nsteps, twin, sampled, g_insample, joined, g_maxoff);
+    if (!joined) fail_msg("no appended key joined a cluster inside its held prefix");
+    if (g_insample < 50) fail_msg("only %zu retrieved keys among the held rows (their terms taken out)", g_insample);
+    g_maxoff = g_maxoff > maxoff0 ? g_maxoff : maxoff0;
+}
+
+static void test_steps(void **state) {
+    (void)state;
+    run_steps(0);
+}
+
+/* 5b. The switches and restarts (2 KV heads x 2, d 32, 1,500 indexed keys, 32 clusters, budget
+ * 128): (a) KESTREL_KV_TCACHE=0 (set before kst_kvc_set_tail_cache(c, 1, 0)) turns the cache
+ * off: no sample cache is set up and every step is the shared plan's estimator; (b)
+ * kst_kvc_set_tail_cache(c, 1, 0) without the environment: on again, its first step the shared
+ * plan's (it only plans), the next from the prefixes held; (c) a rebuild (kst_kvc_build; the
+ * cache set up anew): the same two steps; (d) the budget raised to 200 (the table of 256 too
+ * small: set up anew): the same; (e) the cache's own table size (slots 1,000); (f) 20,000 slots
+ * asked, and (g) budget 9,000 with the default table (2 x 9,000): both past the 16,384 a table
+ * holds (kv.h: at most 16,384), the table 16,384 (before the fix every step failed with
+ * "tail sample cache: 18000 slots, at most 16384"); (g) keeps (f)'s table, so its first step
+ * estimates from the prefixes held, and its second from budget 9,000's (every key: exact); (h)
+ * budget 128 again (one step plans), the cache off for two steps while 100 tokens are appended
+ * (the shared plan's), then on: its step from the prefixes held before, brought in line with the
+ * keys the clusters took. */
+static void test_switches(void **state) {
+    (void)state;
+    tc_seed(55);
+    const size_t H = 2, G = 2, QH = H * G, d = 32, ncent = 16, n = 1500 + 4 + 64, C = 32, nsteps = 20, nx = 100;
+    float *K = malloc((n + nx) * H * d * sizeof *K), *V = malloc((n + nx) * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
+          *Q = malloc(nsteps * QH * d * sizeof *Q);
+    uint32_t *pre[2] = {malloc(C * sizeof(uint32_t)), malloc(C * sizeof(uint32_t))};
+    mix_data(K, V, cen, n + nx, H, d, ncent, 1.0, 0.5);
+    mix_queries(Q, cen, nsteps, QH, H, d, ncent);
+    kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
+    kst_error err;
+    setenv("KESTREL_KV_TCACHE", "0", 1);
+    kst_kvc *c = make_cache(&o, K, V, n, NULL, 0, C, 0.5f, 1);
+    unsetenv("KESTREL_KV_TCACHE");
+    size_t s = 0;
+    for (; s < 3; s++) {
+        check_step_sc(c, K, V, n, Q + s * QH * d, 16, 48, 0.5f, NULL, NULL, "KESTREL_KV_TCACHE=0");
+        for (size_t kh = 0; kh < H; kh++)
+            if (kst_kvc_sample_cache(c, 0, kh)) fail_msg("KESTREL_KV_TCACHE=0, step %zu: a sample cache set up", s);
+    }
+    static const char *names[6] = {"on again", "after a rebuild", "budget 200", "a table of 1,000",
+                                   "a table of 20,000 asked", "budget 9,000 (a table of 18,000)"};
+    for (int ph = 0; ph < 6; ph++) {
+        char what[96];
+        if (ph == 0) kst_kvc_set_tail_cache(c, 1, 0);
+        if (ph == 1) assert_ok(kst_kvc_build(c, 0, NULL, 0, &err), &err);
+        if (ph == 2) kst_kvc_set_tail_samples(c, 200);
+        if (ph == 3) kst_kvc_set_tail_cache(c, 1, 1000);
+        if (ph == 4) kst_kvc_set_tail_cache(c, 1, 20000);
+        if (ph == 5) {
+            kst_kvc_set_tail_cache(c, 1, 0);
+            kst_kvc_set_tail_samples(c, 9000);
+        }
+        if (ph < 5) { /* a table set up anew: its first step only plans */
+            snprintf(what, sizeof what, "%s: its first step (the shared plan's)", names[ph]);
+            check_step_sc(c, K, V, n, Q + s++ * QH * d, 16, 48, 0.5f, NULL, NULL, what);
+        } else { /* the table kept (16,384 already): the prefixes of the last budget's plans */
+            snprintf(what, sizeof what, "%s: its first step (the table kept)", names[ph]);
+            snap_m(c, pre, C, what);
+            check_step_sc(c, K, V, n, Q + s++ * QH * d, 16, 48, 0.5f, pre, NULL, what);
+        }
+        const kst_kvsc *S = kst_kvc_sample_cache(c, 0, 0);
+        size_t want = ph == 3 ? 1000 : ph >= 4 ? 16 * KST_KVSC_CH : 2 * kst_kvc_opts_of(c)->tail_samples;
+        if (!S || S->cap < want || S->cap >= want + S->nc)
+            fail_msg("%s: a table of %zu slots, %zu wanted", what, S ? S->cap : 0, want);
+        snap_m(c, pre, C, what);
+        snprintf(what, sizeof what, "%s: from the prefixes held", names[ph]);
+        check_step_sc(c, K, V, n, Q + s++ * QH * d, 16, 48, 0.5f, pre, NULL, what);
+    }
+    /* (h) budget 128 again (a table of 256, set up anew: a step plans it), then off for two steps
+     * (the shared plan's) while 100 tokens are appended, then on: the prefixes held before,
+     * brought in line with the keys the clusters took meanwhile */
+    kst_kvc_set_tail_samples(c, 128);
+    kst_kvc_set_tail_cache(c, 1, 0);
+    check_step_sc(c, K, V, n, Q + s++ * QH * d, 16, 48, 0.5f, NULL, NULL, "budget 128 again (the table set up anew)");
+    kst_kvc_set_tail_cache(c, 0, 0);
+    for (size_t i = 0; i < 2; i++) {
+        append_rows(c, K + (n + 50 * i) * H * d, V + (n + 50 * i) * H * d, 50);
+        check_step_sc(c, K, V, n + 50 * (i + 1), Q + s++ * QH * d, 16, 48, 0.5f, NULL, NULL, "the cache off a while");
+    }
+    kst_kvc_set_tail_cache(c, 1, 0);
+    snap_m(c, pre, C, "the cache on after appends");
+    size_t lag = kst_kvc_tail_clusters(c, 0, 0)->na - kst_kvc_sample_cache(c, 0, 0)->na;
+    if (lag != nx) fail_msg("the cache off: it saw %zu fewer nodes than its clusters, %zu appended", lag, nx);
+    check_step_sc(c, K, V, n + nx, Q + s++ * QH * d, 16, 48, 0.5f, pre, NULL, "the cache on after appends");
+    sc_check(kst_kvc_sample_cache(c, 0, 0), kst_kvc_tail_clusters(c, 0, 0), "the cache on after appends");
+    kst_kvc_free(c);
+    free(pre[0]);
+    free(pre[1]);
+    free(K);
+    free(V);
+    free(cen);
+    free(Q);
+}
+
+/* 5c. Two layers of different sizes (2 KV heads x 2, d 32): layer 0 2,000 indexed keys in 32
+ * clusters, layer 1 400 (25 clusters); steps alternate between them (each layer's cache plans
+ * on its own steps only: its first step the shared plan's, later ones from its prefixes held). */
+static void test_two_layers(void **state) {
+    (void)state;
+    tc_seed(57);
+    const size_t d = 32, ncent = 16, H = 2, QH = 4, n0 = 2000 + 4 + 64, n1 = 400 + 4 + 64, nsteps = 8;
+    float *K0 = malloc(n0 * H * d * sizeof *K0), *V0 = malloc(n0 * H * d * sizeof *V0),
+          *K1 = malloc(n1 * H * d * sizeof *K1), *V1 = malloc(n1 * H * d * sizeof *V1),
+          *cen = malloc(H * ncent * d * sizeof *cen), *Q = malloc(nsteps * QH * d * sizeof *Q);
+    uint32_t *pre[2] = {malloc(32 * sizeof(uint32_t)), malloc(32 * sizeof(uint32_t))};
+    mix_data(K0, V0, cen, n0, H, d, ncent, 1.0, 0.5);
+    mix_data(K1, V1, cen, n1, H, d, ncent, 1.0, 0.5); /* (new centres: Q near layer 1's) */
+    mix_queries(Q, cen, nsteps, QH, H, d, ncent);
+    kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
+    o.layers = 2;
+    kst_error err;
+    kst_kvc *c;
+    assert_ok(kst_kvc_create(&o, &c, &err), &err);
+    kst_kvc_set_tail_clusters(c, 32, 0.5f);
+    kst_kvc_set_tail_share(c, 1);
+    kst_kvc_set_tail_cache(c, 1, 0);
+    assert_ok(kst_kvc_append(c, 0, K0, V0, n0, &err), &err);
+    assert_ok(kst_kvc_append(c, 1, K1, V1, n1, &err), &err);
+    assert_ok(kst_kvc_build(c, 0, NULL, 0, &err), &err);
+    assert_ok(kst_kvc_build(c, 1, NULL, 0, &err), &err);
+    assert_int_equal(kst_kvc_tail_clusters(c, 1, 0)->C, 25);
+    static const size_t order[8] = {1, 0, 1, 0, 0, 1, 1, 0};
+    int seen[2] = {0, 0};
+    for (size_t s = 0; s < nsteps; s++) {
+        char what[64];
+        g_layer = order[s];
+        snprintf(what, sizeof what, "two layers: layer %zu, step %zu", g_layer, s);
+        size_t C = kst_kvc_tail_clusters(c, g_layer, 0)->C;
+        if (seen[g_layer]) snap_m(c, pre, C, what);
+        if (g_layer) check_step_sc(c, K1, V1, n1, Q + s * QH * d, 16, 48, 0.5f, seen[1] ? pre : NULL, NULL, what);
+        else check_step_sc(c, K0, V0, n0, Q + s * QH * d, 16, 48, 0.5f, seen[0] ? pre : NULL, NULL, what);
+        seen[g_layer] = 1;
+    }
+    g_layer = 0;
+    kst_kvc_free(c);
+    free(pre[0]);
+    free(pre[1]);
+    free(K0);
+    free(V0);
+    free(K1);
+    free(V1);
+    free(cen);
+    free(Q);
+}
+
+/* 6. Test 5 with the static tokens, and the sample cache's table, on the GPU (CUDA builds with a
+ * device; skipped here). */
+static void test_steps_gpu(void **state) {
+    (void)state;
+    if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU path of the sample cache not run");
+    run_steps(1);
+}
+
+/* 6b. Switching between the sample cache and the evenly spaced sample with the static tokens on
+ * the GPU (skipped without a device): a cache whose tail items the GPU makes against its twin
+ * whose tail is scored on the CPU (KESTREL_KV_TAIL_GPU=0 at its creation; the static tokens on
+ * the GPU in both). 2 KV heads x 2, d 32, 1,500 indexed keys, budget 128: steps 0-2 the sample
+ * cache (32 clusters); 3-4 tail_clusters 0 without a rebuild (the evenly spaced sample, its table
+ * put on the GPU); 5-6 tail_clusters 32 again (the clusters still built: the sample cache, its
+ * table reserved on the GPU anew, estimated from the prefixes held); then tail_clusters 0 and a
+ * rebuild, steps 7-8 the evenly spaced sample. Every step the twin's output within the
+ * tolerance; the sample cache's steps also the float64 estimator (check_step_sc). Before the
+ * fixes in kv.c: step 5's reserve was freed by the step's "GPU tail off" branch (gt_ns still the
+ * evenly spaced table's), and after the rebuild the GPU kept the cache's cluster ids, which then
+ * weighted the evenly spaced sample's rows. */
+static void test_gpu_switches(void **state) {
+    (void)state;
+    if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU's sample cache switches not run");
+    tc_seed(66);
+    const size_t H = 2, G = 2, QH = H * G, d = 32, ncent = 16, n = 1500 + 4 + 64, C = 32, nsteps = 9;
+    float *K = malloc(n * H * d * sizeof *K), *V = malloc(n * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
+          *Q = malloc(nsteps * QH * d * sizeof *Q), *og = malloc(QH * d * sizeof *og), *oc = malloc(QH * d * sizeof *oc);
+    uint32_t *pre[2] = {malloc(C * sizeof(uint32_t)), malloc(C * sizeof(uint32_t))};
+    mix_data(K, V, cen, n, H, d, ncent, 1.0, 0.5);
+    mix_queries(Q, cen, nsteps, QH, H, d, ncent);
+    kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
+    o.gpu = 1;
+    kst_error err;
+    kst_kvc *cg = make_cache(&o, K, V, n, NULL, 0, C, 0.5f, 1);
+    setenv("KESTREL_KV_TAIL_GPU", "0", 1);
+    kst_kvc *cc = make_cache(&o, K, V, n, NULL, 0, C, 0.5f, 1);
+    unsetenv("KESTREL_KV_TAIL_GPU");
+    kst_kvc *both[2] = {cg, cc};
+    for (size_t s = 0; s < nsteps; s++) {
+        if (s == 3 || s == 7)
+            for (int i = 0; i < 2; i++) kst_kvc_set_tail_clusters(both[i], 0, 0.5f);
+        if (s == 5)
+            for (int i = 0; i < 2; i++) kst_kvc_set_tail_clusters(both[i], C, 0.5f);
+        if (s == 7)
+            for (int i = 0; i < 2; i++) assert_ok(kst_kvc_build(both[i], 0, NULL, 0, &err), &err);
+        int cache = s < 3 || s == 5 || s == 6;
+        char what[96];
+        snprintf(what, sizeof what, "GPU switches, step %zu (%s)", s, cache ? "the sample cache" : "the evenly spaced sample");
+        const float *q = Q + s * QH * d;
+        kst_kvc_stats st;
+        if (cache) {
+            if (s) snap_m(cg, pre, C, what); /* (step 5: kept from step 2's plan) */
+            check_step_sc(cg, K, V, n, q, 16, 48, 0.5f, s ? pre : NULL, og, what);
+        } else {
+            assert_ok(kst_kvc_attend(cg, 0, q, 16, 48, og, &st, &err), &err);
+        }
+        assert_ok(kst_kvc_attend(cc, 0, q, 16, 48, oc, &st, &err), &err);
+        for (size_t i = 0; i < QH * d; i++)
+            if (!(fabs(og[i] - oc[i]) <= TOL_A + TOL_R * fabs(oc[i])))
+                fail_msg("%s: value %zu: %.7g, the twin with its tail on the CPU %.7g", what, i, og[i], oc[i]);
+    }
+    kst_kvc_free(cg);
+    kst_kvc_free(cc);
+    free(pre[0]);
+    free(pre[1]);
+    free(K);
+    free(V);
+    free(cen);
+    free(Q);
+    free(og);
+    free(oc);
+}
+
+/* Each test's wall time (printed: the suite runs under the sanitizers in CI too). */
+static double t_start;
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+static int t_begin(void **state) {
+    (void)state;
+    g_layer = 0;
+    t_start = now_s();
+    return 0;
+}
+static int t_end(void **state) {
+    (void)state;
+    print_message("(%.2f s)\n", now_s() - t_start);
+    return 0;
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_plans, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_joins, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_items_finish, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_unbiased, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_steps, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_switches, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_two_layers, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_steps_gpu, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_gpu_switches, t_begin, t_end),
+    };
+    return cmocka_run_group_tests_name("kv_scache", tests, NULL, NULL);
+}
