@@ -122,8 +122,9 @@ typedef struct kv_thread {
     size_t tc_c, tc_b, tmark_cap;
     /* the shared sample (kst_kvc_set_tail_share): scores */
     float *tgs; size_t tg_s;
-    /* the sample cache's items made on the CPU (kst_kvsc_item) */
+    /* the sample cache's items made on the CPU (kst_kvsc_item); kst_kvsc_finish's lists */
     float *scf; size_t scf_cap;
+    uint32_t *scu; size_t scu_cap;
     char pad[64];       /* threads' hot fields on separate cache lines */
 } kv_thread;
 
@@ -204,6 +205,9 @@ struct kst_kvc {
     uint8_t *sc_ok;       /* (kv_heads, chunks) 1: made */
     size_t sc_it_cap, sc_ok_cap;
     size_t *sc_off;       /* (kv_heads + 1) the uploads' offsets */
+    size_t sc_next;       /* KV heads whose plan a step's thread took (atomic) */
+    float *sc_cs;         /* (q_heads, C) the step's centroid scores made on the CPU for the plans */
+    size_t sc_cs_cap;
     float *sc_lw;         /* (kv_heads, C) the clusters' log weights, uploaded */
     size_t sc_lcap;
     float *os_all, *lse_s_all; /* (q_heads, head_dim), (q_heads): the static partial, where made early */
@@ -540,6 +544,7 @@ void kst_kvc_free(kst_kvc *c) {
             kst_free(c->th[t].tmark);
             kst_free(c->th[t].tgs);
             kst_free(c->th[t].scf);
+            kst_free(c->th[t].scu);
         }
         kst_free(c->th);
     }
@@ -554,6 +559,7 @@ void kst_kvc_free(kst_kvc *c) {
     kst_free(c->sc_it);
     kst_free(c->sc_ok);
     kst_free(c->sc_off);
+    kst_free(c->sc_cs);
     kst_free(c->sc_lw);
     kst_free(c->gpu_merged);
     kst_free(c->ids_all);
@@ -2072,34 +2078,60 @@ done:
  * it yet) from this step's centroid scores (cs: (q_heads, C), the GPU's, or NULL: scored here
  * from q) and the step before's, then held, adding at most c->tcache_up rows a KV head; the rows
  * it adds sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step. */
-static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int gpu, kst_error *err) {
+/* KV head h's plan made (kst_kvsc_plan_make) from this step's centroid scores: cs (q_heads, C),
+ * the GPU's, or NULL: scored here from q. */
+static int sc_make(kst_kvc *c, kv_layer *L, size_t h, const float *q, const float *cs, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     size_t G = o->q_heads / o->kv_heads, C = L->heads[0].sc.C;
-    int rc = KST_OK;
-    if (!cs) {
-        for (size_t h = 0; h < o->kv_heads; h++)
-            kst_kvtc_scores(&L->heads[h].tc, q + h * G * o->head_dim, G, o->scale, c->tc_cs + h * G * C);
-        cs = c->tc_cs;
+    kv_hstore *H = &L->heads[h];
+    if (!cs) { /* (its own buffer: tail_clusters may be reading tc_cs) */
+        kst_kvtc_scores(&H->tc, q + h * G * o->head_dim, G, o->scale, c->sc_cs + h * G * C);
+        cs = c->sc_cs;
     }
-#pragma omp parallel for schedule(static) num_threads(c->nth) if (o->kv_heads > 1)
-    for (size_t h = 0; h < o->kv_heads; h++) {
-        kst_kvsc *S = &L->heads[h].sc;
-        kst_error e;
-        int r = S->made ? KST_OK : kst_kvsc_plan_make(S, &L->heads[h].tc, cs + h * G * C, c->tc_temp, o->tail_samples, &e);
-        if (r == KST_OK) kst_kvsc_plan_apply(S, &L->heads[h].tc, c->tcache_up);
-        if (r != KST_OK) {
+    return kst_kvsc_plan_make(&H->sc, &H->tc, cs + h * G * C, c->tc_temp, o->tail_samples, err);
+}
+
+static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int gpu, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    int rc = KST_OK;
+    kst_kvc_prof *pf = c->prof;
+    double t0 = pf ? mono_s() : 0, t1 = t0;
+    size_t nd = 0;
+    for (size_t h = 0; h < o->kv_heads; h++) nd += !L->heads[h].sc.made;
+    if (nd) {
+#pragma omp parallel for schedule(static) num_threads(c->nth) if (nd > 1)
+        for (size_t h = 0; h < o->kv_heads; h++) {
+            kst_error e;
+            int r = L->heads[h].sc.made ? KST_OK : sc_make(c, L, h, q, cs, &e);
+            if (r != KST_OK) {
 #pragma omp critical(kv_sc_end)
-            if (rc == KST_OK) {
-                rc = r;
-                *err = e;
+                if (rc == KST_OK) {
+                    rc = r;
+                    *err = e;
+                }
             }
         }
+        if (pf) t1 = mono_s();
     }
+    if (pf) pf->sc_made_in += o->kv_heads - nd;
+    if (rc != KST_OK) return rc;
+    for (size_t h = 0; h < o->kv_heads; h++) kst_kvsc_plan_apply(&L->heads[h].sc, &L->heads[h].tc, c->tcache_up);
+    double t2 = pf ? mono_s() : 0;
 #ifdef KST_CUDA
-    if (rc == KST_OK && gpu) rc = sc_upload(c, L, 0, err);
+    if (gpu) {
+        if (pf)
+            for (size_t h = 0; h < o->kv_heads; h++) pf->sc_rows += L->heads[h].sc.nd;
+        rc = sc_upload(c, L, 0, err);
+    }
 #else
     (void)gpu;
 #endif
+    if (pf) {
+        pf->sc_steps++;
+        pf->sc_make += t1 - t0;
+        pf->sc_apply += t2 - t1;
+        pf->sc_up += mono_s() - t2;
+    }
     return rc;
 }
 
@@ -2245,6 +2277,13 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         }
 #endif
         if (scu) tsh = 0;
+        c->sc_next = 0;
+        if (c->sc_cs_cap < o->q_heads * tcC) {
+            rc = kst_realloc((void **)&c->sc_cs, o->q_heads * tcC, sizeof(float), "tail sample cache scores", err);
+            if (rc != KST_OK) return rc;
+            c->sc_cs_cap = o->q_heads * tcC;
+        }
+        for (size_t h = 0; h < o->kv_heads; h++) L->heads[h].sc.made = 0;
         if (scu && !sc_g) {
             if (c->sc_it_cap < o->q_heads * scnc * scst) {
                 rc = kst_realloc((void **)&c->sc_it, o->q_heads * scnc * scst, sizeof(float), "tail sample cache items", err);
@@ -2372,6 +2411,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (r == KST_OK && tcl) r = tc_reserve(t, tcC, o->tail_samples, nidx, &e2);
     if (r == KST_OK && tqc && t->buf_cap < L->heads[0].sc.ch) /* (kst_kvsc_finish's scratch) */
         r = thread_reserve(t, L->heads[0].sc.ch, kres, d, &e2);
+    if (r == KST_OK && scu && t->scu_cap < 3 * kres) {
+        r = kst_realloc((void **)&t->scu, 3 * kres, sizeof(uint32_t), "tail sample cache lists", &e2);
+        if (r == KST_OK) t->scu_cap = 3 * kres;
+    }
     if (r == KST_OK && scu && !sc_g && t->scf_cap < G * L->heads[0].sc.ch) {
         r = kst_realloc((void **)&t->scf, G * L->heads[0].sc.ch, sizeof(float), "tail sample cache scores", &e2);
         if (r == KST_OK) t->scf_cap = G * L->heads[0].sc.ch;
@@ -2609,8 +2652,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     if (its) {
                         /* (the retrieved keys' scores: the search's where it re-scored them) */
                         const float *rs = rid == c->ids_all + h * ks && c->group <= 0 && c->il > 0 ? c->sc_all + h * ks : NULL;
-                        kept = kst_kvsc_finish_scored(&H->sc, its, scst, qh, H->K, H->V, o->f16, d, o->scale, o->sinks, rid,
-                                                      rs, m, (uint64_t *)t->rows, t->sret, t->buf, t->o2, &lse_t);
+                        kept = kst_kvsc_finish(&H->sc, its, scst, qh, H->K, H->V, o->f16, d, o->scale, o->sinks, rid, rs, m,
+                                               t->scu, t->buf, t->o2, &lse_t);
                         kst_attn_merge(oh, &lse, t->o2, lse_t, d);
                     }
                     if (pf) {
@@ -2701,6 +2744,15 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (r != KST_OK) { /* this thread takes no items: the others take them all */
         first_err(&rc, err, r, &e2);
     }
+    /* Out of tasks, without the GPU's scores to wait for: the sample cache's plans for the next
+     * step, a KV head at a time (nothing they write is read by the heads still finishing) */
+    while (tqc && !sc_g && r == KST_OK && rc == KST_OK) {
+        size_t kh = __atomic_fetch_add(&c->sc_next, 1, __ATOMIC_ACQ_REL);
+        if (kh >= o->kv_heads) break;
+        kst_error e5;
+        int r5 = sc_make(c, L, kh, q, NULL, &e5);
+        if (r5 != KST_OK) first_err(&rc, err, r5, &e5);
+    }
 #ifdef KST_CUDA
     /* Out of tasks: wait for the GPU (asking) and merge the heads of tasks that ended before
      * it, while other threads still search. */
@@ -2718,6 +2770,14 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     __atomic_compare_exchange_n(&c->gpu_merged[h], &one, 2, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
                     kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
             }
+        /* then the sample cache's plans from the GPU's centroid scores, as above */
+        while (rdy == 1 && sc_g && rc == KST_OK) {
+            size_t kh = __atomic_fetch_add(&c->sc_next, 1, __ATOMIC_ACQ_REL);
+            if (kh >= o->kv_heads) break;
+            kst_error e5;
+            int r5 = sc_make(c, L, kh, q, kst_kvgpu_sc_scores(L->gpu), &e5);
+            if (r5 != KST_OK) first_err(&rc, err, r5, &e5);
+        }
     }
 #undef GPU_ASK
 #endif

@@ -431,6 +431,11 @@ typedef struct kst_kvc_prof {
      * spent queueing the chains in kst_kvc_work */
     size_t gpu_armed;
     double gpu_arm_idle_s;
+    /* the sample cache (kst_kvc_set_tail_cache) after its steps (sc_steps): KV heads' plans made
+     * by the step's threads once out of tasks (sc_made_in) and after them (seconds: sc_make), held
+     * (sc_apply), the rows sent to the GPU (sc_rows) and the sending (sc_up) */
+    size_t sc_steps, sc_made_in, sc_rows;
+    double sc_make, sc_apply, sc_up;
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

@@ -256,14 +256,6 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
     }
 }
 
-static int cmp_u32(const void *a, const void *b) {
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return x < y ? -1 : x > y;
-}
-static int cmp_u64(const void *a, const void *b) {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
 /* (v, s) in the frame mx merged into (o, lse). */
 static void sc_merge(float *o, float *lse, float *v, double s, float mx, size_t d) {
     if (!(s > 0)) return;
@@ -273,58 +265,52 @@ static void sc_merge(float *o, float *lse, float *v, double s, float mx, size_t 
 }
 
 size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K, const void *V,
-                       int f16, size_t d, float scale, size_t row0, const uint32_t *rid, size_t m, uint32_t *sl,
-                       float *sc, float *o, float *lse) {
-    return kst_kvsc_finish_scored(S, it, st, q, K, V, f16, d, scale, row0, rid, NULL, m, (uint64_t *)NULL, sl, sc, o, lse);
-}
-
-size_t kst_kvsc_finish_scored(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K,
-                              const void *V, int f16, size_t d, float scale, size_t row0, const uint32_t *rid,
-                              const float *rs, size_t m, uint64_t *sl64, uint32_t *sl32, float *sc, float *o,
-                              float *lse) {
+                       int f16, size_t d, float scale, size_t row0, const uint32_t *rid, const float *rs, size_t m,
+                       uint32_t *sl, float *sc, float *o, float *lse) {
     memset(o, 0, d * sizeof(float));
     *lse = -INFINITY;
-    size_t nex = 0;
-    /* the retrieved rows held: (slot, index in rid) pairs by slot */
-    uint64_t *sp = sl64;
-    uint32_t *sl = sl32;
-    if (sp) {
-        for (size_t i = 0; i < m; i++)
-            if (rid[i] < S->ncap && S->slot[rid[i]] >= 0) sp[nex++] = (uint64_t)(uint32_t)S->slot[rid[i]] << 32 | i;
-        if (nex > 1) qsort(sp, nex, sizeof(uint64_t), cmp_u64);
-    } else {
-        for (size_t i = 0; i < m; i++)
-            if (rid[i] < S->ncap && S->slot[rid[i]] >= 0) sl[nex++] = (uint32_t)S->slot[rid[i]];
-        if (nex > 1) qsort(sl, nex, sizeof(uint32_t), cmp_u32);
-    }
-#define SL(i) (sp ? (uint32_t)(sp[i] >> 32) : sl[i])
-    size_t kept = S->used - nex, e = 0;
+    /* the retrieved rows held, listed by chunk: entry e (slot sl[2e], index in rid sl[2e + 1]),
+     * the chunk's list from head[cc] on through nx = sl + 2m */
+    uint32_t head[16], *nx = sl + 2 * m, nex = 0;
+    for (size_t cc = 0; cc < S->nc; cc++) head[cc] = UINT32_MAX;
+    for (size_t i = 0; i < m; i++)
+        if (rid[i] < S->ncap && S->slot[rid[i]] >= 0) {
+            uint32_t slt = (uint32_t)S->slot[rid[i]], cc = (uint32_t)(slt / S->ch);
+            sl[2 * nex] = slt;
+            sl[2 * nex + 1] = (uint32_t)i;
+            nx[nex] = head[cc];
+            head[cc] = nex++;
+        }
+    size_t kept = S->used - nex;
     if (kept == 0) return 0;
     float oc[512];
     for (size_t cc = 0; cc < S->nc; cc++) {
-        size_t j0 = cc * S->ch, nr = S->cap - j0 < S->ch ? S->cap - j0 : S->ch, e0 = e;
+        size_t j0 = cc * S->ch, nr = S->cap - j0 < S->ch ? S->cap - j0 : S->ch;
         size_t nt = nr < KST_KVSC_TOP ? nr : KST_KVSC_TOP;
-        while (e < nex && SL(e) < j0 + nr) e++;
         const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVSC_TOP, *ot = tw + KST_KVSC_TOP;
         float mx = ic[0];
         if (!(mx > -INFINITY)) continue; /* no row held */
         int32_t tp[KST_KVSC_TOP];
         memcpy(tp, ic + 2 + d, nt * sizeof(int32_t));
+        uint64_t tb[KST_KVSC_CH / 64] = {0}, rb[KST_KVSC_CH / 64] = {0}; /* the chunk's best rows, its retrieved */
+        for (size_t a = 0; a < nt; a++)
+            if (tp[a] >= 0 && (size_t)tp[a] < nr) tb[tp[a] >> 6] |= (uint64_t)1 << (tp[a] & 63);
         double sum = ic[1], sub = 0, ttot = 0, trm = 0;
         uint64_t topx = 0; /* the best rows retrieved (bit a: tp[a]) */
         memcpy(oc, ic + 2, d * sizeof(float));
-        for (size_t i = e0; i < e; i++) {
-            size_t j = SL(i) - j0, a = 0;
-            for (; a < nt; a++)
-                if ((size_t)tp[a] == j) break;
-            if (a < nt) {
-                topx |= (uint64_t)1 << a;
+        for (uint32_t e = head[cc]; e != UINT32_MAX; e = nx[e]) {
+            uint32_t slt = sl[2 * e];
+            size_t j = slt - j0;
+            rb[j >> 6] |= (uint64_t)1 << (j & 63);
+            if (tb[j >> 6] >> (j & 63) & 1) {
+                for (size_t a = 0; a < nt; a++)
+                    if ((size_t)tp[a] == j) topx |= (uint64_t)1 << a;
                 continue;
             }
-            uint32_t x = S->key[SL(i)];
-            /* its score: the search's (rs) or made anew from its key */
-            float s0 = sp && rs ? rs[(uint32_t)sp[i]] : kst_kv_dot(q, sc_row(K, row0 + x, f16, d), f16, d);
-            float w = expf(s0 * scale + S->lw[S->cid[SL(i)]] - mx);
+            uint32_t x = S->key[slt];
+            /* its weight as the items': from the search's score (rs) or its key */
+            float s0 = rs ? rs[sl[2 * e + 1]] : kst_kv_dot(q, sc_row(K, row0 + x, f16, d), f16, d);
+            float w = expf(s0 * scale + S->lw[S->cid[slt]] - mx);
             sub += w;
             kst_kv_axpy(oc, -w, sc_row(V, row0 + x, f16, d), f16, d);
         }
@@ -335,16 +321,11 @@ size_t kst_kvsc_finish_scored(const kst_kvsc *S, const float *it, size_t st, con
         double rest = sum - sub + ttot - trm;
         if ((sub > 0 && !(sub <= sum * (1.0 - KST_KVSC_KEEP))) || !(rest > 0) || !isfinite(rest)) {
             /* the chunk's rows outside R scored and summed anew */
-            size_t r = e0;
             float mk = -INFINITY;
             for (size_t j = 0; j < nr; j++) {
                 uint32_t x = S->key[j0 + j];
                 sc[j] = -INFINITY;
-                if (r < e && SL(r) == j0 + j) {
-                    r++;
-                    continue;
-                }
-                if (x == KST_KVSC_FREE) continue;
+                if (x == KST_KVSC_FREE || (rb[j >> 6] >> (j & 63) & 1)) continue;
                 sc[j] = kst_kv_dot(q, sc_row(K, row0 + x, f16, d), f16, d) * scale + S->lw[S->cid[j0 + j]];
                 if (sc[j] > mk) mk = sc[j];
             }
@@ -371,6 +352,5 @@ size_t kst_kvsc_finish_scored(const kst_kvsc *S, const float *it, size_t st, con
         }
         sc_merge(o, lse, oc, rest, mx, d);
     }
-#undef SL
     return kept;
 }

@@ -99,22 +99,17 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
                    size_t d, float scale, size_t row0, float *it, size_t gst, float *sc);
 
 /* Head q's estimate (o, *lse; o = 0, *lse = -inf where nothing is left) from its S->nc items
- * (it + cc * st) once its retrieval attended the m ids rid (distinct): per chunk the items'
- * sums less the terms of the retrieved rows held (a best row is skipped; another's weight is
- * made anew from its score, as the items' weights are), plus the best rows not retrieved; where
- * the retrieved outside the best hold all but KST_KVSC_KEEP of the sum (the difference would
- * lose precision: the items' float sums are good to ~1e-6 of the sum), the chunk's rows outside
- * R are scored and summed anew. sl: scratch of m uint32, sc: of S->ch floats. Returns the rows
- * that stood for the rest (held, outside R). */
+ * (it + cc * st) once its retrieval attended the m ids rid (distinct; rs: their unscaled scores
+ * <q, k>, e.g. the search's exact re-scoring, or NULL: made from the keys): per chunk the items'
+ * sums less the terms of the retrieved rows held (a best row is skipped; another's weight made
+ * anew from its score, as the items' weights are), plus the best rows not retrieved; where the
+ * retrieved outside the best hold all but KST_KVSC_KEEP of the sum (the difference would lose
+ * precision: the items' float sums are good to ~1e-6 of the sum), the chunk's rows outside R are
+ * scored and summed anew. sl: scratch of 3 m uint32, sc: of S->ch floats. Returns the rows that
+ * stood for the rest (held, outside R). */
 #define KST_KVSC_KEEP (1.0 / 32)
 size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K, const void *V,
-                       int f16, size_t d, float scale, size_t row0, const uint32_t *rid, size_t m, uint32_t *sl,
-                       float *sc, float *o, float *lse);
-/* The same where the retrieved keys' unscaled scores <q, k> are known (rs[i] for rid[i], e.g. the
- * search's exact re-scoring; NULL: made from the keys): sl64, scratch of m uint64, replaces sl. */
-size_t kst_kvsc_finish_scored(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K,
-                              const void *V, int f16, size_t d, float scale, size_t row0, const uint32_t *rid,
-                              const float *rs, size_t m, uint64_t *sl64, uint32_t *sl32, float *sc, float *o,
-                              float *lse);
+                       int f16, size_t d, float scale, size_t row0, const uint32_t *rid, const float *rs, size_t m,
+                       uint32_t *sl, float *sc, float *o, float *lse);
 
 #endif

@@ -457,16 +457,17 @@ static float *make_items(const kst_kvsc *S, const float *Q, size_t G, const sc_r
     return it;
 }
 
-/* Head g's finish with scratch of exactly m uint32 and ch floats (stale, their own allocations). */
+/* Head g's finish with scratch of exactly 3 m uint32 and ch floats (stale, their own allocations);
+ * rs: the retrieved keys' unscaled scores (float64 dots rounded), or NULL. */
 static size_t finish(const kst_kvsc *S, const float *it, size_t st, size_t g, const float *q, const sc_rows *R, float scale,
-                     const uint32_t *rid, size_t m, float *o, float *lse) {
-    uint32_t *sl = malloc((m ? m : 1) * sizeof *sl);
+                     const uint32_t *rid, const float *rs, size_t m, float *o, float *lse) {
+    uint32_t *sl = malloc((m ? 3 * m : 1) * sizeof *sl);
     float *sc = malloc(S->ch * sizeof *sc);
-    memset(sl, 0x7f, (m ? m : 1) * sizeof *sl);
+    memset(sl, 0x7f, (m ? 3 * m : 1) * sizeof *sl);
     memset(sc, 0x7f, S->ch * sizeof *sc);
     for (size_t i = 0; i < R->d; i++) o[i] = NAN;
-    size_t got = kst_kvsc_finish(S, it + g * S->nc * st, st, q, rows_K(R), rows_V(R), R->f16, R->d, scale, R->row0, rid, m,
-                                 sl, sc, o, lse);
+    size_t got = kst_kvsc_finish(S, it + g * S->nc * st, st, q, rows_K(R), rows_V(R), R->f16, R->d, scale, R->row0, rid, rs,
+                                 m, sl, sc, o, lse);
     free(sl);
     free(sc);
     return got;
@@ -669,7 +670,15 @@ static void test_items_finish(void **state) {
                     snprintf(what, sizeof what, "%s, table of %zu, head %zu, R case %d (%zu ids)", f16 ? "float16" : "float32",
                              S.cap, g, rc, m);
                     size_t rgot = est_ref64(ro, &rlse, &T, S.m, NULL, &R, q, scale, mark);
-                    size_t got = finish(&S, it, st, g, q, &R, scale, rid, m, o, &lse);
+                    /* every other case with the retrieved keys' scores given (as the search's: float64
+                     * dots rounded to float), the others made from the keys */
+                    float *rs = NULL;
+                    if (rc & 1) {
+                        rs = malloc((m ? m : 1) * sizeof *rs);
+                        for (size_t i = 0; i < m; i++) rs[i] = (float)(score64(&R, q, rid[i], 1.0));
+                    }
+                    size_t got = finish(&S, it, st, g, q, &R, scale, rid, rs, m, o, &lse);
+                    free(rs);
                     double dev = check_out(what, o, lse, got, ro, rlse, rgot, d);
                     worst = dev > worst ? dev : worst;
                     if (rc == 6 && (got != 0 || lse != -INFINITY)) fail_msg("%s: every held row retrieved, %zu kept", what, got);
@@ -782,7 +791,7 @@ static void test_unbiased(void **state) {
                     rt += exp(s[x] - mx);
                     if (S.m[T.of[x]]) ex += exp(s[x] - mx);
                 }
-            size_t got = finish(&S, it, st, g, q, &R, scale, rid, m, o, &lse);
+            size_t got = finish(&S, it, st, g, q, &R, scale, rid, NULL, m, o, &lse);
             size_t rgot = est_ref64(ro, &rlse, &T, S.m, NULL, &R, q, scale, mark);
             char what[64];
             snprintf(what, sizeof what, "unbiasedness, trial %zu, head %zu", t, g);

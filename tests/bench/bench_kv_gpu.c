@@ -622,6 +622,11 @@ static int layer(const char *list) {
                        mode, ef, pf.steps, pf.total * u, pf.gpu_start * u, pf.region * u, pf.gpu_wait * u, pf.merge * u,
                        pf.enter * u, pf.enter_max * u, (double)pf.threads_used / pf.steps, (double)pf.tasks_max / pf.steps, pf.busy_max * u, pf.busy_mean * u, (int)nt, pf.entry * u / nt, pf.search * u / nt, pf.rerank * u / nt,
                        pf.attn * u / nt, pf.tail * u / nt, (double)pf.hops / pf.tasks, (double)pf.scanned / pf.tasks);
+                if (pf.sc_steps) /* the sample cache's plans after the steps (kst_kvc_set_tail_cache) */
+                    printf("  (%s: sample cache, us a step: plans made after the step %.1f (%.1f of the KV heads' by its threads),"
+                           " held %.1f, %.1f rows sent in %.1f)\n", mode, 1e6 * pf.sc_make / pf.sc_steps,
+                           (double)pf.sc_made_in / pf.sc_steps, 1e6 * pf.sc_apply / pf.sc_steps, (double)pf.sc_rows / pf.sc_steps,
+                           1e6 * pf.sc_up / pf.sc_steps);
             }
             printf("%8zu %-12s %5zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %10.2f%% %8.2f%% %10.2e %10.2f %12.1f %9.1f %8.3f\n", N, mode, ef, topk_att,
                    runs[ri].tail, build, med[0], med[1], rec / NREF, 100 * scan / NREF, 100 * shead / NREF, err / NREF,
