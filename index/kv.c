@@ -200,7 +200,7 @@ struct kst_kvc {
     int tcache;           /* the shared sample planned a step ahead and held (on the GPU where the
                              static tokens are; kst_kvc_set_tail_cache, KESTREL_KV_TCACHE) */
     size_t tcache_cap;    /* its table's slots a KV head (0: 2 x tail_samples; KESTREL_KV_TCACHE_CAP) */
-    size_t tcache_up;     /* rows a plan adds a KV head and step at most (512; KESTREL_KV_TCACHE_UP) */
+    size_t tcache_up;     /* rows a plan adds a KV head and step at most (256; KESTREL_KV_TCACHE_UP) */
     float *sc_it;         /* (q_heads, chunks, stride) the cache's items made on the CPU */
     uint8_t *sc_ok;       /* (kv_heads, chunks) 1: made */
     size_t sc_it_cap, sc_ok_cap;
@@ -331,7 +331,7 @@ void kst_kvc_set_tail_cache(kst_kvc *c, int on, size_t slots) {
     const char *e = getenv("KESTREL_KV_TCACHE"), *es = getenv("KESTREL_KV_TCACHE_CAP");
     c->tcache = e ? atoi(e) != 0 : on != 0;
     c->tcache_cap = es ? (size_t)atol(es) : slots;
-    c->tcache_up = getenv("KESTREL_KV_TCACHE_UP") ? (size_t)atol(getenv("KESTREL_KV_TCACHE_UP")) : 512;
+    c->tcache_up = getenv("KESTREL_KV_TCACHE_UP") ? (size_t)atol(getenv("KESTREL_KV_TCACHE_UP")) : 256;
 }
 const kst_kvsc *kst_kvc_sample_cache(const kst_kvc *c, size_t layer, size_t kvh) {
     if (layer >= c->o.layers || kvh >= c->o.kv_heads || !c->layers[layer].built) return NULL;
@@ -2077,7 +2077,8 @@ done:
 /* The sample cache after a step: each KV head's plan made (where the step's threads have not made
  * it yet) from this step's centroid scores (cs: (q_heads, C), the GPU's, or NULL: scored here
  * from q) and the step before's, then held, adding at most c->tcache_up rows a KV head; the rows
- * it adds sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step. */
+ * it adds sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step.
+ * The KV heads are held in parallel (each touches ~5 cache lines a row it adds or drops). */
 /* KV head h's plan made (kst_kvsc_plan_make) from this step's centroid scores: cs (q_heads, C),
  * the GPU's, or NULL: scored here from q. */
 static int sc_make(kst_kvc *c, kv_layer *L, size_t h, const float *q, const float *cs, kst_error *err) {
@@ -2115,6 +2116,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
     }
     if (pf) pf->sc_made_in += o->kv_heads - nd;
     if (rc != KST_OK) return rc;
+#pragma omp parallel for schedule(static) num_threads(c->nth) if (o->kv_heads > 1)
     for (size_t h = 0; h < o->kv_heads; h++) kst_kvsc_plan_apply(&L->heads[h].sc, &L->heads[h].tc, c->tcache_up);
     double t2 = pf ? mono_s() : 0;
 #ifdef KST_CUDA

@@ -622,6 +622,14 @@ static int layer(const char *list) {
                        mode, ef, pf.steps, pf.total * u, pf.gpu_start * u, pf.region * u, pf.gpu_wait * u, pf.merge * u,
                        pf.enter * u, pf.enter_max * u, (double)pf.threads_used / pf.steps, (double)pf.tasks_max / pf.steps, pf.busy_max * u, pf.busy_mean * u, (int)nt, pf.entry * u / nt, pf.search * u / nt, pf.rerank * u / nt,
                        pf.attn * u / nt, pf.tail * u / nt, (double)pf.hops / pf.tasks, (double)pf.scanned / pf.tasks);
+                if (pf.gpu_steps) /* the GPU's partial's life: us from the call's start, means over steps */
+                    printf("  (%s: GPU partial launched at %.1f, seen in at %.1f, tail items first needed at %.1f (%zu of %zu"
+                           " steps before seen))\n", mode, 1e6 * pf.gpu_launched / pf.gpu_steps, 1e6 * pf.gpu_seen / pf.gpu_steps,
+                           pf.gpu_wanted_steps ? 1e6 * pf.gpu_wanted / pf.gpu_wanted_steps : 0.0, pf.gpu_late,
+                           pf.gpu_wanted_steps);
+                if (pf.gpu_timed) /* KESTREL_KV_GPU_TIME=1: CUDA events around the partial's parts */
+                    printf("  (%s: GPU partial by CUDA events (no graph), us a step: query up %.1f, kernel %.1f, downloads %.1f)\n",
+                           mode, 1e6 * pf.gpu_h2d / pf.gpu_timed, 1e6 * pf.gpu_kernel / pf.gpu_timed, 1e6 * pf.gpu_d2h / pf.gpu_timed);
                 if (pf.sc_steps) /* the sample cache's plans after the steps (kst_kvc_set_tail_cache) */
                     printf("  (%s: sample cache, us a step: plans made after the step %.1f (%.1f of the KV heads' by its threads),"
                            " held %.1f, %.1f rows sent in %.1f)\n", mode, 1e6 * pf.sc_make / pf.sc_steps,
