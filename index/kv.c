@@ -2079,46 +2079,68 @@ done:
  * from q) and the step before's, then held, adding at most c->tcache_up rows a KV head; the rows
  * it adds sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step.
  * The KV heads are held in parallel (each touches ~5 cache lines a row it adds or drops). */
-/* KV head h's plan made (kst_kvsc_plan_make) from this step's centroid scores: cs (q_heads, C),
- * the GPU's, or NULL: scored here from q. */
-static int sc_make(kst_kvc *c, kv_layer *L, size_t h, const float *q, const float *cs, kst_error *err) {
+/* One KV head's plan for the next step made by thread t of a step (its plan from the two steps
+ * before this one, kst_kvsc_push'ed: nothing it writes is read by the heads still finishing), if
+ * one is left: returns 1 if it made one. */
+static int sc_help(kst_kvc *c, kv_layer *L, int *rc, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
-    size_t G = o->q_heads / o->kv_heads, C = L->heads[0].sc.C;
-    kv_hstore *H = &L->heads[h];
-    if (!cs) { /* (its own buffer: tail_clusters may be reading tc_cs) */
-        kst_kvtc_scores(&H->tc, q + h * G * o->head_dim, G, o->scale, c->sc_cs + h * G * C);
-        cs = c->sc_cs;
-    }
-    return kst_kvsc_plan_make(&H->sc, &H->tc, cs + h * G * C, c->tc_temp, o->tail_samples, err);
+    if (__atomic_load_n(&c->sc_next, __ATOMIC_RELAXED) >= o->kv_heads) return 0;
+    size_t kh = __atomic_fetch_add(&c->sc_next, 1, __ATOMIC_ACQ_REL);
+    if (kh >= o->kv_heads) return 0;
+    kv_hstore *H = &L->heads[kh];
+    kst_error e;
+    int r = kst_kvsc_plan_make(&H->sc, &H->tc, c->tc_temp, o->tail_samples, &e);
+    if (r != KST_OK) first_err(rc, err, r, &e);
+    return 1;
 }
 
+/* The sample cache after a step: the plans the step's threads have not made made, then each KV
+ * head's held, adding at most c->tcache_up rows (kst_kvsc_plan_apply), and this step's centroid
+ * scores pushed for the next plans (cs: (q_heads, C), the GPU's, or NULL: scored here from q).
+ * A cache not ready yet (the first step) plans from this step's scores at once. The rows added
+ * are sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step. The
+ * KV heads are done in parallel (each touches ~5 cache lines a row it adds or drops). */
 static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int gpu, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
+    size_t G = o->q_heads / o->kv_heads, C = L->heads[0].sc.C;
     int rc = KST_OK;
     kst_kvc_prof *pf = c->prof;
-    double t0 = pf ? mono_s() : 0, t1 = t0;
+    double t0 = pf ? mono_s() : 0;
     size_t nd = 0;
     for (size_t h = 0; h < o->kv_heads; h++) nd += !L->heads[h].sc.made;
-    if (nd) {
-#pragma omp parallel for schedule(static) num_threads(c->nth) if (nd > 1)
-        for (size_t h = 0; h < o->kv_heads; h++) {
-            kst_error e;
-            int r = L->heads[h].sc.made ? KST_OK : sc_make(c, L, h, q, cs, &e);
-            if (r != KST_OK) {
+    if (pf) pf->sc_made_in += o->kv_heads - nd;
+#pragma omp parallel for schedule(static) num_threads(c->nth) if (o->kv_heads > 1)
+    for (size_t h = 0; h < o->kv_heads; h++) {
+        kv_hstore *H = &L->heads[h];
+        kst_kvsc *S = &H->sc;
+        kst_error e;
+        int r = KST_OK, boot = !S->ready;
+        if (boot) { /* (bootstrap: this step's scores first) */
+            const float *ch = cs ? cs + h * G * C : NULL;
+            if (!ch) {
+                kst_kvtc_scores(&H->tc, q + h * G * o->head_dim, G, o->scale, c->sc_cs + h * G * C);
+                ch = c->sc_cs + h * G * C;
+            }
+            kst_kvsc_push(S, ch);
+            S->made = 0;
+        }
+        if (!S->made) r = kst_kvsc_plan_make(S, &H->tc, c->tc_temp, o->tail_samples, &e);
+        if (r == KST_OK) kst_kvsc_plan_apply(S, &H->tc, c->tcache_up);
+        if (r == KST_OK && !boot && cs) kst_kvsc_push(S, cs + h * G * C);
+        else if (r == KST_OK && !boot) {
+            kst_kvtc_scores(&H->tc, q + h * G * o->head_dim, G, o->scale, c->sc_cs + h * G * C);
+            kst_kvsc_push(S, c->sc_cs + h * G * C);
+        }
+        if (r != KST_OK) {
 #pragma omp critical(kv_sc_end)
-                if (rc == KST_OK) {
-                    rc = r;
-                    *err = e;
-                }
+            if (rc == KST_OK) {
+                rc = r;
+                *err = e;
             }
         }
-        if (pf) t1 = mono_s();
     }
-    if (pf) pf->sc_made_in += o->kv_heads - nd;
-    if (rc != KST_OK) return rc;
-#pragma omp parallel for schedule(static) num_threads(c->nth) if (o->kv_heads > 1)
-    for (size_t h = 0; h < o->kv_heads; h++) kst_kvsc_plan_apply(&L->heads[h].sc, &L->heads[h].tc, c->tcache_up);
     double t2 = pf ? mono_s() : 0;
+    if (rc != KST_OK) return rc;
 #ifdef KST_CUDA
     if (gpu) {
         if (pf)
@@ -2130,8 +2152,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
 #endif
     if (pf) {
         pf->sc_steps++;
-        pf->sc_make += t1 - t0;
-        pf->sc_apply += t2 - t1;
+        pf->sc_make += t2 - t0;
         pf->sc_up += mono_s() - t2;
     }
     return rc;
@@ -2637,9 +2658,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     double w0 = pf ? mono_s() : 0;
                     if (pf && t->p_want == 0) t->p_want = w0;
 #ifdef KST_CUDA
-                    if (sc_g) {
+                    if (sc_g) { /* (the next step's plans made while waiting) */
                         while (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
-                            if (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
+                            if (!sc_help(c, L, &rc, err) && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
                         if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) its = sc_tt + h * scnc * scst;
                     }
 #endif
@@ -2746,14 +2767,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (r != KST_OK) { /* this thread takes no items: the others take them all */
         first_err(&rc, err, r, &e2);
     }
-    /* Out of tasks, without the GPU's scores to wait for: the sample cache's plans for the next
-     * step, a KV head at a time (nothing they write is read by the heads still finishing) */
-    while (tqc && !sc_g && r == KST_OK && rc == KST_OK) {
-        size_t kh = __atomic_fetch_add(&c->sc_next, 1, __ATOMIC_ACQ_REL);
-        if (kh >= o->kv_heads) break;
-        kst_error e5;
-        int r5 = sc_make(c, L, kh, q, NULL, &e5);
-        if (r5 != KST_OK) first_err(&rc, err, r5, &e5);
+    /* Out of tasks: the sample cache's plans for the next step */
+    while (tqc && r == KST_OK && sc_help(c, L, &rc, err)) {
     }
 #ifdef KST_CUDA
     /* Out of tasks: wait for the GPU (asking) and merge the heads of tasks that ended before
@@ -2772,14 +2787,6 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     __atomic_compare_exchange_n(&c->gpu_merged[h], &one, 2, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
                     kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
             }
-        /* then the sample cache's plans from the GPU's centroid scores, as above */
-        while (rdy == 1 && sc_g && rc == KST_OK) {
-            size_t kh = __atomic_fetch_add(&c->sc_next, 1, __ATOMIC_ACQ_REL);
-            if (kh >= o->kv_heads) break;
-            kst_error e5;
-            int r5 = sc_make(c, L, kh, q, kst_kvgpu_sc_scores(L->gpu), &e5);
-            if (r5 != KST_OK) first_err(&rc, err, r5, &e5);
-        }
     }
 #undef GPU_ASK
 #endif

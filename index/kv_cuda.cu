@@ -303,24 +303,40 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
     float *it = out + (size_t)bi * st;
     for (int i = tid; i < d; i += nt) qs[i] = q[h * d + i];
     __syncthreads();
-    for (int j = tid; j < P; j += nt) {
-        float a = -INFINITY;
-        if (j < nr) {
-            float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            int i = 0;
-            for (; i + 4 <= d; i += 4)
+    // two rows a thread at a time (rows j and j + nt), 8 loads in flight (the loop is bound by
+    // the loads' latency, not by their bandwidth)
+    for (int jb = tid; jb < P; jb += 2 * nt) {
+        int jr[2] = {jb, jb + nt};
+        bool in[2] = {jb < nr, jb + nt < nr && jb + nt < P};
+        float a4[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        int i = 0;
+        for (; i + 4 <= d; i += 4)
 #pragma unroll
-                for (int k = 0; k < 4; k++) a4[k] += qs[i + k] * ld(Kc + (size_t)(i + k) * nr + j);
-            for (; i < d; i++) a4[0] += qs[i] * ld(Kc + (size_t)i * nr + j);
-            a = (a4[0] + a4[1] + a4[2] + a4[3]) * scale;
-            if (cid) { // the sample cache: the row's cluster's log weight; a free slot -inf
-                int c = cid[(size_t)kh * ns + j0 + j];
-                a = c >= 0 ? a + clw[(size_t)kh * C + c] : -INFINITY;
+            for (int k = 0; k < 4; k++) {
+                float qv = qs[i + k];
+                if (in[0]) a4[0][k] += qv * ld(Kc + (size_t)(i + k) * nr + jr[0]);
+                if (in[1]) a4[1][k] += qv * ld(Kc + (size_t)(i + k) * nr + jr[1]);
             }
+        for (; i < d; i++) {
+            if (in[0]) a4[0][0] += qs[i] * ld(Kc + (size_t)i * nr + jr[0]);
+            if (in[1]) a4[1][0] += qs[i] * ld(Kc + (size_t)i * nr + jr[1]);
         }
-        sv[j] = a;
-        kv[j] = a;
-        ki[j] = j;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int j = jr[r];
+            if (j >= P) continue;
+            float a = -INFINITY;
+            if (in[r]) {
+                a = (a4[r][0] + a4[r][1] + a4[r][2] + a4[r][3]) * scale;
+                if (cid) { // the sample cache: the row's cluster's log weight; a free slot -inf
+                    int c = cid[(size_t)kh * ns + j0 + j];
+                    a = c >= 0 ? a + clw[(size_t)kh * C + c] : -INFINITY;
+                }
+            }
+            sv[j] = a;
+            kv[j] = a;
+            ki[j] = j;
+        }
     }
     __syncthreads();
     for (int k = 2; k <= P; k <<= 1)
@@ -385,14 +401,13 @@ __device__ void cent_body(int bi, const float *q, const float *cent, float *cs, 
     int c = cb * blockDim.x + threadIdx.x;
     if (c >= C) return;
     const float *ct = cent + (size_t)kh * d * C + c;
-    float a0 = 0.0f, a1 = 0.0f;
+    float a[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}; // (8 loads in flight)
     int i = 0;
-    for (; i + 2 <= d; i += 2) {
-        a0 += cq[i] * ct[(size_t)i * C];
-        a1 += cq[i + 1] * ct[(size_t)(i + 1) * C];
-    }
-    for (; i < d; i++) a0 += cq[i] * ct[(size_t)i * C];
-    cs[(size_t)h * C + c] = (a0 + a1) * scale;
+    for (; i + 8 <= d; i += 8)
+#pragma unroll
+        for (int k = 0; k < 8; k++) a[k] += cq[i + k] * ct[(size_t)(i + k) * C];
+    for (; i < d; i++) a[0] += cq[i] * ct[(size_t)i * C];
+    cs[(size_t)h * C + c] = (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) * scale;
 }
 
 // The step's kernel: blocks [0, qh * S) the static tokens' partial (S blocks a query head), then

@@ -131,17 +131,57 @@ int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err) {
     return KST_OK;
 }
 
-int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, size_t budget,
-                       kst_error *err) {
-    if (!S->C) return KST_OK;
+void kst_kvsc_push(kst_kvsc *S, const float *cs) {
+    if (!S->C) return;
     size_t G = S->G, C = S->C;
-    if (budget > S->cap) budget = S->cap;
     if (S->nh) memcpy(S->hist + G * C, S->hist, G * C * sizeof(float));
     memcpy(S->hist, cs, G * C * sizeof(float));
     S->nh = S->nh < 2 ? S->nh + 1 : 2;
+}
+
+int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_error *err) {
+    if (!S->C) return KST_OK;
+    size_t G = S->G, C = S->C;
+    if (budget > S->cap) budget = S->cap;
     S->made = 0;
-    int rc = kst_kvtc_group_plan(T, &S->A, S->hist, S->nh * G, temp, budget, err);
-    if (rc == KST_OK) S->made = 1;
+    if (!S->nh) return KST_OK;
+    /* the rows' normalized allocations averaged, each row's in the frame of its best centroid
+     * score (one exponential pass a row; a cluster ~87 below every row's best gets none) */
+    kst_kvtc_group *A = &S->A;
+    int rc = KST_OK;
+    if (A->C < C) {
+        KST_TRY(kst_realloc((void **)&A->ns, C, sizeof(uint32_t), "tail sample cache plan", err));
+        KST_TRY(kst_realloc((void **)&A->x, 3 * C, sizeof(float), "tail sample cache plan", err));
+        A->C = C;
+    }
+    float *x = A->x, *e = x + C, *lf = e + C; /* (lf, the clusters' sizes, then the fill's scratch) */
+    for (size_t c = 0; c < C; c++) {
+        x[c] = 0;
+        lf[c] = (float)T->len[c];
+    }
+    for (size_t g = 0; g < S->nh * G; g++) {
+        const float *cg = S->hist + g * C;
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (size_t c = 0; c < C; c++) m = cg[c] > m ? cg[c] : m;
+        if (!(m > -INFINITY)) continue;
+#pragma omp simd
+        for (size_t c = 0; c < C; c++) e[c] = temp * cg[c];
+        kst_kv_exp_shift(e, C, temp * m);
+        float Z = 0;
+#pragma omp simd reduction(+ : Z)
+        for (size_t c = 0; c < C; c++) {
+            e[c] *= lf[c];
+            Z += e[c];
+        }
+        if (!(Z > 0)) continue;
+        float iz = 1.0f / Z;
+#pragma omp simd
+        for (size_t c = 0; c < C; c++) x[c] += e[c] * iz;
+    }
+    A->tot = kst_kvtc_fill(C, T->len, x, lf, budget, A->ns);
+    S->made = 1;
+done:
     return rc;
 }
 
@@ -182,7 +222,8 @@ void kst_kvsc_plan_apply(kst_kvsc *S, const kst_kvtc *T, size_t upmax) {
 }
 
 int kst_kvsc_plan(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, size_t budget, kst_error *err) {
-    int rc = kst_kvsc_plan_make(S, T, cs, temp, budget, err);
+    kst_kvsc_push(S, cs);
+    int rc = kst_kvsc_plan_make(S, T, temp, budget, err);
     if (rc == KST_OK) kst_kvsc_plan_apply(S, T, SIZE_MAX);
     return rc;
 }

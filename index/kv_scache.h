@@ -76,16 +76,19 @@ size_t kst_kvsc_bytes(const kst_kvsc *S);
  * prefix has its slots brought in line, and every cluster's weight made anew (its size grew). */
 int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err);
 
-/* A step's centroid scores cs (G, C; kst_kvtc_scores) in: the plan of the last two steps' heads
- * (budget samples, at most S->cap; temp as kst_kvtc_group_plan) made into S->A, nothing held
- * changed yet (so that it can be made while the step's heads still read the cache). */
-int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, size_t budget,
-                       kst_error *err);
+/* A step's centroid scores cs (G, C; kst_kvtc_scores) in: they and the step before's are what the
+ * next plan is made from. */
+void kst_kvsc_push(kst_kvsc *S, const float *cs);
+/* The plan of the last two steps' heads pushed (budget samples, at most S->cap; temp as
+ * kst_kvtc_group_plan: each row's allocation len_c exp(temp cs_gc) normalized, the rows averaged,
+ * water-filled by kst_kvtc_fill) made into S->A, nothing held changed yet (so that it can be made
+ * while the step's heads still read the cache). No plan (S->made 0) before a push. */
+int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_error *err);
 /* The plan made held, as above, adding at most upmax rows, or as many as the table holds fewer
  * than the plan's samples (where it wants more, each cluster short of its plan gets that share of
  * its shortfall: the estimate stays unbiased, with fewer rows). */
 void kst_kvsc_plan_apply(kst_kvsc *S, const kst_kvtc *T, size_t upmax);
-/* Both, without a bound. */
+/* Push, make and hold, without a bound. */
 int kst_kvsc_plan(kst_kvsc *S, const kst_kvtc *T, const float *cs, float temp, size_t budget, kst_error *err);
 
 /* The slots changed since the last call (their node, cluster and rows to copy), into out (at

@@ -197,7 +197,15 @@ void kst_kvtc_scores(const kst_kvtc *T, const float *Q, size_t G, float scale, f
 /* The plan's water-filling and rounding (kst_kvtc_plan) of the budget over C clusters of rc[c]
  * keys each, cluster c weighted rc[c] exp(x[c]) (x: log weights; then the shares); w: scratch
  * of C floats. */
+static size_t tc_fill_w(size_t C, const uint32_t *rc, float *x, float *w, size_t budget, uint32_t *ns, int wgiven);
 static size_t tc_fill(size_t C, const uint32_t *rc, float *x, float *w, size_t budget, uint32_t *ns) {
+    return tc_fill_w(C, rc, x, w, budget, ns, 0);
+}
+size_t kst_kvtc_fill(size_t C, const uint32_t *cap, float *w, float *sh, size_t budget, uint32_t *ns) {
+    return tc_fill_w(C, cap, sh, w, budget, ns, 1);
+}
+/* (wgiven: w holds the weights already, x is only where the shares go) */
+static size_t tc_fill_w(size_t C, const uint32_t *rc, float *x, float *w, size_t budget, uint32_t *ns, int wgiven) {
     size_t rest = 0;
     for (size_t c = 0; c < C; c++) rest += rc[c];
     size_t B = budget < rest ? budget : rest;
@@ -207,11 +215,15 @@ static size_t tc_fill(size_t C, const uint32_t *rc, float *x, float *w, size_t b
      * their shares); w: r_c exp(x_c - mx), made once (again only where every open weight has
      * underflowed to 0 once the best clusters are taken whole: mx then the largest open score) */
     float mx = -INFINITY;
-    for (size_t c = 0; c < C; c++)
-        if (rc[c] && x[c] > mx) mx = x[c];
-    memcpy(w, x, C * sizeof *w);
-    kst_kv_exp_shift(w, C, mx);
-    for (size_t c = 0; c < C; c++) w[c] = rc[c] ? w[c] * (float)rc[c] : 0;
+    if (wgiven) {
+        for (size_t c = 0; c < C; c++) w[c] = rc[c] && w[c] > 0 ? w[c] : 0;
+    } else {
+        for (size_t c = 0; c < C; c++)
+            if (rc[c] && x[c] > mx) mx = x[c];
+        memcpy(w, x, C * sizeof *w);
+        kst_kv_exp_shift(w, C, mx);
+        for (size_t c = 0; c < C; c++) w[c] = rc[c] ? w[c] * (float)rc[c] : 0;
+    }
     /* water-filling: a cluster whose share reaches its keys is taken whole (ns = rc, w = 0), the
      * budget left shared again over the others (open: w > 0) */
     double left = (double)B;
@@ -219,6 +231,10 @@ static size_t tc_fill(size_t C, const uint32_t *rc, float *x, float *w, size_t b
         double W = 0;
 #pragma omp simd reduction(+ : W)
         for (size_t c = 0; c < C; c++) W += w[c];
+        if (!(W > 0) && wgiven) { /* (no scores to weigh the rest by: the budget left unplanned) */
+            for (size_t c = 0; c < C; c++) x[c] = 0;
+            break;
+        }
         if (!(W > 0)) {
             mx = -INFINITY;
             for (size_t c = 0; c < C; c++)

@@ -62,6 +62,11 @@ void kst_kvtc_scores(const kst_kvtc *T, const float *Q, size_t G, float scale, f
  * floats. */
 size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint32_t *rid, size_t m, size_t budget,
                      uint32_t *ns, uint32_t *rc, float *sc);
+/* The water-filling and rounding of the plans above from weights w (C; cluster c's, its keys
+ * included; destroyed): budget shared in proportion to w, a cluster whose share reaches cap[c]
+ * taken whole and the rest shared again; rounded by cumulative sums (sum ns = min(budget, keys of
+ * weighted clusters), |ns_c - share_c| < 1). sh: scratch of C floats. Returns the samples. */
+size_t kst_kvtc_fill(size_t C, const uint32_t *cap, float *w, float *sh, size_t budget, uint32_t *ns);
 /* The estimate (above) from a plan: (o, *lse) the partial over the sampled keys with their
  * weights (o = 0, *lse = -inf when none); K, V the head's rows, node i at row row0 + i; mark
  * (>= T->na bytes): nonzero for the attended nodes (the plan's rid). rows, s, sc: scratch of the

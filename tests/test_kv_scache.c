@@ -990,7 +990,8 @@ static int have_gpu(void) {
  * twin cache without the sample cache (same data and options) within the tolerance. Steps 1..6:
  * m snapshotted from kst_kvc_sample_cache before the step, the estimator from those prefixes
  * (orders after the step's joins); after each step every KV head's cache meets the invariants
- * (sc_check) and its plan the float64 plan of this step's and the last step's query rows. */
+ * (sc_check) and its plan the float64 plan of the query rows of the two steps before it (of the
+ * first step after steps 0 and 1). */
 static void run_steps(int gpu) {
     const size_t H = 2, ncent = 24, nq = 48, C = 32, B = 128, steps = 7, n0 = 1500 + 4 + 64, nmax = n0 + 190;
     static const size_t tk[3] = {16, 4, 64}, efs[3] = {48, 16, 128};
@@ -1054,10 +1055,13 @@ static void run_steps(int gpu) {
                 const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, kh);
                 if (!S) fail_msg("%s: no sample cache after the step", what);
                 sc_check(S, T, what);
+                /* the plan held after step s: step 0's after steps 0 and 1 (the first plans from its
+                 * own step), then steps s - 1 and s - 2's (made while step s runs) */
                 float *Q2 = malloc(2 * G * d * sizeof *Q2);
-                memcpy(Q2, q + kh * G * d, G * d * sizeof *Q2);
-                if (s) memcpy(Q2 + G * d, Q + ((s - 1) * QH + kh * G) * d, G * d * sizeof *Q2);
-                check_plan64(T, S->A.ns, S->A.tot, Q2, s ? 2 * G : G, kst_kvc_opts_of(c)->scale, 0.5, B, what);
+                size_t s1 = s < 2 ? 0 : s - 1;
+                memcpy(Q2, Q + (s1 * QH + kh * G) * d, G * d * sizeof *Q2);
+                if (s >= 2) memcpy(Q2 + G * d, Q + ((s - 2) * QH + kh * G) * d, G * d * sizeof *Q2);
+                check_plan64(T, S->A.ns, S->A.tot, Q2, s >= 2 ? 2 * G : G, kst_kvc_opts_of(c)->scale, 0.5, B, what);
                 free(Q2);
             }
             nsteps++;
