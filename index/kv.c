@@ -2142,11 +2142,10 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
     double t2 = pf ? mono_s() : 0;
     if (rc != KST_OK) return rc;
 #ifdef KST_CUDA
-    if (gpu) {
-        if (pf)
-            for (size_t h = 0; h < o->kv_heads; h++) pf->sc_rows += L->heads[h].sc.nd;
-        rc = sc_upload(c, L, 0, err);
-    }
+    size_t nrows = 0; /* (the weights change only with the slots here: nothing to send without them) */
+    for (size_t h = 0; h < o->kv_heads; h++) nrows += L->heads[h].sc.nd;
+    if (pf) pf->sc_rows += nrows;
+    if (gpu && nrows) rc = sc_upload(c, L, 0, err);
 #else
     (void)gpu;
 #endif
@@ -2273,7 +2272,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     /* the sample cache (kst_kvc_set_tail_cache): the step estimates from it once every KV head
      * holds a plan (the first step only plans: its estimate is made as without the cache); its
      * items come from the GPU where the static tokens are attended (sc_g), else are made here */
-    int tqc = tcl && c->tcache, scu = 0, sc_g = 0;
+    int tqc = tcl && c->tcache, scu = 0, sc_g = 0, sc_fetch = 0; /* (sc_fetch: the scores' download queued) */
     size_t scnc = 0, scst = 0;
     const float *sc_tt = NULL;
 #ifdef KST_CUDA
@@ -2780,6 +2779,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             if (st < 0) break;
             if (st == 1) GPU_ASK();
         }
+        if (rdy == 1 && sc_g && !__atomic_exchange_n(&sc_fetch, 1, __ATOMIC_ACQ_REL)) {
+            /* the centroid scores for the next plans (the stream is free now) */
+            kst_error e5;
+            int r5 = kst_kvgpu_sc_fetch(L->gpu, &e5);
+            if (r5 != KST_OK) first_err(&rc, err, r5, &e5);
+        }
         if (rdy == 1)
             for (size_t h = 0; h < o->q_heads; h++) {
                 uint8_t one = 1;
@@ -2812,11 +2817,17 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (tqc && rc == KST_OK) {
         const float *cs = NULL;
 #ifdef KST_CUDA
-        if (sc_g && gpu_state == 1) cs = kst_kvgpu_sc_scores(L->gpu);
+        if (sc_g && gpu_state == 1) {
+            if (!sc_fetch) rc = kst_kvgpu_sc_fetch(L->gpu, err);
+            if (rc == KST_OK) rc = kst_kvgpu_sc_fetched(L->gpu, err);
+            if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+            cs = kst_kvgpu_sc_scores(L->gpu);
+        }
 #endif
         rc = sc_end(c, L, q, cs, sc_g, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
     }
+    (void)sc_fetch;
     (void)gpu_state;
     (void)gpu_armed0;
     (void)gpu_ready;

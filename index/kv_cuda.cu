@@ -71,8 +71,8 @@ struct kst_kvgpu {
     float *sclw, *hslw, *scent, *scs, *hscs;
     char *dsrows, *hsrows;
     size_t sC, scap_stage;
-    cudaEvent_t sev, slev; // (slev: the last copy of the weights out of hslw)
-    int sev_rec, slev_rec;
+    cudaEvent_t sev, slev, sfev; // (slev: the last copy of the weights out of hslw; sfev: the scores' download)
+    int sev_rec, slev_rec, sf_rec;
     // the static tokens' partial split over `split` blocks a query head (kst_kvgpu_split): their
     // unnormalized partials (qh * split: d floats, then m and l) and a counter a head, the last
     // block of a head merging them (the counter back to 0 for the next launch)
@@ -606,6 +606,7 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     cudaFreeHost(g->hsrows);
     if (g->sev) cudaEventDestroy(g->sev);
     if (g->slev) cudaEventDestroy(g->slev);
+    if (g->sfev) cudaEventDestroy(g->sfev);
     cudaFreeHost(g->hq);
     cudaFreeHost(g->ho);
     if (g->exec) cudaGraphExecDestroy(g->exec);
@@ -719,6 +720,7 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
         if (!g->sev) {
             CU(cudaEventCreateWithFlags(&g->sev, cudaEventDisableTiming), "kv gpu sample cache event");
             CU(cudaEventCreateWithFlags(&g->slev, cudaEventDisableTiming), "kv gpu sample cache event");
+            CU(cudaEventCreateWithFlags(&g->sfev, cudaEventDisableTiming), "kv gpu sample cache event");
         }
         for (size_t i = 0; i < g->kvh * C; i++) g->hslw[i] = -INFINITY;
         CU(cudaMemcpy(g->sclw, g->hslw, g->kvh * C * sizeof(float), cudaMemcpyHostToDevice), "kv gpu sample cache weights");
@@ -786,6 +788,27 @@ done:
 }
 
 extern "C" const float *kst_kvgpu_sc_scores(const kst_kvgpu *g) { return g->sC ? g->hscs : NULL; }
+
+extern "C" int kst_kvgpu_sc_fetch(kst_kvgpu *g, kst_error *err) {
+    int rc = KST_OK;
+    if (!g->sC) return kst_fail(err, KST_ERR_INVALID, "kv gpu: no sample cache reserved");
+    KST_TRY(kst_kvgpu_disarm(g, err));
+    CU(cudaMemcpyAsync(g->hscs, g->scs, g->qh * g->sC * sizeof(float), cudaMemcpyDeviceToHost, g->st),
+       "kv gpu centroid scores download");
+    CU(cudaEventRecord(g->sfev, g->st), "kv gpu sample cache event");
+    g->sf_rec = 1;
+done:
+    return rc;
+}
+
+extern "C" int kst_kvgpu_sc_fetched(kst_kvgpu *g, kst_error *err) {
+    int rc = KST_OK;
+    if (!g->sf_rec) return kst_fail(err, KST_ERR_MISUSE, "kv gpu: the centroid scores were not fetched");
+    CU(cudaEventSynchronize(g->sfev), "kv gpu centroid scores download");
+    g->sf_rec = 0;
+done:
+    return rc;
+}
 
 extern "C" int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const void *V, size_t n,
                               kst_error *err) {
@@ -1039,9 +1062,6 @@ static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
     if (g->tns)
         CU(cudaMemcpyAsync(g->htout, g->tout, g->qh * g->tnc * kst_kvgpu_tail_stride(g) * sizeof(float),
                            cudaMemcpyDeviceToHost, g->st), "kv gpu tail sums download");
-    if (g->sC)
-        CU(cudaMemcpyAsync(g->hscs, g->scs, g->qh * g->sC * sizeof(float), cudaMemcpyDeviceToHost, g->st),
-           "kv gpu centroid scores download");
     CU(cudaMemcpyAsync(g->ho, g->o, (g->qh * g->d + g->qh) * sizeof(float), cudaMemcpyDeviceToHost, g->st),
        "kv gpu output download");
     if (g->timing) CU(cudaEventRecord(g->tev[3], g->st), "kv gpu timing");

@@ -112,8 +112,8 @@ const float *kst_kvgpu_tail_out(const kst_kvgpu *g);
  * tail table above (kst_kvgpu_tail_reserve(cap, ch, nc)) with a cluster a slot (-1: free) and a
  * log weight a cluster (its rows weighted by it in the items, a free slot's rows left out), and
  * the KV heads' C centroids cent (kv_heads, d, C) float32, scored for every query head in each
- * step's launch (kst_kvgpu_sc_scores: scale <q_h, cent_c>, (q_heads, C), valid once the
- * partials are in). Every slot starts free and every weight at -inf. cap 0 releases it. */
+ * step's launch (scale <q_h, cent_c>, (q_heads, C); kst_kvgpu_sc_fetch). Every slot starts free
+ * and every weight at -inf. cap 0 releases it. */
 int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent,
                          kst_error *err);
 /* Pinned staging for n slots of the table (grown as needed; once the last send's copies are done):
@@ -124,7 +124,11 @@ int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_err
  * NULL, the clusters' log weights lw (kv_heads, C) on the step's stream: the next launch sees
  * them. */
 int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_error *err);
-/* Pinned host copy of the last step's centroid scores (q_heads, C); NULL without the cache. */
+/* The last step's centroid scores (q_heads, C) downloaded (queued once its partials are in: they
+ * are not part of its downloads, so that the partials come in sooner), then waited for; then
+ * kst_kvgpu_sc_scores points at them in pinned host memory (NULL without the cache). */
+int kst_kvgpu_sc_fetch(kst_kvgpu *g, kst_error *err);
+int kst_kvgpu_sc_fetched(kst_kvgpu *g, kst_error *err);
 const float *kst_kvgpu_sc_scores(const kst_kvgpu *g);
 
 /* The static tokens' partial split over s blocks a query head (split-K over the tokens, the

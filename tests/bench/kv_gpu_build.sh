@@ -16,6 +16,6 @@ for f in core/kv_attn.c core/half.c core/mem.c core/error.c core/blas.c core/npy
   cc $CF -c "$f" -o "$tmp/$(basename "$f" .c).o"
 done
 c++ -std=c++17 -O2 -fopenmp -I. -c index/faiss_c.cpp -o "$tmp/faiss_c.o"
-$NVCC -O2 -std=c++17 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80 -I. -c index/kv_cuda.cu -o "$tmp/kv_cuda.o"
+$NVCC -O2 -std=c++17 ${NVCCFLAGS:-} -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80 -I. -c index/kv_cuda.cu -o "$tmp/kv_cuda.o"
 $NVCC -o "$out" "$tmp"/*.o -Xcompiler -static-libgcc -lfaiss -Xlinker -Bstatic -lgomp -lstdc++ -Xlinker -Bdynamic -lcublas -ldl -lpthread -lm
 echo "built $out"
