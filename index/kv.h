@@ -356,14 +356,16 @@ void kst_kvc_set_tail_clusters(kst_kvc *c, size_t n, float temp);
  * pieces that any thread takes before its next search; 0 (the default): one sample a query head.
  * KESTREL_KV_TSHARE overrides it. Applies at the next decode step. */
 void kst_kvc_set_tail_share(kst_kvc *c, int on);
-/* With the clustered tail estimate: 1 plans each KV head's shared sample (kst_kvtc_group_plan over
- * its query heads) from the last two steps' queries instead of this step's, and holds every
- * cluster's planned prefix in a table of `slots` rows a KV head (0: 2 x tail_samples; at most
- * 16,384), on the GPU where the static tokens are (kv_scache.h): a step then scores the table
- * there in its launch, beside the static tokens, and sends only the rows the last plan added
- * (and those pushed in by keys joining a prefix); each held row weighted len_c / m_c, the
- * retrieved ones taken out as the GPU's tail items are (kst_kvsc_finish). The step after a
- * build (or the first) plans only and estimates as without it. Without the GPU its items are
+/* With the clustered tail estimate: 1 plans each KV head's shared sample (its query heads'
+ * allocations averaged, as kst_kvc_set_tail_share's) from the two steps before the current one
+ * (made by the step's threads while they wait for the GPU) instead of from the current step, and
+ * holds every cluster's planned prefix in a table of `slots` rows a KV head (0: 2 x tail_samples;
+ * at most 16,384), on the GPU where the static tokens are (kv_scache.h): a step scores the table
+ * there in its launch, beside the static tokens, and copies only the rows the last plan added
+ * (at most 256 a KV head and step, KESTREL_KV_TCACHE_UP; more while the table fills) and those
+ * pushed in by keys joining a prefix; each held row weighted len_c / m_c, the retrieved ones
+ * taken out as the GPU's tail items are (kst_kvsc_finish). The step after a build (or the first)
+ * plans from its own scores and estimates as without the cache. Without the GPU its items are
  * made on the CPU (the same estimate). KESTREL_KV_TCACHE=0/1 and KESTREL_KV_TCACHE_CAP=n in the
  * environment override the arguments. A table asked past 16,384 rows (either way) is held at
  * 16,384, a larger budget planned within it. */

@@ -1,23 +1,28 @@
 /* kv_scache.h - the clustered tail's sample cache (kst_kvc_set_tail_cache; index/kv.h): the
- * shared sample of a KV head (kv_tclust.h, kst_kvtc_group_*) planned from the last steps'
- * queries instead of this step's, so that its rows can sit where the step's partial attention
- * runs (the GPU) before the step starts, and a step copies there only the rows a plan adds.
+ * shared sample of a KV head (kv_tclust.h) planned from earlier steps' queries instead of this
+ * step's, so that its rows can sit where the step's partial attention runs (the GPU) before the
+ * step starts, and a step copies there only the rows a plan adds.
  *
  * State, one per KV head: cluster c keeps its first m_c members (of its uniformly random order)
- * in slots of a table of `cap` rows, in chunks of `ch` rows. After a step, the shared plan
- * (kst_kvtc_group_plan) of the last two steps' query heads (2G score rows: their normalized
- * allocations averaged) gives n_c, and m_c becomes max(m_c, n_c): the rows a plan adds. Above
- * cap, clusters holding more than their n_c are cut back towards it, a clock hand going round
- * them. A key that joins a cluster at a place < m_c (kst_kvtc_add's inside-out shuffle) takes the
- * slot of the member it pushes out of the prefix.
+ * in slots of a table of `cap` rows, in chunks of `ch` rows. The plan (kst_kvsc_plan_make) is made
+ * from the last two steps' centroid scores pushed (kst_kvsc_push): each of their 2G query rows'
+ * allocations len_c exp(temp cs_gc) normalized, averaged, water-filled (kst_kvtc_fill) into n_c.
+ * Held (kst_kvsc_plan_apply), m_c becomes max(m_c, n_c): the rows a plan adds, at most upmax a
+ * step once the table holds as many rows as a plan (each short cluster then gets that share of
+ * its shortfall). Above cap, clusters holding more than their n_c are cut back towards it, a
+ * clock hand going round them. A key that joins a cluster at a place < m_c (kst_kvtc_add's
+ * inside-out shuffle) takes the slot of the member it pushes out of the prefix (kst_kvsc_joined).
+ * In kst_kvc_attend the plan a step holds afterwards is made while it runs, from the two steps
+ * before it (the first plan from the first step's own scores).
  *
- * Estimate, query head q, retrieved ids R: every cached member weighted len_c / m_c, those in R
- * left out: sum over S \ R of (len_c / m_c) exp(s) (and times v). The cached prefix is a
- * uniformly random subset of its cluster whose size was fixed before this query (by earlier
- * plans and the clusters' sizes), so this is the Horvitz-Thompson estimate of kv_tclust.h,
- * unbiased for the indexed keys outside R; a cluster held whole is exact. The plan comes one
- * step late: on SmolLM2's heads at 32K about 1.1-1.5x the error of this step's plan at equal
- * samples, against ~100 rows a step to copy instead of 4,096 (bench README, round 20).
+ * Estimate, query head q, retrieved ids R: every held row weighted len_c / m_c, those in R left
+ * out: sum over S \ R of (len_c / m_c) exp(s) (and times v). The held prefix is a uniformly random
+ * subset of its cluster whose size was fixed before this query (by earlier plans and the
+ * clusters' sizes), so this is the Horvitz-Thompson estimate of kv_tclust.h, unbiased for the
+ * indexed keys outside R; a cluster held whole is exact; a cluster holding no row is left out, as
+ * one the per-step plan gives no sample. On SmolLM2's heads at 32K, 4,096 samples (a table of
+ * 8,192): 6.7e-3 mean output error against 7.7e-3 for the per-step shared plan with tier 256,
+ * about 100 rows a KV head copied a step (bench README, round 20).
  *
  * The table is scored in items, one per (query head, chunk), as the GPU's tail kernel lays them
  * out (kv_cuda.h, KST_KVGPU_TT_TOP): the chunk's best weighted score mx (-inf: no row held), the
