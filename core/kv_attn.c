@@ -386,3 +386,10 @@ void kst_attn_merge(float *o, float *lse, const float *o2, float lse2, size_t d)
     for (size_t i = 0; i < d; i++) o[i] = wa * o[i] + wb * o2[i];
     *lse = m + (float)log(s);
 }
+
+void kst_attn_merge_sum(float *o, float *lse, float *v, double s, float mx, size_t d) {
+    if (!(s > 0)) return;
+    float inv = (float)(1.0 / s);
+    for (size_t i = 0; i < d; i++) v[i] *= inv;
+    kst_attn_merge(o, lse, v, mx + (float)log(s), d);
+}

@@ -61,5 +61,8 @@ void kst_attn_partial_scored(float *out, float *lse, float *scratch, const float
 /* Merges the partial (o2, lse2) into (o, *lse) in place (d values). Either may be empty
  * (lse = -INFINITY). Cannot fail. */
 void kst_attn_merge(float *o, float *lse, const float *o2, float lse2, size_t d);
+/* Merges unnormalized sums into (o, *lse): v (d) = sum of w_j v_j and s = sum of w_j > 0, the
+ * weights w_j = exp(s_j - mx) in the frame mx (v is scaled by 1 / s in place). s <= 0: no-op. */
+void kst_attn_merge_sum(float *o, float *lse, float *v, double s, float mx, size_t d);
 
 #endif

@@ -1459,13 +1459,6 @@ static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, flo
         kst_kv_axpy(a, w, vrow, f16, d);
     }
 }
-/* Merges a chunk's sums (v, s, in the frame mx) into the partial (o, lse). */
-static void tail_merge(float *o, float *lse, float *v, double s, float mx, size_t d) {
-    if (!(s > 0)) return;
-    float inv = (float)(1.0 / s);
-    for (size_t i = 0; i < d; i++) v[i] *= inv;
-    kst_attn_merge(o, lse, v, mx + (float)log(s), d);
-}
 /* The end of a tail estimate: the estimate's lse raised by the ratio, the exact part merged. */
 static void tail_end(float *o, float *lse, const float *oe, float lse_e, size_t nidx, size_t m,
                      size_t kept, size_t na, size_t d) {
@@ -1557,15 +1550,15 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
                 tail_acc(oc, &s2, ox, &sx, &na, wj, thr, Vc + j * rowb, op->f16, d);
             }
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
-            if (lr > -INFINITY) tail_merge(o, lse, oc, s2, T->mx[ix] + lr, d); /* 0 when every kept weight underflowed */
+            if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, T->mx[ix] + lr, d); /* 0 when every kept weight underflowed */
         } else {
             double s0 = 0;
             for (size_t a = 0; a < nt; a++)
                 if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, Vc + (size_t)tp[a] * rowb, op->f16, d);
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
-            if (lr > -INFINITY) tail_merge(o, lse, oc, rest, T->mx[ix] + lr, d);
+            if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, T->mx[ix] + lr, d);
         }
-        tail_merge(oe, &lse_e, ox, sx, T->mx[ix], d);
+        kst_attn_merge_sum(oe, &lse_e, ox, sx, T->mx[ix], d);
     }
     if (T->strat) kst_attn_merge(o, lse, oe, lse_e, d);
     else tail_end(o, lse, oe, lse_e, nidx, m, kept, na, d);
@@ -1712,8 +1705,8 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                 tail_acc(oc, &s2, ox, &sx, &na, w[j], thk, Vc + j * rowb, op->f16, d);
             }
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
-            if (lr > -INFINITY) tail_merge(o, lse, oc, s2, mk + lr, d);
-            tail_merge(oe, &lse_e, ox, sx, mk, d);
+            if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, mk + lr, d);
+            kst_attn_merge_sum(oe, &lse_e, ox, sx, mk, d);
         } else {
             /* the best rows: their sum of w V from the GPU (items with it, kst_kvc_set_tail_topsum)
              * less the retrieved ones and those above tau (to the exact part), where those hold
@@ -1745,8 +1738,8 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                     if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, Vc + (size_t)tp[a] * rowb, op->f16, d);
             }
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
-            if (lr > -INFINITY) tail_merge(o, lse, oc, rest, mx + lr, d);
-            tail_merge(oe, &lse_e, ox, sx, mx, d);
+            if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, mx + lr, d);
+            kst_attn_merge_sum(oe, &lse_e, ox, sx, mx, d);
         }
     }
     if (T->strat) kst_attn_merge(o, lse, oe, lse_e, d);

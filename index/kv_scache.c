@@ -297,13 +297,6 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
     }
 }
 
-/* (v, s) in the frame mx merged into (o, lse). */
-static void sc_merge(float *o, float *lse, float *v, double s, float mx, size_t d) {
-    if (!(s > 0)) return;
-    float inv = (float)(1.0 / s);
-    for (size_t i = 0; i < d; i++) v[i] *= inv;
-    kst_attn_merge(o, lse, v, mx + (float)log(s), d);
-}
 
 size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K, const void *V,
                        int f16, size_t d, float scale, size_t row0, const uint32_t *rid, const float *rs, size_t m,
@@ -379,7 +372,7 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
                     s2 += sc[j];
                     kst_kv_axpy(oc, sc[j], sc_row(V, row0 + S->key[j0 + j], f16, d), f16, d);
                 }
-            sc_merge(o, lse, oc, s2, mk, d);
+            kst_attn_merge_sum(o, lse, oc, s2, mk, d);
             continue;
         }
         if (trm <= ttot * 0.875) { /* the best rows' sums, less the retrieved ones */
@@ -391,7 +384,7 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
                 if (!(topx >> a & 1) && tw[a] > 0)
                     kst_kv_axpy(oc, tw[a], sc_row(V, row0 + S->key[j0 + tp[a]], f16, d), f16, d);
         }
-        sc_merge(o, lse, oc, rest, mx, d);
+        kst_attn_merge_sum(o, lse, oc, rest, mx, d);
     }
     return kept;
 }

@@ -201,6 +201,77 @@ static inline size_t check_step(kst_kvc *c, const float *K, const float *V, size
     return tot;
 }
 
+/* The shared plan ns (tot samples in all) of nr query rows Q (nr, d) against float64
+ * (kv_tclust.h): cluster c weighted len_c sum_r exp(temp s_rc) / Z_r, s_rc = scale <q_r,
+ * centroid_c> (float64), Z_r = sum_c len_c exp(temp s_rc); min(B, sum len) water-filled (a
+ * cluster whose share reaches len_c taken whole, the rest shared again); each n_c within 1 of its
+ * share, n_c <= len_c, the total exact. Returns the largest |n_c - share|. */
+static inline double tc_plan64(const kst_kvtc *T, const uint32_t *ns, size_t tot, const float *Q, size_t nr,
+                               double scale, double temp, size_t B, const char *what) {
+    size_t C = T->C, d = T->d, all = 0;
+    double maxoff = 0;
+    double *lw = calloc(C, sizeof *lw), *s = malloc(C * sizeof *s), *x = calloc(C, sizeof *x), *w = malloc(C * sizeof *w);
+    char *open = malloc(C);
+    for (size_t c = 0; c < C; c++) {
+        all += T->len[c];
+        open[c] = T->len[c] > 0;
+    }
+    for (size_t r = 0; r < nr; r++) {
+        double m = -INFINITY, Z = 0;
+        for (size_t c = 0; c < C; c++) {
+            double a = 0;
+            for (size_t i = 0; i < d; i++) a += (double)Q[r * d + i] * T->cent[c * d + i];
+            s[c] = temp * scale * a;
+            if (T->len[c] && s[c] > m) m = s[c];
+        }
+        for (size_t c = 0; c < C; c++) Z += (double)T->len[c] * exp(s[c] - m);
+        for (size_t c = 0; c < C; c++) lw[c] += exp(s[c] - m) / Z;
+    }
+    size_t want = B < all ? B : all;
+    double left = (double)want;
+    while (left > 0) {
+        double W = 0;
+        for (size_t c = 0; c < C; c++) {
+            w[c] = open[c] ? (double)T->len[c] * lw[c] : 0;
+            W += w[c];
+        }
+        if (!(W > 0)) break;
+        int closed = 0;
+        for (size_t c = 0; c < C; c++)
+            if (open[c] && left * w[c] / W >= (double)T->len[c]) {
+                x[c] = T->len[c];
+                open[c] = 0;
+                closed = 1;
+            }
+        if (!closed) {
+            for (size_t c = 0; c < C; c++)
+                if (open[c]) x[c] = left * w[c] / W;
+            break;
+        }
+        left = (double)want;
+        for (size_t c = 0; c < C; c++)
+            if (!open[c]) left -= x[c];
+    }
+    size_t sum = 0;
+    for (size_t c = 0; c < C; c++) {
+        if (ns[c] > T->len[c]) fail_msg("%s: cluster %zu: %u samples of %u members", what, c, ns[c], T->len[c]);
+        double off = fabs((double)ns[c] - x[c]);
+        if (!(off <= 1 + 1e-4 * x[c] + 1e-6))
+            fail_msg("%s: cluster %zu gets %u samples, its float64 share %.4f (budget %zu of %zu, %zu query rows)", what, c,
+                     ns[c], x[c], B, all, nr);
+        maxoff = off > maxoff ? off : maxoff;
+        sum += ns[c];
+    }
+    if (sum != want || tot != want)
+        fail_msg("%s: the plan has %zu samples (tot %zu), expected min(%zu, %zu)", what, sum, tot, B, all);
+    free(lw);
+    free(s);
+    free(x);
+    free(w);
+    free(open);
+    return maxoff;
+}
+
 /* The options the tests start from: one layer, H KV heads x QH query heads, 4 sinks, window 64,
  * top_k 16, ef 48, the key-only index unless queries are given. */
 static inline kst_kvc_opts tc_base_opts(size_t d, int f16, kst_kvc_index index, size_t tail, size_t H, size_t QH) {
