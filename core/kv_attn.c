@@ -393,3 +393,19 @@ void kst_attn_merge_sum(float *o, float *lse, float *v, double s, float mx, size
     for (size_t i = 0; i < d; i++) v[i] *= inv;
     kst_attn_merge(o, lse, v, mx + (float)log(s), d);
 }
+
+size_t kst_kv_top(const float *w, size_t n, size_t k, float *tw, uint32_t *tp) {
+    size_t nt = n < k ? n : k, cnt = 0;
+    for (size_t j = 0; j < n && nt; j++) {
+        float v = w[j];
+        if (cnt == nt && !(v > tw[nt - 1])) continue;
+        size_t i = cnt < nt ? cnt++ : nt - 1;
+        for (; i > 0 && tw[i - 1] < v; i--) {
+            tw[i] = tw[i - 1];
+            tp[i] = tp[i - 1];
+        }
+        tw[i] = v;
+        tp[i] = (uint32_t)j;
+    }
+    return nt;
+}

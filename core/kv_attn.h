@@ -61,6 +61,10 @@ void kst_attn_partial_scored(float *out, float *lse, float *scratch, const float
 /* Merges the partial (o2, lse2) into (o, *lse) in place (d values). Either may be empty
  * (lse = -INFINITY). Cannot fail. */
 void kst_attn_merge(float *o, float *lse, const float *o2, float lse2, size_t d);
+/* The k best of w[0..n) by insertion into a sorted list: tw[0..r) their values, best first, tp
+ * their indices, r = min(k, n) returned (ties: the first seen first). */
+size_t kst_kv_top(const float *w, size_t n, size_t k, float *tw, uint32_t *tp);
+
 /* Merges unnormalized sums into (o, *lse): v (d) = sum of w_j v_j and s = sum of w_j > 0, the
  * weights w_j = exp(s_j - mx) in the frame mx (v is scaled by 1 / s in place). s <= 0: no-op. */
 void kst_attn_merge_sum(float *o, float *lse, float *v, double s, float mx, size_t d);

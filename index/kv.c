@@ -1399,19 +1399,7 @@ static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Q
         size_t ix = cc * G + g;
         float *w = W + g * nr, *tw = T->topw + ix * KV_TT_TOP;
         uint32_t *tp = T->top + ix * KV_TT_TOP;
-        /* the nt best scores, by insertion into a sorted list (best first) */
-        size_t cnt = 0;
-        for (size_t j = 0; j < nr; j++) {
-            float v = w[j];
-            if (cnt == nt && !(v > tw[nt - 1])) continue;
-            size_t i = cnt < nt ? cnt++ : nt - 1;
-            for (; i > 0 && tw[i - 1] < v; i--) {
-                tw[i] = tw[i - 1];
-                tp[i] = tp[i - 1];
-            }
-            tw[i] = v;
-            tp[i] = (uint32_t)j;
-        }
+        kst_kv_top(w, nr, nt, tw, tp); /* the nt best scores, best first */
         float mx = tw[0];
         kst_kv_exp_shift(w, nr, mx);
         for (size_t i = 0; i < nt; i++) {

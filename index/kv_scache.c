@@ -257,20 +257,8 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
     }
     for (size_t g = 0; g < G; g++) {
         float *w = sc + g * nr, *ig = it + g * gst, *tw = ig + 2 + d + KST_KVSC_TOP, *ot = tw + KST_KVSC_TOP;
-        int32_t tp[KST_KVSC_TOP];
-        /* the nt best, by insertion into a sorted list (best first) */
-        size_t cnt = 0;
-        for (size_t j = 0; j < nr; j++) {
-            float v = w[j];
-            if (cnt == nt && !(v > tw[nt - 1])) continue;
-            size_t i = cnt < nt ? cnt++ : nt - 1;
-            for (; i > 0 && tw[i - 1] < v; i--) {
-                tw[i] = tw[i - 1];
-                tp[i] = tp[i - 1];
-            }
-            tw[i] = v;
-            tp[i] = (int32_t)j;
-        }
+        uint32_t tp[KST_KVSC_TOP];
+        kst_kv_top(w, nr, nt, tw, tp); /* the nt best, best first */
         float mx = nt ? tw[0] : -INFINITY;
         memset(ig + 2, 0, d * sizeof(float));
         memset(ot, 0, d * sizeof(float));
