@@ -2266,7 +2266,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
         L->sc_gpu = 0;
     }
-    sc_g = tqc && on_gpu && !c->tail_gpu_off;
+    sc_g = tqc && on_gpu && !c->tail_gpu_off && !c->topsum_off; /* (its items need the best rows' sums) */
 #endif
     if (tqc) {
         rc = sc_begin(c, L, sc_g, &scu, err);

@@ -365,8 +365,9 @@ void kst_kvc_set_tail_share(kst_kvc *c, int on);
  * (at most 256 a KV head and step, KESTREL_KV_TCACHE_UP; more while the table fills) and those
  * pushed in by keys joining a prefix; each held row weighted len_c / m_c, the retrieved ones
  * taken out as the GPU's tail items are (kst_kvsc_finish). The step after a build (or the first)
- * plans from its own scores and estimates as without the cache. Without the GPU its items are
- * made on the CPU (the same estimate). KESTREL_KV_TCACHE=0/1 and KESTREL_KV_TCACHE_CAP=n in the
+ * plans from its own scores and estimates as without the cache. Without the GPU, or with the tail
+ * kept off it (kst_kvc_set_tail_gpu(c, 0), kst_kvc_set_tail_topsum(c, 0)), its items are made on
+ * the CPU (the same estimate). KESTREL_KV_TCACHE=0/1 and KESTREL_KV_TCACHE_CAP=n in the
  * environment override the arguments. A table asked past 16,384 rows (either way) is held at
  * 16,384, a larger budget planned within it. */
 void kst_kvc_set_tail_cache(kst_kvc *c, int on, size_t slots);
