@@ -379,7 +379,7 @@ typedef struct kst_kv_opts {
                                  cluster's keys over its rows held (unbiased as tail_share).
                                  SmolLM2 at 32K, tier 0, tail 4096: 6.7e-3 mean output error; one
                                  layer at 128K on the H100 0.19-0.23 ms where successive queries
-                                 plan alike (SDPA 0.20-0.22), 0.34-0.38 where each is new; GPU
+                                 plan alike (SDPA 0.20-0.22), 0.34-0.41 where each is new; GPU
                                  memory 70.5 MB a layer (tests/bench/README.md, round 20) */
 } kst_kv_opts;
 
