@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/half.h"
 #include "index/kv.h"
@@ -270,6 +271,16 @@ static inline double tc_plan64(const kst_kvtc *T, const uint32_t *ns, size_t tot
     free(w);
     free(open);
     return maxoff;
+}
+
+/* A test's wall time: tc_clock(0) at its start, tc_clock(1) at its end prints it. */
+static inline void tc_clock(int end) {
+    static double t0;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double t = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    if (end) print_message("(%.2f s)\n", t - t0);
+    else t0 = t;
 }
 
 /* The options the tests start from: one layer, H KV heads x QH query heads, 4 sinks, window 64,

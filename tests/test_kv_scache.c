@@ -1244,22 +1244,16 @@ static void test_gpu_switches(void **state) {
     free(oc);
 }
 
-/* Each test's wall time (printed: the suite runs under the sanitizers in CI too). */
-static double t_start;
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+/* Each test's wall time (kv_tc_ref.h: printed, the suite runs under the sanitizers in CI too). */
 static int t_begin(void **state) {
     (void)state;
     g_layer = 0;
-    t_start = now_s();
+    tc_clock(0);
     return 0;
 }
 static int t_end(void **state) {
     (void)state;
-    print_message("(%.2f s)\n", now_s() - t_start);
+    tc_clock(1);
     return 0;
 }
 
