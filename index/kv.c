@@ -2008,7 +2008,7 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
     const kst_kvc_opts *o = &c->o;
     size_t G = o->q_heads / o->kv_heads, want = c->tcache_cap ? c->tcache_cap : 2 * o->tail_samples;
     if (want < o->tail_samples) want = o->tail_samples;
-    if (want > 16 * KST_KVSC_CH) want = 16 * KST_KVSC_CH; /* (kv.h: at most 16,384; a larger budget planned within) */
+    if (want > KST_KVSC_NC * KST_KVSC_CH) want = KST_KVSC_NC * KST_KVSC_CH; /* (kv.h: at most 16,384; a larger budget planned within) */
     int rc = KST_OK, all = 1, moved = 0;
     for (size_t h = 0; h < o->kv_heads; h++) {
         kv_hstore *H = &L->heads[h];

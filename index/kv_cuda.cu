@@ -77,6 +77,8 @@ struct kst_kvgpu {
     // unnormalized partials (qh * split: d floats, then m and l) and a counter a head, the last
     // block of a head merging them (the counter back to 0 for the next launch)
     int split, minb; // (minb: the kernel's blocks an SM must hold, 2 or 3)
+    int tgrp;        // KESTREL_KV_GPU_TGRP (default 1): kvgpu_grouped
+    int sgrp;        // the sample cache's table in tg_kpos's layout (kvgpu_sc_grouped)
     float *sp;
     unsigned *spc;
     // KESTREL_KV_GPU_TIME=1: no graph; events before the upload, after it, after the kernel,
@@ -107,6 +109,8 @@ struct kst_kvgpu {
 static pthread_mutex_t arm_mu = PTHREAD_MUTEX_INITIALIZER;
 static kst_kvgpu *arm_head;
 static int kvgpu_release_all(kst_error *err);
+static int kvgpu_grouped(const kst_kvgpu *g);
+static int kvgpu_sc_grouped(const kst_kvgpu *g, size_t P);
 
 static __device__ __forceinline__ float ld(const float *p) { return *p; }
 static __device__ __forceinline__ float ld(const __half *p) { return __half2float(*p); }
@@ -166,19 +170,17 @@ __device__ void wsum_rows(const float *w, R rows, int nr, int d, float *red, flo
     }
 }
 
+// The shared memory partial_body takes from the step kernel's buffer.
+#define PT_SMEM (1024 + 512 + 32 + 16 * 128 + 512)
 // One block per query head (bi); 16 warps. Chunks of CH tokens: a warp scores a token (lanes split
 // the head dims, so key rows are read coalesced), then online softmax: running max m, sum l and
 // output o (threads t < d own o[t]).
 template <typename T>
 __device__ void partial_body(int bi, const T *KV, const float *q, float *o, float *lse, int sinks,
                              int ring, int qh, int kvh, int G, int d, float scale, int S, float *sp,
-                             unsigned *spc) {
+                             unsigned *spc, float *sm) {
     const int CH = 1024;
-    __shared__ float s[CH];
-    __shared__ float qs[512];
-    __shared__ float red[32];
-    __shared__ float red2[16 * 128];
-    __shared__ float res[512];
+    float *s = sm, *qs = s + CH, *red = qs + 512, *red2 = red + 32, *res = red2 + 16 * 128; // (PT_SMEM)
     int h = bi / S, part = bi % S, kh = h / G, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int nw = blockDim.x >> 5;
     // the step's parameters after the queries: sink slots used, ring offset of the first
@@ -285,17 +287,16 @@ __device__ void partial_body(int bi, const T *KV, const float *q, float *o, floa
 // best rows and their weights, and (st > d + 2 + 2 * TOP: kst_kvgpu_tail_topsum) the best rows'
 // weighted value sum.
 #define TT_PMAX 1024
+// The tail bodies' shared memory (the step kernel's blocks would hold the sum of every body's
+// static arrays: each body carves its own from one buffer, TT_SMEM floats).
+#define TT_SMEM_OLD (512 + 16 * 128 + 512 + 3 * TT_PMAX + 32)
 template <typename T>
 __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float *out, int ns, int ch,
-                          int nc, int P, int G, int d, float scale, int st, const int *cid, const float *clw, int C) {
-    __shared__ float tqs[512];
-    __shared__ float red2[16 * 128];
-    __shared__ float res[512];
-    float *qs = tqs;
-    __shared__ float sv[TT_PMAX];
-    __shared__ float kv[TT_PMAX];
-    __shared__ int ki[TT_PMAX];
-    __shared__ float red[32];
+                          int nc, int P, int G, int d, float scale, int st, const int *cid, const float *clw, int C,
+                          float *sm) {
+    float *qs = sm, *red2 = qs + 512, *res = red2 + 16 * 128, *sv = res + 512, *kv = sv + TT_PMAX;
+    int *ki = (int *)(kv + TT_PMAX);
+    float *red = (float *)(ki + TT_PMAX);
     const int TOP = KST_KVGPU_TT_TOP;
     int h = bi / nc, cc = bi % nc, kh = h / G, tid = threadIdx.x, nt = blockDim.x;
     int j0 = cc * ch, nr = min(ch, ns - j0), lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
@@ -389,12 +390,407 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
     for (int t = tid; t < d; t += nt) it[2 + t] = res[t];
 }
 
+// The tail items of a KV head's G query heads at once (kvgpu_grouped bit 0: the sample cache's
+// table, G <= TG_GMAX, d <= TG_DMAX, G P <= TG_GP): block bi is (KV head, chunk), so each key and
+// value row is read once for its G heads (tail_body reads them once a query head) and in 16-byte
+// pieces: the keys are kept in tg_kpos's layout (chunk-transposed by 16 bytes: a warp reads 32
+// consecutive rows' same 16 bytes). Steps: the scores (a thread a row, or a share of a row's
+// pieces when P < 512); each head's rows sorted best first in lists of 256, a warp a list
+// (bitonic, 8 a lane, ties to the lower row as kst_kvsc_item's top), the lists' best 32 merged by
+// one warp a head; the weights and the rest's sum; the rest's and the best rows' weighted value
+// sums (a lane 4 dims of a row, every 16th row a warp), summed across warps in shared memory.
+#define TG_GMAX 8
+#define TG_DMAX 128
+#define TG_GP 4096 /* G P at most: the scores in shared memory */
+#define TG_SMEM (TG_GMAX * TG_DMAX + TG_GP + TG_GP / 4 + 2 * TG_GMAX * TG_DMAX + 2 * TG_GMAX * 32 + 2 * TG_GMAX)
+// The position of key (row j, dim i) in a chunk of nr rows: 16-byte pieces of W values, piece i / W
+// of every row, then the next piece.
+__host__ __device__ static inline size_t tg_kpos(size_t j, size_t i, size_t nr, size_t es) {
+    size_t W = 16 / es;
+    return ((i / W) * nr + j) * W + i % W;
+}
+// The k best of a warp's 32 E (score, row) pairs (element lane E + k in v[k], ix[k]; k <= 32 E) to
+// os, oi (in element order, not sorted): the k-th best score's order key found bit by bit (a
+// radix select, one warp count a bit), then every pair above it and, of those equal to it, the
+// first in element order. Returns the best score.
+static __device__ __forceinline__ unsigned tg_key(float f) {
+    unsigned u = __float_as_uint(f);
+    return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+template <int E>
+static __device__ __forceinline__ float tg_select(const float (&v)[E], const int (&ix)[E], int lane, int k, float *os, int *oi) {
+    unsigned key[E], mx = 0;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        key[e] = tg_key(v[e]);
+        mx = max(mx, key[e]);
+    }
+    mx = __reduce_max_sync(0xffffffffu, mx);
+    unsigned pre = 0, mask = 0;
+    int need = k;
+    for (int bit = 31; bit >= 0 && need > 0; bit--) {
+        unsigned m2 = mask | 1u << bit, p2 = pre | 1u << bit;
+        int c = 0;
+#pragma unroll
+        for (int e = 0; e < E; e++) c += (key[e] & m2) == p2;
+        c = (int)__reduce_add_sync(0xffffffffu, (unsigned)c);
+        if (c >= need) pre = p2;
+        else need -= c;
+        mask = m2;
+    }
+    // pairs above pre all taken; `need` of those equal to it (need 0: k = 0)
+    int eq = 0, gt = 0;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        eq += key[e] == pre;
+        gt += key[e] > pre;
+    }
+    int eqx = eq, gtx = gt; // exclusive prefix sums over lanes
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        int a = __shfl_up_sync(0xffffffffu, eqx, off), b = __shfl_up_sync(0xffffffffu, gtx, off);
+        if (lane >= off) eqx += a, gtx += b;
+    }
+    eqx -= eq, gtx -= gt;
+    int pos = gtx + min(eqx, need); // (the taken equal ones before this lane's: min(eqx, need))
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        bool take = key[e] > pre || (key[e] == pre && eqx < need);
+        if (key[e] == pre) eqx++;
+        if (take && pos < k) {
+            os[pos] = v[e];
+            oi[pos] = ix[e];
+            pos++;
+        }
+    }
+    return __uint_as_float(mx & 0x80000000u ? mx & 0x7fffffffu : ~mx);
+}
+static __device__ __forceinline__ void ld4(const float *p, float *x) {
+    float4 u = *(const float4 *)p;
+    x[0] = u.x, x[1] = u.y, x[2] = u.z, x[3] = u.w;
+}
+static __device__ __forceinline__ void ld4(const __half *p, float *x) {
+    uint2 u = *(const uint2 *)p;
+    float2 a = __half22float2(*(const __half2 *)&u.x), b = __half22float2(*(const __half2 *)&u.y);
+    x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y;
+}
+// 16 bytes of T as floats (8 float16 or 4 float32).
+static __device__ __forceinline__ void tg_cvt(const float *p, float *x) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) x[k] = p[k];
+}
+static __device__ __forceinline__ void tg_cvt(const __half *p, float *x) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float2 f = __half22float2(((const __half2 *)p)[k]);
+        x[2 * k] = f.x, x[2 * k + 1] = f.y;
+    }
+}
+// Four values of a row as loaded (8 bytes of float16, 16 of float32) and as floats.
+template <typename T> struct TgRaw;
+template <> struct TgRaw<float> {
+    typedef float4 R4;
+    static __device__ __forceinline__ void cvt(const R4 &u, float *x) { x[0] = u.x, x[1] = u.y, x[2] = u.z, x[3] = u.w; }
+};
+template <> struct TgRaw<__half> {
+    typedef uint2 R4;
+    static __device__ __forceinline__ void cvt(const R4 &u, float *x) {
+        float2 a = __half22float2(*(const __half2 *)&u.x), b = __half22float2(*(const __half2 *)&u.y);
+        x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y;
+    }
+};
+
+#ifdef KST_TG_PROF // a probe of the step kernel's blocks (bench builds only: NVCCFLAGS=-DKST_TG_PROF)
+#include <stdio.h>
+__device__ unsigned long long tgp_sum[16], tgp_n[4];
+__device__ unsigned tgp_launch;
+static __device__ __forceinline__ unsigned long long tgp_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#define TGP_MARK(k) if (threadIdx.x == 0) atomicAdd(&tgp_sum[k], tgp_now() - tgp_t0)
+#else
+#define TGP_MARK(k)
+#endif
+template <typename T, int GM>
+__device__ void tail_grp_body(int bi, const T *K, const T *V, const float *q, float *out, int ns, int ch, int nc,
+                              int P, int G, int d, float scale, int st, const int *cid, const float *clw, int C,
+                              float *sm) {
+    const int TOP = KST_KVGPU_TT_TOP, W = 16 / (int)sizeof(T);
+    int kh = bi / nc, cc = bi % nc, tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    int nw = nt >> 5, j0 = cc * ch, nr = min(ch, ns - j0), top = min(nr, TOP);
+    const T *Kc = K + ((size_t)kh * ns + j0) * d, *Vc = V + ((size_t)kh * ns + j0) * d;
+    float *qs = sm, *sc = qs + TG_GMAX * TG_DMAX;                  // (G, d) queries; (G, P) scores, then weights
+    unsigned char *tf = (unsigned char *)(sc + TG_GP);             // (G, P) 1: among the head's best
+    float *U = sc + TG_GP + TG_GP / 4;                             // lists' best (score, row); then the sums of w V
+    float *tops = U + 2 * TG_GMAX * TG_DMAX;                       // (G, 32) the best scores
+    int *topi = (int *)(tops + TG_GMAX * 32);                      // (G, 32) their rows
+    float *shs = (float *)(topi + TG_GMAX * 32), *rsum = shs + TG_GMAX; // (G) the shifts; the rest's sums
+#ifdef KST_TG_PROF
+    unsigned long long tgp_t0 = tgp_now();
+#endif
+    for (int i = tid; i < G * d; i += nt) qs[i] = q[(size_t)kh * G * d + i];
+    for (int i = tid; i < G * P; i += nt) {
+        sc[i] = 0.0f;
+        tf[i] = 0;
+    }
+    if (tid < G) rsum[tid] = 0.0f;
+    __syncthreads();
+    { // scores: a thread rows r0 and r0 + nt (P = 2 nt) or r0 (P = nt), or a share of r0 (nt / P
+      // threads a row, every (nt / P)th piece); 4 pieces of each row in flight, the rows'
+      // cluster weights loaded first
+        int nvb = d / W, np = P >= nt ? 1 : nt / P, part = P >= nt ? 0 : tid / P, nrw = P > nt ? 2 : 1;
+        const int RW = 8 / GM, TGU = 8 / RW; // (G > 4: P <= 512, one row a thread); pieces in flight a row
+        int rr[RW], cl[RW];
+        bool in[RW];
+        float lw[RW], a[RW][GM];
+#pragma unroll
+        for (int x = 0; x < RW; x++) {
+            rr[x] = (P >= nt ? tid : tid % P) + x * nt;
+            cl[x] = 0;
+            lw[x] = 0.0f;
+            in[x] = x < nrw && rr[x] < nr;
+            if (in[x] && cid) cl[x] = cid[(size_t)kh * ns + j0 + rr[x]];
+#pragma unroll
+            for (int g = 0; g < GM; g++) a[x][g] = 0.0f;
+        }
+#pragma unroll
+        for (int x = 0; x < RW; x++)
+            if (in[x] && cid) { // a free slot -inf
+                in[x] = cl[x] >= 0;
+                if (in[x]) lw[x] = clw[(size_t)kh * C + cl[x]];
+            }
+        for (int b = part; b < nvb; b += TGU * np) {
+            uint4 raw[RW][TGU];
+#pragma unroll
+            for (int x = 0; x < RW; x++)
+#pragma unroll
+                for (int u = 0; u < TGU; u++)
+                    if (x < nrw && rr[x] < nr && b + u * np < nvb)
+                        raw[x][u] = *(const uint4 *)(Kc + ((size_t)(b + u * np) * nr + rr[x]) * W);
+#pragma unroll
+            for (int u = 0; u < TGU; u++) // each query value read once (4 at a time) for the rows
+                if (b + u * np < nvb) {
+                    float xv[RW][8];
+#pragma unroll
+                    for (int x = 0; x < RW; x++) {
+                        if (x < nrw && rr[x] < nr) tg_cvt((const T *)&raw[x][u], xv[x]);
+                        else
+#pragma unroll
+                            for (int w = 0; w < 8; w++) xv[x][w] = 0.0f;
+                    }
+                    const float *qb = qs + (b + u * np) * W;
+#pragma unroll
+                    for (int g = 0; g < GM; g++)
+                        if (g < G)
+#pragma unroll
+                            for (int w = 0; w < W; w += 4) {
+                                float4 qv = *(const float4 *)(qb + g * d + w);
+#pragma unroll
+                                for (int x = 0; x < RW; x++)
+                                    a[x][g] += qv.x * xv[x][w] + qv.y * xv[x][w + 1] + qv.z * xv[x][w + 2] + qv.w * xv[x][w + 3];
+                            }
+                }
+        }
+#pragma unroll
+        for (int x = 0; x < RW; x++)
+            if (x < nrw && rr[x] < P)
+#pragma unroll
+                for (int g = 0; g < GM; g++)
+                    if (g < G) {
+                        if (np == 1) sc[g * P + rr[x]] = in[x] ? a[x][g] * scale + lw[x] : -INFINITY;
+                        else atomicAdd(&sc[g * P + rr[x]], a[x][g]);
+                    }
+        __syncthreads();
+        if (np > 1) {
+            if (part == 0)
+                for (int g = 0; g < G; g++) sc[g * P + rr[0]] = in[0] ? sc[g * P + rr[0]] * scale + lw[0] : -INFINITY;
+            __syncthreads();
+        }
+    }
+    TGP_MARK(0);
+    int nl = P > 256 ? P / 256 : 1; // lists of 256 a head
+    if (warp < G * nl) { // head g's list li: its best 32 to U
+        int g = warp / nl, li = warp % nl;
+        float v[8];
+        int ix[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            int r = li * 256 + lane * 8 + k;
+            v[k] = r < P ? sc[g * P + r] : -INFINITY;
+            ix[k] = r < P ? r : INT_MAX;
+        }
+        tg_select<8>(v, ix, lane, 32, U + (g * 4 + li) * 32, (int *)U + TG_GMAX * 128 + (g * 4 + li) * 32);
+    }
+    __syncthreads();
+    if (warp < G) { // head g: the lists' best merged
+        int g = warp;
+        float v[4];
+        int ix[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int e = lane * 4 + k;
+            v[k] = e < nl * 32 ? U[g * 128 + e] : -INFINITY;
+            ix[k] = e < nl * 32 ? ((int *)U)[TG_GMAX * 128 + g * 128 + e] : INT_MAX;
+        }
+        float mx = tg_select<4>(v, ix, lane, top, tops + g * 32, topi + g * 32);
+        __syncwarp();
+        for (int e = lane; e < top; e += 32) tf[g * P + topi[g * 32 + e]] = 1;
+        if (lane == 0) shs[g] = mx;
+    }
+    __syncthreads();
+    TGP_MARK(1);
+    // the weights (the best rows' 0: they are summed apart) and the rest's sums
+    for (int i = tid; i < 2 * G * d; i += nt) U[i] = 0.0f;
+    for (int i0 = 0; i0 < G * P; i0 += nt) {
+        int i = i0 + tid, g = i / P;
+        float w = 0.0f;
+        if (i < G * P) {
+            float mx = shs[g], sh = mx > -INFINITY ? mx : 0.0f;
+            w = sc[i] > -INFINITY && !tf[i] ? expf(sc[i] - sh) : 0.0f;
+            sc[i] = w;
+        }
+        for (int off = 16; off; off >>= 1) w += __shfl_xor_sync(0xffffffffu, w, off);
+        if (lane == 0 && i < G * P) atomicAdd(&rsum[g], w); // (a warp's 32 entries: one head, P >= 32)
+    }
+    __syncthreads();
+    TGP_MARK(2);
+    { // the value sums: lanes 4 dims of a row (lpr lanes a row, rpw rows a warp)
+        int lpr = (d + 3) / 4, rpw = 32 / lpr, ro = lane / lpr, dm = 4 * (lane % lpr);
+        bool on = ro < rpw;
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            float a[4][4];
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+#pragma unroll
+                for (int k = 0; k < 4; k++) a[u][k] = 0.0f;
+            if (on) // 8 rows in flight a lane
+                for (int r0 = warp * rpw + ro; r0 < nr; r0 += 8 * nw * rpw) {
+                    typename TgRaw<T>::R4 raw[8];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        int r = r0 + u * nw * rpw;
+                        if (r < nr) raw[u] = *(const typename TgRaw<T>::R4 *)(Vc + (size_t)r * d + dm);
+                    }
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        int r = r0 + u * nw * rpw;
+                        if (r >= nr) break;
+                        float x[4];
+                        TgRaw<T>::cvt(raw[u], x);
+#pragma unroll
+                        for (int v = 0; v < 4; v++)
+                            if (g0 + v < G) {
+                                float w = sc[(g0 + v) * P + r];
+#pragma unroll
+                                for (int k = 0; k < 4; k++) a[v][k] += w * x[k];
+                            }
+                    }
+                }
+            if (on)
+#pragma unroll
+                for (int u = 0; u < 4; u++)
+                    if (g0 + u < G)
+#pragma unroll
+                        for (int k = 0; k < 4; k++) atomicAdd(&U[(g0 + u) * d + dm + k], a[u][k]);
+        }
+        TGP_MARK(3);
+        for (int g = 0; g < G; g++) { // the best rows'
+            float mx = shs[g], sh = mx > -INFINITY ? mx : 0.0f, a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            bool any = false;
+            if (on)
+                for (int e = warp * rpw + ro; e < top; e += nw * rpw) {
+                    float s = tops[g * 32 + e], x[4];
+                    if (!(s > -INFINITY)) continue;
+                    float w = expf(s - sh);
+                    ld4(Vc + (size_t)topi[g * 32 + e] * d + dm, x);
+#pragma unroll
+                    for (int k = 0; k < 4; k++) a4[k] += w * x[k];
+                    any = true;
+                }
+            if (any)
+#pragma unroll
+                for (int k = 0; k < 4; k++) atomicAdd(&U[(G + g) * d + dm + k], a4[k]);
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < G * d; i += nt) {
+        int g = i / d, t = i % d;
+        float *it = out + ((size_t)(kh * G + g) * nc + cc) * st;
+        it[2 + t] = U[i];
+        if (st > d + 2 + 2 * TOP) it[2 + d + 2 * TOP + t] = U[G * d + i];
+        if (t < top) {
+            float mx = shs[g], sh = mx > -INFINITY ? mx : 0.0f, s = tops[g * 32 + t];
+            it[2 + d + t] = __int_as_float(topi[g * 32 + t]);
+            it[2 + d + TOP + t] = s > -INFINITY ? expf(s - sh) : 0.0f;
+        }
+        if (t == 0) {
+            it[0] = shs[g];
+            it[1] = rsum[g];
+        }
+    }
+    TGP_MARK(4);
+#ifdef KST_TG_PROF
+    if (tid == 0) {
+        atomicAdd(&tgp_n[0], 1ull);
+        if (bi == 0 && atomicAdd(&tgp_launch, 1u) % 50 == 49) {
+            double n = (double)tgp_n[0];
+            printf("TGPROF tail blocks %.0f: scores %.1f sorted %.1f weights %.1f rest sums %.1f end %.1f us (means from block start); partial blocks %.0f: %.1f us; centroid blocks %.0f: %.1f us\n",
+                   n, tgp_sum[0] / n / 1e3, tgp_sum[1] / n / 1e3, tgp_sum[2] / n / 1e3, tgp_sum[3] / n / 1e3, tgp_sum[4] / n / 1e3,
+                   (double)tgp_n[1], tgp_sum[5] / (double)tgp_n[1] / 1e3, (double)tgp_n[2], tgp_sum[6] / (double)tgp_n[2] / 1e3);
+        }
+    }
+#endif
+}
+
+// The centroid scores of a KV head's G query heads at once (G <= TG_GMAX, d <= TG_DMAX): block bi
+// is (KV head, 128 centroids); a thread a centroid and every fourth dim, the quarters summed in
+// shared memory.
+__device__ void cent_grp_body(int bi, const float *q, const float *cent, float *cs, int C, int nbc, int G, int d,
+                              float scale, float *sm) {
+    float *cq = sm, *ca = cq + TG_GMAX * TG_DMAX;
+    int kh = bi / nbc, cb = bi % nbc, tid = threadIdx.x, nt = blockDim.x, cl = tid & 127, qd = tid >> 7;
+    int c = cb * 128 + cl, nq = nt >> 7;
+    for (int i = tid; i < G * d; i += nt) cq[i] = q[(size_t)kh * G * d + i];
+    for (int i = tid; i < G * 128; i += nt) ca[i] = 0.0f;
+    __syncthreads();
+    if (c < C) {
+        const float *ct = cent + (size_t)kh * d * C + c;
+        float a[TG_GMAX];
+#pragma unroll
+        for (int g = 0; g < TG_GMAX; g++) a[g] = 0.0f;
+        int i = qd;
+        for (; i + 3 * nq < d; i += 4 * nq) {
+            float x[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++) x[k] = ct[(size_t)(i + k * nq) * C];
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+#pragma unroll
+                for (int g = 0; g < TG_GMAX; g++)
+                    if (g < G) a[g] += cq[g * d + i + k * nq] * x[k];
+        }
+        for (; i < d; i += nq) {
+            float x = ct[(size_t)i * C];
+#pragma unroll
+            for (int g = 0; g < TG_GMAX; g++)
+                if (g < G) a[g] += cq[g * d + i] * x;
+        }
+        for (int g = 0; g < G; g++) atomicAdd(&ca[g * 128 + cl], a[g]);
+    }
+    __syncthreads();
+    for (int i = tid; i < G * 128; i += nt) {
+        int g = i >> 7, cc = cb * 128 + (i & 127);
+        if (cc < C) cs[(size_t)(kh * G + g) * C + cc] = ca[i] * scale;
+    }
+}
+
 // The sample cache's centroid scores (kst_kvgpu_sc_reserve): block bi scores centroids cb * 512 ..
 // of query head h = bi / nbc: cs[h][c] = scale <q_h, cent_c>, cent (kvh, d, C) (a thread a
 // centroid, reading consecutive centroids of a dim).
 __device__ void cent_body(int bi, const float *q, const float *cent, float *cs, int C, int nbc, int G, int d,
-                          float scale) {
-    __shared__ float cq[512];
+                          float scale, float *cq) {
     int h = bi / nbc, cb = bi % nbc, kh = h / G;
     for (int i = threadIdx.x; i < d; i += blockDim.x) cq[i] = q[h * d + i];
     __syncthreads();
@@ -415,26 +811,52 @@ __device__ void cent_body(int bi, const float *q, const float *cent, float *cs, 
 // blocks of centroid scores; 16 warps each. MB: blocks an SM must hold
 // (2: 56 registers a thread, as ptxas chooses; 3: 40, a few spilled; kst_kvgpu_split).
 #define STEP_THREADS 512
+#define TT_SMEM_TAIL (TG_SMEM > TT_SMEM_OLD ? TG_SMEM : TT_SMEM_OLD)
+#define TT_SMEM (TT_SMEM_TAIL > PT_SMEM ? TT_SMEM_TAIL : PT_SMEM) // (one buffer for every body)
+static_assert(STEP_THREADS / 32 * 256 >= TG_GP, "tail_grp_body: a warp a list of 256");
 template <typename T, int MB>
 __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, const float *q, float *o, float *lse, int sinks, int ring,
                             int kvh, int G, int d, float scale, int qh, const T *tK, const T *tV,
                             float *tout, int ns, int ch, int nc, int P, int st, int S, float *sp,
                             unsigned *spc, const int *cid, const float *clw, int C, const float *cent,
-                            float *cs, int nbc) {
+                            float *cs, int nbc, int grp) {
+    __shared__ __align__(16) float tsm[TT_SMEM];
     if (((const int *)(q + (size_t)qh * d))[3]) return; // skip: a released chain (kst_kvgpu_disarm)
-    int nt = ns ? qh * nc : 0;
-    if ((int)blockIdx.x < qh * S)
-        partial_body<T>(blockIdx.x, KV, q, o, lse, sinks, ring, qh, kvh, G, d, scale, S, sp, spc);
-    else if ((int)blockIdx.x < qh * S + nt)
-        tail_body<T>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C);
+    int nt = ns ? (grp & 1 ? kvh : qh) * nc : 0;
+#ifdef KST_TG_PROF
+    unsigned long long tgp_t0 = tgp_now();
+#endif
+    if ((int)blockIdx.x < qh * S) {
+        partial_body<T>(blockIdx.x, KV, q, o, lse, sinks, ring, qh, kvh, G, d, scale, S, sp, spc, tsm);
+#ifdef KST_TG_PROF
+        if (threadIdx.x == 0) atomicAdd(&tgp_n[1], 1ull);
+        TGP_MARK(5);
+#endif
+    }
+    else if ((int)blockIdx.x < qh * S + nt) {
+        if (grp & 1) {
+            if (G <= 4)
+                tail_grp_body<T, 4>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C, tsm);
+            else
+                tail_grp_body<T, TG_GMAX>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C, tsm);
+        } else
+            tail_body<T>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C, tsm);
+    } else if (grp & 2) {
+        cent_grp_body(blockIdx.x - qh * S - nt, q, cent, cs, C, nbc, G, d, scale, tsm);
+#ifdef KST_TG_PROF
+        if (threadIdx.x == 0) atomicAdd(&tgp_n[2], 1ull);
+        TGP_MARK(6);
+#endif
+    }
     else
-        cent_body(blockIdx.x - qh * S - nt, q, cent, cs, C, nbc, G, d, scale);
+        cent_body(blockIdx.x - qh * S - nt, q, cent, cs, C, nbc, G, d, scale, tsm);
 }
 
 // The sample cache's staged rows (kst_kvgpu_sc_stage): entry e (block e) sets its slot's cluster
-// and, for a held slot, writes its key (chunk-transposed) and value rows into the table.
+// and, for a held slot, writes its key (chunk-transposed; kl: in tg_kpos's layout) and value rows
+// into the table.
 template <typename T>
-__global__ void sc_scatter_kernel(const int *hdr, const T *rows, T *tK, T *tV, int *cid, int ns, int ch, int d) {
+__global__ void sc_scatter_kernel(const int *hdr, const T *rows, T *tK, T *tV, int *cid, int ns, int ch, int d, int kl) {
     int e = blockIdx.x, kh = hdr[3 * e], s = hdr[3 * e + 1], c = hdr[3 * e + 2];
     if (threadIdx.x == 0) cid[(size_t)kh * ns + s] = c;
     if (c < 0) return;
@@ -442,7 +864,7 @@ __global__ void sc_scatter_kernel(const int *hdr, const T *rows, T *tK, T *tV, i
     const T *k = rows + (size_t)e * 2 * d, *v = k + d;
     T *Kc = tK + ((size_t)kh * ns + j0) * d, *Vr = tV + ((size_t)kh * ns + s) * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        Kc[(size_t)i * nr + j] = k[i];
+        Kc[kl ? tg_kpos(j, i, nr, sizeof(T)) : (size_t)i * nr + j] = k[i];
         Vr[i] = v[i];
     }
 }
@@ -541,6 +963,7 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
     if (g->split < 1) g->split = 1;
     if (g->split > KST_KVGPU_SPLIT_MAX) g->split = KST_KVGPU_SPLIT_MAX;
     g->minb = getenv("KESTREL_KV_GPU_MINB") && atoi(getenv("KESTREL_KV_GPU_MINB")) == 3 ? 3 : KST_KVGPU_MINB;
+    g->tgrp = !(getenv("KESTREL_KV_GPU_TGRP") && atoi(getenv("KESTREL_KV_GPU_TGRP")) == 0);
     g->timing = getenv("KESTREL_KV_GPU_TIME") && atoi(getenv("KESTREL_KV_GPU_TIME")) == 1;
     size_t es = f16 ? 2 : 4, bytes = g->cap * 2 * kv_heads * d * es;
     CU(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "kv gpu stream");
@@ -705,6 +1128,11 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
     g->gen++;
     if (!cap) return kst_kvgpu_tail_reserve(g, 0, 0, 0, err);
     KST_TRY(kst_kvgpu_tail_reserve(g, cap, ch, nc, err));
+    {
+        size_t P = 32;
+        while (P < ch) P <<= 1;
+        g->sgrp = kvgpu_sc_grouped(g, P);
+    }
     if (kst_kvgpu_tail_stride(g) < 2 * g->d + 2 + 2 * KST_KVGPU_TT_TOP)
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: the sample cache needs the items' best-row sums (kst_kvgpu_tail_topsum)");
     {
@@ -767,10 +1195,10 @@ extern "C" int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_er
         CU(cudaMemcpyAsync(g->dsrows, g->hsrows, n * 2 * g->d * es, cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
         if (g->f16)
             sc_scatter_kernel<__half><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const __half *)g->dsrows, (__half *)g->tK,
-                                                                      (__half *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d);
+                                                                      (__half *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
         else
             sc_scatter_kernel<float><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const float *)g->dsrows, (float *)g->tK,
-                                                                     (float *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d);
+                                                                     (float *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
         CU(cudaGetLastError(), "kv gpu sample cache scatter");
     }
     if (lw) {
@@ -1028,6 +1456,22 @@ done:
     return rc;
 }
 
+// Which of the step kernel's tail and centroid blocks take a KV head's query heads together
+// (bit 0: tail_grp_body, bit 1: cent_grp_body), as their shapes allow, unless
+// KESTREL_KV_GPU_TGRP=0 at creation (g->tgrp 0: the blocks a query head each, as before).
+static int kvgpu_grouped(const kst_kvgpu *g) {
+    size_t G = g->qh / g->kvh;
+    if (!g->tgrp || G > TG_GMAX || g->d > TG_DMAX) return 0;
+    return (g->sC && g->sgrp ? 1 : 0) | 2;
+}
+
+// The sample cache's table read by tail_grp_body (its keys in tg_kpos's layout): decided when it
+// is reserved, for P rows a chunk.
+static int kvgpu_sc_grouped(const kst_kvgpu *g, size_t P) {
+    size_t G = g->qh / g->kvh, es = g->f16 ? 2 : 4;
+    return g->tgrp && G <= TG_GMAX && g->d <= TG_DMAX && G * P <= TG_GP && g->d % (16 / es) == 0;
+}
+
 // The step's work on g->st: the query up, the kernel, the partials down.
 static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
     int rc = KST_OK;
@@ -1039,23 +1483,26 @@ static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
         refresh_kernel<<<KST_KVGPU_DMAX, 256, 0, g->st>>>(g->q, (int)g->qh, (int)g->d, (const char *)g->dstage,
                                                           (char *)g->KV, 2 * g->kvh * g->d * (g->f16 ? 2 : 4));
     {
-    size_t P = 32, nbc = g->sC ? (g->sC + STEP_THREADS - 1) / STEP_THREADS : 0;
-    size_t nb = g->qh * (size_t)g->split + (g->tns ? g->qh * g->tnc : 0) + g->qh * nbc;
+    size_t P = 32;
     while (P < g->tch) P <<= 1;
+    int grp = kvgpu_grouped(g);
+    size_t nbc = g->sC ? (grp & 2 ? (g->sC + 127) / 128 : (g->sC + STEP_THREADS - 1) / STEP_THREADS) : 0;
+    size_t nb = g->qh * (size_t)g->split + (g->tns ? (grp & 1 ? g->kvh : g->qh) * g->tnc : 0) +
+                (grp & 2 ? g->kvh : g->qh) * nbc;
     if (g->f16)
         (g->minb == 3 ? step_kernel<__half, 3> : step_kernel<__half, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const __half *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const __half *)g->tK,
             (const __half *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
             (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC,
-            g->scent, g->scs, (int)nbc);
+            g->scent, g->scs, (int)nbc, grp);
     else
         (g->minb == 3 ? step_kernel<float, 3> : step_kernel<float, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const float *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const float *)g->tK,
             (const float *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
             (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC,
-            g->scent, g->scs, (int)nbc);
+            g->scent, g->scs, (int)nbc, grp);
     }
     CU(cudaGetLastError(), "kv gpu step launch");
     if (g->timing) CU(cudaEventRecord(g->tev[2], g->st), "kv gpu timing");

@@ -45,8 +45,8 @@ int kst_kvsc_setup(kst_kvsc *S, const kst_kvtc *T, size_t G, size_t cap, kst_err
         return kst_fail(err, KST_ERR_INVALID, "tail sample cache: %zu clusters, %zu heads, %zu slots (none may be 0)",
                         T->C, G, cap);
     size_t nc = (cap + KST_KVSC_CH - 1) / KST_KVSC_CH;
-    if (nc > 16)
-        return kst_fail(err, KST_ERR_INVALID, "tail sample cache: %zu slots, at most %d", cap, 16 * KST_KVSC_CH);
+    if (nc > KST_KVSC_NC)
+        return kst_fail(err, KST_ERR_INVALID, "tail sample cache: %zu slots, at most %d", cap, KST_KVSC_NC * KST_KVSC_CH);
     size_t ch = (cap + nc - 1) / nc, C = T->C;
     cap = ch * nc;
     int rc = KST_OK;
@@ -293,7 +293,7 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
     *lse = -INFINITY;
     /* the retrieved rows held, listed by chunk: entry e (slot sl[2e], index in rid sl[2e + 1]),
      * the chunk's list from head[cc] on through nx = sl + 2m */
-    uint32_t head[16], *nx = sl + 2 * m, nex = 0;
+    uint32_t head[KST_KVSC_NC], *nx = sl + 2 * m, nex = 0;
     for (size_t cc = 0; cc < S->nc; cc++) head[cc] = UINT32_MAX;
     for (size_t i = 0; i < m; i++)
         if (rid[i] < S->ncap && S->slot[rid[i]] >= 0) {

@@ -40,7 +40,8 @@
 #include "index/kv_tclust.h"
 
 #define KST_KVSC_TOP 32           /* best rows an item carries (== KST_KVGPU_TT_TOP) */
-#define KST_KVSC_CH 1024          /* rows a chunk holds at most */
+#define KST_KVSC_CH 1024          /* rows a chunk holds at most (the GPU scores a chunk in one block) */
+#define KST_KVSC_NC 16            /* chunks a table holds at most: KST_KVSC_NC * KST_KVSC_CH slots */
 #define KST_KVSC_FREE UINT32_MAX  /* a free slot's node */
 /* An item's floats for head dim d: mx, sum, sums (d), rows, weights, the best rows' sums (d). */
 #define KST_KVSC_STRIDE(d) (2 * (d) + 2 + 2 * KST_KVSC_TOP)
@@ -71,7 +72,7 @@ typedef struct kst_kvsc {
 } kst_kvsc;
 
 /* Sets S up empty for T's clusters (T->C > 0), G query heads and a table of at least cap slots
- * (rounded up to whole chunks of at most KST_KVSC_CH rows, at most 16 chunks), every node
+ * (rounded up to whole chunks of at most KST_KVSC_CH rows, at most KST_KVSC_NC chunks), every node
  * assigned so far seen. */
 int kst_kvsc_setup(kst_kvsc *S, const kst_kvtc *T, size_t G, size_t cap, kst_error *err);
 void kst_kvsc_free(kst_kvsc *S);

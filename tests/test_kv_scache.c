@@ -26,7 +26,8 @@
  *   while keys join, then on); two layers, steps alternating;
  * 6 the same with the static tokens (and the table) on the GPU, and switches between the cache
  *   and the evenly spaced sample there against a twin scoring its tail on the CPU (both skipped
- *   without a device).
+ *   without a device);
+ * 7 the GPU's items of the table against float64 (test_gpu_items; skipped without a device).
  * Tolerances: outputs 2e-5 absolute + 1e-4 relative, lse 1e-4 (as the clustered tail suites:
  * float32 sums of at most a few thousand terms). */
 #include <omp.h>
@@ -110,7 +111,7 @@ static void sc_check(const kst_kvsc *S, const kst_kvtc *T, const char *what) {
     if (S->C != T->C) fail_msg("%s: the cache has %zu clusters, T %zu", what, S->C, T->C);
     if (S->na != T->na) fail_msg("%s: the cache has seen %zu nodes, T assigned %zu", what, S->na, T->na);
     if (S->ncap < T->na) fail_msg("%s: slot[] holds %zu nodes of %zu", what, S->ncap, T->na);
-    if (S->cap != S->nc * S->ch || S->ch > KST_KVSC_CH || S->nc > 16)
+    if (S->cap != S->nc * S->ch || S->ch > KST_KVSC_CH || S->nc > KST_KVSC_NC)
         fail_msg("%s: %zu slots in %zu chunks of %zu", what, S->cap, S->nc, S->ch);
     size_t sum = 0;
     for (size_t c = 0; c < T->C; c++) {
@@ -1087,7 +1088,7 @@ static void test_switches(void **state) {
             check_step_sc(c, K, V, n, Q + s++ * QH * d, 16, 48, 0.5f, pre, NULL, what);
         }
         const kst_kvsc *S = kst_kvc_sample_cache(c, 0, 0);
-        size_t want = ph == 3 ? 1000 : ph >= 4 ? 16 * KST_KVSC_CH : 2 * kst_kvc_opts_of(c)->tail_samples;
+        size_t want = ph == 3 ? 1000 : ph >= 4 ? KST_KVSC_NC * KST_KVSC_CH : 2 * kst_kvc_opts_of(c)->tail_samples;
         if (!S || S->cap < want || S->cap >= want + S->nc)
             fail_msg("%s: a table of %zu slots, %zu wanted", what, S ? S->cap : 0, want);
         snap_m(c, pre, C, what);
@@ -1169,6 +1170,126 @@ static void test_two_layers(void **state) {
     free(V1);
     free(cen);
     free(Q);
+}
+
+/* 7. The GPU's tail items of the sample cache's table (kst_kvgpu_sc_*; kv_cuda.h) against float64
+ * from the items' definition (kv_scache.h), skipped without a device. Every slot staged with
+ * random rows (1 in 8 free, one cluster's weight -inf); per (query head, chunk): mx the best
+ * weighted score; the best rows a set of min(rows, 32) distinct rows of the chunk whose scores
+ * are its best (up to 1e-5 at the boundary); their weights exp(s - mx); the rest's weight sum,
+ * its value sum and the best rows' value sum from the rows outside / inside that set. Shapes:
+ * the grouped kernel's (a KV head's chunk a block: chunks of 1,000 (four lists of 256 merged),
+ * 750, 700, 400, 200 and 100 (a row's pieces over threads), float16 and float32, G 1..8, d 32..128,
+ * d 96 and 36 leaving lanes idle) and two shapes that keep a block a query head (G P > 4,096;
+ * d 136); each again with KESTREL_KV_GPU_TGRP=0 (every shape a block a query head). */
+static void test_gpu_items(void **state) {
+    (void)state;
+    if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU's sample cache items not checked");
+#ifdef KST_CUDA
+    const struct { int f16; size_t G, kvh, d, cap; } cf[] = {
+        {1, 4, 2, 128, 3000}, {0, 3, 2, 64, 700}, {1, 8, 2, 128, 400}, {0, 5, 1, 36, 200}, {1, 1, 3, 32, 100},
+        {1, 2, 2, 96, 1500},  {1, 8, 1, 96, 900}, {1, 2, 2, 136, 600}};
+    const size_t C = 16, TOP = KST_KVGPU_TT_TOP;
+    size_t checked = 0, tie_edges = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass) setenv("KESTREL_KV_GPU_TGRP", "0", 1);
+        for (size_t ci = 0; ci < sizeof cf / sizeof cf[0]; ci++) {
+            size_t G = cf[ci].G, kvh = cf[ci].kvh, d = cf[ci].d, qh = G * kvh;
+            size_t nc = (cf[ci].cap + KST_KVSC_CH - 1) / KST_KVSC_CH, ch = (cf[ci].cap + nc - 1) / nc, cap = ch * nc;
+            float scale = 1.0f / sqrtf((float)d);
+            kst_error err;
+            kst_kvgpu *g = NULL;
+            assert_ok(kst_kvgpu_create(qh, kvh, d, 4, 64, cf[ci].f16, scale, &g, &err), &err);
+            float *cent = malloc(kvh * d * C * sizeof(float)), *K = malloc(kvh * cap * d * sizeof(float)),
+                  *V = malloc(kvh * cap * d * sizeof(float)), *lw = malloc(kvh * C * sizeof(float)),
+                  *Q = malloc(qh * d * sizeof(float)), *o = malloc(qh * d * sizeof(float)), *lse = malloc(qh * sizeof(float));
+            int *cid = malloc(kvh * cap * sizeof(int));
+            double *s = malloc(cap * sizeof(double)), *want = malloc(2 * d * sizeof(double));
+            assert_non_null(cent && K && V && lw && Q && o && lse && cid && s && want);
+            for (size_t i = 0; i < kvh * d * C; i++) cent[i] = (float)kv_gauss();
+            assert_ok(kst_kvgpu_sc_reserve(g, cap, ch, nc, C, cent, &err), &err);
+            int *hdr;
+            void *rows;
+            assert_ok(kst_kvgpu_sc_staging(g, kvh * cap, &hdr, &rows, &err), &err);
+            for (size_t kh = 0; kh < kvh; kh++)
+                for (size_t j = 0; j < cap; j++) {
+                    size_t e = kh * cap + j;
+                    kv_rng = kv_rng * 6364136223846793005ull + 1442695040888963407ull;
+                    cid[e] = (kv_rng >> 33) % 8 == 0 ? -1 : (int)((kv_rng >> 40) % C);
+                    hdr[3 * e] = (int)kh, hdr[3 * e + 1] = (int)j, hdr[3 * e + 2] = cid[e];
+                    for (size_t i = 0; i < 2 * d; i++) {
+                        float x = (float)kv_gauss();
+                        if (cf[ci].f16) {
+                            uint16_t b = kst_f32_to_f16(x);
+                            x = kst_f16_to_f32(b);
+                            ((uint16_t *)rows)[e * 2 * d + i] = b;
+                        } else
+                            ((float *)rows)[e * 2 * d + i] = x;
+                        (i < d ? K : V)[e * d + i % d] = x;
+                    }
+                }
+            for (size_t i = 0; i < kvh * C; i++) lw[i] = i % C == 3 ? -INFINITY : logf(1.0f + (float)(i * 7 % 19));
+            assert_ok(kst_kvgpu_sc_send(g, kvh * cap, lw, &err), &err);
+            for (size_t i = 0; i < qh * d; i++) Q[i] = 1.5f * (float)kv_gauss();
+            assert_ok(kst_kvgpu_partial_start(g, Q, 0, 0, 0, &err), &err);
+            assert_ok(kst_kvgpu_partial_wait(g, o, lse, &err), &err);
+            const float *its = kst_kvgpu_tail_out(g);
+            size_t st = kst_kvgpu_tail_stride(g);
+            assert_true(st == 2 * d + 2 + 2 * TOP);
+            for (size_t h = 0; h < qh; h++)
+                for (size_t cc = 0; cc < nc; cc++) {
+                    const float *it = its + (h * nc + cc) * st, *q = Q + h * d;
+                    size_t kh = h / G, j0 = cc * ch, nr = ch, nt = nr < TOP ? nr : TOP, base = kh * cap + j0;
+                    double mx = -INFINITY;
+                    for (size_t j = 0; j < nr; j++) {
+                        s[j] = -INFINITY;
+                        if (cid[base + j] < 0 || !(lw[kh * C + cid[base + j]] > -INFINITY)) continue;
+                        double a = 0;
+                        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[(base + j) * d + i];
+                        s[j] = a * scale + lw[kh * C + cid[base + j]];
+                        if (s[j] > mx) mx = s[j];
+                    }
+                    char what[160];
+                    snprintf(what, sizeof what, "pass %d shape %zu (f16 %d G %zu d %zu chunk %zu) head %zu chunk %zu", pass,
+                             ci, cf[ci].f16, G, d, ch, h, cc);
+                    if (fabs(it[0] - mx) > 1e-4) fail_msg("%s: mx %.7g, float64 %.7g", what, it[0], mx);
+                    /* the best rows: distinct rows of the chunk, none below the nt-th best score */
+                    unsigned char *in = calloc(nr, 1);
+                    assert_non_null(in);
+                    double kth = INFINITY;
+                    for (size_t a = 0; a < nt; a++) {
+                        int32_t r;
+                        memcpy(&r, &it[2 + d + a], sizeof r);
+                        if (r < 0 || (size_t)r >= nr || in[r]) fail_msg("%s: best row %zu is %d (of %zu, or twice)", what, a, r, nr);
+                        in[r] = 1;
+                        if (s[r] < kth) kth = s[r];
+                        double w = s[r] > -INFINITY ? exp(s[r] - mx) : 0;
+                        if (fabs(it[2 + d + TOP + a] - w) > 1e-5) fail_msg("%s: best row %d's weight %.7g, float64 %.7g", what, r, it[2 + d + TOP + a], w);
+                    }
+                    double rs = 0, above = 0;
+                    for (size_t i = 0; i < 2 * d; i++) want[i] = 0;
+                    for (size_t j = 0; j < nr; j++) {
+                        if (!in[j] && s[j] > kth + 1e-5) fail_msg("%s: row %zu (%.7g) left out of the best, which take %.7g", what, j, s[j], kth);
+                        if (!in[j] && s[j] > kth) above++;
+                        if (!(s[j] > -INFINITY)) continue;
+                        double w = exp(s[j] - mx);
+                        if (!in[j]) rs += w;
+                        for (size_t i = 0; i < d; i++) want[(in[j] ? d : 0) + i] += w * V[(base + j) * d + i];
+                    }
+                    tie_edges += above > 0;
+                    if (fabs(it[1] - rs) > 1e-4 * rs + 1e-6) fail_msg("%s: the rest's weight %.7g, float64 %.7g", what, it[1], rs);
+                    double e1 = rel_err64(it + 2, want, d), e2 = rel_err64(it + 2 + d + 2 * TOP, want + d, d);
+                    if (!(e1 < 1e-4) || !(e2 < 1e-4)) fail_msg("%s: value sums off by %.3g (rest), %.3g (best rows)", what, e1, e2);
+                    free(in);
+                    checked++;
+                }
+            kst_kvgpu_free(g);
+            free(cent), free(K), free(V), free(lw), free(Q), free(o), free(lse), free(cid), free(s), free(want);
+        }
+    }
+    unsetenv("KESTREL_KV_GPU_TGRP");
+    print_message("%zu items checked (%zu with a near-tie at the best rows' edge)\n", checked, tie_edges);
+#endif
 }
 
 /* 6. Test 5 with the static tokens, and the sample cache's table, on the GPU (CUDA builds with a
@@ -1268,6 +1389,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_two_layers, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_steps_gpu, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_gpu_switches, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_gpu_items, t_begin, t_end),
     };
     return cmocka_run_group_tests_name("kv_scache", tests, NULL, NULL);
 }

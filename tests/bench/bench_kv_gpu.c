@@ -624,9 +624,10 @@ static int layer(const char *list) {
                        pf.attn * u / nt, pf.tail * u / nt, (double)pf.hops / pf.tasks, (double)pf.scanned / pf.tasks);
                 if (pf.gpu_steps) /* the GPU's partial's life: us from the call's start, means over steps */
                     printf("  (%s: GPU partial launched at %.1f, seen in at %.1f, tail items first needed at %.1f (%zu of %zu"
-                           " steps before seen))\n", mode, 1e6 * pf.gpu_launched / pf.gpu_steps, 1e6 * pf.gpu_seen / pf.gpu_steps,
+                           " steps before seen); per thread: waited for the items %.1f, their estimates %.1f)\n", mode,
+                           1e6 * pf.gpu_launched / pf.gpu_steps, 1e6 * pf.gpu_seen / pf.gpu_steps,
                            pf.gpu_wanted_steps ? 1e6 * pf.gpu_wanted / pf.gpu_wanted_steps : 0.0, pf.gpu_late,
-                           pf.gpu_wanted_steps);
+                           pf.gpu_wanted_steps, pf.tail_wait * u / nt, pf.tail_cpu * u / nt);
                 if (pf.gpu_timed) /* KESTREL_KV_GPU_TIME=1: CUDA events around the partial's parts */
                     printf("  (%s: GPU partial by CUDA events (no graph), us a step: query up %.1f, kernel %.1f, downloads %.1f)\n",
                            mode, 1e6 * pf.gpu_h2d / pf.gpu_timed, 1e6 * pf.gpu_kernel / pf.gpu_timed, 1e6 * pf.gpu_d2h / pf.gpu_timed);
