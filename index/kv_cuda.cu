@@ -57,7 +57,8 @@ struct kst_kvgpu {
     cudaGraphExec_t exec;
     size_t graph_n, graph_gen;
     // the tail estimate's sample table (kv_cuda.h, kst_kvgpu_tail_reserve): per KV head ns rows
-    // in nc chunks of ch rows, keys chunk-transposed as on the CPU; tout (qh * nc items)
+    // in nc chunks of ch rows, keys chunk-transposed as on the CPU (the sample cache's, with sgrp:
+    // in tg_kpos's layout); tout (qh * nc items)
     void *tK, *tV;
     size_t tns, tch, tnc, tcap, tocap, gen;
     float *tout, *htout;
@@ -394,11 +395,12 @@ __device__ void tail_body(int bi, const T *K, const T *V, const float *q, float 
 // table, G <= TG_GMAX, d <= TG_DMAX, G P <= TG_GP): block bi is (KV head, chunk), so each key and
 // value row is read once for its G heads (tail_body reads them once a query head) and in 16-byte
 // pieces: the keys are kept in tg_kpos's layout (chunk-transposed by 16 bytes: a warp reads 32
-// consecutive rows' same 16 bytes). Steps: the scores (a thread a row, or a share of a row's
-// pieces when P < 512); each head's rows sorted best first in lists of 256, a warp a list
-// (bitonic, 8 a lane, ties to the lower row as kst_kvsc_item's top), the lists' best 32 merged by
-// one warp a head; the weights and the rest's sum; the rest's and the best rows' weighted value
-// sums (a lane 4 dims of a row, every 16th row a warp), summed across warps in shared memory.
+// consecutive rows' same 16 bytes). Steps: the scores (a thread one or two rows, or a share of a
+// row's pieces when P < 512); each head's best 32 by a radix select (tg_select) in lists of 256,
+// a warp a list, then over the lists' best by one warp a head (ties to the lower row, as
+// kst_kvsc_item's top; the best rows in row order, not sorted); the weights and the rest's sum;
+// the rest's and the best rows' weighted value sums (a lane 4 dims of a row, 8 rows in flight),
+// summed across warps in shared memory. Measured in tests/bench/README.md, round 21.
 #define TG_GMAX 8
 #define TG_DMAX 128
 #define TG_GP 4096 /* G P at most: the scores in shared memory */

@@ -113,7 +113,11 @@ const float *kst_kvgpu_tail_out(const kst_kvgpu *g);
  * log weight a cluster (its rows weighted by it in the items, a free slot's rows left out), and
  * the KV heads' C centroids cent (kv_heads, d, C) float32, scored for every query head in each
  * step's launch (scale <q_h, cent_c>, (q_heads, C); kst_kvgpu_sc_fetch). Every slot starts free
- * and every weight at -inf. cap 0 releases it. */
+ * and every weight at -inf. cap 0 releases it. Where G = q_heads / kv_heads <= 8, d <= 128 and G
+ * times the chunk's rows (rounded up to a power of two) <= 4,096, one block scores a chunk for
+ * the KV head's G query heads at once (its keys then kept in 16-byte pieces, chunk-transposed
+ * by piece), and one block the centroids of a KV head's heads; KESTREL_KV_GPU_TGRP=0 at creation
+ * keeps a block a query head (the items are the same either way). */
 int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent,
                          kst_error *err);
 /* Pinned staging for n slots of the table (grown as needed; once the last send's copies are done):
