@@ -467,15 +467,6 @@ static __device__ __forceinline__ float tg_select(const float (&v)[E], const int
     }
     return __uint_as_float(mx & 0x80000000u ? mx & 0x7fffffffu : ~mx);
 }
-static __device__ __forceinline__ void ld4(const float *p, float *x) {
-    float4 u = *(const float4 *)p;
-    x[0] = u.x, x[1] = u.y, x[2] = u.z, x[3] = u.w;
-}
-static __device__ __forceinline__ void ld4(const __half *p, float *x) {
-    uint2 u = *(const uint2 *)p;
-    float2 a = __half22float2(*(const __half2 *)&u.x), b = __half22float2(*(const __half2 *)&u.y);
-    x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y;
-}
 // 16 bytes of T as floats (8 float16 or 4 float32).
 static __device__ __forceinline__ void tg_cvt(const float *p, float *x) {
 #pragma unroll
@@ -501,6 +492,10 @@ template <> struct TgRaw<__half> {
         x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y;
     }
 };
+// Four values of a row at p, as floats.
+template <typename T> static __device__ __forceinline__ void ld4(const T *p, float *x) {
+    TgRaw<T>::cvt(*(const typename TgRaw<T>::R4 *)p, x);
+}
 
 #ifdef KST_TG_PROF // a probe of the step kernel's blocks (bench builds only: NVCCFLAGS=-DKST_TG_PROF)
 #include <stdio.h>
