@@ -225,12 +225,12 @@ static size_t tc_fill_w(size_t C, const uint32_t *rc, float *x, float *w, size_t
         for (size_t c = 0; c < C; c++) w[c] = rc[c] ? w[c] * (float)rc[c] : 0;
     }
     /* water-filling: a cluster whose share reaches its keys is taken whole (ns = rc, w = 0), the
-     * budget left shared again over the others (open: w > 0) */
-    double left = (double)B;
-    for (;;) {
-        double W = 0;
+     * budget left shared again over the others (open: w > 0); one pass a round closes clusters
+     * and sums the open ones' weights and the closed ones' keys for the next */
+    double left = (double)B, W = 0;
 #pragma omp simd reduction(+ : W)
-        for (size_t c = 0; c < C; c++) W += w[c];
+    for (size_t c = 0; c < C; c++) W += w[c];
+    for (;;) {
         if (!(W > 0) && wgiven) { /* (no scores to weigh the rest by: the budget left unplanned) */
             for (size_t c = 0; c < C; c++) x[c] = 0;
             break;
@@ -245,28 +245,32 @@ static size_t tc_fill_w(size_t C, const uint32_t *rc, float *x, float *w, size_t
             }
             memcpy(w, x, C * sizeof *w);
             kst_kv_exp_shift(w, C, mx);
+            W = 0;
             for (size_t c = 0; c < C; c++) {
                 w[c] = rc[c] && !ns[c] ? w[c] * (float)rc[c] : 0;
                 W += w[c];
             }
         }
         int closed = 0;
-        double lw = left / W;
+        double lw = left / W, Wn = 0;
         float lwf = (float)lw;
-#pragma omp simd reduction(| : closed)
+        uint64_t took = 0;
+#pragma omp simd reduction(| : closed) reduction(+ : Wn, took)
         for (size_t c = 0; c < C; c++) {
-            int cl = w[c] > 0 && lwf * w[c] >= (float)rc[c];
+            float wc = w[c];
+            int cl = wc > 0 && lwf * wc >= (float)rc[c];
             ns[c] = cl ? rc[c] : ns[c];
-            w[c] = cl ? 0 : w[c];
+            w[c] = cl ? 0 : wc;
+            Wn += cl ? 0.0 : (double)wc;
+            took += cl ? rc[c] : 0;
             closed |= cl;
         }
         if (!closed) {
             for (size_t c = 0; c < C; c++) x[c] = (float)(lw * w[c]);
             break;
         }
-        left = (double)B;
-        for (size_t c = 0; c < C; c++)
-            if (ns[c]) left -= ns[c];
+        left -= (double)took;
+        W = Wn;
         if (!(left > 0)) {
             for (size_t c = 0; c < C; c++) x[c] = 0;
             break;
