@@ -61,6 +61,7 @@ typedef struct kv_hstore {
     kv_tail tt;   /* the tail estimate's sample */
     kst_kvtc tc;  /* the clustered tail estimate's clusters (kst_kvc_set_tail_clusters) */
     kst_kvsc sc;  /* their sample cache (kst_kvc_set_tail_cache) */
+    size_t sc_pna, sc_pbud; /* a plan made ahead in idle time (sc_flush): tc.na and the budget then */
 } kv_hstore;
 
 /* A batch of tokens being linked into a layer's index (kst_kvc_append): nodes lo .. lo + n - 1
@@ -91,6 +92,8 @@ typedef struct kv_layer {
     kst_kvgpu *gpu;  /* static tokens: slot p for sink p, a ring of `window` slots after */
     size_t gt_ns, gt_nidx; /* the tail sample on the GPU: ns of nidx indexed keys (0: none) */
     int sc_gpu;            /* the sample cache's table is on the GPU (kst_kvc_set_tail_cache) */
+    int sc_pend;           /* the last step's sc_end left to the engine's idle time (sc_flush) */
+    int sc_ahead;          /* its next plans may be made ahead (sc_plan_ahead, in kst_kv_work) */
 #endif
 } kv_layer;
 
@@ -115,6 +118,7 @@ typedef struct kv_thread {
                                                          chunks' best samples not retrieved */
     double p_first, p_last, p_busy, p_search, p_attn, p_tail; /* profile (kst_kvc_set_prof) */
     double p_want, p_twait, p_tcpu; /* the GPU's tail items: first needed, waited for, used */
+    double p_out[3]; /* out of tasks, of the plans, of the GPU's wait (kst_kvc_prof out_*) */
     size_t p_hops, p_tasks, p_topsum;
     /* the clustered tail estimate (tail_clusters): per-cluster counts (2 C), scores (2 C), the
      * samples' rows and scores (2 x budget), marks of the attended nodes (nidx, kept all 0) */
@@ -461,6 +465,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
         if (!c->layers[l].heads || !c->layers[l].cost || !c->layers[l].order) goto fail;
         for (size_t h = 0; h < o.kv_heads; h++) {
             kst_kvg_init(&c->layers[l].heads[h].g, o.degree, o.entries, o.efc, NULL);
+            c->layers[l].heads[h].sc_pna = SIZE_MAX;
             c->layers[l].heads[h].g.codes_on = o.codes;
         }
 #ifdef KST_CUDA
@@ -970,18 +975,30 @@ static size_t work_plan(kst_kvc *c, kv_layer *L, int (*more)(void *), void *arg,
     return planned;
 }
 
+static int sc_flush(kst_kvc *c, kv_layer *L, kst_error *err);
+#ifdef KST_CUDA
+static int sc_plan_ahead(kst_kvc *c, kv_layer *L, kst_error *err);
+#endif
+
 int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, kst_error *err) {
     if (planned) *planned = 0;
     if (!c) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_work: the cache is NULL");
     int rc = KST_OK, stop = 0;
     size_t np = 0, linked = 0, pieces = 0;
     double t0 = c->prof ? mono_s() : 0, tl = 0;
+    for (size_t l = 0; l < c->o.layers; l++) /* the last steps' sample cache updates first (their uploads precede the arms) */
+        KST_TRY(sc_flush(c, &c->layers[l], err));
 #ifdef KST_CUDA
     if (c->gpu_arm && !c->gpu_off) { /* the layers' next GPU launches queued (idle time: the GPU is busy) */
         for (size_t l = 0; l < c->o.layers; l++)
             if (c->layers[l].gpu) KST_TRY(kst_kvgpu_arm(c->layers[l].gpu, NULL, err));
         if (c->prof) c->prof->gpu_arm_idle_s += mono_s() - t0;
     }
+    for (size_t l = 0; l < c->o.layers; l++) /* the next steps' plans, while the engine lends time */
+        if (c->layers[l].sc_ahead) {
+            if (more && !more(arg)) break;
+            KST_TRY(sc_plan_ahead(c, &c->layers[l], err));
+        }
 #endif
     while (!stop) {
         /* a planned batch first (linked: its tokens leave the exact part), then plans to make */
@@ -1036,6 +1053,7 @@ int kst_kvc_flush(kst_kvc *c, size_t layer, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_flush", err);
     if (rc != KST_OK) return rc;
     kv_layer *L = &c->layers[layer];
+    KST_TRY(sc_flush(c, L, err)); /* (the last step's sample cache update first) */
     const kst_kvc_opts *o = &c->o;
     if (!L->built) return KST_OK;
     KST_TRY(job_finish(c, L, err));
@@ -1079,6 +1097,7 @@ int kst_kvc_reserve(kst_kvc *c, size_t layer, size_t n, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_reserve", err);
     if (rc != KST_OK) return rc;
     kv_layer *L = &c->layers[layer];
+    KST_TRY(sc_flush(c, L, err)); /* (the last step's sample cache update first) */
     KST_TRY(grow_rows(c, L, n, err));
     if (L->built && n > c->o.sinks + c->o.window) {
         KST_TRY(job_finish(c, L, err));
@@ -1096,6 +1115,7 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
     if (n == 0) return KST_OK;
     if (!keys || !values) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_append: keys or values is NULL");
     kv_layer *L = &c->layers[layer];
+    if ((rc = sc_flush(c, L, err)) != KST_OK) return rc; /* (the last step's sample cache update first) */
     const kst_kvc_opts *o = &c->o;
     if (L->n + n > UINT32_MAX - 1)
         return kst_fail(err, KST_ERR_INVALID, "kst_kv_append: layer %zu would hold more than 2^32 tokens", layer);
@@ -1152,6 +1172,7 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
     const kst_kvc_opts *o = &c->o;
     if (nq && !queries) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_build: queries is NULL");
     kv_layer *L = &c->layers[layer];
+    if ((rc = sc_flush(c, L, err)) != KST_OK) return rc; /* (the last step's sample cache update first) */
     if (o->index == KST_KVC_INDEX_NONE) return KST_OK;
     if (o->index == KST_KVC_INDEX_ATTN && nq == 0)
         return kst_fail(err, KST_ERR_INVALID,
@@ -2055,11 +2076,6 @@ done:
     return rc;
 }
 
-/* The sample cache after a step: each KV head's plan made (where the step's threads have not made
- * it yet) from this step's centroid scores (cs: (q_heads, C), the GPU's, or NULL: scored here
- * from q) and the step before's, then held, adding at most c->tcache_up rows a KV head; the rows
- * it adds sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step.
- * The KV heads are held in parallel (each touches ~5 cache lines a row it adds or drops). */
 /* One KV head's plan for the next step made by thread t of a step (its plan from the two steps
  * before this one, kst_kvsc_push'ed: nothing it writes is read by the heads still finishing), if
  * one is left: returns 1 if it made one. */
@@ -2069,6 +2085,7 @@ static int sc_help(kst_kvc *c, kv_layer *L, int *rc, kst_error *err) {
     size_t kh = __atomic_fetch_add(&c->sc_next, 1, __ATOMIC_ACQ_REL);
     if (kh >= o->kv_heads) return 0;
     kv_hstore *H = &L->heads[kh];
+    if (H->sc.made) return 1; /* (made ahead, sc_flush) */
     kst_error e;
     int r = kst_kvsc_plan_make(&H->sc, &H->tc, c->tc_temp, o->tail_samples, &e);
     if (r != KST_OK) first_err(rc, err, r, &e);
@@ -2138,10 +2155,62 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
     return rc;
 }
 
+/* The sample cache's update after a step left to the engine's idle time (opts.append_idle: the
+ * step returns once its output is made; sc_end runs in kst_kv_work, or else first thing in the
+ * layer's next append or step, before anything that moves the clusters, the index or the GPU's
+ * stream). The GPU's centroid scores stay in their pinned buffer until the next step's. */
+static int sc_flush(kst_kvc *c, kv_layer *L, kst_error *err) {
+#ifdef KST_CUDA
+    if (!L->sc_pend) return KST_OK;
+    L->sc_pend = 0;
+    int rc = kst_kvgpu_sc_fetched(L->gpu, err);
+    if (rc == KST_OK) rc = sc_end(c, L, NULL, kst_kvgpu_sc_scores(L->gpu), 1, err);
+    if (rc == KST_OK) L->sc_ahead = 1;
+    return rc;
+#else
+    (void)c;
+    (void)L;
+    (void)err;
+    return KST_OK;
+#endif
+}
+
+/* kst_kv_work, once the update ran (L->sc_ahead): the next step's plans made ahead from the
+ * scores just pushed (the step keeps each where its clusters took no key and the budget held
+ * since, else makes it anew, as it makes them without idle time). */
+#ifdef KST_CUDA
+static int sc_plan_ahead(kst_kvc *c, kv_layer *L, kst_error *err) {
+    const kst_kvc_opts *o = &c->o;
+    int rc = KST_OK;
+    double t0 = c->prof ? mono_s() : 0;
+    L->sc_ahead = 0;
+#pragma omp parallel for schedule(static) num_threads(c->nth) if (o->kv_heads > 1)
+    for (size_t h = 0; h < o->kv_heads; h++) {
+        kv_hstore *H = &L->heads[h];
+        kst_error e;
+        H->sc_pna = SIZE_MAX;
+        if (!H->sc.ready) continue;
+        int r = kst_kvsc_plan_make(&H->sc, &H->tc, c->tc_temp, o->tail_samples, &e);
+        if (r != KST_OK) {
+#pragma omp critical(kv_sc_ahead)
+            if (rc == KST_OK) {
+                rc = r;
+                *err = e;
+            }
+        }
+        H->sc_pna = H->tc.na;
+        H->sc_pbud = o->tail_samples;
+    }
+    if (c->prof) c->prof->sc_ahead += mono_s() - t0;
+    return rc;
+}
+#endif
+
 int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
                    kst_kvc_stats *stats, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_attend", err);
     if (rc != KST_OK) return rc;
+    if ((rc = sc_flush(c, &c->layers[layer], err)) != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
     if (!q || !out) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_attend: q or out is NULL");
     const kst_kvc_opts *o = &c->o;
     kv_layer *L = &c->layers[layer];
@@ -2214,6 +2283,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             kv_thread *t = &c->th[i];
             t->p_first = t->p_last = t->p_busy = t->p_search = t->p_attn = t->p_tail = 0;
             t->p_want = t->p_twait = t->p_tcpu = 0;
+            t->p_out[0] = t->p_out[1] = t->p_out[2] = 0;
             t->p_topsum = 0;
             t->p_hops = t->p_tasks = 0;
             t->s.prof = 1;
@@ -2286,7 +2356,14 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             if (rc != KST_OK) return rc;
             c->sc_cs_cap = o->q_heads * tcC;
         }
-        for (size_t h = 0; h < o->kv_heads; h++) L->heads[h].sc.made = 0;
+#ifdef KST_CUDA
+        L->sc_ahead = 0;
+#endif
+        for (size_t h = 0; h < o->kv_heads; h++) { /* (a plan made ahead kept where still this step's) */
+            kv_hstore *H = &L->heads[h];
+            if (!(H->sc.made && H->sc_pna == H->tc.na && H->sc_pbud == o->tail_samples)) H->sc.made = 0;
+            H->sc_pna = SIZE_MAX;
+        }
         if (scu && !sc_g) {
             if (c->sc_it_cap < o->q_heads * scnc * scst) {
                 rc = kst_realloc((void **)&c->sc_it, o->q_heads * scnc * scst, sizeof(float), "tail sample cache items", err);
@@ -2361,6 +2438,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     {
 #ifdef KST_CUDA
     /* One thread at a time asks the GPU whether its partials are in, without waiting. */
+/* a KV head's tail items in host memory before the step's partials (kst_kvgpu_items_ready; the
+ * launch seen first, so that the step's number is this step's) */
+#define ITEMS_IN(kh) (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1 && kst_kvgpu_items_ready(L->gpu, (kh)))
 #define GPU_ASK()                                                                                 \
     do {                                                                                          \
         if (!__atomic_exchange_n(&gpu_asking, 1, __ATOMIC_ACQ_REL)) {                             \
@@ -2618,10 +2698,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 if (ns && m < nidx && tail_gpu) { /* from the GPU's items: wait for them */
                     double w0 = pf ? mono_s() : 0;
                     if (pf && t->p_want == 0) t->p_want = w0;
-                    while (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
+                    while (!ITEMS_IN(h / G) && __atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 &&
+                           __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
                         if (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
                     double w1 = pf ? mono_s() : 0;
-                    if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) {
+                    if (ITEMS_IN(h / G) || __atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) {
                         kept = tail_partial_gpu(t, c, H, gpu_tt + h * tnc * gpu_st, gpu_st, qh, rid, nidx, m,
                                                 tau, t->o2, &lse_t);
                         kst_attn_merge(oh, &lse, t->o2, lse_t, d);
@@ -2639,9 +2720,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     if (pf && t->p_want == 0) t->p_want = w0;
 #ifdef KST_CUDA
                     if (sc_g) { /* (the next step's plans made while waiting) */
-                        while (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
+                        while (!ITEMS_IN(kh) && __atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 0 &&
+                               __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) >= 0)
                             if (!sc_help(c, L, &rc, err) && __atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1) GPU_ASK();
-                        if (__atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) its = sc_tt + h * scnc * scst;
+                        if (ITEMS_IN(kh) || __atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) its = sc_tt + h * scnc * scst;
                     }
 #endif
                     if (!sc_g) {
@@ -2747,9 +2829,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     if (r != KST_OK) { /* this thread takes no items: the others take them all */
         first_err(&rc, err, r, &e2);
     }
+    if (pf) t->p_out[0] = mono_s();
     /* Out of tasks: the sample cache's plans for the next step */
     while (tqc && r == KST_OK && sc_help(c, L, &rc, err)) {
     }
+    if (pf) t->p_out[1] = mono_s();
 #ifdef KST_CUDA
     /* Out of tasks: wait for the GPU (asking) and merge the heads of tasks that ended before
      * it, while other threads still search. */
@@ -2774,7 +2858,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     kst_attn_merge(out + h * d, &c->lse_buf[h], gpu_o + h * d, gpu_lse[h], d);
             }
     }
+    if (pf) t->p_out[2] = mono_s();
 #undef GPU_ASK
+#undef ITEMS_IN
 #endif
     }
     double pt2 = pf ? mono_s() : 0, pt3 = pt2;
@@ -2797,15 +2883,18 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
      * its partials came in) */
     if (tqc && rc == KST_OK) {
         const float *cs = NULL;
+        int later = 0;
 #ifdef KST_CUDA
         if (sc_g && gpu_state == 1) {
             if (!sc_fetch) rc = kst_kvgpu_sc_fetch(L->gpu, err);
-            if (rc == KST_OK) rc = kst_kvgpu_sc_fetched(L->gpu, err);
+            later = c->app_idle; /* (sc_flush: in the engine's idle time) */
+            if (rc == KST_OK && !later) rc = kst_kvgpu_sc_fetched(L->gpu, err);
             if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
             cs = kst_kvgpu_sc_scores(L->gpu);
+            L->sc_pend = later;
         }
 #endif
-        rc = sc_end(c, L, q, cs, sc_g, err);
+        if (!later) rc = sc_end(c, L, q, cs, sc_g, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
     }
     (void)sc_fetch;
@@ -2815,7 +2904,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     (void)gpu_asking;
     (void)gpu_early;
     if (pf) {
-        double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0, emax = 0, want = 0;
+        double pt4 = mono_s(), bmax = 0, bsum = 0, esum = 0, emax = 0, want = 0, omax[3] = {0, 0, 0};
         size_t tmax = 0;
         int used = 0;
         for (int i = 0; i < c->nth; i++) {
@@ -2838,7 +2927,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             pf->tail_cpu += t->p_tcpu;
             pf->tail_topsum += t->p_topsum;
             if (t->p_want > 0 && (want == 0 || t->p_want < want)) want = t->p_want;
+            for (int a = 0; a < 3; a++)
+                if (t->p_out[a] > 0 && t->p_out[a] - pt0 > omax[a]) omax[a] = t->p_out[a] - pt0;
         }
+        pf->out_tasks += omax[0];
+        pf->out_plans += omax[1];
+        pf->out_done += omax[2];
         pf->steps++;
         pf->tasks += c->group > 0 ? ntask : o->q_heads; /* searches (beams) */
         pf->scanned += scanned;

@@ -439,6 +439,10 @@ typedef struct kst_kvc_prof {
      * (sc_apply), the rows sent to the GPU (sc_rows) and the sending (sc_up) */
     size_t sc_steps, sc_made_in, sc_rows;
     double sc_make, sc_apply, sc_up;
+    /* the region's end, seconds from the call's start summed over steps (each the last thread's):
+     * out of tasks, out of the sample cache's plans, out of the GPU's wait and merge */
+    double out_tasks, out_plans, out_done;
+    double sc_ahead; /* seconds making the next steps' plans ahead, in idle time (kst_kvc_work) */
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

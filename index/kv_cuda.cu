@@ -62,6 +62,15 @@ struct kst_kvgpu {
     void *tK, *tV;
     size_t tns, tch, tnc, tcap, tocap, gen;
     float *tout, *htout;
+    // the items written by the kernel straight into htout (pinned, mapped: dtout; KESTREL_KV_GPU_DIRECT,
+    // default 1), no download: the last tail block of a KV head (tcnt, a counter a KV head on the
+    // device) writes the step's number (tstep, in the parameters) into rdy[kv head] (pinned, mapped:
+    // drdy) once the KV head's items are in host memory (kst_kvgpu_items_ready)
+    int tdirect;
+    float *dtout;
+    volatile uint32_t *rdy;
+    unsigned *drdy, *tcnt;
+    uint32_t tstep;
     int topsum; // the items carry their best rows' weighted value sum (kst_kvgpu_tail_topsum)
     // the clustered tail's sample cache (kst_kvgpu_sc_reserve): the table above with a cluster a
     // slot (scid, kvh * tns; -1 free) and a log weight a cluster (sclw, kvh * sC); the centroids
@@ -816,7 +825,7 @@ __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, con
                             int kvh, int G, int d, float scale, int qh, const T *tK, const T *tV,
                             float *tout, int ns, int ch, int nc, int P, int st, int S, float *sp,
                             unsigned *spc, const int *cid, const float *clw, int C, const float *cent,
-                            float *cs, int nbc, int grp) {
+                            float *cs, int nbc, int grp, unsigned *trdy, unsigned *tcnt) {
     __shared__ __align__(16) float tsm[TT_SMEM];
     if (((const int *)(q + (size_t)qh * d))[3]) return; // skip: a released chain (kst_kvgpu_disarm)
     int nt = ns ? (grp & 1 ? kvh : qh) * nc : 0;
@@ -838,6 +847,16 @@ __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, con
                 tail_grp_body<T, TG_GMAX>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C, tsm);
         } else
             tail_body<T>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C, tsm);
+        if (trdy) { // (items in mapped host memory) the KV head's last block raises its ready word
+            int bi = blockIdx.x - qh * S, per = grp & 1 ? nc : G * nc;
+            __threadfence_system();
+            __syncthreads();
+            if (threadIdx.x == 0 && atomicAdd(&tcnt[bi / per], 1u) == (unsigned)per - 1) {
+                tcnt[bi / per] = 0; // (for the next launch)
+                __threadfence_system();
+                *(volatile unsigned *)&trdy[bi / per] = ((const unsigned *)(q + (size_t)qh * d))[5 + KST_KVGPU_DMAX];
+            }
+        }
     } else if (grp & 2) {
         cent_grp_body(blockIdx.x - qh * S - nt, q, cent, cs, C, nbc, G, d, scale, tsm);
 #ifdef KST_TG_PROF
@@ -962,6 +981,7 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
     g->minb = getenv("KESTREL_KV_GPU_MINB") && atoi(getenv("KESTREL_KV_GPU_MINB")) == 3 ? 3 : KST_KVGPU_MINB;
     g->tgrp = !(getenv("KESTREL_KV_GPU_TGRP") && atoi(getenv("KESTREL_KV_GPU_TGRP")) == 0);
     g->timing = getenv("KESTREL_KV_GPU_TIME") && atoi(getenv("KESTREL_KV_GPU_TIME")) == 1;
+    g->tdirect = !(getenv("KESTREL_KV_GPU_DIRECT") && atoi(getenv("KESTREL_KV_GPU_DIRECT")) == 0);
     size_t es = f16 ? 2 : 4, bytes = g->cap * 2 * kv_heads * d * es;
     CU(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "kv gpu stream");
     for (int i = 0; i < 2; i++) CU(cudaEventCreateWithFlags(&g->ev[i], cudaEventDisableTiming), "kv gpu event");
@@ -991,6 +1011,19 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
         }
         cudaGetLastError();
     }
+    if (g->tdirect) { // the tail items' ready words (a KV head each) and the kernel's counters
+        void *dr = NULL;
+        g->tdirect = 0;
+        if (cudaHostAlloc((void **)&g->rdy, kv_heads * sizeof(uint32_t), cudaHostAllocMapped) == cudaSuccess &&
+            cudaHostGetDevicePointer(&dr, (void *)g->rdy, 0) == cudaSuccess &&
+            cudaMalloc((void **)&g->tcnt, kv_heads * sizeof(unsigned)) == cudaSuccess &&
+            cudaMemset(g->tcnt, 0, kv_heads * sizeof(unsigned)) == cudaSuccess) {
+            memset((void *)g->rdy, 0, kv_heads * sizeof(uint32_t));
+            g->drdy = (unsigned *)dr;
+            g->tdirect = 1;
+        }
+        cudaGetLastError();
+    }
     *out = g;
     return KST_OK;
 done:
@@ -1014,6 +1047,8 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     cudaFree(g->tV);
     cudaFree(g->tout);
     cudaFreeHost(g->htout);
+    cudaFreeHost((void *)g->rdy);
+    cudaFree(g->tcnt);
     cudaFree(g->scid);
     cudaFree(g->sclw);
     cudaFree(g->scent);
@@ -1081,10 +1116,17 @@ extern "C" int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t
     if (no > g->tocap) {
         cudaFree(g->tout);
         cudaFreeHost(g->htout);
-        g->tout = g->htout = NULL;
+        g->tout = g->htout = g->dtout = NULL;
         g->tocap = 0;
-        CU(cudaMalloc((void **)&g->tout, no * sizeof(float)), "kv gpu tail sums");
-        CU(cudaMallocHost((void **)&g->htout, no * sizeof(float)), "kv gpu pinned tail sums");
+        if (g->tdirect) { // (written by the kernel in place)
+            void *dt = NULL;
+            CU(cudaHostAlloc((void **)&g->htout, no * sizeof(float), cudaHostAllocMapped), "kv gpu mapped tail sums");
+            CU(cudaHostGetDevicePointer(&dt, g->htout, 0), "kv gpu mapped tail sums");
+            g->dtout = (float *)dt;
+        } else {
+            CU(cudaMalloc((void **)&g->tout, no * sizeof(float)), "kv gpu tail sums");
+            CU(cudaMallocHost((void **)&g->htout, no * sizeof(float)), "kv gpu pinned tail sums");
+        }
         g->tocap = no;
     }
     g->tns = ns;
@@ -1107,6 +1149,10 @@ done:
 }
 
 extern "C" const float *kst_kvgpu_tail_out(const kst_kvgpu *g) { return g->htout; }
+
+extern "C" int kst_kvgpu_items_ready(const kst_kvgpu *g, size_t kv_head) {
+    return g->tdirect && __atomic_load_n(&g->rdy[kv_head], __ATOMIC_ACQUIRE) == g->tstep;
+}
 
 extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent,
                                     kst_error *err) {
@@ -1296,6 +1342,10 @@ static void prm_write(kst_kvgpu *g, size_t nsink, size_t rlo, size_t cnt, int sk
     prm[3] = skip;
     prm[4] = g->ndirty;
     memcpy(prm + 5, g->dirty, (size_t)g->ndirty * sizeof(int));
+    if (!skip) { // (never 0: the ready words start at 0)
+        if (++g->tstep == 0) g->tstep = 1;
+        prm[5 + KST_KVGPU_DMAX] = (int)g->tstep;
+    }
     g->ndirty = 0;
 }
 
@@ -1490,20 +1540,20 @@ static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
         (g->minb == 3 ? step_kernel<__half, 3> : step_kernel<__half, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const __half *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const __half *)g->tK,
-            (const __half *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
+            (const __half *)g->tV, g->tdirect ? g->dtout : g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
             (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC,
-            g->scent, g->scs, (int)nbc, grp);
+            g->scent, g->scs, (int)nbc, grp, g->tns && g->tdirect ? g->drdy : NULL, g->tcnt);
     else
         (g->minb == 3 ? step_kernel<float, 3> : step_kernel<float, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const float *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const float *)g->tK,
-            (const float *)g->tV, g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
+            (const float *)g->tV, g->tdirect ? g->dtout : g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
             (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC,
-            g->scent, g->scs, (int)nbc, grp);
+            g->scent, g->scs, (int)nbc, grp, g->tns && g->tdirect ? g->drdy : NULL, g->tcnt);
     }
     CU(cudaGetLastError(), "kv gpu step launch");
     if (g->timing) CU(cudaEventRecord(g->tev[2], g->st), "kv gpu timing");
-    if (g->tns)
+    if (g->tns && !g->tdirect)
         CU(cudaMemcpyAsync(g->htout, g->tout, g->qh * g->tnc * kst_kvgpu_tail_stride(g) * sizeof(float),
                            cudaMemcpyDeviceToHost, g->st), "kv gpu tail sums download");
     CU(cudaMemcpyAsync(g->ho, g->o, (g->qh * g->d + g->qh) * sizeof(float), cudaMemcpyDeviceToHost, g->st),

@@ -48,7 +48,7 @@ int kst_kvgpu_put(kst_kvgpu *g, size_t slot, const void *K, const void *V, size_
  * skip (1: the step kernel does nothing; a released armed chain), then the slots staged by
  * kst_kvgpu_put while armed: their count and up to KST_KVGPU_DMAX slots. */
 #define KST_KVGPU_DMAX 32
-#define KST_KVGPU_PRM (5 + KST_KVGPU_DMAX)
+#define KST_KVGPU_PRM (6 + KST_KVGPU_DMAX) /* (the last: the step's number, kst_kvgpu_items_ready) */
 int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t nsink, size_t rlo, size_t cnt,
                             kst_error *err);
 /* Launch without host cost (round 17): queues the next step's work (the query upload, the
@@ -107,6 +107,11 @@ int kst_kvgpu_tail_put(kst_kvgpu *g, size_t kv_head, const void *K, const void *
 size_t kst_kvgpu_tail_stride(const kst_kvgpu *g);
 /* Pinned host copy of the last step's items, valid once the partials are in (wait/ready/poll). */
 const float *kst_kvgpu_tail_out(const kst_kvgpu *g);
+/* 1 once the launched step's items of KV head kv_head (its query heads' items, kst_kvgpu_tail_out)
+ * are in host memory, before the step's partials (the kernel writes them in place; 0 where it
+ * does not: KESTREL_KV_GPU_DIRECT=0 or no mapped memory, then they come with the partials). Only
+ * valid once the step's kst_kvgpu_partial_start has returned. */
+int kst_kvgpu_items_ready(const kst_kvgpu *g, size_t kv_head);
 
 /* The clustered tail's sample cache (index/kv_scache.h, kst_kvc_set_tail_cache) on the GPU: the
  * tail table above (kst_kvgpu_tail_reserve(cap, ch, nc)) with a cluster a slot (-1: free) and a

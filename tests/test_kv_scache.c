@@ -26,7 +26,8 @@
  *   while keys join, then on); two layers, steps alternating;
  * 6 the same with the static tokens (and the table) on the GPU, and switches between the cache
  *   and the evenly spaced sample there against a twin scoring its tail on the CPU (both skipped
- *   without a device);
+ *   without a device), and the update after a step left to the engine's idle time against an
+ *   inline twin (test_gpu_idle_update; skipped without a device);
  * 7 the GPU's items of the table against float64 (test_gpu_items; skipped without a device).
  * Tolerances: outputs 2e-5 absolute + 1e-4 relative, lse 1e-4 (as the clustered tail suites:
  * float32 sums of at most a few thousand terms). */
@@ -1365,6 +1366,86 @@ static void test_gpu_switches(void **state) {
     free(oc);
 }
 
+/* 6c. The sample cache's update after a step left to the engine's idle time (GPU; skipped
+ * without a device): cache B with kst_kvc_set_append_idle against cache A (same data, options,
+ * queries) updating inline. 2 KV heads x 4, float16 d 64, the attention-aware index, 1,500
+ * indexed keys, 32 clusters, budget 128, 3 threads; 9 steps, 40 tokens appended one at a time
+ * before step 3 and 150 at once before step 6. kst_kvc_work follows B's steps 0, 2, 4 and 7;
+ * after steps 1, 3 and 5 its update waits for the next append or step, after step 6 for
+ * kst_kvc_flush, after step 8 for kst_kvc_work. Every step's output equals A's within 1e-6
+ * (the same plans, held rows and items, only run later); right after a step B's prefixes are
+ * still the step's (A's moved on at least once: the update was left), and once B's update
+ * ran (work, flush, or at its next call) every KV head's prefixes and slots equal A's. */
+static void test_gpu_idle_update(void **state) {
+    (void)state;
+    if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the sample cache's update in idle time not run");
+    const size_t H = 2, G = 4, QH = H * G, d = 64, ncent = 24, nq = 48, C = 32, steps = 9, n0 = 1500 + 4 + 64,
+                 nmax = n0 + 190;
+    tc_seed(77);
+    int was = omp_get_max_threads();
+    omp_set_num_threads(3);
+    float *K = malloc(nmax * H * d * sizeof *K), *V = malloc(nmax * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
+          *Qp = malloc(nq * QH * d * sizeof *Qp), *Q = malloc(steps * QH * d * sizeof *Q), *oa = malloc(QH * d * sizeof *oa),
+          *ob = malloc(QH * d * sizeof *ob);
+    mix_data(K, V, cen, nmax, H, d, ncent, 1.0, 0.5);
+    mix_queries(Qp, cen, nq, QH, H, d, ncent);
+    mix_queries(Q, cen, steps, QH, H, d, ncent);
+    kst_kvc_opts o = tc_base_opts(d, 1, KST_KVC_INDEX_ATTN, 128, H, QH);
+    o.gpu = 1;
+    kst_kvc *ca = make_cache(&o, K, V, n0, Qp, nq, C, 0.5f, 1), *cb = make_cache(&o, K, V, n0, Qp, nq, C, 0.5f, 1);
+    kst_kvc_set_append_idle(cb, 1);
+    kst_error err;
+    size_t at = n0, left = 0, moved = 0;
+    for (size_t s = 0; s < steps; s++) {
+        if (s == 3 || s == 6) {
+            size_t m = s == 3 ? 40 : 150;
+            for (int w = 0; w < 2; w++) {
+                kst_kvc *c = w ? cb : ca;
+                if (s == 3)
+                    for (size_t i = 0; i < m; i++) append_rows(c, K + (at + i) * H * d, V + (at + i) * H * d, 1);
+                else
+                    append_rows(c, K + at * H * d, V + at * H * d, m);
+            }
+            at += m;
+        }
+        kst_kvc_stats st;
+        assert_ok(kst_kvc_attend(ca, 0, Q + s * QH * d, 16, 48, oa, &st, &err), &err);
+        assert_ok(kst_kvc_attend(cb, 0, Q + s * QH * d, 16, 48, ob, &st, &err), &err);
+        for (size_t i = 0; i < QH * d; i++)
+            if (!(fabs(oa[i] - ob[i]) <= 1e-6 + 1e-6 * fabs(oa[i])))
+                fail_msg("idle update, step %zu: value %zu: %.9g, inline %.9g", s, i, ob[i], oa[i]);
+        int differ = 0; /* B's update not run yet: its prefixes as the step left them */
+        for (size_t kh = 0; kh < H; kh++)
+            differ |= memcmp(kst_kvc_sample_cache(ca, 0, kh)->m, kst_kvc_sample_cache(cb, 0, kh)->m, C * sizeof(uint32_t)) != 0;
+        moved += differ;
+        left++;
+        if (s == 0 || s == 2 || s == 4 || s == 7 || s == 8)
+            assert_ok(kst_kvc_work(cb, NULL, NULL, NULL, &err), &err);
+        else if (s == 5)
+            assert_ok(kst_kvc_flush(cb, 0, &err), &err);
+        else
+            continue; /* (at the next append or step) */
+        for (size_t kh = 0; kh < H; kh++) {
+            const kst_kvsc *A = kst_kvc_sample_cache(ca, 0, kh), *B = kst_kvc_sample_cache(cb, 0, kh);
+            if (memcmp(A->m, B->m, C * sizeof(uint32_t)) || A->used != B->used || memcmp(A->key, B->key, A->cap * sizeof *A->key))
+                fail_msg("idle update, after step %zu: KV head %zu's sample cache differs from the inline one's", s, kh);
+        }
+    }
+    if (!moved) fail_msg("idle update: no step left a prefix to the idle time (nothing was deferred)");
+    print_message("idle update: %zu steps equal to the inline cache's, %zu left the held prefixes to the idle time\n", left,
+                  moved);
+    kst_kvc_free(ca);
+    kst_kvc_free(cb);
+    free(K);
+    free(V);
+    free(cen);
+    free(Qp);
+    free(Q);
+    free(oa);
+    free(ob);
+    omp_set_num_threads(was);
+}
+
 /* Each test's wall time (kv_tc_ref.h: printed, the suite runs under the sanitizers in CI too). */
 static int t_begin(void **state) {
     (void)state;
@@ -1390,6 +1471,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_steps_gpu, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_gpu_switches, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_gpu_items, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_gpu_idle_update, t_begin, t_end),
     };
     return cmocka_run_group_tests_name("kv_scache", tests, NULL, NULL);
 }

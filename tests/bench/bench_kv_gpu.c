@@ -19,7 +19,10 @@
  *                                     step, timed with it: last in KV_RUNS; /wN N planner threads,
  *                                     /wiN at the idle scheduling class, /tN the second timing on N
  *                                     threads, /isN the insertion beam's entries (0: the hubs),
- *                                     /tc1 the clustered tail's sample cache),
+ *                                     /tc1 the clustered tail's sample cache, /idle the engine's
+ *                                     idle time lent between steps: opts.append_idle, the GPU
+ *                                     partial armed, kst_kvc_work after each step, untimed as a
+ *                                     decoder's other kernels; its time printed beside),
  *                                     KV_PROF=1 a per-phase breakdown,
  *                                     KV_SMAPS=1 huge pages per mapping. */
 #include <math.h>
@@ -472,6 +475,23 @@ static int layer(const char *list) {
              * KESTREL_KV_TCLUST, and KESTREL_KV_TSHARE for its first step; "/tc0" or none: off,
              * unless KESTREL_KV_TCACHE says otherwise) */
             kst_kvc_set_tail_cache(c, mode_num(mode, "/tc", 0) > 0, 0);
+            /* "/idle": the engine's idle time lent between steps (kst_kvc_work, untimed; in a
+             * decoder the GPU then runs the rest of the layer): the sample cache's update after a
+             * step and the next step's GPU launch move there (opts.append_idle, the GPU arm) */
+            int idle = strstr(mode, "/idle") != NULL;
+            kst_kvc_set_append_idle(c, idle);
+            kst_kvc_set_gpu_arm(c, idle);
+            double idle_s = 0;
+            size_t idle_n = 0;
+#define IDLE_WORK()                                                              \
+    do {                                                                         \
+        if (idle) {                                                              \
+            double w0_ = now_s();                                                \
+            if (kst_kvc_work(c, NULL, NULL, NULL, &e)) die("work", &e);          \
+            idle_s += now_s() - w0_;                                             \
+            idle_n++;                                                            \
+        }                                                                        \
+    } while (0)
             /* "/wd5": the adaptive budget at widen 0.05 (opts.widen in percent; "/wd0": off;
              * default: KESTREL_KV_WIDEN, else off) */
             kst_kvc_set_widen(c, strstr(mode, "/wd") ? (float)atof(strstr(mode, "/wd") + 3) / 100.0f
@@ -518,7 +538,10 @@ static int layer(const char *list) {
                 double *ts = malloc(NT * sizeof *ts);
                 /* "/same": every step the same query (its reads then hit the caches: the compute floor) */
                 size_t qstep = strstr(mode, "/same") ? 0 : QH * D;
-                for (size_t i = 0; i < 5; i++) kst_kvc_attend(c, 0, Qd, topk_att, ef, out, NULL, &e);
+                for (size_t i = 0; i < 5; i++) {
+                    kst_kvc_attend(c, 0, Qd, topk_att, ef, out, NULL, &e);
+                    IDLE_WORK();
+                }
                 /* "/app": each timed step first appends one token (a copy of a cached one), as a
                  * decode step does, so the oldest window token moves into the index (timed with
                  * the step; the cache then holds more tokens than the references: put it last) */
@@ -553,6 +576,7 @@ static int layer(const char *list) {
                     if (app && kst_kvc_append(c, 0, kc1, vc1, 1, &e)) die("append", &e);
                     if (kst_kvc_attend(c, 0, Qd + i % NT * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
                     ts[i] = now_s() - a;
+                    IDLE_WORK();
                     int ph = kst_kvc_indexed(c, 0) != nidx0 ? 0 : after ? 1 : 2;
                     after = ph == 0;
                     ph_t[ph] += ts[i];
@@ -598,6 +622,7 @@ static int layer(const char *list) {
                         if (kst_kvc_append(c, 0, kc1, vc1, 1, &e)) die("append", &e);
                     }
                     if (kst_kvc_attend(c, 0, Qd + i % NT * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
+                    IDLE_WORK();
                 }
                 kst_kvc_set_prof(c, NULL);
                 if (mode_num(mode, "/t", -1) >= 0) omp_set_num_threads(nth0);
@@ -628,19 +653,28 @@ static int layer(const char *list) {
                            1e6 * pf.gpu_launched / pf.gpu_steps, 1e6 * pf.gpu_seen / pf.gpu_steps,
                            pf.gpu_wanted_steps ? 1e6 * pf.gpu_wanted / pf.gpu_wanted_steps : 0.0, pf.gpu_late,
                            pf.gpu_wanted_steps, pf.tail_wait * u / nt, pf.tail_cpu * u / nt);
+                printf("  (%s: the region's last thread, us from the call's start: out of tasks %.1f, of the plans %.1f,"
+                       " of the GPU's wait %.1f)\n", mode, pf.out_tasks * u, pf.out_plans * u, pf.out_done * u);
                 if (pf.gpu_timed) /* KESTREL_KV_GPU_TIME=1: CUDA events around the partial's parts */
                     printf("  (%s: GPU partial by CUDA events (no graph), us a step: query up %.1f, kernel %.1f, downloads %.1f)\n",
                            mode, 1e6 * pf.gpu_h2d / pf.gpu_timed, 1e6 * pf.gpu_kernel / pf.gpu_timed, 1e6 * pf.gpu_d2h / pf.gpu_timed);
                 if (pf.sc_steps) /* the sample cache's plans after the steps (kst_kvc_set_tail_cache) */
                     printf("  (%s: sample cache, us a step: plans made after the step %.1f (%.1f of the KV heads' by its threads),"
-                           " held %.1f, %.1f rows sent in %.1f)\n", mode, 1e6 * pf.sc_make / pf.sc_steps,
-                           (double)pf.sc_made_in / pf.sc_steps, 1e6 * pf.sc_apply / pf.sc_steps, (double)pf.sc_rows / pf.sc_steps,
-                           1e6 * pf.sc_up / pf.sc_steps);
+                           " held %.1f, %.1f rows sent in %.1f; next plans made ahead in idle time %.1f)\n", mode,
+                           1e6 * pf.sc_make / pf.sc_steps, (double)pf.sc_made_in / pf.sc_steps, 1e6 * pf.sc_apply / pf.sc_steps,
+                           (double)pf.sc_rows / pf.sc_steps, 1e6 * pf.sc_up / pf.sc_steps, 1e6 * pf.sc_ahead / pf.sc_steps);
             }
             printf("%8zu %-12s %5zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %10.2f%% %8.2f%% %10.2e %10.2f %12.1f %9.1f %8.3f\n", N, mode, ef, topk_att,
                    runs[ri].tail, build, med[0], med[1], rec / NREF, 100 * scan / NREF, 100 * shead / NREF, err / NREF,
                    kst_kvc_gpu_bytes(c) / 1048576.0, 2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0,
                    wid / NREF);
+            if (idle) {
+                printf("  (%s: idle time lent after each step, untimed: kst_kvc_work %.1f us a call, %zu calls)\n", mode,
+                       idle_n ? 1e6 * idle_s / idle_n : 0.0, idle_n);
+                kst_kvc_set_gpu_arm(c, 0);
+                kst_kvc_set_append_idle(c, 0);
+            }
+#undef IDLE_WORK
         }
         kst_kvc_free(c);
         free(K0); free(V0); free(Qpre); free(Qd0); free(Qd); free(out); free(un); free(ref); free(want);
