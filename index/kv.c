@@ -61,8 +61,7 @@ typedef struct kv_hstore {
     kv_tail tt;   /* the tail estimate's sample */
     kst_kvtc tc;  /* the clustered tail estimate's clusters (kst_kvc_set_tail_clusters) */
     kst_kvsc sc;  /* their sample cache (kst_kvc_set_tail_cache) */
-    size_t sc_pna, sc_pbud; /* a plan made ahead in idle time (kst_kvc_work): tc.na and the budget then */
-    kst_kvtc_group pa;      /* (its buffer while the held plan is applied: sc_flush) */
+    size_t sc_pna, sc_pbud; /* a plan made ahead in idle time (sc_flush): tc.na and the budget then */
 } kv_hstore;
 
 /* A batch of tokens being linked into a layer's index (kst_kvc_append): nodes lo .. lo + n - 1
@@ -525,7 +524,6 @@ void kst_kvc_free(kst_kvc *c) {
                 kst_free(T->topw);
                 kst_kvtc_free(&L->heads[h].tc);
                 kst_kvsc_free(&L->heads[h].sc);
-                kst_kvtc_group_free(&L->heads[h].pa);
             }
             kst_free(L->heads);
 #ifdef KST_CUDA
@@ -977,7 +975,7 @@ static size_t work_plan(kst_kvc *c, kv_layer *L, int (*more)(void *), void *arg,
     return planned;
 }
 
-static int sc_flush(kst_kvc *c, kv_layer *L, int ahead, kst_error *err);
+static int sc_flush(kst_kvc *c, kv_layer *L, kst_error *err);
 #ifdef KST_CUDA
 static int sc_plan_ahead(kst_kvc *c, kv_layer *L, kst_error *err);
 #endif
@@ -989,7 +987,7 @@ int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, ks
     size_t np = 0, linked = 0, pieces = 0;
     double t0 = c->prof ? mono_s() : 0, tl = 0;
     for (size_t l = 0; l < c->o.layers; l++) /* the last steps' sample cache updates first (their uploads precede the arms) */
-        KST_TRY(sc_flush(c, &c->layers[l], 1, err));
+        KST_TRY(sc_flush(c, &c->layers[l], err));
 #ifdef KST_CUDA
     if (c->gpu_arm && !c->gpu_off) { /* the layers' next GPU launches queued (idle time: the GPU is busy) */
         for (size_t l = 0; l < c->o.layers; l++)
@@ -1055,7 +1053,7 @@ int kst_kvc_flush(kst_kvc *c, size_t layer, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_flush", err);
     if (rc != KST_OK) return rc;
     kv_layer *L = &c->layers[layer];
-    KST_TRY(sc_flush(c, L, 0, err)); /* (the last step's sample cache update first) */
+    KST_TRY(sc_flush(c, L, err)); /* (the last step's sample cache update first) */
     const kst_kvc_opts *o = &c->o;
     if (!L->built) return KST_OK;
     KST_TRY(job_finish(c, L, err));
@@ -1099,7 +1097,7 @@ int kst_kvc_reserve(kst_kvc *c, size_t layer, size_t n, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_reserve", err);
     if (rc != KST_OK) return rc;
     kv_layer *L = &c->layers[layer];
-    KST_TRY(sc_flush(c, L, 0, err)); /* (the last step's sample cache update first) */
+    KST_TRY(sc_flush(c, L, err)); /* (the last step's sample cache update first) */
     KST_TRY(grow_rows(c, L, n, err));
     if (L->built && n > c->o.sinks + c->o.window) {
         KST_TRY(job_finish(c, L, err));
@@ -1117,7 +1115,7 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
     if (n == 0) return KST_OK;
     if (!keys || !values) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_append: keys or values is NULL");
     kv_layer *L = &c->layers[layer];
-    if ((rc = sc_flush(c, L, 0, err)) != KST_OK) return rc; /* (the last step's sample cache update first) */
+    if ((rc = sc_flush(c, L, err)) != KST_OK) return rc; /* (the last step's sample cache update first) */
     const kst_kvc_opts *o = &c->o;
     if (L->n + n > UINT32_MAX - 1)
         return kst_fail(err, KST_ERR_INVALID, "kst_kv_append: layer %zu would hold more than 2^32 tokens", layer);
@@ -1174,7 +1172,7 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
     const kst_kvc_opts *o = &c->o;
     if (nq && !queries) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_build: queries is NULL");
     kv_layer *L = &c->layers[layer];
-    if ((rc = sc_flush(c, L, 0, err)) != KST_OK) return rc; /* (the last step's sample cache update first) */
+    if ((rc = sc_flush(c, L, err)) != KST_OK) return rc; /* (the last step's sample cache update first) */
     if (o->index == KST_KVC_INDEX_NONE) return KST_OK;
     if (o->index == KST_KVC_INDEX_ATTN && nq == 0)
         return kst_fail(err, KST_ERR_INVALID,
@@ -2002,14 +2000,6 @@ static int sc_upload(kst_kvc *c, kv_layer *L, int all, kst_error *err) {
         size_t e = off[h], n = all ? S->cap : S->nd;
         for (size_t i = 0; i < n; i++) {
             uint32_t sl = all ? (uint32_t)i : S->dirty[i], x = S->key[sl];
-            if (i + 8 < n) { /* (the rows 8 on asked for: random rows of the cache, read from memory) */
-                uint32_t x8 = S->key[all ? (uint32_t)(i + 8) : S->dirty[i + 8]];
-                if (x8 != KST_KVSC_FREE)
-                    for (size_t b = 0; b < rowb; b += 64) {
-                        __builtin_prefetch((const char *)rows_at(c, Hs->K, o->sinks + x8) + b);
-                        __builtin_prefetch((const char *)rows_at(c, Hs->V, o->sinks + x8) + b);
-                    }
-            }
             if (all && x == KST_KVSC_FREE) continue;
             hdr[3 * e] = (int)h;
             hdr[3 * e + 1] = (int)sl;
@@ -2168,73 +2158,18 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
 /* The sample cache's update after a step left to the engine's idle time (opts.append_idle: the
  * step returns once its output is made; sc_end runs in kst_kv_work, or else first thing in the
  * layer's next append or step, before anything that moves the clusters, the index or the GPU's
- * stream). The GPU's centroid scores stay in their pinned buffer until the next step's. From
- * kst_kv_work (ahead 1), where every KV head holds a plan made in the step: the step's scores
- * pushed, then each KV head's plan held while the next one is made from them into H->pa (two
- * items a KV head on the team: the hold reads no scores, the plan nothing the hold writes),
- * swapped in (the step keeps it unless its clusters took keys since), the rows added sent. */
-static int sc_flush(kst_kvc *c, kv_layer *L, int ahead, kst_error *err) {
+ * stream). The GPU's centroid scores stay in their pinned buffer until the next step's. */
+static int sc_flush(kst_kvc *c, kv_layer *L, kst_error *err) {
 #ifdef KST_CUDA
     if (!L->sc_pend) return KST_OK;
     L->sc_pend = 0;
-    const kst_kvc_opts *o = &c->o;
-    size_t H = o->kv_heads, G = o->q_heads / H, C = L->heads[0].sc.C, nrows = 0;
     int rc = kst_kvgpu_sc_fetched(L->gpu, err);
-    if (rc != KST_OK) return rc;
-    const float *cs = kst_kvgpu_sc_scores(L->gpu);
-    for (size_t h = 0; h < H; h++) ahead &= L->heads[h].sc.ready && L->heads[h].sc.made;
-    if (!ahead) { /* (as after an inline step; kst_kv_work makes the next plans later, time allowing) */
-        rc = sc_end(c, L, NULL, cs, 1, err);
-        L->sc_ahead = rc == KST_OK;
-        return rc;
-    }
-    kst_kvc_prof *pf = c->prof;
-    double t0 = pf ? mono_s() : 0;
-    for (size_t h = 0; h < H; h++) kst_kvsc_push(&L->heads[h].sc, cs + h * G * C);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(c->nth)
-    for (size_t i = 0; i < 2 * H; i++) {
-        kv_hstore *Hs = &L->heads[i % H];
-        kst_error e;
-        if (i < H) {
-            kst_kvsc_plan_apply(&Hs->sc, &Hs->tc, c->tcache_up);
-            continue;
-        }
-        Hs->sc_pna = SIZE_MAX;
-        int r = kst_kvsc_plan_make_to(&Hs->sc, &Hs->tc, c->tc_temp, o->tail_samples, &Hs->pa, &e);
-        if (r != KST_OK) {
-#pragma omp critical(kv_sc_flush)
-            if (rc == KST_OK) {
-                rc = r;
-                *err = e;
-            }
-        } else {
-            Hs->sc_pna = Hs->tc.na;
-            Hs->sc_pbud = o->tail_samples;
-        }
-    }
-    for (size_t h = 0; h < H; h++) { /* (the next plans in: after its hold, which set made 0) */
-        kv_hstore *Hs = &L->heads[h];
-        kst_kvtc_group t = Hs->sc.A;
-        Hs->sc.A = Hs->pa;
-        Hs->pa = t;
-        Hs->sc.made = Hs->sc_pna != SIZE_MAX;
-        nrows += Hs->sc.nd;
-    }
-    double t1 = pf ? mono_s() : 0;
-    if (rc == KST_OK && nrows) rc = sc_upload(c, L, 0, err);
-    if (pf) {
-        pf->sc_steps++;
-        pf->sc_made_in += H;
-        pf->sc_make += t1 - t0;
-        pf->sc_rows += nrows;
-        pf->sc_up += mono_s() - t1;
-        pf->sc_ahead_n += H;
-    }
+    if (rc == KST_OK) rc = sc_end(c, L, NULL, kst_kvgpu_sc_scores(L->gpu), 1, err);
+    if (rc == KST_OK) L->sc_ahead = 1;
     return rc;
 #else
     (void)c;
     (void)L;
-    (void)ahead;
     (void)err;
     return KST_OK;
 #endif
@@ -2275,7 +2210,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                    kst_kvc_stats *stats, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_attend", err);
     if (rc != KST_OK) return rc;
-    if ((rc = sc_flush(c, &c->layers[layer], 0, err)) != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+    if ((rc = sc_flush(c, &c->layers[layer], err)) != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
     if (!q || !out) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_attend: q or out is NULL");
     const kst_kvc_opts *o = &c->o;
     kv_layer *L = &c->layers[layer];

@@ -90,10 +90,6 @@ void kst_kvsc_push(kst_kvsc *S, const float *cs);
  * water-filled by kst_kvtc_fill) made into S->A, nothing held changed yet (so that it can be made
  * while the step's heads still read the cache). No plan (S->made 0) before a push. */
 int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_error *err);
-/* The same plan made into A (its arrays grown as needed) instead of S->A, S unchanged: so that
- * the next plan can be made while S->A is held (kst_kvc_work; swap it in, S->made = 1). */
-int kst_kvsc_plan_make_to(const kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_kvtc_group *A,
-                          kst_error *err);
 /* The plan made held, as above, adding at most upmax rows, or as many as the table holds fewer
  * than the plan's samples (where it wants more, each cluster short of its plan gets that share of
  * its shortfall: the estimate stays unbiased, with fewer rows). */
