@@ -320,25 +320,34 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
         double sum = ic[1], sub = 0, ttot = 0, trm = 0;
         uint64_t topx = 0; /* the best rows retrieved (bit a: tp[a]) */
         memcpy(oc, ic + 2, d * sizeof(float));
+        for (uint32_t e = head[cc]; e != UINT32_MAX; e = nx[e]) { /* (which retrieved rows are held, which best) */
+            size_t j = sl[2 * e] - j0;
+            rb[j >> 6] |= (uint64_t)1 << (j & 63);
+            if (tb[j >> 6] >> (j & 63) & 1)
+                for (size_t a = 0; a < nt; a++)
+                    if ((size_t)tp[a] == j) topx |= (uint64_t)1 << a;
+        }
+        for (size_t a = 0; a < nt; a++) {
+            ttot += tw[a];
+            if (topx >> a & 1) trm += tw[a];
+        }
+        int topadd = !(trm <= ttot * 0.875); /* (the best rows not retrieved added one by one, below) */
+        if (topadd) /* their value rows (cold: read from memory) asked for while the retrieved ones are taken out */
+            for (size_t a = 0; a < nt; a++)
+                if (!(topx >> a & 1) && tw[a] > 0) {
+                    const char *r = sc_row(V, row0 + S->key[j0 + tp[a]], f16, d);
+                    for (size_t b = 0; b < d * (f16 ? 2 : 4); b += 64) __builtin_prefetch(r + b);
+                }
         for (uint32_t e = head[cc]; e != UINT32_MAX; e = nx[e]) {
             uint32_t slt = sl[2 * e];
             size_t j = slt - j0;
-            rb[j >> 6] |= (uint64_t)1 << (j & 63);
-            if (tb[j >> 6] >> (j & 63) & 1) {
-                for (size_t a = 0; a < nt; a++)
-                    if ((size_t)tp[a] == j) topx |= (uint64_t)1 << a;
-                continue;
-            }
+            if (tb[j >> 6] >> (j & 63) & 1) continue; /* (a best row: its term is the items' own) */
             uint32_t x = S->key[slt];
             /* its weight as the items': from the search's score (rs) or its key */
             float s0 = rs ? rs[sl[2 * e + 1]] : kst_kv_dot(q, sc_row(K, row0 + x, f16, d), f16, d);
             float w = expf(s0 * scale + S->lw[S->cid[slt]] - mx);
             sub += w;
             kst_kv_axpy(oc, -w, sc_row(V, row0 + x, f16, d), f16, d);
-        }
-        for (size_t a = 0; a < nt; a++) {
-            ttot += tw[a];
-            if (topx >> a & 1) trm += tw[a];
         }
         double rest = sum - sub + ttot - trm;
         if ((sub > 0 && !(sub <= sum * (1.0 - KST_KVSC_KEEP))) || !(rest > 0) || !isfinite(rest)) {
@@ -363,7 +372,7 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
             kst_attn_merge_sum(o, lse, oc, s2, mk, d);
             continue;
         }
-        if (trm <= ttot * 0.875) { /* the best rows' sums, less the retrieved ones */
+        if (!topadd) { /* the best rows' sums, less the retrieved ones */
             for (size_t i = 0; i < d; i++) oc[i] += ot[i];
             for (size_t a = 0; a < nt; a++)
                 if (topx >> a & 1) kst_kv_axpy(oc, -tw[a], sc_row(V, row0 + S->key[j0 + tp[a]], f16, d), f16, d);
