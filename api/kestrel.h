@@ -336,7 +336,10 @@ typedef struct kst_kv_opts {
     size_t widen_top_k;       /* the widened searches' top_k at most (default 0: 16 x top_k) */
     int append_idle;          /* default 0; 1: a completed batch of appends is only queued by
                                  kst_kv_append and planned and linked by kst_kv_work, in the
-                                 time the engine's CPU waits for the GPU (see kst_kv_work) */
+                                 time the engine's CPU waits for the GPU (see kst_kv_work); with
+                                 tail_cache on the GPU, a step's upkeep of the cache (its held
+                                 rows, their copy, the next plans) moves there too (recommended:
+                                 without it the plans end each step) */
     /* Spread attention at a fixed budget (tests/bench/README.md, round 17): */
     float tail_strata;        /* default 0 (one evenly spaced tail sample); f > 1: the sample
                                  stratified by position, for decoders whose attention favours
@@ -438,11 +441,13 @@ int kst_kv_reserve(kst_kv *kv, size_t layer, size_t n, kst_error *err);
  * exactly). */
 int kst_kv_flush(kst_kv *kv, size_t layer, kst_error *err);
 
-/* Lends the cache the engine's idle time (with opts.append_idle = 1): plans the queued batch
- * appends of every layer (key-key searches, ~2 ms on 16 threads per batch of 64 tokens at 8 KV
- * heads) in slices of one search on the calling thread's OpenMP team and links planned batches
- * in, asking more(arg) before each slice, until it returns 0 or nothing is left (more NULL: until
- * nothing is left). Call it between a layer's kst_kv_attend and the next, while the GPU runs
+/* Lends the cache the engine's idle time (with opts.append_idle = 1): first the last steps'
+ * upkeep of tail_cache (each layer's held rows and their copy to the GPU, ~0.01-0.15 ms on the
+ * H100 host; then, while more(arg) says yes, the next steps' plans, ~0.1 ms a layer), then plans
+ * the queued batch appends of every layer (key-key searches, ~2 ms on 16 threads per batch of 64
+ * tokens at 8 KV heads) in slices of one search on the calling thread's OpenMP team and links
+ * planned batches in, asking more(arg) before each slice, until it returns 0 or nothing is left
+ * (more NULL: until nothing is left). Call it between a layer's kst_kv_attend and the next, while the GPU runs
  * the rest of the layer, e.g. with more = "cudaEventQuery(ev) == cudaErrorNotReady"; it returns
  * within one search of more() saying no. No hidden threads; the same index after kst_kv_flush
  * whoever planned. An append that would leave more than 4 x append_batch tokens pending plans

@@ -114,7 +114,13 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
  * graphs as they were when it was queued and each batch is queued at the same point, so after
  * kst_kvc_flush the graphs are the same whether the batches were planned by the appending
  * calls, by planner threads or here (test_kv_idle); before it, a step attends exactly to the
- * tokens not linked yet, so outputs differ within the retrieval's error only. */
+ * tokens not linked yet, so outputs differ within the retrieval's error only. With the sample
+ * cache on the GPU (kst_kvc_set_tail_cache), idle mode also leaves a step's upkeep of it here:
+ * the step returns once its output is made, and kst_kvc_work first holds each layer's plan and
+ * sends the rows it adds to the GPU (before the arms below; a layer's next append or step does it
+ * if kst_kvc_work has not), then, while more() says yes, makes the next step's plans (which that
+ * step keeps unless its clusters took keys since; test_gpu_idle_update: the same outputs and held
+ * rows as without idle mode). */
 int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, kst_error *err);
 /* 1: batch appends planned and linked in the engine's idle time (kst_kvc_work), the appending
  * call only queueing a completed batch; 0 (the default; KESTREL_KV_APPEND_IDLE=1 at creation
