@@ -61,7 +61,7 @@ typedef struct kv_hstore {
     kv_tail tt;   /* the tail estimate's sample */
     kst_kvtc tc;  /* the clustered tail estimate's clusters (kst_kvc_set_tail_clusters) */
     kst_kvsc sc;  /* their sample cache (kst_kvc_set_tail_cache) */
-    size_t sc_pna, sc_pbud; /* a plan made ahead in idle time (sc_flush): tc.na and the budget then */
+    size_t sc_pna, sc_pbud; /* a plan made ahead in idle time (sc_plan_ahead): tc.na and the budget then */
 } kv_hstore;
 
 /* A batch of tokens being linked into a layer's index (kst_kvc_append): nodes lo .. lo + n - 1
@@ -2085,7 +2085,7 @@ static int sc_help(kst_kvc *c, kv_layer *L, int *rc, kst_error *err) {
     size_t kh = __atomic_fetch_add(&c->sc_next, 1, __ATOMIC_ACQ_REL);
     if (kh >= o->kv_heads) return 0;
     kv_hstore *H = &L->heads[kh];
-    if (H->sc.made) return 1; /* (made ahead, sc_flush) */
+    if (H->sc.made) return 1; /* (made ahead, sc_plan_ahead) */
     kst_error e;
     int r = kst_kvsc_plan_make(&H->sc, &H->tc, c->tc_temp, o->tail_samples, &e);
     if (r != KST_OK) first_err(rc, err, r, &e);
@@ -2437,10 +2437,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #pragma omp parallel reduction(+ : scanned, retrieved, sampled, widened) if (ntask > 1) num_threads(c->nth)
     {
 #ifdef KST_CUDA
-    /* One thread at a time asks the GPU whether its partials are in, without waiting. */
 /* a KV head's tail items in host memory before the step's partials (kst_kvgpu_items_ready; the
  * launch seen first, so that the step's number is this step's) */
 #define ITEMS_IN(kh) (__atomic_load_n(&gpu_state, __ATOMIC_ACQUIRE) == 1 && kst_kvgpu_items_ready(L->gpu, (kh)))
+    /* One thread at a time asks the GPU whether its partials are in, without waiting. */
 #define GPU_ASK()                                                                                 \
     do {                                                                                          \
         if (!__atomic_exchange_n(&gpu_asking, 1, __ATOMIC_ACQ_REL)) {                             \
