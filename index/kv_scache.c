@@ -20,6 +20,7 @@ void kst_kvsc_free(kst_kvsc *S) {
     kst_free(S->dirty);
     kst_free(S->dmark);
     kst_free(S->hist);
+    kst_free(S->al);
     kst_kvtc_group_free(&S->A);
     memset(S, 0, sizeof *S);
 }
@@ -57,11 +58,13 @@ int kst_kvsc_setup(kst_kvsc *S, const kst_kvtc *T, size_t G, size_t cap, kst_err
         !(S->fr = kst_malloc(cap, sizeof(uint32_t), "tail sample cache", err)) ||
         !(S->dirty = kst_malloc(cap, sizeof(uint32_t), "tail sample cache", err)) ||
         !(S->dmark = kst_calloc(cap, 1, "tail sample cache", err)) ||
-        !(S->hist = kst_calloc(2 * G * C, sizeof(float), "tail sample cache", err))) {
+        !(S->hist = kst_calloc(2 * G * C, sizeof(float), "tail sample cache", err)) ||
+        !(S->al = kst_malloc(2 * C, sizeof(float), "tail sample cache", err))) {
         rc = KST_ERR_NOMEM;
         goto done;
     }
     for (size_t c = 0; c < C; c++) S->lw[c] = -INFINITY;
+    S->ana[0] = S->ana[1] = SIZE_MAX;
     for (size_t s = 0; s < cap; s++) {
         S->key[s] = KST_KVSC_FREE;
         S->cid[s] = -1;
@@ -134,8 +137,14 @@ int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err) {
 void kst_kvsc_push(kst_kvsc *S, const float *cs) {
     if (!S->C) return;
     size_t G = S->G, C = S->C;
-    if (S->nh) memcpy(S->hist + G * C, S->hist, G * C * sizeof(float));
+    if (S->nh) {
+        memcpy(S->hist + G * C, S->hist, G * C * sizeof(float));
+        memcpy(S->al + C, S->al, C * sizeof(float));
+        S->ana[1] = S->ana[0];
+        S->atemp[1] = S->atemp[0];
+    }
     memcpy(S->hist, cs, G * C * sizeof(float));
+    S->ana[0] = SIZE_MAX;
     S->nh = S->nh < 2 ? S->nh + 1 : 2;
 }
 
@@ -155,30 +164,35 @@ int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget
         A->C = C;
     }
     float *x = A->x, *e = x + C, *lf = e + C; /* (lf, the clusters' sizes, then the fill's scratch) */
-    for (size_t c = 0; c < C; c++) {
-        x[c] = 0;
-        lf[c] = (float)T->len[c];
-    }
-    for (size_t g = 0; g < S->nh * G; g++) {
-        const float *cg = S->hist + g * C;
-        float m = -INFINITY;
+    for (size_t c = 0; c < C; c++) lf[c] = (float)T->len[c];
+    for (size_t k = 0; k < S->nh; k++) { /* each step's rows summed once for the two plans it is in */
+        float *a = S->al + k * C;
+        if (S->ana[k] == T->na && S->atemp[k] == temp) continue;
+        for (size_t c = 0; c < C; c++) a[c] = 0;
+        for (size_t g = k * G; g < (k + 1) * G; g++) {
+            const float *cg = S->hist + g * C;
+            float m = -INFINITY;
 #pragma omp simd reduction(max : m)
-        for (size_t c = 0; c < C; c++) m = cg[c] > m ? cg[c] : m;
-        if (!(m > -INFINITY)) continue;
+            for (size_t c = 0; c < C; c++) m = cg[c] > m ? cg[c] : m;
+            if (!(m > -INFINITY)) continue;
 #pragma omp simd
-        for (size_t c = 0; c < C; c++) e[c] = temp * cg[c];
-        kst_kv_exp_shift(e, C, temp * m);
-        float Z = 0;
+            for (size_t c = 0; c < C; c++) e[c] = temp * cg[c];
+            kst_kv_exp_shift(e, C, temp * m);
+            float Z = 0;
 #pragma omp simd reduction(+ : Z)
-        for (size_t c = 0; c < C; c++) {
-            e[c] *= lf[c];
-            Z += e[c];
-        }
-        if (!(Z > 0)) continue;
-        float iz = 1.0f / Z;
+            for (size_t c = 0; c < C; c++) {
+                e[c] *= lf[c];
+                Z += e[c];
+            }
+            if (!(Z > 0)) continue;
+            float iz = 1.0f / Z;
 #pragma omp simd
-        for (size_t c = 0; c < C; c++) x[c] += e[c] * iz;
+            for (size_t c = 0; c < C; c++) a[c] += e[c] * iz;
+        }
+        S->ana[k] = T->na;
+        S->atemp[k] = temp;
     }
+    for (size_t c = 0; c < C; c++) x[c] = S->nh > 1 ? S->al[C + c] + S->al[c] : S->al[c];
     A->tot = kst_kvtc_fill(C, T->len, x, lf, budget, A->ns);
     S->made = 1;
 done:

@@ -63,6 +63,10 @@ typedef struct kst_kvsc {
     size_t nd;
     float *hist;           /* (2 G, C) centroid score rows: the last step's, the one before */
     size_t nh;             /* steps in hist (0..2) */
+    float *al;             /* (2, C) each step's rows' normalized allocations summed (plan_make),
+                              kept while the clusters' sizes (their nodes, ana) and temp hold */
+    size_t ana[2];         /* T->na they were made at (SIZE_MAX: not made) */
+    float atemp[2];
     size_t hand;           /* the eviction clock */
     size_t na;             /* nodes of the clusters seen (kst_kvsc_joined) */
     size_t added;          /* rows the plans added since set up (uploads) */
