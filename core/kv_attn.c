@@ -64,6 +64,49 @@ __attribute__((target("avx2,f16c,fma"))) static void axpy_avx2(float *out, float
     }
 }
 
+/* kst_kv_fill_round, 8 clusters a step (the same closures; the open weights summed in 8 lanes) */
+__attribute__((target("avx2"))) static int fill_round_avx2(size_t n, const uint32_t *rc, float *w, uint32_t *ns,
+                                                           float lw, double *wopen, uint64_t *took) {
+    __m256 vl = _mm256_set1_ps(lw), z = _mm256_setzero_ps();
+    __m256d w0 = _mm256_setzero_pd(), w1 = _mm256_setzero_pd();
+    __m256i t0 = _mm256_setzero_si256(), t1 = _mm256_setzero_si256();
+    int closed = 0;
+    size_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 wv = _mm256_loadu_ps(w + c);
+        __m256i ri = _mm256_loadu_si256((const __m256i *)(rc + c));
+        __m256 m = _mm256_and_ps(_mm256_cmp_ps(wv, z, _CMP_GT_OQ),
+                                 _mm256_cmp_ps(_mm256_mul_ps(vl, wv), _mm256_cvtepi32_ps(ri), _CMP_GE_OQ));
+        __m256i mi = _mm256_castps_si256(m), rt = _mm256_and_si256(ri, mi);
+        __m256 wo = _mm256_andnot_ps(m, wv);
+        closed |= _mm256_movemask_ps(m);
+        _mm256_storeu_si256((__m256i *)(ns + c), _mm256_blendv_epi8(_mm256_loadu_si256((const __m256i *)(ns + c)), ri, mi));
+        _mm256_storeu_ps(w + c, wo);
+        w0 = _mm256_add_pd(w0, _mm256_cvtps_pd(_mm256_castps256_ps128(wo)));
+        w1 = _mm256_add_pd(w1, _mm256_cvtps_pd(_mm256_extractf128_ps(wo, 1)));
+        t0 = _mm256_add_epi64(t0, _mm256_cvtepu32_epi64(_mm256_castsi256_si128(rt)));
+        t1 = _mm256_add_epi64(t1, _mm256_cvtepu32_epi64(_mm256_extracti128_si256(rt, 1)));
+    }
+    double wl[4];
+    uint64_t tl[4];
+    _mm256_storeu_pd(wl, _mm256_add_pd(w0, w1));
+    _mm256_storeu_si256((__m256i *)tl, _mm256_add_epi64(t0, t1));
+    double W = (wl[0] + wl[1]) + (wl[2] + wl[3]);
+    uint64_t t = tl[0] + tl[1] + tl[2] + tl[3];
+    for (; c < n; c++) {
+        float wc = w[c];
+        int cl = wc > 0 && lw * wc >= (float)(int32_t)rc[c];
+        ns[c] = cl ? rc[c] : ns[c];
+        w[c] = cl ? 0 : wc;
+        W += cl ? 0.0 : (double)wc;
+        t += cl ? rc[c] : 0;
+        closed |= cl;
+    }
+    *wopen = W;
+    *took = t;
+    return closed != 0;
+}
+
 static int has_avx2(void) {
     static int v = -1;
     if (v < 0) {
@@ -258,6 +301,27 @@ static void comb(float *O, const float *A, size_t G, const void *M, int f16, siz
 void kst_kv_scores_t(float *S, const float *Q, size_t G, const void *Kt, int f16, size_t n,
                      size_t d, float scale) {
     comb(S, Q, G, Kt, f16, d, n, scale);
+}
+
+int kst_kv_fill_round(size_t n, const uint32_t *rc, float *w, uint32_t *ns, float lw, double *wopen, uint64_t *took) {
+#ifdef KST_KV_DOT_AVX2
+    if (has_avx2()) return fill_round_avx2(n, rc, w, ns, lw, wopen, took);
+#endif
+    int closed = 0;
+    double W = 0;
+    uint64_t t = 0;
+    for (size_t c = 0; c < n; c++) {
+        float wc = w[c];
+        int cl = wc > 0 && lw * wc >= (float)(int32_t)rc[c];
+        ns[c] = cl ? rc[c] : ns[c];
+        w[c] = cl ? 0 : wc;
+        W += cl ? 0.0 : (double)wc;
+        t += cl ? rc[c] : 0;
+        closed |= cl;
+    }
+    *wopen = W;
+    *took = t;
+    return closed;
 }
 
 void kst_kv_exp_shift(float *w, size_t n, float mx) {

@@ -38,6 +38,10 @@ void kst_kv_scores_t(float *S, const float *Q, size_t G, const void *Kt, int f16
 /* w[j] = exp(w[j] - mx) for j < n (float32; a vectorized exp where the CPU has AVX2, within
  * 2 ulp of expf; 0 below exp's float range). */
 void kst_kv_exp_shift(float *w, size_t n, float mx);
+/* One round of water-filling over n clusters (kst_kvtc_fill): cluster c with w[c] > 0 and
+ * lw * w[c] >= rc[c] (rc[c] < 2^31) is taken whole: ns[c] = rc[c], w[c] = 0. Returns 1 if any
+ * was; *wopen: the weights left open summed (in double), *took: the keys of those taken. */
+int kst_kv_fill_round(size_t n, const uint32_t *rc, float *w, uint32_t *ns, float lw, double *wopen, uint64_t *took);
 
 /* Weighted sums of n contiguous rows V (n, d) for G weight vectors W (G, n):
  * O[g * d + i] = sum_j W[g * n + j] V[j][i] (each row read once for all G). */

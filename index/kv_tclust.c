@@ -251,20 +251,9 @@ static size_t tc_fill_w(size_t C, const uint32_t *rc, float *x, float *w, size_t
                 W += w[c];
             }
         }
-        int closed = 0;
         double lw = left / W, Wn = 0;
-        float lwf = (float)lw;
         uint64_t took = 0;
-#pragma omp simd reduction(| : closed) reduction(+ : Wn, took)
-        for (size_t c = 0; c < C; c++) {
-            float wc = w[c];
-            int cl = wc > 0 && lwf * wc >= (float)rc[c];
-            ns[c] = cl ? rc[c] : ns[c];
-            w[c] = cl ? 0 : wc;
-            Wn += cl ? 0.0 : (double)wc;
-            took += cl ? rc[c] : 0;
-            closed |= cl;
-        }
+        int closed = kst_kv_fill_round(C, rc, w, ns, (float)lw, &Wn, &took);
         if (!closed) {
             for (size_t c = 0; c < C; c++) x[c] = (float)(lw * w[c]);
             break;

@@ -14,6 +14,8 @@
  *   member lists, the step still the estimator's;
  * - keys in clusters, queries spread over one or two of them past top_k: closer to full
  *   attention than the uniform sample at the same count;
+ * - one water-filling round (kst_kv_fill_round, the AVX2 path where the CPU has it) against
+ *   float64;
  * - edges: fewer clusters than asked, a layer of few indexed keys, tail_samples 0, the
  *   environment override, the key-only and attention-aware indexes, no index at all.
  * Tolerances: outputs 2e-5 absolute + 1e-4 relative (float32 scores and sums, as test_kv). */
@@ -22,6 +24,7 @@
 
 #include "api/kestrel.h"
 #include "core/half.h"
+#include "core/kv_attn.h"
 #include "index/kv.h"
 #include "index/kv_tclust.h"
 #ifdef KST_CUDA
@@ -109,6 +112,59 @@ static kst_kvc *make_cache(const kst_kvc_opts *o, float *K, float *V, size_t n, 
  * KV head): random queries (centre-like, scaled 0.3 .. 50: at 50 the weights of all but the best
  * clusters underflow in float32) and random distinct attended sets (random nodes, whole clusters
  * and random nodes, every node, ids past the index), budgets 1 .. past the rest, temp 0 .. 2. */
+/* One water-filling round (core/kv_attn.h: kst_kv_fill_round, 8 clusters a step where the CPU
+ * has AVX2) against its definition in float64: 1..67 clusters (the 8-wide body and every tail
+ * length), weights 0, negative, tiny and large, keys 0..1000 and one at 2^31 - 1, levels at
+ * which none, some or all close; each closure the definition's (the float32 product compared as
+ * the definition states), the open weights' sum within 1e-12 relative of float64, the keys taken
+ * exact, ns and w of the closed set and untouched elsewhere. */
+static void test_fill_round(void **state) {
+    (void)state;
+    kv_rng = 91;
+    size_t rounds = 0, closed_all = 0, closed_none = 0;
+    for (size_t n = 1; n <= 67; n++)
+        for (int lv = 0; lv < 6; lv++) {
+            uint32_t rc[67], ns[67], ns0[67];
+            float w[67], w0[67];
+            for (size_t c = 0; c < n; c++) {
+                double g = kv_gauss();
+                rc[c] = (uint32_t)(fabs(g) * 300);
+                w[c] = c % 7 == 3 ? 0.0f : c % 11 == 5 ? -1.0f : (float)exp(2 * g);
+                if (c % 13 == 6) w[c] = 1e-30f;
+                ns0[c] = ns[c] = (uint32_t)c * 3;
+                w0[c] = w[c];
+            }
+            if (n > 40) rc[n - 2] = 2147483647u;
+            float lw = lv == 0 ? 0.0f : lv == 5 ? 1e30f : (float)pow(10.0, lv - 2); /* none .. all */
+            double W = 0, Wref = 0;
+            uint64_t took = 0, tref = 0;
+            int any = kst_kv_fill_round(n, rc, w, ns, lw, &W, &took), aref = 0;
+            size_t nc = 0;
+            for (size_t c = 0; c < n; c++) {
+                int cl = w0[c] > 0 && (double)(lw * w0[c]) >= (double)rc[c];
+                aref |= cl;
+                nc += cl;
+                if (cl) {
+                    tref += rc[c];
+                    if (ns[c] != rc[c] || w[c] != 0.0f) fail_msg("n %zu, level %d: cluster %zu closed but ns %u w %g", n, lv, c, ns[c], w[c]);
+                } else {
+                    Wref += w0[c];
+                    if (ns[c] != ns0[c] || w[c] != w0[c]) fail_msg("n %zu, level %d: cluster %zu open but changed", n, lv, c);
+                }
+            }
+            if (any != aref) fail_msg("n %zu, level %d: returned %d, the definition %d", n, lv, any, aref);
+            if (took != tref) fail_msg("n %zu, level %d: keys taken %llu, the definition %llu", n, lv, (unsigned long long)took, (unsigned long long)tref);
+            if (!(fabs(W - Wref) <= 1e-12 * fabs(Wref) + 1e-300))
+                fail_msg("n %zu, level %d: open weights %.17g, float64 %.17g", n, lv, W, Wref);
+            rounds++;
+            closed_all += nc == n;
+            closed_none += nc == 0;
+        }
+    print_message("fill rounds: %zu checked against float64 (%zu closing nothing, %zu every cluster)\n", rounds, closed_none,
+                  closed_all);
+    if (!closed_none || closed_all == rounds) fail_msg("the levels did not span none to all closed");
+}
+
 static void test_plan_definition(void **state) {
     (void)state;
     tc_seed(1);
@@ -722,6 +778,7 @@ static void test_env_override(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_fill_round),
         cmocka_unit_test(test_plan_definition),
         cmocka_unit_test(test_step_equals_estimator),
         cmocka_unit_test(test_budget_covers_rest),
