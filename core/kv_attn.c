@@ -5,6 +5,22 @@
 #include <string.h>
 
 
+/* kst_kv_fill_round's definition over clusters c0 .. n - 1, added to *W, *t; returns 1 if any closed */
+static int fill_round_from(size_t c0, size_t n, const uint32_t *rc, float *w, uint32_t *ns, float lw, double *W,
+                           uint64_t *t) {
+    int closed = 0;
+    for (size_t c = c0; c < n; c++) {
+        float wc = w[c];
+        int cl = wc > 0 && lw * wc >= (float)(int32_t)rc[c];
+        ns[c] = cl ? rc[c] : ns[c];
+        w[c] = cl ? 0 : wc;
+        *W += cl ? 0.0 : (double)wc;
+        *t += cl ? rc[c] : 0;
+        closed |= cl;
+    }
+    return closed;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 /* AVX2 + F16C + FMA: 8 lanes per step; float16 rows converted in registers (vcvtph2ps). */
@@ -91,19 +107,9 @@ __attribute__((target("avx2"))) static int fill_round_avx2(size_t n, const uint3
     uint64_t tl[4];
     _mm256_storeu_pd(wl, _mm256_add_pd(w0, w1));
     _mm256_storeu_si256((__m256i *)tl, _mm256_add_epi64(t0, t1));
-    double W = (wl[0] + wl[1]) + (wl[2] + wl[3]);
-    uint64_t t = tl[0] + tl[1] + tl[2] + tl[3];
-    for (; c < n; c++) {
-        float wc = w[c];
-        int cl = wc > 0 && lw * wc >= (float)(int32_t)rc[c];
-        ns[c] = cl ? rc[c] : ns[c];
-        w[c] = cl ? 0 : wc;
-        W += cl ? 0.0 : (double)wc;
-        t += cl ? rc[c] : 0;
-        closed |= cl;
-    }
-    *wopen = W;
-    *took = t;
+    *wopen = (wl[0] + wl[1]) + (wl[2] + wl[3]);
+    *took = tl[0] + tl[1] + tl[2] + tl[3];
+    closed |= fill_round_from(c, n, rc, w, ns, lw, wopen, took);
     return closed != 0;
 }
 
@@ -307,21 +313,9 @@ int kst_kv_fill_round(size_t n, const uint32_t *rc, float *w, uint32_t *ns, floa
 #ifdef KST_KV_DOT_AVX2
     if (has_avx2()) return fill_round_avx2(n, rc, w, ns, lw, wopen, took);
 #endif
-    int closed = 0;
-    double W = 0;
-    uint64_t t = 0;
-    for (size_t c = 0; c < n; c++) {
-        float wc = w[c];
-        int cl = wc > 0 && lw * wc >= (float)(int32_t)rc[c];
-        ns[c] = cl ? rc[c] : ns[c];
-        w[c] = cl ? 0 : wc;
-        W += cl ? 0.0 : (double)wc;
-        t += cl ? rc[c] : 0;
-        closed |= cl;
-    }
-    *wopen = W;
-    *took = t;
-    return closed;
+    *wopen = 0;
+    *took = 0;
+    return fill_round_from(0, n, rc, w, ns, lw, wopen, took);
 }
 
 void kst_kv_exp_shift(float *w, size_t n, float mx) {
