@@ -1993,6 +1993,7 @@ static int sc_upload(kst_kvc *c, kv_layer *L, int all, kst_error *err) {
     off[0] = 0;
     for (size_t h = 0; h < H; h++) off[h + 1] = off[h] + (all ? L->heads[h].sc.used : L->heads[h].sc.nd);
     KST_TRY(kst_kvgpu_sc_staging(L->gpu, off[H], &hdr, &rows, err));
+    double tg = c->prof ? mono_s() : 0;
 #pragma omp parallel for schedule(static) num_threads(c->nth) if (off[H] > 512 && H > 1)
     for (size_t h = 0; h < H; h++) {
         kv_hstore *Hs = &L->heads[h];
@@ -2013,7 +2014,10 @@ static int sc_upload(kst_kvc *c, kv_layer *L, int all, kst_error *err) {
         kst_kvsc_take_dirty(S, NULL);
         memcpy(c->sc_lw + h * C, S->lw, C * sizeof(float));
     }
+    double ts = c->prof ? mono_s() : 0;
+    if (c->prof) c->prof->sc_gather += ts - tg;
     KST_TRY(kst_kvgpu_sc_send(L->gpu, off[H], c->sc_lw, err));
+    if (c->prof) c->prof->sc_send += mono_s() - ts;
     L->sc_gpu = 1;
 done:
     return rc;
@@ -2123,7 +2127,13 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
             S->made = 0;
         }
         if (!S->made) r = kst_kvsc_plan_make(S, &H->tc, c->tc_temp, o->tail_samples, &e);
+        double ta = pf ? mono_s() : 0;
         if (r == KST_OK) kst_kvsc_plan_apply(S, &H->tc, c->tcache_up);
+        if (pf) {
+            double dt = mono_s() - ta;
+#pragma omp atomic
+            pf->sc_apply += dt;
+        }
         if (r == KST_OK && !boot && cs) kst_kvsc_push(S, cs + h * G * C);
         else if (r == KST_OK && !boot) {
             kst_kvtc_scores(&H->tc, q + h * G * o->head_dim, G, o->scale, c->sc_cs + h * G * C);
@@ -2190,7 +2200,13 @@ static int sc_plan_ahead(kst_kvc *c, kv_layer *L, kst_error *err) {
         kst_error e;
         H->sc_pna = SIZE_MAX;
         if (!H->sc.ready) continue;
+        double tp = c->prof ? mono_s() : 0;
         int r = kst_kvsc_plan_make(&H->sc, &H->tc, c->tc_temp, o->tail_samples, &e);
+        if (c->prof) {
+            double dt = mono_s() - tp;
+#pragma omp atomic
+            c->prof->sc_ahead_cpu += dt;
+        }
         if (r != KST_OK) {
 #pragma omp critical(kv_sc_ahead)
             if (rc == KST_OK) {

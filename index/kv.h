@@ -442,13 +442,16 @@ typedef struct kst_kvc_prof {
     double gpu_arm_idle_s;
     /* the sample cache (kst_kvc_set_tail_cache) after its steps (sc_steps): KV heads' plans made
      * by the step's threads once out of tasks (sc_made_in) and after them (seconds: sc_make), held
-     * (sc_apply), the rows sent to the GPU (sc_rows) and the sending (sc_up) */
+     * (sc_apply: the KV heads' holds summed, each on its thread), the rows sent to the GPU
+     * (sc_rows) and the sending (sc_up; of it sc_gather: the rows gathered into the staging, and
+     * sc_send: the CUDA calls queueing them) */
     size_t sc_steps, sc_made_in, sc_rows;
-    double sc_make, sc_apply, sc_up;
+    double sc_make, sc_apply, sc_up, sc_gather, sc_send;
     /* the region's end, seconds from the call's start summed over steps (each the last thread's):
      * out of tasks, out of the sample cache's plans, out of the GPU's wait and merge */
     double out_tasks, out_plans, out_done;
-    double sc_ahead; /* seconds making the next steps' plans ahead, in idle time (kst_kvc_work) */
+    double sc_ahead;     /* seconds making the next steps' plans ahead, in idle time (kst_kvc_work) */
+    double sc_ahead_cpu; /* the same, the KV heads' plans summed (each on its thread) */
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 
