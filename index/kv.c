@@ -214,8 +214,6 @@ struct kst_kvc {
     size_t sc_cs_cap;
     float *sc_lw;         /* (kv_heads, C) the clusters' log weights, uploaded */
     size_t sc_lcap;
-    int sc_map;           /* the GPU reads the rows a plan adds from the mapped host rows
-                             (kst_kvgpu_sc_map; KESTREL_KV_SC_MAPPED=0: gathered into the staging) */
     float *os_all, *lse_s_all; /* (q_heads, head_dim), (q_heads): the static partial, where made early */
     uint8_t *os_ok;       /* (q_heads) 1: os_all holds this step's static partial */
     float *ptmp;          /* (nth, 2 * head_dim) the appending call's threads' plan scratch */
@@ -338,7 +336,6 @@ void kst_kvc_set_tail_cache(kst_kvc *c, int on, size_t slots) {
     c->tcache = e ? atoi(e) != 0 : on != 0;
     c->tcache_cap = es ? (size_t)atol(es) : slots;
     c->tcache_up = getenv("KESTREL_KV_TCACHE_UP") ? (size_t)atol(getenv("KESTREL_KV_TCACHE_UP")) : 256;
-    c->sc_map = !getenv("KESTREL_KV_SC_MAPPED") || atoi(getenv("KESTREL_KV_SC_MAPPED")) != 0;
 }
 const kst_kvsc *kst_kvc_sample_cache(const kst_kvc *c, size_t layer, size_t kvh) {
     if (layer >= c->o.layers || kvh >= c->o.kv_heads || !c->layers[layer].built) return NULL;
@@ -511,10 +508,6 @@ void kst_kvc_free(kst_kvc *c) {
             kst_free(L->job.cnt);
             kst_free(L->cost);
             kst_free(L->order);
-#ifdef KST_CUDA
-            kst_kvgpu_free(L->gpu); /* (first: it unmaps the host rows freed below) */
-            L->gpu = NULL;
-#endif
             if (!L->heads) continue;
             for (size_t h = 0; h < c->o.kv_heads; h++) {
                 kst_free(L->heads[h].K);
@@ -533,6 +526,9 @@ void kst_kvc_free(kst_kvc *c) {
                 kst_kvsc_free(&L->heads[h].sc);
             }
             kst_free(L->heads);
+#ifdef KST_CUDA
+            kst_kvgpu_free(L->gpu);
+#endif
         }
         kst_free(c->layers);
     }
@@ -1086,9 +1082,6 @@ static int grow_rows(kst_kvc *c, kv_layer *L, size_t n, kst_error *err) {
     int rc = KST_OK;
     if (n <= L->cap) return KST_OK;
     KST_TRY(job_finish(c, L, err));
-#ifdef KST_CUDA
-    if (L->gpu) KST_TRY(kst_kvgpu_sc_unmap(L->gpu, err)); /* (the rows move: mapped anew at the next upload) */
-#endif
     size_t rowb = c->o.head_dim * c->esize, cap = L->cap ? L->cap : 256;
     while (cap < n) cap *= 2;
     for (size_t h = 0; h < c->o.kv_heads; h++) {
@@ -1990,25 +1983,18 @@ static int tg_help(kst_kvc *c, kv_layer *L, kv_thread *t, const float *q, int *r
 
 #ifdef KST_CUDA
 /* The sample cache's slots changed since the last upload (all held where `all`: a new table)
- * listed and sent with the clusters' weights: the GPU reads their rows from the KV heads' mapped
- * host rows (c->sc_map), or they are gathered into the staging, each KV head's by its thread. */
+ * staged, each KV head's by its own thread, and sent with the clusters' weights. */
 static int sc_upload(kst_kvc *c, kv_layer *L, int all, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     size_t H = o->kv_heads, C = L->heads[0].sc.C, rowb = o->head_dim * c->esize, *off = c->sc_off;
-    int rc = KST_OK, *hdr, mapped = c->sc_map;
-    void *rows = NULL;
+    int rc = KST_OK, *hdr;
+    void *rows;
     if (!off && !(off = c->sc_off = kst_malloc(H + 1, sizeof(size_t), "tail sample cache uploads", err))) return KST_ERR_NOMEM;
-    for (size_t h = 0; h < H && mapped; h++) /* (once a growth; refused: staged from now on) */
-        KST_TRY(kst_kvgpu_sc_map(L->gpu, h, L->heads[h].K, L->heads[h].V, L->cap * rowb, &mapped, err));
-    if (c->sc_map && !mapped) {
-        c->sc_map = 0;
-        KST_TRY(kst_kvgpu_sc_unmap(L->gpu, err));
-    }
     off[0] = 0;
     for (size_t h = 0; h < H; h++) off[h + 1] = off[h] + (all ? L->heads[h].sc.used : L->heads[h].sc.nd);
-    KST_TRY(kst_kvgpu_sc_staging(L->gpu, off[H], &hdr, mapped ? NULL : &rows, err));
+    KST_TRY(kst_kvgpu_sc_staging(L->gpu, off[H], &hdr, &rows, err));
     double tg = c->prof ? mono_s() : 0;
-#pragma omp parallel for schedule(static) num_threads(c->nth) if (!mapped && off[H] > 512 && H > 1)
+#pragma omp parallel for schedule(static) num_threads(c->nth) if (off[H] > 512 && H > 1)
     for (size_t h = 0; h < H; h++) {
         kv_hstore *Hs = &L->heads[h];
         kst_kvsc *S = &Hs->sc;
@@ -2016,11 +2002,10 @@ static int sc_upload(kst_kvc *c, kv_layer *L, int all, kst_error *err) {
         for (size_t i = 0; i < n; i++) {
             uint32_t sl = all ? (uint32_t)i : S->dirty[i], x = S->key[sl];
             if (all && x == KST_KVSC_FREE) continue;
-            hdr[4 * e] = (int)h;
-            hdr[4 * e + 1] = (int)sl;
-            hdr[4 * e + 2] = S->cid[sl];
-            hdr[4 * e + 3] = x == KST_KVSC_FREE ? -1 : (int)(o->sinks + x);
-            if (!mapped && x != KST_KVSC_FREE) {
+            hdr[3 * e] = (int)h;
+            hdr[3 * e + 1] = (int)sl;
+            hdr[3 * e + 2] = S->cid[sl];
+            if (x != KST_KVSC_FREE) {
                 memcpy((char *)rows + 2 * e * rowb, rows_at(c, Hs->K, o->sinks + x), rowb);
                 memcpy((char *)rows + (2 * e + 1) * rowb, rows_at(c, Hs->V, o->sinks + x), rowb);
             }
@@ -2029,11 +2014,10 @@ static int sc_upload(kst_kvc *c, kv_layer *L, int all, kst_error *err) {
         kst_kvsc_take_dirty(S, NULL);
         memcpy(c->sc_lw + h * C, S->lw, C * sizeof(float));
     }
-    if (c->prof) c->prof->sc_gather += mono_s() - tg;
     double ts = c->prof ? mono_s() : 0;
-    KST_TRY(kst_kvgpu_sc_send(L->gpu, off[H], c->sc_lw, mapped, err));
+    if (c->prof) c->prof->sc_gather += ts - tg;
+    KST_TRY(kst_kvgpu_sc_send(L->gpu, off[H], c->sc_lw, err));
     if (c->prof) c->prof->sc_send += mono_s() - ts;
-    if (c->prof) c->prof->sc_mapped += mapped;
     L->sc_gpu = 1;
 done:
     return rc;

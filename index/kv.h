@@ -443,10 +443,10 @@ typedef struct kst_kvc_prof {
     /* the sample cache (kst_kvc_set_tail_cache) after its steps (sc_steps): KV heads' plans made
      * by the step's threads once out of tasks (sc_made_in) and after them (seconds: sc_make), held
      * (sc_apply: the KV heads' holds summed, each on its thread), the rows sent to the GPU
-     * (sc_rows) and the sending (sc_up; of it sc_gather: the rows gathered into the staging) */
+     * (sc_rows) and the sending (sc_up; of it sc_gather: the rows gathered into the staging, and
+     * sc_send: the CUDA calls queueing them) */
     size_t sc_steps, sc_made_in, sc_rows;
-    double sc_make, sc_apply, sc_up, sc_gather, sc_send; /* (sc_send: the CUDA calls queueing them) */
-    size_t sc_mapped; /* uploads whose rows the GPU read from the mapped host rows (kst_kvgpu_sc_map) */
+    double sc_make, sc_apply, sc_up, sc_gather, sc_send;
     /* the region's end, seconds from the call's start summed over steps (each the last thread's):
      * out of tasks, out of the sample cache's plans, out of the GPU's wait and merge */
     double out_tasks, out_plans, out_done;

@@ -80,13 +80,7 @@ struct kst_kvgpu {
     int *scid, *dshdr, *hshdr;
     float *sclw, *hslw, *scent, *scs, *hscs;
     char *dsrows, *hsrows;
-    size_t sC, scap_stage, srcap;
-    // kst_kvgpu_sc_map: each KV head's host rows registered and mapped (hmap: keys of KV head h
-    // at 2 h, values at 2 h + 1, hmapb bytes; their device addresses in dmap, a copy in hdmap),
-    // the scatter then reading a slot's rows there (the header's row) instead of the staging's
-    const void **hmap, **hdmap;
-    size_t *hmapb;
-    const void **dmap;
+    size_t sC, scap_stage;
     cudaEvent_t sev, slev, sfev; // (slev: the last copy of the weights out of hslw; sfev: the scores' download)
     int sev_rec, slev_rec, sf_rec;
     // the static tokens' partial split over `split` blocks a query head (kst_kvgpu_split): their
@@ -876,17 +870,14 @@ __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, con
 
 // The sample cache's staged rows (kst_kvgpu_sc_stage): entry e (block e) sets its slot's cluster
 // and, for a held slot, writes its key (chunk-transposed; kl: in tg_kpos's layout) and value rows
-// into the table: from the staging (rows), or where map is not NULL from the KV head's host rows
-// (mapped: map[2 kh] keys, map[2 kh + 1] values) at the header's row.
+// into the table.
 template <typename T>
-__global__ void sc_scatter_kernel(const int *hdr, const T *rows, const T *const *map, T *tK, T *tV, int *cid, int ns,
-                                  int ch, int d, int kl) {
-    int e = blockIdx.x, kh = hdr[4 * e], s = hdr[4 * e + 1], c = hdr[4 * e + 2];
+__global__ void sc_scatter_kernel(const int *hdr, const T *rows, T *tK, T *tV, int *cid, int ns, int ch, int d, int kl) {
+    int e = blockIdx.x, kh = hdr[3 * e], s = hdr[3 * e + 1], c = hdr[3 * e + 2];
     if (threadIdx.x == 0) cid[(size_t)kh * ns + s] = c;
     if (c < 0) return;
     int j0 = s / ch * ch, nr = min(ch, ns - j0), j = s - j0;
-    size_t r = (size_t)hdr[4 * e + 3] * d;
-    const T *k = map ? map[2 * kh] + r : rows + (size_t)e * 2 * d, *v = map ? map[2 * kh + 1] + r : k + d;
+    const T *k = rows + (size_t)e * 2 * d, *v = k + d;
     T *Kc = tK + ((size_t)kh * ns + j0) * d, *Vr = tV + ((size_t)kh * ns + s) * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         Kc[kl ? tg_kpos(j, i, nr, sizeof(T)) : (size_t)i * nr + j] = k[i];
@@ -1044,13 +1035,6 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     if (!g) return;
     kvgpu_release_all(NULL); // (every queued chain released first: the frees wait for the device)
     if (g->st) cudaStreamSynchronize(g->st);
-    if (g->hmap)
-        for (size_t i = 0; i < 2 * g->kvh; i++)
-            if (g->hmap[i]) cudaHostUnregister((void *)g->hmap[i]);
-    free(g->hmap);
-    free(g->hdmap);
-    free(g->hmapb);
-    cudaFree((void *)g->dmap);
     cudaFree(g->KV);
     cudaFreeHost(g->hstage);
     cudaFree(g->q);
@@ -1219,121 +1203,45 @@ done:
 
 extern "C" int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err) {
     int rc = KST_OK;
-    size_t es = g->f16 ? 2 : 4;
     if (!g->sC) return kst_fail(err, KST_ERR_INVALID, "kv gpu: no sample cache reserved");
     if (g->sev_rec) CU(cudaEventSynchronize(g->sev), "kv gpu sample cache upload"); // (done by now, as a rule)
     g->sev_rec = 0;
     if (n > g->scap_stage) {
-        size_t cap = n + n / 2 + 64;
+        size_t es = g->f16 ? 2 : 4, cap = n + n / 2 + 64;
         cudaFree(g->dshdr);
-        cudaFreeHost(g->hshdr);
-        g->dshdr = g->hshdr = NULL;
-        g->scap_stage = 0;
-        CU(cudaMalloc((void **)&g->dshdr, cap * 4 * sizeof(int)), "kv gpu sample cache staging");
-        CU(cudaMallocHost((void **)&g->hshdr, cap * 4 * sizeof(int)), "kv gpu sample cache staging");
-        g->scap_stage = cap;
-    }
-    if (rows && n > g->srcap) { // (not made where the rows are always read from host memory)
-        size_t cap = n + n / 2 + 64;
         cudaFree(g->dsrows);
+        cudaFreeHost(g->hshdr);
         cudaFreeHost(g->hsrows);
+        g->dshdr = g->hshdr = NULL;
         g->dsrows = g->hsrows = NULL;
-        g->srcap = 0;
+        g->scap_stage = 0;
+        CU(cudaMalloc((void **)&g->dshdr, cap * 3 * sizeof(int)), "kv gpu sample cache staging");
+        CU(cudaMallocHost((void **)&g->hshdr, cap * 3 * sizeof(int)), "kv gpu sample cache staging");
         CU(cudaMalloc((void **)&g->dsrows, cap * 2 * g->d * es), "kv gpu sample cache staging");
         CU(cudaMallocHost((void **)&g->hsrows, cap * 2 * g->d * es), "kv gpu sample cache staging");
-        g->srcap = cap;
+        g->scap_stage = cap;
     }
     *hdr = g->hshdr;
-    if (rows) *rows = g->hsrows;
+    *rows = g->hsrows;
 done:
     return rc;
 }
 
-extern "C" int kst_kvgpu_sc_map(kst_kvgpu *g, size_t kv_head, const void *K, const void *V, size_t bytes, int *mapped,
-                                kst_error *err) {
-    int rc = KST_OK, moved = 0;
-    *mapped = 0;
-    if (kv_head >= g->kvh) return kst_fail(err, KST_ERR_INVALID, "kv gpu: KV head %zu of %zu", kv_head, g->kvh);
-    if (!g->hmap) {
-        size_t n = 2 * g->kvh;
-        g->hmap = (const void **)calloc(n, sizeof(void *));
-        g->hdmap = (const void **)calloc(n, sizeof(void *));
-        g->hmapb = (size_t *)calloc(n, sizeof(size_t));
-        if (!g->hmap || !g->hdmap || !g->hmapb) return kst_fail(err, KST_ERR_NOMEM, "kv gpu: host row maps");
-        CU(cudaMalloc((void **)&g->dmap, n * sizeof(void *)), "kv gpu host row maps");
-        CU(cudaMemset((void *)g->dmap, 0, n * sizeof(void *)), "kv gpu host row maps");
-    }
-    for (int w = 0; w < 2; w++) {
-        size_t i = 2 * kv_head + w;
-        const void *p = w ? V : K;
-        if (g->hmap[i] == p && g->hmapb[i] == bytes) continue;
-        if (!moved) { // nothing queued reads the old range any more (and no chain waits: a
-                      // registration may wait for the whole device)
-            KST_TRY(kvgpu_release_all(err));
-            CU(cudaStreamSynchronize(g->st), "kv gpu host row maps");
-        }
-        moved = 1;
-        if (g->hmap[i]) cudaHostUnregister((void *)g->hmap[i]);
-        g->hmap[i] = g->hdmap[i] = NULL;
-        g->hmapb[i] = 0;
-        void *dp = NULL;
-        cudaError_t e = cudaHostRegister((void *)p, bytes, cudaHostRegisterMapped | cudaHostRegisterReadOnly);
-        if (e == cudaErrorNotSupported || e == cudaErrorInvalidValue) { // (read-only not offered)
-            cudaGetLastError();
-            e = cudaHostRegister((void *)p, bytes, cudaHostRegisterMapped);
-        }
-        if (e == cudaSuccess && (e = cudaHostGetDevicePointer(&dp, (void *)p, 0)) != cudaSuccess) cudaHostUnregister((void *)p);
-        if (e != cudaSuccess) { // (refused: the caller stages the rows)
-            cudaGetLastError();
-            break;
-        }
-        g->hmap[i] = p;
-        g->hdmap[i] = dp;
-        g->hmapb[i] = bytes;
-    }
-    if (moved) CU(cudaMemcpy((void *)g->dmap, g->hdmap, 2 * g->kvh * sizeof(void *), cudaMemcpyHostToDevice), "kv gpu host row maps");
-    *mapped = g->hmap[2 * kv_head] && g->hmap[2 * kv_head + 1];
-done:
-    return rc;
-}
-
-extern "C" int kst_kvgpu_sc_unmap(kst_kvgpu *g, kst_error *err) {
-    int rc = KST_OK;
-    if (!g || !g->hmap) return KST_OK;
-    KST_TRY(kvgpu_release_all(err));
-    CU(cudaStreamSynchronize(g->st), "kv gpu host row maps");
-    for (size_t i = 0; i < 2 * g->kvh; i++) {
-        if (g->hmap[i]) cudaHostUnregister((void *)g->hmap[i]);
-        g->hmap[i] = g->hdmap[i] = NULL;
-        g->hmapb[i] = 0;
-    }
-    CU(cudaMemset((void *)g->dmap, 0, 2 * g->kvh * sizeof(void *)), "kv gpu host row maps");
-done:
-    return rc;
-}
-
-extern "C" int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, int mapped, kst_error *err) {
+extern "C" int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_error *err) {
     int rc = KST_OK;
     size_t es = g->f16 ? 2 : 4;
-    if (!g->sC || n > g->scap_stage || (!mapped && n > g->srcap))
-        return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu sample cache rows staged (room for %zu)", n,
-                        mapped ? g->scap_stage : g->srcap);
-    if (mapped && !g->hmap) return kst_fail(err, KST_ERR_MISUSE, "kv gpu: sample cache rows sent as mapped, none mapped");
+    if (!g->sC || n > g->scap_stage)
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu sample cache rows staged (room for %zu)", n, g->scap_stage);
     KST_TRY(kst_kvgpu_disarm(g, err));
     if (n) {
-        CU(cudaMemcpyAsync(g->dshdr, g->hshdr, n * 4 * sizeof(int), cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
-        if (!mapped)
-            CU(cudaMemcpyAsync(g->dsrows, g->hsrows, n * 2 * g->d * es, cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
+        CU(cudaMemcpyAsync(g->dshdr, g->hshdr, n * 3 * sizeof(int), cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
+        CU(cudaMemcpyAsync(g->dsrows, g->hsrows, n * 2 * g->d * es, cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
         if (g->f16)
-            sc_scatter_kernel<__half><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const __half *)g->dsrows,
-                                                                      mapped ? (const __half *const *)g->dmap : NULL,
-                                                                      (__half *)g->tK, (__half *)g->tV, g->scid, (int)g->tns,
-                                                                      (int)g->tch, (int)g->d, g->sgrp);
+            sc_scatter_kernel<__half><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const __half *)g->dsrows, (__half *)g->tK,
+                                                                      (__half *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
         else
-            sc_scatter_kernel<float><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const float *)g->dsrows,
-                                                                     mapped ? (const float *const *)g->dmap : NULL,
-                                                                     (float *)g->tK, (float *)g->tV, g->scid, (int)g->tns,
-                                                                     (int)g->tch, (int)g->d, g->sgrp);
+            sc_scatter_kernel<float><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const float *)g->dsrows, (float *)g->tK,
+                                                                     (float *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
         CU(cudaGetLastError(), "kv gpu sample cache scatter");
     }
     if (lw) {

@@ -126,24 +126,13 @@ int kst_kvgpu_items_ready(const kst_kvgpu *g, size_t kv_head);
 int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent,
                          kst_error *err);
 /* Pinned staging for n slots of the table (grown as needed; once the last send's copies are done):
- * *hdr (n, 4) ints, each a KV head, its slot, its cluster (-1: free, its rows unread) and the
- * row of its key and value in the KV head's mapped host rows (kst_kvgpu_sc_map; unread
- * otherwise), and, where rows is not NULL, *rows (n, 2, d) values in the cache's dtype, the
- * slot's key and value rows (read unless the send says mapped). */
+ * *hdr (n, 3) ints, each a KV head, its slot and its cluster (-1: free, its rows unread), and
+ * *rows (n, 2, d) values in the cache's dtype, the slot's key and value rows. */
 int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err);
-/* KV head kv_head's host rows K and V (bytes each, the cache's dtype, row r at r * d) registered
- * with CUDA and mapped (once; anew where K, V or bytes changed, after every queued read of the
- * old ones), so that a send can have the GPU read the slots' rows there itself: no gather into
- * the staging on the host. *mapped: 0 where the driver refused (then stage the rows). The
- * ranges stay registered until kst_kvgpu_sc_unmap or kst_kvgpu_free, which must come before
- * they are freed. */
-int kst_kvgpu_sc_map(kst_kvgpu *g, size_t kv_head, const void *K, const void *V, size_t bytes, int *mapped,
-                     kst_error *err);
-int kst_kvgpu_sc_unmap(kst_kvgpu *g, kst_error *err);
-/* Queues the first n staged slots (written into the table: their rows from the staging, or, with
- * mapped, from the mapped host rows) and, where lw is not NULL, the clusters' log weights lw
- * (kv_heads, C) on the step's stream: the next launch sees them. */
-int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, int mapped, kst_error *err);
+/* Queues the first n staged slots (copied and written into the table) and, where lw is not
+ * NULL, the clusters' log weights lw (kv_heads, C) on the step's stream: the next launch sees
+ * them. */
+int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_error *err);
 /* The last step's centroid scores (q_heads, C) downloaded (queued once its partials are in: they
  * are not part of its downloads, so that the partials come in sooner), then waited for; then
  * kst_kvgpu_sc_scores points at them in pinned host memory (NULL without the cache). */

@@ -926,17 +926,17 @@ static int have_gpu(void) {
 /* 5 (and 6). 2 KV heads, 1,500 indexed keys in 32 clusters each, budget 128 (the table 256):
  * (a) float32 d 32, G 2, the key-only index, 1 thread; (b) float16 d 64, G 4, the attention-aware
  * index (48 prefill queries), 3 threads; (c) as (a) with opts.group_search and 3 threads. 7 steps
- * each (top_k 16, 4, 64 in turn), 40 tokens appended one at a time before step 3 and 500 at once
- * before step 5 (the rows grow past 2,048: on the GPU, read from mapped host rows, they move). Step 0: the shared plan's estimator (the cache only plans), and the output of a
+ * each (top_k 16, 4, 64 in turn), 40 tokens appended one at a time before step 3 and 150 at once
+ * before step 5. Step 0: the shared plan's estimator (the cache only plans), and the output of a
  * twin cache without the sample cache (same data and options) within the tolerance. Steps 1..6:
  * m snapshotted from kst_kvc_sample_cache before the step, the estimator from those prefixes
  * (orders after the step's joins); after each step every KV head's cache meets the invariants
  * (sc_check) and its plan the float64 plan of the query rows of the two steps before it (of the
  * first step after steps 0 and 1). */
 static void run_steps(int gpu) {
-    const size_t H = 2, ncent = 24, nq = 48, C = 32, B = 128, steps = 7, n0 = 1500 + 4 + 64, nmax = n0 + 540;
+    const size_t H = 2, ncent = 24, nq = 48, C = 32, B = 128, steps = 7, n0 = 1500 + 4 + 64, nmax = n0 + 190;
     static const size_t tk[3] = {16, 4, 64}, efs[3] = {48, 16, 128};
-    size_t nsteps = 0, sampled = 0, twin = 0, joined = 0, mapped_ups = 0;
+    size_t nsteps = 0, sampled = 0, twin = 0, joined = 0;
     double maxoff0 = g_maxoff;
     g_maxoff = 0;
     g_insample = 0;
@@ -957,18 +957,15 @@ static void run_steps(int gpu) {
         o.group_search = run == 2;
         kst_kvc *c = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 1);
         kst_kvc *c2 = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 0);
-        kst_kvc_prof pf;
-        memset(&pf, 0, sizeof pf);
-        kst_kvc_set_prof(c, &pf);
         size_t at = n0;
         uint32_t *pre[2] = {malloc(C * sizeof(uint32_t)), malloc(C * sizeof(uint32_t))};
         for (size_t s = 0; s < steps; s++) {
             if (s == 3) {
                 for (size_t i = 0; i < 40; i++) append_rows(c, K + (at + i) * H * d, V + (at + i) * H * d, 1);
                 at += 40;
-            } else if (s == 5) { /* (past the 2,048 rows held: the rows move, mapped anew on the GPU) */
-                append_rows(c, K + at * H * d, V + at * H * d, 500);
-                at += 500;
+            } else if (s == 5) {
+                append_rows(c, K + at * H * d, V + at * H * d, 150);
+                at += 150;
             }
             char what[160];
             snprintf(what, sizeof what, "%s, G %zu, %s index%s, %s, %d threads, step %zu (top_k %zu)",
@@ -1010,11 +1007,6 @@ static void run_steps(int gpu) {
             }
             nsteps++;
         }
-        /* on the GPU the rows were read from the mapped host rows, before and after they moved */
-        const char *em = getenv("KESTREL_KV_SC_MAPPED");
-        if (gpu && (!em || atoi(em) != 0) && pf.sc_mapped < 2)
-            fail_msg("run %d: %zu of the sample cache's uploads read from mapped host rows", run, pf.sc_mapped);
-        if (gpu) mapped_ups += pf.sc_mapped;
         kst_kvc_free(c);
         kst_kvc_free(c2);
         free(pre[0]);
@@ -1030,8 +1022,7 @@ static void run_steps(int gpu) {
     omp_set_num_threads(was);
     print_message("sample cache steps (%s): %zu steps the float64 estimator (%zu first steps also the twin without the "
                   "cache), %zu rows stood for the rest, %zu retrieved keys held, %zu appended keys joined inside a prefix; plans "
-                  "within %.3f of float64; %zu uploads from mapped host rows\n", gpu ? "gpu" : "cpu", nsteps, twin, sampled,
-                  g_insample, joined, g_maxoff, mapped_ups);
+                  "within %.3f of float64\n", gpu ? "gpu" : "cpu", nsteps, twin, sampled, g_insample, joined, g_maxoff);
     if (!joined) fail_msg("no appended key joined a cluster inside its held prefix");
     if (g_insample < 50) fail_msg("only %zu retrieved keys among the held rows (their terms taken out)", g_insample);
     g_maxoff = g_maxoff > maxoff0 ? g_maxoff : maxoff0;
@@ -1191,8 +1182,7 @@ static void test_two_layers(void **state) {
  * the grouped kernel's (a KV head's chunk a block: chunks of 1,000 (four lists of 256 merged),
  * 750, 700, 400, 200 and 100 (a row's pieces over threads), float16 and float32, G 1..8, d 32..128,
  * d 96 and 36 leaving lanes idle) and two shapes that keep a block a query head (G P > 4,096;
- * d 136); each again with KESTREL_KV_GPU_TGRP=0 (every shape a block a query head), and again
- * with the rows read by the GPU from mapped host memory (kst_kvgpu_sc_map) in another order. */
+ * d 136); each again with KESTREL_KV_GPU_TGRP=0 (every shape a block a query head). */
 static void test_gpu_items(void **state) {
     (void)state;
     if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU's sample cache items not checked");
@@ -1202,10 +1192,8 @@ static void test_gpu_items(void **state) {
         {1, 2, 2, 96, 1500},  {1, 8, 1, 96, 900}, {1, 2, 2, 136, 600}};
     const size_t C = 16, TOP = KST_KVGPU_TT_TOP;
     size_t checked = 0, tie_edges = 0;
-    size_t mapped_shapes = 0;
-    for (int pass = 0; pass < 3; pass++) {
-        if (pass == 1) setenv("KESTREL_KV_GPU_TGRP", "0", 1);
-        if (pass == 2) unsetenv("KESTREL_KV_GPU_TGRP");
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass) setenv("KESTREL_KV_GPU_TGRP", "0", 1);
         for (size_t ci = 0; ci < sizeof cf / sizeof cf[0]; ci++) {
             size_t G = cf[ci].G, kvh = cf[ci].kvh, d = cf[ci].d, qh = G * kvh;
             size_t nc = (cf[ci].cap + KST_KVSC_CH - 1) / KST_KVSC_CH, ch = (cf[ci].cap + nc - 1) / nc, cap = ch * nc;
@@ -1221,44 +1209,28 @@ static void test_gpu_items(void **state) {
             assert_non_null(cent && K && V && lw && Q && o && lse && cid && s && want);
             for (size_t i = 0; i < kvh * d * C; i++) cent[i] = (float)kv_gauss();
             assert_ok(kst_kvgpu_sc_reserve(g, cap, ch, nc, C, cent, &err), &err);
-            /* pass 2: the rows read by the GPU from each KV head's mapped host rows (kst_kvgpu_sc_map),
-             * slot j's at row 5 + cap - 1 - j of its own allocations */
-            int *hdr, mapped = pass == 2;
-            void *rows = NULL, *hk[3] = {0}, *hv[3] = {0};
-            size_t es = cf[ci].f16 ? 2 : 4, hrows = cap + 5;
-            assert_ok(kst_kvgpu_sc_staging(g, kvh * cap, &hdr, mapped ? NULL : &rows, &err), &err);
-            for (size_t kh = 0; kh < kvh && mapped; kh++) {
-                assert_true(kh < 3);
-                hk[kh] = malloc(hrows * d * es), hv[kh] = malloc(hrows * d * es);
-                assert_non_null(hk[kh] && hv[kh]);
-            }
+            int *hdr;
+            void *rows;
+            assert_ok(kst_kvgpu_sc_staging(g, kvh * cap, &hdr, &rows, &err), &err);
             for (size_t kh = 0; kh < kvh; kh++)
                 for (size_t j = 0; j < cap; j++) {
-                    size_t e = kh * cap + j, r = 5 + cap - 1 - j;
+                    size_t e = kh * cap + j;
                     kv_rng = kv_rng * 6364136223846793005ull + 1442695040888963407ull;
                     cid[e] = (kv_rng >> 33) % 8 == 0 ? -1 : (int)((kv_rng >> 40) % C);
-                    hdr[4 * e] = (int)kh, hdr[4 * e + 1] = (int)j, hdr[4 * e + 2] = cid[e], hdr[4 * e + 3] = mapped ? (int)r : -1;
+                    hdr[3 * e] = (int)kh, hdr[3 * e + 1] = (int)j, hdr[3 * e + 2] = cid[e];
                     for (size_t i = 0; i < 2 * d; i++) {
                         float x = (float)kv_gauss();
-                        char *dst = mapped ? (char *)(i < d ? hk[kh] : hv[kh]) + (r * d + i % d) * es
-                                           : (char *)rows + (e * 2 * d + i) * es;
                         if (cf[ci].f16) {
                             uint16_t b = kst_f32_to_f16(x);
                             x = kst_f16_to_f32(b);
-                            memcpy(dst, &b, 2);
+                            ((uint16_t *)rows)[e * 2 * d + i] = b;
                         } else
-                            memcpy(dst, &x, 4);
+                            ((float *)rows)[e * 2 * d + i] = x;
                         (i < d ? K : V)[e * d + i % d] = x;
                     }
                 }
-            for (size_t kh = 0; kh < kvh && mapped; kh++) {
-                int m = 0;
-                assert_ok(kst_kvgpu_sc_map(g, kh, hk[kh], hv[kh], hrows * d * es, &m, &err), &err);
-                if (!m) fail_msg("shape %zu: the driver refused to map KV head %zu's host rows", ci, kh);
-                mapped_shapes += kh == 0;
-            }
             for (size_t i = 0; i < kvh * C; i++) lw[i] = i % C == 3 ? -INFINITY : logf(1.0f + (float)(i * 7 % 19));
-            assert_ok(kst_kvgpu_sc_send(g, kvh * cap, lw, mapped, &err), &err);
+            assert_ok(kst_kvgpu_sc_send(g, kvh * cap, lw, &err), &err);
             for (size_t i = 0; i < qh * d; i++) Q[i] = 1.5f * (float)kv_gauss();
             assert_ok(kst_kvgpu_partial_start(g, Q, 0, 0, 0, &err), &err);
             assert_ok(kst_kvgpu_partial_wait(g, o, lse, &err), &err);
@@ -1312,14 +1284,12 @@ static void test_gpu_items(void **state) {
                     free(in);
                     checked++;
                 }
-            kst_kvgpu_free(g); /* (unmaps the host rows: before they are freed) */
-            for (size_t kh = 0; kh < 3; kh++) free(hk[kh]), free(hv[kh]);
+            kst_kvgpu_free(g);
             free(cent), free(K), free(V), free(lw), free(Q), free(o), free(lse), free(cid), free(s), free(want);
         }
     }
     unsetenv("KESTREL_KV_GPU_TGRP");
-    print_message("%zu items checked (%zu with a near-tie at the best rows' edge; %zu shapes from mapped host rows)\n",
-                  checked, tie_edges, mapped_shapes);
+    print_message("%zu items checked (%zu with a near-tie at the best rows' edge)\n", checked, tie_edges);
 #endif
 }
 

@@ -660,12 +660,11 @@ static int layer(const char *list) {
                            mode, 1e6 * pf.gpu_h2d / pf.gpu_timed, 1e6 * pf.gpu_kernel / pf.gpu_timed, 1e6 * pf.gpu_d2h / pf.gpu_timed);
                 if (pf.sc_steps) /* the sample cache's plans after the steps (kst_kvc_set_tail_cache) */
                     printf("  (%s: sample cache, us a step: plans made after the step %.1f (%.1f of the KV heads' by its threads),"
-                           " held %.1f (KV heads summed), %.1f rows sent in %.1f (gathered in %.1f, queued in %.1f; rows read from mapped host rows in %.0f%% of the steps); next plans made"
-                           " ahead in idle time %.1f (KV heads summed %.1f))\n", mode,
+                           " held %.1f (KV heads summed), %.1f rows sent in %.1f (gathered in %.1f, queued in %.1f);"
+                           " next plans made ahead in idle time %.1f (KV heads summed %.1f))\n", mode,
                            1e6 * pf.sc_make / pf.sc_steps, (double)pf.sc_made_in / pf.sc_steps, 1e6 * pf.sc_apply / pf.sc_steps,
-                           (double)pf.sc_rows / pf.sc_steps, 1e6 * pf.sc_up / pf.sc_steps, 1e6 * pf.sc_gather / pf.sc_steps, 1e6 * pf.sc_send / pf.sc_steps,
-                           100.0 * pf.sc_mapped / pf.sc_steps,
-                           1e6 * pf.sc_ahead / pf.sc_steps, 1e6 * pf.sc_ahead_cpu / pf.sc_steps);
+                           (double)pf.sc_rows / pf.sc_steps, 1e6 * pf.sc_up / pf.sc_steps, 1e6 * pf.sc_gather / pf.sc_steps,
+                           1e6 * pf.sc_send / pf.sc_steps, 1e6 * pf.sc_ahead / pf.sc_steps, 1e6 * pf.sc_ahead_cpu / pf.sc_steps);
             }
             printf("%8zu %-12s %5zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %10.2f%% %8.2f%% %10.2e %10.2f %12.1f %9.1f %8.3f\n", N, mode, ef, topk_att,
                    runs[ri].tail, build, med[0], med[1], rec / NREF, 100 * scan / NREF, 100 * shead / NREF, err / NREF,
