@@ -975,7 +975,7 @@ static size_t work_plan(kst_kvc *c, kv_layer *L, int (*more)(void *), void *arg,
     return planned;
 }
 
-static int sc_flush(kst_kvc *c, kv_layer *L, kst_error *err);
+static int sc_flush(kst_kvc *c, kv_layer *L, int ahead, kst_error *err);
 #ifdef KST_CUDA
 static int sc_plan_ahead(kst_kvc *c, kv_layer *L, kst_error *err);
 #endif
@@ -986,8 +986,15 @@ int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, ks
     int rc = KST_OK, stop = 0;
     size_t np = 0, linked = 0, pieces = 0;
     double t0 = c->prof ? mono_s() : 0, tl = 0;
-    for (size_t l = 0; l < c->o.layers; l++) /* the last steps' sample cache updates first (their uploads precede the arms) */
-        KST_TRY(sc_flush(c, &c->layers[l], err));
+    for (size_t l = 0; l < c->o.layers; l++) { /* the last steps' sample cache updates first (their uploads precede the
+                                                  arms), with the next plans where there is time */
+        kv_layer *L = &c->layers[l];
+#ifdef KST_CUDA
+        KST_TRY(sc_flush(c, L, L->sc_pend && (!more || more(arg)), err));
+#else
+        KST_TRY(sc_flush(c, L, 0, err));
+#endif
+    }
 #ifdef KST_CUDA
     if (c->gpu_arm && !c->gpu_off) { /* the layers' next GPU launches queued (idle time: the GPU is busy) */
         for (size_t l = 0; l < c->o.layers; l++)
@@ -1053,7 +1060,7 @@ int kst_kvc_flush(kst_kvc *c, size_t layer, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_flush", err);
     if (rc != KST_OK) return rc;
     kv_layer *L = &c->layers[layer];
-    KST_TRY(sc_flush(c, L, err)); /* (the last step's sample cache update first) */
+    KST_TRY(sc_flush(c, L, 0, err)); /* (the last step's sample cache update first) */
     const kst_kvc_opts *o = &c->o;
     if (!L->built) return KST_OK;
     KST_TRY(job_finish(c, L, err));
@@ -1097,7 +1104,7 @@ int kst_kvc_reserve(kst_kvc *c, size_t layer, size_t n, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_reserve", err);
     if (rc != KST_OK) return rc;
     kv_layer *L = &c->layers[layer];
-    KST_TRY(sc_flush(c, L, err)); /* (the last step's sample cache update first) */
+    KST_TRY(sc_flush(c, L, 0, err)); /* (the last step's sample cache update first) */
     KST_TRY(grow_rows(c, L, n, err));
     if (L->built && n > c->o.sinks + c->o.window) {
         KST_TRY(job_finish(c, L, err));
@@ -1115,7 +1122,7 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
     if (n == 0) return KST_OK;
     if (!keys || !values) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_append: keys or values is NULL");
     kv_layer *L = &c->layers[layer];
-    if ((rc = sc_flush(c, L, err)) != KST_OK) return rc; /* (the last step's sample cache update first) */
+    if ((rc = sc_flush(c, L, 0, err)) != KST_OK) return rc; /* (the last step's sample cache update first) */
     const kst_kvc_opts *o = &c->o;
     if (L->n + n > UINT32_MAX - 1)
         return kst_fail(err, KST_ERR_INVALID, "kst_kv_append: layer %zu would hold more than 2^32 tokens", layer);
@@ -1172,7 +1179,7 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
     const kst_kvc_opts *o = &c->o;
     if (nq && !queries) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_build: queries is NULL");
     kv_layer *L = &c->layers[layer];
-    if ((rc = sc_flush(c, L, err)) != KST_OK) return rc; /* (the last step's sample cache update first) */
+    if ((rc = sc_flush(c, L, 0, err)) != KST_OK) return rc; /* (the last step's sample cache update first) */
     if (o->index == KST_KVC_INDEX_NONE) return KST_OK;
     if (o->index == KST_KVC_INDEX_ATTN && nq == 0)
         return kst_fail(err, KST_ERR_INVALID,
@@ -1984,41 +1991,58 @@ static int tg_help(kst_kvc *c, kv_layer *L, kv_thread *t, const float *q, int *r
 #ifdef KST_CUDA
 /* The sample cache's slots changed since the last upload (all held where `all`: a new table)
  * staged, each KV head's by its own thread, and sent with the clusters' weights. */
-static int sc_upload(kst_kvc *c, kv_layer *L, int all, kst_error *err) {
-    const kst_kvc_opts *o = &c->o;
-    size_t H = o->kv_heads, C = L->heads[0].sc.C, rowb = o->head_dim * c->esize, *off = c->sc_off;
-    int rc = KST_OK, *hdr;
-    void *rows;
+static int sc_stage(kst_kvc *c, kv_layer *L, int all, int **hdr, void **rows, kst_error *err) {
+    size_t H = c->o.kv_heads, *off = c->sc_off;
     if (!off && !(off = c->sc_off = kst_malloc(H + 1, sizeof(size_t), "tail sample cache uploads", err))) return KST_ERR_NOMEM;
     off[0] = 0;
     for (size_t h = 0; h < H; h++) off[h + 1] = off[h] + (all ? L->heads[h].sc.used : L->heads[h].sc.nd);
-    KST_TRY(kst_kvgpu_sc_staging(L->gpu, off[H], &hdr, &rows, err));
-    double tg = c->prof ? mono_s() : 0;
-#pragma omp parallel for schedule(static) num_threads(c->nth) if (off[H] > 512 && H > 1)
-    for (size_t h = 0; h < H; h++) {
-        kv_hstore *Hs = &L->heads[h];
-        kst_kvsc *S = &Hs->sc;
-        size_t e = off[h], n = all ? S->cap : S->nd;
-        for (size_t i = 0; i < n; i++) {
-            uint32_t sl = all ? (uint32_t)i : S->dirty[i], x = S->key[sl];
-            if (all && x == KST_KVSC_FREE) continue;
-            hdr[3 * e] = (int)h;
-            hdr[3 * e + 1] = (int)sl;
-            hdr[3 * e + 2] = S->cid[sl];
-            if (x != KST_KVSC_FREE) {
-                memcpy((char *)rows + 2 * e * rowb, rows_at(c, Hs->K, o->sinks + x), rowb);
-                memcpy((char *)rows + (2 * e + 1) * rowb, rows_at(c, Hs->V, o->sinks + x), rowb);
-            }
-            e++;
+    return kst_kvgpu_sc_staging(L->gpu, off[H], hdr, rows, err);
+}
+
+/* KV head h's part of an upload staged (at c->sc_off[h]: its slots' header and rows) and its
+ * changes forgotten, its clusters' weights put into c->sc_lw. */
+static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, int *hdr, void *rows) {
+    const kst_kvc_opts *o = &c->o;
+    size_t rowb = o->head_dim * c->esize;
+    kv_hstore *Hs = &L->heads[h];
+    kst_kvsc *S = &Hs->sc;
+    size_t e = c->sc_off[h], n = all ? S->cap : S->nd;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t sl = all ? (uint32_t)i : S->dirty[i], x = S->key[sl];
+        if (all && x == KST_KVSC_FREE) continue;
+        hdr[3 * e] = (int)h;
+        hdr[3 * e + 1] = (int)sl;
+        hdr[3 * e + 2] = S->cid[sl];
+        if (x != KST_KVSC_FREE) {
+            memcpy((char *)rows + 2 * e * rowb, rows_at(c, Hs->K, o->sinks + x), rowb);
+            memcpy((char *)rows + (2 * e + 1) * rowb, rows_at(c, Hs->V, o->sinks + x), rowb);
         }
-        kst_kvsc_take_dirty(S, NULL);
-        memcpy(c->sc_lw + h * C, S->lw, C * sizeof(float));
+        e++;
     }
+    kst_kvsc_take_dirty(S, NULL);
+    memcpy(c->sc_lw + h * S->C, S->lw, S->C * sizeof(float));
+}
+
+static int sc_send(kst_kvc *c, kv_layer *L, kst_error *err) {
     double ts = c->prof ? mono_s() : 0;
-    if (c->prof) c->prof->sc_gather += ts - tg;
-    KST_TRY(kst_kvgpu_sc_send(L->gpu, off[H], c->sc_lw, err));
+    int rc = kst_kvgpu_sc_send(L->gpu, c->sc_off[c->o.kv_heads], c->sc_lw, err);
     if (c->prof) c->prof->sc_send += mono_s() - ts;
-    L->sc_gpu = 1;
+    if (rc == KST_OK) L->sc_gpu = 1;
+    return rc;
+}
+
+/* The sample cache's slots changed since the last upload (all held where `all`: a new table)
+ * staged, each KV head's by its own thread, and sent with the clusters' weights. */
+static int sc_upload(kst_kvc *c, kv_layer *L, int all, kst_error *err) {
+    size_t H = c->o.kv_heads;
+    int rc = KST_OK, *hdr;
+    void *rows;
+    KST_TRY(sc_stage(c, L, all, &hdr, &rows, err));
+    double tg = c->prof ? mono_s() : 0;
+#pragma omp parallel for schedule(static) num_threads(c->nth) if (c->sc_off[H] > 512 && H > 1)
+    for (size_t h = 0; h < H; h++) sc_stage_head(c, L, h, all, hdr, rows);
+    if (c->prof) c->prof->sc_gather += mono_s() - tg;
+    KST_TRY(sc_send(c, L, err));
 done:
     return rc;
 }
@@ -2096,71 +2120,136 @@ static int sc_help(kst_kvc *c, kv_layer *L, int *rc, kst_error *err) {
     return 1;
 }
 
+#ifdef KST_CUDA
+static inline void spin_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* KV head h's plan for the step after next made ahead (sc_plan_ahead, sc_end with ahead). */
+static void sc_plan_one(kst_kvc *c, kv_layer *L, size_t h, int *rc, kst_error *err) {
+    kv_hstore *H = &L->heads[h];
+    kst_error e;
+    H->sc_pna = SIZE_MAX;
+    if (!H->sc.ready) return;
+    double tp = c->prof ? mono_s() : 0;
+    int r = kst_kvsc_plan_make(&H->sc, &H->tc, c->tc_temp, c->o.tail_samples, &e);
+    if (c->prof) {
+        double dt = mono_s() - tp;
+#pragma omp atomic
+        c->prof->sc_ahead_cpu += dt;
+    }
+    if (r != KST_OK) first_err(rc, err, r, &e);
+    H->sc_pna = H->tc.na;
+    H->sc_pbud = c->o.tail_samples;
+}
+#endif
+
 /* The sample cache after a step: the plans the step's threads have not made made, then each KV
  * head's held, adding at most c->tcache_up rows (kst_kvsc_plan_apply), and this step's centroid
  * scores pushed for the next plans (cs: (q_heads, C), the GPU's, or NULL: scored here from q).
  * A cache not ready yet (the first step) plans from this step's scores at once. The rows added
- * are sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step. The
- * KV heads are done in parallel (each touches ~5 cache lines a row it adds or drops). */
-static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int gpu, kst_error *err) {
+ * are sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step;
+ * with ahead (kst_kv_work), the plans for the step after next are made too (sc_plan_ahead). One
+ * parallel region: a thread a KV head holds it, stages its rows (once every hold is done: the
+ * staging's offsets) and makes its next plan, while a thread without a KV head (or the last to
+ * stage) queues the copies. Each KV head touches ~5 cache lines a row it adds or drops. */
+static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int gpu, int ahead, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
-    size_t G = o->q_heads / o->kv_heads, C = L->heads[0].sc.C;
-    int rc = KST_OK;
+    size_t G = o->q_heads / o->kv_heads, C = L->heads[0].sc.C, H = o->kv_heads;
+    int rc = KST_OK, *hdr = NULL;
+    void *rows = NULL;
     kst_kvc_prof *pf = c->prof;
-    double t0 = pf ? mono_s() : 0;
-    size_t nd = 0;
-    for (size_t h = 0; h < o->kv_heads; h++) nd += !L->heads[h].sc.made;
-    if (pf) pf->sc_made_in += o->kv_heads - nd;
-#pragma omp parallel for schedule(static) num_threads(c->nth) if (o->kv_heads > 1)
-    for (size_t h = 0; h < o->kv_heads; h++) {
-        kv_hstore *H = &L->heads[h];
-        kst_kvsc *S = &H->sc;
-        kst_error e;
-        int r = KST_OK, boot = !S->ready;
-        if (boot) { /* (bootstrap: this step's scores first) */
-            const float *ch = cs ? cs + h * G * C : NULL;
-            if (!ch) {
-                kst_kvtc_scores(&H->tc, q + h * G * o->head_dim, G, o->scale, c->sc_cs + h * G * C);
-                ch = c->sc_cs + h * G * C;
+    double t0 = pf ? mono_s() : 0, t2 = t0, t3 = t0;
+    size_t nd = 0, nrows = 0, staged = 0;
+    int up = 0;
+#ifndef KST_CUDA
+    (void)gpu, (void)hdr, (void)rows, (void)nrows, (void)staged, (void)t3;
+    ahead = 0;
+#endif
+    for (size_t h = 0; h < H; h++) nd += !L->heads[h].sc.made;
+    if (pf) pf->sc_made_in += H - nd;
+#pragma omp parallel num_threads(c->nth) if (H > 1) /* (the steps' team: another size costs its threads' wake-up) */
+    {
+#pragma omp for schedule(static)
+        for (size_t h = 0; h < H; h++) {
+            kv_hstore *Hh = &L->heads[h];
+            kst_kvsc *S = &Hh->sc;
+            kst_error e;
+            int r = KST_OK, boot = !S->ready;
+            if (boot) { /* (bootstrap: this step's scores first) */
+                const float *ch = cs ? cs + h * G * C : NULL;
+                if (!ch) {
+                    kst_kvtc_scores(&Hh->tc, q + h * G * o->head_dim, G, o->scale, c->sc_cs + h * G * C);
+                    ch = c->sc_cs + h * G * C;
+                }
+                kst_kvsc_push(S, ch);
+                S->made = 0;
             }
-            kst_kvsc_push(S, ch);
-            S->made = 0;
-        }
-        if (!S->made) r = kst_kvsc_plan_make(S, &H->tc, c->tc_temp, o->tail_samples, &e);
-        double ta = pf ? mono_s() : 0;
-        if (r == KST_OK) kst_kvsc_plan_apply(S, &H->tc, c->tcache_up);
-        if (pf) {
-            double dt = mono_s() - ta;
+            if (!S->made) r = kst_kvsc_plan_make(S, &Hh->tc, c->tc_temp, o->tail_samples, &e);
+            double ta = pf ? mono_s() : 0;
+            if (r == KST_OK) kst_kvsc_plan_apply(S, &Hh->tc, c->tcache_up);
+            if (pf) {
+                double dt = mono_s() - ta;
 #pragma omp atomic
-            pf->sc_apply += dt;
-        }
-        if (r == KST_OK && !boot && cs) kst_kvsc_push(S, cs + h * G * C);
-        else if (r == KST_OK && !boot) {
-            kst_kvtc_scores(&H->tc, q + h * G * o->head_dim, G, o->scale, c->sc_cs + h * G * C);
-            kst_kvsc_push(S, c->sc_cs + h * G * C);
-        }
-        if (r != KST_OK) {
-#pragma omp critical(kv_sc_end)
-            if (rc == KST_OK) {
-                rc = r;
-                *err = e;
+                pf->sc_apply += dt;
             }
+            if (r == KST_OK && !boot && cs) kst_kvsc_push(S, cs + h * G * C);
+            else if (r == KST_OK && !boot) {
+                kst_kvtc_scores(&Hh->tc, q + h * G * o->head_dim, G, o->scale, c->sc_cs + h * G * C);
+                kst_kvsc_push(S, c->sc_cs + h * G * C);
+            }
+            if (r != KST_OK) first_err(&rc, err, r, &e);
         }
+#pragma omp single
+        {
+            if (pf) t2 = mono_s();
+#ifdef KST_CUDA
+            for (size_t h = 0; h < H; h++) nrows += L->heads[h].sc.nd; /* (the weights change only with the slots) */
+            if (pf) pf->sc_rows += nrows;
+            if (rc == KST_OK && gpu && nrows) {
+                int r = sc_stage(c, L, 0, &hdr, &rows, err);
+                if (r != KST_OK) rc = r;
+                else up = 1;
+            }
+#endif
+            if (rc != KST_OK) ahead = 0;
+        }
+#ifdef KST_CUDA
+        /* the sender: the first thread without a KV head, else the last to stage its rows (its
+         * KV head's plan then after the copies are queued) */
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads(), sender = up && nth > (int)H && tid == (int)H;
+        size_t skip = SIZE_MAX;
+#pragma omp for schedule(static) nowait
+        for (size_t h = 0; h < H; h++) {
+            if (up) {
+                sc_stage_head(c, L, h, 0, hdr, rows);
+                if (__atomic_add_fetch(&staged, 1, __ATOMIC_ACQ_REL) == H && nth <= (int)H) sender = 1, skip = h;
+            }
+            if (ahead && h != skip) sc_plan_one(c, L, h, &rc, err);
+        }
+        if (sender) {
+            while (__atomic_load_n(&staged, __ATOMIC_ACQUIRE) < H) spin_pause();
+            if (pf) t3 = mono_s();
+            kst_error e;
+            int r = sc_send(c, L, &e);
+            if (r != KST_OK) first_err(&rc, err, r, &e);
+            if (ahead && skip != SIZE_MAX) sc_plan_one(c, L, skip, &rc, err);
+        }
+#endif
     }
-    double t2 = pf ? mono_s() : 0;
     if (rc != KST_OK) return rc;
 #ifdef KST_CUDA
-    size_t nrows = 0; /* (the weights change only with the slots here: nothing to send without them) */
-    for (size_t h = 0; h < o->kv_heads; h++) nrows += L->heads[h].sc.nd;
-    if (pf) pf->sc_rows += nrows;
-    if (gpu && nrows) rc = sc_upload(c, L, 0, err);
-#else
-    (void)gpu;
+    if (ahead) L->sc_ahead = 0;
 #endif
     if (pf) {
+        double t4 = mono_s();
         pf->sc_steps++;
         pf->sc_make += t2 - t0;
-        pf->sc_up += mono_s() - t2;
+        if (up) pf->sc_up += (t3 > t2 ? t3 : t4) - t2;
+        if (up) pf->sc_gather += (t3 > t2 ? t3 : t4) - t2;
+        if (ahead) pf->sc_ahead += t4 - t2;
     }
     return rc;
 }
@@ -2169,17 +2258,18 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
  * step returns once its output is made; sc_end runs in kst_kv_work, or else first thing in the
  * layer's next append or step, before anything that moves the clusters, the index or the GPU's
  * stream). The GPU's centroid scores stay in their pinned buffer until the next step's. */
-static int sc_flush(kst_kvc *c, kv_layer *L, kst_error *err) {
+static int sc_flush(kst_kvc *c, kv_layer *L, int ahead, kst_error *err) {
 #ifdef KST_CUDA
     if (!L->sc_pend) return KST_OK;
     L->sc_pend = 0;
     int rc = kst_kvgpu_sc_fetched(L->gpu, err);
-    if (rc == KST_OK) rc = sc_end(c, L, NULL, kst_kvgpu_sc_scores(L->gpu), 1, err);
-    if (rc == KST_OK) L->sc_ahead = 1;
+    if (rc == KST_OK) rc = sc_end(c, L, NULL, kst_kvgpu_sc_scores(L->gpu), 1, ahead, err);
+    if (rc == KST_OK && !ahead) L->sc_ahead = 1; /* (made later in kst_kv_work if it may) */
     return rc;
 #else
     (void)c;
     (void)L;
+    (void)ahead;
     (void)err;
     return KST_OK;
 #endif
@@ -2190,33 +2280,11 @@ static int sc_flush(kst_kvc *c, kv_layer *L, kst_error *err) {
  * since, else makes it anew, as it makes them without idle time). */
 #ifdef KST_CUDA
 static int sc_plan_ahead(kst_kvc *c, kv_layer *L, kst_error *err) {
-    const kst_kvc_opts *o = &c->o;
     int rc = KST_OK;
     double t0 = c->prof ? mono_s() : 0;
     L->sc_ahead = 0;
-#pragma omp parallel for schedule(static) num_threads(c->nth) if (o->kv_heads > 1)
-    for (size_t h = 0; h < o->kv_heads; h++) {
-        kv_hstore *H = &L->heads[h];
-        kst_error e;
-        H->sc_pna = SIZE_MAX;
-        if (!H->sc.ready) continue;
-        double tp = c->prof ? mono_s() : 0;
-        int r = kst_kvsc_plan_make(&H->sc, &H->tc, c->tc_temp, o->tail_samples, &e);
-        if (c->prof) {
-            double dt = mono_s() - tp;
-#pragma omp atomic
-            c->prof->sc_ahead_cpu += dt;
-        }
-        if (r != KST_OK) {
-#pragma omp critical(kv_sc_ahead)
-            if (rc == KST_OK) {
-                rc = r;
-                *err = e;
-            }
-        }
-        H->sc_pna = H->tc.na;
-        H->sc_pbud = o->tail_samples;
-    }
+#pragma omp parallel for schedule(static) num_threads(c->nth) if (c->o.kv_heads > 1)
+    for (size_t h = 0; h < c->o.kv_heads; h++) sc_plan_one(c, L, h, &rc, err);
     if (c->prof) c->prof->sc_ahead += mono_s() - t0;
     return rc;
 }
@@ -2226,7 +2294,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                    kst_kvc_stats *stats, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_attend", err);
     if (rc != KST_OK) return rc;
-    if ((rc = sc_flush(c, &c->layers[layer], err)) != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+    if ((rc = sc_flush(c, &c->layers[layer], 0, err)) != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
     if (!q || !out) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_attend: q or out is NULL");
     const kst_kvc_opts *o = &c->o;
     kv_layer *L = &c->layers[layer];
@@ -2910,7 +2978,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             L->sc_pend = later;
         }
 #endif
-        if (!later) rc = sc_end(c, L, q, cs, sc_g, err);
+        if (!later) rc = sc_end(c, L, q, cs, sc_g, 0, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
     }
     (void)sc_fetch;
