@@ -2152,9 +2152,9 @@ static void sc_plan_one(kst_kvc *c, kv_layer *L, size_t h, int *rc, kst_error *e
  * A cache not ready yet (the first step) plans from this step's scores at once. The rows added
  * are sent to the GPU (gpu 1) at once, so that the copies overlap the time to the next step;
  * with ahead (kst_kv_work), the plans for the step after next are made too (sc_plan_ahead). One
- * parallel region: a thread a KV head holds it, stages its rows (once every hold is done: the
- * staging's offsets) and makes its next plan, while a thread without a KV head (or the last to
- * stage) queues the copies. Each KV head touches ~5 cache lines a row it adds or drops. */
+ * parallel region: a thread a KV head holds it; once every hold is done (the staging's offsets),
+ * its rows are staged and its next plan made (by two threads where the team has them, see
+ * below), and the copies queued. Each KV head touches ~5 cache lines a row it adds or drops. */
 static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int gpu, int ahead, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     size_t G = o->q_heads / o->kv_heads, C = L->heads[0].sc.C, H = o->kv_heads;
@@ -2217,17 +2217,28 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
             if (rc != KST_OK) ahead = 0;
         }
 #ifdef KST_CUDA
-        /* the sender: the first thread without a KV head, else the last to stage its rows (its
-         * KV head's plan then after the copies are queued) */
-        int tid = omp_get_thread_num(), nth = omp_get_num_threads(), sender = up && nth > (int)H && tid == (int)H;
+        /* the plans need none of the staging (they read the pushed scores and the clusters): with
+         * two threads a KV head, thread h makes KV head h's plan while thread H + h stages its
+         * rows, the last to stage queueing the copies; else thread h does both, and the first
+         * thread without a KV head (or the last to stage, its plan then after) queues them */
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads(), two = up && nth >= 2 * (int)H;
+        int sender = up && !two && nth > (int)H && tid == (int)H;
         size_t skip = SIZE_MAX;
+        if (two) {
+            if (tid >= (int)H && tid < 2 * (int)H) {
+                sc_stage_head(c, L, (size_t)tid - H, 0, hdr, rows);
+                sender = __atomic_add_fetch(&staged, 1, __ATOMIC_ACQ_REL) == H;
+            } else if (tid < (int)H && ahead)
+                sc_plan_one(c, L, (size_t)tid, &rc, err);
+        } else {
 #pragma omp for schedule(static) nowait
-        for (size_t h = 0; h < H; h++) {
-            if (up) {
-                sc_stage_head(c, L, h, 0, hdr, rows);
-                if (__atomic_add_fetch(&staged, 1, __ATOMIC_ACQ_REL) == H && nth <= (int)H) sender = 1, skip = h;
+            for (size_t h = 0; h < H; h++) {
+                if (up) {
+                    sc_stage_head(c, L, h, 0, hdr, rows);
+                    if (__atomic_add_fetch(&staged, 1, __ATOMIC_ACQ_REL) == H && nth <= (int)H) sender = 1, skip = h;
+                }
+                if (ahead && h != skip) sc_plan_one(c, L, h, &rc, err);
             }
-            if (ahead && h != skip) sc_plan_one(c, L, h, &rc, err);
         }
         if (sender) {
             while (__atomic_load_n(&staged, __ATOMIC_ACQUIRE) < H) spin_pause();

@@ -75,14 +75,15 @@ struct kst_kvgpu {
     // the clustered tail's sample cache (kst_kvgpu_sc_reserve): the table above with a cluster a
     // slot (scid, kvh * tns; -1 free) and a log weight a cluster (sclw, kvh * sC); the centroids
     // (scent, (kvh, d, sC)) scored for each query head into scs (qh, sC), downloaded to hscs;
-    // rows staged in pinned memory (hshdr: KV head, slot, cluster; hsrows: K then V) until
-    // copied and scattered into the table on the stream (sev: the last such copy)
-    int *scid, *dshdr, *hshdr;
+    // the weights and the slots staged in pinned memory, one block (hsall; its device twin dsall,
+    // sall bytes) laid out as sc_layout says, until copied in one copy and scattered into the
+    // table on the stream (sev: the last such copy)
+    int *scid;
     float *sclw, *hslw, *scent, *scs, *hscs;
-    char *dsrows, *hsrows;
-    size_t sC, scap_stage;
-    cudaEvent_t sev, slev, sfev; // (slev: the last copy of the weights out of hslw; sfev: the scores' download)
-    int sev_rec, slev_rec, sf_rec;
+    char *dsall, *hsall;
+    size_t sC, sall, scap_stage; // (scap_stage: the slots the staging held at most)
+    cudaEvent_t sev, sfev; // (sfev: the scores' download)
+    int sev_rec, sf_rec;
     // the static tokens' partial split over `split` blocks a query head (kst_kvgpu_split): their
     // unnormalized partials (qh * split: d floats, then m and l) and a counter a head, the last
     // block of a head merging them (the counter back to 0 for the next launch)
@@ -868,12 +869,20 @@ __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, con
         cent_body(blockIdx.x - qh * S - nt, q, cent, cs, C, nbc, G, d, scale, tsm);
 }
 
-// The sample cache's staged rows (kst_kvgpu_sc_stage): entry e (block e) sets its slot's cluster
-// and, for a held slot, writes its key (chunk-transposed; kl: in tg_kpos's layout) and value rows
-// into the table.
+// The sample cache's n staged rows (kst_kvgpu_sc_staging): entry e (block e) sets its slot's
+// cluster and, for a held slot, writes its key (chunk-transposed; kl: in tg_kpos's layout) and
+// value rows into the table; blocks n and on copy the clusters' weights lw (nlw floats, where
+// sent) into sclw.
 template <typename T>
-__global__ void sc_scatter_kernel(const int *hdr, const T *rows, T *tK, T *tV, int *cid, int ns, int ch, int d, int kl) {
-    int e = blockIdx.x, kh = hdr[3 * e], s = hdr[3 * e + 1], c = hdr[3 * e + 2];
+__global__ void sc_scatter_kernel(const int *hdr, const T *rows, int n, const float *lw, float *sclw, int nlw, T *tK,
+                                  T *tV, int *cid, int ns, int ch, int d, int kl) {
+    int e = blockIdx.x;
+    if (e >= n) {
+        int i = (e - n) * blockDim.x + threadIdx.x;
+        if (lw && i < nlw) sclw[i] = lw[i];
+        return;
+    }
+    int kh = hdr[3 * e], s = hdr[3 * e + 1], c = hdr[3 * e + 2];
     if (threadIdx.x == 0) cid[(size_t)kh * ns + s] = c;
     if (c < 0) return;
     int j0 = s / ch * ch, nr = min(ch, ns - j0), j = s - j0;
@@ -1053,14 +1062,11 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     cudaFree(g->sclw);
     cudaFree(g->scent);
     cudaFree(g->scs);
-    cudaFree(g->dshdr);
-    cudaFree(g->dsrows);
+    cudaFree(g->dsall);
     cudaFreeHost(g->hscs);
     cudaFreeHost(g->hslw);
-    cudaFreeHost(g->hshdr);
-    cudaFreeHost(g->hsrows);
+    cudaFreeHost(g->hsall);
     if (g->sev) cudaEventDestroy(g->sev);
-    if (g->slev) cudaEventDestroy(g->slev);
     if (g->sfev) cudaEventDestroy(g->sfev);
     cudaFreeHost(g->hq);
     cudaFreeHost(g->ho);
@@ -1079,7 +1085,7 @@ extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
     return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh + KST_KVGPU_PRM) * sizeof(float) +
            2 * g->tcap * g->kvh * g->d * es + g->tocap * sizeof(float) +
            (g->sC ? g->kvh * g->tns * sizeof(int) + g->kvh * g->sC * (g->d + 1) * sizeof(float) +
-                        g->qh * g->sC * sizeof(float) + g->scap_stage * (3 * sizeof(int) + 2 * g->d * es)
+                        g->qh * g->sC * sizeof(float) + g->sall
                   : 0);
 }
 
@@ -1190,7 +1196,6 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
         CU(cudaMallocHost((void **)&g->hslw, g->kvh * C * sizeof(float)), "kv gpu pinned sample cache weights");
         if (!g->sev) {
             CU(cudaEventCreateWithFlags(&g->sev, cudaEventDisableTiming), "kv gpu sample cache event");
-            CU(cudaEventCreateWithFlags(&g->slev, cudaEventDisableTiming), "kv gpu sample cache event");
             CU(cudaEventCreateWithFlags(&g->sfev, cudaEventDisableTiming), "kv gpu sample cache event");
         }
         for (size_t i = 0; i < g->kvh * C; i++) g->hslw[i] = -INFINITY;
@@ -1201,56 +1206,64 @@ done:
     return rc;
 }
 
+// The staging's layout for n slots: the weights (kvh * sC floats), then the header (n * 3 ints),
+// then the rows (n * 2 * d values), each part at a 16-byte boundary; returns the bytes.
+static size_t sc_layout(const kst_kvgpu *g, size_t n, size_t *hdr_at, size_t *rows_at) {
+    size_t es = g->f16 ? 2 : 4, a = (g->kvh * g->sC * sizeof(float) + 15) / 16 * 16;
+    *hdr_at = a;
+    *rows_at = a + (n * 3 * sizeof(int) + 15) / 16 * 16;
+    return *rows_at + n * 2 * g->d * es;
+}
+
 extern "C" int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err) {
     int rc = KST_OK;
+    size_t ha, ra, need;
     if (!g->sC) return kst_fail(err, KST_ERR_INVALID, "kv gpu: no sample cache reserved");
     if (g->sev_rec) CU(cudaEventSynchronize(g->sev), "kv gpu sample cache upload"); // (done by now, as a rule)
     g->sev_rec = 0;
-    if (n > g->scap_stage) {
-        size_t es = g->f16 ? 2 : 4, cap = n + n / 2 + 64;
-        cudaFree(g->dshdr);
-        cudaFree(g->dsrows);
-        cudaFreeHost(g->hshdr);
-        cudaFreeHost(g->hsrows);
-        g->dshdr = g->hshdr = NULL;
-        g->dsrows = g->hsrows = NULL;
-        g->scap_stage = 0;
-        CU(cudaMalloc((void **)&g->dshdr, cap * 3 * sizeof(int)), "kv gpu sample cache staging");
-        CU(cudaMallocHost((void **)&g->hshdr, cap * 3 * sizeof(int)), "kv gpu sample cache staging");
-        CU(cudaMalloc((void **)&g->dsrows, cap * 2 * g->d * es), "kv gpu sample cache staging");
-        CU(cudaMallocHost((void **)&g->hsrows, cap * 2 * g->d * es), "kv gpu sample cache staging");
-        g->scap_stage = cap;
+    need = sc_layout(g, n, &ha, &ra);
+    if (need > g->sall) {
+        size_t cap = n + n / 2 + 64, bytes = sc_layout(g, cap, &ha, &ra);
+        cudaFree(g->dsall);
+        cudaFreeHost(g->hsall);
+        g->dsall = g->hsall = NULL;
+        g->sall = 0;
+        CU(cudaMalloc((void **)&g->dsall, bytes), "kv gpu sample cache staging");
+        CU(cudaMallocHost((void **)&g->hsall, bytes), "kv gpu sample cache staging");
+        g->sall = bytes;
+        sc_layout(g, n, &ha, &ra);
     }
-    *hdr = g->hshdr;
-    *rows = g->hsrows;
+    if (n > g->scap_stage) g->scap_stage = n;
+    *hdr = (int *)(g->hsall + ha);
+    *rows = g->hsall + ra;
 done:
     return rc;
 }
 
 extern "C" int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_error *err) {
     int rc = KST_OK;
-    size_t es = g->f16 ? 2 : 4;
-    if (!g->sC || n > g->scap_stage)
+    size_t ha, ra, nlw = g->kvh * g->sC, bytes = sc_layout(g, n, &ha, &ra);
+    if (!g->sC || bytes > g->sall)
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu sample cache rows staged (room for %zu)", n, g->scap_stage);
     KST_TRY(kst_kvgpu_disarm(g, err));
-    if (n) {
-        CU(cudaMemcpyAsync(g->dshdr, g->hshdr, n * 3 * sizeof(int), cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
-        CU(cudaMemcpyAsync(g->dsrows, g->hsrows, n * 2 * g->d * es, cudaMemcpyHostToDevice, g->st), "kv gpu sample cache upload");
+    if (!n && !lw) return KST_OK;
+    if (lw) memcpy(g->hsall, lw, nlw * sizeof(float));
+    { // one copy (from the weights, or from the header where they are not sent), one kernel
+        size_t from = lw ? 0 : ha;
+        unsigned nb = (unsigned)n + (lw ? (unsigned)((nlw + 127) / 128) : 0);
+        CU(cudaMemcpyAsync(g->dsall + from, g->hsall + from, bytes - from, cudaMemcpyHostToDevice, g->st),
+           "kv gpu sample cache upload");
+        const int *dh = (const int *)(g->dsall + ha);
+        const float *dl = lw ? (const float *)g->dsall : NULL;
         if (g->f16)
-            sc_scatter_kernel<__half><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const __half *)g->dsrows, (__half *)g->tK,
-                                                                      (__half *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
+            sc_scatter_kernel<__half><<<nb, 128, 0, g->st>>>(dh, (const __half *)(g->dsall + ra), (int)n, dl, g->sclw,
+                                                             (int)nlw, (__half *)g->tK, (__half *)g->tV, g->scid,
+                                                             (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
         else
-            sc_scatter_kernel<float><<<(unsigned)n, 128, 0, g->st>>>(g->dshdr, (const float *)g->dsrows, (float *)g->tK,
-                                                                     (float *)g->tV, g->scid, (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
+            sc_scatter_kernel<float><<<nb, 128, 0, g->st>>>(dh, (const float *)(g->dsall + ra), (int)n, dl, g->sclw,
+                                                            (int)nlw, (float *)g->tK, (float *)g->tV, g->scid,
+                                                            (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
         CU(cudaGetLastError(), "kv gpu sample cache scatter");
-    }
-    if (lw) {
-        if (g->slev_rec) CU(cudaEventSynchronize(g->slev), "kv gpu sample cache weights upload");
-        memcpy(g->hslw, lw, g->kvh * g->sC * sizeof(float));
-        CU(cudaMemcpyAsync(g->sclw, g->hslw, g->kvh * g->sC * sizeof(float), cudaMemcpyHostToDevice, g->st),
-           "kv gpu sample cache weights upload");
-        CU(cudaEventRecord(g->slev, g->st), "kv gpu sample cache event");
-        g->slev_rec = 1;
     }
     CU(cudaEventRecord(g->sev, g->st), "kv gpu sample cache event");
     g->sev_rec = 1;
