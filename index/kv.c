@@ -1999,6 +1999,8 @@ static int sc_stage(kst_kvc *c, kv_layer *L, int all, int **hdr, void **rows, ks
     return kst_kvgpu_sc_staging(L->gpu, off[H], hdr, rows, err);
 }
 
+#define SC_PF 8 /* entries ahead whose rows sc_stage_head asks for */
+
 /* KV head h's part of an upload staged (at c->sc_off[h]: its slots' header and rows) and its
  * changes forgotten, its clusters' weights put into c->sc_lw. */
 static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, int *hdr, void *rows) {
@@ -2009,6 +2011,14 @@ static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, int *hdr, 
     size_t e = c->sc_off[h], n = all ? S->cap : S->nd;
     for (size_t i = 0; i < n; i++) {
         uint32_t sl = all ? (uint32_t)i : S->dirty[i], x = S->key[sl];
+        if (!all && i + SC_PF < n) { /* (the rows a few entries on asked for: they come from all over the cache) */
+            uint32_t xp = S->key[S->dirty[i + SC_PF]];
+            if (xp != KST_KVSC_FREE)
+                for (size_t b = 0; b < rowb; b += 64) {
+                    __builtin_prefetch((const char *)rows_at(c, Hs->K, o->sinks + xp) + b);
+                    __builtin_prefetch((const char *)rows_at(c, Hs->V, o->sinks + xp) + b);
+                }
+        }
         if (all && x == KST_KVSC_FREE) continue;
         hdr[3 * e] = (int)h;
         hdr[3 * e + 1] = (int)sl;
