@@ -442,8 +442,8 @@ int kst_kv_reserve(kst_kv *kv, size_t layer, size_t n, kst_error *err);
 int kst_kv_flush(kst_kv *kv, size_t layer, kst_error *err);
 
 /* Lends the cache the engine's idle time (with opts.append_idle = 1): first the last steps'
- * upkeep of tail_cache (each layer's held rows and their copy to the GPU, ~0.01-0.15 ms on the
- * H100 host; then, while more(arg) says yes, the next steps' plans, ~0.1 ms a layer), then plans
+ * upkeep of tail_cache (each layer's held rows, their copy to the GPU and, if more(arg) says yes,
+ * the next step's plans, in one parallel region: ~0.06-0.18 ms a layer on the H100 host), then plans
  * the queued batch appends of every layer (key-key searches, ~2 ms on 16 threads per batch of 64
  * tokens at 8 KV heads) in slices of one search on the calling thread's OpenMP team and links
  * planned batches in, asking more(arg) before each slice, until it returns 0 or nothing is left

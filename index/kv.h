@@ -117,10 +117,11 @@ int kst_kvc_append(kst_kvc *c, size_t layer, const void *keys, const void *value
  * tokens not linked yet, so outputs differ within the retrieval's error only. With the sample
  * cache on the GPU (kst_kvc_set_tail_cache), idle mode also leaves a step's upkeep of it here:
  * the step returns once its output is made, and kst_kvc_work first holds each layer's plan and
- * sends the rows it adds to the GPU (before the arms below; a layer's next append or step does it
- * if kst_kvc_work has not), then, while more() says yes, makes the next step's plans (which that
- * step keeps unless its clusters took keys since; test_gpu_idle_update: the same outputs and held
- * rows as without idle mode). */
+ * sends the rows it adds to the GPU and, if more() says yes, makes the next step's plans in the
+ * same parallel region (before the arms below; a layer's next append or step does the hold and
+ * the copy if kst_kvc_work has not; the plans, which that step keeps unless its clusters took keys
+ * since, are then made by kst_kvc_work later or by the step; test_gpu_idle_update: the same
+ * outputs and held rows as without idle mode). */
 int kst_kvc_work(kst_kvc *c, int (*more)(void *), void *arg, size_t *planned, kst_error *err);
 /* 1: batch appends planned and linked in the engine's idle time (kst_kvc_work), the appending
  * call only queueing a completed batch; 0 (the default; KESTREL_KV_APPEND_IDLE=1 at creation
