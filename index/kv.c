@@ -1989,8 +1989,8 @@ static int tg_help(kst_kvc *c, kv_layer *L, kv_thread *t, const float *q, int *r
 }
 
 #ifdef KST_CUDA
-/* The sample cache's slots changed since the last upload (all held where `all`: a new table)
- * staged, each KV head's by its own thread, and sent with the clusters' weights. */
+/* The staging for the sample cache's slots changed since the last upload (all held where `all`:
+ * a new table), each KV head's part at c->sc_off[h]. */
 static int sc_stage(kst_kvc *c, kv_layer *L, int all, int **hdr, void **rows, kst_error *err) {
     size_t H = c->o.kv_heads, *off = c->sc_off;
     if (!off && !(off = c->sc_off = kst_malloc(H + 1, sizeof(size_t), "tail sample cache uploads", err))) return KST_ERR_NOMEM;
@@ -2171,11 +2171,11 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
     int rc = KST_OK, *hdr = NULL;
     void *rows = NULL;
     kst_kvc_prof *pf = c->prof;
-    double t0 = pf ? mono_s() : 0, t2 = t0, t3 = t0;
+    double t0 = pf ? mono_s() : 0, t2 = t0, t3 = t0, t5 = t0; /* (t3, t5: the rows staged, the copies queued) */
     size_t nd = 0, nrows = 0, staged = 0;
     int up = 0;
 #ifndef KST_CUDA
-    (void)gpu, (void)hdr, (void)rows, (void)nrows, (void)staged, (void)t3;
+    (void)gpu, (void)hdr, (void)rows, (void)nrows, (void)staged, (void)t3, (void)t5;
     ahead = 0;
 #endif
     for (size_t h = 0; h < H; h++) nd += !L->heads[h].sc.made;
@@ -2256,6 +2256,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
             kst_error e;
             int r = sc_send(c, L, &e);
             if (r != KST_OK) first_err(&rc, err, r, &e);
+            if (pf) t5 = mono_s();
             if (ahead && skip != SIZE_MAX) sc_plan_one(c, L, skip, &rc, err);
         }
 #endif
@@ -2268,7 +2269,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
         double t4 = mono_s();
         pf->sc_steps++;
         pf->sc_make += t2 - t0;
-        if (up) pf->sc_up += (t3 > t2 ? t3 : t4) - t2;
+        if (up) pf->sc_up += (t5 > t2 ? t5 : t4) - t2;
         if (up) pf->sc_gather += (t3 > t2 ? t3 : t4) - t2;
         if (ahead) pf->sc_ahead += t4 - t2;
     }

@@ -81,7 +81,7 @@ struct kst_kvgpu {
     int *scid;
     float *sclw, *hslw, *scent, *scs, *hscs;
     char *dsall, *hsall;
-    size_t sC, sall, scap_stage; // (scap_stage: the slots the staging held at most)
+    size_t sC, sall, sn; // (sn: the slots of the last staging)
     cudaEvent_t sev, sfev; // (sfev: the scores' download)
     int sev_rec, sf_rec;
     // the static tokens' partial split over `split` blocks a query head (kst_kvgpu_split): their
@@ -1233,7 +1233,7 @@ extern "C" int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **ro
         g->sall = bytes;
         sc_layout(g, n, &ha, &ra);
     }
-    if (n > g->scap_stage) g->scap_stage = n;
+    g->sn = n;
     *hdr = (int *)(g->hsall + ha);
     *rows = g->hsall + ra;
 done:
@@ -1243,8 +1243,9 @@ done:
 extern "C" int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_error *err) {
     int rc = KST_OK;
     size_t ha, ra, nlw = g->kvh * g->sC, bytes = sc_layout(g, n, &ha, &ra);
-    if (!g->sC || bytes > g->sall)
-        return kst_fail(err, KST_ERR_INVALID, "kv gpu: %zu sample cache rows staged (room for %zu)", n, g->scap_stage);
+    if (!g->sC || n != g->sn || bytes > g->sall)
+        return kst_fail(err, KST_ERR_MISUSE, "kv gpu: %zu sample cache slots sent, %zu staged (kst_kvgpu_sc_staging first)",
+                        n, g->sn);
     KST_TRY(kst_kvgpu_disarm(g, err));
     if (!n && !lw) return KST_OK;
     if (lw) memcpy(g->hsall, lw, nlw * sizeof(float));

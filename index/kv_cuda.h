@@ -129,9 +129,9 @@ int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t 
  * *hdr (n, 3) ints, each a KV head, its slot and its cluster (-1: free, its rows unread), and
  * *rows (n, 2, d) values in the cache's dtype, the slot's key and value rows. */
 int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err);
-/* Queues the first n staged slots (copied and written into the table) and, where lw is not
- * NULL, the clusters' log weights lw (kv_heads, C) on the step's stream: the next launch sees
- * them. */
+/* Queues the n slots of the last staging (n as staged; copied with the weights in one copy and
+ * written into the table) and, where lw is not NULL, the clusters' log weights lw (kv_heads, C)
+ * on the step's stream: the next launch sees them. */
 int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_error *err);
 /* The last step's centroid scores (q_heads, C) downloaded (queued once its partials are in: they
  * are not part of its downloads, so that the partials come in sooner), then waited for; then
