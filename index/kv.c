@@ -102,6 +102,8 @@ typedef struct kv_layer {
 #define KV_PLAN_IL 4 /* batch appends: plans interleaved by one thread (<= KV_IL_MAX) */
 #define KV_WK_MAX 16 /* background planner threads at most (kst_kvc_set_append_worker) */
 #define KV_LINK_PIECE 8 /* tokens a planned batch is linked by at a time in kst_kvc_work */
+#define SC_PIECE 2048    /* rows a piece of the sample cache's upload holds at most: its staging's size (a \
+                            step's changes, up to 256 a KV head of 8, fit in one; a table filling is sent in pieces) */
 #ifdef SCHED_IDLE
 #define KV_SCHED_IDLE SCHED_IDLE
 #else
@@ -205,6 +207,7 @@ struct kst_kvc {
                              static tokens are; kst_kvc_set_tail_cache, KESTREL_KV_TCACHE) */
     size_t tcache_cap;    /* its table's slots a KV head (0: 2 x tail_samples; KESTREL_KV_TCACHE_CAP) */
     size_t tcache_up;     /* rows a plan adds a KV head and step at most (256; KESTREL_KV_TCACHE_UP) */
+    size_t sc_piece;      /* rows an upload's piece holds at most (SC_PIECE; KESTREL_KV_SC_PIECE, for tests) */
     float *sc_it;         /* (q_heads, chunks, stride) the cache's items made on the CPU */
     uint8_t *sc_ok;       /* (kv_heads, chunks) 1: made */
     size_t sc_it_cap, sc_ok_cap;
@@ -336,6 +339,8 @@ void kst_kvc_set_tail_cache(kst_kvc *c, int on, size_t slots) {
     c->tcache = e ? atoi(e) != 0 : on != 0;
     c->tcache_cap = es ? (size_t)atol(es) : slots;
     c->tcache_up = getenv("KESTREL_KV_TCACHE_UP") ? (size_t)atol(getenv("KESTREL_KV_TCACHE_UP")) : 256;
+    c->sc_piece = getenv("KESTREL_KV_SC_PIECE") ? (size_t)atol(getenv("KESTREL_KV_SC_PIECE")) : SC_PIECE;
+    if (!c->sc_piece) c->sc_piece = SC_PIECE;
 }
 const kst_kvsc *kst_kvc_sample_cache(const kst_kvc *c, size_t layer, size_t kvh) {
     if (layer >= c->o.layers || kvh >= c->o.kv_heads || !c->layers[layer].built) return NULL;
@@ -1989,27 +1994,36 @@ static int tg_help(kst_kvc *c, kv_layer *L, kv_thread *t, const float *q, int *r
 }
 
 #ifdef KST_CUDA
-/* The staging for the sample cache's slots changed since the last upload (all held where `all`:
- * a new table), each KV head's part at c->sc_off[h]. */
-static int sc_stage(kst_kvc *c, kv_layer *L, int all, int **hdr, void **rows, kst_error *err) {
+/* The staging for a piece of an upload, entries [s0, s1) of each KV head's (its part at
+ * c->sc_off[h]): of its slots changed since the last upload (its dirty list), or (all) of its
+ * slots, those held. */
+static int sc_stage(kst_kvc *c, kv_layer *L, int all, size_t s0, size_t s1, int **hdr, void **rows, kst_error *err) {
     size_t H = c->o.kv_heads, *off = c->sc_off;
     if (!off && !(off = c->sc_off = kst_malloc(H + 1, sizeof(size_t), "tail sample cache uploads", err))) return KST_ERR_NOMEM;
     off[0] = 0;
-    for (size_t h = 0; h < H; h++) off[h + 1] = off[h] + (all ? L->heads[h].sc.used : L->heads[h].sc.nd);
+    for (size_t h = 0; h < H; h++) {
+        const kst_kvsc *S = &L->heads[h].sc;
+        size_t e = all ? S->cap : S->nd, n = 0;
+        if (e > s1) e = s1;
+        for (size_t i = s0; i < e; i++) n += !all || S->key[i] != KST_KVSC_FREE;
+        off[h + 1] = off[h] + n;
+    }
     return kst_kvgpu_sc_staging(L->gpu, off[H], hdr, rows, err);
 }
 
 #define SC_PF 8 /* entries ahead whose rows sc_stage_head asks for */
 
-/* KV head h's part of an upload staged (at c->sc_off[h]: its slots' header and rows) and its
- * changes forgotten, its clusters' weights put into c->sc_lw. */
-static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, int *hdr, void *rows) {
+/* KV head h's part of a piece staged at c->sc_off[h] (its slots' header and rows; entries [s0,
+ * s1) as sc_stage). Once its dirty list is staged to its end, the list is forgotten and its
+ * clusters' weights put into c->sc_lw. */
+static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, size_t s0, size_t s1, int *hdr, void *rows) {
     const kst_kvc_opts *o = &c->o;
     size_t rowb = o->head_dim * c->esize;
     kv_hstore *Hs = &L->heads[h];
     kst_kvsc *S = &Hs->sc;
     size_t e = c->sc_off[h], n = all ? S->cap : S->nd;
-    for (size_t i = 0; i < n; i++) {
+    if (n > s1) n = s1;
+    for (size_t i = s0; i < n; i++) {
         uint32_t sl = all ? (uint32_t)i : S->dirty[i], x = S->key[sl];
         if (!all && i + SC_PF < n) { /* (the rows a few entries on asked for: they come from all over the cache) */
             uint32_t xp = S->key[S->dirty[i + SC_PF]];
@@ -2029,6 +2043,7 @@ static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, int *hdr, 
         }
         e++;
     }
+    if (all || s1 < S->nd) return;
     kst_kvsc_take_dirty(S, NULL);
     memcpy(c->sc_lw + h * S->C, S->lw, S->C * sizeof(float));
 }
@@ -2041,18 +2056,33 @@ static int sc_send(kst_kvc *c, kv_layer *L, kst_error *err) {
     return rc;
 }
 
-/* The sample cache's slots changed since the last upload (all held where `all`: a new table)
- * staged, each KV head's by its own thread, and sent with the clusters' weights. */
+/* The sample cache's slots changed since the last upload (or, all: a new table, every slot held)
+ * sent with the clusters' weights, in pieces of at most c->sc_piece rows (each KV head's part of a
+ * piece staged by its own thread), so that the staging, pinned and on the GPU, stays the size of a
+ * step's changes rather than a table's (a table filling adds a whole plan at once). */
 static int sc_upload(kst_kvc *c, kv_layer *L, int all, kst_error *err) {
-    size_t H = c->o.kv_heads;
-    int rc = KST_OK, *hdr;
+    size_t H = c->o.kv_heads, w = c->sc_piece / H ? c->sc_piece / H : 1, end = 0;
+    int rc = KST_OK, *hdr, sent = 0;
     void *rows;
-    KST_TRY(sc_stage(c, L, all, &hdr, &rows, err));
-    double tg = c->prof ? mono_s() : 0;
+    for (size_t h = 0; h < H; h++) {
+        kst_kvsc *S = &L->heads[h].sc;
+        size_t n = all ? S->cap : S->nd;
+        end = n > end ? n : end;
+        if (!all) continue;
+        kst_kvsc_take_dirty(S, NULL);
+        memcpy(c->sc_lw + h * S->C, S->lw, S->C * sizeof(float));
+    }
+    if (all) L->sc_gpu = 0;
+    for (size_t s0 = 0; s0 < end || !sent; s0 += w) {
+        KST_TRY(sc_stage(c, L, all, s0, s0 + w, &hdr, &rows, err));
+        if (!c->sc_off[H] && s0 + w < end) continue; /* (nothing held there; the weights go with a later piece) */
+        double tg = c->prof ? mono_s() : 0;
 #pragma omp parallel for schedule(static) num_threads(c->nth) if (c->sc_off[H] > 512 && H > 1)
-    for (size_t h = 0; h < H; h++) sc_stage_head(c, L, h, all, hdr, rows);
-    if (c->prof) c->prof->sc_gather += mono_s() - tg;
-    KST_TRY(sc_send(c, L, err));
+        for (size_t h = 0; h < H; h++) sc_stage_head(c, L, h, all, s0, s0 + w, hdr, rows);
+        if (c->prof) c->prof->sc_gather += mono_s() - tg;
+        KST_TRY(sc_send(c, L, err));
+        sent = 1;
+    }
 done:
     return rc;
 }
@@ -2173,9 +2203,9 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
     kst_kvc_prof *pf = c->prof;
     double t0 = pf ? mono_s() : 0, t2 = t0, t3 = t0, t5 = t0; /* (t3, t5: the rows staged, the copies queued) */
     size_t nd = 0, nrows = 0, staged = 0;
-    int up = 0;
+    int up = 0, big = 0; /* (big: more rows than a piece, as where a table fills: sent in pieces after) */
 #ifndef KST_CUDA
-    (void)gpu, (void)hdr, (void)rows, (void)nrows, (void)staged, (void)t3, (void)t5;
+    (void)gpu, (void)hdr, (void)rows, (void)nrows, (void)staged, (void)t3, (void)t5, (void)big;
     ahead = 0;
 #endif
     for (size_t h = 0; h < H; h++) nd += !L->heads[h].sc.made;
@@ -2218,8 +2248,9 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
 #ifdef KST_CUDA
             for (size_t h = 0; h < H; h++) nrows += L->heads[h].sc.nd; /* (the weights change only with the slots) */
             if (pf) pf->sc_rows += nrows;
-            if (rc == KST_OK && gpu && nrows) {
-                int r = sc_stage(c, L, 0, &hdr, &rows, err);
+            big = nrows > c->sc_piece;
+            if (rc == KST_OK && gpu && nrows && !big) {
+                int r = sc_stage(c, L, 0, 0, SIZE_MAX, &hdr, &rows, err);
                 if (r != KST_OK) rc = r;
                 else up = 1;
             }
@@ -2236,7 +2267,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
         size_t skip = SIZE_MAX;
         if (two) {
             if (tid >= (int)H && tid < 2 * (int)H) {
-                sc_stage_head(c, L, (size_t)tid - H, 0, hdr, rows);
+                sc_stage_head(c, L, (size_t)tid - H, 0, 0, SIZE_MAX, hdr, rows);
                 sender = __atomic_add_fetch(&staged, 1, __ATOMIC_ACQ_REL) == H;
             } else if (tid < (int)H && ahead)
                 sc_plan_one(c, L, (size_t)tid, &rc, err);
@@ -2244,7 +2275,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
 #pragma omp for schedule(static) nowait
             for (size_t h = 0; h < H; h++) {
                 if (up) {
-                    sc_stage_head(c, L, h, 0, hdr, rows);
+                    sc_stage_head(c, L, h, 0, 0, SIZE_MAX, hdr, rows);
                     if (__atomic_add_fetch(&staged, 1, __ATOMIC_ACQ_REL) == H && nth <= (int)H) sender = 1, skip = h;
                 }
                 if (ahead && h != skip) sc_plan_one(c, L, h, &rc, err);
@@ -2261,6 +2292,9 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
         }
 #endif
     }
+#ifdef KST_CUDA
+    if (rc == KST_OK && gpu && big) rc = sc_upload(c, L, 0, err);
+#endif
     if (rc != KST_OK) return rc;
 #ifdef KST_CUDA
     if (ahead) L->sc_ahead = 0;

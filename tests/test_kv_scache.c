@@ -932,7 +932,8 @@ static int have_gpu(void) {
  * m snapshotted from kst_kvc_sample_cache before the step, the estimator from those prefixes
  * (orders after the step's joins); after each step every KV head's cache meets the invariants
  * (sc_check) and its plan the float64 plan of the query rows of the two steps before it (of the
- * first step after steps 0 and 1). */
+ * first step after steps 0 and 1). In (c) the GPU's uploads go in pieces of at most 64 rows
+ * (KESTREL_KV_SC_PIECE; 2,048 by default): the first plans' 512 rows in 8. */
 static void run_steps(int gpu) {
     const size_t H = 2, ncent = 24, nq = 48, C = 32, B = 128, steps = 7, n0 = 1500 + 4 + 64, nmax = n0 + 540;
     static const size_t tk[3] = {16, 4, 64}, efs[3] = {48, 16, 128};
@@ -955,7 +956,9 @@ static void run_steps(int gpu) {
         kst_kvc_opts o = tc_base_opts(d, f16, attn ? KST_KVC_INDEX_ATTN : KST_KVC_INDEX_KEYS, B, H, QH);
         o.gpu = gpu;
         o.group_search = run == 2;
+        if (run == 2) setenv("KESTREL_KV_SC_PIECE", "64", 1); /* (the GPU's uploads in pieces of 64 rows) */
         kst_kvc *c = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 1);
+        unsetenv("KESTREL_KV_SC_PIECE");
         kst_kvc *c2 = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 0);
         size_t at = n0;
         uint32_t *pre[2] = {malloc(C * sizeof(uint32_t)), malloc(C * sizeof(uint32_t))};
@@ -1308,7 +1311,9 @@ static void test_steps_gpu(void **state) {
  * cache (32 clusters); 3-4 tail_clusters 0 without a rebuild (the evenly spaced sample, its table
  * put on the GPU); 5-6 tail_clusters 32 again (the clusters still built: the sample cache, its
  * table reserved on the GPU anew, estimated from the prefixes held); then tail_clusters 0 and a
- * rebuild, steps 7-8 the evenly spaced sample. Every step the twin's output within the
+ * rebuild, steps 7-8 the evenly spaced sample. The GPU cache's uploads go in pieces of at most 48
+ * rows (KESTREL_KV_SC_PIECE), so step 5's table, sent whole, and the first plans go in several.
+ * Every step the twin's output within the
  * tolerance; the sample cache's steps also the float64 estimator (check_step_sc). Before the
  * fixes in kv.c: step 5's reserve was freed by the step's "GPU tail off" branch (gt_ns still the
  * evenly spaced table's), and after the rebuild the GPU kept the cache's cluster ids, which then
@@ -1326,7 +1331,9 @@ static void test_gpu_switches(void **state) {
     kst_kvc_opts o = tc_base_opts(d, 0, KST_KVC_INDEX_KEYS, 128, H, QH);
     o.gpu = 1;
     kst_error err;
+    setenv("KESTREL_KV_SC_PIECE", "48", 1); /* (the table reserved anew at step 5 sent whole, in pieces of 48 rows) */
     kst_kvc *cg = make_cache(&o, K, V, n, NULL, 0, C, 0.5f, 1);
+    unsetenv("KESTREL_KV_SC_PIECE");
     setenv("KESTREL_KV_TAIL_GPU", "0", 1);
     kst_kvc *cc = make_cache(&o, K, V, n, NULL, 0, C, 0.5f, 1);
     unsetenv("KESTREL_KV_TAIL_GPU");
