@@ -14,6 +14,7 @@
 
 extern "C" {
 #include "core/check.h"
+#include "core/half.h"
 }
 
 #define CU(call, what)                                                                        \
@@ -79,7 +80,8 @@ struct kst_kvgpu {
     // sall bytes) laid out as sc_layout says, until copied in one copy and scattered into the
     // table on the stream (sev: the last such copy)
     int *scid;
-    float *sclw, *hslw, *scent, *scs, *hscs;
+    float *sclw, *hslw, *scs, *hscs;
+    void *scent; // (kvh, d, C) the centroids, float16 where the cache is (kst_kvtc rounds them so)
     char *dsall, *hsall;
     size_t sC, sall, sn; // (sn: the slots of the last staging)
     cudaEvent_t sev, sfev; // (sfev: the scores' download)
@@ -753,8 +755,9 @@ __device__ void tail_grp_body(int bi, const T *K, const T *V, const float *q, fl
 
 // The centroid scores of a KV head's G query heads at once (G <= TG_GMAX, d <= TG_DMAX): block bi
 // is (KV head, 128 centroids); a thread a centroid and every fourth dim, the quarters summed in
-// shared memory.
-__device__ void cent_grp_body(int bi, const float *q, const float *cent, float *cs, int C, int nbc, int G, int d,
+// shared memory. The centroids are held as the cache's keys are (float16 or float32).
+template <typename T>
+__device__ void cent_grp_body(int bi, const float *q, const T *cent, float *cs, int C, int nbc, int G, int d,
                               float scale, float *sm) {
     float *cq = sm, *ca = cq + TG_GMAX * TG_DMAX;
     int kh = bi / nbc, cb = bi % nbc, tid = threadIdx.x, nt = blockDim.x, cl = tid & 127, qd = tid >> 7;
@@ -763,7 +766,7 @@ __device__ void cent_grp_body(int bi, const float *q, const float *cent, float *
     for (int i = tid; i < G * 128; i += nt) ca[i] = 0.0f;
     __syncthreads();
     if (c < C) {
-        const float *ct = cent + (size_t)kh * d * C + c;
+        const T *ct = cent + (size_t)kh * d * C + c;
         float a[TG_GMAX];
 #pragma unroll
         for (int g = 0; g < TG_GMAX; g++) a[g] = 0.0f;
@@ -771,7 +774,7 @@ __device__ void cent_grp_body(int bi, const float *q, const float *cent, float *
         for (; i + 3 * nq < d; i += 4 * nq) {
             float x[4];
 #pragma unroll
-            for (int k = 0; k < 4; k++) x[k] = ct[(size_t)(i + k * nq) * C];
+            for (int k = 0; k < 4; k++) x[k] = ld(ct + (size_t)(i + k * nq) * C);
 #pragma unroll
             for (int k = 0; k < 4; k++)
 #pragma unroll
@@ -779,7 +782,7 @@ __device__ void cent_grp_body(int bi, const float *q, const float *cent, float *
                     if (g < G) a[g] += cq[g * d + i + k * nq] * x[k];
         }
         for (; i < d; i += nq) {
-            float x = ct[(size_t)i * C];
+            float x = ld(ct + (size_t)i * C);
 #pragma unroll
             for (int g = 0; g < TG_GMAX; g++)
                 if (g < G) a[g] += cq[g * d + i] * x;
@@ -796,20 +799,21 @@ __device__ void cent_grp_body(int bi, const float *q, const float *cent, float *
 // The sample cache's centroid scores (kst_kvgpu_sc_reserve): block bi scores centroids cb * 512 ..
 // of query head h = bi / nbc: cs[h][c] = scale <q_h, cent_c>, cent (kvh, d, C) (a thread a
 // centroid, reading consecutive centroids of a dim).
-__device__ void cent_body(int bi, const float *q, const float *cent, float *cs, int C, int nbc, int G, int d,
+template <typename T>
+__device__ void cent_body(int bi, const float *q, const T *cent, float *cs, int C, int nbc, int G, int d,
                           float scale, float *cq) {
     int h = bi / nbc, cb = bi % nbc, kh = h / G;
     for (int i = threadIdx.x; i < d; i += blockDim.x) cq[i] = q[h * d + i];
     __syncthreads();
     int c = cb * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    const float *ct = cent + (size_t)kh * d * C + c;
+    const T *ct = cent + (size_t)kh * d * C + c;
     float a[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}; // (8 loads in flight)
     int i = 0;
     for (; i + 8 <= d; i += 8)
 #pragma unroll
-        for (int k = 0; k < 8; k++) a[k] += cq[i + k] * ct[(size_t)(i + k) * C];
-    for (; i < d; i++) a[0] += cq[i] * ct[(size_t)i * C];
+        for (int k = 0; k < 8; k++) a[k] += cq[i + k] * ld(ct + (size_t)(i + k) * C);
+    for (; i < d; i++) a[0] += cq[i] * ld(ct + (size_t)i * C);
     cs[(size_t)h * C + c] = (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) * scale;
 }
 
@@ -825,7 +829,7 @@ template <typename T, int MB>
 __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, const float *q, float *o, float *lse, int sinks, int ring,
                             int kvh, int G, int d, float scale, int qh, const T *tK, const T *tV,
                             float *tout, int ns, int ch, int nc, int P, int st, int S, float *sp,
-                            unsigned *spc, const int *cid, const float *clw, int C, const float *cent,
+                            unsigned *spc, const int *cid, const float *clw, int C, const T *cent,
                             float *cs, int nbc, int grp, unsigned *trdy, unsigned *tcnt) {
     __shared__ __align__(16) float tsm[TT_SMEM];
     if (((const int *)(q + (size_t)qh * d))[3]) return; // skip: a released chain (kst_kvgpu_disarm)
@@ -859,14 +863,14 @@ __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, con
             }
         }
     } else if (grp & 2) {
-        cent_grp_body(blockIdx.x - qh * S - nt, q, cent, cs, C, nbc, G, d, scale, tsm);
+        cent_grp_body<T>(blockIdx.x - qh * S - nt, q, cent, cs, C, nbc, G, d, scale, tsm);
 #ifdef KST_TG_PROF
         if (threadIdx.x == 0) atomicAdd(&tgp_n[2], 1ull);
         TGP_MARK(6);
 #endif
     }
     else
-        cent_body(blockIdx.x - qh * S - nt, q, cent, cs, C, nbc, G, d, scale, tsm);
+        cent_body<T>(blockIdx.x - qh * S - nt, q, cent, cs, C, nbc, G, d, scale, tsm);
 }
 
 // The sample cache's n staged rows (kst_kvgpu_sc_staging): entry e (block e) sets its slot's
@@ -1084,7 +1088,7 @@ extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
     size_t es = g->f16 ? 2 : 4;
     return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh + KST_KVGPU_PRM) * sizeof(float) +
            2 * g->tcap * g->kvh * g->d * es + g->tocap * sizeof(float) +
-           (g->sC ? g->kvh * g->tns * sizeof(int) + g->kvh * g->sC * (g->d + 1) * sizeof(float) +
+           (g->sC ? g->kvh * g->tns * sizeof(int) + g->kvh * g->sC * (sizeof(float) + g->d * es) +
                         g->qh * g->sC * sizeof(float) + g->sall
                   : 0);
 }
@@ -1172,7 +1176,8 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
     cudaFreeHost(g->hscs);
     cudaFreeHost(g->hslw);
     g->scid = NULL;
-    g->sclw = g->scent = g->scs = g->hscs = g->hslw = NULL;
+    g->sclw = g->scs = g->hscs = g->hslw = NULL;
+    g->scent = NULL;
     g->sC = 0;
     g->gen++;
     if (!cap) return kst_kvgpu_tail_reserve(g, 0, 0, 0, err);
@@ -1188,9 +1193,20 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
         CU(cudaMalloc((void **)&g->scid, g->kvh * cap * sizeof(int)), "kv gpu sample cache clusters");
         CU(cudaMemset(g->scid, 0xff, g->kvh * cap * sizeof(int)), "kv gpu sample cache clusters"); // -1: free
         CU(cudaMalloc((void **)&g->sclw, g->kvh * C * sizeof(float)), "kv gpu sample cache weights");
-        CU(cudaMalloc((void **)&g->scent, g->kvh * g->d * C * sizeof(float)), "kv gpu sample cache centroids");
-        CU(cudaMemcpy(g->scent, cent, g->kvh * g->d * C * sizeof(float), cudaMemcpyHostToDevice),
-           "kv gpu sample cache centroids upload");
+        size_t ncent = g->kvh * g->d * C, es = g->f16 ? 2 : 4;
+        CU(cudaMalloc(&g->scent, ncent * es), "kv gpu sample cache centroids");
+        if (g->f16) { // (float16 values already: exact)
+            unsigned short *h = (unsigned short *)malloc(ncent * sizeof *h);
+            if (!h) {
+                rc = kst_fail(err, KST_ERR_NOMEM, "kv gpu: out of memory converting %zu centroid values", ncent);
+                goto done;
+            }
+            for (size_t i = 0; i < ncent; i++) h[i] = kst_f32_to_f16(cent[i]);
+            cudaError_t ce = cudaMemcpy(g->scent, h, ncent * es, cudaMemcpyHostToDevice);
+            free(h);
+            CU(ce, "kv gpu sample cache centroids upload");
+        } else
+            CU(cudaMemcpy(g->scent, cent, ncent * es, cudaMemcpyHostToDevice), "kv gpu sample cache centroids upload");
         CU(cudaMalloc((void **)&g->scs, g->qh * C * sizeof(float)), "kv gpu centroid scores");
         CU(cudaMallocHost((void **)&g->hscs, g->qh * C * sizeof(float)), "kv gpu pinned centroid scores");
         CU(cudaMallocHost((void **)&g->hslw, g->kvh * C * sizeof(float)), "kv gpu pinned sample cache weights");
@@ -1556,14 +1572,14 @@ static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const __half *)g->tK,
             (const __half *)g->tV, g->tdirect ? g->dtout : g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
             (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC,
-            g->scent, g->scs, (int)nbc, grp, g->tns && g->tdirect ? g->drdy : NULL, g->tcnt);
+            (const __half *)g->scent, g->scs, (int)nbc, grp, g->tns && g->tdirect ? g->drdy : NULL, g->tcnt);
     else
         (g->minb == 3 ? step_kernel<float, 3> : step_kernel<float, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
             (const float *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
             (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const float *)g->tK,
             (const float *)g->tV, g->tdirect ? g->dtout : g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
             (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC,
-            g->scent, g->scs, (int)nbc, grp, g->tns && g->tdirect ? g->drdy : NULL, g->tcnt);
+            (const float *)g->scent, g->scs, (int)nbc, grp, g->tns && g->tdirect ? g->drdy : NULL, g->tcnt);
     }
     CU(cudaGetLastError(), "kv gpu step launch");
     if (g->timing) CU(cudaEventRecord(g->tev[2], g->st), "kv gpu timing");

@@ -7,6 +7,7 @@
 #include <faiss/c_api/error_c.h>
 
 #include "core/check.h"
+#include "core/half.h"
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #include "index/faiss_ext.h"
@@ -146,6 +147,8 @@ int kst_kvtc_build(kst_kvtc *T, const void *K, int f16, size_t n, size_t d, size
     }
     for (size_t c = 0; c < C; c++) {
         double s = 0;
+        if (f16) /* (float16 values, as the keys: the GPU holds them so, and scores what the CPU does) */
+            for (size_t i = 0; i < d; i++) T->cent[c * d + i] = kst_f16_to_f32(kst_f32_to_f16(T->cent[c * d + i]));
         for (size_t i = 0; i < d; i++) s += (double)T->cent[c * d + i] * T->cent[c * d + i];
         T->hn2[c] = (float)(s / 2);
         for (size_t i = 0; i < d; i++) T->cent_t[i * C + c] = T->cent[c * d + i];

@@ -30,7 +30,7 @@
 typedef struct kst_kvtc {
     size_t C, d;      /* clusters (0: not built), head dim */
     size_t na;        /* nodes assigned: 0 .. na - 1 */
-    float *cent;      /* (C, d) centroids */
+    float *cent;      /* (C, d) centroids (of float16 keys: float16 values) */
     float *cent_t;    /* (d, C) the same, transposed (a query's scores in one pass) */
     float *hn2;       /* (C) |centroid|^2 / 2 (nearest centroid by <k, c> - |c|^2 / 2) */
     uint32_t *of;     /* (ncap) cluster of each assigned node */

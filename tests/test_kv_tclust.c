@@ -458,7 +458,8 @@ static size_t check_assign(const kst_kvtc *T, const float *Kh, size_t sinks, siz
 /* 4. Appends: 2,000 tokens built (the key-only index), then (a) float32, append_batch 1: 30 tokens
  * one at a time and 120 in one call, each linked at once; (b) float16, append_batch 16: 40 tokens one at a time
  * (some pending), a step, kst_kvc_flush, a step. After each the next step assigns the new nodes
- * (check_assign) and equals the float64 estimator (check_step), with the pending tokens exact. */
+ * (check_assign) and equals the float64 estimator (check_step), with the pending tokens exact.
+ * In (b) every centroid is a float16 value, as the GPU holds it. */
 static void test_appends_assigned(void **state) {
     (void)state;
     tc_seed(4);
@@ -475,6 +476,14 @@ static void test_appends_assigned(void **state) {
         kst_kvc *c = make_cache(&o, K, V, n0, NULL, 0, 24, 0.5f);
         size_t at = n0, qi = 0, nb = kst_kvc_indexed(c, 0);
         char what[96];
+        if (f16) /* the centroids of float16 keys are float16 values (the GPU holds them so) */
+            for (size_t h = 0; h < 2; h++) {
+                const kst_kvtc *T = kst_kvc_tail_clusters(c, 0, h);
+                for (size_t i = 0; i < T->C * d; i++)
+                    if (kst_f16_to_f32(kst_f32_to_f16(T->cent[i])) != T->cent[i] || T->cent_t[i % d * T->C + i / d] != T->cent[i])
+                        fail_msg("float16: KV head %zu centroid %zu dim %zu: %.9g is no float16 value (or its transpose differs)",
+                                 h, i / d, i % d, T->cent[i]);
+            }
         for (int phase = 0; phase < 3; phase++) {
             if (phase == 0 || (phase == 1 && !batch)) {
                 size_t add = phase == 0 ? (batch ? 40 : 30) : 120;
