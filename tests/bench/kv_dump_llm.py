@@ -92,8 +92,9 @@ def load_model(d, f, yarn, need, capture):
     return model, orig
 
 
-def run(model, ids, chunk, bucket, cap, tag):
-    """Feeds ids in chunks through the KV cache; returns per-bucket (sum of loss, count)."""
+def run(model, ids, chunk, bucket, cap, tag, loss=True):
+    """Feeds ids in chunks through the KV cache; returns per-bucket (sum of loss, count) (zeros
+    without `loss`: the model's base alone runs, no logits)."""
     n = len(ids)
     nb = (n + bucket - 1) // bucket
     lsum, lcnt = np.zeros(nb), np.zeros(nb, dtype=np.int64)
@@ -104,10 +105,10 @@ def run(model, ids, chunk, bucket, cap, tag):
         for p in range(0, n, chunk):
             c = min(chunk, n - p)
             cap["pos"] = p
-            out = model(input_ids=x[:, p:p + c], past_key_values=cache, use_cache=True,
-                        position_ids=torch.arange(p, p + c).unsqueeze(0))
+            out = (model if loss else model.model)(input_ids=x[:, p:p + c], past_key_values=cache, use_cache=True,
+                                                   position_ids=torch.arange(p, p + c).unsqueeze(0))
             cache = out.past_key_values
-            m = min(c, n - 1 - p)  # tokens of this chunk with a next token
+            m = min(c, n - 1 - p) if loss else 0  # tokens of this chunk with a next token
             if m > 0:
                 lp = torch.log_softmax(out.logits[0, :m].float(), dim=-1)
                 nll = -lp.gather(1, x[0, p + 1:p + 1 + m].unsqueeze(1))[:, 0].numpy()
@@ -135,6 +136,9 @@ def main():
     ap.add_argument("--bucket", type=int, default=4096, help="tokens per next-token-loss bucket")
     ap.add_argument("--compare", type=int, default=0,
                     help="also the loss of the model without --yarn over the first N tokens (0: no)")
+    ap.add_argument("--layers", default=",".join(map(str, LAYERS)),
+                    help="layers to save (comma list); without the last layer the model is cut after the "
+                         "highest one asked and no loss is computed (a 128K dump of layer 4 alone costs 5 layers' attention)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--shared", default=os.environ.get("KESTREL_SHARED", "../shared/data"))
     a = ap.parse_args()
@@ -144,6 +148,7 @@ def main():
     if a.ctx <= 0 or a.dec <= 0 or a.chunk <= 0 or a.bucket <= 0:
         sys.exit("kv_dump_llm: --ctx, --dec, --chunk and --bucket must be positive")
     heads = [int(x) for x in a.heads.split(",")]
+    layers = sorted({int(x) for x in a.layers.split(",")})
     torch.set_num_threads(a.threads or max(1, os.cpu_count() or 1))
     d, f = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
@@ -179,17 +184,26 @@ def main():
     cfg = model.config
     G = cfg.num_attention_heads // cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    for l in LAYERS:
+    nl = cfg.num_hidden_layers
+    if not layers or layers[0] < 0 or layers[-1] >= nl:
+        sys.exit(f"kv_dump_llm: --layers {a.layers}: the model has layers 0..{nl - 1}")
+    cut = layers[-1] < nl - 1
+    if cut:  # the layers above the highest asked never run; without them the logits mean nothing
+        model.model.layers = model.model.layers[:layers[-1] + 1]
+        if a.compare:
+            sys.exit("kv_dump_llm: --compare needs the whole model (leave --layers to its default)")
+    for l in layers:
         store[l] = (np.zeros((len(heads), need, hd), np.float32), np.zeros((cfg.num_key_value_heads, need, hd), np.float32),
                     np.zeros((cfg.num_key_value_heads, need, hd), np.float32))
     cap["on"] = True
     tag = f"YaRN x{a.yarn:g}" if a.yarn else "no scaling"
-    ls, lc, sec = run(model, ids[:need], a.chunk, a.bucket, cap, tag + " (dump)")
-    loss["yarn" if a.yarn else "none_dump"] = {"sum": ls.tolist(), "count": lc.tolist(), "seconds": round(sec)}
+    ls, lc, sec = run(model, ids[:need], a.chunk, a.bucket, cap, tag + " (dump)", loss=not cut)
+    if not cut:
+        loss["yarn" if a.yarn else "none_dump"] = {"sum": ls.tolist(), "count": lc.tolist(), "seconds": round(sec)}
     cap["on"] = False
     os.makedirs(a.out, exist_ok=True)
     pairs = []
-    for l in LAYERS:
+    for l in layers:
         q, k, v = store[l]
         for i, h in enumerate(heads):
             pairs.append((l, h))
@@ -204,7 +218,7 @@ def main():
             if n:
                 row.append(f"{b * a.bucket // 1024}-{(b + 1) * a.bucket // 1024}K {s / n:.3f} ({math.exp(s / n):.1f})")
         print(f"  {name:10s} " + "; ".join(row), file=sys.stderr)
-    meta.update({"yarn": a.yarn, "head_dim": hd, "pairs": pairs, "gqa_group": G, "loss": loss,
+    meta.update({"layers": layers, "cut_after": layers[-1] if cut else None, "seconds": round(sec), "yarn": a.yarn, "head_dim": hd, "pairs": pairs, "gqa_group": G, "loss": loss,
                  "rope_parameters": cfg.rope_parameters, "max_position_embeddings": cfg.max_position_embeddings})
     with open(os.path.join(a.out, "meta.json"), "w") as fh:
         json.dump(meta, fh)
