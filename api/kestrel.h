@@ -383,7 +383,9 @@ typedef struct kst_kv_opts {
                                  SmolLM2 at 32K, tier 0, tail 4096: 6.7e-3 mean output error; one
                                  layer at 128K on the H100 0.19-0.23 ms where successive queries
                                  plan alike (SDPA 0.20-0.22), 0.34-0.41 where each is new; GPU
-                                 memory 70.5 MB a layer (tests/bench/README.md, round 20) */
+                                 memory 43.5 MiB a layer at 128K, tail 4096, 8 KV heads of d 128
+                                 (the table 32, its centroids 4 in float16, the static tokens 5,
+                                 the copies' staging 1.6; tests/bench/README.md, rounds 20, 24) */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */

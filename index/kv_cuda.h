@@ -116,7 +116,8 @@ int kst_kvgpu_items_ready(const kst_kvgpu *g, size_t kv_head);
 /* The clustered tail's sample cache (index/kv_scache.h, kst_kvc_set_tail_cache) on the GPU: the
  * tail table above (kst_kvgpu_tail_reserve(cap, ch, nc)) with a cluster a slot (-1: free) and a
  * log weight a cluster (its rows weighted by it in the items, a free slot's rows left out), and
- * the KV heads' C centroids cent (kv_heads, d, C) float32, scored for every query head in each
+ * the KV heads' C centroids cent (kv_heads, d, C) float32 (held in the cache's dtype: for float16
+ * caches they must be float16 values, as kst_kvtc_build makes them), scored for every query head in each
  * step's launch (scale <q_h, cent_c>, (q_heads, C); kst_kvgpu_sc_fetch). Every slot starts free
  * and every weight at -inf. cap 0 releases it. Where G = q_heads / kv_heads <= 8, d <= 128 and G
  * times the chunk's rows (rounded up to a power of two) <= 4,096, one block scores a chunk for
@@ -125,7 +126,8 @@ int kst_kvgpu_items_ready(const kst_kvgpu *g, size_t kv_head);
  * keeps a block a query head (the items are the same either way). */
 int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent,
                          kst_error *err);
-/* Pinned staging for n slots of the table (grown as needed; once the last send's copies are done):
+/* Pinned staging for n slots of the table (grown as needed, here and on the GPU, never shrunk: the
+ * caller sends in pieces, kv.c at most 2,048 slots a send; once the last send's copies are done):
  * *hdr (n, 3) ints, each a KV head, its slot and its cluster (-1: free, its rows unread), and
  * *rows (n, 2, d) values in the cache's dtype, the slot's key and value rows. */
 int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err);
