@@ -102,8 +102,9 @@ typedef struct kv_layer {
 #define KV_PLAN_IL 4 /* batch appends: plans interleaved by one thread (<= KV_IL_MAX) */
 #define KV_WK_MAX 16 /* background planner threads at most (kst_kvc_set_append_worker) */
 #define KV_LINK_PIECE 8 /* tokens a planned batch is linked by at a time in kst_kvc_work */
-#define SC_PIECE 2048    /* rows a piece of the sample cache's upload holds at most: its staging's size (a \
-                            step's changes, up to 256 a KV head of 8, fit in one; a table filling is sent in pieces) */
+#define SC_PIECE 2048    /* rows a piece of the sample cache's upload holds at most: a step's changes (up to \
+                            256 a KV head of 8, and keys joining prefixes) up to twice as many are sent at once, \
+                            a table filling in pieces: the staging stays a step's size */
 #ifdef SCHED_IDLE
 #define KV_SCHED_IDLE SCHED_IDLE
 #else
@@ -208,6 +209,7 @@ struct kst_kvc {
     size_t tcache_cap;    /* its table's slots a KV head (0: 2 x tail_samples; KESTREL_KV_TCACHE_CAP) */
     size_t tcache_up;     /* rows a plan adds a KV head and step at most (256; KESTREL_KV_TCACHE_UP) */
     size_t sc_piece;      /* rows an upload's piece holds at most (SC_PIECE; KESTREL_KV_SC_PIECE, for tests) */
+    size_t sc_sends;      /* the sample cache's copies queued (KV_PROF's count of those a step's start made) */
     float *sc_it;         /* (q_heads, chunks, stride) the cache's items made on the CPU */
     uint8_t *sc_ok;       /* (kv_heads, chunks) 1: made */
     size_t sc_it_cap, sc_ok_cap;
@@ -2052,6 +2054,7 @@ static int sc_send(kst_kvc *c, kv_layer *L, kst_error *err) {
     double ts = c->prof ? mono_s() : 0;
     int rc = kst_kvgpu_sc_send(L->gpu, c->sc_off[c->o.kv_heads], c->sc_lw, err);
     if (c->prof) c->prof->sc_send += mono_s() - ts;
+    c->sc_sends++;
     if (rc == KST_OK) L->sc_gpu = 1;
     return rc;
 }
@@ -2203,7 +2206,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
     kst_kvc_prof *pf = c->prof;
     double t0 = pf ? mono_s() : 0, t2 = t0, t3 = t0, t5 = t0; /* (t3, t5: the rows staged, the copies queued) */
     size_t nd = 0, nrows = 0, staged = 0;
-    int up = 0, big = 0; /* (big: more rows than a piece, as where a table fills: sent in pieces after) */
+    int up = 0, big = 0; /* (big: more rows than two pieces, as where a table fills: sent in pieces after) */
 #ifndef KST_CUDA
     (void)gpu, (void)hdr, (void)rows, (void)nrows, (void)staged, (void)t3, (void)t5, (void)big;
     ahead = 0;
@@ -2248,7 +2251,8 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
 #ifdef KST_CUDA
             for (size_t h = 0; h < H; h++) nrows += L->heads[h].sc.nd; /* (the weights change only with the slots) */
             if (pf) pf->sc_rows += nrows;
-            big = nrows > c->sc_piece;
+            big = nrows > 2 * c->sc_piece; /* (a step's changes, joins with them, in the region: staged beside the
+                                              plans and queued as soon as staged, so the next step's copy is in early) */
             if (rc == KST_OK && gpu && nrows && !big) {
                 int r = sc_stage(c, L, 0, 0, SIZE_MAX, &hdr, &rows, err);
                 if (r != KST_OK) rc = r;
@@ -2479,7 +2483,13 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     sc_g = tqc && on_gpu && !c->tail_gpu_off && !c->topsum_off; /* (its items need the best rows' sums) */
 #endif
     if (tqc) {
+        double tb = pf ? mono_s() : 0;
+        size_t nup = c->sc_sends;
         rc = sc_begin(c, L, sc_g, &scu, err);
+        if (pf) {
+            pf->sc_begin += mono_s() - tb;
+            pf->sc_begin_up += c->sc_sends != nup;
+        }
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
         scnc = L->heads[0].sc.nc;
         scst = KST_KVSC_STRIDE(d);
@@ -3078,6 +3088,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         pf->scanned += scanned;
         pf->total += pt4 - pt0;
         pf->gpu_start += pt1 - pt0 + gpu_dt; /* the launch runs inside the region now */
+        pf->pre += pt1 - pt0;
         pf->region += pt2 - pt1;
         pf->enter += used ? esum / used : 0;
         pf->enter_max += emax;

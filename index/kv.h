@@ -370,8 +370,8 @@ void kst_kvc_set_tail_share(kst_kvc *c, int on);
  * at most 16,384), on the GPU where the static tokens are (kv_scache.h): a step scores the table
  * there in its launch, beside the static tokens, and copies only the rows the last plan added
  * (at most 256 a KV head and step, KESTREL_KV_TCACHE_UP; more while the table fills) and those
- * pushed in by keys joining a prefix, in copies of at most 2,048 rows (a whole table, or one
- * filling, in several: the staging, pinned and on the GPU, stays that size); each held row weighted len_c / m_c, the retrieved ones
+ * pushed in by keys joining a prefix (up to 4,096 rows in one copy; more, as a whole table or one
+ * filling, in copies of 2,048: the staging, pinned and on the GPU, stays a step's size); each held row weighted len_c / m_c, the retrieved ones
  * taken out as the GPU's tail items are (kst_kvsc_finish). The step after a build (or the first)
  * plans from its own scores and estimates as without the cache. Without the GPU, or with the tail
  * kept off it (kst_kvc_set_tail_gpu(c, 0), kst_kvc_set_tail_topsum(c, 0)), its items are made on
@@ -454,6 +454,9 @@ typedef struct kst_kvc_prof {
     double out_tasks, out_plans, out_done;
     double sc_ahead;     /* seconds making the next steps' plans ahead, in idle time (kst_kvc_work) */
     double sc_ahead_cpu; /* the same, the KV heads' plans summed (each on its thread) */
+    double pre;          /* seconds of kst_kvc_attend before its parallel part (of gpu_start) */
+    double sc_begin;     /* of it, the sample cache's own upkeep at a step's start (joins, copies) */
+    size_t sc_begin_up;  /* steps that sent the table's changes from there */
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

@@ -14,7 +14,6 @@
 
 extern "C" {
 #include "core/check.h"
-#include "core/half.h"
 }
 
 #define CU(call, what)                                                                        \
@@ -1164,6 +1163,12 @@ extern "C" int kst_kvgpu_items_ready(const kst_kvgpu *g, size_t kv_head) {
     return g->tdirect && __atomic_load_n(&g->rdy[kv_head], __ATOMIC_ACQUIRE) == g->tstep;
 }
 
+// n float32 values as float16 (round to nearest even), for the centroids.
+__global__ void to_half_kernel(const float *x, __half *h, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) h[i] = __float2half_rn(x[i]);
+}
+
 extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent,
                                     kst_error *err) {
     int rc = KST_OK;
@@ -1195,15 +1200,16 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
         CU(cudaMalloc((void **)&g->sclw, g->kvh * C * sizeof(float)), "kv gpu sample cache weights");
         size_t ncent = g->kvh * g->d * C, es = g->f16 ? 2 : 4;
         CU(cudaMalloc(&g->scent, ncent * es), "kv gpu sample cache centroids");
-        if (g->f16) { // (float16 values already: exact)
-            unsigned short *h = (unsigned short *)malloc(ncent * sizeof *h);
-            if (!h) {
-                rc = kst_fail(err, KST_ERR_NOMEM, "kv gpu: out of memory converting %zu centroid values", ncent);
-                goto done;
+        if (g->f16) { // float16 values already (exact); converted on the GPU (on the host: ~12 ms a layer)
+            float *tmp = NULL;
+            CU(cudaMalloc((void **)&tmp, ncent * sizeof(float)), "kv gpu sample cache centroids");
+            cudaError_t ce = cudaMemcpy(tmp, cent, ncent * sizeof(float), cudaMemcpyHostToDevice);
+            if (ce == cudaSuccess) {
+                to_half_kernel<<<(unsigned)((ncent + 255) / 256), 256, 0, g->st>>>(tmp, (__half *)g->scent, ncent);
+                ce = cudaGetLastError();
             }
-            for (size_t i = 0; i < ncent; i++) h[i] = kst_f32_to_f16(cent[i]);
-            cudaError_t ce = cudaMemcpy(g->scent, h, ncent * es, cudaMemcpyHostToDevice);
-            free(h);
+            if (ce == cudaSuccess) ce = cudaStreamSynchronize(g->st);
+            cudaFree(tmp);
             CU(ce, "kv gpu sample cache centroids upload");
         } else
             CU(cudaMemcpy(g->scent, cent, ncent * es, cudaMemcpyHostToDevice), "kv gpu sample cache centroids upload");

@@ -127,7 +127,7 @@ int kst_kvgpu_items_ready(const kst_kvgpu *g, size_t kv_head);
 int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent,
                          kst_error *err);
 /* Pinned staging for n slots of the table (grown as needed, here and on the GPU, never shrunk: the
- * caller sends in pieces, kv.c at most 2,048 slots a send; once the last send's copies are done):
+ * caller sends in pieces, kv.c at most 4,096 slots a send; once the last send's copies are done):
  * *hdr (n, 3) ints, each a KV head, its slot and its cluster (-1: free, its rows unread), and
  * *rows (n, 2, d) values in the cache's dtype, the slot's key and value rows. */
 int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err);

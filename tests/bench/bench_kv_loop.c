@@ -419,10 +419,13 @@ int main(int argc, char **argv) {
             if (pf.sc_steps) /* the sample cache's plans after the steps (kst_kvc_set_tail_cache) */
                 printf("  (%s: sample cache, us a step: plans made after the step %.1f (%.1f of the KV heads' by its threads),"
                        " held %.1f (KV heads summed), %.1f rows sent in %.1f (gathered in %.1f, queued in %.1f);"
-                       " next plans made ahead %.1f (KV heads summed %.1f))\n", row, 1e6 * pf.sc_make / pf.sc_steps,
+                       " next plans made ahead %.1f (KV heads summed %.1f); the step before its parallel part %.1f, of it"
+                       " the cache's upkeep at its start %.1f (copies sent from there in %zu of %zu steps))\n",
+                       row, 1e6 * pf.sc_make / pf.sc_steps,
                        (double)pf.sc_made_in / pf.sc_steps, 1e6 * pf.sc_apply / pf.sc_steps, (double)pf.sc_rows / pf.sc_steps,
                        1e6 * pf.sc_up / pf.sc_steps, 1e6 * pf.sc_gather / pf.sc_steps, 1e6 * pf.sc_send / pf.sc_steps,
-                       1e6 * pf.sc_ahead / pf.sc_steps, 1e6 * pf.sc_ahead_cpu / pf.sc_steps);
+                       1e6 * pf.sc_ahead / pf.sc_steps, 1e6 * pf.sc_ahead_cpu / pf.sc_steps, 1e6 * pf.pre / pf.sc_steps,
+                       1e6 * pf.sc_begin / pf.sc_steps, pf.sc_begin_up, pf.sc_steps);
             if (pf.gpu_steps) /* the GPU's partial's life: us from the call's start, means over steps */
                 printf("  (%s: GPU partial: launched at %.1f, seen in at %.1f, tail items first needed at %.1f (%zu of %zu"
                        " steps before seen); per thread: tail %.1f = wait %.1f + CPU estimate %.1f + rest; %.1f chunks"
