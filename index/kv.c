@@ -102,9 +102,9 @@ typedef struct kv_layer {
 #define KV_PLAN_IL 4 /* batch appends: plans interleaved by one thread (<= KV_IL_MAX) */
 #define KV_WK_MAX 16 /* background planner threads at most (kst_kvc_set_append_worker) */
 #define KV_LINK_PIECE 8 /* tokens a planned batch is linked by at a time in kst_kvc_work */
-#define SC_PIECE 2048    /* rows a piece of the sample cache's upload holds at most: a step's changes (up to \
-                            256 a KV head of 8, and keys joining prefixes) up to twice as many are sent at once, \
-                            a table filling in pieces: the staging stays a step's size */
+#define SC_PIECE 2048    /* the sample cache's copies: a step's changes up to 2 x SC_PIECE rows (256 a KV \
+                            head of 8, and keys joining prefixes) go in one, more (a whole table, a table \
+                            filling) in pieces of SC_PIECE rows, so the staging stays a step's size */
 #ifdef SCHED_IDLE
 #define KV_SCHED_IDLE SCHED_IDLE
 #else
