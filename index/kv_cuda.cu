@@ -79,7 +79,7 @@ struct kst_kvgpu {
     // sall bytes) laid out as sc_layout says, until copied in one copy and scattered into the
     // table on the stream (sev: the last such copy)
     int *scid;
-    float *sclw, *hslw, *scs, *hscs;
+    float *sclw, *scs, *hscs;
     void *scent; // (kvh, d, C) the centroids, float16 where the cache is (kst_kvtc rounds them so)
     char *dsall, *hsall;
     size_t sC, sall, sn; // (sn: the slots of the last staging)
@@ -1067,7 +1067,6 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     cudaFree(g->scs);
     cudaFree(g->dsall);
     cudaFreeHost(g->hscs);
-    cudaFreeHost(g->hslw);
     cudaFreeHost(g->hsall);
     if (g->sev) cudaEventDestroy(g->sev);
     if (g->sfev) cudaEventDestroy(g->sfev);
@@ -1163,6 +1162,12 @@ extern "C" int kst_kvgpu_items_ready(const kst_kvgpu *g, size_t kv_head) {
     return g->tdirect && __atomic_load_n(&g->rdy[kv_head], __ATOMIC_ACQUIRE) == g->tstep;
 }
 
+// x[0..n) = v (the sample cache's weights start at -inf).
+__global__ void fill_kernel(float *x, float v, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = v;
+}
+
 // n float32 values as float16 (round to nearest even), for the centroids.
 __global__ void to_half_kernel(const float *x, __half *h, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1179,9 +1184,8 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
     cudaFree(g->scent);
     cudaFree(g->scs);
     cudaFreeHost(g->hscs);
-    cudaFreeHost(g->hslw);
     g->scid = NULL;
-    g->sclw = g->scs = g->hscs = g->hslw = NULL;
+    g->sclw = g->scs = g->hscs = NULL;
     g->scent = NULL;
     g->sC = 0;
     g->gen++;
@@ -1215,13 +1219,13 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
             CU(cudaMemcpy(g->scent, cent, ncent * es, cudaMemcpyHostToDevice), "kv gpu sample cache centroids upload");
         CU(cudaMalloc((void **)&g->scs, g->qh * C * sizeof(float)), "kv gpu centroid scores");
         CU(cudaMallocHost((void **)&g->hscs, g->qh * C * sizeof(float)), "kv gpu pinned centroid scores");
-        CU(cudaMallocHost((void **)&g->hslw, g->kvh * C * sizeof(float)), "kv gpu pinned sample cache weights");
         if (!g->sev) {
             CU(cudaEventCreateWithFlags(&g->sev, cudaEventDisableTiming), "kv gpu sample cache event");
             CU(cudaEventCreateWithFlags(&g->sfev, cudaEventDisableTiming), "kv gpu sample cache event");
         }
-        for (size_t i = 0; i < g->kvh * C; i++) g->hslw[i] = -INFINITY;
-        CU(cudaMemcpy(g->sclw, g->hslw, g->kvh * C * sizeof(float), cudaMemcpyHostToDevice), "kv gpu sample cache weights");
+        fill_kernel<<<(unsigned)((g->kvh * C + 255) / 256), 256, 0, g->st>>>(g->sclw, -INFINITY, g->kvh * C);
+        CU(cudaGetLastError(), "kv gpu sample cache weights");
+        CU(cudaStreamSynchronize(g->st), "kv gpu sample cache weights");
         g->sC = C;
     }
 done:
