@@ -482,6 +482,7 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
     kst_kvc_set_tail_clusters(kv->c, opts->tail_clusters, 0);
     kst_kvc_set_tail_share(kv->c, opts->tail_share);
     kst_kvc_set_tail_cache(kv->c, opts->tail_cache, 0);
+    kst_kvc_set_tail_cache_q8(kv->c, opts->tail_cache_q8);
     *out = kv;
     return KST_OK;
 }

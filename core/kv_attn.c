@@ -113,6 +113,60 @@ __attribute__((target("avx2"))) static int fill_round_avx2(size_t n, const uint3
     return closed != 0;
 }
 
+/* kst_kv_q8 for d a multiple of 16: the same float32 operations as the scalar form (max |x|,
+ * 127 / max, the product rounded to nearest even by vcvtps2dq as lrintf does), 16 values a step. */
+__attribute__((target("avx2,f16c"))) static float q8_avx2(const void *row, int f16, size_t d, int8_t *q) {
+    const __m256 sgn = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps(), m1 = m, un = m, un1 = m; /* (two chains each) */
+#define Q8_LD(i) (f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + (i)))) \
+                      : _mm256_loadu_ps((const float *)row + (i)))
+    for (size_t i = 0; i < d; i += 16) {
+        __m256 x = Q8_LD(i), y = Q8_LD(i + 8);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sgn, x));
+        m1 = _mm256_max_ps(m1, _mm256_andnot_ps(sgn, y));
+        un = _mm256_or_ps(un, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        un1 = _mm256_or_ps(un1, _mm256_cmp_ps(y, y, _CMP_UNORD_Q));
+    }
+    m = _mm256_max_ps(m, m1);
+    un = _mm256_or_ps(un, un1);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    float mx = _mm_cvtss_f32(h);
+    if (_mm256_movemask_ps(un) || !(mx > 0) || !isfinite(mx)) {
+        memset(q, 0, d);
+        return mx == 0 && !_mm256_movemask_ps(un) ? 0.0f : NAN;
+    }
+    __m256 inv = _mm256_set1_ps(127.0f / mx);
+    for (size_t i = 0; i < d; i += 16) {
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(Q8_LD(i), inv)), b = _mm256_cvtps_epi32(_mm256_mul_ps(Q8_LD(i + 8), inv));
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8); /* (int16: a0-7, b0-7) */
+        _mm_storeu_si128((__m128i *)(q + i), _mm_packs_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+    }
+#undef Q8_LD
+    return mx / 127.0f;
+}
+
+/* kst_kv_dot_q8 / kst_kv_axpy_q8 for d a multiple of 16: 8 int8 widened to float a step. */
+#define Q8_F(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+__attribute__((target("avx2,fma"))) static float dot_q8_avx2(const float *qv, const int8_t *q8, size_t d) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (size_t i = 0; i < d; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), Q8_F(q8 + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i + 8), Q8_F(q8 + i + 8), a1);
+    }
+    a0 = _mm256_add_ps(a0, a1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+__attribute__((target("avx2,fma"))) static void axpy_q8_avx2(float *out, float w, const int8_t *q8, size_t d) {
+    __m256 wv = _mm256_set1_ps(w);
+    for (size_t i = 0; i < d; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, Q8_F(q8 + i), _mm256_loadu_ps(out + i)));
+}
+#undef Q8_F
+
 static int has_avx2(void) {
     static int v = -1;
     if (v < 0) {
@@ -148,6 +202,50 @@ void kst_kv_rows_f32(float *out, const void *src, int f16, size_t first, size_t 
     } else {
         memcpy(out, (const float *)src + first * d, n * d * sizeof(float));
     }
+}
+
+float kst_kv_q8(const void *row, int f16, size_t d, int8_t *q) {
+#ifdef KST_KV_DOT_AVX2
+    if (d % 16 == 0 && has_avx2()) return q8_avx2(row, f16, d, q);
+#endif
+    float m = 0;
+    for (size_t i = 0; i < d; i++) {
+        float x = f16 ? kst_f16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+        float a = fabsf(x);
+        m = a > m || a != a ? a : m;
+    }
+    if (!(m > 0) || !isfinite(m)) {
+        memset(q, 0, d);
+        return m == 0 ? 0.0f : NAN;
+    }
+    float inv = 127.0f / m;
+    for (size_t i = 0; i < d; i++) {
+        float x = f16 ? kst_f16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+        long r = lrintf(x * inv);
+        q[i] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+    }
+    return m / 127.0f;
+}
+
+float kst_kv_dot_q8(const float *qv, const int8_t *q8, size_t d) {
+#ifdef KST_KV_DOT_AVX2
+    if (d % 16 == 0 && has_avx2()) return dot_q8_avx2(qv, q8, d);
+#endif
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (size_t i = 0; i < d; i++) s += qv[i] * (float)q8[i];
+    return s;
+}
+
+void kst_kv_axpy_q8(float *out, float w, const int8_t *q8, size_t d) {
+#ifdef KST_KV_DOT_AVX2
+    if (d % 16 == 0 && has_avx2()) {
+        axpy_q8_avx2(out, w, q8, d);
+        return;
+    }
+#endif
+#pragma omp simd
+    for (size_t i = 0; i < d; i++) out[i] += w * (float)q8[i];
 }
 
 void kst_kv_axpy(float *out, float w, const void *row, int f16, size_t d) {

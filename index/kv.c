@@ -208,6 +208,7 @@ struct kst_kvc {
                              static tokens are; kst_kvc_set_tail_cache, KESTREL_KV_TCACHE) */
     size_t tcache_cap;    /* its table's slots a KV head (0: 2 x tail_samples; KESTREL_KV_TCACHE_CAP) */
     size_t tcache_up;     /* rows a plan adds a KV head and step at most (256; KESTREL_KV_TCACHE_UP) */
+    int tcache_q8;        /* its table in 8 bits (kst_kvc_set_tail_cache_q8, KESTREL_KV_TCACHE_Q8) */
     size_t sc_piece;      /* rows an upload's piece holds at most (SC_PIECE; KESTREL_KV_SC_PIECE, for tests) */
     size_t sc_sends;      /* the sample cache's copies queued (KV_PROF's count of those a step's start made) */
     float *sc_it;         /* (q_heads, chunks, stride) the cache's items made on the CPU */
@@ -341,8 +342,13 @@ void kst_kvc_set_tail_cache(kst_kvc *c, int on, size_t slots) {
     c->tcache = e ? atoi(e) != 0 : on != 0;
     c->tcache_cap = es ? (size_t)atol(es) : slots;
     c->tcache_up = getenv("KESTREL_KV_TCACHE_UP") ? (size_t)atol(getenv("KESTREL_KV_TCACHE_UP")) : 256;
+    if (getenv("KESTREL_KV_TCACHE_Q8")) c->tcache_q8 = atoi(getenv("KESTREL_KV_TCACHE_Q8")) != 0; /* (benchmarks) */
     c->sc_piece = getenv("KESTREL_KV_SC_PIECE") ? (size_t)atol(getenv("KESTREL_KV_SC_PIECE")) : SC_PIECE;
     if (!c->sc_piece) c->sc_piece = SC_PIECE;
+}
+void kst_kvc_set_tail_cache_q8(kst_kvc *c, int on) {
+    const char *e = getenv("KESTREL_KV_TCACHE_Q8");
+    c->tcache_q8 = e ? atoi(e) != 0 : on != 0;
 }
 const kst_kvsc *kst_kvc_sample_cache(const kst_kvc *c, size_t layer, size_t kvh) {
     if (layer >= c->o.layers || kvh >= c->o.kv_heads || !c->layers[layer].built) return NULL;
@@ -1995,6 +2001,18 @@ static int tg_help(kst_kvc *c, kv_layer *L, kv_thread *t, const float *q, int *r
     return 0;
 }
 
+/* Slot sl of KV head Hs's sample cache (held, S->q8): its node's key and value in 8 bits, into S->qr. */
+static void sc_q8_slot(kst_kvc *c, kv_hstore *Hs, uint32_t sl) {
+    const kst_kvc_opts *o = &c->o;
+    kst_kvsc *S = &Hs->sc;
+    size_t d = o->head_dim, x = S->key[sl];
+    int8_t *r8 = S->qr + (size_t)sl * (2 * d + 8);
+    float sk = kst_kv_q8(rows_at(c, Hs->K, o->sinks + x), c->esize == 2, d, r8);
+    float sv = kst_kv_q8(rows_at(c, Hs->V, o->sinks + x), c->esize == 2, d, r8 + d);
+    memcpy(r8 + 2 * d, &sk, sizeof sk);
+    memcpy(r8 + 2 * d + 4, &sv, sizeof sv);
+}
+
 #ifdef KST_CUDA
 /* The staging for a piece of an upload, entries [s0, s1) of each KV head's (its part at
  * c->sc_off[h]): of its slots changed since the last upload (its dirty list), or (all) of its
@@ -2039,7 +2057,12 @@ static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, size_t s0,
         hdr[3 * e] = (int)h;
         hdr[3 * e + 1] = (int)sl;
         hdr[3 * e + 2] = S->cid[sl];
-        if (x != KST_KVSC_FREE) {
+        if (x != KST_KVSC_FREE && S->q8) { /* (kst_kvgpu_sc_staging: key, value in 8 bits, their scales; the
+                                              CPU's twin of the slot written as sent) */
+            size_t rb = 2 * o->head_dim + 8;
+            sc_q8_slot(c, Hs, sl);
+            memcpy((int8_t *)rows + e * rb, S->qr + (size_t)sl * rb, rb);
+        } else if (x != KST_KVSC_FREE) {
             memcpy((char *)rows + 2 * e * rowb, rows_at(c, Hs->K, o->sinks + x), rowb);
             memcpy((char *)rows + (2 * e + 1) * rowb, rows_at(c, Hs->V, o->sinks + x), rowb);
         }
@@ -2105,8 +2128,9 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
     for (size_t h = 0; h < o->kv_heads; h++) {
         kv_hstore *H = &L->heads[h];
         kst_kvsc *S = &H->sc;
-        if (S->C != H->tc.C || S->G != G || S->cap < want || S->cap >= want + S->nc) {
+        if (S->C != H->tc.C || S->G != G || S->cap < want || S->cap >= want + S->nc || S->q8 != c->tcache_q8) {
             KST_TRY(kst_kvsc_setup(S, &H->tc, G, want, err));
+            if (c->tcache_q8) KST_TRY(kst_kvsc_q8_rows(S, o->head_dim, err));
 #ifdef KST_CUDA
             L->sc_gpu = 0;
 #endif
@@ -2118,6 +2142,14 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
         all &= S->ready;
     }
     *ready = all;
+    if (c->tcache_q8 && !gpu) /* (the CPU's items: the slots changed since the last step in 8 bits; the GPU's
+                                 twins are written as staged, sc_stage_head) */
+        for (size_t h = 0; h < o->kv_heads; h++) {
+            kst_kvsc *S = &L->heads[h].sc;
+            for (size_t i = 0; i < S->nd; i++)
+                if (S->key[S->dirty[i]] != KST_KVSC_FREE) sc_q8_slot(c, &L->heads[h], S->dirty[i]);
+            kst_kvsc_take_dirty(S, NULL);
+        }
 #ifdef KST_CUDA
     if (!gpu) {
         L->sc_gpu = 0; /* (sent whole when the GPU is back) */
@@ -2134,7 +2166,7 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
         if (!L->sc_gpu) { /* the centroids (kv_heads, d, C), as kst_kvtc keeps them transposed */
             for (size_t h = 0; h < o->kv_heads; h++)
                 memcpy(c->sc_lw + h * d * C, L->heads[h].tc.cent_t, d * C * sizeof(float));
-            KST_TRY(kst_kvgpu_sc_reserve(L->gpu, S0->cap, S0->ch, S0->nc, C, c->sc_lw, err));
+            KST_TRY(kst_kvgpu_sc_reserve(L->gpu, S0->cap, S0->ch, S0->nc, C, c->sc_lw, S0->q8, err));
             L->gt_ns = 0; /* (the GPU's tail table is the cache's now: the evenly spaced sample's put anew) */
         }
         KST_TRY(sc_upload(c, L, !L->sc_gpu, err));
@@ -2476,7 +2508,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
      * cluster ids would weight the evenly spaced sample's rows) */
     if (!tqc && L->gpu && (L->sc_gpu || kst_kvgpu_sc_scores(L->gpu))) {
         rc = kst_kvc_gpu_release(c, err);
-        if (rc == KST_OK) rc = kst_kvgpu_sc_reserve(L->gpu, 0, 0, 0, 0, NULL, err);
+        if (rc == KST_OK) rc = kst_kvgpu_sc_reserve(L->gpu, 0, 0, 0, 0, NULL, 0, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
         L->sc_gpu = 0;
     }

@@ -60,7 +60,11 @@ struct kst_kvgpu {
     // in nc chunks of ch rows, keys chunk-transposed as on the CPU (the sample cache's, with sgrp:
     // in tg_kpos's layout); tout (qh * nc items)
     void *tK, *tV;
-    size_t tns, tch, tnc, tcap, tocap, gen;
+    size_t tns, tch, tnc, tcap, tocap, gen; // (tcap: bytes of tK and of tV)
+    // sq8: the sample cache's table in 8 bits (kst_kvgpu_sc_reserve q8): tK, tV int8 and tsc
+    // (kvh * tns * 2: each slot's key and value scales)
+    int sq8;
+    float *tsc;
     float *tout, *htout;
     // the items written by the kernel straight into htout (pinned, mapped: dtout; KESTREL_KV_GPU_DIRECT,
     // default 1), no download: the last tail block of a KV head (tcnt, a counter a KV head on the
@@ -490,8 +494,25 @@ static __device__ __forceinline__ void tg_cvt(const __half *p, float *x) {
         x[2 * k] = f.x, x[2 * k + 1] = f.y;
     }
 }
-// Four values of a row as loaded (8 bytes of float16, 16 of float32) and as floats.
+// Four int8 (a word) as floats without the conversion unit: each byte, its sign bit flipped, put
+// under the exponent of 2^23 (prmt), less 2^23 + 128 (exact).
+static __device__ __forceinline__ void q8_cvt4(unsigned u, float *x) {
+    u ^= 0x80808080u;
+    x[0] = __int_as_float((int)__byte_perm(u, 0x4B000000u, 0x7540)) - 8388736.0f;
+    x[1] = __int_as_float((int)__byte_perm(u, 0x4B000000u, 0x7541)) - 8388736.0f;
+    x[2] = __int_as_float((int)__byte_perm(u, 0x4B000000u, 0x7542)) - 8388736.0f;
+    x[3] = __int_as_float((int)__byte_perm(u, 0x4B000000u, 0x7543)) - 8388736.0f;
+}
+static __device__ __forceinline__ void tg_cvt(const int8_t *p, float *x) { // (the 8-bit table: 16 values)
+#pragma unroll
+    for (int k = 0; k < 4; k++) q8_cvt4(((const unsigned *)p)[k], x + 4 * k);
+}
+// Four values of a row as loaded (4 bytes of int8, 8 of float16, 16 of float32) and as floats.
 template <typename T> struct TgRaw;
+template <> struct TgRaw<int8_t> {
+    typedef unsigned R4;
+    static __device__ __forceinline__ void cvt(const R4 &u, float *x) { q8_cvt4(u, x); }
+};
 template <> struct TgRaw<float> {
     typedef float4 R4;
     static __device__ __forceinline__ void cvt(const R4 &u, float *x) { x[0] = u.x, x[1] = u.y, x[2] = u.z, x[3] = u.w; }
@@ -521,11 +542,14 @@ static __device__ __forceinline__ unsigned long long tgp_now() {
 #else
 #define TGP_MARK(k)
 #endif
+// T int8_t: the sample cache's table in 8 bits, tsc (kvh * ns * 2) each slot's key and value
+// scales (the scores and the value rows scaled by them; tsc NULL for float16 and float32).
 template <typename T, int GM>
-__device__ void tail_grp_body(int bi, const T *K, const T *V, const float *q, float *out, int ns, int ch, int nc,
-                              int P, int G, int d, float scale, int st, const int *cid, const float *clw, int C,
-                              float *sm) {
-    const int TOP = KST_KVGPU_TT_TOP, W = 16 / (int)sizeof(T);
+__device__ void tail_grp_body(int bi, const T *K, const T *V, const float *tsc, const float *q, float *out, int ns,
+                              int ch, int nc, int P, int G, int d, float scale, int st, const int *cid,
+                              const float *clw, int C, float *sm) {
+    const int TOP = KST_KVGPU_TT_TOP;
+    constexpr int W = 16 / (int)sizeof(T), WX = W > 8 ? W : 8;
     int kh = bi / nc, cc = bi % nc, tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
     int nw = nt >> 5, j0 = cc * ch, nr = min(ch, ns - j0), top = min(nr, TOP);
     const T *Kc = K + ((size_t)kh * ns + j0) * d, *Vc = V + ((size_t)kh * ns + j0) * d;
@@ -552,13 +576,15 @@ __device__ void tail_grp_body(int bi, const T *K, const T *V, const float *q, fl
         const int RW = 8 / GM, TGU = 8 / RW; // (G > 4: P <= 512, one row a thread); pieces in flight a row
         int rr[RW], cl[RW];
         bool in[RW];
-        float lw[RW], a[RW][GM];
+        float lw[RW], a[RW][GM], ks[RW];
 #pragma unroll
         for (int x = 0; x < RW; x++) {
             rr[x] = (P >= nt ? tid : tid % P) + x * nt;
             cl[x] = 0;
             lw[x] = 0.0f;
+            ks[x] = 1.0f;
             in[x] = x < nrw && rr[x] < nr;
+            if (tsc && in[x]) ks[x] = tsc[((size_t)kh * ns + j0 + rr[x]) * 2];
             if (in[x] && cid) cl[x] = cid[(size_t)kh * ns + j0 + rr[x]];
 #pragma unroll
             for (int g = 0; g < GM; g++) a[x][g] = 0.0f;
@@ -580,13 +606,13 @@ __device__ void tail_grp_body(int bi, const T *K, const T *V, const float *q, fl
 #pragma unroll
             for (int u = 0; u < TGU; u++) // each query value read once (4 at a time) for the rows
                 if (b + u * np < nvb) {
-                    float xv[RW][8];
+                    float xv[RW][WX];
 #pragma unroll
                     for (int x = 0; x < RW; x++) {
                         if (x < nrw && rr[x] < nr) tg_cvt((const T *)&raw[x][u], xv[x]);
                         else
 #pragma unroll
-                            for (int w = 0; w < 8; w++) xv[x][w] = 0.0f;
+                            for (int w = 0; w < WX; w++) xv[x][w] = 0.0f;
                     }
                     const float *qb = qs + (b + u * np) * W;
 #pragma unroll
@@ -607,13 +633,13 @@ __device__ void tail_grp_body(int bi, const T *K, const T *V, const float *q, fl
 #pragma unroll
                 for (int g = 0; g < GM; g++)
                     if (g < G) {
-                        if (np == 1) sc[g * P + rr[x]] = in[x] ? a[x][g] * scale + lw[x] : -INFINITY;
+                        if (np == 1) sc[g * P + rr[x]] = in[x] ? a[x][g] * ks[x] * scale + lw[x] : -INFINITY;
                         else atomicAdd(&sc[g * P + rr[x]], a[x][g]);
                     }
         __syncthreads();
         if (np > 1) {
             if (part == 0)
-                for (int g = 0; g < G; g++) sc[g * P + rr[0]] = in[0] ? sc[g * P + rr[0]] * scale + lw[0] : -INFINITY;
+                for (int g = 0; g < G; g++) sc[g * P + rr[0]] = in[0] ? sc[g * P + rr[0]] * ks[0] * scale + lw[0] : -INFINITY;
             __syncthreads();
         }
     }
@@ -649,7 +675,8 @@ __device__ void tail_grp_body(int bi, const T *K, const T *V, const float *q, fl
     }
     __syncthreads();
     TGP_MARK(1);
-    // the weights (the best rows' 0: they are summed apart) and the rest's sums
+    // the weights (the best rows' 0: they are summed apart) and the rest's sums; with tsc each
+    // weight kept times its row's value scale (summed unscaled)
     for (int i = tid; i < 2 * G * d; i += nt) U[i] = 0.0f;
     for (int i0 = 0; i0 < G * P; i0 += nt) {
         int i = i0 + tid, g = i / P;
@@ -657,7 +684,7 @@ __device__ void tail_grp_body(int bi, const T *K, const T *V, const float *q, fl
         if (i < G * P) {
             float mx = shs[g], sh = mx > -INFINITY ? mx : 0.0f;
             w = sc[i] > -INFINITY && !tf[i] ? expf(sc[i] - sh) : 0.0f;
-            sc[i] = w;
+            sc[i] = tsc && w > 0.0f ? w * tsc[((size_t)kh * ns + j0 + i % P) * 2 + 1] : w;
         }
         for (int off = 16; off; off >>= 1) w += __shfl_xor_sync(0xffffffffu, w, off);
         if (lane == 0 && i < G * P) atomicAdd(&rsum[g], w); // (a warp's 32 entries: one head, P >= 32)
@@ -712,6 +739,7 @@ __device__ void tail_grp_body(int bi, const T *K, const T *V, const float *q, fl
                     float s = tops[g * 32 + e], x[4];
                     if (!(s > -INFINITY)) continue;
                     float w = expf(s - sh);
+                    if (tsc) w *= tsc[((size_t)kh * ns + j0 + topi[g * 32 + e]) * 2 + 1];
                     ld4(Vc + (size_t)topi[g * 32 + e] * d + dm, x);
 #pragma unroll
                     for (int k = 0; k < 4; k++) a4[k] += w * x[k];
@@ -824,9 +852,9 @@ __device__ void cent_body(int bi, const float *q, const T *cent, float *cs, int 
 #define TT_SMEM_TAIL (TG_SMEM > TT_SMEM_OLD ? TG_SMEM : TT_SMEM_OLD)
 #define TT_SMEM (TT_SMEM_TAIL > PT_SMEM ? TT_SMEM_TAIL : PT_SMEM) // (one buffer for every body)
 static_assert(STEP_THREADS / 32 * 256 >= TG_GP, "tail_grp_body: a warp a list of 256");
-template <typename T, int MB>
+template <typename T, typename TT, int MB>
 __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, const float *q, float *o, float *lse, int sinks, int ring,
-                            int kvh, int G, int d, float scale, int qh, const T *tK, const T *tV,
+                            int kvh, int G, int d, float scale, int qh, const TT *tK, const TT *tV, const float *tsc,
                             float *tout, int ns, int ch, int nc, int P, int st, int S, float *sp,
                             unsigned *spc, const int *cid, const float *clw, int C, const T *cent,
                             float *cs, int nbc, int grp, unsigned *trdy, unsigned *tcnt) {
@@ -846,11 +874,12 @@ __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, con
     else if ((int)blockIdx.x < qh * S + nt) {
         if (grp & 1) {
             if (G <= 4)
-                tail_grp_body<T, 4>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C, tsm);
+                tail_grp_body<TT, 4>(blockIdx.x - qh * S, tK, tV, tsc, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C, tsm);
             else
-                tail_grp_body<T, TG_GMAX>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C, tsm);
-        } else
-            tail_body<T>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C, tsm);
+                tail_grp_body<TT, TG_GMAX>(blockIdx.x - qh * S, tK, tV, tsc, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C,
+                                           tsm);
+        } else if constexpr (sizeof(TT) > 1) // (the 8-bit table is only held grouped: kst_kvgpu_sc_reserve)
+            tail_body<TT>(blockIdx.x - qh * S, tK, tV, q, tout, ns, ch, nc, P, G, d, scale, st, cid, clw, C, tsm);
         if (trdy) { // (items in mapped host memory) the KV head's last block raises its ready word
             int bi = blockIdx.x - qh * S, per = grp & 1 ? nc : G * nc;
             __threadfence_system();
@@ -895,6 +924,29 @@ __global__ void sc_scatter_kernel(const int *hdr, const T *rows, int n, const fl
         Kc[kl ? tg_kpos(j, i, nr, sizeof(T)) : (size_t)i * nr + j] = k[i];
         Vr[i] = v[i];
     }
+}
+
+// The same for the table in 8 bits (sq8): entry e's 2 d + 8 bytes (key, value, their scales),
+// the keys in tg_kpos's layout (the grouped layout, which the 8-bit table needs).
+__global__ void sc_scatter_q8_kernel(const int *hdr, const int8_t *rows, int n, const float *lw, float *sclw, int nlw,
+                                     int8_t *tK, int8_t *tV, float *tsc, int *cid, int ns, int ch, int d) {
+    int e = blockIdx.x;
+    if (e >= n) {
+        int i = (e - n) * blockDim.x + threadIdx.x;
+        if (lw && i < nlw) sclw[i] = lw[i];
+        return;
+    }
+    int kh = hdr[3 * e], s = hdr[3 * e + 1], c = hdr[3 * e + 2];
+    if (threadIdx.x == 0) cid[(size_t)kh * ns + s] = c;
+    if (c < 0) return;
+    int j0 = s / ch * ch, nr = min(ch, ns - j0), j = s - j0;
+    const int8_t *k = rows + (size_t)e * (2 * d + 8), *v = k + d;
+    int8_t *Kc = tK + ((size_t)kh * ns + j0) * d, *Vr = tV + ((size_t)kh * ns + s) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        Kc[tg_kpos(j, i, nr, 1)] = k[i];
+        Vr[i] = v[i];
+    }
+    if (threadIdx.x < 2) tsc[((size_t)kh * ns + s) * 2 + threadIdx.x] = ((const float *)(v + d))[threadIdx.x];
 }
 
 // The step's first kernel: the slots kst_kvgpu_put staged while armed (parameters 4, 5...: count,
@@ -1057,6 +1109,7 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
         if (g->tev[i]) cudaEventDestroy(g->tev[i]);
     cudaFree(g->tK);
     cudaFree(g->tV);
+    cudaFree(g->tsc);
     cudaFree(g->tout);
     cudaFreeHost(g->htout);
     cudaFreeHost((void *)g->rdy);
@@ -1085,7 +1138,7 @@ extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
     if (!g) return 0;
     size_t es = g->f16 ? 2 : 4;
     return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh + KST_KVGPU_PRM) * sizeof(float) +
-           2 * g->tcap * g->kvh * g->d * es + g->tocap * sizeof(float) +
+           2 * g->tcap + (g->tsc ? g->kvh * g->tns * 2 * sizeof(float) : 0) + g->tocap * sizeof(float) +
            (g->sC ? g->kvh * g->tns * sizeof(int) + g->kvh * g->sC * (sizeof(float) + g->d * es) +
                         g->qh * g->sC * sizeof(float) + g->sall
                   : 0);
@@ -1107,20 +1160,25 @@ extern "C" int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t
     if (ns && (ch == 0 || ch > TT_PMAX || nc * ch < ns || (nc - 1) * ch >= ns))
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of %zu samples in %zu chunks of %zu rows (at most %d)",
                         ns, nc, ch, TT_PMAX);
-    if (ns == g->tns && ch == g->tch && nc == g->tnc) return KST_OK;
+    if (ns == g->tns && ch == g->tch && nc == g->tnc && !g->sq8 == !g->tsc) return KST_OK;
     if ((rc = kvgpu_release_all(err)) != KST_OK) return rc; // (reallocations below)
-    size_t es = g->f16 ? 2 : 4, no = g->qh * nc * kst_kvgpu_tail_stride(g);
+    size_t es = g->sq8 ? 1 : g->f16 ? 2 : 4, no = g->qh * nc * kst_kvgpu_tail_stride(g), tb = ns * g->kvh * g->d * es;
     g->tns = 0;
     g->gen++;
-    if (ns > g->tcap) {
+    cudaFree(g->tsc);
+    g->tsc = NULL;
+    if (tb > g->tcap || (g->tcap > tb + tb / 2 && g->tcap > ((size_t)1 << 20))) { // (a table in 8 bits: the 16-bit one let go)
         cudaFree(g->tK);
         cudaFree(g->tV);
         g->tK = g->tV = NULL;
         g->tcap = 0;
-        CU(cudaMalloc(&g->tK, ns * g->kvh * g->d * es), "kv gpu tail sample keys");
-        CU(cudaMalloc(&g->tV, ns * g->kvh * g->d * es), "kv gpu tail sample values");
-        g->tcap = ns;
+        if (tb) {
+            CU(cudaMalloc(&g->tK, tb), "kv gpu tail sample keys");
+            CU(cudaMalloc(&g->tV, tb), "kv gpu tail sample values");
+            g->tcap = tb;
+        }
     }
+    if (g->sq8 && ns) CU(cudaMalloc((void **)&g->tsc, ns * g->kvh * 2 * sizeof(float)), "kv gpu tail sample scales");
     if (no > g->tocap) {
         cudaFree(g->tout);
         cudaFreeHost(g->htout);
@@ -1146,7 +1204,8 @@ done:
 
 extern "C" int kst_kvgpu_tail_put(kst_kvgpu *g, size_t kv_head, const void *K, const void *V, kst_error *err) {
     int rc = KST_OK;
-    if (kv_head >= g->kvh || !g->tns) return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of KV head %zu not reserved", kv_head);
+    if (kv_head >= g->kvh || !g->tns || g->sq8)
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of KV head %zu not reserved (or the sample cache's)", kv_head);
     size_t b = g->tns * g->d * (g->f16 ? 2 : 4);
     KST_TRY(kst_kvgpu_disarm(g, err));
     CU(cudaMemcpyAsync((char *)g->tK + kv_head * b, K, b, cudaMemcpyHostToDevice, g->st), "kv gpu tail keys upload");
@@ -1175,7 +1234,7 @@ __global__ void to_half_kernel(const float *x, __half *h, size_t n) {
 }
 
 extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent,
-                                    kst_error *err) {
+                                    int q8, kst_error *err) {
     int rc = KST_OK;
     if ((rc = kvgpu_release_all(err)) != KST_OK) return rc; // (reallocations below)
     if (g->st) CU(cudaStreamSynchronize(g->st), "kv gpu sample cache");
@@ -1189,13 +1248,25 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
     g->scent = NULL;
     g->sC = 0;
     g->gen++;
-    if (!cap) return kst_kvgpu_tail_reserve(g, 0, 0, 0, err);
-    KST_TRY(kst_kvgpu_tail_reserve(g, cap, ch, nc, err));
+    if (!cap || !!q8 != g->sq8) {
+        g->sq8 = 0;
+        KST_TRY(kst_kvgpu_tail_reserve(g, 0, 0, 0, err));
+        if (!cap) return KST_OK;
+    }
     {
         size_t P = 32;
         while (P < ch) P <<= 1;
+        g->sq8 = !!q8;
         g->sgrp = kvgpu_sc_grouped(g, P);
+        if (q8 && !g->sgrp) {
+            g->sq8 = 0;
+            return kst_fail(err, KST_ERR_INVALID, "kv gpu: the sample cache's table in 8 bits (tail_cache_q8) needs %zu query "
+                            "heads a KV head <= %d, head dim %zu <= %d and a multiple of 16, %zu x %zu rows a chunk <= %d "
+                            "and KESTREL_KV_GPU_TGRP not 0: turn tail_cache_q8 off", g->qh / g->kvh, TG_GMAX, g->d,
+                            TG_DMAX, g->qh / g->kvh, P, TG_GP);
+        }
     }
+    KST_TRY(kst_kvgpu_tail_reserve(g, cap, ch, nc, err));
     if (kst_kvgpu_tail_stride(g) < 2 * g->d + 2 + 2 * KST_KVGPU_TT_TOP)
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: the sample cache needs the items' best-row sums (kst_kvgpu_tail_topsum)");
     {
@@ -1238,7 +1309,7 @@ static size_t sc_layout(const kst_kvgpu *g, size_t n, size_t *hdr_at, size_t *ro
     size_t es = g->f16 ? 2 : 4, a = (g->kvh * g->sC * sizeof(float) + 15) / 16 * 16;
     *hdr_at = a;
     *rows_at = a + (n * 3 * sizeof(int) + 15) / 16 * 16;
-    return *rows_at + n * 2 * g->d * es;
+    return *rows_at + n * (g->sq8 ? 2 * g->d + 8 : 2 * g->d * es);
 }
 
 extern "C" int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err) {
@@ -1282,7 +1353,11 @@ extern "C" int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_er
            "kv gpu sample cache upload");
         const int *dh = (const int *)(g->dsall + ha);
         const float *dl = lw ? (const float *)g->dsall : NULL;
-        if (g->f16)
+        if (g->sq8)
+            sc_scatter_q8_kernel<<<nb, 128, 0, g->st>>>(dh, (const int8_t *)(g->dsall + ra), (int)n, dl, g->sclw, (int)nlw,
+                                                        (int8_t *)g->tK, (int8_t *)g->tV, g->tsc, g->scid, (int)g->tns,
+                                                        (int)g->tch, (int)g->d);
+        else if (g->f16)
             sc_scatter_kernel<__half><<<nb, 128, 0, g->st>>>(dh, (const __half *)(g->dsall + ra), (int)n, dl, g->sclw,
                                                              (int)nlw, (__half *)g->tK, (__half *)g->tV, g->scid,
                                                              (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
@@ -1555,8 +1630,19 @@ static int kvgpu_grouped(const kst_kvgpu *g) {
 // The sample cache's table read by tail_grp_body (its keys in tg_kpos's layout): decided when it
 // is reserved, for P rows a chunk.
 static int kvgpu_sc_grouped(const kst_kvgpu *g, size_t P) {
-    size_t G = g->qh / g->kvh, es = g->f16 ? 2 : 4;
+    size_t G = g->qh / g->kvh, es = g->sq8 ? 1 : g->f16 ? 2 : 4;
     return g->tgrp && G <= TG_GMAX && g->d <= TG_DMAX && G * P <= TG_GP && g->d % (16 / es) == 0;
+}
+
+// The step kernel's launch: T the cache's type, TT the tail table's (T, or int8_t: sq8).
+template <typename T, typename TT>
+static void step_launch(kst_kvgpu *g, size_t nb, size_t P, size_t nbc, int grp) {
+    (g->minb == 3 ? step_kernel<T, TT, 3> : step_kernel<T, TT, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
+        (const T *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh, (int)(g->qh / g->kvh), (int)g->d,
+        g->scale, (int)g->qh, (const TT *)g->tK, (const TT *)g->tV, g->sq8 ? g->tsc : NULL,
+        g->tdirect ? g->dtout : g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P, (int)kst_kvgpu_tail_stride(g),
+        g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC, (const T *)g->scent, g->scs, (int)nbc,
+        grp, g->tns && g->tdirect ? g->drdy : NULL, g->tcnt);
 }
 
 // The step's work on g->st: the query up, the kernel, the partials down.
@@ -1576,20 +1662,14 @@ static int kst_kvgpu_enqueue(kst_kvgpu *g, size_t n, kst_error *err) {
     size_t nbc = g->sC ? (grp & 2 ? (g->sC + 127) / 128 : (g->sC + STEP_THREADS - 1) / STEP_THREADS) : 0;
     size_t nb = g->qh * (size_t)g->split + (g->tns ? (grp & 1 ? g->kvh : g->qh) * g->tnc : 0) +
                 (grp & 2 ? g->kvh : g->qh) * nbc;
-    if (g->f16)
-        (g->minb == 3 ? step_kernel<__half, 3> : step_kernel<__half, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
-            (const __half *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
-            (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const __half *)g->tK,
-            (const __half *)g->tV, g->tdirect ? g->dtout : g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
-            (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC,
-            (const __half *)g->scent, g->scs, (int)nbc, grp, g->tns && g->tdirect ? g->drdy : NULL, g->tcnt);
+    if (g->f16 && g->sq8 && g->tns)
+        step_launch<__half, int8_t>(g, nb, P, nbc, grp);
+    else if (g->f16)
+        step_launch<__half, __half>(g, nb, P, nbc, grp);
+    else if (g->sq8 && g->tns)
+        step_launch<float, int8_t>(g, nb, P, nbc, grp);
     else
-        (g->minb == 3 ? step_kernel<float, 3> : step_kernel<float, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
-            (const float *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh,
-            (int)(g->qh / g->kvh), (int)g->d, g->scale, (int)g->qh, (const float *)g->tK,
-            (const float *)g->tV, g->tdirect ? g->dtout : g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P,
-            (int)kst_kvgpu_tail_stride(g), g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC,
-            (const float *)g->scent, g->scs, (int)nbc, grp, g->tns && g->tdirect ? g->drdy : NULL, g->tcnt);
+        step_launch<float, float>(g, nb, P, nbc, grp);
     }
     CU(cudaGetLastError(), "kv gpu step launch");
     if (g->timing) CU(cudaEventRecord(g->tev[2], g->st), "kv gpu timing");

@@ -21,13 +21,15 @@ void kst_kvsc_free(kst_kvsc *S) {
     kst_free(S->dmark);
     kst_free(S->hist);
     kst_free(S->al);
+    kst_free(S->qr);
     kst_kvtc_group_free(&S->A);
     memset(S, 0, sizeof *S);
 }
 
 size_t kst_kvsc_bytes(const kst_kvsc *S) {
     return S->C * (sizeof(uint32_t) + sizeof(float) + 2 * S->G * sizeof(float)) +
-           S->cap * (3 * sizeof(uint32_t) + sizeof(int32_t) + 1) + S->ncap * sizeof(int32_t);
+           S->cap * (3 * sizeof(uint32_t) + sizeof(int32_t) + 1) + S->ncap * sizeof(int32_t) +
+           (S->qr ? S->cap * (2 * S->qd + 8) : 0);
 }
 
 static int sc_nodes(kst_kvsc *S, size_t n, kst_error *err) {
@@ -256,6 +258,40 @@ static const void *sc_row(const void *base, size_t row, int f16, size_t d) {
     return (const char *)base + row * d * (f16 ? 2 : 4);
 }
 
+/* Slot sl's row as the table holds it: the node's row as stored, or (S->q8) its 8-bit twin in
+ * S->qr, which the staging wrote as it sent it (the rows the GPU's table holds). */
+static const int8_t *sc_qrow(const kst_kvsc *S, size_t sl) { return S->qr + sl * (2 * S->qd + 8); }
+static float sc_dot(const kst_kvsc *S, const float *q, const void *K, size_t row0, size_t sl, int f16, size_t d) {
+    if (!S->q8) return kst_kv_dot(q, sc_row(K, row0 + S->key[sl], f16, d), f16, d);
+    const int8_t *r = sc_qrow(S, sl);
+    float sk;
+    memcpy(&sk, r + 2 * d, sizeof sk);
+    return kst_kv_dot_q8(q, r, d) * sk;
+}
+static void sc_axpy(const kst_kvsc *S, float *o, float w, const void *V, size_t row0, size_t sl, int f16, size_t d) {
+    if (!S->q8) {
+        kst_kv_axpy(o, w, sc_row(V, row0 + S->key[sl], f16, d), f16, d);
+        return;
+    }
+    const int8_t *r = sc_qrow(S, sl);
+    float sv;
+    memcpy(&sv, r + 2 * d + 4, sizeof sv);
+    kst_kv_axpy_q8(o, w * sv, r + d, d);
+}
+
+int kst_kvsc_q8_rows(kst_kvsc *S, size_t d, kst_error *err) {
+    if (!S->cap || !d || d > KST_KVSC_DMAX)
+        return kst_fail(err, KST_ERR_INVALID, "tail sample cache in 8 bits: head dim %zu (1..%d), %zu slots", d,
+                        KST_KVSC_DMAX, S->cap);
+    int8_t *qr = kst_calloc(S->cap, 2 * d + 8, "tail sample cache 8-bit rows", err);
+    if (!qr) return KST_ERR_NOMEM;
+    kst_free(S->qr);
+    S->qr = qr;
+    S->qd = d;
+    S->q8 = 1;
+    return KST_OK;
+}
+
 void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const void *K, const void *V, int f16,
                    size_t d, float scale, size_t row0, float *it, size_t gst, float *sc) {
     size_t j0 = cc * S->ch, nr = S->cap - j0 < S->ch ? S->cap - j0 : S->ch, nt = nr < KST_KVSC_TOP ? nr : KST_KVSC_TOP;
@@ -267,6 +303,13 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
         }
         const void *kr = sc_row(K, row0 + x, f16, d);
         float l = S->lw[S->cid[j0 + j]];
+        if (S->q8) {
+            const int8_t *b = sc_qrow(S, j0 + j);
+            float sk;
+            memcpy(&sk, b + 2 * d, sizeof sk);
+            for (size_t g = 0; g < G; g++) sc[g * nr + j] = kst_kv_dot_q8(Q + g * d, b, d) * sk * scale + l;
+            continue;
+        }
         for (size_t g = 0; g < G; g++) sc[g * nr + j] = kst_kv_dot(Q + g * d, kr, f16, d) * scale + l;
     }
     for (size_t g = 0; g < G; g++) {
@@ -287,13 +330,13 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
         for (size_t i = 0; i < nt; i++) {
             tw[i] = w[tp[i]];
             w[tp[i]] = 0;
-            if (tw[i] > 0) kst_kv_axpy(ot, tw[i], sc_row(V, row0 + S->key[j0 + tp[i]], f16, d), f16, d);
+            if (tw[i] > 0) sc_axpy(S, ot, tw[i], V, row0, j0 + tp[i], f16, d);
         }
         double sum = 0;
         for (size_t j = 0; j < nr; j++)
             if (w[j] > 0) {
                 sum += w[j];
-                kst_kv_axpy(ig + 2, w[j], sc_row(V, row0 + S->key[j0 + j], f16, d), f16, d);
+                sc_axpy(S, ig + 2, w[j], V, row0, j0 + j, f16, d);
             }
         ig[1] = (float)sum;
     }
@@ -356,12 +399,12 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
             uint32_t slt = sl[2 * e];
             size_t j = slt - j0;
             if (tb[j >> 6] >> (j & 63) & 1) continue; /* (a best row: its term is the items' own) */
-            uint32_t x = S->key[slt];
-            /* its weight as the items': from the search's score (rs) or its key */
-            float s0 = rs ? rs[sl[2 * e + 1]] : kst_kv_dot(q, sc_row(K, row0 + x, f16, d), f16, d);
+            /* its weight as the items': from the search's score (rs) or its key (as held: in 8
+             * bits, the search's exact score is not the one the items summed) */
+            float s0 = rs && !S->q8 ? rs[sl[2 * e + 1]] : sc_dot(S, q, K, row0, slt, f16, d);
             float w = expf(s0 * scale + S->lw[S->cid[slt]] - mx);
             sub += w;
-            kst_kv_axpy(oc, -w, sc_row(V, row0 + x, f16, d), f16, d);
+            sc_axpy(S, oc, -w, V, row0, slt, f16, d);
         }
         double rest = sum - sub + ttot - trm;
         if ((sub > 0 && !(sub <= sum * (1.0 - KST_KVSC_KEEP))) || !(rest > 0) || !isfinite(rest)) {
@@ -371,7 +414,7 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
                 uint32_t x = S->key[j0 + j];
                 sc[j] = -INFINITY;
                 if (x == KST_KVSC_FREE || (rb[j >> 6] >> (j & 63) & 1)) continue;
-                sc[j] = kst_kv_dot(q, sc_row(K, row0 + x, f16, d), f16, d) * scale + S->lw[S->cid[j0 + j]];
+                sc[j] = sc_dot(S, q, K, row0, j0 + j, f16, d) * scale + S->lw[S->cid[j0 + j]];
                 if (sc[j] > mk) mk = sc[j];
             }
             if (!(mk > -INFINITY)) continue;
@@ -381,7 +424,7 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
             for (size_t j = 0; j < nr; j++)
                 if (sc[j] > 0) {
                     s2 += sc[j];
-                    kst_kv_axpy(oc, sc[j], sc_row(V, row0 + S->key[j0 + j], f16, d), f16, d);
+                    sc_axpy(S, oc, sc[j], V, row0, j0 + j, f16, d);
                 }
             kst_attn_merge_sum(o, lse, oc, s2, mk, d);
             continue;
@@ -389,11 +432,11 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
         if (!topadd) { /* the best rows' sums, less the retrieved ones */
             for (size_t i = 0; i < d; i++) oc[i] += ot[i];
             for (size_t a = 0; a < nt; a++)
-                if (topx >> a & 1) kst_kv_axpy(oc, -tw[a], sc_row(V, row0 + S->key[j0 + tp[a]], f16, d), f16, d);
+                if (topx >> a & 1) sc_axpy(S, oc, -tw[a], V, row0, j0 + tp[a], f16, d);
         } else {
             for (size_t a = 0; a < nt; a++)
                 if (!(topx >> a & 1) && tw[a] > 0)
-                    kst_kv_axpy(oc, tw[a], sc_row(V, row0 + S->key[j0 + tp[a]], f16, d), f16, d);
+                    sc_axpy(S, oc, tw[a], V, row0, j0 + tp[a], f16, d);
         }
         kst_attn_merge_sum(o, lse, oc, rest, mx, d);
     }

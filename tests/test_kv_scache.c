@@ -28,7 +28,11 @@
  *   and the evenly spaced sample there against a twin scoring its tail on the CPU (both skipped
  *   without a device), and the update after a step left to the engine's idle time against an
  *   inline twin (test_gpu_idle_update; skipped without a device);
- * 7 the GPU's items of the table against float64 (test_gpu_items; skipped without a device).
+ * 7 the GPU's items of the table against float64 (test_gpu_items; skipped without a device), also
+ *   with the table in 8 bits (tail_cache_q8; refused where it cannot be grouped);
+ * 8 the 8-bit rows (kst_kv_q8) against their definition (q8_row); tests 5 and 6 also run the
+ *   cache with its table in 8 bits (float16 G 4 and float32 G 2 with the group search), the
+ *   float64 estimator then reading the held rows' 8-bit values.
  * Tolerances: outputs 2e-5 absolute + 1e-4 relative, lse 1e-4 (as the clustered tail suites:
  * float32 sums of at most a few thousand terms). */
 #include <omp.h>
@@ -38,6 +42,7 @@
 #include "kv_ref.h"
 
 #include "core/half.h"
+#include "core/kv_attn.h"
 #include "index/kv.h"
 #include "index/kv_scache.h"
 #include "index/kv_tclust.h"
@@ -791,13 +796,33 @@ static void test_unbiased(void **state) {
  * retrieved positions pos); then every member at a place < pre[c] of cluster c of T not
  * retrieved, weighted len_c / pre[c] (pre: the cache's m snapshotted before the step, or the
  * step's shared plan; NULL: no estimate). Returns those members. */
+/* The table's 8-bit rows (tail_cache_q8) as kst_kv_q8 defines them: q = round(x * (127 / max |x|))
+ * in float32, to nearest even, x ~ q * (max |x| / 127); out gets those values. */
+static float q8_row(const float *x, size_t d, int8_t *q, float *out) {
+    float m = 0;
+    for (size_t i = 0; i < d; i++) m = fabsf(x[i]) > m ? fabsf(x[i]) : m;
+    float inv = m > 0 ? 127.0f / m : 0, sc = m / 127.0f;
+    for (size_t i = 0; i < d; i++) {
+        long r = m > 0 ? (long)rintf(x[i] * inv) : 0;
+        q[i] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+        if (out) out[i] = (float)q[i] * sc;
+    }
+    return sc;
+}
+
+/* Ks, Vs (may be NULL: K, V): the rows the sample is read from (the 8-bit table's values). */
 static size_t step_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d, double scale,
                          size_t sinks, size_t nidx, const int64_t *pos, size_t m, const kst_kvtc *T, const uint32_t *pre,
-                         size_t *insample) {
+                         size_t *insample, const float *Ks, const float *Vs) {
     double *l = malloc(n * sizeof *l), *w = calloc(n, sizeof *w), mx;
     uint8_t *ret = calloc(nidx + 1, 1);
+    float *Vm = NULL;
     size_t used = 0;
     mx = tc_exact64(l, w, ret, q, K, n, d, scale, sinks, nidx, pos, m);
+    if (Ks) {
+        Vm = malloc(n * d * sizeof *Vm);
+        memcpy(Vm, V, n * d * sizeof *Vm);
+    }
     for (size_t c = 0; pre && c < T->C; c++) {
         if (!pre[c]) continue;
         if (pre[c] > T->len[c]) fail_msg("cluster %zu: %u held of %u members", c, pre[c], T->len[c]);
@@ -809,14 +834,22 @@ static size_t step_ref64(double *out, const float *q, const float *K, const floa
                 ++*insample;
                 continue;
             }
-            w[sinks + x] = wc * exp(l[sinks + x] - mx);
+            double ls = l[sinks + x];
+            if (Ks) { /* (its score and value as the table holds them) */
+                double a = 0;
+                for (size_t t = 0; t < d; t++) a += (double)q[t] * Ks[(sinks + x) * d + t];
+                ls = a * scale;
+                memcpy(Vm + (sinks + x) * d, Vs + (sinks + x) * d, d * sizeof *Vm);
+            }
+            w[sinks + x] = wc * exp(ls - mx);
             used++;
         }
     }
-    wsum_rows64(out, w, V, n, d);
+    wsum_rows64(out, w, Vm ? Vm : V, n, d);
     free(l);
     free(w);
     free(ret);
+    free(Vm);
     return used;
 }
 
@@ -828,11 +861,14 @@ static size_t step_ref64(double *out, const float *q, const float *K, const floa
  * NULL) gets the output. Returns stats.sampled. */
 static size_t g_insample;
 static size_t g_layer; /* the layer check_step_sc and snap_m read (0 but in test 7) */
+static int g_q8;       /* the caches made with tail_cache_q8: the estimator reads the 8-bit rows */
 static size_t check_step_sc(kst_kvc *c, const float *K, const float *V, size_t n, const float *q, size_t top_k, size_t ef,
                             float temp, uint32_t *const *pre, float *out_keep, const char *what) {
     const kst_kvc_opts *o = kst_kvc_opts_of(c);
     size_t H = o->kv_heads, QH = o->q_heads, G = QH / H, d = o->head_dim, sinks = o->sinks, B = o->tail_samples;
-    float *out = malloc(QH * d * sizeof *out), *Kh = malloc(n * d * sizeof *Kh), *Vh = malloc(n * d * sizeof *Vh);
+    float *out = malloc(QH * d * sizeof *out), *Kh = malloc(n * d * sizeof *Kh), *Vh = malloc(n * d * sizeof *Vh),
+          *Kq = g_q8 && pre ? malloc(n * d * sizeof *Kq) : NULL, *Vq = g_q8 && pre ? malloc(n * d * sizeof *Vq) : NULL;
+    int8_t q8b[512];
     double ref[512];
     kst_kvc_stats st;
     kst_error err;
@@ -850,6 +886,10 @@ static size_t check_step_sc(kst_kvc *c, const float *K, const float *V, size_t n
         const uint32_t *ns = pre ? pre[kh] : NULL;
         head_rows(Kh, K, n, H, kh, d);
         head_rows(Vh, V, n, H, kh, d);
+        for (size_t t = 0; Kq && t < n; t++) {
+            q8_row(Kh + t * d, d, q8b, Kq + t * d);
+            q8_row(Vh + t * d, d, q8b, Vq + t * d);
+        }
         if (!pre) {
             float *cs = malloc(G * T->C * sizeof *cs);
             kst_kvtc_scores(T, q + kh * G * d, G, o->scale, cs);
@@ -871,7 +911,7 @@ static size_t check_step_sc(kst_kvc *c, const float *K, const float *V, size_t n
                 assert_ok(kst_kvc_search(c, g_layer, h, qh, k, ef, pos, &found, NULL, &err), &err);
             }
             tot += step_ref64(ref, qh, Kh, Vh, n, d, o->scale, sinks, nidx, pos, found, T, found < nidx ? ns : NULL,
-                              &g_insample);
+                              &g_insample, Kq, Vq);
             for (size_t j = 0; j < d; j++)
                 if (!(fabs(out[h * d + j] - ref[j]) <= TOL_A + TOL_R * fabs(ref[j])))
                     fail_msg("%s: head %zu, dim %zu: %.7g, float64 estimator %.7g (%zu indexed, %zu retrieved, %d OpenMP "
@@ -884,6 +924,8 @@ static size_t check_step_sc(kst_kvc *c, const float *K, const float *V, size_t n
     free(out);
     free(Kh);
     free(Vh);
+    free(Kq);
+    free(Vq);
     free(pos);
     free(posg);
     return st.sampled;
@@ -910,6 +952,7 @@ static kst_kvc *make_cache(const kst_kvc_opts *o, float *K, float *V, size_t n, 
     kst_kvc_set_tail_clusters(c, C, temp);
     kst_kvc_set_tail_share(c, 1);
     kst_kvc_set_tail_cache(c, cache, 0);
+    kst_kvc_set_tail_cache_q8(c, cache && g_q8);
     append_rows(c, K, V, n);
     assert_ok(kst_kvc_build(c, 0, Qp, nq, &err), &err);
     return c;
@@ -942,10 +985,11 @@ static void run_steps(int gpu) {
     g_maxoff = 0;
     g_insample = 0;
     int was = omp_get_max_threads();
-    for (int run = 0; run < 3; run++) {
+    for (int run = 0; run < 5; run++) {
         tc_seed(50 + (uint64_t)run);
-        int f16 = run == 1, attn = run == 1;
-        size_t G = run == 1 ? 4 : 2, QH = H * G, d = f16 ? 64 : 32;
+        int f16 = run == 1 || run == 3, attn = f16;
+        size_t G = f16 ? 4 : 2, QH = H * G, d = f16 ? 64 : 32;
+        g_q8 = run >= 3;
         omp_set_num_threads(run == 0 ? 1 : 3);
         float *K = malloc(nmax * H * d * sizeof *K), *V = malloc(nmax * H * d * sizeof *V),
               *cen = malloc(H * ncent * d * sizeof *cen), *Qp = malloc(nq * QH * d * sizeof *Qp),
@@ -955,8 +999,8 @@ static void run_steps(int gpu) {
         mix_queries(Q, cen, steps, QH, H, d, ncent);
         kst_kvc_opts o = tc_base_opts(d, f16, attn ? KST_KVC_INDEX_ATTN : KST_KVC_INDEX_KEYS, B, H, QH);
         o.gpu = gpu;
-        o.group_search = run == 2;
-        if (run == 2) setenv("KESTREL_KV_SC_PIECE", "64", 1); /* (the GPU's uploads in pieces of 64 rows) */
+        o.group_search = run == 2 || run == 4;
+        if (o.group_search) setenv("KESTREL_KV_SC_PIECE", "64", 1); /* (the GPU's uploads in pieces of 64 rows) */
         kst_kvc *c = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 1);
         unsetenv("KESTREL_KV_SC_PIECE");
         kst_kvc *c2 = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 0);
@@ -971,8 +1015,9 @@ static void run_steps(int gpu) {
                 at += 500;
             }
             char what[160];
-            snprintf(what, sizeof what, "%s, G %zu, %s index%s, %s, %d threads, step %zu (top_k %zu)",
-                     f16 ? "float16" : "float32", G, attn ? "attention-aware" : "key-only", run == 2 ? ", group search" : "",
+            snprintf(what, sizeof what, "%s%s, G %zu, %s index%s, %s, %d threads, step %zu (top_k %zu)",
+                     f16 ? "float16" : "float32", g_q8 ? ", table in 8 bits" : "", G, attn ? "attention-aware" : "key-only",
+                     o.group_search ? ", group search" : "",
                      gpu ? "gpu" : "cpu", omp_get_max_threads(), s, tk[s % 3]);
             const float *q = Q + s * QH * d;
             if (s == 0) {
@@ -1022,6 +1067,7 @@ static void run_steps(int gpu) {
         free(o1);
         free(o2);
     }
+    g_q8 = 0;
     omp_set_num_threads(was);
     print_message("sample cache steps (%s): %zu steps the float64 estimator (%zu first steps also the twin without the "
                   "cache), %zu rows stood for the rest, %zu retrieved keys held, %zu appended keys joined inside a prefix; plans "
@@ -1034,6 +1080,62 @@ static void run_steps(int gpu) {
 static void test_steps(void **state) {
     (void)state;
     run_steps(0);
+}
+
+/* 5c. The 8-bit rows (kst_kv_q8) against q8_row's definition, float32 and float16 rows (bits and
+ * scale exactly), rows with an outlier, of zeros, of one value, with a NaN (a non-finite scale),
+ * of ties (to even), widths with and without the 16-wide steps;
+ * kst_kv_dot_q8 and kst_kv_axpy_q8 against float64. */
+static void test_q8_rows(void **state) {
+    (void)state;
+    tc_seed(57);
+    size_t checked = 0;
+    for (int f16 = 0; f16 < 2; f16++)
+        for (int kind = 0; kind < 7; kind++)
+            for (size_t di = 0; di < 6; di++) {
+                static const size_t ds[6] = {16, 32, 64, 128, 24, 36}; /* (the last two: no 16-wide steps) */
+                size_t d = ds[di];
+                float x[128], ref[128], q[128], o[128];
+                uint16_t xb[128];
+                int8_t a[128], b[128];
+                for (size_t i = 0; i < d; i++) {
+                    x[i] = kind == 2 ? 0.0f : kind == 3 ? -0.75f : (float)kv_gauss() * (kind == 1 && i == 3 ? 60.0f : 1.0f);
+                    if (kind == 4) x[i] *= 1e-3f;
+                    xb[i] = kst_f32_to_f16(x[i]);
+                    if (f16) x[i] = kst_f16_to_f32(xb[i]);
+                    q[i] = (float)kv_gauss();
+                    o[i] = 0;
+                }
+                if (kind == 5) x[d / 2] = NAN, xb[d / 2] = kst_f32_to_f16(NAN);
+                if (kind == 6) /* (ties: max 127, so x * 127 / max = x, halves rounded to even) */
+                    for (size_t i = 0; i < d; i++) {
+                        x[i] = i == 0 ? 127.0f : (float)((int)(i % 9) - 4) + 0.5f;
+                        xb[i] = kst_f32_to_f16(x[i]);
+                    }
+                float sr = q8_row(x, d, a, ref), sg = kst_kv_q8(f16 ? (const void *)xb : (const void *)x, f16, d, b);
+                if (kind == 5) {
+                    if (isfinite(sg)) fail_msg("f16 %d d %zu: a row with a NaN got the finite scale %g", f16, d, sg);
+                    checked++;
+                    continue;
+                }
+                if (sg != sr) fail_msg("f16 %d kind %d d %zu: scale %.9g, the definition's %.9g", f16, kind, d, sg, sr);
+                if (memcmp(a, b, d)) fail_msg("f16 %d kind %d d %zu: the 8-bit values differ from the definition's", f16, kind, d);
+                double dot = 0, err = 0, mx = 0;
+                for (size_t i = 0; i < d; i++) {
+                    dot += (double)q[i] * b[i];
+                    double e = fabs((double)ref[i] - x[i]);
+                    err = e > err ? e : err;
+                    mx = fabs(x[i]) > mx ? fabs(x[i]) : mx;
+                }
+                if (err > 0.5 * mx / 127 * (1 + 1e-6)) fail_msg("f16 %d kind %d d %zu: a value %g off (max |x| %g)", f16, kind, d, err, mx);
+                if (fabs(kst_kv_dot_q8(q, b, d) - dot) > 1e-4 * (1 + fabs(dot)))
+                    fail_msg("f16 %d kind %d d %zu: dot %.7g, float64 %.7g", f16, kind, d, kst_kv_dot_q8(q, b, d), dot);
+                kst_kv_axpy_q8(o, 0.5f, b, d);
+                for (size_t i = 0; i < d; i++)
+                    if (o[i] != 0.5f * (float)b[i]) fail_msg("f16 %d kind %d d %zu: axpy %g at %zu", f16, kind, d, o[i], i);
+                checked++;
+            }
+    print_message("%zu rows in 8 bits as defined\n", checked);
 }
 
 /* 5b. The switches and restarts (2 KV heads x 2, d 32, 1,500 indexed keys, 32 clusters, budget
@@ -1194,9 +1296,11 @@ static void test_gpu_items(void **state) {
         {1, 4, 2, 128, 3000}, {0, 3, 2, 64, 700}, {1, 8, 2, 128, 400}, {0, 5, 1, 36, 200}, {1, 1, 3, 32, 100},
         {1, 2, 2, 96, 1500},  {1, 8, 1, 96, 900}, {1, 2, 2, 136, 600}};
     const size_t C = 16, TOP = KST_KVGPU_TT_TOP;
-    size_t checked = 0, tie_edges = 0;
-    for (int pass = 0; pass < 2; pass++) {
-        if (pass) setenv("KESTREL_KV_GPU_TGRP", "0", 1);
+    size_t checked = 0, tie_edges = 0, q8_refused = 0;
+    for (int pass = 0; pass < 3; pass++) { /* pass 1: a block a query head; 2: the table in 8 bits */
+        int q8 = pass == 2;
+        if (pass == 1) setenv("KESTREL_KV_GPU_TGRP", "0", 1);
+        else unsetenv("KESTREL_KV_GPU_TGRP");
         for (size_t ci = 0; ci < sizeof cf / sizeof cf[0]; ci++) {
             size_t G = cf[ci].G, kvh = cf[ci].kvh, d = cf[ci].d, qh = G * kvh;
             size_t nc = (cf[ci].cap + KST_KVSC_CH - 1) / KST_KVSC_CH, ch = (cf[ci].cap + nc - 1) / nc, cap = ch * nc;
@@ -1204,6 +1308,18 @@ static void test_gpu_items(void **state) {
             kst_error err;
             kst_kvgpu *g = NULL;
             assert_ok(kst_kvgpu_create(qh, kvh, d, 4, 64, cf[ci].f16, scale, &g, &err), &err);
+            size_t P = 32;
+            while (P < ch) P <<= 1;
+            if (q8 && !(G <= 8 && d <= 128 && d % 16 == 0 && G * P <= 4096)) { /* (kv_cuda.h: the 8-bit table only grouped) */
+                float *c0 = calloc(kvh * d * 16, sizeof(float));
+                if (kst_kvgpu_sc_reserve(g, cap, ch, nc, 16, c0, 1, &err) != KST_ERR_INVALID || !strstr(err.msg, "tail_cache_q8"))
+                    fail_msg("shape %zu (G %zu d %zu chunk %zu): the 8-bit table reserved where it cannot be grouped (%s)", ci,
+                             G, d, ch, err.msg);
+                q8_refused++;
+                free(c0);
+                kst_kvgpu_free(g);
+                continue;
+            }
             float *cent = malloc(kvh * d * C * sizeof(float)), *K = malloc(kvh * cap * d * sizeof(float)),
                   *V = malloc(kvh * cap * d * sizeof(float)), *lw = malloc(kvh * C * sizeof(float)),
                   *Q = malloc(qh * d * sizeof(float)), *o = malloc(qh * d * sizeof(float)), *lse = malloc(qh * sizeof(float));
@@ -1211,7 +1327,7 @@ static void test_gpu_items(void **state) {
             double *s = malloc(cap * sizeof(double)), *want = malloc(2 * d * sizeof(double));
             assert_non_null(cent && K && V && lw && Q && o && lse && cid && s && want);
             for (size_t i = 0; i < kvh * d * C; i++) cent[i] = (float)kv_gauss();
-            assert_ok(kst_kvgpu_sc_reserve(g, cap, ch, nc, C, cent, &err), &err);
+            assert_ok(kst_kvgpu_sc_reserve(g, cap, ch, nc, C, cent, q8, &err), &err);
             int *hdr;
             void *rows;
             assert_ok(kst_kvgpu_sc_staging(g, kvh * cap, &hdr, &rows, &err), &err);
@@ -1221,6 +1337,18 @@ static void test_gpu_items(void **state) {
                     kv_rng = kv_rng * 6364136223846793005ull + 1442695040888963407ull;
                     cid[e] = (kv_rng >> 33) % 8 == 0 ? -1 : (int)((kv_rng >> 40) % C);
                     hdr[3 * e] = (int)kh, hdr[3 * e + 1] = (int)j, hdr[3 * e + 2] = cid[e];
+                    if (q8) { /* (the staging: key and value in 8 bits, then their scales) */
+                        float x[2 * 128];
+                        int8_t *r8 = (int8_t *)rows + e * (2 * d + 8);
+                        for (size_t i = 0; i < 2 * d; i++) {
+                            x[i] = (float)kv_gauss() * (i % 17 == 5 ? 4.0f : 1.0f); /* (some larger dims) */
+                            if (cf[ci].f16) x[i] = kst_f16_to_f32(kst_f32_to_f16(x[i]));
+                        }
+                        float sk = q8_row(x, d, r8, K + e * d), sv = q8_row(x + d, d, r8 + d, V + e * d);
+                        memcpy(r8 + 2 * d, &sk, sizeof sk);
+                        memcpy(r8 + 2 * d + 4, &sv, sizeof sv);
+                        continue;
+                    }
                     for (size_t i = 0; i < 2 * d; i++) {
                         float x = (float)kv_gauss();
                         if (cf[ci].f16) {
@@ -1254,8 +1382,8 @@ static void test_gpu_items(void **state) {
                         if (s[j] > mx) mx = s[j];
                     }
                     char what[160];
-                    snprintf(what, sizeof what, "pass %d shape %zu (f16 %d G %zu d %zu chunk %zu) head %zu chunk %zu", pass,
-                             ci, cf[ci].f16, G, d, ch, h, cc);
+                    snprintf(what, sizeof what, "pass %d shape %zu (f16 %d%s G %zu d %zu chunk %zu) head %zu chunk %zu", pass,
+                             ci, cf[ci].f16, q8 ? ", 8 bits" : "", G, d, ch, h, cc);
                     if (fabs(it[0] - mx) > 1e-4) fail_msg("%s: mx %.7g, float64 %.7g", what, it[0], mx);
                     /* the best rows: distinct rows of the chunk, none below the nt-th best score */
                     unsigned char *in = calloc(nr, 1);
@@ -1292,7 +1420,9 @@ static void test_gpu_items(void **state) {
         }
     }
     unsetenv("KESTREL_KV_GPU_TGRP");
-    print_message("%zu items checked (%zu with a near-tie at the best rows' edge)\n", checked, tie_edges);
+    print_message("%zu items checked (%zu with a near-tie at the best rows' edge); the 8-bit table refused for %zu shapes "
+                  "it cannot group\n", checked, tie_edges, q8_refused);
+    if (!q8_refused) fail_msg("no shape checked the 8-bit table's refusal");
 #endif
 }
 
@@ -1473,6 +1603,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_items_finish, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_unbiased, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_steps, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_q8_rows, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_switches, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_two_layers, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_steps_gpu, t_begin, t_end),
