@@ -137,6 +137,10 @@ __attribute__((target("avx2,f16c"))) static float q8_avx2(const void *row, int f
         memset(q, 0, d);
         return mx == 0 && !_mm256_movemask_ps(un) ? 0.0f : NAN;
     }
+    if (!isfinite(127.0f / mx)) { /* (a row below 127 / FLT_MAX: zeros) */
+        memset(q, 0, d);
+        return 0.0f;
+    }
     __m256 inv = _mm256_set1_ps(127.0f / mx);
     for (size_t i = 0; i < d; i += 16) {
         __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(Q8_LD(i), inv)), b = _mm256_cvtps_epi32(_mm256_mul_ps(Q8_LD(i + 8), inv));
@@ -219,6 +223,10 @@ float kst_kv_q8(const void *row, int f16, size_t d, int8_t *q) {
         return m == 0 ? 0.0f : NAN;
     }
     float inv = 127.0f / m;
+    if (!isfinite(inv)) { /* (a row below 127 / FLT_MAX: zeros) */
+        memset(q, 0, d);
+        return 0.0f;
+    }
     for (size_t i = 0; i < d; i++) {
         float x = f16 ? kst_f16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
         long r = lrintf(x * inv);

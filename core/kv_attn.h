@@ -25,8 +25,9 @@ void kst_kv_rows_f32(float *out, const void *src, int f16, size_t first, size_t 
 
 /* A row of d float32 or float16 values in 8 bits (the sample cache's table, tail_cache_q8):
  * q[i] = round(x[i] * (127 / max |x|)) (float32, to nearest even), returns the scale
- * max |x| / 127, so that x[i] ~ q[i] * scale (0 for a row of zeros; a non-finite value gives
- * a non-finite scale). */
+ * max |x| / 127, so that x[i] ~ q[i] * scale (0 for a row of zeros, or one so small that 127 /
+ * max |x| overflows; a NaN or an infinity gives the scale NaN; q 0 in each of these). The GPU's
+ * 8-bit table (index/kv_cuda.cu, sc_scatter_q8_kernel) quantizes the same way. */
 float kst_kv_q8(const void *row, int f16, size_t d, int8_t *q);
 /* <qv, q8> (unscaled: times the row's scale for <qv, x>) and out += w * q8. */
 float kst_kv_dot_q8(const float *qv, const int8_t *q8, size_t d);

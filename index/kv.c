@@ -2001,18 +2001,6 @@ static int tg_help(kst_kvc *c, kv_layer *L, kv_thread *t, const float *q, int *r
     return 0;
 }
 
-/* Slot sl of KV head Hs's sample cache (held, S->q8): its node's key and value in 8 bits, into S->qr. */
-static void sc_q8_slot(kst_kvc *c, kv_hstore *Hs, uint32_t sl) {
-    const kst_kvc_opts *o = &c->o;
-    kst_kvsc *S = &Hs->sc;
-    size_t d = o->head_dim, x = S->key[sl];
-    int8_t *r8 = S->qr + (size_t)sl * (2 * d + 8);
-    float sk = kst_kv_q8(rows_at(c, Hs->K, o->sinks + x), c->esize == 2, d, r8);
-    float sv = kst_kv_q8(rows_at(c, Hs->V, o->sinks + x), c->esize == 2, d, r8 + d);
-    memcpy(r8 + 2 * d, &sk, sizeof sk);
-    memcpy(r8 + 2 * d + 4, &sv, sizeof sv);
-}
-
 #ifdef KST_CUDA
 /* The staging for a piece of an upload, entries [s0, s1) of each KV head's (its part at
  * c->sc_off[h]): of its slots changed since the last upload (its dirty list), or (all) of its
@@ -2057,12 +2045,7 @@ static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, size_t s0,
         hdr[3 * e] = (int)h;
         hdr[3 * e + 1] = (int)sl;
         hdr[3 * e + 2] = S->cid[sl];
-        if (x != KST_KVSC_FREE && S->q8) { /* (kst_kvgpu_sc_staging: key, value in 8 bits, their scales; the
-                                              CPU's twin of the slot written as sent) */
-            size_t rb = 2 * o->head_dim + 8;
-            sc_q8_slot(c, Hs, sl);
-            memcpy((int8_t *)rows + e * rb, S->qr + (size_t)sl * rb, rb);
-        } else if (x != KST_KVSC_FREE) {
+        if (x != KST_KVSC_FREE) { /* (with tail_cache_q8 the GPU quantizes them as it writes them) */
             memcpy((char *)rows + 2 * e * rowb, rows_at(c, Hs->K, o->sinks + x), rowb);
             memcpy((char *)rows + (2 * e + 1) * rowb, rows_at(c, Hs->V, o->sinks + x), rowb);
         }
@@ -2130,7 +2113,9 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
         kst_kvsc *S = &H->sc;
         if (S->C != H->tc.C || S->G != G || S->cap < want || S->cap >= want + S->nc || S->q8 != c->tcache_q8) {
             KST_TRY(kst_kvsc_setup(S, &H->tc, G, want, err));
-            if (c->tcache_q8) KST_TRY(kst_kvsc_q8_rows(S, o->head_dim, err));
+            if (c->tcache_q8 && o->head_dim > KST_KVSC_DMAX)
+                return kst_fail(err, KST_ERR_INVALID, "tail_cache_q8: head_dim %zu, at most %d", o->head_dim, KST_KVSC_DMAX);
+            S->q8 = c->tcache_q8;
 #ifdef KST_CUDA
             L->sc_gpu = 0;
 #endif
@@ -2142,14 +2127,6 @@ static int sc_begin(kst_kvc *c, kv_layer *L, int gpu, int *ready, kst_error *err
         all &= S->ready;
     }
     *ready = all;
-    if (c->tcache_q8 && !gpu) /* (the CPU's items: the slots changed since the last step in 8 bits; the GPU's
-                                 twins are written as staged, sc_stage_head) */
-        for (size_t h = 0; h < o->kv_heads; h++) {
-            kst_kvsc *S = &L->heads[h].sc;
-            for (size_t i = 0; i < S->nd; i++)
-                if (S->key[S->dirty[i]] != KST_KVSC_FREE) sc_q8_slot(c, &L->heads[h], S->dirty[i]);
-            kst_kvsc_take_dirty(S, NULL);
-        }
 #ifdef KST_CUDA
     if (!gpu) {
         L->sc_gpu = 0; /* (sent whole when the GPU is back) */

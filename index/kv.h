@@ -380,15 +380,14 @@ void kst_kvc_set_tail_share(kst_kvc *c, int on);
  * 16,384, a larger budget planned within it. */
 void kst_kvc_set_tail_cache(kst_kvc *c, int on, size_t slots);
 /* With tail_cache: 1 holds the table's keys and values in 8 bits, a scale a row each (kst_kv_q8:
- * round(x * (127 / max |x|)) to nearest even), on the GPU (the table 16.5 MiB a layer against 32
- * for 8 KV heads of d 128 and 8,192 rows) and on the CPU, which keeps each held row's 8-bit twin
- * (kst_kvsc_q8_rows: 2 d + 8 bytes a slot, written as the row is staged for the GPU, or at the
- * step's start without one) and makes its items and takes the retrieved rows out from it, so both
- * give the same estimate. The GPU's table needs the grouped layout (G <= 8, d <= 128 and a
- * multiple of 16, G x rows a chunk <= 4,096, KESTREL_KV_GPU_TGRP not 0): else the step fails,
- * naming it. KESTREL_KV_TCACHE_Q8=0/1 overrides it. Applies at the next decode step (the table set
- * up anew). Costs: the staging quantizes the rows it sends (~40 us more a step at 128K when every
- * query is new); the step's speed unchanged (tests/bench/README.md, round 25). */
+ * round(x * (127 / max |x|)) to nearest even) on the GPU, which quantizes the rows as they are
+ * copied in (the table 16.5 MiB a layer against 32 for 8 KV heads of d 128 and 8,192 rows), and
+ * read so on the CPU (kst_kvsc q8: the items made there and the retrieved rows taken out quantize
+ * each row they read the same way), so both give the same estimate. The GPU's table needs the
+ * grouped layout (G <= 8, d <= 128 and a multiple of 16, G x rows a chunk <= 4,096,
+ * KESTREL_KV_GPU_TGRP not 0): else the step fails, naming it. KESTREL_KV_TCACHE_Q8=0/1 overrides
+ * it. Applies at the next decode step (the table set up anew). Speed: tests/bench/README.md,
+ * round 25. */
 void kst_kvc_set_tail_cache_q8(kst_kvc *c, int on);
 struct kst_kvsc;
 /* Tests: the sample cache of a KV head (NULL where none is set up). */

@@ -926,27 +926,56 @@ __global__ void sc_scatter_kernel(const int *hdr, const T *rows, int n, const fl
     }
 }
 
-// The same for the table in 8 bits (sq8): entry e's 2 d + 8 bytes (key, value, their scales),
-// the keys in tg_kpos's layout (the grouped layout, which the 8-bit table needs).
-__global__ void sc_scatter_q8_kernel(const int *hdr, const int8_t *rows, int n, const float *lw, float *sclw, int nlw,
+// The same for the table in 8 bits (sq8): the staged rows (the cache's type) quantized here as
+// kst_kv_q8 does on the CPU (a block an entry, d <= 128 = its threads: max |x| over the row, q =
+// round(x * (127 / max)) to nearest even; a NaN or an infinity in the row: scale NaN, q 0; max 0, or
+// 127 / max past float's range: scale 0, q 0), the keys in tg_kpos's layout (the grouped layout,
+// which the 8-bit table needs), the scales in tsc.
+template <typename T>
+__global__ void sc_scatter_q8_kernel(const int *hdr, const T *rows, int n, const float *lw, float *sclw, int nlw,
                                      int8_t *tK, int8_t *tV, float *tsc, int *cid, int ns, int ch, int d) {
-    int e = blockIdx.x;
+    __shared__ float rm[2][4];
+    __shared__ int rn[2][4];
+    int e = blockIdx.x, i = threadIdx.x, lane = i & 31, warp = i >> 5;
     if (e >= n) {
-        int i = (e - n) * blockDim.x + threadIdx.x;
-        if (lw && i < nlw) sclw[i] = lw[i];
+        int t = (e - n) * blockDim.x + i;
+        if (lw && t < nlw) sclw[t] = lw[t];
         return;
     }
     int kh = hdr[3 * e], s = hdr[3 * e + 1], c = hdr[3 * e + 2];
-    if (threadIdx.x == 0) cid[(size_t)kh * ns + s] = c;
+    if (i == 0) cid[(size_t)kh * ns + s] = c;
     if (c < 0) return;
     int j0 = s / ch * ch, nr = min(ch, ns - j0), j = s - j0;
-    const int8_t *k = rows + (size_t)e * (2 * d + 8), *v = k + d;
-    int8_t *Kc = tK + ((size_t)kh * ns + j0) * d, *Vr = tV + ((size_t)kh * ns + s) * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        Kc[tg_kpos(j, i, nr, 1)] = k[i];
-        Vr[i] = v[i];
+    const T *k = rows + (size_t)e * 2 * d, *v = k + d;
+    float x[2] = {i < d ? ld(k + i) : 0.0f, i < d ? ld(v + i) : 0.0f}, m[2];
+    int bad[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        bool nan = x[r] != x[r];
+        float a = nan ? 0.0f : fabsf(x[r]);
+        for (int off = 16; off; off >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, off));
+        int an = __any_sync(0xffffffffu, nan);
+        if (lane == 0) rm[r][warp] = a, rn[r][warp] = an;
     }
-    if (threadIdx.x < 2) tsc[((size_t)kh * ns + s) * 2 + threadIdx.x] = ((const float *)(v + d))[threadIdx.x];
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        m[r] = 0.0f, bad[r] = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) m[r] = fmaxf(m[r], rm[r][w]), bad[r] |= rn[r][w];
+        bad[r] |= isinf(m[r]);
+    }
+    int8_t *Kc = tK + ((size_t)kh * ns + j0) * d, *Vr = tV + ((size_t)kh * ns + s) * d;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float inv = 127.0f / m[r];
+        bool zero = bad[r] || !(m[r] > 0.0f) || isinf(inv);
+        if (i < d) {
+            int q = zero ? 0 : min(127, max(-127, __float2int_rn(x[r] * inv)));
+            if (r == 0) Kc[tg_kpos(j, i, nr, 1)] = (int8_t)q;
+            else Vr[i] = (int8_t)q;
+        }
+        if (i == r) tsc[((size_t)kh * ns + s) * 2 + r] = bad[r] ? __int_as_float(0x7fc00000) : zero ? 0.0f : m[r] / 127.0f;
+    }
 }
 
 // The step's first kernel: the slots kst_kvgpu_put staged while armed (parameters 4, 5...: count,
@@ -1309,7 +1338,7 @@ static size_t sc_layout(const kst_kvgpu *g, size_t n, size_t *hdr_at, size_t *ro
     size_t es = g->f16 ? 2 : 4, a = (g->kvh * g->sC * sizeof(float) + 15) / 16 * 16;
     *hdr_at = a;
     *rows_at = a + (n * 3 * sizeof(int) + 15) / 16 * 16;
-    return *rows_at + n * (g->sq8 ? 2 * g->d + 8 : 2 * g->d * es);
+    return *rows_at + n * 2 * g->d * es;
 }
 
 extern "C" int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err) {
@@ -1353,10 +1382,14 @@ extern "C" int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_er
            "kv gpu sample cache upload");
         const int *dh = (const int *)(g->dsall + ha);
         const float *dl = lw ? (const float *)g->dsall : NULL;
-        if (g->sq8)
-            sc_scatter_q8_kernel<<<nb, 128, 0, g->st>>>(dh, (const int8_t *)(g->dsall + ra), (int)n, dl, g->sclw, (int)nlw,
-                                                        (int8_t *)g->tK, (int8_t *)g->tV, g->tsc, g->scid, (int)g->tns,
-                                                        (int)g->tch, (int)g->d);
+        if (g->sq8 && g->f16)
+            sc_scatter_q8_kernel<__half><<<nb, 128, 0, g->st>>>(dh, (const __half *)(g->dsall + ra), (int)n, dl, g->sclw,
+                                                                (int)nlw, (int8_t *)g->tK, (int8_t *)g->tV, g->tsc, g->scid,
+                                                                (int)g->tns, (int)g->tch, (int)g->d);
+        else if (g->sq8)
+            sc_scatter_q8_kernel<float><<<nb, 128, 0, g->st>>>(dh, (const float *)(g->dsall + ra), (int)n, dl, g->sclw,
+                                                               (int)nlw, (int8_t *)g->tK, (int8_t *)g->tV, g->tsc, g->scid,
+                                                               (int)g->tns, (int)g->tch, (int)g->d);
         else if (g->f16)
             sc_scatter_kernel<__half><<<nb, 128, 0, g->st>>>(dh, (const __half *)(g->dsall + ra), (int)n, dl, g->sclw,
                                                              (int)nlw, (__half *)g->tK, (__half *)g->tV, g->scid,

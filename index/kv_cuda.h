@@ -124,16 +124,16 @@ int kst_kvgpu_items_ready(const kst_kvgpu *g, size_t kv_head);
  * the KV head's G query heads at once (its keys then kept in 16-byte pieces, chunk-transposed
  * by piece), and one block the centroids of a KV head's heads; KESTREL_KV_GPU_TGRP=0 at creation
  * keeps a block a query head (the items are the same either way). q8: the table's keys and values
- * held in 8 bits with a scale a row each (kst_kvc_set_tail_cache_q8; staged so, below), only in
- * the grouped layout (else KST_ERR_INVALID). */
+ * held in 8 bits with a scale a row each (kst_kvc_set_tail_cache_q8; the rows staged as they are,
+ * quantized as they are written into the table), only in the grouped layout (else
+ * KST_ERR_INVALID). */
 int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent, int q8,
                          kst_error *err);
 /* Pinned staging for n slots of the table (grown as needed, here and on the GPU, never shrunk: the
  * caller sends in pieces, kv.c at most 4,096 slots a send; once the last send's copies are done):
  * *hdr (n, 3) ints, each a KV head, its slot and its cluster (-1: free, its rows unread), and
- * *rows (n, 2, d) values in the cache's dtype, the slot's key and value rows; with q8 (the table
- * in 8 bits) n rows of 2 d + 8 bytes: the key's and the value's d int8 (kst_kv_q8), then their
- * scales (2 float32). */
+ * *rows (n, 2, d) values in the cache's dtype, the slot's key and value rows (with q8, the table
+ * in 8 bits, quantized on the GPU as kst_kv_q8 does on the CPU). */
 int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err);
 /* Queues the n slots of the last staging (n as staged; copied with the weights in one copy and
  * written into the table) and, where lw is not NULL, the clusters' log weights lw (kv_heads, C)

@@ -21,15 +21,13 @@ void kst_kvsc_free(kst_kvsc *S) {
     kst_free(S->dmark);
     kst_free(S->hist);
     kst_free(S->al);
-    kst_free(S->qr);
     kst_kvtc_group_free(&S->A);
     memset(S, 0, sizeof *S);
 }
 
 size_t kst_kvsc_bytes(const kst_kvsc *S) {
     return S->C * (sizeof(uint32_t) + sizeof(float) + 2 * S->G * sizeof(float)) +
-           S->cap * (3 * sizeof(uint32_t) + sizeof(int32_t) + 1) + S->ncap * sizeof(int32_t) +
-           (S->qr ? S->cap * (2 * S->qd + 8) : 0);
+           S->cap * (3 * sizeof(uint32_t) + sizeof(int32_t) + 1) + S->ncap * sizeof(int32_t);
 }
 
 static int sc_nodes(kst_kvsc *S, size_t n, kst_error *err) {
@@ -258,38 +256,24 @@ static const void *sc_row(const void *base, size_t row, int f16, size_t d) {
     return (const char *)base + row * d * (f16 ? 2 : 4);
 }
 
-/* Slot sl's row as the table holds it: the node's row as stored, or (S->q8) its 8-bit twin in
- * S->qr, which the staging wrote as it sent it (the rows the GPU's table holds). */
-static const int8_t *sc_qrow(const kst_kvsc *S, size_t sl) { return S->qr + sl * (2 * S->qd + 8); }
+/* Slot sl's row as the table holds it: its node's row as stored, or (S->q8) that row in 8 bits
+ * (kst_kv_q8, as the GPU's table quantizes it). */
 static float sc_dot(const kst_kvsc *S, const float *q, const void *K, size_t row0, size_t sl, int f16, size_t d) {
-    if (!S->q8) return kst_kv_dot(q, sc_row(K, row0 + S->key[sl], f16, d), f16, d);
-    const int8_t *r = sc_qrow(S, sl);
-    float sk;
-    memcpy(&sk, r + 2 * d, sizeof sk);
-    return kst_kv_dot_q8(q, r, d) * sk;
+    const void *r = sc_row(K, row0 + S->key[sl], f16, d);
+    if (!S->q8) return kst_kv_dot(q, r, f16, d);
+    int8_t b[KST_KVSC_DMAX];
+    float sk = kst_kv_q8(r, f16, d, b);
+    return kst_kv_dot_q8(q, b, d) * sk;
 }
 static void sc_axpy(const kst_kvsc *S, float *o, float w, const void *V, size_t row0, size_t sl, int f16, size_t d) {
+    const void *r = sc_row(V, row0 + S->key[sl], f16, d);
     if (!S->q8) {
-        kst_kv_axpy(o, w, sc_row(V, row0 + S->key[sl], f16, d), f16, d);
+        kst_kv_axpy(o, w, r, f16, d);
         return;
     }
-    const int8_t *r = sc_qrow(S, sl);
-    float sv;
-    memcpy(&sv, r + 2 * d + 4, sizeof sv);
-    kst_kv_axpy_q8(o, w * sv, r + d, d);
-}
-
-int kst_kvsc_q8_rows(kst_kvsc *S, size_t d, kst_error *err) {
-    if (!S->cap || !d || d > KST_KVSC_DMAX)
-        return kst_fail(err, KST_ERR_INVALID, "tail sample cache in 8 bits: head dim %zu (1..%d), %zu slots", d,
-                        KST_KVSC_DMAX, S->cap);
-    int8_t *qr = kst_calloc(S->cap, 2 * d + 8, "tail sample cache 8-bit rows", err);
-    if (!qr) return KST_ERR_NOMEM;
-    kst_free(S->qr);
-    S->qr = qr;
-    S->qd = d;
-    S->q8 = 1;
-    return KST_OK;
+    int8_t b[KST_KVSC_DMAX];
+    float sv = kst_kv_q8(r, f16, d, b);
+    kst_kv_axpy_q8(o, w * sv, b, d);
 }
 
 void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const void *K, const void *V, int f16,
@@ -304,9 +288,8 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
         const void *kr = sc_row(K, row0 + x, f16, d);
         float l = S->lw[S->cid[j0 + j]];
         if (S->q8) {
-            const int8_t *b = sc_qrow(S, j0 + j);
-            float sk;
-            memcpy(&sk, b + 2 * d, sizeof sk);
+            int8_t b[KST_KVSC_DMAX];
+            float sk = kst_kv_q8(kr, f16, d, b);
             for (size_t g = 0; g < G; g++) sc[g * nr + j] = kst_kv_dot_q8(Q + g * d, b, d) * sk * scale + l;
             continue;
         }

@@ -73,10 +73,11 @@ typedef struct kst_kvsc {
     size_t added;          /* rows the plans added since set up (uploads) */
     int ready;             /* 1 once a plan is held */
     int made;              /* 1: a plan made (kst_kvsc_plan_make) and not applied yet */
-    int q8;                /* kst_kvsc_q8_rows: the table's rows held in 8 bits (tail_cache_q8) */
-    int8_t *qr;            /* (cap, 2 qd + 8) each slot's key and value in 8 bits (kst_kv_q8), then
-                              their scales (2 float32), as the owner wrote them (kv.c: as staged) */
-    size_t qd;
+    int q8;                /* set by the owner after kst_kvsc_setup (tail_cache_q8): the table's rows
+                              held in 8 bits (kst_kv_q8, as the GPU's table holds them), so
+                              kst_kvsc_item and kst_kvsc_finish score and sum each held row in 8
+                              bits, quantized as read (the retrieved rows' scores too, not rs;
+                              d <= KST_KVSC_DMAX) */
     kst_kvtc_group A;      /* the plan */
 } kst_kvsc;
 
@@ -86,12 +87,6 @@ typedef struct kst_kvsc {
 int kst_kvsc_setup(kst_kvsc *S, const kst_kvtc *T, size_t G, size_t cap, kst_error *err);
 void kst_kvsc_free(kst_kvsc *S);
 size_t kst_kvsc_bytes(const kst_kvsc *S);
-
-/* The table's rows held in 8 bits (after kst_kvsc_setup, which drops them; d <= KST_KVSC_DMAX):
- * S->qr allocated (zeros), S->q8 1. The owner writes each slot's row there (kst_kv_q8 of its
- * node's key and value) before kst_kvsc_item and kst_kvsc_finish read it, which then score and
- * sum the held rows from those 8-bit rows (the retrieved rows' scores too, not rs). */
-int kst_kvsc_q8_rows(kst_kvsc *S, size_t d, kst_error *err);
 
 /* After kst_kvtc_add assigned nodes S->na .. T->na - 1: a cluster where one joined inside its
  * prefix has its slots brought in line, and every cluster's weight made anew (its size grew). */
