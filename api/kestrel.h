@@ -387,9 +387,10 @@ typedef struct kst_kv_opts {
                                  (the table 32, its centroids 4 in float16, the static tokens 5,
                                  the copies' staging 1.6; tests/bench/README.md, rounds 20, 24) */
     int tail_cache_q8;        /* default 0; 1 (with tail_cache): the table's keys and values held
-                                 in 8 bits, a scale a row each (round(x * 127 / max |x|)), on the
-                                 GPU and as the CPU scores them (the same estimate either way):
-                                 the table 16.5 MiB a layer instead of 32 (8 KV heads of d 128).
+                                 in 8 bits, a scale a row each (round(x * 127 / max |x|)),
+                                 quantized on the GPU as copied in and read so by the CPU (the
+                                 same estimate either way): the table 16.5 MiB a layer instead of
+                                 32 (8 KV heads of d 128; tests/bench/README.md, round 25).
                                  On the GPU it needs G = q_heads / kv_heads <= 8 and head_dim
                                  <= 128, a multiple of 16 (else the step fails, naming it) */
 } kst_kv_opts;
