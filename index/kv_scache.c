@@ -317,11 +317,24 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
         }
         double sum = 0;
         for (size_t j = 0; j < nr; j++)
-            if (w[j] > 0) {
-                sum += w[j];
-                sc_axpy(S, ig + 2, w[j], V, row0, j0 + j, f16, d);
-            }
+            if (w[j] > 0) sum += w[j];
         ig[1] = (float)sum;
+    }
+    /* the rest's value sums: each row read (and, q8, quantized) once for the G heads, each head's
+     * terms added in row order as before */
+    for (size_t j = 0; j < nr; j++) {
+        size_t g0 = 0;
+        while (g0 < G && !(sc[g0 * nr + j] > 0)) g0++;
+        if (g0 == G) continue;
+        const void *r = sc_row(V, row0 + S->key[j0 + j], f16, d);
+        int8_t b[KST_KVSC_DMAX];
+        float sv = S->q8 ? kst_kv_q8(r, f16, d, b) : 0;
+        for (size_t g = g0; g < G; g++) {
+            float wg = sc[g * nr + j];
+            if (!(wg > 0)) continue;
+            if (S->q8) kst_kv_axpy_q8(it + g * gst + 2, wg * sv, b, d);
+            else kst_kv_axpy(it + g * gst + 2, wg, r, f16, d);
+        }
     }
 }
 
