@@ -435,7 +435,7 @@ kst_kv_opts kst_kv_opts_default(void) {
      * tokens on (the synthetic layer bench). */
     o.sinks = 4;
     o.window = 1024;
-    o.top_k = 100;
+    o.top_k = 0; /* ef: every key the search re-scores exactly is attended (round 26) */
     o.ef = 128;
     o.degree = 32;
     o.build_top = 32;

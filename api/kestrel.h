@@ -279,7 +279,11 @@ typedef struct kst_kv_opts {
     float scale;              /* score scale (default 0: 1/sqrt(head_dim)) */
     size_t sinks;             /* first tokens always attended (default 4) */
     size_t window;            /* last tokens always attended (default 1024) */
-    size_t top_k;             /* keys retrieved per query head and step (default 100) */
+    size_t top_k;             /* keys retrieved and attended per query head and step (default
+                                 0: ef, every key the search re-scores exactly; attending them
+                                 costs no keys scanned and lowers the output error: SmolLM2 at
+                                 32K, tail_clusters, 6.7e-3 -> 5.7e-3 against top_k 100;
+                                 tests/bench/README.md, round 26) */
     size_t ef;                /* search effort: beam width, >= top_k (default 128) */
     size_t degree;            /* graph out-degree (default 32) */
     size_t build_top;         /* exact top keys linked per prefill query (default 32) */
@@ -425,7 +429,7 @@ typedef struct kst_kv_stats {
 
 /* Decode step of one layer: q (q_heads, head_dim) float32 -> out (q_heads, head_dim), the
  * attention over the static, not-yet-indexed and retrieved tokens. top_k and ef of 0 use the
- * cache's. stats may be NULL. */
+ * cache's (top_k 0 there: ef). stats may be NULL. */
 int kst_kv_attend(kst_kv *kv, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
                   kst_kv_stats *stats, kst_error *err);
 /* Retrieval alone for one query head: positions of up to k indexed tokens with the largest

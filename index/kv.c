@@ -2368,8 +2368,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     const kst_kvc_opts *o = &c->o;
     kv_layer *L = &c->layers[layer];
     size_t d = o->head_dim, G = o->q_heads / o->kv_heads;
-    size_t k = top_k ? top_k : o->top_k;
     if (!ef) ef = o->ef;
+    /* top_k 0 (the cache's default): every key the search re-scores exactly, ef of them, is
+     * attended rather than left to the tail estimate (no more keys scanned; bench README, round 26) */
+    size_t k = top_k ? top_k : o->top_k ? o->top_k : ef;
     size_t nidx = L->built ? L->heads[0].g.n : 0;
     size_t sink_end = L->n < o->sinks ? L->n : o->sinks;
     size_t exact_lo = o->sinks + nidx < L->n ? o->sinks + nidx : L->n;

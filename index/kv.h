@@ -32,7 +32,8 @@ typedef struct kst_kvc_opts {
     int f16;                  /* keys and values stored as IEEE float16 (else float32) */
     float scale;              /* score scale; 0: 1 / sqrt(head_dim) */
     size_t sinks, window;     /* static tokens */
-    size_t top_k, ef;         /* retrieved keys per query head, search beam */
+    size_t top_k, ef;         /* retrieved keys per query head (0: ef, every key the search
+                                 re-scores exactly), search beam */
     size_t degree;            /* graph out-degree */
     size_t build_top;         /* exact top keys linked per prefill query */
     size_t max_build_queries; /* prefill queries used per KV head (0: all; else evenly spaced) */
@@ -193,7 +194,7 @@ size_t kst_kvc_pending(const kst_kvc *c, size_t layer);
 int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst_error *err);
 
 /* Decode step: q (q_heads, head_dim) float32 -> out (q_heads, head_dim). top_k and ef of 0 use
- * the cache's. stats may be NULL.
+ * the cache's (its top_k 0: ef). stats may be NULL.
  *
  * With opts.tail_samples = m > 0 the indexed keys that retrieval left out (R, |R| = indexed -
  * retrieved) are not dropped but estimated: the indexed positions floor((j + 1/2) * n / m),

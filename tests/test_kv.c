@@ -202,6 +202,58 @@ static void test_search_recall(void **state) {
     }
 }
 
+/* The default top_k (0: ef): every key the search re-scores exactly is attended. With no tail
+ * estimate, each query head's output is then exact attention (float64) over the static tokens and
+ * the ef keys kst_kv_search finds at ef, and stats count ef retrieved keys a head; an explicit
+ * top_k still retrieves that many. */
+static void test_default_top_k_attends_ef(void **state) {
+    fx *f = *state;
+    kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
+    assert_int_equal(kst_kv_opts_default().top_k, 0);
+    o.tail_samples = 0;
+    o.ef = 24; /* (of the 204 indexed keys) */
+    kst_kv *kv;
+    kst_error err;
+    assert_ok(kst_kv_create(&o, &kv, &err), &err);
+    assert_ok(kst_kv_append(kv, 0, f->keys.data, f->values.data, P, &err), &err);
+    assert_ok(kst_kv_build(kv, 0, f->pq.data, P, &err), &err);
+    const float *K = f->keys.data, *V = f->values.data;
+    float *kh = malloc(P * D * sizeof *kh), *vh = malloc(P * D * sizeof *vh);
+    for (size_t s = 0; s < 2; s++) {
+        const float *q = (const float *)f->dq.data + s * QH * D;
+        float out[QH * D];
+        kst_kv_stats st;
+        assert_ok(kst_kv_attend(kv, 0, q, 0, 0, out, &st, &err), &err);
+        assert_int_equal(st.retrieved, QH * o.ef);
+        for (size_t h = 0; h < QH; h++) {
+            int64_t pos[24];
+            size_t found, n = 0;
+            assert_ok(kst_kv_search(kv, 0, h, q + h * D, o.ef, o.ef, pos, &found, NULL, &err), &err);
+            assert_int_equal(found, o.ef);
+            size_t g = h / (QH / KVH);
+            for (size_t j = 0; j < P; j++) {
+                int keep = j < o.sinks || j >= P - o.window;
+                for (size_t i = 0; i < found && !keep; i++) keep = pos[i] == (int64_t)j;
+                if (!keep) continue;
+                memcpy(kh + n * D, K + (j * KVH + g) * D, D * sizeof(float));
+                memcpy(vh + n * D, V + (j * KVH + g) * D, D * sizeof(float));
+                n++;
+            }
+            assert_int_equal(n, o.sinks + o.window + o.ef);
+            double ref[D];
+            float rf[D];
+            full_attn64(ref, q + h * D, kh, vh, n, D, 1.0 / sqrt((double)D));
+            for (size_t i = 0; i < D; i++) rf[i] = (float)ref[i];
+            assert_close_f32("default top_k: static tokens + the ef searched keys", out + h * D, rf, D, ATOL, RTOL);
+        }
+        assert_ok(kst_kv_attend(kv, 0, q, 10, 0, out, &st, &err), &err);
+        assert_int_equal(st.retrieved, QH * 10);
+    }
+    free(kh);
+    free(vh);
+    kst_kv_free(kv);
+}
+
 /* The merge identity: splitting a set anywhere and merging gives the whole (checked against
  * the fixture's step-0 SDPA output, query head 0, KV head 0, float32). */
 static void test_partial_merge_split(void **state) {
@@ -1474,6 +1526,7 @@ int main(void) {
         cmocka_unit_test(test_keys_index_all_keys_equals_sdpa),
         cmocka_unit_test(test_f16_equals_sdpa),
         cmocka_unit_test(test_search_recall),
+        cmocka_unit_test(test_default_top_k_attends_ef),
         cmocka_unit_test(test_partial_merge_split),
         cmocka_unit_test(test_gpu_equals_sdpa),
         cmocka_unit_test(test_tail_all_samples_equals_sdpa),

@@ -22,7 +22,7 @@
  * rows may add "+cpu" or "+nogap", see below; any row but those "+nots": kst_kvc_set_tail_topsum 0, the
  * CPU summing the tail chunks' best rows itself), KV_SPREAD
  * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
- * 8, 2 expansions, ef 128, top_k 100, tail 2,048; KV_TAIL=n: n tail samples, and with
+ * 8, 2 expansions, ef 128, top_k 100 (KV_TOP_K=n: n, 0 the library's default, ef), tail 2,048; KV_TAIL=n: n tail samples, and with
  * KESTREL_KV_TCLUST=n in the environment the clustered tail estimate, round 18). Per row it also prints kst_kvc_attend's
  * phases (kst_kvc_prof, us a step) and the GPU partial's life (launched, seen in, first needed: us
  * from the call's start; the tail phase as wait + CPU estimate). Round 16 row flags: "+old" (the
@@ -263,7 +263,8 @@ int main(int argc, char **argv) {
     uint64_t sum = gen(N, corr);
     printf("(data %.1f s, sum %016llx)\n", now_s() - t0, (unsigned long long)sum);
     size_t tail = getenv("KV_TAIL") ? (size_t)atol(getenv("KV_TAIL")) : 2048;
-    kst_kvc_opts o = {(size_t)L, KVH, QH, D, 1, 0, SINKS, window, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, 1, tail, 0, 1, 64, 0, 0};
+    size_t topk = getenv("KV_TOP_K") ? (size_t)atol(getenv("KV_TOP_K")) : TOPK;
+    kst_kvc_opts o = {(size_t)L, KVH, QH, D, 1, 0, SINKS, window, topk, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, 1, tail, 0, 1, 64, 0, 0};
     kst_kvc *c;
     kst_error e;
     if (kst_kvc_create(&o, &c, &e)) die("create", &e);
@@ -370,7 +371,7 @@ int main(int argc, char **argv) {
                         if (kst_kvc_append(c, (size_t)l, kc1, vc1, 1, &e)) die("append", &e);
                     }
                     wd_phase = 3;
-                    if (kst_kvc_attend(c, (size_t)l, Qd + (s % NT) * QH * D, TOPK, 128, out, NULL, &e)) die("attend", &e);
+                    if (kst_kvc_attend(c, (size_t)l, Qd + (s % NT) * QH * D, topk, 128, out, NULL, &e)) die("attend", &e);
                     for (size_t i = 0; i < HID; i++) attn_h[i] = (uint16_t)(((union { float f; uint32_t u; }){out[i]}.u) >> 16);
                 }
                 double b = now_s();
