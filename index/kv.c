@@ -48,6 +48,7 @@ typedef struct kv_tail {
 /* Samples kept apart per query head and chunk: those most likely retrieved too (the head's
  * best), so that taking the retrieved ones out of the sums subtracts little. */
 #define KV_TT_TOP 32
+_Static_assert(KST_KVSC_NC * KST_KVSC_TOP <= KV_TT_CHUNKS * KV_TT_TOP, "kv_thread.tlw holds the sample cache's best rows");
 /* The sample is drawn again once the index has grown by 1/KV_TT_LAG since it was drawn (not at
  * every append: at 128K tokens and 2,048 samples a draw copies 8 MB a layer, and the GPU's copy
  * is uploaded again). */
@@ -119,6 +120,8 @@ typedef struct kv_thread {
     uint32_t *sret; int64_t *trows; size_t trows_cap; /* tail estimate: sorted retrieved, samples */
     float tlw[KV_TT_CHUNKS * KV_TT_TOP]; size_t ntlw; /* the adaptive budget: log-weights of the
                                                          chunks' best samples not retrieved */
+    float tlk[KV_TT_CHUNKS * KV_TT_TOP]; int tlk_on;  /* with the sample cache: the log of the keys
+                                                         each stands for (kst_kvsc_best), tlk_on 1 */
     double p_first, p_last, p_busy, p_search, p_attn, p_tail; /* profile (kst_kvc_set_prof) */
     double p_want, p_twait, p_tcpu; /* the GPU's tail items: first needed, waited for, used */
     double p_out[3]; /* out of tasks, of the plans, of the GPU's wait (kst_kvc_prof out_*) */
@@ -1812,6 +1815,43 @@ static int cmp_f32_desc(const void *a, const void *b) {
     return x > y ? -1 : x < y;
 }
 
+typedef struct kv_best {
+    float s, x, k; /* a best row's score (log mass less log keys), log mass, keys */
+} kv_best;
+static int cmp_best_desc(const void *a, const void *b) {
+    float x = ((const kv_best *)a)->s, y = ((const kv_best *)b)->s;
+    return x > y ? -1 : x < y;
+}
+
+/* widen_pick where the tail estimate is the sample cache's (t->tlk_on): its best rows outside R
+ * (kst_kvsc_best), each standing for e^lk keys whose softmax mass it estimates as e^x, walked by
+ * score (x - lk, what a wider search ranks keys by): a search for k2 keys is predicted to get the
+ * mass of the best rows covering k2 - m keys (the last one in part). Then as widen_pick. */
+static size_t widen_pick_cache(const kst_kvc *c, kv_thread *t, double share, float lse_all, size_t m, size_t kw,
+                               size_t kcap, double least) {
+    size_t n = t->ntlw, f = c->widen_f;
+    kv_best b[KV_TT_CHUNKS * KV_TT_TOP];
+    for (size_t i = 0; i < n; i++) {
+        b[i].x = t->tlw[i];
+        b[i].s = t->tlw[i] - t->tlk[i];
+        b[i].k = expf(t->tlk[i]);
+    }
+    qsort(b, n, sizeof *b, cmp_best_desc);
+    size_t k2 = kw;
+    for (;;) {
+        k2 = k2 * f < kcap ? k2 * f : kcap;
+        double r = k2 > m ? (double)(k2 - m) : 0, cum = 0, cov = 0;
+        for (size_t i = 0; i < n && cov < r; i++) {
+            double part = cov + b[i].k <= r ? 1 : (r - cov) / b[i].k;
+            cum += part * exp((double)b[i].x - (double)lse_all);
+            cov += part * b[i].k;
+        }
+        double resid = share - cum;
+        if (resid <= c->widen) return k2;
+        if (k2 >= kcap) return share - resid >= least ? k2 : 0;
+    }
+}
+
 /* The adaptive budget (kv.h, kst_kvc_attend): the top_k a query head is searched again with, or
  * 0 to keep its kw retrieved (m found). Its tail estimate (lse_t, from kept samples, each
  * standing for ratio = (nidx - m) / kept indexed keys) holds share = exp(lse_t - lse_all) of its
@@ -1830,6 +1870,7 @@ static size_t widen_pick(const kst_kvc *c, kv_thread *t, float lse_t, float lse_
     if (!c->widen_pred) return kw * f < kcap ? kw * f : kcap;
     double ratio = (double)(nidx - m) / (double)kept, need = share - c->widen, least = share * (1 - c->widen_gain);
     if (least < need) need = least;
+    if (t->tlk_on) return widen_pick_cache(c, t, share, lse_all, m, kw, kcap, least);
     size_t n = t->ntlw;
     float *x = t->tlw, mx = -INFINITY;
     for (size_t i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
@@ -2854,6 +2895,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 for (size_t i = 0; i < mt; i++) tau = t->buf[i] < tau ? t->buf[i] : tau;
                 float lse_t = -INFINITY; /* the tail estimate's */
                 kept = 0;
+                t->tlk_on = 0;
                 /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
 #ifdef KST_CUDA
                 if (ns && m < nidx && tail_gpu) { /* from the GPU's items: wait for them */
@@ -2894,13 +2936,17 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                         its = sc_tt + h * scnc * scst;
                     }
                     double w1 = pf ? mono_s() : 0;
-                    t->ntlw = 0; /* (no signal for the adaptive budget, as with the shared sample) */
+                    t->ntlw = 0;
                     if (its) {
                         /* (the retrieved keys' scores: the search's where it re-scored them) */
                         const float *rs = rid == c->ids_all + h * ks && c->group <= 0 && c->il > 0 ? c->sc_all + h * ks : NULL;
                         kept = kst_kvsc_finish(&H->sc, its, scst, qh, H->K, H->V, o->f16, d, o->scale, o->sinks, rid, rs, m,
                                                t->scu, t->buf, t->o2, &lse_t);
                         kst_attn_merge(oh, &lse, t->o2, lse_t, d);
+                        if (c->widen && kept) { /* the adaptive budget's signal: the items' best rows left out */
+                            t->ntlw = kst_kvsc_best(&H->sc, its, scst, d, rid, m, t->tlw, t->tlk);
+                            t->tlk_on = 1;
+                        }
                     }
                     if (pf) {
                         t->p_twait += w1 - w0;

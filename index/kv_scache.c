@@ -438,3 +438,31 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
     }
     return kept;
 }
+
+size_t kst_kvsc_best(const kst_kvsc *S, const float *it, size_t st, size_t d, const uint32_t *rid, size_t m, float *x,
+                     float *lk) {
+    uint64_t rb[KST_KVSC_NC * KST_KVSC_CH / 64] = {0}; /* the retrieved rows held, by slot */
+    for (size_t i = 0; i < m; i++)
+        if (rid[i] < S->ncap && S->slot[rid[i]] >= 0) {
+            uint32_t sl = (uint32_t)S->slot[rid[i]];
+            rb[sl >> 6] |= (uint64_t)1 << (sl & 63);
+        }
+    size_t n = 0;
+    for (size_t cc = 0; cc < S->nc; cc++) {
+        size_t j0 = cc * S->ch, nr = S->cap - j0 < S->ch ? S->cap - j0 : S->ch;
+        size_t nt = nr < KST_KVSC_TOP ? nr : KST_KVSC_TOP;
+        const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVSC_TOP;
+        float mx = ic[0];
+        if (!(mx > -INFINITY)) continue; /* no row held */
+        for (size_t a = 0; a < nt; a++) {
+            int32_t j;
+            memcpy(&j, ic + 2 + d + a, sizeof j);
+            if (j < 0 || (size_t)j >= nr || !(tw[a] > 0)) continue;
+            size_t sl = j0 + (size_t)j;
+            if ((rb[sl >> 6] >> (sl & 63) & 1) || S->cid[sl] < 0) continue;
+            x[n] = logf(tw[a]) + mx;
+            lk[n++] = S->lw[S->cid[sl]];
+        }
+    }
+    return n;
+}

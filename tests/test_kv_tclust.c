@@ -588,6 +588,96 @@ static void test_spread_over_clusters(void **state) {
     free(Q);
 }
 
+/* The adaptive budget (opts.widen) with the sample cache (tail_cache): its signal is the items'
+ * best held rows left out (kst_kvsc_best), each standing for its cluster's keys over its rows
+ * held. Keys in 16 clusters of 250; query head 1 spread over one cluster (its 16 retrieved keys
+ * leave most of the mass to the estimate), head 0 on 8 keys of their own. Against float64 full
+ * attention over 6 steps (the cache ready from the second): the fixed budget misses 1e-2 on head
+ * 1; widened (0.02), head 1 is searched again once at every ready step, at the size predicted to
+ * hold its cluster (256 or 512 keys: one search, where without the prediction it takes three), and
+ * meets it; head 0 is never widened; the GPU path (with a device) widens alike. */
+static void test_widen_sample_cache(void **state) {
+    (void)state;
+    tc_seed(11);
+    const size_t nc = 16, per = 250, d = 32, sinks = 4, window = 32, nq = 6, a = 3;
+    size_t n = sinks + nc * per + window;
+    float *K = malloc(n * d * sizeof *K), *V = malloc(n * d * sizeof *V), *cen = malloc(nc * d * sizeof *cen),
+          *Q = malloc((nq + 64) * 2 * d * sizeof *Q);
+    for (size_t i = 0; i < nc * d; i++) cen[i] = (float)kv_gauss();
+    for (size_t t = 0; t < n; t++) {
+        const float *c = cen + tc_below(nc) * d;
+        for (size_t i = 0; i < d; i++) K[t * d + i] = c[i] + (float)(0.45 * kv_gauss());
+    }
+    for (size_t j = 0; j < 8; j++) K[(100 + 500 * j) * d] += 8.0f; /* head 0's keys */
+    for (size_t i = 0; i < n * d; i++) V[i] = (float)(1.0 + kv_gauss());
+    for (size_t s = 0; s < nq + 64; s++) /* nq decode queries, then 64 prefill queries drawn alike */
+        for (size_t i = 0; i < d; i++) {
+            Q[s * 2 * d + i] = (float)(0.2 * kv_gauss()) + (i == 0 ? 12.0f : 0.0f);
+            Q[s * 2 * d + d + i] = (float)(1.6 * cen[a * d + i] + 0.1 * kv_gauss());
+        }
+    kst_error err;
+    double e[2][2] = {{0, 0}, {0, 0}}; /* [widen][head], steps 1.. */
+    size_t wid[2][nq];
+    for (int gpu = 0; gpu < 2; gpu++) {
+#ifdef KST_CUDA
+        if (gpu && kst_kv_cuda_devices() == 0) break;
+#else
+        if (gpu) break;
+#endif
+        for (int w = 0; w < 2; w++) {
+            kst_kv_opts o = kst_kv_opts_default();
+            o.layers = o.kv_heads = 1;
+            o.q_heads = 2;
+            o.head_dim = d;
+            o.sinks = sinks;
+            o.window = window;
+            o.top_k = 16;
+            o.ef = 48;
+            o.degree = 16;
+            o.gpu = gpu;
+            o.tail_samples = 16; /* (a table of 32 rows: one chunk, each row among its best) */
+            o.tail_clusters = nc;
+            o.tail_share = o.tail_cache = 1;
+            o.widen = w ? 0.02f : 0;
+            o.widen_top_k = 512;
+            kst_kv *kv;
+            assert_ok(kst_kv_create(&o, &kv, &err), &err);
+            assert_ok(kst_kv_append(kv, 0, K, V, n, &err), &err);
+            assert_ok(kst_kv_build(kv, 0, Q + nq * 2 * d, 64, &err), &err);
+            float out[64];
+            double ref[32];
+            for (size_t s = 0; s < nq; s++) {
+                kst_kv_stats st;
+                const float *q = Q + s * 2 * d;
+                assert_ok(kst_kv_attend(kv, 0, q, 0, 0, out, &st, &err), &err);
+                if (!gpu) wid[w][s] = st.widened;
+                else if (st.widened != wid[w][s])
+                    fail_msg("widen %d step %zu: the GPU path widened %zu searches, the CPU's %zu", w, s, st.widened, wid[w][s]);
+                for (size_t g = 0; g < 2 && s > 0; g++) {
+                    full_attn64(ref, q + g * d, K, V, n, d, 1.0 / sqrt((double)d));
+                    double x = rel_err64(out + g * d, ref, d);
+                    if (!gpu) e[w][g] += x / (nq - 1);
+                    if (w && g == 0 && !(x < 1e-3)) fail_msg("step %zu: head 0 (concentrated) error %.3e", s, x);
+                }
+                /* one search again, at the size predicted (past 64: the cluster's 250 keys) */
+                if (s > 0 && w && st.widened != 1)
+                    fail_msg("step %zu: %zu widened searches (expected 1: head 1's)", s, st.widened);
+                if (s > 0 && w && !(st.retrieved >= 16 + 256 && st.retrieved <= 16 + 512))
+                    fail_msg("step %zu: %zu keys retrieved (expected 16 + 256 to 16 + 512)", s, st.retrieved);
+            }
+            kst_kv_free(kv);
+        }
+    }
+    print_message("sample cache, adaptive budget: head 1 (spread) rel. error %.3e -> %.3e, head 0 %.3e -> %.3e\n", e[0][1],
+                  e[1][1], e[0][0], e[1][0]);
+    if (!(e[0][1] > 1e-2)) fail_msg("the fixed budget's error on the spread head is %.3e (the test expects > 1e-2)", e[0][1]);
+    if (!(e[1][1] < 1e-2)) fail_msg("widened, the spread head's error is %.3e (expected < 1e-2)", e[1][1]);
+    free(K);
+    free(V);
+    free(cen);
+    free(Q);
+}
+
 /* 6. Edges and bad input: 1,024 clusters asked of 2,000 keys (125 made: 16 keys each at least);
  * layers of 10 and 40 indexed keys (one and two clusters); tail_samples 0 (the estimate off: the
  * static and retrieved keys alone); no index (KST_KVC_INDEX_NONE: full attention); a build
@@ -793,6 +883,7 @@ int main(void) {
         cmocka_unit_test(test_budget_covers_rest),
         cmocka_unit_test(test_appends_assigned),
         cmocka_unit_test(test_spread_over_clusters),
+        cmocka_unit_test(test_widen_sample_cache),
         cmocka_unit_test(test_edges),
         cmocka_unit_test(test_env_override),
     };
