@@ -281,8 +281,10 @@ typedef struct kst_kv_opts {
     size_t window;            /* last tokens always attended (default 1024) */
     size_t top_k;             /* keys retrieved and attended per query head and step (default
                                  0: ef, every key the search re-scores exactly; attending them
-                                 costs no keys scanned and lowers the output error: SmolLM2 at
-                                 32K, tail_clusters, 6.7e-3 -> 5.7e-3 against top_k 100;
+                                 costs no keys scanned and lowers the output error against
+                                 top_k 100, the default until round 26: SmolLM2 at 32K / 64K
+                                 4.7e-2 -> 4.1e-2 / 1.0e-1 -> 8.1e-2 at the default budget,
+                                 6.7e-3 -> 6.5e-3 / 7.0e-3 -> 6.9e-3 with tail_cache;
                                  tests/bench/README.md, round 26) */
     size_t ef;                /* search effort: beam width, >= top_k (default 128) */
     size_t degree;            /* graph out-degree (default 32) */

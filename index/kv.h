@@ -238,7 +238,12 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
  * check repeated. Both paths decide from the same quantities (the GPU's tail items carry the
  * chunks' best samples and sums as the CPU's table does), each computed to float precision: they
  * widen alike and agree within float tolerance (test_kv) unless a share falls within rounding
- * of p. (kst_kvc_prof counts a widened search's time in `attn`.)
+ * of p. (kst_kvc_prof counts a widened search's time in `attn`.) With the sample cache
+ * (kst_kvc_set_tail_cache) the prediction reads its items' best held rows not retrieved
+ * (kst_kvsc_best), each standing for e^lw = len_c / m_c keys of its cluster: walked by score, a
+ * search for k2 keys is predicted to get the mass of the best rows covering k2 - m keys. The
+ * clustered tail's other forms (tail_clusters alone, tail_share) give no prediction: there the
+ * head widens only with KESTREL_KV_WIDEN_PRED=0 (k f at each check, on the share alone).
  * Decided early (one query head per search, the default; kst_kvc_set_widen_early): where the
  * tail's items are in when a head's search starts (the CPU path waits for its chunks; the GPU's
  * come with the static partial, usually in by the second round of searches), the same

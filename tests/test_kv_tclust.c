@@ -14,6 +14,8 @@
  *   member lists, the step still the estimator's;
  * - keys in clusters, queries spread over one or two of them past top_k: closer to full
  *   attention than the uniform sample at the same count;
+ * - the adaptive budget with the sample cache: a head spread over a cluster searched again once,
+ *   at the size its best held rows predict, and then within 1e-2 of float64 full attention;
  * - one water-filling round (kst_kv_fill_round, the AVX2 path where the CPU has it) against
  *   float64;
  * - edges: fewer clusters than asked, a layer of few indexed keys, tail_samples 0, the

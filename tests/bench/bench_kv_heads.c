@@ -17,7 +17,10 @@
  * OMP_NUM_THREADS=1 a one-thread step, the tail sample scored on the CPU too). KV_TAIL_STRATA, KV_TIER: opts.tail_strata, opts.tier
  * (round 17; KESTREL_KV_STRAT / KESTREL_KV_TIER override them in the library). The first ctx tokens are the cache (appended,
  * then built from their queries of every listed head: the prefill); nq decode queries evenly
- * spaced over the tokens after it (errors over the first min(nq, 100)). */
+ * spaced over the tokens after it (errors over the first min(nq, 100)). The rows of KV_BUDGETS
+ * share one cache: with the sample cache (KESTREL_KV_TCACHE=1) a later row would start from the
+ * table the earlier rows' plans filled from the same decode queries (round 26 found its error
+ * 13% lower that way at 32K), so there one budget a run is allowed. */
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -92,6 +95,11 @@ int main(int argc, char **argv) {
     if (kst_kv_build(kv, 0, Qp, n, &e)) die("build", &e);
     printf("built in %.1f s\n", now_s() - t0);
     const char *budgets = getenv("KV_BUDGETS") ? getenv("KV_BUDGETS") : "0:0:2048;0:0:0";
+    if (strchr(budgets, ';') && budgets[strcspn(budgets, ";") + 1] && getenv("KESTREL_KV_TCACHE") &&
+        atoi(getenv("KESTREL_KV_TCACHE")) != 0)
+        die("KV_BUDGETS: one budget a run with the sample cache (KESTREL_KV_TCACHE=1): a later row would start from "
+            "the table the earlier rows filled from the same decode queries",
+            NULL);
     printf("%-5s %4s %6s %6s %6s %10s %9s %10s %10s %9s %8s %9s\n", "layer", "head", "top_k", "ef", "tail",
            "recall@100", "scanned", "err_mean", "err_max", "attended", "widened", "cpu_us");
     float *out = malloc(G * d * sizeof *out);

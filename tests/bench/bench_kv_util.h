@@ -23,7 +23,8 @@ static inline double now_s(void) {
 }
 
 static inline void die(const char *what, const kst_error *e) {
-    fprintf(stderr, KVB_PROG ": %s: %s\n", what, e ? e->msg : "");
+    if (e) fprintf(stderr, KVB_PROG ": %s: %s\n", what, e->msg);
+    else fprintf(stderr, KVB_PROG ": %s\n", what);
     exit(2);
 }
 
