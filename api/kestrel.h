@@ -338,7 +338,10 @@ typedef struct kst_kv_opts {
                                  0.038 error but a 3.3x slower step; on keys whose attention
                                  shares match SmolLM2's at 32K, 10x slower than full attention
                                  at 128K (tests/bench/README.md, rounds 10 and 12);
-                                 stats.widened counts the widened searches */
+                                 stats.widened counts the widened searches. With
+                                 tail_cache the prediction reads the cache's best held
+                                 rows (round 26); with tail_clusters alone or tail_share
+                                 there is none, and no head widens */
     size_t widen_top_k;       /* the widened searches' top_k at most (default 0: 16 x top_k) */
     int append_idle;          /* default 0; 1: a completed batch of appends is only queued by
                                  kst_kv_append and planned and linked by kst_kv_work, in the
