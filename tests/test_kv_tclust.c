@@ -35,6 +35,15 @@
 
 #include "kv_tc_ref.h"
 
+/* 1 where there is no GPU pass to run: a build without CUDA, or no device. */
+static int no_gpu(void) {
+#ifdef KST_CUDA
+    return kst_kv_cuda_devices() == 0;
+#else
+    return 1;
+#endif
+}
+
 /* The plan's float64 reference (kv_tclust.h): r (C) each cluster's members not marked (mark:
  * nodes attended), x (C) the water-filled shares of min(B, sum r) in proportion to
  * r_c exp(temp scale <q, centroid_c>): a cluster whose share reaches r_c taken whole (x = r), the
@@ -324,11 +333,7 @@ static void test_step_equals_estimator(void **state) {
     size_t steps = 0, sampled = 0;
     for (int run = 0; run < 4; run++) {
         int f16 = run & 1, gpu = run >> 1;
-#ifdef KST_CUDA
-        if (gpu && kst_kv_cuda_devices() == 0) break;
-#else
-        if (gpu) break;
-#endif
+        if (gpu && no_gpu()) break;
         size_t d = f16 ? 64 : 32;
         float *K = malloc(n * 2 * d * sizeof *K), *V = malloc(n * 2 * d * sizeof *V),
               *cen = malloc(2 * ncent * d * sizeof *cen), *Qp = malloc(nq * 4 * d * sizeof *Qp),
@@ -374,12 +379,7 @@ static void test_budget_covers_rest(void **state) {
     mix_queries(Qp, cen, nq, 4, 2, d, ncent);
     mix_queries(Q, cen, 6, 4, 2, d, ncent);
     kst_error err;
-    for (int gpu = 0; gpu < 2; gpu++) {
-#ifdef KST_CUDA
-        if (gpu && kst_kv_cuda_devices() == 0) break;
-#else
-        if (gpu) break;
-#endif
+    for (int gpu = 0; gpu < 2 && !(gpu && no_gpu()); gpu++) {
         for (int f16 = 0; f16 < 2; f16++) {
             kst_kvc_opts o = base_opts(d, f16, f16 ? KST_KVC_INDEX_KEYS : KST_KVC_INDEX_ATTN, 2000);
             o.gpu = gpu;
@@ -526,6 +526,30 @@ static void test_appends_assigned(void **state) {
     free(Kh);
 }
 
+/* nc centres of d standard normal values (cen), and n keys (K) each a centre drawn at random plus
+ * noise of 0.45 a dimension. */
+static void clustered_keys(float *K, float *cen, size_t n, size_t nc, size_t d) {
+    for (size_t i = 0; i < nc * d; i++) cen[i] = (float)kv_gauss();
+    for (size_t t = 0; t < n; t++) {
+        const float *c = cen + tc_below(nc) * d;
+        for (size_t i = 0; i < d; i++) K[t * d + i] = c[i] + (float)(0.45 * kv_gauss());
+    }
+}
+
+/* kst_kv options for one layer and KV head of q_heads query heads: top_k 16, ef 48, degree 16. */
+static kst_kv_opts api_opts(size_t q_heads, size_t d, size_t sinks, size_t window) {
+    kst_kv_opts o = kst_kv_opts_default();
+    o.layers = o.kv_heads = 1;
+    o.q_heads = q_heads;
+    o.head_dim = d;
+    o.sinks = sinks;
+    o.window = window;
+    o.top_k = 16;
+    o.ef = 48;
+    o.degree = 16;
+    return o;
+}
+
 /* 5. Keys in 64 clusters of ~60 around random centres (d 32; 3,840 indexed), 48 queries near one
  * centre or between two, top_k 16 (the clusters' other keys past it), 256 samples: through
  * kst_kv (opts.tail_clusters 64 against 0, the uniform sample), the mean relative L2 error
@@ -539,11 +563,7 @@ static void test_spread_over_clusters(void **state) {
     size_t n = sinks + nc * per + window;
     float *K = malloc(n * d * sizeof *K), *V = malloc(n * d * sizeof *V), *cen = malloc(nc * d * sizeof *cen),
           *Q = malloc(nq * d * sizeof *Q);
-    for (size_t i = 0; i < nc * d; i++) cen[i] = (float)kv_gauss();
-    for (size_t t = 0; t < n; t++) {
-        const float *c = cen + tc_below(nc) * d;
-        for (size_t i = 0; i < d; i++) K[t * d + i] = c[i] + (float)(0.45 * kv_gauss());
-    }
+    clustered_keys(K, cen, n, nc, d);
     for (size_t i = 0; i < n * d; i++) V[i] = (float)(1.0 + kv_gauss());
     for (size_t s = 0; s < nq; s++) {
         size_t a = tc_below(nc), b = tc_below(nc);
@@ -554,14 +574,7 @@ static void test_spread_over_clusters(void **state) {
     double e[2] = {0, 0};
     size_t smp[2] = {0, 0};
     for (int cl = 0; cl < 2; cl++) {
-        kst_kv_opts o = kst_kv_opts_default();
-        o.layers = o.kv_heads = o.q_heads = 1;
-        o.head_dim = d;
-        o.sinks = sinks;
-        o.window = window;
-        o.top_k = 16;
-        o.ef = 48;
-        o.degree = 16;
+        kst_kv_opts o = api_opts(1, d, sinks, window);
         o.index = KST_KV_INDEX_KEYS;
         o.tail_samples = 256;
         o.tail_clusters = cl ? 64 : 0;
@@ -605,11 +618,7 @@ static void test_widen_sample_cache(void **state) {
     size_t n = sinks + nc * per + window;
     float *K = malloc(n * d * sizeof *K), *V = malloc(n * d * sizeof *V), *cen = malloc(nc * d * sizeof *cen),
           *Q = malloc((nq + 64) * 2 * d * sizeof *Q);
-    for (size_t i = 0; i < nc * d; i++) cen[i] = (float)kv_gauss();
-    for (size_t t = 0; t < n; t++) {
-        const float *c = cen + tc_below(nc) * d;
-        for (size_t i = 0; i < d; i++) K[t * d + i] = c[i] + (float)(0.45 * kv_gauss());
-    }
+    clustered_keys(K, cen, n, nc, d);
     for (size_t j = 0; j < 8; j++) K[(100 + 500 * j) * d] += 8.0f; /* head 0's keys */
     for (size_t i = 0; i < n * d; i++) V[i] = (float)(1.0 + kv_gauss());
     for (size_t s = 0; s < nq + 64; s++) /* nq decode queries, then 64 prefill queries drawn alike */
@@ -620,22 +629,9 @@ static void test_widen_sample_cache(void **state) {
     kst_error err;
     double e[2][2] = {{0, 0}, {0, 0}}; /* [widen][head], steps 1.. */
     size_t wid[2][nq];
-    for (int gpu = 0; gpu < 2; gpu++) {
-#ifdef KST_CUDA
-        if (gpu && kst_kv_cuda_devices() == 0) break;
-#else
-        if (gpu) break;
-#endif
+    for (int gpu = 0; gpu < 2 && !(gpu && no_gpu()); gpu++) {
         for (int w = 0; w < 2; w++) {
-            kst_kv_opts o = kst_kv_opts_default();
-            o.layers = o.kv_heads = 1;
-            o.q_heads = 2;
-            o.head_dim = d;
-            o.sinks = sinks;
-            o.window = window;
-            o.top_k = 16;
-            o.ef = 48;
-            o.degree = 16;
+            kst_kv_opts o = api_opts(2, d, sinks, window);
             o.gpu = gpu;
             o.tail_samples = 16; /* (a table of 32 rows: one chunk, each row among its best) */
             o.tail_clusters = nc;
