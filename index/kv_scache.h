@@ -131,10 +131,11 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
                        int f16, size_t d, float scale, size_t row0, const uint32_t *rid, const float *rs, size_t m,
                        uint32_t *sl, float *sc, float *o, float *lse);
 
-/* The adaptive budget's signal (kv.h, opts.widen): the best rows of head q's items (each chunk's
- * KST_KVSC_TOP) outside the m retrieved ids rid, each as x = its weighted score s + lw (the log of
- * the softmax mass it stands for, in the items' frame) and lk = lw (the log of the keys it stands
- * for, len_c / m_c), into x and lk (at least S->nc * KST_KVSC_TOP each); returns their count. */
+/* The adaptive budget's signal (kv.h, opts.widen): the best rows of a query head's items (it,
+ * S->nc of them st floats apart; each chunk's KST_KVSC_TOP) outside the m retrieved ids rid, each
+ * as x = its weighted score s + lw (the log of the softmax mass it stands for, in the items'
+ * frame) and lk = lw (the log of the keys it stands for, len_c / m_c), into x and lk (at least
+ * S->nc * KST_KVSC_TOP each); returns their count. */
 size_t kst_kvsc_best(const kst_kvsc *S, const float *it, size_t st, size_t d, const uint32_t *rid, size_t m, float *x,
                      float *lk);
 

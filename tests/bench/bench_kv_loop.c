@@ -22,8 +22,9 @@
  * rows may add "+cpu" or "+nogap", see below; any row but those "+nots": kst_kvc_set_tail_topsum 0, the
  * CPU summing the tail chunks' best rows itself), KV_SPREAD
  * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
- * 8, 2 expansions, ef 128, top_k 100 (KV_TOP_K=n: n, 0 the library's default, ef), tail 2,048; KV_TAIL=n: n tail samples, and with
- * KESTREL_KV_TCLUST=n in the environment the clustered tail estimate, round 18). Per row it also prints kst_kvc_attend's
+ * 8, 2 expansions, ef 128, top_k 100 (KV_TOP_K=n: n; 0: the library's default, ef), tail 2,048;
+ * KV_TAIL=n: n tail samples, and with KESTREL_KV_TCLUST=n in the environment the clustered tail
+ * estimate, round 18). Per row it also prints kst_kvc_attend's
  * phases (kst_kvc_prof, us a step) and the GPU partial's life (launched, seen in, first needed: us
  * from the call's start; the tail phase as wait + CPU estimate). Round 16 row flags: "+old" (the
  * GPU partial and the links as in round 15), "+early", "+sN", "+b3", "+whole" (see below); round 17:
