@@ -610,7 +610,8 @@ static void test_spread_over_clusters(void **state) {
  * attention over 6 steps (the cache ready from the second): the fixed budget misses 1e-2 on head
  * 1; widened (0.02), head 1 is searched again once at every ready step, at the size predicted to
  * hold its cluster (256 or 512 keys: one search, where without the prediction it takes three), and
- * meets it; head 0 is never widened; the GPU path (with a device) widens alike. */
+ * meets it; with widen_top_k 32, which is not predicted to halve its rest, it is still widened to
+ * 32 keys and gains; head 0 is never widened; the GPU path (with a device) widens alike. */
 static void test_widen_sample_cache(void **state) {
     (void)state;
     tc_seed(11);
@@ -627,17 +628,19 @@ static void test_widen_sample_cache(void **state) {
             Q[s * 2 * d + d + i] = (float)(1.6 * cen[a * d + i] + 0.1 * kv_gauss());
         }
     kst_error err;
-    double e[2][2] = {{0, 0}, {0, 0}}; /* [widen][head], steps 1.. */
-    size_t wid[2][nq];
+    /* w 0: fixed; 1: widen 0.02, up to 512 keys; 2: the same up to 32, where the prediction is that
+     * the cap does not halve the head's rest (widen_pick would leave it), and it is widened */
+    double e[3][2] = {{0, 0}, {0, 0}, {0, 0}}; /* [w][head], steps 1.. */
+    size_t wid[3][nq];
     for (int gpu = 0; gpu < 2 && !(gpu && no_gpu()); gpu++) {
-        for (int w = 0; w < 2; w++) {
+        for (int w = 0; w < 3; w++) {
             kst_kv_opts o = api_opts(2, d, sinks, window);
             o.gpu = gpu;
             o.tail_samples = 16; /* (a table of 32 rows: one chunk, each row among its best) */
             o.tail_clusters = nc;
             o.tail_share = o.tail_cache = 1;
             o.widen = w ? 0.02f : 0;
-            o.widen_top_k = 512;
+            o.widen_top_k = w == 2 ? 32 : 512;
             kst_kv *kv;
             assert_ok(kst_kv_create(&o, &kv, &err), &err);
             assert_ok(kst_kv_append(kv, 0, K, V, n, &err), &err);
@@ -660,16 +663,19 @@ static void test_widen_sample_cache(void **state) {
                 /* one search again, at the size predicted (past 64: the cluster's 250 keys) */
                 if (s > 0 && w && st.widened != 1)
                     fail_msg("step %zu: %zu widened searches (expected 1: head 1's)", s, st.widened);
-                if (s > 0 && w && !(st.retrieved >= 16 + 256 && st.retrieved <= 16 + 512))
+                if (s > 0 && w == 1 && !(st.retrieved >= 16 + 256 && st.retrieved <= 16 + 512))
                     fail_msg("step %zu: %zu keys retrieved (expected 16 + 256 to 16 + 512)", s, st.retrieved);
+                if (s > 0 && w == 2 && st.retrieved != 16 + 32)
+                    fail_msg("step %zu, widen_top_k 32: %zu keys retrieved (expected 16 + 32)", s, st.retrieved);
             }
             kst_kv_free(kv);
         }
     }
-    print_message("sample cache, adaptive budget: head 1 (spread) rel. error %.3e -> %.3e, head 0 %.3e -> %.3e\n", e[0][1],
-                  e[1][1], e[0][0], e[1][0]);
+    print_message("sample cache, adaptive budget: head 1 (spread) rel. error %.3e -> %.3e (up to 32 keys: %.3e), head 0 "
+                  "%.3e -> %.3e\n", e[0][1], e[1][1], e[2][1], e[0][0], e[1][0]);
     if (!(e[0][1] > 1e-2)) fail_msg("the fixed budget's error on the spread head is %.3e (the test expects > 1e-2)", e[0][1]);
     if (!(e[1][1] < 1e-2)) fail_msg("widened, the spread head's error is %.3e (expected < 1e-2)", e[1][1]);
+    if (!(e[2][1] < e[0][1])) fail_msg("widened to 32 keys, the spread head's error is %.3e (fixed: %.3e)", e[2][1], e[0][1]);
     free(K);
     free(V);
     free(cen);
