@@ -241,7 +241,10 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
  * of p. (kst_kvc_prof counts a widened search's time in `attn`.) With the sample cache
  * (kst_kvc_set_tail_cache) the prediction reads its items' best held rows not retrieved
  * (kst_kvsc_best), each standing for e^lw = len_c / m_c keys of its cluster: walked by score, a
- * search for k2 keys is predicted to get the mass of the best rows covering k2 - m keys. The
+ * search for k2 keys is predicted to get the mass of the best rows covering k2 - m keys; where no
+ * k2 is predicted to leave at most p outside, the head is searched at widen_top_k even if that is
+ * not predicted to halve its share (the held rows seldom hold a cluster's best keys, so they
+ * understate the gain: SmolLM2 at 128K, bench README round 26). The
  * clustered tail's other forms (tail_clusters alone, tail_share) give no prediction: there the
  * head widens only with KESTREL_KV_WIDEN_PRED=0 (k f at each check, on the share alone).
  * Decided early (one query head per search, the default; kst_kvc_set_widen_early): where the
