@@ -343,7 +343,7 @@ typedef struct kst_kv_opts {
                                  rows, and a head over the share is searched again (at
                                  the size predicted to suffice, else at widen_top_k; SmolLM2
                                  at 128K, YaRN x16:
-                                 1.9e-2 -> 8.9e-3 at 7.0% of the keys scanned with
+                                 1.9e-2 -> 8.9e-3 at 6.9% of the keys scanned with
                                  widen_top_k 1024; round 26); with tail_clusters alone or
                                  tail_share there is no prediction, and no head widens */
     size_t widen_top_k;       /* the widened searches' top_k at most (default 0: 16 x top_k) */
