@@ -341,11 +341,12 @@ typedef struct kst_kv_opts {
                                  stats.widened counts the widened searches. With
                                  tail_cache the prediction reads the cache's best held
                                  rows, and a head over the share is searched again (at
-                                 the size predicted to suffice, else at widen_top_k; SmolLM2
-                                 at 128K, YaRN x16:
-                                 1.9e-2 -> 8.9e-3 at 6.9% of the keys scanned with
-                                 widen_top_k 1024; round 26); with tail_clusters alone or
-                                 tail_share there is no prediction, and no head widens */
+                                 the size predicted to suffice, else at widen_top_k; set
+                                 it to 4 x ef there, as 16 x doubles the keys scanned).
+                                 SmolLM2 at 128K, YaRN x16: 1.9e-2 -> 8.9e-3 at 6.9% of
+                                 the keys scanned with widen_top_k 1024 (round 26). With
+                                 tail_clusters alone or tail_share there is no
+                                 prediction, and no head widens */
     size_t widen_top_k;       /* the widened searches' top_k at most (default 0: 16 x top_k) */
     int append_idle;          /* default 0; 1: a completed batch of appends is only queued by
                                  kst_kv_append and planned and linked by kst_kv_work, in the
