@@ -1871,9 +1871,9 @@ static size_t widen_pick(const kst_kvc *c, kv_thread *t, float lse_t, float lse_
     if (!(share > c->widen) || kw >= kcap || kept == 0) return 0;
     size_t f = c->widen_f;
     if (!c->widen_pred) return kw * f < kcap ? kw * f : kcap;
+    if (t->tlk_on) return widen_pick_cache(c, t, share, lse_all, m, kw, kcap);
     double ratio = (double)(nidx - m) / (double)kept, need = share - c->widen, least = share * (1 - c->widen_gain);
     if (least < need) need = least;
-    if (t->tlk_on) return widen_pick_cache(c, t, share, lse_all, m, kw, kcap);
     size_t n = t->ntlw;
     float *x = t->tlw, mx = -INFINITY;
     for (size_t i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
