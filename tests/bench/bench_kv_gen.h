@@ -8,6 +8,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "core/half.h"
 #include "core/check.h"
@@ -85,8 +86,13 @@ typedef struct kvb_data {
  * tokens get a logit bonus (bsink, bwin) along a direction u that the other keys and the queries'
  * noise lack (projected out; every query has sqrt(D) along u). corr: with that probability a
  * query head takes its group's shared centre and noise mixed sqrt(corr) shared + sqrt(1 - corr)
- * own. */
-static inline void kvb_gen(size_t N, float corr, int diffuse, size_t kpc, float bsink, float bwin,
+ * own. qtime r (0: each decode query drawn anew, as before; the same draws then): a decode query
+ * after the first keeps the step before's centres (its group's shared one, its own, whether it
+ * shares) with probability r (one draw a group), and its noise is r x the step before's + sqrt(1 -
+ * r^2) x new, so that the varying part of a head's query correlates about r with the step
+ * before's (kvb_qlag1 measures it; a real decoder's heads: SmolLM2's, 0.46-0.51 on the mean,
+ * tests/bench/README.md). */
+static inline void kvb_gen(size_t N, float corr, float qtime, int diffuse, size_t kpc, float bsink, float bwin,
                            int perm[KVB_KVH][KVB_D], float sgn[KVB_KVH][KVB_D], kvb_data *g) {
     const size_t D = KVB_D, QH = KVB_QH, G = KVB_G, NT = KVB_NT, NPRE = KVB_NPRE, GWIN = 1024;
     rng = 88172645463325252ull ^ (N * 0x9e3779b97f4a7c15ull);
@@ -113,21 +119,35 @@ static inline void kvb_gen(size_t N, float corr, int diffuse, size_t kpc, float 
         for (size_t i = 0; i < D; i++) K0[t * D + i] = kst_f32_to_f16(kr[i] - (float)ku * u[i] + b * u[i]);
     }
     float *Qpre = calloc(NPRE * QH * D, 4), *Qd0 = malloc(NT * QH * D * 4), *Qd = malloc(NT * QH * D * 4);
+    /* (qtime: the step before's draws, a group's and a head's) */
+    size_t pcs[KVB_QH / KVB_G], pc[KVB_QH];
+    int psh[KVB_QH];
+    float pzs[KVB_QH / KVB_G][KVB_D], pe[KVB_QH][KVB_D], rn = sqrtf(1 - qtime * qtime);
     for (size_t t = 0; t < NPRE + NT; t++)
         for (size_t g0 = 0; g0 < QH; g0 += G) {
+            int ar = qtime > 0 && t > NPRE, keep = ar && urand() < qtime;
             size_t cs = (size_t)(urand() * C) % C;
+            if (keep) cs = pcs[g0 / G];
             float zs[KVB_D];
-            for (size_t i = 0; i < D; i++) zs[i] = nrand();
+            for (size_t i = 0; i < D; i++) zs[i] = ar ? qtime * pzs[g0 / G][i] + rn * nrand() : nrand();
+            if (t >= NPRE) {
+                pcs[g0 / G] = cs;
+                memcpy(pzs[g0 / G], zs, sizeof zs);
+            }
             for (size_t h = g0; h < g0 + G; h++) {
                 if (t < NPRE && h >= G) continue;
                 float *q = t < NPRE ? Qpre + (t * QH + h) * D : Qd0 + ((t - NPRE) * QH + h) * D;
                 size_t c = (size_t)(urand() * C) % C;
                 int shared = urand() < corr;
+                if (keep) c = pc[h], shared = psh[h];
+                if (t >= NPRE) pc[h] = c, psh[h] = shared;
                 if (shared) c = cs;
                 float a = shared ? sqrtf(corr) : 0, b = sqrtf(1 - a * a);
                 double qu = 0;
                 for (size_t i = 0; i < D; i++) {
-                    q[i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * (a * zs[i] + b * nrand());
+                    float en = ar ? qtime * pe[h][i] + rn * nrand() : nrand();
+                    if (t >= NPRE) pe[h][i] = en;
+                    q[i] = mq[i] + 1.5f * cen[c * D + i] + 0.7f * (a * zs[i] + b * en);
                     qu += (double)q[i] * u[i];
                 }
                 if (!diffuse) /* u: projected out, then sqrt(D) along it (the bonuses in logits) */
@@ -145,6 +165,29 @@ static inline void kvb_gen(size_t N, float corr, int diffuse, size_t kpc, float 
     g->Qpre = Qpre;
     g->Qd0 = Qd0;
     g->Qd = Qd;
+}
+
+/* The decode queries' (Qd0: NT, QH, D) varying part's correlation with the step before's: per
+ * head, each query less the head's mean query, the cosine of consecutive ones averaged, then the
+ * mean over heads (the statistic of tests/bench/README.md's real decoder heads). */
+static inline double kvb_qlag1(const float *Qd0) {
+    const size_t D = KVB_D, QH = KVB_QH, NT = KVB_NT;
+    double tot = 0;
+    for (size_t h = 0; h < QH; h++) {
+        double mean[KVB_D] = {0}, acc = 0;
+        for (size_t t = 0; t < NT; t++)
+            for (size_t i = 0; i < D; i++) mean[i] += Qd0[(t * QH + h) * D + i] / (double)NT;
+        for (size_t t = 1; t < NT; t++) {
+            double ab = 0, aa = 0, bb = 0;
+            for (size_t i = 0; i < D; i++) {
+                double x = Qd0[(t * QH + h) * D + i] - mean[i], y = Qd0[((t - 1) * QH + h) * D + i] - mean[i];
+                ab += x * y, aa += x * x, bb += y * y;
+            }
+            acc += ab / sqrt(aa * bb);
+        }
+        tot += acc / (double)(NT - 1);
+    }
+    return tot / (double)QH;
 }
 
 /* FNV-1a of the generated arrays (the bench prints it: the same data, the same sum) */

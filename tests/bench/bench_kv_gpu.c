@@ -344,13 +344,22 @@ static int layer(const char *list) {
         float bsink = getenv("KV_SINK_LOGIT") ? (float)atof(getenv("KV_SINK_LOGIT")) : 20.8f;
         float bwin = getenv("KV_WIN_LOGIT") ? (float)atof(getenv("KV_WIN_LOGIT")) : 3.5f;
         kvb_data gd;
-        kvb_gen(N, corr, diffuse, kpc, bsink, bwin, perm, sgn, &gd);
+        /* KV_QTIME r (0, the default: each decode query drawn anew): the varying part of a head's
+         * decode query correlated about r with the one before (bench_kv_gen.h; "new queries" rows
+         * then step through them in order) */
+        float qtime = getenv("KV_QTIME") ? (float)atof(getenv("KV_QTIME")) : 0.0f;
+        if (!(qtime >= 0 && qtime < 1)) {
+            fprintf(stderr, "bench_kv_gpu: KV_QTIME in [0, 1)\n");
+            return 2;
+        }
+        kvb_gen(N, corr, qtime, diffuse, kpc, bsink, bwin, perm, sgn, &gd);
         size_t C = gd.C;
         uint16_t *K0 = gd.K0, *V0 = gd.V0;
         float *Qpre = gd.Qpre, *Qd0 = gd.Qd0, *Qd = gd.Qd;
         printf("(%zu tokens: generator %s: %zu clusters (%.0f keys each)", N, diffuse ? "diffuse" : "real", C, (double)N / C);
         if (!diffuse) printf(", sinks +%.2f, last 1024 tokens +%.2f logits", bsink, bwin);
-        printf("; data sum %016llx)\n", (unsigned long long)kvb_sum(&gd, N));
+        printf("; data sum %016llx; KV_QTIME %.2f: decode queries' lag-1 correlation %.3f)\n", (unsigned long long)kvb_sum(&gd, N),
+               qtime, kvb_qlag1(Qd0));
         kst_kvc_opts o = {1, KVH, QH, D, 1, 0, SINKS, WINDOW, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 1, 0, 0, 0};
         /* KV_BATCH: append_batch (default 64, the API's; 1: each token linked at its append) */
         o.append_batch = getenv("KV_BATCH") ? (size_t)atol(getenv("KV_BATCH")) : 64;

@@ -18,7 +18,9 @@
  * GEMVs only: no norms, activations or residual kernels (the PyTorch loop, kv_loop_torch.py,
  * runs the same GEMVs beside SDPA).
  * Environment: KV_LAYERS (4), KV_LOOP_STEPS (320 steps per row), KV_WINDOW (1024),
- * KV_GQA_CORR (0.7), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"; plain and inline
+ * KV_GQA_CORR (0.7), KV_QTIME (0: each step's query drawn anew; r: its varying part correlated about
+ * r with the step before's, as a real decoder's are, bench_kv_gen.h; the queries cycle every 50
+ * steps, the 50th to the 1st a new draw), KV_LOOP_ROWS (default "gemv,plain,inline,idle,inline,idle"; plain and inline
  * rows may add "+cpu" or "+nogap", see below; any row but those "+nots": kst_kvc_set_tail_topsum 0, the
  * CPU summing the tail chunks' best rows itself), KV_SPREAD
  * (1015; 4096 at 1M as in the layer rows). Budget: the default (head+codes, spread 1015 / best
@@ -79,11 +81,13 @@ static float *Qpre, *Qd;
 
 /* head 0's keys and values (N, D) float16, prefill queries in head 0's frame, decode queries in
  * each KV head's frame (as bench_kv_gpu layer makes them); returns the data's sum */
-static uint64_t gen(size_t N, float corr) {
+static uint64_t gen(size_t N, float corr, float qtime) {
     kvb_perms(perm, sgn);
     kvb_data g;
-    kvb_gen(N, corr, 0, 384, 20.8f, 3.5f, perm, sgn, &g);
+    kvb_gen(N, corr, qtime, 0, 384, 20.8f, 3.5f, perm, sgn, &g);
     uint64_t sum = kvb_sum(&g, N);
+    printf("(decode queries: KV_QTIME %.2f, their varying part's correlation with the step before's %.3f)\n", qtime,
+           kvb_qlag1(g.Qd0));
     K0 = g.K0;
     V0 = g.V0;
     Qpre = g.Qpre;
@@ -251,9 +255,10 @@ int main(int argc, char **argv) {
     size_t steps = getenv("KV_LOOP_STEPS") ? (size_t)atol(getenv("KV_LOOP_STEPS")) : 320;
     size_t window = getenv("KV_WINDOW") ? (size_t)atol(getenv("KV_WINDOW")) : 1024;
     float corr = getenv("KV_GQA_CORR") ? (float)atof(getenv("KV_GQA_CORR")) : 0.7f;
+    float qtime = getenv("KV_QTIME") ? (float)atof(getenv("KV_QTIME")) : 0.0f;
     const char *rows = getenv("KV_LOOP_ROWS") ? getenv("KV_LOOP_ROWS") : "gemv,plain,inline,idle,inline,idle";
-    if (L < 1 || steps < 10 || N < 4 * window) {
-        fprintf(stderr, KVB_PROG ": KV_LAYERS >= 1, KV_LOOP_STEPS >= 10, N >= 4 x window\n");
+    if (L < 1 || steps < 10 || N < 4 * window || !(qtime >= 0 && qtime < 1)) {
+        fprintf(stderr, KVB_PROG ": KV_LAYERS >= 1, KV_LOOP_STEPS >= 10, N >= 4 x window, 0 <= KV_QTIME < 1\n");
         return 2;
     }
     struct cudaDeviceProp prop;
@@ -261,7 +266,7 @@ int main(int argc, char **argv) {
     printf("loop: %s; %d layers of %zu tokens each (8 KV x 32 query heads, d 128, float16, window %zu, GQA corr %.2f);"
            " %zu steps per row; %d CPU threads\n", prop.name, L, N, window, corr, steps, omp_get_max_threads());
     double t0 = now_s();
-    uint64_t sum = gen(N, corr);
+    uint64_t sum = gen(N, corr, qtime);
     printf("(data %.1f s, sum %016llx)\n", now_s() - t0, (unsigned long long)sum);
     size_t tail = getenv("KV_TAIL") ? (size_t)atol(getenv("KV_TAIL")) : 2048;
     size_t topk = getenv("KV_TOP_K") ? (size_t)atol(getenv("KV_TOP_K")) : TOPK;

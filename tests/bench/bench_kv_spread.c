@@ -65,7 +65,7 @@ int main(int argc, char **argv) {
         float sgn[KVB_KVH][KVB_D];
         kvb_perms(perm, sgn);
         kvb_data g;
-        kvb_gen(N, 0.7f, diffuse, 384, 20.8f, 3.5f, perm, sgn, &g);
+        kvb_gen(N, 0.7f, 0.0f, diffuse, 384, 20.8f, 3.5f, perm, sgn, &g);
         kst_error e;
         kst_kvc_opts o = {1, 1, G, D, 1, 0, KVB_SINKS, 1024, 100, 128, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, 0, 2048, 0, 1, 64, 0, 0};
         kst_kvc *c;
