@@ -391,6 +391,38 @@ __attribute__((target("avx2,fma"))) static void exp_shift_avx2(float *w, size_t 
     for (; j + 8 <= n; j += 8) _mm256_storeu_ps(w + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(w + j), m)));
     for (; j < n; j++) w[j] = expf(w[j] - mx);
 }
+/* kst_kv_alloc_add: the max, then e = lf exp(temp cs - temp max) and their sum, then a += e / Z */
+__attribute__((target("avx2,fma"))) static int alloc_add_avx2(float *a, const float *cs, const float *lf, size_t n,
+                                                               float temp, float *e) {
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8) vm = _mm256_max_ps(_mm256_loadu_ps(cs + j), vm); /* (a NaN score passed over) */
+    float mv[8], m = -INFINITY;
+    _mm256_storeu_ps(mv, vm);
+    for (int i = 0; i < 8; i++) m = mv[i] > m ? mv[i] : m;
+    for (; j < n; j++) m = cs[j] > m ? cs[j] : m;
+    if (!(m > -INFINITY)) return 0;
+    __m256 vt = _mm256_set1_ps(temp), vs = _mm256_set1_ps(temp * m), vz = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 x = exp8(_mm256_sub_ps(_mm256_mul_ps(vt, _mm256_loadu_ps(cs + j)), vs));
+        x = _mm256_mul_ps(x, _mm256_loadu_ps(lf + j));
+        _mm256_storeu_ps(e + j, x);
+        vz = _mm256_add_ps(vz, x);
+    }
+    float zv[8], Z = 0;
+    _mm256_storeu_ps(zv, vz);
+    for (int i = 0; i < 8; i++) Z += zv[i];
+    for (; j < n; j++) {
+        e[j] = expf(temp * cs[j] - temp * m) * lf[j];
+        Z += e[j];
+    }
+    if (!(Z > 0)) return 0;
+    __m256 iz = _mm256_set1_ps(1.0f / Z);
+    for (j = 0; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(a + j, _mm256_fmadd_ps(_mm256_loadu_ps(e + j), iz, _mm256_loadu_ps(a + j)));
+    for (; j < n; j++) a[j] += e[j] * (1.0f / Z);
+    return 1;
+}
 #endif
 
 static void comb(float *O, const float *A, size_t G, const void *M, int f16, size_t R, size_t C,
@@ -422,6 +454,23 @@ int kst_kv_fill_round(size_t n, const uint32_t *rc, float *w, uint32_t *ns, floa
     *wopen = 0;
     *took = 0;
     return fill_round_from(0, n, rc, w, ns, lw, wopen, took);
+}
+
+int kst_kv_alloc_add(float *a, const float *cs, const float *lf, size_t n, float temp, float *e) {
+#ifdef KST_KV_DOT_AVX2
+    if (has_avx2()) return alloc_add_avx2(a, cs, lf, n, temp, e);
+#endif
+    float m = -INFINITY;
+    for (size_t j = 0; j < n; j++) m = cs[j] > m ? cs[j] : m;
+    if (!(m > -INFINITY)) return 0;
+    float Z = 0;
+    for (size_t j = 0; j < n; j++) {
+        e[j] = expf(temp * cs[j] - temp * m) * lf[j];
+        Z += e[j];
+    }
+    if (!(Z > 0)) return 0;
+    for (size_t j = 0; j < n; j++) a[j] += e[j] * (1.0f / Z);
+    return 1;
 }
 
 void kst_kv_exp_shift(float *w, size_t n, float mx) {

@@ -21,13 +21,15 @@ void kst_kvsc_free(kst_kvsc *S) {
     kst_free(S->dmark);
     kst_free(S->hist);
     kst_free(S->al);
+    kst_free(S->chg);
+    kst_free(S->xs);
     kst_kvtc_group_free(&S->A);
     memset(S, 0, sizeof *S);
 }
 
 size_t kst_kvsc_bytes(const kst_kvsc *S) {
-    return S->C * (sizeof(uint32_t) + sizeof(float) + 2 * S->G * sizeof(float)) +
-           S->cap * (3 * sizeof(uint32_t) + sizeof(int32_t) + 1) + S->ncap * sizeof(int32_t);
+    return S->C * (3 * sizeof(uint32_t) + sizeof(float) + 2 * S->G * sizeof(float)) +
+           S->cap * (5 * sizeof(uint32_t) + sizeof(int32_t) + 1) + S->ncap * sizeof(int32_t);
 }
 
 static int sc_nodes(kst_kvsc *S, size_t n, kst_error *err) {
@@ -59,7 +61,9 @@ int kst_kvsc_setup(kst_kvsc *S, const kst_kvtc *T, size_t G, size_t cap, kst_err
         !(S->dirty = kst_malloc(cap, sizeof(uint32_t), "tail sample cache", err)) ||
         !(S->dmark = kst_calloc(cap, 1, "tail sample cache", err)) ||
         !(S->hist = kst_calloc(2 * G * C, sizeof(float), "tail sample cache", err)) ||
-        !(S->al = kst_malloc(2 * C, sizeof(float), "tail sample cache", err))) {
+        !(S->al = kst_malloc(2 * C, sizeof(float), "tail sample cache", err)) ||
+        !(S->chg = kst_malloc(2 * C, sizeof(uint32_t), "tail sample cache", err)) ||
+        !(S->xs = kst_malloc(2 * cap, sizeof(uint32_t), "tail sample cache", err))) {
         rc = KST_ERR_NOMEM;
         goto done;
     }
@@ -106,16 +110,6 @@ static void sc_hold(kst_kvsc *S, uint32_t x, uint32_t c) {
 static void sc_weight(kst_kvsc *S, const kst_kvtc *T, uint32_t c) {
     S->lw[c] = S->m[c] ? logf((float)T->len[c] / (float)S->m[c]) : -INFINITY;
 }
-/* Cluster c's prefix held to L members (L <= len_c; the slots for more are free). */
-static void sc_set(kst_kvsc *S, const kst_kvtc *T, uint32_t c, uint32_t L) {
-    uint32_t mc = S->m[c];
-    for (uint32_t p = L; p < mc; p++) sc_drop(S, T->mem[c][p]);
-    for (uint32_t p = mc; p < L; p++) sc_hold(S, T->mem[c][p], c);
-    S->m[c] = L;
-    S->used = S->used - mc + L;
-    sc_weight(S, T, c);
-}
-
 int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err) {
     if (!S->C || T->na == S->na) return KST_OK;
     int rc = sc_nodes(S, T->na, err);
@@ -164,35 +158,21 @@ int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget
         A->C = C;
     }
     float *x = A->x, *e = x + C, *lf = e + C; /* (lf, the clusters' sizes, then the fill's scratch) */
-    for (size_t c = 0; c < C; c++) lf[c] = (float)T->len[c];
+#pragma omp simd
+    for (size_t c = 0; c < C; c++) lf[c] = (float)(int32_t)T->len[c]; /* (a cluster's keys < 2^31) */
     for (size_t k = 0; k < S->nh; k++) { /* each step's rows summed once for the two plans it is in */
         float *a = S->al + k * C;
         if (S->ana[k] == T->na && S->atemp[k] == temp) continue;
         for (size_t c = 0; c < C; c++) a[c] = 0;
-        for (size_t g = k * G; g < (k + 1) * G; g++) {
-            const float *cg = S->hist + g * C;
-            float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-            for (size_t c = 0; c < C; c++) m = cg[c] > m ? cg[c] : m;
-            if (!(m > -INFINITY)) continue;
-#pragma omp simd
-            for (size_t c = 0; c < C; c++) e[c] = temp * cg[c];
-            kst_kv_exp_shift(e, C, temp * m);
-            float Z = 0;
-#pragma omp simd reduction(+ : Z)
-            for (size_t c = 0; c < C; c++) {
-                e[c] *= lf[c];
-                Z += e[c];
-            }
-            if (!(Z > 0)) continue;
-            float iz = 1.0f / Z;
-#pragma omp simd
-            for (size_t c = 0; c < C; c++) a[c] += e[c] * iz;
-        }
+        for (size_t g = k * G; g < (k + 1) * G; g++) kst_kv_alloc_add(a, S->hist + g * C, lf, C, temp, e);
         S->ana[k] = T->na;
         S->atemp[k] = temp;
     }
-    for (size_t c = 0; c < C; c++) x[c] = S->nh > 1 ? S->al[C + c] + S->al[c] : S->al[c];
+    if (S->nh > 1) {
+#pragma omp simd
+        for (size_t c = 0; c < C; c++) x[c] = S->al[C + c] + S->al[c];
+    } else
+        memcpy(x, S->al, C * sizeof *x);
     A->tot = kst_kvtc_fill(C, T->len, x, lf, budget, A->ns);
     S->made = 1;
 done:
@@ -209,6 +189,12 @@ void kst_kvsc_plan_apply(kst_kvsc *S, const kst_kvtc *T, size_t upmax) {
      * (rounded by cumulative sums) */
     if (S->used < S->A.tot && S->A.tot - S->used > upmax) upmax = S->A.tot - S->used; /* (a table still filling) */
     size_t grow = need < upmax ? need : upmax;
+    /* The changes decided first, each cluster's new prefix (a cluster is cut back or grown, not
+     * both), then their nodes read and those nodes' slots asked for, then made in that order: the
+     * slots are those of one change at a time, with the cache misses of a step's few hundred rows
+     * (the nodes' slots: all over a KV head's cache) overlapped. */
+    uint32_t *chg = S->chg, *xs = S->xs;
+    size_t nch = 0;
     /* over the table: clusters holding more than this plan wants cut back, round a clock (one
      * round frees enough: sum n_c <= budget <= cap) */
     size_t over = S->used + grow > S->cap ? S->used + grow - S->cap : 0;
@@ -217,20 +203,47 @@ void kst_kvsc_plan_apply(kst_kvsc *S, const kst_kvtc *T, size_t upmax) {
         S->hand = S->hand + 1 < C ? S->hand + 1 : 0;
         if (S->m[c] <= ns[c]) continue;
         size_t cut = S->m[c] - ns[c] < over ? S->m[c] - ns[c] : over;
-        sc_set(S, T, c, (uint32_t)(S->m[c] - cut));
+        chg[2 * nch] = c;
+        chg[2 * nch++ + 1] = (uint32_t)(S->m[c] - cut);
         over -= cut;
     }
-    size_t cum = 0, done = 0;
+    /* to = floor(cum grow / need + 1/2) after each short cluster, in integers: the quotient and
+     * remainder of (2 cum grow + need) / (2 need), carried from one cluster to the next (a
+     * division only where the remainder passes 2 need: at most grow times) */
+    size_t cum = 0, done = 0, to = 0;
+    uint64_t rem = need, den = 2 * (uint64_t)need;
     for (size_t c = 0; c < C && done < grow; c++)
         if (ns[c] > S->m[c]) {
             cum += ns[c] - S->m[c];
-            size_t to = grow == need ? cum : (size_t)((double)cum * (double)grow / (double)need + 0.5), g = to - done;
+            if (grow == need) to = cum;
+            else if ((rem += 2 * (uint64_t)(ns[c] - S->m[c]) * grow) >= den) {
+                to += (size_t)(rem / den);
+                rem %= den;
+            }
+            size_t g = to - done;
             if (g > ns[c] - S->m[c]) g = ns[c] - S->m[c];
             if (!g) continue;
             S->added += g;
             done += g;
-            sc_set(S, T, (uint32_t)c, (uint32_t)(S->m[c] + g));
+            chg[2 * nch] = (uint32_t)c;
+            chg[2 * nch++ + 1] = (uint32_t)(S->m[c] + g);
         }
+    size_t nx = 0; /* (at most used + grow <= 2 cap) */
+    for (size_t i = 0; i < nch; i++) {
+        uint32_t c = chg[2 * i], L = chg[2 * i + 1], mc = S->m[c], lo = L < mc ? L : mc, hi = L < mc ? mc : L;
+        const uint32_t *mem = T->mem[c];
+        for (uint32_t p = lo; p < hi; p++) xs[nx++] = mem[p];
+    }
+    for (size_t i = 0; i < nx; i++) __builtin_prefetch(&S->slot[xs[i]], 1);
+    nx = 0;
+    for (size_t i = 0; i < nch; i++) {
+        uint32_t c = chg[2 * i], L = chg[2 * i + 1], mc = S->m[c];
+        for (uint32_t p = L; p < mc; p++) sc_drop(S, xs[nx++]);
+        for (uint32_t p = mc; p < L; p++) sc_hold(S, xs[nx++], c);
+        S->m[c] = L;
+        S->used = S->used - mc + L;
+        sc_weight(S, T, c);
+    }
     S->made = 0;
     S->ready = 1;
 }

@@ -68,6 +68,8 @@ typedef struct kst_kvsc {
                               kept while the clusters' sizes (their nodes, ana) and temp hold */
     size_t ana[2];         /* T->na they were made at (SIZE_MAX: not made) */
     float atemp[2];
+    uint32_t *chg;         /* (2 C) kst_kvsc_plan_apply's changes: cluster, its new prefix */
+    uint32_t *xs;          /* (2 cap) their nodes, dropped or held */
     size_t hand;           /* the eviction clock */
     size_t na;             /* nodes of the clusters seen (kst_kvsc_joined) */
     size_t added;          /* rows the plans added since set up (uploads) */

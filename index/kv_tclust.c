@@ -219,6 +219,7 @@ static size_t tc_fill_w(size_t C, const uint32_t *rc, float *x, float *w, size_t
      * underflowed to 0 once the best clusters are taken whole: mx then the largest open score) */
     float mx = -INFINITY;
     if (wgiven) {
+#pragma omp simd
         for (size_t c = 0; c < C; c++) w[c] = rc[c] && w[c] > 0 ? w[c] : 0;
     } else {
         for (size_t c = 0; c < C; c++)
@@ -258,6 +259,7 @@ static size_t tc_fill_w(size_t C, const uint32_t *rc, float *x, float *w, size_t
         uint64_t took = 0;
         int closed = kst_kv_fill_round(C, rc, w, ns, (float)lw, &Wn, &took);
         if (!closed) {
+#pragma omp simd
             for (size_t c = 0; c < C; c++) x[c] = (float)(lw * w[c]);
             break;
         }
@@ -271,6 +273,7 @@ static size_t tc_fill_w(size_t C, const uint32_t *rc, float *x, float *w, size_t
     /* the open clusters' shares rounded by cumulative sums: floor(F_c + 1/2) - floor(F_(c-1) + 1/2)
      * (each within 1 of its share, below its keys, and the total exact) */
     size_t tot = 0;
+#pragma omp simd reduction(+ : tot)
     for (size_t c = 0; c < C; c++) tot += ns[c];
     double F = 0.5;
     size_t prev = 0;

@@ -6,7 +6,9 @@
  *   log(len_c / m_c) (-inf at 0); each plan's n_c within 1 of the float64 water-filling over the
  *   last two steps' 2G query rows, m_c raised to max(m_c, n_c), cut back (never under n_c) only
  *   where the table overflows, then to exactly cap; the dirty list every slot changed since the
- *   last take (snapshots compared); a cap of the budget (evictions asserted reached);
+ *   last take (snapshots compared); a cap of the budget (evictions asserted reached); a step
+ *   adding fewer rows than its plan wants (upmax): each short cluster's share of them by the
+ *   float64 cumulative rounding;
  * 2 joins (kst_kvtc_add, kst_kvsc_joined): the same invariants, nodes joining inside a prefix and
  *   members pushed out asserted reached, the node arrays grown past their first size;
  * 3 items + finish: (o, lse) and the rows counted equal the float64 Horvitz-Thompson estimate
@@ -312,6 +314,79 @@ static void test_plans(void **state) {
     rows_free(&R);
     free(cen);
     free(Q);
+}
+
+/* A step that may add fewer rows than its plan wants (kst_kvsc_plan_apply's upmax, as
+ * kst_kvc_attend bounds a step's copies): 3,000 keys (d 32) in 48 clusters, G = 3, budget 256, a
+ * table of 512; the first plan held whole, then 10 plans each made (kst_kvsc_plan_make) from new
+ * queries and held with upmax a third of the rows it wants (or 1). Against the definition in
+ * float64: the rows added are min(need, upmax) (need = sum over short clusters of n_c - m_c), in
+ * cluster order the short ones' shortfalls summed, F_c = that sum x upmax / need, cluster c gets
+ * floor(F_c + 1/2) - floor(F_(c-1) + 1/2), at most its shortfall; the others keep m_c or are cut
+ * back towards n_c only where the table overflows (then exactly full). Steps where a cluster got
+ * part of its shortfall (the rounding's middle) asserted reached. */
+static void test_apply_bounded(void **state) {
+    (void)state;
+    tc_seed(3);
+    const size_t n = 3000, d = 32, C = 48, G = 3, ncent = 24, B = 256, steps = 11;
+    const float scale = (float)(1.0 / sqrt((double)d)), temp = 0.7f;
+    float *cen = malloc(ncent * d * sizeof *cen), *Q = malloc(steps * G * d * sizeof *Q), *cs = malloc(G * C * sizeof *cs);
+    uint32_t *m0 = malloc(C * sizeof *m0);
+    sc_rows R;
+    rows_make(&R, cen, n, d, 0, 0, ncent);
+    mix_queries(Q, cen, steps, G, 1, d, ncent);
+    kst_kvtc T = {0};
+    kst_kvsc S = {0};
+    kst_error err;
+    assert_ok(kst_kvtc_build(&T, rows_K0(&R), 0, n, d, C, 11, &err), &err);
+    assert_ok(kst_kvsc_setup(&S, &T, G, 512, &err), &err);
+    kst_kvtc_scores(&T, Q, G, scale, cs);
+    assert_ok(kst_kvsc_plan(&S, &T, cs, temp, B, &err), &err);
+    size_t partial = 0, bounded = 0;
+    for (size_t s = 1; s < steps; s++) {
+        char what[64];
+        snprintf(what, sizeof what, "bounded step %zu", s);
+        kst_kvtc_scores(&T, Q + s * G * d, G, scale, cs);
+        kst_kvsc_push(&S, cs);
+        assert_ok(kst_kvsc_plan_make(&S, &T, temp, B, &err), &err);
+        memcpy(m0, S.m, C * sizeof *m0);
+        const uint32_t *ns = S.A.ns;
+        size_t need = 0, used0 = S.used;
+        for (size_t c = 0; c < C; c++) need += ns[c] > m0[c] ? ns[c] - m0[c] : 0;
+        size_t upmax = need / 3 ? need / 3 : 1, grow = need < upmax ? need : upmax, cum = 0, prev = 0, added = 0;
+        if (used0 < S.A.tot) fail_msg("%s: %zu held under the plan's %zu after the first plan", what, used0, S.A.tot);
+        kst_kvsc_plan_apply(&S, &T, upmax);
+        bounded += grow < need;
+        int evict = used0 + grow > S.cap;
+        for (size_t c = 0; c < C; c++) {
+            if (ns[c] > m0[c]) {
+                cum += ns[c] - m0[c];
+                size_t to = (size_t)floor((double)cum * (double)grow / (double)need + 0.5), want = to - prev;
+                prev = to;
+                if (want > ns[c] - m0[c]) want = ns[c] - m0[c];
+                if (S.m[c] != m0[c] + want)
+                    fail_msg("%s: cluster %zu held %u of its plan's %u: %zu rows of %zu wanted (%zu of %zu added), now %u",
+                             what, c, m0[c], ns[c], want, (size_t)(ns[c] - m0[c]), grow, need, S.m[c]);
+                partial += want > 0 && want < ns[c] - m0[c];
+                added += want;
+            } else if (S.m[c] > m0[c] || S.m[c] < ns[c] || (!evict && S.m[c] != m0[c]))
+                fail_msg("%s: cluster %zu held %u, planned %u, now %u (%s)", what, c, m0[c], ns[c], S.m[c],
+                         evict ? "the table overflowing" : "no eviction");
+        }
+        if (added != grow) fail_msg("%s: %zu rows added, %zu wanted", what, added, grow);
+        if (evict && S.used != S.cap) fail_msg("%s: the table overflowing, %zu of %zu held", what, S.used, S.cap);
+        sc_check(&S, &T, what);
+    }
+    print_message("bounded steps: %zu of %zu added fewer rows than planned; %zu clusters got part of their shortfall\n",
+                  bounded, steps - 1, partial);
+    if (bounded < 5 || !partial) fail_msg("the bounded rounding barely reached (%zu steps, %zu partial)", bounded, partial);
+    kst_kvsc_free(&S);
+    kst_kvtc_free(&T);
+    rows_free(&R);
+    free(cen);
+    free(Q);
+    free(cs);
+    free(m0);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1592,6 +1667,7 @@ static int t_end(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_plans, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_apply_bounded, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_joins, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_items_finish, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_unbiased, t_begin, t_end),
