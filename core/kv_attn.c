@@ -404,8 +404,8 @@ __attribute__((target("avx2,fma"))) static int alloc_add_avx2(float *a, const fl
     if (!(m > -INFINITY)) return 0;
     __m256 vt = _mm256_set1_ps(temp), vs = _mm256_set1_ps(temp * m), vz = _mm256_setzero_ps();
     for (j = 0; j + 8 <= n; j += 8) {
-        __m256 x = exp8(_mm256_sub_ps(_mm256_mul_ps(vt, _mm256_loadu_ps(cs + j)), vs));
-        x = _mm256_mul_ps(x, _mm256_loadu_ps(lf + j));
+        __m256 c = _mm256_loadu_ps(cs + j), x = exp8(_mm256_sub_ps(_mm256_mul_ps(vt, c), vs));
+        x = _mm256_and_ps(_mm256_mul_ps(x, _mm256_loadu_ps(lf + j)), _mm256_cmp_ps(c, c, _CMP_ORD_Q)); /* (NaN: 0) */
         _mm256_storeu_ps(e + j, x);
         vz = _mm256_add_ps(vz, x);
     }
@@ -413,7 +413,7 @@ __attribute__((target("avx2,fma"))) static int alloc_add_avx2(float *a, const fl
     _mm256_storeu_ps(zv, vz);
     for (int i = 0; i < 8; i++) Z += zv[i];
     for (; j < n; j++) {
-        e[j] = expf(temp * cs[j] - temp * m) * lf[j];
+        e[j] = cs[j] == cs[j] ? expf(temp * cs[j] - temp * m) * lf[j] : 0;
         Z += e[j];
     }
     if (!(Z > 0)) return 0;
@@ -465,7 +465,7 @@ int kst_kv_alloc_add(float *a, const float *cs, const float *lf, size_t n, float
     if (!(m > -INFINITY)) return 0;
     float Z = 0;
     for (size_t j = 0; j < n; j++) {
-        e[j] = expf(temp * cs[j] - temp * m) * lf[j];
+        e[j] = cs[j] == cs[j] ? expf(temp * cs[j] - temp * m) * lf[j] : 0;
         Z += e[j];
     }
     if (!(Z > 0)) return 0;

@@ -50,8 +50,8 @@ void kst_kv_scores_t(float *S, const float *Q, size_t G, const void *Kt, int f16
 void kst_kv_exp_shift(float *w, size_t n, float mx);
 /* One row of the sample cache's plan (index/kv_scache.c): a[j] += p[j] for j < n, where
  * p[j] = lf[j] exp(temp (cs[j] - max cs)) / Z and Z = sum_j lf[j] exp(temp (cs[j] - max cs))
- * (NaN scores passed over by the max); e: scratch of n floats (left holding the unnormalized
- * terms). Returns 0, a untouched, where no score is above -inf or every term is 0. */
+ * (a NaN score's term 0); e: scratch of n floats (left holding the unnormalized terms). Returns
+ * 0, a untouched, where no score is above -inf or every term is 0. */
 int kst_kv_alloc_add(float *a, const float *cs, const float *lf, size_t n, float temp, float *e);
 /* One round of water-filling over n clusters (kst_kvtc_fill): cluster c with w[c] > 0 and
  * lw * w[c] >= rc[c] (rc[c] < 2^31) is taken whole: ns[c] = rc[c], w[c] = 0. Returns 1 if any

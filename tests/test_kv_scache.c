@@ -32,9 +32,10 @@
  *   inline twin (test_gpu_idle_update; skipped without a device);
  * 7 the GPU's items of the table against float64 (test_gpu_items; skipped without a device), also
  *   with the table in 8 bits (tail_cache_q8; refused where it cannot be grouped);
- * 8 the 8-bit rows (kst_kv_q8) against their definition (q8_row); tests 5 and 6 also run the
- *   cache with its table in 8 bits (float16 G 4 and float32 G 2 with the group search), the
- *   float64 estimator then reading the held rows' 8-bit values.
+ * 8 a plan row (kst_kv_alloc_add) against float64; the 8-bit rows (kst_kv_q8) against their
+ *   definition (q8_row); tests 5 and 6 also run the cache with its table in 8 bits (float16 G 4
+ *   and float32 G 2 with the group search), the float64 estimator then reading the held rows'
+ *   8-bit values.
  * Tolerances: outputs 2e-5 absolute + 1e-4 relative, lse 1e-4 (as the clustered tail suites:
  * float32 sums of at most a few thousand terms). */
 #include <omp.h>
@@ -1157,6 +1158,55 @@ static void test_steps(void **state) {
     run_steps(0);
 }
 
+/* 5b'. A plan row (kst_kv_alloc_add, kst_kvsc_plan_make's inner pass) against float64: a +=
+ * lf exp(temp (cs - max cs)) / Z, widths 1, 5, 8, 13 and 2,053 (the 8-wide steps and tails), scores
+ * spread over +-60 so that some terms underflow; a NaN score counts 0 (the rest normalized without
+ * it); every score -inf, or every lf 0: returns 0 and a is untouched. */
+static void test_alloc_row(void **state) {
+    (void)state;
+    tc_seed(41);
+    static const size_t ns[5] = {1, 5, 8, 13, 2053};
+    const float temp = 0.7f;
+    double worst = 0;
+    for (size_t k = 0; k < 5; k++)
+        for (int nan = 0; nan < 2; nan++) {
+            size_t n = ns[k];
+            float *cs = malloc(n * sizeof *cs), *lf = malloc(n * sizeof *lf), *a = malloc(n * sizeof *a),
+                  *a0 = malloc(n * sizeof *a0), *e = malloc(n * sizeof *e);
+            for (size_t j = 0; j < n; j++) {
+                cs[j] = (float)(20 * kv_gauss());
+                lf[j] = (float)(1 + tc_below(300));
+                a0[j] = a[j] = (float)tc_below(1000) / 1000.0f;
+            }
+            if (nan) cs[n / 2] = NAN;
+            double m = -INFINITY, Z = 0;
+            for (size_t j = 0; j < n; j++)
+                if (cs[j] == cs[j] && cs[j] > m) m = cs[j];
+            for (size_t j = 0; j < n; j++)
+                if (cs[j] == cs[j]) Z += lf[j] * exp((double)temp * cs[j] - (double)temp * m);
+            int r = kst_kv_alloc_add(a, cs, lf, n, temp, e);
+            int want = Z > 0;
+            if (r != want) fail_msg("width %zu%s: returned %d, %d expected", n, nan ? " with a NaN" : "", r, want);
+            for (size_t j = 0; j < n; j++) {
+                double p = cs[j] == cs[j] && want ? lf[j] * exp((double)temp * cs[j] - (double)temp * m) / Z : 0;
+                double ref = a0[j] + p, dv = fabs(a[j] - ref);
+                if (!(dv <= 1e-6 + 1e-5 * fabs(ref)))
+                    fail_msg("width %zu%s, entry %zu (score %g): %.9g, float64 %.9g", n, nan ? " with a NaN" : "", j, cs[j],
+                             a[j], ref);
+                worst = dv > worst ? dv : worst;
+            }
+            for (size_t j = 0; j < n; j++) cs[j] = -INFINITY;
+            memcpy(a, a0, n * sizeof *a);
+            if (kst_kv_alloc_add(a, cs, lf, n, temp, e) != 0 || memcmp(a, a0, n * sizeof *a))
+                fail_msg("width %zu: every score -inf, yet the row added", n);
+            for (size_t j = 0; j < n; j++) cs[j] = (float)j, lf[j] = 0;
+            if (kst_kv_alloc_add(a, cs, lf, n, temp, e) != 0 || memcmp(a, a0, n * sizeof *a))
+                fail_msg("width %zu: every cluster empty, yet the row added", n);
+            free(cs), free(lf), free(a), free(a0), free(e);
+        }
+    print_message("plan rows: 10 against float64, worst |d| %.2e\n", worst);
+}
+
 /* 5c. The 8-bit rows (kst_kv_q8) against q8_row's definition, float32 and float16 rows (bits and
  * scale exactly), rows with an outlier, of zeros, of one value, with a NaN (a non-finite scale),
  * of ties (to even), widths with and without the 16-wide steps;
@@ -1672,6 +1722,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_items_finish, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_unbiased, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_steps, t_begin, t_end),
+        cmocka_unit_test_setup_teardown(test_alloc_row, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_q8_rows, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_switches, t_begin, t_end),
         cmocka_unit_test_setup_teardown(test_two_layers, t_begin, t_end),
