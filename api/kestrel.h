@@ -399,7 +399,8 @@ typedef struct kst_kv_opts {
                                  plan alike (SDPA 0.20-0.22), 0.34-0.41 where each is new; GPU
                                  memory 43.5 MiB a layer at 128K, tail 4096, 8 KV heads of d 128
                                  (the table 32, its centroids 4 in float16, the static tokens 5,
-                                 the copies' staging 1.6; about 28 with tail_cache_q8;
+                                 the copies' staging 1.6; about 28 with tail_cache_q8, 26.4
+                                 since round 27 reads the staging in pinned CPU memory in place;
                                  tests/bench/README.md, rounds 20, 24, 25) */
     int tail_cache_q8;        /* default 0; 1 (with tail_cache): the table's keys and values held
                                  in 8 bits, a scale a row each (round(x * 127 / max |x|)),

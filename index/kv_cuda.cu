@@ -79,13 +79,15 @@ struct kst_kvgpu {
     // the clustered tail's sample cache (kst_kvgpu_sc_reserve): the table above with a cluster a
     // slot (scid, kvh * tns; -1 free) and a log weight a cluster (sclw, kvh * sC); the centroids
     // (scent, (kvh, d, sC)) scored for each query head into scs (qh, sC), downloaded to hscs;
-    // the weights and the slots staged in pinned memory, one block (hsall; its device twin dsall,
-    // sall bytes) laid out as sc_layout says, until copied in one copy and scattered into the
-    // table on the stream (sev: the last such copy)
+    // the weights and the slots staged in pinned memory, one block (hsall, sall bytes) laid out as
+    // sc_layout says, scattered into the table on the stream by a kernel that reads it there
+    // (smap: through its device address dsmap, mapped) or from a copy (dsall, its device twin,
+    // KESTREL_KV_SC_MAPPED=0); sev: the last such scatter
     int *scid;
     float *sclw, *scs, *hscs;
     void *scent; // (kvh, d, C) the centroids, float16 where the cache is (kst_kvtc rounds them so)
-    char *dsall, *hsall;
+    char *dsall, *hsall, *dsmap;
+    int smap;
     size_t sC, sall, sn; // (sn: the slots of the last staging)
     cudaEvent_t sev, sfev; // (sfev: the scores' download)
     int sev_rec, sf_rec;
@@ -1075,6 +1077,7 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
     g->tgrp = !(getenv("KESTREL_KV_GPU_TGRP") && atoi(getenv("KESTREL_KV_GPU_TGRP")) == 0);
     g->timing = getenv("KESTREL_KV_GPU_TIME") && atoi(getenv("KESTREL_KV_GPU_TIME")) == 1;
     g->tdirect = !(getenv("KESTREL_KV_GPU_DIRECT") && atoi(getenv("KESTREL_KV_GPU_DIRECT")) == 0);
+    g->smap = !(getenv("KESTREL_KV_SC_MAPPED") && atoi(getenv("KESTREL_KV_SC_MAPPED")) == 0);
     size_t es = f16 ? 2 : 4, bytes = g->cap * 2 * kv_heads * d * es;
     CU(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "kv gpu stream");
     for (int i = 0; i < 2; i++) CU(cudaEventCreateWithFlags(&g->ev[i], cudaEventDisableTiming), "kv gpu event");
@@ -1169,7 +1172,7 @@ extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
     return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh + KST_KVGPU_PRM) * sizeof(float) +
            2 * g->tcap + (g->tsc ? g->kvh * g->tns * 2 * sizeof(float) : 0) + g->tocap * sizeof(float) +
            (g->sC ? g->kvh * g->tns * sizeof(int) + g->kvh * g->sC * (sizeof(float) + g->d * es) +
-                        g->qh * g->sC * sizeof(float) + g->sall
+                        g->qh * g->sC * sizeof(float) + (g->dsall ? g->sall : 0)
                   : 0);
 }
 
@@ -1352,10 +1355,14 @@ extern "C" int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **ro
         size_t cap = n + n / 2 + 64, bytes = sc_layout(g, cap, &ha, &ra);
         cudaFree(g->dsall);
         cudaFreeHost(g->hsall);
-        g->dsall = g->hsall = NULL;
+        g->dsall = g->hsall = g->dsmap = NULL;
         g->sall = 0;
-        CU(cudaMalloc((void **)&g->dsall, bytes), "kv gpu sample cache staging");
         CU(cudaMallocHost((void **)&g->hsall, bytes), "kv gpu sample cache staging");
+        if (!g->smap || cudaHostGetDevicePointer((void **)&g->dsmap, g->hsall, 0) != cudaSuccess) {
+            (void)cudaGetLastError(); // (not mapped: the copy)
+            g->dsmap = NULL;
+            CU(cudaMalloc((void **)&g->dsall, bytes), "kv gpu sample cache staging");
+        }
         g->sall = bytes;
         sc_layout(g, n, &ha, &ra);
     }
@@ -1375,27 +1382,30 @@ extern "C" int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_er
     KST_TRY(kst_kvgpu_disarm(g, err));
     if (!n && !lw) return KST_OK;
     if (lw) memcpy(g->hsall, lw, nlw * sizeof(float));
-    { // one copy (from the weights, or from the header where they are not sent), one kernel
+    { // one kernel reading the staging where it is (mapped), or one copy (from the weights, or from
+      // the header where they are not sent) and the kernel
         size_t from = lw ? 0 : ha;
         unsigned nb = (unsigned)n + (lw ? (unsigned)((nlw + 127) / 128) : 0);
-        CU(cudaMemcpyAsync(g->dsall + from, g->hsall + from, bytes - from, cudaMemcpyHostToDevice, g->st),
-           "kv gpu sample cache upload");
-        const int *dh = (const int *)(g->dsall + ha);
-        const float *dl = lw ? (const float *)g->dsall : NULL;
+        char *base = g->dsmap ? g->dsmap : g->dsall;
+        if (!g->dsmap)
+            CU(cudaMemcpyAsync(g->dsall + from, g->hsall + from, bytes - from, cudaMemcpyHostToDevice, g->st),
+               "kv gpu sample cache upload");
+        const int *dh = (const int *)(base + ha);
+        const float *dl = lw ? (const float *)base : NULL;
         if (g->sq8 && g->f16)
-            sc_scatter_q8_kernel<__half><<<nb, 128, 0, g->st>>>(dh, (const __half *)(g->dsall + ra), (int)n, dl, g->sclw,
+            sc_scatter_q8_kernel<__half><<<nb, 128, 0, g->st>>>(dh, (const __half *)(base + ra), (int)n, dl, g->sclw,
                                                                 (int)nlw, (int8_t *)g->tK, (int8_t *)g->tV, g->tsc, g->scid,
                                                                 (int)g->tns, (int)g->tch, (int)g->d);
         else if (g->sq8)
-            sc_scatter_q8_kernel<float><<<nb, 128, 0, g->st>>>(dh, (const float *)(g->dsall + ra), (int)n, dl, g->sclw,
+            sc_scatter_q8_kernel<float><<<nb, 128, 0, g->st>>>(dh, (const float *)(base + ra), (int)n, dl, g->sclw,
                                                                (int)nlw, (int8_t *)g->tK, (int8_t *)g->tV, g->tsc, g->scid,
                                                                (int)g->tns, (int)g->tch, (int)g->d);
         else if (g->f16)
-            sc_scatter_kernel<__half><<<nb, 128, 0, g->st>>>(dh, (const __half *)(g->dsall + ra), (int)n, dl, g->sclw,
+            sc_scatter_kernel<__half><<<nb, 128, 0, g->st>>>(dh, (const __half *)(base + ra), (int)n, dl, g->sclw,
                                                              (int)nlw, (__half *)g->tK, (__half *)g->tV, g->scid,
                                                              (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
         else
-            sc_scatter_kernel<float><<<nb, 128, 0, g->st>>>(dh, (const float *)(g->dsall + ra), (int)n, dl, g->sclw,
+            sc_scatter_kernel<float><<<nb, 128, 0, g->st>>>(dh, (const float *)(base + ra), (int)n, dl, g->sclw,
                                                             (int)nlw, (float *)g->tK, (float *)g->tV, g->scid,
                                                             (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
         CU(cudaGetLastError(), "kv gpu sample cache scatter");

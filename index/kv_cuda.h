@@ -129,14 +129,17 @@ int kst_kvgpu_items_ready(const kst_kvgpu *g, size_t kv_head);
  * KST_ERR_INVALID). */
 int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t C, const float *cent, int q8,
                          kst_error *err);
-/* Pinned staging for n slots of the table (grown as needed, here and on the GPU, never shrunk: the
- * caller sends in pieces, kv.c at most 4,096 slots a send; once the last send's copies are done):
+/* Pinned staging for n slots of the table (grown as needed, never shrunk: the caller sends in
+ * pieces, kv.c at most 4,096 slots a send; once the last send's scatter is done). The GPU reads
+ * it in place through its mapped address; with KESTREL_KV_SC_MAPPED=0 (or where the driver gives
+ * no device address) through a copy on the GPU of the same size, sent with it:
  * *hdr (n, 3) ints, each a KV head, its slot and its cluster (-1: free, its rows unread), and
  * *rows (n, 2, d) values in the cache's dtype, the slot's key and value rows (with q8, the table
  * in 8 bits, quantized on the GPU as kst_kv_q8 does on the CPU). */
 int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err);
-/* Queues the n slots of the last staging (n as staged; copied with the weights in one copy and
- * written into the table) and, where lw is not NULL, the clusters' log weights lw (kv_heads, C)
+/* Queues the n slots of the last staging (n as staged; one kernel writes them into the table,
+ * reading the staging in place or, not mapped, after one copy with the weights) and, where lw is
+ * not NULL, the clusters' log weights lw (kv_heads, C)
  * on the step's stream: the next launch sees them. */
 int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_error *err);
 /* The last step's centroid scores (q_heads, C) downloaded (queued once its partials are in: they

@@ -1052,7 +1052,9 @@ static int have_gpu(void) {
  * (orders after the step's joins); after each step every KV head's cache meets the invariants
  * (sc_check) and its plan the float64 plan of the query rows of the two steps before it (of the
  * first step after steps 0 and 1). In (c) the GPU's uploads go in pieces of at most 64 rows
- * (KESTREL_KV_SC_PIECE; 2,048 by default): the first plans' 512 rows in 8. */
+ * (KESTREL_KV_SC_PIECE; 2,048 by default): the first plans' 512 rows in 8. Runs 3 and 4 repeat
+ * (b) and (c) with the table in 8 bits; on the GPU, run 3's new rows reach the scatter kernel
+ * through a copy of their staging (KESTREL_KV_SC_MAPPED=0), the others' are read in place. */
 static void run_steps(int gpu) {
     const size_t H = 2, ncent = 24, nq = 48, C = 32, B = 128, steps = 7, n0 = 1500 + 4 + 64, nmax = n0 + 540;
     static const size_t tk[3] = {16, 4, 64}, efs[3] = {48, 16, 128};
@@ -1077,8 +1079,10 @@ static void run_steps(int gpu) {
         o.gpu = gpu;
         o.group_search = run == 2 || run == 4;
         if (o.group_search) setenv("KESTREL_KV_SC_PIECE", "64", 1); /* (the GPU's uploads in pieces of 64 rows) */
+        if (run == 3) setenv("KESTREL_KV_SC_MAPPED", "0", 1); /* (the GPU's new rows through a copy of their staging) */
         kst_kvc *c = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 1);
         unsetenv("KESTREL_KV_SC_PIECE");
+        unsetenv("KESTREL_KV_SC_MAPPED");
         kst_kvc *c2 = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 0);
         size_t at = n0;
         uint32_t *pre[2] = {malloc(C * sizeof(uint32_t)), malloc(C * sizeof(uint32_t))};
