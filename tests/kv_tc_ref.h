@@ -12,6 +12,18 @@
 #include "core/half.h"
 #include "index/kv.h"
 #include "index/kv_tclust.h"
+#ifdef KST_CUDA
+#include "index/kv_cuda.h"
+#endif
+
+/* 1 where a GPU pass can run: a CUDA build and a device visible. */
+static inline int tc_have_gpu(void) {
+#ifdef KST_CUDA
+    return kst_kv_cuda_devices() > 0;
+#else
+    return 0;
+#endif
+}
 
 #define TOL_A 2e-5
 #define TOL_R 1e-4

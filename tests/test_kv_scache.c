@@ -1034,14 +1034,6 @@ static kst_kvc *make_cache(const kst_kvc_opts *o, float *K, float *V, size_t n, 
     return c;
 }
 
-static int have_gpu(void) {
-#ifdef KST_CUDA
-    return kst_kv_cuda_devices() > 0;
-#else
-    return 0;
-#endif
-}
-
 /* 5 (and 6). 2 KV heads, 1,500 indexed keys in 32 clusters each, budget 128 (the table 256):
  * (a) float32 d 32, G 2, the key-only index, 1 thread; (b) float16 d 64, G 4, the attention-aware
  * index (48 prefill queries), 3 threads; (c) as (a) with opts.group_search and 3 threads. 7 steps
@@ -1419,7 +1411,7 @@ static void test_two_layers(void **state) {
  * d 136); each again with KESTREL_KV_GPU_TGRP=0 (every shape a block a query head). */
 static void test_gpu_items(void **state) {
     (void)state;
-    if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU's sample cache items not checked");
+    if (!tc_have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU's sample cache items not checked");
 #ifdef KST_CUDA
     const struct { int f16; size_t G, kvh, d, cap; } cf[] = {
         {1, 4, 2, 128, 3000}, {0, 3, 2, 64, 700}, {1, 8, 2, 128, 400}, {0, 5, 1, 36, 200}, {1, 1, 3, 32, 100},
@@ -1552,7 +1544,7 @@ static void test_gpu_items(void **state) {
  * device; skipped here). */
 static void test_steps_gpu(void **state) {
     (void)state;
-    if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU path of the sample cache not run");
+    if (!tc_have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU path of the sample cache not run");
     run_steps(1);
 }
 
@@ -1572,7 +1564,7 @@ static void test_steps_gpu(void **state) {
  * weighted the evenly spaced sample's rows. */
 static void test_gpu_switches(void **state) {
     (void)state;
-    if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU's sample cache switches not run");
+    if (!tc_have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU's sample cache switches not run");
     tc_seed(66);
     const size_t H = 2, G = 2, QH = H * G, d = 32, ncent = 16, n = 1500 + 4 + 64, C = 32, nsteps = 9;
     float *K = malloc(n * H * d * sizeof *K), *V = malloc(n * H * d * sizeof *V), *cen = malloc(H * ncent * d * sizeof *cen),
@@ -1637,7 +1629,7 @@ static void test_gpu_switches(void **state) {
  * ran (work, flush, or at its next call) every KV head's prefixes and slots equal A's. */
 static void test_gpu_idle_update(void **state) {
     (void)state;
-    if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the sample cache's update in idle time not run");
+    if (!tc_have_gpu()) skip_because("no CUDA device (or not a CUDA build): the sample cache's update in idle time not run");
     const size_t H = 2, G = 4, QH = H * G, d = 64, ncent = 24, nq = 48, C = 32, steps = 9, n0 = 1500 + 4 + 64,
                  nmax = n0 + 190;
     tc_seed(77);

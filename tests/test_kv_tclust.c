@@ -35,15 +35,6 @@
 
 #include "kv_tc_ref.h"
 
-/* 1 where there is no GPU pass to run: a build without CUDA, or no device. */
-static int no_gpu(void) {
-#ifdef KST_CUDA
-    return kst_kv_cuda_devices() == 0;
-#else
-    return 1;
-#endif
-}
-
 /* The plan's float64 reference (kv_tclust.h): r (C) each cluster's members not marked (mark:
  * nodes attended), x (C) the water-filled shares of min(B, sum r) in proportion to
  * r_c exp(temp scale <q, centroid_c>): a cluster whose share reaches r_c taken whole (x = r), the
@@ -333,7 +324,7 @@ static void test_step_equals_estimator(void **state) {
     size_t steps = 0, sampled = 0;
     for (int run = 0; run < 4; run++) {
         int f16 = run & 1, gpu = run >> 1;
-        if (gpu && no_gpu()) break;
+        if (gpu && !tc_have_gpu()) break;
         size_t d = f16 ? 64 : 32;
         float *K = malloc(n * 2 * d * sizeof *K), *V = malloc(n * 2 * d * sizeof *V),
               *cen = malloc(2 * ncent * d * sizeof *cen), *Qp = malloc(nq * 4 * d * sizeof *Qp),
@@ -379,7 +370,7 @@ static void test_budget_covers_rest(void **state) {
     mix_queries(Qp, cen, nq, 4, 2, d, ncent);
     mix_queries(Q, cen, 6, 4, 2, d, ncent);
     kst_error err;
-    for (int gpu = 0; gpu < 2 && !(gpu && no_gpu()); gpu++) {
+    for (int gpu = 0; gpu < 2 && (!gpu || tc_have_gpu()); gpu++) {
         for (int f16 = 0; f16 < 2; f16++) {
             kst_kvc_opts o = base_opts(d, f16, f16 ? KST_KVC_INDEX_KEYS : KST_KVC_INDEX_ATTN, 2000);
             o.gpu = gpu;
@@ -632,7 +623,7 @@ static void test_widen_sample_cache(void **state) {
      * the cap does not halve the head's rest (widen_pick would leave it), and it is widened */
     double e[3][2] = {{0, 0}, {0, 0}, {0, 0}}; /* [w][head], steps 1.. */
     size_t wid[3][nq];
-    for (int gpu = 0; gpu < 2 && !(gpu && no_gpu()); gpu++) {
+    for (int gpu = 0; gpu < 2 && (!gpu || tc_have_gpu()); gpu++) {
         for (int w = 0; w < 3; w++) {
             kst_kv_opts o = api_opts(2, d, sinks, window);
             o.gpu = gpu;

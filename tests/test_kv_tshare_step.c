@@ -203,13 +203,6 @@ static kst_kvc *make_cache(const kst_kvc_opts *o, float *K, float *V, size_t n, 
 }
 
 
-static int have_gpu(void) {
-#ifdef KST_CUDA
-    return kst_kv_cuda_devices() > 0;
-#else
-    return 0;
-#endif
-}
 
 /* 1 (and 6). One step equals the shared estimator for every query head: 2,000 indexed keys in 32
  * clusters per KV head (2 KV heads), float32 at d 32 and float16 at d 64 (codes), the
@@ -278,7 +271,7 @@ static void test_step_equals_estimator(void **state) {
 /* 6. Test 1 with the static tokens on the GPU (CUDA builds with a device; skipped here). */
 static void test_step_gpu(void **state) {
     (void)state;
-    if (!have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU path of the shared step not run");
+    if (!tc_have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU path of the shared step not run");
     run_step_equals_estimator(1);
 }
 
