@@ -95,6 +95,8 @@ typedef struct kv_layer {
     int sc_gpu;            /* the sample cache's table is on the GPU (kst_kvc_set_tail_cache) */
     int sc_pend;           /* the last step's sc_end left to the engine's idle time (sc_flush) */
     int sc_ahead;          /* its next plans may be made ahead (sc_plan_ahead, in kst_kv_work) */
+    size_t sc_map;         /* bytes of each KV head's rows registered for the GPU to read in place
+                              (kst_kvgpu_sc_store, sc_map_rows; 0: none since they last moved) */
 #endif
 } kv_layer;
 
@@ -525,6 +527,9 @@ void kst_kvc_free(kst_kvc *c) {
             kst_free(L->cost);
             kst_free(L->order);
             if (!L->heads) continue;
+#ifdef KST_CUDA
+            if (L->gpu) kst_kvgpu_sc_store(L->gpu, NULL, NULL, 0, NULL); /* (the rows unregistered before they go) */
+#endif
             for (size_t h = 0; h < c->o.kv_heads; h++) {
                 kst_free(L->heads[h].K);
                 kst_free(L->heads[h].V);
@@ -1107,6 +1112,12 @@ static int grow_rows(kst_kvc *c, kv_layer *L, size_t n, kst_error *err) {
     KST_TRY(job_finish(c, L, err));
     size_t rowb = c->o.head_dim * c->esize, cap = L->cap ? L->cap : 256;
     while (cap < n) cap *= 2;
+#ifdef KST_CUDA
+    if (L->gpu && L->sc_map) { /* (registered for the GPU: unregistered first, its last reads done) */
+        KST_TRY(kst_kvgpu_sc_store(L->gpu, NULL, NULL, 0, err));
+        L->sc_map = 0;
+    }
+#endif
     for (size_t h = 0; h < c->o.kv_heads; h++) {
         KST_TRY(kst_kvg_grow_big(&L->heads[h].K, L->n * rowb, cap * rowb, "cached keys", err));
         KST_TRY(kst_kvg_grow_big(&L->heads[h].V, L->n * rowb, cap * rowb, "cached values", err));
@@ -1187,6 +1198,28 @@ done:
     return rc;
 }
 
+#ifdef KST_CUDA
+/* The rows the sample cache may hold (every token's so far) registered for the GPU's scatter to
+ * read them where they are (kst_kvgpu_sc_store; a no-op where KESTREL_KV_SC_MAPPED < 2), a quarter
+ * more than needed each time (room for as many decode steps as a quarter of the prompt) so that
+ * few segments are pinned: at the build, and before a staging names rows past those registered
+ * (pinning 128K rows of 8 KV heads at d 128 in float16, 512 MB, takes ~0.1 s). Refused, the rows
+ * are staged (kst_kvgpu_sc_staging knows). */
+static int sc_map_rows(kst_kvc *c, kv_layer *L, kst_error *err) {
+    size_t H = c->o.kv_heads, rowb = c->o.head_dim * c->esize, need = L->n * rowb, want = need + need / 4;
+    if (need <= L->sc_map || !L->gpu) return KST_OK;
+    if (want < L->sc_map + L->sc_map / 4) want = L->sc_map + L->sc_map / 4;
+    if (want > L->cap * rowb) want = L->cap * rowb;
+    const void **kv = kst_malloc(2 * H, sizeof(void *), "tail sample cache rows", err);
+    if (!kv) return KST_ERR_NOMEM;
+    for (size_t h = 0; h < H; h++) kv[h] = L->heads[h].K, kv[H + h] = L->heads[h].V;
+    int rc = kst_kvgpu_sc_store(L->gpu, kv, kv + H, want, err);
+    kst_free(kv);
+    if (rc == KST_OK) L->sc_map = want;
+    return rc;
+}
+#endif
+
 /* Builds the heads' indexes; copied: head 0's only, the others get copies of it. */
 static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq, int copied,
                        kst_error *err) {
@@ -1266,6 +1299,7 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
     }
 #ifdef KST_CUDA
     L->sc_gpu = 0;
+    if (rc == KST_OK && c->tclust && c->tcache) rc = sc_map_rows(c, L, err); /* (at the build, not the first step) */
 #endif
     if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_build: layer %zu", layer);
     L->built = 1;
@@ -2049,9 +2083,12 @@ static int tg_help(kst_kvc *c, kv_layer *L, kv_thread *t, const float *q, int *r
 /* The staging for a piece of an upload, entries [s0, s1) of each KV head's (its part at
  * c->sc_off[h]): of its slots changed since the last upload (its dirty list), or (all) of its
  * slots, those held. */
-static int sc_stage(kst_kvc *c, kv_layer *L, int all, size_t s0, size_t s1, int **hdr, void **rows, kst_error *err) {
+static int sc_stage(kst_kvc *c, kv_layer *L, int all, size_t s0, size_t s1, int **hdr, void **rows, float **lw,
+                    kst_error *err) {
     size_t H = c->o.kv_heads, *off = c->sc_off;
     if (!off && !(off = c->sc_off = kst_malloc(H + 1, sizeof(size_t), "tail sample cache uploads", err))) return KST_ERR_NOMEM;
+    int r = sc_map_rows(c, L, err);
+    if (r != KST_OK) return r;
     off[0] = 0;
     for (size_t h = 0; h < H; h++) {
         const kst_kvsc *S = &L->heads[h].sc;
@@ -2060,15 +2097,17 @@ static int sc_stage(kst_kvc *c, kv_layer *L, int all, size_t s0, size_t s1, int 
         for (size_t i = s0; i < e; i++) n += !all || S->key[i] != KST_KVSC_FREE;
         off[h + 1] = off[h] + n;
     }
-    return kst_kvgpu_sc_staging(L->gpu, off[H], hdr, rows, err);
+    return kst_kvgpu_sc_staging(L->gpu, off[H], hdr, rows, lw, err);
 }
 
 #define SC_PF 8 /* entries ahead whose rows sc_stage_head asks for */
 
-/* KV head h's part of a piece staged at c->sc_off[h] (its slots' header and rows; entries [s0,
- * s1) as sc_stage). Once its dirty list is staged to its end, the list is forgotten and its
- * clusters' weights put into c->sc_lw. */
-static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, size_t s0, size_t s1, int *hdr, void *rows) {
+/* KV head h's part of a piece staged at c->sc_off[h] (its slots' header and rows, or with rows
+ * NULL, the rows registered, its slots' header naming their rows; entries [s0, s1) as sc_stage).
+ * Once its dirty list is staged to its end, the list is forgotten and its clusters' weights put
+ * into c->sc_lw (and into lw, the staging's, where not NULL). */
+static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, size_t s0, size_t s1, int *hdr, void *rows,
+                          float *lw) {
     const kst_kvc_opts *o = &c->o;
     size_t rowb = o->head_dim * c->esize;
     kv_hstore *Hs = &L->heads[h];
@@ -2077,6 +2116,15 @@ static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, size_t s0,
     if (n > s1) n = s1;
     for (size_t i = s0; i < n; i++) {
         uint32_t sl = all ? (uint32_t)i : S->dirty[i], x = S->key[sl];
+        if (!rows) { /* (the GPU reads row sinks + x where it is) */
+            if (all && x == KST_KVSC_FREE) continue;
+            hdr[4 * e] = (int)h;
+            hdr[4 * e + 1] = (int)sl;
+            hdr[4 * e + 2] = S->cid[sl];
+            hdr[4 * e + 3] = x != KST_KVSC_FREE ? (int)(o->sinks + x) : 0;
+            e++;
+            continue;
+        }
         if (!all && i + SC_PF < n) { /* (the rows a few entries on asked for: they come from all over the cache) */
             uint32_t xp = S->key[S->dirty[i + SC_PF]];
             if (xp != KST_KVSC_FREE)
@@ -2098,11 +2146,34 @@ static void sc_stage_head(kst_kvc *c, kv_layer *L, size_t h, int all, size_t s0,
     if (all || s1 < S->nd) return;
     kst_kvsc_take_dirty(S, NULL);
     memcpy(c->sc_lw + h * S->C, S->lw, S->C * sizeof(float));
+    if (lw) memcpy(lw + h * S->C, S->lw, S->C * sizeof(float));
 }
 
-static int sc_send(kst_kvc *c, kv_layer *L, kst_error *err) {
+/* With the rows registered (sc_end's fixed regions): KV head h's changed slots named in its own
+ * region of per entries at hdr (4 ints each; the rest marked -1, which the scatter skips) and its
+ * weights put into lw and c->sc_lw. Returns its slots named, or SIZE_MAX where more changed than
+ * the region holds (its list then kept for sc_upload, its region all -1). */
+static size_t sc_stage_fixed(kst_kvc *c, kv_layer *L, size_t h, size_t per, int *hdr, float *lw) {
+    kst_kvsc *S = &L->heads[h].sc;
+    size_t n = S->nd <= per ? S->nd : 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t sl = S->dirty[i], x = S->key[sl];
+        hdr[4 * i] = (int)h;
+        hdr[4 * i + 1] = (int)sl;
+        hdr[4 * i + 2] = S->cid[sl];
+        hdr[4 * i + 3] = x != KST_KVSC_FREE ? (int)(c->o.sinks + x) : 0;
+    }
+    for (size_t i = n; i < per; i++) hdr[4 * i] = -1;
+    memcpy(c->sc_lw + h * S->C, S->lw, S->C * sizeof(float));
+    memcpy(lw + h * S->C, S->lw, S->C * sizeof(float));
+    if (S->nd > per) return SIZE_MAX;
+    kst_kvsc_take_dirty(S, NULL);
+    return n;
+}
+
+static int sc_send(kst_kvc *c, kv_layer *L, size_t n, const float *lw, kst_error *err) {
     double ts = c->prof ? mono_s() : 0;
-    int rc = kst_kvgpu_sc_send(L->gpu, c->sc_off[c->o.kv_heads], c->sc_lw, err);
+    int rc = kst_kvgpu_sc_send(L->gpu, n, lw, err);
     if (c->prof) c->prof->sc_send += mono_s() - ts;
     c->sc_sends++;
     if (rc == KST_OK) L->sc_gpu = 1;
@@ -2127,13 +2198,13 @@ static int sc_upload(kst_kvc *c, kv_layer *L, int all, kst_error *err) {
     }
     if (all) L->sc_gpu = 0;
     for (size_t s0 = 0; s0 < end || !sent; s0 += w) {
-        KST_TRY(sc_stage(c, L, all, s0, s0 + w, &hdr, &rows, err));
+        KST_TRY(sc_stage(c, L, all, s0, s0 + w, &hdr, &rows, NULL, err));
         if (!c->sc_off[H] && s0 + w < end) continue; /* (nothing held there; the weights go with a later piece) */
         double tg = c->prof ? mono_s() : 0;
 #pragma omp parallel for schedule(static) num_threads(c->nth) if (c->sc_off[H] > 512 && H > 1)
-        for (size_t h = 0; h < H; h++) sc_stage_head(c, L, h, all, s0, s0 + w, hdr, rows);
+        for (size_t h = 0; h < H; h++) sc_stage_head(c, L, h, all, s0, s0 + w, hdr, rows, NULL);
         if (c->prof) c->prof->sc_gather += mono_s() - tg;
-        KST_TRY(sc_send(c, L, err));
+        KST_TRY(sc_send(c, L, c->sc_off[H], c->sc_lw, err));
         sent = 1;
     }
 done:
@@ -2250,25 +2321,42 @@ static void sc_plan_one(kst_kvc *c, kv_layer *L, size_t h, int *rc, kst_error *e
  * with ahead (kst_kv_work), the plans for the step after next are made too (sc_plan_ahead). One
  * parallel region: a thread a KV head holds it; once every hold is done (the staging's offsets),
  * its rows are staged and its next plan made (by two threads where the team has them, see
- * below), and the copies queued. Each KV head touches ~5 cache lines a row it adds or drops. */
+ * below), and the copies queued. Where the GPU reads the rows where they are (registered,
+ * kst_kvgpu_sc_store), each KV head has its own region of the staging instead, named by its
+ * thread as soon as it is held (sc_stage_fixed), the last to finish queueing the copy: no wait
+ * for every hold, no gather. Each KV head touches ~5 cache lines a row it adds or drops. */
 static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int gpu, int ahead, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     size_t G = o->q_heads / o->kv_heads, C = L->heads[0].sc.C, H = o->kv_heads;
     int rc = KST_OK, *hdr = NULL;
     void *rows = NULL;
+    float *plw = NULL; /* (the staging's weights, written by each KV head's staging: no serial copy) */
     kst_kvc_prof *pf = c->prof;
     double t0 = pf ? mono_s() : 0, t2 = t0, t3 = t0, t5 = t0; /* (t3, t5: the rows staged, the copies queued) */
-    size_t nd = 0, nrows = 0, staged = 0;
-    int up = 0, big = 0; /* (big: more rows than two pieces, as where a table fills: sent in pieces after) */
+    size_t nd = 0, nrows = 0, staged = 0, per = 0, over = 0;
+    int up = 0, big = 0, fast = 0; /* (big: more rows than two pieces, as where a table fills: sent in pieces after;
+                                      fast: the fixed regions) */
 #ifndef KST_CUDA
-    (void)gpu, (void)hdr, (void)rows, (void)nrows, (void)staged, (void)t3, (void)t5, (void)big;
+    (void)gpu, (void)hdr, (void)rows, (void)plw, (void)nrows, (void)staged, (void)t3, (void)t5, (void)big, (void)per,
+        (void)over;
     ahead = 0;
+#else
+    if (gpu) { /* (the staging reserved first; the rows staged the usual way where they are not registered) */
+        per = 2 * c->tcache_up + 128; /* (a hold adds and drops at most tcache_up rows each, joins may add a few) */
+        if (c->sc_piece != SC_PIECE && per > 2 * c->sc_piece / H) per = 2 * c->sc_piece / H ? 2 * c->sc_piece / H : 1; /* (tests) */
+        if (!c->sc_off && !(c->sc_off = kst_malloc(H + 1, sizeof(size_t), "tail sample cache uploads", err)))
+            return KST_ERR_NOMEM;
+        if ((rc = sc_map_rows(c, L, err)) != KST_OK ||
+            (rc = kst_kvgpu_sc_staging(L->gpu, H * per, &hdr, &rows, &plw, err)) != KST_OK)
+            return rc;
+        fast = !rows;
+    }
 #endif
     for (size_t h = 0; h < H; h++) nd += !L->heads[h].sc.made;
     if (pf) pf->sc_made_in += H - nd;
 #pragma omp parallel num_threads(c->nth) if (H > 1) /* (the steps' team: another size costs its threads' wake-up) */
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (size_t h = 0; h < H; h++) {
             kv_hstore *Hh = &L->heads[h];
             kst_kvsc *S = &Hh->sc;
@@ -2297,7 +2385,34 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
                 kst_kvsc_push(S, c->sc_cs + h * G * C);
             }
             if (r != KST_OK) first_err(&rc, err, r, &e);
+#ifdef KST_CUDA
+            if (fast) {
+                size_t k = r == KST_OK ? sc_stage_fixed(c, L, h, per, hdr + 4 * h * per, plw) : 0;
+                if (k == SIZE_MAX) __atomic_add_fetch(&over, 1, __ATOMIC_RELAXED);
+                else __atomic_add_fetch(&nrows, k, __ATOMIC_RELAXED);
+                if (__atomic_add_fetch(&staged, 1, __ATOMIC_ACQ_REL) == H) { /* (the last KV head held queues the copy) */
+                    size_t n = __atomic_load_n(&nrows, __ATOMIC_RELAXED);
+                    if (pf) t2 = t3 = mono_s(), pf->sc_rows += n;
+                    if (n) {
+                        kst_error e2;
+                        int r2 = sc_send(c, L, H * per, plw, &e2);
+                        if (r2 != KST_OK) first_err(&rc, err, r2, &e2);
+                        else up = 1;
+                    }
+                    if (pf) t5 = mono_s();
+                }
+            }
+#endif
         }
+#ifdef KST_CUDA
+        if (fast) {
+#pragma omp for schedule(static) nowait
+            for (size_t h = 0; h < H; h++) /* (the same thread as held it: its plan made after its hold) */
+                if (ahead) sc_plan_one(c, L, h, &rc, err);
+        }
+#endif
+#pragma omp barrier
+        if (!fast) {
 #pragma omp single
         {
             if (pf) t2 = mono_s();
@@ -2307,7 +2422,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
             big = nrows > 2 * c->sc_piece; /* (a step's changes, joins with them, in the region: staged beside the
                                               plans and queued as soon as staged, so the next step's copy is in early) */
             if (rc == KST_OK && gpu && nrows && !big) {
-                int r = sc_stage(c, L, 0, 0, SIZE_MAX, &hdr, &rows, err);
+                int r = sc_stage(c, L, 0, 0, SIZE_MAX, &hdr, &rows, &plw, err);
                 if (r != KST_OK) rc = r;
                 else up = 1;
             }
@@ -2324,7 +2439,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
         size_t skip = SIZE_MAX;
         if (two) {
             if (tid >= (int)H && tid < 2 * (int)H) {
-                sc_stage_head(c, L, (size_t)tid - H, 0, 0, SIZE_MAX, hdr, rows);
+                sc_stage_head(c, L, (size_t)tid - H, 0, 0, SIZE_MAX, hdr, rows, plw);
                 sender = __atomic_add_fetch(&staged, 1, __ATOMIC_ACQ_REL) == H;
             } else if (tid < (int)H && ahead)
                 sc_plan_one(c, L, (size_t)tid, &rc, err);
@@ -2332,7 +2447,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
 #pragma omp for schedule(static) nowait
             for (size_t h = 0; h < H; h++) {
                 if (up) {
-                    sc_stage_head(c, L, h, 0, 0, SIZE_MAX, hdr, rows);
+                    sc_stage_head(c, L, h, 0, 0, SIZE_MAX, hdr, rows, plw);
                     if (__atomic_add_fetch(&staged, 1, __ATOMIC_ACQ_REL) == H && nth <= (int)H) sender = 1, skip = h;
                 }
                 if (ahead && h != skip) sc_plan_one(c, L, h, &rc, err);
@@ -2342,15 +2457,16 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
             while (__atomic_load_n(&staged, __ATOMIC_ACQUIRE) < H) spin_pause();
             if (pf) t3 = mono_s();
             kst_error e;
-            int r = sc_send(c, L, &e);
+            int r = sc_send(c, L, c->sc_off[H], plw, &e);
             if (r != KST_OK) first_err(&rc, err, r, &e);
             if (pf) t5 = mono_s();
             if (ahead && skip != SIZE_MAX) sc_plan_one(c, L, skip, &rc, err);
         }
 #endif
+        }
     }
 #ifdef KST_CUDA
-    if (rc == KST_OK && gpu && big) rc = sc_upload(c, L, 0, err);
+    if (rc == KST_OK && gpu && (big || over)) rc = sc_upload(c, L, 0, err); /* (over: KV heads past their regions) */
 #endif
     if (rc != KST_OK) return rc;
 #ifdef KST_CUDA

@@ -81,13 +81,20 @@ struct kst_kvgpu {
     // (scent, (kvh, d, sC)) scored for each query head into scs (qh, sC), downloaded to hscs;
     // the weights and the slots staged in pinned memory, one block (hsall, sall bytes) laid out as
     // sc_layout says, scattered into the table on the stream by a kernel that reads it there
-    // (smap: through its device address dsmap, mapped) or from a copy (dsall, its device twin,
-    // KESTREL_KV_SC_MAPPED=0); sev: the last such scatter
+    // (smap 1: through its device address dsmap, mapped) or from a copy (dsall, its device twin,
+    // KESTREL_KV_SC_MAPPED=0); sev: the last such scatter. smap 2 (the default): where the cache's
+    // own rows are registered (kst_kvgpu_sc_store: hst, the host bases, K then V of each KV head,
+    // their first stb bytes, in nseg segments from the offsets segoff; dbase, their device
+    // addresses, also on the device in dstore), the staging names each slot's row (header (n, 4))
+    // and the kernel reads it there: no rows staged (sdir: so staged)
     int *scid;
     float *sclw, *scs, *hscs;
     void *scent; // (kvh, d, C) the centroids, float16 where the cache is (kst_kvtc rounds them so)
     char *dsall, *hsall, *dsmap;
-    int smap;
+    int smap, sdir;
+    const void **hst;
+    void **dstore, **dbase;
+    size_t stb, *segoff, nseg, segcap;
     size_t sC, sall, sn; // (sn: the slots of the last staging)
     cudaEvent_t sev, sfev; // (sfev: the scores' download)
     int sev_rec, sf_rec;
@@ -129,6 +136,7 @@ static kst_kvgpu *arm_head;
 static int kvgpu_release_all(kst_error *err);
 static int kvgpu_grouped(const kst_kvgpu *g);
 static int kvgpu_sc_grouped(const kst_kvgpu *g, size_t P);
+static void sc_unstore(kst_kvgpu *g);
 
 static __device__ __forceinline__ float ld(const float *p) { return *p; }
 static __device__ __forceinline__ float ld(const __half *p) { return __half2float(*p); }
@@ -903,24 +911,49 @@ __global__ void __launch_bounds__(STEP_THREADS, MB) step_kernel(const T *KV, con
         cent_body<T>(blockIdx.x - qh * S - nt, q, cent, cs, C, nbc, G, d, scale, tsm);
 }
 
-// The sample cache's n staged rows (kst_kvgpu_sc_staging): entry e (block e) sets its slot's
+// Where a staged slot's key and value rows are (kst_kvgpu_sc_staging): in the staging after the
+// header (store NULL; header entries of 3 ints), or in the cache's own rows, registered
+// (kst_kvgpu_sc_store: store[2 kh] and store[2 kh + 1], KV head kh's keys and values; header
+// entries of 4 ints, the 4th the row). An entry whose KV head is -1 is skipped.
+template <typename T> struct ScSrc {
+    const int *hdr;
+    const T *rows;
+    const T *const *store;
+    int d;
+    __device__ int hs() const { return store ? 4 : 3; }
+    __device__ void at(int e, int kh, const T **k, const T **v) const {
+        if (store) {
+            size_t r = (unsigned)hdr[4 * e + 3];
+            *k = store[2 * kh] + r * d;
+            *v = store[2 * kh + 1] + r * d;
+        } else {
+            *k = rows + (size_t)e * 2 * d;
+            *v = *k + d;
+        }
+    }
+};
+
+// The sample cache's n staged slots (kst_kvgpu_sc_staging): entry e (block e) sets its slot's
 // cluster and, for a held slot, writes its key (chunk-transposed; kl: in tg_kpos's layout) and
 // value rows into the table; blocks n and on copy the clusters' weights lw (nlw floats, where
 // sent) into sclw.
 template <typename T>
-__global__ void sc_scatter_kernel(const int *hdr, const T *rows, int n, const float *lw, float *sclw, int nlw, T *tK,
-                                  T *tV, int *cid, int ns, int ch, int d, int kl) {
+__global__ void sc_scatter_kernel(ScSrc<T> src, int n, const float *lw, float *sclw, int nlw, T *tK, T *tV, int *cid,
+                                  int ns, int ch, int d, int kl) {
     int e = blockIdx.x;
     if (e >= n) {
         int i = (e - n) * blockDim.x + threadIdx.x;
         if (lw && i < nlw) sclw[i] = lw[i];
         return;
     }
-    int kh = hdr[3 * e], s = hdr[3 * e + 1], c = hdr[3 * e + 2];
+    const int *hdr = src.hdr;
+    int hs = src.hs(), kh = hdr[hs * e], s = hdr[hs * e + 1], c = hdr[hs * e + 2];
+    if (kh < 0) return; // (an entry left unused)
     if (threadIdx.x == 0) cid[(size_t)kh * ns + s] = c;
     if (c < 0) return;
     int j0 = s / ch * ch, nr = min(ch, ns - j0), j = s - j0;
-    const T *k = rows + (size_t)e * 2 * d, *v = k + d;
+    const T *k, *v;
+    src.at(e, kh, &k, &v);
     T *Kc = tK + ((size_t)kh * ns + j0) * d, *Vr = tV + ((size_t)kh * ns + s) * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         Kc[kl ? tg_kpos(j, i, nr, sizeof(T)) : (size_t)i * nr + j] = k[i];
@@ -934,8 +967,8 @@ __global__ void sc_scatter_kernel(const int *hdr, const T *rows, int n, const fl
 // 127 / max past float's range: scale 0, q 0), the keys in tg_kpos's layout (the grouped layout,
 // which the 8-bit table needs), the scales in tsc.
 template <typename T>
-__global__ void sc_scatter_q8_kernel(const int *hdr, const T *rows, int n, const float *lw, float *sclw, int nlw,
-                                     int8_t *tK, int8_t *tV, float *tsc, int *cid, int ns, int ch, int d) {
+__global__ void sc_scatter_q8_kernel(ScSrc<T> src, int n, const float *lw, float *sclw, int nlw, int8_t *tK,
+                                     int8_t *tV, float *tsc, int *cid, int ns, int ch, int d) {
     __shared__ float rm[2][4];
     __shared__ int rn[2][4];
     int e = blockIdx.x, i = threadIdx.x, lane = i & 31, warp = i >> 5;
@@ -944,11 +977,14 @@ __global__ void sc_scatter_q8_kernel(const int *hdr, const T *rows, int n, const
         if (lw && t < nlw) sclw[t] = lw[t];
         return;
     }
-    int kh = hdr[3 * e], s = hdr[3 * e + 1], c = hdr[3 * e + 2];
+    const int *hdr = src.hdr;
+    int hs = src.hs(), kh = hdr[hs * e], s = hdr[hs * e + 1], c = hdr[hs * e + 2];
+    if (kh < 0) return; // (an entry left unused)
     if (i == 0) cid[(size_t)kh * ns + s] = c;
     if (c < 0) return;
     int j0 = s / ch * ch, nr = min(ch, ns - j0), j = s - j0;
-    const T *k = rows + (size_t)e * 2 * d, *v = k + d;
+    const T *k, *v;
+    src.at(e, kh, &k, &v);
     float x[2] = {i < d ? ld(k + i) : 0.0f, i < d ? ld(v + i) : 0.0f}, m[2];
     int bad[2];
 #pragma unroll
@@ -1077,7 +1113,8 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
     g->tgrp = !(getenv("KESTREL_KV_GPU_TGRP") && atoi(getenv("KESTREL_KV_GPU_TGRP")) == 0);
     g->timing = getenv("KESTREL_KV_GPU_TIME") && atoi(getenv("KESTREL_KV_GPU_TIME")) == 1;
     g->tdirect = !(getenv("KESTREL_KV_GPU_DIRECT") && atoi(getenv("KESTREL_KV_GPU_DIRECT")) == 0);
-    g->smap = !(getenv("KESTREL_KV_SC_MAPPED") && atoi(getenv("KESTREL_KV_SC_MAPPED")) == 0);
+    g->smap = getenv("KESTREL_KV_SC_MAPPED") && atoi(getenv("KESTREL_KV_SC_MAPPED")) < 2
+                  ? !!atoi(getenv("KESTREL_KV_SC_MAPPED")) : 2;
     size_t es = f16 ? 2 : 4, bytes = g->cap * 2 * kv_heads * d * es;
     CU(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "kv gpu stream");
     for (int i = 0; i < 2; i++) CU(cudaEventCreateWithFlags(&g->ev[i], cudaEventDisableTiming), "kv gpu event");
@@ -1131,6 +1168,11 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     if (!g) return;
     kvgpu_release_all(NULL); // (every queued chain released first: the frees wait for the device)
     if (g->st) cudaStreamSynchronize(g->st);
+    sc_unstore(g);
+    free(g->hst);
+    free(g->dbase);
+    free(g->segoff);
+    cudaFree(g->dstore);
     cudaFree(g->KV);
     cudaFreeHost(g->hstage);
     cudaFree(g->q);
@@ -1336,23 +1378,98 @@ done:
 }
 
 // The staging's layout for n slots: the weights (kvh * sC floats), then the header (n * 3 ints),
-// then the rows (n * 2 * d values), each part at a 16-byte boundary; returns the bytes.
-static size_t sc_layout(const kst_kvgpu *g, size_t n, size_t *hdr_at, size_t *rows_at) {
+// then the rows (n * 2 * d values), each part at a 16-byte boundary; returns the bytes. dir (the
+// cache's rows registered, kst_kvgpu_sc_store): the header (n * 4 ints) and no rows.
+static size_t sc_layout(const kst_kvgpu *g, size_t n, int dir, size_t *hdr_at, size_t *rows_at) {
     size_t es = g->f16 ? 2 : 4, a = (g->kvh * g->sC * sizeof(float) + 15) / 16 * 16;
     *hdr_at = a;
-    *rows_at = a + (n * 3 * sizeof(int) + 15) / 16 * 16;
-    return *rows_at + n * 2 * g->d * es;
+    *rows_at = a + (n * (dir ? 4 : 3) * sizeof(int) + 15) / 16 * 16;
+    return *rows_at + (dir ? 0 : n * 2 * g->d * es);
 }
 
-extern "C" int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err) {
+static void sc_unstore(kst_kvgpu *g) {
+    for (size_t i = 0; g->hst && i < 2 * g->kvh; i++) {
+        for (size_t k = 0; g->hst[i] && k < g->nseg; k++) cudaHostUnregister((char *)g->hst[i] + g->segoff[k]);
+        g->hst[i] = NULL;
+    }
+    cudaGetLastError();
+    g->stb = g->nseg = 0;
+}
+
+extern "C" int kst_kvgpu_sc_store(kst_kvgpu *g, const void *const *K, const void *const *V, size_t bytes,
+                                  kst_error *err) {
+    int rc = KST_OK;
+    size_t H = 2 * g->kvh, k = 0;
+    int same = g->stb > 0;
+    for (size_t i = 0; same && K && i < H; i++) same = g->hst[i] == (i & 1 ? V[i / 2] : K[i / 2]);
+    bytes = (bytes + 4095) / 4096 * 4096; // (whole pages: the caller's buffers are, kv_graph.c)
+    if (same && bytes <= g->stb) return KST_OK;
+    if (!g->stb && (!K || g->smap < 2 || !bytes)) return KST_OK;
+    KST_TRY(kvgpu_release_all(err)); // (a registration may wait for the device, and so for a queued chain)
+    if (g->sev_rec) CU(cudaEventSynchronize(g->sev), "kv gpu sample cache upload"); // (the scatter reading the rows)
+    g->sev_rec = 0;
+    if (!same) sc_unstore(g);
+    if (!K || g->smap < 2 || !bytes) return KST_OK;
+    for (size_t i = 0; i < H; i++) // (buffers not page-aligned, e.g. small ones, may share pages: staged)
+        if ((uintptr_t)(i & 1 ? V[i / 2] : K[i / 2]) % 4096) return KST_OK;
+    if (!g->hst && !(g->hst = (const void **)calloc(H, sizeof(void *))))
+        return kst_fail(err, KST_ERR_NOMEM, "kv gpu: out of memory for %zu store addresses", H);
+    if (!g->dbase && !(g->dbase = (void **)calloc(H, sizeof(void *))))
+        return kst_fail(err, KST_ERR_NOMEM, "kv gpu: out of memory for %zu store addresses", H);
+    if (g->nseg == g->segcap) {
+        size_t nc = g->segcap ? 2 * g->segcap : 8, *p = (size_t *)realloc(g->segoff, nc * sizeof(size_t));
+        if (!p) return kst_fail(err, KST_ERR_NOMEM, "kv gpu: out of memory for %zu store segments", nc);
+        g->segoff = p, g->segcap = nc;
+    }
+    if (!g->dstore) CU(cudaMalloc((void **)&g->dstore, H * sizeof(void *)), "kv gpu store addresses");
+    // a new segment [stb, bytes) of every buffer: its device address must continue the first's
+    for (k = 0; k < H; k++) {
+        char *p = (char *)(k & 1 ? V[k / 2] : K[k / 2]) + g->stb;
+        void *dp = NULL;
+        cudaError_t ce = cudaHostRegister(p, bytes - g->stb, cudaHostRegisterMapped | cudaHostRegisterReadOnly);
+        if (ce != cudaSuccess) {
+            cudaGetLastError();
+            ce = cudaHostRegister(p, bytes - g->stb, cudaHostRegisterMapped);
+        }
+        if (ce == cudaSuccess) {
+            ce = cudaHostGetDevicePointer(&dp, p, 0);
+            if (ce == cudaSuccess && g->stb && (char *)dp != (char *)g->dbase[k] + g->stb) ce = cudaErrorInvalidValue;
+            if (ce != cudaSuccess) cudaHostUnregister(p);
+        }
+        if (ce != cudaSuccess) break;
+        if (!g->stb) g->dbase[k] = dp;
+    }
+    if (k < H) { // (refused, e.g. no room to pin: every segment let go, the rows staged instead)
+        cudaGetLastError();
+        for (size_t i = 0; i < k; i++) cudaHostUnregister((char *)(i & 1 ? V[i / 2] : K[i / 2]) + g->stb);
+        cudaGetLastError();
+        sc_unstore(g);
+        return KST_OK;
+    }
+    for (size_t i = 0; !g->stb && i < H; i++) g->hst[i] = i & 1 ? V[i / 2] : K[i / 2];
+    g->segoff[g->nseg++] = g->stb;
+    if (g->nseg == 1) {
+        g->stb = bytes;
+        CU(cudaMemcpy(g->dstore, g->dbase, H * sizeof(void *), cudaMemcpyHostToDevice), "kv gpu store addresses");
+    }
+    g->stb = bytes;
+done:
+    if (rc != KST_OK) sc_unstore(g);
+    return rc;
+}
+
+extern "C" int kst_kvgpu_sc_stored(const kst_kvgpu *g) { return g->stb > 0; }
+
+extern "C" int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, float **lw, kst_error *err) {
     int rc = KST_OK;
     size_t ha, ra, need;
     if (!g->sC) return kst_fail(err, KST_ERR_INVALID, "kv gpu: no sample cache reserved");
     if (g->sev_rec) CU(cudaEventSynchronize(g->sev), "kv gpu sample cache upload"); // (done by now, as a rule)
     g->sev_rec = 0;
-    need = sc_layout(g, n, &ha, &ra);
+    g->sdir = g->stb > 0;
+    need = sc_layout(g, n, g->sdir, &ha, &ra);
     if (need > g->sall) {
-        size_t cap = n + n / 2 + 64, bytes = sc_layout(g, cap, &ha, &ra);
+        size_t cap = n + n / 2 + 64, bytes = sc_layout(g, cap, 0, &ha, &ra); // (room for either layout)
         cudaFree(g->dsall);
         cudaFreeHost(g->hsall);
         g->dsall = g->hsall = g->dsmap = NULL;
@@ -1364,24 +1481,29 @@ extern "C" int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **ro
             CU(cudaMalloc((void **)&g->dsall, bytes), "kv gpu sample cache staging");
         }
         g->sall = bytes;
-        sc_layout(g, n, &ha, &ra);
+        sc_layout(g, n, g->sdir, &ha, &ra);
     }
     g->sn = n;
     *hdr = (int *)(g->hsall + ha);
-    *rows = g->hsall + ra;
+    *rows = g->sdir ? NULL : g->hsall + ra;
+    if (lw) *lw = (float *)g->hsall;
 done:
+    if (rc != KST_OK) g->sn = SIZE_MAX;
     return rc;
 }
 
 extern "C" int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_error *err) {
     int rc = KST_OK;
-    size_t ha, ra, nlw = g->kvh * g->sC, bytes = sc_layout(g, n, &ha, &ra);
+    size_t ha, ra, nlw = g->kvh * g->sC, bytes = sc_layout(g, n, g->sdir, &ha, &ra);
     if (!g->sC || n != g->sn || bytes > g->sall)
         return kst_fail(err, KST_ERR_MISUSE, "kv gpu: %zu sample cache slots sent, %zu staged (kst_kvgpu_sc_staging first)",
                         n, g->sn);
+    if (g->sdir && !g->stb)
+        return kst_fail(err, KST_ERR_MISUSE, "kv gpu: the staged slots name rows no longer registered (kst_kvgpu_sc_store "
+                        "after kst_kvgpu_sc_staging: stage them again)");
     KST_TRY(kst_kvgpu_disarm(g, err));
     if (!n && !lw) return KST_OK;
-    if (lw) memcpy(g->hsall, lw, nlw * sizeof(float));
+    if (lw && lw != (const float *)g->hsall) memcpy(g->hsall, lw, nlw * sizeof(float));
     { // one kernel reading the staging where it is (mapped), or one copy (from the weights, or from
       // the header where they are not sent) and the kernel
         size_t from = lw ? 0 : ha;
@@ -1392,22 +1514,23 @@ extern "C" int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_er
                "kv gpu sample cache upload");
         const int *dh = (const int *)(base + ha);
         const float *dl = lw ? (const float *)base : NULL;
+        int d = (int)g->d;
         if (g->sq8 && g->f16)
-            sc_scatter_q8_kernel<__half><<<nb, 128, 0, g->st>>>(dh, (const __half *)(base + ra), (int)n, dl, g->sclw,
-                                                                (int)nlw, (int8_t *)g->tK, (int8_t *)g->tV, g->tsc, g->scid,
-                                                                (int)g->tns, (int)g->tch, (int)g->d);
+            sc_scatter_q8_kernel<__half><<<nb, 128, 0, g->st>>>(
+                ScSrc<__half>{dh, (const __half *)(base + ra), g->sdir ? (const __half *const *)g->dstore : NULL, d}, (int)n,
+                dl, g->sclw, (int)nlw, (int8_t *)g->tK, (int8_t *)g->tV, g->tsc, g->scid, (int)g->tns, (int)g->tch, d);
         else if (g->sq8)
-            sc_scatter_q8_kernel<float><<<nb, 128, 0, g->st>>>(dh, (const float *)(base + ra), (int)n, dl, g->sclw,
-                                                               (int)nlw, (int8_t *)g->tK, (int8_t *)g->tV, g->tsc, g->scid,
-                                                               (int)g->tns, (int)g->tch, (int)g->d);
+            sc_scatter_q8_kernel<float><<<nb, 128, 0, g->st>>>(
+                ScSrc<float>{dh, (const float *)(base + ra), g->sdir ? (const float *const *)g->dstore : NULL, d}, (int)n,
+                dl, g->sclw, (int)nlw, (int8_t *)g->tK, (int8_t *)g->tV, g->tsc, g->scid, (int)g->tns, (int)g->tch, d);
         else if (g->f16)
-            sc_scatter_kernel<__half><<<nb, 128, 0, g->st>>>(dh, (const __half *)(base + ra), (int)n, dl, g->sclw,
-                                                             (int)nlw, (__half *)g->tK, (__half *)g->tV, g->scid,
-                                                             (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
+            sc_scatter_kernel<__half><<<nb, 128, 0, g->st>>>(
+                ScSrc<__half>{dh, (const __half *)(base + ra), g->sdir ? (const __half *const *)g->dstore : NULL, d}, (int)n,
+                dl, g->sclw, (int)nlw, (__half *)g->tK, (__half *)g->tV, g->scid, (int)g->tns, (int)g->tch, d, g->sgrp);
         else
-            sc_scatter_kernel<float><<<nb, 128, 0, g->st>>>(dh, (const float *)(base + ra), (int)n, dl, g->sclw,
-                                                            (int)nlw, (float *)g->tK, (float *)g->tV, g->scid,
-                                                            (int)g->tns, (int)g->tch, (int)g->d, g->sgrp);
+            sc_scatter_kernel<float><<<nb, 128, 0, g->st>>>(
+                ScSrc<float>{dh, (const float *)(base + ra), g->sdir ? (const float *const *)g->dstore : NULL, d}, (int)n,
+                dl, g->sclw, (int)nlw, (float *)g->tK, (float *)g->tV, g->scid, (int)g->tns, (int)g->tch, d, g->sgrp);
         CU(cudaGetLastError(), "kv gpu sample cache scatter");
     }
     CU(cudaEventRecord(g->sev, g->st), "kv gpu sample cache event");

@@ -132,14 +132,28 @@ int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t 
 /* Pinned staging for n slots of the table (grown as needed, never shrunk: the caller sends in
  * pieces, kv.c at most 4,096 slots a send; once the last send's scatter is done). The GPU reads
  * it in place through its mapped address; with KESTREL_KV_SC_MAPPED=0 (or where the driver gives
- * no device address) through a copy on the GPU of the same size, sent with it:
- * *hdr (n, 3) ints, each a KV head, its slot and its cluster (-1: free, its rows unread), and
- * *rows (n, 2, d) values in the cache's dtype, the slot's key and value rows (with q8, the table
- * in 8 bits, quantized on the GPU as kst_kv_q8 does on the CPU). */
-int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, kst_error *err);
+ * no device address) through a copy on the GPU of the same size, sent with it. *lw (may be NULL):
+ * room for the clusters' log weights (kv_heads, C) to be sent (then pass it to kst_kvgpu_sc_send:
+ * no copy). *hdr (n, 3) ints, each a KV head, its slot and its cluster (-1: free, its rows unread),
+ * and *rows (n, 2, d) values in the cache's dtype, the slot's key and value rows (with q8, the table
+ * in 8 bits, quantized on the GPU as kst_kv_q8 does on the CPU). Where the cache's rows are
+ * registered (kst_kvgpu_sc_store), *rows is NULL and *hdr (n, 4) ints: the 4th the slot's row
+ * in its KV head's keys and values, which the GPU reads there. An entry whose KV head is -1 is
+ * skipped. */
+int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, float **lw, kst_error *err);
+/* Registers (pins and maps) the first `bytes` (rounded up to whole pages) of each KV head's cached
+ * rows K[h], V[h] (the cache's dtype, (rows, d); page-aligned buffers of whole pages) so that the
+ * sample cache's scatter reads the rows it adds where they are, none staged (KESTREL_KV_SC_MAPPED
+ * unset or 2 at creation; 0 and 1 leave them unregistered). The same buffers with more bytes
+ * register the rest as a new segment (pinning only what the cache holds); other buffers, or K
+ * NULL, unregister all first, once the last scatter is done (call it with NULL before the rows
+ * move or are freed). Where the driver refuses (no room to pin), nothing stays registered and the
+ * rows are staged: kst_kvgpu_sc_stored says which. Staged slots may only name rows registered. */
+int kst_kvgpu_sc_store(kst_kvgpu *g, const void *const *K, const void *const *V, size_t bytes, kst_error *err);
+int kst_kvgpu_sc_stored(const kst_kvgpu *g);
 /* Queues the n slots of the last staging (n as staged; one kernel writes them into the table,
- * reading the staging in place or, not mapped, after one copy with the weights) and, where lw is
- * not NULL, the clusters' log weights lw (kv_heads, C)
+ * reading the staging, and the cache's rows where registered, in place or, not mapped, after one
+ * copy with the weights) and, where lw is not NULL, the clusters' log weights lw (kv_heads, C)
  * on the step's stream: the next launch sees them. */
 int kst_kvgpu_sc_send(kst_kvgpu *g, size_t n, const float *lw, kst_error *err);
 /* The last step's centroid scores (q_heads, C) downloaded (queued once its partials are in: they

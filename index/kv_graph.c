@@ -480,8 +480,9 @@ void kst_kvg_advise_huge(void *p, size_t bytes) {
 }
 
 int kst_kvg_grow_big(void **p, size_t old_bytes, size_t new_bytes, const char *what, kst_error *err) {
-    const size_t H = (size_t)2 << 20;
-    void *q = kst_malloc_aligned(1, new_bytes, new_bytes >= H ? H : 64, what, err);
+    const size_t H = (size_t)2 << 20, P = 4096; /* (from a page on: whole pages of its own, which the GPU may register) */
+    size_t a = new_bytes >= H ? H : new_bytes >= P ? P : 64, nb = new_bytes >= P ? (new_bytes + P - 1) / P * P : new_bytes;
+    void *q = kst_malloc_aligned(1, nb, a, what, err);
     if (!q) return KST_ERR_NOMEM;
     kst_kvg_advise_huge(q, new_bytes);
     if (*p && old_bytes) memcpy(q, *p, old_bytes < new_bytes ? old_bytes : new_bytes);

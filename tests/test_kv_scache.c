@@ -1045,8 +1045,11 @@ static kst_kvc *make_cache(const kst_kvc_opts *o, float *K, float *V, size_t n, 
  * (sc_check) and its plan the float64 plan of the query rows of the two steps before it (of the
  * first step after steps 0 and 1). In (c) the GPU's uploads go in pieces of at most 64 rows
  * (KESTREL_KV_SC_PIECE; 2,048 by default): the first plans' 512 rows in 8. Runs 3 and 4 repeat
- * (b) and (c) with the table in 8 bits; on the GPU, run 3's new rows reach the scatter kernel
- * through a copy of their staging (KESTREL_KV_SC_MAPPED=0), the others' are read in place. */
+ * (b) and (c) with the table in 8 bits. On the GPU the scatter kernel reads the new rows where
+ * the cache holds them (registered; re-registered after step 5's move; each KV head's changes
+ * named in its own region of the staging, in run 4 of 64 entries, so that a KV head with more
+ * goes through the pieces), but in run 2 from their staging in pinned memory
+ * (KESTREL_KV_SC_MAPPED=1) and in run 3 from a copy of it (=0). */
 static void run_steps(int gpu) {
     const size_t H = 2, ncent = 24, nq = 48, C = 32, B = 128, steps = 7, n0 = 1500 + 4 + 64, nmax = n0 + 540;
     static const size_t tk[3] = {16, 4, 64}, efs[3] = {48, 16, 128};
@@ -1071,7 +1074,7 @@ static void run_steps(int gpu) {
         o.gpu = gpu;
         o.group_search = run == 2 || run == 4;
         if (o.group_search) setenv("KESTREL_KV_SC_PIECE", "64", 1); /* (the GPU's uploads in pieces of 64 rows) */
-        if (run == 3) setenv("KESTREL_KV_SC_MAPPED", "0", 1); /* (the GPU's new rows through a copy of their staging) */
+        if (run == 2 || run == 3) setenv("KESTREL_KV_SC_MAPPED", run == 2 ? "1" : "0", 1); /* (the rows staged) */
         kst_kvc *c = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 1);
         unsetenv("KESTREL_KV_SC_PIECE");
         unsetenv("KESTREL_KV_SC_MAPPED");
@@ -1408,7 +1411,11 @@ static void test_two_layers(void **state) {
  * the grouped kernel's (a KV head's chunk a block: chunks of 1,000 (four lists of 256 merged),
  * 750, 700, 400, 200 and 100 (a row's pieces over threads), float16 and float32, G 1..8, d 32..128,
  * d 96 and 36 leaving lanes idle) and two shapes that keep a block a query head (G P > 4,096;
- * d 136); each again with KESTREL_KV_GPU_TGRP=0 (every shape a block a query head). */
+ * d 136); each again with KESTREL_KV_GPU_TGRP=0 (every shape a block a query head). Each shape's
+ * rows staged in one pass and, in the other, read where they are (kst_kvgpu_sc_store: per KV head
+ * page-aligned key and value arrays, registered in segments (a page, then 4 times as many bytes
+ * each time), slot j's rows at row 2 (cap - 1 - j) + 1, the header naming them, half the free
+ * slots' entries skipped (KV head -1); the weights written into the staging's own room). */
 static void test_gpu_items(void **state) {
     (void)state;
     if (!tc_have_gpu()) skip_because("no CUDA device (or not a CUDA build): the GPU's sample cache items not checked");
@@ -1449,23 +1456,38 @@ static void test_gpu_items(void **state) {
             assert_non_null(cent && K && V && lw && Q && o && lse && cid && s && want);
             for (size_t i = 0; i < kvh * d * C; i++) cent[i] = (float)kv_gauss();
             assert_ok(kst_kvgpu_sc_reserve(g, cap, ch, nc, C, cent, q8, &err), &err);
-            int *hdr;
-            void *rows;
-            assert_ok(kst_kvgpu_sc_staging(g, kvh * cap, &hdr, &rows, &err), &err);
+            int dir = (int)((ci + (size_t)pass) % 2), *hdr, hs = dir ? 4 : 3;
+            size_t es = cf[ci].f16 ? 2 : 4, sb = (2 * cap * d * es + 4095) / 4096 * 4096;
+            void *rows, *sto[16] = {0};
+            float *plw = NULL;
+            assert_true(2 * kvh <= 16);
+            if (dir) {
+                for (size_t i = 0; i < 2 * kvh; i++) assert_int_equal(posix_memalign(&sto[i], 4096, sb), 0);
+                for (size_t part = 4096; part < sb; part *= 4) /* (registered in segments: the first page, then 4x) */
+                    assert_ok(kst_kvgpu_sc_store(g, (const void *const *)sto, (const void *const *)sto + kvh, part, &err), &err);
+                assert_ok(kst_kvgpu_sc_store(g, (const void *const *)sto, (const void *const *)sto + kvh, sb, &err), &err);
+                if (!kst_kvgpu_sc_stored(g)) fail_msg("shape %zu: the rows' registration refused", ci);
+            }
+            assert_ok(kst_kvgpu_sc_staging(g, kvh * cap, &hdr, &rows, dir ? &plw : NULL, &err), &err);
+            if (dir ? rows || !plw : !rows) fail_msg("shape %zu: staging rows %p, weights %p (rows registered: %d)", ci, rows, (void *)plw, dir);
             for (size_t kh = 0; kh < kvh; kh++)
                 for (size_t j = 0; j < cap; j++) {
-                    size_t e = kh * cap + j;
+                    size_t e = kh * cap + j, row = 2 * (cap - 1 - j) + 1;
                     kv_rng = kv_rng * 6364136223846793005ull + 1442695040888963407ull;
                     cid[e] = (kv_rng >> 33) % 8 == 0 ? -1 : (int)((kv_rng >> 40) % C);
-                    hdr[3 * e] = (int)kh, hdr[3 * e + 1] = (int)j, hdr[3 * e + 2] = cid[e];
+                    /* (half the free slots' entries named, half skipped: KV head -1; the slot starts free) */
+                    hdr[hs * e] = dir && cid[e] < 0 && j % 2 ? -1 : (int)kh, hdr[hs * e + 1] = (int)j, hdr[hs * e + 2] = cid[e];
+                    if (dir) hdr[hs * e + 3] = (int)row;
                     for (size_t i = 0; i < 2 * d; i++) {
                         float x = (float)kv_gauss() * (q8 && i % 17 == 5 ? 4.0f : 1.0f); /* (8 bits: some larger dims) */
+                        char *at = dir ? (char *)sto[(i < d ? 0 : kvh) + kh] + (row * d + i % d) * es
+                                       : (char *)rows + (e * 2 * d + i) * es;
                         if (cf[ci].f16) {
                             uint16_t b = kst_f32_to_f16(x);
                             x = kst_f16_to_f32(b);
-                            ((uint16_t *)rows)[e * 2 * d + i] = b;
+                            memcpy(at, &b, 2);
                         } else
-                            ((float *)rows)[e * 2 * d + i] = x;
+                            memcpy(at, &x, 4);
                         (i < d ? K : V)[e * d + i % d] = x;
                     }
                     if (q8) { /* (the GPU quantizes the staged rows: float64 reads their 8-bit values) */
@@ -1475,7 +1497,8 @@ static void test_gpu_items(void **state) {
                     }
                 }
             for (size_t i = 0; i < kvh * C; i++) lw[i] = i % C == 3 ? -INFINITY : logf(1.0f + (float)(i * 7 % 19));
-            assert_ok(kst_kvgpu_sc_send(g, kvh * cap, lw, &err), &err);
+            if (plw) memcpy(plw, lw, kvh * C * sizeof(float));
+            assert_ok(kst_kvgpu_sc_send(g, kvh * cap, plw ? plw : lw, &err), &err);
             for (size_t i = 0; i < qh * d; i++) Q[i] = 1.5f * (float)kv_gauss();
             assert_ok(kst_kvgpu_partial_start(g, Q, 0, 0, 0, &err), &err);
             assert_ok(kst_kvgpu_partial_wait(g, o, lse, &err), &err);
@@ -1529,7 +1552,8 @@ static void test_gpu_items(void **state) {
                     free(in);
                     checked++;
                 }
-            kst_kvgpu_free(g);
+            kst_kvgpu_free(g); /* (unregisters the rows) */
+            for (size_t i = 0; i < 2 * kvh; i++) free(sto[i]);
             free(cent), free(K), free(V), free(lw), free(Q), free(o), free(lse), free(cid), free(s), free(want);
         }
     }
