@@ -1127,6 +1127,10 @@ done:
     return rc;
 }
 
+#ifdef KST_CUDA
+static int sc_map_rows(kst_kvc *c, kv_layer *L, kst_error *err);
+#endif
+
 int kst_kvc_reserve(kst_kvc *c, size_t layer, size_t n, kst_error *err) {
     int rc = check_layer(c, layer, "kst_kv_reserve", err);
     if (rc != KST_OK) return rc;
@@ -1138,6 +1142,9 @@ int kst_kvc_reserve(kst_kvc *c, size_t layer, size_t n, kst_error *err) {
         for (size_t h = 0; h < c->o.kv_heads; h++)
             KST_TRY(kst_kvg_reserve(&L->heads[h].g, n - c->o.sinks - c->o.window, err));
     }
+#ifdef KST_CUDA
+    if (L->built && c->tclust && c->tcache) KST_TRY(sc_map_rows(c, L, err)); /* (moved rows pinned again here, not at a step) */
+#endif
 done:
     return rc;
 }
@@ -1213,7 +1220,9 @@ static int sc_map_rows(kst_kvc *c, kv_layer *L, kst_error *err) {
     const void **kv = kst_malloc(2 * H, sizeof(void *), "tail sample cache rows", err);
     if (!kv) return KST_ERR_NOMEM;
     for (size_t h = 0; h < H; h++) kv[h] = L->heads[h].K, kv[H + h] = L->heads[h].V;
+    double t0 = c->prof ? mono_s() : 0;
     int rc = kst_kvgpu_sc_store(L->gpu, kv, kv + H, want, err);
+    if (c->prof) c->prof->sc_regs++, c->prof->sc_reg += mono_s() - t0;
     kst_free(kv);
     if (rc == KST_OK) L->sc_map = want;
     return rc;
@@ -2658,7 +2667,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         size_t nup = c->sc_sends;
         rc = sc_begin(c, L, sc_g, &scu, err);
         if (pf) {
-            pf->sc_begin += mono_s() - tb;
+            double dt = mono_s() - tb;
+            pf->sc_begin += dt;
+            if (dt > pf->sc_begin_max) pf->sc_begin_max = dt;
             pf->sc_begin_up += c->sc_sends != nup;
         }
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);

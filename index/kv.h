@@ -476,6 +476,9 @@ typedef struct kst_kvc_prof {
     double pre;          /* seconds of kst_kvc_attend before its parallel part (of gpu_start) */
     double sc_begin;     /* of it, the sample cache's own upkeep at a step's start (joins, copies) */
     size_t sc_begin_up;  /* steps that sent the table's changes from there */
+    double sc_begin_max; /* the longest such upkeep at a step's start */
+    size_t sc_regs;      /* the cache's rows registered for the GPU to read in place: calls that pinned more */
+    double sc_reg;       /* seconds they took */
 } kst_kvc_prof;
 void kst_kvc_set_prof(kst_kvc *c, kst_kvc_prof *p);
 

@@ -82,7 +82,7 @@ struct kst_kvgpu {
     // the weights and the slots staged in pinned memory, one block (hsall, sall bytes) laid out as
     // sc_layout says, scattered into the table on the stream by a kernel that reads it there
     // (smap 1: through its device address dsmap, mapped) or from a copy (dsall, its device twin,
-    // KESTREL_KV_SC_MAPPED=0); sev: the last such scatter. smap 2 (the default): where the cache's
+    // KESTREL_KV_SC_MAPPED=0); sev: the last such scatter. smap 2 (KESTREL_KV_SC_MAPPED=2): where the cache's
     // own rows are registered (kst_kvgpu_sc_store: hst, the host bases, K then V of each KV head,
     // their first stb bytes, in nseg segments from the offsets segoff; dbase, their device
     // addresses, also on the device in dstore), the staging names each slot's row (header (n, 4))
@@ -1113,8 +1113,8 @@ extern "C" int kst_kvgpu_create(size_t q_heads, size_t kv_heads, size_t d, size_
     g->tgrp = !(getenv("KESTREL_KV_GPU_TGRP") && atoi(getenv("KESTREL_KV_GPU_TGRP")) == 0);
     g->timing = getenv("KESTREL_KV_GPU_TIME") && atoi(getenv("KESTREL_KV_GPU_TIME")) == 1;
     g->tdirect = !(getenv("KESTREL_KV_GPU_DIRECT") && atoi(getenv("KESTREL_KV_GPU_DIRECT")) == 0);
-    g->smap = getenv("KESTREL_KV_SC_MAPPED") && atoi(getenv("KESTREL_KV_SC_MAPPED")) < 2
-                  ? !!atoi(getenv("KESTREL_KV_SC_MAPPED")) : 2;
+    g->smap = getenv("KESTREL_KV_SC_MAPPED") ? atoi(getenv("KESTREL_KV_SC_MAPPED")) : 1;
+    g->smap = g->smap < 0 ? 0 : g->smap > 2 ? 2 : g->smap;
     size_t es = f16 ? 2 : 4, bytes = g->cap * 2 * kv_heads * d * es;
     CU(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "kv gpu stream");
     for (int i = 0; i < 2; i++) CU(cudaEventCreateWithFlags(&g->ev[i], cudaEventDisableTiming), "kv gpu event");

@@ -143,8 +143,8 @@ int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t nc, size_t 
 int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **rows, float **lw, kst_error *err);
 /* Registers (pins and maps) the first `bytes` (rounded up to whole pages) of each KV head's cached
  * rows K[h], V[h] (the cache's dtype, (rows, d); page-aligned buffers of whole pages) so that the
- * sample cache's scatter reads the rows it adds where they are, none staged (KESTREL_KV_SC_MAPPED
- * unset or 2 at creation; 0 and 1 leave them unregistered). The same buffers with more bytes
+ * sample cache's scatter reads the rows it adds where they are, none staged (only with
+ * KESTREL_KV_SC_MAPPED=2 at creation; unset, 1 or 0, a no-op). The same buffers with more bytes
  * register the rest as a new segment (pinning only what the cache holds); other buffers, or K
  * NULL, unregister all first, once the last scatter is done (call it with NULL before the rows
  * move or are freed). Where the driver refuses (no room to pin), nothing stays registered and the

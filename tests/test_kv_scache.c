@@ -1046,10 +1046,10 @@ static kst_kvc *make_cache(const kst_kvc_opts *o, float *K, float *V, size_t n, 
  * first step after steps 0 and 1). In (c) the GPU's uploads go in pieces of at most 64 rows
  * (KESTREL_KV_SC_PIECE; 2,048 by default): the first plans' 512 rows in 8. Runs 3 and 4 repeat
  * (b) and (c) with the table in 8 bits. On the GPU the scatter kernel reads the new rows where
- * the cache holds them (registered; re-registered after step 5's move; each KV head's changes
- * named in its own region of the staging, in run 4 of 64 entries, so that a KV head with more
- * goes through the pieces), but in run 2 from their staging in pinned memory
- * (KESTREL_KV_SC_MAPPED=1) and in run 3 from a copy of it (=0). */
+ * the cache holds them (KESTREL_KV_SC_MAPPED=2: registered; again after step 5's move; each KV
+ * head's changes named in its own region of the staging, in run 4 of 64 entries, so that a KV
+ * head with more goes through the pieces), but in run 2 from their staging in pinned memory
+ * (=1, the default) and in run 3 from a copy of it (=0). */
 static void run_steps(int gpu) {
     const size_t H = 2, ncent = 24, nq = 48, C = 32, B = 128, steps = 7, n0 = 1500 + 4 + 64, nmax = n0 + 540;
     static const size_t tk[3] = {16, 4, 64}, efs[3] = {48, 16, 128};
@@ -1074,7 +1074,8 @@ static void run_steps(int gpu) {
         o.gpu = gpu;
         o.group_search = run == 2 || run == 4;
         if (o.group_search) setenv("KESTREL_KV_SC_PIECE", "64", 1); /* (the GPU's uploads in pieces of 64 rows) */
-        if (run == 2 || run == 3) setenv("KESTREL_KV_SC_MAPPED", run == 2 ? "1" : "0", 1); /* (the rows staged) */
+        /* (the rows read where they are, registered; run 2: staged, read in place, the default; 3: staged, copied) */
+        setenv("KESTREL_KV_SC_MAPPED", run == 2 ? "1" : run == 3 ? "0" : "2", 1);
         kst_kvc *c = make_cache(&o, K, V, n0, attn ? Qp : NULL, attn ? nq : 0, C, 0.5f, 1);
         unsetenv("KESTREL_KV_SC_PIECE");
         unsetenv("KESTREL_KV_SC_MAPPED");
@@ -1435,7 +1436,9 @@ static void test_gpu_items(void **state) {
             float scale = 1.0f / sqrtf((float)d);
             kst_error err;
             kst_kvgpu *g = NULL;
+            setenv("KESTREL_KV_SC_MAPPED", "2", 1); /* (the cache's rows may be registered: kst_kvgpu_sc_store) */
             assert_ok(kst_kvgpu_create(qh, kvh, d, 4, 64, cf[ci].f16, scale, &g, &err), &err);
+            unsetenv("KESTREL_KV_SC_MAPPED");
             size_t P = 32;
             while (P < ch) P <<= 1;
             if (q8 && !(G <= 8 && d <= 128 && d % 16 == 0 && G * P <= 4096)) { /* (kv_cuda.h: the 8-bit table only grouped) */

@@ -274,13 +274,15 @@ int main(int argc, char **argv) {
     kst_kvc *c;
     kst_error e;
     if (kst_kvc_create(&o, &c, &e)) die("create", &e);
-    double tb = 0;
+    double tb = 0, tr = 0;
     for (int l = 0; l < L; l++) {
         if (kvb_append(c, (size_t)l, N, K0, V0, perm, sgn, &e)) die("append", &e);
         double a = now_s();
         if (kst_kvc_build_copied(c, (size_t)l, Qpre, NPRE, &e)) die("build", &e);
         tb += now_s() - a;
+        a = now_s();
         if (kst_kvc_reserve(c, (size_t)l, N + 8 * steps + 4096, &e)) die("reserve", &e);
+        tr += now_s() - a;
     }
     { /* the process's resident and huge-page memory (THP "madvise": kst_kvg_advise_huge) */
         FILE *f = fopen("/proc/self/smaps_rollup", "r");
@@ -289,7 +291,8 @@ int main(int argc, char **argv) {
             if (!strncmp(line, "Rss:", 4) || !strncmp(line, "AnonHugePages:", 14)) printf("(%s", line);
         if (f) fclose(f);
     }
-    printf("(build %.1f s for %d layers; cache %.0f MB per layer in CPU memory + index %.0f MB; GPU holds %.2f MB for all)\n", tb, L,
+    printf("(build %.1f s for %d layers, reserve %.3f s (the rows moved, and pinned again where the GPU reads them in place);"
+           " cache %.0f MB per layer in CPU memory + index %.0f MB; GPU holds %.2f MB for all)\n", tb, L, tr,
            2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0, kst_kvc_gpu_bytes(c) / 1048576.0);
     /* the default budget's search (bench_kv_gpu layer "head+codes/sp1015/sk8/x2", ef 128) */
     kst_kvc_set_search(c, 0, 1);
@@ -433,6 +436,9 @@ int main(int argc, char **argv) {
                        1e6 * pf.sc_up / pf.sc_steps, 1e6 * pf.sc_gather / pf.sc_steps, 1e6 * pf.sc_send / pf.sc_steps,
                        1e6 * pf.sc_ahead / pf.sc_steps, 1e6 * pf.sc_ahead_cpu / pf.sc_steps, 1e6 * pf.pre / pf.sc_steps,
                        1e6 * pf.sc_begin / pf.sc_steps, pf.sc_begin_up, pf.sc_steps);
+            if (pf.sc_steps) /* where the GPU reads the rows in place: their pinning, in the row's steps */
+                printf("  (%s: sample cache: the longest upkeep at a step's start %.2f ms; the cache's rows registered for the"
+                       " GPU in %zu calls, %.1f ms)\n", row, 1e3 * pf.sc_begin_max, pf.sc_regs, 1e3 * pf.sc_reg);
             if (pf.gpu_steps) /* the GPU's partial's life: us from the call's start, means over steps */
                 printf("  (%s: GPU partial: launched at %.1f, seen in at %.1f, tail items first needed at %.1f (%zu of %zu"
                        " steps before seen); per thread: tail %.1f = wait %.1f + CPU estimate %.1f + rest; %.1f chunks"
