@@ -2303,14 +2303,16 @@ static inline void spin_pause(void) {
 #endif
 }
 
-/* KV head h's plan for the step after next made ahead (sc_plan_ahead, sc_end with ahead). */
-static void sc_plan_one(kst_kvc *c, kv_layer *L, size_t h, int *rc, kst_error *err) {
+/* KV head h's plan for the step after next made ahead (sc_plan_ahead, sc_end with ahead); next:
+ * made as the next plan (kst_kvsc_plan_make_next) while another thread holds the one before. */
+static void sc_plan_one(kst_kvc *c, kv_layer *L, size_t h, int next, int *rc, kst_error *err) {
     kv_hstore *H = &L->heads[h];
     kst_error e;
     H->sc_pna = SIZE_MAX;
     if (!H->sc.ready) return;
     double tp = c->prof ? mono_s() : 0;
-    int r = kst_kvsc_plan_make(&H->sc, &H->tc, c->tc_temp, c->o.tail_samples, &e);
+    int r = next ? kst_kvsc_plan_make_next(&H->sc, &H->tc, c->tc_temp, c->o.tail_samples, &e)
+                 : kst_kvsc_plan_make(&H->sc, &H->tc, c->tc_temp, c->o.tail_samples, &e);
     if (c->prof) {
         double dt = mono_s() - tp;
 #pragma omp atomic
@@ -2333,7 +2335,9 @@ static void sc_plan_one(kst_kvc *c, kv_layer *L, size_t h, int *rc, kst_error *e
  * below), and the copies queued. Where the GPU reads the rows where they are (registered,
  * kst_kvgpu_sc_store), each KV head has its own region of the staging instead, named by its
  * thread as soon as it is held (sc_stage_fixed), the last to finish queueing the copy: no wait
- * for every hold, no gather. Each KV head touches ~5 cache lines a row it adds or drops. */
+ * for every hold, no gather; and where the team has two threads a KV head and every plan to hold
+ * is made, a second thread pushes its scores and makes its next plan while the first holds
+ * (kst_kvsc_plan_make_next). Each KV head touches ~5 cache lines a row it adds or drops. */
 static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int gpu, int ahead, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     size_t G = o->q_heads / o->kv_heads, C = L->heads[0].sc.C, H = o->kv_heads;
@@ -2361,12 +2365,26 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
         fast = !rows;
     }
 #endif
-    for (size_t h = 0; h < H; h++) nd += !L->heads[h].sc.made;
+    int par0 = fast && ahead && cs && c->nth >= 2 * (int)H; /* (the next plans made beside the holds) */
+    for (size_t h = 0; h < H; h++) {
+        nd += !L->heads[h].sc.made;
+        par0 &= L->heads[h].sc.made && L->heads[h].sc.ready;
+    }
     if (pf) pf->sc_made_in += H - nd;
 #pragma omp parallel num_threads(c->nth) if (H > 1) /* (the steps' team: another size costs its threads' wake-up) */
     {
-#pragma omp for schedule(static) nowait
-        for (size_t h = 0; h < H; h++) {
+        int par = par0 && omp_get_num_threads() >= 2 * (int)H; /* (the same in every thread) */
+        size_t ntask = par ? 2 * H : H;
+#pragma omp for schedule(static, 1) nowait
+        for (size_t i = 0; i < ntask; i++) {
+#ifdef KST_CUDA
+            if (i >= H) { /* (par: KV head i - H's scores pushed and its next plan made, beside its hold) */
+                kst_kvsc_push(&L->heads[i - H].sc, cs + (i - H) * G * C);
+                sc_plan_one(c, L, i - H, 1, &rc, err);
+                continue;
+            }
+#endif
+            size_t h = i;
             kv_hstore *Hh = &L->heads[h];
             kst_kvsc *S = &Hh->sc;
             kst_error e;
@@ -2388,8 +2406,9 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
 #pragma omp atomic
                 pf->sc_apply += dt;
             }
-            if (r == KST_OK && !boot && cs) kst_kvsc_push(S, cs + h * G * C);
-            else if (r == KST_OK && !boot) {
+            if (r == KST_OK && !boot && cs) {
+                if (!par) kst_kvsc_push(S, cs + h * G * C);
+            } else if (r == KST_OK && !boot) {
                 kst_kvtc_scores(&Hh->tc, q + h * G * o->head_dim, G, o->scale, c->sc_cs + h * G * C);
                 kst_kvsc_push(S, c->sc_cs + h * G * C);
             }
@@ -2414,10 +2433,10 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
 #endif
         }
 #ifdef KST_CUDA
-        if (fast) {
-#pragma omp for schedule(static) nowait
+        if (fast && !par) {
+#pragma omp for schedule(static, 1) nowait
             for (size_t h = 0; h < H; h++) /* (the same thread as held it: its plan made after its hold) */
-                if (ahead) sc_plan_one(c, L, h, &rc, err);
+                if (ahead) sc_plan_one(c, L, h, 0, &rc, err);
         }
 #endif
 #pragma omp barrier
@@ -2451,7 +2470,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
                 sc_stage_head(c, L, (size_t)tid - H, 0, 0, SIZE_MAX, hdr, rows, plw);
                 sender = __atomic_add_fetch(&staged, 1, __ATOMIC_ACQ_REL) == H;
             } else if (tid < (int)H && ahead)
-                sc_plan_one(c, L, (size_t)tid, &rc, err);
+                sc_plan_one(c, L, (size_t)tid, 0, &rc, err);
         } else {
 #pragma omp for schedule(static) nowait
             for (size_t h = 0; h < H; h++) {
@@ -2459,7 +2478,7 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
                     sc_stage_head(c, L, h, 0, 0, SIZE_MAX, hdr, rows, plw);
                     if (__atomic_add_fetch(&staged, 1, __ATOMIC_ACQ_REL) == H && nth <= (int)H) sender = 1, skip = h;
                 }
-                if (ahead && h != skip) sc_plan_one(c, L, h, &rc, err);
+                if (ahead && h != skip) sc_plan_one(c, L, h, 0, &rc, err);
             }
         }
         if (sender) {
@@ -2469,12 +2488,14 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
             int r = sc_send(c, L, c->sc_off[H], plw, &e);
             if (r != KST_OK) first_err(&rc, err, r, &e);
             if (pf) t5 = mono_s();
-            if (ahead && skip != SIZE_MAX) sc_plan_one(c, L, skip, &rc, err);
+            if (ahead && skip != SIZE_MAX) sc_plan_one(c, L, skip, 0, &rc, err);
         }
 #endif
         }
     }
 #ifdef KST_CUDA
+    if (par0) /* (the next plans made beside the holds become the plans) */
+        for (size_t h = 0; h < H; h++) kst_kvsc_plan_take_next(&L->heads[h].sc);
     if (rc == KST_OK && gpu && (big || over)) rc = sc_upload(c, L, 0, err); /* (over: KV heads past their regions) */
 #endif
     if (rc != KST_OK) return rc;
@@ -2522,7 +2543,7 @@ static int sc_plan_ahead(kst_kvc *c, kv_layer *L, kst_error *err) {
     double t0 = c->prof ? mono_s() : 0;
     L->sc_ahead = 0;
 #pragma omp parallel for schedule(static) num_threads(c->nth) if (c->o.kv_heads > 1)
-    for (size_t h = 0; h < c->o.kv_heads; h++) sc_plan_one(c, L, h, &rc, err);
+    for (size_t h = 0; h < c->o.kv_heads; h++) sc_plan_one(c, L, h, 0, &rc, err);
     if (c->prof) c->prof->sc_ahead += mono_s() - t0;
     return rc;
 }

@@ -24,6 +24,7 @@ void kst_kvsc_free(kst_kvsc *S) {
     kst_free(S->chg);
     kst_free(S->xs);
     kst_kvtc_group_free(&S->A);
+    kst_kvtc_group_free(&S->An);
     memset(S, 0, sizeof *S);
 }
 
@@ -142,15 +143,12 @@ void kst_kvsc_push(kst_kvsc *S, const float *cs) {
     S->nh = S->nh < 2 ? S->nh + 1 : 2;
 }
 
-int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_error *err) {
-    if (!S->C) return KST_OK;
+/* The plan of the heads pushed into A (S->A, or S->An for the next one). */
+static int plan_into(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_kvtc_group *A, kst_error *err) {
     size_t G = S->G, C = S->C;
     if (budget > S->cap) budget = S->cap;
-    S->made = 0;
-    if (!S->nh) return KST_OK;
     /* the rows' normalized allocations averaged, each row's in the frame of its best centroid
      * score (one exponential pass a row; a cluster ~87 below every row's best gets none) */
-    kst_kvtc_group *A = &S->A;
     int rc = KST_OK;
     if (A->C < C) {
         KST_TRY(kst_realloc((void **)&A->ns, C, sizeof(uint32_t), "tail sample cache plan", err));
@@ -174,9 +172,35 @@ int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget
     } else
         memcpy(x, S->al, C * sizeof *x);
     A->tot = kst_kvtc_fill(C, T->len, x, lf, budget, A->ns);
-    S->made = 1;
 done:
     return rc;
+}
+
+int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_error *err) {
+    if (!S->C) return KST_OK;
+    S->made = 0;
+    if (!S->nh) return KST_OK;
+    int rc = plan_into(S, T, temp, budget, &S->A, err);
+    S->made = rc == KST_OK;
+    return rc;
+}
+
+int kst_kvsc_plan_make_next(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_error *err) {
+    if (!S->C) return KST_OK;
+    S->made_n = 0;
+    if (!S->nh) return KST_OK;
+    int rc = plan_into(S, T, temp, budget, &S->An, err);
+    S->made_n = rc == KST_OK;
+    return rc;
+}
+
+void kst_kvsc_plan_take_next(kst_kvsc *S) {
+    if (!S->made_n) return;
+    kst_kvtc_group t = S->A;
+    S->A = S->An;
+    S->An = t;
+    S->made = 1;
+    S->made_n = 0;
 }
 
 void kst_kvsc_plan_apply(kst_kvsc *S, const kst_kvtc *T, size_t upmax) {

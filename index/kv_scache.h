@@ -81,6 +81,8 @@ typedef struct kst_kvsc {
                               bits, quantized as read (the retrieved rows' scores too, not rs;
                               d <= KST_KVSC_DMAX) */
     kst_kvtc_group A;      /* the plan */
+    kst_kvtc_group An;     /* the next plan, made while A is held (kst_kvsc_plan_make_next) */
+    int made_n;            /* 1: An made and not taken yet */
 } kst_kvsc;
 
 /* Sets S up empty for T's clusters (T->C > 0), G query heads and a table of at least cap slots
@@ -102,6 +104,12 @@ void kst_kvsc_push(kst_kvsc *S, const float *cs);
  * water-filled by kst_kvtc_fill) made into S->A, nothing held changed yet (so that it can be made
  * while the step's heads still read the cache). No plan (S->made 0) before a push. */
 int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_error *err);
+/* kst_kvsc_plan_make's plan made into S->An instead, so that it can be made (after the step's push)
+ * while another thread holds the plan made before (kst_kvsc_plan_apply reads none of what this
+ * reads or writes: the scores pushed, the allocations, S->An); kst_kvsc_plan_take_next, once
+ * both are done, makes it S's plan (S->made 1). */
+int kst_kvsc_plan_make_next(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_error *err);
+void kst_kvsc_plan_take_next(kst_kvsc *S);
 /* The plan made held, as above, adding at most upmax rows, or as many as the table holds fewer
  * than the plan's samples (where it wants more, each cluster short of its plan gets that share of
  * its shortfall: the estimate stays unbiased, with fewer rows). */

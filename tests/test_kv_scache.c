@@ -325,7 +325,8 @@ static void test_plans(void **state) {
  * cluster order the short ones' shortfalls summed, F_c = that sum x upmax / need, cluster c gets
  * floor(F_c + 1/2) - floor(F_(c-1) + 1/2), at most its shortfall; the others keep m_c or are cut
  * back towards n_c only where the table overflows (then exactly full). Steps where a cluster got
- * part of its shortfall (the rounding's middle) asserted reached. */
+ * part of its shortfall (the rounding's middle) asserted reached. On odd steps the plan is also
+ * made as a next plan (kst_kvsc_plan_make_next, then taken): the same n_c and total, bit for bit. */
 static void test_apply_bounded(void **state) {
     (void)state;
     tc_seed(3);
@@ -350,6 +351,17 @@ static void test_apply_bounded(void **state) {
         kst_kvtc_scores(&T, Q + s * G * d, G, scale, cs);
         kst_kvsc_push(&S, cs);
         assert_ok(kst_kvsc_plan_make(&S, &T, temp, B, &err), &err);
+        if (s % 2) {
+            uint32_t *ns1 = malloc(C * sizeof *ns1);
+            size_t tot1 = S.A.tot;
+            memcpy(ns1, S.A.ns, C * sizeof *ns1);
+            assert_ok(kst_kvsc_plan_make_next(&S, &T, temp, B, &err), &err);
+            if (!S.made_n) fail_msg("%s: no next plan made", what);
+            kst_kvsc_plan_take_next(&S);
+            if (!S.made || S.made_n || S.A.tot != tot1 || memcmp(S.A.ns, ns1, C * sizeof *ns1))
+                fail_msg("%s: the next plan (total %zu) is not the plan made (%zu)", what, S.A.tot, tot1);
+            free(ns1);
+        }
         memcpy(m0, S.m, C * sizeof *m0);
         const uint32_t *ns = S.A.ns;
         size_t need = 0, used0 = S.used;
