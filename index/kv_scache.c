@@ -176,22 +176,22 @@ done:
     return rc;
 }
 
-int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_error *err) {
+/* The plan made into S->A (next 0) or S->An (next 1), its flag set once made. */
+static int plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, int next, kst_error *err) {
     if (!S->C) return KST_OK;
-    S->made = 0;
-    if (!S->nh) return KST_OK;
-    int rc = plan_into(S, T, temp, budget, &S->A, err);
-    S->made = rc == KST_OK;
+    int *made = next ? &S->made_n : &S->made, rc = KST_OK;
+    *made = 0;
+    if (S->nh) rc = plan_into(S, T, temp, budget, next ? &S->An : &S->A, err);
+    *made = S->nh && rc == KST_OK;
     return rc;
 }
 
+int kst_kvsc_plan_make(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_error *err) {
+    return plan_make(S, T, temp, budget, 0, err);
+}
+
 int kst_kvsc_plan_make_next(kst_kvsc *S, const kst_kvtc *T, float temp, size_t budget, kst_error *err) {
-    if (!S->C) return KST_OK;
-    S->made_n = 0;
-    if (!S->nh) return KST_OK;
-    int rc = plan_into(S, T, temp, budget, &S->An, err);
-    S->made_n = rc == KST_OK;
-    return rc;
+    return plan_make(S, T, temp, budget, 1, err);
 }
 
 void kst_kvsc_plan_take_next(kst_kvsc *S) {
