@@ -2354,14 +2354,13 @@ static int sc_end(kst_kvc *c, kv_layer *L, const float *q, const float *cs, int 
         (void)over;
     ahead = 0;
 #else
-    if (gpu) { /* (the staging reserved first; the rows staged the usual way where they are not registered) */
+    if (gpu && (rc = sc_map_rows(c, L, err)) != KST_OK) return rc;
+    if (gpu && kst_kvgpu_sc_stored(L->gpu)) { /* (the rows registered: the regions reserved first; else staged after) */
         per = 2 * c->tcache_up + 128; /* (a hold adds and drops at most tcache_up rows each, joins may add a few) */
         if (c->sc_piece != SC_PIECE && per > 2 * c->sc_piece / H) per = 2 * c->sc_piece / H ? 2 * c->sc_piece / H : 1; /* (tests) */
         if (!c->sc_off && !(c->sc_off = kst_malloc(H + 1, sizeof(size_t), "tail sample cache uploads", err)))
             return KST_ERR_NOMEM;
-        if ((rc = sc_map_rows(c, L, err)) != KST_OK ||
-            (rc = kst_kvgpu_sc_staging(L->gpu, H * per, &hdr, &rows, &plw, err)) != KST_OK)
-            return rc;
+        if ((rc = kst_kvgpu_sc_staging(L->gpu, H * per, &hdr, &rows, &plw, err)) != KST_OK) return rc;
         fast = !rows;
     }
 #endif

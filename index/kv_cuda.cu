@@ -1447,11 +1447,9 @@ extern "C" int kst_kvgpu_sc_store(kst_kvgpu *g, const void *const *K, const void
         return KST_OK;
     }
     for (size_t i = 0; !g->stb && i < H; i++) g->hst[i] = i & 1 ? V[i / 2] : K[i / 2];
-    g->segoff[g->nseg++] = g->stb;
-    if (g->nseg == 1) {
-        g->stb = bytes;
+    g->segoff[g->nseg++] = g->stb; // (recorded first: a failure below unregisters it)
+    if (g->nseg == 1)
         CU(cudaMemcpy(g->dstore, g->dbase, H * sizeof(void *), cudaMemcpyHostToDevice), "kv gpu store addresses");
-    }
     g->stb = bytes;
 done:
     if (rc != KST_OK) sc_unstore(g);
@@ -1469,7 +1467,7 @@ extern "C" int kst_kvgpu_sc_staging(kst_kvgpu *g, size_t n, int **hdr, void **ro
     g->sdir = g->stb > 0;
     need = sc_layout(g, n, g->sdir, &ha, &ra);
     if (need > g->sall) {
-        size_t cap = n + n / 2 + 64, bytes = sc_layout(g, cap, 0, &ha, &ra); // (room for either layout)
+        size_t cap = n + n / 2 + 64, bytes = sc_layout(g, cap, g->sdir, &ha, &ra);
         cudaFree(g->dsall);
         cudaFreeHost(g->hsall);
         g->dsall = g->hsall = g->dsmap = NULL;
