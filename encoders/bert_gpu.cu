@@ -603,11 +603,11 @@ attention2_kernel(bf16 *out, const bf16 *qkv, const int *valid, int T, int C, in
 }
 
 /* x = LN(a [+ res]) (the bias, and the residual when res is NULL, were added by the product's
- * epilogue); res may be x itself (each lane reads its chunks before writing them); xf as in
- * ln_store. */
+ * epilogue), x's rows ldx apart and a's lda (C, or the padded rows of FC1's bias column); res may
+ * be x itself (each lane reads its chunks before writing them); xf as in ln_store. */
 template <int NCH>
-__global__ void ln_kernel(bf16 *x, float *xf, const bf16 *a, const bf16 *res, const float *lnw, const float *lnb,
-                          int BT, int C, float eps) {
+__global__ void ln_kernel(bf16 *x, int ldx, float *xf, const bf16 *a, int lda, const bf16 *res, const float *lnw,
+                          const float *lnb, int BT, int C, float eps) {
     int row = blockIdx.x * ROW_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= BT) return;
     int nch = C / 8;
@@ -616,7 +616,7 @@ __global__ void ln_kernel(bf16 *x, float *xf, const bf16 *a, const bf16 *res, co
     for (int j = 0; j < NCH; j++) {
         int ch = lane + 32 * j;
         if (ch < nch) {
-            load8(a + (size_t)row * C + ch * 8, v[j]);
+            load8(a + (size_t)row * lda + ch * 8, v[j]);
             if (res) {
                 float r[8];
                 load8(res + (size_t)row * C + ch * 8, r);
@@ -625,7 +625,7 @@ __global__ void ln_kernel(bf16 *x, float *xf, const bf16 *a, const bf16 *res, co
             }
         }
     }
-    ln_store<NCH>(v, lane, nch, C, lnw, lnb, eps, x + (size_t)row * C, xf ? xf + (size_t)row * C : NULL);
+    ln_store<NCH>(v, lane, nch, C, lnw, lnb, eps, x + (size_t)row * ldx, xf ? xf + (size_t)row * C : NULL);
 }
 
 /* The LayerNorm statistics of each row of a: r = 1 / sqrt(var + eps), q = -mean r (the
@@ -673,6 +673,7 @@ __global__ void act_kernel(bf16 *h, size_t n8, int act) {
 #define LT_CANDIDATES 8
 struct lt_plan {
     int N, K, OC, epi, res, bias32; /* epi: cublasLtEpilogue_t; res: adds a (N, OC) residual */
+    int ldk, ldc;                   /* in's and W's rows ldk apart, out's and the residual's ldc (K, OC: dense) */
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t a, b, c;
     cublasLtMatmulAlgo_t algo;
@@ -685,7 +686,7 @@ struct lt_plan {
  * length are not timed again. */
 #define LT_TUNED 64
 struct lt_tuned {
-    int K, OC, epi, res, bias32, nlog;
+    int K, OC, epi, res, bias32, nlog, ldk, ldc;
     cublasLtMatmulAlgo_t algo;
 };
 
@@ -697,11 +698,18 @@ struct kst_bert_gpu {
     float *wte, *wpe, *wtt, *emblnw, *emblnb, *qkvb, *attprojb, *ln1w, *ln1b, *fcb, *fcprojb, *ln2w, *ln2b;
     bf16 *qkvw, *attprojw, *fcw, *fcprojw;
     bf16 *qkvb16, *attprojb16, *fcb16, *fcprojb16; /* the biases again, for epilogues without float32 bias */
+    /* FC1's bias as an input column (kcol, the fused path's default): FC1's weights as (L FF, kld) rows
+     * [W1 row, b1, zeros], its input (LN1's output, xk) as (BT, kld) rows [h, 1, zeros], so that the
+     * product needs the GELU epilogue alone: cuBLASLt's bias epilogues cost 20-40% of the product
+     * where GELU alone costs 7-10% (tests/bench/bench_lt_epilogue.cu; README, round 29) */
+    int kcol, kld;
+    bf16 *fcwk;
     void *wmem;      /* one allocation behind the float weights */
     bf16 *bmem;      /* one allocation behind the bf16 weights */
     size_t wbytes;
     /* activations, for cap_tokens tokens */
     bf16 *x, *qkv, *atty, *tmp, *ff;
+    bf16 *xk;        /* kcol: LN1's output, rows kld apart */
     float *hid;      /* (BT, C) float32 last hidden states */
     int32_t *dids, *dtypes;
     int *dvalid;
@@ -717,7 +725,8 @@ struct kst_bert_gpu {
     lt_plan plans[LT_PLANS];
     int nplans, next_plan;
     lt_tuned tuned[LT_TUNED];
-    int ntuned, gemm_tune; /* gemm_tune: time the heuristic's candidates (KESTREL_GPU_GEMM_TUNE=0: not) */
+    int ntuned, gemm_tune; /* gemm_tune: time the heuristic's candidates of products of 1e10 FLOP or more
+                            * (KESTREL_GPU_GEMM_TUNE=0: not; 2: of every product, a test knob) */
     cudaEvent_t done_ev[2]; /* recorded after forward number seq (slot seq & 1) was queued */
     /* hidden states go to the host on their own stream, overlapping the next forward, which waits
      * (copied_ev) only before its kernel that overwrites hid */
@@ -749,6 +758,23 @@ struct kst_bert_gpu {
     int prof_n;         /* forwards summed */
 };
 
+/* kcol: FC1's weights, row r of (rows, ld) = [W row r (C), b[r], zeros] */
+__global__ void kcol_weights_kernel(bf16 *out, const bf16 *W, const bf16 *b, size_t rows, int C, int ld) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * (size_t)ld) return;
+    size_t r = i / ld;
+    int j = (int)(i % ld);
+    out[i] = j < C ? W[r * C + j] : j == C ? b[r] : __float2bfloat16_rn(0.0f);
+}
+/* kcol: the columns after C of FC1's input rows (the LayerNorm writes the first C): 1, then zeros */
+__global__ void kcol_pad_kernel(bf16 *x, size_t rows, int C, int ld) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, w = (size_t)(ld - C);
+    if (i >= rows * w) return;
+    size_t r = i / w;
+    int j = C + (int)(i % w);
+    x[r * ld + j] = __float2bfloat16_rn(j == C ? 1.0f : 0.0f);
+}
+
 __global__ void f32_to_bf16_kernel(bf16 *out, const float *in, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = __float2bfloat16_rn(in[i]);
@@ -767,6 +793,8 @@ extern "C" void kst_bert_gpu_free(kst_bert_gpu *g) {
     if (g->stream) cudaStreamSynchronize(g->stream);
     cudaFree(g->wmem);
     cudaFree(g->bmem);
+    cudaFree(g->fcwk);
+    cudaFree(g->xk);
     cudaFree(g->x);
     cudaFree(g->qkv);
     cudaFree(g->atty);
@@ -1018,7 +1046,7 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         g->fused = !(f && strcmp(f, "0") == 0);
         g->exact_gelu = x && strcmp(x, "1") == 0;
         const char *t = getenv("KESTREL_GPU_GEMM_TUNE");
-        g->gemm_tune = !(t && strcmp(t, "0") == 0);
+        g->gemm_tune = t && strcmp(t, "0") == 0 ? 0 : t && strcmp(t, "2") == 0 ? 2 : 1;
         /* KESTREL_GPU_RES_IN_LN=1: the residual added in the LayerNorm kernel (float32 sum)
          * rather than in the products' epilogues (bf16 sum); KESTREL_GPU_PROFILE=1: the
          * per-step CUDA events of kst_bert_gpu_profile. Knobs for benchmarks. */
@@ -1030,6 +1058,22 @@ extern "C" int kst_bert_gpu_create(const kst_bert *m, kst_bert_gpu **out, kst_er
         const char *b16 = getenv("KESTREL_GPU_BIAS16");
         g->bias16_first = b16 && strcmp(b16, "1") == 0;
         g->prof = pr && strcmp(pr, "1") == 0 && c->L > 0;
+        /* KESTREL_GPU_FC1_KCOL=0: FC1's bias in the GELU epilogue again (kcol, above) */
+        const char *kc = getenv("KESTREL_GPU_FC1_KCOL");
+        g->kcol = g->fused && !g->lnfold && !g->exact_gelu && !g->res_in_ln && c->L > 0 && C % 8 == 0 &&
+                  (c->act == KST_ACT_GELU || c->act == KST_ACT_GELU_TANH) && !(kc && strcmp(kc, "0") == 0);
+    }
+    if (g->kcol) g->kld = (int)((C + 8 + 63) / 64 * 64);
+    if (g->kcol && (size_t)g->kld > 3 * C) g->kcol = 0; /* (tiny models: qkv could not stand in for xk, above) */
+    if (g->kcol) {
+        size_t n = L * FF * (size_t)g->kld;
+        KST_TRY(kst_gpu_alloc((void **)&g->fcwk, n * 2, "FC1's weights with their bias column", err));
+        kcol_weights_kernel<<<(unsigned)((n + 255) / 256), 256, 0, g->stream>>>(g->fcwk, g->fcw, g->fcb16, L * FF,
+                                                                                 (int)C, g->kld);
+        CU_LAUNCHED("FC1 weight padding");
+        CU_TRY(cudaStreamSynchronize(g->stream), "FC1 weight padding");
+        g->wbytes += n * 2;
+        g->peak = g->wbytes;
     }
     if (g->fused && hs == 64) {
         /* the wgmma attention kernels: heads of 64 dims on an sm_90 GPU, where this build holds them.
@@ -1107,6 +1151,8 @@ static int reserve(kst_bert_gpu *g, size_t B, size_t BT, kst_error *err) {
             cudaFree(*bs[i]);
             *bs[i] = NULL;
         }
+        cudaFree(g->xk);
+        g->xk = NULL;
         cudaFree(g->hid);
         cudaFree(g->dids);
         cudaFree(g->dtypes);
@@ -1120,8 +1166,14 @@ static int reserve(kst_bert_gpu *g, size_t B, size_t BT, kst_error *err) {
         KST_TRY(kst_gpu_alloc((void **)&g->dids, BT * 4, "token ids", err));
         KST_TRY(kst_gpu_alloc((void **)&g->dtypes, BT * 4, "token types", err));
         if (g->lnfold) KST_TRY(kst_gpu_alloc((void **)&g->rs, 4 * BT * 4, "LayerNorm statistics", err));
+        if (g->kcol) {
+            size_t w = (size_t)g->kld - C;
+            KST_TRY(kst_gpu_alloc((void **)&g->xk, BT * g->kld * 2, "encoder activations", err));
+            kcol_pad_kernel<<<(unsigned)((BT * w + 255) / 256), 256, 0, g->stream>>>(g->xk, BT, (int)C, g->kld);
+            CU_LAUNCHED("FC1 input padding");
+        }
         g->cap_tokens = BT;
-        g->act_bytes = BT * (C * 2 * 6 + FF * 2 + C * 4 + 8 + (g->lnfold ? 16 : 0));
+        g->act_bytes = BT * (C * 2 * 6 + FF * 2 + C * 4 + 8 + (g->lnfold ? 16 : 0) + (g->kcol ? 2 * g->kld : 0));
     }
     if (B > g->cap_batch) {
         cudaFree(g->dvalid);
@@ -1231,16 +1283,22 @@ static void attention(kst_bert_gpu *g, const float *qkvb, int B, int T) {
 
 /* ---- fused path ---- */
 
-/* Finds or builds the plan for out (N, OC) = in (N, K) @ W^T with epilogue epi (BIAS or
- * GELU_BIAS) and, when res, + a (N, OC) residual (beta = 1). The bias is float32 where cuBLASLt
- * has an algorithm for it, else the bf16 copy. *plan is NULL (and KST_OK) when cuBLASLt offers no
- * algorithm at all: the caller falls back to the unfused path. */
-static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, lt_plan **plan, kst_error *err) {
+static int lt_has_bias(int epi) { return epi == CUBLASLT_EPILOGUE_BIAS || epi == CUBLASLT_EPILOGUE_GELU_BIAS; }
+
+/* Finds or builds the plan for out (N, OC) = in (N, K) @ W^T with epilogue epi (BIAS, GELU_BIAS,
+ * or GELU / DEFAULT where the bias comes in as a column of in) and, when res, + a (N, OC) residual
+ * (beta = 1). in's and W's rows are ldk apart (0: K), out's and the residual's ldc (0: OC). The
+ * bias is float32 where cuBLASLt has an algorithm for it, else the bf16 copy. *plan is NULL (and
+ * KST_OK) when cuBLASLt offers no algorithm at all: the caller falls back. */
+static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, int ldk, int ldc, lt_plan **plan,
+                       kst_error *err) {
     int rc = KST_OK;
     *plan = NULL;
+    if (!ldk) ldk = K;
+    if (!ldc) ldc = OC;
     for (int i = 0; i < g->nplans; i++) {
         lt_plan *p = &g->plans[i];
-        if (p->N == N && p->K == K && p->OC == OC && p->epi == epi && p->res == res) {
+        if (p->N == N && p->K == K && p->OC == OC && p->epi == epi && p->res == res && p->ldk == ldk && p->ldc == ldc) {
             *plan = p->desc ? p : NULL;
             return KST_OK;
         }
@@ -1252,11 +1310,11 @@ static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, 
         g->next_plan = (g->next_plan + 1) % LT_PLANS;
         lt_plan_free(p);
     }
-    p->N = N, p->K = K, p->OC = OC, p->epi = epi, p->res = res;
+    p->N = N, p->K = K, p->OC = OC, p->epi = epi, p->res = res, p->ldk = ldk, p->ldc = ldc;
     cublasLtMatmulPreference_t pref = NULL;
-    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, K, OC, K), "cuBLASLt layout");
-    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, K, N, K), "cuBLASLt layout");
-    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->c, CUDA_R_16BF, OC, N, OC), "cuBLASLt layout");
+    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, K, OC, ldk), "cuBLASLt layout");
+    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, K, N, ldk), "cuBLASLt layout");
+    CUBLAS_TRY(cublasLtMatrixLayoutCreate(&p->c, CUDA_R_16BF, OC, N, ldc), "cuBLASLt layout");
     CUBLAS_TRY(cublasLtMatmulPreferenceCreate(&pref), "cuBLASLt preference");
     CUBLAS_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &g->lt_ws_bytes,
                                                     sizeof g->lt_ws_bytes),
@@ -1272,12 +1330,14 @@ static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, 
         CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "cuBLASLt descriptor");
         CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "cuBLASLt descriptor");
         CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e), "cuBLASLt descriptor");
-        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt),
-                   "cuBLASLt descriptor");
-        /* a placeholder bias pointer for the heuristic (alignment only); the real one is set per call */
-        const void *bp = bias32 ? (const void *)g->qkvb : (const void *)g->qkvb16;
-        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp),
-                   "cuBLASLt descriptor");
+        if (lt_has_bias(epi)) {
+            CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt),
+                       "cuBLASLt descriptor");
+            /* a placeholder bias pointer for the heuristic (alignment only); the real one is set per call */
+            const void *bp = bias32 ? (const void *)g->qkvb : (const void *)g->qkvb16;
+            CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp),
+                       "cuBLASLt descriptor");
+        }
         cublasLtMatmulHeuristicResult_t hr[LT_CANDIDATES];
         int found = 0;
         cublasStatus_t st =
@@ -1289,14 +1349,14 @@ static int lt_plan_get(kst_bert_gpu *g, int N, int K, int OC, int epi, int res, 
             for (int i = 0; i < found; i++)
                 if (hr[i].state == CUBLAS_STATUS_SUCCESS) p->cand[p->ncand++] = hr[i].algo;
             /* products of at least ~10 GFLOP (tens of microseconds) are worth timing once */
-            p->tune = g->gemm_tune && p->ncand > 1 && 2.0 * N * K * OC >= 1e10;
+            p->tune = g->gemm_tune && p->ncand > 1 && (g->gemm_tune == 2 || 2.0 * N * K * OC >= 1e10);
             if (p->tune) {
                 int nlog = 0;
                 while ((2 << nlog) <= N) nlog++;
                 for (int i = 0; i < g->ntuned; i++) {
                     lt_tuned *t = &g->tuned[i];
                     if (t->K == K && t->OC == OC && t->epi == epi && t->res == res && t->bias32 == bias32 &&
-                        t->nlog == nlog) {
+                        t->nlog == nlog && t->ldk == ldk && t->ldc == ldc) {
                         cublasLtMatmulHeuristicResult_t chk;
                         if (cublasLtMatmulAlgoCheck(g->lt, p->desc, p->a, p->b, p->c, p->c, &t->algo, &chk) ==
                                 CUBLAS_STATUS_SUCCESS &&
@@ -1357,6 +1417,7 @@ static int lt_tune(kst_bert_gpu *g, lt_plan *p, bf16 *out, const bf16 *in, const
         while ((2 << nlog) <= p->N) nlog++;
         lt_tuned *t = &g->tuned[g->ntuned < LT_TUNED ? g->ntuned++ : (int)(g->seq % LT_TUNED)];
         t->K = p->K, t->OC = p->OC, t->epi = p->epi, t->res = p->res, t->bias32 = p->bias32, t->nlog = nlog;
+        t->ldk = p->ldk, t->ldc = p->ldc;
         t->algo = p->algo;
     }
 done:
@@ -1366,19 +1427,30 @@ done:
 }
 
 /* out (N, OC) = epi(in (N, K) @ W (OC, K)^T + bias) [+ res], bf16 in and out, float32
- * accumulation; bias32 / bias16 the float32 and bf16 copies of the bias. *done_ is 0 when
- * cuBLASLt has no algorithm for it (nothing was queued). */
-static int gemm_lt(kst_bert_gpu *g, bf16 *out, const bf16 *in, const bf16 *W, const float *bias32, const bf16 *bias16,
-                   const bf16 *res, int N, int K, int OC, int epi, int *done_, kst_error *err) {
+ * accumulation; bias32 / bias16 the float32 and bf16 copies of the bias; in's and W's rows ldk
+ * apart, out's and res's ldc (0: dense). res may be out (in place) where spare (N ldc elements)
+ * is given: the timing of the candidates, which runs the product several times, then reads the
+ * residual from a copy there. *done_ is 0 when cuBLASLt has no algorithm for it (nothing was
+ * queued). */
+static int gemm_lt2(kst_bert_gpu *g, bf16 *out, const bf16 *in, const bf16 *W, const float *bias32, const bf16 *bias16,
+                    const bf16 *res, bf16 *spare, int N, int K, int OC, int epi, int ldk, int ldc, int *done_,
+                    kst_error *err) {
     int rc = KST_OK;
     lt_plan *p = NULL;
     *done_ = 0;
-    KST_TRY(lt_plan_get(g, N, K, OC, epi, res != NULL, &p, err));
+    KST_TRY(lt_plan_get(g, N, K, OC, epi, res != NULL, ldk, ldc, &p, err));
     if (!p) return KST_OK;
     {
         const void *bp = p->bias32 ? (const void *)bias32 : (const void *)bias16;
-        CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp),
-                   "cuBLASLt bias");
+        if (lt_has_bias(epi))
+            CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp),
+                       "cuBLASLt bias");
+        if (p->tune && res == out) {
+            if (!spare) return kst_fail(err, KST_ERR_INTERNAL, "GPU encoder: an in-place product without a spare buffer");
+            CU_TRY(cudaMemcpyAsync(spare, res, (size_t)N * p->ldc * sizeof(bf16), cudaMemcpyDeviceToDevice, g->stream),
+                   "copying a residual");
+            res = spare;
+        }
         if (p->tune) KST_TRY(lt_tune(g, p, out, in, W, res, err));
         const float one = 1.0f, zero = 0.0f;
         CUBLAS_TRY(cublasLtMatmul(g->lt, p->desc, &one, W, p->a, in, p->b, res ? &one : &zero, res ? (const void *)res : out,
@@ -1389,15 +1461,27 @@ static int gemm_lt(kst_bert_gpu *g, bf16 *out, const bf16 *in, const bf16 *W, co
 done:
     return rc;
 }
+/* gemm_lt2 on dense operands */
+static int gemm_lt(kst_bert_gpu *g, bf16 *out, const bf16 *in, const bf16 *W, const float *bias32, const bf16 *bias16,
+                   const bf16 *res, int N, int K, int OC, int epi, int *done_, kst_error *err) {
+    return gemm_lt2(g, out, in, W, bias32, bias16, res, NULL, N, K, OC, epi, 0, 0, done_, err);
+}
 
 template <int NCH>
-static void launch_ln(kst_bert_gpu *g, float *xf, const bf16 *a, const bf16 *res, const float *w, const float *b,
-                      int BT) {
-    ln_kernel<NCH><<<(BT + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, g->stream>>>(g->x, xf, a, res, w, b, BT,
-                                                                                      (int)g->cfg.C, g->cfg.eps);
+static void launch_ln(kst_bert_gpu *g, bf16 *x, int ldx, float *xf, const bf16 *a, int lda, const bf16 *res,
+                      const float *w, const float *b, int BT) {
+    ln_kernel<NCH><<<(BT + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, g->stream>>>(x, ldx, xf, a, lda, res, w, b,
+                                                                                      BT, (int)g->cfg.C, g->cfg.eps);
 }
+/* x (g->x, rows C apart) = LN(a [+ res]) */
 static void ln(kst_bert_gpu *g, float *xf, const bf16 *a, const bf16 *res, const float *w, const float *b, int BT) {
-    BY_ROW_CHUNKS(g, launch_ln, g, xf, a, res, w, b, BT);
+    int C = (int)g->cfg.C;
+    BY_ROW_CHUNKS(g, launch_ln, g, g->x, C, xf, a, C, res, w, b, BT);
+}
+/* x (rows ldx apart) = LN(a (rows lda apart)) */
+static void ln_ld(kst_bert_gpu *g, bf16 *x, int ldx, float *xf, const bf16 *a, int lda, const float *w, const float *b,
+                  int BT) {
+    BY_ROW_CHUNKS(g, launch_ln, g, x, ldx, xf, a, lda, (const bf16 *)NULL, w, b, BT);
 }
 
 template <int HSP, int NW>
@@ -1493,6 +1577,36 @@ static int layer_fused(kst_bert_gpu *g, size_t l, int B, int T, int last, int *o
                     (int)C, (int)C, CUBLASLT_EPILOGUE_BIAS, &d, err));
     if (!d) goto gap;
     PROF(3);
+    if (g->kcol) { /* FC1's bias as an input column (kst_bert_gpu.kcol), where cuBLASLt has both products */
+        lt_plan *p1 = NULL, *p2 = NULL;
+        KST_TRY(lt_plan_get(g, BT, (int)C + 8, (int)FF, CUBLASLT_EPILOGUE_GELU, 0, g->kld, 0, &p1, err));
+        KST_TRY(lt_plan_get(g, BT, (int)FF, (int)C, CUBLASLT_EPILOGUE_BIAS, 1, 0, g->kld, &p2, err));
+        if (!p1 || !p2) {
+            fprintf(stderr, "kestrel: cuBLASLt has no algorithm for FC1 with its bias as an input column (%d x %d, "
+                            "ld %d): the bias epilogue instead\n", (int)BT, (int)C + 8, g->kld);
+            g->kcol = 0;
+        }
+    }
+    if (g->kcol) {
+        ln_ld(g, g->xk, g->kld, NULL, g->tmp, (int)C, g->ln1w + l * C, g->ln1b + l * C, BT);
+        CU_LAUNCHED("LayerNorm kernel");
+        PROF(4);
+        KST_TRY(gemm_lt2(g, g->ff, g->xk, g->fcwk + l * FF * g->kld, NULL, NULL, NULL, NULL, BT, (int)C + 8, (int)FF,
+                         CUBLASLT_EPILOGUE_GELU, g->kld, 0, &d, err));
+        if (!d) goto gap;
+        PROF(5);
+        /* FC2 and its residual in place in xk (the bias column after C stays); the spare for a first
+         * call's timing: qkv, read by this layer's attention already (kld <= 3 C: kcol's condition) */
+        KST_TRY(gemm_lt2(g, g->xk, g->ff, g->fcprojw + l * C * FF, g->fcprojb + l * C, g->fcprojb16 + l * C, g->xk,
+                         g->qkv, BT, (int)FF, (int)C, CUBLASLT_EPILOGUE_BIAS, 0, g->kld, &d, err));
+        if (!d) goto gap;
+        PROF(6);
+        if (last) KST_TRY(hid_wait(g, err));
+        ln_ld(g, g->x, (int)C, last ? g->hid : NULL, g->xk, g->kld, g->ln2w + l * C, g->ln2b + l * C, BT);
+        CU_LAUNCHED("LayerNorm kernel");
+        PROF(7);
+        return KST_OK;
+    }
     ln(g, NULL, g->tmp, lres, g->ln1w + l * C, g->ln1b + l * C, BT);
     CU_LAUNCHED("LayerNorm kernel");
     PROF(4);
@@ -1752,6 +1866,8 @@ done:
 
 extern "C" const float *kst_bert_gpu_hidden(const kst_bert_gpu *g) { return g->hid; }
 extern "C" size_t kst_bert_gpu_peak_bytes(const kst_bert_gpu *g) { return g->peak; }
+
+extern "C" int kst_bert_gpu_fc1_kcol(const kst_bert_gpu *g) { return g->kcol; }
 
 extern "C" int kst_bert_gpu_lnfold(const kst_bert_gpu *g) {
 #ifdef KST_CUTLASS

@@ -63,6 +63,10 @@ int kst_bert_gpu_profile(kst_bert_gpu *g, double *ms);
 /* 1 when g runs the LayerNorm-folded products (KESTREL_GPU_LNFOLD=1, a build with CUTLASS, an sm_90
  * GPU), 0 when it does not, -1 when this build has no CUTLASS. For tests and benchmarks. */
 int kst_bert_gpu_lnfold(const kst_bert_gpu *g);
+/* 1 when g's FC1 takes its bias as an input column (the fused path's default: its product then has
+ * the GELU epilogue alone; KESTREL_GPU_FC1_KCOL=0 turns it off, and it is off where cuBLASLt has no
+ * algorithm for it), 0 when not. For tests and benchmarks. */
+int kst_bert_gpu_fc1_kcol(const kst_bert_gpu *g);
 
 /* What the fused path's GELU epilogue (cuBLASLt GELU_BIAS) computes: y[i] = GELU(x[i] + 0) for
  * n bf16-exact inputs x (host), y float32 (host), through a bf16 product with float32 output.

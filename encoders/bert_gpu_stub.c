@@ -37,6 +37,7 @@ const float *kst_bert_gpu_hidden(const kst_bert_gpu *g) { (void)g; return NULL; 
 size_t kst_bert_gpu_peak_bytes(const kst_bert_gpu *g) { (void)g; return 0; }
 int kst_bert_gpu_profile(kst_bert_gpu *g, double *ms) { (void)g, (void)ms; return 0; }
 int kst_bert_gpu_lnfold(const kst_bert_gpu *g) { (void)g; return -1; }
+int kst_bert_gpu_fc1_kcol(const kst_bert_gpu *g) { (void)g; return 0; }
 int kst_bert_gpu_gelu_probe(const float *x, float *y, size_t n, kst_error *err) {
     (void)x, (void)y, (void)n;
     return kst_gpu_check(err);

@@ -425,6 +425,11 @@ static void test_forward_vs_cpu(void **s) {
  * edges. Random weights (uniform in [-0.1, 0.1], LayerNorm weights 1 +- 0.1), GPU forward against
  * the float32 CPU forward, with the residual added in the products' epilogues (the default) and in
  * the LayerNorm kernel (KESTREL_GPU_RES_IN_LN=1). */
+/* test_fc1_bias_column's: FC1's biases drawn this wide instead (0: as the other weights), and
+ * whether the GPU encoder must have taken them as an input column (-1: either) */
+static float g_fc1_bias = 0;
+static int g_want_kcol = -1;
+
 static void wide_heads_case_ln(size_t C, size_t NH, const char *res_in_ln, const char *att, const char *blocks,
                                const char *lnfold, float lnspread) {
     enum { B = 5, T = 300 };
@@ -445,6 +450,7 @@ static void wide_heads_case_ln(size_t C, size_t NH, const char *res_in_ln, const
     if (lnspread > 0.1f) /* LayerNorm biases of the same spread (else the weights' 0.1) */
         for (int j = 0; j < 3; j++)
             for (size_t i = 0; i < lnn[j]; i++) lnb[j][i] = lnspread * frand();
+    for (size_t i = 0; g_fc1_bias > 0 && i < c.L * c.FF; i++) m.params.fcb[i] = g_fc1_bias * frand();
     int valid[B] = {T, 1, 65, 129, 200};
     int32_t *ids = malloc(B * T * sizeof(int32_t));
     for (size_t i = 0; i < B * T; i++) ids[i] = (int32_t)((i * 7919) % c.V);
@@ -478,6 +484,10 @@ static void wide_heads_case_ln(size_t C, size_t NH, const char *res_in_ln, const
         return;
     }
     assert_ok(kst_bert_gpu_forward(g, gpu, ids, NULL, valid, B, T, &err), &err);
+    int kcol = kst_bert_gpu_fc1_kcol(g);
+    if (g_want_kcol >= 0 && kcol != g_want_kcol)
+        fail_msg("C=%zu: FC1's bias %s an input column, expected %s", C, kcol ? "taken as" : "not taken as",
+                 g_want_kcol ? "one" : "none");
     double worst = 1;
     size_t wb = 0, wt = 0;
     for (size_t b = 0; b < B; b++)
@@ -486,9 +496,9 @@ static void wide_heads_case_ln(size_t C, size_t NH, const char *res_in_ln, const
             if (!(cs >= worst)) worst = cs, wb = b, wt = t;
         }
     printf("  C=%zu, %zu heads of %zu, T=%d, residual in LN %s, attention %s (blocks %s), LayerNorm %s (weights 1 "
-           "+- %.1f): GPU vs CPU min row cosine %.6f (sequence %zu of length %d, token %zu)\n",
+           "+- %.1f), FC1 bias %s: GPU vs CPU min row cosine %.6f (sequence %zu of length %d, token %zu)\n",
            C, NH, C / NH, T, res_in_ln, att ? att : "default", blocks ? blocks : "default",
-           folded == 1 ? "folded" : "kernel", lnspread, worst, wb, valid[wb], wt);
+           folded == 1 ? "folded" : "kernel", lnspread, kcol ? "column" : "epilogue", worst, wb, valid[wb], wt);
     if (!(worst >= 0.999)) fail_msg("head size %zu: GPU forward differs from the CPU's (cosine %.6f)", C / NH, worst);
     kst_bert_gpu_free(g);
     free(ids), free(cpu), free(gpu);
@@ -523,6 +533,39 @@ static void test_forward_wide_heads(void **s) {
      * either (or the normalisation) would move the outputs well off the CPU's */
     wide_heads_case_ln(128, 2, "0", NULL, NULL, "1", 0.5f);
     wide_heads_case_ln(64, 2, "0", NULL, NULL, "1", 0.5f);
+}
+
+/* FC1's bias as an input column (the fused path's default, kst_bert_gpu_fc1_kcol), its biases
+ * +- 1 so that a bias lost or counted twice moves the outputs well off the CPU's: with every
+ * product's algorithms timed at its first call (KESTREL_GPU_GEMM_TUNE=2; FC2 then adds its
+ * residual in place, from a copy while it is timed), with the heuristic's first choice, and with
+ * the bias in the GELU epilogue again (KESTREL_GPU_FC1_KCOL=0). */
+static void test_fc1_bias_column(void **s) {
+    (void)s;
+    NEED_GPU();
+    /* (whatever the caller set is restored after) */
+    char *was_kc = getenv("KESTREL_GPU_FC1_KCOL") ? strdup(getenv("KESTREL_GPU_FC1_KCOL")) : NULL;
+    char *was_tu = getenv("KESTREL_GPU_GEMM_TUNE") ? strdup(getenv("KESTREL_GPU_GEMM_TUNE")) : NULL;
+    g_fc1_bias = 1.0f;
+    const char *tune[] = {"2", "0"};
+    setenv("KESTREL_GPU_FC1_KCOL", "1", 1);
+    g_want_kcol = 1;
+    for (int i = 0; i < 2; i++) {
+        setenv("KESTREL_GPU_GEMM_TUNE", tune[i], 1);
+        wide_heads_case(128, 2, "0", NULL, NULL);
+        wide_heads_case(64, 2, "0", NULL, NULL);
+    }
+    unsetenv("KESTREL_GPU_GEMM_TUNE");
+    setenv("KESTREL_GPU_FC1_KCOL", "0", 1);
+    g_want_kcol = 0;
+    wide_heads_case(128, 2, "0", NULL, NULL);
+    g_want_kcol = -1;
+    g_fc1_bias = 0;
+    if (was_kc) setenv("KESTREL_GPU_FC1_KCOL", was_kc, 1);
+    else unsetenv("KESTREL_GPU_FC1_KCOL");
+    if (was_tu) setenv("KESTREL_GPU_GEMM_TUNE", was_tu, 1);
+    free(was_kc);
+    free(was_tu);
 }
 
 /* The same texts through the CPU and the GPU model, one at a time and batched. */
@@ -646,6 +689,7 @@ int main(void) {
         cmocka_unit_test(test_gelu_epilogue),
         cmocka_unit_test(test_forward_vs_cpu),
         cmocka_unit_test(test_forward_wide_heads),
+        cmocka_unit_test(test_fc1_bias_column),
         cmocka_unit_test(test_encoder_dense),
         cmocka_unit_test(test_encoder_chunks),
         cmocka_unit_test(test_encoder_cross),

@@ -192,9 +192,10 @@ static int encode_main(int argc, char **argv) {
     const char *fu = getenv("KESTREL_GPU_FUSED"), *xg = getenv("KESTREL_GPU_EXACT_GELU");
     const char *tu = getenv("KESTREL_GPU_GEMM_TUNE");
     const char *rl = getenv("KESTREL_GPU_RES_IN_LN"), *b16 = getenv("KESTREL_GPU_BIAS16");
-    const char *att = getenv("KESTREL_GPU_ATT");
+    const char *att = getenv("KESTREL_GPU_ATT"), *kc = getenv("KESTREL_GPU_FC1_KCOL");
     const char *variant = getenv("KST_BENCH_VARIANT") ? getenv("KST_BENCH_VARIANT")
                           : fu && strcmp(fu, "0") == 0 ? "unfused"
+                          : kc && strcmp(kc, "0") == 0 ? "fused_fc1_bias_epilogue"
                           : xg && strcmp(xg, "1") == 0 ? "fused_erf_gelu"
                           : tu && strcmp(tu, "0") == 0 ? "fused_heuristic"
                           : rl && strcmp(rl, "1") == 0 ? "fused_res_in_ln"

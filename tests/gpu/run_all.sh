@@ -64,10 +64,11 @@ if has bench || has kst; then
   # and the residual added in the LayerNorm (KESTREL_GPU_RES_IN_LN=1), bf16 epilogue biases
   # (KESTREL_GPU_BIAS16=1), the mma.sync attention kernel instead of the wgmma one for 64-dim heads
   # (KESTREL_GPU_ATT=2), the wgmma kernel with key tiles of 128 (KESTREL_GPU_ATT=5), the wgmma kernel
-  # with key tiles of 64 that the warp-specialized default replaced (KESTREL_GPU_ATT=1), then the
-  # per-step profile of each layer (KESTREL_GPU_PROFILE=1)
+  # with key tiles of 64 that the warp-specialized default replaced (KESTREL_GPU_ATT=1), FC1's bias in
+  # its GELU epilogue rather than as an input column (KESTREL_GPU_FC1_KCOL=0), then the per-step
+  # profile of each layer (KESTREL_GPU_PROFILE=1)
   for v in "" KESTREL_GPU_FUSED=0 KESTREL_GPU_EXACT_GELU=1 KESTREL_GPU_GEMM_TUNE=0 KESTREL_GPU_RES_IN_LN=1 \
-           KESTREL_GPU_BIAS16=1 KESTREL_GPU_ATT=2 KESTREL_GPU_ATT=5 KESTREL_GPU_ATT=1 \
+           KESTREL_GPU_BIAS16=1 KESTREL_GPU_ATT=2 KESTREL_GPU_ATT=5 KESTREL_GPU_ATT=1 KESTREL_GPU_FC1_KCOL=0 \
            "KESTREL_GPU_PROFILE=1 KST_BENCH_VARIANT=profile"; do
     for m in minilm bertbase; do
       for T in 128 256; do
