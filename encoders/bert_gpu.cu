@@ -1563,6 +1563,9 @@ static int layer_fused(kst_bert_gpu *g, size_t l, int B, int T, int last, int *o
     int gelu_epi = !g->exact_gelu && (c->act == KST_ACT_GELU || c->act == KST_ACT_GELU_TANH);
     /* the residual goes into the products' epilogues (eres) or into the LayerNorms (lres) */
     const bf16 *eres = g->res_in_ln ? NULL : g->x, *lres = g->res_in_ln ? g->x : NULL;
+    /* LN2's input: FC2's output, rows lda2 apart (FC1's bias column: in place in xk) */
+    const bf16 *a2 = g->tmp;
+    int lda2 = (int)C;
     *ok = 0;
     PROF(0);
     KST_TRY(gemm_lt(g, g->qkv, g->x, g->qkvw + l * 3 * C * C, g->qkvb + l * 3 * C, g->qkvb16 + l * 3 * C, NULL, BT,
@@ -1601,11 +1604,8 @@ static int layer_fused(kst_bert_gpu *g, size_t l, int B, int T, int last, int *o
                          g->qkv, BT, (int)FF, (int)C, CUBLASLT_EPILOGUE_BIAS, 0, g->kld, &d, err));
         if (!d) goto gap;
         PROF(6);
-        if (last) KST_TRY(hid_wait(g, err));
-        ln_ld(g, g->x, (int)C, last ? g->hid : NULL, g->xk, g->kld, g->ln2w + l * C, g->ln2b + l * C, BT);
-        CU_LAUNCHED("LayerNorm kernel");
-        PROF(7);
-        return KST_OK;
+        a2 = g->xk, lda2 = g->kld; /* (lres is NULL: kcol is off with KESTREL_GPU_RES_IN_LN) */
+        goto ln2;
     }
     ln(g, NULL, g->tmp, lres, g->ln1w + l * C, g->ln1b + l * C, BT);
     CU_LAUNCHED("LayerNorm kernel");
@@ -1623,8 +1623,10 @@ static int layer_fused(kst_bert_gpu *g, size_t l, int B, int T, int last, int *o
                     (int)FF, (int)C, CUBLASLT_EPILOGUE_BIAS, &d, err));
     if (!d) goto gap;
     PROF(6);
+ln2:
     if (last) KST_TRY(hid_wait(g, err));
-    ln(g, last ? g->hid : NULL, g->tmp, lres, g->ln2w + l * C, g->ln2b + l * C, BT);
+    BY_ROW_CHUNKS(g, launch_ln, g, g->x, (int)C, last ? g->hid : NULL, a2, lda2, lres, g->ln2w + l * C, g->ln2b + l * C,
+                  BT);
     CU_LAUNCHED("LayerNorm kernel");
     PROF(7);
     return KST_OK;
