@@ -165,6 +165,7 @@ struct kst_kvc {
                          GPU's partial launched by thread 0 inside the parallel part */
     int group, use_codes; /* searches as kst_kvc_set_search last set them (opts at first) */
     size_t expand;        /* candidates expanded at a time by the group search (kst_kvc_set_expand) */
+    size_t order;         /* keys a cluster of the graphs' node order (kst_kvc_set_order; 0: off) */
     kst_kvc_prof *prof;   /* kst_kvc_set_prof */
     size_t il;            /* query heads per task, searched interleaved (kst_kvc_set_interleave) */
     size_t rerank;        /* codes: beam entries re-scored exactly (0: all ef; kst_kvc_set_rerank) */
@@ -368,6 +369,7 @@ const kst_kvtc *kst_kvc_tail_clusters(const kst_kvc *c, size_t layer, size_t kvh
 void kst_kvc_set_widen(kst_kvc *c, float widen) { c->widen = widen > 0 && isfinite(widen) ? widen : 0; }
 void kst_kvc_set_widen_early(kst_kvc *c, int mode) { c->widen_early = mode < 0 ? 0 : mode > 2 ? 2 : mode; }
 void kst_kvc_set_expand(kst_kvc *c, size_t b) { c->expand = b; }
+void kst_kvc_set_order(kst_kvc *c, size_t n) { c->order = n; }
 void kst_kvc_set_search(kst_kvc *c, int group_search, int codes) {
     c->group = group_search;
     c->use_codes = codes;
@@ -428,6 +430,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->gpu_late = !(getenv("KESTREL_KV_GPU_EARLY") && atoi(getenv("KESTREL_KV_GPU_EARLY")) == 1);
     c->spread_keep = 8;
     c->expand = 2;
+    c->order = getenv("KESTREL_KV_ORDER") ? (size_t)atol(getenv("KESTREL_KV_ORDER")) : KST_KVC_ORDER;
     c->esize = o.f16 ? 2 : 4;
     c->nth = omp_get_max_threads();
     c->batch = o.append_batch > 1 ? o.append_batch : 1;
@@ -607,7 +610,7 @@ size_t kst_kvc_index_bytes(const kst_kvc *c, size_t layer) {
     for (size_t h = 0; h < c->o.kv_heads; h++) {
         const kst_kvg *g = &c->layers[layer].heads[h].g;
         b += g->cap * (g->M * (sizeof(uint32_t) + sizeof(float)) + sizeof(uint16_t) + sizeof(float)) +
-             kst_kvg_code_bytes(g) + kst_kvtc_bytes(&c->layers[layer].heads[h].tc);
+             g->nperm * sizeof(uint32_t) + kst_kvg_code_bytes(g) + kst_kvtc_bytes(&c->layers[layer].heads[h].tc);
     }
     return b;
 }
@@ -1277,6 +1280,10 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
                 memcpy(Q + i * d, queries + (t * o->q_heads + h * G + g) * d, d * sizeof(float));
             }
             rc = kst_kvg_build_attn(&H->g, K, o->f16, n, d, Q, use, o->build_top, err);
+            if (rc == KST_OK && c->order) { /* nearby keys at nearby nodes (kst_kvg_order) */
+                size_t nc = n / c->order;
+                rc = kst_kvg_order(&H->g, K, o->f16, d, nc < KST_KVC_ORDER_MAX ? nc : KST_KVC_ORDER_MAX, err);
+            }
         } else {
             rc = kst_kvg_build_keys(&H->g, K, o->f16, n, d, err);
         }

@@ -310,6 +310,15 @@ void kst_kvc_set_search(kst_kvc *c, int group_search, int codes);
  * the same recall: bench README). */
 void kst_kvc_set_expand(kst_kvc *c, size_t b);
 
+/* The graphs' node order (kst_kvg_order), applied at the next kst_kvc_build of the attention-
+ * aware index: n > 0 keys a cluster on average (the default KST_KVC_ORDER, or KESTREL_KV_ORDER
+ * at create; at most KST_KVC_ORDER_MAX clusters a KV head); 0: nodes in position order (before
+ * round 30). Ordered, a decode search reads nearby lines, ~1.2x faster at 128K keys on the
+ * H200's host (bench README, round 30). */
+#define KST_KVC_ORDER 256
+#define KST_KVC_ORDER_MAX 1024
+void kst_kvc_set_order(kst_kvc *c, size_t n);
+
 /* Bytes of CPU memory the layer's index takes beyond the keys and values (edges, codes). */
 size_t kst_kvc_index_bytes(const kst_kvc *c, size_t layer);
 

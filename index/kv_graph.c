@@ -17,6 +17,7 @@
 #ifdef KST_CUDA
 #include "index/kv_cuda.h"
 #endif
+#include "index/kv_tclust.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* helpers */
@@ -29,6 +30,14 @@ static double mono_s(void) {
 
 static const void *krow(const void *K, int f16, size_t i, size_t d) {
     return f16 ? (const void *)((const uint16_t *)K + i * d) : (const void *)((const float *)K + i * d);
+}
+
+/* Node x's key row (kst_kvg_order renumbers the first nperm nodes) and that row of K. */
+static inline size_t node_row(const kst_kvg *g, size_t x) {
+    return x < g->nperm ? g->row_of[x] : x;
+}
+static inline const void *nrow(const kst_kvg *g, const void *K, int f16, size_t x, size_t d) {
+    return krow(K, f16, node_row(g, x), d);
 }
 
 /* Max-heap (candidates) and min-heap (results) of (score, id), sift by the sign `dir`. */
@@ -123,7 +132,7 @@ done:
  * distance, since |q - k|^2 = |q|^2 - 2 (<q, k> - |k|^2 / 2)). */
 static inline float score_of(const kst_kvg *g, const void *K, int f16, size_t d, const float *q,
                              uint32_t i, int l2) {
-    float s = kst_kv_dot(q, krow(K, f16, i, d), f16, d);
+    float s = kst_kv_dot(q, nrow(g, K, f16, i, d), f16, d);
     return l2 ? s - 0.5f * g->norm2[i] : s;
 }
 
@@ -200,7 +209,7 @@ static int beam_next(const kst_kvg *g, const void *K, int f16, size_t d, size_t 
             __builtin_prefetch(r + d / 2 - 1);
             __builtin_prefetch(g->norm2 + x);
         } else {
-            const char *r = (const char *)krow(K, f16, x, d);
+            const char *r = (const char *)nrow(g, K, f16, x, d);
             for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
         }
         __builtin_prefetch(g->adj + (size_t)x * g->M);
@@ -344,7 +353,7 @@ static int ibeam_next(const kst_kvg *g, const void *K, int f16, size_t d, size_t
             __builtin_prefetch(r + d / 2 - 1);
             __builtin_prefetch(g->norm2 + x);
         } else {
-            const char *r = (const char *)krow(K, f16, x, d);
+            const char *r = (const char *)nrow(g, K, f16, x, d);
             for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
         }
     }
@@ -376,7 +385,7 @@ static size_t ibeam_end(const kst_kvg *g, const void *K, int f16, size_t d, cons
         s->ic_on = 0;
         size_t rowb = d * (f16 ? 2 : 4);
         for (size_t i = 0; i < n; i++) {
-            const char *r = (const char *)krow(K, f16, s->ri[i], d);
+            const char *r = (const char *)nrow(g, K, f16, s->ri[i], d);
             for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
         }
         for (size_t i = 0; i < n; i++) s->rs[i] = score_of(g, K, f16, d, q, s->ri[i], 1);
@@ -429,7 +438,9 @@ size_t kst_kvg_search(const kst_kvg *g, const void *K, int f16, size_t d, const 
         s->scanned = 0;
         return 0;
     }
-    return drain(s, ids, scores, k);
+    size_t m = drain(s, ids, scores, k);
+    for (size_t i = 0; i < m; i++) ids[i] = (uint32_t)node_row(g, ids[i]);
+    return m;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -465,6 +476,7 @@ void kst_kvg_free(kst_kvg *g) {
     kst_free(g->clo); /* cstep lies in the same block */
     kst_free(g->et_id);
     kst_free(g->et_codes);
+    kst_free(g->row_of);
     memset(g, 0, sizeof *g);
 }
 
@@ -512,6 +524,16 @@ int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
         memcpy(dst->deg, src->deg, cap * sizeof(uint16_t));
         memcpy(dst->norm2, src->norm2, cap * sizeof(float));
         if (src->entry) memcpy(dst->entry, src->entry, src->n_entry * sizeof(uint32_t));
+        if (src->nperm) {
+            dst->row_of = kst_malloc(src->nperm, sizeof(uint32_t), "kv graph copy", err);
+            if (!dst->row_of) {
+                kst_kvg_free(dst);
+                kst_kvg_init(dst, M, src->max_entry, src->efc, NULL);
+                return KST_ERR_NOMEM;
+            }
+            memcpy(dst->row_of, src->row_of, src->nperm * sizeof(uint32_t));
+            dst->nperm = src->nperm;
+        }
         if (src->codes) {
             size_t cb = src->cd / 2;
             if (kst_kvg_grow_big((void **)&dst->codes, 0, cap * cb, "kv graph codes copy", err)) dst->codes = NULL;
@@ -564,8 +586,8 @@ done:
     return rc;
 }
 
-static float sqnorm(const void *K, int f16, size_t i, size_t d, float *tmp) {
-    if (f16) row_f32(tmp, krow(K, f16, i, d), d);
+static float sqnorm(const kst_kvg *g, const void *K, int f16, size_t i, size_t d, float *tmp) {
+    if (f16) row_f32(tmp, nrow(g, K, f16, i, d), d);
     else kst_kv_rows_f32(tmp, K, f16, i, 1, d);
     float s = 0;
     for (size_t j = 0; j < d; j++) s += tmp[j] * tmp[j];
@@ -575,7 +597,7 @@ static float sqnorm(const void *K, int f16, size_t i, size_t d, float *tmp) {
 /* Squared distance between keys a and b (xa: key a as float32). */
 static float dist2(const kst_kvg *g, const void *K, int f16, size_t d, const float *xa, uint32_t a,
                    uint32_t b) {
-    return g->norm2[a] + g->norm2[b] - 2.0f * kst_kv_dot(xa, krow(K, f16, b, d), f16, d);
+    return g->norm2[a] + g->norm2[b] - 2.0f * kst_kv_dot(xa, nrow(g, K, f16, b, d), f16, d);
 }
 
 /* HNSW's neighbour heuristic: from candidates (ids, squared distances to x, nearest first) keep c
@@ -590,8 +612,8 @@ static size_t select_diverse(const kst_kvg *g, const void *K, int f16, size_t d,
     size_t n = 0;
     for (size_t i = 0; i < nc && n < want; i++) {
         float *xr = rows + n * d;
-        if (f16) row_f32(xr, krow(K, f16, cid[i], d), d);
-        else memcpy(xr, krow(K, f16, cid[i], d), d * sizeof(float));
+        if (f16) row_f32(xr, nrow(g, K, f16, cid[i], d), d);
+        else memcpy(xr, nrow(g, K, f16, cid[i], d), d * sizeof(float));
         float nx = g->norm2[cid[i]];
         int keep = 1;
         for (size_t j = 0; j < n && keep; j++)
@@ -636,9 +658,9 @@ static void add_back_edge(kst_kvg *g, uint32_t a, uint32_t x, float dax) {
 }
 
 /* Key row i as float32 (F16C where the CPU has it). */
-static void key_f32(float *out, const void *K, int f16, size_t i, size_t d) {
-    if (f16) row_f32(out, krow(K, f16, i, d), d);
-    else memcpy(out, krow(K, f16, i, d), d * sizeof(float));
+static void key_f32(const kst_kvg *g, float *out, const void *K, int f16, size_t i, size_t d) {
+    if (f16) row_f32(out, nrow(g, K, f16, i, d), d);
+    else memcpy(out, nrow(g, K, f16, i, d), d * sizeof(float));
 }
 
 /* Room for the neighbour selection's float32 rows (M of d). */
@@ -659,7 +681,7 @@ static size_t plan_links(const kst_kvg *g, const void *K, int f16, size_t d, uin
     if (have >= g->M || limit == 0) return 0;
     if (srow_reserve(s, g->M, d) != KST_OK) return (size_t)-1;
     float *q = tmp + d;
-    key_f32(q, K, f16, x, d);
+    key_f32(g, q, K, f16, x, d);
     double tb0 = s->prof ? mono_s() : 0;
     int ic = ins_prepare(g, q, d, s);
     size_t ef = ic ? g->ins_ef : g->efc, ex = ic ? g->ins_ex : g->efc;
@@ -793,7 +815,7 @@ int kst_kvg_insert(kst_kvg *g, const void *K, int f16, size_t d, kst_kvg_scratch
     float *tmp = kst_malloc(2 * d + 2 * g->M, sizeof(float), "kv insert", err);
     if (!tmp) return KST_ERR_NOMEM;
     uint32_t x = (uint32_t)g->n;
-    g->norm2[x] = sqnorm(K, f16, x, d, tmp);
+    g->norm2[x] = sqnorm(g, K, f16, x, d, tmp);
     g->deg[x] = 0;
     uint32_t *sel = (uint32_t *)(tmp + 2 * d);
     float *seld = tmp + 2 * d + g->M;
@@ -824,7 +846,7 @@ int kst_kvg_stage(kst_kvg *g, const void *K, int f16, size_t d, size_t hi, float
     int rc = reserve(g, hi, err);
     if (rc != KST_OK) return rc;
     for (size_t x = g->n; x < hi; x++) {
-        g->norm2[x] = sqnorm(K, f16, x, d, tmp);
+        g->norm2[x] = sqnorm(g, K, f16, x, d, tmp);
         g->deg[x] = 0;
     }
     return KST_OK;
@@ -849,7 +871,7 @@ static size_t plan_end(kst_kvg_plan_item *it, int f16, size_t d, kst_kvg_scratch
      * into the candidates by distance, as if inserted one by one; the nearest efc kept */
     size_t b0 = x - limit > 64 ? x - 64 : limit;
     for (size_t y = b0; y < x && m < s->ccap; y++) {
-        float dy = it->norm2 + g->norm2[y] - 2.0f * kst_kv_dot(tmp + d, krow(K, f16, y, d), f16, d);
+        float dy = it->norm2 + g->norm2[y] - 2.0f * kst_kv_dot(tmp + d, nrow(g, K, f16, y, d), f16, d);
         size_t i = m++;
         for (; i > 0 && cd[i - 1] > dy; i--) {
             cd[i] = cd[i - 1];
@@ -876,7 +898,7 @@ void kst_kvg_plan_multi(kst_kvg_plan_item *it, size_t np, int f16, size_t d, kst
         it[i].count = 0;
         on[i] = 0;
         if (it[i].limit == 0) continue;
-        key_f32(tmp[i] + d, it[i].K, f16, it[i].x, d);
+        key_f32(it[i].g, tmp[i] + d, it[i].K, f16, it[i].x, d);
         int ic = ins_prepare(it[i].g, tmp[i] + d, d, s[i]);
         ef[i] = ic ? it[i].g->ins_ef : it[i].g->efc;
         ex[i] = ic ? it[i].g->ins_ex : it[i].g->efc;
@@ -919,7 +941,7 @@ int kst_kvg_build_keys(kst_kvg *g, const void *K, int f16, size_t n, size_t d, k
     if (rc == KST_OK && !tmp) rc = KST_ERR_NOMEM;
     if (rc == KST_OK) {
         for (size_t i = 0; i < n; i++) {
-            g->norm2[i] = sqnorm(K, f16, i, d, tmp);
+            g->norm2[i] = sqnorm(g, K, f16, i, d, tmp);
             g->deg[i] = 0;
         }
         g->n = n;
@@ -1063,7 +1085,7 @@ int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, c
         rc = KST_ERR_NOMEM;
         goto done;
     }
-    for (size_t i = 0; i < n; i++) g->norm2[i] = sqnorm(K, f16, i, d, tmp);
+    for (size_t i = 0; i < n; i++) g->norm2[i] = sqnorm(g, K, f16, i, d, tmp);
     if (nq) KST_TRY(kst_kvg_exact_topk(K, f16, n, d, Q, nq, T, top, NULL, err));
     /* Keys retrieved by one query are linked: the best to each other and back (a star), and
      * each to the next in the list (a chain), so a search that reaches any of them reaches all. */
@@ -1157,6 +1179,99 @@ done:
 /* ------------------------------------------------------------------------------------------ */
 /* 4-bit codes and the group search */
 
+int kst_kvg_order(kst_kvg *g, const void *K, int f16, size_t d, size_t C, kst_error *err) {
+    size_t n = g->n, M = g->M, cap = g->cap, cb = g->codes ? g->cd / 2 : 0;
+    if (g->nperm) return kst_fail(err, KST_ERR_MISUSE, "kv graph: its nodes were ordered already");
+    if (n < 2 || C < 2) return KST_OK;
+    kst_kvtc T = {0};
+    int rc = kst_kvtc_build(&T, K, f16, n, d, C, 0x6f72646572ull, err);
+    if (rc != KST_OK) return rc;
+    uint32_t *bfs = kst_malloc(n, sizeof(uint32_t), "kv graph order", err);
+    uint32_t *old_of = kst_malloc(n, sizeof(uint32_t), "kv graph order", err);
+    uint32_t *new_of = kst_malloc(n, sizeof(uint32_t), "kv graph order", err);
+    size_t *start = kst_calloc(T.C + 1, sizeof(size_t), "kv graph order", err);
+    uint32_t *adj = NULL;
+    uint16_t *deg = NULL;
+    float *adist = NULL, *norm2 = NULL;
+    uint8_t *codes = NULL;
+    if (!bfs || !old_of || !new_of || !start) goto nomem;
+    /* breadth-first from the entries (new_of: visited), then from each node not reached */
+    memset(new_of, 0xff, n * sizeof(uint32_t));
+    size_t head = 0, tail = 0;
+    for (size_t e = 0; e < g->n_entry + n; e++) {
+        uint32_t r = e < g->n_entry ? g->entry[e] : (uint32_t)(e - g->n_entry);
+        if (r >= n || new_of[r] != UINT32_MAX) continue;
+        new_of[r] = 0;
+        bfs[tail++] = r;
+        while (head < tail) {
+            uint32_t x = bfs[head++];
+            for (size_t j = 0; j < g->deg[x]; j++) {
+                uint32_t y = g->adj[(size_t)x * M + j];
+                if (y < n && new_of[y] == UINT32_MAX) new_of[y] = 0, bfs[tail++] = y;
+            }
+        }
+    }
+    /* by cluster, breadth-first within (a counting sort) */
+    for (size_t i = 0; i < n; i++) start[T.of[i] + 1]++;
+    for (size_t c = 0; c < T.C; c++) start[c + 1] += start[c];
+    for (size_t i = 0; i < n; i++) {
+        uint32_t x = bfs[i];
+        old_of[start[T.of[x]]++] = x;
+    }
+    for (size_t i = 0; i < n; i++) new_of[old_of[i]] = (uint32_t)i;
+    if (kst_kvg_grow_big((void **)&adj, 0, cap * M * sizeof(uint32_t), "kv graph order", err) ||
+        kst_kvg_grow_big((void **)&deg, 0, cap * sizeof(uint16_t), "kv graph order", err) ||
+        (cb && kst_kvg_grow_big((void **)&codes, 0, cap * cb, "kv graph order", err)))
+        goto nomem;
+    adist = kst_malloc(cap, M * sizeof(float), "kv graph order", err);
+    norm2 = kst_malloc(cap, sizeof(float), "kv graph order", err);
+    if (!adist || !norm2) goto nomem;
+    for (size_t i = 0; i < n; i++) {
+        size_t o = old_of[i];
+        deg[i] = g->deg[o];
+        norm2[i] = g->norm2[o];
+        for (size_t j = 0; j < M; j++) {
+            uint32_t y = g->adj[o * M + j];
+            adj[i * M + j] = j < g->deg[o] && y < n ? new_of[y] : y;
+        }
+        memcpy(adist + i * M, g->adist + o * M, M * sizeof(float));
+        if (cb) memcpy(codes + i * cb, g->codes + o * cb, cb);
+    }
+    for (size_t e = 0; e < g->n_entry; e++) g->entry[e] = new_of[g->entry[e]];
+    kst_free(g->adj);
+    kst_free(g->deg);
+    kst_free(g->adist);
+    kst_free(g->norm2);
+    g->adj = adj;
+    g->deg = deg;
+    g->adist = adist;
+    g->norm2 = norm2;
+    if (cb) {
+        kst_free(g->codes);
+        g->codes = codes;
+    }
+    g->row_of = old_of;
+    g->nperm = n;
+    if (g->et_n && kst_kvg_entry_table(g, g->et_n, NULL) != KST_OK) kst_kvg_entry_table(g, 0, NULL);
+    kst_free(bfs);
+    kst_free(new_of);
+    kst_free(start);
+    kst_kvtc_free(&T);
+    return KST_OK;
+nomem:
+    kst_free(bfs);
+    kst_free(old_of);
+    kst_free(new_of);
+    kst_free(start);
+    kst_free(adj);
+    kst_free(deg);
+    kst_free(adist);
+    kst_free(norm2);
+    kst_free(codes);
+    kst_kvtc_free(&T);
+    return kst_fail(err, KST_ERR_NOMEM, "kv graph: out of memory ordering %zu nodes", n);
+}
+
 size_t kst_kvg_code_bytes(const kst_kvg *g) {
     size_t et = (g->et_n + 15) / 16 * 16;
     return (g->codes ? g->cap * g->cd / 2 + 2 * g->cd * sizeof(float) : 0) + et * (g->cd / 2 + sizeof(uint32_t));
@@ -1212,7 +1327,7 @@ static uint8_t code_of(float x, float lo, float step) {
 
 /* Codes of key row i (tmp: d floats). */
 static void code_row(kst_kvg *g, const void *K, int f16, size_t i, size_t d, float *tmp) {
-    key_f32(tmp, K, f16, i, d);
+    key_f32(g, tmp, K, f16, i, d);
     uint8_t *c = g->codes + i * (d / 2);
     for (size_t b = 0; b < d; b += 32)
         for (size_t j = 0; j < 16; j++)
@@ -1597,10 +1712,10 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
             decode_row(buf, g->codes + (size_t)(x) * cb, d);                               \
             for (size_t q_ = 0; q_ < G; q_++) v[q_] = c0[q_] + kst_kv_dot(co + q_ * d, buf, 0, d); \
         } else if (G == 1 || !f16) {                                                       \
-            const void *r_ = krow(K, f16, (x), d);                                         \
+            const void *r_ = nrow(g, K, f16, (x), d);                                         \
             for (size_t q_ = 0; q_ < G; q_++) v[q_] = kst_kv_dot(Q + q_ * d, r_, f16, d);   \
         } else { /* float16 row converted once for the G queries */                        \
-            row_f32(buf, krow(K, f16, (x), d), d);                                         \
+            row_f32(buf, nrow(g, K, f16, (x), d), d);                                         \
             for (size_t q_ = 0; q_ < G; q_++) v[q_] = kst_kv_dot(Q + q_ * d, buf, 0, d);    \
         }                                                                                  \
         s->scanned++;                                                                      \
@@ -1672,7 +1787,7 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
                     __builtin_prefetch(r);
                     __builtin_prefetch(r + cb - 1);
                 } else {
-                    const char *r = (const char *)krow(K, f16, x, d);
+                    const char *r = (const char *)nrow(g, K, f16, x, d);
                     for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
                 }
                 __builtin_prefetch(g->adj + (size_t)x * g->M);
@@ -1706,15 +1821,15 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
         }
         if (codes) {
             for (size_t i = 0; i < n; i++) {
-                const char *r = (const char *)krow(K, f16, pool[i].x, d);
+                const char *r = (const char *)nrow(g, K, f16, pool[i].x, d);
                 for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
             }
-            for (size_t i = 0; i < n; i++) pool[i].s = kst_kv_dot(Q + q * d, krow(K, f16, pool[i].x, d), f16, d);
+            for (size_t i = 0; i < n; i++) pool[i].s = kst_kv_dot(Q + q * d, nrow(g, K, f16, pool[i].x, d), f16, d);
             qsort(pool, n, sizeof *pool, cmp_gpair);
         }
         size_t m = n < k ? n : k;
         for (size_t i = 0; i < m; i++) {
-            ids[q * k + i] = pool[i].x;
+            ids[q * k + i] = (uint32_t)node_row(g, pool[i].x);
             if (scores) scores[q * k + i] = pool[i].s;
         }
         found[q] = m;
@@ -1745,7 +1860,7 @@ static inline void prefetch_node(const kst_kvg *g, const void *K, int f16, size_
         __builtin_prefetch(r);
         __builtin_prefetch(r + d / 2 - 1);
     } else {
-        const char *r = (const char *)krow(K, f16, x, d);
+        const char *r = (const char *)nrow(g, K, f16, x, d);
         size_t rowb = d * (f16 ? 2 : 4);
         for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
         __builtin_prefetch(r + rowb - 1);
@@ -1912,10 +2027,10 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
 #if defined(__x86_64__) && defined(__GNUC__)
 #define MSCORE(q, x) (vnni ? c0[q] + qsc[q] * (float)code_dot_vnni(qlo[q], qhi[q], g->codes + (size_t)(x) * cb, d) \
                       : codes ? c0[q] + code_dot(qv[q], g->codes + (size_t)(x) * cb, d)                        \
-                              : kst_kv_dot(qv[q], krow(K, f16, (x), d), f16, d))
+                              : kst_kv_dot(qv[q], nrow(g, K, f16, (x), d), f16, d))
 #else
 #define MSCORE(q, x) (codes ? c0[q] + code_dot(qv[q], g->codes + (size_t)(x) * cb, d) \
-                            : kst_kv_dot(qv[q], krow(K, f16, (x), d), f16, d))
+                            : kst_kv_dot(qv[q], nrow(g, K, f16, (x), d), f16, d))
 #endif
     /* entry points */
     double te0 = s[0]->prof ? mono_s() : 0;
@@ -2053,12 +2168,12 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
         size_t rowb = d * (f16 ? 2 : 4);
         for (size_t q = 0; q < nq; q++)
             for (size_t i = 0; i < npool[q]; i++) {
-                const char *r = (const char *)krow(K, f16, pool[q][i].x, d);
+                const char *r = (const char *)nrow(g, K, f16, pool[q][i].x, d);
                 for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
             }
         for (size_t q = 0; q < nq; q++) {
             gpair *P = pool[q];
-            for (size_t i = 0; i < npool[q]; i++) P[i].s = kst_kv_dot(Q + q * d, krow(K, f16, P[i].x, d), f16, d);
+            for (size_t i = 0; i < npool[q]; i++) P[i].s = kst_kv_dot(Q + q * d, nrow(g, K, f16, P[i].x, d), f16, d);
             /* insertion sort, best first: the code order is nearly the exact one, so few moves */
             size_t ns = nsort[q];
             for (size_t i = 1; i < ns; i++) {
@@ -2088,7 +2203,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     for (size_t q = 0; q < nq; q++) {
         size_t m = npool[q] < k ? npool[q] : k;
         for (size_t i = 0; i < m; i++) {
-            ids[q * k + i] = pool[q][i].x;
+            ids[q * k + i] = (uint32_t)node_row(g, pool[q][i].x);
             if (scores) scores[q * k + i] = pool[q][i].s;
         }
         found[q] = m;

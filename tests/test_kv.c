@@ -875,6 +875,62 @@ static void run_append_batches(int gpu, int worker, size_t B, int codes) {
     free(vh);
 }
 
+/* The graphs' node order at the cache's level (kst_kvc_set_order, on by default from 512 indexed
+ * keys a KV head; round 30): 1,200 prefill tokens (2 KV heads, d 32, codes, batches of 8), then
+ * 60 decode steps, each appending a token and attending. (a) A cache whose graphs are ordered (64
+ * keys a cluster) and one in position order give the same outputs, bit for bit, and score the
+ * same keys (the same searches over renumbered nodes, which return rows); (b) with every indexed
+ * key not retrieved in the tail sample, the ordered cache's output is full attention (float64),
+ * so the retrieved rows it takes out of the sample are the right ones. */
+static void test_node_order_steps(void **state) {
+    (void)state;
+    const size_t n0 = 1200, steps = 60, sinks = 4, window = 16, n = n0 + steps;
+    float *K = malloc(n * AB_KVH * AB_D * sizeof *K), *V = malloc(n * AB_KVH * AB_D * sizeof *V);
+    float *Qp = malloc(n0 * AB_QH * AB_D * sizeof *Qp), *kh = malloc(n * AB_D * sizeof *kh), *vh = malloc(n * AB_D * sizeof *vh);
+    assert_non_null(K);
+    assert_non_null(V);
+    assert_non_null(Qp);
+    assert_non_null(kh);
+    assert_non_null(vh);
+    for (size_t i = 0; i < n * AB_KVH * AB_D; i++) K[i] = (float)test_gauss();
+    for (size_t i = 0; i < n * AB_KVH * AB_D; i++) V[i] = (float)test_gauss();
+    for (size_t i = 0; i < n0 * AB_QH * AB_D; i++) Qp[i] = (float)test_gauss();
+    kst_kvc *c[3];
+    kst_error err;
+    for (int v = 0; v < 3; v++) { /* 0: position order; 1: ordered; 2: ordered, every key in the tail sample */
+        kst_kvc_opts o = {1, AB_KVH, AB_QH, AB_D, 0, 0, sinks, window, 10, 32, 16, 16, 0, 8, 64, KST_KVC_INDEX_ATTN, 0,
+                          v == 2 ? 100000 : 64, 0, 1, 8, 0, 0};
+        assert_ok(kst_kvc_create(&o, &c[v], &err), &err);
+        kst_kvc_set_order(c[v], v ? 64 : 0);
+        assert_ok(kst_kvc_append(c[v], 0, K, V, n0, &err), &err);
+        assert_ok(kst_kvc_build(c[v], 0, Qp, n0, &err), &err);
+    }
+    for (size_t s = 0, at = n0; s < steps; s++, at++) {
+        float q[AB_QH * AB_D], out[3][AB_QH * AB_D];
+        double ref[AB_QH * AB_D];
+        for (size_t i = 0; i < AB_QH * AB_D; i++) q[i] = (float)(0.5 * test_gauss());
+        kst_kvc_stats st[3];
+        for (int v = 0; v < 3; v++) {
+            assert_ok(kst_kvc_append(c[v], 0, K + at * AB_KVH * AB_D, V + at * AB_KVH * AB_D, 1, &err), &err);
+            assert_ok(kst_kvc_attend(c[v], 0, q, 10, 32, out[v], &st[v], &err), &err);
+        }
+        assert_int_equal(st[0].scanned, st[1].scanned);
+        assert_int_equal(st[0].retrieved, st[1].retrieved);
+        assert_true(st[0].scanned > 0);
+        assert_memory_equal(out[0], out[1], sizeof out[0]);
+        ab_ref(ref, q, K, V, at + 1, kh, vh);
+        for (size_t i = 0; i < AB_QH * AB_D; i++)
+            if (!(fabs(out[2][i] - ref[i]) <= 2e-5 + 1e-4 * fabs(ref[i])))
+                fail_msg("node order, step %zu, element %zu: %.7g, float64 full attention %.7g", s, i, out[2][i], ref[i]);
+    }
+    for (int v = 0; v < 3; v++) kst_kvc_free(c[v]);
+    free(K);
+    free(V);
+    free(Qp);
+    free(kh);
+    free(vh);
+}
+
 static void test_append_batches_equal_full_attention(void **state) {
     (void)state;
     run_append_batches(0, 0, 1, 0);
@@ -975,7 +1031,7 @@ static void test_insert_entries_from_table(void **state) {
                 }
                 e0bad += !(rank_e0 < 19 && dd[ie0 < NT ? ie0 : 0] <= b3[2]);
             }
-            /* (b) */
+    /* (b) */
             size_t nn = 0;
             double bd = INFINITY;
             for (size_t y = 0; y < x; y++) {
@@ -1086,7 +1142,7 @@ static void test_append_codes_steered_insertion(void **state) {
             miss[v] += !hit;
             tried++;
         }
-        /* (b) */
+    /* (b) */
         size_t want = 0, got = 0;
         for (size_t i = 0; i < NQ * SQH; i++) {
             const float *q = Qd + i * SD;
@@ -1420,6 +1476,192 @@ static void test_entry_table(void **state) {
     free(Q);
 }
 
+/* The graph's node order (kst_kvg_order, round 30): clustered float16 keys (d 64, 32 centres,
+ * scattered over the positions), an attention-aware graph with codes, and a copy of it whose
+ * nodes are renumbered by k-means cluster (16). (a) The order is a permutation and carries every
+ * edge, degree, code, norm and entry with its node; (b) a node's edges then mostly stay within
+ * its block of 256 nodes (the point of it; position order: about 1 in 10); (c) every search
+ * (kst_kvg_search, the interleaved pool search, the group search of 2 queries) returns the same
+ * rows and scores, scoring the same keys in as many hops, at ef 16 and at ef = all keys, where
+ * both give the exact top-10 by float64 inner product; (d) the same after 64 keys are inserted
+ * into both (new keys are their own rows), and between copies of both whose codes are remade
+ * from the rows (the same code for each node's row);
+ * (e) a second order fails; out of memory at any allocation leaves the graph as it was. */
+static void test_node_order(void **state) {
+    (void)state;
+    enum { ED = 64, NCL = 32, NQ = 24 };
+    const size_t n0 = 2048, nin = 64, n = n0 + nin, nb = 512;
+    uint16_t *K = malloc(n * ED * sizeof *K);
+    float *cen = malloc(NCL * ED * sizeof *cen), *Qb = malloc(nb * ED * sizeof *Qb), *Q = malloc(NQ * ED * sizeof *Q);
+    assert_non_null(K);
+    assert_non_null(cen);
+    assert_non_null(Qb);
+    assert_non_null(Q);
+    for (size_t i = 0; i < NCL * ED; i++) cen[i] = (float)test_gauss();
+    for (size_t t = 0; t < n; t++) {
+        size_t c = (size_t)(t * 7919u + t / 5) % NCL;
+        for (size_t i = 0; i < ED; i++) K[t * ED + i] = kst_f32_to_f16(0.5f + cen[c * ED + i] + 0.6f * (float)test_gauss());
+    }
+    for (size_t j = 0; j < nb; j++) /* prefill queries near the centres */
+        for (size_t i = 0; i < ED; i++) Qb[j * ED + i] = cen[(j % NCL) * ED + i] + 0.8f * (float)test_gauss();
+    for (size_t j = 0; j < NQ; j++)
+        for (size_t i = 0; i < ED; i++) Q[j * ED + i] = 1.5f * cen[(j * 5 % NCL) * ED + i] + (float)test_gauss();
+    kst_kvg g, h, g2, h2;
+    kst_error err;
+    assert_ok(kst_kvg_init(&g, 16, 8, 64, &err), &err);
+    g.codes_on = 1;
+    assert_ok(kst_kvg_build_attn(&g, K, 1, n0, ED, Qb, nb, 16, &err), &err);
+    assert_ok(kst_kvg_reserve(&g, n, &err), &err);
+    assert_non_null(g.codes);
+    /* out of memory at each allocation in turn: the graph unchanged */
+    int failed_once = 0, done = 0;
+    for (long k = 1; k < 1000 && !done; k++) {
+        memset(&h, 0, sizeof h);
+        assert_ok(kst_kvg_copy(&h, &g, &err), &err);
+        kst_mem_fail_after(k);
+        int rc = kst_kvg_order(&h, K, 1, ED, 16, &err);
+        kst_mem_fail_after(0);
+        if (rc == KST_OK) {
+            done = 1;
+            break;
+        }
+        assert_int_equal(rc, KST_ERR_NOMEM);
+        failed_once = 1;
+        assert_int_equal(h.nperm, 0);
+        assert_null(h.row_of);
+        assert_memory_equal(h.adj, g.adj, n0 * g.M * sizeof(uint32_t));
+        assert_memory_equal(h.codes, g.codes, n0 * (ED / 2));
+        kst_kvg_free(&h);
+    }
+    assert_true(failed_once);
+    assert_true(done);
+    assert_int_equal(kst_kvg_order(&h, K, 1, ED, 16, &err), KST_ERR_MISUSE);
+    /* (a) */
+    assert_int_equal(h.nperm, n0);
+    uint8_t *seen = calloc(n0, 1);
+    assert_non_null(seen);
+    size_t near_g = 0, near_h = 0, edges = 0;
+    for (size_t x = 0; x < n0; x++) {
+        uint32_t r = h.row_of[x];
+        assert_true(r < n0);
+        assert_false(seen[r]);
+        seen[r] = 1;
+        assert_int_equal(h.deg[x], g.deg[r]);
+        assert_true(h.norm2[x] == g.norm2[r]);
+        assert_memory_equal(h.codes + x * (ED / 2), g.codes + (size_t)r * (ED / 2), ED / 2);
+        for (size_t j = 0; j < h.deg[x]; j++) {
+            uint32_t y = h.adj[x * h.M + j];
+            assert_true(y < n0);
+            assert_int_equal(h.row_of[y], g.adj[(size_t)r * g.M + j]);
+            near_h += y / 256 == x / 256;
+            near_g += g.adj[x * g.M + j] / 256 == x / 256;
+            edges++;
+        }
+    }
+    free(seen);
+    assert_int_equal(h.n_entry, g.n_entry);
+    for (size_t e = 0; e < g.n_entry; e++) assert_int_equal(h.row_of[h.entry[e]], g.entry[e]);
+    /* (b) */
+    if (!(near_h > 3 * edges / 10 && near_h > 3 * near_g))
+        fail_msg("node order: %zu of %zu edges within their block of 256 nodes (position order: %zu)", near_h, edges,
+                 near_g);
+    /* (c), (d) */
+    kst_kvg_scratch sg = {0}, sh = {0}, *pg = &sg, *ph = &sh;
+    for (int phase = 0; phase < 3; phase++) {
+        size_t nn = phase ? n : n0;
+        const kst_kvg *a = phase == 2 ? &g2 : &g, *b = phase == 2 ? &h2 : &h;
+        for (size_t j = 0; j < NQ; j++) {
+            const float *q = Q + j * ED;
+            for (int big = 0; big < 2; big++) {
+                size_t ef = big ? nn : 16, fa, fb;
+                uint32_t ia[20], ib[20];
+                float va[20], vb[20];
+                int rc;
+                assert_int_equal(kst_kvg_search_multi(a, K, 1, ED, q, 1, 10, ef, 0, 1, &pg, ia, va, &fa), KST_OK);
+                assert_int_equal(kst_kvg_search_multi(b, K, 1, ED, q, 1, 10, ef, 0, 1, &ph, ib, vb, &fb), KST_OK);
+                assert_int_equal(fa, 10);
+                assert_int_equal(fb, 10);
+                assert_int_equal(sg.scanned, sh.scanned);
+                assert_int_equal(sg.hops, sh.hops);
+                for (int i = 0; i < 10; i++) {
+                    assert_int_equal(ia[i], ib[i]);
+                    assert_true(va[i] == vb[i]);
+                }
+                if (big) { /* the exact top-10 by float64 inner product */
+                    double best[10];
+                    size_t bi[10];
+                    for (int i = 0; i < 10; i++) best[i] = -INFINITY, bi[i] = 0;
+                    for (size_t r = 0; r < nn; r++) {
+                        double v = 0;
+                        for (size_t i = 0; i < ED; i++) v += (double)q[i] * kst_f16_to_f32(K[r * ED + i]);
+                        for (int i = 0; i < 10; i++)
+                            if (v > best[i]) {
+                                for (int m = 9; m > i; m--) best[m] = best[m - 1], bi[m] = bi[m - 1];
+                                best[i] = v;
+                                bi[i] = r;
+                                break;
+                            }
+                    }
+                    for (int i = 0; i < 10; i++)
+                        if (ib[i] != bi[i])
+                            fail_msg("node order, phase %d, query %zu, ef = all: rank %d is row %u, exact %zu", phase, j, i,
+                                     ib[i], bi[i]);
+                }
+                fa = kst_kvg_search(a, K, 1, ED, q, 10, ef, &sg, ia, va, &rc);
+                assert_int_equal(rc, KST_OK);
+                fb = kst_kvg_search(b, K, 1, ED, q, 10, ef, &sh, ib, vb, &rc);
+                assert_int_equal(rc, KST_OK);
+                assert_int_equal(fa, fb);
+                assert_int_equal(sg.scanned, sh.scanned);
+                for (size_t i = 0; i < fa; i++) {
+                    assert_int_equal(ia[i], ib[i]);
+                    assert_true(va[i] == vb[i]);
+                }
+                if (j + 1 == NQ) continue; /* (the group search takes queries j and j + 1) */
+                size_t ga[2], gb[2];
+                assert_int_equal(kst_kvg_search_group(a, K, 1, ED, q, 2, 10, ef, 1, &sg, ia, va, ga), KST_OK);
+                assert_int_equal(kst_kvg_search_group(b, K, 1, ED, q, 2, 10, ef, 1, &sh, ib, vb, gb), KST_OK);
+                assert_int_equal(sg.scanned, sh.scanned);
+                for (int u = 0; u < 2; u++) {
+                    assert_int_equal(ga[u], gb[u]);
+                    for (size_t i = 0; i < ga[u]; i++) {
+                        assert_int_equal(ia[u * 10 + i], ib[u * 10 + i]);
+                        assert_true(va[u * 10 + i] == vb[u * 10 + i]);
+                    }
+                }
+            }
+        }
+        if (phase == 0) { /* 64 keys inserted into both (their own rows) */
+            for (size_t x = n0; x < n; x++) {
+                assert_ok(kst_kvg_insert(&g, K, 1, ED, &sg, &err), &err);
+                assert_ok(kst_kvg_insert(&h, K, 1, ED, &sh, &err), &err);
+            }
+            assert_int_equal(h.n, n);
+            assert_int_equal(h.nperm, n0);
+        } else if (phase == 1) { /* a copy, its codes remade from the rows */
+            memset(&h2, 0, sizeof h2);
+            memset(&g2, 0, sizeof g2);
+            assert_ok(kst_kvg_copy(&h2, &h, &err), &err);
+            assert_ok(kst_kvg_copy(&g2, &g, &err), &err);
+            assert_int_equal(h2.nperm, n0);
+            assert_ok(kst_kvg_make_codes(&h2, K, 1, ED, &err), &err);
+            assert_ok(kst_kvg_make_codes(&g2, K, 1, ED, &err), &err);
+            for (size_t x = 0; x < n; x++)
+                assert_memory_equal(h2.codes + x * (ED / 2), g2.codes + (x < n0 ? h.row_of[x] : x) * (ED / 2), ED / 2);
+        }
+    }
+    kst_kvg_scratch_free(&sg);
+    kst_kvg_scratch_free(&sh);
+    kst_kvg_free(&g);
+    kst_kvg_free(&h);
+    kst_kvg_free(&h2);
+    kst_kvg_free(&g2);
+    free(K);
+    free(cen);
+    free(Qb);
+    free(Q);
+}
+
 /* Attention over every indexed key through the interleaved searches (two query heads per task)
  * and through float32 code scores: full attention (PyTorch SDPA, float32 fixture). */
 static void test_interleaved_all_keys_equals_sdpa(void **state) {
@@ -1537,6 +1779,7 @@ int main(void) {
         cmocka_unit_test(test_tail_sample_kept_across_appends),
         cmocka_unit_test(test_build_copied),
         cmocka_unit_test(test_append_batches_equal_full_attention),
+        cmocka_unit_test(test_node_order_steps),
         cmocka_unit_test(test_append_batches_gpu_equals_cpu),
         cmocka_unit_test(test_append_codes_steered_insertion),
         cmocka_unit_test(test_insert_entries_from_table),
@@ -1545,6 +1788,7 @@ int main(void) {
         cmocka_unit_test(test_pool_search_recall),
         cmocka_unit_test(test_interleaved_all_keys_equals_sdpa),
         cmocka_unit_test(test_entry_table),
+        cmocka_unit_test(test_node_order),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_alloc_failures),
     };
