@@ -1,0 +1,248 @@
+/* bench_kv_order.c - does the order of a KV graph's nodes in memory change its search's speed?
+ *
+ *   bench_kv_order N [ROUNDS]
+ *
+ * The decode step's searches are bound by their scattered reads: each key scored is one 64-byte
+ * line of 4-bit codes at a random place (tests/bench/README.md, KV rounds 5 and 29). This builds
+ * the attention-aware graph of the synthetic layer's KV head 0 (bench_kv_gen.h, N tokens, the
+ * default budget's settings: degree 32, codes, an entry table of N / 128 nodes evenly spaced in
+ * its order, ef 128, two candidates expanded at a time), then a copy whose nodes are renumbered
+ * in breadth-first order from the hubs (a node's neighbours then mostly sit in consecutive
+ * lines), keys, codes, edges and entries alike. Eight copies of each (a layer's 8 KV heads' worth of memory, so that
+ * the caches hold what they would in a step) are searched by every OpenMP thread with the
+ * decode queries of all 32 query heads (in head 0's frame), the two orders alternated ROUNDS
+ * times. Prints the search time per query (thread-seconds) of each, their ratio, and recall@100
+ * against the exact top keys (the same searches, so the same recall up to ties). */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/half.h"
+#include "index/kv_graph.h"
+#include "index/kv_tclust.h"
+#define KVB_PROG "bench_kv_order"
+#include "tests/bench/bench_kv_util.h"
+#include "tests/bench/bench_kv_gen.h"
+
+enum { MAXC = 8, K_TOP = 100, EF = 128 };
+static size_t COPIES = MAXC; /* KV_COPIES */
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* new_of / old_of: breadth-first from the entries, unreached nodes after in their order */
+static void bfs_order(const kst_kvg *g, uint32_t *new_of, uint32_t *old_of) {
+    size_t n = g->n, head = 0, tail = 0;
+    for (size_t i = 0; i < n; i++) new_of[i] = UINT32_MAX;
+    for (size_t e = 0; e < g->n_entry; e++) {
+        uint32_t x = g->entry[e];
+        if (x < n && new_of[x] == UINT32_MAX) new_of[x] = (uint32_t)tail, old_of[tail++] = x;
+    }
+    for (size_t r = 0; tail < n; r++) {
+        while (head < tail) {
+            uint32_t x = old_of[head++];
+            for (size_t j = 0; j < g->deg[x]; j++) {
+                uint32_t y = g->adj[(size_t)x * g->M + j];
+                if (y < n && new_of[y] == UINT32_MAX) new_of[y] = (uint32_t)tail, old_of[tail++] = y;
+            }
+        }
+        for (; r < n && tail < n; r++)
+            if (new_of[r] == UINT32_MAX) {
+                new_of[r] = (uint32_t)tail, old_of[tail++] = (uint32_t)r;
+                break;
+            }
+    }
+}
+
+/* new_of / old_of: by k-means cluster of the keys (C clusters, kv_tclust's FAISS k-means), each
+ * cluster's nodes in breadth-first order (bfs_new: that order's numbers) */
+static void cluster_order(const kst_kvg *g, const uint16_t *K, size_t d, size_t C, const uint32_t *bfs_new,
+                          uint32_t *new_of, uint32_t *old_of) {
+    kst_kvtc T = {0};
+    kst_error e;
+    if (kst_kvtc_build(&T, K, 1, g->n, d, C, 7, &e)) die("k-means", &e);
+    uint64_t *key = malloc(g->n * sizeof *key);
+    for (size_t i = 0; i < g->n; i++) key[i] = (uint64_t)T.of[i] << 32 | bfs_new[i];
+    for (size_t i = 0; i < g->n; i++) old_of[i] = (uint32_t)i;
+    /* sort nodes by key (a simple radix-free qsort over (key, node) pairs) */
+    uint64_t *pr = malloc(g->n * 2 * sizeof *pr);
+    for (size_t i = 0; i < g->n; i++) pr[2 * i] = key[i], pr[2 * i + 1] = i;
+    qsort(pr, g->n, 2 * sizeof *pr, cmp_u64);
+    for (size_t i = 0; i < g->n; i++) old_of[i] = (uint32_t)pr[2 * i + 1], new_of[pr[2 * i + 1]] = (uint32_t)i;
+    free(pr);
+    free(key);
+    kst_kvtc_free(&T);
+}
+
+/* dst: a copy of src with node old_of[i] as node i (K2: its keys so ordered) */
+static void relabel(kst_kvg *dst, const kst_kvg *src, const uint32_t *new_of, const uint32_t *old_of, size_t d) {
+    kst_error e;
+    if (kst_kvg_copy(dst, src, &e) != KST_OK) die("copy", &e);
+    size_t n = src->n, M = src->M, cb = d / 2;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t o = old_of[i];
+        dst->deg[i] = src->deg[o];
+        dst->norm2[i] = src->norm2[o];
+        for (size_t j = 0; j < M; j++) {
+            uint32_t y = src->adj[(size_t)o * M + j];
+            dst->adj[i * M + j] = j < src->deg[o] && y < n ? new_of[y] : y;
+            dst->adist[i * M + j] = src->adist[(size_t)o * M + j];
+        }
+        memcpy(dst->codes + i * cb, src->codes + (size_t)o * cb, cb);
+    }
+    for (size_t i = 0; i < src->n_entry; i++) dst->entry[i] = new_of[src->entry[i]];
+}
+
+/* mean over edges of |new(x) - new(y)| < 16 (a node's neighbours within 1 KB of codes) */
+static double near_frac(const kst_kvg *g) {
+    size_t tot = 0, near = 0;
+    for (size_t x = 0; x < g->n; x++)
+        for (size_t j = 0; j < g->deg[x]; j++) {
+            long dd = (long)g->adj[x * g->M + j] - (long)x;
+            tot++;
+            near += labs(dd) < 16;
+        }
+    return tot ? (double)near / tot : 0;
+}
+
+typedef struct {
+    kst_kvg g[MAXC];
+    uint16_t *K[MAXC];
+} layout;
+
+static double run(const layout *L, const float *Q, size_t nq, size_t reps, size_t spread, uint32_t *ids) {
+    double t0 = now_s();
+    size_t threads = (size_t)omp_get_max_threads();
+#pragma omp parallel
+    {
+        kst_kvg_scratch s = {0}, *ss[1] = {&s};
+        s.pf_push = 1;
+        s.expand = 2;
+        s.spread = spread;
+        s.spread_keep = 8;
+        uint32_t id[EF];
+        size_t fnd;
+#pragma omp for schedule(dynamic, 4)
+        for (size_t r = 0; r < reps * nq; r++) {
+            size_t qi = r % nq, c = (r / 7 + qi) % COPIES;
+            kst_kvg_search_multi(&L->g[c], L->K[c], 1, KVB_D, Q + qi * KVB_D, 1, EF, EF, 0, 1, ss, id, NULL, &fnd);
+            if (r < nq && ids) memcpy(ids + qi * EF, id, sizeof id);
+        }
+        kst_kvg_scratch_free(&s);
+    }
+    return (now_s() - t0) * threads / (double)(reps * nq);
+}
+
+static int cmp_dbl(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: bench_kv_order N [ROUNDS [ORDERS]]  (ORDERS: comma list of bfs, kmC (keys reordered too), gC (kst_kvg_order); default bfs,km512)\n");
+        return 2;
+    }
+    size_t N = (size_t)atol(argv[1]), rounds = argc > 2 ? (size_t)atol(argv[2]) : 5;
+    const char *orders = argc > 3 ? argv[3] : "bfs,km512";
+    if (getenv("KV_COPIES")) COPIES = (size_t)atol(getenv("KV_COPIES"));
+    if (COPIES < 1 || COPIES > MAXC) die("KV_COPIES: 1..8", NULL);
+    const size_t D = KVB_D, W = 1024, n = N - KVB_SINKS - W;
+    int perm[KVB_KVH][KVB_D];
+    float sgn[KVB_KVH][KVB_D];
+    kvb_perms(perm, sgn);
+    kvb_data gd;
+    double t = now_s();
+    kvb_gen(N, 0.7f, 0, 0, 384, 20.8f, 3.5f, perm, sgn, &gd);
+    const uint16_t *K = gd.K0 + KVB_SINKS * D;
+    /* prefill queries: group 0's 4 heads, all NPRE positions, as kst_kvc_build takes them */
+    size_t np = (size_t)KVB_NPRE * KVB_G;
+    float *Qp = malloc(np * D * sizeof *Qp);
+    for (size_t i = 0; i < np; i++) memcpy(Qp + i * D, gd.Qpre + ((i / KVB_G) * KVB_QH + i % KVB_G) * D, D * 4);
+    kst_error e;
+    enum { MAXL = 6 };
+    layout *L = calloc(MAXL, sizeof *L);
+    char name[MAXL][16] = {"position"};
+    kst_kvg_init(&L[0].g[0], 32, 32, 0, NULL);
+    L[0].g[0].codes_on = 1;
+    if (kst_kvg_build_attn(&L[0].g[0], K, 1, n, D, Qp, np, 32, &e)) die("build", &e);
+    size_t spread = n / 128 < 4096 ? n / 128 : 4096;
+    printf("bench_kv_order: %zu keys indexed (N %zu), built in %.1f s; %d threads\n", n, N, now_s() - t,
+           omp_get_max_threads());
+    uint32_t *bfs_new = malloc(n * 4), *bfs_old = malloc(n * 4), *old_of[MAXL] = {NULL};
+    bfs_order(&L[0].g[0], bfs_new, bfs_old);
+    size_t nl = 1;
+    for (const char *p = orders; *p && nl < MAXL;) {
+        size_t len = strcspn(p, ",");
+        uint32_t *nw = malloc(n * 4), *od = malloc(n * 4);
+        if (len == 3 && !strncmp(p, "bfs", 3)) {
+            memcpy(nw, bfs_new, n * 4);
+            memcpy(od, bfs_old, n * 4);
+        } else if (len > 2 && !strncmp(p, "km", 2)) {
+            double t1 = now_s();
+            cluster_order(&L[0].g[0], K, D, (size_t)atol(p + 2), bfs_new, nw, od);
+            printf("(%.*s: k-means and order %.1f s)\n", (int)len, p, now_s() - t1);
+        } else if (len > 1 && p[0] == 'g') { /* the library's kst_kvg_order: keys stay in position order */
+            double t1 = now_s();
+            if (kst_kvg_copy(&L[nl].g[0], &L[0].g[0], &e) || kst_kvg_order(&L[nl].g[0], K, 1, D, (size_t)atol(p + 1), &e))
+                die("kst_kvg_order", &e);
+            printf("(%.*s: kst_kvg_order %.1f s)\n", (int)len, p, now_s() - t1);
+            free(nw);
+            free(od);
+            nw = od = NULL;
+        } else {
+            die("orders: bfs, kmC or gC", NULL);
+        }
+        snprintf(name[nl], sizeof name[nl], "%.*s", (int)len, p);
+        if (od) relabel(&L[nl].g[0], &L[0].g[0], nw, od, D);
+        old_of[nl++] = od;
+        free(nw);
+        p += len + (p[len] == ',');
+    }
+    for (size_t l = 0; l < nl; l++) {
+        for (size_t c = 0; c < COPIES; c++) {
+            L[l].K[c] = malloc(n * D * 2);
+            for (size_t i = 0; i < n; i++) memcpy(L[l].K[c] + i * D, K + (size_t)(old_of[l] ? old_of[l][i] : i) * D, D * 2);
+            if (c > 0 && kst_kvg_copy(&L[l].g[c], &L[l].g[0], &e)) die("copy", &e);
+            /* (copies have no entry table: each its own, of the nodes evenly spaced in its order) */
+            if (kst_kvg_entry_table(&L[l].g[c], spread, &e)) die("entry table", &e);
+        }
+        printf("%-9s edges within 16 nodes of their source %.3f\n", name[l], near_frac(&L[l].g[0]));
+    }
+    /* decode queries: all 32 heads' in head 0's frame */
+    size_t nq = (size_t)KVB_NT * KVB_QH;
+    const float *Q = gd.Qd0;
+    uint32_t *exact = malloc(nq * K_TOP * 4), *ids = malloc(nq * EF * 4);
+    if (kst_kvg_exact_topk(K, 1, n, D, Q, nq, K_TOP, exact, NULL, &e)) die("exact", &e);
+    for (size_t l = 0; l < nl; l++) {
+        run(&L[l], Q, nq, 1, spread, ids);
+        size_t hit = 0;
+        for (size_t q = 0; q < nq; q++)
+            for (size_t j = 0; j < K_TOP; j++)
+                for (size_t i = 0; i < K_TOP; i++) /* the top 100 of the 128 re-scored, best first */
+                    hit += (old_of[l] ? old_of[l][ids[q * EF + i]] : ids[q * EF + i]) == exact[q * K_TOP + j];
+        printf("%-9s recall@100 %.4f (%zu queries)\n", name[l], (double)hit / (nq * K_TOP), nq);
+    }
+    double *tm = malloc(MAXL * rounds * sizeof *tm), *rr = malloc(MAXL * rounds * sizeof *rr);
+    for (size_t r = 0; r < rounds; r++) {
+        printf("round %zu:", r);
+        for (size_t l = 0; l < nl; l++) {
+            tm[l * rounds + r] = run(&L[l], Q, nq, 4, spread, NULL);
+            printf(" %s %.2f us", name[l], tm[l * rounds + r] * 1e6);
+        }
+        for (size_t l = 1; l < nl; l++) rr[l * rounds + r] = tm[r] / tm[l * rounds + r];
+        printf("\n");
+    }
+    for (size_t l = 0; l < nl; l++) {
+        qsort(tm + l * rounds, rounds, sizeof *tm, cmp_dbl);
+        if (l) qsort(rr + l * rounds, rounds, sizeof *rr, cmp_dbl);
+        if (!l) printf("median: %s order %.2f us a search (anchor)\n", name[l], tm[rounds / 2] * 1e6);
+        else printf("median: %s order %.2f us a search: %.3fx the anchor's speed (rounds %.3f-%.3f)\n", name[l],
+                    tm[l * rounds + rounds / 2] * 1e6, rr[l * rounds + rounds / 2], rr[l * rounds], rr[l * rounds + rounds - 1]);
+    }
+    return 0;
+}
