@@ -127,7 +127,7 @@ typedef struct kv_thread {
     double p_first, p_last, p_busy, p_search, p_attn, p_tail; /* profile (kst_kvc_set_prof) */
     double p_want, p_twait, p_tcpu; /* the GPU's tail items: first needed, waited for, used */
     double p_out[3]; /* out of tasks, of the plans, of the GPU's wait (kst_kvc_prof out_*) */
-    size_t p_hops, p_tasks, p_topsum;
+    size_t p_hops, p_tasks, p_topsum, p_ttable;
     /* the clustered tail estimate (tail_clusters): per-cluster counts (2 C), scores (2 C), the
      * samples' rows and scores (2 x budget), marks of the attended nodes (nidx, kept all 0) */
     uint32_t *tcu; float *tcf, *tcs; int64_t *tcr; uint8_t *tmark;
@@ -1611,7 +1611,7 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
             if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
-        for (size_t a = 0; a < nt; a++) /* the adaptive budget's signal (widen_pick) */
+        for (size_t a = 0; c->widen > 0 && a < nt; a++) /* the adaptive budget's signal (widen_pick) */
             if (!(topx >> a & 1) && tw[a] > 0) t->tlw[t->ntlw++] = logf(tw[a]) + T->mx[ix];
         if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw[nt - 1] > thr) || !(rest > 0) ||
             !isfinite(rest)) {
@@ -1755,11 +1755,12 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
         double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
             if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
-        for (size_t a = 0; a < nt; a++) /* the adaptive budget's signal (widen_pick) */
+        for (size_t a = 0; c->widen > 0 && a < nt; a++) /* the adaptive budget's signal (widen_pick; none without it) */
             if (!(topx >> a & 1) && tw[a] > 0) t->tlw[t->ntlw++] = logf(tw[a]) + mx;
         if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw[nt - 1] > thr) || !(rest > 0) ||
             !isfinite(rest)) {
             /* the CPU table path: the chunk's kept rows scored and summed anew */
+            if (c->prof) t->p_ttable++;
             float *w = t->buf;
             kst_kv_scores_t(w, q, 1, (const char *)T->K + j0 * rowb, op->f16, nr, d, op->scale);
             size_t r = e0;
@@ -2635,7 +2636,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             t->p_first = t->p_last = t->p_busy = t->p_search = t->p_attn = t->p_tail = 0;
             t->p_want = t->p_twait = t->p_tcpu = 0;
             t->p_out[0] = t->p_out[1] = t->p_out[2] = 0;
-            t->p_topsum = 0;
+            t->p_topsum = t->p_ttable = 0;
             t->p_hops = t->p_tasks = 0;
             t->s.prof = 1;
             t->s.t_rerank = 0;
@@ -3290,6 +3291,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             pf->tail_wait += t->p_twait;
             pf->tail_cpu += t->p_tcpu;
             pf->tail_topsum += t->p_topsum;
+            pf->tail_table += t->p_ttable;
             if (t->p_want > 0 && (want == 0 || t->p_want < want)) want = t->p_want;
             for (int a = 0; a < 3; a++)
                 if (t->p_out[a] > 0 && t->p_out[a] - pt0 > omax[a]) omax[a] = t->p_out[a] - pt0;

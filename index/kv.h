@@ -460,8 +460,10 @@ typedef struct kst_kvc_prof {
      * (tail_cpu; both inside `tail`). */
     size_t gpu_steps, gpu_wanted_steps, gpu_late;
     double gpu_launched, gpu_seen, gpu_wanted, tail_wait, tail_cpu;
-    /* the GPU's tail chunks whose best rows came summed from the GPU (kst_kvc_set_tail_topsum) */
-    size_t tail_topsum;
+    /* the GPU's tail chunks whose best rows came summed from the GPU (kst_kvc_set_tail_topsum);
+     * those re-scored whole on the CPU instead (tail_table: retrieved samples outside its best
+     * rows held most of the chunk's weight, or more than its best rows scored above tau) */
+    size_t tail_topsum, tail_table;
     /* KESTREL_KV_GPU_TIME=1 at creation: the GPU partial's own spans by CUDA events (no graph),
      * seconds summed over gpu_timed steps: query upload, kernel, downloads */
     size_t gpu_timed;

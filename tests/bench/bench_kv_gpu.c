@@ -658,10 +658,12 @@ static int layer(const char *list) {
                        pf.attn * u / nt, pf.tail * u / nt, (double)pf.hops / pf.tasks, (double)pf.scanned / pf.tasks);
                 if (pf.gpu_steps) /* the GPU's partial's life: us from the call's start, means over steps */
                     printf("  (%s: GPU partial launched at %.1f, seen in at %.1f, tail items first needed at %.1f (%zu of %zu"
-                           " steps before seen); per thread: waited for the items %.1f, their estimates %.1f)\n", mode,
+                           " steps before seen); per thread: waited for the items %.1f, their estimates %.1f; chunks a step:"
+                           " %.1f best rows summed on the GPU, %.1f re-scored whole on the CPU)\n", mode,
                            1e6 * pf.gpu_launched / pf.gpu_steps, 1e6 * pf.gpu_seen / pf.gpu_steps,
                            pf.gpu_wanted_steps ? 1e6 * pf.gpu_wanted / pf.gpu_wanted_steps : 0.0, pf.gpu_late,
-                           pf.gpu_wanted_steps, pf.tail_wait * u / nt, pf.tail_cpu * u / nt);
+                           pf.gpu_wanted_steps, pf.tail_wait * u / nt, pf.tail_cpu * u / nt,
+                           (double)pf.tail_topsum / pf.steps, (double)pf.tail_table / pf.steps);
                 printf("  (%s: the region's last thread, us from the call's start: out of tasks %.1f, of the plans %.1f,"
                        " of the GPU's wait %.1f)\n", mode, pf.out_tasks * u, pf.out_plans * u, pf.out_done * u);
                 if (pf.gpu_timed) /* KESTREL_KV_GPU_TIME=1: CUDA events around the partial's parts */

@@ -442,11 +442,11 @@ int main(int argc, char **argv) {
             if (pf.gpu_steps) /* the GPU's partial's life: us from the call's start, means over steps */
                 printf("  (%s: GPU partial: launched at %.1f, seen in at %.1f, tail items first needed at %.1f (%zu of %zu"
                        " steps before seen); per thread: tail %.1f = wait %.1f + CPU estimate %.1f + rest; %.1f chunks"
-                       " a step with the best rows summed on the GPU)\n", row,
+                       " a step with the best rows summed on the GPU, %.1f re-scored whole on the CPU)\n", row,
                        1e6 * pf.gpu_launched / pf.gpu_steps, 1e6 * pf.gpu_seen / pf.gpu_steps,
                        pf.gpu_wanted_steps ? 1e6 * pf.gpu_wanted / pf.gpu_wanted_steps : 0.0, pf.gpu_late,
                        pf.gpu_wanted_steps, pf.tail * u / nt, pf.tail_wait * u / nt, pf.tail_cpu * u / nt,
-                       (double)pf.tail_topsum / pf.steps);
+                       (double)pf.tail_topsum / pf.steps, (double)pf.tail_table / pf.steps);
             if (pf.gpu_armed || pf.gpu_arm_idle_s > 0)
                 printf("  (%s: GPU partial launched through a queued chain in %zu of %zu steps; queueing %.1f us a step"
                        " in kst_kvc_work)\n", row, pf.gpu_armed, pf.gpu_steps, 1e6 * pf.gpu_arm_idle_s / pf.steps);
