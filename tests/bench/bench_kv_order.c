@@ -1,6 +1,11 @@
 /* bench_kv_order.c - does the order of a KV graph's nodes in memory change its search's speed?
  *
- *   bench_kv_order N [ROUNDS]
+ *   bench_kv_order N [ROUNDS [ORDERS]]
+ *
+ * ORDERS: a comma list of bfs (breadth-first from the hubs), kmC (k-means with C clusters, then
+ * breadth-first within; both reorder the key rows too) and gC (the library's kst_kvg_order with C
+ * clusters, the rows left in position order); default bfs,km512. KV_COPIES: copies of each layout
+ * (8); KV_SPREAD: entry table size (N / 128).
  *
  * The decode step's searches are bound by their scattered reads: each key scored is one 64-byte
  * line of 4-bit codes at a random place (tests/bench/README.md, KV rounds 5 and 29). This builds
@@ -171,6 +176,7 @@ int main(int argc, char **argv) {
     L[0].g[0].codes_on = 1;
     if (kst_kvg_build_attn(&L[0].g[0], K, 1, n, D, Qp, np, 32, &e)) die("build", &e);
     size_t spread = n / 128 < 4096 ? n / 128 : 4096;
+    if (getenv("KV_SPREAD")) spread = (size_t)atol(getenv("KV_SPREAD")); /* entry table size */
     printf("bench_kv_order: %zu keys indexed (N %zu), built in %.1f s; %d threads\n", n, N, now_s() - t,
            omp_get_max_threads());
     uint32_t *bfs_new = malloc(n * 4), *bfs_old = malloc(n * 4), *old_of[MAXL] = {NULL};
