@@ -948,6 +948,20 @@ static void test_append_batches_equal_full_attention(void **state) {
 }
 
 
+/* n clustered float16 keys K (n, d) (and as float32 in Kf, if not NULL): ncl centres cen (ncl,
+ * d) drawn normal, key t = 0.5 + the centre of cluster (7919 t + t / 5) mod ncl (the clusters
+ * scattered over the positions) + 0.6 x normal noise. */
+static void clustered_keys(uint16_t *K, float *Kf, float *cen, size_t n, size_t ncl, size_t d) {
+    for (size_t i = 0; i < ncl * d; i++) cen[i] = (float)test_gauss();
+    for (size_t t = 0; t < n; t++) {
+        size_t c = (size_t)(t * 7919u + t / 5) % ncl;
+        for (size_t i = 0; i < d; i++) {
+            K[t * d + i] = kst_f32_to_f16(0.5f + cen[c * d + i] + 0.6f * (float)test_gauss());
+            if (Kf) Kf[t * d + i] = kst_f16_to_f32(K[t * d + i]);
+        }
+    }
+}
+
 /* Entries of the insertion beam from the entry table (kst_kvg.ins_sk, round 11): with an entry
  * table and AVX-512 VNNI, the beam that links a new key starts from the spaced nodes whose
  * codes score best against it. Clustered float16 keys (d 64, 32 centres): 3,072 built
@@ -969,14 +983,7 @@ static void test_insert_entries_from_table(void **state) {
     assert_non_null(K);
     assert_non_null(Kf);
     assert_non_null(cen);
-    for (size_t i = 0; i < NCL * ED; i++) cen[i] = (float)test_gauss();
-    for (size_t t = 0; t < n; t++) {
-        size_t c = (size_t)(t * 7919u + t / 5) % NCL;
-        for (size_t i = 0; i < ED; i++) {
-            K[t * ED + i] = kst_f32_to_f16(0.5f + cen[c * ED + i] + 0.6f * (float)test_gauss());
-            Kf[t * ED + i] = kst_f16_to_f32(K[t * ED + i]);
-        }
-    }
+    clustered_keys(K, Kf, cen, n, NCL, ED);
     int vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
     kst_kvg g[2];
     kst_error err;
@@ -1497,11 +1504,7 @@ static void test_node_order(void **state) {
     assert_non_null(cen);
     assert_non_null(Qb);
     assert_non_null(Q);
-    for (size_t i = 0; i < NCL * ED; i++) cen[i] = (float)test_gauss();
-    for (size_t t = 0; t < n; t++) {
-        size_t c = (size_t)(t * 7919u + t / 5) % NCL;
-        for (size_t i = 0; i < ED; i++) K[t * ED + i] = kst_f32_to_f16(0.5f + cen[c * ED + i] + 0.6f * (float)test_gauss());
-    }
+    clustered_keys(K, NULL, cen, n, NCL, ED);
     for (size_t j = 0; j < nb; j++) /* prefill queries near the centres */
         for (size_t i = 0; i < ED; i++) Qb[j * ED + i] = cen[(j % NCL) * ED + i] + 0.8f * (float)test_gauss();
     for (size_t j = 0; j < NQ; j++)
