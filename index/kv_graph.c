@@ -1842,6 +1842,11 @@ int kst_kvg_search_group(const kst_kvg *g, const void *K, int f16, size_t d, con
 /* interleaved independent searches (kst_kvg_search_multi) */
 
 #define KVG_MULTI_MAX 8
+/* rows the exact re-scoring asks for ahead of the one it scores (-DKST_KVG_RERANK_PF=n at build
+ * time for experiments; a number past ef asks for them all first, as before round 30) */
+#ifndef KST_KVG_RERANK_PF
+#define KST_KVG_RERANK_PF 8
+#endif
 
 /* Issues the reads of node x's edges (and its degree). */
 static inline void prefetch_edges(const kst_kvg *g, uint32_t x) {
@@ -2164,16 +2169,26 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
         }
         npool[q] = n;
     }
-    if (codes) { /* exact re-scoring: every search's rows asked for first, then scored */
-        size_t rowb = d * (f16 ? 2 : 4);
-        for (size_t q = 0; q < nq; q++)
-            for (size_t i = 0; i < npool[q]; i++) {
-                const char *r = (const char *)nrow(g, K, f16, pool[q][i].x, d);
-                for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
-            }
+    if (codes) { /* exact re-scoring: each row asked for RPF rows ahead of its scoring (all at once,
+                  * as before round 30, asked for more lines than the core can have in flight) */
+        const size_t RPF = KST_KVG_RERANK_PF, rowb = d * (f16 ? 2 : 4);
+        size_t pq = 0, pi = 0; /* the next row to ask for: search pq's pool entry pi */
+        for (size_t a = 0; a < RPF; a++) {
+            while (pq < nq && pi >= npool[pq]) pq++, pi = 0;
+            if (pq == nq) break;
+            const char *r = (const char *)nrow(g, K, f16, pool[pq][pi++].x, d);
+            for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+        }
         for (size_t q = 0; q < nq; q++) {
             gpair *P = pool[q];
-            for (size_t i = 0; i < npool[q]; i++) P[i].s = kst_kv_dot(Q + q * d, nrow(g, K, f16, P[i].x, d), f16, d);
+            for (size_t i = 0; i < npool[q]; i++) {
+                while (pq < nq && pi >= npool[pq]) pq++, pi = 0;
+                if (pq < nq) {
+                    const char *r = (const char *)nrow(g, K, f16, pool[pq][pi++].x, d);
+                    for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
+                }
+                P[i].s = kst_kv_dot(Q + q * d, nrow(g, K, f16, P[i].x, d), f16, d);
+            }
             /* insertion sort, best first: the code order is nearly the exact one, so few moves */
             size_t ns = nsort[q];
             for (size_t i = 1; i < ns; i++) {

@@ -3,14 +3,14 @@
 # k-means for the tail clusters: libfaiss.a, whose BLAS core/blas.c loads at run time; libgomp
 # static; cudart static, cublas shared) so that it runs on a CUDA machine without Kestrel's other
 # dependencies (OpenBLAS found at run time). Needs nvcc (works without a GPU). BENCH=bench_kv_loop
-# builds that bench instead.
+# builds that bench instead; KV_CFLAGS: more C flags (e.g. -DKST_KVG_RERANK_PF=16, experiments).
 set -euo pipefail
 bench=${BENCH:-bench_kv_gpu}
 out=${1:-build/$bench}
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 NVCC=${NVCC:-nvcc}
-CF="-std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -DKST_CUDA=1 -I."
+CF="-std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -DKST_CUDA=1 -I. ${KV_CFLAGS:-}"
 for f in core/kv_attn.c core/half.c core/mem.c core/error.c core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c \
          index/kv_tclust.c index/kv_scache.c index/faiss_blas.c tests/bench/$bench.c; do
   cc $CF -c "$f" -o "$tmp/$(basename "$f" .c).o"
