@@ -424,7 +424,9 @@ void kst_kv_free(kst_kv *kv);
 int kst_kv_append(kst_kv *kv, size_t layer, const void *keys, const void *values, size_t n,
                   kst_error *err);
 /* Builds the layer's index over the tokens between the sinks and the window from the prefill
- * queries (nq, q_heads, head_dim) float32 (NULL/0 allowed for KST_KV_INDEX_KEYS). */
+ * queries (nq, q_heads, head_dim) float32 (NULL/0 allowed for KST_KV_INDEX_KEYS). The
+ * attention-aware index's nodes are then ordered by k-means cluster of their keys, so that a
+ * decode search's reads fall near each other (README, "Node order"; KESTREL_KV_ORDER=0: not). */
 int kst_kv_build(kst_kv *kv, size_t layer, const float *queries, size_t nq, kst_error *err);
 
 typedef struct kst_kv_stats {
