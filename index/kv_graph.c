@@ -1177,7 +1177,7 @@ done:
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* 4-bit codes and the group search */
+/* node order (kv_graph.h) */
 
 int kst_kvg_order(kst_kvg *g, const void *K, int f16, size_t d, size_t C, kst_error *err) {
     size_t n = g->n, M = g->M, cap = g->cap, cb = g->codes ? g->cd / 2 : 0;
@@ -1271,6 +1271,9 @@ nomem:
     kst_kvtc_free(&T);
     return kst_fail(err, KST_ERR_NOMEM, "kv graph: out of memory ordering %zu nodes", n);
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* 4-bit codes and the group search */
 
 size_t kst_kvg_code_bytes(const kst_kvg *g) {
     size_t et = (g->et_n + 15) / 16 * 16;
