@@ -2174,22 +2174,21 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
     }
     if (codes) { /* exact re-scoring: each row asked for RPF rows ahead of its scoring (all at once,
                   * as before round 30, asked for more lines than the core can have in flight) */
-        const size_t RPF = KST_KVG_RERANK_PF, rowb = d * (f16 ? 2 : 4);
+        const size_t rowb = d * (f16 ? 2 : 4);
         size_t pq = 0, pi = 0; /* the next row to ask for: search pq's pool entry pi */
-        for (size_t a = 0; a < RPF; a++) {
-            while (pq < nq && pi >= npool[pq]) pq++, pi = 0;
-            if (pq == nq) break;
-            const char *r = (const char *)nrow(g, K, f16, pool[pq][pi++].x, d);
-            for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
-        }
+#define RERANK_ASK()                                                                              \
+    do {                                                                                          \
+        while (pq < nq && pi >= npool[pq]) pq++, pi = 0;                                          \
+        if (pq < nq) {                                                                            \
+            const char *r_ = (const char *)nrow(g, K, f16, pool[pq][pi++].x, d);                  \
+            for (size_t o_ = 0; o_ < rowb; o_ += 64) __builtin_prefetch(r_ + o_);                 \
+        }                                                                                         \
+    } while (0)
+        for (size_t a = 0; a < KST_KVG_RERANK_PF; a++) RERANK_ASK();
         for (size_t q = 0; q < nq; q++) {
             gpair *P = pool[q];
             for (size_t i = 0; i < npool[q]; i++) {
-                while (pq < nq && pi >= npool[pq]) pq++, pi = 0;
-                if (pq < nq) {
-                    const char *r = (const char *)nrow(g, K, f16, pool[pq][pi++].x, d);
-                    for (size_t o = 0; o < rowb; o += 64) __builtin_prefetch(r + o);
-                }
+                RERANK_ASK();
                 P[i].s = kst_kv_dot(Q + q * d, nrow(g, K, f16, P[i].x, d), f16, d);
             }
             /* insertion sort, best first: the code order is nearly the exact one, so few moves */
@@ -2218,6 +2217,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             }
         }
     }
+#undef RERANK_ASK
     for (size_t q = 0; q < nq; q++) {
         size_t m = npool[q] < k ? npool[q] : k;
         for (size_t i = 0; i < m; i++) {

@@ -2,22 +2,22 @@
  *
  *   bench_kv_order N [ROUNDS [ORDERS]]
  *
- * ORDERS: a comma list of bfs (breadth-first from the hubs), kmC (k-means with C clusters, then
- * breadth-first within; both reorder the key rows too) and gC (the library's kst_kvg_order with C
- * clusters, the rows left in position order); default bfs,km512. KV_COPIES: copies of each layout
- * (8); KV_SPREAD: entry table size (N / 128).
+ * ORDERS: a comma list of gC (the library's kst_kvg_order with C clusters: the key rows stay in
+ * position order, the graph maps its nodes to them) and kmC (the same order, the key rows then
+ * moved into it too, so that the re-scoring's reads are ordered as well); default g512,km512.
+ * KV_COPIES: copies of each layout (8); KV_SPREAD: entry table size (N / 128).
  *
  * The decode step's searches are bound by their scattered reads: each key scored is one 64-byte
  * line of 4-bit codes at a random place (tests/bench/README.md, KV rounds 5 and 29). This builds
  * the attention-aware graph of the synthetic layer's KV head 0 (bench_kv_gen.h, N tokens, the
  * default budget's settings: degree 32, codes, an entry table of N / 128 nodes evenly spaced in
- * its order, ef 128, two candidates expanded at a time), then a copy whose nodes are renumbered
- * in breadth-first order from the hubs (a node's neighbours then mostly sit in consecutive
- * lines), keys, codes, edges and entries alike. Eight copies of each (a layer's 8 KV heads' worth of memory, so that
- * the caches hold what they would in a step) are searched by every OpenMP thread with the
- * decode queries of all 32 query heads (in head 0's frame), the two orders alternated ROUNDS
- * times. Prints the search time per query (thread-seconds) of each, their ratio, and recall@100
- * against the exact top keys (the same searches, so the same recall up to ties). */
+ * its order, ef 128, two candidates expanded at a time), then copies whose nodes are renumbered
+ * as ORDERS says (a node's neighbours then mostly sit in nearby lines). Eight copies of each (a
+ * layer's 8 KV heads' worth of memory, so that the caches hold what they would in a step) are
+ * searched by every OpenMP thread with the decode queries of all 32 query heads (in head 0's
+ * frame), the layouts alternated ROUNDS times. Prints the search time per query (thread-seconds)
+ * of each, its ratio to position order's, and recall@100 against the exact top keys (the same
+ * searches, so the same recall up to the entry table's nodes). */
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -26,81 +26,12 @@
 
 #include "core/half.h"
 #include "index/kv_graph.h"
-#include "index/kv_tclust.h"
 #define KVB_PROG "bench_kv_order"
 #include "tests/bench/bench_kv_util.h"
 #include "tests/bench/bench_kv_gen.h"
 
 enum { MAXC = 8, K_TOP = 100, EF = 128 };
 static size_t COPIES = MAXC; /* KV_COPIES */
-
-static int cmp_u64(const void *a, const void *b) {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* new_of / old_of: breadth-first from the entries, unreached nodes after in their order */
-static void bfs_order(const kst_kvg *g, uint32_t *new_of, uint32_t *old_of) {
-    size_t n = g->n, head = 0, tail = 0;
-    for (size_t i = 0; i < n; i++) new_of[i] = UINT32_MAX;
-    for (size_t e = 0; e < g->n_entry; e++) {
-        uint32_t x = g->entry[e];
-        if (x < n && new_of[x] == UINT32_MAX) new_of[x] = (uint32_t)tail, old_of[tail++] = x;
-    }
-    for (size_t r = 0; tail < n; r++) {
-        while (head < tail) {
-            uint32_t x = old_of[head++];
-            for (size_t j = 0; j < g->deg[x]; j++) {
-                uint32_t y = g->adj[(size_t)x * g->M + j];
-                if (y < n && new_of[y] == UINT32_MAX) new_of[y] = (uint32_t)tail, old_of[tail++] = y;
-            }
-        }
-        for (; r < n && tail < n; r++)
-            if (new_of[r] == UINT32_MAX) {
-                new_of[r] = (uint32_t)tail, old_of[tail++] = (uint32_t)r;
-                break;
-            }
-    }
-}
-
-/* new_of / old_of: by k-means cluster of the keys (C clusters, kv_tclust's FAISS k-means), each
- * cluster's nodes in breadth-first order (bfs_new: that order's numbers) */
-static void cluster_order(const kst_kvg *g, const uint16_t *K, size_t d, size_t C, const uint32_t *bfs_new,
-                          uint32_t *new_of, uint32_t *old_of) {
-    kst_kvtc T = {0};
-    kst_error e;
-    if (kst_kvtc_build(&T, K, 1, g->n, d, C, 7, &e)) die("k-means", &e);
-    uint64_t *key = malloc(g->n * sizeof *key);
-    for (size_t i = 0; i < g->n; i++) key[i] = (uint64_t)T.of[i] << 32 | bfs_new[i];
-    for (size_t i = 0; i < g->n; i++) old_of[i] = (uint32_t)i;
-    /* sort nodes by key (a simple radix-free qsort over (key, node) pairs) */
-    uint64_t *pr = malloc(g->n * 2 * sizeof *pr);
-    for (size_t i = 0; i < g->n; i++) pr[2 * i] = key[i], pr[2 * i + 1] = i;
-    qsort(pr, g->n, 2 * sizeof *pr, cmp_u64);
-    for (size_t i = 0; i < g->n; i++) old_of[i] = (uint32_t)pr[2 * i + 1], new_of[pr[2 * i + 1]] = (uint32_t)i;
-    free(pr);
-    free(key);
-    kst_kvtc_free(&T);
-}
-
-/* dst: a copy of src with node old_of[i] as node i (K2: its keys so ordered) */
-static void relabel(kst_kvg *dst, const kst_kvg *src, const uint32_t *new_of, const uint32_t *old_of, size_t d) {
-    kst_error e;
-    if (kst_kvg_copy(dst, src, &e) != KST_OK) die("copy", &e);
-    size_t n = src->n, M = src->M, cb = d / 2;
-    for (size_t i = 0; i < n; i++) {
-        uint32_t o = old_of[i];
-        dst->deg[i] = src->deg[o];
-        dst->norm2[i] = src->norm2[o];
-        for (size_t j = 0; j < M; j++) {
-            uint32_t y = src->adj[(size_t)o * M + j];
-            dst->adj[i * M + j] = j < src->deg[o] && y < n ? new_of[y] : y;
-            dst->adist[i * M + j] = src->adist[(size_t)o * M + j];
-        }
-        memcpy(dst->codes + i * cb, src->codes + (size_t)o * cb, cb);
-    }
-    for (size_t i = 0; i < src->n_entry; i++) dst->entry[i] = new_of[src->entry[i]];
-}
 
 /* mean over edges of |new(x) - new(y)| < 16 (a node's neighbours within 1 KB of codes) */
 static double near_frac(const kst_kvg *g) {
@@ -149,11 +80,11 @@ static int cmp_dbl(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: bench_kv_order N [ROUNDS [ORDERS]]  (ORDERS: comma list of bfs, kmC (keys reordered too), gC (kst_kvg_order); default bfs,km512)\n");
+        fprintf(stderr, "usage: bench_kv_order N [ROUNDS [ORDERS]]  (ORDERS: comma list of gC (kst_kvg_order), kmC (its order, key rows moved too); default g512,km512)\n");
         return 2;
     }
     size_t N = (size_t)atol(argv[1]), rounds = argc > 2 ? (size_t)atol(argv[2]) : 5;
-    const char *orders = argc > 3 ? argv[3] : "bfs,km512";
+    const char *orders = argc > 3 ? argv[3] : "g512,km512";
     if (getenv("KV_COPIES")) COPIES = (size_t)atol(getenv("KV_COPIES"));
     if (COPIES < 1 || COPIES > MAXC) die("KV_COPIES: 1..8", NULL);
     const size_t D = KVB_D, W = 1024, n = N - KVB_SINKS - W;
@@ -179,34 +110,23 @@ int main(int argc, char **argv) {
     if (getenv("KV_SPREAD")) spread = (size_t)atol(getenv("KV_SPREAD")); /* entry table size */
     printf("bench_kv_order: %zu keys indexed (N %zu), built in %.1f s; %d threads\n", n, N, now_s() - t,
            omp_get_max_threads());
-    uint32_t *bfs_new = malloc(n * 4), *bfs_old = malloc(n * 4), *old_of[MAXL] = {NULL};
-    bfs_order(&L[0].g[0], bfs_new, bfs_old);
+    uint32_t *old_of[MAXL] = {NULL}; /* kmC: node i's original row (its keys moved to row i) */
     size_t nl = 1;
     for (const char *p = orders; *p && nl < MAXL;) {
         size_t len = strcspn(p, ",");
-        uint32_t *nw = malloc(n * 4), *od = malloc(n * 4);
-        if (len == 3 && !strncmp(p, "bfs", 3)) {
-            memcpy(nw, bfs_new, n * 4);
-            memcpy(od, bfs_old, n * 4);
-        } else if (len > 2 && !strncmp(p, "km", 2)) {
-            double t1 = now_s();
-            cluster_order(&L[0].g[0], K, D, (size_t)atol(p + 2), bfs_new, nw, od);
-            printf("(%.*s: k-means and order %.1f s)\n", (int)len, p, now_s() - t1);
-        } else if (len > 1 && p[0] == 'g') { /* the library's kst_kvg_order: keys stay in position order */
-            double t1 = now_s();
-            if (kst_kvg_copy(&L[nl].g[0], &L[0].g[0], &e) || kst_kvg_order(&L[nl].g[0], K, 1, D, (size_t)atol(p + 1), &e))
-                die("kst_kvg_order", &e);
-            printf("(%.*s: kst_kvg_order %.1f s)\n", (int)len, p, now_s() - t1);
-            free(nw);
-            free(od);
-            nw = od = NULL;
-        } else {
-            die("orders: bfs, kmC or gC", NULL);
+        int moved = len > 2 && !strncmp(p, "km", 2);
+        if (!moved && !(len > 1 && p[0] == 'g')) die("orders: gC or kmC", NULL);
+        double t1 = now_s();
+        kst_kvg *g = &L[nl].g[0];
+        if (kst_kvg_copy(g, &L[0].g[0], &e) || kst_kvg_order(g, K, 1, D, (size_t)atol(p + (moved ? 2 : 1)), &e))
+            die("kst_kvg_order", &e);
+        printf("(%.*s: kst_kvg_order %.1f s)\n", (int)len, p, now_s() - t1);
+        if (moved) { /* the rows follow the nodes: node i is row i again */
+            old_of[nl] = g->row_of;
+            g->row_of = NULL;
+            g->nperm = 0;
         }
-        snprintf(name[nl], sizeof name[nl], "%.*s", (int)len, p);
-        if (od) relabel(&L[nl].g[0], &L[0].g[0], nw, od, D);
-        old_of[nl++] = od;
-        free(nw);
+        snprintf(name[nl++], sizeof name[0], "%.*s", (int)len, p);
         p += len + (p[len] == ',');
     }
     for (size_t l = 0; l < nl; l++) {
