@@ -1674,7 +1674,7 @@ done:
  * keys sampled. The centroid scores of the KV head's query heads are made once (c->tc_cs) by the
  * first of them here; a head that finds them being made scores its own. */
 static size_t tail_clusters(kv_thread *t, const kst_kvc *c, const kv_hstore *H, size_t h, const float *Q,
-                            const uint32_t *rid, size_t m, float *o, float *lse) {
+                            const uint32_t *rid, size_t m, float tau, float *o, float *lse) {
     const kst_kvc_opts *op = &c->o;
     const kst_kvtc *T = &H->tc;
     size_t C = T->C, B = op->tail_samples, kept = 0, G = op->q_heads / op->kv_heads, kvh = h / G, d = op->head_dim;
@@ -1695,7 +1695,7 @@ static size_t tail_clusters(kv_thread *t, const kst_kvc *c, const kv_hstore *H, 
     size_t tot = kst_kvtc_plan(T, cs, c->tc_temp, rid, m, B, t->tcu, t->tcu + C, t->tcf);
     if (tot)
         kept = kst_kvtc_partial(T, q, H->K, H->V, op->f16, d, op->scale, op->sinks, t->tmark, t->tcu,
-                                t->tcu + C, t->tcr, t->tcs, t->tcs + B, o, lse);
+                                t->tcu + C, tau, t->tcr, t->tcs, t->tcs + B, o, lse);
     else {
         memset(o, 0, d * sizeof(float));
         *lse = -INFINITY;
@@ -3099,7 +3099,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                         /* (the retrieved keys' scores: the search's where it re-scored them) */
                         const float *rs = rid == c->ids_all + h * ks && c->group <= 0 && c->il > 0 ? c->sc_all + h * ks : NULL;
                         kept = kst_kvsc_finish(&H->sc, its, scst, qh, H->K, H->V, o->f16, d, o->scale, o->sinks, rid, rs, m,
-                                               t->scu, t->buf, t->o2, &lse_t);
+                                               tau, t->scu, t->buf, t->o2, &lse_t);
                         kst_attn_merge(oh, &lse, t->o2, lse_t, d);
                         if (c->widen && kept) { /* the adaptive budget's signal: the items' best rows left out */
                             t->ntlw = kst_kvsc_best(&H->sc, its, scst, d, rid, m, t->tlw, t->tlk);
@@ -3127,7 +3127,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                         kst_attn_merge(oh, &lse, t->o2, lse_t, d);
                     }
                 } else if (tcl && m < nidx) {
-                    kept = tail_clusters(t, c, H, h, q, rid, m, t->o2, &lse_t);
+                    kept = tail_clusters(t, c, H, h, q, rid, m, tau, t->o2, &lse_t);
                     kst_attn_merge(oh, &lse, t->o2, lse_t, d);
                 }
                 if (ns && m < nidx && !tail_gpu) {

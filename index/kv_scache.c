@@ -13,6 +13,7 @@ void kst_kvsc_free(kst_kvsc *S) {
     if (!S) return;
     kst_free(S->m);
     kst_free(S->lw);
+    kst_free(S->iw);
     kst_free(S->key);
     kst_free(S->cid);
     kst_free(S->slot);
@@ -29,7 +30,7 @@ void kst_kvsc_free(kst_kvsc *S) {
 }
 
 size_t kst_kvsc_bytes(const kst_kvsc *S) {
-    return S->C * (3 * sizeof(uint32_t) + sizeof(float) + 2 * S->G * sizeof(float)) +
+    return S->C * (3 * sizeof(uint32_t) + 2 * sizeof(float) + 2 * S->G * sizeof(float)) +
            S->cap * (5 * sizeof(uint32_t) + sizeof(int32_t) + 1) + S->ncap * sizeof(int32_t);
 }
 
@@ -56,6 +57,7 @@ int kst_kvsc_setup(kst_kvsc *S, const kst_kvtc *T, size_t G, size_t cap, kst_err
     int rc = KST_OK;
     if (!(S->m = kst_calloc(C, sizeof(uint32_t), "tail sample cache", err)) ||
         !(S->lw = kst_malloc(C, sizeof(float), "tail sample cache", err)) ||
+        !(S->iw = kst_malloc(C, sizeof(float), "tail sample cache", err)) ||
         !(S->key = kst_malloc(cap, sizeof(uint32_t), "tail sample cache", err)) ||
         !(S->cid = kst_malloc(cap, sizeof(int32_t), "tail sample cache", err)) ||
         !(S->fr = kst_malloc(cap, sizeof(uint32_t), "tail sample cache", err)) ||
@@ -68,7 +70,10 @@ int kst_kvsc_setup(kst_kvsc *S, const kst_kvtc *T, size_t G, size_t cap, kst_err
         rc = KST_ERR_NOMEM;
         goto done;
     }
-    for (size_t c = 0; c < C; c++) S->lw[c] = -INFINITY;
+    for (size_t c = 0; c < C; c++) {
+        S->lw[c] = -INFINITY;
+        S->iw[c] = 0;
+    }
     S->ana[0] = S->ana[1] = SIZE_MAX;
     for (size_t s = 0; s < cap; s++) {
         S->key[s] = KST_KVSC_FREE;
@@ -110,6 +115,7 @@ static void sc_hold(kst_kvsc *S, uint32_t x, uint32_t c) {
 }
 static void sc_weight(kst_kvsc *S, const kst_kvtc *T, uint32_t c) {
     S->lw[c] = S->m[c] ? logf((float)T->len[c] / (float)S->m[c]) : -INFINITY;
+    S->iw[c] = S->m[c] ? (float)S->m[c] / (float)T->len[c] : 0;
 }
 int kst_kvsc_joined(kst_kvsc *S, const kst_kvtc *T, kst_error *err) {
     if (!S->C || T->na == S->na) return KST_OK;
@@ -378,7 +384,7 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
 
 size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K, const void *V,
                        int f16, size_t d, float scale, size_t row0, const uint32_t *rid, const float *rs, size_t m,
-                       uint32_t *sl, float *sc, float *o, float *lse) {
+                       float tau, uint32_t *sl, float *sc, float *o, float *lse) {
     memset(o, 0, d * sizeof(float));
     *lse = -INFINITY;
     /* the retrieved rows held, listed by chunk: entry e (slot sl[2e], index in rid sl[2e + 1]),
@@ -417,9 +423,22 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
                 for (size_t a = 0; a < nt; a++)
                     if ((size_t)tp[a] == j) topx |= (uint64_t)1 << a;
         }
+        /* a best row outside R that scores above tau (s > tau: s + lw > tau + lw) is a key the
+         * search missed: it stands for itself only, its weight exp(s + lw - mx) taken down by
+         * exp(-lw) to exp(s - mx); dw[a]: what that takes off (trm counts it as taken out) */
+        float dw[KST_KVSC_TOP], thr = tau < INFINITY ? expf(tau - mx) : INFINITY;
         for (size_t a = 0; a < nt; a++) {
             ttot += tw[a];
-            if (topx >> a & 1) trm += tw[a];
+            dw[a] = 0;
+            if (topx >> a & 1) {
+                trm += tw[a];
+            } else if (tw[a] > thr) { /* (s + lw > tau: then s > tau where exp(s - mx) = tw iw > thr) */
+                float iw = S->iw[S->cid[j0 + tp[a]]];
+                if (iw < 1 && tw[a] * iw > thr) {
+                    dw[a] = tw[a] - tw[a] * iw;
+                    trm += dw[a];
+                }
+            }
         }
         int topadd = !(trm <= ttot * 0.875); /* (the best rows not retrieved added one by one, below) */
         if (topadd) /* their value rows (cold: read from memory) asked for while the retrieved ones are taken out */
@@ -447,7 +466,8 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
                 uint32_t x = S->key[j0 + j];
                 sc[j] = -INFINITY;
                 if (x == KST_KVSC_FREE || (rb[j >> 6] >> (j & 63) & 1)) continue;
-                sc[j] = sc_dot(S, q, K, row0, j0 + j, f16, d) * scale + S->lw[S->cid[j0 + j]];
+                sc[j] = sc_dot(S, q, K, row0, j0 + j, f16, d) * scale;
+                if (!(sc[j] > tau) || !(tb[j >> 6] >> (j & 63) & 1)) sc[j] += S->lw[S->cid[j0 + j]];
                 if (sc[j] > mk) mk = sc[j];
             }
             if (!(mk > -INFINITY)) continue;
@@ -462,14 +482,15 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
             kst_attn_merge_sum(o, lse, oc, s2, mk, d);
             continue;
         }
-        if (!topadd) { /* the best rows' sums, less the retrieved ones */
+        if (!topadd) { /* the best rows' sums, less the retrieved ones and the missed ones' dw */
             for (size_t i = 0; i < d; i++) oc[i] += ot[i];
             for (size_t a = 0; a < nt; a++)
                 if (topx >> a & 1) sc_axpy(S, oc, -tw[a], V, row0, j0 + tp[a], f16, d);
+                else if (dw[a] > 0) sc_axpy(S, oc, -dw[a], V, row0, j0 + tp[a], f16, d);
         } else {
             for (size_t a = 0; a < nt; a++)
                 if (!(topx >> a & 1) && tw[a] > 0)
-                    sc_axpy(S, oc, tw[a], V, row0, j0 + tp[a], f16, d);
+                    sc_axpy(S, oc, tw[a] - dw[a], V, row0, j0 + tp[a], f16, d);
         }
         kst_attn_merge_sum(o, lse, oc, rest, mx, d);
     }

@@ -107,8 +107,10 @@ static inline double tc_exact64(double *l, double *w, uint8_t *ret, const float 
 /* The clustered estimator's float64 reference for one query head (kv_tclust.h): positions below
  * sinks and from sinks + nidx on (sinks, pending tokens, window) and the m retrieved positions
  * pos exact; in cluster c of T (ns NULL: no estimate) its first ns[c] members not retrieved, each
- * weighted r_c / ns[c], r_c its members not retrieved (counted here). K, V: the KV head's rows
- * (n, d). Returns the keys sampled. */
+ * weighted r_c / ns[c], r_c its members not retrieved (counted here), or 1 where it scores above
+ * tau, the least retrieved score (kst_kvtc_partial). K, V: the KV head's rows (n, d). Returns the
+ * keys sampled. */
+static size_t tc_tau_ones; /* samples tc_ref64 weighted 1 (above tau), for the suites to report */
 static inline size_t tc_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d, double scale,
                        size_t sinks, size_t nidx, const int64_t *pos, size_t m, const kst_kvtc *T,
                        const uint32_t *ns) {
@@ -116,6 +118,8 @@ static inline size_t tc_ref64(double *out, const float *q, const float *K, const
     uint8_t *ret = calloc(nidx + 1, 1);
     size_t got_all = 0;
     mx = tc_exact64(l, w, ret, q, K, n, d, scale, sinks, nidx, pos, m);
+    double tau = INFINITY;
+    for (size_t i = 0; i < m; i++) tau = l[pos[i]] < tau ? l[pos[i]] : tau;
     for (size_t c = 0; ns && c < T->C; c++) {
         if (!ns[c]) continue;
         size_t rc = 0, got = 0;
@@ -125,7 +129,8 @@ static inline size_t tc_ref64(double *out, const float *q, const float *K, const
             uint32_t x = T->mem[c][i];
             if (ret[x]) continue;
             if (x >= nidx) fail_msg("cluster %zu holds node %u of %zu indexed", c, x, nidx);
-            w[sinks + x] = ratio * exp(l[sinks + x] - mx);
+            tc_tau_ones += l[sinks + x] > tau;
+            w[sinks + x] = (l[sinks + x] > tau ? 1.0 : ratio) * exp(l[sinks + x] - mx);
             got++;
         }
         if (got != ns[c]) fail_msg("cluster %zu: %u samples planned, %zu keys not retrieved", c, ns[c], got);

@@ -321,7 +321,7 @@ static void test_step_equals_estimator(void **state) {
     (void)state;
     tc_seed(2);
     const size_t n = 3000 + 4 + 64, ncent = 32, nq = 48;
-    size_t steps = 0, sampled = 0;
+    size_t steps = 0, sampled = 0, ones0 = tc_tau_ones;
     for (int run = 0; run < 4; run++) {
         int f16 = run & 1, gpu = run >> 1;
         if (gpu && !tc_have_gpu()) break;
@@ -353,7 +353,10 @@ static void test_step_equals_estimator(void **state) {
         free(Qp);
         free(Q);
     }
-    print_message("decode step: %zu steps equal to the float64 estimator, %zu keys sampled\n", steps, sampled);
+    print_message("decode step: %zu steps equal to the float64 estimator, %zu keys sampled, %zu of them above tau "
+                  "(weighted 1)\n", steps, sampled, tc_tau_ones - ones0);
+    /* top_k 4 / ef 16 leaves keys above the least retrieved one in the sample: the rule is met */
+    if (tc_tau_ones == ones0) fail_msg("no sample scored above tau: the missed keys' rule is not reached");
 }
 
 /* 3. With the budget covering the rest (tail_samples = indexed, and past it) every cluster is
