@@ -402,21 +402,6 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
     size_t kept = S->used - nex;
     if (kept == 0) return 0;
     float oc[512];
-    if (tau < INFINITY) /* the value rows of the best rows above tau (missed keys: cold) asked for first */
-        for (size_t cc = 0; cc < S->nc; cc++) {
-            size_t j0 = cc * S->ch, nr = S->cap - j0 < S->ch ? S->cap - j0 : S->ch;
-            size_t nt = nr < KST_KVSC_TOP ? nr : KST_KVSC_TOP;
-            const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVSC_TOP;
-            if (!(ic[0] > -INFINITY)) continue;
-            float thr = expf(tau - ic[0]);
-            for (size_t a = 0; a < nt; a++) { /* (the GPU's in row order) */
-                int32_t j;
-                memcpy(&j, ic + 2 + d + a, sizeof j);
-                if (!(tw[a] > thr) || j < 0 || (size_t)j >= nr || !(tw[a] * S->iw[S->cid[j0 + (size_t)j]] > thr)) continue;
-                const char *r = sc_row(V, row0 + S->key[j0 + (size_t)j], f16, d);
-                for (size_t b = 0; b < d * (f16 ? 2 : 4); b += 64) __builtin_prefetch(r + b);
-            }
-        }
     for (size_t cc = 0; cc < S->nc; cc++) {
         size_t j0 = cc * S->ch, nr = S->cap - j0 < S->ch ? S->cap - j0 : S->ch;
         size_t nt = nr < KST_KVSC_TOP ? nr : KST_KVSC_TOP;
@@ -442,7 +427,6 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
          * search missed: it stands for itself only, its weight exp(s + lw - mx) taken down by
          * exp(-lw) to exp(s - mx); dw[a]: what that takes off (trm counts it as taken out) */
         float dw[KST_KVSC_TOP], thr = tau < INFINITY ? expf(tau - mx) : INFINITY;
-        double tdw = 0;
         for (size_t a = 0; a < nt; a++) {
             ttot += tw[a];
             dw[a] = 0;
@@ -452,15 +436,11 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
                 float iw = S->iw[S->cid[j0 + tp[a]]];
                 if (iw < 1 && tw[a] * iw > thr) {
                     dw[a] = tw[a] - tw[a] * iw;
-                    tdw += dw[a];
+                    trm += dw[a];
                 }
             }
         }
-        /* (the best rows not retrieved added one by one where the retrieved hold most of their
-         * weight, below; a missed row's dw is subtracted either way: what it leaves, its own
-         * exp(s - mx), is not a difference of sums) */
-        int topadd = !(trm <= ttot * 0.875);
-        trm += tdw;
+        int topadd = !(trm <= ttot * 0.875); /* (the best rows not retrieved added one by one, below) */
         if (topadd) /* their value rows (cold: read from memory) asked for while the retrieved ones are taken out */
             for (size_t a = 0; a < nt; a++)
                 if (!(topx >> a & 1) && tw[a] > 0) {
