@@ -373,7 +373,9 @@ typedef struct kst_kv_opts {
                                  query head's tail_samples keys are shared over the clusters in
                                  proportion to their keys left out times exp(0.7 x the
                                  centroid's scaled score), each cluster's sample scaled to its
-                                 rest. Read from the CPU's rows each step (no sample on the
+                                 rest; a sample scoring above the least retrieved key (one the
+                                 search missed) counts once, not scaled (round 32). Read from
+                                 the CPU's rows each step (no sample on the
                                  GPU, which holds only the static tokens). SmolLM2 at 32K
                                  tokens (YaRN x4): 4.7e-2 mean output error -> 6.9e-3 with
                                  tail_samples 3072 and tier 256. Costs CPU reads: on an H100
@@ -383,7 +385,9 @@ typedef struct kst_kv_opts {
                                  one sample of tail_samples keys a KV head, planned from its query
                                  heads' allocations averaged before the searches, each row read
                                  once and scored for each head (Horvitz-Thompson weights, the
-                                 retrieved keys taken out after retrieval). SmolLM2 at 32K, tier
+                                 retrieved keys taken out after retrieval; without tail_cache a
+                                 missed key it holds keeps its cluster's weight: its pieces keep
+                                 sums only). SmolLM2 at 32K, tier
                                  256: 4096 shared rows 7.7e-3 mean output error against 6.9e-3 for
                                  3072 a query head (9216 rows); one layer at 128K on the H100
                                  0.75 ms against 0.95 (tests/bench/README.md, round 19) */
@@ -393,7 +397,9 @@ typedef struct kst_kv_opts {
                                  static tokens; the CPU without one), scored there in the step's
                                  launch: only the rows a plan adds are copied each step (about 100
                                  a KV head on SmolLM2). Every held row counts, each weighted by its
-                                 cluster's keys over its rows held (unbiased as tail_share).
+                                 cluster's keys over its rows held (unbiased as tail_share), but a
+                                 chunk's best rows that score above the least retrieved key count
+                                 once (round 32: SmolLM2 at 128K, ef 768, 1.06e-2 -> 9.7e-3).
                                  SmolLM2 at 32K, tier 0, tail 4096: 6.7e-3 mean output error; one
                                  layer at 128K on the H100 0.19-0.23 ms where successive queries
                                  plan alike (SDPA 0.20-0.22), 0.34-0.41 where each is new; GPU

@@ -369,8 +369,10 @@ void kst_kvc_set_spread_budget(kst_kvc *c, float strata, size_t tier);
  * and 1,024 clusters on 16 threads), keys indexed later assigned at the next decode step. The tail's tail_samples keys
  * are then drawn each step, for each query head, from the clusters where its attention is (the
  * plan: n_c proportional to the cluster's keys left out times exp(temp * its centroid's scaled
- * score)), each cluster its own ratio, on the CPU from the cache's rows (no sample on the GPU).
- * 0: the evenly spaced (or stratified) sample. temp <= 0: 0.7. The environment overrides both
+ * score)), each cluster its own ratio, on the CPU from the cache's rows (no sample on the GPU);
+ * a sample above tau (the least retrieved score) weighted 1 (kst_kvtc_partial's tau; the shared
+ * sample without the cache, kst_kvtc_group_finish, keeps sums only and does not). 0: the evenly
+ * spaced (or stratified) sample. temp <= 0: 0.7. The environment overrides both
  * (KESTREL_KV_TCLUST, KESTREL_KV_TCLUST_T). Applies at the next build. With it the adaptive
  * budget (opts.widen) does not widen: its prediction reads the evenly spaced sample's best rows
  * (KESTREL_KV_WIDEN_PRED=0 widens by the fixed factor instead). */
@@ -390,7 +392,7 @@ void kst_kvc_set_tail_share(kst_kvc *c, int on);
  * (at most 256 a KV head and step, KESTREL_KV_TCACHE_UP; more while the table fills) and those
  * pushed in by keys joining a prefix (up to 4,096 rows in one copy; more, as a whole table or one
  * filling, in copies of 2,048: the staging, pinned and on the GPU, stays a step's size); each held row weighted len_c / m_c, the retrieved ones
- * taken out as the GPU's tail items are (kst_kvsc_finish). The step after a build (or the first)
+ * taken out as the GPU's tail items are, a chunk's best rows above tau weighted 1 (kst_kvsc_finish). The step after a build (or the first)
  * plans from its own scores and estimates as without the cache. Without the GPU, or with the tail
  * kept off it (kst_kvc_set_tail_gpu(c, 0), kst_kvc_set_tail_topsum(c, 0)), its items are made on
  * the CPU (the same estimate). KESTREL_KV_TCACHE=0/1 and KESTREL_KV_TCACHE_CAP=n in the
