@@ -81,6 +81,13 @@ static inline void head_rows(float *dst, const float *src, size_t n, size_t H, s
     for (size_t t = 0; t < n; t++) memcpy(dst + t * d, src + (t * H + h) * d, d * sizeof(float));
 }
 
+/* <a, b> over n floats, in float64. */
+static inline double dot64(const float *a, const float *b, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)a[i] * b[i];
+    return s;
+}
+
 /* The exact part of a step's float64 references: l (n) the scaled scores of q against the rows
  * of K (n, d), ret (nidx) 1 for the m retrieved positions pos (each checked to lie in the
  * index), w (n, zeroed) exp(l - max) for the exact tokens (sinks, those from sinks + nidx on, the
@@ -89,9 +96,7 @@ static inline double tc_exact64(double *l, double *w, uint8_t *ret, const float 
                                 double scale, size_t sinks, size_t nidx, const int64_t *pos, size_t m) {
     double mx = -INFINITY;
     for (size_t t = 0; t < n; t++) {
-        double a = 0;
-        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[t * d + i];
-        l[t] = a * scale;
+        l[t] = dot64(q, K + t * d, d) * scale;
         mx = l[t] > mx ? l[t] : mx;
     }
     for (size_t i = 0; i < m; i++) {

@@ -103,10 +103,7 @@ static void rows_free(sc_rows *R) {
 
 /* scale * <q, node x's key> in float64. */
 static double score64(const sc_rows *R, const float *q, size_t x, double scale) {
-    const float *k = R->K + (R->row0 + x) * R->d;
-    double a = 0;
-    for (size_t i = 0; i < R->d; i++) a += (double)q[i] * k[i];
-    return a * scale;
+    return dot64(q, R->K + (R->row0 + x) * R->d, R->d) * scale;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -984,9 +981,7 @@ static size_t step_ref64(double *out, const float *q, const float *K, const floa
             }
             double ls = l[sinks + x];
             if (Ks) { /* (its score and value as the table holds them) */
-                double a = 0;
-                for (size_t t = 0; t < d; t++) a += (double)q[t] * Ks[(sinks + x) * d + t];
-                ls = a * scale;
+                ls = dot64(q, Ks + (sinks + x) * d, d) * scale;
                 memcpy(Vm + (sinks + x) * d, Vs + (sinks + x) * d, d * sizeof *Vm);
             }
             w[sinks + x] = (one && one[x] ? 1.0 : wc) * exp(ls - mx);
@@ -1055,8 +1050,7 @@ static size_t cache_above_tau(uint8_t *one, size_t kh, const float *q, const flo
     size_t set = 0;
     memset(one, 0, nidx + 1);
     for (size_t i = 0; i < m; i++) {
-        double a = 0;
-        for (size_t t = 0; t < d; t++) a += (double)q[t] * K[(size_t)pos[i] * d + t];
+        double a = dot64(q, K + (size_t)pos[i] * d, d);
         tau = a * scale < tau ? a * scale : tau;
         ret[pos[i] - (int64_t)sinks] = 1;
     }
@@ -1092,8 +1086,7 @@ static size_t cache_above_tau(uint8_t *one, size_t kh, const float *q, const flo
                 continue;
             }
             J++;
-            double a = 0;
-            for (size_t t = 0; t < d; t++) a += (double)q[t] * Kr[(sinks + x) * d + t];
+            double a = dot64(q, Kr + (sinks + x) * d, d);
             if (!ret[x] && pre[c] < T->len[c] && a * scale > tau - 1e-4) ++*amb;
         }
     for (size_t cc = 0; cc < g_snap[kh].nc && tau < INFINITY; cc++) {
@@ -1110,9 +1103,7 @@ static size_t cache_above_tau(uint8_t *one, size_t kh, const float *q, const flo
                 if (pc[T->of[x]] != (int64_t)cc) continue;
             }
             uint32_t c = T->of[x];
-            double a = 0;
-            for (size_t t = 0; t < d; t++) a += (double)q[t] * Kr[(sinks + x) * d + t];
-            double sx = a * scale, v = sx + log((double)T->len[c] / (double)pre[c]);
+            double sx = dot64(q, Kr + (sinks + x) * d, d) * scale, v = sx + log((double)T->len[c] / (double)pre[c]);
             size_t i = nh++;
             for (; i > 0 && ws[i - 1] < v; i--) {
                 ws[i] = ws[i - 1];
@@ -1725,9 +1716,7 @@ static void test_gpu_items(void **state) {
                     for (size_t j = 0; j < nr; j++) {
                         s[j] = -INFINITY;
                         if (cid[base + j] < 0 || !(lw[kh * C + cid[base + j]] > -INFINITY)) continue;
-                        double a = 0;
-                        for (size_t i = 0; i < d; i++) a += (double)q[i] * K[(base + j) * d + i];
-                        s[j] = a * scale + lw[kh * C + cid[base + j]];
+                        s[j] = dot64(q, K + (base + j) * d, d) * scale + lw[kh * C + cid[base + j]];
                         if (s[j] > mx) mx = s[j];
                     }
                     char what[160];
