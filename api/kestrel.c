@@ -483,6 +483,10 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
     kst_kvc_set_tail_share(kv->c, opts->tail_share);
     kst_kvc_set_tail_cache(kv->c, opts->tail_cache, 0);
     kst_kvc_set_tail_cache_q8(kv->c, opts->tail_cache_q8);
+    if (opts->tail_q8 && (rc = kst_kvc_set_tail_q8(kv->c, 1, err)) != KST_OK) {
+        kst_kv_free(kv);
+        return kst_error_prefix(err, "kst_kv_create");
+    }
     *out = kv;
     return KST_OK;
 }

@@ -415,6 +415,15 @@ typedef struct kst_kv_opts {
                                  32 (8 KV heads of d 128; tests/bench/README.md, round 25).
                                  On the GPU it needs G = q_heads / kv_heads <= 8 and head_dim
                                  <= 128, a multiple of 16 (else the step fails, naming it) */
+    int tail_q8;              /* default 0; 1: the evenly spaced tail sample (tail_samples,
+                                 without tail_clusters) held and scored on the CPU in 8 bits
+                                 (rows and queries quantized as tail_cache_q8's, 8-bit dot
+                                 products for the scores and the value sums, each weight a byte
+                                 of its chunk's largest; the 32 best samples a chunk in float32).
+                                 With gpu the sample is not put on the GPU, which then holds only
+                                 the static tokens. A quarter of the bytes of the float16 table
+                                 read a step (tests/bench/README.md, round 33). head_dim a
+                                 multiple of 4, at most 512 (else KST_ERR_INVALID) */
 } kst_kv_opts;
 
 /* The defaults above (sizes left 0 for the caller to set). */

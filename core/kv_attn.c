@@ -607,18 +607,82 @@ void kst_attn_merge_sum(float *o, float *lse, float *v, double s, float mx, size
     kst_attn_merge(o, lse, v, mx + (float)log(s), d);
 }
 
+/* kst_kv_top's insertion of w[j] (a candidate: the list not full, or above its last) */
+static inline void top_insert(float v, size_t j, size_t nt, size_t *cnt, float *tw, uint32_t *tp) {
+    if (*cnt == nt && !(v > tw[nt - 1])) return;
+    size_t i = *cnt < nt ? (*cnt)++ : nt - 1;
+    for (; i > 0 && tw[i - 1] < v; i--) {
+        tw[i] = tw[i - 1];
+        tp[i] = tp[i - 1];
+    }
+    tw[i] = v;
+    tp[i] = (uint32_t)j;
+}
+#ifdef KST_KV_DOT_AVX2
+/* the values >= t among w[0..n) (n a multiple of 8) */
+__attribute__((target("avx2,popcnt"))) static size_t top_count_avx2(const float *w, size_t n, float t) {
+    size_t c = 0;
+    __m256 tv = _mm256_set1_ps(t);
+    for (size_t j = 0; j < n; j += 8)
+        c += (size_t)__builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(w + j), tv, _CMP_GE_OQ)));
+    return c;
+}
+/* A threshold t with at least nt of w >= t and few more, by bisection on the value (counts of
+ * 8 at a time, no branch a value), then the values >= t inserted in order: every value below t
+ * has nt values above it, so the list is the one inserting all of them gives. Returns 0 (nothing
+ * done) where w holds a NaN or n is not a multiple of 8. */
+__attribute__((target("avx2,popcnt"))) static int top_avx2(const float *w, size_t n, size_t nt, float *tw,
+                                                          uint32_t *tp) {
+    if (n % 8) return 0;
+    __m256 lo8 = _mm256_loadu_ps(w), hi8 = lo8;
+    if (_mm256_movemask_ps(_mm256_cmp_ps(lo8, lo8, _CMP_UNORD_Q))) return 0;
+    for (size_t j = 8; j < n; j += 8) {
+        __m256 x = _mm256_loadu_ps(w + j);
+        lo8 = _mm256_min_ps(lo8, x);
+        hi8 = _mm256_max_ps(hi8, x);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q))) return 0;
+    }
+    float l8[8], h8[8], lo, hi;
+    _mm256_storeu_ps(l8, lo8);
+    _mm256_storeu_ps(h8, hi8);
+    lo = l8[0];
+    hi = h8[0];
+    for (int i = 1; i < 8; i++) {
+        lo = l8[i] < lo ? l8[i] : lo;
+        hi = h8[i] > hi ? h8[i] : hi;
+    }
+    if (!isfinite(lo) || !isfinite(hi)) return 0;
+    float t = lo; /* count(>= lo) = n >= nt */
+    for (int it = 0; it < 12; it++) {
+        float mid = lo + (hi - lo) * 0.5f;
+        if (!(mid > lo) || !(mid < hi)) break;
+        size_t c = top_count_avx2(w, n, mid);
+        if (c >= nt) {
+            t = lo = mid;
+            if (c <= nt + nt / 2) break;
+        } else {
+            hi = mid;
+        }
+    }
+    size_t cnt = 0;
+    __m256 tv = _mm256_set1_ps(t);
+    for (size_t j = 0; j < n; j += 8) {
+        unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(w + j), tv, _CMP_GE_OQ));
+        while (m) {
+            unsigned b = (unsigned)__builtin_ctz(m);
+            m &= m - 1;
+            top_insert(w[j + b], j + b, nt, &cnt, tw, tp);
+        }
+    }
+    return 1;
+}
+#endif
 size_t kst_kv_top(const float *w, size_t n, size_t k, float *tw, uint32_t *tp) {
     size_t nt = n < k ? n : k, cnt = 0;
-    for (size_t j = 0; j < n && nt; j++) {
-        float v = w[j];
-        if (cnt == nt && !(v > tw[nt - 1])) continue;
-        size_t i = cnt < nt ? cnt++ : nt - 1;
-        for (; i > 0 && tw[i - 1] < v; i--) {
-            tw[i] = tw[i - 1];
-            tp[i] = tp[i - 1];
-        }
-        tw[i] = v;
-        tp[i] = (uint32_t)j;
-    }
+    if (!nt) return 0;
+#ifdef KST_KV_DOT_AVX2
+    if (n >= 4 * nt && has_avx2() && top_avx2(w, n, nt, tw, tp)) return nt;
+#endif
+    for (size_t j = 0; j < n; j++) top_insert(w[j], j, nt, &cnt, tw, tp);
     return nt;
 }

@@ -11,6 +11,7 @@
 
 #include "core/check.h"
 #include "core/kv_attn.h"
+#include "core/kv_q8t.h"
 #include "core/mem.h"
 #include "index/kv_graph.h"
 #include "index/kv_scache.h"
@@ -44,6 +45,18 @@ typedef struct kv_tail {
     int strat;
     double tf;             /* kst_kvc.strat when drawn (drawn anew when it changes) */
     size_t b[KV_TT_CHUNKS + 1];
+    /* tail_q8 (kst_kvc_set_tail_q8): the rows held in 8 bits instead of K, V (core/kv_q8t.h),
+     * chunk c's block at rows c * ch8 (ch8 = KST_Q8T_ROWS(ch)), scored and summed with 8-bit dot
+     * products; a step's value sums keep their weights in bytes (wq, wsc) so that a retrieved
+     * row's term is taken out as it went in */
+    int q8;
+    size_t ch8, cap8;      /* rows a chunk's block, rows allocated */
+    int8_t *K8, *V8;
+    float *ks, *vs;
+    int32_t *ksum;
+    uint8_t *wq;           /* (nc, G, ch8) */
+    float *wsc;            /* (nc, G) */
+    uint8_t *qb;           /* (nc, G * d) the queries in bytes, a chunk's scratch */
 } kv_tail;
 /* Samples kept apart per query head and chunk: those most likely retrieved too (the head's
  * best), so that taking the retrieved ones out of the sums subtracts little. */
@@ -159,6 +172,7 @@ struct kst_kvc {
     uint8_t *tt_ok; /* (kv_heads * chunks) the tail items: 1 done */
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int tail_gpu_off; /* kst_kvc_set_tail_gpu(c, 0) (or KESTREL_KV_TAIL_GPU=0): the tail on the CPU */
+    int tail_q8;      /* kst_kvc_set_tail_q8 (or KESTREL_KV_TAIL_Q8): the tail on the CPU, in 8 bits */
     int topsum_off;   /* kst_kvc_set_tail_topsum(c, 0) (or KESTREL_KV_TAIL_TOPSUM=0) */
     int gpu_arm;      /* kst_kvc_set_gpu_arm (KESTREL_KV_GPU_ARM=1): the next launches queued in kst_kvc_work */
     int gpu_late;     /* 1 (the default; kst_kvc_set_gpu_early(c, 1) or KESTREL_KV_GPU_EARLY=1: 0): the
@@ -316,6 +330,15 @@ void kst_kvc_set_gpu_split(kst_kvc *c, int s, int minb) {
 #endif
 }
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on) { c->tail_gpu_off = !on; }
+int kst_kvc_set_tail_q8(kst_kvc *c, int on, kst_error *err) {
+    const char *e = getenv("KESTREL_KV_TAIL_Q8");
+    on = e ? atoi(e) != 0 : on != 0;
+    if (on && (c->o.head_dim % 4 || c->o.head_dim > 512))
+        return kst_fail(err, KST_ERR_INVALID, "tail_q8: head_dim %zu (expected a multiple of 4, at most 512)",
+                        c->o.head_dim);
+    c->tail_q8 = on;
+    return KST_OK;
+}
 void kst_kvc_set_tail_topsum(kst_kvc *c, int on) {
     c->topsum_off = !on;
 #ifdef KST_CUDA
@@ -425,6 +448,9 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
      * key in 128 (the best 8), two expansions at a time */
     c->spread = KST_KVC_SPREAD_AUTO;
     c->tail_gpu_off = getenv("KESTREL_KV_TAIL_GPU") && atoi(getenv("KESTREL_KV_TAIL_GPU")) == 0;
+    if (getenv("KESTREL_KV_TAIL_Q8") && atoi(getenv("KESTREL_KV_TAIL_Q8")) != 0 && o.head_dim % 4 == 0 &&
+        o.head_dim <= 512)
+        c->tail_q8 = 1;
     c->topsum_off = getenv("KESTREL_KV_TAIL_TOPSUM") && atoi(getenv("KESTREL_KV_TAIL_TOPSUM")) == 0;
     c->gpu_arm = getenv("KESTREL_KV_GPU_ARM") && atoi(getenv("KESTREL_KV_GPU_ARM")) == 1;
     c->gpu_late = !(getenv("KESTREL_KV_GPU_EARLY") && atoi(getenv("KESTREL_KV_GPU_EARLY")) == 1);
@@ -546,6 +572,14 @@ void kst_kvc_free(kst_kvc *c) {
                 kst_free(T->mx);
                 kst_free(T->top);
                 kst_free(T->topw);
+                kst_free(T->K8);
+                kst_free(T->V8);
+                kst_free(T->ks);
+                kst_free(T->vs);
+                kst_free(T->ksum);
+                kst_free(T->wq);
+                kst_free(T->wsc);
+                kst_free(T->qb);
                 kst_kvtc_free(&L->heads[h].tc);
                 kst_kvsc_free(&L->heads[h].sc);
             }
@@ -1417,7 +1451,7 @@ static int tt_strata(size_t *b, double f, size_t nidx, size_t ns, size_t ch, siz
 
 /* Before a decode step's parallel part: each KV head's sample table sized for ns samples of
  * nidx indexed keys, marked for copying where the index or ns changed. */
-static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_error *err) {
+static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, int q8, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
     size_t c0 = c->strat > 1 && c->tt_ch ? c->tt_ch : 512;
@@ -1429,9 +1463,24 @@ static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_err
         /* drawn anew when the sample size changed (every key sampled: with each growth) or the
          * index grew by more than 1/KV_TT_LAG since the draw; until then the keys indexed since
          * are not in the sample (tail_partial's ratio stands for them too) */
-        if (T->n == ns && T->tf == c->strat && T->nidx <= nidx && nidx - T->nidx <= T->nidx / KV_TT_LAG) continue;
+        if (T->n == ns && T->tf == c->strat && T->q8 == q8 && T->nidx <= nidx && nidx - T->nidx <= T->nidx / KV_TT_LAG)
+            continue;
         T->n = 0;
-        if (T->cap < ns) {
+        if (q8) {
+            size_t ch8 = KST_Q8T_ROWS(ch);
+            if (T->cap8 < nc * ch8) {
+                KST_TRY(kst_realloc((void **)&T->K8, nc * ch8, d, "tail sample keys (8 bits)", err));
+                KST_TRY(kst_realloc((void **)&T->V8, nc * ch8, d, "tail sample values (8 bits)", err));
+                KST_TRY(kst_realloc((void **)&T->ks, nc * ch8, sizeof(float), "tail sample scales", err));
+                KST_TRY(kst_realloc((void **)&T->vs, nc * ch8, sizeof(float), "tail sample scales", err));
+                KST_TRY(kst_realloc((void **)&T->ksum, nc * ch8, sizeof(int32_t), "tail sample scales", err));
+                KST_TRY(kst_realloc((void **)&T->wq, nc * ch8, G, "tail sample weights (8 bits)", err));
+                KST_TRY(kst_realloc((void **)&T->wsc, KV_TT_CHUNKS, G * sizeof(float), "tail sample weights (8 bits)", err));
+                KST_TRY(kst_realloc((void **)&T->qb, KV_TT_CHUNKS, G * d, "tail sample queries (8 bits)", err));
+                T->cap8 = nc * ch8;
+            }
+            T->ch8 = ch8;
+        } else if (T->cap < ns) {
             KST_TRY(kst_realloc(&T->K, ns, rowb, "tail sample keys", err));
             KST_TRY(kst_realloc(&T->V, ns, rowb, "tail sample values", err));
             T->cap = ns;
@@ -1451,6 +1500,7 @@ static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_err
         T->nc = nc;
         T->strat = tt_strata(T->b, c->strat, nidx, ns, ch, nc);
         T->tf = c->strat;
+        T->q8 = q8;
         T->copy = 1;
     }
 done:
@@ -1465,29 +1515,39 @@ static void tail_copy(const kst_kvc *c, kv_hstore *H, size_t cc) {
     size_t d = o->head_dim, rowb = d * c->esize;
     kv_tail *T = &H->tt;
     size_t j0 = cc * T->ch, nr = T->n - j0 < T->ch ? T->n - j0 : T->ch;
-    char *Kc = (char *)T->K + j0 * rowb, *Vc = (char *)T->V + j0 * rowb;
-    {
-        const char *K = H->K, *V = H->V;
+    const char *K = H->K, *V = H->V;
+    if (T->q8) {
+        size_t b = cc * T->ch8;
+        int8_t *K8 = T->K8 + b * d, *V8 = T->V8 + b * d;
         for (size_t j = 0; j < nr; j++) {
             size_t r = o->sinks + tt_pos(T, j0 + j);
-            memcpy(Vc + j * rowb, V + r * rowb, rowb);
-            /* keys transposed: column j of (d, nr) */
-            if (o->f16)
-                for (size_t i = 0; i < d; i++) ((uint16_t *)Kc)[i * nr + j] = ((const uint16_t *)(K + r * rowb))[i];
-            else
-                for (size_t i = 0; i < d; i++) ((float *)Kc)[i * nr + j] = ((const float *)(K + r * rowb))[i];
+            kst_q8t_put(K8, T->ks + b, T->ksum + b, V8, T->vs + b, j, nr, K + r * rowb, V + r * rowb, o->f16, d);
         }
+        kst_q8t_pad(K8, T->ks + b, T->ksum + b, V8, T->vs + b, nr, d);
+        return;
+    }
+    char *Kc = (char *)T->K + j0 * rowb, *Vc = (char *)T->V + j0 * rowb;
+    for (size_t j = 0; j < nr; j++) {
+        size_t r = o->sinks + tt_pos(T, j0 + j);
+        memcpy(Vc + j * rowb, V + r * rowb, rowb);
+        /* keys transposed: column j of (d, nr) */
+        if (o->f16)
+            for (size_t i = 0; i < d; i++) ((uint16_t *)Kc)[i * nr + j] = ((const uint16_t *)(K + r * rowb))[i];
+        else
+            for (size_t i = 0; i < d; i++) ((float *)Kc)[i * nr + j] = ((const float *)(K + r * rowb))[i];
     }
 }
 static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Qg) {
     const kst_kvc_opts *o = &c->o;
     size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
     kv_tail *T = &H->tt;
-    size_t j0 = cc * T->ch, nr = T->n - j0 < T->ch ? T->n - j0 : T->ch;
-    char *Kc = (char *)T->K + j0 * rowb, *Vc = (char *)T->V + j0 * rowb;
+    size_t j0 = cc * T->ch, nr = T->n - j0 < T->ch ? T->n - j0 : T->ch, b = cc * T->ch8;
     if (T->copy) tail_copy(c, H, cc);
     float *W = T->w + cc * G * T->ch; /* (G, nr) */
-    kst_kv_scores_t(W, Qg, G, Kc, o->f16, nr, d, o->scale);
+    if (T->q8)
+        kst_q8t_scores(W, Qg, G, T->K8 + b * d, T->ks + b, T->ksum + b, nr, d, o->scale, T->qb + cc * G * d);
+    else
+        kst_kv_scores_t(W, Qg, G, (char *)T->K + j0 * rowb, o->f16, nr, d, o->scale);
     size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
     for (size_t g = 0; g < G; g++) {
         size_t ix = cc * G + g;
@@ -1505,7 +1565,18 @@ static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Q
         T->mx[ix] = mx;
         T->sum[ix] = sum;
     }
-    kst_kv_wsum_multi(T->o + cc * G * d, W, G, Vc, o->f16, nr, d);
+    if (T->q8)
+        kst_q8t_wsum(T->o + cc * G * d, W, G, T->V8 + b * d, T->vs + b, nr, d, T->wq + cc * G * T->ch8,
+                     T->wsc + cc * G);
+    else
+        kst_kv_wsum_multi(T->o + cc * G * d, W, G, (char *)T->V + j0 * rowb, o->f16, nr, d);
+}
+
+/* out += w v for row j (of the table's chunk cc, whose rows start at Vc when not in 8 bits) */
+static void tt_vaxpy(float *out, float w, const kv_tail *T, size_t cc, size_t j, const char *Vc, int f16, size_t d) {
+    size_t nr = T->n - cc * T->ch < T->ch ? T->n - cc * T->ch : T->ch;
+    if (T->q8) kst_q8t_vaxpy(out, w * T->vs[cc * T->ch8 + j], T->V8 + cc * T->ch8 * d, j, nr, d);
+    else kst_kv_axpy(out, w, Vc + j * d * (f16 ? 2 : 4), f16, d);
 }
 
 /* The start of a tail estimate: o = 0, *lse = -inf, and t->sret[0..nex) the sample indices of
@@ -1531,14 +1602,14 @@ static size_t tail_begin(kv_thread *t, const kv_tail *T, const uint32_t *rid, si
  * kept sample of weight w = exp(s - mx) (its chunk's frame) to the estimate (a, sa) or, above
  * thr = exp(tau - mx), to the exact part (x, sx), counting it in *na. */
 static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, float w, float thr,
-                     const void *vrow, int f16, size_t d) {
+                     const kv_tail *T, size_t cc, size_t j, const char *Vc, int f16, size_t d) {
     if (w > thr) {
         *sx += w;
         (*na)++;
-        kst_kv_axpy(x, w, vrow, f16, d);
+        tt_vaxpy(x, w, T, cc, j, Vc, f16, d);
     } else {
         *sa += w;
-        kst_kv_axpy(a, w, vrow, f16, d);
+        tt_vaxpy(a, w, T, cc, j, Vc, f16, d);
     }
 }
 /* The end of a tail estimate: the estimate's lse raised by the ratio, the exact part merged. */
@@ -1591,7 +1662,7 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         const float *w = T->w + cc * G * T->ch + g * nr, *tw = T->topw + ix * KV_TT_TOP;
         const uint32_t *tp = T->top + ix * KV_TT_TOP;
         size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
-        const char *Vc = (const char *)T->V + j0 * rowb;
+        const char *Vc = T->q8 ? NULL : (const char *)T->V + j0 * rowb;
         if (e - e0 == nr) continue; /* the whole chunk retrieved */
         float thr = expf(tau - T->mx[ix]);
         double sum = T->sum[ix], sub = 0, sx = 0;
@@ -1606,7 +1677,10 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
                 continue;
             }
             sub += w[j];
-            kst_kv_axpy(oc, -w[j], Vc + j * rowb, op->f16, d);
+            if (T->q8) /* (the term as the 8-bit sum took it in) */
+                kst_q8t_vaxpy(oc, -(T->wsc[ix] * (float)T->wq[cc * G * T->ch8 + g * KST_Q8T_ROWS(nr) + j]), T->V8 + cc * T->ch8 * d, j, nr, d);
+            else
+                kst_kv_axpy(oc, -w[j], Vc + j * rowb, op->f16, d);
         }
         double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
@@ -1629,14 +1703,14 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
                     for (size_t a = 0; a < nt; a++)
                         if (tp[a] == j) wj = tw[a];
                 if (wj == 0) continue;
-                tail_acc(oc, &s2, ox, &sx, &na, wj, thr, Vc + j * rowb, op->f16, d);
+                tail_acc(oc, &s2, ox, &sx, &na, wj, thr, T, cc, j, Vc, op->f16, d);
             }
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, T->mx[ix] + lr, d); /* 0 when every kept weight underflowed */
         } else {
             double s0 = 0;
             for (size_t a = 0; a < nt; a++)
-                if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, Vc + (size_t)tp[a] * rowb, op->f16, d);
+                if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, T, cc, tp[a], Vc, op->f16, d);
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, T->mx[ix] + lr, d);
         }
@@ -1785,7 +1859,7 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                     continue;
                 }
                 if (!(w[j] > 0)) continue;
-                tail_acc(oc, &s2, ox, &sx, &na, w[j], thk, Vc + j * rowb, op->f16, d);
+                tail_acc(oc, &s2, ox, &sx, &na, w[j], thk, T, cc, j, Vc, op->f16, d);
             }
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, mk + lr, d);
@@ -1818,7 +1892,7 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
             } else {
                 double s0 = 0;
                 for (size_t a = 0; a < nt; a++)
-                    if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, Vc + (size_t)tp[a] * rowb, op->f16, d);
+                    if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, T, cc, tp[a], Vc, op->f16, d);
             }
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, mx + lr, d);
@@ -2741,8 +2815,8 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     }
     /* the tail estimate: one item per KV head (its sample scored for the group), done first */
     size_t ns = tcl ? 0 : o->tail_samples < nidx ? o->tail_samples : nidx, nT = 0, tnc = 0;
-    if (ns) {
-        rc = tail_prepare(c, L, nidx, ns, err);
+    if (ns) { /* (tail_q8: on the CPU, in 8 bits, the GPU holding only the static tokens) */
+        rc = tail_prepare(c, L, nidx, ns, c->tail_q8 && ns <= (size_t)KV_TT_CHUNKS * 65535, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
         tnc = L->heads[0].tt.nc;
         nT = o->kv_heads * tnc;
@@ -2752,7 +2826,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #ifdef KST_CUDA
     const float *gpu_tt = NULL;
     size_t gpu_st = 0;
-    if (on_gpu && ns && !c->tail_gpu_off && L->heads[0].tt.ch <= 1024) {
+    if (on_gpu && ns && !c->tail_gpu_off && !L->heads[0].tt.q8 && L->heads[0].tt.ch <= 1024) {
         rc = tail_upload(c, L, nidx, ns, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
         tail_gpu = 1;

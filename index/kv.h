@@ -336,6 +336,16 @@ void kst_kvc_use_gpu(kst_kvc *c, int on);
  * KESTREL_KV_TAIL_GPU=0 in the environment when the cache is created); 1 (the default) restores
  * it. */
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on);
+/* 1: the evenly spaced tail sample (opts.tail_samples, without tail clusters) held on the CPU in
+ * 8 bits and scored there (core/kv_q8t.h): each row quantized as kst_kv_q8 does, each query too,
+ * 8-bit dot products for the scores and for the value sums (each weight rounded to a byte of its
+ * chunk's largest; a sample's own term is taken out as it went in). A quarter of the bytes a step
+ * reads of float16 rows; with a GPU the sample is not copied there, so the GPU holds only the
+ * static tokens. The 32 best samples a chunk and query head, and any retrieved, are weighted in
+ * float32 as before. 0 (the default) restores the float rows. KESTREL_KV_TAIL_Q8=1 in the
+ * environment (read here and when the cache is created) turns it on. KST_ERR_INVALID unless
+ * head_dim is a multiple of 4, at most 512. */
+int kst_kvc_set_tail_q8(kst_kvc *c, int on, kst_error *err);
 /* Benchmarks and tests: 1 (the default) has the GPU's tail items carry their best samples'
  * weighted value sum, so that the CPU's estimate adds it and subtracts only the best samples
  * that were retrieved or score above the least retrieved (d floats more per item from the GPU;

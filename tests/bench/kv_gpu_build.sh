@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 NVCC=${NVCC:-nvcc}
 CF="-std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -fopenmp -D_DEFAULT_SOURCE -DKST_CUDA=1 -I. ${KV_CFLAGS:-}"
-for f in core/kv_attn.c core/half.c core/mem.c core/error.c core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c \
+for f in core/kv_attn.c core/kv_q8t.c core/half.c core/mem.c core/error.c core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c \
          index/kv_tclust.c index/kv_scache.c index/faiss_blas.c tests/bench/$bench.c; do
   cc $CF -c "$f" -o "$tmp/$(basename "$f" .c).o"
 done
