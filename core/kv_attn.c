@@ -664,19 +664,73 @@ __attribute__((target("avx2,popcnt"))) static int top_avx2(const float *w, size_
             hi = mid;
         }
     }
-    size_t cnt = 0;
+    /* the candidates (>= t), in order; up to 64 of them each placed at its rank (the values
+     * above it, and those equal to it before it), 8 compared at a time; more (ties) inserted */
+    float cv[72];
+    uint32_t ci[64];
+    size_t c = 0, cnt = 0;
     __m256 tv = _mm256_set1_ps(t);
     for (size_t j = 0; j < n; j += 8) {
         unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(w + j), tv, _CMP_GE_OQ));
         while (m) {
             unsigned b = (unsigned)__builtin_ctz(m);
             m &= m - 1;
-            top_insert(w[j + b], j + b, nt, &cnt, tw, tp);
+            if (c < 64) {
+                cv[c] = w[j + b];
+                ci[c] = (uint32_t)(j + b);
+            } else {
+                if (c == 64)
+                    for (size_t i = 0; i < 64; i++) top_insert(cv[i], ci[i], nt, &cnt, tw, tp);
+                top_insert(w[j + b], j + b, nt, &cnt, tw, tp);
+            }
+            c++;
+        }
+    }
+    if (c > 64) return 1;
+    for (size_t i = c; i < (c + 7) / 8 * 8; i++) cv[i] = -INFINITY;
+    for (size_t i = 0; i < c; i++) {
+        __m256 vi = _mm256_set1_ps(cv[i]);
+        size_t rank = 0;
+        for (size_t k = 0; k < c; k += 8) {
+            __m256 x = _mm256_loadu_ps(cv + k);
+            unsigned gt = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(x, vi, _CMP_GT_OQ));
+            unsigned eq = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(x, vi, _CMP_EQ_OQ));
+            unsigned before = i <= k ? 0u : i - k >= 8 ? 0xffu : (1u << (i - k)) - 1;
+            rank += (size_t)__builtin_popcount(gt) + (size_t)__builtin_popcount(eq & before);
+        }
+        if (rank < nt) {
+            tw[rank] = cv[i];
+            tp[rank] = ci[i];
         }
     }
     return 1;
 }
 #endif
+/* kst_kv_sum: eight running sums in double (lane j % 8), added pairwise at the end: the same
+ * order with and without AVX2, and no chain of one addition after another */
+#ifdef KST_KV_DOT_AVX2
+__attribute__((target("avx2"))) static void sum8_avx2(const float *w, size_t n8, double *l) {
+    __m256d a = _mm256_setzero_pd(), b = a;
+    for (size_t j = 0; j < n8; j += 8) {
+        a = _mm256_add_pd(a, _mm256_cvtps_pd(_mm_loadu_ps(w + j)));
+        b = _mm256_add_pd(b, _mm256_cvtps_pd(_mm_loadu_ps(w + j + 4)));
+    }
+    _mm256_storeu_pd(l, a);
+    _mm256_storeu_pd(l + 4, b);
+}
+#endif
+double kst_kv_sum(const float *w, size_t n) {
+    double l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t n8 = n / 8 * 8;
+#ifdef KST_KV_DOT_AVX2
+    if (has_avx2()) sum8_avx2(w, n8, l);
+    else
+#endif
+        for (size_t j = 0; j < n8; j++) l[j % 8] += w[j];
+    for (size_t j = n8; j < n; j++) l[j % 8] += w[j];
+    return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+}
+
 size_t kst_kv_top(const float *w, size_t n, size_t k, float *tw, uint32_t *tp) {
     size_t nt = n < k ? n : k, cnt = 0;
     if (!nt) return 0;

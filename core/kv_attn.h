@@ -80,8 +80,14 @@ void kst_attn_partial_scored(float *out, float *lse, float *scratch, const float
 /* Merges the partial (o2, lse2) into (o, *lse) in place (d values). Either may be empty
  * (lse = -INFINITY). Cannot fail. */
 void kst_attn_merge(float *o, float *lse, const float *o2, float lse2, size_t d);
-/* The k best of w[0..n) by insertion into a sorted list: tw[0..r) their values, best first, tp
- * their indices, r = min(k, n) returned (ties: the first seen first). */
+/* sum of w[0..n) in double: eight running sums (element j in sum j % 8) added pairwise at the
+ * end, the same bits with and without AVX2 */
+double kst_kv_sum(const float *w, size_t n);
+/* The k best of w[0..n): tw[0..r) their values, best first, tp their indices, r = min(k, n)
+ * returned (ties: the first seen first), the list that inserting them one at a time into a
+ * sorted list gives. Where the CPU has AVX2 and n >= 4 k (no NaN in w), only the values above a
+ * threshold are tried, the threshold found by bisection with counts of 8 values at a time, so
+ * that a scan whose values rise (each one a new best) costs no more than a random one. */
 size_t kst_kv_top(const float *w, size_t n, size_t k, float *tw, uint32_t *tp);
 
 /* Merges unnormalized sums into (o, *lse): v (d) = sum of w_j v_j and s = sum of w_j > 0, the

@@ -34,6 +34,7 @@ typedef struct kv_tail {
                               transposed, (d, rows) */
     float *w;              /* (nc, G, ch) this step's weights exp(s - mx), 0 for the chunk's top */
     float *o;              /* (nc, G, d) sum of w V over the chunk's other samples */
+    float *ot;             /* (nc, G, d) sum of w V over its top samples (kst_kvc_set_tail_topsum) */
     double *sum;           /* (nc, G) sum of w, the same */
     float *mx;             /* (nc, G) the chunk's best score */
     uint32_t *top;         /* (nc, G, KV_TT_TOP) the chunk's best-scoring samples, kept apart */
@@ -139,6 +140,7 @@ typedef struct kv_thread {
                                                          each stands for (kst_kvsc_best), tlk_on 1 */
     double p_first, p_last, p_busy, p_search, p_attn, p_tail; /* profile (kst_kvc_set_prof) */
     double p_want, p_twait, p_tcpu; /* the GPU's tail items: first needed, waited for, used */
+    double p_titems;                /* the CPU's tail table items (tail_chunk) */
     double p_out[3]; /* out of tasks, of the plans, of the GPU's wait (kst_kvc_prof out_*) */
     size_t p_hops, p_tasks, p_topsum, p_ttable;
     /* the clustered tail estimate (tail_clusters): per-cluster counts (2 C), scores (2 C), the
@@ -568,6 +570,7 @@ void kst_kvc_free(kst_kvc *c) {
                 kst_free(T->V);
                 kst_free(T->w);
                 kst_free(T->o);
+                kst_free(T->ot);
                 kst_free(T->sum);
                 kst_free(T->mx);
                 kst_free(T->top);
@@ -1485,13 +1488,15 @@ static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, int q8,
             KST_TRY(kst_realloc(&T->V, ns, rowb, "tail sample values", err));
             T->cap = ns;
         }
-        if (T->ccap < nc * ch) {
+        if (T->ccap < nc * ch) { /* (a chunk's sums for as many chunks as a table has at most) */
+            const size_t NC = KV_TT_CHUNKS;
             KST_TRY(kst_realloc((void **)&T->w, nc * G * ch, sizeof(float), "tail sample weights", err));
-            KST_TRY(kst_realloc((void **)&T->o, nc * G * d, sizeof(float), "tail sample sums", err));
-            KST_TRY(kst_realloc((void **)&T->sum, nc * G, sizeof(double), "tail sample sums", err));
-            KST_TRY(kst_realloc((void **)&T->mx, nc * G, sizeof(float), "tail sample sums", err));
-            KST_TRY(kst_realloc((void **)&T->top, nc * G * KV_TT_TOP, sizeof(uint32_t), "tail sample tops", err));
-            KST_TRY(kst_realloc((void **)&T->topw, nc * G * KV_TT_TOP, sizeof(float), "tail sample tops", err));
+            KST_TRY(kst_realloc((void **)&T->o, NC * G * d, sizeof(float), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->ot, NC * G * d, sizeof(float), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->sum, NC * G, sizeof(double), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->mx, NC * G, sizeof(float), "tail sample sums", err));
+            KST_TRY(kst_realloc((void **)&T->top, NC * G * KV_TT_TOP, sizeof(uint32_t), "tail sample tops", err));
+            KST_TRY(kst_realloc((void **)&T->topw, NC * G * KV_TT_TOP, sizeof(float), "tail sample tops", err));
             T->ccap = nc * ch;
         }
         T->n = ns;
@@ -1537,6 +1542,13 @@ static void tail_copy(const kst_kvc *c, kv_hstore *H, size_t cc) {
             for (size_t i = 0; i < d; i++) ((float *)Kc)[i * nr + j] = ((const float *)(K + r * rowb))[i];
     }
 }
+/* out += w v for row j (of the table's chunk cc, whose rows start at Vc when not in 8 bits) */
+static void tt_vaxpy(float *out, float w, const kv_tail *T, size_t cc, size_t j, const char *Vc, int f16, size_t d) {
+    size_t nr = T->n - cc * T->ch < T->ch ? T->n - cc * T->ch : T->ch;
+    if (T->q8) kst_q8t_vaxpy(out, w * T->vs[cc * T->ch8 + j], T->V8 + cc * T->ch8 * d, j, nr, d);
+    else kst_kv_axpy(out, w, Vc + j * d * (f16 ? 2 : 4), f16, d);
+}
+
 static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Qg) {
     const kst_kvc_opts *o = &c->o;
     size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
@@ -1560,23 +1572,21 @@ static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Q
             tw[i] = w[tp[i]];
             w[tp[i]] = 0;
         }
-        double sum = 0;
-        for (size_t j = 0; j < nr; j++) sum += w[j];
+        double sum = kst_kv_sum(w, nr);
         T->mx[ix] = mx;
         T->sum[ix] = sum;
+        if (!c->topsum_off) { /* the top samples' sum too, their rows hot here (tail_partial) */
+            float *ot = T->ot + ix * d;
+            memset(ot, 0, d * sizeof(float));
+            const char *Vc = T->q8 ? NULL : (const char *)T->V + j0 * rowb;
+            for (size_t i = 0; i < nt; i++) tt_vaxpy(ot, tw[i], T, cc, tp[i], Vc, o->f16, d);
+        }
     }
     if (T->q8)
         kst_q8t_wsum(T->o + cc * G * d, W, G, T->V8 + b * d, T->vs + b, nr, d, T->wq + cc * G * T->ch8,
                      T->wsc + cc * G);
     else
         kst_kv_wsum_multi(T->o + cc * G * d, W, G, (char *)T->V + j0 * rowb, o->f16, nr, d);
-}
-
-/* out += w v for row j (of the table's chunk cc, whose rows start at Vc when not in 8 bits) */
-static void tt_vaxpy(float *out, float w, const kv_tail *T, size_t cc, size_t j, const char *Vc, int f16, size_t d) {
-    size_t nr = T->n - cc * T->ch < T->ch ? T->n - cc * T->ch : T->ch;
-    if (T->q8) kst_q8t_vaxpy(out, w * T->vs[cc * T->ch8 + j], T->V8 + cc * T->ch8 * d, j, nr, d);
-    else kst_kv_axpy(out, w, Vc + j * d * (f16 ? 2 : 4), f16, d);
 }
 
 /* The start of a tail estimate: o = 0, *lse = -inf, and t->sret[0..nex) the sample indices of
@@ -1708,9 +1718,32 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, T->mx[ix] + lr, d); /* 0 when every kept weight underflowed */
         } else {
-            double s0 = 0;
-            for (size_t a = 0; a < nt; a++)
-                if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, T, cc, tp[a], Vc, op->f16, d);
+            /* the top samples: their sum of w V from the item (kst_kvc_set_tail_topsum) less the
+             * retrieved ones and those above tau (to the exact part), where those hold at most 7/8
+             * of the top's weight (else the difference would lose precision); else row by row */
+            double ttot = 0, trm = 0, s0 = 0;
+            if (!c->topsum_off)
+                for (size_t a = 0; a < nt; a++) {
+                    ttot += tw[a];
+                    if ((topx >> a & 1) || tw[a] > thr) trm += tw[a];
+                }
+            if (!c->topsum_off && trm <= ttot * 0.875) {
+                const float *ot = T->ot + ix * d;
+                for (size_t i = 0; i < d; i++) oc[i] += ot[i];
+                for (size_t a = 0; a < nt; a++) {
+                    if (!(topx >> a & 1) && !(tw[a] > thr)) continue;
+                    tt_vaxpy(oc, -tw[a], T, cc, tp[a], Vc, op->f16, d);
+                    if (!(topx >> a & 1)) { /* above tau: to the exact part (tail_acc) */
+                        sx += tw[a];
+                        na++;
+                        tt_vaxpy(ox, tw[a], T, cc, tp[a], Vc, op->f16, d);
+                    }
+                }
+                if (c->prof) t->p_topsum++;
+            } else {
+                for (size_t a = 0; a < nt; a++)
+                    if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, T, cc, tp[a], Vc, op->f16, d);
+            }
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, T->mx[ix] + lr, d);
         }
@@ -2708,7 +2741,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         for (int i = 0; i < c->nth; i++) {
             kv_thread *t = &c->th[i];
             t->p_first = t->p_last = t->p_busy = t->p_search = t->p_attn = t->p_tail = 0;
-            t->p_want = t->p_twait = t->p_tcpu = 0;
+            t->p_want = t->p_twait = t->p_tcpu = t->p_titems = 0;
             t->p_out[0] = t->p_out[1] = t->p_out[2] = 0;
             t->p_topsum = t->p_ttable = 0;
             t->p_hops = t->p_tasks = 0;
@@ -2964,6 +2997,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             double tb = mono_s();
             t->p_tail += tb - ta;
             t->p_busy += tb - ta;
+            t->p_titems += tb - ta;
         }
     }
     /* the sample cache's items on the CPU (thread i: items i, i + threads, ...; made empty by a
@@ -3205,11 +3239,17 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     kst_attn_merge(oh, &lse, t->o2, lse_t, d);
                 }
                 if (ns && m < nidx && !tail_gpu) {
+                    double w0 = pf ? mono_s() : 0;
                     for (size_t cc = 0; cc < tnc; cc++)
                         while (!__atomic_load_n(&c->tt_ok[h0 / G * tnc + cc], __ATOMIC_ACQUIRE)) {
                         } /* its T items still running */
+                    double w1 = pf ? mono_s() : 0;
                     kept = tail_partial(t, c, H, h % G, qh, rid, nidx, m, tau, t->o2, &lse_t);
                     kst_attn_merge(oh, &lse, t->o2, lse_t, d);
+                    if (pf) {
+                        t->p_twait += w1 - w0;
+                        t->p_tcpu += mono_s() - w1;
+                    }
                 }
                 if (!c->widen || kept == 0 || kw >= kcap || m >= nidx || !(lse_t > -INFINITY)) break;
                 float lse_all = lse; /* the whole denominator: with the static tokens' */
@@ -3363,6 +3403,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             pf->tail += t->p_tail;
             pf->hops += t->p_hops;
             pf->tail_wait += t->p_twait;
+            pf->tail_items += t->p_titems;
             pf->tail_cpu += t->p_tcpu;
             pf->tail_topsum += t->p_topsum;
             pf->tail_table += t->p_ttable;

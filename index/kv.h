@@ -346,11 +346,12 @@ void kst_kvc_set_tail_gpu(kst_kvc *c, int on);
  * environment (read here and when the cache is created) turns it on. KST_ERR_INVALID unless
  * head_dim is a multiple of 4, at most 512. */
 int kst_kvc_set_tail_q8(kst_kvc *c, int on, kst_error *err);
-/* Benchmarks and tests: 1 (the default) has the GPU's tail items carry their best samples'
- * weighted value sum, so that the CPU's estimate adds it and subtracts only the best samples
- * that were retrieved or score above the least retrieved (d floats more per item from the GPU;
- * without it, the CPU sums the 32 best rows of every chunk itself); 0 (or
- * KESTREL_KV_TAIL_TOPSUM=0 in the environment when the cache is created) without. */
+/* Benchmarks and tests: 1 (the default) has the tail items (the GPU's, and the CPU table's)
+ * carry their best samples' weighted value sum, so that each query head's estimate adds it and
+ * subtracts only the best samples that were retrieved or score above the least retrieved (d
+ * floats more per item; without it, each head's estimate sums the 32 best rows of every chunk
+ * itself, rows that on the CPU another core's item read); 0 (or KESTREL_KV_TAIL_TOPSUM=0 in the
+ * environment when the cache is created) without. */
 void kst_kvc_set_tail_topsum(kst_kvc *c, int on);
 /* Benchmarks: changes opts.widen of a live cache (the adaptive budget; 0: off). */
 void kst_kvc_set_widen(kst_kvc *c, float widen);
@@ -472,6 +473,9 @@ typedef struct kst_kvc_prof {
      * (tail_cpu; both inside `tail`). */
     size_t gpu_steps, gpu_wanted_steps, gpu_late;
     double gpu_launched, gpu_seen, gpu_wanted, tail_wait, tail_cpu;
+    /* the tail sample's table on the CPU: its items (the chunks scored and summed), per thread,
+     * summed (inside `tail`; the estimates from them in tail_cpu, waiting for them in tail_wait) */
+    double tail_items;
     /* the GPU's tail chunks whose best rows came summed from the GPU (kst_kvc_set_tail_topsum);
      * those re-scored whole on the CPU instead (tail_table: retrieved samples outside its best
      * rows held most of the chunk's weight, or more than its best rows scored above tau) */

@@ -262,6 +262,25 @@ static void test_top(void **state) {
     free(r);
 }
 
+/* kst_kv_sum: the documented lane order's bits, and float64's sum within its rounding */
+static void test_sum(void **state) {
+    (void)state;
+    float w[1031];
+    for (size_t i = 0; i < 1031; i++) w[i] = (float)exp(3 * kv_gauss());
+    const size_t ns[] = {0, 1, 7, 8, 512, 1031};
+    for (size_t a = 0; a < 6; a++) {
+        size_t n = ns[a];
+        double l[8] = {0}, s64 = 0;
+        for (size_t j = 0; j < n; j++) {
+            l[j % 8] += w[j];
+            s64 += w[j];
+        }
+        double want = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])), got = kst_kv_sum(w, n);
+        if (got != want) fail_msg("kst_kv_sum n %zu: %.17g, expected %.17g", n, got, want);
+        assert_true(fabs(got - s64) <= 1e-12 * s64);
+    }
+}
+
 /* One layer of 2 KV heads x 8 query heads, d 64, 4,096 keys behind a key index. With every
  * indexed key sampled the tail is exact but for its 8 bits: float64 full attention within 2e-3
  * relative error, differing from the float16 table's output (the 8-bit path ran), and the same
@@ -388,7 +407,7 @@ static void test_decode_gpu(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_scores), cmocka_unit_test(test_wsum), cmocka_unit_test(test_top),
+        cmocka_unit_test(test_scores), cmocka_unit_test(test_wsum), cmocka_unit_test(test_top), cmocka_unit_test(test_sum),
         cmocka_unit_test(test_decode), cmocka_unit_test(test_decode_gpu),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -664,6 +664,10 @@ static int layer(const char *list) {
                            pf.gpu_wanted_steps ? 1e6 * pf.gpu_wanted / pf.gpu_wanted_steps : 0.0, pf.gpu_late,
                            pf.gpu_wanted_steps, pf.tail_wait * u / nt, pf.tail_cpu * u / nt,
                            (double)pf.tail_topsum / pf.steps, (double)pf.tail_table / pf.steps);
+                if (pf.tail_items > 0) /* the tail sample's table on the CPU */
+                    printf("  (%s: tail on the CPU, per thread: items %.1f, estimates %.1f, waited for items %.1f;"
+                           " chunks a step with the top's sum %.1f)\n", mode, pf.tail_items * u / nt, pf.tail_cpu * u / nt,
+                           pf.tail_wait * u / nt, (double)pf.tail_topsum / pf.steps);
                 printf("  (%s: the region's last thread, us from the call's start: out of tasks %.1f, of the plans %.1f,"
                        " of the GPU's wait %.1f)\n", mode, pf.out_tasks * u, pf.out_plans * u, pf.out_done * u);
                 if (pf.gpu_timed) /* KESTREL_KV_GPU_TIME=1: CUDA events around the partial's parts */

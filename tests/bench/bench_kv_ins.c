@@ -9,9 +9,8 @@
  *
  *   bench_kv_ins [N]      N tokens (default 40,000)
  * KESTREL_KV_INS_* (kv_graph.h) change the insertion beam. Build (from the repo root):
- *   cc -std=c11 -O2 -fopenmp -D_DEFAULT_SOURCE -I. core/kv_attn.c core/half.c core/mem.c core/error.c \
- *      core/blas.c core/npy.c core/file.c index/kv.c index/kv_graph.c tests/bench/bench_kv_ins.c \
- *      -o bench_kv_ins -lm -ldl -lpthread */
+ *   make && cc -std=c11 -O2 -fopenmp -D_DEFAULT_SOURCE -I. tests/bench/bench_kv_ins.c build/libkestrel.a \
+ *      $(make -s print-LDLIBS) -o build/bench_kv_ins */
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
