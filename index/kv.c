@@ -1622,6 +1622,36 @@ static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, flo
         tt_vaxpy(a, w, T, cc, j, Vc, f16, d);
     }
 }
+/* A chunk's nt top samples (weights tw, rows tp; topx: those retrieved) into the estimate oc and
+ * the exact part (ox, *sx, *na): from their sum of w V made by the item (ot; NULL: none, with
+ * kst_kvc_set_tail_topsum(c, 0)) less the retrieved ones and those above thr (those to the exact
+ * part), where those hold at most 7/8 of the top's weight (else the difference would lose
+ * precision); else row by row (tail_acc, *s0 their weights). Returns 1 where ot was used. */
+static int tail_top(float *oc, double *s0, float *ox, double *sx, size_t *na, const float *ot, const float *tw,
+                    const uint32_t *tp, size_t nt, uint64_t topx, float thr, const kv_tail *T, size_t cc,
+                    const char *Vc, int f16, size_t d) {
+    double ttot = 0, trm = 0;
+    for (size_t a = 0; ot && a < nt; a++) {
+        ttot += tw[a];
+        if ((topx >> a & 1) || tw[a] > thr) trm += tw[a];
+    }
+    if (!ot || !(trm <= ttot * 0.875)) {
+        for (size_t a = 0; a < nt; a++)
+            if (!(topx >> a & 1)) tail_acc(oc, s0, ox, sx, na, tw[a], thr, T, cc, tp[a], Vc, f16, d);
+        return 0;
+    }
+    for (size_t i = 0; i < d; i++) oc[i] += ot[i];
+    for (size_t a = 0; a < nt; a++) {
+        if (!(topx >> a & 1) && !(tw[a] > thr)) continue;
+        tt_vaxpy(oc, -tw[a], T, cc, tp[a], Vc, f16, d);
+        if (!(topx >> a & 1)) { /* above tau: to the exact part (tail_acc) */
+            *sx += tw[a];
+            (*na)++;
+            tt_vaxpy(ox, tw[a], T, cc, tp[a], Vc, f16, d);
+        }
+    }
+    return 1;
+}
 /* The end of a tail estimate: the estimate's lse raised by the ratio, the exact part merged. */
 static void tail_end(float *o, float *lse, const float *oe, float lse_e, size_t nidx, size_t m,
                      size_t kept, size_t na, size_t d) {
@@ -1687,9 +1717,10 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
                 continue;
             }
             sub += w[j];
-            if (T->q8) /* (the term as the 8-bit sum took it in) */
-                kst_q8t_vaxpy(oc, -(T->wsc[ix] * (float)T->wq[cc * G * T->ch8 + g * KST_Q8T_ROWS(nr) + j]), T->V8 + cc * T->ch8 * d, j, nr, d);
-            else
+            if (T->q8) { /* (the term as the 8-bit sum took it in) */
+                float u = (float)T->wq[cc * G * T->ch8 + g * KST_Q8T_ROWS(nr) + j];
+                kst_q8t_vaxpy(oc, -(T->wsc[ix] * u), T->V8 + cc * T->ch8 * d, j, nr, d);
+            } else
                 kst_kv_axpy(oc, -w[j], Vc + j * rowb, op->f16, d);
         }
         double rest = sum - sub;
@@ -1718,32 +1749,11 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, T->mx[ix] + lr, d); /* 0 when every kept weight underflowed */
         } else {
-            /* the top samples: their sum of w V from the item (kst_kvc_set_tail_topsum) less the
-             * retrieved ones and those above tau (to the exact part), where those hold at most 7/8
-             * of the top's weight (else the difference would lose precision); else row by row */
-            double ttot = 0, trm = 0, s0 = 0;
-            if (!c->topsum_off)
-                for (size_t a = 0; a < nt; a++) {
-                    ttot += tw[a];
-                    if ((topx >> a & 1) || tw[a] > thr) trm += tw[a];
-                }
-            if (!c->topsum_off && trm <= ttot * 0.875) {
-                const float *ot = T->ot + ix * d;
-                for (size_t i = 0; i < d; i++) oc[i] += ot[i];
-                for (size_t a = 0; a < nt; a++) {
-                    if (!(topx >> a & 1) && !(tw[a] > thr)) continue;
-                    tt_vaxpy(oc, -tw[a], T, cc, tp[a], Vc, op->f16, d);
-                    if (!(topx >> a & 1)) { /* above tau: to the exact part (tail_acc) */
-                        sx += tw[a];
-                        na++;
-                        tt_vaxpy(ox, tw[a], T, cc, tp[a], Vc, op->f16, d);
-                    }
-                }
-                if (c->prof) t->p_topsum++;
-            } else {
-                for (size_t a = 0; a < nt; a++)
-                    if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, T, cc, tp[a], Vc, op->f16, d);
-            }
+            double s0 = 0; /* the top samples (with the item's sum of them) */
+            if (tail_top(oc, &s0, ox, &sx, &na, c->topsum_off ? NULL : T->ot + ix * d, tw, tp, nt, topx, thr, T, cc, Vc,
+                         op->f16, d) &&
+                c->prof)
+                t->p_topsum++;
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, T->mx[ix] + lr, d);
         }
@@ -1839,8 +1849,8 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
         const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVGPU_TT_TOP;
         float mx = ic[0], thr = expf(tau - mx);
         size_t nt = nr < KST_KVGPU_TT_TOP ? nr : KST_KVGPU_TT_TOP;
-        int32_t tp[KST_KVGPU_TT_TOP];
-        memcpy(tp, ic + 2 + d, nt * sizeof(int32_t));
+        uint32_t tp[KST_KVGPU_TT_TOP]; /* (int32 bits, non-negative) */
+        memcpy(tp, ic + 2 + d, nt * sizeof(uint32_t));
         const char *Vc = (const char *)T->V + j0 * rowb;
         double sum = ic[1], sub = 0, sx = 0;
         uint64_t topx = 0;
@@ -1898,35 +1908,11 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, mk + lr, d);
             kst_attn_merge_sum(oe, &lse_e, ox, sx, mk, d);
         } else {
-            /* the best rows: their sum of w V from the GPU (items with it, kst_kvc_set_tail_topsum)
-             * less the retrieved ones and those above tau (to the exact part), where those hold
-             * at most 7/8 of the best rows' weight (else the difference would lose precision);
-             * else row by row */
-            double ttot = 0, trm = 0;
-            if (!c->topsum_off)
-                for (size_t a = 0; a < nt; a++) {
-                    ttot += tw[a];
-                    if ((topx >> a & 1) || tw[a] > thr) trm += tw[a];
-                }
-            if (!c->topsum_off && trm <= ttot * 0.875) {
-                const float *ot = ic + 2 + d + 2 * KST_KVGPU_TT_TOP;
-                for (size_t i = 0; i < d; i++) oc[i] += ot[i];
-                for (size_t a = 0; a < nt; a++) {
-                    if (!(topx >> a & 1) && !(tw[a] > thr)) continue;
-                    const char *vr = Vc + (size_t)tp[a] * rowb;
-                    kst_kv_axpy(oc, -tw[a], vr, op->f16, d);
-                    if (!(topx >> a & 1)) { /* above tau: to the exact part (tail_acc) */
-                        sx += tw[a];
-                        na++;
-                        kst_kv_axpy(ox, tw[a], vr, op->f16, d);
-                    }
-                }
-                if (c->prof) t->p_topsum++;
-            } else {
-                double s0 = 0;
-                for (size_t a = 0; a < nt; a++)
-                    if (!(topx >> a & 1)) tail_acc(oc, &s0, ox, &sx, &na, tw[a], thr, T, cc, tp[a], Vc, op->f16, d);
-            }
+            double s0 = 0; /* the best rows (with their sum of w V from the GPU's items) */
+            if (tail_top(oc, &s0, ox, &sx, &na, c->topsum_off ? NULL : ic + 2 + d + 2 * KST_KVGPU_TT_TOP, tw, tp, nt, topx,
+                         thr, T, cc, Vc, op->f16, d) &&
+                c->prof)
+                t->p_topsum++;
             float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, mx + lr, d);
             kst_attn_merge_sum(oe, &lse_e, ox, sx, mx, d);
