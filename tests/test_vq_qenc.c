@@ -183,7 +183,10 @@ static void test_joint_training_lowers_loss(void **state) {
     printf("  query vectors moved %.3e (relative)\n", moved);
     assert_true(moved > 1e-3);
 
-    /* The same run with the encoder frozen ends at a higher loss: the encoder's share. */
+    /* The same run with the encoder frozen starts from the same loss. Where it ends is not
+     * compared with l1: at this size (48 queries, 24 steps, the documents reassigned to lists
+     * each epoch) the two end within the spread that OpenBLAS's kernel set alone gives (frozen
+     * 7.49 with OPENBLAS_CORETYPE=Haswell, 7.54 with SkylakeX; joint 7.61 and 7.52). */
     memcpy(m.params, p0, m.nparams * sizeof(float));
     kst_vq_opts o2 = o;
     o2.qenc = NULL;
@@ -192,7 +195,32 @@ static void test_joint_training_lowers_loss(void **state) {
     double l2 = r2.loss_final_ivf + r2.loss_final_pq;
     printf("  frozen encoder: loss %.4f -> %.4f\n", r2.loss_init_ivf + r2.loss_init_pq, l2);
     assert_true(fabs(r2.loss_init_ivf + r2.loss_init_pq - l0) < 1e-6 * l0);
-    assert_true(l1 < l2);
+
+    /* The encoder's share: with the quantizer's rates at 0, a fresh copy of the encoder trained
+     * alone lowers the loss (7.98 -> 7.73 with either kernel set), where the same run without
+     * the encoder ends where it started. */
+    kst_encoder *e3 = NULL;
+    assert_ok(kst_encoder_open(MODEL, KST_ROLE_DENSE, &e3, &err), &err);
+    kst_vq_qenc qe3;
+    assert_ok(kst_vq_qenc_init(&qe3, e3, qt, NQ, &err), &err);
+    qe3.lr = qe.lr;
+    memcpy(m.params, p0, m.nparams * sizeof(float));
+    kst_vq_opts o3 = o;
+    o3.lr_ivf = o3.lr_pq = 0;
+    o3.qenc = &qe3;
+    kst_vq_result r3;
+    assert_ok(kst_vq_train(&m, ND, x, NQ, q, NULL, NULL, &o3, &r3, &err), &err);
+    double l3 = r3.loss_final_ivf + r3.loss_final_pq;
+    printf("  encoder alone (quantizer rates 0): loss %.4f -> %.4f\n", r3.loss_init_ivf + r3.loss_init_pq, l3);
+    assert_true(fabs(r3.loss_init_ivf + r3.loss_init_pq - l0) < 1e-6 * l0);
+    assert_true(l3 < l0 - 0.1);
+    memcpy(m.params, p0, m.nparams * sizeof(float));
+    o3.qenc = NULL;
+    kst_vq_result r4;
+    assert_ok(kst_vq_train(&m, ND, x, NQ, q, NULL, NULL, &o3, &r4, &err), &err);
+    double l4 = r4.loss_final_ivf + r4.loss_final_pq;
+    printf("  neither (quantizer rates 0, encoder frozen): loss %.4f -> %.4f\n", r4.loss_init_ivf + r4.loss_init_pq, l4);
+    assert_true(fabs(l4 - l0) < 1e-6 * l0);
 
     /* Joint training needs the texts of exactly the given queries. */
     qe.nq = NQ - 1;
@@ -203,6 +231,10 @@ static void test_joint_training_lowers_loss(void **state) {
 
     kst_free(r.epoch_loss);
     kst_free(r2.epoch_loss);
+    kst_free(r3.epoch_loss);
+    kst_free(r4.epoch_loss);
+    kst_vq_qenc_free(&qe3);
+    kst_encoder_free(e3);
     free(qt1);
     free(qt0);
     free(p0);
