@@ -7,7 +7,8 @@
  * thread spends on its items a step (max over threads beside it) and the ratio float16 / 8-bit.
  * Nothing is asserted.
  *
- *   bench_kv_q8t [SWEEP_MB]     SWEEP_MB per thread read between steps (the searches' traffic)
+ *   bench_kv_q8t [SWEEP_MB]     SWEEP_MB per thread read between steps (the searches' traffic);
+ *                               KV_Q8T_SIMD=0: the 8-bit table's plain C path (no VNNI)
  *
  * Build (from the repo root, after make):
  *   cc -std=c11 -O2 -fopenmp -D_DEFAULT_SOURCE -I. tests/bench/bench_kv_q8t.c build/libkestrel.a \
@@ -35,6 +36,7 @@ enum { G = 4, N = 512, D = 128, NI = 32, TOP = 32, STEPS = 200 };
 int main(int argc, char **argv) {
     size_t sweep = (size_t)(argc > 1 ? atol(argv[1]) : 0) << 20;
     int T = omp_get_max_threads();
+    if (getenv("KV_Q8T_SIMD") && atoi(getenv("KV_Q8T_SIMD")) == 0) kst_q8t_set_simd(0);
     int8_t *K8 = malloc((size_t)NI * N * D), *V8 = malloc((size_t)NI * N * D);
     float *ks = malloc(NI * N * sizeof(float)), *vs = malloc(NI * N * sizeof(float));
     int32_t *ksum = malloc(NI * N * sizeof(int32_t));
