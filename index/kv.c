@@ -450,9 +450,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
      * key in 128 (the best 8), two expansions at a time */
     c->spread = KST_KVC_SPREAD_AUTO;
     c->tail_gpu_off = getenv("KESTREL_KV_TAIL_GPU") && atoi(getenv("KESTREL_KV_TAIL_GPU")) == 0;
-    if (getenv("KESTREL_KV_TAIL_Q8") && atoi(getenv("KESTREL_KV_TAIL_Q8")) != 0 && o.head_dim % 4 == 0 &&
-        o.head_dim <= 512)
-        c->tail_q8 = 1;
+    (void)kst_kvc_set_tail_q8(c, 0, NULL); /* (KESTREL_KV_TAIL_Q8; a head_dim it refuses leaves it off) */
     c->topsum_off = getenv("KESTREL_KV_TAIL_TOPSUM") && atoi(getenv("KESTREL_KV_TAIL_TOPSUM")) == 0;
     c->gpu_arm = getenv("KESTREL_KV_GPU_ARM") && atoi(getenv("KESTREL_KV_GPU_ARM")) == 1;
     c->gpu_late = !(getenv("KESTREL_KV_GPU_EARLY") && atoi(getenv("KESTREL_KV_GPU_EARLY")) == 1);
