@@ -483,7 +483,9 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
     kst_kvc_set_tail_share(kv->c, opts->tail_share);
     kst_kvc_set_tail_cache(kv->c, opts->tail_cache, 0);
     kst_kvc_set_tail_cache_q8(kv->c, opts->tail_cache_q8);
-    if (opts->tail_q8 && (rc = kst_kvc_set_tail_q8(kv->c, 1, err)) != KST_OK) {
+    _Static_assert(KST_KV_TAIL_Q8_HOST == KST_KVC_Q8_HOST && KST_KV_TAIL_Q8_GPU == KST_KVC_Q8_GPU &&
+                       KST_KV_TAIL_Q8_CPU == KST_KVC_Q8_CPU, "tail_q8's values");
+    if (opts->tail_q8 && (rc = kst_kvc_set_tail_q8(kv->c, opts->tail_q8, err)) != KST_OK) {
         kst_kv_free(kv);
         return kst_error_prefix(err, "kst_kv_create");
     }

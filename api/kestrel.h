@@ -415,18 +415,26 @@ typedef struct kst_kv_opts {
                                  32 (8 KV heads of d 128; tests/bench/README.md, round 25).
                                  On the GPU it needs G = q_heads / kv_heads <= 8 and head_dim
                                  <= 128, a multiple of 16 (else the step fails, naming it) */
-    int tail_q8;              /* default 0; 1: the evenly spaced tail sample (tail_samples,
-                                 without tail_clusters) held and scored on the CPU in 8 bits
-                                 (rows and queries quantized as tail_cache_q8's, 8-bit dot
-                                 products for the scores and the value sums, each weight a byte
-                                 of its chunk's largest; the 32 best samples a chunk in float32).
-                                 With gpu the sample is not put on the GPU, which then holds only
-                                 the static tokens. A quarter of the bytes of the float16 table
-                                 read a step (tests/bench/README.md, round 33). It needs AVX-512
-                                 VNNI to pay: without it the plain C path (the same bits) is
-                                 ~12x slower than the float16 table. head_dim a multiple of 4,
-                                 at most 512 (else KST_ERR_INVALID) */
+    int tail_q8;              /* default 0; the evenly spaced tail sample (tail_samples, without
+                                 tail_clusters) in 8 bits (rows quantized as tail_cache_q8's) and
+                                 not in the GPU's memory, so that with gpu it holds only the
+                                 static tokens. KST_KV_TAIL_Q8_HOST (1): with gpu the table sits
+                                 in pinned host memory and the GPU's step reads it over PCIe in
+                                 place, scoring it beside the static tokens (it needs G <= 8 and
+                                 head_dim <= 128, a multiple of 16; else, and without gpu, as
+                                 KST_KV_TAIL_Q8_CPU). KST_KV_TAIL_Q8_GPU (2): the same table held
+                                 in the GPU's memory (half the float16 table's bytes).
+                                 KST_KV_TAIL_Q8_CPU (3): held and scored on the CPU (queries in 8
+                                 bits too, 8-bit dot products for the scores and the value sums,
+                                 each weight a byte of its chunk's largest; the 32 best samples a
+                                 chunk in float32); it needs AVX-512 VNNI to pay: without it the
+                                 plain C path (the same bits) is ~12x slower than the float16
+                                 table. tests/bench/README.md, rounds 33 and 34. head_dim a
+                                 multiple of 4, at most 512 (else KST_ERR_INVALID) */
 } kst_kv_opts;
+#define KST_KV_TAIL_Q8_HOST 1
+#define KST_KV_TAIL_Q8_GPU 2
+#define KST_KV_TAIL_Q8_CPU 3
 
 /* The defaults above (sizes left 0 for the caller to set). */
 kst_kv_opts kst_kv_opts_default(void);

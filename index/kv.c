@@ -106,6 +106,7 @@ typedef struct kv_layer {
 #ifdef KST_CUDA
     kst_kvgpu *gpu;  /* static tokens: slot p for sink p, a ring of `window` slots after */
     size_t gt_ns, gt_nidx; /* the tail sample on the GPU: ns of nidx indexed keys (0: none) */
+    int gt_q8;             /* its table's kst_kvgpu_tail_q8 (where it is in 8 bits) */
     int sc_gpu;            /* the sample cache's table is on the GPU (kst_kvc_set_tail_cache) */
     int sc_pend;           /* the last step's sc_end left to the engine's idle time (sc_flush) */
     int sc_ahead;          /* its next plans may be made ahead (sc_plan_ahead, in kst_kv_work) */
@@ -174,7 +175,10 @@ struct kst_kvc {
     uint8_t *tt_ok; /* (kv_heads * chunks) the tail items: 1 done */
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int tail_gpu_off; /* kst_kvc_set_tail_gpu(c, 0) (or KESTREL_KV_TAIL_GPU=0): the tail on the CPU */
-    int tail_q8;      /* kst_kvc_set_tail_q8 (or KESTREL_KV_TAIL_Q8): the tail on the CPU, in 8 bits */
+    int tail_q8;      /* kst_kvc_set_tail_q8 (or KESTREL_KV_TAIL_Q8): the tail in 8 bits, not on the GPU */
+    int tail_q8_gpu;  /* with tail_q8 and the GPU, its table: 2 (KST_KVC_Q8_HOST) in pinned host memory, read
+                       * by the GPU's step over PCIe; 1 (KST_KVC_Q8_GPU) held on the GPU; 0 (KST_KVC_Q8_CPU)
+                       * scored on the CPU (kst_kvc_set_tail_q8's kst_kvgpu_tail_q8) */
     int topsum_off;   /* kst_kvc_set_tail_topsum(c, 0) (or KESTREL_KV_TAIL_TOPSUM=0) */
     int gpu_arm;      /* kst_kvc_set_gpu_arm (KESTREL_KV_GPU_ARM=1): the next launches queued in kst_kvc_work */
     int gpu_late;     /* 1 (the default; kst_kvc_set_gpu_early(c, 1) or KESTREL_KV_GPU_EARLY=1: 0): the
@@ -334,11 +338,15 @@ void kst_kvc_set_gpu_split(kst_kvc *c, int s, int minb) {
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on) { c->tail_gpu_off = !on; }
 int kst_kvc_set_tail_q8(kst_kvc *c, int on, kst_error *err) {
     const char *e = getenv("KESTREL_KV_TAIL_Q8");
-    on = e ? atoi(e) != 0 : on != 0;
+    on = e ? atoi(e) : on;
+    if (on < 0 || on > KST_KVC_Q8_CPU)
+        return kst_fail(err, KST_ERR_INVALID, "tail_q8: %d (expected 0 off, 1 on, 2 held on the GPU, 3 scored on the CPU)",
+                        on);
     if (on && (c->o.head_dim % 4 || c->o.head_dim > 512))
         return kst_fail(err, KST_ERR_INVALID, "tail_q8: head_dim %zu (expected a multiple of 4, at most 512)",
                         c->o.head_dim);
-    c->tail_q8 = on;
+    c->tail_q8 = on != 0;
+    c->tail_q8_gpu = on == KST_KVC_Q8_GPU ? 1 : on == KST_KVC_Q8_CPU ? 0 : 2;
     return KST_OK;
 }
 void kst_kvc_set_tail_topsum(kst_kvc *c, int on) {
@@ -1452,11 +1460,16 @@ static int tt_strata(size_t *b, double f, size_t nidx, size_t ns, size_t ch, siz
 
 /* Before a decode step's parallel part: each KV head's sample table sized for ns samples of
  * nidx indexed keys, marked for copying where the index or ns changed. */
+/* The rows of a sample table's chunks for ns samples. */
+static size_t tail_rows(const kst_kvc *c, size_t ns) {
+    size_t c0 = c->strat > 1 && c->tt_ch ? c->tt_ch : 512;
+    return ns <= c0 * KV_TT_CHUNKS ? c0 : (ns + KV_TT_CHUNKS - 1) / KV_TT_CHUNKS;
+}
+
 static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, int q8, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     size_t d = o->head_dim, G = o->q_heads / o->kv_heads, rowb = d * c->esize;
-    size_t c0 = c->strat > 1 && c->tt_ch ? c->tt_ch : 512;
-    size_t ch = ns <= c0 * KV_TT_CHUNKS ? c0 : (ns + KV_TT_CHUNKS - 1) / KV_TT_CHUNKS, nc = (ns + ch - 1) / ch;
+    size_t ch = tail_rows(c, ns), nc = (ns + ch - 1) / ch;
     int rc = KST_OK;
     for (size_t h = 0; h < o->kv_heads; h++) {
         kv_tail *T = &L->heads[h].tt;
@@ -1924,7 +1937,7 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
 /* The GPU's copy of each KV head's sample table, uploaded where it is not the one the CPU's
  * tables hold now (they were just made anew, or the GPU's was of another sample); rows copied
  * into the CPU's tables first where those were made anew (the fallback reads them). */
-static int tail_upload(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_error *err) {
+static int tail_upload(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, int q8g, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
     const kv_tail *T0 = &L->heads[0].tt;
     int any = 0;
@@ -1936,7 +1949,7 @@ static int tail_upload(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_erro
             if (L->heads[i / nc].tt.copy) tail_copy(c, &L->heads[i / nc], i % nc);
         for (size_t h = 0; h < o->kv_heads; h++) L->heads[h].tt.copy = 0;
     }
-    if (!any && L->gt_ns == ns && L->gt_nidx == T0->nidx) return KST_OK;
+    if (!any && L->gt_ns == ns && L->gt_nidx == T0->nidx && L->gt_q8 == q8g) return KST_OK;
     int rc = KST_OK;
     L->gt_ns = 0;
     /* (kst_kvc_set_gpu_arm: every layer's queued launch released first; a reallocation's
@@ -1947,6 +1960,7 @@ static int tail_upload(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, kst_erro
         KST_TRY(kst_kvgpu_tail_put(L->gpu, h, L->heads[h].tt.K, L->heads[h].tt.V, err));
     L->gt_ns = ns;
     L->gt_nidx = T0->nidx;
+    L->gt_q8 = q8g;
 done:
     return rc;
 }
@@ -2832,8 +2846,18 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     }
     /* the tail estimate: one item per KV head (its sample scored for the group), done first */
     size_t ns = tcl ? 0 : o->tail_samples < nidx ? o->tail_samples : nidx, nT = 0, tnc = 0;
-    if (ns) { /* (tail_q8: on the CPU, in 8 bits, the GPU holding only the static tokens) */
-        rc = tail_prepare(c, L, nidx, ns, c->tail_q8 && ns <= (size_t)KV_TT_CHUNKS * 65535, err);
+    /* tail_q8 with the GPU: its table in 8 bits read by the GPU where it fits (q8g: in pinned host
+     * memory, or held), else on the CPU in 8 bits; the GPU then holds only the static tokens */
+    int q8g = 0;
+#ifdef KST_CUDA
+    if (ns && on_gpu && !c->tail_gpu_off) {
+        int want = c->tail_q8 ? c->tail_q8_gpu : 0;
+        q8g = want && kst_kvgpu_tail_q8(L->gpu, want, tail_rows(c, ns)) ? want : 0;
+        if (!q8g) (void)kst_kvgpu_tail_q8(L->gpu, 0, 0);
+    }
+#endif
+    if (ns) {
+        rc = tail_prepare(c, L, nidx, ns, c->tail_q8 && !q8g && ns <= (size_t)KV_TT_CHUNKS * 65535, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
         tnc = L->heads[0].tt.nc;
         nT = o->kv_heads * tnc;
@@ -2844,7 +2868,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     const float *gpu_tt = NULL;
     size_t gpu_st = 0;
     if (on_gpu && ns && !c->tail_gpu_off && !L->heads[0].tt.q8 && L->heads[0].tt.ch <= 1024) {
-        rc = tail_upload(c, L, nidx, ns, err);
+        rc = tail_upload(c, L, nidx, ns, q8g, err);
         if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
         tail_gpu = 1;
         nT = 0;

@@ -336,16 +336,25 @@ void kst_kvc_use_gpu(kst_kvc *c, int on);
  * KESTREL_KV_TAIL_GPU=0 in the environment when the cache is created); 1 (the default) restores
  * it. */
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on);
-/* 1: the evenly spaced tail sample (opts.tail_samples, without tail clusters) held on the CPU in
- * 8 bits and scored there (core/kv_q8t.h; AVX-512 VNNI, else a plain C path ~12x slower than the
- * float16 table's): each row quantized as kst_kv_q8 does, each query too,
- * 8-bit dot products for the scores and for the value sums (each weight rounded to a byte of its
- * chunk's largest; a sample's own term is taken out as it went in). A quarter of the bytes a step
- * reads of float16 rows; with a GPU the sample is not copied there, so the GPU holds only the
- * static tokens. The 32 best samples a chunk and query head, and any retrieved, are weighted in
- * float32 as before. 0 (the default) restores the float rows. KESTREL_KV_TAIL_Q8=1 in the
- * environment (read here and when the cache is created) turns it on. KST_ERR_INVALID unless
- * head_dim is a multiple of 4, at most 512. */
+/* The evenly spaced tail sample (opts.tail_samples, without tail clusters) in 8 bits, each row
+ * quantized as kst_kv_q8 does, and never in the GPU's memory, so that with a GPU it holds only the
+ * static tokens. on:
+ * - 1 (KST_KVC_Q8_HOST): with a GPU the table sits in pinned host memory and the GPU's step
+ *   reads it over PCIe in place (kst_kvgpu_tail_q8 2), scoring it for a KV head's query heads at
+ *   once beside the static tokens: the GPU's items, in float32 but for the 8-bit rows. Where that
+ *   layout does not fit (G <= 8, head_dim <= 128 and a multiple of 16), or without a GPU, as 3.
+ * - 2 (KST_KVC_Q8_GPU): the same table held in the GPU's memory (half the float16 table's bytes).
+ * - 3 (KST_KVC_Q8_CPU): held and scored on the CPU (core/kv_q8t.h; AVX-512 VNNI, else a plain C
+ *   path ~12x slower than the float16 table's): each query quantized too, 8-bit dot products for
+ *   the scores and the value sums (each weight rounded to a byte of its chunk's largest; a
+ *   sample's own term taken out as it went in); the 32 best samples a chunk and query head, and
+ *   any retrieved, weighted in float32.
+ * 0 (the default) restores the float rows. KESTREL_KV_TAIL_Q8 in the environment (read here and
+ * when the cache is created) overrides on. KST_ERR_INVALID unless head_dim is a multiple of 4, at
+ * most 512, or for another on. */
+#define KST_KVC_Q8_HOST 1
+#define KST_KVC_Q8_GPU 2
+#define KST_KVC_Q8_CPU 3
 int kst_kvc_set_tail_q8(kst_kvc *c, int on, kst_error *err);
 /* Benchmarks and tests: 1 (the default) has the tail items (the GPU's, and the CPU table's)
  * carry their best samples' weighted value sum, so that each query head's estimate adds it and

@@ -14,6 +14,7 @@
 
 extern "C" {
 #include "core/check.h"
+#include "core/kv_attn.h"
 }
 
 #define CU(call, what)                                                                        \
@@ -65,6 +66,12 @@ struct kst_kvgpu {
     // (kvh * tns * 2: each slot's key and value scales)
     int sq8;
     float *tsc;
+    // tq8 (kst_kvgpu_tail_q8): the evenly spaced tail's table in 8 bits as well (then held grouped:
+    // tgl), 1 on the GPU, 2 in pinned host memory, mapped (thost: thK, thV, thsc the host side,
+    // tK, tV, tsc its device addresses, read by the step's kernel over PCIe in place)
+    int tq8, tgl, thost;
+    void *thK, *thV;
+    float *thsc;
     float *tout, *htout;
     // the items written by the kernel straight into htout (pinned, mapped: dtout; KESTREL_KV_GPU_DIRECT,
     // default 1), no download: the last tail block of a KV head (tcnt, a counter a KV head on the
@@ -137,6 +144,7 @@ static int kvgpu_release_all(kst_error *err);
 static int kvgpu_grouped(const kst_kvgpu *g);
 static int kvgpu_sc_grouped(const kst_kvgpu *g, size_t P);
 static void sc_unstore(kst_kvgpu *g);
+static void tail_tables_free(kst_kvgpu *g);
 
 static __device__ __forceinline__ float ld(const float *p) { return *p; }
 static __device__ __forceinline__ float ld(const __half *p) { return __half2float(*p); }
@@ -1181,9 +1189,7 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     cudaFree(g->spc);
     for (int i = 0; i < 4; i++)
         if (g->tev[i]) cudaEventDestroy(g->tev[i]);
-    cudaFree(g->tK);
-    cudaFree(g->tV);
-    cudaFree(g->tsc);
+    tail_tables_free(g);
     cudaFree(g->tout);
     cudaFreeHost(g->htout);
     cudaFreeHost((void *)g->rdy);
@@ -1212,7 +1218,8 @@ extern "C" size_t kst_kvgpu_bytes(const kst_kvgpu *g) {
     if (!g) return 0;
     size_t es = g->f16 ? 2 : 4;
     return 2 * g->cap * g->kvh * g->d * es + (2 * g->qh * g->d + g->qh + KST_KVGPU_PRM) * sizeof(float) +
-           2 * g->tcap + (g->tsc ? g->kvh * g->tns * 2 * sizeof(float) : 0) + g->tocap * sizeof(float) +
+           (g->thost ? 0 : 2 * g->tcap + (g->tsc ? g->kvh * g->tns * 2 * sizeof(float) : 0)) +
+           (g->tout ? g->tocap * sizeof(float) : 0) +
            (g->sC ? g->kvh * g->tns * sizeof(int) + g->kvh * g->sC * (sizeof(float) + g->d * es) +
                         g->qh * g->sC * sizeof(float) + (g->dsall ? g->sall : 0)
                   : 0);
@@ -1229,30 +1236,72 @@ extern "C" void kst_kvgpu_tail_topsum(kst_kvgpu *g, int on) {
     g->tns = g->tch = g->tnc = 0; // the next kst_kvgpu_tail_reserve lays the items out anew
 }
 
-extern "C" int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t nc, kst_error *err) {
+// The tail tables let go (device memory, or pinned host memory where thost).
+static void tail_tables_free(kst_kvgpu *g) {
+    if (g->thost) {
+        cudaFreeHost(g->thK);
+        cudaFreeHost(g->thV);
+        cudaFreeHost(g->thsc);
+    } else {
+        cudaFree(g->tK);
+        cudaFree(g->tV);
+        cudaFree(g->tsc);
+    }
+    g->tK = g->tV = g->thK = g->thV = NULL;
+    g->tsc = g->thsc = NULL;
+    g->tcap = 0;
+    g->thost = 0;
+}
+
+// b bytes of a tail table: on the GPU (*dev), or (host) pinned and mapped (*hp, its device address
+// in *dev).
+static int tail_alloc(void **dev, void **hp, size_t b, int host, const char *what, kst_error *err) {
+    int rc = KST_OK;
+    if (!host) {
+        CU(cudaMalloc(dev, b), what);
+    } else {
+        CU(cudaHostAlloc(hp, b, cudaHostAllocMapped), what); // (write-combined: no faster, round 34)
+        CU(cudaHostGetDevicePointer(dev, *hp, 0), what);
+    }
+done:
+    return rc;
+}
+
+// The tail's table for ns samples: q8 (sq8, as set) the rows in 8 bits with their scales, host: in
+// pinned host memory (mapped), tgl: the evenly spaced sample held grouped (tq8).
+static int tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t nc, int host, int tgl, kst_error *err) {
     int rc = KST_OK;
     if (ns && (ch == 0 || ch > TT_PMAX || nc * ch < ns || (nc - 1) * ch >= ns))
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of %zu samples in %zu chunks of %zu rows (at most %d)",
                         ns, nc, ch, TT_PMAX);
-    if (ns == g->tns && ch == g->tch && nc == g->tnc && !g->sq8 == !g->tsc) return KST_OK;
+    host = host && ns;
+    if (ns == g->tns && ch == g->tch && nc == g->tnc && !g->sq8 == !g->tsc && host == g->thost && tgl == g->tgl)
+        return KST_OK;
     if ((rc = kvgpu_release_all(err)) != KST_OK) return rc; // (reallocations below)
     size_t es = g->sq8 ? 1 : g->f16 ? 2 : 4, no = g->qh * nc * kst_kvgpu_tail_stride(g), tb = ns * g->kvh * g->d * es;
     g->tns = 0;
+    g->tgl = 0;
     g->gen++;
-    cudaFree(g->tsc);
-    g->tsc = NULL;
-    if (tb > g->tcap || (g->tcap > tb + tb / 2 && g->tcap > ((size_t)1 << 20))) { // (a table in 8 bits: the 16-bit one let go)
-        cudaFree(g->tK);
-        cudaFree(g->tV);
-        g->tK = g->tV = NULL;
-        g->tcap = 0;
+    if (g->thost) { // (the table went to the GPU's memory: the kernel may have read it until now)
+        if (g->st) CU(cudaStreamSynchronize(g->st), "kv gpu tail sample");
+        tail_tables_free(g);
+    }
+    if (!host) {
+        cudaFree(g->tsc);
+        g->tsc = NULL;
+    }
+    if (host || tb > g->tcap || (g->tcap > tb + tb / 2 && g->tcap > ((size_t)1 << 20))) { // (a table in 8 bits: the 16-bit one let go)
+        tail_tables_free(g);
         if (tb) {
-            CU(cudaMalloc(&g->tK, tb), "kv gpu tail sample keys");
-            CU(cudaMalloc(&g->tV, tb), "kv gpu tail sample values");
+            g->thost = host;
+            KST_TRY(tail_alloc(&g->tK, &g->thK, tb, host, "kv gpu tail sample keys", err));
+            KST_TRY(tail_alloc(&g->tV, &g->thV, tb, host, "kv gpu tail sample values", err));
             g->tcap = tb;
         }
     }
-    if (g->sq8 && ns) CU(cudaMalloc((void **)&g->tsc, ns * g->kvh * 2 * sizeof(float)), "kv gpu tail sample scales");
+    if (g->sq8 && ns)
+        KST_TRY(tail_alloc((void **)&g->tsc, (void **)&g->thsc, ns * g->kvh * 2 * sizeof(float), host,
+                           "kv gpu tail sample scales", err));
     if (no > g->tocap) {
         cudaFree(g->tout);
         cudaFreeHost(g->htout);
@@ -1272,19 +1321,86 @@ extern "C" int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t
     g->tns = ns;
     g->tch = ch;
     g->tnc = nc;
+    g->tgl = tgl;
 done:
     return rc;
 }
 
+// The 8-bit table needs the grouped layout (kvgpu_sc_grouped with rows of bytes) for chunks of ch rows.
+static int kvgpu_q8_fits(const kst_kvgpu *g, size_t ch) {
+    size_t P = 32, G = g->qh / g->kvh;
+    while (P < ch) P <<= 1;
+    return g->tgrp && G <= TG_GMAX && g->d <= TG_DMAX && G * P <= TG_GP && g->d % 16 == 0;
+}
+
+extern "C" int kst_kvgpu_tail_q8(kst_kvgpu *g, int where, size_t ch) {
+    where = where == 1 || where == 2 ? where : 0;
+    if (where && !kvgpu_q8_fits(g, ch)) return 0;
+    if (where != g->tq8) {
+        kst_kvgpu_disarm(g, NULL);
+        g->tq8 = where;
+        g->tns = g->tch = g->tnc = 0; // (the next kst_kvgpu_tail_reserve lays the table out anew)
+    }
+    return 1;
+}
+
+extern "C" int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t nc, kst_error *err) {
+    int q8 = ns && g->tq8 && !g->sC;
+    if (q8 && !kvgpu_q8_fits(g, ch))
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu: the tail sample in 8 bits needs %zu query heads a KV head <= %d, "
+                        "head dim %zu <= %d and a multiple of 16, %zu x %zu rows a chunk <= %d and KESTREL_KV_GPU_TGRP "
+                        "not 0", g->qh / g->kvh, TG_GMAX, g->d, TG_DMAX, g->qh / g->kvh, ch, TG_GP);
+    if (!g->sC) g->sq8 = q8;
+    return tail_reserve(g, ns, ch, nc, q8 && g->tq8 == 2, q8, err);
+}
+
+// KV head h's evenly spaced sample (K chunk-transposed, V rows; the cache's type) into the 8-bit
+// table's layout at K8, V8, sc (the head's part): each row quantized by kst_kv_q8, the bytes the
+// sample cache's scatter kernel writes.
+static void tq8_pack(const kst_kvgpu *g, const void *K, const void *V, int8_t *K8, int8_t *V8, float *sc) {
+    size_t ns = g->tns, ch = g->tch, d = g->d, es = g->f16 ? 2 : 4;
+    float row[TG_DMAX]; // (a key row gathered, in the cache's type)
+    int8_t q[TG_DMAX];
+    for (size_t s = 0; s < ns; s++) {
+        size_t j0 = s / ch * ch, nr = ch < ns - j0 ? ch : ns - j0, j = s - j0;
+        const char *Kc = (const char *)K + j0 * d * es;
+        for (size_t i = 0; i < d; i++) memcpy((char *)row + i * es, Kc + (i * nr + j) * es, es);
+        sc[2 * s] = kst_kv_q8(row, g->f16, d, q);
+        for (size_t i = 0; i < d; i++) K8[j0 * d + tg_kpos(j, i, nr, 1)] = q[i];
+        sc[2 * s + 1] = kst_kv_q8((const char *)V + s * d * es, g->f16, d, V8 + s * d);
+    }
+}
+
 extern "C" int kst_kvgpu_tail_put(kst_kvgpu *g, size_t kv_head, const void *K, const void *V, kst_error *err) {
     int rc = KST_OK;
-    if (kv_head >= g->kvh || !g->tns || g->sq8)
+    if (kv_head >= g->kvh || !g->tns || (g->sq8 && !g->tgl))
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of KV head %zu not reserved (or the sample cache's)", kv_head);
-    size_t b = g->tns * g->d * (g->f16 ? 2 : 4);
     KST_TRY(kst_kvgpu_disarm(g, err));
-    CU(cudaMemcpyAsync((char *)g->tK + kv_head * b, K, b, cudaMemcpyHostToDevice, g->st), "kv gpu tail keys upload");
-    CU(cudaMemcpyAsync((char *)g->tV + kv_head * b, V, b, cudaMemcpyHostToDevice, g->st), "kv gpu tail values upload");
-    CU(cudaStreamSynchronize(g->st), "kv gpu tail upload");
+    if (g->tgl) { // (8 bits: quantized here, written in place where the table is in host memory)
+        size_t rb = g->tns * g->d;
+        if (g->thost) {
+            CU(cudaStreamSynchronize(g->st), "kv gpu tail sample"); // (no step reading it)
+            tq8_pack(g, K, V, (int8_t *)g->thK + kv_head * rb, (int8_t *)g->thV + kv_head * rb,
+                     g->thsc + kv_head * g->tns * 2);
+        } else {
+            int8_t *b = (int8_t *)malloc(2 * rb + g->tns * 2 * sizeof(float));
+            if (!b) return kst_fail(err, KST_ERR_NOMEM, "kv gpu: tail sample of %zu rows in 8 bits", g->tns);
+            tq8_pack(g, K, V, b, b + rb, (float *)(b + 2 * rb));
+            cudaError_t e1 = cudaMemcpy((int8_t *)g->tK + kv_head * rb, b, rb, cudaMemcpyHostToDevice);
+            cudaError_t e2 = e1 == cudaSuccess ? cudaMemcpy((int8_t *)g->tV + kv_head * rb, b + rb, rb, cudaMemcpyHostToDevice) : e1;
+            cudaError_t e3 = e2 == cudaSuccess ? cudaMemcpy(g->tsc + kv_head * g->tns * 2, b + 2 * rb,
+                                                            g->tns * 2 * sizeof(float), cudaMemcpyHostToDevice) : e2;
+            free(b);
+            CU(e3, "kv gpu tail sample upload (8 bits)");
+        }
+        return KST_OK;
+    }
+    {
+        size_t b = g->tns * g->d * (g->f16 ? 2 : 4);
+        CU(cudaMemcpyAsync((char *)g->tK + kv_head * b, K, b, cudaMemcpyHostToDevice, g->st), "kv gpu tail keys upload");
+        CU(cudaMemcpyAsync((char *)g->tV + kv_head * b, V, b, cudaMemcpyHostToDevice, g->st), "kv gpu tail values upload");
+        CU(cudaStreamSynchronize(g->st), "kv gpu tail upload");
+    }
 done:
     return rc;
 }
@@ -1322,9 +1438,9 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
     g->scent = NULL;
     g->sC = 0;
     g->gen++;
-    if (!cap || !!q8 != g->sq8) {
+    if (!cap || !!q8 != g->sq8 || g->tgl) {
         g->sq8 = 0;
-        KST_TRY(kst_kvgpu_tail_reserve(g, 0, 0, 0, err));
+        KST_TRY(tail_reserve(g, 0, 0, 0, 0, 0, err));
         if (!cap) return KST_OK;
     }
     {
@@ -1340,7 +1456,7 @@ extern "C" int kst_kvgpu_sc_reserve(kst_kvgpu *g, size_t cap, size_t ch, size_t 
                             TG_DMAX, g->qh / g->kvh, P, TG_GP);
         }
     }
-    KST_TRY(kst_kvgpu_tail_reserve(g, cap, ch, nc, err));
+    KST_TRY(tail_reserve(g, cap, ch, nc, 0, 0, err));
     if (kst_kvgpu_tail_stride(g) < 2 * g->d + 2 + 2 * KST_KVGPU_TT_TOP)
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: the sample cache needs the items' best-row sums (kst_kvgpu_tail_topsum)");
     {
@@ -1788,7 +1904,7 @@ done:
 static int kvgpu_grouped(const kst_kvgpu *g) {
     size_t G = g->qh / g->kvh;
     if (!g->tgrp || G > TG_GMAX || g->d > TG_DMAX) return 0;
-    return (g->sC && g->sgrp ? 1 : 0) | 2;
+    return ((g->sC && g->sgrp) || g->tgl ? 1 : 0) | 2;
 }
 
 // The sample cache's table read by tail_grp_body (its keys in tg_kpos's layout): decided when it

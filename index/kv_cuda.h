@@ -102,6 +102,16 @@ int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t nc, kst_er
  * at the next kst_kvgpu_tail_reserve (a change makes it lay the items out anew; the tables
  * must then be put again). */
 void kst_kvgpu_tail_topsum(kst_kvgpu *g, int on);
+/* The evenly spaced tail's table in 8 bits (each row quantized by kst_kv_q8: a scale a row; the
+ * keys grouped as the sample cache's, one block a KV head's chunk scoring it for its G query
+ * heads): where 1 on the GPU (half the float16 table's bytes), 2 in pinned host memory, mapped,
+ * which the step's kernel reads over PCIe in place (the GPU holding none of it: kst_kvgpu_bytes
+ * leaves it out), 0 (the default) in the cache's type on the GPU. Returns 0 (and leaves it as it
+ * was) where the grouped layout does not fit chunks of ch rows: G <= 8, head dim <= 128 and a
+ * multiple of 16, G times ch rounded up to a power of two <= 4,096, KESTREL_KV_GPU_TGRP not 0.
+ * Takes effect at the next kst_kvgpu_tail_reserve (the tables must then be put again);
+ * kst_kvgpu_tail_put quantizes the rows on the host. The items are as above. */
+int kst_kvgpu_tail_q8(kst_kvgpu *g, int where, size_t ch);
 /* Uploads KV head kv_head's table: K and V of ns * d values each, in the layout above. */
 int kst_kvgpu_tail_put(kst_kvgpu *g, size_t kv_head, const void *K, const void *V, kst_error *err);
 size_t kst_kvgpu_tail_stride(const kst_kvgpu *g);
