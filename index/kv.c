@@ -1638,6 +1638,13 @@ static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, flo
  * kst_kvc_set_tail_topsum(c, 0)) less the retrieved ones and those above thr (those to the exact
  * part), where those hold at most 7/8 of the top's weight (else the difference would lose
  * precision); else row by row (tail_acc, *s0 their weights). Returns 1 where ot was used. */
+/* The least of a chunk's nt best weights tw: the GPU's grouped items (the 8-bit tables) list them
+ * in row order, not best first. */
+static float tw_least(const float *tw, size_t nt) {
+    float m = INFINITY;
+    for (size_t a = 0; a < nt; a++) m = tw[a] < m ? tw[a] : m;
+    return m;
+}
 static int tail_top(float *oc, double *s0, float *ox, double *sx, size_t *na, const float *ot, const float *tw,
                     const uint32_t *tp, size_t nt, uint64_t topx, float thr, const kv_tail *T, size_t cc,
                     const char *Vc, int f16, size_t d) {
@@ -1739,7 +1746,7 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
             if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
         for (size_t a = 0; c->widen > 0 && a < nt; a++) /* the adaptive budget's signal (widen_pick) */
             if (!(topx >> a & 1) && tw[a] > 0) t->tlw[t->ntlw++] = logf(tw[a]) + T->mx[ix];
-        if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw[nt - 1] > thr) || !(rest > 0) ||
+        if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw_least(tw, nt) > thr) || !(rest > 0) ||
             !isfinite(rest)) {
             /* the kept rows summed anew from their weights (the top's from topw) */
             size_t r = e0;
@@ -1885,7 +1892,7 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
             if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
         for (size_t a = 0; c->widen > 0 && a < nt; a++) /* the adaptive budget's signal (widen_pick; none without it) */
             if (!(topx >> a & 1) && tw[a] > 0) t->tlw[t->ntlw++] = logf(tw[a]) + mx;
-        if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw[nt - 1] > thr) || !(rest > 0) ||
+        if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw_least(tw, nt) > thr) || !(rest > 0) ||
             !isfinite(rest)) {
             /* the CPU table path: the chunk's kept rows scored and summed anew */
             if (c->prof) t->p_ttable++;
