@@ -176,9 +176,9 @@ struct kst_kvc {
     int gpu_off;    /* kst_kvc_use_gpu(c, 0): attend on the CPU alone */
     int tail_gpu_off; /* kst_kvc_set_tail_gpu(c, 0) (or KESTREL_KV_TAIL_GPU=0): the tail on the CPU */
     int tail_q8;      /* kst_kvc_set_tail_q8 (or KESTREL_KV_TAIL_Q8): the tail in 8 bits, not on the GPU */
-    int tail_q8_gpu;  /* with tail_q8 and the GPU, its table: 2 (KST_KVC_Q8_HOST) in pinned host memory, read
-                       * by the GPU's step over PCIe; 1 (KST_KVC_Q8_GPU) held on the GPU; 0 (KST_KVC_Q8_CPU)
-                       * scored on the CPU (kst_kvc_set_tail_q8's kst_kvgpu_tail_q8) */
+    int tail_q8_gpu;  /* with tail_q8 and the GPU, kst_kvgpu_tail_q8's where: 2 the table in pinned host
+                       * memory, read by the GPU's step over PCIe (tail_q8 KST_KVC_Q8_HOST); 1 held on the GPU
+                       * (KST_KVC_Q8_GPU); 0 scored on the CPU (KST_KVC_Q8_CPU) */
     int topsum_off;   /* kst_kvc_set_tail_topsum(c, 0) (or KESTREL_KV_TAIL_TOPSUM=0) */
     int gpu_arm;      /* kst_kvc_set_gpu_arm (KESTREL_KV_GPU_ARM=1): the next launches queued in kst_kvc_work */
     int gpu_late;     /* 1 (the default; kst_kvc_set_gpu_early(c, 1) or KESTREL_KV_GPU_EARLY=1: 0): the
@@ -1458,13 +1458,14 @@ static int tt_strata(size_t *b, double f, size_t nidx, size_t ns, size_t ch, siz
     return 1;
 }
 
-/* Before a decode step's parallel part: each KV head's sample table sized for ns samples of
- * nidx indexed keys, marked for copying where the index or ns changed. */
 /* The rows of a sample table's chunks for ns samples. */
 static size_t tail_rows(const kst_kvc *c, size_t ns) {
     size_t c0 = c->strat > 1 && c->tt_ch ? c->tt_ch : 512;
     return ns <= c0 * KV_TT_CHUNKS ? c0 : (ns + KV_TT_CHUNKS - 1) / KV_TT_CHUNKS;
 }
+
+/* Before a decode step's parallel part: each KV head's sample table sized for ns samples of
+ * nidx indexed keys, marked for copying where the index or ns changed. */
 
 static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, int q8, kst_error *err) {
     const kst_kvc_opts *o = &c->o;
@@ -1633,11 +1634,6 @@ static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, flo
         tt_vaxpy(a, w, T, cc, j, Vc, f16, d);
     }
 }
-/* A chunk's nt top samples (weights tw, rows tp; topx: those retrieved) into the estimate oc and
- * the exact part (ox, *sx, *na): from their sum of w V made by the item (ot; NULL: none, with
- * kst_kvc_set_tail_topsum(c, 0)) less the retrieved ones and those above thr (those to the exact
- * part), where those hold at most 7/8 of the top's weight (else the difference would lose
- * precision); else row by row (tail_acc, *s0 their weights). Returns 1 where ot was used. */
 /* The least of a chunk's nt best weights tw: the GPU's grouped items (the 8-bit tables) list them
  * in row order, not best first. */
 static float tw_least(const float *tw, size_t nt) {
@@ -1645,6 +1641,11 @@ static float tw_least(const float *tw, size_t nt) {
     for (size_t a = 0; a < nt; a++) m = tw[a] < m ? tw[a] : m;
     return m;
 }
+/* A chunk's nt top samples (weights tw, rows tp; topx: those retrieved) into the estimate oc and
+ * the exact part (ox, *sx, *na): from their sum of w V made by the item (ot; NULL: none, with
+ * kst_kvc_set_tail_topsum(c, 0)) less the retrieved ones and those above thr (those to the exact
+ * part), where those hold at most 7/8 of the top's weight (else the difference would lose
+ * precision); else row by row (tail_acc, *s0 their weights). Returns 1 where ot was used. */
 static int tail_top(float *oc, double *s0, float *ox, double *sx, size_t *na, const float *ot, const float *tw,
                     const uint32_t *tp, size_t nt, uint64_t topx, float thr, const kv_tail *T, size_t cc,
                     const char *Vc, int f16, size_t d) {

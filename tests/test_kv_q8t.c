@@ -408,6 +408,11 @@ static void test_decode(void **state) {
     assert_null(kv);
     assert_msg_has(err.msg, "tail_q8");
     assert_msg_has(err.msg, "head_dim 66");
+    o.head_dim = 64; /* a placement past KST_KV_TAIL_Q8_CPU: refused, naming it */
+    o.tail_q8 = 4;
+    assert_int_equal(kst_kv_create(&o, &kv, &err), KST_ERR_INVALID);
+    assert_null(kv);
+    assert_msg_has(err.msg, "tail_q8: 4");
 }
 static void test_decode_gpu(void **state) {
     (void)state;
