@@ -416,9 +416,9 @@ typedef struct kst_kv_opts {
                                  On the GPU it needs G = q_heads / kv_heads <= 8 and head_dim
                                  <= 128, a multiple of 16 (else the step fails, naming it) */
     int tail_q8;              /* default 0; the evenly spaced tail sample (tail_samples, without
-                                 tail_clusters) in 8 bits (rows quantized as tail_cache_q8's) and
-                                 not in the GPU's memory, so that with gpu it holds only the
-                                 static tokens. KST_KV_TAIL_Q8_HOST (1): with gpu the table sits
+                                 tail_clusters) in 8 bits (rows quantized as tail_cache_q8's);
+                                 with 1 and 3 none of it in the GPU's memory, which then holds
+                                 only the static tokens. KST_KV_TAIL_Q8_HOST (1): with gpu the table sits
                                  in pinned host memory and the GPU's step reads it over PCIe in
                                  place, scoring it beside the static tokens (it needs G <= 8 and
                                  head_dim <= 128, a multiple of 16; else, and without gpu, as

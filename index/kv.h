@@ -337,8 +337,8 @@ void kst_kvc_use_gpu(kst_kvc *c, int on);
  * it. */
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on);
 /* The evenly spaced tail sample (opts.tail_samples, without tail clusters) in 8 bits, each row
- * quantized as kst_kv_q8 does, and never in the GPU's memory, so that with a GPU it holds only the
- * static tokens. on:
+ * quantized as kst_kv_q8 does; with 1 and 3 none of it in the GPU's memory, which then holds only
+ * the static tokens. on:
  * - 1 (KST_KVC_Q8_HOST): with a GPU the table sits in pinned host memory and the GPU's step
  *   reads it over PCIe in place (kst_kvgpu_tail_q8 2), scoring it for a KV head's query heads at
  *   once beside the static tokens: the GPU's items, in float32 but for the 8-bit rows. Where that

@@ -421,7 +421,7 @@ static void test_decode_gpu(void **state) {
 #else
     if (kst_kv_cuda_devices() == 0) skip_because("no CUDA device visible");
     /* the GPU reading the table from host memory, then holding it: the same kernel on the same
-     * bytes, so the same outputs; then the table scored on the CPU */
+     * bytes, so the same outputs but for the order of its sums; then the table scored on the CPU */
     float *h = malloc(6 * 8 * 64 * sizeof(float)), *g = malloc(6 * 8 * 64 * sizeof(float));
     q8_decode(1, KST_KV_TAIL_Q8_HOST, h);
     q8_decode(1, KST_KV_TAIL_Q8_GPU, g);
