@@ -143,6 +143,7 @@ static kst_kvgpu *arm_head;
 static int kvgpu_release_all(kst_error *err);
 static int kvgpu_grouped(const kst_kvgpu *g);
 static int kvgpu_sc_grouped(const kst_kvgpu *g, size_t P);
+static int kvgpu_grouped_fits(const kst_kvgpu *g, size_t P, size_t es);
 static void sc_unstore(kst_kvgpu *g);
 static void tail_tables_free(kst_kvgpu *g);
 
@@ -1328,9 +1329,9 @@ done:
 
 // The 8-bit table needs the grouped layout (kvgpu_sc_grouped with rows of bytes) for chunks of ch rows.
 static int kvgpu_q8_fits(const kst_kvgpu *g, size_t ch) {
-    size_t P = 32, G = g->qh / g->kvh;
+    size_t P = 32;
     while (P < ch) P <<= 1;
-    return g->tgrp && G <= TG_GMAX && g->d <= TG_DMAX && G * P <= TG_GP && g->d % 16 == 0;
+    return ch <= TT_PMAX && kvgpu_grouped_fits(g, P, 1);
 }
 
 extern "C" int kst_kvgpu_tail_q8(kst_kvgpu *g, int where, size_t ch) {
@@ -1909,10 +1910,12 @@ static int kvgpu_grouped(const kst_kvgpu *g) {
 
 // The sample cache's table read by tail_grp_body (its keys in tg_kpos's layout): decided when it
 // is reserved, for P rows a chunk.
-static int kvgpu_sc_grouped(const kst_kvgpu *g, size_t P) {
-    size_t G = g->qh / g->kvh, es = g->sq8 ? 1 : g->f16 ? 2 : 4;
+// tail_grp_body's layout for P rows a chunk of es-byte values.
+static int kvgpu_grouped_fits(const kst_kvgpu *g, size_t P, size_t es) {
+    size_t G = g->qh / g->kvh;
     return g->tgrp && G <= TG_GMAX && g->d <= TG_DMAX && G * P <= TG_GP && g->d % (16 / es) == 0;
 }
+static int kvgpu_sc_grouped(const kst_kvgpu *g, size_t P) { return kvgpu_grouped_fits(g, P, g->sq8 ? 1 : g->f16 ? 2 : 4); }
 
 // The step kernel's launch: T the cache's type, TT the tail table's (T, or int8_t: sq8).
 template <typename T, typename TT>

@@ -108,7 +108,8 @@ void kst_kvgpu_tail_topsum(kst_kvgpu *g, int on);
  * which the step's kernel reads over PCIe in place (the GPU holding none of it: kst_kvgpu_bytes
  * leaves it out), 0 (the default) in the cache's type on the GPU. Returns 0 (and leaves it as it
  * was) where the grouped layout does not fit chunks of ch rows: G <= 8, head dim <= 128 and a
- * multiple of 16, G times ch rounded up to a power of two <= 4,096, KESTREL_KV_GPU_TGRP not 0.
+ * multiple of 16, ch <= 1,024, G times ch rounded up to a power of two <= 4,096,
+ * KESTREL_KV_GPU_TGRP not 0.
  * Takes effect at the next kst_kvgpu_tail_reserve (the tables must then be put again);
  * kst_kvgpu_tail_put quantizes the rows on the host. The items are as above. */
 int kst_kvgpu_tail_q8(kst_kvgpu *g, int where, size_t ch);
