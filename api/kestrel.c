@@ -484,7 +484,8 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
     kst_kvc_set_tail_cache(kv->c, opts->tail_cache, 0);
     kst_kvc_set_tail_cache_q8(kv->c, opts->tail_cache_q8);
     _Static_assert(KST_KV_TAIL_Q8_HOST == KST_KVC_Q8_HOST && KST_KV_TAIL_Q8_GPU == KST_KVC_Q8_GPU &&
-                       KST_KV_TAIL_Q8_CPU == KST_KVC_Q8_CPU, "tail_q8's values");
+                       KST_KV_TAIL_Q8_CPU == KST_KVC_Q8_CPU && KST_KV_TAIL_Q8_STAGED == KST_KVC_Q8_STAGED,
+                   "tail_q8's values");
     if (opts->tail_q8 && (rc = kst_kvc_set_tail_q8(kv->c, opts->tail_q8, err)) != KST_OK) {
         kst_kv_free(kv);
         return kst_error_prefix(err, "kst_kv_create");
@@ -524,6 +525,7 @@ int kst_kv_attend(kst_kv *kv, size_t layer, const float *q, size_t top_k, size_t
         stats->sampled = s.sampled;
         stats->searches = s.searches;
         stats->widened = s.widened;
+        stats->staged = s.staged;
     }
     return rc;
 }

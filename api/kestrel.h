@@ -417,8 +417,8 @@ typedef struct kst_kv_opts {
                                  <= 128, a multiple of 16 (else the step fails, naming it) */
     int tail_q8;              /* default 0; the evenly spaced tail sample (tail_samples, without
                                  tail_clusters) in 8 bits (rows quantized as tail_cache_q8's);
-                                 with 1 and 3 none of it in the GPU's memory, which then holds
-                                 only the static tokens. KST_KV_TAIL_Q8_HOST (1): with gpu the table sits
+                                 with 1, 3 and 4 none of it in a layer's GPU memory, which then
+                                 holds only the static tokens. KST_KV_TAIL_Q8_HOST (1): with gpu the table sits
                                  in pinned host memory and the GPU's step reads it over PCIe in
                                  place, scoring it beside the static tokens (it needs G <= 8 and
                                  head_dim <= 128, a multiple of 16; else, and without gpu, as
@@ -429,12 +429,22 @@ typedef struct kst_kv_opts {
                                  each weight a byte of its chunk's largest; the 32 best samples a
                                  chunk in float32); it needs AVX-512 VNNI to pay: without it the
                                  plain C path (the same bits) is ~12x slower than the float16
-                                 table. tests/bench/README.md, rounds 33 and 34. head_dim a
-                                 multiple of 4, at most 512 (else KST_ERR_INVALID) */
+                                 table. KST_KV_TAIL_Q8_STAGED (4): with gpu and two layers or
+                                 more, the tables in pinned host memory as with 1, and while a
+                                 layer's step runs the next layer's table is copied into one of
+                                 two GPU buffers shared by all layers (three for an odd number
+                                 of layers: kst_kv_gpu_bytes counts them), where that layer's
+                                 step reads it as with 2. It pays where layers are attended in
+                                 order (0, 1, ..., then 0: a decoder's loop); a step that finds
+                                 its table not copied ahead (another order, a sample remade)
+                                 copies it first (kst_kv_stats.staged 0), with the same output.
+                                 With one layer, as 1. tests/bench/README.md, rounds 33-35.
+                                 head_dim a multiple of 4, at most 512 (else KST_ERR_INVALID) */
 } kst_kv_opts;
 #define KST_KV_TAIL_Q8_HOST 1
 #define KST_KV_TAIL_Q8_GPU 2
 #define KST_KV_TAIL_Q8_CPU 3
+#define KST_KV_TAIL_Q8_STAGED 4
 
 /* The defaults above (sizes left 0 for the caller to set). */
 kst_kv_opts kst_kv_opts_default(void);
@@ -463,6 +473,8 @@ typedef struct kst_kv_stats {
     size_t sampled;   /* keys sampled for the tail estimate (opts.tail_samples), summed */
     size_t searches;  /* index searches run: q_heads, or kv_heads with group_search */
     size_t widened;   /* widened searches run (opts.widen), summed over query heads */
+    size_t staged;    /* 1: with tail_q8 KST_KV_TAIL_Q8_STAGED the GPU found the step's tail table
+                         copied ahead, during the previous layer's step; else 0 */
 } kst_kv_stats;
 
 /* Decode step of one layer: q (q_heads, head_dim) float32 -> out (q_heads, head_dim), the

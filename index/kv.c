@@ -178,7 +178,11 @@ struct kst_kvc {
     int tail_q8;      /* kst_kvc_set_tail_q8 (or KESTREL_KV_TAIL_Q8): the tail in 8 bits, not on the GPU */
     int tail_q8_gpu;  /* with tail_q8 and the GPU, kst_kvgpu_tail_q8's where: 2 the table in pinned host
                        * memory, read by the GPU's step over PCIe (tail_q8 KST_KVC_Q8_HOST); 1 held on the GPU
-                       * (KST_KVC_Q8_GPU); 0 scored on the CPU (KST_KVC_Q8_CPU) */
+                       * (KST_KVC_Q8_GPU); 0 scored on the CPU (KST_KVC_Q8_CPU); 3 staged into the pool's
+                       * slots, the next layer's during each step (KST_KVC_Q8_STAGED) */
+#ifdef KST_CUDA
+    kst_kvgpu_pool *pool; /* KST_KVC_Q8_STAGED: the layers' slots (made at the first step that wants them) */
+#endif
     int topsum_off;   /* kst_kvc_set_tail_topsum(c, 0) (or KESTREL_KV_TAIL_TOPSUM=0) */
     int gpu_arm;      /* kst_kvc_set_gpu_arm (KESTREL_KV_GPU_ARM=1): the next launches queued in kst_kvc_work */
     int gpu_late;     /* 1 (the default; kst_kvc_set_gpu_early(c, 1) or KESTREL_KV_GPU_EARLY=1: 0): the
@@ -339,14 +343,15 @@ void kst_kvc_set_tail_gpu(kst_kvc *c, int on) { c->tail_gpu_off = !on; }
 int kst_kvc_set_tail_q8(kst_kvc *c, int on, kst_error *err) {
     const char *e = getenv("KESTREL_KV_TAIL_Q8");
     on = e ? atoi(e) : on;
-    if (on < 0 || on > KST_KVC_Q8_CPU)
-        return kst_fail(err, KST_ERR_INVALID, "tail_q8: %d (expected 0 off, 1 on, 2 held on the GPU, 3 scored on the CPU)",
-                        on);
+    if (on < 0 || on > KST_KVC_Q8_STAGED)
+        return kst_fail(err, KST_ERR_INVALID,
+                        "tail_q8: %d (expected 0 off, 1 on, 2 held on the GPU, 3 scored on the CPU, 4 staged on the GPU "
+                        "a layer ahead)", on);
     if (on && (c->o.head_dim % 4 || c->o.head_dim > 512))
         return kst_fail(err, KST_ERR_INVALID, "tail_q8: head_dim %zu (expected a multiple of 4, at most 512)",
                         c->o.head_dim);
     c->tail_q8 = on != 0;
-    c->tail_q8_gpu = on == KST_KVC_Q8_GPU ? 1 : on == KST_KVC_Q8_CPU ? 0 : 2;
+    c->tail_q8_gpu = on == KST_KVC_Q8_GPU ? 1 : on == KST_KVC_Q8_CPU ? 0 : on == KST_KVC_Q8_STAGED ? 3 : 2;
     return KST_OK;
 }
 void kst_kvc_set_tail_topsum(kst_kvc *c, int on) {
@@ -599,6 +604,9 @@ void kst_kvc_free(kst_kvc *c) {
         }
         kst_free(c->layers);
     }
+#ifdef KST_CUDA
+    kst_kvgpu_pool_free(c->pool); /* (after the layers' handles, which it served) */
+#endif
     if (c->th) {
         for (int t = 0; t < c->nth; t++) {
             kst_kvg_scratch_free(&c->th[t].s);
@@ -662,6 +670,7 @@ size_t kst_kvc_gpu_bytes(const kst_kvc *c) {
     size_t b = 0;
 #ifdef KST_CUDA
     for (size_t l = 0; c && l < c->o.layers; l++) b += kst_kvgpu_bytes(c->layers[l].gpu);
+    if (c) b += kst_kvgpu_pool_bytes(c->pool);
 #else
     (void)c;
 #endif
@@ -1942,6 +1951,28 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
     return kept;
 }
 
+/* KST_KVC_Q8_STAGED: layer's handle bound to its slot of the pool (made here at first): slot l % 2,
+ * but the last of an odd number of layers the third, so that no two adjacent layers (the last
+ * and the first adjacent too) share one. *ok 0 with one layer: nothing to stage ahead of. */
+static int stage_bind(kst_kvc *c, size_t layer, int *ok, kst_error *err) {
+    size_t n = c->o.layers;
+    *ok = 0;
+    if (n < 2) return KST_OK;
+    int rc = c->pool ? KST_OK : kst_kvgpu_pool_create(n % 2 ? 3 : 2, &c->pool, err);
+    if (rc != KST_OK) return rc;
+    kst_kvgpu_tail_stage(c->layers[layer].gpu, c->pool, n % 2 && layer == n - 1 ? 2 : layer % 2);
+    *ok = 1;
+    return KST_OK;
+}
+
+/* After layer's launch: the next layer's table copied into its slot while this step runs. */
+static void stage_next(kst_kvc *c, size_t layer, int *rc, kst_error *err) {
+    kst_kvgpu *nx = c->layers[(layer + 1) % c->o.layers].gpu;
+    kst_error e;
+    int r = nx ? kst_kvgpu_prefetch(nx, &e) : KST_OK;
+    if (r != KST_OK) first_err(rc, err, r, &e);
+}
+
 /* The GPU's copy of each KV head's sample table, uploaded where it is not the one the CPU's
  * tables hold now (they were just made anew, or the GPU's was of another sample); rows copied
  * into the CPU's tables first where those were made anew (the fallback reads them). */
@@ -2860,6 +2891,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
 #ifdef KST_CUDA
     if (ns && on_gpu && !c->tail_gpu_off) {
         int want = c->tail_q8 ? c->tail_q8_gpu : 0;
+        int staged_ok = 1;
+        if (want == 3) {
+            rc = stage_bind(c, layer, &staged_ok, err);
+            if (rc != KST_OK) return kst_error_prefix(err, "kst_kv_attend: layer %zu", layer);
+            if (!staged_ok) want = 2; /* (one layer: read in place) */
+        }
         q8g = want && kst_kvgpu_tail_q8(L->gpu, want, tail_rows(c, ns)) ? want : 0;
         if (!q8g) (void)kst_kvgpu_tail_q8(L->gpu, 0, 0);
     }
@@ -2906,6 +2943,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         gpu_state = r == KST_OK ? 1 : -1;
         if (pf) gpu_launched = mono_s();
         gpu_early = 1;
+        if (r == KST_OK && q8g == 3) stage_next(c, layer, &rc, err);
     }
 #endif
     if (pf) pt1 = mono_s();
@@ -2952,6 +2990,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             gpu_launched = mono_s();
             gpu_dt = gpu_launched - g0;
         }
+        if (r == KST_OK && q8g == 3) stage_next(c, layer, &rc, err); /* (the next layer's table, while this step runs) */
     }
 #endif
     /* Work items: first the KV heads' tail items (T: their samples scored for the group, about
@@ -3476,6 +3515,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         stats->sampled = sampled;
         stats->searches = k > 0 && nidx > 0 ? (c->group > 0 ? ntask : o->q_heads) : 0;
         stats->widened = widened;
+        stats->staged = 0;
+#ifdef KST_CUDA
+        stats->staged = on_gpu && q8g == 3 && kst_kvgpu_stage_hit(L->gpu);
+#endif
     }
     return KST_OK;
 }

@@ -70,6 +70,7 @@ typedef struct kst_kvc_stats {
     size_t sampled;   /* tail keys sampled for the estimate, summed over query heads */
     size_t searches;  /* graph searches run (q_heads, or kv_heads with group_search) */
     size_t widened;   /* widened searches run (opts.widen), summed over query heads */
+    size_t staged;    /* 1: the GPU found the step's tail table copied ahead (KST_KVC_Q8_STAGED) */
 } kst_kvc_stats;
 
 /* Validates opts (sizes, GQA divisibility) and creates an empty cache. */
@@ -337,8 +338,8 @@ void kst_kvc_use_gpu(kst_kvc *c, int on);
  * it. */
 void kst_kvc_set_tail_gpu(kst_kvc *c, int on);
 /* The evenly spaced tail sample (opts.tail_samples, without tail clusters) in 8 bits, each row
- * quantized as kst_kv_q8 does; with 1 and 3 none of it in the GPU's memory, which then holds only
- * the static tokens. on:
+ * quantized as kst_kv_q8 does; with 1, 3 and 4 none of it in a layer's GPU memory, which then
+ * holds only the static tokens. on:
  * - 1 (KST_KVC_Q8_HOST): with a GPU the table sits in pinned host memory and the GPU's step
  *   reads it over PCIe in place (kst_kvgpu_tail_q8 2), scoring it for a KV head's query heads at
  *   once beside the static tokens: the GPU's items, in float32 but for the 8-bit rows. Where that
@@ -349,12 +350,21 @@ void kst_kvc_set_tail_gpu(kst_kvc *c, int on);
  *   the scores and the value sums (each weight rounded to a byte of its chunk's largest; a
  *   sample's own term taken out as it went in); the 32 best samples a chunk and query head, and
  *   any retrieved, weighted in float32.
+ * - 4 (KST_KVC_Q8_STAGED): with a GPU and two layers or more, the table in pinned host memory
+ *   as with 1, and each layer's step has the next layer's table copied into a GPU buffer shared
+ *   by the layers (kst_kvgpu_tail_q8 3: two buffers, three for an odd number of layers) while
+ *   it runs; the next step reads it there, as 2 does. kst_kvc_gpu_bytes counts the buffers;
+ *   kst_kvc_stats.staged says whether a step found its table copied ahead. Layers attended in
+ *   order 0, 1, ..., then 0 again, as a decoder does, find it so; another order, or a table
+ *   remade since (a new sample), copies it in the step (slower, the same output). With one
+ *   layer, or where 1 would not fit, as 1.
  * 0 (the default) restores the float rows. KESTREL_KV_TAIL_Q8 in the environment (read here and
  * when the cache is created) overrides on. KST_ERR_INVALID unless head_dim is a multiple of 4, at
  * most 512, or for another on. */
 #define KST_KVC_Q8_HOST 1
 #define KST_KVC_Q8_GPU 2
 #define KST_KVC_Q8_CPU 3
+#define KST_KVC_Q8_STAGED 4
 int kst_kvc_set_tail_q8(kst_kvc *c, int on, kst_error *err);
 /* Benchmarks and tests: 1 (the default) has the tail items (the GPU's, and the CPU table's)
  * carry their best samples' weighted value sum, so that each query head's estimate adds it and

@@ -72,6 +72,16 @@ struct kst_kvgpu {
     int tq8, tgl, thost;
     void *thK, *thV;
     float *thsc;
+    // tq8 3 (kst_kvgpu_tail_stage): the host table above staged into slot pslot of a pool shared
+    // by the layers (each layer's table copied there during the previous layer's step); tabgen:
+    // the host table's contents (bumped at each reserve and put), psgen: the slot's buffers the
+    // graph was captured with; stage_hit: the last launch found its table in its slot (copied
+    // ahead, or there since its last step: no copy of its own)
+    kst_kvgpu_pool *pool;
+    size_t pslot;
+    uint64_t tabgen;
+    unsigned psgen;
+    int stage_hit;
     float *tout, *htout;
     // the items written by the kernel straight into htout (pinned, mapped: dtout; KESTREL_KV_GPU_DIRECT,
     // default 1), no download: the last tail block of a KV head (tcnt, a counter a KV head on the
@@ -133,6 +143,25 @@ struct kst_kvgpu {
     int ndirty, dirty[KST_KVGPU_DMAX];
     size_t narmed;         // steps launched through an armed chain
     kst_kvgpu *arm_next;   // the process's armed handles (arm_head), under arm_mu
+};
+
+// The layers' staging slots (kst_kvgpu_pool_create): each a device copy of one layer's 8-bit tail
+// table (its host block's layout: keys, values, then scales; cap bytes), which layer's it is and
+// of which contents (owner, ogen: its tabgen; the copy made on the owner's stream, before its
+// step), the last step that read it (reader, and the event its stream records after that read:
+// rev), the event after its last copy (ready, issued once recorded), sgen: its buffers'
+// generation (a growth reallocates them: the readers' graphs captured anew).
+struct kst_kvgpu_pool {
+    size_t n;
+    struct {
+        char *buf;
+        size_t cap;
+        unsigned sgen;
+        kst_kvgpu *owner, *reader;
+        uint64_t ogen;
+        cudaEvent_t ready, rev;
+        int issued;
+    } s[KST_KVGPU_POOL_MAX];
 };
 
 // Every armed handle of the process: a release lets all of them go (flags first, then the
@@ -1177,6 +1206,7 @@ extern "C" void kst_kvgpu_free(kst_kvgpu *g) {
     if (!g) return;
     kvgpu_release_all(NULL); // (every queued chain released first: the frees wait for the device)
     if (g->st) cudaStreamSynchronize(g->st);
+    kst_kvgpu_tail_stage(g, NULL, 0);
     sc_unstore(g);
     free(g->hst);
     free(g->dbase);
@@ -1237,12 +1267,10 @@ extern "C" void kst_kvgpu_tail_topsum(kst_kvgpu *g, int on) {
     g->tns = g->tch = g->tnc = 0; // the next kst_kvgpu_tail_reserve lays the items out anew
 }
 
-// The tail tables let go (device memory, or pinned host memory where thost).
+// The tail tables let go (device memory, or pinned host memory where thost: one block at thK).
 static void tail_tables_free(kst_kvgpu *g) {
     if (g->thost) {
         cudaFreeHost(g->thK);
-        cudaFreeHost(g->thV);
-        cudaFreeHost(g->thsc);
     } else {
         cudaFree(g->tK);
         cudaFree(g->tV);
@@ -1283,6 +1311,7 @@ static int tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t nc, int host,
     g->tns = 0;
     g->tgl = 0;
     g->gen++;
+    g->tabgen++;
     if (g->thost) { // (the table went to the GPU's memory: the kernel may have read it until now)
         if (g->st) CU(cudaStreamSynchronize(g->st), "kv gpu tail sample");
         tail_tables_free(g);
@@ -1293,15 +1322,28 @@ static int tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t nc, int host,
     }
     if (host || tb > g->tcap || (g->tcap > tb + tb / 2 && g->tcap > ((size_t)1 << 20))) { // (a table in 8 bits: the 16-bit one let go)
         tail_tables_free(g);
-        if (tb) {
-            g->thost = host;
-            KST_TRY(tail_alloc(&g->tK, &g->thK, tb, host, "kv gpu tail sample keys", err));
-            KST_TRY(tail_alloc(&g->tV, &g->thV, tb, host, "kv gpu tail sample values", err));
+        if (tb && host) { // one block: keys, values, then the scales (a staged slot's layout: one copy)
+            size_t scb = g->sq8 ? ns * g->kvh * 2 * sizeof(float) : 0;
+            char *hb = NULL, *db = NULL;
+            KST_TRY(tail_alloc((void **)&db, (void **)&hb, 2 * tb + scb, 1, "kv gpu tail sample in host memory", err));
+            g->thost = 1;
+            g->thK = hb;
+            g->thV = hb + tb;
+            g->tK = db;
+            g->tV = db + tb;
+            if (scb) {
+                g->thsc = (float *)(hb + 2 * tb);
+                g->tsc = (float *)(db + 2 * tb);
+            }
+            g->tcap = tb;
+        } else if (tb) {
+            KST_TRY(tail_alloc(&g->tK, &g->thK, tb, 0, "kv gpu tail sample keys", err));
+            KST_TRY(tail_alloc(&g->tV, &g->thV, tb, 0, "kv gpu tail sample values", err));
             g->tcap = tb;
         }
     }
-    if (g->sq8 && ns)
-        KST_TRY(tail_alloc((void **)&g->tsc, (void **)&g->thsc, ns * g->kvh * 2 * sizeof(float), host,
+    if (g->sq8 && ns && !host)
+        KST_TRY(tail_alloc((void **)&g->tsc, (void **)&g->thsc, ns * g->kvh * 2 * sizeof(float), 0,
                            "kv gpu tail sample scales", err));
     if (no > g->tocap) {
         cudaFree(g->tout);
@@ -1327,6 +1369,141 @@ done:
     return rc;
 }
 
+// ---- the staging pool (kv_cuda.h, kst_kvgpu_pool_create) ----
+
+extern "C" int kst_kvgpu_pool_create(size_t slots, kst_kvgpu_pool **out, kst_error *err) {
+    int rc = KST_OK;
+    *out = NULL;
+    if (slots < 1 || slots > KST_KVGPU_POOL_MAX)
+        return kst_fail(err, KST_ERR_INVALID, "kv gpu pool: %zu slots (expected 1 to %d)", slots, KST_KVGPU_POOL_MAX);
+    kst_kvgpu_pool *p = (kst_kvgpu_pool *)calloc(1, sizeof *p);
+    if (!p) return kst_fail(err, KST_ERR_NOMEM, "kv gpu pool: out of memory");
+    p->n = slots;
+    for (size_t i = 0; i < slots; i++)
+        CU(cudaEventCreateWithFlags(&p->s[i].ready, cudaEventDisableTiming), "kv gpu pool event");
+    *out = p;
+    return KST_OK;
+done:
+    kst_kvgpu_pool_free(p);
+    return rc;
+}
+
+extern "C" void kst_kvgpu_pool_free(kst_kvgpu_pool *p) {
+    if (!p) return;
+    for (size_t i = 0; i < p->n; i++) {
+        if (p->s[i].issued) cudaEventSynchronize(p->s[i].ready);
+        cudaFree(p->s[i].buf);
+        if (p->s[i].ready) cudaEventDestroy(p->s[i].ready);
+    }
+    free(p);
+}
+
+extern "C" size_t kst_kvgpu_pool_bytes(const kst_kvgpu_pool *p) {
+    size_t b = 0;
+    for (size_t i = 0; p && i < p->n; i++) b += p->s[i].cap;
+    return b;
+}
+
+extern "C" void kst_kvgpu_tail_stage(kst_kvgpu *g, kst_kvgpu_pool *p, size_t slot) {
+    if (g->pool == p && g->pslot == slot) return;
+    if (g->pool) { // (the slot left, its copies and reads done: nothing waits on g's stream or events)
+        kst_kvgpu_pool *o = g->pool;
+        if (g->st) cudaStreamSynchronize(g->st);
+        if (o->s[g->pslot].owner == g) o->s[g->pslot].owner = NULL;
+        if (o->s[g->pslot].reader == g) o->s[g->pslot].reader = NULL;
+    }
+    if (p && slot >= p->n) p = NULL;
+    if (!p && g->tq8 == 3) { // (no pool: the table as the host placement's at the next reserve)
+        g->tq8 = 2;
+        g->tns = g->tch = g->tnc = 0;
+    }
+    g->pool = p;
+    g->pslot = p ? slot : 0;
+    g->psgen = ~0u;
+}
+
+extern "C" int kst_kvgpu_stage_hit(const kst_kvgpu *g) { return g && g->stage_hit; }
+
+// The slot's layout for g's table (ns rows of d bytes a KV head): keys, values, then each row's
+// two scales.
+static size_t stage_bytes(const kst_kvgpu *g) {
+    size_t tb = g->tns * g->kvh * g->d;
+    return 2 * tb + g->tns * g->kvh * 2 * sizeof(float);
+}
+
+// g's slot holds its table's bytes (grown where it does not: the readers' graphs captured anew).
+static int stage_fit(kst_kvgpu *g, kst_error *err) {
+    int rc = KST_OK;
+    if (!g->pool || !g->tns) return KST_OK;
+    kst_kvgpu_pool *p = g->pool;
+    size_t need = stage_bytes(g);
+    if (p->s[g->pslot].cap >= need) return KST_OK;
+    cudaFree(p->s[g->pslot].buf); // (waits for the device: no step reads it, no copy is in flight)
+    p->s[g->pslot].buf = NULL;
+    p->s[g->pslot].cap = 0;
+    p->s[g->pslot].owner = NULL;
+    p->s[g->pslot].issued = 0;
+    p->s[g->pslot].sgen++;
+    CU(cudaMalloc((void **)&p->s[g->pslot].buf, need), "kv gpu staged tail sample");
+    p->s[g->pslot].cap = need;
+done:
+    return rc;
+}
+
+// g's host table copied into its slot on g's stream, once what the slot held is no longer needed:
+// after the last copy into it and the last step that read it, unless that was the copy's owner's
+// step and its partials are in (got: its kernel is done, the usual case, two host calls saved).
+static int stage_copy(kst_kvgpu *g, kst_error *err) {
+    int rc = KST_OK;
+    kst_kvgpu_pool *p = g->pool;
+    kst_kvgpu *r = p->s[g->pslot].reader;
+    if (!(r && r == p->s[g->pslot].owner && r->got)) {
+        if (p->s[g->pslot].issued) CU(cudaStreamWaitEvent(g->st, p->s[g->pslot].ready, 0), "kv gpu staged tail wait");
+        if (r && r != g) CU(cudaStreamWaitEvent(g->st, p->s[g->pslot].rev, 0), "kv gpu staged tail wait");
+    }
+    CU(cudaMemcpyAsync(p->s[g->pslot].buf, g->thK, stage_bytes(g), cudaMemcpyHostToDevice, g->st),
+       "kv gpu staged tail sample");
+    CU(cudaEventRecord(p->s[g->pslot].ready, g->st), "kv gpu pool event");
+    p->s[g->pslot].issued = 1;
+    p->s[g->pslot].owner = g;
+    p->s[g->pslot].ogen = g->tabgen;
+    p->s[g->pslot].reader = NULL; // (until g's step reads it)
+done:
+    return rc;
+}
+
+// Staged where current: g's table is its slot's, as put last.
+static int stage_current(const kst_kvgpu *g) {
+    return g->pool->s[g->pslot].owner == g && g->pool->s[g->pslot].ogen == g->tabgen;
+}
+
+extern "C" int kst_kvgpu_prefetch(kst_kvgpu *g, kst_error *err) {
+    int rc = KST_OK;
+    if (!g || g->tq8 != 3 || !g->pool || !g->tns || !g->thost || g->armed) return KST_OK;
+    if (g->pool->s[g->pslot].cap < stage_bytes(g) || stage_current(g)) return KST_OK; // (not fitted yet, or there)
+    KST_TRY(stage_copy(g, err));
+done:
+    return rc;
+}
+
+// Before g's launch: its table in its slot, copied ahead on its stream (kst_kvgpu_prefetch; or
+// there since its last step) or now.
+static int stage_use(kst_kvgpu *g, kst_error *err) {
+    int rc = KST_OK;
+    kst_kvgpu_pool *p = g->pool;
+    KST_TRY(stage_fit(g, err));
+    if (p->s[g->pslot].sgen != g->psgen) { // (new buffers: the graph captured anew)
+        g->psgen = p->s[g->pslot].sgen;
+        g->gen++;
+    }
+    g->stage_hit = stage_current(g);
+    if (!g->stage_hit) KST_TRY(stage_copy(g, err));
+    p->s[g->pslot].reader = g;
+    p->s[g->pslot].rev = g->done; // (recorded after the launch)
+done:
+    return rc;
+}
+
 // The 8-bit table needs the grouped layout (kvgpu_sc_grouped with rows of bytes) for chunks of ch rows.
 static int kvgpu_q8_fits(const kst_kvgpu *g, size_t ch) {
     size_t P = 32;
@@ -1335,8 +1512,9 @@ static int kvgpu_q8_fits(const kst_kvgpu *g, size_t ch) {
 }
 
 extern "C" int kst_kvgpu_tail_q8(kst_kvgpu *g, int where, size_t ch) {
-    where = where == 1 || where == 2 ? where : 0;
+    where = where == 1 || where == 2 || where == 3 ? where : 0;
     if (where && !kvgpu_q8_fits(g, ch)) return 0;
+    if (where == 3 && !g->pool) return 0;
     if (where != g->tq8) {
         kst_kvgpu_disarm(g, NULL);
         g->tq8 = where;
@@ -1352,7 +1530,9 @@ extern "C" int kst_kvgpu_tail_reserve(kst_kvgpu *g, size_t ns, size_t ch, size_t
                         "head dim %zu <= %d and a multiple of 16, %zu x %zu rows a chunk <= %d and KESTREL_KV_GPU_TGRP "
                         "not 0", g->qh / g->kvh, TG_GMAX, g->d, TG_DMAX, g->qh / g->kvh, ch, TG_GP);
     if (!g->sC) g->sq8 = q8;
-    return tail_reserve(g, ns, ch, nc, q8 && g->tq8 == 2, q8, err);
+    int rc = tail_reserve(g, ns, ch, nc, q8 && g->tq8 >= 2, q8, err);
+    if (rc == KST_OK && q8 && g->tq8 == 3) rc = stage_fit(g, err);
+    return rc;
 }
 
 // KV head h's evenly spaced sample (K chunk-transposed, V rows; the cache's type) into the 8-bit
@@ -1377,6 +1557,7 @@ extern "C" int kst_kvgpu_tail_put(kst_kvgpu *g, size_t kv_head, const void *K, c
     if (kv_head >= g->kvh || !g->tns || (g->sq8 && !g->tgl))
         return kst_fail(err, KST_ERR_INVALID, "kv gpu: tail of KV head %zu not reserved (or the sample cache's)", kv_head);
     KST_TRY(kst_kvgpu_disarm(g, err));
+    g->tabgen++; // (a staged copy of the table is stale: kst_kvgpu_tail_stage)
     if (g->tgl) { // (8 bits: quantized here, written in place where the table is in host memory)
         size_t rb = g->tns * g->d;
         if (g->thost) {
@@ -1772,7 +1953,10 @@ extern "C" size_t kst_kvgpu_armed_steps(const kst_kvgpu *g) { return g ? g->narm
 extern "C" int kst_kvgpu_arm(kst_kvgpu *g, int *armed, kst_error *err) {
     int rc = KST_OK;
     if (armed) *armed = g->armed;
-    if (g->armed || !g->arm_ok || !g->got || g->timing) return KST_OK;
+    // (staged tables, kst_kvgpu_tail_stage: never armed. A chain queued now would hold its slot
+    // for its own step, a layer's cycle away, while the layers between read the same slot: their
+    // copies would wait for it, and it for them)
+    if (g->armed || !g->arm_ok || !g->got || g->timing || g->tq8 == 3) return KST_OK;
     if (!g->arm_want) { // the graph captured anew with the staged slots' kernel at the next step
         g->arm_want = 1;
         g->gen++;
@@ -1861,6 +2045,8 @@ extern "C" int kst_kvgpu_partial_start(kst_kvgpu *g, const float *q, size_t nsin
         g->narmed++;
         return KST_OK;
     }
+    g->stage_hit = 0;
+    if (g->tq8 == 3 && g->tns) KST_TRY(stage_use(g, err)); // (may have the graph captured anew)
     if (g->exec && g->graph_n == n && g->graph_gen == g->gen) {
         CU(cudaGraphLaunch(g->exec, g->st), "kv gpu partial attention graph launch");
         CU(cudaEventRecord(g->done, g->st), "kv gpu event");
@@ -1920,9 +2106,18 @@ static int kvgpu_sc_grouped(const kst_kvgpu *g, size_t P) { return kvgpu_grouped
 // The step kernel's launch: T the cache's type, TT the tail table's (T, or int8_t: sq8).
 template <typename T, typename TT>
 static void step_launch(kst_kvgpu *g, size_t nb, size_t P, size_t nbc, int grp) {
+    const TT *tK = (const TT *)g->tK, *tV = (const TT *)g->tV;
+    const float *tsc = g->sq8 ? g->tsc : NULL;
+    if (g->tq8 == 3 && g->tns) { // the pool's slot (laid out as stage_bytes says)
+        char *b = g->pool->s[g->pslot].buf;
+        size_t tb = g->tns * g->kvh * g->d;
+        tK = (const TT *)b;
+        tV = (const TT *)(b + tb);
+        tsc = (const float *)(b + 2 * tb);
+    }
     (g->minb == 3 ? step_kernel<T, TT, 3> : step_kernel<T, TT, 2>)<<<(unsigned)nb, STEP_THREADS, 0, g->st>>>(
         (const T *)g->KV, g->q, g->o, g->lse, (int)g->sinks, (int)g->ring, (int)g->kvh, (int)(g->qh / g->kvh), (int)g->d,
-        g->scale, (int)g->qh, (const TT *)g->tK, (const TT *)g->tV, g->sq8 ? g->tsc : NULL,
+        g->scale, (int)g->qh, tK, tV, tsc,
         g->tdirect ? g->dtout : g->tout, (int)g->tns, (int)g->tch, (int)g->tnc, (int)P, (int)kst_kvgpu_tail_stride(g),
         g->split, g->sp, g->spc, g->sC ? g->scid : NULL, g->sclw, (int)g->sC, (const T *)g->scent, g->scs, (int)nbc,
         grp, g->tns && g->tdirect ? g->drdy : NULL, g->tcnt);

@@ -113,6 +113,29 @@ void kst_kvgpu_tail_topsum(kst_kvgpu *g, int on);
  * Takes effect at the next kst_kvgpu_tail_reserve (the tables must then be put again);
  * kst_kvgpu_tail_put quantizes the rows on the host. The items are as above. */
 int kst_kvgpu_tail_q8(kst_kvgpu *g, int where, size_t ch);
+/* where 3 (with a pool bound by kst_kvgpu_tail_stage; else kst_kvgpu_tail_q8 returns 0): the
+ * table in pinned host memory as with 2 (one block: keys, values, scales), and copied whole into
+ * the handle's slot of a pool of GPU buffers shared by a model's layers, which its kernel reads.
+ * kst_kvgpu_prefetch, called for the next layer's handle once this layer's step is launched,
+ * queues that copy on the next handle's stream, so it runs during this step (after the slot's
+ * last copy and last reader, where those may still run); a step whose table is in its slot so
+ * (kst_kvgpu_stage_hit) copies nothing, one whose is not (no prefetch, another layer's copy
+ * since, or its table put since) copies it first. Each layer's memory then holds only the static
+ * tokens (kst_kvgpu_bytes leaves the table out) and the pool one table a slot
+ * (kst_kvgpu_pool_bytes). Adjacent layers need different slots: two for an even number of
+ * layers, three for an odd one. Such a handle is never armed (kst_kvgpu_arm: a queued step would
+ * hold its slot for a layer's cycle, while the layers between use it). */
+#define KST_KVGPU_POOL_MAX 4
+typedef struct kst_kvgpu_pool kst_kvgpu_pool;
+int kst_kvgpu_pool_create(size_t slots, kst_kvgpu_pool **out, kst_error *err);
+/* Frees the pool once its copies are done; free or unbind (kst_kvgpu_tail_stage(g, NULL, 0)) its
+ * handles first. */
+void kst_kvgpu_pool_free(kst_kvgpu_pool *p);
+/* Binds g to slot `slot` of p (NULL: none; where 3 then falls back to 2 at the next reserve). */
+void kst_kvgpu_tail_stage(kst_kvgpu *g, kst_kvgpu_pool *p, size_t slot);
+int kst_kvgpu_prefetch(kst_kvgpu *g, kst_error *err);
+int kst_kvgpu_stage_hit(const kst_kvgpu *g);
+size_t kst_kvgpu_pool_bytes(const kst_kvgpu_pool *p);
 /* Uploads KV head kv_head's table: K and V of ns * d values each, in the layout above. */
 int kst_kvgpu_tail_put(kst_kvgpu *g, size_t kv_head, const void *K, const void *V, kst_error *err);
 size_t kst_kvgpu_tail_stride(const kst_kvgpu *g);

@@ -289,9 +289,10 @@ static void test_sum(void **state) {
  * table read from host memory, 2 held on the GPU, 3 scored on the CPU) passes the same checks, 1
  * and 2 agree within 1e-5, and the GPU holds a cache's bytes with no tail, but for 2's table.
  * head_dim 66 with tail_q8: refused, naming it. */
-static kst_kv *q8_cache(int q8, size_t n, size_t d, const float *K, const float *V, int gpu, kst_error *err) {
+static kst_kv *q8_cache_l(int q8, size_t layers, size_t n, size_t d, const float *K, const float *V, int gpu,
+                          kst_error *err) {
     kst_kv_opts o = kst_kv_opts_default();
-    o.layers = 1;
+    o.layers = layers;
     o.kv_heads = 2;
     o.q_heads = 8;
     o.head_dim = d;
@@ -304,11 +305,22 @@ static kst_kv *q8_cache(int q8, size_t n, size_t d, const float *K, const float 
     o.gpu = gpu;
     kst_kv *kv;
     if (kst_kv_create(&o, &kv, err) != KST_OK) return NULL;
-    if (kst_kv_append(kv, 0, K, V, n, err) != KST_OK || kst_kv_build(kv, 0, NULL, 0, err) != KST_OK) {
-        kst_kv_free(kv);
-        return NULL;
-    }
+    for (size_t l = 0; l < layers; l++) /* (every layer the same keys and values) */
+        if (kst_kv_append(kv, l, K, V, n, err) != KST_OK || kst_kv_build(kv, l, NULL, 0, err) != KST_OK) {
+            kst_kv_free(kv);
+            return NULL;
+        }
     return kv;
+}
+static kst_kv *q8_cache(int q8, size_t n, size_t d, const float *K, const float *V, int gpu, kst_error *err) {
+    return q8_cache_l(q8, 1, n, d, K, V, gpu, err);
+}
+/* The test's keys (n, 2 KV heads, d), values and queries (nq, 8 query heads, d). */
+static void q8_data(size_t n, size_t d, size_t nq, float *K, float *V, float *Q) {
+    kv_rng = 0x51ed270b27bd38e5ull;
+    for (size_t i = 0; i < n * 2 * d; i++) K[i] = (float)(0.3 * kv_gauss());
+    for (size_t i = 0; i < n * 2 * d; i++) V[i] = (float)(1.0 + kv_gauss());
+    for (size_t i = 0; i < nq * 8 * d; i++) Q[i] = (float)kv_gauss();
 }
 static double max_diff(const float *a, const float *b, size_t n) {
     double m = 0;
@@ -319,10 +331,7 @@ static void q8_decode(int gpu, int where, float *keep) {
     const size_t n = 4096, d = 64, KVH = 2, QH = 8, nq = 6;
     float *K = malloc(n * KVH * d * sizeof(float)), *V = malloc(n * KVH * d * sizeof(float));
     float *Q = malloc(nq * QH * d * sizeof(float)), *Kh = malloc(n * d * sizeof(float)), *Vh = malloc(n * d * sizeof(float));
-    kv_rng = 0x51ed270b27bd38e5ull;
-    for (size_t i = 0; i < n * KVH * d; i++) K[i] = (float)(0.3 * kv_gauss());
-    for (size_t i = 0; i < n * KVH * d; i++) V[i] = (float)(1.0 + kv_gauss());
-    for (size_t i = 0; i < nq * QH * d; i++) Q[i] = (float)kv_gauss();
+    q8_data(n, d, nq, K, V, Q);
     kst_error err;
     kst_kv *a = q8_cache(where, n, d, K, V, gpu, &err), *f = q8_cache(0, n, d, K, V, 0, &err);
     assert_non_null(a);
@@ -408,12 +417,93 @@ static void test_decode(void **state) {
     assert_null(kv);
     assert_msg_has(err.msg, "tail_q8");
     assert_msg_has(err.msg, "head_dim 66");
-    o.head_dim = 64; /* a placement past KST_KV_TAIL_Q8_CPU: refused, naming it */
-    o.tail_q8 = 4;
+    o.head_dim = 64; /* a placement past KST_KV_TAIL_Q8_STAGED: refused, naming it */
+    o.tail_q8 = 5;
     assert_int_equal(kst_kv_create(&o, &kv, &err), KST_ERR_INVALID);
     assert_null(kv);
-    assert_msg_has(err.msg, "tail_q8: 4");
+    assert_msg_has(err.msg, "tail_q8: 5");
 }
+#ifdef KST_CUDA
+/* tail_q8 KST_KV_TAIL_Q8_STAGED over nl layers holding the same keys (q8_data), 512 samples,
+ * attended in a decoder's order for 6 queries: each layer's output within 1e-5 of the table read
+ * from host memory (want: q8_decode's outputs with KST_KV_TAIL_Q8_HOST; the same kernel on the
+ * same bytes, but for the order of its sums); from the second round on every step finds its
+ * table copied ahead during the previous layer's (the slots alternate, so each step's copy was
+ * made during the one before); a step out of order (layer 0, then 2) copies it itself, with the
+ * same output; with the sample remade (256 samples) after the next layer's table was copied
+ * ahead, each layer's output is the host table's again; the GPU holds each layer's static tokens
+ * (as a cache with no tail) and the pool's slots: 2, 3 for an odd nl, each one layer's table in 8
+ * bits with its scales. */
+static void q8_staged(size_t nl, const float *want) {
+    const size_t n = 4096, d = 64, QH = 8, nq = 6, ns = 512;
+    float *K = malloc(n * 2 * d * sizeof(float)), *V = malloc(n * 2 * d * sizeof(float));
+    float *Q = malloc(nq * QH * d * sizeof(float)), *o = malloc(QH * d * sizeof(float));
+    q8_data(n, d, nq, K, V, Q);
+    kst_error err;
+    kst_kv *a = q8_cache_l(KST_KV_TAIL_Q8_STAGED, nl, n, d, K, V, 1, &err);
+    assert_non_null(a);
+    assert_ok(kst_kv_set_tail_samples(a, ns, &err), &err);
+    double dmax = 0;
+    size_t staged = 0, steps = 0;
+    for (size_t s = 0; s < nq; s++)
+        for (size_t l = 0; l < nl; l++) {
+            kst_kv_stats st;
+            assert_ok(kst_kv_attend(a, l, Q + s * QH * d, 16, 64, o, &st, &err), &err);
+            double m = max_diff(o, want + s * QH * d, QH * d);
+            dmax = m > dmax ? m : dmax;
+            if (s > 0) {
+                if (st.staged != 1) fail_msg("%zu layers: query %zu layer %zu: table not staged ahead", nl, s, l);
+                staged += st.staged;
+                steps++;
+            }
+        }
+    kst_kv_stats st;
+    assert_ok(kst_kv_attend(a, 0, Q, 16, 64, o, &st, &err), &err);
+    assert_ok(kst_kv_attend(a, 2, Q, 16, 64, o, &st, &err), &err); /* (out of order: layer 1 was staged) */
+    assert_int_equal(st.staged, 0);
+    double m = max_diff(o, want, QH * d);
+    dmax = m > dmax ? m : dmax;
+    assert_ok(kst_kv_attend(a, 2, Q, 16, 64, o, &st, &err), &err); /* (again: its table still there) */
+    assert_int_equal(st.staged, 1);
+    m = max_diff(o, want, QH * d);
+    dmax = m > dmax ? m : dmax;
+    assert_ok(kst_kv_attend(a, 3 % nl, Q, 16, 64, o, &st, &err), &err); /* (layer 2's step staged 3's) */
+    assert_int_equal(st.staged, 1);
+    { /* the samples remade while layer 4 % nl's old table sits staged */
+        float *w = malloc(QH * d * sizeof(float));
+        kst_kv *h = q8_cache(KST_KV_TAIL_Q8_HOST, n, d, K, V, 1, &err);
+        assert_non_null(h);
+        assert_ok(kst_kv_set_tail_samples(h, 256, &err), &err);
+        assert_ok(kst_kv_attend(h, 0, Q, 16, 64, w, NULL, &err), &err);
+        assert_ok(kst_kv_set_tail_samples(a, 256, &err), &err);
+        for (size_t i = 4; i < 4 + nl; i++) {
+            assert_ok(kst_kv_attend(a, i % nl, Q, 16, 64, o, &st, &err), &err);
+            m = max_diff(o, w, QH * d);
+            if (!(m <= 1e-5)) fail_msg("%zu layers, 256 samples: layer %zu against the host table: max |d| %.3g", nl, i % nl, m);
+            dmax = m > dmax ? m : dmax;
+        }
+        kst_kv_free(h);
+        free(w);
+    }
+    print_message("staged over %zu layers: %zu of %zu steps found their table staged; max |d| against the host table "
+                  "%.3g\n", nl, staged, steps, dmax);
+    if (!(dmax <= 1e-5)) fail_msg("%zu layers: staged against host table: max |d| %.3g", nl, dmax);
+    kst_kv *z = q8_cache(0, n, d, K, V, 1, &err);
+    assert_non_null(z);
+    assert_ok(kst_kv_set_tail_samples(z, 0, &err), &err);
+    assert_ok(kst_kv_attend(z, 0, Q, 16, 64, o, NULL, &err), &err);
+    size_t slot = 2 * ns * 2 * d + ns * 2 * 2 * sizeof(float), nslot = nl % 2 ? 3 : 2;
+    print_message("GPU bytes: %zu layers staged %zu, a layer with no tail %zu, slots %zu x %zu\n", nl, kst_kv_gpu_bytes(a),
+                  kst_kv_gpu_bytes(z), nslot, slot);
+    assert_int_equal(kst_kv_gpu_bytes(a), nl * kst_kv_gpu_bytes(z) + nslot * slot);
+    kst_kv_free(z);
+    kst_kv_free(a);
+    free(K);
+    free(V);
+    free(Q);
+    free(o);
+}
+#endif
 static void test_decode_gpu(void **state) {
     (void)state;
 #ifndef KST_CUDA
@@ -428,6 +518,9 @@ static void test_decode_gpu(void **state) {
     print_message("host against GPU table: max |d| %.3g\n", max_diff(h, g, 6 * 8 * 64));
     assert_true(max_diff(h, g, 6 * 8 * 64) <= 1e-5);
     q8_decode(1, KST_KV_TAIL_Q8_CPU, g);
+    /* staged a layer ahead (4 layers: 2 slots; 5: 3), against the host table's outputs */
+    q8_staged(4, h);
+    q8_staged(5, h);
     free(h);
     free(g);
 #endif

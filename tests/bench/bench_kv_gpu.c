@@ -360,20 +360,30 @@ static int layer(const char *list) {
         if (!diffuse) printf(", sinks +%.2f, last 1024 tokens +%.2f logits", bsink, bwin);
         printf("; data sum %016llx; KV_QTIME %.2f: decode queries' lag-1 correlation %.3f)\n", (unsigned long long)kvb_sum(&gd, N),
                qtime, kvb_qlag1(Qd0));
-        kst_kvc_opts o = {1, KVH, QH, D, 1, 0, SINKS, WINDOW, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 1, 0, 0, 0};
+        /* KV_LAYERS (default 1): layers holding the same keys, each built (so as long to set up),
+         * the timed steps going through them in order, 0, 1, ..., as a decoder's loop does (with
+         * tail_q8 staged each step has the next layer's table copied in: 4 layers or more, so that
+         * the two slots alternate); the references and recall are layer 0's */
+        const size_t NL = getenv("KV_LAYERS") && atol(getenv("KV_LAYERS")) > 1 ? (size_t)atol(getenv("KV_LAYERS")) : 1;
+        kst_kvc_opts o = {NL, KVH, QH, D, 1, 0, SINKS, WINDOW, TOPK, 256, 32, 32, 0, 32, 64, KST_KVC_INDEX_ATTN, GPU, 0, 0, 1, 0, 0, 0};
         /* KV_BATCH: append_batch (default 64, the API's; 1: each token linked at its append) */
         o.append_batch = getenv("KV_BATCH") ? (size_t)atol(getenv("KV_BATCH")) : 64;
         kst_kvc *c;
         if (kst_kvc_create(&o, &c, &e)) die("create", &e);
-        if (kvb_append(c, 0, N, K0, V0, perm, sgn, &e)) die("append", &e);
-        double tgen = now_s() - t0;
-        t0 = now_s();
-        if (kst_kvc_build_copied(c, 0, Qpre, NPRE, &e)) die("build", &e);
-        double build = now_s() - t0;
-        /* room for the "/app" rows' tokens (KV_RESERVE, default 16384 more), as an engine that
-         * knows its context length reserves it: a growth in a timed step would copy the layer */
-        if (kst_kvc_reserve(c, 0, N + (getenv("KV_RESERVE") ? (size_t)atol(getenv("KV_RESERVE")) : 16384), &e))
-            die("reserve", &e);
+        double tgen = 0, build = 0;
+        for (size_t l = 0; l < NL; l++) {
+            t0 = now_s();
+            if (kvb_append(c, l, N, K0, V0, perm, sgn, &e)) die("append", &e);
+            tgen += now_s() - t0;
+            t0 = now_s();
+            if (kst_kvc_build_copied(c, l, Qpre, NPRE, &e)) die("build", &e);
+            build += (now_s() - t0) / NL;
+            /* room for the "/app" rows' tokens (KV_RESERVE, default 16384 more), as an engine that
+             * knows its context length reserves it: a growth in a timed step would copy the layer */
+            if (kst_kvc_reserve(c, l, N + (getenv("KV_RESERVE") ? (size_t)atol(getenv("KV_RESERVE")) : 16384), &e))
+                die("reserve", &e);
+        }
+        if (NL > 1) printf("(%zu tokens: %zu layers of the same keys, each built)\n", N, NL);
         /* references in head 0's frame */
         double *ref = malloc(NREF * QH * D * sizeof *ref), scale = 1.0 / sqrt((double)D);
 #pragma omp parallel
@@ -547,8 +557,8 @@ static int layer(const char *list) {
                 double *ts = malloc(NT * sizeof *ts);
                 /* "/same": every step the same query (its reads then hit the caches: the compute floor) */
                 size_t qstep = strstr(mode, "/same") ? 0 : QH * D;
-                for (size_t i = 0; i < 5; i++) {
-                    kst_kvc_attend(c, 0, Qd, topk_att, ef, out, NULL, &e);
+                for (size_t i = 0; i < 5 * NL; i++) {
+                    kst_kvc_attend(c, i % NL, Qd, topk_att, ef, out, NULL, &e);
                     IDLE_WORK();
                 }
                 /* "/app": each timed step first appends one token (a copy of a cached one), as a
@@ -574,19 +584,22 @@ static int layer(const char *list) {
                 /* steps whose append linked a batch (the index grew), the step after each, the
                  * others: where the mean goes (the phase of the batches) */
                 double ph_t[3] = {0, 0, 0}, ph_max[3] = {0, 0, 0};
-                size_t ph_n[3] = {0, 0, 0}, after = 0;
+                size_t ph_n[3] = {0, 0, 0}, after = 0, nstaged = 0;
                 for (size_t i = 0; i < NS; i++) {
+                    size_t ly = i % NL;
+                    kst_kvc_stats sst;
                     if (app) {
                         size_t t = (i * 7919 + 13) % N;
                         for (size_t h = 0; h < KVH; h++) head_row(kc1 + h * D, vc1 + h * D, K0, V0, t, perm[h], sgn[h], D);
                     }
-                    size_t nidx0 = kst_kvc_indexed(c, 0);
+                    size_t nidx0 = kst_kvc_indexed(c, ly);
                     double a = now_s();
-                    if (app && kst_kvc_append(c, 0, kc1, vc1, 1, &e)) die("append", &e);
-                    if (kst_kvc_attend(c, 0, Qd + i % NT * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
+                    if (app && kst_kvc_append(c, ly, kc1, vc1, 1, &e)) die("append", &e);
+                    if (kst_kvc_attend(c, ly, Qd + i % NT * qstep, topk_att, ef, out, &sst, &e)) die("attend", &e);
                     ts[i] = now_s() - a;
+                    nstaged += sst.staged;
                     IDLE_WORK();
-                    int ph = kst_kvc_indexed(c, 0) != nidx0 ? 0 : after ? 1 : 2;
+                    int ph = kst_kvc_indexed(c, ly) != nidx0 ? 0 : after ? 1 : 2;
                     after = ph == 0;
                     ph_t[ph] += ts[i];
                     ph_n[ph]++;
@@ -610,6 +623,7 @@ static int layer(const char *list) {
                 else /* the step's own spread (new queries every step), beside the appending rows' */
                     printf("  %s ef %zu, %d threads: %zu steps: median %.3f mean %.3f p90 %.3f max %.3f ms\n", mode, ef,
                            omp_get_max_threads(), NS, ts[NS / 2] * 1e3, mean * 1e3, ts[NS * 9 / 10] * 1e3, ts[NS - 1] * 1e3);
+                if (nstaged) printf("  %s: %zu of %zu steps found their tail table staged ahead\n", mode, nstaged, NS);
                 free(ts);
             }
             omp_set_num_threads(nth0);
@@ -628,9 +642,9 @@ static int layer(const char *list) {
                     if (app) {
                         size_t t = (i * 7919 + 17) % N;
                         for (size_t h = 0; h < KVH; h++) head_row(kc1 + h * D, vc1 + h * D, K0, V0, t, perm[h], sgn[h], D);
-                        if (kst_kvc_append(c, 0, kc1, vc1, 1, &e)) die("append", &e);
+                        if (kst_kvc_append(c, i % NL, kc1, vc1, 1, &e)) die("append", &e);
                     }
-                    if (kst_kvc_attend(c, 0, Qd + i % NT * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
+                    if (kst_kvc_attend(c, i % NL, Qd + i % NT * qstep, topk_att, ef, out, NULL, &e)) die("attend", &e);
                     IDLE_WORK();
                 }
                 kst_kvc_set_prof(c, NULL);
@@ -683,8 +697,10 @@ static int layer(const char *list) {
             }
             printf("%8zu %-12s %5zu %5zu %6zu %9.1f %10.3f %10.3f %9.3f %10.2f%% %8.2f%% %10.2e %10.2f %12.1f %9.1f %8.3f\n", N, mode, ef, topk_att,
                    runs[ri].tail, build, med[0], med[1], rec / NREF, 100 * scan / NREF, 100 * shead / NREF, err / NREF,
-                   kst_kvc_gpu_bytes(c) / 1048576.0, 2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0,
+                   kst_kvc_gpu_bytes(c) / 1048576.0 / NL, 2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0,
                    wid / NREF);
+            if (NL > 1) printf("  (%s: GPU memory of the %zu layers %.2f MB; gpu_MB is a layer's share)\n", mode, NL,
+                               kst_kvc_gpu_bytes(c) / 1048576.0);
             if (idle) {
                 printf("  (%s: idle time lent after each step, untimed: kst_kvc_work %.1f us a call, %zu calls)\n", mode,
                        idle_n ? 1e6 * idle_s / idle_n : 0.0, idle_n);
