@@ -24,7 +24,8 @@
  *                                     partial armed, kst_kvc_work after each step, untimed as a
  *                                     decoder's other kernels; its time printed beside),
  *                                     KV_PROF=1 a per-phase breakdown,
- *                                     KV_SMAPS=1 huge pages per mapping. */
+ *                                     KV_SMAPS=1 huge pages per mapping, KV_LAYERS=n n layers
+ *                                     of the same keys, stepped through in order (tail_q8 4). */
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
