@@ -660,7 +660,7 @@ size_t kst_kvc_index_bytes(const kst_kvc *c, size_t layer) {
     size_t b = 0;
     for (size_t h = 0; h < c->o.kv_heads; h++) {
         const kst_kvg *g = &c->layers[layer].heads[h].g;
-        b += g->cap * (g->M * (sizeof(uint32_t) + sizeof(float)) + sizeof(uint16_t) + sizeof(float)) +
+        b += g->cap * (g->M * (sizeof(uint32_t) + sizeof(float)) + sizeof(uint16_t) + sizeof(uint32_t) + sizeof(float)) +
              g->nperm * sizeof(uint32_t) + kst_kvg_code_bytes(g) + kst_kvtc_bytes(&c->layers[layer].heads[h].tc);
     }
     return b;

@@ -34,6 +34,9 @@ typedef struct kst_kvg {
     uint32_t *adj;     /* (cap, M) neighbours, deg[i] of them valid */
     float *adist;      /* (cap, M) squared distance of each edge; -1: co-retrieval edge (kept) */
     uint16_t *deg;     /* (cap) */
+    uint32_t *indeg;   /* (cap) edges into each node, kept by every change of the edges: a back
+                          edge never takes a node's last edge in (add_back_edge), so no node of
+                          the graph becomes unreachable as keys are added */
     float *norm2;      /* (cap) |k_i|^2 (Euclidean search for insertion) */
     uint32_t *entry;   /* (n_entry) search starts */
     size_t n_entry, max_entry;
