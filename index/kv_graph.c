@@ -462,6 +462,8 @@ int kst_kvg_init(kst_kvg *g, size_t M, size_t max_entry, size_t efc, kst_error *
     g->ins_sk = ik ? (size_t)atol(ik) : KST_KVG_INS_SK;
     const char *it = getenv("KESTREL_KV_INS_EXT");
     g->ins_ext = it && atol(it) > 0 ? (size_t)atol(it) : (3 * g->ins_ef + 3) / 4;
+    const char *rp = getenv("KESTREL_KV_REPAIR");
+    g->repair = !(rp && rp[0] == '0');
     return KST_OK;
 }
 
@@ -563,6 +565,7 @@ int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
     dst->ins_ex = src->ins_ex;
     dst->ins_sk = src->ins_sk;
     dst->ins_ext = src->ins_ext;
+    dst->repair = src->repair;
     return KST_OK;
 }
 
@@ -1315,7 +1318,7 @@ int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, c
     KST_TRY(link_range(g, K, f16, d, 0, n, n, err));
     {
         size_t added;
-        KST_TRY(repair_reach(g, K, f16, d, &added, err));
+        if (g->repair) KST_TRY(repair_reach(g, K, f16, d, &added, err));
     }
     KST_TRY(codes_make(g, K, f16, n, d, err));
 done:

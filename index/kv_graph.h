@@ -57,6 +57,11 @@ typedef struct kst_kvg {
      * (KESTREL_KV_INS_EXT, else 3/4 of ins_ef): it starts near the key, so the pool's tail
      * adds little (bench README, round 11). */
     size_t ins_sk, ins_ext;
+    /* The build's reachability repair (repair_reach in kv_graph.c; 1, or 0 with
+     * KESTREL_KV_REPAIR=0 at init): every key reachable from the entries. Its cost where a
+     * search can then enter regions it never reached: SmolLM2's layer 4 at 8K scored 25% more
+     * keys at the same recall (tests/bench/README.md, round 36). */
+    int repair;
     /* 4-bit codes of the keys (kst_kvg_search_group with use_codes): per dimension i,
      * code c in 0..15 stands for clo[i] + (c + 1/2) cstep[i], the range being the keys' min..max
      * at build time (keys added later are clamped). Laid out per 32-dimension block: byte j of a
