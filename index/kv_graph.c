@@ -642,33 +642,45 @@ static size_t select_diverse(const kst_kvg *g, const void *K, int f16, size_t d,
     return n;
 }
 
+/* Edge a -> x (squared distance dax, -1: kept) in slot j of a: its next free slot (j = deg),
+ * or in place of the edge there; the in-degrees follow. */
+static void set_edge(kst_kvg *g, uint32_t a, size_t j, uint32_t x, float dax) {
+    uint32_t *nb = g->adj + (size_t)a * g->M;
+    if (j == g->deg[a]) g->deg[a] = (uint16_t)(j + 1);
+    else g->indeg[nb[j]]--;
+    nb[j] = x;
+    g->adist[(size_t)a * g->M + j] = dax;
+    g->indeg[x]++;
+}
+
+/* The slot of a that a new edge may take: a free one, else a's farthest key-key edge whose
+ * target keeps another edge in and (tree, where given) that no node was reached through;
+ * (size_t)-1 where there is none. Kept edges (distance -1) stay. */
+static size_t link_slot(const kst_kvg *g, const uint8_t *tree, uint32_t a) {
+    const uint32_t *nb = g->adj + (size_t)a * g->M;
+    const float *nd = g->adist + (size_t)a * g->M;
+    size_t dg = g->deg[a], far = (size_t)-1;
+    if (dg < g->M) return dg;
+    for (size_t j = 0; j < dg; j++)
+        if (nd[j] >= 0 && !(tree && tree[(size_t)a * g->M + j]) && nb[j] < g->n && g->indeg[nb[j]] >= 2 &&
+            (far == (size_t)-1 || nd[j] > nd[far]))
+            far = j;
+    return far;
+}
+
 /* Adds edge a -> x (squared distance dax); a full node keeps its nearest: x replaces the
  * farthest replaceable edge when nearer. Kept edges (distance -1: co-retrieval, and each
  * node's first edge in, below) are never replaced, nor an edge that is its target's last one
  * in (round 36 found 74 nodes left with none after 4,096 keys added to a Gemma 3 head's
  * graph). Returns the slot taken, or (size_t)-1. */
 static size_t add_back_edge(kst_kvg *g, uint32_t a, uint32_t x, float dax) {
-    uint32_t *nb = g->adj + (size_t)a * g->M;
-    float *nd = g->adist + (size_t)a * g->M;
-    size_t dg = g->deg[a];
-    for (size_t j = 0; j < dg; j++)
+    const uint32_t *nb = g->adj + (size_t)a * g->M;
+    for (size_t j = 0; j < g->deg[a]; j++)
         if (nb[j] == x) return (size_t)-1;
-    if (dg < g->M) {
-        nb[dg] = x;
-        nd[dg] = dax;
-        g->deg[a] = (uint16_t)(dg + 1);
-        g->indeg[x]++;
-        return dg;
-    }
-    size_t far = (size_t)-1;
-    for (size_t j = 0; j < dg; j++)
-        if (nd[j] >= 0 && g->indeg[nb[j]] >= 2 && (far == (size_t)-1 || nd[j] > nd[far])) far = j;
-    if (far == (size_t)-1 || dax >= nd[far]) return (size_t)-1;
-    g->indeg[nb[far]]--;
-    nb[far] = x;
-    nd[far] = dax;
-    g->indeg[x]++;
-    return far;
+    size_t j = link_slot(g, NULL, a);
+    if (j == (size_t)-1 || (j < g->deg[a] && dax >= g->adist[(size_t)a * g->M + j])) return (size_t)-1;
+    set_edge(g, a, j, x, dax);
+    return j;
 }
 
 /* Key row i as float32 (F16C where the CPU has it). */
@@ -760,18 +772,8 @@ static void apply_links(kst_kvg *g, uint32_t x, const uint32_t *sel, const float
     /* every back edge refused (its targets full of nearer or kept edges): x takes the farthest
      * key-key edge of its nearest neighbour that has one to spare */
     for (size_t j = 0; j < n && !kept; j++) {
-        uint32_t a = sel[j];
-        uint32_t *nb = g->adj + (size_t)a * g->M;
-        float *nd = g->adist + (size_t)a * g->M;
-        size_t far = (size_t)-1;
-        for (size_t i = 0; i < g->deg[a]; i++)
-            if (nd[i] >= 0 && nb[i] != x && g->indeg[nb[i]] >= 2 && (far == (size_t)-1 || nd[i] > nd[far])) far = i;
-        if (far == (size_t)-1) continue;
-        g->indeg[nb[far]]--;
-        nb[far] = x;
-        nd[far] = -1.0f;
-        g->indeg[x]++;
-        kept = 1;
+        size_t slot = link_slot(g, NULL, sel[j]);
+        if (slot != (size_t)-1) set_edge(g, sel[j], slot, x, -1.0f), kept = 1;
     }
 }
 
@@ -850,21 +852,6 @@ static void reach_from(const kst_kvg *g, uint8_t *reach, uint8_t *tree, uint32_t
     }
 }
 
-/* The slot of a that a new edge may take: a free one, else a's farthest key-key edge that no
- * node was reached through (tree) and whose target keeps another edge in; (size_t)-1 where
- * there is none. Co-retrieval edges stay. */
-static size_t link_slot(const kst_kvg *g, const uint8_t *tree, uint32_t a) {
-    const uint32_t *nb = g->adj + (size_t)a * g->M;
-    const float *nd = g->adist + (size_t)a * g->M;
-    size_t dg = g->deg[a], far = (size_t)-1;
-    if (dg < g->M) return dg;
-    for (size_t j = 0; j < dg; j++)
-        if (nd[j] >= 0 && !tree[(size_t)a * g->M + j] && nb[j] < g->n && g->indeg[nb[j]] >= 2 &&
-            (far == (size_t)-1 || nd[j] > nd[far]))
-            far = j;
-    return far;
-}
-
 /* One pass over the unreachable nodes: each x linked from the nearest reachable node with a
  * slot among its out-neighbours (cand NULL) or among cand[0..nc) (the fallback), through which
  * it and what it reaches become reachable. Returns the edges added. */
@@ -886,12 +873,7 @@ static size_t reach_pass(kst_kvg *g, const void *K, int f16, size_t d, uint8_t *
             if (da < bd) bd = da, best = a, bslot = slot;
         }
         if (best == UINT32_MAX) continue;
-        uint32_t *nb = g->adj + (size_t)best * M;
-        if (bslot == g->deg[best]) g->deg[best] = (uint16_t)(bslot + 1);
-        else g->indeg[nb[bslot]]--;
-        nb[bslot] = (uint32_t)x;
-        g->adist[(size_t)best * M + bslot] = bd;
-        g->indeg[x]++;
+        set_edge(g, best, bslot, (uint32_t)x, bd);
         tree[(size_t)best * M + bslot] = 1;
         added++;
         reach_from(g, reach, tree, queue, qt, (uint32_t)x);
@@ -903,8 +885,8 @@ static size_t reach_pass(kst_kvg *g, const void *K, int f16, size_t d, uint8_t *
  * edge is dropped where its target is full of nearer or co-retrieval edges (add_back_edge), so
  * a node can end with no edge into it, or only edges from nodes no search reaches: no search
  * then ever finds it. On Gemma 3 270M's layer 11 head 1 at 32K, 155 of 31,484 nodes had no
- * edge in; the exact top-100 keys missed for that reason were 1.9%, and recall stalled at
- * 0.974 however wide the search (tests/bench/README.md, round 36). Each unreachable node x gets
+ * edge in; the exact top-100 keys missed for that reason were 1.9%, and recall@100 stayed
+ * under 0.96 however wide the search (tests/bench/README.md, round 36). Each unreachable node x gets
  * an edge from its nearest reachable out-neighbour a with a slot (a free one, or a's farthest
  * key-key edge that no node was reached through and whose target has another edge in), and
  * what x reaches becomes reachable with it; nodes with no such neighbour wait for the next
