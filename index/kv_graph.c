@@ -853,23 +853,23 @@ static void reach_from(const kst_kvg *g, uint8_t *reach, uint8_t *tree, uint32_t
 }
 
 /* One pass over the unreachable nodes: each x linked from the nearest reachable node with a
- * slot among its out-neighbours (cand NULL) or among cand[0..nc) (the fallback), through which
- * it and what it reaches become reachable. Returns the edges added. */
+ * slot among its out-neighbours (step 0) or among nodes 0, step, 2 step, ... (the fallback),
+ * through which it and what it reaches become reachable. Returns the edges added. */
 static size_t reach_pass(kst_kvg *g, const void *K, int f16, size_t d, uint8_t *reach, uint8_t *tree,
-                         uint32_t *queue, size_t *qt, const uint32_t *cand, size_t nc, float *xa) {
+                         uint32_t *queue, size_t *qt, size_t step, float *xa) {
     size_t n = g->n, M = g->M, added = 0;
     for (size_t x = 0; x < n && *qt < n; x++) {
         if (reach[x]) continue;
         key_f32(g, xa, K, f16, x, d);
         uint32_t best = UINT32_MAX;
-        size_t bslot = 0, m = cand ? nc : g->deg[x];
+        size_t bslot = 0, m = step ? (n + step - 1) / step : g->deg[x];
         float bd = INFINITY;
         for (size_t c = 0; c < m; c++) {
-            uint32_t a = cand ? cand[c] : g->adj[x * M + c];
+            uint32_t a = step ? (uint32_t)(c * step) : g->adj[x * M + c];
             if (a >= n || !reach[a]) continue;
             size_t slot = link_slot(g, tree, a);
             if (slot == (size_t)-1) continue;
-            float da = !cand && g->adist[x * M + c] >= 0 ? g->adist[x * M + c] : dist2(g, K, f16, d, xa, (uint32_t)x, a);
+            float da = !step && g->adist[x * M + c] >= 0 ? g->adist[x * M + c] : dist2(g, K, f16, d, xa, (uint32_t)x, a);
             if (da < bd) bd = da, best = a, bslot = slot;
         }
         if (best == UINT32_MAX) continue;
@@ -891,42 +891,33 @@ static size_t reach_pass(kst_kvg *g, const void *K, int f16, size_t d, uint8_t *
  * key-key edge that no node was reached through and whose target has another edge in), and
  * what x reaches becomes reachable with it; nodes with no such neighbour wait for the next
  * pass, or take the nearest of up to 4,096 evenly spaced reachable nodes with a slot (then of
- * all nodes). Returns the edges added in *added. Fails on memory (graph unchanged). */
-static int repair_reach(kst_kvg *g, const void *K, int f16, size_t d, size_t *added, kst_error *err) {
+ * all nodes). Fails on memory (graph unchanged). */
+static int repair_reach(kst_kvg *g, const void *K, int f16, size_t d, kst_error *err) {
     size_t n = g->n, qt = 0;
-    *added = 0;
     if (n == 0 || g->n_entry == 0) return KST_OK;
     uint8_t *reach = kst_calloc(n, 1, "kv graph reachability", err);
     uint8_t *tree = kst_calloc(n, g->M, "kv graph reachability", err);
     uint32_t *queue = kst_malloc(n, sizeof(uint32_t), "kv graph reachability", err);
-    uint32_t *cand = kst_malloc(n < 4096 ? n : 4096, sizeof(uint32_t), "kv graph reachability", err);
     float *xa = kst_malloc(d, sizeof(float), "kv graph reachability", err);
-    if (!reach || !tree || !queue || !cand || !xa) {
-        kst_free(reach), kst_free(tree), kst_free(queue), kst_free(cand), kst_free(xa);
+    if (!reach || !tree || !queue || !xa) {
+        kst_free(reach), kst_free(tree), kst_free(queue), kst_free(xa);
         return KST_ERR_NOMEM;
     }
     for (size_t e = 0; e < g->n_entry; e++) reach_from(g, reach, tree, queue, &qt, g->entry[e]);
     /* the edges nodes were reached through are never replaced, so a node once reachable stays
-     * so; the fallback's candidates: up to 4,096 evenly spaced nodes, then every node */
-    size_t nc = n < 4096 ? n : 4096;
-    for (size_t c = 0; c < nc; c++) cand[c] = (uint32_t)(c * n / nc);
+     * so; the fallback: up to 4,096 evenly spaced nodes, then every node */
+    size_t spaced = n > 4096 ? n / 4096 : 1;
     while (qt < n) {
-        size_t a = reach_pass(g, K, f16, d, reach, tree, queue, &qt, NULL, 0, xa);
-        if (!a) a = reach_pass(g, K, f16, d, reach, tree, queue, &qt, cand, nc, xa);
-        for (size_t lo = 0; !a && nc < n && lo < n; lo += nc) { /* (every node, a block at a time) */
-            size_t m = n - lo < nc ? n - lo : nc;
-            for (size_t c = 0; c < m; c++) cand[c] = (uint32_t)(lo + c);
-            a = reach_pass(g, K, f16, d, reach, tree, queue, &qt, cand, m, xa);
-            for (size_t c = 0; c < nc; c++) cand[c] = (uint32_t)(c * n / nc);
-        }
+        size_t a = reach_pass(g, K, f16, d, reach, tree, queue, &qt, 0, xa);
+        if (!a) a = reach_pass(g, K, f16, d, reach, tree, queue, &qt, spaced, xa);
+        if (!a && spaced > 1) a = reach_pass(g, K, f16, d, reach, tree, queue, &qt, 1, xa);
         if (!a) break; /* (no reachable node has a slot left) */
-        *added += a;
     }
     /* the edges each node was first reached through are kept from now on (never replaced by a
      * later key's back edge), so the graph stays connected as keys are added */
     for (size_t i = 0; i < n * g->M; i++)
         if (tree[i]) g->adist[i] = -1.0f;
-    kst_free(reach), kst_free(tree), kst_free(queue), kst_free(cand), kst_free(xa);
+    kst_free(reach), kst_free(tree), kst_free(queue), kst_free(xa);
     return KST_OK;
 }
 
@@ -1298,10 +1289,7 @@ int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, c
      * by key-key search, in order; keys no query retrieved get all their edges this way. Without
      * it recall stalled near 0.98 on real heads (co-retrieval clusters left unreachable). */
     KST_TRY(link_range(g, K, f16, d, 0, n, n, err));
-    {
-        size_t added;
-        if (g->repair) KST_TRY(repair_reach(g, K, f16, d, &added, err));
-    }
+    if (g->repair) KST_TRY(repair_reach(g, K, f16, d, err));
     KST_TRY(codes_make(g, K, f16, n, d, err));
 done:
     kst_free(top);
