@@ -214,6 +214,7 @@ struct kst_kvc {
      * tier n, also the n best visited keys outside its pool (kst_kvg_scratch.tier); tau_all 1: the
      * tail's tau is the least of all those (else the top_k-th best's) */
     int att_ef, tau_all;
+    int tail_cap;         /* the capped tail estimate (tt_kap; 1 by default, KESTREL_KV_TAIL_CAP=0 off) */
     size_t tier;
     size_t tt_ch;         /* with strat: rows per chunk (stratum) (KESTREL_KV_TT_CH; 0: 512) */
     double strat;         /* the tail sample stratified by position (kv_tail.strat): each chunk's
@@ -496,6 +497,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->widen_early = getenv("KESTREL_KV_WIDEN_EARLY") ? atoi(getenv("KESTREL_KV_WIDEN_EARLY")) : 2;
     kst_kvc_set_spread_budget(c, 0, 0);
     c->tau_all = getenv("KESTREL_KV_TAU_ALL") ? atoi(getenv("KESTREL_KV_TAU_ALL")) != 0 : 0;
+    c->tail_cap = !(getenv("KESTREL_KV_TAIL_CAP") && atoi(getenv("KESTREL_KV_TAIL_CAP")) == 0);
     c->tt_ch = getenv("KESTREL_KV_TT_CH") ? (size_t)atol(getenv("KESTREL_KV_TT_CH")) : 0;
     kst_kvc_set_tail_clusters(c, 0, 0);
     kst_kvc_set_tail_share(c, 0);
@@ -1625,19 +1627,45 @@ static size_t tail_begin(kv_thread *t, const kv_tail *T, const uint32_t *rid, si
     return nex;
 }
 
+/* The capped estimate (kst_kvc.tail_cap; kv.h): a kept sample above tau stands for itself and, at
+ * tau's weight (the least a key the search missed above it weighs), for the rest of its ratio rho;
+ * so each adds cap = (1 - 1 / rho) exp(tau - mx) to the estimate, which is then weighted by rho.
+ * tt_kap: 1 - 1 / rho for chunk cc (rho: its stratum's keys not retrieved over its kept samples,
+ * or the whole sample's), 0 with the cap off. */
+static float tt_kap(const kst_kvc *c, const kv_tail *T, const size_t *mc, size_t cc, size_t nidx, size_t m,
+                    size_t kept, size_t nr, size_t nex_c) {
+    if (!c->tail_cap) return 0;
+    double rho;
+    if (T->strat) {
+        size_t N = T->b[cc + 1] - T->b[cc] + (cc == T->nc - 1 ? nidx - T->nidx : 0);
+        if (nr <= nex_c || N <= mc[cc]) return 0;
+        rho = (double)(N - mc[cc]) / (double)(nr - nex_c);
+    } else
+        rho = (double)(nidx - m) / (double)kept;
+    return rho > 1 ? (float)(1 - 1 / rho) : 0;
+}
+
 /* The kept samples whose score exceeds tau (the least retrieved score: keys the search should
- * have found) are not estimators of the rest: each is attended once, as if retrieved, and the
- * others stand for the indexed keys neither retrieved nor such (the ratio (|R| - na) / (kept -
- * na)). Weighted by the whole ratio, one missed top key sampled counted ~|R| / kept times (15 at
- * 32K, 2,048 samples) and single queries' errors reached 1-4 on SmolLM2's heads. tail_acc adds a
- * kept sample of weight w = exp(s - mx) (its chunk's frame) to the estimate (a, sa) or, above
- * thr = exp(tau - mx), to the exact part (x, sx), counting it in *na. */
-static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, float w, float thr,
+ * have found) are not plain estimators of the rest: each is attended once, as if retrieved.
+ * Weighted by the whole ratio, one missed top key sampled counted ~|R| / kept times (15 at 32K,
+ * 2,048 samples) and single queries' errors reached 1-4 on SmolLM2's heads. With the cap (the
+ * default, tt_kap) each also stands for the rest of its ratio at tau's weight, and every kept
+ * sample's ratio is rho; without it (KESTREL_KV_TAIL_CAP=0, before round 37) the others stand for
+ * the keys neither retrieved nor such (the ratio (|R| - na) / (kept - na)), which takes the
+ * missed keys above tau outside the sample for keys below it. tail_acc adds a kept sample of
+ * weight w = exp(s - mx) (its chunk's frame) to the estimate (a, sa) or, above thr = exp(tau -
+ * mx), to the exact part (x, sx), counting it in *na, and cap (its share at tau's weight) to the
+ * estimate. */
+static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, float w, float thr, float cap,
                      const kv_tail *T, size_t cc, size_t j, const char *Vc, int f16, size_t d) {
     if (w > thr) {
         *sx += w;
         (*na)++;
         tt_vaxpy(x, w, T, cc, j, Vc, f16, d);
+        if (cap > 0) {
+            *sa += cap;
+            tt_vaxpy(a, cap, T, cc, j, Vc, f16, d);
+        }
     } else {
         *sa += w;
         tt_vaxpy(a, w, T, cc, j, Vc, f16, d);
@@ -1656,7 +1684,7 @@ static float tw_least(const float *tw, size_t nt) {
  * part), where those hold at most 7/8 of the top's weight (else the difference would lose
  * precision); else row by row (tail_acc, *s0 their weights). Returns 1 where ot was used. */
 static int tail_top(float *oc, double *s0, float *ox, double *sx, size_t *na, const float *ot, const float *tw,
-                    const uint32_t *tp, size_t nt, uint64_t topx, float thr, const kv_tail *T, size_t cc,
+                    const uint32_t *tp, size_t nt, uint64_t topx, float thr, float cap, const kv_tail *T, size_t cc,
                     const char *Vc, int f16, size_t d) {
     double ttot = 0, trm = 0;
     for (size_t a = 0; ot && a < nt; a++) {
@@ -1665,13 +1693,13 @@ static int tail_top(float *oc, double *s0, float *ox, double *sx, size_t *na, co
     }
     if (!ot || !(trm <= ttot * 0.875)) {
         for (size_t a = 0; a < nt; a++)
-            if (!(topx >> a & 1)) tail_acc(oc, s0, ox, sx, na, tw[a], thr, T, cc, tp[a], Vc, f16, d);
+            if (!(topx >> a & 1)) tail_acc(oc, s0, ox, sx, na, tw[a], thr, cap, T, cc, tp[a], Vc, f16, d);
         return 0;
     }
     for (size_t i = 0; i < d; i++) oc[i] += ot[i];
     for (size_t a = 0; a < nt; a++) {
         if (!(topx >> a & 1) && !(tw[a] > thr)) continue;
-        tt_vaxpy(oc, -tw[a], T, cc, tp[a], Vc, f16, d);
+        tt_vaxpy(oc, (topx >> a & 1) ? -tw[a] : cap - tw[a], T, cc, tp[a], Vc, f16, d);
         if (!(topx >> a & 1)) { /* above tau: to the exact part (tail_acc) */
             *sx += tw[a];
             (*na)++;
@@ -1680,10 +1708,11 @@ static int tail_top(float *oc, double *s0, float *ox, double *sx, size_t *na, co
     }
     return 1;
 }
-/* The end of a tail estimate: the estimate's lse raised by the ratio, the exact part merged. */
+/* The end of a tail estimate: the estimate's lse raised by the ratio (cap: c->tail_cap), the exact part merged. */
 static void tail_end(float *o, float *lse, const float *oe, float lse_e, size_t nidx, size_t m,
-                     size_t kept, size_t na, size_t d) {
-    if (kept > na) *lse += (float)log((double)(nidx - m - na) / (double)(kept - na));
+                     size_t kept, size_t na, int cap, size_t d) {
+    if (cap) *lse += (float)log((double)(nidx - m) / (double)kept); /* (the capped estimate: every kept sample's ratio) */
+    else if (kept > na) *lse += (float)log((double)(nidx - m - na) / (double)(kept - na));
     else *lse = -INFINITY;
     kst_attn_merge(o, lse, oe, lse_e, d);
 }
@@ -1695,9 +1724,10 @@ static void tt_counts(const kv_tail *T, const uint32_t *rid, size_t m, size_t *m
     for (size_t c = 0; c < T->nc; c++) mc[c] = 0;
     for (size_t i = 0; i < m; i++) mc[rid[i] >= T->nidx ? T->nc - 1 : tt_stratum(T, rid[i])]++;
 }
-static float tt_lratio(const kv_tail *T, const size_t *mc, size_t cc, size_t nidx, size_t nr, size_t nex_c,
-                       size_t na) {
+static float tt_lratio(const kst_kvc *c, const kv_tail *T, const size_t *mc, size_t cc, size_t nidx, size_t nr,
+                       size_t nex_c, size_t na) {
     size_t N = T->b[cc + 1] - T->b[cc] + (cc == T->nc - 1 ? nidx - T->nidx : 0);
+    if (c->tail_cap) na = 0; /* (the capped estimate's ratio: every kept sample's) */
     size_t kept = nr - nex_c, out = mc[cc] + na;
     if (kept <= na || N <= out) return -INFINITY;
     return (float)log((double)(N - out) / (double)(kept - na));
@@ -1732,7 +1762,7 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
         const char *Vc = T->q8 ? NULL : (const char *)T->V + j0 * rowb;
         if (e - e0 == nr) continue; /* the whole chunk retrieved */
-        float thr = expf(tau - T->mx[ix]);
+        float thr = expf(tau - T->mx[ix]), kap = tt_kap(c, T, mc, cc, nidx, m, kept, nr, e - e0), cap = kap * thr;
         double sum = T->sum[ix], sub = 0, sx = 0;
         uint64_t topx = 0; /* the top samples retrieved (bit a: tp[a]) */
         memcpy(oc, T->o + ix * d, d * sizeof(float));
@@ -1753,7 +1783,7 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         }
         double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
-            if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
+            if (!(topx >> a & 1)) rest += tw[a] > thr ? cap : tw[a];
         for (size_t a = 0; c->widen > 0 && a < nt; a++) /* the adaptive budget's signal (widen_pick) */
             if (!(topx >> a & 1) && tw[a] > 0) t->tlw[t->ntlw++] = logf(tw[a]) + T->mx[ix];
         if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw_least(tw, nt) > thr) || !(rest > 0) ||
@@ -1772,23 +1802,23 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
                     for (size_t a = 0; a < nt; a++)
                         if (tp[a] == j) wj = tw[a];
                 if (wj == 0) continue;
-                tail_acc(oc, &s2, ox, &sx, &na, wj, thr, T, cc, j, Vc, op->f16, d);
+                tail_acc(oc, &s2, ox, &sx, &na, wj, thr, cap, T, cc, j, Vc, op->f16, d);
             }
-            float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
+            float lr = T->strat ? tt_lratio(c, T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, T->mx[ix] + lr, d); /* 0 when every kept weight underflowed */
         } else {
             double s0 = 0; /* the top samples (with the item's sum of them) */
-            if (tail_top(oc, &s0, ox, &sx, &na, c->topsum_off ? NULL : T->ot + ix * d, tw, tp, nt, topx, thr, T, cc, Vc,
+            if (tail_top(oc, &s0, ox, &sx, &na, c->topsum_off ? NULL : T->ot + ix * d, tw, tp, nt, topx, thr, cap, T, cc, Vc,
                          op->f16, d) &&
                 c->prof)
                 t->p_topsum++;
-            float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
+            float lr = T->strat ? tt_lratio(c, T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, T->mx[ix] + lr, d);
         }
         kst_attn_merge_sum(oe, &lse_e, ox, sx, T->mx[ix], d);
     }
     if (T->strat) kst_attn_merge(o, lse, oe, lse_e, d);
-    else tail_end(o, lse, oe, lse_e, nidx, m, kept, na, d);
+    else tail_end(o, lse, oe, lse_e, nidx, m, kept, na, c->tail_cap, d);
     return kept;
 }
 
@@ -1840,7 +1870,7 @@ static size_t tail_clusters(kv_thread *t, const kst_kvc *c, const kv_hstore *H, 
     size_t tot = kst_kvtc_plan(T, cs, c->tc_temp, rid, m, B, t->tcu, t->tcu + C, t->tcf);
     if (tot)
         kept = kst_kvtc_partial(T, q, H->K, H->V, op->f16, d, op->scale, op->sinks, t->tmark, t->tcu,
-                                t->tcu + C, tau, t->tcr, t->tcs, t->tcs + B, o, lse);
+                                t->tcu + C, tau, c->tail_cap, t->tcr, t->tcs, t->tcs + B, o, lse);
     else {
         memset(o, 0, d * sizeof(float));
         *lse = -INFINITY;
@@ -1875,7 +1905,7 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
         while (e < nex && t->sret[e] < j0 + nr) e++;
         if (e - e0 == nr) continue; /* the whole chunk retrieved */
         const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVGPU_TT_TOP;
-        float mx = ic[0], thr = expf(tau - mx);
+        float mx = ic[0], thr = expf(tau - mx), kap = tt_kap(c, T, mc, cc, nidx, m, kept, nr, e - e0), cap = kap * thr;
         size_t nt = nr < KST_KVGPU_TT_TOP ? nr : KST_KVGPU_TT_TOP;
         uint32_t tp[KST_KVGPU_TT_TOP]; /* (int32 bits, non-negative) */
         memcpy(tp, ic + 2 + d, nt * sizeof(uint32_t));
@@ -1899,7 +1929,7 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
         }
         double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
-            if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
+            if (!(topx >> a & 1)) rest += tw[a] > thr ? cap : tw[a];
         for (size_t a = 0; c->widen > 0 && a < nt; a++) /* the adaptive budget's signal (widen_pick; none without it) */
             if (!(topx >> a & 1) && tw[a] > 0) t->tlw[t->ntlw++] = logf(tw[a]) + mx;
         if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw_least(tw, nt) > thr) || !(rest > 0) ||
@@ -1930,24 +1960,24 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                     continue;
                 }
                 if (!(w[j] > 0)) continue;
-                tail_acc(oc, &s2, ox, &sx, &na, w[j], thk, T, cc, j, Vc, op->f16, d);
+                tail_acc(oc, &s2, ox, &sx, &na, w[j], thk, kap * thk, T, cc, j, Vc, op->f16, d);
             }
-            float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
+            float lr = T->strat ? tt_lratio(c, T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, mk + lr, d);
             kst_attn_merge_sum(oe, &lse_e, ox, sx, mk, d);
         } else {
             double s0 = 0; /* the best rows (with their sum of w V from the GPU's items) */
             if (tail_top(oc, &s0, ox, &sx, &na, c->topsum_off ? NULL : ic + 2 + d + 2 * KST_KVGPU_TT_TOP, tw, tp, nt, topx,
-                         thr, T, cc, Vc, op->f16, d) &&
+                         thr, cap, T, cc, Vc, op->f16, d) &&
                 c->prof)
                 t->p_topsum++;
-            float lr = T->strat ? tt_lratio(T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
+            float lr = T->strat ? tt_lratio(c, T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, mx + lr, d);
             kst_attn_merge_sum(oe, &lse_e, ox, sx, mx, d);
         }
     }
     if (T->strat) kst_attn_merge(o, lse, oe, lse_e, d);
-    else tail_end(o, lse, oe, lse_e, nidx, m, kept, na, d);
+    else tail_end(o, lse, oe, lse_e, nidx, m, kept, na, c->tail_cap, d);
     return kept;
 }
 
@@ -3262,7 +3292,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                         /* (the retrieved keys' scores: the search's where it re-scored them) */
                         const float *rs = rid == c->ids_all + h * ks && c->group <= 0 && c->il > 0 ? c->sc_all + h * ks : NULL;
                         kept = kst_kvsc_finish(&H->sc, its, scst, qh, H->K, H->V, o->f16, d, o->scale, o->sinks, rid, rs, m,
-                                               tau, t->scu, t->buf, t->o2, &lse_t);
+                                               tau, c->tail_cap, t->scu, t->buf, t->o2, &lse_t);
                         kst_attn_merge(oh, &lse, t->o2, lse_t, d);
                         if (c->widen && kept) { /* the adaptive budget's signal: the items' best rows left out */
                             t->ntlw = kst_kvsc_best(&H->sc, its, scst, d, rid, m, t->tlw, t->tlk);

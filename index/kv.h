@@ -204,11 +204,17 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
  * it anew every step; the keys indexed since are represented by it), minus the retrieved ones,
  * are attended as one more partial whose lse is raised by log(|R| / sampled), so their exp-sum
  * stands for R's (a ratio estimator of the rest of the softmax mass and of its value mean), and
- * merged like the others. A sampled key that scores above the least retrieved one (a key the
- * search missed) is not an estimator of the rest: it is attended once, as if retrieved, and the
- * ratio of the others becomes (|R| - a) / (sampled - a) for a such keys (weighted by the whole
- * ratio, one missed top key counted ~|R| / sampled times: 15 at 32K tokens and 2,048 samples,
- * single queries' errors reached 1-4 on SmolLM2's heads). With m >=
+ * merged like the others. A sampled key that scores above tau, the least retrieved one (a key
+ * the search missed), is not weighted by the whole ratio rho = |R| / sampled (one missed top key
+ * counted ~rho times: 15 at 32K tokens and 2,048 samples, single queries' errors reached 1-4 on
+ * SmolLM2's heads). It is capped (the default since round 37): it weighs exp(s) + (rho - 1)
+ * exp(tau), attended once and standing for the rest of its ratio at tau's weight, the least a key
+ * missed above tau weighs, while the others keep rho. So the keys above tau that the sample
+ * holds stand for those it does not hold, at a bounded weight. KESTREL_KV_TAIL_CAP=0 restores the
+ * rule before round 37: attended once, the others' ratio (|R| - a) / (sampled - a) for a such
+ * keys, which took the missed keys above tau outside the sample for keys below it (Gemma 3's
+ * heads at 32K: mean error 18% higher at the default budget; tests/bench/README.md, round 37).
+ * In the stratified and clustered samples rho is the stratum's or the cluster's. With m >=
  * indexed every key of R is sampled once and the result is full attention again. The sample's
  * rows are kept per KV head in one block (remade when the sample is drawn), scored and
  * summed once per step for all the query heads of the group; each head then takes out its
@@ -401,8 +407,9 @@ void kst_kvc_set_spread_budget(kst_kvc *c, float strata, size_t tier);
  * are then drawn each step, for each query head, from the clusters where its attention is (the
  * plan: n_c proportional to the cluster's keys left out times exp(temp * its centroid's scaled
  * score)), each cluster its own ratio, on the CPU from the cache's rows (no sample on the GPU);
- * a sample above tau (the least retrieved score) weighted 1 (kst_kvtc_partial's tau; the shared
- * sample without the cache, kst_kvtc_group_finish, keeps sums only and does not). 0: the evenly
+ * a sample above tau (the least retrieved score) capped as the evenly spaced sample's
+ * (kst_kvc_attend; kst_kvtc_partial's tau; the shared sample without the cache,
+ * kst_kvtc_group_finish, keeps sums only and does not). 0: the evenly
  * spaced (or stratified) sample. temp <= 0: 0.7. The environment overrides both
  * (KESTREL_KV_TCLUST, KESTREL_KV_TCLUST_T). Applies at the next build. With it the adaptive
  * budget (opts.widen) does not widen: its prediction reads the evenly spaced sample's best rows
@@ -423,7 +430,7 @@ void kst_kvc_set_tail_share(kst_kvc *c, int on);
  * (at most 256 a KV head and step, KESTREL_KV_TCACHE_UP; more while the table fills) and those
  * pushed in by keys joining a prefix (up to 4,096 rows in one copy; more, as a whole table or one
  * filling, in copies of 2,048: the staging, pinned and on the GPU, stays a step's size); each held row weighted len_c / m_c, the retrieved ones
- * taken out as the GPU's tail items are, a chunk's best rows above tau weighted 1 (kst_kvsc_finish). The step after a build (or the first)
+ * taken out as the GPU's tail items are, a chunk's best rows above tau capped (kst_kvsc_finish). The step after a build (or the first)
  * plans from its own scores and estimates as without the cache. Without the GPU, or with the tail
  * kept off it (kst_kvc_set_tail_gpu(c, 0), kst_kvc_set_tail_topsum(c, 0)), its items are made on
  * the CPU (the same estimate). KESTREL_KV_TCACHE=0/1 and KESTREL_KV_TCACHE_CAP=n in the

@@ -384,7 +384,7 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
 
 size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K, const void *V,
                        int f16, size_t d, float scale, size_t row0, const uint32_t *rid, const float *rs, size_t m,
-                       float tau, uint32_t *sl, float *sc, float *o, float *lse) {
+                       float tau, int cap, uint32_t *sl, float *sc, float *o, float *lse) {
     memset(o, 0, d * sizeof(float));
     *lse = -INFINITY;
     /* the retrieved rows held, listed by chunk: entry e (slot sl[2e], index in rid sl[2e + 1]),
@@ -435,7 +435,8 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
             } else if (tw[a] > thr) { /* (s + lw > tau: then s > tau where exp(s - mx) = tw iw > thr) */
                 float iw = S->iw[S->cid[j0 + tp[a]]];
                 if (iw < 1 && tw[a] * iw > thr) {
-                    dw[a] = tw[a] - tw[a] * iw;
+                    /* (with the cap it keeps (1 / iw - 1) thr: the rest of its ratio at tau's weight) */
+                    dw[a] = cap ? (1 - iw) * (tw[a] - thr / iw) : tw[a] - tw[a] * iw;
                     trm += dw[a];
                 }
             }
@@ -467,7 +468,9 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
                 sc[j] = -INFINITY;
                 if (x == KST_KVSC_FREE || (rb[j >> 6] >> (j & 63) & 1)) continue;
                 sc[j] = sc_dot(S, q, K, row0, j0 + j, f16, d) * scale;
-                if (!(sc[j] > tau) || !(tb[j >> 6] >> (j & 63) & 1)) sc[j] += S->lw[S->cid[j0 + j]];
+                float lw = S->lw[S->cid[j0 + j]];
+                if (!(sc[j] > tau) || !(tb[j >> 6] >> (j & 63) & 1)) sc[j] += lw;
+                else if (cap && lw > 0) sc[j] += log1pf(expm1f(lw) * expf(tau - sc[j]));
                 if (sc[j] > mk) mk = sc[j];
             }
             if (!(mk > -INFINITY)) continue;

@@ -136,14 +136,16 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
  * retrieved outside the best hold all but KST_KVSC_KEEP of the sum (the difference would lose
  * precision: the items' float sums are good to ~1e-6 of the sum), the chunk's rows outside R are
  * scored and summed anew. tau (scaled, as s; INFINITY: none): a best row outside R whose s is
- * above it is a key the retrieval should have found, and is weighted 1 instead of len_c / m_c
- * (attended once, as the evenly spaced tail's samples above tau are: one such row weighted by its
- * cluster's len_c / m_c put single queries' errors at 0.1-0.2 on SmolLM2 at 128K). sl: scratch of
- * 3 m uint32, sc: of S->ch floats. Returns the rows that stood for the rest (held, outside R). */
+ * above it is a key the retrieval should have found, and is not weighted len_c / m_c (one such row
+ * weighted so put single queries' errors at 0.1-0.2 on SmolLM2 at 128K): with cap 0 it is weighted
+ * 1 (attended once); with cap 1 (kv.h's capped estimate, the library's default) it weighs exp(s) +
+ * (len_c / m_c - 1) exp(tau), itself once and the rest of its ratio at tau's weight, as the evenly
+ * spaced tail's samples above tau do. sl: scratch of 3 m uint32, sc: of S->ch floats. Returns the
+ * rows that stood for the rest (held, outside R). */
 #define KST_KVSC_KEEP (1.0 / 32)
 size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K, const void *V,
                        int f16, size_t d, float scale, size_t row0, const uint32_t *rid, const float *rs, size_t m,
-                       float tau, uint32_t *sl, float *sc, float *o, float *lse);
+                       float tau, int cap, uint32_t *sl, float *sc, float *o, float *lse);
 
 /* The adaptive budget's signal (kv.h, opts.widen): the best rows of a query head's items (it,
  * S->nc of them st floats apart; each chunk's KST_KVSC_TOP) outside the m retrieved ids rid, each

@@ -320,7 +320,8 @@ size_t kst_kvtc_plan(const kst_kvtc *T, const float *cs, float temp, const uint3
 
 size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const void *V, int f16, size_t d,
                         float scale, size_t row0, const uint8_t *mark, const uint32_t *ns,
-                        const uint32_t *rc, float tau, int64_t *rows, float *s, float *sc, float *o, float *lse) {
+                        const uint32_t *rc, float tau, int cap, int64_t *rows, float *s, float *sc, float *o,
+                        float *lse) {
     size_t n = 0;
     /* the samples, each with its cluster's log ratio (in s until scored) */
     for (size_t c = 0; c < T->C; c++) {
@@ -357,7 +358,8 @@ size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const 
             if (j + TC_PB < n)
                 for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (size_t)rows[j + TC_PB] * rowb + b);
             float r = scale * kst_kv_dot(q, Kb + (size_t)rows[j] * rowb, f16, d);
-            w[j - j0] = r > tau ? r : r + scale * s[j]; /* (above tau: itself only) */
+            /* (above tau: itself once, and with the cap the rest of its ratio at tau's weight) */
+            w[j - j0] = !(r > tau) ? r + scale * s[j] : cap && s[j] > 0 ? r + log1pf(expm1f(scale * s[j]) * expf(tau - r)) : r;
             if (w[j - j0] > bm) bm = w[j - j0];
         }
         if (bm > mx) {

@@ -64,9 +64,11 @@ static inline void wsum_rows64(double *out, const double *w, const float *V, siz
  * (token positions) exact; the nidx indexed keys split into nc strata of nd keys when the sample
  * was drawn (f <= 1: one, the uniform sample of test_kv.c), stratum c (from the oldest) f^(nc-1-c) times as long as the nearest's,
  * bounds rounded, the keys indexed since the draw in the last; in each, nr_c = min(512, ns - 512 c)
- * keys at floor((2i + 1) N_c / (2 nr_c)); the sampled keys not retrieved (kept) that score above
- * the least retrieved key attended once (na), the others weighted (N_c - m_c - na_c) / (kept_c -
- * na_c) in their stratum. Returns kept (all strata); adds the na to *nabove. */
+ * keys at floor((2i + 1) N_c / (2 nr_c)); the sampled keys not retrieved (kept) weighted rho_c =
+ * (N_c - m_c) / kept_c in their stratum, except those that score above tau, the least retrieved
+ * key's (na of them): each weighs exp(l) + (rho_c - 1) exp(tau), itself once and the rest of its
+ * ratio at tau's weight (kv.h's capped estimate, the library's default). Returns kept (all
+ * strata); adds the na to *nabove. */
 static inline size_t tail_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d,
                                 size_t sinks, size_t window, const int64_t *rid, size_t m, size_t nd, size_t ns,
                                 double f, size_t *nabove) {
@@ -111,11 +113,12 @@ static inline size_t tail_ref64(double *out, const float *q, const float *K, con
         }
         kept_all += kept;
         *nabove += na;
+        double rho = kept ? (double)(N - mc) / (double)kept : 0;
         for (size_t i = 0; i < nr; i++) {
             size_t x = lo + (2 * i + 1) * N0 / (2 * nr);
             if (ret[x]) continue;
-            w[sinks + x] = exp(l[sinks + x] - mx);
-            if (!(l[sinks + x] > tau)) w[sinks + x] *= (double)(N - mc - na) / (double)(kept - na);
+            w[sinks + x] = l[sinks + x] > tau ? exp(l[sinks + x] - mx) + (rho - 1) * exp(tau - mx)
+                                              : rho * exp(l[sinks + x] - mx);
         }
     }
     wsum_rows64(out, w, V, n, d);

@@ -112,10 +112,11 @@ static inline double tc_exact64(double *l, double *w, uint8_t *ret, const float 
 /* The clustered estimator's float64 reference for one query head (kv_tclust.h): positions below
  * sinks and from sinks + nidx on (sinks, pending tokens, window) and the m retrieved positions
  * pos exact; in cluster c of T (ns NULL: no estimate) its first ns[c] members not retrieved, each
- * weighted r_c / ns[c], r_c its members not retrieved (counted here), or 1 where it scores above
- * tau, the least retrieved score (kst_kvtc_partial). K, V: the KV head's rows (n, d). Returns the
- * keys sampled. */
-static size_t tc_tau_ones; /* samples tc_ref64 weighted 1 (above tau), for the suites to report */
+ * weighted r_c / ns[c], r_c its members not retrieved (counted here), or, where it scores above
+ * tau, the least retrieved score, weighing exp(l) + (r_c / ns[c] - 1) exp(tau): itself once, the
+ * rest of its ratio at tau's weight (kst_kvtc_partial with the cap, the library's default). K, V:
+ * the KV head's rows (n, d). Returns the keys sampled. */
+static size_t tc_tau_ones; /* samples tc_ref64 weighted so (above tau), for the suites to report */
 static inline size_t tc_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d, double scale,
                        size_t sinks, size_t nidx, const int64_t *pos, size_t m, const kst_kvtc *T,
                        const uint32_t *ns) {
@@ -135,7 +136,8 @@ static inline size_t tc_ref64(double *out, const float *q, const float *K, const
             if (ret[x]) continue;
             if (x >= nidx) fail_msg("cluster %zu holds node %u of %zu indexed", c, x, nidx);
             tc_tau_ones += l[sinks + x] > tau;
-            w[sinks + x] = (l[sinks + x] > tau ? 1.0 : ratio) * exp(l[sinks + x] - mx);
+            w[sinks + x] = l[sinks + x] > tau ? exp(l[sinks + x] - mx) + (ratio - 1) * exp(tau - mx)
+                                              : ratio * exp(l[sinks + x] - mx);
             got++;
         }
         if (got != ns[c]) fail_msg("cluster %zu: %u samples planned, %zu keys not retrieved", c, ns[c], got);

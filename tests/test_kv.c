@@ -711,7 +711,8 @@ static void test_tail_sample_kept_across_appends(void **state) {
         }
         if (s == 2) nd = at - sinks - window; /* grown by more than 1/64: drawn at this step */
         /* ef 256 (a search that finds the top 16) and ef 16 (one that misses some: sampled keys
-         * above the least retrieved are then attended once) */
+         * above the least retrieved are then capped: attended once, the rest of their ratio at
+         * the least retrieved key's weight) */
         for (int qi = 0; qi < 8; qi++) {
             float out[32];
             double ref[32];
@@ -734,7 +735,7 @@ static void test_tail_sample_kept_across_appends(void **state) {
                              "%.7g, float64 estimator %.7g", at - n0, qi, ef, na, j, out[j], ref[j]);
         }
     }
-    print_message("tail across appends: %zu sampled keys above the least retrieved (attended once)\n", above);
+    print_message("tail across appends: %zu sampled keys above the least retrieved (capped)\n", above);
     if (above == 0) fail_msg("no search missed a sampled key: the test does not reach the rule");
     kst_kv_free(kv);
     free(K);

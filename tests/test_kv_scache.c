@@ -489,16 +489,16 @@ static float *make_items(const kst_kvsc *S, const float *Q, size_t G, const sc_r
 }
 
 /* Head g's finish with scratch of exactly 3 m uint32 and ch floats (stale, their own allocations);
- * rs: the retrieved keys' unscaled scores (float64 dots rounded), or NULL. */
+ * rs: the retrieved keys' unscaled scores (float64 dots rounded), or NULL; cap: kst_kvsc_finish's. */
 static size_t finish(const kst_kvsc *S, const float *it, size_t st, size_t g, const float *q, const sc_rows *R, float scale,
-                     const uint32_t *rid, const float *rs, size_t m, float tau, float *o, float *lse) {
+                     const uint32_t *rid, const float *rs, size_t m, float tau, int cap, float *o, float *lse) {
     uint32_t *sl = malloc((m ? 3 * m : 1) * sizeof *sl);
     float *sc = malloc(S->ch * sizeof *sc);
     memset(sl, 0x7f, (m ? 3 * m : 1) * sizeof *sl);
     memset(sc, 0x7f, S->ch * sizeof *sc);
     for (size_t i = 0; i < R->d; i++) o[i] = NAN;
     size_t got = kst_kvsc_finish(S, it + g * S->nc * st, st, q, rows_K(R), rows_V(R), R->f16, R->d, scale, R->row0, rid, rs,
-                                 m, tau, sl, sc, o, lse);
+                                 m, tau, cap, sl, sc, o, lse);
     free(sl);
     free(sc);
     return got;
@@ -508,10 +508,12 @@ static size_t finish(const kst_kvsc *S, const float *it, size_t st, size_t g, co
  * (pre: the prefixes held) that is outside R (mark) weighted len_c / pre[c]; lse = log sum w
  * exp(s), o = sum w exp(s) v / sum w exp(s); o 0 and lse -inf where no such member. wt (may be
  * NULL): the weight replaced by wt[c] (test 4's wrong weights; 0 drops the cluster); one (may be
- * NULL): members x with one[x] weighted 1 (keys above tau, kst_kvsc_finish). Returns the members
- * summed. */
+ * NULL): members x with one[x] (keys above tau, kst_kvsc_finish) weighted 1 (cap 0), or weighing
+ * exp(s) + (len_c / pre[c] - 1) exp(tau) (cap 1: itself once, the rest of its ratio at tau's
+ * weight). Returns the members summed. */
 static size_t est_ref64(double *o, double *lse, const kst_kvtc *T, const uint32_t *pre, const double *wt,
-                        const sc_rows *R, const float *q, double scale, const uint8_t *mark, const uint8_t *one) {
+                        const sc_rows *R, const float *q, double scale, const uint8_t *mark, const uint8_t *one,
+                        double tau, int cap) {
     size_t d = R->d, used = 0;
     double mx = -INFINITY, sum = 0, *lw = malloc(T->C * sizeof *lw);
     for (size_t i = 0; i < d; i++) o[i] = 0;
@@ -528,6 +530,7 @@ static size_t est_ref64(double *o, double *lse, const kst_kvtc *T, const uint32_
             uint32_t x = T->mem[c][j];
             if (mark[x]) continue;
             double e = exp(score64(R, q, x, scale) + (one && one[x] ? 0 : lw[c]) - mx);
+            if (one && one[x] && cap) e += expm1(lw[c]) * exp(tau - mx);
             used++;
             sum += e;
             const float *v = R->V + (R->row0 + x) * d;
@@ -703,7 +706,7 @@ static void test_items_finish(void **state) {
                     char what[128];
                     snprintf(what, sizeof what, "%s, table of %zu, head %zu, R case %d (%zu ids)", f16 ? "float16" : "float32",
                              S.cap, g, rc, m);
-                    size_t rgot = est_ref64(ro, &rlse, &T, S.m, NULL, &R, q, scale, mark, NULL);
+                    size_t rgot = est_ref64(ro, &rlse, &T, S.m, NULL, &R, q, scale, mark, NULL, INFINITY, 0);
                     /* every other case with the retrieved keys' scores given (as the search's: float64
                      * dots rounded to float), the others made from the keys */
                     float *rs = NULL;
@@ -711,7 +714,7 @@ static void test_items_finish(void **state) {
                         rs = malloc((m ? m : 1) * sizeof *rs);
                         for (size_t i = 0; i < m; i++) rs[i] = (float)(score64(&R, q, rid[i], 1.0));
                     }
-                    size_t got = finish(&S, it, st, g, q, &R, scale, rid, rs, m, INFINITY, o, &lse);
+                    size_t got = finish(&S, it, st, g, q, &R, scale, rid, rs, m, INFINITY, 1, o, &lse);
                     free(rs);
                     double dev = check_out(what, o, lse, got, ro, rlse, rgot, d);
                     worst = dev > worst ? dev : worst;
@@ -720,7 +723,8 @@ static void test_items_finish(void **state) {
                     classify(&S, &T, &R, q, scale, mark, xs, ws);
                     checks++;
                     /* tau: between two of the best chunk's best scores outside R (1 to 4 above it);
-                     * the best rows of every chunk outside R above it weighted 1 (one). A tau is
+                     * the best rows of every chunk outside R above it (one) weighted 1 (cap 0) or
+                     * capped (cap 1, the library's default). A tau is
                      * taken where no row above it lies within 2 places of the best rows' edge and
                      * none within 1e-3 of it (float ranks and scores then decide as float64's) */
                     if (rc != 5 && rc != 6) {
@@ -754,20 +758,22 @@ static void test_items_finish(void **state) {
                             }
                             if (!ok || !n1) continue;
                             double r0[64], r0lse;
-                            est_ref64(r0, &r0lse, &T, S.m, NULL, &R, q, scale, mark, NULL);
-                            rgot = est_ref64(ro, &rlse, &T, S.m, NULL, &R, q, scale, mark, one);
-                            got = finish(&S, it, st, g, q, &R, scale, rid, NULL, m, (float)tau, o, &lse);
-                            snprintf(what, sizeof what, "%s, table of %zu, head %zu, R case %d, tau with %zu rows above",
-                                     f16 ? "float16" : "float32", S.cap, g, rc, n1);
-                            dev = check_out(what, o, lse, got, ro, rlse, rgot, d);
-                            worst = dev > worst ? dev : worst;
-                            for (size_t i = 0; i < d; i++) /* (the rows weighted 1 moved the estimate) */
-                                if (fabs(r0[i] - ro[i]) > 4 * (TOL_A + TOL_R * fabs(ro[i]))) {
-                                    tau_moved++;
-                                    break;
-                                }
-                            tau_rows += n1;
-                            checks++;
+                            est_ref64(r0, &r0lse, &T, S.m, NULL, &R, q, scale, mark, NULL, INFINITY, 0);
+                            for (int capd = 0; capd < 2; capd++) { /* (attended once; the library's capped estimate) */
+                                rgot = est_ref64(ro, &rlse, &T, S.m, NULL, &R, q, scale, mark, one, tau, capd);
+                                got = finish(&S, it, st, g, q, &R, scale, rid, NULL, m, (float)tau, capd, o, &lse);
+                                snprintf(what, sizeof what, "%s, table of %zu, head %zu, R case %d, tau with %zu rows above, cap %d",
+                                         f16 ? "float16" : "float32", S.cap, g, rc, n1, capd);
+                                dev = check_out(what, o, lse, got, ro, rlse, rgot, d);
+                                worst = dev > worst ? dev : worst;
+                                for (size_t i = 0; i < d; i++) /* (the rows above tau moved the estimate) */
+                                    if (fabs(r0[i] - ro[i]) > 4 * (TOL_A + TOL_R * fabs(ro[i]))) {
+                                        tau_moved++;
+                                        break;
+                                    }
+                                tau_rows += n1;
+                                checks++;
+                            }
                             break;
                         }
                     }
@@ -786,7 +792,7 @@ static void test_items_finish(void **state) {
     print_message("\n");
     for (int k = 0; k < K_N; k++)
         if (!g_kind[k]) fail_msg("finish's case '%s' never reached", k_names[k]);
-    print_message("items + finish with tau: %zu best rows above it weighted 1, the estimate moved past 4 tolerances in %zu "
+    print_message("items + finish with tau (cap 0 and 1): %zu best rows above it, the estimate moved past 4 tolerances in %zu "
                   "cases\n", tau_rows, tau_moved);
     if (tau_moved < 8) fail_msg("tau moved the estimate in %zu cases only", tau_moved);
     free(one);
@@ -881,8 +887,8 @@ static void test_unbiased(void **state) {
                     rt += exp(s[x] - mx);
                     if (S.m[T.of[x]]) ex += exp(s[x] - mx);
                 }
-            size_t got = finish(&S, it, st, g, q, &R, scale, rid, NULL, m, INFINITY, o, &lse);
-            size_t rgot = est_ref64(ro, &rlse, &T, S.m, NULL, &R, q, scale, mark, NULL);
+            size_t got = finish(&S, it, st, g, q, &R, scale, rid, NULL, m, INFINITY, 1, o, &lse);
+            size_t rgot = est_ref64(ro, &rlse, &T, S.m, NULL, &R, q, scale, mark, NULL, INFINITY, 0);
             char what[64];
             snprintf(what, sizeof what, "unbiasedness, trial %zu, head %zu", t, g);
             double dev = check_out(what, o, lse, got, ro, rlse, rgot, d);
@@ -890,10 +896,10 @@ static void test_unbiased(void **state) {
             est[0] = exp((double)lse - mx);
             est[1] = exp(rlse - mx);
             for (size_t c = 0; c < C; c++) wt[c] = S.A.ns[c] ? (double)T.len[c] / (double)S.A.ns[c] : 0;
-            est_ref64(ro, &rlse, &T, S.m, wt, &R, q, scale, mark, NULL);
+            est_ref64(ro, &rlse, &T, S.m, wt, &R, q, scale, mark, NULL, INFINITY, 0);
             est[2] = exp(rlse - mx);
             for (size_t c = 0; c < C; c++) wt[c] = S.m[c] ? 1 : 0;
-            est_ref64(ro, &rlse, &T, S.m, wt, &R, q, scale, mark, NULL);
+            est_ref64(ro, &rlse, &T, S.m, wt, &R, q, scale, mark, NULL, INFINITY, 0);
             est[3] = exp(rlse - mx);
             for (size_t w = 0; w < NW; w++) {
                 sum[g][w] += est[w] / ex;
@@ -939,8 +945,9 @@ static void test_unbiased(void **state) {
 /* The float64 reference of one query head's step: exact as tc_ref64 (sinks, the exact tail, the
  * retrieved positions pos); then every member at a place < pre[c] of cluster c of T not
  * retrieved, weighted len_c / pre[c] (pre: the cache's m snapshotted before the step, or the
- * step's shared plan; NULL: no estimate), or 1 where one[x] (may be NULL: cache_above_tau). Returns
- * those members. */
+ * step's shared plan; NULL: no estimate), or, where one[x] (may be NULL: cache_above_tau),
+ * weighing exp(s) + (len_c / pre[c] - 1) exp(tau), tau the least retrieved score (the library's
+ * capped estimate). Returns those members. */
 /* The table's 8-bit rows (tail_cache_q8) as kst_kv_q8 defines them: q = round(x * (127 / max |x|))
  * in float32, to nearest even, x ~ q * (max |x| / 127); out gets those values. */
 static float q8_row(const float *x, size_t d, int8_t *q, float *out) {
@@ -964,6 +971,8 @@ static size_t step_ref64(double *out, const float *q, const float *K, const floa
     float *Vm = NULL;
     size_t used = 0;
     mx = tc_exact64(l, w, ret, q, K, n, d, scale, sinks, nidx, pos, m);
+    double tau = INFINITY; /* (the least retrieved score) */
+    for (size_t i = 0; i < m; i++) tau = l[pos[i]] < tau ? l[pos[i]] : tau;
     if (Ks) {
         Vm = malloc(n * d * sizeof *Vm);
         memcpy(Vm, V, n * d * sizeof *Vm);
@@ -984,7 +993,7 @@ static size_t step_ref64(double *out, const float *q, const float *K, const floa
                 ls = dot64(q, Ks + (sinks + x) * d, d) * scale;
                 memcpy(Vm + (sinks + x) * d, Vs + (sinks + x) * d, d * sizeof *Vm);
             }
-            w[sinks + x] = (one && one[x] ? 1.0 : wc) * exp(ls - mx);
+            w[sinks + x] = one && one[x] ? exp(ls - mx) + (wc - 1) * exp(tau - mx) : wc * exp(ls - mx);
             used++;
         }
     }
@@ -1003,7 +1012,7 @@ static size_t step_ref64(double *out, const float *q, const float *K, const floa
  * kst_kvc_search as the step runs them; stats.sampled those members summed. out_keep (may be
  * NULL) gets the output. Returns stats.sampled. */
 static size_t g_insample;
-static size_t g_tau_ones, g_tau_amb, g_tau_heads; /* rows check_step_sc's references weighted 1 (above tau); heads not compared */
+static size_t g_tau_ones, g_tau_amb, g_tau_heads; /* rows check_step_sc's references capped (above tau); heads not compared */
 static size_t g_layer; /* the layer check_step_sc and snap_m read (0 but in test 7) */
 static int g_q8;       /* the caches made with tail_cache_q8: the estimator reads the 8-bit rows */
 /* The prefixes every KV head's cache holds now (pre[kh], C each), asserted planned, and its
@@ -1035,7 +1044,7 @@ static void snap_m(kst_kvc *c, uint32_t *const *pre, size_t C, const char *what)
     }
 }
 
-/* The held rows kst_kvsc_finish weights 1 for query head q (kv_scache.h, tau): in each chunk of
+/* The held rows kst_kvsc_finish counts above tau for query head q (kv_scache.h, tau): in each chunk of
  * the table snapshotted (g_snap[kh]), its KST_KVSC_TOP best rows by s + log(len_c / pre[c]) (s:
  * the score as the table holds the row, Ks, or K), those outside R (ret) of a cluster not held
  * whole that score above tau (the least retrieved score) get one[x] = 1. A row above tau within
@@ -1346,7 +1355,7 @@ static void run_steps(int gpu) {
                   "within %.3f of float64\n", gpu ? "gpu" : "cpu", nsteps, twin, sampled, g_insample, joined, g_maxoff);
     if (!joined) fail_msg("no appended key joined a cluster inside its held prefix");
     if (g_insample < 50) fail_msg("only %zu retrieved keys among the held rows (their terms taken out)", g_insample);
-    print_message("held rows above tau weighted 1 by the references: %zu; heads not compared (a row above tau at the "
+    print_message("held rows above tau capped by the references: %zu; heads not compared (a row above tau at the "
                   "best rows' edge or in a slot a join took): %zu of %zu\n", g_tau_ones, g_tau_amb, g_tau_heads);
     if (!g_tau_ones) fail_msg("no held row scored above tau: the missed keys' rule is not reached");
     if (g_tau_amb * 10 > g_tau_heads) fail_msg("%zu heads not compared of %zu", g_tau_amb, g_tau_heads);

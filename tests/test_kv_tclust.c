@@ -354,7 +354,7 @@ static void test_step_equals_estimator(void **state) {
         free(Q);
     }
     print_message("decode step: %zu steps equal to the float64 estimator, %zu keys sampled, %zu of them above tau "
-                  "(weighted 1)\n", steps, sampled, tc_tau_ones - ones0);
+                  "(capped)\n", steps, sampled, tc_tau_ones - ones0);
     /* top_k 4 / ef 16 leaves keys above the least retrieved one in the sample: the rule is met */
     if (tc_tau_ones == ones0) fail_msg("no sample scored above tau: the missed keys' rule is not reached");
 }
