@@ -94,4 +94,10 @@ size_t kst_kv_top(const float *w, size_t n, size_t k, float *tw, uint32_t *tp);
  * weights w_j = exp(s_j - mx) in the frame mx (v is scaled by 1 / s in place). s <= 0: no-op. */
 void kst_attn_merge_sum(float *o, float *lse, float *v, double s, float mx, size_t d);
 
+/* The capped tail estimate's shrinkage (index/kv.h, kst_kvc_attend): a query head's na sampled
+ * keys above tau stand for about na (rho - 1) unsampled ones, a count whose relative noise is
+ * 1 / sqrt(na); their part at tau's weight is taken down by na / (na + KST_KV_CAP_K0). */
+#define KST_KV_CAP_K0 4
+static inline float kst_kv_cap_shrink(size_t na) { return (float)na / (float)(na + KST_KV_CAP_K0); }
+
 #endif

@@ -214,7 +214,7 @@ struct kst_kvc {
      * tier n, also the n best visited keys outside its pool (kst_kvg_scratch.tier); tau_all 1: the
      * tail's tau is the least of all those (else the top_k-th best's) */
     int att_ef, tau_all;
-    int tail_cap;         /* the capped tail estimate (tt_kap; 1 by default, KESTREL_KV_TAIL_CAP=0 off) */
+    int tail_cap;         /* the capped tail estimate (tt_rho1; 1 by default, KESTREL_KV_TAIL_CAP=0 off) */
     size_t tier;
     size_t tt_ch;         /* with strat: rows per chunk (stratum) (KESTREL_KV_TT_CH; 0: 512) */
     double strat;         /* the tail sample stratified by position (kv_tail.strat): each chunk's
@@ -1628,12 +1628,14 @@ static size_t tail_begin(kv_thread *t, const kv_tail *T, const uint32_t *rid, si
 }
 
 /* The capped estimate (kst_kvc.tail_cap; kv.h): a kept sample above tau stands for itself and, at
- * tau's weight (the least a key the search missed above it weighs), for the rest of its ratio rho;
- * so each adds cap = (1 - 1 / rho) exp(tau - mx) to the estimate, which is then weighted by rho.
- * tt_kap: 1 - 1 / rho for chunk cc (rho: its stratum's keys not retrieved over its kept samples,
- * or the whole sample's), 0 with the cap off. */
-static float tt_kap(const kst_kvc *c, const kv_tail *T, const size_t *mc, size_t cc, size_t nidx, size_t m,
-                    size_t kept, size_t nr, size_t nex_c) {
+ * tau's weight (the least a key the search missed above it weighs), for the rest of its ratio rho:
+ * (rho - 1) exp(tau - mx) in its chunk's frame, summed apart (the cap partial) and merged at the
+ * end taken down by na / (na + KST_KV_CAP_K0) for the head's na such samples (kst_kv_cap_shrink:
+ * the count of unsampled keys above tau that na stands for is noisy where na is small). The other
+ * kept samples are weighted by rho. tt_rho1: rho - 1 for chunk cc (rho: its stratum's keys not
+ * retrieved over its kept samples, or the whole sample's), 0 with the cap off. */
+static float tt_rho1(const kst_kvc *c, const kv_tail *T, const size_t *mc, size_t cc, size_t nidx, size_t m,
+                     size_t kept, size_t nr, size_t nex_c) {
     if (!c->tail_cap) return 0;
     double rho;
     if (T->strat) {
@@ -1642,30 +1644,56 @@ static float tt_kap(const kst_kvc *c, const kv_tail *T, const size_t *mc, size_t
         rho = (double)(N - mc[cc]) / (double)(nr - nex_c);
     } else
         rho = (double)(nidx - m) / (double)kept;
-    return rho > 1 ? (float)(1 - 1 / rho) : 0;
+    return rho > 1 ? (float)(rho - 1) : 0;
+}
+/* The cap partial of a query head's estimate: a chunk's sums (a, s, its frame's), the partial
+ * (o, lse) they are merged into, n the samples given a cap term. */
+typedef struct {
+    float a[512], o[512], lse;
+    double s;
+    size_t n;
+} tt_cap;
+static void tt_cap_init(tt_cap *p, size_t d) {
+    memset(p->o, 0, d * sizeof(float));
+    p->lse = -INFINITY;
+    p->n = 0;
+}
+static void tt_cap_chunk(tt_cap *p, size_t d) {
+    memset(p->a, 0, d * sizeof(float));
+    p->s = 0;
+}
+/* A sample of chunk cc (row j) above tau into the chunk's sums: weight cw = (rho - 1) thr. */
+static void tt_cap_add(tt_cap *p, float cw, const kv_tail *T, size_t cc, size_t j, const char *Vc, int f16, size_t d) {
+    if (!(cw > 0)) return;
+    p->s += cw;
+    p->n++;
+    tt_vaxpy(p->a, cw, T, cc, j, Vc, f16, d);
+}
+/* The end of chunk: its sums merged into the partial (frame mx). */
+static void tt_cap_end(tt_cap *p, float mx, size_t d) { kst_attn_merge_sum(p->o, &p->lse, p->a, p->s, mx, d); }
+/* The partial merged into (o, *lse), taken down by kst_kv_cap_shrink(n). */
+static void tt_cap_merge(tt_cap *p, float *o, float *lse, size_t d) {
+    if (p->lse > -INFINITY && p->n) kst_attn_merge(o, lse, p->o, p->lse + logf(kst_kv_cap_shrink(p->n)), d);
 }
 
 /* The kept samples whose score exceeds tau (the least retrieved score: keys the search should
  * have found) are not plain estimators of the rest: each is attended once, as if retrieved.
  * Weighted by the whole ratio, one missed top key sampled counted ~|R| / kept times (15 at 32K,
  * 2,048 samples) and single queries' errors reached 1-4 on SmolLM2's heads. With the cap (the
- * default, tt_kap) each also stands for the rest of its ratio at tau's weight, and every kept
+ * default, tt_rho1) each also stands for the rest of its ratio at tau's weight, and every kept
  * sample's ratio is rho; without it (KESTREL_KV_TAIL_CAP=0, before round 37) the others stand for
  * the keys neither retrieved nor such (the ratio (|R| - na) / (kept - na)), which takes the
  * missed keys above tau outside the sample for keys below it. tail_acc adds a kept sample of
  * weight w = exp(s - mx) (its chunk's frame) to the estimate (a, sa) or, above thr = exp(tau -
- * mx), to the exact part (x, sx), counting it in *na, and cap (its share at tau's weight) to the
- * estimate. */
-static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, float w, float thr, float cap,
+ * mx), to the exact part (x, sx), counting it in *na, and cw = (rho - 1) thr to the cap partial's
+ * chunk sums (cp, tt_cap_add). */
+static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, float w, float thr, float cw, tt_cap *cp,
                      const kv_tail *T, size_t cc, size_t j, const char *Vc, int f16, size_t d) {
     if (w > thr) {
         *sx += w;
         (*na)++;
         tt_vaxpy(x, w, T, cc, j, Vc, f16, d);
-        if (cap > 0) {
-            *sa += cap;
-            tt_vaxpy(a, cap, T, cc, j, Vc, f16, d);
-        }
+        tt_cap_add(cp, cw, T, cc, j, Vc, f16, d);
     } else {
         *sa += w;
         tt_vaxpy(a, w, T, cc, j, Vc, f16, d);
@@ -1684,7 +1712,8 @@ static float tw_least(const float *tw, size_t nt) {
  * part), where those hold at most 7/8 of the top's weight (else the difference would lose
  * precision); else row by row (tail_acc, *s0 their weights). Returns 1 where ot was used. */
 static int tail_top(float *oc, double *s0, float *ox, double *sx, size_t *na, const float *ot, const float *tw,
-                    const uint32_t *tp, size_t nt, uint64_t topx, float thr, float cap, const kv_tail *T, size_t cc,
+                    const uint32_t *tp, size_t nt, uint64_t topx, float thr, float cw, tt_cap *cp,
+                    const kv_tail *T, size_t cc,
                     const char *Vc, int f16, size_t d) {
     double ttot = 0, trm = 0;
     for (size_t a = 0; ot && a < nt; a++) {
@@ -1693,16 +1722,17 @@ static int tail_top(float *oc, double *s0, float *ox, double *sx, size_t *na, co
     }
     if (!ot || !(trm <= ttot * 0.875)) {
         for (size_t a = 0; a < nt; a++)
-            if (!(topx >> a & 1)) tail_acc(oc, s0, ox, sx, na, tw[a], thr, cap, T, cc, tp[a], Vc, f16, d);
+            if (!(topx >> a & 1)) tail_acc(oc, s0, ox, sx, na, tw[a], thr, cw, cp, T, cc, tp[a], Vc, f16, d);
         return 0;
     }
     for (size_t i = 0; i < d; i++) oc[i] += ot[i];
     for (size_t a = 0; a < nt; a++) {
         if (!(topx >> a & 1) && !(tw[a] > thr)) continue;
-        tt_vaxpy(oc, (topx >> a & 1) ? -tw[a] : cap - tw[a], T, cc, tp[a], Vc, f16, d);
-        if (!(topx >> a & 1)) { /* above tau: to the exact part (tail_acc) */
+        tt_vaxpy(oc, -tw[a], T, cc, tp[a], Vc, f16, d);
+        if (!(topx >> a & 1)) { /* above tau: to the exact part, and the cap partial (tail_acc) */
             *sx += tw[a];
             (*na)++;
+            tt_cap_add(cp, cw, T, cc, tp[a], Vc, f16, d);
             tt_vaxpy(ox, tw[a], T, cc, tp[a], Vc, f16, d);
         }
     }
@@ -1752,7 +1782,9 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
     if (kept == 0) return 0;
     if (T->strat) tt_counts(T, rid, m, mc);
     float oc[512], oe[512], ox[512], lse_e = -INFINITY;
+    tt_cap cp;
     memset(oe, 0, d * sizeof(float));
+    tt_cap_init(&cp, d);
     size_t e = 0; /* t->sret[e..) are in chunks cc.. */
     for (size_t cc = 0; cc < T->nc; cc++) {
         size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, ix = cc * G + g, e0 = e, na0 = na;
@@ -1762,8 +1794,9 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
         const char *Vc = T->q8 ? NULL : (const char *)T->V + j0 * rowb;
         if (e - e0 == nr) continue; /* the whole chunk retrieved */
-        float thr = expf(tau - T->mx[ix]), kap = tt_kap(c, T, mc, cc, nidx, m, kept, nr, e - e0), cap = kap * thr;
+        float thr = expf(tau - T->mx[ix]), cw = tt_rho1(c, T, mc, cc, nidx, m, kept, nr, e - e0) * thr;
         double sum = T->sum[ix], sub = 0, sx = 0;
+        tt_cap_chunk(&cp, d);
         uint64_t topx = 0; /* the top samples retrieved (bit a: tp[a]) */
         memcpy(oc, T->o + ix * d, d * sizeof(float));
         memset(ox, 0, d * sizeof(float));
@@ -1783,7 +1816,7 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         }
         double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
-            if (!(topx >> a & 1)) rest += tw[a] > thr ? cap : tw[a];
+            if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
         for (size_t a = 0; c->widen > 0 && a < nt; a++) /* the adaptive budget's signal (widen_pick) */
             if (!(topx >> a & 1) && tw[a] > 0) t->tlw[t->ntlw++] = logf(tw[a]) + T->mx[ix];
         if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw_least(tw, nt) > thr) || !(rest > 0) ||
@@ -1802,13 +1835,13 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
                     for (size_t a = 0; a < nt; a++)
                         if (tp[a] == j) wj = tw[a];
                 if (wj == 0) continue;
-                tail_acc(oc, &s2, ox, &sx, &na, wj, thr, cap, T, cc, j, Vc, op->f16, d);
+                tail_acc(oc, &s2, ox, &sx, &na, wj, thr, cw, &cp, T, cc, j, Vc, op->f16, d);
             }
             float lr = T->strat ? tt_lratio(c, T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, T->mx[ix] + lr, d); /* 0 when every kept weight underflowed */
         } else {
             double s0 = 0; /* the top samples (with the item's sum of them) */
-            if (tail_top(oc, &s0, ox, &sx, &na, c->topsum_off ? NULL : T->ot + ix * d, tw, tp, nt, topx, thr, cap, T, cc, Vc,
+            if (tail_top(oc, &s0, ox, &sx, &na, c->topsum_off ? NULL : T->ot + ix * d, tw, tp, nt, topx, thr, cw, &cp, T, cc, Vc,
                          op->f16, d) &&
                 c->prof)
                 t->p_topsum++;
@@ -1816,9 +1849,11 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, T->mx[ix] + lr, d);
         }
         kst_attn_merge_sum(oe, &lse_e, ox, sx, T->mx[ix], d);
+        tt_cap_end(&cp, T->mx[ix], d);
     }
     if (T->strat) kst_attn_merge(o, lse, oe, lse_e, d);
     else tail_end(o, lse, oe, lse_e, nidx, m, kept, na, c->tail_cap, d);
+    tt_cap_merge(&cp, o, lse, d);
     return kept;
 }
 
@@ -1898,14 +1933,17 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
     if (kept == 0) return 0;
     if (T->strat) tt_counts(T, rid, m, mc);
     float oc[512], oe[512], ox[512], lse_e = -INFINITY;
+    tt_cap cp;
     memset(oe, 0, d * sizeof(float));
+    tt_cap_init(&cp, d);
     size_t e = 0;
     for (size_t cc = 0; cc < T->nc; cc++) {
         size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, e0 = e, na0 = na;
         while (e < nex && t->sret[e] < j0 + nr) e++;
         if (e - e0 == nr) continue; /* the whole chunk retrieved */
         const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVGPU_TT_TOP;
-        float mx = ic[0], thr = expf(tau - mx), kap = tt_kap(c, T, mc, cc, nidx, m, kept, nr, e - e0), cap = kap * thr;
+        float mx = ic[0], thr = expf(tau - mx), rho1 = tt_rho1(c, T, mc, cc, nidx, m, kept, nr, e - e0);
+        tt_cap_chunk(&cp, d);
         size_t nt = nr < KST_KVGPU_TT_TOP ? nr : KST_KVGPU_TT_TOP;
         uint32_t tp[KST_KVGPU_TT_TOP]; /* (int32 bits, non-negative) */
         memcpy(tp, ic + 2 + d, nt * sizeof(uint32_t));
@@ -1929,7 +1967,7 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
         }
         double rest = sum - sub;
         for (size_t a = 0; a < nt; a++)
-            if (!(topx >> a & 1)) rest += tw[a] > thr ? cap : tw[a];
+            if (!(topx >> a & 1)) rest += tw[a] > thr ? 0 : tw[a];
         for (size_t a = 0; c->widen > 0 && a < nt; a++) /* the adaptive budget's signal (widen_pick; none without it) */
             if (!(topx >> a & 1) && tw[a] > 0) t->tlw[t->ntlw++] = logf(tw[a]) + mx;
         if ((sub > 0 && !(sub <= sum * 0.875)) || (nt < nr && tw_least(tw, nt) > thr) || !(rest > 0) ||
@@ -1960,24 +1998,27 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                     continue;
                 }
                 if (!(w[j] > 0)) continue;
-                tail_acc(oc, &s2, ox, &sx, &na, w[j], thk, kap * thk, T, cc, j, Vc, op->f16, d);
+                tail_acc(oc, &s2, ox, &sx, &na, w[j], thk, rho1 * thk, &cp, T, cc, j, Vc, op->f16, d);
             }
             float lr = T->strat ? tt_lratio(c, T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, mk + lr, d);
             kst_attn_merge_sum(oe, &lse_e, ox, sx, mk, d);
+            tt_cap_end(&cp, mk, d);
         } else {
             double s0 = 0; /* the best rows (with their sum of w V from the GPU's items) */
             if (tail_top(oc, &s0, ox, &sx, &na, c->topsum_off ? NULL : ic + 2 + d + 2 * KST_KVGPU_TT_TOP, tw, tp, nt, topx,
-                         thr, cap, T, cc, Vc, op->f16, d) &&
+                         thr, rho1 * thr, &cp, T, cc, Vc, op->f16, d) &&
                 c->prof)
                 t->p_topsum++;
             float lr = T->strat ? tt_lratio(c, T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, mx + lr, d);
             kst_attn_merge_sum(oe, &lse_e, ox, sx, mx, d);
+            tt_cap_end(&cp, mx, d);
         }
     }
     if (T->strat) kst_attn_merge(o, lse, oe, lse_e, d);
     else tail_end(o, lse, oe, lse_e, nidx, m, kept, na, c->tail_cap, d);
+    tt_cap_merge(&cp, o, lse, d);
     return kept;
 }
 

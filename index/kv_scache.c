@@ -318,6 +318,16 @@ static void sc_axpy(const kst_kvsc *S, float *o, float w, const void *V, size_t 
     float sv = kst_kv_q8(r, f16, d, b);
     kst_kv_axpy_q8(o, w * sv, b, d);
 }
+/* A best row above tau into the cap partial (kst_kvsc_finish's cap; kv.h): weight len_c / m_c - 1
+ * in tau's frame, the rest of its ratio at tau's weight; *na counts the rows given one. */
+static void sc_cap(const kst_kvsc *S, float *ocp, double *scp, size_t *na, const void *V, size_t row0, size_t sl, int f16,
+                   size_t d) {
+    float cw = expm1f(S->lw[S->cid[sl]]);
+    if (!(cw > 0)) return;
+    ++*na;
+    *scp += cw;
+    sc_axpy(S, ocp, cw, V, row0, sl, f16, d);
+}
 
 void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const void *K, const void *V, int f16,
                    size_t d, float scale, size_t row0, float *it, size_t gst, float *sc) {
@@ -401,7 +411,10 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
         }
     size_t kept = S->used - nex;
     if (kept == 0) return 0;
-    float oc[512];
+    float oc[512], ocp[512];
+    double scp = 0; /* the cap partial (kv.h): the best rows above tau, weights len_c / m_c - 1 in tau's frame */
+    size_t na = 0;
+    if (cap) memset(ocp, 0, d * sizeof(float));
     for (size_t cc = 0; cc < S->nc; cc++) {
         size_t j0 = cc * S->ch, nr = S->cap - j0 < S->ch ? S->cap - j0 : S->ch;
         size_t nt = nr < KST_KVSC_TOP ? nr : KST_KVSC_TOP;
@@ -435,8 +448,7 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
             } else if (tw[a] > thr) { /* (s + lw > tau: then s > tau where exp(s - mx) = tw iw > thr) */
                 float iw = S->iw[S->cid[j0 + tp[a]]];
                 if (iw < 1 && tw[a] * iw > thr) {
-                    /* (with the cap it keeps (1 / iw - 1) thr: the rest of its ratio at tau's weight) */
-                    dw[a] = cap ? (1 - iw) * (tw[a] - thr / iw) : tw[a] - tw[a] * iw;
+                    dw[a] = tw[a] - tw[a] * iw;
                     trm += dw[a];
                 }
             }
@@ -468,9 +480,9 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
                 sc[j] = -INFINITY;
                 if (x == KST_KVSC_FREE || (rb[j >> 6] >> (j & 63) & 1)) continue;
                 sc[j] = sc_dot(S, q, K, row0, j0 + j, f16, d) * scale;
-                float lw = S->lw[S->cid[j0 + j]];
-                if (!(sc[j] > tau) || !(tb[j >> 6] >> (j & 63) & 1)) sc[j] += lw;
-                else if (cap && lw > 0) sc[j] += log1pf(expm1f(lw) * expf(tau - sc[j]));
+                if (!(sc[j] > tau) || !(tb[j >> 6] >> (j & 63) & 1)) sc[j] += S->lw[S->cid[j0 + j]];
+                else if (cap) /* (a best row above tau: itself once, and the cap partial) */
+                    sc_cap(S, ocp, &scp, &na, V, row0, j0 + j, f16, d);
                 if (sc[j] > mk) mk = sc[j];
             }
             if (!(mk > -INFINITY)) continue;
@@ -485,6 +497,8 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
             kst_attn_merge_sum(o, lse, oc, s2, mk, d);
             continue;
         }
+        for (size_t a = 0; cap && a < nt; a++)
+            if (dw[a] > 0) sc_cap(S, ocp, &scp, &na, V, row0, j0 + tp[a], f16, d);
         if (!topadd) { /* the best rows' sums, less the retrieved ones and the missed ones' dw */
             for (size_t i = 0; i < d; i++) oc[i] += ot[i];
             for (size_t a = 0; a < nt; a++)
@@ -497,6 +511,7 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
         }
         kst_attn_merge_sum(o, lse, oc, rest, mx, d);
     }
+    if (scp > 0) kst_attn_merge_sum(o, lse, ocp, scp, tau + logf(kst_kv_cap_shrink(na)), d);
     return kept;
 }
 

@@ -60,15 +60,20 @@ static inline void wsum_rows64(double *out, const double *w, const float *V, siz
     for (size_t i = 0; i < d; i++) out[i] /= den;
 }
 
+/* The capped tail estimate's shrinkage (kv.h; core/kv_attn.h, kst_kv_cap_shrink with K0 = 4): the
+ * part at tau's weight of the n samples above tau that stand for others is taken down by
+ * n / (n + 4). */
+static inline double cap_shrink64(size_t n) { return (double)n / (double)(n + 4); }
+
 /* The tail estimate's float64 reference (kv.h): sinks, window and the m retrieved ids rid
  * (token positions) exact; the nidx indexed keys split into nc strata of nd keys when the sample
  * was drawn (f <= 1: one, the uniform sample of test_kv.c), stratum c (from the oldest) f^(nc-1-c) times as long as the nearest's,
  * bounds rounded, the keys indexed since the draw in the last; in each, nr_c = min(512, ns - 512 c)
  * keys at floor((2i + 1) N_c / (2 nr_c)); the sampled keys not retrieved (kept) weighted rho_c =
  * (N_c - m_c) / kept_c in their stratum, except those that score above tau, the least retrieved
- * key's (na of them): each weighs exp(l) + (rho_c - 1) exp(tau), itself once and the rest of its
- * ratio at tau's weight (kv.h's capped estimate, the library's default). Returns kept (all
- * strata); adds the na to *nabove. */
+ * key's (na of them): each weighs exp(l) + lambda (rho_c - 1) exp(tau), itself once and the rest
+ * of its ratio at tau's weight, lambda = cap_shrink64(the na with rho_c > 1) (kv.h's capped
+ * estimate, the library's default). Returns kept (all strata); adds the na to *nabove. */
 static inline size_t tail_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d,
                                 size_t sinks, size_t window, const int64_t *rid, size_t m, size_t nd, size_t ns,
                                 double f, size_t *nabove) {
@@ -101,26 +106,33 @@ static inline size_t tail_ref64(double *out, const float *q, const float *K, con
     }
     for (size_t t = 0; t < n; t++)
         if (t < sinks || t >= sinks + nidx || ret[t - sinks]) w[t] = exp(l[t] - mx);
-    for (size_t c = 0; c < nc; c++) {
-        size_t lo = b[c], hi = c == nc - 1 ? nidx : b[c + 1], N = hi - lo, nr = nc == 1 ? ns : (ns - c * ch < ch ? ns - c * ch : ch);
-        size_t N0 = b[c + 1] - b[c], mc = 0, kept = 0, na = 0;
-        for (size_t x = lo; x < hi; x++) mc += ret[x];
-        for (size_t i = 0; i < nr; i++) {
-            size_t x = lo + (2 * i + 1) * N0 / (2 * nr);
-            if (ret[x]) continue;
-            kept++;
-            na += l[sinks + x] > tau;
+    double rho[17] = {0};
+    size_t nac = 0; /* (the samples above tau given a part at tau's weight: rho_c > 1) */
+    for (int pass = 0; pass < 2; pass++)
+        for (size_t c = 0; c < nc; c++) {
+            size_t lo = b[c], hi = c == nc - 1 ? nidx : b[c + 1], N = hi - lo, nr = nc == 1 ? ns : (ns - c * ch < ch ? ns - c * ch : ch);
+            size_t N0 = b[c + 1] - b[c], mc = 0, kept = 0, na = 0;
+            for (size_t x = lo; x < hi; x++) mc += ret[x];
+            for (size_t i = 0; i < nr; i++) {
+                size_t x = lo + (2 * i + 1) * N0 / (2 * nr);
+                if (ret[x]) continue;
+                kept++;
+                na += l[sinks + x] > tau;
+            }
+            if (pass == 0) {
+                kept_all += kept;
+                *nabove += na;
+                rho[c] = kept ? (double)(N - mc) / (double)kept : 0;
+                if (rho[c] > 1) nac += na;
+                continue;
+            }
+            for (size_t i = 0; i < nr; i++) {
+                size_t x = lo + (2 * i + 1) * N0 / (2 * nr);
+                if (ret[x]) continue;
+                w[sinks + x] = l[sinks + x] > tau ? exp(l[sinks + x] - mx) + cap_shrink64(nac) * (rho[c] - 1) * exp(tau - mx)
+                                                  : rho[c] * exp(l[sinks + x] - mx);
+            }
         }
-        kept_all += kept;
-        *nabove += na;
-        double rho = kept ? (double)(N - mc) / (double)kept : 0;
-        for (size_t i = 0; i < nr; i++) {
-            size_t x = lo + (2 * i + 1) * N0 / (2 * nr);
-            if (ret[x]) continue;
-            w[sinks + x] = l[sinks + x] > tau ? exp(l[sinks + x] - mx) + (rho - 1) * exp(tau - mx)
-                                              : rho * exp(l[sinks + x] - mx);
-        }
-    }
     wsum_rows64(out, w, V, n, d);
     free(l);
     free(w);

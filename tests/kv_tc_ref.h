@@ -113,9 +113,10 @@ static inline double tc_exact64(double *l, double *w, uint8_t *ret, const float 
  * sinks and from sinks + nidx on (sinks, pending tokens, window) and the m retrieved positions
  * pos exact; in cluster c of T (ns NULL: no estimate) its first ns[c] members not retrieved, each
  * weighted r_c / ns[c], r_c its members not retrieved (counted here), or, where it scores above
- * tau, the least retrieved score, weighing exp(l) + (r_c / ns[c] - 1) exp(tau): itself once, the
- * rest of its ratio at tau's weight (kst_kvtc_partial with the cap, the library's default). K, V:
- * the KV head's rows (n, d). Returns the keys sampled. */
+ * tau, the least retrieved score, weighing exp(l) + lambda (r_c / ns[c] - 1) exp(tau): itself
+ * once, the rest of its ratio at tau's weight, lambda = cap_shrink64(the such samples with r_c >
+ * ns[c]) (kst_kvtc_partial with the cap, the library's default). K, V: the KV head's rows (n, d).
+ * Returns the keys sampled. */
 static size_t tc_tau_ones; /* samples tc_ref64 weighted so (above tau), for the suites to report */
 static inline size_t tc_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d, double scale,
                        size_t sinks, size_t nidx, const int64_t *pos, size_t m, const kst_kvtc *T,
@@ -126,23 +127,29 @@ static inline size_t tc_ref64(double *out, const float *q, const float *K, const
     mx = tc_exact64(l, w, ret, q, K, n, d, scale, sinks, nidx, pos, m);
     double tau = INFINITY;
     for (size_t i = 0; i < m; i++) tau = l[pos[i]] < tau ? l[pos[i]] : tau;
-    for (size_t c = 0; ns && c < T->C; c++) {
-        if (!ns[c]) continue;
-        size_t rc = 0, got = 0;
-        for (uint32_t i = 0; i < T->len[c]; i++) rc += !ret[T->mem[c][i]];
-        double ratio = (double)rc / (double)ns[c];
-        for (uint32_t i = 0; i < T->len[c] && got < ns[c]; i++) {
-            uint32_t x = T->mem[c][i];
-            if (ret[x]) continue;
-            if (x >= nidx) fail_msg("cluster %zu holds node %u of %zu indexed", c, x, nidx);
-            tc_tau_ones += l[sinks + x] > tau;
-            w[sinks + x] = l[sinks + x] > tau ? exp(l[sinks + x] - mx) + (ratio - 1) * exp(tau - mx)
-                                              : ratio * exp(l[sinks + x] - mx);
-            got++;
+    size_t nac = 0; /* (the samples above tau given a part at tau's weight) */
+    for (int pass = 0; pass < 2; pass++)
+        for (size_t c = 0; ns && c < T->C; c++) {
+            if (!ns[c]) continue;
+            size_t rc = 0, got = 0;
+            for (uint32_t i = 0; i < T->len[c]; i++) rc += !ret[T->mem[c][i]];
+            double ratio = (double)rc / (double)ns[c];
+            for (uint32_t i = 0; i < T->len[c] && got < ns[c]; i++) {
+                uint32_t x = T->mem[c][i];
+                if (ret[x]) continue;
+                if (x >= nidx) fail_msg("cluster %zu holds node %u of %zu indexed", c, x, nidx);
+                got++;
+                if (pass == 0) {
+                    nac += l[sinks + x] > tau && ratio > 1;
+                    continue;
+                }
+                tc_tau_ones += l[sinks + x] > tau;
+                w[sinks + x] = l[sinks + x] > tau ? exp(l[sinks + x] - mx) + cap_shrink64(nac) * (ratio - 1) * exp(tau - mx)
+                                                  : ratio * exp(l[sinks + x] - mx);
+            }
+            if (got != ns[c]) fail_msg("cluster %zu: %u samples planned, %zu keys not retrieved", c, ns[c], got);
+            if (pass == 1) got_all += got;
         }
-        if (got != ns[c]) fail_msg("cluster %zu: %u samples planned, %zu keys not retrieved", c, ns[c], got);
-        got_all += got;
-    }
     wsum_rows64(out, w, V, n, d);
     free(l);
     free(w);

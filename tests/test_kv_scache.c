@@ -509,28 +509,32 @@ static size_t finish(const kst_kvsc *S, const float *it, size_t st, size_t g, co
  * exp(s), o = sum w exp(s) v / sum w exp(s); o 0 and lse -inf where no such member. wt (may be
  * NULL): the weight replaced by wt[c] (test 4's wrong weights; 0 drops the cluster); one (may be
  * NULL): members x with one[x] (keys above tau, kst_kvsc_finish) weighted 1 (cap 0), or weighing
- * exp(s) + (len_c / pre[c] - 1) exp(tau) (cap 1: itself once, the rest of its ratio at tau's
- * weight). Returns the members summed. */
+ * exp(s) + lambda (len_c / pre[c] - 1) exp(tau) (cap 1: itself once, the rest of its ratio at
+ * tau's weight, lambda = cap_shrink64(the such members with len_c > pre[c])). Returns the members
+ * summed. */
 static size_t est_ref64(double *o, double *lse, const kst_kvtc *T, const uint32_t *pre, const double *wt,
                         const sc_rows *R, const float *q, double scale, const uint8_t *mark, const uint8_t *one,
                         double tau, int cap) {
     size_t d = R->d, used = 0;
     double mx = -INFINITY, sum = 0, *lw = malloc(T->C * sizeof *lw);
+    size_t nac = 0; /* (members above tau given a part at tau's weight) */
     for (size_t i = 0; i < d; i++) o[i] = 0;
     for (size_t c = 0; c < T->C; c++) {
         if (pre[c] > T->len[c]) fail_msg("estimate reference: cluster %zu holds %u of %u", c, pre[c], T->len[c]);
         double w = wt ? wt[c] : pre[c] ? (double)T->len[c] / (double)pre[c] : 0;
         lw[c] = w > 0 ? log(w) : -INFINITY;
         for (uint32_t j = 0; j < pre[c] && lw[c] > -INFINITY; j++)
-            if (!mark[T->mem[c][j]])
+            if (!mark[T->mem[c][j]]) {
                 mx = fmax(mx, score64(R, q, T->mem[c][j], scale) + (one && one[T->mem[c][j]] ? 0 : lw[c]));
+                nac += one && one[T->mem[c][j]] && lw[c] > 0;
+            }
     }
     for (size_t c = 0; c < T->C; c++)
         for (uint32_t j = 0; j < pre[c] && lw[c] > -INFINITY; j++) {
             uint32_t x = T->mem[c][j];
             if (mark[x]) continue;
             double e = exp(score64(R, q, x, scale) + (one && one[x] ? 0 : lw[c]) - mx);
-            if (one && one[x] && cap) e += expm1(lw[c]) * exp(tau - mx);
+            if (one && one[x] && cap) e += cap_shrink64(nac) * expm1(lw[c]) * exp(tau - mx);
             used++;
             sum += e;
             const float *v = R->V + (R->row0 + x) * d;
@@ -946,8 +950,9 @@ static void test_unbiased(void **state) {
  * retrieved positions pos); then every member at a place < pre[c] of cluster c of T not
  * retrieved, weighted len_c / pre[c] (pre: the cache's m snapshotted before the step, or the
  * step's shared plan; NULL: no estimate), or, where one[x] (may be NULL: cache_above_tau),
- * weighing exp(s) + (len_c / pre[c] - 1) exp(tau), tau the least retrieved score (the library's
- * capped estimate). Returns those members. */
+ * weighing exp(s) + lambda (len_c / pre[c] - 1) exp(tau), tau the least retrieved score, lambda =
+ * cap_shrink64(the such rows of clusters not held whole) (the library's capped estimate). Returns
+ * those members. */
 /* The table's 8-bit rows (tail_cache_q8) as kst_kv_q8 defines them: q = round(x * (127 / max |x|))
  * in float32, to nearest even, x ~ q * (max |x| / 127); out gets those values. */
 static float q8_row(const float *x, size_t d, int8_t *q, float *out) {
@@ -973,6 +978,10 @@ static size_t step_ref64(double *out, const float *q, const float *K, const floa
     mx = tc_exact64(l, w, ret, q, K, n, d, scale, sinks, nidx, pos, m);
     double tau = INFINITY; /* (the least retrieved score) */
     for (size_t i = 0; i < m; i++) tau = l[pos[i]] < tau ? l[pos[i]] : tau;
+    size_t nac = 0; /* (rows above tau given a part at tau's weight) */
+    for (size_t c = 0; pre && one && c < T->C; c++)
+        for (uint32_t i = 0; i < pre[c] && pre[c] < T->len[c]; i++)
+            nac += T->mem[c][i] < nidx && !ret[T->mem[c][i]] && one[T->mem[c][i]];
     if (Ks) {
         Vm = malloc(n * d * sizeof *Vm);
         memcpy(Vm, V, n * d * sizeof *Vm);
@@ -993,7 +1002,7 @@ static size_t step_ref64(double *out, const float *q, const float *K, const floa
                 ls = dot64(q, Ks + (sinks + x) * d, d) * scale;
                 memcpy(Vm + (sinks + x) * d, Vs + (sinks + x) * d, d * sizeof *Vm);
             }
-            w[sinks + x] = one && one[x] ? exp(ls - mx) + (wc - 1) * exp(tau - mx) : wc * exp(ls - mx);
+            w[sinks + x] = one && one[x] ? exp(ls - mx) + cap_shrink64(nac) * (wc - 1) * exp(tau - mx) : wc * exp(ls - mx);
             used++;
         }
     }
