@@ -207,10 +207,12 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
  * merged like the others. A sampled key that scores above tau, the least retrieved one (a key
  * the search missed), is not weighted by the whole ratio rho = |R| / sampled (one missed top key
  * counted ~rho times: 15 at 32K tokens and 2,048 samples, single queries' errors reached 1-4 on
- * SmolLM2's heads). It is capped (the default since round 37): it weighs exp(s) + (rho - 1)
- * exp(tau), attended once and standing for the rest of its ratio at tau's weight, the least a key
- * missed above tau weighs, while the others keep rho. So the keys above tau that the sample
- * holds stand for those it does not hold, at a bounded weight. KESTREL_KV_TAIL_CAP=0 restores the
+ * SmolLM2's heads). It is capped (the default since round 37): it weighs exp(s) + lambda (rho -
+ * 1) exp(tau), attended once and standing for the rest of its ratio at tau's weight, the least a
+ * key missed above tau weighs, while the others keep rho; lambda = na / (na + 4) for a head's na
+ * such samples (core/kv_attn.h, kst_kv_cap_shrink: the unsampled count they stand for is noisy
+ * where na is small). So the keys above tau that the sample holds stand for those it does not
+ * hold, at a bounded weight. KESTREL_KV_TAIL_CAP=0 restores the
  * rule before round 37: attended once, the others' ratio (|R| - a) / (sampled - a) for a such
  * keys, which took the missed keys above tau outside the sample for keys below it (Gemma 3's
  * heads at 32K: mean error 18% higher at the default budget; tests/bench/README.md, round 37).

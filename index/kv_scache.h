@@ -139,8 +139,9 @@ void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const
  * above it is a key the retrieval should have found, and is not weighted len_c / m_c (one such row
  * weighted so put single queries' errors at 0.1-0.2 on SmolLM2 at 128K): with cap 0 it is weighted
  * 1 (attended once); with cap 1 (kv.h's capped estimate, the library's default) it weighs exp(s) +
- * (len_c / m_c - 1) exp(tau), itself once and the rest of its ratio at tau's weight, as the evenly
- * spaced tail's samples above tau do. sl: scratch of 3 m uint32, sc: of S->ch floats. Returns the
+ * lambda (len_c / m_c - 1) exp(tau), itself once and the rest of its ratio at tau's weight, lambda
+ * = kst_kv_cap_shrink(na) for the na such rows with len_c > m_c, as the evenly spaced tail's
+ * samples above tau do. sl: scratch of 3 m uint32, sc: of S->ch floats. Returns the
  * rows that stood for the rest (held, outside R). */
 #define KST_KVSC_KEEP (1.0 / 32)
 size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const float *q, const void *K, const void *V,

@@ -72,7 +72,8 @@ size_t kst_kvtc_fill(size_t C, const uint32_t *cap, float *w, float *sh, size_t 
  * (>= T->na bytes): nonzero for the attended nodes (the plan's rid). tau (scaled, INFINITY: none):
  * a sample scoring above it (a key the retrieval should have found) is not weighted rc / ns: with
  * cap 0 it is weighted 1; with cap 1 (kv.h's capped estimate, the library's default) it weighs
- * exp(s) + (rc / ns - 1) exp(tau), itself once and the rest of its ratio at tau's weight.
+ * exp(s) + lambda (rc / ns - 1) exp(tau), itself once and the rest of its ratio at tau's weight,
+ * lambda = kst_kv_cap_shrink(na) for the na such samples with rc > ns.
  * rows, s, sc: scratch of the plan's total (int64, float, float). Returns the keys sampled. */
 size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const void *V, int f16, size_t d,
                         float scale, size_t row0, const uint8_t *mark, const uint32_t *ns,
