@@ -600,6 +600,15 @@ void kst_attn_merge(float *o, float *lse, const float *o2, float lse2, size_t d)
     *lse = m + (float)log(s);
 }
 
+void kst_kv_cap_init(kst_kv_cap *p, size_t d) {
+    memset(p->o, 0, d * sizeof(float));
+    p->s = 0;
+    p->n = 0;
+}
+void kst_kv_cap_merge(kst_kv_cap *p, float *o, float *lse, float tau, size_t d) {
+    if (p->s > 0) kst_attn_merge_sum(o, lse, p->o, p->s, tau + logf(kst_kv_cap_shrink(p->n)), d);
+}
+
 void kst_attn_merge_sum(float *o, float *lse, float *v, double s, float mx, size_t d) {
     if (!(s > 0)) return;
     float inv = (float)(1.0 / s);

@@ -94,10 +94,29 @@ size_t kst_kv_top(const float *w, size_t n, size_t k, float *tw, uint32_t *tp);
  * weights w_j = exp(s_j - mx) in the frame mx (v is scaled by 1 / s in place). s <= 0: no-op. */
 void kst_attn_merge_sum(float *o, float *lse, float *v, double s, float mx, size_t d);
 
-/* The capped tail estimate's shrinkage (index/kv.h, kst_kvc_attend): a query head's na sampled
- * keys above tau stand for about na (rho - 1) unsampled ones, a count whose relative noise is
- * 1 / sqrt(na); their part at tau's weight is taken down by na / (na + KST_KV_CAP_K0). */
+/* The capped tail estimate (index/kv.h, kst_kvc_attend): each sampled key above tau, the least
+ * retrieved score (a key the search missed), also stands for the rest of its ratio rho at tau's
+ * weight. kst_kv_cap sums those parts in tau's frame: o = sum (rho - 1) v, s = sum (rho - 1), n
+ * the samples given one. A query head's n such samples stand for about n (rho - 1) unsampled
+ * keys, a count whose relative noise is 1 / sqrt(n), so the sum is taken down by
+ * kst_kv_cap_shrink(n) = n / (n + KST_KV_CAP_K0) when merged. */
 #define KST_KV_CAP_K0 4
-static inline float kst_kv_cap_shrink(size_t na) { return (float)na / (float)(na + KST_KV_CAP_K0); }
+static inline float kst_kv_cap_shrink(size_t n) { return (float)n / (float)(n + KST_KV_CAP_K0); }
+typedef struct {
+    float o[512]; /* (head_dim <= 512) */
+    double s;
+    size_t n;
+} kst_kv_cap;
+void kst_kv_cap_init(kst_kv_cap *p, size_t d);
+/* Counts a sample of weight r1 = rho - 1 and returns 1 where r1 > 0: the caller then adds r1 v
+ * to p->o (its rows may be in 8 bits). */
+static inline int kst_kv_cap_take(kst_kv_cap *p, float r1) {
+    if (!(r1 > 0)) return 0;
+    p->s += r1;
+    p->n++;
+    return 1;
+}
+/* Merges the parts into (o, *lse), taken down by kst_kv_cap_shrink(p->n); tau: the frame. */
+void kst_kv_cap_merge(kst_kv_cap *p, float *o, float *lse, float tau, size_t d);
 
 #endif

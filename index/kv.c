@@ -1629,11 +1629,10 @@ static size_t tail_begin(kv_thread *t, const kv_tail *T, const uint32_t *rid, si
 
 /* The capped estimate (kst_kvc.tail_cap; kv.h): a kept sample above tau stands for itself and, at
  * tau's weight (the least a key the search missed above it weighs), for the rest of its ratio rho:
- * (rho - 1) exp(tau - mx) in its chunk's frame, summed apart (the cap partial) and merged at the
- * end taken down by na / (na + KST_KV_CAP_K0) for the head's na such samples (kst_kv_cap_shrink:
- * the count of unsampled keys above tau that na stands for is noisy where na is small). The other
- * kept samples are weighted by rho. tt_rho1: rho - 1 for chunk cc (rho: its stratum's keys not
- * retrieved over its kept samples, or the whole sample's), 0 with the cap off. */
+ * rho - 1 in tau's frame, summed apart (kst_kv_cap, core/kv_attn.h) and merged at the end, taken
+ * down by kst_kv_cap_shrink. The other kept samples are weighted by rho. tt_rho1: rho - 1 for
+ * chunk cc (rho: its stratum's keys not retrieved over its kept samples, or the whole sample's),
+ * 0 with the cap off. */
 static float tt_rho1(const kst_kvc *c, const kv_tail *T, const size_t *mc, size_t cc, size_t nidx, size_t m,
                      size_t kept, size_t nr, size_t nex_c) {
     if (!c->tail_cap) return 0;
@@ -1646,34 +1645,9 @@ static float tt_rho1(const kst_kvc *c, const kv_tail *T, const size_t *mc, size_
         rho = (double)(nidx - m) / (double)kept;
     return rho > 1 ? (float)(rho - 1) : 0;
 }
-/* The cap partial of a query head's estimate: a chunk's sums (a, s, its frame's), the partial
- * (o, lse) they are merged into, n the samples given a cap term. */
-typedef struct {
-    float a[512], o[512], lse;
-    double s;
-    size_t n;
-} tt_cap;
-static void tt_cap_init(tt_cap *p, size_t d) {
-    memset(p->o, 0, d * sizeof(float));
-    p->lse = -INFINITY;
-    p->n = 0;
-}
-static void tt_cap_chunk(tt_cap *p, size_t d) {
-    memset(p->a, 0, d * sizeof(float));
-    p->s = 0;
-}
-/* A sample of chunk cc (row j) above tau into the chunk's sums: weight cw = (rho - 1) thr. */
-static void tt_cap_add(tt_cap *p, float cw, const kv_tail *T, size_t cc, size_t j, const char *Vc, int f16, size_t d) {
-    if (!(cw > 0)) return;
-    p->s += cw;
-    p->n++;
-    tt_vaxpy(p->a, cw, T, cc, j, Vc, f16, d);
-}
-/* The end of chunk: its sums merged into the partial (frame mx). */
-static void tt_cap_end(tt_cap *p, float mx, size_t d) { kst_attn_merge_sum(p->o, &p->lse, p->a, p->s, mx, d); }
-/* The partial merged into (o, *lse), taken down by kst_kv_cap_shrink(n). */
-static void tt_cap_merge(tt_cap *p, float *o, float *lse, size_t d) {
-    if (p->lse > -INFINITY && p->n) kst_attn_merge(o, lse, p->o, p->lse + logf(kst_kv_cap_shrink(p->n)), d);
+/* A kept sample of chunk cc (row j) above tau into the cap parts: r1 = rho - 1. */
+static void tt_cap_add(kst_kv_cap *p, float r1, const kv_tail *T, size_t cc, size_t j, const char *Vc, int f16, size_t d) {
+    if (kst_kv_cap_take(p, r1)) tt_vaxpy(p->o, r1, T, cc, j, Vc, f16, d);
 }
 
 /* The kept samples whose score exceeds tau (the least retrieved score: keys the search should
@@ -1685,15 +1659,15 @@ static void tt_cap_merge(tt_cap *p, float *o, float *lse, size_t d) {
  * the keys neither retrieved nor such (the ratio (|R| - na) / (kept - na)), which takes the
  * missed keys above tau outside the sample for keys below it. tail_acc adds a kept sample of
  * weight w = exp(s - mx) (its chunk's frame) to the estimate (a, sa) or, above thr = exp(tau -
- * mx), to the exact part (x, sx), counting it in *na, and cw = (rho - 1) thr to the cap partial's
- * chunk sums (cp, tt_cap_add). */
-static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, float w, float thr, float cw, tt_cap *cp,
+ * mx), to the exact part (x, sx), counting it in *na, and r1 = rho - 1 to the cap parts
+ * (tt_cap_add). */
+static void tail_acc(float *a, double *sa, float *x, double *sx, size_t *na, float w, float thr, float r1, kst_kv_cap *cp,
                      const kv_tail *T, size_t cc, size_t j, const char *Vc, int f16, size_t d) {
     if (w > thr) {
         *sx += w;
         (*na)++;
         tt_vaxpy(x, w, T, cc, j, Vc, f16, d);
-        tt_cap_add(cp, cw, T, cc, j, Vc, f16, d);
+        tt_cap_add(cp, r1, T, cc, j, Vc, f16, d);
     } else {
         *sa += w;
         tt_vaxpy(a, w, T, cc, j, Vc, f16, d);
@@ -1712,7 +1686,7 @@ static float tw_least(const float *tw, size_t nt) {
  * part), where those hold at most 7/8 of the top's weight (else the difference would lose
  * precision); else row by row (tail_acc, *s0 their weights). Returns 1 where ot was used. */
 static int tail_top(float *oc, double *s0, float *ox, double *sx, size_t *na, const float *ot, const float *tw,
-                    const uint32_t *tp, size_t nt, uint64_t topx, float thr, float cw, tt_cap *cp,
+                    const uint32_t *tp, size_t nt, uint64_t topx, float thr, float r1, kst_kv_cap *cp,
                     const kv_tail *T, size_t cc,
                     const char *Vc, int f16, size_t d) {
     double ttot = 0, trm = 0;
@@ -1722,7 +1696,7 @@ static int tail_top(float *oc, double *s0, float *ox, double *sx, size_t *na, co
     }
     if (!ot || !(trm <= ttot * 0.875)) {
         for (size_t a = 0; a < nt; a++)
-            if (!(topx >> a & 1)) tail_acc(oc, s0, ox, sx, na, tw[a], thr, cw, cp, T, cc, tp[a], Vc, f16, d);
+            if (!(topx >> a & 1)) tail_acc(oc, s0, ox, sx, na, tw[a], thr, r1, cp, T, cc, tp[a], Vc, f16, d);
         return 0;
     }
     for (size_t i = 0; i < d; i++) oc[i] += ot[i];
@@ -1732,7 +1706,7 @@ static int tail_top(float *oc, double *s0, float *ox, double *sx, size_t *na, co
         if (!(topx >> a & 1)) { /* above tau: to the exact part, and the cap partial (tail_acc) */
             *sx += tw[a];
             (*na)++;
-            tt_cap_add(cp, cw, T, cc, tp[a], Vc, f16, d);
+            tt_cap_add(cp, r1, T, cc, tp[a], Vc, f16, d);
             tt_vaxpy(ox, tw[a], T, cc, tp[a], Vc, f16, d);
         }
     }
@@ -1782,9 +1756,9 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
     if (kept == 0) return 0;
     if (T->strat) tt_counts(T, rid, m, mc);
     float oc[512], oe[512], ox[512], lse_e = -INFINITY;
-    tt_cap cp;
+    kst_kv_cap cp;
     memset(oe, 0, d * sizeof(float));
-    tt_cap_init(&cp, d);
+    kst_kv_cap_init(&cp, d);
     size_t e = 0; /* t->sret[e..) are in chunks cc.. */
     for (size_t cc = 0; cc < T->nc; cc++) {
         size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, ix = cc * G + g, e0 = e, na0 = na;
@@ -1794,9 +1768,8 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
         size_t nt = nr < KV_TT_TOP ? nr : KV_TT_TOP;
         const char *Vc = T->q8 ? NULL : (const char *)T->V + j0 * rowb;
         if (e - e0 == nr) continue; /* the whole chunk retrieved */
-        float thr = expf(tau - T->mx[ix]), cw = tt_rho1(c, T, mc, cc, nidx, m, kept, nr, e - e0) * thr;
+        float thr = expf(tau - T->mx[ix]), r1 = tt_rho1(c, T, mc, cc, nidx, m, kept, nr, e - e0);
         double sum = T->sum[ix], sub = 0, sx = 0;
-        tt_cap_chunk(&cp, d);
         uint64_t topx = 0; /* the top samples retrieved (bit a: tp[a]) */
         memcpy(oc, T->o + ix * d, d * sizeof(float));
         memset(ox, 0, d * sizeof(float));
@@ -1835,13 +1808,13 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
                     for (size_t a = 0; a < nt; a++)
                         if (tp[a] == j) wj = tw[a];
                 if (wj == 0) continue;
-                tail_acc(oc, &s2, ox, &sx, &na, wj, thr, cw, &cp, T, cc, j, Vc, op->f16, d);
+                tail_acc(oc, &s2, ox, &sx, &na, wj, thr, r1, &cp, T, cc, j, Vc, op->f16, d);
             }
             float lr = T->strat ? tt_lratio(c, T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, T->mx[ix] + lr, d); /* 0 when every kept weight underflowed */
         } else {
             double s0 = 0; /* the top samples (with the item's sum of them) */
-            if (tail_top(oc, &s0, ox, &sx, &na, c->topsum_off ? NULL : T->ot + ix * d, tw, tp, nt, topx, thr, cw, &cp, T, cc, Vc,
+            if (tail_top(oc, &s0, ox, &sx, &na, c->topsum_off ? NULL : T->ot + ix * d, tw, tp, nt, topx, thr, r1, &cp, T, cc, Vc,
                          op->f16, d) &&
                 c->prof)
                 t->p_topsum++;
@@ -1849,11 +1822,10 @@ static size_t tail_partial(kv_thread *t, const kst_kvc *c, const kv_hstore *H, s
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, T->mx[ix] + lr, d);
         }
         kst_attn_merge_sum(oe, &lse_e, ox, sx, T->mx[ix], d);
-        tt_cap_end(&cp, T->mx[ix], d);
     }
     if (T->strat) kst_attn_merge(o, lse, oe, lse_e, d);
     else tail_end(o, lse, oe, lse_e, nidx, m, kept, na, c->tail_cap, d);
-    tt_cap_merge(&cp, o, lse, d);
+    kst_kv_cap_merge(&cp, o, lse, tau, d);
     return kept;
 }
 
@@ -1933,17 +1905,16 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
     if (kept == 0) return 0;
     if (T->strat) tt_counts(T, rid, m, mc);
     float oc[512], oe[512], ox[512], lse_e = -INFINITY;
-    tt_cap cp;
+    kst_kv_cap cp;
     memset(oe, 0, d * sizeof(float));
-    tt_cap_init(&cp, d);
+    kst_kv_cap_init(&cp, d);
     size_t e = 0;
     for (size_t cc = 0; cc < T->nc; cc++) {
         size_t j0 = cc * T->ch, nr = ns - j0 < T->ch ? ns - j0 : T->ch, e0 = e, na0 = na;
         while (e < nex && t->sret[e] < j0 + nr) e++;
         if (e - e0 == nr) continue; /* the whole chunk retrieved */
         const float *ic = it + cc * st, *tw = ic + 2 + d + KST_KVGPU_TT_TOP;
-        float mx = ic[0], thr = expf(tau - mx), rho1 = tt_rho1(c, T, mc, cc, nidx, m, kept, nr, e - e0);
-        tt_cap_chunk(&cp, d);
+        float mx = ic[0], thr = expf(tau - mx), r1 = tt_rho1(c, T, mc, cc, nidx, m, kept, nr, e - e0);
         size_t nt = nr < KST_KVGPU_TT_TOP ? nr : KST_KVGPU_TT_TOP;
         uint32_t tp[KST_KVGPU_TT_TOP]; /* (int32 bits, non-negative) */
         memcpy(tp, ic + 2 + d, nt * sizeof(uint32_t));
@@ -1998,27 +1969,25 @@ static size_t tail_partial_gpu(kv_thread *t, const kst_kvc *c, const kv_hstore *
                     continue;
                 }
                 if (!(w[j] > 0)) continue;
-                tail_acc(oc, &s2, ox, &sx, &na, w[j], thk, rho1 * thk, &cp, T, cc, j, Vc, op->f16, d);
+                tail_acc(oc, &s2, ox, &sx, &na, w[j], thk, r1, &cp, T, cc, j, Vc, op->f16, d);
             }
             float lr = T->strat ? tt_lratio(c, T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, s2, mk + lr, d);
             kst_attn_merge_sum(oe, &lse_e, ox, sx, mk, d);
-            tt_cap_end(&cp, mk, d);
         } else {
             double s0 = 0; /* the best rows (with their sum of w V from the GPU's items) */
             if (tail_top(oc, &s0, ox, &sx, &na, c->topsum_off ? NULL : ic + 2 + d + 2 * KST_KVGPU_TT_TOP, tw, tp, nt, topx,
-                         thr, rho1 * thr, &cp, T, cc, Vc, op->f16, d) &&
+                         thr, r1, &cp, T, cc, Vc, op->f16, d) &&
                 c->prof)
                 t->p_topsum++;
             float lr = T->strat ? tt_lratio(c, T, mc, cc, nidx, nr, e - e0, na - na0) : 0;
             if (lr > -INFINITY) kst_attn_merge_sum(o, lse, oc, rest, mx + lr, d);
             kst_attn_merge_sum(oe, &lse_e, ox, sx, mx, d);
-            tt_cap_end(&cp, mx, d);
         }
     }
     if (T->strat) kst_attn_merge(o, lse, oe, lse_e, d);
     else tail_end(o, lse, oe, lse_e, nidx, m, kept, na, c->tail_cap, d);
-    tt_cap_merge(&cp, o, lse, d);
+    kst_kv_cap_merge(&cp, o, lse, tau, d);
     return kept;
 }
 

@@ -318,15 +318,11 @@ static void sc_axpy(const kst_kvsc *S, float *o, float w, const void *V, size_t 
     float sv = kst_kv_q8(r, f16, d, b);
     kst_kv_axpy_q8(o, w * sv, b, d);
 }
-/* A best row above tau into the cap partial (kst_kvsc_finish's cap; kv.h): weight len_c / m_c - 1
- * in tau's frame, the rest of its ratio at tau's weight; *na counts the rows given one. */
-static void sc_cap(const kst_kvsc *S, float *ocp, double *scp, size_t *na, const void *V, size_t row0, size_t sl, int f16,
-                   size_t d) {
-    float cw = expm1f(S->lw[S->cid[sl]]);
-    if (!(cw > 0)) return;
-    ++*na;
-    *scp += cw;
-    sc_axpy(S, ocp, cw, V, row0, sl, f16, d);
+/* A best row above tau into the cap parts (kst_kvsc_finish's cap; kv.h): the rest of its ratio
+ * len_c / m_c at tau's weight. */
+static void sc_cap(const kst_kvsc *S, kst_kv_cap *cp, const void *V, size_t row0, size_t sl, int f16, size_t d) {
+    float r1 = expm1f(S->lw[S->cid[sl]]);
+    if (kst_kv_cap_take(cp, r1)) sc_axpy(S, cp->o, r1, V, row0, sl, f16, d);
 }
 
 void kst_kvsc_item(const kst_kvsc *S, size_t cc, const float *Q, size_t G, const void *K, const void *V, int f16,
@@ -411,10 +407,9 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
         }
     size_t kept = S->used - nex;
     if (kept == 0) return 0;
-    float oc[512], ocp[512];
-    double scp = 0; /* the cap partial (kv.h): the best rows above tau, weights len_c / m_c - 1 in tau's frame */
-    size_t na = 0;
-    if (cap) memset(ocp, 0, d * sizeof(float));
+    float oc[512];
+    kst_kv_cap cp; /* (the best rows above tau: the rest of their ratio at tau's weight) */
+    kst_kv_cap_init(&cp, d);
     for (size_t cc = 0; cc < S->nc; cc++) {
         size_t j0 = cc * S->ch, nr = S->cap - j0 < S->ch ? S->cap - j0 : S->ch;
         size_t nt = nr < KST_KVSC_TOP ? nr : KST_KVSC_TOP;
@@ -482,7 +477,7 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
                 sc[j] = sc_dot(S, q, K, row0, j0 + j, f16, d) * scale;
                 if (!(sc[j] > tau) || !(tb[j >> 6] >> (j & 63) & 1)) sc[j] += S->lw[S->cid[j0 + j]];
                 else if (cap) /* (a best row above tau: itself once, and the cap partial) */
-                    sc_cap(S, ocp, &scp, &na, V, row0, j0 + j, f16, d);
+                    sc_cap(S, &cp, V, row0, j0 + j, f16, d);
                 if (sc[j] > mk) mk = sc[j];
             }
             if (!(mk > -INFINITY)) continue;
@@ -498,7 +493,7 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
             continue;
         }
         for (size_t a = 0; cap && a < nt; a++)
-            if (dw[a] > 0) sc_cap(S, ocp, &scp, &na, V, row0, j0 + tp[a], f16, d);
+            if (dw[a] > 0) sc_cap(S, &cp, V, row0, j0 + tp[a], f16, d);
         if (!topadd) { /* the best rows' sums, less the retrieved ones and the missed ones' dw */
             for (size_t i = 0; i < d; i++) oc[i] += ot[i];
             for (size_t a = 0; a < nt; a++)
@@ -511,7 +506,7 @@ size_t kst_kvsc_finish(const kst_kvsc *S, const float *it, size_t st, const floa
         }
         kst_attn_merge_sum(o, lse, oc, rest, mx, d);
     }
-    if (scp > 0) kst_attn_merge_sum(o, lse, ocp, scp, tau + logf(kst_kv_cap_shrink(na)), d);
+    kst_kv_cap_merge(&cp, o, lse, tau, d);
     return kept;
 }
 

@@ -345,11 +345,11 @@ size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const 
      * sums rescaled where a block raises the maximum), so that key and value reads overlap. */
     const size_t rowb = d * (f16 ? 2 : 4);
     const char *Kb = K, *Vb = V;
-    float mx = -INFINITY, ocp[512];
-    double sum = 0, scp = 0; /* the cap partial: weights rc / ns - 1 in tau's frame (kv.h) */
-    size_t na = 0;
+    float mx = -INFINITY;
+    double sum = 0;
+    kst_kv_cap cp; /* (the samples above tau: the rest of their ratio rc / ns at tau's weight) */
     memset(o, 0, d * sizeof(float));
-    if (cap) memset(ocp, 0, d * sizeof(float));
+    kst_kv_cap_init(&cp, d);
     for (size_t j = 0; j < TC_PB && j < n; j++)
         for (size_t b = 0; b < rowb; b += 64) __builtin_prefetch(Kb + (size_t)rows[j] * rowb + b);
     for (size_t j0 = 0; j0 < n; j0 += TC_PB) {
@@ -362,12 +362,8 @@ size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const 
             float r = scale * kst_kv_dot(q, Kb + (size_t)rows[j] * rowb, f16, d);
             w[j - j0] = r > tau ? r : r + scale * s[j]; /* (above tau: itself once; with the cap, below) */
             if (cap && r > tau) {
-                float cw = expm1f(scale * s[j]); /* the rest of its ratio, at tau's weight */
-                if (cw > 0) {
-                    na++;
-                    scp += cw;
-                    kst_kv_axpy(ocp, cw, Vb + (size_t)rows[j] * rowb, f16, d);
-                }
+                float r1 = expm1f(scale * s[j]);
+                if (kst_kv_cap_take(&cp, r1)) kst_kv_axpy(cp.o, r1, Vb + (size_t)rows[j] * rowb, f16, d);
             }
             if (w[j - j0] > bm) bm = w[j - j0];
         }
@@ -388,7 +384,7 @@ size_t kst_kvtc_partial(const kst_kvtc *T, const float *q, const void *K, const 
     float inv = (float)(1.0 / sum);
     for (size_t i = 0; i < d; i++) o[i] *= inv;
     *lse = mx + (float)log(sum);
-    if (scp > 0) kst_attn_merge_sum(o, lse, ocp, scp, tau + logf(kst_kv_cap_shrink(na)), d);
+    kst_kv_cap_merge(&cp, o, lse, tau, d);
     return n;
 }
 
