@@ -117,7 +117,7 @@ static inline double tc_exact64(double *l, double *w, uint8_t *ret, const float 
  * once, the rest of its ratio at tau's weight, lambda = cap_shrink64(the such samples with r_c >
  * ns[c]) (kst_kvtc_partial with the cap, the library's default). K, V: the KV head's rows (n, d).
  * Returns the keys sampled. */
-static size_t tc_tau_ones; /* samples tc_ref64 weighted so (above tau), for the suites to report */
+static size_t tc_tau_ones; /* samples tc_ref64 capped (above tau), for the suites to report */
 static inline size_t tc_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d, double scale,
                        size_t sinks, size_t nidx, const int64_t *pos, size_t m, const kst_kvtc *T,
                        const uint32_t *ns) {
