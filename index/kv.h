@@ -215,7 +215,7 @@ int kst_kvc_build(kst_kvc *c, size_t layer, const float *queries, size_t nq, kst
  * hold, at a bounded weight. KESTREL_KV_TAIL_CAP=0 restores the
  * rule before round 37: attended once, the others' ratio (|R| - a) / (sampled - a) for a such
  * keys, which took the missed keys above tau outside the sample for keys below it (Gemma 3's
- * heads at 32K: mean error 18% higher at the default budget; tests/bench/README.md, round 37).
+ * heads at 32K: mean error 17% higher at the default budget; tests/bench/README.md, round 37).
  * In the stratified and clustered samples rho is the stratum's or the cluster's. With m >=
  * indexed every key of R is sampled once and the result is full attention again. The sample's
  * rows are kept per KV head in one block (remade when the sample is drawn), scored and
