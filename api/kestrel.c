@@ -483,6 +483,7 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
     kst_kvc_set_tail_share(kv->c, opts->tail_share);
     kst_kvc_set_tail_cache(kv->c, opts->tail_cache, 0);
     kst_kvc_set_tail_cache_q8(kv->c, opts->tail_cache_q8);
+    kst_kvc_set_tail_cv(kv->c, opts->tail_cv);
     _Static_assert(KST_KV_TAIL_Q8_HOST == KST_KVC_Q8_HOST && KST_KV_TAIL_Q8_GPU == KST_KVC_Q8_GPU &&
                        KST_KV_TAIL_Q8_CPU == KST_KVC_Q8_CPU && KST_KV_TAIL_Q8_STAGED == KST_KVC_Q8_STAGED,
                    "tail_q8's values");

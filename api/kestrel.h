@@ -440,6 +440,25 @@ typedef struct kst_kv_opts {
                                  copies it first (kst_kv_stats.staged 0), with the same output.
                                  With one layer, as 1. tests/bench/README.md, rounds 33-35.
                                  head_dim a multiple of 4, at most 512 (else KST_ERR_INVALID) */
+    int tail_cv;              /* default 0; 1: the evenly spaced tail sample's estimate (not
+                                 tail_strata's, tail_clusters' or tail_cache's) corrected by a
+                                 control variate, the part of each key's weight linear in its
+                                 score: its sum over the keys left out is known exactly from
+                                 each KV head's sum of v k^T over its indexed keys (kept as keys
+                                 are indexed), and the sample's own estimate of it is taken out,
+                                 at the slope the estimated mean weight (Stein's lemma: the
+                                 least-squares slope where scores are Gaussian). Mean output
+                                 error at the default budget: SmolLM2 at 8K 7.25e-3 -> 6.36e-3
+                                 (11 of 12 heads lower), Gemma 3 at 32K 8.02e-2 -> 7.43e-2 (12 of
+                                 12). Costs per query head two d x d products (the KV head's
+                                 and its sample's sums, 128 KB at d 128, made once for the
+                                 group where its heads come one after another) and a pass over
+                                 the retrieved values; per KV head 2 x d x d x 12 bytes; a
+                                 sample drawn anew sums its rows (d x d x rows). On the H200's
+                                 16-thread host the 128K step's CPU part is bound by those
+                                 reads: 0.150-0.182 ms -> 0.192-0.239 ms, so it is off by
+                                 default (tests/bench/README.md, round 38). KESTREL_KV_TAIL_CV=1
+                                 or 0 at creation overrides it */
 } kst_kv_opts;
 #define KST_KV_TAIL_Q8_HOST 1
 #define KST_KV_TAIL_Q8_GPU 2

@@ -256,6 +256,33 @@ void kst_kv_axpy_q8(float *out, float w, const int8_t *q8, size_t d) {
     for (size_t i = 0; i < d; i++) out[i] += w * (float)q8[i];
 }
 
+#ifdef KST_KV_DOT_AVX2
+/* kst_kv_gemv_t for d % 64 == 0: 64 outputs at a time in eight registers */
+__attribute__((target("avx2,fma"))) static void gemv_t_avx2(float *y, const float *M, const float *x, size_t n, size_t d) {
+    for (size_t b = 0; b < d; b += 64) {
+        __m256 a[8];
+        for (int r = 0; r < 8; r++) a[r] = _mm256_loadu_ps(y + b + 8 * r);
+        for (size_t j = 0; j < n; j++) {
+            __m256 xv = _mm256_set1_ps(x[j]);
+            const float *m = M + j * d + b;
+            for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(m + 8 * r), a[r]);
+        }
+        for (int r = 0; r < 8; r++) _mm256_storeu_ps(y + b + 8 * r, a[r]);
+    }
+}
+#endif
+
+void kst_kv_gemv_t(float *y, const float *M, const float *x, size_t n, size_t d) {
+#ifdef KST_KV_DOT_AVX2
+    if (d % 64 == 0 && has_avx2()) {
+        gemv_t_avx2(y, M, x, n, d);
+        return;
+    }
+#endif
+    for (size_t j = 0; j < n; j++)
+        for (size_t i = 0; i < d; i++) y[i] += x[j] * M[j * d + i];
+}
+
 void kst_kv_axpy(float *out, float w, const void *row, int f16, size_t d) {
 #ifdef KST_KV_DOT_AVX2
     if (has_avx2()) {
@@ -584,6 +611,13 @@ void kst_attn_partial_scored(float *out, float *lse, float *scratch, const float
     float inv = (float)(1.0 / sum);
     for (size_t i = 0; i < d; i++) out[i] *= inv;
     *lse = mx + (float)log(sum);
+}
+
+void kst_kv_cv_apply(float *o, float *lse, const float *da, double dz, double nt, size_t d) {
+    double z = 1 + dz / nt;
+    if (!(*lse > -INFINITY) || !(z >= 0.25 && z <= 4)) return;
+    for (size_t i = 0; i < d; i++) o[i] = (float)(((double)o[i] + (double)da[i] / nt) / z);
+    *lse += (float)log(z);
 }
 
 void kst_attn_merge(float *o, float *lse, const float *o2, float lse2, size_t d) {

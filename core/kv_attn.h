@@ -58,6 +58,9 @@ int kst_kv_alloc_add(float *a, const float *cs, const float *lf, size_t n, float
  * was; *wopen: the weights left open summed (in double), *took: the keys of those taken. */
 int kst_kv_fill_round(size_t n, const uint32_t *rc, float *w, uint32_t *ns, float lw, double *wopen, uint64_t *took);
 
+/* y (d) += sum_j x[j] M[j] over the n float32 rows of M (n, d): M^T x. */
+void kst_kv_gemv_t(float *y, const float *M, const float *x, size_t n, size_t d);
+
 /* Weighted sums of n contiguous rows V (n, d) for G weight vectors W (G, n):
  * O[g * d + i] = sum_j W[g * n + j] V[j][i] (each row read once for all G). */
 void kst_kv_wsum_multi(float *O, const float *W, size_t G, const void *V, int f16, size_t n,
@@ -93,6 +96,14 @@ size_t kst_kv_top(const float *w, size_t n, size_t k, float *tw, uint32_t *tp);
 /* Merges unnormalized sums into (o, *lse): v (d) = sum of w_j v_j and s = sum of w_j > 0, the
  * weights w_j = exp(s_j - mx) in the frame mx (v is scaled by 1 / s in place). s <= 0: no-op. */
 void kst_attn_merge_sum(float *o, float *lse, float *v, double s, float mx, size_t d);
+
+/* The tail estimate's control variate (index/kv.h, kst_kvc_set_tail_cv): the estimate (o, *lse)
+ * over the nt keys left out of retrieval, corrected by the parts da (d) and dz of the scores'
+ * linear term (the exact sum over those keys less the sample's estimate of it) at slope b = the
+ * estimate's weight / nt: in the estimate's frame o = (o + da / nt) / z, *lse += log z, z = 1 +
+ * dz / nt; left as it is where z falls outside [1/4, 4] (the linear term then too far from the
+ * weights to help). */
+void kst_kv_cv_apply(float *o, float *lse, const float *da, double dz, double nt, size_t d);
 
 /* The capped tail estimate (index/kv.h, kst_kvc_attend): each sampled key above tau, the least
  * retrieved score (a key the search missed), also stands for the rest of its ratio rho at tau's

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/blas.h"
 #include "core/check.h"
 #include "core/kv_attn.h"
 #include "core/kv_q8t.h"
@@ -70,6 +71,15 @@ _Static_assert(KST_KVSC_NC * KST_KVSC_TOP <= KV_TT_CHUNKS * KV_TT_TOP, "kv_threa
 #define KV_TT_LAG 64
 #endif
 
+/* The tail estimate's control variate sums over a set of nodes (kv.h, cv_sync): M = sum v (k -
+ * c)^T (d, d), held transposed (row j: sum (k_j - c_j) v) in float64 and float32, sum (k - c)
+ * and sum v (d), c the KV head's centre. */
+typedef struct kv_cvs {
+    size_t n; /* nodes summed (0: none) */
+    double *M, *ks, *vs;
+    float *Mf;
+} kv_cvs;
+
 typedef struct kv_hstore {
     void *K, *V;  /* (cap, d) in the cache's dtype */
     kst_kvg g;    /* nodes = rows sinks .. sinks + g.n - 1 */
@@ -77,6 +87,10 @@ typedef struct kv_hstore {
     kst_kvtc tc;  /* the clustered tail estimate's clusters (kst_kvc_set_tail_clusters) */
     kst_kvsc sc;  /* their sample cache (kst_kvc_set_tail_cache) */
     size_t sc_pna, sc_pbud; /* a plan made ahead in idle time (sc_plan_ahead): tc.na and the budget then */
+    kv_cvs cv, cvs; /* the control variate's sums: the indexed nodes', the tail sample's (kst_kvc_set_tail_cv) */
+    float *cvc;     /* (d) their centre: the keys' mean at the build */
+    uint64_t *cvb;  /* the sampled nodes (bit x), for the retrieved ones' part; cvb_n words */
+    size_t cvb_n;
 } kv_hstore;
 
 /* A batch of tokens being linked into a layer's index (kst_kvc_append): nodes lo .. lo + n - 1
@@ -215,6 +229,7 @@ struct kst_kvc {
      * tail's tau is the least of all those (else the top_k-th best's) */
     int att_ef, tau_all;
     int tail_cap;         /* the capped tail estimate (tt_rho1; 1 by default, KESTREL_KV_TAIL_CAP=0 off) */
+    int tail_cv;          /* the tail's control variate (cv_pre; kst_kvc_set_tail_cv) */
     size_t tier;
     size_t tt_ch;         /* with strat: rows per chunk (stratum) (KESTREL_KV_TT_CH; 0: 512) */
     double strat;         /* the tail sample stratified by position (kv_tail.strat): each chunk's
@@ -227,6 +242,8 @@ struct kst_kvc {
                              the first of its query heads to need them (tc_st: 0 not yet, 1 being
                              made, 2 made) */
     uint8_t *tc_st;
+    float *cv_y;          /* (q_heads, 2, d) the tail's control variate products of a step (cv_mq), made per KV head */
+    uint8_t *cv_st;       /* (kv_heads) by the first of its query heads to need them (as tc_st) */
     size_t tc_cs_cap;
     int tshare;           /* one clustered sample a KV head for its query heads (kst_kvc_set_tail_share;
                              KESTREL_KV_TSHARE) */
@@ -284,6 +301,9 @@ static size_t spread_of(const kst_kvc *c, size_t nidx) {
 }
 static void refresh_tables(kst_kvc *c, kv_layer *L, int force);
 static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err);
+static void cvs_free(kv_cvs *s);
+static void cv_sync(const kst_kvc *c, kv_hstore *H, int anew);
+static void cv_sample(const kst_kvc *c, kv_hstore *H);
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep) {
     c->spread = n;
     c->spread_keep = keep;
@@ -366,6 +386,10 @@ void kst_kvc_set_tail_topsum(kst_kvc *c, int on) {
 #endif
 }
 void kst_kvc_set_tail_samples(kst_kvc *c, size_t m) { c->o.tail_samples = m; }
+void kst_kvc_set_tail_cv(kst_kvc *c, int on) {
+    const char *e = getenv("KESTREL_KV_TAIL_CV");
+    c->tail_cv = e && *e ? atoi(e) != 0 : on != 0; /* (the sums are made at the next step that wants them) */
+}
 void kst_kvc_set_spread_budget(kst_kvc *c, float strata, size_t tier) {
     c->strat = getenv("KESTREL_KV_STRAT") ? atof(getenv("KESTREL_KV_STRAT")) : strata;
     if (!(c->strat > 1) || !isfinite(c->strat)) c->strat = 0;
@@ -498,6 +522,7 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     kst_kvc_set_spread_budget(c, 0, 0);
     c->tau_all = getenv("KESTREL_KV_TAU_ALL") ? atoi(getenv("KESTREL_KV_TAU_ALL")) != 0 : 0;
     c->tail_cap = !(getenv("KESTREL_KV_TAIL_CAP") && atoi(getenv("KESTREL_KV_TAIL_CAP")) == 0);
+    kst_kvc_set_tail_cv(c, 0);
     c->tt_ch = getenv("KESTREL_KV_TT_CH") ? (size_t)atol(getenv("KESTREL_KV_TT_CH")) : 0;
     kst_kvc_set_tail_clusters(c, 0, 0);
     kst_kvc_set_tail_share(c, 0);
@@ -598,6 +623,10 @@ void kst_kvc_free(kst_kvc *c) {
                 kst_free(T->qb);
                 kst_kvtc_free(&L->heads[h].tc);
                 kst_kvsc_free(&L->heads[h].sc);
+                cvs_free(&L->heads[h].cv);
+                cvs_free(&L->heads[h].cvs);
+                kst_free(L->heads[h].cvc);
+                kst_free(L->heads[h].cvb);
             }
             kst_free(L->heads);
 #ifdef KST_CUDA
@@ -633,6 +662,8 @@ void kst_kvc_free(kst_kvc *c) {
     kst_free(c->lse_buf);
     kst_free(c->tc_cs);
     kst_free(c->tc_st);
+    kst_free(c->cv_y);
+    kst_free(c->cv_st);
     for (size_t h = 0; c->tg && h < c->tg_n; h++) kst_kvtc_group_free(&c->tg[h]);
     kst_free(c->tg);
     kst_free(c->tg_done);
@@ -913,6 +944,7 @@ static int job_apply_piece(kst_kvc *c, kv_layer *L, size_t piece, int *ended, ks
                 kst_kvg_link(&H->g, rows_at(c, H->K, o->sinks), o->f16, o->head_dim, (uint32_t)(J->lo + i),
                              J->sel + it * M, J->seld + it * M, J->cnt[it], tmp);
             }
+            if (H->cv.M) cv_sync(c, H, 0); /* (the tail's control variate sums: the nodes linked) */
         }
         J->linked = i1;
         if (i1 < J->n) return KST_OK;
@@ -1375,6 +1407,8 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
     L->built = 1;
     rc = index_leavers(c, L, err);
     refresh_tables(c, L, 1);
+#pragma omp parallel for schedule(dynamic) if (o->kv_heads > 1)
+    for (size_t h = 0; h < o->kv_heads; h++) cv_sync(c, &L->heads[h], 1); /* (the tail's control variate sums, anew) */
     return rc;
 }
 
@@ -1531,6 +1565,16 @@ static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, int q8,
         T->q8 = q8;
         T->copy = 1;
     }
+    /* the control variate's sums: the sample's where drawn anew, the index's brought up to date */
+#pragma omp parallel for schedule(dynamic) if (o->kv_heads > 1)
+    for (size_t h = 0; h < o->kv_heads; h++) {
+        kv_hstore *H = &L->heads[h];
+        if (H->tt.copy) cv_sample(c, H);
+        else if (c->tail_cv && (H->cv.n != H->g.n || !H->cv.M)) {
+            cv_sync(c, H, 0);
+            if (!H->cvs.M || H->cvs.n != H->tt.n) cv_sample(c, H);
+        }
+    }
 done:
     return rc;
 }
@@ -1610,6 +1654,191 @@ static void tail_chunk(const kst_kvc *c, kv_hstore *H, size_t cc, const float *Q
                      T->wsc + cc * G);
     else
         kst_kv_wsum_multi(T->o + cc * G * d, W, G, (char *)T->V + j0 * rowb, o->f16, nr, d);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The tail estimate's control variate (kv.h, kst_kvc_set_tail_cv). Each KV head keeps, over its
+ * indexed keys (nodes 0..n-1), M = sum v (k - c)^T, sum (k - c) and sum v, c the centre of its
+ * keys at the build (any fixed c gives the same estimate; near the keys' mean it keeps M's
+ * entries small); its tail sample keeps the same sums over the sampled nodes, made when the
+ * sample is drawn. With s = scale <q, k> a key's score, s~ = s - scale <q, c> and u = 1 + s -
+ * sbar (sbar: the mean score of T, the indexed keys not retrieved), the sums over T of u v and of
+ * u are known exactly from M q, and the sample stands for them with its own ratio rho: their
+ * differences (da, dz) correct the estimate by b = (its estimated weight over T) / |T|, the
+ * slope of w = exp(s) on s where scores are Gaussian (Stein's lemma), so that the part of the
+ * weights linear in the score costs no variance. */
+static void cvs_free(kv_cvs *s) {
+    kst_free(s->M);
+    kst_free(s->Mf);
+    kst_free(s->ks);
+    kst_free(s->vs);
+    memset(s, 0, sizeof *s);
+}
+static int cvs_reset(kv_cvs *s, size_t d) {
+    s->n = 0;
+    if (!s->M) {
+        s->M = kst_malloc(d * d, sizeof(double), "tail control variate sums", NULL);
+        s->Mf = kst_malloc(d * d, sizeof(float), "tail control variate sums", NULL);
+        s->ks = kst_malloc(d, sizeof(double), "tail control variate sums", NULL);
+        s->vs = kst_malloc(d, sizeof(double), "tail control variate sums", NULL);
+        if (!s->M || !s->Mf || !s->ks || !s->vs) {
+            cvs_free(s);
+            return KST_ERR_NOMEM;
+        }
+    }
+    memset(s->M, 0, d * d * sizeof(double));
+    memset(s->ks, 0, d * sizeof(double));
+    memset(s->vs, 0, d * sizeof(double));
+    return KST_OK;
+}
+/* Adds the rows of nodes ids[0..n) (ids NULL: lo .. lo + n - 1) of H to the sums s, centre cen;
+ * Mf refreshed. Blocks of 64 rows through kst_sgemm. Fails only on memory (s then dropped). */
+#define CV_BLK 64
+#define KV_CV_M 8192 /* retrieved keys a query head at most (ef is at most 8,192) */
+static void cvs_add(const kst_kvc *c, const kv_hstore *H, kv_cvs *s, const float *cen, const uint32_t *ids, size_t lo,
+                    size_t n) {
+    const kst_kvc_opts *o = &c->o;
+    size_t d = o->head_dim;
+    if (!s->M) return;
+    float *Kb = kst_malloc(CV_BLK * d * 2 + d * d, sizeof(float), "tail control variate scratch", NULL);
+    if (!Kb) {
+        cvs_free(s);
+        return;
+    }
+    float *Vb = Kb + CV_BLK * d, *P = Vb + CV_BLK * d;
+    for (size_t b0 = 0; b0 < n; b0 += CV_BLK) {
+        size_t nb = n - b0 < CV_BLK ? n - b0 : CV_BLK;
+        for (size_t j = 0; j < nb; j++) {
+            size_t r = o->sinks + (ids ? ids[b0 + j] : lo + b0 + j);
+            float *k = Kb + j * d, *v = Vb + j * d;
+            kst_kv_rows_f32(k, H->K, o->f16, r, 1, d);
+            kst_kv_rows_f32(v, H->V, o->f16, r, 1, d);
+            for (size_t i = 0; i < d; i++) {
+                k[i] -= cen[i];
+                s->ks[i] += k[i];
+                s->vs[i] += v[i];
+            }
+        }
+        kst_sgemm(1, 0, (int)d, (int)d, (int)nb, 1.0f, Kb, (int)d, Vb, (int)d, 0.0f, P, (int)d); /* Kb^T Vb: M^T */
+        for (size_t i = 0; i < d * d; i++) s->M[i] += P[i];
+    }
+    for (size_t i = 0; i < d * d; i++) s->Mf[i] = (float)s->M[i];
+    s->n += n;
+    kst_free(Kb);
+}
+/* Brings H's index sums up to its graph's nodes (anew, as at a build: the centre the keys'
+ * mean). Only an improvement: on a memory failure the head goes without (cv_pre). */
+static void cv_sync(const kst_kvc *c, kv_hstore *H, int anew) {
+    size_t d = c->o.head_dim, n = H->g.n;
+    if (!c->tail_cv) return;
+    if (anew || H->cv.n > n || !H->cv.M) {
+        if (!H->cvc && !(H->cvc = kst_malloc(d, sizeof(float), "tail control variate centre", NULL))) return;
+        if (cvs_reset(&H->cv, d) != KST_OK) return;
+        double *a = H->cv.ks; /* (zeroed: the centre's sums, then the sums' own) */
+        float row[512];
+        for (size_t x = 0; x < n; x++) {
+            kst_kv_rows_f32(row, H->K, c->o.f16, c->o.sinks + x, 1, d);
+            for (size_t i = 0; i < d; i++) a[i] += row[i];
+        }
+        for (size_t i = 0; i < d; i++) {
+            H->cvc[i] = n ? (float)(a[i] / (double)n) : 0.0f;
+            a[i] = 0;
+        }
+    }
+    if (H->cv.n < n) cvs_add(c, H, &H->cv, H->cvc, NULL, H->cv.n, n - H->cv.n);
+}
+/* The sample's sums for a table drawn anew (uniform samples only: a stratified one's strata have
+ * their own ratios); the index's brought up to date first. */
+static void cv_sample(const kst_kvc *c, kv_hstore *H) {
+    kv_tail *T = &H->tt;
+    H->cvs.n = 0;
+    cv_sync(c, H, 0);
+    if (!c->tail_cv || !H->cv.M || T->strat || T->n == 0) return;
+    uint32_t *ids = kst_malloc(T->n, sizeof(uint32_t), "tail control variate scratch", NULL);
+    size_t nw = T->nidx / 64 + 1;
+    if (nw > H->cvb_n) {
+        kst_free(H->cvb);
+        H->cvb_n = 0;
+        if ((H->cvb = kst_malloc(nw, sizeof(uint64_t), "tail control variate sample marks", NULL))) H->cvb_n = nw;
+    }
+    if (!ids || !H->cvb || cvs_reset(&H->cvs, c->o.head_dim) != KST_OK) {
+        kst_free(ids);
+        return;
+    }
+    memset(H->cvb, 0, H->cvb_n * sizeof(uint64_t));
+    for (size_t j = 0; j < T->n; j++) {
+        ids[j] = (uint32_t)tt_pos(T, j);
+        H->cvb[ids[j] / 64] |= (uint64_t)1 << (ids[j] % 64);
+    }
+    cvs_add(c, H, &H->cvs, H->cvc, ids, 0, T->n);
+    kst_free(ids);
+}
+
+/* y (nq, 2, d): scale M q and scale M_sample q (the transposed float32 sums, kv_cvs) for the nq
+ * queries Q (nq, d). */
+static void cv_mq(const kv_hstore *H, const float *Q, size_t nq, size_t d, float scale, float *y) {
+    float qs[512];
+    memset(y, 0, nq * 2 * d * sizeof(float));
+    for (size_t g = 0; g < nq; g++) {
+        for (size_t j = 0; j < d; j++) qs[j] = scale * Q[g * d + j];
+        kst_kv_gemv_t(y + g * 2 * d, H->cv.Mf, qs, d, d);
+        kst_kv_gemv_t(y + g * 2 * d + d, H->cvs.Mf, qs, d, d);
+    }
+}
+
+/* The control variate's parts for query head h (q: the step's queries, qh = q + h d) of H, KV
+ * head h / G, before its tail estimate: the m retrieved ids rid with their scaled scores sr (the
+ * retrieved partial's scratch), nidx indexed keys; with u = 1 + s - sbar, da (d) = sum over T of
+ * u v less rho times the same over the kept samples, *dz the same of u. Returns 0 where it does
+ * not apply (off, no sums, a stratified sample, nothing left out). */
+static int cv_pre(const kst_kvc *c, const kv_hstore *H, const float *q, size_t h, const uint32_t *rid,
+                  const float *sr, size_t m, size_t nidx, float *da, double *dz) {
+    const kst_kvc_opts *o = &c->o;
+    const kv_tail *T = &H->tt;
+    size_t d = o->head_dim, ns = T->n, nin = 0, G = o->q_heads / o->kv_heads, kh = h / G;
+    const float *qh = q + h * d;
+    if (!c->tail_cv || !H->cv.M || H->cv.n != nidx || !H->cvs.M || H->cvs.n != ns || ns == 0 || T->strat || m >= nidx)
+        return 0;
+    /* M q and M_sample q: the KV head's G query heads' at once by the first to come (as
+     * tail_clusters' centroid scores), or this head's alone where another is making them */
+    float yl[1024];
+    const float *y = yl;
+    uint8_t zero = 0, *st = c->cv_st && c->cv_y ? &c->cv_st[kh] : NULL;
+    if (st && __atomic_load_n(st, __ATOMIC_ACQUIRE) != 2 &&
+        __atomic_compare_exchange_n(st, &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        cv_mq(H, q + kh * G * d, G, d, o->scale, c->cv_y + kh * G * 2 * d);
+        __atomic_store_n(st, 2, __ATOMIC_RELEASE);
+    }
+    if (st && __atomic_load_n(st, __ATOMIC_ACQUIRE) == 2) y = c->cv_y + h * 2 * d;
+    else cv_mq(H, qh, 1, d, o->scale, yl);
+    float qs[512];
+    double c0 = 0, sr_all = 0, sr_in = 0, qi = 0, qsm = 0;
+    for (size_t i = 0; i < d; i++) {
+        qs[i] = o->scale * qh[i];
+        c0 += (double)qs[i] * H->cvc[i];
+        qi += (double)qs[i] * H->cv.ks[i];
+        qsm += (double)qs[i] * H->cvs.ks[i];
+    }
+    uint8_t inS[KV_CV_M];
+    if (m > KV_CV_M) return 0;
+    for (size_t i = 0; i < m; i++) { /* (nodes indexed since the draw are not in the sample) */
+        int in = rid[i] < T->nidx && (H->cvb[rid[i] / 64] >> (rid[i] % 64) & 1);
+        inS[i] = (uint8_t)in;
+        nin += (size_t)in;
+        sr_all += sr[i] - c0;
+        if (in) sr_in += sr[i] - c0;
+    }
+    if (nin >= ns) return 0;
+    double NT = (double)(nidx - m), rho = NT / (double)(ns - nin);
+    double sT = qi - sr_all, sbar = sT / NT; /* (scores less c0 = scale <q, c>: u is the same) */
+    *dz = sT - rho * (qsm - sr_in);
+    for (size_t i = 0; i < d; i++)
+        da[i] = (float)((1 - sbar) * (H->cv.vs[i] - rho * H->cvs.vs[i]) + y[i] - rho * y[d + i]);
+    for (size_t i = 0; i < m; i++) {
+        double u = 1 - sbar + (sr[i] - c0), f = inS[i] ? 1 - rho : 1;
+        kst_kv_axpy(da, (float)(-u * f), rows_at(c, H->V, o->sinks + rid[i]), o->f16, d);
+    }
+    return 1;
 }
 
 /* The start of a tail estimate: o = 0, *lse = -inf, and t->sret[0..nex) the sample indices of
@@ -2786,6 +3015,13 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (!c->tc_st && !(c->tc_st = kst_calloc(o->kv_heads, 1, "tail cluster scores", err))) return KST_ERR_NOMEM;
         memset(c->tc_st, 0, o->kv_heads);
     }
+    /* the tail's control variate products (cv_pre), made once a step per KV head; without the
+     * room, each query head makes its own */
+    if (c->tail_cv && o->tail_samples > 0 && nidx > 0) {
+        if (!c->cv_y) c->cv_y = kst_malloc(o->q_heads * 2, d * sizeof(float), "tail control variate products", NULL);
+        if (!c->cv_st) c->cv_st = kst_malloc(o->kv_heads, 1, "tail control variate products", NULL);
+        if (c->cv_st) memset(c->cv_st, 0, o->kv_heads);
+    }
     /* the shared sample (kst_kvc_set_tail_share): each KV head's planned by one thread, then
      * gathered in KST_KVTC_PIECES pieces taken by any thread before its next search */
     int tsh = tcl && c->tshare && G > 1;
@@ -3255,6 +3491,10 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                 size_t mt = c->tau_all || m < kw ? m : kw;
                 for (size_t i = 0; i < mt; i++) tau = t->buf[i] < tau ? t->buf[i] : tau;
                 float lse_t = -INFINITY; /* the tail estimate's */
+                /* the control variate's parts (cv_pre; t->buf: the retrieved scores) */
+                float cva[512];
+                double cvz = 0;
+                int cv = ns && m < nidx && cv_pre(c, H, q, h, rid, t->buf, m, nidx, cva, &cvz);
                 kept = 0;
                 t->tlk_on = 0;
                 /* the indexed keys retrieval left out, estimated from a sample (kv.h) */
@@ -3269,6 +3509,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                     if (ITEMS_IN(h / G) || __atomic_load_n(&gpu_ready, __ATOMIC_ACQUIRE) == 1) {
                         kept = tail_partial_gpu(t, c, H, gpu_tt + h * tnc * gpu_st, gpu_st, qh, rid, nidx, m,
                                                 tau, t->o2, &lse_t);
+                        if (cv && kept) kst_kv_cv_apply(t->o2, &lse_t, cva, cvz, (double)(nidx - m), d);
                         kst_attn_merge(oh, &lse, t->o2, lse_t, d);
                     }
                     if (pf) {
@@ -3340,6 +3581,7 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
                         } /* its T items still running */
                     double w1 = pf ? mono_s() : 0;
                     kept = tail_partial(t, c, H, h % G, qh, rid, nidx, m, tau, t->o2, &lse_t);
+                    if (cv && kept) kst_kv_cv_apply(t->o2, &lse_t, cva, cvz, (double)(nidx - m), d);
                     kst_attn_merge(oh, &lse, t->o2, lse_t, d);
                     if (pf) {
                         t->p_twait += w1 - w0;

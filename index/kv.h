@@ -381,6 +381,18 @@ int kst_kvc_set_tail_q8(kst_kvc *c, int on, kst_error *err);
  * itself, rows that on the CPU another core's item read); 0 (or KESTREL_KV_TAIL_TOPSUM=0 in the
  * environment when the cache is created) without. */
 void kst_kvc_set_tail_topsum(kst_kvc *c, int on);
+/* The evenly spaced tail sample's control variate (kst_kv_opts.tail_cv; 1 on, 0 off, the default;
+ * KESTREL_KV_TAIL_CV at creation overrides it). With u = 1 + s - sbar for each key of T (the
+ * indexed keys not retrieved; s its scaled score, sbar their mean), the sums over T of u v and
+ * of u are known exactly: each KV head keeps sum v (k - c)^T, sum (k - c) and sum v over its
+ * indexed keys (c: their mean at the build; brought up to date as batches are linked, or at
+ * the next step), the retrieved keys' terms taken out. Its sample keeps the same sums over the
+ * sampled keys (made when drawn), and the estimate of T's sums from the sample (its ratio rho,
+ * the retrieved samples out) is set against them: the estimate's weight and value sum gain b
+ * (exact - estimated) with b = the estimate's weight / |T|, in core/kv_attn.h's
+ * kst_kv_cv_apply. Only an improvement: where its sums are missing (a memory failure, a
+ * stratified sample) the plain estimate stands. */
+void kst_kvc_set_tail_cv(kst_kvc *c, int on);
 /* Benchmarks: changes opts.widen of a live cache (the adaptive budget; 0: off). */
 void kst_kvc_set_widen(kst_kvc *c, float widen);
 /* Benchmarks and tests: the adaptive budget's decision before the first search (as

@@ -73,7 +73,13 @@ static inline double cap_shrink64(size_t n) { return (double)n / (double)(n + 4)
  * (N_c - m_c) / kept_c in their stratum, except those that score above tau, the least retrieved
  * key's (na of them): each weighs exp(l) + lambda (rho_c - 1) exp(tau), itself once and the rest
  * of its ratio at tau's weight, lambda = cap_shrink64(the na with rho_c > 1) (kv.h's capped
- * estimate, the library's default). Returns kept (all strata); adds the na to *nabove. */
+ * estimate, the library's default). With one stratum and ref_cv (opts.tail_cv, kv.h: the
+ * tail's control variate) the weights of the keys left out (T: indexed, not retrieved) are
+ * then corrected by the scores' linear term: with u = 1 + l - lbar (lbar: T's mean score), b =
+ * the kept samples' weight over |T| and rho the ratio, each key of T gains b u and each kept
+ * sample loses rho b u, unless that moves the tail's weight out of [1/4, 4] times its own.
+ * Returns kept (all strata); adds the na to *nabove. */
+static int ref_cv = 0; /* (tail_ref64: 1 for caches with opts.tail_cv) */
 static inline size_t tail_ref64(double *out, const float *q, const float *K, const float *V, size_t n, size_t d,
                                 size_t sinks, size_t window, const int64_t *rid, size_t m, size_t nd, size_t ns,
                                 double f, size_t *nabove) {
@@ -133,6 +139,30 @@ static inline size_t tail_ref64(double *out, const float *q, const float *K, con
                                                   : rho[c] * exp(l[sinks + x] - mx);
             }
         }
+    if (nc == 1 && ref_cv && kept_all > 0) { /* the control variate */
+        double nt = 0, lbar = 0, zt = 0, su = 0, ssu = 0;
+        for (size_t x = 0; x < nidx; x++)
+            if (!ret[x]) nt += 1, lbar += l[sinks + x];
+        lbar /= nt;
+        char *smp = calloc(nidx, 1);
+        for (size_t i = 0; i < ns; i++) {
+            size_t x = (2 * i + 1) * nd / (2 * ns);
+            if (ret[x]) continue;
+            smp[x] = 1;
+            zt += w[sinks + x];
+            ssu += 1 + l[sinks + x] - lbar;
+        }
+        for (size_t x = 0; x < nidx; x++)
+            if (!ret[x]) su += 1 + l[sinks + x] - lbar;
+        double bc = zt / nt, z = 1 + bc * (su - rho[0] * ssu) / zt;
+        if (z >= 0.25 && z <= 4)
+            for (size_t x = 0; x < nidx; x++) {
+                if (ret[x]) continue;
+                double u = 1 + l[sinks + x] - lbar;
+                w[sinks + x] += bc * u - (smp[x] ? rho[0] * bc * u : 0);
+            }
+        free(smp);
+    }
     wsum_rows64(out, w, V, n, d);
     free(l);
     free(w);

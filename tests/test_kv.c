@@ -12,6 +12,7 @@
 #include "kv_ref.h"
 
 #include "api/kestrel.h"
+#include "core/half.h"
 #include "core/kv_attn.h"
 #include "core/mem.h"
 #include "core/npy.h"
@@ -740,6 +741,101 @@ static void test_tail_sample_kept_across_appends(void **state) {
     kst_kv_free(kv);
     free(K);
     free(V);
+}
+
+/* The tail's control variate (opts.tail_cv, kv.h): GQA (4 query heads over one KV head: the M q
+ * products made once for the group), head dims 64 (float32) and 128 (float16: rows and sums
+ * read through the conversions), CPU and (CUDA builds) the GPU's tail items; 40 tokens
+ * appended (the index's sums brought up to date, the sample kept), then 60 more (drawn anew,
+ * the sample's sums remade); ef 256 (the top found) and ef 16 (misses: capped samples above
+ * tau). Each query head against the float64 estimator with the correction (tail_ref64), which
+ * it must also leave: somewhere off by more than 10 tolerances from the plain estimator. */
+static void test_tail_control_variate(void **state) {
+    (void)state;
+    const size_t n0 = 3000, extra = 100, sinks = 4, window = 32, ns = 256, m = 16, G = 4;
+    size_t n = n0 + extra;
+    for (int run = 0; run < 4; run++) {
+        int f16 = run & 1, gpu = run >> 1;
+        size_t d = f16 ? 128 : 64;
+#ifdef KST_CUDA
+        if (gpu && kst_kv_cuda_devices() == 0) break;
+#else
+        if (gpu) break;
+#endif
+        float *K = malloc(n * d * sizeof *K), *V = malloc(n * d * sizeof *V), *q = malloc(G * d * sizeof *q),
+              *out = malloc(G * d * sizeof *out);
+        uint16_t *K16 = malloc(n * d * sizeof *K16), *V16 = malloc(n * d * sizeof *V16);
+        double *ref = malloc(d * sizeof *ref), *plain = malloc(d * sizeof *plain);
+        for (size_t i = 0; i < n * d; i++) {
+            K[i] = (float)(0.3 * test_gauss()) + (i % d == 0 ? 0.5f : 0.0f);
+            V[i] = (float)(1.0 + test_gauss());
+            if (f16) { /* (the reference reads the values the cache holds) */
+                K16[i] = kst_f32_to_f16(K[i]);
+                V16[i] = kst_f32_to_f16(V[i]);
+                K[i] = kst_f16_to_f32(K16[i]);
+                V[i] = kst_f16_to_f32(V16[i]);
+            }
+        }
+        kst_kv_opts o = kst_kv_opts_default();
+        o.layers = o.kv_heads = 1;
+        o.q_heads = G;
+        o.head_dim = d;
+        o.dtype = f16 ? KST_KV_F16 : KST_KV_F32;
+        o.sinks = sinks;
+        o.window = window;
+        o.degree = 16;
+        o.index = KST_KV_INDEX_KEYS;
+        o.tail_samples = ns;
+        o.append_batch = 1;
+        o.gpu = gpu;
+        o.tail_cv = 1;
+        kst_kv *kv;
+        kst_error err;
+        assert_ok(kst_kv_create(&o, &kv, &err), &err);
+        const void *Ka = f16 ? (const void *)K16 : (const void *)K, *Va = f16 ? (const void *)V16 : (const void *)V;
+        size_t es = f16 ? 2 : 4;
+        assert_ok(kst_kv_append(kv, 0, Ka, Va, n0, &err), &err);
+        assert_ok(kst_kv_build(kv, 0, NULL, 0, &err), &err);
+        size_t nd = n0 - sinks - window, at = n0;
+        double off = 0;
+        const size_t steps[3] = {0, 40, 60};
+        for (int st = 0; st < 3; st++) {
+            if (steps[st]) {
+                assert_ok(kst_kv_append(kv, 0, (const char *)Ka + at * d * es, (const char *)Va + at * d * es, steps[st], &err),
+                          &err);
+                at += steps[st];
+            }
+            if (st == 2) nd = at - sinks - window; /* (grown by more than 1/64: drawn anew) */
+            for (int qi = 0; qi < 4; qi++) {
+                size_t ef = qi < 2 ? 256 : 16;
+                for (size_t i = 0; i < G * d; i++) q[i] = (float)(2.0 * test_gauss()) + (i % d == 0 ? 3.0f : 0.0f);
+                assert_ok(kst_kv_attend(kv, 0, q, m, ef, out, NULL, &err), &err);
+                for (size_t g = 0; g < G; g++) {
+                    int64_t rid[16];
+                    size_t found = 0, na = 0;
+                    assert_ok(kst_kv_search(kv, 0, g, q + g * d, m, ef, rid, &found, NULL, &err), &err);
+                    assert_int_equal(found, m);
+                    ref_cv = 1;
+                    tail_ref64(ref, q + g * d, K, V, at, d, sinks, window, rid, m, nd, ns, 1, &na);
+                    ref_cv = 0;
+                    tail_ref64(plain, q + g * d, K, V, at, d, sinks, window, rid, m, nd, ns, 1, &na);
+                    for (size_t j = 0; j < d; j++) {
+                        double tol = 2e-5 + 1e-4 * fabs(ref[j]), x = out[g * d + j];
+                        if (!(fabs(x - ref[j]) <= tol))
+                            fail_msg("control variate (d %zu, %s, %s), %zu appended, query %d (ef %zu), head %zu, dim %zu: %.7g, "
+                                     "float64 estimator %.7g",
+                                     d, f16 ? "f16" : "f32", gpu ? "gpu" : "cpu", at - n0, qi, ef, g, j, x, ref[j]);
+                        off = fabs(plain[j] - ref[j]) / tol > off ? fabs(plain[j] - ref[j]) / tol : off;
+                    }
+                }
+            }
+        }
+        print_message("control variate (d %zu, %s, %s): the plain estimator off by up to %.0f tolerances\n", d,
+                      f16 ? "f16" : "f32", gpu ? "gpu" : "cpu", off);
+        if (!(off > 10)) fail_msg("the control variate changed the estimate by at most %.1f tolerances", off);
+        kst_kv_free(kv);
+        free(K), free(V), free(q), free(out), free(K16), free(V16), free(ref), free(plain);
+    }
 }
 
 /* Batch appends (kst_kvc_append, append_batch B): the tokens that left the window and are not
@@ -1889,6 +1985,7 @@ int main(void) {
         cmocka_unit_test(test_tail_estimate_diffuse),
         cmocka_unit_test(test_widen_spread_attention),
         cmocka_unit_test(test_tail_sample_kept_across_appends),
+        cmocka_unit_test(test_tail_control_variate),
         cmocka_unit_test(test_build_copied),
         cmocka_unit_test(test_append_batches_equal_full_attention),
         cmocka_unit_test(test_node_order_steps),

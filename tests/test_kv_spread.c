@@ -112,23 +112,25 @@ static void test_tail_strata_equals_reference(void **state) {
 
 /* Attention decaying with the distance to the window (the recency_data keys, 16,000 tokens, 2,048
  * samples: 4 strata of 8/15 .. 1/15 of the keys): against float64 full attention the stratified
- * sample's mean error must be under 0.7x the uniform sample's; with every key sampled both are
- * full attention (the strata fall back to one sample). */
+ * sample's mean error must be under 0.7x the plain uniform sample's, and the uniform sample's
+ * with the tail's control variate (opts.tail_cv) under 0.8x; with every key
+ * sampled all are full attention (the strata fall back to one sample). */
 static void test_tail_strata_recency(void **state) {
     (void)state;
     const size_t n = 16000, d = 32, window = 64, nq = 12;
     float *K = malloc(n * d * sizeof *K), *V = malloc(n * d * sizeof *V), *Q = malloc(nq * d * sizeof *Q);
     recency_data(K, V, Q, n, nq, d, window);
     kst_error err;
-    double e[2] = {0, 0};
-    for (int st = 0; st < 2; st++) {
+    double e[3] = {0, 0, 0};
+    for (int st = 0; st < 3; st++) { /* uniform without the control variate, stratified, uniform with it */
         kst_kv_opts o = kst_kv_opts_default();
         o.layers = o.kv_heads = o.q_heads = 1;
         o.head_dim = d;
         o.window = window;
         o.degree = 16;
         o.index = KST_KV_INDEX_KEYS;
-        o.tail_strata = st ? 2.0f : 0;
+        o.tail_strata = st == 1 ? 2.0f : 0;
+        o.tail_cv = st == 2;
         kst_kv *kv;
         assert_ok(kst_kv_create(&o, &kv, &err), &err);
         assert_ok(kst_kv_append(kv, 0, K, V, n, &err), &err);
@@ -152,8 +154,11 @@ static void test_tail_strata_recency(void **state) {
         }
         kst_kv_free(kv);
     }
-    print_message("recency-weighted attention, 2,048 samples: mean rel. error uniform %.3e, stratified %.3e\n", e[0], e[1]);
+    print_message("recency-weighted attention, 2,048 samples: mean rel. error uniform %.3e, stratified %.3e, uniform with "
+                  "the control variate %.3e\n", e[0], e[1], e[2]);
     if (!(e[1] < 0.7 * e[0])) fail_msg("stratified %.3e against uniform %.3e (expected under 0.7x)", e[1], e[0]);
+    if (!(e[2] < 0.8 * e[0]))
+        fail_msg("the control variate: %.3e against %.3e without it (expected under 0.8x)", e[2], e[0]);
     free(K);
     free(V);
     free(Q);
