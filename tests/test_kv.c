@@ -1814,9 +1814,10 @@ static size_t graph_check_indeg(const kst_kvg *g) {
  * the edges counted anew, and a search as wide as the graph returns each query's exact top 10
  * (queries aimed at the outliers too). Without the repair at the build 664 of the 1,500 nodes
  * were reachable; without each new key's first edge in kept, 1,734 of 1,800 after the
- * inserts. */
-static void test_graph_reachable(void **state) {
-    (void)state;
+ * inserts. Run on the data the tests before leave and on two seeds whose inserts left one
+ * new key with no edge in (1,799 and 1,798 of 1,800) before apply_links looked past the
+ * key's own neighbours for a slot. */
+static void reach_case(void) {
     enum { RD = 32, NCL = 8, NOUT = 24, NQ = 16 };
     const size_t n0 = 1500, nin = 300, n = n0 + nin, nb = 600;
     float *K = malloc(n * RD * sizeof *K), *cen = malloc(NCL * RD * sizeof *cen), *Qb = malloc(nb * RD * sizeof *Qb),
@@ -1870,6 +1871,19 @@ static void test_graph_reachable(void **state) {
     kst_kvg_free(&g);
     kst_kvg_free(&h);
     free(K), free(cen), free(Qb), free(Q);
+}
+
+static void test_graph_reachable(void **state) {
+    (void)state;
+    reach_case(); /* (the data as the tests before left the generator) */
+    /* seeds whose inserts once left a key with no edge in: each of its neighbours full of kept
+     * edges and of last edges in (apply_links now looks further, breadth-first) */
+    const uint64_t seeds[2] = {8, 31};
+    for (int k = 0; k < 2; k++) {
+        g_rng = 0x2545f4914f6cdd1dull + 7919ull * seeds[k];
+        for (int i = 0; i < 10; i++) (void)test_gauss();
+        reach_case();
+    }
 }
 
 static void test_interleaved_all_keys_equals_sdpa(void **state) {
