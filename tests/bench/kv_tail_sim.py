@@ -24,6 +24,11 @@ output against full attention, mean over decode queries).
         tokens cached, nq decode queries evenly spaced after them), with the exact top K
         indexed keys attended and NS samples: what the library's estimate gives with perfect
         retrieval (bench README, round 37: the capped estimate's anchor)
+    .venv/bin/python tests/bench/kv_tail_sim.py cv DIR CTX LAYER HEAD NS K [nq]
+        the same with the tail's control variate (kv.h, opts.tail_cv): the scores' linear term
+        summed exactly over the keys left out, the sample's estimate of it taken out, at the
+        slope the library uses (Stein's: the estimate's mean weight) and at the sample's
+        least-squares slope (which the GPU's items could not give); bench README, round 38
 """
 import sys
 
@@ -275,8 +280,38 @@ def mirror(D, ctx, l, h, ns, k, nq=100):
           f"max {np.max(err):.3e} ({nq} decode queries)")
 
 
+def cv(D, ctx, l, h, ns, k, nq=100):
+    K, V, Q = load(D, l, h, "k")[:ctx], load(D, l, h, "v")[:ctx], load(D, l, h, "q")
+    scale = 1 / np.sqrt(K.shape[1])
+    lo, hi = SINKS, ctx - WIN
+    idx = np.arange(lo, hi)
+    samp = idx[(2 * np.arange(ns) + 1) * len(idx) // (2 * ns)]
+    err = {"plain": [], "Stein slope (the library's)": [], "least-squares slope": []}
+    for i in range(nq):
+        s = K @ (Q[ctx + i * (len(Q) - ctx) // nq] * scale)
+        w = np.exp(s - s.max())
+        full = w @ V / w.sum()
+        top = idx[np.argsort(-s[idx])[:k]]
+        att = np.r_[np.arange(lo), np.arange(hi, ctx), top]
+        keep = np.ones(ctx, bool)
+        keep[att] = False
+        S, T = samp[keep[samp]], idx[keep[idx]]
+        rho = len(T) / len(S)
+        A0, Z0 = w[att] @ V[att], w[att].sum()
+        At, Zt = rho * (w[S] @ V[S]), rho * w[S].sum()
+        u = 1 + s - s[T].mean()  # the control: a key's weight's linear term in its score
+        dA, dZ = u[T] @ V[T] - rho * (u[S] @ V[S]), u[T].sum() - rho * u[S].sum()
+        x, y = s[S], w[S]
+        for name, b in (("plain", 0.0), ("Stein slope (the library's)", Zt / len(T)),
+                        ("least-squares slope", ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())):
+            o = (A0 + At + b * dA) / (Z0 + Zt + b * dZ)
+            err[name].append(np.linalg.norm(o - full) / np.linalg.norm(full))
+    print(f"L{l} H{h}, {ctx} cached, exact top {k} + {ns} evenly spaced samples ({nq} decode queries): " +
+          ", ".join(f"{n} {np.mean(e):.3e}" for n, e in err.items()))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 6 or sys.argv[1] not in ("reservoir", "locality", "gqa", "lag", "mirror"):
+    if len(sys.argv) < 6 or sys.argv[1] not in ("reservoir", "locality", "gqa", "lag", "mirror", "cv"):
         sys.exit(__doc__)
-    f = {"reservoir": reservoir, "locality": locality, "gqa": gqa, "lag": lag, "mirror": mirror}[sys.argv[1]]
+    f = {"reservoir": reservoir, "locality": locality, "gqa": gqa, "lag": lag, "mirror": mirror, "cv": cv}[sys.argv[1]]
     f(sys.argv[2], *map(int, sys.argv[3:]))
