@@ -695,6 +695,10 @@ size_t kst_kvc_index_bytes(const kst_kvc *c, size_t layer) {
         const kst_kvg *g = &c->layers[layer].heads[h].g;
         b += g->cap * (g->M * (sizeof(uint32_t) + sizeof(float)) + sizeof(uint16_t) + sizeof(uint32_t) + sizeof(float)) +
              g->nperm * sizeof(uint32_t) + kst_kvg_code_bytes(g) + kst_kvtc_bytes(&c->layers[layer].heads[h].tc);
+        const kv_hstore *H = &c->layers[layer].heads[h]; /* the control variate's sums (tail_cv) */
+        size_t d = c->o.head_dim;
+        b += (H->cv.M ? d * d * 12 + d * 16 : 0) + (H->cvs.M ? d * d * 12 + d * 16 : 0) + (H->cvc ? d * 4 : 0) +
+             H->cvb_n * sizeof(uint64_t);
     }
     return b;
 }
@@ -1565,15 +1569,23 @@ static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, int q8,
         T->q8 = q8;
         T->copy = 1;
     }
-    /* the control variate's sums: the sample's where drawn anew, the index's brought up to date */
-#pragma omp parallel for schedule(dynamic) if (o->kv_heads > 1)
+    /* the control variate's sums: the sample's where drawn anew, the index's brought up to date
+     * (without it, a sample drawn anew only drops its sums) */
+    int cvw = 0;
     for (size_t h = 0; h < o->kv_heads; h++) {
         kv_hstore *H = &L->heads[h];
+        if (!c->tail_cv) H->cvs.n = H->tt.copy ? 0 : H->cvs.n;
+        else cvw |= H->tt.copy || H->cv.n != H->g.n || !H->cv.M || !H->cvs.M || H->cvs.n != H->tt.n;
+    }
+#pragma omp parallel for schedule(dynamic) if (cvw && o->kv_heads > 1)
+    for (size_t h = 0; h < (cvw ? o->kv_heads : 0); h++) {
+        kv_hstore *H = &L->heads[h];
         if (H->tt.copy) cv_sample(c, H);
-        else if (c->tail_cv && (H->cv.n != H->g.n || !H->cv.M)) {
+        else if (H->cv.n != H->g.n || !H->cv.M) {
             cv_sync(c, H, 0);
             if (!H->cvs.M || H->cvs.n != H->tt.n) cv_sample(c, H);
-        }
+        } else if (!H->cvs.M || H->cvs.n != H->tt.n)
+            cv_sample(c, H);
     }
 done:
     return rc;
@@ -1809,7 +1821,8 @@ static int cv_pre(const kst_kvc *c, const kv_hstore *H, const float *q, size_t h
     const kv_tail *T = &H->tt;
     size_t d = o->head_dim, ns = T->n, nin = 0, G = o->q_heads / o->kv_heads, kh = h / G;
     const float *qh = q + h * d;
-    if (!c->tail_cv || !H->cv.M || H->cv.n != nidx || !H->cvs.M || H->cvs.n != ns || ns == 0 || T->strat || m >= nidx)
+    if (!c->tail_cv || !H->cv.M || H->cv.n != nidx || !H->cvs.M || H->cvs.n != ns || ns == 0 || T->strat || m >= nidx ||
+        m > KV_CV_M)
         return 0;
     /* M q and M_sample q: the KV head's G query heads' at once by the first to come (as
      * tail_clusters' centroid scores), or this head's alone where another is making them */
@@ -1832,7 +1845,6 @@ static int cv_pre(const kst_kvc *c, const kv_hstore *H, const float *q, size_t h
         qsm += (double)qs[i] * H->cvs.ks[i];
     }
     uint8_t inS[KV_CV_M];
-    if (m > KV_CV_M) return 0;
     for (size_t i = 0; i < m; i++) { /* (nodes indexed since the draw are not in the sample) */
         int in = rid[i] < T->nidx && (H->cvb[rid[i] / 64] >> (rid[i] % 64) & 1);
         inS[i] = (uint8_t)in;

@@ -328,7 +328,8 @@ void kst_kvc_set_expand(kst_kvc *c, size_t b);
 #define KST_KVC_ORDER_MAX 1024
 void kst_kvc_set_order(kst_kvc *c, size_t n);
 
-/* Bytes of CPU memory the layer's index takes beyond the keys and values (edges, codes). */
+/* Bytes of CPU memory the layer's index takes beyond the keys and values (edges, codes, clusters,
+ * the tail's control variate sums). */
 size_t kst_kvc_index_bytes(const kst_kvc *c, size_t layer);
 
 /* Benchmarks whose KV heads are inner-product-preserving transforms of head 0 (signed
