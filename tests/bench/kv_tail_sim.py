@@ -257,23 +257,29 @@ def lag(D, ctx, l, kh, nq=32):
         print(f"  {k:62s} err {np.mean(v):.3e}  uploads a step {u[:, 0].mean():6.0f}  rows held {u[:, 1].mean():6.0f}")
 
 
-def mirror(D, ctx, l, h, ns, k, nq=100):
+def mirror_steps(D, ctx, l, h, ns, k, nq):
+    """mirror's decode queries: per query the scores s, weights w (its max 1), full attention,
+    the attended ids (sinks, window, exact top k), the kept samples S and the keys left out T"""
     K, V, Q = load(D, l, h, "k")[:ctx], load(D, l, h, "v")[:ctx], load(D, l, h, "q")
     scale = 1 / np.sqrt(K.shape[1])
     lo, hi = SINKS, ctx - WIN
     idx = np.arange(lo, hi)
     samp = idx[(2 * np.arange(ns) + 1) * len(idx) // (2 * ns)]  # floor((2j + 1) n / (2 ns))
-    err = []
     for i in range(nq):
         s = K @ (Q[ctx + i * (len(Q) - ctx) // nq] * scale)
         w = np.exp(s - s.max())
-        full = w @ V / w.sum()
         top = idx[np.argsort(-s[idx])[:k]]
         att = np.r_[np.arange(lo), np.arange(hi, ctx), top]
         keep = np.ones(ctx, bool)
         keep[att] = False
-        S = samp[keep[samp]]  # the sample less the retrieved; none above tau with exact retrieval
-        rho = (hi - lo - k) / len(S)
+        # the sample less the retrieved (none above tau with exact retrieval)
+        yield V, s, w, w @ V / w.sum(), att, samp[keep[samp]], idx[keep[idx]]
+
+
+def mirror(D, ctx, l, h, ns, k, nq=100):
+    err = []
+    for V, s, w, full, att, S, T in mirror_steps(D, ctx, l, h, ns, k, nq):
+        rho = len(T) / len(S)
         o = (w[att] @ V[att] + rho * (w[S] @ V[S])) / (w[att].sum() + rho * w[S].sum())
         err.append(np.linalg.norm(o - full) / np.linalg.norm(full))
     print(f"L{l} H{h}, {ctx} cached, exact top {k} + {ns} evenly spaced samples: rel. L2 mean {np.mean(err):.3e}, "
@@ -281,21 +287,8 @@ def mirror(D, ctx, l, h, ns, k, nq=100):
 
 
 def cv(D, ctx, l, h, ns, k, nq=100):
-    K, V, Q = load(D, l, h, "k")[:ctx], load(D, l, h, "v")[:ctx], load(D, l, h, "q")
-    scale = 1 / np.sqrt(K.shape[1])
-    lo, hi = SINKS, ctx - WIN
-    idx = np.arange(lo, hi)
-    samp = idx[(2 * np.arange(ns) + 1) * len(idx) // (2 * ns)]
     err = {"plain": [], "Stein slope (the library's)": [], "least-squares slope": []}
-    for i in range(nq):
-        s = K @ (Q[ctx + i * (len(Q) - ctx) // nq] * scale)
-        w = np.exp(s - s.max())
-        full = w @ V / w.sum()
-        top = idx[np.argsort(-s[idx])[:k]]
-        att = np.r_[np.arange(lo), np.arange(hi, ctx), top]
-        keep = np.ones(ctx, bool)
-        keep[att] = False
-        S, T = samp[keep[samp]], idx[keep[idx]]
+    for V, s, w, full, att, S, T in mirror_steps(D, ctx, l, h, ns, k, nq):
         rho = len(T) / len(S)
         A0, Z0 = w[att] @ V[att], w[att].sum()
         At, Zt = rho * (w[S] @ V[S]), rho * w[S].sum()
