@@ -1786,18 +1786,6 @@ static void cv_sample(const kst_kvc *c, kv_hstore *H) {
     kst_free(ids);
 }
 
-/* The control variate's sums of H (d x d x 2 floats) asked for into this core's caches at the
- * start of a search task, so that their reads overlap the search's (bound by its misses' latency,
- * not by bandwidth) rather than wait in cv_pre. */
-static void cv_prefetch(const kst_kvc *c, const kv_hstore *H) {
-    if (!c->tail_cv || !H->cv.Mf || !H->cvs.Mf) return;
-    size_t b = c->o.head_dim * c->o.head_dim * sizeof(float);
-    for (size_t o = 0; o < b; o += 64) {
-        __builtin_prefetch((const char *)H->cv.Mf + o, 0, 2);
-        __builtin_prefetch((const char *)H->cvs.Mf + o, 0, 2);
-    }
-}
-
 /* y (nq, 2, d): scale M q and scale M_sample q (the transposed float32 sums, kv_cvs) for the nq
  * queries Q (nq, d). */
 static void cv_mq(const kv_hstore *H, const float *Q, size_t nq, size_t d, float scale, float *y) {
@@ -1824,8 +1812,8 @@ static int cv_pre(const kst_kvc *c, const kv_hstore *H, const float *q, size_t h
     if (!c->tail_cv || !H->cv.M || H->cv.n != nidx || !H->cvs.M || H->cvs.n != ns || ns == 0 || T->strat || m >= nidx ||
         m > KV_CV_M)
         return 0;
-    /* M q and M_sample q: the KV head's G query heads' at once by the first to come (as
-     * tail_clusters' centroid scores), or this head's alone where another is making them */
+    /* M q and M_sample q: the KV head's G query heads' made at the step's start (or by the first
+     * of them to come, as tail_clusters' centroid scores), else this head's alone */
     float yl[1024];
     const float *y = yl;
     uint8_t zero = 0, *st = c->cv_st && c->cv_y ? &c->cv_st[kh] : NULL;
@@ -3041,10 +3029,12 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
     }
     /* the tail's control variate products (cv_pre), made once a step per KV head; without the
      * room, each query head makes its own */
+    int cvs_on = 0;
     if (c->tail_cv && o->tail_samples > 0 && nidx > 0) {
         if (!c->cv_y) c->cv_y = kst_malloc(o->q_heads * 2, d * sizeof(float), "tail control variate products", NULL);
         if (!c->cv_st) c->cv_st = kst_malloc(o->kv_heads, 1, "tail control variate products", NULL);
         if (c->cv_st) memset(c->cv_st, 0, o->kv_heads);
+        cvs_on = c->cv_st && c->cv_y;
     }
     /* the shared sample (kst_kvc_set_tail_share): each KV head's planned by one thread, then
      * gathered in KST_KVTC_PIECES pieces taken by any thread before its next search */
@@ -3324,6 +3314,17 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         r = kst_realloc((void **)&t->scf, G * L->heads[0].sc.ch, sizeof(float), "tail sample cache scores", &e2);
         if (r == KST_OK) t->scf_cap = G * L->heads[0].sc.ch;
     }
+    /* the tail's control variate products (cv_mq), each KV head's query heads at once, before the
+     * searches: thread i takes KV heads i, i + threads, ..., so that each KV head's sums are
+     * read once a step, not once a query head (cv_pre makes its own where one is not ready) */
+    for (size_t kh = (size_t)omp_get_thread_num(); cvs_on && kh < o->kv_heads; kh += (size_t)omp_get_num_threads()) {
+        uint8_t zero = 0;
+        const kv_hstore *H = &L->heads[kh];
+        if (!__atomic_compare_exchange_n(&c->cv_st[kh], &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
+        if (ns && H->cv.Mf && H->cvs.Mf && H->cv.n == nidx && H->cvs.n == ns)
+            cv_mq(H, q + kh * G * d, G, d, o->scale, c->cv_y + kh * G * 2 * d);
+        __atomic_store_n(&c->cv_st[kh], 2, __ATOMIC_RELEASE); /* (cv_pre checks the sums first) */
+    }
     if (r != KST_OK && tsh) /* (the pieces below would wait for this thread's plans) */
         for (size_t kh = (size_t)omp_get_thread_num(); kh < o->kv_heads; kh += (size_t)omp_get_num_threads())
             __atomic_store_n(&c->tg_st[kh], -1, __ATOMIC_RELEASE);
@@ -3385,7 +3386,6 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
             size_t h0 = tk * gq, *fnd = c->fnd_all + h0;
             const kv_hstore *H = &L->heads[h0 / G];
             for (size_t a = 0; a < gq; a++) fnd[a] = 0;
-            if (ns) cv_prefetch(c, H); /* (the tail's control variate's sums, read after the search) */
             size_t kA = k, efA = ef;
             if (early) { /* widen_first: from the tail estimate over the whole sample */
                 const float *qh = q + h0 * d;
