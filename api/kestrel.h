@@ -450,15 +450,15 @@ typedef struct kst_kv_opts {
                                  least-squares slope where scores are Gaussian). Mean output
                                  error at the default budget: SmolLM2 at 8K 7.25e-3 -> 6.36e-3
                                  (11 of 12 heads lower), Gemma 3 at 32K 8.02e-2 -> 7.43e-2 (12 of
-                                 12). Costs per query head two d x d products (the KV head's
-                                 and its sample's sums, 128 KB at d 128, made once for the
-                                 group where its heads come one after another) and a pass over
-                                 the retrieved values; per KV head 2 x d x d x 12 bytes; a
-                                 sample drawn anew sums its rows (d x d x rows). On the H200's
-                                 16-thread host the 128K step's CPU part is bound by those
-                                 reads: 0.150-0.182 ms -> 0.192-0.239 ms, so it is off by
-                                 default (tests/bench/README.md, round 38). KESTREL_KV_TAIL_CV=1
-                                 or 0 at creation overrides it */
+                                 12). Costs a step per KV head its G query heads' products
+                                 with two d x d sums (the KV head's and its sample's, 128 KB
+                                 at d 128, made at the step's start), per query head a pass
+                                 over the retrieved values; per KV head 2 x d x d x 12 bytes;
+                                 a sample drawn anew sums its rows (d x d x rows). On the
+                                 H200's 16-thread host the 128K step is 0-12% longer
+                                 (0.141-0.158 ms -> 0.152-0.179; SDPA 0.145-0.156), so it is
+                                 off by default (tests/bench/README.md, round 38).
+                                 KESTREL_KV_TAIL_CV=1 or 0 at creation overrides it */
 } kst_kv_opts;
 #define KST_KV_TAIL_Q8_HOST 1
 #define KST_KV_TAIL_Q8_GPU 2

@@ -243,7 +243,7 @@ struct kst_kvc {
                              made, 2 made) */
     uint8_t *tc_st;
     float *cv_y;          /* (q_heads, 2, d) the tail's control variate products of a step (cv_mq), made per KV head */
-    uint8_t *cv_st;       /* (kv_heads) by the first of its query heads to need them (as tc_st) */
+    uint8_t *cv_st;       /* (kv_heads) at the step's start, or by the first of its query heads to need them (as tc_st) */
     size_t tc_cs_cap;
     int tshare;           /* one clustered sample a KV head for its query heads (kst_kvc_set_tail_share;
                              KESTREL_KV_TSHARE) */
