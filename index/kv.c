@@ -243,7 +243,7 @@ struct kst_kvc {
                              made, 2 made) */
     uint8_t *tc_st;
     float *cv_y;          /* (q_heads, 2, d) the tail's control variate products of a step (cv_mq), made per KV head */
-    uint8_t *cv_st;       /* (kv_heads) at the step's start, or by the first of its query heads to need them (as tc_st) */
+    uint8_t *cv_st;       /* (kv_heads) 2 once made (at the step's start) */
     size_t tc_cs_cap;
     int tshare;           /* one clustered sample a KV head for its query heads (kst_kvc_set_tail_share;
                              KESTREL_KV_TSHARE) */
@@ -1411,8 +1411,8 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
     L->built = 1;
     rc = index_leavers(c, L, err);
     refresh_tables(c, L, 1);
-#pragma omp parallel for schedule(dynamic) if (o->kv_heads > 1)
-    for (size_t h = 0; h < o->kv_heads; h++) cv_sync(c, &L->heads[h], 1); /* (the tail's control variate sums, anew) */
+#pragma omp parallel for schedule(dynamic) if (c->tail_cv && o->kv_heads > 1)
+    for (size_t h = 0; h < (c->tail_cv ? o->kv_heads : 0); h++) cv_sync(c, &L->heads[h], 1); /* (the tail's control variate sums, anew) */
     return rc;
 }
 
@@ -1575,17 +1575,13 @@ static int tail_prepare(kst_kvc *c, kv_layer *L, size_t nidx, size_t ns, int q8,
     for (size_t h = 0; h < o->kv_heads; h++) {
         kv_hstore *H = &L->heads[h];
         if (!c->tail_cv) H->cvs.n = H->tt.copy ? 0 : H->cvs.n;
-        else cvw |= H->tt.copy || H->cv.n != H->g.n || !H->cv.M || !H->cvs.M || H->cvs.n != H->tt.n;
+        else cvw |= H->tt.copy || (!H->tt.strat && H->cvs.n != H->tt.n) || H->cv.n != H->g.n || !H->cv.M;
     }
 #pragma omp parallel for schedule(dynamic) if (cvw && o->kv_heads > 1)
     for (size_t h = 0; h < (cvw ? o->kv_heads : 0); h++) {
         kv_hstore *H = &L->heads[h];
-        if (H->tt.copy) cv_sample(c, H);
-        else if (H->cv.n != H->g.n || !H->cv.M) {
-            cv_sync(c, H, 0);
-            if (!H->cvs.M || H->cvs.n != H->tt.n) cv_sample(c, H);
-        } else if (!H->cvs.M || H->cvs.n != H->tt.n)
-            cv_sample(c, H);
+        if (H->tt.copy || (!H->tt.strat && H->cvs.n != H->tt.n)) cv_sample(c, H); /* (the index's first) */
+        else cv_sync(c, H, 0);
     }
 done:
     return rc;
@@ -1812,17 +1808,11 @@ static int cv_pre(const kst_kvc *c, const kv_hstore *H, const float *q, size_t h
     if (!c->tail_cv || !H->cv.M || H->cv.n != nidx || !H->cvs.M || H->cvs.n != ns || ns == 0 || T->strat || m >= nidx ||
         m > KV_CV_M)
         return 0;
-    /* M q and M_sample q: the KV head's G query heads' made at the step's start (or by the first
-     * of them to come, as tail_clusters' centroid scores), else this head's alone */
+    /* M q and M_sample q: the KV head's G query heads' made at the step's start, else (not
+     * made yet) this head's alone */
     float yl[1024];
     const float *y = yl;
-    uint8_t zero = 0, *st = c->cv_st && c->cv_y ? &c->cv_st[kh] : NULL;
-    if (st && __atomic_load_n(st, __ATOMIC_ACQUIRE) != 2 &&
-        __atomic_compare_exchange_n(st, &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-        cv_mq(H, q + kh * G * d, G, d, o->scale, c->cv_y + kh * G * 2 * d);
-        __atomic_store_n(st, 2, __ATOMIC_RELEASE);
-    }
-    if (st && __atomic_load_n(st, __ATOMIC_ACQUIRE) == 2) y = c->cv_y + h * 2 * d;
+    if (c->cv_st && c->cv_y && __atomic_load_n(&c->cv_st[kh], __ATOMIC_ACQUIRE) == 2) y = c->cv_y + h * 2 * d;
     else cv_mq(H, qh, 1, d, o->scale, yl);
     float qs[512];
     double c0 = 0, sr_all = 0, sr_in = 0, qi = 0, qsm = 0;
@@ -3027,14 +3017,14 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         if (!c->tc_st && !(c->tc_st = kst_calloc(o->kv_heads, 1, "tail cluster scores", err))) return KST_ERR_NOMEM;
         memset(c->tc_st, 0, o->kv_heads);
     }
-    /* the tail's control variate products (cv_pre), made once a step per KV head; without the
-     * room, each query head makes its own */
-    int cvs_on = 0;
+    /* the tail's control variate products (cv_mq), made at the step's start a KV head at a time
+     * (below); without the room, each query head makes its own (cv_pre) */
+    int cvy_on = 0;
     if (c->tail_cv && o->tail_samples > 0 && nidx > 0) {
         if (!c->cv_y) c->cv_y = kst_malloc(o->q_heads * 2, d * sizeof(float), "tail control variate products", NULL);
         if (!c->cv_st) c->cv_st = kst_malloc(o->kv_heads, 1, "tail control variate products", NULL);
         if (c->cv_st) memset(c->cv_st, 0, o->kv_heads);
-        cvs_on = c->cv_st && c->cv_y;
+        cvy_on = c->cv_st && c->cv_y;
     }
     /* the shared sample (kst_kvc_set_tail_share): each KV head's planned by one thread, then
      * gathered in KST_KVTC_PIECES pieces taken by any thread before its next search */
@@ -3314,13 +3304,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         r = kst_realloc((void **)&t->scf, G * L->heads[0].sc.ch, sizeof(float), "tail sample cache scores", &e2);
         if (r == KST_OK) t->scf_cap = G * L->heads[0].sc.ch;
     }
-    /* the tail's control variate products (cv_mq), each KV head's query heads at once, before the
+    /* the tail's control variate products, each KV head's query heads at once, before the
      * searches: thread i takes KV heads i, i + threads, ..., so that each KV head's sums are
-     * read once a step, not once a query head (cv_pre makes its own where one is not ready) */
-    for (size_t kh = (size_t)omp_get_thread_num(); cvs_on && kh < o->kv_heads; kh += (size_t)omp_get_num_threads()) {
-        uint8_t zero = 0;
+     * read once a step, not once a query head */
+    for (size_t kh = (size_t)omp_get_thread_num(); cvy_on && kh < o->kv_heads; kh += (size_t)omp_get_num_threads()) {
         const kv_hstore *H = &L->heads[kh];
-        if (!__atomic_compare_exchange_n(&c->cv_st[kh], &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
         if (ns && H->cv.Mf && H->cvs.Mf && H->cv.n == nidx && H->cvs.n == ns)
             cv_mq(H, q + kh * G * d, G, d, o->scale, c->cv_y + kh * G * 2 * d);
         __atomic_store_n(&c->cv_st[kh], 2, __ATOMIC_RELEASE); /* (cv_pre checks the sums first) */
