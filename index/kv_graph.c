@@ -770,27 +770,20 @@ static void apply_links(kst_kvg *g, uint32_t x, const uint32_t *sel, const float
         if (!kept && slot != (size_t)-1) g->adist[(size_t)sel[j] * g->M + slot] = -1.0f, kept = 1;
     }
     /* every back edge refused (its targets full of nearer or kept edges): x takes the farthest
-     * key-key edge of its nearest neighbour that has one to spare */
-    for (size_t j = 0; j < n && !kept; j++) {
-        size_t slot = link_slot(g, NULL, sel[j]);
-        if (slot != (size_t)-1) set_edge(g, sel[j], slot, x, -1.0f), kept = 1;
-    }
-    /* none has (each full of kept edges and of its targets' last edges in: 4 of 60 seeds of
-     * test_graph_reachable lost their key so): the first with one to spare among the nodes the
-     * neighbours' edges reach, breadth-first, at most LINK_REACH looked at; they are reachable
-     * as the neighbours are, and near them */
+     * key-key edge of its nearest neighbour that has one to spare, or where none has (each full
+     * of kept edges and of its targets' last edges in: 4 of 60 seeds of test_graph_reachable
+     * lost their key so) of the first such among the nodes the neighbours' edges reach,
+     * breadth-first, at most LINK_REACH looked at (reachable as the neighbours are, and near) */
     enum { LINK_REACH = 256 };
     uint32_t qv[LINK_REACH];
     size_t qn = 0;
     for (size_t j = 0; j < n && !kept && qn < LINK_REACH; j++) qv[qn++] = sel[j];
     for (size_t qh = 0; qh < qn && !kept; qh++) {
         uint32_t a = qv[qh];
-        if (qh >= n) { /* (the neighbours themselves were tried above) */
-            size_t slot = link_slot(g, NULL, a);
-            if (slot != (size_t)-1) {
-                set_edge(g, a, slot, x, -1.0f), kept = 1;
-                break;
-            }
+        size_t slot = link_slot(g, NULL, a);
+        if (slot != (size_t)-1) {
+            set_edge(g, a, slot, x, -1.0f), kept = 1;
+            break;
         }
         for (size_t e = 0; e < g->deg[a] && qn < LINK_REACH; e++) {
             uint32_t y = g->adj[(size_t)a * g->M + e];
