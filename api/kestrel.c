@@ -512,6 +512,11 @@ int kst_kv_build(kst_kv *kv, size_t layer, const float *queries, size_t nq, kst_
     return kst_kvc_build(kv->c, layer, queries, nq, err);
 }
 
+int kst_kv_set_rope(kst_kv *kv, size_t layer, const float *inv_freq, size_t n, int interleaved, kst_error *err) {
+    if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_set_rope: kv is NULL");
+    return kst_kvc_set_rope(kv->c, layer, inv_freq, n, interleaved, err);
+}
+
 int kst_kv_attend(kst_kv *kv, size_t layer, const float *q, size_t top_k, size_t ef, float *out,
                   kst_kv_stats *stats, kst_error *err) {
     if (!kv) return kst_fail(err, KST_ERR_MISUSE, "kst_kv_attend: kv is NULL");

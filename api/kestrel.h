@@ -483,6 +483,21 @@ int kst_kv_append(kst_kv *kv, size_t layer, const void *keys, const void *values
  * decode search's reads fall near each other (README, "Node order"; KESTREL_KV_ORDER=0: not). */
 int kst_kv_build(kst_kv *kv, size_t layer, const float *queries, size_t nq, kst_error *err);
 
+/* The layer's rotary position embedding (RoPE), for models that rotate queries and keys by
+ * position: its inverse frequencies inv_freq (n of them, at most head_dim / 2: what the model
+ * multiplies positions by, its RoPE scaling (linear, YaRN, Llama 3) included, e.g. transformers'
+ * rotary_emb.inv_freq), the pairs rotated half a head apart (interleaved 0: dimensions i and
+ * i + n, transformers' rotate_half: Llama, Gemma, Qwen, Mistral) or adjacent (1: 2i and 2i + 1,
+ * GPT-J). Optional; set before kst_kv_build, whose attention-aware index it changes: each
+ * prefill query is used twice, as given and rotated on to the position of the next token, where
+ * the decode steps' queries are. A prefill query then retrieves the keys it would retrieve from
+ * there (its content asking, the keys' distances from the decode position), not from its own
+ * place in the prompt. The prefill queries (nq of them) are taken to be the cache's last nq
+ * tokens', and the cache's first token at position 0. Fewer keys scanned for the same recall
+ * (tests/bench/README.md, round 39). inv_freq NULL or n 0 removes it. KST_ERR_INVALID names a
+ * negative or non-finite frequency, or more than head_dim / 2 of them. */
+int kst_kv_set_rope(kst_kv *kv, size_t layer, const float *inv_freq, size_t n, int interleaved, kst_error *err);
+
 typedef struct kst_kv_stats {
     size_t tokens;    /* tokens cached in the layer */
     size_t exact;     /* tokens attended exactly per query head (sinks, window, not yet indexed) */

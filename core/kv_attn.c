@@ -783,3 +783,14 @@ size_t kst_kv_top(const float *w, size_t n, size_t k, float *tw, uint32_t *tp) {
     for (size_t j = 0; j < n; j++) top_insert(w[j], j, nt, &cnt, tw, tp);
     return nt;
 }
+
+void kst_rope_shift(float *x, size_t d, const float *inv_freq, size_t nf, int interleaved, double delta) {
+    if (2 * nf > d) nf = d / 2;
+    for (size_t i = 0; i < nf; i++) {
+        double a = delta * (double)inv_freq[i], c = cos(a), s = sin(a);
+        size_t i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + nf;
+        double x0 = x[i0], x1 = x[i1];
+        x[i0] = (float)(x0 * c - x1 * s);
+        x[i1] = (float)(x1 * c + x0 * s);
+    }
+}

@@ -130,4 +130,15 @@ static inline int kst_kv_cap_take(kst_kv_cap *p, float r1) {
 /* Merges the parts into (o, *lse), taken down by kst_kv_cap_shrink(p->n); tau: the frame. */
 void kst_kv_cap_merge(kst_kv_cap *p, float *o, float *lse, float tau, size_t d);
 
+/* Rotary position embedding (RoPE) moved along: x (d), a query or key already rotated for
+ * position t, becomes the same vector rotated for position t + delta. Pair i (i < nf) of x turns
+ * by the angle delta * inv_freq[i]:
+ *   half (interleaved == 0, transformers' rotate_half: Llama, Gemma, Qwen, Mistral): dimensions
+ *     i and i + nf (the first 2 nf dimensions rotate; nf = d / 2 for full rotary);
+ *   interleaved (GPT-J, Meta's original Llama code): dimensions 2 i and 2 i + 1.
+ * inv_freq is what the model multiplies positions by, its RoPE scaling (linear, YaRN, NTK,
+ * Llama 3) included; the dimensions past 2 nf are left as they are. The angles are taken in
+ * double, so a shift of a million positions keeps float32's precision. */
+void kst_rope_shift(float *x, size_t d, const float *inv_freq, size_t nf, int interleaved, double delta);
+
 #endif

@@ -117,6 +117,9 @@ typedef struct kv_layer {
     kv_hstore *heads; /* (kv_heads) */
     uint32_t *cost;   /* (q_heads) keys each decode-step task scored last step */
     uint32_t *order;  /* (q_heads) the tasks by that cost, largest first (the next step's order) */
+    float *rope;      /* (rope_n) the layer's RoPE inverse frequencies (kst_kvc_set_rope; NULL: none) */
+    size_t rope_n;
+    int rope_il;      /* its pairs interleaved (1) or half a head apart (0) */
 #ifdef KST_CUDA
     kst_kvgpu *gpu;  /* static tokens: slot p for sink p, a ring of `window` slots after */
     size_t gt_ns, gt_nidx; /* the tail sample on the GPU: ns of nidx indexed keys (0: none) */
@@ -595,6 +598,7 @@ void kst_kvc_free(kst_kvc *c) {
             kst_free(L->job.cnt);
             kst_free(L->cost);
             kst_free(L->order);
+            kst_free(L->rope);
             if (!L->heads) continue;
 #ifdef KST_CUDA
             if (L->gpu) kst_kvgpu_sc_store(L->gpu, NULL, NULL, 0, NULL); /* (the rows unregistered before they go) */
@@ -733,6 +737,34 @@ static int check_layer(const kst_kvc *c, size_t layer, const char *fn, kst_error
     if (layer >= c->o.layers)
         return kst_fail(err, KST_ERR_INVALID, "%s: layer %zu of a %zu-layer cache", fn, layer,
                         c->o.layers);
+    return KST_OK;
+}
+
+int kst_kvc_set_rope(kst_kvc *c, size_t layer, const float *inv_freq, size_t nf, int interleaved, kst_error *err) {
+    int rc = check_layer(c, layer, "kst_kv_set_rope", err);
+    if (rc != KST_OK) return rc;
+    kv_layer *L = &c->layers[layer];
+    if (!inv_freq || nf == 0) {
+        kst_free(L->rope);
+        L->rope = NULL;
+        L->rope_n = 0;
+        return KST_OK;
+    }
+    if (2 * nf > c->o.head_dim)
+        return kst_fail(err, KST_ERR_INVALID, "kst_kv_set_rope: layer %zu: %zu frequencies rotate %zu dimensions of %zu "
+                        "(expected at most head_dim / 2 = %zu frequencies)", layer, nf, 2 * nf, c->o.head_dim,
+                        c->o.head_dim / 2);
+    for (size_t i = 0; i < nf; i++)
+        if (!(inv_freq[i] >= 0) || !isfinite(inv_freq[i]))
+            return kst_fail(err, KST_ERR_INVALID, "kst_kv_set_rope: layer %zu: inv_freq[%zu] = %g (expected a finite "
+                            "frequency >= 0, what the model multiplies positions by)", layer, i, (double)inv_freq[i]);
+    float *f = kst_malloc(nf, sizeof(float), "kv RoPE frequencies", err);
+    if (!f) return KST_ERR_NOMEM;
+    memcpy(f, inv_freq, nf * sizeof(float));
+    kst_free(L->rope);
+    L->rope = f;
+    L->rope_n = nf;
+    L->rope_il = interleaved != 0;
     return KST_OK;
 }
 
@@ -1337,8 +1369,11 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
                         "kst_kv_build: the attention-aware index needs the prefill queries (nq = 0)");
     size_t n = L->n > o->sinks + o->window ? L->n - o->sinks - o->window : 0;
     size_t G = o->q_heads / o->kv_heads, d = o->head_dim;
-    size_t per = nq * G; /* a KV head's queries: all of its group's heads */
-    size_t use = o->max_build_queries && o->max_build_queries < per ? o->max_build_queries : per;
+    /* a KV head's queries: all of its group's heads; with the layer's RoPE (kst_kvc_set_rope)
+     * each twice, as given and moved to the next token's position */
+    size_t forms = L->rope && nq ? 2 : 1, per = nq * G;
+    size_t use = o->max_build_queries && o->max_build_queries < per * forms ? o->max_build_queries : per * forms;
+    use = use < forms ? forms : use - use % forms; /* (whole pairs: max_build_queries counts both forms) */
     float *Q = NULL;
     if (o->index == KST_KVC_INDEX_ATTN) {
         Q = kst_malloc(use ? use : 1, d * sizeof(float), "prefill queries", err);
@@ -1364,10 +1399,14 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
         H->g.codes_on = o->codes;
         const void *K = rows_at(c, H->K, o->sinks);
         if (o->index == KST_KVC_INDEX_ATTN) {
-            /* Evenly spaced rows of the group's (nq * G) queries. */
+            /* Evenly spaced of the group's nq * G (token, head) queries, each in its `forms`:
+             * as given, then moved (query t is at position L->n - nq + t, the last nq tokens';
+             * moved to L->n, where the decode steps' queries are) */
             for (size_t i = 0; i < use; i++) {
-                size_t r = i * per / use, t = r / G, g = r % G;
+                size_t r = i / forms * per / (use / forms), t = r / G, g = r % G;
                 memcpy(Q + i * d, queries + (t * o->q_heads + h * G + g) * d, d * sizeof(float));
+                if (i % forms)
+                    kst_rope_shift(Q + i * d, d, L->rope, L->rope_n, L->rope_il, (double)(nq - t));
             }
             rc = kst_kvg_build_attn(&H->g, K, o->f16, n, d, Q, use, o->build_top, err);
             if (rc == KST_OK && c->order) { /* nearby keys at nearby nodes (kst_kvg_order) */
