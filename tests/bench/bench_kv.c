@@ -6,7 +6,9 @@
  *   bench_kv synth N D [nq]            synthetic keys/queries (scaling only)
  *
  * Exact references (top-100 by inner product, full attention in float64) are computed here by
- * brute force over the same vectors. Prints one table per index; nothing is asserted. */
+ * brute force over the same vectors. Prints one table per index; nothing is asserted. Where the
+ * dump has DIR/L<l>_inv_freq.npy (kv_dump_llm.py) the attention-aware index is built with the
+ * layer's RoPE (kst_kv_set_rope); KV_ROPE=0: not. */
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -71,7 +73,8 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     kst_error e;
     size_t n, d, nt, nprefill;
-    float *K, *V, *Qtest, *Qpre;
+    float *K, *V, *Qtest, *Qpre, *rope = NULL;
+    size_t nrope = 0;
     const char *label;
     char lab[128];
     if (strcmp(argv[1], "real") == 0 && argc >= 5) {
@@ -90,7 +93,9 @@ int main(int argc, char **argv) {
         for (size_t i = 0; i < nt; i++)
             memcpy(Qtest + i * d, Qall + (n + i * (rows - n) / nt) * d, d * sizeof(float));
         const char *base = strrchr(argv[2], '/') ? strrchr(argv[2], '/') + 1 : argv[2];
-        snprintf(lab, sizeof lab, "%s: L%d H%d, %zu keys, d %zu", base, L, H, n, d);
+        rope = load_rope(argv[2], L, &nrope);
+        snprintf(lab, sizeof lab, "%s: L%d H%d, %zu keys, d %zu%s", base, L, H, n, d,
+                 rope ? "; RoPE: prefill queries also moved to the decode position" : "");
         label = lab;
     } else if (strcmp(argv[1], "synth") == 0) {
         n = (size_t)atol(argv[2]);
@@ -135,6 +140,7 @@ int main(int argc, char **argv) {
         o.index = which == 0 ? KST_KV_INDEX_ATTN : KST_KV_INDEX_KEYS;
         if (kst_kv_create(&o, &kvs[which], &e) != KST_OK) die("create", &e);
         if (kst_kv_append(kvs[which], 0, K, V, n, &e) != KST_OK) die("append", &e);
+        if (which == 0 && rope && kst_kv_set_rope(kvs[which], 0, rope, nrope, 0, &e) != KST_OK) die("rope", &e);
         t0 = now_s();
         if (kst_kv_build(kvs[which], 0, which == 0 ? Qpre : NULL, which == 0 ? nprefill : 0, &e) != KST_OK)
             die("build", &e);

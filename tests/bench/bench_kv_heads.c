@@ -16,7 +16,9 @@
  * mean CPU time of one kst_kv_attend over the group's query heads (all its threads; with
  * OMP_NUM_THREADS=1 a one-thread step, the tail sample scored on the CPU too). KV_TAIL_STRATA, KV_TIER: opts.tail_strata, opts.tier
  * (round 17; KESTREL_KV_STRAT / KESTREL_KV_TIER override them in the library). KV_DEGREE,
- * KV_BUILD_TOP, KV_CODES: opts.degree, opts.build_top, opts.codes (the graph's build).
+ * KV_BUILD_TOP, KV_CODES: opts.degree, opts.build_top, opts.codes (the graph's build). Where
+ * the dump has DIR/L<l>_inv_freq.npy (kv_dump_llm.py) the layer's RoPE is set
+ * (kst_kv_set_rope); KV_ROPE=0: not.
  * KV_ORACLE "k1,k2,...": first, each head's error when the exact top k indexed keys alone are
  * attended with the sinks and the window (no search, no tail): what retrieval of k keys can
  * reach at best, the anchor for the rows' errors. The first ctx tokens are the cache (appended,
@@ -172,9 +174,13 @@ int main(int argc, char **argv) {
     kst_kv *kv;
     if (kst_kv_create(&o, &kv, &e)) die("create", &e);
     if (kst_kv_append(kv, 0, K, V, n, &e)) die("append", &e);
+    size_t nrope;
+    float *rope = load_rope(argv[1], L, &nrope);
+    if (rope && kst_kv_set_rope(kv, 0, rope, nrope, 0, &e)) die("rope", &e);
     double t0 = now_s();
     if (kst_kv_build(kv, 0, Qp, n, &e)) die("build", &e);
-    printf("built in %.1f s\n", now_s() - t0);
+    printf("built in %.1f s%s\n", now_s() - t0, rope ? " (RoPE: the prefill queries also moved to the decode position)" : "");
+    free(rope);
     const char *budgets = getenv("KV_BUDGETS") ? getenv("KV_BUDGETS") : "0:0:2048;0:0:0";
     if (strchr(budgets, ';') && budgets[strcspn(budgets, ";") + 1] && getenv("KESTREL_KV_TCACHE") &&
         atoi(getenv("KESTREL_KV_TCACHE")) != 0)

@@ -40,6 +40,24 @@ static inline float *load(const char *dir, int L, int H, const char *k, size_t *
     return a.data;
 }
 
+/* DIR/L{L}_inv_freq.npy, the layer's RoPE inverse frequencies (kv_dump_llm.py writes them; for
+ * kst_kv_set_rope), or NULL where the dump has none or KV_ROPE=0 (the prefill queries then
+ * used only as given, as before round 39). *nf: their count. */
+static inline float *load_rope(const char *dir, int L, size_t *nf) {
+    char p[4096];
+    *nf = 0;
+    if (getenv("KV_ROPE") && atoi(getenv("KV_ROPE")) == 0) return NULL;
+    snprintf(p, sizeof p, "%s/L%d_inv_freq.npy", dir, L);
+    FILE *f = fopen(p, "rb");
+    if (!f) return NULL;
+    fclose(f);
+    kst_npy a;
+    kst_error e;
+    if (kst_npy_read(p, &a, &e) != KST_OK) die(p, &e);
+    *nf = a.shape[0];
+    return a.data;
+}
+
 /* The comma list of head numbers in arg into hs (at most max); returns the count. */
 static inline size_t parse_heads(const char *arg, int *hs, size_t max) {
     size_t G = 0;

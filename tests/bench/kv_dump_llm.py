@@ -109,7 +109,7 @@ def scaled_rope(rp, kind, factor, orig):
     return out
 
 
-def load_model(d, f, scale, kind, need, capture):
+def load_config(d, f, scale, kind, need, capture):
     cfg = AutoConfig.from_pretrained(d, gguf_file=f)
     orig = cfg.max_position_embeddings
     if scale:
@@ -120,9 +120,29 @@ def load_model(d, f, scale, kind, need, capture):
     elif capture and need > orig:
         sys.exit(f"kv_dump_llm: ctx + dec = {need} > the model's {orig} trained positions: "
                  f"pass --yarn F (or --scale F; F * {orig} >= {need}) to extend it")
+    return cfg, orig
+
+
+def load_model(d, f, scale, kind, need, capture):
+    cfg, orig = load_config(d, f, scale, kind, need, capture)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, config=cfg, dtype=torch.float32,
                                                  attn_implementation="kst_capture").eval()
     return model, orig
+
+
+def save_inv_freq(model, layers, out):
+    """Writes each layer's RoPE inverse frequencies, its scaling included (what the model
+    multiplies positions by; pairs half a head apart, transformers' rotate_half), as
+    OUT/L<l>_inv_freq.npy float32 (head_dim / 2): bench_kv and bench_kv_heads pass them to
+    kst_kv_set_rope. Per layer type where the model has several (Gemma 3's global and
+    sliding-window layers)."""
+    rot = model.model.rotary_emb
+    types = getattr(model.config, "layer_types", None)
+    for l in layers:
+        f = getattr(rot, "inv_freq", None)
+        if f is None:
+            f = getattr(rot, f"{types[l]}_inv_freq")
+        np.save(os.path.join(out, f"L{l}_inv_freq.npy"), f.detach().float().numpy())
 
 
 def run(model, ids, chunk, bucket, cap, tag, loss=True):
@@ -176,6 +196,9 @@ def main():
                     help="layers to save (comma list); without the last layer the model is cut after the "
                          "highest one asked and no loss is computed (a 128K dump of layer 4 alone costs 5 layers' attention)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--freq-only", action="store_true",
+                    help="write only OUT/L<l>_inv_freq.npy (the layers' RoPE frequencies, with the same --scale) "
+                         "into an earlier dump, without running the model")
     ap.add_argument("--shared", default=os.environ.get("KESTREL_SHARED", "../shared/data"))
     a = ap.parse_args()
     if a.yarn and a.scale:
@@ -191,8 +214,13 @@ def main():
     layers = sorted({int(x) for x in a.layers.split(",")})
     torch.set_num_threads(a.threads or max(1, os.cpu_count() or 1))
     d, f = os.path.split(path)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     need = a.ctx + a.dec
+    if a.freq_only:
+        cfg, _ = load_config(d, f, a.scale, a.scale_type, need, False)
+        os.makedirs(a.out, exist_ok=True)
+        save_inv_freq(AutoModelForCausalLM.from_config(cfg), layers, a.out)
+        return
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     ids, used = read_text_ids(tok, a.shared, max(need, a.compare))
     cap = {"on": False}
     store = {}
@@ -251,6 +279,7 @@ def main():
             np.save(os.path.join(a.out, f"L{l}H{h}_q.npy"), q[i])
             np.save(os.path.join(a.out, f"L{l}H{h}_k.npy"), k[h // G])
             np.save(os.path.join(a.out, f"L{l}H{h}_v.npy"), v[h // G])
+    save_inv_freq(model, layers, a.out)
     # the loss table: mean next-token loss (nats) per bucket of predicted positions
     print(f"[kv_dump_llm] next-token loss (nats; perplexity) per {a.bucket} positions:", file=sys.stderr)
     for name, r in loss.items():
