@@ -1372,8 +1372,10 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
     /* a KV head's queries: all of its group's heads; with the layer's RoPE (kst_kvc_set_rope)
      * each twice, as given and moved to the next token's position */
     size_t forms = L->rope && nq ? 2 : 1, per = nq * G;
-    size_t use = o->max_build_queries && o->max_build_queries < per * forms ? o->max_build_queries : per * forms;
-    use = use < forms ? forms : use - use % forms; /* (whole pairs: max_build_queries counts both forms) */
+    /* as many rows as without RoPE unless max_build_queries (which counts both forms) allows more:
+     * both forms of half the queries gave the same recall and error as both of all (round 39) */
+    size_t use = o->max_build_queries ? (o->max_build_queries < per * forms ? o->max_build_queries : per * forms) : per;
+    use = use < forms ? forms : use - use % forms;
     float *Q = NULL;
     if (o->index == KST_KVC_INDEX_ATTN) {
         Q = kst_malloc(use ? use : 1, d * sizeof(float), "prefill queries", err);
@@ -1401,9 +1403,10 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
         if (o->index == KST_KVC_INDEX_ATTN) {
             /* Evenly spaced of the group's nq * G (token, head) queries, each in its `forms`:
              * as given, then moved (query t is at position L->n - nq + t, the last nq tokens';
-             * moved to L->n, where the decode steps' queries are) */
+             * moved to L->n, where the decode steps' queries are). With both forms the heads
+             * rotate with the token, so that every head is used where half the queries are. */
             for (size_t i = 0; i < use; i++) {
-                size_t r = i / forms * per / (use / forms), t = r / G, g = r % G;
+                size_t r = i / forms * per / (use / forms), t = r / G, g = forms > 1 ? (r + t) % G : r % G;
                 memcpy(Q + i * d, queries + (t * o->q_heads + h * G + g) * d, d * sizeof(float));
                 if (i % forms)
                     kst_rope_shift(Q + i * d, d, L->rope, L->rope_n, L->rope_il, (double)(nq - t));

@@ -1945,9 +1945,10 @@ static void test_rope_shift(void **state) {
 /* kst_kv_set_rope: the index built from the prompt's queries with the layer's RoPE is the index
  * built without it from the queries given twice, as given and moved on to the next token's
  * position (kst_rope_shift, checked against transformers above): the same results for every
- * search. Without RoPE (or after it is removed) the index is the plain one, and it differs. Bad
- * frequencies are refused by name. One query head per KV head (the build's rows are then in the
- * same order both ways). */
+ * search. By default both forms of every other query (as many rows as without RoPE); with
+ * max_build_queries 2 P both forms of all. Without RoPE (or after it is removed) the index is the
+ * plain one, and it differs. Bad frequencies are refused by name. One query head per KV head (the
+ * build's rows are then in the same order both ways). */
 static void test_rope_build(void **state) {
     fx *f = *state;
     kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
@@ -1957,61 +1958,68 @@ static void test_rope_build(void **state) {
     for (size_t i = 0; i < D / 2; i++) fr[i] = (float)pow(10000.0, -2.0 * (double)i / D);
     const float *pq = f->pq.data, *dq = f->dq.data;
     float *Q = malloc(P * KVH * D * sizeof *Q), *Q2 = malloc(2 * P * KVH * D * sizeof *Q2);
-    for (size_t t = 0; t < P; t++)
-        for (size_t h = 0; h < KVH; h++) { /* query heads 0 and 2: one of each KV head's */
-            const float *q = pq + (t * QH + h * (QH / KVH)) * D;
-            memcpy(Q + (t * KVH + h) * D, q, D * sizeof(float));
-            memcpy(Q2 + (2 * t * KVH + h) * D, q, D * sizeof(float));
-            float *m = Q2 + ((2 * t + 1) * KVH + h) * D;
-            memcpy(m, q, D * sizeof(float));
-            kst_rope_shift(m, D, fr, D / 2, 0, (double)(P - t)); /* (query t at position t; next: P) */
-        }
-    kst_kv *kv[4];
-    kst_error err;
-    for (int k = 0; k < 4; k++) {
-        assert_ok(kst_kv_create(&o, &kv[k], &err), &err);
-        assert_ok(kst_kv_append(kv[k], 0, f->keys.data, f->values.data, P, &err), &err);
-    }
-    assert_ok(kst_kv_set_rope(kv[0], 0, fr, D / 2, 0, &err), &err);
-    assert_ok(kst_kv_build(kv[0], 0, Q, P, &err), &err);
-    assert_ok(kst_kv_build(kv[1], 0, Q2, 2 * P, &err), &err);
-    assert_ok(kst_kv_build(kv[2], 0, Q, P, &err), &err);
-    assert_ok(kst_kv_set_rope(kv[3], 0, fr, D / 2, 0, &err), &err);
-    assert_ok(kst_kv_set_rope(kv[3], 0, NULL, 0, 0, &err), &err); /* removed again */
-    assert_ok(kst_kv_build(kv[3], 0, Q, P, &err), &err);
-    size_t differ = 0;
-    for (size_t s = 0; s < S; s++)
-        for (size_t h = 0; h < KVH; h++)
-            for (size_t ef = 8; ef <= 32; ef *= 2) {
-                int64_t pos[4][32];
-                size_t found[4], scanned[4];
-                const float *q = dq + (s * QH + h * (QH / KVH)) * D;
-                for (int k = 0; k < 4; k++)
-                    assert_ok(kst_kv_search(kv[k], 0, h, q, ef, ef, pos[k], &found[k], &scanned[k], &err), &err);
-                assert_int_equal(found[0], found[1]);
-                assert_int_equal(scanned[0], scanned[1]);
-                assert_memory_equal(pos[0], pos[1], found[0] * sizeof(int64_t));
-                assert_int_equal(found[2], found[3]);
-                assert_int_equal(scanned[2], scanned[3]);
-                assert_memory_equal(pos[2], pos[3], found[2] * sizeof(int64_t));
-                differ += scanned[0] != scanned[2] || memcmp(pos[0], pos[2], found[0] * sizeof(int64_t)) != 0;
+    for (size_t t = 0; t < P; t++) /* query heads 0 and 2: one of each KV head's */
+        for (size_t h = 0; h < KVH; h++) memcpy(Q + (t * KVH + h) * D, pq + (t * QH + h * (QH / KVH)) * D, D * sizeof(float));
+    for (size_t every = 2; every >= 1; every--) {
+        /* the explicit set: tokens 0, every, 2 every, ... as given, each followed by its move */
+        size_t n2 = 0;
+        for (size_t t = 0; t < P; t += every, n2 += 2)
+            for (size_t h = 0; h < KVH; h++) {
+                const float *q = Q + (t * KVH + h) * D;
+                memcpy(Q2 + (n2 * KVH + h) * D, q, D * sizeof(float));
+                float *m = Q2 + ((n2 + 1) * KVH + h) * D;
+                memcpy(m, q, D * sizeof(float));
+                kst_rope_shift(m, D, fr, D / 2, 0, (double)(P - t)); /* (query t at position t; next: P) */
             }
-    printf("  RoPE build: %zu of %d searches differ from the plain index's\n", differ, S * KVH * 3);
-    assert_true(differ > 0);
-    /* bad frequencies, named */
-    fr[5] = NAN;
-    assert_int_equal(kst_kv_set_rope(kv[2], 0, fr, D / 2, 0, &err), KST_ERR_INVALID);
-    assert_msg_has(err.msg, "inv_freq[5]");
-    fr[5] = -1.0f;
-    assert_int_equal(kst_kv_set_rope(kv[2], 0, fr, D / 2, 0, &err), KST_ERR_INVALID);
-    assert_msg_has(err.msg, "inv_freq[5] = -1");
-    fr[5] = 0.5f;
-    assert_int_equal(kst_kv_set_rope(kv[2], 0, fr, D / 2 + 1, 0, &err), KST_ERR_INVALID);
-    assert_msg_has(err.msg, "at most head_dim / 2 = 32 frequencies");
-    assert_int_equal(kst_kv_set_rope(kv[2], 1, fr, D / 2, 0, &err), KST_ERR_INVALID);
-    assert_msg_has(err.msg, "kst_kv_set_rope");
-    assert_int_equal(kst_kv_set_rope(NULL, 0, fr, D / 2, 0, &err), KST_ERR_MISUSE);
-    for (int k = 0; k < 4; k++) kst_kv_free(kv[k]);
+        o.max_build_queries = every == 1 ? 2 * P : 0;
+        kst_kv *kv[4];
+        kst_error err;
+        for (int k = 0; k < 4; k++) {
+            assert_ok(kst_kv_create(&o, &kv[k], &err), &err);
+            assert_ok(kst_kv_append(kv[k], 0, f->keys.data, f->values.data, P, &err), &err);
+        }
+        assert_ok(kst_kv_set_rope(kv[0], 0, fr, D / 2, 0, &err), &err);
+        assert_ok(kst_kv_build(kv[0], 0, Q, P, &err), &err);
+        assert_ok(kst_kv_build(kv[1], 0, Q2, n2, &err), &err);
+        assert_ok(kst_kv_build(kv[2], 0, Q, P, &err), &err);
+        assert_ok(kst_kv_set_rope(kv[3], 0, fr, D / 2, 0, &err), &err);
+        assert_ok(kst_kv_set_rope(kv[3], 0, NULL, 0, 0, &err), &err); /* removed again */
+        assert_ok(kst_kv_build(kv[3], 0, Q, P, &err), &err);
+        size_t differ = 0;
+        for (size_t s = 0; s < S; s++)
+            for (size_t h = 0; h < KVH; h++)
+                for (size_t ef = 8; ef <= 32; ef *= 2) {
+                    int64_t pos[4][32];
+                    size_t found[4], scanned[4];
+                    const float *q = dq + (s * QH + h * (QH / KVH)) * D;
+                    for (int k = 0; k < 4; k++)
+                        assert_ok(kst_kv_search(kv[k], 0, h, q, ef, ef, pos[k], &found[k], &scanned[k], &err), &err);
+                    assert_int_equal(found[0], found[1]);
+                    assert_int_equal(scanned[0], scanned[1]);
+                    assert_memory_equal(pos[0], pos[1], found[0] * sizeof(int64_t));
+                    assert_int_equal(found[2], found[3]);
+                    assert_int_equal(scanned[2], scanned[3]);
+                    assert_memory_equal(pos[2], pos[3], found[2] * sizeof(int64_t));
+                    differ += scanned[0] != scanned[2] || memcmp(pos[0], pos[2], found[0] * sizeof(int64_t)) != 0;
+                }
+        printf("  RoPE build (every %zu): %zu of %d searches differ from the plain index's\n", every, differ, S * KVH * 3);
+        assert_true(differ > 0);
+        if (every == 1) { /* bad frequencies, named */
+            fr[5] = NAN;
+            assert_int_equal(kst_kv_set_rope(kv[2], 0, fr, D / 2, 0, &err), KST_ERR_INVALID);
+            assert_msg_has(err.msg, "inv_freq[5]");
+            fr[5] = -1.0f;
+            assert_int_equal(kst_kv_set_rope(kv[2], 0, fr, D / 2, 0, &err), KST_ERR_INVALID);
+            assert_msg_has(err.msg, "inv_freq[5] = -1");
+            fr[5] = 0.5f;
+            assert_int_equal(kst_kv_set_rope(kv[2], 0, fr, D / 2 + 1, 0, &err), KST_ERR_INVALID);
+            assert_msg_has(err.msg, "at most head_dim / 2 = 32 frequencies");
+            assert_int_equal(kst_kv_set_rope(kv[2], 1, fr, D / 2, 0, &err), KST_ERR_INVALID);
+            assert_msg_has(err.msg, "kst_kv_set_rope");
+            assert_int_equal(kst_kv_set_rope(NULL, 0, fr, D / 2, 0, &err), KST_ERR_MISUSE);
+        }
+        for (int k = 0; k < 4; k++) kst_kv_free(kv[k]);
+    }
     free(Q), free(Q2);
 }
 
