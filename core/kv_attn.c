@@ -784,13 +784,31 @@ size_t kst_kv_top(const float *w, size_t n, size_t k, float *tw, uint32_t *tp) {
     return nt;
 }
 
+/* Pair i's dimensions under RoPE's two layouts, and the turn of that pair by (c, s). */
+static inline void rope_pair(float *x, size_t i, size_t nf, int interleaved, double c, double s) {
+    size_t i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + nf;
+    double x0 = x[i0], x1 = x[i1];
+    x[i0] = (float)(x0 * c - x1 * s);
+    x[i1] = (float)(x1 * c + x0 * s);
+}
+
+void kst_rope_angles(double *cs, const float *inv_freq, size_t nf, double delta) {
+    for (size_t i = 0; i < nf; i++) {
+        double a = delta * (double)inv_freq[i];
+        cs[2 * i] = cos(a);
+        cs[2 * i + 1] = sin(a);
+    }
+}
+
+void kst_rope_rotate(float *x, size_t d, const double *cs, size_t nf, int interleaved) {
+    if (2 * nf > d) nf = d / 2;
+    for (size_t i = 0; i < nf; i++) rope_pair(x, i, nf, interleaved, cs[2 * i], cs[2 * i + 1]);
+}
+
 void kst_rope_shift(float *x, size_t d, const float *inv_freq, size_t nf, int interleaved, double delta) {
     if (2 * nf > d) nf = d / 2;
     for (size_t i = 0; i < nf; i++) {
-        double a = delta * (double)inv_freq[i], c = cos(a), s = sin(a);
-        size_t i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + nf;
-        double x0 = x[i0], x1 = x[i1];
-        x[i0] = (float)(x0 * c - x1 * s);
-        x[i1] = (float)(x1 * c + x0 * s);
+        double a = delta * (double)inv_freq[i];
+        rope_pair(x, i, nf, interleaved, cos(a), sin(a));
     }
 }

@@ -140,5 +140,9 @@ void kst_kv_cap_merge(kst_kv_cap *p, float *o, float *lse, float tau, size_t d);
  * Llama 3) included; the dimensions past 2 nf are left as they are. The angles are taken in
  * double, so a shift of a million positions keeps float32's precision. */
 void kst_rope_shift(float *x, size_t d, const float *inv_freq, size_t nf, int interleaved, double delta);
+/* The same in two parts, for many vectors moved by one delta: cs (2 nf) = cos and sin of
+ * delta * inv_freq[i] (interleaved), then the rotation of x by them. */
+void kst_rope_angles(double *cs, const float *inv_freq, size_t nf, double delta);
+void kst_rope_rotate(float *x, size_t d, const double *cs, size_t nf, int interleaved);
 
 #endif

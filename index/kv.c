@@ -1377,6 +1377,7 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
     size_t use = o->max_build_queries ? (o->max_build_queries < per * forms ? o->max_build_queries : per * forms) : per;
     use = use < forms ? forms : use - use % forms;
     float *Q = NULL;
+    double cs[512]; /* the moved queries' cos and sin (head_dim <= 512) */
     if (o->index == KST_KVC_INDEX_ATTN) {
         Q = kst_malloc(use ? use : 1, d * sizeof(float), "prefill queries", err);
         if (!Q) return KST_ERR_NOMEM;
@@ -1405,11 +1406,14 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
              * as given, then moved (query t is at position L->n - nq + t, the last nq tokens';
              * moved to L->n, where the decode steps' queries are). With both forms the heads
              * rotate with the token, so that every head is used where half the queries are. */
+            size_t at = (size_t)-1; /* the token whose angles cs holds (a token's heads come together) */
             for (size_t i = 0; i < use; i++) {
                 size_t r = i / forms * per / (use / forms), t = r / G, g = forms > 1 ? (r + t) % G : r % G;
                 memcpy(Q + i * d, queries + (t * o->q_heads + h * G + g) * d, d * sizeof(float));
-                if (i % forms)
-                    kst_rope_shift(Q + i * d, d, L->rope, L->rope_n, L->rope_il, (double)(nq - t));
+                if (i % forms == 0) continue;
+                if (t != at) kst_rope_angles(cs, L->rope, L->rope_n, (double)(nq - t));
+                at = t;
+                kst_rope_rotate(Q + i * d, d, cs, L->rope_n, L->rope_il);
             }
             rc = kst_kvg_build_attn(&H->g, K, o->f16, n, d, Q, use, o->build_top, err);
             if (rc == KST_OK && c->order) { /* nearby keys at nearby nodes (kst_kvg_order) */
