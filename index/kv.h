@@ -331,9 +331,10 @@ void kst_kvc_set_order(kst_kvc *c, size_t n);
 /* The layer's rotary position embedding (kst_kv_set_rope, api/kestrel.h): nf inverse
  * frequencies (at most head_dim / 2; copied), pairs interleaved or half a head apart
  * (kst_rope_shift); NULL or nf 0 removes it. Used by the next kst_kvc_build: the attention-aware
- * index is then built from every prefill query twice, as given and moved to the position of the
- * next token (the decode steps' queries'). KST_ERR_INVALID names a frequency that is negative
- * or not finite, or too many of them. */
+ * index is then built from the prefill queries as given and moved to the position of the next
+ * token (the decode steps' queries'), both forms of every other one by default (as many rows as
+ * without RoPE). KST_ERR_INVALID names a frequency that is negative or not finite, or too many
+ * of them. */
 int kst_kvc_set_rope(kst_kvc *c, size_t layer, const float *inv_freq, size_t nf, int interleaved, kst_error *err);
 
 /* Bytes of CPU memory the layer's index takes beyond the keys and values (edges, codes, clusters,
