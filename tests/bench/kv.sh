@@ -15,7 +15,9 @@
 # pairs, default "3:5 5:2"), KESTREL_BENCH_THREADS (default nproc), KV_BUILD_QUERIES (prefill
 # queries per KV head used to build the index, default 32768), KV_SMOLLM2_TOKENS (opt-in: also
 # SmolLM2 over that many tokens, 32768 or 65536, with YaRN; see below), KV_GEMMA3_TOKENS (opt-in:
-# Gemma 3 270M over 32768 or 131072 tokens; see below).
+# Gemma 3 270M over 32768 or 131072 tokens; see below), KV_ROPE (0: the decoders' indexes built
+# without their RoPE frequencies, kst_kv_set_rope; kv_dump_llm.py writes them beside each dump as
+# L<l>_inv_freq.npy, and `kv_dump_llm.py DIR ... --freq-only` adds them to an older dump).
 set -euo pipefail
 
 BUILD=${1:-build}
