@@ -2023,6 +2023,52 @@ static void test_rope_build(void **state) {
     free(Q), free(Q2);
 }
 
+/* The same with two query heads a KV head (the fixture's 4 over 2): by default each token's
+ * queries are taken for one head of its group, both forms, the head rotating with the token
+ * (token j: head j mod 2), so that every head's queries are used. The index equals one built
+ * without RoPE, in a cache of one query head a KV head, from that explicit list. */
+static void test_rope_build_gqa(void **state) {
+    fx *f = *state;
+    kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
+    o.layers = 1;
+    const size_t G = QH / KVH;
+    float fr[D / 2];
+    for (size_t i = 0; i < D / 2; i++) fr[i] = (float)pow(500000.0, -2.0 * (double)i / D) / 4;
+    const float *pq = f->pq.data, *dq = f->dq.data;
+    float *Q2 = malloc(2 * P * KVH * D * sizeof *Q2);
+    for (size_t j = 0; j < P; j++)
+        for (size_t kh = 0; kh < KVH; kh++) {
+            const float *q = pq + (j * QH + kh * G + j % G) * D;
+            memcpy(Q2 + (2 * j * KVH + kh) * D, q, D * sizeof(float));
+            float *m = Q2 + ((2 * j + 1) * KVH + kh) * D;
+            memcpy(m, q, D * sizeof(float));
+            kst_rope_shift(m, D, fr, D / 2, 0, (double)(P - j));
+        }
+    kst_kv *a, *b;
+    kst_error err;
+    assert_ok(kst_kv_create(&o, &a, &err), &err);
+    o.q_heads = KVH;
+    assert_ok(kst_kv_create(&o, &b, &err), &err);
+    assert_ok(kst_kv_append(a, 0, f->keys.data, f->values.data, P, &err), &err);
+    assert_ok(kst_kv_append(b, 0, f->keys.data, f->values.data, P, &err), &err);
+    assert_ok(kst_kv_set_rope(a, 0, fr, D / 2, 0, &err), &err);
+    assert_ok(kst_kv_build(a, 0, pq, P, &err), &err);
+    assert_ok(kst_kv_build(b, 0, Q2, 2 * P, &err), &err);
+    for (size_t s = 0; s < S; s++)
+        for (size_t h = 0; h < QH; h++) { /* query head h of a searches KV head h / G: b's head h / G */
+            int64_t pa[32], pb[32];
+            size_t fa, fb, sa, sb;
+            const float *q = dq + (s * QH + h) * D;
+            assert_ok(kst_kv_search(a, 0, h, q, 16, 32, pa, &fa, &sa, &err), &err);
+            assert_ok(kst_kv_search(b, 0, h / G, q, 16, 32, pb, &fb, &sb, &err), &err);
+            assert_int_equal(fa, fb);
+            assert_int_equal(sa, sb);
+            assert_memory_equal(pa, pb, fa * sizeof(int64_t));
+        }
+    kst_kv_free(a), kst_kv_free(b);
+    free(Q2);
+}
+
 static void test_bad_input(void **state) {
     (void)state;
     kst_kv_opts o = small_opts(KST_KV_INDEX_ATTN);
@@ -2127,6 +2173,7 @@ int main(void) {
         cmocka_unit_test(test_graph_reachable),
         cmocka_unit_test(test_rope_shift),
         cmocka_unit_test(test_rope_build),
+        cmocka_unit_test(test_rope_build_gqa),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_alloc_failures),
     };
