@@ -449,6 +449,7 @@ kst_kv_opts kst_kv_opts_default(void) {
      * its widened searches make the step 3-10x slower than full attention at 128K; the fixed
      * budget keeps the step's cost predictable (tests/bench/README.md, "The default budget") */
     o.widen = 0;
+    o.probe = -1; /* (auto: index/kv.h, kst_kvc_set_probe) */
     return o;
 }
 
@@ -484,6 +485,7 @@ int kst_kv_create(const kst_kv_opts *opts, kst_kv **out, kst_error *err) {
     kst_kvc_set_tail_cache(kv->c, opts->tail_cache, 0);
     kst_kvc_set_tail_cache_q8(kv->c, opts->tail_cache_q8);
     kst_kvc_set_tail_cv(kv->c, opts->tail_cv);
+    kst_kvc_set_probe(kv->c, opts->probe < 0 ? KST_KVC_PROBE_AUTO : (size_t)opts->probe);
     _Static_assert(KST_KV_TAIL_Q8_HOST == KST_KVC_Q8_HOST && KST_KV_TAIL_Q8_GPU == KST_KVC_Q8_GPU &&
                        KST_KV_TAIL_Q8_CPU == KST_KVC_Q8_CPU && KST_KV_TAIL_Q8_STAGED == KST_KVC_Q8_STAGED,
                    "tail_q8's values");

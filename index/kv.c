@@ -213,6 +213,7 @@ struct kst_kvc {
     int pf_push;          /* kst_kvc_set_prefetch */
     int no_vnni;          /* kst_kvc_set_vnni(c, 0) */
     size_t spread, spread_keep; /* kst_kvc_set_spread */
+    size_t probe;               /* kst_kvc_set_probe (KST_KVC_PROBE_AUTO: probe_of) */
     size_t batch, pmax;   /* append_batch (>= 1); pending tokens allowed before an append helps */
     size_t ring;          /* GPU ring slots: window + pmax */
     size_t plan_il;       /* plans interleaved per thread (1..KV_PLAN_IL; KESTREL_KV_PLAN_IL) */
@@ -301,6 +302,16 @@ void kst_kvc_set_vnni(kst_kvc *c, int on) { c->no_vnni = !on; }
 static size_t spread_of(const kst_kvc *c, size_t nidx) {
     if (c->spread != KST_KVC_SPREAD_AUTO) return c->spread;
     return nidx < 32768 ? 0 : nidx / 128 < 4096 ? nidx / 128 : 4096;
+}
+/* The clusters a search probes over nidx indexed keys (KST_KVC_PROBE_AUTO: one from 16,384 keys
+ * on, where a cluster of the node order, 256 keys, is at most 1.6% of them; none below). */
+static size_t probe_of(const kst_kvc *c, size_t nidx) {
+    if (c->probe != KST_KVC_PROBE_AUTO) return c->probe;
+    return nidx >= 16384 ? 1 : 0;
+}
+void kst_kvc_set_probe(kst_kvc *c, size_t n) {
+    const char *e = getenv("KESTREL_KV_PROBE");
+    c->probe = e && *e ? (size_t)atol(e) : n;
 }
 static void refresh_tables(kst_kvc *c, kv_layer *L, int force);
 static int job_finish(kst_kvc *c, kv_layer *L, kst_error *err);
@@ -489,13 +500,14 @@ int kst_kvc_create(const kst_kvc_opts *opts, kst_kvc **out, kst_error *err) {
     c->pf_push = 1;
     /* the default budget's search (bench README, round 6): entries per query from one indexed
      * key in 128 (the best 8), two expansions at a time */
-    c->spread = KST_KVC_SPREAD_AUTO;
+    c->spread = getenv("KESTREL_KV_SPREAD") ? (size_t)atol(getenv("KESTREL_KV_SPREAD")) : KST_KVC_SPREAD_AUTO; /* (benchmarks) */
     c->tail_gpu_off = getenv("KESTREL_KV_TAIL_GPU") && atoi(getenv("KESTREL_KV_TAIL_GPU")) == 0;
     (void)kst_kvc_set_tail_q8(c, 0, NULL); /* (KESTREL_KV_TAIL_Q8; a head_dim it refuses leaves it off) */
     c->topsum_off = getenv("KESTREL_KV_TAIL_TOPSUM") && atoi(getenv("KESTREL_KV_TAIL_TOPSUM")) == 0;
     c->gpu_arm = getenv("KESTREL_KV_GPU_ARM") && atoi(getenv("KESTREL_KV_GPU_ARM")) == 1;
     c->gpu_late = !(getenv("KESTREL_KV_GPU_EARLY") && atoi(getenv("KESTREL_KV_GPU_EARLY")) == 1);
     c->spread_keep = 8;
+    kst_kvc_set_probe(c, KST_KVC_PROBE_AUTO);
     c->expand = 2;
     c->order = getenv("KESTREL_KV_ORDER") ? (size_t)atol(getenv("KESTREL_KV_ORDER")) : KST_KVC_ORDER;
     c->esize = o.f16 ? 2 : 4;
@@ -698,7 +710,8 @@ size_t kst_kvc_index_bytes(const kst_kvc *c, size_t layer) {
     for (size_t h = 0; h < c->o.kv_heads; h++) {
         const kst_kvg *g = &c->layers[layer].heads[h].g;
         b += g->cap * (g->M * (sizeof(uint32_t) + sizeof(float)) + sizeof(uint16_t) + sizeof(uint32_t) + sizeof(float)) +
-             g->nperm * sizeof(uint32_t) + kst_kvg_code_bytes(g) + kst_kvtc_bytes(&c->layers[layer].heads[h].tc);
+             g->nperm * sizeof(uint32_t) + kst_kvg_code_bytes(g) + kst_kvtc_bytes(&c->layers[layer].heads[h].tc) +
+             (g->pc_n ? g->pc_n * (g->cd / 2 + sizeof(uint32_t)) + sizeof(uint32_t) : 0);
         const kv_hstore *H = &c->layers[layer].heads[h]; /* the control variate's sums (tail_cv) */
         size_t d = c->o.head_dim;
         b += (H->cv.M ? d * d * 12 + d * 16 : 0) + (H->cvs.M ? d * d * 12 + d * 16 : 0) + (H->cvc ? d * 4 : 0) +
@@ -2447,6 +2460,8 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
         t->s.no_vnni = c->no_vnni;
         t->s.spread = spread_of(c, H->g.n);
         t->s.spread_keep = c->spread == KST_KVC_SPREAD_AUTO && !c->spread_keep ? 8 : c->spread_keep;
+        t->s.probe = probe_of(c, H->g.n);
+        t->s.probe_keep = 0; /* (8) */
         t->s.tier = tier;
         for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];
         rc = kst_kvg_search_multi(&H->g, K, o->f16, o->head_dim, Q, gq, k, ef, c->rerank,

@@ -309,6 +309,16 @@ void kst_kvc_set_vnni(kst_kvc *c, int on);
  * where the CPU has AVX-512 VNNI: the same entries, ~1/3 of the time (bench README, round 5). */
 void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep);
 
+/* The cluster probe of the per-head searches by codes (kst_kvg_scratch.probe; graphs ordered
+ * by kst_kvc_set_order, the default): each search also scores the codes of the KV head's n
+ * clusters (of its node order, one per 256 keys) whose centroids' codes score best and starts
+ * from the 8 best of their keys too, so that a key that dominates a query's attention but lies
+ * far from every entry in the graph (a needle) is reached. KST_KVC_PROBE_AUTO, the default: one
+ * cluster from 16,384 indexed keys on, none below (there a cluster is over 1.6% of the keys);
+ * 0: off. KESTREL_KV_PROBE overrides it (bench README, round 40). */
+#define KST_KVC_PROBE_AUTO ((size_t)-1)
+void kst_kvc_set_probe(kst_kvc *c, size_t n);
+
 /* Benchmarks: changes group_search and the use of codes (when the index was built with them)
  * of a live cache. */
 void kst_kvc_set_search(kst_kvc *c, int group_search, int codes);

@@ -278,6 +278,8 @@ static void table_best(const kst_kvg *g, const int8_t *w8, float c0, float qsc, 
                        size_t *nt);
 #endif
 
+static void code_vec(const kst_kvg *g, const float *x, uint8_t *c);
+
 static int ibeam_init(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
                       size_t limit, kst_kvg_scratch *s) {
     int rc = scratch_reserve(s, g->cap, ef, g->M, NULL);
@@ -480,6 +482,8 @@ void kst_kvg_free(kst_kvg *g) {
     kst_free(g->et_id);
     kst_free(g->et_codes);
     kst_free(g->row_of);
+    kst_free(g->pc_codes);
+    kst_free(g->pc_at);
     memset(g, 0, sizeof *g);
 }
 
@@ -538,6 +542,18 @@ int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
             }
             memcpy(dst->row_of, src->row_of, src->nperm * sizeof(uint32_t));
             dst->nperm = src->nperm;
+        }
+        if (src->pc_n) {
+            dst->pc_codes = kst_malloc(src->pc_n, src->cd / 2, "kv graph copy", err);
+            dst->pc_at = kst_malloc(src->pc_n + 1, sizeof(uint32_t), "kv graph copy", err);
+            if (!dst->pc_codes || !dst->pc_at) {
+                kst_kvg_free(dst);
+                kst_kvg_init(dst, M, src->max_entry, src->efc, NULL);
+                return KST_ERR_NOMEM;
+            }
+            memcpy(dst->pc_codes, src->pc_codes, src->pc_n * (src->cd / 2));
+            memcpy(dst->pc_at, src->pc_at, (src->pc_n + 1) * sizeof(uint32_t));
+            dst->pc_n = src->pc_n;
         }
         if (src->codes) {
             size_t cb = src->cd / 2;
@@ -1337,12 +1353,16 @@ int kst_kvg_order(kst_kvg *g, const void *K, int f16, size_t d, size_t C, kst_er
     uint32_t *old_of = kst_malloc(n, sizeof(uint32_t), "kv graph order", err);
     uint32_t *new_of = kst_malloc(n, sizeof(uint32_t), "kv graph order", err);
     size_t *start = kst_calloc(T.C + 1, sizeof(size_t), "kv graph order", err);
+    /* the clusters kept for the probe (kst_kvg.pc_*: with codes; not past KST_KVG_PROBE_MAX) */
+    int keep_pc = cb && g->cd == d && T.C <= KST_KVG_PROBE_MAX;
+    uint32_t *pc_at = keep_pc ? kst_malloc(T.C + 1, sizeof(uint32_t), "kv graph order", err) : NULL;
+    uint8_t *pc_codes = keep_pc ? kst_malloc(T.C, cb, "kv graph order", err) : NULL;
     uint32_t *adj = NULL;
     uint16_t *deg = NULL;
     uint32_t *indeg = NULL;
     float *adist = NULL, *norm2 = NULL;
     uint8_t *codes = NULL;
-    if (!bfs || !old_of || !new_of || !start) goto nomem;
+    if (!bfs || !old_of || !new_of || !start || (keep_pc && (!pc_at || !pc_codes))) goto nomem;
     /* breadth-first from the entries (new_of: visited), then from each node not reached */
     memset(new_of, 0xff, n * sizeof(uint32_t));
     size_t head = 0, tail = 0;
@@ -1404,6 +1424,16 @@ int kst_kvg_order(kst_kvg *g, const void *K, int f16, size_t d, size_t C, kst_er
     }
     g->row_of = old_of;
     g->nperm = n;
+    if (keep_pc) { /* (start[c]: now cluster c's end) */
+        pc_at[0] = 0;
+        for (size_t c = 0; c < T.C; c++) {
+            pc_at[c + 1] = (uint32_t)start[c];
+            code_vec(g, T.cent + c * d, pc_codes + c * cb);
+        }
+        g->pc_at = pc_at;
+        g->pc_codes = pc_codes;
+        g->pc_n = T.C;
+    }
     if (g->et_n && kst_kvg_entry_table(g, g->et_n, NULL) != KST_OK) kst_kvg_entry_table(g, 0, NULL);
     kst_free(bfs);
     kst_free(new_of);
@@ -1415,6 +1445,8 @@ nomem:
     kst_free(old_of);
     kst_free(new_of);
     kst_free(start);
+    kst_free(pc_at);
+    kst_free(pc_codes);
     kst_free(adj);
     kst_free(deg);
     kst_free(adist);
@@ -1481,14 +1513,18 @@ static uint8_t code_of(float x, float lo, float step) {
     return (uint8_t)(c < 0 ? 0 : c > 15 ? 15 : c);
 }
 
+/* The codes (d / 2 bytes at c) of the d-vector x, by the graph's ranges (d = g->cd). */
+static void code_vec(const kst_kvg *g, const float *x, uint8_t *c) {
+    for (size_t b = 0; b < g->cd; b += 32)
+        for (size_t j = 0; j < 16; j++)
+            c[b / 2 + j] = (uint8_t)(code_of(x[b + j], g->clo[b + j], g->cstep[b + j]) |
+                                     code_of(x[b + 16 + j], g->clo[b + 16 + j], g->cstep[b + 16 + j]) << 4);
+}
+
 /* Codes of key row i (tmp: d floats). */
 static void code_row(kst_kvg *g, const void *K, int f16, size_t i, size_t d, float *tmp) {
     key_f32(g, tmp, K, f16, i, d);
-    uint8_t *c = g->codes + i * (d / 2);
-    for (size_t b = 0; b < d; b += 32)
-        for (size_t j = 0; j < 16; j++)
-            c[b / 2 + j] = (uint8_t)(code_of(tmp[b + j], g->clo[b + j], g->cstep[b + j]) |
-                                     code_of(tmp[b + 16 + j], g->clo[b + 16 + j], g->cstep[b + 16 + j]) << 4);
+    code_vec(g, tmp, g->codes + i * (d / 2));
 }
 
 /* After a build of n keys: the per-dimension ranges, then every key's codes. A no-op unless
@@ -2193,6 +2229,12 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
 #define MSCORE(q, x) (codes ? c0[q] + code_dot(qv[q], g->codes + (size_t)(x) * cb, d) \
                             : kst_kv_dot(qv[q], nrow(g, K, f16, (x), d), f16, d))
 #endif
+/* a query's score of the codes at p (with codes: a centroid's, kst_kvg.pc_codes) */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PSCORE(q, p) (vnni ? c0[q] + qsc[q] * (float)code_dot_vnni(qlo[q], qhi[q], (p), d) : c0[q] + code_dot(qv[q], (p), d))
+#else
+#define PSCORE(q, p) (c0[q] + code_dot(qv[q], (p), d))
+#endif
     /* entry points */
     double te0 = s[0]->prof ? mono_s() : 0;
     size_t ne = g->n_entry ? g->n_entry : 1;
@@ -2259,6 +2301,43 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             pool_insert_t(pool[q], fl[q], &pn[q], ef, &cur[q], v, x, s[q], &tn[q], tier);
         }
     }
+    /* the cluster probe (kst_kvg_scratch.probe): the clusters whose centroids' codes score best,
+     * probe of them not counting the best entry's (the search starts in that region anyway; on
+     * Gemma 3's heads at 128K it often held the best centroid, and the needles lay in the second:
+     * bench README, round 40), then their nodes by their codes; the best probe_keep join the pool */
+    size_t npr = codes && g->pc_n > 1 ? (s[0]->probe < g->pc_n - 1 ? s[0]->probe : g->pc_n - 1) : 0;
+    if (npr > 8) npr = 8;
+    for (size_t qi = 0; npr && qi < nq; qi++) {
+        const size_t keep = s[0]->probe_keep ? (s[0]->probe_keep < 64 ? s[0]->probe_keep : 64) : 8;
+        float bv[9], tv[64];
+        uint32_t bx[9], tx[64];
+        size_t nb = 0, nt = 0, skip = g->pc_n; /* (none) */
+        if (pn[qi] > 0 && pool[qi][0].x < g->pc_at[g->pc_n]) { /* the best entry's cluster */
+            const uint32_t x = pool[qi][0].x;
+            size_t lo = 0, w = g->pc_n;
+            while (w > 1) {
+                const size_t h = w / 2;
+                lo = g->pc_at[lo + h] <= x ? lo + h : lo;
+                w -= h;
+            }
+            skip = lo;
+        }
+        for (size_t c = 0; c < g->pc_n; c++) top_insert(bv, bx, &nb, npr + 1, PSCORE(qi, g->pc_codes + c * cb), (uint32_t)c);
+        size_t took = 0; /* (clusters probed but the best entry's) */
+        for (size_t b = 0; b < nb && took < npr; b++) {
+            took += bx[b] != skip;
+            const size_t x1 = g->pc_at[bx[b] + 1] < g->n ? g->pc_at[bx[b] + 1] : g->n;
+            for (size_t x = g->pc_at[bx[b]]; x < x1; x++) top_insert(tv, tx, &nt, keep, MSCORE(qi, x), (uint32_t)x);
+            scanned += x1 > g->pc_at[bx[b]] ? x1 - g->pc_at[bx[b]] : 0;
+        }
+        kst_kvg_scratch *S = s[qi];
+        for (size_t t = 0; t < nt; t++) {
+            if (S->mark[tx[t]] == S->epoch) continue;
+            S->mark[tx[t]] = S->epoch;
+            prefetch_edges(g, tx[t]);
+            pool_insert_t(pool[qi], fl[qi], &pn[qi], ef, &cur[qi], tv[t], tx[t], s[qi], &tn[qi], tier);
+        }
+    }
     if (s[0]->prof) s[0]->t_entry += mono_s() - te0;
     size_t nlive = nq;
     while (nlive) {
@@ -2311,6 +2390,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
         }
     }
 #undef MSCORE
+#undef PSCORE
     double tr0 = s[0]->prof ? mono_s() : 0;
     size_t npool[KVG_MULTI_MAX];
     for (size_t q = 0; q < nq; q++) {

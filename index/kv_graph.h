@@ -83,9 +83,16 @@ typedef struct kst_kvg {
      * are by node; the searches return rows. */
     uint32_t *row_of;
     size_t nperm;
+    /* The order's clusters (kst_kvg_order, with codes): cluster c is nodes [pc_at[c],
+     * pc_at[c + 1]), its centroid's 4-bit codes (as a key's) pc_codes + c * cd / 2. The cluster
+     * probe of kst_kvg_search_multi reads them. NULL / 0: none. */
+    uint8_t *pc_codes;
+    uint32_t *pc_at;
+    size_t pc_n;
 } kst_kvg;
 
 #define KST_KVG_INS_SK 16
+#define KST_KVG_PROBE_MAX 1024 /* the most clusters the probe keeps (kst_kvg.pc_n) */
 
 /* Per-thread search state; zero-initialise, free with kst_kvg_scratch_free. */
 typedef struct kst_kvg_scratch {
@@ -134,6 +141,12 @@ typedef struct kst_kvg_scratch {
      * pairs the pool rejected or evicted, logged (vlcap allocated). */
     size_t tier;
     void *vl; size_t vlcap;
+    /* kst_kvg_search_multi by codes on an ordered graph (kst_kvg.pc_n > 0): the cluster probe.
+     * Each search also scores the codes of the nodes of the `probe` clusters (at most 8) whose
+     * centroids' codes score best, and puts the `probe_keep` best of them (0: 8; at most 64) in
+     * its pool beside the entries, so that a key far from every entry but in the region of the
+     * query's best centroid is reached. 0: off. */
+    size_t probe, probe_keep;
 } kst_kvg_scratch;
 void kst_kvg_scratch_free(kst_kvg_scratch *s);
 
@@ -167,8 +180,10 @@ int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, c
  * searches at 128K keys on the H200 host, tests/bench/README.md, round 30). The edges, codes,
  * norms, entries and entry table move with their nodes (a copy of each is made, then the old
  * freed); searches then return the same rows as before up to ties, and the entry table's evenly
- * spaced nodes fall in every cluster. Once only, on a graph that no search or plan is using; C
- * < 2 or fewer than 2 nodes: a no-op. Fails on memory (graph unchanged). */
+ * spaced nodes fall in every cluster. With codes (and C <= KST_KVG_PROBE_MAX) the clusters are
+ * kept for the cluster probe (kst_kvg.pc_*: each one's node range and its centroid's codes).
+ * Once only, on a graph that no search or plan is using; C < 2 or fewer than 2 nodes: a no-op.
+ * Fails on memory (graph unchanged). */
 int kst_kvg_order(kst_kvg *g, const void *K, int f16, size_t d, size_t C, kst_error *err);
 /* Builds the key-only graph over K (n, d) by inserting every key in order. */
 int kst_kvg_build_keys(kst_kvg *g, const void *K, int f16, size_t n, size_t d, kst_error *err);

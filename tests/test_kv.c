@@ -1059,6 +1059,270 @@ static void clustered_keys(uint16_t *K, float *Kf, float *cen, size_t n, size_t 
     }
 }
 
+/* opts.probe reaches the searches: -1 by default; with 1, each search over a 2,048-key index
+ * (ordered into 8 clusters) also scores a cluster's keys, so kst_kv_search scans another count
+ * of keys than with 0 (at least 6 of 8 queries), and with ef = every indexed key both return
+ * the exact top 10 (float64). */
+static void test_probe_option(void **state) {
+    (void)state;
+    enum { PD = 64 };
+    const size_t n = 2048 + 32 + 4;
+    assert_int_equal(kst_kv_opts_default().probe, -1);
+    float *K = malloc(n * PD * sizeof *K), *V = malloc(n * PD * sizeof *V), *Q = malloc(n * PD * sizeof *Q);
+    float cen[8 * PD];
+    assert_non_null(K);
+    assert_non_null(V);
+    assert_non_null(Q);
+    for (size_t i = 0; i < 8 * PD; i++) cen[i] = (float)test_gauss();
+    for (size_t t = 0; t < n; t++)
+        for (size_t i = 0; i < PD; i++) {
+            K[t * PD + i] = cen[(t * 5 % 8) * PD + i] + 0.5f * (float)test_gauss();
+            V[t * PD + i] = (float)test_gauss();
+            Q[t * PD + i] = cen[(t * 3 % 8) * PD + i] + (float)test_gauss();
+        }
+    kst_kv *kv[2];
+    kst_error err;
+    for (int p = 0; p < 2; p++) {
+        kst_kv_opts o = kst_kv_opts_default();
+        o.layers = o.kv_heads = o.q_heads = 1;
+        o.head_dim = PD;
+        o.window = 32;
+        o.degree = 16;
+        o.build_top = 16;
+        o.entries = 8;
+        o.probe = p;
+        assert_ok(kst_kv_create(&o, &kv[p], &err), &err);
+        assert_ok(kst_kv_append(kv[p], 0, K, V, n, &err), &err);
+        assert_ok(kst_kv_build(kv[p], 0, Q, n, &err), &err);
+    }
+    const size_t nidx = n - 4 - 32;
+    size_t differ = 0;
+    for (size_t j = 0; j < 8; j++) {
+        float q[PD];
+        for (size_t i = 0; i < PD; i++) q[i] = cen[j * PD + i] + (float)test_gauss();
+        int64_t pos[2][16];
+        size_t found[2], sc[2];
+        for (int p = 0; p < 2; p++) assert_ok(kst_kv_search(kv[p], 0, 0, q, 10, 24, pos[p], &found[p], &sc[p], &err), &err);
+        differ += sc[1] != sc[0];
+        double best[10];
+        int64_t bi[10];
+        for (int i = 0; i < 10; i++) best[i] = -INFINITY, bi[i] = -1;
+        for (size_t t = 4; t < 4 + nidx; t++) {
+            double v = 0;
+            for (size_t i = 0; i < PD; i++) v += (double)q[i] * K[t * PD + i];
+            for (int i = 0; i < 10; i++)
+                if (v > best[i]) {
+                    for (int m = 9; m > i; m--) best[m] = best[m - 1], bi[m] = bi[m - 1];
+                    best[i] = v;
+                    bi[i] = (int64_t)t;
+                    break;
+                }
+        }
+        for (int p = 0; p < 2; p++) {
+            assert_ok(kst_kv_search(kv[p], 0, 0, q, 10, nidx, pos[p], &found[p], &sc[p], &err), &err);
+            assert_int_equal(found[p], 10);
+            for (int i = 0; i < 10; i++)
+                if (pos[p][i] != bi[i]) fail_msg("probe %d, query %zu: rank %d is token %lld, exact %lld", p, j, i,
+                                                 (long long)pos[p][i], (long long)bi[i]);
+        }
+    }
+    if (differ < 6) fail_msg("the probe changed the keys scanned by %zu of 8 searches", differ);
+    for (int p = 0; p < 2; p++) kst_kv_free(kv[p]);
+    free(K);
+    free(V);
+    free(Q);
+}
+
+/* The cluster probe (kst_kvg_scratch.probe): a key that no edge leads to is found only by it.
+ * Clustered float16 keys (d 64, 32 centres), one of cluster A's keys made its needle (0.5 + 2 x
+ * A's centre), an attention-aware graph from prefill queries near the other centres (so that the
+ * needle is no hub), ordered into 16 clusters; then every edge into the needle's node is cut. For
+ * a query along A's centre the needle is the exact best key (float64 over the float16 rows):
+ * (a) without the probe no search returns it, however wide; (b) with the probe (one cluster,
+ * eight nodes) a search of ef 32 returns it first, on the graph and on a copy; (c) the clusters
+ * partition the nodes in order, and the needle's is the one whose centroid's codes score best
+ * for the query (float64 over the codes' cells); (d) a graph never ordered has no clusters, and
+ * the probe leaves its searches as they were (the same rows, scores and keys scored); (e) the
+ * probe passes over the cluster of the search's best entry (where the search starts anyway). */
+static void test_cluster_probe(void **state) {
+    (void)state;
+    enum { ED = 64, NCL = 32, A = 5 };
+    const size_t n = 2048, nb = 512;
+    uint16_t *K = malloc(n * ED * sizeof *K);
+    float *cen = malloc(NCL * ED * sizeof *cen), *Qb = malloc(nb * ED * sizeof *Qb);
+    assert_non_null(K);
+    assert_non_null(cen);
+    assert_non_null(Qb);
+    clustered_keys(K, NULL, cen, n, NCL, ED);
+    size_t r = 0; /* the needle's row: a key of cluster A (clustered_keys' assignment) */
+    while ((r * 7919u + r / 5) % NCL != A) r++;
+    r += 40 * NCL; /* (not the first of its cluster) */
+    while ((r * 7919u + r / 5) % NCL != A) r++;
+    for (size_t i = 0; i < ED; i++) K[r * ED + i] = kst_f32_to_f16(0.5f + 2.0f * cen[A * ED + i]);
+    for (size_t j = 0; j < nb; j++) { /* prefill queries near the centres but A's */
+        size_t c = j % (NCL - 1);
+        c += c >= A;
+        for (size_t i = 0; i < ED; i++) Qb[j * ED + i] = cen[c * ED + i] + 0.8f * (float)test_gauss();
+    }
+    float q[ED];
+    for (size_t i = 0; i < ED; i++) q[i] = cen[A * ED + i];
+    double best = -INFINITY;
+    size_t bi = 0;
+    for (size_t t = 0; t < n; t++) {
+        double v = 0;
+        for (size_t i = 0; i < ED; i++) v += (double)q[i] * kst_f16_to_f32(K[t * ED + i]);
+        if (v > best) best = v, bi = t;
+    }
+    assert_int_equal(bi, r);
+    kst_kvg g, h, h2;
+    kst_error err;
+    assert_ok(kst_kvg_init(&g, 16, 8, 64, &err), &err);
+    g.codes_on = 1;
+    assert_ok(kst_kvg_build_attn(&g, K, 1, n, ED, Qb, nb, 16, &err), &err);
+    memset(&h, 0, sizeof h);
+    memset(&h2, 0, sizeof h2);
+    assert_ok(kst_kvg_copy(&h, &g, &err), &err);
+    assert_ok(kst_kvg_order(&h, K, 1, ED, 16, &err), &err);
+    /* (c) */
+    assert_int_equal(g.pc_n, 0);
+    assert_int_equal(h.pc_n, 16);
+    assert_non_null(h.pc_codes);
+    assert_int_equal(h.pc_at[0], 0);
+    assert_int_equal(h.pc_at[16], n);
+    for (size_t c = 0; c < 16; c++) assert_true(h.pc_at[c] < h.pc_at[c + 1]);
+    /* cut every edge into the needle's node */
+    uint32_t z = 0;
+    while (h.row_of[z] != r) z++;
+    for (size_t e = 0; e < h.n_entry; e++) assert_true(h.entry[e] != z);
+    for (size_t x = 0; x < n; x++) {
+        size_t m = 0;
+        for (size_t j = 0; j < h.deg[x]; j++)
+            if (h.adj[x * h.M + j] != z) {
+                h.adj[x * h.M + m] = h.adj[x * h.M + j];
+                h.adist[x * h.M + m] = h.adist[x * h.M + j];
+                m++;
+            }
+        h.deg[x] = (uint16_t)m;
+    }
+    h.indeg[z] = 0;
+    /* (c) the needle's cluster is the one whose centroid's codes (their cells' centres) score
+     * best against q, in float64 */
+    double cb = -INFINITY;
+    size_t cbi = 0;
+    for (size_t c = 0; c < 16; c++) {
+        const uint8_t *cc = h.pc_codes + c * (ED / 2);
+        double v = 0;
+        for (size_t i = 0; i < ED; i++) {
+            unsigned k = (unsigned)(cc[i / 32 * 16 + i % 16] >> (i % 32 >= 16 ? 4 : 0)) & 15u;
+            v += (double)q[i] * (h.clo[i] + (k + 0.5) * (double)h.cstep[i]);
+        }
+        if (v > cb) cb = v, cbi = c;
+    }
+    if (!(z >= h.pc_at[cbi] && z < h.pc_at[cbi + 1]))
+        fail_msg("the best centroid (cluster %zu, nodes %u-%u) does not hold the needle's node %u", cbi, h.pc_at[cbi],
+                 h.pc_at[cbi + 1], z);
+    assert_ok(kst_kvg_copy(&h2, &h, &err), &err);
+    kst_kvg_scratch ss = {0}, *ps = &ss;
+    uint32_t ids[64];
+    float vals[64];
+    size_t fnd;
+    /* (a) */
+    for (size_t ef = 32; ef <= 64; ef *= 2) {
+        assert_int_equal(kst_kvg_search_multi(&h, K, 1, ED, q, 1, 10, ef, 0, 1, &ps, ids, vals, &fnd), KST_OK);
+        assert_int_equal(fnd, 10);
+        for (size_t i = 0; i < fnd; i++) assert_true(ids[i] != r);
+    }
+    /* (b) */
+    ss.probe = 1;
+    const kst_kvg *gs[2] = {&h, &h2};
+    for (int v = 0; v < 2; v++) {
+        assert_int_equal(kst_kvg_search_multi(gs[v], K, 1, ED, q, 1, 10, 32, 0, 1, &ps, ids, vals, &fnd), KST_OK);
+        assert_int_equal(fnd, 10);
+        if (ids[0] != r) fail_msg("cluster probe (graph %d): first row %u, the needle is row %zu", v, ids[0], r);
+    }
+    /* (e) the best entry's cluster does not count: for a query 1.3 x centre X + centre A, where
+     * the best centroid is X's cluster and the second the needle's, with the search's best entry
+     * moved into X's cluster, a probe of one cluster probes both and finds the needle */
+    {   /* (and with the best entry in the needle's own cluster, the best centroid's, that cluster is still probed) */
+        uint32_t e0 = h.entry[0], y = z;
+        double yb = -INFINITY;
+        for (uint32_t x = h.pc_at[cbi]; x < h.pc_at[cbi + 1]; x++) {
+            double v = 0;
+            for (size_t i = 0; i < ED; i++) v += (double)q[i] * kst_f16_to_f32(K[(size_t)h.row_of[x] * ED + i]);
+            if (x != z && v > yb) yb = v, y = x;
+        }
+        h.entry[0] = y;
+        assert_int_equal(kst_kvg_search_multi(&h, K, 1, ED, q, 1, 10, 32, 0, 1, &ps, ids, vals, &fnd), KST_OK);
+        if (ids[0] != r) fail_msg("best entry in the needle's cluster: first row %u, the needle is row %zu", ids[0], r);
+        h.entry[0] = e0;
+    }
+    size_t xfound = 0;
+    for (size_t X = 0; X < NCL && !xfound; X++) {
+        if (X == A) continue;
+        float q2[ED];
+        for (size_t i = 0; i < ED; i++) q2[i] = 1.3f * cen[X * ED + i] + cen[A * ED + i];
+        size_t c1 = 0, c2 = 0; /* the best two clusters by their centroids' codes (float64) */
+        double v1 = -INFINITY, v2 = -INFINITY;
+        for (size_t c = 0; c < 16; c++) {
+            const uint8_t *cc = h.pc_codes + c * (ED / 2);
+            double v = 0;
+            for (size_t i = 0; i < ED; i++) {
+                unsigned k = (unsigned)(cc[i / 32 * 16 + i % 16] >> (i % 32 >= 16 ? 4 : 0)) & 15u;
+                v += (double)q2[i] * (h.clo[i] + (k + 0.5) * (double)h.cstep[i]);
+            }
+            if (v > v1) v2 = v1, c2 = c1, v1 = v, c1 = c;
+            else if (v > v2) v2 = v, c2 = c;
+        }
+        double bk = -INFINITY, yb2 = -INFINITY;
+        size_t bki = 0;
+        uint32_t y2 = 0;
+        for (size_t t = 0; t < n; t++) {
+            double v = 0;
+            for (size_t i = 0; i < ED; i++) v += (double)q2[i] * kst_f16_to_f32(K[t * ED + i]);
+            if (v > bk) bk = v, bki = t;
+        }
+        if (c2 != cbi || c1 == cbi || bki != r || v1 - v2 < 1.0) continue;
+        for (uint32_t x = h.pc_at[c1]; x < h.pc_at[c1 + 1]; x++) { /* the best entry: X's cluster's best node */
+            double v = 0;
+            for (size_t i = 0; i < ED; i++) v += (double)q2[i] * kst_f16_to_f32(K[(size_t)h.row_of[x] * ED + i]);
+            if (v > yb2) yb2 = v, y2 = x;
+        }
+        uint32_t e0 = h.entry[0];
+        h.entry[0] = y2;
+        assert_int_equal(kst_kvg_search_multi(&h, K, 1, ED, q2, 1, 10, 32, 0, 1, &ps, ids, vals, &fnd), KST_OK);
+        if (ids[0] != r)
+            fail_msg("query along centres %zu and %d, best entry in the best centroid's cluster %zu: first row %u, the "
+                     "needle (cluster %zu, second) is row %zu", X, A, c1, ids[0], cbi, r);
+        h.entry[0] = e0;
+        xfound = 1;
+    }
+    assert_true(xfound);
+    /* (d) */
+    uint32_t ids0[64];
+    float vals0[64];
+    for (size_t j = 0; j < 8; j++) {
+        float qj[ED];
+        for (size_t i = 0; i < ED; i++) qj[i] = cen[(j * 3 % NCL) * ED + i] + (float)test_gauss();
+        size_t f0, sc0;
+        ss.probe = 0;
+        assert_int_equal(kst_kvg_search_multi(&g, K, 1, ED, qj, 1, 10, 32, 0, 1, &ps, ids0, vals0, &f0), KST_OK);
+        sc0 = ss.scanned;
+        ss.probe = 1;
+        assert_int_equal(kst_kvg_search_multi(&g, K, 1, ED, qj, 1, 10, 32, 0, 1, &ps, ids, vals, &fnd), KST_OK);
+        assert_int_equal(fnd, f0);
+        assert_int_equal(ss.scanned, sc0);
+        assert_memory_equal(ids, ids0, f0 * sizeof *ids);
+        assert_memory_equal(vals, vals0, f0 * sizeof *vals);
+    }
+    kst_kvg_scratch_free(&ss);
+    kst_kvg_free(&g);
+    kst_kvg_free(&h);
+    kst_kvg_free(&h2);
+    free(K);
+    free(cen);
+    free(Qb);
+}
+
 /* Entries of the insertion beam from the entry table (kst_kvg.ins_sk, round 11): with an entry
  * table and AVX-512 VNNI, the beam that links a new key starts from the spaced nodes whose
  * codes score best against it. Clustered float16 keys (d 64, 32 centres): 3,072 built
@@ -2170,6 +2434,8 @@ int main(void) {
         cmocka_unit_test(test_interleaved_all_keys_equals_sdpa),
         cmocka_unit_test(test_entry_table),
         cmocka_unit_test(test_node_order),
+        cmocka_unit_test(test_cluster_probe),
+        cmocka_unit_test(test_probe_option),
         cmocka_unit_test(test_graph_reachable),
         cmocka_unit_test(test_rope_shift),
         cmocka_unit_test(test_rope_build),

@@ -5,7 +5,9 @@
  * ORDERS: a comma list of gC (the library's kst_kvg_order with C clusters: the key rows stay in
  * position order, the graph maps its nodes to them) and kmC (the same order, the key rows then
  * moved into it too, so that the re-scoring's reads are ordered as well); default g512,km512.
- * KV_COPIES: copies of each layout (8); KV_SPREAD: entry table size (N / 128).
+ * KV_COPIES: copies of each layout (8); KV_SPREAD: entry table size (N / 128). A name may end in
+ * pP (the cluster probe of P clusters, kst_kvg_scratch.probe) and sS (an entry table of S nodes,
+ * 0: the hubs only), e.g. g512p1s0.
  *
  * The decode step's searches are bound by their scattered reads: each key scored is one 64-byte
  * line of 4-bit codes at a random place (tests/bench/README.md, KV rounds 5 and 29). This builds
@@ -48,6 +50,8 @@ static double near_frac(const kst_kvg *g) {
 typedef struct {
     kst_kvg g[MAXC];
     uint16_t *K[MAXC];
+    size_t probe; /* the cluster probe's clusters (a "pP" suffix of the order's name; 0: off) */
+    size_t spread; /* the entry table's nodes (an "sS" suffix; else the run's) */
 } layout;
 
 static double run(const layout *L, const float *Q, size_t nq, size_t reps, size_t spread, uint32_t *ids) {
@@ -58,8 +62,9 @@ static double run(const layout *L, const float *Q, size_t nq, size_t reps, size_
         kst_kvg_scratch s = {0}, *ss[1] = {&s};
         s.pf_push = 1;
         s.expand = 2;
-        s.spread = spread;
+        s.spread = L->spread != (size_t)-1 ? L->spread : spread;
         s.spread_keep = 8;
+        s.probe = L->probe;
         uint32_t id[EF];
         size_t fnd;
 #pragma omp for schedule(dynamic, 4)
@@ -102,6 +107,7 @@ int main(int argc, char **argv) {
     kst_error e;
     enum { MAXL = 6 };
     layout *L = calloc(MAXL, sizeof *L);
+    L[0].spread = (size_t)-1;
     char name[MAXL][16] = {"position"};
     kst_kvg_init(&L[0].g[0], 32, 32, 0, NULL);
     L[0].g[0].codes_on = 1;
@@ -118,6 +124,11 @@ int main(int argc, char **argv) {
         if (!moved && !(len > 1 && p[0] == 'g')) die("orders: gC or kmC", NULL);
         double t1 = now_s();
         kst_kvg *g = &L[nl].g[0];
+        char nm[32];
+        snprintf(nm, sizeof nm, "%.*s", (int)len, p);
+        const char *pp = strchr(nm, 'p'), *sp = strchr(nm, 's');
+        L[nl].probe = pp ? (size_t)atol(pp + 1) : 0;
+        L[nl].spread = sp ? (size_t)atol(sp + 1) : (size_t)-1;
         if (kst_kvg_copy(g, &L[0].g[0], &e) || kst_kvg_order(g, K, 1, D, (size_t)atol(p + (moved ? 2 : 1)), &e))
             die("kst_kvg_order", &e);
         printf("(%.*s: kst_kvg_order %.1f s)\n", (int)len, p, now_s() - t1);
@@ -135,7 +146,7 @@ int main(int argc, char **argv) {
             for (size_t i = 0; i < n; i++) memcpy(L[l].K[c] + i * D, K + (size_t)(old_of[l] ? old_of[l][i] : i) * D, D * 2);
             if (c > 0 && kst_kvg_copy(&L[l].g[c], &L[l].g[0], &e)) die("copy", &e);
             /* (copies have no entry table: each its own, of the nodes evenly spaced in its order) */
-            if (kst_kvg_entry_table(&L[l].g[c], spread, &e)) die("entry table", &e);
+            if (kst_kvg_entry_table(&L[l].g[c], L[l].spread != (size_t)-1 ? L[l].spread : spread, &e)) die("entry table", &e);
         }
         printf("%-9s edges within 16 nodes of their source %.3f\n", name[l], near_frac(&L[l].g[0]));
     }
