@@ -1134,19 +1134,68 @@ static void test_probe_option(void **state) {
 }
 
 /* The cluster probe (kst_kvg_scratch.probe): a key that no edge leads to is found only by it.
- * Clustered float16 keys (d 64, 32 centres), one of cluster A's keys made its needle (0.5 + 2 x
- * A's centre), an attention-aware graph from prefill queries near the other centres (so that the
- * needle is no hub), ordered into 16 clusters; then every edge into the needle's node is cut. For
- * a query along A's centre the needle is the exact best key (float64 over the float16 rows):
- * (a) without the probe no search returns it, however wide; (b) with the probe (one cluster,
- * eight nodes) a search of ef 32 returns it first, on the graph and on a copy; (c) the clusters
- * partition the nodes in order, and the needle's is the one whose centroid's codes score best
- * for the query (float64 over the codes' cells); (d) a graph never ordered has no clusters, and
- * the probe leaves its searches as they were (the same rows, scores and keys scored); (e) the
- * probe passes over the cluster of the search's best entry (where the search starts anyway). */
+ * Clustered float16 keys (d 64, 32 centres). Four of them, in clusters A = 5, 9, 17 and 23, are
+ * made needles (0.5 + 2 x the centre); the attention-aware graph is built from prefill queries
+ * near the other centres (so that no needle is a hub) and ordered into 16 clusters. A needle
+ * serves where, for the query along its centre, it is the exact best key (float64 over the
+ * float16 rows) and its node lies in the cluster whose centroid's codes score best (float64 over
+ * the codes' cells: k-means and so the clusters vary with the machine's BLAS); then every edge
+ * into its node is cut. (a) Without the probe no search returns it, however wide; (b) with the
+ * probe (one cluster, eight nodes) a search of ef 32 returns it first, on the graph and on a
+ * copy; (c) the clusters partition the nodes in order; (d) a graph never ordered has no clusters,
+ * and the probe leaves its searches as they were (the same rows, scores and keys scored); (e)
+ * the cluster of the search's best entry (where it starts anyway) does not count among those
+ * probed: with that entry in the needle's own cluster the needle is still found, and for a query
+ * 1.3 x another centre + A's centre whose best centroid is another cluster and second the
+ * needle's, with the best entry in the first, too. */
+enum { PR_ED = 64, PR_NCL = 32, PR_NA = 4 };
+static const size_t pr_a[PR_NA] = {5, 9, 17, 23};
+
+/* Score of q against cluster c's centroid codes (their cells' centres), float64. */
+static double pr_cscore(const kst_kvg *h, size_t c, const float *q) {
+    const uint8_t *cc = h->pc_codes + c * (PR_ED / 2);
+    double v = 0;
+    for (size_t i = 0; i < PR_ED; i++) {
+        unsigned k = (unsigned)(cc[i / 32 * 16 + i % 16] >> (i % 32 >= 16 ? 4 : 0)) & 15u;
+        v += (double)q[i] * (h->clo[i] + (k + 0.5) * (double)h->cstep[i]);
+    }
+    return v;
+}
+static double pr_dot(const float *q, const uint16_t *k) {
+    double v = 0;
+    for (size_t i = 0; i < PR_ED; i++) v += (double)q[i] * kst_f16_to_f32(k[i]);
+    return v;
+}
+/* The best two clusters by centroid score (c1, c2; their scores' gap in *gap), the exact best row. */
+static void pr_rank(const kst_kvg *h, const uint16_t *K, size_t n, const float *q, size_t *c1, size_t *c2, double *gap,
+                    size_t *best) {
+    double v1 = -INFINITY, v2 = -INFINITY, bk = -INFINITY;
+    *c1 = *c2 = 0;
+    for (size_t c = 0; c < h->pc_n; c++) {
+        double v = pr_cscore(h, c, q);
+        if (v > v1) v2 = v1, *c2 = *c1, v1 = v, *c1 = c;
+        else if (v > v2) v2 = v, *c2 = c;
+    }
+    *gap = v1 - v2;
+    for (size_t t = 0; t < n; t++) {
+        double v = pr_dot(q, K + t * PR_ED);
+        if (v > bk) bk = v, *best = t;
+    }
+}
+/* Cluster c's best node for q but node z. */
+static uint32_t pr_best_in(const kst_kvg *h, const uint16_t *K, size_t c, const float *q, uint32_t z) {
+    uint32_t y = z;
+    double yb = -INFINITY;
+    for (uint32_t x = h->pc_at[c]; x < h->pc_at[c + 1]; x++) {
+        double v = pr_dot(q, K + (size_t)h->row_of[x] * PR_ED);
+        if (x != z && v > yb) yb = v, y = x;
+    }
+    return y;
+}
+
 static void test_cluster_probe(void **state) {
     (void)state;
-    enum { ED = 64, NCL = 32, A = 5 };
+    enum { ED = PR_ED, NCL = PR_NCL };
     const size_t n = 2048, nb = 512;
     uint16_t *K = malloc(n * ED * sizeof *K);
     float *cen = malloc(NCL * ED * sizeof *cen), *Qb = malloc(nb * ED * sizeof *Qb);
@@ -1154,26 +1203,18 @@ static void test_cluster_probe(void **state) {
     assert_non_null(cen);
     assert_non_null(Qb);
     clustered_keys(K, NULL, cen, n, NCL, ED);
-    size_t r = 0; /* the needle's row: a key of cluster A (clustered_keys' assignment) */
-    while ((r * 7919u + r / 5) % NCL != A) r++;
-    r += 40 * NCL; /* (not the first of its cluster) */
-    while ((r * 7919u + r / 5) % NCL != A) r++;
-    for (size_t i = 0; i < ED; i++) K[r * ED + i] = kst_f32_to_f16(0.5f + 2.0f * cen[A * ED + i]);
-    for (size_t j = 0; j < nb; j++) { /* prefill queries near the centres but A's */
-        size_t c = j % (NCL - 1);
-        c += c >= A;
+    size_t rows[PR_NA];
+    for (size_t a = 0; a < PR_NA; a++) { /* a key of cluster A (clustered_keys' assignment), not its first */
+        size_t r = 40 * NCL;
+        while ((r * 7919u + r / 5) % NCL != pr_a[a]) r++;
+        rows[a] = r;
+        for (size_t i = 0; i < ED; i++) K[r * ED + i] = kst_f32_to_f16(0.5f + 2.0f * cen[pr_a[a] * ED + i]);
+    }
+    for (size_t j = 0; j < nb; j++) { /* prefill queries near the centres but the needles' */
+        size_t c = j % NCL;
+        while (c == 5 || c == 9 || c == 17 || c == 23) c = (c + 1) % NCL;
         for (size_t i = 0; i < ED; i++) Qb[j * ED + i] = cen[c * ED + i] + 0.8f * (float)test_gauss();
     }
-    float q[ED];
-    for (size_t i = 0; i < ED; i++) q[i] = cen[A * ED + i];
-    double best = -INFINITY;
-    size_t bi = 0;
-    for (size_t t = 0; t < n; t++) {
-        double v = 0;
-        for (size_t i = 0; i < ED; i++) v += (double)q[i] * kst_f16_to_f32(K[t * ED + i]);
-        if (v > best) best = v, bi = t;
-    }
-    assert_int_equal(bi, r);
     kst_kvg g, h, h2;
     kst_error err;
     assert_ok(kst_kvg_init(&g, 16, 8, 64, &err), &err);
@@ -1189,11 +1230,25 @@ static void test_cluster_probe(void **state) {
     assert_non_null(h.pc_codes);
     assert_int_equal(h.pc_at[0], 0);
     assert_int_equal(h.pc_at[16], n);
-    for (size_t c = 0; c < 16; c++) assert_true(h.pc_at[c] < h.pc_at[c + 1]);
-    /* cut every edge into the needle's node */
+    for (size_t c = 0; c < 16; c++) assert_true(h.pc_at[c] <= h.pc_at[c + 1]);
+    /* the needle: the first that serves */
+    float q[ED];
+    size_t A = NCL, r = 0, cbi = 0;
     uint32_t z = 0;
-    while (h.row_of[z] != r) z++;
-    for (size_t e = 0; e < h.n_entry; e++) assert_true(h.entry[e] != z);
+    for (size_t a = 0; a < PR_NA && A == NCL; a++) {
+        for (size_t i = 0; i < ED; i++) q[i] = cen[pr_a[a] * ED + i];
+        size_t c1, c2, best;
+        double gap;
+        pr_rank(&h, K, n, q, &c1, &c2, &gap, &best);
+        uint32_t x = 0;
+        while (h.row_of[x] != rows[a]) x++;
+        int entry = 0;
+        for (size_t e = 0; e < h.n_entry; e++) entry |= h.entry[e] == x;
+        if (best == rows[a] && x >= h.pc_at[c1] && x < h.pc_at[c1 + 1] && gap > 1.0 && !entry)
+            A = pr_a[a], r = rows[a], cbi = c1, z = x;
+    }
+    if (A == NCL) fail_msg("no needle of the %d lies in its query's best centroid's cluster", PR_NA);
+    /* cut every edge into the needle's node */
     for (size_t x = 0; x < n; x++) {
         size_t m = 0;
         for (size_t j = 0; j < h.deg[x]; j++)
@@ -1205,22 +1260,6 @@ static void test_cluster_probe(void **state) {
         h.deg[x] = (uint16_t)m;
     }
     h.indeg[z] = 0;
-    /* (c) the needle's cluster is the one whose centroid's codes (their cells' centres) score
-     * best against q, in float64 */
-    double cb = -INFINITY;
-    size_t cbi = 0;
-    for (size_t c = 0; c < 16; c++) {
-        const uint8_t *cc = h.pc_codes + c * (ED / 2);
-        double v = 0;
-        for (size_t i = 0; i < ED; i++) {
-            unsigned k = (unsigned)(cc[i / 32 * 16 + i % 16] >> (i % 32 >= 16 ? 4 : 0)) & 15u;
-            v += (double)q[i] * (h.clo[i] + (k + 0.5) * (double)h.cstep[i]);
-        }
-        if (v > cb) cb = v, cbi = c;
-    }
-    if (!(z >= h.pc_at[cbi] && z < h.pc_at[cbi + 1]))
-        fail_msg("the best centroid (cluster %zu, nodes %u-%u) does not hold the needle's node %u", cbi, h.pc_at[cbi],
-                 h.pc_at[cbi + 1], z);
     assert_ok(kst_kvg_copy(&h2, &h, &err), &err);
     kst_kvg_scratch ss = {0}, *ps = &ss;
     uint32_t ids[64];
@@ -1240,58 +1279,27 @@ static void test_cluster_probe(void **state) {
         assert_int_equal(fnd, 10);
         if (ids[0] != r) fail_msg("cluster probe (graph %d): first row %u, the needle is row %zu", v, ids[0], r);
     }
-    /* (e) the best entry's cluster does not count: for a query 1.3 x centre X + centre A, where
-     * the best centroid is X's cluster and the second the needle's, with the search's best entry
-     * moved into X's cluster, a probe of one cluster probes both and finds the needle */
-    {   /* (and with the best entry in the needle's own cluster, the best centroid's, that cluster is still probed) */
-        uint32_t e0 = h.entry[0], y = z;
-        double yb = -INFINITY;
-        for (uint32_t x = h.pc_at[cbi]; x < h.pc_at[cbi + 1]; x++) {
-            double v = 0;
-            for (size_t i = 0; i < ED; i++) v += (double)q[i] * kst_f16_to_f32(K[(size_t)h.row_of[x] * ED + i]);
-            if (x != z && v > yb) yb = v, y = x;
-        }
-        h.entry[0] = y;
-        assert_int_equal(kst_kvg_search_multi(&h, K, 1, ED, q, 1, 10, 32, 0, 1, &ps, ids, vals, &fnd), KST_OK);
-        if (ids[0] != r) fail_msg("best entry in the needle's cluster: first row %u, the needle is row %zu", ids[0], r);
-        h.entry[0] = e0;
-    }
+    /* (e) the best entry in the needle's own cluster (the best centroid's): still probed */
+    uint32_t e0 = h.entry[0];
+    h.entry[0] = pr_best_in(&h, K, cbi, q, z);
+    assert_int_equal(kst_kvg_search_multi(&h, K, 1, ED, q, 1, 10, 32, 0, 1, &ps, ids, vals, &fnd), KST_OK);
+    if (ids[0] != r) fail_msg("best entry in the needle's cluster: first row %u, the needle is row %zu", ids[0], r);
+    h.entry[0] = e0;
+    /* (e) the best centroid another cluster's (holding the best entry), the needle's second */
     size_t xfound = 0;
     for (size_t X = 0; X < NCL && !xfound; X++) {
         if (X == A) continue;
         float q2[ED];
         for (size_t i = 0; i < ED; i++) q2[i] = 1.3f * cen[X * ED + i] + cen[A * ED + i];
-        size_t c1 = 0, c2 = 0; /* the best two clusters by their centroids' codes (float64) */
-        double v1 = -INFINITY, v2 = -INFINITY;
-        for (size_t c = 0; c < 16; c++) {
-            const uint8_t *cc = h.pc_codes + c * (ED / 2);
-            double v = 0;
-            for (size_t i = 0; i < ED; i++) {
-                unsigned k = (unsigned)(cc[i / 32 * 16 + i % 16] >> (i % 32 >= 16 ? 4 : 0)) & 15u;
-                v += (double)q2[i] * (h.clo[i] + (k + 0.5) * (double)h.cstep[i]);
-            }
-            if (v > v1) v2 = v1, c2 = c1, v1 = v, c1 = c;
-            else if (v > v2) v2 = v, c2 = c;
-        }
-        double bk = -INFINITY, yb2 = -INFINITY;
-        size_t bki = 0;
-        uint32_t y2 = 0;
-        for (size_t t = 0; t < n; t++) {
-            double v = 0;
-            for (size_t i = 0; i < ED; i++) v += (double)q2[i] * kst_f16_to_f32(K[t * ED + i]);
-            if (v > bk) bk = v, bki = t;
-        }
-        if (c2 != cbi || c1 == cbi || bki != r || v1 - v2 < 1.0) continue;
-        for (uint32_t x = h.pc_at[c1]; x < h.pc_at[c1 + 1]; x++) { /* the best entry: X's cluster's best node */
-            double v = 0;
-            for (size_t i = 0; i < ED; i++) v += (double)q2[i] * kst_f16_to_f32(K[(size_t)h.row_of[x] * ED + i]);
-            if (v > yb2) yb2 = v, y2 = x;
-        }
-        uint32_t e0 = h.entry[0];
+        size_t c1, c2, best;
+        double gap;
+        pr_rank(&h, K, n, q2, &c1, &c2, &gap, &best);
+        if (c2 != cbi || c1 == cbi || best != r || gap < 1.0) continue;
+        uint32_t y2 = pr_best_in(&h, K, c1, q2, z);
         h.entry[0] = y2;
         assert_int_equal(kst_kvg_search_multi(&h, K, 1, ED, q2, 1, 10, 32, 0, 1, &ps, ids, vals, &fnd), KST_OK);
         if (ids[0] != r)
-            fail_msg("query along centres %zu and %d, best entry in the best centroid's cluster %zu: first row %u, the "
+            fail_msg("query along centres %zu and %zu, best entry in the best centroid's cluster %zu: first row %u, the "
                      "needle (cluster %zu, second) is row %zu", X, A, c1, ids[0], cbi, r);
         h.entry[0] = e0;
         xfound = 1;
