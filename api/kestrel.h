@@ -463,14 +463,16 @@ typedef struct kst_kv_opts {
                                  16,384 keys or more, else 0); 0: off. Each search by codes also
                                  scores the codes of the `probe` clusters of the index's k-means
                                  node order (one per 256 keys) whose centroids score best for
-                                 its query, and starts from the 8 best of those keys as well as
-                                 from its entries: a key that holds much of a query's attention
-                                 but that the graph search would not reach (a needle) is found.
-                                 Gemma 3 at 32K (12 heads, the default budget): mean error
-                                 6.84e-2 -> 6.00e-2, the worst query's on layer 5 head 1 0.896
-                                 -> 0.231, keys scanned 3.14% -> 3.73% (the probe's included).
-                                 KESTREL_KV_PROBE at creation overrides it (tests/bench/
-                                 README.md, round 40) */
+                                 its query (the cluster of its best entry not counted), and
+                                 starts from the 8 best of those keys as well as from its
+                                 entries: a key that holds much of a query's attention but that
+                                 the graph search would not reach (a needle) is found. Gemma 3,
+                                 default budget: at 32K mean error 6.84e-2 -> 6.03e-2 (layer 5
+                                 head 1's worst query 0.896 -> 0.231), keys scanned 3.14% ->
+                                 3.73% (the probe's included); at 128K 1.46e-1 -> 1.25e-1.
+                                 Costs 9-10 us a search on the H200's host (the 128K step 8-13%
+                                 longer). KESTREL_KV_PROBE at creation overrides it
+                                 (tests/bench/README.md, round 40) */
 } kst_kv_opts;
 #define KST_KV_TAIL_Q8_HOST 1
 #define KST_KV_TAIL_Q8_GPU 2
