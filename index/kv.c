@@ -711,7 +711,7 @@ size_t kst_kvc_index_bytes(const kst_kvc *c, size_t layer) {
         const kst_kvg *g = &c->layers[layer].heads[h].g;
         b += g->cap * (g->M * (sizeof(uint32_t) + sizeof(float)) + sizeof(uint16_t) + sizeof(uint32_t) + sizeof(float)) +
              g->nperm * sizeof(uint32_t) + kst_kvg_code_bytes(g) + kst_kvtc_bytes(&c->layers[layer].heads[h].tc) +
-             (g->pc_n ? g->pc_n * (g->cd / 2 + sizeof(uint32_t)) + sizeof(uint32_t) : 0);
+             (g->pc_n ? (g->pc_n + (g->pc_n + 15) / 16 * 16) * (g->cd / 2 + sizeof(uint32_t)) + sizeof(uint32_t) : 0);
         const kv_hstore *H = &c->layers[layer].heads[h]; /* the control variate's sums (tail_cv) */
         size_t d = c->o.head_dim;
         b += (H->cv.M ? d * d * 12 + d * 16 : 0) + (H->cvs.M ? d * d * 12 + d * 16 : 0) + (H->cvc ? d * 4 : 0) +

@@ -274,11 +274,12 @@ static void ipool_add(kst_kvg_scratch *s, size_t ef, float v, uint32_t x, const 
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-static void table_best(const kst_kvg *g, const int8_t *w8, float c0, float qsc, size_t keep, float *tv, uint32_t *tx,
-                       size_t *nt);
+static void table_best(const uint8_t *tab, const uint32_t *tid, size_t tn, size_t cd, const int8_t *w8, float c0,
+                       float qsc, size_t keep, float *tv, uint32_t *tx, size_t *nt);
 #endif
 
 static void code_vec(const kst_kvg *g, const float *x, uint8_t *c);
+static void table_put(uint8_t *tc, size_t e, const uint8_t *c, size_t d);
 
 static int ibeam_init(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
                       size_t limit, kst_kvg_scratch *s) {
@@ -307,7 +308,7 @@ static int ibeam_init(const kst_kvg *g, const void *K, int f16, size_t d, const 
         float tv[64];
         uint32_t tx[64];
         size_t nt = 0, keep = g->ins_sk < 64 ? g->ins_sk : 64;
-        table_best(g, w8, s->ic_c0, s->ic_sc, keep, tv, tx, &nt);
+        table_best(g->et_codes, g->et_id, g->et_n, g->cd, w8, s->ic_c0, s->ic_sc, keep, tv, tx, &nt);
         s->scanned += g->et_n;
         for (size_t j = 0; j < nt; j++) __builtin_prefetch(g->norm2 + tx[j]);
         for (size_t j = 0; j < nt; j++) {
@@ -484,6 +485,8 @@ void kst_kvg_free(kst_kvg *g) {
     kst_free(g->row_of);
     kst_free(g->pc_codes);
     kst_free(g->pc_at);
+    kst_free(g->pc_tab);
+    kst_free(g->pc_tid);
     memset(g, 0, sizeof *g);
 }
 
@@ -544,15 +547,20 @@ int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
             dst->nperm = src->nperm;
         }
         if (src->pc_n) {
+            const size_t nb = (src->pc_n + 15) / 16, tb = nb * (src->cd / 8) * 64;
             dst->pc_codes = kst_malloc(src->pc_n, src->cd / 2, "kv graph copy", err);
             dst->pc_at = kst_malloc(src->pc_n + 1, sizeof(uint32_t), "kv graph copy", err);
-            if (!dst->pc_codes || !dst->pc_at) {
+            dst->pc_tab = kst_malloc_aligned(1, tb, 64, "kv graph copy", err);
+            dst->pc_tid = kst_malloc(nb * 16, sizeof(uint32_t), "kv graph copy", err);
+            if (!dst->pc_codes || !dst->pc_at || !dst->pc_tab || !dst->pc_tid) {
                 kst_kvg_free(dst);
                 kst_kvg_init(dst, M, src->max_entry, src->efc, NULL);
                 return KST_ERR_NOMEM;
             }
             memcpy(dst->pc_codes, src->pc_codes, src->pc_n * (src->cd / 2));
             memcpy(dst->pc_at, src->pc_at, (src->pc_n + 1) * sizeof(uint32_t));
+            memcpy(dst->pc_tab, src->pc_tab, tb);
+            memcpy(dst->pc_tid, src->pc_tid, nb * 16 * sizeof(uint32_t));
             dst->pc_n = src->pc_n;
         }
         if (src->codes) {
@@ -1357,12 +1365,15 @@ int kst_kvg_order(kst_kvg *g, const void *K, int f16, size_t d, size_t C, kst_er
     int keep_pc = cb && g->cd == d && T.C <= KST_KVG_PROBE_MAX;
     uint32_t *pc_at = keep_pc ? kst_malloc(T.C + 1, sizeof(uint32_t), "kv graph order", err) : NULL;
     uint8_t *pc_codes = keep_pc ? kst_malloc(T.C, cb, "kv graph order", err) : NULL;
+    const size_t pc_nb = (T.C + 15) / 16;
+    uint8_t *pc_tab = keep_pc ? kst_malloc_aligned(1, pc_nb * (d / 8) * 64, 64, "kv graph order", err) : NULL;
+    uint32_t *pc_tid = keep_pc ? kst_malloc(pc_nb * 16, sizeof(uint32_t), "kv graph order", err) : NULL;
     uint32_t *adj = NULL;
     uint16_t *deg = NULL;
     uint32_t *indeg = NULL;
     float *adist = NULL, *norm2 = NULL;
     uint8_t *codes = NULL;
-    if (!bfs || !old_of || !new_of || !start || (keep_pc && (!pc_at || !pc_codes))) goto nomem;
+    if (!bfs || !old_of || !new_of || !start || (keep_pc && (!pc_at || !pc_codes || !pc_tab || !pc_tid))) goto nomem;
     /* breadth-first from the entries (new_of: visited), then from each node not reached */
     memset(new_of, 0xff, n * sizeof(uint32_t));
     size_t head = 0, tail = 0;
@@ -1426,12 +1437,18 @@ int kst_kvg_order(kst_kvg *g, const void *K, int f16, size_t d, size_t C, kst_er
     g->nperm = n;
     if (keep_pc) { /* (start[c]: now cluster c's end) */
         pc_at[0] = 0;
-        for (size_t c = 0; c < T.C; c++) {
+        memset(pc_tab, 0, pc_nb * (d / 8) * 64);
+        for (size_t c = 0; c < pc_nb * 16; c++) {
+            pc_tid[c] = (uint32_t)(c < T.C ? c : T.C - 1); /* (padding: masked out) */
+            if (c >= T.C) continue;
             pc_at[c + 1] = (uint32_t)start[c];
             code_vec(g, T.cent + c * d, pc_codes + c * cb);
+            table_put(pc_tab, c, pc_codes + c * cb, d);
         }
         g->pc_at = pc_at;
         g->pc_codes = pc_codes;
+        g->pc_tab = pc_tab;
+        g->pc_tid = pc_tid;
         g->pc_n = T.C;
     }
     if (g->et_n && kst_kvg_entry_table(g, g->et_n, NULL) != KST_OK) kst_kvg_entry_table(g, 0, NULL);
@@ -1447,6 +1464,8 @@ nomem:
     kst_free(start);
     kst_free(pc_at);
     kst_free(pc_codes);
+    kst_free(pc_tab);
+    kst_free(pc_tid);
     kst_free(adj);
     kst_free(deg);
     kst_free(adist);
@@ -1468,6 +1487,16 @@ size_t kst_kvg_code_bytes(const kst_kvg *g) {
 /* Code (0..15) of dimension x in a key's code bytes (layout: kst_kvg). */
 static inline unsigned code_nibble(const uint8_t *c, size_t x) {
     return (unsigned)(c[x / 32 * 16 + x % 16] >> (x % 32 >= 16 ? 4 : 0)) & 15u;
+}
+
+/* Puts the codes c (a key's layout, d / 2 bytes) as item e of a scoring table (kst_kvg.et_codes'
+ * layout: 16 items to a 64-byte line per 8 dimensions). */
+static void table_put(uint8_t *tc, size_t e, const uint8_t *c, size_t d) {
+    const size_t L = d / 8;
+    uint8_t *blk = tc + e / 16 * L * 64 + 4 * (e % 16);
+    for (size_t j = 0; j < L; j++)
+        for (size_t t = 0; t < 4; t++)
+            blk[j * 64 + t] = (uint8_t)(code_nibble(c, 8 * j + t) | code_nibble(c, 8 * j + 4 + t) << 4);
 }
 
 int kst_kvg_entry_table(kst_kvg *g, size_t n, kst_error *err) {
@@ -1494,11 +1523,7 @@ int kst_kvg_entry_table(kst_kvg *g, size_t n, kst_error *err) {
         }
         uint32_t x = (uint32_t)((uint64_t)e * g->n / n);
         id[e] = x;
-        const uint8_t *c = g->codes + (size_t)x * (d / 2);
-        uint8_t *blk = tc + e / 16 * L * 64 + 4 * (e % 16);
-        for (size_t j = 0; j < L; j++)
-            for (size_t t = 0; t < 4; t++)
-                blk[j * 64 + t] = (uint8_t)(code_nibble(c, 8 * j + t) | code_nibble(c, 8 * j + 4 + t) << 4);
+        table_put(tc, e, g->codes + (size_t)x * (d / 2), d);
     }
     g->et_id = id;
     g->et_codes = tc;
@@ -1779,16 +1804,16 @@ static inline void top_insert(float *tv, uint32_t *tx, size_t *nt, size_t keep, 
  * broadcast holds the 4 of the dimensions a table byte lane carries), each score
  * c0 + qsc * <w8, codes> as kst_kvg_search_multi scores a code; the best `keep` join (tv, tx). */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void
-table_best(const kst_kvg *g, const int8_t *w8, float c0, float qsc, size_t keep, float *tv, uint32_t *tx,
-           size_t *nt) {
-    const size_t L = g->cd / 8, nb = (g->et_n + 15) / 16;
+table_best(const uint8_t *tab, const uint32_t *tid, size_t tn, size_t cd, const int8_t *w8, float c0, float qsc,
+           size_t keep, float *tv, uint32_t *tx, size_t *nt) {
+    const size_t L = cd / 8, nb = (tn + 15) / 16;
     const __m512i m = _mm512_set1_epi8(0x0F);
     const __m512 vc0 = _mm512_set1_ps(c0), vsc = _mm512_set1_ps(qsc);
     int32_t w[128]; /* d <= 512: L * 2 <= 128 broadcast words */
     memcpy(w, w8, 2 * L * sizeof(int32_t));
     float thr = *nt == keep ? tv[keep - 1] : -INFINITY;
     for (size_t b = 0; b < nb; b++) {
-        const uint8_t *blk = g->et_codes + b * L * 64;
+        const uint8_t *blk = tab + b * L * 64;
         if (b + 4 < nb) /* the lines of the block four ahead (the table streams from L3) */
             for (size_t o = 0; o < L * 64; o += 64) _mm_prefetch((const char *)(blk + 4 * L * 64 + o), _MM_HINT_T0);
         __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512(), a2 = _mm512_setzero_si512(),
@@ -1810,7 +1835,7 @@ table_best(const kst_kvg *g, const int8_t *w8, float c0, float qsc, size_t keep,
         __m512i acc = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
         __m512 f = _mm512_add_ps(vc0, _mm512_mul_ps(vsc, _mm512_cvtepi32_ps(acc)));
         __mmask16 mk = _mm512_cmp_ps_mask(f, _mm512_set1_ps(thr), _CMP_GT_OQ);
-        if (b == nb - 1 && g->et_n % 16) mk &= (__mmask16)((1u << (g->et_n % 16)) - 1);
+        if (b == nb - 1 && tn % 16) mk &= (__mmask16)((1u << (tn % 16)) - 1);
         if (!mk) continue;
         float fs[16];
         _mm512_storeu_ps(fs, f);
@@ -1818,7 +1843,7 @@ table_best(const kst_kvg *g, const int8_t *w8, float c0, float qsc, size_t keep,
             unsigned i = (unsigned)__builtin_ctz(mk);
             mk &= (__mmask16)(mk - 1);
             if (fs[i] > thr) {
-                top_insert(tv, tx, nt, keep, fs[i], g->et_id[b * 16 + i]);
+                top_insert(tv, tx, nt, keep, fs[i], tid[b * 16 + i]);
                 if (*nt == keep) thr = tv[keep - 1];
             }
         }
@@ -2269,7 +2294,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
                         w8[b + j] = qlo[q][b / 2 + j];
                         w8[b + 16 + j] = qhi[q][b / 2 + j];
                     }
-                table_best(g, w8, c0[q], qsc[q], keep, tv, tx, &nt);
+                table_best(g->et_codes, g->et_id, g->et_n, g->cd, w8, c0[q], qsc[q], keep, tv, tx, &nt);
                 scanned += nsp;
             }
 #endif
@@ -2322,7 +2347,18 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             }
             skip = lo;
         }
-        for (size_t c = 0; c < g->pc_n; c++) top_insert(bv, bx, &nb, npr + 1, PSCORE(qi, g->pc_codes + c * cb), (uint32_t)c);
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (vnni) { /* 16 centroids at a time, the same scores */
+            int8_t *w8 = (int8_t *)(s[qi]->gq + d) + d; /* (as the entry table's) */
+            for (size_t b = 0; b < d; b += 32)
+                for (size_t j = 0; j < 16; j++) {
+                    w8[b + j] = qlo[qi][b / 2 + j];
+                    w8[b + 16 + j] = qhi[qi][b / 2 + j];
+                }
+            table_best(g->pc_tab, g->pc_tid, g->pc_n, d, w8, c0[qi], qsc[qi], npr + 1, bv, bx, &nb);
+        } else
+#endif
+            for (size_t c = 0; c < g->pc_n; c++) top_insert(bv, bx, &nb, npr + 1, PSCORE(qi, g->pc_codes + c * cb), (uint32_t)c);
         size_t took = 0; /* (clusters probed but the best entry's) */
         for (size_t b = 0; b < nb && took < npr; b++) {
             took += bx[b] != skip;

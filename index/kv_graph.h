@@ -89,6 +89,8 @@ typedef struct kst_kvg {
     uint8_t *pc_codes;
     uint32_t *pc_at;
     size_t pc_n;
+    uint8_t *pc_tab;   /* the centroids' codes in the entry table's layout (16 scored at a time) */
+    uint32_t *pc_tid;  /* (pc_n rounded up to 16) their cluster numbers */
 } kst_kvg;
 
 #define KST_KVG_INS_SK 16
