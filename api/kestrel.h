@@ -470,8 +470,8 @@ typedef struct kst_kv_opts {
                                  default budget: at 32K mean error 6.84e-2 -> 6.03e-2 (layer 5
                                  head 1's worst query 0.896 -> 0.231), keys scanned 3.14% ->
                                  3.73% (the probe's included); at 128K 1.46e-1 -> 1.25e-1.
-                                 Costs 9-10 us a search on the H200's host (the 128K step 8-13%
-                                 longer). KESTREL_KV_PROBE at creation overrides it
+                                 Costs about 7 us a search on the H200's host (the 128K step
+                                 8-12% longer). KESTREL_KV_PROBE at creation overrides it
                                  (tests/bench/README.md, round 40) */
 } kst_kv_opts;
 #define KST_KV_TAIL_Q8_HOST 1
