@@ -17,7 +17,7 @@
  * as ORDERS says (a node's neighbours then mostly sit in nearby lines). Eight copies of each (a
  * layer's 8 KV heads' worth of memory, so that the caches hold what they would in a step) are
  * searched by every OpenMP thread with the decode queries of all 32 query heads (in head 0's
- * frame), the layouts alternated ROUNDS times. Prints the search time per query (thread-seconds)
+ * frame), the layouts alternated ROUNDS times. KV_PROF=1 also times the entry choice. Prints the search time per query (thread-seconds)
  * of each, its ratio to position order's, and recall@100 against the exact top keys (the same
  * searches, so the same recall up to the entry table's nodes). */
 #include <math.h>
@@ -54,12 +54,16 @@ typedef struct {
     size_t spread; /* the entry table's nodes (an "sS" suffix; else the run's) */
 } layout;
 
-static double run(const layout *L, const float *Q, size_t nq, size_t reps, size_t spread, uint32_t *ids) {
-    double t0 = now_s();
+/* The search time per query (thread-seconds); *entry: of it, choosing the entry points (the hubs,
+ * the entry table, the cluster probe), timed where KV_PROF is set (else 0). */
+static double run(const layout *L, const float *Q, size_t nq, size_t reps, size_t spread, uint32_t *ids, double *entry) {
+    double t0 = now_s(), te = 0;
     size_t threads = (size_t)omp_get_max_threads();
-#pragma omp parallel
+    int prof = getenv("KV_PROF") && atoi(getenv("KV_PROF"));
+#pragma omp parallel reduction(+ : te)
     {
         kst_kvg_scratch s = {0}, *ss[1] = {&s};
+        s.prof = prof;
         s.pf_push = 1;
         s.expand = 2;
         s.spread = L->spread != (size_t)-1 ? L->spread : spread;
@@ -73,8 +77,10 @@ static double run(const layout *L, const float *Q, size_t nq, size_t reps, size_
             kst_kvg_search_multi(&L->g[c], L->K[c], 1, KVB_D, Q + qi * KVB_D, 1, EF, EF, 0, 1, ss, id, NULL, &fnd);
             if (r < nq && ids) memcpy(ids + qi * EF, id, sizeof id);
         }
+        te += s.t_entry;
         kst_kvg_scratch_free(&s);
     }
+    if (entry) *entry = te / (double)(reps * nq);
     return (now_s() - t0) * threads / (double)(reps * nq);
 }
 
@@ -111,7 +117,7 @@ int main(int argc, char **argv) {
     char name[MAXL][16] = {"position"};
     kst_kvg_init(&L[0].g[0], 32, 32, 0, NULL);
     L[0].g[0].codes_on = 1;
-    if (kst_kvg_build_attn(&L[0].g[0], K, 1, n, D, Qp, np, 32, &e)) die("build", &e);
+    if (kst_kvg_build_attn(&L[0].g[0], K, 1, n, D, Qp, np, 32, NULL, &e)) die("build", &e);
     size_t spread = n / 128 < 4096 ? n / 128 : 4096;
     if (getenv("KV_SPREAD")) spread = (size_t)atol(getenv("KV_SPREAD")); /* entry table size */
     printf("bench_kv_order: %zu keys indexed (N %zu), built in %.1f s; %d threads\n", n, N, now_s() - t,
@@ -156,7 +162,7 @@ int main(int argc, char **argv) {
     uint32_t *exact = malloc(nq * K_TOP * 4), *ids = malloc(nq * EF * 4);
     if (kst_kvg_exact_topk(K, 1, n, D, Q, nq, K_TOP, exact, NULL, &e)) die("exact", &e);
     for (size_t l = 0; l < nl; l++) {
-        run(&L[l], Q, nq, 1, spread, ids);
+        run(&L[l], Q, nq, 1, spread, ids, NULL);
         size_t hit = 0;
         for (size_t q = 0; q < nq; q++)
             for (size_t j = 0; j < K_TOP; j++)
@@ -164,18 +170,21 @@ int main(int argc, char **argv) {
                     hit += (old_of[l] ? old_of[l][ids[q * EF + i]] : ids[q * EF + i]) == exact[q * K_TOP + j];
         printf("%-9s recall@100 %.4f (%zu queries)\n", name[l], (double)hit / (nq * K_TOP), nq);
     }
-    double *tm = malloc(MAXL * rounds * sizeof *tm), *rr = malloc(MAXL * rounds * sizeof *rr);
+    double *tm = malloc(MAXL * rounds * sizeof *tm), *rr = malloc(MAXL * rounds * sizeof *rr), *te = malloc(MAXL * rounds * sizeof *te);
     for (size_t r = 0; r < rounds; r++) {
         printf("round %zu:", r);
         for (size_t l = 0; l < nl; l++) {
-            tm[l * rounds + r] = run(&L[l], Q, nq, 4, spread, NULL);
+            tm[l * rounds + r] = run(&L[l], Q, nq, 4, spread, NULL, &te[l * rounds + r]);
             printf(" %s %.2f us", name[l], tm[l * rounds + r] * 1e6);
+            if (te[l * rounds + r] > 0) printf(" (entry %.2f)", te[l * rounds + r] * 1e6);
         }
         for (size_t l = 1; l < nl; l++) rr[l * rounds + r] = tm[r] / tm[l * rounds + r];
         printf("\n");
     }
     for (size_t l = 0; l < nl; l++) {
         qsort(tm + l * rounds, rounds, sizeof *tm, cmp_dbl);
+        qsort(te + l * rounds, rounds, sizeof *te, cmp_dbl);
+        if (te[l * rounds + rounds / 2] > 0) printf("median: %s entry choice %.2f us a search\n", name[l], te[l * rounds + rounds / 2] * 1e6);
         if (l) qsort(rr + l * rounds, rounds, sizeof *rr, cmp_dbl);
         if (!l) printf("median: %s order %.2f us a search (anchor)\n", name[l], tm[rounds / 2] * 1e6);
         else printf("median: %s order %.2f us a search: %.3fx the anchor's speed (rounds %.3f-%.3f)\n", name[l],
