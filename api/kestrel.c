@@ -534,6 +534,7 @@ int kst_kv_attend(kst_kv *kv, size_t layer, const float *q, size_t top_k, size_t
         stats->searches = s.searches;
         stats->widened = s.widened;
         stats->staged = s.staged;
+        stats->probed = s.probed;
     }
     return rc;
 }

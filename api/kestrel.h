@@ -460,7 +460,9 @@ typedef struct kst_kv_opts {
                                  off by default (tests/bench/README.md, round 38).
                                  KESTREL_KV_TAIL_CV=1 or 0 at creation overrides it */
     int probe;                /* the cluster probe, default -1 (auto: 1 where a KV head indexes
-                                 16,384 keys or more, else 0); 0: off. Each search by codes also
+                                 16,384 keys or more and its build's queries showed needle-like
+                                 keys, else 0: below); 0: off; n > 0: n clusters on every KV
+                                 head. Each search by codes also
                                  scores the codes of the `probe` clusters of the index's k-means
                                  node order (one per 256 keys) whose centroids score best for
                                  its query (the cluster of its best entry not counted), and
@@ -471,8 +473,14 @@ typedef struct kst_kv_opts {
                                  head 1's worst query 0.896 -> 0.231), keys scanned 3.14% ->
                                  3.73% (the probe's included); at 128K 1.46e-1 -> 1.25e-1.
                                  Costs about 7 us a search on the H200's host (the 128K step
-                                 8-12% longer). KESTREL_KV_PROBE at creation overrides it
-                                 (tests/bench/README.md, round 40) */
+                                 8-12% longer), so the automatic choice probes only where 4%
+                                 or more of the build's queries (with kst_kv_set_rope, moved
+                                 to the decode position) put half or more of their top
+                                 build_top keys' softmax mass on one key: Gemma 3's layer 5,
+                                 not its layers 11 and 17 nor SmolLM2's heads (32K mean error
+                                 6.07e-2 at 3.31% scanned; kst_kv_stats.probed counts the
+                                 searches that probed). KESTREL_KV_PROBE at creation overrides
+                                 it (tests/bench/README.md, rounds 40 and 41) */
 } kst_kv_opts;
 #define KST_KV_TAIL_Q8_HOST 1
 #define KST_KV_TAIL_Q8_GPU 2
@@ -528,6 +536,7 @@ typedef struct kst_kv_stats {
     size_t widened;   /* widened searches run (opts.widen), summed over query heads */
     size_t staged;    /* 1: with tail_q8 KST_KV_TAIL_Q8_STAGED the GPU found the step's tail table
                          copied ahead, during the previous layer's step; else 0 */
+    size_t probed;    /* searches that ran the cluster probe (opts.probe) */
 } kst_kv_stats;
 
 /* Decode step of one layer: q (q_heads, head_dim) float32 -> out (q_heads, head_dim), the

@@ -303,11 +303,12 @@ static size_t spread_of(const kst_kvc *c, size_t nidx) {
     if (c->spread != KST_KVC_SPREAD_AUTO) return c->spread;
     return nidx < 32768 ? 0 : nidx / 128 < 4096 ? nidx / 128 : 4096;
 }
-/* The clusters a search probes over nidx indexed keys (KST_KVC_PROBE_AUTO: one from 16,384 keys
- * on, where a cluster of the node order, 256 keys, is at most 1.6% of them; none below). */
-static size_t probe_of(const kst_kvc *c, size_t nidx) {
+/* The clusters a search of graph g probes (KST_KVC_PROBE_AUTO: one from 16,384 indexed keys on,
+ * where a cluster of the node order, 256 keys, is at most 1.6% of them, and where the build's
+ * queries showed needle-like keys (kst_kvg.peaked, unmeasured counting as shown); none else). */
+static size_t probe_of(const kst_kvc *c, const kst_kvg *g) {
     if (c->probe != KST_KVC_PROBE_AUTO) return c->probe;
-    return nidx >= 16384 ? 1 : 0;
+    return g->n >= 16384 && !(g->peaked >= 0 && g->peaked < KST_KVC_PROBE_PEAKED) ? 1 : 0;
 }
 void kst_kvc_set_probe(kst_kvc *c, size_t n) {
     const char *e = getenv("KESTREL_KV_PROBE");
@@ -1428,7 +1429,10 @@ static int build_layer(kst_kvc *c, size_t layer, const float *queries, size_t nq
                 at = t;
                 kst_rope_rotate(Q + i * d, d, cs, L->rope_n, L->rope_il);
             }
-            rc = kst_kvg_build_attn(&H->g, K, o->f16, n, d, Q, use, o->build_top, err);
+            /* its queries' attention measured for the probe (probe_of): with RoPE on the moved
+             * forms alone, which ask from where the decode steps' queries will */
+            const kst_kvg_peaks pk = {o->scale, forms > 1 ? 1 : 0, forms};
+            rc = kst_kvg_build_attn(&H->g, K, o->f16, n, d, Q, use, o->build_top, &pk, err);
             if (rc == KST_OK && c->order) { /* nearby keys at nearby nodes (kst_kvg_order) */
                 size_t nc = n / c->order;
                 rc = kst_kvg_order(&H->g, K, o->f16, d, nc < KST_KVC_ORDER_MAX ? nc : KST_KVC_ORDER_MAX, err);
@@ -2460,7 +2464,7 @@ static int retrieve(kst_kvc *c, const kv_hstore *H, kv_thread *t, const float *Q
         t->s.no_vnni = c->no_vnni;
         t->s.spread = spread_of(c, H->g.n);
         t->s.spread_keep = c->spread == KST_KVC_SPREAD_AUTO && !c->spread_keep ? 8 : c->spread_keep;
-        t->s.probe = probe_of(c, H->g.n);
+        t->s.probe = probe_of(c, &H->g);
         t->s.probe_keep = 0; /* (8) */
         t->s.tier = tier;
         for (size_t i = 1; i < gq; i++) ss[i] = &t->sx[i - 1];
@@ -3870,6 +3874,9 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         stats->scanned = scanned;
         stats->sampled = sampled;
         stats->searches = k > 0 && nidx > 0 ? (c->group > 0 ? ntask : o->q_heads) : 0;
+        stats->probed = 0; /* (the per-head searches by codes of the KV heads probe_of gives clusters) */
+        for (size_t h = 0; h < o->kv_heads && stats->searches && c->group <= 0 && c->il > 0 && c->use_codes; h++)
+            stats->probed += L->heads[h].g.pc_n > 1 && probe_of(c, &L->heads[h].g) > 0 ? o->q_heads / o->kv_heads : 0;
         stats->widened = widened;
         stats->staged = 0;
 #ifdef KST_CUDA

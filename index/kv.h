@@ -71,6 +71,7 @@ typedef struct kst_kvc_stats {
     size_t searches;  /* graph searches run (q_heads, or kv_heads with group_search) */
     size_t widened;   /* widened searches run (opts.widen), summed over query heads */
     size_t staged;    /* 1: the GPU found the step's tail table copied ahead (KST_KVC_Q8_STAGED) */
+    size_t probed;    /* searches that ran the cluster probe (kst_kvc_set_probe) */
 } kst_kvc_stats;
 
 /* Validates opts (sizes, GQA divisibility) and creates an empty cache. */
@@ -314,9 +315,12 @@ void kst_kvc_set_spread(kst_kvc *c, size_t n, size_t keep);
  * clusters (of its node order, one per 256 keys) whose centroids' codes score best and starts
  * from the 8 best of their keys too, so that a key that dominates a query's attention but lies
  * far from every entry in the graph (a needle) is reached. KST_KVC_PROBE_AUTO, the default: one
- * cluster from 16,384 indexed keys on, none below (there a cluster is over 1.6% of the keys);
- * 0: off. KESTREL_KV_PROBE overrides it (bench README, round 40). */
+ * cluster where a KV head indexes 16,384 keys or more (below, a cluster is over 1.6% of them) and
+ * where at least KST_KVC_PROBE_PEAKED of its build's queries (with RoPE, moved to the decode
+ * position) put half or more of their top keys' softmax mass on one key (kst_kvg.peaked); none
+ * else. 0: off. KESTREL_KV_PROBE overrides it (bench README, rounds 40 and 41). */
 #define KST_KVC_PROBE_AUTO ((size_t)-1)
+#define KST_KVC_PROBE_PEAKED 0.04f
 void kst_kvc_set_probe(kst_kvc *c, size_t n);
 
 /* Benchmarks: changes group_search and the use of codes (when the index was built with them)

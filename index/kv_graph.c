@@ -467,6 +467,7 @@ int kst_kvg_init(kst_kvg *g, size_t M, size_t max_entry, size_t efc, kst_error *
     g->ins_ext = it && atol(it) > 0 ? (size_t)atol(it) : (3 * g->ins_ef + 3) / 4;
     const char *rp = getenv("KESTREL_KV_REPAIR");
     g->repair = !(rp && rp[0] == '0');
+    g->peaked = -1;
     return KST_OK;
 }
 
@@ -590,6 +591,7 @@ int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err) {
     dst->ins_sk = src->ins_sk;
     dst->ins_ext = src->ins_ext;
     dst->repair = src->repair;
+    dst->peaked = src->peaked;
     return KST_OK;
 }
 
@@ -1232,8 +1234,21 @@ static int cmp_cand(const void *a, const void *b) {
     return x->dist < y->dist ? -1 : x->dist > y->dist;
 }
 
+/* The share of the queries pk names whose best key holds at least half of the softmax mass of
+ * their top T (sc: their exact scores, best first). */
+static float peaked_share(const float *sc, size_t nq, size_t T, const kst_kvg_peaks *pk) {
+    size_t step = pk->step ? pk->step : 1, m = 0, hit = 0;
+    for (size_t q = pk->from; q < nq; q += step, m++) {
+        const float *s = sc + q * T;
+        double z = 0; /* sum of exp(scale (s_j - s_0)): the best key's share is 1 / z */
+        for (size_t j = 0; j < T; j++) z += exp((double)pk->scale * ((double)s[j] - (double)s[0]));
+        hit += 1.0 / z >= 0.5;
+    }
+    return m ? (float)((double)hit / (double)m) : -1.0f;
+}
+
 int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, const float *Q,
-                       size_t nq, size_t T, kst_error *err) {
+                       size_t nq, size_t T, const kst_kvg_peaks *pk, kst_error *err) {
     if (g->n != 0) return kst_fail(err, KST_ERR_MISUSE, "kv graph: build on a non-empty graph");
     if (n == 0) return KST_OK;
     if (T > n) T = n;
@@ -1243,9 +1258,13 @@ int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, c
     uint32_t *top = NULL, *hits = NULL;
     uint64_t *edges = NULL;
     cand *cs = NULL;
-    float *tmp = NULL;
+    float *tmp = NULL, *tsc = NULL;
     kst_kvg_scratch s = {0};
     top = kst_malloc(nq ? nq * T : 1, sizeof *top, "prefill queries' top keys", err);
+    if (pk && nq && !(tsc = kst_malloc(nq * T, sizeof *tsc, "prefill queries' top scores", err))) {
+        rc = KST_ERR_NOMEM;
+        goto done;
+    }
     hits = kst_calloc(n, sizeof *hits, "key retrieval counts", err);
     size_t ne_max = nq * (T - 1) * 4;
     edges = kst_malloc(ne_max ? ne_max : 1, sizeof *edges, "co-retrieval edges", err);
@@ -1255,7 +1274,12 @@ int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, c
         goto done;
     }
     for (size_t i = 0; i < n; i++) g->norm2[i] = sqnorm(g, K, f16, i, d, tmp);
-    if (nq) KST_TRY(kst_kvg_exact_topk(K, f16, n, d, Q, nq, T, top, NULL, err));
+    if (nq) KST_TRY(kst_kvg_exact_topk(K, f16, n, d, Q, nq, T, top, tsc, err));
+    if (tsc) {
+        g->peaked = peaked_share(tsc, nq, T, pk);
+        kst_free(tsc);
+        tsc = NULL;
+    }
     /* Keys retrieved by one query are linked: the best to each other and back (a star), and
      * each to the next in the list (a chain), so a search that reaches any of them reaches all. */
     size_t ne = 0;
@@ -1338,6 +1362,7 @@ done:
     kst_free(edges);
     kst_free(cs);
     kst_free(tmp);
+    kst_free(tsc);
     kst_kvg_scratch_free(&s);
     if (rc != KST_OK) {
         size_t M = g->M, me = g->max_entry, efc = g->efc;

@@ -91,7 +91,19 @@ typedef struct kst_kvg {
     size_t pc_n;
     uint8_t *pc_tab;   /* the centroids' codes in the entry table's layout (16 scored at a time) */
     uint32_t *pc_tid;  /* (pc_n rounded up to 16) their cluster numbers */
+    /* What the attention-aware build saw of its queries' attention (kst_kvg_peaks): the share of
+     * the measured queries whose best key holds at least half of the softmax mass of their top T
+     * keys (a needle-like key); -1: not measured. Kept by copies and the node order. */
+    float peaked;
 } kst_kvg;
+
+/* The queries kst_kvg_build_attn measures for kst_kvg.peaked: from, from + step, ... (step 0:
+ * 1), their top T's exact scores times scale (the attention's: 1 / sqrt(d) for most models)
+ * in a softmax. */
+typedef struct kst_kvg_peaks {
+    float scale;
+    size_t from, step;
+} kst_kvg_peaks;
 
 #define KST_KVG_INS_SK 16
 #define KST_KVG_PROBE_MAX 1024 /* the most clusters the probe keeps (kst_kvg.pc_n) */
@@ -171,9 +183,10 @@ int kst_kvg_grow_big(void **p, size_t old_bytes, size_t new_bytes, const char *w
 int kst_kvg_copy(kst_kvg *dst, const kst_kvg *src, kst_error *err);
 
 /* Builds the attention-aware graph over keys K (n, d) from queries Q (nq, d) float32, linking
- * each query's exact top-T keys. The graph must be empty. Fails on memory (graph left empty). */
+ * each query's exact top-T keys. The graph must be empty. With pk, kst_kvg.peaked is measured on
+ * the queries it names (NULL: -1). Fails on memory (graph left empty). */
 int kst_kvg_build_attn(kst_kvg *g, const void *K, int f16, size_t n, size_t d, const float *Q,
-                       size_t nq, size_t T, kst_error *err);
+                       size_t nq, size_t T, const kst_kvg_peaks *pk, kst_error *err);
 /* Renumbers the nodes of a built graph so that keys near each other sit near each other in
  * memory: by k-means cluster of their keys (C clusters, kv_tclust's FAISS k-means), each
  * cluster's nodes in breadth-first order from the entries. A search reads one line of codes (and

@@ -1133,6 +1133,145 @@ static void test_probe_option(void **state) {
     free(Q);
 }
 
+/* kst_kvg.peaked, float64 reference: of queries from, from + step, ..., the share whose best key
+ * holds at least half of the softmax mass (scores times sc) of their exact top T. */
+static double ref_peaked(const float *K, size_t n, size_t d, const float *Q, size_t nq, size_t T, double sc,
+                         size_t from, size_t step) {
+    double *top = malloc(T * sizeof *top);
+    size_t m = 0, hit = 0;
+    for (size_t q = from; q < nq; q += step, m++) {
+        size_t nt = 0;
+        for (size_t j = 0; j < n; j++) {
+            double v = 0;
+            for (size_t i = 0; i < d; i++) v += (double)Q[q * d + i] * K[j * d + i];
+            if (nt == T && v <= top[T - 1]) continue;
+            size_t a = nt < T ? nt++ : T - 1;
+            while (a > 0 && top[a - 1] < v) top[a] = top[a - 1], a--;
+            top[a] = v;
+        }
+        double z = 0;
+        for (size_t j = 0; j < nt; j++) z += exp(sc * (top[j] - top[0]));
+        hit += 1 / z >= 0.5;
+    }
+    free(top);
+    return m ? (double)hit / (double)m : -1;
+}
+
+/* The build's measure of its queries' attention (kst_kvg.peaked), which the probe's automatic
+ * choice reads: every third query is a key scaled by 3 (its best key holds nearly all of its top
+ * 16's softmax mass), the others small; measured on the odd queries (as kst_kvc_build does the
+ * moved forms) it must equal the float64 reference's share, and on all queries too; copies and
+ * the node order keep it, and a build without the measure leaves -1. */
+static void test_build_peaked(void **state) {
+    (void)state;
+    enum { PD = 64, NQ = 300 };
+    const size_t n = 3000;
+    float *K = malloc(n * PD * sizeof *K), *Q = malloc(NQ * PD * sizeof *Q);
+    assert_non_null(K);
+    assert_non_null(Q);
+    for (size_t i = 0; i < n * PD; i++) K[i] = (float)test_gauss();
+    for (size_t q = 0; q < NQ; q++)
+        for (size_t i = 0; i < PD; i++)
+            Q[q * PD + i] = q % 3 == 0 ? 3 * K[(q * 7 % n) * PD + i] : 0.25f * (float)test_gauss();
+    kst_error err;
+    const float sc = 0.125f;
+    for (int all = 0; all < 2; all++) {
+        kst_kvg g, c;
+        kst_kvg_init(&g, 16, 8, 0, NULL);
+        kst_kvg_init(&c, 16, 8, 0, NULL);
+        g.codes_on = 1;
+        const kst_kvg_peaks pk = {sc, all ? 0 : 1, all ? 1 : 2};
+        assert_ok(kst_kvg_build_attn(&g, K, 0, n, PD, Q, NQ, 16, &pk, &err), &err);
+        double want = ref_peaked(K, n, PD, Q, NQ, 16, sc, pk.from, pk.step);
+        size_t m = all ? NQ : NQ / 2;
+        if (want < 0.2 || want > 0.5) fail_msg("the test's queries: %.3f peaked", want); /* (about a third) */
+        if (fabs(g.peaked - want) > 0.5 / (double)m) fail_msg("peaked %.4f, float64 reference %.4f (%s queries)", g.peaked, want, all ? "all" : "odd");
+        assert_ok(kst_kvg_copy(&c, &g, &err), &err);
+        assert_true(c.peaked == g.peaked);
+        assert_ok(kst_kvg_order(&g, K, 0, PD, 8, &err), &err);
+        assert_true(g.pc_n > 0);
+        assert_true(c.peaked == g.peaked);
+        kst_kvg_free(&g);
+        kst_kvg_free(&c);
+    }
+    kst_kvg g;
+    kst_kvg_init(&g, 16, 8, 0, NULL);
+    assert_ok(kst_kvg_build_attn(&g, K, 0, n, PD, Q, NQ, 16, NULL, &err), &err);
+    assert_true(g.peaked == -1);
+    kst_kvg_free(&g);
+    free(K);
+    free(Q);
+}
+
+/* The cluster probe's automatic choice (opts.probe -1): on where a KV head indexes 16,384 keys or
+ * more and at least KST_KVC_PROBE_PEAKED of its build's queries have a needle-like best key,
+ * those queries taken, with RoPE, as moved to the decode position. 16,484 tokens, 2 query heads
+ * over one KV head (d 64); every third of the first 300 prefill tokens' queries are made so that
+ * *moved* (by nq - t positions) they are a key scaled by 1.5, the others small. With the layer's RoPE set,
+ * every search probes (kst_kv_stats.probed); the same queries as given (no RoPE) are not
+ * peaked, and none does; keys scaled by 1.5 as given probe again without RoPE, not with it. A cache of fewer
+ * than 16,384 indexed keys never probes. */
+static void test_probe_auto(void **state) {
+    (void)state;
+    enum { PD = 64, NQ = 600, AH = 2 };
+    const size_t n = 16384 + 4 + 32 + 64;
+    float *K = malloc(n * PD * sizeof *K), *V = malloc(n * PD * sizeof *V), *Q = malloc(NQ * AH * PD * sizeof *Q);
+    float *Qg = malloc(NQ * AH * PD * sizeof *Qg), freq[PD / 2];
+    assert_non_null(K);
+    assert_non_null(V);
+    assert_non_null(Q);
+    assert_non_null(Qg);
+    for (size_t i = 0; i < PD / 2; i++) freq[i] = (float)pow(100.0, -2.0 * (double)i / PD); /* (base 100: every pair turns) */
+    for (size_t i = 0; i < n * PD; i++) K[i] = (float)test_gauss(), V[i] = (float)test_gauss();
+    for (size_t t = 0; t < NQ; t++)
+        for (size_t h = 0; h < AH; h++) {
+            float *q = Q + (t * AH + h) * PD, *qg = Qg + (t * AH + h) * PD;
+            const float *k = K + (4 + (t * 37 + h * 11) % 16384) * PD;
+            const int pk = t % 3 == 0 && t < 300; /* (moved by 300 positions or more: as given, not peaked) */
+            for (size_t i = 0; i < PD; i++) qg[i] = pk ? 1.5f * k[i] : 0.25f * (float)test_gauss();
+            memcpy(q, qg, PD * sizeof *q);
+            if (pk) kst_rope_shift(q, PD, freq, PD / 2, 0, -(double)(NQ - t)); /* moved by NQ - t: qg */
+        }
+    kst_error err;
+    /* the test's queries (float64, over the indexed keys): peaked as given far below the
+     * threshold, when moved far above */
+    const double pg = ref_peaked(K + 4 * PD, n - 36, PD, Q, NQ * AH, 16, 0.125, 0, 1),
+                 pm = ref_peaked(K + 4 * PD, n - 36, PD, Qg, NQ * AH, 16, 0.125, 0, 1);
+    if (pg > KST_KVC_PROBE_PEAKED / 4 || pm < 4 * KST_KVC_PROBE_PEAKED) fail_msg("the test's queries: %.4f peaked as given, %.4f moved", pg, pm);
+    const struct { const float *q; int rope; size_t tokens, probed; const char *what; } cs[] = {
+        {Q, 1, n, AH, "peaked when moved, RoPE set"},
+        {Q, 0, n, 0, "the same queries as given"},
+        {Qg, 0, n, AH, "peaked as given"},
+        {Qg, 1, n, 0, "peaked as given, not when moved, RoPE set"},
+        {Qg, 0, n - 128, 0, "peaked, 16,292 indexed keys"},
+    };
+    for (size_t c = 0; c < sizeof cs / sizeof cs[0]; c++) {
+        kst_kv_opts o = kst_kv_opts_default();
+        assert_int_equal(o.probe, -1);
+        o.layers = o.kv_heads = 1;
+        o.q_heads = AH;
+        o.head_dim = PD;
+        o.window = 32;
+        o.degree = 16;
+        o.build_top = 16;
+        kst_kv *kv;
+        assert_ok(kst_kv_create(&o, &kv, &err), &err);
+        assert_ok(kst_kv_append(kv, 0, K, V, cs[c].tokens, &err), &err);
+        if (cs[c].rope) assert_ok(kst_kv_set_rope(kv, 0, freq, PD / 2, 0, &err), &err);
+        assert_ok(kst_kv_build(kv, 0, cs[c].q, NQ, &err), &err);
+        float out[AH * PD];
+        kst_kv_stats st;
+        assert_ok(kst_kv_attend(kv, 0, Qg, 0, 0, out, &st, &err), &err);
+        assert_int_equal(st.searches, AH);
+        if (st.probed != cs[c].probed) fail_msg("%s: %zu of %zu searches probed, want %zu", cs[c].what, st.probed, st.searches, cs[c].probed);
+        kst_kv_free(kv);
+    }
+    free(K);
+    free(V);
+    free(Q);
+    free(Qg);
+}
+
 /* The cluster probe (kst_kvg_scratch.probe): a key that no edge leads to is found only by it.
  * Clustered float16 keys (d 64, 32 centres). Four of them, in clusters A = 5, 9, 17 and 23, are
  * made needles (0.5 + 2 x the centre); the attention-aware graph is built from prefill queries
@@ -1219,7 +1358,7 @@ static void test_cluster_probe(void **state) {
     kst_error err;
     assert_ok(kst_kvg_init(&g, 16, 8, 64, &err), &err);
     g.codes_on = 1;
-    assert_ok(kst_kvg_build_attn(&g, K, 1, n, ED, Qb, nb, 16, &err), &err);
+    assert_ok(kst_kvg_build_attn(&g, K, 1, n, ED, Qb, nb, 16, NULL, &err), &err);
     memset(&h, 0, sizeof h);
     memset(&h2, 0, sizeof h2);
     assert_ok(kst_kvg_copy(&h, &g, &err), &err);
@@ -1805,7 +1944,7 @@ static void test_entry_table(void **state) {
     kst_error err;
     assert_ok(kst_kvg_init(&g, 16, 8, 64, &err), &err);
     g.codes_on = 1;
-    assert_ok(kst_kvg_build_attn(&g, K, 0, n, D, Q, P * G, 16, &err), &err);
+    assert_ok(kst_kvg_build_attn(&g, K, 0, n, D, Q, P * G, 16, NULL, &err), &err);
     assert_non_null(g.codes);
     size_t code_bytes = kst_kvg_code_bytes(&g);
     kst_kvg_scratch sc = {0}, *sp = &sc;
@@ -1882,7 +2021,7 @@ static void test_node_order(void **state) {
     kst_error err;
     assert_ok(kst_kvg_init(&g, 16, 8, 64, &err), &err);
     g.codes_on = 1;
-    assert_ok(kst_kvg_build_attn(&g, K, 1, n0, ED, Qb, nb, 16, &err), &err);
+    assert_ok(kst_kvg_build_attn(&g, K, 1, n0, ED, Qb, nb, 16, NULL, &err), &err);
     assert_ok(kst_kvg_reserve(&g, n, &err), &err);
     assert_non_null(g.codes);
     /* out of memory at each allocation in turn: the graph unchanged */
@@ -2114,7 +2253,7 @@ static void reach_case(void) {
     kst_error err;
     assert_ok(kst_kvg_init(&g, 8, 8, 32, &err), &err);
     g.repair = 1; /* (whatever KESTREL_KV_REPAIR says) */
-    assert_ok(kst_kvg_build_attn(&g, K, 0, n0, RD, Qb, nb, 16, &err), &err);
+    assert_ok(kst_kvg_build_attn(&g, K, 0, n0, RD, Qb, nb, 16, NULL, &err), &err);
     assert_int_equal(graph_reachable(&g), n0);
     assert_int_equal(graph_check_indeg(&g), 0);
     kst_kvg_scratch s = {0};
@@ -2444,6 +2583,8 @@ int main(void) {
         cmocka_unit_test(test_node_order),
         cmocka_unit_test(test_cluster_probe),
         cmocka_unit_test(test_probe_option),
+        cmocka_unit_test(test_build_peaked),
+        cmocka_unit_test(test_probe_auto),
         cmocka_unit_test(test_graph_reachable),
         cmocka_unit_test(test_rope_shift),
         cmocka_unit_test(test_rope_build),

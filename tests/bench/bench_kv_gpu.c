@@ -526,6 +526,7 @@ static int layer(const char *list) {
              * it too where the GPU's items are in; default (2): before it, waiting for them */
             kst_kvc_set_widen_early(c, strstr(mode, "/we") ? atoi(strstr(mode, "/we") + 3) : 2);
             double rec = 0, scan = 0, shead = 0, err = 0, wid = 0;
+            size_t probed = 0, searches = 0;
             int64_t pos[G * TOPK];
             size_t found[G];
             for (size_t i = 0; i < NREF; i++) {
@@ -534,6 +535,7 @@ static int layer(const char *list) {
                 scan += (double)st.scanned / st.indexed / st.searches;
                 shead += (double)st.scanned / st.indexed / QH;
                 wid += (double)st.widened / QH;
+                probed += st.probed, searches += st.searches;
                 for (size_t h = 0; h < QH; h++) {
                     /* back to head 0's frame: out[i] = sgn[i] * ref[perm[i]] */
                     for (size_t j = 0; j < D; j++) un[perm[h / G][j]] = sgn[h / G][j] * out[h * D + j];
@@ -700,6 +702,7 @@ static int layer(const char *list) {
                    runs[ri].tail, build, med[0], med[1], rec / NREF, 100 * scan / NREF, 100 * shead / NREF, err / NREF,
                    kst_kvc_gpu_bytes(c) / 1048576.0 / NL, 2.0 * KVH * N * D * 2 / 1048576.0, kst_kvc_index_bytes(c, 0) / 1048576.0,
                    wid / NREF);
+            printf("  (%s: the cluster probe ran in %zu of the reference steps' %zu searches)\n", mode, probed, searches);
             if (NL > 1) printf("  (%s: GPU memory of the %zu layers %.2f MB; gpu_MB is a layer's share)\n", mode, NL,
                                kst_kvc_gpu_bytes(c) / 1048576.0);
             if (idle) {

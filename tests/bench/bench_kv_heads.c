@@ -204,6 +204,7 @@ int main(int argc, char **argv) {
         if (eff > 8192) die("ef over 8192", NULL);
         if (kst_kv_set_tail_samples(kv, tail, &e)) die("tail", &e);
         double scanned = 0, att = 0, wid = 0, tstep = 0;
+        size_t probed = 0, searches = 0;
         for (size_t g = 0; g < G; g++) rec[g] = err[g] = emax[g] = 0;
         for (size_t i = 0; i < nt; i++) {
             for (size_t g = 0; g < G; g++) {
@@ -222,6 +223,7 @@ int main(int argc, char **argv) {
             scanned += (double)st.scanned / G / st.indexed / ne;
             att += (double)(st.exact + (st.retrieved + st.sampled) / G) / n / ne;
             wid += (double)st.widened / G / ne; /* widened searches per query head and step */
+            probed += st.probed, searches += st.searches;
             for (size_t g = 0; g < G; g++) {
                 double x = rel_l2(out + g * d, ref + (i * G + g) * d, d);
                 err[g] += x / ne;
@@ -231,6 +233,7 @@ int main(int argc, char **argv) {
         for (size_t g = 0; g < G; g++)
             printf("L%-4d %4d %6zu %6zu %6zu %10.3f %8.2f%% %10.3e %10.3e %8.1f%% %7.1f%% %9.1f\n", L, hs[g], kk, eff, tail,
                    rec[g], 100 * scanned, err[g], emax[g], 100 * att, 100 * wid, 1e6 * tstep);
+        printf("(the cluster probe ran in %zu of the steps' %zu searches)\n", probed, searches);
     }
     kst_kv_free(kv);
     free(rec), free(err), free(emax), free(out), free(pos), free(ref), free(want), free(Qp), free(Qt);
