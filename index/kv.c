@@ -3874,9 +3874,11 @@ int kst_kvc_attend(kst_kvc *c, size_t layer, const float *q, size_t top_k, size_
         stats->scanned = scanned;
         stats->sampled = sampled;
         stats->searches = k > 0 && nidx > 0 ? (c->group > 0 ? ntask : o->q_heads) : 0;
-        stats->probed = 0; /* (the per-head searches by codes of the KV heads probe_of gives clusters) */
-        for (size_t h = 0; h < o->kv_heads && stats->searches && c->group <= 0 && c->il > 0 && c->use_codes; h++)
-            stats->probed += L->heads[h].g.pc_n > 1 && probe_of(c, &L->heads[h].g) > 0 ? o->q_heads / o->kv_heads : 0;
+        /* the per-head searches by codes of the KV heads that probe_of gives clusters */
+        stats->probed = 0;
+        int per_head = stats->searches && c->group <= 0 && c->il > 0 && c->use_codes;
+        for (size_t h = 0; h < (per_head ? o->kv_heads : 0); h++)
+            if (L->heads[h].g.pc_n > 1 && probe_of(c, &L->heads[h].g) > 0) stats->probed += o->q_heads / o->kv_heads;
         stats->widened = widened;
         stats->staged = 0;
 #ifdef KST_CUDA

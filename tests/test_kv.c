@@ -1185,7 +1185,8 @@ static void test_build_peaked(void **state) {
         double want = ref_peaked(K, n, PD, Q, NQ, 16, sc, pk.from, pk.step);
         size_t m = all ? NQ : NQ / 2;
         if (want < 0.2 || want > 0.5) fail_msg("the test's queries: %.3f peaked", want); /* (about a third) */
-        if (fabs(g.peaked - want) > 0.5 / (double)m) fail_msg("peaked %.4f, float64 reference %.4f (%s queries)", g.peaked, want, all ? "all" : "odd");
+        if (fabs(g.peaked - want) > 0.5 / (double)m)
+            fail_msg("peaked %.4f, float64 reference %.4f (%s queries)", g.peaked, want, all ? "all" : "odd");
         assert_ok(kst_kvg_copy(&c, &g, &err), &err);
         assert_true(c.peaked == g.peaked);
         assert_ok(kst_kvg_order(&g, K, 0, PD, 8, &err), &err);
@@ -1207,10 +1208,10 @@ static void test_build_peaked(void **state) {
  * more and at least KST_KVC_PROBE_PEAKED of its build's queries have a needle-like best key,
  * those queries taken, with RoPE, as moved to the decode position. 16,484 tokens, 2 query heads
  * over one KV head (d 64); every third of the first 300 prefill tokens' queries are made so that
- * *moved* (by nq - t positions) they are a key scaled by 1.5, the others small. With the layer's RoPE set,
- * every search probes (kst_kv_stats.probed); the same queries as given (no RoPE) are not
- * peaked, and none does; keys scaled by 1.5 as given probe again without RoPE, not with it. A cache of fewer
- * than 16,384 indexed keys never probes. */
+ * *moved* (by nq - t positions) they are a key scaled by 1.5, the others small. With the layer's
+ * RoPE set, every search probes (kst_kv_stats.probed); the same queries as given (no RoPE) are
+ * not peaked, and none does; keys scaled by 1.5 as given probe without RoPE, not with it. A
+ * cache of fewer than 16,384 indexed keys never probes. */
 static void test_probe_auto(void **state) {
     (void)state;
     enum { PD = 64, NQ = 600, AH = 2 };
@@ -1221,7 +1222,8 @@ static void test_probe_auto(void **state) {
     assert_non_null(V);
     assert_non_null(Q);
     assert_non_null(Qg);
-    for (size_t i = 0; i < PD / 2; i++) freq[i] = (float)pow(100.0, -2.0 * (double)i / PD); /* (base 100: every pair turns) */
+    for (size_t i = 0; i < PD / 2; i++) /* (base 100: every pair turns) */
+        freq[i] = (float)pow(100.0, -2.0 * (double)i / PD);
     for (size_t i = 0; i < n * PD; i++) K[i] = (float)test_gauss(), V[i] = (float)test_gauss();
     for (size_t t = 0; t < NQ; t++)
         for (size_t h = 0; h < AH; h++) {
