@@ -281,6 +281,16 @@ static void table_best(const uint8_t *tab, const uint32_t *tid, size_t tn, size_
 static void code_vec(const kst_kvg *g, const float *x, uint8_t *c);
 static void table_put(uint8_t *tc, size_t e, const uint8_t *c, size_t d);
 
+/* A query's int8 code coefficients in the codes' nibble order (lo, hi: d / 2 each) put in
+ * dimension order (w8, d), as table_best reads them. */
+static void table_coefs(const int8_t *lo, const int8_t *hi, size_t d, int8_t *w8) {
+    for (size_t b = 0; b < d; b += 32)
+        for (size_t j = 0; j < 16; j++) {
+            w8[b + j] = lo[b / 2 + j];
+            w8[b + 16 + j] = hi[b / 2 + j];
+        }
+}
+
 static int ibeam_init(const kst_kvg *g, const void *K, int f16, size_t d, const float *q, size_t ef,
                       size_t limit, kst_kvg_scratch *s) {
     int rc = scratch_reserve(s, g->cap, ef, g->M, NULL);
@@ -300,11 +310,7 @@ static int ibeam_init(const kst_kvg *g, const void *K, int f16, size_t d, const 
     if (s->ic_on && s->ic_vnni && g->ins_sk && g->et_n > 0 && g->et_n <= g->n && d <= 512) {
         const int8_t *q8 = (const int8_t *)(s->ic + d);
         int8_t w8[512];
-        for (size_t b = 0; b < d; b += 32)
-            for (size_t j = 0; j < 16; j++) {
-                w8[b + j] = q8[b / 2 + j];
-                w8[b + 16 + j] = q8[d / 2 + b / 2 + j];
-            }
+        table_coefs(q8, q8 + d / 2, d, w8);
         float tv[64];
         uint32_t tx[64];
         size_t nt = 0, keep = g->ins_sk < 64 ? g->ins_sk : 64;
@@ -2260,6 +2266,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
                 qsc[q] = quantize_coefs(S->gq, d, lo8, hi8);
                 qlo[q] = lo8;
                 qhi[q] = hi8;
+                table_coefs(lo8, hi8, d, hi8 + d / 2); /* (the tables' order, after them: gq holds 2d + 2 floats) */
             }
         } else {
             qv[q] = qq;
@@ -2313,13 +2320,7 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             }
 #if defined(__x86_64__) && defined(__GNUC__)
             if (tab) {
-                int8_t *w8 = (int8_t *)(s[q]->gq + d) + d; /* after qlo, qhi (gq: 2d + 2 floats) */
-                for (size_t b = 0; b < d; b += 32)
-                    for (size_t j = 0; j < 16; j++) {
-                        w8[b + j] = qlo[q][b / 2 + j];
-                        w8[b + 16 + j] = qhi[q][b / 2 + j];
-                    }
-                table_best(g->et_codes, g->et_id, g->et_n, g->cd, w8, c0[q], qsc[q], keep, tv, tx, &nt);
+                table_best(g->et_codes, g->et_id, g->et_n, g->cd, qhi[q] + d / 2, c0[q], qsc[q], keep, tv, tx, &nt);
                 scanned += nsp;
             }
 #endif
@@ -2373,15 +2374,9 @@ multi_impl(const kst_kvg *g, const void *K, int f16, size_t d, const float *Q, s
             skip = lo;
         }
 #if defined(__x86_64__) && defined(__GNUC__)
-        if (vnni) { /* 16 centroids at a time, the same scores */
-            int8_t *w8 = (int8_t *)(s[qi]->gq + d) + d; /* (as the entry table's) */
-            for (size_t b = 0; b < d; b += 32)
-                for (size_t j = 0; j < 16; j++) {
-                    w8[b + j] = qlo[qi][b / 2 + j];
-                    w8[b + 16 + j] = qhi[qi][b / 2 + j];
-                }
-            table_best(g->pc_tab, g->pc_tid, g->pc_n, d, w8, c0[qi], qsc[qi], npr + 1, bv, bx, &nb);
-        } else
+        if (vnni) /* 16 centroids at a time, the same scores */
+            table_best(g->pc_tab, g->pc_tid, g->pc_n, d, qhi[qi] + d / 2, c0[qi], qsc[qi], npr + 1, bv, bx, &nb);
+        else
 #endif
             for (size_t c = 0; c < g->pc_n; c++) top_insert(bv, bx, &nb, npr + 1, PSCORE(qi, g->pc_codes + c * cb), (uint32_t)c);
         size_t took = 0; /* (clusters probed but the best entry's) */
